@@ -1,0 +1,11 @@
+//! Differentiable building blocks that candle lacks or computes wastefully.
+//!
+//! candle's fused `rms_norm`, `softmax_last_dim` and `rope` have no backward, and its matmul
+//! backward also computes gradients for frozen weights. Each op here runs the fast forward on
+//! detached inputs and attaches a hand-written backward through [`with_grad`].
+
+mod grad;
+mod ops;
+
+pub use grad::with_grad;
+pub use ops::{cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX};

@@ -1,0 +1,123 @@
+use crate::with_grad;
+use candle_core::{DType, Result, Tensor, D};
+
+/// Label value that contributes no loss (PyTorch's and TRL's convention).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// `x · wᵀ` for a frozen weight `w` of shape `[out, in]`: backward returns dL/dx only.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (out_features, in_features) = w.dims2()?;
+    let mut out_shape = x.dims().to_vec();
+    let rows = x.elem_count() / in_features;
+    *out_shape.last_mut().expect("x has at least one dim") = out_features;
+    let y = x
+        .detach()
+        .reshape((rows, in_features))?
+        .matmul(&w.t()?)?
+        .reshape(out_shape)?;
+    let w = w.clone();
+    with_grad(x, y, move |x, _, grad| {
+        grad.reshape((rows, out_features))?
+            .matmul(&w)?
+            .reshape(x.shape())
+    })
+}
+
+/// RMSNorm over the last dim with a frozen scale `w` (Llama's `x / rms(x) * w`).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, w, eps as f32)?;
+    let w = w.clone();
+    with_grad(x, y, move |x, _, grad| {
+        let x32 = x.detach().to_dtype(DType::F32)?;
+        let gw = grad
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let xhat = x32.broadcast_mul(&r)?;
+        let dot = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+        (gw - xhat.broadcast_mul(&dot)?)?
+            .broadcast_mul(&r)?
+            .to_dtype(x.dtype())
+    })
+}
+
+/// Softmax over the last dim.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    with_grad(x, y, |_, y, grad| {
+        let y = y.detach();
+        let dot = (grad * &y)?.sum_keepdim(D::Minus1)?;
+        grad.broadcast_sub(&dot)?.mul(&y)
+    })
+}
+
+/// Rotary position embedding, HF "rotate_half" layout. `x`: [batch, heads, seq, head_dim],
+/// `cos`/`sin`: [seq, head_dim / 2]. The backward is the inverse rotation.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    let cos = cos.clone();
+    let neg_sin = sin.neg()?;
+    with_grad(x, y, move |_, _, grad| {
+        candle_nn::rotary_emb::rope(&grad.contiguous()?, &cos, &neg_sin)
+    })
+}
+
+/// Mean token cross-entropy of `hidden · weightᵀ` against `labels`, never materialising more
+/// than `chunk_rows` rows of logits. `hidden`: [n, d], `weight`: [vocab, d] (frozen),
+/// `labels`: [n] i64 with [`IGNORE_INDEX`] for positions without loss.
+///
+/// dL/dhidden is computed chunk by chunk in the forward (while each chunk's logits exist) and
+/// scaled by the incoming gradient in the backward, so the logits are never recomputed.
+/// Returns `(mean_loss, n_valid)`; the loss is 0 when no label counts.
+pub fn cross_entropy_chunked(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    chunk_rows: usize,
+) -> Result<(Tensor, usize)> {
+    let (n, _) = hidden.dims2()?;
+    let labels = labels.to_dtype(DType::I64)?;
+    let valid = labels.ge(0i64)?;
+    let n_valid = valid.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    let denom = n_valid.max(1) as f64;
+    let need_grad = hidden.track_op();
+    let dev = hidden.device();
+    let vocab = weight.dim(0)?;
+    let vocab_ids = Tensor::arange(0i64, vocab as i64, dev)?.unsqueeze(0)?;
+    let weight32 = weight.to_dtype(DType::F32)?;
+    let mut loss_sum = Tensor::zeros((), DType::F32, dev)?;
+    let mut grads = Vec::new();
+    let hidden_d = hidden.detach();
+    for start in (0..n).step_by(chunk_rows.max(1)) {
+        let len = chunk_rows.min(n - start);
+        let h = hidden_d.narrow(0, start, len)?.to_dtype(DType::F32)?;
+        let lab = labels.narrow(0, start, len)?;
+        let mask = valid.narrow(0, start, len)?.to_dtype(DType::F32)?;
+        let logits = h.matmul(&weight32.t()?)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        let exp = shifted.exp()?;
+        let sum_exp = exp.sum_keepdim(D::Minus1)?;
+        let safe_lab = lab.clamp(0i64, vocab as i64 - 1)?.unsqueeze(1)?;
+        let target = shifted.gather(&safe_lab, 1)?;
+        let row_loss = (sum_exp.log()? - target)?.squeeze(1)?;
+        loss_sum = (loss_sum + (row_loss * &mask)?.sum_all()?)?;
+        if need_grad {
+            let probs = exp.broadcast_div(&sum_exp)?;
+            let one_hot = vocab_ids
+                .broadcast_eq(&safe_lab)?
+                .to_dtype(DType::F32)?;
+            let dlogits = (probs - one_hot)?.broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?;
+            grads.push(dlogits.matmul(&weight32)?);
+        }
+    }
+    let loss = (loss_sum / denom)?;
+    if !need_grad {
+        return Ok((loss, n_valid));
+    }
+    let dhidden = Tensor::cat(&grads, 0)?.to_dtype(hidden.dtype())?;
+    let loss = with_grad(hidden, loss, move |_, _, grad| {
+        dhidden.broadcast_mul(&grad.to_dtype(dhidden.dtype())?)
+    })?;
+    Ok((loss, n_valid))
+}
