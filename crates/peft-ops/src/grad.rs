@@ -72,9 +72,7 @@ impl CustomOp1 for WithGrad {
         let value = self.take_value()?;
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
-            Storage::Cuda(s) => {
-                Ok((s.try_clone(layout)?, layout.shape().clone()))
-            }
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
             _ => candle_core::bail!("with_grad: value is not on the gpu"),
         }
     }

@@ -8,4 +8,6 @@ mod grad;
 mod ops;
 
 pub use grad::with_grad;
-pub use ops::{cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX};
+pub use ops::{
+    cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
+};

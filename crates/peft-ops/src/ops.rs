@@ -32,7 +32,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         let gw = grad
             .to_dtype(DType::F32)?
             .broadcast_mul(&w.to_dtype(DType::F32)?)?;
-        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+            .sqrt()?
+            .recip()?;
         let xhat = x32.broadcast_mul(&r)?;
         let dot = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
         (gw - xhat.broadcast_mul(&dot)?)?
@@ -104,9 +106,7 @@ pub fn cross_entropy_chunked(
         loss_sum = (loss_sum + (row_loss * &mask)?.sum_all()?)?;
         if need_grad {
             let probs = exp.broadcast_div(&sum_exp)?;
-            let one_hot = vocab_ids
-                .broadcast_eq(&safe_lab)?
-                .to_dtype(DType::F32)?;
+            let one_hot = vocab_ids.broadcast_eq(&safe_lab)?.to_dtype(DType::F32)?;
             let dlogits = (probs - one_hot)?.broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?;
             grads.push(dlogits.matmul(&weight32)?);
         }

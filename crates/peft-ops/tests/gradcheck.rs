@@ -29,7 +29,10 @@ fn check_grad(x0: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>, eps: f64, tol:
             .unwrap()
     };
     let x = Var::from_tensor(x0).unwrap();
-    let y = (f(x.as_tensor()).unwrap() * &probe).unwrap().sum_all().unwrap();
+    let y = (f(x.as_tensor()).unwrap() * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = y.backward().unwrap();
     let analytic: Vec<f64> = grads
         .get(x.as_tensor())
@@ -40,7 +43,13 @@ fn check_grad(x0: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>, eps: f64, tol:
         .unwrap()
         .to_vec1()
         .unwrap();
-    let flat: Vec<f64> = x0.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let flat: Vec<f64> = x0
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for i in 0..flat.len() {
         let bump = |d: f64| {
             let mut v = flat.clone();
@@ -61,7 +70,18 @@ fn check_grad(x0: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>, eps: f64, tol:
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F32).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 #[test]
@@ -79,7 +99,10 @@ fn rms_norm_forward_and_grad() {
     let w = randn(&[6], DType::F32, 3);
     let x = randn(&[2, 3, 6], DType::F32, 4);
     let y = rms_norm(&x, &w, 1e-5).unwrap();
-    let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap();
+    let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5)
+        .unwrap()
+        .sqrt()
+        .unwrap();
     let reference = x.broadcast_div(&r).unwrap().broadcast_mul(&w).unwrap();
     assert!(max_abs_diff(&y, &reference) < 1e-5);
     check_grad(&x, |x| rms_norm(x, &w, 1e-5), 1e-2, 2e-3);

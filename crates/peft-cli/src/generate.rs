@@ -1,0 +1,186 @@
+use crate::{load_base, DTypeArg};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use peft::PeftModel;
+use peft_models::tokenizer::{ChatMessage, Tokenizer};
+use peft_models::{KvCache, Llama};
+use rand::{Rng, SeedableRng};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct GenerateCmd {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 means greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// 0 means no top-k cut.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+}
+
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    rng: rand::rngs::StdRng,
+}
+
+impl Sampling {
+    fn pick(&mut self, logits: &Tensor) -> Result<u32> {
+        let logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let argmax = || {
+            logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap_or(0)
+        };
+        if self.temperature <= 0.0 {
+            return Ok(argmax());
+        }
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if self.top_k > 0 {
+            idx.truncate(self.top_k);
+        }
+        let max = logits[idx[0]] as f64;
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((logits[i] as f64 - max) / self.temperature).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        // Nucleus: the smallest prefix whose mass reaches top_p.
+        let mut mass = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            mass += p;
+            if mass >= self.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        let kept: f64 = probs[..keep].iter().sum();
+        let mut u = self.rng.random::<f64>() * kept;
+        for (i, p) in probs[..keep].iter().enumerate() {
+            u -= p;
+            if u <= 0.0 {
+                return Ok(idx[i] as u32);
+            }
+        }
+        Ok(idx[keep - 1] as u32)
+    }
+}
+
+/// Generates up to `max_new_tokens` after `prompt_ids`, calling `on_token` with each new
+/// piece of text. The prompt is run once; each new token then costs one cached step.
+pub fn generate(
+    model: &Llama,
+    tok: &Tokenizer,
+    prompt_ids: &[u32],
+    max_new_tokens: usize,
+    sampling: &mut Sampling,
+    mut on_token: impl FnMut(&str),
+) -> Result<Vec<u32>> {
+    if prompt_ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let stops = tok.stop_token_ids();
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let mut input = Tensor::new(prompt_ids, &model.device)?.unsqueeze(0)?;
+    let mut out: Vec<u32> = Vec::new();
+    let mut printed = 0;
+    for _ in 0..max_new_tokens {
+        let hidden = model.forward(&input, None, Some(&mut cache), false)?;
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
+        let next = sampling.pick(&model.logits(&last)?)?;
+        if stops.contains(&next) {
+            break;
+        }
+        out.push(next);
+        // Decode the whole continuation so multi-byte characters split over tokens print whole.
+        let text = tok.decode(&out, true)?;
+        if text.len() > printed && !text.ends_with('\u{FFFD}') {
+            on_token(&text[printed..]);
+            printed = text.len();
+        }
+        input = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
+    }
+    Ok(out)
+}
+
+/// Token ids of a prompt, wrapped in the chat template when asked.
+pub fn prompt_ids(
+    tok: &Tokenizer,
+    prompt: &str,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<Vec<u32>> {
+    if !chat {
+        return tok.encode(prompt, true);
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: s.into(),
+        });
+    }
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content: prompt.into(),
+    });
+    let text = tok.apply_chat_template(&messages, true)?;
+    tok.encode(&text, false)
+}
+
+pub fn run(cmd: GenerateCmd) -> Result<()> {
+    let (base, tok) = load_base(&cmd.model, cmd.dtype.dtype())?;
+    let tok =
+        tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
+    let model = match &cmd.adapter {
+        Some(dir) => PeftModel::load(base, dir)?.base,
+        None => base,
+    };
+    let ids = prompt_ids(&tok, &cmd.prompt, cmd.chat, cmd.system.as_deref())?;
+    let mut sampling = Sampling {
+        temperature: cmd.temperature,
+        top_p: cmd.top_p,
+        top_k: cmd.top_k,
+        rng: rand::rngs::StdRng::seed_from_u64(cmd.seed),
+    };
+    let mut stdout = std::io::stdout();
+    generate(
+        &model,
+        &tok,
+        &ids,
+        cmd.max_new_tokens,
+        &mut sampling,
+        |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        },
+    )?;
+    println!();
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! `peft`: fine-tune, inspect, run and merge parameter-efficient adapters.
+
+mod generate;
+mod train;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand};
+use peft::{LoraConfig, PeftModel, TargetModules};
+use peft_models::{load_model, Llama, LoadedModel};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "peft",
+    version,
+    about = "Parameter-efficient fine-tuning of LLMs, compatible with Hugging Face PEFT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune an adapter on a data set.
+    Train(train::TrainCmd),
+    /// Generate text with a base model, optionally with an adapter.
+    Generate(generate::GenerateCmd),
+    /// Merge an adapter into its base model and write an HF model folder.
+    Merge(MergeCmd),
+    /// Write the float32 logits of a token sequence to a safetensors file.
+    Logits(LogitsCmd),
+    /// Show a model's modules and the trainable-parameter count of an adapter setup.
+    Inspect(InspectCmd),
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DTypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct MergeCmd {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+}
+
+#[derive(clap::Args)]
+struct LogitsCmd {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    input_ids: Vec<u32>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Merge the adapter before running (checks merge_and_unload).
+    #[arg(long)]
+    merged: bool,
+}
+
+#[derive(clap::Args)]
+struct InspectCmd {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Count parameters for a fresh LoRA on these modules (list, `all-linear`, or `re:<regex>`).
+    #[arg(long)]
+    target_modules: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    r: usize,
+}
+
+pub fn device() -> Device {
+    Device::Cpu
+}
+
+/// Loads a base model and builds the Llama module tree.
+pub fn load_base(
+    path: &Path,
+    dtype: DType,
+) -> Result<(Llama, Option<peft_models::tokenizer::Tokenizer>)> {
+    let dev = device();
+    let LoadedModel {
+        config,
+        weights,
+        tokenizer,
+    } = load_model(path, &dev, dtype)?;
+    let model = Llama::from_weights(config, weights, &dev, dtype)
+        .with_context(|| format!("cannot build the model from {}", path.display()))?;
+    Ok((model, tokenizer))
+}
+
+fn model_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn run_merge(cmd: MergeCmd) -> Result<()> {
+    let dtype = cmd.dtype.dtype();
+    let (base, tok) = load_base(&cmd.model, DType::F32)?;
+    if cmd.model.extension().is_some_and(|e| e == "gguf") {
+        eprintln!("note: the GGUF base is dequantized; the merged model is written unquantized");
+    }
+    let peft = PeftModel::load(base, &cmd.adapter)?;
+    let mut merged = peft.merge_and_unload()?;
+    peft_models::save::save_hf_model(&mut merged, tok.as_ref(), &cmd.output, dtype)?;
+    println!("merged model written to {}", cmd.output.display());
+    Ok(())
+}
+
+fn run_logits(cmd: LogitsCmd) -> Result<()> {
+    let (base, _) = load_base(&cmd.model, DType::F32)?;
+    let model = match &cmd.adapter {
+        None => base,
+        Some(dir) => {
+            let peft = PeftModel::load(base, dir)?;
+            if cmd.merged {
+                peft.merge_and_unload()?
+            } else {
+                peft.base
+            }
+        }
+    };
+    let vocab = model.config.vocab_size as u32;
+    if let Some(bad) = cmd.input_ids.iter().find(|&&t| t >= vocab) {
+        anyhow::bail!("input id {bad} is outside the vocabulary (size {vocab})");
+    }
+    let ids = Tensor::new(cmd.input_ids.as_slice(), &model.device)?.unsqueeze(0)?;
+    let hidden = model.forward(&ids, None, None, false)?;
+    let logits = model.logits(&hidden)?.to_dtype(DType::F32)?;
+    peft_models::io::save_safetensors(&cmd.out, &[("logits".to_string(), logits)], None)?;
+    println!(
+        "logits {:?} written to {}",
+        model.config.vocab_size,
+        cmd.out.display()
+    );
+    Ok(())
+}
+
+fn run_inspect(cmd: InspectCmd) -> Result<()> {
+    let (mut base, _) = load_base(&cmd.model, DType::F32)?;
+    let c = &base.config;
+    println!(
+        "{}: {} layers, hidden {}, heads {} (kv {}), head_dim {}, intermediate {}, vocab {}, tied embeddings {}",
+        c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+        c.head_dim, c.intermediate_size, c.vocab_size, c.tie_word_embeddings
+    );
+    let mut kinds: Vec<String> = base
+        .linears_mut()
+        .into_iter()
+        .map(|(p, _)| p.rsplit('.').next().unwrap_or("").to_string())
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    println!("linear modules: {}", kinds.join(", "));
+    let mut peft = if let Some(dir) = &cmd.adapter {
+        PeftModel::load(base, dir)?
+    } else {
+        let config = LoraConfig {
+            r: cmd.r,
+            lora_alpha: 2.0 * cmd.r as f64,
+            target_modules: cmd.target_modules.as_deref().map(TargetModules::parse_flag),
+            ..Default::default()
+        };
+        PeftModel::new(base, config, 0)?
+    };
+    println!("{}", peft.trainable_parameters_line());
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(c) => train::run(c),
+        Command::Generate(c) => generate::run(c),
+        Command::Merge(c) => run_merge(c),
+        Command::Logits(c) => run_logits(c),
+        Command::Inspect(c) => run_inspect(c),
+    };
+    if let Err(e) = result {
+        // One line: the outermost context first, then its causes.
+        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", msg.join(": "));
+        std::process::exit(1);
+    }
+}

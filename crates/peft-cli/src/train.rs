@@ -1,0 +1,227 @@
+use crate::{load_base, model_name, DTypeArg};
+use anyhow::{bail, Context, Result};
+use peft::{LoraConfig, PeftModel, TargetModules};
+use peft_train::{load_records, tokenize_records, SchedulerKind, TrainArgs, Trainer};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Flags of `peft train`. A TOML recipe (`--config`) may set any of them under the same
+/// name (snake_case); flags given on the command line win.
+#[derive(clap::Args, Serialize, Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TrainCmd {
+    /// TOML recipe with any of these options.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// HF model folder or .gguf file.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// JSONL data: `text`, `messages`, or `prompt`/`completion` records.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Folder for the adapter, metrics.jsonl and per-epoch adapters.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    method: Option<String>,
+    #[arg(long)]
+    r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Comma-separated names (suffix match), `all-linear`, or `re:<full-match regex>`.
+    #[arg(long)]
+    target_modules: Option<String>,
+    #[arg(long)]
+    exclude_modules: Option<String>,
+    /// none | all | lora_only
+    #[arg(long)]
+    bias: Option<String>,
+    #[arg(long)]
+    use_rslora: Option<bool>,
+    /// Comma-separated modules trained in full and saved with the adapter (e.g. lm_head).
+    #[arg(long)]
+    modules_to_save: Option<String>,
+    /// true (kaiming-uniform A, zero B), false, or gaussian.
+    #[arg(long)]
+    init_lora_weights: Option<String>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long, value_enum)]
+    lr_scheduler: Option<SchedulerKind>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    adam_beta1: Option<f64>,
+    #[arg(long)]
+    adam_beta2: Option<f64>,
+    #[arg(long)]
+    adam_epsilon: Option<f64>,
+    #[arg(long)]
+    max_seq_length: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
+    #[arg(long)]
+    logging_steps: Option<usize>,
+    /// Also save the adapter after every epoch (OUTPUT/epoch-N).
+    #[arg(long)]
+    save_every_epoch: Option<bool>,
+    /// No progress bar; metrics lines go to stderr.
+    #[arg(long)]
+    quiet: Option<bool>,
+}
+
+/// Recipe values overlaid with the flags that were given.
+fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
+    let Some(path) = &cmd.config else {
+        return Ok(cmd);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read recipe {}", path.display()))?;
+    let recipe: toml::Value = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{} is not valid TOML: {e}", path.display()))?;
+    let mut base = serde_json::to_value(recipe)?;
+    let flags = serde_json::to_value(&cmd)?;
+    if let (Value::Object(b), Value::Object(f)) = (&mut base, flags) {
+        for (k, v) in f {
+            if !v.is_null() {
+                b.insert(k, v);
+            }
+        }
+    }
+    let mut out: TrainCmd = serde_json::from_value(base)
+        .map_err(|e| anyhow::anyhow!("recipe {}: {e}", path.display()))?;
+    out.config = cmd.config;
+    Ok(out)
+}
+
+fn require<T>(v: Option<T>, name: &str) -> Result<T> {
+    v.with_context(|| {
+        format!(
+            "--{name} is required (flag or recipe key {})",
+            name.replace('-', "_")
+        )
+    })
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+pub fn run(cmd: TrainCmd) -> Result<()> {
+    let c = merged(cmd)?;
+    let model_path = require(c.model.clone(), "model")?;
+    let data_path = require(c.data.clone(), "data")?;
+    let output = require(c.output.clone(), "output")?;
+    let method = c.method.clone().unwrap_or_else(|| "lora".into());
+    if method != "lora" {
+        bail!("unknown method {method:?} (available: lora)");
+    }
+    let init = match c.init_lora_weights.as_deref().unwrap_or("true") {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        "gaussian" => Value::String("gaussian".into()),
+        other => bail!("--init-lora-weights must be true, false or gaussian, got {other:?}"),
+    };
+    let r = c.r.unwrap_or(16);
+    let lora = LoraConfig {
+        r,
+        lora_alpha: c.lora_alpha.unwrap_or(2.0 * r as f64),
+        lora_dropout: c.lora_dropout.unwrap_or(0.05),
+        target_modules: Some(TargetModules::parse_flag(
+            c.target_modules
+                .as_deref()
+                .unwrap_or("q_proj,k_proj,v_proj,o_proj"),
+        )),
+        exclude_modules: c.exclude_modules.as_deref().map(TargetModules::parse_flag),
+        bias: c.bias.clone().unwrap_or_else(|| "none".into()),
+        use_rslora: c.use_rslora.unwrap_or(false),
+        modules_to_save: c.modules_to_save.as_deref().map(list),
+        init_lora_weights: init,
+        ..Default::default()
+    };
+    let quiet = c.quiet.unwrap_or(false);
+    let args = TrainArgs {
+        epochs: c.epochs.unwrap_or(1),
+        max_steps: c.max_steps,
+        batch_size: c.batch_size.unwrap_or(4),
+        grad_accum: c.grad_accum.unwrap_or(1),
+        lr: c.lr.unwrap_or(2e-4),
+        warmup_ratio: c.warmup_ratio.unwrap_or(0.03),
+        scheduler: c.lr_scheduler.unwrap_or(SchedulerKind::Cosine),
+        max_grad_norm: c.max_grad_norm.unwrap_or(1.0),
+        weight_decay: c.weight_decay.unwrap_or(0.0),
+        adam_beta1: c.adam_beta1.unwrap_or(0.9),
+        adam_beta2: c.adam_beta2.unwrap_or(0.999),
+        adam_eps: c.adam_epsilon.unwrap_or(1e-8),
+        seed: c.seed.unwrap_or(42),
+        logging_steps: c.logging_steps.unwrap_or(1),
+        save_every_epoch: c.save_every_epoch.unwrap_or(false),
+        output_dir: output.clone(),
+        base_model_name: model_name(&model_path),
+        show_progress: !quiet,
+    };
+    let max_seq_length = c.max_seq_length.unwrap_or(1024);
+    let dtype = c.dtype.unwrap_or(DTypeArg::F32).dtype();
+
+    // Cheap checks first: a bad data file should fail before the model loads.
+    let records = load_records(&data_path)?;
+    let (base, tok) = load_base(&model_path, dtype)?;
+    let tok = tok.context("the model has no tokenizer")?;
+    let (examples, dropped) = tokenize_records(&records, &tok, max_seq_length)
+        .with_context(|| format!("in {}", data_path.display()))?;
+    if dropped > 0 {
+        eprintln!(
+            "note: {dropped} records have no trained token after truncation and were skipped"
+        );
+    }
+    let mut model = PeftModel::new(base, lora, args.seed)?;
+    eprintln!("{}", model.trainable_parameters_line());
+    let pad_id = tok.pad_token_id().unwrap_or(0);
+    let summary = Trainer {
+        model: &mut model,
+        args,
+        pad_id,
+    }
+    .train(&examples)?;
+    save_tokenizer_note(&output, &model_path)?;
+    println!(
+        "trained {} steps in {:.1}s ({:.1} tokens/s); loss {:.4} -> {:.4}; adapter saved to {}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens_per_s(),
+        summary.losses.first().copied().unwrap_or(f64::NAN),
+        summary.losses.last().copied().unwrap_or(f64::NAN),
+        output.display()
+    );
+    Ok(())
+}
+
+/// PEFT adapters do not carry a tokenizer; we record which base they were trained on.
+fn save_tokenizer_note(output: &Path, model: &Path) -> Result<()> {
+    let text = format!(
+        "Adapter trained with peft-rs on base model: {}\n",
+        model.display()
+    );
+    peft_models::io::write_atomic(&output.join("README.md"), text.as_bytes())
+}

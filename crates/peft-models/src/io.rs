@@ -1,0 +1,65 @@
+//! Crash-safe file writing: every file goes to a temporary name in the same folder, is
+//! flushed to disk, then renamed over the target, so a failure never leaves a partial file.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Writes `tensors` as a safetensors file (keys sorted by the format) with `metadata`.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), metadata)
+        .with_context(|| format!("cannot serialize {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads every tensor of a safetensors file, with a one-line error for a missing or malformed file.
+pub fn load_safetensors(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = candle_core::safetensors::Load::load(&view, device)
+                .with_context(|| format!("tensor {name} in {}", path.display()))?;
+            Ok((name, t))
+        })
+        .collect()
+}

@@ -1,0 +1,13 @@
+//! Base models: the Llama family, loaded from HF folders or GGUF files.
+
+pub mod config;
+pub mod io;
+pub mod llama;
+pub mod loader;
+pub mod save;
+pub mod testing;
+pub mod tokenizer;
+
+pub use config::LlamaConfig;
+pub use llama::{KvCache, Linear, LinearAdapter, Llama};
+pub use loader::{load_model, LoadedModel};

@@ -1,0 +1,438 @@
+//! The Llama family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) with autograd-friendly ops.
+//!
+//! Every projection is a [`Linear`] addressed by its HF module path
+//! (`model.layers.3.self_attn.q_proj`), so tuners attach adapters by path, and the tensors of
+//! the model are named exactly as in the HF checkpoint.
+
+use crate::config::LlamaConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use peft_ops::{frozen_linear, rms_norm, rope, softmax_last_dim};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Something that replaces a linear layer's forward: LoRA, DoRA, IA3, ...
+pub trait LinearAdapter: Send + Sync {
+    fn forward(&self, base: &Linear, x: &Tensor, train: bool) -> candle_core::Result<Tensor>;
+}
+
+#[derive(Clone)]
+pub struct Linear {
+    /// `[out_features, in_features]`. Frozen unless it is a `Var` (modules_to_save, full fine-tuning).
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub adapter: Option<Arc<dyn LinearAdapter>>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            adapter: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// The layer without its adapter. A frozen weight gets no gradient computed.
+    pub fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = if self.weight.track_op() {
+            x.broadcast_matmul(&self.weight.t()?)?
+        } else {
+            frozen_linear(x, &self.weight)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match &self.adapter {
+            Some(a) => a.forward(self, x, train),
+            None => self.base_forward(x),
+        }
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// Keys and values seen so far, per layer: `[batch, kv_heads, seq, head_dim]`.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Positions held (the RoPE offset of the next token).
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
+    }
+
+    /// Pre-fills layer `i` (prefix tuning's virtual keys and values).
+    pub fn set(&mut self, i: usize, k: Tensor, v: Tensor) {
+        self.layers[i] = Some((k, v));
+    }
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    /// `None` when the output projection is tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    pub dtype: DType,
+    pub device: Device,
+    inv_freq: Tensor,
+}
+
+struct WeightTaker<'a> {
+    weights: &'a mut HashMap<String, Tensor>,
+}
+
+impl WeightTaker<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .weights
+            .remove(name)
+            .with_context(|| format!("model weights lack {name}"))?;
+        if t.dims() != shape {
+            bail!("{name} has shape {:?}, expected {shape:?}", t.dims());
+        }
+        Ok(t)
+    }
+
+    fn linear(&mut self, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.take(&format!("{path}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(self.take(&format!("{path}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(w, b))
+    }
+}
+
+impl Llama {
+    pub fn from_weights(
+        config: LlamaConfig,
+        mut weights: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q_dim = c.num_attention_heads * c.head_dim;
+        let kv_dim = c.num_key_value_heads * c.head_dim;
+        let mut w = WeightTaker {
+            weights: &mut weights,
+        };
+        let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(DecoderLayer {
+                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), q_dim, h, c.qkv_bias)?,
+                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
+                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
+                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, q_dim, c.o_bias)?,
+                },
+                post_attention_layernorm: w
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias)?,
+                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
+                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, i, c.mlp_bias)?,
+                },
+            });
+        }
+        let norm = w.take("model.norm.weight", &[h])?;
+        // Some tied checkpoints still store lm_head.weight; the config decides.
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(w.linear("lm_head", c.vocab_size, h, false)?)
+        };
+        let inv_freq: Vec<f32> = c.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+        let inv_freq = Tensor::new(inv_freq, device)?;
+        let model = Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+            inv_freq,
+        };
+        Ok(model)
+    }
+
+    /// Every linear layer with its HF module path, in checkpoint order.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            let a = &mut layer.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut layer.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// The base model's tensors under their checkpoint names (adapters excluded).
+    pub fn named_tensors(&mut self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        for (path, lin) in self.linears_mut() {
+            out.push((format!("{path}.weight"), lin.weight.clone()));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{path}.bias"), b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Output projection weight `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head
+            .as_ref()
+            .map(|l| &l.weight)
+            .unwrap_or(&self.embed_tokens)
+    }
+
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
+        Ok(self
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
+    }
+
+    fn rope_tables(&self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let pos = Tensor::arange(offset as u32, (offset + len) as u32, &self.device)?
+            .to_dtype(DType::F32)?;
+        let theta = pos
+            .unsqueeze(1)?
+            .broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        Ok((
+            theta.cos()?.to_dtype(self.dtype)?,
+            theta.sin()?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    /// Additive mask `[batch, 1, seq, past + seq]`: causal, and hiding keys whose
+    /// `attention_mask` entry is 0. `None` when nothing needs hiding (one new token, no padding).
+    fn attention_bias(
+        &self,
+        batch: usize,
+        seq: usize,
+        past: usize,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        if seq == 1 && attention_mask.is_none() {
+            return Ok(None);
+        }
+        let total = past + seq;
+        let q_pos = Tensor::arange(past as u32, total as u32, &self.device)?.unsqueeze(1)?;
+        let k_pos = Tensor::arange(0u32, total as u32, &self.device)?.unsqueeze(0)?;
+        let mut allowed = k_pos.broadcast_le(&q_pos)?.unsqueeze(0)?; // [1, seq, total]
+        if let Some(m) = attention_mask {
+            if m.dims() != [batch, total] {
+                bail!(
+                    "attention_mask has shape {:?}, expected [{batch}, {total}]",
+                    m.dims()
+                );
+            }
+            let keep = m.to_dtype(DType::F32)?.ne(0f64)?.unsqueeze(1)?; // [batch, 1, total]
+            allowed = allowed.broadcast_mul(&keep.to_dtype(DType::U8)?)?;
+        }
+        let zeros = Tensor::zeros(allowed.shape(), self.dtype, &self.device)?;
+        let neg =
+            Tensor::full(f32::NEG_INFINITY, allowed.shape(), &self.device)?.to_dtype(self.dtype)?;
+        Ok(Some(allowed.where_cond(&zeros, &neg)?.unsqueeze(1)?))
+    }
+
+    /// Runs the decoder on input embeddings `[batch, seq, hidden]` and returns the final
+    /// (normed) hidden states. With a cache, new keys/values are appended and positions
+    /// continue from its length. `attention_mask` covers cached and new positions.
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = embeds.dims3()?;
+        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let (cos, sin) = self.rope_tables(past, t)?;
+        let bias = self.attention_bias(b, t, past, attention_mask)?;
+        let mut x = embeds.clone();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            x = self.decoder_layer(layer, &x, &cos, &sin, bias.as_ref(), slot, train)?;
+        }
+        Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
+    }
+
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward_embeds(&self.embed(input_ids)?, attention_mask, cache, train)
+    }
+
+    /// Logits `[.., vocab]` of final hidden states (materialises them: for inference).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(match &self.lm_head {
+            Some(head) => head.forward(hidden, false)?,
+            None => frozen_linear(hidden, &self.embed_tokens)?,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decoder_layer(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        let h = rms_norm(x, &layer.input_layernorm, eps)?;
+        let attn = self.attention(&layer.self_attn, &h, cos, sin, bias, cache, train)?;
+        let x = (x + attn)?;
+        let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+        let m = &layer.mlp;
+        let act = (m.gate_proj.forward(&h, train)?.silu()? * m.up_proj.forward(&h, train)?)?;
+        Ok((x + m.down_proj.forward(&act, train)?)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope(&heads(a.q_proj.forward(x, train)?, nh)?, cos, sin)?;
+        let mut k = rope(&heads(a.k_proj.forward(x, train)?, kvh)?, cos, sin)?;
+        let mut v = heads(a.v_proj.forward(x, train)?, kvh)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = match bias {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        Ok(a.o_proj.forward(&out, train)?)
+    }
+}
+
+/// `[b, kv_heads, s, d]` -> `[b, kv_heads * n_rep, s, d]`, each kv head serving n_rep query heads.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kvh, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kvh, n_rep, s, d))?
+        .reshape((b, kvh * n_rep, s, d))?)
+}
+
+/// Picks the last dim's argmax of logits `[.., vocab]` (greedy decoding).
+pub fn argmax_last(logits: &Tensor) -> Result<u32> {
+    Ok(logits
+        .flatten_all()?
+        .argmax(D::Minus1)?
+        .to_scalar::<u32>()?)
+}

@@ -1,0 +1,243 @@
+//! Reads a base model from an HF folder (config.json + safetensors, memory-mapped) or a GGUF
+//! file into tensors named as in the HF checkpoint, on the requested device and dtype.
+
+use crate::config::LlamaConfig;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub struct LoadedModel {
+    pub config: LlamaConfig,
+    /// HF names (`model.layers.0.self_attn.q_proj.weight`, ...) to tensors.
+    pub weights: HashMap<String, Tensor>,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+/// Loads `path`: a folder with `config.json`, or a `.gguf` file.
+pub fn load_model(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    if !path.exists() {
+        bail!("model not found: {}", path.display());
+    }
+    if path.is_dir() {
+        load_hf_dir(path, device, dtype)
+    } else {
+        load_gguf(path, device, dtype)
+    }
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .with_context(|| format!("{} has no weight_map", index.display()))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "no model.safetensors or model.safetensors.index.json in {}",
+        dir.display()
+    )
+}
+
+fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let mut weights = HashMap::new();
+    for file in safetensors_files(dir)? {
+        let data = std::fs::File::open(&file)
+            .with_context(|| format!("cannot open {}", file.display()))?;
+        // SAFETY: the map is read-only and dropped before this function returns; a file
+        // changed underneath us can at worst yield wrong numbers, which the shape checks catch.
+        let mmap = unsafe { memmap2::Mmap::map(&data) }
+            .with_context(|| format!("cannot map {}", file.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+            anyhow::anyhow!("{} is not a valid safetensors file: {e}", file.display())
+        })?;
+        for (name, view) in st.tensors() {
+            let t = candle_core::safetensors::Load::load(&view, device)
+                .with_context(|| format!("tensor {name} in {}", file.display()))?;
+            weights.insert(name, t.to_dtype(dtype)?);
+        }
+    }
+    let tokenizer = if dir.join("tokenizer.json").exists() {
+        Some(Tokenizer::from_hf_dir(dir)?)
+    } else {
+        None
+    };
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+    })
+}
+
+fn md_u64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<u64> {
+    let v = md
+        .get(key)
+        .with_context(|| format!("GGUF metadata lacks {key}"))?;
+    v.to_u64()
+        .or_else(|_| v.to_u32().map(u64::from))
+        .or_else(|_| v.to_i32().map(|x| x as u64))
+        .map_err(|_| anyhow::anyhow!("GGUF metadata {key} is not an integer"))
+}
+
+fn md_f64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
+    let v = md.get(key)?;
+    v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
+}
+
+/// GGUF tensor name -> HF name (None for tensors we do not use, e.g. `rope_freqs`).
+fn hf_name(gguf: &str) -> Option<String> {
+    let simple = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let module = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{module}.{kind}"))
+}
+
+/// Undoes llama.cpp's q/k row permutation (convert_hf_to_gguf `permute`): rows were reordered
+/// from (head, 2, half) to (head, half, 2).
+fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let shape = w.dims().to_vec();
+    let rows = shape[0];
+    if rows % (2 * heads) != 0 {
+        bail!("cannot unpermute a tensor of {rows} rows for {heads} heads");
+    }
+    let rest: usize = shape[1..].iter().product();
+    Ok(w.reshape((heads, rows / heads / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(shape)?)
+}
+
+fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let bad = || format!("{} is not a valid GGUF file", path.display());
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut file).with_context(bad)?;
+    let md = &content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .with_context(bad)?;
+    if !["llama", "mistral", "qwen2"].contains(&arch.as_str()) {
+        bail!("{}: unsupported GGUF architecture {arch:?}", path.display());
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = md_u64(md, &key("embedding_length"))? as usize;
+    let heads = md_u64(md, &key("attention.head_count"))? as usize;
+    let kv_heads = md_u64(md, &key("attention.head_count_kv")).unwrap_or(heads as u64) as usize;
+    let layers = md_u64(md, &key("block_count"))? as usize;
+    let head_dim = md_u64(md, &key("rope.dimension_count"))
+        .map(|d| d as usize)
+        .unwrap_or(hidden / heads.max(1));
+
+    // Data can be truncated even when the header parses: check that every tensor fits.
+    let file_len = file.metadata()?.len();
+    for (name, info) in &content.tensor_infos {
+        let bytes =
+            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        if content.tensor_data_offset + info.offset + bytes as u64 > file_len {
+            bail!(
+                "{} is truncated: tensor {name} lies past the end of the file",
+                path.display()
+            );
+        }
+    }
+
+    let mut weights = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let Some(hf) = hf_name(name) else { continue };
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .with_context(bad)?;
+        let mut t = q.dequantize(&Device::Cpu)?;
+        // transformers' GGUF loader undoes the permutation for llama and mistral only.
+        if arch != "qwen2" && name.ends_with("attn_q.weight") {
+            t = unpermute(&t, heads)?;
+        } else if arch != "qwen2" && name.ends_with("attn_k.weight") {
+            t = unpermute(&t, kv_heads)?;
+        }
+        weights.insert(hf, t.to_device(device)?.to_dtype(dtype)?);
+    }
+    let vocab = weights
+        .get("model.embed_tokens.weight")
+        .with_context(|| format!("{}: no token_embd.weight", path.display()))?
+        .dim(0)?;
+    let tie = !weights.contains_key("lm_head.weight");
+    let tokenizer = Tokenizer::from_gguf_metadata(md)
+        .with_context(|| format!("{}: tokenizer metadata", path.display()))?;
+    let (bos, eos) = (tokenizer.bos_token_id(), tokenizer.eos_token_id());
+    let intermediate = weights
+        .get("model.layers.0.mlp.up_proj.weight")
+        .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?
+        .dim(0)?;
+    let mut raw = json!({
+        "architectures": [match arch.as_str() { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "rms_norm_eps": md_f64(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        "rope_theta": md_f64(md, &key("rope.freq_base")).unwrap_or(10_000.0),
+        "max_position_embeddings": md_u64(md, &key("context_length")).unwrap_or(4096),
+        "tie_word_embeddings": tie,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    });
+    if let Some(b) = bos {
+        raw["bos_token_id"] = json!(b);
+    }
+    if let Some(e) = eos {
+        raw["eos_token_id"] = json!(e);
+    }
+    let config = LlamaConfig::from_json(raw)?;
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer: Some(tokenizer),
+    })
+}

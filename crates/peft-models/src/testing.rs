@@ -1,0 +1,73 @@
+//! Tiny random Llama models for unit tests (no files needed).
+
+use crate::config::LlamaConfig;
+use crate::llama::Llama;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+
+/// A 2-layer GQA Llama (hidden 32, 4 heads, 2 kv heads, vocab 64) with N(0, 0.2²) weights.
+pub fn tiny_llama(seed: u64, tie_word_embeddings: bool) -> Result<Llama> {
+    let config = LlamaConfig::from_json(json!({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": tie_word_embeddings,
+    }))?;
+    let dev = Device::Cpu;
+    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut randn = |shape: &[usize]| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        // splitmix64 + Box-Muller: deterministic across platforms without extra crates.
+        let mut next = || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2) = (next().max(1e-12), next());
+                (0.2 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &dev)?)
+    };
+    let c = &config;
+    let (h, i, kv) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let mut w = HashMap::new();
+    w.insert(
+        "model.embed_tokens.weight".to_string(),
+        randn(&[c.vocab_size, h])?,
+    );
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [h, h]),
+            ("self_attn.k_proj", [kv, h]),
+            ("self_attn.v_proj", [kv, h]),
+            ("self_attn.o_proj", [h, h]),
+            ("mlp.gate_proj", [i, h]),
+            ("mlp.up_proj", [i, h]),
+            ("mlp.down_proj", [h, i]),
+        ] {
+            w.insert(format!("{p}.{name}.weight"), randn(&shape)?);
+        }
+        w.insert(format!("{p}.input_layernorm.weight"), (randn(&[h])? + 1.0)?);
+        w.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            (randn(&[h])? + 1.0)?,
+        );
+    }
+    w.insert("model.norm.weight".to_string(), (randn(&[h])? + 1.0)?);
+    if !tie_word_embeddings {
+        w.insert("lm_head.weight".to_string(), randn(&[c.vocab_size, h])?);
+    }
+    Llama::from_weights(config, w, &dev, DType::F32)
+}

@@ -1,0 +1,630 @@
+//! Tokenizer for Llama-family chat models (SmolLM2, Llama 3, Qwen2, Mistral).
+//!
+//! Loads a Hugging Face model folder or the tokenizer embedded in GGUF metadata, renders chat
+//! templates the way `transformers` does, and writes folders that `AutoTokenizer` can load.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file::Value as GgufValue;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::sequence::Sequence as ProcessorSequence;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+/// One turn of a conversation, as passed to chat templates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Special tokens by content, as `tokenizer_config.json` names them.
+#[derive(Clone, Debug, Default)]
+struct SpecialTokens {
+    bos: Option<String>,
+    eos: Option<String>,
+    pad: Option<String>,
+    unk: Option<String>,
+}
+
+impl SpecialTokens {
+    fn named(&self) -> [(&'static str, Option<&str>); 4] {
+        [
+            ("bos_token", self.bos.as_deref()),
+            ("eos_token", self.eos.as_deref()),
+            ("pad_token", self.pad.as_deref()),
+            ("unk_token", self.unk.as_deref()),
+        ]
+    }
+}
+
+/// A Hugging Face fast tokenizer plus the chat template and special tokens of its model.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    special: SpecialTokens,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    // The wrapped tokenizer would print its whole vocabulary.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("special", &self.special)
+            .field("has_chat_template", &self.has_chat_template())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tokens that end a turn in the chat formats we support, besides the model's EOS.
+const TURN_END_TOKENS: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+];
+
+const TOKENIZER_FILE: &str = "tokenizer.json";
+const CONFIG_FILE: &str = "tokenizer_config.json";
+const SPECIAL_TOKENS_MAP_FILE: &str = "special_tokens_map.json";
+const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` from a Hugging Face model folder, with special tokens and the chat
+    /// template from `tokenizer_config.json`, `special_tokens_map.json` and `chat_template.jinja`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join(TOKENIZER_FILE);
+        if !path.is_file() {
+            bail!("tokenizer file not found: {}", path.display());
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
+
+        let config = read_json_object(&dir.join(CONFIG_FILE))?;
+        let special_map = read_json_object(&dir.join(SPECIAL_TOKENS_MAP_FILE))?;
+        let token = |key: &str| {
+            [&config, &special_map]
+                .into_iter()
+                .find_map(|m| m.get(key).and_then(token_content))
+        };
+        let special = SpecialTokens {
+            bos: token("bos_token"),
+            eos: token("eos_token"),
+            pad: token("pad_token"),
+            unk: token("unk_token"),
+        };
+
+        // transformers 5 keeps the template in its own file, which overrides the config's.
+        let template_path = dir.join(CHAT_TEMPLATE_FILE);
+        let chat_template = if template_path.is_file() {
+            Some(
+                fs::read_to_string(&template_path)
+                    .with_context(|| format!("cannot read {}", template_path.display()))?,
+            )
+        } else {
+            config
+                .get("chat_template")
+                .map(template_from_config)
+                .transpose()?
+                .flatten()
+        };
+
+        Ok(Self {
+            inner,
+            chat_template,
+            special,
+        })
+    }
+
+    /// Builds the tokenizer embedded in GGUF metadata (`tokenizer.ggml.*` keys). Only byte-level
+    /// BPE (`tokenizer.ggml.model == "gpt2"`) is supported.
+    pub fn from_gguf_metadata(md: &HashMap<String, GgufValue>) -> Result<Self> {
+        let md = Metadata(md);
+        let model = md
+            .string("tokenizer.ggml.model")?
+            .context("GGUF metadata has no tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            bail!("unsupported GGUF tokenizer model {model:?}: only byte-level BPE (\"gpt2\") is supported");
+        }
+        let pre_name = md.string("tokenizer.ggml.pre")?.unwrap_or("default");
+        let pre = PreTokenization::from_gguf_name(pre_name)?;
+
+        let tokens = md
+            .strings("tokenizer.ggml.tokens")?
+            .context("GGUF metadata has no tokenizer.ggml.tokens")?;
+        let merges = md
+            .strings("tokenizer.ggml.merges")?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| anyhow!("malformed GGUF merge {m:?}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let token_at = |key: &str| -> Result<Option<String>> {
+            md.u32(key)?
+                .map(|id| {
+                    tokens
+                        .get(id as usize)
+                        .map(|t| (*t).to_owned())
+                        .ok_or_else(|| anyhow!("GGUF {key} {id} is outside the vocabulary"))
+                })
+                .transpose()
+        };
+        let special = SpecialTokens {
+            bos: token_at("tokenizer.ggml.bos_token_id")?,
+            eos: token_at("tokenizer.ggml.eos_token_id")?,
+            pad: token_at("tokenizer.ggml.padding_token_id")?,
+            unk: token_at("tokenizer.ggml.unknown_token_id")?,
+        };
+        let add_bos = md
+            .bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(pre.adds_bos_by_default());
+        let add_eos = md.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| ((*t).to_owned(), id as u32))
+            .collect();
+        let mut bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(pre.ignores_merges());
+        if let Some(unk) = &special.unk {
+            bpe = bpe.unk_token(unk.clone());
+        }
+        let bpe = bpe
+            .build()
+            .map_err(|e| anyhow!("cannot build BPE model from GGUF: {e}"))?;
+
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        if pre.normalizes_nfc() {
+            inner.with_normalizer(Some(NFC));
+        }
+        inner.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+        // Decoder and post-processor as in GPT-2's tokenizer.json.
+        inner.with_decoder(Some(ByteLevel::default()));
+        let byte_level = ByteLevel::new(true, false, true);
+        let bos = special.bos.as_deref().filter(|_| add_bos);
+        let eos = special.eos.as_deref().filter(|_| add_eos);
+        let processor: PostProcessorWrapper = if bos.is_some() || eos.is_some() {
+            ProcessorSequence::new(vec![
+                byte_level.into(),
+                template_processor(&inner, bos, eos)?.into(),
+            ])
+            .into()
+        } else {
+            byte_level.into()
+        };
+        inner.with_post_processor(Some(processor));
+
+        // Control tokens (type 3) are special; user-defined ones (type 4) are plain added tokens.
+        // Both must be matched whole in text rather than split by the pre-tokenizer.
+        if let Some(types) = md.array("tokenizer.ggml.token_type")? {
+            let mut special_tokens = Vec::new();
+            let mut added_tokens = Vec::new();
+            for (token, ty) in tokens.iter().zip(types) {
+                match ty
+                    .to_i32()
+                    .map_err(|_| type_error("tokenizer.ggml.token_type", "an i32 array"))?
+                {
+                    3 => special_tokens.push(AddedToken::from(*token, true)),
+                    4 => added_tokens.push(AddedToken::from(*token, false)),
+                    _ => {}
+                }
+            }
+            inner.add_special_tokens(&special_tokens);
+            inner.add_tokens(&added_tokens);
+        }
+
+        let chat_template = md.string("tokenizer.chat_template")?.map(str::to_owned);
+        Ok(Self {
+            inner,
+            chat_template,
+            special,
+        })
+    }
+
+    /// Token ids of `text`; `add_special_tokens` adds BOS/EOS only where the model's config does.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode_fast(text, add_special_tokens)
+            .map_err(|e| anyhow!("cannot encode text: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("cannot decode ids: {e}"))
+    }
+
+    pub fn token_to_id(&self, tok: &str) -> Option<u32> {
+        self.inner.token_to_id(tok)
+    }
+
+    /// Vocabulary size including added tokens, like `len(tokenizer)` in transformers.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.special
+            .eos
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
+    }
+
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.special
+            .bos
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
+    }
+
+    /// The padding token, or EOS when the model defines none.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.special
+            .pad
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
+            .or_else(|| self.eos_token_id())
+    }
+
+    /// Ids that end generation: EOS first, then any turn-end tokens the vocabulary has.
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.eos_token_id().into_iter().collect();
+        for id in TURN_END_TOKENS.iter().filter_map(|t| self.token_to_id(t)) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders `messages` with the model's chat template, as transformers' `apply_chat_template`.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let source = self
+            .chat_template
+            .as_deref()
+            .context("tokenizer has no chat template")?;
+
+        let mut env = minijinja::Environment::new();
+        // transformers renders with these settings; templates rely on them for their whitespace.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        // Python string and dict methods such as .strip() or .items().
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<(), minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        let template = env
+            .template_from_str(source)
+            .map_err(|e| anyhow!("invalid chat template: {e}"))?;
+
+        let mut ctx = BTreeMap::new();
+        ctx.insert("messages", minijinja::Value::from_serialize(messages));
+        ctx.insert(
+            "add_generation_prompt",
+            minijinja::Value::from(add_generation_prompt),
+        );
+        // Unset tokens stay undefined, as in transformers, so templates can test `is defined`.
+        for (name, token) in self.special.named() {
+            if let Some(token) = token {
+                ctx.insert(name, minijinja::Value::from(token));
+            }
+        }
+        template
+            .render(ctx)
+            .map_err(|e| anyhow!("cannot render chat template: {e}"))
+    }
+
+    /// Writes `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` into `dir`,
+    /// each through a temporary file and a rename so readers never see a partial file.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+
+        let tokenizer_json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| anyhow!("cannot serialize tokenizer: {e}"))?;
+        write_atomic(dir, TOKENIZER_FILE, tokenizer_json.as_bytes())?;
+
+        let mut config = serde_json::Map::new();
+        config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+        for (name, token) in self.special.named() {
+            if let Some(token) = token {
+                config.insert(name.into(), token.into());
+            }
+        }
+        // Our decode never cleans up spaces; keep transformers consistent with it.
+        config.insert("clean_up_tokenization_spaces".into(), false.into());
+        // transformers before 4.47 reads the template only from the config; later versions prefer
+        // chat_template.jinja, so both are written.
+        if let Some(template) = &self.chat_template {
+            config.insert("chat_template".into(), template.as_str().into());
+        }
+        let config_json = serde_json::to_string_pretty(&JsonValue::Object(config))?;
+        write_atomic(dir, CONFIG_FILE, config_json.as_bytes())?;
+
+        let template_path = dir.join(CHAT_TEMPLATE_FILE);
+        match &self.chat_template {
+            Some(template) => write_atomic(dir, CHAT_TEMPLATE_FILE, template.as_bytes())?,
+            // A stale template file would override the config on the next load.
+            None if template_path.exists() => fs::remove_file(&template_path)
+                .with_context(|| format!("cannot remove {}", template_path.display()))?,
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// How a GGUF `tokenizer.ggml.pre` name splits text before BPE, mirroring the model's
+/// tokenizer.json on the Hugging Face hub.
+#[derive(Clone, Copy, Debug)]
+enum PreTokenization {
+    /// GPT-2's regex inside ByteLevel.
+    Gpt2,
+    /// Every digit on its own, then GPT-2's regex (SmolLM, StarCoder).
+    DigitsGpt2,
+    Llama3,
+    Qwen2,
+    /// Mistral Nemo and later Mistral models.
+    Tekken,
+}
+
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const TEKKEN_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl PreTokenization {
+    /// Names as llama.cpp's converter writes them.
+    fn from_gguf_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "default" | "gpt-2" => Self::Gpt2,
+            "smollm" | "starcoder" | "refact" => Self::DigitsGpt2,
+            "llama-bpe" | "llama3" | "llama-v3" => Self::Llama3,
+            "qwen2" | "deepseek-r1-qwen" => Self::Qwen2,
+            "tekken" => Self::Tekken,
+            other => bail!("unsupported GGUF pre-tokenizer {other:?}"),
+        })
+    }
+
+    fn pre_tokenizer(self) -> Result<PreTokenizerWrapper> {
+        let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
+            let split = Split::new(
+                SplitPattern::Regex(pattern.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| anyhow!("cannot compile pre-tokenizer regex: {e}"))?;
+            Ok(split.into())
+        };
+        // After an explicit Split, ByteLevel only maps bytes to characters.
+        let split_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper> {
+            Ok(Sequence::new(vec![
+                split(pattern)?,
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into())
+        };
+        let gpt2 = ByteLevel::new(false, true, true);
+        match self {
+            Self::Gpt2 => Ok(gpt2.into()),
+            Self::DigitsGpt2 => {
+                Ok(Sequence::new(vec![Digits::new(true).into(), gpt2.into()]).into())
+            }
+            Self::Llama3 => split_then_bytes(LLAMA3_PATTERN),
+            Self::Qwen2 => split_then_bytes(QWEN2_PATTERN),
+            Self::Tekken => split_then_bytes(TEKKEN_PATTERN),
+        }
+    }
+
+    fn ignores_merges(self) -> bool {
+        matches!(self, Self::Llama3 | Self::Tekken)
+    }
+
+    fn normalizes_nfc(self) -> bool {
+        matches!(self, Self::Qwen2)
+    }
+
+    /// llama.cpp's default when the GGUF has no `tokenizer.ggml.add_bos_token`.
+    fn adds_bos_by_default(self) -> bool {
+        matches!(self, Self::Llama3 | Self::Tekken)
+    }
+}
+
+/// Adds BOS before and/or EOS after each sequence, as Llama 3's tokenizer.json does.
+fn template_processor(
+    tokenizer: &tokenizers::Tokenizer,
+    bos: Option<&str>,
+    eos: Option<&str>,
+) -> Result<TemplateProcessing> {
+    let template = |sequence: &str, type_id: u32| -> Vec<String> {
+        bos.map(|t| format!("{t}:{type_id}"))
+            .into_iter()
+            .chain(std::iter::once(format!("${sequence}:{type_id}")))
+            .chain(eos.map(|t| format!("{t}:{type_id}")))
+            .collect()
+    };
+    let mut pair = template("A", 0);
+    pair.extend(template("B", 1));
+    let special_tokens = bos
+        .into_iter()
+        .chain(eos)
+        .map(|t| {
+            let id = tokenizer
+                .token_to_id(t)
+                .with_context(|| format!("special token {t:?} is not in the vocabulary"))?;
+            Ok((t.to_owned(), id))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    TemplateProcessing::builder()
+        .try_single(template("A", 0))
+        .map_err(|e| anyhow!("invalid BOS/EOS template: {e}"))?
+        .try_pair(pair)
+        .map_err(|e| anyhow!("invalid BOS/EOS template: {e}"))?
+        .special_tokens(special_tokens)
+        .build()
+        .map_err(|e| anyhow!("invalid BOS/EOS template: {e}"))
+}
+
+/// Typed reads of optional GGUF metadata keys; a key with the wrong type is an error.
+struct Metadata<'a>(&'a HashMap<String, GgufValue>);
+
+impl<'a> Metadata<'a> {
+    fn string(&self, key: &str) -> Result<Option<&'a str>> {
+        self.0
+            .get(key)
+            .map(|v| {
+                v.to_string()
+                    .map(String::as_str)
+                    .map_err(|_| type_error(key, "a string"))
+            })
+            .transpose()
+    }
+
+    fn u32(&self, key: &str) -> Result<Option<u32>> {
+        self.0
+            .get(key)
+            .map(|v| {
+                v.to_u64()
+                    .ok()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| type_error(key, "a u32"))
+            })
+            .transpose()
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        self.0
+            .get(key)
+            .map(|v| v.to_bool().map_err(|_| type_error(key, "a bool")))
+            .transpose()
+    }
+
+    fn array(&self, key: &str) -> Result<Option<&'a [GgufValue]>> {
+        self.0
+            .get(key)
+            .map(|v| {
+                v.to_vec()
+                    .map(Vec::as_slice)
+                    .map_err(|_| type_error(key, "an array"))
+            })
+            .transpose()
+    }
+
+    fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+        self.array(key)?
+            .map(|values| {
+                values
+                    .iter()
+                    .map(|v| {
+                        v.to_string()
+                            .map(String::as_str)
+                            .map_err(|_| type_error(key, "a string array"))
+                    })
+                    .collect()
+            })
+            .transpose()
+    }
+}
+
+// candle's own errors print the whole value, which for vocabularies is megabytes.
+fn type_error(key: &str, expected: &str) -> anyhow::Error {
+    anyhow!("GGUF metadata key {key} is not {expected}")
+}
+
+/// The object in a JSON file, or an empty one when the file does not exist.
+fn read_json_object(path: &Path) -> Result<serde_json::Map<String, JsonValue>> {
+    if !path.is_file() {
+        return Ok(serde_json::Map::new());
+    }
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match serde_json::from_str(&text)
+        .with_context(|| format!("invalid JSON in {}", path.display()))?
+    {
+        JsonValue::Object(map) => Ok(map),
+        _ => bail!("{} is not a JSON object", path.display()),
+    }
+}
+
+/// A special token's text: transformers writes either the string or a serialized AddedToken.
+fn token_content(value: &JsonValue) -> Option<String> {
+    match value {
+        JsonValue::String(s) => Some(s.clone()),
+        JsonValue::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// `chat_template` from tokenizer_config.json: a string, or a list of `{name, template}` from
+/// which the "default" one is used (the first when none is named so).
+fn template_from_config(value: &JsonValue) -> Result<Option<String>> {
+    match value {
+        JsonValue::Null => Ok(None),
+        JsonValue::String(s) => Ok(Some(s.clone())),
+        JsonValue::Array(list) => {
+            let named = |name: &str| {
+                list.iter()
+                    .find(|t| t.get("name").and_then(JsonValue::as_str) == Some(name))
+            };
+            let Some(entry) = named("default").or_else(|| list.first()) else {
+                return Ok(None);
+            };
+            let template = entry.get("template").and_then(JsonValue::as_str);
+            Ok(Some(
+                template
+                    .context("chat_template entry has no template string")?
+                    .to_owned(),
+            ))
+        }
+        _ => bail!("chat_template in {CONFIG_FILE} is neither a string nor a list"),
+    }
+}
+
+fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}

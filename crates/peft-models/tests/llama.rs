@@ -1,0 +1,81 @@
+use candle_core::{DType, Device, IndexOp, Tensor};
+use peft_models::testing::tiny_llama;
+use peft_models::KvCache;
+
+/// Decoding token by token with the cache gives the same last hidden state as one full pass.
+#[test]
+fn kv_cache_matches_full_forward() {
+    let model = tiny_llama(3, true).unwrap();
+    let ids: Vec<u32> = vec![5, 9, 13, 2, 40, 41];
+    let full = model
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+            None,
+            false,
+        )
+        .unwrap();
+    let mut cache = KvCache::new(2);
+    let prompt = Tensor::new(&ids[..3], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&prompt, None, Some(&mut cache), false)
+        .unwrap();
+    let mut last = None;
+    for &t in &ids[3..] {
+        let x = Tensor::new(&[t], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        last = Some(model.forward(&x, None, Some(&mut cache), false).unwrap());
+    }
+    assert_eq!(cache.seq_len(), 6);
+    let diff = (full.i((0, 5)).unwrap() - last.unwrap().i((0, 0)).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+}
+
+/// Right padding with an attention mask leaves the real tokens' outputs unchanged.
+#[test]
+fn padding_mask_keeps_real_tokens_exact() {
+    let model = tiny_llama(4, false).unwrap();
+    let real = Tensor::new(&[[7u32, 8, 9]], &Device::Cpu).unwrap();
+    let padded = Tensor::new(&[[7u32, 8, 9, 0, 0]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1i64, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let a = model.forward(&real, None, None, false).unwrap();
+    let b = model
+        .forward(&padded, Some(&mask), None, false)
+        .unwrap()
+        .narrow(1, 0, 3)
+        .unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+    assert_eq!(model.embed_tokens.dtype(), DType::F32);
+}
+
+#[test]
+fn wrong_weight_shape_is_a_clear_error() {
+    let err =
+        peft_models::LlamaConfig::from_json(serde_json::json!({"hidden_size": 8})).unwrap_err();
+    assert!(format!("{err:#}").contains("Llama-family"), "{err:#}");
+}

@@ -1,0 +1,181 @@
+//! Training records (JSONL) to token ids and labels, and padded batches.
+//!
+//! Three record shapes, as TRL's SFTTrainer takes them: `{"text"}` (loss on every token),
+//! `{"prompt", "completion"}` (loss on the completion) and `{"messages": [{role, content}]}`
+//! (rendered with the model's chat template, loss on assistant turns only).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use peft_models::tokenizer::{ChatMessage, Tokenizer};
+use peft_ops::IGNORE_INDEX;
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    /// Same length as `input_ids`; `IGNORE_INDEX` where no loss is taken.
+    pub labels: Vec<i64>,
+}
+
+/// Reads a JSONL file: one JSON object per non-empty line.
+pub fn load_records(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read data file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("{}:{}: invalid JSON: {e}", path.display(), i + 1))?;
+        if !v.is_object() {
+            bail!("{}:{}: expected a JSON object", path.display(), i + 1);
+        }
+        out.push(v);
+    }
+    if out.is_empty() {
+        bail!("data file {} has no records", path.display());
+    }
+    Ok(out)
+}
+
+fn str_field<'a>(v: &'a Value, key: &str, line: usize) -> Result<&'a str> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .with_context(|| format!("record {line}: field {key:?} must be a string"))
+}
+
+/// Token ids and labels of one record, truncated to `max_len`.
+fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize) -> Result<Example> {
+    let mut ids: Vec<u32> = Vec::new();
+    let mut labels: Vec<i64> = Vec::new();
+    let mut push = |ids_part: Vec<u32>, train: bool| {
+        labels.extend(
+            ids_part
+                .iter()
+                .map(|&t| if train { t as i64 } else { IGNORE_INDEX }),
+        );
+        ids.extend(ids_part);
+    };
+    let eos = tok.eos_token_id();
+    if let Some(msgs) = v.get("messages") {
+        let messages: Vec<ChatMessage> = serde_json::from_value(msgs.clone())
+            .with_context(|| format!("record {n}: messages must be a list of {{role, content}}"))?;
+        for (segment, is_assistant) in
+            chat_segments(tok, &messages).with_context(|| format!("record {n}"))?
+        {
+            push(tok.encode(&segment, false)?, is_assistant);
+        }
+    } else if v.get("prompt").is_some() || v.get("completion").is_some() {
+        let prompt = str_field(v, "prompt", n)?;
+        let completion = str_field(v, "completion", n)?;
+        push(tok.encode(prompt, true)?, false);
+        push(tok.encode(completion, false)?, true);
+        push(eos.into_iter().collect(), true);
+    } else if v.get("text").is_some() {
+        push(tok.encode(str_field(v, "text", n)?, true)?, true);
+        push(eos.into_iter().collect(), true);
+    } else {
+        let keys: Vec<&String> = v
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        bail!("record {n}: no \"text\", \"messages\" or \"prompt\"/\"completion\" field (found {keys:?})");
+    }
+    Ok(Example {
+        input_ids: ids,
+        labels,
+    })
+}
+
+/// Splits a rendered conversation into consecutive text pieces, flagging the assistant
+/// replies (content and end-of-turn marker, not the role header) that carry the loss.
+fn chat_segments(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<(String, bool)>> {
+    let mut out = Vec::new();
+    let mut done = String::new();
+    for i in 0..messages.len() {
+        let upto = tok.apply_chat_template(&messages[..=i], false)?;
+        if messages[i].role == "assistant" {
+            let header = tok.apply_chat_template(&messages[..i], true)?;
+            let (Some(h), Some(body)) = (header.strip_prefix(&done), upto.strip_prefix(&header))
+            else {
+                bail!("the chat template does not render conversations incrementally");
+            };
+            out.push((h.to_string(), false));
+            out.push((body.to_string(), true));
+        } else {
+            let Some(piece) = upto.strip_prefix(&done) else {
+                bail!("the chat template does not render conversations incrementally");
+            };
+            out.push((piece.to_string(), false));
+        }
+        done = upto;
+    }
+    Ok(out)
+}
+
+/// Tokenizes all records; drops (and counts) records left without any trained token.
+pub fn tokenize_records(
+    records: &[Value],
+    tok: &Tokenizer,
+    max_seq_length: usize,
+) -> Result<(Vec<Example>, usize)> {
+    let mut examples = Vec::new();
+    let mut dropped = 0;
+    for (i, r) in records.iter().enumerate() {
+        let mut ex = tokenize_record(r, tok, i + 1)?;
+        ex.input_ids.truncate(max_seq_length);
+        ex.labels.truncate(max_seq_length);
+        // Position 0 never gets a loss (nothing predicts it).
+        if ex.labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
+            dropped += 1;
+            continue;
+        }
+        examples.push(ex);
+    }
+    if examples.is_empty() {
+        bail!("no record has a token to train on after truncation to {max_seq_length} tokens");
+    }
+    Ok((examples, dropped))
+}
+
+/// A right-padded batch. `labels` are shifted: `labels[b, t]` is the target of position `t`.
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub labels: Tensor,
+    pub n_tokens: usize,
+}
+
+impl Batch {
+    pub fn new(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Self> {
+        let len = examples
+            .iter()
+            .map(|e| e.input_ids.len())
+            .max()
+            .context("empty batch")?;
+        let mut ids = Vec::with_capacity(examples.len() * len);
+        let mut labels = Vec::with_capacity(examples.len() * len);
+        for e in examples {
+            let n = e.input_ids.len();
+            ids.extend(
+                e.input_ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad_id, len - n)),
+            );
+            labels.extend(
+                e.labels[1..]
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(IGNORE_INDEX, len - n + 1)),
+            );
+        }
+        let b = examples.len();
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (b, len), device)?,
+            labels: Tensor::from_vec(labels, (b, len), device)?,
+            n_tokens: examples.iter().map(|e| e.input_ids.len()).sum(),
+        })
+    }
+}

@@ -1,0 +1,11 @@
+//! Supervised fine-tuning: data preparation, AdamW, learning-rate schedules and the loop.
+
+pub mod data;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use data::{load_records, tokenize_records, Batch, Example};
+pub use optim::AdamW;
+pub use schedule::{LrSchedule, SchedulerKind};
+pub use trainer::{TrainArgs, TrainSummary, Trainer};

@@ -1,0 +1,247 @@
+//! The SFT loop: shuffled batches, gradient accumulation normalised by the number of trained
+//! tokens in the whole accumulated batch (as transformers does since 4.46), clipping, AdamW,
+//! warmup + decay, a progress bar, metrics JSONL and adapter saving.
+
+use crate::data::{Batch, Example};
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::schedule::{LrSchedule, SchedulerKind};
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, D};
+use indicatif::{ProgressBar, ProgressStyle};
+use peft::PeftModel;
+use peft_ops::{cross_entropy_chunked, IGNORE_INDEX};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Rows of logits materialised at once by the loss (rows × vocab × 4 bytes).
+const LOSS_CHUNK_ELEMS: usize = 8 << 20;
+
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub scheduler: SchedulerKind,
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub seed: u64,
+    pub logging_steps: usize,
+    pub save_every_epoch: bool,
+    pub output_dir: PathBuf,
+    pub base_model_name: String,
+    pub show_progress: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: usize,
+    /// Mean training loss of every optimizer step.
+    pub losses: Vec<f64>,
+    pub trained_tokens: usize,
+    pub seconds: f64,
+}
+
+impl TrainSummary {
+    pub fn tokens_per_s(&self) -> f64 {
+        self.trained_tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+pub struct Trainer<'a> {
+    pub model: &'a mut PeftModel,
+    pub args: TrainArgs,
+    pub pad_id: u32,
+}
+
+/// Per-micro-batch dropout seed: a pure function of (seed, step, micro-batch).
+fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ ((step as u64) << 20) ^ micro as u64
+}
+
+fn n_trained(e: &Example) -> usize {
+    e.labels
+        .iter()
+        .skip(1)
+        .filter(|&&l| l != IGNORE_INDEX)
+        .count()
+}
+
+impl Trainer<'_> {
+    /// Summed token loss of one batch, divided by `denom`, ready for backward.
+    fn batch_loss(&self, batch: &Batch, denom: usize) -> Result<Tensor> {
+        let base = &self.model.base;
+        let hidden = base.forward(&batch.input_ids, None, None, true)?;
+        let (b, t, d) = hidden.dims3()?;
+        let hidden = hidden.reshape((b * t, d))?;
+        let labels = batch.labels.flatten_all()?;
+        let weight = base.lm_head_weight();
+        let (mean, n_valid) = if weight.track_op() {
+            // A trainable output head needs its own gradient: plain (unchunked) cross-entropy.
+            let logits = hidden.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let mask = labels.ge(0i64)?.to_dtype(DType::F32)?;
+            let safe = labels.clamp(0i64, i64::MAX)?.unsqueeze(1)?;
+            let picked = logp.gather(&safe, 1)?.squeeze(1)?;
+            let n = mask.sum_all()?.to_scalar::<f32>()? as usize;
+            ((picked * mask)?.sum_all()?.neg()? / n.max(1) as f64)?
+                .to_dtype(DType::F32)
+                .map(|l| (l, n))?
+        } else {
+            let rows = (LOSS_CHUNK_ELEMS / weight.dim(0)?).max(1);
+            cross_entropy_chunked(&hidden, weight, &labels, rows)?
+        };
+        Ok((mean * (n_valid as f64 / denom.max(1) as f64))?)
+    }
+
+    pub fn train(&mut self, examples: &[Example]) -> Result<TrainSummary> {
+        let a = self.args.clone();
+        if a.batch_size == 0 || a.grad_accum == 0 {
+            bail!("batch size and gradient accumulation must be at least 1");
+        }
+        let batches_per_epoch = examples.len().div_ceil(a.batch_size);
+        let steps_per_epoch = batches_per_epoch.div_ceil(a.grad_accum);
+        let total_steps = a.max_steps.unwrap_or(a.epochs * steps_per_epoch);
+        if total_steps == 0 {
+            bail!("nothing to train: 0 steps");
+        }
+        let schedule = LrSchedule::new(a.scheduler, a.lr, a.warmup_ratio, total_steps);
+        let params: Vec<_> = self.model.trainable().into_iter().map(|(_, v)| v).collect();
+        let mut opt = AdamW::new(
+            params,
+            a.adam_beta1,
+            a.adam_beta2,
+            a.adam_eps,
+            a.weight_decay,
+        )?;
+        std::fs::create_dir_all(&a.output_dir)
+            .with_context(|| format!("cannot create output folder {}", a.output_dir.display()))?;
+        let metrics_path = a.output_dir.join("metrics.jsonl");
+        let mut metrics = std::fs::File::create(&metrics_path)
+            .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+
+        let bar = if a.show_progress {
+            ProgressBar::new(total_steps as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+        let device = self.model.base.device.clone();
+        let start = Instant::now();
+        let mut summary = TrainSummary {
+            steps: 0,
+            losses: Vec::new(),
+            trained_tokens: 0,
+            seconds: 0.0,
+        };
+        let mut step = 0;
+        let mut epoch = 0;
+        while step < total_steps {
+            let mut order: Vec<usize> = (0..examples.len()).collect();
+            order.shuffle(&mut rng);
+            let batches: Vec<&[usize]> = order.chunks(a.batch_size).collect();
+            for group in batches.chunks(a.grad_accum) {
+                if step >= total_steps {
+                    break;
+                }
+                let denom: usize = group
+                    .iter()
+                    .flat_map(|b| b.iter())
+                    .map(|&i| n_trained(&examples[i]))
+                    .sum();
+                let mut acc: Option<GradStore> = None;
+                let mut loss = 0f64;
+                for (micro, ids) in group.iter().enumerate() {
+                    self.model
+                        .dropout_seed
+                        .set(dropout_seed(a.seed, step, micro));
+                    let exs: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
+                    let batch = Batch::new(&exs, self.pad_id, &device)?;
+                    summary.trained_tokens += batch.n_tokens;
+                    let l = self.batch_loss(&batch, denom)?;
+                    loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    let grads = l.backward()?;
+                    acc = Some(match acc {
+                        None => grads,
+                        Some(mut acc) => {
+                            for p in opt.params() {
+                                if let Some(g) = grads.get(p.as_tensor()) {
+                                    let sum = match acc.get(p.as_tensor()) {
+                                        Some(prev) => (prev + g)?,
+                                        None => g.clone(),
+                                    };
+                                    acc.insert(p.as_tensor(), sum);
+                                }
+                            }
+                            acc
+                        }
+                    });
+                }
+                if !loss.is_finite() {
+                    bail!(
+                        "training loss is {loss} at step {}: stopping (lower the learning rate?)",
+                        step + 1
+                    );
+                }
+                let mut grads = acc.context("empty accumulation group")?;
+                let grad_norm = clip_grad_norm(&mut grads, opt.params(), a.max_grad_norm)?;
+                if !grad_norm.is_finite() {
+                    bail!(
+                        "gradient norm is {grad_norm} at step {}: stopping",
+                        step + 1
+                    );
+                }
+                let lr = schedule.lr(step);
+                opt.step(&grads, lr)?;
+                step += 1;
+                summary.losses.push(loss);
+                let elapsed = start.elapsed().as_secs_f64();
+                let tps = summary.trained_tokens as f64 / elapsed.max(1e-9);
+                bar.set_position(step as u64);
+                bar.set_message(format!(
+                    "epoch {} loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s",
+                    epoch + 1
+                ));
+                if step % a.logging_steps.max(1) == 0 || step == total_steps {
+                    let line = json!({
+                        "step": step, "epoch": epoch as f64 + (step - epoch * steps_per_epoch) as f64 / steps_per_epoch as f64,
+                        "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                    });
+                    writeln!(metrics, "{line}")
+                        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+                    if !a.show_progress {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+            epoch += 1;
+            if a.save_every_epoch && step < total_steps {
+                self.model.save(
+                    &a.output_dir.join(format!("epoch-{epoch}")),
+                    &a.base_model_name,
+                )?;
+            }
+        }
+        bar.finish();
+        summary.steps = step;
+        summary.seconds = start.elapsed().as_secs_f64();
+        self.model.save(&a.output_dir, &a.base_model_name)?;
+        Ok(summary)
+    }
+}

@@ -1,0 +1,11 @@
+//! Parameter-efficient fine-tuning: tuners (one module per method), adapter files in
+//! Hugging Face PEFT's format, merging.
+
+pub mod keys;
+pub mod lora;
+pub mod model;
+pub mod targets;
+
+pub use lora::config::LoraConfig;
+pub use model::PeftModel;
+pub use targets::TargetModules;

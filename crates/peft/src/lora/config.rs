@@ -1,0 +1,251 @@
+use crate::targets::TargetModules;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// PEFT's `LoraConfig`, as written to and read from `adapter_config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraConfig {
+    #[serde(default = "default_peft_type")]
+    pub peft_type: String,
+    #[serde(default = "default_task_type")]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub inference_mode: bool,
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_r_f64")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub target_modules: Option<TargetModules>,
+    #[serde(default)]
+    pub exclude_modules: Option<TargetModules>,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default = "default_init")]
+    pub init_lora_weights: Value,
+    #[serde(default)]
+    pub layers_to_transform: Option<Value>,
+    #[serde(default)]
+    pub layers_pattern: Option<Value>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Fields of newer PEFT versions we do not interpret; kept so a round trip preserves them.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+fn default_peft_type() -> String {
+    "LORA".into()
+}
+fn default_task_type() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+fn default_r() -> usize {
+    8
+}
+fn default_r_f64() -> f64 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+fn default_init() -> Value {
+    Value::Bool(true)
+}
+
+/// Fields PEFT may set that change the adapter's math. We refuse such adapters when the value
+/// is not the default rather than load them wrongly.
+const UNSUPPORTED_IF_SET: &[&str] = &[
+    "alora_invocation_tokens",
+    "arrow_config",
+    "layer_replication",
+    "trainable_token_indices",
+    "target_parameters",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+];
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        serde_json::from_value(Value::Object(Map::new())).expect("defaults deserialize")
+    }
+}
+
+impl LoraConfig {
+    /// Scale of `B A`: alpha / r, or alpha / sqrt(r) with rsLoRA. `module_path` selects
+    /// `rank_pattern` / `alpha_pattern` overrides (PEFT matches them as `(.*\.)?key$`).
+    pub fn rank_and_scaling(&self, module_path: &str) -> (usize, f64) {
+        let matches = |key: &str| {
+            regex::Regex::new(&format!(r"^(.*\.)?(?:{key})$"))
+                .map(|re| re.is_match(module_path))
+                .unwrap_or(false)
+        };
+        let r = self
+            .rank_pattern
+            .iter()
+            .find(|(k, _)| matches(k))
+            .map(|(_, &r)| r)
+            .unwrap_or(self.r);
+        let alpha = self
+            .alpha_pattern
+            .iter()
+            .find(|(k, _)| matches(k))
+            .map(|(_, &a)| a)
+            .unwrap_or(self.lora_alpha);
+        let scale = if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        (r, scale)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.peft_type != "LORA" {
+            bail!(
+                "adapter peft_type is {:?}, this loader handles LORA",
+                self.peft_type
+            );
+        }
+        if self.r == 0 {
+            bail!("r must be positive");
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!("lora_dropout must be in [0, 1), got {}", self.lora_dropout);
+        }
+        if !["none", "all", "lora_only"].contains(&self.bias.as_str()) {
+            bail!("bias must be none, all or lora_only, got {:?}", self.bias);
+        }
+        if self.fan_in_fan_out {
+            bail!("fan_in_fan_out=true (GPT-2 Conv1D layers) is not supported for Llama-family models");
+        }
+        if self.use_dora {
+            bail!("use_dora=true is not supported yet");
+        }
+        if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            bail!("layers_to_transform is not supported yet");
+        }
+        match &self.init_lora_weights {
+            Value::Bool(_) => {}
+            Value::String(s) if s == "gaussian" => {}
+            other => {
+                bail!("init_lora_weights={other} is not supported (true, false, \"gaussian\")")
+            }
+        }
+        for key in UNSUPPORTED_IF_SET {
+            if let Some(v) = self.other.get(*key) {
+                let default = v.is_null() || v == &Value::Bool(false);
+                if !default {
+                    bail!("adapter_config.json sets {key}, which peft-rs does not support");
+                }
+            }
+        }
+        for key in ["use_qalora", "use_bdlora", "lora_bias"] {
+            if self.other.get(key).is_some_and(|v| v == &Value::Bool(true)) {
+                bail!("adapter_config.json sets {key}=true, which peft-rs does not support");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// JSON as PEFT writes it: sorted keys, two-space indent, `inference_mode: true`.
+    pub fn to_json_string(&self) -> Result<String> {
+        let mut v = serde_json::to_value(self)?;
+        let obj = v
+            .as_object_mut()
+            .context("config serializes to an object")?;
+        obj.insert("inference_mode".into(), Value::Bool(true));
+        // PEFT writes integers for integral alphas (lora_alpha: 16).
+        if self.lora_alpha.fract() == 0.0 {
+            obj.insert("lora_alpha".into(), Value::from(self.lora_alpha as i64));
+        }
+        obj.entry("peft_version").or_insert(Value::String(format!(
+            "peft-rs {}",
+            env!("CARGO_PKG_VERSION")
+        )));
+        Ok(serde_json::to_string_pretty(&v)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_config_parses_with_scaling() {
+        let text = r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"use_rslora":true,
+            "target_modules":"all-linear","task_type":"CAUSAL_LM","megatron_core":"megatron.core"}"#;
+        let c: LoraConfig = serde_json::from_str(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.rank_and_scaling("model.layers.0.mlp.up_proj"), (4, 4.0));
+        assert_eq!(
+            c.target_modules,
+            Some(TargetModules::Pattern("all-linear".into()))
+        );
+        let out = c.to_json_string().unwrap();
+        assert!(out.contains("\"megatron_core\": \"megatron.core\""));
+        assert!(out.contains("\"lora_alpha\": 8,"));
+    }
+
+    #[test]
+    fn rank_pattern_overrides() {
+        let mut c = LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            ..Default::default()
+        };
+        c.rank_pattern.insert("q_proj".into(), 4);
+        assert_eq!(
+            c.rank_and_scaling("model.layers.0.self_attn.q_proj"),
+            (4, 4.0)
+        );
+        assert_eq!(
+            c.rank_and_scaling("model.layers.0.self_attn.v_proj"),
+            (8, 2.0)
+        );
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused() {
+        let c: LoraConfig = serde_json::from_str(r#"{"r":8,"layer_replication":[[0,4]]}"#).unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("layer_replication"));
+    }
+}

@@ -1,0 +1,4 @@
+//! LoRA (with rsLoRA scaling): `y = W x + s · B A dropout(x)`.
+
+pub mod config;
+pub mod layer;

@@ -1,0 +1,333 @@
+//! A base model with LoRA adapters injected by module path: creation, PEFT-format save/load,
+//! parameter counting and merging.
+
+use crate::keys::{file_key, module_path};
+use crate::lora::config::LoraConfig;
+use crate::lora::layer::{DropoutSeed, LoraLayer};
+use crate::targets::{select, TargetModules};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
+use peft_models::Llama;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// Default LoRA targets for Llama-family models when a config names none (PEFT's table).
+const DEFAULT_TARGETS: &[&str] = &["q_proj", "v_proj"];
+
+pub struct PeftModel {
+    pub base: Llama,
+    pub config: LoraConfig,
+    /// Module path -> its LoRA pair, in model order.
+    pub adapters: BTreeMap<String, Arc<LoraLayer>>,
+    /// Base tensors made trainable (`bias`, `modules_to_save`), by file key.
+    pub extra_trainable: BTreeMap<String, Var>,
+    pub dropout_seed: Arc<DropoutSeed>,
+}
+
+fn uniform(rng: &mut impl Rng, shape: (usize, usize), bound: f64) -> Vec<f32> {
+    (0..shape.0 * shape.1)
+        .map(|_| rng.random_range(-bound..bound) as f32)
+        .collect()
+}
+
+impl PeftModel {
+    /// Injects freshly initialised adapters (PEFT's init: kaiming-uniform A, zero B).
+    pub fn new(base: Llama, mut config: LoraConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        if config.target_modules.is_none() {
+            config.target_modules = Some(TargetModules::List(
+                DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+            ));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Self::build(base, config, |path, r, in_f, out_f, cfg| {
+            let dev = candle_core::Device::Cpu;
+            let (a, b) = match &cfg.init_lora_weights {
+                serde_json::Value::String(_) => {
+                    // "gaussian": A ~ N(0, 1/r), B = 0.
+                    let normal = Normal::new(0.0, 1.0 / r as f64).context("gaussian init")?;
+                    let a: Vec<f32> = (0..r * in_f)
+                        .map(|_| normal.sample(&mut rng) as f32)
+                        .collect();
+                    (a, vec![0f32; out_f * r])
+                }
+                // nn.Linear's kaiming_uniform(a=sqrt 5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+                serde_json::Value::Bool(true) => (
+                    uniform(&mut rng, (r, in_f), 1.0 / (in_f as f64).sqrt()),
+                    vec![0f32; out_f * r],
+                ),
+                _ => (
+                    uniform(&mut rng, (r, in_f), 1.0 / (in_f as f64).sqrt()),
+                    uniform(&mut rng, (out_f, r), 1.0 / (r as f64).sqrt()),
+                ),
+            };
+            let _ = path;
+            Ok((
+                Tensor::from_vec(a, (r, in_f), &dev)?,
+                Tensor::from_vec(b, (out_f, r), &dev)?,
+            ))
+        })
+    }
+
+    /// Wraps the targeted linears; `init(path, r, in, out, config)` gives A and B.
+    fn build(
+        mut base: Llama,
+        config: LoraConfig,
+        mut init: impl FnMut(&str, usize, usize, usize, &LoraConfig) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Self> {
+        let device = base.device.clone();
+        let targets = config.target_modules.clone().context("no target_modules")?;
+        let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
+        let selected = select(&targets, config.exclude_modules.as_ref(), &paths, "lm_head")?;
+        let dropout_seed = Arc::new(DropoutSeed::default());
+        let mut adapters = BTreeMap::new();
+        for (id, (path, lin)) in base.linears_mut().into_iter().enumerate() {
+            if !selected.contains(&path) {
+                continue;
+            }
+            let (r, scaling) = config.rank_and_scaling(&path);
+            let (a, b) = init(&path, r, lin.in_features(), lin.out_features(), &config)?;
+            let layer = Arc::new(LoraLayer {
+                a: Var::from_tensor(&a.to_device(&device)?.to_dtype(DType::F32)?)?,
+                b: Var::from_tensor(&b.to_device(&device)?.to_dtype(DType::F32)?)?,
+                scaling,
+                dropout: config.lora_dropout,
+                layer_id: id as u64,
+                dropout_seed: dropout_seed.clone(),
+            });
+            lin.adapter = Some(layer.clone());
+            adapters.insert(path, layer);
+        }
+        let mut model = Self {
+            base,
+            config,
+            adapters,
+            extra_trainable: BTreeMap::new(),
+            dropout_seed,
+        };
+        model.make_extra_trainable()?;
+        Ok(model)
+    }
+
+    /// `bias` = all / lora_only and `modules_to_save` turn base tensors into trainable ones.
+    fn make_extra_trainable(&mut self) -> Result<()> {
+        let bias_mode = self.config.bias.clone();
+        let to_save = self.config.modules_to_save.clone().unwrap_or_default();
+        let wrapped: Vec<String> = self.adapters.keys().cloned().collect();
+        let mut extra = BTreeMap::new();
+        for (path, lin) in self.base.linears_mut() {
+            let is_wrapped = wrapped.contains(&path);
+            let train_bias = bias_mode == "all" || (bias_mode == "lora_only" && is_wrapped);
+            if let (true, Some(b)) = (train_bias, &lin.bias) {
+                // PEFT keeps the base layer inside the LoRA wrapper: `q_proj.base_layer.bias`.
+                let param = if is_wrapped {
+                    "base_layer.bias"
+                } else {
+                    "bias"
+                };
+                let var = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
+                lin.bias = Some(var.as_tensor().clone());
+                extra.insert(file_key(&path, param), var);
+            }
+            if to_save
+                .iter()
+                .any(|m| path == *m || path.ends_with(&format!(".{m}")))
+            {
+                if is_wrapped {
+                    bail!("{path} is both a LoRA target and in modules_to_save");
+                }
+                let var = Var::from_tensor(&lin.weight.to_dtype(DType::F32)?)?;
+                lin.weight = var.as_tensor().clone();
+                extra.insert(file_key(&path, "weight"), var);
+            }
+        }
+        for m in &to_save {
+            if !extra.keys().any(|k| k.ends_with(&format!("{m}.weight"))) {
+                bail!("modules_to_save: {m:?} is not a linear module of this model (embeddings and norms are not supported yet)");
+            }
+        }
+        self.extra_trainable = extra;
+        Ok(())
+    }
+
+    /// Every trainable tensor under its adapter-file key, in file order.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = Vec::new();
+        for (path, l) in &self.adapters {
+            out.push((file_key(path, "lora_A.weight"), l.a.clone()));
+            out.push((file_key(path, "lora_B.weight"), l.b.clone()));
+        }
+        out.extend(
+            self.extra_trainable
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// (trainable, all) parameter counts as PEFT's `get_nb_trainable_parameters` reports them:
+    /// all = base parameters + adapter parameters (a trained copy of a module counts once more).
+    pub fn parameter_counts(&mut self) -> (usize, usize) {
+        let trainable: usize = self.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        let adapters: usize = self
+            .adapters
+            .values()
+            .map(|l| l.a.elem_count() + l.b.elem_count())
+            .sum();
+        let modules_to_save: usize = self
+            .extra_trainable
+            .iter()
+            .filter(|(k, _)| k.ends_with(".weight"))
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let base: usize = self
+            .base
+            .named_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        (trainable, base + adapters + modules_to_save)
+    }
+
+    /// `trainable params: X || all params: Y || trainable%: Z`, as PEFT prints it.
+    pub fn trainable_parameters_line(&mut self) -> String {
+        let (t, a) = self.parameter_counts();
+        format!(
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            thousands(t),
+            thousands(a),
+            100.0 * t as f64 / a as f64
+        )
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT's
+    /// `save_pretrained` does, each atomically.
+    pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let tensors: Vec<(String, Tensor)> = self
+            .trainable()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().detach()))
+            .collect();
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(meta))?;
+        let mut config = self.config.clone();
+        if config.base_model_name_or_path.is_none() {
+            config.base_model_name_or_path = Some(base_model_name.to_string());
+        }
+        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string()?.as_bytes())
+    }
+
+    /// Loads a PEFT LoRA adapter folder onto `base`. Every tensor in the file must be used and
+    /// every adapted module must find its tensors with the right shapes.
+    pub fn load(base: Llama, dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("adapter folder not found: {}", dir.display());
+        }
+        let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let mut tensors = load_safetensors(&weights_path, &candle_core::Device::Cpu)?;
+        let mut by_path: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        let keys: Vec<String> = tensors.keys().cloned().collect();
+        for key in &keys {
+            let (slot, path) = if let Some(p) = module_path(key, "lora_A.weight") {
+                (0, p)
+            } else if let Some(p) = module_path(key, "lora_B.weight") {
+                (1, p)
+            } else {
+                continue;
+            };
+            let t = tensors.remove(key).expect("key listed");
+            let entry = by_path.entry(path.to_string()).or_default();
+            if slot == 0 {
+                entry.0 = Some(t)
+            } else {
+                entry.1 = Some(t)
+            }
+        }
+        let mut model = Self::build(base, config, |path, r, in_f, out_f, _| {
+            let (a, b) = by_path.remove(path).with_context(|| {
+                format!("{}: no LoRA weights for {path}", weights_path.display())
+            })?;
+            let a =
+                a.with_context(|| format!("{}: no lora_A for {path}", weights_path.display()))?;
+            let b =
+                b.with_context(|| format!("{}: no lora_B for {path}", weights_path.display()))?;
+            if a.dims() != [r, in_f] || b.dims() != [out_f, r] {
+                bail!(
+                    "{}: {path} has lora_A {:?} and lora_B {:?}, the base model needs [{r}, {in_f}] and [{out_f}, {r}] (adapter made for another model?)",
+                    weights_path.display(),
+                    a.dims(),
+                    b.dims()
+                );
+            }
+            Ok((a, b))
+        })?;
+        if let Some(path) = by_path.keys().next() {
+            bail!(
+                "{}: LoRA weights for {path}, which target_modules does not select",
+                weights_path.display()
+            );
+        }
+        for (key, var) in &model.extra_trainable {
+            let t = tensors
+                .remove(key)
+                .with_context(|| format!("{}: missing {key}", weights_path.display()))?;
+            if t.dims() != var.dims() {
+                bail!(
+                    "{}: {key} has shape {:?}, expected {:?}",
+                    weights_path.display(),
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+        }
+        if let Some(key) = tensors.keys().next() {
+            bail!("{}: unexpected tensor {key}", weights_path.display());
+        }
+        model.config.inference_mode = true;
+        Ok(model)
+    }
+
+    /// Folds every adapter into its base weight (`W += s B A`) and returns the plain model.
+    pub fn merge_and_unload(mut self) -> Result<Llama> {
+        let adapters = std::mem::take(&mut self.adapters);
+        let dtype = self.base.dtype;
+        for (path, lin) in self.base.linears_mut() {
+            lin.adapter = None;
+            lin.weight = lin.weight.detach();
+            lin.bias = lin
+                .bias
+                .as_ref()
+                .map(|b| b.detach().to_dtype(dtype))
+                .transpose()?;
+            if let Some(l) = adapters.get(&path) {
+                let merged = (lin.weight.to_dtype(DType::F32)? + l.delta_weight()?.detach())?;
+                lin.weight = merged.to_dtype(dtype)?;
+            }
+            lin.weight = lin.weight.to_dtype(dtype)?;
+        }
+        Ok(self.base)
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,158 @@
+//! Which modules a tuner wraps: PEFT's `target_modules` / `exclude_modules` semantics.
+
+use anyhow::{bail, Context, Result};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// `target_modules` as PEFT reads it: a list matches a module whose path equals an entry or
+/// ends with `.entry`; a string is a regex that must match the whole path; `"all-linear"`
+/// selects every linear layer but the output head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+pub const ALL_LINEAR: &str = "all-linear";
+
+impl TargetModules {
+    /// Parses a command-line value: `all-linear`, a comma-separated list, or `re:<regex>`.
+    pub fn parse_flag(s: &str) -> Self {
+        match s.strip_prefix("re:") {
+            Some(p) => Self::Pattern(p.to_string()),
+            None if s == ALL_LINEAR => Self::Pattern(ALL_LINEAR.to_string()),
+            None => Self::List(
+                s.split(',')
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+fn list_matches(list: &[String], path: &str) -> bool {
+    list.iter()
+        .any(|t| path == t || path.ends_with(&format!(".{t}")))
+}
+
+/// Resolves `targets` minus `exclude` against the model's linear layer paths. An entry of a
+/// target list that matches nothing is an error listing the model's linear layer names.
+pub fn select(
+    targets: &TargetModules,
+    exclude: Option<&TargetModules>,
+    linear_paths: &[String],
+    output_head: &str,
+) -> Result<Vec<String>> {
+    let is_match = |t: &TargetModules, path: &str| -> Result<bool> {
+        Ok(match t {
+            TargetModules::List(l) => list_matches(l, path),
+            TargetModules::Pattern(p) if p == ALL_LINEAR => path != output_head,
+            TargetModules::Pattern(p) => Regex::new(&format!("^(?:{p})$"))
+                .with_context(|| format!("target_modules: invalid regex {p:?}"))?
+                .is_match(path),
+        })
+    };
+    let names = || {
+        let mut short: Vec<&str> = linear_paths
+            .iter()
+            .map(|p| p.rsplit('.').next().unwrap_or(p))
+            .collect();
+        short.sort();
+        short.dedup();
+        short.join(", ")
+    };
+    if let TargetModules::List(l) = targets {
+        if l.is_empty() {
+            bail!(
+                "target_modules is empty (the model's linear modules: {})",
+                names()
+            );
+        }
+        for t in l {
+            if !linear_paths
+                .iter()
+                .any(|p| list_matches(std::slice::from_ref(t), p))
+            {
+                bail!(
+                    "target module {t:?} not found in the model (its linear modules: {})",
+                    names()
+                );
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for path in linear_paths {
+        let excluded = match exclude {
+            Some(e) => is_match(e, path)?,
+            None => false,
+        };
+        if is_match(targets, path)? && !excluded {
+            out.push(path.clone());
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "target_modules matches no module (the model's linear modules: {})",
+            names()
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> Vec<String> {
+        let mut v = Vec::new();
+        for l in 0..2 {
+            for m in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"] {
+                v.push(format!("model.layers.{l}.{m}"));
+            }
+        }
+        v.push("lm_head".into());
+        v
+    }
+
+    #[test]
+    fn list_is_suffix_match() {
+        let t = TargetModules::parse_flag("q_proj,v_proj");
+        let s = select(&t, None, &paths(), "lm_head").unwrap();
+        assert_eq!(s.len(), 4);
+        assert!(s
+            .iter()
+            .all(|p| p.ends_with("q_proj") || p.ends_with("v_proj")));
+    }
+
+    #[test]
+    fn all_linear_skips_head_and_exclude_applies() {
+        let t = TargetModules::parse_flag("all-linear");
+        let ex = TargetModules::List(vec!["down_proj".into()]);
+        let s = select(&t, Some(&ex), &paths(), "lm_head").unwrap();
+        assert_eq!(s.len(), 4);
+        assert!(!s.contains(&"lm_head".to_string()));
+    }
+
+    #[test]
+    fn regex_is_full_match() {
+        let t = TargetModules::Pattern(r"model\.layers\.1\..*_proj".into());
+        let s = select(&t, None, &paths(), "lm_head").unwrap();
+        assert_eq!(s.len(), 3);
+        let t = TargetModules::Pattern("q_proj".into());
+        assert!(select(&t, None, &paths(), "lm_head").is_err());
+    }
+
+    #[test]
+    fn unknown_target_lists_modules() {
+        let t = TargetModules::parse_flag("qkv_proj");
+        let e = select(&t, None, &paths(), "lm_head")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("qkv_proj") && e.contains("down_proj, lm_head, q_proj, v_proj"),
+            "{e}"
+        );
+    }
+}

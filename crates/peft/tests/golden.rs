@@ -1,0 +1,103 @@
+//! SmolLM2 loaded from its GGUF reproduces HF transformers / PEFT outputs (atol 1e-3).
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use peft::PeftModel;
+use peft_models::io::load_safetensors;
+use peft_models::{load_model, Llama};
+use std::collections::HashMap;
+
+const ATOL: f32 = 1e-3;
+
+fn load_base() -> Option<Llama> {
+    let path = common::smollm2_gguf()?;
+    let m = load_model(&path, &Device::Cpu, DType::F32).unwrap();
+    Some(Llama::from_weights(m.config, m.weights, &Device::Cpu, DType::F32).unwrap())
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Checks `logits`, `hidden_b2` (real positions) and `logits_b2_last` of `model` against `exp`
+/// (the tensors with `prefix`, e.g. "merged_").
+fn check(model: &Llama, exp: &HashMap<String, Tensor>, prefix: &str) {
+    let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+    let hidden = model.forward(&ids, None, None, false).unwrap();
+    let logits = model.logits(&hidden).unwrap();
+    let d = max_abs(&logits, &exp[&format!("{prefix}logits")]);
+    assert!(d < ATOL, "{prefix}logits differ by {d}");
+
+    let ids2 = exp["input_ids_b2"].to_dtype(DType::U32).unwrap();
+    let mask2 = exp["attention_mask_b2"].clone();
+    let hidden2 = model.forward(&ids2, Some(&mask2), None, false).unwrap();
+    let want = &exp[&format!("{prefix}hidden_b2")];
+    let mask: Vec<Vec<i64>> = mask2.to_vec2().unwrap();
+    let mut worst = 0f32;
+    for (b, row) in mask.iter().enumerate() {
+        for (t, &m) in row.iter().enumerate() {
+            if m == 1 {
+                worst = worst.max(max_abs(
+                    &hidden2.i((b, t)).unwrap(),
+                    &want.i((b, t)).unwrap(),
+                ));
+            }
+        }
+    }
+    assert!(worst < ATOL, "{prefix}hidden_b2 differs by {worst}");
+    let last: Vec<Tensor> = mask
+        .iter()
+        .enumerate()
+        .map(|(b, row)| {
+            let t = row.iter().rposition(|&m| m == 1).unwrap();
+            model
+                .logits(&hidden2.i((b, t)).unwrap().unsqueeze(0).unwrap())
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+        })
+        .collect();
+    let d = max_abs(
+        &Tensor::stack(&last, 0).unwrap(),
+        &exp[&format!("{prefix}logits_b2_last")],
+    );
+    assert!(d < ATOL, "{prefix}logits_b2_last differ by {d}");
+}
+
+#[test]
+fn gguf_base_reproduces_transformers_logits() {
+    let Some(model) = load_base() else { return };
+    let exp = load_safetensors(
+        &common::golden_dir().join("base_logits.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    check(&model, &exp, "");
+}
+
+#[test]
+fn hf_peft_lora_adapter_reproduces_outputs_unmerged_and_merged() {
+    let Some(base) = load_base() else { return };
+    let dir = common::golden_dir().join("lora_qv_r8");
+    let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let mut peft = PeftModel::load(base, &dir).unwrap();
+    assert_eq!(
+        peft.parameter_counts().0,
+        460_800,
+        "PEFT counts 460,800 trainable parameters"
+    );
+    check(&peft.base, &exp, "");
+    let merged = peft.merge_and_unload().unwrap();
+    check(&merged, &exp, "merged_");
+}

@@ -1,0 +1,184 @@
+//! LoRA on a tiny random Llama: merge equivalence, save/load round trip, PEFT file layout,
+//! and end-to-end gradients against finite differences.
+
+use candle_core::{DType, Device, Tensor, Var};
+use peft::{LoraConfig, PeftModel, TargetModules};
+use peft_models::testing::tiny_llama;
+use peft_ops::cross_entropy_chunked;
+
+fn ids() -> Tensor {
+    Tensor::new(&[[3u32, 17, 42, 5, 9, 33, 61, 0]], &Device::Cpu).unwrap()
+}
+
+fn config(targets: &str) -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: Some(TargetModules::parse_flag(targets)),
+        // Random B so that the adapter changes the output.
+        init_lora_weights: serde_json::Value::Bool(false),
+        ..Default::default()
+    }
+}
+
+fn logits(model: &peft_models::Llama) -> Tensor {
+    let h = model.forward(&ids(), None, None, false).unwrap();
+    model.logits(&h).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn adapter_changes_output_and_merge_matches_unmerged() {
+    let base_logits = logits(&tiny_llama(1, true).unwrap());
+    let peft = PeftModel::new(tiny_llama(1, true).unwrap(), config("all-linear"), 7).unwrap();
+    assert_eq!(peft.adapters.len(), 14);
+    let unmerged = logits(&peft.base);
+    assert!(
+        max_abs(&unmerged, &base_logits) > 1e-2,
+        "the adapter must matter"
+    );
+    let merged = logits(&peft.merge_and_unload().unwrap());
+    assert!(max_abs(&merged, &unmerged) < 1e-5);
+}
+
+#[test]
+fn save_and_load_round_trip_in_peft_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let peft = PeftModel::new(tiny_llama(2, false).unwrap(), config("q_proj,v_proj"), 3).unwrap();
+    let before = logits(&peft.base);
+    peft.save(dir.path(), "tiny").unwrap();
+
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8);
+    assert_eq!(cfg["inference_mode"], true);
+    assert_eq!(cfg["base_model_name_or_path"], "tiny");
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+
+    let tensors = peft_models::io::load_safetensors(
+        &dir.path().join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(tensors.len(), 8);
+    let a = &tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"];
+    let b = &tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"];
+    assert_eq!((a.dims(), b.dims()), (&[4usize, 32][..], &[16usize, 4][..]));
+    assert_eq!(a.dtype(), DType::F32);
+
+    let loaded = PeftModel::load(tiny_llama(2, false).unwrap(), dir.path()).unwrap();
+    assert_eq!(max_abs(&logits(&loaded.base), &before), 0.0);
+}
+
+#[test]
+fn loading_onto_a_model_of_other_shape_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    PeftModel::new(tiny_llama(2, false).unwrap(), config("q_proj"), 3)
+        .unwrap()
+        .save(dir.path(), "tiny")
+        .unwrap();
+    // Same adapter, rank rewritten: shapes no longer fit.
+    let path = dir.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"r\": 4", "\"r\": 2");
+    std::fs::write(&path, text).unwrap();
+    let err = PeftModel::load(tiny_llama(2, false).unwrap(), dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("lora_A") && err.contains("[4, 32]"), "{err}");
+}
+
+#[test]
+fn modules_to_save_and_bias_are_saved_under_peft_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("q_proj");
+    cfg.modules_to_save = Some(vec!["lm_head".into()]);
+    let mut peft = PeftModel::new(tiny_llama(4, false).unwrap(), cfg, 3).unwrap();
+    let (trainable, all) = peft.parameter_counts();
+    // 2 layers × (A 4×32 + B 32×4) + lm_head 64×32
+    assert_eq!(trainable, 2 * (128 + 128) + 64 * 32);
+    assert!(all > trainable);
+    peft.save(dir.path(), "tiny").unwrap();
+    let tensors = peft_models::io::load_safetensors(
+        &dir.path().join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(tensors.contains_key("base_model.model.lm_head.weight"));
+    PeftModel::load(tiny_llama(4, false).unwrap(), dir.path()).unwrap();
+}
+
+/// The full backward (attention, RoPE, RMSNorm, SwiGLU, chunked loss) against central
+/// differences of the loss in a few entries of one LoRA B matrix.
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let peft =
+        PeftModel::new(tiny_llama(5, true).unwrap(), config("q_proj,down_proj"), 11).unwrap();
+    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
+    let loss = |m: &PeftModel| -> Tensor {
+        let h = m
+            .base
+            .forward(&ids(), None, None, true)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        cross_entropy_chunked(&h, m.base.lm_head_weight(), &labels, 3)
+            .unwrap()
+            .0
+    };
+    for path in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+    ] {
+        let var: Var = peft.adapters[path].b.clone();
+        let grads = loss(&peft).backward().unwrap();
+        let g: Vec<f32> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let orig = var.as_tensor().copy().unwrap();
+        let flat: Vec<f32> = orig.flatten_all().unwrap().to_vec1().unwrap();
+        for i in [0, 5, flat.len() - 1] {
+            let eps = 1e-2f32;
+            let mut at = |d: f32| {
+                let mut v = flat.clone();
+                v[i] += d;
+                var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&peft).to_scalar::<f32>().unwrap()
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            var.set(&orig).unwrap();
+            assert!(
+                (numeric - g[i]).abs() < 2e-3 * (1.0 + numeric.abs()),
+                "{path}[{i}]: numeric {numeric} vs analytic {}",
+                g[i]
+            );
+        }
+    }
+}
