@@ -1,5 +1,6 @@
 //! `peft`: fine-tune, inspect, run and merge parameter-efficient adapters.
 
+mod bench;
 mod generate;
 mod train;
 
@@ -31,6 +32,8 @@ enum Command {
     Merge(MergeCmd),
     /// Write the float32 logits of a token sequence to a safetensors file.
     Logits(LogitsCmd),
+    /// Measure training throughput and peak memory on random tokens (prints JSON).
+    Bench(bench::BenchCmd),
     /// Show a model's modules and the trainable-parameter count of an adapter setup.
     Inspect(InspectCmd),
 }
@@ -94,6 +97,15 @@ struct InspectCmd {
     target_modules: Option<String>,
     #[arg(long, default_value_t = 8)]
     r: usize,
+}
+
+/// Sizes the thread pool used by the CPU kernels; call before any tensor work.
+pub fn set_threads(n: usize) -> Result<()> {
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("cannot size the thread pool: {e}"))
 }
 
 pub fn device() -> Device {
@@ -203,6 +215,7 @@ fn main() {
         Command::Merge(c) => run_merge(c),
         Command::Logits(c) => run_logits(c),
         Command::Inspect(c) => run_inspect(c),
+        Command::Bench(c) => bench::run(c),
     };
     if let Err(e) = result {
         // One line: the outermost context first, then its causes.

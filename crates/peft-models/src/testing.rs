@@ -71,3 +71,36 @@ pub fn tiny_llama(seed: u64, tie_word_embeddings: bool) -> Result<Llama> {
     }
     Llama::from_weights(config, w, &dev, DType::F32)
 }
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The default GGUF model for integration tests (`scripts/fetch-model.sh` fetches it;
+/// `PEFT_TEST_MODEL` overrides the path). `None` means skip, unless `PEFT_REQUIRE_MODEL` is
+/// set (the test script sets it, so a missing model fails there).
+pub fn default_model() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PEFT_TEST_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("PEFT_REQUIRE_MODEL").is_none(),
+        "{} is missing: run scripts/fetch-model.sh",
+        path.display()
+    );
+    eprintln!("skipping: {} not found (run scripts/fetch-model.sh)", path.display());
+    None
+}
+
+/// `../shared/golden` beside the checkout: HF PEFT's reference outputs.
+pub fn golden_dir() -> std::path::PathBuf {
+    repo_root().join("../shared/golden")
+}
+
+/// The shipped training data.
+pub fn shipped_data() -> std::path::PathBuf {
+    repo_root().join("data/pirate_qa.jsonl")
+}

@@ -12,12 +12,7 @@ const SMOLLM_SYSTEM: &str =
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
 
 fn smollm() -> Option<Tokenizer> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        eprintln!("skipping: {} not found", path.display());
-        return None;
-    }
+    let path = peft_models::testing::default_model()?;
     let content = Content::read(&mut File::open(&path).unwrap()).unwrap();
     Some(Tokenizer::from_gguf_metadata(&content.metadata).unwrap())
 }

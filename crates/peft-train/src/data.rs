@@ -18,6 +18,13 @@ pub struct Example {
     pub labels: Vec<i64>,
 }
 
+impl Example {
+    /// Tokens with a loss (position 0 never has one: nothing predicts it).
+    pub fn n_trained(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
 /// Reads a JSONL file: one JSON object per non-empty line.
 pub fn load_records(path: &Path) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(path)
@@ -127,8 +134,7 @@ pub fn tokenize_records(
         let mut ex = tokenize_record(r, tok, i + 1)?;
         ex.input_ids.truncate(max_seq_length);
         ex.labels.truncate(max_seq_length);
-        // Position 0 never gets a loss (nothing predicts it).
-        if ex.labels.iter().skip(1).all(|&l| l == IGNORE_INDEX) {
+        if ex.n_trained() == 0 {
             dropped += 1;
             continue;
         }
@@ -144,7 +150,10 @@ pub fn tokenize_records(
 pub struct Batch {
     pub input_ids: Tensor,
     pub labels: Tensor,
+    /// Real (unpadded) tokens.
     pub n_tokens: usize,
+    /// Tokens that carry a loss.
+    pub n_trained: usize,
 }
 
 impl Batch {
@@ -176,6 +185,7 @@ impl Batch {
             input_ids: Tensor::from_vec(ids, (b, len), device)?,
             labels: Tensor::from_vec(labels, (b, len), device)?,
             n_tokens: examples.iter().map(|e| e.input_ids.len()).sum(),
+            n_trained: examples.iter().map(|e| e.n_trained()).sum(),
         })
     }
 }

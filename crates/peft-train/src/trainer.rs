@@ -10,7 +10,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::PeftModel;
-use peft_ops::{cross_entropy_chunked, IGNORE_INDEX};
+use peft_ops::cross_entropy_chunked;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
@@ -58,6 +58,11 @@ impl TrainSummary {
     }
 }
 
+pub struct StepOutput {
+    pub loss: f64,
+    pub grad_norm: f64,
+}
+
 pub struct Trainer<'a> {
     pub model: &'a mut PeftModel,
     pub args: TrainArgs,
@@ -69,13 +74,6 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
     seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ ((step as u64) << 20) ^ micro as u64
 }
 
-fn n_trained(e: &Example) -> usize {
-    e.labels
-        .iter()
-        .skip(1)
-        .filter(|&&l| l != IGNORE_INDEX)
-        .count()
-}
 
 impl Trainer<'_> {
     /// Summed token loss of one batch, divided by `denom`, ready for backward.
@@ -102,6 +100,52 @@ impl Trainer<'_> {
             cross_entropy_chunked(&hidden, weight, &labels, rows)?
         };
         Ok((mean * (n_valid as f64 / denom.max(1) as f64))?)
+    }
+
+    /// One optimizer step over the micro-batches of an accumulation group.
+    pub fn step(&mut self, opt: &mut AdamW, batches: &[Batch], step: usize, lr: f64) -> Result<StepOutput> {
+        let seed = self.args.seed;
+        let denom: usize = batches.iter().map(|b| b.n_trained).sum();
+        let mut acc: Option<GradStore> = None;
+        let mut loss = 0f64;
+        for (micro, batch) in batches.iter().enumerate() {
+            self.model.dropout_seed.set(dropout_seed(seed, step, micro));
+            let l = self.batch_loss(batch, denom)?;
+            loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let grads = l.backward()?;
+            acc = Some(match acc {
+                None => grads,
+                Some(mut acc) => {
+                    for p in opt.params() {
+                        if let Some(g) = grads.get(p.as_tensor()) {
+                            let sum = match acc.get(p.as_tensor()) {
+                                Some(prev) => (prev + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(p.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        if !loss.is_finite() {
+            bail!("training loss is {loss} at step {}: stopping (lower the learning rate?)", step + 1);
+        }
+        let mut grads = acc.context("empty accumulation group")?;
+        let grad_norm = clip_grad_norm(&mut grads, opt.params(), self.args.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            bail!("gradient norm is {grad_norm} at step {}: stopping", step + 1);
+        }
+        opt.step(&grads, lr)?;
+        Ok(StepOutput { loss, grad_norm })
+    }
+
+    /// AdamW over the model's trainable tensors with this run's hyper-parameters.
+    pub fn optimizer(&self) -> Result<AdamW> {
+        let a = &self.args;
+        let params: Vec<_> = self.model.trainable().into_iter().map(|(_, v)| v).collect();
+        Ok(AdamW::new(params, a.adam_beta1, a.adam_beta2, a.adam_eps, a.weight_decay)?)
     }
 
     pub fn train(&mut self, examples: &[Example]) -> Result<TrainSummary> {
@@ -160,55 +204,16 @@ impl Trainer<'_> {
                 if step >= total_steps {
                     break;
                 }
-                let denom: usize = group
+                let batches = group
                     .iter()
-                    .flat_map(|b| b.iter())
-                    .map(|&i| n_trained(&examples[i]))
-                    .sum();
-                let mut acc: Option<GradStore> = None;
-                let mut loss = 0f64;
-                for (micro, ids) in group.iter().enumerate() {
-                    self.model
-                        .dropout_seed
-                        .set(dropout_seed(a.seed, step, micro));
-                    let exs: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
-                    let batch = Batch::new(&exs, self.pad_id, &device)?;
-                    summary.trained_tokens += batch.n_tokens;
-                    let l = self.batch_loss(&batch, denom)?;
-                    loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    let grads = l.backward()?;
-                    acc = Some(match acc {
-                        None => grads,
-                        Some(mut acc) => {
-                            for p in opt.params() {
-                                if let Some(g) = grads.get(p.as_tensor()) {
-                                    let sum = match acc.get(p.as_tensor()) {
-                                        Some(prev) => (prev + g)?,
-                                        None => g.clone(),
-                                    };
-                                    acc.insert(p.as_tensor(), sum);
-                                }
-                            }
-                            acc
-                        }
-                    });
-                }
-                if !loss.is_finite() {
-                    bail!(
-                        "training loss is {loss} at step {}: stopping (lower the learning rate?)",
-                        step + 1
-                    );
-                }
-                let mut grads = acc.context("empty accumulation group")?;
-                let grad_norm = clip_grad_norm(&mut grads, opt.params(), a.max_grad_norm)?;
-                if !grad_norm.is_finite() {
-                    bail!(
-                        "gradient norm is {grad_norm} at step {}: stopping",
-                        step + 1
-                    );
-                }
+                    .map(|ids| {
+                        let exs: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
+                        Batch::new(&exs, self.pad_id, &device)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                summary.trained_tokens += batches.iter().map(|b| b.n_tokens).sum::<usize>();
                 let lr = schedule.lr(step);
-                opt.step(&grads, lr)?;
+                let StepOutput { loss, grad_norm } = self.step(&mut opt, &batches, step, lr)?;
                 step += 1;
                 summary.losses.push(loss);
                 let elapsed = start.elapsed().as_secs_f64();

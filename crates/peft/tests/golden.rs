@@ -1,7 +1,5 @@
 //! SmolLM2 loaded from its GGUF reproduces HF transformers / PEFT outputs (atol 1e-3).
 
-mod common;
-
 use candle_core::{DType, Device, IndexOp, Tensor};
 use peft::PeftModel;
 use peft_models::io::load_safetensors;
@@ -11,7 +9,7 @@ use std::collections::HashMap;
 const ATOL: f32 = 1e-3;
 
 fn load_base() -> Option<Llama> {
-    let path = common::smollm2_gguf()?;
+    let path = peft_models::testing::default_model()?;
     let m = load_model(&path, &Device::Cpu, DType::F32).unwrap();
     Some(Llama::from_weights(m.config, m.weights, &Device::Cpu, DType::F32).unwrap())
 }
@@ -79,7 +77,7 @@ fn check(model: &Llama, exp: &HashMap<String, Tensor>, prefix: &str) {
 fn gguf_base_reproduces_transformers_logits() {
     let Some(model) = load_base() else { return };
     let exp = load_safetensors(
-        &common::golden_dir().join("base_logits.safetensors"),
+        &peft_models::testing::golden_dir().join("base_logits.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
@@ -89,7 +87,7 @@ fn gguf_base_reproduces_transformers_logits() {
 #[test]
 fn hf_peft_lora_adapter_reproduces_outputs_unmerged_and_merged() {
     let Some(base) = load_base() else { return };
-    let dir = common::golden_dir().join("lora_qv_r8");
+    let dir = peft_models::testing::golden_dir().join("lora_qv_r8");
     let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     let mut peft = PeftModel::load(base, &dir).unwrap();
     assert_eq!(

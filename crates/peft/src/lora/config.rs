@@ -193,10 +193,6 @@ impl LoraConfig {
         if self.lora_alpha.fract() == 0.0 {
             obj.insert("lora_alpha".into(), Value::from(self.lora_alpha as i64));
         }
-        obj.entry("peft_version").or_insert(Value::String(format!(
-            "peft-rs {}",
-            env!("CARGO_PKG_VERSION")
-        )));
         Ok(serde_json::to_string_pretty(&v)?)
     }
 }

@@ -1,0 +1,141 @@
+//! `peft bench`: training-step throughput and memory on random tokens, one JSON line.
+
+use crate::{load_base, DTypeArg};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use peft::{LoraConfig, PeftModel, TargetModules};
+use peft_train::{Batch, SchedulerKind, TrainArgs, Trainer};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct BenchCmd {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "lora")]
+    method: String,
+    #[arg(long, default_value_t = 16)]
+    r: usize,
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
+    target_modules: String,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    if cmd.method != "lora" {
+        bail!("unknown method {:?} (available: lora)", cmd.method);
+    }
+    if cmd.device != "cpu" {
+        bail!("device {:?} is not available in this build (available: cpu)", cmd.device);
+    }
+    if let Some(n) = cmd.threads {
+        crate::set_threads(n)?;
+    }
+    let (base, _) = load_base(&cmd.model, cmd.dtype.dtype())?;
+    let vocab = base.config.vocab_size as u32;
+    let device = base.device.clone();
+    let config = LoraConfig {
+        r: cmd.r,
+        lora_alpha: cmd.lora_alpha,
+        lora_dropout: 0.0,
+        target_modules: Some(TargetModules::parse_flag(&cmd.target_modules)),
+        ..Default::default()
+    };
+    let mut model = PeftModel::new(base, config, 0)?;
+    let args = TrainArgs {
+        epochs: 1,
+        max_steps: None,
+        batch_size: cmd.batch_size,
+        grad_accum: 1,
+        lr: cmd.lr,
+        warmup_ratio: 0.0,
+        scheduler: SchedulerKind::Constant,
+        max_grad_norm: 1.0,
+        weight_decay: 0.0,
+        adam_beta1: 0.9,
+        adam_beta2: 0.999,
+        adam_eps: 1e-8,
+        seed: 0,
+        logging_steps: 1,
+        save_every_epoch: false,
+        output_dir: PathBuf::new(),
+        base_model_name: String::new(),
+        show_progress: false,
+    };
+    let mut trainer = Trainer { model: &mut model, args, pad_id: 0 };
+    let mut opt = trainer.optimizer()?;
+    // One fixed random batch: the same data every step, so the loss must fall.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let ids: Vec<u32> = (0..cmd.batch_size * cmd.seq_len).map(|_| rng.random_range(0..vocab)).collect();
+    let examples: Vec<peft_train::Example> = ids
+        .chunks(cmd.seq_len)
+        .map(|c| peft_train::Example { input_ids: c.to_vec(), labels: c.iter().map(|&t| t as i64).collect() })
+        .collect();
+    let refs: Vec<&peft_train::Example> = examples.iter().collect();
+    let batch = Batch::new(&refs, 0, &device)?;
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for step in 0..cmd.warmup + cmd.steps {
+        let t = Instant::now();
+        let out = trainer.step(&mut opt, std::slice::from_ref(&batch), step, cmd.lr)?;
+        // Make sure queued device work is finished before the clock stops.
+        let _ = Tensor::zeros(1, candle_core::DType::F32, &device)?.to_vec1::<f32>()?;
+        losses.push(out.loss);
+        if step >= cmd.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let total: f64 = times.iter().sum();
+    let tokens = (cmd.batch_size * cmd.seq_len * cmd.steps) as f64;
+    let (trainable, all) = model.parameter_counts();
+    println!(
+        "{}",
+        json!({
+            "method": cmd.method, "r": cmd.r, "target_modules": cmd.target_modules,
+            "batch_size": cmd.batch_size, "seq_len": cmd.seq_len, "steps": cmd.steps,
+            "threads": cmd.threads.unwrap_or_else(candle_core::utils::get_num_threads),
+            "dtype": format!("{:?}", cmd.dtype).to_lowercase(), "device": cmd.device,
+            "tokens_per_s": tokens / total, "step_s_median": median,
+            "peak_rss_mib": peak_rss_mib(),
+            "loss_first": losses.first(), "loss_last": losses.last(),
+            "trainable_params": trainable, "all_params": all,
+        })
+    );
+    Ok(())
+}
