@@ -59,7 +59,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         bail!("unknown method {:?} (available: lora)", cmd.method);
     }
     if cmd.device != "cpu" {
-        bail!("device {:?} is not available in this build (available: cpu)", cmd.device);
+        bail!(
+            "device {:?} is not available in this build (available: cpu)",
+            cmd.device
+        );
     }
     if let Some(n) = cmd.threads {
         crate::set_threads(n)?;
@@ -95,14 +98,23 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         base_model_name: String::new(),
         show_progress: false,
     };
-    let mut trainer = Trainer { model: &mut model, args, pad_id: 0 };
+    let mut trainer = Trainer {
+        model: &mut model,
+        args,
+        pad_id: 0,
+    };
     let mut opt = trainer.optimizer()?;
     // One fixed random batch: the same data every step, so the loss must fall.
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let ids: Vec<u32> = (0..cmd.batch_size * cmd.seq_len).map(|_| rng.random_range(0..vocab)).collect();
+    let ids: Vec<u32> = (0..cmd.batch_size * cmd.seq_len)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
     let examples: Vec<peft_train::Example> = ids
         .chunks(cmd.seq_len)
-        .map(|c| peft_train::Example { input_ids: c.to_vec(), labels: c.iter().map(|&t| t as i64).collect() })
+        .map(|c| peft_train::Example {
+            input_ids: c.to_vec(),
+            labels: c.iter().map(|&t| t as i64).collect(),
+        })
         .collect();
     let refs: Vec<&peft_train::Example> = examples.iter().collect();
     let batch = Batch::new(&refs, 0, &device)?;

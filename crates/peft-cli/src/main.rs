@@ -218,8 +218,12 @@ fn main() {
         Command::Bench(c) => bench::run(c),
     };
     if let Err(e) = result {
-        // One line: the outermost context first, then its causes.
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        // One line: the outermost context first, then its causes (candle appends a
+        // backtrace on later lines when RUST_BACKTRACE is set: keep the first line only).
+        let msg: Vec<String> = e
+            .chain()
+            .map(|c| c.to_string().lines().next().unwrap_or_default().to_string())
+            .collect();
         eprintln!("error: {}", msg.join(": "));
         std::process::exit(1);
     }

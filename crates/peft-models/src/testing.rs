@@ -91,7 +91,10 @@ pub fn default_model() -> Option<std::path::PathBuf> {
         "{} is missing: run scripts/fetch-model.sh",
         path.display()
     );
-    eprintln!("skipping: {} not found (run scripts/fetch-model.sh)", path.display());
+    eprintln!(
+        "skipping: {} not found (run scripts/fetch-model.sh)",
+        path.display()
+    );
     None
 }
 

@@ -21,7 +21,11 @@ pub struct Example {
 impl Example {
     /// Tokens with a loss (position 0 never has one: nothing predicts it).
     pub fn n_trained(&self) -> usize {
-        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
     }
 }
 

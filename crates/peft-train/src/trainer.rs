@@ -74,7 +74,6 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
     seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ ((step as u64) << 20) ^ micro as u64
 }
 
-
 impl Trainer<'_> {
     /// Summed token loss of one batch, divided by `denom`, ready for backward.
     fn batch_loss(&self, batch: &Batch, denom: usize) -> Result<Tensor> {
@@ -103,7 +102,13 @@ impl Trainer<'_> {
     }
 
     /// One optimizer step over the micro-batches of an accumulation group.
-    pub fn step(&mut self, opt: &mut AdamW, batches: &[Batch], step: usize, lr: f64) -> Result<StepOutput> {
+    pub fn step(
+        &mut self,
+        opt: &mut AdamW,
+        batches: &[Batch],
+        step: usize,
+        lr: f64,
+    ) -> Result<StepOutput> {
         let seed = self.args.seed;
         let denom: usize = batches.iter().map(|b| b.n_trained).sum();
         let mut acc: Option<GradStore> = None;
@@ -130,12 +135,18 @@ impl Trainer<'_> {
             });
         }
         if !loss.is_finite() {
-            bail!("training loss is {loss} at step {}: stopping (lower the learning rate?)", step + 1);
+            bail!(
+                "training loss is {loss} at step {}: stopping (lower the learning rate?)",
+                step + 1
+            );
         }
         let mut grads = acc.context("empty accumulation group")?;
         let grad_norm = clip_grad_norm(&mut grads, opt.params(), self.args.max_grad_norm)?;
         if !grad_norm.is_finite() {
-            bail!("gradient norm is {grad_norm} at step {}: stopping", step + 1);
+            bail!(
+                "gradient norm is {grad_norm} at step {}: stopping",
+                step + 1
+            );
         }
         opt.step(&grads, lr)?;
         Ok(StepOutput { loss, grad_norm })
@@ -145,7 +156,13 @@ impl Trainer<'_> {
     pub fn optimizer(&self) -> Result<AdamW> {
         let a = &self.args;
         let params: Vec<_> = self.model.trainable().into_iter().map(|(_, v)| v).collect();
-        Ok(AdamW::new(params, a.adam_beta1, a.adam_beta2, a.adam_eps, a.weight_decay)?)
+        Ok(AdamW::new(
+            params,
+            a.adam_beta1,
+            a.adam_beta2,
+            a.adam_eps,
+            a.weight_decay,
+        )?)
     }
 
     pub fn train(&mut self, examples: &[Example]) -> Result<TrainSummary> {

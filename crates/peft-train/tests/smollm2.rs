@@ -10,12 +10,21 @@ use peft_train::{load_records, tokenize_records, SchedulerKind, TrainArgs, Train
 fn base(path: &std::path::Path) -> (Llama, peft_models::tokenizer::Tokenizer) {
     let m = load_model(path, &Device::Cpu, DType::F32).unwrap();
     let tok = m.tokenizer.unwrap();
-    (Llama::from_weights(m.config, m.weights, &Device::Cpu, DType::F32).unwrap(), tok)
+    (
+        Llama::from_weights(m.config, m.weights, &Device::Cpu, DType::F32).unwrap(),
+        tok,
+    )
 }
 
 fn logits(model: &Llama) -> Tensor {
-    let ids = Tensor::new(&[[504u32, 3575, 282, 4649, 314, 7042, 30, 378]], &Device::Cpu).unwrap();
-    model.logits(&model.forward(&ids, None, None, false).unwrap()).unwrap()
+    let ids = Tensor::new(
+        &[[504u32, 3575, 282, 4649, 314, 7042, 30, 378]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    model
+        .logits(&model.forward(&ids, None, None, false).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -53,19 +62,33 @@ fn thirty_steps_lower_the_loss_and_the_adapter_round_trips() {
         base_model_name: "smollm2".into(),
         show_progress: false,
     };
-    let summary = Trainer { model: &mut model, args, pad_id: tok.pad_token_id().unwrap() }
-        .train(&examples)
-        .unwrap();
+    let summary = Trainer {
+        model: &mut model,
+        args,
+        pad_id: tok.pad_token_id().unwrap(),
+    }
+    .train(&examples)
+    .unwrap();
     let first = summary.losses[0];
     let last5: f64 = summary.losses[25..].iter().sum::<f64>() / 5.0;
     eprintln!("loss {first:.4} -> {last5:.4} (mean of the last 5 steps)");
-    assert!(last5 <= 0.7 * first, "loss {first} -> {last5}: less than a 30% drop");
+    assert!(
+        last5 <= 0.7 * first,
+        "loss {first} -> {last5}: less than a 30% drop"
+    );
     let metrics = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 30);
 
     let trained = logits(&model.base);
     let (fresh, _) = base(&path);
     let loaded = PeftModel::load(fresh, out.path()).unwrap();
-    let diff = (logits(&loaded.base) - trained).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let diff = (logits(&loaded.base) - trained)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
 }

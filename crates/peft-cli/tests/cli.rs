@@ -1,0 +1,346 @@
+//! The `peft` binary end to end: bad input gives one clear line and a non-zero exit, and the
+//! train -> generate -> logits -> merge -> inspect path works on SmolLM2.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn peft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+/// Asserts a clean failure: exit code 1, a single `error:` line naming `needle`, no panic.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = peft(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1 for {args:?}, stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic for {args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected for {args:?}: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: {stderr:?} lacks {needle:?}"
+    );
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn missing_model() {
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            "/nonexistent/model",
+            "--prompt",
+            "hi",
+        ],
+        "model not found: /nonexistent/model",
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let t =
+        candle_core::Tensor::zeros((64, 64), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    let bytes = safetensors::serialize([("model.embed_tokens.weight", &t)], None).unwrap();
+    write(dir.path(), "model.safetensors", &bytes[..bytes.len() / 2]);
+    write(
+        dir.path(),
+        "config.json",
+        br#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4,"vocab_size":64}"#,
+    );
+    fails_with(
+        &[
+            "logits",
+            "--model",
+            s(dir.path()),
+            "--input-ids",
+            "1,2",
+            "--out",
+            "/tmp/x.st",
+        ],
+        "not a valid safetensors file",
+    );
+}
+
+#[test]
+fn malformed_config_json() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "config.json", b"{\"hidden_size\": ");
+    fails_with(
+        &["inspect", "--model", s(dir.path())],
+        "config.json is not valid JSON",
+    );
+}
+
+#[test]
+fn truncated_and_garbage_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = write(
+        dir.path(),
+        "garbage.gguf",
+        b"this is not a gguf file at all",
+    );
+    fails_with(
+        &["inspect", "--model", s(&garbage)],
+        "is not a valid GGUF file",
+    );
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let mut head = std::fs::read(model).unwrap();
+    head.truncate(4 << 20);
+    let truncated = write(dir.path(), "truncated.gguf", &head);
+    fails_with(&["inspect", "--model", s(&truncated)], "truncated");
+}
+
+#[test]
+fn bad_data_files_fail_before_the_model_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let empty = write(dir.path(), "empty.jsonl", b"\n\n");
+    let args = |data: &Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            "/nonexistent.gguf",
+            "--data",
+            s(data),
+            "--output",
+            s(&out),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let run = |data: &Path, needle: &str| {
+        let a = args(data);
+        fails_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle)
+    };
+    run(&empty, "has no records");
+    let bad = write(
+        dir.path(),
+        "bad.jsonl",
+        b"{\"text\": \"ok\"}\n{\"text\": oops}\n",
+    );
+    run(&bad, "bad.jsonl:2: invalid JSON");
+    let not_obj = write(dir.path(), "arr.jsonl", b"[1, 2]\n");
+    run(&not_obj, "arr.jsonl:1: expected a JSON object");
+    run(&dir.path().join("absent.jsonl"), "cannot read data file");
+}
+
+#[test]
+fn malformed_adapter_config() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "adapter_config.json",
+        b"{\"r\": 8, \"target_modules\": ",
+    );
+    fails_with(
+        &[
+            "logits",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(dir.path()),
+            "--input-ids",
+            "1",
+            "--out",
+            "/tmp/x.st",
+        ],
+        "adapter_config.json is malformed",
+    );
+}
+
+#[test]
+fn unknown_target_module_lists_the_real_ones() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    fails_with(
+        &["inspect", "--model", s(&model), "--target-modules", "q_proj,query_key_value"],
+        "\"query_key_value\" not found in the model (its linear modules: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)",
+    );
+}
+
+#[test]
+fn train_generate_logits_merge_inspect() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    let recipe = write(
+        dir.path(),
+        "recipe.toml",
+        b"r = 8\nlora_alpha = 16\nbatch_size = 2\nmax_steps = 2\nlr = 1e-3\nquiet = true\n",
+    );
+    let data = peft_models::testing::shipped_data();
+    let out = peft(&[
+        "train",
+        "--config",
+        s(&recipe),
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&adapter),
+        "--target-modules",
+        "q_proj,v_proj",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("trainable params: 460,800 || all params: 134,975,808 || trainable%: 0.3414"),
+        "{stderr}"
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["lora_alpha"].as_u64()),
+        (Some(8), Some(16))
+    );
+    assert_eq!(
+        std::fs::read_to_string(adapter.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+
+    let out = peft(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+
+    let ids = "504,3575,282,4649,314,7042,30,378";
+    let unmerged = dir.path().join("unmerged.safetensors");
+    let merged = dir.path().join("merged.safetensors");
+    for (path, extra) in [(&unmerged, None), (&merged, Some("--merged"))] {
+        let mut args = vec![
+            "logits",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&adapter),
+            "--input-ids",
+            ids,
+            "--out",
+            s(path),
+        ];
+        args.extend(extra);
+        assert!(peft(&args).status.success());
+    }
+    let load = |p: &Path| {
+        peft_models::io::load_safetensors(p, &candle_core::Device::Cpu).unwrap()["logits"].clone()
+    };
+    let (a, b) = (load(&unmerged), load(&merged));
+    assert_eq!(a.dims(), &[1, 8, 49152]);
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-3, "merged vs unmerged {diff}");
+
+    let merged_dir = dir.path().join("merged");
+    let out = peft(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&merged_dir),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(merged_dir.join(f).exists(), "{f} missing");
+    }
+    // The merged HF folder loads back and gives the merged logits.
+    let reloaded = dir.path().join("reloaded.safetensors");
+    assert!(peft(&[
+        "logits",
+        "--model",
+        s(&merged_dir),
+        "--input-ids",
+        ids,
+        "--out",
+        s(&reloaded)
+    ])
+    .status
+    .success());
+    let diff: f32 = (load(&reloaded) - load(&merged))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-4, "HF folder vs in-memory merge {diff}");
+
+    let out = peft(&["inspect", "--model", s(&model), "--adapter", s(&adapter)]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("trainable params: 460,800"));
+}
