@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Fine-tune an adapter on a data set.
-    Train(train::TrainCmd),
+    Train(Box<train::TrainCmd>),
     /// Generate text with a base model, optionally with an adapter.
     Generate(generate::GenerateCmd),
     /// Merge an adapter into its base model and write an HF model folder.
@@ -210,7 +210,7 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(c) => train::run(c),
+        Command::Train(c) => train::run(*c),
         Command::Generate(c) => generate::run(c),
         Command::Merge(c) => run_merge(c),
         Command::Logits(c) => run_logits(c),

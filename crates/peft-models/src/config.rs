@@ -101,12 +101,12 @@ impl LlamaConfig {
             other => bail!("unsupported rope_type {other:?} (supported: default, llama3)"),
         };
         if c.num_attention_heads == 0
-            || c.hidden_size % c.num_attention_heads != 0 && c.head_dim.is_none()
+            || !c.hidden_size.is_multiple_of(c.num_attention_heads) && c.head_dim.is_none()
         {
             bail!("config.json: hidden_size is not divisible by num_attention_heads");
         }
         let num_key_value_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-        if num_key_value_heads == 0 || c.num_attention_heads % num_key_value_heads != 0 {
+        if num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(num_key_value_heads) {
             bail!("config.json: num_attention_heads is not a multiple of num_key_value_heads");
         }
         let qwen = model_type == "qwen2";

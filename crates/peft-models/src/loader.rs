@@ -138,7 +138,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let shape = w.dims().to_vec();
     let rows = shape[0];
-    if rows % (2 * heads) != 0 {
+    if !rows.is_multiple_of(2 * heads) {
         bail!("cannot unpermute a tensor of {rows} rows for {heads} heads");
     }
     let rest: usize = shape[1..].iter().product();

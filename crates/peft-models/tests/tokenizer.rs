@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use peft_models::tokenizer::{ChatMessage, Tokenizer};

@@ -125,7 +125,7 @@ mod tests {
         let p = Var::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
         let loss = (p.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
         let mut grads = loss.backward().unwrap();
-        let norm = clip_grad_norm(&mut grads, &[p.clone()], 1.0).unwrap();
+        let norm = clip_grad_norm(&mut grads, std::slice::from_ref(&p), 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-6);
         let after = grad_norm(&grads, &[p]).unwrap();
         assert!((after - 1.0).abs() < 1e-5);

@@ -165,7 +165,7 @@ fn lora_gradients_match_finite_differences() {
         let flat: Vec<f32> = orig.flatten_all().unwrap().to_vec1().unwrap();
         for i in [0, 5, flat.len() - 1] {
             let eps = 1e-2f32;
-            let mut at = |d: f32| {
+            let at = |d: f32| {
                 let mut v = flat.clone();
                 v[i] += d;
                 var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
