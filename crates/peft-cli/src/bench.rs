@@ -39,6 +39,9 @@ pub struct BenchCmd {
     dtype: DTypeArg,
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB.
@@ -67,7 +70,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     if let Some(n) = cmd.threads {
         crate::set_threads(n)?;
     }
-    let (base, _) = load_base(&cmd.model, cmd.dtype.dtype())?;
+    let (mut base, _) = load_base(&cmd.model, cmd.dtype.dtype())?;
+    base.gradient_checkpointing = cmd.gradient_checkpointing;
     let vocab = base.config.vocab_size as u32;
     let device = base.device.clone();
     let config = LoraConfig {
@@ -141,6 +145,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         json!({
             "method": cmd.method, "r": cmd.r, "target_modules": cmd.target_modules,
             "batch_size": cmd.batch_size, "seq_len": cmd.seq_len, "steps": cmd.steps,
+            "gradient_checkpointing": cmd.gradient_checkpointing,
             "threads": cmd.threads.unwrap_or_else(candle_core::utils::get_num_threads),
             "dtype": format!("{:?}", cmd.dtype).to_lowercase(), "device": cmd.device,
             "tokens_per_s": tokens / total, "step_s_median": median,

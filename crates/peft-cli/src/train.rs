@@ -78,6 +78,9 @@ pub struct TrainCmd {
     seed: Option<u64>,
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
+    /// Recompute each decoder layer in the backward pass (less memory, ~1/3 more compute).
+    #[arg(long)]
+    gradient_checkpointing: Option<bool>,
     #[arg(long)]
     logging_steps: Option<usize>,
     /// Also save the adapter after every epoch (OUTPUT/epoch-N).
@@ -186,7 +189,8 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
 
     // Cheap checks first: a bad data file should fail before the model loads.
     let records = load_records(&data_path)?;
-    let (base, tok) = load_base(&model_path, dtype)?;
+    let (mut base, tok) = load_base(&model_path, dtype)?;
+    base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(false);
     let tok = tok.context("the model has no tokenizer")?;
     let (examples, dropped) = tokenize_records(&records, &tok, max_seq_length)
         .with_context(|| format!("in {}", data_path.display()))?;

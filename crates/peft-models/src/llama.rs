@@ -6,8 +6,10 @@
 
 use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
-use peft_ops::{frozen_linear, rms_norm, rope, softmax_last_dim};
+use candle_core::{DType, Device, Tensor, Var, D};
+use peft_ops::{
+    causal_softmax, checkpoint, frozen_linear, param, rms_norm, rope, softmax_last_dim, GradSink,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -43,13 +45,14 @@ impl Linear {
 
     /// The layer without its adapter. A frozen weight gets no gradient computed.
     pub fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = if self.weight.track_op() {
-            x.broadcast_matmul(&self.weight.t()?)?
+        let w = param(&self.weight);
+        let y = if w.track_op() {
+            x.broadcast_matmul(&w.t()?)?
         } else {
-            frozen_linear(x, &self.weight)?
+            frozen_linear(x, &w)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&param(b)),
             None => Ok(y),
         }
     }
@@ -62,6 +65,7 @@ impl Linear {
     }
 }
 
+#[derive(Clone)]
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
@@ -69,12 +73,14 @@ pub struct Attention {
     pub o_proj: Linear,
 }
 
+#[derive(Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
 }
 
+#[derive(Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: Tensor,
     pub self_attn: Attention,
@@ -119,6 +125,10 @@ pub struct Llama {
     pub lm_head: Option<Linear>,
     pub dtype: DType,
     pub device: Device,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+    /// Parameter gradients of the recomputed layers (see [`peft_ops::checkpoint`]).
+    pub grad_sink: Arc<GradSink>,
     inv_freq: Tensor,
 }
 
@@ -201,6 +211,8 @@ impl Llama {
             lm_head,
             dtype,
             device: device.clone(),
+            gradient_checkpointing: false,
+            grad_sink: Arc::new(GradSink::default()),
             inv_freq,
         };
         Ok(model)
@@ -284,7 +296,8 @@ impl Llama {
     }
 
     /// Additive mask `[batch, 1, seq, past + seq]`: causal, and hiding keys whose
-    /// `attention_mask` entry is 0. `None` when nothing needs hiding (one new token, no padding).
+    /// `attention_mask` entry is 0. `None` without a mask: the fused causal softmax applies
+    /// causality itself.
     fn attention_bias(
         &self,
         batch: usize,
@@ -292,23 +305,21 @@ impl Llama {
         past: usize,
         attention_mask: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        if seq == 1 && attention_mask.is_none() {
+        let Some(m) = attention_mask else {
             return Ok(None);
-        }
+        };
         let total = past + seq;
         let q_pos = Tensor::arange(past as u32, total as u32, &self.device)?.unsqueeze(1)?;
         let k_pos = Tensor::arange(0u32, total as u32, &self.device)?.unsqueeze(0)?;
-        let mut allowed = k_pos.broadcast_le(&q_pos)?.unsqueeze(0)?; // [1, seq, total]
-        if let Some(m) = attention_mask {
-            if m.dims() != [batch, total] {
-                bail!(
-                    "attention_mask has shape {:?}, expected [{batch}, {total}]",
-                    m.dims()
-                );
-            }
-            let keep = m.to_dtype(DType::F32)?.ne(0f64)?.unsqueeze(1)?; // [batch, 1, total]
-            allowed = allowed.broadcast_mul(&keep.to_dtype(DType::U8)?)?;
+        if m.dims() != [batch, total] {
+            bail!(
+                "attention_mask has shape {:?}, expected [{batch}, {total}]",
+                m.dims()
+            );
         }
+        let causal = k_pos.broadcast_le(&q_pos)?.unsqueeze(0)?; // [1, seq, total]
+        let keep = m.to_dtype(DType::F32)?.ne(0f64)?.unsqueeze(1)?; // [batch, 1, total]
+        let allowed = causal.broadcast_mul(&keep.to_dtype(DType::U8)?)?;
         let zeros = Tensor::zeros(allowed.shape(), self.dtype, &self.device)?;
         let neg =
             Tensor::full(f32::NEG_INFINITY, allowed.shape(), &self.device)?.to_dtype(self.dtype)?;
@@ -330,9 +341,37 @@ impl Llama {
         let (cos, sin) = self.rope_tables(past, t)?;
         let bias = self.attention_bias(b, t, past, attention_mask)?;
         let mut x = embeds.clone();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            x = self.decoder_layer(layer, &x, &cos, &sin, bias.as_ref(), slot, train)?;
+        if train && self.gradient_checkpointing && cache.is_none() {
+            // The recomputation needs a backward to reach every layer, also when nothing before
+            // the first layer is trainable: tie its input to a (zero) variable.
+            let anchor = Var::zeros((), x.dtype(), x.device())?;
+            x = x.broadcast_add(anchor.as_tensor())?;
+            for layer in &self.layers {
+                let (cfg, layer, cos, sin, bias) = (
+                    self.config.clone(),
+                    layer.clone(),
+                    cos.clone(),
+                    sin.clone(),
+                    bias.clone(),
+                );
+                x = checkpoint(&x, &self.grad_sink, move |x| {
+                    decoder_layer(&cfg, &layer, x, &cos, &sin, bias.as_ref(), None, true)
+                })?;
+            }
+        } else {
+            for (l, layer) in self.layers.iter().enumerate() {
+                let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+                x = decoder_layer(
+                    &self.config,
+                    layer,
+                    &x,
+                    &cos,
+                    &sin,
+                    bias.as_ref(),
+                    slot,
+                    train,
+                )?;
+            }
         }
         Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
     }
@@ -354,79 +393,76 @@ impl Llama {
             None => frozen_linear(hidden, &self.embed_tokens)?,
         })
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn decoder_layer(
-        &self,
-        layer: &DecoderLayer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: Option<&Tensor>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let eps = self.config.rms_norm_eps;
-        let h = rms_norm(x, &layer.input_layernorm, eps)?;
-        let attn = self.attention(&layer.self_attn, &h, cos, sin, bias, cache, train)?;
-        let x = (x + attn)?;
-        let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-        let m = &layer.mlp;
-        let act = (m.gate_proj.forward(&h, train)?.silu()? * m.up_proj.forward(&h, train)?)?;
-        Ok((x + m.down_proj.forward(&act, train)?)?)
-    }
+#[allow(clippy::too_many_arguments)]
+fn decoder_layer(
+    c: &LlamaConfig,
+    layer: &DecoderLayer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: Option<&Tensor>,
+    cache: Option<&mut Option<(Tensor, Tensor)>>,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    let eps = c.rms_norm_eps;
+    let h = rms_norm(x, &layer.input_layernorm, eps)?;
+    let attn = attention(c, &layer.self_attn, &h, cos, sin, bias, cache, train)?;
+    let x = (x + attn)?;
+    let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+    let m = &layer.mlp;
+    let act = (m.gate_proj.forward(&h, train)?.silu()? * m.up_proj.forward(&h, train)?)?;
+    x + m.down_proj.forward(&act, train)?
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        a: &Attention,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: Option<&Tensor>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let (b, t, _) = x.dims3()?;
-        let (nh, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = rope(&heads(a.q_proj.forward(x, train)?, nh)?, cos, sin)?;
-        let mut k = rope(&heads(a.k_proj.forward(x, train)?, kvh)?, cos, sin)?;
-        let mut v = heads(a.v_proj.forward(x, train)?, kvh)?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    c: &LlamaConfig,
+    a: &Attention,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: Option<&Tensor>,
+    cache: Option<&mut Option<(Tensor, Tensor)>>,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (nh, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+    let q = rope(&heads(a.q_proj.forward(x, train)?, nh)?, cos, sin)?;
+    let mut k = rope(&heads(a.k_proj.forward(x, train)?, kvh)?, cos, sin)?;
+    let mut v = heads(a.v_proj.forward(x, train)?, kvh)?;
+    if let Some(slot) = cache {
+        if let Some((pk, pv)) = slot.as_ref() {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
         }
-        let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = match bias {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        Ok(a.o_proj.forward(&out, train)?)
+        *slot = Some((k.clone(), v.clone()));
     }
+    let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = q.matmul(&k.t()?)?;
+    let probs = match bias {
+        Some(m) => softmax_last_dim(&(scores * scale)?.broadcast_add(m)?)?,
+        None => causal_softmax(&scores, scale)?,
+    };
+    let out = probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * hd))?;
+    a.o_proj.forward(&out, train)
 }
 
 /// `[b, kv_heads, s, d]` -> `[b, kv_heads * n_rep, s, d]`, each kv head serving n_rep query heads.
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
     if n_rep == 1 {
         return Ok(x.clone());
     }
     let (b, kvh, s, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
+    x.unsqueeze(2)?
         .broadcast_as((b, kvh, n_rep, s, d))?
-        .reshape((b, kvh * n_rep, s, d))?)
+        .reshape((b, kvh * n_rep, s, d))
 }
 
 /// Picks the last dim's argmax of logits `[.., vocab]` (greedy decoding).

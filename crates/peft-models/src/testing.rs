@@ -7,10 +7,10 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::collections::HashMap;
 
-/// A 2-layer GQA Llama (hidden 32, 4 heads, 2 kv heads, vocab 64) with N(0, 0.2²) weights.
+/// A 2-layer GQA Llama (hidden 32, MLP 64, 4 heads, 2 kv heads, vocab 64) with N(0, 0.2²) weights.
 pub fn tiny_llama(seed: u64, tie_word_embeddings: bool) -> Result<Llama> {
     let config = LlamaConfig::from_json(json!({
-        "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "tie_word_embeddings": tie_word_embeddings,

@@ -4,10 +4,14 @@
 //! backward also computes gradients for frozen weights. Each op here runs the fast forward on
 //! detached inputs and attaches a hand-written backward through [`with_grad`].
 
+mod checkpoint;
 mod grad;
 mod ops;
+mod softmax;
 
+pub use checkpoint::{checkpoint, grad_enabled, no_grad, param, GradSink};
 pub use grad::with_grad;
 pub use ops::{
     cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
 };
+pub use softmax::causal_softmax;

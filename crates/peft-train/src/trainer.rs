@@ -117,7 +117,8 @@ impl Trainer<'_> {
             self.model.dropout_seed.set(dropout_seed(seed, step, micro));
             let l = self.batch_loss(batch, denom)?;
             loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let grads = l.backward()?;
+            let mut grads = l.backward()?;
+            self.model.base.grad_sink.drain_into(&mut grads)?;
             acc = Some(match acc {
                 None => grads,
                 Some(mut acc) => {

@@ -182,3 +182,43 @@ fn lora_gradients_match_finite_differences() {
         }
     }
 }
+
+/// Gradient checkpointing changes memory, not gradients.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
+    let grads_of = |checkpointing: bool| -> Vec<Vec<f32>> {
+        let mut cfg = config("all-linear");
+        cfg.lora_dropout = 0.1;
+        let mut peft = PeftModel::new(tiny_llama(6, true).unwrap(), cfg, 11).unwrap();
+        peft.base.gradient_checkpointing = checkpointing;
+        peft.dropout_seed.set(99);
+        let h = peft
+            .base
+            .forward(&ids(), None, None, true)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let loss = cross_entropy_chunked(&h, peft.base.lm_head_weight(), &labels, 3)
+            .unwrap()
+            .0;
+        let mut grads = loss.backward().unwrap();
+        peft.base.grad_sink.drain_into(&mut grads).unwrap();
+        peft.trainable()
+            .iter()
+            .map(|(k, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {k}"));
+                g.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect()
+    };
+    let (plain, checkpointed) = (grads_of(false), grads_of(true));
+    assert_eq!(plain.len(), 28);
+    for (a, b) in plain.iter().zip(&checkpointed) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+    }
+}

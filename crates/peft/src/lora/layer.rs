@@ -1,5 +1,6 @@
 use candle_core::{DType, Result, Tensor, Var};
 use peft_models::{Linear, LinearAdapter};
+use peft_ops::param;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -62,9 +63,8 @@ impl LinearAdapter for LoraLayer {
         if train && self.dropout > 0.0 {
             xa = (&xa * self.dropout_mask(&xa)?)?;
         }
-        let delta = xa
-            .matmul(&self.a.as_tensor().t()?)?
-            .matmul(&self.b.as_tensor().t()?)?;
+        let (a, b) = (param(self.a.as_tensor()), param(self.b.as_tensor()));
+        let delta = xa.matmul(&a.t()?)?.matmul(&b.t()?)?;
         let delta = (delta * self.scaling)?
             .to_dtype(y.dtype())?
             .reshape(y.shape())?;

@@ -1,0 +1,205 @@
+//! The loaders on tiny models written here: a GGUF file as llama.cpp lays it out (q/k rows
+//! permuted, llama.cpp tensor names, metadata config) and a sharded HF folder.
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use peft_models::testing::tiny_llama;
+use peft_models::{load_model, Llama};
+
+fn logits(m: &Llama) -> Tensor {
+    let ids = Tensor::new(&[[1u32, 5, 9, 33, 60, 2]], &Device::Cpu).unwrap();
+    m.logits(&m.forward(&ids, None, None, false).unwrap())
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn reload(loaded: peft_models::LoadedModel) -> Llama {
+    Llama::from_weights(loaded.config, loaded.weights, &Device::Cpu, DType::F32).unwrap()
+}
+
+/// llama.cpp's convert_hf_to_gguf `permute`.
+fn permute(w: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    w.reshape((heads, 2, rows / heads / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+fn gguf_name(hf: &str) -> String {
+    let table = [
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+    ];
+    match hf {
+        "model.embed_tokens.weight" => "token_embd.weight".into(),
+        "model.norm.weight" => "output_norm.weight".into(),
+        "lm_head.weight" => "output.weight".into(),
+        _ => {
+            let rest = hf.strip_prefix("model.layers.").unwrap();
+            let (layer, rest) = rest.split_once('.').unwrap();
+            let (module, kind) = rest.rsplit_once('.').unwrap();
+            let short = table.iter().find(|(h, _)| *h == module).unwrap().1;
+            format!("blk.{layer}.{short}.{kind}")
+        }
+    }
+}
+
+fn write_gguf(model: &mut Llama, path: &std::path::Path, dtype: GgmlDType) {
+    let c = model.config.clone();
+    let mut tensors = Vec::new();
+    for (name, t) in model.named_tensors() {
+        let t = if name.ends_with("q_proj.weight") {
+            permute(&t, c.num_attention_heads)
+        } else if name.ends_with("k_proj.weight") {
+            permute(&t, c.num_key_value_heads)
+        } else {
+            t
+        };
+        // Norm vectors stay f32, as llama.cpp keeps them.
+        let q = if t.rank() == 1 {
+            QTensor::quantize(&t, GgmlDType::F32)
+        } else {
+            QTensor::quantize(&t, dtype)
+        };
+        tensors.push((gguf_name(&name), q.unwrap()));
+    }
+    let tokens: Vec<Value> = (0..c.vocab_size)
+        .map(|i| Value::String(format!("t{i}")))
+        .collect();
+    let metadata: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", Value::U32(c.hidden_size as u32)),
+        (
+            "llama.feed_forward_length",
+            Value::U32(c.intermediate_size as u32),
+        ),
+        ("llama.block_count", Value::U32(c.num_hidden_layers as u32)),
+        (
+            "llama.attention.head_count",
+            Value::U32(c.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv",
+            Value::U32(c.num_key_value_heads as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        ("llama.rope.freq_base", Value::F32(c.rope_theta as f32)),
+        ("llama.context_length", Value::U32(512)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("default".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        ("tokenizer.ggml.merges", Value::Array(vec![])),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+    ];
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md, &ts).unwrap();
+}
+
+#[test]
+fn gguf_from_llama_cpp_layout_gives_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut original = tiny_llama(8, false).unwrap();
+    let expected = logits(&original);
+    for (dtype, tol) in [
+        (GgmlDType::F32, 1e-5),
+        (GgmlDType::F16, 1e-2),
+        (GgmlDType::Q8_0, 0.1),
+    ] {
+        let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
+        write_gguf(&mut original, &path, dtype);
+        let loaded = load_model(&path, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(loaded.config.num_key_value_heads, 2);
+        assert!(!loaded.config.tie_word_embeddings);
+        let d = max_abs(&logits(&reload(loaded)), &expected);
+        assert!(d < tol, "{dtype:?}: logits differ by {d}");
+    }
+}
+
+#[test]
+fn sharded_hf_folder_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut original = tiny_llama(9, true).unwrap();
+    let expected = logits(&original);
+    let tensors = original.named_tensors();
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        peft_models::io::save_safetensors(&dir.path().join(file), part, None).unwrap();
+        for (name, _) in part {
+            weight_map.insert(name.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        original.config.raw.to_string(),
+    )
+    .unwrap();
+    let loaded = load_model(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    assert!(loaded.tokenizer.is_none());
+    assert_eq!(max_abs(&logits(&reload(loaded)), &expected), 0.0);
+}
+
+#[test]
+fn missing_weight_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut original = tiny_llama(9, true).unwrap();
+    let tensors: Vec<(String, Tensor)> = original
+        .named_tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
+        .collect();
+    peft_models::io::save_safetensors(&dir.path().join("model.safetensors"), &tensors, None)
+        .unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        original.config.raw.to_string(),
+    )
+    .unwrap();
+    let loaded = load_model(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let err = Llama::from_weights(loaded.config, loaded.weights, &Device::Cpu, DType::F32)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("model.layers.1.mlp.up_proj.weight"),
+        "{err}"
+    );
+}

@@ -1,0 +1,119 @@
+//! Causal attention softmax fused with the score scale and the causal mask: no mask tensor,
+//! no scaled copy of the scores, rows in parallel.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `softmax(scale · scores + causal mask)` over the last dim of `[.., q, k]` scores, where
+/// query row `i` sees keys `0..=past + i` (`past = k - q`). f32 on the CPU; other dtypes
+/// and devices use the composed ops.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = scores.dims();
+    let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if scores.dtype() != DType::F32 || !scores.device().is_cpu() {
+        let past = k - q;
+        let qi = Tensor::arange(0u32, q as u32, scores.device())?.unsqueeze(1)?;
+        let kj = Tensor::arange(0u32, k as u32, scores.device())?.unsqueeze(0)?;
+        let allowed = kj.broadcast_le(&(qi + past as f64)?)?;
+        let neg =
+            Tensor::full(f32::NEG_INFINITY, (q, k), scores.device())?.to_dtype(scores.dtype())?;
+        let zeros = Tensor::zeros((q, k), scores.dtype(), scores.device())?;
+        let bias = allowed.where_cond(&zeros, &neg)?;
+        return crate::softmax_last_dim(&(scores * scale)?.broadcast_add(&bias)?);
+    }
+    scores.contiguous()?.apply_op1(CausalSoftmax {
+        scale: scale as f32,
+        q,
+        k,
+    })
+}
+
+struct CausalSoftmax {
+    scale: f32,
+    q: usize,
+    k: usize,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("causal_softmax: input not contiguous".into()))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[start..end]),
+        _ => candle_core::bail!("causal_softmax: expected f32"),
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l)?;
+        let (q, k, scale) = (self.q, self.k, self.scale);
+        let past = k - q;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(k)
+            .zip(x.par_chunks(k))
+            .enumerate()
+            .for_each(|(row, (y, x))| {
+                let visible = past + row % q + 1;
+                let max = x[..visible]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+                let mut sum = 0f32;
+                for (yi, &xi) in y[..visible].iter_mut().zip(&x[..visible]) {
+                    *yi = (xi * scale - max).exp();
+                    sum += *yi;
+                }
+                let inv = 1.0 / sum;
+                y[..visible].iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(
+            &g,
+            &CausalSoftmaxBackward {
+                scale: self.scale,
+                k: self.k,
+            },
+        )?))
+    }
+}
+
+/// dx = scale · y · (g − Σ g·y), row by row.
+struct CausalSoftmaxBackward {
+    scale: f32,
+    k: usize,
+}
+
+impl CustomOp2 for CausalSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "causal-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (f32_slice(ys, yl)?, f32_slice(gs, gl)?);
+        let mut out = vec![0f32; y.len()];
+        let scale = self.scale;
+        out.par_chunks_mut(self.k)
+            .zip(y.par_chunks(self.k).zip(g.par_chunks(self.k)))
+            .for_each(|(dx, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((d, &yi), &gi) in dx.iter_mut().zip(y).zip(g) {
+                    *d = scale * yi * (gi - dot);
+                }
+            });
+        Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+}
