@@ -11,6 +11,15 @@ use peft::{LoraConfig, PeftModel, TargetModules};
 use peft_models::{load_model, Llama, LoadedModel};
 use std::path::{Path, PathBuf};
 
+// Training allocates and frees the same large activation buffers every step. glibc returns
+// them to the OS and pays for fresh zeroed pages each time (2.1M page faults in a 3-step
+// bench); mimalloc with purging off reuses them (3k faults, ~10% less CPU time).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc's option enum (v2 and v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 #[derive(Parser)]
 #[command(
     name = "peft",
@@ -208,6 +217,8 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
 }
 
 fn main() {
+    // SAFETY: sets a process-wide allocator option before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(c) => train::run(*c),

@@ -87,14 +87,16 @@ pub fn checkpoint(
         let input = Var::from_tensor(&x.detach())?;
         let y = f(input.as_tensor())?;
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
+        // Gradients computed by candle can still reference the recomputed graph; detach them
+        // so that each block's activations are freed as soon as its backward is done.
         for id in grads.get_ids() {
             if *id != input.id() {
-                sink.add(*id, grads.get_id(*id).expect("listed id"))?;
+                sink.add(*id, &grads.get_id(*id).expect("listed id").detach())?;
             }
         }
         grads
             .get(input.as_tensor())
-            .cloned()
+            .map(Tensor::detach)
             .ok_or_else(|| candle_core::Error::Msg("checkpointed block ignores its input".into()))
     })
 }
