@@ -20,6 +20,9 @@ pub struct BenchCmd {
     r: usize,
     #[arg(long, default_value_t = 32.0)]
     lora_alpha: f64,
+    /// 0.05 as in HF's benchmark script, so both sides draw dropout masks.
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f64,
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
     target_modules: String,
     #[arg(long, default_value_t = 4)]
@@ -77,7 +80,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let config = LoraConfig {
         r: cmd.r,
         lora_alpha: cmd.lora_alpha,
-        lora_dropout: 0.0,
+        lora_dropout: cmd.lora_dropout,
         target_modules: Some(TargetModules::parse_flag(&cmd.target_modules)),
         ..Default::default()
     };
@@ -143,7 +146,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     println!(
         "{}",
         json!({
-            "method": cmd.method, "r": cmd.r, "target_modules": cmd.target_modules,
+            "method": cmd.method, "r": cmd.r, "lora_dropout": cmd.lora_dropout, "target_modules": cmd.target_modules,
             "batch_size": cmd.batch_size, "seq_len": cmd.seq_len, "steps": cmd.steps,
             "gradient_checkpointing": cmd.gradient_checkpointing,
             "threads": cmd.threads.unwrap_or_else(candle_core::utils::get_num_threads),

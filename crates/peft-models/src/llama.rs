@@ -8,7 +8,8 @@ use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use peft_ops::{
-    causal_softmax, checkpoint, frozen_linear, param, rms_norm, rope, softmax_last_dim, GradSink,
+    causal_attention, checkpoint, frozen_linear, param, rms_norm, rope, softmax_last_dim, swiglu,
+    GradSink,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -412,7 +413,10 @@ fn decoder_layer(
     let x = (x + attn)?;
     let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
     let m = &layer.mlp;
-    let act = (m.gate_proj.forward(&h, train)?.silu()? * m.up_proj.forward(&h, train)?)?;
+    let act = swiglu(
+        &m.gate_proj.forward(&h, train)?,
+        &m.up_proj.forward(&h, train)?,
+    )?;
     x + m.down_proj.forward(&act, train)?
 }
 
@@ -440,17 +444,16 @@ fn attention(
         }
         *slot = Some((k.clone(), v.clone()));
     }
-    let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
     let scale = 1.0 / (hd as f64).sqrt();
-    let scores = q.matmul(&k.t()?)?;
-    let probs = match bias {
-        Some(m) => softmax_last_dim(&(scores * scale)?.broadcast_add(m)?)?,
-        None => causal_softmax(&scores, scale)?,
+    let out = match bias {
+        Some(m) => {
+            let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(m)?;
+            softmax_last_dim(&scores)?.matmul(&v)?
+        }
+        None => causal_attention(&q, &k, &v, scale)?,
     };
-    let out = probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, t, nh * hd))?;
+    let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     a.o_proj.forward(&out, train)
 }
 

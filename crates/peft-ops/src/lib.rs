@@ -5,13 +5,15 @@
 //! detached inputs and attaches a hand-written backward through [`with_grad`].
 
 mod checkpoint;
+mod fused;
 mod grad;
 mod ops;
 mod softmax;
 
 pub use checkpoint::{checkpoint, grad_enabled, no_grad, param, GradSink};
-pub use grad::with_grad;
+pub use fused::{causal_attention, dropout_mask, lora_linear, swiglu, Dropout};
+pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
     cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
 };
-pub use softmax::causal_softmax;
+pub use softmax::{causal_softmax, causal_softmax_backward};

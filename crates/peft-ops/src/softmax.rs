@@ -85,7 +85,23 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
-/// dx = scale · y · (g − Σ g·y), row by row.
+/// Gradient of [`causal_softmax`] with respect to its scores, from its output `y` and the
+/// output gradient: `scale · y · (g − Σ g·y)` row by row.
+pub fn causal_softmax_backward(y: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
+    if y.dtype() != DType::F32 || !y.device().is_cpu() {
+        let dot = (grad * y)?.sum_keepdim(candle_core::D::Minus1)?;
+        return (grad.broadcast_sub(&dot)? * y)? * scale;
+    }
+    let k = y.dim(candle_core::D::Minus1)?;
+    y.contiguous()?.apply_op2_no_bwd(
+        &grad.contiguous()?,
+        &CausalSoftmaxBackward {
+            scale: scale as f32,
+            k,
+        },
+    )
+}
+
 struct CausalSoftmaxBackward {
     scale: f32,
     k: usize,

@@ -228,3 +228,132 @@ fn checkpoint_gives_the_same_input_and_parameter_gradients() {
         assert!(d < 1e-12, "{d}");
     }
 }
+
+/// Forward values and input gradients of `fused` against `composed` (plain candle ops with
+/// candle's autograd), on the same inputs and a random output probe.
+fn check_against_composed(
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    composed: impl Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f32,
+) {
+    let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let probe = randn(y.dims(), y.dtype(), 77);
+        let grads = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<Tensor> = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).expect("gradient").clone())
+            .collect();
+        (y, g)
+    };
+    let (y1, g1) = run(&fused);
+    let (y2, g2) = run(&composed);
+    assert!(
+        max_abs_diff(&y1, &y2) < tol,
+        "forward differs by {}",
+        max_abs_diff(&y1, &y2)
+    );
+    for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+        let d = max_abs_diff(a, b);
+        assert!(d < tol, "gradient of input {i} differs by {d}");
+    }
+}
+
+#[test]
+fn lora_linear_matches_composed_with_and_without_dropout() {
+    let w = randn(&[6, 5], DType::F32, 20);
+    let bias = randn(&[6], DType::F32, 21);
+    let inputs = [
+        randn(&[2, 3, 5], DType::F32, 22),
+        randn(&[2, 5], DType::F32, 23),
+        randn(&[6, 2], DType::F32, 24),
+    ];
+    for dropout in [None, Some(Dropout { p: 0.3, seed: 5 })] {
+        check_against_composed(
+            &inputs,
+            |t| lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 1.5, dropout),
+            |t| {
+                let base = t[0].broadcast_matmul(&w.t()?)?.broadcast_add(&bias)?;
+                let xd = match dropout {
+                    Some(d) => t[0].broadcast_mul(
+                        &dropout_mask(d.seed, d.p, &[6, 5], &Device::Cpu)?.reshape((2, 3, 5))?,
+                    )?,
+                    None => t[0].clone(),
+                };
+                base + (xd
+                    .broadcast_matmul(&t[1].t()?)?
+                    .broadcast_matmul(&t[2].t()?)?
+                    * 1.5)?
+            },
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn dropout_mask_is_deterministic_and_scaled() {
+    let a = dropout_mask(3, 0.25, &[1000], &Device::Cpu).unwrap();
+    let b = dropout_mask(3, 0.25, &[1000], &Device::Cpu).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let v: Vec<f32> = a.to_vec1().unwrap();
+    let kept = v.iter().filter(|&&x| x > 0.0).count();
+    assert!((700..800).contains(&kept), "{kept} of 1000 kept");
+    assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-6));
+}
+
+#[test]
+fn swiglu_matches_composed() {
+    let inputs = [
+        randn(&[3, 7], DType::F32, 30),
+        randn(&[3, 7], DType::F32, 31),
+    ];
+    check_against_composed(
+        &inputs,
+        |t| swiglu(&t[0], &t[1]),
+        |t| t[0].silu()? * &t[1],
+        1e-6,
+    );
+}
+
+#[test]
+fn causal_attention_matches_composed_gqa() {
+    // 4 query heads over 2 kv heads, 5 positions, head dim 3.
+    let inputs = [
+        randn(&[2, 4, 5, 3], DType::F32, 40),
+        randn(&[2, 2, 5, 3], DType::F32, 41),
+        randn(&[2, 2, 5, 3], DType::F32, 42),
+    ];
+    let scale = 0.6;
+    check_against_composed(
+        &inputs,
+        |t| causal_attention(&t[0], &t[1], &t[2], scale),
+        |t| {
+            let rep = |x: &Tensor| {
+                x.unsqueeze(2)?
+                    .broadcast_as((2, 2, 2, 5, 3))?
+                    .reshape((2, 4, 5, 3))
+            };
+            let (k, v) = (rep(&t[1])?, rep(&t[2])?);
+            let mask: Vec<f32> = (0..5)
+                .flat_map(|i| (0..5).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (5, 5), &Device::Cpu)?;
+            let s = (t[0].matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let m = s.max_keepdim(D::Minus1)?.detach();
+            let e = s.broadcast_sub(&m)?.exp()?;
+            e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(&v)
+        },
+        1e-5,
+    );
+}

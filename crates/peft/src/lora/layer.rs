@@ -1,7 +1,6 @@
 use candle_core::{DType, Result, Tensor, Var};
 use peft_models::{Linear, LinearAdapter};
-use peft_ops::param;
-use rand::{Rng, SeedableRng};
+use peft_ops::{dropout_mask, lora_linear, param, Dropout};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -35,35 +34,30 @@ impl LoraLayer {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling
     }
 
-    fn dropout_mask(&self, x: &Tensor) -> Result<Tensor> {
-        let keep = 1.0 - self.dropout;
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(
-            self.dropout_seed.get() ^ self.layer_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
-        let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<f64>() < keep {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        Tensor::from_vec(mask, x.shape(), x.device())
+    fn dropout(&self, train: bool) -> Option<Dropout> {
+        (train && self.dropout > 0.0).then(|| Dropout {
+            p: self.dropout,
+            seed: self.dropout_seed.get() ^ self.layer_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        })
     }
 }
 
 impl LinearAdapter for LoraLayer {
     fn forward(&self, base: &Linear, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (a, b) = (param(self.a.as_tensor()), param(self.b.as_tensor()));
+        let (w, bias) = (param(&base.weight), base.bias.as_ref().map(param));
+        let dropout = self.dropout(train);
+        if !w.track_op() && !bias.as_ref().is_some_and(Tensor::track_op) {
+            return lora_linear(x, &w, bias.as_ref(), &a, &b, self.scaling, dropout);
+        }
+        // A trainable base weight or bias (bias="all", full fine-tuning): composed ops.
         let y = base.base_forward(x)?;
         let in_f = base.in_features();
         let rows = x.elem_count() / in_f;
         let mut xa = x.reshape((rows, in_f))?.to_dtype(DType::F32)?;
-        if train && self.dropout > 0.0 {
-            xa = (&xa * self.dropout_mask(&xa)?)?;
+        if let Some(d) = dropout {
+            xa = (&xa * dropout_mask(d.seed, d.p, &[rows, in_f], x.device())?)?;
         }
-        let (a, b) = (param(self.a.as_tensor()), param(self.b.as_tensor()));
         let delta = xa.matmul(&a.t()?)?.matmul(&b.t()?)?;
         let delta = (delta * self.scaling)?
             .to_dtype(y.dtype())?

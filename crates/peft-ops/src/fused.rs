@@ -1,0 +1,170 @@
+//! Fused training ops that keep only what their backward needs: the LoRA linear, SwiGLU and
+//! causal attention (which recomputes its probabilities in the backward pass).
+
+use crate::softmax::{causal_softmax, causal_softmax_backward};
+use crate::{with_grad3, Grads3};
+use candle_core::{DType, Device, Result, Tensor};
+use rand::{Rng, SeedableRng};
+
+/// Inverted-dropout mask (`0` or `1/(1-p)`) drawn from `seed`: the same seed gives the same
+/// mask, so the backward pass regenerates it instead of storing it.
+pub fn dropout_mask(seed: u64, p: f64, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let threshold = ((1.0 - p) * u32::MAX as f64) as u32;
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let n: usize = shape.iter().product();
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.random::<u32>() < threshold {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(mask, shape, device)
+}
+
+/// Dropout applied to a LoRA input: probability and the seed of its mask.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+/// `x·Wᵀ (+ bias) + s·(drop(x)·Aᵀ)·Bᵀ` for a frozen `W` `[out, in]` and trainable `A` `[r, in]`,
+/// `B` `[out, r]` (f32). Keeps `drop(x)·Aᵀ` (`rows × r`) for the backward; never forms `W + sBA`.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let (out_f, in_f) = w.dims2()?;
+    let rows = x.elem_count() / in_f;
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().expect("x has dims") = out_f;
+    let x2 = x.detach().reshape((rows, in_f))?;
+    let mask = match dropout {
+        Some(d) => Some(dropout_mask(d.seed, d.p, &[rows, in_f], x.device())?),
+        None => None,
+    };
+    let (a_d, b_d) = (a.detach(), b.detach());
+    let x32 = x2.to_dtype(DType::F32)?;
+    let xd = match &mask {
+        Some(m) => (&x32 * m)?,
+        None => x32,
+    };
+    let xa = xd.matmul(&a_d.t()?)?;
+    let delta = (xa.matmul(&b_d.t()?)? * scale)?.to_dtype(x.dtype())?;
+    let mut y = (x2.matmul(&w.t()?)? + delta)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    let y = y.reshape(out_shape)?;
+    let w = w.clone();
+    let x_shape = x.shape().clone();
+    let x_tracks = x.track_op();
+    let (a_tracks, b_tracks) = (a.track_op(), b.track_op());
+    with_grad3((x, a, b), y, move |grad| -> Result<Grads3> {
+        let g = grad.reshape((rows, out_f))?;
+        let g32 = g.to_dtype(DType::F32)?;
+        // g·B, scaled: the gradient at the LoRA bottleneck.
+        let gb = (g32.matmul(&b_d)? * scale)?;
+        let mask = match dropout {
+            Some(d) => Some(dropout_mask(d.seed, d.p, &[rows, in_f], x2.device())?),
+            None => None,
+        };
+        let d_b = if b_tracks {
+            Some((g32.t()?.matmul(&xa)? * scale)?)
+        } else {
+            None
+        };
+        let d_a = if a_tracks {
+            let xd = match &mask {
+                Some(m) => (x2.to_dtype(DType::F32)? * m)?,
+                None => x2.to_dtype(DType::F32)?,
+            };
+            Some(gb.t()?.matmul(&xd)?)
+        } else {
+            None
+        };
+        let d_x = if x_tracks {
+            let mut lora = gb.matmul(&a_d)?;
+            if let Some(m) = &mask {
+                lora = (lora * m)?;
+            }
+            Some((g.matmul(&w)? + lora.to_dtype(g.dtype())?)?.reshape(&x_shape)?)
+        } else {
+            None
+        };
+        Ok((d_x, d_a, d_b))
+    })
+}
+
+/// `silu(gate) · up`, keeping only `gate` and `up` for the backward.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (g, u) = (gate.detach(), up.detach());
+    let y = (g.silu()? * &u)?;
+    let (g_tracks, u_tracks) = (gate.track_op(), up.track_op());
+    // Third argument repeated: with_grad3 serves two inputs as well.
+    with_grad3((gate, up, up), y, move |grad| -> Result<Grads3> {
+        let silu = g.silu()?;
+        let d_u = if u_tracks {
+            Some((grad * &silu)?)
+        } else {
+            None
+        };
+        let d_g = if g_tracks {
+            // d silu(g)/dg = s + silu·(1 − s) with s = sigmoid(g).
+            let s = candle_nn::ops::sigmoid(&g)?;
+            let dsilu = (&s + (&silu * (1.0 - &s)?)?)?;
+            Some(((grad * &u)? * dsilu)?)
+        } else {
+            None
+        };
+        Ok((d_g, d_u, None))
+    })
+}
+
+/// Causal attention `softmax(scale·q·kᵀ + causal)·v` for `q` `[b, heads, t, d]` and `k`, `v`
+/// `[b, kv_heads, t_k, d]` (grouped-query heads share kv heads). The probabilities are
+/// recomputed in the backward pass: no `t × t_k` tensor outlives the forward.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, _, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let n_rep = h / kvh;
+    let expand = move |t: &Tensor| -> Result<Tensor> {
+        if n_rep == 1 {
+            return Ok(t.clone());
+        }
+        let tk = t.dim(2)?;
+        t.unsqueeze(2)?
+            .broadcast_as((b, kvh, n_rep, tk, d))?
+            .reshape((b, h, tk, d))
+    };
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let probs =
+        move |q: &Tensor, k: &Tensor| causal_softmax(&q.matmul(&k.t()?)?.contiguous()?, scale);
+    let out = probs(&qd, &expand(&kd)?)?.matmul(&expand(&vd)?)?;
+    let fold = move |t: Tensor| -> Result<Tensor> {
+        if n_rep == 1 {
+            return Ok(t);
+        }
+        let tk = t.dim(2)?;
+        t.reshape((b, kvh, n_rep, tk, d))?.sum(2)
+    };
+    with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
+        let (kr, vr) = (expand(&kd)?, expand(&vd)?);
+        let p = probs(&qd, &kr)?;
+        let d_v = fold(p.t()?.matmul(grad)?)?;
+        let d_p = grad.matmul(&vr.t()?)?.contiguous()?;
+        let d_s = causal_softmax_backward(&p, &d_p, scale)?;
+        let d_q = d_s.matmul(&kr)?;
+        let d_k = fold(d_s.t()?.matmul(&qd)?)?;
+        Ok((Some(d_q), Some(d_k), Some(d_v)))
+    })
+}
