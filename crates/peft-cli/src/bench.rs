@@ -1,7 +1,7 @@
 //! `peft bench`: training-step throughput and memory on random tokens, one JSON line.
 
 use crate::{load_base, DTypeArg};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use peft::{LoraConfig, PeftModel, TargetModules};
 use peft_train::{Batch, SchedulerKind, TrainArgs, Trainer};
@@ -10,8 +10,23 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum BenchMode {
+    /// Training steps: forward, backward, AdamW.
+    Train,
+    /// Forward passes only (base + unmerged adapter), full logits.
+    Forward,
+    /// Greedy generation, adapter unmerged and then merged.
+    Generate,
+}
+
 #[derive(clap::Args)]
 pub struct BenchCmd {
+    #[arg(long, value_enum, default_value = "train")]
+    mode: BenchMode,
+    /// New tokens per generation (generate mode).
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
     #[arg(long)]
     model: PathBuf,
     #[arg(long, default_value = "lora")]
@@ -73,7 +88,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     if let Some(n) = cmd.threads {
         crate::set_threads(n)?;
     }
-    let (mut base, _) = load_base(&cmd.model, cmd.dtype.dtype())?;
+    let (mut base, tok) = load_base(&cmd.model, cmd.dtype.dtype())?;
     base.gradient_checkpointing = cmd.gradient_checkpointing;
     let vocab = base.config.vocab_size as u32;
     let device = base.device.clone();
@@ -85,6 +100,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         ..Default::default()
     };
     let mut model = PeftModel::new(base, config, 0)?;
+    match cmd.mode {
+        BenchMode::Train => {}
+        BenchMode::Forward => return bench_forward(&cmd, &model),
+        BenchMode::Generate => {
+            let tok = tok.context("generate mode needs the model's tokenizer")?;
+            return bench_generate(&cmd, model, &tok);
+        }
+    }
     let args = TrainArgs {
         epochs: 1,
         max_steps: None,
@@ -112,15 +135,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     };
     let mut opt = trainer.optimizer()?;
     // One fixed random batch: the same data every step, so the loss must fall.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let ids: Vec<u32> = (0..cmd.batch_size * cmd.seq_len)
-        .map(|_| rng.random_range(0..vocab))
-        .collect();
+    let ids: Vec<Vec<u32>> = random_ids(&cmd, vocab, &device)?.to_vec2()?;
     let examples: Vec<peft_train::Example> = ids
-        .chunks(cmd.seq_len)
+        .into_iter()
         .map(|c| peft_train::Example {
-            input_ids: c.to_vec(),
             labels: c.iter().map(|&t| t as i64).collect(),
+            input_ids: c,
         })
         .collect();
     let refs: Vec<&peft_train::Example> = examples.iter().collect();
@@ -155,6 +175,88 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "peak_rss_mib": peak_rss_mib(),
             "loss_first": losses.first(), "loss_last": losses.last(),
             "trainable_params": trainable, "all_params": all,
+        })
+    );
+    Ok(())
+}
+
+fn random_ids(cmd: &BenchCmd, vocab: u32, device: &candle_core::Device) -> Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let ids: Vec<u32> = (0..cmd.batch_size * cmd.seq_len)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
+    Ok(Tensor::from_vec(
+        ids,
+        (cmd.batch_size, cmd.seq_len),
+        device,
+    )?)
+}
+
+fn bench_forward(cmd: &BenchCmd, model: &PeftModel) -> Result<()> {
+    let base = &model.base;
+    let ids = random_ids(cmd, base.config.vocab_size as u32, &base.device)?;
+    let mut times = Vec::new();
+    for step in 0..cmd.warmup + cmd.steps {
+        let t = Instant::now();
+        let logits = base.logits(&base.forward(&ids, None, None, false)?)?;
+        logits.sum_all()?.to_scalar::<f32>()?;
+        if step >= cmd.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let total: f64 = times.iter().sum();
+    println!(
+        "{}",
+        json!({
+            "mode": "forward", "r": cmd.r, "target_modules": cmd.target_modules,
+            "batch_size": cmd.batch_size, "seq_len": cmd.seq_len, "steps": cmd.steps,
+            "tokens_per_s": (cmd.batch_size * cmd.seq_len * cmd.steps) as f64 / total,
+            "peak_rss_mib": peak_rss_mib(),
+        })
+    );
+    Ok(())
+}
+
+fn bench_generate(
+    cmd: &BenchCmd,
+    model: PeftModel,
+    tok: &peft_models::tokenizer::Tokenizer,
+) -> Result<()> {
+    let prompt = crate::generate::prompt_ids(
+        tok,
+        "Explain in a few sentences why the sky is blue.",
+        true,
+        None,
+    )?;
+    let rate = |m: &peft_models::Llama| -> Result<f64> {
+        let (mut tokens, mut secs) = (0usize, 0f64);
+        for run in 0..cmd.warmup + cmd.steps {
+            let t = Instant::now();
+            let out = crate::generate::generate(
+                m,
+                tok,
+                &prompt,
+                cmd.new_tokens,
+                &mut crate::generate::Sampling::greedy(),
+                |_| {},
+            )?;
+            if run >= cmd.warmup {
+                tokens += out.len();
+                secs += t.elapsed().as_secs_f64();
+            }
+        }
+        Ok(tokens as f64 / secs)
+    };
+    let unmerged = rate(&model.base)?;
+    let merged_model = model.merge_and_unload()?;
+    let merged = rate(&merged_model)?;
+    println!(
+        "{}",
+        json!({
+            "mode": "generate", "r": cmd.r, "target_modules": cmd.target_modules,
+            "new_tokens": cmd.new_tokens, "runs": cmd.steps,
+            "unmerged_tokens_per_s": unmerged, "merged_tokens_per_s": merged,
+            "unmerged_vs_merged": unmerged / merged, "peak_rss_mib": peak_rss_mib(),
         })
     );
     Ok(())

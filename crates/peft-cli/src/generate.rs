@@ -45,6 +45,15 @@ pub struct Sampling {
 }
 
 impl Sampling {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            rng: rand::rngs::StdRng::seed_from_u64(0),
+        }
+    }
+
     fn pick(&mut self, logits: &Tensor) -> Result<u32> {
         let logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let argmax = || {
