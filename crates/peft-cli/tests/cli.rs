@@ -1,6 +1,7 @@
 //! The `peft` binary end to end: bad input gives one clear line and a non-zero exit, and the
 //! train -> generate -> logits -> merge -> inspect path works on SmolLM2.
 
+use peft_models::testing::max_abs_diff;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -280,16 +281,7 @@ fn train_generate_logits_merge_inspect() {
     };
     let (a, b) = (load(&unmerged), load(&merged));
     assert_eq!(a.dims(), &[1, 8, 49152]);
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&a, &b);
     assert!(diff < 1e-3, "merged vs unmerged {diff}");
 
     let merged_dir = dir.path().join("merged");
@@ -329,16 +321,7 @@ fn train_generate_logits_merge_inspect() {
     ])
     .status
     .success());
-    let diff: f32 = (load(&reloaded) - load(&merged))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&load(&reloaded), &load(&merged));
     assert!(diff < 1e-4, "HF folder vs in-memory merge {diff}");
 
     let out = peft(&["inspect", "--model", s(&model), "--adapter", s(&adapter)]);

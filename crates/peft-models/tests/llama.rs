@@ -1,5 +1,5 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
-use peft_models::testing::tiny_llama;
+use peft_models::testing::{max_abs_diff, tiny_llama};
 use peft_models::KvCache;
 
 /// Decoding token by token with the cache gives the same last hidden state as one full pass.
@@ -35,14 +35,7 @@ fn kv_cache_matches_full_forward() {
         last = Some(model.forward(&x, None, Some(&mut cache), false).unwrap());
     }
     assert_eq!(cache.seq_len(), 6);
-    let diff = (full.i((0, 5)).unwrap() - last.unwrap().i((0, 0)).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&full.i((0, 5)).unwrap(), &last.unwrap().i((0, 0)).unwrap());
     assert!(diff < 1e-5, "{diff}");
 }
 
@@ -59,16 +52,7 @@ fn padding_mask_keeps_real_tokens_exact() {
         .unwrap()
         .narrow(1, 0, 3)
         .unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&a, &b);
     assert!(diff < 1e-5, "{diff}");
     assert_eq!(model.embed_tokens.dtype(), DType::F32);
 }

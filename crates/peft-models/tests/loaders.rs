@@ -4,25 +4,12 @@
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use peft_models::testing::tiny_llama;
+use peft_models::testing::{max_abs_diff, tiny_llama};
 use peft_models::{load_model, Llama};
 
 fn logits(m: &Llama) -> Tensor {
     let ids = Tensor::new(&[[1u32, 5, 9, 33, 60, 2]], &Device::Cpu).unwrap();
     m.logits(&m.forward(&ids, None, None, false).unwrap())
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
         .unwrap()
 }
 
@@ -139,7 +126,7 @@ fn gguf_from_llama_cpp_layout_gives_the_same_model() {
         let loaded = load_model(&path, &Device::Cpu, DType::F32).unwrap();
         assert_eq!(loaded.config.num_key_value_heads, 2);
         assert!(!loaded.config.tie_word_embeddings);
-        let d = max_abs(&logits(&reload(loaded)), &expected);
+        let d = max_abs_diff(&logits(&reload(loaded)), &expected);
         assert!(d < tol, "{dtype:?}: logits differ by {d}");
     }
 }
@@ -174,7 +161,7 @@ fn sharded_hf_folder_loads() {
     .unwrap();
     let loaded = load_model(dir.path(), &Device::Cpu, DType::F32).unwrap();
     assert!(loaded.tokenizer.is_none());
-    assert_eq!(max_abs(&logits(&reload(loaded)), &expected), 0.0);
+    assert_eq!(max_abs_diff(&logits(&reload(loaded)), &expected), 0.0);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use peft::{LoraConfig, PeftModel, TargetModules};
-use peft_models::testing::{default_model, shipped_data};
+use peft_models::testing::{default_model, max_abs_diff, shipped_data};
 use peft_models::{load_model, Llama};
 use peft_train::{load_records, tokenize_records, SchedulerKind, TrainArgs, Trainer};
 
@@ -82,13 +82,5 @@ fn thirty_steps_lower_the_loss_and_the_adapter_round_trips() {
     let trained = logits(&model.base);
     let (fresh, _) = base(&path);
     let loaded = PeftModel::load(fresh, out.path()).unwrap();
-    let diff = (logits(&loaded.base) - trained)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(max_abs_diff(&logits(&loaded.base), &trained), 0.0);
 }

@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use peft::PeftModel;
 use peft_models::io::load_safetensors;
+use peft_models::testing::max_abs_diff;
 use peft_models::{load_model, Llama};
 use std::collections::HashMap;
 
@@ -14,27 +15,13 @@ fn load_base() -> Option<Llama> {
     Some(Llama::from_weights(m.config, m.weights, &Device::Cpu, DType::F32).unwrap())
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 /// Checks `logits`, `hidden_b2` (real positions) and `logits_b2_last` of `model` against `exp`
 /// (the tensors with `prefix`, e.g. "merged_").
 fn check(model: &Llama, exp: &HashMap<String, Tensor>, prefix: &str) {
     let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
     let hidden = model.forward(&ids, None, None, false).unwrap();
     let logits = model.logits(&hidden).unwrap();
-    let d = max_abs(&logits, &exp[&format!("{prefix}logits")]);
+    let d = max_abs_diff(&logits, &exp[&format!("{prefix}logits")]);
     assert!(d < ATOL, "{prefix}logits differ by {d}");
 
     let ids2 = exp["input_ids_b2"].to_dtype(DType::U32).unwrap();
@@ -46,7 +33,7 @@ fn check(model: &Llama, exp: &HashMap<String, Tensor>, prefix: &str) {
     for (b, row) in mask.iter().enumerate() {
         for (t, &m) in row.iter().enumerate() {
             if m == 1 {
-                worst = worst.max(max_abs(
+                worst = worst.max(max_abs_diff(
                     &hidden2.i((b, t)).unwrap(),
                     &want.i((b, t)).unwrap(),
                 ));
@@ -66,7 +53,7 @@ fn check(model: &Llama, exp: &HashMap<String, Tensor>, prefix: &str) {
                 .unwrap()
         })
         .collect();
-    let d = max_abs(
+    let d = max_abs_diff(
         &Tensor::stack(&last, 0).unwrap(),
         &exp[&format!("{prefix}logits_b2_last")],
     );

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use peft::{LoraConfig, PeftModel, TargetModules};
-use peft_models::testing::tiny_llama;
+use peft_models::testing::{max_abs_diff, tiny_llama};
 use peft_ops::cross_entropy_chunked;
 
 fn ids() -> Tensor {
@@ -26,19 +26,6 @@ fn logits(model: &peft_models::Llama) -> Tensor {
     model.logits(&h).unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[test]
 fn adapter_changes_output_and_merge_matches_unmerged() {
     let base_logits = logits(&tiny_llama(1, true).unwrap());
@@ -46,11 +33,11 @@ fn adapter_changes_output_and_merge_matches_unmerged() {
     assert_eq!(peft.adapters.len(), 14);
     let unmerged = logits(&peft.base);
     assert!(
-        max_abs(&unmerged, &base_logits) > 1e-2,
+        max_abs_diff(&unmerged, &base_logits) > 1e-2,
         "the adapter must matter"
     );
     let merged = logits(&peft.merge_and_unload().unwrap());
-    assert!(max_abs(&merged, &unmerged) < 1e-5);
+    assert!(max_abs_diff(&merged, &unmerged) < 1e-5);
 }
 
 #[test]
@@ -87,7 +74,7 @@ fn save_and_load_round_trip_in_peft_layout() {
     assert_eq!(a.dtype(), DType::F32);
 
     let loaded = PeftModel::load(tiny_llama(2, false).unwrap(), dir.path()).unwrap();
-    assert_eq!(max_abs(&logits(&loaded.base), &before), 0.0);
+    assert_eq!(max_abs_diff(&logits(&loaded.base), &before), 0.0);
 }
 
 #[test]
