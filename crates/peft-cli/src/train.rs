@@ -86,6 +86,16 @@ pub struct TrainCmd {
     /// Also save the adapter after every epoch (OUTPUT/epoch-N).
     #[arg(long)]
     save_every_epoch: Option<bool>,
+    /// Write a checkpoint (adapter, optimizer state, position) every N steps (OUTPUT/checkpoint-N).
+    #[arg(long)]
+    save_steps: Option<usize>,
+    /// Keep only the newest K checkpoints.
+    #[arg(long)]
+    save_total_limit: Option<usize>,
+    /// Continue a run from a checkpoint folder, or `latest` in --output; the loss sequence
+    /// continues exactly as if the run had not stopped.
+    #[arg(long)]
+    resume: Option<PathBuf>,
     /// No progress bar; metrics lines go to stderr.
     #[arg(long)]
     quiet: Option<bool>,
@@ -180,6 +190,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         seed: c.seed.unwrap_or(42),
         logging_steps: c.logging_steps.unwrap_or(1),
         save_every_epoch: c.save_every_epoch.unwrap_or(false),
+        save_steps: c.save_steps,
+        save_total_limit: c.save_total_limit,
+        resume_from: c.resume.clone(),
         output_dir: output.clone(),
         base_model_name: model_name(&model_path),
         show_progress: !quiet,

@@ -1,5 +1,6 @@
 //! Supervised fine-tuning: data preparation, AdamW, learning-rate schedules and the loop.
 
+pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod schedule;

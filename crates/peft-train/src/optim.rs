@@ -43,6 +43,35 @@ impl AdamW {
         &self.params
     }
 
+    /// Steps taken and the first and second moments, one per parameter (for checkpoints).
+    pub fn state(&self) -> (usize, &[Tensor], &[Tensor]) {
+        (self.step, &self.m, &self.v)
+    }
+
+    /// Restores what [`AdamW::state`] returned; shapes must match the parameters.
+    pub fn set_state(&mut self, step: usize, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<()> {
+        if m.len() != self.params.len() || v.len() != self.params.len() {
+            candle_core::bail!(
+                "optimizer state has {} tensors for {} parameters",
+                m.len(),
+                self.params.len()
+            );
+        }
+        for ((p, m), v) in self.params.iter().zip(&m).zip(&v) {
+            if m.dims() != p.dims() || v.dims() != p.dims() {
+                candle_core::bail!(
+                    "optimizer state shape {:?} does not fit parameter {:?}",
+                    m.dims(),
+                    p.dims()
+                );
+            }
+        }
+        self.step = step;
+        self.m = m;
+        self.v = v;
+        Ok(())
+    }
+
     /// One update with learning rate `lr`. Parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;

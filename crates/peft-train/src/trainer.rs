@@ -2,6 +2,7 @@
 //! tokens in the whole accumulated batch (as transformers does since 4.46), clipping, AdamW,
 //! warmup + decay, a progress bar, metrics JSONL and adapter saving.
 
+use crate::checkpoint::{self, TrainerState};
 use crate::data::{Batch, Example};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::schedule::{LrSchedule, SchedulerKind};
@@ -38,6 +39,12 @@ pub struct TrainArgs {
     pub seed: u64,
     pub logging_steps: usize,
     pub save_every_epoch: bool,
+    /// Write a checkpoint (adapter + optimizer + position) every N optimizer steps.
+    pub save_steps: Option<usize>,
+    /// Keep only the newest K checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// Continue from this checkpoint folder (or `latest` under the output folder).
+    pub resume_from: Option<PathBuf>,
     pub output_dir: PathBuf,
     pub base_model_name: String,
     pub show_progress: bool,
@@ -178,18 +185,55 @@ impl Trainer<'_> {
             bail!("nothing to train: 0 steps");
         }
         let schedule = LrSchedule::new(a.scheduler, a.lr, a.warmup_ratio, total_steps);
-        let params: Vec<_> = self.model.trainable().into_iter().map(|(_, v)| v).collect();
-        let mut opt = AdamW::new(
-            params,
-            a.adam_beta1,
-            a.adam_beta2,
-            a.adam_eps,
-            a.weight_decay,
-        )?;
+        let mut opt = self.optimizer()?;
         std::fs::create_dir_all(&a.output_dir)
             .with_context(|| format!("cannot create output folder {}", a.output_dir.display()))?;
+        let state = |step: usize, trained_tokens: usize| TrainerState {
+            global_step: step,
+            total_steps,
+            seed: a.seed,
+            batch_size: a.batch_size,
+            grad_accum: a.grad_accum,
+            trained_tokens,
+        };
+        let mut start_step = 0;
+        let mut resumed_tokens = 0;
+        if let Some(spec) = &a.resume_from {
+            let dir = checkpoint::resolve(spec, &a.output_dir)?;
+            let saved = checkpoint::load(&dir, self.model, &mut opt)?;
+            let expected = state(saved.global_step, saved.trained_tokens);
+            if saved != expected {
+                bail!(
+                    "checkpoint {} was made with other settings (seed, batch size, accumulation or total steps): {saved:?}",
+                    dir.display()
+                );
+            }
+            start_step = saved.global_step;
+            resumed_tokens = saved.trained_tokens;
+        }
         let metrics_path = a.output_dir.join("metrics.jsonl");
-        let mut metrics = std::fs::File::create(&metrics_path)
+        if start_step > 0 && metrics_path.exists() {
+            // Lines logged after the checkpoint belong to the interrupted run: drop them.
+            let text = std::fs::read_to_string(&metrics_path)
+                .with_context(|| format!("cannot read {}", metrics_path.display()))?;
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step")?.as_u64())
+                        .is_some_and(|s| s as usize <= start_step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            peft_models::io::write_atomic(&metrics_path, kept.as_bytes())?;
+        }
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(start_step > 0)
+            .truncate(start_step == 0)
+            .open(&metrics_path)
             .with_context(|| format!("cannot write {}", metrics_path.display()))?;
 
         let bar = if a.show_progress {
@@ -222,6 +266,11 @@ impl Trainer<'_> {
                 if step >= total_steps {
                     break;
                 }
+                if step < start_step {
+                    // Replays the data order of the run being resumed.
+                    step += 1;
+                    continue;
+                }
                 let batches = group
                     .iter()
                     .map(|ids| {
@@ -236,6 +285,13 @@ impl Trainer<'_> {
                 summary.losses.push(loss);
                 let elapsed = start.elapsed().as_secs_f64();
                 let tps = summary.trained_tokens as f64 / elapsed.max(1e-9);
+                if a.save_steps.is_some_and(|n| n > 0 && step % n == 0) && step < total_steps {
+                    let st = state(step, resumed_tokens + summary.trained_tokens);
+                    checkpoint::save(&a.output_dir, self.model, &opt, &st, &a.base_model_name)?;
+                    if let Some(k) = a.save_total_limit {
+                        checkpoint::prune(&a.output_dir, k)?;
+                    }
+                }
                 bar.set_position(step as u64);
                 bar.set_message(format!(
                     "epoch {} loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s",

@@ -1,0 +1,152 @@
+//! Training checkpoints: the adapter (PEFT files), the AdamW moments and the loop position,
+//! written to a temporary folder and renamed into place, so a crash never leaves a partial
+//! checkpoint. Data order and dropout masks are pure functions of the seed and the step, so
+//! the position is all a resumed run needs to continue exactly.
+
+use crate::optim::AdamW;
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use peft::PeftModel;
+use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const PREFIX: &str = "checkpoint-";
+
+/// Where the loop stood, and the settings a resumed run must share with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub global_step: usize,
+    pub total_steps: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub trained_tokens: usize,
+}
+
+/// Writes `OUTPUT/checkpoint-<step>` and returns its path.
+pub fn save(
+    output: &Path,
+    model: &PeftModel,
+    opt: &AdamW,
+    state: &TrainerState,
+    base_name: &str,
+) -> Result<PathBuf> {
+    let dir = output.join(format!("{PREFIX}{}", state.global_step));
+    let tmp = output.join(format!(".{PREFIX}{}.tmp", state.global_step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove {}", tmp.display()))?;
+    }
+    model.save(&tmp, base_name)?;
+    let (steps, m, v) = opt.state();
+    let keys: Vec<String> = model.trainable().into_iter().map(|(k, _)| k).collect();
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        tensors.push((format!("exp_avg.{key}"), m[i].clone()));
+        tensors.push((format!("exp_avg_sq.{key}"), v[i].clone()));
+    }
+    tensors.push((
+        "step".into(),
+        Tensor::new(
+            &[steps as u32],
+            m.first()
+                .map(|t| t.device())
+                .unwrap_or(&candle_core::Device::Cpu),
+        )?,
+    ));
+    save_safetensors(&tmp.join(OPTIMIZER_FILE), &tensors, None)?;
+    write_atomic(
+        &tmp.join(STATE_FILE),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot replace {}", dir.display()))?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Checkpoint folders under `output`, oldest first.
+pub fn list(output: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(output)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix(PREFIX)?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Keeps the newest `keep` checkpoints.
+pub fn prune(output: &Path, keep: usize) -> Result<()> {
+    let all = list(output);
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// `latest` (the newest checkpoint under `output`) or a checkpoint folder.
+pub fn resolve(spec: &Path, output: &Path) -> Result<PathBuf> {
+    if spec == Path::new("latest") {
+        return list(output)
+            .pop()
+            .map(|(_, p)| p)
+            .with_context(|| format!("--resume latest: no checkpoint in {}", output.display()));
+    }
+    if !spec.join(STATE_FILE).exists() {
+        bail!(
+            "{} is not a checkpoint folder (no {STATE_FILE})",
+            spec.display()
+        );
+    }
+    Ok(spec.to_path_buf())
+}
+
+/// Loads weights and optimizer state of the checkpoint at `dir` into `model` and `opt`.
+pub fn load(dir: &Path, model: &PeftModel, opt: &mut AdamW) -> Result<TrainerState> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", state_path.display()))?;
+    let device = model.base.device.clone();
+    let weights = load_safetensors(&dir.join(peft::model::WEIGHTS_FILE), &device)?;
+    let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &device)?;
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for (key, var) in model.trainable() {
+        let get = |map: &std::collections::HashMap<String, Tensor>, k: &str| {
+            map.get(k)
+                .cloned()
+                .with_context(|| format!("checkpoint {} lacks {k}", dir.display()))
+        };
+        let w = get(&weights, &key)?;
+        if w.dims() != var.dims() {
+            bail!(
+                "checkpoint {}: {key} has shape {:?}, the model needs {:?}",
+                dir.display(),
+                w.dims(),
+                var.dims()
+            );
+        }
+        var.set(&w)?;
+        m.push(get(&moments, &format!("exp_avg.{key}"))?);
+        v.push(get(&moments, &format!("exp_avg_sq.{key}"))?);
+    }
+    let steps = moments
+        .get("step")
+        .with_context(|| format!("checkpoint {} lacks the optimizer step", dir.display()))?
+        .to_vec1::<u32>()?[0] as usize;
+    opt.set_state(steps, m, v)?;
+    Ok(state)
+}

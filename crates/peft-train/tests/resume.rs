@@ -1,0 +1,107 @@
+//! A run stopped at a checkpoint and resumed gives the same loss at every later step as the
+//! run that never stopped (bitwise, CPU f32), dropout included.
+
+use peft::{LoraConfig, PeftModel, TargetModules};
+use peft_models::testing::tiny_llama;
+use peft_train::{Example, SchedulerKind, TrainArgs, Trainer};
+use std::path::Path;
+
+fn examples() -> Vec<Example> {
+    (0..10u32)
+        .map(|i| {
+            let ids: Vec<u32> = (0..6 + i % 4).map(|j| (i * 7 + j * 3) % 64).collect();
+            Example {
+                labels: ids.iter().map(|&t| t as i64).collect(),
+                input_ids: ids,
+            }
+        })
+        .collect()
+}
+
+fn run(out: &Path, max_steps: usize, resume: Option<&str>) -> anyhow::Result<Vec<f64>> {
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        target_modules: Some(TargetModules::parse_flag("all-linear")),
+        ..Default::default()
+    };
+    let mut model = PeftModel::new(tiny_llama(21, true).unwrap(), config, 5).unwrap();
+    let args = TrainArgs {
+        epochs: 1,
+        max_steps: Some(max_steps),
+        batch_size: 2,
+        grad_accum: 2,
+        lr: 5e-3,
+        warmup_ratio: 0.1,
+        scheduler: SchedulerKind::Cosine,
+        max_grad_norm: 1.0,
+        weight_decay: 0.01,
+        adam_beta1: 0.9,
+        adam_beta2: 0.999,
+        adam_eps: 1e-8,
+        seed: 3,
+        logging_steps: 1,
+        save_every_epoch: false,
+        save_steps: Some(2),
+        save_total_limit: Some(2),
+        resume_from: resume.map(|r| r.into()),
+        output_dir: out.to_path_buf(),
+        base_model_name: "tiny".into(),
+        show_progress: false,
+    };
+    Ok(Trainer {
+        model: &mut model,
+        args,
+        pad_id: 0,
+    }
+    .train(&examples())?
+    .losses)
+}
+
+#[test]
+fn resumed_run_continues_bitwise() {
+    let full_dir = tempfile::tempdir().unwrap();
+    // 8 steps over 10 examples in batches of 2 with accumulation 2: crosses an epoch boundary.
+    let full = run(full_dir.path(), 8, None).unwrap();
+    assert_eq!(full.len(), 8);
+    let names: Vec<String> = peft_train::checkpoint::list(full_dir.path())
+        .iter()
+        .map(|(s, _)| s.to_string())
+        .collect();
+    assert_eq!(names, ["4", "6"], "save_total_limit keeps the newest two");
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = run(dir.path(), 8, None).unwrap();
+    assert_eq!(first, full, "the same seed gives the same run");
+    // Drop the later checkpoints, as if the run had been killed after step 4.
+    std::fs::remove_dir_all(dir.path().join("checkpoint-6")).unwrap();
+    let resumed = run(dir.path(), 8, Some("latest")).unwrap();
+    assert_eq!(resumed, full[4..].to_vec());
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=8).collect::<Vec<_>>(),
+        "one line per step, none twice"
+    );
+}
+
+#[test]
+fn resume_with_other_settings_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), 4, None).unwrap();
+    let err = run(dir.path(), 6, Some("latest")).unwrap_err().to_string();
+    assert!(err.contains("other settings"), "{err}");
+    let err = run(dir.path(), 4, Some("/nonexistent"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a checkpoint folder"), "{err}");
+}
