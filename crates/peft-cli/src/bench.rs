@@ -127,6 +127,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         save_steps: None,
         save_total_limit: None,
         resume_from: None,
+        interrupt: None,
         output_dir: PathBuf::new(),
         base_model_name: String::new(),
         show_progress: false,

@@ -236,6 +236,8 @@ fn main() {
             .map(|c| c.to_string().lines().next().unwrap_or_default().to_string())
             .collect();
         eprintln!("error: {}", msg.join(": "));
-        std::process::exit(1);
+        // 130 = stopped by SIGINT, as shells report it.
+        let interrupted = e.downcast_ref::<peft_train::Interrupted>().is_some();
+        std::process::exit(if interrupted { 130 } else { 1 });
     }
 }

@@ -193,6 +193,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         save_steps: c.save_steps,
         save_total_limit: c.save_total_limit,
         resume_from: c.resume.clone(),
+        interrupt: Some(interrupt_flag()?),
         output_dir: output.clone(),
         base_model_name: model_name(&model_path),
         show_progress: !quiet,
@@ -241,4 +242,14 @@ fn save_tokenizer_note(output: &Path, model: &Path) -> Result<()> {
         model.display()
     );
     peft_models::io::write_atomic(&output.join("README.md"), text.as_bytes())
+}
+
+/// A flag raised by Ctrl-C (SIGINT) or SIGTERM: the trainer finishes its step, writes a
+/// checkpoint and stops.
+fn interrupt_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let raised = flag.clone();
+    ctrlc::set_handler(move || raised.store(true, std::sync::atomic::Ordering::SeqCst))
+        .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}"))?;
+    Ok(flag)
 }

@@ -327,3 +327,116 @@ fn train_generate_logits_merge_inspect() {
     let out = peft(&["inspect", "--model", s(&model), "--adapter", s(&adapter)]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("trainable params: 460,800"));
 }
+
+fn losses(dir: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].to_string())
+        })
+        .collect()
+}
+
+fn wait_for(what: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !what() {
+        assert!(start.elapsed().as_secs() < 300, "timed out");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// SIGKILL mid-run, resume from the last checkpoint: every logged loss equals the
+/// uninterrupted run's, bit for bit. SIGINT stops with a checkpoint and exit code 130.
+#[test]
+fn killed_run_resumes_exactly_and_ctrl_c_saves() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let data = peft_models::testing::shipped_data();
+    let root = tempfile::tempdir().unwrap();
+    let args = |out: &Path, steps: &str| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--output",
+            s(out),
+            "--batch-size",
+            "1",
+            "--max-seq-length",
+            "48",
+            "--max-steps",
+            steps,
+            "--save-steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--seed",
+            "7",
+            "--quiet",
+            "true",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let bin = env!("CARGO_BIN_EXE_peft");
+    let full = root.path().join("full");
+    assert!(Command::new(bin)
+        .args(args(&full, "6"))
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let expected = losses(&full);
+    assert_eq!(expected.len(), 6);
+
+    let killed = root.path().join("killed");
+    let mut child = Command::new(bin)
+        .args(args(&killed, "6"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(|| {
+        killed
+            .join("checkpoint-2")
+            .join("trainer_state.json")
+            .exists()
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut resume = args(&killed, "6");
+    resume.extend(["--resume".to_string(), "latest".to_string()]);
+    let out = Command::new(bin).args(&resume).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(losses(&killed), expected);
+
+    let stopped = root.path().join("stopped");
+    let child = Command::new(bin)
+        .args(args(&stopped, "1000"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(|| !losses(&stopped).is_empty());
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted after step"), "{stderr}");
+    let (step, dir) = peft_train::checkpoint::list(&stopped)
+        .pop()
+        .expect("a checkpoint");
+    assert!(step >= 1 && dir.join("adapter_model.safetensors").exists());
+}

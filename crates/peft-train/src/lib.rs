@@ -9,4 +9,4 @@ pub mod trainer;
 pub use data::{load_records, tokenize_records, Batch, Example};
 pub use optim::AdamW;
 pub use schedule::{LrSchedule, SchedulerKind};
-pub use trainer::{TrainArgs, TrainSummary, Trainer};
+pub use trainer::{Interrupted, TrainArgs, TrainSummary, Trainer};

@@ -17,6 +17,8 @@ use rand::SeedableRng;
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Rows of logits materialised at once by the loss (rows × vocab × 4 bytes).
@@ -45,6 +47,8 @@ pub struct TrainArgs {
     pub save_total_limit: Option<usize>,
     /// Continue from this checkpoint folder (or `latest` under the output folder).
     pub resume_from: Option<PathBuf>,
+    /// Set (e.g. by a Ctrl-C handler) to stop after the current step with a checkpoint.
+    pub interrupt: Option<Arc<AtomicBool>>,
     pub output_dir: PathBuf,
     pub base_model_name: String,
     pub show_progress: bool,
@@ -64,6 +68,26 @@ impl TrainSummary {
         self.trained_tokens as f64 / self.seconds.max(1e-9)
     }
 }
+
+/// The run was stopped on request after `step`; `checkpoint` holds its state.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub step: usize,
+    pub checkpoint: PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted after step {}: checkpoint saved to {} (continue with --resume latest)",
+            self.step,
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 pub struct StepOutput {
     pub loss: f64,
@@ -285,11 +309,25 @@ impl Trainer<'_> {
                 summary.losses.push(loss);
                 let elapsed = start.elapsed().as_secs_f64();
                 let tps = summary.trained_tokens as f64 / elapsed.max(1e-9);
-                if a.save_steps.is_some_and(|n| n > 0 && step % n == 0) && step < total_steps {
+                let interrupted = a
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::SeqCst));
+                let scheduled = a.save_steps.is_some_and(|n| n > 0 && step % n == 0);
+                if (scheduled || interrupted) && step < total_steps {
                     let st = state(step, resumed_tokens + summary.trained_tokens);
-                    checkpoint::save(&a.output_dir, self.model, &opt, &st, &a.base_model_name)?;
+                    let dir =
+                        checkpoint::save(&a.output_dir, self.model, &opt, &st, &a.base_model_name)?;
                     if let Some(k) = a.save_total_limit {
-                        checkpoint::prune(&a.output_dir, k)?;
+                        checkpoint::prune(&a.output_dir, k.max(1))?;
+                    }
+                    if interrupted {
+                        bar.abandon();
+                        return Err(Interrupted {
+                            step,
+                            checkpoint: dir,
+                        }
+                        .into());
                     }
                 }
                 bar.set_position(step as u64);

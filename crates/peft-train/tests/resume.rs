@@ -46,6 +46,7 @@ fn run(out: &Path, max_steps: usize, resume: Option<&str>) -> anyhow::Result<Vec
         save_steps: Some(2),
         save_total_limit: Some(2),
         resume_from: resume.map(|r| r.into()),
+        interrupt: None,
         output_dir: out.to_path_buf(),
         base_model_name: "tiny".into(),
         show_progress: false,

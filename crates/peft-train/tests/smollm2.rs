@@ -61,6 +61,7 @@ fn thirty_steps_lower_the_loss_and_the_adapter_round_trips() {
         save_steps: None,
         save_total_limit: None,
         resume_from: None,
+        interrupt: None,
         output_dir: out.path().to_path_buf(),
         base_model_name: "smollm2".into(),
         show_progress: false,
