@@ -201,7 +201,9 @@ impl Tokenizer {
 
         let mut inner = tokenizers::Tokenizer::new(bpe);
         if pre.normalizes_nfc() {
-            inner.with_normalizer(Some(NFC));
+            inner
+                .with_normalizer(Some(NFC))
+                .map_err(|e| anyhow!("cannot set the NFC normalizer: {e}"))?;
         }
         inner.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
         // Decoder and post-processor as in GPT-2's tokenizer.json.
@@ -235,8 +237,12 @@ impl Tokenizer {
                     _ => {}
                 }
             }
-            inner.add_special_tokens(&special_tokens);
-            inner.add_tokens(&added_tokens);
+            inner
+                .add_special_tokens(special_tokens)
+                .map_err(|e| anyhow!("cannot add the GGUF special tokens: {e}"))?;
+            inner
+                .add_tokens(added_tokens)
+                .map_err(|e| anyhow!("cannot add the GGUF added tokens: {e}"))?;
         }
 
         let chat_template = md.string("tokenizer.chat_template")?.map(str::to_owned);
