@@ -109,28 +109,13 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
     }
     let args = TrainArgs {
-        epochs: 1,
-        max_steps: None,
         batch_size: cmd.batch_size,
-        grad_accum: 1,
         lr: cmd.lr,
         warmup_ratio: 0.0,
         scheduler: SchedulerKind::Constant,
-        max_grad_norm: 1.0,
-        weight_decay: 0.0,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_eps: 1e-8,
         seed: 0,
-        logging_steps: 1,
-        save_every_epoch: false,
-        save_steps: None,
-        save_total_limit: None,
-        resume_from: None,
-        interrupt: None,
-        output_dir: PathBuf::new(),
-        base_model_name: String::new(),
         show_progress: false,
+        ..Default::default()
     };
     let mut trainer = Trainer {
         model: &mut model,

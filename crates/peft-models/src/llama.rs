@@ -6,7 +6,7 @@
 
 use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
     causal_attention, checkpoint, frozen_linear, param, rms_norm, rope, softmax_last_dim, swiglu,
     GradSink,
@@ -466,12 +466,4 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
     x.unsqueeze(2)?
         .broadcast_as((b, kvh, n_rep, s, d))?
         .reshape((b, kvh * n_rep, s, d))
-}
-
-/// Picks the last dim's argmax of logits `[.., vocab]` (greedy decoding).
-pub fn argmax_last(logits: &Tensor) -> Result<u32> {
-    Ok(logits
-        .flatten_all()?
-        .argmax(D::Minus1)?
-        .to_scalar::<u32>()?)
 }

@@ -73,6 +73,16 @@ impl GradSink {
     }
 }
 
+/// Adds `grad` to the gradient `store` holds for tensor `id` (or stores it if there is none).
+pub fn add_grad(store: &mut GradStore, id: TensorId, grad: Tensor) -> Result<()> {
+    let sum = match store.get_id(id) {
+        Some(prev) => (prev + grad)?,
+        None => grad,
+    };
+    store.insert_id(id, sum);
+    Ok(())
+}
+
 /// `f(x)` whose activations are recomputed in the backward pass instead of kept. `x` must be
 /// part of the graph (make the first block's input depend on a variable), otherwise no
 /// backward reaches the block and its parameters get no gradient.

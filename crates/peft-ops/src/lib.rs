@@ -10,7 +10,7 @@ mod grad;
 mod ops;
 mod softmax;
 
-pub use checkpoint::{checkpoint, grad_enabled, no_grad, param, GradSink};
+pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
 pub use fused::{causal_attention, dropout_mask, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{

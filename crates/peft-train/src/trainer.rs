@@ -11,7 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::PeftModel;
-use peft_ops::cross_entropy_chunked;
+use peft_ops::{add_grad, cross_entropy_chunked};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
@@ -52,6 +52,36 @@ pub struct TrainArgs {
     pub output_dir: PathBuf,
     pub base_model_name: String,
     pub show_progress: bool,
+}
+
+/// TRL's SFT defaults, as `peft train` applies them to options left unset.
+impl Default for TrainArgs {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            max_steps: None,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 2e-4,
+            warmup_ratio: 0.03,
+            scheduler: SchedulerKind::Cosine,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            seed: 42,
+            logging_steps: 1,
+            save_every_epoch: false,
+            save_steps: None,
+            save_total_limit: None,
+            resume_from: None,
+            interrupt: None,
+            output_dir: PathBuf::new(),
+            base_model_name: String::new(),
+            show_progress: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -155,11 +185,7 @@ impl Trainer<'_> {
                 Some(mut acc) => {
                     for p in opt.params() {
                         if let Some(g) = grads.get(p.as_tensor()) {
-                            let sum = match acc.get(p.as_tensor()) {
-                                Some(prev) => (prev + g)?,
-                                None => g.clone(),
-                            };
-                            acc.insert(p.as_tensor(), sum);
+                            add_grad(&mut acc, p.id(), g.clone())?;
                         }
                     }
                     acc

@@ -3,7 +3,7 @@
 
 use peft::{LoraConfig, PeftModel, TargetModules};
 use peft_models::testing::tiny_llama;
-use peft_train::{Example, SchedulerKind, TrainArgs, Trainer};
+use peft_train::{Example, TrainArgs, Trainer};
 use std::path::Path;
 
 fn examples() -> Vec<Example> {
@@ -28,28 +28,20 @@ fn run(out: &Path, max_steps: usize, resume: Option<&str>) -> anyhow::Result<Vec
     };
     let mut model = PeftModel::new(tiny_llama(21, true).unwrap(), config, 5).unwrap();
     let args = TrainArgs {
-        epochs: 1,
         max_steps: Some(max_steps),
         batch_size: 2,
         grad_accum: 2,
         lr: 5e-3,
         warmup_ratio: 0.1,
-        scheduler: SchedulerKind::Cosine,
-        max_grad_norm: 1.0,
         weight_decay: 0.01,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_eps: 1e-8,
         seed: 3,
-        logging_steps: 1,
-        save_every_epoch: false,
         save_steps: Some(2),
         save_total_limit: Some(2),
         resume_from: resume.map(|r| r.into()),
-        interrupt: None,
         output_dir: out.to_path_buf(),
         base_model_name: "tiny".into(),
         show_progress: false,
+        ..Default::default()
     };
     Ok(Trainer {
         model: &mut model,

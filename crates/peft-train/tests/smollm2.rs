@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use peft::{LoraConfig, PeftModel, TargetModules};
 use peft_models::testing::{default_model, max_abs_diff, shipped_data};
 use peft_models::{load_model, Llama};
-use peft_train::{load_records, tokenize_records, SchedulerKind, TrainArgs, Trainer};
+use peft_train::{load_records, tokenize_records, TrainArgs, Trainer};
 
 fn base(path: &std::path::Path) -> (Llama, peft_models::tokenizer::Tokenizer) {
     let m = load_model(path, &Device::Cpu, DType::F32).unwrap();
@@ -43,28 +43,13 @@ fn thirty_steps_lower_the_loss_and_the_adapter_round_trips() {
     let mut model = PeftModel::new(llama, config, 1).unwrap();
     let out = tempfile::tempdir().unwrap();
     let args = TrainArgs {
-        epochs: 1,
         max_steps: Some(30),
-        batch_size: 4,
-        grad_accum: 1,
         lr: 1e-3,
-        warmup_ratio: 0.03,
-        scheduler: SchedulerKind::Cosine,
-        max_grad_norm: 1.0,
-        weight_decay: 0.0,
-        adam_beta1: 0.9,
-        adam_beta2: 0.999,
-        adam_eps: 1e-8,
         seed: 1,
-        logging_steps: 1,
-        save_every_epoch: false,
-        save_steps: None,
-        save_total_limit: None,
-        resume_from: None,
-        interrupt: None,
         output_dir: out.path().to_path_buf(),
         base_model_name: "smollm2".into(),
         show_progress: false,
+        ..Default::default()
     };
     let summary = Trainer {
         model: &mut model,

@@ -47,7 +47,7 @@ impl PeftModel {
             ));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        Self::build(base, config, |path, r, in_f, out_f, cfg| {
+        Self::build(base, config, |_path, r, in_f, out_f, cfg| {
             let dev = candle_core::Device::Cpu;
             let (a, b) = match &cfg.init_lora_weights {
                 serde_json::Value::String(_) => {
@@ -68,7 +68,6 @@ impl PeftModel {
                     uniform(&mut rng, (out_f, r), 1.0 / (r as f64).sqrt()),
                 ),
             };
-            let _ = path;
             Ok((
                 Tensor::from_vec(a, (r, in_f), &dev)?,
                 Tensor::from_vec(b, (out_f, r), &dev)?,
