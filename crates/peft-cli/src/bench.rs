@@ -27,8 +27,13 @@ pub struct BenchCmd {
     /// New tokens per generation (generate mode).
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// HF model folder or .gguf file.
+    #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
+    model: Option<PathBuf>,
+    /// Random weights of a named shape instead of a model file: smollm2-135m, llama-3.2-1b,
+    /// llama-3-8b (speed and memory depend on the shape alone).
     #[arg(long)]
-    model: PathBuf,
+    shape: Option<String>,
     #[arg(long, default_value = "lora")]
     method: String,
     #[arg(long, default_value_t = 16)]
@@ -51,6 +56,7 @@ pub struct BenchCmd {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long, value_enum, default_value = "f32")]
@@ -60,6 +66,9 @@ pub struct BenchCmd {
     /// Recompute each decoder layer in backward instead of keeping its activations.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Also time the forward pass alone and forward + backward (median of 3 each).
+    #[arg(long)]
+    phases: bool,
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB.
@@ -79,19 +88,23 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     if cmd.method != "lora" {
         bail!("unknown method {:?} (available: lora)", cmd.method);
     }
-    if cmd.device != "cpu" {
-        bail!(
-            "device {:?} is not available in this build (available: cpu)",
-            cmd.device
-        );
-    }
     if let Some(n) = cmd.threads {
         crate::set_threads(n)?;
     }
-    let (mut base, tok) = load_base(&cmd.model, cmd.dtype.dtype())?;
+    let device = peft_ops::open_device(&cmd.device)?;
+    let (mut base, tok) = match (&cmd.model, &cmd.shape) {
+        (Some(path), _) => load_base(path, cmd.dtype.dtype(), &device)?,
+        (None, Some(shape)) => {
+            let config = peft_models::shapes::shape_config(shape)?;
+            let model = peft_models::shapes::random_llama(config, &device, cmd.dtype.dtype(), 0)?;
+            (model, None)
+        }
+        (None, None) => bail!("give --model PATH or --shape NAME"),
+    };
+    let base_params = base_parameter_count(&mut base);
     base.gradient_checkpointing = cmd.gradient_checkpointing;
     let vocab = base.config.vocab_size as u32;
-    let device = base.device.clone();
+    let flops_per_token = model_flops_per_token(&base.config, base_params, cmd.seq_len);
     let config = LoraConfig {
         r: cmd.r,
         lora_alpha: cmd.lora_alpha,
@@ -136,22 +149,45 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let batch = Batch::new(&refs, 0, &device)?;
     let mut times = Vec::new();
     let mut losses = Vec::new();
+    device.synchronize()?;
+    peft_ops::reset_peak_memory(&device)?;
     for step in 0..cmd.warmup + cmd.steps {
         let t = Instant::now();
         let out = trainer.step(&mut opt, std::slice::from_ref(&batch), step, cmd.lr)?;
         // Make sure queued device work is finished before the clock stops.
-        let _ = Tensor::zeros(1, candle_core::DType::F32, &device)?.to_vec1::<f32>()?;
+        device.synchronize()?;
         losses.push(out.loss);
         if step >= cmd.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let step_median = median(&times);
+    let phases = if cmd.phases {
+        let timed = |backward: bool| -> Result<f64> {
+            let mut secs = Vec::new();
+            for _ in 0..3 {
+                let t = Instant::now();
+                let loss = trainer.batch_loss(&batch, batch.n_trained)?;
+                if backward {
+                    let mut grads = loss.backward()?;
+                    trainer.model.base.grad_sink.drain_into(&mut grads)?;
+                }
+                device.synchronize()?;
+                secs.push(t.elapsed().as_secs_f64());
+            }
+            Ok(median(&secs))
+        };
+        let forward = timed(false)?;
+        let forward_backward = timed(true)?;
+        Some(json!({"forward_s": forward, "forward_backward_s": forward_backward}))
+    } else {
+        None
+    };
     let total: f64 = times.iter().sum();
     let tokens = (cmd.batch_size * cmd.seq_len * cmd.steps) as f64;
     let (trainable, all) = model.parameter_counts();
+    let peak_device_mib = peft_ops::peak_memory(&device)?.map(|b| b as f64 / (1 << 20) as f64);
+    let tokens_per_s = tokens / total;
     println!(
         "{}",
         json!({
@@ -160,13 +196,41 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "gradient_checkpointing": cmd.gradient_checkpointing,
             "threads": cmd.threads.unwrap_or_else(candle_core::utils::get_num_threads),
             "dtype": format!("{:?}", cmd.dtype).to_lowercase(), "device": cmd.device,
-            "tokens_per_s": tokens / total, "step_s_median": median,
-            "peak_rss_mib": peak_rss_mib(),
-            "loss_first": losses.first(), "loss_last": losses.last(),
+            "shape": cmd.shape, "tokens_per_s": tokens_per_s, "step_s_median": step_median,
+            "peak_rss_mib": peak_rss_mib(), "peak_device_mib": peak_device_mib,
+            "model_tflops": flops_per_token * tokens_per_s / 1e12, "phases": phases,
+            "loss_first": losses.first(), "loss_last": losses.last(), "losses": losses,
             "trainable_params": trainable, "all_params": all,
         })
     );
     Ok(())
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// Parameters of the base model (adapters excluded).
+fn base_parameter_count(base: &mut peft_models::Llama) -> usize {
+    base.named_tensors()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum()
+}
+
+/// Model FLOPs per trained token as `shared/gpu/anchor_hf.py` counts them: 2N for the forward
+/// (N = matmul parameters) plus the attention products, and as much again for the backward
+/// to the activations (frozen weights need no weight gradients).
+fn model_flops_per_token(c: &peft_models::LlamaConfig, base_params: usize, seq: usize) -> f64 {
+    let matmul_params = if c.tie_word_embeddings {
+        base_params
+    } else {
+        base_params - c.vocab_size * c.hidden_size
+    };
+    let attention = 4 * c.num_hidden_layers * seq * c.hidden_size;
+    2.0 * (2 * matmul_params + attention) as f64
 }
 
 fn random_ids(cmd: &BenchCmd, vocab: u32, device: &candle_core::Device) -> Result<Tensor> {

@@ -12,6 +12,9 @@ use std::path::PathBuf;
 pub struct GenerateCmd {
     #[arg(long)]
     model: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[arg(long)]
@@ -164,7 +167,11 @@ pub fn prompt_ids(
 }
 
 pub fn run(cmd: GenerateCmd) -> Result<()> {
-    let (base, tok) = load_base(&cmd.model, cmd.dtype.dtype())?;
+    let (base, tok) = load_base(
+        &cmd.model,
+        cmd.dtype.dtype(),
+        &peft_ops::open_device(&cmd.device)?,
+    )?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
     let model = match &cmd.adapter {

@@ -117,22 +117,18 @@ pub fn set_threads(n: usize) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot size the thread pool: {e}"))
 }
 
-pub fn device() -> Device {
-    Device::Cpu
-}
-
 /// Loads a base model and builds the Llama module tree.
 pub fn load_base(
     path: &Path,
     dtype: DType,
+    dev: &Device,
 ) -> Result<(Llama, Option<peft_models::tokenizer::Tokenizer>)> {
-    let dev = device();
     let LoadedModel {
         config,
         weights,
         tokenizer,
-    } = load_model(path, &dev, dtype)?;
-    let model = Llama::from_weights(config, weights, &dev, dtype)
+    } = load_model(path, dev, dtype)?;
+    let model = Llama::from_weights(config, weights, dev, dtype)
         .with_context(|| format!("cannot build the model from {}", path.display()))?;
     Ok((model, tokenizer))
 }
@@ -145,7 +141,7 @@ fn model_name(path: &Path) -> String {
 
 fn run_merge(cmd: MergeCmd) -> Result<()> {
     let dtype = cmd.dtype.dtype();
-    let (base, tok) = load_base(&cmd.model, DType::F32)?;
+    let (base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
     if cmd.model.extension().is_some_and(|e| e == "gguf") {
         eprintln!("note: the GGUF base is dequantized; the merged model is written unquantized");
     }
@@ -157,7 +153,7 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
 }
 
 fn run_logits(cmd: LogitsCmd) -> Result<()> {
-    let (base, _) = load_base(&cmd.model, DType::F32)?;
+    let (base, _) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
     let model = match &cmd.adapter {
         None => base,
         Some(dir) => {
@@ -186,7 +182,7 @@ fn run_logits(cmd: LogitsCmd) -> Result<()> {
 }
 
 fn run_inspect(cmd: InspectCmd) -> Result<()> {
-    let (mut base, _) = load_base(&cmd.model, DType::F32)?;
+    let (mut base, _) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
     let c = &base.config;
     println!(
         "{}: {} layers, hidden {}, heads {} (kv {}), head_dim {}, intermediate {}, vocab {}, tied embeddings {}",

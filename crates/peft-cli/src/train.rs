@@ -78,6 +78,9 @@ pub struct TrainCmd {
     seed: Option<u64>,
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
+    /// cpu (default), cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
     /// Recompute each decoder layer in the backward pass (less memory, ~1/3 more compute).
     #[arg(long)]
     gradient_checkpointing: Option<bool>,
@@ -204,7 +207,8 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
 
     // Cheap checks first: a bad data file should fail before the model loads.
     let records = load_records(&data_path)?;
-    let (mut base, tok) = load_base(&model_path, dtype)?;
+    let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
+    let (mut base, tok) = load_base(&model_path, dtype, &device)?;
     base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(false);
     let tok = tok.context("the model has no tokenizer")?;
     let (examples, dropped) = tokenize_records(&records, &tok, max_seq_length)

@@ -5,6 +5,7 @@ pub mod io;
 pub mod llama;
 pub mod loader;
 pub mod save;
+pub mod shapes;
 pub mod testing;
 pub mod tokenizer;
 

@@ -3,7 +3,7 @@
 
 use crate::softmax::{causal_softmax, causal_softmax_backward};
 use crate::{with_grad3, Grads3};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 
 /// Inverted-dropout mask (`0` or `1/(1-p)`) drawn from `seed`: the same seed gives the same
@@ -108,10 +108,31 @@ pub fn lora_linear(
 /// `silu(gate) · up`, keeping only `gate` and `up` for the backward.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (g, u) = (gate.detach(), up.detach());
-    let y = (g.silu()? * &u)?;
+    let kernel = crate::on_cuda_kernel(&g) && g.dtype() == u.dtype();
+    let (g, u) = if kernel {
+        (g.contiguous()?, u.contiguous()?)
+    } else {
+        (g, u)
+    };
+    let y = if kernel {
+        g.apply_op2_no_bwd(&u, &SwigluForward)?
+    } else {
+        (g.silu()? * &u)?
+    };
     let (g_tracks, u_tracks) = (gate.track_op(), up.track_op());
     // Third argument repeated: with_grad3 serves two inputs as well.
     with_grad3((gate, up, up), y, move |grad| -> Result<Grads3> {
+        if kernel {
+            let n = g.elem_count();
+            let both = g.apply_op3_no_bwd(
+                &u,
+                &grad.to_dtype(g.dtype())?.contiguous()?,
+                &SwigluBackward,
+            )?;
+            let d_g = both.narrow(0, 0, n)?.reshape(g.shape())?;
+            let d_u = both.narrow(0, n, n)?.reshape(g.shape())?;
+            return Ok((g_tracks.then_some(d_g), u_tracks.then_some(d_u), None));
+        }
         let silu = g.silu()?;
         let d_u = if u_tracks {
             Some((grad * &silu)?)
@@ -167,4 +188,72 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         let d_k = fold(d_s.t()?.matmul(&qd)?)?;
         Ok((Some(d_q), Some(d_k), Some(d_v)))
     })
+}
+
+/// `silu(gate) · up` in one CUDA kernel.
+struct SwigluForward;
+
+impl CustomOp2 for SwigluForward {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("swiglu: the CPU uses the composed ops")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            crate::cuda::swiglu_fwd((g, gl), (u, ul))?,
+            gl.shape().clone(),
+        ))
+    }
+}
+
+/// `[d gate; d up]` (flat, `2 × n`) from `(gate, up, dL/dy)` in one CUDA kernel.
+struct SwigluBackward;
+
+impl CustomOp3 for SwigluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("swiglu-backward: the CPU uses the composed ops")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+        grad: &candle_core::CudaStorage,
+        gradl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::swiglu_bwd((g, gl), (u, ul), (grad, gradl))?;
+        Ok((out, Shape::from(2 * gl.shape().elem_count())))
+    }
 }

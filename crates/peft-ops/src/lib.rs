@@ -5,15 +5,36 @@
 //! detached inputs and attaches a hand-written backward through [`with_grad`].
 
 mod checkpoint;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod device;
 mod fused;
 mod grad;
 mod ops;
 mod softmax;
 
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
+pub use device::{open_device, peak_memory, reset_peak_memory};
 pub use fused::{causal_attention, dropout_mask, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
     cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
 };
 pub use softmax::{causal_softmax, causal_softmax_backward};
+
+/// Whether our own kernel serves `t`: f32 on the CPU, f32 or bf16 on CUDA.
+pub(crate) fn has_kernel(t: &candle_core::Tensor) -> bool {
+    use candle_core::DType;
+    match t.device() {
+        candle_core::Device::Cpu => t.dtype() == DType::F32,
+        candle_core::Device::Cuda(_) => {
+            cfg!(feature = "cuda") && matches!(t.dtype(), DType::F32 | DType::BF16)
+        }
+        _ => false,
+    }
+}
+
+/// Whether our CUDA kernels serve `t` (f32 or bf16 on an NVIDIA GPU).
+pub(crate) fn on_cuda_kernel(t: &candle_core::Tensor) -> bool {
+    !t.device().is_cpu() && has_kernel(t)
+}

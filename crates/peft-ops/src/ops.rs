@@ -1,5 +1,5 @@
 use crate::with_grad;
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// Label value that contributes no loss (PyTorch's and TRL's convention).
 pub const IGNORE_INDEX: i64 = -100;
@@ -28,6 +28,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, w, eps as f32)?;
     let w = w.clone();
     with_grad(x, y, move |x, _, grad| {
+        if crate::on_cuda_kernel(x) {
+            let dt = x.dtype();
+            return x.detach().contiguous()?.apply_op3_no_bwd(
+                &w.to_dtype(dt)?.contiguous()?,
+                &grad.to_dtype(dt)?.contiguous()?,
+                &RmsNormBackward { eps: eps as f32 },
+            );
+        }
         let x32 = x.detach().to_dtype(DType::F32)?;
         let gw = grad
             .to_dtype(DType::F32)?
@@ -41,6 +49,44 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             .broadcast_mul(&r)?
             .to_dtype(x.dtype())
     })
+}
+
+/// dL/dx of [`rms_norm`] from `(x, w, dL/dy)` in one kernel (CUDA; the CPU path composes it).
+struct RmsNormBackward {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("rms-norm-backward: the CPU uses the composed ops")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::rms_norm_bwd((x, xl), (w, wl), (g, gl), self.eps)?;
+        Ok((out, xl.shape().clone()))
+    }
 }
 
 /// Softmax over the last dim.
@@ -86,16 +132,17 @@ pub fn cross_entropy_chunked(
     let dev = hidden.device();
     let vocab = weight.dim(0)?;
     let vocab_ids = Tensor::arange(0i64, vocab as i64, dev)?.unsqueeze(0)?;
-    let weight32 = weight.to_dtype(DType::F32)?;
+    // Logits come from a matmul in the weight's dtype (bf16 on GPUs, as PyTorch does) and are
+    // upcast per chunk: a full f32 copy of a 128k-vocab head would cost GBs every step.
     let mut loss_sum = Tensor::zeros((), DType::F32, dev)?;
     let mut grads = Vec::new();
     let hidden_d = hidden.detach();
     for start in (0..n).step_by(chunk_rows.max(1)) {
         let len = chunk_rows.min(n - start);
-        let h = hidden_d.narrow(0, start, len)?.to_dtype(DType::F32)?;
+        let h = hidden_d.narrow(0, start, len)?.to_dtype(weight.dtype())?;
         let lab = labels.narrow(0, start, len)?;
         let mask = valid.narrow(0, start, len)?.to_dtype(DType::F32)?;
-        let logits = h.matmul(&weight32.t()?)?;
+        let logits = h.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
         let max = logits.max_keepdim(D::Minus1)?;
         let shifted = logits.broadcast_sub(&max)?;
         let exp = shifted.exp()?;
@@ -108,7 +155,7 @@ pub fn cross_entropy_chunked(
             let probs = exp.broadcast_div(&sum_exp)?;
             let one_hot = vocab_ids.broadcast_eq(&safe_lab)?.to_dtype(DType::F32)?;
             let dlogits = (probs - one_hot)?.broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?;
-            grads.push(dlogits.matmul(&weight32)?);
+            grads.push(dlogits.to_dtype(weight.dtype())?.matmul(weight)?);
         }
     }
     let loss = (loss_sum / denom)?;

@@ -1,16 +1,16 @@
 //! Causal attention softmax fused with the score scale and the causal mask: no mask tensor,
 //! no scaled copy of the scores, rows in parallel.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `softmax(scale · scores + causal mask)` over the last dim of `[.., q, k]` scores, where
-/// query row `i` sees keys `0..=past + i` (`past = k - q`). f32 on the CPU; other dtypes
-/// and devices use the composed ops.
+/// query row `i` sees keys `0..=past + i` (`past = k - q`). Kernels for f32 on the CPU and
+/// f32/bf16 on CUDA; other cases use the composed ops.
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = scores.dims();
     let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    if scores.dtype() != DType::F32 || !scores.device().is_cpu() {
+    if !crate::has_kernel(scores) {
         let past = k - q;
         let qi = Tensor::arange(0u32, q as u32, scores.device())?.unsqueeze(1)?;
         let kj = Tensor::arange(0u32, k as u32, scores.device())?.unsqueeze(0)?;
@@ -73,6 +73,16 @@ impl CustomOp1 for CausalSoftmax {
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::causal_softmax_fwd(s, l, self.q, self.k, self.scale)?;
+        Ok((out, l.shape().clone()))
+    }
+
     fn bwd(&self, _: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.contiguous()?;
         Ok(Some(res.apply_op2_no_bwd(
@@ -88,7 +98,7 @@ impl CustomOp1 for CausalSoftmax {
 /// Gradient of [`causal_softmax`] with respect to its scores, from its output `y` and the
 /// output gradient: `scale · y · (g − Σ g·y)` row by row.
 pub fn causal_softmax_backward(y: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
-    if y.dtype() != DType::F32 || !y.device().is_cpu() {
+    if !crate::has_kernel(y) {
         let dot = (grad * y)?.sum_keepdim(candle_core::D::Minus1)?;
         return (grad.broadcast_sub(&dot)? * y)? * scale;
     }
@@ -131,5 +141,17 @@ impl CustomOp2 for CausalSoftmaxBackward {
                 }
             });
         Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::causal_softmax_bwd((ys, yl), (gs, gl), self.k, self.scale)?;
+        Ok((out, yl.shape().clone()))
     }
 }

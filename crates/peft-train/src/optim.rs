@@ -95,19 +95,23 @@ impl AdamW {
     }
 }
 
-/// Global L2 norm of the gradients of `params`.
+/// Global L2 norm of the gradients of `params`. The squares are summed on the device and read
+/// back once: one host synchronisation per step, not one per tensor.
 pub fn grad_norm(grads: &GradStore, params: &[Var]) -> Result<f64> {
-    let mut sum = 0f64;
+    let mut sum: Option<Tensor> = None;
     for p in params {
         if let Some(g) = grads.get(p.as_tensor()) {
-            sum += g
-                .to_dtype(candle_core::DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            let sq = g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?;
+            sum = Some(match sum {
+                Some(s) => (s + sq)?,
+                None => sq,
+            });
         }
     }
-    Ok(sum.sqrt())
+    match sum {
+        Some(s) => Ok(s.to_scalar::<f64>()?.sqrt()),
+        None => Ok(0.0),
+    }
 }
 
 /// Scales gradients so that their global norm is at most `max_norm` (PyTorch's

@@ -23,6 +23,8 @@ use std::time::Instant;
 
 /// Rows of logits materialised at once by the loss (rows × vocab × 4 bytes).
 const LOSS_CHUNK_ELEMS: usize = 8 << 20;
+/// GPUs have the memory for larger chunks and pay per launch: fewer, bigger matmuls.
+const LOSS_CHUNK_ELEMS_GPU: usize = 64 << 20;
 
 #[derive(Debug, Clone)]
 pub struct TrainArgs {
@@ -137,7 +139,7 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 
 impl Trainer<'_> {
     /// Summed token loss of one batch, divided by `denom`, ready for backward.
-    fn batch_loss(&self, batch: &Batch, denom: usize) -> Result<Tensor> {
+    pub fn batch_loss(&self, batch: &Batch, denom: usize) -> Result<Tensor> {
         let base = &self.model.base;
         let hidden = base.forward(&batch.input_ids, None, None, true)?;
         let (b, t, d) = hidden.dims3()?;
@@ -156,7 +158,12 @@ impl Trainer<'_> {
                 .to_dtype(DType::F32)
                 .map(|l| (l, n))?
         } else {
-            let rows = (LOSS_CHUNK_ELEMS / weight.dim(0)?).max(1);
+            let elems = if weight.device().is_cpu() {
+                LOSS_CHUNK_ELEMS
+            } else {
+                LOSS_CHUNK_ELEMS_GPU
+            };
+            let rows = (elems / weight.dim(0)?).max(1);
             cross_entropy_chunked(&hidden, weight, &labels, rows)?
         };
         Ok((mean * (n_valid as f64 / denom.max(1) as f64))?)

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# peft-rs vs Hugging Face PEFT on an NVIDIA GPU: the shapes of shared/gpu/README.md, HF first
+# (shared/gpu/anchor_hf.py), then `peft bench --device cuda` on each, then the ratios.
+#
+#   bench/vs_hf_gpu.sh [--peft PATH] [--anchor PATH] [--out DIR] [--skip-hf FILE]
+#
+# Runs on the GPU machine (python3 with torch, transformers, peft; CUDA 13 libraries under
+# site-packages/nvidia/cu13/lib). Build the binary elsewhere with `--features cuda`
+# (docs/gpu.md). --skip-hf reuses an earlier hf_anchor.jsonl instead of running HF again.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+peft=target/release/peft anchor=../shared/gpu/anchor_hf.py out=${OUT:-bench/out} hf_file=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --peft) peft=$2; shift 2 ;;
+    --anchor) anchor=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --skip-hf) hf_file=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+if ldd "$peft" | grep 'not found'; then echo "missing libraries for $peft" >&2; exit 1; fi
+
+if [ -z "$hf_file" ]; then
+  rm -f "$out/hf_anchor.jsonl"
+  PYTHONUNBUFFERED=1 python3 "$anchor" --out "$out" >&2
+  hf_file=$out/hf_anchor.jsonl
+fi
+
+ours=$out/peft_gpu.jsonl
+: > "$ours"
+# name shape targets batch seq warmup steps extra-flags (the anchor's cases, in its order)
+while read -r name shape targets batch seq warmup steps extra; do
+  line=$(timeout "${CASE_TIMEOUT:-300}" "$peft" bench --device cuda --dtype bf16 --shape "$shape" --lora-dropout 0 \
+      --r 16 --lora-alpha 32 --target-modules "$targets" --batch-size "$batch" --seq-len "$seq" \
+      --warmup "$warmup" --steps "$steps" $extra 2>"$out/err_$name.txt" | tail -n 1)
+  [ -n "$line" ] || line=$(printf '{"error": %s}' "$(tail -c 300 "$out/err_$name.txt" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')")
+  echo "{\"case\": \"$name\", \"result\": $line}" | tee -a "$ours" >&2
+done <<'CASES'
+smol-attn-4x256 smollm2-135m q_proj,k_proj,v_proj,o_proj 4 256 3 10
+smol-attn-8x1024 smollm2-135m q_proj,k_proj,v_proj,o_proj 8 1024 3 10
+1b-attn-4x1024 llama-3.2-1b q_proj,k_proj,v_proj,o_proj 4 1024 3 10
+1b-all-4x1024 llama-3.2-1b all-linear 4 1024 3 10
+8b-attn-2x2048 llama-3-8b q_proj,k_proj,v_proj,o_proj 2 2048 2 6
+8b-attn-ckpt-2x2048 llama-3-8b q_proj,k_proj,v_proj,o_proj 2 2048 2 6 --gradient-checkpointing
+CASES
+
+python3 - "$hf_file" "$ours" "$out/vs_hf_gpu.md" <<'PY'
+import json, sys
+hf = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+ours = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+key = lambda shape, method, b, s, ckpt: (shape, method, b, s, ckpt)
+shape_of = {"smollm2-135m": "smol", "llama-3.2-1b": "1b", "llama-3-8b": "8b"}
+hf_by = {key(r["shape"], r["method"], r["batch"], r["seq"], r["ckpt"]): r for r in hf if "shape" in r}
+rows = ["| case | HF tok/s | ours tok/s | speed ratio | HF peak GiB | ours peak GiB | memory ratio | ours model TFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+summary = {}
+for o in ours:
+    r = o["result"]
+    if "error" in r:
+        rows.append(f"| {o['case']} | | error: {r['error'][-120:].strip()} | | | | | |")
+        continue
+    method = "lora-all" if r["target_modules"] == "all-linear" else "lora-attn"
+    h = hf_by.get(key(shape_of[r["shape"]], method, r["batch_size"], r["seq_len"], r["gradient_checkpointing"]))
+    ours_gib = (r.get("peak_device_mib") or float("nan")) / 1024
+    if h is None:
+        rows.append(f"| {o['case']} | n/a | {r['tokens_per_s']:.0f} | | | {ours_gib:.1f} | | {r['model_tflops']:.1f} |")
+        continue
+    sp, mem = r["tokens_per_s"] / h["tokens_per_s"], ours_gib / h["peak_gib"]
+    summary[o["case"]] = {"speed_ratio": round(sp, 3), "memory_ratio": round(mem, 3)}
+    rows.append(f"| {o['case']} | {h['tokens_per_s']} | {r['tokens_per_s']:.0f} | {sp:.2f} | {h['peak_gib']} | {ours_gib:.1f} | {mem:.2f} | {r['model_tflops']:.1f} |")
+table = "\n".join(rows)
+print(table)
+print(json.dumps(summary))
+open(sys.argv[3], "w").write(table + "\n\n" + json.dumps(summary) + "\n")
+PY

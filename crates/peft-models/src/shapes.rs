@@ -1,0 +1,104 @@
+//! Random-weight Llama models of well-known shapes, built directly on the device: throughput
+//! and memory depend on the shape alone, so benchmarks need no checkpoint download.
+
+use crate::config::LlamaConfig;
+use crate::llama::Llama;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+
+/// Shape names accepted by [`shape_config`].
+pub const SHAPES: &[&str] = &["smollm2-135m", "llama-3.2-1b", "llama-3-8b"];
+
+/// The config of a named shape (the same shapes as `shared/gpu/anchor_hf.py`).
+pub fn shape_config(name: &str) -> Result<LlamaConfig> {
+    let (h, layers, heads, kv, inter, vocab, tied) = match name {
+        "smollm2-135m" | "smol" => (576, 30, 9, 3, 1536, 49152, true),
+        "llama-3.2-1b" | "1b" => (2048, 16, 32, 8, 8192, 128256, true),
+        "llama-3-8b" | "8b" => (4096, 32, 32, 8, 14336, 128256, false),
+        _ => bail!(
+            "unknown model shape {name:?} (known: {})",
+            SHAPES.join(", ")
+        ),
+    };
+    LlamaConfig::from_json(json!({
+        "model_type": "llama", "hidden_size": h, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter,
+        "vocab_size": vocab, "tie_word_embeddings": tied, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 8192,
+    }))
+}
+
+/// A model of `config` with N(0, 0.02²) weights (HF's `initializer_range`) and unit norms.
+/// The weights are a pure function of `seed` and the tensor, drawn on the host in parallel
+/// and then moved: the same seed gives the same model on every device.
+pub fn random_llama(
+    config: LlamaConfig,
+    device: &Device,
+    dtype: DType,
+    seed: u64,
+) -> Result<Llama> {
+    let c = &config;
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let mut stream = 0u64;
+    let mut randn = |shape: &[usize]| -> Result<Tensor> {
+        stream += 1;
+        let values = normal_values(seed, stream, shape.iter().product(), 0.02);
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
+    };
+    let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
+    let mut w = HashMap::new();
+    w.insert(
+        "model.embed_tokens.weight".to_string(),
+        randn(&[c.vocab_size, h])?,
+    );
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [q, h]),
+            ("self_attn.k_proj", [kv, h]),
+            ("self_attn.v_proj", [kv, h]),
+            ("self_attn.o_proj", [h, q]),
+            ("mlp.gate_proj", [i, h]),
+            ("mlp.up_proj", [i, h]),
+            ("mlp.down_proj", [h, i]),
+        ] {
+            w.insert(format!("{p}.{name}.weight"), randn(&shape)?);
+        }
+        w.insert(format!("{p}.input_layernorm.weight"), ones(h)?);
+        w.insert(format!("{p}.post_attention_layernorm.weight"), ones(h)?);
+    }
+    w.insert("model.norm.weight".to_string(), ones(h)?);
+    if !c.tie_word_embeddings {
+        w.insert("lm_head.weight".to_string(), randn(&[c.vocab_size, h])?);
+    }
+    Llama::from_weights(config, w, device, dtype)
+}
+
+/// `n` draws of N(0, std²) from the counter-based stream (`seed`, `stream`): splitmix64 of
+/// the element index, then Box-Muller. Deterministic whatever the thread count.
+fn normal_values(seed: u64, stream: u64, n: usize, std: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    let key = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let uniform = |i: u64| -> f64 {
+        let mut z = key.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n as u64)
+        .into_par_iter()
+        .map(|i| {
+            let (u1, u2) = (uniform(2 * i + 1).max(1e-300), uniform(2 * i + 2));
+            let r = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            (r * std as f64) as f32
+        })
+        .collect()
+}

@@ -1,0 +1,143 @@
+// peft-rs CUDA kernels, compiled at run time by NVRTC (no CUDA headers needed: bf16 is
+// handled as raw bits). Math in f32 whatever the storage type; one block per row for the
+// row-wise ops. Each kernel has a CPU reference in peft-ops and a test comparing the two.
+
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, long long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16_t)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    p[i] = (bf16_t)(u >> 16);
+}
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// Sum (or max) of v over the block; every thread gets the result. `sh` holds 32 floats.
+__device__ float block_reduce(float v, float* sh, bool is_max) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // `sh` may still be read from a previous reduction
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    if (warp == 0) {
+        v = lane < warps ? sh[lane] : (is_max ? NEG_INF : 0.f);
+        for (int o = 16; o > 0; o >>= 1) {
+            float other = __shfl_xor_sync(0xffffffffu, v, o);
+            v = is_max ? fmaxf(v, other) : v + other;
+        }
+        if (lane == 0) sh[0] = v;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+// softmax(scale * x + causal mask) over rows of k keys; query row i of q sees keys
+// 0..=(k - q) + i. Masked entries are written as 0.
+template <typename T>
+__device__ void causal_softmax_fwd(const T* x, T* y, int q, int k, float scale) {
+    __shared__ float sh[32];
+    long long row = blockIdx.x;
+    const T* xr = x + row * k;
+    T* yr = y + row * k;
+    int visible = (k - q) + (int)(row % q) + 1;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) m = fmaxf(m, ld(xr, j) * scale);
+    m = block_reduce(m, sh, true);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) s += expf(ld(xr, j) * scale - m);
+    float inv = 1.f / block_reduce(s, sh, false);
+    for (int j = threadIdx.x; j < k; j += blockDim.x)
+        st(yr, j, j < visible ? expf(ld(xr, j) * scale - m) * inv : 0.f);
+}
+
+// d scores = scale * y * (g - sum(g * y)) row by row.
+template <typename T>
+__device__ void causal_softmax_bwd(const T* y, const T* g, T* dx, int k, float scale) {
+    __shared__ float sh[32];
+    long long off = (long long)blockIdx.x * k;
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) dot += ld(y, off + j) * ld(g, off + j);
+    dot = block_reduce(dot, sh, false);
+    for (int j = threadIdx.x; j < k; j += blockDim.x) {
+        float yj = ld(y, off + j);
+        st(dx, off + j, scale * yj * (ld(g, off + j) - dot));
+    }
+}
+
+// Gradient of y = x / rms(x) * w with respect to x, rows of d.
+template <typename T>
+__device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, int d, float eps) {
+    __shared__ float sh[32];
+    long long off = (long long)blockIdx.x * d;
+    float ss = 0.f, gwx = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float xj = ld(x, off + j);
+        ss += xj * xj;
+        gwx += ld(g, off + j) * ld(w, j) * xj;
+    }
+    ss = block_reduce(ss, sh, false);
+    gwx = block_reduce(gwx, sh, false);
+    float r = rsqrtf(ss / d + eps);
+    float dot = gwx * r / d;  // mean(g * w * xhat)
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float xhat = ld(x, off + j) * r;
+        st(dx, off + j, (ld(g, off + j) * ld(w, j) - xhat * dot) * r);
+    }
+}
+
+// y = silu(g) * u
+template <typename T>
+__device__ void swiglu_fwd(const T* g, const T* u, T* y, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float gi = ld(g, i);
+        st(y, i, gi / (1.f + expf(-gi)) * ld(u, i));
+    }
+}
+
+// out[0..n] = d gate, out[n..2n] = d up.
+template <typename T>
+__device__ void swiglu_bwd(const T* g, const T* u, const T* grad, T* out, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float gi = ld(g, i), gr = ld(grad, i);
+        float s = 1.f / (1.f + expf(-gi));
+        float silu = gi * s;
+        st(out, i, gr * ld(u, i) * (s + silu * (1.f - s)));
+        st(out, n + i, gr * silu);
+    }
+}
+
+#define INSTANTIATE(T, S)                                                                       \
+    extern "C" __global__ void causal_softmax_fwd_##S(const T* x, T* y, int q, int k,         \
+                                                      float scale) {                          \
+        causal_softmax_fwd<T>(x, y, q, k, scale);                                              \
+    }                                                                                          \
+    extern "C" __global__ void causal_softmax_bwd_##S(const T* y, const T* g, T* dx, int k,   \
+                                                      float scale) {                          \
+        causal_softmax_bwd<T>(y, g, dx, k, scale);                                             \
+    }                                                                                          \
+    extern "C" __global__ void rms_norm_bwd_##S(const T* x, const T* w, const T* g, T* dx,    \
+                                                int d, float eps) {                           \
+        rms_norm_bwd<T>(x, w, g, dx, d, eps);                                                  \
+    }                                                                                          \
+    extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, long long n) {    \
+        swiglu_fwd<T>(g, u, y, n);                                                             \
+    }                                                                                          \
+    extern "C" __global__ void swiglu_bwd_##S(const T* g, const T* u, const T* grad, T* out,  \
+                                              long long n) {                                  \
+        swiglu_bwd<T>(g, u, grad, out, n);                                                     \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(bf16_t, bf16)

@@ -1,0 +1,226 @@
+//! Every op on the GPU against its CPU f32 reference: forward values and the gradients of
+//! `sum(y · probe)`, in f32 (tolerance 1e-3 of the reference's scale) and bf16 (3e-2).
+//! Built only with `--features cuda`; run on a machine with an NVIDIA GPU.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use peft_ops::*;
+use std::sync::Arc;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn gpu() -> Device {
+    open_device("cuda").expect("a CUDA device")
+}
+
+/// What to do with an input on the device under test.
+#[derive(Clone, Copy, PartialEq)]
+enum Input {
+    /// Cast to the dtype under test (activations, frozen weights).
+    Cast,
+    /// Stays f32 (LoRA weights are trained in f32 whatever the base dtype).
+    F32,
+}
+
+/// Output and input gradients of `f` on `device` in `dtype`, as CPU f32 tensors.
+fn run(
+    inputs: &[(Tensor, Input)],
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    device: &Device,
+    dtype: DType,
+) -> (Tensor, Vec<Option<Tensor>>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|(t, kind)| {
+            let dt = if *kind == Input::Cast {
+                dtype
+            } else {
+                DType::F32
+            };
+            Var::from_tensor(&t.to_device(device).unwrap().to_dtype(dt).unwrap()).unwrap()
+        })
+        .collect();
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&xs).unwrap();
+    let probe = randn(y.dims(), 77)
+        .to_device(device)
+        .unwrap()
+        .to_dtype(y.dtype())
+        .unwrap();
+    let grads = (&y * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let host = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let gs = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).map(host))
+        .collect();
+    (host(&y), gs)
+}
+
+fn close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff <= tol * (1.0 + scale),
+        "{what}: max abs diff {diff} (reference scale {scale}, tolerance {tol})"
+    );
+}
+
+/// Compares `f` on the GPU (f32 and bf16) with the CPU f32 result.
+fn check(name: &str, inputs: &[(Tensor, Input)], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    let (y_ref, g_ref) = run(inputs, &f, &Device::Cpu, DType::F32);
+    let dev = gpu();
+    for (dtype, tol) in [(DType::F32, 1e-3), (DType::BF16, 3e-2)] {
+        let (y, g) = run(inputs, &f, &dev, dtype);
+        close(&format!("{name} {dtype:?} forward"), &y, &y_ref, tol);
+        for (i, (got, want)) in g.iter().zip(&g_ref).enumerate() {
+            match (got, want) {
+                (Some(got), Some(want)) => {
+                    close(&format!("{name} {dtype:?} grad {i}"), got, want, tol)
+                }
+                (None, None) => {}
+                _ => panic!("{name} {dtype:?}: gradient {i} present on one device only"),
+            }
+        }
+    }
+}
+
+#[test]
+fn frozen_linear_matches_cpu() {
+    let inputs = [
+        (randn(&[2, 6, 16], 1), Input::Cast),
+        (randn(&[24, 16], 2), Input::Cast),
+    ];
+    check("frozen_linear", &inputs, |x| {
+        frozen_linear(&x[0], &x[1].detach())
+    });
+}
+
+#[test]
+fn rms_norm_matches_cpu() {
+    let inputs = [
+        (randn(&[4, 3, 16], 3), Input::Cast),
+        ((randn(&[16], 4) + 1.5).unwrap(), Input::Cast),
+    ];
+    check("rms_norm", &inputs, |x| {
+        rms_norm(&x[0], &x[1].detach(), 1e-5)
+    });
+}
+
+#[test]
+fn softmax_matches_cpu() {
+    let inputs = [((randn(&[3, 5, 9], 5) * 3.0).unwrap(), Input::Cast)];
+    check("softmax_last_dim", &inputs, |x| softmax_last_dim(&x[0]));
+}
+
+#[test]
+fn rope_matches_cpu() {
+    let inputs = [
+        (randn(&[2, 3, 5, 8], 6), Input::Cast),
+        (randn(&[5, 4], 7), Input::Cast),
+        (randn(&[5, 4], 8), Input::Cast),
+    ];
+    check("rope", &inputs, |x| {
+        rope(&x[0], &x[1].detach(), &x[2].detach())
+    });
+}
+
+#[test]
+fn causal_softmax_matches_cpu() {
+    let inputs = [((randn(&[2, 3, 5, 7], 9) * 4.0).unwrap(), Input::Cast)];
+    check("causal_softmax", &inputs, |x| causal_softmax(&x[0], 0.5));
+}
+
+#[test]
+fn causal_attention_matches_cpu() {
+    let inputs = [
+        (randn(&[2, 4, 6, 8], 10), Input::Cast),
+        (randn(&[2, 2, 6, 8], 11), Input::Cast),
+        (randn(&[2, 2, 6, 8], 12), Input::Cast),
+    ];
+    check("causal_attention", &inputs, |x| {
+        causal_attention(&x[0], &x[1], &x[2], 1.0 / 8f64.sqrt())
+    });
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    let inputs = [
+        ((randn(&[3, 4, 10], 13) * 3.0).unwrap(), Input::Cast),
+        (randn(&[3, 4, 10], 14), Input::Cast),
+    ];
+    check("swiglu", &inputs, |x| swiglu(&x[0], &x[1]));
+}
+
+#[test]
+fn lora_linear_matches_cpu() {
+    let inputs = [
+        (randn(&[2, 5, 16], 15), Input::Cast),
+        ((randn(&[12, 16], 16) * 0.5).unwrap(), Input::Cast),
+        (randn(&[4, 16], 17), Input::F32),
+        (randn(&[12, 4], 18), Input::F32),
+    ];
+    for dropout in [None, Some(Dropout { p: 0.25, seed: 5 })] {
+        check("lora_linear", &inputs, |x| {
+            lora_linear(&x[0], &x[1].detach(), None, &x[2], &x[3], 2.0, dropout)
+        });
+    }
+}
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    let labels: Vec<i64> = vec![3, -100, 0, 31, 7, 7, -100, 12, 1, 30];
+    let inputs = [
+        (randn(&[10, 16], 19), Input::Cast),
+        (randn(&[32, 16], 20), Input::Cast),
+    ];
+    check("cross_entropy_chunked", &inputs, |x| {
+        let lab = Tensor::new(labels.as_slice(), x[0].device())?;
+        Ok(cross_entropy_chunked(&x[0], &x[1].detach(), &lab, 3)?.0)
+    });
+}
+
+#[test]
+fn checkpoint_matches_cpu() {
+    let inputs = [
+        (randn(&[2, 4, 8], 21), Input::Cast),
+        (randn(&[16, 8], 22), Input::Cast),
+    ];
+    check("checkpoint", &inputs, |x| {
+        let w = x[1].detach();
+        let sink = Arc::new(GradSink::default());
+        checkpoint(&x[0], &sink, move |h| {
+            let up = frozen_linear(h, &w)?;
+            swiglu(&up.narrow(2, 0, 8)?, &up.narrow(2, 8, 8)?)
+        })
+    });
+}
