@@ -56,6 +56,24 @@ fn missing_model() {
 }
 
 #[test]
+fn unknown_device_and_shape() {
+    fails_with(
+        &["bench", "--shape", "smollm2-135m", "--device", "tpu"],
+        "unknown device \"tpu\"",
+    );
+    fails_with(
+        &["bench", "--shape", "gpt-5"],
+        "unknown model shape \"gpt-5\"",
+    );
+    if !cfg!(feature = "cuda") {
+        fails_with(
+            &["bench", "--shape", "smollm2-135m", "--device", "cuda"],
+            "built without CUDA support",
+        );
+    }
+}
+
+#[test]
 fn truncated_safetensors() {
     let dir = tempfile::tempdir().unwrap();
     let t =
