@@ -1,10 +1,10 @@
 //! `peft bench`: training-step throughput and memory on random tokens, one JSON line.
 
-use crate::{load_base, DTypeArg};
+use crate::{load_base, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use peft::{LoraConfig, PeftModel, TargetModules};
-use peft_train::{Batch, SchedulerKind, TrainArgs, Trainer};
+use peft_train::{Batch, OptimKind, SchedulerKind, TrainArgs, Trainer};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::path::PathBuf;
@@ -66,6 +66,13 @@ pub struct BenchCmd {
     /// Recompute each decoder layer in backward instead of keeping its activations.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// QLoRA: quantize the base's linear layers to 4 bits.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantArg>,
+    #[arg(long)]
+    double_quant: bool,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optim: OptimKind,
     /// Also time the forward pass alone and forward + backward (median of 3 each).
     #[arg(long)]
     phases: bool,
@@ -101,7 +108,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         (None, None) => bail!("give --model PATH or --shape NAME"),
     };
-    let base_params = base_parameter_count(&mut base);
+    let base_params = base.parameter_count();
+    if let Some(q) = cmd.quantize {
+        base.quantize(q.kind(), cmd.double_quant, cmd.dtype.dtype())?;
+    }
     base.gradient_checkpointing = cmd.gradient_checkpointing;
     let vocab = base.config.vocab_size as u32;
     let flops_per_token = model_flops_per_token(&base.config, base_params, cmd.seq_len);
@@ -126,6 +136,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         lr: cmd.lr,
         warmup_ratio: 0.0,
         scheduler: SchedulerKind::Constant,
+        optim: cmd.optim,
         seed: 0,
         show_progress: false,
         ..Default::default()
@@ -194,6 +205,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "method": cmd.method, "r": cmd.r, "lora_dropout": cmd.lora_dropout, "target_modules": cmd.target_modules,
             "batch_size": cmd.batch_size, "seq_len": cmd.seq_len, "steps": cmd.steps,
             "gradient_checkpointing": cmd.gradient_checkpointing,
+            "quantize": cmd.quantize.map(|q| q.kind().name()), "double_quant": cmd.double_quant,
+            "optim": cmd.optim, "optimizer_state_bytes": opt.state_bytes(),
             "threads": cmd.threads.unwrap_or_else(candle_core::utils::get_num_threads),
             "dtype": format!("{:?}", cmd.dtype).to_lowercase(), "device": cmd.device,
             "shape": cmd.shape, "tokens_per_s": tokens_per_s, "step_s_median": step_median,
@@ -210,14 +223,6 @@ fn median(xs: &[f64]) -> f64 {
     let mut sorted = xs.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[sorted.len() / 2]
-}
-
-/// Parameters of the base model (adapters excluded).
-fn base_parameter_count(base: &mut peft_models::Llama) -> usize {
-    base.named_tensors()
-        .iter()
-        .map(|(_, t)| t.elem_count())
-        .sum()
 }
 
 /// Model FLOPs per trained token as `shared/gpu/anchor_hf.py` counts them: 2N for the forward

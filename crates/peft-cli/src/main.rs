@@ -67,6 +67,25 @@ impl DTypeArg {
     }
 }
 
+/// 4-bit quantization of the base model's linear layers (QLoRA).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantArg {
+    Nf4,
+    Fp4,
+}
+
+impl QuantArg {
+    pub fn kind(self) -> peft_quant::FourBit {
+        match self {
+            QuantArg::Nf4 => peft_quant::FourBit::Nf4,
+            QuantArg::Fp4 => peft_quant::FourBit::Fp4,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct MergeCmd {
     #[arg(long)]
@@ -77,6 +96,12 @@ struct MergeCmd {
     output: PathBuf,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
+    /// The adapter was trained on this 4-bit quantization of the base (QLoRA): merge into the
+    /// dequantized 4-bit weights it was trained against.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantArg>,
+    #[arg(long)]
+    double_quant: bool,
 }
 
 #[derive(clap::Args)]
@@ -141,9 +166,16 @@ fn model_name(path: &Path) -> String {
 
 fn run_merge(cmd: MergeCmd) -> Result<()> {
     let dtype = cmd.dtype.dtype();
-    let (base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
+    let (mut base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
     if cmd.model.extension().is_some_and(|e| e == "gguf") {
         eprintln!("note: the GGUF base is dequantized; the merged model is written unquantized");
+    }
+    if let Some(q) = cmd.quantize {
+        base.quantize(q.kind(), cmd.double_quant, DType::F32)?;
+        eprintln!(
+            "warning: merging into the dequantized {:?} base; the merged model is written unquantized, and quantizing it again rounds the merged weights (outputs shift slightly)",
+            q
+        );
     }
     let peft = PeftModel::load(base, &cmd.adapter)?;
     let mut merged = peft.merge_and_unload()?;

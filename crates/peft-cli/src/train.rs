@@ -1,7 +1,7 @@
-use crate::{load_base, model_name, DTypeArg};
+use crate::{load_base, model_name, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use peft::{LoraConfig, PeftModel, TargetModules};
-use peft_train::{load_records, tokenize_records, SchedulerKind, TrainArgs, Trainer};
+use peft_train::{load_records, tokenize_records, OptimKind, SchedulerKind, TrainArgs, Trainer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -76,8 +76,19 @@ pub struct TrainCmd {
     max_seq_length: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long, value_enum)]
+    /// Compute dtype (and dtype of the unquantized weights).
+    #[arg(long, value_enum, visible_alias = "compute-dtype")]
     dtype: Option<DTypeArg>,
+    /// QLoRA: quantize the base's linear layers to 4 bits on load (lm_head stays dense).
+    /// Turns gradient checkpointing on unless it is set to false.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantArg>,
+    /// Also quantize the 4-bit scales (8-bit, blocks of 256): 0.127 instead of 0.5 bit/param.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    double_quant: Option<bool>,
+    /// adamw (f32 moments), adamw_8bit or paged_adamw_8bit (8-bit moments).
+    #[arg(long, value_enum)]
+    optim: Option<OptimKind>,
     /// cpu (default), cuda or cuda:N.
     #[arg(long)]
     device: Option<String>,
@@ -191,6 +202,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         adam_beta1: c.adam_beta1.unwrap_or(d.adam_beta1),
         adam_beta2: c.adam_beta2.unwrap_or(d.adam_beta2),
         adam_eps: c.adam_epsilon.unwrap_or(d.adam_eps),
+        optim: c.optim.unwrap_or(d.optim),
         seed: c.seed.unwrap_or(d.seed),
         logging_steps: c.logging_steps.unwrap_or(d.logging_steps),
         save_every_epoch: c.save_every_epoch.unwrap_or(d.save_every_epoch),
@@ -209,7 +221,11 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let records = load_records(&data_path)?;
     let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
     let (mut base, tok) = load_base(&model_path, dtype, &device)?;
-    base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(false);
+    if let Some(q) = c.quantize {
+        base.quantize(q.kind(), c.double_quant.unwrap_or(false), dtype)?;
+    }
+    // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
+    base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(c.quantize.is_some());
     let tok = tok.context("the model has no tokenizer")?;
     let (examples, dropped) = tokenize_records(&records, &tok, max_seq_length)
         .with_context(|| format!("in {}", data_path.display()))?;

@@ -8,9 +8,10 @@ use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    causal_attention, checkpoint, frozen_linear, param, rms_norm, rope, softmax_last_dim, swiglu,
-    GradSink,
+    causal_attention, checkpoint, frozen_linear, param, quantized_linear, rms_norm, rope,
+    softmax_last_dim, swiglu, GradSink, LinearWeight, QuantizedWeight,
 };
+use peft_quant::FourBit;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -21,8 +22,9 @@ pub trait LinearAdapter: Send + Sync {
 
 #[derive(Clone)]
 pub struct Linear {
-    /// `[out_features, in_features]`. Frozen unless it is a `Var` (modules_to_save, full fine-tuning).
-    pub weight: Tensor,
+    /// `[out_features, in_features]`. Frozen unless it is a dense `Var` (modules_to_save, full
+    /// fine-tuning); 4-bit quantized for QLoRA.
+    pub weight: LinearWeight,
     pub bias: Option<Tensor>,
     pub adapter: Option<Arc<dyn LinearAdapter>>,
 }
@@ -30,27 +32,32 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: LinearWeight::Dense(weight),
             bias,
             adapter: None,
         }
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims().1
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims().0
     }
 
     /// The layer without its adapter. A frozen weight gets no gradient computed.
     pub fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = param(&self.weight);
-        let y = if w.track_op() {
-            x.broadcast_matmul(&w.t()?)?
-        } else {
-            frozen_linear(x, &w)?
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => {
+                let w = param(w);
+                if w.track_op() {
+                    x.broadcast_matmul(&w.t()?)?
+                } else {
+                    frozen_linear(x, &w)?
+                }
+            }
+            LinearWeight::Quantized(q) => quantized_linear(x, q)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&param(b)),
@@ -240,8 +247,9 @@ impl Llama {
         out
     }
 
-    /// The base model's tensors under their checkpoint names (adapters excluded).
-    pub fn named_tensors(&mut self) -> Vec<(String, Tensor)> {
+    /// The base model's tensors under their checkpoint names (adapters excluded); quantized
+    /// weights are dequantized.
+    pub fn named_tensors(&mut self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
             self.embed_tokens.clone(),
@@ -259,20 +267,52 @@ impl Llama {
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         for (path, lin) in self.linears_mut() {
-            out.push((format!("{path}.weight"), lin.weight.clone()));
+            out.push((format!("{path}.weight"), lin.weight.dense()?));
             if let Some(b) = &lin.bias {
                 out.push((format!("{path}.bias"), b.clone()));
             }
         }
-        out
+        Ok(out)
     }
 
-    /// Output projection weight `[vocab, hidden]` (the embedding when tied).
-    pub fn lm_head_weight(&self) -> &Tensor {
-        self.lm_head
-            .as_ref()
-            .map(|l| &l.weight)
-            .unwrap_or(&self.embed_tokens)
+    /// Parameters of the base model (a quantized weight counts its unquantized size).
+    pub fn parameter_count(&mut self) -> usize {
+        let c = &self.config;
+        let norms = (2 * c.num_hidden_layers + 1) * c.hidden_size;
+        let mut n = self.embed_tokens.elem_count() + norms;
+        for (_, lin) in self.linears_mut() {
+            let (o, i) = lin.weight.dims();
+            n += o * i + lin.bias.as_ref().map_or(0, |b| b.elem_count());
+        }
+        n
+    }
+
+    /// Replaces every decoder linear's weight (not `lm_head`, as bitsandbytes' loaders skip it)
+    /// with its 4-bit quantization; matmuls then run in `compute_dtype`.
+    pub fn quantize(
+        &mut self,
+        kind: FourBit,
+        double_quant: bool,
+        compute_dtype: DType,
+    ) -> Result<()> {
+        for (path, lin) in self.linears_mut() {
+            if path == "lm_head" {
+                continue;
+            }
+            if let LinearWeight::Dense(w) = &lin.weight {
+                let q = QuantizedWeight::quantize(w, kind, double_quant, compute_dtype)?;
+                lin.weight = LinearWeight::Quantized(Arc::new(q));
+            }
+        }
+        Ok(())
+    }
+
+    /// Output projection weight `[vocab, hidden]` (the embedding when tied; never quantized).
+    pub fn lm_head_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.lm_head {
+            Some(l) => l.weight.dense(),
+            None => Ok(self.embed_tokens.clone()),
+        }
     }
 
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {

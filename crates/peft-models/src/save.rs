@@ -26,7 +26,7 @@ pub fn save_hf_model(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tensors = model
-        .named_tensors()
+        .named_tensors()?
         .into_iter()
         .map(|(k, t)| Ok((k, t.detach().to_dtype(dtype)?)))
         .collect::<Result<Vec<_>>>()?;

@@ -59,7 +59,7 @@ fn gguf_name(hf: &str) -> String {
 fn write_gguf(model: &mut Llama, path: &std::path::Path, dtype: GgmlDType) {
     let c = model.config.clone();
     let mut tensors = Vec::new();
-    for (name, t) in model.named_tensors() {
+    for (name, t) in model.named_tensors().unwrap() {
         let t = if name.ends_with("q_proj.weight") {
             permute(&t, c.num_attention_heads)
         } else if name.ends_with("k_proj.weight") {
@@ -136,7 +136,7 @@ fn sharded_hf_folder_loads() {
     let dir = tempfile::tempdir().unwrap();
     let mut original = tiny_llama(9, true).unwrap();
     let expected = logits(&original);
-    let tensors = original.named_tensors();
+    let tensors = original.named_tensors().unwrap();
     let (first, second) = tensors.split_at(tensors.len() / 2);
     let mut weight_map = serde_json::Map::new();
     for (file, part) in [
@@ -170,6 +170,7 @@ fn missing_weight_is_named() {
     let mut original = tiny_llama(9, true).unwrap();
     let tensors: Vec<(String, Tensor)> = original
         .named_tensors()
+        .unwrap()
         .into_iter()
         .filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
         .collect();

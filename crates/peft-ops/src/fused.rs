@@ -2,7 +2,7 @@
 //! causal attention (which recomputes its probabilities in the backward pass).
 
 use crate::softmax::{causal_softmax, causal_softmax_backward};
-use crate::{with_grad3, Grads3};
+use crate::{with_grad3, Grads3, LinearWeight};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -34,16 +34,17 @@ pub struct Dropout {
 
 /// `x·Wᵀ (+ bias) + s·(drop(x)·Aᵀ)·Bᵀ` for a frozen `W` `[out, in]` and trainable `A` `[r, in]`,
 /// `B` `[out, r]` (f32). Keeps `drop(x)·Aᵀ` (`rows × r`) for the backward; never forms `W + sBA`.
+/// A quantized `W` is dequantized for the forward matmul and again in the backward.
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &LinearWeight,
     bias: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    let (out_f, in_f) = w.dims2()?;
+    let (out_f, in_f) = w.dims();
     let rows = x.elem_count() / in_f;
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("x has dims") = out_f;
@@ -60,7 +61,7 @@ pub fn lora_linear(
     };
     let xa = xd.matmul(&a_d.t()?)?;
     let delta = (xa.matmul(&b_d.t()?)? * scale)?.to_dtype(x.dtype())?;
-    let mut y = (x2.matmul(&w.t()?)? + delta)?;
+    let mut y = (x2.matmul(&w.dense()?.t()?)? + delta)?;
     if let Some(bias) = bias {
         y = y.broadcast_add(bias)?;
     }
@@ -97,7 +98,7 @@ pub fn lora_linear(
             if let Some(m) = &mask {
                 lora = (lora * m)?;
             }
-            Some((g.matmul(&w)? + lora.to_dtype(g.dtype())?)?.reshape(&x_shape)?)
+            Some((g.matmul(&w.dense()?)? + lora.to_dtype(g.dtype())?)?.reshape(&x_shape)?)
         } else {
             None
         };

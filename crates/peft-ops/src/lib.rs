@@ -12,6 +12,7 @@ mod fused;
 mod grad;
 mod ops;
 mod softmax;
+mod weight;
 
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
 pub use device::{open_device, peak_memory, reset_peak_memory};
@@ -21,6 +22,7 @@ pub use ops::{
     cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
 };
 pub use softmax::{causal_softmax, causal_softmax_backward};
+pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 
 /// Whether our own kernel serves `t`: f32 on the CPU, f32 or bf16 on CUDA.
 pub(crate) fn has_kernel(t: &candle_core::Tensor) -> bool {

@@ -191,7 +191,15 @@ fn lora_linear_matches_cpu() {
     ];
     for dropout in [None, Some(Dropout { p: 0.25, seed: 5 })] {
         check("lora_linear", &inputs, |x| {
-            lora_linear(&x[0], &x[1].detach(), None, &x[2], &x[3], 2.0, dropout)
+            lora_linear(
+                &x[0],
+                &LinearWeight::Dense(x[1].detach()),
+                None,
+                &x[2],
+                &x[3],
+                2.0,
+                dropout,
+            )
         });
     }
 }

@@ -282,7 +282,17 @@ fn lora_linear_matches_composed_with_and_without_dropout() {
     for dropout in [None, Some(Dropout { p: 0.3, seed: 5 })] {
         check_against_composed(
             &inputs,
-            |t| lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 1.5, dropout),
+            |t| {
+                lora_linear(
+                    &t[0],
+                    &LinearWeight::Dense(w.clone()),
+                    Some(&bias),
+                    &t[1],
+                    &t[2],
+                    1.5,
+                    dropout,
+                )
+            },
             |t| {
                 let base = t[0].broadcast_matmul(&w.t()?)?.broadcast_add(&bias)?;
                 let xd = match dropout {

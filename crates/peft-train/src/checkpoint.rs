@@ -5,7 +5,6 @@
 
 use crate::optim::AdamW;
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
 use peft::PeftModel;
 use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
 use serde::{Deserialize, Serialize};
@@ -41,22 +40,8 @@ pub fn save(
             .with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
     model.save(&tmp, base_name)?;
-    let (steps, m, v) = opt.state();
     let keys: Vec<String> = model.trainable().into_iter().map(|(k, _)| k).collect();
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (i, key) in keys.iter().enumerate() {
-        tensors.push((format!("exp_avg.{key}"), m[i].clone()));
-        tensors.push((format!("exp_avg_sq.{key}"), v[i].clone()));
-    }
-    tensors.push((
-        "step".into(),
-        Tensor::new(
-            &[steps as u32],
-            m.first()
-                .map(|t| t.device())
-                .unwrap_or(&candle_core::Device::Cpu),
-        )?,
-    ));
+    let tensors = opt.state_tensors(&keys)?;
     save_safetensors(&tmp.join(OPTIMIZER_FILE), &tensors, None)?;
     write_atomic(
         &tmp.join(STATE_FILE),
@@ -122,15 +107,12 @@ pub fn load(dir: &Path, model: &PeftModel, opt: &mut AdamW) -> Result<TrainerSta
         .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", state_path.display()))?;
     let device = model.base.device.clone();
     let weights = load_safetensors(&dir.join(peft::model::WEIGHTS_FILE), &device)?;
-    let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &device)?;
-    let (mut m, mut v) = (Vec::new(), Vec::new());
+    let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)?;
+    let mut keys = Vec::new();
     for (key, var) in model.trainable() {
-        let get = |map: &std::collections::HashMap<String, Tensor>, k: &str| {
-            map.get(k)
-                .cloned()
-                .with_context(|| format!("checkpoint {} lacks {k}", dir.display()))
-        };
-        let w = get(&weights, &key)?;
+        let w = weights
+            .get(&key)
+            .with_context(|| format!("checkpoint {} lacks {key}", dir.display()))?;
         if w.dims() != var.dims() {
             bail!(
                 "checkpoint {}: {key} has shape {:?}, the model needs {:?}",
@@ -139,14 +121,10 @@ pub fn load(dir: &Path, model: &PeftModel, opt: &mut AdamW) -> Result<TrainerSta
                 var.dims()
             );
         }
-        var.set(&w)?;
-        m.push(get(&moments, &format!("exp_avg.{key}"))?);
-        v.push(get(&moments, &format!("exp_avg_sq.{key}"))?);
+        var.set(w)?;
+        keys.push(key);
     }
-    let steps = moments
-        .get("step")
-        .with_context(|| format!("checkpoint {} lacks the optimizer step", dir.display()))?
-        .to_vec1::<u32>()?[0] as usize;
-    opt.set_state(steps, m, v)?;
+    opt.load_state_tensors(&keys, &moments)
+        .with_context(|| format!("checkpoint {}", dir.display()))?;
     Ok(state)
 }

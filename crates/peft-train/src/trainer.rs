@@ -4,7 +4,7 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{Batch, Example};
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::{clip_grad_norm, AdamW, OptimKind};
 use crate::schedule::{LrSchedule, SchedulerKind};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -40,6 +40,8 @@ pub struct TrainArgs {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_eps: f64,
+    /// f32 or 8-bit moments.
+    pub optim: OptimKind,
     pub seed: u64,
     pub logging_steps: usize,
     pub save_every_epoch: bool,
@@ -72,6 +74,7 @@ impl Default for TrainArgs {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
+            optim: OptimKind::Adamw,
             seed: 42,
             logging_steps: 1,
             save_every_epoch: false,
@@ -145,7 +148,7 @@ impl Trainer<'_> {
         let (b, t, d) = hidden.dims3()?;
         let hidden = hidden.reshape((b * t, d))?;
         let labels = batch.labels.flatten_all()?;
-        let weight = base.lm_head_weight();
+        let weight = &base.lm_head_weight()?;
         let (mean, n_valid) = if weight.track_op() {
             // A trainable output head needs its own gradient: plain (unchunked) cross-entropy.
             let logits = hidden.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
@@ -221,12 +224,13 @@ impl Trainer<'_> {
     pub fn optimizer(&self) -> Result<AdamW> {
         let a = &self.args;
         let params: Vec<_> = self.model.trainable().into_iter().map(|(_, v)| v).collect();
-        Ok(AdamW::new(
+        Ok(AdamW::with_kind(
             params,
             a.adam_beta1,
             a.adam_beta2,
             a.adam_eps,
             a.weight_decay,
+            a.optim,
         )?)
     }
 

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
 use peft_models::Llama;
+use peft_ops::LinearWeight;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use std::collections::{BTreeMap, HashMap};
@@ -142,8 +143,8 @@ impl PeftModel {
                 if is_wrapped {
                     bail!("{path} is both a LoRA target and in modules_to_save");
                 }
-                let var = Var::from_tensor(&lin.weight.to_dtype(DType::F32)?)?;
-                lin.weight = var.as_tensor().clone();
+                let var = Var::from_tensor(&lin.weight.dense()?.to_dtype(DType::F32)?)?;
+                lin.weight = LinearWeight::Dense(var.as_tensor().clone());
                 extra.insert(file_key(&path, "weight"), var);
             }
         }
@@ -187,12 +188,7 @@ impl PeftModel {
             .filter(|(k, _)| k.ends_with(".weight"))
             .map(|(_, v)| v.elem_count())
             .sum();
-        let base: usize = self
-            .base
-            .named_tensors()
-            .iter()
-            .map(|(_, t)| t.elem_count())
-            .sum();
+        let base = self.base.parameter_count();
         (trainable, base + adapters + modules_to_save)
     }
 
@@ -303,17 +299,18 @@ impl PeftModel {
         let dtype = self.base.dtype;
         for (path, lin) in self.base.linears_mut() {
             lin.adapter = None;
-            lin.weight = lin.weight.detach();
+            // A quantized base is dequantized here: the merged model is dense.
+            let weight = lin.weight.dense()?.detach();
             lin.bias = lin
                 .bias
                 .as_ref()
                 .map(|b| b.detach().to_dtype(dtype))
                 .transpose()?;
-            if let Some(l) = adapters.get(&path) {
-                let merged = (lin.weight.to_dtype(DType::F32)? + l.delta_weight()?.detach())?;
-                lin.weight = merged.to_dtype(dtype)?;
-            }
-            lin.weight = lin.weight.to_dtype(dtype)?;
+            let weight = match adapters.get(&path) {
+                Some(l) => (weight.to_dtype(DType::F32)? + l.delta_weight()?.detach())?,
+                None => weight,
+            };
+            lin.weight = LinearWeight::Dense(weight.to_dtype(dtype)?);
         }
         Ok(self.base)
     }

@@ -1,6 +1,6 @@
 use candle_core::{DType, Result, Tensor, Var};
 use peft_models::{Linear, LinearAdapter};
-use peft_ops::{dropout_mask, lora_linear, param, Dropout};
+use peft_ops::{dropout_mask, lora_linear, param, Dropout, LinearWeight};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -45,9 +45,14 @@ impl LoraLayer {
 impl LinearAdapter for LoraLayer {
     fn forward(&self, base: &Linear, x: &Tensor, train: bool) -> Result<Tensor> {
         let (a, b) = (param(self.a.as_tensor()), param(self.b.as_tensor()));
-        let (w, bias) = (param(&base.weight), base.bias.as_ref().map(param));
+        let w = match &base.weight {
+            LinearWeight::Dense(t) => LinearWeight::Dense(param(t)),
+            q => q.clone(),
+        };
+        let bias = base.bias.as_ref().map(param);
         let dropout = self.dropout(train);
-        if !w.track_op() && !bias.as_ref().is_some_and(Tensor::track_op) {
+        let w_trains = matches!(&w, LinearWeight::Dense(t) if t.track_op());
+        if !w_trains && !bias.as_ref().is_some_and(Tensor::track_op) {
             return lora_linear(x, &w, bias.as_ref(), &a, &b, self.scaling, dropout);
         }
         // A trainable base weight or bias (bias="all", full fine-tuning): composed ops.

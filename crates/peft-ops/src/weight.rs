@@ -1,0 +1,98 @@
+//! The weight of a linear layer: dense (possibly trainable), or 4-bit quantized and frozen
+//! (QLoRA). A quantized weight is dequantized on the fly for each matmul, in the forward and
+//! again in the backward pass, so only its 4-bit form stays in memory.
+
+use crate::with_grad;
+use candle_core::{DType, Device, Result, Tensor};
+use peft_quant::{quantize_4bit, FourBit, Quant4, BLOCKSIZE_4BIT};
+use std::sync::Arc;
+
+/// A frozen `[out, in]` weight in bitsandbytes' 4-bit format.
+#[derive(Debug)]
+pub struct QuantizedWeight {
+    pub q: Quant4,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// Dtype the weight is dequantized to for compute.
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl QuantizedWeight {
+    /// Quantizes a dense `[out, in]` weight (any dtype and device).
+    pub fn quantize(w: &Tensor, kind: FourBit, double_quant: bool, dtype: DType) -> Result<Self> {
+        let (out_features, in_features) = w.dims2()?;
+        let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(Self {
+            q: quantize_4bit(&values, kind, BLOCKSIZE_4BIT, double_quant),
+            out_features,
+            in_features,
+            dtype,
+            device: w.device().clone(),
+        })
+    }
+
+    /// The dense weight, `[out, in]` in the compute dtype.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Tensor::from_vec(
+            self.q.dequantize(),
+            (self.out_features, self.in_features),
+            &Device::Cpu,
+        )?
+        .to_dtype(self.dtype)?
+        .to_device(&self.device)
+    }
+}
+
+/// The weight of a linear layer.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A tensor; trainable when it is a `Var` (full fine-tuning, `modules_to_save`).
+    Dense(Tensor),
+    Quantized(Arc<QuantizedWeight>),
+}
+
+impl LinearWeight {
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            LinearWeight::Dense(t) => {
+                let d = t.dims();
+                (d[0], d[1])
+            }
+            LinearWeight::Quantized(q) => (q.out_features, q.in_features),
+        }
+    }
+
+    /// The dense values (a dequantized copy for a quantized weight).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(t) => Ok(t.clone()),
+            LinearWeight::Quantized(q) => q.dequantize(),
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, LinearWeight::Quantized(_))
+    }
+}
+
+/// `x · wᵀ` for a frozen quantized `w`: dequantized for the matmul and again in the
+/// backward, which returns dL/dx only.
+pub fn quantized_linear(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> {
+    let (out_f, in_f) = (w.out_features, w.in_features);
+    let rows = x.elem_count() / in_f;
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().expect("x has dims") = out_f;
+    let y = x
+        .detach()
+        .reshape((rows, in_f))?
+        .matmul(&w.dequantize()?.t()?)?
+        .reshape(out_shape)?;
+    let w = w.clone();
+    with_grad(x, y, move |x, _, grad| {
+        grad.reshape((rows, out_f))?
+            .matmul(&w.dequantize()?)?
+            .reshape(x.shape())
+    })
+}
