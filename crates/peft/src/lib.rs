@@ -4,8 +4,10 @@
 pub mod keys;
 pub mod lora;
 pub mod model;
+pub mod prompt;
 pub mod targets;
 
 pub use lora::config::LoraConfig;
 pub use model::PeftModel;
+pub use prompt::{PromptConfig, PromptInit, PromptModel};
 pub use targets::TargetModules;

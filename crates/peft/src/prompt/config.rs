@@ -1,0 +1,86 @@
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// PEFT's `PromptTuningConfig` / `PrefixTuningConfig` (`peft_type` tells which), as written to
+/// and read from `adapter_config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptConfig {
+    /// `PROMPT_TUNING` or `PREFIX_TUNING` (P-tuning v2 is prefix tuning in PEFT).
+    pub peft_type: String,
+    #[serde(default = "default_task_type")]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub inference_mode: bool,
+    pub num_virtual_tokens: usize,
+    /// Width of one virtual token: the hidden size for prompt tuning, `kv_heads × head_dim`
+    /// for prefix tuning (PEFT sizes prefixes for grouped-query attention).
+    #[serde(default)]
+    pub token_dim: Option<usize>,
+    #[serde(default)]
+    pub num_layers: Option<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<usize>,
+    #[serde(default = "one")]
+    pub num_transformer_submodules: Option<usize>,
+    /// Prompt tuning: `RANDOM`, `SAMPLE_VOCAB` or `TEXT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tuning_init: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tuning_init_text: Option<String>,
+    /// Prefix tuning: train through an MLP (folded into plain embeddings on save).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_projection: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_hidden_size: Option<usize>,
+    /// Fields we do not interpret, kept for the round trip.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+fn default_task_type() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+
+fn one() -> Option<usize> {
+    Some(1)
+}
+
+pub const PROMPT_TUNING: &str = "PROMPT_TUNING";
+pub const PREFIX_TUNING: &str = "PREFIX_TUNING";
+
+impl PromptConfig {
+    pub fn is_prefix(&self) -> bool {
+        self.peft_type == PREFIX_TUNING
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid prompt config: {e}", path.display()))?;
+        if config.peft_type != PROMPT_TUNING && config.peft_type != PREFIX_TUNING {
+            bail!(
+                "{}: peft_type {:?} is not prompt or prefix tuning",
+                path.display(),
+                config.peft_type
+            );
+        }
+        if config.num_virtual_tokens == 0 {
+            bail!("{}: num_virtual_tokens must be at least 1", path.display());
+        }
+        Ok(config)
+    }
+
+    /// JSON with sorted keys, as PEFT writes it.
+    pub fn to_json_string(&self) -> Result<String> {
+        let value: std::collections::BTreeMap<String, Value> =
+            serde_json::from_value(serde_json::to_value(self)?)?;
+        Ok(serde_json::to_string_pretty(&value)?)
+    }
+}

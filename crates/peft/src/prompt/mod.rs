@@ -1,0 +1,270 @@
+//! Prompt tuning and prefix tuning (P-tuning v2): trainable virtual tokens on a frozen base,
+//! either prepended to the input embeddings (prompt tuning) or placed ahead of every layer's
+//! keys and values (prefix tuning). Files follow PEFT: one `prompt_embeddings` tensor.
+
+pub mod config;
+
+pub use config::{PromptConfig, PREFIX_TUNING, PROMPT_TUNING};
+
+use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
+use peft_models::{KvCache, Llama};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The adapter file's only tensor.
+pub const EMBEDDINGS_KEY: &str = "prompt_embeddings";
+
+/// How prompt tuning initialises its virtual tokens (PEFT's `prompt_tuning_init`).
+#[derive(Debug, Clone)]
+pub enum PromptInit {
+    /// N(0, 1), as `nn.Embedding` initialises.
+    Random,
+    /// Rows of the model's token embeddings drawn at random.
+    SampleVocab,
+    /// The embeddings of these tokens, repeated or cut to the number of virtual tokens.
+    Text(Vec<u32>),
+}
+
+pub struct PromptModel {
+    pub base: Llama,
+    pub config: PromptConfig,
+    /// `[virtual tokens, hidden]` (prompt) or `[virtual tokens, 2 · layers · kv_heads · head_dim]`
+    /// (prefix: per layer a key and a value, each `kv_heads × head_dim`).
+    pub embeddings: Var,
+}
+
+fn normal(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dist = Normal::new(0.0f32, 1.0).expect("valid normal");
+    (0..n).map(|_| dist.sample(&mut rng)).collect()
+}
+
+impl PromptModel {
+    fn base_config(base: &Llama, peft_type: &str, n: usize, token_dim: usize) -> PromptConfig {
+        let c = &base.config;
+        PromptConfig {
+            peft_type: peft_type.into(),
+            task_type: Some("CAUSAL_LM".into()),
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: false,
+            num_virtual_tokens: n,
+            token_dim: Some(token_dim),
+            num_layers: Some(c.num_hidden_layers),
+            num_attention_heads: Some(if peft_type == PREFIX_TUNING {
+                c.num_key_value_heads
+            } else {
+                c.num_attention_heads
+            }),
+            num_transformer_submodules: Some(1),
+            prompt_tuning_init: None,
+            prompt_tuning_init_text: None,
+            prefix_projection: None,
+            encoder_hidden_size: None,
+            other: Default::default(),
+        }
+    }
+
+    /// Fresh prompt tuning with `n` virtual tokens.
+    pub fn new_prompt_tuning(base: Llama, n: usize, init: PromptInit, seed: u64) -> Result<Self> {
+        if n == 0 {
+            bail!("prompt tuning needs at least 1 virtual token");
+        }
+        let d = base.config.hidden_size;
+        let mut config = Self::base_config(&base, PROMPT_TUNING, n, d);
+        let values = match &init {
+            PromptInit::Random => Tensor::from_vec(normal(n * d, seed), (n, d), &base.device)?,
+            PromptInit::SampleVocab => {
+                let vocab = base.config.vocab_size as u32;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let ids: Vec<u32> = (0..n)
+                    .map(|_| rand::Rng::random_range(&mut rng, 0..vocab))
+                    .collect();
+                base.embed_tokens
+                    .index_select(&Tensor::new(ids.as_slice(), &base.device)?, 0)?
+            }
+            PromptInit::Text(ids) => {
+                if ids.is_empty() {
+                    bail!("the prompt tuning init text has no tokens");
+                }
+                let ids: Vec<u32> = ids.iter().copied().cycle().take(n).collect();
+                base.embed_tokens
+                    .index_select(&Tensor::new(ids.as_slice(), &base.device)?, 0)?
+            }
+        };
+        config.prompt_tuning_init = Some(
+            match init {
+                PromptInit::Random => "RANDOM",
+                PromptInit::SampleVocab => "SAMPLE_VOCAB",
+                PromptInit::Text(_) => "TEXT",
+            }
+            .into(),
+        );
+        let embeddings = Var::from_tensor(&values.to_dtype(DType::F32)?)?;
+        Ok(Self {
+            base,
+            config,
+            embeddings,
+        })
+    }
+
+    /// Fresh prefix tuning (P-tuning v2) with `n` virtual tokens per layer, N(0, 1) init.
+    pub fn new_prefix_tuning(base: Llama, n: usize, seed: u64) -> Result<Self> {
+        if n == 0 {
+            bail!("prefix tuning needs at least 1 virtual token");
+        }
+        let c = &base.config;
+        let token_dim = c.num_key_value_heads * c.head_dim;
+        let width = 2 * c.num_hidden_layers * token_dim;
+        let mut config = Self::base_config(&base, PREFIX_TUNING, n, token_dim);
+        config.prefix_projection = Some(false);
+        config.encoder_hidden_size = Some(token_dim);
+        let values = Tensor::from_vec(normal(n * width, seed), (n, width), &base.device)?;
+        Ok(Self {
+            embeddings: Var::from_tensor(&values)?,
+            base,
+            config,
+        })
+    }
+
+    /// The `[virtual tokens, width]` shape this model needs.
+    fn expected_shape(base: &Llama, config: &PromptConfig) -> (usize, usize) {
+        let c = &base.config;
+        let n = config.num_virtual_tokens;
+        if config.is_prefix() {
+            (
+                n,
+                2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim,
+            )
+        } else {
+            (n, c.hidden_size)
+        }
+    }
+
+    /// Loads a PEFT prompt- or prefix-tuning folder onto `base`.
+    pub fn load(base: Llama, dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("adapter folder not found: {}", dir.display());
+        }
+        let config = PromptConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let path = dir.join(WEIGHTS_FILE);
+        let mut tensors: HashMap<String, Tensor> = load_safetensors(&path, &base.device)?;
+        let t = tensors
+            .remove(EMBEDDINGS_KEY)
+            .with_context(|| format!("{} has no {EMBEDDINGS_KEY}", path.display()))?;
+        if let Some(extra) = tensors.keys().next() {
+            bail!("{}: unexpected tensor {extra}", path.display());
+        }
+        let want = Self::expected_shape(&base, &config);
+        if t.dims() != [want.0, want.1] {
+            bail!(
+                "{}: {EMBEDDINGS_KEY} has shape {:?}, this model needs [{}, {}]",
+                path.display(),
+                t.dims(),
+                want.0,
+                want.1
+            );
+        }
+        Ok(Self {
+            base,
+            config,
+            embeddings: Var::from_tensor(&t.to_dtype(DType::F32)?)?,
+        })
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT does.
+    pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let tensors = [(
+            EMBEDDINGS_KEY.to_string(),
+            self.embeddings.as_tensor().detach(),
+        )];
+        save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(meta))?;
+        let mut config = self.config.clone();
+        config.inference_mode = true;
+        if config.base_model_name_or_path.is_none() {
+            config.base_model_name_or_path = Some(base_model_name.to_string());
+        }
+        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string()?.as_bytes())
+    }
+
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.config.num_virtual_tokens
+    }
+
+    /// Rows of output that belong to virtual tokens (prompt tuning returns them, as PEFT does).
+    pub fn output_offset(&self) -> usize {
+        if self.config.is_prefix() {
+            0
+        } else {
+            self.num_virtual_tokens()
+        }
+    }
+
+    /// Per layer, the virtual keys and values `[batch, kv_heads, virtual tokens, head_dim]`
+    /// (no RoPE: PEFT stores them as they go into the cache).
+    pub fn prefix_cache(&self, batch: usize) -> Result<KvCache> {
+        let c = &self.base.config;
+        let (n, layers, kvh, hd) = (
+            self.num_virtual_tokens(),
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        let e = peft_ops::param(self.embeddings.as_tensor())
+            .to_dtype(self.base.dtype)?
+            .reshape((n, 2 * layers, kvh, hd))?;
+        let mut cache = KvCache::new(layers);
+        for l in 0..layers {
+            let part = |i: usize| -> Result<Tensor> {
+                Ok(e.narrow(1, 2 * l + i, 1)?
+                    .squeeze(1)?
+                    .transpose(0, 1)?
+                    .unsqueeze(0)?
+                    .broadcast_as((batch, kvh, n, hd))?
+                    .contiguous()?)
+            };
+            cache.set(l, part(0)?, part(1)?);
+        }
+        Ok(cache)
+    }
+
+    /// `attention_mask` with ones for the virtual tokens in front.
+    fn extended_mask(&self, mask: Option<&Tensor>, batch: usize) -> Result<Option<Tensor>> {
+        let Some(m) = mask else { return Ok(None) };
+        let ones = Tensor::ones((batch, self.num_virtual_tokens()), m.dtype(), m.device())?;
+        Ok(Some(Tensor::cat(&[&ones, m], 1)?))
+    }
+
+    /// Final hidden states `[batch, (virtual +) seq, hidden]`: prompt tuning's start with its
+    /// virtual tokens' rows; prefix tuning's cover the real tokens only (their positions
+    /// continue after the prefix, as transformers offsets them by the cache length).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, _) = input_ids.dims2()?;
+        let mask = self.extended_mask(attention_mask, b)?;
+        if self.config.is_prefix() {
+            let mut cache = self.prefix_cache(b)?;
+            return self
+                .base
+                .forward(input_ids, mask.as_ref(), Some(&mut cache), train);
+        }
+        let prompt = peft_ops::param(self.embeddings.as_tensor())
+            .to_dtype(self.base.dtype)?
+            .unsqueeze(0)?;
+        let prompt = prompt.broadcast_as((b, prompt.dim(1)?, prompt.dim(2)?))?;
+        let embeds = Tensor::cat(&[&prompt, &self.base.embed(input_ids)?], 1)?;
+        self.base
+            .forward_embeds(&embeds, mask.as_ref(), None, train)
+    }
+}
