@@ -181,7 +181,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 let loss = trainer.batch_loss(&batch, batch.n_trained)?;
                 if backward {
                     let mut grads = loss.backward()?;
-                    trainer.model.base.grad_sink.drain_into(&mut grads)?;
+                    trainer.model.base().grad_sink.drain_into(&mut grads)?;
                 }
                 device.synchronize()?;
                 secs.push(t.elapsed().as_secs_f64());

@@ -1,7 +1,7 @@
 use crate::{load_base, DTypeArg};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use peft::PeftModel;
+use peft::{PeftModel, PromptModel};
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
 use peft_models::{KvCache, Llama};
 use rand::{Rng, SeedableRng};
@@ -104,10 +104,59 @@ impl Sampling {
     }
 }
 
+/// What a prompt-learning adapter puts ahead of the prompt.
+pub enum Virtual {
+    None,
+    /// Prefix tuning: per-layer keys and values already in the cache.
+    Cache(KvCache),
+    /// Prompt tuning: `[1, virtual tokens, hidden]` embeddings before the prompt's.
+    Embeds(Tensor),
+}
+
+impl Virtual {
+    /// The virtual tokens of a prompt- or prefix-tuned model, and its base.
+    pub fn of(model: PromptModel) -> Result<(Llama, Self)> {
+        let v = if model.config.is_prefix() {
+            Virtual::Cache(model.prefix_cache(1)?)
+        } else {
+            Virtual::Embeds(
+                model
+                    .embeddings
+                    .as_tensor()
+                    .detach()
+                    .to_dtype(model.base.dtype)?
+                    .unsqueeze(0)?,
+            )
+        };
+        Ok((model.base, v))
+    }
+}
+
 /// Generates up to `max_new_tokens` after `prompt_ids`, calling `on_token` with each new
 /// piece of text. The prompt is run once; each new token then costs one cached step.
 pub fn generate(
     model: &Llama,
+    tok: &Tokenizer,
+    prompt_ids: &[u32],
+    max_new_tokens: usize,
+    sampling: &mut Sampling,
+    on_token: impl FnMut(&str),
+) -> Result<Vec<u32>> {
+    generate_with(
+        model,
+        Virtual::None,
+        tok,
+        prompt_ids,
+        max_new_tokens,
+        sampling,
+        on_token,
+    )
+}
+
+/// [`generate`] behind a prompt-learning adapter's virtual tokens.
+pub fn generate_with(
+    model: &Llama,
+    virtual_tokens: Virtual,
     tok: &Tokenizer,
     prompt_ids: &[u32],
     max_new_tokens: usize,
@@ -118,12 +167,22 @@ pub fn generate(
         bail!("the prompt is empty");
     }
     let stops = tok.stop_token_ids();
-    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let (mut cache, mut embeds) = match virtual_tokens {
+        Virtual::None => (KvCache::new(model.config.num_hidden_layers), None),
+        Virtual::Cache(c) => (c, None),
+        Virtual::Embeds(e) => (KvCache::new(model.config.num_hidden_layers), Some(e)),
+    };
     let mut input = Tensor::new(prompt_ids, &model.device)?.unsqueeze(0)?;
     let mut out: Vec<u32> = Vec::new();
     let mut printed = 0;
     for _ in 0..max_new_tokens {
-        let hidden = model.forward(&input, None, Some(&mut cache), false)?;
+        let hidden = match embeds.take() {
+            Some(e) => {
+                let x = Tensor::cat(&[&e, &model.embed(&input)?], 1)?;
+                model.forward_embeds(&x, None, Some(&mut cache), false)?
+            }
+            None => model.forward(&input, None, Some(&mut cache), false)?,
+        };
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
         let next = sampling.pick(&model.logits(&last)?)?;
         if stops.contains(&next) {
@@ -174,9 +233,12 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
     )?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
-    let model = match &cmd.adapter {
-        Some(dir) => PeftModel::load(base, dir)?.base,
-        None => base,
+    let (model, virtual_tokens) = match &cmd.adapter {
+        Some(dir) if peft::prompt::is_prompt_adapter(dir)? => {
+            Virtual::of(PromptModel::load(base, dir)?)?
+        }
+        Some(dir) => (PeftModel::load(base, dir)?.base, Virtual::None),
+        None => (base, Virtual::None),
     };
     let ids = prompt_ids(&tok, &cmd.prompt, cmd.chat, cmd.system.as_deref())?;
     let mut sampling = Sampling {
@@ -186,8 +248,9 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
         rng: rand::rngs::StdRng::seed_from_u64(cmd.seed),
     };
     let mut stdout = std::io::stdout();
-    generate(
+    generate_with(
         &model,
+        virtual_tokens,
         &tok,
         &ids,
         cmd.max_new_tokens,

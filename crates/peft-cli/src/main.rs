@@ -7,7 +7,7 @@ mod train;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
-use peft::{LoraConfig, PeftModel, TargetModules};
+use peft::{LoraConfig, PeftModel, PromptModel, TargetModules, Tuned};
 use peft_models::{load_model, Llama, LoadedModel};
 use std::path::{Path, PathBuf};
 
@@ -186,30 +186,39 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
 
 fn run_logits(cmd: LogitsCmd) -> Result<()> {
     let (base, _) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
-    let model = match &cmd.adapter {
-        None => base,
-        Some(dir) => {
-            let peft = PeftModel::load(base, dir)?;
-            if cmd.merged {
-                peft.merge_and_unload()?
-            } else {
-                peft.base
-            }
-        }
-    };
-    let vocab = model.config.vocab_size as u32;
+    let vocab = base.config.vocab_size as u32;
     if let Some(bad) = cmd.input_ids.iter().find(|&&t| t >= vocab) {
         anyhow::bail!("input id {bad} is outside the vocabulary (size {vocab})");
     }
-    let ids = Tensor::new(cmd.input_ids.as_slice(), &model.device)?.unsqueeze(0)?;
-    let hidden = model.forward(&ids, None, None, false)?;
-    let logits = model.logits(&hidden)?.to_dtype(DType::F32)?;
+    let ids = Tensor::new(cmd.input_ids.as_slice(), &base.device)?.unsqueeze(0)?;
+    let logits = match &cmd.adapter {
+        // Prompt tuning's rows for its virtual tokens come first, as PEFT returns them.
+        Some(dir) if peft::prompt::is_prompt_adapter(dir)? => {
+            if cmd.merged {
+                anyhow::bail!("prompt and prefix tuning adapters cannot be merged");
+            }
+            let model = PromptModel::load(base, dir)?;
+            model.base.logits(&model.forward(&ids, None, false)?)?
+        }
+        adapter => {
+            let model = match adapter {
+                None => base,
+                Some(dir) => {
+                    let peft = PeftModel::load(base, dir)?;
+                    if cmd.merged {
+                        peft.merge_and_unload()?
+                    } else {
+                        peft.base
+                    }
+                }
+            };
+            model.logits(&model.forward(&ids, None, None, false)?)?
+        }
+    };
+    let logits = logits.to_dtype(DType::F32)?;
+    let shape = logits.dims().to_vec();
     peft_models::io::save_safetensors(&cmd.out, &[("logits".to_string(), logits)], None)?;
-    println!(
-        "logits {:?} written to {}",
-        model.config.vocab_size,
-        cmd.out.display()
-    );
+    println!("logits {shape:?} written to {}", cmd.out.display());
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 use crate::{load_base, model_name, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
-use peft::{LoraConfig, PeftModel, TargetModules};
+use peft::{LoraConfig, PeftModel, PromptInit, PromptModel, TargetModules, Tuned};
 use peft_train::{load_records, tokenize_records, OptimKind, SchedulerKind, TrainArgs, Trainer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -24,8 +24,18 @@ pub struct TrainCmd {
     /// Folder for the adapter, metrics.jsonl and per-epoch adapters.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// lora, prompt (prompt tuning), prefix or ptuning-v2 (prefix tuning: virtual keys and
+    /// values at every layer).
     #[arg(long)]
     method: Option<String>,
+    /// Virtual tokens of prompt and prefix tuning.
+    #[arg(long)]
+    num_virtual_tokens: Option<usize>,
+    /// Prompt tuning init: random, sample_vocab or text.
+    #[arg(long)]
+    prompt_tuning_init: Option<String>,
+    #[arg(long)]
+    prompt_tuning_init_text: Option<String>,
     #[arg(long)]
     r: Option<usize>,
     #[arg(long)]
@@ -155,14 +165,20 @@ fn list(s: &str) -> Vec<String> {
         .collect()
 }
 
+/// `--method` values.
+const METHODS: &[&str] = &["lora", "prompt", "prefix", "ptuning-v2"];
+
 pub fn run(cmd: TrainCmd) -> Result<()> {
     let c = merged(cmd)?;
     let model_path = require(c.model.clone(), "model")?;
     let data_path = require(c.data.clone(), "data")?;
     let output = require(c.output.clone(), "output")?;
     let method = c.method.clone().unwrap_or_else(|| "lora".into());
-    if method != "lora" {
-        bail!("unknown method {method:?} (available: lora)");
+    if !METHODS.contains(&method.as_str()) {
+        bail!(
+            "unknown method {method:?} (available: {})",
+            METHODS.join(", ")
+        );
     }
     let init = match c.init_lora_weights.as_deref().unwrap_or("true") {
         "true" => Value::Bool(true),
@@ -234,11 +250,38 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             "note: {dropped} records have no trained token after truncation and were skipped"
         );
     }
-    let mut model = PeftModel::new(base, lora, args.seed)?;
+    let virtual_tokens = c.num_virtual_tokens.unwrap_or(20);
+    let mut model: Box<dyn Tuned> = match method.as_str() {
+        "prompt" => {
+            let init = match c.prompt_tuning_init.as_deref().unwrap_or("random") {
+                "random" => PromptInit::Random,
+                "sample_vocab" => PromptInit::SampleVocab,
+                "text" => {
+                    let text = c
+                        .prompt_tuning_init_text
+                        .as_deref()
+                        .context("--prompt-tuning-init text needs --prompt-tuning-init-text")?;
+                    PromptInit::Text(tok.encode(text, false)?)
+                }
+                other => bail!(
+                    "--prompt-tuning-init must be random, sample_vocab or text, got {other:?}"
+                ),
+            };
+            let mut m = PromptModel::new_prompt_tuning(base, virtual_tokens, init, args.seed)?;
+            m.config.prompt_tuning_init_text = c.prompt_tuning_init_text.clone();
+            Box::new(m)
+        }
+        "prefix" | "ptuning-v2" => Box::new(PromptModel::new_prefix_tuning(
+            base,
+            virtual_tokens,
+            args.seed,
+        )?),
+        _ => Box::new(PeftModel::new(base, lora, args.seed)?),
+    };
     eprintln!("{}", model.trainable_parameters_line());
     let pad_id = tok.pad_token_id().unwrap_or(0);
     let summary = Trainer {
-        model: &mut model,
+        model: model.as_mut(),
         args,
         pad_id,
     }

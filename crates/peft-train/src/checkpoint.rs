@@ -5,7 +5,7 @@
 
 use crate::optim::AdamW;
 use anyhow::{bail, Context, Result};
-use peft::PeftModel;
+use peft::Tuned;
 use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ pub struct TrainerState {
 /// Writes `OUTPUT/checkpoint-<step>` and returns its path.
 pub fn save(
     output: &Path,
-    model: &PeftModel,
+    model: &dyn Tuned,
     opt: &AdamW,
     state: &TrainerState,
     base_name: &str,
@@ -99,13 +99,13 @@ pub fn resolve(spec: &Path, output: &Path) -> Result<PathBuf> {
 }
 
 /// Loads weights and optimizer state of the checkpoint at `dir` into `model` and `opt`.
-pub fn load(dir: &Path, model: &PeftModel, opt: &mut AdamW) -> Result<TrainerState> {
+pub fn load(dir: &Path, model: &dyn Tuned, opt: &mut AdamW) -> Result<TrainerState> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("cannot read {}", state_path.display()))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", state_path.display()))?;
-    let device = model.base.device.clone();
+    let device = model.base().device.clone();
     let weights = load_safetensors(&dir.join(peft::model::WEIGHTS_FILE), &device)?;
     let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)?;
     let mut keys = Vec::new();

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
-use peft::PeftModel;
+use peft::Tuned;
 use peft_ops::{add_grad, cross_entropy_chunked};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -130,7 +130,7 @@ pub struct StepOutput {
 }
 
 pub struct Trainer<'a> {
-    pub model: &'a mut PeftModel,
+    pub model: &'a mut dyn Tuned,
     pub args: TrainArgs,
     pub pad_id: u32,
 }
@@ -143,8 +143,10 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 impl Trainer<'_> {
     /// Summed token loss of one batch, divided by `denom`, ready for backward.
     pub fn batch_loss(&self, batch: &Batch, denom: usize) -> Result<Tensor> {
-        let base = &self.model.base;
-        let hidden = base.forward(&batch.input_ids, None, None, true)?;
+        let base = self.model.base();
+        let (hidden, virtual_rows) = self.model.hidden(&batch.input_ids, None, true)?;
+        // Rows of virtual tokens (prompt tuning) carry no label.
+        let hidden = hidden.narrow(1, virtual_rows, batch.input_ids.dim(1)?)?;
         let (b, t, d) = hidden.dims3()?;
         let hidden = hidden.reshape((b * t, d))?;
         let labels = batch.labels.flatten_all()?;
@@ -185,11 +187,11 @@ impl Trainer<'_> {
         let mut acc: Option<GradStore> = None;
         let mut loss = 0f64;
         for (micro, batch) in batches.iter().enumerate() {
-            self.model.dropout_seed.set(dropout_seed(seed, step, micro));
+            self.model.set_dropout_seed(dropout_seed(seed, step, micro));
             let l = self.batch_loss(batch, denom)?;
             loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let mut grads = l.backward()?;
-            self.model.base.grad_sink.drain_into(&mut grads)?;
+            self.model.base().grad_sink.drain_into(&mut grads)?;
             acc = Some(match acc {
                 None => grads,
                 Some(mut acc) => {
@@ -261,7 +263,7 @@ impl Trainer<'_> {
         let mut resumed_tokens = 0;
         if let Some(spec) = &a.resume_from {
             let dir = checkpoint::resolve(spec, &a.output_dir)?;
-            let saved = checkpoint::load(&dir, self.model, &mut opt)?;
+            let saved = checkpoint::load(&dir, &*self.model, &mut opt)?;
             let expected = state(saved.global_step, saved.trained_tokens);
             if saved != expected {
                 bail!(
@@ -309,7 +311,7 @@ impl Trainer<'_> {
             .expect("valid template"),
         );
         let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
-        let device = self.model.base.device.clone();
+        let device = self.model.base().device.clone();
         let start = Instant::now();
         let mut summary = TrainSummary {
             steps: 0,
@@ -353,8 +355,13 @@ impl Trainer<'_> {
                 let scheduled = a.save_steps.is_some_and(|n| n > 0 && step % n == 0);
                 if (scheduled || interrupted) && step < total_steps {
                     let st = state(step, resumed_tokens + summary.trained_tokens);
-                    let dir =
-                        checkpoint::save(&a.output_dir, self.model, &opt, &st, &a.base_model_name)?;
+                    let dir = checkpoint::save(
+                        &a.output_dir,
+                        &*self.model,
+                        &opt,
+                        &st,
+                        &a.base_model_name,
+                    )?;
                     if let Some(k) = a.save_total_limit {
                         checkpoint::prune(&a.output_dir, k.max(1))?;
                     }

@@ -6,8 +6,10 @@ pub mod lora;
 pub mod model;
 pub mod prompt;
 pub mod targets;
+pub mod tuned;
 
 pub use lora::config::LoraConfig;
 pub use model::PeftModel;
 pub use prompt::{PromptConfig, PromptInit, PromptModel};
 pub use targets::TargetModules;
+pub use tuned::Tuned;

@@ -192,17 +192,6 @@ impl PeftModel {
         (trainable, base + adapters + modules_to_save)
     }
 
-    /// `trainable params: X || all params: Y || trainable%: Z`, as PEFT prints it.
-    pub fn trainable_parameters_line(&mut self) -> String {
-        let (t, a) = self.parameter_counts();
-        format!(
-            "trainable params: {} || all params: {} || trainable%: {:.4}",
-            thousands(t),
-            thousands(a),
-            100.0 * t as f64 / a as f64
-        )
-    }
-
     /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT's
     /// `save_pretrained` does, each atomically.
     pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
@@ -314,16 +303,4 @@ impl PeftModel {
         }
         Ok(self.base)
     }
-}
-
-fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
