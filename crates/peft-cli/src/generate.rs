@@ -1,7 +1,7 @@
 use crate::{load_base, DTypeArg};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use peft::{PeftModel, PromptModel};
+use peft::{Ia3Model, PeftModel, PromptModel};
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
 use peft_models::{KvCache, Llama};
 use rand::{Rng, SeedableRng};
@@ -234,11 +234,14 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
     let (model, virtual_tokens) = match &cmd.adapter {
-        Some(dir) if peft::prompt::is_prompt_adapter(dir)? => {
-            Virtual::of(PromptModel::load(base, dir)?)?
-        }
-        Some(dir) => (PeftModel::load(base, dir)?.base, Virtual::None),
         None => (base, Virtual::None),
+        Some(dir) => match peft::adapter_type(dir)?.as_str() {
+            peft::prompt::PROMPT_TUNING | peft::prompt::PREFIX_TUNING => {
+                Virtual::of(PromptModel::load(base, dir)?)?
+            }
+            "IA3" => (Ia3Model::load(base, dir)?.base, Virtual::None),
+            _ => (PeftModel::load(base, dir)?.base, Virtual::None),
+        },
     };
     let ids = prompt_ids(&tok, &cmd.prompt, cmd.chat, cmd.system.as_deref())?;
     let mut sampling = Sampling {

@@ -7,7 +7,7 @@ mod train;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
-use peft::{LoraConfig, PeftModel, PromptModel, TargetModules, Tuned};
+use peft::{Ia3Model, LoraConfig, PeftModel, PromptModel, TargetModules, Tuned};
 use peft_models::{load_model, Llama, LoadedModel};
 use std::path::{Path, PathBuf};
 
@@ -177,8 +177,13 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
             q
         );
     }
-    let peft = PeftModel::load(base, &cmd.adapter)?;
-    let mut merged = peft.merge_and_unload()?;
+    let mut merged = match peft::adapter_type(&cmd.adapter)?.as_str() {
+        "IA3" => Ia3Model::load(base, &cmd.adapter)?.merge_and_unload()?,
+        peft::prompt::PROMPT_TUNING | peft::prompt::PREFIX_TUNING => {
+            anyhow::bail!("prompt and prefix tuning adapters cannot be merged into the weights")
+        }
+        _ => PeftModel::load(base, &cmd.adapter)?.merge_and_unload()?,
+    };
     peft_models::save::save_hf_model(&mut merged, tok.as_ref(), &cmd.output, dtype)?;
     println!("merged model written to {}", cmd.output.display());
     Ok(())
@@ -193,7 +198,12 @@ fn run_logits(cmd: LogitsCmd) -> Result<()> {
     let ids = Tensor::new(cmd.input_ids.as_slice(), &base.device)?.unsqueeze(0)?;
     let logits = match &cmd.adapter {
         // Prompt tuning's rows for its virtual tokens come first, as PEFT returns them.
-        Some(dir) if peft::prompt::is_prompt_adapter(dir)? => {
+        Some(dir)
+            if matches!(
+                peft::adapter_type(dir)?.as_str(),
+                peft::prompt::PROMPT_TUNING | peft::prompt::PREFIX_TUNING
+            ) =>
+        {
             if cmd.merged {
                 anyhow::bail!("prompt and prefix tuning adapters cannot be merged");
             }
@@ -203,6 +213,14 @@ fn run_logits(cmd: LogitsCmd) -> Result<()> {
         adapter => {
             let model = match adapter {
                 None => base,
+                Some(dir) if peft::adapter_type(dir)? == "IA3" => {
+                    let ia3 = Ia3Model::load(base, dir)?;
+                    if cmd.merged {
+                        ia3.merge_and_unload()?
+                    } else {
+                        ia3.base
+                    }
+                }
                 Some(dir) => {
                     let peft = PeftModel::load(base, dir)?;
                     if cmd.merged {

@@ -1,6 +1,8 @@
 use crate::{load_base, model_name, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
-use peft::{LoraConfig, PeftModel, PromptInit, PromptModel, TargetModules, Tuned};
+use peft::{
+    Ia3Config, Ia3Model, LoraConfig, PeftModel, PromptInit, PromptModel, TargetModules, Tuned,
+};
 use peft_train::{load_records, tokenize_records, OptimKind, SchedulerKind, TrainArgs, Trainer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -24,10 +26,13 @@ pub struct TrainCmd {
     /// Folder for the adapter, metrics.jsonl and per-epoch adapters.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// lora, prompt (prompt tuning), prefix or ptuning-v2 (prefix tuning: virtual keys and
-    /// values at every layer).
+    /// lora, dora, ia3, prompt (prompt tuning), prefix or ptuning-v2 (prefix tuning: virtual
+    /// keys and values at every layer).
     #[arg(long)]
     method: Option<String>,
+    /// IA3: targets whose input (not output) is scaled (default down_proj).
+    #[arg(long)]
+    feedforward_modules: Option<String>,
     /// Virtual tokens of prompt and prefix tuning.
     #[arg(long)]
     num_virtual_tokens: Option<usize>,
@@ -52,6 +57,9 @@ pub struct TrainCmd {
     bias: Option<String>,
     #[arg(long)]
     use_rslora: Option<bool>,
+    /// DoRA: a trainable magnitude per output row (also `--method dora`).
+    #[arg(long)]
+    use_dora: Option<bool>,
     /// Comma-separated modules trained in full and saved with the adapter (e.g. lm_head).
     #[arg(long)]
     modules_to_save: Option<String>,
@@ -166,7 +174,7 @@ fn list(s: &str) -> Vec<String> {
 }
 
 /// `--method` values.
-const METHODS: &[&str] = &["lora", "prompt", "prefix", "ptuning-v2"];
+const METHODS: &[&str] = &["lora", "dora", "ia3", "prompt", "prefix", "ptuning-v2"];
 
 pub fn run(cmd: TrainCmd) -> Result<()> {
     let c = merged(cmd)?;
@@ -199,6 +207,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         exclude_modules: c.exclude_modules.as_deref().map(TargetModules::parse_flag),
         bias: c.bias.clone().unwrap_or_else(|| "none".into()),
         use_rslora: c.use_rslora.unwrap_or(false),
+        use_dora: c.use_dora.unwrap_or(method == "dora"),
         modules_to_save: c.modules_to_save.as_deref().map(list),
         init_lora_weights: init,
         ..Default::default()
@@ -270,6 +279,18 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             let mut m = PromptModel::new_prompt_tuning(base, virtual_tokens, init, args.seed)?;
             m.config.prompt_tuning_init_text = c.prompt_tuning_init_text.clone();
             Box::new(m)
+        }
+        "ia3" => {
+            let config = Ia3Config {
+                target_modules: c.target_modules.as_deref().map(TargetModules::parse_flag),
+                exclude_modules: c.exclude_modules.as_deref().map(TargetModules::parse_flag),
+                feedforward_modules: c
+                    .feedforward_modules
+                    .as_deref()
+                    .map(TargetModules::parse_flag),
+                ..Default::default()
+            };
+            Box::new(Ia3Model::new(base, config)?)
         }
         "prefix" | "ptuning-v2" => Box::new(PromptModel::new_prefix_tuning(
             base,

@@ -46,6 +46,15 @@ impl Linear {
         self.weight.dims().0
     }
 
+    /// The shape of this layer's output for input `x`.
+    pub fn output_shape(&self, x: &Tensor) -> Vec<usize> {
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.out_features();
+        }
+        dims
+    }
+
     /// The layer without its adapter. A frozen weight gets no gradient computed.
     pub fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {

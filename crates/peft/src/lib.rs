@@ -1,6 +1,7 @@
 //! Parameter-efficient fine-tuning: tuners (one module per method), adapter files in
 //! Hugging Face PEFT's format, merging.
 
+pub mod ia3;
 pub mod keys;
 pub mod lora;
 pub mod model;
@@ -8,8 +9,26 @@ pub mod prompt;
 pub mod targets;
 pub mod tuned;
 
+pub use ia3::{Ia3Config, Ia3Model};
 pub use lora::config::LoraConfig;
 pub use model::PeftModel;
 pub use prompt::{PromptConfig, PromptInit, PromptModel};
 pub use targets::TargetModules;
 pub use tuned::Tuned;
+
+/// The `peft_type` of the adapter folder at `dir` (`LORA` when its config names none).
+pub fn adapter_type(dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join(model::CONFIG_FILE);
+    if !path.exists() {
+        return Ok("LORA".into());
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", path.display()))?;
+    Ok(value
+        .get("peft_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("LORA")
+        .to_string())
+}

@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// DoRA's magnitude vector, stored without a `.weight` suffix as PEFT does.
+const MAGNITUDE: &str = "lora_magnitude_vector";
 
 /// Default LoRA targets for Llama-family models when a config names none (PEFT's table).
 const DEFAULT_TARGETS: &[&str] = &["q_proj", "v_proj"];
@@ -94,9 +96,20 @@ impl PeftModel {
             }
             let (r, scaling) = config.rank_and_scaling(&path);
             let (a, b) = init(&path, r, lin.in_features(), lin.out_features(), &config)?;
+            let a = a.to_device(&device)?.to_dtype(DType::F32)?;
+            let b = b.to_device(&device)?.to_dtype(DType::F32)?;
+            // DoRA starts with m = ‖W + sBA‖, so the layer first computes W + sBA.
+            let magnitude = if config.use_dora {
+                let w = lin.weight.dense()?.to_dtype(DType::F32)?;
+                let norm = (w + (b.matmul(&a)? * scaling)?)?.sqr()?.sum(1)?.sqrt()?;
+                Some(Var::from_tensor(&norm)?)
+            } else {
+                None
+            };
             let layer = Arc::new(LoraLayer {
-                a: Var::from_tensor(&a.to_device(&device)?.to_dtype(DType::F32)?)?,
-                b: Var::from_tensor(&b.to_device(&device)?.to_dtype(DType::F32)?)?,
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                magnitude,
                 scaling,
                 dropout: config.lora_dropout,
                 layer_id: id as u64,
@@ -163,6 +176,9 @@ impl PeftModel {
         for (path, l) in &self.adapters {
             out.push((file_key(path, "lora_A.weight"), l.a.clone()));
             out.push((file_key(path, "lora_B.weight"), l.b.clone()));
+            if let Some(m) = &l.magnitude {
+                out.push((file_key(path, MAGNITUDE), m.clone()));
+            }
         }
         out.extend(
             self.extra_trainable
@@ -180,7 +196,11 @@ impl PeftModel {
         let adapters: usize = self
             .adapters
             .values()
-            .map(|l| l.a.elem_count() + l.b.elem_count())
+            .map(|l| {
+                l.a.elem_count()
+                    + l.b.elem_count()
+                    + l.magnitude.as_ref().map_or(0, |m| m.elem_count())
+            })
             .sum();
         let modules_to_save: usize = self
             .extra_trainable
@@ -220,8 +240,13 @@ impl PeftModel {
         let weights_path = dir.join(WEIGHTS_FILE);
         let mut tensors = load_safetensors(&weights_path, &candle_core::Device::Cpu)?;
         let mut by_path: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        let mut magnitudes: HashMap<String, Tensor> = HashMap::new();
         let keys: Vec<String> = tensors.keys().cloned().collect();
         for key in &keys {
+            if let Some(p) = module_path(key, MAGNITUDE) {
+                magnitudes.insert(p.to_string(), tensors.remove(key).expect("key listed"));
+                continue;
+            }
             let (slot, path) = if let Some(p) = module_path(key, "lora_A.weight") {
                 (0, p)
             } else if let Some(p) = module_path(key, "lora_B.weight") {
@@ -261,6 +286,32 @@ impl PeftModel {
                 weights_path.display()
             );
         }
+        for (path, layer) in &model.adapters {
+            match (&layer.magnitude, magnitudes.remove(path)) {
+                (Some(m), Some(t)) => {
+                    if t.dims() != m.dims() {
+                        bail!(
+                            "{}: {path} has a DoRA magnitude of shape {:?}, the model needs {:?}",
+                            weights_path.display(),
+                            t.dims(),
+                            m.dims()
+                        );
+                    }
+                    m.set(&t.to_device(m.device())?.to_dtype(DType::F32)?)?;
+                }
+                (Some(_), None) => bail!(
+                    "{}: use_dora is set but {path} has no {MAGNITUDE}",
+                    weights_path.display()
+                ),
+                (None, _) => {}
+            }
+        }
+        if let Some(path) = magnitudes.keys().next() {
+            bail!(
+                "{}: a DoRA magnitude for {path}, but use_dora is not set or the module is not targeted",
+                weights_path.display()
+            );
+        }
         for (key, var) in &model.extra_trainable {
             let t = tensors
                 .remove(key)
@@ -296,7 +347,7 @@ impl PeftModel {
                 .map(|b| b.detach().to_dtype(dtype))
                 .transpose()?;
             let weight = match adapters.get(&path) {
-                Some(l) => (weight.to_dtype(DType::F32)? + l.delta_weight()?.detach())?,
+                Some(l) => l.merged_weight(&weight)?,
                 None => weight,
             };
             lin.weight = LinearWeight::Dense(weight.to_dtype(dtype)?);

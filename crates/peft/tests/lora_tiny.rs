@@ -209,3 +209,70 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         }
     }
 }
+
+/// DoRA: merging gives the unmerged outputs, a fresh adapter starts as plain LoRA (m =
+/// ‖W + sBA‖), and the magnitude's gradient matches finite differences (the norm is a constant
+/// in PEFT's backward, so only m is checked this way).
+#[test]
+fn dora_merges_and_its_magnitude_gradient_matches_finite_differences() {
+    let mut cfg = config("q_proj,down_proj");
+    cfg.use_dora = true;
+    let dora = PeftModel::new(tiny_llama(8, true).unwrap(), cfg.clone(), 3).unwrap();
+    let lora = PeftModel::new(tiny_llama(8, true).unwrap(), config("q_proj,down_proj"), 3).unwrap();
+    assert!(max_abs_diff(&logits(&dora.base), &logits(&lora.base)) < 1e-5);
+
+    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
+    let loss = |m: &PeftModel| -> Tensor {
+        let h = m
+            .base
+            .forward(&ids(), None, None, true)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        cross_entropy_chunked(&h, &m.base.lm_head_weight().unwrap(), &labels, 3)
+            .unwrap()
+            .0
+    };
+    let m: Var = dora.adapters["model.layers.1.mlp.down_proj"]
+        .magnitude
+        .clone()
+        .unwrap();
+    // Move m off the norm so that the adapter is a real DoRA adapter.
+    m.set(&(m.as_tensor() * 1.1).unwrap()).unwrap();
+    let g: Vec<f32> = loss(&dora)
+        .backward()
+        .unwrap()
+        .get(m.as_tensor())
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let orig = m.as_tensor().copy().unwrap();
+    let flat: Vec<f32> = orig.to_vec1().unwrap();
+    for i in [0, 7, flat.len() - 1] {
+        let at = |d: f32| {
+            let mut v = flat.clone();
+            v[i] += d;
+            m.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss(&dora).to_scalar::<f32>().unwrap()
+        };
+        let numeric = (at(1e-2) - at(-1e-2)) / 2e-2;
+        m.set(&orig).unwrap();
+        assert!(
+            (numeric - g[i]).abs() < 2e-3 * (1.0 + numeric.abs()),
+            "m[{i}]: {numeric} vs {}",
+            g[i]
+        );
+    }
+    let unmerged = logits(&dora.base);
+    assert!(
+        max_abs_diff(&unmerged, &logits(&lora.base)) > 1e-3,
+        "m must matter"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    dora.save(dir.path(), "tiny").unwrap();
+    let reloaded = PeftModel::load(tiny_llama(8, true).unwrap(), dir.path()).unwrap();
+    assert_eq!(max_abs_diff(&logits(&reloaded.base), &unmerged), 0.0);
+    let merged = logits(&dora.merge_and_unload().unwrap());
+    assert!(max_abs_diff(&merged, &unmerged) < 1e-5);
+}

@@ -139,9 +139,6 @@ impl LoraConfig {
         if self.fan_in_fan_out {
             bail!("fan_in_fan_out=true (GPT-2 Conv1D layers) is not supported for Llama-family models");
         }
-        if self.use_dora {
-            bail!("use_dora=true is not supported yet");
-        }
         if self
             .layers_to_transform
             .as_ref()

@@ -22,6 +22,9 @@ impl DropoutSeed {
 pub struct LoraLayer {
     pub a: Var,
     pub b: Var,
+    /// DoRA's magnitude `m` `[out]` (f32): the layer computes `m ⊙ (W + sBA) / ‖W + sBA‖`,
+    /// the norm taken per output row and treated as a constant in the backward (as PEFT does).
+    pub magnitude: Option<Var>,
     pub scaling: f64,
     pub dropout: f64,
     pub layer_id: u64,
@@ -34,6 +37,69 @@ impl LoraLayer {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling
     }
 
+    /// `‖W + sBA‖` per output row (f32, detached): DoRA's denominator.
+    pub fn weight_norm(&self, weight: &Tensor) -> Result<Tensor> {
+        (weight.detach().to_dtype(DType::F32)? + self.delta_weight()?.detach())?
+            .sqr()?
+            .sum(1)?
+            .sqrt()
+    }
+
+    /// The weight this layer stands for: `W + sBA`, or DoRA's `m ⊙ (W + sBA) / ‖W + sBA‖`.
+    pub fn merged_weight(&self, weight: &Tensor) -> Result<Tensor> {
+        let w = (weight.detach().to_dtype(DType::F32)? + self.delta_weight()?.detach())?;
+        match &self.magnitude {
+            None => Ok(w),
+            Some(m) => {
+                let scale = (m.as_tensor().detach() / self.weight_norm(weight)?)?;
+                w.broadcast_mul(&scale.unsqueeze(1)?)
+            }
+        }
+    }
+
+    /// DoRA's forward (PEFT's `DoraLinearLayer`): with `scale = m / ‖W + sBA‖`,
+    /// `scale · (x·Wᵀ + s·lora(x)) + bias`; with dropout in training, the base term keeps
+    /// the undropped input: `x·Wᵀ + (scale − 1)·drop(x)·Wᵀ + scale · s·lora(drop(x)) + bias`.
+    fn dora_forward(&self, base: &Linear, m: &Var, x: &Tensor, train: bool) -> Result<Tensor> {
+        let plain = Linear {
+            weight: base.weight.clone(),
+            bias: None,
+            adapter: None,
+        };
+        let scale = (param(m.as_tensor()) / self.weight_norm(&base.weight.dense()?)?)?;
+        let (a, b) = (param(self.a.as_tensor()), param(self.b.as_tensor()));
+        let in_f = base.in_features();
+        let rows = x.elem_count() / in_f;
+        let dropout = self.dropout(train);
+        let xd = match dropout {
+            Some(d) => {
+                let mask = dropout_mask(d.seed, d.p, &[rows, in_f], x.device())?;
+                (x.reshape((rows, in_f))?.to_dtype(DType::F32)? * mask)?
+                    .to_dtype(x.dtype())?
+                    .reshape(x.shape())?
+            }
+            None => x.clone(),
+        };
+        let lora = xd
+            .reshape((rows, in_f))?
+            .to_dtype(DType::F32)?
+            .matmul(&a.t()?)?
+            .matmul(&b.t()?)?;
+        let lora = (lora * self.scaling)?.reshape(plain.output_shape(x))?;
+        let base_d = plain.base_forward(&xd)?.to_dtype(DType::F32)?;
+        let mut y = (base_d.broadcast_mul(&scale)? + lora.broadcast_mul(&scale)?)?;
+        if dropout.is_some() {
+            // Swap the dropped base term for the undropped one.
+            let base_x = plain.base_forward(x)?.to_dtype(DType::F32)?;
+            y = ((y - base_d)? + base_x)?;
+        }
+        let y = y.to_dtype(x.dtype())?;
+        match &base.bias {
+            Some(bias) => y.broadcast_add(&param(bias)),
+            None => Ok(y),
+        }
+    }
+
     fn dropout(&self, train: bool) -> Option<Dropout> {
         (train && self.dropout > 0.0).then(|| Dropout {
             p: self.dropout,
@@ -44,6 +110,9 @@ impl LoraLayer {
 
 impl LinearAdapter for LoraLayer {
     fn forward(&self, base: &Linear, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(m) = &self.magnitude {
+            return self.dora_forward(base, m, x, train);
+        }
         let (a, b) = (param(self.a.as_tensor()), param(self.b.as_tensor()));
         let w = match &base.weight {
             LinearWeight::Dense(t) => LinearWeight::Dense(param(t)),

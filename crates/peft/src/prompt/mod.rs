@@ -19,22 +19,6 @@ use std::path::Path;
 /// The adapter file's only tensor.
 pub const EMBEDDINGS_KEY: &str = "prompt_embeddings";
 
-/// Whether the adapter folder at `dir` holds prompt or prefix tuning (by its `peft_type`).
-pub fn is_prompt_adapter(dir: &Path) -> Result<bool> {
-    let path = dir.join(CONFIG_FILE);
-    if !path.exists() {
-        return Ok(false);
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{} is not valid JSON: {e}", path.display()))?;
-    Ok(matches!(
-        value.get("peft_type").and_then(|v| v.as_str()),
-        Some(PROMPT_TUNING | PREFIX_TUNING)
-    ))
-}
-
 /// How prompt tuning initialises its virtual tokens (PEFT's `prompt_tuning_init`).
 #[derive(Debug, Clone)]
 pub enum PromptInit {

@@ -1,0 +1,220 @@
+//! IA3: learned vectors that rescale activations of a frozen base: the output of attention's
+//! k/v projections, the input of the feed-forward down projection (PEFT's semantics).
+
+pub mod config;
+
+pub use config::Ia3Config;
+
+use crate::keys::{file_key, module_path};
+use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::targets::{select, TargetModules};
+use crate::Tuned;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
+use peft_models::{Linear, LinearAdapter, Llama};
+use peft_ops::{param, LinearWeight};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The file key suffix of a vector (PEFT stores it without `.weight`).
+const KEY: &str = "ia3_l";
+
+/// One layer's vector: `[out, 1]` scaling the output, or `[1, in]` scaling the input of a
+/// feed-forward layer (PEFT's shapes).
+pub struct Ia3Layer {
+    pub l: Var,
+    pub feedforward: bool,
+}
+
+impl LinearAdapter for Ia3Layer {
+    fn forward(&self, base: &Linear, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+        let l = param(self.l.as_tensor())
+            .flatten_all()?
+            .to_dtype(x.dtype())?;
+        if self.feedforward {
+            base.base_forward(&x.broadcast_mul(&l)?)
+        } else {
+            base.base_forward(x)?.broadcast_mul(&l)
+        }
+    }
+}
+
+pub struct Ia3Model {
+    pub base: Llama,
+    pub config: Ia3Config,
+    /// Module path -> its vector, in model order.
+    pub layers: BTreeMap<String, Arc<Ia3Layer>>,
+}
+
+fn list(names: &[&str]) -> TargetModules {
+    TargetModules::List(names.iter().map(|s| s.to_string()).collect())
+}
+
+impl Ia3Model {
+    /// Injects vectors (ones, or `init(path, shape)` when loading).
+    fn build(
+        mut base: Llama,
+        mut config: Ia3Config,
+        mut init: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let targets = config
+            .target_modules
+            .get_or_insert_with(|| list(config::DEFAULT_TARGETS))
+            .clone();
+        let feedforward = config
+            .feedforward_modules
+            .get_or_insert_with(|| list(config::DEFAULT_FEEDFORWARD))
+            .clone();
+        let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
+        let selected = select(&targets, config.exclude_modules.as_ref(), &paths, "lm_head")?;
+        let ff = select(&feedforward, None, &selected, "lm_head").unwrap_or_default();
+        let device = base.device.clone();
+        let mut layers = BTreeMap::new();
+        for (path, lin) in base.linears_mut() {
+            if !selected.contains(&path) {
+                continue;
+            }
+            let is_ff = ff.contains(&path);
+            let shape = if is_ff {
+                vec![1, lin.in_features()]
+            } else {
+                vec![lin.out_features(), 1]
+            };
+            let l = init(&path, &shape)?
+                .to_device(&device)?
+                .to_dtype(DType::F32)?;
+            let layer = Arc::new(Ia3Layer {
+                l: Var::from_tensor(&l)?,
+                feedforward: is_ff,
+            });
+            lin.adapter = Some(layer.clone());
+            layers.insert(path, layer);
+        }
+        Ok(Self {
+            base,
+            config,
+            layers,
+        })
+    }
+
+    /// Fresh vectors of ones (PEFT's `init_ia3_weights=True`): the model starts unchanged.
+    pub fn new(base: Llama, config: Ia3Config) -> Result<Self> {
+        let device = base.device.clone();
+        Self::build(base, config, |_, shape| {
+            Ok(Tensor::ones(shape, DType::F32, &device)?)
+        })
+    }
+
+    /// Loads a PEFT IA3 folder onto `base`.
+    pub fn load(base: Llama, dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("adapter folder not found: {}", dir.display());
+        }
+        let config = Ia3Config::from_file(&dir.join(CONFIG_FILE))?;
+        let path = dir.join(WEIGHTS_FILE);
+        let tensors = load_safetensors(&path, &candle_core::Device::Cpu)?;
+        let mut by_path: HashMap<String, Tensor> = HashMap::new();
+        for (key, t) in tensors {
+            let module = module_path(&key, KEY)
+                .with_context(|| format!("{}: unexpected tensor {key}", path.display()))?
+                .to_string();
+            by_path.insert(module, t);
+        }
+        let mut model = Self::build(base, config, |module, shape| {
+            let t = by_path
+                .remove(module)
+                .with_context(|| format!("{}: no {KEY} for {module}", path.display()))?;
+            if t.dims() != shape {
+                bail!(
+                    "{}: {module} has {KEY} of shape {:?}, this model needs {shape:?}",
+                    path.display(),
+                    t.dims()
+                );
+            }
+            Ok(t)
+        })?;
+        if let Some(module) = by_path.keys().next() {
+            bail!(
+                "{}: an {KEY} for {module}, which target_modules does not select",
+                path.display()
+            );
+        }
+        model.config.inference_mode = true;
+        Ok(model)
+    }
+
+    /// Folds each vector into its weight (rows for output scaling, columns for input
+    /// scaling) and returns the plain model.
+    pub fn merge_and_unload(mut self) -> Result<Llama> {
+        let layers = std::mem::take(&mut self.layers);
+        let dtype = self.base.dtype;
+        for (path, lin) in self.base.linears_mut() {
+            lin.adapter = None;
+            let Some(layer) = layers.get(&path) else {
+                continue;
+            };
+            let l = layer.l.as_tensor().detach();
+            let w = lin.weight.dense()?.detach().to_dtype(DType::F32)?;
+            // [out, 1] scales rows, [1, in] scales columns: both broadcast over W [out, in].
+            lin.weight = LinearWeight::Dense(w.broadcast_mul(&l)?.to_dtype(dtype)?);
+            if !layer.feedforward {
+                if let Some(b) = &lin.bias {
+                    lin.bias = Some(
+                        b.detach()
+                            .broadcast_mul(&l.flatten_all()?.to_dtype(b.dtype())?)?,
+                    );
+                }
+            }
+        }
+        Ok(self.base)
+    }
+}
+
+impl Tuned for Ia3Model {
+    fn base(&self) -> &Llama {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut Llama {
+        &mut self.base
+    }
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.layers
+            .iter()
+            .map(|(path, l)| (file_key(path, KEY), l.l.clone()))
+            .collect()
+    }
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, usize)> {
+        Ok((
+            self.base.forward(input_ids, attention_mask, None, train)?,
+            0,
+        ))
+    }
+    fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let tensors: Vec<(String, Tensor)> = self
+            .trainable()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().detach()))
+            .collect();
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(meta))?;
+        let mut config = self.config.clone();
+        config.inference_mode = true;
+        if config.base_model_name_or_path.is_none() {
+            config.base_model_name_or_path = Some(base_model_name.to_string());
+        }
+        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string()?.as_bytes())
+    }
+    fn parameter_counts(&mut self) -> (usize, usize) {
+        let t: usize = self.layers.values().map(|l| l.l.elem_count()).sum();
+        (t, self.base.parameter_count() + t)
+    }
+}
