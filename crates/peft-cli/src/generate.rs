@@ -1,7 +1,7 @@
 use crate::{load_base, DTypeArg};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use peft::{Ia3Model, PeftModel, PromptModel};
+use peft::{BottleneckModel, Ia3Model, PeftModel, PromptModel};
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
 use peft_models::{KvCache, Llama};
 use rand::{Rng, SeedableRng};
@@ -240,6 +240,7 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
                 Virtual::of(PromptModel::load(base, dir)?)?
             }
             "IA3" => (Ia3Model::load(base, dir)?.base, Virtual::None),
+            "BOTTLENECK" => (BottleneckModel::load(base, dir)?.base, Virtual::None),
             _ => (PeftModel::load(base, dir)?.base, Virtual::None),
         },
     };

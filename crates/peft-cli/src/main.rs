@@ -7,7 +7,7 @@ mod train;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
-use peft::{Ia3Model, LoraConfig, PeftModel, PromptModel, TargetModules, Tuned};
+use peft::{BottleneckModel, Ia3Model, LoraConfig, PeftModel, PromptModel, TargetModules, Tuned};
 use peft_models::{load_model, Llama, LoadedModel};
 use std::path::{Path, PathBuf};
 
@@ -179,8 +179,11 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
     }
     let mut merged = match peft::adapter_type(&cmd.adapter)?.as_str() {
         "IA3" => Ia3Model::load(base, &cmd.adapter)?.merge_and_unload()?,
-        peft::prompt::PROMPT_TUNING | peft::prompt::PREFIX_TUNING => {
-            anyhow::bail!("prompt and prefix tuning adapters cannot be merged into the weights")
+        peft::prompt::PROMPT_TUNING | peft::prompt::PREFIX_TUNING | "BOTTLENECK" => {
+            anyhow::bail!(
+                "{} adapters add computation and cannot be merged into the weights",
+                peft::adapter_type(&cmd.adapter)?
+            )
         }
         _ => PeftModel::load(base, &cmd.adapter)?.merge_and_unload()?,
     };
@@ -213,6 +216,12 @@ fn run_logits(cmd: LogitsCmd) -> Result<()> {
         adapter => {
             let model = match adapter {
                 None => base,
+                Some(dir) if peft::adapter_type(dir)? == "BOTTLENECK" => {
+                    if cmd.merged {
+                        anyhow::bail!("bottleneck adapters cannot be merged into the weights");
+                    }
+                    BottleneckModel::load(base, dir)?.base
+                }
                 Some(dir) if peft::adapter_type(dir)? == "IA3" => {
                     let ia3 = Ia3Model::load(base, dir)?;
                     if cmd.merged {

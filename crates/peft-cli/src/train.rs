@@ -1,7 +1,8 @@
 use crate::{load_base, model_name, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use peft::{
-    Ia3Config, Ia3Model, LoraConfig, PeftModel, PromptInit, PromptModel, TargetModules, Tuned,
+    BottleneckConfig, BottleneckModel, Ia3Config, Ia3Model, LoraConfig, PeftModel, PromptInit,
+    PromptModel, TargetModules, Tuned,
 };
 use peft_train::{load_records, tokenize_records, OptimKind, SchedulerKind, TrainArgs, Trainer};
 use serde::{Deserialize, Serialize};
@@ -27,9 +28,18 @@ pub struct TrainCmd {
     #[arg(long)]
     output: Option<PathBuf>,
     /// lora, dora, ia3, prompt (prompt tuning), prefix or ptuning-v2 (prefix tuning: virtual
-    /// keys and values at every layer).
+    /// keys and values at every layer), adapter (bottleneck adapters).
     #[arg(long)]
     method: Option<String>,
+    /// Bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP).
+    #[arg(long)]
+    adapter_config: Option<String>,
+    /// Bottleneck width = hidden size / this (default 16).
+    #[arg(long)]
+    reduction_factor: Option<usize>,
+    /// Bottleneck non-linearity: relu, swish, gelu or tanh.
+    #[arg(long)]
+    non_linearity: Option<String>,
     /// IA3: targets whose input (not output) is scaled (default down_proj).
     #[arg(long)]
     feedforward_modules: Option<String>,
@@ -174,7 +184,15 @@ fn list(s: &str) -> Vec<String> {
 }
 
 /// `--method` values.
-const METHODS: &[&str] = &["lora", "dora", "ia3", "prompt", "prefix", "ptuning-v2"];
+const METHODS: &[&str] = &[
+    "lora",
+    "dora",
+    "ia3",
+    "prompt",
+    "prefix",
+    "ptuning-v2",
+    "adapter",
+];
 
 pub fn run(cmd: TrainCmd) -> Result<()> {
     let c = merged(cmd)?;
@@ -279,6 +297,18 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             let mut m = PromptModel::new_prompt_tuning(base, virtual_tokens, init, args.seed)?;
             m.config.prompt_tuning_init_text = c.prompt_tuning_init_text.clone();
             Box::new(m)
+        }
+        "adapter" => {
+            let factor = c.reduction_factor.unwrap_or(16);
+            let mut config = match c.adapter_config.as_deref().unwrap_or("pfeiffer") {
+                "houlsby" => BottleneckConfig::houlsby(factor),
+                "pfeiffer" => BottleneckConfig::pfeiffer(factor),
+                other => bail!("--adapter-config must be houlsby or pfeiffer, got {other:?}"),
+            };
+            if let Some(act) = &c.non_linearity {
+                config.non_linearity = act.clone();
+            }
+            Box::new(BottleneckModel::new(base, config, args.seed)?)
         }
         "ia3" => {
             let config = Ia3Config {

@@ -10,5 +10,5 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;
-pub use llama::{KvCache, Linear, LinearAdapter, Llama};
+pub use llama::{BlockAdapter, KvCache, Linear, LinearAdapter, Llama};
 pub use loader::{load_model, LoadedModel};

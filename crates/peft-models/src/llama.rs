@@ -103,6 +103,14 @@ pub struct DecoderLayer {
     pub self_attn: Attention,
     pub post_attention_layernorm: Tensor,
     pub mlp: Mlp,
+    /// Bottleneck adapters on the attention and MLP outputs, before each residual add.
+    pub attn_adapter: Option<Arc<dyn BlockAdapter>>,
+    pub mlp_adapter: Option<Arc<dyn BlockAdapter>>,
+}
+
+/// Something that transforms a sublayer's output before the residual add (bottleneck adapters).
+pub trait BlockAdapter: Send + Sync {
+    fn forward(&self, h: &Tensor, train: bool) -> candle_core::Result<Tensor>;
 }
 
 /// Keys and values seen so far, per layer: `[batch, kv_heads, seq, head_dim]`.
@@ -209,6 +217,8 @@ impl Llama {
                     up_proj: w.linear(&format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
                     down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, i, c.mlp_bias)?,
                 },
+                attn_adapter: None,
+                mlp_adapter: None,
             });
         }
         let norm = w.take("model.norm.weight", &[h])?;
@@ -458,7 +468,10 @@ fn decoder_layer(
 ) -> candle_core::Result<Tensor> {
     let eps = c.rms_norm_eps;
     let h = rms_norm(x, &layer.input_layernorm, eps)?;
-    let attn = attention(c, &layer.self_attn, &h, cos, sin, bias, cache, train)?;
+    let mut attn = attention(c, &layer.self_attn, &h, cos, sin, bias, cache, train)?;
+    if let Some(a) = &layer.attn_adapter {
+        attn = a.forward(&attn, train)?;
+    }
     let x = (x + attn)?;
     let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
     let m = &layer.mlp;
@@ -466,7 +479,11 @@ fn decoder_layer(
         &m.gate_proj.forward(&h, train)?,
         &m.up_proj.forward(&h, train)?,
     )?;
-    x + m.down_proj.forward(&act, train)?
+    let mut out = m.down_proj.forward(&act, train)?;
+    if let Some(a) = &layer.mlp_adapter {
+        out = a.forward(&out, train)?;
+    }
+    x + out
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,6 +1,7 @@
 //! Parameter-efficient fine-tuning: tuners (one module per method), adapter files in
 //! Hugging Face PEFT's format, merging.
 
+pub mod bottleneck;
 pub mod ia3;
 pub mod keys;
 pub mod lora;
@@ -9,6 +10,7 @@ pub mod prompt;
 pub mod targets;
 pub mod tuned;
 
+pub use bottleneck::{BottleneckConfig, BottleneckModel};
 pub use ia3::{Ia3Config, Ia3Model};
 pub use lora::config::LoraConfig;
 pub use model::PeftModel;
