@@ -1,6 +1,7 @@
 //! `peft`: fine-tune, inspect, run and merge parameter-efficient adapters.
 
 mod bench;
+mod compare;
 mod generate;
 mod train;
 
@@ -43,6 +44,8 @@ enum Command {
     Logits(LogitsCmd),
     /// Measure training throughput and peak memory on random tokens (prints JSON).
     Bench(bench::BenchCmd),
+    /// Train several methods on the same data and compare them (markdown, JSON, SVG plot).
+    Compare(compare::CompareCmd),
     /// Show a model's modules and the trainable-parameter count of an adapter setup.
     Inspect(InspectCmd),
 }
@@ -158,7 +161,7 @@ pub fn load_base(
     Ok((model, tokenizer))
 }
 
-fn model_name(path: &Path) -> String {
+pub fn model_name(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
@@ -291,6 +294,7 @@ fn main() {
         Command::Logits(c) => run_logits(c),
         Command::Inspect(c) => run_inspect(c),
         Command::Bench(c) => bench::run(c),
+        Command::Compare(c) => compare::run(c),
     };
     if let Err(e) = result {
         // One line: the outermost context first, then its causes (candle appends a

@@ -4,6 +4,8 @@ use peft::{
     BottleneckConfig, BottleneckModel, Ia3Config, Ia3Model, LoraConfig, PeftModel, PromptInit,
     PromptModel, TargetModules, Tuned,
 };
+use peft_models::tokenizer::Tokenizer;
+use peft_models::Llama;
 use peft_train::{load_records, tokenize_records, OptimKind, SchedulerKind, TrainArgs, Trainer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -183,29 +185,14 @@ fn list(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// `--method` values.
-const METHODS: &[&str] = &[
-    "lora",
-    "dora",
-    "ia3",
-    "prompt",
-    "prefix",
-    "ptuning-v2",
-    "adapter",
-];
-
-pub fn run(cmd: TrainCmd) -> Result<()> {
-    let c = merged(cmd)?;
-    let model_path = require(c.model.clone(), "model")?;
-    let data_path = require(c.data.clone(), "data")?;
-    let output = require(c.output.clone(), "output")?;
-    let method = c.method.clone().unwrap_or_else(|| "lora".into());
-    if !METHODS.contains(&method.as_str()) {
-        bail!(
-            "unknown method {method:?} (available: {})",
-            METHODS.join(", ")
-        );
-    }
+/// The model of `method` on `base`, configured by the method's options in `c`.
+pub fn build_model(
+    method: &str,
+    base: Llama,
+    c: &TrainCmd,
+    tok: &Tokenizer,
+    seed: u64,
+) -> Result<Box<dyn Tuned>> {
     let init = match c.init_lora_weights.as_deref().unwrap_or("true") {
         "true" => Value::Bool(true),
         "false" => Value::Bool(false),
@@ -230,6 +217,81 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         init_lora_weights: init,
         ..Default::default()
     };
+    let virtual_tokens = c.num_virtual_tokens.unwrap_or(20);
+    Ok(match method {
+        "prompt" => {
+            let init = match c.prompt_tuning_init.as_deref().unwrap_or("random") {
+                "random" => PromptInit::Random,
+                "sample_vocab" => PromptInit::SampleVocab,
+                "text" => {
+                    let text = c
+                        .prompt_tuning_init_text
+                        .as_deref()
+                        .context("--prompt-tuning-init text needs --prompt-tuning-init-text")?;
+                    PromptInit::Text(tok.encode(text, false)?)
+                }
+                other => bail!(
+                    "--prompt-tuning-init must be random, sample_vocab or text, got {other:?}"
+                ),
+            };
+            let mut m = PromptModel::new_prompt_tuning(base, virtual_tokens, init, seed)?;
+            m.config.prompt_tuning_init_text = c.prompt_tuning_init_text.clone();
+            Box::new(m)
+        }
+        "adapter" => {
+            let factor = c.reduction_factor.unwrap_or(16);
+            let mut config = match c.adapter_config.as_deref().unwrap_or("pfeiffer") {
+                "houlsby" => BottleneckConfig::houlsby(factor),
+                "pfeiffer" => BottleneckConfig::pfeiffer(factor),
+                other => bail!("--adapter-config must be houlsby or pfeiffer, got {other:?}"),
+            };
+            if let Some(act) = &c.non_linearity {
+                config.non_linearity = act.clone();
+            }
+            Box::new(BottleneckModel::new(base, config, seed)?)
+        }
+        "ia3" => {
+            let config = Ia3Config {
+                target_modules: c.target_modules.as_deref().map(TargetModules::parse_flag),
+                exclude_modules: c.exclude_modules.as_deref().map(TargetModules::parse_flag),
+                feedforward_modules: c
+                    .feedforward_modules
+                    .as_deref()
+                    .map(TargetModules::parse_flag),
+                ..Default::default()
+            };
+            Box::new(Ia3Model::new(base, config)?)
+        }
+        "prefix" | "ptuning-v2" => {
+            Box::new(PromptModel::new_prefix_tuning(base, virtual_tokens, seed)?)
+        }
+        _ => Box::new(PeftModel::new(base, lora, seed)?),
+    })
+}
+
+/// `--method` values.
+const METHODS: &[&str] = &[
+    "lora",
+    "dora",
+    "ia3",
+    "prompt",
+    "prefix",
+    "ptuning-v2",
+    "adapter",
+];
+
+pub fn run(cmd: TrainCmd) -> Result<()> {
+    let c = merged(cmd)?;
+    let model_path = require(c.model.clone(), "model")?;
+    let data_path = require(c.data.clone(), "data")?;
+    let output = require(c.output.clone(), "output")?;
+    let method = c.method.clone().unwrap_or_else(|| "lora".into());
+    if !METHODS.contains(&method.as_str()) {
+        bail!(
+            "unknown method {method:?} (available: {})",
+            METHODS.join(", ")
+        );
+    }
     let quiet = c.quiet.unwrap_or(false);
     let d = TrainArgs::default();
     let args = TrainArgs {
@@ -277,58 +339,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             "note: {dropped} records have no trained token after truncation and were skipped"
         );
     }
-    let virtual_tokens = c.num_virtual_tokens.unwrap_or(20);
-    let mut model: Box<dyn Tuned> = match method.as_str() {
-        "prompt" => {
-            let init = match c.prompt_tuning_init.as_deref().unwrap_or("random") {
-                "random" => PromptInit::Random,
-                "sample_vocab" => PromptInit::SampleVocab,
-                "text" => {
-                    let text = c
-                        .prompt_tuning_init_text
-                        .as_deref()
-                        .context("--prompt-tuning-init text needs --prompt-tuning-init-text")?;
-                    PromptInit::Text(tok.encode(text, false)?)
-                }
-                other => bail!(
-                    "--prompt-tuning-init must be random, sample_vocab or text, got {other:?}"
-                ),
-            };
-            let mut m = PromptModel::new_prompt_tuning(base, virtual_tokens, init, args.seed)?;
-            m.config.prompt_tuning_init_text = c.prompt_tuning_init_text.clone();
-            Box::new(m)
-        }
-        "adapter" => {
-            let factor = c.reduction_factor.unwrap_or(16);
-            let mut config = match c.adapter_config.as_deref().unwrap_or("pfeiffer") {
-                "houlsby" => BottleneckConfig::houlsby(factor),
-                "pfeiffer" => BottleneckConfig::pfeiffer(factor),
-                other => bail!("--adapter-config must be houlsby or pfeiffer, got {other:?}"),
-            };
-            if let Some(act) = &c.non_linearity {
-                config.non_linearity = act.clone();
-            }
-            Box::new(BottleneckModel::new(base, config, args.seed)?)
-        }
-        "ia3" => {
-            let config = Ia3Config {
-                target_modules: c.target_modules.as_deref().map(TargetModules::parse_flag),
-                exclude_modules: c.exclude_modules.as_deref().map(TargetModules::parse_flag),
-                feedforward_modules: c
-                    .feedforward_modules
-                    .as_deref()
-                    .map(TargetModules::parse_flag),
-                ..Default::default()
-            };
-            Box::new(Ia3Model::new(base, config)?)
-        }
-        "prefix" | "ptuning-v2" => Box::new(PromptModel::new_prefix_tuning(
-            base,
-            virtual_tokens,
-            args.seed,
-        )?),
-        _ => Box::new(PeftModel::new(base, lora, args.seed)?),
-    };
+    let mut model = build_model(&method, base, &c, &tok, args.seed)?;
     eprintln!("{}", model.trainable_parameters_line());
     let pad_id = tok.pad_token_id().unwrap_or(0);
     let summary = Trainer {

@@ -1,0 +1,251 @@
+//! `peft compare`: every method trained on the same model, data, steps and seed, measured side
+//! by side (trainable parameters, peak memory, speed, train and held-out loss, file size),
+//! written as a markdown table, JSON and a loss-curve plot (SVG).
+
+use crate::train::{build_model, TrainCmd};
+use crate::{bench::peak_rss_mib, load_base, model_name};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use peft_train::{load_records, tokenize_records, Batch, Example, TrainArgs, Trainer};
+use plotters::prelude::*;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct CompareCmd {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder for each method's adapter and metrics, compare.md, compare.json, compare.svg.
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, default_value = "lora,dora,ia3,prompt,prefix,adapter")]
+    methods: String,
+    #[arg(long, default_value_t = 30)]
+    max_steps: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    max_seq_length: usize,
+    /// Fraction of the records held out for the eval loss.
+    #[arg(long, default_value_t = 0.1)]
+    eval_split: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// A learning rate that suits each method in a short run (prompt-like methods move few
+/// parameters and need larger steps).
+fn default_lr(method: &str) -> f64 {
+    match method {
+        "ia3" | "prefix" | "ptuning-v2" => 1e-2,
+        "prompt" => 3e-2,
+        _ => 1e-3,
+    }
+}
+
+/// Starts a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+struct Row {
+    method: String,
+    lr: f64,
+    trainable: usize,
+    all: usize,
+    peak_rss_mib: f64,
+    tokens_per_s: f64,
+    train_loss: f64,
+    eval_loss: f64,
+    adapter_bytes: u64,
+    losses: Vec<f64>,
+}
+
+fn eval_loss(trainer: &Trainer, eval: &[Example], batch_size: usize) -> Result<f64> {
+    let (mut sum, mut tokens) = (0f64, 0usize);
+    for chunk in eval.chunks(batch_size) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = Batch::new(&refs, trainer.pad_id, &trainer.model.base().device)?;
+        let loss = peft_ops::no_grad(|| trainer.batch_loss(&batch, batch.n_trained))?;
+        sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.n_trained as f64;
+        tokens += batch.n_trained;
+    }
+    Ok(sum / tokens.max(1) as f64)
+}
+
+pub fn run(cmd: CompareCmd) -> Result<()> {
+    if let Some(n) = cmd.threads {
+        crate::set_threads(n)?;
+    }
+    let methods: Vec<String> = cmd
+        .methods
+        .split(',')
+        .map(|m| m.trim().to_string())
+        .collect();
+    let records = load_records(&cmd.data)?;
+    std::fs::create_dir_all(&cmd.output)
+        .with_context(|| format!("cannot create {}", cmd.output.display()))?;
+    let mut rows = Vec::new();
+    for method in &methods {
+        reset_peak_rss();
+        let (base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
+        let tok = tok.context("the model has no tokenizer")?;
+        let (mut examples, _) = tokenize_records(&records, &tok, cmd.max_seq_length)?;
+        examples.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cmd.seed));
+        let n_eval =
+            ((examples.len() as f64 * cmd.eval_split).ceil() as usize).min(examples.len() - 1);
+        let eval = examples.split_off(examples.len() - n_eval);
+        if examples.is_empty() || eval.is_empty() {
+            bail!("too few records to hold out an eval split");
+        }
+        let mut model = build_model(method, base, &TrainCmd::default(), &tok, cmd.seed)
+            .with_context(|| format!("method {method}"))?;
+        let (trainable, all) = model.parameter_counts();
+        let dir = cmd.output.join(method);
+        let lr = default_lr(method);
+        let args = TrainArgs {
+            max_steps: Some(cmd.max_steps),
+            batch_size: cmd.batch_size,
+            lr,
+            seed: cmd.seed,
+            output_dir: dir.clone(),
+            base_model_name: model_name(&cmd.model),
+            show_progress: false,
+            ..Default::default()
+        };
+        let pad_id = tok.pad_token_id().unwrap_or(0);
+        let mut trainer = Trainer {
+            model: model.as_mut(),
+            args,
+            pad_id,
+        };
+        eprintln!("== {method}: {} trainable parameters, lr {lr:e}", trainable);
+        let summary = trainer.train(&examples)?;
+        let eval_loss = eval_loss(&trainer, &eval, cmd.batch_size)?;
+        let tail = &summary.losses[summary.losses.len().saturating_sub(5)..];
+        let row = Row {
+            method: method.clone(),
+            lr,
+            trainable,
+            all,
+            peak_rss_mib: peak_rss_mib(),
+            tokens_per_s: summary.tokens_per_s(),
+            train_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+            eval_loss,
+            adapter_bytes: std::fs::metadata(dir.join(peft::model::WEIGHTS_FILE))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            losses: summary.losses,
+        };
+        eprintln!(
+            "   train loss {:.4}, eval loss {:.4}, {:.0} tokens/s, peak RSS {:.0} MiB",
+            row.train_loss, row.eval_loss, row.tokens_per_s, row.peak_rss_mib
+        );
+        rows.push(row);
+    }
+    let table = markdown(&rows, &cmd);
+    println!("{table}");
+    let json = json!({
+        "model": cmd.model, "data": cmd.data, "max_steps": cmd.max_steps,
+        "batch_size": cmd.batch_size, "seed": cmd.seed, "eval_split": cmd.eval_split,
+        "methods": rows.iter().map(|r| json!({
+            "method": r.method, "lr": r.lr, "trainable_params": r.trainable, "all_params": r.all,
+            "trainable_percent": 100.0 * r.trainable as f64 / r.all as f64,
+            "peak_rss_mib": r.peak_rss_mib, "tokens_per_s": r.tokens_per_s,
+            "train_loss": r.train_loss, "eval_loss": r.eval_loss,
+            "eval_perplexity": r.eval_loss.exp(), "adapter_bytes": r.adapter_bytes,
+            "losses": r.losses,
+        })).collect::<Vec<_>>(),
+    });
+    peft_models::io::write_atomic(&cmd.output.join("compare.md"), table.as_bytes())?;
+    peft_models::io::write_atomic(
+        &cmd.output.join("compare.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    plot(&rows, &cmd.output.join("compare.svg"))?;
+    eprintln!(
+        "wrote {}/compare.md, compare.json and compare.svg",
+        cmd.output.display()
+    );
+    Ok(())
+}
+
+fn markdown(rows: &[Row], cmd: &CompareCmd) -> String {
+    let mut s = format!(
+        "{} steps, batch {}, seed {}, {:.0}% of the records held out\n\n\
+         | method | lr | trainable params | trainable % | peak RSS MiB | tokens/s | train loss (last 5) | eval loss | eval perplexity | adapter file |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        cmd.max_steps,
+        cmd.batch_size,
+        cmd.seed,
+        100.0 * cmd.eval_split
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {:e} | {} | {:.4} | {:.0} | {:.1} | {:.4} | {:.4} | {:.2} | {:.1} KB |\n",
+            r.method,
+            r.lr,
+            r.trainable,
+            100.0 * r.trainable as f64 / r.all as f64,
+            r.peak_rss_mib,
+            r.tokens_per_s,
+            r.train_loss,
+            r.eval_loss,
+            r.eval_loss.exp(),
+            r.adapter_bytes as f64 / 1024.0
+        );
+    }
+    s
+}
+
+fn plot(rows: &[Row], path: &std::path::Path) -> Result<()> {
+    let steps = rows.iter().map(|r| r.losses.len()).max().unwrap_or(1);
+    let max = rows
+        .iter()
+        .flat_map(|r| r.losses.iter().copied())
+        .fold(0f64, f64::max);
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("cannot draw {}: {e:?}", path.display());
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("training loss per step", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(1f64..steps as f64, 0f64..max * 1.05)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss")
+        .draw()
+        .map_err(err)?;
+    for (i, r) in rows.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                r.losses
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &l)| (s as f64 + 1.0, l)),
+                color.stroke_width(2),
+            ))
+            .map_err(err)?
+            .label(r.method.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
