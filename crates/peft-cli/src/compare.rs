@@ -37,6 +37,10 @@ pub struct CompareCmd {
     seed: u64,
     #[arg(long)]
     threads: Option<usize>,
+    /// Internal: train the single method in `--methods` and write its row here (each method
+    /// runs in its own process so that its peak memory is its own).
+    #[arg(long, hide = true)]
+    row_out: Option<PathBuf>,
 }
 
 /// A learning rate that suits each method in a short run (prompt-like methods move few
@@ -49,11 +53,7 @@ fn default_lr(method: &str) -> f64 {
     }
 }
 
-/// Starts a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Row {
     method: String,
     lr: f64,
@@ -88,66 +88,41 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
         .split(',')
         .map(|m| m.trim().to_string())
         .collect();
-    let records = load_records(&cmd.data)?;
+    if let Some(out) = &cmd.row_out {
+        let row = train_one(&cmd, &methods[0])?;
+        return peft_models::io::write_atomic(out, serde_json::to_string(&row)?.as_bytes());
+    }
+    load_records(&cmd.data)?;
     std::fs::create_dir_all(&cmd.output)
         .with_context(|| format!("cannot create {}", cmd.output.display()))?;
+    let exe = std::env::current_exe().context("cannot find the peft executable")?;
     let mut rows = Vec::new();
     for method in &methods {
-        reset_peak_rss();
-        let (base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
-        let tok = tok.context("the model has no tokenizer")?;
-        let (mut examples, _) = tokenize_records(&records, &tok, cmd.max_seq_length)?;
-        examples.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cmd.seed));
-        let n_eval =
-            ((examples.len() as f64 * cmd.eval_split).ceil() as usize).min(examples.len() - 1);
-        let eval = examples.split_off(examples.len() - n_eval);
-        if examples.is_empty() || eval.is_empty() {
-            bail!("too few records to hold out an eval split");
+        let row_path = cmd.output.join(format!("{method}.row.json"));
+        let mut child = std::process::Command::new(&exe);
+        child
+            .arg("compare")
+            .args(["--model".as_ref(), cmd.model.as_os_str()])
+            .args(["--data".as_ref(), cmd.data.as_os_str()])
+            .args(["--output".as_ref(), cmd.output.as_os_str()])
+            .args(["--methods", method])
+            .args(["--max-steps", &cmd.max_steps.to_string()])
+            .args(["--batch-size", &cmd.batch_size.to_string()])
+            .args(["--max-seq-length", &cmd.max_seq_length.to_string()])
+            .args(["--eval-split", &cmd.eval_split.to_string()])
+            .args(["--seed", &cmd.seed.to_string()])
+            .args(["--row-out".as_ref(), row_path.as_os_str()]);
+        if let Some(n) = cmd.threads {
+            child.args(["--threads", &n.to_string()]);
         }
-        let mut model = build_model(method, base, &TrainCmd::default(), &tok, cmd.seed)
-            .with_context(|| format!("method {method}"))?;
-        let (trainable, all) = model.parameter_counts();
-        let dir = cmd.output.join(method);
-        let lr = default_lr(method);
-        let args = TrainArgs {
-            max_steps: Some(cmd.max_steps),
-            batch_size: cmd.batch_size,
-            lr,
-            seed: cmd.seed,
-            output_dir: dir.clone(),
-            base_model_name: model_name(&cmd.model),
-            show_progress: false,
-            ..Default::default()
-        };
-        let pad_id = tok.pad_token_id().unwrap_or(0);
-        let mut trainer = Trainer {
-            model: model.as_mut(),
-            args,
-            pad_id,
-        };
-        eprintln!("== {method}: {} trainable parameters, lr {lr:e}", trainable);
-        let summary = trainer.train(&examples)?;
-        let eval_loss = eval_loss(&trainer, &eval, cmd.batch_size)?;
-        let tail = &summary.losses[summary.losses.len().saturating_sub(5)..];
-        let row = Row {
-            method: method.clone(),
-            lr,
-            trainable,
-            all,
-            peak_rss_mib: peak_rss_mib(),
-            tokens_per_s: summary.tokens_per_s(),
-            train_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
-            eval_loss,
-            adapter_bytes: std::fs::metadata(dir.join(peft::model::WEIGHTS_FILE))
-                .map(|m| m.len())
-                .unwrap_or(0),
-            losses: summary.losses,
-        };
-        eprintln!(
-            "   train loss {:.4}, eval loss {:.4}, {:.0} tokens/s, peak RSS {:.0} MiB",
-            row.train_loss, row.eval_loss, row.tokens_per_s, row.peak_rss_mib
-        );
-        rows.push(row);
+        let status = child.status().context("cannot start peft compare")?;
+        if !status.success() {
+            bail!("method {method} failed ({status})");
+        }
+        let text = std::fs::read_to_string(&row_path)
+            .with_context(|| format!("cannot read {}", row_path.display()))?;
+        rows.push(serde_json::from_str::<Row>(&text)?);
+        let _ = std::fs::remove_file(&row_path);
     }
     let table = markdown(&rows, &cmd);
     println!("{table}");
@@ -174,6 +149,65 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
         cmd.output.display()
     );
     Ok(())
+}
+
+/// Trains `method` and measures it (in this process: its peak RSS is this process's).
+fn train_one(cmd: &CompareCmd, method: &str) -> Result<Row> {
+    let records = load_records(&cmd.data)?;
+    let (base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
+    let tok = tok.context("the model has no tokenizer")?;
+    let (mut examples, _) = tokenize_records(&records, &tok, cmd.max_seq_length)?;
+    examples.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cmd.seed));
+    let n_eval = ((examples.len() as f64 * cmd.eval_split).ceil() as usize)
+        .min(examples.len().saturating_sub(1));
+    let eval = examples.split_off(examples.len() - n_eval);
+    if examples.is_empty() || eval.is_empty() {
+        bail!("too few records to hold out an eval split");
+    }
+    let mut model = build_model(method, base, &TrainCmd::default(), &tok, cmd.seed)
+        .with_context(|| format!("method {method}"))?;
+    let (trainable, all) = model.parameter_counts();
+    let dir = cmd.output.join(method);
+    let lr = default_lr(method);
+    let args = TrainArgs {
+        max_steps: Some(cmd.max_steps),
+        batch_size: cmd.batch_size,
+        lr,
+        seed: cmd.seed,
+        output_dir: dir.clone(),
+        base_model_name: model_name(&cmd.model),
+        show_progress: false,
+        ..Default::default()
+    };
+    let pad_id = tok.pad_token_id().unwrap_or(0);
+    let mut trainer = Trainer {
+        model: model.as_mut(),
+        args,
+        pad_id,
+    };
+    eprintln!("== {method}: {trainable} trainable parameters, lr {lr:e}");
+    let summary = trainer.train(&examples)?;
+    let eval_loss = eval_loss(&trainer, &eval, cmd.batch_size)?;
+    let tail = &summary.losses[summary.losses.len().saturating_sub(5)..];
+    let row = Row {
+        method: method.to_string(),
+        lr,
+        trainable,
+        all,
+        peak_rss_mib: peak_rss_mib(),
+        tokens_per_s: summary.tokens_per_s(),
+        train_loss: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+        eval_loss,
+        adapter_bytes: std::fs::metadata(dir.join(peft::model::WEIGHTS_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0),
+        losses: summary.losses,
+    };
+    eprintln!(
+        "   train loss {:.4}, eval loss {:.4}, {:.0} tokens/s, peak RSS {:.0} MiB",
+        row.train_loss, row.eval_loss, row.tokens_per_s, row.peak_rss_mib
+    );
+    Ok(row)
 }
 
 fn markdown(rows: &[Row], cmd: &CompareCmd) -> String {

@@ -458,3 +458,52 @@ fn killed_run_resumes_exactly_and_ctrl_c_saves() {
         .expect("a checkpoint");
     assert!(step >= 1 && dir.join("adapter_model.safetensors").exists());
 }
+
+/// `peft compare` trains each method in its own process and writes the table, JSON and plot.
+#[test]
+fn compare_writes_table_json_and_plot() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = peft_models::testing::shipped_data();
+    let out = peft(&[
+        "compare",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(dir.path()),
+        "--methods",
+        "ia3,prompt",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("compare.json")).unwrap())
+            .unwrap();
+    let methods = json["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 2);
+    assert_eq!(methods[0]["trainable_params"], 57_600);
+    for m in methods {
+        assert!(m["eval_loss"].as_f64().unwrap().is_finite());
+        assert!(m["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    }
+    assert!(std::fs::read_to_string(dir.path().join("compare.md"))
+        .unwrap()
+        .contains("| ia3 |"));
+    assert!(std::fs::read_to_string(dir.path().join("compare.svg"))
+        .unwrap()
+        .contains("<svg"));
+    assert!(dir.path().join("prompt/adapter_model.safetensors").exists());
+}

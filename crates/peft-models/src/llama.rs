@@ -307,7 +307,9 @@ impl Llama {
     }
 
     /// Replaces every decoder linear's weight (not `lm_head`, as bitsandbytes' loaders skip it)
-    /// with its 4-bit quantization; matmuls then run in `compute_dtype`.
+    /// with its 4-bit quantization; matmuls then run in `compute_dtype`. The norm weights
+    /// become f32, as `prepare_model_for_kbit_training` casts them (RMSNorm then computes in
+    /// f32 whatever the activations' dtype).
     pub fn quantize(
         &mut self,
         kind: FourBit,
@@ -323,6 +325,11 @@ impl Llama {
                 lin.weight = LinearWeight::Quantized(Arc::new(q));
             }
         }
+        for layer in &mut self.layers {
+            layer.input_layernorm = layer.input_layernorm.to_dtype(DType::F32)?;
+            layer.post_attention_layernorm = layer.post_attention_layernorm.to_dtype(DType::F32)?;
+        }
+        self.norm = self.norm.to_dtype(DType::F32)?;
         Ok(())
     }
 

@@ -24,7 +24,13 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// RMSNorm over the last dim with a frozen scale `w` (Llama's `x / rms(x) * w`).
+///
+/// With f32 norm weights on lower-precision activations (k-bit training), the norm computes in
+/// f32 and casts back, as transformers' `LlamaRMSNorm` computes in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if w.dtype() != x.dtype() {
+        return rms_norm(&x.to_dtype(w.dtype())?, w, eps)?.to_dtype(x.dtype());
+    }
     let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, w, eps as f32)?;
     let w = w.clone();
     with_grad(x, y, move |x, _, grad| {

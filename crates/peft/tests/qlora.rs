@@ -113,3 +113,45 @@ fn adapter_loads_on_the_dense_base_and_merges_into_the_4bit_base() {
     let merged = on_4bit.merge_and_unload().unwrap();
     assert!(max_abs_diff(&logits(&merged), &trained) < 1e-5);
 }
+
+/// `--compute-dtype bf16`: matmuls in bf16, norms in f32 (prepare_model_for_kbit_training),
+/// LoRA weights in f32, and the gradients reach every LoRA tensor.
+#[test]
+fn bf16_compute_keeps_norms_in_f32_and_trains() {
+    let mut f32_model = tiny_llama(6, true).unwrap();
+    let model_config = f32_model.config.clone();
+    let weights = f32_model
+        .named_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    let mut base = Llama::from_weights(model_config, weights, &Device::Cpu, DType::BF16).unwrap();
+    base.quantize(FourBit::Nf4, true, DType::BF16).unwrap();
+    assert_eq!(base.layers[0].input_layernorm.dtype(), DType::F32);
+    assert_eq!(base.norm.dtype(), DType::F32);
+    let peft = PeftModel::new(base, config(), 5).unwrap();
+    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
+    let h = peft.base.forward(&ids(), None, None, true).unwrap();
+    assert_eq!(h.dtype(), DType::BF16);
+    let w = peft.base.lm_head_weight().unwrap();
+    let loss = cross_entropy_chunked(&h.reshape((8, 32)).unwrap(), &w, &labels, 4)
+        .unwrap()
+        .0;
+    assert!(loss.to_scalar::<f32>().unwrap().is_finite());
+    let grads = loss.backward().unwrap();
+    for (k, v) in peft.trainable() {
+        assert_eq!(v.dtype(), DType::F32, "{k}");
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {k}"));
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n.is_finite(), "{k}");
+    }
+}
