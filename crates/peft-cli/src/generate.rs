@@ -121,8 +121,7 @@ impl Virtual {
         } else {
             Virtual::Embeds(
                 model
-                    .embeddings
-                    .as_tensor()
+                    .values()?
                     .detach()
                     .to_dtype(model.base.dtype)?
                     .unsqueeze(0)?,

@@ -48,6 +48,12 @@ pub struct TrainCmd {
     /// Virtual tokens of prompt and prefix tuning.
     #[arg(long)]
     num_virtual_tokens: Option<usize>,
+    /// Prefix tuning: train the prefixes through an MLP (saved as its output, as PEFT does).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    prefix_projection: Option<bool>,
+    /// Hidden width of the prefix projection MLP (default 512).
+    #[arg(long)]
+    encoder_hidden_size: Option<usize>,
     /// Prompt tuning init: random, sample_vocab or text.
     #[arg(long)]
     prompt_tuning_init: Option<String>,
@@ -262,9 +268,14 @@ pub fn build_model(
             };
             Box::new(Ia3Model::new(base, config)?)
         }
-        "prefix" | "ptuning-v2" => {
-            Box::new(PromptModel::new_prefix_tuning(base, virtual_tokens, seed)?)
-        }
+        "prefix" | "ptuning-v2" => Box::new(PromptModel::new_prefix_tuning(
+            base,
+            virtual_tokens,
+            seed,
+            c.prefix_projection
+                .unwrap_or(false)
+                .then_some(c.encoder_hidden_size.unwrap_or(512)),
+        )?),
         _ => Box::new(PeftModel::new(base, lora, seed)?),
     })
 }

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
+/// Prefix of trainable tensors stored in the optimizer file (those the adapter file lacks).
+const PARAM_PREFIX: &str = "param.";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const PREFIX: &str = "checkpoint-";
 
@@ -41,7 +43,18 @@ pub fn save(
     }
     model.save(&tmp, base_name)?;
     let keys: Vec<String> = model.trainable().into_iter().map(|(k, _)| k).collect();
-    let tensors = opt.state_tensors(&keys)?;
+    let mut tensors = opt.state_tensors(&keys)?;
+    // Trainable tensors the adapter file does not hold as such (a prefix projection is saved
+    // as its output) are kept here, so that the run resumes from them.
+    let saved = load_safetensors(
+        &tmp.join(peft::model::WEIGHTS_FILE),
+        &candle_core::Device::Cpu,
+    )?;
+    for (key, var) in model.trainable() {
+        if !saved.contains_key(&key) {
+            tensors.push((format!("{PARAM_PREFIX}{key}"), var.as_tensor().detach()));
+        }
+    }
     save_safetensors(&tmp.join(OPTIMIZER_FILE), &tensors, None)?;
     write_atomic(
         &tmp.join(STATE_FILE),
@@ -110,9 +123,11 @@ pub fn load(dir: &Path, model: &dyn Tuned, opt: &mut AdamW) -> Result<TrainerSta
     let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)?;
     let mut keys = Vec::new();
     for (key, var) in model.trainable() {
-        let w = weights
-            .get(&key)
-            .with_context(|| format!("checkpoint {} lacks {key}", dir.display()))?;
+        let w = moments
+            .get(&format!("{PARAM_PREFIX}{key}"))
+            .or_else(|| weights.get(&key))
+            .with_context(|| format!("checkpoint {} lacks {key}", dir.display()))?
+            .to_device(var.device())?;
         if w.dims() != var.dims() {
             bail!(
                 "checkpoint {}: {key} has shape {:?}, the model needs {:?}",
@@ -121,7 +136,7 @@ pub fn load(dir: &Path, model: &dyn Tuned, opt: &mut AdamW) -> Result<TrainerSta
                 var.dims()
             );
         }
-        var.set(w)?;
+        var.set(&w)?;
         keys.push(key);
     }
     opt.load_state_tensors(&keys, &moments)

@@ -98,3 +98,49 @@ fn resume_with_other_settings_is_refused() {
         .to_string();
     assert!(err.contains("not a checkpoint folder"), "{err}");
 }
+
+/// Every method resumes bitwise, including prefix tuning trained through its projection MLP
+/// (whose tensors the adapter file does not hold) and IA3 and bottleneck adapters.
+#[test]
+fn other_methods_resume_bitwise() {
+    use peft::{BottleneckConfig, BottleneckModel, Ia3Config, Ia3Model, PromptModel, Tuned};
+    let build = |method: &str| -> Box<dyn Tuned> {
+        let base = tiny_llama(22, true).unwrap();
+        match method {
+            "prefix-projection" => {
+                Box::new(PromptModel::new_prefix_tuning(base, 3, 5, Some(8)).unwrap())
+            }
+            "ia3" => Box::new(Ia3Model::new(base, Ia3Config::default()).unwrap()),
+            _ => Box::new(BottleneckModel::new(base, BottleneckConfig::houlsby(4), 5).unwrap()),
+        }
+    };
+    for method in ["prefix-projection", "ia3", "adapter"] {
+        let train = |out: &Path, resume: Option<&str>| -> Vec<f64> {
+            let mut model = build(method);
+            let args = TrainArgs {
+                max_steps: Some(6),
+                batch_size: 2,
+                lr: 1e-2,
+                seed: 3,
+                save_steps: Some(3),
+                resume_from: resume.map(|r| r.into()),
+                output_dir: out.to_path_buf(),
+                base_model_name: "tiny".into(),
+                show_progress: false,
+                ..Default::default()
+            };
+            Trainer {
+                model: model.as_mut(),
+                args,
+                pad_id: 0,
+            }
+            .train(&examples())
+            .unwrap()
+            .losses
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let full = train(dir.path(), None);
+        let resumed = train(dir.path(), Some("latest"));
+        assert_eq!(resumed, full[3..].to_vec(), "{method}");
+    }
+}

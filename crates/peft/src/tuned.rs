@@ -90,10 +90,7 @@ impl Tuned for PromptModel {
         &mut self.base
     }
     fn trainable(&self) -> Vec<(String, Var)> {
-        vec![(
-            crate::prompt::EMBEDDINGS_KEY.to_string(),
-            self.embeddings.clone(),
-        )]
+        PromptModel::trainable(self)
     }
     fn hidden(
         &self,
@@ -110,7 +107,10 @@ impl Tuned for PromptModel {
         PromptModel::save(self, dir, base_model_name)
     }
     fn parameter_counts(&mut self) -> (usize, usize) {
-        let t = self.embeddings.elem_count();
+        let t: usize = PromptModel::trainable(self)
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
         (t, self.base.parameter_count() + t)
     }
 }

@@ -36,6 +36,76 @@ pub struct PromptModel {
     /// `[virtual tokens, hidden]` (prompt) or `[virtual tokens, 2 · layers · kv_heads · head_dim]`
     /// (prefix: per layer a key and a value, each `kv_heads × head_dim`).
     pub embeddings: Var,
+    /// Prefix tuning's reparameterization while training (`prefix_projection`); `None` once
+    /// loaded from a file, which holds its output.
+    pub projection: Option<PrefixProjection>,
+}
+
+/// PEFT's `prefix_projection`: the prefixes are the output of Embedding → Linear → tanh →
+/// Linear while training, and saving stores that output, so the file keeps the plain layout.
+pub struct PrefixProjection {
+    /// Embedding `[virtual tokens, token_dim]`, then `[hidden, token_dim]` + `[hidden]` and
+    /// `[width, hidden]` + `[width]`, under [`PROJECTION_KEYS`].
+    pub params: [Var; 5],
+}
+
+/// Keys of the projection's tensors (PEFT's `prompt_encoder` module names, adapter name dropped).
+pub const PROJECTION_KEYS: [&str; 5] = [
+    "prompt_encoder.embedding.weight",
+    "prompt_encoder.transform.0.weight",
+    "prompt_encoder.transform.0.bias",
+    "prompt_encoder.transform.2.weight",
+    "prompt_encoder.transform.2.bias",
+];
+
+impl PrefixProjection {
+    /// PEFT's init: N(0, 1) embedding, `nn.Linear`'s U(±1/√fan_in) layers.
+    fn new(
+        n: usize,
+        token_dim: usize,
+        hidden: usize,
+        width: usize,
+        seed: u64,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED);
+        let mut uniform = |len: usize, fan_in: usize| -> Vec<f32> {
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            (0..len)
+                .map(|_| rand::Rng::random_range(&mut rng, -bound..bound))
+                .collect()
+        };
+        let tensors = [
+            Tensor::from_vec(normal(n * token_dim, seed), (n, token_dim), device)?,
+            Tensor::from_vec(
+                uniform(hidden * token_dim, token_dim),
+                (hidden, token_dim),
+                device,
+            )?,
+            Tensor::from_vec(uniform(hidden, token_dim), hidden, device)?,
+            Tensor::from_vec(uniform(width * hidden, hidden), (width, hidden), device)?,
+            Tensor::from_vec(uniform(width, hidden), width, device)?,
+        ];
+        let vars = tensors
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            params: vars
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("5 projection tensors"))?,
+        })
+    }
+
+    /// `[virtual tokens, width]` prefixes.
+    fn forward(&self) -> Result<Tensor> {
+        let [e, w1, b1, w2, b2] = self
+            .params
+            .each_ref()
+            .map(|v| peft_ops::param(v.as_tensor()));
+        let h = e.matmul(&w1.t()?)?.broadcast_add(&b1)?.tanh()?;
+        Ok(h.matmul(&w2.t()?)?.broadcast_add(&b2)?)
+    }
 }
 
 fn normal(n: usize, seed: u64) -> Vec<f32> {
@@ -110,11 +180,18 @@ impl PromptModel {
             base,
             config,
             embeddings,
+            projection: None,
         })
     }
 
-    /// Fresh prefix tuning (P-tuning v2) with `n` virtual tokens per layer, N(0, 1) init.
-    pub fn new_prefix_tuning(base: Llama, n: usize, seed: u64) -> Result<Self> {
+    /// Fresh prefix tuning (P-tuning v2) with `n` virtual tokens per layer, N(0, 1) init; with
+    /// `projection = Some(hidden)`, trained through PEFT's reparameterization MLP.
+    pub fn new_prefix_tuning(
+        base: Llama,
+        n: usize,
+        seed: u64,
+        projection: Option<usize>,
+    ) -> Result<Self> {
         if n == 0 {
             bail!("prefix tuning needs at least 1 virtual token");
         }
@@ -122,13 +199,17 @@ impl PromptModel {
         let token_dim = c.num_key_value_heads * c.head_dim;
         let width = 2 * c.num_hidden_layers * token_dim;
         let mut config = Self::base_config(&base, PREFIX_TUNING, n, token_dim);
-        config.prefix_projection = Some(false);
-        config.encoder_hidden_size = Some(token_dim);
+        config.prefix_projection = Some(projection.is_some());
+        config.encoder_hidden_size = Some(projection.unwrap_or(token_dim));
+        let projection = projection
+            .map(|hidden| PrefixProjection::new(n, token_dim, hidden, width, seed, &base.device))
+            .transpose()?;
         let values = Tensor::from_vec(normal(n * width, seed), (n, width), &base.device)?;
         Ok(Self {
             embeddings: Var::from_tensor(&values)?,
             base,
             config,
+            projection,
         })
     }
 
@@ -174,6 +255,7 @@ impl PromptModel {
             base,
             config,
             embeddings: Var::from_tensor(&t.to_dtype(DType::F32)?)?,
+            projection: None,
         })
     }
 
@@ -181,10 +263,7 @@ impl PromptModel {
     pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let tensors = [(
-            EMBEDDINGS_KEY.to_string(),
-            self.embeddings.as_tensor().detach(),
-        )];
+        let tensors = [(EMBEDDINGS_KEY.to_string(), self.values()?.detach())];
         save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(meta))?;
         let mut config = self.config.clone();
         config.inference_mode = true;
@@ -192,6 +271,26 @@ impl PromptModel {
             config.base_model_name_or_path = Some(base_model_name.to_string());
         }
         write_atomic(&dir.join(CONFIG_FILE), config.to_json_string()?.as_bytes())
+    }
+
+    /// The virtual tokens' values: the plain tensor, or the projection's output.
+    pub fn values(&self) -> Result<Tensor> {
+        match &self.projection {
+            Some(p) => p.forward(),
+            None => Ok(peft_ops::param(self.embeddings.as_tensor())),
+        }
+    }
+
+    /// Trainable tensors by key: the projection's while it exists, else `prompt_embeddings`.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        match &self.projection {
+            Some(p) => PROJECTION_KEYS
+                .iter()
+                .zip(&p.params)
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            None => vec![(EMBEDDINGS_KEY.to_string(), self.embeddings.clone())],
+        }
     }
 
     pub fn num_virtual_tokens(&self) -> usize {
@@ -217,7 +316,8 @@ impl PromptModel {
             c.num_key_value_heads,
             c.head_dim,
         );
-        let e = peft_ops::param(self.embeddings.as_tensor())
+        let e = self
+            .values()?
             .to_dtype(self.base.dtype)?
             .reshape((n, 2 * layers, kvh, hd))?;
         let mut cache = KvCache::new(layers);
@@ -259,9 +359,7 @@ impl PromptModel {
                 .base
                 .forward(input_ids, mask.as_ref(), Some(&mut cache), train);
         }
-        let prompt = peft_ops::param(self.embeddings.as_tensor())
-            .to_dtype(self.base.dtype)?
-            .unsqueeze(0)?;
+        let prompt = self.values()?.to_dtype(self.base.dtype)?.unsqueeze(0)?;
         let prompt = prompt.broadcast_as((b, prompt.dim(1)?, prompt.dim(2)?))?;
         let embeds = Tensor::cat(&[&prompt, &self.base.embed(input_ids)?], 1)?;
         self.base
