@@ -6,7 +6,10 @@ use peft::{
 };
 use peft_models::tokenizer::Tokenizer;
 use peft_models::Llama;
-use peft_train::{load_records, tokenize_records, OptimKind, SchedulerKind, TrainArgs, Trainer};
+use peft_train::{
+    load_records, map_columns, parse_column_mapping, tokenize_records, OptimKind, SchedulerKind,
+    TrainArgs, Trainer,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -23,9 +26,13 @@ pub struct TrainCmd {
     /// HF model folder or .gguf file.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// JSONL data: `text`, `messages`, or `prompt`/`completion` records.
+    /// JSONL, CSV or TSV data: `text`, `messages`, `prompt`/`completion` or Alpaca
+    /// `instruction`/`input`/`output` records.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Column mapping, `field=column,...` (e.g. `prompt=question,completion=answer`).
+    #[arg(long)]
+    columns: Option<String>,
     /// Folder for the adapter, metrics.jsonl and per-epoch adapters.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -334,7 +341,11 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let dtype = c.dtype.unwrap_or(DTypeArg::F32).dtype();
 
     // Cheap checks first: a bad data file should fail before the model loads.
-    let records = load_records(&data_path)?;
+    let mut records = load_records(&data_path)?;
+    if let Some(spec) = &c.columns {
+        map_columns(&mut records, &parse_column_mapping(spec)?)
+            .with_context(|| format!("in {}", data_path.display()))?;
+    }
     let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
     let (mut base, tok) = load_base(&model_path, dtype, &device)?;
     if let Some(q) = c.quantize {

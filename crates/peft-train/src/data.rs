@@ -1,8 +1,9 @@
-//! Training records (JSONL) to token ids and labels, and padded batches.
+//! Training records (JSONL, CSV or TSV) to token ids and labels, and padded batches.
 //!
-//! Three record shapes, as TRL's SFTTrainer takes them: `{"text"}` (loss on every token),
+//! Record shapes, as TRL's SFTTrainer takes them: `{"text"}` (loss on every token),
 //! `{"prompt", "completion"}` (loss on the completion) and `{"messages": [{role, content}]}`
-//! (rendered with the model's chat template, loss on assistant turns only).
+//! (rendered with the model's chat template, loss on assistant turns only); plus Alpaca's
+//! `{"instruction", "input", "output"}`, trained as a user turn and an assistant reply.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -29,8 +30,16 @@ impl Example {
     }
 }
 
-/// Reads a JSONL file: one JSON object per non-empty line.
+/// Reads the records of a data file: JSONL (one JSON object per non-empty line), or CSV / TSV
+/// (by extension; a header row names the fields, every value is a string).
 pub fn load_records(path: &Path) -> Result<Vec<Value>> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if ext == "csv" || ext == "tsv" {
+        return load_delimited(path, if ext == "csv" { b',' } else { b'\t' });
+    }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read data file {}", path.display()))?;
     let mut out = Vec::new();
@@ -49,6 +58,65 @@ pub fn load_records(path: &Path) -> Result<Vec<Value>> {
         bail!("data file {} has no records", path.display());
     }
     Ok(out)
+}
+
+fn load_delimited(path: &Path, delimiter: u8) -> Result<Vec<Value>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .from_path(path)
+        .with_context(|| format!("cannot read data file {}", path.display()))?;
+    let headers = reader
+        .headers()
+        .map_err(|e| anyhow::anyhow!("{}: bad header row: {e}", path.display()))?
+        .clone();
+    let mut out = Vec::new();
+    for (i, row) in reader.records().enumerate() {
+        // Line numbers count the header.
+        let row = row.map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 2))?;
+        let record: serde_json::Map<String, Value> = headers
+            .iter()
+            .zip(row.iter())
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
+        out.push(Value::Object(record));
+    }
+    if out.is_empty() {
+        bail!("data file {} has no records", path.display());
+    }
+    Ok(out)
+}
+
+/// Renames fields before tokenizing: each `(field, column)` pair makes `column` of every
+/// record available as `field` (e.g. `prompt=question`), as a column-mapping flag asks.
+pub fn map_columns(records: &mut [Value], mapping: &[(String, String)]) -> Result<()> {
+    for (i, record) in records.iter_mut().enumerate() {
+        let Some(obj) = record.as_object_mut() else {
+            continue;
+        };
+        for (field, column) in mapping {
+            let value = obj.remove(column).with_context(|| {
+                format!(
+                    "record {}: no column {column:?} (mapped to {field:?})",
+                    i + 1
+                )
+            })?;
+            obj.insert(field.clone(), value);
+        }
+    }
+    Ok(())
+}
+
+/// Parses `field=column,field=column`.
+pub fn parse_column_mapping(spec: &str) -> Result<Vec<(String, String)>> {
+    spec.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (field, column) = pair
+                .split_once('=')
+                .with_context(|| format!("column mapping {pair:?} is not field=column"))?;
+            Ok((field.trim().to_string(), column.trim().to_string()))
+        })
+        .collect()
 }
 
 fn str_field<'a>(v: &'a Value, key: &str, line: usize) -> Result<&'a str> {
@@ -78,6 +146,31 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize) -> Result<Example> {
         {
             push(tok.encode(&segment, false)?, is_assistant);
         }
+    } else if v.get("instruction").is_some() {
+        // Alpaca: the instruction (and input, when non-empty) as a user turn, the output as
+        // the assistant's reply, through the chat template.
+        let instruction = str_field(v, "instruction", n)?;
+        let input = v.get("input").and_then(Value::as_str).unwrap_or("");
+        let user = if input.trim().is_empty() {
+            instruction.to_string()
+        } else {
+            format!("{instruction}\n\n{input}")
+        };
+        let messages = [
+            ChatMessage {
+                role: "user".into(),
+                content: user,
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: str_field(v, "output", n)?.into(),
+            },
+        ];
+        for (segment, is_assistant) in
+            chat_segments(tok, &messages).with_context(|| format!("record {n}"))?
+        {
+            push(tok.encode(&segment, false)?, is_assistant);
+        }
     } else if v.get("prompt").is_some() || v.get("completion").is_some() {
         let prompt = str_field(v, "prompt", n)?;
         let completion = str_field(v, "completion", n)?;
@@ -92,7 +185,7 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize) -> Result<Example> {
             .as_object()
             .map(|o| o.keys().collect())
             .unwrap_or_default();
-        bail!("record {n}: no \"text\", \"messages\" or \"prompt\"/\"completion\" field (found {keys:?})");
+        bail!("record {n}: no \"text\", \"messages\", \"prompt\"/\"completion\" or \"instruction\"/\"output\" field (found {keys:?}; --columns maps other names)");
     }
     Ok(Example {
         input_ids: ids,
