@@ -2,6 +2,7 @@
 //! Hugging Face PEFT's format, merging.
 
 pub mod bottleneck;
+pub mod files;
 pub mod ia3;
 pub mod keys;
 pub mod lora;
@@ -24,10 +25,7 @@ pub fn adapter_type(dir: &std::path::Path) -> anyhow::Result<String> {
     if !path.exists() {
         return Ok("LORA".into());
     }
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", path.display()))?;
+    let value: serde_json::Value = files::read_config(&path)?;
     Ok(value
         .get("peft_type")
         .and_then(|v| v.as_str())

@@ -1,13 +1,14 @@
 //! A base model with LoRA adapters injected by module path: creation, PEFT-format save/load,
 //! parameter counting and merging.
 
+use crate::files::{detached, write_adapter};
 use crate::keys::{file_key, module_path};
 use crate::lora::config::LoraConfig;
 use crate::lora::layer::{DropoutSeed, LoraLayer};
 use crate::targets::{select, TargetModules};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
+use peft_models::io::load_safetensors;
 use peft_models::Llama;
 use peft_ops::LinearWeight;
 use rand::{Rng, SeedableRng};
@@ -215,19 +216,11 @@ impl PeftModel {
     /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT's
     /// `save_pretrained` does, each atomically.
     pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let tensors: Vec<(String, Tensor)> = self
-            .trainable()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().detach()))
-            .collect();
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(meta))?;
         let mut config = self.config.clone();
         if config.base_model_name_or_path.is_none() {
             config.base_model_name_or_path = Some(base_model_name.to_string());
         }
-        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string()?.as_bytes())
+        write_adapter(dir, &detached(self.trainable()), &config.to_json_string()?)
     }
 
     /// Loads a PEFT LoRA adapter folder onto `base`. Every tensor in the file must be used and

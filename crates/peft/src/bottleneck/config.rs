@@ -99,10 +99,7 @@ impl BottleneckConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", path.display()))?;
+        let config: Self = crate::files::read_config(path)?;
         config
             .validate()
             .with_context(|| format!("in {}", path.display()))?;
@@ -110,8 +107,6 @@ impl BottleneckConfig {
     }
 
     pub fn to_json_string(&self) -> Result<String> {
-        let value: std::collections::BTreeMap<String, Value> =
-            serde_json::from_value(serde_json::to_value(self)?)?;
-        Ok(serde_json::to_string_pretty(&value)?)
+        crate::files::sorted_json(self)
     }
 }

@@ -5,12 +5,13 @@ pub mod config;
 
 pub use config::BottleneckConfig;
 
+use crate::files::{detached, write_adapter};
 use crate::keys::file_key;
 use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::Tuned;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
+use peft_models::io::load_safetensors;
 use peft_models::{BlockAdapter, Llama};
 use peft_ops::param;
 use rand::SeedableRng;
@@ -176,20 +177,12 @@ impl Tuned for BottleneckModel {
         ))
     }
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let tensors: Vec<(String, Tensor)> = self
-            .trainable()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().detach()))
-            .collect();
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(meta))?;
         let mut config = self.config.clone();
         config.inference_mode = true;
         if config.base_model_name_or_path.is_none() {
             config.base_model_name_or_path = Some(base_model_name.to_string());
         }
-        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string()?.as_bytes())
+        write_adapter(dir, &detached(self.trainable()), &config.to_json_string()?)
     }
     fn parameter_counts(&mut self) -> (usize, usize) {
         let t: usize = self.trainable().iter().map(|(_, v)| v.elem_count()).sum();

@@ -170,10 +170,7 @@ impl LoraConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", path.display()))?;
+        let cfg: Self = crate::files::read_config(path)?;
         cfg.validate()
             .with_context(|| format!("in {}", path.display()))?;
         Ok(cfg)

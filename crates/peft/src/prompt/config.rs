@@ -1,4 +1,4 @@
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -60,10 +60,7 @@ impl PromptConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not a valid prompt config: {e}", path.display()))?;
+        let config: Self = crate::files::read_config(path)?;
         if config.peft_type != PROMPT_TUNING && config.peft_type != PREFIX_TUNING {
             bail!(
                 "{}: peft_type {:?} is not prompt or prefix tuning",
@@ -79,8 +76,6 @@ impl PromptConfig {
 
     /// JSON with sorted keys, as PEFT writes it.
     pub fn to_json_string(&self) -> Result<String> {
-        let value: std::collections::BTreeMap<String, Value> =
-            serde_json::from_value(serde_json::to_value(self)?)?;
-        Ok(serde_json::to_string_pretty(&value)?)
+        crate::files::sorted_json(self)
     }
 }

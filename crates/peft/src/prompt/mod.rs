@@ -6,10 +6,11 @@ pub mod config;
 
 pub use config::{PromptConfig, PREFIX_TUNING, PROMPT_TUNING};
 
+use crate::files::write_adapter;
 use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::io::{load_safetensors, save_safetensors, write_atomic};
+use peft_models::io::load_safetensors;
 use peft_models::{KvCache, Llama};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -261,16 +262,13 @@ impl PromptModel {
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT does.
     pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         let tensors = [(EMBEDDINGS_KEY.to_string(), self.values()?.detach())];
-        save_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(meta))?;
         let mut config = self.config.clone();
         config.inference_mode = true;
         if config.base_model_name_or_path.is_none() {
             config.base_model_name_or_path = Some(base_model_name.to_string());
         }
-        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string()?.as_bytes())
+        write_adapter(dir, &tensors, &config.to_json_string()?)
     }
 
     /// The virtual tokens' values: the plain tensor, or the projection's output.

@@ -1,0 +1,42 @@
+//! Adapter folder I/O shared by every method: reading `adapter_config.json`, writing it with
+//! sorted keys, and writing the folder (weights with `format=pt` metadata, atomically).
+
+use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
+use anyhow::{Context, Result};
+use candle_core::{Tensor, Var};
+use peft_models::io::{save_safetensors, write_atomic};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Parses a JSON config file, with one-line errors for a missing or malformed file.
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is malformed: {e}", path.display()))
+}
+
+/// Pretty JSON with sorted keys, as PEFT writes its configs.
+pub fn sorted_json(config: &impl Serialize) -> Result<String> {
+    // serde_json's maps are ordered by key.
+    Ok(serde_json::to_string_pretty(&serde_json::to_value(
+        config,
+    )?)?)
+}
+
+/// Detached copies of trainable tensors, for saving.
+pub fn detached(trainable: Vec<(String, Var)>) -> Vec<(String, Tensor)> {
+    trainable
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().detach()))
+        .collect()
+}
+
+/// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`, each atomically.
+pub fn write_adapter(dir: &Path, tensors: &[(String, Tensor)], config_json: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    save_safetensors(&dir.join(WEIGHTS_FILE), tensors, Some(meta))?;
+    write_atomic(&dir.join(CONFIG_FILE), config_json.as_bytes())
+}
