@@ -40,11 +40,6 @@ pub fn random_llama(
     seed: u64,
 ) -> Result<Llama> {
     let c = &config;
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let (q, kv) = (
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-    );
     let mut stream = 0u64;
     let mut randn = |shape: &[usize]| -> Result<Tensor> {
         stream += 1;
@@ -53,11 +48,37 @@ pub fn random_llama(
             .to_dtype(dtype)?
             .to_device(device)?)
     };
-    let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
+    let w = llama_weights(c, |kind, shape| match kind {
+        WeightKind::Matrix => randn(shape),
+        WeightKind::Norm => Ok(Tensor::ones(shape, dtype, device)?),
+    })?;
+    Llama::from_weights(config, w, device, dtype)
+}
+
+/// What an initialiser is asked for.
+pub enum WeightKind {
+    /// Embeddings and projections.
+    Matrix,
+    /// RMSNorm scales.
+    Norm,
+}
+
+/// Every tensor of a Llama of `config`, under its checkpoint name, from `init(kind, shape)`
+/// called in checkpoint order: embeddings; per layer the seven projections, then the two
+/// norms; the final norm; `lm_head` when untied.
+pub fn llama_weights(
+    c: &LlamaConfig,
+    mut init: impl FnMut(WeightKind, &[usize]) -> Result<Tensor>,
+) -> Result<HashMap<String, Tensor>> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
     let mut w = HashMap::new();
     w.insert(
         "model.embed_tokens.weight".to_string(),
-        randn(&[c.vocab_size, h])?,
+        init(WeightKind::Matrix, &[c.vocab_size, h])?,
     );
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
@@ -70,16 +91,26 @@ pub fn random_llama(
             ("mlp.up_proj", [i, h]),
             ("mlp.down_proj", [h, i]),
         ] {
-            w.insert(format!("{p}.{name}.weight"), randn(&shape)?);
+            w.insert(
+                format!("{p}.{name}.weight"),
+                init(WeightKind::Matrix, &shape)?,
+            );
         }
-        w.insert(format!("{p}.input_layernorm.weight"), ones(h)?);
-        w.insert(format!("{p}.post_attention_layernorm.weight"), ones(h)?);
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            w.insert(format!("{p}.{norm}.weight"), init(WeightKind::Norm, &[h])?);
+        }
     }
-    w.insert("model.norm.weight".to_string(), ones(h)?);
+    w.insert(
+        "model.norm.weight".to_string(),
+        init(WeightKind::Norm, &[h])?,
+    );
     if !c.tie_word_embeddings {
-        w.insert("lm_head.weight".to_string(), randn(&[c.vocab_size, h])?);
+        w.insert(
+            "lm_head.weight".to_string(),
+            init(WeightKind::Matrix, &[c.vocab_size, h])?,
+        );
     }
-    Llama::from_weights(config, w, device, dtype)
+    Ok(w)
 }
 
 /// `n` draws of N(0, std²) from the counter-based stream (`seed`, `stream`): splitmix64 of

@@ -2,10 +2,10 @@
 
 use crate::config::LlamaConfig;
 use crate::llama::Llama;
+use crate::shapes::WeightKind;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use std::collections::HashMap;
 
 /// A 2-layer GQA Llama (hidden 32, MLP 64, 4 heads, 2 kv heads, vocab 64) with N(0, 0.2²) weights.
 pub fn tiny_llama(seed: u64, tie_word_embeddings: bool) -> Result<Llama> {
@@ -35,40 +35,10 @@ pub fn tiny_llama(seed: u64, tie_word_embeddings: bool) -> Result<Llama> {
             .collect();
         Ok(Tensor::from_vec(v, shape, &dev)?)
     };
-    let c = &config;
-    let (h, i, kv) = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_key_value_heads * c.head_dim,
-    );
-    let mut w = HashMap::new();
-    w.insert(
-        "model.embed_tokens.weight".to_string(),
-        randn(&[c.vocab_size, h])?,
-    );
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [h, h]),
-            ("self_attn.k_proj", [kv, h]),
-            ("self_attn.v_proj", [kv, h]),
-            ("self_attn.o_proj", [h, h]),
-            ("mlp.gate_proj", [i, h]),
-            ("mlp.up_proj", [i, h]),
-            ("mlp.down_proj", [h, i]),
-        ] {
-            w.insert(format!("{p}.{name}.weight"), randn(&shape)?);
-        }
-        w.insert(format!("{p}.input_layernorm.weight"), (randn(&[h])? + 1.0)?);
-        w.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            (randn(&[h])? + 1.0)?,
-        );
-    }
-    w.insert("model.norm.weight".to_string(), (randn(&[h])? + 1.0)?);
-    if !tie_word_embeddings {
-        w.insert("lm_head.weight".to_string(), randn(&[c.vocab_size, h])?);
-    }
+    let w = crate::shapes::llama_weights(&config, |kind, shape| match kind {
+        WeightKind::Matrix => randn(shape),
+        WeightKind::Norm => Ok((randn(shape)? + 1.0)?),
+    })?;
     Llama::from_weights(config, w, &dev, DType::F32)
 }
 
