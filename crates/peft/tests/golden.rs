@@ -176,34 +176,44 @@ fn hf_peft_prefix_tuning_reproduces_outputs() {
     check_prompt(&model, &exp, Some(&f64_ref), 5e-3);
 }
 
-/// A DoRA adapter made by HF PEFT 0.21.2 (scripts/hf/make_dora_fixture.py: r=2 on q_proj and
-/// v_proj, magnitudes moved off ‖W + sBA‖ so that they matter).
-#[test]
-fn hf_peft_dora_adapter_reproduces_outputs_unmerged_and_merged() {
-    let Some(base) = load_base() else { return };
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dora_qv_r2");
+/// A fixture made by `scripts/hf/make_*_fixture.py`: its folder and expected outputs.
+fn own_fixture(name: &str) -> (std::path::PathBuf, HashMap<String, Tensor>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    (dir, exp)
+}
+
+/// Final hidden states and last-token logits of the fixtures' 8-token prompt.
+fn hidden_and_last_logits(m: &Llama) -> (Tensor, Tensor) {
     let ids = Tensor::new(
         &[[504u32, 3575, 282, 4649, 314, 7042, 30, 378]],
         &Device::Cpu,
     )
     .unwrap();
-    let last_logits = |m: &Llama| -> (Tensor, Tensor) {
-        let h = m.forward(&ids, None, None, false).unwrap();
-        let last = m
-            .logits(&h.i((0, 7)).unwrap().unsqueeze(0).unwrap())
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        (h, last)
-    };
+    let h = m.forward(&ids, None, None, false).unwrap();
+    let last = m
+        .logits(&h.i((0, 7)).unwrap().unsqueeze(0).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    (h, last)
+}
+
+/// A DoRA adapter made by HF PEFT 0.21.2 (scripts/hf/make_dora_fixture.py: r=2 on q_proj and
+/// v_proj, magnitudes moved off ‖W + sBA‖ so that they matter).
+#[test]
+fn hf_peft_dora_adapter_reproduces_outputs_unmerged_and_merged() {
+    let Some(base) = load_base() else { return };
+    let (dir, exp) = own_fixture("dora_qv_r2");
     let mut peft = PeftModel::load(base, &dir).unwrap();
     // A, B and the magnitude of 60 modules: 30 × (2·576 + 576·2 + 576) + 30 × (2·576 + 192·2 + 192).
     assert_eq!(
         peft.parameter_counts().0,
         30 * (2 * 576 + 576 * 2 + 576) + 30 * (2 * 576 + 192 * 2 + 192)
     );
-    let (h, last) = last_logits(&peft.base);
+    let (h, last) = hidden_and_last_logits(&peft.base);
     let d = max_abs_diff(&h, &exp["hidden"]);
     assert!(d < ATOL, "hidden differs by {d}");
     let d = max_abs_diff(&last, &exp["last_logits"]);
@@ -212,7 +222,10 @@ fn hf_peft_dora_adapter_reproduces_outputs_unmerged_and_merged() {
         .unwrap()
         .merge_and_unload()
         .unwrap();
-    let d = max_abs_diff(&last_logits(&merged).1, &exp["merged_last_logits"]);
+    let d = max_abs_diff(
+        &hidden_and_last_logits(&merged).1,
+        &exp["merged_last_logits"],
+    );
     assert!(d < ATOL, "merged last logits differ by {d}");
 
     // With m reset to ‖W + sBA‖ (plain LoRA) the outputs are far off: the magnitudes matter.
@@ -227,7 +240,7 @@ fn hf_peft_dora_adapter_reproduces_outputs_unmerged_and_merged() {
                 .unwrap();
         }
     }
-    let d = max_abs_diff(&last_logits(&peft.base).1, &exp["last_logits"]);
+    let d = max_abs_diff(&hidden_and_last_logits(&peft.base).1, &exp["last_logits"]);
     assert!(d > 10.0 * ATOL, "magnitudes reset, yet only {d} off");
 }
 
@@ -236,34 +249,22 @@ fn hf_peft_dora_adapter_reproduces_outputs_unmerged_and_merged() {
 #[test]
 fn hf_peft_ia3_adapter_reproduces_outputs_unmerged_and_merged() {
     let Some(base) = load_base() else { return };
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ia3");
-    let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let ids = Tensor::new(
-        &[[504u32, 3575, 282, 4649, 314, 7042, 30, 378]],
-        &Device::Cpu,
-    )
-    .unwrap();
-    let run = |m: &Llama| -> (Tensor, Tensor) {
-        let h = m.forward(&ids, None, None, false).unwrap();
-        let last = m
-            .logits(&h.i((0, 7)).unwrap().unsqueeze(0).unwrap())
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        (h, last)
-    };
+    let (dir, exp) = own_fixture("ia3");
     let mut ia3 = Ia3Model::load(base, &dir).unwrap();
     assert_eq!(
         ia3.parameter_counts().0,
         57_600,
         "PEFT counts 57,600 trainable parameters"
     );
-    let (h, last) = run(&ia3.base);
+    let (h, last) = hidden_and_last_logits(&ia3.base);
     let d = max_abs_diff(&h, &exp["hidden"]);
     assert!(d < ATOL, "hidden differs by {d}");
     let d = max_abs_diff(&last, &exp["last_logits"]);
     assert!(d < ATOL, "last logits differ by {d}");
     let merged = ia3.merge_and_unload().unwrap();
-    let d = max_abs_diff(&run(&merged).1, &exp["merged_last_logits"]);
+    let d = max_abs_diff(
+        &hidden_and_last_logits(&merged).1,
+        &exp["merged_last_logits"],
+    );
     assert!(d < ATOL, "merged last logits differ by {d}");
 }
