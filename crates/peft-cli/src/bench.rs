@@ -154,6 +154,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         .map(|c| peft_train::Example {
             labels: c.iter().map(|&t| t as i64).collect(),
             input_ids: c,
+            packed: Vec::new(),
         })
         .collect();
     let refs: Vec<&peft_train::Example> = examples.iter().collect();
@@ -178,7 +179,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             let mut secs = Vec::new();
             for _ in 0..3 {
                 let t = Instant::now();
-                let loss = trainer.batch_loss(&batch, batch.n_trained)?;
+                let loss = trainer.batch_loss(&batch, batch.n_trained, true)?;
                 if backward {
                     let mut grads = loss.backward()?;
                     trainer.model.base().grad_sink.drain_into(&mut grads)?;

@@ -350,47 +350,83 @@ impl Llama {
             .reshape((b, t, self.config.hidden_size))?)
     }
 
-    fn rope_tables(&self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let pos = Tensor::arange(offset as u32, (offset + len) as u32, &self.device)?
-            .to_dtype(DType::F32)?;
+    /// cos/sin tables `[positions.., head_dim / 2]` for the given positions.
+    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let shape = positions.dims().to_vec();
+        let pos = positions.flatten_all()?.to_dtype(DType::F32)?;
         let theta = pos
             .unsqueeze(1)?
             .broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        let mut out_shape = shape;
+        out_shape.push(self.inv_freq.dim(0)?);
         Ok((
-            theta.cos()?.to_dtype(self.dtype)?,
-            theta.sin()?.to_dtype(self.dtype)?,
+            theta
+                .cos()?
+                .reshape(out_shape.clone())?
+                .to_dtype(self.dtype)?,
+            theta.sin()?.reshape(out_shape)?.to_dtype(self.dtype)?,
         ))
     }
 
-    /// Additive mask `[batch, 1, seq, past + seq]`: causal, and hiding keys whose
-    /// `attention_mask` entry is 0. `None` without a mask: the fused causal softmax applies
-    /// causality itself.
-    fn attention_bias(
+    /// Positions (`[seq]`, or `[batch, seq]` for packed rows) and the additive attention bias
+    /// `[batch, 1, seq, past + seq]` (`None` without a mask: the fused causal softmax applies
+    /// causality itself).
+    ///
+    /// `attention_mask` entries are segment ids over cached and new positions: 0 hides a key
+    /// (padding); positive ids number the sequences packed into a row (a 0/1 mask is one
+    /// sequence per row). A new token sees the cached keys and the earlier new keys of its own
+    /// sequence (a padding token sees every earlier key, so its row stays finite), and
+    /// positions restart after the cache where a later packed sequence begins, so each packed
+    /// sequence is computed as if it were alone.
+    fn mask_layout(
         &self,
         batch: usize,
         seq: usize,
         past: usize,
         attention_mask: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
-        let Some(m) = attention_mask else {
-            return Ok(None);
-        };
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let total = past + seq;
-        let q_pos = Tensor::arange(past as u32, total as u32, &self.device)?.unsqueeze(1)?;
-        let k_pos = Tensor::arange(0u32, total as u32, &self.device)?.unsqueeze(0)?;
+        let plain = Tensor::arange(past as u32, total as u32, &self.device)?;
+        let Some(m) = attention_mask else {
+            return Ok((plain, None));
+        };
         if m.dims() != [batch, total] {
             bail!(
                 "attention_mask has shape {:?}, expected [{batch}, {total}]",
                 m.dims()
             );
         }
-        let causal = k_pos.broadcast_le(&q_pos)?.unsqueeze(0)?; // [1, seq, total]
-        let keep = m.to_dtype(DType::F32)?.ne(0f64)?.unsqueeze(1)?; // [batch, 1, total]
-        let allowed = causal.broadcast_mul(&keep.to_dtype(DType::U8)?)?;
-        let zeros = Tensor::zeros(allowed.shape(), self.dtype, &self.device)?;
-        let neg =
-            Tensor::full(f32::NEG_INFINITY, allowed.shape(), &self.device)?.to_dtype(self.dtype)?;
-        Ok(Some(allowed.where_cond(&zeros, &neg)?.unsqueeze(1)?))
+        let ids = m.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let mut positions = Vec::with_capacity(batch * seq);
+        let mut packed = false;
+        let mut bias = vec![f32::NEG_INFINITY; batch * seq * total];
+        for (row, ids) in ids.iter().enumerate() {
+            let mut start = 0;
+            for q in 0..seq {
+                let id = ids[past + q];
+                if q > 0 && id != 0 && ids[past + q - 1] != 0 && id != ids[past + q - 1] {
+                    start = q;
+                    packed = true;
+                }
+                positions.push((past + q - start) as u32);
+                let out = &mut bias[(row * seq + q) * total..][..total];
+                for (k, slot) in out.iter_mut().enumerate().take(past + q + 1) {
+                    let key = ids[k];
+                    let visible = key != 0 && (k < past || id == 0 || key == id);
+                    if visible {
+                        *slot = 0.0;
+                    }
+                }
+            }
+        }
+        let positions = if packed {
+            Tensor::from_vec(positions, (batch, seq), &self.device)?
+        } else {
+            plain
+        };
+        let bias =
+            Tensor::from_vec(bias, (batch, 1, seq, total), &self.device)?.to_dtype(self.dtype)?;
+        Ok((positions, Some(bias)))
     }
 
     /// Runs the decoder on input embeddings `[batch, seq, hidden]` and returns the final
@@ -405,8 +441,8 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-        let (cos, sin) = self.rope_tables(past, t)?;
-        let bias = self.attention_bias(b, t, past, attention_mask)?;
+        let (positions, bias) = self.mask_layout(b, t, past, attention_mask)?;
+        let (cos, sin) = self.rope_tables(&positions)?;
         let mut x = embeds.clone();
         if train && self.gradient_checkpointing && cache.is_none() {
             // The recomputation needs a backward to reach every layer, also when nothing before

@@ -57,6 +57,46 @@ fn padding_mask_keeps_real_tokens_exact() {
     assert_eq!(model.embed_tokens.dtype(), DType::F32);
 }
 
+/// Two sequences packed into one row (segment ids 1, 2, then padding) give each sequence the
+/// outputs it has alone: positions restart and attention does not cross the boundary, also
+/// for sequences behind a key/value cache (prefix tuning's layout).
+#[test]
+fn packed_sequences_are_computed_as_if_alone() {
+    let model = tiny_llama(6, true).unwrap();
+    let dev = Device::Cpu;
+    let first = Tensor::new(&[[5u32, 9, 13, 2]], &dev).unwrap();
+    let second = Tensor::new(&[[21u32, 4, 30]], &dev).unwrap();
+    let packed = Tensor::new(&[[5u32, 9, 13, 2, 21, 4, 30, 0]], &dev).unwrap();
+    let segments = Tensor::new(&[[1u32, 1, 1, 1, 2, 2, 2, 0]], &dev).unwrap();
+    let alone = |ids: &Tensor| model.forward(ids, None, None, false).unwrap();
+    let out = model
+        .forward(&packed, Some(&segments), None, false)
+        .unwrap();
+    let d1 = max_abs_diff(&alone(&first), &out.narrow(1, 0, 4).unwrap());
+    let d2 = max_abs_diff(&alone(&second), &out.narrow(1, 4, 3).unwrap());
+    assert!(d1 < 1e-5 && d2 < 1e-5, "{d1} {d2}");
+    // Without segment ids the second sequence sees the first: the outputs differ.
+    let mut ones = Tensor::ones((1, 8), DType::U32, &dev).unwrap();
+    let crossed = model.forward(&packed, Some(&ones), None, false).unwrap();
+    assert!(max_abs_diff(&alone(&second), &crossed.narrow(1, 4, 3).unwrap()) > 1e-3);
+
+    // Behind a cache of two positions that every sequence sees.
+    let prefix = Tensor::new(&[[17u32, 3]], &dev).unwrap();
+    let cached = |ids: &Tensor, mask: Option<&Tensor>| {
+        let mut cache = KvCache::new(model.layers.len());
+        model
+            .forward(&prefix, None, Some(&mut cache), false)
+            .unwrap();
+        model.forward(ids, mask, Some(&mut cache), false).unwrap()
+    };
+    ones = Tensor::ones((1, 2), DType::U32, &dev).unwrap();
+    let with_prefix = Tensor::cat(&[&ones, &segments], 1).unwrap();
+    let out = cached(&packed, Some(&with_prefix));
+    let d1 = max_abs_diff(&cached(&first, None), &out.narrow(1, 0, 4).unwrap());
+    let d2 = max_abs_diff(&cached(&second, None), &out.narrow(1, 4, 3).unwrap());
+    assert!(d1 < 1e-5 && d2 < 1e-5, "{d1} {d2}");
+}
+
 #[test]
 fn wrong_weight_shape_is_a_clear_error() {
     let err =

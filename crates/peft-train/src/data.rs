@@ -1,4 +1,5 @@
-//! Training records (JSONL, CSV or TSV) to token ids and labels, and padded batches.
+//! Training records (JSONL, Parquet, CSV or TSV) to token ids and labels; the held-out eval
+//! split, sequence packing, length-grouped batch order, and padded batches.
 //!
 //! Record shapes, as TRL's SFTTrainer takes them: `{"text"}` (loss on every token),
 //! `{"prompt", "completion"}` (loss on the completion) and `{"messages": [{role, content}]}`
@@ -9,14 +10,18 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
 use peft_ops::IGNORE_INDEX;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::Path;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Example {
     pub input_ids: Vec<u32>,
     /// Same length as `input_ids`; `IGNORE_INDEX` where no loss is taken.
     pub labels: Vec<i64>,
+    /// Lengths of the sequences packed into this example, in order (empty: one sequence).
+    pub packed: Vec<usize>,
 }
 
 impl Example {
@@ -30,8 +35,9 @@ impl Example {
     }
 }
 
-/// Reads the records of a data file: JSONL (one JSON object per non-empty line), or CSV / TSV
-/// (by extension; a header row names the fields, every value is a string).
+/// Reads the records of a data file: JSONL (one JSON object per non-empty line), Parquet (one
+/// record per row, as Hugging Face datasets store them), or CSV / TSV (a header row names the
+/// fields, every value is a string); chosen by extension.
 pub fn load_records(path: &Path) -> Result<Vec<Value>> {
     let ext = path
         .extension()
@@ -39,6 +45,9 @@ pub fn load_records(path: &Path) -> Result<Vec<Value>> {
         .unwrap_or_default();
     if ext == "csv" || ext == "tsv" {
         return load_delimited(path, if ext == "csv" { b',' } else { b'\t' });
+    }
+    if ext == "parquet" {
+        return load_parquet(path);
     }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read data file {}", path.display()))?;
@@ -79,6 +88,28 @@ fn load_delimited(path: &Path, delimiter: u8) -> Result<Vec<Value>> {
             .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
             .collect();
         out.push(Value::Object(record));
+    }
+    if out.is_empty() {
+        bail!("data file {} has no records", path.display());
+    }
+    Ok(out)
+}
+
+fn load_parquet(path: &Path) -> Result<Vec<Value>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read data file {}", path.display()))?;
+    let bad = |e: parquet::errors::ParquetError| {
+        anyhow::anyhow!("{} is not a valid Parquet file: {e}", path.display())
+    };
+    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    let rows = reader.get_row_iter(None).map_err(bad)?;
+    let mut out = Vec::new();
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|e| {
+            anyhow::anyhow!("{}: row {}: cannot decode: {e}", path.display(), i + 1)
+        })?;
+        out.push(row.to_json_value());
     }
     if out.is_empty() {
         bail!("data file {} has no records", path.display());
@@ -190,6 +221,7 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize) -> Result<Example> {
     Ok(Example {
         input_ids: ids,
         labels,
+        packed: Vec::new(),
     })
 }
 
@@ -243,6 +275,100 @@ pub fn tokenize_records(
     Ok((examples, dropped))
 }
 
+/// Holds out `fraction` of the examples (at least one, when `fraction > 0`) for evaluation,
+/// chosen by a seeded shuffle. Returns `(train, eval)`.
+pub fn split_eval(
+    mut examples: Vec<Example>,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    if !(0.0..1.0).contains(&fraction) {
+        bail!("the eval split must be at least 0 and below 1, got {fraction}");
+    }
+    if fraction == 0.0 {
+        return Ok((examples, Vec::new()));
+    }
+    let n_eval = (examples.len() as f64 * fraction).ceil() as usize;
+    if n_eval >= examples.len() {
+        bail!(
+            "{} examples are too few to hold out {fraction} of them for evaluation",
+            examples.len()
+        );
+    }
+    // A generator of its own, so that the split does not shift the training order.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED_E7A1);
+    examples.shuffle(&mut rng);
+    let eval = examples.split_off(examples.len() - n_eval);
+    Ok((examples, eval))
+}
+
+/// Packs examples into rows of at most `max_len` tokens, best-fit decreasing (as TRL's `bfd`
+/// packing): fewer, fuller rows, and no example is cut. Packed sequences keep their own
+/// positions and do not attend to each other (see [`Batch::attention_mask`]).
+pub fn pack(examples: &[Example], max_len: usize) -> Vec<Example> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    // Stable: equal lengths keep data order, so packing is deterministic.
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].input_ids.len()));
+    let mut rows: Vec<Example> = Vec::new();
+    for i in order {
+        let e = &examples[i];
+        let n = e.input_ids.len();
+        let best = rows
+            .iter_mut()
+            .filter(|r| r.input_ids.len() + n <= max_len)
+            .max_by_key(|r| r.input_ids.len());
+        let row = match best {
+            Some(row) => row,
+            None => {
+                rows.push(Example::default());
+                rows.last_mut().expect("just pushed")
+            }
+        };
+        row.input_ids.extend_from_slice(&e.input_ids);
+        let mut labels = e.labels.clone();
+        // Nothing predicts a sequence's first token, also when it follows another sequence.
+        if !row.labels.is_empty() {
+            labels[0] = IGNORE_INDEX;
+        }
+        row.labels.extend(labels);
+        row.packed.push(n);
+    }
+    rows
+}
+
+/// The order of one epoch: a shuffle, or with `group_by_length` transformers'
+/// `LengthGroupedSampler` order: shuffled mega-batches of 50 batches, each sorted by length
+/// (longest first), so that a batch holds similar lengths and pads little; the longest batch
+/// goes first, so that an out-of-memory error shows at once.
+pub fn epoch_order(
+    lengths: &[usize],
+    batch_size: usize,
+    group_by_length: bool,
+    rng: &mut impl Rng,
+) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(rng);
+    if !group_by_length {
+        return order;
+    }
+    let mega = (batch_size * 50).max(1);
+    for chunk in order.chunks_mut(mega) {
+        chunk.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    }
+    let longest = order
+        .chunks(mega)
+        .enumerate()
+        .max_by_key(|(_, c)| lengths[c[0]])
+        .map(|(m, _)| m * mega);
+    if let Some(first) = longest {
+        let batch_size = batch_size.max(1);
+        for j in 0..batch_size.min(order.len() - first) {
+            order.swap(j, first + j);
+        }
+    }
+    order
+}
+
 /// A right-padded batch. `labels` are shifted: `labels[b, t]` is the target of position `t`.
 pub struct Batch {
     pub input_ids: Tensor,
@@ -251,6 +377,9 @@ pub struct Batch {
     pub n_tokens: usize,
     /// Tokens that carry a loss.
     pub n_trained: usize,
+    /// Segment ids `[batch, seq]` (`1, 1, 2, 2, 2, 0`: two packed sequences, then padding)
+    /// when a row holds packed sequences; `None` otherwise (plain causal attention).
+    pub attention_mask: Option<Tensor>,
 }
 
 impl Batch {
@@ -278,11 +407,29 @@ impl Batch {
             );
         }
         let b = examples.len();
+        let attention_mask = if examples.iter().any(|e| e.packed.len() > 1) {
+            let mut segments = Vec::with_capacity(b * len);
+            for e in examples {
+                let lengths: &[usize] = if e.packed.is_empty() {
+                    &[e.input_ids.len()]
+                } else {
+                    &e.packed
+                };
+                for (id, &n) in lengths.iter().enumerate() {
+                    segments.extend(std::iter::repeat_n(id as u32 + 1, n));
+                }
+                segments.extend(std::iter::repeat_n(0u32, len - e.input_ids.len()));
+            }
+            Some(Tensor::from_vec(segments, (b, len), device)?)
+        } else {
+            None
+        };
         Ok(Self {
             input_ids: Tensor::from_vec(ids, (b, len), device)?,
             labels: Tensor::from_vec(labels, (b, len), device)?,
             n_tokens: examples.iter().map(|e| e.input_ids.len()).sum(),
             n_trained: examples.iter().map(|e| e.n_trained()).sum(),
+            attention_mask,
         })
     }
 }

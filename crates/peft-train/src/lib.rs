@@ -6,7 +6,10 @@ pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
-pub use data::{load_records, map_columns, parse_column_mapping, tokenize_records, Batch, Example};
+pub use data::{
+    epoch_order, load_records, map_columns, pack, parse_column_mapping, split_eval,
+    tokenize_records, Batch, Example,
+};
 pub use optim::{AdamW, OptimKind};
 pub use schedule::{LrSchedule, SchedulerKind};
-pub use trainer::{Interrupted, TrainArgs, TrainSummary, Trainer};
+pub use trainer::{Echo, Interrupted, NonFinite, TrainArgs, TrainSummary, Trainer};

@@ -34,6 +34,7 @@ fn losses(device: &Device, dtype: DType, checkpointing: bool) -> Vec<f64> {
             Example {
                 labels: ids.iter().map(|&t| t as i64).collect(),
                 input_ids: ids,
+                packed: Vec::new(),
             }
         })
         .collect();

@@ -1,9 +1,14 @@
-//! Data formats: CSV/TSV files, Alpaca records and column mapping, with SmolLM2's tokenizer.
+//! Data: CSV/TSV and Parquet files, Alpaca records and column mapping (with SmolLM2's
+//! tokenizer), the eval split, packing and length-grouped order.
 
 use candle_core::{DType, Device};
 use peft_models::load_model;
 use peft_models::testing::default_model;
-use peft_train::{load_records, map_columns, parse_column_mapping, tokenize_records};
+use peft_ops::IGNORE_INDEX;
+use peft_train::{
+    epoch_order, load_records, map_columns, pack, parse_column_mapping, split_eval,
+    tokenize_records, Batch, Example,
+};
 use std::io::Write;
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -83,4 +88,131 @@ fn alpaca_records_train_on_the_output_only() {
     }
     let all = tok.decode(&examples[1].input_ids, false).unwrap();
     assert!(all.contains("Translate.\n\nbonjour"), "{all:?}");
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Parquet files written by pyarrow (as `datasets` writes them) read as the same records as
+/// the JSONL they were made from: nested `messages` lists of structs, snappy and zstd.
+#[test]
+fn parquet_records_match_their_jsonl_source() {
+    let shipped = load_records(&peft_models::testing::shipped_data()).unwrap();
+    let messages = load_records(&fixture("pirate_messages.parquet")).unwrap();
+    assert_eq!(messages, shipped[..8].to_vec());
+    let pc = load_records(&fixture("pirate_prompt_completion.parquet")).unwrap();
+    assert_eq!(pc.len(), 8);
+    assert_eq!(pc[3]["id"], 3);
+    assert_eq!(pc[3]["prompt"], shipped[3]["messages"][0]["content"]);
+    assert_eq!(pc[3]["completion"], shipped[3]["messages"][1]["content"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("pirate_messages.parquet")).unwrap();
+    let cut = dir.path().join("cut.parquet");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_records(&cut).unwrap_err().to_string();
+    assert!(err.contains("is not a valid Parquet file"), "{err}");
+}
+
+fn example(len: usize, first: u32) -> Example {
+    let ids: Vec<u32> = (0..len as u32).map(|i| first + i).collect();
+    Example {
+        labels: ids.iter().map(|&t| t as i64).collect(),
+        input_ids: ids,
+        packed: Vec::new(),
+    }
+}
+
+/// Best-fit decreasing: no row over the limit, every token kept once, nothing trained across
+/// a boundary, and the batch carries segment ids.
+#[test]
+fn packing_fills_rows_without_crossing_sequences() {
+    let lengths = [7, 3, 5, 2, 6, 1, 4, 8];
+    let examples: Vec<Example> = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| example(n, 100 * i as u32))
+        .collect();
+    let rows = pack(&examples, 10);
+    // 36 tokens need at least 4 rows of 10; best fit finds 4.
+    assert_eq!(rows.len(), 4);
+    let mut seen: Vec<u32> = rows.iter().flat_map(|r| r.input_ids.clone()).collect();
+    seen.sort();
+    let mut all: Vec<u32> = examples.iter().flat_map(|e| e.input_ids.clone()).collect();
+    all.sort();
+    assert_eq!(seen, all);
+    for r in &rows {
+        assert!(r.input_ids.len() <= 10);
+        assert_eq!(r.packed.iter().sum::<usize>(), r.input_ids.len());
+        let mut start = 0;
+        for &n in &r.packed {
+            assert_eq!(r.labels[start] == IGNORE_INDEX, start > 0);
+            start += n;
+        }
+    }
+    let trained: usize = rows.iter().map(|r| r.n_trained()).sum();
+    assert_eq!(
+        trained,
+        examples.iter().map(|e| e.n_trained()).sum::<usize>()
+    );
+    let refs: Vec<&Example> = rows.iter().collect();
+    let batch = Batch::new(&refs, 0, &Device::Cpu).unwrap();
+    let mask = batch.attention_mask.unwrap().to_vec2::<u32>().unwrap();
+    for (r, m) in rows.iter().zip(&mask) {
+        let mut expect = Vec::new();
+        for (i, &n) in r.packed.iter().enumerate() {
+            expect.extend(std::iter::repeat_n(i as u32 + 1, n));
+        }
+        expect.resize(10, 0);
+        assert_eq!(m, &expect);
+    }
+}
+
+/// group_by_length: every example once per epoch, batches of similar lengths (less padding
+/// than a plain shuffle), the longest batch first; the order is a function of the seed.
+#[test]
+fn length_grouped_order() {
+    use rand::SeedableRng;
+    let lengths: Vec<usize> = (0..400).map(|i| (i * 37) % 301 + 1).collect();
+    let padded = |order: &[usize]| -> usize {
+        order
+            .chunks(4)
+            .map(|b| b.iter().map(|&i| lengths[i]).max().unwrap() * b.len())
+            .sum()
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let grouped = epoch_order(&lengths, 4, true, &mut rng);
+    let mut sorted = grouped.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..400).collect::<Vec<_>>());
+    assert_eq!(lengths[grouped[0]], 301, "the longest example leads");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let shuffled = epoch_order(&lengths, 4, false, &mut rng);
+    assert!(
+        padded(&grouped) * 10 < padded(&shuffled) * 8,
+        "{} vs {}",
+        padded(&grouped),
+        padded(&shuffled)
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    assert_eq!(epoch_order(&lengths, 4, true, &mut rng), grouped);
+}
+
+#[test]
+fn eval_split_is_seeded_and_disjoint() {
+    let examples: Vec<Example> = (0..20).map(|i| example(3, 10 * i)).collect();
+    let (train, eval) = split_eval(examples.clone(), 0.1, 7).unwrap();
+    assert_eq!((train.len(), eval.len()), (18, 2));
+    assert!(eval.iter().all(|e| !train.contains(e)));
+    assert_eq!(split_eval(examples.clone(), 0.1, 7).unwrap().1, eval);
+    assert_ne!(split_eval(examples.clone(), 0.1, 8).unwrap().1, eval);
+    assert_eq!(split_eval(examples.clone(), 0.0, 7).unwrap().1.len(), 0);
+    let err = split_eval(examples[..1].to_vec(), 0.5, 7)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("too few"), "{err}");
+    assert!(split_eval(examples, 1.5, 7).is_err());
 }

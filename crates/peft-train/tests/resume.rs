@@ -13,6 +13,7 @@ fn examples() -> Vec<Example> {
             Example {
                 labels: ids.iter().map(|&t| t as i64).collect(),
                 input_ids: ids,
+                packed: Vec::new(),
             }
         })
         .collect()
