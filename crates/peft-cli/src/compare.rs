@@ -1,15 +1,13 @@
 //! `peft compare`: every method trained on the same model, data, steps and seed, measured side
 //! by side (trainable parameters, peak memory, speed, train and held-out loss, file size),
-//! written as a markdown table, JSON and a loss-curve plot (SVG).
+//! written as a markdown table, JSON and a loss-curve plot (SVG and PNG).
 
+use crate::plot::{write_loss_chart, Series};
 use crate::train::{build_model, TrainCmd};
 use crate::{bench::peak_rss_mib, load_base, model_name};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use peft_train::{load_records, tokenize_records, Batch, Example, TrainArgs, Trainer};
-use plotters::prelude::*;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use peft_train::{load_records, split_eval, tokenize_records, TrainArgs, Trainer};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -65,18 +63,6 @@ struct Row {
     eval_loss: f64,
     adapter_bytes: u64,
     losses: Vec<f64>,
-}
-
-fn eval_loss(trainer: &Trainer, eval: &[Example], batch_size: usize) -> Result<f64> {
-    let (mut sum, mut tokens) = (0f64, 0usize);
-    for chunk in eval.chunks(batch_size) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = Batch::new(&refs, trainer.pad_id, &trainer.model.base().device)?;
-        let loss = peft_ops::no_grad(|| trainer.batch_loss(&batch, batch.n_trained))?;
-        sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.n_trained as f64;
-        tokens += batch.n_trained;
-    }
-    Ok(sum / tokens.max(1) as f64)
 }
 
 pub fn run(cmd: CompareCmd) -> Result<()> {
@@ -143,9 +129,23 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
         &cmd.output.join("compare.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
-    plot(&rows, &cmd.output.join("compare.svg"))?;
+    let series: Vec<Series> = rows
+        .iter()
+        .map(|r| Series {
+            name: r.method.clone(),
+            points: (1..)
+                .map(|s| s as f64)
+                .zip(r.losses.iter().copied())
+                .collect(),
+        })
+        .collect();
+    write_loss_chart(
+        &cmd.output.join("compare"),
+        "training loss per step",
+        &series,
+    )?;
     eprintln!(
-        "wrote {}/compare.md, compare.json and compare.svg",
+        "wrote {}/compare.md, compare.json, compare.svg and compare.png",
         cmd.output.display()
     );
     Ok(())
@@ -156,13 +156,10 @@ fn train_one(cmd: &CompareCmd, method: &str) -> Result<Row> {
     let records = load_records(&cmd.data)?;
     let (base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
     let tok = tok.context("the model has no tokenizer")?;
-    let (mut examples, _) = tokenize_records(&records, &tok, cmd.max_seq_length)?;
-    examples.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cmd.seed));
-    let n_eval = ((examples.len() as f64 * cmd.eval_split).ceil() as usize)
-        .min(examples.len().saturating_sub(1));
-    let eval = examples.split_off(examples.len() - n_eval);
-    if examples.is_empty() || eval.is_empty() {
-        bail!("too few records to hold out an eval split");
+    let (examples, _) = tokenize_records(&records, &tok, cmd.max_seq_length)?;
+    let (examples, eval) = split_eval(examples, cmd.eval_split, cmd.seed)?;
+    if eval.is_empty() {
+        bail!("peft compare needs an eval split above 0");
     }
     let mut model = build_model(method, base, &TrainCmd::default(), &tok, cmd.seed)
         .with_context(|| format!("method {method}"))?;
@@ -187,7 +184,7 @@ fn train_one(cmd: &CompareCmd, method: &str) -> Result<Row> {
     };
     eprintln!("== {method}: {trainable} trainable parameters, lr {lr:e}");
     let summary = trainer.train(&examples)?;
-    let eval_loss = eval_loss(&trainer, &eval, cmd.batch_size)?;
+    let eval_loss = trainer.eval_loss(&eval)?;
     let tail = &summary.losses[summary.losses.len().saturating_sub(5)..];
     let row = Row {
         method: method.to_string(),
@@ -236,50 +233,4 @@ fn markdown(rows: &[Row], cmd: &CompareCmd) -> String {
         );
     }
     s
-}
-
-fn plot(rows: &[Row], path: &std::path::Path) -> Result<()> {
-    let steps = rows.iter().map(|r| r.losses.len()).max().unwrap_or(1);
-    let max = rows
-        .iter()
-        .flat_map(|r| r.losses.iter().copied())
-        .fold(0f64, f64::max);
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("cannot draw {}: {e:?}", path.display());
-    root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("training loss per step", ("sans-serif", 20))
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(1f64..steps as f64, 0f64..max * 1.05)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("loss")
-        .draw()
-        .map_err(err)?;
-    for (i, r) in rows.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(
-                r.losses
-                    .iter()
-                    .enumerate()
-                    .map(|(s, &l)| (s as f64 + 1.0, l)),
-                color.stroke_width(2),
-            ))
-            .map_err(err)?
-            .label(r.method.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
-    Ok(())
 }

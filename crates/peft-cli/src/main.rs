@@ -3,6 +3,7 @@
 mod bench;
 mod compare;
 mod generate;
+mod plot;
 mod train;
 
 use anyhow::{Context, Result};

@@ -1,3 +1,4 @@
+use crate::plot::{write_loss_chart, Series};
 use crate::{load_base, model_name, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use peft::{
@@ -7,8 +8,8 @@ use peft::{
 use peft_models::tokenizer::Tokenizer;
 use peft_models::Llama;
 use peft_train::{
-    load_records, map_columns, parse_column_mapping, tokenize_records, OptimKind, SchedulerKind,
-    TrainArgs, Trainer,
+    load_records, map_columns, pack, parse_column_mapping, split_eval, tokenize_records, Echo,
+    OptimKind, SchedulerKind, TrainArgs, Trainer,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -26,14 +27,14 @@ pub struct TrainCmd {
     /// HF model folder or .gguf file.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// JSONL, CSV or TSV data: `text`, `messages`, `prompt`/`completion` or Alpaca
+    /// JSONL, Parquet, CSV or TSV data: `text`, `messages`, `prompt`/`completion` or Alpaca
     /// `instruction`/`input`/`output` records.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Column mapping, `field=column,...` (e.g. `prompt=question,completion=answer`).
     #[arg(long)]
     columns: Option<String>,
-    /// Folder for the adapter, metrics.jsonl and per-epoch adapters.
+    /// Folder for the adapter, metrics.jsonl, loss.svg/png, checkpoints and per-epoch adapters.
     #[arg(long)]
     output: Option<PathBuf>,
     /// lora, dora, ia3, prompt (prompt tuning), prefix or ptuning-v2 (prefix tuning: virtual
@@ -115,8 +116,29 @@ pub struct TrainCmd {
     adam_beta2: Option<f64>,
     #[arg(long)]
     adam_epsilon: Option<f64>,
+    /// Longer examples are cut to this many tokens (default 1024); with --packing, the length
+    /// of a packed row.
     #[arg(long)]
     max_seq_length: Option<usize>,
+    /// Pack several examples into each row of --max-seq-length tokens (best-fit decreasing).
+    /// Packed examples keep their own positions and do not attend to each other.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    packing: Option<bool>,
+    /// Batch examples of similar length together (less padding).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    group_by_length: Option<bool>,
+    /// Fraction of the records held out for evaluation (e.g. 0.1).
+    #[arg(long)]
+    eval_split: Option<f64>,
+    /// Evaluate every N steps (default: at the end of every epoch) and at the end.
+    #[arg(long)]
+    eval_steps: Option<usize>,
+    /// Stop when the eval loss has not improved for this many evaluations in a row.
+    #[arg(long)]
+    early_stopping_patience: Option<usize>,
+    /// An improvement must lower the eval loss by more than this (default 0).
+    #[arg(long)]
+    early_stopping_threshold: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
     /// Compute dtype (and dtype of the unquantized weights).
@@ -146,6 +168,10 @@ pub struct TrainCmd {
     /// Write a checkpoint (adapter, optimizer state, position) every N steps (OUTPUT/checkpoint-N).
     #[arg(long)]
     save_steps: Option<usize>,
+    /// When to write checkpoints: steps (every --save-steps, the default), epoch (at the end of
+    /// every epoch) or no.
+    #[arg(long)]
+    save_strategy: Option<String>,
     /// Keep only the newest K checkpoints.
     #[arg(long)]
     save_total_limit: Option<usize>,
@@ -153,9 +179,13 @@ pub struct TrainCmd {
     /// continues exactly as if the run had not stopped.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// No progress bar; metrics lines go to stderr.
-    #[arg(long)]
+    /// No progress bar and no metrics lines: only the final summary line (and errors).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     quiet: Option<bool>,
+    /// For scripts: no progress bar; every metrics line, then a summary object, as JSON on
+    /// stdout.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    json: Option<bool>,
 }
 
 /// Recipe values overlaid with the flags that were given.
@@ -311,6 +341,17 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         );
     }
     let quiet = c.quiet.unwrap_or(false);
+    let json_mode = c.json.unwrap_or(false);
+    let packing = c.packing.unwrap_or(false);
+    if packing && method == "prompt" {
+        bail!("--packing does not work with prompt tuning: its virtual tokens lead a row, so only the first packed example would see them");
+    }
+    let (save_steps, save_checkpoint_every_epoch) = match c.save_strategy.as_deref() {
+        None | Some("steps") => (c.save_steps, false),
+        Some("epoch") => (None, true),
+        Some("no") => (None, false),
+        Some(other) => bail!("--save-strategy must be steps, epoch or no, got {other:?}"),
+    };
     let d = TrainArgs::default();
     let args = TrainArgs {
         epochs: c.epochs.unwrap_or(d.epochs),
@@ -329,14 +370,30 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         seed: c.seed.unwrap_or(d.seed),
         logging_steps: c.logging_steps.unwrap_or(d.logging_steps),
         save_every_epoch: c.save_every_epoch.unwrap_or(d.save_every_epoch),
-        save_steps: c.save_steps,
+        save_steps,
+        save_checkpoint_every_epoch,
         save_total_limit: c.save_total_limit,
         resume_from: c.resume.clone(),
         interrupt: Some(interrupt_flag()?),
         output_dir: output.clone(),
         base_model_name: model_name(&model_path),
-        show_progress: !quiet,
+        show_progress: !quiet && !json_mode,
+        echo: if json_mode {
+            Echo::Stdout
+        } else if quiet {
+            Echo::Off
+        } else {
+            Echo::Stderr
+        },
+        group_by_length: c.group_by_length.unwrap_or(false),
+        eval_steps: c.eval_steps,
+        early_stopping_patience: c.early_stopping_patience,
+        early_stopping_threshold: c.early_stopping_threshold.unwrap_or(0.0),
     };
+    let eval_split = c.eval_split.unwrap_or(0.0);
+    if c.early_stopping_patience.is_some() && eval_split == 0.0 {
+        bail!("--early-stopping-patience needs an eval split (--eval-split 0.1)");
+    }
     let max_seq_length = c.max_seq_length.unwrap_or(1024);
     let dtype = c.dtype.unwrap_or(DTypeArg::F32).dtype();
 
@@ -356,31 +413,98 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let tok = tok.context("the model has no tokenizer")?;
     let (examples, dropped) = tokenize_records(&records, &tok, max_seq_length)
         .with_context(|| format!("in {}", data_path.display()))?;
-    if dropped > 0 {
+    if dropped > 0 && !quiet {
         eprintln!(
             "note: {dropped} records have no trained token after truncation and were skipped"
         );
     }
+    let (mut examples, eval) = split_eval(examples, eval_split, args.seed)?;
+    if packing {
+        let n = examples.len();
+        examples = pack(&examples, max_seq_length);
+        if !quiet {
+            eprintln!(
+                "packing: {n} examples in {} rows of up to {max_seq_length} tokens",
+                examples.len()
+            );
+        }
+    }
     let mut model = build_model(&method, base, &c, &tok, args.seed)?;
-    eprintln!("{}", model.trainable_parameters_line());
+    if !quiet {
+        eprintln!("{}", model.trainable_parameters_line());
+    }
     let pad_id = tok.pad_token_id().unwrap_or(0);
     let summary = Trainer {
         model: model.as_mut(),
         args,
         pad_id,
     }
-    .train(&examples)?;
+    .train_with_eval(&examples, &eval)?;
     save_tokenizer_note(&output, &model_path)?;
+    plot_metrics(&output)?;
+    let first = summary.losses.first().copied().unwrap_or(f64::NAN);
+    let last = summary.losses.last().copied().unwrap_or(f64::NAN);
+    let eval_loss = summary.evals.last().map(|e| e.1);
+    if json_mode {
+        let line = serde_json::json!({
+            "event": "done", "steps": summary.steps, "seconds": summary.seconds,
+            "tokens_per_s": summary.tokens_per_s(), "loss_first": first, "loss_last": last,
+            "eval_loss": eval_loss, "stopped_early": summary.stopped_early, "output": output,
+        });
+        println!("{line}");
+        return Ok(());
+    }
+    let eval_note = eval_loss
+        .map(|l| format!("; eval loss {l:.4} (perplexity {:.2})", l.exp()))
+        .unwrap_or_default();
+    let early = if summary.stopped_early {
+        " (early stopping: the eval loss stopped improving)"
+    } else {
+        ""
+    };
     println!(
-        "trained {} steps in {:.1}s ({:.1} tokens/s); loss {:.4} -> {:.4}; adapter saved to {}",
+        "trained {} steps{early} in {:.1}s ({:.1} tokens/s); loss {first:.4} -> {last:.4}{eval_note}; adapter saved to {}",
         summary.steps,
         summary.seconds,
         summary.tokens_per_s(),
-        summary.losses.first().copied().unwrap_or(f64::NAN),
-        summary.losses.last().copied().unwrap_or(f64::NAN),
         output.display()
     );
     Ok(())
+}
+
+/// `OUTPUT/loss.svg` and `loss.png` from `metrics.jsonl` (the whole run, resumed parts
+/// included): training loss per logged step, and the eval loss where evaluated.
+fn plot_metrics(output: &Path) -> Result<()> {
+    let path = output.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut train = Vec::new();
+    let mut eval = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let Some(step) = v.get("step").and_then(Value::as_f64) else {
+            continue;
+        };
+        if let Some(l) = v.get("loss").and_then(Value::as_f64) {
+            train.push((step, l));
+        }
+        if let Some(l) = v.get("eval_loss").and_then(Value::as_f64) {
+            eval.push((step, l));
+        }
+    }
+    let mut series = vec![Series {
+        name: "train loss".into(),
+        points: train,
+    }];
+    if !eval.is_empty() {
+        series.push(Series {
+            name: "eval loss".into(),
+            points: eval,
+        });
+    }
+    write_loss_chart(&output.join("loss"), "loss per step", &series)
 }
 
 /// PEFT adapters do not carry a tokenizer; we record which base they were trained on.

@@ -25,6 +25,28 @@ pub struct TrainerState {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub trained_tokens: usize,
+    /// Early stopping's memory: the best eval loss so far and the evaluations since.
+    #[serde(default)]
+    pub best_eval_loss: Option<f64>,
+    #[serde(default)]
+    pub evals_without_improvement: usize,
+}
+
+impl TrainerState {
+    /// Whether a run with `other`'s settings continues this one's data order and schedule.
+    pub fn same_run(&self, other: &TrainerState) -> bool {
+        (
+            self.total_steps,
+            self.seed,
+            self.batch_size,
+            self.grad_accum,
+        ) == (
+            other.total_steps,
+            other.seed,
+            other.batch_size,
+            other.grad_accum,
+        )
+    }
 }
 
 /// Writes `OUTPUT/checkpoint-<step>` and returns its path.
@@ -41,7 +63,37 @@ pub fn save(
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
-    model.save(&tmp, base_name)?;
+    let written = write_folder(&tmp, model, opt, state, base_name);
+    if let Err(e) = written {
+        // A full disk or a failed write: drop the partial folder, keep the older checkpoints.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("cannot write checkpoint {}", dir.display())));
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot replace {}", dir.display()))?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
+    sync_dir(output);
+    Ok(dir)
+}
+
+/// Makes a rename in `dir` durable (best effort: not every file system syncs folders).
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+fn write_folder(
+    tmp: &Path,
+    model: &dyn Tuned,
+    opt: &AdamW,
+    state: &TrainerState,
+    base_name: &str,
+) -> Result<()> {
+    model.save(tmp, base_name)?;
     let keys: Vec<String> = model.trainable().into_iter().map(|(k, _)| k).collect();
     let mut tensors = opt.state_tensors(&keys)?;
     // Trainable tensors the adapter file does not hold as such (a prefix projection is saved
@@ -59,14 +111,7 @@ pub fn save(
     write_atomic(
         &tmp.join(STATE_FILE),
         serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("cannot replace {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, &dir)
-        .with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
-    Ok(dir)
+    )
 }
 
 /// Checkpoint folders under `output`, oldest first.

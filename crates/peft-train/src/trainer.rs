@@ -1,9 +1,10 @@
 //! The SFT loop: shuffled batches, gradient accumulation normalised by the number of trained
 //! tokens in the whole accumulated batch (as transformers does since 4.46), clipping, AdamW,
-//! warmup + decay, a progress bar, metrics JSONL and adapter saving.
+//! warmup + decay, evaluation on a held-out split with early stopping, checkpoints, a progress
+//! bar, metrics JSONL and adapter saving.
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data::{Batch, Example};
+use crate::data::{epoch_order, Batch, Example};
 use crate::optim::{clip_grad_norm, AdamW, OptimKind};
 use crate::schedule::{LrSchedule, SchedulerKind};
 use anyhow::{bail, Context, Result};
@@ -12,7 +13,6 @@ use candle_core::{DType, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::Tuned;
 use peft_ops::{add_grad, cross_entropy_chunked};
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
 use std::io::Write;
@@ -45,6 +45,8 @@ pub struct TrainArgs {
     pub seed: u64,
     pub logging_steps: usize,
     pub save_every_epoch: bool,
+    /// Also write a checkpoint at the end of every epoch (TRL's `save_strategy="epoch"`).
+    pub save_checkpoint_every_epoch: bool,
     /// Write a checkpoint (adapter + optimizer + position) every N optimizer steps.
     pub save_steps: Option<usize>,
     /// Keep only the newest K checkpoints.
@@ -56,6 +58,26 @@ pub struct TrainArgs {
     pub output_dir: PathBuf,
     pub base_model_name: String,
     pub show_progress: bool,
+    /// Without the progress bar, where metrics lines go.
+    pub echo: Echo,
+    /// Batches of similar lengths (transformers' `group_by_length`).
+    pub group_by_length: bool,
+    /// Evaluate on the held-out examples every N steps (and at the end); `None`: at the end
+    /// of every epoch.
+    pub eval_steps: Option<usize>,
+    /// Stop when the eval loss has not improved by more than `early_stopping_threshold` for
+    /// this many evaluations in a row.
+    pub early_stopping_patience: Option<usize>,
+    pub early_stopping_threshold: f64,
+}
+
+/// Where metrics lines go when no progress bar is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    Stderr,
+    /// `--json`: stdout, for scripts.
+    Stdout,
+    Off,
 }
 
 /// TRL's SFT defaults, as `peft train` applies them to options left unset.
@@ -85,6 +107,12 @@ impl Default for TrainArgs {
             output_dir: PathBuf::new(),
             base_model_name: String::new(),
             show_progress: true,
+            echo: Echo::Stderr,
+            group_by_length: false,
+            eval_steps: None,
+            early_stopping_patience: None,
+            early_stopping_threshold: 0.0,
+            save_checkpoint_every_epoch: false,
         }
     }
 }
@@ -96,6 +124,10 @@ pub struct TrainSummary {
     pub losses: Vec<f64>,
     pub trained_tokens: usize,
     pub seconds: f64,
+    /// `(step, eval loss)` of every evaluation of this run.
+    pub evals: Vec<(usize, f64)>,
+    /// Early stopping ended the run before its last step.
+    pub stopped_early: bool,
 }
 
 impl TrainSummary {
@@ -124,6 +156,22 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
+/// A NaN or infinite loss or gradient: the step is not applied.
+#[derive(Debug)]
+pub struct NonFinite {
+    pub what: &'static str,
+    pub value: f64,
+    pub step: usize,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is {} at step {}", self.what, self.value, self.step)
+    }
+}
+
+impl std::error::Error for NonFinite {}
+
 pub struct StepOutput {
     pub loss: f64,
     pub grad_norm: f64,
@@ -141,10 +189,13 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 }
 
 impl Trainer<'_> {
-    /// Summed token loss of one batch, divided by `denom`, ready for backward.
-    pub fn batch_loss(&self, batch: &Batch, denom: usize) -> Result<Tensor> {
+    /// Summed token loss of one batch, divided by `denom`, ready for backward (`train`:
+    /// dropout on).
+    pub fn batch_loss(&self, batch: &Batch, denom: usize, train: bool) -> Result<Tensor> {
         let base = self.model.base();
-        let (hidden, virtual_rows) = self.model.hidden(&batch.input_ids, None, true)?;
+        let (hidden, virtual_rows) =
+            self.model
+                .hidden(&batch.input_ids, batch.attention_mask.as_ref(), train)?;
         // Rows of virtual tokens (prompt tuning) carry no label.
         let hidden = hidden.narrow(1, virtual_rows, batch.input_ids.dim(1)?)?;
         let (b, t, d) = hidden.dims3()?;
@@ -188,7 +239,7 @@ impl Trainer<'_> {
         let mut loss = 0f64;
         for (micro, batch) in batches.iter().enumerate() {
             self.model.set_dropout_seed(dropout_seed(seed, step, micro));
-            let l = self.batch_loss(batch, denom)?;
+            let l = self.batch_loss(batch, denom, true)?;
             loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let mut grads = l.backward()?;
             self.model.base().grad_sink.drain_into(&mut grads)?;
@@ -205,21 +256,40 @@ impl Trainer<'_> {
             });
         }
         if !loss.is_finite() {
-            bail!(
-                "training loss is {loss} at step {}: stopping (lower the learning rate?)",
-                step + 1
-            );
+            return Err(NonFinite {
+                what: "training loss",
+                value: loss,
+                step: step + 1,
+            }
+            .into());
         }
         let mut grads = acc.context("empty accumulation group")?;
         let grad_norm = clip_grad_norm(&mut grads, opt.params(), self.args.max_grad_norm)?;
         if !grad_norm.is_finite() {
-            bail!(
-                "gradient norm is {grad_norm} at step {}: stopping",
-                step + 1
-            );
+            return Err(NonFinite {
+                what: "gradient norm",
+                value: grad_norm,
+                step: step + 1,
+            }
+            .into());
         }
         opt.step(&grads, lr)?;
         Ok(StepOutput { loss, grad_norm })
+    }
+
+    /// Mean token loss over `examples` (dropout off, no gradients), in batches of the
+    /// training batch size.
+    pub fn eval_loss(&self, examples: &[Example]) -> Result<f64> {
+        let device = self.model.base().device.clone();
+        let (mut sum, mut tokens) = (0f64, 0usize);
+        for chunk in examples.chunks(self.args.batch_size.max(1)) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let batch = Batch::new(&refs, self.pad_id, &device)?;
+            let loss = peft_ops::no_grad(|| self.batch_loss(&batch, batch.n_trained, false))?;
+            sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.n_trained as f64;
+            tokens += batch.n_trained;
+        }
+        Ok(sum / tokens.max(1) as f64)
     }
 
     /// AdamW over the model's trainable tensors with this run's hyper-parameters.
@@ -237,9 +307,22 @@ impl Trainer<'_> {
     }
 
     pub fn train(&mut self, examples: &[Example]) -> Result<TrainSummary> {
+        self.train_with_eval(examples, &[])
+    }
+
+    /// Trains on `examples`; with `eval` non-empty, evaluates on it (every `eval_steps`, at
+    /// the end of every epoch without them, and at the end) and stops early if asked to.
+    pub fn train_with_eval(
+        &mut self,
+        examples: &[Example],
+        eval: &[Example],
+    ) -> Result<TrainSummary> {
         let a = self.args.clone();
         if a.batch_size == 0 || a.grad_accum == 0 {
             bail!("batch size and gradient accumulation must be at least 1");
+        }
+        if examples.is_empty() {
+            bail!("nothing to train on: no examples");
         }
         let batches_per_epoch = examples.len().div_ceil(a.batch_size);
         let steps_per_epoch = batches_per_epoch.div_ceil(a.grad_accum);
@@ -251,29 +334,31 @@ impl Trainer<'_> {
         let mut opt = self.optimizer()?;
         std::fs::create_dir_all(&a.output_dir)
             .with_context(|| format!("cannot create output folder {}", a.output_dir.display()))?;
-        let state = |step: usize, trained_tokens: usize| TrainerState {
-            global_step: step,
+        let mut state = TrainerState {
+            global_step: 0,
             total_steps,
             seed: a.seed,
             batch_size: a.batch_size,
             grad_accum: a.grad_accum,
-            trained_tokens,
+            trained_tokens: 0,
+            best_eval_loss: None,
+            evals_without_improvement: 0,
         };
-        let mut start_step = 0;
-        let mut resumed_tokens = 0;
+        let mut last_checkpoint = None;
         if let Some(spec) = &a.resume_from {
             let dir = checkpoint::resolve(spec, &a.output_dir)?;
             let saved = checkpoint::load(&dir, &*self.model, &mut opt)?;
-            let expected = state(saved.global_step, saved.trained_tokens);
-            if saved != expected {
+            if !saved.same_run(&state) {
                 bail!(
                     "checkpoint {} was made with other settings (seed, batch size, accumulation or total steps): {saved:?}",
                     dir.display()
                 );
             }
-            start_step = saved.global_step;
-            resumed_tokens = saved.trained_tokens;
+            state = saved;
+            last_checkpoint = Some(dir);
         }
+        let start_step = state.global_step;
+        let resumed_tokens = state.trained_tokens;
         let metrics_path = a.output_dir.join("metrics.jsonl");
         if start_step > 0 && metrics_path.exists() {
             // Lines logged after the checkpoint belong to the interrupted run: drop them.
@@ -306,10 +391,11 @@ impl Trainer<'_> {
         };
         bar.set_style(
             ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+                "{spinner} [{elapsed_precise}] {bar:30} step {pos}/{len} {msg} ETA {eta}",
             )
             .expect("valid template"),
         );
+        let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
         let device = self.model.base().device.clone();
         let start = Instant::now();
@@ -318,14 +404,16 @@ impl Trainer<'_> {
             losses: Vec::new(),
             trained_tokens: 0,
             seconds: 0.0,
+            evals: Vec::new(),
+            stopped_early: false,
         };
         let mut step = 0;
         let mut epoch = 0;
-        while step < total_steps {
-            let mut order: Vec<usize> = (0..examples.len()).collect();
-            order.shuffle(&mut rng);
+        'epochs: while step < total_steps {
+            let order = epoch_order(&lengths, a.batch_size, a.group_by_length, &mut rng);
             let batches: Vec<&[usize]> = order.chunks(a.batch_size).collect();
-            for group in batches.chunks(a.grad_accum) {
+            let groups: Vec<&[&[usize]]> = batches.chunks(a.grad_accum).collect();
+            for (g, group) in groups.iter().enumerate() {
                 if step >= total_steps {
                     break;
                 }
@@ -343,28 +431,79 @@ impl Trainer<'_> {
                     .collect::<Result<Vec<_>>>()?;
                 summary.trained_tokens += batches.iter().map(|b| b.n_tokens).sum::<usize>();
                 let lr = schedule.lr(step);
-                let StepOutput { loss, grad_norm } = self.step(&mut opt, &batches, step, lr)?;
+                let StepOutput { loss, grad_norm } = self
+                    .step(&mut opt, &batches, step, lr)
+                    .map_err(|e| stop_note(e, last_checkpoint.as_deref()))?;
                 step += 1;
                 summary.losses.push(loss);
                 let elapsed = start.elapsed().as_secs_f64();
                 let tps = summary.trained_tokens as f64 / elapsed.max(1e-9);
+                let end_of_epoch = g + 1 == groups.len();
+                let mut line = json!({
+                    "step": step,
+                    "epoch": epoch as f64 + (g + 1) as f64 / groups.len() as f64,
+                    "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                });
+                let eval_now = !eval.is_empty()
+                    && (step == total_steps
+                        || match a.eval_steps {
+                            Some(n) => n > 0 && step % n == 0,
+                            None => end_of_epoch,
+                        });
+                let mut stop_early = false;
+                if eval_now {
+                    let eval_loss = self.eval_loss(eval)?;
+                    summary.evals.push((step, eval_loss));
+                    line["eval_loss"] = json!(eval_loss);
+                    line["eval_perplexity"] = json!(eval_loss.exp());
+                    let improved = state
+                        .best_eval_loss
+                        .is_none_or(|best| eval_loss < best - a.early_stopping_threshold);
+                    if improved {
+                        state.best_eval_loss = Some(eval_loss);
+                        state.evals_without_improvement = 0;
+                    } else {
+                        state.evals_without_improvement += 1;
+                    }
+                    stop_early = a
+                        .early_stopping_patience
+                        .is_some_and(|p| state.evals_without_improvement >= p.max(1));
+                }
+                if step % a.logging_steps.max(1) == 0
+                    || step == total_steps
+                    || eval_now
+                    || stop_early
+                {
+                    writeln!(metrics, "{line}")
+                        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+                    if !a.show_progress {
+                        match a.echo {
+                            Echo::Stderr => eprintln!("{line}"),
+                            Echo::Stdout => println!("{line}"),
+                            Echo::Off => {}
+                        }
+                    }
+                }
                 let interrupted = a
                     .interrupt
                     .as_ref()
                     .is_some_and(|f| f.load(Ordering::SeqCst));
-                let scheduled = a.save_steps.is_some_and(|n| n > 0 && step % n == 0);
-                if (scheduled || interrupted) && step < total_steps {
-                    let st = state(step, resumed_tokens + summary.trained_tokens);
+                let scheduled = a.save_steps.is_some_and(|n| n > 0 && step % n == 0)
+                    || (a.save_checkpoint_every_epoch && end_of_epoch);
+                if (scheduled || interrupted) && step < total_steps && !stop_early {
+                    state.global_step = step;
+                    state.trained_tokens = resumed_tokens + summary.trained_tokens;
                     let dir = checkpoint::save(
                         &a.output_dir,
                         &*self.model,
                         &opt,
-                        &st,
+                        &state,
                         &a.base_model_name,
                     )?;
                     if let Some(k) = a.save_total_limit {
                         checkpoint::prune(&a.output_dir, k.max(1))?;
                     }
+                    last_checkpoint = Some(dir.clone());
                     if interrupted {
                         bar.abandon();
                         return Err(Interrupted {
@@ -379,16 +518,9 @@ impl Trainer<'_> {
                     "epoch {} loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s",
                     epoch + 1
                 ));
-                if step % a.logging_steps.max(1) == 0 || step == total_steps {
-                    let line = json!({
-                        "step": step, "epoch": epoch as f64 + (step - epoch * steps_per_epoch) as f64 / steps_per_epoch as f64,
-                        "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                    });
-                    writeln!(metrics, "{line}")
-                        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
-                    if !a.show_progress {
-                        eprintln!("{line}");
-                    }
+                if stop_early {
+                    summary.stopped_early = true;
+                    break 'epochs;
                 }
             }
             epoch += 1;
@@ -405,4 +537,19 @@ impl Trainer<'_> {
         self.model.save(&a.output_dir, &a.base_model_name)?;
         Ok(summary)
     }
+}
+
+/// Adds where to continue from to an error that stopped the run.
+fn stop_note(e: anyhow::Error, last_checkpoint: Option<&std::path::Path>) -> anyhow::Error {
+    if e.downcast_ref::<NonFinite>().is_none() {
+        return e;
+    }
+    let note = match last_checkpoint {
+        Some(dir) => format!(
+            "stopping; the last good checkpoint is {} (continue with --resume, e.g. at a lower learning rate)",
+            dir.display()
+        ),
+        None => "stopping; no checkpoint was saved in this run (--save-steps N writes them)".into(),
+    };
+    anyhow::anyhow!("{e}: {note}")
 }

@@ -1,0 +1,175 @@
+//! The loop's guards and extras on a tiny model: packed rows train like separate examples,
+//! evaluation and early stopping (also across a resume), and a NaN loss stops the run naming
+//! the last good checkpoint.
+
+use peft::{LoraConfig, PeftModel, TargetModules};
+use peft_models::testing::tiny_llama;
+use peft_train::{pack, Batch, Example, TrainArgs, TrainSummary, Trainer};
+use std::path::Path;
+
+fn examples(n: u32, salt: u32) -> Vec<Example> {
+    (0..n)
+        .map(|i| {
+            let ids: Vec<u32> = (0..4 + i % 5)
+                .map(|j| (i * 7 + j * 3 + salt) % 64)
+                .collect();
+            Example {
+                labels: ids.iter().map(|&t| t as i64).collect(),
+                input_ids: ids,
+                packed: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+fn lora() -> PeftModel {
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        target_modules: Some(TargetModules::parse_flag("all-linear")),
+        init_lora_weights: serde_json::json!("gaussian"),
+        ..Default::default()
+    };
+    PeftModel::new(tiny_llama(31, true).unwrap(), config, 5).unwrap()
+}
+
+fn args(out: &Path) -> TrainArgs {
+    TrainArgs {
+        max_steps: Some(8),
+        batch_size: 2,
+        lr: 5e-3,
+        seed: 3,
+        output_dir: out.to_path_buf(),
+        base_model_name: "tiny".into(),
+        show_progress: false,
+        ..Default::default()
+    }
+}
+
+/// The loss of packed rows equals the loss of the same examples padded one per row.
+#[test]
+fn packed_rows_give_the_unpacked_loss() {
+    let mut model = lora();
+    let trainer = Trainer {
+        model: &mut model,
+        args: args(Path::new("unused")),
+        pad_id: 0,
+    };
+    let exs = examples(9, 1);
+    let rows = pack(&exs, 16);
+    assert!(rows.len() < exs.len());
+    let loss = |exs: &[Example]| {
+        let refs: Vec<&Example> = exs.iter().collect();
+        let batch = Batch::new(&refs, 0, &candle_core::Device::Cpu).unwrap();
+        trainer
+            .batch_loss(&batch, batch.n_trained, false)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (packed, plain) = (loss(&rows), loss(&exs));
+    assert!((packed - plain).abs() < 1e-5, "{packed} vs {plain}");
+}
+
+fn train(out: &Path, resume: Option<&str>, save_steps: Option<usize>) -> TrainSummary {
+    let mut model = lora();
+    let mut a = args(out);
+    a.eval_steps = Some(1);
+    a.early_stopping_patience = Some(2);
+    // No eval loss can improve by this much: the run stops after the third evaluation.
+    a.early_stopping_threshold = 1e9;
+    a.save_steps = save_steps;
+    a.resume_from = resume.map(Into::into);
+    Trainer {
+        model: &mut model,
+        args: a,
+        pad_id: 0,
+    }
+    .train_with_eval(&examples(12, 0), &examples(4, 40))
+    .unwrap()
+}
+
+/// Evaluations land in metrics.jsonl with their perplexity, dropout is off while evaluating
+/// (the same adapter gives the same eval loss), and early stopping ends the run, also when
+/// it is resumed from a checkpoint in between.
+#[test]
+fn eval_and_early_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = train(dir.path(), None, None);
+    assert!(full.stopped_early);
+    assert_eq!(full.steps, 3);
+    assert_eq!(
+        full.evals.iter().map(|e| e.0).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (line, (_, eval)) in lines.iter().zip(&full.evals) {
+        assert_eq!(line["eval_loss"].as_f64().unwrap(), *eval);
+        let ppl = line["eval_perplexity"].as_f64().unwrap();
+        assert!((ppl - eval.exp()).abs() < 1e-9 * ppl);
+    }
+
+    let reloaded_eval = {
+        let mut model = PeftModel::load(tiny_llama(31, true).unwrap(), dir.path()).unwrap();
+        let trainer = Trainer {
+            model: &mut model,
+            args: args(dir.path()),
+            pad_id: 0,
+        };
+        (
+            trainer.eval_loss(&examples(4, 40)).unwrap(),
+            trainer.eval_loss(&examples(4, 40)).unwrap(),
+        )
+    };
+    assert_eq!(reloaded_eval.0, reloaded_eval.1);
+    assert!((reloaded_eval.0 - full.evals[2].1).abs() < 1e-6);
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = train(dir.path(), None, Some(1));
+    assert_eq!(first.losses, full.losses);
+    // Continue from checkpoint-2, which counts one evaluation without improvement: the
+    // resumed run stops after one more, as the uninterrupted run did.
+    let resumed = train(dir.path(), Some("latest"), Some(1));
+    assert!(resumed.stopped_early);
+    assert_eq!(resumed.steps, 3);
+    assert_eq!(resumed.losses, full.losses[2..].to_vec());
+}
+
+/// A loss that overflows stops the run at that step, naming the last good checkpoint.
+#[test]
+fn nan_loss_names_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = lora();
+    let mut a = args(dir.path());
+    a.lr = 1e30;
+    a.warmup_ratio = 0.0;
+    a.save_steps = Some(1);
+    let err = Trainer {
+        model: &mut model,
+        args: a,
+        pad_id: 0,
+    }
+    .train(&examples(12, 0))
+    .unwrap_err()
+    .to_string();
+    let checkpoint = dir.path().join("checkpoint-1");
+    assert!(
+        err.starts_with("training loss is NaN at step 2")
+            || err.starts_with("training loss is inf at step 2"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "the last good checkpoint is {}",
+            checkpoint.display()
+        )),
+        "{err}"
+    );
+    assert!(checkpoint.join("trainer_state.json").exists());
+}
