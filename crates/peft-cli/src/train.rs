@@ -403,6 +403,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         map_columns(&mut records, &parse_column_mapping(spec)?)
             .with_context(|| format!("in {}", data_path.display()))?;
     }
+    check_output_folder(&output)?;
     let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
     let (mut base, tok) = load_base(&model_path, dtype, &device)?;
     if let Some(q) = c.quantize {
@@ -505,6 +506,35 @@ fn plot_metrics(output: &Path) -> Result<()> {
         });
     }
     write_loss_chart(&output.join("loss"), "loss per step", &series)
+}
+
+/// Fails early (before the model loads, creating nothing) when `output` cannot become a
+/// folder: it, or the nearest existing folder above it, is a file or read-only.
+fn check_output_folder(output: &Path) -> Result<()> {
+    let mut existing = output;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => return Ok(()),
+        }
+    }
+    let meta = std::fs::metadata(existing)
+        .with_context(|| format!("cannot create output folder {}", output.display()))?;
+    if !meta.is_dir() {
+        bail!(
+            "cannot create output folder {}: {} is not a folder",
+            output.display(),
+            existing.display()
+        );
+    }
+    if meta.permissions().readonly() {
+        bail!(
+            "cannot create output folder {}: {} is read-only",
+            output.display(),
+            existing.display()
+        );
+    }
+    Ok(())
 }
 
 /// PEFT adapters do not carry a tokenizer; we record which base they were trained on.

@@ -156,6 +156,9 @@ fn str_field<'a>(v: &'a Value, key: &str, line: usize) -> Result<&'a str> {
         .with_context(|| format!("record {line}: field {key:?} must be a string"))
 }
 
+/// Roles a chat template renders (OpenAI's and transformers' names).
+const CHAT_ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+
 /// Token ids and labels of one record, truncated to `max_len`.
 fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize) -> Result<Example> {
     let mut ids: Vec<u32> = Vec::new();
@@ -172,6 +175,16 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize) -> Result<Example> {
     if let Some(msgs) = v.get("messages") {
         let messages: Vec<ChatMessage> = serde_json::from_value(msgs.clone())
             .with_context(|| format!("record {n}: messages must be a list of {{role, content}}"))?;
+        if let Some(m) = messages
+            .iter()
+            .find(|m| !CHAT_ROLES.contains(&m.role.as_str()))
+        {
+            bail!(
+                "record {n}: unknown chat role {:?} (expected one of {})",
+                m.role,
+                CHAT_ROLES.join(", ")
+            );
+        }
         for (segment, is_assistant) in
             chat_segments(tok, &messages).with_context(|| format!("record {n}"))?
         {

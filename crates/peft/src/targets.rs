@@ -1,6 +1,6 @@
 //! Which modules a tuner wraps: PEFT's `target_modules` / `exclude_modules` semantics.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +50,15 @@ pub fn select(
             TargetModules::List(l) => list_matches(l, path),
             TargetModules::Pattern(p) if p == ALL_LINEAR => path != output_head,
             TargetModules::Pattern(p) => Regex::new(&format!("^(?:{p})$"))
-                .with_context(|| format!("target_modules: invalid regex {p:?}"))?
+                .map_err(|e| {
+                    // The parser's message spans lines (pattern, caret, reason): keep the reason.
+                    let text = e.to_string();
+                    let reason = text.lines().last().unwrap_or_default();
+                    anyhow::anyhow!(
+                        "target_modules: invalid regex {p:?}: {}",
+                        reason.trim_start_matches("error: ")
+                    )
+                })?
                 .is_match(path),
         })
     };

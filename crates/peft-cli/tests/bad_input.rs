@@ -1,0 +1,452 @@
+//! The bad-input matrix: every mistake a user can make with files, data, adapters, flags and
+//! the output folder gives one `error:` line naming the problem, exit code 1, no panic, and
+//! leaves no file behind. Then the failures during a run: a full disk while saving keeps the
+//! previous checkpoint, a NaN loss names the last good checkpoint, SIGINT during saves leaves
+//! only complete checkpoints.
+
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn peft(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// Every file under `dir`, relative, sorted.
+fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Asserts a clean failure: exit code 1, one `error:` line containing `needle`, no panic.
+fn assert_one_line_error(out: &Output, what: &str, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what}: exit code, stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{what}: panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{what}: one line expected: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{what}: {stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "{what}: {stderr:?} lacks {needle:?}"
+    );
+}
+
+struct Case {
+    name: &'static str,
+    /// Files to create in the case's folder: (name, bytes).
+    files: Vec<(&'static str, Vec<u8>)>,
+    /// Arguments; `{dir}` is the case's folder, `{model}` the default model.
+    args: Vec<&'static str>,
+    needle: &'static str,
+    needs_model: bool,
+}
+
+fn case(
+    name: &'static str,
+    files: Vec<(&'static str, Vec<u8>)>,
+    args: &[&'static str],
+    needle: &'static str,
+) -> Case {
+    let needs_model = args.contains(&"{model}");
+    Case {
+        name,
+        files,
+        args: args.to_vec(),
+        needle,
+        needs_model,
+    }
+}
+
+fn safetensors_bytes(tensors: &[(&str, Tensor)]) -> Vec<u8> {
+    safetensors::serialize(tensors.iter().map(|(k, t)| (*k, t)), None).unwrap()
+}
+
+/// A tiny Llama saved as an HF folder's files.
+fn tiny_hf_files() -> Vec<(&'static str, Vec<u8>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = peft_models::testing::tiny_llama(3, true).unwrap();
+    peft_models::save::save_hf_model(&mut model, None, dir.path(), DType::F32).unwrap();
+    ["config.json", "model.safetensors"]
+        .into_iter()
+        .map(|f| (f, std::fs::read(dir.path().join(f)).unwrap()))
+        .collect()
+}
+
+const TRAIN: &[&str] = &["train", "--model", "{model}", "--output", "{dir}/out"];
+
+fn train(data: &'static str, extra: &[&'static str]) -> Vec<&'static str> {
+    let mut a = TRAIN.to_vec();
+    a.extend(["--data", data]);
+    a.extend(extra);
+    a
+}
+
+fn cases() -> Vec<Case> {
+    let tiny = tiny_hf_files();
+    let tiny_config = tiny[0].1.clone();
+    let tiny_weights = tiny[1].1.clone();
+    let st = safetensors_bytes(&[(
+        "model.embed_tokens.weight",
+        Tensor::zeros((64, 64), DType::F32, &Device::Cpu).unwrap(),
+    )]);
+    let mut bad_header = st.clone();
+    // A header length far beyond the file.
+    bad_header[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let mut garbled_json = st.clone();
+    garbled_json[8..16].copy_from_slice(b"#!garble");
+    let wrong_shape = safetensors_bytes(&[(
+        "model.embed_tokens.weight",
+        Tensor::zeros((64, 32), DType::F32, &Device::Cpu).unwrap(),
+    )]);
+    let parquet = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../peft-train/tests/fixtures/pirate_messages.parquet"),
+    )
+    .unwrap();
+    let mut parquet_corrupt = parquet.clone();
+    let n = parquet_corrupt.len();
+    parquet_corrupt[n - 8..n - 4].copy_from_slice(&[0xff, 0xff, 0xff, 0x7f]);
+    let golden = peft_models::testing::golden_dir().join("lora_qv_r8");
+    let golden_config = std::fs::read(golden.join("adapter_config.json")).unwrap();
+    let golden_weights = std::fs::read(golden.join("adapter_model.safetensors")).unwrap();
+    let gguf_header = [
+        b"GGUF".as_slice(),
+        &3u32.to_le_bytes(),
+        &u64::MAX.to_le_bytes(),
+        &0u64.to_le_bytes(),
+    ]
+    .concat();
+    let qa = br#"{"prompt": "Who are you?", "completion": "A pirate."}"#.to_vec();
+    let tiny_folder = |extra: Vec<(&'static str, Vec<u8>)>| {
+        let mut f = vec![
+            ("m/config.json", tiny_config.clone()),
+            ("m/model.safetensors", tiny_weights.clone()),
+        ];
+        f.extend(extra);
+        f
+    };
+    let hf = |config: &[u8], weights: Vec<u8>| {
+        vec![
+            ("m/config.json", config.to_vec()),
+            ("m/model.safetensors", weights),
+        ]
+    };
+    let tiny_cfg = br#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4,"vocab_size":64}"#;
+    let logits = |adapter: bool| -> Vec<&'static str> {
+        let mut a = vec![
+            "logits",
+            "--model",
+            "{dir}/m",
+            "--input-ids",
+            "1,2",
+            "--out",
+            "{dir}/logits.safetensors",
+        ];
+        if adapter {
+            a.extend(["--adapter", "{dir}/a"]);
+        }
+        a
+    };
+    let truncated_gguf = peft_models::testing::default_model()
+        .map(|m| {
+            use std::io::Read;
+            let mut head = Vec::new();
+            std::fs::File::open(m)
+                .unwrap()
+                .take(4 << 20)
+                .read_to_end(&mut head)
+                .unwrap();
+            head
+        })
+        .unwrap_or_default();
+    vec![
+        // Base model files.
+        case("truncated GGUF", vec![("t.gguf", truncated_gguf)], &["inspect", "--model", "{dir}/t.gguf"], "truncated"),
+        case("missing model", vec![], &["inspect", "--model", "{dir}/nothing"], "model not found"),
+        case("truncated safetensors", hf(tiny_cfg, st[..st.len() / 2].to_vec()), &logits(false), "not a valid safetensors file"),
+        case("safetensors header length past the end", hf(tiny_cfg, bad_header), &logits(false), "not a valid safetensors file"),
+        case("garbled safetensors header", hf(tiny_cfg, garbled_json), &logits(false), "not a valid safetensors file"),
+        case("weight of the wrong shape", hf(tiny_cfg, wrong_shape), &logits(false), "model.embed_tokens.weight has shape [64, 32], expected [64, 64]"),
+        case("malformed config.json", hf(b"{\"hidden_size\": ", st.clone()), &logits(false), "config.json is not valid JSON"),
+        case("no weights in the folder", vec![("m/config.json", tiny_cfg.to_vec())], &logits(false), "no model.safetensors"),
+        case("garbage GGUF", vec![("g.gguf", b"this is not a gguf file at all".to_vec())], &["inspect", "--model", "{dir}/g.gguf"], "is not a valid GGUF file"),
+        case("GGUF with an absurd tensor count", vec![("g.gguf", gguf_header)], &["inspect", "--model", "{dir}/g.gguf"], "g.gguf"),
+        // Data files (checked before the model loads).
+        case("empty data", vec![("d.jsonl", b"\n\n".to_vec())], &train("{dir}/d.jsonl", &[]), "has no records"),
+        case("malformed JSON line", vec![("d.jsonl", b"{\"text\": \"ok\"}\n{\"text\": oops}\n".to_vec())], &train("{dir}/d.jsonl", &[]), "d.jsonl:2: invalid JSON"),
+        case("a line that is not an object", vec![("d.jsonl", b"[1, 2]\n".to_vec())], &train("{dir}/d.jsonl", &[]), "d.jsonl:1: expected a JSON object"),
+        case("missing data file", vec![], &train("{dir}/absent.jsonl", &[]), "cannot read data file"),
+        case("truncated Parquet", vec![("d.parquet", parquet[..parquet.len() / 2].to_vec())], &train("{dir}/d.parquet", &[]), "is not a valid Parquet file"),
+        case("corrupted Parquet footer", vec![("d.parquet", parquet_corrupt)], &train("{dir}/d.parquet", &[]), "is not a valid Parquet file"),
+        case("CSV row with extra fields", vec![("d.csv", b"prompt,completion\na,b\nc,d,e\n".to_vec())], &train("{dir}/d.csv", &[]), "d.csv:3"),
+        case("column mapping without =", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--columns", "prompt"]), "is not field=column"),
+        case("mapped column missing", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--columns", "prompt=question"]), "no column \"question\""),
+        case("missing fields", vec![("d.jsonl", b"{\"question\": \"hi\"}\n".to_vec())], &train("{dir}/d.jsonl", &[]), "record 1: no \"text\""),
+        case("unknown chat role", vec![("d.jsonl", br#"{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#.to_vec())], &train("{dir}/d.jsonl", &[]), "record 1: unknown chat role \"wizard\""),
+        case("sequences longer than max", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--max-seq-length", "3"]), "no record has a token to train on after truncation to 3 tokens"),
+        // Adapters.
+        case("malformed adapter config", tiny_folder(vec![("a/adapter_config.json", b"{\"r\": 8, \"target_modules\": ".to_vec())]), &logits(true), "adapter_config.json is malformed"),
+        case("adapter weights missing", tiny_folder(vec![("a/adapter_config.json", golden_config.clone())]), &logits(true), "adapter_model.safetensors"),
+        case("adapter for another base (shape mismatch)", tiny_folder(vec![("a/adapter_config.json", golden_config), ("a/adapter_model.safetensors", golden_weights)]), &logits(true), "adapter made for another model?"),
+        // Methods, targets and flags.
+        case("unknown method", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "magic"]), "unknown method \"magic\""),
+        case("unknown target module", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--target-modules", "q_proj,query_key_value"]), "\"query_key_value\" not found in the model"),
+        case("invalid target regex", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--target-modules", "re:(q_proj"]), "invalid regex \"(q_proj\": unclosed group"),
+        case("eval split out of range", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--eval-split", "1.5"]), "eval split must be at least 0 and below 1"),
+        case("unknown save strategy", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--save-strategy", "hourly"]), "--save-strategy must be steps, epoch or no"),
+        case("packing with prompt tuning", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "prompt", "--packing"]), "--packing does not work with prompt tuning"),
+        case("malformed TOML recipe", vec![("r.toml", b"lr = = 3".to_vec())], &["train", "--config", "{dir}/r.toml"], "is not valid TOML"),
+        case("unknown device", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--device", "tpu"]), "unknown device \"tpu\""),
+        // The output folder.
+        case("output under a file", vec![("d.jsonl", qa.clone()), ("file", b"x".to_vec())], &["train", "--model", "{model}", "--data", "{dir}/d.jsonl", "--output", "{dir}/file/out", "--max-steps", "1"], "cannot create output folder"),
+    ]
+}
+
+#[test]
+fn bad_input_matrix() {
+    let model = peft_models::testing::default_model();
+    let all = cases();
+    assert!(all.len() >= 25);
+    let mut ran = 0;
+    for c in all {
+        if c.needs_model && model.is_none() {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in &c.files {
+            let p = dir.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, bytes).unwrap();
+        }
+        let before = files(dir.path());
+        let args: Vec<String> = c
+            .args
+            .iter()
+            .map(|a| {
+                let a = a.replace("{dir}", &s(dir.path()));
+                match &model {
+                    Some(m) => a.replace("{model}", &s(m)),
+                    None => a,
+                }
+            })
+            .collect();
+        let out = peft(&args);
+        assert_one_line_error(&out, c.name, c.needle);
+        eprintln!(
+            "{}: {}",
+            c.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        assert_eq!(files(dir.path()), before, "{}: files left behind", c.name);
+        ran += 1;
+    }
+    eprintln!("{ran} bad-input cases checked");
+}
+
+fn smollm2_train(out: &Path, extra: &[&str]) -> Vec<String> {
+    let model = peft_models::testing::default_model().unwrap();
+    let mut a: Vec<String> = [
+        "train",
+        "--model",
+        &s(&model),
+        "--data",
+        &s(&peft_models::testing::shipped_data()),
+        "--output",
+        &s(out),
+        "--batch-size",
+        "1",
+        "--max-seq-length",
+        "48",
+        "--r",
+        "2",
+        "--seed",
+        "7",
+        "--quiet",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    a.extend(extra.iter().map(|a| a.to_string()));
+    if !extra.contains(&"--target-modules") {
+        a.extend(["--target-modules".into(), "q_proj".into()]);
+    }
+    a
+}
+
+fn tmp_leftovers(dir: &Path) -> Vec<String> {
+    files(dir)
+        .into_iter()
+        .filter(|f| f.contains(".tmp"))
+        .collect()
+}
+
+/// A disk that fills while a checkpoint is written (a per-file size limit: the adapter fits,
+/// the optimizer state does not) and while the final adapter is written: the run stops with
+/// one line naming the file, the previous checkpoint and adapter stay byte for byte, and no
+/// partial file or folder remains.
+#[test]
+fn full_disk_keeps_the_previous_checkpoint() {
+    if peft_models::testing::default_model().is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("out");
+    let args = smollm2_train(&out, &["--max-steps", "6", "--save-steps", "2"]);
+    assert!(peft(&args).status.success());
+    std::fs::remove_dir_all(out.join("checkpoint-4")).unwrap();
+    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        files(dir)
+            .into_iter()
+            .filter(|f| dir.join(f).is_file() && !f.ends_with("metrics.jsonl"))
+            .map(|f| (f.clone(), std::fs::read(dir.join(&f)).unwrap()))
+            .collect()
+    };
+    let before = snapshot(&out);
+    let adapter = std::fs::metadata(out.join("adapter_model.safetensors"))
+        .unwrap()
+        .len();
+    let optimizer = std::fs::metadata(out.join("checkpoint-2/optimizer.safetensors"))
+        .unwrap()
+        .len();
+    assert!(adapter < optimizer);
+    // Limits in KiB.
+    let limited = |limit: u64, args: &[String]| -> Output {
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "trap '' XFSZ; ulimit -f {limit}; exec {} {}",
+                env!("CARGO_BIN_EXE_peft"),
+                quoted.join(" ")
+            ))
+            .output()
+            .unwrap()
+    };
+    let mut resume = args.clone();
+    resume.extend(["--resume".into(), "latest".into()]);
+    // The adapter fits, the optimizer state does not.
+    let failed = limited((adapter / 1024 + optimizer / 1024) / 2, &resume);
+    assert_one_line_error(&failed, "full disk at a checkpoint", "File too large");
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("cannot write checkpoint"),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    assert_eq!(snapshot(&out), before, "earlier files changed");
+    assert_eq!(tmp_leftovers(&out), Vec::<String>::new());
+
+    // No checkpoint due before the end: the final adapter write fails.
+    let mut to_end = smollm2_train(&out, &["--max-steps", "6", "--save-steps", "100"]);
+    to_end.extend(["--resume".into(), s(&out.join("checkpoint-2"))]);
+    // The checkpoint was made with --save-steps 2; the settings that matter are equal.
+    let failed = limited(adapter / 1024 / 2, &to_end);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("File too large") && stderr.contains("adapter_model.safetensors"),
+        "{stderr}"
+    );
+    assert_eq!(snapshot(&out), before, "earlier files changed");
+    assert_eq!(tmp_leftovers(&out), Vec::<String>::new());
+}
+
+/// A learning rate that blows the weights up: after one step the values and the attention
+/// output are ~1e30 and their product overflows, so the loss is NaN at step 2; the message
+/// names that step and checkpoint-1.
+#[test]
+fn nan_loss_stops_with_the_last_good_checkpoint() {
+    if peft_models::testing::default_model().is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("out");
+    let args = smollm2_train(
+        &out,
+        &[
+            "--max-steps",
+            "5",
+            "--save-steps",
+            "1",
+            "--lr",
+            "1e30",
+            "--warmup-ratio",
+            "0",
+            "--target-modules",
+            "v_proj,o_proj",
+        ],
+    );
+    let failed = peft(&args);
+    assert_one_line_error(
+        &failed,
+        "NaN loss",
+        "at step 2: stopping; the last good checkpoint is",
+    );
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("checkpoint-1"));
+    assert!(out.join("checkpoint-1/trainer_state.json").exists());
+}
+
+/// SIGINT sent again and again, also while checkpoints are being written: the run exits with
+/// 130 after saving, and every checkpoint folder is complete.
+#[test]
+fn repeated_sigint_leaves_complete_checkpoints() {
+    if peft_models::testing::default_model().is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("out");
+    let args = smollm2_train(&out, &["--max-steps", "1000", "--save-steps", "1"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while peft_train::checkpoint::list(&out).is_empty() {
+        assert!(start.elapsed().as_secs() < 300, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = loop {
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(130));
+    for (_, dir) in peft_train::checkpoint::list(&out) {
+        for f in [
+            "trainer_state.json",
+            "optimizer.safetensors",
+            "adapter_model.safetensors",
+            "adapter_config.json",
+        ] {
+            assert!(dir.join(f).exists(), "{} lacks {f}", dir.display());
+        }
+    }
+    assert_eq!(tmp_leftovers(&out), Vec::<String>::new());
+}
