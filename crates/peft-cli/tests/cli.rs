@@ -362,3 +362,65 @@ fn compare_writes_table_json_and_plot() {
         .contains("<svg"));
     assert!(dir.path().join("prompt/adapter_model.safetensors").exists());
 }
+
+/// Parquet data, a held-out split evaluated every 2 steps, packing, length grouping and
+/// `--json`: stdout holds one JSON object per step (eval loss where evaluated) and a summary;
+/// the loss plot is written as SVG and PNG.
+#[test]
+fn train_with_eval_packing_and_json() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let data = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../peft-train/tests/fixtures/pirate_messages.parquet");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let run = peft(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "96",
+        "--packing",
+        "--group-by-length",
+        "--eval-split",
+        "0.25",
+        "--eval-steps",
+        "2",
+        "--max-steps",
+        "3",
+        "--json",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let evaluated: Vec<u64> = lines[..3]
+        .iter()
+        .filter(|l| l["eval_loss"].is_f64())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evaluated, [2, 3]);
+    let done = &lines[3];
+    assert_eq!(done["event"], "done");
+    assert_eq!(done["steps"], 3);
+    assert_eq!(done["eval_loss"], lines[2]["eval_loss"]);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(svg.contains("eval loss") && svg.contains("train loss"));
+}
