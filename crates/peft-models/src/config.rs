@@ -140,28 +140,35 @@ impl LlamaConfig {
     }
 
     /// Inverse frequencies of RoPE, one per pair of head dims.
-    pub fn rope_inv_freq(&self) -> Vec<f64> {
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        // Rounded as transformers rounds them (float32 tensors: the exponent in f32, the
+        // power rounded to f32, then the reciprocal): some differ from the exact values in
+        // the last bit, and models with large attention scores amplify that.
         let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
+        let base: Vec<f32> = (0..d / 2)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / d as f32;
+                1.0 / self.rope_theta.powf(exponent as f64) as f32
+            })
             .collect();
         let Some(s) = &self.rope_scaling else {
             return base;
         };
-        let old_ctx = s.original_max_position_embeddings as f64;
-        let low_wavelen = old_ctx / s.low_freq_factor;
-        let high_wavelen = old_ctx / s.high_freq_factor;
+        let factor = s.factor as f32;
+        let (low, high) = (s.low_freq_factor as f32, s.high_freq_factor as f32);
+        let old_ctx = s.original_max_position_embeddings as f32;
+        let low_wavelen = old_ctx / low;
+        let high_wavelen = old_ctx / high;
         base.into_iter()
             .map(|f| {
-                let wavelen = 2.0 * std::f64::consts::PI / f;
+                let wavelen = 2.0 * std::f32::consts::PI / f;
                 if wavelen < high_wavelen {
                     f
                 } else if wavelen > low_wavelen {
-                    f / s.factor
+                    f / factor
                 } else {
-                    let smooth = (old_ctx / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
-                    (1.0 - smooth) * f / s.factor + smooth * f
+                    let smooth = (old_ctx / wavelen - low) / (high - low);
+                    (1.0 - smooth) * f / factor + smooth * f
                 }
             })
             .collect()

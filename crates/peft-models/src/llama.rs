@@ -228,7 +228,7 @@ impl Llama {
         } else {
             Some(w.linear("lm_head", c.vocab_size, h, false)?)
         };
-        let inv_freq: Vec<f32> = c.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+        let inv_freq = c.rope_inv_freq();
         let inv_freq = Tensor::new(inv_freq, device)?;
         let model = Self {
             config,

@@ -163,7 +163,7 @@ fn hf_peft_prefix_tuning_reproduces_outputs() {
     // This model amplifies float32 summation-order noise (the fixtures' README allows 5e-3):
     // the golden `hidden_b2` is itself 9.5e-3 from PEFT's float64 result at row 0, position 7
     // (and its logits there), so the batch-2 outputs are checked against that float64 result
-    // (scripts/hf/prefix_reference_f64.py), where ours is within 2.6e-3; logits against the
+    // (scripts/hf/prefix_reference_f64.py), where ours is within 3.4e-3; logits against the
     // golden file.
     let f64_ref = load_safetensors(
         std::path::Path::new(concat!(
