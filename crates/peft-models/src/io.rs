@@ -52,14 +52,39 @@ pub fn load_safetensors(
     device: &candle_core::Device,
 ) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let t = candle_core::safetensors::Load::load(&view, device)
-                .with_context(|| format!("tensor {name} in {}", path.display()))?;
-            Ok((name, t))
-        })
-        .collect()
+    parse_safetensors(&bytes, path, device)
+}
+
+/// Every tensor of the safetensors file in `bytes` (memory-mapped or read); `source` names the
+/// file in errors. Malformed input of any kind is an error, never a panic.
+pub fn parse_safetensors(
+    bytes: &[u8],
+    source: &Path,
+    device: &candle_core::Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = HashMap::new();
+    for_each_safetensor(bytes, source, device, |name, t| {
+        tensors.insert(name, t);
+        Ok(())
+    })?;
+    Ok(tensors)
+}
+
+/// Hands each tensor of the safetensors file in `bytes` to `f` as soon as it is loaded, so a
+/// caller converting dtypes holds one unconverted tensor at a time.
+pub fn for_each_safetensor(
+    bytes: &[u8],
+    source: &Path,
+    device: &candle_core::Device,
+    mut f: impl FnMut(String, Tensor) -> Result<()>,
+) -> Result<()> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        anyhow::anyhow!("{} is not a valid safetensors file: {e}", source.display())
+    })?;
+    for (name, view) in st.tensors() {
+        let t = candle_core::safetensors::Load::load(&view, device)
+            .with_context(|| format!("tensor {name} in {}", source.display()))?;
+        f(name, t)?;
+    }
+    Ok(())
 }

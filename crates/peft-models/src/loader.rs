@@ -8,6 +8,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 pub struct LoadedModel {
@@ -68,14 +69,10 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel>
         // changed underneath us can at worst yield wrong numbers, which the shape checks catch.
         let mmap = unsafe { memmap2::Mmap::map(&data) }
             .with_context(|| format!("cannot map {}", file.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
-            anyhow::anyhow!("{} is not a valid safetensors file: {e}", file.display())
-        })?;
-        for (name, view) in st.tensors() {
-            let t = candle_core::safetensors::Load::load(&view, device)
-                .with_context(|| format!("tensor {name} in {}", file.display()))?;
+        crate::io::for_each_safetensor(&mmap, &file, device, |name, t| {
             weights.insert(name, t.to_dtype(dtype)?);
-        }
+            Ok(())
+        })?;
     }
     let tokenizer = if dir.join("tokenizer.json").exists() {
         Some(Tokenizer::from_hf_dir(dir)?)
@@ -137,8 +134,10 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// from (head, 2, half) to (head, half, 2).
 fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let shape = w.dims().to_vec();
-    let rows = shape[0];
-    if !rows.is_multiple_of(2 * heads) {
+    let Some(&rows) = shape.first() else {
+        bail!("cannot unpermute a scalar");
+    };
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         bail!("cannot unpermute a tensor of {rows} rows for {heads} heads");
     }
     let rest: usize = shape[1..].iter().product();
@@ -148,11 +147,189 @@ fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape(shape)?)
 }
 
+/// Bytes of a GGUF tensor's data, or None when its shape is empty or impossible: the element
+/// count (or that of its non-zero dimensions, which reshapes multiply) overflows, or it is not a
+/// whole number of blocks. candle's reader would view an empty tensor's dangling, unaligned
+/// buffer as blocks, which is undefined behaviour.
+fn gguf_tensor_bytes(info: &gguf_file::TensorInfo) -> Option<u64> {
+    let dims = info.shape.dims();
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d.max(1)))?;
+    let elems = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
+    let block = info.ggml_dtype.block_size();
+    if elems == 0 || !elems.is_multiple_of(block) {
+        return None;
+    }
+    let bytes = (elems / block).checked_mul(info.ggml_dtype.type_size())?;
+    u64::try_from(bytes).ok()
+}
+
+/// candle's GGUF reader (0.11) divides by `general.alignment` unchecked, so a zero there would
+/// panic: refuse it before candle reads the file. Everything else malformed is left for candle's
+/// reader, which checks lengths and counts against the data's size.
+fn check_gguf_alignment<R: Read + Seek>(reader: &mut R, len: u64) -> Result<()> {
+    let mut walker = MetadataWalker {
+        r: reader,
+        len,
+        wide: true,
+        zero_alignment: false,
+    };
+    // A walk that stops early means candle's reader fails there too.
+    let _ = walker.walk();
+    if walker.zero_alignment {
+        bail!("general.alignment is 0");
+    }
+    Ok(())
+}
+
+/// Walks GGUF metadata as candle reads it, without allocating for values.
+struct MetadataWalker<'a, R> {
+    r: &'a mut R,
+    len: u64,
+    /// Lengths are u64 from version 2 on, u32 before.
+    wide: bool,
+    /// Whether the last `general.alignment` (the one candle keeps) is an integer 0.
+    zero_alignment: bool,
+}
+
+const GGUF_ALIGNMENT_KEY: &[u8] = b"general.alignment";
+/// candle's limit on nested arrays.
+const GGUF_MAX_DEPTH: usize = 64;
+
+impl<R: Read + Seek> MetadataWalker<'_, R> {
+    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        self.r.read_exact(&mut b).ok()?;
+        Some(b)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.bytes().map(u32::from_le_bytes)
+    }
+
+    fn length(&mut self) -> Option<u64> {
+        if self.wide {
+            self.bytes().map(u64::from_le_bytes)
+        } else {
+            self.u32().map(u64::from)
+        }
+    }
+
+    fn remaining(&mut self) -> Option<u64> {
+        Some(self.len.saturating_sub(self.r.stream_position().ok()?))
+    }
+
+    fn skip(&mut self, n: u64) -> Option<()> {
+        if n > self.remaining()? {
+            return None;
+        }
+        self.r
+            .seek(SeekFrom::Current(i64::try_from(n).ok()?))
+            .ok()?;
+        Some(())
+    }
+
+    /// On-disk size of a scalar value type; None for strings, arrays and unknown types.
+    fn scalar_size(ty: u32) -> Option<u64> {
+        match ty {
+            0 | 1 | 7 => Some(1), // u8, i8, bool
+            2 | 3 => Some(2),     // u16, i16
+            4..=6 => Some(4),     // u32, i32, f32
+            10..=12 => Some(8),   // u64, i64, f64
+            _ => None,
+        }
+    }
+
+    fn skip_value(&mut self, ty: u32, depth: usize) -> Option<()> {
+        if let Some(size) = Self::scalar_size(ty) {
+            return self.skip(size);
+        }
+        let prefix = if self.wide { 8 } else { 4 };
+        match ty {
+            8 => {
+                let n = self.length()?;
+                self.skip(n)
+            }
+            9 if depth <= GGUF_MAX_DEPTH => {
+                let elem = self.u32()?;
+                let count = self.length()?;
+                let min_size = match elem {
+                    8 => prefix,
+                    9 => 4 + prefix,
+                    _ => return self.skip(count.checked_mul(Self::scalar_size(elem)?)?),
+                };
+                if count.checked_mul(min_size)? > self.remaining()? {
+                    return None;
+                }
+                for _ in 0..count {
+                    self.skip_value(elem, depth + 1)?;
+                }
+                Some(())
+            }
+            _ => None,
+        }
+    }
+
+    fn walk(&mut self) -> Option<()> {
+        let magic = self.u32()?;
+        let version = self.u32()?;
+        if !matches!(magic, 0x4655_4747 | 0x4747_5546) || !(1..=3).contains(&version) {
+            return None;
+        }
+        self.wide = version > 1;
+        let _tensor_count = self.length()?;
+        let kv_count = self.length()?;
+        for _ in 0..kv_count {
+            let key_len = self.length()?;
+            let is_alignment = if key_len == GGUF_ALIGNMENT_KEY.len() as u64 {
+                self.bytes::<17>()? == GGUF_ALIGNMENT_KEY
+            } else {
+                self.skip(key_len)?;
+                false
+            };
+            let ty = self.u32()?;
+            if !is_alignment {
+                self.skip_value(ty, 0)?;
+                continue;
+            }
+            // candle takes u8, i8, u16, i16, u32 and i32 alignments, and a default otherwise.
+            let size = Self::scalar_size(ty).filter(|_| ty <= 5);
+            self.zero_alignment = match size {
+                Some(1) => self.bytes::<1>()? == [0],
+                Some(2) => self.bytes::<2>()? == [0; 2],
+                Some(_) => self.bytes::<4>()? == [0; 4],
+                None => {
+                    self.skip_value(ty, 0)?;
+                    false
+                }
+            };
+        }
+        Some(())
+    }
+}
+
 fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
-    let bad = || format!("{} is not a valid GGUF file", path.display());
-    let mut file =
+    let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut file).with_context(bad)?;
+    load_gguf_from(file, path, device, dtype)
+}
+
+/// Loads a Llama-family model and its tokenizer from GGUF data in `reader` (a file, or bytes in
+/// a `std::io::Cursor`), read from its start; `source` names it in errors. Malformed data of any
+/// kind is an error, never a panic or an allocation beyond a small multiple of the data's size.
+pub fn load_gguf_from<R: Read + Seek>(
+    mut reader: R,
+    source: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel> {
+    let path = source;
+    let bad = || format!("{} is not a valid GGUF file", path.display());
+    let file_len = reader.seek(SeekFrom::End(0))?;
+    reader.rewind()?;
+    check_gguf_alignment(&mut reader, file_len).with_context(bad)?;
+    reader.rewind()?;
+    let content = gguf_file::Content::read(&mut reader).with_context(bad)?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
@@ -170,13 +347,25 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
     let head_dim = md_u64(md, &key("rope.dimension_count"))
         .map(|d| d as usize)
         .unwrap_or(hidden / heads.max(1));
+    if heads == 0 || kv_heads == 0 {
+        bail!("{}: GGUF metadata gives 0 attention heads", path.display());
+    }
 
     // Data can be truncated even when the header parses: check that every tensor fits.
-    let file_len = file.metadata()?.len();
     for (name, info) in &content.tensor_infos {
-        let bytes =
-            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        if content.tensor_data_offset + info.offset + bytes as u64 > file_len {
+        let bytes = gguf_tensor_bytes(info).with_context(|| {
+            format!(
+                "{}: tensor {name} has an empty or impossible shape {:?} for {:?}",
+                path.display(),
+                info.shape.dims(),
+                info.ggml_dtype
+            )
+        })?;
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(bytes));
+        if end.is_none_or(|end| end > file_len) {
             bail!(
                 "{} is truncated: tensor {name} lies past the end of the file",
                 path.display()
@@ -188,7 +377,7 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
     for name in content.tensor_infos.keys() {
         let Some(hf) = hf_name(name) else { continue };
         let q = content
-            .tensor(&mut file, name, &Device::Cpu)
+            .tensor(&mut reader, name, &Device::Cpu)
             .with_context(bad)?;
         let mut t = q.dequantize(&Device::Cpu)?;
         // transformers' GGUF loader undoes the permutation for llama and mistral only.
@@ -234,7 +423,8 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
     if let Some(e) = eos {
         raw["eos_token_id"] = json!(e);
     }
-    let config = LlamaConfig::from_json(raw)?;
+    let config = LlamaConfig::from_json(raw)
+        .with_context(|| format!("{}: GGUF metadata", path.display()))?;
     Ok(LoadedModel {
         config,
         weights,

@@ -191,3 +191,157 @@ fn missing_weight_is_named() {
         "{err}"
     );
 }
+
+/// The fuzzers' seed inputs (fuzz/seeds, written by fuzz/make_seeds.py) are valid files, so
+/// the fuzzers start from inputs that reach the end of each reader. (The GGUF seeds hold only
+/// the tensors the loader needs, not whole models.)
+#[test]
+fn fuzz_seeds_load() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+    for (name, hidden, tensors) in [("llama_q8_q4.gguf", 32, 6), ("qwen2_f32.gguf", 4, 3)] {
+        let path = seeds.join("gguf").join(name);
+        let loaded = load_model(&path, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(loaded.config.hidden_size, hidden);
+        assert_eq!(loaded.weights.len(), tensors);
+        let tokenizer = loaded.tokenizer.as_ref().unwrap();
+        assert!(!tokenizer.encode("Hello ab", true).unwrap().is_empty());
+    }
+    for (name, tensors) in [("lora_pair.safetensors", 2), ("dtypes.safetensors", 7)] {
+        let path = seeds.join("safetensors").join(name);
+        let loaded = peft_models::io::load_safetensors(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded.len(), tensors);
+    }
+}
+
+/// Little-endian GGUF v3 bytes, laid out by hand so that fields can hold what candle's writer
+/// refuses: metadata (u32 or string values), tensor infos (name, dims in GGUF order, ggml type,
+/// offset), then `data` at the next multiple of 32.
+fn raw_gguf(md: &[(&str, Value)], tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((md.len() as u64).to_le_bytes());
+    for (key, value) in md {
+        string(&mut out, key);
+        match value {
+            Value::U32(v) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            Value::String(s) => {
+                out.extend(8u32.to_le_bytes());
+                string(&mut out, s);
+            }
+            other => panic!("raw_gguf writes u32 and string values, not {other:?}"),
+        }
+    }
+    for (name, dims, ggml_type, offset) in tensors {
+        string(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(ggml_type.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    out.extend(data);
+    out
+}
+
+fn llama_md(heads: u32) -> Vec<(&'static str, Value)> {
+    vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", Value::U32(4)),
+        ("llama.attention.head_count", Value::U32(heads)),
+        ("llama.block_count", Value::U32(1)),
+    ]
+}
+
+fn gguf_error(bytes: Vec<u8>) -> String {
+    let loaded = peft_models::loader::load_gguf_from(
+        std::io::Cursor::new(bytes),
+        std::path::Path::new("bad.gguf"),
+        &Device::Cpu,
+        DType::F32,
+    );
+    format!("{:#}", loaded.err().expect("malformed GGUF loaded"))
+}
+
+/// Inputs that once panicked or over-allocated instead of failing with an error.
+#[test]
+fn malformed_gguf_is_an_error() {
+    const F32: u32 = 0;
+    // general.alignment 0: candle's reader divides by it.
+    let mut md = llama_md(2);
+    md.push(("general.alignment", Value::U32(0)));
+    let e = gguf_error(raw_gguf(&md, &[], &[]));
+    assert!(e.contains("general.alignment is 0"), "{e}");
+    // 0 heads: unpermute divides by the head count.
+    let e = gguf_error(raw_gguf(
+        &llama_md(0),
+        &[("blk.0.attn_q.weight", &[4, 0], F32, 0)],
+        &[],
+    ));
+    assert!(e.contains("0 attention heads"), "{e}");
+    // An empty tensor: candle viewed its dangling u8 buffer as f32 blocks (fuzz crash).
+    let e = gguf_error(raw_gguf(
+        &llama_md(2),
+        &[("token_embd.weight", &[4, 0], F32, 0)],
+        &[],
+    ));
+    assert!(e.contains("empty or impossible shape"), "{e}");
+    // An element count that overflows: the size check overflowed.
+    let e = gguf_error(raw_gguf(
+        &llama_md(2),
+        &[("token_embd.weight", &[1 << 32, 1 << 32, 2], F32, 0)],
+        &[],
+    ));
+    assert!(e.contains("empty or impossible shape"), "{e}");
+    // Dimensions whose product is 0 but whose other dimensions overflow when multiplied.
+    let e = gguf_error(raw_gguf(
+        &llama_md(2),
+        &[("blk.0.attn_q.weight", &[1 << 40, 1 << 40, 0], F32, 0)],
+        &[],
+    ));
+    assert!(e.contains("empty or impossible shape"), "{e}");
+    // An offset that overflows when added to the data's start.
+    let e = gguf_error(raw_gguf(
+        &llama_md(2),
+        &[("token_embd.weight", &[4, 1], F32, u64::MAX - 8)],
+        &[0; 16],
+    ));
+    assert!(e.contains("is truncated"), "{e}");
+}
+
+/// Inputs with which the fuzzers (fuzz/) once crashed, kept in fuzz/regressions/<target>/: each
+/// now gives an error.
+#[test]
+fn fuzz_regressions_are_errors() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
+    let files = |target: &str| -> Vec<std::path::PathBuf> {
+        match std::fs::read_dir(dir.join(target)) {
+            Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    };
+    for path in files("gguf") {
+        let bytes = std::fs::read(&path).unwrap();
+        let loaded = peft_models::loader::load_gguf_from(
+            std::io::Cursor::new(bytes),
+            &path,
+            &Device::Cpu,
+            DType::F32,
+        );
+        assert!(loaded.is_err(), "{} loaded", path.display());
+    }
+    for path in files("safetensors") {
+        let bytes = std::fs::read(&path).unwrap();
+        let loaded = peft_models::io::parse_safetensors(&bytes, &path, &Device::Cpu);
+        assert!(loaded.is_err(), "{} loaded", path.display());
+    }
+}

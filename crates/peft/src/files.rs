@@ -12,9 +12,18 @@ use std::path::Path;
 
 /// Parses a JSON config file, with one-line errors for a missing or malformed file.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is malformed: {e}", path.display()))
+    parse_config(&read_text(path)?, path)
+}
+
+/// A config file's text, with a one-line error when it is missing or not UTF-8.
+pub fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Parses config JSON read from `source` (named in the one-line error).
+pub fn parse_config<T: DeserializeOwned>(text: &str, source: &Path) -> Result<T> {
+    serde_json::from_str(text)
+        .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", source.display()))
 }
 
 /// Pretty JSON with sorted keys, as PEFT writes its configs.

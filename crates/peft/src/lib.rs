@@ -25,7 +25,13 @@ pub fn adapter_type(dir: &std::path::Path) -> anyhow::Result<String> {
     if !path.exists() {
         return Ok("LORA".into());
     }
-    let value: serde_json::Value = files::read_config(&path)?;
+    peft_type_of(&files::read_text(&path)?, &path)
+}
+
+/// The `peft_type` named by the adapter config JSON `text` read from `source` (`LORA` when it
+/// names none).
+pub fn peft_type_of(text: &str, source: &std::path::Path) -> anyhow::Result<String> {
+    let value: serde_json::Value = files::parse_config(text, source)?;
     Ok(value
         .get("peft_type")
         .and_then(|v| v.as_str())

@@ -84,10 +84,15 @@ impl Ia3Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::files::read_config(path)?;
+        Self::from_json(&crate::files::read_text(path)?, path)
+    }
+
+    /// Parses and validates config JSON read from `source` (named in errors).
+    pub fn from_json(text: &str, source: &Path) -> Result<Self> {
+        let config: Self = crate::files::parse_config(text, source)?;
         config
             .validate()
-            .with_context(|| format!("in {}", path.display()))?;
+            .with_context(|| format!("in {}", source.display()))?;
         Ok(config)
     }
 

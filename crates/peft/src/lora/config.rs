@@ -130,6 +130,9 @@ impl LoraConfig {
         if self.r == 0 {
             bail!("r must be positive");
         }
+        if let Some((key, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
+            bail!("rank_pattern gives {key:?} rank 0; ranks must be positive");
+        }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("lora_dropout must be in [0, 1), got {}", self.lora_dropout);
         }
@@ -170,10 +173,16 @@ impl LoraConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::files::read_config(path)?;
-        cfg.validate()
-            .with_context(|| format!("in {}", path.display()))?;
-        Ok(cfg)
+        Self::from_json(&crate::files::read_text(path)?, path)
+    }
+
+    /// Parses and validates config JSON read from `source` (named in errors).
+    pub fn from_json(text: &str, source: &Path) -> Result<Self> {
+        let config: Self = crate::files::parse_config(text, source)?;
+        config
+            .validate()
+            .with_context(|| format!("in {}", source.display()))?;
+        Ok(config)
     }
 
     /// JSON as PEFT writes it: sorted keys, two-space indent, `inference_mode: true`.
@@ -226,6 +235,23 @@ mod tests {
         assert_eq!(
             c.rank_and_scaling("model.layers.0.self_attn.v_proj"),
             (8, 2.0)
+        );
+    }
+
+    #[test]
+    fn from_json_errors_name_the_source() {
+        let source = Path::new("dir/adapter_config.json");
+        let e = LoraConfig::from_json("{\"r\": ", source).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("dir/adapter_config.json is malformed: "),
+            "{e}"
+        );
+        let e =
+            LoraConfig::from_json(r#"{"r":8,"rank_pattern":{"q_proj":0}}"#, source).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "in dir/adapter_config.json: rank_pattern gives \"q_proj\" rank 0; ranks must be positive"
         );
     }
 

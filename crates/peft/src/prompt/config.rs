@@ -60,16 +60,24 @@ impl PromptConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: Self = crate::files::read_config(path)?;
+        Self::from_json(&crate::files::read_text(path)?, path)
+    }
+
+    /// Parses and validates config JSON read from `source` (named in errors).
+    pub fn from_json(text: &str, source: &Path) -> Result<Self> {
+        let config: Self = crate::files::parse_config(text, source)?;
         if config.peft_type != PROMPT_TUNING && config.peft_type != PREFIX_TUNING {
             bail!(
                 "{}: peft_type {:?} is not prompt or prefix tuning",
-                path.display(),
+                source.display(),
                 config.peft_type
             );
         }
         if config.num_virtual_tokens == 0 {
-            bail!("{}: num_virtual_tokens must be at least 1", path.display());
+            bail!(
+                "{}: num_virtual_tokens must be at least 1",
+                source.display()
+            );
         }
         Ok(config)
     }
