@@ -179,7 +179,8 @@ pub struct TrainCmd {
     /// continues exactly as if the run had not stopped.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// No progress bar and no metrics lines: only the final summary line (and errors).
+    /// No progress bar and no metrics lines: the trainable-parameters line, the final summary
+    /// line and errors.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     quiet: Option<bool>,
     /// For scripts: no progress bar; every metrics line, then a summary object, as JSON on
@@ -431,9 +432,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         }
     }
     let mut model = build_model(&method, base, &c, &tok, args.seed)?;
-    if !quiet {
-        eprintln!("{}", model.trainable_parameters_line());
-    }
+    // On stderr also with --quiet: PEFT's print_trainable_parameters line is how users check
+    // what they train.
+    eprintln!("{}", model.trainable_parameters_line());
     let pad_id = tok.pad_token_id().unwrap_or(0);
     let summary = Trainer {
         model: model.as_mut(),
