@@ -26,12 +26,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 [ -f models/smollm2-135m-instruct/model.safetensors ] || .venv/bin/python scripts/hf/build_base_model.py
 cargo build --release --quiet
+bin="${CARGO_TARGET_DIR:-target}/release/peft"
 shape=(--r 16 --seq-len 256 --steps "$steps" --warmup "$warmup" --threads "$threads")
 log=$(mktemp)
 for _ in $(seq "$rounds"); do
   hf=$(.venv/bin/python ../shared/bench/hf_peft_cpu.py --model-dir models/smollm2-135m-instruct \
         --method lora --alpha 32 --batch 4 --target q_proj,k_proj,v_proj,o_proj "${shape[@]}" 2>/dev/null | tail -n 1)
-  ours=$(target/release/peft bench --model "$model" --lora-alpha 32 --batch-size 4 \
+  ours=$("$bin" bench --model "$model" --lora-alpha 32 --batch-size 4 \
         --target-modules q_proj,k_proj,v_proj,o_proj "${shape[@]}" "${extra[@]}")
   echo "hf:   $hf"
   echo "ours: $ours"
