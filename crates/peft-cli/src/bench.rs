@@ -16,7 +16,7 @@ pub enum BenchMode {
     Train,
     /// Forward passes only (base + unmerged adapter), full logits.
     Forward,
-    /// Greedy generation, adapter unmerged and then merged.
+    /// Greedy generation, adapter unmerged and then merged (tokens/s of the best of --steps runs).
     Generate,
 }
 
@@ -287,8 +287,10 @@ fn bench_generate(
         true,
         None,
     )?;
+    // The best run of each: decoding is short, so one slow run (another process waking up)
+    // would move a mean by more than the effect measured.
     let rate = |m: &peft_models::Llama| -> Result<f64> {
-        let (mut tokens, mut secs) = (0usize, 0f64);
+        let mut best = 0f64;
         for run in 0..cmd.warmup + cmd.steps {
             let t = Instant::now();
             let out = crate::generate::generate(
@@ -300,11 +302,10 @@ fn bench_generate(
                 |_| {},
             )?;
             if run >= cmd.warmup {
-                tokens += out.len();
-                secs += t.elapsed().as_secs_f64();
+                best = best.max(out.len() as f64 / t.elapsed().as_secs_f64());
             }
         }
-        Ok(tokens as f64 / secs)
+        Ok(best)
     };
     let unmerged = rate(&model.base)?;
     let merged_model = model.merge_and_unload()?;
