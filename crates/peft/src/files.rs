@@ -26,6 +26,18 @@ pub fn parse_config<T: DeserializeOwned>(text: &str, source: &Path) -> Result<T>
         .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", source.display()))
 }
 
+/// Parses config JSON read from `source` and checks it with `validate`; both kinds of error
+/// name `source`.
+pub fn parse_validated<T: DeserializeOwned>(
+    text: &str,
+    source: &Path,
+    validate: impl FnOnce(&T) -> Result<()>,
+) -> Result<T> {
+    let config: T = parse_config(text, source)?;
+    validate(&config).with_context(|| format!("in {}", source.display()))?;
+    Ok(config)
+}
+
 /// Pretty JSON with sorted keys, as PEFT writes its configs.
 pub fn sorted_json(config: &impl Serialize) -> Result<String> {
     // serde_json's maps are ordered by key.

@@ -1,4 +1,4 @@
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -104,11 +104,7 @@ impl BottleneckConfig {
 
     /// Parses and validates config JSON read from `source` (named in errors).
     pub fn from_json(text: &str, source: &Path) -> Result<Self> {
-        let config: Self = crate::files::parse_config(text, source)?;
-        config
-            .validate()
-            .with_context(|| format!("in {}", source.display()))?;
-        Ok(config)
+        crate::files::parse_validated(text, source, Self::validate)
     }
 
     pub fn to_json_string(&self) -> Result<String> {

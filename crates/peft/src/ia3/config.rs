@@ -1,5 +1,5 @@
 use crate::targets::TargetModules;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -89,11 +89,7 @@ impl Ia3Config {
 
     /// Parses and validates config JSON read from `source` (named in errors).
     pub fn from_json(text: &str, source: &Path) -> Result<Self> {
-        let config: Self = crate::files::parse_config(text, source)?;
-        config
-            .validate()
-            .with_context(|| format!("in {}", source.display()))?;
-        Ok(config)
+        crate::files::parse_validated(text, source, Self::validate)
     }
 
     /// JSON with sorted keys, as PEFT writes it.

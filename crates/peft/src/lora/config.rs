@@ -178,11 +178,7 @@ impl LoraConfig {
 
     /// Parses and validates config JSON read from `source` (named in errors).
     pub fn from_json(text: &str, source: &Path) -> Result<Self> {
-        let config: Self = crate::files::parse_config(text, source)?;
-        config
-            .validate()
-            .with_context(|| format!("in {}", source.display()))?;
-        Ok(config)
+        crate::files::parse_validated(text, source, Self::validate)
     }
 
     /// JSON as PEFT writes it: sorted keys, two-space indent, `inference_mode: true`.
