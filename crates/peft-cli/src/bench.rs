@@ -99,18 +99,19 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         crate::set_threads(n)?;
     }
     let device = peft_ops::open_device(&cmd.device)?;
+    let dtype = cmd.dtype.on(&device);
     let (mut base, tok) = match (&cmd.model, &cmd.shape) {
-        (Some(path), _) => load_base(path, cmd.dtype.dtype(), &device)?,
+        (Some(path), _) => load_base(path, dtype, &device)?,
         (None, Some(shape)) => {
             let config = peft_models::shapes::shape_config(shape)?;
-            let model = peft_models::shapes::random_llama(config, &device, cmd.dtype.dtype(), 0)?;
+            let model = peft_models::shapes::random_llama(config, &device, dtype, 0)?;
             (model, None)
         }
         (None, None) => bail!("give --model PATH or --shape NAME"),
     };
     let base_params = base.parameter_count();
     if let Some(q) = cmd.quantize {
-        base.quantize(q.kind(), cmd.double_quant, cmd.dtype.dtype())?;
+        base.quantize(q.kind(), cmd.double_quant, dtype)?;
     }
     base.gradient_checkpointing = cmd.gradient_checkpointing;
     let vocab = base.config.vocab_size as u32;

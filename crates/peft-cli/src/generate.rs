@@ -225,11 +225,8 @@ pub fn prompt_ids(
 }
 
 pub fn run(cmd: GenerateCmd) -> Result<()> {
-    let (base, tok) = load_base(
-        &cmd.model,
-        cmd.dtype.dtype(),
-        &peft_ops::open_device(&cmd.device)?,
-    )?;
+    let device = peft_ops::open_device(&cmd.device)?;
+    let (base, tok) = load_base(&cmd.model, cmd.dtype.on(&device), &device)?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
     let (model, virtual_tokens) = match &cmd.adapter {

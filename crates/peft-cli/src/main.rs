@@ -69,6 +69,20 @@ impl DTypeArg {
             DTypeArg::F16 => DType::F16,
         }
     }
+
+    /// The dtype tensors are stored in on `dev`. bf16 on a CPU means mixed precision, as
+    /// PyTorch's CPU autocast (TRL's `bf16=True`) does: f32 weights and activations, matmuls
+    /// against the frozen weights in bf16 with f32 accumulation (AVX512-BF16), which is twice
+    /// as fast as f32 there; a CPU without AVX512-BF16 computes in f32.
+    fn on(self, dev: &Device) -> DType {
+        if self == DTypeArg::Bf16 && dev.is_cpu() {
+            if !peft_ops::set_bf16_matmul(true) {
+                eprintln!("note: this CPU has no AVX512-BF16; computing in f32");
+            }
+            return DType::F32;
+        }
+        self.dtype()
+    }
 }
 
 /// 4-bit quantization of the base model's linear layers (QLoRA).

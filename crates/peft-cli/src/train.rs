@@ -396,7 +396,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         bail!("--early-stopping-patience needs an eval split (--eval-split 0.1)");
     }
     let max_seq_length = c.max_seq_length.unwrap_or(1024);
-    let dtype = c.dtype.unwrap_or(DTypeArg::F32).dtype();
+    let dtype_arg = c.dtype.unwrap_or(DTypeArg::F32);
 
     // Cheap checks first: a bad data file should fail before the model loads.
     let mut records = load_records(&data_path)?;
@@ -406,6 +406,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     }
     check_output_folder(&output)?;
     let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
+    let dtype = dtype_arg.on(&device);
     let (mut base, tok) = load_base(&model_path, dtype, &device)?;
     if let Some(q) = c.quantize {
         base.quantize(q.kind(), c.double_quant.unwrap_or(false), dtype)?;

@@ -2,26 +2,31 @@
 //! causal attention (which recomputes its probabilities in the backward pass).
 
 use crate::softmax::{causal_softmax, causal_softmax_backward};
-use crate::{with_grad3, Grads3, LinearWeight};
+use crate::{frozen_matmul, with_grad3, Grads3, LinearWeight};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 /// Inverted-dropout mask (`0` or `1/(1-p)`) drawn from `seed`: the same seed gives the same
-/// mask, so the backward pass regenerates it instead of storing it.
+/// mask, so the backward pass regenerates it instead of storing it. Drawn in parallel, in
+/// blocks with seeds of their own, so the mask does not depend on the thread count.
 pub fn dropout_mask(seed: u64, p: f64, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    const BLOCK: usize = 1 << 14;
     let threshold = ((1.0 - p) * u32::MAX as f64) as u32;
     let scale = (1.0 / (1.0 - p)) as f32;
     let n: usize = shape.iter().product();
-    let mask: Vec<f32> = (0..n)
-        .map(|_| {
-            if rng.random::<u32>() < threshold {
-                scale
-            } else {
-                0.0
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(i, block)| {
+            let block_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(block_seed);
+            for m in block {
+                if rng.random::<u32>() < threshold {
+                    *m = scale;
+                }
             }
-        })
-        .collect();
+        });
     Tensor::from_vec(mask, shape, device)
 }
 
@@ -61,7 +66,7 @@ pub fn lora_linear(
     };
     let xa = xd.matmul(&a_d.t()?)?;
     let delta = (xa.matmul(&b_d.t()?)? * scale)?.to_dtype(x.dtype())?;
-    let mut y = (x2.matmul(&w.dense()?.t()?)? + delta)?;
+    let mut y = (frozen_matmul(&x2, &w.dense()?, true)? + delta)?;
     if let Some(bias) = bias {
         y = y.broadcast_add(bias)?;
     }
@@ -98,7 +103,10 @@ pub fn lora_linear(
             if let Some(m) = &mask {
                 lora = (lora * m)?;
             }
-            Some((g.matmul(&w.dense()?)? + lora.to_dtype(g.dtype())?)?.reshape(&x_shape)?)
+            Some(
+                (frozen_matmul(&g, &w.dense()?, false)? + lora.to_dtype(g.dtype())?)?
+                    .reshape(&x_shape)?,
+            )
         } else {
             None
         };

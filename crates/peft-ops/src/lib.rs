@@ -4,7 +4,9 @@
 //! backward also computes gradients for frozen weights. Each op here runs the fast forward on
 //! detached inputs and attaches a hand-written backward through [`with_grad`].
 
+mod bf16_gemm;
 mod checkpoint;
+mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
@@ -14,6 +16,9 @@ mod ops;
 mod softmax;
 mod weight;
 
+pub use bf16_gemm::{
+    bf16_matmul_enabled, bf16_supported, frozen_matmul, gemm_bf16, set_bf16_matmul, Weight,
+};
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
 pub use device::{open_device, peak_memory, reset_peak_memory};
 pub use fused::{causal_attention, dropout_mask, lora_linear, swiglu, Dropout};

@@ -1,4 +1,4 @@
-use crate::with_grad;
+use crate::{frozen_matmul, with_grad};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// Label value that contributes no loss (PyTorch's and TRL's convention).
@@ -10,16 +10,11 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut out_shape = x.dims().to_vec();
     let rows = x.elem_count() / in_features;
     *out_shape.last_mut().expect("x has at least one dim") = out_features;
-    let y = x
-        .detach()
-        .reshape((rows, in_features))?
-        .matmul(&w.t()?)?
-        .reshape(out_shape)?;
+    let x2 = x.detach().reshape((rows, in_features))?;
+    let y = frozen_matmul(&x2, w, true)?.reshape(out_shape)?;
     let w = w.clone();
     with_grad(x, y, move |x, _, grad| {
-        grad.reshape((rows, out_features))?
-            .matmul(&w)?
-            .reshape(x.shape())
+        frozen_matmul(&grad.reshape((rows, out_features))?, &w, false)?.reshape(x.shape())
     })
 }
 
@@ -136,6 +131,26 @@ pub fn cross_entropy_chunked(
     let denom = n_valid.max(1) as f64;
     let need_grad = hidden.track_op();
     let dev = hidden.device();
+    if crate::has_kernel(hidden) && crate::has_kernel(weight) && dev.is_cpu() {
+        let labels: Vec<i64> = labels.to_vec1()?;
+        let (loss_sum, dhidden) = crate::cross_entropy::cross_entropy_cpu(
+            &hidden.detach(),
+            weight,
+            &labels,
+            chunk_rows,
+            need_grad,
+            denom,
+        )?;
+        let loss = Tensor::new((loss_sum / denom) as f32, dev)?;
+        return match dhidden {
+            None => Ok((loss, n_valid)),
+            Some(dh) => {
+                let dh = Tensor::from_vec(dh, hidden.shape(), dev)?;
+                let loss = with_grad(hidden, loss, move |_, _, grad| dh.broadcast_mul(grad))?;
+                Ok((loss, n_valid))
+            }
+        };
+    }
     let vocab = weight.dim(0)?;
     let vocab_ids = Tensor::arange(0i64, vocab as i64, dev)?.unsqueeze(0)?;
     // Logits come from a matmul in the weight's dtype (bf16 on GPUs, as PyTorch does) and are
@@ -148,7 +163,7 @@ pub fn cross_entropy_chunked(
         let h = hidden_d.narrow(0, start, len)?.to_dtype(weight.dtype())?;
         let lab = labels.narrow(0, start, len)?;
         let mask = valid.narrow(0, start, len)?.to_dtype(DType::F32)?;
-        let logits = h.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
+        let logits = frozen_matmul(&h, weight, true)?.to_dtype(DType::F32)?;
         let max = logits.max_keepdim(D::Minus1)?;
         let shifted = logits.broadcast_sub(&max)?;
         let exp = shifted.exp()?;
@@ -161,7 +176,11 @@ pub fn cross_entropy_chunked(
             let probs = exp.broadcast_div(&sum_exp)?;
             let one_hot = vocab_ids.broadcast_eq(&safe_lab)?.to_dtype(DType::F32)?;
             let dlogits = (probs - one_hot)?.broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?;
-            grads.push(dlogits.to_dtype(weight.dtype())?.matmul(weight)?);
+            grads.push(frozen_matmul(
+                &dlogits.to_dtype(weight.dtype())?,
+                weight,
+                false,
+            )?);
         }
     }
     let loss = (loss_sum / denom)?;

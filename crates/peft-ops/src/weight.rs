@@ -2,7 +2,7 @@
 //! (QLoRA). A quantized weight is dequantized on the fly for each matmul, in the forward and
 //! again in the backward pass, so only its 4-bit form stays in memory.
 
-use crate::with_grad;
+use crate::{frozen_matmul, with_grad};
 use candle_core::{DType, Device, Result, Tensor};
 use peft_quant::{quantize_4bit, FourBit, Quant4, BLOCKSIZE_4BIT};
 use std::sync::Arc;
@@ -84,15 +84,10 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> 
     let rows = x.elem_count() / in_f;
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("x has dims") = out_f;
-    let y = x
-        .detach()
-        .reshape((rows, in_f))?
-        .matmul(&w.dequantize()?.t()?)?
-        .reshape(out_shape)?;
+    let x2 = x.detach().reshape((rows, in_f))?;
+    let y = frozen_matmul(&x2, &w.dequantize()?, true)?.reshape(out_shape)?;
     let w = w.clone();
     with_grad(x, y, move |x, _, grad| {
-        grad.reshape((rows, out_f))?
-            .matmul(&w.dequantize()?)?
-            .reshape(x.shape())
+        frozen_matmul(&grad.reshape((rows, out_f))?, &w.dequantize()?, false)?.reshape(x.shape())
     })
 }

@@ -1,0 +1,469 @@
+//! f32 matmuls against frozen weights, computed with bf16 inputs and f32 accumulation on CPUs
+//! with AVX512-BF16 (`vdpbf16ps`, twice the multiply rate of f32 FMA): the CPU counterpart of
+//! PyTorch's CPU autocast to bf16, which TRL's `bf16=True` turns on.
+//!
+//! Off unless [`set_bf16_matmul`] turns it on; everything else computes in f32. Both operands
+//! are rounded to bf16 (round to nearest even) while they are packed, so the weights stay f32
+//! in memory and no second copy is kept.
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static BF16_MATMUL: AtomicBool = AtomicBool::new(false);
+
+/// Computes frozen-weight matmuls of f32 tensors on the CPU in bf16 (f32 accumulation) when
+/// `on` and the CPU has AVX512-BF16. Returns whether bf16 matmuls are now in effect.
+pub fn set_bf16_matmul(on: bool) -> bool {
+    let on = on && bf16_supported();
+    BF16_MATMUL.store(on, Ordering::Relaxed);
+    on
+}
+
+/// Whether frozen-weight matmuls of f32 CPU tensors compute in bf16.
+pub fn bf16_matmul_enabled() -> bool {
+    BF16_MATMUL.load(Ordering::Relaxed)
+}
+
+/// Whether this CPU can run the bf16 kernel.
+pub fn bf16_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x · wᵀ` (`transposed`, the forward of a linear layer: `x` `[m, in]`, `w` `[out, in]`) or
+/// `x · w` (its input gradient: `x` `[m, out]`, `w` `[out, in]`), in bf16 when enabled.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    // Packing the weight costs about as much as `MIN_ROWS` rows of compute: decoding one token
+    // at a time stays in f32.
+    let bf16 = bf16_matmul_enabled()
+        && x.dim(0)? >= MIN_ROWS
+        && matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32;
+    if !bf16 {
+        return if transposed {
+            x.matmul(&w.t()?)
+        } else {
+            x.matmul(w)
+        };
+    }
+    let (m, k) = x.dims2()?;
+    let (wr, wc) = w.dims2()?;
+    let (n, layout) = if transposed {
+        (wr, Weight::Rows)
+    } else {
+        (wc, Weight::Cols)
+    };
+    let reduce = if transposed { wc } else { wr };
+    if reduce != k {
+        candle_core::bail!(
+            "frozen matmul: x is [{m}, {k}] but the weight is [{wr}, {wc}] (transposed: {transposed})"
+        );
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let out = with_cpu_f32(&x, |xs| {
+        with_cpu_f32(&w, |ws| Ok(gemm_bf16(xs, m, k, ws, n, layout)))
+    })?;
+    Tensor::from_vec(out, (m, n), &Device::Cpu)
+}
+
+/// Runs `f` on the values of a contiguous f32 CPU tensor, without copying them.
+pub(crate) fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// How the weight holds `b` of `a · b`, `b` being `[k, n]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weight {
+    /// `w` is `[n, k]`, `b = wᵀ`.
+    Rows,
+    /// `w` is `[k, n]`, `b = w`.
+    Cols,
+}
+
+/// Fewest rows of `x` that [`frozen_matmul`] computes in bf16.
+const MIN_ROWS: usize = 32;
+/// Rows of `a` per micro-tile.
+const MR: usize = 12;
+/// Columns per micro-tile: two AVX-512 registers of f32.
+const NR: usize = 32;
+/// Micro-tiles of rows and of columns per parallel task (A block and B panels stay in L2).
+const M_TILES: usize = 8;
+const N_PANELS: usize = 4;
+
+/// `a · b` with `a` `[m, k]` row-major and `b` `[k, n]` given by `w` and `layout`, rounded to
+/// bf16 and accumulated in f32. Falls back to f32 on CPUs without AVX512-BF16.
+pub fn gemm_bf16(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, layout: Weight) -> Vec<f32> {
+    assert_eq!(a.len(), m * k, "a is not [m, k]");
+    match PackedB::new(w, k, n, layout) {
+        Some(b) => {
+            let mut out = Vec::with_capacity(m * n);
+            b.matmul_into(a, m, out.spare_capacity_mut());
+            // SAFETY: `matmul_into` wrote all m·n values.
+            unsafe { out.set_len(m * n) };
+            out
+        }
+        None => reference(a, m, k, w, n, layout, false),
+    }
+}
+
+/// `b` `[k, n]` in bf16, packed for the kernel once and reused for many `a` (the output head
+/// over chunks of rows).
+pub struct PackedB {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    panels: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// Packs `b` (given by `w` and `layout`); `None` on CPUs without AVX512-BF16.
+    pub fn new(w: &[f32], k: usize, n: usize, layout: Weight) -> Option<Self> {
+        assert_eq!(w.len(), k * n, "w does not hold k·n values");
+        #[cfg(target_arch = "x86_64")]
+        if bf16_supported() {
+            // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked above).
+            let panels = unsafe { x86::pack_b(w, k, n, layout) };
+            return Some(Self { panels, k, n });
+        }
+        None
+    }
+
+    /// Columns of `b`.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Writes `a · b` (`a` `[m, k]` row-major) to `out` (`m · n` values, all written).
+    pub fn matmul_into(&self, a: &[f32], m: usize, out: &mut [std::mem::MaybeUninit<f32>]) {
+        assert_eq!(a.len(), m * self.k, "a is not [m, k]");
+        assert!(out.len() >= m * self.n, "output too small");
+        if m == 0 || self.n == 0 {
+            return;
+        }
+        if self.k == 0 {
+            out[..m * self.n].fill(std::mem::MaybeUninit::new(0.0));
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `PackedB` exists only where the CPU has AVX512-BF16.
+        unsafe {
+            x86::gemm(a, m, self, out.as_mut_ptr() as *mut f32)
+        }
+    }
+}
+
+/// Plain triple loop in f32, on bf16-rounded inputs when `round`: what [`gemm_bf16`] computes,
+/// up to the order of the f32 sums.
+pub fn reference(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    layout: Weight,
+    round: bool,
+) -> Vec<f32> {
+    let r = |v: f32| if round { bf16_round(v) } else { v };
+    let mut out = vec![0f32; m * n];
+    out.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            for (j, o) in row.iter_mut().enumerate() {
+                let mut s = 0f32;
+                for p in 0..k {
+                    let b = match layout {
+                        Weight::Rows => w[j * k + p],
+                        Weight::Cols => w[p * n + j],
+                    };
+                    s += r(a[i * k + p]) * r(b);
+                }
+                *o = s;
+            }
+        });
+    out
+}
+
+/// bf16 bits of `v`, rounded to nearest even (NaN stays NaN).
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `v` rounded to bf16 and back.
+pub fn bf16_round(v: f32) -> f32 {
+    f32::from_bits((bf16_bits(v) as u32) << 16)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{bf16_bits, PackedB, Weight, MR, M_TILES, NR, N_PANELS};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// A pointer that parallel tasks write disjoint tiles through.
+    #[derive(Clone, Copy)]
+    struct Out(*mut f32);
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+
+    /// `out = a · b` (`m × b.n`, row-major); writes every value.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub(super) unsafe fn gemm(a: &[f32], m: usize, b: &PackedB, out: *mut f32) {
+        let (k, n) = (b.k, b.n);
+        let pairs = k.div_ceil(2);
+        let a16 = pack_a(a, m, k, pairs);
+        let panels = n.div_ceil(NR);
+        let c = Out(out);
+        let m_tiles = m.div_ceil(MR);
+        let tasks_m = m_tiles.div_ceil(M_TILES);
+        let tasks_n = panels.div_ceil(N_PANELS);
+        (0..tasks_m * tasks_n).into_par_iter().for_each(|t| {
+            let (tm, tn) = (t / tasks_n, t % tasks_n);
+            let c = c;
+            for panel in tn * N_PANELS..((tn + 1) * N_PANELS).min(panels) {
+                let bp = b.panels[panel * pairs * NR..].as_ptr();
+                let cols = NR.min(n - panel * NR);
+                for tile in tm * M_TILES..((tm + 1) * M_TILES).min(m_tiles) {
+                    let row = tile * MR;
+                    let rows = MR.min(m - row);
+                    let a = a16[row * pairs..].as_ptr();
+                    let c = c.0.add(row * n + panel * NR);
+                    // SAFETY: each (tile, panel) is written by exactly one task.
+                    unsafe { tile_kernel(rows, a, pairs, bp, c, n, cols) };
+                }
+            }
+        });
+    }
+
+    /// `a` `[m, k]` f32 to bf16 pairs `[m, pairs]` (one u32 per two consecutive k; odd k padded
+    /// with zero).
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    unsafe fn pack_a(a: &[f32], m: usize, k: usize, pairs: usize) -> Vec<u32> {
+        let mut out = vec![0u32; m * pairs];
+        out.par_chunks_mut(pairs)
+            .zip(a.par_chunks(k))
+            .for_each(|(dst, src)| unsafe { row_to_bf16(src, dst) });
+        out
+    }
+
+    /// `src` f32 to bf16 pairs in `dst` (`src.len().div_ceil(2)` u32).
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    unsafe fn row_to_bf16(src: &[f32], dst: &mut [u32]) {
+        let mut i = 0;
+        while i + 32 <= src.len() {
+            let lo = _mm512_loadu_ps(src.as_ptr().add(i));
+            let hi = _mm512_loadu_ps(src.as_ptr().add(i + 16));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(i / 2) as *mut _, v);
+            i += 32;
+        }
+        while i < src.len() {
+            let lo = bf16_bits(src[i]) as u32;
+            let hi = src.get(i + 1).map_or(0, |&v| bf16_bits(v) as u32);
+            dst[i / 2] = lo | (hi << 16);
+            i += 2;
+        }
+    }
+
+    /// `b` `[k, n]` (from `w` as `layout` says) to panels of `NR` columns, each `[pairs, NR]`
+    /// u32: lane `j` of pair `p` holds `b[2p][j]` (low half) and `b[2p+1][j]`.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub(super) unsafe fn pack_b(w: &[f32], k: usize, n: usize, layout: Weight) -> Vec<u32> {
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut out = vec![0u32; panels * pairs * NR];
+        out.par_chunks_mut(pairs * NR)
+            .enumerate()
+            .for_each(|(panel, dst)| {
+                let col0 = panel * NR;
+                let cols = NR.min(n - col0);
+                match layout {
+                    Weight::Rows => {
+                        // Column j of b is row col0 + j of w: convert it, then spread its pairs.
+                        let mut row = vec![0u32; pairs];
+                        for j in 0..cols {
+                            let src = &w[(col0 + j) * k..(col0 + j + 1) * k];
+                            unsafe { row_to_bf16(src, &mut row) };
+                            for (p, &v) in row.iter().enumerate() {
+                                dst[p * NR + j] = v;
+                            }
+                        }
+                    }
+                    Weight::Cols => {
+                        for p in 0..pairs {
+                            let r0 = &w[2 * p * n + col0..2 * p * n + col0 + cols];
+                            let r1 = (2 * p + 1 < k)
+                                .then(|| &w[(2 * p + 1) * n + col0..(2 * p + 1) * n + col0 + cols]);
+                            let d = &mut dst[p * NR..p * NR + cols];
+                            unsafe { interleave(r0, r1, d) };
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    /// `d[j] = bf16(r0[j]) | bf16(r1[j]) << 16` (`r1` absent: zero).
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    unsafe fn interleave(r0: &[f32], r1: Option<&[f32]>, d: &mut [u32]) {
+        let mut j = 0;
+        while j + 16 <= d.len() {
+            let lo: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(r0.as_ptr().add(j))));
+            let lo = _mm512_cvtepu16_epi32(lo);
+            let v = match r1 {
+                Some(r1) => {
+                    let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(
+                        r1.as_ptr().add(j),
+                    )));
+                    _mm512_or_si512(lo, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)))
+                }
+                None => lo,
+            };
+            _mm512_storeu_si512(d.as_mut_ptr().add(j) as *mut _, v);
+            j += 16;
+        }
+        for j in j..d.len() {
+            let hi = r1.map_or(0, |r1| bf16_bits(r1[j]) as u32);
+            d[j] = bf16_bits(r0[j]) as u32 | (hi << 16);
+        }
+    }
+
+    /// One `rows × cols` tile of `c` (row stride `ldc`) from `rows` rows of packed `a` and one
+    /// packed panel of `b`.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    unsafe fn tile_kernel(
+        rows: usize,
+        a: *const u32,
+        pairs: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => micro::<$r>(a, pairs, b, c, ldc, cols),)*
+                    _ => unreachable!("at most MR rows"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    #[inline]
+    unsafe fn micro<const ROWS: usize>(
+        a: *const u32,
+        pairs: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        let mut acc0 = [_mm512_setzero_ps(); ROWS];
+        let mut acc1 = [_mm512_setzero_ps(); ROWS];
+        for p in 0..pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+            let b1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+            for i in 0..ROWS {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(i * pairs + p) as i32));
+                acc0[i] = _mm512_dpbf16_ps(acc0[i], av, b0);
+                acc1[i] = _mm512_dpbf16_ps(acc1[i], av, b1);
+            }
+        }
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << cols) - 1
+        };
+        let m1: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        for i in 0..ROWS {
+            _mm512_mask_storeu_ps(c.add(i * ldc), m0, acc0[i]);
+            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, acc1[i]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-6);
+        a.iter().zip(b).fold(0f32, |d, (x, y)| d.max((x - y).abs())) / scale
+    }
+
+    /// Odd and ragged sizes hit every edge: partial row tiles, partial panels, odd k.
+    #[test]
+    fn bf16_gemm_matches_reference_on_rounded_inputs() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (13, 7, 33),
+            (25, 64, 100),
+            (40, 577, 70),
+            (100, 96, 16),
+        ] {
+            for layout in [Weight::Rows, Weight::Cols] {
+                let a = random(m * k, 1);
+                let w = random(k * n, 2);
+                let got = gemm_bf16(&a, m, k, &w, n, layout);
+                let want = reference(&a, m, k, &w, n, layout, bf16_supported());
+                let d = max_rel_diff(&got, &want);
+                assert!(
+                    d < 1e-5,
+                    "{m}x{k}x{n} {layout:?}: differs by {d} (relative)"
+                );
+                // bf16 rounding itself moves results by about 2^-9 relative to f32.
+                if bf16_supported() && k > 16 {
+                    let exact = reference(&a, m, k, &w, n, layout, false);
+                    let d = max_rel_diff(&got, &exact);
+                    assert!(d > 1e-5 && d < 2e-2, "{m}x{k}x{n}: bf16 vs f32 {d}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(bf16_round(1.0), 1.0);
+        // 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7: ties go to the even 1.0.
+        assert_eq!(bf16_round(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(bf16_round(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert!(bf16_round(f32::NAN).is_nan());
+        assert_eq!(bf16_round(f32::INFINITY), f32::INFINITY);
+    }
+}

@@ -1,0 +1,147 @@
+//! The CPU path of [`crate::cross_entropy_chunked`]: the output head is packed once per call
+//! (bf16 matmuls) and each row's softmax, loss and dL/dlogits are computed in place, in
+//! parallel, so a chunk of logits is written once and read twice.
+
+use crate::bf16_gemm::{bf16_matmul_enabled, with_cpu_f32, PackedB, Weight};
+use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// `hidden · weightᵀ` and `dlogits · weight` for one head.
+enum Head {
+    /// bf16 panels of `weightᵀ` (logits) and, when training, of `weight` (input gradient).
+    Packed {
+        logits: PackedB,
+        input_grad: Option<PackedB>,
+    },
+    F32(Tensor),
+}
+
+impl Head {
+    fn new(weight: &Tensor, need_grad: bool) -> Result<Self> {
+        let (vocab, d) = weight.dims2()?;
+        if bf16_matmul_enabled() {
+            let packed = with_cpu_f32(&weight.contiguous()?, |w| {
+                let logits = PackedB::new(w, d, vocab, Weight::Rows);
+                let grad = need_grad.then(|| PackedB::new(w, vocab, d, Weight::Cols));
+                Ok(logits.map(|l| (l, grad.flatten())))
+            })?;
+            if let Some((logits, input_grad)) = packed {
+                return Ok(Head::Packed { logits, input_grad });
+            }
+        }
+        Ok(Head::F32(weight.clone()))
+    }
+
+    /// Logits of `rows` hidden states into `out` (`rows · vocab`).
+    fn logits(&self, h: &[f32], rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        match self {
+            Head::Packed { logits, .. } => {
+                let n = rows * logits.n();
+                out.reserve(n);
+                logits.matmul_into(h, rows, out.spare_capacity_mut());
+                // SAFETY: `matmul_into` wrote all rows · vocab values.
+                unsafe { out.set_len(n) };
+            }
+            Head::F32(w) => {
+                let d = w.dim(1)?;
+                let h = Tensor::from_slice(h, (rows, d), &Device::Cpu)?;
+                let l = h.matmul(&w.t()?)?;
+                with_cpu_f32(&l, |l| {
+                    out.extend_from_slice(l);
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `dlogits · weight` for `rows` rows.
+    fn input_grad(&self, dlogits: &[f32], rows: usize) -> Result<Vec<f32>> {
+        match self {
+            Head::Packed {
+                input_grad: Some(g),
+                ..
+            } => {
+                let mut out = Vec::with_capacity(rows * g.n());
+                g.matmul_into(dlogits, rows, out.spare_capacity_mut());
+                // SAFETY: `matmul_into` wrote all rows · d values.
+                unsafe { out.set_len(rows * g.n()) };
+                Ok(out)
+            }
+            Head::Packed { .. } => candle_core::bail!("the head was packed without its gradient"),
+            Head::F32(w) => {
+                let dl = Tensor::from_slice(dlogits, (rows, w.dim(0)?), &Device::Cpu)?;
+                dl.matmul(w)?.flatten_all()?.to_vec1()
+            }
+        }
+    }
+}
+
+/// Sum of the token losses of `hidden` `[n, d]` (f32, CPU) under `weight` `[vocab, d]`, and,
+/// when `need_grad`, d(loss sum / `denom`)/dhidden `[n, d]`.
+pub(crate) fn cross_entropy_cpu(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &[i64],
+    chunk_rows: usize,
+    need_grad: bool,
+    denom: f64,
+) -> Result<(f64, Option<Vec<f32>>)> {
+    let (n, d) = hidden.dims2()?;
+    let vocab = weight.dim(0)?;
+    let head = Head::new(weight, need_grad)?;
+    let hidden = hidden.contiguous()?;
+    let scale = (1.0 / denom) as f32;
+    let mut logits = Vec::new();
+    let mut row_losses = vec![0f64; n];
+    let mut dhidden = Vec::with_capacity(if need_grad { n * d } else { 0 });
+    let chunk_rows = chunk_rows.max(1);
+    with_cpu_f32(&hidden, |h| {
+        for start in (0..n).step_by(chunk_rows) {
+            let rows = chunk_rows.min(n - start);
+            head.logits(&h[start * d..(start + rows) * d], rows, &mut logits)?;
+            logits
+                .par_chunks_mut(vocab)
+                .zip(&labels[start..start + rows])
+                .zip(&mut row_losses[start..start + rows])
+                .for_each(|((row, &label), loss)| {
+                    *loss = row_loss(row, label, need_grad.then_some(scale));
+                });
+            if need_grad {
+                dhidden.extend(head.input_grad(&logits, rows)?);
+            }
+        }
+        Ok(())
+    })?;
+    Ok((row_losses.iter().sum(), need_grad.then_some(dhidden)))
+}
+
+/// The loss of one row of logits for `label` (0 for a negative label, which has none); with
+/// `grad_scale`, replaces the row by `grad_scale · (softmax − one_hot(label))` (zeros for a
+/// negative label). A label past the vocabulary counts as its last token.
+fn row_loss(row: &mut [f32], label: i64, grad_scale: Option<f32>) -> f64 {
+    if label < 0 {
+        if grad_scale.is_some() {
+            row.fill(0.0);
+        }
+        return 0.0;
+    }
+    let label = (label as usize).min(row.len() - 1);
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let target = row[label] - max;
+    let mut sum = 0f64;
+    match grad_scale {
+        Some(scale) => {
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v as f64;
+            }
+            let k = (scale as f64 / sum) as f32;
+            row.iter_mut().for_each(|v| *v *= k);
+            row[label] -= scale;
+        }
+        None => sum = row.iter().map(|&v| (v - max).exp() as f64).sum(),
+    }
+    sum.ln() - target as f64
+}
