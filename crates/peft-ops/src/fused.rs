@@ -117,7 +117,8 @@ pub fn lora_linear(
 /// `silu(gate) · up`, keeping only `gate` and `up` for the backward.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (g, u) = (gate.detach(), up.detach());
-    let kernel = crate::on_cuda_kernel(&g) && g.dtype() == u.dtype();
+    let kernel =
+        crate::has_kernel(&g) && g.device().same_device(u.device()) && g.dtype() == u.dtype();
     let (g, u) = if kernel {
         (g.contiguous()?, u.contiguous()?)
     } else {
@@ -199,7 +200,18 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     })
 }
 
-/// `silu(gate) · up` in one CUDA kernel.
+/// Elements per parallel task of the CPU kernels.
+const CPU_BLOCK: usize = 1 << 14;
+
+/// The values of a contiguous f32 CPU tensor.
+pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => candle_core::bail!("expected a contiguous f32 tensor"),
+    }
+}
+
+/// `silu(gate) · up` in one kernel (CPU and CUDA).
 struct SwigluForward;
 
 impl CustomOp2 for SwigluForward {
@@ -209,12 +221,21 @@ impl CustomOp2 for SwigluForward {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("swiglu: the CPU uses the composed ops")
+        let (g, u) = (cpu_f32(g, gl)?, cpu_f32(u, ul)?);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(CPU_BLOCK)
+            .zip(g.par_chunks(CPU_BLOCK).zip(u.par_chunks(CPU_BLOCK)))
+            .for_each(|(y, (g, u))| {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -232,7 +253,7 @@ impl CustomOp2 for SwigluForward {
     }
 }
 
-/// `[d gate; d up]` (flat, `2 × n`) from `(gate, up, dL/dy)` in one CUDA kernel.
+/// `[d gate; d up]` (flat, `2 × n`) from `(gate, up, dL/dy)` in one kernel (CPU and CUDA).
 struct SwigluBackward;
 
 impl CustomOp3 for SwigluBackward {
@@ -242,14 +263,31 @@ impl CustomOp3 for SwigluBackward {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+        grad: &CpuStorage,
+        gradl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("swiglu-backward: the CPU uses the composed ops")
+        let (g, u, dy) = (cpu_f32(g, gl)?, cpu_f32(u, ul)?, cpu_f32(grad, gradl)?);
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (d_g, d_u) = out.split_at_mut(n);
+        d_g.par_chunks_mut(CPU_BLOCK)
+            .zip(d_u.par_chunks_mut(CPU_BLOCK))
+            .zip(g.par_chunks(CPU_BLOCK).zip(u.par_chunks(CPU_BLOCK)))
+            .zip(dy.par_chunks(CPU_BLOCK))
+            .for_each(|(((d_g, d_u), (g, u)), dy)| {
+                for i in 0..g.len() {
+                    let s = 1.0 / (1.0 + (-g[i]).exp());
+                    let silu = g[i] * s;
+                    d_u[i] = dy[i] * silu;
+                    // d silu(g)/dg = s + silu·(1 − s).
+                    d_g[i] = dy[i] * u[i] * (s + silu * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }
 
     #[cfg(feature = "cuda")]

@@ -21,6 +21,7 @@ pub use bf16_gemm::{
 };
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
 pub use device::{open_device, peak_memory, reset_peak_memory};
+pub(crate) use fused::cpu_f32;
 pub use fused::{causal_attention, dropout_mask, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
@@ -39,9 +40,4 @@ pub(crate) fn has_kernel(t: &candle_core::Tensor) -> bool {
         }
         _ => false,
     }
-}
-
-/// Whether our CUDA kernels serve `t` (f32 or bf16 on an NVIDIA GPU).
-pub(crate) fn on_cuda_kernel(t: &candle_core::Tensor) -> bool {
-    !t.device().is_cpu() && has_kernel(t)
 }

@@ -1,5 +1,6 @@
-use crate::{frozen_matmul, with_grad};
+use crate::{cpu_f32, frozen_matmul, with_grad};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 
 /// Label value that contributes no loss (PyTorch's and TRL's convention).
 pub const IGNORE_INDEX: i64 = -100;
@@ -29,7 +30,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, w, eps as f32)?;
     let w = w.clone();
     with_grad(x, y, move |x, _, grad| {
-        if crate::on_cuda_kernel(x) {
+        if crate::has_kernel(x) {
             let dt = x.dtype();
             return x.detach().contiguous()?.apply_op3_no_bwd(
                 &w.to_dtype(dt)?.contiguous()?,
@@ -52,9 +53,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     })
 }
 
-/// dL/dx of [`rms_norm`] from `(x, w, dL/dy)` in one kernel (CUDA; the CPU path composes it).
+/// dL/dx of [`rms_norm`] from `(x, w, dL/dy)` in one kernel (CPU and CUDA).
 struct RmsNormBackward {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     eps: f32,
 }
 
@@ -65,14 +65,33 @@ impl CustomOp3 for RmsNormBackward {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("rms-norm-backward: the CPU uses the composed ops")
+        let (x, w, g) = (cpu_f32(x, xl)?, cpu_f32(w, wl)?, cpu_f32(g, gl)?);
+        let d = w.len();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(dx, (x, g))| {
+                let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+                let r = (1.0 / (ms + self.eps as f64).sqrt()) as f32;
+                let dot = x
+                    .iter()
+                    .zip(g.iter().zip(w))
+                    .map(|(&x, (&g, &w))| (g * w) as f64 * (x * r) as f64)
+                    .sum::<f64>()
+                    / d as f64;
+                let dot = dot as f32;
+                for i in 0..d {
+                    dx[i] = (g[i] * w[i] - x[i] * r * dot) * r;
+                }
+            });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]

@@ -336,6 +336,36 @@ fn swiglu_matches_composed() {
     );
 }
 
+/// Several parallel blocks of the CPU kernel, the last one partial.
+#[test]
+fn swiglu_matches_composed_over_many_blocks() {
+    let inputs = [
+        randn(&[3, 20_001], DType::F32, 32),
+        randn(&[3, 20_001], DType::F32, 33),
+    ];
+    check_against_composed(
+        &inputs,
+        |t| swiglu(&t[0], &t[1]),
+        |t| t[0].silu()? * &t[1],
+        1e-5,
+    );
+}
+
+#[test]
+fn rms_norm_matches_composed() {
+    let w = randn(&[64], DType::F32, 34);
+    let inputs = [randn(&[5, 7, 64], DType::F32, 35)];
+    check_against_composed(
+        &inputs,
+        |t| rms_norm(&t[0], &w, 1e-5),
+        |t| {
+            let r = (t[0].sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
+            t[0].broadcast_div(&r)?.broadcast_mul(&w)
+        },
+        1e-5,
+    );
+}
+
 #[test]
 fn causal_attention_matches_composed_gqa() {
     // 4 query heads over 2 kv heads, 5 positions, head dim 3.
