@@ -74,6 +74,55 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor>
     Tensor::from_vec(out, (m, n), &Device::Cpu)
 }
 
+/// `a · b` over leading batch dims (`a` `[.., m, k]`, `b` `[.., k, n]`, same batch dims), in
+/// bf16 when enabled (attention under CPU autocast), else candle's f32 matmul. `b` may be a
+/// transposed view (`kᵀ`): it is packed from either layout without a copy.
+pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let rank = a.rank();
+    let bf16 = bf16_matmul_enabled()
+        && rank >= 2
+        && b.rank() == rank
+        && matches!(a.device(), Device::Cpu)
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.dims()[..rank - 2] == b.dims()[..rank - 2]
+        && a.dims()[rank - 2] >= MIN_ROWS;
+    if !bf16 {
+        return a.matmul(b);
+    }
+    let (m, k) = (a.dims()[rank - 2], a.dims()[rank - 1]);
+    let n = b.dims()[rank - 1];
+    if b.dims()[rank - 2] != k {
+        candle_core::bail!("batched matmul: {:?} times {:?}", a.shape(), b.shape());
+    }
+    let batch: usize = a.dims()[..rank - 2].iter().product();
+    let a = a.contiguous()?;
+    let bt = b.transpose(rank - 2, rank - 1)?;
+    let (b, layout) = if bt.is_contiguous() {
+        (bt, Weight::Rows)
+    } else {
+        (b.contiguous()?, Weight::Cols)
+    };
+    let mut out = Vec::with_capacity(batch * m * n);
+    with_cpu_f32(&a, |a| {
+        with_cpu_f32(&b, |b| {
+            out.spare_capacity_mut()
+                .par_chunks_mut(m * n)
+                .zip(a.par_chunks(m * k).zip(b.par_chunks(k * n)))
+                .for_each(|(out, (a, b))| match PackedB::new(b, k, n, layout) {
+                    Some(packed) => packed.matmul_into(a, m, out),
+                    None => unreachable!("bf16 matmuls are enabled only where supported"),
+                });
+            Ok(())
+        })
+    })?;
+    // SAFETY: every batch wrote its m·n values.
+    unsafe { out.set_len(batch * m * n) };
+    let mut dims = a.dims().to_vec();
+    dims[rank - 1] = n;
+    Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
 /// Runs `f` on the values of a contiguous f32 CPU tensor, without copying them.
 pub(crate) fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let (storage, layout) = t.storage_and_layout();

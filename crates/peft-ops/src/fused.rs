@@ -2,7 +2,7 @@
 //! causal attention (which recomputes its probabilities in the backward pass).
 
 use crate::softmax::{causal_softmax, causal_softmax_backward};
-use crate::{frozen_matmul, with_grad3, Grads3, LinearWeight};
+use crate::{batched_matmul, frozen_matmul, with_grad3, Grads3, LinearWeight};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -179,8 +179,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let probs =
-        move |q: &Tensor, k: &Tensor| causal_softmax(&q.matmul(&k.t()?)?.contiguous()?, scale);
-    let out = probs(&qd, &expand(&kd)?)?.matmul(&expand(&vd)?)?;
+        move |q: &Tensor, k: &Tensor| causal_softmax(&batched_matmul(q, &k.t()?)?.contiguous()?, scale);
+    let out = batched_matmul(&probs(&qd, &expand(&kd)?)?, &expand(&vd)?)?;
     let fold = move |t: Tensor| -> Result<Tensor> {
         if n_rep == 1 {
             return Ok(t);
@@ -191,11 +191,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
         let (kr, vr) = (expand(&kd)?, expand(&vd)?);
         let p = probs(&qd, &kr)?;
-        let d_v = fold(p.t()?.matmul(grad)?)?;
-        let d_p = grad.matmul(&vr.t()?)?.contiguous()?;
+        let d_v = fold(batched_matmul(&p.t()?, grad)?)?;
+        let d_p = batched_matmul(grad, &vr.t()?)?.contiguous()?;
         let d_s = causal_softmax_backward(&p, &d_p, scale)?;
-        let d_q = d_s.matmul(&kr)?;
-        let d_k = fold(d_s.t()?.matmul(&qd)?)?;
+        let d_q = batched_matmul(&d_s, &kr)?;
+        let d_k = fold(batched_matmul(&d_s.t()?, &qd)?)?;
         Ok((Some(d_q), Some(d_k), Some(d_v)))
     })
 }
