@@ -273,6 +273,13 @@ mod x86 {
     unsafe impl Send for Out {}
     unsafe impl Sync for Out {}
 
+    impl Out {
+        /// The element `offset` past the start (a method, so closures capture the whole `Out`).
+        fn at(&self, offset: usize) -> *mut f32 {
+            self.0.wrapping_add(offset)
+        }
+    }
+
     /// `out = a · b` (`m × b.n`, row-major); writes every value.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     pub(super) unsafe fn gemm(a: &[f32], m: usize, b: &PackedB, out: *mut f32) {
@@ -286,7 +293,6 @@ mod x86 {
         let tasks_n = panels.div_ceil(N_PANELS);
         (0..tasks_m * tasks_n).into_par_iter().for_each(|t| {
             let (tm, tn) = (t / tasks_n, t % tasks_n);
-            let c = c;
             for panel in tn * N_PANELS..((tn + 1) * N_PANELS).min(panels) {
                 let bp = b.panels[panel * pairs * NR..].as_ptr();
                 let cols = NR.min(n - panel * NR);
@@ -294,7 +300,7 @@ mod x86 {
                     let row = tile * MR;
                     let rows = MR.min(m - row);
                     let a = a16[row * pairs..].as_ptr();
-                    let c = c.0.add(row * n + panel * NR);
+                    let c = c.at(row * n + panel * NR);
                     // SAFETY: each (tile, panel) is written by exactly one task.
                     unsafe { tile_kernel(rows, a, pairs, bp, c, n, cols) };
                 }

@@ -178,8 +178,9 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
             .reshape((b, h, tk, d))
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let probs =
-        move |q: &Tensor, k: &Tensor| causal_softmax(&batched_matmul(q, &k.t()?)?.contiguous()?, scale);
+    let probs = move |q: &Tensor, k: &Tensor| {
+        causal_softmax(&batched_matmul(q, &k.t()?)?.contiguous()?, scale)
+    };
     let out = batched_matmul(&probs(&qd, &expand(&kd)?)?, &expand(&vd)?)?;
     let fold = move |t: Tensor| -> Result<Tensor> {
         if n_rep == 1 {

@@ -17,7 +17,8 @@ mod softmax;
 mod weight;
 
 pub use bf16_gemm::{
-    batched_matmul, bf16_matmul_enabled, bf16_supported, frozen_matmul, gemm_bf16, set_bf16_matmul, Weight,
+    batched_matmul, bf16_matmul_enabled, bf16_supported, frozen_matmul, gemm_bf16, set_bf16_matmul,
+    Weight,
 };
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
 pub use device::{open_device, peak_memory, reset_peak_memory};

@@ -3,77 +3,10 @@
 //! checkpointing. Built only with `--features cuda`; run on a machine with an NVIDIA GPU.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device};
-use peft::{LoraConfig, PeftModel, TargetModules};
-use peft_models::shapes::random_llama;
-use peft_models::LlamaConfig;
-use peft_train::{Batch, Example, SchedulerKind, TrainArgs, Trainer};
-use serde_json::json;
-
-fn losses(device: &Device, dtype: DType, checkpointing: bool) -> Vec<f64> {
-    let config = LlamaConfig::from_json(json!({
-        "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": true,
-    }))
-    .unwrap();
-    let mut base = random_llama(config, device, dtype, 3).unwrap();
-    base.gradient_checkpointing = checkpointing;
-    let lora = LoraConfig {
-        r: 8,
-        lora_alpha: 16.0,
-        target_modules: Some(TargetModules::parse_flag("all-linear")),
-        ..Default::default()
-    };
-    let mut model = PeftModel::new(base, lora, 7).unwrap();
-    // Four sequences repeated every step: memorisable, so the loss falls steadily.
-    let examples: Vec<Example> = (0..4u32)
-        .map(|s| {
-            let ids: Vec<u32> = (0..48u32).map(|i| (i * 37 + s * 101) % 512).collect();
-            Example {
-                labels: ids.iter().map(|&t| t as i64).collect(),
-                input_ids: ids,
-                packed: Vec::new(),
-            }
-        })
-        .collect();
-    let refs: Vec<&Example> = examples.iter().collect();
-    let batch = Batch::new(&refs, 0, device).unwrap();
-    let args = TrainArgs {
-        lr: 1e-2,
-        warmup_ratio: 0.0,
-        scheduler: SchedulerKind::Constant,
-        show_progress: false,
-        ..Default::default()
-    };
-    let mut trainer = Trainer {
-        model: &mut model,
-        args,
-        pad_id: 0,
-    };
-    let mut opt = trainer.optimizer().unwrap();
-    (0..10)
-        .map(|step| {
-            trainer
-                .step(&mut opt, std::slice::from_ref(&batch), step, 1e-2)
-                .unwrap()
-                .loss
-        })
-        .collect()
-}
-
-fn assert_tracks(what: &str, got: &[f64], want: &[f64], rel: f64) {
-    eprintln!("{what}: {got:?}\n  cpu f32: {want:?}");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            ((g - w) / w).abs() <= rel,
-            "{what}: step {} loss {g} vs CPU f32 {w} (tolerance {rel})",
-            i + 1
-        );
-    }
-    assert!(want[9] < 0.9 * want[0], "the loss must fall: {want:?}");
-}
+use common::{assert_tracks, losses};
 
 #[test]
 fn gpu_losses_track_the_cpu_f32_path() {
