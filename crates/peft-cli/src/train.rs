@@ -141,7 +141,8 @@ pub struct TrainCmd {
     early_stopping_threshold: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Compute dtype (and dtype of the unquantized weights).
+    /// Compute dtype (and dtype of the unquantized weights). On a CPU, bf16 is mixed precision:
+    /// f32 weights with bf16 matmuls (AVX512-BF16), as PyTorch's CPU autocast.
     #[arg(long, value_enum, visible_alias = "compute-dtype")]
     dtype: Option<DTypeArg>,
     /// QLoRA: quantize the base's linear layers to 4 bits on load (lm_head stays dense).
