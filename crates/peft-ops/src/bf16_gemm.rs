@@ -129,10 +129,7 @@ pub(crate) fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("expected a CPU tensor");
     };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("expected a contiguous tensor");
-    };
-    f(&cpu.as_slice::<f32>()?[start..end])
+    f(crate::cpu_f32(cpu, layout)?)
 }
 
 /// How the weight holds `b` of `a · b`, `b` being `[k, n]`.

@@ -2,7 +2,7 @@
 //! causal attention (which recomputes its probabilities in the backward pass).
 
 use crate::softmax::{causal_softmax, causal_softmax_backward};
-use crate::{batched_matmul, frozen_matmul, with_grad3, Grads3, LinearWeight};
+use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad3, Grads3, LinearWeight};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -203,14 +203,6 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 
 /// Elements per parallel task of the CPU kernels.
 const CPU_BLOCK: usize = 1 << 14;
-
-/// The values of a contiguous f32 CPU tensor.
-pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("expected a contiguous f32 tensor"),
-    }
-}
 
 /// `silu(gate) · up` in one kernel (CPU and CUDA).
 struct SwigluForward;

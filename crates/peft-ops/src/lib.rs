@@ -22,7 +22,6 @@ pub use bf16_gemm::{
 };
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
 pub use device::{open_device, peak_memory, reset_peak_memory};
-pub(crate) use fused::cpu_f32;
 pub use fused::{causal_attention, dropout_mask, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
@@ -40,5 +39,16 @@ pub(crate) fn has_kernel(t: &candle_core::Tensor) -> bool {
             cfg!(feature = "cuda") && matches!(t.dtype(), DType::F32 | DType::BF16)
         }
         _ => false,
+    }
+}
+
+/// The values of a contiguous f32 CPU tensor.
+pub(crate) fn cpu_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => candle_core::bail!("expected a contiguous f32 tensor"),
     }
 }

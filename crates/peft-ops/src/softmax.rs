@@ -34,23 +34,13 @@ struct CausalSoftmax {
     k: usize,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("causal_softmax: input not contiguous".into()))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[start..end]),
-        _ => candle_core::bail!("causal_softmax: expected f32"),
-    }
-}
-
 impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "causal-softmax"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l)?;
+        let x = crate::cpu_f32(s, l)?;
         let (q, k, scale) = (self.q, self.k, self.scale);
         let past = k - q;
         let mut out = vec![0f32; x.len()];
@@ -129,7 +119,7 @@ impl CustomOp2 for CausalSoftmaxBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, g) = (f32_slice(ys, yl)?, f32_slice(gs, gl)?);
+        let (y, g) = (crate::cpu_f32(ys, yl)?, crate::cpu_f32(gs, gl)?);
         let mut out = vec![0f32; y.len()];
         let scale = self.scale;
         out.par_chunks_mut(self.k)
