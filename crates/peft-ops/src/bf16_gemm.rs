@@ -40,38 +40,11 @@ pub fn bf16_supported() -> bool {
 /// `x · wᵀ` (`transposed`, the forward of a linear layer: `x` `[m, in]`, `w` `[out, in]`) or
 /// `x · w` (its input gradient: `x` `[m, out]`, `w` `[out, in]`), in bf16 when enabled.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
-    // Packing the weight costs about as much as `MIN_ROWS` rows of compute: decoding one token
-    // at a time stays in f32.
-    let bf16 = bf16_matmul_enabled()
-        && x.dim(0)? >= MIN_ROWS
-        && matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32;
-    if !bf16 {
-        return if transposed {
-            x.matmul(&w.t()?)
-        } else {
-            x.matmul(w)
-        };
-    }
-    let (m, k) = x.dims2()?;
-    let (wr, wc) = w.dims2()?;
-    let (n, layout) = if transposed {
-        (wr, Weight::Rows)
+    if transposed {
+        batched_matmul(x, &w.t()?)
     } else {
-        (wc, Weight::Cols)
-    };
-    let reduce = if transposed { wc } else { wr };
-    if reduce != k {
-        candle_core::bail!(
-            "frozen matmul: x is [{m}, {k}] but the weight is [{wr}, {wc}] (transposed: {transposed})"
-        );
+        batched_matmul(x, w)
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let out = with_cpu_f32(&x, |xs| {
-        with_cpu_f32(&w, |ws| Ok(gemm_bf16(xs, m, k, ws, n, layout)))
-    })?;
-    Tensor::from_vec(out, (m, n), &Device::Cpu)
 }
 
 /// `a · b` over leading batch dims (`a` `[.., m, k]`, `b` `[.., k, n]`, same batch dims), in
@@ -79,6 +52,8 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor>
 /// transposed view (`kᵀ`): it is packed from either layout without a copy.
 pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let rank = a.rank();
+    // Packing `b` costs about as much as `MIN_ROWS` rows of compute: decoding one token at a
+    // time stays in f32.
     let bf16 = bf16_matmul_enabled()
         && rank >= 2
         && b.rank() == rank
@@ -141,7 +116,7 @@ pub enum Weight {
     Cols,
 }
 
-/// Fewest rows of `x` that [`frozen_matmul`] computes in bf16.
+/// Fewest rows of `a` that [`batched_matmul`] computes in bf16.
 const MIN_ROWS: usize = 32;
 /// Rows of `a` per micro-tile.
 const MR: usize = 12;
