@@ -6,13 +6,8 @@
 use candle_core::{DType, Device, Tensor, D};
 use peft_ops::{batched_matmul, cross_entropy_chunked, frozen_matmul, set_bf16_matmul};
 
-fn randn(dims: &[usize], seed: u64) -> Tensor {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-}
+mod common;
+use common::randn;
 
 /// Largest difference relative to the largest magnitude of `want`.
 fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {

@@ -7,13 +7,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use peft_ops::*;
 use std::sync::Arc;
 
-fn randn(shape: &[usize], seed: u64) -> Tensor {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+mod common;
+use common::randn;
 
 fn gpu() -> Device {
     open_device("cuda").expect("a CUDA device")

@@ -1,0 +1,12 @@
+//! Shared by the op tests that compare against an f32 reference.
+
+use candle_core::{Device, Tensor};
+
+/// f32 values uniform in [-1, 1), the same for the same seed.
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
