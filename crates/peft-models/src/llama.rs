@@ -8,8 +8,8 @@ use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    causal_attention, checkpoint, frozen_linear, param, quantized_linear, rms_norm, rope,
-    softmax_last_dim, swiglu, GradSink, LinearWeight, QuantizedWeight,
+    causal_attention, causal_self_attention, checkpoint, frozen_linear, param, quantized_linear,
+    rms_norm, rope, softmax_last_dim, swiglu, GradSink, LinearWeight, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -542,10 +542,20 @@ fn attention(
 ) -> candle_core::Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (q, k, v) = (
+        a.q_proj.forward(x, train)?,
+        a.k_proj.forward(x, train)?,
+        a.v_proj.forward(x, train)?,
+    );
+    if bias.is_none() && cache.is_none() {
+        let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale)?;
+        return a.o_proj.forward(&out, train);
+    }
     let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-    let q = rope(&heads(a.q_proj.forward(x, train)?, nh)?, cos, sin)?;
-    let mut k = rope(&heads(a.k_proj.forward(x, train)?, kvh)?, cos, sin)?;
-    let mut v = heads(a.v_proj.forward(x, train)?, kvh)?;
+    let q = rope(&heads(q, nh)?, cos, sin)?;
+    let mut k = rope(&heads(k, kvh)?, cos, sin)?;
+    let mut v = heads(v, kvh)?;
     if let Some(slot) = cache {
         if let Some((pk, pv)) = slot.as_ref() {
             k = Tensor::cat(&[pk, &k], 2)?;
@@ -553,7 +563,6 @@ fn attention(
         }
         *slot = Some((k.clone(), v.clone()));
     }
-    let scale = 1.0 / (hd as f64).sqrt();
     let out = match bias {
         Some(m) => {
             let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);

@@ -48,8 +48,8 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor>
 }
 
 /// `a · b` over leading batch dims (`a` `[.., m, k]`, `b` `[.., k, n]`, same batch dims), in
-/// bf16 when enabled (attention under CPU autocast), else candle's f32 matmul. `b` may be a
-/// transposed view (`kᵀ`): it is packed from either layout without a copy.
+/// bf16 when enabled (attention under CPU autocast), else candle's f32 matmul. Either operand
+/// may be a transposed view (`kᵀ`, `pᵀ`): it is packed from either layout without a copy.
 pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let rank = a.rank();
     // Packing `b` costs about as much as `MIN_ROWS` rows of compute: decoding one token at a
@@ -71,12 +71,14 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         candle_core::bail!("batched matmul: {:?} times {:?}", a.shape(), b.shape());
     }
     let batch: usize = a.dims()[..rank - 2].iter().product();
-    let a = a.contiguous()?;
-    let bt = b.transpose(rank - 2, rank - 1)?;
-    let (b, layout) = if bt.is_contiguous() {
-        (bt, Weight::Rows)
+    let mut dims = a.dims().to_vec();
+    dims[rank - 1] = n;
+    let (a, a_transposed) = stored(a)?;
+    let (b, b_transposed) = stored(b)?;
+    let b_layout = if b_transposed {
+        Weight::Rows
     } else {
-        (b.contiguous()?, Weight::Cols)
+        Weight::Cols
     };
     let mut out = Vec::with_capacity(batch * m * n);
     with_cpu_f32(&a, |a| {
@@ -84,8 +86,8 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             out.spare_capacity_mut()
                 .par_chunks_mut(m * n)
                 .zip(a.par_chunks(m * k).zip(b.par_chunks(k * n)))
-                .for_each(|(out, (a, b))| match PackedB::new(b, k, n, layout) {
-                    Some(packed) => packed.matmul_into(a, m, out),
+                .for_each(|(out, (a, b))| match PackedB::new(b, k, n, b_layout) {
+                    Some(packed) => packed.matmul_into_from(a, a_transposed, m, out),
                     None => unreachable!("bf16 matmuls are enabled only where supported"),
                 });
             Ok(())
@@ -93,9 +95,23 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     })?;
     // SAFETY: every batch wrote its m·n values.
     unsafe { out.set_len(batch * m * n) };
-    let mut dims = a.dims().to_vec();
-    dims[rank - 1] = n;
     Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+/// A matrix operand `t` (`[.., rows, cols]`) as contiguous storage, and whether that storage
+/// holds `t` transposed. A transposed view of a contiguous tensor is used as it is stored;
+/// only other layouts are copied.
+fn stored(t: &Tensor) -> Result<(Tensor, bool)> {
+    let rank = t.rank();
+    if t.is_contiguous() {
+        return Ok((t.clone(), false));
+    }
+    let tt = t.transpose(rank - 2, rank - 1)?;
+    if tt.is_contiguous() {
+        Ok((tt, true))
+    } else {
+        Ok((t.contiguous()?, false))
+    }
 }
 
 /// Runs `f` on the values of a contiguous f32 CPU tensor, without copying them.
@@ -171,7 +187,19 @@ impl PackedB {
 
     /// Writes `a · b` (`a` `[m, k]` row-major) to `out` (`m · n` values, all written).
     pub fn matmul_into(&self, a: &[f32], m: usize, out: &mut [std::mem::MaybeUninit<f32>]) {
-        assert_eq!(a.len(), m * self.k, "a is not [m, k]");
+        self.matmul_into_from(a, false, m, out)
+    }
+
+    /// [`Self::matmul_into`] for `a` stored row-major as `[m, k]`, or as its transpose
+    /// `[k, m]` when `a_transposed`.
+    pub fn matmul_into_from(
+        &self,
+        a: &[f32],
+        a_transposed: bool,
+        m: usize,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        assert_eq!(a.len(), m * self.k, "a does not hold m·k values");
         assert!(out.len() >= m * self.n, "output too small");
         if m == 0 || self.n == 0 {
             return;
@@ -183,7 +211,7 @@ impl PackedB {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a `PackedB` exists only where the CPU has AVX512-BF16.
         unsafe {
-            x86::gemm(a, m, self, out.as_mut_ptr() as *mut f32)
+            x86::gemm(a, a_transposed, m, self, out.as_mut_ptr() as *mut f32)
         }
     }
 }
@@ -252,12 +280,19 @@ mod x86 {
         }
     }
 
-    /// `out = a · b` (`m × b.n`, row-major); writes every value.
+    /// `out = a · b` (`m × b.n`, row-major; `a` stored `[m, k]`, or `[k, m]` when
+    /// `a_transposed`); writes every value.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    pub(super) unsafe fn gemm(a: &[f32], m: usize, b: &PackedB, out: *mut f32) {
+    pub(super) unsafe fn gemm(a: &[f32], a_transposed: bool, m: usize, b: &PackedB, out: *mut f32) {
         let (k, n) = (b.k, b.n);
         let pairs = k.div_ceil(2);
-        let a16 = pack_a(a, m, k, pairs);
+        // Row tiles of `a` are the column panels of `aᵀ` (`[k, m]`).
+        let a_layout = if a_transposed {
+            Weight::Cols
+        } else {
+            Weight::Rows
+        };
+        let a16 = unsafe { pack_panels::<MR>(a, k, m, a_layout) };
         let panels = n.div_ceil(NR);
         let c = Out(out);
         let m_tiles = m.div_ceil(MR);
@@ -271,24 +306,13 @@ mod x86 {
                 for tile in tm * M_TILES..((tm + 1) * M_TILES).min(m_tiles) {
                     let row = tile * MR;
                     let rows = MR.min(m - row);
-                    let a = a16[row * pairs..].as_ptr();
+                    let a = a16[tile * pairs * MR..].as_ptr();
                     let c = c.at(row * n + panel * NR);
                     // SAFETY: each (tile, panel) is written by exactly one task.
                     unsafe { tile_kernel(rows, a, pairs, bp, c, n, cols) };
                 }
             }
         });
-    }
-
-    /// `a` `[m, k]` f32 to bf16 pairs `[m, pairs]` (one u32 per two consecutive k; odd k padded
-    /// with zero).
-    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    unsafe fn pack_a(a: &[f32], m: usize, k: usize, pairs: usize) -> Vec<u32> {
-        let mut out = vec![0u32; m * pairs];
-        out.par_chunks_mut(pairs)
-            .zip(a.par_chunks(k))
-            .for_each(|(dst, src)| unsafe { row_to_bf16(src, dst) });
-        out
     }
 
     /// `src` f32 to bf16 pairs in `dst` (`src.len().div_ceil(2)` u32).
@@ -310,42 +334,50 @@ mod x86 {
         }
     }
 
-    /// `b` `[k, n]` (from `w` as `layout` says) to panels of `NR` columns, each `[pairs, NR]`
-    /// u32: lane `j` of pair `p` holds `b[2p][j]` (low half) and `b[2p+1][j]`.
+    /// `b` `[k, n]` packed for the kernel (see [`pack_panels`]) in panels of `NR` columns.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     pub(super) unsafe fn pack_b(w: &[f32], k: usize, n: usize, layout: Weight) -> Vec<u32> {
+        unsafe { pack_panels::<NR>(w, k, n, layout) }
+    }
+
+    /// `b` `[k, n]` (from `w` as `layout` says) to panels of `W` columns, each `[pairs, W]`
+    /// u32: lane `j` of pair `p` holds `b[2p][j]` (low half) and `b[2p+1][j]`; lanes past `n`
+    /// are zero.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    unsafe fn pack_panels<const W: usize>(
+        w: &[f32],
+        k: usize,
+        n: usize,
+        layout: Weight,
+    ) -> Vec<u32> {
         let pairs = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
-        let mut out = vec![0u32; panels * pairs * NR];
-        out.par_chunks_mut(pairs * NR)
-            .enumerate()
-            .for_each(|(panel, dst)| {
-                let col0 = panel * NR;
-                let cols = NR.min(n - col0);
-                match layout {
-                    Weight::Rows => {
-                        // Column j of b is row col0 + j of w: convert it, then spread its pairs.
-                        let mut row = vec![0u32; pairs];
-                        for j in 0..cols {
-                            let src = &w[(col0 + j) * k..(col0 + j + 1) * k];
-                            unsafe { row_to_bf16(src, &mut row) };
-                            for (p, &v) in row.iter().enumerate() {
-                                dst[p * NR + j] = v;
-                            }
-                        }
-                    }
-                    Weight::Cols => {
-                        for p in 0..pairs {
-                            let r0 = &w[2 * p * n + col0..2 * p * n + col0 + cols];
-                            let r1 = (2 * p + 1 < k)
-                                .then(|| &w[(2 * p + 1) * n + col0..(2 * p + 1) * n + col0 + cols]);
-                            let d = &mut dst[p * NR..p * NR + cols];
-                            unsafe { interleave(r0, r1, d) };
+        let panels = n.div_ceil(W);
+        crate::par_build(panels * pairs * W, pairs * W, |panel, dst: &mut [u32]| {
+            let col0 = panel * W;
+            let cols = W.min(n - col0);
+            match layout {
+                Weight::Rows => {
+                    // Column j of b is row col0 + j of w: convert it, then spread its pairs.
+                    let mut row = vec![0u32; pairs];
+                    for j in 0..cols {
+                        let src = &w[(col0 + j) * k..(col0 + j + 1) * k];
+                        unsafe { row_to_bf16(src, &mut row) };
+                        for (p, &v) in row.iter().enumerate() {
+                            dst[p * W + j] = v;
                         }
                     }
                 }
-            });
-        out
+                Weight::Cols => {
+                    for p in 0..pairs {
+                        let r0 = &w[2 * p * n + col0..2 * p * n + col0 + cols];
+                        let r1 = (2 * p + 1 < k)
+                            .then(|| &w[(2 * p + 1) * n + col0..(2 * p + 1) * n + col0 + cols]);
+                        let d = &mut dst[p * W..p * W + cols];
+                        unsafe { interleave(r0, r1, d) };
+                    }
+                }
+            }
+        })
     }
 
     /// `d[j] = bf16(r0[j]) | bf16(r1[j]) << 16` (`r1` absent: zero).
@@ -374,7 +406,7 @@ mod x86 {
         }
     }
 
-    /// One `rows × cols` tile of `c` (row stride `ldc`) from `rows` rows of packed `a` and one
+    /// One `rows × cols` tile of `c` (row stride `ldc`) from one packed row tile of `a` and one
     /// packed panel of `b`.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     unsafe fn tile_kernel(
@@ -415,7 +447,7 @@ mod x86 {
                 std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
             for i in 0..ROWS {
                 let av: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*a.add(i * pairs + p) as i32));
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i) as i32));
                 acc0[i] = _mm512_dpbf16_ps(acc0[i], av, b0);
                 acc1[i] = _mm512_dpbf16_ps(acc1[i], av, b1);
             }
@@ -481,6 +513,26 @@ mod tests {
                     assert!(d > 1e-5 && d < 2e-2, "{m}x{k}x{n}: bf16 vs f32 {d}");
                 }
             }
+        }
+    }
+
+    /// `a` stored transposed (`pᵀ` in the attention backward) gives the same product.
+    #[test]
+    fn transposed_a_matches_row_major_a() {
+        for &(m, k, n) in &[(13, 7, 33), (40, 577, 70), (256, 64, 64)] {
+            let a = random(m * k, 3);
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            let w = random(k * n, 4);
+            let Some(b) = PackedB::new(&w, k, n, Weight::Cols) else {
+                return;
+            };
+            let mut got = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
+            b.matmul_into_from(&at, true, m, &mut got);
+            // SAFETY: initialised above.
+            let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+            let want = reference(&a, m, k, &w, n, Weight::Cols, true);
+            let d = max_rel_diff(&got, &want);
+            assert!(d < 1e-5, "{m}x{k}x{n}: differs by {d} (relative)");
         }
     }
 

@@ -1,8 +1,6 @@
-//! Fused training ops that keep only what their backward needs: the LoRA linear, SwiGLU and
-//! causal attention (which recomputes its probabilities in the backward pass).
+//! Fused training ops that keep only what their backward needs: the LoRA linear and SwiGLU.
 
-use crate::softmax::{causal_softmax, causal_softmax_backward};
-use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad3, Grads3, LinearWeight};
+use crate::{cpu_f32, frozen_matmul, with_grad3, Grads3, LinearWeight};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -158,46 +156,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             None
         };
         Ok((d_g, d_u, None))
-    })
-}
-
-/// Causal attention `softmax(scale·q·kᵀ + causal)·v` for `q` `[b, heads, t, d]` and `k`, `v`
-/// `[b, kv_heads, t_k, d]` (grouped-query heads share kv heads). The probabilities are
-/// recomputed in the backward pass: no `t × t_k` tensor outlives the forward.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, _, d) = q.dims4()?;
-    let kvh = k.dim(1)?;
-    let n_rep = h / kvh;
-    let expand = move |t: &Tensor| -> Result<Tensor> {
-        if n_rep == 1 {
-            return Ok(t.clone());
-        }
-        let tk = t.dim(2)?;
-        t.unsqueeze(2)?
-            .broadcast_as((b, kvh, n_rep, tk, d))?
-            .reshape((b, h, tk, d))
-    };
-    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let probs = move |q: &Tensor, k: &Tensor| {
-        causal_softmax(&batched_matmul(q, &k.t()?)?.contiguous()?, scale)
-    };
-    let out = batched_matmul(&probs(&qd, &expand(&kd)?)?, &expand(&vd)?)?;
-    let fold = move |t: Tensor| -> Result<Tensor> {
-        if n_rep == 1 {
-            return Ok(t);
-        }
-        let tk = t.dim(2)?;
-        t.reshape((b, kvh, n_rep, tk, d))?.sum(2)
-    };
-    with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
-        let (kr, vr) = (expand(&kd)?, expand(&vd)?);
-        let p = probs(&qd, &kr)?;
-        let d_v = fold(batched_matmul(&p.t()?, grad)?)?;
-        let d_p = batched_matmul(grad, &vr.t()?)?.contiguous()?;
-        let d_s = causal_softmax_backward(&p, &d_p, scale)?;
-        let d_q = batched_matmul(&d_s, &kr)?;
-        let d_k = fold(batched_matmul(&d_s.t()?, &qd)?)?;
-        Ok((Some(d_q), Some(d_k), Some(d_v)))
     })
 }
 

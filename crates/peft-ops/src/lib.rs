@@ -4,6 +4,7 @@
 //! backward also computes gradients for frozen weights. Each op here runs the fast forward on
 //! detached inputs and attaches a hand-written backward through [`with_grad`].
 
+mod attention;
 mod bf16_gemm;
 mod checkpoint;
 mod cross_entropy;
@@ -16,13 +17,16 @@ mod ops;
 mod softmax;
 mod weight;
 
+use rayon::prelude::*;
+
+pub use attention::{causal_attention, causal_self_attention};
 pub use bf16_gemm::{
     batched_matmul, bf16_matmul_enabled, bf16_supported, frozen_matmul, gemm_bf16, set_bf16_matmul,
     Weight,
 };
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
 pub use device::{open_device, peak_memory, reset_peak_memory};
-pub use fused::{causal_attention, dropout_mask, lora_linear, swiglu, Dropout};
+pub use fused::{dropout_mask, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
     cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
@@ -51,4 +55,28 @@ pub(crate) fn cpu_f32<'a>(
         (candle_core::CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
         _ => candle_core::bail!("expected a contiguous f32 tensor"),
     }
+}
+
+/// A vector of `len` values built in parallel: `fill(i, chunk)` writes chunk `i` (`chunk`
+/// values, the last one shorter). Each chunk is zeroed by its own task just before `fill`
+/// runs, not all at once on the calling thread.
+pub(crate) fn par_build<T: Copy + Default + Send + Sync>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, dst)| {
+            dst.fill(std::mem::MaybeUninit::new(T::default()));
+            // SAFETY: every element was just initialised.
+            fill(i, unsafe {
+                &mut *(dst as *mut [std::mem::MaybeUninit<T>] as *mut [T])
+            });
+        });
+    // SAFETY: every chunk was initialised above.
+    unsafe { out.set_len(len) };
+    out
 }

@@ -43,23 +43,20 @@ impl CustomOp1 for CausalSoftmax {
         let x = crate::cpu_f32(s, l)?;
         let (q, k, scale) = (self.q, self.k, self.scale);
         let past = k - q;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(k)
-            .zip(x.par_chunks(k))
-            .enumerate()
-            .for_each(|(row, (y, x))| {
-                let visible = past + row % q + 1;
-                let max = x[..visible]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-                let mut sum = 0f32;
-                for (yi, &xi) in y[..visible].iter_mut().zip(&x[..visible]) {
-                    *yi = (xi * scale - max).exp();
-                    sum += *yi;
-                }
-                let inv = 1.0 / sum;
-                y[..visible].iter_mut().for_each(|v| *v *= inv);
-            });
+        let out = crate::par_build(x.len(), k, |row, y: &mut [f32]| {
+            let x = &x[row * k..][..k];
+            let visible = past + row % q + 1;
+            let max = x[..visible]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+            let mut sum = 0f32;
+            for (yi, &xi) in y[..visible].iter_mut().zip(&x[..visible]) {
+                *yi = (xi * scale - max).exp();
+                sum += *yi;
+            }
+            let inv = 1.0 / sum;
+            y[..visible].iter_mut().for_each(|v| *v *= inv);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

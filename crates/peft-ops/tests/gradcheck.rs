@@ -397,3 +397,31 @@ fn causal_attention_matches_composed_gqa() {
         1e-5,
     );
 }
+
+#[test]
+fn causal_self_attention_matches_split_rope_attention_merge() {
+    // 6 query heads over 2 kv heads (3 per group), 7 positions, head dim 4.
+    let (b, t, h, kvh, d) = (2, 7, 6, 2, 4);
+    let inputs = [
+        randn(&[b, t, h * d], DType::F32, 50),
+        randn(&[b, t, kvh * d], DType::F32, 51),
+        randn(&[b, t, kvh * d], DType::F32, 52),
+    ];
+    let theta = randn(&[t, d / 2], DType::F32, 53);
+    let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
+    let scale = 0.5;
+    check_against_composed(
+        &inputs,
+        |x| causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, h, kvh, scale),
+        |x| {
+            let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
+            let q = rope(&split(&x[0], h)?.contiguous()?, &cos, &sin)?;
+            let k = rope(&split(&x[1], kvh)?.contiguous()?, &cos, &sin)?;
+            let v = split(&x[2], kvh)?;
+            causal_attention(&q, &k, &v, scale)?
+                .transpose(1, 2)?
+                .reshape((b, t, h * d))
+        },
+        1e-5,
+    );
+}

@@ -1,0 +1,215 @@
+//! Causal self-attention for training: the probabilities are recomputed in the backward pass,
+//! so no `t × t` tensor outlives the forward.
+//!
+//! [`causal_self_attention`] takes the projections as they come out of the linear layers
+//! (`[b, t, heads · d]`) and returns the input of `o_proj`: the head split, RoPE and the merge
+//! back are one parallel pass each way, and grouped-query heads share their kv head without a
+//! copy. [`causal_attention`] is the same attention on split, rotated heads.
+
+use crate::bf16_gemm::with_cpu_f32;
+use crate::softmax::{causal_softmax, causal_softmax_backward};
+use crate::{batched_matmul, par_build, rope, with_grad3, Grads3};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Causal attention `softmax(scale·q·kᵀ + causal)·v` for `q` `[b, heads, t, d]` and `k`, `v`
+/// `[b, kv_heads, t_k, d]` (grouped-query heads share kv heads). The probabilities are
+/// recomputed in the backward pass: no `t × t_k` tensor outlives the forward.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, _, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let n_rep = h / kvh;
+    let expand = move |t: &Tensor| -> Result<Tensor> {
+        if n_rep == 1 {
+            return Ok(t.clone());
+        }
+        let tk = t.dim(2)?;
+        t.unsqueeze(2)?
+            .broadcast_as((b, kvh, n_rep, tk, d))?
+            .reshape((b, h, tk, d))
+    };
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let probs = move |q: &Tensor, k: &Tensor| {
+        causal_softmax(&batched_matmul(q, &k.t()?)?.contiguous()?, scale)
+    };
+    let out = batched_matmul(&probs(&qd, &expand(&kd)?)?, &expand(&vd)?)?;
+    let fold = move |t: Tensor| -> Result<Tensor> {
+        if n_rep == 1 {
+            return Ok(t);
+        }
+        let tk = t.dim(2)?;
+        t.reshape((b, kvh, n_rep, tk, d))?.sum(2)
+    };
+    with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
+        let (kr, vr) = (expand(&kd)?, expand(&vd)?);
+        let p = probs(&qd, &kr)?;
+        let d_v = fold(batched_matmul(&p.t()?, grad)?)?;
+        let d_p = batched_matmul(grad, &vr.t()?)?.contiguous()?;
+        let d_s = causal_softmax_backward(&p, &d_p, scale)?;
+        let d_q = batched_matmul(&d_s, &kr)?;
+        let d_k = fold(batched_matmul(&d_s.t()?, &qd)?)?;
+        Ok((Some(d_q), Some(d_k), Some(d_v)))
+    })
+}
+
+/// Causal self-attention from the q/k/v projections `[b, t, heads · d]` (k and v with
+/// `kv_heads`) to the attention output `[b, t, heads · d]`, with RoPE (`cos`/`sin`
+/// `[t, d / 2]`, positions `0..t`) applied to q and k. Equal to splitting the heads, [`rope`],
+/// [`causal_attention`] and merging the heads; f32 CPU tensors take one fused path.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, hd) = q.dims3()?;
+    let d = hd / heads;
+    let fused = matches!(q.device(), Device::Cpu)
+        && [q, k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
+        && cos.dims() == [t, d / 2]
+        && sin.dims() == [t, d / 2]
+        && d % 2 == 0
+        && heads % kv_heads == 0;
+    if !fused {
+        let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
+        let qh = rope(&split(q, heads)?, cos, sin)?;
+        let kh = rope(&split(k, kv_heads)?, cos, sin)?;
+        let out = causal_attention(&qh, &kh, &split(v, kv_heads)?, scale)?;
+        return out.transpose(1, 2)?.reshape((b, t, hd));
+    }
+    let n_rep = heads / kv_heads;
+    let shape = Heads { b, t, d };
+    let rot = Rotation {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+    };
+    let (qd, kd, vd) = (
+        q.detach().contiguous()?,
+        k.detach().contiguous()?,
+        v.detach().contiguous()?,
+    );
+    // Heads as `[b, kv_heads, n_rep · t, d]`: the n_rep query heads of a kv head are
+    // consecutive, so stacking their rows is a free reshape and one matmul serves the group.
+    let group = move |x: Tensor| x.reshape((b, kv_heads, n_rep * t, d));
+    let rotation = rot.clone();
+    let inputs = move || -> Result<(Tensor, Tensor, Tensor)> {
+        let rot = &rotation;
+        Ok((
+            group(shape.split(&qd, heads, Some((rot, 1.0)))?)?,
+            shape.split(&kd, kv_heads, Some((rot, 1.0)))?,
+            shape.split(&vd, kv_heads, None)?,
+        ))
+    };
+    let probs = move |qh: &Tensor, kh: &Tensor| -> Result<Tensor> {
+        let scores = batched_matmul(qh, &kh.t()?)?.reshape((b, heads, t, t))?;
+        causal_softmax(&scores, scale)?.reshape((b, kv_heads, n_rep * t, t))
+    };
+    let (qh, kh, vh) = inputs()?;
+    let out = batched_matmul(&probs(&qh, &kh)?, &vh)?;
+    let out = shape.merge(&out, heads, None)?;
+    drop((qh, kh, vh));
+    with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
+        let g = group(shape.split(&grad.contiguous()?, heads, None)?)?;
+        let (qh, kh, vh) = inputs()?;
+        let p = probs(&qh, &kh)?;
+        let d_v = batched_matmul(&p.t()?, &g)?;
+        let d_p = batched_matmul(&g, &vh.t()?)?.reshape((b, heads, t, t))?;
+        let d_s = causal_softmax_backward(&p.reshape((b, heads, t, t))?, &d_p, scale)?
+            .reshape((b, kv_heads, n_rep * t, t))?;
+        let d_q = batched_matmul(&d_s, &kh)?;
+        let d_k = batched_matmul(&d_s.t()?, &qh)?;
+        Ok((
+            Some(shape.merge(&d_q, heads, Some((&rot, -1.0)))?),
+            Some(shape.merge(&d_k, kv_heads, Some((&rot, -1.0)))?),
+            Some(shape.merge(&d_v, kv_heads, None)?),
+        ))
+    })
+}
+
+/// RoPE tables `[t, d / 2]`.
+#[derive(Clone)]
+struct Rotation {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Batch, sequence and head sizes of the head split.
+#[derive(Clone, Copy)]
+struct Heads {
+    b: usize,
+    t: usize,
+    d: usize,
+}
+
+impl Heads {
+    /// `[b, t, n · d]` to `[b, n, t, d]`, rotated when `rot` is given (`sign` 1: RoPE, -1: its
+    /// inverse).
+    fn split(&self, x: &Tensor, n: usize, rot: Option<(&Rotation, f32)>) -> Result<Tensor> {
+        let Heads { b, t, d } = *self;
+        let out = with_tables(rot, |tables| {
+            with_cpu_f32(x, |x| {
+                Ok(par_build(x.len(), t * d, |bh, dst| {
+                    let (bi, hi) = (bh / n, bh % n);
+                    for (ti, dst) in dst.chunks_mut(d).enumerate() {
+                        let src = &x[((bi * t + ti) * n + hi) * d..][..d];
+                        rotate(src, dst, ti, tables);
+                    }
+                }))
+            })
+        })?;
+        Tensor::from_vec(out, (b, n, t, d), &Device::Cpu)
+    }
+
+    /// `[b, n, t, d]` (any shape with those elements) back to `[b, t, n · d]`, rotated when
+    /// `rot` is given.
+    fn merge(&self, x: &Tensor, n: usize, rot: Option<(&Rotation, f32)>) -> Result<Tensor> {
+        let Heads { b, t, d } = *self;
+        let out = with_tables(rot, |tables| {
+            with_cpu_f32(x, |x| {
+                Ok(par_build(x.len(), n * d, |bt, dst| {
+                    let (bi, ti) = (bt / t, bt % t);
+                    for (hi, dst) in dst.chunks_mut(d).enumerate() {
+                        let src = &x[((bi * n + hi) * t + ti) * d..][..d];
+                        rotate(src, dst, ti, tables);
+                    }
+                }))
+            })
+        })?;
+        Tensor::from_vec(out, (b, t, n * d), &Device::Cpu)
+    }
+}
+
+/// The cos and sin values of a rotation and its sign, as slices.
+type Tables<'a> = Option<(&'a [f32], &'a [f32], f32)>;
+
+fn with_tables<T>(rot: Option<(&Rotation, f32)>, f: impl FnOnce(Tables) -> Result<T>) -> Result<T> {
+    match rot {
+        None => f(None),
+        Some((r, sign)) => with_cpu_f32(&r.cos, |cos| {
+            with_cpu_f32(&r.sin, |sin| f(Some((cos, sin, sign))))
+        }),
+    }
+}
+
+/// Copies one head vector at position `ti`, rotated as HF's `rotate_half` RoPE does when
+/// `tables` are given: `(x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin)` (sin negated for the
+/// inverse).
+fn rotate(src: &[f32], dst: &mut [f32], ti: usize, tables: Tables) {
+    let Some((cos, sin, sign)) = tables else {
+        dst.copy_from_slice(src);
+        return;
+    };
+    let half = src.len() / 2;
+    let (c, s) = (&cos[ti * half..][..half], &sin[ti * half..][..half]);
+    let (x1, x2) = src.split_at(half);
+    let (y1, y2) = dst.split_at_mut(half);
+    for i in 0..half {
+        let s = sign * s[i];
+        y1[i] = x1[i] * c[i] - x2[i] * s;
+        y2[i] = x2[i] * c[i] + x1[i] * s;
+    }
+}
