@@ -72,8 +72,8 @@ pub fn causal_self_attention(
         && [q, k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
         && cos.dims() == [t, d / 2]
         && sin.dims() == [t, d / 2]
-        && d % 2 == 0
-        && heads % kv_heads == 0;
+        && d.is_multiple_of(2)
+        && heads.is_multiple_of(kv_heads);
     if !fused {
         let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let qh = rope(&split(q, heads)?, cos, sin)?;
