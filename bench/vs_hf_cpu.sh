@@ -10,9 +10,9 @@
 # script in float32. The same shape is then trained by peft-rs in f32 too, and the first losses
 # of the two peft-rs runs must agree within 2% (the "same loss curve" condition).
 #
-# --all then also measures, once each and side by side: all-linear LoRA training, forward-only
-# throughput (base + unmerged LoRA) and greedy generation (batch 1, 64 new tokens) with the
-# adapter unmerged and merged, and HF's full fine-tuning (peft-rs has no full fine-tuning).
+# --all then also measures, once each and side by side: all-linear LoRA training, full
+# fine-tuning, forward-only throughput (base + unmerged LoRA) and greedy generation (batch 1,
+# 64 new tokens) with the adapter unmerged and merged.
 #
 # Needs Python 3 with pip: the first run makes .venv (torch, transformers, peft from PyPI,
 # several GB) and the HF copy of the default model (models/smollm2-135m-instruct).
@@ -80,6 +80,7 @@ log=$(mktemp)
   echo "lora-all $(hf_run --method lora-all --batch 4 "${train[@]}")"
   echo "lora-all $(ours_run --batch-size 4 --dtype "$dtype" --target-modules all-linear "${train[@]}")"
   echo "full $(hf_run --method full --batch 4 "${train[@]}")"
+  echo "full $(ours_run --method full --batch-size 4 --dtype "$dtype" "${train[@]}")"
   echo "forward $(hf_run --method fwd-lora --batch 4 --target q_proj,k_proj,v_proj,o_proj "${train[@]}")"
   echo "forward $(ours_run --mode forward --batch-size 4 --dtype "$dtype" --target-modules q_proj,k_proj,v_proj,o_proj "${train[@]}")"
   echo "gen-unmerged $(hf_run --method gen-lora --batch 1 --r 16 --steps 3 --warmup 1)"
@@ -101,7 +102,9 @@ def row(what, hf, ours, key="tokens_per_s"):
 hf_all, ours_all = runs["lora-all"]
 row("lora all-linear train", hf_all, ours_all["tokens_per_s"])
 rows[-1]["ours_peak_rss_mib"] = round(ours_all["peak_rss_mib"])
-row("full fine-tuning train", runs["full"][0], None)
+hf_full, ours_full = runs["full"]
+row("full fine-tuning train", hf_full, ours_full["tokens_per_s"])
+rows[-1]["ours_peak_rss_mib"] = round(ours_full["peak_rss_mib"])
 hf_fwd, ours_fwd = runs["forward"]
 row("forward (unmerged lora)", hf_fwd, ours_fwd["tokens_per_s"])
 gen = runs["gen"][0]

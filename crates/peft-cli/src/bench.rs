@@ -3,7 +3,7 @@
 use crate::{load_base, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use peft::{LoraConfig, PeftModel, TargetModules};
+use peft::{FullModel, LoraConfig, PeftModel, TargetModules, Tuned};
 use peft_train::{Batch, OptimKind, SchedulerKind, TrainArgs, Trainer};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -34,6 +34,7 @@ pub struct BenchCmd {
     /// llama-3-8b (speed and memory depend on the shape alone).
     #[arg(long)]
     shape: Option<String>,
+    /// lora, or full (full fine-tuning: every weight trained, the baseline).
     #[arg(long, default_value = "lora")]
     method: String,
     #[arg(long, default_value_t = 16)]
@@ -92,9 +93,12 @@ pub fn peak_rss_mib() -> f64 {
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
-    if cmd.method != "lora" {
-        bail!("unknown method {:?} (available: lora)", cmd.method);
-    }
+    let full = match cmd.method.as_str() {
+        "lora" => false,
+        "full" if cmd.mode == BenchMode::Train => true,
+        "full" => bail!("--method full measures training only (--mode train)"),
+        other => bail!("unknown method {other:?} (available: lora, full)"),
+    };
     if let Some(n) = cmd.threads {
         crate::set_threads(n)?;
     }
@@ -123,15 +127,19 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         target_modules: Some(TargetModules::parse_flag(&cmd.target_modules)),
         ..Default::default()
     };
-    let mut model = PeftModel::new(base, config, 0)?;
-    match cmd.mode {
-        BenchMode::Train => {}
-        BenchMode::Forward => return bench_forward(&cmd, &model),
-        BenchMode::Generate => {
-            let tok = tok.context("generate mode needs the model's tokenizer")?;
-            return bench_generate(&cmd, model, &tok);
+    let mut model: Box<dyn Tuned> = if full {
+        Box::new(FullModel::new(base)?)
+    } else {
+        let model = PeftModel::new(base, config, 0)?;
+        match cmd.mode {
+            BenchMode::Train => Box::new(model),
+            BenchMode::Forward => return bench_forward(&cmd, &model),
+            BenchMode::Generate => {
+                let tok = tok.context("generate mode needs the model's tokenizer")?;
+                return bench_generate(&cmd, model, &tok);
+            }
         }
-    }
+    };
     let args = TrainArgs {
         batch_size: cmd.batch_size,
         lr: cmd.lr,
@@ -143,7 +151,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         ..Default::default()
     };
     let mut trainer = Trainer {
-        model: &mut model,
+        model: model.as_mut(),
         args,
         pad_id: 0,
     };

@@ -2,8 +2,8 @@ use crate::plot::{write_loss_chart, Series};
 use crate::{load_base, model_name, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use peft::{
-    BottleneckConfig, BottleneckModel, Ia3Config, Ia3Model, LoraConfig, PeftModel, PromptInit,
-    PromptModel, TargetModules, Tuned,
+    BottleneckConfig, BottleneckModel, FullModel, Ia3Config, Ia3Model, LoraConfig, PeftModel,
+    PromptInit, PromptModel, TargetModules, Tuned,
 };
 use peft_models::tokenizer::Tokenizer;
 use peft_models::Llama;
@@ -38,7 +38,8 @@ pub struct TrainCmd {
     #[arg(long)]
     output: Option<PathBuf>,
     /// lora, dora, ia3, prompt (prompt tuning), prefix or ptuning-v2 (prefix tuning: virtual
-    /// keys and values at every layer), adapter (bottleneck adapters).
+    /// keys and values at every layer), adapter (bottleneck adapters), or full (full
+    /// fine-tuning: every weight trained, saved as a complete model folder).
     #[arg(long)]
     method: Option<String>,
     /// Bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP).
@@ -307,6 +308,7 @@ pub fn build_model(
             };
             Box::new(Ia3Model::new(base, config)?)
         }
+        "full" => Box::new(FullModel::new(base)?),
         "prefix" | "ptuning-v2" => Box::new(PromptModel::new_prefix_tuning(
             base,
             virtual_tokens,
@@ -328,6 +330,7 @@ const METHODS: &[&str] = &[
     "prefix",
     "ptuning-v2",
     "adapter",
+    "full",
 ];
 
 pub fn run(cmd: TrainCmd) -> Result<()> {
@@ -444,7 +447,11 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         pad_id,
     }
     .train_with_eval(&examples, &eval)?;
-    save_tokenizer_note(&output, &model_path)?;
+    if method == "full" {
+        // A complete model folder: loadable by `peft generate --model` and by transformers.
+        tok.save_hf(&output)?;
+    }
+    save_tokenizer_note(&output, &model_path, &method)?;
     plot_metrics(&output)?;
     let first = summary.losses.first().copied().unwrap_or(f64::NAN);
     let last = summary.losses.last().copied().unwrap_or(f64::NAN);
@@ -467,10 +474,11 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         ""
     };
     println!(
-        "trained {} steps{early} in {:.1}s ({:.1} tokens/s); loss {first:.4} -> {last:.4}{eval_note}; adapter saved to {}",
+        "trained {} steps{early} in {:.1}s ({:.1} tokens/s); loss {first:.4} -> {last:.4}{eval_note}; {} saved to {}",
         summary.steps,
         summary.seconds,
         summary.tokens_per_s(),
+        if method == "full" { "model" } else { "adapter" },
         output.display()
     );
     Ok(())
@@ -541,11 +549,13 @@ fn check_output_folder(output: &Path) -> Result<()> {
 }
 
 /// PEFT adapters do not carry a tokenizer; we record which base they were trained on.
-fn save_tokenizer_note(output: &Path, model: &Path) -> Result<()> {
-    let text = format!(
-        "Adapter trained with peft-rs on base model: {}\n",
-        model.display()
-    );
+fn save_tokenizer_note(output: &Path, model: &Path, method: &str) -> Result<()> {
+    let what = if method == "full" {
+        "Model fine-tuned (every weight) with peft-rs from"
+    } else {
+        "Adapter trained with peft-rs on base model:"
+    };
+    let text = format!("{what} {}\n", model.display());
     peft_models::io::write_atomic(&output.join("README.md"), text.as_bytes())
 }
 

@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
     causal_attention, causal_self_attention, checkpoint, frozen_linear, param, quantized_linear,
-    rms_norm, rope, softmax_last_dim, swiglu, GradSink, LinearWeight, QuantizedWeight,
+    rms_norm, rope, softmax_last_dim, swiglu, trainable_linear, GradSink, LinearWeight,
+    QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -61,7 +62,7 @@ impl Linear {
             LinearWeight::Dense(w) => {
                 let w = param(w);
                 if w.track_op() {
-                    x.broadcast_matmul(&w.t()?)?
+                    trainable_linear(x, &w)?
                 } else {
                     frozen_linear(x, &w)?
                 }
@@ -141,6 +142,7 @@ impl KvCache {
     }
 }
 
+#[derive(Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
     pub embed_tokens: Tensor,
@@ -306,6 +308,49 @@ impl Llama {
         n
     }
 
+    /// Full fine-tuning: every tensor of the model (embeddings, norms, linear weights and
+    /// biases) becomes a trainable variable. Returns them under their checkpoint names, sorted;
+    /// a tied output head is the embedding and appears once.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        if self
+            .linears_mut()
+            .iter()
+            .any(|(_, l)| l.weight.is_quantized())
+        {
+            bail!("full fine-tuning needs dense weights; this model is quantized");
+        }
+        let mut vars = Vec::new();
+        let mut var = |name: String, t: &mut Tensor| -> Result<()> {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            vars.push((name, v));
+            Ok(())
+        };
+        var("model.embed_tokens.weight".into(), &mut self.embed_tokens)?;
+        var("model.norm.weight".into(), &mut self.norm)?;
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            var(
+                format!("{p}.input_layernorm.weight"),
+                &mut layer.input_layernorm,
+            )?;
+            var(
+                format!("{p}.post_attention_layernorm.weight"),
+                &mut layer.post_attention_layernorm,
+            )?;
+        }
+        for (path, lin) in self.linears_mut() {
+            if let LinearWeight::Dense(w) = &mut lin.weight {
+                var(format!("{path}.weight"), w)?;
+            }
+            if let Some(b) = &mut lin.bias {
+                var(format!("{path}.bias"), b)?;
+            }
+        }
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(vars)
+    }
+
     /// Replaces every decoder linear's weight (not `lm_head`, as bitsandbytes' loaders skip it)
     /// with its 4-bit quantization; matmuls then run in `compute_dtype`. The norm weights
     /// become f32, as `prepare_model_for_kbit_training` casts them (RMSNorm then computes in
@@ -336,18 +381,19 @@ impl Llama {
     /// Output projection weight `[vocab, hidden]` (the embedding when tied; never quantized).
     pub fn lm_head_weight(&self) -> candle_core::Result<Tensor> {
         match &self.lm_head {
-            Some(l) => l.weight.dense(),
-            None => Ok(self.embed_tokens.clone()),
+            Some(l) => Ok(param(&l.weight.dense()?)),
+            None => Ok(param(&self.embed_tokens)),
         }
     }
 
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        Ok(self
-            .embed_tokens
-            .index_select(&flat, 0)?
-            .reshape((b, t, self.config.hidden_size))?)
+        Ok(param(&self.embed_tokens).index_select(&flat, 0)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?)
     }
 
     /// cos/sin tables `[positions.., head_dim / 2]` for the given positions.

@@ -2,7 +2,7 @@
 //! (bf16 matmuls) and each row's softmax, loss and dL/dlogits are computed in place, in
 //! parallel, so a chunk of logits is written once and read twice.
 
-use crate::bf16_gemm::{bf16_matmul_enabled, with_cpu_f32, PackedB, Weight};
+use crate::bf16_gemm::{batched_matmul, bf16_matmul_enabled, with_cpu_f32, PackedB, Weight};
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -79,15 +79,17 @@ impl Head {
 }
 
 /// Sum of the token losses of `hidden` `[n, d]` (f32, CPU) under `weight` `[vocab, d]`, and,
-/// when `need_grad`, d(loss sum / `denom`)/dhidden `[n, d]`.
+/// when `need_grad`, d(loss sum / `denom`)/dhidden `[n, d]`; when `weight_grad`, also
+/// d(loss sum / `denom`)/dweight `[vocab, d]` (a trainable head), summed chunk by chunk.
 pub(crate) fn cross_entropy_cpu(
     hidden: &Tensor,
     weight: &Tensor,
     labels: &[i64],
     chunk_rows: usize,
     need_grad: bool,
+    weight_grad: bool,
     denom: f64,
-) -> Result<(f64, Option<Vec<f32>>)> {
+) -> Result<(f64, Option<Vec<f32>>, Option<Vec<f32>>)> {
     let (n, d) = hidden.dims2()?;
     let vocab = weight.dim(0)?;
     let head = Head::new(weight, need_grad)?;
@@ -96,25 +98,44 @@ pub(crate) fn cross_entropy_cpu(
     let mut logits = Vec::new();
     let mut row_losses = vec![0f64; n];
     let mut dhidden = Vec::with_capacity(if need_grad { n * d } else { 0 });
+    let mut dweight = weight_grad.then(|| vec![0f32; vocab * d]);
     let chunk_rows = chunk_rows.max(1);
     with_cpu_f32(&hidden, |h| {
         for start in (0..n).step_by(chunk_rows) {
             let rows = chunk_rows.min(n - start);
-            head.logits(&h[start * d..(start + rows) * d], rows, &mut logits)?;
+            let h = &h[start * d..(start + rows) * d];
+            head.logits(h, rows, &mut logits)?;
+            let grads = need_grad || weight_grad;
             logits
                 .par_chunks_mut(vocab)
                 .zip(&labels[start..start + rows])
                 .zip(&mut row_losses[start..start + rows])
                 .for_each(|((row, &label), loss)| {
-                    *loss = row_loss(row, label, need_grad.then_some(scale));
+                    *loss = row_loss(row, label, grads.then_some(scale));
                 });
             if need_grad {
                 dhidden.extend(head.input_grad(&logits, rows)?);
             }
+            if let Some(dw) = &mut dweight {
+                // dlogitsᵀ · h: the transposed view is packed as stored, without a copy.
+                let dl = Tensor::from_slice(&logits, (rows, vocab), &Device::Cpu)?;
+                let hc = Tensor::from_slice(h, (rows, d), &Device::Cpu)?;
+                let part = batched_matmul(&dl.t()?, &hc)?;
+                with_cpu_f32(&part, |part| {
+                    dw.par_chunks_mut(d)
+                        .zip(part.par_chunks(d))
+                        .for_each(|(acc, p)| acc.iter_mut().zip(p).for_each(|(a, p)| *a += p));
+                    Ok(())
+                })?;
+            }
         }
         Ok(())
     })?;
-    Ok((row_losses.iter().sum(), need_grad.then_some(dhidden)))
+    Ok((
+        row_losses.iter().sum(),
+        need_grad.then_some(dhidden),
+        dweight,
+    ))
 }
 
 /// The loss of one row of logits for `label` (0 for a negative label, which has none); with

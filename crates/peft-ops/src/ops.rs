@@ -1,4 +1,4 @@
-use crate::{cpu_f32, frozen_matmul, with_grad};
+use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -19,7 +19,37 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// RMSNorm over the last dim with a frozen scale `w` (Llama's `x / rms(x) * w`).
+/// `x · wᵀ` for a trainable weight `w` `[out, in]` (full fine-tuning, `modules_to_save`):
+/// the forward and both gradients use the same matmuls as [`frozen_linear`] (bf16 when
+/// enabled), and dL/dw is `gradᵀ · x` over all rows.
+pub fn trainable_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (out_features, in_features) = w.dims2()?;
+    let mut out_shape = x.dims().to_vec();
+    let rows = x.elem_count() / in_features;
+    *out_shape.last_mut().expect("x has at least one dim") = out_features;
+    let x2 = x.detach().reshape((rows, in_features))?;
+    let wd = w.detach();
+    let y = frozen_matmul(&x2, &wd, true)?.reshape(out_shape)?;
+    let (x_tracks, w_tracks) = (x.track_op(), w.track_op());
+    let x_shape = x.shape().clone();
+    with_grad3((x, w, w), y, move |grad| -> Result<Grads3> {
+        let g = grad.reshape((rows, out_features))?.contiguous()?;
+        let d_x = if x_tracks {
+            Some(frozen_matmul(&g, &wd, false)?.reshape(&x_shape)?)
+        } else {
+            None
+        };
+        let d_w = if w_tracks {
+            Some(batched_matmul(&g.t()?, &x2)?.to_dtype(wd.dtype())?)
+        } else {
+            None
+        };
+        Ok((d_x, d_w, None))
+    })
+}
+
+/// RMSNorm over the last dim with scale `w` (Llama's `x / rms(x) * w`); `w` gets its gradient
+/// when it is trainable (full fine-tuning).
 ///
 /// With f32 norm weights on lower-precision activations (k-bit training), the norm computes in
 /// f32 and casts back, as transformers' `LlamaRMSNorm` computes in f32.
@@ -27,30 +57,56 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if w.dtype() != x.dtype() {
         return rms_norm(&x.to_dtype(w.dtype())?, w, eps)?.to_dtype(x.dtype());
     }
-    let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, w, eps as f32)?;
-    let w = w.clone();
-    with_grad(x, y, move |x, _, grad| {
-        if crate::has_kernel(x) {
-            let dt = x.dtype();
-            return x.detach().contiguous()?.apply_op3_no_bwd(
-                &w.to_dtype(dt)?.contiguous()?,
-                &grad.to_dtype(dt)?.contiguous()?,
-                &RmsNormBackward { eps: eps as f32 },
-            );
-        }
-        let x32 = x.detach().to_dtype(DType::F32)?;
-        let gw = grad
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&w.to_dtype(DType::F32)?)?;
-        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-            .sqrt()?
-            .recip()?;
-        let xhat = x32.broadcast_mul(&r)?;
-        let dot = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
-        (gw - xhat.broadcast_mul(&dot)?)?
-            .broadcast_mul(&r)?
-            .to_dtype(x.dtype())
+    let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
+    let (x_tracks, w_tracks) = (x.track_op(), w.track_op());
+    let (xd, wd) = (x.detach(), w.detach());
+    // Third argument repeated: with_grad3 serves two inputs as well.
+    with_grad3((x, w, w), y, move |grad| -> Result<Grads3> {
+        let d_x = if x_tracks {
+            Some(rms_norm_input_grad(&xd, &wd, grad, eps)?)
+        } else {
+            None
+        };
+        let d_w = if w_tracks {
+            // Σ over rows of dL/dy · x / rms(x).
+            let x32 = xd.to_dtype(DType::F32)?;
+            let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                .sqrt()?
+                .recip()?;
+            let hidden = wd.elem_count();
+            let dw = (grad.to_dtype(DType::F32)? * x32.broadcast_mul(&r)?)?
+                .reshape(((), hidden))?
+                .sum(0)?;
+            Some(dw.to_dtype(wd.dtype())?)
+        } else {
+            None
+        };
+        Ok((d_x, d_w, None))
     })
+}
+
+/// dL/dx of [`rms_norm`].
+fn rms_norm_input_grad(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::has_kernel(x) {
+        let dt = x.dtype();
+        return x.contiguous()?.apply_op3_no_bwd(
+            &w.to_dtype(dt)?.contiguous()?,
+            &grad.to_dtype(dt)?.contiguous()?,
+            &RmsNormBackward { eps: eps as f32 },
+        );
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let gw = grad
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let xhat = x32.broadcast_mul(&r)?;
+    let dot = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+    (gw - xhat.broadcast_mul(&dot)?)?
+        .broadcast_mul(&r)?
+        .to_dtype(x.dtype())
 }
 
 /// dL/dx of [`rms_norm`] from `(x, w, dL/dy)` in one kernel (CPU and CUDA).
@@ -131,11 +187,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// Mean token cross-entropy of `hidden · weightᵀ` against `labels`, never materialising more
-/// than `chunk_rows` rows of logits. `hidden`: [n, d], `weight`: [vocab, d] (frozen),
-/// `labels`: [n] i64 with [`IGNORE_INDEX`] for positions without loss.
+/// than `chunk_rows` rows of logits. `hidden`: [n, d], `weight`: [vocab, d] (frozen, or
+/// trainable: full fine-tuning, `modules_to_save`), `labels`: [n] i64 with [`IGNORE_INDEX`]
+/// for positions without loss.
 ///
-/// dL/dhidden is computed chunk by chunk in the forward (while each chunk's logits exist) and
-/// scaled by the incoming gradient in the backward, so the logits are never recomputed.
+/// The gradients (dL/dhidden, and dL/dweight summed over chunks) are computed chunk by chunk
+/// in the forward, while each chunk's logits exist, and scaled by the incoming gradient in the
+/// backward, so the logits are never recomputed.
 /// Returns `(mean_loss, n_valid)`; the loss is 0 when no label counts.
 pub fn cross_entropy_chunked(
     hidden: &Tensor,
@@ -143,46 +201,84 @@ pub fn cross_entropy_chunked(
     labels: &Tensor,
     chunk_rows: usize,
 ) -> Result<(Tensor, usize)> {
-    let (n, _) = hidden.dims2()?;
+    hidden.dims2()?;
     let labels = labels.to_dtype(DType::I64)?;
     let valid = labels.ge(0i64)?;
     let n_valid = valid.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
     let denom = n_valid.max(1) as f64;
     let need_grad = hidden.track_op();
+    let weight_grad = weight.track_op();
     let dev = hidden.device();
-    if crate::has_kernel(hidden) && crate::has_kernel(weight) && dev.is_cpu() {
-        let labels: Vec<i64> = labels.to_vec1()?;
-        let (loss_sum, dhidden) = crate::cross_entropy::cross_entropy_cpu(
-            &hidden.detach(),
-            weight,
-            &labels,
-            chunk_rows,
-            need_grad,
-            denom,
-        )?;
-        let loss = Tensor::new((loss_sum / denom) as f32, dev)?;
-        return match dhidden {
-            None => Ok((loss, n_valid)),
-            Some(dh) => {
-                let dh = Tensor::from_vec(dh, hidden.shape(), dev)?;
-                let loss = with_grad(hidden, loss, move |_, _, grad| dh.broadcast_mul(grad))?;
-                Ok((loss, n_valid))
-            }
+    let (loss, dhidden, dweight) =
+        if crate::has_kernel(hidden) && crate::has_kernel(weight) && dev.is_cpu() {
+            let labels: Vec<i64> = labels.to_vec1()?;
+            let (loss_sum, dh, dw) = crate::cross_entropy::cross_entropy_cpu(
+                &hidden.detach(),
+                &weight.detach(),
+                &labels,
+                chunk_rows,
+                need_grad,
+                weight_grad,
+                denom,
+            )?;
+            let loss = Tensor::new((loss_sum / denom) as f32, dev)?;
+            let dh = dh
+                .map(|dh| Tensor::from_vec(dh, hidden.shape(), dev))
+                .transpose()?;
+            let dw = dw
+                .map(|dw| Tensor::from_vec(dw, weight.shape(), dev))
+                .transpose()?;
+            (loss, dh, dw)
+        } else {
+            cross_entropy_composed(hidden, weight, &labels, &valid, chunk_rows, denom)?
         };
+    if !(need_grad || weight_grad) {
+        return Ok((loss, n_valid));
     }
+    // Third argument repeated: with_grad3 serves two inputs as well.
+    let loss = with_grad3(
+        (hidden, weight, weight),
+        loss,
+        move |grad| -> Result<Grads3> {
+            let scaled = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                t.as_ref()
+                    .map(|t| t.broadcast_mul(&grad.to_dtype(t.dtype())?))
+                    .transpose()
+            };
+            Ok((scaled(&dhidden)?, scaled(&dweight)?, None))
+        },
+    )?;
+    Ok((loss, n_valid))
+}
+
+/// [`cross_entropy_chunked`] with candle ops (GPUs, other dtypes): the mean loss and the
+/// gradients of the inputs that track them.
+fn cross_entropy_composed(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    valid: &Tensor,
+    chunk_rows: usize,
+    denom: f64,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let (n, _) = hidden.dims2()?;
+    let (need_grad, weight_grad) = (hidden.track_op(), weight.track_op());
+    let dev = hidden.device();
     let vocab = weight.dim(0)?;
     let vocab_ids = Tensor::arange(0i64, vocab as i64, dev)?.unsqueeze(0)?;
+    let weight = weight.detach();
     // Logits come from a matmul in the weight's dtype (bf16 on GPUs, as PyTorch does) and are
     // upcast per chunk: a full f32 copy of a 128k-vocab head would cost GBs every step.
     let mut loss_sum = Tensor::zeros((), DType::F32, dev)?;
     let mut grads = Vec::new();
+    let mut dweight: Option<Tensor> = None;
     let hidden_d = hidden.detach();
     for start in (0..n).step_by(chunk_rows.max(1)) {
         let len = chunk_rows.min(n - start);
         let h = hidden_d.narrow(0, start, len)?.to_dtype(weight.dtype())?;
         let lab = labels.narrow(0, start, len)?;
         let mask = valid.narrow(0, start, len)?.to_dtype(DType::F32)?;
-        let logits = frozen_matmul(&h, weight, true)?.to_dtype(DType::F32)?;
+        let logits = frozen_matmul(&h, &weight, true)?.to_dtype(DType::F32)?;
         let max = logits.max_keepdim(D::Minus1)?;
         let shifted = logits.broadcast_sub(&max)?;
         let exp = shifted.exp()?;
@@ -191,24 +287,30 @@ pub fn cross_entropy_chunked(
         let target = shifted.gather(&safe_lab, 1)?;
         let row_loss = (sum_exp.log()? - target)?.squeeze(1)?;
         loss_sum = (loss_sum + (row_loss * &mask)?.sum_all()?)?;
-        if need_grad {
+        if need_grad || weight_grad {
             let probs = exp.broadcast_div(&sum_exp)?;
             let one_hot = vocab_ids.broadcast_eq(&safe_lab)?.to_dtype(DType::F32)?;
-            let dlogits = (probs - one_hot)?.broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?;
-            grads.push(frozen_matmul(
-                &dlogits.to_dtype(weight.dtype())?,
-                weight,
-                false,
-            )?);
+            let dlogits = (probs - one_hot)?
+                .broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?
+                .to_dtype(weight.dtype())?;
+            if need_grad {
+                grads.push(frozen_matmul(&dlogits, &weight, false)?);
+            }
+            if weight_grad {
+                let part = dlogits.t()?.matmul(&h)?.to_dtype(DType::F32)?;
+                dweight = Some(match dweight {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
         }
     }
     let loss = (loss_sum / denom)?;
-    if !need_grad {
-        return Ok((loss, n_valid));
-    }
-    let dhidden = Tensor::cat(&grads, 0)?.to_dtype(hidden.dtype())?;
-    let loss = with_grad(hidden, loss, move |_, _, grad| {
-        dhidden.broadcast_mul(&grad.to_dtype(dhidden.dtype())?)
-    })?;
-    Ok((loss, n_valid))
+    let dhidden = if need_grad {
+        Some(Tensor::cat(&grads, 0)?.to_dtype(hidden.dtype())?)
+    } else {
+        None
+    };
+    let dweight = dweight.map(|d| d.to_dtype(weight.dtype())).transpose()?;
+    Ok((loss, dhidden, dweight))
 }

@@ -425,3 +425,64 @@ fn causal_self_attention_matches_split_rope_attention_merge() {
         1e-5,
     );
 }
+
+#[test]
+fn rms_norm_with_trainable_scale_matches_composed() {
+    let inputs = [
+        randn(&[5, 7, 64], DType::F32, 36),
+        randn(&[64], DType::F32, 37),
+    ];
+    check_against_composed(
+        &inputs,
+        |t| rms_norm(&t[0], &t[1], 1e-5),
+        |t| {
+            let r = (t[0].sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
+            t[0].broadcast_div(&r)?.broadcast_mul(&t[1])
+        },
+        1e-5,
+    );
+}
+
+#[test]
+fn trainable_linear_matches_matmul() {
+    let inputs = [
+        randn(&[3, 40, 24], DType::F32, 38),
+        randn(&[33, 24], DType::F32, 39),
+    ];
+    check_against_composed(
+        &inputs,
+        |t| trainable_linear(&t[0], &t[1]),
+        |t| t[0].broadcast_matmul(&t[1].t()?),
+        1e-5,
+    );
+}
+
+/// A trainable output head (full fine-tuning) gets its gradient from the chunked loss: the
+/// CPU kernel (f32) and the composed path (f64, as on GPUs) against a full log-softmax.
+#[test]
+fn chunked_cross_entropy_trains_the_head() {
+    let inputs = [
+        randn(&[7, 4], DType::F32, 13),
+        randn(&[11, 4], DType::F32, 14),
+    ];
+    let labels = Tensor::new(&[3i64, -100, 0, 10, 5, -100, 2], &Device::Cpu).unwrap();
+    let reference = |t: &[Tensor]| -> Result<Tensor> {
+        let logp = candle_nn::ops::log_softmax(&t[0].matmul(&t[1].t()?)?, D::Minus1)?;
+        let mask = labels.ge(0i64)?.to_dtype(DType::F32)?;
+        let picked = logp.gather(&labels.clamp(0i64, 10i64)?.unsqueeze(1)?, 1)?;
+        (picked.squeeze(1)? * mask)?.sum_all()?.neg()? / 5.0
+    };
+    for dtype in [DType::F32, DType::F64] {
+        check_against_composed(
+            &inputs,
+            |t| {
+                let (h, w) = (t[0].to_dtype(dtype)?, t[1].to_dtype(dtype)?);
+                cross_entropy_chunked(&h, &w, &labels, 3)?
+                    .0
+                    .to_dtype(DType::F32)
+            },
+            reference,
+            1e-5,
+        );
+    }
+}

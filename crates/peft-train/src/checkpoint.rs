@@ -98,10 +98,7 @@ fn write_folder(
     let mut tensors = opt.state_tensors(&keys)?;
     // Trainable tensors the adapter file does not hold as such (a prefix projection is saved
     // as its output) are kept here, so that the run resumes from them.
-    let saved = load_safetensors(
-        &tmp.join(peft::model::WEIGHTS_FILE),
-        &candle_core::Device::Cpu,
-    )?;
+    let saved = load_safetensors(&tmp.join(model.weights_file()), &candle_core::Device::Cpu)?;
     for (key, var) in model.trainable() {
         if !saved.contains_key(&key) {
             tensors.push((format!("{PARAM_PREFIX}{key}"), var.as_tensor().detach()));
@@ -164,7 +161,7 @@ pub fn load(dir: &Path, model: &dyn Tuned, opt: &mut AdamW) -> Result<TrainerSta
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", state_path.display()))?;
     let device = model.base().device.clone();
-    let weights = load_safetensors(&dir.join(peft::model::WEIGHTS_FILE), &device)?;
+    let weights = load_safetensors(&dir.join(model.weights_file()), &device)?;
     let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)?;
     let mut keys = Vec::new();
     for (key, var) in model.trainable() {

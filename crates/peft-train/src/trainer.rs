@@ -9,7 +9,7 @@ use crate::optim::{clip_grad_norm, AdamW, OptimKind};
 use crate::schedule::{LrSchedule, SchedulerKind};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::Tuned;
 use peft_ops::{add_grad, cross_entropy_chunked};
@@ -202,26 +202,14 @@ impl Trainer<'_> {
         let hidden = hidden.reshape((b * t, d))?;
         let labels = batch.labels.flatten_all()?;
         let weight = &base.lm_head_weight()?;
-        let (mean, n_valid) = if weight.track_op() {
-            // A trainable output head needs its own gradient: plain (unchunked) cross-entropy.
-            let logits = hidden.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let mask = labels.ge(0i64)?.to_dtype(DType::F32)?;
-            let safe = labels.clamp(0i64, i64::MAX)?.unsqueeze(1)?;
-            let picked = logp.gather(&safe, 1)?.squeeze(1)?;
-            let n = mask.sum_all()?.to_scalar::<f32>()? as usize;
-            ((picked * mask)?.sum_all()?.neg()? / n.max(1) as f64)?
-                .to_dtype(DType::F32)
-                .map(|l| (l, n))?
+        let elems = if weight.device().is_cpu() {
+            LOSS_CHUNK_ELEMS
         } else {
-            let elems = if weight.device().is_cpu() {
-                LOSS_CHUNK_ELEMS
-            } else {
-                LOSS_CHUNK_ELEMS_GPU
-            };
-            let rows = (elems / weight.dim(0)?).max(1);
-            cross_entropy_chunked(&hidden, weight, &labels, rows)?
+            LOSS_CHUNK_ELEMS_GPU
         };
+        let rows = (elems / weight.dim(0)?).max(1);
+        // A trainable head (full fine-tuning, modules_to_save) gets its gradient too.
+        let (mean, n_valid) = cross_entropy_chunked(&hidden, weight, &labels, rows)?;
         Ok((mean * (n_valid as f64 / denom.max(1) as f64))?)
     }
 

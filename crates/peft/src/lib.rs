@@ -3,6 +3,7 @@
 
 pub mod bottleneck;
 pub mod files;
+pub mod full;
 pub mod ia3;
 pub mod keys;
 pub mod lora;
@@ -12,6 +13,7 @@ pub mod targets;
 pub mod tuned;
 
 pub use bottleneck::{BottleneckConfig, BottleneckModel};
+pub use full::FullModel;
 pub use ia3::{Ia3Config, Ia3Model};
 pub use lora::config::LoraConfig;
 pub use model::PeftModel;

@@ -22,6 +22,10 @@ pub trait Tuned {
     ) -> Result<(Tensor, usize)>;
     /// Writes the adapter folder as HF PEFT's `save_pretrained` does.
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()>;
+    /// The file [`Tuned::save`] writes the trainable tensors to.
+    fn weights_file(&self) -> &'static str {
+        crate::model::WEIGHTS_FILE
+    }
     /// Seed of the dropout masks of the next forward pass (methods without dropout ignore it).
     fn set_dropout_seed(&self, _seed: u64) {}
     /// `(trainable, all)` parameters as PEFT counts them.
