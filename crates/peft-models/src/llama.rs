@@ -8,9 +8,9 @@ use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    causal_attention, causal_self_attention, checkpoint, frozen_linear, param, quantized_linear,
-    rms_norm, rope, softmax_last_dim, swiglu, trainable_linear, GradSink, LinearWeight,
-    QuantizedWeight,
+    causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, param,
+    quantized_linear, rms_norm, rope, softmax_last_dim, swiglu, trainable_linear, GradSink,
+    LinearWeight, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -96,6 +96,22 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// The gate, up and down weights when all three are plain frozen dense weights (no
+    /// adapter, bias or gradient): the MLP then runs as one fused op.
+    fn frozen_weights(&self) -> Option<(Tensor, Tensor, Tensor)> {
+        let frozen = |l: &Linear| match (&l.weight, &l.adapter, &l.bias) {
+            (LinearWeight::Dense(w), None, None) if !param(w).track_op() => Some(w.clone()),
+            _ => None,
+        };
+        Some((
+            frozen(&self.gate_proj)?,
+            frozen(&self.up_proj)?,
+            frozen(&self.down_proj)?,
+        ))
+    }
 }
 
 #[derive(Clone)]
@@ -564,11 +580,16 @@ fn decoder_layer(
     let x = (x + attn)?;
     let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
     let m = &layer.mlp;
-    let act = swiglu(
-        &m.gate_proj.forward(&h, train)?,
-        &m.up_proj.forward(&h, train)?,
-    )?;
-    let mut out = m.down_proj.forward(&act, train)?;
+    let mut out = match m.frozen_weights() {
+        Some((gate, up, down)) => frozen_mlp(&h, &gate, &up, &down)?,
+        None => {
+            let act = swiglu(
+                &m.gate_proj.forward(&h, train)?,
+                &m.up_proj.forward(&h, train)?,
+            )?;
+            m.down_proj.forward(&act, train)?
+        }
+    };
     if let Some(a) = &layer.mlp_adapter {
         out = a.forward(&out, train)?;
     }

@@ -1,6 +1,6 @@
 //! Fused training ops that keep only what their backward needs: the LoRA linear and SwiGLU.
 
-use crate::{cpu_f32, frozen_matmul, with_grad3, Grads3, LinearWeight};
+use crate::{cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, LinearWeight};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -130,32 +130,52 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (g_tracks, u_tracks) = (gate.track_op(), up.track_op());
     // Third argument repeated: with_grad3 serves two inputs as well.
     with_grad3((gate, up, up), y, move |grad| -> Result<Grads3> {
-        if kernel {
-            let n = g.elem_count();
-            let both = g.apply_op3_no_bwd(
-                &u,
-                &grad.to_dtype(g.dtype())?.contiguous()?,
-                &SwigluBackward,
-            )?;
-            let d_g = both.narrow(0, 0, n)?.reshape(g.shape())?;
-            let d_u = both.narrow(0, n, n)?.reshape(g.shape())?;
-            return Ok((g_tracks.then_some(d_g), u_tracks.then_some(d_u), None));
-        }
-        let silu = g.silu()?;
-        let d_u = if u_tracks {
-            Some((grad * &silu)?)
-        } else {
-            None
-        };
-        let d_g = if g_tracks {
-            // d silu(g)/dg = s + silu·(1 − s) with s = sigmoid(g).
-            let s = candle_nn::ops::sigmoid(&g)?;
-            let dsilu = (&s + (&silu * (1.0 - &s)?)?)?;
-            Some(((grad * &u)? * dsilu)?)
-        } else {
-            None
-        };
-        Ok((d_g, d_u, None))
+        let (d_g, d_u) = swiglu_grads(&g, &u, grad, kernel)?;
+        Ok((g_tracks.then_some(d_g), u_tracks.then_some(d_u), None))
+    })
+}
+
+/// dL/dgate and dL/dup of [`swiglu`] from the gradient of its output.
+fn swiglu_grads(g: &Tensor, u: &Tensor, grad: &Tensor, kernel: bool) -> Result<(Tensor, Tensor)> {
+    if kernel {
+        let n = g.elem_count();
+        let both =
+            g.apply_op3_no_bwd(u, &grad.to_dtype(g.dtype())?.contiguous()?, &SwigluBackward)?;
+        let d_g = both.narrow(0, 0, n)?.reshape(g.shape())?;
+        let d_u = both.narrow(0, n, n)?.reshape(g.shape())?;
+        return Ok((d_g, d_u));
+    }
+    let silu = g.silu()?;
+    let d_u = (grad * &silu)?;
+    // d silu(g)/dg = s + silu·(1 − s) with s = sigmoid(g).
+    let s = candle_nn::ops::sigmoid(g)?;
+    let dsilu = (&s + (&silu * (1.0 - &s)?)?)?;
+    let d_g = ((grad * u)? * dsilu)?;
+    Ok((d_g, d_u))
+}
+
+/// Llama's MLP `down(silu(gate(x)) · up(x))` with three frozen weights (`gate`, `up`
+/// `[inter, hidden]`, `down` `[hidden, inter]`) as one autograd node: keeps only the two
+/// projections for the backward, and the autograd graph sees no intermediate tensor.
+pub fn frozen_mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let hidden = gate.dim(1)?;
+    let rows = x.elem_count() / hidden;
+    let x2 = x.detach().reshape((rows, hidden))?;
+    let g = frozen_matmul(&x2, gate, true)?;
+    let u = frozen_matmul(&x2, up, true)?;
+    let kernel = crate::has_kernel(&g);
+    let act = if kernel {
+        g.apply_op2_no_bwd(&u, &SwigluForward)?
+    } else {
+        (g.silu()? * &u)?
+    };
+    let y = frozen_matmul(&act, down, true)?.reshape(x.shape())?;
+    drop(act);
+    let (gate, up, down) = (gate.clone(), up.clone(), down.clone());
+    with_grad(x, y, move |x, _, grad| {
+        let d_act = frozen_matmul(&grad.reshape((rows, hidden))?, &down, false)?;
+        let (d_g, d_u) = swiglu_grads(&g, &u, &d_act, kernel)?;
+        (frozen_matmul(&d_g, &gate, false)? + frozen_matmul(&d_u, &up, false)?)?.reshape(x.shape())
     })
 }
 

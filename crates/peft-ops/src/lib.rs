@@ -26,7 +26,7 @@ pub use bf16_gemm::{
 };
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
 pub use device::{open_device, peak_memory, reset_peak_memory};
-pub use fused::{dropout_mask, lora_linear, swiglu, Dropout};
+pub use fused::{dropout_mask, frozen_mlp, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
     cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, trainable_linear,

@@ -486,3 +486,23 @@ fn chunked_cross_entropy_trains_the_head() {
         );
     }
 }
+
+#[test]
+fn frozen_mlp_matches_composed() {
+    let (gate, up, down) = (
+        randn(&[48, 16], DType::F32, 60),
+        randn(&[48, 16], DType::F32, 61),
+        randn(&[16, 48], DType::F32, 62),
+    );
+    let inputs = [randn(&[2, 40, 16], DType::F32, 63)];
+    check_against_composed(
+        &inputs,
+        |t| frozen_mlp(&t[0], &gate, &up, &down),
+        |t| {
+            let g = t[0].broadcast_matmul(&gate.t()?)?;
+            let u = t[0].broadcast_matmul(&up.t()?)?;
+            (g.silu()? * u)?.broadcast_matmul(&down.t()?)
+        },
+        1e-5,
+    );
+}

@@ -66,8 +66,8 @@ fn full_fine_tuning_trains_saves_and_resumes() {
 
     // The output folder is a plain model: it reloads to the trained outputs.
     let loaded = load_model(dir.path(), &Device::Cpu, DType::F32).unwrap();
-    let reloaded = Llama::from_weights(loaded.config, loaded.weights, &Device::Cpu, DType::F32)
-        .unwrap();
+    let reloaded =
+        Llama::from_weights(loaded.config, loaded.weights, &Device::Cpu, DType::F32).unwrap();
     let d = max_abs_diff(&hidden(&reloaded), &hidden(&model.base));
     assert!(d < 1e-6, "reloaded model differs by {d}");
 
