@@ -380,29 +380,26 @@ mod x86 {
         })
     }
 
-    /// `d[j] = bf16(r0[j]) | bf16(r1[j]) << 16` (`r1` absent: zero).
+    /// `d[j] = bf16(r0[j]) | bf16(r1[j]) << 16` (`r1` absent: zero), 16 lanes at a time with
+    /// a masked tail (row tiles of `a` are only 12 wide).
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     unsafe fn interleave(r0: &[f32], r1: Option<&[f32]>, d: &mut [u32]) {
         let mut j = 0;
-        while j + 16 <= d.len() {
-            let lo: __m256i =
-                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(r0.as_ptr().add(j))));
-            let lo = _mm512_cvtepu16_epi32(lo);
-            let v = match r1 {
-                Some(r1) => {
-                    let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(
-                        r1.as_ptr().add(j),
-                    )));
-                    _mm512_or_si512(lo, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)))
-                }
-                None => lo,
+        while j < d.len() {
+            let len = (d.len() - j).min(16);
+            let mask: __mmask16 = if len == 16 { 0xffff } else { (1 << len) - 1 };
+            let half = |r: &[f32]| -> __m512i {
+                let v = _mm512_maskz_loadu_ps(mask, r.as_ptr().add(j));
+                _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                    _mm512_cvtneps_pbh(v),
+                ))
             };
-            _mm512_storeu_si512(d.as_mut_ptr().add(j) as *mut _, v);
+            let mut v = half(r0);
+            if let Some(r1) = r1 {
+                v = _mm512_or_si512(v, _mm512_slli_epi32::<16>(half(r1)));
+            }
+            _mm512_mask_storeu_epi32(d.as_mut_ptr().add(j) as *mut _, mask, v);
             j += 16;
-        }
-        for j in j..d.len() {
-            let hi = r1.map_or(0, |r1| bf16_bits(r1[j]) as u32);
-            d[j] = bf16_bits(r0[j]) as u32 | (hi << 16);
         }
     }
 
