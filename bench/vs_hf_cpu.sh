@@ -83,9 +83,9 @@ log=$(mktemp)
   echo "full $(ours_run --method full --batch-size 4 --dtype "$dtype" "${train[@]}")"
   echo "forward $(hf_run --method fwd-lora --batch 4 --target q_proj,k_proj,v_proj,o_proj "${train[@]}")"
   echo "forward $(ours_run --mode forward --batch-size 4 --dtype "$dtype" --target-modules q_proj,k_proj,v_proj,o_proj "${train[@]}")"
-  echo "gen-unmerged $(hf_run --method gen-lora --batch 1 --r 16 --steps 3 --warmup 1)"
-  echo "gen-merged $(hf_run --method gen-merged --batch 1 --r 16 --steps 3 --warmup 1)"
-  echo "gen $(ours_run --mode generate --r 16 --target-modules q_proj,k_proj,v_proj,o_proj --steps 3 --warmup 1)"
+  echo "gen-unmerged $(hf_run --method gen-lora --batch 1 --r 16 --steps 6 --warmup 1)"
+  echo "gen-merged $(hf_run --method gen-merged --batch 1 --r 16 --steps 6 --warmup 1)"
+  echo "gen $(ours_run --mode generate --r 16 --target-modules q_proj,k_proj,v_proj,o_proj --steps 6 --warmup 1)"
 } | tee "$log"
 python3 - "$log" <<'PY'
 import json, sys

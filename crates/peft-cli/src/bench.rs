@@ -16,7 +16,8 @@ pub enum BenchMode {
     Train,
     /// Forward passes only (base + unmerged adapter), full logits.
     Forward,
-    /// Greedy generation, adapter unmerged and then merged (tokens/s of the best of --steps runs).
+    /// Greedy generation, adapter unmerged and merged taking turns (tokens/s of the best of
+    /// --steps runs each).
     Generate,
 }
 
@@ -263,6 +264,8 @@ fn random_ids(cmd: &BenchCmd, vocab: u32, device: &candle_core::Device) -> Resul
 fn bench_forward(cmd: &BenchCmd, model: &PeftModel) -> Result<()> {
     let base = &model.base;
     let ids = random_ids(cmd, base.config.vocab_size as u32, &base.device)?;
+    // As HF's torch.inference_mode: no autograd graph.
+    let _no_grad = peft_ops::NoGrad::new();
     let mut times = Vec::new();
     for step in 0..cmd.warmup + cmd.steps {
         let t = Instant::now();
@@ -296,29 +299,31 @@ fn bench_generate(
         true,
         None,
     )?;
-    // The best run of each: decoding is short, so one slow run (another process waking up)
-    // would move a mean by more than the effect measured.
-    let rate = |m: &peft_models::Llama| -> Result<f64> {
-        let mut best = 0f64;
-        for run in 0..cmd.warmup + cmd.steps {
-            let t = Instant::now();
-            let out = crate::generate::generate(
-                m,
-                tok,
-                &prompt,
-                cmd.new_tokens,
-                &mut crate::generate::Sampling::greedy(),
-                |_| {},
-            )?;
-            if run >= cmd.warmup {
-                best = best.max(out.len() as f64 / t.elapsed().as_secs_f64());
-            }
-        }
-        Ok(best)
+    // The best run of each, the two models taking turns: decoding is short, so one slow run
+    // (another process waking up) would move a mean, and a slow spell would favour whichever
+    // model ran outside it, by more than the effect measured.
+    let once = |m: &peft_models::Llama| -> Result<f64> {
+        let t = Instant::now();
+        let out = crate::generate::generate(
+            m,
+            tok,
+            &prompt,
+            cmd.new_tokens,
+            &mut crate::generate::Sampling::greedy(),
+            |_| {},
+        )?;
+        Ok(out.len() as f64 / t.elapsed().as_secs_f64())
     };
-    let unmerged = rate(&model.base)?;
+    let unmerged_model = model.base.clone();
     let merged_model = model.merge_and_unload()?;
-    let merged = rate(&merged_model)?;
+    let (mut unmerged, mut merged) = (0f64, 0f64);
+    for run in 0..cmd.warmup + cmd.steps {
+        let (u, m) = (once(&unmerged_model)?, once(&merged_model)?);
+        if run >= cmd.warmup {
+            unmerged = unmerged.max(u);
+            merged = merged.max(m);
+        }
+    }
     println!(
         "{}",
         json!({

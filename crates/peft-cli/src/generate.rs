@@ -174,6 +174,9 @@ pub fn generate_with(
     let mut input = Tensor::new(prompt_ids, &model.device)?.unsqueeze(0)?;
     let mut out: Vec<u32> = Vec::new();
     let mut printed = 0;
+    // Inference: adapter weights enter as constants, so no step builds an autograd graph
+    // (the cached keys and values would otherwise chain every step to the ones before).
+    let _no_grad = peft_ops::NoGrad::new();
     for _ in 0..max_new_tokens {
         let hidden = match embeds.take() {
             Some(e) => {

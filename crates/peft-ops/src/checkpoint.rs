@@ -23,10 +23,33 @@ pub fn grad_enabled() -> bool {
 
 /// Runs `f` with graph recording off: [`param`] hands out detached tensors meanwhile.
 pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
-    let before = GRAD_ENABLED.with(|g| g.replace(false));
-    let out = f();
-    GRAD_ENABLED.with(|g| g.set(before));
-    out
+    let _off = NoGrad::new();
+    f()
+}
+
+/// Gradients off until this guard drops (the scoped form of [`no_grad`]).
+pub struct NoGrad {
+    before: bool,
+}
+
+impl NoGrad {
+    pub fn new() -> Self {
+        Self {
+            before: GRAD_ENABLED.with(|g| g.replace(false)),
+        }
+    }
+}
+
+impl Default for NoGrad {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NoGrad {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.before));
+    }
 }
 
 /// A trainable tensor as a layer should use it: detached while gradients are off.

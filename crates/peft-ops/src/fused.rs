@@ -1,5 +1,6 @@
 //! Fused training ops that keep only what their backward needs: the LoRA linear and SwiGLU.
 
+use crate::bf16_gemm::with_cpu_f32;
 use crate::{cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, LinearWeight};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
@@ -57,6 +58,28 @@ pub fn lora_linear(
         None => None,
     };
     let (a_d, b_d) = (a.detach(), b.detach());
+    let tracks = x.track_op() || a.track_op() || b.track_op();
+    if !tracks
+        && mask.is_none()
+        && rows < SMALL_ROWS
+        && crate::has_kernel(&x2)
+        && x2.device().is_cpu()
+    {
+        // Decoding: a token or a few. The LoRA path is then cheap arithmetic but several candle
+        // ops (two matmuls, scale, add); one kernel adds it to the base output instead.
+        let mut y = frozen_matmul(&x2, &w.dense()?, true)?.apply_op2_no_bwd(
+            &x2.contiguous()?,
+            &LoraDelta {
+                a: a_d.contiguous()?,
+                b: b_d.contiguous()?,
+                scale: scale as f32,
+            },
+        )?;
+        if let Some(bias) = bias {
+            y = y.broadcast_add(bias)?;
+        }
+        return y.reshape(out_shape);
+    }
     let x32 = x2.to_dtype(DType::F32)?;
     let xd = match &mask {
         Some(m) => (&x32 * m)?,
@@ -110,6 +133,112 @@ pub fn lora_linear(
         };
         Ok((d_x, d_a, d_b))
     })
+}
+
+/// Fewest rows for which the LoRA forward without gradients uses matmuls rather than
+/// [`LoraDelta`].
+const SMALL_ROWS: usize = 32;
+
+/// `y + scale · (x · Aᵀ) · Bᵀ` for a few rows of `x` (f32, CPU), `y` the base output.
+struct LoraDelta {
+    a: Tensor,
+    b: Tensor,
+    scale: f32,
+}
+
+impl CustomOp2 for LoraDelta {
+    fn name(&self) -> &'static str {
+        "lora-delta"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        yl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, x) = (cpu_f32(y, yl)?, cpu_f32(x, xl)?);
+        let (r, in_f) = self.a.dims2()?;
+        let out_f = self.b.dim(0)?;
+        let mut out = y.to_vec();
+        with_cpu_f32(&self.a, |a| {
+            with_cpu_f32(&self.b, |b| {
+                let rows = RowsDelta {
+                    x,
+                    a,
+                    b,
+                    r,
+                    in_f,
+                    out_f,
+                    scale: self.scale,
+                };
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    unsafe { rows.add_to_avx512(&mut out) };
+                    return Ok(());
+                }
+                rows.add_to(&mut out);
+                Ok(())
+            })
+        })?;
+        Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+}
+
+/// The operands of [`LoraDelta`] as slices.
+struct RowsDelta<'a> {
+    x: &'a [f32],
+    a: &'a [f32],
+    b: &'a [f32],
+    r: usize,
+    in_f: usize,
+    out_f: usize,
+    scale: f32,
+}
+
+impl RowsDelta<'_> {
+    /// Adds `scale · (x · Aᵀ) · Bᵀ` to `out`. One thread: a few rows take microseconds, and
+    /// plain loops stay inlined into the AVX-512 build.
+    #[inline(always)]
+    fn add_to(&self, out: &mut [f32]) {
+        let mut xa = vec![0f32; self.r];
+        for (y, x) in out.chunks_mut(self.out_f).zip(self.x.chunks(self.in_f)) {
+            for (v, a) in xa.iter_mut().zip(self.a.chunks(self.in_f)) {
+                *v = self.scale * dot(x, a);
+            }
+            for (y, b) in y.iter_mut().zip(self.b.chunks(self.r)) {
+                *y += dot(&xa, b);
+            }
+        }
+    }
+
+    /// [`Self::add_to`] compiled for AVX-512: the 16-wide sums of [`dot`] become one register.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_to_avx512(&self, out: &mut [f32]) {
+        self.add_to(out)
+    }
+}
+
+/// `Σ a·b` with 16 independent sums, so that it vectorises.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `silu(gate) · up`, keeping only `gate` and `up` for the backward.

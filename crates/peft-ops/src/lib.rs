@@ -24,7 +24,7 @@ pub use bf16_gemm::{
     batched_matmul, bf16_matmul_enabled, bf16_supported, frozen_matmul, gemm_bf16, set_bf16_matmul,
     Weight,
 };
-pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink};
+pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink, NoGrad};
 pub use device::{open_device, peak_memory, reset_peak_memory};
 pub use fused::{dropout_mask, frozen_mlp, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};

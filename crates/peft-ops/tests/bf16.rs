@@ -1,6 +1,6 @@
 //! bf16 matmuls on the CPU (AVX512-BF16) against f32 references: the frozen linear (both
-//! orientations), the batched attention matmul (plain and transposed right operand) and the
-//! cross-entropy head. Its own test binary: the bf16 switch is process-wide, and every test
+//! orientations), the batched attention matmul (plain and transposed operands) and the
+//! cross-entropy head (input and weight gradients). Its own test binary: the bf16 switch is process-wide, and every test
 //! here turns it on.
 
 use candle_core::{DType, Device, Tensor, D};
@@ -74,6 +74,10 @@ fn batched_matmul_in_bf16_tracks_f32() {
     let out = batched_matmul(&scores, &k).unwrap();
     let d = rel_diff(&out, &want.matmul(&k).unwrap());
     assert!(d > 0.0 && d < BF16_REL, "p·v: {d}");
+    // A transposed left operand (pᵀ·g in the attention backward) is packed as stored.
+    let back = batched_matmul(&scores.t().unwrap(), &q).unwrap();
+    let d = rel_diff(&back, &want.t().unwrap().matmul(&q).unwrap());
+    assert!(d > 0.0 && d < BF16_REL, "pᵀ·q: {d}");
 }
 
 #[test]
@@ -87,15 +91,21 @@ fn cross_entropy_head_in_bf16_tracks_f32() {
         .map(|i| if i % 7 == 3 { -100 } else { (i * 13) % 300 })
         .collect();
     let labels = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+    // A trainable head (full fine-tuning) gets its gradient too.
     let h = candle_core::Var::from_tensor(&hidden).unwrap();
-    let (loss, n_valid) = cross_entropy_chunked(h.as_tensor(), &weight, &labels, 16).unwrap();
+    let wv = candle_core::Var::from_tensor(&weight).unwrap();
+    let (loss, n_valid) =
+        cross_entropy_chunked(h.as_tensor(), wv.as_tensor(), &labels, 16).unwrap();
     assert_eq!(n_valid, 43);
-    let grad = loss.backward().unwrap().get(h.as_tensor()).unwrap().clone();
+    let grads = loss.backward().unwrap();
+    let grad = grads.get(h.as_tensor()).unwrap().clone();
+    let grad_w = grads.get(wv.as_tensor()).unwrap().clone();
 
     // The f32 reference, composed from candle ops.
     let h2 = candle_core::Var::from_tensor(&hidden).unwrap();
+    let w2 = candle_core::Var::from_tensor(&weight).unwrap();
     let logp = candle_nn::ops::log_softmax(
-        &h2.as_tensor().matmul(&weight.t().unwrap()).unwrap(),
+        &h2.as_tensor().matmul(&w2.as_tensor().t().unwrap()).unwrap(),
         D::Minus1,
     )
     .unwrap();
@@ -106,12 +116,9 @@ fn cross_entropy_head_in_bf16_tracks_f32() {
         .squeeze(1)
         .unwrap();
     let want = ((picked * mask).unwrap().sum_all().unwrap().neg().unwrap() / 43.0).unwrap();
-    let want_grad = want
-        .backward()
-        .unwrap()
-        .get(h2.as_tensor())
-        .unwrap()
-        .clone();
+    let want_grads = want.backward().unwrap();
+    let want_grad = want_grads.get(h2.as_tensor()).unwrap().clone();
+    let want_grad_w = want_grads.get(w2.as_tensor()).unwrap().clone();
     let (l, w) = (
         loss.to_scalar::<f32>().unwrap(),
         want.to_scalar::<f32>().unwrap(),
@@ -119,4 +126,6 @@ fn cross_entropy_head_in_bf16_tracks_f32() {
     assert!(((l - w) / w).abs() < 1e-3, "loss {l} vs f32 {w}");
     let d = rel_diff(&grad, &want_grad);
     assert!(d > 0.0 && d < BF16_REL, "dL/dhidden: {d}");
+    let d = rel_diff(&grad_w, &want_grad_w);
+    assert!(d > 0.0 && d < BF16_REL, "dL/dweight: {d}");
 }

@@ -311,6 +311,48 @@ fn lora_linear_matches_composed_with_and_without_dropout() {
     }
 }
 
+/// Without gradients and with few rows (decoding) the LoRA path is one kernel: same values as
+/// the matmuls, for one token and for a few, with odd sizes (tails of the 16-wide sums).
+#[test]
+fn lora_linear_for_a_few_rows_without_grad_matches_composed() {
+    let w = randn(&[37, 21], DType::F32, 25);
+    let bias = randn(&[37], DType::F32, 26);
+    let (a, b) = (
+        randn(&[3, 21], DType::F32, 27),
+        randn(&[37, 3], DType::F32, 28),
+    );
+    for rows in [1, 5, 31] {
+        let x = randn(&[1, rows, 21], DType::F32, 29);
+        let got = lora_linear(
+            &x,
+            &LinearWeight::Dense(w.clone()),
+            Some(&bias),
+            &a,
+            &b,
+            0.7,
+            None,
+        )
+        .unwrap();
+        let want = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            .add(
+                &(x.broadcast_matmul(&a.t().unwrap())
+                    .unwrap()
+                    .broadcast_matmul(&b.t().unwrap())
+                    .unwrap()
+                    * 0.7)
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(got.dims(), &[1, rows, 37]);
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-5, "{rows} rows: differs by {d}");
+    }
+}
+
 #[test]
 fn dropout_mask_is_deterministic_and_scaled() {
     let a = dropout_mask(3, 0.25, &[1000], &Device::Cpu).unwrap();
