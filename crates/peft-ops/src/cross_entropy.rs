@@ -89,7 +89,7 @@ pub(crate) fn cross_entropy_cpu(
     need_grad: bool,
     weight_grad: bool,
     denom: f64,
-) -> Result<(f64, Option<Vec<f32>>, Option<Vec<f32>>)> {
+) -> Result<HeadLoss> {
     let (n, d) = hidden.dims2()?;
     let vocab = weight.dim(0)?;
     let head = Head::new(weight, need_grad)?;
@@ -131,11 +131,20 @@ pub(crate) fn cross_entropy_cpu(
         }
         Ok(())
     })?;
-    Ok((
-        row_losses.iter().sum(),
-        need_grad.then_some(dhidden),
+    Ok(HeadLoss {
+        loss_sum: row_losses.iter().sum(),
+        dhidden: need_grad.then_some(dhidden),
         dweight,
-    ))
+    })
+}
+
+/// What [`cross_entropy_cpu`] computes.
+pub(crate) struct HeadLoss {
+    pub loss_sum: f64,
+    /// d(loss sum / denom)/dhidden `[n, d]`, when asked for.
+    pub dhidden: Option<Vec<f32>>,
+    /// d(loss sum / denom)/dweight `[vocab, d]`, when asked for.
+    pub dweight: Option<Vec<f32>>,
 }
 
 /// The loss of one row of logits for `label` (0 for a negative label, which has none); with

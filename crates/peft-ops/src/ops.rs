@@ -212,7 +212,11 @@ pub fn cross_entropy_chunked(
     let (loss, dhidden, dweight) =
         if crate::has_kernel(hidden) && crate::has_kernel(weight) && dev.is_cpu() {
             let labels: Vec<i64> = labels.to_vec1()?;
-            let (loss_sum, dh, dw) = crate::cross_entropy::cross_entropy_cpu(
+            let crate::cross_entropy::HeadLoss {
+                loss_sum,
+                dhidden: dh,
+                dweight: dw,
+            } = crate::cross_entropy::cross_entropy_cpu(
                 &hidden.detach(),
                 &weight.detach(),
                 &labels,
