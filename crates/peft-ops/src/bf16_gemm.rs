@@ -286,13 +286,22 @@ mod x86 {
     pub(super) unsafe fn gemm(a: &[f32], a_transposed: bool, m: usize, b: &PackedB, out: *mut f32) {
         let (k, n) = (b.k, b.n);
         let pairs = k.div_ceil(2);
-        // Row tiles of `a` are the column panels of `aᵀ` (`[k, m]`).
-        let a_layout = if a_transposed {
-            Weight::Cols
+        // Pair `p` of row `i` sits at `i · row_stride + p · pair_stride`; a tile of MR rows
+        // starts at `tile · MR · pairs` in both layouts.
+        let (a16, row_stride, pair_stride) = if a_transposed {
+            // Row tiles of `a` are the column panels of the stored `aᵀ` (`[k, m]`).
+            (unsafe { pack_panels::<MR>(a, k, m, Weight::Cols) }, 1, MR)
         } else {
-            Weight::Rows
+            // Rows convert in place, contiguous in and out.
+            let rows = crate::par_build(m * pairs, pairs, |row, dst: &mut [u32]| unsafe {
+                row_to_bf16(&a[row * k..(row + 1) * k], dst)
+            });
+            (rows, pairs, 1)
         };
-        let a16 = unsafe { pack_panels::<MR>(a, k, m, a_layout) };
+        let a_at = AStrides {
+            row: row_stride,
+            pair: pair_stride,
+        };
         let panels = n.div_ceil(NR);
         let c = Out(out);
         let m_tiles = m.div_ceil(MR);
@@ -306,13 +315,20 @@ mod x86 {
                 for tile in tm * M_TILES..((tm + 1) * M_TILES).min(m_tiles) {
                     let row = tile * MR;
                     let rows = MR.min(m - row);
-                    let a = a16[tile * pairs * MR..].as_ptr();
+                    let a = a16[tile * MR * pairs..].as_ptr();
                     let c = c.at(row * n + panel * NR);
                     // SAFETY: each (tile, panel) is written by exactly one task.
-                    unsafe { tile_kernel(rows, a, pairs, bp, c, n, cols) };
+                    unsafe { tile_kernel(rows, a, a_at, pairs, bp, c, n, cols) };
                 }
             }
         });
+    }
+
+    /// Where packed `a` keeps row `i`, pair `p`: at `i · row + p · pair`.
+    #[derive(Clone, Copy)]
+    struct AStrides {
+        row: usize,
+        pair: usize,
     }
 
     /// `src` f32 to bf16 pairs in `dst` (`src.len().div_ceil(2)` u32).
@@ -406,9 +422,11 @@ mod x86 {
     /// One `rows × cols` tile of `c` (row stride `ldc`) from one packed row tile of `a` and one
     /// packed panel of `b`.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile_kernel(
         rows: usize,
         a: *const u32,
+        a_at: AStrides,
         pairs: usize,
         b: *const u32,
         c: *mut f32,
@@ -418,7 +436,7 @@ mod x86 {
         macro_rules! dispatch {
             ($($r:literal)*) => {
                 match rows {
-                    $($r => micro::<$r>(a, pairs, b, c, ldc, cols),)*
+                    $($r => micro::<$r>(a, a_at, pairs, b, c, ldc, cols),)*
                     _ => unreachable!("at most MR rows"),
                 }
             };
@@ -430,6 +448,7 @@ mod x86 {
     #[inline]
     unsafe fn micro<const ROWS: usize>(
         a: *const u32,
+        a_at: AStrides,
         pairs: usize,
         b: *const u32,
         c: *mut f32,
@@ -443,8 +462,9 @@ mod x86 {
             let b1: __m512bh =
                 std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
             for i in 0..ROWS {
-                let av: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i) as i32));
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                    *a.add(i * a_at.row + p * a_at.pair) as i32,
+                ));
                 acc0[i] = _mm512_dpbf16_ps(acc0[i], av, b0);
                 acc1[i] = _mm512_dpbf16_ps(acc1[i], av, b1);
             }
