@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 model=$(scripts/fetch-model.sh)
 cargo build --release --quiet
-peft=target/release/peft
+peft="${CARGO_TARGET_DIR:-target}/release/peft"
 out=${1:-out/pirate-lora}
 prompt="What is the capital of France?"
 
