@@ -8,9 +8,9 @@ use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, param,
-    quantized_linear, rms_norm, rope, softmax_last_dim, swiglu, trainable_linear, GradSink,
-    LinearWeight, QuantizedWeight,
+    causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, linear, param,
+    quantized_linear, rms_norm, rope, softmax_last_dim, swiglu, GradSink, LinearWeight,
+    QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -59,14 +59,7 @@ impl Linear {
     /// The layer without its adapter. A frozen weight gets no gradient computed.
     pub fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Dense(w) => {
-                let w = param(w);
-                if w.track_op() {
-                    trainable_linear(x, &w)?
-                } else {
-                    frozen_linear(x, &w)?
-                }
-            }
+            LinearWeight::Dense(w) => linear(x, &param(w))?,
             LinearWeight::Quantized(q) => quantized_linear(x, q)?,
         };
         match &self.bias {

@@ -29,8 +29,7 @@ pub use device::{open_device, peak_memory, reset_peak_memory};
 pub use fused::{dropout_mask, frozen_mlp, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
-    cross_entropy_chunked, frozen_linear, rms_norm, rope, softmax_last_dim, trainable_linear,
-    IGNORE_INDEX,
+    cross_entropy_chunked, frozen_linear, linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
 };
 pub use softmax::{causal_softmax, causal_softmax_backward};
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};

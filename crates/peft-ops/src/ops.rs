@@ -7,22 +7,13 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// `x · wᵀ` for a frozen weight `w` of shape `[out, in]`: backward returns dL/dx only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (out_features, in_features) = w.dims2()?;
-    let mut out_shape = x.dims().to_vec();
-    let rows = x.elem_count() / in_features;
-    *out_shape.last_mut().expect("x has at least one dim") = out_features;
-    let x2 = x.detach().reshape((rows, in_features))?;
-    let y = frozen_matmul(&x2, w, true)?.reshape(out_shape)?;
-    let w = w.clone();
-    with_grad(x, y, move |x, _, grad| {
-        frozen_matmul(&grad.reshape((rows, out_features))?, &w, false)?.reshape(x.shape())
-    })
+    linear(x, &w.detach())
 }
 
-/// `x · wᵀ` for a trainable weight `w` `[out, in]` (full fine-tuning, `modules_to_save`):
-/// the forward and both gradients use the same matmuls as [`frozen_linear`] (bf16 when
-/// enabled), and dL/dw is `gradᵀ · x` over all rows.
-pub fn trainable_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x · wᵀ` for `w` `[out, in]`, frozen or trainable (full fine-tuning, `modules_to_save`):
+/// the forward and dL/dx use [`frozen_matmul`] (bf16 when enabled), and dL/dw = `gradᵀ · x`
+/// over all rows is computed only when `w` trains.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out_features, in_features) = w.dims2()?;
     let mut out_shape = x.dims().to_vec();
     let rows = x.elem_count() / in_features;
@@ -30,19 +21,21 @@ pub fn trainable_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x2 = x.detach().reshape((rows, in_features))?;
     let wd = w.detach();
     let y = frozen_matmul(&x2, &wd, true)?.reshape(out_shape)?;
-    let (x_tracks, w_tracks) = (x.track_op(), w.track_op());
+    let x_tracks = x.track_op();
+    // The input is kept for the backward only when the weight needs its gradient.
+    let x_saved = w.track_op().then_some(x2);
     let x_shape = x.shape().clone();
+    // Third argument repeated: with_grad3 serves two inputs as well.
     with_grad3((x, w, w), y, move |grad| -> Result<Grads3> {
-        let g = grad.reshape((rows, out_features))?.contiguous()?;
+        let g = grad.reshape((rows, out_features))?;
         let d_x = if x_tracks {
             Some(frozen_matmul(&g, &wd, false)?.reshape(&x_shape)?)
         } else {
             None
         };
-        let d_w = if w_tracks {
-            Some(batched_matmul(&g.t()?, &x2)?.to_dtype(wd.dtype())?)
-        } else {
-            None
+        let d_w = match &x_saved {
+            Some(x2) => Some(batched_matmul(&g.t()?, x2)?.to_dtype(wd.dtype())?),
+            None => None,
         };
         Ok((d_x, d_w, None))
     })

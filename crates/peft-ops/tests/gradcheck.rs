@@ -486,14 +486,14 @@ fn rms_norm_with_trainable_scale_matches_composed() {
 }
 
 #[test]
-fn trainable_linear_matches_matmul() {
+fn linear_with_a_trainable_weight_matches_matmul() {
     let inputs = [
         randn(&[3, 40, 24], DType::F32, 38),
         randn(&[33, 24], DType::F32, 39),
     ];
     check_against_composed(
         &inputs,
-        |t| trainable_linear(&t[0], &t[1]),
+        |t| linear(&t[0], &t[1]),
         |t| t[0].broadcast_matmul(&t[1].t()?),
         1e-5,
     );
