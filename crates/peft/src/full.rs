@@ -3,7 +3,7 @@
 
 use crate::Tuned;
 use anyhow::Result;
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use peft_models::Llama;
 use std::path::Path;
 
@@ -32,17 +32,6 @@ impl Tuned for FullModel {
     }
     fn trainable(&self) -> Vec<(String, Var)> {
         self.vars.clone()
-    }
-    fn hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<(Tensor, usize)> {
-        Ok((
-            self.base.forward(input_ids, attention_mask, None, train)?,
-            0,
-        ))
     }
     /// Writes an HF model folder (config.json, model.safetensors, generation_config.json); the
     /// tokenizer files are the caller's to add.

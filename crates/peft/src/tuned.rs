@@ -13,13 +13,20 @@ pub trait Tuned {
     /// Trainable tensors by file key, sorted.
     fn trainable(&self) -> Vec<(String, Var)>;
     /// Final hidden states `[batch, rows, hidden]` and how many leading rows belong to
-    /// virtual tokens rather than to `input_ids`.
+    /// virtual tokens rather than to `input_ids`. By default the base model's forward pass
+    /// (adapters that live inside its layers), with no virtual rows.
     fn hidden(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         train: bool,
-    ) -> Result<(Tensor, usize)>;
+    ) -> Result<(Tensor, usize)> {
+        Ok((
+            self.base()
+                .forward(input_ids, attention_mask, None, train)?,
+            0,
+        ))
+    }
     /// Writes the adapter folder as HF PEFT's `save_pretrained` does.
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()>;
     /// The file [`Tuned::save`] writes the trainable tensors to.
@@ -63,17 +70,6 @@ impl Tuned for PeftModel {
     }
     fn trainable(&self) -> Vec<(String, Var)> {
         PeftModel::trainable(self)
-    }
-    fn hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<(Tensor, usize)> {
-        Ok((
-            self.base.forward(input_ids, attention_mask, None, train)?,
-            0,
-        ))
     }
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         PeftModel::save(self, dir, base_model_name)

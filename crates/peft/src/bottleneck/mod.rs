@@ -165,17 +165,6 @@ impl Tuned for BottleneckModel {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
-    fn hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<(Tensor, usize)> {
-        Ok((
-            self.base.forward(input_ids, attention_mask, None, train)?,
-            0,
-        ))
-    }
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         let mut config = self.config.clone();
         config.inference_mode = true;

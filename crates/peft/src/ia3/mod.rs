@@ -187,17 +187,6 @@ impl Tuned for Ia3Model {
             .map(|(path, l)| (file_key(path, KEY), l.l.clone()))
             .collect()
     }
-    fn hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<(Tensor, usize)> {
-        Ok((
-            self.base.forward(input_ids, attention_mask, None, train)?,
-            0,
-        ))
-    }
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         let mut config = self.config.clone();
         config.inference_mode = true;
