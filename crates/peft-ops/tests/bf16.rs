@@ -7,19 +7,11 @@ use candle_core::{DType, Device, Tensor, D};
 use peft_ops::{batched_matmul, cross_entropy_chunked, frozen_matmul, set_bf16_matmul};
 
 mod common;
-use common::randn;
+use common::{max_abs, randn};
 
 /// Largest difference relative to the largest magnitude of `want`.
 fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / scale
+    max_abs(&(got - want).unwrap()) / max_abs(want)
 }
 
 /// The bf16 path is on; `false` (and the test returns) on a CPU without AVX512-BF16.

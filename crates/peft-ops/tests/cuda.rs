@@ -8,7 +8,7 @@ use peft_ops::*;
 use std::sync::Arc;
 
 mod common;
-use common::randn;
+use common::{max_abs, randn};
 
 fn gpu() -> Device {
     open_device("cuda").expect("a CUDA device")
@@ -69,21 +69,8 @@ fn run(
 
 fn close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = max_abs(want);
+    let diff = max_abs(&(got - want).unwrap());
     assert!(
         diff <= tol * (1.0 + scale),
         "{what}: max abs diff {diff} (reference scale {scale}, tolerance {tol})"

@@ -10,3 +10,13 @@ pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
+
+/// Largest magnitude in `t` (f32).
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
