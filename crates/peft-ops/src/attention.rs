@@ -54,7 +54,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 /// Causal self-attention from the q/k/v projections `[b, t, heads · d]` (k and v with
 /// `kv_heads`) to the attention output `[b, t, heads · d]`, with RoPE (`cos`/`sin`
 /// `[t, d / 2]`, positions `0..t`) applied to q and k. Equal to splitting the heads, [`rope`],
-/// [`causal_attention`] and merging the heads; f32 CPU tensors take one fused path.
+/// [`causal_attention`] and merging the heads; f32 CPU tensors take one fused path, bf16 CUDA
+/// tensors with head size 64 or 128 the flash attention kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn causal_self_attention(
     q: &Tensor,
@@ -68,6 +69,16 @@ pub fn causal_self_attention(
 ) -> Result<Tensor> {
     let (b, t, hd) = q.dims3()?;
     let d = hd / heads;
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda()
+        && [q, k, v].iter().all(|x| x.dtype() == DType::BF16)
+        && crate::cuda::flash_head_dim_supported(d)
+        && cos.dims() == [t, d / 2]
+        && sin.dims() == [t, d / 2]
+        && heads.is_multiple_of(kv_heads)
+    {
+        return flash_self_attention(q, k, v, cos, sin, heads, kv_heads, scale);
+    }
     let fused = matches!(q.device(), Device::Cpu)
         && [q, k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
         && cos.dims() == [t, d / 2]
@@ -127,6 +138,40 @@ pub fn causal_self_attention(
             Some(shape.merge(&d_k, kv_heads, Some((&rot, -1.0)))?),
             Some(shape.merge(&d_v, kv_heads, None)?),
         ))
+    })
+}
+
+/// [`causal_self_attention`] by the flash attention kernels (bf16 on CUDA): the forward keeps
+/// only its output and the log-sum-exp of each row; the backward recomputes the rest.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn flash_self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (qd, kd, vd) = (
+        q.detach().contiguous()?,
+        k.detach().contiguous()?,
+        v.detach().contiguous()?,
+    );
+    let cos = cos.to_dtype(DType::F32)?.contiguous()?;
+    let sin = sin.to_dtype(DType::F32)?.contiguous()?;
+    let scale = scale as f32;
+    let (out, lse) =
+        crate::cuda::flash_attention_fwd(&qd, &kd, &vd, &cos, &sin, heads, kv_heads, scale)?;
+    let saved = out.clone();
+    with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
+        let grad = grad.to_dtype(DType::BF16)?.contiguous()?;
+        let (dq, dk, dv) = crate::cuda::flash_attention_bwd(
+            &qd, &kd, &vd, &cos, &sin, &saved, &lse, &grad, heads, kv_heads, scale,
+        )?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     })
 }
 

@@ -1,15 +1,26 @@
-//! Launchers for our CUDA kernels (`kernels/ops.cu`), compiled once per process with NVRTC so
-//! that building needs no CUDA compiler. Inputs must be contiguous; outputs are fresh buffers.
+//! Launchers for our CUDA kernels (`kernels/ops.cu`, `kernels/attention.cu`), compiled once per
+//! process with NVRTC so that building needs no CUDA compiler. Inputs must be contiguous;
+//! outputs are fresh buffers.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::CompileOptions;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
-use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use half::bf16;
 use std::sync::OnceLock;
 
-const SOURCE: &str = include_str!("kernels/ops.cu");
+const SOURCE: &str = concat!(
+    include_str!("kernels/ops.cu"),
+    include_str!("kernels/attention.cu")
+);
 const MODULE: &str = "peft_ops";
+/// The tensor-core kernels need sm_80 or later; candle's own kernels are built for sm_90.
+const ARCH: &str = "compute_90";
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 
@@ -20,9 +31,13 @@ fn err(e: impl std::fmt::Debug) -> candle_core::Error {
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     PTX.get_or_init(|| {
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE)
+        let opts = CompileOptions {
+            arch: Some(ARCH),
+            ..Default::default()
+        };
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
             .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile kernels/ops.cu: {e:?}"))
+            .map_err(|e| format!("NVRTC could not compile our CUDA kernels: {e:?}"))
     })
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(e.clone()))
@@ -243,6 +258,214 @@ pub(crate) fn swiglu_bwd(
     dispatch!(g.0.dtype(), f(g, u, grad))
 }
 
+/// Rows per tile and threads per block of the flash attention kernels (`FA_TILE`,
+/// `FA_THREADS` in `kernels/attention.cu`).
+const FA_TILE: usize = 64;
+const FA_THREADS: u32 = 128;
+
+/// Head sizes the flash attention kernels are built for.
+pub(crate) fn flash_head_dim_supported(d: usize) -> bool {
+    d == 64 || d == 128
+}
+
+/// The contiguous device buffer of `t` as `T`.
+fn view<'a, T: CudaDType>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, T>> {
+    contiguous(l)?;
+    match s {
+        Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(l.start_offset()..)),
+        _ => candle_core::bail!("peft-ops cuda: tensor is not on the gpu"),
+    }
+}
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => candle_core::bail!("peft-ops cuda: tensor is not on the gpu"),
+    }
+}
+
+fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// Lets `func` use `shared` bytes of dynamic shared memory (over 48 KiB needs the opt-in).
+fn allow_shared(func: &CudaFunction, shared: usize) -> Result<()> {
+    if shared > 48 * 1024 {
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Flash attention forward on the projections: `q` `[b, t, heads · d]`, `k`, `v`
+/// `[b, t, kv_heads · d]` (contiguous bf16), `cos`, `sin` `[t, d / 2]` (contiguous f32). Returns
+/// the attention output `[b, t, heads · d]` (bf16) and the log-sum-exp of each query row
+/// `[b, heads, t]` (f32) for the backward pass.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_attention_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (b, t, hd) = q.dims3()?;
+    let d = hd / heads;
+    let dev = cuda_device(q)?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (cs, cl) = cos.storage_and_layout();
+    let (ss, sl) = sin.storage_and_layout();
+    let (qv, kv, vv) = (
+        view::<bf16>(&qs, ql)?,
+        view::<bf16>(&ks, kl)?,
+        view::<bf16>(&vs, vl)?,
+    );
+    let (cv, sv) = (view::<f32>(&cs, cl)?, view::<f32>(&ss, sl)?);
+    // SAFETY: the kernel writes every element of both outputs.
+    let o = unsafe { dev.alloc::<bf16>(b * t * hd)? };
+    let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
+    let shared = 2 * FA_TILE * (d + 8) * 2;
+    let func = dev.get_or_load_custom_func(&format!("flash_fwd_d{d}"), MODULE, ptx()?)?;
+    allow_shared(&func, shared)?;
+    let cfg = LaunchConfig {
+        grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
+        block_dim: (FA_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    let (t_, h_, kvh_) = (t as i32, heads as i32, kv_heads as i32);
+    let mut builder = func.builder();
+    builder
+        .arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&cv)
+        .arg(&sv)
+        .arg(&o)
+        .arg(&lse);
+    builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&scale);
+    // SAFETY: the arguments match flash_fwd_d{64,128} in kernels/attention.cu.
+    unsafe { builder.launch(cfg) }.map_err(err)?;
+    Ok((wrap(o, &dev, &[b, t, hd]), wrap(lse, &dev, &[b, heads, t])))
+}
+
+/// Flash attention backward: the gradients of `q`, `k` and `v` (bf16, their shapes) from the
+/// forward's inputs, its output `o`, its log-sum-exp and the output gradient `dout` (bf16).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_attention_bwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, hd) = q.dims3()?;
+    let d = hd / heads;
+    let kvd = kv_heads * d;
+    let dev = cuda_device(q)?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (cs, cl) = cos.storage_and_layout();
+    let (ss, sl) = sin.storage_and_layout();
+    let (os, ol) = o.storage_and_layout();
+    let (ls, ll) = lse.storage_and_layout();
+    let (gs, gl) = dout.storage_and_layout();
+    let (qv, kv, vv) = (
+        view::<bf16>(&qs, ql)?,
+        view::<bf16>(&ks, kl)?,
+        view::<bf16>(&vs, vl)?,
+    );
+    let (cv, sv) = (view::<f32>(&cs, cl)?, view::<f32>(&ss, sl)?);
+    let (ov, lv, gv) = (
+        view::<bf16>(&os, ol)?,
+        view::<f32>(&ls, ll)?,
+        view::<bf16>(&gs, gl)?,
+    );
+    let (t_, h_, kvh_, d_) = (t as i32, heads as i32, kv_heads as i32, d as i32);
+
+    // delta = rowsum(dO ∘ O), one warp per (row, head).
+    let rows = (b * t * heads) as i64;
+    // SAFETY: written for every row.
+    let delta = unsafe { dev.alloc::<f32>(b * heads * t)? };
+    let func = dev.get_or_load_custom_func("flash_bwd_delta_bf16", MODULE, ptx()?)?;
+    let warps = FA_THREADS as usize / 32;
+    let cfg = LaunchConfig {
+        grid_dim: ((rows as usize).div_ceil(warps) as u32, 1, 1),
+        block_dim: (FA_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = func.builder();
+    builder
+        .arg(&ov)
+        .arg(&gv)
+        .arg(&delta)
+        .arg(&t_)
+        .arg(&h_)
+        .arg(&d_)
+        .arg(&rows);
+    // SAFETY: the arguments match flash_bwd_delta_bf16.
+    unsafe { builder.launch(cfg) }.map_err(err)?;
+
+    // dK, dV per key tile; dQ accumulated in f32.
+    let dq_acc = dev.alloc_zeros::<f32>(b * t * hd)?;
+    // SAFETY: every row below t is written.
+    let dk = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
+    let dv = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
+    let shared = 4 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4;
+    let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx()?)?;
+    allow_shared(&func, shared)?;
+    let cfg = LaunchConfig {
+        grid_dim: (t.div_ceil(FA_TILE) as u32, kv_heads as u32, b as u32),
+        block_dim: (FA_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    let mut builder = func.builder();
+    builder
+        .arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&cv)
+        .arg(&sv)
+        .arg(&gv)
+        .arg(&lv)
+        .arg(&delta);
+    builder.arg(&dq_acc).arg(&dk).arg(&dv);
+    builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&scale);
+    // SAFETY: the arguments match flash_bwd_d{64,128}.
+    unsafe { builder.launch(cfg) }.map_err(err)?;
+
+    // dq: scaled and rotated back, in the projection layout.
+    let pairs = (b * t * hd / 2) as i64;
+    // SAFETY: one thread per pair writes both elements.
+    let dq = unsafe { dev.alloc::<bf16>(b * t * hd)? };
+    let func = dev.get_or_load_custom_func("flash_bwd_dq_bf16", MODULE, ptx()?)?;
+    let mut builder = func.builder();
+    builder.arg(&dq_acc).arg(&cv).arg(&sv).arg(&dq);
+    builder.arg(&t_).arg(&h_).arg(&d_).arg(&scale).arg(&pairs);
+    // SAFETY: the arguments match flash_bwd_dq_bf16.
+    unsafe { builder.launch(elementwise_config(pairs as usize)) }.map_err(err)?;
+    Ok((
+        wrap(dq, &dev, &[b, t, hd]),
+        wrap(dk, &dev, &[b, t, kvd]),
+        wrap(dv, &dev, &[b, t, kvd]),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     /// NVRTC needs no GPU: the kernel source must compile wherever the `cuda` feature builds.
@@ -263,5 +486,16 @@ mod tests {
                 );
             }
         }
+        for name in [
+            "flash_fwd_d64",
+            "flash_fwd_d128",
+            "flash_bwd_d64",
+            "flash_bwd_d128",
+            "flash_bwd_delta_bf16",
+            "flash_bwd_dq_bf16",
+        ] {
+            assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing");
+        }
+        assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
     }
 }

@@ -154,6 +154,37 @@ fn causal_attention_matches_cpu() {
     });
 }
 
+/// RoPE tables `[t, d / 2]` with HF's default base.
+fn rope_tables(t: usize, d: usize) -> (Tensor, Tensor) {
+    let half = d / 2;
+    let angles: Vec<f32> = (0..t)
+        .flat_map(|p| (0..half).map(move |i| p as f32 / 10_000f32.powf(2.0 * i as f32 / d as f32)))
+        .collect();
+    let a = Tensor::from_vec(angles, (t, half), &Device::Cpu).unwrap();
+    (a.cos().unwrap(), a.sin().unwrap())
+}
+
+/// bf16 takes the flash attention kernels (head sizes 64 and 128), f32 the composed path; both
+/// against the CPU's fused f32 path. Sequences span several 64-row tiles and end mid-tile.
+#[test]
+fn causal_self_attention_matches_cpu() {
+    for (b, t, heads, kv_heads, d) in [(2, 80, 4, 2, 64), (1, 150, 2, 1, 128)] {
+        let (cos, sin) = rope_tables(t, d);
+        let inputs = [
+            (randn(&[b, t, heads * d], 30), Input::Cast),
+            (randn(&[b, t, kv_heads * d], 31), Input::Cast),
+            (randn(&[b, t, kv_heads * d], 32), Input::Cast),
+            (cos, Input::F32),
+            (sin, Input::F32),
+        ];
+        check(&format!("causal_self_attention d{d}"), &inputs, |x| {
+            let scale = 1.0 / (d as f64).sqrt();
+            let (cos, sin) = (x[3].detach(), x[4].detach());
+            causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale)
+        });
+    }
+}
+
 #[test]
 fn swiglu_matches_cpu() {
     let inputs = [

@@ -1,0 +1,469 @@
+// Flash attention for training: causal, grouped-query heads, RoPE applied while loading, bf16
+// storage, f32 math, tensor cores (mma.sync m16n8k16). No t x t tensor is ever stored: the
+// forward keeps the log-sum-exp of each row and the backward recomputes the probabilities.
+// Appended to ops.cu (ld, st, to_bf16, bf16_t) and compiled by NVRTC for sm_90; tests run it
+// on the CPU through tests/emulate (PEFT_EMULATE), against the CPU reference attention.
+//
+// Layouts are those of the projections: q, o, dq: [b, t, heads * D]; k, v, dk, dv:
+// [b, t, kv_heads * D]; cos, sin: [t, D / 2] f32; lse, delta: [b, heads, t] f32; the dq
+// accumulator: [b, heads, t, D] f32, in rotated space and without the scale.
+//
+// Fragments follow the PTX ISA for mma.m16n8k16 with .bf16 (lane = 4 * g + c):
+//   A (16 x 16, row-major) reg 0: (g, 2c..2c+1), reg 1: (g + 8, 2c..), reg 2: (g, 2c + 8..),
+//     reg 3: (g + 8, 2c + 8..);
+//   B (16 x 8, "col")      reg 0: (k = 2c..2c+1, n = g), reg 1: (k = 2c + 8.., n = g);
+//   C (16 x 8, f32)        c0, c1: (g, 2c..2c+1), c2, c3: (g + 8, 2c..2c+1).
+// The lower-index element sits in the low 16 bits of a register.
+
+#define FA_TILE 64      // query rows per forward block; kv rows per backward block
+#define FA_THREADS 128  // 4 warps, 16 rows each
+#define FA_LOG2E 1.4426950408889634f
+
+typedef unsigned int u32;
+
+#ifdef PEFT_EMULATE
+#define FA_SMEM(name) unsigned char* name = emu_dynamic_smem()
+#else
+#define FA_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+// d += a * b on the tensor cores (one warp, every lane).
+__device__ __forceinline__ void mma_bf16(float* d, const u32* a, const u32* b) {
+#ifdef PEFT_EMULATE
+    emu_mma_bf16(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return (u32)to_bf16(lo) | ((u32)to_bf16(hi) << 16);
+}
+
+// Two consecutive bf16 of a shared-memory row (`col` even).
+__device__ __forceinline__ u32 pair(const bf16_t* s, int pitch, int row, int col) {
+    return *(const u32*)(s + row * pitch + col);
+}
+
+// Two bf16 of one column from consecutive rows (a B fragment read down a row-major tile).
+__device__ __forceinline__ u32 column_pair(const bf16_t* s, int pitch, int row, int col) {
+    return (u32)s[row * pitch + col] | ((u32)s[(row + 1) * pitch + col] << 16);
+}
+
+// The A fragment of the 16 x 16 block at (row0, col0) of a row-major shared tile.
+__device__ __forceinline__ void load_a(u32* a, const bf16_t* s, int pitch, int row0, int col0) {
+    int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+    a[0] = pair(s, pitch, row0 + g, col0 + 2 * c);
+    a[1] = pair(s, pitch, row0 + g + 8, col0 + 2 * c);
+    a[2] = pair(s, pitch, row0 + g, col0 + 2 * c + 8);
+    a[3] = pair(s, pitch, row0 + g + 8, col0 + 2 * c + 8);
+}
+
+// The B fragment of Xᵀ's 16 x 8 block for a row-major tile X: B(k, n) = X(n0 + n, k0 + k).
+__device__ __forceinline__ void load_b_t(u32* b, const bf16_t* s, int pitch, int n0, int k0) {
+    int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+    b[0] = pair(s, pitch, n0 + g, k0 + 2 * c);
+    b[1] = pair(s, pitch, n0 + g, k0 + 2 * c + 8);
+}
+
+// The B fragment of X's 16 x 8 block for a row-major tile X: B(k, n) = X(k0 + k, n0 + n).
+__device__ __forceinline__ void load_b(u32* b, const bf16_t* s, int pitch, int k0, int n0) {
+    int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+    b[0] = column_pair(s, pitch, k0 + 2 * c, n0 + g);
+    b[1] = column_pair(s, pitch, k0 + 2 * c + 8, n0 + g);
+}
+
+// C fragments of two adjacent 16 x 8 blocks (columns 16j..16j+15) as the A fragment of the
+// next product, rounded to bf16.
+__device__ __forceinline__ void c_to_a(u32* a, const float* c0, const float* c1) {
+    a[0] = pack_bf16(c0[0], c0[1]);
+    a[1] = pack_bf16(c0[2], c0[3]);
+    a[2] = pack_bf16(c1[0], c1[1]);
+    a[3] = pack_bf16(c1[2], c1[3]);
+}
+
+// Rows row0..row0+63 of one head (`x` points at its first element of row 0; rows are `stride`
+// apart) into a shared tile of pitch D + 8, rotated by RoPE when `cos` is given (HF's
+// rotate_half: pairs (j, j + D/2)). Rows at or past t are zero.
+template <int D>
+__device__ void load_tile(bf16_t* s, const bf16_t* x, long long stride, int row0, int t,
+                          const float* cos, const float* sin) {
+    const int H = D / 2, P = D + 8;
+    for (int i = threadIdx.x; i < FA_TILE * H; i += blockDim.x) {
+        int r = i / H, j = i % H, row = row0 + r;
+        float a = 0.f, b = 0.f;
+        if (row < t) {
+            const bf16_t* src = x + row * stride;
+            a = ld(src, j);
+            b = ld(src, j + H);
+            if (cos) {
+                float cs = cos[row * H + j], sn = sin[row * H + j];
+                float a2 = a * cs - b * sn;
+                b = b * cs + a * sn;
+                a = a2;
+            }
+        }
+        s[r * P + j] = to_bf16(a);
+        s[r * P + j + H] = to_bf16(b);
+    }
+}
+
+// Max and sum over the four lanes that hold one fragment row.
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Forward. Grid (query tiles, heads, batch); block FA_THREADS; shared 2 * 64 * (D + 8) bf16.
+template <int D>
+__device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,
+                          const float* sin, bf16_t* o, float* lse, int t, int heads,
+                          int kv_heads, float scale) {
+    const int P = D + 8;
+    FA_SMEM(smem);
+    bf16_t* Qs = (bf16_t*)smem;  // the query tile, then the key tile
+    bf16_t* Ks = Qs;
+    bf16_t* Vs = Qs + FA_TILE * P;
+    int qt = gridDim.x - 1 - blockIdx.x;  // longest rows first
+    int hi = blockIdx.y, bi = blockIdx.z, kh = hi / (heads / kv_heads);
+    long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
+    const bf16_t* qb = q + bi * t * qs + hi * D;
+    const bf16_t* kb = k + bi * t * ks + kh * D;
+    const bf16_t* vb = v + bi * t * ks + kh * D;
+    int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+
+    load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
+    __syncthreads();
+    u32 qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a(qa[kk], Qs, P, warp * 16, kk * 16);
+    __syncthreads();  // the key tile overwrites the query tile
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    int row[2] = {qt * FA_TILE + warp * 16 + g, qt * FA_TILE + warp * 16 + g + 8};
+    const float scale2 = scale * FA_LOG2E;
+
+    for (int kt = 0; kt <= qt; ++kt) {
+        load_tile<D>(Ks, kb, ks, kt * FA_TILE, t, cos, sin);
+        load_tile<D>(Vs, vb, ks, kt * FA_TILE, t, 0, 0);
+        __syncthreads();
+        float s[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[n][i] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                u32 b[2];
+                load_b_t(b, Ks, P, n * 8, kk * 16);
+                mma_bf16(s[n], qa[kk], b);
+            }
+        }
+        // Scores in log2 units, masked, and the running row maxima.
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int col = kt * FA_TILE + n * 8 + 2 * c + (i & 1);
+                float x = col <= row[i >> 1] ? s[n][i] * scale2 : NEG_INF;
+                s[n][i] = x;
+                mx[i >> 1] = fmaxf(mx[i >> 1], x);
+            }
+        float alpha[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = quad_max(mx[r]);
+            // Every row sees key 0, so the maximum is finite from the first tile on.
+            alpha[r] = exp2f(m[r] - mx[r]);
+            m[r] = mx[r];
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float p = exp2f(s[n][i] - m[i >> 1]);
+                s[n][i] = p;
+                sum[i >> 1] += p;
+            }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[n][i] *= alpha[i >> 1];
+        // acc += P · V
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            u32 pa[4];
+            c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                u32 b[2];
+                load_b(b, Vs, P, kk * 16, n * 8);
+                mma_bf16(acc[n], pa, b);
+            }
+        }
+        __syncthreads();  // the next tiles overwrite these
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float total = quad_sum(l[r]);
+        if (row[r] >= t) continue;
+        float inv = 1.f / total;
+        bf16_t* dst = o + (bi * t + row[r]) * qs + hi * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            dst[n * 8 + 2 * c] = to_bf16(acc[n][2 * r] * inv);
+            dst[n * 8 + 2 * c + 1] = to_bf16(acc[n][2 * r + 1] * inv);
+        }
+        if (c == 0) lse[((long long)bi * heads + hi) * t + row[r]] = (m[r] + log2f(total)) / FA_LOG2E;
+    }
+}
+
+// delta = rowsum(dO ∘ O) per query row and head; one warp per row. Grid: b * t * heads / 4
+// blocks of FA_THREADS (rows ordered as [b, t, heads], delta written as [b, heads, t]).
+__device__ void flash_bwd_delta(const bf16_t* o, const bf16_t* dout, float* delta, int t,
+                                int heads, int d, long long rows) {
+    long long r = (long long)blockIdx.x * (FA_THREADS / 32) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    int lane = threadIdx.x & 31;
+    float s = 0.f;
+    for (int j = lane; j < d; j += 32) s += ld(o, r * d + j) * ld(dout, r * d + j);
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    long long hi = r % heads, bt = r / heads;
+    if (lane == 0) delta[((bt / t) * heads + hi) * t + bt % t] = s;
+}
+
+// Backward. Grid (kv tiles, kv heads, batch); block FA_THREADS; shared 4 tiles of 64 x (D + 8)
+// bf16 (K, V, Q, dO), 64 x 72 bf16 (dS) and 2 x 64 f32 (log-sum-exp, delta). Each block owns
+// its keys' dK and dV (every query head of its kv head, every later query tile) and adds its
+// share of dQ to the f32 accumulator with atomics.
+template <int D>
+__device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,
+                          const float* sin, const bf16_t* dout, const float* lse,
+                          const float* delta, float* dq_acc, bf16_t* dk, bf16_t* dv, int t,
+                          int heads, int kv_heads, float scale) {
+    const int P = D + 8, PS = FA_TILE + 8, H = D / 2;
+    FA_SMEM(smem);
+    bf16_t* Ks = (bf16_t*)smem;
+    bf16_t* Vs = Ks + FA_TILE * P;
+    bf16_t* Qs = Vs + FA_TILE * P;
+    bf16_t* Os = Qs + FA_TILE * P;  // dO
+    bf16_t* Ss = Os + FA_TILE * P;  // dS as [query][key]
+    float* Ls = (float*)(Ss + FA_TILE * PS);
+    float* Es = Ls + FA_TILE;
+    int kt = blockIdx.x, kh = blockIdx.y, bi = blockIdx.z;
+    int n_rep = heads / kv_heads, nq = (t + FA_TILE - 1) / FA_TILE;
+    long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
+    int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+    int key[2] = {kt * FA_TILE + warp * 16 + g, kt * FA_TILE + warp * 16 + g + 8};
+    const float scale2 = scale * FA_LOG2E;
+
+    load_tile<D>(Ks, k + bi * t * ks + kh * D, ks, kt * FA_TILE, t, cos, sin);
+    load_tile<D>(Vs, v + bi * t * ks + kh * D, ks, kt * FA_TILE, t, 0, 0);
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dk_acc[n][i] = dv_acc[n][i] = 0.f;
+
+    for (int rep = 0; rep < n_rep; ++rep) {
+        int hi = kh * n_rep + rep;
+        const bf16_t* qb = q + bi * t * qs + hi * D;
+        const bf16_t* ob = dout + bi * t * qs + hi * D;
+        const float* lb = lse + ((long long)bi * heads + hi) * t;
+        const float* eb = delta + ((long long)bi * heads + hi) * t;
+        float* dqb = dq_acc + ((long long)bi * heads + hi) * t * D;
+        for (int qt = kt; qt < nq; ++qt) {
+            __syncthreads();  // the last iteration's reads of Qs, Os, Ss, Ls and Es are done
+            load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
+            load_tile<D>(Os, ob, qs, qt * FA_TILE, t, 0, 0);
+            for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
+                int r = qt * FA_TILE + i;
+                Ls[i] = r < t ? lb[r] * FA_LOG2E : 0.f;
+                Es[i] = r < t ? eb[r] : 0.f;
+            }
+            __syncthreads();
+
+            // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys and the tile's 64 queries.
+            float st[8][4], dpt[8][4];
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) st[n][i] = dpt[n][i] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                u32 ka[4], va[4];
+                load_a(ka, Ks, P, warp * 16, kk * 16);
+                load_a(va, Vs, P, warp * 16, kk * 16);
+#pragma unroll
+                for (int n = 0; n < 8; ++n) {
+                    u32 b[2];
+                    load_b_t(b, Qs, P, n * 8, kk * 16);
+                    mma_bf16(st[n], ka, b);
+                    load_b_t(b, Os, P, n * 8, kk * 16);
+                    mma_bf16(dpt[n], va, b);
+                }
+            }
+            // Pᵀ (zero where the query precedes the key or lies past t), then dSᵀ in place of
+            // dPᵀ: P ∘ (dP − delta), without the scale.
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
+                    float p = query >= key[i >> 1] && query < t
+                                  ? exp2f(st[n][i] * scale2 - Ls[ql])
+                                  : 0.f;
+                    st[n][i] = p;
+                    dpt[n][i] = p * (dpt[n][i] - Es[ql]);
+                }
+            // dV += Pᵀ dO, dK += dSᵀ Q
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                u32 pa[4], sa[4];
+                c_to_a(pa, st[2 * kk], st[2 * kk + 1]);
+                c_to_a(sa, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) {
+                    u32 b[2];
+                    load_b(b, Os, P, kk * 16, n * 8);
+                    mma_bf16(dv_acc[n], pa, b);
+                    load_b(b, Qs, P, kk * 16, n * 8);
+                    mma_bf16(dk_acc[n], sa, b);
+                }
+            }
+            // dS to shared memory as [query][key] for dQ = dS K.
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    Ss[(n * 8 + 2 * c + (i & 1)) * PS + warp * 16 + g + 8 * (i >> 1)] =
+                        to_bf16(dpt[n][i]);
+            __syncthreads();
+            // This warp's 16 queries of dQ, 64 columns at a time (fewer live registers).
+#pragma unroll
+            for (int n0 = 0; n0 < D / 8; n0 += 8) {
+                float dq[8][4];
+#pragma unroll
+                for (int n = 0; n < 8; ++n)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) dq[n][i] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    u32 sa[4];
+                    load_a(sa, Ss, PS, warp * 16, kk * 16);
+#pragma unroll
+                    for (int n = 0; n < 8; ++n) {
+                        u32 b[2];
+                        load_b(b, Ks, P, kk * 16, (n0 + n) * 8);
+                        mma_bf16(dq[n], sa, b);
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    int query = qt * FA_TILE + warp * 16 + g + 8 * r;
+                    if (query >= t) continue;
+                    float* dst = dqb + (long long)query * D + n0 * 8 + 2 * c;
+#pragma unroll
+                    for (int n = 0; n < 8; ++n) {
+                        atomicAdd(dst + n * 8, dq[n][2 * r]);
+                        atomicAdd(dst + n * 8 + 1, dq[n][2 * r + 1]);
+                    }
+                }
+            }
+        }
+    }
+
+    // dK back through the rotation (the inverse RoPE: sin negated) and the scale; dV as is.
+    // Column j and its partner j + D/2 sit in the same thread, D/16 fragments apart.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (key[r] >= t) continue;
+        bf16_t* kdst = dk + (bi * t + key[r]) * ks + kh * D;
+        bf16_t* vdst = dv + (bi * t + key[r]) * ks + kh * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                int j = n * 8 + 2 * c + e;
+                vdst[j] = to_bf16(dv_acc[n][2 * r + e]);
+                if (n < D / 16) {
+                    float x1 = dk_acc[n][2 * r + e] * scale;
+                    float x2 = dk_acc[n + D / 16][2 * r + e] * scale;
+                    float cs = cos[key[r] * H + j], sn = sin[key[r] * H + j];
+                    kdst[j] = to_bf16(x1 * cs + x2 * sn);
+                    kdst[j + H] = to_bf16(x2 * cs - x1 * sn);
+                }
+            }
+    }
+}
+
+// dq = inverse RoPE of (scale * the accumulator), as [b, t, heads * d]. One thread per pair
+// (j, j + d/2), grid-stride; pairs ordered as [b, t, heads, d/2].
+__device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float* sin, bf16_t* dq,
+                             int t, int heads, int d, float scale, long long pairs) {
+    int h = d / 2;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs;
+         i += (long long)gridDim.x * blockDim.x) {
+        int j = (int)(i % h);
+        long long rest = i / h;
+        int hi = (int)(rest % heads);
+        long long bt = rest / heads;
+        int ti = (int)(bt % t);
+        long long bi = bt / t;
+        const float* src = dq_acc + ((bi * heads + hi) * t + ti) * d;
+        float x1 = src[j] * scale, x2 = src[j + h] * scale;
+        float cs = cos[ti * h + j], sn = sin[ti * h + j];
+        bf16_t* dst = dq + (bt * heads + hi) * d;
+        dst[j] = to_bf16(x1 * cs + x2 * sn);
+        dst[j + h] = to_bf16(x2 * cs - x1 * sn);
+    }
+}
+
+#define FLASH(D)                                                                                \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                    \
+        flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,    \
+                       const float* sin, bf16_t* o, float* lse, int t, int heads, int kv_heads, \
+                       float scale) {                                                           \
+        flash_fwd<D>(q, k, v, cos, sin, o, lse, t, heads, kv_heads, scale);                     \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_d##D(                    \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos, const float* sin, \
+        const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, bf16_t* dk,    \
+        bf16_t* dv, int t, int heads, int kv_heads, float scale) {                              \
+        flash_bwd<D>(q, k, v, cos, sin, dout, lse, delta, dq_acc, dk, dv, t, heads, kv_heads,   \
+                     scale);                                                                    \
+    }
+
+FLASH(64)
+FLASH(128)
+
+extern "C" __global__ void flash_bwd_delta_bf16(const bf16_t* o, const bf16_t* dout,
+                                                float* delta, int t, int heads, int d,
+                                                long long rows) {
+    flash_bwd_delta(o, dout, delta, t, heads, d, rows);
+}
+
+extern "C" __global__ void flash_bwd_dq_bf16(const float* dq_acc, const float* cos,
+                                             const float* sin, bf16_t* dq, int t, int heads,
+                                             int d, float scale, long long pairs) {
+    flash_bwd_dq(dq_acc, cos, sin, dq, t, heads, d, scale, pairs);
+}

@@ -1,0 +1,135 @@
+// Runs our CUDA kernels on the CPU, one OS thread per CUDA thread, so that their indexing,
+// tiling, masking and synchronisation are tested without a GPU. Blocks run one after another;
+// the threads of a block run concurrently and meet at __syncthreads (a block barrier) and at
+// warp-collective operations (a warp barrier). mma.sync is reassembled from the lanes'
+// fragments by the layout of the PTX ISA. Shared memory starts as NaN bytes at every block.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace emu {
+struct Dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local Dim3 thread_index, block_index;
+inline Dim3 block_dim, grid_dim;
+
+struct Warp {
+    std::barrier<> bar{32};
+    float value[32];
+    uint32_t a[32][4], b[32][2];
+};
+inline std::unique_ptr<std::barrier<>> block_barrier;
+inline std::vector<std::unique_ptr<Warp>> warps;
+inline std::vector<unsigned char> shared_bytes;
+inline std::mutex atomic_lock;
+
+inline Warp& my_warp() { return *warps[thread_index.x >> 5]; }
+
+// Runs `kernel` (a callable taking no arguments) over the grid. Block sizes are multiples of 32.
+template <class F>
+void launch(Dim3 grid, Dim3 block, size_t shared, F&& kernel) {
+    grid_dim = grid;
+    block_dim = block;
+    unsigned threads = block.x;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                shared_bytes.assign(shared + 16, 0xff);
+                block_barrier = std::make_unique<std::barrier<>>(threads);
+                warps.clear();
+                for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+                std::vector<std::thread> pool;
+                for (unsigned i = 0; i < threads; ++i)
+                    pool.emplace_back([&, i] {
+                        thread_index = {i, 0, 0};
+                        block_index = {x, y, z};
+                        kernel();
+                        // An exited thread no longer holds back barriers, as on the GPU.
+                        my_warp().bar.arrive_and_drop();
+                        block_barrier->arrive_and_drop();
+                    });
+                for (auto& t : pool) t.join();
+            }
+}
+
+inline float bits_to_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+}  // namespace emu
+
+#define threadIdx emu::thread_index
+#define blockIdx emu::block_index
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+
+inline unsigned char* emu_dynamic_smem() {
+    auto p = reinterpret_cast<uintptr_t>(emu::shared_bytes.data());
+    return reinterpret_cast<unsigned char*>((p + 15) & ~uintptr_t(15));
+}
+
+inline float __shfl_xor_sync(unsigned, float v, int mask) {
+    auto& w = emu::my_warp();
+    int lane = emu::thread_index.x & 31;
+    w.value[lane] = v;
+    w.bar.arrive_and_wait();
+    float r = w.value[lane ^ mask];
+    w.bar.arrive_and_wait();
+    return r;
+}
+
+// d (16 x 8, f32) += A (16 x 16, bf16) · B (16 x 8, bf16), fragments as in the PTX ISA.
+inline void emu_mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+    auto& w = emu::my_warp();
+    int lane = emu::thread_index.x & 31;
+    std::memcpy(w.a[lane], a, 16);
+    std::memcpy(w.b[lane], b, 8);
+    w.bar.arrive_and_wait();
+    auto half = [](uint32_t reg, int k) { return emu::bits_to_float(((reg >> (16 * (k & 1))) & 0xffffu) << 16); };
+    auto A = [&](int row, int k) {
+        return half(w.a[(row & 7) * 4 + ((k & 7) >> 1)][(row >> 3) + 2 * (k >> 3)], k);
+    };
+    auto B = [&](int k, int n) { return half(w.b[n * 4 + ((k & 7) >> 1)][k >> 3], k); };
+    int g = lane >> 2, c = lane & 3;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        int row = g + 8 * (i >> 1), col = 2 * c + (i & 1);
+        float acc = d[i];
+        for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        out[i] = acc;
+    }
+    w.bar.arrive_and_wait();
+    std::memcpy(d, out, 16);
+}
+
+inline float atomicAdd(float* p, float v) {
+    std::lock_guard<std::mutex> hold(emu::atomic_lock);
+    float old = *p;
+    *p = old + v;
+    return old;
+}
+
+inline float __uint_as_float(unsigned u) { return emu::bits_to_float(u); }
+inline float __int_as_float(int i) { return emu::bits_to_float((uint32_t)i); }
+inline unsigned __float_as_uint(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }

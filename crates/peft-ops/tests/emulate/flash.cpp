@@ -1,0 +1,73 @@
+// Runs the flash attention kernels of src/kernels/attention.cu under the CPU emulation:
+//   flash <input> <output>
+// input: i32 b, t, heads, kv_heads, d; f32 scale; bf16 q, k, v, dout; f32 cos, sin.
+// output (f32): o, lse, dq, dk, dv. The launch shapes are those of src/cuda.rs.
+#include "cuda.h"
+#include "../../src/kernels/ops.cu"
+#include "../../src/kernels/attention.cu"
+#include <cstdio>
+#include <cstdlib>
+
+template <class T>
+static std::vector<T> take(FILE* f, size_t n) {
+    std::vector<T> v(n);
+    if (fread(v.data(), sizeof(T), n, f) != n) { fprintf(stderr, "short input\n"); exit(1); }
+    return v;
+}
+
+static void put(FILE* f, const std::vector<float>& v) { fwrite(v.data(), 4, v.size(), f); }
+
+static std::vector<float> widen(const std::vector<bf16_t>& v) {
+    std::vector<float> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = __uint_as_float((unsigned)v[i] << 16);
+    return out;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) { fprintf(stderr, "usage: flash <input> <output>\n"); return 2; }
+    FILE* in = fopen(argv[1], "rb");
+    if (!in) { perror(argv[1]); return 1; }
+    auto dims = take<int>(in, 5);
+    int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], d = dims[4];
+    float scale = take<float>(in, 1)[0];
+    size_t nq = (size_t)b * t * heads * d, nk = (size_t)b * t * kvh * d, nr = (size_t)t * d / 2;
+    auto q = take<bf16_t>(in, nq), k = take<bf16_t>(in, nk), v = take<bf16_t>(in, nk);
+    auto dout = take<bf16_t>(in, nq);
+    auto cos = take<float>(in, nr), sin = take<float>(in, nr);
+    fclose(in);
+
+    unsigned tiles = (t + FA_TILE - 1) / FA_TILE;
+    size_t pitch = d + 8;
+    std::vector<bf16_t> o(nq), dq(nq), dk(nk), dv(nk);
+    std::vector<float> lse((size_t)b * heads * t), delta(lse.size()), dq_acc(nq, 0.f);
+    auto fwd = d == 64 ? flash_fwd_d64 : flash_fwd_d128;
+    auto bwd = d == 64 ? flash_bwd_d64 : flash_bwd_d128;
+    emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, 2 * FA_TILE * pitch * 2, [&] {
+        fwd(q.data(), k.data(), v.data(), cos.data(), sin.data(), o.data(), lse.data(), t, heads,
+            kvh, scale);
+    });
+    long long rows = (long long)b * t * heads;
+    emu::launch({(unsigned)((rows + 3) / 4)}, {FA_THREADS}, 0, [&] {
+        flash_bwd_delta_bf16(o.data(), dout.data(), delta.data(), t, heads, d, rows);
+    });
+    size_t shared = 4 * FA_TILE * pitch * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4;
+    emu::launch({tiles, (unsigned)kvh, (unsigned)b}, {FA_THREADS}, shared, [&] {
+        bwd(q.data(), k.data(), v.data(), cos.data(), sin.data(), dout.data(), lse.data(),
+            delta.data(), dq_acc.data(), dk.data(), dv.data(), t, heads, kvh, scale);
+    });
+    long long pairs = (long long)nq / 2;
+    emu::launch({(unsigned)((pairs + 255) / 256)}, {256}, 0, [&] {
+        flash_bwd_dq_bf16(dq_acc.data(), cos.data(), sin.data(), dq.data(), t, heads, d, scale,
+                          pairs);
+    });
+
+    FILE* out = fopen(argv[2], "wb");
+    if (!out) { perror(argv[2]); return 1; }
+    put(out, widen(o));
+    put(out, lse);
+    put(out, widen(dq));
+    put(out, widen(dk));
+    put(out, widen(dv));
+    fclose(out);
+    return 0;
+}
