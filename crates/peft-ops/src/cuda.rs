@@ -1,11 +1,10 @@
-//! Launchers for our CUDA kernels (`kernels/ops.cu`, `kernels/attention.cu`), compiled once per
-//! process with NVRTC so that building needs no CUDA compiler. Inputs must be contiguous;
+//! Launchers for our CUDA kernels (`kernels/*.cu`), compiled once per process with NVRTC so that building needs no CUDA compiler. Inputs must be contiguous;
 //! outputs are fresh buffers.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::CompileOptions;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
@@ -16,7 +15,8 @@ use std::sync::OnceLock;
 
 const SOURCE: &str = concat!(
     include_str!("kernels/ops.cu"),
-    include_str!("kernels/attention.cu")
+    include_str!("kernels/attention.cu"),
+    include_str!("kernels/optim.cu")
 );
 const MODULE: &str = "peft_ops";
 /// The tensor-core kernels need sm_80 or later; candle's own kernels are built for sm_90.
@@ -466,6 +466,115 @@ pub(crate) fn flash_attention_bwd(
     ))
 }
 
+/// The fused optimizer step (`kernels/optim.cu`) over a fixed set of tensors: their addresses
+/// and sizes, uploaded once per step.
+pub struct FusedAdamw {
+    dev: CudaDevice,
+    table: CudaSlice<i64>,
+    tensors: usize,
+    largest: usize,
+}
+
+impl FusedAdamw {
+    /// The fused step for `slots`, or `None` when they are not all contiguous f32 tensors on
+    /// one CUDA device. The tensors must outlive the step.
+    pub fn new(slots: &[crate::optim::AdamwSlot]) -> Result<Option<Self>> {
+        let Some(first) = slots.first() else {
+            return Ok(None);
+        };
+        let Device::Cuda(dev) = first.param.device() else {
+            return Ok(None);
+        };
+        let dev = dev.clone();
+        let same_device = |t: &Tensor| t.device().same_device(first.param.device());
+        let all = slots.iter().all(|s| {
+            [s.param, s.grad, s.m, s.v]
+                .iter()
+                .all(|t| t.dtype() == DType::F32 && t.is_contiguous() && same_device(t))
+                && [s.grad, s.m, s.v]
+                    .iter()
+                    .all(|t| t.dims() == s.param.dims())
+        });
+        if !all || slots.len() > 65_535 {
+            return Ok(None);
+        }
+        let stream = dev.cuda_stream();
+        let address = |t: &Tensor| -> Result<i64> {
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cuda(c) = &*storage else {
+                candle_core::bail!("peft-ops cuda: tensor is not on the gpu");
+            };
+            let (base, _sync) = c.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            Ok((base + 4 * layout.start_offset() as u64) as i64)
+        };
+        let mut table = Vec::with_capacity(5 * slots.len());
+        for s in slots {
+            for t in [s.param, s.grad, s.m, s.v] {
+                table.push(address(t)?);
+            }
+            table.push(s.param.elem_count() as i64);
+        }
+        let largest = slots
+            .iter()
+            .map(|s| s.param.elem_count())
+            .max()
+            .unwrap_or(0);
+        Ok(Some(Self {
+            table: dev.clone_htod(&table)?,
+            dev,
+            tensors: slots.len(),
+            largest,
+        }))
+    }
+
+    fn config(&self) -> LaunchConfig {
+        let chunks = self.largest.div_ceil(256 * 8).clamp(1, 1024);
+        LaunchConfig {
+            grid_dim: (chunks as u32, self.tensors as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Sum of the squared gradients (one read back to the host).
+    pub fn grad_sum_squares(&self) -> Result<f64> {
+        let out = self.dev.alloc_zeros::<f64>(1)?;
+        let func = self
+            .dev
+            .get_or_load_custom_func("sum_squares_multi_f32", MODULE, ptx()?)?;
+        let mut builder = func.builder();
+        builder.arg(&self.table).arg(&out);
+        // SAFETY: the arguments match sum_squares_multi_f32; the table's addresses are live.
+        unsafe { builder.launch(self.config()) }.map_err(err)?;
+        Ok(self.dev.clone_dtoh(&out)?[0])
+    }
+
+    /// Updates every parameter and its moments in place.
+    pub fn step(&self, s: &crate::optim::AdamwScalars) -> Result<()> {
+        let func = self
+            .dev
+            .get_or_load_custom_func("adamw_multi_f32", MODULE, ptx()?)?;
+        let mut builder = func.builder();
+        builder.arg(&self.table);
+        for x in [
+            &s.lr,
+            &s.beta1,
+            &s.beta2,
+            &s.eps,
+            &s.decay,
+            &s.bias_correction1,
+            &s.bias_correction2,
+            &s.grad_scale,
+        ] {
+            builder.arg(x);
+        }
+        // SAFETY: the arguments match adamw_multi_f32; the table's addresses are live and
+        // each tensor is written by its own blocks only.
+        unsafe { builder.launch(self.config()) }.map_err(err)?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// NVRTC needs no GPU: the kernel source must compile wherever the `cuda` feature builds.
@@ -494,6 +603,9 @@ mod tests {
             "flash_bwd_delta_bf16",
             "flash_bwd_dq_bf16",
         ] {
+            assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing");
+        }
+        for name in ["adamw_multi_f32", "sum_squares_multi_f32"] {
             assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing");
         }
         assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));

@@ -14,6 +14,7 @@ mod device;
 mod fused;
 mod grad;
 mod ops;
+mod optim;
 mod softmax;
 mod weight;
 
@@ -31,6 +32,7 @@ pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
     cross_entropy_chunked, frozen_linear, linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
 };
+pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw};
 pub use softmax::{causal_softmax, causal_softmax_backward};
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 

@@ -217,11 +217,68 @@ impl AdamW {
         Ok(())
     }
 
+    /// Clips the gradients to a global norm of `max_norm` (none when it is 0) and makes one
+    /// update with learning rate `lr`; returns the norm before clipping. When that norm is not
+    /// finite, nothing is updated. On a GPU with f32 moments both are one kernel launch each
+    /// over all tensors ([`peft_ops::FusedAdamw`]), the gradients left as they are.
+    pub fn step_clipped(&mut self, grads: &mut GradStore, max_norm: f64, lr: f64) -> Result<f64> {
+        if let Some(fused) = self.fused(grads)? {
+            let norm = fused.grad_sum_squares()?.sqrt();
+            if norm.is_finite() {
+                self.step += 1;
+                let (bc1, bc2) = self.bias_corrections();
+                fused.step(&peft_ops::AdamwScalars {
+                    lr: lr as f32,
+                    beta1: self.beta1 as f32,
+                    beta2: self.beta2 as f32,
+                    eps: self.eps as f32,
+                    decay: (1.0 - lr * self.weight_decay) as f32,
+                    bias_correction1: bc1 as f32,
+                    bias_correction2: bc2 as f32,
+                    grad_scale: clip_factor(norm, max_norm) as f32,
+                })?;
+            }
+            return Ok(norm);
+        }
+        let norm = clip_grad_norm(grads, &self.params, max_norm)?;
+        if norm.is_finite() {
+            self.step(grads, lr)?;
+        }
+        Ok(norm)
+    }
+
+    /// The fused GPU step, when every parameter has a gradient and f32 moments and all are
+    /// contiguous f32 CUDA tensors.
+    fn fused(&self, grads: &GradStore) -> Result<Option<peft_ops::FusedAdamw>> {
+        if !self.params.first().is_some_and(|p| p.device().is_cuda()) {
+            return Ok(None);
+        }
+        let mut slots = Vec::with_capacity(self.params.len());
+        for (p, moments) in self.params.iter().zip(&self.moments) {
+            let (Some(grad), Moments::F32 { m, v }) = (grads.get(p.as_tensor()), moments) else {
+                return Ok(None);
+            };
+            slots.push(peft_ops::AdamwSlot {
+                param: p.as_tensor(),
+                grad,
+                m,
+                v,
+            });
+        }
+        peft_ops::FusedAdamw::new(&slots)
+    }
+
+    fn bias_corrections(&self) -> (f64, f64) {
+        (
+            1.0 - self.beta1.powi(self.step as i32),
+            1.0 - self.beta2.powi(self.step as i32),
+        )
+    }
+
     /// One update with learning rate `lr`. Parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        let (bc1, bc2) = self.bias_corrections();
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
@@ -270,6 +327,16 @@ impl AdamW {
     }
 }
 
+/// What clipping to `max_norm` multiplies gradients of global norm `norm` by (PyTorch's
+/// `max_norm / (norm + 1e-6)` when the norm exceeds it; `max_norm` 0 turns clipping off).
+fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
 /// Global L2 norm of the gradients of `params`. The squares are summed on the device and read
 /// back once: one host synchronisation per step, not one per tensor.
 pub fn grad_norm(grads: &GradStore, params: &[Var]) -> Result<f64> {
@@ -293,8 +360,8 @@ pub fn grad_norm(grads: &GradStore, params: &[Var]) -> Result<f64> {
 /// `clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut GradStore, params: &[Var], max_norm: f64) -> Result<f64> {
     let norm = grad_norm(grads, params)?;
-    if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    let scale = clip_factor(norm, max_norm);
+    if scale != 1.0 {
         for p in params {
             if let Some(g) = grads.remove(p.as_tensor()) {
                 grads.insert(p.as_tensor(), (g * scale)?);

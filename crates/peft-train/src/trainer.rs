@@ -5,7 +5,7 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{epoch_order, Batch, Example};
-use crate::optim::{clip_grad_norm, AdamW, OptimKind};
+use crate::optim::{AdamW, OptimKind};
 use crate::schedule::{LrSchedule, SchedulerKind};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -252,7 +252,7 @@ impl Trainer<'_> {
             .into());
         }
         let mut grads = acc.context("empty accumulation group")?;
-        let grad_norm = clip_grad_norm(&mut grads, opt.params(), self.args.max_grad_norm)?;
+        let grad_norm = opt.step_clipped(&mut grads, self.args.max_grad_norm, lr)?;
         if !grad_norm.is_finite() {
             return Err(NonFinite {
                 what: "gradient norm",
@@ -261,7 +261,6 @@ impl Trainer<'_> {
             }
             .into());
         }
-        opt.step(&grads, lr)?;
         Ok(StepOutput { loss, grad_norm })
     }
 

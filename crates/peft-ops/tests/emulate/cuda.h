@@ -118,9 +118,10 @@ inline void emu_mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
     std::memcpy(d, out, 16);
 }
 
-inline float atomicAdd(float* p, float v) {
+template <class T>
+inline T atomicAdd(T* p, T v) {
     std::lock_guard<std::mutex> hold(emu::atomic_lock);
-    float old = *p;
+    T old = *p;
     *p = old + v;
     return old;
 }

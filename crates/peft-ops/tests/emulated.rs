@@ -1,0 +1,301 @@
+//! Our CUDA kernels run on the CPU under the emulation of `tests/emulate` (one thread per CUDA
+//! thread, `mma.sync` rebuilt from its fragments), against CPU references:
+//! - flash attention (`src/kernels/attention.cu`) against `causal_self_attention` in f32:
+//!   output and the gradients of q, k and v, with grouped-query heads, RoPE, a sequence that is
+//!   not a multiple of the 64-row tile, and head sizes 64 and 128;
+//! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64.
+//!
+//! Needs a C++20 compiler (`CXX`, default `g++`).
+
+use candle_core::{DType, Device, Tensor, Var};
+use peft_ops::causal_self_attention;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+mod common;
+use common::{max_abs, randn};
+
+/// Builds `tests/emulate/<name>.cpp` once per test run and returns the program.
+fn emulator(name: &str) -> PathBuf {
+    static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap();
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some(bin) = built.get(name) {
+        return bin.clone();
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulate");
+    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("emulated_{name}"));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let status = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-fno-strict-aliasing",
+            "-DPEFT_EMULATE",
+        ])
+        .arg(dir.join(format!("{name}.cpp")))
+        .arg("-o")
+        .arg(&bin)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cxx}: {e}"));
+    assert!(
+        status.success(),
+        "{cxx} could not build tests/emulate/{name}.cpp"
+    );
+    built.insert(name.into(), bin.clone());
+    bin
+}
+
+/// Runs emulator `name` on `input` and returns its output.
+fn emulate(name: &str, case: &str, input: &[u8]) -> Vec<u8> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let (inp, out) = (
+        dir.join(format!("{case}.in")),
+        dir.join(format!("{case}.out")),
+    );
+    std::fs::write(&inp, input).unwrap();
+    let status = Command::new(emulator(name))
+        .arg(&inp)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the emulated {name} kernels failed");
+    std::fs::read(&out).unwrap()
+}
+
+fn to_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// `randn` rounded to bf16, as f32.
+fn bf16_values(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+    (randn(shape, seed) * scale)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+fn bf16_bytes(t: &Tensor) -> Vec<u8> {
+    let v = t.to_dtype(DType::BF16).unwrap().flatten_all().unwrap();
+    let v = v.to_vec1::<half::bf16>().unwrap();
+    v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()
+}
+
+fn f32_bytes(t: &Tensor) -> Vec<u8> {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// RoPE tables `[t, d / 2]` with HF's default base.
+fn rope_tables(t: usize, d: usize) -> (Tensor, Tensor) {
+    let half = d / 2;
+    let angles: Vec<f32> = (0..t)
+        .flat_map(|p| (0..half).map(move |i| p as f32 / 10_000f32.powf(2.0 * i as f32 / d as f32)))
+        .collect();
+    let a = Tensor::from_vec(angles, (t, half), &Device::Cpu).unwrap();
+    (a.cos().unwrap(), a.sin().unwrap())
+}
+
+fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let scale = max_abs(want);
+    let diff = max_abs(&(got - want).unwrap());
+    println!("{what}: max abs diff {diff:.3e}, reference scale {scale:.3e}");
+    assert!(
+        diff <= tol * scale,
+        "{what}: max abs diff {diff} exceeds {tol} of the reference scale {scale}"
+    );
+}
+
+fn compare(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) {
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = bf16_values(&[b, t, heads * d], 1, 2.0);
+    let k = bf16_values(&[b, t, kv_heads * d], 2, 2.0);
+    let v = bf16_values(&[b, t, kv_heads * d], 3, 1.0);
+    let dout = bf16_values(&[b, t, heads * d], 4, 1.0);
+    let (cos, sin) = rope_tables(t, d);
+
+    let vars: Vec<Var> = [&q, &k, &v]
+        .iter()
+        .map(|x| Var::from_tensor(x).unwrap())
+        .collect();
+    let o = causal_self_attention(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+        &cos,
+        &sin,
+        heads,
+        kv_heads,
+        scale,
+    )
+    .unwrap();
+    let grads = (&o * &dout).unwrap().sum_all().unwrap().backward().unwrap();
+    let grad = |i: usize| grads.get(vars[i].as_tensor()).unwrap().clone();
+
+    let mut bytes: Vec<u8> = [b, t, heads, kv_heads, d]
+        .iter()
+        .flat_map(|&x| (x as i32).to_le_bytes())
+        .collect();
+    bytes.extend((scale as f32).to_le_bytes());
+    for x in [&q, &k, &v, &dout] {
+        bytes.extend(bf16_bytes(x));
+    }
+    bytes.extend(f32_bytes(&cos));
+    bytes.extend(f32_bytes(&sin));
+    let case = format!("flash_{b}_{t}_{heads}_{kv_heads}_{d}");
+    let floats = to_f32s(&emulate("flash", &case, &bytes));
+    let (nq, nk, nl) = (b * t * heads * d, b * t * kv_heads * d, b * heads * t);
+    assert_eq!(floats.len(), 2 * nq + nl + 2 * nk, "output size");
+    let mut at = 0;
+    let mut next = |n: usize, shape: &[usize]| {
+        let t = Tensor::from_vec(floats[at..at + n].to_vec(), shape, &Device::Cpu).unwrap();
+        at += n;
+        t
+    };
+    let o_emu = next(nq, &[b, t, heads * d]);
+    let lse = next(nl, &[b, heads, t]);
+    let dq = next(nq, &[b, t, heads * d]);
+    let dk = next(nk, &[b, t, kv_heads * d]);
+    let dv = next(nk, &[b, t, kv_heads * d]);
+
+    check("output", &o_emu, &o, 1e-2);
+    check("dq", &dq, &grad(0), 2e-2);
+    check("dk", &dk, &grad(1), 2e-2);
+    check("dv", &dv, &grad(2), 2e-2);
+    // The log-sum-exp of the scaled, rotated scores, recomputed here in f32.
+    let split = |x: &Tensor, n: usize| {
+        x.reshape((b, t, n, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let qr = peft_ops::rope(&split(&q, heads), &cos, &sin).unwrap();
+    let kr = peft_ops::rope(&split(&k, kv_heads), &cos, &sin).unwrap();
+    let kr = kr
+        .unsqueeze(2)
+        .unwrap()
+        .broadcast_as((b, kv_heads, heads / kv_heads, t, d))
+        .unwrap()
+        .reshape((b, heads, t, d))
+        .unwrap();
+    let scores = (qr.matmul(&kr.t().unwrap()).unwrap() * scale).unwrap();
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+    let want = scores
+        .broadcast_add(&mask)
+        .unwrap()
+        .exp()
+        .unwrap()
+        .sum(3)
+        .unwrap()
+        .log()
+        .unwrap();
+    let diff = max_abs(&(&lse - &want).unwrap());
+    println!("lse: max abs diff {diff:.3e}");
+    assert!(diff < 2e-2, "lse: max abs diff {diff}");
+}
+
+#[test]
+fn flash_attention_head_dim_64_grouped_query() {
+    compare(1, 80, 4, 2, 64);
+}
+
+#[test]
+fn flash_attention_head_dim_128_two_batches() {
+    compare(2, 70, 2, 1, 128);
+}
+
+/// Three tensors of different sizes (one spans several blocks), clipping on, weight decay on,
+/// at step 3 (bias corrections below 1): parameters and moments within 1e-6 relative of the
+/// rule computed in f64, and the squared-gradient sum within 1e-5 relative.
+#[test]
+fn fused_adamw_matches_the_pytorch_rule() {
+    let sizes = [5usize, 700, 3000];
+    let (lr, beta1, beta2, eps, weight_decay): (f64, f64, f64, f64, f64) =
+        (1e-3, 0.9, 0.999, 1e-8, 0.01);
+    let step = 3;
+    let (bc1, bc2) = (1.0 - beta1.powi(step), 1.0 - beta2.powi(step));
+    let grad_scale = 0.5f64;
+    let scalars = [
+        lr,
+        beta1,
+        beta2,
+        eps,
+        1.0 - lr * weight_decay,
+        bc1,
+        bc2,
+        grad_scale,
+    ];
+    let values = |n: usize, seed: u64, lo: f32| -> Vec<f32> {
+        let r = randn(&[n], seed).to_vec1::<f32>().unwrap();
+        r.iter()
+            .map(|x| if lo > 0.0 { lo + x.abs() } else { *x })
+            .collect()
+    };
+    let mut input: Vec<u8> = (sizes.len() as i32).to_le_bytes().to_vec();
+    for s in scalars {
+        input.extend((s as f32).to_le_bytes());
+    }
+    let mut tensors = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let seed = 100 + 10 * i as u64;
+        let (p, g) = (values(n, seed, 0.0), values(n, seed + 1, 0.0));
+        let (m, v) = (values(n, seed + 2, 0.0), values(n, seed + 3, 1e-3));
+        input.extend((n as i64).to_le_bytes());
+        for x in [&p, &g, &m, &v] {
+            input.extend(x.iter().flat_map(|f| f.to_le_bytes()));
+        }
+        tensors.push((p, g, m, v));
+    }
+    let out = emulate("optim", "adamw", &input);
+    let sum = f64::from_le_bytes(out[..8].try_into().unwrap());
+    let floats = to_f32s(&out[8..]);
+    let want_sum: f64 = tensors
+        .iter()
+        .flat_map(|(_, g, _, _)| g.iter().map(|&x| x as f64 * x as f64))
+        .sum();
+    assert!(
+        (sum - want_sum).abs() <= 1e-5 * want_sum,
+        "squared gradient sum {sum}, want {want_sum}"
+    );
+    let mut at = 0;
+    for (p, g, m, v) in &tensors {
+        let n = p.len();
+        let (got_p, got_m, got_v) = (
+            &floats[at..at + n],
+            &floats[at + n..at + 2 * n],
+            &floats[at + 2 * n..at + 3 * n],
+        );
+        at += 3 * n;
+        for j in 0..n {
+            let gj = g[j] as f64 * grad_scale;
+            let mj = beta1 * m[j] as f64 + (1.0 - beta1) * gj;
+            let vj = beta2 * v[j] as f64 + (1.0 - beta2) * gj * gj;
+            let pj = p[j] as f64 * (1.0 - lr * weight_decay)
+                - lr * (mj / bc1) / ((vj / bc2).sqrt() + eps);
+            for (what, got, want) in [
+                ("p", got_p[j], pj),
+                ("m", got_m[j], mj),
+                ("v", got_v[j], vj),
+            ] {
+                assert!(
+                    (got as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "{what}[{j}] of a tensor of {n}: {got}, want {want}"
+                );
+            }
+        }
+    }
+    assert_eq!(at, floats.len(), "output size");
+}
