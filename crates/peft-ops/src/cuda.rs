@@ -258,6 +258,47 @@ pub(crate) fn swiglu_bwd(
     dispatch!(g.0.dtype(), f(g, u, grad))
 }
 
+/// Per-row cross-entropy losses of `logits` `[rows, vocab]` (f32 or bf16, contiguous) against
+/// `labels` `[rows]` (i64; negative: not counted, loss 0), and when `grad` the logits' gradient
+/// `(softmax − one_hot) · inv_denom` (0 on rows not counted) in the logits' dtype.
+pub(crate) fn cross_entropy_rows(
+    logits: &Tensor,
+    labels: &Tensor,
+    inv_denom: f32,
+    grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        logits: &Tensor,
+        labels: &Tensor,
+        inv_denom: f32,
+        grad: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (rows, vocab) = logits.dims2()?;
+        let dev = cuda_device(logits)?;
+        let (ls, ll) = logits.storage_and_layout();
+        let (bs, bl) = labels.storage_and_layout();
+        let (lv, bv) = (view::<T>(&ls, ll)?, view::<i64>(&bs, bl)?);
+        // SAFETY: one loss per row, written by that row's block.
+        let loss = unsafe { dev.alloc::<f32>(rows)? };
+        // SAFETY: written in full when `grad`; a one-element placeholder otherwise.
+        let dlogits = unsafe { dev.alloc::<T>(if grad { rows * vocab } else { 1 })? };
+        let func = dev.get_or_load_custom_func(
+            &format!("cross_entropy_rows_{}", suffix(T::DTYPE)?),
+            MODULE,
+            ptx()?,
+        )?;
+        let (vocab_, grad_) = (vocab as i32, grad as i32);
+        let mut builder = func.builder();
+        builder.arg(&lv).arg(&bv).arg(&dlogits).arg(&loss);
+        builder.arg(&vocab_).arg(&inv_denom).arg(&grad_);
+        // SAFETY: the arguments match cross_entropy_rows_{f32,bf16} in kernels/ops.cu.
+        unsafe { builder.launch(rows_config(rows)) }.map_err(err)?;
+        let dlogits = grad.then(|| wrap(dlogits, &dev, &[rows, vocab]));
+        Ok((wrap(loss, &dev, &[rows]), dlogits))
+    }
+    dispatch!(logits.dtype(), f(logits, labels, inv_denom, grad))
+}
+
 /// Rows per tile and threads per block of the flash attention kernels (`FA_TILE`,
 /// `FA_THREADS` in `kernels/attention.cu`).
 const FA_TILE: usize = 64;
@@ -587,6 +628,7 @@ mod tests {
             "rms_norm_bwd",
             "swiglu_fwd",
             "swiglu_bwd",
+            "cross_entropy_rows",
         ] {
             for dtype in ["f32", "bf16"] {
                 assert!(

@@ -248,6 +248,25 @@ pub fn cross_entropy_chunked(
     Ok((loss, n_valid))
 }
 
+/// Per-row losses (0 where the label does not count) and, when `grad`, the logits' gradient
+/// scaled by `1 / denom`, by one CUDA kernel (f32 or bf16 logits); `None` elsewhere.
+fn fused_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    denom: f64,
+    grad: bool,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    #[cfg(feature = "cuda")]
+    if crate::has_kernel(logits) && logits.device().is_cuda() {
+        let logits = logits.contiguous()?;
+        let labels = labels.contiguous()?;
+        return crate::cuda::cross_entropy_rows(&logits, &labels, (1.0 / denom) as f32, grad)
+            .map(Some);
+    }
+    let _ = (logits, labels, denom, grad);
+    Ok(None)
+}
+
 /// [`cross_entropy_chunked`] with candle ops (GPUs, other dtypes): the mean loss and the
 /// gradients of the inputs that track them.
 fn cross_entropy_composed(
@@ -274,22 +293,36 @@ fn cross_entropy_composed(
         let len = chunk_rows.min(n - start);
         let h = hidden_d.narrow(0, start, len)?.to_dtype(weight.dtype())?;
         let lab = labels.narrow(0, start, len)?;
-        let mask = valid.narrow(0, start, len)?.to_dtype(DType::F32)?;
-        let logits = frozen_matmul(&h, &weight, true)?.to_dtype(DType::F32)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let exp = shifted.exp()?;
-        let sum_exp = exp.sum_keepdim(D::Minus1)?;
-        let safe_lab = lab.clamp(0i64, vocab as i64 - 1)?.unsqueeze(1)?;
-        let target = shifted.gather(&safe_lab, 1)?;
-        let row_loss = (sum_exp.log()? - target)?.squeeze(1)?;
-        loss_sum = (loss_sum + (row_loss * &mask)?.sum_all()?)?;
-        if need_grad || weight_grad {
-            let probs = exp.broadcast_div(&sum_exp)?;
-            let one_hot = vocab_ids.broadcast_eq(&safe_lab)?.to_dtype(DType::F32)?;
-            let dlogits = (probs - one_hot)?
-                .broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?
-                .to_dtype(weight.dtype())?;
+        let logits = frozen_matmul(&h, &weight, true)?;
+        let want_grad = need_grad || weight_grad;
+        let (row_loss, dlogits) = match fused_cross_entropy(&logits, &lab, denom, want_grad)? {
+            Some(fused) => fused,
+            None => {
+                let mask = valid.narrow(0, start, len)?.to_dtype(DType::F32)?;
+                let logits = logits.to_dtype(DType::F32)?;
+                let max = logits.max_keepdim(D::Minus1)?;
+                let shifted = logits.broadcast_sub(&max)?;
+                let exp = shifted.exp()?;
+                let sum_exp = exp.sum_keepdim(D::Minus1)?;
+                let safe_lab = lab.clamp(0i64, vocab as i64 - 1)?.unsqueeze(1)?;
+                let target = shifted.gather(&safe_lab, 1)?;
+                let row_loss = ((sum_exp.log()? - target)?.squeeze(1)? * &mask)?;
+                let dlogits = if want_grad {
+                    let probs = exp.broadcast_div(&sum_exp)?;
+                    let one_hot = vocab_ids.broadcast_eq(&safe_lab)?.to_dtype(DType::F32)?;
+                    Some(
+                        (probs - one_hot)?
+                            .broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?
+                            .to_dtype(weight.dtype())?,
+                    )
+                } else {
+                    None
+                };
+                (row_loss, dlogits)
+            }
+        };
+        loss_sum = (loss_sum + row_loss.sum_all()?)?;
+        if let Some(dlogits) = dlogits {
             if need_grad {
                 grads.push(frozen_matmul(&dlogits, &weight, false)?);
             }

@@ -3,7 +3,8 @@
 //! - flash attention (`src/kernels/attention.cu`) against `causal_self_attention` in f32:
 //!   output and the gradients of q, k and v, with grouped-query heads, RoPE, a sequence that is
 //!   not a multiple of the 64-row tile, and head sizes 64 and 128;
-//! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64.
+//! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64;
+//! - the cross-entropy row kernel (`src/kernels/ops.cu`) against log-softmax in f64.
 //!
 //! Needs a C++20 compiler (`CXX`, default `g++`).
 
@@ -298,4 +299,56 @@ fn fused_adamw_matches_the_pytorch_rule() {
         }
     }
     assert_eq!(at, floats.len(), "output size");
+}
+
+/// Rows of a vocabulary that is not a multiple of the block, one label not counted: losses and
+/// logits gradients within 1e-5 of log-softmax computed in f64.
+#[test]
+fn fused_cross_entropy_rows_match_log_softmax() {
+    let (rows, vocab) = (5usize, 1000usize);
+    let logits = (randn(&[rows * vocab], 200) * 4.0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let labels: [i64; 5] = [3, 999, -100, 0, 517];
+    let inv_denom = 0.25f32;
+    let mut input: Vec<u8> = [rows as i32, vocab as i32]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    input.extend(inv_denom.to_le_bytes());
+    input.extend(logits.iter().flat_map(|x| x.to_le_bytes()));
+    input.extend(labels.iter().flat_map(|x| x.to_le_bytes()));
+    let out = to_f32s(&emulate("cross_entropy", "cross_entropy", &input));
+    assert_eq!(out.len(), rows + rows * vocab, "output size");
+    for (r, &label) in labels.iter().enumerate() {
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+        let counted = label >= 0;
+        let want_loss = if counted {
+            sum.ln() + max - row[label as usize] as f64
+        } else {
+            0.0
+        };
+        assert!(
+            (out[r] as f64 - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()),
+            "row {r}: loss {}, want {want_loss}",
+            out[r]
+        );
+        for (j, &x) in row.iter().enumerate() {
+            let p = (x as f64 - max).exp() / sum;
+            let one_hot = if j as i64 == label { 1.0 } else { 0.0 };
+            let want = if counted {
+                (p - one_hot) * inv_denom as f64
+            } else {
+                0.0
+            };
+            let got = out[rows + r * vocab + j] as f64;
+            assert!(
+                (got - want).abs() <= 1e-6,
+                "row {r}, logit {j}: gradient {got}, want {want}"
+            );
+        }
+    }
 }

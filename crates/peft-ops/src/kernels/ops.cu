@@ -119,6 +119,33 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* grad, T* out, long l
     }
 }
 
+// Cross-entropy of rows of logits (one block per row of `vocab`): row_loss = logsumexp − the
+// label's logit (0 for a label < 0), and, when `grad` is set, dlogits = (softmax − one_hot) ·
+// weight, with weight = inv_denom for counted rows and 0 otherwise. Three passes over the row
+// (max, sum of exponentials, gradient) replace a dozen full-size f32 temporaries.
+template <typename T>
+__device__ void cross_entropy_rows(const T* logits, const long long* labels, T* dlogits,
+                                   float* row_loss, int vocab, float inv_denom, int grad) {
+    __shared__ float sh[32];
+    long long off = (long long)blockIdx.x * vocab;
+    long long label = labels[blockIdx.x];
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, ld(logits, off + j));
+    m = block_reduce(m, sh, true);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(ld(logits, off + j) - m);
+    s = block_reduce(s, sh, false);
+    bool counted = label >= 0 && label < vocab;
+    if (threadIdx.x == 0)
+        row_loss[blockIdx.x] = counted ? logf(s) + m - ld(logits, off + label) : 0.f;
+    if (!grad) return;
+    float w = counted ? inv_denom : 0.f, inv = 1.f / s;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float p = expf(ld(logits, off + j) - m) * inv;
+        st(dlogits, off + j, (p - (j == label ? 1.f : 0.f)) * w);
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                       \
     extern "C" __global__ void causal_softmax_fwd_##S(const T* x, T* y, int q, int k,         \
                                                       float scale) {                          \
@@ -131,6 +158,11 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* grad, T* out, long l
     extern "C" __global__ void rms_norm_bwd_##S(const T* x, const T* w, const T* g, T* dx,    \
                                                 int d, float eps) {                           \
         rms_norm_bwd<T>(x, w, g, dx, d, eps);                                                  \
+    }                                                                                          \
+    extern "C" __global__ void cross_entropy_rows_##S(const T* logits, const long long* labels, \
+                                                      T* dlogits, float* row_loss, int vocab,  \
+                                                      float inv_denom, int grad) {             \
+        cross_entropy_rows<T>(logits, labels, dlogits, row_loss, vocab, inv_denom, grad);     \
     }                                                                                          \
     extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, long long n) {    \
         swiglu_fwd<T>(g, u, y, n);                                                             \

@@ -1,0 +1,38 @@
+// Runs cross_entropy_rows_f32 of src/kernels/ops.cu under the CPU emulation:
+//   cross_entropy <input> <output>
+// input: i32 rows, vocab; f32 inv_denom; f32 logits (rows x vocab); i64 labels (rows).
+// output: f32 row losses, then f32 logits gradient. Launch shape as in src/cuda.rs.
+#include "cuda.h"
+#include "../../src/kernels/ops.cu"
+#include <cstdio>
+#include <cstdlib>
+
+template <class T>
+static std::vector<T> take(FILE* f, size_t n) {
+    std::vector<T> v(n);
+    if (fread(v.data(), sizeof(T), n, f) != n) { fprintf(stderr, "short input\n"); exit(1); }
+    return v;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) { fprintf(stderr, "usage: cross_entropy <input> <output>\n"); return 2; }
+    FILE* in = fopen(argv[1], "rb");
+    if (!in) { perror(argv[1]); return 1; }
+    auto dims = take<int>(in, 2);
+    int rows = dims[0], vocab = dims[1];
+    float inv_denom = take<float>(in, 1)[0];
+    auto logits = take<float>(in, (size_t)rows * vocab);
+    auto labels = take<long long>(in, rows);
+    fclose(in);
+    std::vector<float> loss(rows), grad((size_t)rows * vocab);
+    emu::launch({(unsigned)rows}, {256}, 0, [&] {
+        cross_entropy_rows_f32(logits.data(), labels.data(), grad.data(), loss.data(), vocab,
+                               inv_denom, 1);
+    });
+    FILE* out = fopen(argv[2], "wb");
+    if (!out) { perror(argv[2]); return 1; }
+    fwrite(loss.data(), 4, loss.size(), out);
+    fwrite(grad.data(), 4, grad.size(), out);
+    fclose(out);
+    return 0;
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, with .gpu/ from scripts/gpu/prepare.sh: the CUDA
+# tests, then the benchmark against HF PEFT (bench/vs_hf_gpu.sh). Everything goes to $OUT in
+# five files: log.txt (tests and bench output), errors.txt (each bench case's stderr),
+# hf_anchor.jsonl, peft_gpu.jsonl and vs_hf_gpu.md.
+#   scripts/gpu/check.sh [--tests-only | --bench-only] [--skip-hf FILE]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-bench/out}
+mkdir -p "$out"
+what=all skip=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tests-only) what=tests; shift ;;
+    --bench-only) what=bench; shift ;;
+    --skip-hf) skip=(--skip-hf "$2"); shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+bin=/tmp/peft-gpu
+mkdir -p "$bin"
+for f in .gpu/*.gz; do
+  gunzip -c "$f" > "$bin/$(basename "$f" .gz)" && chmod +x "$bin/$(basename "$f" .gz)"
+done
+log=$out/log.txt
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
+  if [ "$what" != bench ]; then
+    for crate in peft-ops peft-train; do
+      echo "== $crate CUDA tests"
+      (cd "crates/$crate" && timeout 300 "$bin/test-$crate" --test-threads=1 --nocapture)
+      echo "exit status $?"
+    done
+  fi
+  if [ "$what" != tests ]; then
+    echo "== benchmark"
+    CASE_TIMEOUT=${CASE_TIMEOUT:-150} bench/vs_hf_gpu.sh --peft "$bin/peft" --out "$out" "${skip[@]}"
+  fi
+} > "$log" 2>&1
+for f in "$out"/err_*.txt; do
+  [ -e "$f" ] || continue
+  echo "== $(basename "$f")"; cat "$f"; rm -f "$f"
+done > "$out/errors.txt"
+tail -n 40 "$log"

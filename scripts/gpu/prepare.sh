@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds here (no GPU needed) what a GPU session runs: the `peft` binary and the CUDA test
+# programs, with the `cuda` feature, gzipped into .gpu/ (git-ignored). Then, on the GPU
+# machine, run scripts/gpu/check.sh with .gpu carried along (docs/gpu.md).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+eval "$(../shared/gpu/setup-cuda13.sh)"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/peft-rs-cuda-target}
+features=peft-cli/cuda,peft-train/cuda,peft-ops/cuda
+cargo build --release -p peft-cli --features "$features" >&2
+# The test programs named `cuda` of peft-ops and peft-train, as cargo reports them.
+mapfile -t tests < <(cargo test --release --no-run -p peft-ops -p peft-train --features "$features" \
+    --test cuda --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["package_id"].split("#")[0].rsplit("/", 1)[-1] + " " + m["executable"])
+')
+rm -rf .gpu && mkdir .gpu
+gzip -9c "$CARGO_TARGET_DIR/release/peft" > .gpu/peft.gz
+for t in "${tests[@]}"; do
+  read -r crate exe <<<"$t"
+  gzip -9c "$exe" > ".gpu/test-$crate.gz"
+done
+ls -l .gpu >&2
+du -sh .gpu >&2
