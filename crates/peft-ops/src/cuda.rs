@@ -299,6 +299,112 @@ pub(crate) fn cross_entropy_rows(
     dispatch!(logits.dtype(), f(logits, labels, inv_denom, grad))
 }
 
+/// A 4-bit weight ([`peft_quant::Quant4`]) in GPU memory: codes, block scales (plain, or
+/// double-quantized with their second-level scales) and the code tables.
+#[derive(Debug)]
+pub(crate) struct DeviceQuant4 {
+    packed: Tensor,
+    code4: Tensor,
+    scales: DeviceScales,
+    len: usize,
+    blocksize: usize,
+}
+
+#[derive(Debug)]
+enum DeviceScales {
+    Plain(Tensor),
+    Double {
+        codes: Tensor,
+        absmax2: Tensor,
+        code2: Tensor,
+        offset: f32,
+        blocksize2: usize,
+    },
+}
+
+impl DeviceQuant4 {
+    pub(crate) fn upload(q: &peft_quant::Quant4, device: &Device) -> Result<Self> {
+        let f32s = |v: &[f32]| Tensor::from_slice(v, v.len(), device);
+        let scales = match &q.absmax {
+            peft_quant::Absmax::Plain(a) => DeviceScales::Plain(f32s(a)?),
+            peft_quant::Absmax::Double { q: aq, offset } => DeviceScales::Double {
+                codes: Tensor::from_slice(&aq.codes, aq.codes.len(), device)?,
+                absmax2: f32s(&aq.absmax)?,
+                code2: f32s(&peft_quant::dynamic_map(true))?,
+                offset: *offset,
+                blocksize2: aq.blocksize,
+            },
+        };
+        Ok(Self {
+            packed: Tensor::from_slice(&q.packed, q.packed.len(), device)?,
+            code4: f32s(&q.kind.code())?,
+            scales,
+            len: q.len,
+            blocksize: q.blocksize,
+        })
+    }
+
+    /// The dense values as a `shape` tensor of `dtype` (f32 or bf16 directly, others by a cast).
+    pub(crate) fn dequantize(&self, dtype: DType, shape: (usize, usize)) -> Result<Tensor> {
+        fn f<T: CudaDType + DeviceRepr + WithDType>(
+            q: &DeviceQuant4,
+            shape: (usize, usize),
+        ) -> Result<Tensor> {
+            let dev = cuda_device(&q.packed)?;
+            // Unused slots of the plain form get placeholders of the right type.
+            let (absmax, qabsmax, absmax2, code2, offset, blocksize2, double) = match &q.scales {
+                DeviceScales::Plain(a) => (a, &q.packed, &q.code4, &q.code4, 0f32, 1usize, 0i32),
+                DeviceScales::Double {
+                    codes,
+                    absmax2,
+                    code2,
+                    offset,
+                    blocksize2,
+                } => (&q.code4, codes, absmax2, code2, *offset, *blocksize2, 1),
+            };
+            let (ps, pl) = q.packed.storage_and_layout();
+            let (cs, cl) = q.code4.storage_and_layout();
+            let (as_, al) = absmax.storage_and_layout();
+            let (qs, ql) = qabsmax.storage_and_layout();
+            let (a2s, a2l) = absmax2.storage_and_layout();
+            let (c2s, c2l) = code2.storage_and_layout();
+            // SAFETY: every element is written (one thread per byte, both nibbles).
+            let out = unsafe { dev.alloc::<T>(q.len)? };
+            let func = dev.get_or_load_custom_func(
+                &format!("dequantize_4bit_{}", suffix(T::DTYPE)?),
+                MODULE,
+                ptx()?,
+            )?;
+            let (len, bs, bs2) = (q.len as i64, q.blocksize as i32, blocksize2 as i32);
+            let (pv, cv) = (view::<u8>(&ps, pl)?, view::<f32>(&cs, cl)?);
+            let (av, qv) = (view::<f32>(&as_, al)?, view::<u8>(&qs, ql)?);
+            let (a2v, c2v) = (view::<f32>(&a2s, a2l)?, view::<f32>(&c2s, c2l)?);
+            let mut builder = func.builder();
+            builder
+                .arg(&pv)
+                .arg(&cv)
+                .arg(&av)
+                .arg(&qv)
+                .arg(&a2v)
+                .arg(&c2v);
+            builder
+                .arg(&offset)
+                .arg(&out)
+                .arg(&len)
+                .arg(&bs)
+                .arg(&bs2)
+                .arg(&double);
+            // SAFETY: the arguments match dequantize_4bit_{f32,bf16} in kernels/ops.cu.
+            unsafe { builder.launch(elementwise_config(q.len.div_ceil(2))) }.map_err(err)?;
+            Ok(wrap(out, &dev, &[shape.0, shape.1]))
+        }
+        match dtype {
+            DType::F32 | DType::BF16 => dispatch!(dtype, f(self, shape)),
+            _ => f::<f32>(self, shape)?.to_dtype(dtype),
+        }
+    }
+}
+
 /// Rows per tile and threads per block of the flash attention kernels (`FA_TILE`,
 /// `FA_THREADS` in `kernels/attention.cu`).
 const FA_TILE: usize = 64;
@@ -629,6 +735,7 @@ mod tests {
             "swiglu_fwd",
             "swiglu_bwd",
             "cross_entropy_rows",
+            "dequantize_4bit",
         ] {
             for dtype in ["f32", "bf16"] {
                 assert!(

@@ -1,6 +1,7 @@
 //! The weight of a linear layer: dense (possibly trainable), or 4-bit quantized and frozen
 //! (QLoRA). A quantized weight is dequantized on the fly for each matmul, in the forward and
-//! again in the backward pass, so only its 4-bit form stays in memory.
+//! again in the backward pass, so only its 4-bit form stays in memory (on a GPU, in GPU memory,
+//! dequantized by a kernel there).
 
 use crate::{frozen_matmul, with_grad};
 use candle_core::{DType, Device, Result, Tensor};
@@ -16,6 +17,9 @@ pub struct QuantizedWeight {
     /// Dtype the weight is dequantized to for compute.
     pub dtype: DType,
     pub device: Device,
+    /// The 4-bit form in GPU memory, dequantized there for each matmul (none on the CPU).
+    #[cfg(feature = "cuda")]
+    on_device: Option<crate::cuda::DeviceQuant4>,
 }
 
 impl QuantizedWeight {
@@ -23,8 +27,14 @@ impl QuantizedWeight {
     pub fn quantize(w: &Tensor, kind: FourBit, double_quant: bool, dtype: DType) -> Result<Self> {
         let (out_features, in_features) = w.dims2()?;
         let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let q = quantize_4bit(&values, kind, BLOCKSIZE_4BIT, double_quant);
         Ok(Self {
-            q: quantize_4bit(&values, kind, BLOCKSIZE_4BIT, double_quant),
+            #[cfg(feature = "cuda")]
+            on_device: match w.device() {
+                Device::Cuda(_) => Some(crate::cuda::DeviceQuant4::upload(&q, w.device())?),
+                _ => None,
+            },
+            q,
             out_features,
             in_features,
             dtype,
@@ -32,8 +42,12 @@ impl QuantizedWeight {
         })
     }
 
-    /// The dense weight, `[out, in]` in the compute dtype.
+    /// The dense weight, `[out, in]` in the compute dtype (on a GPU, by a kernel there).
     pub fn dequantize(&self) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(q) = &self.on_device {
+            return q.dequantize(self.dtype, (self.out_features, self.in_features));
+        }
         Tensor::from_vec(
             self.q.dequantize(),
             (self.out_features, self.in_features),

@@ -4,7 +4,8 @@
 //!   output and the gradients of q, k and v, with grouped-query heads, RoPE, a sequence that is
 //!   not a multiple of the 64-row tile, and head sizes 64 and 128;
 //! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64;
-//! - the cross-entropy row kernel (`src/kernels/ops.cu`) against log-softmax in f64.
+//! - the cross-entropy row kernel (`src/kernels/ops.cu`) against log-softmax in f64;
+//! - the 4-bit dequantization (`src/kernels/ops.cu`) against peft-quant, bit for bit.
 //!
 //! Needs a C++20 compiler (`CXX`, default `g++`).
 
@@ -349,6 +350,54 @@ fn fused_cross_entropy_rows_match_log_softmax() {
                 (got - want).abs() <= 1e-6,
                 "row {r}, logit {j}: gradient {got}, want {want}"
             );
+        }
+    }
+}
+
+/// NF4 and FP4, with and without double quantization, over more than 256 blocks and an odd
+/// length: the kernel gives exactly the values of the CPU dequantization (which matches
+/// bitsandbytes; see peft-quant's tests).
+#[test]
+fn dequantize_4bit_matches_the_cpu_bit_for_bit() {
+    use peft_quant::{dynamic_map, quantize_4bit, Absmax, FourBit, BLOCKSIZE_4BIT};
+    let len = BLOCKSIZE_4BIT * 300 + 7;
+    let x = (randn(&[len], 300) * 0.05)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for kind in [FourBit::Nf4, FourBit::Fp4] {
+        for double_quant in [false, true] {
+            let q = quantize_4bit(&x, kind, BLOCKSIZE_4BIT, double_quant);
+            let mut input = (len as i64).to_le_bytes().to_vec();
+            let (offset, blocksize2) = match &q.absmax {
+                Absmax::Double { q, offset } => (*offset, q.blocksize),
+                Absmax::Plain(_) => (0.0, 1),
+            };
+            for v in [
+                BLOCKSIZE_4BIT as i32,
+                blocksize2 as i32,
+                double_quant as i32,
+            ] {
+                input.extend(v.to_le_bytes());
+            }
+            input.extend(offset.to_le_bytes());
+            input.extend(kind.code().iter().flat_map(|v| v.to_le_bytes()));
+            input.extend(dynamic_map(true).iter().flat_map(|v| v.to_le_bytes()));
+            input.extend(&q.packed);
+            match &q.absmax {
+                Absmax::Plain(a) => input.extend(a.iter().flat_map(|v| v.to_le_bytes())),
+                Absmax::Double { q, .. } => {
+                    input.extend(&q.codes);
+                    input.extend(q.absmax.iter().flat_map(|v| v.to_le_bytes()));
+                }
+            }
+            let case = format!("dequantize_{kind:?}_{double_quant}");
+            let got = to_f32s(&emulate("dequantize", &case, &input));
+            let want = q.dequantize();
+            assert_eq!(got.len(), want.len(), "{case}: length");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "{case}: value {i}: {g} vs {w}");
+            }
         }
     }
 }

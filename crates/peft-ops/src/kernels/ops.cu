@@ -146,6 +146,28 @@ __device__ void cross_entropy_rows(const T* logits, const long long* labels, T* 
     }
 }
 
+// bitsandbytes' 4-bit blocks to dense values (QLoRA's frozen weights, per matmul): two codes a
+// byte, the first in the high nibble, times the block's scale: absmax[block], or with double
+// quantization code2[qabsmax[block]] * absmax2[block / blocksize2] + offset, rounded as the
+// CPU path rounds (no fused multiply-add). One thread per byte, grid-stride.
+template <typename T>
+__device__ void dequantize_4bit(const unsigned char* packed, const float* code4,
+                                const float* absmax, const unsigned char* qabsmax,
+                                const float* absmax2, const float* code2, float offset, T* out,
+                                long long len, int blocksize, int blocksize2, int double_quant) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; 2 * i < len;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long block = 2 * i / blocksize;
+        float a = double_quant
+                      ? __fadd_rn(__fmul_rn(code2[qabsmax[block]], absmax2[block / blocksize2]),
+                                  offset)
+                      : absmax[block];
+        unsigned char b = packed[i];
+        st(out, 2 * i, __fmul_rn(code4[b >> 4], a));
+        if (2 * i + 1 < len) st(out, 2 * i + 1, __fmul_rn(code4[b & 15], a));
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                       \
     extern "C" __global__ void causal_softmax_fwd_##S(const T* x, T* y, int q, int k,         \
                                                       float scale) {                          \
@@ -163,6 +185,13 @@ __device__ void cross_entropy_rows(const T* logits, const long long* labels, T* 
                                                       T* dlogits, float* row_loss, int vocab,  \
                                                       float inv_denom, int grad) {             \
         cross_entropy_rows<T>(logits, labels, dlogits, row_loss, vocab, inv_denom, grad);     \
+    }                                                                                          \
+    extern "C" __global__ void dequantize_4bit_##S(                                            \
+        const unsigned char* packed, const float* code4, const float* absmax,                  \
+        const unsigned char* qabsmax, const float* absmax2, const float* code2, float offset,  \
+        T* out, long long len, int blocksize, int blocksize2, int double_quant) {              \
+        dequantize_4bit<T>(packed, code4, absmax, qabsmax, absmax2, code2, offset, out, len,   \
+                           blocksize, blocksize2, double_quant);                              \
     }                                                                                          \
     extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, long long n) {    \
         swiglu_fwd<T>(g, u, y, n);                                                             \

@@ -134,3 +134,5 @@ inline unsigned __float_as_uint(float f) {
     return u;
 }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
