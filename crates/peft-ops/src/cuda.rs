@@ -614,62 +614,37 @@ pub(crate) fn flash_attention_bwd(
 }
 
 /// The fused optimizer step (`kernels/optim.cu`) over a fixed set of tensors: their addresses
-/// and sizes, uploaded once per step.
+/// and sizes, uploaded once per step, in one table per kind of moments.
 pub struct FusedAdamw {
     dev: CudaDevice,
-    table: CudaSlice<i64>,
+    f32_moments: Option<Table>,
+    q8_moments: Option<Table>,
+}
+
+/// Entries of one kind of tensors for the kernels.
+struct Table {
+    entries: CudaSlice<i64>,
+    /// Values per entry (5 for f32 moments, 7 for 8-bit ones).
+    stride: i32,
     tensors: usize,
     largest: usize,
 }
 
-impl FusedAdamw {
-    /// The fused step for `slots`, or `None` when they are not all contiguous f32 tensors on
-    /// one CUDA device. The tensors must outlive the step.
-    pub fn new(slots: &[crate::optim::AdamwSlot]) -> Result<Option<Self>> {
-        let Some(first) = slots.first() else {
-            return Ok(None);
-        };
-        let Device::Cuda(dev) = first.param.device() else {
-            return Ok(None);
-        };
-        let dev = dev.clone();
-        let same_device = |t: &Tensor| t.device().same_device(first.param.device());
-        let all = slots.iter().all(|s| {
-            [s.param, s.grad, s.m, s.v]
-                .iter()
-                .all(|t| t.dtype() == DType::F32 && t.is_contiguous() && same_device(t))
-                && [s.grad, s.m, s.v]
-                    .iter()
-                    .all(|t| t.dims() == s.param.dims())
-        });
-        if !all || slots.len() > 65_535 {
+impl Table {
+    fn new(dev: &CudaDevice, values: &[i64], stride: usize) -> Result<Option<Self>> {
+        if values.is_empty() {
             return Ok(None);
         }
-        let stream = dev.cuda_stream();
-        let address = |t: &Tensor| -> Result<i64> {
-            let (storage, layout) = t.storage_and_layout();
-            let Storage::Cuda(c) = &*storage else {
-                candle_core::bail!("peft-ops cuda: tensor is not on the gpu");
-            };
-            let (base, _sync) = c.as_cuda_slice::<f32>()?.device_ptr(&stream);
-            Ok((base + 4 * layout.start_offset() as u64) as i64)
-        };
-        let mut table = Vec::with_capacity(5 * slots.len());
-        for s in slots {
-            for t in [s.param, s.grad, s.m, s.v] {
-                table.push(address(t)?);
-            }
-            table.push(s.param.elem_count() as i64);
-        }
-        let largest = slots
-            .iter()
-            .map(|s| s.param.elem_count())
+        let tensors = values.len() / stride;
+        let largest = values
+            .chunks(stride)
+            .map(|e| e[stride - 1])
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0) as usize;
         Ok(Some(Self {
-            table: dev.clone_htod(&table)?,
-            dev,
-            tensors: slots.len(),
+            entries: dev.clone_htod(values)?,
+            stride: stride as i32,
+            tensors,
             largest,
         }))
     }
@@ -682,6 +657,89 @@ impl FusedAdamw {
             shared_mem_bytes: 0,
         }
     }
+}
+
+impl FusedAdamw {
+    /// The fused step for `slots`, or `None` when they are not all contiguous tensors of the
+    /// expected dtypes and sizes on one CUDA device. The tensors must outlive the step.
+    pub fn new(slots: &[crate::optim::AdamwSlot]) -> Result<Option<Self>> {
+        use crate::optim::SlotMoments;
+        let Some(first) = slots.first() else {
+            return Ok(None);
+        };
+        let Device::Cuda(dev) = first.param.device() else {
+            return Ok(None);
+        };
+        let dev = dev.clone();
+        let fits = |t: &Tensor, dtype: DType, len: usize| {
+            t.dtype() == dtype
+                && t.is_contiguous()
+                && t.elem_count() == len
+                && t.device().same_device(first.param.device())
+        };
+        let all = slots.iter().all(|s| {
+            let n = s.param.elem_count();
+            fits(s.param, DType::F32, n)
+                && fits(s.grad, DType::F32, n)
+                && match s.moments {
+                    SlotMoments::F32 { m, v } => fits(m, DType::F32, n) && fits(v, DType::F32, n),
+                    SlotMoments::Q8 {
+                        m_codes,
+                        m_absmax,
+                        v_codes,
+                        v_absmax,
+                    } => {
+                        let blocks = n.div_ceil(256);
+                        fits(m_codes, DType::U8, n)
+                            && fits(v_codes, DType::U8, n)
+                            && fits(m_absmax, DType::F32, blocks)
+                            && fits(v_absmax, DType::F32, blocks)
+                    }
+                }
+        });
+        if !all || slots.len() > 65_535 {
+            return Ok(None);
+        }
+        let stream = dev.cuda_stream();
+        let address = |t: &Tensor| -> Result<i64> {
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cuda(c) = &*storage else {
+                candle_core::bail!("peft-ops cuda: tensor is not on the gpu");
+            };
+            let (base, offset) = match t.dtype() {
+                DType::U8 => (c.as_cuda_slice::<u8>()?.device_ptr(&stream).0, 1),
+                _ => (c.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+            };
+            Ok((base + offset * layout.start_offset() as u64) as i64)
+        };
+        let (mut f32_entries, mut q8_entries) = (Vec::new(), Vec::new());
+        for s in slots {
+            let (entries, moments) = match s.moments {
+                SlotMoments::F32 { m, v } => (&mut f32_entries, vec![m, v]),
+                SlotMoments::Q8 {
+                    m_codes,
+                    m_absmax,
+                    v_codes,
+                    v_absmax,
+                } => (&mut q8_entries, vec![m_codes, m_absmax, v_codes, v_absmax]),
+            };
+            entries.push(address(s.param)?);
+            entries.push(address(s.grad)?);
+            for t in moments {
+                entries.push(address(t)?);
+            }
+            entries.push(s.param.elem_count() as i64);
+        }
+        Ok(Some(Self {
+            f32_moments: Table::new(&dev, &f32_entries, 5)?,
+            q8_moments: Table::new(&dev, &q8_entries, 7)?,
+            dev,
+        }))
+    }
+
+    fn tables(&self) -> impl Iterator<Item = &Table> {
+        self.f32_moments.iter().chain(&self.q8_moments)
+    }
 
     /// Sum of the squared gradients (one read back to the host).
     pub fn grad_sum_squares(&self) -> Result<f64> {
@@ -689,35 +747,55 @@ impl FusedAdamw {
         let func = self
             .dev
             .get_or_load_custom_func("sum_squares_multi_f32", MODULE, ptx()?)?;
-        let mut builder = func.builder();
-        builder.arg(&self.table).arg(&out);
-        // SAFETY: the arguments match sum_squares_multi_f32; the table's addresses are live.
-        unsafe { builder.launch(self.config()) }.map_err(err)?;
+        for table in self.tables() {
+            let mut builder = func.builder();
+            builder.arg(&table.entries).arg(&table.stride).arg(&out);
+            // SAFETY: the arguments match sum_squares_multi_f32; the addresses are live.
+            unsafe { builder.launch(table.config()) }.map_err(err)?;
+        }
         Ok(self.dev.clone_dtoh(&out)?[0])
     }
 
     /// Updates every parameter and its moments in place.
     pub fn step(&self, s: &crate::optim::AdamwScalars) -> Result<()> {
-        let func = self
-            .dev
-            .get_or_load_custom_func("adamw_multi_f32", MODULE, ptx()?)?;
-        let mut builder = func.builder();
-        builder.arg(&self.table);
-        for x in [
-            &s.lr,
-            &s.beta1,
-            &s.beta2,
-            &s.eps,
-            &s.decay,
-            &s.bias_correction1,
-            &s.bias_correction2,
-            &s.grad_scale,
-        ] {
-            builder.arg(x);
+        let scalars = [
+            s.lr,
+            s.beta1,
+            s.beta2,
+            s.eps,
+            s.decay,
+            s.bias_correction1,
+            s.bias_correction2,
+            s.grad_scale,
+        ];
+        if let Some(table) = &self.f32_moments {
+            let func = self
+                .dev
+                .get_or_load_custom_func("adamw_multi_f32", MODULE, ptx()?)?;
+            let mut builder = func.builder();
+            builder.arg(&table.entries);
+            for x in &scalars {
+                builder.arg(x);
+            }
+            // SAFETY: the arguments match adamw_multi_f32; the addresses are live and each
+            // tensor is written by its own blocks only.
+            unsafe { builder.launch(table.config()) }.map_err(err)?;
         }
-        // SAFETY: the arguments match adamw_multi_f32; the table's addresses are live and
-        // each tensor is written by its own blocks only.
-        unsafe { builder.launch(self.config()) }.map_err(err)?;
+        if let Some(table) = &self.q8_moments {
+            let signed = self.dev.clone_htod(&peft_quant::dynamic_map(true))?;
+            let unsigned = self.dev.clone_htod(&peft_quant::dynamic_map(false))?;
+            let func = self
+                .dev
+                .get_or_load_custom_func("adamw8bit_multi_f32", MODULE, ptx()?)?;
+            let mut builder = func.builder();
+            builder.arg(&table.entries).arg(&signed).arg(&unsigned);
+            for x in &scalars {
+                builder.arg(x);
+            }
+            // SAFETY: the arguments match adamw8bit_multi_f32; each block of 256 elements
+            // (codes and scale) is read and written by one CUDA block.
+            unsafe { builder.launch(table.config()) }.map_err(err)?;
+        }
         Ok(())
     }
 }
@@ -754,7 +832,11 @@ mod tests {
         ] {
             assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing");
         }
-        for name in ["adamw_multi_f32", "sum_squares_multi_f32"] {
+        for name in [
+            "adamw_multi_f32",
+            "adamw8bit_multi_f32",
+            "sum_squares_multi_f32",
+        ] {
             assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing");
         }
         assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));

@@ -32,7 +32,7 @@ pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
     cross_entropy_chunked, frozen_linear, linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
 };
-pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw};
+pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw, SlotMoments};
 pub use softmax::{causal_softmax, causal_softmax_backward};
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 

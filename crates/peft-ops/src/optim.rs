@@ -19,12 +19,25 @@ pub struct AdamwScalars {
     pub grad_scale: f32,
 }
 
-/// Parameters, gradients and moments that one fused step updates in place.
+/// A parameter, its gradient and its moments, which one fused step updates in place.
 pub struct AdamwSlot<'a> {
     pub param: &'a Tensor,
     pub grad: &'a Tensor,
-    pub m: &'a Tensor,
-    pub v: &'a Tensor,
+    pub moments: SlotMoments<'a>,
+}
+
+/// The moments of one [`AdamwSlot`].
+pub enum SlotMoments<'a> {
+    /// f32, the parameter's shape.
+    F32 { m: &'a Tensor, v: &'a Tensor },
+    /// 8-bit codes (u8, one per element) and f32 scales per block of 256: the first moment on
+    /// the signed dynamic map, the second on the unsigned one (bitsandbytes' 8-bit AdamW).
+    Q8 {
+        m_codes: &'a Tensor,
+        m_absmax: &'a Tensor,
+        v_codes: &'a Tensor,
+        v_absmax: &'a Tensor,
+    },
 }
 
 #[cfg(feature = "cuda")]
@@ -36,8 +49,8 @@ pub enum FusedAdamw {}
 
 #[cfg(not(feature = "cuda"))]
 impl FusedAdamw {
-    /// The fused step for `slots`, or `None` when they are not all contiguous f32 tensors on
-    /// one CUDA device.
+    /// The fused step for `slots`, or `None` when they are not all contiguous tensors of the
+    /// expected dtypes on one CUDA device.
     pub fn new(_slots: &[AdamwSlot]) -> candle_core::Result<Option<Self>> {
         Ok(None)
     }

@@ -3,7 +3,8 @@
 //! - flash attention (`src/kernels/attention.cu`) against `causal_self_attention` in f32:
 //!   output and the gradients of q, k and v, with grouped-query heads, RoPE, a sequence that is
 //!   not a multiple of the 64-row tile, and head sizes 64 and 128;
-//! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64;
+//! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64,
+//!   and its 8-bit form against the CPU path bit for bit;
 //! - the cross-entropy row kernel (`src/kernels/ops.cu`) against log-softmax in f64;
 //! - the 4-bit dequantization (`src/kernels/ops.cu`) against peft-quant, bit for bit.
 //!
@@ -219,37 +220,80 @@ fn flash_attention_head_dim_128_two_batches() {
     compare(2, 70, 2, 1, 128);
 }
 
-/// Three tensors of different sizes (one spans several blocks), clipping on, weight decay on,
-/// at step 3 (bias corrections below 1): parameters and moments within 1e-6 relative of the
-/// rule computed in f64, and the squared-gradient sum within 1e-5 relative.
+/// AdamW's scalars at step 3 (bias corrections below 1), clipping and weight decay on.
+struct Adamw {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    decay: f32,
+    bc1: f32,
+    bc2: f32,
+    grad_scale: f32,
+}
+
+impl Adamw {
+    fn new() -> Self {
+        let (lr, beta1, beta2, weight_decay) = (1e-3f64, 0.9f64, 0.999f64, 0.01f64);
+        Self {
+            lr: lr as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            eps: 1e-8,
+            decay: (1.0 - lr * weight_decay) as f32,
+            bc1: (1.0 - beta1.powi(3)) as f32,
+            bc2: (1.0 - beta2.powi(3)) as f32,
+            grad_scale: 0.5,
+        }
+    }
+
+    /// The emulator's input header for `tensors` tensors.
+    fn header(&self, tensors: usize, eight_bit: bool) -> Vec<u8> {
+        let mut input = Vec::new();
+        for v in [tensors as i32, eight_bit as i32] {
+            input.extend(v.to_le_bytes());
+        }
+        let s = [
+            self.lr,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.decay,
+            self.bc1,
+            self.bc2,
+            self.grad_scale,
+        ];
+        for v in s
+            .iter()
+            .chain(&peft_quant::dynamic_map(true))
+            .chain(&peft_quant::dynamic_map(false))
+        {
+            input.extend(v.to_le_bytes());
+        }
+        input
+    }
+}
+
+/// `n` values: uniform in [-1, 1), or `lo + |·|` when `lo` > 0.
+fn values(n: usize, seed: u64, lo: f32) -> Vec<f32> {
+    let r = randn(&[n], seed).to_vec1::<f32>().unwrap();
+    r.iter()
+        .map(|x| if lo > 0.0 { lo + x.abs() } else { *x })
+        .collect()
+}
+
+fn f32_le(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
+    v.iter().flat_map(|f| f.to_le_bytes())
+}
+
+/// Three tensors of different sizes (one spans several blocks): parameters and moments within
+/// 1e-6 relative of PyTorch's rule computed in f64, and the squared-gradient sum within 1e-5
+/// relative.
 #[test]
 fn fused_adamw_matches_the_pytorch_rule() {
     let sizes = [5usize, 700, 3000];
-    let (lr, beta1, beta2, eps, weight_decay): (f64, f64, f64, f64, f64) =
-        (1e-3, 0.9, 0.999, 1e-8, 0.01);
-    let step = 3;
-    let (bc1, bc2) = (1.0 - beta1.powi(step), 1.0 - beta2.powi(step));
-    let grad_scale = 0.5f64;
-    let scalars = [
-        lr,
-        beta1,
-        beta2,
-        eps,
-        1.0 - lr * weight_decay,
-        bc1,
-        bc2,
-        grad_scale,
-    ];
-    let values = |n: usize, seed: u64, lo: f32| -> Vec<f32> {
-        let r = randn(&[n], seed).to_vec1::<f32>().unwrap();
-        r.iter()
-            .map(|x| if lo > 0.0 { lo + x.abs() } else { *x })
-            .collect()
-    };
-    let mut input: Vec<u8> = (sizes.len() as i32).to_le_bytes().to_vec();
-    for s in scalars {
-        input.extend((s as f32).to_le_bytes());
-    }
+    let a = Adamw::new();
+    let mut input = a.header(sizes.len(), false);
     let mut tensors = Vec::new();
     for (i, &n) in sizes.iter().enumerate() {
         let seed = 100 + 10 * i as u64;
@@ -257,7 +301,7 @@ fn fused_adamw_matches_the_pytorch_rule() {
         let (m, v) = (values(n, seed + 2, 0.0), values(n, seed + 3, 1e-3));
         input.extend((n as i64).to_le_bytes());
         for x in [&p, &g, &m, &v] {
-            input.extend(x.iter().flat_map(|f| f.to_le_bytes()));
+            input.extend(f32_le(x));
         }
         tensors.push((p, g, m, v));
     }
@@ -272,6 +316,7 @@ fn fused_adamw_matches_the_pytorch_rule() {
         (sum - want_sum).abs() <= 1e-5 * want_sum,
         "squared gradient sum {sum}, want {want_sum}"
     );
+    let f = |x: f32| x as f64;
     let mut at = 0;
     for (p, g, m, v) in &tensors {
         let n = p.len();
@@ -282,11 +327,11 @@ fn fused_adamw_matches_the_pytorch_rule() {
         );
         at += 3 * n;
         for j in 0..n {
-            let gj = g[j] as f64 * grad_scale;
-            let mj = beta1 * m[j] as f64 + (1.0 - beta1) * gj;
-            let vj = beta2 * v[j] as f64 + (1.0 - beta2) * gj * gj;
-            let pj = p[j] as f64 * (1.0 - lr * weight_decay)
-                - lr * (mj / bc1) / ((vj / bc2).sqrt() + eps);
+            let gj = f(g[j]) * f(a.grad_scale);
+            let mj = f(a.beta1) * f(m[j]) + (1.0 - f(a.beta1)) * gj;
+            let vj = f(a.beta2) * f(v[j]) + (1.0 - f(a.beta2)) * gj * gj;
+            let pj = f(p[j]) * f(a.decay)
+                - f(a.lr) * (mj / f(a.bc1)) / ((vj / f(a.bc2)).sqrt() + f(a.eps));
             for (what, got, want) in [
                 ("p", got_p[j], pj),
                 ("m", got_m[j], mj),
@@ -300,6 +345,70 @@ fn fused_adamw_matches_the_pytorch_rule() {
         }
     }
     assert_eq!(at, floats.len(), "output size");
+}
+
+/// 8-bit moments (blocks of 256, one tensor ending mid-block): the parameters, codes and block
+/// scales are bit for bit what peft-train's CPU path computes (dequantize with peft-quant,
+/// update in f32, quantize again).
+#[test]
+fn fused_8bit_adamw_matches_the_cpu_path() {
+    use peft_quant::{dequantize_blockwise, dynamic_map, quantize_blockwise, Blockwise8};
+    let (signed, unsigned) = (dynamic_map(true), dynamic_map(false));
+    let sizes = [4096usize, 5000];
+    let a = Adamw::new();
+    let mut input = a.header(sizes.len(), true);
+    let mut tensors = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let seed = 400 + 10 * i as u64;
+        let (p, g) = (values(n, seed, 0.0), values(n, seed + 1, 0.0));
+        let m = quantize_blockwise(&values(n, seed + 2, 0.0), &signed, 256);
+        let v = quantize_blockwise(&values(n, seed + 3, 1e-3), &unsigned, 256);
+        input.extend((n as i64).to_le_bytes());
+        input.extend(f32_le(&p));
+        input.extend(f32_le(&g));
+        for q in [&m, &v] {
+            input.extend(&q.codes);
+            input.extend(f32_le(&q.absmax));
+        }
+        tensors.push((p, g, m, v));
+    }
+    let out = emulate("optim", "adamw8bit", &input);
+    let mut at = 8;
+    let mut take = |len: usize| {
+        let part = out[at..at + len].to_vec();
+        at += len;
+        part
+    };
+    for (p, g, m, v) in &tensors {
+        let n = p.len();
+        let blocks = n.div_ceil(256);
+        // The CPU path, as in peft-train's AdamW::step.
+        let mut mf = dequantize_blockwise(m, &signed);
+        let mut vf = dequantize_blockwise(v, &unsigned);
+        let mut w = p.clone();
+        for j in 0..n {
+            let gj = g[j] * a.grad_scale;
+            mf[j] = a.beta1 * mf[j] + (1.0 - a.beta1) * gj;
+            vf[j] = a.beta2 * vf[j] + (1.0 - a.beta2) * gj * gj;
+            let update = (mf[j] / a.bc1) / ((vf[j] / a.bc2).sqrt() + a.eps);
+            w[j] = w[j] * a.decay - a.lr * update;
+        }
+        let want_m: Blockwise8 = quantize_blockwise(&mf, &signed, 256);
+        let want_v: Blockwise8 = quantize_blockwise(&vf, &unsigned, 256);
+        let got_p = to_f32s(&take(4 * n));
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got_p), bits(&w), "parameters of a tensor of {n}");
+        for (what, want) in [("m", &want_m), ("v", &want_v)] {
+            assert_eq!(take(n), want.codes, "{what} codes of a tensor of {n}");
+            let absmax = to_f32s(&take(4 * blocks));
+            assert_eq!(
+                bits(&absmax),
+                bits(&want.absmax),
+                "{what} scales, tensor of {n}"
+            );
+        }
+    }
+    assert_eq!(at, out.len(), "output size");
 }
 
 /// Rows of a vocabulary that is not a multiple of the block, one label not counted: losses and

@@ -30,8 +30,9 @@ pub enum OptimKind {
     #[value(name = "adamw_8bit")]
     #[serde(rename = "adamw_8bit")]
     Adamw8bit,
-    /// 8-bit AdamW whose state bitsandbytes may page to host memory; our 8-bit states live in
-    /// host memory already, so this is the same as `adamw_8bit`.
+    /// 8-bit AdamW whose state bitsandbytes may page to host memory under pressure; ours stays
+    /// on the parameters' device (a quarter of f32 moments of the adapter, small next to the
+    /// model), so this is the same as `adamw_8bit`.
     #[value(name = "paged_adamw_8bit")]
     #[serde(rename = "paged_adamw_8bit")]
     PagedAdamw8bit,
@@ -40,10 +41,45 @@ pub enum OptimKind {
 /// Tensors with fewer elements keep f32 moments in 8-bit AdamW (bitsandbytes' `min_8bit_size`).
 pub const MIN_8BIT_SIZE: usize = 4096;
 
-/// The moments of one parameter.
+/// The moments of one parameter, on its device.
 enum Moments {
     F32 { m: Tensor, v: Tensor },
-    Q8 { m: Blockwise8, v: Blockwise8 },
+    Q8 { m: Q8State, v: Q8State },
+}
+
+/// One 8-bit moment: a u8 code per element and an f32 scale per block of 256.
+struct Q8State {
+    codes: Tensor,
+    absmax: Tensor,
+}
+
+impl Q8State {
+    fn zeros(n: usize, device: &Device) -> Result<Self> {
+        // Code 0 of an all-zero block dequantizes to 0 whatever the map says.
+        Ok(Self {
+            codes: Tensor::zeros(n, DType::U8, device)?,
+            absmax: Tensor::zeros(n.div_ceil(BLOCKSIZE_8BIT), DType::F32, device)?,
+        })
+    }
+
+    fn to_host(&self) -> Result<Blockwise8> {
+        Ok(Blockwise8 {
+            codes: self.codes.flatten_all()?.to_vec1()?,
+            absmax: self.absmax.to_vec1()?,
+            blocksize: BLOCKSIZE_8BIT,
+        })
+    }
+
+    fn from_host(q: &Blockwise8, device: &Device) -> Result<Self> {
+        Ok(Self {
+            codes: Tensor::from_slice(&q.codes, q.codes.len(), device)?,
+            absmax: Tensor::from_slice(&q.absmax, q.absmax.len(), device)?,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        self.codes.elem_count() + 4 * self.absmax.elem_count()
+    }
 }
 
 pub struct AdamW {
@@ -82,15 +118,9 @@ impl AdamW {
             .map(|p| {
                 let n = p.elem_count();
                 Ok(if kind != OptimKind::Adamw && n >= MIN_8BIT_SIZE {
-                    let zeros = Blockwise8 {
-                        codes: vec![0; n],
-                        absmax: vec![0.0; n.div_ceil(BLOCKSIZE_8BIT)],
-                        blocksize: BLOCKSIZE_8BIT,
-                    };
-                    // Code 0 of an all-zero block dequantizes to 0 whatever the map says.
                     Moments::Q8 {
-                        m: zeros.clone(),
-                        v: zeros,
+                        m: Q8State::zeros(n, p.device())?,
+                        v: Q8State::zeros(n, p.device())?,
                     }
                 } else {
                     Moments::F32 {
@@ -123,9 +153,7 @@ impl AdamW {
             .iter()
             .map(|m| match m {
                 Moments::F32 { m, v } => 4 * (m.elem_count() + v.elem_count()),
-                Moments::Q8 { m, v } => {
-                    m.codes.len() + v.codes.len() + 4 * (m.absmax.len() + v.absmax.len())
-                }
+                Moments::Q8 { m, v } => m.bytes() + v.bytes(),
             })
             .sum()
     }
@@ -144,15 +172,9 @@ impl AdamW {
                 }
                 Moments::Q8 { m, v } => {
                     for (key, q) in [(m_key, m), (v_key, v)] {
-                        let dev = &Device::Cpu;
-                        out.push((
-                            format!("{key}.absmax"),
-                            Tensor::new(q.absmax.as_slice(), dev)?,
-                        ));
-                        out.push((
-                            key,
-                            Tensor::new(q.codes.as_slice(), dev)?.reshape(p.shape())?,
-                        ));
+                        let cpu = &Device::Cpu;
+                        out.push((format!("{key}.absmax"), q.absmax.to_device(cpu)?));
+                        out.push((key, q.codes.to_device(cpu)?.reshape(p.shape())?));
                     }
                 }
             }
@@ -196,11 +218,14 @@ impl AdamW {
                     }
                 }
                 Moments::Q8 { .. } if is_q8 => {
-                    let load = |t: &Tensor, key: &str| -> Result<Blockwise8> {
-                        Ok(Blockwise8 {
-                            codes: t.flatten_all()?.to_vec1()?,
-                            absmax: get(&format!("{key}.absmax"))?.to_vec1()?,
-                            blocksize: BLOCKSIZE_8BIT,
+                    let load = |t: &Tensor, key: &str| -> Result<Q8State> {
+                        let absmax = get(&format!("{key}.absmax"))?;
+                        if absmax.elem_count() != p.elem_count().div_ceil(BLOCKSIZE_8BIT) {
+                            candle_core::bail!("optimizer state {key}.absmax has the wrong size");
+                        }
+                        Ok(Q8State {
+                            codes: t.flatten_all()?.to_device(p.device())?,
+                            absmax: absmax.to_dtype(DType::F32)?.to_device(p.device())?,
                         })
                     };
                     *moments = Moments::Q8 {
@@ -219,8 +244,9 @@ impl AdamW {
 
     /// Clips the gradients to a global norm of `max_norm` (none when it is 0) and makes one
     /// update with learning rate `lr`; returns the norm before clipping. When that norm is not
-    /// finite, nothing is updated. On a GPU with f32 moments both are one kernel launch each
-    /// over all tensors ([`peft_ops::FusedAdamw`]), the gradients left as they are.
+    /// finite, nothing is updated. On a GPU both are one kernel launch each over all tensors
+    /// (one more when there are both f32 and 8-bit moments; [`peft_ops::FusedAdamw`]), the
+    /// gradients left as they are.
     pub fn step_clipped(&mut self, grads: &mut GradStore, max_norm: f64, lr: f64) -> Result<f64> {
         if let Some(fused) = self.fused(grads)? {
             let norm = fused.grad_sum_squares()?.sqrt();
@@ -247,22 +273,31 @@ impl AdamW {
         Ok(norm)
     }
 
-    /// The fused GPU step, when every parameter has a gradient and f32 moments and all are
-    /// contiguous f32 CUDA tensors.
+    /// The fused GPU step, when every parameter has a gradient and all are contiguous f32
+    /// CUDA tensors.
     fn fused(&self, grads: &GradStore) -> Result<Option<peft_ops::FusedAdamw>> {
+        use peft_ops::SlotMoments;
         if !self.params.first().is_some_and(|p| p.device().is_cuda()) {
             return Ok(None);
         }
         let mut slots = Vec::with_capacity(self.params.len());
         for (p, moments) in self.params.iter().zip(&self.moments) {
-            let (Some(grad), Moments::F32 { m, v }) = (grads.get(p.as_tensor()), moments) else {
+            let Some(grad) = grads.get(p.as_tensor()) else {
                 return Ok(None);
+            };
+            let moments = match moments {
+                Moments::F32 { m, v } => SlotMoments::F32 { m, v },
+                Moments::Q8 { m, v } => SlotMoments::Q8 {
+                    m_codes: &m.codes,
+                    m_absmax: &m.absmax,
+                    v_codes: &v.codes,
+                    v_absmax: &v.absmax,
+                },
             };
             slots.push(peft_ops::AdamwSlot {
                 param: p.as_tensor(),
                 grad,
-                m,
-                v,
+                moments,
             });
         }
         peft_ops::FusedAdamw::new(&slots)
@@ -303,8 +338,8 @@ impl AdamW {
                         .to_dtype(DType::F32)?
                         .flatten_all()?
                         .to_vec1()?;
-                    let mut mf = dequantize_blockwise(m, &self.signed_map);
-                    let mut vf = dequantize_blockwise(v, &self.unsigned_map);
+                    let mut mf = dequantize_blockwise(&m.to_host()?, &self.signed_map);
+                    let mut vf = dequantize_blockwise(&v.to_host()?, &self.unsigned_map);
                     let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
                     let (bc1, bc2, eps) = (bc1 as f32, bc2 as f32, self.eps as f32);
                     let (lr32, decay) = (lr as f32, (1.0 - lr * self.weight_decay) as f32);
@@ -314,8 +349,10 @@ impl AdamW {
                         let update = (mf[j] / bc1) / ((vf[j] / bc2).sqrt() + eps);
                         w[j] = w[j] * decay - lr32 * update;
                     }
-                    *m = quantize_blockwise(&mf, &self.signed_map, BLOCKSIZE_8BIT);
-                    *v = quantize_blockwise(&vf, &self.unsigned_map, BLOCKSIZE_8BIT);
+                    let dev = p.device();
+                    let q = |x: &[f32], map| quantize_blockwise(x, map, BLOCKSIZE_8BIT);
+                    *m = Q8State::from_host(&q(&mf, &self.signed_map), dev)?;
+                    *v = Q8State::from_host(&q(&vf, &self.unsigned_map), dev)?;
                     let t = Tensor::from_vec(w, p.shape(), &Device::Cpu)?
                         .to_dtype(p.dtype())?
                         .to_device(p.device())?;

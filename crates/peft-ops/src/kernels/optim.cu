@@ -1,18 +1,21 @@
 // The optimizer step over every trainable f32 tensor in one launch each, instead of a dozen
-// launches per tensor. Appended to ops.cu (block_reduce). `table` holds five values per
-// tensor: the addresses of the parameter, its gradient, its first and second moments, then
-// its element count. Grid (chunks, tensors); blocks of 256 threads, grid-stride within a tensor.
+// launches per tensor. Appended to ops.cu (block_reduce). A table describes the tensors: for
+// f32 moments five values each (the addresses of the parameter, its gradient, its first and
+// second moments, then its element count), for 8-bit moments seven (parameter, gradient, the
+// codes and block scales of each moment, count). Grid (chunks, tensors); blocks of 256 threads.
 
-__device__ __forceinline__ const long long* table_entry(const long long* table) {
-    return table + 5 * (long long)blockIdx.y;
+__device__ __forceinline__ const long long* table_entry(const long long* table, int stride) {
+    return table + stride * (long long)blockIdx.y;
 }
 
-// out[0] += sum of the squared gradients (f64), for the global gradient norm.
-extern "C" __global__ void sum_squares_multi_f32(const long long* table, double* out) {
+// out[0] += sum of the squared gradients (f64), for the global gradient norm. Entries are
+// `stride` values apart, the gradient's address second and the element count last.
+extern "C" __global__ void sum_squares_multi_f32(const long long* table, int stride,
+                                                 double* out) {
     __shared__ float sh[32];
-    const long long* e = table_entry(table);
+    const long long* e = table_entry(table, stride);
     const float* g = (const float*)e[1];
-    long long n = e[4];
+    long long n = e[stride - 1];
     float s = 0.f;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
@@ -27,7 +30,7 @@ extern "C" __global__ void sum_squares_multi_f32(const long long* table, double*
 extern "C" __global__ void adamw_multi_f32(const long long* table, float lr, float beta1,
                                            float beta2, float eps, float decay, float bc1,
                                            float bc2, float grad_scale) {
-    const long long* e = table_entry(table);
+    const long long* e = table_entry(table, 5);
     float* p = (float*)e[0];
     const float* g = (const float*)e[1];
     float* m = (float*)e[2];
@@ -41,5 +44,69 @@ extern "C" __global__ void adamw_multi_f32(const long long* table, float lr, flo
         m[i] = mi;
         v[i] = vi;
         p[i] = p[i] * decay - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps));
+    }
+}
+
+// The index of the value of `table` (256 ascending values) nearest to x, ties to the lower
+// one, as peft-quant's `nearest`.
+__device__ int nearest_code(const float* table, float x) {
+    int lo = 0, hi = 256;
+    while (lo < hi) {
+        int mid = (lo + hi) >> 1;
+        if (table[mid] < x) lo = mid + 1; else hi = mid;
+    }
+    if (lo == 0) return 0;
+    if (lo == 256) return 255;
+    return fabsf(x - table[lo - 1]) <= fabsf(table[lo] - x) ? lo - 1 : lo;
+}
+
+// AdamW with bitsandbytes-style 8-bit moments (blocks of 256: the first moment on the signed
+// dynamic map, the second on the unsigned one), bit for bit as peft-train's CPU path computes
+// it: each block is dequantized, updated as in adamw_multi_f32, and quantized again with fresh
+// block scales. One CUDA block of 256 threads per quantization block, grid-stride over blocks.
+extern "C" __global__ void adamw8bit_multi_f32(const long long* table, const float* signed_map,
+                                               const float* unsigned_map, float lr, float beta1,
+                                               float beta2, float eps, float decay, float bc1,
+                                               float bc2, float grad_scale) {
+    __shared__ float sh[32];
+    __shared__ float smap[256], umap[256];
+    for (int j = threadIdx.x; j < 256; j += blockDim.x) {
+        smap[j] = signed_map[j];
+        umap[j] = unsigned_map[j];
+    }
+    __syncthreads();
+    const long long* e = table_entry(table, 7);
+    float* p = (float*)e[0];
+    const float* g = (const float*)e[1];
+    unsigned char* mc = (unsigned char*)e[2];
+    float* ma = (float*)e[3];
+    unsigned char* vc = (unsigned char*)e[4];
+    float* va = (float*)e[5];
+    long long n = e[6], blocks = (n + 255) / 256;
+    for (long long blk = blockIdx.x; blk < blocks; blk += gridDim.x) {
+        long long i = blk * 256 + threadIdx.x;
+        bool in = i < n;
+        float m = 0.f, v = 0.f;
+        if (in) {
+            // Rounded step by step as on the CPU (no fused multiply-add): a code that flips at
+            // a rounding boundary would change the moment by a whole step.
+            float gi = __fmul_rn(g[i], grad_scale);
+            float m0 = __fmul_rn(smap[mc[i]], ma[blk]), v0 = __fmul_rn(umap[vc[i]], va[blk]);
+            m = __fadd_rn(__fmul_rn(beta1, m0), __fmul_rn(1.f - beta1, gi));
+            v = __fadd_rn(__fmul_rn(beta2, v0), __fmul_rn(__fmul_rn(1.f - beta2, gi), gi));
+            float update = __fdiv_rn(__fdiv_rn(m, bc1), __fadd_rn(__fsqrt_rn(__fdiv_rn(v, bc2)), eps));
+            p[i] = __fsub_rn(__fmul_rn(p[i], decay), __fmul_rn(lr, update));
+        }
+        // Every thread has read the old scales before the reductions' barriers.
+        float am = block_reduce(fabsf(m), sh, true);
+        float av = block_reduce(fabsf(v), sh, true);
+        if (in) {
+            mc[i] = (unsigned char)nearest_code(smap, am > 0.f ? m / am : 0.f);
+            vc[i] = (unsigned char)nearest_code(umap, av > 0.f ? v / av : 0.f);
+        }
+        if (threadIdx.x == 0) {
+            ma[blk] = am;
+            va[blk] = av;
+        }
     }
 }

@@ -1,8 +1,10 @@
 // Runs the fused optimizer kernels of src/kernels/optim.cu under the CPU emulation:
 //   optim <input> <output>
-// input: i32 tensors; f32 lr, beta1, beta2, eps, decay, bc1, bc2, grad_scale; then per tensor
-// i64 n and f32 p, g, m, v (n each). output: f64 sum of squared gradients, then per tensor f32
-// p, m, v after one step. The launch shape is that of src/cuda.rs (FusedAdamw).
+// input: i32 tensors, eight_bit; f32 lr, beta1, beta2, eps, decay, bc1, bc2, grad_scale; f32
+// signed and unsigned maps (256 each); then per tensor i64 n, f32 p, g (n each) and the
+// moments: f32 m, v (n each), or (8-bit) u8 m codes (n), f32 m scales (ceil(n / 256)), and
+// the same for v. output: f64 sum of squared gradients, then per tensor p and the moments
+// after one step, in the input's layout. Launch shapes as in src/cuda.rs (FusedAdamw).
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
 #include "../../src/kernels/optim.cu"
@@ -17,36 +19,69 @@ static std::vector<T> take(FILE* f, size_t n) {
     return v;
 }
 
+struct Tensor {
+    std::vector<float> p, g, m, v, m_absmax, v_absmax;
+    std::vector<unsigned char> m_codes, v_codes;
+};
+
 int main(int argc, char** argv) {
     if (argc != 3) { fprintf(stderr, "usage: optim <input> <output>\n"); return 2; }
     FILE* in = fopen(argv[1], "rb");
     if (!in) { perror(argv[1]); return 1; }
-    int tensors = take<int>(in, 1)[0];
+    auto head = take<int>(in, 2);
+    int tensors = head[0];
+    bool eight_bit = head[1] != 0;
     auto s = take<float>(in, 8);
-    std::vector<std::vector<float>> p(tensors), g(tensors), m(tensors), v(tensors);
+    auto signed_map = take<float>(in, 256), unsigned_map = take<float>(in, 256);
+    std::vector<Tensor> ts(tensors);
     std::vector<long long> table;
     long long largest = 0;
-    for (int i = 0; i < tensors; ++i) {
+    for (auto& t : ts) {
         long long n = take<long long>(in, 1)[0];
-        p[i] = take<float>(in, n), g[i] = take<float>(in, n);
-        m[i] = take<float>(in, n), v[i] = take<float>(in, n);
-        for (auto* x : {&p[i], &g[i], &m[i], &v[i]}) table.push_back((long long)x->data());
+        size_t blocks = (n + 255) / 256;
+        t.p = take<float>(in, n), t.g = take<float>(in, n);
+        table.push_back((long long)t.p.data());
+        table.push_back((long long)t.g.data());
+        if (eight_bit) {
+            t.m_codes = take<unsigned char>(in, n), t.m_absmax = take<float>(in, blocks);
+            t.v_codes = take<unsigned char>(in, n), t.v_absmax = take<float>(in, blocks);
+            table.push_back((long long)t.m_codes.data());
+            table.push_back((long long)t.m_absmax.data());
+            table.push_back((long long)t.v_codes.data());
+            table.push_back((long long)t.v_absmax.data());
+        } else {
+            t.m = take<float>(in, n), t.v = take<float>(in, n);
+            table.push_back((long long)t.m.data());
+            table.push_back((long long)t.v.data());
+        }
         table.push_back(n);
         largest = std::max(largest, n);
     }
     fclose(in);
+    int stride = eight_bit ? 7 : 5;
     unsigned chunks = (unsigned)std::clamp((largest + 2047) / 2048, 1LL, 1024LL);
     double sum = 0.0;
     emu::launch({chunks, (unsigned)tensors}, {256}, 0,
-                [&] { sum_squares_multi_f32(table.data(), &sum); });
+                [&] { sum_squares_multi_f32(table.data(), stride, &sum); });
     emu::launch({chunks, (unsigned)tensors}, {256}, 0, [&] {
-        adamw_multi_f32(table.data(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
+        if (eight_bit)
+            adamw8bit_multi_f32(table.data(), signed_map.data(), unsigned_map.data(), s[0], s[1],
+                                s[2], s[3], s[4], s[5], s[6], s[7]);
+        else
+            adamw_multi_f32(table.data(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
     });
     FILE* out = fopen(argv[2], "wb");
     if (!out) { perror(argv[2]); return 1; }
     fwrite(&sum, 8, 1, out);
-    for (int i = 0; i < tensors; ++i)
-        for (auto* x : {&p[i], &m[i], &v[i]}) fwrite(x->data(), 4, x->size(), out);
+    auto put = [&](const auto& v) { fwrite(v.data(), sizeof(v[0]), v.size(), out); };
+    for (auto& t : ts) {
+        put(t.p);
+        if (eight_bit) {
+            put(t.m_codes), put(t.m_absmax), put(t.v_codes), put(t.v_absmax);
+        } else {
+            put(t.m), put(t.v);
+        }
+    }
     fclose(out);
     return 0;
 }
