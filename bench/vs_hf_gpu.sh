@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # peft-rs vs Hugging Face PEFT on an NVIDIA GPU: the shapes of shared/gpu/README.md, HF first
-# (shared/gpu/anchor_hf.py), then `peft bench --device cuda` on each, then the ratios.
+# (shared/gpu/anchor_hf.py), then `peft bench --device cuda` on each, then the ratios. QLoRA
+# cases compare with HF's figures from that README (bench/hf_gpu_qlora.jsonl).
 #
 #   bench/vs_hf_gpu.sh [--peft PATH] [--anchor PATH] [--out DIR] [--skip-hf FILE]
 #
@@ -46,11 +47,16 @@ smol-attn-8x1024 smollm2-135m q_proj,k_proj,v_proj,o_proj 8 1024 3 10
 1b-all-4x1024 llama-3.2-1b all-linear 4 1024 3 10
 8b-attn-2x2048 llama-3-8b q_proj,k_proj,v_proj,o_proj 2 2048 2 6
 8b-attn-ckpt-2x2048 llama-3-8b q_proj,k_proj,v_proj,o_proj 2 2048 2 6 --gradient-checkpointing
+1b-qlora-ckpt-4x1024 llama-3.2-1b all-linear 4 1024 3 10 --quantize nf4 --double-quant --optim paged_adamw_8bit --gradient-checkpointing
+1b-qlora-4x1024 llama-3.2-1b all-linear 4 1024 3 10 --quantize nf4 --double-quant --optim paged_adamw_8bit
+8b-qlora-ckpt-2x2048 llama-3-8b all-linear 2 2048 2 6 --quantize nf4 --double-quant --optim paged_adamw_8bit --gradient-checkpointing
 CASES
 
-python3 - "$hf_file" "$ours" "$out/vs_hf_gpu.md" <<'PY'
+# HF's QLoRA figures are not in the anchor script: bench/hf_gpu_qlora.jsonl holds those of
+# shared/gpu/README.md, measured on the same machine.
+python3 - "$hf_file" "$ours" "$out/vs_hf_gpu.md" bench/hf_gpu_qlora.jsonl <<'PY'
 import json, sys
-hf = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+hf = [json.loads(l) for f in (sys.argv[1], sys.argv[4]) for l in open(f) if l.strip()]
 ours = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 key = lambda shape, method, b, s, ckpt: (shape, method, b, s, ckpt)
 shape_of = {"smollm2-135m": "smol", "llama-3.2-1b": "1b", "llama-3-8b": "8b"}
@@ -64,6 +70,8 @@ for o in ours:
         rows.append(f"| {o['case']} | | error: {r['error'][-120:].strip()} | | | | | |")
         continue
     method = "lora-all" if r["target_modules"] == "all-linear" else "lora-attn"
+    if r.get("quantize"):
+        method = "q" + method
     h = hf_by.get(key(shape_of[r["shape"]], method, r["batch_size"], r["seq_len"], r["gradient_checkpointing"]))
     ours_gib = (r.get("peak_device_mib") or float("nan")) / 1024
     if h is None:
