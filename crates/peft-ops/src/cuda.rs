@@ -568,16 +568,16 @@ pub(crate) fn flash_attention_bwd(
     // SAFETY: the arguments match flash_bwd_delta_bf16.
     unsafe { builder.launch(cfg) }.map_err(err)?;
 
-    // dK, dV per key tile; dQ accumulated in f32.
+    // Per key tile and query head: its shares of dK and dV, and dQ accumulated in f32.
     let dq_acc = dev.alloc_zeros::<f32>(b * t * hd)?;
-    // SAFETY: every row below t is written.
-    let dk = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
-    let dv = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
+    // SAFETY: every row below t of every head is written.
+    let dk_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
+    let dv_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
     let shared = 4 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4;
     let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx()?)?;
     allow_shared(&func, shared)?;
     let cfg = LaunchConfig {
-        grid_dim: (t.div_ceil(FA_TILE) as u32, kv_heads as u32, b as u32),
+        grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
         block_dim: (FA_THREADS, 1, 1),
         shared_mem_bytes: shared as u32,
     };
@@ -591,10 +591,34 @@ pub(crate) fn flash_attention_bwd(
         .arg(&gv)
         .arg(&lv)
         .arg(&delta);
-    builder.arg(&dq_acc).arg(&dk).arg(&dv);
+    builder.arg(&dq_acc).arg(&dk_part).arg(&dv_part);
     builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&scale);
     // SAFETY: the arguments match flash_bwd_d{64,128}.
     unsafe { builder.launch(cfg) }.map_err(err)?;
+
+    // dk, dv: the shares summed per kv head, dk scaled and rotated back.
+    let kv_pairs = (b * t * kvd / 2) as i64;
+    // SAFETY: one thread per pair writes both elements of dk and dv.
+    let dk = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
+    let dv = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
+    let func = dev.get_or_load_custom_func("flash_bwd_dkv_bf16", MODULE, ptx()?)?;
+    let mut builder = func.builder();
+    builder
+        .arg(&dk_part)
+        .arg(&dv_part)
+        .arg(&cv)
+        .arg(&sv)
+        .arg(&dk)
+        .arg(&dv);
+    builder
+        .arg(&t_)
+        .arg(&h_)
+        .arg(&kvh_)
+        .arg(&d_)
+        .arg(&scale)
+        .arg(&kv_pairs);
+    // SAFETY: the arguments match flash_bwd_dkv_bf16.
+    unsafe { builder.launch(elementwise_config(kv_pairs as usize)) }.map_err(err)?;
 
     // dq: scaled and rotated back, in the projection layout.
     let pairs = (b * t * hd / 2) as i64;
@@ -828,6 +852,7 @@ mod tests {
             "flash_bwd_d64",
             "flash_bwd_d128",
             "flash_bwd_delta_bf16",
+            "flash_bwd_dkv_bf16",
             "flash_bwd_dq_bf16",
         ] {
             assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing");

@@ -6,7 +6,8 @@
 //
 // Layouts are those of the projections: q, o, dq: [b, t, heads * D]; k, v, dk, dv:
 // [b, t, kv_heads * D]; cos, sin: [t, D / 2] f32; lse, delta: [b, heads, t] f32; the dq
-// accumulator: [b, heads, t, D] f32, in rotated space and without the scale.
+// accumulator: [b, heads, t, D] f32, and the query heads' shares of dk and dv: [b, t, heads,
+// D] f32, all three in rotated space and without the scale.
 //
 // Fragments follow the PTX ISA for mma.m16n8k16 with .bf16 (lane = 4 * g + c):
 //   A (16 x 16, row-major) reg 0: (g, 2c..2c+1), reg 1: (g + 8, 2c..), reg 2: (g, 2c + 8..),
@@ -250,16 +251,18 @@ __device__ void flash_bwd_delta(const bf16_t* o, const bf16_t* dout, float* delt
     if (lane == 0) delta[((bt / t) * heads + hi) * t + bt % t] = s;
 }
 
-// Backward. Grid (kv tiles, kv heads, batch); block FA_THREADS; shared 4 tiles of 64 x (D + 8)
-// bf16 (K, V, Q, dO), 64 x 72 bf16 (dS) and 2 x 64 f32 (log-sum-exp, delta). Each block owns
-// its keys' dK and dV (every query head of its kv head, every later query tile) and adds its
-// share of dQ to the f32 accumulator with atomics.
+// Backward. Grid (kv tiles, heads, batch): one block per 64 keys and query head, so that the
+// work spreads over heads · tiles blocks (the tile's share grows with the queries after it).
+// Block FA_THREADS; shared 4 tiles of 64 x (D + 8) bf16 (K, V, Q, dO), 64 x 72 bf16 (dS) and
+// 2 x 64 f32 (log-sum-exp, delta). Each block writes its query head's share of its keys' dK
+// and dV (f32, rotated space, unscaled) to dk_part and dv_part ([b, t, heads, D]), which
+// flash_bwd_dkv sums per kv head, and adds its share of dQ to the f32 accumulator with atomics.
 template <int D>
 __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,
                           const float* sin, const bf16_t* dout, const float* lse,
-                          const float* delta, float* dq_acc, bf16_t* dk, bf16_t* dv, int t,
-                          int heads, int kv_heads, float scale) {
-    const int P = D + 8, PS = FA_TILE + 8, H = D / 2;
+                          const float* delta, float* dq_acc, float* dk_part, float* dv_part,
+                          int t, int heads, int kv_heads, float scale) {
+    const int P = D + 8, PS = FA_TILE + 8;
     FA_SMEM(smem);
     bf16_t* Ks = (bf16_t*)smem;
     bf16_t* Vs = Ks + FA_TILE * P;
@@ -268,8 +271,8 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     bf16_t* Ss = Os + FA_TILE * P;  // dS as [query][key]
     float* Ls = (float*)(Ss + FA_TILE * PS);
     float* Es = Ls + FA_TILE;
-    int kt = blockIdx.x, kh = blockIdx.y, bi = blockIdx.z;
-    int n_rep = heads / kv_heads, nq = (t + FA_TILE - 1) / FA_TILE;
+    int kt = blockIdx.x, hi = blockIdx.y, bi = blockIdx.z;
+    int kh = hi / (heads / kv_heads), nq = (t + FA_TILE - 1) / FA_TILE;
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
     int key[2] = {kt * FA_TILE + warp * 16 + g, kt * FA_TILE + warp * 16 + g + 8};
@@ -284,8 +287,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 #pragma unroll
         for (int i = 0; i < 4; ++i) dk_acc[n][i] = dv_acc[n][i] = 0.f;
 
-    for (int rep = 0; rep < n_rep; ++rep) {
-        int hi = kh * n_rep + rep;
+    {
         const bf16_t* qb = q + bi * t * qs + hi * D;
         const bf16_t* ob = dout + bi * t * qs + hi * D;
         const float* lb = lse + ((long long)bi * heads + hi) * t;
@@ -392,27 +394,54 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         }
     }
 
-    // dK back through the rotation (the inverse RoPE: sin negated) and the scale; dV as is.
-    // Column j and its partner j + D/2 sit in the same thread, D/16 fragments apart.
+    // This head's share of dK and dV for the block's keys.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         if (key[r] >= t) continue;
-        bf16_t* kdst = dk + (bi * t + key[r]) * ks + kh * D;
-        bf16_t* vdst = dv + (bi * t + key[r]) * ks + kh * D;
+        long long row = ((long long)bi * t + key[r]) * heads + hi;
+        float* kdst = dk_part + row * D;
+        float* vdst = dv_part + row * D;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                int j = n * 8 + 2 * c + e;
-                vdst[j] = to_bf16(dv_acc[n][2 * r + e]);
-                if (n < D / 16) {
-                    float x1 = dk_acc[n][2 * r + e] * scale;
-                    float x2 = dk_acc[n + D / 16][2 * r + e] * scale;
-                    float cs = cos[key[r] * H + j], sn = sin[key[r] * H + j];
-                    kdst[j] = to_bf16(x1 * cs + x2 * sn);
-                    kdst[j + H] = to_bf16(x2 * cs - x1 * sn);
-                }
+                kdst[n * 8 + 2 * c + e] = dk_acc[n][2 * r + e];
+                vdst[n * 8 + 2 * c + e] = dv_acc[n][2 * r + e];
             }
+    }
+}
+
+// dk, dv ([b, t, kv_heads * d], bf16) from the query heads' shares: summed over each kv
+// head's group, dk scaled and taken back through the rotation (the inverse RoPE: sin
+// negated). One thread per pair (j, j + d/2) of a kv head, grid-stride; pairs ordered as
+// [b, t, kv_heads, d/2].
+__device__ void flash_bwd_dkv(const float* dk_part, const float* dv_part, const float* cos,
+                              const float* sin, bf16_t* dk, bf16_t* dv, int t, int heads,
+                              int kv_heads, int d, float scale, long long pairs) {
+    int h = d / 2, n_rep = heads / kv_heads;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs;
+         i += (long long)gridDim.x * blockDim.x) {
+        int j = (int)(i % h);
+        long long rest = i / h;
+        int kh = (int)(rest % kv_heads);
+        long long bt = rest / kv_heads;
+        int ti = (int)(bt % t);
+        float k1 = 0.f, k2 = 0.f, v1 = 0.f, v2 = 0.f;
+        for (int r = 0; r < n_rep; ++r) {
+            long long src = (bt * heads + kh * n_rep + r) * d;
+            k1 += dk_part[src + j];
+            k2 += dk_part[src + j + h];
+            v1 += dv_part[src + j];
+            v2 += dv_part[src + j + h];
+        }
+        k1 *= scale;
+        k2 *= scale;
+        float cs = cos[ti * h + j], sn = sin[ti * h + j];
+        long long dst = (bt * kv_heads + kh) * d;
+        dk[dst + j] = to_bf16(k1 * cs + k2 * sn);
+        dk[dst + j + h] = to_bf16(k2 * cs - k1 * sn);
+        dv[dst + j] = to_bf16(v1);
+        dv[dst + j + h] = to_bf16(v2);
     }
 }
 
@@ -447,10 +476,10 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_d##D(                    \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos, const float* sin, \
-        const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, bf16_t* dk,    \
-        bf16_t* dv, int t, int heads, int kv_heads, float scale) {                              \
-        flash_bwd<D>(q, k, v, cos, sin, dout, lse, delta, dq_acc, dk, dv, t, heads, kv_heads,   \
-                     scale);                                                                    \
+        const bf16_t* dout, const float* lse, const float* delta, float* dq_acc,                \
+        float* dk_part, float* dv_part, int t, int heads, int kv_heads, float scale) {          \
+        flash_bwd<D>(q, k, v, cos, sin, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,   \
+                     kv_heads, scale);                                                          \
     }
 
 FLASH(64)
@@ -460,6 +489,13 @@ extern "C" __global__ void flash_bwd_delta_bf16(const bf16_t* o, const bf16_t* d
                                                 float* delta, int t, int heads, int d,
                                                 long long rows) {
     flash_bwd_delta(o, dout, delta, t, heads, d, rows);
+}
+
+extern "C" __global__ void flash_bwd_dkv_bf16(const float* dk_part, const float* dv_part,
+                                              const float* cos, const float* sin, bf16_t* dk,
+                                              bf16_t* dv, int t, int heads, int kv_heads, int d,
+                                              float scale, long long pairs) {
+    flash_bwd_dkv(dk_part, dv_part, cos, sin, dk, dv, t, heads, kv_heads, d, scale, pairs);
 }
 
 extern "C" __global__ void flash_bwd_dq_bf16(const float* dq_acc, const float* cos,

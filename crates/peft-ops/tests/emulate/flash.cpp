@@ -51,9 +51,15 @@ int main(int argc, char** argv) {
         flash_bwd_delta_bf16(o.data(), dout.data(), delta.data(), t, heads, d, rows);
     });
     size_t shared = 4 * FA_TILE * pitch * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4;
-    emu::launch({tiles, (unsigned)kvh, (unsigned)b}, {FA_THREADS}, shared, [&] {
+    std::vector<float> dk_part(nq, NAN), dv_part(nq, NAN);
+    emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, shared, [&] {
         bwd(q.data(), k.data(), v.data(), cos.data(), sin.data(), dout.data(), lse.data(),
-            delta.data(), dq_acc.data(), dk.data(), dv.data(), t, heads, kvh, scale);
+            delta.data(), dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh, scale);
+    });
+    long long kv_pairs = (long long)nk / 2;
+    emu::launch({(unsigned)((kv_pairs + 255) / 256)}, {256}, 0, [&] {
+        flash_bwd_dkv_bf16(dk_part.data(), dv_part.data(), cos.data(), sin.data(), dk.data(),
+                           dv.data(), t, heads, kvh, d, scale, kv_pairs);
     });
     long long pairs = (long long)nq / 2;
     emu::launch({(unsigned)((pairs + 255) / 256)}, {256}, 0, [&] {
