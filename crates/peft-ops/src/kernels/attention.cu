@@ -9,7 +9,8 @@
 // accumulator: [b, heads, t, D] f32, and the query heads' shares of dk and dv: [b, t, heads,
 // D] f32, all three in rotated space and without the scale.
 //
-// Fragments follow the PTX ISA for mma.m16n8k16 with .bf16 (lane = 4 * g + c):
+// Fragments follow the PTX ISA for mma.m16n8k16 with .bf16 (lane = 4 * g + c), loaded from
+// shared memory by ldmatrix (rows padded by 8 elements: no bank conflicts):
 //   A (16 x 16, row-major) reg 0: (g, 2c..2c+1), reg 1: (g + 8, 2c..), reg 2: (g, 2c + 8..),
 //     reg 3: (g + 8, 2c + 8..);
 //   B (16 x 8, "col")      reg 0: (k = 2c..2c+1, n = g), reg 1: (k = 2c + 8.., n = g);
@@ -45,37 +46,51 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return (u32)to_bf16(lo) | ((u32)to_bf16(hi) << 16);
 }
 
-// Two consecutive bf16 of a shared-memory row (`col` even).
-__device__ __forceinline__ u32 pair(const bf16_t* s, int pitch, int row, int col) {
-    return *(const u32*)(s + row * pitch + col);
+// ldmatrix .x4: lane l gives the address of row l % 8 of 8 x 8 matrix l / 8 (16 bytes,
+// 16-byte aligned, in shared memory); register i receives, of matrix i, row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1, or with .trans column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1.
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const bf16_t* row, bool trans) {
+#ifdef PEFT_EMULATE
+    emu_ldmatrix_x4(r, row, trans);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+#endif
 }
 
-// Two bf16 of one column from consecutive rows (a B fragment read down a row-major tile).
-__device__ __forceinline__ u32 column_pair(const bf16_t* s, int pitch, int row, int col) {
-    return (u32)s[row * pitch + col] | ((u32)s[(row + 1) * pitch + col] << 16);
-}
-
-// The A fragment of the 16 x 16 block at (row0, col0) of a row-major shared tile.
+// The A fragment of the 16 x 16 block at (row0, col0) of a row-major shared tile: matrices
+// (rows, cols) 0: (+0, +0), 1: (+8, +0), 2: (+0, +8), 3: (+8, +8).
 __device__ __forceinline__ void load_a(u32* a, const bf16_t* s, int pitch, int row0, int col0) {
-    int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
-    a[0] = pair(s, pitch, row0 + g, col0 + 2 * c);
-    a[1] = pair(s, pitch, row0 + g + 8, col0 + 2 * c);
-    a[2] = pair(s, pitch, row0 + g, col0 + 2 * c + 8);
-    a[3] = pair(s, pitch, row0 + g + 8, col0 + 2 * c + 8);
+    int l = threadIdx.x & 31, m = l >> 3;
+    ldmatrix_x4(a, s + (row0 + (l & 7) + 8 * (m & 1)) * pitch + col0 + 8 * (m >> 1), false);
 }
 
-// The B fragment of Xᵀ's 16 x 8 block for a row-major tile X: B(k, n) = X(n0 + n, k0 + k).
-__device__ __forceinline__ void load_b_t(u32* b, const bf16_t* s, int pitch, int n0, int k0) {
-    int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
-    b[0] = pair(s, pitch, n0 + g, k0 + 2 * c);
-    b[1] = pair(s, pitch, n0 + g, k0 + 2 * c + 8);
+// The B fragments of Xᵀ's two 16 x 8 blocks n0..n0+15 for a row-major tile X:
+// B_j(k, n) = X(n0 + 8 j + n, k0 + k). Matrices 0: (n +0, k +0), 1: (+0, +8), 2: (+8, +0),
+// 3: (+8, +8).
+__device__ __forceinline__ void load_b_t(u32 (*b)[2], const bf16_t* s, int pitch, int n0,
+                                         int k0) {
+    int l = threadIdx.x & 31, m = l >> 3;
+    u32 r[4];
+    ldmatrix_x4(r, s + (n0 + (l & 7) + 8 * (m >> 1)) * pitch + k0 + 8 * (m & 1), false);
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
 
-// The B fragment of X's 16 x 8 block for a row-major tile X: B(k, n) = X(k0 + k, n0 + n).
-__device__ __forceinline__ void load_b(u32* b, const bf16_t* s, int pitch, int k0, int n0) {
-    int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
-    b[0] = column_pair(s, pitch, k0 + 2 * c, n0 + g);
-    b[1] = column_pair(s, pitch, k0 + 2 * c + 8, n0 + g);
+// The B fragments of X's two 16 x 8 blocks n0..n0+15 for a row-major tile X:
+// B_j(k, n) = X(k0 + k, n0 + 8 j + n), loaded transposed. Matrices 0: (k +0, n +0),
+// 1: (+8, +0), 2: (+0, +8), 3: (+8, +8).
+__device__ __forceinline__ void load_b(u32 (*b)[2], const bf16_t* s, int pitch, int k0, int n0) {
+    int l = threadIdx.x & 31, m = l >> 3;
+    u32 r[4];
+    ldmatrix_x4(r, s + (k0 + (l & 7) + 8 * (m & 1)) * pitch + n0 + 8 * (m >> 1), true);
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
 
 // C fragments of two adjacent 16 x 8 blocks (columns 16j..16j+15) as the A fragment of the
@@ -164,16 +179,18 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         __syncthreads();
         float s[8][4];
 #pragma unroll
-        for (int n = 0; n < 8; ++n) {
+        for (int n = 0; n < 8; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[n][i] = 0.f;
 #pragma unroll
+        for (int n = 0; n < 8; n += 2)
+#pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
-                u32 b[2];
+                u32 b[2][2];
                 load_b_t(b, Ks, P, n * 8, kk * 16);
-                mma_bf16(s[n], qa[kk], b);
+                mma_bf16(s[n], qa[kk], b[0]);
+                mma_bf16(s[n + 1], qa[kk], b[1]);
             }
-        }
         // Scores in log2 units, masked, and the running row maxima.
         float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -213,10 +230,11 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             u32 pa[4];
             c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                u32 b[2];
+            for (int n = 0; n < D / 8; n += 2) {
+                u32 b[2][2];
                 load_b(b, Vs, P, kk * 16, n * 8);
-                mma_bf16(acc[n], pa, b);
+                mma_bf16(acc[n], pa, b[0]);
+                mma_bf16(acc[n + 1], pa, b[1]);
             }
         }
         __syncthreads();  // the next tiles overwrite these
@@ -316,12 +334,14 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 load_a(ka, Ks, P, warp * 16, kk * 16);
                 load_a(va, Vs, P, warp * 16, kk * 16);
 #pragma unroll
-                for (int n = 0; n < 8; ++n) {
-                    u32 b[2];
+                for (int n = 0; n < 8; n += 2) {
+                    u32 b[2][2];
                     load_b_t(b, Qs, P, n * 8, kk * 16);
-                    mma_bf16(st[n], ka, b);
+                    mma_bf16(st[n], ka, b[0]);
+                    mma_bf16(st[n + 1], ka, b[1]);
                     load_b_t(b, Os, P, n * 8, kk * 16);
-                    mma_bf16(dpt[n], va, b);
+                    mma_bf16(dpt[n], va, b[0]);
+                    mma_bf16(dpt[n + 1], va, b[1]);
                 }
             }
             // Pᵀ (zero where the query precedes the key or lies past t), then dSᵀ in place of
@@ -344,12 +364,14 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 c_to_a(pa, st[2 * kk], st[2 * kk + 1]);
                 c_to_a(sa, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-                for (int n = 0; n < D / 8; ++n) {
-                    u32 b[2];
+                for (int n = 0; n < D / 8; n += 2) {
+                    u32 b[2][2];
                     load_b(b, Os, P, kk * 16, n * 8);
-                    mma_bf16(dv_acc[n], pa, b);
+                    mma_bf16(dv_acc[n], pa, b[0]);
+                    mma_bf16(dv_acc[n + 1], pa, b[1]);
                     load_b(b, Qs, P, kk * 16, n * 8);
-                    mma_bf16(dk_acc[n], sa, b);
+                    mma_bf16(dk_acc[n], sa, b[0]);
+                    mma_bf16(dk_acc[n + 1], sa, b[1]);
                 }
             }
             // dS to shared memory as [query][key] for dQ = dS K.
@@ -373,10 +395,11 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                     u32 sa[4];
                     load_a(sa, Ss, PS, warp * 16, kk * 16);
 #pragma unroll
-                    for (int n = 0; n < 8; ++n) {
-                        u32 b[2];
+                    for (int n = 0; n < 8; n += 2) {
+                        u32 b[2][2];
                         load_b(b, Ks, P, kk * 16, (n0 + n) * 8);
-                        mma_bf16(dq[n], sa, b);
+                        mma_bf16(dq[n], sa, b[0]);
+                        mma_bf16(dq[n + 1], sa, b[1]);
                     }
                 }
 #pragma unroll

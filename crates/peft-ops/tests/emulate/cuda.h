@@ -7,6 +7,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -24,6 +26,7 @@ struct Warp {
     std::barrier<> bar{32};
     float value[32];
     uint32_t a[32][4], b[32][2];
+    const uint16_t* rows[32];
 };
 inline std::unique_ptr<std::barrier<>> block_barrier;
 inline std::vector<std::unique_ptr<Warp>> warps;
@@ -116,6 +119,30 @@ inline void emu_mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
     }
     w.bar.arrive_and_wait();
     std::memcpy(d, out, 16);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lane l gives row l % 8 of matrix l / 8;
+// register i receives, of matrix i, row l / 4 at columns 2 (l % 4) and +1, or (.trans)
+// column l / 4 at rows 2 (l % 4) and +1.
+inline void emu_ldmatrix_x4(uint32_t* r, const uint16_t* row, bool trans) {
+    auto& w = emu::my_warp();
+    int lane = emu::thread_index.x & 31;
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        fprintf(stderr, "ldmatrix: row address not 16-byte aligned\n");
+        abort();
+    }
+    w.rows[lane] = row;
+    w.bar.arrive_and_wait();
+    int g = lane >> 2, c = lane & 3;
+    uint32_t out[4];
+    for (int i = 0; i < 4; ++i) {
+        const uint16_t* const* m = w.rows + 8 * i;
+        uint32_t lo = trans ? m[2 * c][g] : m[g][2 * c];
+        uint32_t hi = trans ? m[2 * c + 1][g] : m[g][2 * c + 1];
+        out[i] = lo | (hi << 16);
+    }
+    w.bar.arrive_and_wait();
+    std::memcpy(r, out, 16);
 }
 
 template <class T>
