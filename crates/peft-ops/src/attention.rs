@@ -155,11 +155,16 @@ fn flash_self_attention(
     kv_heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    let (qd, kd, vd) = (
-        q.detach().contiguous()?,
-        k.detach().contiguous()?,
-        v.detach().contiguous()?,
-    );
+    // The kernels read rows with 16-byte loads: contiguous, starting at a multiple of 8.
+    let aligned = |t: &Tensor| -> Result<Tensor> {
+        let t = t.detach().contiguous()?;
+        if t.layout().start_offset() % 8 == 0 {
+            Ok(t)
+        } else {
+            t.copy()
+        }
+    };
+    let (qd, kd, vd) = (aligned(q)?, aligned(k)?, aligned(v)?);
     let cos = cos.to_dtype(DType::F32)?.contiguous()?;
     let sin = sin.to_dtype(DType::F32)?.contiguous()?;
     let scale = scale as f32;
@@ -167,7 +172,7 @@ fn flash_self_attention(
         crate::cuda::flash_attention_fwd(&qd, &kd, &vd, &cos, &sin, heads, kv_heads, scale)?;
     let saved = out.clone();
     with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
-        let grad = grad.to_dtype(DType::BF16)?.contiguous()?;
+        let grad = aligned(&grad.to_dtype(DType::BF16)?)?;
         let (dq, dk, dv) = crate::cuda::flash_attention_bwd(
             &qd, &kd, &vd, &cos, &sin, &saved, &lse, &grad, heads, kv_heads, scale,
         )?;

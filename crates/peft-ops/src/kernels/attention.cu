@@ -103,28 +103,38 @@ __device__ __forceinline__ void c_to_a(u32* a, const float* c0, const float* c1)
 }
 
 // Rows row0..row0+63 of one head (`x` points at its first element of row 0; rows are `stride`
-// apart) into a shared tile of pitch D + 8, rotated by RoPE when `cos` is given (HF's
-// rotate_half: pairs (j, j + D/2)). Rows at or past t are zero.
+// apart, 16-byte aligned) into a shared tile of pitch D + 8, rotated by RoPE when `cos` is
+// given (HF's rotate_half: pairs (j, j + D/2)). Rows at or past t are zero. Each thread moves
+// 8 pairs at a time with 16-byte loads and stores.
 template <int D>
 __device__ void load_tile(bf16_t* s, const bf16_t* x, long long stride, int row0, int t,
                           const float* cos, const float* sin) {
-    const int H = D / 2, P = D + 8;
-    for (int i = threadIdx.x; i < FA_TILE * H; i += blockDim.x) {
-        int r = i / H, j = i % H, row = row0 + r;
-        float a = 0.f, b = 0.f;
+    const int H = D / 2, P = D + 8, CHUNKS = H / 8;
+    for (int i = threadIdx.x; i < FA_TILE * CHUNKS; i += blockDim.x) {
+        int r = i / CHUNKS, j = (i % CHUNKS) * 8, row = row0 + r;
+        uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
         if (row < t) {
             const bf16_t* src = x + row * stride;
-            a = ld(src, j);
-            b = ld(src, j + H);
+            lo = *(const uint4*)(src + j);
+            hi = *(const uint4*)(src + j + H);
             if (cos) {
-                float cs = cos[row * H + j], sn = sin[row * H + j];
-                float a2 = a * cs - b * sn;
-                b = b * cs + a * sn;
-                a = a2;
+                const bf16_t* a = (const bf16_t*)&lo;
+                const bf16_t* b = (const bf16_t*)&hi;
+                const float* cs = cos + row * H + j;
+                const float* sn = sin + row * H + j;
+                u32 ra[4], rb[4];
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) {
+                    float a0 = ld(a, e), a1 = ld(a, e + 1), b0 = ld(b, e), b1 = ld(b, e + 1);
+                    ra[e / 2] = pack_bf16(a0 * cs[e] - b0 * sn[e], a1 * cs[e + 1] - b1 * sn[e + 1]);
+                    rb[e / 2] = pack_bf16(b0 * cs[e] + a0 * sn[e], b1 * cs[e + 1] + a1 * sn[e + 1]);
+                }
+                lo = make_uint4(ra[0], ra[1], ra[2], ra[3]);
+                hi = make_uint4(rb[0], rb[1], rb[2], rb[3]);
             }
         }
-        s[r * P + j] = to_bf16(a);
-        s[r * P + j + H] = to_bf16(b);
+        *(uint4*)(s + r * P + j) = lo;
+        *(uint4*)(s + r * P + j + H) = hi;
     }
 }
 

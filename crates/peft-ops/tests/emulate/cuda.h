@@ -153,6 +153,11 @@ inline T atomicAdd(T* p, T v) {
     return old;
 }
 
+struct uint4 {
+    uint32_t x, y, z, w;
+};
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+
 inline float __uint_as_float(unsigned u) { return emu::bits_to_float(u); }
 inline float __int_as_float(int i) { return emu::bits_to_float((uint32_t)i); }
 inline unsigned __float_as_uint(float f) {
