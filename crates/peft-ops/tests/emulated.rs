@@ -6,12 +6,14 @@
 //! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64,
 //!   and its 8-bit form against the CPU path bit for bit;
 //! - the cross-entropy row kernel (`src/kernels/ops.cu`) against log-softmax in f64;
-//! - the 4-bit dequantization (`src/kernels/ops.cu`) against peft-quant, bit for bit.
+//! - the 4-bit dequantization (`src/kernels/ops.cu`) against peft-quant, bit for bit;
+//! - the RMSNorm backward, SwiGLU and causal softmax kernels (`src/kernels/ops.cu`) against
+//!   the CPU ops' forward and autograd gradients.
 //!
 //! Needs a C++20 compiler (`CXX`, default `g++`).
 
 use candle_core::{DType, Device, Tensor, Var};
-use peft_ops::causal_self_attention;
+use peft_ops::{causal_self_attention, causal_softmax, rms_norm, swiglu};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -54,6 +56,11 @@ fn emulator(name: &str) -> PathBuf {
 
 /// Runs emulator `name` on `input` and returns its output.
 fn emulate(name: &str, case: &str, input: &[u8]) -> Vec<u8> {
+    emulate_with(name, &[], case, input)
+}
+
+/// [`emulate`] with leading arguments (the kernel to run).
+fn emulate_with(name: &str, args: &[&str], case: &str, input: &[u8]) -> Vec<u8> {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (inp, out) = (
         dir.join(format!("{case}.in")),
@@ -61,6 +68,7 @@ fn emulate(name: &str, case: &str, input: &[u8]) -> Vec<u8> {
     );
     std::fs::write(&inp, input).unwrap();
     let status = Command::new(emulator(name))
+        .args(args)
         .arg(&inp)
         .arg(&out)
         .status()
@@ -509,4 +517,119 @@ fn dequantize_4bit_matches_the_cpu_bit_for_bit() {
             }
         }
     }
+}
+
+/// Forward values and the gradients of `sum(f(inputs) · probe)` on the CPU.
+fn cpu_grads(
+    inputs: &[&Tensor],
+    probe: &Tensor,
+    f: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|x| Var::from_tensor(x).unwrap())
+        .collect();
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&xs).unwrap();
+    let grads = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+        .collect();
+    (y, g)
+}
+
+fn tensor_at(values: &[f32], at: usize, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::from_vec(values[at..at + n].to_vec(), shape, &Device::Cpu).unwrap()
+}
+
+/// Rows longer than the block (300 > 256 threads): dL/dx within 1e-5 of the CPU's autograd.
+#[test]
+fn rms_norm_backward_kernel_matches_the_cpu() {
+    let (rows, d, eps) = (5usize, 300usize, 1e-5f32);
+    let x = randn(&[rows, d], 500);
+    let w = (randn(&[d], 501) + 1.5).unwrap();
+    let g = randn(&[rows, d], 502);
+    let (_, grads) = cpu_grads(&[&x], &g, |v| rms_norm(&v[0], &w, eps as f64));
+    let mut input: Vec<u8> = [rows as i32, d as i32]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    input.extend(eps.to_le_bytes());
+    for t in [&x, &w, &g] {
+        input.extend(f32_bytes(t));
+    }
+    let out = to_f32s(&emulate_with(
+        "ops",
+        &["rms_norm_bwd"],
+        "rms_norm_bwd",
+        &input,
+    ));
+    check(
+        "rms_norm dx",
+        &tensor_at(&out, 0, &[rows, d]),
+        &grads[0],
+        1e-5,
+    );
+}
+
+/// Several blocks of the elementwise kernels: silu(gate)·up and both gradients within 1e-5.
+#[test]
+fn swiglu_kernels_match_the_cpu() {
+    let n = 1000usize;
+    let gate = (randn(&[n], 510) * 4.0).unwrap();
+    let up = randn(&[n], 511);
+    let probe = randn(&[n], 512);
+    let (y, grads) = cpu_grads(&[&gate, &up], &probe, |v| swiglu(&v[0], &v[1]));
+    let mut input = (n as i64).to_le_bytes().to_vec();
+    for t in [&gate, &up, &probe] {
+        input.extend(f32_bytes(t));
+    }
+    let out = to_f32s(&emulate_with("ops", &["swiglu"], "swiglu", &input));
+    check("swiglu y", &tensor_at(&out, 0, &[n]), &y, 1e-5);
+    check("swiglu d gate", &tensor_at(&out, n, &[n]), &grads[0], 1e-5);
+    check(
+        "swiglu d up",
+        &tensor_at(&out, 2 * n, &[n]),
+        &grads[1],
+        1e-5,
+    );
+}
+
+/// Queries after past keys (k > q) and rows longer than the block: probabilities and
+/// dL/dscores within 1e-5 of the CPU kernel's.
+#[test]
+fn causal_softmax_kernels_match_the_cpu() {
+    let (batch, q, k, scale) = (2usize, 5usize, 300usize, 0.7f32);
+    let x = (randn(&[batch, q, k], 520) * 3.0).unwrap();
+    let probe = randn(&[batch, q, k], 521);
+    let (y, grads) = cpu_grads(&[&x], &probe, |v| causal_softmax(&v[0], scale as f64));
+    let mut input: Vec<u8> = [(batch * q) as i32, q as i32, k as i32]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    input.extend(scale.to_le_bytes());
+    for t in [&x, &probe] {
+        input.extend(f32_bytes(t));
+    }
+    let out = to_f32s(&emulate_with(
+        "ops",
+        &["causal_softmax"],
+        "causal_softmax",
+        &input,
+    ));
+    let n = batch * q * k;
+    check(
+        "causal softmax y",
+        &tensor_at(&out, 0, &[batch, q, k]),
+        &y,
+        1e-5,
+    );
+    check(
+        "causal softmax dx",
+        &tensor_at(&out, n, &[batch, q, k]),
+        &grads[0],
+        1e-5,
+    );
 }

@@ -1,0 +1,71 @@
+// Runs the row-wise and elementwise kernels of src/kernels/ops.cu (f32) under the CPU emulation:
+//   ops <kernel> <input> <output>
+// rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d) -> dx (rows·d)
+// swiglu:         i64 n; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
+// causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
+// Launch shapes as in src/cuda.rs: a block of 256 threads per row, 256-thread blocks for the
+// elementwise kernels.
+#include "cuda.h"
+#include "../../src/kernels/ops.cu"
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+template <class T>
+static std::vector<T> take(FILE* f, size_t n) {
+    std::vector<T> v(n);
+    if (fread(v.data(), sizeof(T), n, f) != n) { fprintf(stderr, "short input\n"); exit(1); }
+    return v;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 4) { fprintf(stderr, "usage: ops <kernel> <input> <output>\n"); return 2; }
+    std::string kernel = argv[1];
+    FILE* in = fopen(argv[2], "rb");
+    if (!in) { perror(argv[2]); return 1; }
+    std::vector<float> out;
+    if (kernel == "rms_norm_bwd") {
+        auto dims = take<int>(in, 2);
+        unsigned rows = dims[0];
+        int d = dims[1];
+        float eps = take<float>(in, 1)[0];
+        auto x = take<float>(in, (size_t)rows * d), w = take<float>(in, d);
+        auto g = take<float>(in, (size_t)rows * d);
+        out.resize(x.size());
+        emu::launch({rows}, {256}, 0,
+                    [&] { rms_norm_bwd_f32(x.data(), w.data(), g.data(), out.data(), d, eps); });
+    } else if (kernel == "swiglu") {
+        long long n = take<long long>(in, 1)[0];
+        auto gate = take<float>(in, n), up = take<float>(in, n), grad = take<float>(in, n);
+        std::vector<float> y(n), d(2 * n);
+        unsigned blocks = (unsigned)((n + 255) / 256);
+        emu::launch({blocks}, {256}, 0, [&] { swiglu_fwd_f32(gate.data(), up.data(), y.data(), n); });
+        emu::launch({blocks}, {256}, 0, [&] {
+            swiglu_bwd_f32(gate.data(), up.data(), grad.data(), d.data(), n);
+        });
+        out = y;
+        out.insert(out.end(), d.begin(), d.end());
+    } else if (kernel == "causal_softmax") {
+        auto dims = take<int>(in, 3);
+        unsigned rows = dims[0];
+        int q = dims[1], k = dims[2];
+        float scale = take<float>(in, 1)[0];
+        auto x = take<float>(in, (size_t)rows * k), g = take<float>(in, (size_t)rows * k);
+        std::vector<float> y(x.size()), dx(x.size());
+        emu::launch({rows}, {256}, 0,
+                    [&] { causal_softmax_fwd_f32(x.data(), y.data(), q, k, scale); });
+        emu::launch({rows}, {256}, 0,
+                    [&] { causal_softmax_bwd_f32(y.data(), g.data(), dx.data(), k, scale); });
+        out = y;
+        out.insert(out.end(), dx.begin(), dx.end());
+    } else {
+        fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
+        return 2;
+    }
+    fclose(in);
+    FILE* o = fopen(argv[3], "wb");
+    if (!o) { perror(argv[3]); return 1; }
+    fwrite(out.data(), 4, out.size(), o);
+    fclose(o);
+    return 0;
+}
