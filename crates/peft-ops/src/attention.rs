@@ -77,7 +77,7 @@ pub fn causal_self_attention(
         && sin.dims() == [t, d / 2]
         && heads.is_multiple_of(kv_heads)
     {
-        return flash_self_attention(q, k, v, cos, sin, heads, kv_heads, scale);
+        return flash_self_attention((q, k, v), (cos, sin), heads, kv_heads, scale);
     }
     let fused = matches!(q.device(), Device::Cpu)
         && [q, k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
@@ -144,13 +144,9 @@ pub fn causal_self_attention(
 /// [`causal_self_attention`] by the flash attention kernels (bf16 on CUDA): the forward keeps
 /// only its output and the log-sum-exp of each row; the backward recomputes the rest.
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
 fn flash_self_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (cos, sin): (&Tensor, &Tensor),
     heads: usize,
     kv_heads: usize,
     scale: f64,
@@ -164,18 +160,21 @@ fn flash_self_attention(
             t.copy()
         }
     };
-    let (qd, kd, vd) = (aligned(q)?, aligned(k)?, aligned(v)?);
-    let cos = cos.to_dtype(DType::F32)?.contiguous()?;
-    let sin = sin.to_dtype(DType::F32)?.contiguous()?;
-    let scale = scale as f32;
-    let (out, lse) =
-        crate::cuda::flash_attention_fwd(&qd, &kd, &vd, &cos, &sin, heads, kv_heads, scale)?;
+    let inputs = crate::cuda::FlashInputs {
+        q: aligned(q)?,
+        k: aligned(k)?,
+        v: aligned(v)?,
+        cos: cos.to_dtype(DType::F32)?.contiguous()?,
+        sin: sin.to_dtype(DType::F32)?.contiguous()?,
+        heads,
+        kv_heads,
+        scale: scale as f32,
+    };
+    let (out, lse) = inputs.forward()?;
     let saved = out.clone();
     with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
         let grad = aligned(&grad.to_dtype(DType::BF16)?)?;
-        let (dq, dk, dv) = crate::cuda::flash_attention_bwd(
-            &qd, &kd, &vd, &cos, &sin, &saved, &lse, &grad, heads, kv_heads, scale,
-        )?;
+        let (dq, dk, dv) = inputs.backward(&saved, &lse, &grad)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
 }

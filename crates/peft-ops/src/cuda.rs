@@ -448,193 +448,199 @@ fn allow_shared(func: &CudaFunction, shared: usize) -> Result<()> {
     Ok(())
 }
 
-/// Flash attention forward on the projections: `q` `[b, t, heads · d]`, `k`, `v`
-/// `[b, t, kv_heads · d]` (contiguous bf16), `cos`, `sin` `[t, d / 2]` (contiguous f32). Returns
-/// the attention output `[b, t, heads · d]` (bf16) and the log-sum-exp of each query row
-/// `[b, heads, t]` (f32) for the backward pass.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn flash_attention_fwd(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    scale: f32,
-) -> Result<(Tensor, Tensor)> {
-    let (b, t, hd) = q.dims3()?;
-    let d = hd / heads;
-    let dev = cuda_device(q)?;
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (cs, cl) = cos.storage_and_layout();
-    let (ss, sl) = sin.storage_and_layout();
-    let (qv, kv, vv) = (
-        view::<bf16>(&qs, ql)?,
-        view::<bf16>(&ks, kl)?,
-        view::<bf16>(&vs, vl)?,
-    );
-    let (cv, sv) = (view::<f32>(&cs, cl)?, view::<f32>(&ss, sl)?);
-    // SAFETY: the kernel writes every element of both outputs.
-    let o = unsafe { dev.alloc::<bf16>(b * t * hd)? };
-    let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
-    let shared = 2 * FA_TILE * (d + 8) * 2;
-    let func = dev.get_or_load_custom_func(&format!("flash_fwd_d{d}"), MODULE, ptx()?)?;
-    allow_shared(&func, shared)?;
-    let cfg = LaunchConfig {
-        grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
-        block_dim: (FA_THREADS, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
-    let (t_, h_, kvh_) = (t as i32, heads as i32, kv_heads as i32);
-    let mut builder = func.builder();
-    builder
-        .arg(&qv)
-        .arg(&kv)
-        .arg(&vv)
-        .arg(&cv)
-        .arg(&sv)
-        .arg(&o)
-        .arg(&lse);
-    builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&scale);
-    // SAFETY: the arguments match flash_fwd_d{64,128} in kernels/attention.cu.
-    unsafe { builder.launch(cfg) }.map_err(err)?;
-    Ok((wrap(o, &dev, &[b, t, hd]), wrap(lse, &dev, &[b, heads, t])))
+/// The inputs of the flash attention kernels: `q` `[b, t, heads · d]`, `k`, `v`
+/// `[b, t, kv_heads · d]` (contiguous bf16, starting at a multiple of 8 elements), `cos`,
+/// `sin` `[t, d / 2]` (contiguous f32), and the score scale.
+pub(crate) struct FlashInputs {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub scale: f32,
 }
 
-/// Flash attention backward: the gradients of `q`, `k` and `v` (bf16, their shapes) from the
-/// forward's inputs, its output `o`, its log-sum-exp and the output gradient `dout` (bf16).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn flash_attention_bwd(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    scale: f32,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, t, hd) = q.dims3()?;
-    let d = hd / heads;
-    let kvd = kv_heads * d;
-    let dev = cuda_device(q)?;
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (cs, cl) = cos.storage_and_layout();
-    let (ss, sl) = sin.storage_and_layout();
-    let (os, ol) = o.storage_and_layout();
-    let (ls, ll) = lse.storage_and_layout();
-    let (gs, gl) = dout.storage_and_layout();
-    let (qv, kv, vv) = (
-        view::<bf16>(&qs, ql)?,
-        view::<bf16>(&ks, kl)?,
-        view::<bf16>(&vs, vl)?,
-    );
-    let (cv, sv) = (view::<f32>(&cs, cl)?, view::<f32>(&ss, sl)?);
-    let (ov, lv, gv) = (
-        view::<bf16>(&os, ol)?,
-        view::<f32>(&ls, ll)?,
-        view::<bf16>(&gs, gl)?,
-    );
-    let (t_, h_, kvh_, d_) = (t as i32, heads as i32, kv_heads as i32, d as i32);
+/// Device views of a [`FlashInputs`], in the kernels' argument order.
+struct FlashViews<'a> {
+    q: CudaView<'a, bf16>,
+    k: CudaView<'a, bf16>,
+    v: CudaView<'a, bf16>,
+    cos: CudaView<'a, f32>,
+    sin: CudaView<'a, f32>,
+}
 
-    // delta = rowsum(dO ∘ O), one warp per (row, head).
-    let rows = (b * t * heads) as i64;
-    // SAFETY: written for every row.
-    let delta = unsafe { dev.alloc::<f32>(b * heads * t)? };
-    let func = dev.get_or_load_custom_func("flash_bwd_delta_bf16", MODULE, ptx()?)?;
-    let warps = FA_THREADS as usize / 32;
-    let cfg = LaunchConfig {
-        grid_dim: ((rows as usize).div_ceil(warps) as u32, 1, 1),
-        block_dim: (FA_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut builder = func.builder();
-    builder
-        .arg(&ov)
-        .arg(&gv)
-        .arg(&delta)
-        .arg(&t_)
-        .arg(&h_)
-        .arg(&d_)
-        .arg(&rows);
-    // SAFETY: the arguments match flash_bwd_delta_bf16.
-    unsafe { builder.launch(cfg) }.map_err(err)?;
+impl FlashInputs {
+    /// Runs `f` with the device views of the inputs.
+    fn with_views<R>(&self, f: impl FnOnce(&FlashViews) -> Result<R>) -> Result<R> {
+        let (qs, ql) = self.q.storage_and_layout();
+        let (ks, kl) = self.k.storage_and_layout();
+        let (vs, vl) = self.v.storage_and_layout();
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        f(&FlashViews {
+            q: view(&qs, ql)?,
+            k: view(&ks, kl)?,
+            v: view(&vs, vl)?,
+            cos: view(&cs, cl)?,
+            sin: view(&ss, sl)?,
+        })
+    }
 
-    // Per key tile and query head: its shares of dK and dV, and dQ accumulated in f32.
-    let dq_acc = dev.alloc_zeros::<f32>(b * t * hd)?;
-    // SAFETY: every row below t of every head is written.
-    let dk_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
-    let dv_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
-    let shared = 4 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4;
-    let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx()?)?;
-    allow_shared(&func, shared)?;
-    let cfg = LaunchConfig {
-        grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
-        block_dim: (FA_THREADS, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
-    let mut builder = func.builder();
-    builder
-        .arg(&qv)
-        .arg(&kv)
-        .arg(&vv)
-        .arg(&cv)
-        .arg(&sv)
-        .arg(&gv)
-        .arg(&lv)
-        .arg(&delta);
-    builder.arg(&dq_acc).arg(&dk_part).arg(&dv_part);
-    builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&scale);
-    // SAFETY: the arguments match flash_bwd_d{64,128}.
-    unsafe { builder.launch(cfg) }.map_err(err)?;
+    /// `(b, t, d)` and the kernels' integer arguments `t`, `heads`, `kv_heads`.
+    fn dims(&self) -> Result<((usize, usize, usize), [i32; 3])> {
+        let (b, t, hd) = self.q.dims3()?;
+        let ints = [t as i32, self.heads as i32, self.kv_heads as i32];
+        Ok(((b, t, hd / self.heads), ints))
+    }
 
-    // dk, dv: the shares summed per kv head, dk scaled and rotated back.
-    let kv_pairs = (b * t * kvd / 2) as i64;
-    // SAFETY: one thread per pair writes both elements of dk and dv.
-    let dk = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
-    let dv = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
-    let func = dev.get_or_load_custom_func("flash_bwd_dkv_bf16", MODULE, ptx()?)?;
-    let mut builder = func.builder();
-    builder
-        .arg(&dk_part)
-        .arg(&dv_part)
-        .arg(&cv)
-        .arg(&sv)
-        .arg(&dk)
-        .arg(&dv);
-    builder
-        .arg(&t_)
-        .arg(&h_)
-        .arg(&kvh_)
-        .arg(&d_)
-        .arg(&scale)
-        .arg(&kv_pairs);
-    // SAFETY: the arguments match flash_bwd_dkv_bf16.
-    unsafe { builder.launch(elementwise_config(kv_pairs as usize)) }.map_err(err)?;
+    /// The attention output `[b, t, heads · d]` (bf16) and the log-sum-exp of each query row
+    /// `[b, heads, t]` (f32) for the backward pass.
+    pub(crate) fn forward(&self) -> Result<(Tensor, Tensor)> {
+        let ((b, t, d), [t_, h_, kvh_]) = self.dims()?;
+        let heads = self.heads;
+        let dev = cuda_device(&self.q)?;
+        // SAFETY: the kernel writes every element of both outputs.
+        let o = unsafe { dev.alloc::<bf16>(b * t * heads * d)? };
+        let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
+        let shared = 2 * FA_TILE * (d + 8) * 2;
+        let func = dev.get_or_load_custom_func(&format!("flash_fwd_d{d}"), MODULE, ptx()?)?;
+        allow_shared(&func, shared)?;
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
+            block_dim: (FA_THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        self.with_views(|x| {
+            let mut builder = func.builder();
+            builder
+                .arg(&x.q)
+                .arg(&x.k)
+                .arg(&x.v)
+                .arg(&x.cos)
+                .arg(&x.sin);
+            builder.arg(&o).arg(&lse);
+            builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&self.scale);
+            // SAFETY: the arguments match flash_fwd_d{64,128} in kernels/attention.cu.
+            unsafe { builder.launch(cfg) }.map_err(err)
+        })?;
+        Ok((
+            wrap(o, &dev, &[b, t, heads * d]),
+            wrap(lse, &dev, &[b, heads, t]),
+        ))
+    }
 
-    // dq: scaled and rotated back, in the projection layout.
-    let pairs = (b * t * hd / 2) as i64;
-    // SAFETY: one thread per pair writes both elements.
-    let dq = unsafe { dev.alloc::<bf16>(b * t * hd)? };
-    let func = dev.get_or_load_custom_func("flash_bwd_dq_bf16", MODULE, ptx()?)?;
-    let mut builder = func.builder();
-    builder.arg(&dq_acc).arg(&cv).arg(&sv).arg(&dq);
-    builder.arg(&t_).arg(&h_).arg(&d_).arg(&scale).arg(&pairs);
-    // SAFETY: the arguments match flash_bwd_dq_bf16.
-    unsafe { builder.launch(elementwise_config(pairs as usize)) }.map_err(err)?;
-    Ok((
-        wrap(dq, &dev, &[b, t, hd]),
-        wrap(dk, &dev, &[b, t, kvd]),
-        wrap(dv, &dev, &[b, t, kvd]),
-    ))
+    /// The gradients of `q`, `k` and `v` (bf16, their shapes) from the forward's output `o`,
+    /// its log-sum-exp and the output gradient `dout` (bf16, aligned as the inputs).
+    pub(crate) fn backward(
+        &self,
+        o: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let ((b, t, d), [t_, h_, kvh_]) = self.dims()?;
+        let (heads, hd, kvd) = (self.heads, self.heads * d, self.kv_heads * d);
+        let (d_, scale) = (d as i32, self.scale);
+        let dev = cuda_device(&self.q)?;
+        let (os, ol) = o.storage_and_layout();
+        let (ls, ll) = lse.storage_and_layout();
+        let (gs, gl) = dout.storage_and_layout();
+        let (ov, lv, gv) = (
+            view::<bf16>(&os, ol)?,
+            view::<f32>(&ls, ll)?,
+            view::<bf16>(&gs, gl)?,
+        );
+
+        // delta = rowsum(dO ∘ O), one warp per (row, head).
+        let rows = (b * t * heads) as i64;
+        // SAFETY: written for every row.
+        let delta = unsafe { dev.alloc::<f32>(b * heads * t)? };
+        let func = dev.get_or_load_custom_func("flash_bwd_delta_bf16", MODULE, ptx()?)?;
+        let warps = FA_THREADS as usize / 32;
+        let cfg = LaunchConfig {
+            grid_dim: ((rows as usize).div_ceil(warps) as u32, 1, 1),
+            block_dim: (FA_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = func.builder();
+        builder.arg(&ov).arg(&gv).arg(&delta);
+        builder.arg(&t_).arg(&h_).arg(&d_).arg(&rows);
+        // SAFETY: the arguments match flash_bwd_delta_bf16.
+        unsafe { builder.launch(cfg) }.map_err(err)?;
+
+        // Per key tile and query head: its shares of dK and dV, and dQ accumulated in f32.
+        let dq_acc = dev.alloc_zeros::<f32>(b * t * hd)?;
+        // SAFETY: every row below t of every head is written.
+        let dk_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
+        let dv_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
+        let shared = 4 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4;
+        let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx()?)?;
+        allow_shared(&func, shared)?;
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
+            block_dim: (FA_THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let kv_pairs = (b * t * kvd / 2) as i64;
+        let pairs = (b * t * hd / 2) as i64;
+        // SAFETY: one thread per pair writes both of its elements.
+        let dq = unsafe { dev.alloc::<bf16>(b * t * hd)? };
+        let dk = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
+        let dv = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
+        self.with_views(|x| {
+            let mut builder = func.builder();
+            builder
+                .arg(&x.q)
+                .arg(&x.k)
+                .arg(&x.v)
+                .arg(&x.cos)
+                .arg(&x.sin);
+            builder
+                .arg(&gv)
+                .arg(&lv)
+                .arg(&delta)
+                .arg(&dq_acc)
+                .arg(&dk_part)
+                .arg(&dv_part);
+            builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&scale);
+            // SAFETY: the arguments match flash_bwd_d{64,128}.
+            unsafe { builder.launch(cfg) }.map_err(err)?;
+
+            // dk, dv: the shares summed per kv head, dk scaled and rotated back.
+            let func = dev.get_or_load_custom_func("flash_bwd_dkv_bf16", MODULE, ptx()?)?;
+            let mut builder = func.builder();
+            builder
+                .arg(&dk_part)
+                .arg(&dv_part)
+                .arg(&x.cos)
+                .arg(&x.sin)
+                .arg(&dk)
+                .arg(&dv);
+            builder
+                .arg(&t_)
+                .arg(&h_)
+                .arg(&kvh_)
+                .arg(&d_)
+                .arg(&scale)
+                .arg(&kv_pairs);
+            // SAFETY: the arguments match flash_bwd_dkv_bf16.
+            unsafe { builder.launch(elementwise_config(kv_pairs as usize)) }.map_err(err)?;
+
+            // dq: scaled and rotated back, in the projection layout.
+            let func = dev.get_or_load_custom_func("flash_bwd_dq_bf16", MODULE, ptx()?)?;
+            let mut builder = func.builder();
+            builder.arg(&dq_acc).arg(&x.cos).arg(&x.sin).arg(&dq);
+            builder.arg(&t_).arg(&h_).arg(&d_).arg(&scale).arg(&pairs);
+            // SAFETY: the arguments match flash_bwd_dq_bf16.
+            unsafe { builder.launch(elementwise_config(pairs as usize)) }.map_err(err)
+        })?;
+        Ok((
+            wrap(dq, &dev, &[b, t, hd]),
+            wrap(dk, &dev, &[b, t, kvd]),
+            wrap(dv, &dev, &[b, t, kvd]),
+        ))
+    }
 }
 
 /// The fused optimizer step (`kernels/optim.cu`) over a fixed set of tensors: their addresses

@@ -8,7 +8,7 @@ use peft_ops::*;
 use std::sync::Arc;
 
 mod common;
-use common::{max_abs, randn};
+use common::{max_abs, randn, rope_tables};
 
 fn gpu() -> Device {
     open_device("cuda").expect("a CUDA device")
@@ -152,16 +152,6 @@ fn causal_attention_matches_cpu() {
     check("causal_attention", &inputs, |x| {
         causal_attention(&x[0], &x[1], &x[2], 1.0 / 8f64.sqrt())
     });
-}
-
-/// RoPE tables `[t, d / 2]` with HF's default base.
-fn rope_tables(t: usize, d: usize) -> (Tensor, Tensor) {
-    let half = d / 2;
-    let angles: Vec<f32> = (0..t)
-        .flat_map(|p| (0..half).map(move |i| p as f32 / 10_000f32.powf(2.0 * i as f32 / d as f32)))
-        .collect();
-    let a = Tensor::from_vec(angles, (t, half), &Device::Cpu).unwrap();
-    (a.cos().unwrap(), a.sin().unwrap())
 }
 
 /// bf16 takes the flash attention kernels (head sizes 64 and 128), f32 the composed path; both

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 mod common;
-use common::{max_abs, randn};
+use common::{max_abs, randn, rope_tables};
 
 /// Builds `tests/emulate/<name>.cpp` once per test run and returns the program.
 fn emulator(name: &str) -> PathBuf {
@@ -103,16 +103,6 @@ fn bf16_bytes(t: &Tensor) -> Vec<u8> {
 fn f32_bytes(t: &Tensor) -> Vec<u8> {
     let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// RoPE tables `[t, d / 2]` with HF's default base.
-fn rope_tables(t: usize, d: usize) -> (Tensor, Tensor) {
-    let half = d / 2;
-    let angles: Vec<f32> = (0..t)
-        .flat_map(|p| (0..half).map(move |i| p as f32 / 10_000f32.powf(2.0 * i as f32 / d as f32)))
-        .collect();
-    let a = Tensor::from_vec(angles, (t, half), &Device::Cpu).unwrap();
-    (a.cos().unwrap(), a.sin().unwrap())
 }
 
 fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {

@@ -20,3 +20,14 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// RoPE tables `[t, d / 2]` (cos, sin) with HF's default base.
+#[allow(dead_code)] // not every test binary rotates
+pub fn rope_tables(t: usize, d: usize) -> (Tensor, Tensor) {
+    let half = d / 2;
+    let angles: Vec<f32> = (0..t)
+        .flat_map(|p| (0..half).map(move |i| p as f32 / 10_000f32.powf(2.0 * i as f32 / d as f32)))
+        .collect();
+    let a = Tensor::from_vec(angles, (t, half), &Device::Cpu).unwrap();
+    (a.cos().unwrap(), a.sin().unwrap())
+}

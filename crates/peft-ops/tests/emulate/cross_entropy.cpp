@@ -4,15 +4,6 @@
 // output: f32 row losses, then f32 logits gradient. Launch shape as in src/cuda.rs.
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
-#include <cstdio>
-#include <cstdlib>
-
-template <class T>
-static std::vector<T> take(FILE* f, size_t n) {
-    std::vector<T> v(n);
-    if (fread(v.data(), sizeof(T), n, f) != n) { fprintf(stderr, "short input\n"); exit(1); }
-    return v;
-}
 
 int main(int argc, char** argv) {
     if (argc != 3) { fprintf(stderr, "usage: cross_entropy <input> <output>\n"); return 2; }

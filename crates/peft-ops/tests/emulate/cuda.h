@@ -165,6 +165,17 @@ inline unsigned __float_as_uint(float f) {
     std::memcpy(&u, &f, 4);
     return u;
 }
+// Reads n values of T from a harness's input file, or exits.
+template <class T>
+std::vector<T> take(FILE* f, size_t n) {
+    std::vector<T> v(n);
+    if (fread(v.data(), sizeof(T), n, f) != n) {
+        fprintf(stderr, "short input\n");
+        exit(1);
+    }
+    return v;
+}
+
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }

@@ -5,15 +5,6 @@
 // and f32 absmax2[ceil(blocks / blocksize2)] (double). output: f32 values[len].
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
-#include <cstdio>
-#include <cstdlib>
-
-template <class T>
-static std::vector<T> take(FILE* f, size_t n) {
-    std::vector<T> v(n);
-    if (fread(v.data(), sizeof(T), n, f) != n) { fprintf(stderr, "short input\n"); exit(1); }
-    return v;
-}
 
 int main(int argc, char** argv) {
     if (argc != 3) { fprintf(stderr, "usage: dequantize <input> <output>\n"); return 2; }

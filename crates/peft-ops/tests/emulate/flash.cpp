@@ -5,15 +5,6 @@
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
 #include "../../src/kernels/attention.cu"
-#include <cstdio>
-#include <cstdlib>
-
-template <class T>
-static std::vector<T> take(FILE* f, size_t n) {
-    std::vector<T> v(n);
-    if (fread(v.data(), sizeof(T), n, f) != n) { fprintf(stderr, "short input\n"); exit(1); }
-    return v;
-}
 
 static void put(FILE* f, const std::vector<float>& v) { fwrite(v.data(), 4, v.size(), f); }
 

@@ -7,16 +7,7 @@
 // elementwise kernels.
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
-#include <cstdio>
-#include <cstdlib>
 #include <string>
-
-template <class T>
-static std::vector<T> take(FILE* f, size_t n) {
-    std::vector<T> v(n);
-    if (fread(v.data(), sizeof(T), n, f) != n) { fprintf(stderr, "short input\n"); exit(1); }
-    return v;
-}
 
 int main(int argc, char** argv) {
     if (argc != 4) { fprintf(stderr, "usage: ops <kernel> <input> <output>\n"); return 2; }

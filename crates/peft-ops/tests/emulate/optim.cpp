@@ -9,15 +9,6 @@
 #include "../../src/kernels/ops.cu"
 #include "../../src/kernels/optim.cu"
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-
-template <class T>
-static std::vector<T> take(FILE* f, size_t n) {
-    std::vector<T> v(n);
-    if (fread(v.data(), sizeof(T), n, f) != n) { fprintf(stderr, "short input\n"); exit(1); }
-    return v;
-}
 
 struct Tensor {
     std::vector<float> p, g, m, v, m_absmax, v_absmax;
