@@ -120,7 +120,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
     base.gradient_checkpointing = cmd.gradient_checkpointing;
     let vocab = base.config.vocab_size as u32;
-    let flops_per_token = model_flops_per_token(&base.config, base_params, cmd.seq_len);
+    let flops_per_token = model_flops_per_token(&base.config, base_params, cmd.seq_len, full);
     let config = LoraConfig {
         r: cmd.r,
         lora_alpha: cmd.lora_alpha,
@@ -237,16 +237,22 @@ fn median(xs: &[f64]) -> f64 {
 }
 
 /// Model FLOPs per trained token as `shared/gpu/anchor_hf.py` counts them: 2N for the forward
-/// (N = matmul parameters) plus the attention products, and as much again for the backward
-/// to the activations (frozen weights need no weight gradients).
-fn model_flops_per_token(c: &peft_models::LlamaConfig, base_params: usize, seq: usize) -> f64 {
+/// (N = matmul parameters) plus the attention products, as much again for the backward to the
+/// activations, and once more for the weight gradients when every weight trains (`full`).
+fn model_flops_per_token(
+    c: &peft_models::LlamaConfig,
+    base_params: usize,
+    seq: usize,
+    full: bool,
+) -> f64 {
     let matmul_params = if c.tie_word_embeddings {
         base_params
     } else {
         base_params - c.vocab_size * c.hidden_size
     };
     let attention = 4 * c.num_hidden_layers * seq * c.hidden_size;
-    2.0 * (2 * matmul_params + attention) as f64
+    let passes = if full { 3.0 } else { 2.0 };
+    passes * (2 * matmul_params + attention) as f64
 }
 
 fn random_ids(cmd: &BenchCmd, vocab: u32, device: &candle_core::Device) -> Result<Tensor> {
