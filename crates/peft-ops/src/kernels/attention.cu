@@ -315,113 +315,111 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 #pragma unroll
         for (int i = 0; i < 4; ++i) dk_acc[n][i] = dv_acc[n][i] = 0.f;
 
-    {
-        const bf16_t* qb = q + bi * t * qs + hi * D;
-        const bf16_t* ob = dout + bi * t * qs + hi * D;
-        const float* lb = lse + ((long long)bi * heads + hi) * t;
-        const float* eb = delta + ((long long)bi * heads + hi) * t;
-        float* dqb = dq_acc + ((long long)bi * heads + hi) * t * D;
-        for (int qt = kt; qt < nq; ++qt) {
-            __syncthreads();  // the last iteration's reads of Qs, Os, Ss, Ls and Es are done
-            load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
-            load_tile<D>(Os, ob, qs, qt * FA_TILE, t, 0, 0);
-            for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
-                int r = qt * FA_TILE + i;
-                Ls[i] = r < t ? lb[r] * FA_LOG2E : 0.f;
-                Es[i] = r < t ? eb[r] : 0.f;
-            }
-            __syncthreads();
+    const bf16_t* qb = q + bi * t * qs + hi * D;
+    const bf16_t* ob = dout + bi * t * qs + hi * D;
+    const float* lb = lse + ((long long)bi * heads + hi) * t;
+    const float* eb = delta + ((long long)bi * heads + hi) * t;
+    float* dqb = dq_acc + ((long long)bi * heads + hi) * t * D;
+    for (int qt = kt; qt < nq; ++qt) {
+        __syncthreads();  // the last iteration's reads of Qs, Os, Ss, Ls and Es are done
+        load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
+        load_tile<D>(Os, ob, qs, qt * FA_TILE, t, 0, 0);
+        for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
+            int r = qt * FA_TILE + i;
+            Ls[i] = r < t ? lb[r] * FA_LOG2E : 0.f;
+            Es[i] = r < t ? eb[r] : 0.f;
+        }
+        __syncthreads();
 
-            // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys and the tile's 64 queries.
-            float st[8][4], dpt[8][4];
+        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys and the tile's 64 queries.
+        float st[8][4], dpt[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) st[n][i] = dpt[n][i] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 ka[4], va[4];
+            load_a(ka, Ks, P, warp * 16, kk * 16);
+            load_a(va, Vs, P, warp * 16, kk * 16);
+#pragma unroll
+            for (int n = 0; n < 8; n += 2) {
+                u32 b[2][2];
+                load_b_t(b, Qs, P, n * 8, kk * 16);
+                mma_bf16(st[n], ka, b[0]);
+                mma_bf16(st[n + 1], ka, b[1]);
+                load_b_t(b, Os, P, n * 8, kk * 16);
+                mma_bf16(dpt[n], va, b[0]);
+                mma_bf16(dpt[n + 1], va, b[1]);
+            }
+        }
+        // Pᵀ (zero where the query precedes the key or lies past t), then dSᵀ in place of
+        // dPᵀ: P ∘ (dP − delta), without the scale.
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
+                float p = query >= key[i >> 1] && query < t
+                              ? exp2f(st[n][i] * scale2 - Ls[ql])
+                              : 0.f;
+                st[n][i] = p;
+                dpt[n][i] = p * (dpt[n][i] - Es[ql]);
+            }
+        // dV += Pᵀ dO, dK += dSᵀ Q
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            u32 pa[4], sa[4];
+            c_to_a(pa, st[2 * kk], st[2 * kk + 1]);
+            c_to_a(sa, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+            for (int n = 0; n < D / 8; n += 2) {
+                u32 b[2][2];
+                load_b(b, Os, P, kk * 16, n * 8);
+                mma_bf16(dv_acc[n], pa, b[0]);
+                mma_bf16(dv_acc[n + 1], pa, b[1]);
+                load_b(b, Qs, P, kk * 16, n * 8);
+                mma_bf16(dk_acc[n], sa, b[0]);
+                mma_bf16(dk_acc[n + 1], sa, b[1]);
+            }
+        }
+        // dS to shared memory as [query][key] for dQ = dS K.
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                Ss[(n * 8 + 2 * c + (i & 1)) * PS + warp * 16 + g + 8 * (i >> 1)] =
+                    to_bf16(dpt[n][i]);
+        __syncthreads();
+        // This warp's 16 queries of dQ, 64 columns at a time (fewer live registers).
+#pragma unroll
+        for (int n0 = 0; n0 < D / 8; n0 += 8) {
+            float dq[8][4];
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) st[n][i] = dpt[n][i] = 0.f;
+                for (int i = 0; i < 4; ++i) dq[n][i] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                u32 ka[4], va[4];
-                load_a(ka, Ks, P, warp * 16, kk * 16);
-                load_a(va, Vs, P, warp * 16, kk * 16);
+            for (int kk = 0; kk < 4; ++kk) {
+                u32 sa[4];
+                load_a(sa, Ss, PS, warp * 16, kk * 16);
 #pragma unroll
                 for (int n = 0; n < 8; n += 2) {
                     u32 b[2][2];
-                    load_b_t(b, Qs, P, n * 8, kk * 16);
-                    mma_bf16(st[n], ka, b[0]);
-                    mma_bf16(st[n + 1], ka, b[1]);
-                    load_b_t(b, Os, P, n * 8, kk * 16);
-                    mma_bf16(dpt[n], va, b[0]);
-                    mma_bf16(dpt[n + 1], va, b[1]);
+                    load_b(b, Ks, P, kk * 16, (n0 + n) * 8);
+                    mma_bf16(dq[n], sa, b[0]);
+                    mma_bf16(dq[n + 1], sa, b[1]);
                 }
             }
-            // Pᵀ (zero where the query precedes the key or lies past t), then dSᵀ in place of
-            // dPᵀ: P ∘ (dP − delta), without the scale.
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+            for (int r = 0; r < 2; ++r) {
+                int query = qt * FA_TILE + warp * 16 + g + 8 * r;
+                if (query >= t) continue;
+                float* dst = dqb + (long long)query * D + n0 * 8 + 2 * c;
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
-                    float p = query >= key[i >> 1] && query < t
-                                  ? exp2f(st[n][i] * scale2 - Ls[ql])
-                                  : 0.f;
-                    st[n][i] = p;
-                    dpt[n][i] = p * (dpt[n][i] - Es[ql]);
-                }
-            // dV += Pᵀ dO, dK += dSᵀ Q
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-                u32 pa[4], sa[4];
-                c_to_a(pa, st[2 * kk], st[2 * kk + 1]);
-                c_to_a(sa, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-                for (int n = 0; n < D / 8; n += 2) {
-                    u32 b[2][2];
-                    load_b(b, Os, P, kk * 16, n * 8);
-                    mma_bf16(dv_acc[n], pa, b[0]);
-                    mma_bf16(dv_acc[n + 1], pa, b[1]);
-                    load_b(b, Qs, P, kk * 16, n * 8);
-                    mma_bf16(dk_acc[n], sa, b[0]);
-                    mma_bf16(dk_acc[n + 1], sa, b[1]);
-                }
-            }
-            // dS to shared memory as [query][key] for dQ = dS K.
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-                    Ss[(n * 8 + 2 * c + (i & 1)) * PS + warp * 16 + g + 8 * (i >> 1)] =
-                        to_bf16(dpt[n][i]);
-            __syncthreads();
-            // This warp's 16 queries of dQ, 64 columns at a time (fewer live registers).
-#pragma unroll
-            for (int n0 = 0; n0 < D / 8; n0 += 8) {
-                float dq[8][4];
-#pragma unroll
-                for (int n = 0; n < 8; ++n)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) dq[n][i] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < 4; ++kk) {
-                    u32 sa[4];
-                    load_a(sa, Ss, PS, warp * 16, kk * 16);
-#pragma unroll
-                    for (int n = 0; n < 8; n += 2) {
-                        u32 b[2][2];
-                        load_b(b, Ks, P, kk * 16, (n0 + n) * 8);
-                        mma_bf16(dq[n], sa, b[0]);
-                        mma_bf16(dq[n + 1], sa, b[1]);
-                    }
-                }
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    int query = qt * FA_TILE + warp * 16 + g + 8 * r;
-                    if (query >= t) continue;
-                    float* dst = dqb + (long long)query * D + n0 * 8 + 2 * c;
-#pragma unroll
-                    for (int n = 0; n < 8; ++n) {
-                        atomicAdd(dst + n * 8, dq[n][2 * r]);
-                        atomicAdd(dst + n * 8 + 1, dq[n][2 * r + 1]);
-                    }
+                for (int n = 0; n < 8; ++n) {
+                    atomicAdd(dst + n * 8, dq[n][2 * r]);
+                    atomicAdd(dst + n * 8 + 1, dq[n][2 * r + 1]);
                 }
             }
         }
