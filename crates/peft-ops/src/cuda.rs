@@ -644,41 +644,32 @@ impl FlashInputs {
 }
 
 /// The fused optimizer step (`kernels/optim.cu`) over a fixed set of tensors: their addresses
-/// and sizes, uploaded once per step, in one table per kind of moments.
+/// and sizes, uploaded once per step, in one table per kind of tensors.
 pub struct FusedAdamw {
     dev: CudaDevice,
-    f32_moments: Option<Table>,
-    q8_moments: Option<Table>,
+    tables: Vec<Table>,
+}
+
+/// What the tensors of a [`Table`] hold.
+#[derive(Clone, Copy, PartialEq)]
+enum TableKind {
+    /// Parameters, gradients and moments of one dtype (f32 or bf16).
+    Dense(DType),
+    /// f32 parameters and gradients, 8-bit moments.
+    EightBit,
 }
 
 /// Entries of one kind of tensors for the kernels.
 struct Table {
+    kind: TableKind,
     entries: CudaSlice<i64>,
-    /// Values per entry (5 for f32 moments, 7 for 8-bit ones).
+    /// Values per entry (5 for dense moments, 7 for 8-bit ones).
     stride: i32,
     tensors: usize,
     largest: usize,
 }
 
 impl Table {
-    fn new(dev: &CudaDevice, values: &[i64], stride: usize) -> Result<Option<Self>> {
-        if values.is_empty() {
-            return Ok(None);
-        }
-        let tensors = values.len() / stride;
-        let largest = values
-            .chunks(stride)
-            .map(|e| e[stride - 1])
-            .max()
-            .unwrap_or(0) as usize;
-        Ok(Some(Self {
-            entries: dev.clone_htod(values)?,
-            stride: stride as i32,
-            tensors,
-            largest,
-        }))
-    }
-
     fn config(&self) -> LaunchConfig {
         let chunks = self.largest.div_ceil(256 * 8).clamp(1, 1024);
         LaunchConfig {
@@ -687,11 +678,21 @@ impl Table {
             shared_mem_bytes: 0,
         }
     }
+
+    /// The dtype suffix of the parameter and gradient kernels.
+    fn suffix(&self) -> Result<&'static str> {
+        match self.kind {
+            TableKind::Dense(dtype) => suffix(dtype),
+            TableKind::EightBit => Ok("f32"),
+        }
+    }
 }
 
 impl FusedAdamw {
     /// The fused step for `slots`, or `None` when they are not all contiguous tensors of the
-    /// expected dtypes and sizes on one CUDA device. The tensors must outlive the step.
+    /// expected dtypes and sizes on one CUDA device: f32 or bf16 parameters with gradients and
+    /// dense moments of the same dtype, or f32 parameters with 8-bit moments. The tensors must
+    /// outlive the step.
     pub fn new(slots: &[crate::optim::AdamwSlot]) -> Result<Option<Self>> {
         use crate::optim::SlotMoments;
         let Some(first) = slots.first() else {
@@ -707,27 +708,38 @@ impl FusedAdamw {
                 && t.elem_count() == len
                 && t.device().same_device(first.param.device())
         };
-        let all = slots.iter().all(|s| {
-            let n = s.param.elem_count();
-            fits(s.param, DType::F32, n)
-                && fits(s.grad, DType::F32, n)
-                && match s.moments {
-                    SlotMoments::F32 { m, v } => fits(m, DType::F32, n) && fits(v, DType::F32, n),
-                    SlotMoments::Q8 {
-                        m_codes,
-                        m_absmax,
-                        v_codes,
-                        v_absmax,
-                    } => {
-                        let blocks = n.div_ceil(256);
-                        fits(m_codes, DType::U8, n)
-                            && fits(v_codes, DType::U8, n)
-                            && fits(m_absmax, DType::F32, blocks)
-                            && fits(v_absmax, DType::F32, blocks)
-                    }
+        let kind = |s: &crate::optim::AdamwSlot| -> Option<TableKind> {
+            let (n, dtype) = (s.param.elem_count(), s.param.dtype());
+            let dense = fits(s.param, dtype, n) && fits(s.grad, dtype, n);
+            match s.moments {
+                SlotMoments::Dense { m, v }
+                    if dense
+                        && matches!(dtype, DType::F32 | DType::BF16)
+                        && fits(m, dtype, n)
+                        && fits(v, dtype, n) =>
+                {
+                    Some(TableKind::Dense(dtype))
                 }
-        });
-        if !all || slots.len() > 65_535 {
+                SlotMoments::Q8 {
+                    m_codes,
+                    m_absmax,
+                    v_codes,
+                    v_absmax,
+                } if dense && dtype == DType::F32 => {
+                    let blocks = n.div_ceil(256);
+                    (fits(m_codes, DType::U8, n)
+                        && fits(v_codes, DType::U8, n)
+                        && fits(m_absmax, DType::F32, blocks)
+                        && fits(v_absmax, DType::F32, blocks))
+                    .then_some(TableKind::EightBit)
+                }
+                _ => None,
+            }
+        };
+        let Some(kinds) = slots.iter().map(kind).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        if slots.len() > 65_535 {
             return Ok(None);
         }
         let stream = dev.cuda_stream();
@@ -736,51 +748,67 @@ impl FusedAdamw {
             let Storage::Cuda(c) = &*storage else {
                 candle_core::bail!("peft-ops cuda: tensor is not on the gpu");
             };
-            let (base, offset) = match t.dtype() {
-                DType::U8 => (c.as_cuda_slice::<u8>()?.device_ptr(&stream).0, 1),
-                _ => (c.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+            let base = match t.dtype() {
+                DType::U8 => c.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
+                DType::BF16 => c.as_cuda_slice::<bf16>()?.device_ptr(&stream).0,
+                _ => c.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
             };
-            Ok((base + offset * layout.start_offset() as u64) as i64)
+            Ok((base + (t.dtype().size_in_bytes() * layout.start_offset()) as u64) as i64)
         };
-        let (mut f32_entries, mut q8_entries) = (Vec::new(), Vec::new());
-        for s in slots {
-            let (entries, moments) = match s.moments {
-                SlotMoments::F32 { m, v } => (&mut f32_entries, vec![m, v]),
-                SlotMoments::Q8 {
-                    m_codes,
-                    m_absmax,
-                    v_codes,
-                    v_absmax,
-                } => (&mut q8_entries, vec![m_codes, m_absmax, v_codes, v_absmax]),
-            };
-            entries.push(address(s.param)?);
-            entries.push(address(s.grad)?);
-            for t in moments {
-                entries.push(address(t)?);
+        let mut tables = Vec::new();
+        for table_kind in [
+            TableKind::Dense(DType::F32),
+            TableKind::Dense(DType::BF16),
+            TableKind::EightBit,
+        ] {
+            let mut entries = Vec::new();
+            let mut largest = 0;
+            for (s, _) in slots.iter().zip(&kinds).filter(|(_, k)| **k == table_kind) {
+                entries.push(address(s.param)?);
+                entries.push(address(s.grad)?);
+                let moments = match s.moments {
+                    SlotMoments::Dense { m, v } => vec![m, v],
+                    SlotMoments::Q8 {
+                        m_codes,
+                        m_absmax,
+                        v_codes,
+                        v_absmax,
+                    } => vec![m_codes, m_absmax, v_codes, v_absmax],
+                };
+                for t in moments {
+                    entries.push(address(t)?);
+                }
+                entries.push(s.param.elem_count() as i64);
+                largest = largest.max(s.param.elem_count());
             }
-            entries.push(s.param.elem_count() as i64);
+            if entries.is_empty() {
+                continue;
+            }
+            let stride = if table_kind == TableKind::EightBit {
+                7
+            } else {
+                5
+            };
+            tables.push(Table {
+                kind: table_kind,
+                tensors: entries.len() / stride,
+                entries: dev.clone_htod(&entries)?,
+                stride: stride as i32,
+                largest,
+            });
         }
-        Ok(Some(Self {
-            f32_moments: Table::new(&dev, &f32_entries, 5)?,
-            q8_moments: Table::new(&dev, &q8_entries, 7)?,
-            dev,
-        }))
-    }
-
-    fn tables(&self) -> impl Iterator<Item = &Table> {
-        self.f32_moments.iter().chain(&self.q8_moments)
+        Ok(Some(Self { dev, tables }))
     }
 
     /// Sum of the squared gradients (one read back to the host).
     pub fn grad_sum_squares(&self) -> Result<f64> {
         let out = self.dev.alloc_zeros::<f64>(1)?;
-        let func = self
-            .dev
-            .get_or_load_custom_func("sum_squares_multi_f32", MODULE, ptx()?)?;
-        for table in self.tables() {
+        for table in &self.tables {
+            let name = format!("sum_squares_multi_{}", table.suffix()?);
+            let func = self.dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
             let mut builder = func.builder();
             builder.arg(&table.entries).arg(&table.stride).arg(&out);
-            // SAFETY: the arguments match sum_squares_multi_f32; the addresses are live.
+            // SAFETY: the arguments match sum_squares_multi_*; the addresses are live.
             unsafe { builder.launch(table.config()) }.map_err(err)?;
         }
         Ok(self.dev.clone_dtoh(&out)?[0])
@@ -798,32 +826,30 @@ impl FusedAdamw {
             s.bias_correction2,
             s.grad_scale,
         ];
-        if let Some(table) = &self.f32_moments {
-            let func = self
-                .dev
-                .get_or_load_custom_func("adamw_multi_f32", MODULE, ptx()?)?;
+        for table in &self.tables {
+            let maps = match table.kind {
+                TableKind::Dense(_) => None,
+                TableKind::EightBit => Some((
+                    self.dev.clone_htod(&peft_quant::dynamic_map(true))?,
+                    self.dev.clone_htod(&peft_quant::dynamic_map(false))?,
+                )),
+            };
+            let name = match table.kind {
+                TableKind::Dense(_) => format!("adamw_multi_{}", table.suffix()?),
+                TableKind::EightBit => "adamw8bit_multi_f32".to_string(),
+            };
+            let func = self.dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
             let mut builder = func.builder();
             builder.arg(&table.entries);
+            if let Some((signed, unsigned)) = &maps {
+                builder.arg(signed).arg(unsigned);
+            }
             for x in &scalars {
                 builder.arg(x);
             }
-            // SAFETY: the arguments match adamw_multi_f32; the addresses are live and each
-            // tensor is written by its own blocks only.
-            unsafe { builder.launch(table.config()) }.map_err(err)?;
-        }
-        if let Some(table) = &self.q8_moments {
-            let signed = self.dev.clone_htod(&peft_quant::dynamic_map(true))?;
-            let unsigned = self.dev.clone_htod(&peft_quant::dynamic_map(false))?;
-            let func = self
-                .dev
-                .get_or_load_custom_func("adamw8bit_multi_f32", MODULE, ptx()?)?;
-            let mut builder = func.builder();
-            builder.arg(&table.entries).arg(&signed).arg(&unsigned);
-            for x in &scalars {
-                builder.arg(x);
-            }
-            // SAFETY: the arguments match adamw8bit_multi_f32; each block of 256 elements
-            // (codes and scale) is read and written by one CUDA block.
+            // SAFETY: the arguments match adamw_multi_* or adamw8bit_multi_f32; the addresses
+            // are live and each tensor (each 256-block for 8-bit moments) is written by its
+            // own blocks only.
             unsafe { builder.launch(table.config()) }.map_err(err)?;
         }
         Ok(())
@@ -865,8 +891,10 @@ mod tests {
         }
         for name in [
             "adamw_multi_f32",
+            "adamw_multi_bf16",
             "adamw8bit_multi_f32",
             "sum_squares_multi_f32",
+            "sum_squares_multi_bf16",
         ] {
             assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing");
         }

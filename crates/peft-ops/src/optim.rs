@@ -28,8 +28,8 @@ pub struct AdamwSlot<'a> {
 
 /// The moments of one [`AdamwSlot`].
 pub enum SlotMoments<'a> {
-    /// f32, the parameter's shape.
-    F32 { m: &'a Tensor, v: &'a Tensor },
+    /// In the parameter's dtype and shape (f32, or bf16 for full fine-tuning in bf16).
+    Dense { m: &'a Tensor, v: &'a Tensor },
     /// 8-bit codes (u8, one per element) and f32 scales per block of 256: the first moment on
     /// the signed dynamic map, the second on the unsigned one (bitsandbytes' 8-bit AdamW).
     Q8 {
@@ -49,8 +49,8 @@ pub enum FusedAdamw {}
 
 #[cfg(not(feature = "cuda"))]
 impl FusedAdamw {
-    /// The fused step for `slots`, or `None` when they are not all contiguous tensors of the
-    /// expected dtypes on one CUDA device.
+    /// The fused step for `slots`, or `None` when they cannot take it (not all on one CUDA
+    /// device, or of other dtypes).
     pub fn new(_slots: &[AdamwSlot]) -> candle_core::Result<Option<Self>> {
         Ok(None)
     }

@@ -3,8 +3,8 @@
 //! - flash attention (`src/kernels/attention.cu`) against `causal_self_attention` in f32:
 //!   output and the gradients of q, k and v, with grouped-query heads, RoPE, a sequence that is
 //!   not a multiple of the 64-row tile, and head sizes 64 and 128;
-//! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64,
-//!   and its 8-bit form against the CPU path bit for bit;
+//! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64
+//!   (f32 and bf16 tensors), and its 8-bit form against the CPU path bit for bit;
 //! - the cross-entropy row kernel (`src/kernels/ops.cu`) against log-softmax in f64;
 //! - the 4-bit dequantization (`src/kernels/ops.cu`) against peft-quant, bit for bit;
 //! - the RMSNorm backward, SwiGLU and causal softmax kernels (`src/kernels/ops.cu`) against
@@ -245,10 +245,11 @@ impl Adamw {
         }
     }
 
-    /// The emulator's input header for `tensors` tensors.
-    fn header(&self, tensors: usize, eight_bit: bool) -> Vec<u8> {
+    /// The emulator's input header for `tensors` tensors of `kind` (0: f32, 1: 8-bit
+    /// moments, 2: bf16).
+    fn header(&self, tensors: usize, kind: i32) -> Vec<u8> {
         let mut input = Vec::new();
-        for v in [tensors as i32, eight_bit as i32] {
+        for v in [tensors as i32, kind] {
             input.extend(v.to_le_bytes());
         }
         let s = [
@@ -291,7 +292,7 @@ fn f32_le(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
 fn fused_adamw_matches_the_pytorch_rule() {
     let sizes = [5usize, 700, 3000];
     let a = Adamw::new();
-    let mut input = a.header(sizes.len(), false);
+    let mut input = a.header(sizes.len(), 0);
     let mut tensors = Vec::new();
     for (i, &n) in sizes.iter().enumerate() {
         let seed = 100 + 10 * i as u64;
@@ -345,6 +346,60 @@ fn fused_adamw_matches_the_pytorch_rule() {
     assert_eq!(at, floats.len(), "output size");
 }
 
+/// bf16 parameters, gradients and moments (full fine-tuning in bf16): the update computed in
+/// f32 from the stored values and rounded once, within bf16's rounding (2⁻⁸ relative) of the
+/// rule in f64.
+#[test]
+fn fused_bf16_adamw_matches_the_pytorch_rule() {
+    let n = 3000usize;
+    let a = Adamw::new();
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    let (p, g) = (round(values(n, 600, 0.0)), round(values(n, 601, 0.0)));
+    let (m, v) = (round(values(n, 602, 0.0)), round(values(n, 603, 1e-3)));
+    let mut input = a.header(1, 2);
+    input.extend((n as i64).to_le_bytes());
+    for x in [&p, &g, &m, &v] {
+        input.extend(
+            x.iter()
+                .flat_map(|f| half::bf16::from_f32(*f).to_bits().to_le_bytes()),
+        );
+    }
+    let out = emulate("optim", "adamw_bf16", &input);
+    let sum = f64::from_le_bytes(out[..8].try_into().unwrap());
+    let want_sum: f64 = g.iter().map(|&x| x as f64 * x as f64).sum();
+    assert!(
+        (sum - want_sum).abs() <= 1e-5 * want_sum,
+        "sum {sum}, want {want_sum}"
+    );
+    let got: Vec<f32> = out[8..]
+        .chunks_exact(2)
+        .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+        .collect();
+    assert_eq!(got.len(), 3 * n, "output size");
+    let f = |x: f32| x as f64;
+    for j in 0..n {
+        let gj = f(g[j]) * f(a.grad_scale);
+        let mj = f(a.beta1) * f(m[j]) + (1.0 - f(a.beta1)) * gj;
+        let vj = f(a.beta2) * f(v[j]) + (1.0 - f(a.beta2)) * gj * gj;
+        let pj =
+            f(p[j]) * f(a.decay) - f(a.lr) * (mj / f(a.bc1)) / ((vj / f(a.bc2)).sqrt() + f(a.eps));
+        for (what, got, want) in [
+            ("p", got[j], pj),
+            ("m", got[n + j], mj),
+            ("v", got[2 * n + j], vj),
+        ] {
+            assert!(
+                (got as f64 - want).abs() <= 4e-3 * want.abs() + 1e-9,
+                "{what}[{j}]: {got}, want {want}"
+            );
+        }
+    }
+}
+
 /// 8-bit moments (blocks of 256, one tensor ending mid-block): the parameters, codes and block
 /// scales are bit for bit what peft-train's CPU path computes (dequantize with peft-quant,
 /// update in f32, quantize again).
@@ -354,7 +409,7 @@ fn fused_8bit_adamw_matches_the_cpu_path() {
     let (signed, unsigned) = (dynamic_map(true), dynamic_map(false));
     let sizes = [4096usize, 5000];
     let a = Adamw::new();
-    let mut input = a.header(sizes.len(), true);
+    let mut input = a.header(sizes.len(), 1);
     let mut tensors = Vec::new();
     for (i, &n) in sizes.iter().enumerate() {
         let seed = 400 + 10 * i as u64;

@@ -43,8 +43,15 @@ pub const MIN_8BIT_SIZE: usize = 4096;
 
 /// The moments of one parameter, on its device.
 enum Moments {
-    F32 { m: Tensor, v: Tensor },
-    Q8 { m: Q8State, v: Q8State },
+    /// In the parameter's dtype.
+    Dense {
+        m: Tensor,
+        v: Tensor,
+    },
+    Q8 {
+        m: Q8State,
+        v: Q8State,
+    },
 }
 
 /// One 8-bit moment: a u8 code per element and an f32 scale per block of 256.
@@ -123,7 +130,7 @@ impl AdamW {
                         v: Q8State::zeros(n, p.device())?,
                     }
                 } else {
-                    Moments::F32 {
+                    Moments::Dense {
                         m: p.zeros_like()?,
                         v: p.zeros_like()?,
                     }
@@ -152,7 +159,9 @@ impl AdamW {
         self.moments
             .iter()
             .map(|m| match m {
-                Moments::F32 { m, v } => 4 * (m.elem_count() + v.elem_count()),
+                Moments::Dense { m, v } => {
+                    m.dtype().size_in_bytes() * (m.elem_count() + v.elem_count())
+                }
                 Moments::Q8 { m, v } => m.bytes() + v.bytes(),
             })
             .sum()
@@ -166,7 +175,7 @@ impl AdamW {
         for ((name, p), moments) in names.iter().zip(&self.params).zip(&self.moments) {
             let (m_key, v_key) = (format!("exp_avg.{name}"), format!("exp_avg_sq.{name}"));
             match moments {
-                Moments::F32 { m, v } => {
+                Moments::Dense { m, v } => {
                     out.push((m_key, m.clone()));
                     out.push((v_key, v.clone()));
                 }
@@ -211,8 +220,8 @@ impl AdamW {
             }
             let is_q8 = m.dtype() == DType::U8;
             match moments {
-                Moments::F32 { .. } if !is_q8 => {
-                    *moments = Moments::F32 {
+                Moments::Dense { .. } if !is_q8 => {
+                    *moments = Moments::Dense {
                         m: m.to_dtype(p.dtype())?.to_device(p.device())?,
                         v: v.to_dtype(p.dtype())?.to_device(p.device())?,
                     }
@@ -273,8 +282,8 @@ impl AdamW {
         Ok(norm)
     }
 
-    /// The fused GPU step, when every parameter has a gradient and all are contiguous f32
-    /// CUDA tensors.
+    /// The fused GPU step, when every parameter has a gradient and all are contiguous CUDA
+    /// tensors of dtypes it serves (f32 or bf16; 8-bit moments with f32 parameters).
     fn fused(&self, grads: &GradStore) -> Result<Option<peft_ops::FusedAdamw>> {
         use peft_ops::SlotMoments;
         if !self.params.first().is_some_and(|p| p.device().is_cuda()) {
@@ -286,7 +295,7 @@ impl AdamW {
                 return Ok(None);
             };
             let moments = match moments {
-                Moments::F32 { m, v } => SlotMoments::F32 { m, v },
+                Moments::Dense { m, v } => SlotMoments::Dense { m, v },
                 Moments::Q8 { m, v } => SlotMoments::Q8 {
                     m_codes: &m.codes,
                     m_absmax: &m.absmax,
@@ -319,7 +328,7 @@ impl AdamW {
                 continue;
             };
             match &mut self.moments[i] {
-                Moments::F32 { m, v } => {
+                Moments::Dense { m, v } => {
                     let g = g.to_dtype(p.dtype())?;
                     let m_new = ((&*m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
                     let v_new = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;

@@ -1,8 +1,9 @@
-// The optimizer step over every trainable f32 tensor in one launch each, instead of a dozen
-// launches per tensor. Appended to ops.cu (block_reduce). A table describes the tensors: for
-// f32 moments five values each (the addresses of the parameter, its gradient, its first and
-// second moments, then its element count), for 8-bit moments seven (parameter, gradient, the
-// codes and block scales of each moment, count). Grid (chunks, tensors); blocks of 256 threads.
+// The optimizer step over every trainable tensor in a few launches, instead of a dozen launches
+// per tensor. Appended to ops.cu (ld, st, block_reduce). A table describes the tensors of one
+// kind: with moments in the parameter's dtype (f32 or bf16) five values each (the addresses of
+// the parameter, its gradient, its first and second moments, then its element count); with
+// 8-bit moments seven (parameter, gradient, the codes and block scales of each moment,
+// count). Grid (chunks, tensors); blocks of 256 threads. Math in f32 whatever the storage.
 
 __device__ __forceinline__ const long long* table_entry(const long long* table, int stride) {
     return table + stride * (long long)blockIdx.y;
@@ -10,16 +11,18 @@ __device__ __forceinline__ const long long* table_entry(const long long* table, 
 
 // out[0] += sum of the squared gradients (f64), for the global gradient norm. Entries are
 // `stride` values apart, the gradient's address second and the element count last.
-extern "C" __global__ void sum_squares_multi_f32(const long long* table, int stride,
-                                                 double* out) {
+template <typename T>
+__device__ void sum_squares_multi(const long long* table, int stride, double* out) {
     __shared__ float sh[32];
     const long long* e = table_entry(table, stride);
-    const float* g = (const float*)e[1];
+    const T* g = (const T*)e[1];
     long long n = e[stride - 1];
     float s = 0.f;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        s += g[i] * g[i];
+         i += (long long)gridDim.x * blockDim.x) {
+        float gi = ld(g, i);
+        s += gi * gi;
+    }
     s = block_reduce(s, sh, false);
     if (threadIdx.x == 0) atomicAdd(out, (double)s);
 }
@@ -27,25 +30,39 @@ extern "C" __global__ void sum_squares_multi_f32(const long long* table, int str
 // AdamW as PyTorch computes it, on gradients scaled by `grad_scale` (the clipping factor):
 // m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g²; p = p · decay − lr · (m / bc1) / (√(v / bc2) + eps)
 // with decay = 1 − lr · weight_decay and bc1, bc2 the bias corrections.
-extern "C" __global__ void adamw_multi_f32(const long long* table, float lr, float beta1,
-                                           float beta2, float eps, float decay, float bc1,
-                                           float bc2, float grad_scale) {
+template <typename T>
+__device__ void adamw_multi(const long long* table, float lr, float beta1, float beta2,
+                            float eps, float decay, float bc1, float bc2, float grad_scale) {
     const long long* e = table_entry(table, 5);
-    float* p = (float*)e[0];
-    const float* g = (const float*)e[1];
-    float* m = (float*)e[2];
-    float* v = (float*)e[3];
+    T* p = (T*)e[0];
+    const T* g = (const T*)e[1];
+    T* m = (T*)e[2];
+    T* v = (T*)e[3];
     long long n = e[4];
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        float gi = g[i] * grad_scale;
-        float mi = beta1 * m[i] + (1.f - beta1) * gi;
-        float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = p[i] * decay - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps));
+        float gi = ld(g, i) * grad_scale;
+        float mi = beta1 * ld(m, i) + (1.f - beta1) * gi;
+        float vi = beta2 * ld(v, i) + (1.f - beta2) * gi * gi;
+        st(m, i, mi);
+        st(v, i, vi);
+        st(p, i, ld(p, i) * decay - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps)));
     }
 }
+
+#define INSTANTIATE_OPTIM(T, S)                                                                 \
+    extern "C" __global__ void sum_squares_multi_##S(const long long* table, int stride,       \
+                                                     double* out) {                            \
+        sum_squares_multi<T>(table, stride, out);                                              \
+    }                                                                                          \
+    extern "C" __global__ void adamw_multi_##S(const long long* table, float lr, float beta1,  \
+                                               float beta2, float eps, float decay, float bc1, \
+                                               float bc2, float grad_scale) {                  \
+        adamw_multi<T>(table, lr, beta1, beta2, eps, decay, bc1, bc2, grad_scale);             \
+    }
+
+INSTANTIATE_OPTIM(float, f32)
+INSTANTIATE_OPTIM(bf16_t, bf16)
 
 // The index of the value of `table` (256 ascending values) nearest to x, ties to the lower
 // one, as peft-quant's `nearest`.
