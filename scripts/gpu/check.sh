@@ -3,7 +3,10 @@
 # tests, then the benchmark against HF PEFT (bench/vs_hf_gpu.sh). Everything goes to $OUT in
 # five files: log.txt (tests and bench output), errors.txt (each bench case's stderr),
 # hf_anchor.jsonl, peft_gpu.jsonl and vs_hf_gpu.md.
-#   scripts/gpu/check.sh [--tests-only | --bench-only] [--skip-hf FILE]
+#   scripts/gpu/check.sh [--tests-only | --bench-only] [--skip-hf FILE | --hf-reference]
+# --hf-reference compares with HF's figures measured on the same machine
+# (bench/hf_gpu_reference.jsonl, from shared/gpu/README.md) instead of running HF again: for a
+# lease too short for both.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
@@ -14,6 +17,7 @@ while [ $# -gt 0 ]; do
     --tests-only) what=tests; shift ;;
     --bench-only) what=bench; shift ;;
     --skip-hf) skip=(--skip-hf "$2"); shift 2 ;;
+    --hf-reference) skip=(--skip-hf bench/hf_gpu_reference.jsonl); shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
