@@ -299,6 +299,63 @@ pub(crate) fn cross_entropy_rows(
     dispatch!(logits.dtype(), f(logits, labels, inv_denom, grad))
 }
 
+/// `base + scale · left · rightᵀ` (`right_t`: `right` given as `[r, cols]`, else
+/// `[cols, r]`) for `base` `[rows, cols]` (f32 or bf16) and f32 `left` `[rows, r]`: one kernel
+/// pass. All contiguous.
+pub(crate) fn low_rank_add(
+    base: &Tensor,
+    left: &Tensor,
+    right: &Tensor,
+    right_t: bool,
+    scale: f32,
+) -> Result<Tensor> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        base: &Tensor,
+        left: &Tensor,
+        right: &Tensor,
+        right_t: bool,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (rows, cols) = base.dims2()?;
+        let r = left.dim(1)?;
+        let (ro, rk) = if right_t {
+            (1i64, cols as i64)
+        } else {
+            (r as i64, 1i64)
+        };
+        let dev = cuda_device(base)?;
+        let (bs, bl) = base.storage_and_layout();
+        let (ls, ll) = left.storage_and_layout();
+        let (rs, rl) = right.storage_and_layout();
+        let (bv, lv, rv) = (
+            view::<T>(&bs, bl)?,
+            view::<f32>(&ls, ll)?,
+            view::<f32>(&rs, rl)?,
+        );
+        // SAFETY: every element is written.
+        let out = unsafe { dev.alloc::<T>(rows * cols)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("low_rank_add_{}", suffix(T::DTYPE)?),
+            MODULE,
+            ptx()?,
+        )?;
+        let (rows_, cols_, r_) = (rows as i64, cols as i32, r as i32);
+        let mut builder = func.builder();
+        builder.arg(&bv).arg(&lv).arg(&rv).arg(&out);
+        builder
+            .arg(&rows_)
+            .arg(&cols_)
+            .arg(&r_)
+            .arg(&ro)
+            .arg(&rk)
+            .arg(&scale);
+        // SAFETY: the arguments match low_rank_add_{f32,bf16} in kernels/ops.cu.
+        unsafe { builder.launch(elementwise_config(rows * cols)) }.map_err(err)?;
+        Ok(wrap(out, &dev, &[rows, cols]))
+    }
+    dispatch!(base.dtype(), f(base, left, right, right_t, scale))
+}
+
 /// A 4-bit weight ([`peft_quant::Quant4`]) in GPU memory: codes, block scales (plain, or
 /// double-quantized with their second-level scales) and the code tables.
 #[derive(Debug)]
@@ -870,6 +927,7 @@ mod tests {
             "swiglu_bwd",
             "cross_entropy_rows",
             "dequantize_4bit",
+            "low_rank_add",
         ] {
             for dtype in ["f32", "bf16"] {
                 assert!(

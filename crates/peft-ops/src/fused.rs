@@ -86,8 +86,13 @@ pub fn lora_linear(
         None => x32,
     };
     let xa = xd.matmul(&a_d.t()?)?;
-    let delta = (xa.matmul(&b_d.t()?)? * scale)?.to_dtype(x.dtype())?;
-    let mut y = (frozen_matmul(&x2, &w.dense()?, true)? + delta)?;
+    let mut y = low_rank_add(
+        &frozen_matmul(&x2, &w.dense()?, true)?,
+        &xa,
+        &b_d,
+        false,
+        scale,
+    )?;
     if let Some(bias) = bias {
         y = y.broadcast_add(bias)?;
     }
@@ -120,19 +125,44 @@ pub fn lora_linear(
             None
         };
         let d_x = if x_tracks {
-            let mut lora = gb.matmul(&a_d)?;
-            if let Some(m) = &mask {
-                lora = (lora * m)?;
-            }
-            Some(
-                (frozen_matmul(&g, &w.dense()?, false)? + lora.to_dtype(g.dtype())?)?
-                    .reshape(&x_shape)?,
-            )
+            let base = frozen_matmul(&g, &w.dense()?, false)?;
+            let d_x = match &mask {
+                Some(m) => (base + (gb.matmul(&a_d)? * m)?.to_dtype(g.dtype())?)?,
+                None => low_rank_add(&base, &gb, &a_d, true, 1.0)?,
+            };
+            Some(d_x.reshape(&x_shape)?)
         } else {
             None
         };
         Ok((d_x, d_a, d_b))
     })
+}
+
+/// `base + scale · left · rightᵀ` in `base`'s dtype, the product in f32: `left` `[rows, r]`,
+/// `right` `[cols, r]`, or `[r, cols]` when `right_t`. On CUDA one kernel pass over `base`.
+fn low_rank_add(
+    base: &Tensor,
+    left: &Tensor,
+    right: &Tensor,
+    right_t: bool,
+    scale: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if base.device().is_cuda() && crate::has_kernel(base) && left.dtype() == DType::F32 {
+        return crate::cuda::low_rank_add(
+            &base.contiguous()?,
+            &left.contiguous()?,
+            &right.contiguous()?,
+            right_t,
+            scale as f32,
+        );
+    }
+    let product = if right_t {
+        left.matmul(right)?
+    } else {
+        left.matmul(&right.t()?)?
+    };
+    base + (product * scale)?.to_dtype(base.dtype())?
 }
 
 /// Fewest rows for which the LoRA forward without gradients uses matmuls rather than

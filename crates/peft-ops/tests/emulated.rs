@@ -8,7 +8,7 @@
 //! - the cross-entropy row kernel (`src/kernels/ops.cu`) against log-softmax in f64;
 //! - the 4-bit dequantization (`src/kernels/ops.cu`) against peft-quant, bit for bit;
 //! - the RMSNorm backward, SwiGLU and causal softmax kernels (`src/kernels/ops.cu`) against
-//!   the CPU ops' forward and autograd gradients.
+//!   the CPU ops' forward and autograd gradients, and LoRA's low-rank add against matmuls.
 //!
 //! Needs a C++20 compiler (`CXX`, default `g++`).
 
@@ -677,4 +677,37 @@ fn causal_softmax_kernels_match_the_cpu() {
         &grads[0],
         1e-5,
     );
+}
+
+/// LoRA's low-rank add, with B as `[cols, r]` (forward) and A as `[r, cols]` (backward):
+/// within 1e-5 of `base + scale · left · rightᵀ` by matmuls.
+#[test]
+fn low_rank_add_matches_matmuls() {
+    let (rows, cols, r, scale) = (37usize, 70usize, 16usize, 0.5f32);
+    let base = randn(&[rows, cols], 530);
+    let left = randn(&[rows, r], 531);
+    for right_t in [false, true] {
+        let right = if right_t {
+            randn(&[r, cols], 532)
+        } else {
+            randn(&[cols, r], 532)
+        };
+        let product = if right_t {
+            left.matmul(&right).unwrap()
+        } else {
+            left.matmul(&right.t().unwrap()).unwrap()
+        };
+        let want = (&base + (product * scale as f64).unwrap()).unwrap();
+        let mut input = (rows as i64).to_le_bytes().to_vec();
+        for v in [cols as i32, r as i32, right_t as i32] {
+            input.extend(v.to_le_bytes());
+        }
+        input.extend(scale.to_le_bytes());
+        for t in [&base, &left, &right] {
+            input.extend(f32_bytes(t));
+        }
+        let case = format!("low_rank_add_{right_t}");
+        let out = to_f32s(&emulate_with("ops", &["low_rank_add"], &case, &input));
+        check(&case, &tensor_at(&out, 0, &[rows, cols]), &want, 1e-5);
+    }
 }

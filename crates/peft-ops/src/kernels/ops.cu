@@ -168,6 +168,26 @@ __device__ void dequantize_4bit(const unsigned char* packed, const float* code4,
     }
 }
 
+// out = base + scale · left · rightᵀ for the low-rank part of LoRA (r small): left [rows, r]
+// f32, right's element (o, k) at right[o * ro + k * rk] (B [cols, r]: ro = r, rk = 1; A
+// [r, cols]: ro = 1, rk = cols). One pass over base instead of a matmul, a scale, a cast and
+// an add with an f32 [rows, cols] temporary. Grid-stride over the elements.
+template <typename T>
+__device__ void low_rank_add(const T* base, const float* left, const float* right, T* out,
+                             long long rows, int cols, int r, long long ro, long long rk,
+                             float scale) {
+    long long n = rows * cols;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
+         idx += (long long)gridDim.x * blockDim.x) {
+        long long i = idx / cols, o = idx % cols;
+        const float* l = left + i * r;
+        const float* rr = right + o * ro;
+        float acc = 0.f;
+        for (int k = 0; k < r; ++k) acc += l[k] * rr[k * rk];
+        st(out, idx, ld(base, idx) + scale * acc);
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                       \
     extern "C" __global__ void causal_softmax_fwd_##S(const T* x, T* y, int q, int k,         \
                                                       float scale) {                          \
@@ -192,6 +212,12 @@ __device__ void dequantize_4bit(const unsigned char* packed, const float* code4,
         T* out, long long len, int blocksize, int blocksize2, int double_quant) {              \
         dequantize_4bit<T>(packed, code4, absmax, qabsmax, absmax2, code2, offset, out, len,   \
                            blocksize, blocksize2, double_quant);                              \
+    }                                                                                          \
+    extern "C" __global__ void low_rank_add_##S(const T* base, const float* left,              \
+                                                const float* right, T* out, long long rows,    \
+                                                int cols, int r, long long ro, long long rk,   \
+                                                float scale) {                                 \
+        low_rank_add<T>(base, left, right, out, rows, cols, r, ro, rk, scale);                 \
     }                                                                                          \
     extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, long long n) {    \
         swiglu_fwd<T>(g, u, y, n);                                                             \

@@ -3,6 +3,8 @@
 // rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d) -> dx (rows·d)
 // swiglu:         i64 n; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
+// low_rank_add:   i64 rows; i32 cols, r, right_t; f32 scale; f32 base (rows·cols), left
+//                 (rows·r), right (cols·r, as [r, cols] when right_t) -> out (rows·cols)
 // Launch shapes as in src/cuda.rs: a block of 256 threads per row, 256-thread blocks for the
 // elementwise kernels.
 #include "cuda.h"
@@ -49,6 +51,21 @@ int main(int argc, char** argv) {
                     [&] { causal_softmax_bwd_f32(y.data(), g.data(), dx.data(), k, scale); });
         out = y;
         out.insert(out.end(), dx.begin(), dx.end());
+    } else if (kernel == "low_rank_add") {
+        long long rows = take<long long>(in, 1)[0];
+        auto dims = take<int>(in, 3);
+        int cols = dims[0], r = dims[1];
+        bool right_t = dims[2] != 0;
+        float scale = take<float>(in, 1)[0];
+        auto base = take<float>(in, rows * cols), left = take<float>(in, rows * r);
+        auto right = take<float>(in, (size_t)cols * r);
+        long long ro = right_t ? 1 : r, rk = right_t ? cols : 1;
+        out.resize(base.size());
+        unsigned blocks = (unsigned)((base.size() + 255) / 256);
+        emu::launch({blocks}, {256}, 0, [&] {
+            low_rank_add_f32(base.data(), left.data(), right.data(), out.data(), rows, cols, r, ro,
+                             rk, scale);
+        });
     } else {
         fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
         return 2;
