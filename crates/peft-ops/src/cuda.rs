@@ -356,6 +356,40 @@ pub(crate) fn low_rank_add(
     dispatch!(base.dtype(), f(base, left, right, right_t, scale))
 }
 
+/// [`crate::dropout_mask`] drawn on the GPU, bit for bit the CPU's mask.
+pub(crate) fn dropout_mask(
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    let Device::Cuda(dev) = device else {
+        candle_core::bail!("peft-ops cuda: dropout mask for a non-CUDA device");
+    };
+    let n: usize = shape.iter().product();
+    // SAFETY: every element is written.
+    let out = unsafe { dev.alloc::<f32>(n)? };
+    let func = dev.get_or_load_custom_func("dropout_mask_f32", MODULE, ptx()?)?;
+    let n_ = n as i64;
+    let mut builder = func.builder();
+    builder
+        .arg(&out)
+        .arg(&n_)
+        .arg(&seed)
+        .arg(&threshold)
+        .arg(&scale);
+    // One thread per block of 16384 values.
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(16384).div_ceil(128).max(1) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match dropout_mask_f32 in kernels/ops.cu.
+    unsafe { builder.launch(cfg) }.map_err(err)?;
+    Ok(wrap(out, dev, shape))
+}
+
 /// A 4-bit weight ([`peft_quant::Quant4`]) in GPU memory: codes, block scales (plain, or
 /// double-quantized with their second-level scales) and the code tables.
 #[derive(Debug)]
@@ -937,6 +971,7 @@ mod tests {
             }
         }
         for name in [
+            "dropout_mask_f32",
             "flash_fwd_d64",
             "flash_fwd_d128",
             "flash_bwd_d64",

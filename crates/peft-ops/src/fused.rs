@@ -14,6 +14,12 @@ pub fn dropout_mask(seed: u64, p: f64, shape: &[usize], device: &Device) -> Resu
     let threshold = ((1.0 - p) * u32::MAX as f64) as u32;
     let scale = (1.0 / (1.0 - p)) as f32;
     let n: usize = shape.iter().product();
+    // On a GPU the same mask is drawn there (`dropout_mask_f32` in kernels/ops.cu), not on the
+    // host and copied over.
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        return crate::cuda::dropout_mask(seed, threshold, scale, shape, device);
+    }
     let mut mask = vec![0f32; n];
     mask.par_chunks_mut(BLOCK)
         .enumerate()

@@ -282,3 +282,16 @@ fn quantized_weight_dequantizes_on_the_gpu() {
         quantized_linear(&x[0], &Arc::new(q))
     });
 }
+
+/// The dropout mask drawn on the GPU is the CPU's, bit for bit.
+#[test]
+fn dropout_mask_on_the_gpu_is_the_cpus() {
+    let n = 3 * 16384 + 5;
+    let cpu = dropout_mask(99, 0.05, &[n], &Device::Cpu).unwrap();
+    let gpu_mask = dropout_mask(99, 0.05, &[n], &gpu())
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let diff = max_abs(&(gpu_mask - cpu).unwrap());
+    assert_eq!(diff, 0.0, "masks differ by {diff}");
+}

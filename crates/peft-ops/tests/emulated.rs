@@ -8,12 +8,13 @@
 //! - the cross-entropy row kernel (`src/kernels/ops.cu`) against log-softmax in f64;
 //! - the 4-bit dequantization (`src/kernels/ops.cu`) against peft-quant, bit for bit;
 //! - the RMSNorm backward, SwiGLU and causal softmax kernels (`src/kernels/ops.cu`) against
-//!   the CPU ops' forward and autograd gradients, and LoRA's low-rank add against matmuls.
+//!   the CPU ops' forward and autograd gradients, LoRA's low-rank add against matmuls, and the
+//!   dropout mask against the CPU's, bit for bit.
 //!
 //! Needs a C++20 compiler (`CXX`, default `g++`).
 
 use candle_core::{DType, Device, Tensor, Var};
-use peft_ops::{causal_self_attention, causal_softmax, rms_norm, swiglu};
+use peft_ops::{causal_self_attention, causal_softmax, dropout_mask, rms_norm, swiglu};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -709,5 +710,33 @@ fn low_rank_add_matches_matmuls() {
         let case = format!("low_rank_add_{right_t}");
         let out = to_f32s(&emulate_with("ops", &["low_rank_add"], &case, &input));
         check(&case, &tensor_at(&out, 0, &[rows, cols]), &want, 1e-5);
+    }
+}
+
+/// Three blocks of 16384 draws, the last one short: the GPU's dropout mask is the CPU's.
+#[test]
+fn dropout_mask_matches_the_cpu_bit_for_bit() {
+    let (seed, p, n) = (0x1234_5678_9abc_def0u64, 0.1f64, 2 * 16384 + 1000);
+    let want = dropout_mask(seed, p, &[n], &Device::Cpu)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let threshold = ((1.0 - p) * u32::MAX as f64) as u32;
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mut input = seed.to_le_bytes().to_vec();
+    input.extend((n as i64).to_le_bytes());
+    input.extend(threshold.to_le_bytes());
+    input.extend(scale.to_le_bytes());
+    let got = to_f32s(&emulate_with(
+        "ops",
+        &["dropout_mask"],
+        "dropout_mask",
+        &input,
+    ));
+    assert_eq!(got.len(), n);
+    let kept = want.iter().filter(|&&m| m > 0.0).count() as f64 / n as f64;
+    assert!((kept - 0.9).abs() < 0.01, "kept {kept}");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "mask value {i}: {g} vs {w}");
     }
 }

@@ -188,6 +188,43 @@ __device__ void low_rank_add(const T* base, const float* left, const float* righ
     }
 }
 
+// The dropout mask of peft-ops' `dropout_mask`, bit for bit: blocks of 16384 values, each drawn
+// in order from rand's SmallRng (xoshiro256++, seeded by SplitMix64 from
+// seed ^ (block + 1) · φ); a value is `scale` where the draw's upper 32 bits fall below
+// `threshold`, else 0. One thread per block of values.
+#define DROPOUT_BLOCK 16384
+__device__ __forceinline__ unsigned long long rotl64(unsigned long long x, int k) {
+    return (x << k) | (x >> (64 - k));
+}
+extern "C" __global__ void dropout_mask_f32(float* out, long long n, unsigned long long seed,
+                                            unsigned int threshold, float scale) {
+    const unsigned long long PHI = 0x9e3779b97f4a7c15ull;
+    long long blocks = (n + DROPOUT_BLOCK - 1) / DROPOUT_BLOCK;
+    for (long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x; b < blocks;
+         b += (long long)gridDim.x * blockDim.x) {
+        unsigned long long state = seed ^ ((unsigned long long)(b + 1) * PHI), s[4];
+        for (int i = 0; i < 4; ++i) {
+            state += PHI;
+            unsigned long long z = state;
+            z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+            z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+            s[i] = z ^ (z >> 31);
+        }
+        long long end = (b + 1) * DROPOUT_BLOCK < n ? (b + 1) * DROPOUT_BLOCK : n;
+        for (long long j = b * DROPOUT_BLOCK; j < end; ++j) {
+            unsigned long long r = rotl64(s[0] + s[3], 23) + s[0];
+            unsigned long long t = s[1] << 17;
+            s[2] ^= s[0];
+            s[3] ^= s[1];
+            s[1] ^= s[2];
+            s[0] ^= s[3];
+            s[2] ^= t;
+            s[3] = rotl64(s[3], 45);
+            out[j] = (unsigned int)(r >> 32) < threshold ? scale : 0.f;
+        }
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                       \
     extern "C" __global__ void causal_softmax_fwd_##S(const T* x, T* y, int q, int k,         \
                                                       float scale) {                          \

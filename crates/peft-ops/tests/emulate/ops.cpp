@@ -5,6 +5,7 @@
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
 // low_rank_add:   i64 rows; i32 cols, r, right_t; f32 scale; f32 base (rows·cols), left
 //                 (rows·r), right (cols·r, as [r, cols] when right_t) -> out (rows·cols)
+// dropout_mask:   u64 seed; i64 n; u32 threshold; f32 scale -> mask (n)
 // Launch shapes as in src/cuda.rs: a block of 256 threads per row, 256-thread blocks for the
 // elementwise kernels.
 #include "cuda.h"
@@ -66,6 +67,15 @@ int main(int argc, char** argv) {
             low_rank_add_f32(base.data(), left.data(), right.data(), out.data(), rows, cols, r, ro,
                              rk, scale);
         });
+    } else if (kernel == "dropout_mask") {
+        unsigned long long seed = take<unsigned long long>(in, 1)[0];
+        long long n = take<long long>(in, 1)[0];
+        unsigned threshold = take<unsigned>(in, 1)[0];
+        float scale = take<float>(in, 1)[0];
+        out.resize(n);
+        long long blocks = (n + 16383) / 16384;
+        emu::launch({(unsigned)((blocks + 127) / 128)}, {128}, 0,
+                    [&] { dropout_mask_f32(out.data(), n, seed, threshold, scale); });
     } else {
         fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
         return 2;
