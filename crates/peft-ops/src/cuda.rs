@@ -299,14 +299,15 @@ pub(crate) fn cross_entropy_rows(
     dispatch!(logits.dtype(), f(logits, labels, inv_denom, grad))
 }
 
-/// `base + scale · left · rightᵀ` (`right_t`: `right` given as `[r, cols]`, else
-/// `[cols, r]`) for `base` `[rows, cols]` (f32 or bf16) and f32 `left` `[rows, r]`: one kernel
-/// pass. All contiguous.
+/// `base + scale · (left · rightᵀ) ∘ mask` (`right_t`: `right` given as `[r, cols]`, else
+/// `[cols, r]`; no mask when `None`) for `base` `[rows, cols]` (f32 or bf16), f32 `left`
+/// `[rows, r]` and f32 `mask` `[rows, cols]`: one kernel pass. All contiguous.
 pub(crate) fn low_rank_add(
     base: &Tensor,
     left: &Tensor,
     right: &Tensor,
     right_t: bool,
+    mask: Option<&Tensor>,
     scale: f32,
 ) -> Result<Tensor> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
@@ -314,6 +315,7 @@ pub(crate) fn low_rank_add(
         left: &Tensor,
         right: &Tensor,
         right_t: bool,
+        mask: Option<&Tensor>,
         scale: f32,
     ) -> Result<Tensor> {
         let (rows, cols) = base.dims2()?;
@@ -327,10 +329,13 @@ pub(crate) fn low_rank_add(
         let (bs, bl) = base.storage_and_layout();
         let (ls, ll) = left.storage_and_layout();
         let (rs, rl) = right.storage_and_layout();
-        let (bv, lv, rv) = (
+        // Without a mask the kernel never reads it: `left` stands in.
+        let (ms, ml) = mask.unwrap_or(left).storage_and_layout();
+        let (bv, lv, rv, mv) = (
             view::<T>(&bs, bl)?,
             view::<f32>(&ls, ll)?,
             view::<f32>(&rs, rl)?,
+            view::<f32>(&ms, ml)?,
         );
         // SAFETY: every element is written.
         let out = unsafe { dev.alloc::<T>(rows * cols)? };
@@ -340,20 +345,22 @@ pub(crate) fn low_rank_add(
             ptx()?,
         )?;
         let (rows_, cols_, r_) = (rows as i64, cols as i32, r as i32);
+        let has_mask = mask.is_some() as i32;
         let mut builder = func.builder();
-        builder.arg(&bv).arg(&lv).arg(&rv).arg(&out);
+        builder.arg(&bv).arg(&lv).arg(&rv).arg(&mv).arg(&out);
         builder
             .arg(&rows_)
             .arg(&cols_)
             .arg(&r_)
             .arg(&ro)
             .arg(&rk)
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&has_mask);
         // SAFETY: the arguments match low_rank_add_{f32,bf16} in kernels/ops.cu.
         unsafe { builder.launch(elementwise_config(rows * cols)) }.map_err(err)?;
         Ok(wrap(out, &dev, &[rows, cols]))
     }
-    dispatch!(base.dtype(), f(base, left, right, right_t, scale))
+    dispatch!(base.dtype(), f(base, left, right, right_t, mask, scale))
 }
 
 /// [`crate::dropout_mask`] drawn on the GPU, bit for bit the CPU's mask.

@@ -92,13 +92,8 @@ pub fn lora_linear(
         None => x32,
     };
     let xa = xd.matmul(&a_d.t()?)?;
-    let mut y = low_rank_add(
-        &frozen_matmul(&x2, &w.dense()?, true)?,
-        &xa,
-        &b_d,
-        false,
-        scale,
-    )?;
+    let base = frozen_matmul(&x2, &w.dense()?, true)?;
+    let mut y = low_rank_add(&base, &xa, &b_d, false, None, scale)?;
     if let Some(bias) = bias {
         y = y.broadcast_add(bias)?;
     }
@@ -132,10 +127,7 @@ pub fn lora_linear(
         };
         let d_x = if x_tracks {
             let base = frozen_matmul(&g, &w.dense()?, false)?;
-            let d_x = match &mask {
-                Some(m) => (base + (gb.matmul(&a_d)? * m)?.to_dtype(g.dtype())?)?,
-                None => low_rank_add(&base, &gb, &a_d, true, 1.0)?,
-            };
+            let d_x = low_rank_add(&base, &gb, &a_d, true, mask.as_ref(), 1.0)?;
             Some(d_x.reshape(&x_shape)?)
         } else {
             None
@@ -144,31 +136,41 @@ pub fn lora_linear(
     })
 }
 
-/// `base + scale · left · rightᵀ` in `base`'s dtype, the product in f32: `left` `[rows, r]`,
-/// `right` `[cols, r]`, or `[r, cols]` when `right_t`. On CUDA one kernel pass over `base`.
+/// `base + scale · (left · rightᵀ) ∘ mask` in `base`'s dtype, the product in f32: `left`
+/// `[rows, r]`, `right` `[cols, r]`, or `[r, cols]` when `right_t`; `mask` `[rows, cols]` f32
+/// (dropout) or none. On CUDA one kernel pass over `base`.
 fn low_rank_add(
     base: &Tensor,
     left: &Tensor,
     right: &Tensor,
     right_t: bool,
+    mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if base.device().is_cuda() && crate::has_kernel(base) && left.dtype() == DType::F32 {
+        let mask = mask.map(|m| m.contiguous()).transpose()?;
         return crate::cuda::low_rank_add(
             &base.contiguous()?,
             &left.contiguous()?,
             &right.contiguous()?,
             right_t,
+            mask.as_ref(),
             scale as f32,
         );
     }
-    let product = if right_t {
+    let mut product = if right_t {
         left.matmul(right)?
     } else {
         left.matmul(&right.t()?)?
     };
-    base + (product * scale)?.to_dtype(base.dtype())?
+    if let Some(m) = mask {
+        product = (product * m)?;
+    }
+    if scale != 1.0 {
+        product = (product * scale)?;
+    }
+    base + product.to_dtype(base.dtype())?
 }
 
 /// Fewest rows for which the LoRA forward without gradients uses matmuls rather than

@@ -680,34 +680,42 @@ fn causal_softmax_kernels_match_the_cpu() {
     );
 }
 
-/// LoRA's low-rank add, with B as `[cols, r]` (forward) and A as `[r, cols]` (backward):
-/// within 1e-5 of `base + scale · left · rightᵀ` by matmuls.
+/// LoRA's low-rank add, with B as `[cols, r]` (forward) and A as `[r, cols]` (backward, with
+/// and without a dropout mask): within 1e-5 of `base + scale · (left · rightᵀ) ∘ mask` by
+/// matmuls.
 #[test]
 fn low_rank_add_matches_matmuls() {
     let (rows, cols, r, scale) = (37usize, 70usize, 16usize, 0.5f32);
     let base = randn(&[rows, cols], 530);
     let left = randn(&[rows, r], 531);
-    for right_t in [false, true] {
+    let mask = dropout_mask(7, 0.25, &[rows, cols], &Device::Cpu).unwrap();
+    for (right_t, masked) in [(false, false), (true, false), (true, true)] {
         let right = if right_t {
             randn(&[r, cols], 532)
         } else {
             randn(&[cols, r], 532)
         };
-        let product = if right_t {
+        let mut product = if right_t {
             left.matmul(&right).unwrap()
         } else {
             left.matmul(&right.t().unwrap()).unwrap()
         };
+        if masked {
+            product = (product * &mask).unwrap();
+        }
         let want = (&base + (product * scale as f64).unwrap()).unwrap();
         let mut input = (rows as i64).to_le_bytes().to_vec();
-        for v in [cols as i32, r as i32, right_t as i32] {
+        for v in [cols as i32, r as i32, right_t as i32, masked as i32] {
             input.extend(v.to_le_bytes());
         }
         input.extend(scale.to_le_bytes());
         for t in [&base, &left, &right] {
             input.extend(f32_bytes(t));
         }
-        let case = format!("low_rank_add_{right_t}");
+        if masked {
+            input.extend(f32_bytes(&mask));
+        }
+        let case = format!("low_rank_add_{right_t}_{masked}");
         let out = to_f32s(&emulate_with("ops", &["low_rank_add"], &case, &input));
         check(&case, &tensor_at(&out, 0, &[rows, cols]), &want, 1e-5);
     }

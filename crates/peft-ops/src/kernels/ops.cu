@@ -168,14 +168,15 @@ __device__ void dequantize_4bit(const unsigned char* packed, const float* code4,
     }
 }
 
-// out = base + scale · left · rightᵀ for the low-rank part of LoRA (r small): left [rows, r]
-// f32, right's element (o, k) at right[o * ro + k * rk] (B [cols, r]: ro = r, rk = 1; A
-// [r, cols]: ro = 1, rk = cols). One pass over base instead of a matmul, a scale, a cast and
-// an add with an f32 [rows, cols] temporary. Grid-stride over the elements.
+// out = base + scale · (left · rightᵀ) ∘ mask for the low-rank part of LoRA (r small): left
+// [rows, r] f32, right's element (o, k) at right[o * ro + k * rk] (B [cols, r]: ro = r, rk = 1;
+// A [r, cols]: ro = 1, rk = cols), mask [rows, cols] f32 when has_mask (dropout, in the
+// backward). One pass over base instead of a matmul, a scale, a mask, a cast and an add with
+// f32 [rows, cols] temporaries. Grid-stride over the elements.
 template <typename T>
-__device__ void low_rank_add(const T* base, const float* left, const float* right, T* out,
-                             long long rows, int cols, int r, long long ro, long long rk,
-                             float scale) {
+__device__ void low_rank_add(const T* base, const float* left, const float* right,
+                             const float* mask, T* out, long long rows, int cols, int r,
+                             long long ro, long long rk, float scale, int has_mask) {
     long long n = rows * cols;
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
          idx += (long long)gridDim.x * blockDim.x) {
@@ -184,6 +185,7 @@ __device__ void low_rank_add(const T* base, const float* left, const float* righ
         const float* rr = right + o * ro;
         float acc = 0.f;
         for (int k = 0; k < r; ++k) acc += l[k] * rr[k * rk];
+        if (has_mask) acc *= mask[idx];
         st(out, idx, ld(base, idx) + scale * acc);
     }
 }
@@ -250,11 +252,11 @@ extern "C" __global__ void dropout_mask_f32(float* out, long long n, unsigned lo
         dequantize_4bit<T>(packed, code4, absmax, qabsmax, absmax2, code2, offset, out, len,   \
                            blocksize, blocksize2, double_quant);                              \
     }                                                                                          \
-    extern "C" __global__ void low_rank_add_##S(const T* base, const float* left,              \
-                                                const float* right, T* out, long long rows,    \
-                                                int cols, int r, long long ro, long long rk,   \
-                                                float scale) {                                 \
-        low_rank_add<T>(base, left, right, out, rows, cols, r, ro, rk, scale);                 \
+    extern "C" __global__ void low_rank_add_##S(                                               \
+        const T* base, const float* left, const float* right, const float* mask, T* out,       \
+        long long rows, int cols, int r, long long ro, long long rk, float scale,              \
+        int has_mask) {                                                                        \
+        low_rank_add<T>(base, left, right, mask, out, rows, cols, r, ro, rk, scale, has_mask); \
     }                                                                                          \
     extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, long long n) {    \
         swiglu_fwd<T>(g, u, y, n);                                                             \

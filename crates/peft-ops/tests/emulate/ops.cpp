@@ -3,8 +3,9 @@
 // rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d) -> dx (rows·d)
 // swiglu:         i64 n; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
-// low_rank_add:   i64 rows; i32 cols, r, right_t; f32 scale; f32 base (rows·cols), left
-//                 (rows·r), right (cols·r, as [r, cols] when right_t) -> out (rows·cols)
+// low_rank_add:   i64 rows; i32 cols, r, right_t, has_mask; f32 scale; f32 base (rows·cols),
+//                 left (rows·r), right (cols·r, as [r, cols] when right_t), then mask
+//                 (rows·cols) when has_mask -> out (rows·cols)
 // dropout_mask:   u64 seed; i64 n; u32 threshold; f32 scale -> mask (n)
 // Launch shapes as in src/cuda.rs: a block of 256 threads per row, 256-thread blocks for the
 // elementwise kernels.
@@ -54,18 +55,19 @@ int main(int argc, char** argv) {
         out.insert(out.end(), dx.begin(), dx.end());
     } else if (kernel == "low_rank_add") {
         long long rows = take<long long>(in, 1)[0];
-        auto dims = take<int>(in, 3);
-        int cols = dims[0], r = dims[1];
+        auto dims = take<int>(in, 4);
+        int cols = dims[0], r = dims[1], has_mask = dims[3];
         bool right_t = dims[2] != 0;
         float scale = take<float>(in, 1)[0];
         auto base = take<float>(in, rows * cols), left = take<float>(in, rows * r);
         auto right = take<float>(in, (size_t)cols * r);
+        auto mask = has_mask ? take<float>(in, rows * cols) : std::vector<float>(1);
         long long ro = right_t ? 1 : r, rk = right_t ? cols : 1;
         out.resize(base.size());
         unsigned blocks = (unsigned)((base.size() + 255) / 256);
         emu::launch({blocks}, {256}, 0, [&] {
-            low_rank_add_f32(base.data(), left.data(), right.data(), out.data(), rows, cols, r, ro,
-                             rk, scale);
+            low_rank_add_f32(base.data(), left.data(), right.data(), mask.data(), out.data(), rows,
+                             cols, r, ro, rk, scale, has_mask);
         });
     } else if (kernel == "dropout_mask") {
         unsigned long long seed = take<unsigned long long>(in, 1)[0];
