@@ -1,5 +1,5 @@
-//! Launchers for our CUDA kernels (`kernels/*.cu`), compiled once per process with NVRTC so that building needs no CUDA compiler. Inputs must be contiguous;
-//! outputs are fresh buffers.
+//! Launchers for our CUDA kernels (`kernels/*.cu`), compiled once per process with NVRTC so
+//! that building needs no CUDA compiler. Inputs must be contiguous; outputs are fresh buffers.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
@@ -88,10 +88,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
         dev.get_or_load_custom_func(&format!("{name}_{}", suffix(T::DTYPE)?), MODULE, ptx()?)?;
     let views = inputs
         .iter()
-        .map(|(s, l)| {
-            contiguous(l)?;
-            Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-        })
+        .map(|(s, l)| cuda_view::<T>(s, l))
         .collect::<Result<Vec<_>>>()?;
     // SAFETY: every element is written by the kernel before it is read.
     let out = unsafe { dev.alloc::<T>(out_len)? };
@@ -386,9 +383,13 @@ pub(crate) fn dropout_mask(
         .arg(&seed)
         .arg(&threshold)
         .arg(&scale);
-    // One thread per block of 16384 values.
+    // One thread per block of values.
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(16384).div_ceil(128).max(1) as u32, 1, 1),
+        grid_dim: (
+            n.div_ceil(crate::fused::DROPOUT_BLOCK).div_ceil(128).max(1) as u32,
+            1,
+            1,
+        ),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -513,11 +514,16 @@ pub(crate) fn flash_head_dim_supported(d: usize) -> bool {
     d == 64 || d == 128
 }
 
-/// The contiguous device buffer of `t` as `T`.
-fn view<'a, T: CudaDType>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, T>> {
+/// The contiguous device buffer of a CUDA storage and layout, as `T`.
+fn cuda_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     contiguous(l)?;
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// [`cuda_view`] of a tensor's storage.
+fn view<'a, T: CudaDType>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, T>> {
     match s {
-        Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(l.start_offset()..)),
+        Storage::Cuda(c) => cuda_view(c, l),
         _ => candle_core::bail!("peft-ops cuda: tensor is not on the gpu"),
     }
 }

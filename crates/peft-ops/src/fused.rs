@@ -6,11 +6,14 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Resul
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
+/// Values drawn from one random stream in [`dropout_mask`] (`DROPOUT_BLOCK` in
+/// `kernels/ops.cu`, which draws the same mask on GPUs).
+pub(crate) const DROPOUT_BLOCK: usize = 1 << 14;
+
 /// Inverted-dropout mask (`0` or `1/(1-p)`) drawn from `seed`: the same seed gives the same
 /// mask, so the backward pass regenerates it instead of storing it. Drawn in parallel, in
 /// blocks with seeds of their own, so the mask does not depend on the thread count.
 pub fn dropout_mask(seed: u64, p: f64, shape: &[usize], device: &Device) -> Result<Tensor> {
-    const BLOCK: usize = 1 << 14;
     let threshold = ((1.0 - p) * u32::MAX as f64) as u32;
     let scale = (1.0 / (1.0 - p)) as f32;
     let n: usize = shape.iter().product();
@@ -21,7 +24,7 @@ pub fn dropout_mask(seed: u64, p: f64, shape: &[usize], device: &Device) -> Resu
         return crate::cuda::dropout_mask(seed, threshold, scale, shape, device);
     }
     let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(BLOCK)
+    mask.par_chunks_mut(DROPOUT_BLOCK)
         .enumerate()
         .for_each(|(i, block)| {
             let block_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);

@@ -1,4 +1,4 @@
-//! The optimizer step on the GPU as two kernel launches for all tensors together (the squared
+//! The optimizer step on the GPU as two kernel launches per kind of tensors (the squared
 //! gradient sum for clipping, then AdamW), instead of about fifteen launches per tensor.
 
 use candle_core::Tensor;

@@ -101,9 +101,20 @@ fn bf16_bytes(t: &Tensor) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()
 }
 
+fn f32_le(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
+    v.iter().flat_map(|f| f.to_le_bytes())
+}
+
 fn f32_bytes(t: &Tensor) -> Vec<u8> {
-    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    f32_le(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
+/// Sizes as the harnesses' i32 header fields.
+fn i32_bytes(values: &[usize]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|&x| (x as i32).to_le_bytes())
+        .collect()
 }
 
 fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
@@ -142,10 +153,7 @@ fn compare(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) {
     let grads = (&o * &dout).unwrap().sum_all().unwrap().backward().unwrap();
     let grad = |i: usize| grads.get(vars[i].as_tensor()).unwrap().clone();
 
-    let mut bytes: Vec<u8> = [b, t, heads, kv_heads, d]
-        .iter()
-        .flat_map(|&x| (x as i32).to_le_bytes())
-        .collect();
+    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d]);
     bytes.extend((scale as f32).to_le_bytes());
     for x in [&q, &k, &v, &dout] {
         bytes.extend(bf16_bytes(x));
@@ -280,10 +288,6 @@ fn values(n: usize, seed: u64, lo: f32) -> Vec<f32> {
     r.iter()
         .map(|x| if lo > 0.0 { lo + x.abs() } else { *x })
         .collect()
-}
-
-fn f32_le(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
-    v.iter().flat_map(|f| f.to_le_bytes())
 }
 
 /// Three tensors of different sizes (one spans several blocks): parameters and moments within
@@ -476,12 +480,9 @@ fn fused_cross_entropy_rows_match_log_softmax() {
         .unwrap();
     let labels: [i64; 5] = [3, 999, -100, 0, 517];
     let inv_denom = 0.25f32;
-    let mut input: Vec<u8> = [rows as i32, vocab as i32]
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
+    let mut input: Vec<u8> = i32_bytes(&[rows, vocab]);
     input.extend(inv_denom.to_le_bytes());
-    input.extend(logits.iter().flat_map(|x| x.to_le_bytes()));
+    input.extend(f32_le(&logits));
     input.extend(labels.iter().flat_map(|x| x.to_le_bytes()));
     let out = to_f32s(&emulate("cross_entropy", "cross_entropy", &input));
     assert_eq!(out.len(), rows + rows * vocab, "output size");
@@ -544,14 +545,14 @@ fn dequantize_4bit_matches_the_cpu_bit_for_bit() {
                 input.extend(v.to_le_bytes());
             }
             input.extend(offset.to_le_bytes());
-            input.extend(kind.code().iter().flat_map(|v| v.to_le_bytes()));
-            input.extend(dynamic_map(true).iter().flat_map(|v| v.to_le_bytes()));
+            input.extend(f32_le(&kind.code()));
+            input.extend(f32_le(&dynamic_map(true)));
             input.extend(&q.packed);
             match &q.absmax {
-                Absmax::Plain(a) => input.extend(a.iter().flat_map(|v| v.to_le_bytes())),
+                Absmax::Plain(a) => input.extend(f32_le(a)),
                 Absmax::Double { q, .. } => {
                     input.extend(&q.codes);
-                    input.extend(q.absmax.iter().flat_map(|v| v.to_le_bytes()));
+                    input.extend(f32_le(&q.absmax));
                 }
             }
             let case = format!("dequantize_{kind:?}_{double_quant}");
@@ -598,10 +599,7 @@ fn rms_norm_backward_kernel_matches_the_cpu() {
     let w = (randn(&[d], 501) + 1.5).unwrap();
     let g = randn(&[rows, d], 502);
     let (_, grads) = cpu_grads(&[&x], &g, |v| rms_norm(&v[0], &w, eps as f64));
-    let mut input: Vec<u8> = [rows as i32, d as i32]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    let mut input: Vec<u8> = i32_bytes(&[rows, d]);
     input.extend(eps.to_le_bytes());
     for t in [&x, &w, &g] {
         input.extend(f32_bytes(t));
@@ -651,10 +649,7 @@ fn causal_softmax_kernels_match_the_cpu() {
     let x = (randn(&[batch, q, k], 520) * 3.0).unwrap();
     let probe = randn(&[batch, q, k], 521);
     let (y, grads) = cpu_grads(&[&x], &probe, |v| causal_softmax(&v[0], scale as f64));
-    let mut input: Vec<u8> = [(batch * q) as i32, q as i32, k as i32]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    let mut input: Vec<u8> = i32_bytes(&[batch * q, q, k]);
     input.extend(scale.to_le_bytes());
     for t in [&x, &probe] {
         input.extend(f32_bytes(t));

@@ -253,25 +253,14 @@ impl AdamW {
 
     /// Clips the gradients to a global norm of `max_norm` (none when it is 0) and makes one
     /// update with learning rate `lr`; returns the norm before clipping. When that norm is not
-    /// finite, nothing is updated. On a GPU both are one kernel launch each over all tensors
-    /// (one more when there are both f32 and 8-bit moments; [`peft_ops::FusedAdamw`]), the
-    /// gradients left as they are.
+    /// finite, nothing is updated. On a GPU both are one kernel launch per kind of tensors
+    /// (f32, bf16, 8-bit moments; [`peft_ops::FusedAdamw`]), the gradients left as they are.
     pub fn step_clipped(&mut self, grads: &mut GradStore, max_norm: f64, lr: f64) -> Result<f64> {
         if let Some(fused) = self.fused(grads)? {
             let norm = fused.grad_sum_squares()?.sqrt();
             if norm.is_finite() {
                 self.step += 1;
-                let (bc1, bc2) = self.bias_corrections();
-                fused.step(&peft_ops::AdamwScalars {
-                    lr: lr as f32,
-                    beta1: self.beta1 as f32,
-                    beta2: self.beta2 as f32,
-                    eps: self.eps as f32,
-                    decay: (1.0 - lr * self.weight_decay) as f32,
-                    bias_correction1: bc1 as f32,
-                    bias_correction2: bc2 as f32,
-                    grad_scale: clip_factor(norm, max_norm) as f32,
-                })?;
+                fused.step(&self.scalars(lr, clip_factor(norm, max_norm)))?;
             }
             return Ok(norm);
         }
@@ -319,10 +308,27 @@ impl AdamW {
         )
     }
 
+    /// The update's scalars in f32, at the current step: the 8-bit path and the GPU kernels
+    /// compute in f32.
+    fn scalars(&self, lr: f64, grad_scale: f64) -> peft_ops::AdamwScalars {
+        let (bc1, bc2) = self.bias_corrections();
+        peft_ops::AdamwScalars {
+            lr: lr as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+            decay: (1.0 - lr * self.weight_decay) as f32,
+            bias_correction1: bc1 as f32,
+            bias_correction2: bc2 as f32,
+            grad_scale: grad_scale as f32,
+        }
+    }
+
     /// One update with learning rate `lr`. Parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let (bc1, bc2) = self.bias_corrections();
+        let s = self.scalars(lr, 1.0);
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
@@ -349,14 +355,13 @@ impl AdamW {
                         .to_vec1()?;
                     let mut mf = dequantize_blockwise(&m.to_host()?, &self.signed_map);
                     let mut vf = dequantize_blockwise(&v.to_host()?, &self.unsigned_map);
-                    let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
-                    let (bc1, bc2, eps) = (bc1 as f32, bc2 as f32, self.eps as f32);
-                    let (lr32, decay) = (lr as f32, (1.0 - lr * self.weight_decay) as f32);
+                    let (b1, b2) = (s.beta1, s.beta2);
                     for j in 0..w.len() {
                         mf[j] = b1 * mf[j] + (1.0 - b1) * g[j];
                         vf[j] = b2 * vf[j] + (1.0 - b2) * g[j] * g[j];
-                        let update = (mf[j] / bc1) / ((vf[j] / bc2).sqrt() + eps);
-                        w[j] = w[j] * decay - lr32 * update;
+                        let update = (mf[j] / s.bias_correction1)
+                            / ((vf[j] / s.bias_correction2).sqrt() + s.eps);
+                        w[j] = w[j] * s.decay - s.lr * update;
                     }
                     let dev = p.device();
                     let q = |x: &[f32], map| quantize_blockwise(x, map, BLOCKSIZE_8BIT);

@@ -261,7 +261,8 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             dst[n * 8 + 2 * c] = to_bf16(acc[n][2 * r] * inv);
             dst[n * 8 + 2 * c + 1] = to_bf16(acc[n][2 * r + 1] * inv);
         }
-        if (c == 0) lse[((long long)bi * heads + hi) * t + row[r]] = (m[r] + log2f(total)) / FA_LOG2E;
+        if (c == 0)
+            lse[((long long)bi * heads + hi) * t + row[r]] = (m[r] + log2f(total)) / FA_LOG2E;
     }
 }
 

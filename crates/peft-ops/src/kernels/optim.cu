@@ -28,7 +28,8 @@ __device__ void sum_squares_multi(const long long* table, int stride, double* ou
 }
 
 // AdamW as PyTorch computes it, on gradients scaled by `grad_scale` (the clipping factor):
-// m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g²; p = p · decay − lr · (m / bc1) / (√(v / bc2) + eps)
+// m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g²;
+// p = p · decay − lr · (m / bc1) / (√(v / bc2) + eps)
 // with decay = 1 − lr · weight_decay and bc1, bc2 the bias corrections.
 template <typename T>
 __device__ void adamw_multi(const long long* table, float lr, float beta1, float beta2,
@@ -111,7 +112,8 @@ extern "C" __global__ void adamw8bit_multi_f32(const long long* table, const flo
             float m0 = __fmul_rn(smap[mc[i]], ma[blk]), v0 = __fmul_rn(umap[vc[i]], va[blk]);
             m = __fadd_rn(__fmul_rn(beta1, m0), __fmul_rn(1.f - beta1, gi));
             v = __fadd_rn(__fmul_rn(beta2, v0), __fmul_rn(__fmul_rn(1.f - beta2, gi), gi));
-            float update = __fdiv_rn(__fdiv_rn(m, bc1), __fadd_rn(__fsqrt_rn(__fdiv_rn(v, bc2)), eps));
+            float denom = __fadd_rn(__fsqrt_rn(__fdiv_rn(v, bc2)), eps);
+            float update = __fdiv_rn(__fdiv_rn(m, bc1), denom);
             p[i] = __fsub_rn(__fmul_rn(p[i], decay), __fmul_rn(lr, update));
         }
         // Every thread has read the old scales before the reductions' barriers.

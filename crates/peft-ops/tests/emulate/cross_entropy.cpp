@@ -7,8 +7,7 @@
 
 int main(int argc, char** argv) {
     if (argc != 3) { fprintf(stderr, "usage: cross_entropy <input> <output>\n"); return 2; }
-    FILE* in = fopen(argv[1], "rb");
-    if (!in) { perror(argv[1]); return 1; }
+    FILE* in = open_or_exit(argv[1], "rb");
     auto dims = take<int>(in, 2);
     int rows = dims[0], vocab = dims[1];
     float inv_denom = take<float>(in, 1)[0];
@@ -20,8 +19,7 @@ int main(int argc, char** argv) {
         cross_entropy_rows_f32(logits.data(), labels.data(), grad.data(), loss.data(), vocab,
                                inv_denom, 1);
     });
-    FILE* out = fopen(argv[2], "wb");
-    if (!out) { perror(argv[2]); return 1; }
+    FILE* out = open_or_exit(argv[2], "wb");
     fwrite(loss.data(), 4, loss.size(), out);
     fwrite(grad.data(), 4, grad.size(), out);
     fclose(out);

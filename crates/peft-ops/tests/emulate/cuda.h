@@ -47,7 +47,8 @@ void launch(Dim3 grid, Dim3 block, size_t shared, F&& kernel) {
                 shared_bytes.assign(shared + 16, 0xff);
                 block_barrier = std::make_unique<std::barrier<>>(threads);
                 warps.clear();
-                for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+                for (unsigned w = 0; w < threads / 32; ++w)
+                    warps.push_back(std::make_unique<Warp>());
                 std::vector<std::thread> pool;
                 for (unsigned i = 0; i < threads; ++i)
                     pool.emplace_back([&, i] {
@@ -104,7 +105,9 @@ inline void emu_mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
     std::memcpy(w.a[lane], a, 16);
     std::memcpy(w.b[lane], b, 8);
     w.bar.arrive_and_wait();
-    auto half = [](uint32_t reg, int k) { return emu::bits_to_float(((reg >> (16 * (k & 1))) & 0xffffu) << 16); };
+    auto half = [](uint32_t reg, int k) {
+        return emu::bits_to_float(((reg >> (16 * (k & 1))) & 0xffffu) << 16);
+    };
     auto A = [&](int row, int k) {
         return half(w.a[(row & 7) * 4 + ((k & 7) >> 1)][(row >> 3) + 2 * (k >> 3)], k);
     };
@@ -165,6 +168,16 @@ inline unsigned __float_as_uint(float f) {
     std::memcpy(&u, &f, 4);
     return u;
 }
+// Opens a harness's input or output file, or exits.
+inline FILE* open_or_exit(const char* path, const char* mode) {
+    FILE* f = fopen(path, mode);
+    if (!f) {
+        perror(path);
+        exit(1);
+    }
+    return f;
+}
+
 // Reads n values of T from a harness's input file, or exits.
 template <class T>
 std::vector<T> take(FILE* f, size_t n) {

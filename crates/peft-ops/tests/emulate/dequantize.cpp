@@ -8,8 +8,7 @@
 
 int main(int argc, char** argv) {
     if (argc != 3) { fprintf(stderr, "usage: dequantize <input> <output>\n"); return 2; }
-    FILE* in = fopen(argv[1], "rb");
-    if (!in) { perror(argv[1]); return 1; }
+    FILE* in = open_or_exit(argv[1], "rb");
     long long len = take<long long>(in, 1)[0];
     auto ints = take<int>(in, 3);
     int blocksize = ints[0], blocksize2 = ints[1], double_quant = ints[2];
@@ -33,8 +32,7 @@ int main(int argc, char** argv) {
                             absmax2.data(), code2.data(), offset, out.data(), len, blocksize,
                             blocksize2, double_quant);
     });
-    FILE* o = fopen(argv[2], "wb");
-    if (!o) { perror(argv[2]); return 1; }
+    FILE* o = open_or_exit(argv[2], "wb");
     fwrite(out.data(), 4, out.size(), o);
     fclose(o);
     return 0;

@@ -16,8 +16,7 @@ static std::vector<float> widen(const std::vector<bf16_t>& v) {
 
 int main(int argc, char** argv) {
     if (argc != 3) { fprintf(stderr, "usage: flash <input> <output>\n"); return 2; }
-    FILE* in = fopen(argv[1], "rb");
-    if (!in) { perror(argv[1]); return 1; }
+    FILE* in = open_or_exit(argv[1], "rb");
     auto dims = take<int>(in, 5);
     int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], d = dims[4];
     float scale = take<float>(in, 1)[0];
@@ -58,8 +57,7 @@ int main(int argc, char** argv) {
                           pairs);
     });
 
-    FILE* out = fopen(argv[2], "wb");
-    if (!out) { perror(argv[2]); return 1; }
+    FILE* out = open_or_exit(argv[2], "wb");
     put(out, widen(o));
     put(out, lse);
     put(out, widen(dq));

@@ -16,8 +16,7 @@
 int main(int argc, char** argv) {
     if (argc != 4) { fprintf(stderr, "usage: ops <kernel> <input> <output>\n"); return 2; }
     std::string kernel = argv[1];
-    FILE* in = fopen(argv[2], "rb");
-    if (!in) { perror(argv[2]); return 1; }
+    FILE* in = open_or_exit(argv[2], "rb");
     std::vector<float> out;
     if (kernel == "rms_norm_bwd") {
         auto dims = take<int>(in, 2);
@@ -34,7 +33,8 @@ int main(int argc, char** argv) {
         auto gate = take<float>(in, n), up = take<float>(in, n), grad = take<float>(in, n);
         std::vector<float> y(n), d(2 * n);
         unsigned blocks = (unsigned)((n + 255) / 256);
-        emu::launch({blocks}, {256}, 0, [&] { swiglu_fwd_f32(gate.data(), up.data(), y.data(), n); });
+        emu::launch({blocks}, {256}, 0,
+                    [&] { swiglu_fwd_f32(gate.data(), up.data(), y.data(), n); });
         emu::launch({blocks}, {256}, 0, [&] {
             swiglu_bwd_f32(gate.data(), up.data(), grad.data(), d.data(), n);
         });
@@ -83,8 +83,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     fclose(in);
-    FILE* o = fopen(argv[3], "wb");
-    if (!o) { perror(argv[3]); return 1; }
+    FILE* o = open_or_exit(argv[3], "wb");
     fwrite(out.data(), 4, out.size(), o);
     fclose(o);
     return 0;

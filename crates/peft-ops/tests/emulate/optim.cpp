@@ -19,8 +19,7 @@ struct Tensor {
 
 int main(int argc, char** argv) {
     if (argc != 3) { fprintf(stderr, "usage: optim <input> <output>\n"); return 2; }
-    FILE* in = fopen(argv[1], "rb");
-    if (!in) { perror(argv[1]); return 1; }
+    FILE* in = open_or_exit(argv[1], "rb");
     auto head = take<int>(in, 2);
     int tensors = head[0], kind = head[1];
     bool eight_bit = kind == 1, half = kind == 2;
@@ -72,8 +71,7 @@ int main(int argc, char** argv) {
         else
             adamw_multi_f32(table.data(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
     });
-    FILE* out = fopen(argv[2], "wb");
-    if (!out) { perror(argv[2]); return 1; }
+    FILE* out = open_or_exit(argv[2], "wb");
     fwrite(&sum, 8, 1, out);
     auto put = [&](const auto& v) { fwrite(v.data(), sizeof(v[0]), v.size(), out); };
     for (auto& t : ts) {
