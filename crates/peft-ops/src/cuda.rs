@@ -4,7 +4,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::CompileOptions;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
@@ -575,6 +576,29 @@ struct FlashViews<'a> {
     sin: CudaView<'a, f32>,
 }
 
+impl<'a> FlashViews<'a> {
+    /// Pushes q, k, v, cos and sin: the first arguments of the tile kernels.
+    fn push(&'a self, builder: &mut LaunchArgs<'a>) {
+        builder.arg(&self.q).arg(&self.k).arg(&self.v);
+        builder.arg(&self.cos).arg(&self.sin);
+    }
+}
+
+/// The launch of a tile kernel over (64-row tiles, heads, batch) with `shared` bytes of dynamic
+/// shared memory, allowed to `func`.
+fn tile_launch(
+    func: &CudaFunction,
+    (b, t, heads): (usize, usize, usize),
+    shared: usize,
+) -> Result<LaunchConfig> {
+    allow_shared(func, shared)?;
+    Ok(LaunchConfig {
+        grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
+        block_dim: (FA_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    })
+}
+
 impl FlashInputs {
     /// Runs `f` with the device views of the inputs.
     fn with_views<R>(&self, f: impl FnOnce(&FlashViews) -> Result<R>) -> Result<R> {
@@ -610,20 +634,10 @@ impl FlashInputs {
         let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
         let shared = 2 * FA_TILE * (d + 8) * 2;
         let func = dev.get_or_load_custom_func(&format!("flash_fwd_d{d}"), MODULE, ptx()?)?;
-        allow_shared(&func, shared)?;
-        let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
-            block_dim: (FA_THREADS, 1, 1),
-            shared_mem_bytes: shared as u32,
-        };
+        let cfg = tile_launch(&func, (b, t, heads), shared)?;
         self.with_views(|x| {
             let mut builder = func.builder();
-            builder
-                .arg(&x.q)
-                .arg(&x.k)
-                .arg(&x.v)
-                .arg(&x.cos)
-                .arg(&x.sin);
+            x.push(&mut builder);
             builder.arg(&o).arg(&lse);
             builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&self.scale);
             // SAFETY: the arguments match flash_fwd_d{64,128} in kernels/attention.cu.
@@ -680,12 +694,7 @@ impl FlashInputs {
         let dv_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
         let shared = 4 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4;
         let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx()?)?;
-        allow_shared(&func, shared)?;
-        let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
-            block_dim: (FA_THREADS, 1, 1),
-            shared_mem_bytes: shared as u32,
-        };
+        let cfg = tile_launch(&func, (b, t, heads), shared)?;
         let kv_pairs = (b * t * kvd / 2) as i64;
         let pairs = (b * t * hd / 2) as i64;
         // SAFETY: one thread per pair writes both of its elements.
@@ -694,12 +703,7 @@ impl FlashInputs {
         let dv = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
         self.with_views(|x| {
             let mut builder = func.builder();
-            builder
-                .arg(&x.q)
-                .arg(&x.k)
-                .arg(&x.v)
-                .arg(&x.cos)
-                .arg(&x.sin);
+            x.push(&mut builder);
             builder
                 .arg(&gv)
                 .arg(&lv)
