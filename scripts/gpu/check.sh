@@ -3,7 +3,9 @@
 # tests, then the benchmark against HF PEFT (bench/vs_hf_gpu.sh). Everything goes to $OUT in
 # five files: log.txt (tests and bench output), errors.txt (each bench case's stderr),
 # hf_anchor.jsonl, peft_gpu.jsonl and vs_hf_gpu.md.
-#   scripts/gpu/check.sh [--tests-only | --bench-only] [--skip-hf FILE | --hf-reference]
+#   scripts/gpu/check.sh [--tests-only | --bench-only | --ablation] [--skip-hf FILE | --hf-reference]
+# --ablation runs bench/gpu_ablation.sh instead (each kernel group turned off in turn:
+# ablation.jsonl and ablation.md).
 # --hf-reference compares with HF's figures measured on the same machine
 # (bench/hf_gpu_reference.jsonl, from shared/gpu/README.md) instead of running HF again: for a
 # lease too short for both.
@@ -16,6 +18,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) what=tests; shift ;;
     --bench-only) what=bench; shift ;;
+    --ablation) what=ablation; shift ;;
     --skip-hf) skip=(--skip-hf "$2"); shift 2 ;;
     --hf-reference) skip=(--skip-hf bench/hf_gpu_reference.jsonl); shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -31,16 +34,20 @@ done
 log=$out/log.txt
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
-  if [ "$what" != bench ]; then
+  if [ "$what" = all ] || [ "$what" = tests ]; then
     for crate in peft-ops peft-train; do
       echo "== $crate CUDA tests"
       (cd "crates/$crate" && timeout 300 "$bin/test-$crate" --test-threads=1 --nocapture)
       echo "exit status $?"
     done
   fi
-  if [ "$what" != tests ]; then
+  if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== benchmark"
     CASE_TIMEOUT=${CASE_TIMEOUT:-150} bench/vs_hf_gpu.sh --peft "$bin/peft" --out "$out" "${skip[@]}"
+  fi
+  if [ "$what" = ablation ]; then
+    echo "== kernel ablation"
+    CASE_TIMEOUT=${CASE_TIMEOUT:-150} bench/gpu_ablation.sh --peft "$bin/peft" --out "$out"
   fi
 } > "$log" 2>&1
 for f in "$out"/err_*.txt; do

@@ -210,6 +210,13 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let (trainable, all) = model.parameter_counts();
     let peak_device_mib = peft_ops::peak_memory(&device)?.map(|b| b as f64 / (1 << 20) as f64);
     let tokens_per_s = tokens / total;
+    // Our GPU kernel groups that PEFT_CUDA_OFF turned off for this run (none on the CPU).
+    let kernels_off: Vec<&str> = if device.is_cuda() {
+        let off = peft_ops::cuda_kernels_off().map_err(anyhow::Error::msg)?;
+        off.iter().map(|k| k.name()).collect()
+    } else {
+        Vec::new()
+    };
     println!(
         "{}",
         json!({
@@ -224,7 +231,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "peak_rss_mib": peak_rss_mib(), "peak_device_mib": peak_device_mib,
             "model_tflops": flops_per_token * tokens_per_s / 1e12, "phases": phases,
             "loss_first": losses.first(), "loss_last": losses.last(), "losses": losses,
-            "trainable_params": trainable, "all_params": all,
+            "trainable_params": trainable, "all_params": all, "cuda_kernels_off": kernels_off,
         })
     );
     Ok(())

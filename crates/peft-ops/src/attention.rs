@@ -71,6 +71,7 @@ pub fn causal_self_attention(
     let d = hd / heads;
     #[cfg(feature = "cuda")]
     if q.device().is_cuda()
+        && crate::cuda_kernel_on(crate::Kernel::Attention)
         && [q, k, v].iter().all(|x| x.dtype() == DType::BF16)
         && crate::cuda::flash_head_dim_supported(d)
         && cos.dims() == [t, d / 2]

@@ -809,6 +809,9 @@ impl FusedAdamw {
         let Device::Cuda(dev) = first.param.device() else {
             return Ok(None);
         };
+        if !crate::cuda_kernel_on(crate::Kernel::Optimizer) {
+            return Ok(None);
+        }
         let dev = dev.clone();
         let fits = |t: &Tensor, dtype: DType, len: usize| {
             t.dtype() == dtype
@@ -908,22 +911,21 @@ impl FusedAdamw {
         Ok(Some(Self { dev, tables }))
     }
 
-    /// Sum of the squared gradients (one read back to the host).
-    pub fn grad_sum_squares(&self) -> Result<f64> {
-        let out = self.dev.alloc_zeros::<f64>(1)?;
+    /// Clips the gradients to a global norm of `max_norm` (none when it is 0) and updates every
+    /// parameter and its moments in place; returns the norm before clipping. The norm and the
+    /// clipping factor stay on the device until every kernel is queued, and the norm is then
+    /// read back: one host synchronisation, at the end of the step. When the norm is not
+    /// finite, the kernels update nothing.
+    pub fn step(&self, s: &crate::optim::AdamwScalars, max_norm: f64) -> Result<f64> {
+        let sum_sq = self.dev.alloc_zeros::<f64>(1)?;
         for table in &self.tables {
             let name = format!("sum_squares_multi_{}", table.suffix()?);
             let func = self.dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
             let mut builder = func.builder();
-            builder.arg(&table.entries).arg(&table.stride).arg(&out);
+            builder.arg(&table.entries).arg(&table.stride).arg(&sum_sq);
             // SAFETY: the arguments match sum_squares_multi_*; the addresses are live.
             unsafe { builder.launch(table.config()) }.map_err(err)?;
         }
-        Ok(self.dev.clone_dtoh(&out)?[0])
-    }
-
-    /// Updates every parameter and its moments in place.
-    pub fn step(&self, s: &crate::optim::AdamwScalars) -> Result<()> {
         let scalars = [
             s.lr,
             s.beta1,
@@ -932,7 +934,6 @@ impl FusedAdamw {
             s.decay,
             s.bias_correction1,
             s.bias_correction2,
-            s.grad_scale,
         ];
         for table in &self.tables {
             let maps = match table.kind {
@@ -955,12 +956,13 @@ impl FusedAdamw {
             for x in &scalars {
                 builder.arg(x);
             }
+            builder.arg(&sum_sq).arg(&max_norm);
             // SAFETY: the arguments match adamw_multi_* or adamw8bit_multi_f32; the addresses
             // are live and each tensor (each 256-block for 8-bit moments) is written by its
             // own blocks only.
             unsafe { builder.launch(table.config()) }.map_err(err)?;
         }
-        Ok(())
+        Ok(self.dev.clone_dtoh(&sum_sq)?[0].sqrt())
     }
 }
 

@@ -28,6 +28,7 @@ pub fn open_device(name: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
+    crate::cuda_kernels_off().map_err(candle_core::Error::Msg)?;
     let device = Device::new_cuda(ordinal)?;
     pool::keep_freed_memory(ordinal)?;
     Ok(device)

@@ -1,7 +1,7 @@
 //! Fused training ops that keep only what their backward needs: the LoRA linear and SwiGLU.
 
 use crate::bf16_gemm::with_cpu_f32;
-use crate::{cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, LinearWeight};
+use crate::{cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel, LinearWeight};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -20,7 +20,7 @@ pub fn dropout_mask(seed: u64, p: f64, shape: &[usize], device: &Device) -> Resu
     // On a GPU the same mask is drawn there (`dropout_mask_f32` in kernels/ops.cu), not on the
     // host and copied over.
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(_) = device {
+    if device.is_cuda() && crate::cuda_kernel_on(Kernel::Dropout) {
         return crate::cuda::dropout_mask(seed, threshold, scale, shape, device);
     }
     let mut mask = vec![0f32; n];
@@ -71,7 +71,7 @@ pub fn lora_linear(
     if !tracks
         && mask.is_none()
         && rows < SMALL_ROWS
-        && crate::has_kernel(&x2)
+        && crate::has_kernel(&x2, Kernel::LowRank)
         && x2.device().is_cpu()
     {
         // Decoding: a token or a few. The LoRA path is then cheap arithmetic but several candle
@@ -151,7 +151,10 @@ fn low_rank_add(
     scale: f64,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if base.device().is_cuda() && crate::has_kernel(base) && left.dtype() == DType::F32 {
+    if base.device().is_cuda()
+        && crate::has_kernel(base, Kernel::LowRank)
+        && left.dtype() == DType::F32
+    {
         let mask = mask.map(|m| m.contiguous()).transpose()?;
         return crate::cuda::low_rank_add(
             &base.contiguous()?,
@@ -285,8 +288,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `silu(gate) · up`, keeping only `gate` and `up` for the backward.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (g, u) = (gate.detach(), up.detach());
-    let kernel =
-        crate::has_kernel(&g) && g.device().same_device(u.device()) && g.dtype() == u.dtype();
+    let kernel = crate::has_kernel(&g, Kernel::Swiglu)
+        && g.device().same_device(u.device())
+        && g.dtype() == u.dtype();
     let (g, u) = if kernel {
         (g.contiguous()?, u.contiguous()?)
     } else {
@@ -333,7 +337,7 @@ pub fn frozen_mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Resu
     let x2 = x.detach().reshape((rows, hidden))?;
     let g = frozen_matmul(&x2, gate, true)?;
     let u = frozen_matmul(&x2, up, true)?;
-    let kernel = crate::has_kernel(&g);
+    let kernel = crate::has_kernel(&g, Kernel::Swiglu);
     let act = if kernel {
         g.apply_op2_no_bwd(&u, &SwigluForward)?
     } else {

@@ -16,6 +16,7 @@ mod grad;
 mod ops;
 mod optim;
 mod softmax;
+mod switches;
 mod weight;
 
 use rayon::prelude::*;
@@ -30,19 +31,24 @@ pub use device::{open_device, peak_memory, reset_peak_memory};
 pub use fused::{dropout_mask, frozen_mlp, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};
 pub use ops::{
-    cross_entropy_chunked, frozen_linear, linear, rms_norm, rope, softmax_last_dim, IGNORE_INDEX,
+    cross_entropy_chunked, cross_entropy_sum, frozen_linear, linear, rms_norm, rope,
+    softmax_last_dim, IGNORE_INDEX,
 };
 pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw, SlotMoments};
 pub use softmax::{causal_softmax, causal_softmax_backward};
+pub use switches::{cuda_kernel_on, cuda_kernels_off, parse_kernels_off, Kernel, CUDA_OFF_VAR};
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 
-/// Whether our own kernel serves `t`: f32 on the CPU, f32 or bf16 on CUDA.
-pub(crate) fn has_kernel(t: &candle_core::Tensor) -> bool {
+/// Whether our own kernel (of group `k` on GPUs) serves `t`: f32 on the CPU, f32 or bf16 on
+/// CUDA unless `PEFT_CUDA_OFF` turns the group off.
+pub(crate) fn has_kernel(t: &candle_core::Tensor, k: Kernel) -> bool {
     use candle_core::DType;
     match t.device() {
         candle_core::Device::Cpu => t.dtype() == DType::F32,
         candle_core::Device::Cuda(_) => {
-            cfg!(feature = "cuda") && matches!(t.dtype(), DType::F32 | DType::BF16)
+            cfg!(feature = "cuda")
+                && matches!(t.dtype(), DType::F32 | DType::BF16)
+                && cuda_kernel_on(k)
         }
         _ => false,
     }

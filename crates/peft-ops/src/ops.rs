@@ -1,4 +1,4 @@
-use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3};
+use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -80,7 +80,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// dL/dx of [`rms_norm`].
 fn rms_norm_input_grad(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f64) -> Result<Tensor> {
-    if crate::has_kernel(x) {
+    if crate::has_kernel(x, Kernel::RmsNorm) {
         let dt = x.dtype();
         return x.contiguous()?.apply_op3_no_bwd(
             &w.to_dtype(dt)?.contiguous()?,
@@ -194,46 +194,63 @@ pub fn cross_entropy_chunked(
     labels: &Tensor,
     chunk_rows: usize,
 ) -> Result<(Tensor, usize)> {
+    let valid = labels.to_dtype(DType::I64)?.ge(0i64)?;
+    let n_valid = valid.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    let loss = cross_entropy_sum(hidden, weight, labels, n_valid.max(1), chunk_rows)?;
+    Ok((loss, n_valid))
+}
+
+/// [`cross_entropy_chunked`]'s summed token loss divided by `denom`, which the caller knows
+/// (the trainer: the labelled tokens of an accumulation group). Counting the labels here would
+/// read a value back from a GPU and stall the host until the forward pass has run.
+pub fn cross_entropy_sum(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    denom: usize,
+    chunk_rows: usize,
+) -> Result<Tensor> {
     hidden.dims2()?;
     let labels = labels.to_dtype(DType::I64)?;
     let valid = labels.ge(0i64)?;
-    let n_valid = valid.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
-    let denom = n_valid.max(1) as f64;
+    let denom = denom.max(1) as f64;
     let need_grad = hidden.track_op();
     let weight_grad = weight.track_op();
     let dev = hidden.device();
-    let (loss, dhidden, dweight) =
-        if crate::has_kernel(hidden) && crate::has_kernel(weight) && dev.is_cpu() {
-            let labels: Vec<i64> = labels.to_vec1()?;
-            let crate::cross_entropy::HeadLoss {
-                loss_sum,
-                dhidden: dh,
-                dweight: dw,
-            } = crate::cross_entropy::cross_entropy_cpu(
-                &hidden.detach(),
-                &weight.detach(),
-                &labels,
-                chunk_rows,
-                need_grad,
-                weight_grad,
-                denom,
-            )?;
-            let loss = Tensor::new((loss_sum / denom) as f32, dev)?;
-            let dh = dh
-                .map(|dh| Tensor::from_vec(dh, hidden.shape(), dev))
-                .transpose()?;
-            let dw = dw
-                .map(|dw| Tensor::from_vec(dw, weight.shape(), dev))
-                .transpose()?;
-            (loss, dh, dw)
-        } else {
-            cross_entropy_composed(hidden, weight, &labels, &valid, chunk_rows, denom)?
-        };
+    let (loss, dhidden, dweight) = if crate::has_kernel(hidden, Kernel::Loss)
+        && crate::has_kernel(weight, Kernel::Loss)
+        && dev.is_cpu()
+    {
+        let labels: Vec<i64> = labels.to_vec1()?;
+        let crate::cross_entropy::HeadLoss {
+            loss_sum,
+            dhidden: dh,
+            dweight: dw,
+        } = crate::cross_entropy::cross_entropy_cpu(
+            &hidden.detach(),
+            &weight.detach(),
+            &labels,
+            chunk_rows,
+            need_grad,
+            weight_grad,
+            denom,
+        )?;
+        let loss = Tensor::new((loss_sum / denom) as f32, dev)?;
+        let dh = dh
+            .map(|dh| Tensor::from_vec(dh, hidden.shape(), dev))
+            .transpose()?;
+        let dw = dw
+            .map(|dw| Tensor::from_vec(dw, weight.shape(), dev))
+            .transpose()?;
+        (loss, dh, dw)
+    } else {
+        cross_entropy_composed(hidden, weight, &labels, &valid, chunk_rows, denom)?
+    };
     if !(need_grad || weight_grad) {
-        return Ok((loss, n_valid));
+        return Ok(loss);
     }
     // Third argument repeated: with_grad3 serves two inputs as well.
-    let loss = with_grad3(
+    with_grad3(
         (hidden, weight, weight),
         loss,
         move |grad| -> Result<Grads3> {
@@ -244,8 +261,7 @@ pub fn cross_entropy_chunked(
             };
             Ok((scaled(&dhidden)?, scaled(&dweight)?, None))
         },
-    )?;
-    Ok((loss, n_valid))
+    )
 }
 
 /// Per-row losses (0 where the label does not count) and, when `grad`, the logits' gradient
@@ -257,7 +273,7 @@ fn fused_cross_entropy(
     grad: bool,
 ) -> Result<Option<(Tensor, Option<Tensor>)>> {
     #[cfg(feature = "cuda")]
-    if crate::has_kernel(logits) && logits.device().is_cuda() {
+    if crate::has_kernel(logits, Kernel::Loss) && logits.device().is_cuda() {
         let logits = logits.contiguous()?;
         let labels = labels.contiguous()?;
         return crate::cuda::cross_entropy_rows(&logits, &labels, (1.0 / denom) as f32, grad)

@@ -1,5 +1,6 @@
 //! The optimizer step on the GPU as two kernel launches per kind of tensors (the squared
-//! gradient sum for clipping, then AdamW), instead of about fifteen launches per tensor.
+//! gradient sum for clipping, then AdamW, which computes the clipping factor from that sum on
+//! the device), instead of about fifteen launches per tensor.
 
 use candle_core::Tensor;
 
@@ -15,8 +16,6 @@ pub struct AdamwScalars {
     /// `1 − beta1^step` and `1 − beta2^step`.
     pub bias_correction1: f32,
     pub bias_correction2: f32,
-    /// Multiplies every gradient first (the clipping factor).
-    pub grad_scale: f32,
 }
 
 /// A parameter, its gradient and its moments, which one fused step updates in place.
@@ -55,13 +54,9 @@ impl FusedAdamw {
         Ok(None)
     }
 
-    /// Sum of the squared gradients.
-    pub fn grad_sum_squares(&self) -> candle_core::Result<f64> {
-        match *self {}
-    }
-
-    /// Updates every parameter and its moments in place.
-    pub fn step(&self, _scalars: &AdamwScalars) -> candle_core::Result<()> {
+    /// Clips the gradients to a global norm of `max_norm`, updates every parameter and its
+    /// moments in place, and returns the norm before clipping.
+    pub fn step(&self, _scalars: &AdamwScalars, _max_norm: f64) -> candle_core::Result<f64> {
         match *self {}
     }
 }

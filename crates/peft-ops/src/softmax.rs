@@ -10,7 +10,7 @@ use rayon::prelude::*;
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = scores.dims();
     let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    if !crate::has_kernel(scores) {
+    if !crate::has_kernel(scores, crate::Kernel::Softmax) {
         let past = k - q;
         let qi = Tensor::arange(0u32, q as u32, scores.device())?.unsqueeze(1)?;
         let kj = Tensor::arange(0u32, k as u32, scores.device())?.unsqueeze(0)?;
@@ -85,7 +85,7 @@ impl CustomOp1 for CausalSoftmax {
 /// Gradient of [`causal_softmax`] with respect to its scores, from its output `y` and the
 /// output gradient: `scale · y · (g − Σ g·y)` row by row.
 pub fn causal_softmax_backward(y: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
-    if !crate::has_kernel(y) {
+    if !crate::has_kernel(y, crate::Kernel::Softmax) {
         let dot = (grad * y)?.sum_keepdim(candle_core::D::Minus1)?;
         return (grad.broadcast_sub(&dot)? * y)? * scale;
     }

@@ -31,7 +31,9 @@ impl QuantizedWeight {
         Ok(Self {
             #[cfg(feature = "cuda")]
             on_device: match w.device() {
-                Device::Cuda(_) => Some(crate::cuda::DeviceQuant4::upload(&q, w.device())?),
+                Device::Cuda(_) if crate::cuda_kernel_on(crate::Kernel::Dequantize) => {
+                    Some(crate::cuda::DeviceQuant4::upload(&q, w.device())?)
+                }
                 _ => None,
             },
             q,

@@ -236,7 +236,8 @@ struct Adamw {
     decay: f32,
     bc1: f32,
     bc2: f32,
-    grad_scale: f32,
+    /// Below the test gradients' norms, so clipping engages.
+    max_norm: f64,
 }
 
 impl Adamw {
@@ -250,8 +251,15 @@ impl Adamw {
             decay: (1.0 - lr * weight_decay) as f32,
             bc1: (1.0 - beta1.powi(3)) as f32,
             bc2: (1.0 - beta2.powi(3)) as f32,
-            grad_scale: 0.5,
+            max_norm: 10.0,
         }
+    }
+
+    /// The clipping factor for the squared-gradient sum `sum`, as peft-train computes it.
+    fn grad_scale(&self, sum: f64) -> f32 {
+        let norm = sum.sqrt();
+        assert!(norm > self.max_norm, "clipping must engage: norm {norm}");
+        (self.max_norm / (norm + 1e-6)) as f32
     }
 
     /// The emulator's input header for `tensors` tensors of `kind` (0: f32, 1: 8-bit
@@ -262,18 +270,14 @@ impl Adamw {
             input.extend(v.to_le_bytes());
         }
         let s = [
-            self.lr,
-            self.beta1,
-            self.beta2,
-            self.eps,
-            self.decay,
-            self.bc1,
-            self.bc2,
-            self.grad_scale,
+            self.lr, self.beta1, self.beta2, self.eps, self.decay, self.bc1, self.bc2,
         ];
-        for v in s
+        for v in &s {
+            input.extend(v.to_le_bytes());
+        }
+        input.extend(self.max_norm.to_le_bytes());
+        for v in peft_quant::dynamic_map(true)
             .iter()
-            .chain(&peft_quant::dynamic_map(true))
             .chain(&peft_quant::dynamic_map(false))
         {
             input.extend(v.to_le_bytes());
@@ -321,6 +325,7 @@ fn fused_adamw_matches_the_pytorch_rule() {
         "squared gradient sum {sum}, want {want_sum}"
     );
     let f = |x: f32| x as f64;
+    let scale = a.grad_scale(sum);
     let mut at = 0;
     for (p, g, m, v) in &tensors {
         let n = p.len();
@@ -331,7 +336,7 @@ fn fused_adamw_matches_the_pytorch_rule() {
         );
         at += 3 * n;
         for j in 0..n {
-            let gj = f(g[j]) * f(a.grad_scale);
+            let gj = f(g[j]) * f(scale);
             let mj = f(a.beta1) * f(m[j]) + (1.0 - f(a.beta1)) * gj;
             let vj = f(a.beta2) * f(v[j]) + (1.0 - f(a.beta2)) * gj * gj;
             let pj = f(p[j]) * f(a.decay)
@@ -349,6 +354,46 @@ fn fused_adamw_matches_the_pytorch_rule() {
         }
     }
     assert_eq!(at, floats.len(), "output size");
+}
+
+/// A NaN gradient makes the norm NaN: the kernels then leave every parameter and moment as it
+/// was (f32 and 8-bit moments), as peft-train's CPU path does.
+#[test]
+fn fused_adamw_skips_a_step_with_a_non_finite_norm() {
+    use peft_quant::{dynamic_map, quantize_blockwise};
+    let sizes = [700usize, 300];
+    let a = Adamw::new();
+    for kind in [0, 1] {
+        let mut input = a.header(sizes.len(), kind);
+        let mut state = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let seed = 700 + 10 * i as u64;
+            let (p, mut g) = (values(n, seed, 0.0), values(n, seed + 1, 0.0));
+            if i == 1 {
+                g[n / 2] = f32::NAN;
+            }
+            let (m, v) = (values(n, seed + 2, 0.0), values(n, seed + 3, 1e-3));
+            input.extend((n as i64).to_le_bytes());
+            let mut tensor = f32_le(&p).collect::<Vec<_>>();
+            if kind == 1 {
+                for (x, signed) in [(&m, true), (&v, false)] {
+                    let q = quantize_blockwise(x, &dynamic_map(signed), 256);
+                    tensor.extend(&q.codes);
+                    tensor.extend(f32_le(&q.absmax));
+                }
+            } else {
+                tensor.extend(f32_le(&m));
+                tensor.extend(f32_le(&v));
+            }
+            input.extend(f32_le(&p));
+            input.extend(f32_le(&g));
+            input.extend(&tensor[4 * n..]);
+            state.extend(tensor);
+        }
+        let out = emulate("optim", &format!("adamw_nan_{kind}"), &input);
+        assert!(f64::from_le_bytes(out[..8].try_into().unwrap()).is_nan());
+        assert!(out[8..] == state[..], "kind {kind}: the state changed");
+    }
 }
 
 /// bf16 parameters, gradients and moments (full fine-tuning in bf16): the update computed in
@@ -386,8 +431,9 @@ fn fused_bf16_adamw_matches_the_pytorch_rule() {
         .collect();
     assert_eq!(got.len(), 3 * n, "output size");
     let f = |x: f32| x as f64;
+    let scale = a.grad_scale(sum);
     for j in 0..n {
-        let gj = f(g[j]) * f(a.grad_scale);
+        let gj = f(g[j]) * f(scale);
         let mj = f(a.beta1) * f(m[j]) + (1.0 - f(a.beta1)) * gj;
         let vj = f(a.beta2) * f(v[j]) + (1.0 - f(a.beta2)) * gj * gj;
         let pj =
@@ -431,6 +477,7 @@ fn fused_8bit_adamw_matches_the_cpu_path() {
         tensors.push((p, g, m, v));
     }
     let out = emulate("optim", "adamw8bit", &input);
+    let scale = a.grad_scale(f64::from_le_bytes(out[..8].try_into().unwrap()));
     let mut at = 8;
     let mut take = |len: usize| {
         let part = out[at..at + len].to_vec();
@@ -445,7 +492,7 @@ fn fused_8bit_adamw_matches_the_cpu_path() {
         let mut vf = dequantize_blockwise(v, &unsigned);
         let mut w = p.clone();
         for j in 0..n {
-            let gj = g[j] * a.grad_scale;
+            let gj = g[j] * scale;
             mf[j] = a.beta1 * mf[j] + (1.0 - a.beta1) * gj;
             vf[j] = a.beta2 * vf[j] + (1.0 - a.beta2) * gj * gj;
             let update = (mf[j] / a.bc1) / ((vf[j] / a.bc2).sqrt() + a.eps);

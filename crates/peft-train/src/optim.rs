@@ -257,10 +257,11 @@ impl AdamW {
     /// (f32, bf16, 8-bit moments; [`peft_ops::FusedAdamw`]), the gradients left as they are.
     pub fn step_clipped(&mut self, grads: &mut GradStore, max_norm: f64, lr: f64) -> Result<f64> {
         if let Some(fused) = self.fused(grads)? {
-            let norm = fused.grad_sum_squares()?.sqrt();
-            if norm.is_finite() {
-                self.step += 1;
-                fused.step(&self.scalars(lr, clip_factor(norm, max_norm)))?;
+            self.step += 1;
+            let norm = fused.step(&self.scalars(lr), max_norm)?;
+            if !norm.is_finite() {
+                // The kernels updated nothing.
+                self.step -= 1;
             }
             return Ok(norm);
         }
@@ -310,7 +311,7 @@ impl AdamW {
 
     /// The update's scalars in f32, at the current step: the 8-bit path and the GPU kernels
     /// compute in f32.
-    fn scalars(&self, lr: f64, grad_scale: f64) -> peft_ops::AdamwScalars {
+    fn scalars(&self, lr: f64) -> peft_ops::AdamwScalars {
         let (bc1, bc2) = self.bias_corrections();
         peft_ops::AdamwScalars {
             lr: lr as f32,
@@ -320,7 +321,6 @@ impl AdamW {
             decay: (1.0 - lr * self.weight_decay) as f32,
             bias_correction1: bc1 as f32,
             bias_correction2: bc2 as f32,
-            grad_scale: grad_scale as f32,
         }
     }
 
@@ -328,7 +328,7 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let (bc1, bc2) = self.bias_corrections();
-        let s = self.scalars(lr, 1.0);
+        let s = self.scalars(lr);
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;

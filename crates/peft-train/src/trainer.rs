@@ -12,7 +12,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::Tuned;
-use peft_ops::{add_grad, cross_entropy_chunked};
+use peft_ops::{add_grad, cross_entropy_sum};
 use rand::SeedableRng;
 use serde_json::json;
 use std::io::Write;
@@ -209,8 +209,7 @@ impl Trainer<'_> {
         };
         let rows = (elems / weight.dim(0)?).max(1);
         // A trainable head (full fine-tuning, modules_to_save) gets its gradient too.
-        let (mean, n_valid) = cross_entropy_chunked(&hidden, weight, &labels, rows)?;
-        Ok((mean * (n_valid as f64 / denom.max(1) as f64))?)
+        Ok(cross_entropy_sum(&hidden, weight, &labels, denom, rows)?)
     }
 
     /// One optimizer step over the micro-batches of an accumulation group.
@@ -224,12 +223,14 @@ impl Trainer<'_> {
         let seed = self.args.seed;
         let denom: usize = batches.iter().map(|b| b.n_trained).sum();
         let mut acc: Option<GradStore> = None;
-        let mut loss = 0f64;
+        // The losses stay on the device until the optimizer step is queued: on a GPU, reading
+        // one back would stall the host mid-step while the device drains its queue.
+        let mut losses = Vec::with_capacity(batches.len());
         for (micro, batch) in batches.iter().enumerate() {
             self.model.set_dropout_seed(dropout_seed(seed, step, micro));
             let l = self.batch_loss(batch, denom, true)?;
-            loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let mut grads = l.backward()?;
+            losses.push(l.detach().to_dtype(DType::F64)?);
             self.model.base().grad_sink.drain_into(&mut grads)?;
             acc = Some(match acc {
                 None => grads,
@@ -243,6 +244,14 @@ impl Trainer<'_> {
                 }
             });
         }
+        let mut grads = acc.context("empty accumulation group")?;
+        // A non-finite loss stops the run below, before anything is saved (its gradients are
+        // then almost always non-finite too, and the optimizer skips them).
+        let grad_norm = opt.step_clipped(&mut grads, self.args.max_grad_norm, lr)?;
+        let mut loss = 0f64;
+        for l in &losses {
+            loss += l.to_scalar::<f64>()?;
+        }
         if !loss.is_finite() {
             return Err(NonFinite {
                 what: "training loss",
@@ -251,8 +260,6 @@ impl Trainer<'_> {
             }
             .into());
         }
-        let mut grads = acc.context("empty accumulation group")?;
-        let grad_norm = opt.step_clipped(&mut grads, self.args.max_grad_norm, lr)?;
         if !grad_norm.is_finite() {
             return Err(NonFinite {
                 what: "gradient norm",

@@ -102,3 +102,31 @@ fn fused_optimizer_tracks_the_cpu_step() {
         }
     }
 }
+
+/// A NaN gradient: the fused step reports a NaN norm and leaves the parameters as they were
+/// (the kernels read the norm on the device and skip the update), as the CPU step does.
+#[test]
+fn fused_optimizer_skips_a_step_with_a_nan_gradient() {
+    use candle_core::{Tensor, Var};
+    use peft_train::{AdamW, OptimKind};
+    let gpu = peft_ops::open_device("cuda").unwrap();
+    for kind in [OptimKind::Adamw, OptimKind::Adamw8bit] {
+        let values: Vec<f32> = (0..5000).map(|i| (i % 7) as f32 - 3.0).collect();
+        let p = Var::from_tensor(&Tensor::new(values.as_slice(), &gpu).unwrap()).unwrap();
+        let mut opt = AdamW::with_kind(vec![p.clone()], 0.9, 0.999, 1e-8, 0.01, kind).unwrap();
+        let mut coeff = vec![1f32; 5000];
+        coeff[17] = f32::NAN;
+        let coeff = Tensor::new(coeff.as_slice(), &gpu).unwrap();
+        let loss = (p.as_tensor() * coeff).unwrap().sum_all().unwrap();
+        let mut grads = loss.backward().unwrap();
+        let norm = opt.step_clipped(&mut grads, 1.0, 1e-2).unwrap();
+        assert!(norm.is_nan(), "{kind:?}: norm {norm}");
+        let after: Vec<f32> = p
+            .as_tensor()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(after, values, "{kind:?}: the parameters changed");
+    }
+}

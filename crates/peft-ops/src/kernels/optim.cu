@@ -27,13 +27,27 @@ __device__ void sum_squares_multi(const long long* table, int stride, double* ou
     if (threadIdx.x == 0) atomicAdd(out, (double)s);
 }
 
-// AdamW as PyTorch computes it, on gradients scaled by `grad_scale` (the clipping factor):
+// The clipping factor from the squared-gradient sum that sum_squares_multi left in device
+// memory, as peft-train's clip_factor computes it on the host (in f64, then rounded to f32), so
+// the step needs no read back to the host. False when the norm is not finite: then nothing is
+// updated.
+__device__ __forceinline__ bool clip_scale(const double* sum_sq, double max_norm, float* scale) {
+    double norm = sqrt(*sum_sq);
+    if (!isfinite(norm)) return false;
+    *scale = max_norm > 0.0 && norm > max_norm ? (float)(max_norm / (norm + 1e-6)) : 1.f;
+    return true;
+}
+
+// AdamW as PyTorch computes it, on gradients scaled by the clipping factor `grad_scale`:
 // m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g²;
 // p = p · decay − lr · (m / bc1) / (√(v / bc2) + eps)
 // with decay = 1 − lr · weight_decay and bc1, bc2 the bias corrections.
 template <typename T>
 __device__ void adamw_multi(const long long* table, float lr, float beta1, float beta2,
-                            float eps, float decay, float bc1, float bc2, float grad_scale) {
+                            float eps, float decay, float bc1, float bc2, const double* sum_sq,
+                            double max_norm) {
+    float grad_scale;
+    if (!clip_scale(sum_sq, max_norm, &grad_scale)) return;
     const long long* e = table_entry(table, 5);
     T* p = (T*)e[0];
     const T* g = (const T*)e[1];
@@ -58,8 +72,9 @@ __device__ void adamw_multi(const long long* table, float lr, float beta1, float
     }                                                                                          \
     extern "C" __global__ void adamw_multi_##S(const long long* table, float lr, float beta1,  \
                                                float beta2, float eps, float decay, float bc1, \
-                                               float bc2, float grad_scale) {                  \
-        adamw_multi<T>(table, lr, beta1, beta2, eps, decay, bc1, bc2, grad_scale);             \
+                                               float bc2, const double* sum_sq,                \
+                                               double max_norm) {                              \
+        adamw_multi<T>(table, lr, beta1, beta2, eps, decay, bc1, bc2, sum_sq, max_norm);       \
     }
 
 INSTANTIATE_OPTIM(float, f32)
@@ -85,7 +100,10 @@ __device__ int nearest_code(const float* table, float x) {
 extern "C" __global__ void adamw8bit_multi_f32(const long long* table, const float* signed_map,
                                                const float* unsigned_map, float lr, float beta1,
                                                float beta2, float eps, float decay, float bc1,
-                                               float bc2, float grad_scale) {
+                                               float bc2, const double* sum_sq,
+                                               double max_norm) {
+    float grad_scale;
+    if (!clip_scale(sum_sq, max_norm, &grad_scale)) return;
     __shared__ float sh[32];
     __shared__ float smap[256], umap[256];
     for (int j = threadIdx.x; j < 256; j += blockDim.x) {

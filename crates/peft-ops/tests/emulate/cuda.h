@@ -15,6 +15,9 @@
 #include <thread>
 #include <vector>
 
+// CUDA's device math has these in the global namespace.
+using std::isfinite;
+
 namespace emu {
 struct Dim3 {
     unsigned x = 1, y = 1, z = 1;

@@ -1,7 +1,7 @@
 // Runs the fused optimizer kernels of src/kernels/optim.cu under the CPU emulation:
 //   optim <input> <output>
 // input: i32 tensors, kind (0: f32, 1: 8-bit moments, 2: bf16); f32 lr, beta1, beta2, eps,
-// decay, bc1, bc2, grad_scale; f32 signed and unsigned maps (256 each); then per tensor i64 n,
+// decay, bc1, bc2; f64 max_norm; f32 signed and unsigned maps (256 each); then per tensor i64 n,
 // p, g (n each, f32 or bf16) and the moments: m, v (n each, f32 or bf16), or (8-bit) u8 m codes
 // (n), f32 m scales (ceil(n / 256)), and the same for v. output: f64 sum of squared gradients,
 // then per tensor p and the moments after one step, in the input's layout. Launch shapes as in
@@ -23,7 +23,8 @@ int main(int argc, char** argv) {
     auto head = take<int>(in, 2);
     int tensors = head[0], kind = head[1];
     bool eight_bit = kind == 1, half = kind == 2;
-    auto s = take<float>(in, 8);
+    auto s = take<float>(in, 7);
+    double max_norm = take<double>(in, 1)[0];
     auto signed_map = take<float>(in, 256), unsigned_map = take<float>(in, 256);
     std::vector<Tensor> ts(tensors);
     std::vector<long long> table;
@@ -65,11 +66,13 @@ int main(int argc, char** argv) {
     emu::launch({chunks, (unsigned)tensors}, {256}, 0, [&] {
         if (eight_bit)
             adamw8bit_multi_f32(table.data(), signed_map.data(), unsigned_map.data(), s[0], s[1],
-                                s[2], s[3], s[4], s[5], s[6], s[7]);
+                                s[2], s[3], s[4], s[5], s[6], &sum, max_norm);
         else if (half)
-            adamw_multi_bf16(table.data(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
+            adamw_multi_bf16(table.data(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], &sum,
+                             max_norm);
         else
-            adamw_multi_f32(table.data(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
+            adamw_multi_f32(table.data(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], &sum,
+                            max_norm);
     });
     FILE* out = open_or_exit(argv[2], "wb");
     fwrite(&sum, 8, 1, out);

@@ -1,0 +1,120 @@
+//! Turning our GPU kernels off, group by group, with `PEFT_CUDA_OFF` (comma-separated group
+//! names, or `all`): candle's composed ops then run in their place. This tells on a GPU which
+//! kernel is at fault when a result is wrong, and what each kernel gains in a benchmark. The
+//! CPU kernels are not affected.
+
+use std::sync::OnceLock;
+
+/// A group of our CUDA kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Flash attention, forward and backward (`kernels/attention.cu`).
+    Attention,
+    /// The causal softmax and its backward (attention outside the flash kernels).
+    Softmax,
+    /// The RMSNorm backward.
+    RmsNorm,
+    /// SwiGLU, forward and backward.
+    Swiglu,
+    /// LoRA's low-rank add to the frozen matmul's output (and to dL/dx).
+    LowRank,
+    /// LoRA dropout masks drawn on the GPU.
+    Dropout,
+    /// The cross-entropy rows of the loss.
+    Loss,
+    /// 4-bit weights kept and dequantized on the GPU (QLoRA).
+    Dequantize,
+    /// The fused AdamW step.
+    Optimizer,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 9] = [
+        Kernel::Attention,
+        Kernel::Softmax,
+        Kernel::RmsNorm,
+        Kernel::Swiglu,
+        Kernel::LowRank,
+        Kernel::Dropout,
+        Kernel::Loss,
+        Kernel::Dequantize,
+        Kernel::Optimizer,
+    ];
+
+    /// The group's name in `PEFT_CUDA_OFF`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Attention => "attention",
+            Kernel::Softmax => "softmax",
+            Kernel::RmsNorm => "rms_norm",
+            Kernel::Swiglu => "swiglu",
+            Kernel::LowRank => "low_rank",
+            Kernel::Dropout => "dropout",
+            Kernel::Loss => "loss",
+            Kernel::Dequantize => "dequantize",
+            Kernel::Optimizer => "optimizer",
+        }
+    }
+}
+
+/// The environment variable that names the groups to turn off.
+pub const CUDA_OFF_VAR: &str = "PEFT_CUDA_OFF";
+
+/// The groups named by `value` (comma-separated names or `all`; blanks ignored).
+pub fn parse_kernels_off(value: &str) -> Result<Vec<Kernel>, String> {
+    let mut off = Vec::new();
+    for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if name == "all" {
+            return Ok(Kernel::ALL.to_vec());
+        }
+        match Kernel::ALL.iter().find(|k| k.name() == name) {
+            Some(k) if !off.contains(k) => off.push(*k),
+            Some(_) => {}
+            None => {
+                let names: Vec<_> = Kernel::ALL.iter().map(|k| k.name()).collect();
+                return Err(format!(
+                    "{CUDA_OFF_VAR}: unknown kernel group {name:?} (all, {})",
+                    names.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(off)
+}
+
+/// The groups `PEFT_CUDA_OFF` turns off in this process; an error for an unknown name.
+pub fn cuda_kernels_off() -> Result<&'static [Kernel], String> {
+    static OFF: OnceLock<Result<Vec<Kernel>, String>> = OnceLock::new();
+    OFF.get_or_init(|| match std::env::var(CUDA_OFF_VAR) {
+        Ok(v) => parse_kernels_off(&v),
+        Err(_) => Ok(Vec::new()),
+    })
+    .as_deref()
+    .map_err(Clone::clone)
+}
+
+/// Whether our CUDA kernel group `k` runs (`PEFT_CUDA_OFF` does not name it). An unknown name
+/// there stops [`crate::open_device`] before any kernel is asked for.
+pub fn cuda_kernel_on(k: Kernel) -> bool {
+    cuda_kernels_off().map_or(true, |off| !off.contains(&k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_group_names() {
+        assert_eq!(parse_kernels_off(""), Ok(vec![]));
+        assert_eq!(
+            parse_kernels_off(" attention, optimizer,attention "),
+            Ok(vec![Kernel::Attention, Kernel::Optimizer])
+        );
+        assert_eq!(parse_kernels_off("loss,all"), Ok(Kernel::ALL.to_vec()));
+        let err = parse_kernels_off("attention,flash").unwrap_err();
+        assert!(
+            err.contains("\"flash\"") && err.contains("rms_norm"),
+            "{err}"
+        );
+    }
+}
