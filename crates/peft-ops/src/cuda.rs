@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 
 const SOURCE: &str = concat!(
     include_str!("kernels/ops.cu"),
+    include_str!("kernels/lora.cu"),
     include_str!("kernels/attention.cu"),
     include_str!("kernels/optim.cu")
 );
@@ -359,6 +360,167 @@ pub(crate) fn low_rank_add(
         Ok(wrap(out, &dev, &[rows, cols]))
     }
     dispatch!(base.dtype(), f(base, left, right, right_t, mask, scale))
+}
+
+/// Ranks per block of the thin kernels (`THIN_RANKS` in kernels/lora.cu).
+const THIN_RANKS: usize = 16;
+/// Rows per block of `thin_project` (`THIN_ROWS`).
+const THIN_ROWS: usize = 32;
+/// Columns per block of `thin_outer` (one thread each).
+const THIN_OUTER_THREADS: usize = 128;
+
+/// `scale · (x ∘ mask) · wᵀ` (f32 `[rows, r]`) for `x` `[rows, n]` (f32 or bf16), f32 `mask`
+/// `[rows, n]` and f32 `w` `[r, n]` (or `[n, r]` when `w_t`): one kernel that reads `x` as it
+/// is stored. All contiguous.
+pub(crate) fn thin_project(
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    w: &Tensor,
+    w_t: bool,
+    scale: f32,
+) -> Result<Tensor> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        w: &Tensor,
+        w_t: bool,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (rows, n) = x.dims2()?;
+        let r = if w_t { w.dim(1)? } else { w.dim(0)? };
+        let (w_sk, w_sn) = if w_t {
+            (1i64, r as i64)
+        } else {
+            (n as i64, 1i64)
+        };
+        let dev = cuda_device(x)?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        // Without a mask the kernel never reads it: `w` stands in.
+        let (ms, ml) = mask.unwrap_or(w).storage_and_layout();
+        let (xv, wv, mv) = (
+            view::<T>(&xs, xl)?,
+            view::<f32>(&ws, wl)?,
+            view::<f32>(&ms, ml)?,
+        );
+        // SAFETY: every element is written.
+        let out = unsafe { dev.alloc::<f32>(rows * r)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("thin_project_{}", suffix(T::DTYPE)?),
+            MODULE,
+            ptx()?,
+        )?;
+        let (rows_, n_, r_) = (rows as i64, n as i32, r as i32);
+        let has_mask = mask.is_some() as i32;
+        let mut builder = func.builder();
+        builder
+            .arg(&xv)
+            .arg(&mv)
+            .arg(&wv)
+            .arg(&w_sk)
+            .arg(&w_sn)
+            .arg(&out);
+        builder
+            .arg(&rows_)
+            .arg(&n_)
+            .arg(&r_)
+            .arg(&scale)
+            .arg(&has_mask);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                rows.div_ceil(THIN_ROWS) as u32,
+                r.div_ceil(THIN_RANKS) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match thin_project_{f32,bf16} in kernels/lora.cu.
+        unsafe { builder.launch(cfg) }.map_err(err)?;
+        Ok(wrap(out, &dev, &[rows, r]))
+    }
+    dispatch!(x.dtype(), f(x, mask, w, w_t, scale))
+}
+
+/// `scale · (x ∘ mask)ᵀ · y` as f32 `[n, r]` (or `[r, n]` when `out_t`) for `x` `[rows, n]`
+/// (f32 or bf16), f32 `mask` `[rows, n]` and f32 `y` `[rows, r]`: the rows are split over
+/// blocks whose partial sums a second kernel adds in a fixed order. All contiguous.
+pub(crate) fn thin_outer(
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    y: &Tensor,
+    out_t: bool,
+    scale: f32,
+) -> Result<Tensor> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        y: &Tensor,
+        out_t: bool,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (rows, n) = x.dims2()?;
+        let r = y.dim(1)?;
+        let (column_blocks, rank_groups) = (n.div_ceil(THIN_OUTER_THREADS), r.div_ceil(THIN_RANKS));
+        // About four blocks per SM of an H100/H200, each with at least 128 rows.
+        let splits = 528usize
+            .div_ceil(column_blocks * rank_groups)
+            .clamp(1, (rows / 128).max(1));
+        let per_split = rows.div_ceil(splits).max(1);
+        let splits = rows.div_ceil(per_split).max(1);
+        let dev = cuda_device(x)?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ys, yl) = y.storage_and_layout();
+        // Without a mask the kernel never reads it: `y` stands in.
+        let (ms, ml) = mask.unwrap_or(y).storage_and_layout();
+        let (xv, yv, mv) = (
+            view::<T>(&xs, xl)?,
+            view::<f32>(&ys, yl)?,
+            view::<f32>(&ms, ml)?,
+        );
+        // SAFETY: every element is written (splits past the rows write zeros).
+        let part = unsafe { dev.alloc::<f32>(splits * n * r)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("thin_outer_{}", suffix(T::DTYPE)?),
+            MODULE,
+            ptx()?,
+        )?;
+        let (rows_, n_, r_, per_split_) = (rows as i64, n as i32, r as i32, per_split as i64);
+        let has_mask = mask.is_some() as i32;
+        let mut builder = func.builder();
+        builder.arg(&xv).arg(&mv).arg(&yv).arg(&part);
+        builder
+            .arg(&rows_)
+            .arg(&n_)
+            .arg(&r_)
+            .arg(&per_split_)
+            .arg(&has_mask);
+        let cfg = LaunchConfig {
+            grid_dim: (column_blocks as u32, rank_groups as u32, splits as u32),
+            block_dim: (THIN_OUTER_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match thin_outer_{f32,bf16} in kernels/lora.cu.
+        unsafe { builder.launch(cfg) }.map_err(err)?;
+
+        // SAFETY: every element is written.
+        let out = unsafe { dev.alloc::<f32>(n * r)? };
+        let func = dev.get_or_load_custom_func("thin_outer_sum", MODULE, ptx()?)?;
+        let (splits_, nr) = (splits as i32, (n * r) as i64);
+        let (o_sn, o_sk) = if out_t {
+            (1i64, n as i64)
+        } else {
+            (r as i64, 1i64)
+        };
+        let mut builder = func.builder();
+        builder.arg(&part).arg(&out).arg(&splits_).arg(&nr).arg(&r_);
+        builder.arg(&o_sn).arg(&o_sk).arg(&scale);
+        // SAFETY: the arguments match thin_outer_sum in kernels/lora.cu.
+        unsafe { builder.launch(elementwise_config(n * r)) }.map_err(err)?;
+        let dims = if out_t { [r, n] } else { [n, r] };
+        Ok(wrap(out, &dev, &dims))
+    }
+    dispatch!(x.dtype(), f(x, mask, y, out_t, scale))
 }
 
 /// [`crate::dropout_mask`] drawn on the GPU, bit for bit the CPU's mask.
@@ -981,6 +1143,8 @@ mod tests {
             "cross_entropy_rows",
             "dequantize_4bit",
             "low_rank_add",
+            "thin_project",
+            "thin_outer",
         ] {
             for dtype in ["f32", "bf16"] {
                 assert!(
@@ -998,6 +1162,7 @@ mod tests {
             "flash_bwd_delta_bf16",
             "flash_bwd_dkv_bf16",
             "flash_bwd_dq_bf16",
+            "thin_outer_sum",
         ] {
             assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing");
         }

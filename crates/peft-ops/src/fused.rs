@@ -89,12 +89,7 @@ pub fn lora_linear(
         }
         return y.reshape(out_shape);
     }
-    let x32 = x2.to_dtype(DType::F32)?;
-    let xd = match &mask {
-        Some(m) => (&x32 * m)?,
-        None => x32,
-    };
-    let xa = xd.matmul(&a_d.t()?)?;
+    let xa = thin_project(&x2, mask.as_ref(), &a_d, false, 1.0)?;
     let base = frozen_matmul(&x2, &w.dense()?, true)?;
     let mut y = low_rank_add(&base, &xa, &b_d, false, None, scale)?;
     if let Some(bias) = bias {
@@ -107,24 +102,19 @@ pub fn lora_linear(
     let (a_tracks, b_tracks) = (a.track_op(), b.track_op());
     with_grad3((x, a, b), y, move |grad| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?;
-        let g32 = g.to_dtype(DType::F32)?;
         // g·B, scaled: the gradient at the LoRA bottleneck.
-        let gb = (g32.matmul(&b_d)? * scale)?;
+        let gb = thin_project(&g, None, &b_d, true, scale)?;
         let mask = match dropout {
             Some(d) => Some(dropout_mask(d.seed, d.p, &[rows, in_f], x2.device())?),
             None => None,
         };
         let d_b = if b_tracks {
-            Some((g32.t()?.matmul(&xa)? * scale)?)
+            Some(thin_outer(&g, None, &xa, false, scale)?)
         } else {
             None
         };
         let d_a = if a_tracks {
-            let xd = match &mask {
-                Some(m) => (x2.to_dtype(DType::F32)? * m)?,
-                None => x2.to_dtype(DType::F32)?,
-            };
-            Some(gb.t()?.matmul(&xd)?)
+            Some(thin_outer(&x2, mask.as_ref(), &gb, true, 1.0)?)
         } else {
             None
         };
@@ -137,6 +127,72 @@ pub fn lora_linear(
         };
         Ok((d_x, d_a, d_b))
     })
+}
+
+/// `scale · (x ∘ mask) · wᵀ` in f32 for `x` `[rows, n]` (any float dtype), `w` `[r, n]` f32
+/// (or `[n, r]` when `w_t`), `mask` f32 `[rows, n]` or none: LoRA's `drop(x)·Aᵀ` and `g·B`. On
+/// CUDA one kernel reads `x` as it is stored, without an f32 copy.
+fn thin_project(
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    w: &Tensor,
+    w_t: bool,
+    scale: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::has_kernel(x, Kernel::LowRank) && w.dtype() == DType::F32 {
+        let mask = mask.map(|m| m.contiguous()).transpose()?;
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        return crate::cuda::thin_project(&x, mask.as_ref(), &w, w_t, scale as f32);
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let xd = match mask {
+        Some(m) => (&x32 * m)?,
+        None => x32,
+    };
+    let product = if w_t {
+        xd.matmul(w)?
+    } else {
+        xd.matmul(&w.t()?)?
+    };
+    if scale == 1.0 {
+        Ok(product)
+    } else {
+        product * scale
+    }
+}
+
+/// `scale · (x ∘ mask)ᵀ · y` in f32 as `[n, r]` (or its transpose `[r, n]` when `out_t`) for
+/// `x` `[rows, n]` (any float dtype), `y` `[rows, r]` f32, `mask` f32 `[rows, n]` or none: the
+/// gradients of LoRA's B and A. On CUDA without an f32 copy of `x`.
+fn thin_outer(
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    y: &Tensor,
+    out_t: bool,
+    scale: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::has_kernel(x, Kernel::LowRank) && y.dtype() == DType::F32 {
+        let mask = mask.map(|m| m.contiguous()).transpose()?;
+        let (x, y) = (x.contiguous()?, y.contiguous()?);
+        return crate::cuda::thin_outer(&x, mask.as_ref(), &y, out_t, scale as f32);
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let xd = match mask {
+        Some(m) => (&x32 * m)?,
+        None => x32,
+    };
+    let product = if out_t {
+        y.t()?.matmul(&xd)?
+    } else {
+        xd.t()?.matmul(y)?
+    };
+    if scale == 1.0 {
+        Ok(product)
+    } else {
+        product * scale
+    }
 }
 
 /// `base + scale · (left · rightᵀ) ∘ mask` in `base`'s dtype, the product in f32: `left`

@@ -184,15 +184,21 @@ fn swiglu_matches_cpu() {
     check("swiglu", &inputs, |x| swiglu(&x[0], &x[1]));
 }
 
+/// A small case, and one with two rank groups of the thin kernels (r = 20) and rows split
+/// over several blocks.
 #[test]
 fn lora_linear_matches_cpu() {
-    let inputs = [
-        (randn(&[2, 5, 16], 15), Input::Cast),
-        ((randn(&[12, 16], 16) * 0.5).unwrap(), Input::Cast),
-        (randn(&[4, 16], 17), Input::F32),
-        (randn(&[12, 4], 18), Input::F32),
-    ];
-    for dropout in [None, Some(Dropout { p: 0.25, seed: 5 })] {
+    let shapes = [([2, 5, 16], 12, 4), ([3, 300, 40], 50, 20)];
+    for (([b, t, in_f], out_f, r), dropout) in shapes
+        .into_iter()
+        .flat_map(|s| [(s, None), (s, Some(Dropout { p: 0.25, seed: 5 }))])
+    {
+        let inputs = [
+            (randn(&[b, t, in_f], 15), Input::Cast),
+            ((randn(&[out_f, in_f], 16) * 0.5).unwrap(), Input::Cast),
+            (randn(&[r, in_f], 17), Input::F32),
+            (randn(&[out_f, r], 18), Input::F32),
+        ];
         check("lora_linear", &inputs, |x| {
             lora_linear(
                 &x[0],

@@ -763,6 +763,87 @@ fn low_rank_add_matches_matmuls() {
     }
 }
 
+/// LoRA's thin products without f32 copies of their wide operand: `scale · (x ∘ mask) · Aᵀ`
+/// (forward, A `[r, n]`) and `scale · x · B` (backward, B `[n, r]`), for ranks that fill one
+/// group of 16 and that need two (the second one partial), rows that end mid-block and
+/// columns that end mid-stage: within 1e-5 of the matmuls.
+#[test]
+fn thin_project_matches_matmuls() {
+    let (rows, n, scale) = (45usize, 300usize, 0.5f32);
+    let x = randn(&[rows, n], 540);
+    let mask = dropout_mask(9, 0.25, &[rows, n], &Device::Cpu).unwrap();
+    for (r, w_t, masked) in [(16usize, false, true), (20, true, false), (8, false, false)] {
+        let w = if w_t {
+            randn(&[n, r], 541)
+        } else {
+            randn(&[r, n], 541)
+        };
+        let xd = if masked {
+            (&x * &mask).unwrap()
+        } else {
+            x.clone()
+        };
+        let product = if w_t {
+            xd.matmul(&w).unwrap()
+        } else {
+            xd.matmul(&w.t().unwrap()).unwrap()
+        };
+        let want = (product * scale as f64).unwrap();
+        let mut input = (rows as i64).to_le_bytes().to_vec();
+        input.extend(i32_bytes(&[n, r, w_t as usize, masked as usize]));
+        input.extend(scale.to_le_bytes());
+        input.extend(f32_bytes(&x));
+        input.extend(f32_bytes(&w));
+        if masked {
+            input.extend(f32_bytes(&mask));
+        }
+        let case = format!("thin_project_{r}_{w_t}_{masked}");
+        let out = to_f32s(&emulate_with("ops", &["thin_project"], &case, &input));
+        check(&case, &tensor_at(&out, 0, &[rows, r]), &want, 1e-5);
+    }
+}
+
+/// The gradients of LoRA's weights without f32 copies: `scale · (x ∘ mask)ᵀ · y` as `[n, r]`
+/// (dB) or `[r, n]` (dA), with the rows split in one part and in several (the last one short
+/// or empty): within 1e-5 of the matmuls.
+#[test]
+fn thin_outer_matches_matmuls() {
+    let (rows, n, scale) = (150usize, 200usize, 0.25f32);
+    let x = randn(&[rows, n], 550);
+    let mask = dropout_mask(11, 0.1, &[rows, n], &Device::Cpu).unwrap();
+    for (r, out_t, masked, splits) in [
+        (16usize, false, false, 1usize),
+        (16, true, true, 4),
+        (20, false, false, 7),
+        (4, true, false, 40),
+    ] {
+        let y = randn(&[rows, r], 551);
+        let xd = if masked {
+            (&x * &mask).unwrap()
+        } else {
+            x.clone()
+        };
+        let product = if out_t {
+            y.t().unwrap().matmul(&xd).unwrap()
+        } else {
+            xd.t().unwrap().matmul(&y).unwrap()
+        };
+        let want = (product * scale as f64).unwrap();
+        let mut input = (rows as i64).to_le_bytes().to_vec();
+        input.extend(i32_bytes(&[n, r, out_t as usize, masked as usize, splits]));
+        input.extend(scale.to_le_bytes());
+        input.extend(f32_bytes(&x));
+        input.extend(f32_bytes(&y));
+        if masked {
+            input.extend(f32_bytes(&mask));
+        }
+        let case = format!("thin_outer_{r}_{out_t}_{masked}_{splits}");
+        let out = to_f32s(&emulate_with("ops", &["thin_outer"], &case, &input));
+        let dims = if out_t { [r, n] } else { [n, r] };
+        check(&case, &tensor_at(&out, 0, &dims), &want, 1e-5);
+    }
+}
+
 /// Three blocks of 16384 draws, the last one short: the GPU's dropout mask is the CPU's.
 #[test]
 fn dropout_mask_matches_the_cpu_bit_for_bit() {

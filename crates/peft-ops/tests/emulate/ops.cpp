@@ -7,10 +7,16 @@
 //                 left (rows·r), right (cols·r, as [r, cols] when right_t), then mask
 //                 (rows·cols) when has_mask -> out (rows·cols)
 // dropout_mask:   u64 seed; i64 n; u32 threshold; f32 scale -> mask (n)
+// thin_project:   i64 rows; i32 n, r, w_t, has_mask; f32 scale; f32 x (rows·n), w (r·n, as
+//                 [n, r] when w_t), then mask (rows·n) when has_mask -> out (rows·r)
+// thin_outer:     i64 rows; i32 n, r, out_t, has_mask, splits; f32 scale; f32 x (rows·n),
+//                 y (rows·r), then mask (rows·n) when has_mask -> out (n·r, as [r, n] when
+//                 out_t)
 // Launch shapes as in src/cuda.rs: a block of 256 threads per row, 256-thread blocks for the
-// elementwise kernels.
+// elementwise kernels; the thin kernels as in its thin_project and thin_outer.
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
+#include "../../src/kernels/lora.cu"
 #include <string>
 
 int main(int argc, char** argv) {
@@ -78,6 +84,40 @@ int main(int argc, char** argv) {
         long long blocks = (n + 16383) / 16384;
         emu::launch({(unsigned)((blocks + 127) / 128)}, {128}, 0,
                     [&] { dropout_mask_f32(out.data(), n, seed, threshold, scale); });
+    } else if (kernel == "thin_project") {
+        long long rows = take<long long>(in, 1)[0];
+        auto dims = take<int>(in, 4);
+        int n = dims[0], r = dims[1], has_mask = dims[3];
+        bool w_t = dims[2] != 0;
+        float scale = take<float>(in, 1)[0];
+        auto x = take<float>(in, rows * n), w = take<float>(in, (size_t)r * n);
+        auto mask = has_mask ? take<float>(in, rows * n) : std::vector<float>(1);
+        long long w_sk = w_t ? 1 : n, w_sn = w_t ? r : 1;
+        out.resize(rows * r);
+        emu::launch({(unsigned)((rows + 31) / 32), (unsigned)((r + 15) / 16)}, {256}, 0, [&] {
+            thin_project_f32(x.data(), mask.data(), w.data(), w_sk, w_sn, out.data(), rows, n, r,
+                             scale, has_mask);
+        });
+    } else if (kernel == "thin_outer") {
+        long long rows = take<long long>(in, 1)[0];
+        auto dims = take<int>(in, 5);
+        int n = dims[0], r = dims[1], has_mask = dims[3], splits = dims[4];
+        bool out_t = dims[2] != 0;
+        float scale = take<float>(in, 1)[0];
+        auto x = take<float>(in, rows * n), y = take<float>(in, rows * r);
+        auto mask = has_mask ? take<float>(in, rows * n) : std::vector<float>(1);
+        long long per_split = (rows + splits - 1) / splits;
+        std::vector<float> part((size_t)splits * n * r);
+        emu::launch({(unsigned)((n + 127) / 128), (unsigned)((r + 15) / 16), (unsigned)splits},
+                    {128}, 0, [&] {
+                        thin_outer_f32(x.data(), mask.data(), y.data(), part.data(), rows, n, r,
+                                       per_split, has_mask);
+                    });
+        out.resize((size_t)n * r);
+        long long nr = (long long)n * r, o_sn = out_t ? 1 : r, o_sk = out_t ? n : 1;
+        emu::launch({(unsigned)((nr + 255) / 256)}, {256}, 0, [&] {
+            thin_outer_sum(part.data(), out.data(), splits, nr, r, o_sn, o_sk, scale);
+        });
     } else {
         fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
         return 2;
