@@ -298,15 +298,59 @@ pub(crate) fn cross_entropy_rows(
     dispatch!(logits.dtype(), f(logits, labels, inv_denom, grad))
 }
 
+/// The dropout arguments of our LoRA kernels (`DROPOUT_PARAMS` in kernels/ops.cu): off, or
+/// the keys, threshold and scale of a mask, which the kernels draw element by element.
+struct DropoutArgs {
+    on: i32,
+    k1: u32,
+    k2: u32,
+    threshold: u32,
+    scale: f32,
+}
+
+impl DropoutArgs {
+    fn new(dropout: Option<crate::Dropout>) -> Self {
+        match dropout {
+            Some(d) => {
+                let (k1, k2) = d.keys();
+                Self {
+                    on: 1,
+                    k1,
+                    k2,
+                    threshold: d.threshold(),
+                    scale: d.scale(),
+                }
+            }
+            None => Self {
+                on: 0,
+                k1: 0,
+                k2: 0,
+                threshold: 0,
+                scale: 0.0,
+            },
+        }
+    }
+
+    fn push<'a>(&'a self, builder: &mut LaunchArgs<'a>) {
+        builder
+            .arg(&self.on)
+            .arg(&self.k1)
+            .arg(&self.k2)
+            .arg(&self.threshold)
+            .arg(&self.scale);
+    }
+}
+
 /// `base + scale · (left · rightᵀ) ∘ mask` (`right_t`: `right` given as `[r, cols]`, else
-/// `[cols, r]`; no mask when `None`) for `base` `[rows, cols]` (f32 or bf16), f32 `left`
-/// `[rows, r]` and f32 `mask` `[rows, cols]`: one kernel pass. All contiguous.
+/// `[cols, r]`; the mask that of `dropout` over `[rows, cols]`, drawn in the kernel) for
+/// `base` `[rows, cols]` (f32 or bf16) and f32 `left` `[rows, r]`: one kernel pass. All
+/// contiguous.
 pub(crate) fn low_rank_add(
     base: &Tensor,
     left: &Tensor,
     right: &Tensor,
     right_t: bool,
-    mask: Option<&Tensor>,
+    dropout: Option<crate::Dropout>,
     scale: f32,
 ) -> Result<Tensor> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
@@ -314,7 +358,7 @@ pub(crate) fn low_rank_add(
         left: &Tensor,
         right: &Tensor,
         right_t: bool,
-        mask: Option<&Tensor>,
+        dropout: Option<crate::Dropout>,
         scale: f32,
     ) -> Result<Tensor> {
         let (rows, cols) = base.dims2()?;
@@ -328,13 +372,10 @@ pub(crate) fn low_rank_add(
         let (bs, bl) = base.storage_and_layout();
         let (ls, ll) = left.storage_and_layout();
         let (rs, rl) = right.storage_and_layout();
-        // Without a mask the kernel never reads it: `left` stands in.
-        let (ms, ml) = mask.unwrap_or(left).storage_and_layout();
-        let (bv, lv, rv, mv) = (
+        let (bv, lv, rv) = (
             view::<T>(&bs, bl)?,
             view::<f32>(&ls, ll)?,
             view::<f32>(&rs, rl)?,
-            view::<f32>(&ms, ml)?,
         );
         // SAFETY: every element is written.
         let out = unsafe { dev.alloc::<T>(rows * cols)? };
@@ -344,22 +385,22 @@ pub(crate) fn low_rank_add(
             ptx()?,
         )?;
         let (rows_, cols_, r_) = (rows as i64, cols as i32, r as i32);
-        let has_mask = mask.is_some() as i32;
+        let drop = DropoutArgs::new(dropout);
         let mut builder = func.builder();
-        builder.arg(&bv).arg(&lv).arg(&rv).arg(&mv).arg(&out);
+        builder.arg(&bv).arg(&lv).arg(&rv).arg(&out);
         builder
             .arg(&rows_)
             .arg(&cols_)
             .arg(&r_)
             .arg(&ro)
             .arg(&rk)
-            .arg(&scale)
-            .arg(&has_mask);
+            .arg(&scale);
+        drop.push(&mut builder);
         // SAFETY: the arguments match low_rank_add_{f32,bf16} in kernels/ops.cu.
         unsafe { builder.launch(elementwise_config(rows * cols)) }.map_err(err)?;
         Ok(wrap(out, &dev, &[rows, cols]))
     }
-    dispatch!(base.dtype(), f(base, left, right, right_t, mask, scale))
+    dispatch!(base.dtype(), f(base, left, right, right_t, dropout, scale))
 }
 
 /// Ranks per block of the thin kernels (`THIN_RANKS` in kernels/lora.cu).
@@ -369,19 +410,19 @@ const THIN_ROWS: usize = 32;
 /// Columns per block of `thin_outer` (one thread each).
 const THIN_OUTER_THREADS: usize = 128;
 
-/// `scale · (x ∘ mask) · wᵀ` (f32 `[rows, r]`) for `x` `[rows, n]` (f32 or bf16), f32 `mask`
-/// `[rows, n]` and f32 `w` `[r, n]` (or `[n, r]` when `w_t`): one kernel that reads `x` as it
-/// is stored. All contiguous.
+/// `scale · (x ∘ mask) · wᵀ` (f32 `[rows, r]`) for `x` `[rows, n]` (f32 or bf16), the mask
+/// that of `dropout` (drawn in the kernel), and f32 `w` `[r, n]` (or `[n, r]` when `w_t`): one
+/// kernel that reads `x` as it is stored. All contiguous.
 pub(crate) fn thin_project(
     x: &Tensor,
-    mask: Option<&Tensor>,
+    dropout: Option<crate::Dropout>,
     w: &Tensor,
     w_t: bool,
     scale: f32,
 ) -> Result<Tensor> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
         x: &Tensor,
-        mask: Option<&Tensor>,
+        dropout: Option<crate::Dropout>,
         w: &Tensor,
         w_t: bool,
         scale: f32,
@@ -396,13 +437,7 @@ pub(crate) fn thin_project(
         let dev = cuda_device(x)?;
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
-        // Without a mask the kernel never reads it: `w` stands in.
-        let (ms, ml) = mask.unwrap_or(w).storage_and_layout();
-        let (xv, wv, mv) = (
-            view::<T>(&xs, xl)?,
-            view::<f32>(&ws, wl)?,
-            view::<f32>(&ms, ml)?,
-        );
+        let (xv, wv) = (view::<T>(&xs, xl)?, view::<f32>(&ws, wl)?);
         // SAFETY: every element is written.
         let out = unsafe { dev.alloc::<f32>(rows * r)? };
         let func = dev.get_or_load_custom_func(
@@ -411,21 +446,11 @@ pub(crate) fn thin_project(
             ptx()?,
         )?;
         let (rows_, n_, r_) = (rows as i64, n as i32, r as i32);
-        let has_mask = mask.is_some() as i32;
+        let drop = DropoutArgs::new(dropout);
         let mut builder = func.builder();
-        builder
-            .arg(&xv)
-            .arg(&mv)
-            .arg(&wv)
-            .arg(&w_sk)
-            .arg(&w_sn)
-            .arg(&out);
-        builder
-            .arg(&rows_)
-            .arg(&n_)
-            .arg(&r_)
-            .arg(&scale)
-            .arg(&has_mask);
+        builder.arg(&xv).arg(&wv).arg(&w_sk).arg(&w_sn).arg(&out);
+        builder.arg(&rows_).arg(&n_).arg(&r_).arg(&scale);
+        drop.push(&mut builder);
         let cfg = LaunchConfig {
             grid_dim: (
                 rows.div_ceil(THIN_ROWS) as u32,
@@ -439,22 +464,23 @@ pub(crate) fn thin_project(
         unsafe { builder.launch(cfg) }.map_err(err)?;
         Ok(wrap(out, &dev, &[rows, r]))
     }
-    dispatch!(x.dtype(), f(x, mask, w, w_t, scale))
+    dispatch!(x.dtype(), f(x, dropout, w, w_t, scale))
 }
 
 /// `scale · (x ∘ mask)ᵀ · y` as f32 `[n, r]` (or `[r, n]` when `out_t`) for `x` `[rows, n]`
-/// (f32 or bf16), f32 `mask` `[rows, n]` and f32 `y` `[rows, r]`: the rows are split over
-/// blocks whose partial sums a second kernel adds in a fixed order. All contiguous.
+/// (f32 or bf16), the mask that of `dropout` (drawn in the kernel), and f32 `y` `[rows, r]`:
+/// the rows are split over blocks whose partial sums a second kernel adds in a fixed order.
+/// All contiguous.
 pub(crate) fn thin_outer(
     x: &Tensor,
-    mask: Option<&Tensor>,
+    dropout: Option<crate::Dropout>,
     y: &Tensor,
     out_t: bool,
     scale: f32,
 ) -> Result<Tensor> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
         x: &Tensor,
-        mask: Option<&Tensor>,
+        dropout: Option<crate::Dropout>,
         y: &Tensor,
         out_t: bool,
         scale: f32,
@@ -471,13 +497,7 @@ pub(crate) fn thin_outer(
         let dev = cuda_device(x)?;
         let (xs, xl) = x.storage_and_layout();
         let (ys, yl) = y.storage_and_layout();
-        // Without a mask the kernel never reads it: `y` stands in.
-        let (ms, ml) = mask.unwrap_or(y).storage_and_layout();
-        let (xv, yv, mv) = (
-            view::<T>(&xs, xl)?,
-            view::<f32>(&ys, yl)?,
-            view::<f32>(&ms, ml)?,
-        );
+        let (xv, yv) = (view::<T>(&xs, xl)?, view::<f32>(&ys, yl)?);
         // SAFETY: every element is written (splits past the rows write zeros).
         let part = unsafe { dev.alloc::<f32>(splits * n * r)? };
         let func = dev.get_or_load_custom_func(
@@ -486,15 +506,11 @@ pub(crate) fn thin_outer(
             ptx()?,
         )?;
         let (rows_, n_, r_, per_split_) = (rows as i64, n as i32, r as i32, per_split as i64);
-        let has_mask = mask.is_some() as i32;
+        let drop = DropoutArgs::new(dropout);
         let mut builder = func.builder();
-        builder.arg(&xv).arg(&mv).arg(&yv).arg(&part);
-        builder
-            .arg(&rows_)
-            .arg(&n_)
-            .arg(&r_)
-            .arg(&per_split_)
-            .arg(&has_mask);
+        builder.arg(&xv).arg(&yv).arg(&part);
+        builder.arg(&rows_).arg(&n_).arg(&r_).arg(&per_split_);
+        drop.push(&mut builder);
         let cfg = LaunchConfig {
             grid_dim: (column_blocks as u32, rank_groups as u32, splits as u32),
             block_dim: (THIN_OUTER_THREADS as u32, 1, 1),
@@ -520,14 +536,12 @@ pub(crate) fn thin_outer(
         let dims = if out_t { [r, n] } else { [n, r] };
         Ok(wrap(out, &dev, &dims))
     }
-    dispatch!(x.dtype(), f(x, mask, y, out_t, scale))
+    dispatch!(x.dtype(), f(x, dropout, y, out_t, scale))
 }
 
 /// [`crate::dropout_mask`] drawn on the GPU, bit for bit the CPU's mask.
 pub(crate) fn dropout_mask(
-    seed: u64,
-    threshold: u32,
-    scale: f32,
+    dropout: crate::Dropout,
     shape: &[usize],
     device: &Device,
 ) -> Result<Tensor> {
@@ -539,25 +553,12 @@ pub(crate) fn dropout_mask(
     let out = unsafe { dev.alloc::<f32>(n)? };
     let func = dev.get_or_load_custom_func("dropout_mask_f32", MODULE, ptx()?)?;
     let n_ = n as i64;
+    let drop = DropoutArgs::new(Some(dropout));
     let mut builder = func.builder();
-    builder
-        .arg(&out)
-        .arg(&n_)
-        .arg(&seed)
-        .arg(&threshold)
-        .arg(&scale);
-    // One thread per block of values.
-    let cfg = LaunchConfig {
-        grid_dim: (
-            n.div_ceil(crate::fused::DROPOUT_BLOCK).div_ceil(128).max(1) as u32,
-            1,
-            1,
-        ),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    builder.arg(&out).arg(&n_);
+    drop.push(&mut builder);
     // SAFETY: the arguments match dropout_mask_f32 in kernels/ops.cu.
-    unsafe { builder.launch(cfg) }.map_err(err)?;
+    unsafe { builder.launch(elementwise_config(n)) }.map_err(err)?;
     Ok(wrap(out, dev, shape))
 }
 

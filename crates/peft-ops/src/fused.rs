@@ -3,38 +3,27 @@
 use crate::bf16_gemm::with_cpu_f32;
 use crate::{cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel, LinearWeight};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
-/// Values drawn from one random stream in [`dropout_mask`] (`DROPOUT_BLOCK` in
-/// `kernels/ops.cu`, which draws the same mask on GPUs).
-pub(crate) const DROPOUT_BLOCK: usize = 1 << 14;
-
 /// Inverted-dropout mask (`0` or `1/(1-p)`) drawn from `seed`: the same seed gives the same
-/// mask, so the backward pass regenerates it instead of storing it. Drawn in parallel, in
-/// blocks with seeds of their own, so the mask does not depend on the thread count.
+/// mask, so the backward pass regenerates it instead of storing it. Each element is a hash of
+/// its index and the seed ([`dropout_hash`]): drawn in parallel, independent of the thread
+/// count, and drawn the same inside our CUDA kernels, which never store a mask.
 pub fn dropout_mask(seed: u64, p: f64, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let threshold = ((1.0 - p) * u32::MAX as f64) as u32;
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let n: usize = shape.iter().product();
-    // On a GPU the same mask is drawn there (`dropout_mask_f32` in kernels/ops.cu), not on the
-    // host and copied over.
+    let d = Dropout { p, seed };
     #[cfg(feature = "cuda")]
     if device.is_cuda() && crate::cuda_kernel_on(Kernel::Dropout) {
-        return crate::cuda::dropout_mask(seed, threshold, scale, shape, device);
+        return crate::cuda::dropout_mask(d, shape, device);
     }
-    let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(DROPOUT_BLOCK)
-        .enumerate()
-        .for_each(|(i, block)| {
-            let block_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let mut rng = rand::rngs::SmallRng::seed_from_u64(block_seed);
-            for m in block {
-                if rng.random::<u32>() < threshold {
-                    *m = scale;
-                }
+    let (keys, threshold, scale) = (d.keys(), d.threshold(), d.scale());
+    let mask = crate::par_build(shape.iter().product(), CPU_BLOCK, |c, chunk: &mut [f32]| {
+        let first = (c * CPU_BLOCK) as u64;
+        for (j, m) in chunk.iter_mut().enumerate() {
+            if dropout_hash(keys, first + j as u64) < threshold {
+                *m = scale;
             }
-        });
+        }
+    });
     Tensor::from_vec(mask, shape, device)
 }
 
@@ -43,6 +32,83 @@ pub fn dropout_mask(seed: u64, p: f64, shape: &[usize], device: &Device) -> Resu
 pub struct Dropout {
     pub p: f64,
     pub seed: u64,
+}
+
+impl Dropout {
+    /// Hashes below this keep their element.
+    pub fn threshold(&self) -> u32 {
+        ((1.0 - self.p) * u32::MAX as f64) as u32
+    }
+
+    /// The value of a kept element, `1 / (1 - p)`.
+    pub fn scale(&self) -> f32 {
+        (1.0 / (1.0 - self.p)) as f32
+    }
+
+    /// The mask's two 32-bit hash keys, the seed mixed by SplitMix64's finaliser.
+    pub fn keys(&self) -> (u32, u32) {
+        let mut z = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z as u32, (z >> 32) as u32)
+    }
+}
+
+/// The 32-bit hash that decides element `i` of a mask with `keys`: two rounds of a 32-bit
+/// integer hash (Wellons' lowbias32), the index's upper half folded into the second key.
+/// `dropout_at` in kernels/ops.cu computes the same bits.
+fn dropout_hash((k1, k2): (u32, u32), i: u64) -> u32 {
+    let mix = |mut x: u32| {
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb_352d);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x846c_a68b);
+        x ^ (x >> 16)
+    };
+    let hi = ((i >> 32) as u32).wrapping_mul(0x9e37_79b9);
+    mix(mix(i as u32 ^ k1).wrapping_add(k2 ^ hi))
+}
+
+/// Dropout on a LoRA input `[rows, n]`: drawn inside our CUDA kernels from its seed, or a
+/// mask tensor for the composed ops.
+enum InputDropout {
+    Off,
+    Mask(Tensor),
+    Drawn(Dropout),
+}
+
+impl InputDropout {
+    fn new(dropout: Option<Dropout>, x: &Tensor) -> Result<Self> {
+        Ok(match dropout {
+            None => Self::Off,
+            Some(d) if thin_kernels(x) => Self::Drawn(d),
+            Some(d) => Self::Mask(dropout_mask(d.seed, d.p, x.dims(), x.device())?),
+        })
+    }
+
+    /// The mask as a tensor of `x`'s shape and device (none without dropout).
+    fn mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            Self::Off => Ok(None),
+            Self::Mask(m) => Ok(Some(m.clone())),
+            Self::Drawn(d) => dropout_mask(d.seed, d.p, x.dims(), x.device()).map(Some),
+        }
+    }
+
+    /// For our CUDA kernels, which draw the mask themselves.
+    #[cfg(feature = "cuda")]
+    fn drawn(&self) -> Option<Dropout> {
+        match self {
+            Self::Drawn(d) => Some(*d),
+            _ => None,
+        }
+    }
+}
+
+/// Whether our CUDA kernels compute LoRA's low-rank products for `x`.
+fn thin_kernels(x: &Tensor) -> bool {
+    x.device().is_cuda() && crate::has_kernel(x, Kernel::LowRank)
 }
 
 /// `x·Wᵀ (+ bias) + s·(drop(x)·Aᵀ)·Bᵀ` for a frozen `W` `[out, in]` and trainable `A` `[r, in]`,
@@ -62,14 +128,10 @@ pub fn lora_linear(
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("x has dims") = out_f;
     let x2 = x.detach().reshape((rows, in_f))?;
-    let mask = match dropout {
-        Some(d) => Some(dropout_mask(d.seed, d.p, &[rows, in_f], x.device())?),
-        None => None,
-    };
     let (a_d, b_d) = (a.detach(), b.detach());
     let tracks = x.track_op() || a.track_op() || b.track_op();
     if !tracks
-        && mask.is_none()
+        && dropout.is_none()
         && rows < SMALL_ROWS
         && crate::has_kernel(&x2, Kernel::LowRank)
         && x2.device().is_cpu()
@@ -89,9 +151,9 @@ pub fn lora_linear(
         }
         return y.reshape(out_shape);
     }
-    let xa = thin_project(&x2, mask.as_ref(), &a_d, false, 1.0)?;
+    let xa = thin_project(&x2, &InputDropout::new(dropout, &x2)?, &a_d, false, 1.0)?;
     let base = frozen_matmul(&x2, &w.dense()?, true)?;
-    let mut y = low_rank_add(&base, &xa, &b_d, false, None, scale)?;
+    let mut y = low_rank_add(&base, &xa, &b_d, false, &InputDropout::Off, scale)?;
     if let Some(bias) = bias {
         y = y.broadcast_add(bias)?;
     }
@@ -103,24 +165,21 @@ pub fn lora_linear(
     with_grad3((x, a, b), y, move |grad| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?;
         // g·B, scaled: the gradient at the LoRA bottleneck.
-        let gb = thin_project(&g, None, &b_d, true, scale)?;
-        let mask = match dropout {
-            Some(d) => Some(dropout_mask(d.seed, d.p, &[rows, in_f], x2.device())?),
-            None => None,
-        };
+        let gb = thin_project(&g, &InputDropout::Off, &b_d, true, scale)?;
+        let drop = InputDropout::new(dropout, &x2)?;
         let d_b = if b_tracks {
-            Some(thin_outer(&g, None, &xa, false, scale)?)
+            Some(thin_outer(&g, &InputDropout::Off, &xa, false, scale)?)
         } else {
             None
         };
         let d_a = if a_tracks {
-            Some(thin_outer(&x2, mask.as_ref(), &gb, true, 1.0)?)
+            Some(thin_outer(&x2, &drop, &gb, true, 1.0)?)
         } else {
             None
         };
         let d_x = if x_tracks {
             let base = frozen_matmul(&g, &w.dense()?, false)?;
-            let d_x = low_rank_add(&base, &gb, &a_d, true, mask.as_ref(), 1.0)?;
+            let d_x = low_rank_add(&base, &gb, &a_d, true, &drop, 1.0)?;
             Some(d_x.reshape(&x_shape)?)
         } else {
             None
@@ -130,23 +189,22 @@ pub fn lora_linear(
 }
 
 /// `scale · (x ∘ mask) · wᵀ` in f32 for `x` `[rows, n]` (any float dtype), `w` `[r, n]` f32
-/// (or `[n, r]` when `w_t`), `mask` f32 `[rows, n]` or none: LoRA's `drop(x)·Aᵀ` and `g·B`. On
-/// CUDA one kernel reads `x` as it is stored, without an f32 copy.
+/// (or `[n, r]` when `w_t`), the mask `drop`'s: LoRA's `drop(x)·Aᵀ` and `g·B`. On CUDA one
+/// kernel reads `x` as it is stored, without an f32 copy, and draws the mask itself.
 fn thin_project(
     x: &Tensor,
-    mask: Option<&Tensor>,
+    drop: &InputDropout,
     w: &Tensor,
     w_t: bool,
     scale: f64,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && crate::has_kernel(x, Kernel::LowRank) && w.dtype() == DType::F32 {
-        let mask = mask.map(|m| m.contiguous()).transpose()?;
+    if thin_kernels(x) && w.dtype() == DType::F32 && !matches!(drop, InputDropout::Mask(_)) {
         let (x, w) = (x.contiguous()?, w.contiguous()?);
-        return crate::cuda::thin_project(&x, mask.as_ref(), &w, w_t, scale as f32);
+        return crate::cuda::thin_project(&x, drop.drawn(), &w, w_t, scale as f32);
     }
     let x32 = x.to_dtype(DType::F32)?;
-    let xd = match mask {
+    let xd = match drop.mask(x)? {
         Some(m) => (&x32 * m)?,
         None => x32,
     };
@@ -163,23 +221,22 @@ fn thin_project(
 }
 
 /// `scale · (x ∘ mask)ᵀ · y` in f32 as `[n, r]` (or its transpose `[r, n]` when `out_t`) for
-/// `x` `[rows, n]` (any float dtype), `y` `[rows, r]` f32, `mask` f32 `[rows, n]` or none: the
-/// gradients of LoRA's B and A. On CUDA without an f32 copy of `x`.
+/// `x` `[rows, n]` (any float dtype), `y` `[rows, r]` f32, the mask `drop`'s: the gradients of
+/// LoRA's B and A. On CUDA without an f32 copy of `x`, the mask drawn in the kernel.
 fn thin_outer(
     x: &Tensor,
-    mask: Option<&Tensor>,
+    drop: &InputDropout,
     y: &Tensor,
     out_t: bool,
     scale: f64,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && crate::has_kernel(x, Kernel::LowRank) && y.dtype() == DType::F32 {
-        let mask = mask.map(|m| m.contiguous()).transpose()?;
+    if thin_kernels(x) && y.dtype() == DType::F32 && !matches!(drop, InputDropout::Mask(_)) {
         let (x, y) = (x.contiguous()?, y.contiguous()?);
-        return crate::cuda::thin_outer(&x, mask.as_ref(), &y, out_t, scale as f32);
+        return crate::cuda::thin_outer(&x, drop.drawn(), &y, out_t, scale as f32);
     }
     let x32 = x.to_dtype(DType::F32)?;
-    let xd = match mask {
+    let xd = match drop.mask(x)? {
         Some(m) => (&x32 * m)?,
         None => x32,
     };
@@ -196,28 +253,24 @@ fn thin_outer(
 }
 
 /// `base + scale · (left · rightᵀ) ∘ mask` in `base`'s dtype, the product in f32: `left`
-/// `[rows, r]`, `right` `[cols, r]`, or `[r, cols]` when `right_t`; `mask` `[rows, cols]` f32
-/// (dropout) or none. On CUDA one kernel pass over `base`.
+/// `[rows, r]`, `right` `[cols, r]`, or `[r, cols]` when `right_t`; the mask `drop`'s over
+/// `[rows, cols]` (dropout, in the backward). On CUDA one kernel pass over `base`.
 fn low_rank_add(
     base: &Tensor,
     left: &Tensor,
     right: &Tensor,
     right_t: bool,
-    mask: Option<&Tensor>,
+    drop: &InputDropout,
     scale: f64,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if base.device().is_cuda()
-        && crate::has_kernel(base, Kernel::LowRank)
-        && left.dtype() == DType::F32
-    {
-        let mask = mask.map(|m| m.contiguous()).transpose()?;
+    if thin_kernels(base) && left.dtype() == DType::F32 && !matches!(drop, InputDropout::Mask(_)) {
         return crate::cuda::low_rank_add(
             &base.contiguous()?,
             &left.contiguous()?,
             &right.contiguous()?,
             right_t,
-            mask.as_ref(),
+            drop.drawn(),
             scale as f32,
         );
     }
@@ -226,7 +279,7 @@ fn low_rank_add(
     } else {
         left.matmul(&right.t()?)?
     };
-    if let Some(m) = mask {
+    if let Some(m) = drop.mask(base)? {
         product = (product * m)?;
     }
     if scale != 1.0 {

@@ -16,9 +16,9 @@ pub enum Kernel {
     RmsNorm,
     /// SwiGLU, forward and backward.
     Swiglu,
-    /// LoRA's low-rank add to the frozen matmul's output (and to dL/dx).
+    /// LoRA's thin products and low-rank add (with dropout drawn inside them).
     LowRank,
-    /// LoRA dropout masks drawn on the GPU.
+    /// Dropout mask tensors drawn on the GPU (for the composed LoRA path).
     Dropout,
     /// The cross-entropy rows of the loss.
     Loss,

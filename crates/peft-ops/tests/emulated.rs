@@ -14,7 +14,7 @@
 //! Needs a C++20 compiler (`CXX`, default `g++`).
 
 use candle_core::{DType, Device, Tensor, Var};
-use peft_ops::{causal_self_attention, causal_softmax, dropout_mask, rms_norm, swiglu};
+use peft_ops::{causal_self_attention, causal_softmax, dropout_mask, rms_norm, swiglu, Dropout};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,6 +107,20 @@ fn f32_le(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
 
 fn f32_bytes(t: &Tensor) -> Vec<u8> {
     f32_le(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
+/// The harnesses' dropout fields (ops.cu's `Dropout`): on, keys, threshold, scale.
+fn dropout_bytes(d: Option<Dropout>) -> Vec<u8> {
+    let (on, (k1, k2), threshold, scale) = match d {
+        Some(d) => (1i32, d.keys(), d.threshold(), d.scale()),
+        None => (0, (0, 0), 0, 0.0),
+    };
+    let mut out = on.to_le_bytes().to_vec();
+    for v in [k1, k2, threshold] {
+        out.extend(v.to_le_bytes());
+    }
+    out.extend(scale.to_le_bytes());
+    out
 }
 
 /// Sizes as the harnesses' i32 header fields.
@@ -730,7 +744,8 @@ fn low_rank_add_matches_matmuls() {
     let (rows, cols, r, scale) = (37usize, 70usize, 16usize, 0.5f32);
     let base = randn(&[rows, cols], 530);
     let left = randn(&[rows, r], 531);
-    let mask = dropout_mask(7, 0.25, &[rows, cols], &Device::Cpu).unwrap();
+    let drop = Dropout { p: 0.25, seed: 7 };
+    let mask = dropout_mask(drop.seed, drop.p, &[rows, cols], &Device::Cpu).unwrap();
     for (right_t, masked) in [(false, false), (true, false), (true, true)] {
         let right = if right_t {
             randn(&[r, cols], 532)
@@ -747,15 +762,11 @@ fn low_rank_add_matches_matmuls() {
         }
         let want = (&base + (product * scale as f64).unwrap()).unwrap();
         let mut input = (rows as i64).to_le_bytes().to_vec();
-        for v in [cols as i32, r as i32, right_t as i32, masked as i32] {
-            input.extend(v.to_le_bytes());
-        }
+        input.extend(i32_bytes(&[cols, r, right_t as usize]));
         input.extend(scale.to_le_bytes());
+        input.extend(dropout_bytes(masked.then_some(drop)));
         for t in [&base, &left, &right] {
             input.extend(f32_bytes(t));
-        }
-        if masked {
-            input.extend(f32_bytes(&mask));
         }
         let case = format!("low_rank_add_{right_t}_{masked}");
         let out = to_f32s(&emulate_with("ops", &["low_rank_add"], &case, &input));
@@ -771,7 +782,8 @@ fn low_rank_add_matches_matmuls() {
 fn thin_project_matches_matmuls() {
     let (rows, n, scale) = (45usize, 300usize, 0.5f32);
     let x = randn(&[rows, n], 540);
-    let mask = dropout_mask(9, 0.25, &[rows, n], &Device::Cpu).unwrap();
+    let drop = Dropout { p: 0.25, seed: 9 };
+    let mask = dropout_mask(drop.seed, drop.p, &[rows, n], &Device::Cpu).unwrap();
     for (r, w_t, masked) in [(16usize, false, true), (20, true, false), (8, false, false)] {
         let w = if w_t {
             randn(&[n, r], 541)
@@ -790,13 +802,11 @@ fn thin_project_matches_matmuls() {
         };
         let want = (product * scale as f64).unwrap();
         let mut input = (rows as i64).to_le_bytes().to_vec();
-        input.extend(i32_bytes(&[n, r, w_t as usize, masked as usize]));
+        input.extend(i32_bytes(&[n, r, w_t as usize]));
         input.extend(scale.to_le_bytes());
+        input.extend(dropout_bytes(masked.then_some(drop)));
         input.extend(f32_bytes(&x));
         input.extend(f32_bytes(&w));
-        if masked {
-            input.extend(f32_bytes(&mask));
-        }
         let case = format!("thin_project_{r}_{w_t}_{masked}");
         let out = to_f32s(&emulate_with("ops", &["thin_project"], &case, &input));
         check(&case, &tensor_at(&out, 0, &[rows, r]), &want, 1e-5);
@@ -810,7 +820,8 @@ fn thin_project_matches_matmuls() {
 fn thin_outer_matches_matmuls() {
     let (rows, n, scale) = (150usize, 200usize, 0.25f32);
     let x = randn(&[rows, n], 550);
-    let mask = dropout_mask(11, 0.1, &[rows, n], &Device::Cpu).unwrap();
+    let drop = Dropout { p: 0.1, seed: 11 };
+    let mask = dropout_mask(drop.seed, drop.p, &[rows, n], &Device::Cpu).unwrap();
     for (r, out_t, masked, splits) in [
         (16usize, false, false, 1usize),
         (16, true, true, 4),
@@ -830,13 +841,11 @@ fn thin_outer_matches_matmuls() {
         };
         let want = (product * scale as f64).unwrap();
         let mut input = (rows as i64).to_le_bytes().to_vec();
-        input.extend(i32_bytes(&[n, r, out_t as usize, masked as usize, splits]));
+        input.extend(i32_bytes(&[n, r, out_t as usize, splits]));
         input.extend(scale.to_le_bytes());
+        input.extend(dropout_bytes(masked.then_some(drop)));
         input.extend(f32_bytes(&x));
         input.extend(f32_bytes(&y));
-        if masked {
-            input.extend(f32_bytes(&mask));
-        }
         let case = format!("thin_outer_{r}_{out_t}_{masked}_{splits}");
         let out = to_f32s(&emulate_with("ops", &["thin_outer"], &case, &input));
         let dims = if out_t { [r, n] } else { [n, r] };
@@ -844,7 +853,7 @@ fn thin_outer_matches_matmuls() {
     }
 }
 
-/// Three blocks of 16384 draws, the last one short: the GPU's dropout mask is the CPU's.
+/// A mask longer than the CPU's parallel chunks: the GPU's dropout mask is the CPU's.
 #[test]
 fn dropout_mask_matches_the_cpu_bit_for_bit() {
     let (seed, p, n) = (0x1234_5678_9abc_def0u64, 0.1f64, 2 * 16384 + 1000);
@@ -852,12 +861,8 @@ fn dropout_mask_matches_the_cpu_bit_for_bit() {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let threshold = ((1.0 - p) * u32::MAX as f64) as u32;
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let mut input = seed.to_le_bytes().to_vec();
-    input.extend((n as i64).to_le_bytes());
-    input.extend(threshold.to_le_bytes());
-    input.extend(scale.to_le_bytes());
+    let mut input = (n as i64).to_le_bytes().to_vec();
+    input.extend(dropout_bytes(Some(Dropout { p, seed })));
     let got = to_f32s(&emulate_with(
         "ops",
         &["dropout_mask"],

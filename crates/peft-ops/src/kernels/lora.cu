@@ -1,22 +1,23 @@
 // LoRA's thin products (one side only r columns wide) read the activations in their storage
-// dtype: no f32 copy of x or of dL/dy is written and read back, and the dropout mask and the
-// scale are applied on the fly. Appended to ops.cu (ld). f32 math; the composed path in
-// fused.rs (cast, mask, matmul, scale) is the reference.
+// dtype: no f32 copy of x or of dL/dy is written and read back, and the dropout mask (drawn
+// element by element, ops.cu's dropout_at) and the scale are applied on the fly. Appended to
+// ops.cu (ld, Dropout). f32 math; the composed path in fused.rs (cast, mask, matmul, scale) is
+// the reference.
 
 #define THIN_RANKS 16   // ranks per block; grid.y covers the rest
 #define THIN_ROWS 32    // rows per block of thin_project: 8 warps of 4 rows
 #define THIN_CHUNK 256  // columns of w per shared-memory stage
 #define THIN_STAGE 64   // rows of y per shared-memory stage of thin_outer
 
-// out[row, k] = scale · Σ_j x[row, j] · mask[row, j] · w[k · w_sk + j · w_sn] for k < r (the
-// mask only when has_mask): x, mask [rows, n]; w as [r, n] through its strides (A [r, n]:
+// out[row, k] = scale · Σ_j x[row, j] · mask[row, j] · w[k · w_sk + j · w_sn] for k < r, the
+// mask that of `drop` over [rows, n]: x [rows, n]; w as [r, n] through its strides (A [r, n]:
 // w_sk = n, w_sn = 1; B [n, r]: w_sk = 1, w_sn = r); out [rows, r] f32. Grid (row blocks,
 // rank groups); 256 threads: warp w takes rows 4w..4w + 3 of the block, lane l the columns
 // l, l + 32, ... of each stage. Each warp sums its lanes' shares at the end.
 template <typename T>
-__device__ void thin_project(const T* x, const float* mask, const float* w, long long w_sk,
-                             long long w_sn, float* out, long long rows, int n, int r,
-                             float scale, int has_mask) {
+__device__ void thin_project(const T* x, const float* w, long long w_sk, long long w_sn,
+                             float* out, long long rows, int n, int r, float scale,
+                             Dropout drop) {
     __shared__ float ws[THIN_RANKS][THIN_CHUNK];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int k0 = blockIdx.y * THIN_RANKS;
@@ -41,10 +42,7 @@ __device__ void thin_project(const T* x, const float* mask, const float* w, long
             for (int i = 0; i < 4; ++i) {
                 long long row = row0 + i;
                 xv[i] = 0.f;
-                if (row < rows) {
-                    xv[i] = ld(x, row * n + j);
-                    if (has_mask) xv[i] *= mask[row * n + j];
-                }
+                if (row < rows) xv[i] = ld(x, row * n + j) * dropout_at(drop, row * n + j);
             }
 #pragma unroll
             for (int k = 0; k < THIN_RANKS; ++k) {
@@ -67,11 +65,12 @@ __device__ void thin_project(const T* x, const float* mask, const float* w, long
 
 // One split's share of out[j, k] = Σ_row x[row, j] · mask[row, j] · y[row, k]: rows
 // split · per_split .. + per_split into part[split, j, k] (f32 [splits, n, r]); thin_outer_sum
-// adds the splits in order, so the result is the same on every run (no atomics). x, mask
-// [rows, n], y [rows, r] f32. Grid (column blocks, rank groups, splits); thread = column.
+// adds the splits in order, so the result is the same on every run (no atomics). x [rows, n],
+// the mask that of `drop` over [rows, n], y [rows, r] f32. Grid (column blocks, rank groups,
+// splits); thread = column.
 template <typename T>
-__device__ void thin_outer(const T* x, const float* mask, const float* y, float* part,
-                           long long rows, int n, int r, long long per_split, int has_mask) {
+__device__ void thin_outer(const T* x, const float* y, float* part, long long rows, int n,
+                           int r, long long per_split, Dropout drop) {
     __shared__ float ys[THIN_STAGE][THIN_RANKS];
     long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     int k0 = blockIdx.y * THIN_RANKS;
@@ -92,8 +91,7 @@ __device__ void thin_outer(const T* x, const float* mask, const float* y, float*
             int len = end - s0 < THIN_STAGE ? (int)(end - s0) : THIN_STAGE;
             for (int i = 0; i < len; ++i) {
                 long long at = (s0 + i) * n + j;
-                float xv = ld(x, at);
-                if (has_mask) xv *= mask[at];
+                float xv = ld(x, at) * dropout_at(drop, at);
 #pragma unroll
                 for (int k = 0; k < THIN_RANKS; ++k) acc[k] += xv * ys[i][k];
             }
@@ -118,16 +116,15 @@ extern "C" __global__ void thin_outer_sum(const float* part, float* out, int spl
 }
 
 #define INSTANTIATE_THIN(T, S)                                                                  \
-    extern "C" __global__ void thin_project_##S(const T* x, const float* mask, const float* w, \
-                                                long long w_sk, long long w_sn, float* out,     \
-                                                long long rows, int n, int r, float scale,      \
-                                                int has_mask) {                                 \
-        thin_project<T>(x, mask, w, w_sk, w_sn, out, rows, n, r, scale, has_mask);              \
+    extern "C" __global__ void thin_project_##S(const T* x, const float* w, long long w_sk,    \
+                                                long long w_sn, float* out, long long rows,     \
+                                                int n, int r, float scale, DROPOUT_PARAMS) {    \
+        thin_project<T>(x, w, w_sk, w_sn, out, rows, n, r, scale, DROPOUT_STRUCT);              \
     }                                                                                           \
-    extern "C" __global__ void thin_outer_##S(const T* x, const float* mask, const float* y,   \
-                                              float* part, long long rows, int n, int r,        \
-                                              long long per_split, int has_mask) {              \
-        thin_outer<T>(x, mask, y, part, rows, n, r, per_split, has_mask);                       \
+    extern "C" __global__ void thin_outer_##S(const T* x, const float* y, float* part,         \
+                                              long long rows, int n, int r,                     \
+                                              long long per_split, DROPOUT_PARAMS) {            \
+        thin_outer<T>(x, y, part, rows, n, r, per_split, DROPOUT_STRUCT);                       \
     }
 
 INSTANTIATE_THIN(float, f32)

@@ -168,15 +168,45 @@ __device__ void dequantize_4bit(const unsigned char* packed, const float* code4,
     }
 }
 
+// LoRA dropout, drawn where it is applied: element i of a mask is `scale` where a 32-bit hash
+// of (i, the mask's two keys) falls below `threshold`, else 0, as fused.rs's dropout_hash
+// computes it on the CPU (bit for bit). Each element on its own, so no mask is ever stored.
+struct Dropout {
+    int on;
+    unsigned k1, k2, threshold;
+    float scale;
+};
+
+__device__ __forceinline__ unsigned mix32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+// The mask's value at element i (1 when dropout is off).
+__device__ __forceinline__ float dropout_at(const Dropout& d, long long i) {
+    if (!d.on) return 1.f;
+    unsigned hi = (unsigned)((unsigned long long)i >> 32);
+    unsigned x = mix32(mix32((unsigned)i ^ d.k1) + (d.k2 ^ hi * 0x9e3779b9u));
+    return x < d.threshold ? d.scale : 0.f;
+}
+
+#define DROPOUT_PARAMS int drop_on, unsigned drop_k1, unsigned drop_k2, unsigned drop_threshold, \
+                       float drop_scale
+#define DROPOUT_ARGS drop_on, drop_k1, drop_k2, drop_threshold, drop_scale
+#define DROPOUT_STRUCT Dropout{drop_on, drop_k1, drop_k2, drop_threshold, drop_scale}
+
 // out = base + scale · (left · rightᵀ) ∘ mask for the low-rank part of LoRA (r small): left
 // [rows, r] f32, right's element (o, k) at right[o * ro + k * rk] (B [cols, r]: ro = r, rk = 1;
-// A [r, cols]: ro = 1, rk = cols), mask [rows, cols] f32 when has_mask (dropout, in the
-// backward). One pass over base instead of a matmul, a scale, a mask, a cast and an add with
-// f32 [rows, cols] temporaries. Grid-stride over the elements.
+// A [r, cols]: ro = 1, rk = cols), mask [rows, cols] the dropout of `drop` (in the backward).
+// One pass over base instead of a matmul, a scale, a mask, a cast and an add with f32
+// [rows, cols] temporaries. Grid-stride over the elements.
 template <typename T>
-__device__ void low_rank_add(const T* base, const float* left, const float* right,
-                             const float* mask, T* out, long long rows, int cols, int r,
-                             long long ro, long long rk, float scale, int has_mask) {
+__device__ void low_rank_add(const T* base, const float* left, const float* right, T* out,
+                             long long rows, int cols, int r, long long ro, long long rk,
+                             float scale, Dropout drop) {
     long long n = rows * cols;
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
          idx += (long long)gridDim.x * blockDim.x) {
@@ -185,46 +215,16 @@ __device__ void low_rank_add(const T* base, const float* left, const float* righ
         const float* rr = right + o * ro;
         float acc = 0.f;
         for (int k = 0; k < r; ++k) acc += l[k] * rr[k * rk];
-        if (has_mask) acc *= mask[idx];
-        st(out, idx, ld(base, idx) + scale * acc);
+        st(out, idx, ld(base, idx) + scale * acc * dropout_at(drop, idx));
     }
 }
 
-// The dropout mask of peft-ops' `dropout_mask`, bit for bit: blocks of 16384 values, each drawn
-// in order from rand's SmallRng (xoshiro256++, seeded by SplitMix64 from
-// seed ^ (block + 1) · φ); a value is `scale` where the draw's upper 32 bits fall below
-// `threshold`, else 0. One thread per block of values.
-#define DROPOUT_BLOCK 16384
-__device__ __forceinline__ unsigned long long rotl64(unsigned long long x, int k) {
-    return (x << k) | (x >> (64 - k));
-}
-extern "C" __global__ void dropout_mask_f32(float* out, long long n, unsigned long long seed,
-                                            unsigned int threshold, float scale) {
-    const unsigned long long PHI = 0x9e3779b97f4a7c15ull;
-    long long blocks = (n + DROPOUT_BLOCK - 1) / DROPOUT_BLOCK;
-    for (long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x; b < blocks;
-         b += (long long)gridDim.x * blockDim.x) {
-        unsigned long long state = seed ^ ((unsigned long long)(b + 1) * PHI), s[4];
-        for (int i = 0; i < 4; ++i) {
-            state += PHI;
-            unsigned long long z = state;
-            z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-            z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-            s[i] = z ^ (z >> 31);
-        }
-        long long end = (b + 1) * DROPOUT_BLOCK < n ? (b + 1) * DROPOUT_BLOCK : n;
-        for (long long j = b * DROPOUT_BLOCK; j < end; ++j) {
-            unsigned long long r = rotl64(s[0] + s[3], 23) + s[0];
-            unsigned long long t = s[1] << 17;
-            s[2] ^= s[0];
-            s[3] ^= s[1];
-            s[1] ^= s[2];
-            s[0] ^= s[3];
-            s[2] ^= t;
-            s[3] = rotl64(s[3], 45);
-            out[j] = (unsigned int)(r >> 32) < threshold ? scale : 0.f;
-        }
-    }
+// A dropout mask as a tensor (`dropout_mask` in fused.rs). Grid-stride over the elements.
+extern "C" __global__ void dropout_mask_f32(float* out, long long n, DROPOUT_PARAMS) {
+    Dropout drop = DROPOUT_STRUCT;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = dropout_at(drop, i);
 }
 
 #define INSTANTIATE(T, S)                                                                       \
@@ -253,10 +253,9 @@ extern "C" __global__ void dropout_mask_f32(float* out, long long n, unsigned lo
                            blocksize, blocksize2, double_quant);                              \
     }                                                                                          \
     extern "C" __global__ void low_rank_add_##S(                                               \
-        const T* base, const float* left, const float* right, const float* mask, T* out,       \
-        long long rows, int cols, int r, long long ro, long long rk, float scale,              \
-        int has_mask) {                                                                        \
-        low_rank_add<T>(base, left, right, mask, out, rows, cols, r, ro, rk, scale, has_mask); \
+        const T* base, const float* left, const float* right, T* out, long long rows, int cols, \
+        int r, long long ro, long long rk, float scale, DROPOUT_PARAMS) {                       \
+        low_rank_add<T>(base, left, right, out, rows, cols, r, ro, rk, scale, DROPOUT_STRUCT);  \
     }                                                                                          \
     extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, long long n) {    \
         swiglu_fwd<T>(g, u, y, n);                                                             \

@@ -3,21 +3,26 @@
 // rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d) -> dx (rows·d)
 // swiglu:         i64 n; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
-// low_rank_add:   i64 rows; i32 cols, r, right_t, has_mask; f32 scale; f32 base (rows·cols),
-//                 left (rows·r), right (cols·r, as [r, cols] when right_t), then mask
-//                 (rows·cols) when has_mask -> out (rows·cols)
-// dropout_mask:   u64 seed; i64 n; u32 threshold; f32 scale -> mask (n)
-// thin_project:   i64 rows; i32 n, r, w_t, has_mask; f32 scale; f32 x (rows·n), w (r·n, as
-//                 [n, r] when w_t), then mask (rows·n) when has_mask -> out (rows·r)
-// thin_outer:     i64 rows; i32 n, r, out_t, has_mask, splits; f32 scale; f32 x (rows·n),
-//                 y (rows·r), then mask (rows·n) when has_mask -> out (n·r, as [r, n] when
-//                 out_t)
+// Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
+// low_rank_add:   i64 rows; i32 cols, r, right_t; f32 scale; D; f32 base (rows·cols), left
+//                 (rows·r), right (cols·r, as [r, cols] when right_t) -> out (rows·cols)
+// dropout_mask:   i64 n; D -> mask (n)
+// thin_project:   i64 rows; i32 n, r, w_t; f32 scale; D; f32 x (rows·n), w (r·n, as [n, r]
+//                 when w_t) -> out (rows·r)
+// thin_outer:     i64 rows; i32 n, r, out_t, splits; f32 scale; D; f32 x (rows·n), y (rows·r)
+//                 -> out (n·r, as [r, n] when out_t)
 // Launch shapes as in src/cuda.rs: a block of 256 threads per row, 256-thread blocks for the
 // elementwise kernels; the thin kernels as in its thin_project and thin_outer.
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
 #include "../../src/kernels/lora.cu"
 #include <string>
+
+Dropout take_dropout(FILE* in) {
+    int on = take<int>(in, 1)[0];
+    auto u = take<unsigned>(in, 3);
+    return Dropout{on, u[0], u[1], u[2], take<float>(in, 1)[0]};
+}
 
 int main(int argc, char** argv) {
     if (argc != 4) { fprintf(stderr, "usage: ops <kernel> <input> <output>\n"); return 2; }
@@ -61,57 +66,55 @@ int main(int argc, char** argv) {
         out.insert(out.end(), dx.begin(), dx.end());
     } else if (kernel == "low_rank_add") {
         long long rows = take<long long>(in, 1)[0];
-        auto dims = take<int>(in, 4);
-        int cols = dims[0], r = dims[1], has_mask = dims[3];
+        auto dims = take<int>(in, 3);
+        int cols = dims[0], r = dims[1];
         bool right_t = dims[2] != 0;
         float scale = take<float>(in, 1)[0];
+        Dropout d = take_dropout(in);
         auto base = take<float>(in, rows * cols), left = take<float>(in, rows * r);
         auto right = take<float>(in, (size_t)cols * r);
-        auto mask = has_mask ? take<float>(in, rows * cols) : std::vector<float>(1);
         long long ro = right_t ? 1 : r, rk = right_t ? cols : 1;
         out.resize(base.size());
         unsigned blocks = (unsigned)((base.size() + 255) / 256);
         emu::launch({blocks}, {256}, 0, [&] {
-            low_rank_add_f32(base.data(), left.data(), right.data(), mask.data(), out.data(), rows,
-                             cols, r, ro, rk, scale, has_mask);
+            low_rank_add_f32(base.data(), left.data(), right.data(), out.data(), rows, cols, r, ro,
+                             rk, scale, d.on, d.k1, d.k2, d.threshold, d.scale);
         });
     } else if (kernel == "dropout_mask") {
-        unsigned long long seed = take<unsigned long long>(in, 1)[0];
         long long n = take<long long>(in, 1)[0];
-        unsigned threshold = take<unsigned>(in, 1)[0];
-        float scale = take<float>(in, 1)[0];
+        Dropout d = take_dropout(in);
         out.resize(n);
-        long long blocks = (n + 16383) / 16384;
-        emu::launch({(unsigned)((blocks + 127) / 128)}, {128}, 0,
-                    [&] { dropout_mask_f32(out.data(), n, seed, threshold, scale); });
+        emu::launch({(unsigned)((n + 255) / 256)}, {256}, 0, [&] {
+            dropout_mask_f32(out.data(), n, d.on, d.k1, d.k2, d.threshold, d.scale);
+        });
     } else if (kernel == "thin_project") {
         long long rows = take<long long>(in, 1)[0];
-        auto dims = take<int>(in, 4);
-        int n = dims[0], r = dims[1], has_mask = dims[3];
+        auto dims = take<int>(in, 3);
+        int n = dims[0], r = dims[1];
         bool w_t = dims[2] != 0;
         float scale = take<float>(in, 1)[0];
+        Dropout d = take_dropout(in);
         auto x = take<float>(in, rows * n), w = take<float>(in, (size_t)r * n);
-        auto mask = has_mask ? take<float>(in, rows * n) : std::vector<float>(1);
         long long w_sk = w_t ? 1 : n, w_sn = w_t ? r : 1;
         out.resize(rows * r);
         emu::launch({(unsigned)((rows + 31) / 32), (unsigned)((r + 15) / 16)}, {256}, 0, [&] {
-            thin_project_f32(x.data(), mask.data(), w.data(), w_sk, w_sn, out.data(), rows, n, r,
-                             scale, has_mask);
+            thin_project_f32(x.data(), w.data(), w_sk, w_sn, out.data(), rows, n, r, scale, d.on,
+                             d.k1, d.k2, d.threshold, d.scale);
         });
     } else if (kernel == "thin_outer") {
         long long rows = take<long long>(in, 1)[0];
-        auto dims = take<int>(in, 5);
-        int n = dims[0], r = dims[1], has_mask = dims[3], splits = dims[4];
+        auto dims = take<int>(in, 4);
+        int n = dims[0], r = dims[1], splits = dims[3];
         bool out_t = dims[2] != 0;
         float scale = take<float>(in, 1)[0];
+        Dropout d = take_dropout(in);
         auto x = take<float>(in, rows * n), y = take<float>(in, rows * r);
-        auto mask = has_mask ? take<float>(in, rows * n) : std::vector<float>(1);
         long long per_split = (rows + splits - 1) / splits;
         std::vector<float> part((size_t)splits * n * r);
         emu::launch({(unsigned)((n + 127) / 128), (unsigned)((r + 15) / 16), (unsigned)splits},
                     {128}, 0, [&] {
-                        thin_outer_f32(x.data(), mask.data(), y.data(), part.data(), rows, n, r,
-                                       per_split, has_mask);
+                        thin_outer_f32(x.data(), y.data(), part.data(), rows, n, r, per_split,
+                                       d.on, d.k1, d.k2, d.threshold, d.scale);
                     });
         out.resize((size_t)n * r);
         long long nr = (long long)n * r, o_sn = out_t ? 1 : r, o_sk = out_t ? n : 1;
