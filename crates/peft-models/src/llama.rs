@@ -8,9 +8,9 @@ use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, linear, param,
-    quantized_linear, rms_norm, rope, softmax_last_dim, swiglu, GradSink, LinearWeight,
-    QuantizedWeight,
+    causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, linear,
+    packed_self_attention, param, quantized_linear, rms_norm, rope, softmax_last_dim, swiglu,
+    GradSink, LinearWeight, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -498,6 +498,12 @@ impl Llama {
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
         let (positions, bias) = self.mask_layout(b, t, past, attention_mask)?;
         let (cos, sin) = self.rope_tables(&positions)?;
+        // Without a cache, the flash attention kernels (GPUs) read the mask's segment ids
+        // instead of the bias.
+        let segments = match attention_mask {
+            Some(m) if past == 0 => Some(m.to_dtype(DType::U32)?),
+            _ => None,
+        };
         let mut x = embeds.clone();
         if train && self.gradient_checkpointing && cache.is_none() {
             // The recomputation needs a backward to reach every layer, also when nothing before
@@ -505,30 +511,21 @@ impl Llama {
             let anchor = Var::zeros((), x.dtype(), x.device())?;
             x = x.broadcast_add(anchor.as_tensor())?;
             for layer in &self.layers {
-                let (cfg, layer, cos, sin, bias) = (
-                    self.config.clone(),
-                    layer.clone(),
-                    cos.clone(),
-                    sin.clone(),
-                    bias.clone(),
-                );
+                let (cfg, layer, cos, sin) =
+                    (self.config.clone(), layer.clone(), cos.clone(), sin.clone());
+                let mask = Mask {
+                    bias: bias.clone(),
+                    segments: segments.clone(),
+                };
                 x = checkpoint(&x, &self.grad_sink, move |x| {
-                    decoder_layer(&cfg, &layer, x, &cos, &sin, bias.as_ref(), None, true)
+                    decoder_layer(&cfg, &layer, x, &cos, &sin, &mask, None, true)
                 })?;
             }
         } else {
+            let mask = Mask { bias, segments };
             for (l, layer) in self.layers.iter().enumerate() {
                 let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-                x = decoder_layer(
-                    &self.config,
-                    layer,
-                    &x,
-                    &cos,
-                    &sin,
-                    bias.as_ref(),
-                    slot,
-                    train,
-                )?;
+                x = decoder_layer(&self.config, layer, &x, &cos, &sin, &mask, slot, train)?;
             }
         }
         Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
@@ -553,6 +550,14 @@ impl Llama {
     }
 }
 
+/// The attention mask of a batch with `attention_mask`: the additive bias (`[b, 1, t, past +
+/// t]`) and, without a cache, the segment ids it was built from (`[b, t]`, u32).
+#[derive(Clone, Default)]
+struct Mask {
+    bias: Option<Tensor>,
+    segments: Option<Tensor>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn decoder_layer(
     c: &LlamaConfig,
@@ -560,13 +565,13 @@ fn decoder_layer(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    bias: Option<&Tensor>,
+    mask: &Mask,
     cache: Option<&mut Option<(Tensor, Tensor)>>,
     train: bool,
 ) -> candle_core::Result<Tensor> {
     let eps = c.rms_norm_eps;
     let h = rms_norm(x, &layer.input_layernorm, eps)?;
-    let mut attn = attention(c, &layer.self_attn, &h, cos, sin, bias, cache, train)?;
+    let mut attn = attention(c, &layer.self_attn, &h, cos, sin, mask, cache, train)?;
     if let Some(a) = &layer.attn_adapter {
         attn = a.forward(&attn, train)?;
     }
@@ -596,7 +601,7 @@ fn attention(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    bias: Option<&Tensor>,
+    mask: &Mask,
     cache: Option<&mut Option<(Tensor, Tensor)>>,
     train: bool,
 ) -> candle_core::Result<Tensor> {
@@ -608,9 +613,15 @@ fn attention(
         a.k_proj.forward(x, train)?,
         a.v_proj.forward(x, train)?,
     );
+    let bias = mask.bias.as_ref();
     if bias.is_none() && cache.is_none() {
         let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale)?;
         return a.o_proj.forward(&out, train);
+    }
+    if let (Some(segments), None) = (&mask.segments, &cache) {
+        if let Some(out) = packed_self_attention(&q, &k, &v, cos, sin, segments, nh, kvh, scale)? {
+            return a.o_proj.forward(&out, train);
+        }
     }
     let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
     let q = rope(&heads(q, nh)?, cos, sin)?;

@@ -70,15 +70,11 @@ pub fn causal_self_attention(
     let (b, t, hd) = q.dims3()?;
     let d = hd / heads;
     #[cfg(feature = "cuda")]
-    if q.device().is_cuda()
-        && crate::cuda_kernel_on(crate::Kernel::Attention)
-        && [q, k, v].iter().all(|x| x.dtype() == DType::BF16)
-        && crate::cuda::flash_head_dim_supported(d)
+    if flash_serves((q, k, v), heads, kv_heads)
         && cos.dims() == [t, d / 2]
         && sin.dims() == [t, d / 2]
-        && heads.is_multiple_of(kv_heads)
     {
-        return flash_self_attention((q, k, v), (cos, sin), heads, kv_heads, scale);
+        return flash_self_attention((q, k, v), (cos, sin), None, heads, kv_heads, scale);
     }
     let fused = matches!(q.device(), Device::Cpu)
         && [q, k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
@@ -142,12 +138,66 @@ pub fn causal_self_attention(
     })
 }
 
-/// [`causal_self_attention`] by the flash attention kernels (bf16 on CUDA): the forward keeps
-/// only its output and the log-sum-exp of each row; the backward recomputes the rest.
+/// [`causal_self_attention`] over packed rows, several sequences in each (TRL's packing):
+/// `segments` `[b, t]` holds each position's sequence id (0: padding) and `cos`/`sin`
+/// `[b, t, d / 2]` the RoPE tables of each position (positions restart with each sequence;
+/// `[t, d / 2]` when they do not: one sequence and padding per row). A
+/// query sees the earlier keys of its own sequence; a padding query sees every earlier
+/// non-padding key. By the flash attention kernels where they serve the tensors (bf16 on
+/// CUDA, head size 64 or 128); `None` elsewhere, and the caller masks the scores itself.
+#[allow(clippy::too_many_arguments)]
+pub fn packed_self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    segments: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let (b, t, hd) = q.dims3()?;
+    let d = hd / heads;
+    let tables = |x: &Tensor| x.dims() == [b, t, d / 2] || x.dims() == [t, d / 2];
+    let shapes = tables(cos) && cos.dims() == sin.dims() && segments.dims() == [b, t];
+    #[cfg(feature = "cuda")]
+    if shapes && flash_serves((q, k, v), heads, kv_heads) {
+        let segments = segments.to_dtype(DType::U32)?;
+        return flash_self_attention(
+            (q, k, v),
+            (cos, sin),
+            Some(&segments),
+            heads,
+            kv_heads,
+            scale,
+        )
+        .map(Some);
+    }
+    let _ = (k, v, shapes, kv_heads, scale);
+    Ok(None)
+}
+
+/// Whether the flash attention kernels serve these projections: bf16 CUDA tensors, head size
+/// 64 or 128, whole groups of query heads per kv head, the kernel group not turned off.
+#[cfg(feature = "cuda")]
+fn flash_serves((q, k, v): (&Tensor, &Tensor, &Tensor), heads: usize, kv_heads: usize) -> bool {
+    let d = q.dim(2).unwrap_or(0) / heads.max(1);
+    q.device().is_cuda()
+        && crate::cuda_kernel_on(crate::Kernel::Attention)
+        && [q, k, v].iter().all(|x| x.dtype() == DType::BF16)
+        && crate::cuda::flash_head_dim_supported(d)
+        && heads.is_multiple_of(kv_heads)
+}
+
+/// [`causal_self_attention`] (and, with `segments`, [`packed_self_attention`]) by the flash
+/// attention kernels (bf16 on CUDA): the forward keeps only its output and the log-sum-exp of
+/// each row; the backward recomputes the rest.
 #[cfg(feature = "cuda")]
 fn flash_self_attention(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (cos, sin): (&Tensor, &Tensor),
+    segments: Option<&Tensor>,
     heads: usize,
     kv_heads: usize,
     scale: f64,
@@ -167,6 +217,7 @@ fn flash_self_attention(
         v: aligned(v)?,
         cos: cos.to_dtype(DType::F32)?.contiguous()?,
         sin: sin.to_dtype(DType::F32)?.contiguous()?,
+        segments: segments.map(|s| s.contiguous()).transpose()?,
         heads,
         kv_heads,
         scale: scale as f32,

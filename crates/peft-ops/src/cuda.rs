@@ -723,8 +723,11 @@ pub(crate) struct FlashInputs {
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
+    /// f32 RoPE tables, `[t, d / 2]`, or `[b, t, d / 2]` for packed rows.
     pub cos: Tensor,
     pub sin: Tensor,
+    /// Packed rows: the segment id of every position, u32 `[b, t]` (0: padding).
+    pub segments: Option<Tensor>,
     pub heads: usize,
     pub kv_heads: usize,
     pub scale: f32,
@@ -737,13 +740,28 @@ struct FlashViews<'a> {
     v: CudaView<'a, bf16>,
     cos: CudaView<'a, f32>,
     sin: CudaView<'a, f32>,
+    /// The segment ids, or a null pointer for plain rows.
+    segments: SegmentsArg<'a>,
+    /// Elements between two batch rows' RoPE tables (0: one table for all).
+    rope_bstride: i64,
+}
+
+enum SegmentsArg<'a> {
+    Packed(CudaView<'a, u32>),
+    Plain(u64),
 }
 
 impl<'a> FlashViews<'a> {
-    /// Pushes q, k, v, cos and sin: the first arguments of the tile kernels.
+    /// Pushes q, k, v, cos, sin, the segment ids and the RoPE tables' batch stride: the first
+    /// arguments of the tile kernels.
     fn push(&'a self, builder: &mut LaunchArgs<'a>) {
         builder.arg(&self.q).arg(&self.k).arg(&self.v);
         builder.arg(&self.cos).arg(&self.sin);
+        match &self.segments {
+            SegmentsArg::Packed(s) => builder.arg(s),
+            SegmentsArg::Plain(null) => builder.arg(null),
+        };
+        builder.arg(&self.rope_bstride);
     }
 }
 
@@ -770,12 +788,24 @@ impl FlashInputs {
         let (vs, vl) = self.v.storage_and_layout();
         let (cs, cl) = self.cos.storage_and_layout();
         let (ss, sl) = self.sin.storage_and_layout();
+        let segments = self.segments.as_ref().map(|s| s.storage_and_layout());
+        let (_, t, _) = self.q.dims3()?;
+        let rope_bstride = if self.cos.rank() == 3 {
+            (t * self.cos.dim(2)?) as i64
+        } else {
+            0
+        };
         f(&FlashViews {
             q: view(&qs, ql)?,
             k: view(&ks, kl)?,
             v: view(&vs, vl)?,
             cos: view(&cs, cl)?,
             sin: view(&ss, sl)?,
+            segments: match &segments {
+                Some((s, l)) => SegmentsArg::Packed(view(s, l)?),
+                None => SegmentsArg::Plain(0),
+            },
+            rope_bstride,
         })
     }
 
@@ -795,7 +825,8 @@ impl FlashInputs {
         // SAFETY: the kernel writes every element of both outputs.
         let o = unsafe { dev.alloc::<bf16>(b * t * heads * d)? };
         let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
-        let shared = 2 * FA_TILE * (d + 8) * 2;
+        // K and V tiles (bf16), the key tile's segment ids (u32).
+        let shared = 2 * FA_TILE * (d + 8) * 2 + FA_TILE * 4;
         let func = dev.get_or_load_custom_func(&format!("flash_fwd_d{d}"), MODULE, ptx()?)?;
         let cfg = tile_launch(&func, (b, t, heads), shared)?;
         self.with_views(|x| {
@@ -855,7 +886,9 @@ impl FlashInputs {
         // SAFETY: every row below t of every head is written.
         let dk_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
         let dv_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
-        let shared = 4 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4;
+        // K, V, Q and dO tiles, dS (bf16); log-sum-exp, delta (f32); the segment ids of the
+        // query tile and of the keys (u32).
+        let shared = 4 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 4 * FA_TILE * 4;
         let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx()?)?;
         let cfg = tile_launch(&func, (b, t, heads), shared)?;
         let kv_pairs = (b * t * kvd / 2) as i64;
@@ -886,6 +919,7 @@ impl FlashInputs {
                 .arg(&dv_part)
                 .arg(&x.cos)
                 .arg(&x.sin)
+                .arg(&x.rope_bstride)
                 .arg(&dk)
                 .arg(&dv);
             builder
@@ -901,7 +935,8 @@ impl FlashInputs {
             // dq: scaled and rotated back, in the projection layout.
             let func = dev.get_or_load_custom_func("flash_bwd_dq_bf16", MODULE, ptx()?)?;
             let mut builder = func.builder();
-            builder.arg(&dq_acc).arg(&x.cos).arg(&x.sin).arg(&dq);
+            builder.arg(&dq_acc).arg(&x.cos).arg(&x.sin);
+            builder.arg(&x.rope_bstride).arg(&dq);
             builder.arg(&t_).arg(&h_).arg(&d_).arg(&scale).arg(&pairs);
             // SAFETY: the arguments match flash_bwd_dq_bf16.
             unsafe { builder.launch(elementwise_config(pairs as usize)) }.map_err(err)

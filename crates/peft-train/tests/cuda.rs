@@ -11,23 +11,36 @@ use common::{assert_tracks, losses};
 #[test]
 fn gpu_losses_track_the_cpu_f32_path() {
     let gpu = peft_ops::open_device("cuda").unwrap();
-    let reference = losses(&Device::Cpu, DType::F32, false);
+    let reference = losses(&Device::Cpu, DType::F32, false, false);
     assert_tracks(
         "cuda f32",
-        &losses(&gpu, DType::F32, false),
+        &losses(&gpu, DType::F32, false, false),
         &reference,
         1e-3,
     );
     assert_tracks(
         "cuda bf16",
-        &losses(&gpu, DType::BF16, false),
+        &losses(&gpu, DType::BF16, false, false),
         &reference,
         0.02,
     );
     assert_tracks(
         "cuda bf16 + checkpointing",
-        &losses(&gpu, DType::BF16, true),
+        &losses(&gpu, DType::BF16, true, false),
         &reference,
+        0.02,
+    );
+}
+
+/// Packed rows (two sequences per row, one row padded): the flash attention kernels with
+/// segment ids and per-position RoPE tables against the CPU's masked attention.
+#[test]
+fn gpu_packed_losses_track_the_cpu_f32_path() {
+    let gpu = peft_ops::open_device("cuda").unwrap();
+    assert_tracks(
+        "cuda bf16, packed rows",
+        &losses(&gpu, DType::BF16, false, true),
+        &losses(&Device::Cpu, DType::F32, false, true),
         0.02,
     );
 }

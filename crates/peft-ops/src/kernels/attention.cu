@@ -5,9 +5,16 @@
 // on the CPU through tests/emulate (PEFT_EMULATE), against the CPU reference attention.
 //
 // Layouts are those of the projections: q, o, dq: [b, t, heads * D]; k, v, dk, dv:
-// [b, t, kv_heads * D]; cos, sin: [t, D / 2] f32; lse, delta: [b, heads, t] f32; the dq
-// accumulator: [b, heads, t, D] f32, and the query heads' shares of dk and dv: [b, t, heads,
-// D] f32, all three in rotated space and without the scale.
+// [b, t, kv_heads * D]; cos, sin: [t, D / 2] f32, or [b, t, D / 2] for packed rows (their
+// positions restart with each sequence), the batch stride rope_bstride (0 when shared); lse,
+// delta: [b, heads, t] f32; the dq accumulator: [b, heads, t, D] f32, and the query heads'
+// shares of dk and dv: [b, t, heads, D] f32, all three in rotated space and without the scale.
+//
+// Packed rows (several sequences in one row, as TRL's packing makes them): seg [b, t] holds
+// each row's segment id (0: padding), or is null for plain causal attention. A query sees the
+// earlier keys of its own segment; a padding query sees every earlier non-padding key (its
+// row stays finite); padding keys are seen by no one, as llama.rs's mask_layout builds the
+// mask on the CPU.
 //
 // Fragments follow the PTX ISA for mma.m16n8k16 with .bf16 (lane = 4 * g + c), loaded from
 // shared memory by ldmatrix (rows padded by 8 elements: no bank conflicts):
@@ -138,6 +145,11 @@ __device__ void load_tile(bf16_t* s, const bf16_t* x, long long stride, int row0
     }
 }
 
+// Whether query q sees key k (k <= q) given their segment ids (packed rows).
+__device__ __forceinline__ bool same_sequence(unsigned q_seg, unsigned k_seg) {
+    return k_seg != 0 && (q_seg == 0 || k_seg == q_seg);
+}
+
 // Max and sum over the four lanes that hold one fragment row.
 __device__ __forceinline__ float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -149,22 +161,27 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Forward. Grid (query tiles, heads, batch); block FA_THREADS; shared 2 * 64 * (D + 8) bf16.
+// Forward. Grid (query tiles, heads, batch); block FA_THREADS; shared 2 * 64 * (D + 8) bf16
+// and 64 u32 (the key tile's segment ids).
 template <int D>
 __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,
-                          const float* sin, bf16_t* o, float* lse, int t, int heads,
-                          int kv_heads, float scale) {
+                          const float* sin, const unsigned* seg, long long rope_bstride,
+                          bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {
     const int P = D + 8;
     FA_SMEM(smem);
     bf16_t* Qs = (bf16_t*)smem;  // the query tile, then the key tile
     bf16_t* Ks = Qs;
     bf16_t* Vs = Qs + FA_TILE * P;
+    unsigned* Gs = (unsigned*)(Vs + FA_TILE * P);  // segment ids of the key tile
     int qt = gridDim.x - 1 - blockIdx.x;  // longest rows first
     int hi = blockIdx.y, bi = blockIdx.z, kh = hi / (heads / kv_heads);
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
     const bf16_t* qb = q + bi * t * qs + hi * D;
     const bf16_t* kb = k + bi * t * ks + kh * D;
     const bf16_t* vb = v + bi * t * ks + kh * D;
+    cos += bi * rope_bstride;
+    sin += bi * rope_bstride;
+    const unsigned* segb = seg ? seg + (long long)bi * t : 0;
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
 
     load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
@@ -181,11 +198,17 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
     int row[2] = {qt * FA_TILE + warp * 16 + g, qt * FA_TILE + warp * 16 + g + 8};
+    unsigned row_seg[2] = {0, 0};
+    if (segb)
+        for (int r = 0; r < 2; ++r) row_seg[r] = row[r] < t ? segb[row[r]] : 0;
     const float scale2 = scale * FA_LOG2E;
 
     for (int kt = 0; kt <= qt; ++kt) {
         load_tile<D>(Ks, kb, ks, kt * FA_TILE, t, cos, sin);
         load_tile<D>(Vs, vb, ks, kt * FA_TILE, t, 0, 0);
+        if (segb)
+            for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x)
+                Gs[i] = kt * FA_TILE + i < t ? segb[kt * FA_TILE + i] : 0;
         __syncthreads();
         float s[8][4];
 #pragma unroll
@@ -207,24 +230,28 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         for (int n = 0; n < 8; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                int col = kt * FA_TILE + n * 8 + 2 * c + (i & 1);
-                float x = col <= row[i >> 1] ? s[n][i] * scale2 : NEG_INF;
+                int cl = n * 8 + 2 * c + (i & 1), col = kt * FA_TILE + cl;
+                bool seen = col <= row[i >> 1] &&
+                            (!segb || same_sequence(row_seg[i >> 1], Gs[cl]));
+                float x = seen ? s[n][i] * scale2 : NEG_INF;
                 s[n][i] = x;
                 mx[i >> 1] = fmaxf(mx[i >> 1], x);
             }
-        float alpha[2], sum[2] = {0.f, 0.f};
+        // In packed rows a tile may hold no key a row sees yet (its maximum still -inf): the
+        // exponentials then start from 0, not from -inf - -inf.
+        float alpha[2], base[2], sum[2] = {0.f, 0.f};
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             mx[r] = quad_max(mx[r]);
-            // Every row sees key 0, so the maximum is finite from the first tile on.
-            alpha[r] = exp2f(m[r] - mx[r]);
+            base[r] = mx[r] == NEG_INF ? 0.f : mx[r];
+            alpha[r] = exp2f(m[r] - base[r]);
             m[r] = mx[r];
         }
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                float p = exp2f(s[n][i] - m[i >> 1]);
+                float p = exp2f(s[n][i] - base[i >> 1]);
                 s[n][i] = p;
                 sum[i >> 1] += p;
             }
@@ -254,7 +281,9 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     for (int r = 0; r < 2; ++r) {
         float total = quad_sum(l[r]);
         if (row[r] >= t) continue;
-        float inv = 1.f / total;
+        // A row that sees no key (a padding row at the start of a packed row): zeros.
+        bool none = total == 0.f;
+        float inv = none ? 0.f : 1.f / total;
         bf16_t* dst = o + (bi * t + row[r]) * qs + hi * D;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
@@ -262,7 +291,8 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             dst[n * 8 + 2 * c + 1] = to_bf16(acc[n][2 * r + 1] * inv);
         }
         if (c == 0)
-            lse[((long long)bi * heads + hi) * t + row[r]] = (m[r] + log2f(total)) / FA_LOG2E;
+            lse[((long long)bi * heads + hi) * t + row[r]] =
+                none ? 0.f : (m[r] + log2f(total)) / FA_LOG2E;
     }
 }
 
@@ -282,15 +312,17 @@ __device__ void flash_bwd_delta(const bf16_t* o, const bf16_t* dout, float* delt
 
 // Backward. Grid (kv tiles, heads, batch): one block per 64 keys and query head, so that the
 // work spreads over heads · tiles blocks (the tile's share grows with the queries after it).
-// Block FA_THREADS; shared 4 tiles of 64 x (D + 8) bf16 (K, V, Q, dO), 64 x 72 bf16 (dS) and
-// 2 x 64 f32 (log-sum-exp, delta). Each block writes its query head's share of its keys' dK
+// Block FA_THREADS; shared 4 tiles of 64 x (D + 8) bf16 (K, V, Q, dO), 64 x 72 bf16 (dS),
+// 2 x 64 f32 (log-sum-exp, delta) and 2 x 64 u32 (the segment ids of the query tile and of
+// the block's keys). Each block writes its query head's share of its keys' dK
 // and dV (f32, rotated space, unscaled) to dk_part and dv_part ([b, t, heads, D]), which
 // flash_bwd_dkv sums per kv head, and adds its share of dQ to the f32 accumulator with atomics.
 template <int D>
 __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,
-                          const float* sin, const bf16_t* dout, const float* lse,
-                          const float* delta, float* dq_acc, float* dk_part, float* dv_part,
-                          int t, int heads, int kv_heads, float scale) {
+                          const float* sin, const unsigned* seg, long long rope_bstride,
+                          const bf16_t* dout, const float* lse, const float* delta,
+                          float* dq_acc, float* dk_part, float* dv_part, int t, int heads,
+                          int kv_heads, float scale) {
     const int P = D + 8, PS = FA_TILE + 8;
     FA_SMEM(smem);
     bf16_t* Ks = (bf16_t*)smem;
@@ -300,11 +332,21 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     bf16_t* Ss = Os + FA_TILE * P;  // dS as [query][key]
     float* Ls = (float*)(Ss + FA_TILE * PS);
     float* Es = Ls + FA_TILE;
+    unsigned* Gs = (unsigned*)(Es + FA_TILE);  // segment ids of the query tile
+    unsigned* Gk = Gs + FA_TILE;               // and of the block's keys
     int kt = blockIdx.x, hi = blockIdx.y, bi = blockIdx.z;
     int kh = hi / (heads / kv_heads), nq = (t + FA_TILE - 1) / FA_TILE;
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
     int key[2] = {kt * FA_TILE + warp * 16 + g, kt * FA_TILE + warp * 16 + g + 8};
+    cos += bi * rope_bstride;
+    sin += bi * rope_bstride;
+    // The segment ids are read through the kernel parameter, not a pointer of our own: the
+    // d = 128 kernel has no register to spare.
+    const bool packed = seg != 0;
+    if (packed)
+        for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x)
+            Gk[i] = kt * FA_TILE + i < t ? seg[(long long)bi * t + kt * FA_TILE + i] : 0;
     const float scale2 = scale * FA_LOG2E;
 
     load_tile<D>(Ks, k + bi * t * ks + kh * D, ks, kt * FA_TILE, t, cos, sin);
@@ -329,6 +371,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             int r = qt * FA_TILE + i;
             Ls[i] = r < t ? lb[r] * FA_LOG2E : 0.f;
             Es[i] = r < t ? eb[r] : 0.f;
+            if (packed) Gs[i] = r < t ? seg[(long long)bi * t + r] : 0;
         }
         __syncthreads();
 
@@ -354,16 +397,17 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 mma_bf16(dpt[n + 1], va, b[1]);
             }
         }
-        // Pᵀ (zero where the query precedes the key or lies past t), then dSᵀ in place of
-        // dPᵀ: P ∘ (dP − delta), without the scale.
+        // Pᵀ (zero where the query precedes the key, lies past t or, in packed rows, does not
+        // see it), then dSᵀ in place of dPᵀ: P ∘ (dP − delta), without the scale.
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
-                float p = query >= key[i >> 1] && query < t
-                              ? exp2f(st[n][i] * scale2 - Ls[ql])
-                              : 0.f;
+                bool seen = query >= key[i >> 1] && query < t &&
+                            (!packed ||
+                             same_sequence(Gs[ql], Gk[warp * 16 + g + 8 * (i >> 1)]));
+                float p = seen ? exp2f(st[n][i] * scale2 - Ls[ql]) : 0.f;
                 st[n][i] = p;
                 dpt[n][i] = p * (dpt[n][i] - Es[ql]);
             }
@@ -448,8 +492,9 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 // negated). One thread per pair (j, j + d/2) of a kv head, grid-stride; pairs ordered as
 // [b, t, kv_heads, d/2].
 __device__ void flash_bwd_dkv(const float* dk_part, const float* dv_part, const float* cos,
-                              const float* sin, bf16_t* dk, bf16_t* dv, int t, int heads,
-                              int kv_heads, int d, float scale, long long pairs) {
+                              const float* sin, long long rope_bstride, bf16_t* dk, bf16_t* dv,
+                              int t, int heads, int kv_heads, int d, float scale,
+                              long long pairs) {
     int h = d / 2, n_rep = heads / kv_heads;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs;
          i += (long long)gridDim.x * blockDim.x) {
@@ -468,7 +513,8 @@ __device__ void flash_bwd_dkv(const float* dk_part, const float* dv_part, const 
         }
         k1 *= scale;
         k2 *= scale;
-        float cs = cos[ti * h + j], sn = sin[ti * h + j];
+        long long at = bt / t * rope_bstride + ti * h + j;
+        float cs = cos[at], sn = sin[at];
         long long dst = (bt * kv_heads + kh) * d;
         dk[dst + j] = to_bf16(k1 * cs + k2 * sn);
         dk[dst + j + h] = to_bf16(k2 * cs - k1 * sn);
@@ -479,8 +525,9 @@ __device__ void flash_bwd_dkv(const float* dk_part, const float* dv_part, const 
 
 // dq = inverse RoPE of (scale * the accumulator), as [b, t, heads * d]. One thread per pair
 // (j, j + d/2), grid-stride; pairs ordered as [b, t, heads, d/2].
-__device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float* sin, bf16_t* dq,
-                             int t, int heads, int d, float scale, long long pairs) {
+__device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float* sin,
+                             long long rope_bstride, bf16_t* dq, int t, int heads, int d,
+                             float scale, long long pairs) {
     int h = d / 2;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs;
          i += (long long)gridDim.x * blockDim.x) {
@@ -492,7 +539,8 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
         long long bi = bt / t;
         const float* src = dq_acc + ((bi * heads + hi) * t + ti) * d;
         float x1 = src[j] * scale, x2 = src[j + h] * scale;
-        float cs = cos[ti * h + j], sn = sin[ti * h + j];
+        long long at = bi * rope_bstride + ti * h + j;
+        float cs = cos[at], sn = sin[at];
         bf16_t* dst = dq + (bt * heads + hi) * d;
         dst[j] = to_bf16(x1 * cs + x2 * sn);
         dst[j + h] = to_bf16(x2 * cs - x1 * sn);
@@ -502,16 +550,17 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 #define FLASH(D)                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                    \
         flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,    \
-                       const float* sin, bf16_t* o, float* lse, int t, int heads, int kv_heads, \
-                       float scale) {                                                           \
-        flash_fwd<D>(q, k, v, cos, sin, o, lse, t, heads, kv_heads, scale);                     \
+                       const float* sin, const unsigned* seg, long long rope_bstride,           \
+                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {    \
+        flash_fwd<D>(q, k, v, cos, sin, seg, rope_bstride, o, lse, t, heads, kv_heads, scale);  \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_d##D(                    \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos, const float* sin, \
-        const bf16_t* dout, const float* lse, const float* delta, float* dq_acc,                \
-        float* dk_part, float* dv_part, int t, int heads, int kv_heads, float scale) {          \
-        flash_bwd<D>(q, k, v, cos, sin, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,   \
-                     kv_heads, scale);                                                          \
+        const unsigned* seg, long long rope_bstride, const bf16_t* dout, const float* lse,      \
+        const float* delta, float* dq_acc, float* dk_part, float* dv_part, int t, int heads,    \
+        int kv_heads, float scale) {                                                            \
+        flash_bwd<D>(q, k, v, cos, sin, seg, rope_bstride, dout, lse, delta, dq_acc, dk_part,   \
+                     dv_part, t, heads, kv_heads, scale);                                       \
     }
 
 FLASH(64)
@@ -524,14 +573,17 @@ extern "C" __global__ void flash_bwd_delta_bf16(const bf16_t* o, const bf16_t* d
 }
 
 extern "C" __global__ void flash_bwd_dkv_bf16(const float* dk_part, const float* dv_part,
-                                              const float* cos, const float* sin, bf16_t* dk,
-                                              bf16_t* dv, int t, int heads, int kv_heads, int d,
-                                              float scale, long long pairs) {
-    flash_bwd_dkv(dk_part, dv_part, cos, sin, dk, dv, t, heads, kv_heads, d, scale, pairs);
+                                              const float* cos, const float* sin,
+                                              long long rope_bstride, bf16_t* dk, bf16_t* dv,
+                                              int t, int heads, int kv_heads, int d, float scale,
+                                              long long pairs) {
+    flash_bwd_dkv(dk_part, dv_part, cos, sin, rope_bstride, dk, dv, t, heads, kv_heads, d, scale,
+                  pairs);
 }
 
 extern "C" __global__ void flash_bwd_dq_bf16(const float* dq_acc, const float* cos,
-                                             const float* sin, bf16_t* dq, int t, int heads,
-                                             int d, float scale, long long pairs) {
-    flash_bwd_dq(dq_acc, cos, sin, dq, t, heads, d, scale, pairs);
+                                             const float* sin, long long rope_bstride,
+                                             bf16_t* dq, int t, int heads, int d, float scale,
+                                             long long pairs) {
+    flash_bwd_dq(dq_acc, cos, sin, rope_bstride, dq, t, heads, d, scale, pairs);
 }

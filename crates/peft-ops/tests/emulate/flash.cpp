@@ -1,6 +1,8 @@
 // Runs the flash attention kernels of src/kernels/attention.cu under the CPU emulation:
 //   flash <input> <output>
-// input: i32 b, t, heads, kv_heads, d; f32 scale; bf16 q, k, v, dout; f32 cos, sin.
+// input: i32 b, t, heads, kv_heads, d, packed; f32 scale; bf16 q, k, v, dout; then, for
+// plain rows, f32 cos, sin [t, d / 2], or, for packed rows, u32 segment ids [b, t] and f32
+// cos, sin [b, t, d / 2].
 // output (f32): o, lse, dq, dk, dv. The launch shapes are those of src/cuda.rs.
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
@@ -17,12 +19,17 @@ static std::vector<float> widen(const std::vector<bf16_t>& v) {
 int main(int argc, char** argv) {
     if (argc != 3) { fprintf(stderr, "usage: flash <input> <output>\n"); return 2; }
     FILE* in = open_or_exit(argv[1], "rb");
-    auto dims = take<int>(in, 5);
+    auto dims = take<int>(in, 6);
     int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], d = dims[4];
+    bool packed = dims[5] != 0;
     float scale = take<float>(in, 1)[0];
-    size_t nq = (size_t)b * t * heads * d, nk = (size_t)b * t * kvh * d, nr = (size_t)t * d / 2;
+    size_t nq = (size_t)b * t * heads * d, nk = (size_t)b * t * kvh * d;
     auto q = take<bf16_t>(in, nq), k = take<bf16_t>(in, nk), v = take<bf16_t>(in, nk);
     auto dout = take<bf16_t>(in, nq);
+    std::vector<unsigned> seg_ids = packed ? take<unsigned>(in, (size_t)b * t) : std::vector<unsigned>();
+    const unsigned* seg = packed ? seg_ids.data() : nullptr;
+    long long rope_bstride = packed ? (long long)t * d / 2 : 0;
+    size_t nr = (size_t)(packed ? b : 1) * t * d / 2;
     auto cos = take<float>(in, nr), sin = take<float>(in, nr);
     fclose(in);
 
@@ -32,29 +39,31 @@ int main(int argc, char** argv) {
     std::vector<float> lse((size_t)b * heads * t), delta(lse.size()), dq_acc(nq, 0.f);
     auto fwd = d == 64 ? flash_fwd_d64 : flash_fwd_d128;
     auto bwd = d == 64 ? flash_bwd_d64 : flash_bwd_d128;
-    emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, 2 * FA_TILE * pitch * 2, [&] {
-        fwd(q.data(), k.data(), v.data(), cos.data(), sin.data(), o.data(), lse.data(), t, heads,
-            kvh, scale);
+    size_t fwd_shared = 2 * FA_TILE * pitch * 2 + FA_TILE * 4;
+    emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, fwd_shared, [&] {
+        fwd(q.data(), k.data(), v.data(), cos.data(), sin.data(), seg, rope_bstride, o.data(),
+            lse.data(), t, heads, kvh, scale);
     });
     long long rows = (long long)b * t * heads;
     emu::launch({(unsigned)((rows + 3) / 4)}, {FA_THREADS}, 0, [&] {
         flash_bwd_delta_bf16(o.data(), dout.data(), delta.data(), t, heads, d, rows);
     });
-    size_t shared = 4 * FA_TILE * pitch * 2 + FA_TILE * (FA_TILE + 8) * 2 + 2 * FA_TILE * 4;
+    size_t shared = 4 * FA_TILE * pitch * 2 + FA_TILE * (FA_TILE + 8) * 2 + 4 * FA_TILE * 4;
     std::vector<float> dk_part(nq, NAN), dv_part(nq, NAN);
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, shared, [&] {
-        bwd(q.data(), k.data(), v.data(), cos.data(), sin.data(), dout.data(), lse.data(),
-            delta.data(), dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh, scale);
+        bwd(q.data(), k.data(), v.data(), cos.data(), sin.data(), seg, rope_bstride, dout.data(),
+            lse.data(), delta.data(), dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh,
+            scale);
     });
     long long kv_pairs = (long long)nk / 2;
     emu::launch({(unsigned)((kv_pairs + 255) / 256)}, {256}, 0, [&] {
-        flash_bwd_dkv_bf16(dk_part.data(), dv_part.data(), cos.data(), sin.data(), dk.data(),
-                           dv.data(), t, heads, kvh, d, scale, kv_pairs);
+        flash_bwd_dkv_bf16(dk_part.data(), dv_part.data(), cos.data(), sin.data(), rope_bstride,
+                           dk.data(), dv.data(), t, heads, kvh, d, scale, kv_pairs);
     });
     long long pairs = (long long)nq / 2;
     emu::launch({(unsigned)((pairs + 255) / 256)}, {256}, 0, [&] {
-        flash_bwd_dq_bf16(dq_acc.data(), cos.data(), sin.data(), dq.data(), t, heads, d, scale,
-                          pairs);
+        flash_bwd_dq_bf16(dq_acc.data(), cos.data(), sin.data(), rope_bstride, dq.data(), t, heads,
+                          d, scale, pairs);
     });
 
     FILE* out = open_or_exit(argv[2], "wb");

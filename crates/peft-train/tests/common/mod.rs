@@ -8,8 +8,9 @@ use peft_train::{Batch, Example, SchedulerKind, TrainArgs, Trainer};
 use serde_json::json;
 
 /// The first 10 losses of LoRA (all-linear, r 8) on a tiny random Llama, batch 4 × 80. Heads
-/// of 64 (what the CUDA flash attention kernels serve) over sequences that end mid-tile.
-pub fn losses(device: &Device, dtype: DType, checkpointing: bool) -> Vec<f64> {
+/// of 64 (what the CUDA flash attention kernels serve) over sequences that end mid-tile;
+/// `packed`: each row holds two sequences (30 tokens, then 50, or 40 and padding).
+pub fn losses(device: &Device, dtype: DType, checkpointing: bool, packed: bool) -> Vec<f64> {
     let config = LlamaConfig::from_json(json!({
         "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -29,11 +30,20 @@ pub fn losses(device: &Device, dtype: DType, checkpointing: bool) -> Vec<f64> {
     // Four sequences repeated every step: memorisable, so the loss falls steadily.
     let examples: Vec<Example> = (0..4u32)
         .map(|s| {
-            let ids: Vec<u32> = (0..80u32).map(|i| (i * 37 + s * 101) % 512).collect();
+            let len = if packed && s == 3 { 70 } else { 80 };
+            let ids: Vec<u32> = (0..len).map(|i| (i * 37 + s * 101) % 512).collect();
+            let mut labels: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+            let lengths = if packed {
+                // Nothing in the first sequence predicts the second one's first token.
+                labels[30] = peft_ops::IGNORE_INDEX;
+                vec![30, len as usize - 30]
+            } else {
+                Vec::new()
+            };
             Example {
-                labels: ids.iter().map(|&t| t as i64).collect(),
+                labels,
                 input_ids: ids,
-                packed: Vec::new(),
+                packed: lengths,
             }
         })
         .collect();
