@@ -31,8 +31,9 @@ pub fn shape_config(name: &str) -> Result<LlamaConfig> {
 }
 
 /// A model of `config` with N(0, 0.02²) weights (HF's `initializer_range`) and unit norms.
-/// The weights are a pure function of `seed` and the tensor, drawn on the host in parallel
-/// and then moved: the same seed gives the same model on every device.
+/// The weights are a pure function of `seed` and the tensor ([`peft_ops::random_normal`]),
+/// drawn on the device: the same seed gives the same model on every device (on a GPU, up to
+/// the last bit of a rare value).
 pub fn random_llama(
     config: LlamaConfig,
     device: &Device,
@@ -43,10 +44,9 @@ pub fn random_llama(
     let mut stream = 0u64;
     let mut randn = |shape: &[usize]| -> Result<Tensor> {
         stream += 1;
-        let values = normal_values(seed, stream, shape.iter().product(), 0.02);
-        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?)
+        Ok(peft_ops::random_normal(
+            seed, stream, shape, 0.02, dtype, device,
+        )?)
     };
     let w = llama_weights(c, |kind, shape| match kind {
         WeightKind::Matrix => randn(shape),
@@ -111,25 +111,4 @@ pub fn llama_weights(
         );
     }
     Ok(w)
-}
-
-/// `n` draws of N(0, std²) from the counter-based stream (`seed`, `stream`): splitmix64 of
-/// the element index, then Box-Muller. Deterministic whatever the thread count.
-fn normal_values(seed: u64, stream: u64, n: usize, std: f32) -> Vec<f32> {
-    use rayon::prelude::*;
-    let key = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let uniform = |i: u64| -> f64 {
-        let mut z = key.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    (0..n as u64)
-        .into_par_iter()
-        .map(|i| {
-            let (u1, u2) = (uniform(2 * i + 1).max(1e-300), uniform(2 * i + 2));
-            let r = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-            (r * std as f64) as f32
-        })
-        .collect()
 }

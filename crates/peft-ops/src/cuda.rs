@@ -562,6 +562,41 @@ pub(crate) fn dropout_mask(
     Ok(wrap(out, dev, shape))
 }
 
+/// [`crate::random_normal`] drawn on the GPU in `dtype` (f32 or bf16).
+pub(crate) fn random_normal(
+    key: u64,
+    std: f32,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        key: u64,
+        std: f32,
+        shape: &[usize],
+        dev: &CudaDevice,
+    ) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        // SAFETY: every element is written.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("random_normal_{}", suffix(T::DTYPE)?),
+            MODULE,
+            ptx()?,
+        )?;
+        let n_ = n as i64;
+        let mut builder = func.builder();
+        builder.arg(&out).arg(&n_).arg(&key).arg(&std);
+        // SAFETY: the arguments match random_normal_{f32,bf16} in kernels/ops.cu.
+        unsafe { builder.launch(elementwise_config(n)) }.map_err(err)?;
+        Ok(wrap(out, dev, shape))
+    }
+    let Device::Cuda(dev) = device else {
+        candle_core::bail!("peft-ops cuda: random values for a non-CUDA device");
+    };
+    dispatch!(dtype, f(key, std, shape, dev))
+}
+
 /// A 4-bit weight ([`peft_quant::Quant4`]) in GPU memory: codes, block scales (plain, or
 /// double-quantized with their second-level scales) and the code tables.
 #[derive(Debug)]
@@ -1181,6 +1216,7 @@ mod tests {
             "low_rank_add",
             "thin_project",
             "thin_outer",
+            "random_normal",
         ] {
             for dtype in ["f32", "bf16"] {
                 assert!(

@@ -13,6 +13,7 @@ mod cuda;
 mod device;
 mod fused;
 mod grad;
+mod init;
 mod ops;
 mod optim;
 mod softmax;
@@ -30,6 +31,7 @@ pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSin
 pub use device::{open_device, peak_memory, reset_peak_memory};
 pub use fused::{dropout_mask, frozen_mlp, lora_linear, swiglu, Dropout};
 pub use grad::{with_grad, with_grad3, Grads3};
+pub use init::random_normal;
 pub use ops::{
     cross_entropy_chunked, cross_entropy_sum, frozen_linear, linear, rms_norm, rope,
     softmax_last_dim, IGNORE_INDEX,

@@ -990,6 +990,31 @@ fn thin_outer_matches_matmuls() {
     }
 }
 
+/// Random normal weights drawn by the GPU kernel are the CPU's, bit for bit where both use
+/// the same libm (the emulation; on a GPU up to the last bit of its f64 log and cosine).
+#[test]
+fn random_normal_matches_the_cpu() {
+    let (seed, n, std) = (0x5eed_u64, 5000usize, 0.02f32);
+    // Stream 0: the key is the seed.
+    let want = peft_ops::random_normal(seed, 0, &[n], std, DType::F32, &Device::Cpu)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut input = seed.to_le_bytes().to_vec();
+    input.extend((n as i64).to_le_bytes());
+    input.extend(std.to_le_bytes());
+    let got = to_f32s(&emulate_with(
+        "ops",
+        &["random_normal"],
+        "random_normal",
+        &input,
+    ));
+    assert_eq!(got.len(), n);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "value {i}: {g} vs {w}");
+    }
+}
+
 /// A mask longer than the CPU's parallel chunks: the GPU's dropout mask is the CPU's.
 #[test]
 fn dropout_mask_matches_the_cpu_bit_for_bit() {

@@ -227,6 +227,27 @@ extern "C" __global__ void dropout_mask_f32(float* out, long long n, DROPOUT_PAR
         out[i] = dropout_at(drop, i);
 }
 
+// N(0, std²) values of the counter-based stream `key` (init.rs's random_normal): element i is
+// Box-Muller of the splitmix64 draws 2i + 1 and 2i + 2, computed in f64 as on the CPU.
+__device__ __forceinline__ double splitmix_uniform(unsigned long long key, unsigned long long i) {
+    unsigned long long z = key + i * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return (double)((z ^ (z >> 31)) >> 11) / 9007199254740992.0;
+}
+
+template <typename T>
+__device__ void random_normal(T* out, long long n, unsigned long long key, float std) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        unsigned long long j = (unsigned long long)i;
+        double u1 = fmax(splitmix_uniform(key, 2 * j + 1), 1e-300);
+        double u2 = splitmix_uniform(key, 2 * j + 2);
+        double r = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+        st(out, i, (float)(r * (double)std));
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                       \
     extern "C" __global__ void causal_softmax_fwd_##S(const T* x, T* y, int q, int k,         \
                                                       float scale) {                          \
@@ -256,6 +277,10 @@ extern "C" __global__ void dropout_mask_f32(float* out, long long n, DROPOUT_PAR
         const T* base, const float* left, const float* right, T* out, long long rows, int cols, \
         int r, long long ro, long long rk, float scale, DROPOUT_PARAMS) {                       \
         low_rank_add<T>(base, left, right, out, rows, cols, r, ro, rk, scale, DROPOUT_STRUCT);  \
+    }                                                                                          \
+    extern "C" __global__ void random_normal_##S(T* out, long long n, unsigned long long key,  \
+                                                 float std) {                                  \
+        random_normal<T>(out, n, key, std);                                                    \
     }                                                                                          \
     extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, long long n) {    \
         swiglu_fwd<T>(g, u, y, n);                                                             \

@@ -7,6 +7,7 @@
 // low_rank_add:   i64 rows; i32 cols, r, right_t; f32 scale; D; f32 base (rows·cols), left
 //                 (rows·r), right (cols·r, as [r, cols] when right_t) -> out (rows·cols)
 // dropout_mask:   i64 n; D -> mask (n)
+// random_normal:  u64 key; i64 n; f32 std -> values (n)
 // thin_project:   i64 rows; i32 n, r, w_t; f32 scale; D; f32 x (rows·n), w (r·n, as [n, r]
 //                 when w_t) -> out (rows·r)
 // thin_outer:     i64 rows; i32 n, r, out_t, splits; f32 scale; D; f32 x (rows·n), y (rows·r)
@@ -87,6 +88,13 @@ int main(int argc, char** argv) {
         emu::launch({(unsigned)((n + 255) / 256)}, {256}, 0, [&] {
             dropout_mask_f32(out.data(), n, d.on, d.k1, d.k2, d.threshold, d.scale);
         });
+    } else if (kernel == "random_normal") {
+        unsigned long long key = take<unsigned long long>(in, 1)[0];
+        long long n = take<long long>(in, 1)[0];
+        float std = take<float>(in, 1)[0];
+        out.resize(n);
+        emu::launch({(unsigned)((n + 255) / 256)}, {256}, 0,
+                    [&] { random_normal_f32(out.data(), n, key, std); });
     } else if (kernel == "thin_project") {
         long long rows = take<long long>(in, 1)[0];
         auto dims = take<int>(in, 3);
