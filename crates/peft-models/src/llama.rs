@@ -14,7 +14,7 @@ use peft_ops::{
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Something that replaces a linear layer's forward: LoRA, DoRA, IA3, ...
 pub trait LinearAdapter: Send + Sync {
@@ -424,8 +424,8 @@ impl Llama {
     }
 
     /// Positions (`[seq]`, or `[batch, seq]` for packed rows) and the additive attention bias
-    /// `[batch, 1, seq, past + seq]` (`None` without a mask: the fused causal softmax applies
-    /// causality itself).
+    /// `[batch, 1, seq, past + seq]`, built when first asked for (`None` without a mask: the
+    /// fused causal softmax applies causality itself).
     ///
     /// `attention_mask` entries are segment ids over cached and new positions: 0 hides a key
     /// (padding); positive ids number the sequences packed into a row (a 0/1 mask is one
@@ -439,7 +439,7 @@ impl Llama {
         seq: usize,
         past: usize,
         attention_mask: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Option<LazyBias>)> {
         let total = past + seq;
         let plain = Tensor::arange(past as u32, total as u32, &self.device)?;
         let Some(m) = attention_mask else {
@@ -454,8 +454,7 @@ impl Llama {
         let ids = m.to_dtype(DType::U32)?.to_vec2::<u32>()?;
         let mut positions = Vec::with_capacity(batch * seq);
         let mut packed = false;
-        let mut bias = vec![f32::NEG_INFINITY; batch * seq * total];
-        for (row, ids) in ids.iter().enumerate() {
+        for ids in &ids {
             let mut start = 0;
             for q in 0..seq {
                 let id = ids[past + q];
@@ -464,14 +463,6 @@ impl Llama {
                     packed = true;
                 }
                 positions.push((past + q - start) as u32);
-                let out = &mut bias[(row * seq + q) * total..][..total];
-                for (k, slot) in out.iter_mut().enumerate().take(past + q + 1) {
-                    let key = ids[k];
-                    let visible = key != 0 && (k < past || id == 0 || key == id);
-                    if visible {
-                        *slot = 0.0;
-                    }
-                }
             }
         }
         let positions = if packed {
@@ -479,8 +470,14 @@ impl Llama {
         } else {
             plain
         };
-        let bias =
-            Tensor::from_vec(bias, (batch, 1, seq, total), &self.device)?.to_dtype(self.dtype)?;
+        let bias = LazyBias {
+            ids,
+            seq,
+            past,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            built: Mutex::new(None),
+        };
         Ok((positions, Some(bias)))
     }
 
@@ -497,6 +494,7 @@ impl Llama {
         let (b, t, _) = embeds.dims3()?;
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
         let (positions, bias) = self.mask_layout(b, t, past, attention_mask)?;
+        let bias = bias.map(Arc::new);
         let (cos, sin) = self.rope_tables(&positions)?;
         // Without a cache, the flash attention kernels (GPUs) read the mask's segment ids
         // instead of the bias.
@@ -551,11 +549,54 @@ impl Llama {
 }
 
 /// The attention mask of a batch with `attention_mask`: the additive bias (`[b, 1, t, past +
-/// t]`) and, without a cache, the segment ids it was built from (`[b, t]`, u32).
+/// t]`) and, without a cache, the segment ids it is built from (`[b, t]`, u32).
 #[derive(Clone, Default)]
 struct Mask {
-    bias: Option<Tensor>,
+    bias: Option<Arc<LazyBias>>,
     segments: Option<Tensor>,
+}
+
+/// The additive attention bias of a batch's segment ids, built on first use: where the flash
+/// attention kernels read the segment ids (GPUs), no `[b, t, t]` mask is built on the host
+/// and copied over at every step.
+struct LazyBias {
+    /// Segment ids `[batch][past + seq]`.
+    ids: Vec<Vec<u32>>,
+    seq: usize,
+    past: usize,
+    dtype: DType,
+    device: Device,
+    built: Mutex<Option<Tensor>>,
+}
+
+impl LazyBias {
+    /// `[batch, 1, seq, past + seq]`: 0 where a query sees a key (see [`Llama::mask_layout`]),
+    /// -inf elsewhere.
+    fn get(&self) -> candle_core::Result<Tensor> {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bias) = built.as_ref() {
+            return Ok(bias.clone());
+        }
+        let (seq, past) = (self.seq, self.past);
+        let total = past + seq;
+        let mut bias = vec![f32::NEG_INFINITY; self.ids.len() * seq * total];
+        for (row, ids) in self.ids.iter().enumerate() {
+            for q in 0..seq {
+                let id = ids[past + q];
+                let out = &mut bias[(row * seq + q) * total..][..total];
+                for (k, slot) in out.iter_mut().enumerate().take(past + q + 1) {
+                    let key = ids[k];
+                    if key != 0 && (k < past || id == 0 || key == id) {
+                        *slot = 0.0;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::from_vec(bias, (self.ids.len(), 1, seq, total), &self.device)?
+            .to_dtype(self.dtype)?;
+        *built = Some(bias.clone());
+        Ok(bias)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -613,8 +654,7 @@ fn attention(
         a.k_proj.forward(x, train)?,
         a.v_proj.forward(x, train)?,
     );
-    let bias = mask.bias.as_ref();
-    if bias.is_none() && cache.is_none() {
+    if mask.bias.is_none() && cache.is_none() {
         let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale)?;
         return a.o_proj.forward(&out, train);
     }
@@ -634,7 +674,8 @@ fn attention(
         }
         *slot = Some((k.clone(), v.clone()));
     }
-    let out = match bias {
+    let bias = mask.bias.as_ref().map(|b| b.get()).transpose()?;
+    let out = match &bias {
         Some(m) => {
             let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(m)?;
