@@ -368,6 +368,13 @@ fn flash_attention_packed_rows_head_dim_128() {
     compare_packed(140, 2, 2, 128, &[&[70, 60]]);
 }
 
+/// Tiles that no row of a block sees (the first sequence's keys for the third sequence's
+/// queries, and back in the backward) are skipped: the results are those of visiting them.
+#[test]
+fn flash_attention_packed_rows_skip_unseen_tiles() {
+    compare_packed(200, 2, 1, 64, &[&[64, 70, 66], &[130, 60]]);
+}
+
 #[test]
 fn flash_attention_head_dim_64_grouped_query() {
     compare(1, 80, 4, 2, 64);

@@ -204,11 +204,22 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const float scale2 = scale * FA_LOG2E;
 
     for (int kt = 0; kt <= qt; ++kt) {
-        load_tile<D>(Ks, kb, ks, kt * FA_TILE, t, cos, sin);
-        load_tile<D>(Vs, vb, ks, kt * FA_TILE, t, 0, 0);
-        if (segb)
+        if (segb) {
+            // Packed rows: a key tile that none of the block's rows sees (another sequence's)
+            // is skipped whole; its scores would all be masked.
             for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x)
                 Gs[i] = kt * FA_TILE + i < t ? segb[kt * FA_TILE + i] : 0;
+            __syncthreads();
+            bool seen = false;
+            for (int cl = 2 * c; cl < FA_TILE; cl += 8)
+                for (int e = 0; e < 2; ++e)
+                    for (int r = 0; r < 2; ++r)
+                        seen |= row[r] < t && kt * FA_TILE + cl + e <= row[r] &&
+                                same_sequence(row_seg[r], Gs[cl + e]);
+            if (!__syncthreads_or(seen)) continue;
+        }
+        load_tile<D>(Ks, kb, ks, kt * FA_TILE, t, cos, sin);
+        load_tile<D>(Vs, vb, ks, kt * FA_TILE, t, 0, 0);
         __syncthreads();
         float s[8][4];
 #pragma unroll
@@ -364,14 +375,31 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const float* eb = delta + ((long long)bi * heads + hi) * t;
     float* dqb = dq_acc + ((long long)bi * heads + hi) * t * D;
     for (int qt = kt; qt < nq; ++qt) {
-        __syncthreads();  // the last iteration's reads of Qs, Os, Ss, Ls and Es are done
+        __syncthreads();  // the last iteration's reads of Qs, Os, Ss, Ls, Es and Gs are done
+        if (packed) {
+            // Packed rows: a query tile that sees none of the block's keys is skipped whole.
+            for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
+                int r = qt * FA_TILE + i;
+                Gs[i] = r < t ? seg[(long long)bi * t + r] : 0;
+            }
+            __syncthreads();
+            bool seen = false;
+#pragma unroll 1
+            for (int ql = 2 * c; ql < FA_TILE; ql += 8)
+                for (int e = 0; e < 2; ++e)
+                    for (int r = 0; r < 2; ++r) {
+                        int query = qt * FA_TILE + ql + e;
+                        seen |= key[r] < t && query < t && query >= key[r] &&
+                                same_sequence(Gs[ql + e], Gk[warp * 16 + g + 8 * r]);
+                    }
+            if (!__syncthreads_or(seen)) continue;
+        }
         load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
         load_tile<D>(Os, ob, qs, qt * FA_TILE, t, 0, 0);
         for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
             int r = qt * FA_TILE + i;
             Ls[i] = r < t ? lb[r] * FA_LOG2E : 0.f;
             Es[i] = r < t ? eb[r] : 0.f;
-            if (packed) Gs[i] = r < t ? seg[(long long)bi * t + r] : 0;
         }
         __syncthreads();
 

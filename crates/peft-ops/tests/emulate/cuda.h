@@ -4,6 +4,7 @@
 // warp-collective operations (a warp barrier). mma.sync is reassembled from the lanes'
 // fragments by the layout of the PTX ISA. Shared memory starts as NaN bytes at every block.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -85,6 +86,23 @@ inline float bits_to_float(uint32_t u) {
 #define __align__(n) alignas(n)
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+
+namespace emu {
+inline std::atomic<int> vote{0};
+}
+
+// Non-zero when any thread of the block passes a non-zero predicate; a barrier too. Cleared,
+// set and read in three barrier-separated steps, so that no thread's vote can land in another
+// round.
+inline int __syncthreads_or(int predicate) {
+    if (threadIdx.x == 0) emu::vote.store(0);
+    __syncthreads();
+    if (predicate) emu::vote.store(1);
+    __syncthreads();
+    int any = emu::vote.load();
+    __syncthreads();
+    return any;
+}
 
 inline unsigned char* emu_dynamic_smem() {
     auto p = reinterpret_cast<uintptr_t>(emu::shared_bytes.data());
