@@ -203,21 +203,13 @@ fn thin_project(
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         return crate::cuda::thin_project(&x, drop.drawn(), &w, w_t, scale as f32);
     }
-    let x32 = x.to_dtype(DType::F32)?;
-    let xd = match drop.mask(x)? {
-        Some(m) => (&x32 * m)?,
-        None => x32,
-    };
+    let xd = masked_f32(x, drop)?;
     let product = if w_t {
         xd.matmul(w)?
     } else {
         xd.matmul(&w.t()?)?
     };
-    if scale == 1.0 {
-        Ok(product)
-    } else {
-        product * scale
-    }
+    scaled(product, scale)
 }
 
 /// `scale · (x ∘ mask)ᵀ · y` in f32 as `[n, r]` (or its transpose `[r, n]` when `out_t`) for
@@ -235,20 +227,30 @@ fn thin_outer(
         let (x, y) = (x.contiguous()?, y.contiguous()?);
         return crate::cuda::thin_outer(&x, drop.drawn(), &y, out_t, scale as f32);
     }
-    let x32 = x.to_dtype(DType::F32)?;
-    let xd = match drop.mask(x)? {
-        Some(m) => (&x32 * m)?,
-        None => x32,
-    };
+    let xd = masked_f32(x, drop)?;
     let product = if out_t {
         y.t()?.matmul(&xd)?
     } else {
         xd.t()?.matmul(y)?
     };
+    scaled(product, scale)
+}
+
+/// `x` in f32 with `drop`'s mask applied (the composed path of the thin products).
+fn masked_f32(x: &Tensor, drop: &InputDropout) -> Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    match drop.mask(x)? {
+        Some(m) => x32 * m,
+        None => Ok(x32),
+    }
+}
+
+/// `t · scale`, without a pass over `t` when the scale is 1.
+fn scaled(t: Tensor, scale: f64) -> Result<Tensor> {
     if scale == 1.0 {
-        Ok(product)
+        Ok(t)
     } else {
-        product * scale
+        t * scale
     }
 }
 
@@ -282,10 +284,7 @@ fn low_rank_add(
     if let Some(m) = drop.mask(base)? {
         product = (product * m)?;
     }
-    if scale != 1.0 {
-        product = (product * scale)?;
-    }
-    base + product.to_dtype(base.dtype())?
+    base + scaled(product, scale)?.to_dtype(base.dtype())?
 }
 
 /// Fewest rows for which the LoRA forward without gradients uses matmuls rather than
