@@ -298,6 +298,9 @@ pub(crate) fn cross_entropy_rows(
     dispatch!(logits.dtype(), f(logits, labels, inv_denom, grad))
 }
 
+/// Rows per block of `low_rank_add` (`LRA_ROWS` in kernels/ops.cu).
+const LOW_RANK_ADD_ROWS: usize = 16;
+
 /// The dropout arguments of our LoRA kernels (`DROPOUT_PARAMS` in kernels/ops.cu): off, or
 /// the keys, threshold and scale of a mask, which the kernels draw element by element.
 struct DropoutArgs {
@@ -396,8 +399,17 @@ pub(crate) fn low_rank_add(
             .arg(&rk)
             .arg(&scale);
         drop.push(&mut builder);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                cols.div_ceil(256) as u32,
+                rows.div_ceil(LOW_RANK_ADD_ROWS) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: the arguments match low_rank_add_{f32,bf16} in kernels/ops.cu.
-        unsafe { builder.launch(elementwise_config(rows * cols)) }.map_err(err)?;
+        unsafe { builder.launch(cfg) }.map_err(err)?;
         Ok(wrap(out, &dev, &[rows, cols]))
     }
     dispatch!(base.dtype(), f(base, left, right, right_t, dropout, scale))

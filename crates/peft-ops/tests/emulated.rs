@@ -881,41 +881,51 @@ fn causal_softmax_kernels_match_the_cpu() {
 }
 
 /// LoRA's low-rank add, with B as `[cols, r]` (forward) and A as `[r, cols]` (backward, with
-/// and without a dropout mask): within 1e-5 of `base + scale · (left · rightᵀ) ∘ mask` by
-/// matmuls.
+/// and without a dropout mask), ranks in one group of 16 and in two (the second partial),
+/// rows and columns ending mid-block: within 1e-5 of `base + scale · (left · rightᵀ) ∘ mask`
+/// by matmuls.
 #[test]
 fn low_rank_add_matches_matmuls() {
-    let (rows, cols, r, scale) = (37usize, 70usize, 16usize, 0.5f32);
+    for (r, right_t, masked) in [
+        (16, false, false),
+        (16, true, false),
+        (20, true, true),
+        (8, false, true),
+    ] {
+        low_rank_add_case(37, 300, r, right_t, masked);
+    }
+}
+
+fn low_rank_add_case(rows: usize, cols: usize, r: usize, right_t: bool, masked: bool) {
+    let scale = 0.5f32;
     let base = randn(&[rows, cols], 530);
     let left = randn(&[rows, r], 531);
     let drop = Dropout { p: 0.25, seed: 7 };
-    let mask = dropout_mask(drop.seed, drop.p, &[rows, cols], &Device::Cpu).unwrap();
-    for (right_t, masked) in [(false, false), (true, false), (true, true)] {
-        let right = if right_t {
-            randn(&[r, cols], 532)
-        } else {
-            randn(&[cols, r], 532)
-        };
-        let mut product = if right_t {
-            left.matmul(&right).unwrap()
-        } else {
-            left.matmul(&right.t().unwrap()).unwrap()
-        };
-        if masked {
-            product = (product * &mask).unwrap();
-        }
-        let want = (&base + (product * scale as f64).unwrap()).unwrap();
-        let mut input = (rows as i64).to_le_bytes().to_vec();
-        input.extend(i32_bytes(&[cols, r, right_t as usize]));
-        input.extend(scale.to_le_bytes());
-        input.extend(dropout_bytes(masked.then_some(drop)));
-        for t in [&base, &left, &right] {
-            input.extend(f32_bytes(t));
-        }
-        let case = format!("low_rank_add_{right_t}_{masked}");
-        let out = to_f32s(&emulate_with("ops", &["low_rank_add"], &case, &input));
-        check(&case, &tensor_at(&out, 0, &[rows, cols]), &want, 1e-5);
+    let right = if right_t {
+        randn(&[r, cols], 532)
+    } else {
+        randn(&[cols, r], 532)
+    };
+    let mut product = if right_t {
+        left.matmul(&right).unwrap()
+    } else {
+        left.matmul(&right.t().unwrap()).unwrap()
+    };
+    if masked {
+        let mask = dropout_mask(drop.seed, drop.p, &[rows, cols], &Device::Cpu).unwrap();
+        product = (product * mask).unwrap();
     }
+    let want = (&base + (product * scale as f64).unwrap()).unwrap();
+    let mut input = (rows as i64).to_le_bytes().to_vec();
+    input.extend(i32_bytes(&[cols, r, right_t as usize]));
+    input.extend(scale.to_le_bytes());
+    input.extend(dropout_bytes(masked.then_some(drop)));
+    for t in [&base, &left, &right] {
+        input.extend(f32_bytes(t));
+    }
+    let case = format!("low_rank_add_{r}_{right_t}_{masked}");
+    let out = to_f32s(&emulate_with("ops", &["low_rank_add"], &case, &input));
+    check(&case, &tensor_at(&out, 0, &[rows, cols]), &want, 1e-5);
 }
 
 /// LoRA's thin products without f32 copies of their wide operand: `scale · (x ∘ mask) · Aᵀ`

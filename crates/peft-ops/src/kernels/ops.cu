@@ -202,20 +202,46 @@ __device__ __forceinline__ float dropout_at(const Dropout& d, long long i) {
 // [rows, r] f32, right's element (o, k) at right[o * ro + k * rk] (B [cols, r]: ro = r, rk = 1;
 // A [r, cols]: ro = 1, rk = cols), mask [rows, cols] the dropout of `drop` (in the backward).
 // One pass over base instead of a matmul, a scale, a mask, a cast and an add with f32
-// [rows, cols] temporaries. Grid-stride over the elements.
+// [rows, cols] temporaries. Grid (column blocks of 256, row blocks of LRA_ROWS); thread =
+// column: it keeps 16 ranks of its column of right in registers and the block's rows of left
+// come from shared memory, 16 ranks at a time.
+#define LRA_ROWS 16
+#define LRA_RANKS 16
 template <typename T>
 __device__ void low_rank_add(const T* base, const float* left, const float* right, T* out,
                              long long rows, int cols, int r, long long ro, long long rk,
                              float scale, Dropout drop) {
-    long long n = rows * cols;
-    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-         idx += (long long)gridDim.x * blockDim.x) {
-        long long i = idx / cols, o = idx % cols;
-        const float* l = left + i * r;
-        const float* rr = right + o * ro;
-        float acc = 0.f;
-        for (int k = 0; k < r; ++k) acc += l[k] * rr[k * rk];
-        st(out, idx, ld(base, idx) + scale * acc * dropout_at(drop, idx));
+    __shared__ float ls[LRA_ROWS][LRA_RANKS];
+    long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long row0 = (long long)blockIdx.y * LRA_ROWS;
+    float acc[LRA_ROWS];
+#pragma unroll
+    for (int i = 0; i < LRA_ROWS; ++i) acc[i] = 0.f;
+    for (int k0 = 0; k0 < r; k0 += LRA_RANKS) {
+        __syncthreads();  // the previous ranks are consumed
+        for (int e = threadIdx.x; e < LRA_ROWS * LRA_RANKS; e += blockDim.x) {
+            int i = e / LRA_RANKS, k = e % LRA_RANKS;
+            ls[i][k] = row0 + i < rows && k0 + k < r ? left[(row0 + i) * r + k0 + k] : 0.f;
+        }
+        __syncthreads();
+        if (o < cols) {
+            float rr[LRA_RANKS];
+#pragma unroll
+            for (int k = 0; k < LRA_RANKS; ++k)
+                rr[k] = k0 + k < r ? right[o * ro + (k0 + k) * rk] : 0.f;
+#pragma unroll
+            for (int i = 0; i < LRA_ROWS; ++i)
+#pragma unroll
+                for (int k = 0; k < LRA_RANKS; ++k) acc[i] += ls[i][k] * rr[k];
+        }
+    }
+    if (o >= cols) return;
+#pragma unroll
+    for (int i = 0; i < LRA_ROWS; ++i) {
+        long long row = row0 + i;
+        if (row >= rows) break;
+        long long idx = row * cols + o;
+        st(out, idx, ld(base, idx) + scale * acc[i] * dropout_at(drop, idx));
     }
 }
 

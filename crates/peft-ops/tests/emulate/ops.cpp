@@ -13,7 +13,7 @@
 // thin_outer:     i64 rows; i32 n, r, out_t, splits; f32 scale; D; f32 x (rows·n), y (rows·r)
 //                 -> out (n·r, as [r, n] when out_t)
 // Launch shapes as in src/cuda.rs: a block of 256 threads per row, 256-thread blocks for the
-// elementwise kernels; the thin kernels as in its thin_project and thin_outer.
+// elementwise kernels; low_rank_add and the thin kernels as its launchers set them.
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
 #include "../../src/kernels/lora.cu"
@@ -76,8 +76,7 @@ int main(int argc, char** argv) {
         auto right = take<float>(in, (size_t)cols * r);
         long long ro = right_t ? 1 : r, rk = right_t ? cols : 1;
         out.resize(base.size());
-        unsigned blocks = (unsigned)((base.size() + 255) / 256);
-        emu::launch({blocks}, {256}, 0, [&] {
+        emu::launch({(unsigned)((cols + 255) / 256), (unsigned)((rows + 15) / 16)}, {256}, 0, [&] {
             low_rank_add_f32(base.data(), left.data(), right.data(), out.data(), rows, cols, r, ro,
                              rk, scale, d.on, d.k1, d.k2, d.threshold, d.scale);
         });
