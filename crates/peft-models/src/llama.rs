@@ -405,7 +405,9 @@ impl Llama {
         ))?)
     }
 
-    /// cos/sin tables `[positions.., head_dim / 2]` for the given positions.
+    /// cos/sin tables `[positions.., head_dim / 2]` for the given positions: the values of the
+    /// model's dtype (as transformers rounds them), held in f32, which the flash attention
+    /// kernels read as they are, once for all layers.
     fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let shape = positions.dims().to_vec();
         let pos = positions.flatten_all()?.to_dtype(DType::F32)?;
@@ -414,12 +416,14 @@ impl Llama {
             .broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
         let mut out_shape = shape;
         out_shape.push(self.inv_freq.dim(0)?);
+        let table = |t: Tensor, shape: Vec<usize>| -> Result<Tensor> {
+            Ok(t.reshape(shape)?
+                .to_dtype(self.dtype)?
+                .to_dtype(DType::F32)?)
+        };
         Ok((
-            theta
-                .cos()?
-                .reshape(out_shape.clone())?
-                .to_dtype(self.dtype)?,
-            theta.sin()?.reshape(out_shape)?.to_dtype(self.dtype)?,
+            table(theta.cos()?, out_shape.clone())?,
+            table(theta.sin()?, out_shape)?,
         ))
     }
 

@@ -169,10 +169,11 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Rotary position embedding, HF "rotate_half" layout. `x`: [batch, heads, seq, head_dim],
-/// `cos`/`sin`: [seq, head_dim / 2]. The backward is the inverse rotation.
+/// `cos`/`sin`: [seq, head_dim / 2] (cast to `x`'s dtype). The backward is the inverse
+/// rotation.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
-    let cos = cos.clone();
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &cos, &sin)?;
     let neg_sin = sin.neg()?;
     with_grad(x, y, move |_, _, grad| {
         candle_nn::rotary_emb::rope(&grad.contiguous()?, &cos, &neg_sin)
