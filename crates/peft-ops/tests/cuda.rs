@@ -8,7 +8,7 @@ use peft_ops::*;
 use std::sync::Arc;
 
 mod common;
-use common::{max_abs, randn, rope_tables};
+use common::{max_abs, packed_reference, packed_rows, randn, rope_tables};
 
 fn gpu() -> Device {
     open_device("cuda").expect("a CUDA device")
@@ -184,81 +184,14 @@ fn packed_self_attention_matches_cpu() {
     let lengths: [&[usize]; 2] = [&[64, 70, 66], &[130, 60]];
     let b = lengths.len();
     let scale = 1.0 / (d as f64).sqrt();
-    let (mut ids, mut positions, mut real) = (Vec::new(), Vec::new(), Vec::new());
-    for lens in lengths {
-        for (s, &len) in lens.iter().enumerate() {
-            ids.extend(std::iter::repeat_n(s as u32 + 1, len));
-            positions.extend(0..len as u32);
-            real.extend(std::iter::repeat_n(1f32, len));
-        }
-        let (used, last) = (lens.iter().sum::<usize>(), *lens.last().unwrap() as u32);
-        ids.extend(std::iter::repeat_n(0u32, t - used));
-        positions.extend(last..last + (t - used) as u32);
-        real.extend(std::iter::repeat_n(0f32, t - used));
-    }
+    let rows = packed_rows(t, d, &lengths);
     let q = randn(&[b, t, heads * d], 40);
     let k = randn(&[b, t, kv_heads * d], 41);
     let v = randn(&[b, t, kv_heads * d], 42);
-    let real = Tensor::from_vec(real, (b, t, 1), &Device::Cpu).unwrap();
-    let probe = randn(&[b, t, heads * d], 43).broadcast_mul(&real).unwrap();
-    let (cos, sin) = rope_tables(t, d);
-    let pos = Tensor::from_vec(positions, b * t, &Device::Cpu).unwrap();
-    let rows = |x: &Tensor| {
-        x.index_select(&pos, 0)
-            .unwrap()
-            .reshape((b, t, d / 2))
-            .unwrap()
-    };
-    let segments = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
-
-    // The CPU reference, one sequence at a time.
-    let mut want: Vec<Vec<f32>> = vec![
-        vec![0f32; b * t * heads * d],
-        vec![0f32; b * t * heads * d],
-        vec![0f32; b * t * kv_heads * d],
-        vec![0f32; b * t * kv_heads * d],
-    ];
-    for (bi, lens) in lengths.iter().enumerate() {
-        let mut start = 0;
-        for &len in lens.iter() {
-            let part = |x: &Tensor| {
-                let x = x.narrow(0, bi, 1).unwrap().narrow(1, start, len).unwrap();
-                Var::from_tensor(&x.contiguous().unwrap()).unwrap()
-            };
-            let (qv, kv, vv) = (part(&q), part(&k), part(&v));
-            let (c, s) = rope_tables(len, d);
-            let o = causal_self_attention(
-                qv.as_tensor(),
-                kv.as_tensor(),
-                vv.as_tensor(),
-                &c,
-                &s,
-                heads,
-                kv_heads,
-                scale,
-            )
-            .unwrap();
-            let g = probe
-                .narrow(0, bi, 1)
-                .unwrap()
-                .narrow(1, start, len)
-                .unwrap();
-            let grads = (&o * g).unwrap().sum_all().unwrap().backward().unwrap();
-            let values = [
-                o,
-                grads.get(qv.as_tensor()).unwrap().clone(),
-                grads.get(kv.as_tensor()).unwrap().clone(),
-                grads.get(vv.as_tensor()).unwrap().clone(),
-            ];
-            for (dst, x) in want.iter_mut().zip(values) {
-                let width = x.dim(2).unwrap();
-                let at = (bi * t + start) * width;
-                let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                dst[at..at + x.len()].copy_from_slice(&x);
-            }
-            start += len;
-        }
-    }
+    let probe = randn(&[b, t, heads * d], 43)
+        .broadcast_mul(&rows.real)
+        .unwrap();
+    let want = packed_reference((&q, &k, &v), &probe, &lengths, (heads, kv_heads, d));
 
     let dev = gpu();
     let on_gpu = |x: &Tensor| {
@@ -269,9 +202,9 @@ fn packed_self_attention_matches_cpu() {
         qv.as_tensor(),
         kv.as_tensor(),
         vv.as_tensor(),
-        &rows(&cos).to_device(&dev).unwrap(),
-        &rows(&sin).to_device(&dev).unwrap(),
-        &segments.to_device(&dev).unwrap(),
+        &rows.cos.to_device(&dev).unwrap(),
+        &rows.sin.to_device(&dev).unwrap(),
+        &rows.ids.to_device(&dev).unwrap(),
         heads,
         kv_heads,
         scale,
@@ -296,14 +229,13 @@ fn packed_self_attention_matches_cpu() {
             .unwrap()
     };
     let got = [
-        host(&o).broadcast_mul(&real).unwrap(),
+        host(&o).broadcast_mul(&rows.real).unwrap(),
         host(grads.get(qv.as_tensor()).unwrap()),
         host(grads.get(kv.as_tensor()).unwrap()),
         host(grads.get(vv.as_tensor()).unwrap()),
     ];
-    for ((what, got), want) in ["output", "dq", "dk", "dv"].iter().zip(&got).zip(want) {
-        let want = Tensor::from_vec(want, got.dims(), &Device::Cpu).unwrap();
-        close(&format!("packed attention {what}"), got, &want, 3e-2);
+    for ((what, got), want) in ["output", "dq", "dk", "dv"].iter().zip(&got).zip(&want) {
+        close(&format!("packed attention {what}"), got, want, 3e-2);
     }
 }
 

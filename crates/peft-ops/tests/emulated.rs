@@ -21,7 +21,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 mod common;
-use common::{max_abs, randn, rope_tables};
+use common::{max_abs, packed_reference, packed_rows, randn, rope_tables};
 
 /// Builds `tests/emulate/<name>.cpp` once per test run and returns the program.
 fn emulator(name: &str) -> PathBuf {
@@ -241,118 +241,36 @@ fn compare_packed(t: usize, heads: usize, kv_heads: usize, d: usize, segments: &
     let q = bf16_values(&[b, t, heads * d], 11, 2.0);
     let k = bf16_values(&[b, t, kv_heads * d], 12, 2.0);
     let v = bf16_values(&[b, t, kv_heads * d], 13, 1.0);
-    let mut dout = bf16_values(&[b, t, heads * d], 14, 1.0);
-    let (cos, sin) = rope_tables(t, d);
-    // Segment ids, positions (restarting with each sequence, continuing into the padding, as
-    // mask_layout numbers them) and the real rows.
-    let (mut ids, mut positions, mut real) = (Vec::new(), Vec::new(), Vec::new());
-    for lens in segments {
-        let mut at = 0;
-        for (s, &len) in lens.iter().enumerate() {
-            ids.extend(std::iter::repeat_n(s as u32 + 1, len));
-            positions.extend(0..len as u32);
-            real.extend(std::iter::repeat_n(1f32, len));
-            at += len;
-        }
-        let last = *lens.last().unwrap() as u32;
-        ids.extend(std::iter::repeat_n(0u32, t - at));
-        positions.extend(last..last + (t - at) as u32);
-        real.extend(std::iter::repeat_n(0f32, t - at));
-    }
-    let real = Tensor::from_vec(real, (b, t, 1), &Device::Cpu).unwrap();
-    dout = dout.broadcast_mul(&real).unwrap();
-    let pos = Tensor::from_vec(positions, b * t, &Device::Cpu).unwrap();
-    let gather = |x: &Tensor| {
-        x.index_select(&pos, 0)
-            .unwrap()
-            .reshape((b, t, d / 2))
-            .unwrap()
-    };
-    let (cos_rows, sin_rows) = (gather(&cos), gather(&sin));
-
-    // The reference, one sequence at a time.
-    let zeros = |n: usize| vec![0f32; b * t * n * d];
-    let (mut o_want, mut dq_want) = (zeros(heads), zeros(heads));
-    let (mut dk_want, mut dv_want) = (zeros(kv_heads), zeros(kv_heads));
-    for (bi, lens) in segments.iter().enumerate() {
-        let mut start = 0;
-        for &len in lens.iter() {
-            let part = |x: &Tensor| x.narrow(0, bi, 1).unwrap().narrow(1, start, len).unwrap();
-            let vars: Vec<Var> = [&q, &k, &v]
-                .iter()
-                .map(|x| Var::from_tensor(&part(x).contiguous().unwrap()).unwrap())
-                .collect();
-            let (c, s) = rope_tables(len, d);
-            let o = causal_self_attention(
-                vars[0].as_tensor(),
-                vars[1].as_tensor(),
-                vars[2].as_tensor(),
-                &c,
-                &s,
-                heads,
-                kv_heads,
-                scale,
-            )
-            .unwrap();
-            let grads = (&o * part(&dout))
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let rows = |dst: &mut Vec<f32>, x: &Tensor, n: usize| {
-                let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let at = (bi * t + start) * n * d;
-                dst[at..at + values.len()].copy_from_slice(&values);
-            };
-            rows(&mut o_want, &o, heads);
-            rows(&mut dq_want, grads.get(vars[0].as_tensor()).unwrap(), heads);
-            rows(
-                &mut dk_want,
-                grads.get(vars[1].as_tensor()).unwrap(),
-                kv_heads,
-            );
-            rows(
-                &mut dv_want,
-                grads.get(vars[2].as_tensor()).unwrap(),
-                kv_heads,
-            );
-            start += len;
-        }
-    }
+    let rows = packed_rows(t, d, segments);
+    let real = &rows.real;
+    let dout = bf16_values(&[b, t, heads * d], 14, 1.0)
+        .broadcast_mul(real)
+        .unwrap();
+    let [o_want, dq_want, dk_want, dv_want] =
+        packed_reference((&q, &k, &v), &dout, segments, (heads, kv_heads, d));
 
     let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 1]);
     bytes.extend((scale as f32).to_le_bytes());
     for x in [&q, &k, &v, &dout] {
         bytes.extend(bf16_bytes(x));
     }
+    let ids = rows.ids.flatten_all().unwrap().to_vec1::<u32>().unwrap();
     bytes.extend(ids.iter().flat_map(|i| i.to_le_bytes()));
-    bytes.extend(f32_bytes(&cos_rows));
-    bytes.extend(f32_bytes(&sin_rows));
+    bytes.extend(f32_bytes(&rows.cos));
+    bytes.extend(f32_bytes(&rows.sin));
     let case = format!("flash_packed_{t}_{heads}_{kv_heads}_{d}");
     let floats = to_f32s(&emulate("flash", &case, &bytes));
     let (nq, nk, nl) = (b * t * heads * d, b * t * kv_heads * d, b * heads * t);
     assert_eq!(floats.len(), 2 * nq + nl + 2 * nk, "output size");
     assert!(floats.iter().all(|x| x.is_finite()), "a non-finite value");
     let tensor = |at: usize, n: usize| tensor_at(&floats, at, &[b, t, n * d]);
-    let want = |v: Vec<f32>, n: usize| Tensor::from_vec(v, (b, t, n * d), &Device::Cpu).unwrap();
     // Padding rows attend across sequences: compare the real rows' outputs only.
-    let o = tensor(0, heads).broadcast_mul(&real).unwrap();
-    check("packed output", &o, &want(o_want, heads), 1e-2);
+    let o = tensor(0, heads).broadcast_mul(real).unwrap();
+    check("packed output", &o, &o_want, 1e-2);
     let at = nq + nl;
-    check("packed dq", &tensor(at, heads), &want(dq_want, heads), 2e-2);
-    check(
-        "packed dk",
-        &tensor(at + nq, kv_heads),
-        &want(dk_want, kv_heads),
-        2e-2,
-    );
-    check(
-        "packed dv",
-        &tensor(at + nq + nk, kv_heads),
-        &want(dv_want, kv_heads),
-        2e-2,
-    );
+    check("packed dq", &tensor(at, heads), &dq_want, 2e-2);
+    check("packed dk", &tensor(at + nq, kv_heads), &dk_want, 2e-2);
+    check("packed dv", &tensor(at + nq + nk, kv_heads), &dv_want, 2e-2);
 }
 
 /// Three sequences and padding in one row (the boundaries mid-tile, a tile with no key its

@@ -31,3 +31,110 @@ pub fn rope_tables(t: usize, d: usize) -> (Tensor, Tensor) {
     let a = Tensor::from_vec(angles, (t, half), &Device::Cpu).unwrap();
     (a.cos().unwrap(), a.sin().unwrap())
 }
+
+/// Rows of `t` positions packing sequences of the given lengths (one list per row), then
+/// padding.
+#[allow(dead_code)] // for the attention tests
+pub struct PackedRows {
+    /// Segment ids `[b, t]` u32 (0: padding).
+    pub ids: Tensor,
+    /// 1 on sequence positions, 0 on padding, `[b, t, 1]` f32.
+    pub real: Tensor,
+    /// RoPE tables `[b, t, d / 2]` of each position: positions restart with each sequence and
+    /// continue into the padding, as llama's mask_layout numbers them.
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+#[allow(dead_code)] // for the attention tests
+pub fn packed_rows(t: usize, d: usize, lengths: &[&[usize]]) -> PackedRows {
+    let b = lengths.len();
+    let (mut ids, mut positions, mut real) = (Vec::new(), Vec::new(), Vec::new());
+    for lens in lengths {
+        for (s, &len) in lens.iter().enumerate() {
+            ids.extend(std::iter::repeat_n(s as u32 + 1, len));
+            positions.extend(0..len as u32);
+            real.extend(std::iter::repeat_n(1f32, len));
+        }
+        let (used, last) = (lens.iter().sum::<usize>(), *lens.last().unwrap() as u32);
+        ids.extend(std::iter::repeat_n(0u32, t - used));
+        positions.extend(last..last + (t - used) as u32);
+        real.extend(std::iter::repeat_n(0f32, t - used));
+    }
+    let (cos, sin) = rope_tables(t, d);
+    let pos = Tensor::from_vec(positions, b * t, &Device::Cpu).unwrap();
+    let rows = |x: &Tensor| {
+        x.index_select(&pos, 0)
+            .unwrap()
+            .reshape((b, t, d / 2))
+            .unwrap()
+    };
+    PackedRows {
+        ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
+        real: Tensor::from_vec(real, (b, t, 1), &Device::Cpu).unwrap(),
+        cos: rows(&cos),
+        sin: rows(&sin),
+    }
+}
+
+/// The output of causal self-attention over packed rows and the q, k, v gradients of
+/// `sum(output · probe)`, computed in f32 on the CPU one sequence at a time (each attended
+/// alone, positions from 0) and placed at its rows: `[o, dq, dk, dv]`, each `[b, t, n · d]`,
+/// zero on padding rows. `q`, `k`, `v`: `[b, t, n · d]`, `probe` like `q`.
+#[allow(dead_code)] // for the attention tests
+pub fn packed_reference(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    probe: &Tensor,
+    lengths: &[&[usize]],
+    (heads, kv_heads, d): (usize, usize, usize),
+) -> [Tensor; 4] {
+    let (b, t, _) = q.dims3().unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+    let widths = [heads, heads, kv_heads, kv_heads];
+    let mut want: Vec<Vec<f32>> = widths.iter().map(|n| vec![0f32; b * t * n * d]).collect();
+    for (bi, lens) in lengths.iter().enumerate() {
+        let mut start = 0;
+        for &len in lens.iter() {
+            let part = |x: &Tensor| x.narrow(0, bi, 1).unwrap().narrow(1, start, len).unwrap();
+            let vars: Vec<candle_core::Var> = [q, k, v]
+                .iter()
+                .map(|x| candle_core::Var::from_tensor(&part(x).contiguous().unwrap()).unwrap())
+                .collect();
+            let (c, s) = rope_tables(len, d);
+            let o = peft_ops::causal_self_attention(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                &c,
+                &s,
+                heads,
+                kv_heads,
+                scale,
+            )
+            .unwrap();
+            let grads = (&o * part(probe))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let values = [
+                o,
+                grads.get(vars[0].as_tensor()).unwrap().clone(),
+                grads.get(vars[1].as_tensor()).unwrap().clone(),
+                grads.get(vars[2].as_tensor()).unwrap().clone(),
+            ];
+            for ((dst, x), n) in want.iter_mut().zip(values).zip(widths) {
+                let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let at = (bi * t + start) * n * d;
+                dst[at..at + x.len()].copy_from_slice(&x);
+            }
+            start += len;
+        }
+    }
+    let mut tensors = want
+        .into_iter()
+        .zip(widths)
+        .map(|(w, n)| Tensor::from_vec(w, (b, t, n * d), &Device::Cpu).unwrap());
+    std::array::from_fn(|_| tensors.next().unwrap())
+}
