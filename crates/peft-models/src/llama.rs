@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
     causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, linear,
-    packed_self_attention, param, quantized_linear, rms_norm, rope, softmax_last_dim, swiglu,
-    GradSink, LinearWeight, QuantizedWeight,
+    packed_self_attention, param, prefixed_self_attention, quantized_linear, rms_norm, rope,
+    softmax_last_dim, swiglu, GradSink, LinearWeight, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -500,12 +500,8 @@ impl Llama {
         let (positions, bias) = self.mask_layout(b, t, past, attention_mask)?;
         let bias = bias.map(Arc::new);
         let (cos, sin) = self.rope_tables(&positions)?;
-        // Without a cache, the flash attention kernels (GPUs) read the mask's segment ids
-        // instead of the bias.
-        let segments = match attention_mask {
-            Some(m) if past == 0 => Some(m.to_dtype(DType::U32)?),
-            _ => None,
-        };
+        // The flash attention kernels (GPUs) read the mask's segment ids instead of the bias.
+        let segments = attention_mask.map(|m| m.to_dtype(DType::U32)).transpose()?;
         let mut x = embeds.clone();
         if train && self.gradient_checkpointing && cache.is_none() {
             // The recomputation needs a backward to reach every layer, also when nothing before
@@ -553,7 +549,7 @@ impl Llama {
 }
 
 /// The attention mask of a batch with `attention_mask`: the additive bias (`[b, 1, t, past +
-/// t]`) and, without a cache, the segment ids it is built from (`[b, t]`, u32).
+/// t]`) and the segment ids it is built from (`[b, past + t]`, u32).
 #[derive(Clone, Default)]
 struct Mask {
     bias: Option<Arc<LazyBias>>,
@@ -664,6 +660,18 @@ fn attention(
     }
     if let (Some(segments), None) = (&mask.segments, &cache) {
         if let Some(out) = packed_self_attention(&q, &k, &v, cos, sin, segments, nh, kvh, scale)? {
+            return a.o_proj.forward(&out, train);
+        }
+    }
+    // Training over a pre-filled cache (prefix tuning's virtual tokens): the flash kernels
+    // attend over it in place of the concatenation and the bias below. Nothing reads the
+    // cache after a training forward, so it is not extended.
+    if let (Some(Some(prefix)), true) = (cache.as_deref(), train) {
+        let prefix = (&prefix.0, &prefix.1);
+        let segments = mask.segments.as_ref();
+        let qkv = (&q, &k, &v);
+        if let Some(out) = prefixed_self_attention(qkv, prefix, cos, sin, segments, nh, kvh, scale)?
+        {
             return a.o_proj.forward(&out, train);
         }
     }

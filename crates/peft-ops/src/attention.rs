@@ -178,6 +178,121 @@ pub fn packed_self_attention(
     Ok(None)
 }
 
+/// The segment id of keys that every query sees, in the segment ids the flash attention
+/// kernels read (`FA_SHARED` of `kernels/attention.cu`).
+pub const SHARED_SEGMENT: u32 = u32::MAX;
+
+/// Attention of new tokens over a prefix of keys and values and their own keys: prefix
+/// tuning's virtual tokens, as transformers attends over a pre-filled cache. `prefix` holds the
+/// keys and values `[b, kv_heads, p, d]` as they are (no RoPE), seen by every new token; `q`,
+/// `k`, `v` `[b, t, heads · d]` are the new tokens' projections, rotated by `cos`/`sin`
+/// (`[t, d / 2]` or `[b, t, d / 2]`: positions after the prefix) and attended causally.
+/// `mask` `[b, p + t]` (segment ids over the prefix and the new positions, as llama's
+/// attention mask) hides padding keys and separates packed sequences; none of them hides a
+/// prefix key unless its own entry is 0. By the flash attention kernels where they serve the
+/// tensors (bf16 on CUDA, head size 64 or 128); `None` elsewhere (the caller then concatenates
+/// the cache and masks the scores itself).
+#[allow(clippy::too_many_arguments)]
+pub fn prefixed_self_attention(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    prefix: (&Tensor, &Tensor),
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: Option<&Tensor>,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if flash_serves((q, k, v), heads, kv_heads) {
+        let p = prefix.0.dim(2)?;
+        let all = PrefixedRows::new((q, k, v), prefix, cos, sin, mask, heads)?;
+        let out = flash_self_attention(
+            (&all.q, &all.k, &all.v),
+            (&all.cos, &all.sin),
+            all.segments.as_ref(),
+            heads,
+            kv_heads,
+            scale,
+        )?;
+        return Ok(Some(out.narrow(1, p, q.dim(1)?)?));
+    }
+    let _ = (q, k, v, prefix, cos, sin, mask, heads, kv_heads, scale);
+    Ok(None)
+}
+
+/// Attention over a prefix as self-attention over `p + t` rows, the layout the flash kernels
+/// read (see [`prefixed_self_attention`]): the prefix keys and values come first, unrotated
+/// (cos 1, sin 0 on their rows), and `p` zero query rows in front of the new ones, whose
+/// outputs are dropped (a zero output gradient adds nothing to any other gradient). Row
+/// `p + i` then sees the prefix and the new keys up to `i` causally; with a mask, the prefix
+/// keys carry [`SHARED_SEGMENT`] so that every packed sequence sees them.
+pub struct PrefixedRows {
+    /// `[b, p + t, heads · d]`, and `[b, p + t, kv_heads · d]` for k and v.
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// `[p + t, d / 2]`, or `[b, p + t, d / 2]` when the new tokens' tables are per row.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `[b, p + t]` u32, when a mask is given.
+    pub segments: Option<Tensor>,
+}
+
+impl PrefixedRows {
+    pub fn new(
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        (pk, pv): (&Tensor, &Tensor),
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        heads: usize,
+    ) -> Result<Self> {
+        let (b, t, hd) = q.dims3()?;
+        let (_, kv_heads, p, d) = pk.dims4()?;
+        if hd != heads * d || pv.dims() != pk.dims() {
+            candle_core::bail!(
+                "prefix keys {:?} and values {:?} do not fit queries {:?} of {heads} heads",
+                pk.dims(),
+                pv.dims(),
+                q.dims()
+            );
+        }
+        let rows = |x: &Tensor, like: &Tensor| -> Result<Tensor> {
+            let x = x.transpose(1, 2)?.reshape((b, p, kv_heads * d))?;
+            Tensor::cat(&[&x.to_dtype(like.dtype())?, like], 1)
+        };
+        let front = |x: &Tensor, value: f32| -> Result<Tensor> {
+            let mut shape = x.dims().to_vec();
+            let time = shape.len() - 2;
+            shape[time] = p;
+            let fill = Tensor::full(value, shape, x.device())?.to_dtype(x.dtype())?;
+            Tensor::cat(&[&fill, x], time)
+        };
+        let segments = match mask {
+            None => None,
+            Some(m) => {
+                if m.dims() != [b, p + t] {
+                    candle_core::bail!("attention mask {:?}, expected [{b}, {}]", m.dims(), p + t);
+                }
+                let m = m.to_dtype(DType::U32)?;
+                let head = m.narrow(1, 0, p)?;
+                let shared = Tensor::full(SHARED_SEGMENT, (b, p), m.device())?;
+                let head = head.ne(0u32)?.where_cond(&shared, &head)?;
+                Some(Tensor::cat(&[&head, &m.narrow(1, p, t)?], 1)?)
+            }
+        };
+        Ok(Self {
+            q: Tensor::cat(&[&Tensor::zeros((b, p, hd), q.dtype(), q.device())?, q], 1)?,
+            k: rows(pk, k)?,
+            v: rows(pv, v)?,
+            cos: front(cos, 1.0)?,
+            sin: front(sin, 0.0)?,
+            segments,
+        })
+    }
+}
+
 /// Whether the flash attention kernels serve these projections: bf16 CUDA tensors, head size
 /// 64 or 128, whole groups of query heads per kv head, the kernel group not turned off.
 #[cfg(feature = "cuda")]

@@ -22,7 +22,10 @@ mod weight;
 
 use rayon::prelude::*;
 
-pub use attention::{causal_attention, causal_self_attention, packed_self_attention};
+pub use attention::{
+    causal_attention, causal_self_attention, packed_self_attention, prefixed_self_attention,
+    PrefixedRows, SHARED_SEGMENT,
+};
 pub use bf16_gemm::{
     batched_matmul, bf16_matmul_enabled, bf16_supported, frozen_matmul, gemm_bf16, set_bf16_matmul,
     Weight,

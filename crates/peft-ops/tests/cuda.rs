@@ -8,7 +8,9 @@ use peft_ops::*;
 use std::sync::Arc;
 
 mod common;
-use common::{max_abs, packed_reference, packed_rows, randn, rope_tables};
+use common::{
+    max_abs, packed_reference, packed_rows, prefixed_reference, prefixed_rows, randn, rope_tables,
+};
 
 fn gpu() -> Device {
     open_device("cuda").expect("a CUDA device")
@@ -239,6 +241,68 @@ fn packed_self_attention_matches_cpu() {
     }
 }
 
+/// Prefix tuning's attention: new tokens over unrotated virtual keys and values (seen by
+/// every packed sequence) and their own keys, by the flash kernels; the output and the
+/// gradients of q, k, v and of the prefix against transformers' attention over a cache.
+#[test]
+fn prefixed_self_attention_matches_cpu() {
+    let (p, t, heads, kv_heads, d) = (20usize, 200usize, 4usize, 2usize, 64usize);
+    let lengths: [&[usize]; 2] = [&[64, 70, 50], &[200]];
+    let b = lengths.len();
+    let scale = 1.0 / (d as f64).sqrt();
+    let rows = prefixed_rows(p, t, d, &lengths);
+    let q = randn(&[b, t, heads * d], 50);
+    let k = randn(&[b, t, kv_heads * d], 51);
+    let v = randn(&[b, t, kv_heads * d], 52);
+    let pk = randn(&[b, kv_heads, p, d], 53);
+    let pv = randn(&[b, kv_heads, p, d], 54);
+    let probe = randn(&[b, t, heads * d], 55);
+    let want = prefixed_reference(
+        (&q, &k, &v),
+        (&pk, &pv),
+        &rows,
+        &probe,
+        (heads, kv_heads, d),
+    );
+
+    let dev = gpu();
+    let bf16 = |x: &Tensor| x.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let vars: Vec<Var> = [&q, &k, &v, &pk, &pv]
+        .iter()
+        .map(|x| Var::from_tensor(&bf16(x)).unwrap())
+        .collect();
+    let x = |i: usize| vars[i].as_tensor();
+    let o = prefixed_self_attention(
+        (x(0), x(1), x(2)),
+        (x(3), x(4)),
+        &rows.cos.to_device(&dev).unwrap(),
+        &rows.sin.to_device(&dev).unwrap(),
+        Some(&rows.ids.to_device(&dev).unwrap()),
+        heads,
+        kv_heads,
+        scale,
+    )
+    .unwrap()
+    .expect("the flash kernels serve bf16 attention over a prefix");
+    let grads = (&o * bf16(&probe))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let host = |x: &Tensor| {
+        x.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let mut got = vec![host(&o)];
+    got.extend((0..5).map(|i| host(grads.get(x(i)).unwrap())));
+    let names = ["output", "dq", "dk", "dv", "prefix dk", "prefix dv"];
+    for ((what, got), want) in names.iter().zip(&got).zip(&want) {
+        close(&format!("prefixed attention {what}"), got, want, 3e-2);
+    }
+}
 #[test]
 fn swiglu_matches_cpu() {
     let inputs = [

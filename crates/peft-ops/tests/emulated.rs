@@ -14,14 +14,19 @@
 //! Needs a C++20 compiler (`CXX`, default `g++`).
 
 use candle_core::{DType, Device, Tensor, Var};
-use peft_ops::{causal_self_attention, causal_softmax, dropout_mask, rms_norm, swiglu, Dropout};
+use peft_ops::{
+    causal_self_attention, causal_softmax, dropout_mask, rms_norm, swiglu, Dropout, PrefixedRows,
+    SHARED_SEGMENT,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
 mod common;
-use common::{max_abs, packed_reference, packed_rows, randn, rope_tables};
+use common::{
+    max_abs, packed_reference, packed_rows, prefixed_reference, prefixed_rows, randn, rope_tables,
+};
 
 /// Builds `tests/emulate/<name>.cpp` once per test run and returns the program.
 fn emulator(name: &str) -> PathBuf {
@@ -291,6 +296,111 @@ fn flash_attention_packed_rows_head_dim_128() {
 #[test]
 fn flash_attention_packed_rows_skip_unseen_tiles() {
     compare_packed(200, 2, 1, 64, &[&[64, 70, 66], &[130, 60]]);
+}
+
+/// Attention over a prefix (prefix tuning's virtual keys and values, unrotated, seen by every
+/// query) laid out by `PrefixedRows` as self-attention over `p + t` rows: the new rows' output
+/// and the gradients of q, k, v and of the prefix keys and values equal transformers' attention
+/// over a pre-filled cache. `masked`: packed sequences and padding (segment ids, the prefix's
+/// shared); otherwise one sequence per row and plain causal attention.
+fn compare_prefixed(
+    p: usize,
+    t: usize,
+    (heads, kv_heads, d): (usize, usize, usize),
+    lengths: &[&[usize]],
+    masked: bool,
+) {
+    let b = lengths.len();
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = bf16_values(&[b, t, heads * d], 21, 2.0);
+    let k = bf16_values(&[b, t, kv_heads * d], 22, 2.0);
+    let v = bf16_values(&[b, t, kv_heads * d], 23, 1.0);
+    let pk = bf16_values(&[b, kv_heads, p, d], 24, 2.0);
+    let pv = bf16_values(&[b, kv_heads, p, d], 25, 1.0);
+    let rows = prefixed_rows(p, t, d, lengths);
+    let real = &rows.real;
+    let dout = bf16_values(&[b, t, heads * d], 26, 1.0)
+        .broadcast_mul(real)
+        .unwrap();
+    let want = prefixed_reference((&q, &k, &v), (&pk, &pv), &rows, &dout, (heads, kv_heads, d));
+
+    let (cos, sin) = if masked {
+        (rows.cos.clone(), rows.sin.clone())
+    } else {
+        (rows.cos.get(0).unwrap(), rows.sin.get(0).unwrap())
+    };
+    let mask = masked.then_some(&rows.ids);
+    let all = PrefixedRows::new((&q, &k, &v), (&pk, &pv), &cos, &sin, mask, heads).unwrap();
+    let n = p + t;
+    let zeros = Tensor::zeros((b, p, heads * d), DType::F32, &Device::Cpu).unwrap();
+    let dout_all = Tensor::cat(&[&zeros, &dout], 1).unwrap();
+    let mut bytes: Vec<u8> = i32_bytes(&[b, n, heads, kv_heads, d, masked as usize]);
+    bytes.extend((scale as f32).to_le_bytes());
+    for x in [&all.q, &all.k, &all.v, &dout_all] {
+        bytes.extend(bf16_bytes(x));
+    }
+    if let Some(ids) = &all.segments {
+        let ids = ids.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        assert!(ids[..p].iter().all(|&i| i == SHARED_SEGMENT));
+        bytes.extend(ids.iter().flat_map(|i| i.to_le_bytes()));
+    }
+    bytes.extend(f32_bytes(&all.cos));
+    bytes.extend(f32_bytes(&all.sin));
+    let case = format!("flash_prefixed_{p}_{t}_{heads}_{kv_heads}_{d}_{masked}");
+    let floats = to_f32s(&emulate("flash", &case, &bytes));
+    let (nq, nk, nl) = (b * n * heads * d, b * n * kv_heads * d, b * heads * n);
+    assert_eq!(floats.len(), 2 * nq + nl + 2 * nk, "output size");
+    assert!(floats.iter().all(|x| x.is_finite()), "a non-finite value");
+    let tensor = |at: usize, w: usize| tensor_at(&floats, at, &[b, n, w * d]);
+    let new = |x: Tensor| x.narrow(1, p, t).unwrap();
+    let prefix = |x: Tensor| {
+        x.narrow(1, 0, p)
+            .unwrap()
+            .reshape((b, p, kv_heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+    };
+    let at = nq + nl;
+    // Padding rows too: a padding query sees every earlier key, the prefix's included.
+    check("prefixed output", &new(tensor(0, heads)), &want[0], 1e-2);
+    check("prefixed dq", &new(tensor(at, heads)), &want[1], 2e-2);
+    check(
+        "prefixed dk",
+        &new(tensor(at + nq, kv_heads)),
+        &want[2],
+        2e-2,
+    );
+    check(
+        "prefixed dv",
+        &new(tensor(at + nq + nk, kv_heads)),
+        &want[3],
+        2e-2,
+    );
+    check(
+        "prefix dk",
+        &prefix(tensor(at + nq, kv_heads)),
+        &want[4],
+        2e-2,
+    );
+    check(
+        "prefix dv",
+        &prefix(tensor(at + nq + nk, kv_heads)),
+        &want[5],
+        2e-2,
+    );
+}
+
+/// Prefix tuning's attention with packed rows and padding: every sequence sees the prefix.
+#[test]
+fn flash_attention_over_a_prefix_packed_rows() {
+    compare_prefixed(20, 150, (4, 2, 64), &[&[40, 70, 30], &[150]], true);
+}
+
+/// A prefix longer than a tile, head size 128, plain causal rows.
+#[test]
+fn flash_attention_over_a_prefix_head_dim_128() {
+    compare_prefixed(70, 60, (2, 2, 128), &[&[60]], false);
 }
 
 #[test]

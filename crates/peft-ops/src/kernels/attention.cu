@@ -14,7 +14,8 @@
 // each row's segment id (0: padding), or is null for plain causal attention. A query sees the
 // earlier keys of its own segment; a padding query sees every earlier non-padding key (its
 // row stays finite); padding keys are seen by no one, as llama.rs's mask_layout builds the
-// mask on the CPU.
+// mask on the CPU. Keys of segment FA_SHARED (prefix tuning's virtual tokens, placed before the
+// row's first token) are seen by every query.
 //
 // Fragments follow the PTX ISA for mma.m16n8k16 with .bf16 (lane = 4 * g + c), loaded from
 // shared memory by ldmatrix (rows padded by 8 elements: no bank conflicts):
@@ -27,6 +28,7 @@
 #define FA_TILE 64      // query rows per forward block; kv rows per backward block
 #define FA_THREADS 128  // 4 warps, 16 rows each
 #define FA_LOG2E 1.4426950408889634f
+#define FA_SHARED 0xffffffffu  // the segment id of keys every query sees
 
 typedef unsigned int u32;
 
@@ -147,7 +149,7 @@ __device__ void load_tile(bf16_t* s, const bf16_t* x, long long stride, int row0
 
 // Whether query q sees key k (k <= q) given their segment ids (packed rows).
 __device__ __forceinline__ bool same_sequence(unsigned q_seg, unsigned k_seg) {
-    return k_seg != 0 && (q_seg == 0 || k_seg == q_seg);
+    return k_seg != 0 && (q_seg == 0 || k_seg == q_seg || k_seg == FA_SHARED);
 }
 
 // Max and sum over the four lanes that hold one fragment row.

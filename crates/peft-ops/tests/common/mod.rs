@@ -1,6 +1,6 @@
 //! Shared by the op tests that compare against an f32 reference.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// f32 values uniform in [-1, 1), the same for the same seed.
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -137,4 +137,121 @@ pub fn packed_reference(
         .zip(widths)
         .map(|(w, n)| Tensor::from_vec(w, (b, t, n * d), &Device::Cpu).unwrap());
     std::array::from_fn(|_| tensors.next().unwrap())
+}
+
+/// Rows of `p` prefix positions (prefix tuning's virtual tokens) then `t` new positions
+/// packing sequences of the given lengths, then padding: the attention mask `[b, p + t]` u32
+/// (1 on the prefix, sequence ids after it), the new positions' RoPE tables `[b, t, d / 2]`
+/// (every sequence's positions start after the prefix, as llama's mask_layout numbers them) and `real` (`[b, t, 1]`, 0 on padding).
+#[allow(dead_code)] // for the attention tests
+pub fn prefixed_rows(p: usize, t: usize, d: usize, lengths: &[&[usize]]) -> PackedRows {
+    let rows = packed_rows(t, d, lengths);
+    let b = lengths.len();
+    let ids = Tensor::cat(
+        &[
+            &Tensor::ones((b, p), DType::U32, &Device::Cpu).unwrap(),
+            &rows.ids,
+        ],
+        1,
+    )
+    .unwrap();
+    let mut positions = Vec::new();
+    for lens in lengths {
+        let mut start = 0;
+        for &len in lens.iter() {
+            positions.extend((p..p + len).map(|x| x as u32));
+            start += len;
+        }
+        let last = *positions.last().unwrap() + 1;
+        positions.extend(last..last + (t - start) as u32);
+    }
+    let (cos, sin) = rope_tables(p + t + 1, d);
+    let pos = Tensor::from_vec(positions, b * t, &Device::Cpu).unwrap();
+    let table = |x: &Tensor| {
+        x.index_select(&pos, 0)
+            .unwrap()
+            .reshape((b, t, d / 2))
+            .unwrap()
+    };
+    PackedRows {
+        ids,
+        real: rows.real,
+        cos: table(&cos),
+        sin: table(&sin),
+    }
+}
+
+/// Attention of new tokens over a prefix and their own keys, as transformers computes it over
+/// a pre-filled cache, in f32 on the CPU with autograd: the output `[b, t, heads · d]` and the
+/// gradients of `sum(output · probe)` with respect to q, k, v `[b, t, n · d]` and the prefix
+/// keys and values `[b, kv_heads, p, d]`: `[o, dq, dk, dv, dpk, dpv]`. A query sees the keys
+/// whose mask entry is not 0 among the prefix, the earlier keys of its own sequence, and (a
+/// padding query) every earlier key.
+#[allow(dead_code)] // for the attention tests
+pub fn prefixed_reference(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (pk, pv): (&Tensor, &Tensor),
+    rows: &PackedRows,
+    probe: &Tensor,
+    (heads, kv_heads, d): (usize, usize, usize),
+) -> [Tensor; 6] {
+    let (b, t, _) = q.dims3().unwrap();
+    let p = pk.dim(2).unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+    let vars: Vec<candle_core::Var> = [q, k, v, pk, pv]
+        .iter()
+        .map(|x| candle_core::Var::from_tensor(x).unwrap())
+        .collect();
+    let x = |i: usize| vars[i].as_tensor();
+    let split = |x: &Tensor, n: usize| {
+        x.reshape((b, t, n, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let qh = peft_ops::rope(&split(x(0), heads), &rows.cos, &rows.sin).unwrap();
+    let kh = peft_ops::rope(&split(x(1), kv_heads), &rows.cos, &rows.sin).unwrap();
+    let repeat = |x: Tensor| {
+        let s = x.dim(2).unwrap();
+        x.unsqueeze(2)
+            .unwrap()
+            .broadcast_as((b, kv_heads, heads / kv_heads, s, d))
+            .unwrap()
+            .reshape((b, heads, s, d))
+            .unwrap()
+    };
+    let kh = repeat(Tensor::cat(&[x(3), &kh], 2).unwrap());
+    let vh = repeat(Tensor::cat(&[x(4), &split(x(2), kv_heads)], 2).unwrap());
+    let ids = rows.ids.to_vec2::<u32>().unwrap();
+    let mut bias = vec![f32::NEG_INFINITY; b * t * (p + t)];
+    for (bi, ids) in ids.iter().enumerate() {
+        for qi in 0..t {
+            let id = ids[p + qi];
+            for (ki, &key) in ids.iter().enumerate().take(p + qi + 1) {
+                if key != 0 && (ki < p || id == 0 || key == id) {
+                    bias[(bi * t + qi) * (p + t) + ki] = 0.0;
+                }
+            }
+        }
+    }
+    let bias = Tensor::from_vec(bias, (b, 1, t, p + t), &Device::Cpu).unwrap();
+    let scores = (qh.matmul(&kh.t().unwrap()).unwrap() * scale)
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap();
+    let top = scores.max_keepdim(3).unwrap().detach();
+    let e = scores.broadcast_sub(&top).unwrap().exp().unwrap();
+    let probs = e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap();
+    let o = probs
+        .matmul(&vh)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, t, heads * d))
+        .unwrap();
+    let grads = (&o * probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let grad = |i: usize| grads.get(x(i)).unwrap().clone();
+    [o, grad(0), grad(1), grad(2), grad(3), grad(4)]
 }

@@ -1,16 +1,31 @@
 //! Shared by the tests that compare a training path with the CPU float32 one.
 
 use candle_core::{DType, Device};
-use peft::{LoraConfig, PeftModel, TargetModules};
+use peft::{LoraConfig, PeftModel, PromptModel, TargetModules, Tuned};
 use peft_models::shapes::random_llama;
 use peft_models::LlamaConfig;
 use peft_train::{Batch, Example, SchedulerKind, TrainArgs, Trainer};
 use serde_json::json;
 
-/// The first 10 losses of LoRA (all-linear, r 8) on a tiny random Llama, batch 4 × 80. Heads
-/// of 64 (what the CUDA flash attention kernels serve) over sequences that end mid-tile;
-/// `packed`: each row holds two sequences (30 tokens, then 50, or 40 and padding).
-pub fn losses(device: &Device, dtype: DType, checkpointing: bool, packed: bool) -> Vec<f64> {
+/// What [`losses`] trains.
+#[derive(Clone, Copy, Default)]
+pub struct Setup {
+    pub checkpointing: bool,
+    /// Each row holds two sequences (30 tokens, then 50, or 40 and padding).
+    pub packed: bool,
+    /// Prefix tuning (10 virtual tokens) in place of LoRA.
+    pub prefix_tuning: bool,
+}
+
+/// The first 10 losses of LoRA (all-linear, r 8) or prefix tuning on a tiny random Llama,
+/// batch 4 × 80: heads of 64 (what the CUDA flash attention kernels serve) over sequences that
+/// end mid-tile.
+pub fn losses(device: &Device, dtype: DType, setup: Setup) -> Vec<f64> {
+    let Setup {
+        checkpointing,
+        packed,
+        prefix_tuning,
+    } = setup;
     let config = LlamaConfig::from_json(json!({
         "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -20,13 +35,17 @@ pub fn losses(device: &Device, dtype: DType, checkpointing: bool, packed: bool) 
     .unwrap();
     let mut base = random_llama(config, device, dtype, 3).unwrap();
     base.gradient_checkpointing = checkpointing;
-    let lora = LoraConfig {
-        r: 8,
-        lora_alpha: 16.0,
-        target_modules: Some(TargetModules::parse_flag("all-linear")),
-        ..Default::default()
+    let mut model: Box<dyn Tuned> = if prefix_tuning {
+        Box::new(PromptModel::new_prefix_tuning(base, 10, 7, None).unwrap())
+    } else {
+        let lora = LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            target_modules: Some(TargetModules::parse_flag("all-linear")),
+            ..Default::default()
+        };
+        Box::new(PeftModel::new(base, lora, 7).unwrap())
     };
-    let mut model = PeftModel::new(base, lora, 7).unwrap();
     // Four sequences repeated every step: memorisable, so the loss falls steadily.
     let examples: Vec<Example> = (0..4u32)
         .map(|s| {
@@ -49,15 +68,17 @@ pub fn losses(device: &Device, dtype: DType, checkpointing: bool, packed: bool) 
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = Batch::new(&refs, 0, device).unwrap();
+    // Prefix tuning's few parameters need a larger step to move the loss in 10 steps.
+    let lr = if prefix_tuning { 0.1 } else { 5e-3 };
     let args = TrainArgs {
-        lr: 5e-3,
+        lr,
         warmup_ratio: 0.0,
         scheduler: SchedulerKind::Constant,
         show_progress: false,
         ..Default::default()
     };
     let mut trainer = Trainer {
-        model: &mut model,
+        model: model.as_mut(),
         args,
         pad_id: 0,
     };
@@ -65,7 +86,7 @@ pub fn losses(device: &Device, dtype: DType, checkpointing: bool, packed: bool) 
     (0..10)
         .map(|step| {
             trainer
-                .step(&mut opt, std::slice::from_ref(&batch), step, 5e-3)
+                .step(&mut opt, std::slice::from_ref(&batch), step, lr)
                 .unwrap()
                 .loss
         })
