@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # peft-rs vs Hugging Face PEFT on an NVIDIA GPU: the shapes of shared/gpu/README.md, HF first
-# (shared/gpu/anchor_hf.py), then `peft bench --device cuda` on each, then the ratios. QLoRA
-# cases compare with HF's figures from that README (bench/hf_gpu_qlora.jsonl).
+# (shared/gpu/anchor_hf.py), then `peft bench --device cuda` on each, then the ratios. QLoRA,
+# prompt and prefix tuning cases compare with HF's figures from that README
+# (bench/hf_gpu_readme.jsonl).
 #
 #   bench/vs_hf_gpu.sh [--peft PATH] [--anchor PATH] [--out DIR] [--skip-hf FILE]
 #
@@ -45,16 +46,19 @@ smol-attn-4x256 smollm2-135m q_proj,k_proj,v_proj,o_proj 4 256 3 10
 smol-attn-8x1024 smollm2-135m q_proj,k_proj,v_proj,o_proj 8 1024 3 10
 1b-attn-4x1024 llama-3.2-1b q_proj,k_proj,v_proj,o_proj 4 1024 3 10
 1b-all-4x1024 llama-3.2-1b all-linear 4 1024 3 10
+1b-full-4x1024 llama-3.2-1b all-linear 4 1024 3 10 --method full
 8b-attn-2x2048 llama-3-8b q_proj,k_proj,v_proj,o_proj 2 2048 2 6
 8b-attn-ckpt-2x2048 llama-3-8b q_proj,k_proj,v_proj,o_proj 2 2048 2 6 --gradient-checkpointing
 1b-qlora-ckpt-4x1024 llama-3.2-1b all-linear 4 1024 3 10 --quantize nf4 --double-quant --optim paged_adamw_8bit --gradient-checkpointing
 1b-qlora-4x1024 llama-3.2-1b all-linear 4 1024 3 10 --quantize nf4 --double-quant --optim paged_adamw_8bit
 8b-qlora-ckpt-2x2048 llama-3-8b all-linear 2 2048 2 6 --quantize nf4 --double-quant --optim paged_adamw_8bit --gradient-checkpointing
+1b-prompt-4x1024 llama-3.2-1b all-linear 4 1024 3 10 --method prompt --num-virtual-tokens 20
+1b-prefix-4x1024 llama-3.2-1b all-linear 4 1024 3 10 --method prefix --num-virtual-tokens 20
 CASES
 
-# HF's QLoRA figures are not in the anchor script: bench/hf_gpu_qlora.jsonl holds those of
-# shared/gpu/README.md, measured on the same machine.
-python3 - "$hf_file" "$ours" "$out/vs_hf_gpu.md" bench/hf_gpu_qlora.jsonl <<'PY'
+# HF's QLoRA, prompt and prefix tuning figures are not in the anchor script:
+# bench/hf_gpu_readme.jsonl holds those of shared/gpu/README.md, measured on the same machine.
+python3 - "$hf_file" "$ours" "$out/vs_hf_gpu.md" bench/hf_gpu_readme.jsonl <<'PY'
 import json, sys
 hf = [json.loads(l) for f in (sys.argv[1], sys.argv[4]) for l in open(f) if l.strip()]
 ours = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
@@ -69,7 +73,10 @@ for o in ours:
     if "error" in r:
         rows.append(f"| {o['case']} | | error: {r['error'][-120:].strip()} | | | | | |")
         continue
-    method = "lora-all" if r["target_modules"] == "all-linear" else "lora-attn"
+    if r["method"] in ("full", "prompt", "prefix"):
+        method = r["method"]
+    else:
+        method = "lora-all" if r["target_modules"] == "all-linear" else "lora-attn"
     if r.get("quantize"):
         method = "q" + method
     h = hf_by.get(key(shape_of[r["shape"]], method, r["batch_size"], r["seq_len"], r["gradient_checkpointing"]))

@@ -3,7 +3,7 @@
 use crate::{load_base, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use peft::{FullModel, LoraConfig, PeftModel, TargetModules, Tuned};
+use peft::{FullModel, LoraConfig, PeftModel, PromptInit, PromptModel, TargetModules, Tuned};
 use peft_train::{Batch, OptimKind, SchedulerKind, TrainArgs, Trainer};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -35,9 +35,13 @@ pub struct BenchCmd {
     /// llama-3-8b (speed and memory depend on the shape alone).
     #[arg(long)]
     shape: Option<String>,
-    /// lora, or full (full fine-tuning: every weight trained, the baseline).
+    /// lora; full (full fine-tuning: every weight trained, the baseline); prompt (prompt
+    /// tuning) or prefix (prefix tuning), with --num-virtual-tokens.
     #[arg(long, default_value = "lora")]
     method: String,
+    /// Virtual tokens of prompt and prefix tuning (20 as in HF's figures).
+    #[arg(long, default_value_t = 20)]
+    num_virtual_tokens: usize,
     #[arg(long, default_value_t = 16)]
     r: usize,
     #[arg(long, default_value_t = 32.0)]
@@ -93,13 +97,30 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// What `peft bench` trains.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Lora,
+    Full,
+    Prompt,
+    Prefix,
+}
+
 pub fn run(cmd: BenchCmd) -> Result<()> {
-    let full = match cmd.method.as_str() {
-        "lora" => false,
-        "full" if cmd.mode == BenchMode::Train => true,
-        "full" => bail!("--method full measures training only (--mode train)"),
-        other => bail!("unknown method {other:?} (available: lora, full)"),
+    let method = match cmd.method.as_str() {
+        "lora" => Method::Lora,
+        "full" => Method::Full,
+        "prompt" => Method::Prompt,
+        "prefix" => Method::Prefix,
+        other => bail!("unknown method {other:?} (available: lora, full, prompt, prefix)"),
     };
+    if method != Method::Lora && cmd.mode != BenchMode::Train {
+        bail!(
+            "--method {} measures training only (--mode train)",
+            cmd.method
+        );
+    }
+    let full = method == Method::Full;
     if let Some(n) = cmd.threads {
         crate::set_threads(n)?;
     }
@@ -128,16 +149,25 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         target_modules: Some(TargetModules::parse_flag(&cmd.target_modules)),
         ..Default::default()
     };
-    let mut model: Box<dyn Tuned> = if full {
-        Box::new(FullModel::new(base)?)
-    } else {
-        let model = PeftModel::new(base, config, 0)?;
-        match cmd.mode {
-            BenchMode::Train => Box::new(model),
-            BenchMode::Forward => return bench_forward(&cmd, &model),
-            BenchMode::Generate => {
-                let tok = tok.context("generate mode needs the model's tokenizer")?;
-                return bench_generate(&cmd, model, &tok);
+    let n = cmd.num_virtual_tokens;
+    let mut model: Box<dyn Tuned> = match method {
+        Method::Full => Box::new(FullModel::new(base)?),
+        Method::Prompt => Box::new(PromptModel::new_prompt_tuning(
+            base,
+            n,
+            PromptInit::Random,
+            0,
+        )?),
+        Method::Prefix => Box::new(PromptModel::new_prefix_tuning(base, n, 0, None)?),
+        Method::Lora => {
+            let model = PeftModel::new(base, config, 0)?;
+            match cmd.mode {
+                BenchMode::Train => Box::new(model),
+                BenchMode::Forward => return bench_forward(&cmd, &model),
+                BenchMode::Generate => {
+                    let tok = tok.context("generate mode needs the model's tokenizer")?;
+                    return bench_generate(&cmd, model, &tok);
+                }
             }
         }
     };
@@ -220,7 +250,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     println!(
         "{}",
         json!({
-            "method": cmd.method, "r": cmd.r, "lora_dropout": cmd.lora_dropout, "target_modules": cmd.target_modules,
+            "method": cmd.method, "num_virtual_tokens": matches!(method, Method::Prompt | Method::Prefix).then_some(n), "r": cmd.r, "lora_dropout": cmd.lora_dropout, "target_modules": cmd.target_modules,
             "batch_size": cmd.batch_size, "seq_len": cmd.seq_len, "steps": cmd.steps,
             "gradient_checkpointing": cmd.gradient_checkpointing,
             "quantize": cmd.quantize.map(|q| q.kind().name()), "double_quant": cmd.double_quant,

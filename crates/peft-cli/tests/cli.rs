@@ -59,6 +59,62 @@ fn unknown_device_and_shape() {
     }
 }
 
+/// `peft bench --method prompt|prefix` trains HF's 20 virtual tokens on a random SmolLM2
+/// shape: the trainable counts are PEFT's (prompt: 20 × hidden; prefix: 20 × a key and a
+/// value per layer), and the loss falls on the fixed batch.
+#[test]
+fn bench_trains_prompt_and_prefix_tuning() {
+    // SmolLM2-135M: hidden 576, 30 layers, 3 kv heads of 64.
+    for (method, trainable) in [("prompt", 20 * 576), ("prefix", 20 * 2 * 30 * 3 * 64)] {
+        let out = peft(&[
+            "bench",
+            "--shape",
+            "smollm2-135m",
+            "--method",
+            method,
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "16",
+            "--warmup",
+            "0",
+            "--steps",
+            "3",
+            "--lr",
+            "0.1",
+            "--threads",
+            "2",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{method}: {stderr}");
+        let line = String::from_utf8_lossy(&out.stdout);
+        let r: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(r["trainable_params"], trainable, "{method}");
+        assert_eq!(r["num_virtual_tokens"], 20, "{method}");
+        let losses: Vec<f64> = serde_json::from_value(r["losses"].clone()).unwrap();
+        assert!(
+            losses[2] < losses[0],
+            "{method}: the loss must fall: {losses:?}"
+        );
+    }
+    fails_with(
+        &[
+            "bench",
+            "--shape",
+            "smollm2-135m",
+            "--method",
+            "prefix",
+            "--mode",
+            "forward",
+        ],
+        "measures training only",
+    );
+    fails_with(
+        &["bench", "--shape", "smollm2-135m", "--method", "ia4"],
+        "unknown method \"ia4\"",
+    );
+}
+
 #[test]
 fn train_generate_logits_merge_inspect() {
     let Some(model) = peft_models::testing::default_model() else {
