@@ -39,7 +39,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         let tk = t.dim(2)?;
         t.reshape((b, kvh, n_rep, tk, d))?.sum(2)
     };
-    with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
+    with_grad3((q, k, v), out, move |_, grad| -> Result<Grads3> {
         let (kr, vr) = (expand(&kd)?, expand(&vd)?);
         let p = probs(&qd, &kr)?;
         let d_v = fold(batched_matmul(&p.t()?, grad)?)?;
@@ -120,7 +120,7 @@ pub fn causal_self_attention(
     let out = batched_matmul(&probs(&qh, &kh)?, &vh)?;
     let out = shape.merge(&out, heads, None)?;
     drop((qh, kh, vh));
-    with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
+    with_grad3((q, k, v), out, move |_, grad| -> Result<Grads3> {
         let g = group(shape.split(&grad.contiguous()?, heads, None)?)?;
         let (qh, kh, vh) = inputs()?;
         let p = probs(&qh, &kh)?;
@@ -338,10 +338,10 @@ fn flash_self_attention(
         scale: scale as f32,
     };
     let (out, lse) = inputs.forward()?;
-    let saved = out.clone();
-    with_grad3((q, k, v), out, move |grad| -> Result<Grads3> {
+    // The backward reads the output from the graph's copy: no second one is kept.
+    with_grad3((q, k, v), out, move |out, grad| -> Result<Grads3> {
         let grad = aligned(&grad.to_dtype(DType::BF16)?)?;
-        let (dq, dk, dv) = inputs.backward(&saved, &lse, &grad)?;
+        let (dq, dk, dv) = inputs.backward(&aligned(out)?, &lse, &grad)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
 }

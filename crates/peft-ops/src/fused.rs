@@ -216,7 +216,7 @@ pub fn lora_linear(
     let x_shape = x.shape().clone();
     let x_tracks = x.track_op();
     let (a_tracks, b_tracks) = (a.track_op(), b.track_op());
-    with_grad3((x, a, b), y, move |grad| -> Result<Grads3> {
+    with_grad3((x, a, b), y, move |_, grad| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?;
         // g·B, scaled: the gradient at the LoRA bottleneck.
         let gb = thin_project(&g, &InputDropout::Off, &b_d, true, scale)?;
@@ -465,7 +465,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     };
     let (g_tracks, u_tracks) = (gate.track_op(), up.track_op());
     // Third argument repeated: with_grad3 serves two inputs as well.
-    with_grad3((gate, up, up), y, move |grad| -> Result<Grads3> {
+    with_grad3((gate, up, up), y, move |_, grad| -> Result<Grads3> {
         let (d_g, d_u) = swiglu_grads(&g, &u, grad, kernel)?;
         Ok((g_tracks.then_some(d_g), u_tracks.then_some(d_u), None))
     })

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 /// Gradients of three arguments (`None` where an argument needs none).
 pub type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-type Backward3 = Box<dyn Fn(&Tensor) -> Result<Grads3> + Send + Sync>;
+type Backward3 = Box<dyn Fn(&Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// Returns `value` as a tensor of the autograd graph whose only parent is `arg`.
 ///
@@ -29,13 +29,14 @@ pub fn with_grad(
     })
 }
 
-/// [`with_grad`] for a value computed from three tensors: `backward(grad_value)` returns the
-/// gradients of `a`, `b` and `c`. Whatever the backward needs beyond the gradient (inputs,
-/// saved intermediates) it captures itself, so the graph keeps only what it chooses to.
+/// [`with_grad`] for a value computed from three tensors: `backward(value, grad_value)` returns
+/// the gradients of `a`, `b` and `c` (`value` is the graph's copy: a backward that needs the
+/// output reads it there instead of keeping a second one). Whatever else the backward needs
+/// (inputs, saved intermediates) it captures itself, so the graph keeps only what it chooses to.
 pub fn with_grad3(
     (a, b, c): (&Tensor, &Tensor, &Tensor),
     value: Tensor,
-    backward: impl Fn(&Tensor) -> Result<Grads3> + Send + Sync + 'static,
+    backward: impl Fn(&Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     if !(a.track_op() || b.track_op() || c.track_op()) {
         return Ok(value);
@@ -148,7 +149,14 @@ impl CustomOp3 for WithGrad3 {
         self.value.cuda()
     }
 
-    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Grads3> {
-        (self.backward)(grad)
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Grads3> {
+        (self.backward)(res, grad)
     }
 }

@@ -26,7 +26,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x_saved = w.track_op().then_some(x2);
     let x_shape = x.shape().clone();
     // Third argument repeated: with_grad3 serves two inputs as well.
-    with_grad3((x, w, w), y, move |grad| -> Result<Grads3> {
+    with_grad3((x, w, w), y, move |_, grad| -> Result<Grads3> {
         let g = grad.reshape((rows, out_features))?;
         let d_x = if x_tracks {
             Some(frozen_matmul(&g, &wd, false)?.reshape(&x_shape)?)
@@ -54,7 +54,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let (x_tracks, w_tracks) = (x.track_op(), w.track_op());
     let (xd, wd) = (x.detach(), w.detach());
     // Third argument repeated: with_grad3 serves two inputs as well.
-    with_grad3((x, w, w), y, move |grad| -> Result<Grads3> {
+    with_grad3((x, w, w), y, move |_, grad| -> Result<Grads3> {
         let d_x = if x_tracks {
             Some(rms_norm_input_grad(&xd, &wd, grad, eps)?)
         } else {
@@ -254,7 +254,7 @@ pub fn cross_entropy_sum(
     with_grad3(
         (hidden, weight, weight),
         loss,
-        move |grad| -> Result<Grads3> {
+        move |_, grad| -> Result<Grads3> {
             let scaled = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
                 t.as_ref()
                     .map(|t| t.broadcast_mul(&grad.to_dtype(t.dtype())?))
