@@ -503,20 +503,26 @@ impl Llama {
         // The flash attention kernels (GPUs) read the mask's segment ids instead of the bias.
         let segments = attention_mask.map(|m| m.to_dtype(DType::U32)).transpose()?;
         let mut x = embeds.clone();
-        if train && self.gradient_checkpointing && cache.is_none() {
+        if train && self.gradient_checkpointing {
             // The recomputation needs a backward to reach every layer, also when nothing before
             // the first layer is trainable: tie its input to a (zero) variable.
             let anchor = Var::zeros((), x.dtype(), x.device())?;
             x = x.broadcast_add(anchor.as_tensor())?;
-            for layer in &self.layers {
+            for (l, layer) in self.layers.iter().enumerate() {
                 let (cfg, layer, cos, sin) =
                     (self.config.clone(), layer.clone(), cos.clone(), sin.clone());
                 let mask = Mask {
                     bias: bias.clone(),
                     segments: segments.clone(),
                 };
+                // A pre-filled cache (prefix tuning) is read, not extended, in training: each
+                // layer's recomputation attends over its prefix, whose gradients reach the
+                // prefix's variables through the grad sink.
+                let prefix = cache.as_ref().and_then(|c| c.layers[l].clone());
                 x = checkpoint(&x, &self.grad_sink, move |x| {
-                    decoder_layer(&cfg, &layer, x, &cos, &sin, &mask, None, true)
+                    let mut slot = prefix.as_ref().map(|(k, v)| (param(k), param(v)));
+                    let slot = prefix.is_some().then_some(&mut slot);
+                    decoder_layer(&cfg, &layer, x, &cos, &sin, &mask, slot, true)
                 })?;
             }
         } else {

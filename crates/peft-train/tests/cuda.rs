@@ -66,19 +66,20 @@ fn gpu_packed_losses_track_the_cpu_f32_path() {
     );
 }
 
-/// Prefix tuning (virtual keys and values in a pre-filled cache), plain and packed rows: the
-/// flash kernels attend over the prefix against the CPU's attention over the cache.
+/// Prefix tuning (virtual keys and values in a pre-filled cache), plain and packed rows, with
+/// and without checkpointing: the flash kernels attend over the prefix against the CPU's
+/// attention over the cache.
 #[test]
 fn gpu_prefix_tuning_losses_track_the_cpu_f32_path() {
     let gpu = peft_ops::open_device("cuda").unwrap();
-    for packed in [false, true] {
+    for (packed, checkpointing) in [(false, false), (true, false), (true, true)] {
         let setup = Setup {
             prefix_tuning: true,
             packed,
-            ..Setup::default()
+            checkpointing,
         };
         assert_tracks(
-            &format!("cuda bf16, prefix tuning, packed rows: {packed}"),
+            &format!("cuda bf16, prefix tuning, packed {packed}, checkpointing {checkpointing}"),
             &losses(&gpu, DType::BF16, setup),
             &losses(&Device::Cpu, DType::F32, setup),
             0.02,

@@ -95,3 +95,51 @@ fn text_init_repeats_the_text_embeddings() {
         .unwrap();
     assert_eq!(max_abs_diff(m.embeddings.as_tensor(), &want), 0.0);
 }
+
+/// Gradient checkpointing with prefix tuning: each recomputed layer attends over its prefix,
+/// and every trainable tensor (the embedding and, with `prefix_projection`, the MLP) gets the
+/// gradients of the plain run. With a padding mask too (the prefix's entries prepended).
+#[test]
+fn prefix_tuning_gradients_are_those_without_checkpointing() {
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 1, 0]], &Device::Cpu).unwrap();
+    let grads_of = |projection: Option<usize>, checkpointing: bool, masked: bool| {
+        let mut m =
+            PromptModel::new_prefix_tuning(tiny_llama(4, true).unwrap(), 4, 1, projection).unwrap();
+        m.base.gradient_checkpointing = checkpointing;
+        let (h, _) = m.hidden(&ids(), masked.then_some(&mask), true).unwrap();
+        let h = h.reshape((8, 32)).unwrap();
+        let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
+        let w = m.base.lm_head_weight().unwrap();
+        let loss = cross_entropy_chunked(&h, &w, &labels, 4).unwrap().0;
+        let mut grads = loss.backward().unwrap();
+        // Checkpointed layers hand the prefix's gradients to the sink, not to the graph.
+        let in_graph = m
+            .trainable()
+            .iter()
+            .all(|(_, v)| grads.get(v.as_tensor()).is_some());
+        assert_eq!(in_graph, !checkpointing, "checkpointing {checkpointing}");
+        m.base.grad_sink.drain_into(&mut grads).unwrap();
+        m.trainable()
+            .iter()
+            .map(|(k, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {k}"));
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    for (projection, masked) in [(None, false), (Some(8), false), (None, true)] {
+        let (plain, checkpointed) = (
+            grads_of(projection, false, masked),
+            grads_of(projection, true, masked),
+        );
+        assert_eq!(plain.len(), if projection.is_some() { 5 } else { 1 });
+        for (a, b) in plain.iter().zip(&checkpointed) {
+            assert!(a.iter().any(|x| *x != 0.0));
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+            }
+        }
+    }
+}
