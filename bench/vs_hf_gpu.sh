@@ -65,13 +65,15 @@ ours = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 key = lambda shape, method, b, s, ckpt: (shape, method, b, s, ckpt)
 shape_of = {"smollm2-135m": "smol", "llama-3.2-1b": "1b", "llama-3-8b": "8b"}
 hf_by = {key(r["shape"], r["method"], r["batch"], r["seq"], r["ckpt"]): r for r in hf if "shape" in r}
-rows = ["| case | HF tok/s | ours tok/s | speed ratio | HF peak GiB | ours peak GiB | memory ratio | ours model TFLOP/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+# The bf16 dense matmul peak measured on the H200 (shared/gpu/README.md).
+PEAK_TFLOPS = 790
+rows = ["| case | HF tok/s | ours tok/s | speed ratio | HF peak GiB | ours peak GiB | memory ratio | ours model TFLOP/s | % of peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 summary = {}
 for o in ours:
     r = o["result"]
     if "error" in r:
-        rows.append(f"| {o['case']} | | error: {r['error'][-120:].strip()} | | | | | |")
+        rows.append(f"| {o['case']} | | error: {r['error'][-120:].strip()} | | | | | | |")
         continue
     if r["method"] in ("full", "prompt", "prefix"):
         method = r["method"]
@@ -81,13 +83,26 @@ for o in ours:
         method = "q" + method
     h = hf_by.get(key(shape_of[r["shape"]], method, r["batch_size"], r["seq_len"], r["gradient_checkpointing"]))
     ours_gib = (r.get("peak_device_mib") or float("nan")) / 1024
+    tflops = f"{r['model_tflops']:.1f} | {100 * r['model_tflops'] / PEAK_TFLOPS:.0f}%"
     if h is None:
-        rows.append(f"| {o['case']} | n/a | {r['tokens_per_s']:.0f} | | | {ours_gib:.1f} | | {r['model_tflops']:.1f} |")
+        rows.append(f"| {o['case']} | n/a | {r['tokens_per_s']:.0f} | | | {ours_gib:.1f} | | {tflops} |")
         continue
     sp, mem = r["tokens_per_s"] / h["tokens_per_s"], ours_gib / h["peak_gib"]
-    summary[o["case"]] = {"speed_ratio": round(sp, 3), "memory_ratio": round(mem, 3)}
-    rows.append(f"| {o['case']} | {h['tokens_per_s']} | {r['tokens_per_s']:.0f} | {sp:.2f} | {h['peak_gib']} | {ours_gib:.1f} | {mem:.2f} | {r['model_tflops']:.1f} |")
-table = "\n".join(rows)
+    summary[o["case"]] = {"speed_ratio": round(sp, 3), "memory_ratio": round(mem, 3),
+                          "model_tflops": round(r["model_tflops"], 1)}
+    rows.append(f"| {o['case']} | {h['tokens_per_s']} | {r['tokens_per_s']:.0f} | {sp:.2f} | {h['peak_gib']} | {ours_gib:.1f} | {mem:.2f} | {tflops} |")
+# Issue 4's targets: (case, least speed ratio, most memory ratio).
+targets = [("1b-attn-4x1024", 2.0, 0.5), ("smol-attn-8x1024", 3.0, None), ("8b-attn-2x2048", 1.5, None)]
+verdicts = []
+for case, speed, memory in targets:
+    got = summary.get(case)
+    if got is None:
+        verdicts.append(f"- {case}: no result")
+        continue
+    met = got["speed_ratio"] >= speed and (memory is None or got["memory_ratio"] <= memory)
+    want = f"speed >= {speed}x" + (f", memory <= {memory}x" if memory else "")
+    verdicts.append(f"- {case}: {'met' if met else 'NOT met'} ({want}; got {got['speed_ratio']}x, memory {got['memory_ratio']}x)")
+table = "\n".join(rows) + "\n\nTargets:\n" + "\n".join(verdicts)
 print(table)
 print(json.dumps(summary))
 open(sys.argv[3], "w").write(table + "\n\n" + json.dumps(summary) + "\n")
