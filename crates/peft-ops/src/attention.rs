@@ -293,16 +293,23 @@ impl PrefixedRows {
     }
 }
 
-/// Whether the flash attention kernels serve these projections: bf16 CUDA tensors, head size
-/// 64 or 128, whole groups of query heads per kv head, the kernel group not turned off.
+/// Whether the flash attention kernels serve these projections: bf16 CUDA tensors of the
+/// shapes they read (`[b, t, heads · d]`, k and v `[b, t, kv_heads · d]`), head size 64 or
+/// 128, whole groups of query heads per kv head, the kernel group not turned off.
 #[cfg(feature = "cuda")]
 fn flash_serves((q, k, v): (&Tensor, &Tensor, &Tensor), heads: usize, kv_heads: usize) -> bool {
-    let d = q.dim(2).unwrap_or(0) / heads.max(1);
+    let Ok((b, t, hd)) = q.dims3() else {
+        return false;
+    };
+    let d = hd / heads.max(1);
     q.device().is_cuda()
         && crate::cuda_kernel_on(crate::Kernel::Attention)
         && [q, k, v].iter().all(|x| x.dtype() == DType::BF16)
         && crate::cuda::flash_head_dim_supported(d)
-        && heads.is_multiple_of(kv_heads)
+        && hd == heads * d
+        && heads.is_multiple_of(kv_heads.max(1))
+        && k.dims() == [b, t, kv_heads * d]
+        && v.dims() == k.dims()
 }
 
 /// [`causal_self_attention`] (and, with `segments`, [`packed_self_attention`]) by the flash

@@ -401,8 +401,8 @@ pub(crate) fn low_rank_add(
         drop.push(&mut builder);
         let cfg = LaunchConfig {
             grid_dim: (
-                cols.div_ceil(256) as u32,
                 rows.div_ceil(LOW_RANK_ADD_ROWS) as u32,
+                cols.div_ceil(256) as u32,
                 1,
             ),
             block_dim: (256, 1, 1),

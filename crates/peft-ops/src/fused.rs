@@ -320,7 +320,10 @@ fn low_rank_add(
     scale: f64,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if thin_kernels(base) && left.dtype() == DType::F32 && !matches!(drop, InputDropout::Mask(_)) {
+    if thin_kernels(base)
+        && [left, right].iter().all(|x| x.dtype() == DType::F32)
+        && !matches!(drop, InputDropout::Mask(_))
+    {
         return crate::cuda::low_rank_add(
             &base.contiguous()?,
             &left.contiguous()?,

@@ -202,8 +202,8 @@ __device__ __forceinline__ float dropout_at(const Dropout& d, long long i) {
 // [rows, r] f32, right's element (o, k) at right[o * ro + k * rk] (B [cols, r]: ro = r, rk = 1;
 // A [r, cols]: ro = 1, rk = cols), mask [rows, cols] the dropout of `drop` (in the backward).
 // One pass over base instead of a matmul, a scale, a mask, a cast and an add with f32
-// [rows, cols] temporaries. Grid (column blocks of 256, row blocks of LRA_ROWS); thread =
-// column: it keeps 16 ranks of its column of right in registers and the block's rows of left
+// [rows, cols] temporaries. Grid (row blocks of LRA_ROWS, column blocks of 256: rows in x,
+// whose limit is 2^31 - 1 blocks, not y's 65535); thread = column: it keeps 16 ranks of its column of right in registers and the block's rows of left
 // come from shared memory, 16 ranks at a time.
 #define LRA_ROWS 16
 #define LRA_RANKS 16
@@ -212,8 +212,8 @@ __device__ void low_rank_add(const T* base, const float* left, const float* righ
                              long long rows, int cols, int r, long long ro, long long rk,
                              float scale, Dropout drop) {
     __shared__ float ls[LRA_ROWS][LRA_RANKS];
-    long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long row0 = (long long)blockIdx.y * LRA_ROWS;
+    long long o = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    long long row0 = (long long)blockIdx.x * LRA_ROWS;
     float acc[LRA_ROWS];
 #pragma unroll
     for (int i = 0; i < LRA_ROWS; ++i) acc[i] = 0.f;

@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
         auto right = take<float>(in, (size_t)cols * r);
         long long ro = right_t ? 1 : r, rk = right_t ? cols : 1;
         out.resize(base.size());
-        emu::launch({(unsigned)((cols + 255) / 256), (unsigned)((rows + 15) / 16)}, {256}, 0, [&] {
+        emu::launch({(unsigned)((rows + 15) / 16), (unsigned)((cols + 255) / 256)}, {256}, 0, [&] {
             low_rank_add_f32(base.data(), left.data(), right.data(), out.data(), rows, cols, r, ro,
                              rk, scale, d.on, d.k1, d.k2, d.threshold, d.scale);
         });
