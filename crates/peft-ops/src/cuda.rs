@@ -21,8 +21,11 @@ const SOURCE: &str = concat!(
     include_str!("kernels/optim.cu")
 );
 const MODULE: &str = "peft_ops";
-/// The tensor-core kernels need sm_80 or later; candle's own kernels are built for sm_90.
-const ARCH: &str = "compute_90";
+/// PTX for compute_80, the first architecture with the bf16 tensor-core and `ldmatrix`
+/// instructions the kernels use: the driver compiles it for the GPU at hand (sm_80 to sm_90
+/// and later), as it would PTX for compute_90, which needs Hopper or later. candle's own
+/// kernels are built for the GPU `CUDA_COMPUTE_CAP` names.
+const ARCH: &str = "compute_80";
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 
