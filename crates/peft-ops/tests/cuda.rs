@@ -16,6 +16,14 @@ fn gpu() -> Device {
     open_device("cuda").expect("a CUDA device")
 }
 
+/// A GPU result as a CPU f32 tensor.
+fn host(x: &Tensor) -> Tensor {
+    x.to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+}
+
 /// What to do with an input on the device under test.
 #[derive(Clone, Copy, PartialEq)]
 enum Input {
@@ -56,12 +64,6 @@ fn run(
         .unwrap()
         .backward()
         .unwrap();
-    let host = |t: &Tensor| {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-    };
     let gs = vars
         .iter()
         .map(|v| grads.get(v.as_tensor()).map(host))
@@ -224,12 +226,6 @@ fn packed_self_attention_matches_cpu() {
         .unwrap()
         .backward()
         .unwrap();
-    let host = |x: &Tensor| {
-        x.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-    };
     let got = [
         host(&o).broadcast_mul(&rows.real).unwrap(),
         host(grads.get(qv.as_tensor()).unwrap()),
@@ -290,12 +286,6 @@ fn prefixed_self_attention_matches_cpu() {
         .unwrap()
         .backward()
         .unwrap();
-    let host = |x: &Tensor| {
-        x.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-    };
     let mut got = vec![host(&o)];
     got.extend((0..5).map(|i| host(grads.get(x(i)).unwrap())));
     let names = ["output", "dq", "dk", "dv", "prefix dk", "prefix dv"];
@@ -390,13 +380,7 @@ fn quantized_weight_dequantizes_on_the_gpu() {
                 )
                 .unwrap();
                 let want = cpu.dequantize().unwrap().to_dtype(DType::F32).unwrap();
-                let got = on_gpu
-                    .dequantize()
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .to_device(&Device::Cpu)
-                    .unwrap();
+                let got = host(&on_gpu.dequantize().unwrap());
                 let diff = max_abs(&(got - &want).unwrap());
                 assert_eq!(
                     diff, 0.0,
@@ -422,10 +406,7 @@ fn quantized_weight_dequantizes_on_the_gpu() {
 fn dropout_mask_on_the_gpu_is_the_cpus() {
     let n = 3 * 16384 + 5;
     let cpu = dropout_mask(99, 0.05, &[n], &Device::Cpu).unwrap();
-    let gpu_mask = dropout_mask(99, 0.05, &[n], &gpu())
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap();
+    let gpu_mask = host(&dropout_mask(99, 0.05, &[n], &gpu()).unwrap());
     let diff = max_abs(&(gpu_mask - cpu).unwrap());
     assert_eq!(diff, 0.0, "masks differ by {diff}");
 }

@@ -26,6 +26,7 @@ use std::sync::Mutex;
 mod common;
 use common::{
     max_abs, packed_reference, packed_rows, prefixed_reference, prefixed_rows, randn, rope_tables,
+    split_heads,
 };
 
 /// Builds `tests/emulate/<name>.cpp` once per test run and returns the program.
@@ -200,16 +201,8 @@ fn compare(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) {
     check("dk", &dk, &grad(1), 2e-2);
     check("dv", &dv, &grad(2), 2e-2);
     // The log-sum-exp of the scaled, rotated scores, recomputed here in f32.
-    let split = |x: &Tensor, n: usize| {
-        x.reshape((b, t, n, d))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-    };
-    let qr = peft_ops::rope(&split(&q, heads), &cos, &sin).unwrap();
-    let kr = peft_ops::rope(&split(&k, kv_heads), &cos, &sin).unwrap();
+    let qr = peft_ops::rope(&split_heads(&q, heads), &cos, &sin).unwrap();
+    let kr = peft_ops::rope(&split_heads(&k, kv_heads), &cos, &sin).unwrap();
     let kr = kr
         .unsqueeze(2)
         .unwrap()

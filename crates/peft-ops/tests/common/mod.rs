@@ -203,14 +203,7 @@ pub fn prefixed_reference(
         .map(|x| candle_core::Var::from_tensor(x).unwrap())
         .collect();
     let x = |i: usize| vars[i].as_tensor();
-    let split = |x: &Tensor, n: usize| {
-        x.reshape((b, t, n, d))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-    };
+    let split = |x: &Tensor, n: usize| split_heads(x, n);
     let qh = peft_ops::rope(&split(x(0), heads), &rows.cos, &rows.sin).unwrap();
     let kh = peft_ops::rope(&split(x(1), kv_heads), &rows.cos, &rows.sin).unwrap();
     let repeat = |x: Tensor| {
@@ -254,4 +247,16 @@ pub fn prefixed_reference(
     let grads = (&o * probe).unwrap().sum_all().unwrap().backward().unwrap();
     let grad = |i: usize| grads.get(x(i)).unwrap().clone();
     [o, grad(0), grad(1), grad(2), grad(3), grad(4)]
+}
+
+/// `[b, t, n · d]` projections as contiguous heads `[b, n, t, d]`.
+#[allow(dead_code)] // for the attention tests
+pub fn split_heads(x: &Tensor, n: usize) -> Tensor {
+    let (b, t, nd) = x.dims3().unwrap();
+    x.reshape((b, t, n, nd / n))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
 }
