@@ -47,24 +47,29 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor>
     }
 }
 
-/// `a · b` over leading batch dims (`a` `[.., m, k]`, `b` `[.., k, n]`, same batch dims), in
-/// bf16 when enabled (attention under CPU autocast), else candle's f32 matmul. Either operand
-/// may be a transposed view (`kᵀ`, `pᵀ`): it is packed from either layout without a copy.
-pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// Whether [`batched_matmul`] computes `a · b` with the bf16 kernel rather than candle's matmul.
+pub(crate) fn bf16_gemm_serves(a: &Tensor, b: &Tensor) -> bool {
     let rank = a.rank();
     // Packing `b` costs about as much as `MIN_ROWS` rows of compute: decoding one token at a
     // time stays in f32.
-    let bf16 = bf16_matmul_enabled()
+    bf16_matmul_enabled()
         && rank >= 2
         && b.rank() == rank
         && matches!(a.device(), Device::Cpu)
         && a.dtype() == DType::F32
         && b.dtype() == DType::F32
         && a.dims()[..rank - 2] == b.dims()[..rank - 2]
-        && a.dims()[rank - 2] >= MIN_ROWS;
-    if !bf16 {
+        && a.dims()[rank - 2] >= MIN_ROWS
+}
+
+/// `a · b` over leading batch dims (`a` `[.., m, k]`, `b` `[.., k, n]`, same batch dims), in
+/// bf16 when enabled (attention under CPU autocast), else candle's f32 matmul. Either operand
+/// may be a transposed view (`kᵀ`, `pᵀ`): it is packed from either layout without a copy.
+pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !bf16_gemm_serves(a, b) {
         return a.matmul(b);
     }
+    let rank = a.rank();
     let (m, k) = (a.dims()[rank - 2], a.dims()[rank - 1]);
     let n = b.dims()[rank - 1];
     if b.dims()[rank - 2] != k {

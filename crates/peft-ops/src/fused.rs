@@ -1,7 +1,7 @@
 //! Fused training ops that keep only what their backward needs: the LoRA linear and SwiGLU.
 
 use crate::bf16_gemm::with_cpu_f32;
-use crate::{cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel, LinearWeight};
+use crate::{cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel, LinearWeight, Value};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -508,7 +508,7 @@ pub fn frozen_mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Resu
     } else {
         (g.silu()? * &u)?
     };
-    let y = frozen_matmul(&act, down, true)?.reshape(x.shape())?;
+    let y = Value::linear(&act, down, x.shape())?;
     drop(act);
     let (gate, up, down) = (gate.clone(), up.clone(), down.clone());
     with_grad(x, y, move |x, _, grad| {

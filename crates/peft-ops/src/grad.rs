@@ -9,19 +9,69 @@ type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send +
 pub type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 type Backward3 = Box<dyn Fn(&Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
 
+/// The output of a [`with_grad`] op.
+pub enum Value {
+    /// Computed beforehand, from the arguments detached: candle cannot attach a backward to an
+    /// existing tensor, so the op's forward hands out a copy of it.
+    Computed(Tensor),
+    /// `x · wᵀ` (`x` `[rows, in]`, `w` `[out, in]`) in the shape `shape`: the last step of a
+    /// linear layer, computed by the op's forward into its own output, so nothing is copied.
+    Linear { x: Tensor, w: Tensor, shape: Shape },
+}
+
+impl From<Tensor> for Value {
+    fn from(t: Tensor) -> Self {
+        Value::Computed(t)
+    }
+}
+
+impl Value {
+    /// `x · wᵀ` as a [`Value::Linear`] where candle's matmul computes it (the CPU's bf16
+    /// kernel does not run inside an op's forward), computed now otherwise.
+    pub fn linear(x: &Tensor, w: &Tensor, shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        let empty = x.elem_count() == 0 || w.elem_count() == 0;
+        if empty || crate::bf16_gemm::bf16_gemm_serves(x, &w.t()?) {
+            return Ok(Value::Computed(
+                crate::frozen_matmul(x, w, true)?.reshape(shape)?,
+            ));
+        }
+        Ok(Value::Linear {
+            x: x.clone(),
+            w: w.clone(),
+            shape,
+        })
+    }
+
+    /// The value as a tensor outside any graph.
+    fn into_tensor(self) -> Result<Tensor> {
+        match self {
+            Value::Computed(t) => Ok(t),
+            Value::Linear { x, w, shape } => x.matmul(&w.t()?)?.reshape(shape),
+        }
+    }
+}
+
+/// `x · wᵀ` on storages: `x` `[rows, in]`, `w` `[out, in]`.
+fn linear_storage<S: BackendStorage>(x: (&S, &Layout), w: (&S, &Layout)) -> Result<S> {
+    let (rows, inner) = x.1.shape().dims2()?;
+    let out = w.1.shape().dims2()?.0;
+    x.0.matmul(w.0, (1, rows, out, inner), x.1, &w.1.transpose(0, 1)?)
+}
+
 /// Returns `value` as a tensor of the autograd graph whose only parent is `arg`.
 ///
-/// `backward(arg, value, grad_value)` must return dL/d`arg`. `value` must have been computed
-/// from `arg` without tracking (candle cannot attach a backward to an existing tensor, so the
-/// forward of this op hands back a copy of `value`). When `arg` is not part of a graph, `value`
-/// is returned unchanged and nothing is copied.
+/// `backward(arg, value, grad_value)` must return dL/d`arg`. `value` must be computed from
+/// `arg` without tracking (see [`Value`]). When `arg` is not part of a graph, the value is
+/// returned as it is.
 pub fn with_grad(
     arg: &Tensor,
-    value: Tensor,
+    value: impl Into<Value>,
     backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
+    let value = value.into();
     if !arg.track_op() {
-        return Ok(value);
+        return value.into_tensor();
     }
     arg.apply_op1(WithGrad {
         value: ValueSlot::new(value)?,
@@ -35,11 +85,12 @@ pub fn with_grad(
 /// (inputs, saved intermediates) it captures itself, so the graph keeps only what it chooses to.
 pub fn with_grad3(
     (a, b, c): (&Tensor, &Tensor, &Tensor),
-    value: Tensor,
+    value: impl Into<Value>,
     backward: impl Fn(&Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
 ) -> Result<Tensor> {
+    let value = value.into();
     if !(a.track_op() || b.track_op() || c.track_op()) {
-        return Ok(value);
+        return value.into_tensor();
     }
     let op = WithGrad3 {
         value: ValueSlot::new(value)?,
@@ -48,16 +99,20 @@ pub fn with_grad3(
     a.apply_op3(b, c, op)
 }
 
-/// The precomputed value, handed out once by the op's forward. Taken, not cloned: the graph
-/// keeps the op alive and a second copy must not stay here.
-struct ValueSlot(Mutex<Option<Tensor>>);
+/// The value, handed out once by the op's forward. Taken, not cloned: the graph keeps the op
+/// alive and a second copy must not stay here.
+struct ValueSlot(Mutex<Option<Value>>);
 
 impl ValueSlot {
-    fn new(value: Tensor) -> Result<Self> {
-        Ok(Self(Mutex::new(Some(value.contiguous()?))))
+    fn new(value: Value) -> Result<Self> {
+        let value = match value {
+            Value::Computed(t) => Value::Computed(t.contiguous()?),
+            linear => linear,
+        };
+        Ok(Self(Mutex::new(Some(value))))
     }
 
-    fn take(&self) -> Result<Tensor> {
+    fn take(&self) -> Result<Value> {
         self.0
             .lock()
             .map_err(|_| candle_core::Error::Msg("with_grad: poisoned lock".into()))?
@@ -66,7 +121,19 @@ impl ValueSlot {
     }
 
     fn cpu(&self) -> Result<(CpuStorage, Shape)> {
-        let value = self.take()?;
+        let value = match self.take()? {
+            Value::Computed(t) => t,
+            Value::Linear { x, w, shape } => {
+                let (xs, xl) = x.storage_and_layout();
+                let (ws, wl) = w.storage_and_layout();
+                return match (&*xs, &*ws) {
+                    (Storage::Cpu(xs), Storage::Cpu(ws)) => {
+                        Ok((linear_storage((xs, xl), (ws, wl))?, shape))
+                    }
+                    _ => candle_core::bail!("with_grad: linear inputs are not on the cpu"),
+                };
+            }
+        };
         let (storage, layout) = value.storage_and_layout();
         let (start, end) = layout
             .contiguous_offsets()
@@ -83,7 +150,19 @@ impl ValueSlot {
     }
 
     fn cuda(&self) -> Result<(CudaStorage, Shape)> {
-        let value = self.take()?;
+        let value = match self.take()? {
+            Value::Computed(t) => t,
+            Value::Linear { x, w, shape } => {
+                let (xs, xl) = x.storage_and_layout();
+                let (ws, wl) = w.storage_and_layout();
+                return match (&*xs, &*ws) {
+                    (Storage::Cuda(xs), Storage::Cuda(ws)) => {
+                        Ok((linear_storage((xs, xl), (ws, wl))?, shape))
+                    }
+                    _ => candle_core::bail!("with_grad: linear inputs are not on the gpu"),
+                };
+            }
+        };
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),

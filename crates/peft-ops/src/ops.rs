@@ -1,4 +1,4 @@
-use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel};
+use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel, Value};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -20,7 +20,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     *out_shape.last_mut().expect("x has at least one dim") = out_features;
     let x2 = x.detach().reshape((rows, in_features))?;
     let wd = w.detach();
-    let y = frozen_matmul(&x2, &wd, true)?.reshape(out_shape)?;
+    let y = Value::linear(&x2, &wd, out_shape)?;
     let x_tracks = x.track_op();
     // The input is kept for the backward only when the weight needs its gradient.
     let x_saved = w.track_op().then_some(x2);

@@ -3,7 +3,7 @@
 //! again in the backward pass, so only its 4-bit form stays in memory (on a GPU, in GPU memory,
 //! dequantized by a kernel there).
 
-use crate::{frozen_matmul, with_grad};
+use crate::{frozen_matmul, with_grad, Value};
 use candle_core::{DType, Device, Result, Tensor};
 use peft_quant::{quantize_4bit, FourBit, Quant4, BLOCKSIZE_4BIT};
 use std::sync::Arc;
@@ -101,7 +101,7 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> 
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("x has dims") = out_f;
     let x2 = x.detach().reshape((rows, in_f))?;
-    let y = frozen_matmul(&x2, &w.dequantize()?, true)?.reshape(out_shape)?;
+    let y = Value::linear(&x2, &w.dequantize()?, out_shape)?;
     let w = w.clone();
     with_grad(x, y, move |x, _, grad| {
         frozen_matmul(&grad.reshape((rows, out_f))?, &w.dequantize()?, false)?.reshape(x.shape())
