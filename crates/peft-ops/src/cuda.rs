@@ -368,54 +368,113 @@ pub(crate) fn low_rank_add(
         scale: f32,
     ) -> Result<Tensor> {
         let (rows, cols) = base.dims2()?;
-        let r = left.dim(1)?;
-        let (ro, rk) = if right_t {
-            (1i64, cols as i64)
-        } else {
-            (r as i64, 1i64)
-        };
         let dev = cuda_device(base)?;
         let (bs, bl) = base.storage_and_layout();
-        let (ls, ll) = left.storage_and_layout();
-        let (rs, rl) = right.storage_and_layout();
-        let (bv, lv, rv) = (
-            view::<T>(&bs, bl)?,
-            view::<f32>(&ls, ll)?,
-            view::<f32>(&rs, rl)?,
-        );
         // SAFETY: every element is written.
         let out = unsafe { dev.alloc::<T>(rows * cols)? };
-        let func = dev.get_or_load_custom_func(
-            &format!("low_rank_add_{}", suffix(T::DTYPE)?),
-            MODULE,
-            ptx()?,
-        )?;
-        let (rows_, cols_, r_) = (rows as i64, cols as i32, r as i32);
-        let drop = DropoutArgs::new(dropout);
-        let mut builder = func.builder();
-        builder.arg(&bv).arg(&lv).arg(&rv).arg(&out);
-        builder
-            .arg(&rows_)
-            .arg(&cols_)
-            .arg(&r_)
-            .arg(&ro)
-            .arg(&rk)
-            .arg(&scale);
-        drop.push(&mut builder);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                rows.div_ceil(LOW_RANK_ADD_ROWS) as u32,
-                cols.div_ceil(256) as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+        let low_rank = LowRank {
+            left,
+            right,
+            right_t,
+            dropout,
+            scale,
         };
-        // SAFETY: the arguments match low_rank_add_{f32,bf16} in kernels/ops.cu.
-        unsafe { builder.launch(cfg) }.map_err(err)?;
+        launch_low_rank_add(&dev, &view::<T>(&bs, bl)?, &out, (rows, cols), &low_rank)?;
         Ok(wrap(out, &dev, &[rows, cols]))
     }
     dispatch!(base.dtype(), f(base, left, right, right_t, dropout, scale))
+}
+
+/// [`low_rank_add`] without dropout into `base` itself, `[rows, cols]` contiguous (the frozen
+/// matmul's output, before it becomes a tensor): no second `[rows, cols]` buffer.
+pub(crate) fn low_rank_add_in_place(
+    base: &CudaStorage,
+    (rows, cols): (usize, usize),
+    left: &Tensor,
+    right: &Tensor,
+    scale: f32,
+) -> Result<()> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        base: &CudaStorage,
+        dims: (usize, usize),
+        low_rank: &LowRank,
+    ) -> Result<()> {
+        let out = base.as_cuda_slice::<T>()?;
+        launch_low_rank_add(base.device(), &out.as_view(), out, dims, low_rank)
+    }
+    let low_rank = LowRank {
+        left,
+        right,
+        right_t: false,
+        dropout: None,
+        scale,
+    };
+    dispatch!(base.dtype(), f(base, (rows, cols), &low_rank))
+}
+
+/// The low-rank term of [`low_rank_add`].
+struct LowRank<'a> {
+    left: &'a Tensor,
+    right: &'a Tensor,
+    right_t: bool,
+    dropout: Option<crate::Dropout>,
+    scale: f32,
+}
+
+/// Launches low_rank_add_{f32,bf16}: `out = base + low-rank term`. `base` may view `out`
+/// itself: each element is read, then written, by the same thread.
+fn launch_low_rank_add<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    base: &CudaView<T>,
+    out: &CudaSlice<T>,
+    (rows, cols): (usize, usize),
+    low_rank: &LowRank,
+) -> Result<()> {
+    let LowRank {
+        left,
+        right,
+        right_t,
+        dropout,
+        scale,
+    } = *low_rank;
+    let r = left.dim(1)?;
+    let (ro, rk) = if right_t {
+        (1i64, cols as i64)
+    } else {
+        (r as i64, 1i64)
+    };
+    let (ls, ll) = left.storage_and_layout();
+    let (rs, rl) = right.storage_and_layout();
+    let (lv, rv) = (view::<f32>(&ls, ll)?, view::<f32>(&rs, rl)?);
+    let func = dev.get_or_load_custom_func(
+        &format!("low_rank_add_{}", suffix(T::DTYPE)?),
+        MODULE,
+        ptx()?,
+    )?;
+    let (rows_, cols_, r_) = (rows as i64, cols as i32, r as i32);
+    let drop = DropoutArgs::new(dropout);
+    let mut builder = func.builder();
+    builder.arg(base).arg(&lv).arg(&rv).arg(out);
+    builder
+        .arg(&rows_)
+        .arg(&cols_)
+        .arg(&r_)
+        .arg(&ro)
+        .arg(&rk)
+        .arg(&scale);
+    drop.push(&mut builder);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            rows.div_ceil(LOW_RANK_ADD_ROWS) as u32,
+            cols.div_ceil(256) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match low_rank_add_{f32,bf16} in kernels/ops.cu.
+    unsafe { builder.launch(cfg) }.map_err(err)?;
+    Ok(())
 }
 
 /// Ranks per block of the thin kernels (`THIN_RANKS` in kernels/lora.cu).

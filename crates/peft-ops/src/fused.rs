@@ -206,12 +206,7 @@ pub fn lora_linear(
         return y.reshape(out_shape);
     }
     let xa = thin_project(&x2, &InputDropout::new(dropout, &x2)?, &a_d, false, 1.0)?;
-    let base = frozen_matmul(&x2, &w.dense()?, true)?;
-    let mut y = low_rank_add(&base, &xa, &b_d, false, &InputDropout::Off, scale)?;
-    if let Some(bias) = bias {
-        y = y.broadcast_add(bias)?;
-    }
-    let y = y.reshape(out_shape)?;
+    let y = lora_output(&x2, &w.dense()?, bias, &xa, &b_d, scale, out_shape)?;
     let w = w.clone();
     let x_shape = x.shape().clone();
     let x_tracks = x.track_op();
@@ -306,6 +301,37 @@ fn scaled(t: Tensor, scale: f64) -> Result<Tensor> {
     } else {
         t * scale
     }
+}
+
+/// LoRA's forward output `x·Wᵀ (+ bias) + scale·xa·Bᵀ` (`xa` = drop(x)·Aᵀ) as the value of its
+/// with_grad op: on GPUs the op computes it itself, the frozen matmul into its output and our
+/// kernel adding the low-rank term there.
+fn lora_output(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    xa: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    shape: Vec<usize>,
+) -> Result<Value> {
+    #[cfg(feature = "cuda")]
+    if bias.is_none() && thin_kernels(x) && [xa, b].iter().all(|t| t.dtype() == DType::F32) {
+        return Ok(Value::LowRank {
+            x: x.contiguous()?,
+            w: w.clone(),
+            left: xa.contiguous()?,
+            right: b.contiguous()?,
+            scale: scale as f32,
+            shape: shape.into(),
+        });
+    }
+    let base = frozen_matmul(x, w, true)?;
+    let mut y = low_rank_add(&base, xa, b, false, &InputDropout::Off, scale)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    Ok(Value::Computed(y.reshape(shape)?))
 }
 
 /// `base + scale · (left · rightᵀ) ∘ mask` in `base`'s dtype, the product in f32: `left`

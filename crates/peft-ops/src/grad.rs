@@ -17,6 +17,18 @@ pub enum Value {
     /// `x · wᵀ` (`x` `[rows, in]`, `w` `[out, in]`) in the shape `shape`: the last step of a
     /// linear layer, computed by the op's forward into its own output, so nothing is copied.
     Linear { x: Tensor, w: Tensor, shape: Shape },
+    /// LoRA's output `x · wᵀ + scale · left · rightᵀ` (`left` = x·Aᵀ `[rows, r]`, `right` = B
+    /// `[out, r]`, both f32) in the shape `shape`, computed by the op's forward into its own
+    /// output: the frozen matmul, then our kernel adds the low-rank term in place (GPUs).
+    #[cfg(feature = "cuda")]
+    LowRank {
+        x: Tensor,
+        w: Tensor,
+        left: Tensor,
+        right: Tensor,
+        scale: f32,
+        shape: Shape,
+    },
 }
 
 impl From<Tensor> for Value {
@@ -48,6 +60,18 @@ impl Value {
         match self {
             Value::Computed(t) => Ok(t),
             Value::Linear { x, w, shape } => x.matmul(&w.t()?)?.reshape(shape),
+            #[cfg(feature = "cuda")]
+            Value::LowRank {
+                x,
+                w,
+                left,
+                right,
+                scale,
+                shape,
+            } => {
+                let base = x.matmul(&w.t()?)?;
+                crate::cuda::low_rank_add(&base, &left, &right, false, None, scale)?.reshape(shape)
+            }
         }
     }
 }
@@ -107,7 +131,7 @@ impl ValueSlot {
     fn new(value: Value) -> Result<Self> {
         let value = match value {
             Value::Computed(t) => Value::Computed(t.contiguous()?),
-            linear => linear,
+            computed_by_the_op => computed_by_the_op,
         };
         Ok(Self(Mutex::new(Some(value))))
     }
@@ -133,6 +157,8 @@ impl ValueSlot {
                     _ => candle_core::bail!("with_grad: linear inputs are not on the cpu"),
                 };
             }
+            #[cfg(feature = "cuda")]
+            Value::LowRank { .. } => candle_core::bail!("with_grad: LoRA's kernel runs on GPUs"),
         };
         let (storage, layout) = value.storage_and_layout();
         let (start, end) = layout
@@ -161,6 +187,29 @@ impl ValueSlot {
                     }
                     _ => candle_core::bail!("with_grad: linear inputs are not on the gpu"),
                 };
+            }
+            #[cfg(feature = "cuda")]
+            Value::LowRank {
+                x,
+                w,
+                left,
+                right,
+                scale,
+                shape,
+            } => {
+                let storage = {
+                    let (xs, xl) = x.storage_and_layout();
+                    let (ws, wl) = w.storage_and_layout();
+                    match (&*xs, &*ws) {
+                        (Storage::Cuda(xs), Storage::Cuda(ws)) => {
+                            linear_storage((xs, xl), (ws, wl))?
+                        }
+                        _ => candle_core::bail!("with_grad: LoRA inputs are not on the gpu"),
+                    }
+                };
+                let dims = (x.dim(0)?, w.dim(0)?);
+                crate::cuda::low_rank_add_in_place(&storage, dims, &left, &right, scale)?;
+                return Ok((storage, shape));
             }
         };
         let (storage, layout) = value.storage_and_layout();
