@@ -10,6 +10,11 @@ use crate::bf16_gemm::with_cpu_f32;
 use crate::softmax::{causal_softmax, causal_softmax_backward};
 use crate::{batched_matmul, par_build, rope, with_grad3, Grads3};
 use candle_core::{DType, Device, Result, Tensor};
+#[cfg(feature = "cuda")]
+use {
+    crate::Value,
+    std::sync::{Arc, OnceLock},
+};
 
 /// Causal attention `softmax(scale·q·kᵀ + causal)·v` for `q` `[b, heads, t, d]` and `k`, `v`
 /// `[b, kv_heads, t_k, d]` (grouped-query heads share kv heads). The probabilities are
@@ -344,13 +349,52 @@ fn flash_self_attention(
         kv_heads,
         scale: scale as f32,
     };
-    let (out, lse) = inputs.forward()?;
-    // The backward reads the output from the graph's copy: no second one is kept.
-    with_grad3((q, k, v), out, move |out, grad| -> Result<Grads3> {
-        let grad = aligned(&grad.to_dtype(DType::BF16)?)?;
-        let (dq, dk, dv) = inputs.backward(&aligned(out)?, &lse, &grad)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
-    })
+    // The op's forward runs the kernel into its own output and leaves the log-sum-exp here;
+    // the backward reads the output from the graph: no copy of it is made or kept.
+    let lse = Arc::new(OnceLock::new());
+    let output = FlashOutput {
+        inputs: inputs.clone(),
+        lse: lse.clone(),
+    };
+    with_grad3(
+        (q, k, v),
+        Value::ByTheOp(Box::new(output)),
+        move |out, grad| {
+            let lse = lse.get().ok_or_else(|| {
+                candle_core::Error::Msg("flash attention: backward before forward".into())
+            })?;
+            let grad = aligned(&grad.to_dtype(DType::BF16)?)?;
+            let (dq, dk, dv) = inputs.backward(&aligned(out)?, lse, &grad)?;
+            Ok((Some(dq), Some(dk), Some(dv)))
+        },
+    )
+}
+
+/// The flash attention output as its with_grad op computes it (see [`flash_self_attention`]).
+#[cfg(feature = "cuda")]
+struct FlashOutput {
+    inputs: crate::cuda::FlashInputs,
+    /// The log-sum-exp of each query row, for the backward pass.
+    lse: Arc<OnceLock<Tensor>>,
+}
+
+#[cfg(feature = "cuda")]
+impl crate::OpOutput for FlashOutput {
+    fn cpu(self: Box<Self>) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("flash attention runs on GPUs")
+    }
+
+    fn cuda(self: Box<Self>) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (out, shape, lse) = self.inputs.forward_storage()?;
+        self.lse
+            .set(lse)
+            .map_err(|_| candle_core::Error::Msg("flash attention: forward ran twice".into()))?;
+        Ok((out, shape))
+    }
+
+    fn tensor(self: Box<Self>) -> Result<Tensor> {
+        Ok(self.inputs.forward()?.0)
+    }
 }
 
 /// RoPE tables `[t, d / 2]`.

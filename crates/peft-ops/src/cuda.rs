@@ -10,7 +10,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::cudarc::nvrtc::CompileOptions;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
+use candle_core::{CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
 use half::bf16;
 use std::sync::OnceLock;
 
@@ -828,6 +828,7 @@ fn allow_shared(func: &CudaFunction, shared: usize) -> Result<()> {
 /// The inputs of the flash attention kernels: `q` `[b, t, heads · d]`, `k`, `v`
 /// `[b, t, kv_heads · d]` (contiguous bf16, starting at a multiple of 8 elements), `cos`,
 /// `sin` `[t, d / 2]` (contiguous f32), and the score scale.
+#[derive(Clone)]
 pub(crate) struct FlashInputs {
     pub q: Tensor,
     pub k: Tensor,
@@ -928,6 +929,15 @@ impl FlashInputs {
     /// The attention output `[b, t, heads · d]` (bf16) and the log-sum-exp of each query row
     /// `[b, heads, t]` (f32) for the backward pass.
     pub(crate) fn forward(&self) -> Result<(Tensor, Tensor)> {
+        let (o, shape, lse) = self.forward_storage()?;
+        Ok((
+            Tensor::from_storage(Storage::Cuda(o), shape, BackpropOp::none(), false),
+            lse,
+        ))
+    }
+
+    /// [`Self::forward`] with the output as a storage and its shape (for an op's forward).
+    pub(crate) fn forward_storage(&self) -> Result<(CudaStorage, Shape, Tensor)> {
         let ((b, t, d), [t_, h_, kvh_]) = self.dims()?;
         let heads = self.heads;
         let dev = cuda_device(&self.q)?;
@@ -947,7 +957,8 @@ impl FlashInputs {
             unsafe { builder.launch(cfg) }.map_err(err)
         })?;
         Ok((
-            wrap(o, &dev, &[b, t, heads * d]),
+            CudaStorage::wrap_cuda_slice(o, dev.clone()),
+            Shape::from((b, t, heads * d)),
             wrap(lse, &dev, &[b, heads, t]),
         ))
     }

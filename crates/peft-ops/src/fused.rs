@@ -317,14 +317,16 @@ fn lora_output(
 ) -> Result<Value> {
     #[cfg(feature = "cuda")]
     if bias.is_none() && thin_kernels(x) && [xa, b].iter().all(|t| t.dtype() == DType::F32) {
-        return Ok(Value::LowRank {
-            x: x.contiguous()?,
-            w: w.clone(),
-            left: xa.contiguous()?,
-            right: b.contiguous()?,
+        return Ok(Value::ByTheOp(Box::new(LoraOutput {
+            linear: crate::grad::LinearOutput {
+                x: x.contiguous()?,
+                w: w.clone(),
+                shape: shape.into(),
+            },
+            xa: xa.contiguous()?,
+            b: b.contiguous()?,
             scale: scale as f32,
-            shape: shape.into(),
-        });
+        })));
     }
     let base = frozen_matmul(x, w, true)?;
     let mut y = low_rank_add(&base, xa, b, false, &InputDropout::Off, scale)?;
@@ -332,6 +334,39 @@ fn lora_output(
         y = y.broadcast_add(bias)?;
     }
     Ok(Value::Computed(y.reshape(shape)?))
+}
+
+/// LoRA's output as its with_grad op computes it on GPUs: the frozen matmul into the op's
+/// output, then our kernel adds `scale · xa · Bᵀ` there, in place.
+#[cfg(feature = "cuda")]
+struct LoraOutput {
+    linear: crate::grad::LinearOutput,
+    xa: Tensor,
+    b: Tensor,
+    scale: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl crate::grad::OpOutput for LoraOutput {
+    fn cpu(self: Box<Self>) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("LoRA's output kernel runs on GPUs")
+    }
+
+    fn cuda(self: Box<Self>) -> Result<(candle_core::CudaStorage, Shape)> {
+        let storage = self.linear.storage(|s| match s {
+            candle_core::Storage::Cuda(s) => Some(s),
+            _ => None,
+        })?;
+        let dims = (self.linear.x.dim(0)?, self.linear.w.dim(0)?);
+        crate::cuda::low_rank_add_in_place(&storage, dims, &self.xa, &self.b, self.scale)?;
+        Ok((storage, self.linear.shape))
+    }
+
+    fn tensor(self: Box<Self>) -> Result<Tensor> {
+        let crate::grad::LinearOutput { x, w, shape } = self.linear;
+        let base = x.matmul(&w.t()?)?;
+        crate::cuda::low_rank_add(&base, &self.xa, &self.b, false, None, self.scale)?.reshape(shape)
+    }
 }
 
 /// `base + scale · (left · rightᵀ) ∘ mask` in `base`'s dtype, the product in f32: `left`

@@ -14,21 +14,16 @@ pub enum Value {
     /// Computed beforehand, from the arguments detached: candle cannot attach a backward to an
     /// existing tensor, so the op's forward hands out a copy of it.
     Computed(Tensor),
-    /// `x · wᵀ` (`x` `[rows, in]`, `w` `[out, in]`) in the shape `shape`: the last step of a
-    /// linear layer, computed by the op's forward into its own output, so nothing is copied.
-    Linear { x: Tensor, w: Tensor, shape: Shape },
-    /// LoRA's output `x · wᵀ + scale · left · rightᵀ` (`left` = x·Aᵀ `[rows, r]`, `right` = B
-    /// `[out, r]`, both f32) in the shape `shape`, computed by the op's forward into its own
-    /// output: the frozen matmul, then our kernel adds the low-rank term in place (GPUs).
-    #[cfg(feature = "cuda")]
-    LowRank {
-        x: Tensor,
-        w: Tensor,
-        left: Tensor,
-        right: Tensor,
-        scale: f32,
-        shape: Shape,
-    },
+    /// Computed by the op's forward into its own output: nothing is copied.
+    ByTheOp(Box<dyn OpOutput>),
+}
+
+/// An output that a [`with_grad`] op computes in its forward, from tensors it holds.
+pub trait OpOutput: Send + Sync {
+    fn cpu(self: Box<Self>) -> Result<(CpuStorage, Shape)>;
+    fn cuda(self: Box<Self>) -> Result<(CudaStorage, Shape)>;
+    /// The output as a tensor outside any graph (when no argument needs a gradient).
+    fn tensor(self: Box<Self>) -> Result<Tensor>;
 }
 
 impl From<Tensor> for Value {
@@ -38,7 +33,8 @@ impl From<Tensor> for Value {
 }
 
 impl Value {
-    /// `x · wᵀ` as a [`Value::Linear`] where candle's matmul computes it (the CPU's bf16
+    /// `x · wᵀ` (`x` `[rows, in]`, `w` `[out, in]`) in the shape `shape`, the last step of a
+    /// linear layer: computed by the op where candle's matmul computes it (the CPU's bf16
     /// kernel does not run inside an op's forward), computed now otherwise.
     pub fn linear(x: &Tensor, w: &Tensor, shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
@@ -48,39 +44,62 @@ impl Value {
                 crate::frozen_matmul(x, w, true)?.reshape(shape)?,
             ));
         }
-        Ok(Value::Linear {
+        Ok(Value::ByTheOp(Box::new(LinearOutput {
             x: x.clone(),
             w: w.clone(),
             shape,
-        })
+        })))
     }
 
-    /// The value as a tensor outside any graph.
     fn into_tensor(self) -> Result<Tensor> {
         match self {
             Value::Computed(t) => Ok(t),
-            Value::Linear { x, w, shape } => x.matmul(&w.t()?)?.reshape(shape),
-            #[cfg(feature = "cuda")]
-            Value::LowRank {
-                x,
-                w,
-                left,
-                right,
-                scale,
-                shape,
-            } => {
-                let base = x.matmul(&w.t()?)?;
-                crate::cuda::low_rank_add(&base, &left, &right, false, None, scale)?.reshape(shape)
-            }
+            Value::ByTheOp(out) => out.tensor(),
         }
     }
 }
 
-/// `x · wᵀ` on storages: `x` `[rows, in]`, `w` `[out, in]`.
-fn linear_storage<S: BackendStorage>(x: (&S, &Layout), w: (&S, &Layout)) -> Result<S> {
-    let (rows, inner) = x.1.shape().dims2()?;
-    let out = w.1.shape().dims2()?.0;
-    x.0.matmul(w.0, (1, rows, out, inner), x.1, &w.1.transpose(0, 1)?)
+/// See [`Value::linear`].
+pub(crate) struct LinearOutput {
+    pub x: Tensor,
+    pub w: Tensor,
+    pub shape: Shape,
+}
+
+impl LinearOutput {
+    /// `x · wᵀ` on the storages, `[rows, out]`.
+    pub fn storage<S: BackendStorage>(&self, of: impl Fn(&Storage) -> Option<&S>) -> Result<S> {
+        let (xs, xl) = self.x.storage_and_layout();
+        let (ws, wl) = self.w.storage_and_layout();
+        let (Some(xs), Some(ws)) = (of(&xs), of(&ws)) else {
+            candle_core::bail!("with_grad: a linear layer's inputs are on another device");
+        };
+        let (rows, inner) = xl.shape().dims2()?;
+        let out = wl.shape().dims2()?.0;
+        xs.matmul(ws, (1, rows, out, inner), xl, &wl.transpose(0, 1)?)
+    }
+}
+
+impl OpOutput for LinearOutput {
+    fn cpu(self: Box<Self>) -> Result<(CpuStorage, Shape)> {
+        let storage = self.storage(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })?;
+        Ok((storage, self.shape))
+    }
+
+    fn cuda(self: Box<Self>) -> Result<(CudaStorage, Shape)> {
+        let storage = self.storage(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })?;
+        Ok((storage, self.shape))
+    }
+
+    fn tensor(self: Box<Self>) -> Result<Tensor> {
+        self.x.matmul(&self.w.t()?)?.reshape(self.shape)
+    }
 }
 
 /// Returns `value` as a tensor of the autograd graph whose only parent is `arg`.
@@ -104,8 +123,8 @@ pub fn with_grad(
 }
 
 /// [`with_grad`] for a value computed from three tensors: `backward(value, grad_value)` returns
-/// the gradients of `a`, `b` and `c` (`value` is the graph's copy: a backward that needs the
-/// output reads it there instead of keeping a second one). Whatever else the backward needs
+/// the gradients of `a`, `b` and `c` (`value` is the op's output in the graph: a backward that
+/// needs it reads it there instead of keeping a second copy). Whatever else the backward needs
 /// (inputs, saved intermediates) it captures itself, so the graph keeps only what it chooses to.
 pub fn with_grad3(
     (a, b, c): (&Tensor, &Tensor, &Tensor),
@@ -131,7 +150,7 @@ impl ValueSlot {
     fn new(value: Value) -> Result<Self> {
         let value = match value {
             Value::Computed(t) => Value::Computed(t.contiguous()?),
-            computed_by_the_op => computed_by_the_op,
+            by_the_op => by_the_op,
         };
         Ok(Self(Mutex::new(Some(value))))
     }
@@ -147,18 +166,7 @@ impl ValueSlot {
     fn cpu(&self) -> Result<(CpuStorage, Shape)> {
         let value = match self.take()? {
             Value::Computed(t) => t,
-            Value::Linear { x, w, shape } => {
-                let (xs, xl) = x.storage_and_layout();
-                let (ws, wl) = w.storage_and_layout();
-                return match (&*xs, &*ws) {
-                    (Storage::Cpu(xs), Storage::Cpu(ws)) => {
-                        Ok((linear_storage((xs, xl), (ws, wl))?, shape))
-                    }
-                    _ => candle_core::bail!("with_grad: linear inputs are not on the cpu"),
-                };
-            }
-            #[cfg(feature = "cuda")]
-            Value::LowRank { .. } => candle_core::bail!("with_grad: LoRA's kernel runs on GPUs"),
+            Value::ByTheOp(out) => return out.cpu(),
         };
         let (storage, layout) = value.storage_and_layout();
         let (start, end) = layout
@@ -178,39 +186,7 @@ impl ValueSlot {
     fn cuda(&self) -> Result<(CudaStorage, Shape)> {
         let value = match self.take()? {
             Value::Computed(t) => t,
-            Value::Linear { x, w, shape } => {
-                let (xs, xl) = x.storage_and_layout();
-                let (ws, wl) = w.storage_and_layout();
-                return match (&*xs, &*ws) {
-                    (Storage::Cuda(xs), Storage::Cuda(ws)) => {
-                        Ok((linear_storage((xs, xl), (ws, wl))?, shape))
-                    }
-                    _ => candle_core::bail!("with_grad: linear inputs are not on the gpu"),
-                };
-            }
-            #[cfg(feature = "cuda")]
-            Value::LowRank {
-                x,
-                w,
-                left,
-                right,
-                scale,
-                shape,
-            } => {
-                let storage = {
-                    let (xs, xl) = x.storage_and_layout();
-                    let (ws, wl) = w.storage_and_layout();
-                    match (&*xs, &*ws) {
-                        (Storage::Cuda(xs), Storage::Cuda(ws)) => {
-                            linear_storage((xs, xl), (ws, wl))?
-                        }
-                        _ => candle_core::bail!("with_grad: LoRA inputs are not on the gpu"),
-                    }
-                };
-                let dims = (x.dim(0)?, w.dim(0)?);
-                crate::cuda::low_rank_add_in_place(&storage, dims, &left, &right, scale)?;
-                return Ok((storage, shape));
-            }
+            Value::ByTheOp(out) => return out.cuda(),
         };
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
