@@ -180,6 +180,31 @@ pub(crate) fn causal_softmax_bwd(
     dispatch!(y.0.dtype(), f(y, g, k, scale))
 }
 
+/// `x / rms(x) * w` over rows of `w`'s length (contiguous, f32 or bf16).
+pub(crate) fn rms_norm_fwd(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<CudaStorage> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let n = x.1.shape().elem_count();
+        let d = w.1.shape().elem_count();
+        launch::<T>(
+            x.0.device(),
+            "rms_norm_fwd",
+            &[x, w],
+            n,
+            rows_config(n / d),
+            &[Scalar::I32(d as i32), Scalar::F32(eps)],
+        )
+    }
+    dispatch!(x.0.dtype(), f(x, w, eps))
+}
+
 pub(crate) fn rms_norm_bwd(
     x: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),

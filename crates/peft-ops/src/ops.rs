@@ -50,7 +50,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if w.dtype() != x.dtype() {
         return rms_norm(&x.to_dtype(w.dtype())?, w, eps)?.to_dtype(x.dtype());
     }
-    let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
+    let y = rms_norm_output(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
     let (x_tracks, w_tracks) = (x.track_op(), w.track_op());
     let (xd, wd) = (x.detach(), w.detach());
     // Third argument repeated: with_grad3 serves two inputs as well.
@@ -76,6 +76,56 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         };
         Ok((d_x, d_w, None))
     })
+}
+
+/// The output of [`rms_norm`]: on GPUs computed by its with_grad op, by our kernel (the
+/// kernel group `rms_norm`), into the op's own output.
+fn rms_norm_output(x: &Tensor, w: &Tensor, eps: f32) -> Result<Value> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::has_kernel(x, Kernel::RmsNorm) {
+        return Ok(Value::ByTheOp(Box::new(RmsNormOutput {
+            x: x.clone(),
+            w: w.contiguous()?,
+            eps,
+        })));
+    }
+    Ok(Value::Computed(candle_nn::ops::rms_norm(x, w, eps)?))
+}
+
+#[cfg(feature = "cuda")]
+struct RmsNormOutput {
+    x: Tensor,
+    w: Tensor,
+    eps: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl crate::OpOutput for RmsNormOutput {
+    fn cpu(self: Box<Self>) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("our RMSNorm kernel runs on GPUs")
+    }
+
+    fn cuda(self: Box<Self>) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (xs, xl) = self.x.storage_and_layout();
+        let (ws, wl) = self.w.storage_and_layout();
+        match (&*xs, &*ws) {
+            (candle_core::Storage::Cuda(xs), candle_core::Storage::Cuda(ws)) => Ok((
+                crate::cuda::rms_norm_fwd((xs, xl), (ws, wl), self.eps)?,
+                xl.shape().clone(),
+            )),
+            _ => candle_core::bail!("rms_norm: inputs are not on the gpu"),
+        }
+    }
+
+    fn tensor(self: Box<Self>) -> Result<Tensor> {
+        let (storage, shape) = self.cuda()?;
+        Ok(Tensor::from_storage(
+            candle_core::Storage::Cuda(storage),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
 }
 
 /// dL/dx of [`rms_norm`].

@@ -75,6 +75,20 @@ __device__ void causal_softmax_bwd(const T* y, const T* g, T* dx, int k, float s
     }
 }
 
+// y = x / rms(x) * w over rows of d, in f32 (as candle's RMSNorm kernel).
+template <typename T>
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int d, float eps) {
+    __shared__ float sh[32];
+    long long off = (long long)blockIdx.x * d;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float xj = ld(x, off + j);
+        ss += xj * xj;
+    }
+    float r = rsqrtf(block_reduce(ss, sh, false) / d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) st(y, off + j, ld(x, off + j) * r * ld(w, j));
+}
+
 // Gradient of y = x / rms(x) * w with respect to x, rows of d.
 template <typename T>
 __device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, int d, float eps) {
@@ -282,6 +296,10 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
     extern "C" __global__ void causal_softmax_bwd_##S(const T* y, const T* g, T* dx, int k,   \
                                                       float scale) {                          \
         causal_softmax_bwd<T>(y, g, dx, k, scale);                                             \
+    }                                                                                          \
+    extern "C" __global__ void rms_norm_fwd_##S(const T* x, const T* w, T* y, int d,          \
+                                                float eps) {                                  \
+        rms_norm_fwd<T>(x, w, y, d, eps);                                                      \
     }                                                                                          \
     extern "C" __global__ void rms_norm_bwd_##S(const T* x, const T* w, const T* g, T* dx,    \
                                                 int d, float eps) {                           \

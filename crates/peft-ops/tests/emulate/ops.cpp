@@ -1,6 +1,7 @@
 // Runs the row-wise and elementwise kernels of src/kernels/ops.cu (f32) under the CPU emulation:
 //   ops <kernel> <input> <output>
-// rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d) -> dx (rows·d)
+// rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d) -> y, then dx
+//                 (rows·d each; y by rms_norm_fwd)
 // swiglu:         i64 n; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
 // Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
@@ -37,9 +38,13 @@ int main(int argc, char** argv) {
         float eps = take<float>(in, 1)[0];
         auto x = take<float>(in, (size_t)rows * d), w = take<float>(in, d);
         auto g = take<float>(in, (size_t)rows * d);
+        std::vector<float> dx(x.size());
         out.resize(x.size());
         emu::launch({rows}, {256}, 0,
-                    [&] { rms_norm_bwd_f32(x.data(), w.data(), g.data(), out.data(), d, eps); });
+                    [&] { rms_norm_fwd_f32(x.data(), w.data(), out.data(), d, eps); });
+        emu::launch({rows}, {256}, 0,
+                    [&] { rms_norm_bwd_f32(x.data(), w.data(), g.data(), dx.data(), d, eps); });
+        out.insert(out.end(), dx.begin(), dx.end());
     } else if (kernel == "swiglu") {
         long long n = take<long long>(in, 1)[0];
         auto gate = take<float>(in, n), up = take<float>(in, n), grad = take<float>(in, n);
