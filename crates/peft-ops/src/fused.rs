@@ -523,9 +523,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         (g, u)
     };
     let y = if kernel {
-        g.apply_op2_no_bwd(&u, &SwigluForward)?
+        // Run by the with_grad op's forward, into its own output.
+        Value::ByTheOp(Box::new(crate::grad::Op2Output {
+            op: SwigluForward,
+            a: g.clone(),
+            b: u.clone(),
+        }))
     } else {
-        (g.silu()? * &u)?
+        Value::Computed((g.silu()? * &u)?)
     };
     let (g_tracks, u_tracks) = (gate.track_op(), up.track_op());
     // Third argument repeated: with_grad3 serves two inputs as well.

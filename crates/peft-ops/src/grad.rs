@@ -1,6 +1,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage,
+    Tensor,
 };
 use std::sync::Mutex;
 
@@ -99,6 +100,37 @@ impl OpOutput for LinearOutput {
 
     fn tensor(self: Box<Self>) -> Result<Tensor> {
         self.x.matmul(&self.w.t()?)?.reshape(self.shape)
+    }
+}
+
+/// Our custom op `op` on `(a, b)`, run by the with_grad op's forward (CPU and CUDA).
+pub(crate) struct Op2Output<O> {
+    pub op: O,
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+impl<O: CustomOp2 + Send + Sync> OpOutput for Op2Output<O> {
+    fn cpu(self: Box<Self>) -> Result<(CpuStorage, Shape)> {
+        let (sa, la) = self.a.storage_and_layout();
+        let (sb, lb) = self.b.storage_and_layout();
+        match (&*sa, &*sb) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => self.op.cpu_fwd(a, la, b, lb),
+            _ => candle_core::bail!("{}: inputs are not on the cpu", self.op.name()),
+        }
+    }
+
+    fn cuda(self: Box<Self>) -> Result<(CudaStorage, Shape)> {
+        let (sa, la) = self.a.storage_and_layout();
+        let (sb, lb) = self.b.storage_and_layout();
+        match (&*sa, &*sb) {
+            (Storage::Cuda(a), Storage::Cuda(b)) => self.op.cuda_fwd(a, la, b, lb),
+            _ => candle_core::bail!("{}: inputs are not on the gpu", self.op.name()),
+        }
+    }
+
+    fn tensor(self: Box<Self>) -> Result<Tensor> {
+        self.a.apply_op2_no_bwd(&self.b, &self.op)
     }
 }
 
