@@ -393,7 +393,10 @@ impl crate::OpOutput for FlashOutput {
     }
 
     fn tensor(self: Box<Self>) -> Result<Tensor> {
-        Ok(self.inputs.forward()?.0)
+        let (out, lse) = self.inputs.forward()?;
+        // Kept for a backward too (`PEFT_CUDA_OFF=in_op` computes the output here).
+        let _ = self.lse.set(lse);
+        Ok(out)
     }
 }
 

@@ -1,7 +1,8 @@
+use crate::{cuda_kernel_on, Kernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage,
-    Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape,
+    Storage, Tensor,
 };
 use std::sync::Mutex;
 
@@ -50,6 +51,17 @@ impl Value {
             w: w.clone(),
             shape,
         })))
+    }
+
+    /// The value as the op should take it: computed now where `PEFT_CUDA_OFF=in_op` turns
+    /// outputs computed inside the op off on GPUs.
+    fn settled(self, device: &Device) -> Result<Self> {
+        match self {
+            Value::ByTheOp(out) if device.is_cuda() && !cuda_kernel_on(Kernel::InOp) => {
+                Ok(Value::Computed(out.tensor()?))
+            }
+            value => Ok(value),
+        }
     }
 
     fn into_tensor(self) -> Result<Tensor> {
@@ -148,6 +160,7 @@ pub fn with_grad(
     if !arg.track_op() {
         return value.into_tensor();
     }
+    let value = value.settled(arg.device())?;
     arg.apply_op1(WithGrad {
         value: ValueSlot::new(value)?,
         backward: Box::new(backward),
@@ -167,6 +180,7 @@ pub fn with_grad3(
     if !(a.track_op() || b.track_op() || c.track_op()) {
         return value.into_tensor();
     }
+    let value = value.settled(a.device())?;
     let op = WithGrad3 {
         value: ValueSlot::new(value)?,
         backward: Box::new(backward),

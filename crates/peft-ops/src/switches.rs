@@ -26,10 +26,13 @@ pub enum Kernel {
     Dequantize,
     /// The fused AdamW step.
     Optimizer,
+    /// Layer outputs computed inside the autograd op that carries their backward (off: computed
+    /// beforehand and copied in, see `grad::Value`).
+    InOp,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::Attention,
         Kernel::Softmax,
         Kernel::RmsNorm,
@@ -39,6 +42,7 @@ impl Kernel {
         Kernel::Loss,
         Kernel::Dequantize,
         Kernel::Optimizer,
+        Kernel::InOp,
     ];
 
     /// The group's name in `PEFT_CUDA_OFF`.
@@ -53,6 +57,7 @@ impl Kernel {
             Kernel::Loss => "loss",
             Kernel::Dequantize => "dequantize",
             Kernel::Optimizer => "optimizer",
+            Kernel::InOp => "in_op",
         }
     }
 }
