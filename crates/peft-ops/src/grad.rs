@@ -40,6 +40,15 @@ impl Value {
     /// kernel does not run inside an op's forward), computed now otherwise.
     pub fn linear(x: &Tensor, w: &Tensor, shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
+        let ((rows, inner), (out, w_inner)) = (x.dims2()?, w.dims2()?);
+        if inner != w_inner || shape.elem_count() != rows * out {
+            candle_core::bail!(
+                "linear: input {:?} and weight {:?} do not give {:?}",
+                x.dims(),
+                w.dims(),
+                shape.dims()
+            );
+        }
         let empty = x.elem_count() == 0 || w.elem_count() == 0;
         if empty || crate::bf16_gemm::bf16_gemm_serves(x, &w.t()?) {
             return Ok(Value::Computed(
