@@ -193,6 +193,13 @@ pub(crate) fn rms_norm_fwd(
     ) -> Result<CudaStorage> {
         let n = x.1.shape().elem_count();
         let d = w.1.shape().elem_count();
+        if x.1.shape().dims().last() != Some(&d) || n == 0 {
+            candle_core::bail!(
+                "rms_norm: input {:?} and weight {:?} do not fit",
+                x.1.shape(),
+                w.1.shape()
+            );
+        }
         launch::<T>(
             x.0.device(),
             "rms_norm_fwd",
@@ -1318,6 +1325,7 @@ mod tests {
         for name in [
             "causal_softmax_fwd",
             "causal_softmax_bwd",
+            "rms_norm_fwd",
             "rms_norm_bwd",
             "swiglu_fwd",
             "swiglu_bwd",

@@ -20,7 +20,11 @@ pub enum Value {
     ByTheOp(Box<dyn OpOutput>),
 }
 
-/// An output that a [`with_grad`] op computes in its forward, from tensors it holds.
+/// An output that a [`with_grad`] op computes in its forward, from tensors it holds. Those
+/// may share storage with the op's arguments, whose read locks candle holds meanwhile: it reads
+/// them again (a recursive read), so nothing may write those storages from another thread
+/// during a forward pass (nothing does: training runs on one host thread, as candle's CUDA
+/// stream per thread requires).
 pub trait OpOutput: Send + Sync {
     fn cpu(self: Box<Self>) -> Result<(CpuStorage, Shape)>;
     fn cuda(self: Box<Self>) -> Result<(CudaStorage, Shape)>;
