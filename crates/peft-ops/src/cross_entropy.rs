@@ -160,18 +160,17 @@ fn row_loss(row: &mut [f32], label: i64, grad_scale: Option<f32>) -> f64 {
     let label = (label as usize).min(row.len() - 1);
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let target = row[label] - max;
-    let mut sum = 0f64;
-    match grad_scale {
+    let sum: f64 = match grad_scale {
         Some(scale) => {
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v as f64;
-            }
+            row.iter_mut().for_each(|v| *v -= max);
+            crate::fast_exp::exp_in_place(row);
+            let sum = row.iter().map(|&v| v as f64).sum();
             let k = (scale as f64 / sum) as f32;
             row.iter_mut().for_each(|v| *v *= k);
             row[label] -= scale;
+            sum
         }
-        None => sum = row.iter().map(|&v| (v - max).exp() as f64).sum(),
-    }
+        None => row.iter().map(|&v| (v - max).exp() as f64).sum(),
+    };
     sum.ln() - target as f64
 }

@@ -607,8 +607,12 @@ impl CustomOp2 for SwigluForward {
         y.par_chunks_mut(CPU_BLOCK)
             .zip(g.par_chunks(CPU_BLOCK).zip(u.par_chunks(CPU_BLOCK)))
             .for_each(|(y, (g, u))| {
+                for (y, &g) in y.iter_mut().zip(g) {
+                    *y = -g;
+                }
+                crate::fast_exp::exp_in_place(y);
                 for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g / (1.0 + (-g).exp()) * u;
+                    *y = g / (1.0 + *y) * u;
                 }
             });
         Ok((CpuStorage::F32(y), gl.shape().clone()))
@@ -655,8 +659,13 @@ impl CustomOp3 for SwigluBackward {
             .zip(g.par_chunks(CPU_BLOCK).zip(u.par_chunks(CPU_BLOCK)))
             .zip(dy.par_chunks(CPU_BLOCK))
             .for_each(|(((d_g, d_u), (g, u)), dy)| {
+                // e^-g, in d_g until it is overwritten.
+                for (e, &g) in d_g.iter_mut().zip(g) {
+                    *e = -g;
+                }
+                crate::fast_exp::exp_in_place(d_g);
                 for i in 0..g.len() {
-                    let s = 1.0 / (1.0 + (-g[i]).exp());
+                    let s = 1.0 / (1.0 + d_g[i]);
                     let silu = g[i] * s;
                     d_u[i] = dy[i] * silu;
                     // d silu(g)/dg = s + silu·(1 − s).

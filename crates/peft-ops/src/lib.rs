@@ -11,6 +11,7 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
+mod fast_exp;
 mod fused;
 mod grad;
 mod init;

@@ -49,11 +49,11 @@ impl CustomOp1 for CausalSoftmax {
             let max = x[..visible]
                 .iter()
                 .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-            let mut sum = 0f32;
             for (yi, &xi) in y[..visible].iter_mut().zip(&x[..visible]) {
-                *yi = (xi * scale - max).exp();
-                sum += *yi;
+                *yi = xi * scale - max;
             }
+            crate::fast_exp::exp_in_place(&mut y[..visible]);
+            let sum: f32 = y[..visible].iter().sum();
             let inv = 1.0 / sum;
             y[..visible].iter_mut().for_each(|v| *v *= inv);
         });
