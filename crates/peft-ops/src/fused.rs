@@ -317,15 +317,15 @@ fn lora_output(
 ) -> Result<Value> {
     #[cfg(feature = "cuda")]
     if bias.is_none() && thin_kernels(x) && [xa, b].iter().all(|t| t.dtype() == DType::F32) {
-        return Ok(Value::ByTheOp(Box::new(LoraOutput {
-            linear: crate::grad::LinearOutput {
-                x: x.contiguous()?,
-                w: w.clone(),
+        return Ok(Value::ByTheOp(Box::new(crate::grad::Op2Output {
+            op: LoraForward {
+                xa: xa.contiguous()?,
+                b: b.contiguous()?,
+                scale: scale as f32,
                 shape: shape.into(),
             },
-            xa: xa.contiguous()?,
-            b: b.contiguous()?,
-            scale: scale as f32,
+            a: x.contiguous()?,
+            b: w.clone(),
         })));
     }
     let base = frozen_matmul(x, w, true)?;
@@ -336,36 +336,44 @@ fn lora_output(
     Ok(Value::Computed(y.reshape(shape)?))
 }
 
-/// LoRA's output as its with_grad op computes it on GPUs: the frozen matmul into the op's
-/// output, then our kernel adds `scale · xa · Bᵀ` there, in place.
+/// LoRA's output `x·Wᵀ + scale·xa·Bᵀ` from `(x, W)` as its with_grad op computes it on GPUs:
+/// the frozen matmul into the op's output, then our kernel adds the low-rank term there, in
+/// place.
 #[cfg(feature = "cuda")]
-struct LoraOutput {
-    linear: crate::grad::LinearOutput,
+struct LoraForward {
     xa: Tensor,
     b: Tensor,
     scale: f32,
+    shape: Shape,
 }
 
 #[cfg(feature = "cuda")]
-impl crate::grad::OpOutput for LoraOutput {
-    fn cpu(self: Box<Self>) -> Result<(CpuStorage, Shape)> {
+impl CustomOp2 for LoraForward {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         candle_core::bail!("LoRA's output kernel runs on GPUs")
     }
 
-    fn cuda(self: Box<Self>) -> Result<(candle_core::CudaStorage, Shape)> {
-        let storage = self.linear.storage(|s| match s {
-            candle_core::Storage::Cuda(s) => Some(s),
-            _ => None,
-        })?;
-        let dims = (self.linear.x.dim(0)?, self.linear.w.dim(0)?);
-        crate::cuda::low_rank_add_in_place(&storage, dims, &self.xa, &self.b, self.scale)?;
-        Ok((storage, self.linear.shape))
-    }
-
-    fn tensor(self: Box<Self>) -> Result<Tensor> {
-        let crate::grad::LinearOutput { x, w, shape } = self.linear;
-        let base = x.matmul(&w.t()?)?;
-        crate::cuda::low_rank_add(&base, &self.xa, &self.b, false, None, self.scale)?.reshape(shape)
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::grad::linear_storage((x, xl), (w, wl))?;
+        let dims = (xl.shape().dims2()?.0, wl.shape().dims2()?.0);
+        crate::cuda::low_rank_add_in_place(&out, dims, &self.xa, &self.b, self.scale)?;
+        Ok((out, self.shape.clone()))
     }
 }
 

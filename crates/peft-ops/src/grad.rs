@@ -59,10 +59,10 @@ impl Value {
                 crate::frozen_matmul(x, w, true)?.reshape(shape)?,
             ));
         }
-        Ok(Value::ByTheOp(Box::new(LinearOutput {
-            x: x.clone(),
-            w: w.clone(),
-            shape,
+        Ok(Value::ByTheOp(Box::new(Op2Output {
+            op: LinearForward { shape },
+            a: x.clone(),
+            b: w.clone(),
         })))
     }
 
@@ -85,47 +85,45 @@ impl Value {
     }
 }
 
-/// See [`Value::linear`].
-pub(crate) struct LinearOutput {
-    pub x: Tensor,
-    pub w: Tensor,
+/// `x · wᵀ` (`x` `[rows, in]`, `w` `[out, in]`) as `shape`: see [`Value::linear`].
+pub(crate) struct LinearForward {
     pub shape: Shape,
 }
 
-impl LinearOutput {
-    /// `x · wᵀ` on the storages, `[rows, out]`.
-    pub fn storage<S: BackendStorage>(&self, of: impl Fn(&Storage) -> Option<&S>) -> Result<S> {
-        let (xs, xl) = self.x.storage_and_layout();
-        let (ws, wl) = self.w.storage_and_layout();
-        let (Some(xs), Some(ws)) = (of(&xs), of(&ws)) else {
-            candle_core::bail!("with_grad: a linear layer's inputs are on another device");
-        };
-        let (rows, inner) = xl.shape().dims2()?;
-        let out = wl.shape().dims2()?.0;
-        xs.matmul(ws, (1, rows, out, inner), xl, &wl.transpose(0, 1)?)
+impl CustomOp2 for LinearForward {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((linear_storage((x, xl), (w, wl))?, self.shape.clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Ok((linear_storage((x, xl), (w, wl))?, self.shape.clone()))
     }
 }
 
-impl OpOutput for LinearOutput {
-    fn cpu(self: Box<Self>) -> Result<(CpuStorage, Shape)> {
-        let storage = self.storage(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })?;
-        Ok((storage, self.shape))
-    }
-
-    fn cuda(self: Box<Self>) -> Result<(CudaStorage, Shape)> {
-        let storage = self.storage(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })?;
-        Ok((storage, self.shape))
-    }
-
-    fn tensor(self: Box<Self>) -> Result<Tensor> {
-        self.x.matmul(&self.w.t()?)?.reshape(self.shape)
-    }
+/// `x · wᵀ` on storages, `[rows, out]`: the backend call `x.matmul(&w.t())` makes.
+pub(crate) fn linear_storage<S: BackendStorage>(
+    (x, xl): (&S, &Layout),
+    (w, wl): (&S, &Layout),
+) -> Result<S> {
+    let (rows, inner) = xl.shape().dims2()?;
+    let out = wl.shape().dims2()?.0;
+    x.matmul(w, (1, rows, out, inner), xl, &wl.transpose(0, 1)?)
 }
 
 /// Our custom op `op` on `(a, b)`, run by the with_grad op's forward (CPU and CUDA).

@@ -83,48 +83,46 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 fn rms_norm_output(x: &Tensor, w: &Tensor, eps: f32) -> Result<Value> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && crate::has_kernel(x, Kernel::RmsNorm) {
-        return Ok(Value::ByTheOp(Box::new(RmsNormOutput {
-            x: x.clone(),
-            w: w.contiguous()?,
-            eps,
+        return Ok(Value::ByTheOp(Box::new(crate::grad::Op2Output {
+            op: RmsNormForward { eps },
+            a: x.clone(),
+            b: w.contiguous()?,
         })));
     }
     Ok(Value::Computed(candle_nn::ops::rms_norm(x, w, eps)?))
 }
 
+/// RMSNorm's forward by our CUDA kernel, from `(x, w)`.
 #[cfg(feature = "cuda")]
-struct RmsNormOutput {
-    x: Tensor,
-    w: Tensor,
+struct RmsNormForward {
     eps: f32,
 }
 
 #[cfg(feature = "cuda")]
-impl crate::OpOutput for RmsNormOutput {
-    fn cpu(self: Box<Self>) -> Result<(CpuStorage, Shape)> {
+impl candle_core::CustomOp2 for RmsNormForward {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         candle_core::bail!("our RMSNorm kernel runs on GPUs")
     }
 
-    fn cuda(self: Box<Self>) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (xs, xl) = self.x.storage_and_layout();
-        let (ws, wl) = self.w.storage_and_layout();
-        match (&*xs, &*ws) {
-            (candle_core::Storage::Cuda(xs), candle_core::Storage::Cuda(ws)) => Ok((
-                crate::cuda::rms_norm_fwd((xs, xl), (ws, wl), self.eps)?,
-                xl.shape().clone(),
-            )),
-            _ => candle_core::bail!("rms_norm: inputs are not on the gpu"),
-        }
-    }
-
-    fn tensor(self: Box<Self>) -> Result<Tensor> {
-        let (storage, shape) = self.cuda()?;
-        Ok(Tensor::from_storage(
-            candle_core::Storage::Cuda(storage),
-            shape,
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::rms_norm_fwd((x, xl), (w, wl), self.eps)?;
+        Ok((out, xl.shape().clone()))
     }
 }
 
