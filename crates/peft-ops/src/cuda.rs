@@ -186,11 +186,28 @@ pub(crate) fn rms_norm_fwd(
     w: (&CudaStorage, &Layout),
     eps: f32,
 ) -> Result<CudaStorage> {
+    rms_norm_rows("rms_norm_fwd", &[x, w], eps)
+}
+
+/// dL/dx of [`rms_norm_fwd`] from `x`, `w` and dL/dy.
+pub(crate) fn rms_norm_bwd(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<CudaStorage> {
+    rms_norm_rows("rms_norm_bwd", &[x, w, g], eps)
+}
+
+/// Launches the RMSNorm kernel `name` (one block per row of `w`'s length) on `inputs`, `x` and
+/// `w` first, for an output of `x`'s size.
+fn rms_norm_rows(name: &str, inputs: &[(&CudaStorage, &Layout)], eps: f32) -> Result<CudaStorage> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
-        x: (&CudaStorage, &Layout),
-        w: (&CudaStorage, &Layout),
+        name: &str,
+        inputs: &[(&CudaStorage, &Layout)],
         eps: f32,
     ) -> Result<CudaStorage> {
+        let (x, w) = (inputs[0], inputs[1]);
         let n = x.1.shape().elem_count();
         let d = w.1.shape().elem_count();
         if x.1.shape().dims().last() != Some(&d) || n == 0 {
@@ -202,40 +219,14 @@ pub(crate) fn rms_norm_fwd(
         }
         launch::<T>(
             x.0.device(),
-            "rms_norm_fwd",
-            &[x, w],
+            name,
+            inputs,
             n,
             rows_config(n / d),
             &[Scalar::I32(d as i32), Scalar::F32(eps)],
         )
     }
-    dispatch!(x.0.dtype(), f(x, w, eps))
-}
-
-pub(crate) fn rms_norm_bwd(
-    x: (&CudaStorage, &Layout),
-    w: (&CudaStorage, &Layout),
-    g: (&CudaStorage, &Layout),
-    eps: f32,
-) -> Result<CudaStorage> {
-    fn f<T: CudaDType + DeviceRepr + WithDType>(
-        x: (&CudaStorage, &Layout),
-        w: (&CudaStorage, &Layout),
-        g: (&CudaStorage, &Layout),
-        eps: f32,
-    ) -> Result<CudaStorage> {
-        let n = x.1.shape().elem_count();
-        let d = w.1.shape().elem_count();
-        launch::<T>(
-            x.0.device(),
-            "rms_norm_bwd",
-            &[x, w, g],
-            n,
-            rows_config(n / d),
-            &[Scalar::I32(d as i32), Scalar::F32(eps)],
-        )
-    }
-    dispatch!(x.0.dtype(), f(x, w, g, eps))
+    dispatch!(inputs[0].0.dtype(), f(name, inputs, eps))
 }
 
 fn elementwise_config(n: usize) -> LaunchConfig {
