@@ -25,8 +25,8 @@ use std::sync::Mutex;
 
 mod common;
 use common::{
-    max_abs, packed_reference, packed_rows, prefixed_reference, prefixed_rows, randn, rope_tables,
-    split_heads,
+    max_abs, packed_reference, packed_rows, prefixed_reference, prefixed_rows, randn, repeat_kv,
+    rope_tables, split_heads,
 };
 
 /// Builds `tests/emulate/<name>.cpp` once per test run and returns the program.
@@ -202,14 +202,10 @@ fn compare(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) {
     check("dv", &dv, &grad(2), 2e-2);
     // The log-sum-exp of the scaled, rotated scores, recomputed here in f32.
     let qr = peft_ops::rope(&split_heads(&q, heads), &cos, &sin).unwrap();
-    let kr = peft_ops::rope(&split_heads(&k, kv_heads), &cos, &sin).unwrap();
-    let kr = kr
-        .unsqueeze(2)
-        .unwrap()
-        .broadcast_as((b, kv_heads, heads / kv_heads, t, d))
-        .unwrap()
-        .reshape((b, heads, t, d))
-        .unwrap();
+    let kr = repeat_kv(
+        &peft_ops::rope(&split_heads(&k, kv_heads), &cos, &sin).unwrap(),
+        heads,
+    );
     let scores = (qr.matmul(&kr.t().unwrap()).unwrap() * scale).unwrap();
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))

@@ -61,7 +61,19 @@ pub fn packed_rows(t: usize, d: usize, lengths: &[&[usize]]) -> PackedRows {
         positions.extend(last..last + (t - used) as u32);
         real.extend(std::iter::repeat_n(0f32, t - used));
     }
-    let (cos, sin) = rope_tables(t, d);
+    let (cos, sin) = tables_at(positions, (b, t), d);
+    PackedRows {
+        ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
+        real: Tensor::from_vec(real, (b, t, 1), &Device::Cpu).unwrap(),
+        cos,
+        sin,
+    }
+}
+
+/// RoPE tables `[b, t, d / 2]` (cos, sin) of the positions of each row (`b · t` of them).
+fn tables_at(positions: Vec<u32>, (b, t): (usize, usize), d: usize) -> (Tensor, Tensor) {
+    let end = *positions.iter().max().unwrap() as usize + 1;
+    let (cos, sin) = rope_tables(end, d);
     let pos = Tensor::from_vec(positions, b * t, &Device::Cpu).unwrap();
     let rows = |x: &Tensor| {
         x.index_select(&pos, 0)
@@ -69,12 +81,7 @@ pub fn packed_rows(t: usize, d: usize, lengths: &[&[usize]]) -> PackedRows {
             .reshape((b, t, d / 2))
             .unwrap()
     };
-    PackedRows {
-        ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
-        real: Tensor::from_vec(real, (b, t, 1), &Device::Cpu).unwrap(),
-        cos: rows(&cos),
-        sin: rows(&sin),
-    }
+    (rows(&cos), rows(&sin))
 }
 
 /// The output of causal self-attention over packed rows and the q, k, v gradients of
@@ -165,19 +172,12 @@ pub fn prefixed_rows(p: usize, t: usize, d: usize, lengths: &[&[usize]]) -> Pack
         let last = *positions.last().unwrap() + 1;
         positions.extend(last..last + (t - start) as u32);
     }
-    let (cos, sin) = rope_tables(p + t + 1, d);
-    let pos = Tensor::from_vec(positions, b * t, &Device::Cpu).unwrap();
-    let table = |x: &Tensor| {
-        x.index_select(&pos, 0)
-            .unwrap()
-            .reshape((b, t, d / 2))
-            .unwrap()
-    };
+    let (cos, sin) = tables_at(positions, (b, t), d);
     PackedRows {
         ids,
         real: rows.real,
-        cos: table(&cos),
-        sin: table(&sin),
+        cos,
+        sin,
     }
 }
 
@@ -206,17 +206,11 @@ pub fn prefixed_reference(
     let split = |x: &Tensor, n: usize| split_heads(x, n);
     let qh = peft_ops::rope(&split(x(0), heads), &rows.cos, &rows.sin).unwrap();
     let kh = peft_ops::rope(&split(x(1), kv_heads), &rows.cos, &rows.sin).unwrap();
-    let repeat = |x: Tensor| {
-        let s = x.dim(2).unwrap();
-        x.unsqueeze(2)
-            .unwrap()
-            .broadcast_as((b, kv_heads, heads / kv_heads, s, d))
-            .unwrap()
-            .reshape((b, heads, s, d))
-            .unwrap()
-    };
-    let kh = repeat(Tensor::cat(&[x(3), &kh], 2).unwrap());
-    let vh = repeat(Tensor::cat(&[x(4), &split(x(2), kv_heads)], 2).unwrap());
+    let kh = repeat_kv(&Tensor::cat(&[x(3), &kh], 2).unwrap(), heads);
+    let vh = repeat_kv(
+        &Tensor::cat(&[x(4), &split(x(2), kv_heads)], 2).unwrap(),
+        heads,
+    );
     let ids = rows.ids.to_vec2::<u32>().unwrap();
     let mut bias = vec![f32::NEG_INFINITY; b * t * (p + t)];
     for (bi, ids) in ids.iter().enumerate() {
@@ -258,5 +252,18 @@ pub fn split_heads(x: &Tensor, n: usize) -> Tensor {
         .transpose(1, 2)
         .unwrap()
         .contiguous()
+        .unwrap()
+}
+
+/// Heads `[b, kv_heads, s, d]` repeated for the `heads` query heads they serve: `[b, heads, s,
+/// d]`.
+#[allow(dead_code)] // for the attention tests
+pub fn repeat_kv(x: &Tensor, heads: usize) -> Tensor {
+    let (b, kv_heads, s, d) = x.dims4().unwrap();
+    x.unsqueeze(2)
+        .unwrap()
+        .broadcast_as((b, kv_heads, heads / kv_heads, s, d))
+        .unwrap()
+        .reshape((b, heads, s, d))
         .unwrap()
 }
