@@ -5,7 +5,7 @@ use crate::files::{detached, write_adapter};
 use crate::keys::{file_key, module_path};
 use crate::lora::config::LoraConfig;
 use crate::lora::layer::{DropoutSeed, LoraLayer};
-use crate::targets::{select, TargetModules};
+use crate::targets::{keep_layers, select, TargetModules};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use peft_models::io::load_safetensors;
@@ -82,13 +82,20 @@ impl PeftModel {
     /// Wraps the targeted linears; `init(path, r, in, out, config)` gives A and B.
     fn build(
         mut base: Llama,
-        config: LoraConfig,
+        mut config: LoraConfig,
         mut init: impl FnMut(&str, usize, usize, usize, &LoraConfig) -> Result<(Tensor, Tensor)>,
     ) -> Result<Self> {
         let device = base.device.clone();
-        let targets = config.target_modules.clone().context("no target_modules")?;
+        // HF PEFT's default for Llama models when a config names no targets.
+        let targets = config
+            .target_modules
+            .get_or_insert_with(|| TargetModules::List(vec!["q_proj".into(), "v_proj".into()]))
+            .clone();
         let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
-        let selected = select(&targets, config.exclude_modules.as_ref(), &paths, "lm_head")?;
+        let mut selected = select(&targets, config.exclude_modules.as_ref(), &paths, "lm_head")?;
+        if let Some(indices) = config.layer_indices()? {
+            keep_layers(&mut selected, &targets, &indices, &config.layer_patterns()?)?;
+        }
         let dropout_seed = Arc::new(DropoutSeed::default());
         let mut adapters = BTreeMap::new();
         for (id, (path, lin)) in base.linears_mut().into_iter().enumerate() {

@@ -109,6 +109,50 @@ pub fn select(
     Ok(out)
 }
 
+/// The index of the layer that module `path` lies in, as HF PEFT reads it for
+/// `layers_to_transform`: the number in the last `.<name>.<number>.` of the path, where the
+/// name is one of `patterns` (regexes; any name when there are none).
+pub fn layer_index(path: &str, patterns: &[String]) -> Result<Option<usize>> {
+    let any = [r"[^.]*".to_string()];
+    let patterns = if patterns.is_empty() {
+        &any[..]
+    } else {
+        patterns
+    };
+    for p in patterns {
+        let re = Regex::new(&format!(r"^.*\.(?:{p})\.(\d+)\."))
+            .map_err(|e| anyhow::anyhow!("layers_pattern: invalid pattern {p:?}: {e}"))?;
+        if let Some(c) = re.captures(path) {
+            return Ok(c[1].parse().ok());
+        }
+    }
+    Ok(None)
+}
+
+/// Keeps the modules of `selected` in the layers `indices` (`layers_to_transform`), PEFT's way:
+/// a module named in full in a target list stays wherever it is.
+pub fn keep_layers(
+    selected: &mut Vec<String>,
+    targets: &TargetModules,
+    indices: &[usize],
+    patterns: &[String],
+) -> Result<()> {
+    let mut kept = Vec::new();
+    for path in selected.drain(..) {
+        let named = matches!(targets, TargetModules::List(l) if l.contains(&path));
+        if named || layer_index(&path, patterns)?.is_some_and(|i| indices.contains(&i)) {
+            kept.push(path);
+        }
+    }
+    if kept.is_empty() {
+        bail!(
+            "layers_to_transform {indices:?} leaves no target module (layers_pattern {patterns:?})"
+        );
+    }
+    *selected = kept;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +194,36 @@ mod tests {
         assert_eq!(s.len(), 3);
         let t = TargetModules::Pattern("q_proj".into());
         assert!(select(&t, None, &paths(), "lm_head").is_err());
+    }
+
+    #[test]
+    fn layer_index_reads_the_last_numbered_segment() {
+        let p = "model.layers.12.self_attn.q_proj";
+        assert_eq!(layer_index(p, &[]).unwrap(), Some(12));
+        assert_eq!(layer_index(p, &["layers".into()]).unwrap(), Some(12));
+        assert_eq!(
+            layer_index(p, &["h".into(), "layers".into()]).unwrap(),
+            Some(12)
+        );
+        assert_eq!(layer_index(p, &["h".into()]).unwrap(), None);
+        assert_eq!(layer_index("lm_head", &[]).unwrap(), None);
+    }
+
+    #[test]
+    fn keep_layers_filters_by_index_but_keeps_full_names() {
+        let t = TargetModules::parse_flag("q_proj,mlp.down_proj,model.layers.0.self_attn.v_proj");
+        let mut s = select(&t, None, &paths(), "lm_head").unwrap();
+        keep_layers(&mut s, &t, &[1], &[]).unwrap();
+        assert_eq!(
+            s,
+            [
+                "model.layers.0.self_attn.v_proj",
+                "model.layers.1.self_attn.q_proj",
+                "model.layers.1.mlp.down_proj"
+            ]
+        );
+        let mut s = select(&t, None, &paths(), "lm_head").unwrap();
+        assert!(keep_layers(&mut s, &TargetModules::parse_flag("q_proj"), &[7], &[]).is_err());
     }
 
     #[test]

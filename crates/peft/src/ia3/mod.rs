@@ -69,6 +69,14 @@ impl Ia3Model {
             .feedforward_modules
             .get_or_insert_with(|| list(config::DEFAULT_FEEDFORWARD))
             .clone();
+        // HF PEFT's rule (its config refuses anything else): a feed-forward module is a target.
+        if let (TargetModules::List(t), TargetModules::List(f)) = (&targets, &feedforward) {
+            if !t.iter().any(|m| m == crate::targets::ALL_LINEAR) {
+                if let Some(m) = f.iter().find(|m| !t.contains(m)) {
+                    bail!("feedforward_modules must be a subset of target_modules: {m:?} is not a target");
+                }
+            }
+        }
         let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
         let selected = select(&targets, config.exclude_modules.as_ref(), &paths, "lm_head")?;
         let ff = select(&feedforward, None, &selected, "lm_head").unwrap_or_default();

@@ -1,4 +1,4 @@
-use crate::targets::TargetModules;
+use crate::targets::{TargetModules, ALL_LINEAR};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -120,10 +120,38 @@ impl LoraConfig {
         (r, scale)
     }
 
+    /// The layer indices `layers_to_transform` keeps (an int or a list of ints; `None`, or
+    /// an empty list: every layer).
+    pub fn layer_indices(&self) -> Result<Option<Vec<usize>>> {
+        let bad = || anyhow::anyhow!("layers_to_transform must be a layer index or a list of them");
+        let index = |v: &Value| v.as_u64().map(|i| i as usize).ok_or_else(bad);
+        Ok(match &self.layers_to_transform {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) if items.is_empty() => None,
+            Some(Value::Array(items)) => Some(items.iter().map(index).collect::<Result<_>>()?),
+            Some(v) => Some(vec![index(v)?]),
+        })
+    }
+
+    /// `layers_pattern`: names of the layer list whose index `layers_to_transform` reads (a
+    /// string or a list; empty: the name before the last index in the path).
+    pub fn layer_patterns(&self) -> Result<Vec<String>> {
+        let bad = || anyhow::anyhow!("layers_pattern must be a name or a list of names");
+        Ok(match &self.layers_pattern {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect::<Result<_>>()?,
+            Some(_) => return Err(bad()),
+        })
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.peft_type != "LORA" {
             bail!(
-                "adapter peft_type is {:?}, this loader handles LORA",
+                "adapter peft_type {:?} is not supported (peft-rs loads LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, P_TUNING and BOTTLENECK)",
                 self.peft_type
             );
         }
@@ -132,6 +160,9 @@ impl LoraConfig {
         }
         if let Some((key, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
             bail!("rank_pattern gives {key:?} rank 0; ranks must be positive");
+        }
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            bail!("lora_alpha must be above 0, got {}", self.lora_alpha);
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("lora_dropout must be in [0, 1), got {}", self.lora_dropout);
@@ -142,12 +173,14 @@ impl LoraConfig {
         if self.fan_in_fan_out {
             bail!("fan_in_fan_out=true (GPT-2 Conv1D layers) is not supported for Llama-family models");
         }
-        if self
-            .layers_to_transform
-            .as_ref()
-            .is_some_and(|v| !v.is_null())
+        let layers = self.layer_indices()?;
+        self.layer_patterns()?;
+        if layers.is_some()
+            && matches!(self.target_modules, Some(TargetModules::Pattern(ref p)) if p != ALL_LINEAR)
         {
-            bail!("layers_to_transform is not supported yet");
+            bail!(
+                "layers_to_transform cannot be used when target_modules is a regex (as in HF PEFT)"
+            );
         }
         match &self.init_lora_weights {
             Value::Bool(_) => {}

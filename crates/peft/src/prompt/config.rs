@@ -7,7 +7,8 @@ use std::path::Path;
 /// and read from `adapter_config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PromptConfig {
-    /// `PROMPT_TUNING` or `PREFIX_TUNING` (P-tuning v2 is prefix tuning in PEFT).
+    /// `PROMPT_TUNING`, `PREFIX_TUNING` (P-tuning v2 is prefix tuning in PEFT) or, loaded
+    /// only, `P_TUNING`.
     pub peft_type: String,
     #[serde(default = "default_task_type")]
     pub task_type: Option<String>,
@@ -33,6 +34,9 @@ pub struct PromptConfig {
     pub prompt_tuning_init: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tuning_init_text: Option<String>,
+    /// Where the init text's tokenizer is: HF PEFT refuses a `TEXT` config without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_name_or_path: Option<String>,
     /// Prefix tuning: train through an MLP (folded into plain embeddings on save).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_projection: Option<bool>,
@@ -53,6 +57,14 @@ fn one() -> Option<usize> {
 
 pub const PROMPT_TUNING: &str = "PROMPT_TUNING";
 pub const PREFIX_TUNING: &str = "PREFIX_TUNING";
+/// PEFT's P-tuning: a prompt encoder (MLP or LSTM) trains the virtual tokens, and its output
+/// is what the adapter file holds; loaded, it is prompt tuning with those rows.
+pub const P_TUNING: &str = "P_TUNING";
+
+/// Whether an adapter of `peft_type` puts virtual tokens ahead of the input.
+pub fn is_prompt_learning(peft_type: &str) -> bool {
+    [PROMPT_TUNING, PREFIX_TUNING, P_TUNING].contains(&peft_type)
+}
 
 impl PromptConfig {
     pub fn is_prefix(&self) -> bool {
@@ -66,9 +78,9 @@ impl PromptConfig {
     /// Parses and validates config JSON read from `source` (named in errors).
     pub fn from_json(text: &str, source: &Path) -> Result<Self> {
         let config: Self = crate::files::parse_config(text, source)?;
-        if config.peft_type != PROMPT_TUNING && config.peft_type != PREFIX_TUNING {
+        if !is_prompt_learning(&config.peft_type) {
             bail!(
-                "{}: peft_type {:?} is not prompt or prefix tuning",
+                "{}: peft_type {:?} is not prompt, prefix or P-tuning",
                 source.display(),
                 config.peft_type
             );

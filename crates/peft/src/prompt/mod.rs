@@ -4,7 +4,7 @@
 
 pub mod config;
 
-pub use config::{PromptConfig, PREFIX_TUNING, PROMPT_TUNING};
+pub use config::{is_prompt_learning, PromptConfig, PREFIX_TUNING, PROMPT_TUNING, P_TUNING};
 
 use crate::files::write_adapter;
 use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
@@ -58,6 +58,16 @@ pub const PROJECTION_KEYS: [&str; 5] = [
     "prompt_encoder.transform.2.weight",
     "prompt_encoder.transform.2.bias",
 ];
+
+/// Virtual tokens take positions ahead of the real ones: more than the model has would leave
+/// no room for the text (and a huge count would only run out of memory).
+fn check_fits(base: &Llama, n: usize) -> Result<()> {
+    let max = base.config.max_position_embeddings;
+    if n >= max {
+        bail!("{n} virtual tokens leave no room for text: the model has {max} positions");
+    }
+    Ok(())
+}
 
 impl PrefixProjection {
     /// PEFT's init: N(0, 1) embedding, `nn.Linear`'s U(±1/√fan_in) layers.
@@ -135,6 +145,7 @@ impl PromptModel {
             num_transformer_submodules: Some(1),
             prompt_tuning_init: None,
             prompt_tuning_init_text: None,
+            tokenizer_name_or_path: None,
             prefix_projection: None,
             encoder_hidden_size: None,
             other: Default::default(),
@@ -146,6 +157,7 @@ impl PromptModel {
         if n == 0 {
             bail!("prompt tuning needs at least 1 virtual token");
         }
+        check_fits(&base, n)?;
         let d = base.config.hidden_size;
         let mut config = Self::base_config(&base, PROMPT_TUNING, n, d);
         let values = match &init {
@@ -195,6 +207,10 @@ impl PromptModel {
     ) -> Result<Self> {
         if n == 0 {
             bail!("prefix tuning needs at least 1 virtual token");
+        }
+        check_fits(&base, n)?;
+        if projection == Some(0) {
+            bail!("the prefix projection needs an encoder_hidden_size of at least 1");
         }
         let c = &base.config;
         let token_dim = c.num_key_value_heads * c.head_dim;
