@@ -120,6 +120,13 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             cmd.method
         );
     }
+    if cmd.steps == 0 || cmd.batch_size == 0 {
+        bail!("--steps and --batch-size must be at least 1");
+    }
+    // A training row needs a token and the next one to predict; generation needs a prompt.
+    if cmd.seq_len < 2 && cmd.mode == BenchMode::Train || cmd.seq_len == 0 {
+        bail!("--seq-len must be at least 2 for training and 1 otherwise");
+    }
     let full = method == Method::Full;
     if let Some(n) = cmd.threads {
         crate::set_threads(n)?;
@@ -135,6 +142,13 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         (None, None) => bail!("give --model PATH or --shape NAME"),
     };
+    let max = base.config.max_position_embeddings;
+    if cmd.seq_len > max {
+        bail!(
+            "--seq-len {} is longer than the model's {max} positions",
+            cmd.seq_len
+        );
+    }
     let base_params = base.parameter_count();
     if let Some(q) = cmd.quantize {
         base.quantize(q.kind(), cmd.double_quant, dtype)?;

@@ -74,6 +74,19 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
         .split(',')
         .map(|m| m.trim().to_string())
         .collect();
+    for (i, method) in methods.iter().enumerate() {
+        crate::train::check_method(method)?;
+        if methods[..i].contains(method) {
+            bail!("--methods names {method} twice");
+        }
+    }
+    // The table reports eval loss and perplexity.
+    if !(cmd.eval_split > 0.0 && cmd.eval_split < 1.0) {
+        bail!(
+            "--eval-split must be above 0 and below 1, got {}",
+            cmd.eval_split
+        );
+    }
     if let Some(out) = &cmd.row_out {
         let row = train_one(&cmd, &methods[0])?;
         return peft_models::io::write_atomic(out, serde_json::to_string(&row)?.as_bytes());
@@ -95,7 +108,7 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
             .args(["--max-steps", &cmd.max_steps.to_string()])
             .args(["--batch-size", &cmd.batch_size.to_string()])
             .args(["--max-seq-length", &cmd.max_seq_length.to_string()])
-            .args(["--eval-split", &cmd.eval_split.to_string()])
+            .arg(format!("--eval-split={}", cmd.eval_split))
             .args(["--seed", &cmd.seed.to_string()])
             .args(["--row-out".as_ref(), row_path.as_os_str()]);
         if let Some(n) = cmd.threads {

@@ -59,6 +59,9 @@ impl Sampling {
 
     fn pick(&mut self, logits: &Tensor) -> Result<u32> {
         let logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if logits.iter().any(|v| v.is_nan()) {
+            bail!("the model's logits are NaN: the base or adapter weights are not finite");
+        }
         let argmax = || {
             logits
                 .iter()
@@ -228,6 +231,15 @@ pub fn prompt_ids(
 }
 
 pub fn run(cmd: GenerateCmd) -> Result<()> {
+    if !(cmd.temperature.is_finite() && cmd.temperature >= 0.0) {
+        bail!(
+            "--temperature must be at least 0 (0: greedy), got {}",
+            cmd.temperature
+        );
+    }
+    if !(cmd.top_p > 0.0 && cmd.top_p <= 1.0) {
+        bail!("--top-p must be above 0 and at most 1, got {}", cmd.top_p);
+    }
     let device = peft_ops::open_device(&cmd.device)?;
     let (base, tok) = load_base(&cmd.model, cmd.dtype.on(&device), &device)?;
     let tok =
@@ -235,9 +247,7 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
     let (model, virtual_tokens) = match &cmd.adapter {
         None => (base, Virtual::None),
         Some(dir) => match peft::adapter_type(dir)?.as_str() {
-            peft::prompt::PROMPT_TUNING | peft::prompt::PREFIX_TUNING => {
-                Virtual::of(PromptModel::load(base, dir)?)?
-            }
+            t if peft::prompt::is_prompt_learning(t) => Virtual::of(PromptModel::load(base, dir)?)?,
             "IA3" => (Ia3Model::load(base, dir)?.base, Virtual::None),
             "BOTTLENECK" => (BottleneckModel::load(base, dir)?.base, Virtual::None),
             _ => (PeftModel::load(base, dir)?.base, Virtual::None),

@@ -6,7 +6,7 @@ mod generate;
 mod plot;
 mod train;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use peft::{BottleneckModel, Ia3Model, LoraConfig, PeftModel, PromptModel, TargetModules, Tuned};
@@ -153,6 +153,9 @@ struct InspectCmd {
 
 /// Sizes the thread pool used by the CPU kernels; call before any tensor work.
 pub fn set_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        bail!("--threads must be at least 1");
+    }
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
@@ -176,10 +179,10 @@ pub fn load_base(
     Ok((model, tokenizer))
 }
 
+/// The adapter config's `base_model_name_or_path`: the model path as the user gave it, as HF
+/// PEFT writes it, so that `AutoPeftModelForCausalLM` finds the base from the adapter alone.
 pub fn model_name(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    path.to_string_lossy().into_owned()
 }
 
 fn run_merge(cmd: MergeCmd) -> Result<()> {
@@ -197,7 +200,7 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
     }
     let mut merged = match peft::adapter_type(&cmd.adapter)?.as_str() {
         "IA3" => Ia3Model::load(base, &cmd.adapter)?.merge_and_unload()?,
-        peft::prompt::PROMPT_TUNING | peft::prompt::PREFIX_TUNING | "BOTTLENECK" => {
+        t if peft::prompt::is_prompt_learning(t) || t == "BOTTLENECK" => {
             anyhow::bail!(
                 "{} adapters add computation and cannot be merged into the weights",
                 peft::adapter_type(&cmd.adapter)?
@@ -219,12 +222,7 @@ fn run_logits(cmd: LogitsCmd) -> Result<()> {
     let ids = Tensor::new(cmd.input_ids.as_slice(), &base.device)?.unsqueeze(0)?;
     let logits = match &cmd.adapter {
         // Prompt tuning's rows for its virtual tokens come first, as PEFT returns them.
-        Some(dir)
-            if matches!(
-                peft::adapter_type(dir)?.as_str(),
-                peft::prompt::PROMPT_TUNING | peft::prompt::PREFIX_TUNING
-            ) =>
-        {
+        Some(dir) if peft::prompt::is_prompt_learning(&peft::adapter_type(dir)?) => {
             if cmd.merged {
                 anyhow::bail!("prompt and prefix tuning adapters cannot be merged");
             }
@@ -283,8 +281,13 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
     kinds.sort();
     kinds.dedup();
     println!("linear modules: {}", kinds.join(", "));
-    let mut peft = if let Some(dir) = &cmd.adapter {
-        PeftModel::load(base, dir)?
+    let mut peft: Box<dyn Tuned> = if let Some(dir) = &cmd.adapter {
+        match peft::adapter_type(dir)?.as_str() {
+            t if peft::prompt::is_prompt_learning(t) => Box::new(PromptModel::load(base, dir)?),
+            "IA3" => Box::new(Ia3Model::load(base, dir)?),
+            "BOTTLENECK" => Box::new(BottleneckModel::load(base, dir)?),
+            _ => Box::new(PeftModel::load(base, dir)?),
+        }
     } else {
         let config = LoraConfig {
             r: cmd.r,
@@ -292,7 +295,7 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
             target_modules: cmd.target_modules.as_deref().map(TargetModules::parse_flag),
             ..Default::default()
         };
-        PeftModel::new(base, config, 0)?
+        Box::new(PeftModel::new(base, config, 0)?)
     };
     println!("{}", peft.trainable_parameters_line());
     Ok(())

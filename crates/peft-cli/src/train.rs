@@ -87,12 +87,16 @@ pub struct TrainCmd {
     /// DoRA: a trainable magnitude per output row (also `--method dora`).
     #[arg(long)]
     use_dora: Option<bool>,
-    /// Comma-separated modules trained in full and saved with the adapter (e.g. lm_head).
+    /// Comma-separated linear modules trained in full and saved with the adapter (e.g.
+    /// o_proj); embeddings and lm_head are not supported yet.
     #[arg(long)]
     modules_to_save: Option<String>,
     /// true (kaiming-uniform A, zero B), false, or gaussian.
     #[arg(long)]
     init_lora_weights: Option<String>,
+    /// Only the target modules of these layers (comma-separated indices, e.g. 0,1,2).
+    #[arg(long)]
+    layers_to_transform: Option<String>,
     #[arg(long)]
     max_steps: Option<usize>,
     #[arg(long)]
@@ -201,6 +205,32 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
     let recipe: toml::Value = toml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} is not valid TOML: {e}", path.display()))?;
     let mut base = serde_json::to_value(recipe)?;
+    // Module lists may be TOML arrays, as in HF configs: the flags take them comma-separated.
+    if let Value::Object(b) = &mut base {
+        for key in [
+            "target_modules",
+            "exclude_modules",
+            "modules_to_save",
+            "feedforward_modules",
+            "layers_to_transform",
+        ] {
+            let items = match b.get(key) {
+                Some(Value::Array(items)) => items.clone(),
+                Some(n @ Value::Number(_)) => vec![n.clone()],
+                _ => continue,
+            };
+            let names = items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<String>>>()
+                .with_context(|| format!("recipe {}: {key} must list names", path.display()))?;
+            b.insert(key.to_string(), Value::String(names.join(",")));
+        }
+    }
     let flags = serde_json::to_value(&cmd)?;
     if let (Value::Object(b), Value::Object(f)) = (&mut base, flags) {
         for (k, v) in f {
@@ -261,6 +291,11 @@ pub fn build_model(
         use_dora: c.use_dora.unwrap_or(method == "dora"),
         modules_to_save: c.modules_to_save.as_deref().map(list),
         init_lora_weights: init,
+        layers_to_transform: c
+            .layers_to_transform
+            .as_deref()
+            .map(parse_layers)
+            .transpose()?,
         ..Default::default()
     };
     let virtual_tokens = c.num_virtual_tokens.unwrap_or(20);
@@ -282,6 +317,9 @@ pub fn build_model(
             };
             let mut m = PromptModel::new_prompt_tuning(base, virtual_tokens, init, seed)?;
             m.config.prompt_tuning_init_text = c.prompt_tuning_init_text.clone();
+            if m.config.prompt_tuning_init.as_deref() == Some("TEXT") {
+                m.config.tokenizer_name_or_path = c.model.as_deref().map(model_name);
+            }
             Box::new(m)
         }
         "adapter" => {
@@ -333,18 +371,38 @@ const METHODS: &[&str] = &[
     "full",
 ];
 
+/// `--layers-to-transform 0,1,2` as HF's `layers_to_transform` list.
+fn parse_layers(spec: &str) -> Result<Value> {
+    spec.split(',')
+        .map(|i| {
+            i.trim().parse::<u64>().map(Value::from).map_err(|_| {
+                anyhow::anyhow!(
+                    "--layers-to-transform takes layer indices like 0,1,2, got {spec:?}"
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Value::Array)
+}
+
+/// Fails on a `--method` value that is not one of [`METHODS`].
+pub fn check_method(method: &str) -> Result<()> {
+    if !METHODS.contains(&method) {
+        bail!(
+            "unknown method {method:?} (available: {})",
+            METHODS.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn run(cmd: TrainCmd) -> Result<()> {
     let c = merged(cmd)?;
     let model_path = require(c.model.clone(), "model")?;
     let data_path = require(c.data.clone(), "data")?;
     let output = require(c.output.clone(), "output")?;
     let method = c.method.clone().unwrap_or_else(|| "lora".into());
-    if !METHODS.contains(&method.as_str()) {
-        bail!(
-            "unknown method {method:?} (available: {})",
-            METHODS.join(", ")
-        );
-    }
+    check_method(&method)?;
     let quiet = c.quiet.unwrap_or(false);
     let json_mode = c.json.unwrap_or(false);
     let packing = c.packing.unwrap_or(false);
@@ -395,6 +453,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         early_stopping_patience: c.early_stopping_patience,
         early_stopping_threshold: c.early_stopping_threshold.unwrap_or(0.0),
     };
+    args.validate()?;
     let eval_split = c.eval_split.unwrap_or(0.0);
     if c.early_stopping_patience.is_some() && eval_split == 0.0 {
         bail!("--early-stopping-patience needs an eval split (--eval-split 0.1)");
@@ -544,6 +603,20 @@ fn check_output_folder(output: &Path) -> Result<()> {
             output.display(),
             existing.display()
         );
+    }
+    // A folder in the place of a file the run ends by writing would fail only at the end.
+    for name in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "model.safetensors",
+    ] {
+        let path = output.join(name);
+        if path.is_dir() {
+            bail!(
+                "{} is a folder: the run would fail to write it",
+                path.display()
+            );
+        }
     }
     Ok(())
 }

@@ -30,7 +30,14 @@ pub fn load_model(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMo
     }
 }
 
+/// The weight files of an HF folder: `model.safetensors` when there is one (transformers'
+/// order, so a stale index left next to a merged model is ignored), else the shards that
+/// `model.safetensors.index.json` names.
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index)?;
@@ -48,10 +55,6 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.sort();
         files.dedup();
         return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
     }
     bail!(
         "no model.safetensors or model.safetensors.index.json in {}",

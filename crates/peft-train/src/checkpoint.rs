@@ -33,19 +33,33 @@ pub struct TrainerState {
 }
 
 impl TrainerState {
-    /// Whether a run with `other`'s settings continues this one's data order and schedule.
-    pub fn same_run(&self, other: &TrainerState) -> bool {
-        (
-            self.total_steps,
-            self.seed,
-            self.batch_size,
-            self.grad_accum,
-        ) == (
-            other.total_steps,
-            other.seed,
-            other.batch_size,
-            other.grad_accum,
-        )
+    /// How a run with `run`'s settings fails to continue this one's data order and schedule
+    /// (`None`: it continues it), or how this state contradicts itself.
+    pub fn mismatch(&self, run: &TrainerState) -> Option<String> {
+        if self.global_step > self.total_steps {
+            return Some(format!(
+                "it is at step {} of {}",
+                self.global_step, self.total_steps
+            ));
+        }
+        let settings = [
+            (
+                "total steps",
+                self.total_steps as u64,
+                run.total_steps as u64,
+            ),
+            ("seed", self.seed, run.seed),
+            ("batch size", self.batch_size as u64, run.batch_size as u64),
+            (
+                "gradient accumulation",
+                self.grad_accum as u64,
+                run.grad_accum as u64,
+            ),
+        ];
+        settings
+            .iter()
+            .find(|(_, saved, ours)| saved != ours)
+            .map(|(what, saved, ours)| format!("it has {what} {saved}, this run {ours}"))
     }
 }
 
@@ -180,6 +194,18 @@ pub fn load(dir: &Path, model: &dyn Tuned, opt: &mut AdamW) -> Result<TrainerSta
         }
         var.set(&w)?;
         keys.push(key);
+    }
+    // Moments of a tensor this model lacks: the checkpoint trained other modules.
+    let ours: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    if let Some(other) = moments
+        .keys()
+        .filter_map(|k| k.strip_prefix("exp_avg."))
+        .find(|k| !k.ends_with(".absmax") && !ours.contains(k))
+    {
+        bail!(
+            "checkpoint {} trains {other}, which this run does not (other method or target modules?)",
+            dir.display()
+        );
     }
     opt.load_state_tensors(&keys, &moments)
         .with_context(|| format!("checkpoint {}", dir.display()))?;

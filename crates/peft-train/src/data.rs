@@ -51,6 +51,8 @@ pub fn load_records(path: &Path) -> Result<Vec<Value>> {
     }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read data file {}", path.display()))?;
+    // Editors on Windows start UTF-8 files with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -117,6 +117,52 @@ impl Default for TrainArgs {
     }
 }
 
+impl TrainArgs {
+    /// Fails on settings that cannot mean anything (a negative learning rate, a beta of 1.5,
+    /// a step interval of 0), naming the setting, before anything runs.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("batch size and gradient accumulation must be at least 1");
+        }
+        let at_least_zero = [
+            ("learning rate", self.lr),
+            ("max_grad_norm", self.max_grad_norm),
+            ("weight decay", self.weight_decay),
+            ("adam_epsilon", self.adam_eps),
+            ("early_stopping_threshold", self.early_stopping_threshold),
+        ];
+        if let Some((what, v)) = at_least_zero
+            .iter()
+            .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+        {
+            bail!("the {what} must be a finite number of at least 0, got {v}");
+        }
+        let below_one = [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ];
+        if let Some((what, v)) = below_one.iter().find(|(_, v)| !(0.0..1.0).contains(v)) {
+            bail!("{what} must be at least 0 and below 1, got {v}");
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            bail!(
+                "the warmup ratio must be between 0 and 1, got {}",
+                self.warmup_ratio
+            );
+        }
+        let intervals = [
+            ("logging steps", Some(self.logging_steps)),
+            ("save steps", self.save_steps),
+            ("eval steps", self.eval_steps),
+            ("early stopping patience", self.early_stopping_patience),
+        ];
+        if let Some((what, _)) = intervals.iter().find(|(_, v)| *v == Some(0)) {
+            bail!("the {what} must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
     pub steps: usize,
@@ -312,9 +358,7 @@ impl Trainer<'_> {
         eval: &[Example],
     ) -> Result<TrainSummary> {
         let a = self.args.clone();
-        if a.batch_size == 0 || a.grad_accum == 0 {
-            bail!("batch size and gradient accumulation must be at least 1");
-        }
+        a.validate()?;
         if examples.is_empty() {
             bail!("nothing to train on: no examples");
         }
@@ -342,11 +386,8 @@ impl Trainer<'_> {
         if let Some(spec) = &a.resume_from {
             let dir = checkpoint::resolve(spec, &a.output_dir)?;
             let saved = checkpoint::load(&dir, &*self.model, &mut opt)?;
-            if !saved.same_run(&state) {
-                bail!(
-                    "checkpoint {} was made with other settings (seed, batch size, accumulation or total steps): {saved:?}",
-                    dir.display()
-                );
+            if let Some(why) = saved.mismatch(&state) {
+                bail!("cannot resume from checkpoint {}: {why}", dir.display());
             }
             state = saved;
             last_checkpoint = Some(dir);

@@ -20,11 +20,20 @@ fn examples() -> Vec<Example> {
 }
 
 fn run(out: &Path, max_steps: usize, resume: Option<&str>) -> anyhow::Result<Vec<f64>> {
+    run_on(out, max_steps, resume, "all-linear")
+}
+
+fn run_on(
+    out: &Path,
+    max_steps: usize,
+    resume: Option<&str>,
+    targets: &str,
+) -> anyhow::Result<Vec<f64>> {
     let config = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
         lora_dropout: 0.1,
-        target_modules: Some(TargetModules::parse_flag("all-linear")),
+        target_modules: Some(TargetModules::parse_flag(targets)),
         ..Default::default()
     };
     let mut model = PeftModel::new(tiny_llama(21, true).unwrap(), config, 5).unwrap();
@@ -93,7 +102,20 @@ fn resume_with_other_settings_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     run(dir.path(), 4, None).unwrap();
     let err = run(dir.path(), 6, Some("latest")).unwrap_err().to_string();
-    assert!(err.contains("other settings"), "{err}");
+    assert!(err.contains("total steps 4, this run 6"), "{err}");
+    // Training other modules would silently drop those the checkpoint trained.
+    let err = run_on(dir.path(), 4, Some("latest"), "q_proj")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("which this run does not"), "{err}");
+    // A state that contradicts itself (edited by hand, or another run's file).
+    let state = dir.path().join("checkpoint-2/trainer_state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["global_step"] = 99.into();
+    std::fs::write(&state, json.to_string()).unwrap();
+    let err = run(dir.path(), 4, Some("latest")).unwrap_err().to_string();
+    assert!(err.contains("at step 99 of 4"), "{err}");
     let err = run(dir.path(), 4, Some("/nonexistent"))
         .unwrap_err()
         .to_string();
