@@ -224,6 +224,19 @@ fn cases() -> Vec<Case> {
         case("packing with prompt tuning", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "prompt", "--packing"]), "--packing does not work with prompt tuning"),
         case("malformed TOML recipe", vec![("r.toml", b"lr = = 3".to_vec())], &["train", "--config", "{dir}/r.toml"], "is not valid TOML"),
         case("unknown device", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--device", "tpu"]), "unknown device \"tpu\""),
+        // Settings that cannot mean anything.
+        case("negative learning rate", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--lr=-1"]), "learning rate must be a finite number of at least 0, got -1"),
+        case("NaN learning rate", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--lr", "nan"]), "got NaN"),
+        case("beta of 1.5", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--adam-beta1", "1.5"]), "adam_beta1 must be at least 0 and below 1"),
+        case("save every 0 steps", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--save-steps", "0"]), "save steps must be at least 1"),
+        case("lora_alpha 0", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--lora-alpha", "0"]), "lora_alpha must be above 0"),
+        case("IA3 feed-forward module outside the targets", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "ia3", "--feedforward-modules", "up_proj"]), "\"up_proj\" is not a target"),
+        case("zero-width prefix projection", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "prefix", "--prefix-projection", "--encoder-hidden-size", "0"]), "encoder_hidden_size of at least 1"),
+        case("more virtual tokens than positions", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "prompt", "--num-virtual-tokens", "100000"]), "100000 virtual tokens leave no room"),
+        case("bench of 0 steps", vec![], &["bench", "--model", "{model}", "--steps", "0"], "--steps and --batch-size must be at least 1"),
+        case("bench rows of 1 token", vec![], &["bench", "--model", "{model}", "--seq-len", "1"], "--seq-len must be at least 2"),
+        case("negative temperature", vec![], &["generate", "--model", "{model}", "--prompt", "hi", "--temperature=-1"], "--temperature must be at least 0"),
+        case("compare with an unknown method", vec![("d.jsonl", qa.clone())], &["compare", "--model", "{model}", "--data", "{dir}/d.jsonl", "--output", "{dir}/c", "--methods", "lora,bogus"], "unknown method \"bogus\""),
         // The output folder.
         case("output under a file", vec![("d.jsonl", qa.clone()), ("file", b"x".to_vec())], &["train", "--model", "{model}", "--data", "{dir}/d.jsonl", "--output", "{dir}/file/out", "--max-steps", "1"], "cannot create output folder"),
     ]
