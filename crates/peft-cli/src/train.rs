@@ -87,8 +87,8 @@ pub struct TrainCmd {
     /// DoRA: a trainable magnitude per output row (also `--method dora`).
     #[arg(long)]
     use_dora: Option<bool>,
-    /// Comma-separated linear modules trained in full and saved with the adapter (e.g.
-    /// o_proj); embeddings and lm_head are not supported yet.
+    /// Comma-separated modules trained in full and saved with the adapter: linear layers,
+    /// lm_head, embed_tokens (a tied head and embedding are untied, as in HF PEFT).
     #[arg(long)]
     modules_to_save: Option<String>,
     /// true (kaiming-uniform A, zero B), false, or gaussian.

@@ -58,12 +58,22 @@ impl Linear {
 
     /// The layer without its adapter. A frozen weight gets no gradient computed.
     pub fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // A trained weight or bias (modules_to_save, bias) stays f32 under a bf16 model: it
+        // computes in the input's dtype, and its gradient flows back through the cast.
+        let like = |t: &Tensor, dtype| {
+            let t = param(t);
+            if t.dtype() == dtype {
+                Ok(t)
+            } else {
+                t.to_dtype(dtype)
+            }
+        };
         let y = match &self.weight {
-            LinearWeight::Dense(w) => linear(x, &param(w))?,
+            LinearWeight::Dense(w) => linear(x, &like(w, x.dtype())?)?,
             LinearWeight::Quantized(q) => quantized_linear(x, q)?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&param(b)),
+            Some(b) => y.broadcast_add(&like(b, y.dtype())?),
             None => Ok(y),
         }
     }
@@ -387,6 +397,20 @@ impl Llama {
         Ok(())
     }
 
+    /// Gives a tied model an output head of its own, a copy of the embedding (what HF PEFT's
+    /// `modules_to_save` wrapper does to a tied head or embedding): either can then train
+    /// without the other, and a saved model says it is no longer tied.
+    pub fn untie_head(&mut self) -> Result<()> {
+        if self.lm_head.is_none() {
+            self.lm_head = Some(Linear::new(self.embed_tokens.detach().copy()?, None));
+            self.config.tie_word_embeddings = false;
+            if let Some(raw) = self.config.raw.as_object_mut() {
+                raw.insert("tie_word_embeddings".into(), false.into());
+            }
+        }
+        Ok(())
+    }
+
     /// Output projection weight `[vocab, hidden]` (the embedding when tied; never quantized).
     pub fn lm_head_weight(&self) -> candle_core::Result<Tensor> {
         match &self.lm_head {
@@ -398,11 +422,11 @@ impl Llama {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        Ok(param(&self.embed_tokens).index_select(&flat, 0)?.reshape((
-            b,
-            t,
-            self.config.hidden_size,
-        ))?)
+        // A trained embedding (modules_to_save) is f32 under a bf16 model.
+        Ok(param(&self.embed_tokens)
+            .index_select(&flat, 0)?
+            .to_dtype(self.dtype)?
+            .reshape((b, t, self.config.hidden_size))?)
     }
 
     /// cos/sin tables `[positions.., head_dim / 2]` for the given positions: the values of the

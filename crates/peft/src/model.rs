@@ -24,6 +24,8 @@ const MAGNITUDE: &str = "lora_magnitude_vector";
 
 /// Default LoRA targets for Llama-family models when a config names none (PEFT's table).
 const DEFAULT_TARGETS: &[&str] = &["q_proj", "v_proj"];
+/// The input embedding's module path (`modules_to_save` may name it `embed_tokens`).
+const EMBEDDING: &str = "model.embed_tokens";
 
 pub struct PeftModel {
     pub base: Llama,
@@ -43,13 +45,8 @@ fn uniform(rng: &mut impl Rng, shape: (usize, usize), bound: f64) -> Vec<f32> {
 
 impl PeftModel {
     /// Injects freshly initialised adapters (PEFT's init: kaiming-uniform A, zero B).
-    pub fn new(base: Llama, mut config: LoraConfig, seed: u64) -> Result<Self> {
+    pub fn new(base: Llama, config: LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
-        if config.target_modules.is_none() {
-            config.target_modules = Some(TargetModules::List(
-                DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
-            ));
-        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         Self::build(base, config, |_path, r, in_f, out_f, cfg| {
             let dev = candle_core::Device::Cpu;
@@ -86,10 +83,11 @@ impl PeftModel {
         mut init: impl FnMut(&str, usize, usize, usize, &LoraConfig) -> Result<(Tensor, Tensor)>,
     ) -> Result<Self> {
         let device = base.device.clone();
-        // HF PEFT's default for Llama models when a config names no targets.
         let targets = config
             .target_modules
-            .get_or_insert_with(|| TargetModules::List(vec!["q_proj".into(), "v_proj".into()]))
+            .get_or_insert_with(|| {
+                TargetModules::List(DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect())
+            })
             .clone();
         let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
         let mut selected = select(&targets, config.exclude_modules.as_ref(), &paths, "lm_head")?;
@@ -143,6 +141,17 @@ impl PeftModel {
         let to_save = self.config.modules_to_save.clone().unwrap_or_default();
         let wrapped: Vec<String> = self.adapters.keys().cloned().collect();
         let mut extra = BTreeMap::new();
+        let is_embedding = |m: &String| m == "embed_tokens" || m == EMBEDDING;
+        // A tied head and embedding part when either trains (HF PEFT trains a copy of the
+        // module named and leaves the other as it was).
+        if to_save.iter().any(|m| m == "lm_head" || is_embedding(m)) {
+            self.base.untie_head()?;
+        }
+        if to_save.iter().any(is_embedding) {
+            let var = Var::from_tensor(&self.base.embed_tokens.to_dtype(DType::F32)?)?;
+            self.base.embed_tokens = var.as_tensor().clone();
+            extra.insert(file_key(EMBEDDING, "weight"), var);
+        }
         for (path, lin) in self.base.linears_mut() {
             let is_wrapped = wrapped.contains(&path);
             let train_bias = bias_mode == "all" || (bias_mode == "lora_only" && is_wrapped);
@@ -171,7 +180,7 @@ impl PeftModel {
         }
         for m in &to_save {
             if !extra.keys().any(|k| k.ends_with(&format!("{m}.weight"))) {
-                bail!("modules_to_save: {m:?} is not a linear module of this model (embeddings and norms are not supported yet)");
+                bail!("modules_to_save: {m:?} is not a linear module or the embedding of this model (norms are not supported yet)");
             }
         }
         self.extra_trainable = extra;
@@ -337,6 +346,8 @@ impl PeftModel {
     pub fn merge_and_unload(mut self) -> Result<Llama> {
         let adapters = std::mem::take(&mut self.adapters);
         let dtype = self.base.dtype;
+        // A trained embedding (modules_to_save) becomes a plain tensor again.
+        self.base.embed_tokens = self.base.embed_tokens.detach().to_dtype(dtype)?;
         for (path, lin) in self.base.linears_mut() {
             lin.adapter = None;
             // A quantized base is dequantized here: the merged model is dense.

@@ -117,6 +117,58 @@ fn modules_to_save_and_bias_are_saved_under_peft_keys() {
     PeftModel::load(tiny_llama(4, false).unwrap(), dir.path()).unwrap();
 }
 
+/// On a tied model, `modules_to_save` of the head or the embedding trains a copy of it and
+/// leaves the other as it was (HF PEFT's wrapper): each gets its own gradient, both round-trip
+/// through the adapter file, and the merged model is untied.
+#[test]
+fn modules_to_save_unties_a_tied_head_and_embedding() {
+    let mut cfg = config("q_proj");
+    cfg.modules_to_save = Some(vec!["lm_head".into(), "embed_tokens".into()]);
+    let mut peft = PeftModel::new(tiny_llama(4, true).unwrap(), cfg, 3).unwrap();
+    // 2 layers × (A 4×32 + B 32×4), and the head and the embedding, 64×32 each.
+    assert_eq!(peft.parameter_counts().0, 2 * (128 + 128) + 2 * 64 * 32);
+    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
+    let h = peft
+        .base
+        .forward(&ids(), None, None, true)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let head = peft.base.lm_head_weight().unwrap();
+    let loss = cross_entropy_chunked(&h, &head, &labels, 3).unwrap().0;
+    let grads = loss.backward().unwrap();
+    let trainable: std::collections::HashMap<String, Var> = peft.trainable().into_iter().collect();
+    let grad_of = |key: &str| -> Tensor {
+        let g = grads.get(trainable[key].as_tensor()).unwrap();
+        g.abs().unwrap().sum_all().unwrap()
+    };
+    // The two copies get different gradients: they are no longer one tensor.
+    let (gh, ge) = (
+        grad_of("base_model.model.lm_head.weight"),
+        grad_of("base_model.model.model.embed_tokens.weight"),
+    );
+    assert!(gh.to_scalar::<f32>().unwrap() > 0.0 && ge.to_scalar::<f32>().unwrap() > 0.0);
+    assert!(max_abs_diff(&gh, &ge) > 1e-3);
+    // Train both apart, then save, load and merge.
+    for key in [
+        "base_model.model.lm_head.weight",
+        "base_model.model.model.embed_tokens.weight",
+    ] {
+        let v = &trainable[key];
+        v.set(&(v.as_tensor() + 0.1 * v.as_tensor().randn_like(0.0, 1.0).unwrap()).unwrap())
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    peft.save(dir.path(), "tiny").unwrap();
+    let want = logits(&peft.base);
+    let loaded = PeftModel::load(tiny_llama(4, true).unwrap(), dir.path()).unwrap();
+    assert!(max_abs_diff(&logits(&loaded.base), &want) < 1e-6);
+    let merged = loaded.merge_and_unload().unwrap();
+    assert!(!merged.config.tie_word_embeddings);
+    assert_eq!(merged.config.raw["tie_word_embeddings"], false);
+    assert!(max_abs_diff(&logits(&merged), &want) < 1e-4);
+}
+
 /// The full backward (attention, RoPE, RMSNorm, SwiGLU, chunked loss) against central
 /// differences of the loss in a few entries of one LoRA B matrix.
 #[test]
