@@ -525,7 +525,10 @@ impl Trainer<'_> {
                     .is_some_and(|f| f.load(Ordering::SeqCst));
                 let scheduled = a.save_steps.is_some_and(|n| n > 0 && step % n == 0)
                     || (a.save_checkpoint_every_epoch && end_of_epoch);
-                if (scheduled || interrupted) && step < total_steps && !stop_early {
+                // The last step saves a checkpoint on schedule too (as transformers' Trainer
+                // does); Ctrl-C there just lets the run finish.
+                let interrupted = interrupted && step < total_steps;
+                if (scheduled || interrupted) && !stop_early {
                     state.global_step = step;
                     state.trained_tokens = resumed_tokens + summary.trained_tokens;
                     let dir = checkpoint::save(

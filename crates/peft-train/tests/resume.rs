@@ -46,7 +46,7 @@ fn run_on(
         weight_decay: 0.01,
         seed: 3,
         save_steps: Some(2),
-        save_total_limit: Some(2),
+        save_total_limit: Some(3),
         resume_from: resume.map(|r| r.into()),
         output_dir: out.to_path_buf(),
         base_model_name: "tiny".into(),
@@ -72,13 +72,20 @@ fn resumed_run_continues_bitwise() {
         .iter()
         .map(|(s, _)| s.to_string())
         .collect();
-    assert_eq!(names, ["4", "6"], "save_total_limit keeps the newest two");
+    // Every second step, the last one included (as transformers' Trainer saves).
+    assert_eq!(
+        names,
+        ["4", "6", "8"],
+        "save_total_limit keeps the newest three"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let first = run(dir.path(), 8, None).unwrap();
     assert_eq!(first, full, "the same seed gives the same run");
-    // Drop the later checkpoints, as if the run had been killed after step 4.
-    std::fs::remove_dir_all(dir.path().join("checkpoint-6")).unwrap();
+    // Drop the later checkpoints, as if the run had been killed after step 4 (mid-epoch).
+    for later in ["checkpoint-6", "checkpoint-8"] {
+        std::fs::remove_dir_all(dir.path().join(later)).unwrap();
+    }
     let resumed = run(dir.path(), 8, Some("latest")).unwrap();
     assert_eq!(resumed, full[4..].to_vec());
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
@@ -109,7 +116,7 @@ fn resume_with_other_settings_is_refused() {
         .to_string();
     assert!(err.contains("which this run does not"), "{err}");
     // A state that contradicts itself (edited by hand, or another run's file).
-    let state = dir.path().join("checkpoint-2/trainer_state.json");
+    let state = dir.path().join("checkpoint-4/trainer_state.json");
     let text = std::fs::read_to_string(&state).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
     json["global_step"] = 99.into();
@@ -163,7 +170,8 @@ fn other_methods_resume_bitwise() {
         };
         let dir = tempfile::tempdir().unwrap();
         let full = train(dir.path(), None);
-        let resumed = train(dir.path(), Some("latest"));
+        let at_3 = dir.path().join("checkpoint-3");
+        let resumed = train(dir.path(), Some(at_3.to_str().unwrap()));
         assert_eq!(resumed, full[3..].to_vec(), "{method}");
     }
 }
