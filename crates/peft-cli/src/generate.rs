@@ -237,6 +237,9 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
             cmd.temperature
         );
     }
+    if cmd.system.is_some() && !cmd.chat {
+        eprintln!("note: --system has no effect without --chat");
+    }
     if !(cmd.top_p > 0.0 && cmd.top_p <= 1.0) {
         bail!("--top-p must be above 0 and at most 1, got {}", cmd.top_p);
     }

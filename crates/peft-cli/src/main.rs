@@ -186,6 +186,9 @@ pub fn model_name(path: &Path) -> String {
 }
 
 fn run_merge(cmd: MergeCmd) -> Result<()> {
+    if cmd.double_quant && cmd.quantize.is_none() {
+        eprintln!("note: --double-quant has no effect without --quantize");
+    }
     let dtype = cmd.dtype.dtype();
     let (mut base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
     if cmd.model.extension().is_some_and(|e| e == "gguf") {
@@ -214,6 +217,9 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
 }
 
 fn run_logits(cmd: LogitsCmd) -> Result<()> {
+    if cmd.merged && cmd.adapter.is_none() {
+        eprintln!("note: --merged has no effect without --adapter");
+    }
     let (base, _) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
     let vocab = base.config.vocab_size as u32;
     if let Some(bad) = cmd.input_ids.iter().find(|&&t| t >= vocab) {
@@ -266,6 +272,9 @@ fn run_logits(cmd: LogitsCmd) -> Result<()> {
 }
 
 fn run_inspect(cmd: InspectCmd) -> Result<()> {
+    if cmd.adapter.is_some() && cmd.target_modules.is_some() {
+        eprintln!("note: --target-modules has no effect with --adapter (its config decides)");
+    }
     let (mut base, _) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
     let c = &base.config;
     println!(

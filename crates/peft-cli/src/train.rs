@@ -385,6 +385,71 @@ fn parse_layers(spec: &str) -> Result<Value> {
         .map(Value::Array)
 }
 
+/// Options set (by flag or recipe) that `method` does not read: a note, not an error, since a
+/// recipe may serve several methods.
+fn ignored_flags(c: &TrainCmd, method: &str) -> Vec<&'static str> {
+    let lora = matches!(method, "lora" | "dora");
+    let ia3 = method == "ia3";
+    let prompt = method == "prompt";
+    let prefix = matches!(method, "prefix" | "ptuning-v2");
+    let adapter = method == "adapter";
+    let options = [
+        ("--r", c.r.is_some(), lora),
+        ("--lora-alpha", c.lora_alpha.is_some(), lora),
+        ("--lora-dropout", c.lora_dropout.is_some(), lora),
+        ("--use-rslora", c.use_rslora.is_some(), lora),
+        ("--use-dora", c.use_dora.is_some(), lora),
+        ("--bias", c.bias.is_some(), lora),
+        ("--init-lora-weights", c.init_lora_weights.is_some(), lora),
+        (
+            "--layers-to-transform",
+            c.layers_to_transform.is_some(),
+            lora,
+        ),
+        ("--modules-to-save", c.modules_to_save.is_some(), lora),
+        ("--target-modules", c.target_modules.is_some(), lora || ia3),
+        (
+            "--exclude-modules",
+            c.exclude_modules.is_some(),
+            lora || ia3,
+        ),
+        (
+            "--feedforward-modules",
+            c.feedforward_modules.is_some(),
+            ia3,
+        ),
+        (
+            "--num-virtual-tokens",
+            c.num_virtual_tokens.is_some(),
+            prompt || prefix,
+        ),
+        ("--prefix-projection", c.prefix_projection.is_some(), prefix),
+        (
+            "--encoder-hidden-size",
+            c.encoder_hidden_size.is_some(),
+            prefix,
+        ),
+        (
+            "--prompt-tuning-init",
+            c.prompt_tuning_init.is_some(),
+            prompt,
+        ),
+        (
+            "--prompt-tuning-init-text",
+            c.prompt_tuning_init_text.is_some(),
+            prompt,
+        ),
+        ("--adapter-config", c.adapter_config.is_some(), adapter),
+        ("--reduction-factor", c.reduction_factor.is_some(), adapter),
+        ("--non-linearity", c.non_linearity.is_some(), adapter),
+    ];
+    options
+        .iter()
+        .filter(|(_, set, read)| *set && !*read)
+        .map(|(flag, ..)| *flag)
+        .collect()
+}
+
 /// Fails on a `--method` value that is not one of [`METHODS`].
 pub fn check_method(method: &str) -> Result<()> {
     if !METHODS.contains(&method) {
@@ -403,6 +468,14 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let output = require(c.output.clone(), "output")?;
     let method = c.method.clone().unwrap_or_else(|| "lora".into());
     check_method(&method)?;
+    let ignored = ignored_flags(&c, &method);
+    if !ignored.is_empty() {
+        eprintln!(
+            "note: {} {} no effect with --method {method}",
+            ignored.join(", "),
+            if ignored.len() == 1 { "has" } else { "have" }
+        );
+    }
     let quiet = c.quiet.unwrap_or(false);
     let json_mode = c.json.unwrap_or(false);
     let packing = c.packing.unwrap_or(false);
