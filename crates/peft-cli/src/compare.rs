@@ -169,7 +169,7 @@ fn train_one(cmd: &CompareCmd, method: &str) -> Result<Row> {
     let records = load_records(&cmd.data)?;
     let (base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
     let tok = tok.context("the model has no tokenizer")?;
-    let (examples, _) = tokenize_records(&records, &tok, cmd.max_seq_length)?;
+    let examples = tokenize_records(&records, &tok, cmd.max_seq_length)?.examples;
     let (examples, eval) = split_eval(examples, cmd.eval_split, cmd.seed)?;
     if eval.is_empty() {
         bail!("peft compare needs an eval split above 0");

@@ -239,8 +239,21 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
             }
         }
     }
-    let mut out: TrainCmd = serde_json::from_value(base)
-        .map_err(|e| anyhow::anyhow!("recipe {}: {e}", path.display()))?;
+    let mut out: TrainCmd = serde_json::from_value(base.clone()).map_err(|e| {
+        // serde names the expected type, not the key: find the key that fails alone.
+        let key = base.as_object().and_then(|b| {
+            b.iter().find_map(|(k, v)| {
+                let alone = serde_json::json!({ k.clone(): v.clone() });
+                serde_json::from_value::<TrainCmd>(alone)
+                    .is_err()
+                    .then_some(k)
+            })
+        });
+        match key {
+            Some(k) => anyhow::anyhow!("recipe {}: {k}: {e}", path.display()),
+            None => anyhow::anyhow!("recipe {}: {e}", path.display()),
+        }
+    })?;
     out.config = cmd.config;
     Ok(out)
 }
@@ -550,13 +563,22 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
     base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(c.quantize.is_some());
     let tok = tok.context("the model has no tokenizer")?;
-    let (examples, dropped) = tokenize_records(&records, &tok, max_seq_length)
+    let tokenized = tokenize_records(&records, &tok, max_seq_length)
         .with_context(|| format!("in {}", data_path.display()))?;
-    if dropped > 0 && !quiet {
+    if tokenized.truncated > 0 && !quiet {
         eprintln!(
-            "note: {dropped} records have no trained token after truncation and were skipped"
+            "note: {} of {} records are longer than {max_seq_length} tokens and were cut (--max-seq-length)",
+            tokenized.truncated,
+            records.len()
         );
     }
+    if tokenized.dropped > 0 && !quiet {
+        eprintln!(
+            "note: {} records have no trained token after truncation and were skipped",
+            tokenized.dropped
+        );
+    }
+    let examples = tokenized.examples;
     let (mut examples, eval) = split_eval(examples, eval_split, args.seed)?;
     if packing {
         let n = examples.len();

@@ -266,28 +266,41 @@ fn chat_segments(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<(Strin
     Ok(out)
 }
 
-/// Tokenizes all records; drops (and counts) records left without any trained token.
+/// Tokenizes all records, cutting them to `max_seq_length` tokens; drops (and counts) records
+/// left without any trained token.
 pub fn tokenize_records(
     records: &[Value],
     tok: &Tokenizer,
     max_seq_length: usize,
-) -> Result<(Vec<Example>, usize)> {
-    let mut examples = Vec::new();
-    let mut dropped = 0;
+) -> Result<Tokenized> {
+    let mut out = Tokenized::default();
     for (i, r) in records.iter().enumerate() {
         let mut ex = tokenize_record(r, tok, i + 1)?;
-        ex.input_ids.truncate(max_seq_length);
-        ex.labels.truncate(max_seq_length);
+        if ex.input_ids.len() > max_seq_length {
+            ex.input_ids.truncate(max_seq_length);
+            ex.labels.truncate(max_seq_length);
+            out.truncated += 1;
+        }
         if ex.n_trained() == 0 {
-            dropped += 1;
+            out.dropped += 1;
             continue;
         }
-        examples.push(ex);
+        out.examples.push(ex);
     }
-    if examples.is_empty() {
+    if out.examples.is_empty() {
         bail!("no record has a token to train on after truncation to {max_seq_length} tokens");
     }
-    Ok((examples, dropped))
+    Ok(out)
+}
+
+/// What [`tokenize_records`] made of the records.
+#[derive(Debug, Default)]
+pub struct Tokenized {
+    pub examples: Vec<Example>,
+    /// Records left with no trained token (skipped).
+    pub dropped: usize,
+    /// Records longer than the maximum length, cut to it (the skipped ones included).
+    pub truncated: usize,
 }
 
 /// Holds out `fraction` of the examples (at least one, when `fraction > 0`) for evaluation,

@@ -58,6 +58,23 @@ fn csv_tsv_and_column_mapping() {
 }
 
 #[test]
+fn long_records_are_cut_and_counted() {
+    let Some(path) = default_model() else { return };
+    let tok = load_model(&path, &Device::Cpu, DType::F32)
+        .unwrap()
+        .tokenizer
+        .unwrap();
+    let records = vec![
+        serde_json::json!({"text": "one two three four five six seven eight nine ten eleven"}),
+        serde_json::json!({"text": "hi there"}),
+    ];
+    let t = tokenize_records(&records, &tok, 8).unwrap();
+    assert_eq!((t.examples.len(), t.truncated, t.dropped), (2, 1, 0));
+    assert_eq!(t.examples[0].input_ids.len(), 8);
+    assert!(t.examples[1].input_ids.len() < 8);
+}
+
+#[test]
 fn alpaca_records_train_on_the_output_only() {
     let Some(path) = default_model() else { return };
     let tok = load_model(&path, &Device::Cpu, DType::F32)
@@ -68,8 +85,9 @@ fn alpaca_records_train_on_the_output_only() {
         serde_json::json!({"instruction": "Name a colour.", "input": "", "output": "Blue."}),
         serde_json::json!({"instruction": "Translate.", "input": "bonjour", "output": "hello"}),
     ];
-    let (examples, dropped) = tokenize_records(&records, &tok, 256).unwrap();
-    assert_eq!((examples.len(), dropped), (2, 0));
+    let t = tokenize_records(&records, &tok, 256).unwrap();
+    assert_eq!((t.examples.len(), t.dropped, t.truncated), (2, 0, 0));
+    let examples = t.examples;
     for (ex, output) in examples.iter().zip(["Blue.", "hello"]) {
         let trained: Vec<u32> = ex
             .input_ids

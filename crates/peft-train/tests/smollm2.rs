@@ -51,7 +51,7 @@ fn train30(path: &std::path::Path, qlora: bool) -> Run {
         llama.gradient_checkpointing = true;
     }
     let records = load_records(&shipped_data()).unwrap();
-    let (examples, _) = tokenize_records(&records, &tok, 256).unwrap();
+    let examples = tokenize_records(&records, &tok, 256).unwrap().examples;
     let config = LoraConfig {
         r: 16,
         lora_alpha: 32.0,
