@@ -8,8 +8,8 @@ use peft::{
 use peft_models::tokenizer::Tokenizer;
 use peft_models::Llama;
 use peft_train::{
-    load_records, map_columns, pack, parse_column_mapping, split_eval, tokenize_records, Echo,
-    OptimKind, SchedulerKind, TrainArgs, Trainer,
+    load_records, map_columns, pack, parse_column_mapping, split_eval, tokenize_records_with, Echo,
+    LossOn, OptimKind, SchedulerKind, TrainArgs, Trainer,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -97,6 +97,13 @@ pub struct TrainCmd {
     /// Only the target modules of these layers (comma-separated indices, e.g. 0,1,2).
     #[arg(long)]
     layers_to_transform: Option<String>,
+    /// Conversations: loss on the assistant's replies only (default true; TRL's default is
+    /// false, every token).
+    #[arg(long)]
+    assistant_only_loss: Option<bool>,
+    /// Prompt/completion records: loss on the completion only (default true, as TRL).
+    #[arg(long)]
+    completion_only_loss: Option<bool>,
     #[arg(long)]
     max_steps: Option<usize>,
     #[arg(long)]
@@ -563,7 +570,11 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
     base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(c.quantize.is_some());
     let tok = tok.context("the model has no tokenizer")?;
-    let tokenized = tokenize_records(&records, &tok, max_seq_length)
+    let loss_on = LossOn {
+        assistant_only: c.assistant_only_loss.unwrap_or(true),
+        completion_only: c.completion_only_loss.unwrap_or(true),
+    };
+    let tokenized = tokenize_records_with(&records, &tok, max_seq_length, loss_on)
         .with_context(|| format!("in {}", data_path.display()))?;
     if tokenized.truncated > 0 && !quiet {
         eprintln!(

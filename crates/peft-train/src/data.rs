@@ -162,7 +162,26 @@ fn str_field<'a>(v: &'a Value, key: &str, line: usize) -> Result<&'a str> {
 const CHAT_ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
 /// Token ids and labels of one record, truncated to `max_len`.
-fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize) -> Result<Example> {
+/// Which tokens carry the loss: TRL's `SFTConfig` options of the same names (TRL trains on
+/// every token of a conversation by default; we, as axolotl, on the assistant's turns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LossOn {
+    /// Conversations (and Alpaca records): the assistant's replies only.
+    pub assistant_only: bool,
+    /// Prompt/completion records: the completion only.
+    pub completion_only: bool,
+}
+
+impl Default for LossOn {
+    fn default() -> Self {
+        Self {
+            assistant_only: true,
+            completion_only: true,
+        }
+    }
+}
+
+fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result<Example> {
     let mut ids: Vec<u32> = Vec::new();
     let mut labels: Vec<i64> = Vec::new();
     let mut push = |ids_part: Vec<u32>, train: bool| {
@@ -190,7 +209,10 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize) -> Result<Example> {
         for (segment, is_assistant) in
             chat_segments(tok, &messages).with_context(|| format!("record {n}"))?
         {
-            push(tok.encode(&segment, false)?, is_assistant);
+            push(
+                tok.encode(&segment, false)?,
+                is_assistant || !loss.assistant_only,
+            );
         }
     } else if v.get("instruction").is_some() {
         // Alpaca: the instruction (and input, when non-empty) as a user turn, the output as
@@ -215,12 +237,15 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize) -> Result<Example> {
         for (segment, is_assistant) in
             chat_segments(tok, &messages).with_context(|| format!("record {n}"))?
         {
-            push(tok.encode(&segment, false)?, is_assistant);
+            push(
+                tok.encode(&segment, false)?,
+                is_assistant || !loss.assistant_only,
+            );
         }
     } else if v.get("prompt").is_some() || v.get("completion").is_some() {
         let prompt = str_field(v, "prompt", n)?;
         let completion = str_field(v, "completion", n)?;
-        push(tok.encode(prompt, true)?, false);
+        push(tok.encode(prompt, true)?, !loss.completion_only);
         push(tok.encode(completion, false)?, true);
         push(eos.into_iter().collect(), true);
     } else if v.get("text").is_some() {
@@ -273,9 +298,19 @@ pub fn tokenize_records(
     tok: &Tokenizer,
     max_seq_length: usize,
 ) -> Result<Tokenized> {
+    tokenize_records_with(records, tok, max_seq_length, LossOn::default())
+}
+
+/// [`tokenize_records`] with the loss on the tokens `loss` says.
+pub fn tokenize_records_with(
+    records: &[Value],
+    tok: &Tokenizer,
+    max_seq_length: usize,
+    loss: LossOn,
+) -> Result<Tokenized> {
     let mut out = Tokenized::default();
     for (i, r) in records.iter().enumerate() {
-        let mut ex = tokenize_record(r, tok, i + 1)?;
+        let mut ex = tokenize_record(r, tok, i + 1, loss)?;
         if ex.input_ids.len() > max_seq_length {
             ex.input_ids.truncate(max_seq_length);
             ex.labels.truncate(max_seq_length);

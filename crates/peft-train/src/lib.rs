@@ -8,7 +8,7 @@ pub mod trainer;
 
 pub use data::{
     epoch_order, load_records, map_columns, pack, parse_column_mapping, split_eval,
-    tokenize_records, Batch, Example, Tokenized,
+    tokenize_records, tokenize_records_with, Batch, Example, LossOn, Tokenized,
 };
 pub use optim::{AdamW, OptimKind};
 pub use schedule::{LrSchedule, SchedulerKind};

@@ -7,7 +7,7 @@ use peft_models::testing::default_model;
 use peft_ops::IGNORE_INDEX;
 use peft_train::{
     epoch_order, load_records, map_columns, pack, parse_column_mapping, split_eval,
-    tokenize_records, Batch, Example,
+    tokenize_records, tokenize_records_with, Batch, Example, LossOn,
 };
 use std::io::Write;
 
@@ -55,6 +55,36 @@ fn csv_tsv_and_column_mapping() {
         .unwrap_err()
         .to_string()
         .contains("has no records"));
+}
+
+/// TRL's `assistant_only_loss` / `completion_only_loss` switched off: every token trains.
+#[test]
+fn loss_on_every_token_when_asked() {
+    let Some(path) = default_model() else { return };
+    let tok = load_model(&path, &Device::Cpu, DType::F32)
+        .unwrap()
+        .tokenizer
+        .unwrap();
+    let records = vec![
+        serde_json::json!({"messages": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."}]}),
+        serde_json::json!({"prompt": "Name a colour.", "completion": " Blue."}),
+    ];
+    let trained = |ex: &Example| ex.labels.iter().filter(|&&l| l >= 0).count();
+    let default = tokenize_records(&records, &tok, 256).unwrap().examples;
+    let all = LossOn {
+        assistant_only: false,
+        completion_only: false,
+    };
+    let every = tokenize_records_with(&records, &tok, 256, all)
+        .unwrap()
+        .examples;
+    for (d, e) in default.iter().zip(&every) {
+        assert_eq!(d.input_ids, e.input_ids);
+        assert!(trained(d) < d.input_ids.len());
+        assert_eq!(trained(e), e.input_ids.len());
+    }
 }
 
 #[test]
