@@ -21,6 +21,19 @@ fn config(targets: &str) -> LoraConfig {
     }
 }
 
+/// The training loss of [`ids`] against fixed labels (one ignored), through the chunked head.
+fn train_loss(model: &peft_models::Llama) -> Tensor {
+    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
+    let h = model
+        .forward(&ids(), None, None, true)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    cross_entropy_chunked(&h, &model.lm_head_weight().unwrap(), &labels, 3)
+        .unwrap()
+        .0
+}
+
 fn logits(model: &peft_models::Llama) -> Tensor {
     let h = model.forward(&ids(), None, None, false).unwrap();
     model.logits(&h).unwrap()
@@ -127,16 +140,7 @@ fn modules_to_save_unties_a_tied_head_and_embedding() {
     let mut peft = PeftModel::new(tiny_llama(4, true).unwrap(), cfg, 3).unwrap();
     // 2 layers × (A 4×32 + B 32×4), and the head and the embedding, 64×32 each.
     assert_eq!(peft.parameter_counts().0, 2 * (128 + 128) + 2 * 64 * 32);
-    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
-    let h = peft
-        .base
-        .forward(&ids(), None, None, true)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    let head = peft.base.lm_head_weight().unwrap();
-    let loss = cross_entropy_chunked(&h, &head, &labels, 3).unwrap().0;
-    let grads = loss.backward().unwrap();
+    let grads = train_loss(&peft.base).backward().unwrap();
     let trainable: std::collections::HashMap<String, Var> = peft.trainable().into_iter().collect();
     let grad_of = |key: &str| -> Tensor {
         let g = grads.get(trainable[key].as_tensor()).unwrap();
@@ -175,18 +179,7 @@ fn modules_to_save_unties_a_tied_head_and_embedding() {
 fn lora_gradients_match_finite_differences() {
     let peft =
         PeftModel::new(tiny_llama(5, true).unwrap(), config("q_proj,down_proj"), 11).unwrap();
-    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
-    let loss = |m: &PeftModel| -> Tensor {
-        let h = m
-            .base
-            .forward(&ids(), None, None, true)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        cross_entropy_chunked(&h, &m.base.lm_head_weight().unwrap(), &labels, 3)
-            .unwrap()
-            .0
-    };
+    let loss = |m: &PeftModel| train_loss(&m.base);
     for path in [
         "model.layers.0.self_attn.q_proj",
         "model.layers.1.mlp.down_proj",
@@ -225,23 +218,13 @@ fn lora_gradients_match_finite_differences() {
 /// Gradient checkpointing changes memory, not gradients.
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
-    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
     let grads_of = |checkpointing: bool| -> Vec<Vec<f32>> {
         let mut cfg = config("all-linear");
         cfg.lora_dropout = 0.1;
         let mut peft = PeftModel::new(tiny_llama(6, true).unwrap(), cfg, 11).unwrap();
         peft.base.gradient_checkpointing = checkpointing;
         peft.dropout_seed.set(99);
-        let h = peft
-            .base
-            .forward(&ids(), None, None, true)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let loss = cross_entropy_chunked(&h, &peft.base.lm_head_weight().unwrap(), &labels, 3)
-            .unwrap()
-            .0;
-        let mut grads = loss.backward().unwrap();
+        let mut grads = train_loss(&peft.base).backward().unwrap();
         peft.base.grad_sink.drain_into(&mut grads).unwrap();
         peft.trainable()
             .iter()
@@ -273,18 +256,7 @@ fn dora_merges_and_its_magnitude_gradient_matches_finite_differences() {
     let lora = PeftModel::new(tiny_llama(8, true).unwrap(), config("q_proj,down_proj"), 3).unwrap();
     assert!(max_abs_diff(&logits(&dora.base), &logits(&lora.base)) < 1e-5);
 
-    let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
-    let loss = |m: &PeftModel| -> Tensor {
-        let h = m
-            .base
-            .forward(&ids(), None, None, true)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        cross_entropy_chunked(&h, &m.base.lm_head_weight().unwrap(), &labels, 3)
-            .unwrap()
-            .0
-    };
+    let loss = |m: &PeftModel| train_loss(&m.base);
     let m: Var = dora.adapters["model.layers.1.mlp.down_proj"]
         .magnitude
         .clone()
