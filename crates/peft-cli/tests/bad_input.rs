@@ -205,6 +205,8 @@ fn cases() -> Vec<Case> {
         case("missing data file", vec![], &train("{dir}/absent.jsonl", &[]), "cannot read data file"),
         case("truncated Parquet", vec![("d.parquet", parquet[..parquet.len() / 2].to_vec())], &train("{dir}/d.parquet", &[]), "is not a valid Parquet file"),
         case("corrupted Parquet footer", vec![("d.parquet", parquet_corrupt)], &train("{dir}/d.parquet", &[]), "is not a valid Parquet file"),
+        case("CSV header naming a column twice", vec![("d.csv", b"prompt,prompt,completion\na,b,c\n".to_vec())], &train("{dir}/d.csv", &[]), "names column \"prompt\" twice"),
+        case("empty conversation", vec![("d.jsonl", b"{\"messages\": []}\n".to_vec())], &train("{dir}/d.jsonl", &[]), "record 1: messages is empty"),
         case("CSV row with extra fields", vec![("d.csv", b"prompt,completion\na,b\nc,d,e\n".to_vec())], &train("{dir}/d.csv", &[]), "d.csv:3"),
         case("column mapping without =", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--columns", "prompt"]), "is not field=column"),
         case("mapped column missing", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--columns", "prompt=question"]), "no column \"question\""),

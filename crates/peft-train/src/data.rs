@@ -80,6 +80,18 @@ fn load_delimited(path: &Path, delimiter: u8) -> Result<Vec<Value>> {
         .headers()
         .map_err(|e| anyhow::anyhow!("{}: bad header row: {e}", path.display()))?
         .clone();
+    // A repeated name would silently keep only its last column.
+    if let Some((i, name)) = headers
+        .iter()
+        .enumerate()
+        .find(|(i, h)| headers.iter().take(*i).any(|earlier| earlier == *h))
+    {
+        bail!(
+            "{}: the header names column {name:?} twice (column {})",
+            path.display(),
+            i + 1
+        );
+    }
     let mut out = Vec::new();
     for (i, row) in reader.records().enumerate() {
         // Line numbers count the header.
@@ -196,6 +208,9 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
     if let Some(msgs) = v.get("messages") {
         let messages: Vec<ChatMessage> = serde_json::from_value(msgs.clone())
             .with_context(|| format!("record {n}: messages must be a list of {{role, content}}"))?;
+        if messages.is_empty() {
+            bail!("record {n}: messages is empty");
+        }
         if let Some(m) = messages
             .iter()
             .find(|m| !CHAT_ROLES.contains(&m.role.as_str()))
