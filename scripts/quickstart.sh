@@ -15,7 +15,7 @@ $peft generate --model "$model" --prompt "$prompt" --chat --max-new-tokens 40
 $peft train --model "$model" --data data/pirate_qa.jsonl --output "$out" \
   --r 16 --lora-alpha 32 --target-modules q_proj,k_proj,v_proj,o_proj \
   --epochs 1 --batch-size 4 --lr 1e-3 --warmup-ratio 0.03 --lr-scheduler cosine \
-  --max-seq-length 256 --seed 42 --dtype bf16
+  --max-seq-length 256 --seed 42
 
 echo "== after (adapter $out): $prompt"
 $peft generate --model "$model" --adapter "$out" --prompt "$prompt" --chat --max-new-tokens 40

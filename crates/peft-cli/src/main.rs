@@ -75,10 +75,16 @@ impl DTypeArg {
     /// against the frozen weights in bf16 with f32 accumulation (AVX512-BF16), which is twice
     /// as fast as f32 there; a CPU without AVX512-BF16 computes in f32.
     fn on(self, dev: &Device) -> DType {
+        if self == DTypeArg::Bf16 && dev.is_cpu() && !peft_ops::bf16_supported() {
+            eprintln!("note: this CPU has no AVX512-BF16; computing in f32");
+        }
+        self.where_supported(dev)
+    }
+
+    /// [`Self::on`] without the note (a default, not the user's choice).
+    fn where_supported(self, dev: &Device) -> DType {
         if self == DTypeArg::Bf16 && dev.is_cpu() {
-            if !peft_ops::set_bf16_matmul(true) {
-                eprintln!("note: this CPU has no AVX512-BF16; computing in f32");
-            }
+            peft_ops::set_bf16_matmul(true);
             return DType::F32;
         }
         self.dtype()

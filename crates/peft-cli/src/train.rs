@@ -153,8 +153,9 @@ pub struct TrainCmd {
     early_stopping_threshold: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Compute dtype (and dtype of the unquantized weights). On a CPU, bf16 is mixed precision:
-    /// f32 weights with bf16 matmuls (AVX512-BF16), as PyTorch's CPU autocast.
+    /// Compute dtype (and dtype of the unquantized weights); default bf16, as TRL's, where the
+    /// hardware has it. On a CPU, bf16 is mixed precision: f32 weights with bf16 matmuls
+    /// (AVX512-BF16), as PyTorch's CPU autocast; without AVX512-BF16 it computes in f32.
     #[arg(long, value_enum, visible_alias = "compute-dtype")]
     dtype: Option<DTypeArg>,
     /// QLoRA: quantize the base's linear layers to 4 bits on load (lm_head stays dense).
@@ -552,7 +553,6 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         bail!("--early-stopping-patience needs an eval split (--eval-split 0.1)");
     }
     let max_seq_length = c.max_seq_length.unwrap_or(1024);
-    let dtype_arg = c.dtype.unwrap_or(DTypeArg::F32);
 
     // Cheap checks first: a bad data file should fail before the model loads.
     let mut records = load_records(&data_path)?;
@@ -562,7 +562,11 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     }
     check_output_folder(&output)?;
     let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
-    let dtype = dtype_arg.on(&device);
+    // TRL's default is bf16=True: bf16 where the hardware has it, f32 elsewhere without a note.
+    let dtype = match c.dtype {
+        Some(d) => d.on(&device),
+        None => DTypeArg::Bf16.where_supported(&device),
+    };
     let (mut base, tok) = load_base(&model_path, dtype, &device)?;
     if let Some(q) = c.quantize {
         base.quantize(q.kind(), c.double_quant.unwrap_or(false), dtype)?;
