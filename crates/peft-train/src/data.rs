@@ -205,6 +205,15 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
         ids.extend(ids_part);
     };
     let eos = tok.eos_token_id();
+    // Trained text ends with the end-of-sequence token, once (TRL adds it unless present).
+    let push_ended = |push: &mut dyn FnMut(Vec<u32>, bool), mut ids: Vec<u32>| {
+        if let Some(e) = eos {
+            if ids.last() != Some(&e) {
+                ids.push(e);
+            }
+        }
+        push(ids, true);
+    };
     if let Some(msgs) = v.get("messages") {
         let messages: Vec<ChatMessage> = serde_json::from_value(msgs.clone())
             .with_context(|| format!("record {n}: messages must be a list of {{role, content}}"))?;
@@ -261,11 +270,9 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
         let prompt = str_field(v, "prompt", n)?;
         let completion = str_field(v, "completion", n)?;
         push(tok.encode(prompt, true)?, !loss.completion_only);
-        push(tok.encode(completion, false)?, true);
-        push(eos.into_iter().collect(), true);
+        push_ended(&mut push, tok.encode(completion, false)?);
     } else if v.get("text").is_some() {
-        push(tok.encode(str_field(v, "text", n)?, true)?, true);
-        push(eos.into_iter().collect(), true);
+        push_ended(&mut push, tok.encode(str_field(v, "text", n)?, true)?);
     } else {
         let keys: Vec<&String> = v
             .as_object()

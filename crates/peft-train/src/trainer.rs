@@ -80,7 +80,9 @@ pub enum Echo {
     Off,
 }
 
-/// TRL's SFT defaults, as `peft train` applies them to options left unset.
+/// The defaults `peft train` applies to options left unset: TRL's SFT defaults, but for
+/// LoRA's usual learning rate (2e-4, TRL's 2e-5 suits full fine-tuning) with a cosine decay
+/// after 3% warmup, and a log line every step (TRL: every 10).
 impl Default for TrainArgs {
     fn default() -> Self {
         Self {
@@ -317,19 +319,20 @@ impl Trainer<'_> {
         Ok(StepOutput { loss, grad_norm })
     }
 
-    /// Mean token loss over `examples` (dropout off, no gradients), in batches of the
-    /// training batch size.
+    /// Eval loss over `examples` (dropout off, no gradients) in batches of the training batch
+    /// size, as transformers' Trainer reports it: each batch's mean token loss, weighted by
+    /// the batch's examples.
     pub fn eval_loss(&self, examples: &[Example]) -> Result<f64> {
         let device = self.model.base().device.clone();
-        let (mut sum, mut tokens) = (0f64, 0usize);
+        let (mut sum, mut count) = (0f64, 0usize);
         for chunk in examples.chunks(self.args.batch_size.max(1)) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let batch = Batch::new(&refs, self.pad_id, &device)?;
             let loss = peft_ops::no_grad(|| self.batch_loss(&batch, batch.n_trained, false))?;
-            sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.n_trained as f64;
-            tokens += batch.n_trained;
+            sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
+            count += chunk.len();
         }
-        Ok(sum / tokens.max(1) as f64)
+        Ok(sum / count.max(1) as f64)
     }
 
     /// AdamW over the model's trainable tensors with this run's hyper-parameters.
@@ -444,6 +447,8 @@ impl Trainer<'_> {
         };
         let mut step = 0;
         let mut epoch = 0;
+        // Losses of the steps since the last metrics line.
+        let mut since_log: Vec<f64> = Vec::new();
         'epochs: while step < total_steps {
             let order = epoch_order(&lengths, a.batch_size, a.group_by_length, &mut rng);
             let batches: Vec<&[usize]> = order.chunks(a.batch_size).collect();
@@ -471,6 +476,7 @@ impl Trainer<'_> {
                     .map_err(|e| stop_note(e, last_checkpoint.as_deref()))?;
                 step += 1;
                 summary.losses.push(loss);
+                since_log.push(loss);
                 let elapsed = start.elapsed().as_secs_f64();
                 let tps = summary.trained_tokens as f64 / elapsed.max(1e-9);
                 let end_of_epoch = g + 1 == groups.len();
@@ -509,6 +515,9 @@ impl Trainer<'_> {
                     || eval_now
                     || stop_early
                 {
+                    // The mean over the steps since the last line, as transformers logs it.
+                    line["loss"] = json!(since_log.iter().sum::<f64>() / since_log.len() as f64);
+                    since_log.clear();
                     writeln!(metrics, "{line}")
                         .with_context(|| format!("cannot write {}", metrics_path.display()))?;
                     if !a.show_progress {
@@ -523,7 +532,11 @@ impl Trainer<'_> {
                     .interrupt
                     .as_ref()
                     .is_some_and(|f| f.load(Ordering::SeqCst));
-                let scheduled = a.save_steps.is_some_and(|n| n > 0 && step % n == 0)
+                // On schedule, and at the last step whenever saving by steps (transformers'
+                // Trainer does both).
+                let scheduled = a
+                    .save_steps
+                    .is_some_and(|n| n > 0 && (step % n == 0 || step == total_steps))
                     || (a.save_checkpoint_every_epoch && end_of_epoch);
                 // The last step saves a checkpoint on schedule too (as transformers' Trainer
                 // does); Ctrl-C there just lets the run finish.

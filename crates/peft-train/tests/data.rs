@@ -91,6 +91,25 @@ fn loss_on_every_token_when_asked() {
     }
 }
 
+/// Text that already ends with the end-of-sequence token gets no second one (as TRL).
+#[test]
+fn one_eos_at_the_end() {
+    let Some(tok) = smollm_tokenizer() else {
+        return;
+    };
+    let eos = tok.eos_token_id().unwrap();
+    let records = vec![
+        serde_json::json!({"text": "Hello there."}),
+        serde_json::json!({"text": "Hello there.<|im_end|>"}),
+        serde_json::json!({"prompt": "Hi.", "completion": " Hello.<|im_end|>"}),
+    ];
+    for ex in tokenize_records(&records, &tok, 256).unwrap().examples {
+        let n = ex.input_ids.len();
+        assert_eq!(ex.input_ids[n - 1], eos);
+        assert_ne!(ex.input_ids[n - 2], eos, "{:?}", ex.input_ids);
+    }
+}
+
 #[test]
 fn long_records_are_cut_and_counted() {
     let Some(tok) = smollm_tokenizer() else {

@@ -141,6 +141,42 @@ fn eval_and_early_stopping() {
     assert_eq!(resumed.losses, full.losses[2..].to_vec());
 }
 
+/// As transformers' Trainer: a metrics line carries the mean loss of the steps since the
+/// previous line, and the last step writes a checkpoint even off the save schedule.
+#[test]
+fn logging_window_and_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = lora();
+    let mut a = args(dir.path());
+    a.logging_steps = 3;
+    a.save_steps = Some(3);
+    let summary = Trainer {
+        model: &mut model,
+        args: a,
+        pad_id: 0,
+    }
+    .train(&examples(12, 0))
+    .unwrap();
+    assert_eq!(summary.losses.len(), 8);
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let logged: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(logged, [3, 6, 8]);
+    for (line, window) in lines.iter().zip([0..3, 3..6, 6..8]) {
+        let n = window.len() as f64;
+        let mean = summary.losses[window].iter().sum::<f64>() / n;
+        assert!((line["loss"].as_f64().unwrap() - mean).abs() < 1e-12);
+    }
+    let saved: Vec<usize> = peft_train::checkpoint::list(dir.path())
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(saved, [3, 6, 8]);
+}
+
 /// A loss that overflows stops the run at that step, naming the last good checkpoint.
 #[test]
 fn nan_loss_names_the_last_good_checkpoint() {
