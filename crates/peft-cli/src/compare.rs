@@ -4,9 +4,10 @@
 
 use crate::plot::{write_loss_chart, Series};
 use crate::train::{build_model, TrainCmd};
-use crate::{bench::peak_rss_mib, load_base, model_name};
+use crate::{bench::peak_rss_mib, load_base, model_name, DTypeArg};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
+use clap::ValueEnum;
 use peft_train::{load_records, split_eval, tokenize_records, TrainArgs, Trainer};
 use serde_json::json;
 use std::path::PathBuf;
@@ -35,6 +36,9 @@ pub struct CompareCmd {
     seed: u64,
     #[arg(long)]
     threads: Option<usize>,
+    /// Compute dtype: bf16 (default, as `peft train`; f32 on CPUs without AVX512-BF16) or f32.
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
     /// Internal: train the single method in `--methods` and write its row here (each method
     /// runs in its own process so that its peak memory is its own).
     #[arg(long, hide = true)]
@@ -114,6 +118,9 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
         if let Some(n) = cmd.threads {
             child.args(["--threads", &n.to_string()]);
         }
+        if let Some(d) = cmd.dtype.and_then(|d| d.to_possible_value()) {
+            child.args(["--dtype", d.get_name()]);
+        }
         let status = child.status().context("cannot start peft compare")?;
         if !status.success() {
             bail!("method {method} failed ({status})");
@@ -128,6 +135,7 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
     let json = json!({
         "model": cmd.model, "data": cmd.data, "max_steps": cmd.max_steps,
         "batch_size": cmd.batch_size, "seed": cmd.seed, "eval_split": cmd.eval_split,
+        "precision": precision(&cmd),
         "methods": rows.iter().map(|r| json!({
             "method": r.method, "lr": r.lr, "trainable_params": r.trainable, "all_params": r.all,
             "trainable_percent": 100.0 * r.trainable as f64 / r.all as f64,
@@ -167,7 +175,11 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
 /// Trains `method` and measures it (in this process: its peak RSS is this process's).
 fn train_one(cmd: &CompareCmd, method: &str) -> Result<Row> {
     let records = load_records(&cmd.data)?;
-    let (base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
+    let dtype = match cmd.dtype {
+        Some(d) => d.on(&Device::Cpu),
+        None => DTypeArg::Bf16.where_supported(&Device::Cpu),
+    };
+    let (base, tok) = load_base(&cmd.model, dtype, &Device::Cpu)?;
     let tok = tok.context("the model has no tokenizer")?;
     let examples = tokenize_records(&records, &tok, cmd.max_seq_length)?.examples;
     let (examples, eval) = split_eval(examples, cmd.eval_split, cmd.seed)?;
@@ -220,15 +232,25 @@ fn train_one(cmd: &CompareCmd, method: &str) -> Result<Row> {
     Ok(row)
 }
 
+/// What the children compute in (they run on the CPU).
+fn precision(cmd: &CompareCmd) -> &'static str {
+    match cmd.dtype.unwrap_or(DTypeArg::Bf16) {
+        DTypeArg::Bf16 if peft_ops::bf16_supported() => "bf16 matmuls",
+        DTypeArg::F16 => "f16",
+        _ => "f32",
+    }
+}
+
 fn markdown(rows: &[Row], cmd: &CompareCmd) -> String {
     let mut s = format!(
-        "{} steps, batch {}, seed {}, {:.0}% of the records held out\n\n\
+        "{} steps, batch {}, seed {}, {:.0}% of the records held out, {}\n\n\
          | method | lr | trainable params | trainable % | peak RSS MiB | tokens/s | train loss (last 5) | eval loss | eval perplexity | adapter file |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         cmd.max_steps,
         cmd.batch_size,
         cmd.seed,
-        100.0 * cmd.eval_split
+        100.0 * cmd.eval_split,
+        precision(cmd)
     );
     for r in rows {
         s += &format!(
