@@ -175,10 +175,7 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
 /// Trains `method` and measures it (in this process: its peak RSS is this process's).
 fn train_one(cmd: &CompareCmd, method: &str) -> Result<Row> {
     let records = load_records(&cmd.data)?;
-    let dtype = match cmd.dtype {
-        Some(d) => d.on(&Device::Cpu),
-        None => DTypeArg::Bf16.where_supported(&Device::Cpu),
-    };
+    let dtype = DTypeArg::for_training(cmd.dtype, &Device::Cpu);
     let (base, tok) = load_base(&cmd.model, dtype, &Device::Cpu)?;
     let tok = tok.context("the model has no tokenizer")?;
     let examples = tokenize_records(&records, &tok, cmd.max_seq_length)?.examples;

@@ -81,6 +81,15 @@ impl DTypeArg {
         self.where_supported(dev)
     }
 
+    /// The training dtype on `dev` for the `--dtype` given: bf16 when none is, TRL's default,
+    /// where the hardware has it and without the note elsewhere.
+    fn for_training(choice: Option<Self>, dev: &Device) -> DType {
+        match choice {
+            Some(d) => d.on(dev),
+            None => DTypeArg::Bf16.where_supported(dev),
+        }
+    }
+
     /// [`Self::on`] without the note (a default, not the user's choice).
     fn where_supported(self, dev: &Device) -> DType {
         if self == DTypeArg::Bf16 && dev.is_cpu() {
@@ -210,10 +219,7 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
     let mut merged = match peft::adapter_type(&cmd.adapter)?.as_str() {
         "IA3" => Ia3Model::load(base, &cmd.adapter)?.merge_and_unload()?,
         t if peft::prompt::is_prompt_learning(t) || t == "BOTTLENECK" => {
-            anyhow::bail!(
-                "{} adapters add computation and cannot be merged into the weights",
-                peft::adapter_type(&cmd.adapter)?
-            )
+            anyhow::bail!("{t} adapters add computation and cannot be merged into the weights")
         }
         _ => PeftModel::load(base, &cmd.adapter)?.merge_and_unload()?,
     };

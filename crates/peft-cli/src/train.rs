@@ -562,11 +562,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     }
     check_output_folder(&output)?;
     let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
-    // TRL's default is bf16=True: bf16 where the hardware has it, f32 elsewhere without a note.
-    let dtype = match c.dtype {
-        Some(d) => d.on(&device),
-        None => DTypeArg::Bf16.where_supported(&device),
-    };
+    let dtype = DTypeArg::for_training(c.dtype, &device);
     let (mut base, tok) = load_base(&model_path, dtype, &device)?;
     if let Some(q) = c.quantize {
         base.quantize(q.kind(), c.double_quant.unwrap_or(false), dtype)?;

@@ -59,21 +59,14 @@ impl Linear {
     /// The layer without its adapter. A frozen weight gets no gradient computed.
     pub fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // A trained weight or bias (modules_to_save, bias) stays f32 under a bf16 model: it
-        // computes in the input's dtype, and its gradient flows back through the cast.
-        let like = |t: &Tensor, dtype| {
-            let t = param(t);
-            if t.dtype() == dtype {
-                Ok(t)
-            } else {
-                t.to_dtype(dtype)
-            }
-        };
+        // computes in the input's dtype (`to_dtype` is a no-op when they agree), and its
+        // gradient flows back through the cast.
         let y = match &self.weight {
-            LinearWeight::Dense(w) => linear(x, &like(w, x.dtype())?)?,
+            LinearWeight::Dense(w) => linear(x, &param(w).to_dtype(x.dtype())?)?,
             LinearWeight::Quantized(q) => quantized_linear(x, q)?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&like(b, y.dtype())?),
+            Some(b) => y.broadcast_add(&param(b).to_dtype(y.dtype())?),
             None => Ok(y),
         }
     }

@@ -504,7 +504,7 @@ mod x86 {
     }
 
     /// `d[j] = bf16(r0[j]) | bf16(r1[j]) << 16` (`r1` absent: zero), 16 lanes at a time with
-    /// a masked tail (row tiles of `a` are only 12 wide).
+    /// a masked tail.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     unsafe fn interleave(r0: &[f32], r1: Option<&[f32]>, d: &mut [u32]) {
         let mut j = 0;

@@ -173,7 +173,6 @@ fn str_field<'a>(v: &'a Value, key: &str, line: usize) -> Result<&'a str> {
 /// Roles a chat template renders (OpenAI's and transformers' names).
 const CHAT_ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
-/// Token ids and labels of one record, truncated to `max_len`.
 /// Which tokens carry the loss: TRL's `SFTConfig` options of the same names (TRL trains on
 /// every token of a conversation by default; we, as axolotl, on the assistant's turns).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +192,7 @@ impl Default for LossOn {
     }
 }
 
+/// Token ids and labels of one record.
 fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result<Example> {
     let mut ids: Vec<u32> = Vec::new();
     let mut labels: Vec<i64> = Vec::new();
@@ -214,6 +214,17 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
         }
         push(ids, true);
     };
+    // A conversation through the chat template, the loss where `loss` says.
+    let push_chat = |push: &mut dyn FnMut(Vec<u32>, bool), messages: &[ChatMessage]| {
+        let segments = chat_segments(tok, messages).with_context(|| format!("record {n}"))?;
+        for (segment, is_assistant) in segments {
+            push(
+                tok.encode(&segment, false)?,
+                is_assistant || !loss.assistant_only,
+            );
+        }
+        Ok::<(), anyhow::Error>(())
+    };
     if let Some(msgs) = v.get("messages") {
         let messages: Vec<ChatMessage> = serde_json::from_value(msgs.clone())
             .with_context(|| format!("record {n}: messages must be a list of {{role, content}}"))?;
@@ -230,14 +241,7 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
                 CHAT_ROLES.join(", ")
             );
         }
-        for (segment, is_assistant) in
-            chat_segments(tok, &messages).with_context(|| format!("record {n}"))?
-        {
-            push(
-                tok.encode(&segment, false)?,
-                is_assistant || !loss.assistant_only,
-            );
-        }
+        push_chat(&mut push, &messages)?;
     } else if v.get("instruction").is_some() {
         // Alpaca: the instruction (and input, when non-empty) as a user turn, the output as
         // the assistant's reply, through the chat template.
@@ -258,14 +262,7 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
                 content: str_field(v, "output", n)?.into(),
             },
         ];
-        for (segment, is_assistant) in
-            chat_segments(tok, &messages).with_context(|| format!("record {n}"))?
-        {
-            push(
-                tok.encode(&segment, false)?,
-                is_assistant || !loss.assistant_only,
-            );
-        }
+        push_chat(&mut push, &messages)?;
     } else if v.get("prompt").is_some() || v.get("completion").is_some() {
         let prompt = str_field(v, "prompt", n)?;
         let completion = str_field(v, "completion", n)?;

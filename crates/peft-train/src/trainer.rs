@@ -528,19 +528,17 @@ impl Trainer<'_> {
                         }
                     }
                 }
-                let interrupted = a
-                    .interrupt
-                    .as_ref()
-                    .is_some_and(|f| f.load(Ordering::SeqCst));
+                // Ctrl-C at the last step just lets the run finish.
+                let interrupted = step < total_steps
+                    && a.interrupt
+                        .as_ref()
+                        .is_some_and(|f| f.load(Ordering::SeqCst));
                 // On schedule, and at the last step whenever saving by steps (transformers'
                 // Trainer does both).
                 let scheduled = a
                     .save_steps
                     .is_some_and(|n| n > 0 && (step % n == 0 || step == total_steps))
                     || (a.save_checkpoint_every_epoch && end_of_epoch);
-                // The last step saves a checkpoint on schedule too (as transformers' Trainer
-                // does); Ctrl-C there just lets the run finish.
-                let interrupted = interrupted && step < total_steps;
                 if (scheduled || interrupted) && !stop_early {
                     state.global_step = step;
                     state.trained_tokens = resumed_tokens + summary.trained_tokens;
