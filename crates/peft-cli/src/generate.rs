@@ -1,7 +1,7 @@
 use crate::{load_base, DTypeArg};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use peft::{BottleneckModel, Ia3Model, PeftModel, PromptModel};
+use peft::Adapter;
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
 use peft_models::{KvCache, Llama};
 use rand::{Rng, SeedableRng};
@@ -24,8 +24,17 @@ pub struct GenerateCmd {
     chat: bool,
     #[arg(long)]
     system: Option<String>,
+    #[command(flatten)]
+    decoding: Decoding,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+}
+
+/// How tokens are picked, shared by `generate` and `chat`.
+#[derive(clap::Args)]
+pub struct Decoding {
     #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
+    pub max_new_tokens: usize,
     /// 0 means greedy decoding.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
@@ -36,8 +45,26 @@ pub struct GenerateCmd {
     top_k: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DTypeArg,
+}
+
+impl Decoding {
+    pub fn sampling(&self) -> Result<Sampling> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!(
+                "--temperature must be at least 0 (0: greedy), got {}",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be above 0 and at most 1, got {}", self.top_p);
+        }
+        Ok(Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            rng: rand::rngs::StdRng::seed_from_u64(self.seed),
+        })
+    }
 }
 
 pub struct Sampling {
@@ -117,20 +144,20 @@ pub enum Virtual {
 }
 
 impl Virtual {
-    /// The virtual tokens of a prompt- or prefix-tuned model, and its base.
-    pub fn of(model: PromptModel) -> Result<(Llama, Self)> {
-        let v = if model.config.is_prefix() {
-            Virtual::Cache(model.prefix_cache(1)?)
-        } else {
-            Virtual::Embeds(
-                model
-                    .values()?
-                    .detach()
-                    .to_dtype(model.base.dtype)?
-                    .unsqueeze(0)?,
-            )
+    /// The model to run and the virtual tokens to put ahead of the prompt for `adapter`
+    /// (`None`: `base` alone).
+    pub fn of<'a>(base: &'a Llama, adapter: Option<&'a Adapter>) -> Result<(&'a Llama, Self)> {
+        let Some(adapter) = adapter else {
+            return Ok((base, Virtual::None));
         };
-        Ok((model.base, v))
+        let v = match adapter {
+            Adapter::Prompt(m) if m.config.is_prefix() => Virtual::Cache(m.prefix_cache(1)?),
+            Adapter::Prompt(m) => {
+                Virtual::Embeds(m.values()?.detach().to_dtype(m.base.dtype)?.unsqueeze(0)?)
+            }
+            _ => Virtual::None,
+        };
+        Ok((adapter.model(), v))
     }
 }
 
@@ -231,51 +258,37 @@ pub fn prompt_ids(
 }
 
 pub fn run(cmd: GenerateCmd) -> Result<()> {
-    if !(cmd.temperature.is_finite() && cmd.temperature >= 0.0) {
-        bail!(
-            "--temperature must be at least 0 (0: greedy), got {}",
-            cmd.temperature
-        );
-    }
+    let mut sampling = cmd.decoding.sampling()?;
     if cmd.system.is_some() && !cmd.chat {
         eprintln!("note: --system has no effect without --chat");
-    }
-    if !(cmd.top_p > 0.0 && cmd.top_p <= 1.0) {
-        bail!("--top-p must be above 0 and at most 1, got {}", cmd.top_p);
     }
     let device = peft_ops::open_device(&cmd.device)?;
     let (base, tok) = load_base(&cmd.model, cmd.dtype.on(&device), &device)?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
-    let (model, virtual_tokens) = match &cmd.adapter {
-        None => (base, Virtual::None),
-        Some(dir) => match peft::adapter_type(dir)?.as_str() {
-            t if peft::prompt::is_prompt_learning(t) => Virtual::of(PromptModel::load(base, dir)?)?,
-            "IA3" => (Ia3Model::load(base, dir)?.base, Virtual::None),
-            "BOTTLENECK" => (BottleneckModel::load(base, dir)?.base, Virtual::None),
-            _ => (PeftModel::load(base, dir)?.base, Virtual::None),
-        },
-    };
+    let adapter = cmd
+        .adapter
+        .as_ref()
+        .map(|dir| Adapter::load(base.clone(), dir))
+        .transpose()?;
+    let (model, virtual_tokens) = Virtual::of(&base, adapter.as_ref())?;
     let ids = prompt_ids(&tok, &cmd.prompt, cmd.chat, cmd.system.as_deref())?;
-    let mut sampling = Sampling {
-        temperature: cmd.temperature,
-        top_p: cmd.top_p,
-        top_k: cmd.top_k,
-        rng: rand::rngs::StdRng::seed_from_u64(cmd.seed),
-    };
-    let mut stdout = std::io::stdout();
     generate_with(
-        &model,
+        model,
         virtual_tokens,
         &tok,
         &ids,
-        cmd.max_new_tokens,
+        cmd.decoding.max_new_tokens,
         &mut sampling,
-        |piece| {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        },
+        print_piece,
     )?;
     println!();
     Ok(())
+}
+
+/// Prints a piece of generated text as soon as it is decoded.
+pub fn print_piece(piece: &str) {
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(piece.as_bytes());
+    let _ = stdout.flush();
 }

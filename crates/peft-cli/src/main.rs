@@ -1,6 +1,7 @@
 //! `peft`: fine-tune, inspect, run and merge parameter-efficient adapters.
 
 mod bench;
+mod chat;
 mod compare;
 mod generate;
 mod plot;
@@ -9,7 +10,7 @@ mod train;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
-use peft::{BottleneckModel, Ia3Model, LoraConfig, PeftModel, PromptModel, TargetModules, Tuned};
+use peft::{Adapter, LoraConfig, PeftModel, TargetModules, Tuned};
 use peft_models::{load_model, Llama, LoadedModel};
 use std::path::{Path, PathBuf};
 
@@ -39,6 +40,8 @@ enum Command {
     Train(Box<train::TrainCmd>),
     /// Generate text with a base model, optionally with an adapter.
     Generate(generate::GenerateCmd),
+    /// Chat with a base model and switch between adapters loaded once (stdin, /help).
+    Chat(chat::ChatCmd),
     /// Merge an adapter into its base model and write an HF model folder.
     Merge(MergeCmd),
     /// Write the float32 logits of a token sequence to a safetensors file.
@@ -216,13 +219,7 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
             q
         );
     }
-    let mut merged = match peft::adapter_type(&cmd.adapter)?.as_str() {
-        "IA3" => Ia3Model::load(base, &cmd.adapter)?.merge_and_unload()?,
-        t if peft::prompt::is_prompt_learning(t) || t == "BOTTLENECK" => {
-            anyhow::bail!("{t} adapters add computation and cannot be merged into the weights")
-        }
-        _ => PeftModel::load(base, &cmd.adapter)?.merge_and_unload()?,
-    };
+    let mut merged = Adapter::load(base, &cmd.adapter)?.merge_and_unload()?;
     peft_models::save::save_hf_model(&mut merged, tok.as_ref(), &cmd.output, dtype)?;
     println!("merged model written to {}", cmd.output.display());
     Ok(())
@@ -239,42 +236,13 @@ fn run_logits(cmd: LogitsCmd) -> Result<()> {
     }
     let ids = Tensor::new(cmd.input_ids.as_slice(), &base.device)?.unsqueeze(0)?;
     let logits = match &cmd.adapter {
-        // Prompt tuning's rows for its virtual tokens come first, as PEFT returns them.
-        Some(dir) if peft::prompt::is_prompt_learning(&peft::adapter_type(dir)?) => {
-            if cmd.merged {
-                anyhow::bail!("prompt and prefix tuning adapters cannot be merged");
-            }
-            let model = PromptModel::load(base, dir)?;
-            model.base.logits(&model.forward(&ids, None, false)?)?
-        }
-        adapter => {
-            let model = match adapter {
-                None => base,
-                Some(dir) if peft::adapter_type(dir)? == "BOTTLENECK" => {
-                    if cmd.merged {
-                        anyhow::bail!("bottleneck adapters cannot be merged into the weights");
-                    }
-                    BottleneckModel::load(base, dir)?.base
-                }
-                Some(dir) if peft::adapter_type(dir)? == "IA3" => {
-                    let ia3 = Ia3Model::load(base, dir)?;
-                    if cmd.merged {
-                        ia3.merge_and_unload()?
-                    } else {
-                        ia3.base
-                    }
-                }
-                Some(dir) => {
-                    let peft = PeftModel::load(base, dir)?;
-                    if cmd.merged {
-                        peft.merge_and_unload()?
-                    } else {
-                        peft.base
-                    }
-                }
-            };
+        None => base.logits(&base.forward(&ids, None, None, false)?)?,
+        Some(dir) if cmd.merged => {
+            let model = Adapter::load(base, dir)?.merge_and_unload()?;
             model.logits(&model.forward(&ids, None, None, false)?)?
         }
+        // Prompt tuning's rows for its virtual tokens come first, as PEFT returns them.
+        Some(dir) => Adapter::load(base, dir)?.logits(&ids)?,
     };
     let logits = logits.to_dtype(DType::F32)?;
     let shape = logits.dims().to_vec();
@@ -302,23 +270,21 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
     kinds.sort();
     kinds.dedup();
     println!("linear modules: {}", kinds.join(", "));
-    let mut peft: Box<dyn Tuned> = if let Some(dir) = &cmd.adapter {
-        match peft::adapter_type(dir)?.as_str() {
-            t if peft::prompt::is_prompt_learning(t) => Box::new(PromptModel::load(base, dir)?),
-            "IA3" => Box::new(Ia3Model::load(base, dir)?),
-            "BOTTLENECK" => Box::new(BottleneckModel::load(base, dir)?),
-            _ => Box::new(PeftModel::load(base, dir)?),
+    let line = match &cmd.adapter {
+        Some(dir) => Adapter::load(base, dir)?
+            .tuned_mut()
+            .trainable_parameters_line(),
+        None => {
+            let config = LoraConfig {
+                r: cmd.r,
+                lora_alpha: 2.0 * cmd.r as f64,
+                target_modules: cmd.target_modules.as_deref().map(TargetModules::parse_flag),
+                ..Default::default()
+            };
+            PeftModel::new(base, config, 0)?.trainable_parameters_line()
         }
-    } else {
-        let config = LoraConfig {
-            r: cmd.r,
-            lora_alpha: 2.0 * cmd.r as f64,
-            target_modules: cmd.target_modules.as_deref().map(TargetModules::parse_flag),
-            ..Default::default()
-        };
-        Box::new(PeftModel::new(base, config, 0)?)
     };
-    println!("{}", peft.trainable_parameters_line());
+    println!("{line}");
     Ok(())
 }
 
@@ -335,6 +301,7 @@ fn main() {
     let result = match cli.command {
         Command::Train(c) => train::run(*c),
         Command::Generate(c) => generate::run(c),
+        Command::Chat(c) => chat::run(c),
         Command::Merge(c) => run_merge(c),
         Command::Logits(c) => run_logits(c),
         Command::Inspect(c) => run_inspect(c),

@@ -31,6 +31,25 @@ fn fails_with(args: &[&str], needle: &str) {
     );
 }
 
+/// Runs the binary with `input` on stdin.
+fn peft_with_input(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
@@ -168,24 +187,61 @@ fn train_generate_logits_merge_inspect() {
         2
     );
 
-    let out = peft(&[
-        "generate",
-        "--model",
-        s(&model),
-        "--adapter",
-        s(&adapter),
-        "--prompt",
-        "What is the capital of France?",
-        "--chat",
-        "--max-new-tokens",
-        "8",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let question = "What is the capital of France?";
+    let generate = |adapter: Option<&Path>| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            question,
+            "--chat",
+            "--max-new-tokens",
+            "8",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        let out = peft(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (tuned, plain) = (generate(Some(&adapter)), generate(None));
+    assert!(!tuned.trim().is_empty());
+    // The adapter changes the answer, so the chat check below tells the two apart.
+    assert_ne!(tuned, plain);
+
+    // `peft chat` loads the base once and switches: each reply is what `generate` gives with
+    // the same adapter (or none), until a bad adapter name stops the script.
+    let script = format!(
+        "{question}\n/base\n/reset\n{question}\n/adapter tuned\n/reset\n\n{question}\n/adapter other\n{question}\n"
     );
-    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    let out = peft_with_input(
+        &[
+            "chat",
+            "--model",
+            s(&model),
+            "--adapter",
+            &format!("tuned={}", s(&adapter)),
+            "--max-new-tokens",
+            "8",
+        ],
+        &script,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{tuned}{plain}{tuned}")
+    );
+    assert_eq!(
+        stderr.lines().last(),
+        Some("error: input line 9: no adapter named \"other\" is loaded (loaded: tuned)")
+    );
 
     let ids = "504,3575,282,4649,314,7042,30,378";
     let unmerged = dir.path().join("unmerged.safetensors");

@@ -1,6 +1,7 @@
 //! Parameter-efficient fine-tuning: tuners (one module per method), adapter files in
 //! Hugging Face PEFT's format, merging.
 
+pub mod adapters;
 pub mod bottleneck;
 pub mod files;
 pub mod full;
@@ -12,6 +13,7 @@ pub mod prompt;
 pub mod targets;
 pub mod tuned;
 
+pub use adapters::{Adapter, Adapters};
 pub use bottleneck::{BottleneckConfig, BottleneckModel};
 pub use full::FullModel;
 pub use ia3::{Ia3Config, Ia3Model};

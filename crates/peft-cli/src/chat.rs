@@ -1,0 +1,247 @@
+//! `peft chat`: a conversation on stdin with a base model and several adapters loaded once,
+//! switched between turns (`/adapter NAME`, `/base`) as HF PEFT's `set_adapter` and
+//! `disable_adapter` do. Each reply sees the whole conversation, rendered with the model's
+//! chat template.
+
+use crate::generate::{generate_with, print_piece, Decoding, Sampling, Virtual};
+use crate::{load_base, DTypeArg};
+use anyhow::{bail, Context, Result};
+use peft::Adapters;
+use peft_models::tokenizer::{ChatMessage, Tokenizer};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct ChatCmd {
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// An adapter folder, as `NAME=DIR` or `DIR` (named after the folder); repeat to load
+    /// several. The first one answers until `/adapter NAME` or `/base`.
+    #[arg(long)]
+    adapter: Vec<String>,
+    /// The system message of the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    decoding: Decoding,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+}
+
+const HELP: &str = "\
+/adapter NAME   answer with adapter NAME from now on
+/base           answer with the base model alone
+/adapters       list the loaded adapters (* marks the one answering)
+/load NAME DIR  load another adapter folder as NAME
+/unload NAME    unload adapter NAME
+/system TEXT    set the system message (none when TEXT is empty)
+/reset          forget the conversation
+/help           this list
+/quit           leave (so does the end of the input)";
+
+/// The name and folder of an `--adapter` value: `NAME=DIR`, or `DIR` named after its folder.
+fn named_adapter(arg: &str) -> Result<(String, PathBuf)> {
+    if let Some((name, dir)) = arg.split_once('=') {
+        if !name.is_empty() && !name.contains(['/', '\\']) {
+            return Ok((name.to_string(), PathBuf::from(dir)));
+        }
+    }
+    let dir = PathBuf::from(arg);
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .with_context(|| format!("--adapter {arg:?} names no folder"))?;
+    Ok((name, dir))
+}
+
+struct Chat {
+    adapters: Adapters,
+    tok: Tokenizer,
+    system: Option<String>,
+    /// The user and assistant turns so far.
+    turns: Vec<ChatMessage>,
+}
+
+enum Line {
+    Reply,
+    Quit,
+}
+
+impl Chat {
+    fn messages(&self) -> Vec<ChatMessage> {
+        let system = self.system.iter().map(|s| ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        });
+        system.chain(self.turns.iter().cloned()).collect()
+    }
+
+    fn active_name(&self) -> &str {
+        self.adapters.active().map_or("base", |(name, _)| name)
+    }
+
+    /// Answers `text` as the next user turn, printing the reply as it is generated.
+    fn reply(&mut self, text: &str, max_new_tokens: usize, sampling: &mut Sampling) -> Result<()> {
+        self.turns.push(ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        });
+        let answer = (|| -> Result<String> {
+            let prompt = self.tok.apply_chat_template(&self.messages(), true)?;
+            let ids = self.tok.encode(&prompt, false)?;
+            let (model, virtual_tokens) =
+                Virtual::of(self.adapters.base(), self.adapters.active().map(|(_, a)| a))?;
+            let out = generate_with(
+                model,
+                virtual_tokens,
+                &self.tok,
+                &ids,
+                max_new_tokens,
+                sampling,
+                print_piece,
+            )?;
+            println!();
+            self.tok.decode(&out, true)
+        })();
+        match answer {
+            Ok(content) => {
+                self.turns.push(ChatMessage {
+                    role: "assistant".into(),
+                    content,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                // The question goes unanswered: leave the conversation as it was.
+                self.turns.pop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs one `/command`.
+    fn command(&mut self, line: &str) -> Result<Line> {
+        let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let rest = rest.trim();
+        let say = |msg: String| eprintln!("{msg}");
+        match cmd {
+            "/adapter" if !rest.is_empty() => {
+                self.adapters.set_adapter(rest)?;
+                say(format!("answering with adapter {rest}"));
+            }
+            "/base" => {
+                self.adapters.disable_adapter();
+                say("answering with the base model".into());
+            }
+            "/adapters" => {
+                let active = self.adapters.active().map(|(n, _)| n.to_string());
+                for name in self.adapters.names() {
+                    let mark = if Some(name) == active.as_deref() {
+                        "*"
+                    } else {
+                        " "
+                    };
+                    let kind = self.adapters.get(name).map_or("", |a| a.peft_type());
+                    say(format!("{mark} {name} ({kind})"));
+                }
+                if active.is_none() {
+                    say("* base".into());
+                }
+            }
+            "/load" => {
+                let (name, dir) = rest.split_once(' ').context("usage: /load NAME DIR")?;
+                self.adapters.load_adapter(name, Path::new(dir.trim()))?;
+                say(format!("loaded adapter {name}"));
+            }
+            "/unload" if !rest.is_empty() => {
+                self.adapters.delete_adapter(rest)?;
+                say(format!(
+                    "unloaded adapter {rest}; answering with {}",
+                    self.active_name()
+                ));
+            }
+            "/system" => {
+                self.system = (!rest.is_empty()).then(|| rest.to_string());
+                say("system message set".into());
+            }
+            "/reset" => {
+                self.turns.clear();
+                say("conversation cleared".into());
+            }
+            "/help" => say(HELP.into()),
+            "/quit" | "/exit" => return Ok(Line::Quit),
+            _ => bail!("unknown command {line:?} (/help lists them)"),
+        }
+        Ok(Line::Reply)
+    }
+}
+
+pub fn run(cmd: ChatCmd) -> Result<()> {
+    let mut sampling = cmd.decoding.sampling()?;
+    let named: Vec<(String, PathBuf)> = cmd
+        .adapter
+        .iter()
+        .map(|a| named_adapter(a))
+        .collect::<Result<_>>()?;
+    let device = peft_ops::open_device(&cmd.device)?;
+    let (base, tok) = load_base(&cmd.model, cmd.dtype.on(&device), &device)?;
+    let tok =
+        tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
+    if !tok.has_chat_template() {
+        bail!("the model has no chat template: use peft generate for plain text");
+    }
+    let mut chat = Chat {
+        adapters: Adapters::new(base),
+        tok,
+        system: cmd.system.clone(),
+        turns: Vec::new(),
+    };
+    for (name, dir) in &named {
+        chat.adapters
+            .load_adapter(name, dir)
+            .with_context(|| format!("adapter {name}"))?;
+    }
+    if let Some((first, _)) = named.first() {
+        chat.adapters.set_adapter(first)?;
+    }
+
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "peft chat: {} with {}. /help lists the commands.",
+            cmd.model.display(),
+            chat.active_name()
+        );
+    }
+    let mut lines = std::io::stdin().lock().lines();
+    for number in 1.. {
+        if interactive {
+            eprint!("{}> ", chat.active_name());
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("cannot read the input")?;
+        let line = line.trim();
+        let result = if line.is_empty() {
+            Ok(())
+        } else if line.starts_with('/') {
+            match chat.command(line) {
+                Ok(Line::Quit) => break,
+                other => other.map(|_| ()),
+            }
+        } else {
+            chat.reply(line, cmd.decoding.max_new_tokens, &mut sampling)
+        };
+        match result {
+            // At a terminal a failed line is reported and the conversation goes on; a script
+            // stops at it.
+            Err(e) if interactive => eprintln!("error: {e:#}"),
+            Err(e) => return Err(e.context(format!("input line {number}"))),
+            Ok(()) => {}
+        }
+    }
+    Ok(())
+}
