@@ -55,6 +55,37 @@ pub fn load_safetensors(
     parse_safetensors(&bytes, path, device)
 }
 
+/// Every tensor of a PyTorch checkpoint (`torch.save` of a state dict, as in
+/// `adapter_model.bin` or `pytorch_model.bin`), read by candle's pickle reader, which runs no
+/// code from the file (unlike `torch.load` without `weights_only`).
+pub fn load_pytorch(path: &Path, device: &candle_core::Device) -> Result<HashMap<String, Tensor>> {
+    std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let tensors = candle_core::pickle::read_all(path).map_err(|e| {
+        let e = e.to_string();
+        anyhow::anyhow!(
+            "{} is not a PyTorch checkpoint that can be read: {}",
+            path.display(),
+            e.lines().next().unwrap_or_default()
+        )
+    })?;
+    if tensors.is_empty() {
+        anyhow::bail!("{} holds no tensors", path.display());
+    }
+    tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(device)?)))
+        .collect()
+}
+
+/// Every tensor of a weights file: a PyTorch checkpoint for `.bin`, `.pt` and `.pth`, else
+/// safetensors.
+pub fn load_weights(path: &Path, device: &candle_core::Device) -> Result<HashMap<String, Tensor>> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("bin" | "pt" | "pth") => load_pytorch(path, device),
+        _ => load_safetensors(path, device),
+    }
+}
+
 /// Every tensor of the safetensors file in `bytes` (memory-mapped or read); `source` names the
 /// file in errors. Malformed input of any kind is an error, never a panic.
 pub fn parse_safetensors(

@@ -30,34 +30,40 @@ pub fn load_model(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMo
     }
 }
 
-/// The weight files of an HF folder: `model.safetensors` when there is one (transformers'
-/// order, so a stale index left next to a merged model is ignored), else the shards that
-/// `model.safetensors.index.json` names.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index)?;
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", index.display()))?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .with_context(|| format!("{} has no weight_map", index.display()))?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(Value::as_str)
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
+/// The weight files of an HF folder, in transformers' order of preference: `model.safetensors`
+/// (so a stale index left next to a merged model is ignored), the shards of
+/// `model.safetensors.index.json`, then the PyTorch `pytorch_model.bin` and the shards of its
+/// index.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    for (single, index) in [
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ] {
+        if dir.join(single).exists() {
+            return Ok(vec![dir.join(single)]);
+        }
+        let index = dir.join(index);
+        if index.exists() {
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("cannot read {}", index.display()))?;
+            let v: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", index.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .with_context(|| format!("{} has no weight_map", index.display()))?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .filter_map(Value::as_str)
+                .map(|f| dir.join(f))
+                .collect();
+            files.sort();
+            files.dedup();
+            return Ok(files);
+        }
     }
     bail!(
-        "no model.safetensors or model.safetensors.index.json in {}",
+        "no model.safetensors, pytorch_model.bin or a shard index of either in {}",
         dir.display()
     )
 }
@@ -65,7 +71,13 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let config = LlamaConfig::from_file(&dir.join("config.json"))?;
     let mut weights = HashMap::new();
-    for file in safetensors_files(dir)? {
+    for file in weight_files(dir)? {
+        if file.extension().is_some_and(|e| e == "bin") {
+            for (name, t) in crate::io::load_pytorch(&file, device)? {
+                weights.insert(name, t.to_dtype(dtype)?);
+            }
+            continue;
+        }
         let data = std::fs::File::open(&file)
             .with_context(|| format!("cannot open {}", file.display()))?;
         // SAFETY: the map is read-only and dropped before this function returns; a file

@@ -1,5 +1,7 @@
 //! The loaders on tiny models written here: a GGUF file as llama.cpp lays it out (q/k rows
-//! permuted, llama.cpp tensor names, metadata config) and a sharded HF folder.
+//! permuted, llama.cpp tensor names, metadata config) and a sharded HF folder; PyTorch
+//! checkpoints (`pytorch_model.bin`, whole and sharded) written by torch (fixtures from
+//! scripts/hf/make_pytorch_fixtures.py).
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -162,6 +164,70 @@ fn sharded_hf_folder_loads() {
     let loaded = load_model(dir.path(), &Device::Cpu, DType::F32).unwrap();
     assert!(loaded.tokenizer.is_none());
     assert_eq!(max_abs_diff(&logits(&reload(loaded)), &expected), 0.0);
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn pytorch_checkpoints_give_transformers_logits() {
+    let reference = peft_models::io::load_safetensors(
+        &fixture("tiny_llama_bin/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 3]], &Device::Cpu).unwrap();
+    for name in ["tiny_llama_bin", "tiny_llama_bin_sharded"] {
+        let loaded = load_model(&fixture(name), &Device::Cpu, DType::F32).unwrap();
+        // 2 layers × 9 tensors, the embedding, the final norm and the untied head.
+        assert_eq!(loaded.weights.len(), 21, "{name}");
+        let m = reload(loaded);
+        let got = m
+            .logits(&m.forward(&ids, None, None, false).unwrap())
+            .unwrap();
+        let d = max_abs_diff(&got, &reference["expected_logits"]);
+        assert!(d < 1e-5, "{name}: logits differ from transformers' by {d}");
+    }
+}
+
+#[test]
+fn malformed_pytorch_checkpoint_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("tiny_llama_bin/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let good = std::fs::read(fixture("tiny_llama_bin/pytorch_model.bin")).unwrap();
+    let bin = dir.path().join("pytorch_model.bin");
+    // Not a zip at all, a zip cut short, and a zip whose tensor data is cut short.
+    for bytes in [
+        b"not a checkpoint".to_vec(),
+        good[..good.len() / 2].to_vec(),
+        good[..200].to_vec(),
+    ] {
+        std::fs::write(&bin, &bytes).unwrap();
+        let err = match load_model(dir.path(), &Device::Cpu, DType::F32) {
+            Ok(_) => panic!("a {}-byte checkpoint loaded", bytes.len()),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains("pytorch_model.bin is not a PyTorch checkpoint that can be read"),
+            "{err}"
+        );
+    }
+    std::fs::remove_file(&bin).unwrap();
+    let err = load_model(dir.path(), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.starts_with("no model.safetensors, pytorch_model.bin or a shard index of either"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -2,13 +2,36 @@
 //! sorted keys, and writing the folder (weights with `format=pt` metadata, atomically).
 
 use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
-use anyhow::{Context, Result};
-use candle_core::{Tensor, Var};
-use peft_models::io::{save_safetensors, write_atomic};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use peft_models::io::{load_weights, save_safetensors, write_atomic};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The PyTorch weights file PEFT wrote before safetensors became its default (and still
+/// writes with `safe_serialization=False`).
+pub const PYTORCH_WEIGHTS_FILE: &str = "adapter_model.bin";
+
+/// The adapter weights in `dir` and the file they came from: `adapter_model.safetensors`, or
+/// else `adapter_model.bin`, the order in which HF PEFT looks for them.
+pub fn read_adapter_weights(
+    dir: &Path,
+    device: &Device,
+) -> Result<(PathBuf, HashMap<String, Tensor>)> {
+    for name in [WEIGHTS_FILE, PYTORCH_WEIGHTS_FILE] {
+        let path = dir.join(name);
+        if path.exists() {
+            let tensors = load_weights(&path, device)?;
+            return Ok((path, tensors));
+        }
+    }
+    bail!(
+        "no {WEIGHTS_FILE} (or {PYTORCH_WEIGHTS_FILE}) in {}",
+        dir.display()
+    )
+}
 
 /// Parses a JSON config file, with one-line errors for a missing or malformed file.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {

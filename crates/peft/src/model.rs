@@ -1,14 +1,13 @@
 //! A base model with LoRA adapters injected by module path: creation, PEFT-format save/load,
 //! parameter counting and merging.
 
-use crate::files::{detached, write_adapter};
+use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::{file_key, module_path};
 use crate::lora::config::LoraConfig;
 use crate::lora::layer::{DropoutSeed, LoraLayer};
 use crate::targets::{keep_layers, select, TargetModules};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::io::load_safetensors;
 use peft_models::Llama;
 use peft_ops::LinearWeight;
 use rand::{Rng, SeedableRng};
@@ -246,8 +245,7 @@ impl PeftModel {
             bail!("adapter folder not found: {}", dir.display());
         }
         let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let mut tensors = load_safetensors(&weights_path, &candle_core::Device::Cpu)?;
+        let (weights_path, mut tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
         let mut by_path: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         let mut magnitudes: HashMap<String, Tensor> = HashMap::new();
         let keys: Vec<String> = tensors.keys().cloned().collect();

@@ -247,6 +247,23 @@ fn hf_peft_layers_to_transform_adapter_reproduces_outputs() {
     assert!(d < ATOL, "last logits differ by {d}");
 }
 
+/// The same adapter as PEFT writes it with `safe_serialization=False` (`adapter_model.bin`, a
+/// `torch.save` pickle; scripts/hf/make_pytorch_fixtures.py) gives the same outputs.
+#[test]
+fn hf_peft_pytorch_format_adapter_reproduces_outputs() {
+    let Some(base) = load_base() else { return };
+    let (same, exp) = own_fixture("lora_layers_0_2");
+    let dir = same.with_file_name("lora_layers_0_2_bin");
+    assert!(!dir.join("adapter_model.safetensors").exists());
+    let peft = PeftModel::load(base, &dir).unwrap();
+    assert_eq!(peft.adapters.len(), 4);
+    let (h, last) = hidden_and_last_logits(&peft.base);
+    let d = max_abs_diff(&h, &exp["hidden"]);
+    assert!(d < ATOL, "hidden differs by {d}");
+    let d = max_abs_diff(&last, &exp["last_logits"]);
+    assert!(d < ATOL, "last logits differ by {d}");
+}
+
 /// A DoRA adapter made by HF PEFT 0.21.2 (scripts/hf/make_dora_fixture.py: r=2 on q_proj and
 /// v_proj, magnitudes moved off ‖W + sBA‖ so that they matter).
 #[test]

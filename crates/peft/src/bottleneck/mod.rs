@@ -5,18 +5,17 @@ pub mod config;
 
 pub use config::BottleneckConfig;
 
-use crate::files::{detached, write_adapter};
+use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::file_key;
-use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::model::CONFIG_FILE;
 use crate::Tuned;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::io::load_safetensors;
 use peft_models::{BlockAdapter, Llama};
 use peft_ops::param;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -123,9 +122,7 @@ impl BottleneckModel {
             bail!("adapter folder not found: {}", dir.display());
         }
         let config = BottleneckConfig::from_file(&dir.join(CONFIG_FILE))?;
-        let path = dir.join(WEIGHTS_FILE);
-        let mut tensors: HashMap<String, Tensor> =
-            load_safetensors(&path, &candle_core::Device::Cpu)?;
+        let (path, mut tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
         let mut model = Self::build(base, config, |module, name, shape| {
             let key = file_key(module, name);
             let t = tensors

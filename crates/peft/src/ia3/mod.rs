@@ -5,14 +5,13 @@ pub mod config;
 
 pub use config::Ia3Config;
 
-use crate::files::{detached, write_adapter};
+use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::{file_key, module_path};
-use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::model::CONFIG_FILE;
 use crate::targets::{select, TargetModules};
 use crate::Tuned;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::io::load_safetensors;
 use peft_models::{Linear, LinearAdapter, Llama};
 use peft_ops::{param, LinearWeight};
 use std::collections::{BTreeMap, HashMap};
@@ -123,8 +122,7 @@ impl Ia3Model {
             bail!("adapter folder not found: {}", dir.display());
         }
         let config = Ia3Config::from_file(&dir.join(CONFIG_FILE))?;
-        let path = dir.join(WEIGHTS_FILE);
-        let tensors = load_safetensors(&path, &candle_core::Device::Cpu)?;
+        let (path, tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
         let mut by_path: HashMap<String, Tensor> = HashMap::new();
         for (key, t) in tensors {
             let module = module_path(&key, KEY)

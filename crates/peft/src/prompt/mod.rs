@@ -6,15 +6,14 @@ pub mod config;
 
 pub use config::{is_prompt_learning, PromptConfig, PREFIX_TUNING, PROMPT_TUNING, P_TUNING};
 
+use crate::files::read_adapter_weights;
 use crate::files::write_adapter;
-use crate::model::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::model::CONFIG_FILE;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::io::load_safetensors;
 use peft_models::{KvCache, Llama};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// The adapter file's only tensor.
@@ -250,8 +249,7 @@ impl PromptModel {
             bail!("adapter folder not found: {}", dir.display());
         }
         let config = PromptConfig::from_file(&dir.join(CONFIG_FILE))?;
-        let path = dir.join(WEIGHTS_FILE);
-        let mut tensors: HashMap<String, Tensor> = load_safetensors(&path, &base.device)?;
+        let (path, mut tensors) = read_adapter_weights(dir, &base.device)?;
         let t = tensors
             .remove(EMBEDDINGS_KEY)
             .with_context(|| format!("{} has no {EMBEDDINGS_KEY}", path.display()))?;
