@@ -72,10 +72,10 @@ enum Line {
 
 impl Chat {
     fn messages(&self) -> Vec<ChatMessage> {
-        let system = self.system.iter().map(|s| ChatMessage {
-            role: "system".into(),
-            content: s.clone(),
-        });
+        let system = self
+            .system
+            .iter()
+            .map(|s| ChatMessage::new("system", s.clone()));
         system.chain(self.turns.iter().cloned()).collect()
     }
 
@@ -85,10 +85,7 @@ impl Chat {
 
     /// Answers `text` as the next user turn, printing the reply as it is generated.
     fn reply(&mut self, text: &str, max_new_tokens: usize, sampling: &mut Sampling) -> Result<()> {
-        self.turns.push(ChatMessage {
-            role: "user".into(),
-            content: text.into(),
-        });
+        self.turns.push(ChatMessage::new("user", text));
         let answer = (|| -> Result<String> {
             let prompt = self.tok.apply_chat_template(&self.messages(), true)?;
             let ids = self.tok.encode(&prompt, false)?;
@@ -108,10 +105,7 @@ impl Chat {
         })();
         match answer {
             Ok(content) => {
-                self.turns.push(ChatMessage {
-                    role: "assistant".into(),
-                    content,
-                });
+                self.turns.push(ChatMessage::new("assistant", content));
                 Ok(())
             }
             Err(e) => {

@@ -244,15 +244,9 @@ pub fn prompt_ids(
     }
     let mut messages = Vec::new();
     if let Some(s) = system {
-        messages.push(ChatMessage {
-            role: "system".into(),
-            content: s.into(),
-        });
+        messages.push(ChatMessage::new("system", s));
     }
-    messages.push(ChatMessage {
-        role: "user".into(),
-        content: prompt.into(),
-    });
+    messages.push(ChatMessage::new("user", prompt));
     let text = tok.apply_chat_template(&messages, true)?;
     tok.encode(&text, false)
 }

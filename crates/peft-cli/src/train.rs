@@ -101,6 +101,10 @@ pub struct TrainCmd {
     /// false, every token).
     #[arg(long)]
     assistant_only_loss: Option<bool>,
+    /// A Jinja chat template to use instead of the model's (for example one of TRL's training
+    /// templates, whose `{% generation %}` blocks mark the assistant text to train on).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// Prompt/completion records: loss on the completion only (default true, as TRL).
     #[arg(long)]
     completion_only_loss: Option<bool>,
@@ -569,7 +573,12 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     }
     // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
     base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(c.quantize.is_some());
-    let tok = tok.context("the model has no tokenizer")?;
+    let mut tok = tok.context("the model has no tokenizer")?;
+    if let Some(path) = &c.chat_template {
+        let template = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the chat template {}", path.display()))?;
+        tok.set_chat_template(template);
+    }
     let loss_on = LossOn {
         assistant_only: c.assistant_only_loss.unwrap_or(true),
         completion_only: c.completion_only_loss.unwrap_or(true),

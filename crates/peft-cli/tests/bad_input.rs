@@ -238,6 +238,8 @@ fn cases() -> Vec<Case> {
         case("bench of 0 steps", vec![], &["bench", "--model", "{model}", "--steps", "0"], "--steps and --batch-size must be at least 1"),
         case("bench rows of 1 token", vec![], &["bench", "--model", "{model}", "--seq-len", "1"], "--seq-len must be at least 2"),
         case("negative temperature", vec![], &["generate", "--model", "{model}", "--prompt", "hi", "--temperature=-1"], "--temperature must be at least 0"),
+        case("missing chat template file", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--chat-template", "{dir}/none.jinja"]), "cannot read the chat template"),
+        case("tools that are not JSON", vec![("d.jsonl", b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}], \"tools\": \"[oops\"}\n".to_vec())], &train("{dir}/d.jsonl", &[]), "record 1: tools is not valid JSON"),
         case("chat with a missing adapter folder", vec![], &["chat", "--model", "{model}", "--adapter", "tuned={dir}/nowhere"], "adapter tuned: adapter folder not found"),
         case("chat with a model without a tokenizer", tiny.clone(), &["chat", "--model", "{dir}"], "the model has no tokenizer"),
         case("compare with an unknown method", vec![("d.jsonl", qa.clone())], &["compare", "--model", "{model}", "--data", "{dir}/d.jsonl", "--output", "{dir}/c", "--methods", "lora,bogus"], "unknown method \"bogus\""),

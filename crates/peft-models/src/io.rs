@@ -31,6 +31,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Pretty JSON (two-space indent) with every object's keys sorted, as Python's
+/// `json.dumps(..., indent=2, sort_keys=True)` writes HF config files.
+pub fn sorted_pretty_json(value: &impl serde::Serialize) -> Result<String> {
+    fn sort(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.sort_keys();
+                map.values_mut().for_each(sort);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(sort),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(value)?;
+    sort(&mut value);
+    Ok(serde_json::to_string_pretty(&value)?)
+}
+
 /// Writes `tensors` as a safetensors file (keys sorted by the format) with `metadata`.
 pub fn save_safetensors(
     path: &Path,

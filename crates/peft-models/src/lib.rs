@@ -1,5 +1,6 @@
 //! Base models: the Llama family, loaded from HF folders or GGUF files.
 
+pub mod chat_template;
 pub mod config;
 pub mod io;
 pub mod llama;

@@ -41,7 +41,7 @@ pub fn save_hf_model(
     }
     write_atomic(
         &dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
+        crate::io::sorted_pretty_json(&config)?.as_bytes(),
     )?;
     let mut generation = json!({});
     for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
@@ -59,6 +59,6 @@ pub fn save_hf_model(
     }
     write_atomic(
         &dir.join("generation_config.json"),
-        serde_json::to_string_pretty(&generation)?.as_bytes(),
+        crate::io::sorted_pretty_json(&generation)?.as_bytes(),
     )
 }

@@ -3,7 +3,7 @@
 //! Loads a Hugging Face model folder or the tokenizer embedded in GGUF metadata, renders chat
 //! templates the way `transformers` does, and writes folders that `AutoTokenizer` can load.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 
@@ -11,6 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file::Value as GgufValue;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as JsonValue;
+
+use crate::chat_template::TemplateInputs;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -21,19 +23,61 @@ use tokenizers::processors::sequence::Sequence as ProcessorSequence;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
-/// One turn of a conversation, as passed to chat templates.
+/// One turn of a conversation as chat templates see it: a JSON object with a `role`, a text
+/// `content` (absent or `null` in a turn that only calls tools) and any other fields
+/// (`tool_calls`, `name`, `tool_call_id`, `reasoning_content`, ...), kept in their given order
+/// and handed to the template as they are, as transformers does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "JsonMap", into = "JsonMap")]
 pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
+    fields: JsonMap,
 }
+
+type JsonMap = serde_json::Map<String, JsonValue>;
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
+        let mut fields = JsonMap::new();
+        fields.insert("role".into(), JsonValue::String(role.into()));
+        fields.insert("content".into(), JsonValue::String(content.into()));
+        Self { fields }
+    }
+
+    pub fn role(&self) -> &str {
+        self.fields["role"].as_str().unwrap_or_default()
+    }
+
+    /// The text, `None` when the turn has none.
+    pub fn content(&self) -> Option<&str> {
+        self.fields.get("content").and_then(JsonValue::as_str)
+    }
+
+    /// Every field, in the order given.
+    pub fn fields(&self) -> &JsonMap {
+        &self.fields
+    }
+}
+
+impl TryFrom<JsonMap> for ChatMessage {
+    type Error = String;
+
+    fn try_from(fields: JsonMap) -> std::result::Result<Self, String> {
+        if !fields.get("role").is_some_and(JsonValue::is_string) {
+            return Err("a message needs a text \"role\"".into());
         }
+        if !matches!(
+            fields.get("content"),
+            None | Some(JsonValue::Null | JsonValue::String(_))
+        ) {
+            return Err("a message's \"content\" must be text".into());
+        }
+        Ok(Self { fields })
+    }
+}
+
+impl From<ChatMessage> for JsonMap {
+    fn from(m: ChatMessage) -> Self {
+        m.fields
     }
 }
 
@@ -262,6 +306,20 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` (no special tokens added) with the byte range each covers.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Vec<(u32, (usize, usize))>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("cannot encode text: {e}"))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .copied()
+            .zip(encoding.get_offsets().iter().copied())
+            .collect())
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)
@@ -321,45 +379,60 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.apply_chat_template_with(messages, TemplateInputs::default(), add_generation_prompt)
+    }
+
+    /// [`Tokenizer::apply_chat_template`] with tools and template variables.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        inputs: TemplateInputs,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let source = self
             .chat_template
             .as_deref()
             .context("tokenizer has no chat template")?;
+        crate::chat_template::render(
+            source,
+            messages,
+            inputs,
+            add_generation_prompt,
+            &self.special.named(),
+        )
+    }
 
-        let mut env = minijinja::Environment::new();
-        // transformers renders with these settings; templates rely on them for their whitespace.
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        // Python string and dict methods such as .strip() or .items().
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |message: String| -> Result<(), minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    message,
-                ))
-            },
-        );
-        let template = env
-            .template_from_str(source)
-            .map_err(|e| anyhow!("invalid chat template: {e}"))?;
+    /// Whether the chat template marks assistant text with `{% generation %}` blocks.
+    pub fn chat_template_has_generation_blocks(&self) -> bool {
+        self.chat_template
+            .as_deref()
+            .is_some_and(crate::chat_template::has_generation_blocks)
+    }
 
-        let mut ctx = BTreeMap::new();
-        ctx.insert("messages", minijinja::Value::from_serialize(messages));
-        ctx.insert(
-            "add_generation_prompt",
-            minijinja::Value::from(add_generation_prompt),
-        );
-        // Unset tokens stay undefined, as in transformers, so templates can test `is defined`.
-        for (name, token) in self.special.named() {
-            if let Some(token) = token {
-                ctx.insert(name, minijinja::Value::from(token));
-            }
-        }
-        template
-            .render(ctx)
-            .map_err(|e| anyhow!("cannot render chat template: {e}"))
+    /// [`Tokenizer::apply_chat_template_with`] and the byte ranges of the template's
+    /// `{% generation %}` blocks in the text.
+    pub fn apply_chat_template_tracked(
+        &self,
+        messages: &[ChatMessage],
+        inputs: TemplateInputs,
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<std::ops::Range<usize>>)> {
+        let source = self
+            .chat_template
+            .as_deref()
+            .context("tokenizer has no chat template")?;
+        crate::chat_template::render_tracked(
+            source,
+            messages,
+            inputs,
+            add_generation_prompt,
+            &self.special.named(),
+        )
+    }
+
+    /// Replaces the chat template (a `--chat-template` file, such as TRL's training templates).
+    pub fn set_chat_template(&mut self, template: String) {
+        self.chat_template = Some(template);
     }
 
     /// Writes `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` into `dir`,
@@ -387,7 +460,7 @@ impl Tokenizer {
         if let Some(template) = &self.chat_template {
             config.insert("chat_template".into(), template.as_str().into());
         }
-        let config_json = serde_json::to_string_pretty(&JsonValue::Object(config))?;
+        let config_json = crate::io::sorted_pretty_json(&JsonValue::Object(config))?;
         write_atomic(dir, CONFIG_FILE, config_json.as_bytes())?;
 
         let template_path = dir.join(CHAT_TEMPLATE_FILE);

@@ -8,6 +8,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use peft_models::chat_template::TemplateInputs;
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
 use peft_ops::IGNORE_INDEX;
 use rand::seq::SliceRandom;
@@ -215,29 +216,35 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
         push(ids, true);
     };
     // A conversation through the chat template, the loss where `loss` says.
+    let tools = record_tools(v, n)?;
+    let inputs = TemplateInputs {
+        tools: tools.as_ref(),
+        kwargs: match v.get("chat_template_kwargs") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(kwargs)) => Some(kwargs),
+            Some(_) => bail!("record {n}: chat_template_kwargs must be an object"),
+        },
+    };
     let push_chat = |push: &mut dyn FnMut(Vec<u32>, bool), messages: &[ChatMessage]| {
-        let segments = chat_segments(tok, messages).with_context(|| format!("record {n}"))?;
-        for (segment, is_assistant) in segments {
-            push(
-                tok.encode(&segment, false)?,
-                is_assistant || !loss.assistant_only,
-            );
+        let pieces = chat_tokens(tok, messages, inputs, loss.assistant_only)
+            .with_context(|| format!("record {n}"))?;
+        for (ids, trained) in pieces {
+            push(ids, trained);
         }
         Ok::<(), anyhow::Error>(())
     };
     if let Some(msgs) = v.get("messages") {
-        let messages: Vec<ChatMessage> = serde_json::from_value(msgs.clone())
-            .with_context(|| format!("record {n}: messages must be a list of {{role, content}}"))?;
+        let messages: Vec<ChatMessage> =
+            serde_json::from_value(msgs.clone()).with_context(|| {
+                format!("record {n}: messages must be a list of {{role, content (text)}}")
+            })?;
         if messages.is_empty() {
             bail!("record {n}: messages is empty");
         }
-        if let Some(m) = messages
-            .iter()
-            .find(|m| !CHAT_ROLES.contains(&m.role.as_str()))
-        {
+        if let Some(m) = messages.iter().find(|m| !CHAT_ROLES.contains(&m.role())) {
             bail!(
                 "record {n}: unknown chat role {:?} (expected one of {})",
-                m.role,
+                m.role(),
                 CHAT_ROLES.join(", ")
             );
         }
@@ -253,14 +260,8 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
             format!("{instruction}\n\n{input}")
         };
         let messages = [
-            ChatMessage {
-                role: "user".into(),
-                content: user,
-            },
-            ChatMessage {
-                role: "assistant".into(),
-                content: str_field(v, "output", n)?.into(),
-            },
+            ChatMessage::new("user", user),
+            ChatMessage::new("assistant", str_field(v, "output", n)?),
         ];
         push_chat(&mut push, &messages)?;
     } else if v.get("prompt").is_some() || v.get("completion").is_some() {
@@ -284,24 +285,84 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
     })
 }
 
+const NOT_INCREMENTAL: &str = "the chat template renders an earlier turn differently once later turns follow (as Qwen 3, Phi-3 and DeepSeek's do), so the assistant replies cannot be found: train on every token (--assistant-only-loss false), or give a template that marks them with {% generation %} blocks (--chat-template FILE, as TRL's training templates do)";
+
+/// A record's `tools`: a list of JSON schemas, or that list as a JSON string (how datasets
+/// with tools of different shapes store them).
+fn record_tools(v: &Value, n: usize) -> Result<Option<Value>> {
+    match v.get("tools") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => {
+            let tools: Value = serde_json::from_str(text)
+                .with_context(|| format!("record {n}: tools is not valid JSON"))?;
+            if !tools.is_array() {
+                bail!("record {n}: tools must be a list of JSON schemas");
+            }
+            Ok(Some(tools))
+        }
+        Some(tools @ Value::Array(_)) => Ok(Some(tools.clone())),
+        Some(_) => bail!("record {n}: tools must be a list of JSON schemas"),
+    }
+}
+
+/// A conversation's tokens in consecutive pieces, each flagged when it carries the loss:
+/// every token unless `assistant_only`; else the text of the template's `{% generation %}`
+/// blocks where it has them (TRL's `assistant_only_loss`), or the assistant replies found by
+/// rendering the conversation one message at a time.
+fn chat_tokens(
+    tok: &Tokenizer,
+    messages: &[ChatMessage],
+    inputs: TemplateInputs,
+    assistant_only: bool,
+) -> Result<Vec<(Vec<u32>, bool)>> {
+    if !assistant_only {
+        // TRL's default: the conversation rendered once, every token trained.
+        let text = tok.apply_chat_template_with(messages, inputs, false)?;
+        return Ok(vec![(tok.encode(&text, false)?, true)]);
+    }
+    if tok.chat_template_has_generation_blocks() {
+        // As transformers' assistant mask: a token trains when it overlaps a block's text.
+        let (text, spans) = tok.apply_chat_template_tracked(messages, inputs, false)?;
+        let mut pieces: Vec<(Vec<u32>, bool)> = Vec::new();
+        for (id, (start, end)) in tok.encode_with_offsets(&text)? {
+            let trained = spans
+                .iter()
+                .any(|s| start < s.end && s.start < end.max(start + 1));
+            match pieces.last_mut() {
+                Some((ids, t)) if *t == trained => ids.push(id),
+                _ => pieces.push((vec![id], trained)),
+            }
+        }
+        return Ok(pieces);
+    }
+    chat_segments(tok, messages, inputs)?
+        .into_iter()
+        .map(|(text, trained)| Ok((tok.encode(&text, false)?, trained)))
+        .collect()
+}
+
 /// Splits a rendered conversation into consecutive text pieces, flagging the assistant
 /// replies (content and end-of-turn marker, not the role header) that carry the loss.
-fn chat_segments(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<(String, bool)>> {
+fn chat_segments(
+    tok: &Tokenizer,
+    messages: &[ChatMessage],
+    inputs: TemplateInputs,
+) -> Result<Vec<(String, bool)>> {
     let mut out = Vec::new();
     let mut done = String::new();
     for i in 0..messages.len() {
-        let upto = tok.apply_chat_template(&messages[..=i], false)?;
-        if messages[i].role == "assistant" {
-            let header = tok.apply_chat_template(&messages[..i], true)?;
+        let upto = tok.apply_chat_template_with(&messages[..=i], inputs, false)?;
+        if messages[i].role() == "assistant" {
+            let header = tok.apply_chat_template_with(&messages[..i], inputs, true)?;
             let (Some(h), Some(body)) = (header.strip_prefix(&done), upto.strip_prefix(&header))
             else {
-                bail!("the chat template does not render conversations incrementally");
+                bail!("{NOT_INCREMENTAL}");
             };
             out.push((h.to_string(), false));
             out.push((body.to_string(), true));
         } else {
             let Some(piece) = upto.strip_prefix(&done) else {
-                bail!("the chat template does not render conversations incrementally");
+                bail!("{NOT_INCREMENTAL}");
             };
             out.push((piece.to_string(), false));
         }

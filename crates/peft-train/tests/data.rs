@@ -157,6 +157,144 @@ fn alpaca_records_train_on_the_output_only() {
     assert!(all.contains("Translate.\n\nbonjour"), "{all:?}");
 }
 
+/// A conversation with tools, a tool call and a tool result renders through the template as
+/// TRL passes it (`tools` column, every message field), and trains on the assistant turns:
+/// the call and the answer.
+#[test]
+fn tool_calls_and_tools_reach_the_template() {
+    let Some(tok) = smollm_tokenizer() else {
+        return;
+    };
+    // SmolLM2's own template knows no tools: write the tokenizer with one that does.
+    let dir = tempfile::tempdir().unwrap();
+    tok.save_hf(dir.path()).unwrap();
+    write(
+        dir.path(),
+        "chat_template.jinja",
+        "{%- if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}\
+         {%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}\
+         {% for c in m.tool_calls %}<call>{{ c.function | tojson }}</call>{% endfor %}\
+         {% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}\
+         {%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    );
+    let tok = peft_models::tokenizer::Tokenizer::from_hf_dir(dir.path()).unwrap();
+    let record = serde_json::json!({
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "name": "get_weather", "content": "21 C"},
+            {"role": "assistant", "content": "It is 21 C."}
+        ],
+        // As a JSON string, the way datasets store tools of different shapes.
+        "tools": "[{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"parameters\": {}}}]"
+    });
+    let t = tokenize_records(&[record], &tok, 512).unwrap();
+    let ex = &t.examples[0];
+    assert_eq!(
+        tok.decode(&ex.input_ids, false).unwrap(),
+        "<|im_start|>system\nTools: [{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"parameters\": {}}}]<|im_end|>\n\
+         <|im_start|>user\nWeather in Paris?<|im_end|>\n\
+         <|im_start|>assistant\n<call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</call><|im_end|>\n\
+         <|im_start|>tool\n21 C<|im_end|>\n\
+         <|im_start|>assistant\nIt is 21 C.<|im_end|>\n"
+    );
+    let trained: Vec<u32> = ex
+        .input_ids
+        .iter()
+        .zip(&ex.labels)
+        .filter(|(_, &l)| l >= 0)
+        .map(|(&t, _)| t)
+        .collect();
+    assert_eq!(
+        tok.decode(&trained, false).unwrap(),
+        "<call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</call><|im_end|>\nIt is 21 C.<|im_end|>\n"
+    );
+    let bad =
+        serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "tools": "[oops"});
+    let err = tokenize_records(&[bad], &tok, 512).unwrap_err().to_string();
+    assert_eq!(err, "record 1: tools is not valid JSON");
+}
+
+/// SmolLM2's tokenizer with another chat template.
+fn with_template(
+    tok: &peft_models::tokenizer::Tokenizer,
+    template: &str,
+) -> peft_models::tokenizer::Tokenizer {
+    let mut tok = tok.clone();
+    tok.set_chat_template(template.to_string());
+    tok
+}
+
+fn trained_text(tok: &peft_models::tokenizer::Tokenizer, ex: &Example) -> String {
+    let trained: Vec<u32> = ex
+        .input_ids
+        .iter()
+        .zip(&ex.labels)
+        .filter(|(_, &l)| l >= 0)
+        .map(|(&t, _)| t)
+        .collect();
+    tok.decode(&trained, false).unwrap()
+}
+
+/// A template that drops earlier turns' reasoning once a later turn follows (as Qwen 3's):
+/// the replies cannot be found by rendering message by message, so assistant-only training
+/// needs `{% generation %}` blocks (TRL's training templates), which then choose the trained
+/// text; training on every token needs neither.
+#[test]
+fn generation_blocks_choose_the_trained_text() {
+    let Some(tok) = smollm_tokenizer() else {
+        return;
+    };
+    let template = |generation: bool| {
+        let (open, close) = if generation {
+            ("{% generation %}", "{% endgeneration %}")
+        } else {
+            ("", "")
+        };
+        format!(
+            "{{%- for m in messages %}}<|im_start|>{{{{ m.role }}}}\n\
+             {{%- if m.role == 'assistant' %}}{open}\
+             {{%- if m.reasoning_content and loop.last %}}<think>{{{{ m.reasoning_content }}}}</think>{{%- endif %}}\
+             {{{{ m.content }}}}<|im_end|>{close}\n\
+             {{%- else %}}{{{{ m.content }}}}<|im_end|>\n{{%- endif %}}{{%- endfor %}}\
+             {{%- if add_generation_prompt %}}<|im_start|>assistant\n{{%- endif %}}"
+        )
+    };
+    let record = serde_json::json!({"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "reasoning_content": "add", "content": "4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "reasoning_content": "add again", "content": "6"}
+    ]});
+    let plain = with_template(&tok, &template(false));
+    let err = format!(
+        "{:#}",
+        tokenize_records(std::slice::from_ref(&record), &plain, 512).unwrap_err()
+    );
+    assert!(err.contains("--assistant-only-loss false"), "{err}");
+    let every = LossOn {
+        assistant_only: false,
+        completion_only: true,
+    };
+    let all = tokenize_records_with(std::slice::from_ref(&record), &plain, 512, every).unwrap();
+    let ex = &all.examples[0];
+    assert_eq!(
+        ex.labels.iter().filter(|&&l| l >= 0).count(),
+        ex.input_ids.len()
+    );
+
+    let marked = with_template(&tok, &template(true));
+    let t = tokenize_records(&[record], &marked, 512).unwrap();
+    let ex = &t.examples[0];
+    // The same text as the plain template renders, trained on the blocks only.
+    assert_eq!(ex.input_ids, all.examples[0].input_ids);
+    assert_eq!(
+        trained_text(&marked, ex),
+        "4<|im_end|><think>add again</think>6<|im_end|>"
+    );
+}
+
 fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")

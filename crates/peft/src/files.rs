@@ -63,10 +63,7 @@ pub fn parse_validated<T: DeserializeOwned>(
 
 /// Pretty JSON with sorted keys, as PEFT writes its configs.
 pub fn sorted_json(config: &impl Serialize) -> Result<String> {
-    // serde_json's maps are ordered by key.
-    Ok(serde_json::to_string_pretty(&serde_json::to_value(
-        config,
-    )?)?)
+    peft_models::io::sorted_pretty_json(config)
 }
 
 /// Detached copies of trainable tensors, for saving.

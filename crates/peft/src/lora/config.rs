@@ -225,7 +225,7 @@ impl LoraConfig {
         if self.lora_alpha.fract() == 0.0 {
             obj.insert("lora_alpha".into(), Value::from(self.lora_alpha as i64));
         }
-        Ok(serde_json::to_string_pretty(&v)?)
+        crate::files::sorted_json(&v)
     }
 }
 
