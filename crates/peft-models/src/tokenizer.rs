@@ -389,17 +389,9 @@ impl Tokenizer {
         inputs: TemplateInputs,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let source = self
-            .chat_template
-            .as_deref()
-            .context("tokenizer has no chat template")?;
-        crate::chat_template::render(
-            source,
-            messages,
-            inputs,
-            add_generation_prompt,
-            &self.special.named(),
-        )
+        Ok(self
+            .apply_chat_template_tracked(messages, inputs, add_generation_prompt)?
+            .0)
     }
 
     /// Whether the chat template marks assistant text with `{% generation %}` blocks.

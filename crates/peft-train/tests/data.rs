@@ -138,14 +138,7 @@ fn alpaca_records_train_on_the_output_only() {
     assert_eq!((t.examples.len(), t.dropped, t.truncated), (2, 0, 0));
     let examples = t.examples;
     for (ex, output) in examples.iter().zip(["Blue.", "hello"]) {
-        let trained: Vec<u32> = ex
-            .input_ids
-            .iter()
-            .zip(&ex.labels)
-            .filter(|(_, &l)| l >= 0)
-            .map(|(&t, _)| t)
-            .collect();
-        let text = tok.decode(&trained, false).unwrap();
+        let text = trained_text(&tok, ex);
         assert!(text.starts_with(output), "trained on {text:?}");
         // The user turn (instruction and input) carries no loss.
         assert!(
@@ -199,15 +192,8 @@ fn tool_calls_and_tools_reach_the_template() {
          <|im_start|>tool\n21 C<|im_end|>\n\
          <|im_start|>assistant\nIt is 21 C.<|im_end|>\n"
     );
-    let trained: Vec<u32> = ex
-        .input_ids
-        .iter()
-        .zip(&ex.labels)
-        .filter(|(_, &l)| l >= 0)
-        .map(|(&t, _)| t)
-        .collect();
     assert_eq!(
-        tok.decode(&trained, false).unwrap(),
+        trained_text(&tok, ex),
         "<call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</call><|im_end|>\nIt is 21 C.<|im_end|>\n"
     );
     let bad =
