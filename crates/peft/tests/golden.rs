@@ -206,6 +206,16 @@ fn own_fixture(name: &str) -> (std::path::PathBuf, HashMap<String, Tensor>) {
     (dir, exp)
 }
 
+/// Asserts that `m` gives a fixture's final hidden states and last-token logits (`hidden`,
+/// `last_logits` in `exp`) within ATOL.
+fn assert_reproduces(m: &Llama, exp: &HashMap<String, Tensor>) {
+    let (h, last) = hidden_and_last_logits(m);
+    let d = max_abs_diff(&h, &exp["hidden"]);
+    assert!(d < ATOL, "hidden differs by {d}");
+    let d = max_abs_diff(&last, &exp["last_logits"]);
+    assert!(d < ATOL, "last logits differ by {d}");
+}
+
 /// Final hidden states and last-token logits of the fixtures' 8-token prompt.
 fn hidden_and_last_logits(m: &Llama) -> (Tensor, Tensor) {
     let ids = Tensor::new(
@@ -240,11 +250,7 @@ fn hf_peft_layers_to_transform_adapter_reproduces_outputs() {
             "model.layers.2.self_attn.v_proj"
         ]
     );
-    let (h, last) = hidden_and_last_logits(&peft.base);
-    let d = max_abs_diff(&h, &exp["hidden"]);
-    assert!(d < ATOL, "hidden differs by {d}");
-    let d = max_abs_diff(&last, &exp["last_logits"]);
-    assert!(d < ATOL, "last logits differ by {d}");
+    assert_reproduces(&peft.base, &exp);
 }
 
 /// The same adapter as PEFT writes it with `safe_serialization=False` (`adapter_model.bin`, a
@@ -257,11 +263,7 @@ fn hf_peft_pytorch_format_adapter_reproduces_outputs() {
     assert!(!dir.join("adapter_model.safetensors").exists());
     let peft = PeftModel::load(base, &dir).unwrap();
     assert_eq!(peft.adapters.len(), 4);
-    let (h, last) = hidden_and_last_logits(&peft.base);
-    let d = max_abs_diff(&h, &exp["hidden"]);
-    assert!(d < ATOL, "hidden differs by {d}");
-    let d = max_abs_diff(&last, &exp["last_logits"]);
-    assert!(d < ATOL, "last logits differ by {d}");
+    assert_reproduces(&peft.base, &exp);
 }
 
 /// A DoRA adapter made by HF PEFT 0.21.2 (scripts/hf/make_dora_fixture.py: r=2 on q_proj and
@@ -276,11 +278,7 @@ fn hf_peft_dora_adapter_reproduces_outputs_unmerged_and_merged() {
         peft.parameter_counts().0,
         30 * (2 * 576 + 576 * 2 + 576) + 30 * (2 * 576 + 192 * 2 + 192)
     );
-    let (h, last) = hidden_and_last_logits(&peft.base);
-    let d = max_abs_diff(&h, &exp["hidden"]);
-    assert!(d < ATOL, "hidden differs by {d}");
-    let d = max_abs_diff(&last, &exp["last_logits"]);
-    assert!(d < ATOL, "last logits differ by {d}");
+    assert_reproduces(&peft.base, &exp);
     let merged = PeftModel::load(load_base().unwrap(), &dir)
         .unwrap()
         .merge_and_unload()
@@ -319,11 +317,7 @@ fn hf_peft_ia3_adapter_reproduces_outputs_unmerged_and_merged() {
         57_600,
         "PEFT counts 57,600 trainable parameters"
     );
-    let (h, last) = hidden_and_last_logits(&ia3.base);
-    let d = max_abs_diff(&h, &exp["hidden"]);
-    assert!(d < ATOL, "hidden differs by {d}");
-    let d = max_abs_diff(&last, &exp["last_logits"]);
-    assert!(d < ATOL, "last logits differ by {d}");
+    assert_reproduces(&ia3.base, &exp);
     let merged = ia3.merge_and_unload().unwrap();
     let d = max_abs_diff(
         &hidden_and_last_logits(&merged).1,
