@@ -120,15 +120,14 @@ impl Chat {
     fn command(&mut self, line: &str) -> Result<Line> {
         let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
         let rest = rest.trim();
-        let say = |msg: String| eprintln!("{msg}");
         match cmd {
             "/adapter" if !rest.is_empty() => {
                 self.adapters.set_adapter(rest)?;
-                say(format!("answering with adapter {rest}"));
+                eprintln!("answering with adapter {rest}");
             }
             "/base" => {
                 self.adapters.disable_adapter();
-                say("answering with the base model".into());
+                eprintln!("answering with the base model");
             }
             "/adapters" => {
                 let active = self.adapters.active().map(|(n, _)| n.to_string());
@@ -139,33 +138,33 @@ impl Chat {
                         " "
                     };
                     let kind = self.adapters.get(name).map_or("", |a| a.peft_type());
-                    say(format!("{mark} {name} ({kind})"));
+                    eprintln!("{mark} {name} ({kind})");
                 }
                 if active.is_none() {
-                    say("* base".into());
+                    eprintln!("* base");
                 }
             }
             "/load" => {
                 let (name, dir) = rest.split_once(' ').context("usage: /load NAME DIR")?;
                 self.adapters.load_adapter(name, Path::new(dir.trim()))?;
-                say(format!("loaded adapter {name}"));
+                eprintln!("loaded adapter {name}");
             }
             "/unload" if !rest.is_empty() => {
                 self.adapters.delete_adapter(rest)?;
-                say(format!(
+                eprintln!(
                     "unloaded adapter {rest}; answering with {}",
                     self.active_name()
-                ));
+                );
             }
             "/system" => {
                 self.system = (!rest.is_empty()).then(|| rest.to_string());
-                say("system message set".into());
+                eprintln!("system message set");
             }
             "/reset" => {
                 self.turns.clear();
-                say("conversation cleared".into());
+                eprintln!("conversation cleared");
             }
-            "/help" => say(HELP.into()),
+            "/help" => eprintln!("{HELP}"),
             "/quit" | "/exit" => return Ok(Line::Quit),
             _ => bail!("unknown command {line:?} (/help lists them)"),
         }
