@@ -3,7 +3,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
-/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2, SmolLM2) that the
+/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2) that the
 /// forward pass needs. `raw` keeps the file as read so that `peft merge` writes it back intact.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
@@ -25,6 +25,8 @@ pub struct LlamaConfig {
     /// Bias on o_proj (Llama's `attention_bias` covers it too).
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// RMSNorm of each query and key head before RoPE (Qwen3's `q_norm` / `k_norm`).
+    pub qk_norm: bool,
     pub raw: Value,
 }
 
@@ -70,7 +72,7 @@ fn default_max_pos() -> usize {
     4096
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 impl LlamaConfig {
     pub fn from_json(raw: Value) -> Result<Self> {
@@ -109,6 +111,9 @@ impl LlamaConfig {
         if num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(num_key_value_heads) {
             bail!("config.json: num_attention_heads is not a multiple of num_key_value_heads");
         }
+        if raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+            bail!("sliding-window attention (use_sliding_window: true) is not supported");
+        }
         let qwen = model_type == "qwen2";
         Ok(Self {
             hidden_size: c.hidden_size,
@@ -126,6 +131,7 @@ impl LlamaConfig {
             qkv_bias: qwen || c.attention_bias,
             o_bias: c.attention_bias,
             mlp_bias: c.mlp_bias,
+            qk_norm: model_type == "qwen3",
             model_type,
             raw,
         })

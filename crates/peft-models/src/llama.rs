@@ -85,6 +85,9 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Per-head RMSNorm scales `[head_dim]` of queries and keys (Qwen3), applied before RoPE.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 #[derive(Clone)]
@@ -216,6 +219,12 @@ impl Llama {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            let mut head_norm = |name: &str| -> Result<Option<Tensor>> {
+                c.qk_norm
+                    .then(|| w.take(&format!("{p}.self_attn.{name}.weight"), &[c.head_dim]))
+                    .transpose()
+            };
+            let (q_norm, k_norm) = (head_norm("q_norm")?, head_norm("k_norm")?);
             layers.push(DecoderLayer {
                 input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
@@ -223,6 +232,8 @@ impl Llama {
                     k_proj: w.linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
                     v_proj: w.linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, q_dim, c.o_bias)?,
+                    q_norm,
+                    k_norm,
                 },
                 post_attention_layernorm: w
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
@@ -280,6 +291,32 @@ impl Llama {
         out
     }
 
+    /// Every RMSNorm scale with its checkpoint name: per layer the input and post-attention
+    /// norms (and Qwen3's query and key norms), then the final norm.
+    pub fn norms_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                &mut layer.input_layernorm,
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &mut layer.post_attention_layernorm,
+            ));
+            let a = &mut layer.self_attn;
+            if let Some(q) = &mut a.q_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), q));
+            }
+            if let Some(k) = &mut a.k_norm {
+                out.push((format!("{p}.self_attn.k_norm.weight"), k));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), &mut self.norm));
+        out
+    }
+
     /// The base model's tensors under their checkpoint names (adapters excluded); quantized
     /// weights are dequantized.
     pub fn named_tensors(&mut self) -> Result<Vec<(String, Tensor)>> {
@@ -287,18 +324,9 @@ impl Llama {
             "model.embed_tokens.weight".to_string(),
             self.embed_tokens.clone(),
         )];
-        for (l, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                layer.input_layernorm.clone(),
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                layer.post_attention_layernorm.clone(),
-            ));
+        for (name, norm) in self.norms_mut() {
+            out.push((name, norm.clone()));
         }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
         for (path, lin) in self.linears_mut() {
             out.push((format!("{path}.weight"), lin.weight.dense()?));
             if let Some(b) = &lin.bias {
@@ -310,8 +338,7 @@ impl Llama {
 
     /// Parameters of the base model (a quantized weight counts its unquantized size).
     pub fn parameter_count(&mut self) -> usize {
-        let c = &self.config;
-        let norms = (2 * c.num_hidden_layers + 1) * c.hidden_size;
+        let norms: usize = self.norms_mut().iter().map(|(_, t)| t.elem_count()).sum();
         let mut n = self.embed_tokens.elem_count() + norms;
         for (_, lin) in self.linears_mut() {
             let (o, i) = lin.weight.dims();
@@ -339,17 +366,8 @@ impl Llama {
             Ok(())
         };
         var("model.embed_tokens.weight".into(), &mut self.embed_tokens)?;
-        var("model.norm.weight".into(), &mut self.norm)?;
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
-            var(
-                format!("{p}.input_layernorm.weight"),
-                &mut layer.input_layernorm,
-            )?;
-            var(
-                format!("{p}.post_attention_layernorm.weight"),
-                &mut layer.post_attention_layernorm,
-            )?;
+        for (name, norm) in self.norms_mut() {
+            var(name, norm)?;
         }
         for (path, lin) in self.linears_mut() {
             if let LinearWeight::Dense(w) = &mut lin.weight {
@@ -382,11 +400,9 @@ impl Llama {
                 lin.weight = LinearWeight::Quantized(Arc::new(q));
             }
         }
-        for layer in &mut self.layers {
-            layer.input_layernorm = layer.input_layernorm.to_dtype(DType::F32)?;
-            layer.post_attention_layernorm = layer.post_attention_layernorm.to_dtype(DType::F32)?;
+        for (_, norm) in self.norms_mut() {
+            *norm = norm.to_dtype(DType::F32)?;
         }
-        self.norm = self.norm.to_dtype(DType::F32)?;
         Ok(())
     }
 
@@ -451,9 +467,9 @@ impl Llama {
     /// `attention_mask` entries are segment ids over cached and new positions: 0 hides a key
     /// (padding); positive ids number the sequences packed into a row (a 0/1 mask is one
     /// sequence per row). A new token sees the cached keys and the earlier new keys of its own
-    /// sequence (a padding token sees every earlier key, so its row stays finite), and
-    /// positions restart after the cache where a later packed sequence begins, so each packed
-    /// sequence is computed as if it were alone.
+    /// sequence (a padding token sees every earlier real key, or itself where there is none, so
+    /// its row stays finite), and positions restart after the cache where a later packed
+    /// sequence begins, so each packed sequence is computed as if it were alone.
     fn mask_layout(
         &self,
         batch: usize,
@@ -607,11 +623,19 @@ impl LazyBias {
             for q in 0..seq {
                 let id = ids[past + q];
                 let out = &mut bias[(row * seq + q) * total..][..total];
+                let mut sees_a_key = false;
                 for (k, slot) in out.iter_mut().enumerate().take(past + q + 1) {
                     let key = ids[k];
                     if key != 0 && (k < past || id == 0 || key == id) {
                         *slot = 0.0;
+                        sees_a_key = true;
                     }
+                }
+                // A padding query before any real token (left padding) would see nothing and
+                // its softmax would be NaN, which reaches every row through 0 · NaN in the
+                // value product: it sees itself, a finite row that no other query reads.
+                if !sees_a_key {
+                    out[past + q] = 0.0;
                 }
             }
         }
@@ -672,11 +696,22 @@ fn attention(
     let (b, t, _) = x.dims3()?;
     let (nh, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let scale = 1.0 / (hd as f64).sqrt();
-    let (q, k, v) = (
+    let (mut q, mut k, v) = (
         a.q_proj.forward(x, train)?,
         a.k_proj.forward(x, train)?,
         a.v_proj.forward(x, train)?,
     );
+    // Qwen3 normalises each head over head_dim; the attention paths below take the heads
+    // still side by side in the last dimension.
+    let head_norm = |y: &Tensor, w: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+        rms_norm(&y.reshape((b, t, n, hd))?, w, c.rms_norm_eps)?.reshape((b, t, n * hd))
+    };
+    if let Some(w) = &a.q_norm {
+        q = head_norm(&q, w, nh)?;
+    }
+    if let Some(w) = &a.k_norm {
+        k = head_norm(&k, w, kvh)?;
+    }
     if mask.bias.is_none() && cache.is_none() {
         let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale)?;
         return a.o_proj.forward(&out, train);

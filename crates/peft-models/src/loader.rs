@@ -140,6 +140,8 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{module}.{kind}"))
@@ -351,7 +353,7 @@ pub fn load_gguf_from<R: Read + Seek>(
         .and_then(|v| v.to_string().ok())
         .cloned()
         .with_context(bad)?;
-    if !["llama", "mistral", "qwen2"].contains(&arch.as_str()) {
+    if !["llama", "mistral", "qwen2", "qwen3"].contains(&arch.as_str()) {
         bail!("{}: unsupported GGUF architecture {arch:?}", path.display());
     }
     let key = |k: &str| format!("{arch}.{k}");
@@ -359,7 +361,8 @@ pub fn load_gguf_from<R: Read + Seek>(
     let heads = md_u64(md, &key("attention.head_count"))? as usize;
     let kv_heads = md_u64(md, &key("attention.head_count_kv")).unwrap_or(heads as u64) as usize;
     let layers = md_u64(md, &key("block_count"))? as usize;
-    let head_dim = md_u64(md, &key("rope.dimension_count"))
+    let head_dim = md_u64(md, &key("attention.key_length"))
+        .or_else(|_| md_u64(md, &key("rope.dimension_count")))
         .map(|d| d as usize)
         .unwrap_or(hidden / heads.max(1));
     if heads == 0 || kv_heads == 0 {
@@ -395,10 +398,11 @@ pub fn load_gguf_from<R: Read + Seek>(
             .tensor(&mut reader, name, &Device::Cpu)
             .with_context(bad)?;
         let mut t = q.dequantize(&Device::Cpu)?;
-        // transformers' GGUF loader undoes the permutation for llama and mistral only.
-        if arch != "qwen2" && name.ends_with("attn_q.weight") {
+        // llama.cpp permutes (and transformers' GGUF loader unpermutes) llama and mistral only.
+        let permuted = matches!(arch.as_str(), "llama" | "mistral");
+        if permuted && name.ends_with("attn_q.weight") {
             t = unpermute(&t, heads)?;
-        } else if arch != "qwen2" && name.ends_with("attn_k.weight") {
+        } else if permuted && name.ends_with("attn_k.weight") {
             t = unpermute(&t, kv_heads)?;
         }
         weights.insert(hf, t.to_device(device)?.to_dtype(dtype)?);
@@ -416,7 +420,7 @@ pub fn load_gguf_from<R: Read + Seek>(
         .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?
         .dim(0)?;
     let mut raw = json!({
-        "architectures": [match arch.as_str() { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
+        "architectures": [match arch.as_str() { "qwen2" => "Qwen2ForCausalLM", "qwen3" => "Qwen3ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
         "model_type": arch,
         "hidden_size": hidden,
         "intermediate_size": intermediate,

@@ -65,7 +65,7 @@ pub enum WeightKind {
 
 /// Every tensor of a Llama of `config`, under its checkpoint name, from `init(kind, shape)`
 /// called in checkpoint order: embeddings; per layer the seven projections, then the two
-/// norms; the final norm; `lm_head` when untied.
+/// norms (and Qwen3's query and key norms); the final norm; `lm_head` when untied.
 pub fn llama_weights(
     c: &LlamaConfig,
     mut init: impl FnMut(WeightKind, &[usize]) -> Result<Tensor>,
@@ -98,6 +98,14 @@ pub fn llama_weights(
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
             w.insert(format!("{p}.{norm}.weight"), init(WeightKind::Norm, &[h])?);
+        }
+        if c.qk_norm {
+            for norm in ["q_norm", "k_norm"] {
+                w.insert(
+                    format!("{p}.self_attn.{norm}.weight"),
+                    init(WeightKind::Norm, &[c.head_dim])?,
+                );
+            }
         }
     }
     w.insert(

@@ -1,0 +1,101 @@
+//! Each supported architecture (Llama with biases and Llama 3 rope scaling, Mistral, Qwen2,
+//! Qwen3) as transformers computes it, with an HF PEFT LoRA adapter on top: logits unmerged,
+//! merged and over a padded batch, and the LoRA gradients of the next-token loss. Fixtures from
+//! scripts/hf/make_arch_fixtures.py.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use peft::PeftModel;
+use peft_models::io::load_safetensors;
+use peft_models::testing::max_abs_diff;
+use peft_models::{load_model, Llama};
+use peft_ops::cross_entropy_chunked;
+use std::path::PathBuf;
+
+const ARCHITECTURES: &[&str] = &["llama_biases", "mistral", "qwen2", "qwen3"];
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/arch/{name}"))
+}
+
+fn base(name: &str) -> Llama {
+    let m = load_model(&fixture(name).join("model"), &Device::Cpu, DType::F32).unwrap();
+    Llama::from_weights(m.config, m.weights, &Device::Cpu, DType::F32).unwrap()
+}
+
+fn logits(model: &Llama, ids: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let h = model.forward(ids, mask, None, false).unwrap();
+    model.logits(&h).unwrap()
+}
+
+#[test]
+fn base_and_lora_logits_match_transformers() {
+    for &name in ARCHITECTURES {
+        let exp =
+            load_safetensors(&fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap();
+        let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+        let model = base(name);
+        let d = max_abs_diff(&logits(&model, &ids, None), &exp["base_logits"]);
+        assert!(d < 1e-4, "{name}: base logits differ by {d}");
+
+        let peft = PeftModel::load(model, &fixture(name).join("lora")).unwrap();
+        let d = max_abs_diff(&logits(&peft.base, &ids, None), &exp["lora_logits"]);
+        assert!(d < 1e-4, "{name}: LoRA logits differ by {d}");
+
+        // Left padding: the real positions of each row.
+        let ids2 = exp["input_ids_b2"].to_dtype(DType::U32).unwrap();
+        let mask2 = &exp["attention_mask_b2"];
+        let got = logits(&peft.base, &ids2, Some(mask2));
+        let want = &exp["lora_logits_b2"];
+        let rows: Vec<Vec<i64>> = mask2.to_vec2().unwrap();
+        for (b, row) in rows.iter().enumerate() {
+            let first = row.iter().position(|&m| m == 1).unwrap();
+            let d = max_abs_diff(
+                &got.i((b, first..)).unwrap(),
+                &want.i((b, first..)).unwrap(),
+            );
+            assert!(d < 1e-4, "{name}: padded row {b} differs by {d}");
+        }
+
+        let merged = peft.merge_and_unload().unwrap();
+        let d = max_abs_diff(&logits(&merged, &ids, None), &exp["lora_logits"]);
+        assert!(d < 1e-4, "{name}: merged logits differ by {d}");
+    }
+}
+
+#[test]
+fn lora_gradients_match_hf_peft() {
+    for &name in ARCHITECTURES {
+        let dir = fixture(name);
+        let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+        let want = load_safetensors(&dir.join("grads.safetensors"), &Device::Cpu).unwrap();
+        let peft = PeftModel::load(base(name), &dir.join("lora")).unwrap();
+        // transformers' loss: token t predicts token t + 1, the mean over the others.
+        let ids: Vec<i64> = exp["input_ids"].squeeze(0).unwrap().to_vec1().unwrap();
+        let mut labels = ids[1..].to_vec();
+        labels.push(-100);
+        let labels = Tensor::new(labels, &Device::Cpu).unwrap();
+        let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+        let h = peft.base.forward(&ids, None, None, true).unwrap();
+        let head = peft.base.lm_head_weight().unwrap();
+        let (loss, _) = cross_entropy_chunked(&h.squeeze(0).unwrap(), &head, &labels, 4).unwrap();
+        let grads = loss.backward().unwrap();
+        let trainable = peft.trainable();
+        assert_eq!(trainable.len(), want.len(), "{name}: LoRA tensors");
+        for (key, var) in trainable {
+            let got = grads.get(var.as_tensor()).unwrap();
+            let w = &want[&key];
+            let scale = w
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_abs_diff(got, w);
+            assert!(
+                d <= 1e-4 * scale.max(1.0),
+                "{name}: {key} gradient differs by {d}"
+            );
+        }
+    }
+}

@@ -1,0 +1,76 @@
+"""Tiny random models of each supported architecture, with an HF PEFT LoRA adapter on each.
+
+For every architecture, crates/peft/tests/fixtures/arch/<name>/ holds:
+- model/: config.json + model.safetensors as transformers' `save_pretrained` writes them;
+- lora/: a LoRA adapter (all-linear, r=4, random A and B) as HF PEFT saves it;
+- expected.safetensors: input_ids, the logits of the base and of the adapted model, and the
+  logits of a padded batch of two (input_ids_b2, attention_mask_b2, lora_logits_b2);
+- grads.safetensors: the gradient of every LoRA weight (under its file key) of the mean
+  next-token loss of input_ids (`model(input_ids, labels=input_ids).loss`).
+
+The weights are N(0, 0.15²), norms 1 + N(0, 0.2²): large enough that a wrong detail (a missing
+bias or norm, a permuted head) moves the logits by far more than the tests' tolerance.
+
+    .venv/bin/python scripts/hf/make_arch_fixtures.py
+"""
+import os
+import shutil
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              rms_norm_eps=1e-6)
+models = {
+    # Biases everywhere and Llama 3.1 rope scaling.
+    "llama_biases": (LlamaForCausalLM, LlamaConfig(
+        **common, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16})),
+    "mistral": (MistralForCausalLM, MistralConfig(**common, tie_word_embeddings=False)),
+    # q/k/v biases, tied embeddings.
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
+    # Per-head q/k norms and a head_dim that is not hidden / heads (4 × 16 = 64 ≠ 32).
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)),
+}
+
+ids = torch.tensor([[1, 5, 9, 33, 60, 2, 17, 40]])
+ids_b2 = torch.tensor([[0, 0, 0, 7, 8, 9, 10, 11], [3, 4, 5, 6, 7, 8, 9, 10]])
+mask_b2 = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+
+for name, (cls, cfg) in models.items():
+    out = f"crates/peft/tests/fixtures/arch/{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    model.save_pretrained(f"{out}/model")
+    with torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, lora).eval()
+    peft_model.save_pretrained(f"{out}/lora")
+    os.remove(f"{out}/lora/README.md")
+    with torch.no_grad():
+        lora_logits = peft_model(input_ids=ids).logits
+        lora_logits_b2 = peft_model(input_ids=ids_b2, attention_mask=mask_b2).logits
+    assert (lora_logits - base_logits).abs().max() > 0.1
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters()
+             if p.requires_grad}
+    save_file(grads, f"{out}/grads.safetensors")
+    save_file({"input_ids": ids, "base_logits": base_logits.contiguous(),
+               "lora_logits": lora_logits.contiguous(), "input_ids_b2": ids_b2,
+               "attention_mask_b2": mask_b2, "lora_logits_b2": lora_logits_b2.contiguous()},
+              f"{out}/expected.safetensors")
+    print("written", out, sorted(os.listdir(f"{out}/model")), sorted(os.listdir(f"{out}/lora")))
