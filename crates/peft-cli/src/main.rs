@@ -42,7 +42,7 @@ enum Command {
     Generate(generate::GenerateCmd),
     /// Chat with a base model and switch between adapters loaded once (stdin, /help).
     Chat(chat::ChatCmd),
-    /// Merge an adapter into its base model and write an HF model folder.
+    /// Merge an adapter into its base model and write an HF model folder or a GGUF file.
     Merge(MergeCmd),
     /// Write the float32 logits of a token sequence to a safetensors file.
     Logits(LogitsCmd),
@@ -126,12 +126,15 @@ impl QuantArg {
 struct MergeCmd {
     #[arg(long)]
     model: PathBuf,
+    /// The adapter to merge; without one, the model is written as it is (a format conversion).
     #[arg(long)]
-    adapter: PathBuf,
+    adapter: Option<PathBuf>,
+    /// An HF model folder, or a `.gguf` file for llama.cpp, Ollama and LM Studio.
     #[arg(long)]
     output: PathBuf,
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DTypeArg,
+    /// f32, bf16 or f16; a GGUF file also takes q8_0 (default: f32 for a folder, f16 for GGUF).
+    #[arg(long)]
+    dtype: Option<String>,
     /// The adapter was trained on this 4-bit quantization of the base (QLoRA): merge into the
     /// dequantized 4-bit weights it was trained against.
     #[arg(long, value_enum)]
@@ -207,9 +210,9 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
     if cmd.double_quant && cmd.quantize.is_none() {
         eprintln!("note: --double-quant has no effect without --quantize");
     }
-    let dtype = cmd.dtype.dtype();
+    let output = Output::of(&cmd.output, cmd.dtype.as_deref())?;
     let (mut base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
-    if cmd.model.extension().is_some_and(|e| e == "gguf") {
+    if cmd.model.extension().is_some_and(|e| e == "gguf") && matches!(output, Output::Folder(_)) {
         eprintln!("note: the GGUF base is dequantized; the merged model is written unquantized");
     }
     if let Some(q) = cmd.quantize {
@@ -219,10 +222,53 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
             q
         );
     }
-    let mut merged = Adapter::load(base, &cmd.adapter)?.merge_and_unload()?;
-    peft_models::save::save_hf_model(&mut merged, tok.as_ref(), &cmd.output, dtype)?;
-    println!("merged model written to {}", cmd.output.display());
+    let mut merged = match &cmd.adapter {
+        Some(dir) => Adapter::load(base, dir)?.merge_and_unload()?,
+        None => base,
+    };
+    let what = match cmd.adapter {
+        Some(_) => "merged model",
+        None => "model",
+    };
+    match output {
+        Output::Folder(dtype) => {
+            peft_models::save::save_hf_model(&mut merged, tok.as_ref(), &cmd.output, dtype)?
+        }
+        Output::Gguf(ty) => {
+            let tok = tok.context("the model has no tokenizer, which a GGUF file must carry")?;
+            let name = cmd
+                .output
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+            peft_models::gguf::save_gguf(&mut merged, &tok, &cmd.output, ty, &name)?
+        }
+    }
+    println!("{what} written to {}", cmd.output.display());
     Ok(())
+}
+
+/// What `peft merge` writes: an HF folder in a dtype, or a GGUF file of a tensor type.
+enum Output {
+    Folder(DType),
+    Gguf(peft_models::gguf::GgufType),
+}
+
+impl Output {
+    fn of(path: &Path, dtype: Option<&str>) -> Result<Self> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            return Ok(Self::Gguf(peft_models::gguf::GgufType::parse(
+                dtype.unwrap_or("f16"),
+            )?));
+        }
+        Ok(Self::Folder(match dtype.unwrap_or("f32") {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => bail!(
+                "--dtype {other:?} is not a dtype for a model folder (f32, bf16, f16; q8_0 needs a .gguf output)"
+            ),
+        }))
+    }
 }
 
 fn run_logits(cmd: LogitsCmd) -> Result<()> {

@@ -309,6 +309,46 @@ fn train_generate_logits_merge_inspect() {
     let diff = max_abs_diff(&load(&reloaded), &load(&merged));
     assert!(diff < 1e-4, "HF folder vs in-memory merge {diff}");
 
+    // The same merge as a GGUF file for llama.cpp, in f32: the same logits again.
+    let gguf = dir.path().join("out/merged.gguf");
+    let out = peft(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&gguf),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from_gguf = dir.path().join("from_gguf.safetensors");
+    let out = peft(&[
+        "logits",
+        "--model",
+        s(&gguf),
+        "--input-ids",
+        ids,
+        "--out",
+        s(&from_gguf),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff = max_abs_diff(&load(&from_gguf), &load(&merged));
+    assert!(diff < 1e-4, "GGUF file vs in-memory merge {diff}");
+    fails_with(
+        &["merge", "--model", s(&model), "--output", s(&merged_dir), "--dtype", "q8_0"],
+        "--dtype \"q8_0\" is not a dtype for a model folder (f32, bf16, f16; q8_0 needs a .gguf output)",
+    );
+
     let out = peft(&["inspect", "--model", s(&model), "--adapter", s(&adapter)]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("trainable params: 460,800"));
 }

@@ -2,6 +2,7 @@
 
 pub mod chat_template;
 pub mod config;
+pub mod gguf;
 pub mod io;
 pub mod llama;
 pub mod loader;

@@ -2,6 +2,7 @@
 //! file into tensors named as in the HF checkpoint, on the requested device and dtype.
 
 use crate::config::LlamaConfig;
+use crate::gguf;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -114,54 +115,6 @@ fn md_u64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<u64> {
 fn md_f64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
     let v = md.get(key)?;
     v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
-}
-
-/// GGUF tensor name -> HF name (None for tensors we do not use, e.g. `rope_freqs`).
-fn hf_name(gguf: &str) -> Option<String> {
-    let simple = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        return Some(s.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let module = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{module}.{kind}"))
-}
-
-/// Undoes llama.cpp's q/k row permutation (convert_hf_to_gguf `permute`): rows were reordered
-/// from (head, 2, half) to (head, half, 2).
-fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let shape = w.dims().to_vec();
-    let Some(&rows) = shape.first() else {
-        bail!("cannot unpermute a scalar");
-    };
-    if heads == 0 || !rows.is_multiple_of(2 * heads) {
-        bail!("cannot unpermute a tensor of {rows} rows for {heads} heads");
-    }
-    let rest: usize = shape[1..].iter().product();
-    Ok(w.reshape((heads, rows / heads / 2, 2, rest))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(shape)?)
 }
 
 /// Bytes of a GGUF tensor's data, or None when its shape is empty or impossible: the element
@@ -393,20 +346,38 @@ pub fn load_gguf_from<R: Read + Seek>(
 
     let mut weights = HashMap::new();
     for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name) else { continue };
+        let Some(hf) = gguf::hf_name(name) else {
+            continue;
+        };
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)
             .with_context(bad)?;
         let mut t = q.dequantize(&Device::Cpu)?;
-        // llama.cpp permutes (and transformers' GGUF loader unpermutes) llama and mistral only.
-        let permuted = matches!(arch.as_str(), "llama" | "mistral");
-        if permuted && name.ends_with("attn_q.weight") {
-            t = unpermute(&t, heads)?;
-        } else if permuted && name.ends_with("attn_k.weight") {
-            t = unpermute(&t, kv_heads)?;
+        if gguf::permutes_qk(&arch) {
+            if hf.contains("self_attn.q_proj") {
+                t = gguf::permute_rows(&t, heads, true)?;
+            } else if hf.contains("self_attn.k_proj") {
+                t = gguf::permute_rows(&t, kv_heads, true)?;
+            }
         }
         weights.insert(hf, t.to_device(device)?.to_dtype(dtype)?);
     }
+    let rope_scaling = match content.tensor_infos.contains_key("rope_freqs.weight") {
+        true => {
+            let factors = content
+                .tensor(&mut reader, "rope_freqs.weight", &Device::Cpu)
+                .with_context(bad)?
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let theta = md_f64(md, &key("rope.freq_base")).unwrap_or(10_000.0);
+            Some(
+                llama3_rope_scaling(&factors, theta, head_dim)
+                    .with_context(|| format!("{}: rope_freqs.weight", path.display()))?,
+            )
+        }
+        false => None,
+    };
     let vocab = weights
         .get("model.embed_tokens.weight")
         .with_context(|| format!("{}: no token_embd.weight", path.display()))?
@@ -436,6 +407,17 @@ pub fn load_gguf_from<R: Read + Seek>(
         "hidden_act": "silu",
         "torch_dtype": "float32",
     });
+    if let Some(scaling) = rope_scaling {
+        raw["rope_scaling"] = scaling;
+    }
+    // Biases beyond Qwen2's q/k/v ones (Llama's `attention_bias`, `mlp_bias`) show as tensors.
+    let has = |name: &str| weights.contains_key(&format!("model.layers.0.{name}.bias"));
+    if has("self_attn.o_proj") {
+        raw["attention_bias"] = json!(true);
+    }
+    if has("mlp.up_proj") {
+        raw["mlp_bias"] = json!(true);
+    }
     if let Some(b) = bos {
         raw["bos_token_id"] = json!(b);
     }
@@ -449,4 +431,43 @@ pub fn load_gguf_from<R: Read + Seek>(
         weights,
         tokenizer: Some(tokenizer),
     })
+}
+
+/// The Llama 3 rope scaling (`rope_type: "llama3"`) whose per-frequency factors are `factors`,
+/// the `rope_freqs.weight` llama.cpp's converter writes for Llama 3.1 and later. GGUF keeps only
+/// the factors; every released Llama 3.x uses low/high frequency factors 1 and 4 and an original
+/// context of 8192 with its own scaling factor (the largest of the factors), which this checks.
+fn llama3_rope_scaling(factors: &[f32], theta: f64, head_dim: usize) -> Result<Value> {
+    if factors.len() != head_dim / 2 {
+        bail!(
+            "{} rope factors for head_dim {head_dim} (expected {})",
+            factors.len(),
+            head_dim / 2
+        );
+    }
+    let factor = factors.iter().copied().fold(1.0f32, f32::max);
+    let scaling = json!({
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    });
+    let config = LlamaConfig::from_json(json!({
+        "hidden_size": head_dim, "intermediate_size": 1, "num_hidden_layers": 1,
+        "num_attention_heads": 1, "vocab_size": 1, "rope_theta": theta, "rope_scaling": scaling,
+    }))?;
+    let unscaled = LlamaConfig {
+        rope_scaling: None,
+        ..config.clone()
+    };
+    let unscaled = unscaled.rope_inv_freq();
+    let expected = unscaled
+        .iter()
+        .zip(config.rope_inv_freq())
+        .map(|(f, scaled)| f / scaled);
+    if expected
+        .zip(factors)
+        .any(|(want, got)| (want - got).abs() > 1e-3 * want)
+    {
+        bail!("rope factors that are not Llama 3's scaling (low 1, high 4, context 8192) are not supported");
+    }
+    Ok(scaling)
 }

@@ -51,6 +51,7 @@ pub fn random_llama(
     let w = llama_weights(c, |kind, shape| match kind {
         WeightKind::Matrix => randn(shape),
         WeightKind::Norm => Ok(Tensor::ones(shape, dtype, device)?),
+        WeightKind::Bias => Ok(Tensor::zeros(shape, dtype, device)?),
     })?;
     Llama::from_weights(config, w, device, dtype)
 }
@@ -61,11 +62,14 @@ pub enum WeightKind {
     Matrix,
     /// RMSNorm scales.
     Norm,
+    /// Projection biases (models with attention or MLP biases).
+    Bias,
 }
 
 /// Every tensor of a Llama of `config`, under its checkpoint name, from `init(kind, shape)`
-/// called in checkpoint order: embeddings; per layer the seven projections, then the two
-/// norms (and Qwen3's query and key norms); the final norm; `lm_head` when untied.
+/// called in checkpoint order: embeddings; per layer the seven projections (each with its bias
+/// where the config has one), then the two norms (and Qwen3's query and key norms); the final
+/// norm; `lm_head` when untied.
 pub fn llama_weights(
     c: &LlamaConfig,
     mut init: impl FnMut(WeightKind, &[usize]) -> Result<Tensor>,
@@ -82,19 +86,25 @@ pub fn llama_weights(
     );
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [q, h]),
-            ("self_attn.k_proj", [kv, h]),
-            ("self_attn.v_proj", [kv, h]),
-            ("self_attn.o_proj", [h, q]),
-            ("mlp.gate_proj", [i, h]),
-            ("mlp.up_proj", [i, h]),
-            ("mlp.down_proj", [h, i]),
+        for (name, shape, bias) in [
+            ("self_attn.q_proj", [q, h], c.qkv_bias),
+            ("self_attn.k_proj", [kv, h], c.qkv_bias),
+            ("self_attn.v_proj", [kv, h], c.qkv_bias),
+            ("self_attn.o_proj", [h, q], c.o_bias),
+            ("mlp.gate_proj", [i, h], c.mlp_bias),
+            ("mlp.up_proj", [i, h], c.mlp_bias),
+            ("mlp.down_proj", [h, i], c.mlp_bias),
         ] {
             w.insert(
                 format!("{p}.{name}.weight"),
                 init(WeightKind::Matrix, &shape)?,
             );
+            if bias {
+                w.insert(
+                    format!("{p}.{name}.bias"),
+                    init(WeightKind::Bias, &shape[..1])?,
+                );
+            }
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
             w.insert(format!("{p}.{norm}.weight"), init(WeightKind::Norm, &[h])?);

@@ -38,6 +38,7 @@ pub fn tiny_llama(seed: u64, tie_word_embeddings: bool) -> Result<Llama> {
     let w = crate::shapes::llama_weights(&config, |kind, shape| match kind {
         WeightKind::Matrix => randn(shape),
         WeightKind::Norm => Ok((randn(shape)? + 1.0)?),
+        WeightKind::Bias => randn(shape),
     })?;
     Llama::from_weights(config, w, &dev, DType::F32)
 }

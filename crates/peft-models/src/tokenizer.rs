@@ -467,6 +467,133 @@ impl Tokenizer {
     }
 }
 
+/// The text llama.cpp's `convert_hf_to_gguf.py` tells pre-tokenizers apart by (its `chktxt`):
+/// whitespace runs, digit groups, contractions, punctuation runs, emoji and several scripts.
+const PRE_TOKENIZER_PROBE: &str = "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u{200d}🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL";
+
+impl Tokenizer {
+    /// The `tokenizer.ggml.*` metadata of this tokenizer (and its chat template), as llama.cpp's
+    /// converter writes it for a byte-level BPE tokenizer, the vocabulary padded to
+    /// `vocab_size` (the embedding's rows) with unused `[PADn]` tokens. The pre-tokenizer name
+    /// is the one whose llama.cpp rules tokenize a probe text exactly as this tokenizer does.
+    pub fn gguf_metadata(&self, vocab_size: usize) -> Result<Vec<(String, GgufValue)>> {
+        let tokenizers::ModelWrapper::BPE(bpe) = self.inner.get_model() else {
+            bail!("only byte-level BPE tokenizers can be written to GGUF");
+        };
+        if bpe.byte_fallback {
+            bail!("SentencePiece-style BPE tokenizers (byte fallback) cannot be written to GGUF yet; only byte-level BPE");
+        }
+        let vocab = self.inner.get_vocab(true);
+        let size = vocab.values().max().map_or(0, |&id| id as usize + 1);
+        if size > vocab_size {
+            bail!(
+                "the tokenizer has {size} tokens, more than the model's vocabulary of {vocab_size}"
+            );
+        }
+        let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+        for (token, &id) in &vocab {
+            tokens[id as usize] = Some(token.clone());
+        }
+        let added = self.inner.get_added_tokens_decoder();
+        let (mut names, mut types) = (Vec::new(), Vec::new());
+        for (id, token) in tokens.into_iter().enumerate() {
+            // llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused.
+            let ty = match (&token, added.get(&(id as u32))) {
+                (None, _) => 5,
+                (Some(t), Some(a)) if a.special || t.starts_with("<|") && t.ends_with("|>") => 3,
+                (Some(_), Some(_)) => 4,
+                (Some(_), None) => 1,
+            };
+            names.push(GgufValue::String(
+                token.unwrap_or_else(|| format!("[PAD{id}]")),
+            ));
+            types.push(GgufValue::I32(ty));
+        }
+        let serialized: JsonValue = serde_json::from_str(
+            &self
+                .inner
+                .to_string(false)
+                .map_err(|e| anyhow!("cannot serialize the tokenizer: {e}"))?,
+        )?;
+        let merges = serialized["model"]["merges"]
+            .as_array()
+            .context("the BPE model has no merges list")?
+            .iter()
+            .map(|m| match m {
+                JsonValue::String(s) => Ok(GgufValue::String(s.clone())),
+                JsonValue::Array(pair) => match (pair.first(), pair.get(1)) {
+                    (Some(JsonValue::String(a)), Some(JsonValue::String(b))) => {
+                        Ok(GgufValue::String(format!("{a} {b}")))
+                    }
+                    _ => bail!("malformed merge {m}"),
+                },
+                _ => bail!("malformed merge {m}"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let mut md: Vec<(String, GgufValue)> = vec![
+            (
+                "tokenizer.ggml.model".into(),
+                GgufValue::String("gpt2".into()),
+            ),
+            (
+                "tokenizer.ggml.pre".into(),
+                GgufValue::String(String::new()),
+            ),
+            ("tokenizer.ggml.tokens".into(), GgufValue::Array(names)),
+            ("tokenizer.ggml.token_type".into(), GgufValue::Array(types)),
+            ("tokenizer.ggml.merges".into(), GgufValue::Array(merges)),
+        ];
+        let ids = [
+            ("bos", &self.special.bos),
+            ("eos", &self.special.eos),
+            ("unknown", &self.special.unk),
+            ("padding", &self.special.pad),
+        ];
+        for (key, token) in ids {
+            if let Some(id) = token.as_deref().and_then(|t| self.token_to_id(t)) {
+                md.push((format!("tokenizer.ggml.{key}_token_id"), GgufValue::U32(id)));
+            }
+        }
+        let with_special = self.encode("a", true)?;
+        let adds_bos =
+            self.bos_token_id().is_some() && with_special.first() == self.bos_token_id().as_ref();
+        let adds_eos =
+            self.eos_token_id().is_some() && with_special.last() == self.eos_token_id().as_ref();
+        md.push((
+            "tokenizer.ggml.add_bos_token".into(),
+            GgufValue::Bool(adds_bos),
+        ));
+        md.push((
+            "tokenizer.ggml.add_eos_token".into(),
+            GgufValue::Bool(adds_eos),
+        ));
+        if let Some(template) = &self.chat_template {
+            md.push((
+                "tokenizer.chat_template".into(),
+                GgufValue::String(template.clone()),
+            ));
+        }
+
+        // The first llama.cpp pre-tokenizer that reproduces this tokenizer on the probe. Where
+        // the vocabulary makes two alike (no multi-digit tokens: Qwen2's single digits and Llama
+        // 3's groups of three give the same tokens), the first of this order is llama.cpp's.
+        let want = self.encode(PRE_TOKENIZER_PROBE, false)?;
+        for name in ["smollm", "qwen2", "llama-bpe", "tekken", "gpt-2"] {
+            md[1].1 = GgufValue::String(name.into());
+            let map: HashMap<String, GgufValue> = md.iter().cloned().collect();
+            let Ok(candidate) = Self::from_gguf_metadata(&map) else {
+                continue;
+            };
+            let got = candidate.encode(PRE_TOKENIZER_PROBE, false)?;
+            if got == want {
+                return Ok(md);
+            }
+        }
+        bail!("no llama.cpp pre-tokenizer that peft-rs knows (smollm, qwen2, llama-bpe, tekken, gpt-2) splits text as this tokenizer does")
+    }
+}
+
 /// How a GGUF `tokenizer.ggml.pre` name splits text before BPE, mirroring the model's
 /// tokenizer.json on the Hugging Face hub.
 #[derive(Clone, Copy, Debug)]

@@ -1,0 +1,459 @@
+//! GGUF as llama.cpp reads it: the tensor names of the HF module paths (one table for reading
+//! and writing), the q/k row permutation of the `llama` architecture, and [`save_gguf`], which
+//! writes a model that llama.cpp (and Ollama, LM Studio, ...) runs, laid out as llama.cpp's
+//! `convert_hf_to_gguf.py` lays it out.
+
+use crate::config::LlamaConfig;
+use crate::io::write_atomic_with;
+use crate::llama::Llama;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
+use std::io::Write;
+use std::path::Path;
+
+/// llama.cpp's per-layer tensor names (`blk.N.<name>`) and the HF module paths they hold.
+const LAYER_MODULES: &[(&str, &str)] = &[
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
+/// Whole-model tensors: llama.cpp's name and the HF name.
+const MODEL_TENSORS: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// GGUF tensor name -> HF name (`None` for tensors without one, e.g. `rope_freqs.weight`).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
+    }
+    let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let (_, hf) = LAYER_MODULES.iter().find(|(g, _)| *g == module)?;
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// HF name -> GGUF tensor name (`None` for tensors llama.cpp has no name for).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// Whether llama.cpp's converter permutes the q/k rows of this GGUF architecture.
+pub fn permutes_qk(arch: &str) -> bool {
+    matches!(arch, "llama" | "mistral")
+}
+
+/// llama.cpp's q/k row permutation (convert_hf_to_gguf `permute`): the rows of each head go
+/// from (2, half) to (half, 2), i.e. from HF's rotate-half layout to interleaved pairs.
+/// `inverse` undoes it. Works on weights `[rows, cols]` and biases `[rows]`.
+pub fn permute_rows(w: &Tensor, heads: usize, inverse: bool) -> Result<Tensor> {
+    let shape = w.dims().to_vec();
+    let Some(&rows) = shape.first() else {
+        bail!("cannot permute the rows of a scalar");
+    };
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        bail!("cannot permute a tensor of {rows} rows for {heads} heads");
+    }
+    let rest: usize = shape[1..].iter().product();
+    let (a, b) = if inverse {
+        (rows / heads / 2, 2)
+    } else {
+        (2, rows / heads / 2)
+    };
+    Ok(w.reshape((heads, a, b, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(shape)?)
+}
+
+/// The tensor types `save_gguf` writes the weight matrices in (norms, biases and llama3 rope
+/// factors are always F32, as llama.cpp's converter keeps them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+}
+
+impl GgufType {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            "q8_0" => Self::Q8_0,
+            other => bail!("unknown GGUF tensor type {other:?} (known: f32, f16, bf16, q8_0)"),
+        })
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::F32 => GgmlDType::F32,
+            Self::F16 => GgmlDType::F16,
+            Self::Bf16 => GgmlDType::BF16,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// `general.file_type` (llama.cpp's `llama_ftype`).
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 7,
+            Self::Bf16 => 32,
+        }
+    }
+}
+
+/// The GGUF architecture of a model type: Mistral models are `llama` to llama.cpp.
+fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
+    Ok(match c.model_type.as_str() {
+        "llama" | "mistral" => "llama",
+        "qwen2" => "qwen2",
+        "qwen3" => "qwen3",
+        other => bail!("cannot write a {other:?} model as GGUF"),
+    })
+}
+
+/// The model's hyperparameters under llama.cpp's keys.
+fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<(String, Value)> {
+    let u32_of = |n: usize| Value::U32(n as u32);
+    let mut md = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.type".into(), Value::String("model".into())),
+        ("general.name".into(), Value::String(name.into())),
+        ("general.file_type".into(), Value::U32(ty.file_type())),
+        ("general.quantization_version".into(), Value::U32(2)),
+    ];
+    let keyed = [
+        ("block_count", u32_of(c.num_hidden_layers)),
+        ("context_length", u32_of(c.max_position_embeddings)),
+        ("embedding_length", u32_of(c.hidden_size)),
+        ("feed_forward_length", u32_of(c.intermediate_size)),
+        ("attention.head_count", u32_of(c.num_attention_heads)),
+        ("attention.head_count_kv", u32_of(c.num_key_value_heads)),
+        (
+            "attention.layer_norm_rms_epsilon",
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        ("rope.freq_base", Value::F32(c.rope_theta as f32)),
+    ];
+    md.extend(keyed.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    // The keys llama.cpp's converter adds where it has them: head sizes when the config names
+    // a head_dim; rope dimensions and vocabulary size for the llama architecture.
+    let mut optional = Vec::new();
+    if c.raw.get("head_dim").is_some() {
+        optional.push(("attention.key_length", u32_of(c.head_dim)));
+        optional.push(("attention.value_length", u32_of(c.head_dim)));
+    }
+    if arch == "llama" {
+        optional.push(("vocab_size", u32_of(c.vocab_size)));
+        optional.push(("rope.dimension_count", u32_of(c.head_dim)));
+    }
+    md.extend(
+        optional
+            .into_iter()
+            .map(|(k, v)| (format!("{arch}.{k}"), v)),
+    );
+    md
+}
+
+/// Llama 3 rope scaling as llama.cpp reads it, `rope_freqs.weight`: the factor each frequency
+/// is divided by, computed in f32 as llama.cpp's converter computes it (torch tensors), so that
+/// the file holds the same values.
+fn rope_freq_factors(c: &LlamaConfig) -> Result<Option<Tensor>> {
+    let Some(s) = &c.rope_scaling else {
+        return Ok(None);
+    };
+    let unscaled = LlamaConfig {
+        rope_scaling: None,
+        ..c.clone()
+    }
+    .rope_inv_freq();
+    let old_ctx = s.original_max_position_embeddings as f32;
+    let (factor, low, high) = (
+        s.factor as f32,
+        s.low_freq_factor as f32,
+        s.high_freq_factor as f32,
+    );
+    let factors: Vec<f32> = unscaled
+        .iter()
+        .map(|&f| {
+            let wavelen = 2.0 * std::f32::consts::PI / f;
+            if wavelen < old_ctx / high {
+                1.0
+            } else if wavelen > old_ctx / low {
+                factor
+            } else {
+                let smooth = (old_ctx / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect();
+    Ok(Some(Tensor::new(factors, &candle_core::Device::Cpu)?))
+}
+
+/// Writes `model` with `tokenizer` as one GGUF file at `path` (through a temporary file and a
+/// rename), weight matrices in `ty`, converting one tensor at a time. `name` becomes
+/// `general.name`.
+pub fn save_gguf(
+    model: &mut Llama,
+    tokenizer: &Tokenizer,
+    path: &Path,
+    ty: GgufType,
+    name: &str,
+) -> Result<()> {
+    let c = model.config.clone();
+    let arch = gguf_architecture(&c)?;
+    let mut metadata = model_metadata(&c, arch, name, ty);
+    metadata.extend(
+        tokenizer
+            .gguf_metadata(c.vocab_size)
+            .context("cannot write the tokenizer as GGUF")?,
+    );
+
+    let mut tensors = Vec::new();
+    if let Some(factors) = rope_freq_factors(&c)? {
+        tensors.push(("rope_freqs.weight".to_string(), factors));
+    }
+    for (hf, t) in model.named_tensors()? {
+        let gguf = gguf_name(&hf).with_context(|| format!("no GGUF name for {hf}"))?;
+        let t = t.detach().to_device(&candle_core::Device::Cpu)?;
+        let t = match (
+            permutes_qk(arch),
+            hf.contains("self_attn.q_proj"),
+            hf.contains("self_attn.k_proj"),
+        ) {
+            (true, true, _) => permute_rows(&t, c.num_attention_heads, false)?,
+            (true, _, true) => permute_rows(&t, c.num_key_value_heads, false)?,
+            _ => t,
+        };
+        tensors.push((gguf, t));
+    }
+    // Types first: the header lists every tensor's type and size before any data.
+    let typed: Vec<(String, Tensor, GgmlDType)> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let ggml = tensor_type(&t, ty);
+            (name, t, ggml)
+        })
+        .collect();
+
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    write_atomic_with(path, |w| {
+        w.write_all(b"GGUF")?;
+        w.write_all(&3u32.to_le_bytes())?;
+        w.write_all(&(typed.len() as u64).to_le_bytes())?;
+        w.write_all(&(metadata.len() as u64).to_le_bytes())?;
+        for (key, value) in &metadata {
+            write_string(w, key)?;
+            write_value(w, value, true)?;
+        }
+        let mut offset = 0u64;
+        for (name, t, ggml) in &typed {
+            write_string(w, name)?;
+            w.write_all(&(t.rank() as u32).to_le_bytes())?;
+            for &d in t.dims().iter().rev() {
+                w.write_all(&(d as u64).to_le_bytes())?;
+            }
+            w.write_all(&ggml_type_id(*ggml)?.to_le_bytes())?;
+            w.write_all(&offset.to_le_bytes())?;
+            offset += aligned(data_size(t, *ggml) as u64);
+        }
+        // The header itself is padded to the alignment too; `written` counts its bytes.
+        let header = header_size(&metadata, &typed);
+        w.write_all(&vec![0u8; (aligned(header) - header) as usize])?;
+        for (name, t, ggml) in &typed {
+            let q = QTensor::quantize(&t.to_dtype(DType::F32)?, *ggml)
+                .with_context(|| format!("cannot convert {name} to {ggml:?}"))?;
+            let data = q.data()?;
+            w.write_all(&data)?;
+            let n = data.len() as u64;
+            w.write_all(&vec![0u8; (aligned(n) - n) as usize])?;
+        }
+        Ok(())
+    })
+}
+
+const ALIGNMENT: u64 = 32;
+
+fn aligned(n: u64) -> u64 {
+    n.div_ceil(ALIGNMENT) * ALIGNMENT
+}
+
+/// The type a tensor is written in: vectors in F32; matrices in `ty`, or F16 where a row does
+/// not divide into Q8_0 blocks (llama.cpp's converter falls back the same way).
+fn tensor_type(t: &Tensor, ty: GgufType) -> GgmlDType {
+    let ggml = ty.ggml();
+    let cols = t.dims().last().copied().unwrap_or(0);
+    if t.rank() < 2 {
+        GgmlDType::F32
+    } else if !cols.is_multiple_of(ggml.block_size()) {
+        GgmlDType::F16
+    } else {
+        ggml
+    }
+}
+
+fn data_size(t: &Tensor, ggml: GgmlDType) -> usize {
+    t.elem_count() / ggml.block_size() * ggml.type_size()
+}
+
+fn string_size(s: &str) -> u64 {
+    8 + s.len() as u64
+}
+
+fn value_size(v: &Value) -> u64 {
+    match v {
+        Value::U8(_) | Value::I8(_) | Value::Bool(_) => 1,
+        Value::U16(_) | Value::I16(_) => 2,
+        Value::U32(_) | Value::I32(_) | Value::F32(_) => 4,
+        Value::U64(_) | Value::I64(_) | Value::F64(_) => 8,
+        Value::String(s) => string_size(s),
+        Value::Array(items) => 4 + 8 + items.iter().map(value_size).sum::<u64>(),
+    }
+}
+
+fn header_size(metadata: &[(String, Value)], tensors: &[(String, Tensor, GgmlDType)]) -> u64 {
+    let kv: u64 = metadata
+        .iter()
+        .map(|(k, v)| string_size(k) + 4 + value_size(v))
+        .sum();
+    let infos: u64 = tensors
+        .iter()
+        .map(|(name, t, _)| string_size(name) + 4 + 8 * t.rank() as u64 + 4 + 8)
+        .sum();
+    4 + 4 + 8 + 8 + kv + infos
+}
+
+/// GGUF's metadata value type ids.
+fn value_type_id(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+/// ggml's tensor type ids of the types written here.
+fn ggml_type_id(t: GgmlDType) -> Result<u32> {
+    Ok(match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::BF16 => 30,
+        other => bail!("GGUF tensor type {other:?} is not written here"),
+    })
+}
+
+fn write_string(w: &mut impl Write, s: &str) -> Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())?;
+    Ok(())
+}
+
+/// A metadata value, preceded by its type id when `typed` (array items are not).
+fn write_value(w: &mut impl Write, v: &Value, typed: bool) -> Result<()> {
+    if typed {
+        w.write_all(&value_type_id(v).to_le_bytes())?;
+    }
+    match v {
+        Value::U8(x) => w.write_all(&x.to_le_bytes())?,
+        Value::I8(x) => w.write_all(&x.to_le_bytes())?,
+        Value::U16(x) => w.write_all(&x.to_le_bytes())?,
+        Value::I16(x) => w.write_all(&x.to_le_bytes())?,
+        Value::U32(x) => w.write_all(&x.to_le_bytes())?,
+        Value::I32(x) => w.write_all(&x.to_le_bytes())?,
+        Value::U64(x) => w.write_all(&x.to_le_bytes())?,
+        Value::I64(x) => w.write_all(&x.to_le_bytes())?,
+        Value::F32(x) => w.write_all(&x.to_le_bytes())?,
+        Value::F64(x) => w.write_all(&x.to_le_bytes())?,
+        Value::Bool(x) => w.write_all(&[u8::from(*x)])?,
+        Value::String(s) => write_string(w, s)?,
+        Value::Array(items) => {
+            // An empty array's item type is never read; strings, as llama.cpp writes.
+            let item_type = items.first().map_or(8, value_type_id);
+            if items.iter().any(|i| value_type_id(i) != item_type) {
+                bail!("GGUF arrays hold items of one type");
+            }
+            w.write_all(&item_type.to_le_bytes())?;
+            w.write_all(&(items.len() as u64).to_le_bytes())?;
+            for item in items {
+                write_value(w, item, false)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways() {
+        for hf in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.7.self_attn.q_norm.weight",
+            "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.12.post_attention_layernorm.weight",
+        ] {
+            let g = gguf_name(hf).unwrap();
+            assert_eq!(hf_name(&g).as_deref(), Some(hf), "{g}");
+        }
+        assert_eq!(
+            gguf_name("model.layers.3.mlp.down_proj.weight").as_deref(),
+            Some("blk.3.ffn_down.weight")
+        );
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn permutation_round_trips_and_interleaves() {
+        // 2 heads of 4 rows: rows (head, half, pair) in HF order become (head, pair, half).
+        let w = Tensor::arange(0f32, 8.0, &candle_core::Device::Cpu).unwrap();
+        let p = permute_rows(&w, 2, false).unwrap();
+        assert_eq!(
+            p.to_vec1::<f32>().unwrap(),
+            [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+        );
+        let back = permute_rows(&p, 2, true).unwrap();
+        assert_eq!(back.to_vec1::<f32>().unwrap(), w.to_vec1::<f32>().unwrap());
+    }
+}

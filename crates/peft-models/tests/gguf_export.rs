@@ -1,0 +1,193 @@
+//! `save_gguf` on small random models of each architecture it writes (Llama with attention
+//! biases and Llama 3 rope scaling, Qwen2, Qwen3): read back by our GGUF loader, the model
+//! computes the same logits, and its tokenizer encodes alike. That the files are what llama.cpp
+//! expects is checked against llama.cpp itself by scripts/hf/check_gguf_export.py.
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{DType, Device, Tensor};
+use peft_models::gguf::{save_gguf, GgufType};
+use peft_models::shapes::random_llama;
+use peft_models::testing::max_abs_diff;
+use peft_models::tokenizer::Tokenizer;
+use peft_models::{load_model, Llama, LlamaConfig};
+use serde_json::json;
+use std::collections::HashMap;
+
+const VOCAB: usize = 320;
+
+/// GPT-2's byte-to-character map: the 256 base tokens of a byte-level BPE vocabulary.
+fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut by_byte: Vec<(u32, u32)> = printable.into_iter().zip(chars).collect();
+    by_byte.sort();
+    by_byte
+        .into_iter()
+        .map(|(_, c)| char::from_u32(c).unwrap())
+        .collect()
+}
+
+/// A byte-level BPE tokenizer: the 256 byte tokens, a few merges, two special tokens and a
+/// chat template; built from GGUF metadata as a llama.cpp file would give it.
+fn tokenizer() -> Tokenizer {
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_end|>".into()];
+    tokens.extend(byte_chars().into_iter().map(String::from));
+    let merges = ["h e", "l l", "he ll", "Ġ w", "o r"];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
+    }
+    let mut types = vec![Value::I32(3), Value::I32(3)];
+    types.resize(tokens.len(), Value::I32(1));
+    let md: HashMap<String, Value> = [
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("gpt-2".into())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(
+                merges
+                    .iter()
+                    .map(|m| Value::String(m.to_string()))
+                    .collect(),
+            ),
+        ),
+        ("tokenizer.ggml.eos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+        (
+            "tokenizer.chat_template",
+            Value::String("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}".into()),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Tokenizer::from_gguf_metadata(&md).unwrap()
+}
+
+fn config(model_type: &str) -> LlamaConfig {
+    let mut c = json!({
+        "model_type": model_type, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 1024, "tie_word_embeddings": model_type != "llama",
+    });
+    match model_type {
+        "llama" => {
+            c["attention_bias"] = json!(true);
+            c["rope_scaling"] = json!({
+                "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+            });
+        }
+        "qwen3" => c["head_dim"] = json!(32),
+        _ => {}
+    }
+    LlamaConfig::from_json(c).unwrap()
+}
+
+/// A random model whose norms and biases are not at their init, so each one shows.
+fn model(model_type: &str) -> Llama {
+    let mut m = random_llama(config(model_type), &Device::Cpu, DType::F32, 5).unwrap();
+    let mut stream = 100;
+    let mut jitter = |t: &mut Tensor| {
+        stream += 1;
+        let noise =
+            peft_ops::random_normal(9, stream, t.dims(), 0.3, DType::F32, &Device::Cpu).unwrap();
+        *t = (&*t + noise).unwrap();
+    };
+    for (_, norm) in m.norms_mut() {
+        jitter(norm);
+    }
+    for (_, lin) in m.linears_mut() {
+        if let Some(b) = &mut lin.bias {
+            jitter(b);
+        }
+    }
+    m
+}
+
+fn logits(m: &Llama) -> Tensor {
+    let ids = Tensor::new(
+        &[[1u32, 77, 200, 5, 319, 64, 140, 12, 9, 250]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    m.logits(&m.forward(&ids, None, None, false).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn written_models_read_back_alike() {
+    let tok = tokenizer();
+    let text = "hello world, 12 héllo\n\n  <|im_end|>";
+    for model_type in ["llama", "qwen2", "qwen3"] {
+        let mut original = model(model_type);
+        let want = logits(&original);
+        let dir = tempfile::tempdir().unwrap();
+        for (ty, tol) in [
+            (GgufType::F32, 1e-5),
+            (GgufType::F16, 2e-2),
+            (GgufType::Bf16, 1e-1),
+            (GgufType::Q8_0, 1e-1),
+        ] {
+            let path = dir.path().join(format!("{model_type}-{ty:?}.gguf"));
+            save_gguf(&mut original, &tok, &path, ty, "tiny").unwrap();
+            let loaded = load_model(&path, &Device::Cpu, DType::F32).unwrap();
+            let c = &loaded.config;
+            assert_eq!(c.model_type, original.config.model_type);
+            assert_eq!(c.head_dim, original.config.head_dim);
+            assert_eq!(c.qk_norm, model_type == "qwen3");
+            assert_eq!(c.qkv_bias, model_type != "qwen3");
+            assert_eq!(c.rope_scaling.is_some(), model_type == "llama");
+            assert_eq!(c.tie_word_embeddings, original.config.tie_word_embeddings);
+            let back = loaded.tokenizer.unwrap();
+            assert_eq!(
+                back.encode(text, true).unwrap(),
+                tok.encode(text, true).unwrap()
+            );
+            assert_eq!(back.eos_token_id(), Some(1));
+            assert!(back.has_chat_template());
+            let m = Llama::from_weights(loaded.config, loaded.weights, &Device::Cpu, DType::F32)
+                .unwrap();
+            let d = max_abs_diff(&logits(&m), &want);
+            assert!(d < tol, "{model_type} {ty:?}: logits differ by {d}");
+        }
+        // Only the finished files: no temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);
+    }
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_model_is_an_error() {
+    let mut small = random_llama(
+        LlamaConfig::from_json(json!({
+            "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 64,
+        }))
+        .unwrap(),
+        &Device::Cpu,
+        DType::F32,
+        1,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.gguf");
+    let err = save_gguf(&mut small, &tokenizer(), &path, GgufType::F16, "x").unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        "cannot write the tokenizer as GGUF: the tokenizer has 263 tokens, more than the model's vocabulary of 64"
+    );
+    assert!(!path.exists());
+}

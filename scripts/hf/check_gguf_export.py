@@ -1,0 +1,180 @@
+"""Checks `peft merge --output X.gguf` against llama.cpp itself.
+
+For a small random model of each architecture peft-rs writes (Llama with Llama 3 rope scaling
+and attention biases, Mistral, Qwen2, Qwen3), saved by transformers with SmolLM2's tokenizer:
+1. `peft merge --model DIR --output ours.gguf --dtype f32`, and llama.cpp's own
+   `convert_hf_to_gguf.py DIR --outtype f32`: every tensor (name, type, shape, values) and every
+   non-`general.*` metadata value must be equal;
+2. llama.cpp's `llama-simple` on ours.gguf must generate (greedy) the same text as
+   `peft generate --model DIR`.
+Then the same for the SmolLM2 GGUF converted to f16 and q8_0 (llama-simple against
+`peft generate` on the written file).
+
+llama.cpp comes from the llama-cpp-python sdist on PyPI (it vendors llama.cpp), built on the CPU:
+
+    curl -sLO <llama_cpp_python-X.tar.gz from https://pypi.org/simple/llama-cpp-python/>
+    tar xzf llama_cpp_python-*.tar.gz && cd llama_cpp_python-*/vendor/llama.cpp
+    pip install cmake ninja   # into any venv
+    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF
+    ninja -C build llama-simple
+
+    .venv/bin/pip install sentencepiece   # convert_hf_to_gguf imports it
+    .venv/bin/python scripts/hf/check_gguf_export.py --llama-cpp PATH/TO/llama.cpp \
+        [--peft target/release/peft]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--llama-cpp", required=True)
+ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
+ap.add_argument("--smollm-dir", default="models/smollm2-135m-instruct")
+ap.add_argument("--smollm-gguf", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
+args = ap.parse_args()
+sys.path.insert(0, os.path.join(args.llama_cpp, "gguf-py"))
+import gguf  # noqa: E402
+
+bin_dir = os.path.join(args.llama_cpp, "build", "bin")
+PROMPT = "The capital of France is"
+
+common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+models = {
+    "llama": (LlamaForCausalLM, LlamaConfig(
+        **common, attention_bias=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192})),
+    "mistral": (MistralForCausalLM, MistralConfig(**common, tie_word_embeddings=False)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)),
+}
+
+
+# llama.cpp names a pre-tokenizer by a hash of its tokens, so SmolLM2's vocabulary under Qwen2's
+# pre-tokenizer has no name there: its converter then gets the name llama.cpp gives Qwen models.
+PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2"}
+CONVERT = """
+import runpy, sys
+llama_cpp, fallback = sys.argv[1], sys.argv[2]
+sys.path[:0] = [llama_cpp, llama_cpp + "/gguf-py"]
+from conversion import base
+known = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        if fallback == "None":
+            raise
+        return fallback
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = [llama_cpp + "/convert_hf_to_gguf.py"] + sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def llama_simple(path, n):
+    env = dict(os.environ, LD_LIBRARY_PATH=bin_dir)
+    out = run([os.path.join(bin_dir, "llama-simple"), "-m", path, "-n", str(n), PROMPT], env=env)
+    # llama-simple ends its output with a newline of its own.
+    return out.removeprefix(PROMPT).removesuffix("\n")
+
+
+def peft_generate(model, n):
+    return run([args.peft, "generate", "--model", model, "--prompt", PROMPT,
+                "--max-new-tokens", str(n)]).removesuffix("\n")
+
+
+def compare(ours, ref):
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    problems = []
+    if set(ta) != set(tb):
+        problems.append(f"tensors only ours {sorted(set(ta) - set(tb))}, "
+                        f"only llama.cpp's {sorted(set(tb) - set(ta))}")
+    for n in sorted(set(ta) & set(tb)):
+        x, y = ta[n], tb[n]
+        if x.tensor_type != y.tensor_type or list(x.shape) != list(y.shape):
+            problems.append(f"{n}: {x.tensor_type.name}{list(x.shape)} vs "
+                            f"{y.tensor_type.name}{list(y.shape)}")
+        elif not np.array_equal(x.data, y.data):
+            d = np.abs(x.data.astype(np.float64) - y.data.astype(np.float64)).max()
+            problems.append(f"{n}: values differ by {d}")
+    keys = lambda r: {k for k in r.fields if not k.startswith(("GGUF.", "general."))}
+    ka, kb = keys(a), keys(b)
+    # We always write whether the tokenizer adds BOS / EOS; the converter only where the
+    # tokenizer's config says so (llama-simple's generation checks the value).
+    extra = ka - kb - {"tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"}
+    if extra or kb - ka:
+        problems.append(f"metadata only ours {sorted(extra)}, only llama.cpp's {sorted(kb - ka)}")
+    for k in sorted(ka & kb):
+        x, y = a.fields[k], b.fields[k]
+        if x.types[0] == gguf.GGUFValueType.ARRAY:
+            same = len(x.data) == len(y.data) and all(
+                x.contents(i) == y.contents(i) for i in range(len(x.data)))
+        else:
+            same = x.contents() == y.contents() and x.types == y.types
+        if not same:
+            show = lambda f: f.contents() if f.types[0] != gguf.GGUFValueType.ARRAY else "[...]"
+            problems.append(f"metadata {k} differs: {show(x)!r} vs {show(y)!r}")
+    return problems, len(ta)
+
+
+failed = False
+with tempfile.TemporaryDirectory() as tmp:
+    for name, (cls, cfg) in models.items():
+        d = os.path.join(tmp, name)
+        torch.manual_seed(0)
+        model = cls(cfg).eval()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                p.copy_((1 + 0.2 * torch.randn_like(p)) if "norm" in pname
+                        else 0.08 * torch.randn_like(p))
+        model.save_pretrained(d)
+        for f in ["tokenizer.json", "chat_template.jinja"]:
+            shutil.copy(os.path.join(args.smollm_dir, f), d)
+        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+            json.dump({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                       "unk_token": "<|endoftext|>"}, f)
+        # The tokenizer as transformers builds it for this model type (for Qwen models, Qwen2's
+        # pre-tokenizer over SmolLM2's vocabulary), saved as the model's tokenizer.json.
+        AutoTokenizer.from_pretrained(d).save_pretrained(d)
+        ours, ref = os.path.join(tmp, f"{name}.gguf"), os.path.join(tmp, f"{name}-ref.gguf")
+        run([args.peft, "merge", "--model", d, "--output", ours, "--dtype", "f32"])
+        run([sys.executable, "-c", CONVERT, args.llama_cpp, str(PRE_NAMES[name]), d, "--outtype",
+             "f32", "--outfile", ref])
+        problems, n = compare(ours, ref)
+        ours_text, peft_text = llama_simple(ours, 16), peft_generate(d, 16)
+        if ours_text != peft_text:
+            problems.append(f"llama.cpp generates {ours_text!r}, peft {peft_text!r}")
+        print(f"{name}: {n} tensors; " + ("; ".join(problems) if problems else
+              f"as convert_hf_to_gguf writes them; llama.cpp and peft generate {ours_text!r}"))
+        failed |= bool(problems)
+
+    for ty in ["f16", "q8_0"]:
+        out = os.path.join(tmp, f"smollm-{ty}.gguf")
+        run([args.peft, "merge", "--model", args.smollm_gguf, "--output", out, "--dtype", ty])
+        a, b = llama_simple(out, 32), peft_generate(out, 32)
+        same = a == b
+        print(f"SmolLM2 {ty}: llama.cpp {'==' if same else '!='} peft generate: {a!r}"
+              + ("" if same else f" vs {b!r}"))
+        failed |= not same
+sys.exit(1 if failed else 0)
