@@ -240,8 +240,8 @@ impl PyJson {
                 out.push('}');
             }
             Json::String(s) => self.string(s, out),
-            // Scalars, `[]` and `{}` print as serde_json prints them, which for these is
-            // Python's text (floats aside: Python writes 1e-05 where serde_json writes 1e-5).
+            Json::Number(n) if n.is_f64() => out.push_str(&python_float(n.as_f64().unwrap_or(0.0))),
+            // Other scalars, `[]` and `{}` print as serde_json prints them: Python's text.
             other => out.push_str(&other.to_string()),
         }
     }
@@ -281,6 +281,26 @@ impl PyJson {
                 }
             }
         }
+    }
+}
+
+/// Python's `repr` of a float, which `json.dumps` writes: the shortest digits that read back
+/// to the same value, positional from 1e-4 up to 1e16 (with a `.0` when whole), else
+/// scientific with a signed exponent of at least two digits (`1e-05`, `1.5e+16`).
+fn python_float(x: f64) -> String {
+    let scientific = format!("{x:e}");
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    if (-4..16).contains(&exponent) {
+        let positional = format!("{x}");
+        if positional.contains('.') {
+            positional
+        } else {
+            positional + ".0"
+        }
+    } else {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exponent.abs())
     }
 }
 
@@ -344,6 +364,27 @@ mod tests {
             &[],
         );
         assert!(err.unwrap_err().to_string().contains("undefined"));
+    }
+
+    #[test]
+    fn floats_print_as_python_prints_them() {
+        // Python: [repr(x) for x in ...]
+        for (x, py) in [
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (1.5, "1.5"),
+            (1.0, "1.0"),
+            (-2.0, "-2.0"),
+            (0.1, "0.1"),
+            (123456789.125, "123456789.125"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.5e-7, "1.5e-07"),
+            (-2.5e100, "-2.5e+100"),
+            (0.0, "0.0"),
+        ] {
+            assert_eq!(python_float(x), py);
+        }
     }
 
     #[test]

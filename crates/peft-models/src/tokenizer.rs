@@ -23,10 +23,10 @@ use tokenizers::processors::sequence::Sequence as ProcessorSequence;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
-/// One turn of a conversation as chat templates see it: a JSON object with a `role`, a text
-/// `content` (absent or `null` in a turn that only calls tools) and any other fields
-/// (`tool_calls`, `name`, `tool_call_id`, `reasoning_content`, ...), kept in their given order
-/// and handed to the template as they are, as transformers does.
+/// One turn of a conversation as chat templates see it: a JSON object with a `role`, a
+/// `content` (text, a list of text parts, or absent or `null` in a turn that only calls tools)
+/// and any other fields (`tool_calls`, `name`, `tool_call_id`, `reasoning_content`, ...), kept
+/// in their given order and handed to the template as they are, as transformers does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "JsonMap", into = "JsonMap")]
 pub struct ChatMessage {
@@ -47,9 +47,18 @@ impl ChatMessage {
         self.fields["role"].as_str().unwrap_or_default()
     }
 
-    /// The text, `None` when the turn has none.
-    pub fn content(&self) -> Option<&str> {
-        self.fields.get("content").and_then(JsonValue::as_str)
+    /// The text: the content, or its text parts joined; `None` when the turn has none.
+    pub fn content(&self) -> Option<String> {
+        match self.fields.get("content")? {
+            JsonValue::String(s) => Some(s.clone()),
+            JsonValue::Array(parts) => Some(
+                parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(JsonValue::as_str))
+                    .collect(),
+            ),
+            _ => None,
+        }
     }
 
     /// Every field, in the order given.
@@ -65,11 +74,24 @@ impl TryFrom<JsonMap> for ChatMessage {
         if !fields.get("role").is_some_and(JsonValue::is_string) {
             return Err("a message needs a text \"role\"".into());
         }
-        if !matches!(
-            fields.get("content"),
-            None | Some(JsonValue::Null | JsonValue::String(_))
-        ) {
-            return Err("a message's \"content\" must be text".into());
+        match fields.get("content") {
+            None | Some(JsonValue::Null | JsonValue::String(_)) => {}
+            // Content parts, as multimodal chat formats write text: `[{"type": "text", "text":
+            // "..."}]`; templates that know them (Gemma 3, Llama 3.2, Qwen-VL, ...) iterate them.
+            Some(JsonValue::Array(parts)) => {
+                for part in parts {
+                    let kind = part.get("type").and_then(JsonValue::as_str);
+                    match kind {
+                        Some("text") if part.get("text").is_some_and(JsonValue::is_string) => {}
+                        Some("text") => return Err("a text content part needs a \"text\" string".into()),
+                        Some(other) => return Err(format!("content parts of type {other:?} need a multimodal model; only \"text\" parts are supported")),
+                        None => return Err("each content part needs a \"type\"".into()),
+                    }
+                }
+            }
+            Some(_) => {
+                return Err("a message's \"content\" must be text or a list of text parts".into())
+            }
         }
         Ok(Self { fields })
     }

@@ -343,4 +343,39 @@ fn chat_message_json() {
         serde_json::to_string(&m).unwrap(),
         r#"{"role":"user","content":"Hi"}"#
     );
+    assert_eq!(m.content().as_deref(), Some("Hi"));
+
+    // Text parts reach the template as they are; their text joined is the content.
+    let parts: ChatMessage = serde_json::from_str(
+        r#"{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(parts.content().as_deref(), Some("Hi there"));
+    let rendered = peft_models::chat_template::render(
+        "{% for m in messages %}{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endfor %}",
+        &[parts],
+        Default::default(),
+        false,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(rendered, "[Hi ][there]");
+
+    for (json, error) in [
+        (
+            r#"{"role": "user", "content": [{"type": "image", "url": "x.png"}]}"#,
+            r#"content parts of type "image" need a multimodal model; only "text" parts are supported"#,
+        ),
+        (
+            r#"{"role": "user", "content": [{"type": "text"}]}"#,
+            r#"a text content part needs a "text" string"#,
+        ),
+        (
+            r#"{"role": "user", "content": 5}"#,
+            r#"a message's "content" must be text or a list of text parts"#,
+        ),
+    ] {
+        let err = serde_json::from_str::<ChatMessage>(json).unwrap_err();
+        assert!(err.to_string().starts_with(error), "{err}");
+    }
 }
