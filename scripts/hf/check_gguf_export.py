@@ -8,7 +8,10 @@ and attention biases, Mistral, Qwen2, Qwen3), saved by transformers with SmolLM2
 2. llama.cpp's `llama-simple` on ours.gguf must generate (greedy) the same text as
    `peft generate --model DIR`.
 Then the same for the SmolLM2 GGUF converted to f16 and q8_0 (llama-simple against
-`peft generate` on the written file).
+`peft generate` on the written file), and for SentencePiece tokenizers: a tiny model carrying
+the Llama 2 / Phi-3 vocabulary of llama.cpp's test files is read and written by peft, and
+llama.cpp's `llama-tokenize` must give the written file's test texts the ids the Hugging Face
+tokenizer gives them.
 
 llama.cpp comes from the llama-cpp-python sdist on PyPI (it vendors llama.cpp), built on the CPU:
 
@@ -16,7 +19,7 @@ llama.cpp comes from the llama-cpp-python sdist on PyPI (it vendors llama.cpp), 
     tar xzf llama_cpp_python-*.tar.gz && cd llama_cpp_python-*/vendor/llama.cpp
     pip install cmake ninja   # into any venv
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF
-    ninja -C build llama-simple
+    ninja -C build llama-simple llama-tokenize
 
     .venv/bin/pip install sentencepiece   # convert_hf_to_gguf imports it
     .venv/bin/python scripts/hf/check_gguf_export.py --llama-cpp PATH/TO/llama.cpp \
@@ -138,6 +141,44 @@ def compare(ours, ref):
     return problems, len(ta)
 
 
+def write_tiny_llama(vocab_file, out):
+    """A 1-layer random Llama GGUF with the tokenizer metadata of llama.cpp's vocab-only file."""
+    src = gguf.GGUFReader(vocab_file)
+    w = gguf.GGUFWriter(out, "llama")
+    for k, f in src.fields.items():
+        if k.startswith("tokenizer.") and not k.startswith("GGUF."):
+            vt = f.types[0]
+            if vt == gguf.GGUFValueType.ARRAY:
+                w.add_array(k, [f.contents(i) for i in range(len(f.data))])
+            elif vt == gguf.GGUFValueType.STRING:
+                w.add_string(k, f.contents())
+            else:
+                w.add_key_value(k, f.contents(), vt)
+    n_vocab = len(src.fields["tokenizer.ggml.tokens"].data)
+    hidden, ff, heads = 64, 128, 4
+    for key, value in [("block_count", 1), ("context_length", 512), ("embedding_length", hidden),
+                       ("feed_forward_length", ff), ("attention.head_count", heads),
+                       ("attention.head_count_kv", heads), ("rope.dimension_count", hidden // heads)]:
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    rng = np.random.default_rng(0)
+    mat = lambda *shape: (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    w.add_tensor("token_embd.weight", mat(n_vocab, hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output.weight", mat(n_vocab, hidden))
+    for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)),
+                        ("attn_v", (hidden, hidden)), ("attn_output", (hidden, hidden)),
+                        ("ffn_gate", (ff, hidden)), ("ffn_up", (ff, hidden)),
+                        ("ffn_down", (hidden, ff))]:
+        w.add_tensor(f"blk.0.{name}.weight", mat(*shape))
+    for name in ["attn_norm", "ffn_norm"]:
+        w.add_tensor(f"blk.0.{name}.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 failed = False
 with tempfile.TemporaryDirectory() as tmp:
     for name, (cls, cfg) in models.items():
@@ -177,4 +218,30 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"SmolLM2 {ty}: llama.cpp {'==' if same else '!='} peft generate: {a!r}"
               + ("" if same else f" vs {b!r}"))
         failed |= not same
+    # SentencePiece tokenizers (Llama 2, Phi-3): a tiny random Llama carrying the vocabulary of
+    # llama.cpp's own test files (models/ggml-vocab-*.gguf, with the texts and the token ids
+    # the Hugging Face tokenizer gives them); peft reads it and writes it again, and llama.cpp's
+    # llama-tokenize must give the expected ids on the written file.
+    for vocab in ["llama-spm", "phi-3"]:
+        src = os.path.join(args.llama_cpp, "models", f"ggml-vocab-{vocab}.gguf")
+        tiny, ours = os.path.join(tmp, f"{vocab}-tiny.gguf"), os.path.join(tmp, f"{vocab}.gguf")
+        write_tiny_llama(src, tiny)
+        run([args.peft, "merge", "--model", tiny, "--output", ours, "--dtype", "f32"])
+        texts = open(src + ".inp", encoding="utf-8", newline="").read().split(
+            "\n__ggml_vocab_test__\n")
+        expected = open(src + ".out", encoding="utf-8").read().splitlines()
+        differ = 0
+        for text, want in zip(texts, expected):
+            if not text:
+                continue  # llama-tokenize cannot take an empty prompt
+            with open(os.path.join(tmp, "text.txt"), "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+            out = run([os.path.join(bin_dir, "llama-tokenize"), "-m", ours, "-f",
+                       os.path.join(tmp, "text.txt"), "--ids", "--no-bos", "--log-disable"],
+                      env=dict(os.environ, LD_LIBRARY_PATH=bin_dir))
+            got = [int(t) for t in out.strip().splitlines()[-1].strip("[]").split(",") if t.strip()]
+            differ += got != [int(t) for t in want.split()]
+        n = sum(1 for t in texts[:len(expected)] if t)
+        print(f"{vocab}: llama.cpp tokenizes {n - differ} of {n} texts of the written file as HF does")
+        failed |= differ > 0
 sys.exit(1 if failed else 0)

@@ -1,7 +1,8 @@
-//! Tokenizer for Llama-family chat models (SmolLM2, Llama 3, Qwen2, Mistral).
+//! Tokenizer for Llama-family chat models (SmolLM2, Llama 2/3, Qwen2/3, Mistral, Phi-3).
 //!
-//! Loads a Hugging Face model folder or the tokenizer embedded in GGUF metadata, renders chat
-//! templates the way `transformers` does, and writes folders that `AutoTokenizer` can load.
+//! Loads a Hugging Face model folder or the tokenizer embedded in GGUF metadata (byte-level or
+//! SentencePiece BPE), renders chat templates the way `transformers` does, and writes folders
+//! that `AutoTokenizer` can load and GGUF metadata that llama.cpp reads.
 
 use std::collections::HashMap;
 use std::fs;
@@ -13,8 +14,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as JsonValue;
 
 use crate::chat_template::TemplateInputs;
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::NFC;
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -129,6 +135,10 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
     special: SpecialTokens,
+    /// The `tokenizer.ggml.pre` name of a tokenizer read from GGUF, written back as it was.
+    gguf_pre: Option<String>,
+    /// The piece scores of a SentencePiece tokenizer read from GGUF, written back as they were.
+    gguf_scores: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -200,35 +210,33 @@ impl Tokenizer {
             inner,
             chat_template,
             special,
+            gguf_pre: None,
+            gguf_scores: None,
         })
     }
 
-    /// Builds the tokenizer embedded in GGUF metadata (`tokenizer.ggml.*` keys). Only byte-level
-    /// BPE (`tokenizer.ggml.model == "gpt2"`) is supported.
+    /// Builds the tokenizer embedded in GGUF metadata (`tokenizer.ggml.*` keys): byte-level BPE
+    /// (`tokenizer.ggml.model == "gpt2"`: GPT-2, Llama 3, Qwen, SmolLM, ...) or SentencePiece
+    /// BPE (`"llama"`: Llama 2, Mistral 7B, Phi-3, ...), as the model's tokenizer.json on the
+    /// Hugging Face hub tokenizes.
     pub fn from_gguf_metadata(md: &HashMap<String, GgufValue>) -> Result<Self> {
         let md = Metadata(md);
         let model = md
             .string("tokenizer.ggml.model")?
             .context("GGUF metadata has no tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            bail!("unsupported GGUF tokenizer model {model:?}: only byte-level BPE (\"gpt2\") is supported");
-        }
-        let pre_name = md.string("tokenizer.ggml.pre")?.unwrap_or("default");
-        let pre = PreTokenization::from_gguf_name(pre_name)?;
-
         let tokens = md
             .strings("tokenizer.ggml.tokens")?
             .context("GGUF metadata has no tokenizer.ggml.tokens")?;
-        let merges = md
-            .strings("tokenizer.ggml.merges")?
-            .unwrap_or_default()
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| anyhow!("malformed GGUF merge {m:?}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let types = match md.array("tokenizer.ggml.token_type")? {
+            Some(types) => types
+                .iter()
+                .map(|t| {
+                    t.to_i32()
+                        .map_err(|_| type_error("tokenizer.ggml.token_type", "an i32 array"))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
         let token_at = |key: &str| -> Result<Option<String>> {
             md.u32(key)?
                 .map(|id| {
@@ -245,77 +253,91 @@ impl Tokenizer {
             pad: token_at("tokenizer.ggml.padding_token_id")?,
             unk: token_at("tokenizer.ggml.unknown_token_id")?,
         };
+
+        let mut gguf_scores = None;
+        let (mut inner, byte_level, adds_bos_by_default, gguf_pre) = match model {
+            "gpt2" => {
+                let pre_name = md.string("tokenizer.ggml.pre")?.unwrap_or("default");
+                let pre = PreTokenization::from_gguf_name(pre_name)?;
+                let merges = md
+                    .strings("tokenizer.ggml.merges")?
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|m| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                            .ok_or_else(|| anyhow!("malformed GGUF merge {m:?}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let inner = byte_level_bpe(&tokens, merges, pre, special.unk.as_deref())?;
+                (inner, true, pre.adds_bos_by_default(), Some(pre_name.to_owned()))
+            }
+            "llama" => {
+                let scores = match md.array("tokenizer.ggml.scores")? {
+                    Some(scores) => scores
+                        .iter()
+                        .map(|s| {
+                            s.to_f32()
+                                .map_err(|_| type_error("tokenizer.ggml.scores", "an f32 array"))
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                    None => Vec::new(),
+                };
+                let space_prefix = md.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                let unk = special.unk.as_deref();
+                let inner = sentencepiece_bpe(&tokens, &scores, unk, space_prefix)?;
+                gguf_scores = (!scores.is_empty()).then_some(scores);
+                (inner, false, true, None)
+            }
+            other => bail!("unsupported GGUF tokenizer model {other:?}: byte-level BPE (\"gpt2\") and SentencePiece BPE (\"llama\") are supported"),
+        };
+
         let add_bos = md
             .bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(pre.adds_bos_by_default());
+            .unwrap_or(adds_bos_by_default);
         let add_eos = md.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| ((*t).to_owned(), id as u32))
-            .collect();
-        let mut bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(pre.ignores_merges());
-        if let Some(unk) = &special.unk {
-            bpe = bpe.unk_token(unk.clone());
-        }
-        let bpe = bpe
-            .build()
-            .map_err(|e| anyhow!("cannot build BPE model from GGUF: {e}"))?;
-
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        if pre.normalizes_nfc() {
-            inner
-                .with_normalizer(Some(NFC))
-                .map_err(|e| anyhow!("cannot set the NFC normalizer: {e}"))?;
-        }
-        inner.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
-        // Decoder and post-processor as in GPT-2's tokenizer.json.
-        inner.with_decoder(Some(ByteLevel::default()));
-        let byte_level = ByteLevel::new(true, false, true);
         let bos = special.bos.as_deref().filter(|_| add_bos);
         let eos = special.eos.as_deref().filter(|_| add_eos);
-        let processor: PostProcessorWrapper = if bos.is_some() || eos.is_some() {
-            ProcessorSequence::new(vec![
-                byte_level.into(),
-                template_processor(&inner, bos, eos)?.into(),
-            ])
-            .into()
-        } else {
-            byte_level.into()
+        let template = match bos.is_some() || eos.is_some() {
+            true => Some(template_processor(&inner, bos, eos)?),
+            false => None,
         };
-        inner.with_post_processor(Some(processor));
+        // Byte-level BPE's processor as in GPT-2's tokenizer.json (offsets trimmed).
+        let processor: Option<PostProcessorWrapper> = match (byte_level, template) {
+            (true, Some(t)) => Some(
+                ProcessorSequence::new(vec![ByteLevel::new(true, false, true).into(), t.into()])
+                    .into(),
+            ),
+            (true, None) => Some(ByteLevel::new(true, false, true).into()),
+            (false, t) => t.map(Into::into),
+        };
+        inner.with_post_processor(processor);
 
         // Control tokens (type 3) are special; user-defined ones (type 4) are plain added tokens.
         // Both must be matched whole in text rather than split by the pre-tokenizer.
-        if let Some(types) = md.array("tokenizer.ggml.token_type")? {
-            let mut special_tokens = Vec::new();
-            let mut added_tokens = Vec::new();
-            for (token, ty) in tokens.iter().zip(types) {
-                match ty
-                    .to_i32()
-                    .map_err(|_| type_error("tokenizer.ggml.token_type", "an i32 array"))?
-                {
-                    3 => special_tokens.push(AddedToken::from(*token, true)),
-                    4 => added_tokens.push(AddedToken::from(*token, false)),
-                    _ => {}
-                }
+        let mut special_tokens = Vec::new();
+        let mut added_tokens = Vec::new();
+        for (token, ty) in tokens.iter().zip(&types) {
+            match ty {
+                3 => special_tokens.push(AddedToken::from(*token, true)),
+                4 => added_tokens.push(AddedToken::from(*token, false)),
+                _ => {}
             }
-            inner
-                .add_special_tokens(special_tokens)
-                .map_err(|e| anyhow!("cannot add the GGUF special tokens: {e}"))?;
-            inner
-                .add_tokens(added_tokens)
-                .map_err(|e| anyhow!("cannot add the GGUF added tokens: {e}"))?;
         }
+        inner
+            .add_special_tokens(special_tokens)
+            .map_err(|e| anyhow!("cannot add the GGUF special tokens: {e}"))?;
+        inner
+            .add_tokens(added_tokens)
+            .map_err(|e| anyhow!("cannot add the GGUF added tokens: {e}"))?;
 
         let chat_template = md.string("tokenizer.chat_template")?.map(str::to_owned);
         Ok(Self {
             inner,
             chat_template,
             special,
+            gguf_pre,
+            gguf_scores,
         })
     }
 
@@ -495,16 +517,16 @@ const PRE_TOKENIZER_PROBE: &str = "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n   
 
 impl Tokenizer {
     /// The `tokenizer.ggml.*` metadata of this tokenizer (and its chat template), as llama.cpp's
-    /// converter writes it for a byte-level BPE tokenizer, the vocabulary padded to
-    /// `vocab_size` (the embedding's rows) with unused `[PADn]` tokens. The pre-tokenizer name
-    /// is the one whose llama.cpp rules tokenize a probe text exactly as this tokenizer does.
+    /// converter writes it, the vocabulary padded to `vocab_size` (the embedding's rows) with
+    /// unused `[PADn]` tokens. Byte-level BPE (`gpt2`) gets its merges and the pre-tokenizer
+    /// name whose llama.cpp rules tokenize a probe text exactly as this tokenizer does;
+    /// SentencePiece BPE (`llama`, byte fallback) gets piece scores: those of the GGUF file it
+    /// came from, else scores that rank the pieces in the order of the merges that make them.
     pub fn gguf_metadata(&self, vocab_size: usize) -> Result<Vec<(String, GgufValue)>> {
         let tokenizers::ModelWrapper::BPE(bpe) = self.inner.get_model() else {
-            bail!("only byte-level BPE tokenizers can be written to GGUF");
+            bail!("only BPE tokenizers (byte-level or SentencePiece) can be written to GGUF");
         };
-        if bpe.byte_fallback {
-            bail!("SentencePiece-style BPE tokenizers (byte fallback) cannot be written to GGUF yet; only byte-level BPE");
-        }
+        let sentencepiece = bpe.byte_fallback;
         let vocab = self.inner.get_vocab(true);
         let size = vocab.values().max().map_or(0, |&id| id as usize + 1);
         if size > vocab_size {
@@ -515,21 +537,6 @@ impl Tokenizer {
         let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
         for (token, &id) in &vocab {
             tokens[id as usize] = Some(token.clone());
-        }
-        let added = self.inner.get_added_tokens_decoder();
-        let (mut names, mut types) = (Vec::new(), Vec::new());
-        for (id, token) in tokens.into_iter().enumerate() {
-            // llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused.
-            let ty = match (&token, added.get(&(id as u32))) {
-                (None, _) => 5,
-                (Some(t), Some(a)) if a.special || t.starts_with("<|") && t.ends_with("|>") => 3,
-                (Some(_), Some(_)) => 4,
-                (Some(_), None) => 1,
-            };
-            names.push(GgufValue::String(
-                token.unwrap_or_else(|| format!("[PAD{id}]")),
-            ));
-            types.push(GgufValue::I32(ty));
         }
         let serialized: JsonValue = serde_json::from_str(
             &self
@@ -542,10 +549,13 @@ impl Tokenizer {
             .context("the BPE model has no merges list")?
             .iter()
             .map(|m| match m {
-                JsonValue::String(s) => Ok(GgufValue::String(s.clone())),
+                JsonValue::String(s) => s
+                    .split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .with_context(|| format!("malformed merge {m}")),
                 JsonValue::Array(pair) => match (pair.first(), pair.get(1)) {
                     (Some(JsonValue::String(a)), Some(JsonValue::String(b))) => {
-                        Ok(GgufValue::String(format!("{a} {b}")))
+                        Ok((a.clone(), b.clone()))
                     }
                     _ => bail!("malformed merge {m}"),
                 },
@@ -553,19 +563,66 @@ impl Tokenizer {
             })
             .collect::<Result<Vec<_>>>()?;
 
+        let added = self.inner.get_added_tokens_decoder();
+        let (mut names, mut types) = (Vec::new(), Vec::new());
+        for (id, token) in tokens.iter().enumerate() {
+            // llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined,
+            // 5 unused, 6 byte.
+            let is_byte = |t: &str| {
+                t.len() == 6
+                    && t.starts_with("<0x")
+                    && t.ends_with('>')
+                    && t[3..5].chars().all(|c| c.is_ascii_hexdigit())
+            };
+            let ty = match (token, added.get(&(id as u32))) {
+                (None, _) => 5,
+                (Some(t), _) if sentencepiece && self.special.unk.as_deref() == Some(t) => 2,
+                (Some(t), Some(a)) if a.special || t.starts_with("<|") && t.ends_with("|>") => 3,
+                (Some(_), Some(_)) => 4,
+                (Some(t), None) if sentencepiece && is_byte(t) => 6,
+                (Some(_), None) => 1,
+            };
+            names.push(GgufValue::String(
+                token.clone().unwrap_or_else(|| format!("[PAD{id}]")),
+            ));
+            types.push(GgufValue::I32(ty));
+        }
+
+        let model = if sentencepiece { "llama" } else { "gpt2" };
         let mut md: Vec<(String, GgufValue)> = vec![
             (
                 "tokenizer.ggml.model".into(),
-                GgufValue::String("gpt2".into()),
-            ),
-            (
-                "tokenizer.ggml.pre".into(),
-                GgufValue::String(String::new()),
+                GgufValue::String(model.into()),
             ),
             ("tokenizer.ggml.tokens".into(), GgufValue::Array(names)),
             ("tokenizer.ggml.token_type".into(), GgufValue::Array(types)),
-            ("tokenizer.ggml.merges".into(), GgufValue::Array(merges)),
         ];
+        if sentencepiece {
+            let scores = match &self.gguf_scores {
+                Some(scores) => scores.clone(),
+                None => merge_rank_scores(&tokens, &merges),
+            };
+            let mut scores: Vec<GgufValue> = scores.into_iter().map(GgufValue::F32).collect();
+            scores.resize(vocab_size, GgufValue::F32(-1000.0));
+            md.push(("tokenizer.ggml.scores".into(), GgufValue::Array(scores)));
+            // A prepended `▁` shows in the first token of a word at the start of the text.
+            let first = self.encode("a", false)?.first().copied();
+            let space_prefix = first
+                .and_then(|id| self.inner.id_to_token(id))
+                .is_some_and(|t| t.starts_with('▁'));
+            md.push((
+                "tokenizer.ggml.add_space_prefix".into(),
+                GgufValue::Bool(space_prefix),
+            ));
+        } else {
+            let merges = merges
+                .into_iter()
+                .map(|(a, b)| GgufValue::String(format!("{a} {b}")));
+            md.push((
+                "tokenizer.ggml.merges".into(),
+                GgufValue::Array(merges.collect()),
+            ));
+        }
         let ids = [
             ("bos", &self.special.bos),
             ("eos", &self.special.eos),
@@ -596,12 +653,25 @@ impl Tokenizer {
                 GgufValue::String(template.clone()),
             ));
         }
+        if sentencepiece {
+            return Ok(md);
+        }
 
         // The first llama.cpp pre-tokenizer that reproduces this tokenizer on the probe. Where
         // the vocabulary makes two alike (no multi-digit tokens: Qwen2's single digits and Llama
         // 3's groups of three give the same tokens), the first of this order is llama.cpp's.
+        // A tokenizer read from GGUF tries its own name first (llama.cpp has several names for
+        // some rules, e.g. starcoder and smollm).
         let want = self.encode(PRE_TOKENIZER_PROBE, false)?;
-        for name in ["smollm", "qwen2", "llama-bpe", "tekken", "gpt-2"] {
+        let known = ["smollm", "qwen2", "llama-bpe", "tekken", "gpt-2"];
+        md.insert(
+            1,
+            (
+                "tokenizer.ggml.pre".into(),
+                GgufValue::String(String::new()),
+            ),
+        );
+        for name in self.gguf_pre.as_deref().into_iter().chain(known) {
             md[1].1 = GgufValue::String(name.into());
             let map: HashMap<String, GgufValue> = md.iter().cloned().collect();
             let Ok(candidate) = Self::from_gguf_metadata(&map) else {
@@ -614,6 +684,24 @@ impl Tokenizer {
         }
         bail!("no llama.cpp pre-tokenizer that peft-rs knows (smollm, qwen2, llama-bpe, tekken, gpt-2) splits text as this tokenizer does")
     }
+}
+
+/// SentencePiece piece scores for a vocabulary known only by its BPE merges (a tokenizer.json):
+/// llama.cpp merges the adjacent pair whose joined piece scores highest, so a piece made by an
+/// earlier merge scores higher (`-rank` of the first merge that makes it); pieces no merge
+/// makes (characters, bytes, special tokens) score 0.
+fn merge_rank_scores(tokens: &[Option<String>], merges: &[(String, String)]) -> Vec<f32> {
+    let mut first_rank: HashMap<String, usize> = HashMap::new();
+    for (rank, (a, b)) in merges.iter().enumerate() {
+        first_rank.entry(format!("{a}{b}")).or_insert(rank);
+    }
+    tokens
+        .iter()
+        .map(|t| match t.as_ref().and_then(|t| first_rank.get(t)) {
+            Some(&rank) => -(rank as f32) - 1.0,
+            None => 0.0,
+        })
+        .collect()
 }
 
 /// How a GGUF `tokenizer.ggml.pre` name splits text before BPE, mirroring the model's
@@ -689,6 +777,112 @@ impl PreTokenization {
     fn adds_bos_by_default(self) -> bool {
         matches!(self, Self::Llama3 | Self::Tekken)
     }
+}
+
+/// A byte-level BPE tokenizer (GPT-2's scheme) of a vocabulary, its merges and a llama.cpp
+/// pre-tokenizer, as the model's tokenizer.json has it.
+fn byte_level_bpe(
+    tokens: &[&str],
+    merges: Vec<(String, String)>,
+    pre: PreTokenization,
+    unk: Option<&str>,
+) -> Result<tokenizers::Tokenizer> {
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| ((*t).to_owned(), id as u32))
+        .collect();
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre.ignores_merges());
+    if let Some(unk) = unk {
+        bpe = bpe.unk_token(unk.to_owned());
+    }
+    let bpe = bpe
+        .build()
+        .map_err(|e| anyhow!("cannot build BPE model from GGUF: {e}"))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    if pre.normalizes_nfc() {
+        inner
+            .with_normalizer(Some(NFC))
+            .map_err(|e| anyhow!("cannot set the NFC normalizer: {e}"))?;
+    }
+    inner.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+    inner.with_decoder(Some(ByteLevel::default()));
+    Ok(inner)
+}
+
+/// A SentencePiece BPE tokenizer as transformers builds it for Llama 2 (LlamaTokenizerFast,
+/// legacy): spaces become `▁` (one prepended when `space_prefix`), pieces merge in the order of
+/// their scores (transformers' `generate_merges`), bytes without a piece become `<0xXX>` tokens.
+fn sentencepiece_bpe(
+    tokens: &[&str],
+    scores: &[f32],
+    unk: Option<&str>,
+    space_prefix: bool,
+) -> Result<tokenizers::Tokenizer> {
+    let vocab: HashMap<&str, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (*t, id as u32))
+        .collect();
+    // Every split of a piece into two pieces, highest piece score first (a vocabulary without
+    // scores: by piece id), then the longer left part, then the longer right part.
+    let score = |id: usize| scores.get(id).copied().unwrap_or(-(id as f32));
+    let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        let mut local: Vec<(&str, &str, f32)> = piece
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| piece.split_at(i))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .map(|(l, r)| (l, r, score(id)))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (vocab[l], vocab[r]));
+        merges.extend(local);
+    }
+    let key = |m: &(&str, &str, f32)| (m.2, m.0.chars().count(), m.1.chars().count());
+    merges.sort_by(|a, b| {
+        let (a, b) = (key(a), key(b));
+        b.partial_cmp(&a).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_owned(), r.to_owned()))
+        .collect();
+    let vocab: Vocab = vocab
+        .into_iter()
+        .map(|(t, id)| (t.to_owned(), id))
+        .collect();
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk {
+        bpe = bpe.unk_token(unk.to_owned());
+    }
+    let bpe = bpe
+        .build()
+        .map_err(|e| anyhow!("cannot build the SentencePiece BPE model from GGUF: {e}"))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let replace = |from: &str, to: &str| {
+        Replace::new(from, to).map_err(|e| anyhow!("cannot build a replacement: {e}"))
+    };
+    let mut normalizers = vec![replace(" ", "▁")?.into()];
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        replace("▁", " ")?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if space_prefix {
+        normalizers.insert(0, Prepend::new("▁".into()).into());
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    inner
+        .with_normalizer(Some(NormalizerSequence::new(normalizers)))
+        .map_err(|e| anyhow!("cannot set the SentencePiece normalizer: {e}"))?;
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
 }
 
 /// Adds BOS before and/or EOS after each sequence, as Llama 3's tokenizer.json does.

@@ -320,9 +320,12 @@ fn gguf_add_bos_token() {
 #[test]
 fn gguf_unsupported_tokenizers_are_errors() {
     let mut md = toy_metadata("default");
-    md.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
+    md.insert("tokenizer.ggml.model".into(), Value::String("bert".into()));
     let err = Tokenizer::from_gguf_metadata(&md).unwrap_err().to_string();
-    assert!(err.contains("\"llama\""), "{err}");
+    assert!(
+        err.contains("unsupported GGUF tokenizer model \"bert\""),
+        "{err}"
+    );
 
     let err = Tokenizer::from_gguf_metadata(&toy_metadata("mystery"))
         .unwrap_err()
@@ -377,5 +380,88 @@ fn chat_message_json() {
     ] {
         let err = serde_json::from_str::<ChatMessage>(json).unwrap_err();
         assert!(err.to_string().starts_with(error), "{err}");
+    }
+}
+
+/// llama.cpp's Llama 2 (SentencePiece BPE) vocabulary and test texts with the ids the Hugging
+/// Face tokenizer gives them (see fixtures/llama_cpp_vocab/README.md).
+fn llama_spm_cases() -> (Tokenizer, Vec<(String, Vec<u32>)>) {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_cpp_vocab");
+    let path = dir.join("ggml-vocab-llama-spm.gguf");
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = Content::read(&mut file).unwrap();
+    let tokenizer = Tokenizer::from_gguf_metadata(&content.metadata).unwrap();
+    let inputs = std::fs::read_to_string(dir.join("ggml-vocab-llama-spm.gguf.inp")).unwrap();
+    let outputs = std::fs::read_to_string(dir.join("ggml-vocab-llama-spm.gguf.out")).unwrap();
+    let cases: Vec<(String, Vec<u32>)> = inputs
+        .split("\n__ggml_vocab_test__\n")
+        .zip(outputs.lines())
+        .map(|(text, ids)| {
+            let ids = ids.split_whitespace().map(|t| t.parse().unwrap()).collect();
+            (text.to_string(), ids)
+        })
+        .collect();
+    assert_eq!(cases.len(), 46);
+    (tokenizer, cases)
+}
+
+fn mismatches(tokenizer: &Tokenizer, cases: &[(String, Vec<u32>)]) -> Vec<String> {
+    cases
+        .iter()
+        .filter(|(text, want)| &tokenizer.encode(text, false).unwrap() != want)
+        .map(|(text, _)| text.clone())
+        .collect()
+}
+
+#[test]
+fn gguf_sentencepiece_tokenizes_like_hf() {
+    let (tokenizer, cases) = llama_spm_cases();
+    assert_eq!(mismatches(&tokenizer, &cases), Vec::<String>::new());
+    // BOS by default, no EOS; the decoder undoes the prepended space.
+    let ids = tokenizer.encode("Hello world", true).unwrap();
+    assert_eq!(ids, [1, 15043, 3186]);
+    assert_eq!(tokenizer.decode(&ids, true).unwrap(), "Hello world");
+    assert_eq!(
+        tokenizer
+            .decode(&tokenizer.encode(" \tnaïve 🦙\n", false).unwrap(), false)
+            .unwrap(),
+        " \tnaïve 🦙\n"
+    );
+}
+
+#[test]
+fn gguf_tokenizers_write_back_alike() {
+    let (tokenizer, cases) = llama_spm_cases();
+    // As read (the file's piece scores), and after a trip through tokenizer.json, which keeps
+    // only the merges: the scores written then come from the merge ranks.
+    let dir = tempfile::tempdir().unwrap();
+    tokenizer.save_hf(dir.path()).unwrap();
+    let via_json = Tokenizer::from_hf_dir(dir.path()).unwrap();
+    for source in [&tokenizer, &via_json] {
+        let md = source.gguf_metadata(32000).unwrap();
+        let get = |key: &str| md.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        assert_eq!(
+            get("tokenizer.ggml.model").unwrap().to_string().unwrap(),
+            "llama"
+        );
+        assert!(get("tokenizer.ggml.add_space_prefix")
+            .unwrap()
+            .to_bool()
+            .unwrap());
+        assert!(get("tokenizer.ggml.merges").is_none());
+        let types = get("tokenizer.ggml.token_type").unwrap();
+        let types: Vec<i32> = types
+            .to_vec()
+            .unwrap()
+            .iter()
+            .map(|t| t.to_i32().unwrap())
+            .collect();
+        // <unk>, <s>, </s>, then the 256 byte tokens.
+        assert_eq!(&types[..4], [2, 3, 3, 6]);
+        assert_eq!(types[258], 6);
+        assert_eq!(types[259], 1);
+        let back = Tokenizer::from_gguf_metadata(&md.into_iter().collect()).unwrap();
+        assert_eq!(mismatches(&back, &cases), Vec::<String>::new());
     }
 }
