@@ -8,7 +8,9 @@ and attention biases, Mistral, Qwen2, Qwen3), saved by transformers with SmolLM2
 2. llama.cpp's `llama-simple` on ours.gguf must generate (greedy) the same text as
    `peft generate --model DIR`.
 Then the same for the SmolLM2 GGUF converted to f16 and q8_0 (llama-simple against
-`peft generate` on the written file), and for SentencePiece tokenizers: a tiny model carrying
+`peft generate` on the written file); for a LoRA adapter written by `peft export-lora` (against
+convert_lora_to_gguf.py, llama.cpp applying it, and llama-export-lora merging it); and for
+SentencePiece tokenizers: a tiny model carrying
 the Llama 2 / Phi-3 vocabulary of llama.cpp's test files is read and written by peft, and
 llama.cpp's `llama-tokenize` must give the written file's test texts the ids the Hugging Face
 tokenizer gives them.
@@ -19,7 +21,7 @@ llama.cpp comes from the llama-cpp-python sdist on PyPI (it vendors llama.cpp), 
     tar xzf llama_cpp_python-*.tar.gz && cd llama_cpp_python-*/vendor/llama.cpp
     pip install cmake ninja   # into any venv
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF
-    ninja -C build llama-simple llama-tokenize
+    ninja -C build llama-simple llama-tokenize llama-completion llama-export-lora
 
     .venv/bin/pip install sentencepiece   # convert_hf_to_gguf imports it
     .venv/bin/python scripts/hf/check_gguf_export.py --llama-cpp PATH/TO/llama.cpp \
@@ -218,6 +220,55 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"SmolLM2 {ty}: llama.cpp {'==' if same else '!='} peft generate: {a!r}"
               + ("" if same else f" vs {b!r}"))
         failed |= not same
+    # LoRA adapters as GGUF LoRA files (`peft export-lora`): an HF PEFT adapter on SmolLM2
+    # (every linear layer, random B). The file must equal convert_lora_to_gguf.py's; llama.cpp
+    # applying it at run time must generate what `peft generate --adapter` does; and
+    # llama-export-lora merging it must give the tensors `peft merge` writes.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    adapter = os.path.join(tmp, "lora")
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(args.smollm_dir, dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                           init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.02)
+    lora.save_pretrained(adapter)
+    ours, ref = os.path.join(tmp, "lora.gguf"), os.path.join(tmp, "lora-ref.gguf")
+    run([args.peft, "export-lora", "--model", args.smollm_dir, "--adapter", adapter,
+         "--output", ours])
+    run([sys.executable, os.path.join(args.llama_cpp, "convert_lora_to_gguf.py"), adapter,
+         "--base", args.smollm_dir, "--outtype", "f32", "--outfile", ref],
+        env=dict(os.environ, PYTHONPATH=os.path.join(args.llama_cpp, "gguf-py")))
+    problems, n = compare(ours, ref)
+    base_gguf = os.path.join(tmp, "smollm-f32.gguf")
+    run([args.peft, "merge", "--model", args.smollm_dir, "--output", base_gguf, "--dtype", "f32"])
+    env = dict(os.environ, LD_LIBRARY_PATH=bin_dir)
+    text = run([os.path.join(bin_dir, "llama-completion"), "-m", base_gguf, "--lora", ours,
+                "-no-cnv", "--temp", "0", "-n", "24", "-p", PROMPT], env=env)
+    # llama-completion ends its output with newlines (and a note where it met EOS).
+    text = text.removeprefix(PROMPT).rstrip("\n").removesuffix(" [end of text]")
+    want = run([args.peft, "generate", "--model", args.smollm_dir, "--adapter", adapter,
+                "--prompt", PROMPT, "--max-new-tokens", "24"]).rstrip("\n")
+    if text != want:
+        problems.append(f"llama.cpp with the LoRA generates {text!r}, peft {want!r}")
+    merged_cpp, merged_ours = os.path.join(tmp, "m-cpp.gguf"), os.path.join(tmp, "m-ours.gguf")
+    run([os.path.join(bin_dir, "llama-export-lora"), "-m", base_gguf, "--lora", ours, "-o",
+         merged_cpp], env=env)
+    run([args.peft, "merge", "--model", args.smollm_dir, "--adapter", adapter, "--output",
+         merged_ours, "--dtype", "f32"])
+    a, b = gguf.GGUFReader(merged_cpp), gguf.GGUFReader(merged_ours)
+    tb = {t.name: t for t in b.tensors}
+    worst = max(float(np.abs(t.data - tb[t.name].data).max()) for t in a.tensors)
+    if worst > 1e-5:
+        problems.append(f"llama-export-lora's merge differs from peft merge by {worst}")
+    print(f"LoRA: {n} tensors; " + ("; ".join(problems) if problems else
+          f"as convert_lora_to_gguf writes them; llama.cpp with it generates {text!r} as peft "
+          f"does; llama-export-lora's merge is peft merge's within {worst:.1e}"))
+    failed |= bool(problems)
+
     # SentencePiece tokenizers (Llama 2, Phi-3): a tiny random Llama carrying the vocabulary of
     # llama.cpp's own test files (models/ggml-vocab-*.gguf, with the texts and the token ids
     # the Hugging Face tokenizer gives them); peft reads it and writes it again, and llama.cpp's

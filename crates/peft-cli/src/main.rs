@@ -44,6 +44,8 @@ enum Command {
     Chat(chat::ChatCmd),
     /// Merge an adapter into its base model and write an HF model folder or a GGUF file.
     Merge(MergeCmd),
+    /// Write a LoRA adapter as a GGUF LoRA file for llama.cpp (`--lora`) and Ollama (`ADAPTER`).
+    ExportLora(ExportLoraCmd),
     /// Write the float32 logits of a token sequence to a safetensors file.
     Logits(LogitsCmd),
     /// Measure training throughput and peak memory on random tokens (prints JSON).
@@ -141,6 +143,21 @@ struct MergeCmd {
     quantize: Option<QuantArg>,
     #[arg(long)]
     double_quant: bool,
+}
+
+#[derive(clap::Args)]
+struct ExportLoraCmd {
+    /// The base model the adapter was trained on (its architecture names the tensors).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The `.gguf` file to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// f32 (default), f16, bf16 or q8_0.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(clap::Args)]
@@ -271,6 +288,21 @@ impl Output {
     }
 }
 
+fn run_export_lora(cmd: ExportLoraCmd) -> Result<()> {
+    let ty = peft_models::gguf::GgufType::parse(&cmd.dtype)?;
+    let (base, _) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
+    let Adapter::Lora(lora) = Adapter::load(base, &cmd.adapter)? else {
+        bail!("only LoRA adapters can be written as a GGUF LoRA; merge this one instead (peft merge --output FILE.gguf)");
+    };
+    let name = cmd
+        .output
+        .file_stem()
+        .map_or_else(|| "adapter".into(), |s| s.to_string_lossy().into_owned());
+    lora.save_gguf_lora(&cmd.output, ty, &name)?;
+    println!("GGUF LoRA written to {}", cmd.output.display());
+    Ok(())
+}
+
 fn run_logits(cmd: LogitsCmd) -> Result<()> {
     if cmd.merged && cmd.adapter.is_none() {
         eprintln!("note: --merged has no effect without --adapter");
@@ -357,6 +389,7 @@ fn main() {
         Command::Generate(c) => generate::run(c),
         Command::Chat(c) => chat::run(c),
         Command::Merge(c) => run_merge(c),
+        Command::ExportLora(c) => run_export_lora(c),
         Command::Logits(c) => run_logits(c),
         Command::Inspect(c) => run_inspect(c),
         Command::Bench(c) => bench::run(c),

@@ -244,6 +244,7 @@ fn cases() -> Vec<Case> {
         case("chat with a model without a tokenizer", tiny.clone(), &["chat", "--model", "{dir}"], "the model has no tokenizer"),
         case("GGUF of an unknown tensor type", vec![], &["merge", "--model", "{model}", "--output", "{dir}/m.gguf", "--dtype", "q4_k_m"], "unknown GGUF tensor type \"q4_k_m\" (known: f32, f16, bf16, q8_0)"),
         case("GGUF of a model without a tokenizer", tiny.clone(), &["merge", "--model", "{dir}", "--output", "{dir}/m.gguf"], "the model has no tokenizer, which a GGUF file must carry"),
+        case("GGUF LoRA of an IA3 adapter", vec![], &["export-lora", "--model", "{model}", "--adapter", concat!(env!("CARGO_MANIFEST_DIR"), "/../peft/tests/fixtures/ia3"), "--output", "{dir}/a.gguf"], "only LoRA adapters can be written as a GGUF LoRA; merge this one instead (peft merge --output FILE.gguf)"),
         case("compare with an unknown method", vec![("d.jsonl", qa.clone())], &["compare", "--model", "{model}", "--data", "{dir}/d.jsonl", "--output", "{dir}/c", "--methods", "lora,bogus"], "unknown method \"bogus\""),
         // The output folder.
         case("output under a file", vec![("d.jsonl", qa.clone()), ("file", b"x".to_vec())], &["train", "--model", "{model}", "--data", "{dir}/d.jsonl", "--output", "{dir}/file/out", "--max-steps", "1"], "cannot create output folder"),

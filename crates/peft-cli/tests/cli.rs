@@ -344,6 +344,33 @@ fn train_generate_logits_merge_inspect() {
     );
     let diff = max_abs_diff(&load(&from_gguf), &load(&merged));
     assert!(diff < 1e-4, "GGUF file vs in-memory merge {diff}");
+    // The adapter alone as a GGUF LoRA for llama.cpp.
+    let lora = dir.path().join("lora.gguf");
+    let out = peft(&[
+        "export-lora",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&lora),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut file = std::fs::File::open(&lora).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    assert_eq!(
+        content.metadata["adapter.type"].to_string().unwrap(),
+        "lora"
+    );
+    assert_eq!(
+        content.tensor_infos.len(),
+        2 * 30 * 2,
+        "q_proj and v_proj pairs of 30 layers"
+    );
     fails_with(
         &["merge", "--model", s(&model), "--output", s(&merged_dir), "--dtype", "q8_0"],
         "--dtype \"q8_0\" is not a dtype for a model folder (f32, bf16, f16; q8_0 needs a .gguf output)",

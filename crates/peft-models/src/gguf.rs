@@ -128,7 +128,7 @@ impl GgufType {
 }
 
 /// The GGUF architecture of a model type: Mistral models are `llama` to llama.cpp.
-fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
+pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
     Ok(match c.model_type.as_str() {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
@@ -240,27 +240,40 @@ pub fn save_gguf(
     }
     for (hf, t) in model.named_tensors()? {
         let gguf = gguf_name(&hf).with_context(|| format!("no GGUF name for {hf}"))?;
-        let t = t.detach().to_device(&candle_core::Device::Cpu)?;
-        let t = match (
-            permutes_qk(arch),
-            hf.contains("self_attn.q_proj"),
-            hf.contains("self_attn.k_proj"),
-        ) {
-            (true, true, _) => permute_rows(&t, c.num_attention_heads, false)?,
-            (true, _, true) => permute_rows(&t, c.num_key_value_heads, false)?,
-            _ => t,
-        };
-        tensors.push((gguf, t));
+        tensors.push((gguf, llama_cpp_rows(&c, &hf, &t.detach())?));
     }
-    // Types first: the header lists every tensor's type and size before any data.
-    let typed: Vec<(String, Tensor, GgmlDType)> = tensors
-        .into_iter()
-        .map(|(name, t)| {
-            let ggml = tensor_type(&t, ty);
-            (name, t, ggml)
-        })
-        .collect();
+    write_gguf(path, &metadata, &tensors, ty)
+}
 
+/// `t`, a tensor of the HF module `hf` (a weight, a bias or LoRA's B) in llama.cpp's row order:
+/// q/k rows permuted for the `llama` architecture, as its converter does.
+pub fn llama_cpp_rows(c: &LlamaConfig, hf: &str, t: &Tensor) -> Result<Tensor> {
+    let t = t.to_device(&candle_core::Device::Cpu)?;
+    if !permutes_qk(gguf_architecture(c)?) {
+        return Ok(t);
+    }
+    if hf.contains("self_attn.q_proj") {
+        permute_rows(&t, c.num_attention_heads, false)
+    } else if hf.contains("self_attn.k_proj") {
+        permute_rows(&t, c.num_key_value_heads, false)
+    } else {
+        Ok(t)
+    }
+}
+
+/// Writes a GGUF file (version 3) at `path` through a temporary file and a rename: `metadata`,
+/// then `tensors`, matrices in `ty` (vectors in F32), each converted as it is written.
+pub fn write_gguf(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[(String, Tensor)],
+    ty: GgufType,
+) -> Result<()> {
+    // Types first: the header lists every tensor's type and size before any data.
+    let typed: Vec<(&String, &Tensor, GgmlDType)> = tensors
+        .iter()
+        .map(|(name, t)| (name, t, tensor_type(t, ty)))
+        .collect();
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
@@ -270,9 +283,11 @@ pub fn save_gguf(
         w.write_all(&3u32.to_le_bytes())?;
         w.write_all(&(typed.len() as u64).to_le_bytes())?;
         w.write_all(&(metadata.len() as u64).to_le_bytes())?;
-        for (key, value) in &metadata {
+        let mut header = 4 + 4 + 8 + 8;
+        for (key, value) in metadata {
             write_string(w, key)?;
             write_value(w, value, true)?;
+            header += string_size(key) + 4 + value_size(value);
         }
         let mut offset = 0u64;
         for (name, t, ggml) in &typed {
@@ -283,10 +298,10 @@ pub fn save_gguf(
             }
             w.write_all(&ggml_type_id(*ggml)?.to_le_bytes())?;
             w.write_all(&offset.to_le_bytes())?;
+            header += string_size(name) + 4 + 8 * t.rank() as u64 + 4 + 8;
             offset += aligned(data_size(t, *ggml) as u64);
         }
-        // The header itself is padded to the alignment too; `written` counts its bytes.
-        let header = header_size(&metadata, &typed);
+        // The data starts at the next multiple of the alignment.
         w.write_all(&vec![0u8; (aligned(header) - header) as usize])?;
         for (name, t, ggml) in &typed {
             let q = QTensor::quantize(&t.to_dtype(DType::F32)?, *ggml)
@@ -337,18 +352,6 @@ fn value_size(v: &Value) -> u64 {
         Value::String(s) => string_size(s),
         Value::Array(items) => 4 + 8 + items.iter().map(value_size).sum::<u64>(),
     }
-}
-
-fn header_size(metadata: &[(String, Value)], tensors: &[(String, Tensor, GgmlDType)]) -> u64 {
-    let kv: u64 = metadata
-        .iter()
-        .map(|(k, v)| string_size(k) + 4 + value_size(v))
-        .sum();
-    let infos: u64 = tensors
-        .iter()
-        .map(|(name, t, _)| string_size(name) + 4 + 8 * t.rank() as u64 + 4 + 8)
-        .sum();
-    4 + 4 + 8 + 8 + kv + infos
 }
 
 /// GGUF's metadata value type ids.

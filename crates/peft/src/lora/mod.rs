@@ -1,4 +1,5 @@
 //! LoRA (with rsLoRA scaling): `y = W x + s · B A dropout(x)`.
 
 pub mod config;
+pub mod gguf;
 pub mod layer;
