@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use peft::{Adapter, LoraConfig, PeftModel, TargetModules, Tuned};
-use peft_models::{load_model, Llama, LoadedModel};
+use peft_models::loader::{load_model_with, QuantizeOnLoad};
+use peft_models::{Llama, LoadedModel};
 use std::path::{Path, PathBuf};
 
 // Training allocates and frees the same large activation buffers every step. glibc returns
@@ -207,12 +208,23 @@ pub fn load_base(
     dtype: DType,
     dev: &Device,
 ) -> Result<(Llama, Option<peft_models::tokenizer::Tokenizer>)> {
+    load_base_with(path, dtype, dev, None)
+}
+
+/// [`load_base`] with QLoRA's 4-bit base quantized while it loads.
+pub fn load_base_with(
+    path: &Path,
+    dtype: DType,
+    dev: &Device,
+    quantize: Option<QuantizeOnLoad>,
+) -> Result<(Llama, Option<peft_models::tokenizer::Tokenizer>)> {
     let LoadedModel {
         config,
         weights,
+        quantized,
         tokenizer,
-    } = load_model(path, dev, dtype)?;
-    let model = Llama::from_weights(config, weights, dev, dtype)
+    } = load_model_with(path, dev, dtype, quantize)?;
+    let model = Llama::from_loaded(config, weights, quantized, dev, dtype)
         .with_context(|| format!("cannot build the model from {}", path.display()))?;
     Ok((model, tokenizer))
 }

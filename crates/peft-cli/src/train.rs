@@ -1,10 +1,11 @@
 use crate::plot::{write_loss_chart, Series};
-use crate::{load_base, model_name, DTypeArg, QuantArg};
+use crate::{load_base_with, model_name, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use peft::{
     BottleneckConfig, BottleneckModel, FullModel, Ia3Config, Ia3Model, LoraConfig, PeftModel,
     PromptInit, PromptModel, TargetModules, Tuned,
 };
+use peft_models::loader::QuantizeOnLoad;
 use peft_models::tokenizer::Tokenizer;
 use peft_models::Llama;
 use peft_train::{
@@ -567,10 +568,12 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     check_output_folder(&output)?;
     let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
     let dtype = DTypeArg::for_training(c.dtype, &device);
-    let (mut base, tok) = load_base(&model_path, dtype, &device)?;
-    if let Some(q) = c.quantize {
-        base.quantize(q.kind(), c.double_quant.unwrap_or(false), dtype)?;
-    }
+    let quantize = c.quantize.map(|q| QuantizeOnLoad {
+        kind: q.kind(),
+        double_quant: c.double_quant.unwrap_or(false),
+        compute_dtype: dtype,
+    });
+    let (mut base, tok) = load_base_with(&model_path, dtype, &device, quantize)?;
     // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
     base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(c.quantize.is_some());
     let mut tok = tok.context("the model has no tokenizer")?;

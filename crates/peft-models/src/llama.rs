@@ -176,6 +176,7 @@ pub struct Llama {
 
 struct WeightTaker<'a> {
     weights: &'a mut HashMap<String, Tensor>,
+    quantized: HashMap<String, Arc<QuantizedWeight>>,
 }
 
 impl WeightTaker<'_> {
@@ -191,29 +192,58 @@ impl WeightTaker<'_> {
     }
 
     fn linear(&mut self, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let w = self.take(&format!("{path}.weight"), &[out, inp])?;
-        let b = if bias {
+        let name = format!("{path}.weight");
+        let weight = match self.quantized.remove(&name) {
+            Some(q) => {
+                let dims = (q.out_features, q.in_features);
+                if dims != (out, inp) {
+                    bail!("{name} has shape {dims:?}, expected {:?}", (out, inp));
+                }
+                LinearWeight::Quantized(q)
+            }
+            None => LinearWeight::Dense(self.take(&name, &[out, inp])?),
+        };
+        let bias = if bias {
             Some(self.take(&format!("{path}.bias"), &[out])?)
         } else {
             None
         };
-        Ok(Linear::new(w, b))
+        Ok(Linear {
+            weight,
+            bias,
+            adapter: None,
+        })
     }
 }
 
 impl Llama {
     pub fn from_weights(
         config: LlamaConfig,
-        mut weights: HashMap<String, Tensor>,
+        weights: HashMap<String, Tensor>,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::from_loaded(config, weights, HashMap::new(), device, dtype)
+    }
+
+    /// A model of dense `weights` and of linear weights `quantized` as they were loaded
+    /// ([`crate::loader::QuantizeOnLoad`]); norms of a quantized model are made f32 as
+    /// [`Llama::quantize`] makes them.
+    pub fn from_loaded(
+        config: LlamaConfig,
+        mut weights: HashMap<String, Tensor>,
+        quantized: HashMap<String, Arc<QuantizedWeight>>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let was_quantized = !quantized.is_empty();
         let c = &config;
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let q_dim = c.num_attention_heads * c.head_dim;
         let kv_dim = c.num_key_value_heads * c.head_dim;
         let mut w = WeightTaker {
             weights: &mut weights,
+            quantized,
         };
         let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -255,7 +285,7 @@ impl Llama {
         };
         let inv_freq = c.rope_inv_freq();
         let inv_freq = Tensor::new(inv_freq, device)?;
-        let model = Self {
+        let mut model = Self {
             config,
             embed_tokens,
             layers,
@@ -267,6 +297,11 @@ impl Llama {
             grad_sink: Arc::new(GradSink::default()),
             inv_freq,
         };
+        if was_quantized {
+            for (_, norm) in model.norms_mut() {
+                *norm = norm.to_dtype(DType::F32)?;
+            }
+        }
         Ok(model)
     }
 

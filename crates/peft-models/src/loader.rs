@@ -7,27 +7,103 @@ use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
+use peft_ops::QuantizedWeight;
+use peft_quant::FourBit;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub struct LoadedModel {
     pub config: LlamaConfig,
     /// HF names (`model.layers.0.self_attn.q_proj.weight`, ...) to tensors.
     pub weights: HashMap<String, Tensor>,
+    /// Decoder linear weights quantized as they were read ([`QuantizeOnLoad`]), by HF name.
+    pub quantized: HashMap<String, Arc<QuantizedWeight>>,
     pub tokenizer: Option<Tokenizer>,
+}
+
+/// QLoRA's 4-bit base, quantized while it loads: each decoder linear weight is quantized as
+/// soon as it is read, so that its dense copy lives only meanwhile and the whole model is never
+/// held dense. `lm_head` stays dense, as bitsandbytes' loaders leave it.
+#[derive(Clone, Copy, Debug)]
+pub struct QuantizeOnLoad {
+    pub kind: FourBit,
+    pub double_quant: bool,
+    /// The dtype the dequantized weights are computed in.
+    pub compute_dtype: DType,
 }
 
 /// Loads `path`: a folder with `config.json`, or a `.gguf` file.
 pub fn load_model(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    load_model_with(path, device, dtype, None)
+}
+
+/// [`load_model`], quantizing the decoder linear weights on the way when `quantize` says so.
+pub fn load_model_with(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    quantize: Option<QuantizeOnLoad>,
+) -> Result<LoadedModel> {
     if !path.exists() {
         bail!("model not found: {}", path.display());
     }
-    if path.is_dir() {
-        load_hf_dir(path, device, dtype)
+    let mut store = WeightStore {
+        dtype,
+        quantize,
+        weights: HashMap::new(),
+        quantized: HashMap::new(),
+    };
+    let (config, tokenizer) = if path.is_dir() {
+        load_hf_dir(path, device, &mut store)?
     } else {
-        load_gguf(path, device, dtype)
+        load_gguf(path, device, &mut store)?
+    };
+    Ok(LoadedModel {
+        config,
+        weights: store.weights,
+        quantized: store.quantized,
+        tokenizer,
+    })
+}
+
+/// Where the loaders put each tensor they read: in the model dtype, or quantized.
+struct WeightStore {
+    dtype: DType,
+    quantize: Option<QuantizeOnLoad>,
+    weights: HashMap<String, Tensor>,
+    quantized: HashMap<String, Arc<QuantizedWeight>>,
+}
+
+impl WeightStore {
+    fn insert(&mut self, name: String, t: Tensor) -> Result<()> {
+        let linear =
+            name.starts_with("model.layers.") && name.ends_with("_proj.weight") && t.rank() == 2;
+        match self.quantize {
+            Some(q) if linear => {
+                let w = QuantizedWeight::quantize(&t, q.kind, q.double_quant, q.compute_dtype)
+                    .with_context(|| format!("cannot quantize {name}"))?;
+                self.quantized.insert(name, Arc::new(w));
+            }
+            _ => {
+                self.weights.insert(name, t.to_dtype(self.dtype)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.weights.contains_key(name) || self.quantized.contains_key(name)
+    }
+
+    /// Rows (`dim(0)`) of a tensor, dense or quantized.
+    fn rows(&self, name: &str) -> Option<usize> {
+        match self.weights.get(name) {
+            Some(t) => t.dim(0).ok(),
+            None => self.quantized.get(name).map(|q| q.out_features),
+        }
     }
 }
 
@@ -69,13 +145,16 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
-fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+fn load_hf_dir(
+    dir: &Path,
+    device: &Device,
+    store: &mut WeightStore,
+) -> Result<(LlamaConfig, Option<Tokenizer>)> {
     let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-    let mut weights = HashMap::new();
     for file in weight_files(dir)? {
         if file.extension().is_some_and(|e| e == "bin") {
             for (name, t) in crate::io::load_pytorch(&file, device)? {
-                weights.insert(name, t.to_dtype(dtype)?);
+                store.insert(name, t)?;
             }
             continue;
         }
@@ -85,21 +164,14 @@ fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel>
         // changed underneath us can at worst yield wrong numbers, which the shape checks catch.
         let mmap = unsafe { memmap2::Mmap::map(&data) }
             .with_context(|| format!("cannot map {}", file.display()))?;
-        crate::io::for_each_safetensor(&mmap, &file, device, |name, t| {
-            weights.insert(name, t.to_dtype(dtype)?);
-            Ok(())
-        })?;
+        crate::io::for_each_safetensor(&mmap, &file, device, |name, t| store.insert(name, t))?;
     }
     let tokenizer = if dir.join("tokenizer.json").exists() {
         Some(Tokenizer::from_hf_dir(dir)?)
     } else {
         None
     };
-    Ok(LoadedModel {
-        config,
-        weights,
-        tokenizer,
-    })
+    Ok((config, tokenizer))
 }
 
 fn md_u64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<u64> {
@@ -278,21 +350,46 @@ impl<R: Read + Seek> MetadataWalker<'_, R> {
     }
 }
 
-fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+fn load_gguf(
+    path: &Path,
+    device: &Device,
+    store: &mut WeightStore,
+) -> Result<(LlamaConfig, Option<Tokenizer>)> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    load_gguf_from(file, path, device, dtype)
+    read_gguf(file, path, device, store)
 }
 
 /// Loads a Llama-family model and its tokenizer from GGUF data in `reader` (a file, or bytes in
 /// a `std::io::Cursor`), read from its start; `source` names it in errors. Malformed data of any
 /// kind is an error, never a panic or an allocation beyond a small multiple of the data's size.
 pub fn load_gguf_from<R: Read + Seek>(
-    mut reader: R,
+    reader: R,
     source: &Path,
     device: &Device,
     dtype: DType,
 ) -> Result<LoadedModel> {
+    let mut store = WeightStore {
+        dtype,
+        quantize: None,
+        weights: HashMap::new(),
+        quantized: HashMap::new(),
+    };
+    let (config, tokenizer) = read_gguf(reader, source, device, &mut store)?;
+    Ok(LoadedModel {
+        config,
+        weights: store.weights,
+        quantized: store.quantized,
+        tokenizer,
+    })
+}
+
+fn read_gguf<R: Read + Seek>(
+    mut reader: R,
+    source: &Path,
+    device: &Device,
+    store: &mut WeightStore,
+) -> Result<(LlamaConfig, Option<Tokenizer>)> {
     let path = source;
     let bad = || format!("{} is not a valid GGUF file", path.display());
     let file_len = reader.seek(SeekFrom::End(0))?;
@@ -344,7 +441,6 @@ pub fn load_gguf_from<R: Read + Seek>(
         }
     }
 
-    let mut weights = HashMap::new();
     for name in content.tensor_infos.keys() {
         let Some(hf) = gguf::hf_name(name) else {
             continue;
@@ -360,7 +456,7 @@ pub fn load_gguf_from<R: Read + Seek>(
                 t = gguf::permute_rows(&t, kv_heads, true)?;
             }
         }
-        weights.insert(hf, t.to_device(device)?.to_dtype(dtype)?);
+        store.insert(hf, t.to_device(device)?)?;
     }
     let rope_scaling = match content.tensor_infos.contains_key("rope_freqs.weight") {
         true => {
@@ -378,18 +474,16 @@ pub fn load_gguf_from<R: Read + Seek>(
         }
         false => None,
     };
-    let vocab = weights
-        .get("model.embed_tokens.weight")
-        .with_context(|| format!("{}: no token_embd.weight", path.display()))?
-        .dim(0)?;
-    let tie = !weights.contains_key("lm_head.weight");
+    let vocab = store
+        .rows("model.embed_tokens.weight")
+        .with_context(|| format!("{}: no token_embd.weight", path.display()))?;
+    let tie = !store.contains("lm_head.weight");
     let tokenizer = Tokenizer::from_gguf_metadata(md)
         .with_context(|| format!("{}: tokenizer metadata", path.display()))?;
     let (bos, eos) = (tokenizer.bos_token_id(), tokenizer.eos_token_id());
-    let intermediate = weights
-        .get("model.layers.0.mlp.up_proj.weight")
-        .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?
-        .dim(0)?;
+    let intermediate = store
+        .rows("model.layers.0.mlp.up_proj.weight")
+        .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?;
     let mut raw = json!({
         "architectures": [match arch.as_str() { "qwen2" => "Qwen2ForCausalLM", "qwen3" => "Qwen3ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
         "model_type": arch,
@@ -411,7 +505,7 @@ pub fn load_gguf_from<R: Read + Seek>(
         raw["rope_scaling"] = scaling;
     }
     // Biases beyond Qwen2's q/k/v ones (Llama's `attention_bias`, `mlp_bias`) show as tensors.
-    let has = |name: &str| weights.contains_key(&format!("model.layers.0.{name}.bias"));
+    let has = |name: &str| store.contains(&format!("model.layers.0.{name}.bias"));
     if has("self_attn.o_proj") {
         raw["attention_bias"] = json!(true);
     }
@@ -426,11 +520,7 @@ pub fn load_gguf_from<R: Read + Seek>(
     }
     let config = LlamaConfig::from_json(raw)
         .with_context(|| format!("{}: GGUF metadata", path.display()))?;
-    Ok(LoadedModel {
-        config,
-        weights,
-        tokenizer: Some(tokenizer),
-    })
+    Ok((config, Some(tokenizer)))
 }
 
 /// The Llama 3 rope scaling (`rope_type: "llama3"`) whose per-frequency factors are `factors`,

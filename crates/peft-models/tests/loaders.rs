@@ -411,3 +411,42 @@ fn fuzz_regressions_are_errors() {
         assert!(loaded.is_err(), "{} loaded", path.display());
     }
 }
+
+/// QLoRA's base quantized while it loads is the model that quantizing after the load gives,
+/// and no dense decoder linear weight is kept on the way.
+#[test]
+fn quantize_on_load_equals_quantize_after_load() {
+    use peft_models::loader::{load_model_with, QuantizeOnLoad};
+    use peft_quant::FourBit;
+    let dir = tempfile::tempdir().unwrap();
+    let mut original = tiny_llama(10, false).unwrap();
+    peft_models::save::save_hf_model(&mut original, None, dir.path(), DType::F32).unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_gguf(&mut original, &gguf, GgmlDType::F32);
+    let q = QuantizeOnLoad {
+        kind: FourBit::Nf4,
+        double_quant: true,
+        compute_dtype: DType::F32,
+    };
+    for path in [dir.path().to_path_buf(), gguf] {
+        let mut after = reload(load_model(&path, &Device::Cpu, DType::F32).unwrap());
+        after.quantize(FourBit::Nf4, true, DType::F32).unwrap();
+        let loaded = load_model_with(&path, &Device::Cpu, DType::F32, Some(q)).unwrap();
+        assert!(loaded.weights.keys().all(|k| !k.ends_with("_proj.weight")));
+        assert_eq!(loaded.quantized.len(), 2 * 7);
+        let during = Llama::from_loaded(
+            loaded.config,
+            loaded.weights,
+            loaded.quantized,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        assert_eq!(max_abs_diff(&logits(&during), &logits(&after)), 0.0);
+        assert_eq!(during.norm.dtype(), DType::F32);
+        assert!(during
+            .lm_head
+            .as_ref()
+            .is_some_and(|h| !h.weight.is_quantized()));
+    }
+}
