@@ -135,7 +135,8 @@ struct MergeCmd {
     /// An HF model folder, or a `.gguf` file for llama.cpp, Ollama and LM Studio.
     #[arg(long)]
     output: PathBuf,
-    /// f32, bf16 or f16; a GGUF file also takes q8_0 (default: f32 for a folder, f16 for GGUF).
+    /// f32, bf16 or f16; a GGUF file also takes q8_0 and the k-quant mixes q4_k_m, q5_k_m and
+    /// q6_k (default: f32 for a folder, f16 for GGUF).
     #[arg(long)]
     dtype: Option<String>,
     /// The adapter was trained on this 4-bit quantization of the base (QLoRA): merge into the
@@ -294,7 +295,7 @@ impl Output {
             "bf16" => DType::BF16,
             "f16" => DType::F16,
             other => bail!(
-                "--dtype {other:?} is not a dtype for a model folder (f32, bf16, f16; q8_0 needs a .gguf output)"
+                "--dtype {other:?} is not a dtype for a model folder (f32, bf16, f16; quantized types need a .gguf output)"
             ),
         }))
     }

@@ -242,8 +242,9 @@ fn cases() -> Vec<Case> {
         case("tools that are not JSON", vec![("d.jsonl", b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}], \"tools\": \"[oops\"}\n".to_vec())], &train("{dir}/d.jsonl", &[]), "record 1: tools is not valid JSON"),
         case("chat with a missing adapter folder", vec![], &["chat", "--model", "{model}", "--adapter", "tuned={dir}/nowhere"], "adapter tuned: adapter folder not found"),
         case("chat with a model without a tokenizer", tiny.clone(), &["chat", "--model", "{dir}"], "the model has no tokenizer"),
-        case("GGUF of an unknown tensor type", vec![], &["merge", "--model", "{model}", "--output", "{dir}/m.gguf", "--dtype", "q4_k_m"], "unknown GGUF tensor type \"q4_k_m\" (known: f32, f16, bf16, q8_0)"),
+        case("GGUF of an unknown tensor type", vec![], &["merge", "--model", "{model}", "--output", "{dir}/m.gguf", "--dtype", "q3_k_s"], "unknown GGUF tensor type \"q3_k_s\" (known: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k)"),
         case("GGUF of a model without a tokenizer", tiny.clone(), &["merge", "--model", "{dir}", "--output", "{dir}/m.gguf"], "the model has no tokenizer, which a GGUF file must carry"),
+        case("GGUF LoRA in a k-quant mix", vec![], &["export-lora", "--model", "{model}", "--adapter", concat!(env!("CARGO_MANIFEST_DIR"), "/../peft/tests/fixtures/lora_layers_0_2"), "--output", "{dir}/a.gguf", "--dtype", "q4_k_m"], "q4_k_m is a mix for whole models; write a LoRA in f32, f16, bf16 or q8_0"),
         case("GGUF LoRA of an IA3 adapter", vec![], &["export-lora", "--model", "{model}", "--adapter", concat!(env!("CARGO_MANIFEST_DIR"), "/../peft/tests/fixtures/ia3"), "--output", "{dir}/a.gguf"], "only LoRA adapters can be written as a GGUF LoRA; merge this one instead (peft merge --output FILE.gguf)"),
         case("compare with an unknown method", vec![("d.jsonl", qa.clone())], &["compare", "--model", "{model}", "--data", "{dir}/d.jsonl", "--output", "{dir}/c", "--methods", "lora,bogus"], "unknown method \"bogus\""),
         // The output folder.

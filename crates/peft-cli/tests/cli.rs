@@ -373,7 +373,7 @@ fn train_generate_logits_merge_inspect() {
     );
     fails_with(
         &["merge", "--model", s(&model), "--output", s(&merged_dir), "--dtype", "q8_0"],
-        "--dtype \"q8_0\" is not a dtype for a model folder (f32, bf16, f16; q8_0 needs a .gguf output)",
+        "--dtype \"q8_0\" is not a dtype for a model folder (f32, bf16, f16; quantized types need a .gguf output)",
     );
 
     let out = peft(&["inspect", "--model", s(&model), "--adapter", s(&adapter)]);

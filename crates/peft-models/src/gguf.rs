@@ -87,13 +87,19 @@ pub fn permute_rows(w: &Tensor, heads: usize, inverse: bool) -> Result<Tensor> {
 }
 
 /// The tensor types `save_gguf` writes the weight matrices in (norms, biases and llama3 rope
-/// factors are always F32, as llama.cpp's converter keeps them).
+/// factors are always F32, as llama.cpp's converter keeps them): one type for every matrix, or
+/// one of llama-quantize's k-quant mixes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgufType {
     F32,
     F16,
     Bf16,
     Q8_0,
+    /// Q4_K, with Q6_K for the output head and for attn_v / ffn_down of some layers.
+    Q4KM,
+    /// Q5_K, with Q6_K where Q4_K_M has it.
+    Q5KM,
+    Q6K,
 }
 
 impl GgufType {
@@ -103,17 +109,31 @@ impl GgufType {
             "f16" => Self::F16,
             "bf16" => Self::Bf16,
             "q8_0" => Self::Q8_0,
-            other => bail!("unknown GGUF tensor type {other:?} (known: f32, f16, bf16, q8_0)"),
+            "q4_k_m" => Self::Q4KM,
+            "q5_k_m" => Self::Q5KM,
+            "q6_k" => Self::Q6K,
+            other => bail!(
+                "unknown GGUF tensor type {other:?} (known: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k)"
+            ),
         })
     }
 
-    fn ggml(self) -> GgmlDType {
+    /// The name `parse` reads.
+    pub fn name(self) -> &'static str {
         match self {
-            Self::F32 => GgmlDType::F32,
-            Self::F16 => GgmlDType::F16,
-            Self::Bf16 => GgmlDType::BF16,
-            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4KM => "q4_k_m",
+            Self::Q5KM => "q5_k_m",
+            Self::Q6K => "q6_k",
         }
+    }
+
+    /// Whether this is a k-quant mix, which only whole models are written in.
+    pub fn is_mix(self) -> bool {
+        matches!(self, Self::Q4KM | Self::Q5KM | Self::Q6K)
     }
 
     /// `general.file_type` (llama.cpp's `llama_ftype`).
@@ -122,6 +142,9 @@ impl GgufType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q8_0 => 7,
+            Self::Q4KM => 15,
+            Self::Q5KM => 17,
+            Self::Q6K => 18,
             Self::Bf16 => 32,
         }
     }
@@ -270,9 +293,10 @@ pub fn write_gguf(
     ty: GgufType,
 ) -> Result<()> {
     // Types first: the header lists every tensor's type and size before any data.
+    let shape = ModelShape::of(tensors);
     let typed: Vec<(&String, &Tensor, GgmlDType)> = tensors
         .iter()
-        .map(|(name, t)| (name, t, tensor_type(t, ty)))
+        .map(|(name, t)| (name, t, tensor_type(name, t, ty, &shape)))
         .collect();
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
@@ -322,16 +346,90 @@ fn aligned(n: u64) -> u64 {
 }
 
 /// The type a tensor is written in: vectors in F32; matrices in `ty`, or F16 where a row does
-/// not divide into Q8_0 blocks (llama.cpp's converter falls back the same way).
-fn tensor_type(t: &Tensor, ty: GgufType) -> GgmlDType {
-    let ggml = ty.ggml();
+/// not divide into Q8_0 blocks (llama.cpp's converter falls back the same way); for a k-quant
+/// mix, the type llama-quantize gives the tensor (see [`mix_type`]).
+fn tensor_type(name: &str, t: &Tensor, ty: GgufType, model: &ModelShape) -> GgmlDType {
     let cols = t.dims().last().copied().unwrap_or(0);
-    if t.rank() < 2 {
-        GgmlDType::F32
-    } else if !cols.is_multiple_of(ggml.block_size()) {
-        GgmlDType::F16
+    let fits = |g: GgmlDType| cols.is_multiple_of(g.block_size());
+    let wanted = match ty {
+        _ if t.rank() < 2 => return GgmlDType::F32,
+        GgufType::F32 => GgmlDType::F32,
+        GgufType::F16 => GgmlDType::F16,
+        GgufType::Bf16 => GgmlDType::BF16,
+        GgufType::Q8_0 => GgmlDType::Q8_0,
+        mix => mix_type(name, mix, model, cols),
+    };
+    if fits(wanted) {
+        return wanted;
+    }
+    // llama-quantize's fallbacks for rows that do not divide into 256-value blocks.
+    let fallback = match wanted {
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q5K => GgmlDType::Q5_1,
+        GgmlDType::Q6K => GgmlDType::Q8_0,
+        other => other,
+    };
+    if fits(fallback) {
+        fallback
     } else {
-        ggml
+        GgmlDType::F16
+    }
+}
+
+/// What llama-quantize's mixes look at besides a tensor's name.
+struct ModelShape {
+    layers: usize,
+    /// No `output.weight`: the token embedding is also the output head.
+    tied: bool,
+}
+
+impl ModelShape {
+    fn of(tensors: &[(String, Tensor)]) -> Self {
+        let layer = |n: &str| {
+            n.strip_prefix("blk.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        };
+        Self {
+            layers: tensors
+                .iter()
+                .filter_map(|(n, _)| layer(n))
+                .max()
+                .map_or(0, |l| l + 1),
+            tied: !tensors.iter().any(|(n, _)| n == "output.weight"),
+        }
+    }
+}
+
+/// The type llama-quantize (`llama_tensor_get_type`) gives a matrix in a k-quant mix, for the
+/// dense architectures written here: the output head (or a tied embedding) Q6_K, or Q8_0 where
+/// its rows do not divide into 256-value blocks; in Q4_K_M and Q5_K_M, attn_v and ffn_down of
+/// the first and last eighth of the layers and of every third layer between Q6_K.
+fn mix_type(name: &str, ty: GgufType, model: &ModelShape, cols: usize) -> GgmlDType {
+    let base = match ty {
+        GgufType::Q4KM => GgmlDType::Q4K,
+        GgufType::Q5KM => GgmlDType::Q5K,
+        _ => GgmlDType::Q6K,
+    };
+    let is_output = name == "output.weight" || (model.tied && name == "token_embd.weight");
+    if is_output {
+        return if cols.is_multiple_of(256) {
+            GgmlDType::Q6K
+        } else {
+            GgmlDType::Q8_0
+        };
+    }
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|n| n.split('.').next()?.parse::<usize>().ok());
+    let n = model.layers;
+    let more_bits = |i: usize| i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64) % 3 == 2;
+    let bumped = name.contains(".attn_v.") || name.contains(".ffn_down.");
+    match (ty, layer) {
+        (GgufType::Q4KM | GgufType::Q5KM, Some(i)) if bumped && more_bits(i) => GgmlDType::Q6K,
+        _ => base,
     }
 }
 
@@ -378,7 +476,12 @@ fn ggml_type_id(t: GgmlDType) -> Result<u32> {
     Ok(match t {
         GgmlDType::F32 => 0,
         GgmlDType::F16 => 1,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
         GgmlDType::Q8_0 => 8,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
         GgmlDType::BF16 => 30,
         other => bail!("GGUF tensor type {other:?} is not written here"),
     })
@@ -445,6 +548,80 @@ mod tests {
             Some("blk.3.ffn_down.weight")
         );
         assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    /// The types llama-quantize chose for a 16-layer Llama 3.2-1B-shaped model and for
+    /// SmolLM2 (30 layers, rows of 576 that no 256-value block divides).
+    #[test]
+    fn k_quant_mixes_pick_llama_quantize_types() {
+        let t = |name: &str, ty: GgufType, layers: usize, cols: usize| {
+            let m = Tensor::zeros((8, cols), DType::F32, &candle_core::Device::Cpu).unwrap();
+            tensor_type(name, &m, ty, &ModelShape { layers, tied: true })
+        };
+        let bumped = |ty, layers, cols| -> Vec<usize> {
+            (0..layers)
+                .filter(|i| {
+                    t(&format!("blk.{i}.ffn_down.weight"), ty, layers, cols) == GgmlDType::Q6K
+                })
+                .collect()
+        };
+        assert_eq!(
+            bumped(GgufType::Q4KM, 16, 8192),
+            [0, 1, 4, 7, 10, 13, 14, 15]
+        );
+        assert_eq!(
+            bumped(GgufType::Q5KM, 16, 8192),
+            [0, 1, 4, 7, 10, 13, 14, 15]
+        );
+        assert_eq!(
+            t("blk.3.attn_v.weight", GgufType::Q4KM, 16, 2048),
+            GgmlDType::Q4K
+        );
+        assert_eq!(
+            t("blk.4.attn_v.weight", GgufType::Q4KM, 16, 2048),
+            GgmlDType::Q6K
+        );
+        assert_eq!(
+            t("blk.3.attn_q.weight", GgufType::Q5KM, 16, 2048),
+            GgmlDType::Q5K
+        );
+        assert_eq!(
+            t("token_embd.weight", GgufType::Q4KM, 16, 2048),
+            GgmlDType::Q6K
+        );
+        // SmolLM2: 576-value rows fall back to llama-quantize's 32-value-block types.
+        assert_eq!(
+            t("token_embd.weight", GgufType::Q4KM, 30, 576),
+            GgmlDType::Q8_0
+        );
+        assert_eq!(
+            t("blk.5.attn_q.weight", GgufType::Q4KM, 30, 576),
+            GgmlDType::Q5_0
+        );
+        assert_eq!(
+            t("blk.5.attn_q.weight", GgufType::Q5KM, 30, 576),
+            GgmlDType::Q5_1
+        );
+        assert_eq!(
+            t("blk.0.attn_v.weight", GgufType::Q4KM, 30, 576),
+            GgmlDType::Q8_0
+        );
+        assert_eq!(
+            t("blk.5.ffn_down.weight", GgufType::Q4KM, 30, 1536),
+            GgmlDType::Q6K
+        );
+        assert_eq!(
+            t("blk.6.ffn_down.weight", GgufType::Q4KM, 30, 1536),
+            GgmlDType::Q4K
+        );
+        assert_eq!(
+            t("blk.6.attn_v.weight", GgufType::Q4KM, 30, 576),
+            GgmlDType::Q5_0
+        );
+        assert_eq!(
+            t("blk.6.ffn_down.weight", GgufType::Q6K, 30, 1536),
+            GgmlDType::Q6K
+        );
     }
 
     #[test]

@@ -141,6 +141,7 @@ fn written_models_read_back_alike() {
             (GgufType::F16, 2e-2),
             (GgufType::Bf16, 1e-1),
             (GgufType::Q8_0, 1e-1),
+            (GgufType::Q4KM, 1.0),
         ] {
             let path = dir.path().join(format!("{model_type}-{ty:?}.gguf"));
             save_gguf(&mut original, &tok, &path, ty, "tiny").unwrap();
@@ -165,7 +166,7 @@ fn written_models_read_back_alike() {
             assert!(d < tol, "{model_type} {ty:?}: logits differ by {d}");
         }
         // Only the finished files: no temporary file is left behind.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 5);
     }
 }
 

@@ -16,6 +16,10 @@ impl PeftModel {
     /// What llama.cpp's LoRA cannot express (DoRA, trained biases or `modules_to_save`,
     /// an adapter on a tied output head) is an error that suggests merging instead.
     pub fn save_gguf_lora(&self, path: &Path, ty: GgufType, name: &str) -> Result<()> {
+        if ty.is_mix() {
+            let name = ty.name();
+            bail!("{name} is a mix for whole models; write a LoRA in f32, f16, bf16 or q8_0");
+        }
         let merge = "write the merged model instead (peft merge --output FILE.gguf)";
         if self.adapters.values().any(|l| l.magnitude.is_some()) {
             bail!("llama.cpp's LoRA has no DoRA; {merge}");
