@@ -3,11 +3,12 @@
 //! `disable_adapter` do. Each reply sees the whole conversation, rendered with the model's
 //! chat template.
 
-use crate::generate::{generate_with, print_piece, Decoding, Sampling, Virtual};
+use crate::generate::{continue_generation, print_piece, Decoding, Sampling, Virtual};
 use crate::{load_base, DTypeArg};
 use anyhow::{bail, Context, Result};
 use peft::Adapters;
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
+use peft_models::KvCache;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -63,6 +64,20 @@ struct Chat {
     system: Option<String>,
     /// The user and assistant turns so far.
     turns: Vec<ChatMessage>,
+    /// The keys and values of the conversation so far, for the next turn to start from.
+    cached: Option<Conversation>,
+}
+
+/// What the model has seen of the conversation: the next turn feeds only the tokens after the
+/// part of its prompt that these ids already cover.
+struct Conversation {
+    /// The adapter it was computed with (`base` for none).
+    adapter: String,
+    cache: KvCache,
+    /// Positions of virtual tokens (prompt or prefix tuning) ahead of `ids`.
+    virtual_len: usize,
+    /// The token ids in the cache after the virtual tokens.
+    ids: Vec<u32>,
 }
 
 enum Line {
@@ -86,21 +101,47 @@ impl Chat {
     /// Answers `text` as the next user turn, printing the reply as it is generated.
     fn reply(&mut self, text: &str, max_new_tokens: usize, sampling: &mut Sampling) -> Result<()> {
         self.turns.push(ChatMessage::new("user", text));
+        let earlier = self.cached.take();
         let answer = (|| -> Result<String> {
             let prompt = self.tok.apply_chat_template(&self.messages(), true)?;
             let ids = self.tok.encode(&prompt, false)?;
+            let adapter = self.active_name().to_string();
             let (model, virtual_tokens) =
                 Virtual::of(self.adapters.base(), self.adapters.active().map(|(_, a)| a))?;
-            let out = generate_with(
+            // The turns so far are in the cache when the same adapter computed them: only the
+            // prompt's tokens past what it shares with them are fed (at least one, for logits).
+            let (mut cache, embeds, virtual_len, shared) = match earlier {
+                Some(c) if c.adapter == adapter => {
+                    let shared = c.ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+                    let shared = shared.min(ids.len().saturating_sub(1));
+                    let mut cache = c.cache;
+                    cache.truncate(c.virtual_len + shared)?;
+                    (cache, None, c.virtual_len, shared)
+                }
+                _ => {
+                    let (cache, embeds) = virtual_tokens.into_cache(model);
+                    let virtual_len = cache.seq_len() + embeds.as_ref().map_or(0, |e| e.dims()[1]);
+                    (cache, embeds, virtual_len, 0)
+                }
+            };
+            let out = continue_generation(
                 model,
-                virtual_tokens,
+                &mut cache,
+                embeds,
                 &self.tok,
-                &ids,
+                &ids[shared..],
                 max_new_tokens,
                 sampling,
                 print_piece,
             )?;
             println!();
+            let fed = cache.seq_len() - virtual_len;
+            self.cached = Some(Conversation {
+                adapter,
+                cache,
+                virtual_len,
+                ids: ids.iter().chain(&out).copied().take(fed).collect(),
+            });
             self.tok.decode(&out, true)
         })();
         match answer {
@@ -118,6 +159,9 @@ impl Chat {
 
     /// Runs one `/command`.
     fn command(&mut self, line: &str) -> Result<Line> {
+        // A command may change the adapters, the system message or the turns: the next reply
+        // starts afresh.
+        self.cached = None;
         let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
         let rest = rest.trim();
         match cmd {
@@ -191,6 +235,7 @@ pub fn run(cmd: ChatCmd) -> Result<()> {
         tok,
         system: cmd.system.clone(),
         turns: Vec::new(),
+        cached: None,
     };
     for (name, dir) in &named {
         chat.adapters

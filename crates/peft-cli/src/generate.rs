@@ -159,6 +159,17 @@ impl Virtual {
         };
         Ok((adapter.model(), v))
     }
+
+    /// A cache holding the virtual keys and values (prefix tuning) or an empty one, and the
+    /// embeddings to feed ahead of the prompt (prompt tuning).
+    pub fn into_cache(self, model: &Llama) -> (KvCache, Option<Tensor>) {
+        let empty = || KvCache::new(model.config.num_hidden_layers);
+        match self {
+            Virtual::None => (empty(), None),
+            Virtual::Cache(c) => (c, None),
+            Virtual::Embeds(e) => (empty(), Some(e)),
+        }
+    }
 }
 
 /// Generates up to `max_new_tokens` after `prompt_ids`, calling `on_token` with each new
@@ -190,18 +201,41 @@ pub fn generate_with(
     prompt_ids: &[u32],
     max_new_tokens: usize,
     sampling: &mut Sampling,
+    on_token: impl FnMut(&str),
+) -> Result<Vec<u32>> {
+    let (mut cache, embeds) = virtual_tokens.into_cache(model);
+    continue_generation(
+        model,
+        &mut cache,
+        embeds,
+        tok,
+        prompt_ids,
+        max_new_tokens,
+        sampling,
+        on_token,
+    )
+}
+
+/// [`generate`] after the keys and values already in `cache` (a conversation so far, or
+/// virtual tokens), feeding `embeds` (prompt tuning's virtual tokens) and then `new_ids` first.
+/// `cache` is left holding every position fed: the new ids and the generated tokens but the
+/// last.
+#[allow(clippy::too_many_arguments)]
+pub fn continue_generation(
+    model: &Llama,
+    cache: &mut KvCache,
+    mut embeds: Option<Tensor>,
+    tok: &Tokenizer,
+    new_ids: &[u32],
+    max_new_tokens: usize,
+    sampling: &mut Sampling,
     mut on_token: impl FnMut(&str),
 ) -> Result<Vec<u32>> {
-    if prompt_ids.is_empty() {
+    if new_ids.is_empty() {
         bail!("the prompt is empty");
     }
     let stops = tok.stop_token_ids();
-    let (mut cache, mut embeds) = match virtual_tokens {
-        Virtual::None => (KvCache::new(model.config.num_hidden_layers), None),
-        Virtual::Cache(c) => (c, None),
-        Virtual::Embeds(e) => (KvCache::new(model.config.num_hidden_layers), Some(e)),
-    };
-    let mut input = Tensor::new(prompt_ids, &model.device)?.unsqueeze(0)?;
+    let mut input = Tensor::new(new_ids, &model.device)?.unsqueeze(0)?;
     let mut out: Vec<u32> = Vec::new();
     let mut printed = 0;
     // Inference: adapter weights enter as constants, so no step builds an autograd graph
@@ -211,9 +245,9 @@ pub fn generate_with(
         let hidden = match embeds.take() {
             Some(e) => {
                 let x = Tensor::cat(&[&e, &model.embed(&input)?], 1)?;
-                model.forward_embeds(&x, None, Some(&mut cache), false)?
+                model.forward_embeds(&x, None, Some(&mut *cache), false)?
             }
-            None => model.forward(&input, None, Some(&mut cache), false)?,
+            None => model.forward(&input, None, Some(&mut *cache), false)?,
         };
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
         let next = sampling.pick(&model.logits(&last)?)?;

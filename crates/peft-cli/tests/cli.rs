@@ -603,3 +603,25 @@ fn train_with_eval_packing_and_json() {
     let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
     assert!(svg.contains("eval loss") && svg.contains("train loss"));
 }
+
+/// `peft chat` feeds each turn after the conversation already in its cache: the replies are
+/// those of recomputing the whole conversation (which a command between turns forces).
+#[test]
+fn chat_turns_continue_from_the_cached_conversation() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let args = ["chat", "--model", s(&model), "--max-new-tokens", "12"];
+    let cached = peft_with_input(
+        &args,
+        "What is the capital of France?\nAnd of Spain?\nWhich did I ask first?\n",
+    );
+    let fresh = peft_with_input(
+        &args,
+        "What is the capital of France?\n/adapters\nAnd of Spain?\n/adapters\nWhich did I ask first?\n",
+    );
+    assert!(cached.status.success() && fresh.status.success());
+    let replies = String::from_utf8(cached.stdout).unwrap();
+    assert_eq!(replies.lines().count(), 3, "{replies}");
+    assert_eq!(replies, String::from_utf8(fresh.stdout).unwrap());
+}

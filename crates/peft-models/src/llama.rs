@@ -155,6 +155,16 @@ impl KvCache {
     pub fn set(&mut self, i: usize, k: Tensor, v: Tensor) {
         self.layers[i] = Some((k, v));
     }
+
+    /// Keeps the first `len` positions (a conversation's shared beginning), dropping the rest.
+    pub fn truncate(&mut self, len: usize) -> candle_core::Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let keep = len.min(k.dim(2)?);
+            *k = k.narrow(2, 0, keep)?;
+            *v = v.narrow(2, 0, keep)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone)]
