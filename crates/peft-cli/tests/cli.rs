@@ -13,6 +13,14 @@ fn peft(args: &[&str]) -> Output {
 }
 
 /// Asserts a clean failure: exit code 1, a single `error:` line naming `needle`, no panic.
+/// Runs `peft` and asserts that it succeeded, showing its stderr where it did not.
+fn succeeds(args: &[&str]) -> Output {
+    let out = peft(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    out
+}
+
 fn fails_with(args: &[&str], needle: &str) {
     let out = peft(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -147,7 +155,7 @@ fn train_generate_logits_merge_inspect() {
         b"r = 8\nlora_alpha = 16\nbatch_size = 2\nmax_steps = 2\nlr = 1e-3\nquiet = true\n",
     );
     let data = peft_models::testing::shipped_data();
-    let out = peft(&[
+    let out = succeeds(&[
         "train",
         "--config",
         s(&recipe),
@@ -160,11 +168,6 @@ fn train_generate_logits_merge_inspect() {
         "--target-modules",
         "q_proj,v_proj",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr
@@ -270,7 +273,7 @@ fn train_generate_logits_merge_inspect() {
     assert!(diff < 1e-3, "merged vs unmerged {diff}");
 
     let merged_dir = dir.path().join("merged");
-    let out = peft(&[
+    succeeds(&[
         "merge",
         "--model",
         s(&model),
@@ -279,11 +282,6 @@ fn train_generate_logits_merge_inspect() {
         "--output",
         s(&merged_dir),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for f in [
         "config.json",
         "model.safetensors",
@@ -311,7 +309,7 @@ fn train_generate_logits_merge_inspect() {
 
     // The same merge as a GGUF file for llama.cpp, in f32: the same logits again.
     let gguf = dir.path().join("out/merged.gguf");
-    let out = peft(&[
+    succeeds(&[
         "merge",
         "--model",
         s(&model),
@@ -322,13 +320,8 @@ fn train_generate_logits_merge_inspect() {
         "--dtype",
         "f32",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let from_gguf = dir.path().join("from_gguf.safetensors");
-    let out = peft(&[
+    succeeds(&[
         "logits",
         "--model",
         s(&gguf),
@@ -337,16 +330,11 @@ fn train_generate_logits_merge_inspect() {
         "--out",
         s(&from_gguf),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let diff = max_abs_diff(&load(&from_gguf), &load(&merged));
     assert!(diff < 1e-4, "GGUF file vs in-memory merge {diff}");
     // The adapter alone as a GGUF LoRA for llama.cpp.
     let lora = dir.path().join("lora.gguf");
-    let out = peft(&[
+    succeeds(&[
         "export-lora",
         "--model",
         s(&model),
@@ -355,11 +343,6 @@ fn train_generate_logits_merge_inspect() {
         "--output",
         s(&lora),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let mut file = std::fs::File::open(&lora).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     assert_eq!(
@@ -501,7 +484,7 @@ fn compare_writes_table_json_and_plot() {
     };
     let dir = tempfile::tempdir().unwrap();
     let data = peft_models::testing::shipped_data();
-    let out = peft(&[
+    succeeds(&[
         "compare",
         "--model",
         s(&model),
@@ -518,11 +501,6 @@ fn compare_writes_table_json_and_plot() {
         "--max-seq-length",
         "64",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("compare.json")).unwrap())
             .unwrap();
