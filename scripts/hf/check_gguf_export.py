@@ -9,7 +9,8 @@ and attention biases, Mistral, Qwen2, Qwen3), saved by transformers with SmolLM2
    `peft generate --model DIR`.
 Then the same for the SmolLM2 GGUF converted to f16 and q8_0 (llama-simple against
 `peft generate` on the written file); for a LoRA adapter written by `peft export-lora` (against
-convert_lora_to_gguf.py, llama.cpp applying it, and llama-export-lora merging it); and for
+convert_lora_to_gguf.py, llama.cpp applying it, and llama-export-lora merging it); for the
+k-quant mixes (against llama-quantize); and for
 SentencePiece tokenizers: a tiny model carrying
 the Llama 2 / Phi-3 vocabulary of llama.cpp's test files is read and written by peft, and
 llama.cpp's `llama-tokenize` must give the written file's test texts the ids the Hugging Face
@@ -21,7 +22,7 @@ llama.cpp comes from the llama-cpp-python sdist on PyPI (it vendors llama.cpp), 
     tar xzf llama_cpp_python-*.tar.gz && cd llama_cpp_python-*/vendor/llama.cpp
     pip install cmake ninja   # into any venv
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF
-    ninja -C build llama-simple llama-tokenize llama-completion llama-export-lora
+    ninja -C build llama-simple llama-tokenize llama-completion llama-export-lora llama-quantize
 
     .venv/bin/pip install sentencepiece   # convert_hf_to_gguf imports it
     .venv/bin/python scripts/hf/check_gguf_export.py --llama-cpp PATH/TO/llama.cpp \
@@ -220,6 +221,21 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"SmolLM2 {ty}: llama.cpp {'==' if same else '!='} peft generate: {a!r}"
               + ("" if same else f" vs {b!r}"))
         failed |= not same
+    # k-quant mixes: the SmolLM2 GGUF written as q4_k_m and q6_k by peft must equal what
+    # llama-quantize makes of the f32 file, tensor types and bytes.
+    f32_file = os.path.join(tmp, "smollm-f32-for-quantize.gguf")
+    run([args.peft, "merge", "--model", args.smollm_gguf, "--output", f32_file, "--dtype", "f32"])
+    for ty in ["q4_k_m", "q6_k"]:
+        ours, ref = os.path.join(tmp, f"smollm-{ty}.gguf"), os.path.join(tmp, f"ref-{ty}.gguf")
+        run([args.peft, "merge", "--model", args.smollm_gguf, "--output", ours, "--dtype", ty])
+        run([os.path.join(bin_dir, "llama-quantize"), f32_file, ref, ty.upper()],
+            env=dict(os.environ, LD_LIBRARY_PATH=bin_dir))
+        problems, n = compare(ours, ref)
+        problems = [p for p in problems if "general.file_type" not in p]
+        print(f"SmolLM2 {ty}: {n} tensors; " + ("; ".join(problems) if problems else
+              "the tensors llama-quantize writes, bit for bit"))
+        failed |= bool(problems)
+
     # LoRA adapters as GGUF LoRA files (`peft export-lora`): an HF PEFT adapter on SmolLM2
     # (every linear layer, random B). The file must equal convert_lora_to_gguf.py's; llama.cpp
     # applying it at run time must generate what `peft generate --adapter` does; and

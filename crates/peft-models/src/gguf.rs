@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use std::io::Write;
 use std::path::Path;
 
@@ -328,15 +329,37 @@ pub fn write_gguf(
         // The data starts at the next multiple of the alignment.
         w.write_all(&vec![0u8; (aligned(header) - header) as usize])?;
         for (name, t, ggml) in &typed {
-            let q = QTensor::quantize(&t.to_dtype(DType::F32)?, *ggml)
+            let data = tensor_bytes(t, *ggml)
                 .with_context(|| format!("cannot convert {name} to {ggml:?}"))?;
-            let data = q.data()?;
             w.write_all(&data)?;
             let n = data.len() as u64;
             w.write_all(&vec![0u8; (aligned(n) - n) as usize])?;
         }
         Ok(())
     })
+}
+
+/// A tensor's data in a ggml type: k-quants by llama.cpp's reference quantizer
+/// (`peft_quant::kquants`, the blocks `llama-quantize` writes), other types by candle.
+fn tensor_bytes(t: &Tensor, ggml: GgmlDType) -> Result<Vec<u8>> {
+    use peft_quant::kquants;
+    let kquant = match ggml {
+        GgmlDType::Q4K => kquants::quantize_q4_k,
+        GgmlDType::Q5K => kquants::quantize_q5_k,
+        GgmlDType::Q6K => kquants::quantize_q6_k,
+        _ => {
+            return Ok(QTensor::quantize(&t.to_dtype(DType::F32)?, ggml)?
+                .data()?
+                .into_owned())
+        }
+    };
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    // Rows are independent blocks: quantize them in parallel.
+    let cols = t.dims().last().copied().unwrap_or(0);
+    Ok(values
+        .par_chunks(cols.max(1))
+        .flat_map_iter(kquant)
+        .collect())
 }
 
 const ALIGNMENT: u64 = 32;
@@ -622,6 +645,37 @@ mod tests {
             t("blk.6.ffn_down.weight", GgufType::Q6K, 30, 1536),
             GgmlDType::Q6K
         );
+    }
+
+    /// Our k-quant blocks decode (by candle's ggml dequantizer) to the values within each
+    /// type's error, and closer than candle's own quantizer gets (llama-quantize's reference
+    /// algorithm; `scripts/hf/check_gguf_export.py` compares the bytes with llama-quantize).
+    #[test]
+    fn k_quant_blocks_decode_close_to_the_values() {
+        use candle_core::quantized::ggml_file::qtensor_from_ggml;
+        let dev = candle_core::Device::Cpu;
+        let t = Tensor::randn(0f32, 1.0, (4, 512), &dev).unwrap();
+        let rel_error = |q: &candle_core::quantized::QTensor| {
+            let back = q.dequantize(&dev).unwrap();
+            let err = (back - &t).unwrap().sqr().unwrap().sum_all().unwrap();
+            let norm = t.sqr().unwrap().sum_all().unwrap();
+            (err.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt()
+        };
+        for (ggml, bound) in [
+            (GgmlDType::Q4K, 0.12),
+            (GgmlDType::Q5K, 0.06),
+            (GgmlDType::Q6K, 0.03),
+        ] {
+            let bytes = tensor_bytes(&t, ggml).unwrap();
+            assert_eq!(bytes.len(), data_size(&t, ggml));
+            let ours = rel_error(&qtensor_from_ggml(ggml, &bytes, vec![4, 512], &dev).unwrap());
+            let candle = rel_error(&QTensor::quantize(&t, ggml).unwrap());
+            assert!(ours < bound, "{ggml:?}: relative error {ours}");
+            assert!(
+                ours <= candle * 1.001,
+                "{ggml:?}: {ours} vs candle's {candle}"
+            );
+        }
     }
 
     #[test]

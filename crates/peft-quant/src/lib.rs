@@ -1,11 +1,13 @@
 //! bitsandbytes-compatible quantization: NF4/FP4 blockwise 4-bit weights with optional double
 //! quantization of their scales, and 8-bit blockwise "dynamic" quantization (the format of
 //! 8-bit optimizer states). Same codes, same packing, same rounding as bitsandbytes, so a model
-//! quantized here and by bitsandbytes is the same model.
+//! quantized here and by bitsandbytes is the same model. Also llama.cpp's k-quant blocks for
+//! GGUF files (`kquants`).
 
 mod blockwise8;
 mod codes;
 mod fourbit;
+pub mod kquants;
 
 pub use blockwise8::{dequantize_blockwise, quantize_blockwise, Blockwise8, BLOCKSIZE_8BIT};
 pub use codes::{dynamic_map, fp4_code, NF4};
