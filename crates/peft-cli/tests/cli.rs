@@ -292,19 +292,23 @@ fn train_generate_logits_merge_inspect() {
         assert!(merged_dir.join(f).exists(), "{f} missing");
     }
     // The merged HF folder loads back and gives the merged logits.
-    let reloaded = dir.path().join("reloaded.safetensors");
-    assert!(peft(&[
-        "logits",
-        "--model",
-        s(&merged_dir),
-        "--input-ids",
-        ids,
-        "--out",
-        s(&reloaded)
-    ])
-    .status
-    .success());
-    let diff = max_abs_diff(&load(&reloaded), &load(&merged));
+    let logits_of = |model: &Path, name: &str| {
+        let out = dir.path().join(name);
+        succeeds(&[
+            "logits",
+            "--model",
+            s(model),
+            "--input-ids",
+            ids,
+            "--out",
+            s(&out),
+        ]);
+        load(&out)
+    };
+    let diff = max_abs_diff(
+        &logits_of(&merged_dir, "reloaded.safetensors"),
+        &load(&merged),
+    );
     assert!(diff < 1e-4, "HF folder vs in-memory merge {diff}");
 
     // The same merge as a GGUF file for llama.cpp, in f32: the same logits again.
@@ -320,17 +324,7 @@ fn train_generate_logits_merge_inspect() {
         "--dtype",
         "f32",
     ]);
-    let from_gguf = dir.path().join("from_gguf.safetensors");
-    succeeds(&[
-        "logits",
-        "--model",
-        s(&gguf),
-        "--input-ids",
-        ids,
-        "--out",
-        s(&from_gguf),
-    ]);
-    let diff = max_abs_diff(&load(&from_gguf), &load(&merged));
+    let diff = max_abs_diff(&logits_of(&gguf, "from_gguf.safetensors"), &load(&merged));
     assert!(diff < 1e-4, "GGUF file vs in-memory merge {diff}");
     // The adapter alone as a GGUF LoRA for llama.cpp.
     let lora = dir.path().join("lora.gguf");
