@@ -12,7 +12,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::Path;
 
 /// llama.cpp's per-layer tensor names (`blk.N.<name>`) and the HF module paths they hold.
@@ -104,19 +104,28 @@ pub enum GgufType {
 }
 
 impl GgufType {
+    const ALL: [Self; 7] = [
+        Self::F32,
+        Self::F16,
+        Self::Bf16,
+        Self::Q8_0,
+        Self::Q4KM,
+        Self::Q5KM,
+        Self::Q6K,
+    ];
+
     pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "f32" => Self::F32,
-            "f16" => Self::F16,
-            "bf16" => Self::Bf16,
-            "q8_0" => Self::Q8_0,
-            "q4_k_m" => Self::Q4KM,
-            "q5_k_m" => Self::Q5KM,
-            "q6_k" => Self::Q6K,
-            other => bail!(
-                "unknown GGUF tensor type {other:?} (known: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k)"
-            ),
-        })
+        let s = s.to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .with_context(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+                format!(
+                    "unknown GGUF tensor type {s:?} (known: {})",
+                    known.join(", ")
+                )
+            })
     }
 
     /// The name `parse` reads.
@@ -207,10 +216,8 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
 /// Llama 3 rope scaling as llama.cpp reads it, `rope_freqs.weight`: the factor each frequency
 /// is divided by, computed in f32 as llama.cpp's converter computes it (torch tensors), so that
 /// the file holds the same values.
-fn rope_freq_factors(c: &LlamaConfig) -> Result<Option<Tensor>> {
-    let Some(s) = &c.rope_scaling else {
-        return Ok(None);
-    };
+pub(crate) fn rope_freq_factors(c: &LlamaConfig) -> Option<Vec<f32>> {
+    let s = c.rope_scaling.as_ref()?;
     let unscaled = LlamaConfig {
         rope_scaling: None,
         ..c.clone()
@@ -222,7 +229,7 @@ fn rope_freq_factors(c: &LlamaConfig) -> Result<Option<Tensor>> {
         s.low_freq_factor as f32,
         s.high_freq_factor as f32,
     );
-    let factors: Vec<f32> = unscaled
+    let factors = unscaled
         .iter()
         .map(|&f| {
             let wavelen = 2.0 * std::f32::consts::PI / f;
@@ -236,7 +243,7 @@ fn rope_freq_factors(c: &LlamaConfig) -> Result<Option<Tensor>> {
             }
         })
         .collect();
-    Ok(Some(Tensor::new(factors, &candle_core::Device::Cpu)?))
+    Some(factors)
 }
 
 /// Writes `model` with `tokenizer` as one GGUF file at `path` (through a temporary file and a
@@ -259,7 +266,8 @@ pub fn save_gguf(
     );
 
     let mut tensors = Vec::new();
-    if let Some(factors) = rope_freq_factors(&c)? {
+    if let Some(factors) = rope_freq_factors(&c) {
+        let factors = Tensor::new(factors, &candle_core::Device::Cpu)?;
         tensors.push(("rope_freqs.weight".to_string(), factors));
     }
     for (hf, t) in model.named_tensors()? {
@@ -308,11 +316,9 @@ pub fn write_gguf(
         w.write_all(&3u32.to_le_bytes())?;
         w.write_all(&(typed.len() as u64).to_le_bytes())?;
         w.write_all(&(metadata.len() as u64).to_le_bytes())?;
-        let mut header = 4 + 4 + 8 + 8;
         for (key, value) in metadata {
             write_string(w, key)?;
             write_value(w, value, true)?;
-            header += string_size(key) + 4 + value_size(value);
         }
         let mut offset = 0u64;
         for (name, t, ggml) in &typed {
@@ -323,10 +329,10 @@ pub fn write_gguf(
             }
             w.write_all(&ggml_type_id(*ggml)?.to_le_bytes())?;
             w.write_all(&offset.to_le_bytes())?;
-            header += string_size(name) + 4 + 8 * t.rank() as u64 + 4 + 8;
             offset += aligned(data_size(t, *ggml) as u64);
         }
         // The data starts at the next multiple of the alignment.
+        let header = w.stream_position()?;
         w.write_all(&vec![0u8; (aligned(header) - header) as usize])?;
         for (name, t, ggml) in &typed {
             let data = tensor_bytes(t, *ggml)
@@ -406,19 +412,17 @@ struct ModelShape {
     tied: bool,
 }
 
+/// The layer of a `blk.N.*` tensor name.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
 impl ModelShape {
     fn of(tensors: &[(String, Tensor)]) -> Self {
-        let layer = |n: &str| {
-            n.strip_prefix("blk.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        };
         Self {
             layers: tensors
                 .iter()
-                .filter_map(|(n, _)| layer(n))
+                .filter_map(|(n, _)| layer_of(n))
                 .max()
                 .map_or(0, |l| l + 1),
             tied: !tensors.iter().any(|(n, _)| n == "output.weight"),
@@ -444,9 +448,7 @@ fn mix_type(name: &str, ty: GgufType, model: &ModelShape, cols: usize) -> GgmlDT
             GgmlDType::Q8_0
         };
     }
-    let layer = name
-        .strip_prefix("blk.")
-        .and_then(|n| n.split('.').next()?.parse::<usize>().ok());
+    let layer = layer_of(name);
     let n = model.layers;
     let more_bits = |i: usize| i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64) % 3 == 2;
     let bumped = name.contains(".attn_v.") || name.contains(".ffn_down.");
@@ -458,21 +460,6 @@ fn mix_type(name: &str, ty: GgufType, model: &ModelShape, cols: usize) -> GgmlDT
 
 fn data_size(t: &Tensor, ggml: GgmlDType) -> usize {
     t.elem_count() / ggml.block_size() * ggml.type_size()
-}
-
-fn string_size(s: &str) -> u64 {
-    8 + s.len() as u64
-}
-
-fn value_size(v: &Value) -> u64 {
-    match v {
-        Value::U8(_) | Value::I8(_) | Value::Bool(_) => 1,
-        Value::U16(_) | Value::I16(_) => 2,
-        Value::U32(_) | Value::I32(_) | Value::F32(_) => 4,
-        Value::U64(_) | Value::I64(_) | Value::F64(_) => 8,
-        Value::String(s) => string_size(s),
-        Value::Array(items) => 4 + 8 + items.iter().map(value_size).sum::<u64>(),
-    }
 }
 
 /// GGUF's metadata value type ids.

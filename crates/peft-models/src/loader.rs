@@ -50,17 +50,29 @@ pub fn load_model_with(
     if !path.exists() {
         bail!("model not found: {}", path.display());
     }
+    load_into_store(dtype, quantize, |store| {
+        if path.is_dir() {
+            load_hf_dir(path, device, store)
+        } else {
+            load_gguf(path, device, store)
+        }
+    })
+}
+
+/// Runs a loader `read` that puts each tensor into a fresh [`WeightStore`] and returns the
+/// config and tokenizer, and gathers all of it into a [`LoadedModel`].
+fn load_into_store(
+    dtype: DType,
+    quantize: Option<QuantizeOnLoad>,
+    read: impl FnOnce(&mut WeightStore) -> Result<(LlamaConfig, Option<Tokenizer>)>,
+) -> Result<LoadedModel> {
     let mut store = WeightStore {
         dtype,
         quantize,
         weights: HashMap::new(),
         quantized: HashMap::new(),
     };
-    let (config, tokenizer) = if path.is_dir() {
-        load_hf_dir(path, device, &mut store)?
-    } else {
-        load_gguf(path, device, &mut store)?
-    };
+    let (config, tokenizer) = read(&mut store)?;
     Ok(LoadedModel {
         config,
         weights: store.weights,
@@ -369,18 +381,8 @@ pub fn load_gguf_from<R: Read + Seek>(
     device: &Device,
     dtype: DType,
 ) -> Result<LoadedModel> {
-    let mut store = WeightStore {
-        dtype,
-        quantize: None,
-        weights: HashMap::new(),
-        quantized: HashMap::new(),
-    };
-    let (config, tokenizer) = read_gguf(reader, source, device, &mut store)?;
-    Ok(LoadedModel {
-        config,
-        weights: store.weights,
-        quantized: store.quantized,
-        tokenizer,
+    load_into_store(dtype, None, |store| {
+        read_gguf(reader, source, device, store)
     })
 }
 
@@ -544,16 +546,9 @@ fn llama3_rope_scaling(factors: &[f32], theta: f64, head_dim: usize) -> Result<V
         "hidden_size": head_dim, "intermediate_size": 1, "num_hidden_layers": 1,
         "num_attention_heads": 1, "vocab_size": 1, "rope_theta": theta, "rope_scaling": scaling,
     }))?;
-    let unscaled = LlamaConfig {
-        rope_scaling: None,
-        ..config.clone()
-    };
-    let unscaled = unscaled.rope_inv_freq();
-    let expected = unscaled
-        .iter()
-        .zip(config.rope_inv_freq())
-        .map(|(f, scaled)| f / scaled);
+    let expected = gguf::rope_freq_factors(&config).context("no llama3 rope scaling")?;
     if expected
+        .iter()
         .zip(factors)
         .any(|(want, got)| (want - got).abs() > 1e-3 * want)
     {
