@@ -308,9 +308,7 @@ impl Llama {
             inv_freq,
         };
         if was_quantized {
-            for (_, norm) in model.norms_mut() {
-                *norm = norm.to_dtype(DType::F32)?;
-            }
+            model.norms_in_f32()?;
         }
         Ok(model)
     }
@@ -428,8 +426,7 @@ impl Llama {
 
     /// Replaces every decoder linear's weight (not `lm_head`, as bitsandbytes' loaders skip it)
     /// with its 4-bit quantization; matmuls then run in `compute_dtype`. The norm weights
-    /// become f32, as `prepare_model_for_kbit_training` casts them (RMSNorm then computes in
-    /// f32 whatever the activations' dtype).
+    /// become f32 (`norms_in_f32`).
     pub fn quantize(
         &mut self,
         kind: FourBit,
@@ -445,6 +442,12 @@ impl Llama {
                 lin.weight = LinearWeight::Quantized(Arc::new(q));
             }
         }
+        self.norms_in_f32()
+    }
+
+    /// The norm weights of a quantized model in f32, as `prepare_model_for_kbit_training`
+    /// casts them (RMSNorm then computes in f32 whatever the activations' dtype).
+    fn norms_in_f32(&mut self) -> Result<()> {
         for (_, norm) in self.norms_mut() {
             *norm = norm.to_dtype(DType::F32)?;
         }

@@ -227,16 +227,11 @@ impl Tokenizer {
         let tokens = md
             .strings("tokenizer.ggml.tokens")?
             .context("GGUF metadata has no tokenizer.ggml.tokens")?;
-        let types = match md.array("tokenizer.ggml.token_type")? {
-            Some(types) => types
-                .iter()
-                .map(|t| {
-                    t.to_i32()
-                        .map_err(|_| type_error("tokenizer.ggml.token_type", "an i32 array"))
-                })
-                .collect::<Result<Vec<_>>>()?,
-            None => Vec::new(),
-        };
+        let types = md
+            .array_of("tokenizer.ggml.token_type", "an i32 array", |t| {
+                t.to_i32().ok()
+            })?
+            .unwrap_or_default();
         let token_at = |key: &str| -> Result<Option<String>> {
             md.u32(key)?
                 .map(|id| {
@@ -273,16 +268,9 @@ impl Tokenizer {
                 (inner, true, pre.adds_bos_by_default(), Some(pre_name.to_owned()))
             }
             "llama" => {
-                let scores = match md.array("tokenizer.ggml.scores")? {
-                    Some(scores) => scores
-                        .iter()
-                        .map(|s| {
-                            s.to_f32()
-                                .map_err(|_| type_error("tokenizer.ggml.scores", "an f32 array"))
-                        })
-                        .collect::<Result<Vec<_>>>()?,
-                    None => Vec::new(),
-                };
+                let scores = md
+                    .array_of("tokenizer.ggml.scores", "an f32 array", |s| s.to_f32().ok())?
+                    .unwrap_or_default();
                 let space_prefix = md.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
                 let unk = special.unk.as_deref();
                 let inner = sentencepiece_bpe(&tokens, &scores, unk, space_prefix)?;
@@ -965,19 +953,28 @@ impl<'a> Metadata<'a> {
             .transpose()
     }
 
-    fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+    /// The items of an array, each converted by `item`; `what` names the array's type in the
+    /// error when one does not convert.
+    fn array_of<T>(
+        &self,
+        key: &str,
+        what: &str,
+        item: impl Fn(&'a GgufValue) -> Option<T>,
+    ) -> Result<Option<Vec<T>>> {
         self.array(key)?
             .map(|values| {
                 values
                     .iter()
-                    .map(|v| {
-                        v.to_string()
-                            .map(String::as_str)
-                            .map_err(|_| type_error(key, "a string array"))
-                    })
+                    .map(|v| item(v).ok_or_else(|| type_error(key, what)))
                     .collect()
             })
             .transpose()
+    }
+
+    fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+        self.array_of(key, "a string array", |v| {
+            v.to_string().ok().map(String::as_str)
+        })
     }
 }
 
