@@ -11,16 +11,18 @@ For every architecture, crates/peft/tests/fixtures/arch/<name>/ holds:
 The weights are N(0, 0.15²), norms 1 + N(0, 0.2²): large enough that a wrong detail (a missing
 bias or norm, a permuted head) moves the logits by far more than the tests' tolerance.
 
-    .venv/bin/python scripts/hf/make_arch_fixtures.py
+    .venv/bin/python scripts/hf/make_arch_fixtures.py [NAME ...]   # default: all
 """
 import os
 import shutil
+import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -37,7 +39,18 @@ models = {
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
     # Per-head q/k norms and a head_dim that is not hidden / heads (4 × 16 = 64 ≠ 32).
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)),
+    # Gemma 3: (1 + w) norms, four norms per layer, q/k norms, scaled embeddings, GeGLU, a
+    # query_pre_attn_scalar that is not head_dim, sliding-window layers (window 3 over 8
+    # tokens) with their own RoPE base, and linear RoPE scaling on the global layer.
+    "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig(
+        **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
 }
+if len(sys.argv) > 1:
+    models = {name: models[name] for name in sys.argv[1:]}
 
 ids = torch.tensor([[1, 5, 9, 33, 60, 2, 17, 40]])
 ids_b2 = torch.tensor([[0, 0, 0, 7, 8, 9, 10, 11], [3, 4, 5, 6, 7, 8, 9, 10]])

@@ -3,8 +3,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
-/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2) that the
-/// forward pass needs. `raw` keeps the file as read so that `peft merge` writes it back intact.
+/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 3)
+/// that the forward pass needs. `raw` keeps the file as read so that `peft merge` writes it back
+/// intact.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
     pub model_type: String,
@@ -25,9 +26,37 @@ pub struct LlamaConfig {
     /// Bias on o_proj (Llama's `attention_bias` covers it too).
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// RMSNorm of each query and key head before RoPE (Qwen3's `q_norm` / `k_norm`).
+    /// RMSNorm of each query and key head before RoPE (Qwen3's and Gemma 3's `q_norm` /
+    /// `k_norm`).
     pub qk_norm: bool,
+    /// Gemma's RMSNorm: weights are offsets from 1 (the scale is `1 + w`, in f32).
+    pub norm_adds_one: bool,
+    /// Gemma's embeddings are multiplied by `sqrt(hidden_size)` (rounded to their dtype).
+    pub scale_embeddings: bool,
+    pub activation: Activation,
+    /// Gemma 3's four norms per layer: the attention output and the MLP's input and output
+    /// are normed (`post_attention_layernorm` then norms the attention output).
+    pub sandwich_norms: bool,
+    /// The attention scores' scale: `head_dim^-1/2` (Gemma 3: `query_pre_attn_scalar^-1/2`).
+    pub attention_scale: f64,
+    /// Per layer, the sliding window of keys its queries see (Gemma 3's local layers), or
+    /// `None` for global attention.
+    pub layer_windows: Vec<Option<usize>>,
+    /// Linear RoPE scaling of the global layers (`rope_type: "linear"`): positions divided by it.
+    pub rope_linear_factor: Option<f64>,
+    /// RoPE base of the sliding-window layers, when they have their own (Gemma 3's
+    /// `rope_local_base_freq`; never scaled).
+    pub local_rope_theta: Option<f64>,
     pub raw: Value,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(gate) · up` (Llama, Mistral, Qwen).
+    Silu,
+    /// `gelu_tanh(gate) · up` (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 /// Llama 3.1+ frequency-dependent RoPE scaling (`rope_type: "llama3"`).
@@ -57,12 +86,19 @@ struct RawConfig {
     rope_scaling: Option<Value>,
     #[serde(default = "default_max_pos")]
     max_position_embeddings: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    tie_word_embeddings: Option<bool>,
     #[serde(default)]
     attention_bias: bool,
     #[serde(default)]
     mlp_bias: bool,
+    hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    sliding_window: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    #[serde(alias = "_sliding_window_pattern")]
+    sliding_window_pattern: Option<usize>,
+    rope_local_base_freq: Option<f64>,
 }
 
 fn default_eps() -> f64 {
@@ -72,36 +108,82 @@ fn default_max_pos() -> usize {
     4096
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3_text"];
 
 impl LlamaConfig {
     pub fn from_json(raw: Value) -> Result<Self> {
         let c: RawConfig = serde_json::from_value(raw.clone())
             .context("config.json is not a Llama-family config")?;
-        let model_type = c.model_type.unwrap_or_else(|| "llama".into());
+        let model_type = c.model_type.clone().unwrap_or_else(|| "llama".into());
+        if model_type == "gemma3" {
+            bail!(
+                "model_type \"gemma3\" is Gemma 3's image-text model; only its text-only \
+                 checkpoints (model_type \"gemma3_text\": gemma-3-270m, gemma-3-1b) are supported"
+            );
+        }
         if !SUPPORTED.contains(&model_type.as_str()) {
             bail!("unsupported model_type {model_type:?} (supported: {SUPPORTED:?})");
         }
-        // transformers 5 moved rope settings into `rope_parameters`; older files use
-        // `rope_theta` + `rope_scaling`.
-        let rope = c.rope_parameters.or(c.rope_scaling);
+        let gemma = model_type == "gemma3_text";
+        for capping in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            if raw.get(capping).is_some_and(|v| !v.is_null()) {
+                bail!("logit soft-capping ({capping}) is not supported");
+            }
+        }
+        if raw
+            .get("use_bidirectional_attention")
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
+            bail!("bidirectional attention (use_bidirectional_attention: true) is not supported");
+        }
+        // transformers 5 moved rope settings into `rope_parameters` (per layer type for Gemma 3:
+        // `full_attention` and `sliding_attention`); older files use `rope_theta` +
+        // `rope_scaling` (+ Gemma 3's `rope_local_base_freq`).
+        let mut rope = c.rope_parameters.clone().or(c.rope_scaling.clone());
+        let mut local_rope = None;
+        if let Some(Value::Object(per_type)) = &rope {
+            if per_type.contains_key("full_attention") {
+                local_rope = per_type.get("sliding_attention").cloned();
+                rope = per_type.get("full_attention").cloned();
+            }
+        }
         let rope_theta = c
             .rope_theta
             .or_else(|| rope.as_ref()?.get("rope_theta")?.as_f64())
-            .unwrap_or(10_000.0);
-        let rope_type = rope
-            .as_ref()
-            .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let rope_scaling = match rope_type {
-            "default" => None,
-            "llama3" => Some(
-                serde_json::from_value(rope.clone().unwrap_or_default())
-                    .context("rope scaling of type llama3 lacks a field")?,
-            ),
-            other => bail!("unsupported rope_type {other:?} (supported: default, llama3)"),
+            .unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 });
+        let rope_type = |r: &Option<Value>| {
+            r.as_ref()
+                .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
+                .and_then(Value::as_str)
+                .unwrap_or("default")
+                .to_string()
         };
+        let mut rope_scaling = None;
+        let mut rope_linear_factor = None;
+        match rope_type(&rope).as_str() {
+            "default" => {}
+            "llama3" => {
+                rope_scaling = Some(
+                    serde_json::from_value(rope.clone().unwrap_or_default())
+                        .context("rope scaling of type llama3 lacks a field")?,
+                )
+            }
+            "linear" => {
+                let factor = rope.as_ref().and_then(|r| r.get("factor")?.as_f64());
+                rope_linear_factor =
+                    Some(factor.context("rope scaling of type linear lacks its factor")?);
+            }
+            other => bail!("unsupported rope_type {other:?} (supported: default, linear, llama3)"),
+        }
+        if rope_type(&local_rope) != "default" {
+            bail!("scaled RoPE on sliding-window layers is not supported");
+        }
+        let local_rope_theta = local_rope
+            .as_ref()
+            .and_then(|r| r.get("rope_theta")?.as_f64())
+            .or(c.rope_local_base_freq)
+            .or(gemma.then_some(10_000.0));
         if c.num_attention_heads == 0
             || !c.hidden_size.is_multiple_of(c.num_attention_heads) && c.head_dim.is_none()
         {
@@ -114,24 +196,49 @@ impl LlamaConfig {
         if raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
             bail!("sliding-window attention (use_sliding_window: true) is not supported");
         }
+        let layer_windows = if gemma {
+            gemma_layer_windows(&c)?
+        } else {
+            vec![None; c.num_hidden_layers]
+        };
+        let act = c.hidden_activation.as_deref().or(c.hidden_act.as_deref());
+        let activation = match act.unwrap_or(if gemma { "gelu_pytorch_tanh" } else { "silu" }) {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
+            other => bail!("unsupported activation {other:?} (supported: silu, gelu_pytorch_tanh)"),
+        };
+        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
+        let attention_scale = match (gemma, c.query_pre_attn_scalar) {
+            (true, Some(s)) => s.powf(-0.5),
+            _ => (head_dim as f64).powf(-0.5),
+        };
         let qwen = model_type == "qwen2";
         Ok(Self {
+            norm_adds_one: gemma,
+            scale_embeddings: gemma,
+            activation,
+            sandwich_norms: gemma,
+            attention_scale,
+            layer_windows,
+            rope_linear_factor,
+            local_rope_theta,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_hidden_layers: c.num_hidden_layers,
             num_attention_heads: c.num_attention_heads,
             num_key_value_heads,
-            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            head_dim,
             vocab_size: c.vocab_size,
             rms_norm_eps: c.rms_norm_eps,
             rope_theta,
             rope_scaling,
             max_position_embeddings: c.max_position_embeddings,
-            tie_word_embeddings: c.tie_word_embeddings,
+            // transformers leaves out values equal to the class's defaults: Gemma's is tied.
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias: qwen || c.attention_bias,
             o_bias: c.attention_bias,
             mlp_bias: c.mlp_bias,
-            qk_norm: model_type == "qwen3",
+            qk_norm: model_type == "qwen3" || gemma,
             model_type,
             raw,
         })
@@ -145,18 +252,12 @@ impl LlamaConfig {
         Self::from_json(raw).with_context(|| format!("in {}", path.display()))
     }
 
-    /// Inverse frequencies of RoPE, one per pair of head dims.
+    /// Inverse frequencies of RoPE, one per pair of head dims (of the global layers).
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        // Rounded as transformers rounds them (float32 tensors: the exponent in f32, the
-        // power rounded to f32, then the reciprocal): some differ from the exact values in
-        // the last bit, and models with large attention scores amplify that.
-        let d = self.head_dim;
-        let base: Vec<f32> = (0..d / 2)
-            .map(|i| {
-                let exponent = (2 * i) as f32 / d as f32;
-                1.0 / self.rope_theta.powf(exponent as f64) as f32
-            })
-            .collect();
+        let base = default_inv_freq(self.rope_theta, self.head_dim);
+        if let Some(factor) = self.rope_linear_factor {
+            return base.into_iter().map(|f| f / factor as f32).collect();
+        }
         let Some(s) = &self.rope_scaling else {
             return base;
         };
@@ -179,4 +280,59 @@ impl LlamaConfig {
             })
             .collect()
     }
+
+    /// Inverse frequencies of RoPE on the sliding-window layers, when they differ from
+    /// [`Self::rope_inv_freq`] (Gemma 3's local base).
+    pub fn local_rope_inv_freq(&self) -> Option<Vec<f32>> {
+        let theta = self.local_rope_theta?;
+        Some(default_inv_freq(theta, self.head_dim))
+    }
+}
+
+/// RoPE's inverse frequencies `theta^(-2i/d)`, rounded as transformers rounds them (float32
+/// tensors: the exponent in f32, the power rounded to f32, then the reciprocal): some differ
+/// from the exact values in the last bit, and models with large attention scores amplify that.
+fn default_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / head_dim as f32;
+            1.0 / theta.powf(exponent as f64) as f32
+        })
+        .collect()
+}
+
+/// Gemma 3's window per layer: `layer_types` where the file has them, else every
+/// `sliding_window_pattern`-th layer global and the others sliding (transformers' default).
+fn gemma_layer_windows(c: &RawConfig) -> Result<Vec<Option<usize>>> {
+    let window = c.sliding_window.unwrap_or(4096);
+    let types = match &c.layer_types {
+        Some(types) => types.clone(),
+        None => {
+            let pattern = c.sliding_window_pattern.unwrap_or(6).max(1);
+            (0..c.num_hidden_layers)
+                .map(|i| {
+                    if (i + 1) % pattern == 0 {
+                        "full_attention".to_string()
+                    } else {
+                        "sliding_attention".to_string()
+                    }
+                })
+                .collect()
+        }
+    };
+    if types.len() != c.num_hidden_layers {
+        bail!(
+            "config.json: layer_types has {} entries for {} layers",
+            types.len(),
+            c.num_hidden_layers
+        );
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "full_attention" => Ok(None),
+            "sliding_attention" => Ok(Some(window)),
+            other => bail!("config.json: unknown layer type {other:?}"),
+        })
+        .collect()
 }

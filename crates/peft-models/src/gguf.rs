@@ -27,8 +27,27 @@ const LAYER_MODULES: &[(&str, &str)] = &[
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
     ("attn_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
 ];
+
+/// The norm after attention: the MLP's input norm in the Llama family.
+const LLAMA_NORMS: &[(&str, &str)] = &[("ffn_norm", "post_attention_layernorm")];
+
+/// Gemma 3's: the attention output's norm, and the MLP's input and output norms.
+const GEMMA3_NORMS: &[(&str, &str)] = &[
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+];
+
+/// The per-layer names of a GGUF architecture.
+fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    let norms = if arch == "gemma3" {
+        GEMMA3_NORMS
+    } else {
+        LLAMA_NORMS
+    };
+    LAYER_MODULES.iter().chain(norms)
+}
 
 /// Whole-model tensors: llama.cpp's name and the HF name.
 const MODEL_TENSORS: &[(&str, &str)] = &[
@@ -37,26 +56,34 @@ const MODEL_TENSORS: &[(&str, &str)] = &[
     ("output.weight", "lm_head.weight"),
 ];
 
-/// GGUF tensor name -> HF name (`None` for tensors without one, e.g. `rope_freqs.weight`).
-pub fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name -> HF name in GGUF architecture `arch` (`None` for tensors without one,
+/// e.g. `rope_freqs.weight`).
+pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     if let Some((_, hf)) = MODEL_TENSORS.iter().find(|(g, _)| *g == gguf) {
         return Some(hf.to_string());
     }
     let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let (_, hf) = LAYER_MODULES.iter().find(|(g, _)| *g == module)?;
+    let (_, hf) = layer_modules(arch).find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
-/// HF name -> GGUF tensor name (`None` for tensors llama.cpp has no name for).
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// HF name -> GGUF tensor name in GGUF architecture `arch` (`None` for tensors llama.cpp has
+/// no name for).
+pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
     if let Some((g, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf) {
         return Some(g.to_string());
     }
     let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
+    let (g, _) = layer_modules(arch).find(|(_, h)| *h == module)?;
     Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// Whether a GGUF architecture stores RMSNorm scales as `1 + w` where HF stores `w` (Gemma:
+/// llama.cpp's converter adds the 1).
+pub fn shifts_norms(arch: &str) -> bool {
+    arch == "gemma3"
 }
 
 /// Whether llama.cpp's converter permutes the q/k rows of this GGUF architecture.
@@ -166,8 +193,55 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
+        "gemma3_text" => {
+            check_gemma3_layout(c)?;
+            "gemma3"
+        }
         other => bail!("cannot write a {other:?} model as GGUF"),
     })
+}
+
+/// What llama.cpp assumes of every Gemma 3 instead of reading it from the file: every sixth
+/// layer global and the others sliding, a local RoPE base of 10000 and scores scaled by
+/// `head_dim^-1/2` (`(hidden / heads)^-1/2` for the 62-layer 27B). Released Gemma 3 models
+/// are so; a file of another model would run wrong in llama.cpp, so it is refused.
+pub(crate) fn gemma3_hparams_llama_cpp(
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+) -> (Vec<bool>, f64, f64) {
+    let sliding = (0..layers).map(|i| (i + 1) % 6 != 0).collect();
+    let scale_dim = if layers == 62 {
+        hidden / heads.max(1)
+    } else {
+        head_dim
+    };
+    (sliding, 10_000.0, scale_dim as f64)
+}
+
+fn check_gemma3_layout(c: &LlamaConfig) -> Result<()> {
+    let (sliding, local_theta, scale_dim) = gemma3_hparams_llama_cpp(
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.head_dim,
+    );
+    let ours: Vec<bool> = c.layer_windows.iter().map(Option::is_some).collect();
+    let windows: Vec<usize> = c.layer_windows.iter().flatten().copied().collect();
+    if ours != sliding || windows.windows(2).any(|w| w[0] != w[1]) {
+        bail!("llama.cpp's gemma3 takes every sixth layer as global and the others as sliding with one window; this model's layers differ");
+    }
+    if c.local_rope_theta != Some(local_theta) {
+        bail!(
+            "llama.cpp's gemma3 takes a local RoPE base of {local_theta}; this model has {:?}",
+            c.local_rope_theta
+        );
+    }
+    if (c.attention_scale - scale_dim.powf(-0.5)).abs() > 1e-9 * c.attention_scale {
+        bail!("llama.cpp's gemma3 scales attention scores by {scale_dim}^-1/2; this model's query_pre_attn_scalar differs");
+    }
+    Ok(())
 }
 
 /// The model's hyperparameters under llama.cpp's keys.
@@ -194,6 +268,16 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         ("rope.freq_base", Value::F32(c.rope_theta as f32)),
     ];
     md.extend(keyed.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    if let Some(factor) = c.rope_linear_factor {
+        md.push((
+            format!("{arch}.rope.scaling.type"),
+            Value::String("linear".into()),
+        ));
+        md.push((
+            format!("{arch}.rope.scaling.factor"),
+            Value::F32(factor as f32),
+        ));
+    }
     // The keys llama.cpp's converter adds where it has them: head sizes when the config names
     // a head_dim; rope dimensions and vocabulary size for the llama architecture.
     let mut optional = Vec::new();
@@ -204,6 +288,9 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
     if arch == "llama" {
         optional.push(("vocab_size", u32_of(c.vocab_size)));
         optional.push(("rope.dimension_count", u32_of(c.head_dim)));
+    }
+    if let Some(window) = c.layer_windows.iter().flatten().next() {
+        optional.push(("attention.sliding_window", u32_of(*window)));
     }
     md.extend(
         optional
@@ -271,8 +358,12 @@ pub fn save_gguf(
         tensors.push(("rope_freqs.weight".to_string(), factors));
     }
     for (hf, t) in model.named_tensors()? {
-        let gguf = gguf_name(&hf).with_context(|| format!("no GGUF name for {hf}"))?;
-        tensors.push((gguf, llama_cpp_rows(&c, &hf, &t.detach())?));
+        let gguf = gguf_name(&hf, arch).with_context(|| format!("no GGUF name for {hf}"))?;
+        let mut t = llama_cpp_rows(&c, &hf, &t.detach())?;
+        if shifts_norms(arch) && hf.ends_with("norm.weight") {
+            t = (t.to_dtype(DType::F32)? + 1.0)?;
+        }
+        tensors.push((gguf, t));
     }
     write_gguf(path, &metadata, &tensors, ty)
 }
@@ -550,14 +641,31 @@ mod tests {
             "model.layers.0.self_attn.q_proj.bias",
             "model.layers.12.post_attention_layernorm.weight",
         ] {
-            let g = gguf_name(hf).unwrap();
-            assert_eq!(hf_name(&g).as_deref(), Some(hf), "{g}");
+            for arch in ["llama", "gemma3"] {
+                let g = gguf_name(hf, arch).unwrap();
+                assert_eq!(hf_name(&g, arch).as_deref(), Some(hf), "{g}");
+            }
         }
         assert_eq!(
-            gguf_name("model.layers.3.mlp.down_proj.weight").as_deref(),
+            gguf_name("model.layers.3.mlp.down_proj.weight", "llama").as_deref(),
             Some("blk.3.ffn_down.weight")
         );
-        assert_eq!(hf_name("rope_freqs.weight"), None);
+        assert_eq!(hf_name("rope_freqs.weight", "llama"), None);
+        // Gemma 3's ffn_norm is the MLP's input norm; its attention output has a norm of its own.
+        let gemma = |g: &str| hf_name(g, "gemma3");
+        assert_eq!(
+            gemma("blk.2.ffn_norm.weight").as_deref(),
+            Some("model.layers.2.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            gemma("blk.2.post_attention_norm.weight").as_deref(),
+            Some("model.layers.2.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            gemma("blk.2.post_ffw_norm.weight").as_deref(),
+            Some("model.layers.2.post_feedforward_layernorm.weight")
+        );
+        assert_eq!(hf_name("blk.2.post_ffw_norm.weight", "llama"), None);
     }
 
     /// The types llama-quantize chose for a 16-layer Llama 3.2-1B-shaped model and for

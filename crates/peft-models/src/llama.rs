@@ -1,16 +1,17 @@
-//! The Llama family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) with autograd-friendly ops.
+//! The Llama family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 3) with
+//! autograd-friendly ops.
 //!
 //! Every projection is a [`Linear`] addressed by its HF module path
 //! (`model.layers.3.self_attn.q_proj`), so tuners attach adapters by path, and the tensors of
 //! the model are named exactly as in the HF checkpoint.
 
-use crate::config::LlamaConfig;
+use crate::config::{Activation, LlamaConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, linear,
-    packed_self_attention, param, prefixed_self_attention, quantized_linear, rms_norm, rope,
-    softmax_last_dim, swiglu, GradSink, LinearWeight, QuantizedWeight,
+    causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, gated_act,
+    linear, packed_self_attention, param, prefixed_self_attention, quantized_linear, rms_norm,
+    rope, softmax_last_dim, GatedActivation, GradSink, LinearWeight, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -118,6 +119,10 @@ pub struct DecoderLayer {
     pub input_layernorm: Tensor,
     pub self_attn: Attention,
     pub post_attention_layernorm: Tensor,
+    /// Gemma 3's norms of the MLP input and output (its `post_attention_layernorm` norms the
+    /// attention output).
+    pub pre_feedforward_layernorm: Option<Tensor>,
+    pub post_feedforward_layernorm: Option<Tensor>,
     pub mlp: Mlp,
     /// Bottleneck adapters on the attention and MLP outputs, before each residual add.
     pub attn_adapter: Option<Arc<dyn BlockAdapter>>,
@@ -182,6 +187,8 @@ pub struct Llama {
     /// Parameter gradients of the recomputed layers (see [`peft_ops::checkpoint`]).
     pub grad_sink: Arc<GradSink>,
     inv_freq: Tensor,
+    /// RoPE of the sliding-window layers where it differs (Gemma 3).
+    local_inv_freq: Option<Tensor>,
 }
 
 struct WeightTaker<'a> {
@@ -265,6 +272,13 @@ impl Llama {
                     .transpose()
             };
             let (q_norm, k_norm) = (head_norm("q_norm")?, head_norm("k_norm")?);
+            let mut sandwich_norm = |name: &str| -> Result<Option<Tensor>> {
+                c.sandwich_norms
+                    .then(|| w.take(&format!("{p}.{name}.weight"), &[h]))
+                    .transpose()
+            };
+            let pre_feedforward_layernorm = sandwich_norm("pre_feedforward_layernorm")?;
+            let post_feedforward_layernorm = sandwich_norm("post_feedforward_layernorm")?;
             layers.push(DecoderLayer {
                 input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
@@ -277,6 +291,8 @@ impl Llama {
                 },
                 post_attention_layernorm: w
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                pre_feedforward_layernorm,
+                post_feedforward_layernorm,
                 mlp: Mlp {
                     gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias)?,
                     up_proj: w.linear(&format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
@@ -293,8 +309,11 @@ impl Llama {
         } else {
             Some(w.linear("lm_head", c.vocab_size, h, false)?)
         };
-        let inv_freq = c.rope_inv_freq();
-        let inv_freq = Tensor::new(inv_freq, device)?;
+        let inv_freq = Tensor::new(c.rope_inv_freq(), device)?;
+        let local_inv_freq = c
+            .local_rope_inv_freq()
+            .map(|f| Tensor::new(f, device))
+            .transpose()?;
         let mut model = Self {
             config,
             embed_tokens,
@@ -306,6 +325,7 @@ impl Llama {
             gradient_checkpointing: false,
             grad_sink: Arc::new(GradSink::default()),
             inv_freq,
+            local_inv_freq,
         };
         if was_quantized {
             model.norms_in_f32()?;
@@ -335,7 +355,8 @@ impl Llama {
     }
 
     /// Every RMSNorm scale with its checkpoint name: per layer the input and post-attention
-    /// norms (and Qwen3's query and key norms), then the final norm.
+    /// norms (Gemma 3's pre- and post-feedforward norms, Qwen3's and Gemma 3's query and key
+    /// norms), then the final norm.
     pub fn norms_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
@@ -348,6 +369,12 @@ impl Llama {
                 format!("{p}.post_attention_layernorm.weight"),
                 &mut layer.post_attention_layernorm,
             ));
+            if let Some(w) = &mut layer.pre_feedforward_layernorm {
+                out.push((format!("{p}.pre_feedforward_layernorm.weight"), w));
+            }
+            if let Some(w) = &mut layer.post_feedforward_layernorm {
+                out.push((format!("{p}.post_feedforward_layernorm.weight"), w));
+            }
             let a = &mut layer.self_attn;
             if let Some(q) = &mut a.q_norm {
                 out.push((format!("{p}.self_attn.q_norm.weight"), q));
@@ -479,24 +506,33 @@ impl Llama {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
+        let rows = self.embedding_rows(&flat)?;
+        Ok(rows.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// The embeddings of token ids `[n]` as the model's embedding layer gives them `[n,
+    /// hidden]`: Gemma's scaled by `sqrt(hidden_size)`, rounded to the embedding's dtype as
+    /// transformers rounds it.
+    pub fn embedding_rows(&self, ids: &Tensor) -> Result<Tensor> {
         // A trained embedding (modules_to_save) is f32 under a bf16 model.
-        Ok(param(&self.embed_tokens)
-            .index_select(&flat, 0)?
-            .to_dtype(self.dtype)?
-            .reshape((b, t, self.config.hidden_size))?)
+        let mut rows = param(&self.embed_tokens).index_select(ids, 0)?;
+        if self.config.scale_embeddings {
+            let scale = (self.config.hidden_size as f64).sqrt() as f32;
+            let scale = Tensor::new(scale, rows.device())?.to_dtype(rows.dtype())?;
+            rows = rows.broadcast_mul(&scale)?;
+        }
+        Ok(rows.to_dtype(self.dtype)?)
     }
 
     /// cos/sin tables `[positions.., head_dim / 2]` for the given positions: the values of the
     /// model's dtype (as transformers rounds them), held in f32, which the flash attention
     /// kernels read as they are, once for all layers.
-    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(&self, positions: &Tensor, inv_freq: &Tensor) -> Result<(Tensor, Tensor)> {
         let shape = positions.dims().to_vec();
         let pos = positions.flatten_all()?.to_dtype(DType::F32)?;
-        let theta = pos
-            .unsqueeze(1)?
-            .broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        let theta = pos.unsqueeze(1)?.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
         let mut out_shape = shape;
-        out_shape.push(self.inv_freq.dim(0)?);
+        out_shape.push(inv_freq.dim(0)?);
         let table = |t: Tensor, shape: Vec<usize>| -> Result<Tensor> {
             Ok(t.reshape(shape)?
                 .to_dtype(self.dtype)?
@@ -559,11 +595,63 @@ impl Llama {
             ids,
             seq,
             past,
+            window: None,
             dtype: self.dtype,
             device: self.device.clone(),
             built: Mutex::new(None),
         };
         Ok((positions, Some(bias)))
+    }
+
+    /// What the layers of each kind read: RoPE tables and mask of the global layers, and of
+    /// the sliding-window layers where the model has them (their own RoPE base, and a bias
+    /// that also hides keys beyond the window, when some are).
+    fn layer_inputs(
+        &self,
+        batch: usize,
+        seq: usize,
+        past: usize,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(LayerInputs, Option<LayerInputs>)> {
+        let (positions, bias) = self.mask_layout(batch, seq, past, attention_mask)?;
+        let bias = bias.map(Arc::new);
+        // The flash attention kernels (GPUs) read the mask's segment ids instead of the bias.
+        let segments = attention_mask.map(|m| m.to_dtype(DType::U32)).transpose()?;
+        let (cos, sin) = self.rope_tables(&positions, &self.inv_freq)?;
+        let window = self.config.layer_windows.iter().flatten().copied().max();
+        let local = match window {
+            None => None,
+            Some(window) => {
+                let (cos, sin) = match &self.local_inv_freq {
+                    Some(f) => self.rope_tables(&positions, f)?,
+                    None => (cos.clone(), sin.clone()),
+                };
+                // Without a mask the causal attention paths apply the window themselves.
+                let mask = match &bias {
+                    Some(b) if past + seq > window => Mask {
+                        bias: Some(Arc::new(b.windowed(window))),
+                        segments: None,
+                    },
+                    _ => Mask {
+                        bias: bias.clone(),
+                        segments: segments.clone(),
+                    },
+                };
+                Some(LayerInputs {
+                    cos,
+                    sin,
+                    mask,
+                    window: Some(window),
+                })
+            }
+        };
+        let global = LayerInputs {
+            cos,
+            sin,
+            mask: Mask { bias, segments },
+            window: None,
+        };
+        Ok((global, local))
     }
 
     /// Runs the decoder on input embeddings `[batch, seq, hidden]` and returns the final
@@ -578,11 +666,11 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-        let (positions, bias) = self.mask_layout(b, t, past, attention_mask)?;
-        let bias = bias.map(Arc::new);
-        let (cos, sin) = self.rope_tables(&positions)?;
-        // The flash attention kernels (GPUs) read the mask's segment ids instead of the bias.
-        let segments = attention_mask.map(|m| m.to_dtype(DType::U32)).transpose()?;
+        let (global, local) = self.layer_inputs(b, t, past, attention_mask)?;
+        let inputs_of = |l: usize| match (&self.config.layer_windows[l], &local) {
+            (Some(_), Some(local)) => local,
+            _ => &global,
+        };
         let mut x = embeds.clone();
         if train && self.gradient_checkpointing {
             // The recomputation needs a backward to reach every layer, also when nothing before
@@ -590,12 +678,8 @@ impl Llama {
             let anchor = Var::zeros((), x.dtype(), x.device())?;
             x = x.broadcast_add(anchor.as_tensor())?;
             for (l, layer) in self.layers.iter().enumerate() {
-                let (cfg, layer, cos, sin) =
-                    (self.config.clone(), layer.clone(), cos.clone(), sin.clone());
-                let mask = Mask {
-                    bias: bias.clone(),
-                    segments: segments.clone(),
-                };
+                let (cfg, layer, inputs) =
+                    (self.config.clone(), layer.clone(), inputs_of(l).clone());
                 // A pre-filled cache (prefix tuning) is read, not extended, in training: each
                 // layer's recomputation attends over its prefix, whose gradients reach the
                 // prefix's variables through the grad sink.
@@ -603,17 +687,16 @@ impl Llama {
                 x = checkpoint(&x, &self.grad_sink, move |x| {
                     let mut slot = prefix.as_ref().map(|(k, v)| (param(k), param(v)));
                     let slot = prefix.is_some().then_some(&mut slot);
-                    decoder_layer(&cfg, &layer, x, &cos, &sin, &mask, slot, true)
+                    decoder_layer(&cfg, &layer, x, &inputs, slot, true)
                 })?;
             }
         } else {
-            let mask = Mask { bias, segments };
             for (l, layer) in self.layers.iter().enumerate() {
                 let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-                x = decoder_layer(&self.config, layer, &x, &cos, &sin, &mask, slot, train)?;
+                x = decoder_layer(&self.config, layer, &x, inputs_of(l), slot, train)?;
             }
         }
-        Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
+        Ok(norm(&self.config, &x, &self.norm)?)
     }
 
     pub fn forward(
@@ -635,6 +718,16 @@ impl Llama {
     }
 }
 
+/// What a decoder layer reads besides its input: the RoPE tables, the mask, and the sliding
+/// window of its keys (`None`: global attention).
+#[derive(Clone)]
+struct LayerInputs {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Mask,
+    window: Option<usize>,
+}
+
 /// The attention mask of a batch with `attention_mask`: the additive bias (`[b, 1, t, past +
 /// t]`) and the segment ids it is built from (`[b, past + t]`, u32).
 #[derive(Clone, Default)]
@@ -651,12 +744,25 @@ struct LazyBias {
     ids: Vec<Vec<u32>>,
     seq: usize,
     past: usize,
+    /// Sliding window: a query also does not see keys `window` or more positions back.
+    window: Option<usize>,
     dtype: DType,
     device: Device,
     built: Mutex<Option<Tensor>>,
 }
 
 impl LazyBias {
+    /// The same mask limited to a sliding window of keys.
+    fn windowed(&self, window: usize) -> Self {
+        Self {
+            ids: self.ids.clone(),
+            window: Some(window),
+            built: Mutex::new(None),
+            device: self.device.clone(),
+            ..*self
+        }
+    }
+
     /// `[batch, 1, seq, past + seq]`: 0 where a query sees a key (see [`Llama::mask_layout`]),
     /// -inf elsewhere.
     fn get(&self) -> candle_core::Result<Tensor> {
@@ -672,7 +778,8 @@ impl LazyBias {
                 let id = ids[past + q];
                 let out = &mut bias[(row * seq + q) * total..][..total];
                 let mut sees_a_key = false;
-                for (k, slot) in out.iter_mut().enumerate().take(past + q + 1) {
+                let first = self.window.map_or(0, |w| (past + q + 1).saturating_sub(w));
+                for (k, slot) in out.iter_mut().enumerate().take(past + q + 1).skip(first) {
                     let key = ids[k];
                     if key != 0 && (k < past || id == 0 || key == id) {
                         *slot = 0.0;
@@ -694,65 +801,89 @@ impl LazyBias {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The model's RMSNorm with scale `w` (Gemma's scales by `1 + w`, computed in f32).
+fn norm(c: &LlamaConfig, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if c.norm_adds_one {
+        return rms_norm(x, &(w.to_dtype(DType::F32)? + 1.0)?, c.rms_norm_eps);
+    }
+    rms_norm(x, w, c.rms_norm_eps)
+}
+
 fn decoder_layer(
     c: &LlamaConfig,
     layer: &DecoderLayer,
     x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    mask: &Mask,
+    inputs: &LayerInputs,
     cache: Option<&mut Option<(Tensor, Tensor)>>,
     train: bool,
 ) -> candle_core::Result<Tensor> {
-    let eps = c.rms_norm_eps;
-    let h = rms_norm(x, &layer.input_layernorm, eps)?;
-    let mut attn = attention(c, &layer.self_attn, &h, cos, sin, mask, cache, train)?;
+    let h = norm(c, x, &layer.input_layernorm)?;
+    let mut attn = attention(c, &layer.self_attn, &h, inputs, cache, train)?;
+    // Gemma 3 norms the sublayer outputs before the residual add.
+    let (mlp_norm, out_norm) = match &layer.pre_feedforward_layernorm {
+        Some(pre) => {
+            attn = norm(c, &attn, &layer.post_attention_layernorm)?;
+            (pre, layer.post_feedforward_layernorm.as_ref())
+        }
+        None => (&layer.post_attention_layernorm, None),
+    };
     if let Some(a) = &layer.attn_adapter {
         attn = a.forward(&attn, train)?;
     }
     let x = (x + attn)?;
-    let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+    let h = norm(c, &x, mlp_norm)?;
     let m = &layer.mlp;
+    let act = match c.activation {
+        Activation::Silu => GatedActivation::Silu,
+        Activation::GeluTanh => GatedActivation::GeluTanh,
+    };
     let mut out = match m.frozen_weights() {
-        Some((gate, up, down)) => frozen_mlp(&h, &gate, &up, &down)?,
+        Some((gate, up, down)) => frozen_mlp(&h, &gate, &up, &down, act)?,
         None => {
-            let act = swiglu(
+            let gated = gated_act(
                 &m.gate_proj.forward(&h, train)?,
                 &m.up_proj.forward(&h, train)?,
+                act,
             )?;
-            m.down_proj.forward(&act, train)?
+            m.down_proj.forward(&gated, train)?
         }
     };
+    if let Some(w) = out_norm {
+        out = norm(c, &out, w)?;
+    }
     if let Some(a) = &layer.mlp_adapter {
         out = a.forward(&out, train)?;
     }
     x + out
 }
 
-#[allow(clippy::too_many_arguments)]
 fn attention(
     c: &LlamaConfig,
     a: &Attention,
     x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    mask: &Mask,
+    inputs: &LayerInputs,
     cache: Option<&mut Option<(Tensor, Tensor)>>,
     train: bool,
 ) -> candle_core::Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = c.attention_scale;
+    let LayerInputs {
+        cos,
+        sin,
+        mask,
+        window,
+    } = inputs;
+    let window = *window;
     let (mut q, mut k, v) = (
         a.q_proj.forward(x, train)?,
         a.k_proj.forward(x, train)?,
         a.v_proj.forward(x, train)?,
     );
-    // Qwen3 normalises each head over head_dim; the attention paths below take the heads
-    // still side by side in the last dimension.
+    // Qwen3 and Gemma 3 normalise each head over head_dim; the attention paths below take
+    // the heads still side by side in the last dimension.
     let head_norm = |y: &Tensor, w: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-        rms_norm(&y.reshape((b, t, n, hd))?, w, c.rms_norm_eps)?.reshape((b, t, n * hd))
+        norm(c, &y.reshape((b, t, n, hd))?, w)?.reshape((b, t, n * hd))
     };
     if let Some(w) = &a.q_norm {
         q = head_norm(&q, w, nh)?;
@@ -761,7 +892,7 @@ fn attention(
         k = head_norm(&k, w, kvh)?;
     }
     if mask.bias.is_none() && cache.is_none() {
-        let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale)?;
+        let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale, window)?;
         return a.o_proj.forward(&out, train);
     }
     if let (Some(segments), None) = (&mask.segments, &cache) {
@@ -799,7 +930,7 @@ fn attention(
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(m)?;
             softmax_last_dim(&scores)?.matmul(&v)?
         }
-        None => causal_attention(&q, &k, &v, scale)?,
+        None => causal_attention(&q, &k, &v, scale, window)?,
     };
     let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     a.o_proj.forward(&out, train)

@@ -405,7 +405,7 @@ fn read_gguf<R: Read + Seek>(
         .and_then(|v| v.to_string().ok())
         .cloned()
         .with_context(bad)?;
-    if !["llama", "mistral", "qwen2", "qwen3"].contains(&arch.as_str()) {
+    if !["llama", "mistral", "qwen2", "qwen3", "gemma3"].contains(&arch.as_str()) {
         bail!("{}: unsupported GGUF architecture {arch:?}", path.display());
     }
     let key = |k: &str| format!("{arch}.{k}");
@@ -444,7 +444,7 @@ fn read_gguf<R: Read + Seek>(
     }
 
     for name in content.tensor_infos.keys() {
-        let Some(hf) = gguf::hf_name(name) else {
+        let Some(hf) = gguf::hf_name(name, &arch) else {
             continue;
         };
         let q = content
@@ -457,6 +457,9 @@ fn read_gguf<R: Read + Seek>(
             } else if hf.contains("self_attn.k_proj") {
                 t = gguf::permute_rows(&t, kv_heads, true)?;
             }
+        }
+        if gguf::shifts_norms(&arch) && hf.ends_with("norm.weight") {
+            t = (t - 1.0)?;
         }
         store.insert(hf, t.to_device(device)?)?;
     }
@@ -486,9 +489,17 @@ fn read_gguf<R: Read + Seek>(
     let intermediate = store
         .rows("model.layers.0.mlp.up_proj.weight")
         .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?;
+    let (model_type, class) = match arch.as_str() {
+        "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
+        "mistral" => ("mistral", "MistralForCausalLM"),
+        "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
+        _ => ("llama", "LlamaForCausalLM"),
+    };
+    let gemma = arch == "gemma3";
     let mut raw = json!({
-        "architectures": [match arch.as_str() { "qwen2" => "Qwen2ForCausalLM", "qwen3" => "Qwen3ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
-        "model_type": arch,
+        "architectures": [class],
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": intermediate,
         "num_hidden_layers": layers,
@@ -497,14 +508,43 @@ fn read_gguf<R: Read + Seek>(
         "head_dim": head_dim,
         "vocab_size": vocab,
         "rms_norm_eps": md_f64(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-        "rope_theta": md_f64(md, &key("rope.freq_base")).unwrap_or(10_000.0),
+        "rope_theta": md_f64(md, &key("rope.freq_base")).unwrap_or(if gemma { 1e6 } else { 1e4 }),
         "max_position_embeddings": md_u64(md, &key("context_length")).unwrap_or(4096),
         "tie_word_embeddings": tie,
-        "hidden_act": "silu",
+        "hidden_act": if gemma { "gelu_pytorch_tanh" } else { "silu" },
         "torch_dtype": "float32",
     });
+    if gemma {
+        // What llama.cpp takes for every Gemma 3 (see `gguf::gemma3_hparams_llama_cpp`).
+        let window = md_u64(md, &key("attention.sliding_window"))
+            .with_context(|| format!("{}: gemma3 without a sliding window", path.display()))?;
+        let (sliding, local_theta, scale_dim) =
+            gguf::gemma3_hparams_llama_cpp(layers, hidden, heads, head_dim);
+        let types: Vec<&str> = sliding
+            .iter()
+            .map(|&s| {
+                if s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        raw["sliding_window"] = json!(window);
+        raw["layer_types"] = json!(types);
+        raw["rope_local_base_freq"] = json!(local_theta);
+        raw["query_pre_attn_scalar"] = json!(scale_dim);
+    }
     if let Some(scaling) = rope_scaling {
         raw["rope_scaling"] = scaling;
+    }
+    let scaling_type = md
+        .get(&key("rope.scaling.type"))
+        .and_then(|v| v.to_string().ok());
+    if scaling_type.map(String::as_str) == Some("linear") {
+        let factor = md_f64(md, &key("rope.scaling.factor"))
+            .with_context(|| format!("{}: linear rope scaling without a factor", path.display()))?;
+        raw["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
     }
     // Biases beyond Qwen2's q/k/v ones (Llama's `attention_bias`, `mlp_bias`) show as tensors.
     let has = |name: &str| store.contains(&format!("model.layers.0.{name}.bias"));

@@ -50,6 +50,8 @@ pub fn random_llama(
     };
     let w = llama_weights(c, |kind, shape| match kind {
         WeightKind::Matrix => randn(shape),
+        // A norm at its init scales by 1 (Gemma stores the scale as an offset from 1).
+        WeightKind::Norm if c.norm_adds_one => Ok(Tensor::zeros(shape, dtype, device)?),
         WeightKind::Norm => Ok(Tensor::ones(shape, dtype, device)?),
         WeightKind::Bias => Ok(Tensor::zeros(shape, dtype, device)?),
     })?;
@@ -68,8 +70,8 @@ pub enum WeightKind {
 
 /// Every tensor of a Llama of `config`, under its checkpoint name, from `init(kind, shape)`
 /// called in checkpoint order: embeddings; per layer the seven projections (each with its bias
-/// where the config has one), then the two norms (and Qwen3's query and key norms); the final
-/// norm; `lm_head` when untied.
+/// where the config has one), then the two norms (Gemma 3's four, and the query and key norms
+/// of Qwen3 and Gemma 3); the final norm; `lm_head` when untied.
 pub fn llama_weights(
     c: &LlamaConfig,
     mut init: impl FnMut(WeightKind, &[usize]) -> Result<Tensor>,
@@ -106,7 +108,15 @@ pub fn llama_weights(
                 );
             }
         }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
+        let sandwich: &[&str] = if c.sandwich_norms {
+            &["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        } else {
+            &[]
+        };
+        for norm in ["input_layernorm", "post_attention_layernorm"]
+            .iter()
+            .chain(sandwich)
+        {
             w.insert(format!("{p}.{norm}.weight"), init(WeightKind::Norm, &[h])?);
         }
         if c.qk_norm {

@@ -153,12 +153,13 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 /// Tokens that end a turn in the chat formats we support, besides the model's EOS.
-const TURN_END_TOKENS: [&str; 5] = [
+const TURN_END_TOKENS: [&str; 6] = [
     "<|im_end|>",
     "<|eot_id|>",
     "<|eom_id|>",
     "<|end_of_text|>",
     "<|endoftext|>",
+    "<end_of_turn>",
 ];
 
 const TOKENIZER_FILE: &str = "tokenizer.json";

@@ -1,5 +1,5 @@
 //! `save_gguf` on small random models of each architecture it writes (Llama with attention
-//! biases and Llama 3 rope scaling, Qwen2, Qwen3): read back by our GGUF loader, the model
+//! biases and Llama 3 rope scaling, Qwen2, Qwen3, Gemma 3): read back by our GGUF loader, the model
 //! computes the same logits, and its tokenizer encodes alike. That the files are what llama.cpp
 //! expects is checked against llama.cpp itself by scripts/hf/check_gguf_export.py.
 
@@ -92,6 +92,13 @@ fn config(model_type: &str) -> LlamaConfig {
             });
         }
         "qwen3" => c["head_dim"] = json!(32),
+        // Six layers: five sliding (a window of 4 over the 10 test tokens), one global.
+        "gemma3_text" => {
+            c["num_hidden_layers"] = json!(6);
+            c["head_dim"] = json!(32);
+            c["query_pre_attn_scalar"] = json!(32);
+            c["sliding_window"] = json!(4);
+        }
         _ => {}
     }
     LlamaConfig::from_json(c).unwrap()
@@ -132,7 +139,7 @@ fn logits(m: &Llama) -> Tensor {
 fn written_models_read_back_alike() {
     let tok = tokenizer();
     let text = "hello world, 12 héllo\n\n  <|im_end|>";
-    for model_type in ["llama", "qwen2", "qwen3"] {
+    for model_type in ["llama", "qwen2", "qwen3", "gemma3_text"] {
         let mut original = model(model_type);
         let want = logits(&original);
         let dir = tempfile::tempdir().unwrap();
@@ -149,8 +156,10 @@ fn written_models_read_back_alike() {
             let c = &loaded.config;
             assert_eq!(c.model_type, original.config.model_type);
             assert_eq!(c.head_dim, original.config.head_dim);
-            assert_eq!(c.qk_norm, model_type == "qwen3");
-            assert_eq!(c.qkv_bias, model_type != "qwen3");
+            assert_eq!(c.qk_norm, matches!(model_type, "qwen3" | "gemma3_text"));
+            assert_eq!(c.qkv_bias, matches!(model_type, "llama" | "qwen2"));
+            assert_eq!(c.layer_windows, original.config.layer_windows);
+            assert_eq!(c.attention_scale, original.config.attention_scale);
             assert_eq!(c.rope_scaling.is_some(), model_type == "llama");
             assert_eq!(c.tie_word_embeddings, original.config.tie_word_embeddings);
             let back = loaded.tokenizer.unwrap();

@@ -18,8 +18,15 @@ use {
 
 /// Causal attention `softmax(scale·q·kᵀ + causal)·v` for `q` `[b, heads, t, d]` and `k`, `v`
 /// `[b, kv_heads, t_k, d]` (grouped-query heads share kv heads). The probabilities are
-/// recomputed in the backward pass: no `t × t_k` tensor outlives the forward.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// recomputed in the backward pass: no `t × t_k` tensor outlives the forward. A sliding
+/// `window` limits each query to its last `window` keys (see [`causal_softmax`]).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (b, h, _, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let n_rep = h / kvh;
@@ -34,7 +41,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let probs = move |q: &Tensor, k: &Tensor| {
-        causal_softmax(&batched_matmul(q, &k.t()?)?.contiguous()?, scale)
+        causal_softmax(&batched_matmul(q, &k.t()?)?.contiguous()?, scale, window)
     };
     let out = batched_matmul(&probs(&qd, &expand(&kd)?)?, &expand(&vd)?)?;
     let fold = move |t: Tensor| -> Result<Tensor> {
@@ -60,7 +67,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 /// `kv_heads`) to the attention output `[b, t, heads · d]`, with RoPE (`cos`/`sin`
 /// `[t, d / 2]`, positions `0..t`) applied to q and k. Equal to splitting the heads, [`rope`],
 /// [`causal_attention`] and merging the heads; f32 CPU tensors take one fused path, bf16 CUDA
-/// tensors with head size 64 or 128 the flash attention kernels.
+/// tensors with head size 64 or 128 the flash attention kernels (which have no sliding
+/// `window`: they serve a window only when it covers every key).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_self_attention(
     q: &Tensor,
@@ -71,11 +79,14 @@ pub fn causal_self_attention(
     heads: usize,
     kv_heads: usize,
     scale: f64,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, t, hd) = q.dims3()?;
     let d = hd / heads;
+    let window = window.filter(|&w| w < t);
     #[cfg(feature = "cuda")]
-    if flash_serves((q, k, v), heads, kv_heads)
+    if window.is_none()
+        && flash_serves((q, k, v), heads, kv_heads)
         && cos.dims() == [t, d / 2]
         && sin.dims() == [t, d / 2]
     {
@@ -91,7 +102,7 @@ pub fn causal_self_attention(
         let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let qh = rope(&split(q, heads)?, cos, sin)?;
         let kh = rope(&split(k, kv_heads)?, cos, sin)?;
-        let out = causal_attention(&qh, &kh, &split(v, kv_heads)?, scale)?;
+        let out = causal_attention(&qh, &kh, &split(v, kv_heads)?, scale, window)?;
         return out.transpose(1, 2)?.reshape((b, t, hd));
     }
     let n_rep = heads / kv_heads;
@@ -119,7 +130,7 @@ pub fn causal_self_attention(
     };
     let probs = move |qh: &Tensor, kh: &Tensor| -> Result<Tensor> {
         let scores = batched_matmul(qh, &kh.t()?)?.reshape((b, heads, t, t))?;
-        causal_softmax(&scores, scale)?.reshape((b, kv_heads, n_rep * t, t))
+        causal_softmax(&scores, scale, window)?.reshape((b, kv_heads, n_rep * t, t))
     };
     let (qh, kh, vh) = inputs()?;
     let out = batched_matmul(&probs(&qh, &kh)?, &vh)?;

@@ -519,12 +519,53 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `silu(gate) · up`, keeping only `gate` and `up` for the backward.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+/// The activation of a gated MLP's gate: `act(gate) · up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatedActivation {
+    /// SwiGLU (Llama): `silu(g) = g · sigmoid(g)`.
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma's `gelu_pytorch_tanh`), written as
+    /// `g · sigmoid(2·√(2/π)·(g + 0.044715·g³))`, which it equals.
+    GeluTanh,
+}
+
+/// √(2/π).
+const GELU_C: f64 = 0.797_884_560_802_865_4;
+
+impl GatedActivation {
+    /// `a(g)` with `act(g) = g · sigmoid(a(g))`, and `a'(g)`.
+    #[inline]
+    fn arg(self, g: f32) -> (f32, f32) {
+        match self {
+            Self::Silu => (g, 1.0),
+            Self::GeluTanh => {
+                let c = 2.0 * GELU_C as f32;
+                (
+                    c * (g + 0.044715 * g * g * g),
+                    c * (1.0 + 3.0 * 0.044715 * g * g),
+                )
+            }
+        }
+    }
+
+    /// The CUDA kernels cover SwiGLU; GeGLU runs as composed ops there.
+    fn kernel(self, t: &Tensor) -> bool {
+        crate::has_kernel(t, Kernel::Swiglu) && (self == Self::Silu || t.device().is_cpu())
+    }
+
+    /// `act(g)` by composed ops.
+    fn composed(self, g: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => g.silu(),
+            Self::GeluTanh => g.gelu(),
+        }
+    }
+}
+
+/// `act(gate) · up`, keeping only `gate` and `up` for the backward.
+pub fn gated_act(gate: &Tensor, up: &Tensor, act: GatedActivation) -> Result<Tensor> {
     let (g, u) = (gate.detach(), up.detach());
-    let kernel = crate::has_kernel(&g, Kernel::Swiglu)
-        && g.device().same_device(u.device())
-        && g.dtype() == u.dtype();
+    let kernel = act.kernel(&g) && g.device().same_device(u.device()) && g.dtype() == u.dtype();
     let (g, u) = if kernel {
         (g.contiguous()?, u.contiguous()?)
     } else {
@@ -533,61 +574,86 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let y = if kernel {
         // Run by the with_grad op's forward, into its own output.
         Value::ByTheOp(Box::new(crate::grad::Op2Output {
-            op: SwigluForward,
+            op: GatedForward(act),
             a: g.clone(),
             b: u.clone(),
         }))
     } else {
-        Value::Computed((g.silu()? * &u)?)
+        Value::Computed((act.composed(&g)? * &u)?)
     };
     let (g_tracks, u_tracks) = (gate.track_op(), up.track_op());
     // Third argument repeated: with_grad3 serves two inputs as well.
     with_grad3((gate, up, up), y, move |_, grad| -> Result<Grads3> {
-        let (d_g, d_u) = swiglu_grads(&g, &u, grad, kernel)?;
+        let (d_g, d_u) = gated_grads(&g, &u, grad, act, kernel)?;
         Ok((g_tracks.then_some(d_g), u_tracks.then_some(d_u), None))
     })
 }
 
-/// dL/dgate and dL/dup of [`swiglu`] from the gradient of its output.
-fn swiglu_grads(g: &Tensor, u: &Tensor, grad: &Tensor, kernel: bool) -> Result<(Tensor, Tensor)> {
+/// dL/dgate and dL/dup of [`gated_act`] from the gradient of its output.
+fn gated_grads(
+    g: &Tensor,
+    u: &Tensor,
+    grad: &Tensor,
+    act: GatedActivation,
+    kernel: bool,
+) -> Result<(Tensor, Tensor)> {
     if kernel {
         let n = g.elem_count();
-        let both =
-            g.apply_op3_no_bwd(u, &grad.to_dtype(g.dtype())?.contiguous()?, &SwigluBackward)?;
+        let grad = grad.to_dtype(g.dtype())?.contiguous()?;
+        let both = g.apply_op3_no_bwd(u, &grad, &GatedBackward(act))?;
         let d_g = both.narrow(0, 0, n)?.reshape(g.shape())?;
         let d_u = both.narrow(0, n, n)?.reshape(g.shape())?;
         return Ok((d_g, d_u));
     }
-    let silu = g.silu()?;
-    let d_u = (grad * &silu)?;
-    // d silu(g)/dg = s + silu·(1 − s) with s = sigmoid(g).
-    let s = candle_nn::ops::sigmoid(g)?;
-    let dsilu = (&s + (&silu * (1.0 - &s)?)?)?;
-    let d_g = ((grad * u)? * dsilu)?;
+    // act(g) = g · s with s = sigmoid(a(g)): d act/dg = s + g · s · (1 − s) · a'(g).
+    let (a, da) = match act {
+        GatedActivation::Silu => (g.clone(), None),
+        GatedActivation::GeluTanh => {
+            let g3 = (g.sqr()? * g)?;
+            let c = 2.0 * GELU_C;
+            let a = ((g + (g3 * 0.044715)?)? * c)?;
+            let da = ((g.sqr()? * (3.0 * 0.044715 * c))? + c)?;
+            (a, Some(da))
+        }
+    };
+    let s = candle_nn::ops::sigmoid(&a)?;
+    let value = (g * &s)?;
+    let d_u = (grad * &value)?;
+    let mut slope = (&value * (1.0 - &s)?)?;
+    if let Some(da) = da {
+        slope = (slope * da)?;
+    }
+    let d_g = ((grad * u)? * (&s + slope)?)?;
     Ok((d_g, d_u))
 }
 
-/// Llama's MLP `down(silu(gate(x)) · up(x))` with three frozen weights (`gate`, `up`
+/// A gated MLP `down(act(gate(x)) · up(x))` with three frozen weights (`gate`, `up`
 /// `[inter, hidden]`, `down` `[hidden, inter]`) as one autograd node: keeps only the two
 /// projections for the backward, and the autograd graph sees no intermediate tensor.
-pub fn frozen_mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+pub fn frozen_mlp(
+    x: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+    act: GatedActivation,
+) -> Result<Tensor> {
     let hidden = gate.dim(1)?;
     let rows = x.elem_count() / hidden;
     let x2 = x.detach().reshape((rows, hidden))?;
     let g = frozen_matmul(&x2, gate, true)?;
     let u = frozen_matmul(&x2, up, true)?;
-    let kernel = crate::has_kernel(&g, Kernel::Swiglu);
-    let act = if kernel {
-        g.apply_op2_no_bwd(&u, &SwigluForward)?
+    let kernel = act.kernel(&g);
+    let gated = if kernel {
+        g.apply_op2_no_bwd(&u, &GatedForward(act))?
     } else {
-        (g.silu()? * &u)?
+        (act.composed(&g)? * &u)?
     };
-    let y = Value::linear(&act, down, x.shape())?;
-    drop(act);
+    let y = Value::linear(&gated, down, x.shape())?;
+    drop(gated);
     let (gate, up, down) = (gate.clone(), up.clone(), down.clone());
     with_grad(x, y, move |x, _, grad| {
         let d_act = frozen_matmul(&grad.reshape((rows, hidden))?, &down, false)?;
-        let (d_g, d_u) = swiglu_grads(&g, &u, &d_act, kernel)?;
+        let (d_g, d_u) = gated_grads(&g, &u, &d_act, act, kernel)?;
         (frozen_matmul(&d_g, &gate, false)? + frozen_matmul(&d_u, &up, false)?)?.reshape(x.shape())
     })
 }
@@ -595,12 +661,12 @@ pub fn frozen_mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Resu
 /// Elements per parallel task of the CPU kernels.
 const CPU_BLOCK: usize = 1 << 14;
 
-/// `silu(gate) · up` in one kernel (CPU and CUDA).
-struct SwigluForward;
+/// `act(gate) · up` in one kernel (CPU; CUDA for SwiGLU).
+struct GatedForward(GatedActivation);
 
-impl CustomOp2 for SwigluForward {
+impl CustomOp2 for GatedForward {
     fn name(&self) -> &'static str {
-        "swiglu"
+        "gated-activation"
     }
 
     fn cpu_fwd(
@@ -611,12 +677,13 @@ impl CustomOp2 for SwigluForward {
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (cpu_f32(g, gl)?, cpu_f32(u, ul)?);
+        let act = self.0;
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CPU_BLOCK)
             .zip(g.par_chunks(CPU_BLOCK).zip(u.par_chunks(CPU_BLOCK)))
             .for_each(|(y, (g, u))| {
                 for (y, &g) in y.iter_mut().zip(g) {
-                    *y = -g;
+                    *y = -act.arg(g).0;
                 }
                 crate::fast_exp::exp_in_place(y);
                 for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
@@ -634,6 +701,9 @@ impl CustomOp2 for SwigluForward {
         u: &candle_core::CudaStorage,
         ul: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.0 != GatedActivation::Silu {
+            candle_core::bail!("no CUDA kernel for {:?}", self.0);
+        }
         Ok((
             crate::cuda::swiglu_fwd((g, gl), (u, ul))?,
             gl.shape().clone(),
@@ -641,12 +711,13 @@ impl CustomOp2 for SwigluForward {
     }
 }
 
-/// `[d gate; d up]` (flat, `2 × n`) from `(gate, up, dL/dy)` in one kernel (CPU and CUDA).
-struct SwigluBackward;
+/// `[d gate; d up]` (flat, `2 × n`) from `(gate, up, dL/dy)` in one kernel (CPU; CUDA for
+/// SwiGLU).
+struct GatedBackward(GatedActivation);
 
-impl CustomOp3 for SwigluBackward {
+impl CustomOp3 for GatedBackward {
     fn name(&self) -> &'static str {
-        "swiglu-backward"
+        "gated-activation-backward"
     }
 
     fn cpu_fwd(
@@ -659,6 +730,7 @@ impl CustomOp3 for SwigluBackward {
         gradl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, u, dy) = (cpu_f32(g, gl)?, cpu_f32(u, ul)?, cpu_f32(grad, gradl)?);
+        let act = self.0;
         let n = g.len();
         let mut out = vec![0f32; 2 * n];
         let (d_g, d_u) = out.split_at_mut(n);
@@ -667,17 +739,17 @@ impl CustomOp3 for SwigluBackward {
             .zip(g.par_chunks(CPU_BLOCK).zip(u.par_chunks(CPU_BLOCK)))
             .zip(dy.par_chunks(CPU_BLOCK))
             .for_each(|(((d_g, d_u), (g, u)), dy)| {
-                // e^-g, in d_g until it is overwritten.
+                // e^-a(g), in d_g until it is overwritten.
                 for (e, &g) in d_g.iter_mut().zip(g) {
-                    *e = -g;
+                    *e = -act.arg(g).0;
                 }
                 crate::fast_exp::exp_in_place(d_g);
                 for i in 0..g.len() {
                     let s = 1.0 / (1.0 + d_g[i]);
-                    let silu = g[i] * s;
-                    d_u[i] = dy[i] * silu;
-                    // d silu(g)/dg = s + silu·(1 − s).
-                    d_g[i] = dy[i] * u[i] * (s + silu * (1.0 - s));
+                    let value = g[i] * s;
+                    d_u[i] = dy[i] * value;
+                    // d (g·s)/dg = s + g·s·(1 − s)·a'(g).
+                    d_g[i] = dy[i] * u[i] * (s + value * (1.0 - s) * act.arg(g[i]).1);
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
@@ -693,6 +765,9 @@ impl CustomOp3 for SwigluBackward {
         grad: &candle_core::CudaStorage,
         gradl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.0 != GatedActivation::Silu {
+            candle_core::bail!("no CUDA kernel for {:?}", self.0);
+        }
         let out = crate::cuda::swiglu_bwd((g, gl), (u, ul), (grad, gradl))?;
         Ok((out, Shape::from(2 * gl.shape().elem_count())))
     }

@@ -33,7 +33,7 @@ pub use bf16_gemm::{
 };
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink, NoGrad};
 pub use device::{open_device, peak_memory, reset_peak_memory};
-pub use fused::{dropout_mask, frozen_mlp, lora_linear, swiglu, Dropout};
+pub use fused::{dropout_mask, frozen_mlp, gated_act, lora_linear, Dropout, GatedActivation};
 pub use grad::{with_grad, with_grad3, Grads3, OpOutput, Value};
 pub use init::random_normal;
 pub use ops::{

@@ -5,16 +5,27 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 /// `softmax(scale · scores + causal mask)` over the last dim of `[.., q, k]` scores, where
-/// query row `i` sees keys `0..=past + i` (`past = k - q`). Kernels for f32 on the CPU and
-/// f32/bf16 on CUDA; other cases use the composed ops.
-pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+/// query row `i` sees keys `0..=past + i` (`past = k - q`), and with a sliding `window` only
+/// the last `window` of those (Gemma 3's local layers: key `j` is seen when `past + i − j <
+/// window`). Kernels for f32 on the CPU and f32/bf16 on CUDA (no window there); other cases
+/// use the composed ops.
+pub fn causal_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
     let dims = scores.dims();
     let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    if !crate::has_kernel(scores, crate::Kernel::Softmax) {
+    // A window as wide as the keys hides nothing.
+    let window = window.filter(|&w| w < k);
+    let kernel = crate::has_kernel(scores, crate::Kernel::Softmax)
+        && (window.is_none() || matches!(scores.device(), candle_core::Device::Cpu));
+    if !kernel {
         let past = k - q;
         let qi = Tensor::arange(0u32, q as u32, scores.device())?.unsqueeze(1)?;
         let kj = Tensor::arange(0u32, k as u32, scores.device())?.unsqueeze(0)?;
-        let allowed = kj.broadcast_le(&(qi + past as f64)?)?;
+        let last = (qi + past as f64)?;
+        let mut allowed = kj.broadcast_le(&last)?;
+        if let Some(w) = window {
+            // j > last − w, written as j + w > last to stay in u32.
+            allowed = (allowed * (kj + w as f64)?.broadcast_gt(&last)?)?;
+        }
         let neg =
             Tensor::full(f32::NEG_INFINITY, (q, k), scores.device())?.to_dtype(scores.dtype())?;
         let zeros = Tensor::zeros((q, k), scores.dtype(), scores.device())?;
@@ -25,6 +36,7 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
         scale: scale as f32,
         q,
         k,
+        window,
     })
 }
 
@@ -32,6 +44,7 @@ struct CausalSoftmax {
     scale: f32,
     q: usize,
     k: usize,
+    window: Option<usize>,
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -44,18 +57,18 @@ impl CustomOp1 for CausalSoftmax {
         let (q, k, scale) = (self.q, self.k, self.scale);
         let past = k - q;
         let out = crate::par_build(x.len(), k, |row, y: &mut [f32]| {
-            let x = &x[row * k..][..k];
-            let visible = past + row % q + 1;
-            let max = x[..visible]
-                .iter()
-                .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-            for (yi, &xi) in y[..visible].iter_mut().zip(&x[..visible]) {
+            // Keys `first..end` are seen; the others keep probability 0.
+            let end = past + row % q + 1;
+            let first = self.window.map_or(0, |w| end.saturating_sub(w));
+            let (x, y) = (&x[row * k..][first..end], &mut y[first..end]);
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+            for (yi, &xi) in y.iter_mut().zip(x) {
                 *yi = xi * scale - max;
             }
-            crate::fast_exp::exp_in_place(&mut y[..visible]);
-            let sum: f32 = y[..visible].iter().sum();
+            crate::fast_exp::exp_in_place(y);
+            let sum: f32 = y.iter().sum();
             let inv = 1.0 / sum;
-            y[..visible].iter_mut().for_each(|v| *v *= inv);
+            y.iter_mut().for_each(|v| *v *= inv);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }

@@ -143,7 +143,9 @@ fn rope_matches_cpu() {
 #[test]
 fn causal_softmax_matches_cpu() {
     let inputs = [((randn(&[2, 3, 5, 7], 9) * 4.0).unwrap(), Input::Cast)];
-    check("causal_softmax", &inputs, |x| causal_softmax(&x[0], 0.5));
+    check("causal_softmax", &inputs, |x| {
+        causal_softmax(&x[0], 0.5, None)
+    });
 }
 
 #[test]
@@ -154,7 +156,7 @@ fn causal_attention_matches_cpu() {
         (randn(&[2, 2, 6, 8], 12), Input::Cast),
     ];
     check("causal_attention", &inputs, |x| {
-        causal_attention(&x[0], &x[1], &x[2], 1.0 / 8f64.sqrt())
+        causal_attention(&x[0], &x[1], &x[2], 1.0 / 8f64.sqrt(), None)
     });
 }
 
@@ -174,7 +176,9 @@ fn causal_self_attention_matches_cpu() {
         check(&format!("causal_self_attention d{d}"), &inputs, |x| {
             let scale = 1.0 / (d as f64).sqrt();
             let (cos, sin) = (x[3].detach(), x[4].detach());
-            causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale)
+            causal_self_attention(
+                &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None,
+            )
         });
     }
 }
@@ -294,12 +298,16 @@ fn prefixed_self_attention_matches_cpu() {
     }
 }
 #[test]
-fn swiglu_matches_cpu() {
+fn gated_activations_match_cpu() {
     let inputs = [
         ((randn(&[3, 4, 10], 13) * 3.0).unwrap(), Input::Cast),
         (randn(&[3, 4, 10], 14), Input::Cast),
     ];
-    check("swiglu", &inputs, |x| swiglu(&x[0], &x[1]));
+    for act in [GatedActivation::Silu, GatedActivation::GeluTanh] {
+        check(&format!("{act:?}"), &inputs, |x| {
+            gated_act(&x[0], &x[1], act)
+        });
+    }
 }
 
 /// A small case, and one with two rank groups of the thin kernels (r = 20) and rows split
@@ -355,7 +363,11 @@ fn checkpoint_matches_cpu() {
         let sink = Arc::new(GradSink::default());
         checkpoint(&x[0], &sink, move |h| {
             let up = frozen_linear(h, &w)?;
-            swiglu(&up.narrow(2, 0, 8)?, &up.narrow(2, 8, 8)?)
+            gated_act(
+                &up.narrow(2, 0, 8)?,
+                &up.narrow(2, 8, 8)?,
+                GatedActivation::Silu,
+            )
         })
     });
 }

@@ -15,8 +15,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    causal_self_attention, causal_softmax, dropout_mask, rms_norm, swiglu, Dropout, PrefixedRows,
-    SHARED_SEGMENT,
+    causal_self_attention, causal_softmax, dropout_mask, gated_act, rms_norm, Dropout,
+    GatedActivation, PrefixedRows, SHARED_SEGMENT,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -168,6 +168,7 @@ fn compare(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) {
         heads,
         kv_heads,
         scale,
+        None,
     )
     .unwrap();
     let grads = (&o * &dout).unwrap().sum_all().unwrap().backward().unwrap();
@@ -849,7 +850,9 @@ fn swiglu_kernels_match_the_cpu() {
     let gate = (randn(&[n], 510) * 4.0).unwrap();
     let up = randn(&[n], 511);
     let probe = randn(&[n], 512);
-    let (y, grads) = cpu_grads(&[&gate, &up], &probe, |v| swiglu(&v[0], &v[1]));
+    let (y, grads) = cpu_grads(&[&gate, &up], &probe, |v| {
+        gated_act(&v[0], &v[1], GatedActivation::Silu)
+    });
     let mut input = (n as i64).to_le_bytes().to_vec();
     for t in [&gate, &up, &probe] {
         input.extend(f32_bytes(t));
@@ -872,7 +875,7 @@ fn causal_softmax_kernels_match_the_cpu() {
     let (batch, q, k, scale) = (2usize, 5usize, 300usize, 0.7f32);
     let x = (randn(&[batch, q, k], 520) * 3.0).unwrap();
     let probe = randn(&[batch, q, k], 521);
-    let (y, grads) = cpu_grads(&[&x], &probe, |v| causal_softmax(&v[0], scale as f64));
+    let (y, grads) = cpu_grads(&[&x], &probe, |v| causal_softmax(&v[0], scale as f64, None));
     let mut input: Vec<u8> = i32_bytes(&[batch * q, q, k]);
     input.extend(scale.to_le_bytes());
     for t in [&x, &probe] {

@@ -182,7 +182,7 @@ fn chunked_cross_entropy_with_no_valid_label_is_zero() {
 fn causal_softmax_matches_masked_softmax_and_grad() {
     // 3 queries over 5 keys: query i sees keys 0..=2+i.
     let x = randn(&[2, 3, 3, 5], DType::F32, 12);
-    let y = causal_softmax(&x, 0.7).unwrap();
+    let y = causal_softmax(&x, 0.7, None).unwrap();
     let mask: Vec<f32> = (0..3)
         .flat_map(|i| (0..5).map(move |j| if j <= 2 + i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
@@ -191,9 +191,9 @@ fn causal_softmax_matches_masked_softmax_and_grad() {
         candle_nn::ops::softmax_last_dim(&(&x * 0.7).unwrap().broadcast_add(&mask).unwrap())
             .unwrap();
     assert!(max_abs_diff(&y, &reference) < 1e-6);
-    check_grad(&x, |x| causal_softmax(x, 0.7), 1e-2, 2e-3);
+    check_grad(&x, |x| causal_softmax(x, 0.7, None), 1e-2, 2e-3);
     // The composed fallback (used for other dtypes and devices) agrees.
-    let f64_path = causal_softmax(&x.to_dtype(DType::F64).unwrap(), 0.7).unwrap();
+    let f64_path = causal_softmax(&x.to_dtype(DType::F64).unwrap(), 0.7, None).unwrap();
     assert!(max_abs_diff(&f64_path.to_dtype(DType::F32).unwrap(), &reference) < 1e-6);
 }
 
@@ -364,33 +364,54 @@ fn dropout_mask_is_deterministic_and_scaled() {
     assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-6));
 }
 
+/// The activations as candle computes them (its `gelu` is the tanh approximation).
+fn act_composed(act: GatedActivation, g: &Tensor) -> Result<Tensor> {
+    match act {
+        GatedActivation::Silu => g.silu(),
+        GatedActivation::GeluTanh => g.gelu(),
+    }
+}
+
+const ACTIVATIONS: [GatedActivation; 2] = [GatedActivation::Silu, GatedActivation::GeluTanh];
+
+/// The f32 CPU kernel and the composed fallback (f64) against candle's autograd (whose GELU
+/// gradient rounds its constants to 6 digits: 1e-7 apart), and against finite differences.
 #[test]
-fn swiglu_matches_composed() {
-    let inputs = [
-        randn(&[3, 7], DType::F32, 30),
-        randn(&[3, 7], DType::F32, 31),
-    ];
-    check_against_composed(
-        &inputs,
-        |t| swiglu(&t[0], &t[1]),
-        |t| t[0].silu()? * &t[1],
-        1e-6,
-    );
+fn gated_activations_match_composed() {
+    for act in ACTIVATIONS {
+        let x = (randn(&[3, 7], DType::F64, 34) * 3.0).unwrap();
+        let up = randn(&[3, 7], DType::F64, 35);
+        check_grad(&x, |g| gated_act(g, &up, act), 1e-5, 1e-7);
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::F64, 1e-6)] {
+            let inputs = [
+                (randn(&[3, 7], dtype, 30) * 3.0).unwrap(),
+                randn(&[3, 7], dtype, 31),
+            ];
+            check_against_composed(
+                &inputs,
+                |t| gated_act(&t[0], &t[1], act),
+                |t| act_composed(act, &t[0])? * &t[1],
+                tol,
+            );
+        }
+    }
 }
 
 /// Several parallel blocks of the CPU kernel, the last one partial.
 #[test]
-fn swiglu_matches_composed_over_many_blocks() {
-    let inputs = [
-        randn(&[3, 20_001], DType::F32, 32),
-        randn(&[3, 20_001], DType::F32, 33),
-    ];
-    check_against_composed(
-        &inputs,
-        |t| swiglu(&t[0], &t[1]),
-        |t| t[0].silu()? * &t[1],
-        1e-5,
-    );
+fn gated_activations_match_composed_over_many_blocks() {
+    for act in ACTIVATIONS {
+        let inputs = [
+            randn(&[3, 20_001], DType::F32, 32),
+            randn(&[3, 20_001], DType::F32, 33),
+        ];
+        check_against_composed(
+            &inputs,
+            |t| gated_act(&t[0], &t[1], act),
+            |t| act_composed(act, &t[0])? * &t[1],
+            1e-5,
+        );
+    }
 }
 
 #[test]
@@ -419,7 +440,7 @@ fn causal_attention_matches_composed_gqa() {
     let scale = 0.6;
     check_against_composed(
         &inputs,
-        |t| causal_attention(&t[0], &t[1], &t[2], scale),
+        |t| causal_attention(&t[0], &t[1], &t[2], scale, None),
         |t| {
             let rep = |x: &Tensor| {
                 x.unsqueeze(2)?
@@ -441,6 +462,72 @@ fn causal_attention_matches_composed_gqa() {
 }
 
 #[test]
+fn sliding_window_softmax_matches_masked_softmax_and_grad() {
+    // 4 queries over 6 keys (query i is at key 2 + i), window 3: query i sees keys i..=2+i.
+    let x = randn(&[2, 3, 4, 6], DType::F32, 13);
+    let y = causal_softmax(&x, 0.7, Some(3)).unwrap();
+    let mask: Vec<f32> = (0..4)
+        .flat_map(|i| {
+            (0..6).map(move |j| {
+                if j <= 2 + i && j + 3 > 2 + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (4, 6), &Device::Cpu).unwrap();
+    let reference =
+        candle_nn::ops::softmax_last_dim(&(&x * 0.7).unwrap().broadcast_add(&mask).unwrap())
+            .unwrap();
+    assert!(max_abs_diff(&y, &reference) < 1e-6);
+    check_grad(&x, |x| causal_softmax(x, 0.7, Some(3)), 1e-2, 2e-3);
+    let f64_path = causal_softmax(&x.to_dtype(DType::F64).unwrap(), 0.7, Some(3)).unwrap();
+    assert!(max_abs_diff(&f64_path.to_dtype(DType::F32).unwrap(), &reference) < 1e-6);
+    // A window as wide as the keys is plain causal attention.
+    let wide = causal_softmax(&x, 0.7, Some(6)).unwrap();
+    let causal = causal_softmax(&x, 0.7, None).unwrap();
+    assert_eq!(max_abs_diff(&wide, &causal), 0.0);
+}
+
+#[test]
+fn sliding_window_self_attention_matches_split_rope_attention_merge() {
+    let (b, t, h, kvh, d, window) = (2, 9, 4, 2, 4, 4);
+    let inputs = [
+        randn(&[b, t, h * d], DType::F32, 54),
+        randn(&[b, t, kvh * d], DType::F32, 55),
+        randn(&[b, t, kvh * d], DType::F32, 56),
+    ];
+    let theta = randn(&[t, d / 2], DType::F32, 57);
+    let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
+    let scale = 0.5;
+    let fused = |x: &[Tensor]| {
+        causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, h, kvh, scale, Some(window))
+    };
+    check_against_composed(
+        &inputs,
+        fused,
+        |x| {
+            let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
+            let q = rope(&split(&x[0], h)?.contiguous()?, &cos, &sin)?;
+            let k = rope(&split(&x[1], kvh)?.contiguous()?, &cos, &sin)?;
+            let v = split(&x[2], kvh)?;
+            causal_attention(&q, &k, &v, scale, Some(window))?
+                .transpose(1, 2)?
+                .reshape((b, t, h * d))
+        },
+        1e-5,
+    );
+    // The window changes the result (the sequence is longer than it).
+    let plain = causal_self_attention(
+        &inputs[0], &inputs[1], &inputs[2], &cos, &sin, h, kvh, scale, None,
+    );
+    let d = max_abs_diff(&fused(&inputs).unwrap(), &plain.unwrap());
+    assert!(d > 1e-2, "window has no effect ({d})");
+}
+
+#[test]
 fn causal_self_attention_matches_split_rope_attention_merge() {
     // 6 query heads over 2 kv heads (3 per group), 7 positions, head dim 4.
     let (b, t, h, kvh, d) = (2, 7, 6, 2, 4);
@@ -454,13 +541,13 @@ fn causal_self_attention_matches_split_rope_attention_merge() {
     let scale = 0.5;
     check_against_composed(
         &inputs,
-        |x| causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, h, kvh, scale),
+        |x| causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, h, kvh, scale, None),
         |x| {
             let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
             let q = rope(&split(&x[0], h)?.contiguous()?, &cos, &sin)?;
             let k = rope(&split(&x[1], kvh)?.contiguous()?, &cos, &sin)?;
             let v = split(&x[2], kvh)?;
-            causal_attention(&q, &k, &v, scale)?
+            causal_attention(&q, &k, &v, scale, None)?
                 .transpose(1, 2)?
                 .reshape((b, t, h * d))
         },
@@ -537,14 +624,16 @@ fn frozen_mlp_matches_composed() {
         randn(&[16, 48], DType::F32, 62),
     );
     let inputs = [randn(&[2, 40, 16], DType::F32, 63)];
-    check_against_composed(
-        &inputs,
-        |t| frozen_mlp(&t[0], &gate, &up, &down),
-        |t| {
-            let g = t[0].broadcast_matmul(&gate.t()?)?;
-            let u = t[0].broadcast_matmul(&up.t()?)?;
-            (g.silu()? * u)?.broadcast_matmul(&down.t()?)
-        },
-        1e-5,
-    );
+    for act in ACTIVATIONS {
+        check_against_composed(
+            &inputs,
+            |t| frozen_mlp(&t[0], &gate, &up, &down, act),
+            |t| {
+                let g = t[0].broadcast_matmul(&gate.t()?)?;
+                let u = t[0].broadcast_matmul(&up.t()?)?;
+                (act_composed(act, &g)? * u)?.broadcast_matmul(&down.t()?)
+            },
+            1e-5,
+        );
+    }
 }

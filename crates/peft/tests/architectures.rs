@@ -1,17 +1,17 @@
 //! Each supported architecture (Llama with biases and Llama 3 rope scaling, Mistral, Qwen2,
-//! Qwen3) as transformers computes it, with an HF PEFT LoRA adapter on top: logits unmerged,
-//! merged and over a padded batch, and the LoRA gradients of the next-token loss. Fixtures from
-//! scripts/hf/make_arch_fixtures.py.
+//! Qwen3, Gemma 3 with sliding-window layers) as transformers computes it, with an HF PEFT LoRA
+//! adapter on top: logits unmerged, merged and over a padded batch, and the LoRA gradients of
+//! the next-token loss. Fixtures from scripts/hf/make_arch_fixtures.py.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use peft::PeftModel;
 use peft_models::io::load_safetensors;
 use peft_models::testing::max_abs_diff;
-use peft_models::{load_model, Llama};
+use peft_models::{load_model, KvCache, Llama};
 use peft_ops::cross_entropy_chunked;
 use std::path::PathBuf;
 
-const ARCHITECTURES: &[&str] = &["llama_biases", "mistral", "qwen2", "qwen3"];
+const ARCHITECTURES: &[&str] = &["llama_biases", "mistral", "qwen2", "qwen3", "gemma3_text"];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/arch/{name}"))
@@ -97,5 +97,40 @@ fn lora_gradients_match_hf_peft() {
                 "{name}: {key} gradient differs by {d}"
             );
         }
+    }
+}
+
+/// Generation's path: a prompt, then one token at a time over the key/value cache (past
+/// Gemma 3's 3-token window: the cached keys it hides must stay hidden), gives the logits of
+/// one forward over the whole sequence.
+#[test]
+fn cached_decoding_matches_the_full_forward() {
+    for &name in ARCHITECTURES {
+        let exp =
+            load_safetensors(&fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap();
+        let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+        let peft = PeftModel::load(base(name), &fixture(name).join("lora")).unwrap();
+        let model = &peft.base;
+        let t = ids.dim(1).unwrap();
+        let mut cache = KvCache::new(model.layers.len());
+        let prompt = 4;
+        let h = model
+            .forward(
+                &ids.narrow(1, 0, prompt).unwrap(),
+                None,
+                Some(&mut cache),
+                false,
+            )
+            .unwrap();
+        let mut steps = vec![model.logits(&h).unwrap()];
+        for i in prompt..t {
+            let h = model
+                .forward(&ids.narrow(1, i, 1).unwrap(), None, Some(&mut cache), false)
+                .unwrap();
+            steps.push(model.logits(&h).unwrap());
+        }
+        let cached = Tensor::cat(&steps, 1).unwrap();
+        let d = max_abs_diff(&cached, &exp["lora_logits"]);
+        assert!(d < 1e-4, "{name}: cached decoding differs by {d}");
     }
 }

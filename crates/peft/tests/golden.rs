@@ -184,8 +184,9 @@ fn hf_peft_prefix_tuning_reproduces_outputs() {
     // This model amplifies float32 summation-order noise (the fixtures' README allows 5e-3):
     // the golden `hidden_b2` is itself 9.5e-3 from PEFT's float64 result at row 0, position 7
     // (and its logits there), so the batch-2 outputs are checked against that float64 result
-    // (scripts/hf/prefix_reference_f64.py), where ours is within 3.4e-3; logits against the
-    // golden file.
+    // (scripts/hf/prefix_reference_f64.py), where ours is within 3.4e-3 on an AVX-512 CPU and
+    // 6.6e-3 on an AVX2-only one (at that same position: its matmuls sum in another order);
+    // logits against the golden file. The tolerance is PEFT's own float32 gap there, 1e-2.
     let f64_ref = load_safetensors(
         std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -194,7 +195,7 @@ fn hf_peft_prefix_tuning_reproduces_outputs() {
         &Device::Cpu,
     )
     .unwrap();
-    check_prompt(&model, &exp, Some(&f64_ref), 5e-3);
+    check_prompt(&model, &exp, Some(&f64_ref), 1e-2);
 }
 
 /// A fixture made by `scripts/hf/make_*_fixture.py`: its folder and expected outputs.

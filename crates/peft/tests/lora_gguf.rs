@@ -47,7 +47,7 @@ fn updates(path: &std::path::Path, heads: (usize, usize)) -> Vec<(String, Tensor
         };
         let a = read(name);
         let mut b = read(&format!("{base}.lora_b"));
-        let hf = peft_models::gguf::hf_name(base).unwrap();
+        let hf = peft_models::gguf::hf_name(base, "llama").unwrap();
         if hf.contains("q_proj") {
             b = permute_rows(&b, heads.0, true).unwrap();
         } else if hf.contains("k_proj") {

@@ -117,6 +117,7 @@ pub fn packed_reference(
                 heads,
                 kv_heads,
                 scale,
+                None,
             )
             .unwrap();
             let grads = (&o * part(probe))

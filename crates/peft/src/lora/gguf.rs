@@ -39,8 +39,8 @@ impl PeftModel {
                 bail!("llama.cpp applies no LoRA to a tied output head (lm_head); {merge}");
             }
             let hf = format!("{path}.weight");
-            let base =
-                gguf_name(&hf).with_context(|| format!("llama.cpp has no tensor for {path}"))?;
+            let base = gguf_name(&hf, arch)
+                .with_context(|| format!("llama.cpp has no tensor for {path}"))?;
             let a = layer.a.as_tensor().detach();
             let mut b = layer.b.as_tensor().detach();
             if !plain {

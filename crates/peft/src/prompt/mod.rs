@@ -68,6 +68,19 @@ fn check_fits(base: &Llama, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Prefix tuning fills the key/value cache; on sliding-window layers transformers keeps only
+/// the last window of it, which this crate does not reproduce.
+fn check_prefix_supported(base: &Llama) -> Result<()> {
+    if base.config.layer_windows.iter().any(Option::is_some) {
+        bail!(
+            "prefix tuning and P-tuning v2 are not supported on models with sliding-window \
+             layers ({}); use LoRA, IA3 or prompt tuning",
+            base.config.model_type
+        );
+    }
+    Ok(())
+}
+
 impl PrefixProjection {
     /// PEFT's init: N(0, 1) embedding, `nn.Linear`'s U(±1/√fan_in) layers.
     fn new(
@@ -167,16 +180,14 @@ impl PromptModel {
                 let ids: Vec<u32> = (0..n)
                     .map(|_| rand::Rng::random_range(&mut rng, 0..vocab))
                     .collect();
-                base.embed_tokens
-                    .index_select(&Tensor::new(ids.as_slice(), &base.device)?, 0)?
+                base.embedding_rows(&Tensor::new(ids.as_slice(), &base.device)?)?
             }
             PromptInit::Text(ids) => {
                 if ids.is_empty() {
                     bail!("the prompt tuning init text has no tokens");
                 }
                 let ids: Vec<u32> = ids.iter().copied().cycle().take(n).collect();
-                base.embed_tokens
-                    .index_select(&Tensor::new(ids.as_slice(), &base.device)?, 0)?
+                base.embedding_rows(&Tensor::new(ids.as_slice(), &base.device)?)?
             }
         };
         config.prompt_tuning_init = Some(
@@ -208,6 +219,7 @@ impl PromptModel {
             bail!("prefix tuning needs at least 1 virtual token");
         }
         check_fits(&base, n)?;
+        check_prefix_supported(&base)?;
         if projection == Some(0) {
             bail!("the prefix projection needs an encoder_hidden_size of at least 1");
         }
@@ -249,6 +261,9 @@ impl PromptModel {
             bail!("adapter folder not found: {}", dir.display());
         }
         let config = PromptConfig::from_file(&dir.join(CONFIG_FILE))?;
+        if config.is_prefix() {
+            check_prefix_supported(&base)?;
+        }
         let (path, mut tensors) = read_adapter_weights(dir, &base.device)?;
         let t = tensors
             .remove(EMBEDDINGS_KEY)
