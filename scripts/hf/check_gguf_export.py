@@ -1,7 +1,8 @@
 """Checks `peft merge --output X.gguf` against llama.cpp itself.
 
 For a small random model of each architecture peft-rs writes (Llama with Llama 3 rope scaling
-and attention biases, Mistral, Qwen2, Qwen3), saved by transformers with SmolLM2's tokenizer:
+and attention biases, Mistral, Qwen2, Qwen3, Gemma 3 with five sliding-window layers and one
+global), saved by transformers with SmolLM2's tokenizer:
 1. `peft merge --model DIR --output ours.gguf --dtype f32`, and llama.cpp's own
    `convert_hf_to_gguf.py DIR --outtype f32`: every tensor (name, type, shape, values) and every
    non-`general.*` metadata value must be equal;
@@ -38,8 +39,9 @@ import tempfile
 
 import numpy as np
 import torch
-from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--llama-cpp", required=True)
@@ -65,12 +67,18 @@ models = {
     "mistral": (MistralForCausalLM, MistralConfig(**common, tie_word_embeddings=False)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)),
+    # A window of 4 over the 16 generated tokens; llama.cpp's layout (every sixth layer global,
+    # scores scaled by head_dim^-1/2).
+    "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig(
+        **{**common, "num_hidden_layers": 6}, head_dim=32, query_pre_attn_scalar=32,
+        sliding_window=4)),
 }
 
 
 # llama.cpp names a pre-tokenizer by a hash of its tokens, so SmolLM2's vocabulary under Qwen2's
 # pre-tokenizer has no name there: its converter then gets the name llama.cpp gives Qwen models.
-PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2"}
+PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2",
+             "gemma3_text": None}
 CONVERT = """
 import runpy, sys
 llama_cpp, fallback = sys.argv[1], sys.argv[2]
@@ -189,15 +197,21 @@ with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         model = cls(cfg).eval()
         with torch.no_grad():
+            # Gemma's norms scale by 1 + w.
+            one = 0.0 if name == "gemma3_text" else 1.0
             for pname, p in model.named_parameters():
-                p.copy_((1 + 0.2 * torch.randn_like(p)) if "norm" in pname
+                p.copy_((one + 0.2 * torch.randn_like(p)) if "norm" in pname
                         else 0.08 * torch.randn_like(p))
         model.save_pretrained(d)
         for f in ["tokenizer.json", "chat_template.jinja"]:
             shutil.copy(os.path.join(args.smollm_dir, f), d)
         with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-            json.dump({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-                       "unk_token": "<|endoftext|>"}, f)
+            tok_config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                          "unk_token": "<|endoftext|>"}
+            if name == "gemma3_text":
+                # Gemma's own tokenizer class would rebuild SmolLM2's vocabulary as SentencePiece.
+                tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            json.dump(tok_config, f)
         # The tokenizer as transformers builds it for this model type (for Qwen models, Qwen2's
         # pre-tokenizer over SmolLM2's vocabulary), saved as the model's tokenizer.json.
         AutoTokenizer.from_pretrained(d).save_pretrained(d)

@@ -201,27 +201,29 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
     })
 }
 
-/// What llama.cpp assumes of every Gemma 3 instead of reading it from the file: every sixth
-/// layer global and the others sliding, a local RoPE base of 10000 and scores scaled by
-/// `head_dim^-1/2` (`(hidden / heads)^-1/2` for the 62-layer 27B). Released Gemma 3 models
-/// are so; a file of another model would run wrong in llama.cpp, so it is refused.
-pub(crate) fn gemma3_hparams_llama_cpp(
+/// What llama.cpp takes of a Gemma 3 file whose metadata does not say (its converter writes
+/// neither): every sixth layer global and the others sliding, and scores scaled by
+/// `head_dim^-1/2` (`(hidden / heads)^-1/2` for the 62-layer 27B). Returns which layers slide
+/// and the scale's divisor.
+pub(crate) fn gemma3_llama_cpp_layout(
     layers: usize,
     hidden: usize,
     heads: usize,
     head_dim: usize,
-) -> (Vec<bool>, f64, f64) {
+) -> (Vec<bool>, usize) {
     let sliding = (0..layers).map(|i| (i + 1) % 6 != 0).collect();
     let scale_dim = if layers == 62 {
         hidden / heads.max(1)
     } else {
         head_dim
     };
-    (sliding, 10_000.0, scale_dim as f64)
+    (sliding, scale_dim)
 }
 
+/// Released Gemma 3 models fit [`gemma3_llama_cpp_layout`]; a file of another would run wrong
+/// in llama.cpp, so it is refused.
 fn check_gemma3_layout(c: &LlamaConfig) -> Result<()> {
-    let (sliding, local_theta, scale_dim) = gemma3_hparams_llama_cpp(
+    let (sliding, scale_dim) = gemma3_llama_cpp_layout(
         c.num_hidden_layers,
         c.hidden_size,
         c.num_attention_heads,
@@ -230,16 +232,17 @@ fn check_gemma3_layout(c: &LlamaConfig) -> Result<()> {
     let ours: Vec<bool> = c.layer_windows.iter().map(Option::is_some).collect();
     let windows: Vec<usize> = c.layer_windows.iter().flatten().copied().collect();
     if ours != sliding || windows.windows(2).any(|w| w[0] != w[1]) {
-        bail!("llama.cpp's gemma3 takes every sixth layer as global and the others as sliding with one window; this model's layers differ");
-    }
-    if c.local_rope_theta != Some(local_theta) {
         bail!(
-            "llama.cpp's gemma3 takes a local RoPE base of {local_theta}; this model has {:?}",
-            c.local_rope_theta
+            "llama.cpp's gemma3 takes every sixth layer as global and the others as sliding \
+             with one window; this model's layers differ"
         );
     }
-    if (c.attention_scale - scale_dim.powf(-0.5)).abs() > 1e-9 * c.attention_scale {
-        bail!("llama.cpp's gemma3 scales attention scores by {scale_dim}^-1/2; this model's query_pre_attn_scalar differs");
+    let scale = (scale_dim as f64).powf(-0.5);
+    if (c.attention_scale - scale).abs() > 1e-9 * scale {
+        bail!(
+            "llama.cpp's gemma3 scales attention scores by {scale_dim}^-1/2; this model's \
+             query_pre_attn_scalar differs"
+        );
     }
     Ok(())
 }
@@ -291,6 +294,9 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
     }
     if let Some(window) = c.layer_windows.iter().flatten().next() {
         optional.push(("attention.sliding_window", u32_of(*window)));
+    }
+    if let Some(theta) = c.local_rope_theta {
+        optional.push(("rope.freq_base_swa", Value::F32(theta as f32)));
     }
     md.extend(
         optional

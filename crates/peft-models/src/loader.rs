@@ -515,11 +515,17 @@ fn read_gguf<R: Read + Seek>(
         "torch_dtype": "float32",
     });
     if gemma {
-        // What llama.cpp takes for every Gemma 3 (see `gguf::gemma3_hparams_llama_cpp`).
+        // As llama.cpp reads a gemma3 file (see `gguf::gemma3_llama_cpp_layout`).
         let window = md_u64(md, &key("attention.sliding_window"))
             .with_context(|| format!("{}: gemma3 without a sliding window", path.display()))?;
-        let (sliding, local_theta, scale_dim) =
-            gguf::gemma3_hparams_llama_cpp(layers, hidden, heads, head_dim);
+        let (mut sliding, scale_dim) =
+            gguf::gemma3_llama_cpp_layout(layers, hidden, heads, head_dim);
+        let pattern = md.get(&key("attention.sliding_window_pattern"));
+        if let Some(gguf_file::Value::Array(flags)) = pattern {
+            sliding = flags.iter().map(|f| f.to_bool().unwrap_or(false)).collect();
+        } else if let Some(n) = pattern.and_then(|v| v.to_u32().ok()).filter(|&n| n > 0) {
+            sliding = (0..layers).map(|i| (i + 1) % n as usize != 0).collect();
+        }
         let types: Vec<&str> = sliding
             .iter()
             .map(|&s| {
@@ -532,7 +538,8 @@ fn read_gguf<R: Read + Seek>(
             .collect();
         raw["sliding_window"] = json!(window);
         raw["layer_types"] = json!(types);
-        raw["rope_local_base_freq"] = json!(local_theta);
+        raw["rope_local_base_freq"] =
+            json!(md_f64(md, &key("rope.freq_base_swa")).unwrap_or(10_000.0));
         raw["query_pre_attn_scalar"] = json!(scale_dim);
     }
     if let Some(scaling) = rope_scaling {

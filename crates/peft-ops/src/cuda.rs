@@ -238,49 +238,54 @@ fn elementwise_config(n: usize) -> LaunchConfig {
     }
 }
 
-pub(crate) fn swiglu_fwd(
+/// `act(g) · u` (SwiGLU, or GeGLU when `gelu`).
+pub(crate) fn gated_fwd(
     g: (&CudaStorage, &Layout),
     u: (&CudaStorage, &Layout),
+    gelu: bool,
 ) -> Result<CudaStorage> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
         g: (&CudaStorage, &Layout),
         u: (&CudaStorage, &Layout),
+        gelu: bool,
     ) -> Result<CudaStorage> {
         let n = g.1.shape().elem_count();
         launch::<T>(
             g.0.device(),
-            "swiglu_fwd",
+            "gated_fwd",
             &[g, u],
             n,
             elementwise_config(n),
-            &[Scalar::I64(n as i64)],
+            &[Scalar::I64(n as i64), Scalar::I32(gelu as i32)],
         )
     }
-    dispatch!(g.0.dtype(), f(g, u))
+    dispatch!(g.0.dtype(), f(g, u, gelu))
 }
 
 /// `[d gate; d up]` stacked: `2 × n` elements.
-pub(crate) fn swiglu_bwd(
+pub(crate) fn gated_bwd(
     g: (&CudaStorage, &Layout),
     u: (&CudaStorage, &Layout),
     grad: (&CudaStorage, &Layout),
+    gelu: bool,
 ) -> Result<CudaStorage> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
         g: (&CudaStorage, &Layout),
         u: (&CudaStorage, &Layout),
         grad: (&CudaStorage, &Layout),
+        gelu: bool,
     ) -> Result<CudaStorage> {
         let n = g.1.shape().elem_count();
         launch::<T>(
             g.0.device(),
-            "swiglu_bwd",
+            "gated_bwd",
             &[g, u, grad],
             2 * n,
             elementwise_config(n),
-            &[Scalar::I64(n as i64)],
+            &[Scalar::I64(n as i64), Scalar::I32(gelu as i32)],
         )
     }
-    dispatch!(g.0.dtype(), f(g, u, grad))
+    dispatch!(g.0.dtype(), f(g, u, grad, gelu))
 }
 
 /// Per-row cross-entropy losses of `logits` `[rows, vocab]` (f32 or bf16, contiguous) against
@@ -1318,8 +1323,8 @@ mod tests {
             "causal_softmax_bwd",
             "rms_norm_fwd",
             "rms_norm_bwd",
-            "swiglu_fwd",
-            "swiglu_bwd",
+            "gated_fwd",
+            "gated_bwd",
             "cross_entropy_rows",
             "dequantize_4bit",
             "low_rank_add",

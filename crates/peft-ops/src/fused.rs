@@ -548,9 +548,14 @@ impl GatedActivation {
         }
     }
 
-    /// The CUDA kernels cover SwiGLU; GeGLU runs as composed ops there.
     fn kernel(self, t: &Tensor) -> bool {
-        crate::has_kernel(t, Kernel::Swiglu) && (self == Self::Silu || t.device().is_cpu())
+        crate::has_kernel(t, Kernel::Swiglu)
+    }
+
+    /// The `gelu` flag of the CUDA kernels.
+    #[cfg(feature = "cuda")]
+    fn is_gelu(self) -> bool {
+        self == Self::GeluTanh
     }
 
     /// `act(g)` by composed ops.
@@ -661,7 +666,7 @@ pub fn frozen_mlp(
 /// Elements per parallel task of the CPU kernels.
 const CPU_BLOCK: usize = 1 << 14;
 
-/// `act(gate) · up` in one kernel (CPU; CUDA for SwiGLU).
+/// `act(gate) · up` in one kernel (CPU and CUDA).
 struct GatedForward(GatedActivation);
 
 impl CustomOp2 for GatedForward {
@@ -701,18 +706,14 @@ impl CustomOp2 for GatedForward {
         u: &candle_core::CudaStorage,
         ul: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if self.0 != GatedActivation::Silu {
-            candle_core::bail!("no CUDA kernel for {:?}", self.0);
-        }
         Ok((
-            crate::cuda::swiglu_fwd((g, gl), (u, ul))?,
+            crate::cuda::gated_fwd((g, gl), (u, ul), self.0.is_gelu())?,
             gl.shape().clone(),
         ))
     }
 }
 
-/// `[d gate; d up]` (flat, `2 × n`) from `(gate, up, dL/dy)` in one kernel (CPU; CUDA for
-/// SwiGLU).
+/// `[d gate; d up]` (flat, `2 × n`) from `(gate, up, dL/dy)` in one kernel (CPU and CUDA).
 struct GatedBackward(GatedActivation);
 
 impl CustomOp3 for GatedBackward {
@@ -765,10 +766,7 @@ impl CustomOp3 for GatedBackward {
         grad: &candle_core::CudaStorage,
         gradl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if self.0 != GatedActivation::Silu {
-            candle_core::bail!("no CUDA kernel for {:?}", self.0);
-        }
-        let out = crate::cuda::swiglu_bwd((g, gl), (u, ul), (grad, gradl))?;
+        let out = crate::cuda::gated_bwd((g, gl), (u, ul), (grad, gradl), self.0.is_gelu())?;
         Ok((out, Shape::from(2 * gl.shape().elem_count())))
     }
 }

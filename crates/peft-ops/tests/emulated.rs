@@ -843,29 +843,28 @@ fn rms_norm_kernels_match_the_cpu() {
     );
 }
 
-/// Several blocks of the elementwise kernels: silu(gate)·up and both gradients within 1e-5.
+/// Several blocks of the elementwise kernels: act(gate)·up and both gradients within 1e-5, for
+/// SwiGLU and GeGLU.
 #[test]
-fn swiglu_kernels_match_the_cpu() {
+fn gated_activation_kernels_match_the_cpu() {
     let n = 1000usize;
     let gate = (randn(&[n], 510) * 4.0).unwrap();
     let up = randn(&[n], 511);
     let probe = randn(&[n], 512);
-    let (y, grads) = cpu_grads(&[&gate, &up], &probe, |v| {
-        gated_act(&v[0], &v[1], GatedActivation::Silu)
-    });
-    let mut input = (n as i64).to_le_bytes().to_vec();
-    for t in [&gate, &up, &probe] {
-        input.extend(f32_bytes(t));
+    for act in [GatedActivation::Silu, GatedActivation::GeluTanh] {
+        let (y, grads) = cpu_grads(&[&gate, &up], &probe, |v| gated_act(&v[0], &v[1], act));
+        let mut input = (n as i64).to_le_bytes().to_vec();
+        input.extend(i32::from(act == GatedActivation::GeluTanh).to_le_bytes());
+        for t in [&gate, &up, &probe] {
+            input.extend(f32_bytes(t));
+        }
+        let out = to_f32s(&emulate_with("ops", &["gated"], "gated", &input));
+        check(&format!("{act:?} y"), &tensor_at(&out, 0, &[n]), &y, 1e-5);
+        let d_gate = tensor_at(&out, n, &[n]);
+        check(&format!("{act:?} d gate"), &d_gate, &grads[0], 1e-5);
+        let d_up = tensor_at(&out, 2 * n, &[n]);
+        check(&format!("{act:?} d up"), &d_up, &grads[1], 1e-5);
     }
-    let out = to_f32s(&emulate_with("ops", &["swiglu"], "swiglu", &input));
-    check("swiglu y", &tensor_at(&out, 0, &[n]), &y, 1e-5);
-    check("swiglu d gate", &tensor_at(&out, n, &[n]), &grads[0], 1e-5);
-    check(
-        "swiglu d up",
-        &tensor_at(&out, 2 * n, &[n]),
-        &grads[1],
-        1e-5,
-    );
 }
 
 /// Queries after past keys (k > q) and rows longer than the block: probabilities and

@@ -110,26 +110,37 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, int d, f
     }
 }
 
-// y = silu(g) * u
+// Gated MLP activations as act(g) = g · sigmoid(a(g)): a(g) = g for SiLU (SwiGLU), and
+// 2·√(2/π)·(g + 0.044715·g³) for GELU's tanh approximation (GeGLU, `gelu` set).
+__device__ __forceinline__ float gate_arg(float g, int gelu) {
+    return gelu ? 1.5957691216f * (g + 0.044715f * g * g * g) : g;
+}
+
+// a'(g).
+__device__ __forceinline__ float gate_slope(float g, int gelu) {
+    return gelu ? 1.5957691216f * (1.f + 0.134145f * g * g) : 1.f;
+}
+
+// y = act(g) * u
 template <typename T>
-__device__ void swiglu_fwd(const T* g, const T* u, T* y, long long n) {
+__device__ void gated_fwd(const T* g, const T* u, T* y, long long n, int gelu) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         float gi = ld(g, i);
-        st(y, i, gi / (1.f + expf(-gi)) * ld(u, i));
+        st(y, i, gi / (1.f + expf(-gate_arg(gi, gelu))) * ld(u, i));
     }
 }
 
 // out[0..n] = d gate, out[n..2n] = d up.
 template <typename T>
-__device__ void swiglu_bwd(const T* g, const T* u, const T* grad, T* out, long long n) {
+__device__ void gated_bwd(const T* g, const T* u, const T* grad, T* out, long long n, int gelu) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         float gi = ld(g, i), gr = ld(grad, i);
-        float s = 1.f / (1.f + expf(-gi));
-        float silu = gi * s;
-        st(out, i, gr * ld(u, i) * (s + silu * (1.f - s)));
-        st(out, n + i, gr * silu);
+        float s = 1.f / (1.f + expf(-gate_arg(gi, gelu)));
+        float value = gi * s;
+        st(out, i, gr * ld(u, i) * (s + value * (1.f - s) * gate_slope(gi, gelu)));
+        st(out, n + i, gr * value);
     }
 }
 
@@ -326,12 +337,13 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
                                                  float std) {                                  \
         random_normal<T>(out, n, key, std);                                                    \
     }                                                                                          \
-    extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, long long n) {    \
-        swiglu_fwd<T>(g, u, y, n);                                                             \
+    extern "C" __global__ void gated_fwd_##S(const T* g, const T* u, T* y, long long n,      \
+                                             int gelu) {                                      \
+        gated_fwd<T>(g, u, y, n, gelu);                                                        \
     }                                                                                          \
-    extern "C" __global__ void swiglu_bwd_##S(const T* g, const T* u, const T* grad, T* out,  \
-                                              long long n) {                                  \
-        swiglu_bwd<T>(g, u, grad, out, n);                                                     \
+    extern "C" __global__ void gated_bwd_##S(const T* g, const T* u, const T* grad, T* out,   \
+                                             long long n, int gelu) {                         \
+        gated_bwd<T>(g, u, grad, out, n, gelu);                                                \
     }
 
 INSTANTIATE(float, f32)

@@ -2,7 +2,7 @@
 //   ops <kernel> <input> <output>
 // rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d) -> y, then dx
 //                 (rows·d each; y by rms_norm_fwd)
-// swiglu:         i64 n; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
+// gated:          i64 n; i32 gelu; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
 // Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
 // low_rank_add:   i64 rows; i32 cols, r, right_t; f32 scale; D; f32 base (rows·cols), left
@@ -45,15 +45,16 @@ int main(int argc, char** argv) {
         emu::launch({rows}, {256}, 0,
                     [&] { rms_norm_bwd_f32(x.data(), w.data(), g.data(), dx.data(), d, eps); });
         out.insert(out.end(), dx.begin(), dx.end());
-    } else if (kernel == "swiglu") {
+    } else if (kernel == "gated") {
         long long n = take<long long>(in, 1)[0];
+        int gelu = take<int>(in, 1)[0];
         auto gate = take<float>(in, n), up = take<float>(in, n), grad = take<float>(in, n);
         std::vector<float> y(n), d(2 * n);
         unsigned blocks = (unsigned)((n + 255) / 256);
         emu::launch({blocks}, {256}, 0,
-                    [&] { swiglu_fwd_f32(gate.data(), up.data(), y.data(), n); });
+                    [&] { gated_fwd_f32(gate.data(), up.data(), y.data(), n, gelu); });
         emu::launch({blocks}, {256}, 0, [&] {
-            swiglu_bwd_f32(gate.data(), up.data(), grad.data(), d.data(), n);
+            gated_bwd_f32(gate.data(), up.data(), grad.data(), d.data(), n, gelu);
         });
         out = y;
         out.insert(out.end(), d.begin(), d.end());
