@@ -158,7 +158,11 @@ fn cases() -> Vec<Case> {
             ("m/model.safetensors", weights),
         ]
     };
-    let tiny_cfg = br#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4,"vocab_size":64}"#;
+    let tiny_cfg_with = |model_type: &str, extra: &str| {
+        format!(r#"{{"model_type":"{model_type}","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4,"vocab_size":64{extra}}}"#).into_bytes()
+    };
+    let tiny_cfg_of = |model_type: &str| tiny_cfg_with(model_type, "");
+    let tiny_cfg = &tiny_cfg_of("llama")[..];
     let logits = |adapter: bool| -> Vec<&'static str> {
         let mut a = vec![
             "logits",
@@ -195,6 +199,9 @@ fn cases() -> Vec<Case> {
         case("garbled safetensors header", hf(tiny_cfg, garbled_json), &logits(false), "not a valid safetensors file"),
         case("weight of the wrong shape", hf(tiny_cfg, wrong_shape), &logits(false), "model.embed_tokens.weight has shape [64, 32], expected [64, 64]"),
         case("malformed config.json", hf(b"{\"hidden_size\": ", st.clone()), &logits(false), "config.json is not valid JSON"),
+        case("unsupported architecture", hf(&tiny_cfg_of("phi3"), st.clone()), &logits(false), "unsupported model_type \"phi3\""),
+        case("Gemma 3 image-text checkpoint", hf(&tiny_cfg_of("gemma3"), st.clone()), &logits(false), "only its text-only"),
+        case("logit soft-capping", hf(&tiny_cfg_with("gemma3_text", r#","final_logit_softcapping":30.0"#), st.clone()), &logits(false), "soft-capping (final_logit_softcapping) is not supported"),
         case("no weights in the folder", vec![("m/config.json", tiny_cfg.to_vec())], &logits(false), "no model.safetensors"),
         case("garbage GGUF", vec![("g.gguf", b"this is not a gguf file at all".to_vec())], &["inspect", "--model", "{dir}/g.gguf"], "is not a valid GGUF file"),
         case("GGUF with an absurd tensor count", vec![("g.gguf", gguf_header)], &["inspect", "--model", "{dir}/g.gguf"], "g.gguf"),

@@ -357,6 +357,22 @@ pub fn save_gguf(
             .gguf_metadata(c.vocab_size)
             .context("cannot write the tokenizer as GGUF")?,
     );
+    // Special tokens the tokenizer does not name come from config.json, as llama.cpp's
+    // converter takes them (Gemma's config names a padding token).
+    for (key, field) in [
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("unknown", "unk_token_id"),
+        ("padding", "pad_token_id"),
+    ] {
+        let key = format!("tokenizer.ggml.{key}_token_id");
+        let id = c.raw.get(field).and_then(serde_json::Value::as_u64);
+        if let Some(id) = id.filter(|&id| id < c.vocab_size as u64) {
+            if !metadata.iter().any(|(k, _)| *k == key) {
+                metadata.push((key, Value::U32(id as u32)));
+            }
+        }
+    }
 
     let mut tensors = Vec::new();
     if let Some(factors) = rope_freq_factors(&c) {

@@ -297,6 +297,27 @@ fn prefixed_self_attention_matches_cpu() {
         close(&format!("prefixed attention {what}"), got, want, 3e-2);
     }
 }
+/// Gemma 3's local layers: a window shorter than the sequence takes the composed path (the
+/// flash kernels have no window), in f32 and bf16.
+#[test]
+fn sliding_window_self_attention_matches_cpu() {
+    let (b, t, heads, kv_heads, d, window) = (2, 40, 4, 2, 64, 16);
+    let (cos, sin) = rope_tables(t, d);
+    let inputs = [
+        (randn(&[b, t, heads * d], 33), Input::Cast),
+        (randn(&[b, t, kv_heads * d], 34), Input::Cast),
+        (randn(&[b, t, kv_heads * d], 35), Input::Cast),
+        (cos, Input::F32),
+        (sin, Input::F32),
+    ];
+    check("sliding window self-attention", &inputs, |x| {
+        let scale = 1.0 / (d as f64).sqrt();
+        let (cos, sin) = (x[3].detach(), x[4].detach());
+        let (q, k, v) = (&x[0], &x[1], &x[2]);
+        causal_self_attention(q, k, v, &cos, &sin, heads, kv_heads, scale, Some(window))
+    });
+}
+
 #[test]
 fn gated_activations_match_cpu() {
     let inputs = [

@@ -134,3 +134,14 @@ fn cached_decoding_matches_the_full_forward() {
         assert!(d < 1e-4, "{name}: cached decoding differs by {d}");
     }
 }
+
+/// transformers keeps only the last window of a sliding layer's cache, which prefix tuning
+/// fills: refused on such models, with an error that says so.
+#[test]
+fn prefix_tuning_is_refused_on_sliding_window_models() {
+    let err = peft::PromptModel::new_prefix_tuning(base("gemma3_text"), 4, 0, None)
+        .err()
+        .expect("prefix tuning on Gemma 3 is refused");
+    assert!(err.to_string().contains("sliding-window"), "{err}");
+    assert!(peft::PromptModel::new_prefix_tuning(base("qwen3"), 4, 0, None).is_ok());
+}

@@ -1,0 +1,88 @@
+"""Trains a LoRA with `peft train` on a small random Gemma 3 and checks it in HF PEFT.
+
+The model: 6 layers (five sliding-window layers with a window of 16, one global), hidden 64,
+SmolLM2's tokenizer and chat template, saved by transformers. `peft train` runs on the shipped
+pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see only part of
+their sequence through the window). Then:
+1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
+   input equal `peft logits --adapter` within 1e-4;
+2. transformers loads the folder `peft merge` writes, and its logits equal the adapter's.
+
+    .venv/bin/python scripts/hf/check_gemma3_train.py [--peft target/release/peft]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
+ap.add_argument("--smollm-dir", default="models/smollm2-135m-instruct")
+ap.add_argument("--data", default="data/pirate_qa.jsonl")
+args = ap.parse_args()
+
+
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return r
+
+
+ids = [i % 49152 for i in range(3, 3 + 40 * 977, 977)]
+with tempfile.TemporaryDirectory() as tmp:
+    model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                           max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=2)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    model.save_pretrained(model_dir)
+    for f in ["tokenizer.json", "chat_template.jinja", "tokenizer_config.json"]:
+        shutil.copy(os.path.join(args.smollm_dir, f), model_dir)
+
+    out = run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", adapter,
+               "--target-modules", "all-linear", "--r", "8", "--lora-alpha", "16",
+               "--max-steps", "6", "--batch-size", "2", "--lr", "5e-3", "--dtype", "f32",
+               "--packing", "--max-seq-length", "96", "--quiet"])
+    print((out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
+
+    ours = os.path.join(tmp, "ours.safetensors")
+    run([args.peft, "logits", "--model", model_dir, "--adapter", adapter, "--input-ids",
+         ",".join(map(str, ids)), "--out", ours])
+    ours = load_file(ours)["logits"].float()
+
+    peft_model = PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        hf = peft_model(input_ids=torch.tensor([ids])).logits.float()
+    with torch.no_grad():
+        peft_model.disable_adapter_layers()
+        plain = peft_model(input_ids=torch.tensor([ids])).logits.float()
+        peft_model.enable_adapter_layers()
+    d = (ours - hf).abs().max().item()
+    moved = (hf - plain).abs().max().item()
+    print(f"peft logits vs HF PEFT: max abs diff {d:.2e} (the adapter moves the logits by "
+          f"{moved:.2f})")
+
+    run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", merged])
+    m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        dm = (m(input_ids=torch.tensor([ids])).logits.float() - hf).abs().max().item()
+    print(f"merged folder in transformers vs HF PEFT: max abs diff {dm:.2e}")
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        print("adapter targets", json.load(f)["target_modules"])
+    failed = d > 1e-4 or dm > 1e-4 or moved < 1e-2
+    sys.exit(1 if failed else 0)
