@@ -1,4 +1,5 @@
 use anyhow::{bail, Context, Result};
+use peft_ops::GatedActivation;
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
@@ -33,7 +34,9 @@ pub struct LlamaConfig {
     pub norm_adds_one: bool,
     /// Gemma's embeddings are multiplied by `sqrt(hidden_size)` (rounded to their dtype).
     pub scale_embeddings: bool,
-    pub activation: Activation,
+    /// The MLP's gate activation: SiLU (Llama, Mistral, Qwen), GELU's tanh approximation
+    /// (Gemma's `gelu_pytorch_tanh`).
+    pub activation: GatedActivation,
     /// Gemma 3's four norms per layer: the attention output and the MLP's input and output
     /// are normed (`post_attention_layernorm` then norms the attention output).
     pub sandwich_norms: bool,
@@ -48,15 +51,6 @@ pub struct LlamaConfig {
     /// `rope_local_base_freq`; never scaled).
     pub local_rope_theta: Option<f64>,
     pub raw: Value,
-}
-
-/// The MLP's gate activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `silu(gate) · up` (Llama, Mistral, Qwen).
-    Silu,
-    /// `gelu_tanh(gate) · up` (Gemma's `gelu_pytorch_tanh`).
-    GeluTanh,
 }
 
 /// Llama 3.1+ frequency-dependent RoPE scaling (`rope_type: "llama3"`).
@@ -203,8 +197,8 @@ impl LlamaConfig {
         };
         let act = c.hidden_activation.as_deref().or(c.hidden_act.as_deref());
         let activation = match act.unwrap_or(if gemma { "gelu_pytorch_tanh" } else { "silu" }) {
-            "silu" | "swish" => Activation::Silu,
-            "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
+            "silu" | "swish" => GatedActivation::Silu,
+            "gelu_pytorch_tanh" | "gelu_new" => GatedActivation::GeluTanh,
             other => bail!("unsupported activation {other:?} (supported: silu, gelu_pytorch_tanh)"),
         };
         let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);

@@ -5,13 +5,13 @@
 //! (`model.layers.3.self_attn.q_proj`), so tuners attach adapters by path, and the tensors of
 //! the model are named exactly as in the HF checkpoint.
 
-use crate::config::{Activation, LlamaConfig};
+use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
     causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, gated_act,
     linear, packed_self_attention, param, prefixed_self_attention, quantized_linear, rms_norm,
-    rope, softmax_last_dim, GatedActivation, GradSink, LinearWeight, QuantizedWeight,
+    rope, softmax_last_dim, GradSink, LinearWeight, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -833,10 +833,7 @@ fn decoder_layer(
     let x = (x + attn)?;
     let h = norm(c, &x, mlp_norm)?;
     let m = &layer.mlp;
-    let act = match c.activation {
-        Activation::Silu => GatedActivation::Silu,
-        Activation::GeluTanh => GatedActivation::GeluTanh,
-    };
+    let act = c.activation;
     let mut out = match m.frozen_weights() {
         Some((gate, up, down)) => frozen_mlp(&h, &gate, &up, &down, act)?,
         None => {
