@@ -145,3 +145,53 @@ fn prefix_tuning_is_refused_on_sliding_window_models() {
     assert!(err.to_string().contains("sliding-window"), "{err}");
     assert!(peft::PromptModel::new_prefix_tuning(base("qwen3"), 4, 0, None).is_ok());
 }
+
+/// In bf16 (what `peft train` runs in by default, where the CPU has bf16 or on a GPU), every
+/// architecture with its LoRA computes the same logits up to bf16 rounding, and training's
+/// forward and backward run: the f32 norm scales of Gemma, its scaled embeddings, GeGLU and
+/// the windowed softmax meet bf16 activations.
+#[test]
+fn bf16_models_match_f32_within_rounding() {
+    for &name in ARCHITECTURES {
+        let exp =
+            load_safetensors(&fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap();
+        let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+        let m = load_model(&fixture(name).join("model"), &Device::Cpu, DType::BF16).unwrap();
+        let base = Llama::from_weights(m.config, m.weights, &Device::Cpu, DType::BF16).unwrap();
+        let peft = PeftModel::load(base, &fixture(name).join("lora")).unwrap();
+        let got = logits(&peft.base, &ids, None).to_dtype(DType::F32).unwrap();
+        let want = &exp["lora_logits"];
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&got, want);
+        assert!(
+            d < 0.05 * scale,
+            "{name}: bf16 logits differ by {d} (scale {scale})"
+        );
+
+        let h = peft.base.forward(&ids, None, None, true).unwrap();
+        let loss = h
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for (key, var) in peft.trainable() {
+            let g = grads
+                .get(var.as_tensor())
+                .expect("a gradient for every LoRA tensor");
+            let finite = g.to_dtype(DType::F32).unwrap().sum_all().unwrap();
+            assert!(
+                finite.to_scalar::<f32>().unwrap().is_finite(),
+                "{name}: {key}"
+            );
+        }
+    }
+}
