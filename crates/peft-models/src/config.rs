@@ -299,34 +299,37 @@ fn default_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
 /// `sliding_window_pattern`-th layer global and the others sliding (transformers' default).
 fn gemma_layer_windows(c: &RawConfig) -> Result<Vec<Option<usize>>> {
     let window = c.sliding_window.unwrap_or(4096);
-    let types = match &c.layer_types {
-        Some(types) => types.clone(),
-        None => {
-            let pattern = c.sliding_window_pattern.unwrap_or(6).max(1);
-            (0..c.num_hidden_layers)
-                .map(|i| {
-                    if (i + 1) % pattern == 0 {
-                        "full_attention".to_string()
-                    } else {
-                        "sliding_attention".to_string()
-                    }
+    let sliding = match &c.layer_types {
+        Some(types) => {
+            if types.len() != c.num_hidden_layers {
+                bail!(
+                    "config.json: layer_types has {} entries for {} layers",
+                    types.len(),
+                    c.num_hidden_layers
+                );
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(false),
+                    "sliding_attention" => Ok(true),
+                    other => bail!("config.json: unknown layer type {other:?}"),
                 })
-                .collect()
+                .collect::<Result<Vec<bool>>>()?
         }
+        None => sliding_layers(
+            c.num_hidden_layers,
+            c.sliding_window_pattern.unwrap_or(GEMMA3_SLIDING_PATTERN),
+        ),
     };
-    if types.len() != c.num_hidden_layers {
-        bail!(
-            "config.json: layer_types has {} entries for {} layers",
-            types.len(),
-            c.num_hidden_layers
-        );
-    }
-    types
-        .iter()
-        .map(|t| match t.as_str() {
-            "full_attention" => Ok(None),
-            "sliding_attention" => Ok(Some(window)),
-            other => bail!("config.json: unknown layer type {other:?}"),
-        })
-        .collect()
+    Ok(sliding.into_iter().map(|s| s.then_some(window)).collect())
+}
+
+/// Gemma 3's default layer pattern (transformers' and llama.cpp's): every sixth layer global.
+pub(crate) const GEMMA3_SLIDING_PATTERN: usize = 6;
+
+/// Which of `layers` layers slide when every `pattern`-th one is global.
+pub(crate) fn sliding_layers(layers: usize, pattern: usize) -> Vec<bool> {
+    let pattern = pattern.max(1);
+    (0..layers).map(|i| (i + 1) % pattern != 0).collect()
 }

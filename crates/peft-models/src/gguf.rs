@@ -80,10 +80,10 @@ pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
-/// Whether a GGUF architecture stores RMSNorm scales as `1 + w` where HF stores `w` (Gemma:
-/// llama.cpp's converter adds the 1).
-pub fn shifts_norms(arch: &str) -> bool {
-    arch == "gemma3"
+/// What a GGUF architecture adds to the HF tensor `hf` as it stores it: Gemma's RMSNorm scales
+/// are `1 + w` in llama.cpp (its converter adds the 1), where HF stores `w`.
+pub fn norm_offset(arch: &str, hf: &str) -> Option<f64> {
+    (arch == "gemma3" && hf.ends_with("norm.weight")).then_some(1.0)
 }
 
 /// Whether llama.cpp's converter permutes the q/k rows of this GGUF architecture.
@@ -211,7 +211,7 @@ pub(crate) fn gemma3_llama_cpp_layout(
     heads: usize,
     head_dim: usize,
 ) -> (Vec<bool>, usize) {
-    let sliding = (0..layers).map(|i| (i + 1) % 6 != 0).collect();
+    let sliding = crate::config::sliding_layers(layers, crate::config::GEMMA3_SLIDING_PATTERN);
     let scale_dim = if layers == 62 {
         hidden / heads.max(1)
     } else {
@@ -382,8 +382,8 @@ pub fn save_gguf(
     for (hf, t) in model.named_tensors()? {
         let gguf = gguf_name(&hf, arch).with_context(|| format!("no GGUF name for {hf}"))?;
         let mut t = llama_cpp_rows(&c, &hf, &t.detach())?;
-        if shifts_norms(arch) && hf.ends_with("norm.weight") {
-            t = (t.to_dtype(DType::F32)? + 1.0)?;
+        if let Some(offset) = norm_offset(arch, &hf) {
+            t = (t.to_dtype(DType::F32)? + offset)?;
         }
         tensors.push((gguf, t));
     }

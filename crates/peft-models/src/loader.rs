@@ -458,8 +458,8 @@ fn read_gguf<R: Read + Seek>(
                 t = gguf::permute_rows(&t, kv_heads, true)?;
             }
         }
-        if gguf::shifts_norms(&arch) && hf.ends_with("norm.weight") {
-            t = (t - 1.0)?;
+        if let Some(offset) = gguf::norm_offset(&arch, &hf) {
+            t = (t - offset)?;
         }
         store.insert(hf, t.to_device(device)?)?;
     }
@@ -524,7 +524,7 @@ fn read_gguf<R: Read + Seek>(
         if let Some(gguf_file::Value::Array(flags)) = pattern {
             sliding = flags.iter().map(|f| f.to_bool().unwrap_or(false)).collect();
         } else if let Some(n) = pattern.and_then(|v| v.to_u32().ok()).filter(|&n| n > 0) {
-            sliding = (0..layers).map(|i| (i + 1) % n as usize != 0).collect();
+            sliding = crate::config::sliding_layers(layers, n as usize);
         }
         let types: Vec<&str> = sliding
             .iter()

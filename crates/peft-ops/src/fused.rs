@@ -548,10 +548,6 @@ impl GatedActivation {
         }
     }
 
-    fn kernel(self, t: &Tensor) -> bool {
-        crate::has_kernel(t, Kernel::Swiglu)
-    }
-
     /// The `gelu` flag of the CUDA kernels.
     #[cfg(feature = "cuda")]
     fn is_gelu(self) -> bool {
@@ -570,7 +566,9 @@ impl GatedActivation {
 /// `act(gate) · up`, keeping only `gate` and `up` for the backward.
 pub fn gated_act(gate: &Tensor, up: &Tensor, act: GatedActivation) -> Result<Tensor> {
     let (g, u) = (gate.detach(), up.detach());
-    let kernel = act.kernel(&g) && g.device().same_device(u.device()) && g.dtype() == u.dtype();
+    let kernel = crate::has_kernel(&g, Kernel::Swiglu)
+        && g.device().same_device(u.device())
+        && g.dtype() == u.dtype();
     let (g, u) = if kernel {
         (g.contiguous()?, u.contiguous()?)
     } else {
@@ -614,10 +612,10 @@ fn gated_grads(
     let (a, da) = match act {
         GatedActivation::Silu => (g.clone(), None),
         GatedActivation::GeluTanh => {
-            let g3 = (g.sqr()? * g)?;
+            let g2 = g.sqr()?;
             let c = 2.0 * GELU_C;
-            let a = ((g + (g3 * 0.044715)?)? * c)?;
-            let da = ((g.sqr()? * (3.0 * 0.044715 * c))? + c)?;
+            let a = ((g + ((&g2 * g)? * 0.044715)?)? * c)?;
+            let da = ((g2 * (3.0 * 0.044715 * c))? + c)?;
             (a, Some(da))
         }
     };
@@ -647,7 +645,7 @@ pub fn frozen_mlp(
     let x2 = x.detach().reshape((rows, hidden))?;
     let g = frozen_matmul(&x2, gate, true)?;
     let u = frozen_matmul(&x2, up, true)?;
-    let kernel = act.kernel(&g);
+    let kernel = crate::has_kernel(&g, Kernel::Swiglu);
     let gated = if kernel {
         g.apply_op2_no_bwd(&u, &GatedForward(act))?
     } else {

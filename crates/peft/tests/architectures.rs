@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use peft::PeftModel;
 use peft_models::io::load_safetensors;
-use peft_models::testing::max_abs_diff;
+use peft_models::testing::{max_abs, max_abs_diff};
 use peft_models::{load_model, KvCache, Llama};
 use peft_ops::cross_entropy_chunked;
 use std::path::PathBuf;
@@ -18,8 +18,12 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn base(name: &str) -> Llama {
-    let m = load_model(&fixture(name).join("model"), &Device::Cpu, DType::F32).unwrap();
-    Llama::from_weights(m.config, m.weights, &Device::Cpu, DType::F32).unwrap()
+    base_in(name, DType::F32)
+}
+
+fn base_in(name: &str, dtype: DType) -> Llama {
+    let m = load_model(&fixture(name).join("model"), &Device::Cpu, dtype).unwrap();
+    Llama::from_weights(m.config, m.weights, &Device::Cpu, dtype).unwrap()
 }
 
 fn logits(model: &Llama, ids: &Tensor, mask: Option<&Tensor>) -> Tensor {
@@ -84,13 +88,7 @@ fn lora_gradients_match_hf_peft() {
         for (key, var) in trainable {
             let got = grads.get(var.as_tensor()).unwrap();
             let w = &want[&key];
-            let scale = w
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(w);
             let d = max_abs_diff(got, w);
             assert!(
                 d <= 1e-4 * scale.max(1.0),
@@ -156,18 +154,11 @@ fn bf16_models_match_f32_within_rounding() {
         let exp =
             load_safetensors(&fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap();
         let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
-        let m = load_model(&fixture(name).join("model"), &Device::Cpu, DType::BF16).unwrap();
-        let base = Llama::from_weights(m.config, m.weights, &Device::Cpu, DType::BF16).unwrap();
+        let base = base_in(name, DType::BF16);
         let peft = PeftModel::load(base, &fixture(name).join("lora")).unwrap();
         let got = logits(&peft.base, &ids, None).to_dtype(DType::F32).unwrap();
         let want = &exp["lora_logits"];
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(want);
         let d = max_abs_diff(&got, want);
         assert!(
             d < 0.05 * scale,
