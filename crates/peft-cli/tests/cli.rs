@@ -272,16 +272,22 @@ fn train_generate_logits_merge_inspect() {
     let diff = max_abs_diff(&a, &b);
     assert!(diff < 1e-3, "merged vs unmerged {diff}");
 
+    // `peft merge` of the adapter into `output` (a folder, or a .gguf file).
+    let merge = |output: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "merge",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&adapter),
+            "--output",
+            s(output),
+        ];
+        args.extend(extra);
+        succeeds(&args);
+    };
     let merged_dir = dir.path().join("merged");
-    succeeds(&[
-        "merge",
-        "--model",
-        s(&model),
-        "--adapter",
-        s(&adapter),
-        "--output",
-        s(&merged_dir),
-    ]);
+    merge(&merged_dir, &[]);
     for f in [
         "config.json",
         "model.safetensors",
@@ -313,17 +319,7 @@ fn train_generate_logits_merge_inspect() {
 
     // The same merge as a GGUF file for llama.cpp, in f32: the same logits again.
     let gguf = dir.path().join("out/merged.gguf");
-    succeeds(&[
-        "merge",
-        "--model",
-        s(&model),
-        "--adapter",
-        s(&adapter),
-        "--output",
-        s(&gguf),
-        "--dtype",
-        "f32",
-    ]);
+    merge(&gguf, &["--dtype", "f32"]);
     let diff = max_abs_diff(&logits_of(&gguf, "from_gguf.safetensors"), &load(&merged));
     assert!(diff < 1e-4, "GGUF file vs in-memory merge {diff}");
     // The adapter alone as a GGUF LoRA for llama.cpp.
