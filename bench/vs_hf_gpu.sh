@@ -4,20 +4,23 @@
 # prompt and prefix tuning cases compare with HF's figures from that README
 # (bench/hf_gpu_readme.jsonl).
 #
-#   bench/vs_hf_gpu.sh [--peft PATH] [--anchor PATH] [--out DIR] [--skip-hf FILE]
+#   bench/vs_hf_gpu.sh [--peft PATH] [--anchor PATH] [--out DIR] [--skip-hf FILE] [--cases A,B]
 #
 # Runs on the GPU machine (python3 with torch, transformers, peft; CUDA 13 libraries under
 # site-packages/nvidia/cu13/lib). Build the binary elsewhere with `--features cuda`
-# (docs/gpu.md). --skip-hf reuses an earlier hf_anchor.jsonl instead of running HF again.
+# (docs/gpu.md). --skip-hf reuses an earlier hf_anchor.jsonl instead of running HF again;
+# --cases runs only the named cases of ours (for a short lease); BENCH_FLAGS adds flags to each
+# `peft bench` (say `--phases`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-peft=target/release/peft anchor=../shared/gpu/anchor_hf.py out=${OUT:-bench/out} hf_file=
+peft=target/release/peft anchor=../shared/gpu/anchor_hf.py out=${OUT:-bench/out} hf_file= cases=
 while [ $# -gt 0 ]; do
   case "$1" in
     --peft) peft=$2; shift 2 ;;
     --anchor) anchor=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --skip-hf) hf_file=$2; shift 2 ;;
+    --cases) cases=",$2,"; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -36,9 +39,10 @@ ours=$out/peft_gpu.jsonl
 : > "$ours"
 # name shape targets batch seq warmup steps extra-flags (the anchor's cases, in its order)
 while read -r name shape targets batch seq warmup steps extra; do
+  [ -z "$cases" ] || [[ $cases == *",$name,"* ]] || continue
   line=$(timeout "${CASE_TIMEOUT:-300}" "$peft" bench --device cuda --dtype bf16 --shape "$shape" --lora-dropout 0 \
       --r 16 --lora-alpha 32 --target-modules "$targets" --batch-size "$batch" --seq-len "$seq" \
-      --warmup "$warmup" --steps "$steps" $extra 2>"$out/err_$name.txt" | tail -n 1)
+      --warmup "$warmup" --steps "$steps" $extra ${BENCH_FLAGS:-} 2>"$out/err_$name.txt" | tail -n 1)
   [ -n "$line" ] || line=$(printf '{"error": %s}' "$(tail -c 300 "$out/err_$name.txt" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')")
   echo "{\"case\": \"$name\", \"result\": $line}" | tee -a "$ours" >&2
 done <<'CASES'

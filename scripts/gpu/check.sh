@@ -4,6 +4,7 @@
 # five files: log.txt (tests and bench output), errors.txt (each bench case's stderr),
 # hf_anchor.jsonl, peft_gpu.jsonl and vs_hf_gpu.md.
 #   scripts/gpu/check.sh [--tests-only | --bench-only | --ablation] [--skip-hf FILE | --hf-reference]
+#                        [--cases A,B]
 # --ablation runs bench/gpu_ablation.sh instead (each kernel group turned off in turn:
 # ablation.jsonl and ablation.md).
 # --hf-reference compares with HF's figures measured on the same machine
@@ -13,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
 mkdir -p "$out"
-what=all skip=()
+what=all skip=() cases=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) what=tests; shift ;;
@@ -21,6 +22,7 @@ while [ $# -gt 0 ]; do
     --ablation) what=ablation; shift ;;
     --skip-hf) skip=(--skip-hf "$2"); shift 2 ;;
     --hf-reference) skip=(--skip-hf bench/hf_gpu_reference.jsonl); shift ;;
+    --cases) cases=(--cases "$2"); shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -37,13 +39,13 @@ log=$out/log.txt
   if [ "$what" = all ] || [ "$what" = tests ]; then
     for crate in peft-ops peft-train; do
       echo "== $crate CUDA tests"
-      (cd "crates/$crate" && timeout 300 "$bin/test-$crate" --test-threads=1 --nocapture)
+      (cd "crates/$crate" && timeout "${TEST_TIMEOUT:-300}" "$bin/test-$crate" --test-threads=1 --nocapture)
       echo "exit status $?"
     done
   fi
   if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== benchmark"
-    CASE_TIMEOUT=${CASE_TIMEOUT:-150} bench/vs_hf_gpu.sh --peft "$bin/peft" --out "$out" "${skip[@]}"
+    CASE_TIMEOUT=${CASE_TIMEOUT:-150} bench/vs_hf_gpu.sh --peft "$bin/peft" --anchor .gpu/anchor_hf.py --out "$out" "${skip[@]}" "${cases[@]}"
   fi
   if [ "$what" = ablation ]; then
     echo "== kernel ablation"

@@ -25,5 +25,7 @@ for t in "${tests[@]}"; do
   read -r crate exe <<<"$t"
   pack "$exe" ".gpu/test-$crate.gz"
 done
+# ../shared does not travel to the GPU machine: HF's side of the benchmark goes along in .gpu.
+cp ../shared/gpu/anchor_hf.py .gpu/
 ls -l .gpu >&2
 du -sh .gpu >&2

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the GPU machine, with .gpu/ from scripts/gpu/prepare.sh: where a training step's GPU time
+# goes. Nsight Compute times every kernel of one `peft bench` step (ncu_<case>.csv, one row per
+# launch: name and gpu__time_duration), and torch's profiler does the same for HF PEFT on the
+# 1B shape (hf_profile.txt). scripts/gpu/kernel_table.py sums the CSVs by kernel afterwards.
+#   scripts/gpu/profile.sh [CASE...]      CASE: smol, 1b, 1b-all, 8b (default: 1b smol)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-bench/out}
+mkdir -p "$out"
+SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+gunzip -c .gpu/peft.gz > /tmp/peft && chmod +x /tmp/peft
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+echo "ncu: ${ncu:-none}"
+[ $# -gt 0 ] || set -- 1b smol
+for c in "$@"; do
+  case "$c" in
+    smol) a=(--shape smollm2-135m --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 8 --seq-len 1024) ;;
+    1b) a=(--shape llama-3.2-1b --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 4 --seq-len 1024) ;;
+    1b-all) a=(--shape llama-3.2-1b --target-modules all-linear --batch-size 4 --seq-len 1024) ;;
+    8b) a=(--shape llama-3-8b --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 2 --seq-len 2048) ;;
+    *) echo "unknown case $c" >&2; continue ;;
+  esac
+  # One untimed step, then the profiled one (the first step also creates handles and pools).
+  timeout 80 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+      --log-file "$out/ncu_$c.csv" /tmp/peft bench --device cuda --dtype bf16 --r 16 --lora-alpha 32 \
+      --lora-dropout 0 "${a[@]}" --warmup 1 --steps 1 > "$out/bench_$c.json"
+  echo "$c: exit $?, $(wc -l < "$out/ncu_$c.csv") lines"
+done
+PYTHONUNBUFFERED=1 timeout 50 python3 scripts/gpu/hf_profile.py > "$out/hf_profile.txt" 2>&1
+echo "hf profile: exit $?"
+tail -n 30 "$out/hf_profile.txt"
