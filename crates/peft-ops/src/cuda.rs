@@ -20,6 +20,8 @@ const SOURCE: &str = concat!(
     include_str!("kernels/attention.cu"),
     include_str!("kernels/optim.cu")
 );
+/// The files of `SOURCE`, in its order.
+const SOURCE_FILES: [&str; 4] = ["ops.cu", "lora.cu", "attention.cu", "optim.cu"];
 const MODULE: &str = "peft_ops";
 /// PTX for compute_80, the first architecture with the bf16 tensor-core and `ldmatrix`
 /// instructions the kernels use: the driver compiles it for the GPU at hand (sm_80 to sm_90
@@ -33,6 +35,26 @@ fn err(e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("peft-ops cuda: {e:?}"))
 }
 
+/// Our kernels' source: the embedded one, or with `PEFT_CUDA_KERNELS=DIR` the files of
+/// `SOURCE_FILES` in DIR. That compares variants of a kernel (with the same arguments) on a
+/// GPU without another build of the binary (scripts/gpu/profile.sh).
+fn kernel_source() -> std::result::Result<String, String> {
+    let Some(dir) = std::env::var_os("PEFT_CUDA_KERNELS") else {
+        return Ok(SOURCE.to_string());
+    };
+    let dir = std::path::Path::new(&dir);
+    let read = |f: &&str| {
+        let path = dir.join(f);
+        std::fs::read_to_string(&path)
+            .map_err(|e| format!("PEFT_CUDA_KERNELS: cannot read {}: {e}", path.display()))
+    };
+    Ok(SOURCE_FILES
+        .iter()
+        .map(read)
+        .collect::<std::result::Result<Vec<_>, _>>()?
+        .concat())
+}
+
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     PTX.get_or_init(|| {
@@ -40,7 +62,7 @@ fn ptx() -> Result<&'static str> {
             arch: Some(ARCH),
             ..Default::default()
         };
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(kernel_source()?, opts)
             .map(|p| p.to_src())
             .map_err(|e| format!("NVRTC could not compile our CUDA kernels: {e:?}"))
     })
@@ -329,8 +351,10 @@ pub(crate) fn cross_entropy_rows(
     dispatch!(logits.dtype(), f(logits, labels, inv_denom, grad))
 }
 
-/// Rows per block of `low_rank_add` (`LRA_ROWS` in kernels/ops.cu).
-const LOW_RANK_ADD_ROWS: usize = 16;
+/// Rows per block of `low_rank_add` (`LRA_ROWS` in kernels/lora.cu).
+const LOW_RANK_ADD_ROWS: usize = 64;
+/// Threads per block of `low_rank_add`, each taking `LRA_COLS` (2) columns.
+const LOW_RANK_ADD_THREADS: usize = 128;
 
 /// The dropout arguments of our LoRA kernels (`DROPOUT_PARAMS` in kernels/ops.cu): off, or
 /// the keys, threshold and scale of a mask, which the kernels draw element by element.
@@ -494,13 +518,13 @@ fn launch_low_rank_add<T: CudaDType + DeviceRepr + WithDType>(
     let cfg = LaunchConfig {
         grid_dim: (
             rows.div_ceil(LOW_RANK_ADD_ROWS) as u32,
-            cols.div_ceil(256) as u32,
+            cols.div_ceil(LOW_RANK_ADD_THREADS * 2) as u32,
             1,
         ),
-        block_dim: (256, 1, 1),
+        block_dim: (LOW_RANK_ADD_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match low_rank_add_{f32,bf16} in kernels/ops.cu.
+    // SAFETY: the arguments match low_rank_add_{f32,bf16} in kernels/lora.cu.
     unsafe { builder.launch(cfg) }.map_err(err)?;
     Ok(())
 }
@@ -509,8 +533,42 @@ fn launch_low_rank_add<T: CudaDType + DeviceRepr + WithDType>(
 const THIN_RANKS: usize = 16;
 /// Rows per block of `thin_project` (`THIN_ROWS`).
 const THIN_ROWS: usize = 32;
-/// Columns per block of `thin_outer` (one thread each).
-const THIN_OUTER_THREADS: usize = 128;
+/// Columns per shared-memory stage of `thin_project` (`THIN_CHUNK`); its column splits are
+/// multiples of it.
+const THIN_CHUNK: usize = 256;
+/// Threads per block of `thin_outer`, each taking `OUTER_COLS` (4) columns.
+const THIN_OUTER_THREADS: usize = 64;
+/// Blocks that keep an H100/H200 busy (132 SMs): about four 256-thread blocks per SM.
+const BUSY_BLOCKS: usize = 528;
+
+/// The column splits of `thin_project` for `blocks` blocks per split: enough splits to keep
+/// the GPU busy, each a multiple of `THIN_CHUNK` columns. Returns (splits, columns per split).
+fn thin_project_splits(n: usize, blocks: usize) -> (usize, usize) {
+    let chunks = n.div_ceil(THIN_CHUNK).max(1);
+    let wanted = BUSY_BLOCKS.div_ceil(blocks).clamp(1, chunks);
+    let per_split = chunks.div_ceil(wanted) * THIN_CHUNK;
+    (n.div_ceil(per_split).max(1), per_split)
+}
+
+/// Launches thin_outer_sum: `out[j · o_sn + k · o_sk] = scale · Σ_split part[split, j, k]`
+/// over the `nr` values of `[n, r]` (or `[rows, r]`).
+fn launch_thin_sum(
+    dev: &CudaDevice,
+    part: &CudaSlice<f32>,
+    out: &CudaSlice<f32>,
+    (splits, nr, r): (usize, usize, usize),
+    (o_sn, o_sk): (i64, i64),
+    scale: f32,
+) -> Result<()> {
+    let func = dev.get_or_load_custom_func("thin_outer_sum", MODULE, ptx()?)?;
+    let (splits_, nr_, r_) = (splits as i32, nr as i64, r as i32);
+    let mut builder = func.builder();
+    builder.arg(part).arg(out).arg(&splits_).arg(&nr_).arg(&r_);
+    builder.arg(&o_sn).arg(&o_sk).arg(&scale);
+    // SAFETY: the arguments match thin_outer_sum in kernels/lora.cu.
+    unsafe { builder.launch(elementwise_config(nr)) }.map_err(err)?;
+    Ok(())
+}
 
 /// `scale · (x ∘ mask) · wᵀ` (f32 `[rows, r]`) for `x` `[rows, n]` (f32 or bf16), the mask
 /// that of `dropout` (drawn in the kernel), and f32 `w` `[r, n]` (or `[n, r]` when `w_t`): one
@@ -540,30 +598,50 @@ pub(crate) fn thin_project(
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (xv, wv) = (view::<T>(&xs, xl)?, view::<f32>(&ws, wl)?);
-        // SAFETY: every element is written.
+        let (row_blocks, rank_groups) = (rows.div_ceil(THIN_ROWS), r.div_ceil(THIN_RANKS));
+        let (splits, per_split) = thin_project_splits(n, row_blocks * rank_groups);
+        // SAFETY: every element is written (the splits' partial sums, then their total).
         let out = unsafe { dev.alloc::<f32>(rows * r)? };
+        // SAFETY: as `out`.
+        let part = (splits > 1)
+            .then(|| unsafe { dev.alloc::<f32>(splits * rows * r) })
+            .transpose()?;
         let func = dev.get_or_load_custom_func(
             &format!("thin_project_{}", suffix(T::DTYPE)?),
             MODULE,
             ptx()?,
         )?;
-        let (rows_, n_, r_) = (rows as i64, n as i32, r as i32);
+        let (rows_, n_, r_, per_split_) = (rows as i64, n as i32, r as i32, per_split as i32);
+        // Several splits write unscaled partial sums; their sum takes the scale.
+        let kernel_scale = if part.is_some() { 1.0f32 } else { scale };
         let drop = DropoutArgs::new(dropout);
         let mut builder = func.builder();
-        builder.arg(&xv).arg(&wv).arg(&w_sk).arg(&w_sn).arg(&out);
-        builder.arg(&rows_).arg(&n_).arg(&r_).arg(&scale);
+        builder.arg(&xv).arg(&wv).arg(&w_sk).arg(&w_sn);
+        builder.arg(part.as_ref().unwrap_or(&out));
+        builder
+            .arg(&rows_)
+            .arg(&n_)
+            .arg(&r_)
+            .arg(&kernel_scale)
+            .arg(&per_split_);
         drop.push(&mut builder);
         let cfg = LaunchConfig {
-            grid_dim: (
-                rows.div_ceil(THIN_ROWS) as u32,
-                r.div_ceil(THIN_RANKS) as u32,
-                1,
-            ),
+            grid_dim: (row_blocks as u32, rank_groups as u32, splits as u32),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match thin_project_{f32,bf16} in kernels/lora.cu.
         unsafe { builder.launch(cfg) }.map_err(err)?;
+        if let Some(part) = &part {
+            launch_thin_sum(
+                &dev,
+                part,
+                &out,
+                (splits, rows * r, r),
+                (r as i64, 1),
+                scale,
+            )?;
+        }
         Ok(wrap(out, &dev, &[rows, r]))
     }
     dispatch!(x.dtype(), f(x, dropout, w, w_t, scale))
@@ -589,9 +667,10 @@ pub(crate) fn thin_outer(
     ) -> Result<Tensor> {
         let (rows, n) = x.dims2()?;
         let r = y.dim(1)?;
-        let (column_blocks, rank_groups) = (n.div_ceil(THIN_OUTER_THREADS), r.div_ceil(THIN_RANKS));
-        // About four blocks per SM of an H100/H200, each with at least 128 rows.
-        let splits = 528usize
+        let (column_blocks, rank_groups) =
+            (n.div_ceil(THIN_OUTER_THREADS * 4), r.div_ceil(THIN_RANKS));
+        // About eight two-warp blocks per SM, each with at least 128 rows.
+        let splits = (2 * BUSY_BLOCKS)
             .div_ceil(column_blocks * rank_groups)
             .clamp(1, (rows / 128).max(1));
         let per_split = rows.div_ceil(splits).max(1);
@@ -623,18 +702,12 @@ pub(crate) fn thin_outer(
 
         // SAFETY: every element is written.
         let out = unsafe { dev.alloc::<f32>(n * r)? };
-        let func = dev.get_or_load_custom_func("thin_outer_sum", MODULE, ptx()?)?;
-        let (splits_, nr) = (splits as i32, (n * r) as i64);
-        let (o_sn, o_sk) = if out_t {
+        let strides = if out_t {
             (1i64, n as i64)
         } else {
             (r as i64, 1i64)
         };
-        let mut builder = func.builder();
-        builder.arg(&part).arg(&out).arg(&splits_).arg(&nr).arg(&r_);
-        builder.arg(&o_sn).arg(&o_sk).arg(&scale);
-        // SAFETY: the arguments match thin_outer_sum in kernels/lora.cu.
-        unsafe { builder.launch(elementwise_config(n * r)) }.map_err(err)?;
+        launch_thin_sum(&dev, &part, &out, (splits, n * r, r), strides, scale)?;
         let dims = if out_t { [r, n] } else { [n, r] };
         Ok(wrap(out, &dev, &dims))
     }

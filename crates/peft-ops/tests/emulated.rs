@@ -903,17 +903,19 @@ fn causal_softmax_kernels_match_the_cpu() {
 
 /// LoRA's low-rank add, with B as `[cols, r]` (forward) and A as `[r, cols]` (backward, with
 /// and without a dropout mask), ranks in one group of 16 and in two (the second partial),
-/// rows and columns ending mid-block: within 1e-5 of `base + scale · (left · rightᵀ) ∘ mask`
-/// by matmuls.
+/// rows and columns ending mid-block, pairs of columns read as one (even columns) and one by
+/// one (odd): within 1e-5 of `base + scale · (left · rightᵀ) ∘ mask` by matmuls.
 #[test]
 fn low_rank_add_matches_matmuls() {
-    for (r, right_t, masked) in [
-        (16, false, false),
-        (16, true, false),
-        (20, true, true),
-        (8, false, true),
+    for (rows, cols, r, right_t, masked) in [
+        (37, 300, 16, false, false),
+        (37, 300, 16, true, false),
+        (37, 300, 20, true, true),
+        (37, 300, 8, false, true),
+        (150, 301, 16, false, false),
+        (150, 301, 20, true, true),
     ] {
-        low_rank_add_case(37, 300, r, right_t, masked);
+        low_rank_add_case(rows, cols, r, right_t, masked);
     }
 }
 
@@ -951,11 +953,18 @@ fn low_rank_add_case(rows: usize, cols: usize, r: usize, right_t: bool, masked: 
 
 /// LoRA's thin products without f32 copies of their wide operand: `scale · (x ∘ mask) · Aᵀ`
 /// (forward, A `[r, n]`) and `scale · x · B` (backward, B `[n, r]`), for ranks that fill one
-/// group of 16 and that need two (the second one partial), rows that end mid-block and
-/// columns that end mid-stage: within 1e-5 of the matmuls.
+/// group of 16 and that need two (the second one partial), rows that end mid-block, columns
+/// that end mid-stage, read eight at a time (n a multiple of 8) or one by one, and the
+/// columns split over blocks (the last split short): within 1e-5 of the matmuls.
 #[test]
 fn thin_project_matches_matmuls() {
-    let (rows, n, scale) = (45usize, 300usize, 0.5f32);
+    for (n, splits) in [(300, 1), (300, 2), (520, 2)] {
+        thin_project_case(45, n, splits);
+    }
+}
+
+fn thin_project_case(rows: usize, n: usize, splits: usize) {
+    let scale = 0.5f32;
     let x = randn(&[rows, n], 540);
     let drop = Dropout { p: 0.25, seed: 9 };
     let mask = dropout_mask(drop.seed, drop.p, &[rows, n], &Device::Cpu).unwrap();
@@ -977,12 +986,12 @@ fn thin_project_matches_matmuls() {
         };
         let want = (product * scale as f64).unwrap();
         let mut input = (rows as i64).to_le_bytes().to_vec();
-        input.extend(i32_bytes(&[n, r, w_t as usize]));
+        input.extend(i32_bytes(&[n, r, w_t as usize, splits]));
         input.extend(scale.to_le_bytes());
         input.extend(dropout_bytes(masked.then_some(drop)));
         input.extend(f32_bytes(&x));
         input.extend(f32_bytes(&w));
-        let case = format!("thin_project_{r}_{w_t}_{masked}");
+        let case = format!("thin_project_{n}_{splits}_{r}_{w_t}_{masked}");
         let out = to_f32s(&emulate_with("ops", &["thin_project"], &case, &input));
         check(&case, &tensor_at(&out, 0, &[rows, r]), &want, 1e-5);
     }
@@ -990,10 +999,17 @@ fn thin_project_matches_matmuls() {
 
 /// The gradients of LoRA's weights without f32 copies: `scale · (x ∘ mask)ᵀ · y` as `[n, r]`
 /// (dB) or `[r, n]` (dA), with the rows split in one part and in several (the last one short
-/// or empty): within 1e-5 of the matmuls.
+/// or empty), columns read four at a time (n a multiple of 4) and one by one: within 1e-5 of
+/// the matmuls.
 #[test]
 fn thin_outer_matches_matmuls() {
-    let (rows, n, scale) = (150usize, 200usize, 0.25f32);
+    for n in [200, 203] {
+        thin_outer_case(150, n);
+    }
+}
+
+fn thin_outer_case(rows: usize, n: usize) {
+    let scale = 0.25f32;
     let x = randn(&[rows, n], 550);
     let drop = Dropout { p: 0.1, seed: 11 };
     let mask = dropout_mask(drop.seed, drop.p, &[rows, n], &Device::Cpu).unwrap();
@@ -1021,7 +1037,7 @@ fn thin_outer_matches_matmuls() {
         input.extend(dropout_bytes(masked.then_some(drop)));
         input.extend(f32_bytes(&x));
         input.extend(f32_bytes(&y));
-        let case = format!("thin_outer_{r}_{out_t}_{masked}_{splits}");
+        let case = format!("thin_outer_{n}_{r}_{out_t}_{masked}_{splits}");
         let out = to_f32s(&emulate_with("ops", &["thin_outer"], &case, &input));
         let dims = if out_t { [r, n] } else { [n, r] };
         check(&case, &tensor_at(&out, 0, &dims), &want, 1e-5);

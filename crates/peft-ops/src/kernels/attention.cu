@@ -111,40 +111,74 @@ __device__ __forceinline__ void c_to_a(u32* a, const float* c0, const float* c1)
     a[3] = pack_bf16(c1[2], c1[3]);
 }
 
-// Rows row0..row0+63 of one head (`x` points at its first element of row 0; rows are `stride`
-// apart, 16-byte aligned) into a shared tile of pitch D + 8, rotated by RoPE when `cos` is
-// given (HF's rotate_half: pairs (j, j + D/2)). Rows at or past t are zero. Each thread moves
-// 8 pairs at a time with 16-byte loads and stores.
+// One thread's share of rows row0..row0+63 of one head, fetched from global memory into
+// registers by fetch_tile and written to a shared tile by store_tile: a kernel fetches its
+// next tile before it computes on the current one, so that the loads are in flight meanwhile.
+// Each item is a pair of 16-byte chunks (columns j..j + 7 and j + H..j + H + 7), the pairs
+// RoPE rotates together.
 template <int D>
-__device__ void load_tile(bf16_t* s, const bf16_t* x, long long stride, int row0, int t,
-                          const float* cos, const float* sin) {
-    const int H = D / 2, P = D + 8, CHUNKS = H / 8;
-    for (int i = threadIdx.x; i < FA_TILE * CHUNKS; i += blockDim.x) {
+struct TileFetch {
+    static const int ITEMS = FA_TILE * (D / 16) / FA_THREADS;
+    uint4 lo[ITEMS], hi[ITEMS];
+};
+
+// Rows row0..row0+63 of one head (`x` points at its first element of row 0; rows are
+// `stride` apart, 16-byte aligned); rows at or past t are zero.
+template <int D>
+__device__ __forceinline__ void fetch_tile(TileFetch<D>& f, const bf16_t* x, long long stride,
+                                           int row0, int t) {
+    const int H = D / 2, CHUNKS = H / 8;
+#pragma unroll
+    for (int it = 0; it < TileFetch<D>::ITEMS; ++it) {
+        int i = threadIdx.x + it * FA_THREADS;
         int r = i / CHUNKS, j = (i % CHUNKS) * 8, row = row0 + r;
-        uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+        f.lo[it] = f.hi[it] = make_uint4(0, 0, 0, 0);
         if (row < t) {
             const bf16_t* src = x + row * stride;
-            lo = *(const uint4*)(src + j);
-            hi = *(const uint4*)(src + j + H);
-            if (cos) {
-                const bf16_t* a = (const bf16_t*)&lo;
-                const bf16_t* b = (const bf16_t*)&hi;
-                const float* cs = cos + row * H + j;
-                const float* sn = sin + row * H + j;
-                u32 ra[4], rb[4];
+            f.lo[it] = *(const uint4*)(src + j);
+            f.hi[it] = *(const uint4*)(src + j + H);
+        }
+    }
+}
+
+// A fetched tile into a shared tile of pitch D + 8, rotated by RoPE when `cos` is given (HF's
+// rotate_half: pairs (j, j + D/2)).
+template <int D>
+__device__ __forceinline__ void store_tile(bf16_t* s, const TileFetch<D>& f, int row0, int t,
+                                           const float* cos, const float* sin) {
+    const int H = D / 2, P = D + 8, CHUNKS = H / 8;
 #pragma unroll
-                for (int e = 0; e < 8; e += 2) {
-                    float a0 = ld(a, e), a1 = ld(a, e + 1), b0 = ld(b, e), b1 = ld(b, e + 1);
-                    ra[e / 2] = pack_bf16(a0 * cs[e] - b0 * sn[e], a1 * cs[e + 1] - b1 * sn[e + 1]);
-                    rb[e / 2] = pack_bf16(b0 * cs[e] + a0 * sn[e], b1 * cs[e + 1] + a1 * sn[e + 1]);
-                }
-                lo = make_uint4(ra[0], ra[1], ra[2], ra[3]);
-                hi = make_uint4(rb[0], rb[1], rb[2], rb[3]);
+    for (int it = 0; it < TileFetch<D>::ITEMS; ++it) {
+        int i = threadIdx.x + it * FA_THREADS;
+        int r = i / CHUNKS, j = (i % CHUNKS) * 8, row = row0 + r;
+        uint4 lo = f.lo[it], hi = f.hi[it];
+        if (cos && row < t) {
+            const bf16_t* a = (const bf16_t*)&lo;
+            const bf16_t* b = (const bf16_t*)&hi;
+            const float* cs = cos + row * H + j;
+            const float* sn = sin + row * H + j;
+            u32 ra[4], rb[4];
+#pragma unroll
+            for (int e = 0; e < 8; e += 2) {
+                float a0 = ld(a, e), a1 = ld(a, e + 1), b0 = ld(b, e), b1 = ld(b, e + 1);
+                ra[e / 2] = pack_bf16(a0 * cs[e] - b0 * sn[e], a1 * cs[e + 1] - b1 * sn[e + 1]);
+                rb[e / 2] = pack_bf16(b0 * cs[e] + a0 * sn[e], b1 * cs[e + 1] + a1 * sn[e + 1]);
             }
+            lo = make_uint4(ra[0], ra[1], ra[2], ra[3]);
+            hi = make_uint4(rb[0], rb[1], rb[2], rb[3]);
         }
         *(uint4*)(s + r * P + j) = lo;
         *(uint4*)(s + r * P + j + H) = hi;
     }
+}
+
+// fetch_tile, then store_tile.
+template <int D>
+__device__ void load_tile(bf16_t* s, const bf16_t* x, long long stride, int row0, int t,
+                          const float* cos, const float* sin) {
+    TileFetch<D> f;
+    fetch_tile<D>(f, x, stride, row0, t);
+    store_tile<D>(s, f, row0, t, cos, sin);
 }
 
 // Whether query q sees key k (k <= q) given their segment ids (packed rows).
@@ -205,6 +239,8 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         for (int r = 0; r < 2; ++r) row_seg[r] = row[r] < t ? segb[row[r]] : 0;
     const float scale2 = scale * FA_LOG2E;
 
+    TileFetch<D> kf, vf;  // the next key and value tiles, once fetched
+    int fetched = -1;
     for (int kt = 0; kt <= qt; ++kt) {
         if (segb) {
             // Packed rows: a key tile that none of the block's rows sees (another sequence's)
@@ -220,9 +256,18 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                                 same_sequence(row_seg[r], Gs[cl + e]);
             if (!__syncthreads_or(seen)) continue;
         }
-        load_tile<D>(Ks, kb, ks, kt * FA_TILE, t, cos, sin);
-        load_tile<D>(Vs, vb, ks, kt * FA_TILE, t, 0, 0);
+        if (fetched != kt) {
+            fetch_tile<D>(kf, kb, ks, kt * FA_TILE, t);
+            fetch_tile<D>(vf, vb, ks, kt * FA_TILE, t);
+        }
+        store_tile<D>(Ks, kf, kt * FA_TILE, t, cos, sin);
+        store_tile<D>(Vs, vf, kt * FA_TILE, t, 0, 0);
         __syncthreads();
+        if (kt < qt) {
+            fetch_tile<D>(kf, kb, ks, (kt + 1) * FA_TILE, t);
+            fetch_tile<D>(vf, vb, ks, (kt + 1) * FA_TILE, t);
+            fetched = kt + 1;
+        }
         float s[8][4];
 #pragma unroll
         for (int n = 0; n < 8; ++n)
@@ -376,6 +421,11 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const float* lb = lse + ((long long)bi * heads + hi) * t;
     const float* eb = delta + ((long long)bi * heads + hi) * t;
     float* dqb = dq_acc + ((long long)bi * heads + hi) * t * D;
+    // The next query and dO tiles are fetched while this one is computed, where registers
+    // allow: the d = 128 kernel has none to spare.
+    const bool prefetch = D <= 64;
+    TileFetch<D> qf, of;
+    int fetched = -1;
     for (int qt = kt; qt < nq; ++qt) {
         __syncthreads();  // the last iteration's reads of Qs, Os, Ss, Ls, Es and Gs are done
         if (packed) {
@@ -396,14 +446,28 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                     }
             if (!__syncthreads_or(seen)) continue;
         }
-        load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
-        load_tile<D>(Os, ob, qs, qt * FA_TILE, t, 0, 0);
+        if (prefetch) {
+            if (fetched != qt) {
+                fetch_tile<D>(qf, qb, qs, qt * FA_TILE, t);
+                fetch_tile<D>(of, ob, qs, qt * FA_TILE, t);
+            }
+            store_tile<D>(Qs, qf, qt * FA_TILE, t, cos, sin);
+            store_tile<D>(Os, of, qt * FA_TILE, t, 0, 0);
+        } else {
+            load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
+            load_tile<D>(Os, ob, qs, qt * FA_TILE, t, 0, 0);
+        }
         for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
             int r = qt * FA_TILE + i;
             Ls[i] = r < t ? lb[r] * FA_LOG2E : 0.f;
             Es[i] = r < t ? eb[r] : 0.f;
         }
         __syncthreads();
+        if (prefetch && qt + 1 < nq) {
+            fetch_tile<D>(qf, qb, qs, (qt + 1) * FA_TILE, t);
+            fetch_tile<D>(of, ob, qs, (qt + 1) * FA_TILE, t);
+            fetched = qt + 1;
+        }
 
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys and the tile's 64 queries.
         float st[8][4], dpt[8][4];
@@ -577,8 +641,10 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
     }
 }
 
+// The forward runs three blocks per SM (at most 170 registers a thread) where the d = 64
+// kernel's prefetched tiles would otherwise leave room for two.
 #define FLASH(D)                                                                                \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                    \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, D <= 64 ? 3 : 2)                   \
         flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,    \
                        const float* sin, const unsigned* seg, long long rope_bstride,           \
                        bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {    \

@@ -1,55 +1,120 @@
-// LoRA's thin products (one side only r columns wide) read the activations in their storage
-// dtype: no f32 copy of x or of dL/dy is written and read back, and the dropout mask (drawn
-// element by element, ops.cu's dropout_at) and the scale are applied on the fly. Appended to
-// ops.cu (ld, Dropout). f32 math; the composed path in fused.rs (cast, mask, matmul, scale) is
-// the reference.
+// LoRA's low-rank kernels: the thin products (one side only r columns wide) and the add of the
+// low-rank term to a frozen matmul's output. They read the activations in their storage dtype
+// (no f32 copy of x or of dL/dy is written and read back), apply the dropout mask (drawn
+// element by element, ops.cu's dropout_at) and the scale on the fly, and read consecutive
+// columns with one vector load where alignment allows: these kernels are bound by memory, and
+// by the latency of loads in flight. Appended to ops.cu (ld, st, Dropout). f32 math; the
+// composed path in fused.rs (cast, mask, matmul, scale) is the reference.
 
-#define THIN_RANKS 16   // ranks per block; grid.y covers the rest
-#define THIN_ROWS 32    // rows per block of thin_project: 8 warps of 4 rows
-#define THIN_CHUNK 256  // columns of w per shared-memory stage
-#define THIN_STAGE 64   // rows of y per shared-memory stage of thin_outer
+#define THIN_RANKS 16     // ranks per block; grid.y covers the rest
+#define THIN_ROWS 32      // rows per block of thin_project: 8 warps of 4 rows
+#define THIN_LANE_COLS 8  // consecutive columns a lane of thin_project reads per row
+#define THIN_CHUNK 256    // columns per shared-memory stage of thin_project (32 lanes x 8)
+#define THIN_STAGE 64     // rows of y per shared-memory stage of thin_outer
+#define OUTER_COLS 4      // consecutive columns per thread of thin_outer
+#define LRA_ROWS 64       // rows per block of low_rank_add
+#define LRA_GROUP 16      // rows of low_rank_add summed at a time (in registers)
+#define LRA_COLS 2        // consecutive columns per thread of low_rank_add
+
+// N consecutive elements, loaded or stored as one (16 bytes at most: larger packs are split).
+template <typename T, int N>
+struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Pack {
+    T e[N];
+};
+
+// Whether rows of n elements at p, accessed N at a time from multiples of N, can use Packs.
+template <int N, typename T>
+__device__ __forceinline__ bool packable(const T* p, long long n) {
+    return n % N == 0 && (unsigned long long)p % alignof(Pack<T, N>) == 0;
+}
+
+// p[i..i + N] as f32 times the mask of `drop` there; indices at or past `end` read as 0.
+// `vec`: i is a multiple of N in Pack-aligned rows (packable).
+template <int N, typename T>
+__device__ __forceinline__ void load_cols(const T* p, long long i, long long end, bool vec,
+                                          const Dropout& drop, float* v) {
+    if (vec && i + N <= end) {
+        Pack<T, N> raw = *(const Pack<T, N>*)(p + i);
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[e] = ld(raw.e, e);
+    } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[e] = i + e < end ? ld(p, i + e) : 0.f;
+    }
+    if (drop.on)
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[e] *= dropout_at(drop, i + e);
+}
+
+// p[i..i + N] = v, up to `end`; `vec` as for load_cols.
+template <int N, typename T>
+__device__ __forceinline__ void store_cols(T* p, long long i, long long end, bool vec,
+                                           const float* v) {
+    if (vec && i + N <= end) {
+        Pack<T, N> raw;
+#pragma unroll
+        for (int e = 0; e < N; ++e) st(raw.e, e, v[e]);
+        *(Pack<T, N>*)(p + i) = raw;
+    } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e)
+            if (i + e < end) st(p, i + e, v[e]);
+    }
+}
 
 // out[row, k] = scale · Σ_j x[row, j] · mask[row, j] · w[k · w_sk + j · w_sn] for k < r, the
 // mask that of `drop` over [rows, n]: x [rows, n]; w as [r, n] through its strides (A [r, n]:
-// w_sk = n, w_sn = 1; B [n, r]: w_sk = 1, w_sn = r); out [rows, r] f32. Grid (row blocks,
-// rank groups); 256 threads: warp w takes rows 4w..4w + 3 of the block, lane l the columns
-// l, l + 32, ... of each stage. Each warp sums its lanes' shares at the end.
+// w_sk = n, w_sn = 1; B [n, r]: w_sk = 1, w_sn = r). Grid (row blocks, rank groups, column
+// splits of `per_split` columns, a multiple of THIN_CHUNK); 256 threads: warp w takes rows
+// 4w..4w + 3 of the block, lane l columns 8l..8l + 7 of each stage, so that a warp reads
+// 512-byte rows (bf16) and each weight from shared memory serves four rows. out is
+// [splits, rows, r]: with several splits thin_outer_sum adds them (in order: the same result
+// on every run), and scale is 1 here.
 template <typename T>
 __device__ void thin_project(const T* x, const float* w, long long w_sk, long long w_sn,
                              float* out, long long rows, int n, int r, float scale,
-                             Dropout drop) {
-    __shared__ float ws[THIN_RANKS][THIN_CHUNK];
+                             int per_split, Dropout drop) {
+    __shared__ float ws[THIN_RANKS][THIN_CHUNK];  // column 8l + e of the stage at [k][32e + l]
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int k0 = blockIdx.y * THIN_RANKS;
     long long row0 = (long long)blockIdx.x * THIN_ROWS + warp * 4;
+    int c_begin = blockIdx.z * per_split;
+    int c_end = c_begin + per_split < n ? c_begin + per_split : n;
+    bool vec = packable<THIN_LANE_COLS>(x, n);
     float acc[4][THIN_RANKS];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int k = 0; k < THIN_RANKS; ++k) acc[i][k] = 0.f;
-    for (int c0 = 0; c0 < n; c0 += THIN_CHUNK) {
+    for (int c0 = c_begin; c0 < c_end; c0 += THIN_CHUNK) {
         __syncthreads();  // the previous stage is consumed
-        for (int e = threadIdx.x; e < THIN_RANKS * THIN_CHUNK; e += blockDim.x) {
-            int k = e / THIN_CHUNK, jj = e % THIN_CHUNK;
-            long long j = c0 + jj;
-            ws[k][jj] = k0 + k < r && j < n ? w[(k0 + k) * w_sk + j * w_sn] : 0.f;
+        for (int s = threadIdx.x; s < THIN_RANKS * THIN_CHUNK; s += blockDim.x) {
+            int k = s / THIN_CHUNK, e = (s % THIN_CHUNK) / 32, l = s % 32;
+            int j = c0 + THIN_LANE_COLS * l + e;
+            ws[k][s % THIN_CHUNK] =
+                k0 + k < r && j < c_end ? w[(k0 + k) * w_sk + (long long)j * w_sn] : 0.f;
         }
         __syncthreads();
-        for (int jj = lane; jj < THIN_CHUNK && c0 + jj < n; jj += 32) {
-            long long j = c0 + jj;
-            float xv[4];
+        int j = c0 + THIN_LANE_COLS * lane;
+        if (j < c_end) {
+            float xv[4][THIN_LANE_COLS];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 long long row = row0 + i;
-                xv[i] = 0.f;
-                if (row < rows) xv[i] = ld(x, row * n + j) * dropout_at(drop, row * n + j);
+                if (row < rows)
+                    load_cols<THIN_LANE_COLS>(x, row * n + j, row * n + c_end, vec, drop, xv[i]);
+                else
+#pragma unroll
+                    for (int e = 0; e < THIN_LANE_COLS; ++e) xv[i][e] = 0.f;
             }
 #pragma unroll
-            for (int k = 0; k < THIN_RANKS; ++k) {
-                float wk = ws[k][jj];
+            for (int e = 0; e < THIN_LANE_COLS; ++e)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) acc[i][k] += xv[i] * wk;
-            }
+                for (int k = 0; k < THIN_RANKS; ++k) {
+                    float wk = ws[k][e * 32 + lane];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) acc[i][k] += xv[i][e] * wk;
+                }
         }
     }
 #pragma unroll
@@ -59,7 +124,8 @@ __device__ void thin_project(const T* x, const float* w, long long w_sk, long lo
             float v = acc[i][k];
             for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
             long long row = row0 + i;
-            if (lane == k && row < rows && k0 + k < r) out[row * r + k0 + k] = scale * v;
+            if (lane == k && row < rows && k0 + k < r)
+                out[((long long)blockIdx.z * rows + row) * r + k0 + k] = scale * v;
         }
 }
 
@@ -67,18 +133,22 @@ __device__ void thin_project(const T* x, const float* w, long long w_sk, long lo
 // split · per_split .. + per_split into part[split, j, k] (f32 [splits, n, r]); thin_outer_sum
 // adds the splits in order, so the result is the same on every run (no atomics). x [rows, n],
 // the mask that of `drop` over [rows, n], y [rows, r] f32. Grid (column blocks, rank groups,
-// splits); thread = column.
+// splits); each thread takes OUTER_COLS consecutive columns, so that a row of y from shared
+// memory serves four columns.
 template <typename T>
 __device__ void thin_outer(const T* x, const float* y, float* part, long long rows, int n,
                            int r, long long per_split, Dropout drop) {
     __shared__ float ys[THIN_STAGE][THIN_RANKS];
-    long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long j = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * OUTER_COLS;
     int k0 = blockIdx.y * THIN_RANKS;
     long long start = blockIdx.z * per_split;
     long long end = start + per_split < rows ? start + per_split : rows;
-    float acc[THIN_RANKS];
+    bool vec = packable<OUTER_COLS>(x, n);
+    float acc[OUTER_COLS][THIN_RANKS];
 #pragma unroll
-    for (int k = 0; k < THIN_RANKS; ++k) acc[k] = 0.f;
+    for (int c = 0; c < OUTER_COLS; ++c)
+#pragma unroll
+        for (int k = 0; k < THIN_RANKS; ++k) acc[c][k] = 0.f;
     for (long long s0 = start; s0 < end; s0 += THIN_STAGE) {
         __syncthreads();  // the previous stage is consumed
         for (int e = threadIdx.x; e < THIN_STAGE * THIN_RANKS; e += blockDim.x) {
@@ -89,18 +159,26 @@ __device__ void thin_outer(const T* x, const float* y, float* part, long long ro
         __syncthreads();
         if (j < n) {
             int len = end - s0 < THIN_STAGE ? (int)(end - s0) : THIN_STAGE;
+#pragma unroll 4
             for (int i = 0; i < len; ++i) {
                 long long at = (s0 + i) * n + j;
-                float xv = ld(x, at) * dropout_at(drop, at);
+                float xv[OUTER_COLS];
+                load_cols<OUTER_COLS>(x, at, (s0 + i) * n + n, vec, drop, xv);
 #pragma unroll
-                for (int k = 0; k < THIN_RANKS; ++k) acc[k] += xv * ys[i][k];
+                for (int k = 0; k < THIN_RANKS; ++k) {
+                    float yk = ys[i][k];
+#pragma unroll
+                    for (int c = 0; c < OUTER_COLS; ++c) acc[c][k] += xv[c] * yk;
+                }
             }
         }
     }
-    if (j < n)
 #pragma unroll
-        for (int k = 0; k < THIN_RANKS; ++k)
-            if (k0 + k < r) part[((long long)blockIdx.z * n + j) * r + k0 + k] = acc[k];
+    for (int c = 0; c < OUTER_COLS; ++c)
+        if (j + c < n)
+#pragma unroll
+            for (int k = 0; k < THIN_RANKS; ++k)
+                if (k0 + k < r) part[((long long)blockIdx.z * n + j + c) * r + k0 + k] = acc[c][k];
 }
 
 // out[j · o_sn + k · o_sk] = scale · Σ_split part[split, j, k] ([n, r]: o_sn = r, o_sk = 1;
@@ -115,17 +193,96 @@ extern "C" __global__ void thin_outer_sum(const float* part, float* out, int spl
     }
 }
 
-#define INSTANTIATE_THIN(T, S)                                                                  \
-    extern "C" __global__ void thin_project_##S(const T* x, const float* w, long long w_sk,    \
-                                                long long w_sn, float* out, long long rows,     \
-                                                int n, int r, float scale, DROPOUT_PARAMS) {    \
-        thin_project<T>(x, w, w_sk, w_sn, out, rows, n, r, scale, DROPOUT_STRUCT);              \
+// Ranks k0..k0 + 15 of right's rows o..o + LRA_COLS - 1 (zeros past cols and r).
+__device__ __forceinline__ void load_right(const float* right, long long o, int cols, int k0,
+                                           int r, long long ro, long long rk,
+                                           float (*rr)[THIN_RANKS]) {
+#pragma unroll
+    for (int c = 0; c < LRA_COLS; ++c)
+#pragma unroll
+        for (int k = 0; k < THIN_RANKS; ++k)
+            rr[c][k] = o + c < cols && k0 + k < r ? right[(o + c) * ro + (k0 + k) * rk] : 0.f;
+}
+
+// out = base + scale · (left · rightᵀ) ∘ mask for the low-rank part of LoRA (r small): left
+// [rows, r] f32, right's element (o, k) at right[o * ro + k * rk] (B [cols, r]: ro = r, rk = 1;
+// A [r, cols]: ro = 1, rk = cols), mask [rows, cols] the dropout of `drop` (in the backward).
+// One pass over base instead of a matmul, a scale, a mask, a cast and an add with f32
+// [rows, cols] temporaries. base may be out itself (each element is read, then written, by
+// one thread). Grid (row blocks of LRA_ROWS: rows in x, whose limit is 2^31 - 1 blocks, not
+// y's 65535; column blocks); each thread takes LRA_COLS consecutive columns and keeps 16 ranks
+// of them of right in registers (once when r <= 16), the rows of left come from shared
+// memory, 16 rows and 16 ranks at a time.
+template <typename T>
+__device__ void low_rank_add(const T* base, const float* left, const float* right, T* out,
+                             long long rows, int cols, int r, long long ro, long long rk,
+                             float scale, Dropout drop) {
+    __shared__ float ls[LRA_GROUP][THIN_RANKS];
+    long long o = ((long long)blockIdx.y * blockDim.x + threadIdx.x) * LRA_COLS;
+    bool vec = packable<LRA_COLS>(base, cols) && packable<LRA_COLS>(out, cols);
+    bool one_stage = r <= THIN_RANKS;
+    float rr[LRA_COLS][THIN_RANKS];
+    if (one_stage) load_right(right, o, cols, 0, r, ro, rk, rr);
+    long long first = (long long)blockIdx.x * LRA_ROWS;
+    long long last = first + LRA_ROWS < rows ? first + LRA_ROWS : rows;
+    Dropout none = {0, 0, 0, 0, 0.f};
+    for (long long g0 = first; g0 < last; g0 += LRA_GROUP) {
+        float acc[LRA_GROUP][LRA_COLS];
+#pragma unroll
+        for (int i = 0; i < LRA_GROUP; ++i)
+#pragma unroll
+            for (int c = 0; c < LRA_COLS; ++c) acc[i][c] = 0.f;
+        for (int k0 = 0; k0 < r; k0 += THIN_RANKS) {
+            if (!one_stage) load_right(right, o, cols, k0, r, ro, rk, rr);
+            __syncthreads();  // the previous rows of left are consumed
+            for (int e = threadIdx.x; e < LRA_GROUP * THIN_RANKS; e += blockDim.x) {
+                int i = e / THIN_RANKS, k = e % THIN_RANKS;
+                long long row = g0 + i;
+                ls[i][k] = row < last && k0 + k < r ? left[row * r + k0 + k] : 0.f;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < LRA_GROUP; ++i)
+#pragma unroll
+                for (int k = 0; k < THIN_RANKS; ++k) {
+                    float lk = ls[i][k];
+#pragma unroll
+                    for (int c = 0; c < LRA_COLS; ++c) acc[i][c] += lk * rr[c][k];
+                }
+        }
+        if (o >= cols) continue;
+#pragma unroll
+        for (int i = 0; i < LRA_GROUP; ++i) {
+            long long row = g0 + i;
+            if (row >= last) break;
+            long long idx = row * cols + o, end = row * cols + cols;
+            float v[LRA_COLS];
+            load_cols<LRA_COLS>(base, idx, end, vec, none, v);
+#pragma unroll
+            for (int c = 0; c < LRA_COLS; ++c) v[c] += scale * acc[i][c] * dropout_at(drop, idx + c);
+            store_cols<LRA_COLS>(out, idx, end, vec, v);
+        }
+    }
+}
+
+#define INSTANTIATE_LORA(T, S)                                                                  \
+    /* Two blocks per SM: at most 128 registers a thread. */                                 \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                        \
+        thin_project_##S(const T* x, const float* w, long long w_sk, long long w_sn, float* out, \
+                         long long rows, int n, int r, float scale, int per_split,              \
+                         DROPOUT_PARAMS) {                                                      \
+        thin_project<T>(x, w, w_sk, w_sn, out, rows, n, r, scale, per_split, DROPOUT_STRUCT);   \
     }                                                                                           \
     extern "C" __global__ void thin_outer_##S(const T* x, const float* y, float* part,         \
                                               long long rows, int n, int r,                     \
                                               long long per_split, DROPOUT_PARAMS) {            \
         thin_outer<T>(x, y, part, rows, n, r, per_split, DROPOUT_STRUCT);                       \
+    }                                                                                           \
+    extern "C" __global__ void low_rank_add_##S(                                               \
+        const T* base, const float* left, const float* right, T* out, long long rows, int cols, \
+        int r, long long ro, long long rk, float scale, DROPOUT_PARAMS) {                       \
+        low_rank_add<T>(base, left, right, out, rows, cols, r, ro, rk, scale, DROPOUT_STRUCT);  \
     }
 
-INSTANTIATE_THIN(float, f32)
-INSTANTIATE_THIN(bf16_t, bf16)
+INSTANTIATE_LORA(float, f32)
+INSTANTIATE_LORA(bf16_t, bf16)

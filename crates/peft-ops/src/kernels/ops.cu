@@ -223,53 +223,6 @@ __device__ __forceinline__ float dropout_at(const Dropout& d, long long i) {
 #define DROPOUT_ARGS drop_on, drop_k1, drop_k2, drop_threshold, drop_scale
 #define DROPOUT_STRUCT Dropout{drop_on, drop_k1, drop_k2, drop_threshold, drop_scale}
 
-// out = base + scale · (left · rightᵀ) ∘ mask for the low-rank part of LoRA (r small): left
-// [rows, r] f32, right's element (o, k) at right[o * ro + k * rk] (B [cols, r]: ro = r, rk = 1;
-// A [r, cols]: ro = 1, rk = cols), mask [rows, cols] the dropout of `drop` (in the backward).
-// One pass over base instead of a matmul, a scale, a mask, a cast and an add with f32
-// [rows, cols] temporaries. Grid (row blocks of LRA_ROWS, column blocks of 256: rows in x,
-// whose limit is 2^31 - 1 blocks, not y's 65535); thread = column: it keeps 16 ranks of its column of right in registers and the block's rows of left
-// come from shared memory, 16 ranks at a time.
-#define LRA_ROWS 16
-#define LRA_RANKS 16
-template <typename T>
-__device__ void low_rank_add(const T* base, const float* left, const float* right, T* out,
-                             long long rows, int cols, int r, long long ro, long long rk,
-                             float scale, Dropout drop) {
-    __shared__ float ls[LRA_ROWS][LRA_RANKS];
-    long long o = (long long)blockIdx.y * blockDim.x + threadIdx.x;
-    long long row0 = (long long)blockIdx.x * LRA_ROWS;
-    float acc[LRA_ROWS];
-#pragma unroll
-    for (int i = 0; i < LRA_ROWS; ++i) acc[i] = 0.f;
-    for (int k0 = 0; k0 < r; k0 += LRA_RANKS) {
-        __syncthreads();  // the previous ranks are consumed
-        for (int e = threadIdx.x; e < LRA_ROWS * LRA_RANKS; e += blockDim.x) {
-            int i = e / LRA_RANKS, k = e % LRA_RANKS;
-            ls[i][k] = row0 + i < rows && k0 + k < r ? left[(row0 + i) * r + k0 + k] : 0.f;
-        }
-        __syncthreads();
-        if (o < cols) {
-            float rr[LRA_RANKS];
-#pragma unroll
-            for (int k = 0; k < LRA_RANKS; ++k)
-                rr[k] = k0 + k < r ? right[o * ro + (k0 + k) * rk] : 0.f;
-#pragma unroll
-            for (int i = 0; i < LRA_ROWS; ++i)
-#pragma unroll
-                for (int k = 0; k < LRA_RANKS; ++k) acc[i] += ls[i][k] * rr[k];
-        }
-    }
-    if (o >= cols) return;
-#pragma unroll
-    for (int i = 0; i < LRA_ROWS; ++i) {
-        long long row = row0 + i;
-        if (row >= rows) break;
-        long long idx = row * cols + o;
-        st(out, idx, ld(base, idx) + scale * acc[i] * dropout_at(drop, idx));
-    }
-}
-
 // A dropout mask as a tensor (`dropout_mask` in fused.rs). Grid-stride over the elements.
 extern "C" __global__ void dropout_mask_f32(float* out, long long n, DROPOUT_PARAMS) {
     Dropout drop = DROPOUT_STRUCT;
@@ -327,11 +280,6 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
         T* out, long long len, int blocksize, int blocksize2, int double_quant) {              \
         dequantize_4bit<T>(packed, code4, absmax, qabsmax, absmax2, code2, offset, out, len,   \
                            blocksize, blocksize2, double_quant);                              \
-    }                                                                                          \
-    extern "C" __global__ void low_rank_add_##S(                                               \
-        const T* base, const float* left, const float* right, T* out, long long rows, int cols, \
-        int r, long long ro, long long rk, float scale, DROPOUT_PARAMS) {                       \
-        low_rank_add<T>(base, left, right, out, rows, cols, r, ro, rk, scale, DROPOUT_STRUCT);  \
     }                                                                                          \
     extern "C" __global__ void random_normal_##S(T* out, long long n, unsigned long long key,  \
                                                  float std) {                                  \

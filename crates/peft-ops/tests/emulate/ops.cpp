@@ -9,8 +9,8 @@
 //                 (rows·r), right (cols·r, as [r, cols] when right_t) -> out (rows·cols)
 // dropout_mask:   i64 n; D -> mask (n)
 // random_normal:  u64 key; i64 n; f32 std -> values (n)
-// thin_project:   i64 rows; i32 n, r, w_t; f32 scale; D; f32 x (rows·n), w (r·n, as [n, r]
-//                 when w_t) -> out (rows·r)
+// thin_project:   i64 rows; i32 n, r, w_t, splits; f32 scale; D; f32 x (rows·n), w (r·n, as
+//                 [n, r] when w_t) -> out (rows·r)
 // thin_outer:     i64 rows; i32 n, r, out_t, splits; f32 scale; D; f32 x (rows·n), y (rows·r)
 //                 -> out (n·r, as [r, n] when out_t)
 // Launch shapes as in src/cuda.rs: a block of 256 threads per row, 256-thread blocks for the
@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
         auto right = take<float>(in, (size_t)cols * r);
         long long ro = right_t ? 1 : r, rk = right_t ? cols : 1;
         out.resize(base.size());
-        emu::launch({(unsigned)((rows + 15) / 16), (unsigned)((cols + 255) / 256)}, {256}, 0, [&] {
+        emu::launch({(unsigned)((rows + 63) / 64), (unsigned)((cols + 255) / 256)}, {128}, 0, [&] {
             low_rank_add_f32(base.data(), left.data(), right.data(), out.data(), rows, cols, r, ro,
                              rk, scale, d.on, d.k1, d.k2, d.threshold, d.scale);
         });
@@ -102,18 +102,31 @@ int main(int argc, char** argv) {
                     [&] { random_normal_f32(out.data(), n, key, std); });
     } else if (kernel == "thin_project") {
         long long rows = take<long long>(in, 1)[0];
-        auto dims = take<int>(in, 3);
-        int n = dims[0], r = dims[1];
+        auto dims = take<int>(in, 4);
+        int n = dims[0], r = dims[1], splits = dims[3];
         bool w_t = dims[2] != 0;
         float scale = take<float>(in, 1)[0];
         Dropout d = take_dropout(in);
         auto x = take<float>(in, rows * n), w = take<float>(in, (size_t)r * n);
         long long w_sk = w_t ? 1 : n, w_sn = w_t ? r : 1;
-        out.resize(rows * r);
-        emu::launch({(unsigned)((rows + 31) / 32), (unsigned)((r + 15) / 16)}, {256}, 0, [&] {
-            thin_project_f32(x.data(), w.data(), w_sk, w_sn, out.data(), rows, n, r, scale, d.on,
-                             d.k1, d.k2, d.threshold, d.scale);
-        });
+        // Splits of whole 256-column stages, as thin_project_splits in src/cuda.rs.
+        int chunks = (n + 255) / 256, per_split = (chunks + splits - 1) / splits * 256;
+        splits = (n + per_split - 1) / per_split;
+        std::vector<float> part((size_t)splits * rows * r);
+        emu::launch({(unsigned)((rows + 31) / 32), (unsigned)((r + 15) / 16), (unsigned)splits},
+                    {256}, 0, [&] {
+                        thin_project_f32(x.data(), w.data(), w_sk, w_sn, part.data(), rows, n, r,
+                                         splits > 1 ? 1.f : scale, per_split, d.on, d.k1, d.k2,
+                                         d.threshold, d.scale);
+                    });
+        out = part;
+        if (splits > 1) {
+            out.resize(rows * r);
+            long long nr = rows * r;
+            emu::launch({(unsigned)((nr + 255) / 256)}, {256}, 0, [&] {
+                thin_outer_sum(part.data(), out.data(), splits, nr, r, r, 1, scale);
+            });
+        }
     } else if (kernel == "thin_outer") {
         long long rows = take<long long>(in, 1)[0];
         auto dims = take<int>(in, 4);
@@ -124,8 +137,8 @@ int main(int argc, char** argv) {
         auto x = take<float>(in, rows * n), y = take<float>(in, rows * r);
         long long per_split = (rows + splits - 1) / splits;
         std::vector<float> part((size_t)splits * n * r);
-        emu::launch({(unsigned)((n + 127) / 128), (unsigned)((r + 15) / 16), (unsigned)splits},
-                    {128}, 0, [&] {
+        emu::launch({(unsigned)((n + 255) / 256), (unsigned)((r + 15) / 16), (unsigned)splits},
+                    {64}, 0, [&] {
                         thin_outer_f32(x.data(), y.data(), part.data(), rows, n, r, per_split,
                                        d.on, d.k1, d.k2, d.threshold, d.scale);
                     });
