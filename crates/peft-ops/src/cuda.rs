@@ -260,6 +260,9 @@ fn elementwise_config(n: usize) -> LaunchConfig {
     }
 }
 
+/// Elements per thread of the gated-activation kernels (`GATED_PACK` in kernels/ops.cu).
+const GATED_PACK: usize = 8;
+
 /// `act(g) · u` (SwiGLU, or GeGLU when `gelu`).
 pub(crate) fn gated_fwd(
     g: (&CudaStorage, &Layout),
@@ -277,7 +280,7 @@ pub(crate) fn gated_fwd(
             "gated_fwd",
             &[g, u],
             n,
-            elementwise_config(n),
+            elementwise_config(n.div_ceil(GATED_PACK)),
             &[Scalar::I64(n as i64), Scalar::I32(gelu as i32)],
         )
     }
@@ -303,7 +306,7 @@ pub(crate) fn gated_bwd(
             "gated_bwd",
             &[g, u, grad],
             2 * n,
-            elementwise_config(n),
+            elementwise_config(n.div_ceil(GATED_PACK)),
             &[Scalar::I64(n as i64), Scalar::I32(gelu as i32)],
         )
     }
@@ -962,17 +965,53 @@ enum SegmentsArg<'a> {
     Plain(u64),
 }
 
+/// A null device pointer (and a zero batch stride), for the RoPE tables of tiles that need
+/// no rotation.
+static NULL_POINTER: u64 = 0;
+static NO_STRIDE: i64 = 0;
+
 impl<'a> FlashViews<'a> {
-    /// Pushes q, k, v, cos, sin, the segment ids and the RoPE tables' batch stride: the first
-    /// arguments of the tile kernels.
-    fn push(&'a self, builder: &mut LaunchArgs<'a>) {
-        builder.arg(&self.q).arg(&self.k).arg(&self.v);
-        builder.arg(&self.cos).arg(&self.sin);
+    /// Pushes q and k as rotated by [`Self::rotate`], v, no RoPE tables, the segment ids and a
+    /// zero batch stride for the tables: the first arguments of the tile kernels.
+    fn push(
+        &'a self,
+        builder: &mut LaunchArgs<'a>,
+        (q, k): (&'a CudaSlice<bf16>, &'a CudaSlice<bf16>),
+    ) {
+        builder.arg(q).arg(k).arg(&self.v);
+        builder.arg(&NULL_POINTER).arg(&NULL_POINTER);
         match &self.segments {
             SegmentsArg::Packed(s) => builder.arg(s),
             SegmentsArg::Plain(null) => builder.arg(null),
         };
-        builder.arg(&self.rope_bstride);
+        builder.arg(&NO_STRIDE);
+    }
+
+    /// q and k rotated by RoPE (rope_rotate_bf16), once per pass: the tile kernels would
+    /// otherwise rotate every tile each time they load it.
+    fn rotate(
+        &self,
+        dev: &CudaDevice,
+        (t, heads, kv_heads, d): (usize, usize, usize, usize),
+    ) -> Result<(CudaSlice<bf16>, CudaSlice<bf16>)> {
+        let func = dev.get_or_load_custom_func("rope_rotate_bf16", MODULE, ptx()?)?;
+        let one = |x: &CudaView<bf16>, heads: usize| -> Result<CudaSlice<bf16>> {
+            let n = x.len();
+            // SAFETY: one thread per 16-element chunk writes both of its halves' 8 elements.
+            let out = unsafe { dev.alloc::<bf16>(n)? };
+            let (t_, h_, d_, chunks) = (t as i32, heads as i32, d as i32, (n / 16) as i64);
+            let mut builder = func.builder();
+            builder
+                .arg(x)
+                .arg(&self.cos)
+                .arg(&self.sin)
+                .arg(&self.rope_bstride);
+            builder.arg(&out).arg(&t_).arg(&h_).arg(&d_).arg(&chunks);
+            // SAFETY: the arguments match rope_rotate_bf16 in kernels/attention.cu.
+            unsafe { builder.launch(elementwise_config(n / 16)) }.map_err(err)?;
+            Ok(out)
+        };
+        Ok((one(&self.q, heads)?, one(&self.k, kv_heads)?))
     }
 }
 
@@ -1050,8 +1089,9 @@ impl FlashInputs {
         let func = dev.get_or_load_custom_func(&format!("flash_fwd_d{d}"), MODULE, ptx()?)?;
         let cfg = tile_launch(&func, (b, t, heads), shared)?;
         self.with_views(|x| {
+            let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
             let mut builder = func.builder();
-            x.push(&mut builder);
+            x.push(&mut builder, (&q, &k));
             builder.arg(&o).arg(&lse);
             builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&self.scale);
             // SAFETY: the arguments match flash_fwd_d{64,128} in kernels/attention.cu.
@@ -1119,8 +1159,9 @@ impl FlashInputs {
         let dk = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
         let dv = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
         self.with_views(|x| {
+            let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
             let mut builder = func.builder();
-            x.push(&mut builder);
+            x.push(&mut builder, (&q, &k));
             builder
                 .arg(&gv)
                 .arg(&lv)
@@ -1421,6 +1462,7 @@ mod tests {
             "flash_bwd_delta_bf16",
             "flash_bwd_dkv_bf16",
             "flash_bwd_dq_bf16",
+            "rope_rotate_bf16",
             "thin_outer_sum",
         ] {
             assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing");

@@ -692,11 +692,18 @@ fn fused_8bit_adamw_matches_the_cpu_path() {
     assert_eq!(at, out.len(), "output size");
 }
 
-/// Rows of a vocabulary that is not a multiple of the block, one label not counted: losses and
-/// logits gradients within 1e-5 of log-softmax computed in f64.
+/// Rows of a vocabulary that is not a multiple of the block, read eight logits at a time
+/// (1000) and one by one (1003, rows misaligned), one label not counted: losses and logits
+/// gradients within 1e-5 of log-softmax computed in f64.
 #[test]
 fn fused_cross_entropy_rows_match_log_softmax() {
-    let (rows, vocab) = (5usize, 1000usize);
+    for vocab in [1000, 1003] {
+        cross_entropy_case(vocab);
+    }
+}
+
+fn cross_entropy_case(vocab: usize) {
+    let rows = 5usize;
     let logits = (randn(&[rows * vocab], 200) * 4.0)
         .unwrap()
         .to_vec1::<f32>()
@@ -843,11 +850,17 @@ fn rms_norm_kernels_match_the_cpu() {
     );
 }
 
-/// Several blocks of the elementwise kernels: act(gate)·up and both gradients within 1e-5, for
-/// SwiGLU and GeGLU.
+/// Several blocks of the elementwise kernels, packs of eight read as one (and the partial last
+/// one, and every pack one by one when the second half of the gradient is misaligned):
+/// act(gate)·up and both gradients within 1e-5, for SwiGLU and GeGLU.
 #[test]
 fn gated_activation_kernels_match_the_cpu() {
-    let n = 1000usize;
+    for n in [4100, 4099] {
+        gated_case(n);
+    }
+}
+
+fn gated_case(n: usize) {
     let gate = (randn(&[n], 510) * 4.0).unwrap();
     let up = randn(&[n], 511);
     let probe = randn(&[n], 512);

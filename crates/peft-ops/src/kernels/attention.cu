@@ -141,8 +141,44 @@ __device__ __forceinline__ void fetch_tile(TileFetch<D>& f, const bf16_t* x, lon
     }
 }
 
-// A fetched tile into a shared tile of pitch D + 8, rotated by RoPE when `cos` is given (HF's
-// rotate_half: pairs (j, j + D/2)).
+// Chunks lo = x[j..j + 7] and hi = x[j + H..j + H + 7] of one row rotated by RoPE (HF's
+// rotate_half: pairs (j, j + H)), cs and sn the row's cos and sin from j.
+__device__ __forceinline__ void rope8(uint4& lo, uint4& hi, const float* cs, const float* sn) {
+    const bf16_t* a = (const bf16_t*)&lo;
+    const bf16_t* b = (const bf16_t*)&hi;
+    u32 ra[4], rb[4];
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+        float a0 = ld(a, e), a1 = ld(a, e + 1), b0 = ld(b, e), b1 = ld(b, e + 1);
+        ra[e / 2] = pack_bf16(a0 * cs[e] - b0 * sn[e], a1 * cs[e + 1] - b1 * sn[e + 1]);
+        rb[e / 2] = pack_bf16(b0 * cs[e] + a0 * sn[e], b1 * cs[e + 1] + a1 * sn[e + 1]);
+    }
+    lo = make_uint4(ra[0], ra[1], ra[2], ra[3]);
+    hi = make_uint4(rb[0], rb[1], rb[2], rb[3]);
+}
+
+// q or k ([b, t, heads * d] bf16, rows 16-byte aligned) rotated by RoPE into out: the flash
+// kernels take q and k rotated once rather than rotating each tile each time they load it.
+// One thread per 8 pairs, grid-stride; chunks ordered as [b, t, heads, d / 16].
+extern "C" __global__ void rope_rotate_bf16(const bf16_t* x, const float* cos, const float* sin,
+                                            long long rope_bstride, bf16_t* out, int t,
+                                            int heads, int d, long long chunks) {
+    int h = d / 2, per_head = h / 8;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < chunks;
+         i += (long long)gridDim.x * blockDim.x) {
+        int j = (int)(i % per_head) * 8;
+        long long row = i / per_head;  // (b, t, head)
+        long long bt = row / heads;
+        long long at = bt / t * rope_bstride + (bt % t) * h + j;
+        const bf16_t* src = x + row * d;
+        uint4 lo = *(const uint4*)(src + j), hi = *(const uint4*)(src + j + h);
+        rope8(lo, hi, cos + at, sin + at);
+        *(uint4*)(out + row * d + j) = lo;
+        *(uint4*)(out + row * d + j + h) = hi;
+    }
+}
+
+// A fetched tile into a shared tile of pitch D + 8, rotated by RoPE when `cos` is given.
 template <int D>
 __device__ __forceinline__ void store_tile(bf16_t* s, const TileFetch<D>& f, int row0, int t,
                                            const float* cos, const float* sin) {
@@ -152,21 +188,7 @@ __device__ __forceinline__ void store_tile(bf16_t* s, const TileFetch<D>& f, int
         int i = threadIdx.x + it * FA_THREADS;
         int r = i / CHUNKS, j = (i % CHUNKS) * 8, row = row0 + r;
         uint4 lo = f.lo[it], hi = f.hi[it];
-        if (cos && row < t) {
-            const bf16_t* a = (const bf16_t*)&lo;
-            const bf16_t* b = (const bf16_t*)&hi;
-            const float* cs = cos + row * H + j;
-            const float* sn = sin + row * H + j;
-            u32 ra[4], rb[4];
-#pragma unroll
-            for (int e = 0; e < 8; e += 2) {
-                float a0 = ld(a, e), a1 = ld(a, e + 1), b0 = ld(b, e), b1 = ld(b, e + 1);
-                ra[e / 2] = pack_bf16(a0 * cs[e] - b0 * sn[e], a1 * cs[e + 1] - b1 * sn[e + 1]);
-                rb[e / 2] = pack_bf16(b0 * cs[e] + a0 * sn[e], b1 * cs[e + 1] + a1 * sn[e + 1]);
-            }
-            lo = make_uint4(ra[0], ra[1], ra[2], ra[3]);
-            hi = make_uint4(rb[0], rb[1], rb[2], rb[3]);
-        }
+        if (cos && row < t) rope8(lo, hi, cos + row * H + j, sin + row * H + j);
         *(uint4*)(s + r * P + j) = lo;
         *(uint4*)(s + r * P + j + H) = hi;
     }

@@ -3,8 +3,9 @@
 // (no f32 copy of x or of dL/dy is written and read back), apply the dropout mask (drawn
 // element by element, ops.cu's dropout_at) and the scale on the fly, and read consecutive
 // columns with one vector load where alignment allows: these kernels are bound by memory, and
-// by the latency of loads in flight. Appended to ops.cu (ld, st, Dropout). f32 math; the
-// composed path in fused.rs (cast, mask, matmul, scale) is the reference.
+// by the latency of loads in flight. Appended to ops.cu (ld, st, Pack, load_pack, load_cols,
+// store_pack, Dropout). f32 math; the composed path in fused.rs (cast, mask, matmul, scale) is
+// the reference.
 
 #define THIN_RANKS 16     // ranks per block; grid.y covers the rest
 #define THIN_ROWS 32      // rows per block of thin_project: 8 warps of 4 rows
@@ -15,52 +16,6 @@
 #define LRA_ROWS 64       // rows per block of low_rank_add
 #define LRA_GROUP 16      // rows of low_rank_add summed at a time (in registers)
 #define LRA_COLS 2        // consecutive columns per thread of low_rank_add
-
-// N consecutive elements, loaded or stored as one (16 bytes at most: larger packs are split).
-template <typename T, int N>
-struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Pack {
-    T e[N];
-};
-
-// Whether rows of n elements at p, accessed N at a time from multiples of N, can use Packs.
-template <int N, typename T>
-__device__ __forceinline__ bool packable(const T* p, long long n) {
-    return n % N == 0 && (unsigned long long)p % alignof(Pack<T, N>) == 0;
-}
-
-// p[i..i + N] as f32 times the mask of `drop` there; indices at or past `end` read as 0.
-// `vec`: i is a multiple of N in Pack-aligned rows (packable).
-template <int N, typename T>
-__device__ __forceinline__ void load_cols(const T* p, long long i, long long end, bool vec,
-                                          const Dropout& drop, float* v) {
-    if (vec && i + N <= end) {
-        Pack<T, N> raw = *(const Pack<T, N>*)(p + i);
-#pragma unroll
-        for (int e = 0; e < N; ++e) v[e] = ld(raw.e, e);
-    } else {
-#pragma unroll
-        for (int e = 0; e < N; ++e) v[e] = i + e < end ? ld(p, i + e) : 0.f;
-    }
-    if (drop.on)
-#pragma unroll
-        for (int e = 0; e < N; ++e) v[e] *= dropout_at(drop, i + e);
-}
-
-// p[i..i + N] = v, up to `end`; `vec` as for load_cols.
-template <int N, typename T>
-__device__ __forceinline__ void store_cols(T* p, long long i, long long end, bool vec,
-                                           const float* v) {
-    if (vec && i + N <= end) {
-        Pack<T, N> raw;
-#pragma unroll
-        for (int e = 0; e < N; ++e) st(raw.e, e, v[e]);
-        *(Pack<T, N>*)(p + i) = raw;
-    } else {
-#pragma unroll
-        for (int e = 0; e < N; ++e)
-            if (i + e < end) st(p, i + e, v[e]);
-    }
-}
 
 // out[row, k] = scale · Σ_j x[row, j] · mask[row, j] · w[k · w_sk + j · w_sn] for k < r, the
 // mask that of `drop` over [rows, n]: x [rows, n]; w as [r, n] through its strides (A [r, n]:
@@ -225,7 +180,6 @@ __device__ void low_rank_add(const T* base, const float* left, const float* righ
     if (one_stage) load_right(right, o, cols, 0, r, ro, rk, rr);
     long long first = (long long)blockIdx.x * LRA_ROWS;
     long long last = first + LRA_ROWS < rows ? first + LRA_ROWS : rows;
-    Dropout none = {0, 0, 0, 0, 0.f};
     for (long long g0 = first; g0 < last; g0 += LRA_GROUP) {
         float acc[LRA_GROUP][LRA_COLS];
 #pragma unroll
@@ -257,10 +211,10 @@ __device__ void low_rank_add(const T* base, const float* left, const float* righ
             if (row >= last) break;
             long long idx = row * cols + o, end = row * cols + cols;
             float v[LRA_COLS];
-            load_cols<LRA_COLS>(base, idx, end, vec, none, v);
+            load_pack<LRA_COLS>(base, idx, end, vec, v);
 #pragma unroll
             for (int c = 0; c < LRA_COLS; ++c) v[c] += scale * acc[i][c] * dropout_at(drop, idx + c);
-            store_cols<LRA_COLS>(out, idx, end, vec, v);
+            store_pack<LRA_COLS>(out, idx, end, vec, v);
         }
     }
 }

@@ -19,6 +19,49 @@ __device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = to_
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// N consecutive elements, loaded or stored as one (16 bytes at most: larger packs are split).
+template <typename T, int N>
+struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Pack {
+    T e[N];
+};
+
+// Whether rows of n elements at p, accessed N at a time from multiples of N, can use Packs.
+template <int N, typename T>
+__device__ __forceinline__ bool packable(const T* p, long long n) {
+    return n % N == 0 && (unsigned long long)p % alignof(Pack<T, N>) == 0;
+}
+
+// p[i..i + N] as f32; indices at or past `end` read as 0. `vec`: i is a multiple of N in
+// Pack-aligned rows (packable), so that a whole pack is one load.
+template <int N, typename T>
+__device__ __forceinline__ void load_pack(const T* p, long long i, long long end, bool vec,
+                                          float* v) {
+    if (vec && i + N <= end) {
+        Pack<T, N> raw = *(const Pack<T, N>*)(p + i);
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[e] = ld(raw.e, e);
+    } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[e] = i + e < end ? ld(p, i + e) : 0.f;
+    }
+}
+
+// p[i..i + N] = v, up to `end`; `vec` as for load_pack.
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, long long i, long long end, bool vec,
+                                           const float* v) {
+    if (vec && i + N <= end) {
+        Pack<T, N> raw;
+#pragma unroll
+        for (int e = 0; e < N; ++e) st(raw.e, e, v[e]);
+        *(Pack<T, N>*)(p + i) = raw;
+    } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e)
+            if (i + e < end) st(p, i + e, v[e]);
+    }
+}
+
 // Sum (or max) of v over the block; every thread gets the result. `sh` holds 32 floats.
 __device__ float block_reduce(float v, float* sh, bool is_max) {
     for (int o = 16; o > 0; o >>= 1) {
@@ -121,53 +164,96 @@ __device__ __forceinline__ float gate_slope(float g, int gelu) {
     return gelu ? 1.5957691216f * (1.f + 0.134145f * g * g) : 1.f;
 }
 
-// y = act(g) * u
+// The elementwise kernels take GATED_PACK consecutive elements a thread, read and written
+// as one where the buffers' alignment allows.
+#define GATED_PACK 8
+
+// y = act(g) * u over chunks of GATED_PACK elements (grid-stride over n / GATED_PACK, rounded
+// up).
 template <typename T>
 __device__ void gated_fwd(const T* g, const T* u, T* y, long long n, int gelu) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float gi = ld(g, i);
-        st(y, i, gi / (1.f + expf(-gate_arg(gi, gelu))) * ld(u, i));
+    const int N = GATED_PACK;
+    bool vec = packable<N>(g, N) && packable<N>(u, N) && packable<N>(y, N);
+    for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c * N < n;
+         c += (long long)gridDim.x * blockDim.x) {
+        long long i = c * N;
+        float gv[N], uv[N], out[N];
+        load_pack<N>(g, i, n, vec, gv);
+        load_pack<N>(u, i, n, vec, uv);
+#pragma unroll
+        for (int e = 0; e < N; ++e)
+            out[e] = gv[e] / (1.f + expf(-gate_arg(gv[e], gelu))) * uv[e];
+        store_pack<N>(y, i, n, vec, out);
     }
 }
 
-// out[0..n] = d gate, out[n..2n] = d up.
+// out[0..n] = d gate, out[n..2n] = d up, over chunks as gated_fwd.
 template <typename T>
 __device__ void gated_bwd(const T* g, const T* u, const T* grad, T* out, long long n, int gelu) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float gi = ld(g, i), gr = ld(grad, i);
-        float s = 1.f / (1.f + expf(-gate_arg(gi, gelu)));
-        float value = gi * s;
-        st(out, i, gr * ld(u, i) * (s + value * (1.f - s) * gate_slope(gi, gelu)));
-        st(out, n + i, gr * value);
+    const int N = GATED_PACK;
+    bool vec = packable<N>(g, N) && packable<N>(u, N) && packable<N>(grad, N) &&
+               packable<N>(out, N) && packable<N>(out + n, N);
+    for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c * N < n;
+         c += (long long)gridDim.x * blockDim.x) {
+        long long i = c * N;
+        float gv[N], uv[N], gr[N], dg[N], du[N];
+        load_pack<N>(g, i, n, vec, gv);
+        load_pack<N>(u, i, n, vec, uv);
+        load_pack<N>(grad, i, n, vec, gr);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            float s = 1.f / (1.f + expf(-gate_arg(gv[e], gelu)));
+            float value = gv[e] * s;
+            dg[e] = gr[e] * uv[e] * (s + value * (1.f - s) * gate_slope(gv[e], gelu));
+            du[e] = gr[e] * value;
+        }
+        store_pack<N>(out, i, n, vec, dg);
+        store_pack<N>(out + n, i, n, vec, du);
     }
 }
 
 // Cross-entropy of rows of logits (one block per row of `vocab`): row_loss = logsumexp − the
 // label's logit (0 for a label < 0), and, when `grad` is set, dlogits = (softmax − one_hot) ·
-// weight, with weight = inv_denom for counted rows and 0 otherwise. Three passes over the row
-// (max, sum of exponentials, gradient) replace a dozen full-size f32 temporaries.
+// weight, with weight = inv_denom for counted rows and 0 otherwise. Two passes over the row
+// (the maximum and the sum of exponentials together, as online softmax rescales its running
+// sum; then the gradient), eight logits a thread at a time, replace a dozen full-size f32
+// temporaries.
+#define CE_PACK 8
 template <typename T>
 __device__ void cross_entropy_rows(const T* logits, const long long* labels, T* dlogits,
                                    float* row_loss, int vocab, float inv_denom, int grad) {
     __shared__ float sh[32];
-    long long off = (long long)blockIdx.x * vocab;
+    const int N = CE_PACK;
+    const T* row = logits + (long long)blockIdx.x * vocab;
     long long label = labels[blockIdx.x];
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, ld(logits, off + j));
-    m = block_reduce(m, sh, true);
-    float s = 0.f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(ld(logits, off + j) - m);
-    s = block_reduce(s, sh, false);
+    bool vec = packable<N>(row, vocab);
+    float m = NEG_INF, s = 0.f;
+    for (int j = threadIdx.x * N; j < vocab; j += blockDim.x * N) {
+        float v[N];
+        load_pack<N>(row, j, vocab, vec, v);
+        int valid = vocab - j < N ? vocab - j : N;
+        float mx = m;
+        for (int e = 0; e < valid; ++e) mx = fmaxf(mx, v[e]);
+        float sum = m == NEG_INF ? 0.f : s * expf(m - mx);
+        for (int e = 0; e < valid; ++e) sum += expf(v[e] - mx);
+        m = mx, s = sum;
+    }
+    float row_max = block_reduce(m, sh, true);
+    s = block_reduce(m == NEG_INF ? 0.f : s * expf(m - row_max), sh, false);
     bool counted = label >= 0 && label < vocab;
     if (threadIdx.x == 0)
-        row_loss[blockIdx.x] = counted ? logf(s) + m - ld(logits, off + label) : 0.f;
+        row_loss[blockIdx.x] = counted ? logf(s) + row_max - ld(row, label) : 0.f;
     if (!grad) return;
+    T* drow = dlogits + (long long)blockIdx.x * vocab;
+    bool dvec = vec && packable<N>(drow, vocab);
     float w = counted ? inv_denom : 0.f, inv = 1.f / s;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float p = expf(ld(logits, off + j) - m) * inv;
-        st(dlogits, off + j, (p - (j == label ? 1.f : 0.f)) * w);
+    for (int j = threadIdx.x * N; j < vocab; j += blockDim.x * N) {
+        float v[N];
+        load_pack<N>(row, j, vocab, dvec, v);
+#pragma unroll
+        for (int e = 0; e < N; ++e)
+            v[e] = (expf(v[e] - row_max) * inv - (j + e == label ? 1.f : 0.f)) * w;
+        store_pack<N>(drow, j, vocab, dvec, v);
     }
 }
 
@@ -222,6 +308,16 @@ __device__ __forceinline__ float dropout_at(const Dropout& d, long long i) {
                        float drop_scale
 #define DROPOUT_ARGS drop_on, drop_k1, drop_k2, drop_threshold, drop_scale
 #define DROPOUT_STRUCT Dropout{drop_on, drop_k1, drop_k2, drop_threshold, drop_scale}
+
+// p[i..i + N] as f32 times the mask of `drop` there; indices at or past `end` read as 0.
+template <int N, typename T>
+__device__ __forceinline__ void load_cols(const T* p, long long i, long long end, bool vec,
+                                          const Dropout& drop, float* v) {
+    load_pack<N>(p, i, end, vec, v);
+    if (drop.on)
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[e] *= dropout_at(drop, i + e);
+}
 
 // A dropout mask as a tensor (`dropout_mask` in fused.rs). Grid-stride over the elements.
 extern "C" __global__ void dropout_mask_f32(float* out, long long n, DROPOUT_PARAMS) {

@@ -5,6 +5,7 @@
 // cos, sin [b, t, d / 2].
 // output (f32): o, lse, dq, dk, dv. The launch shapes are those of src/cuda.rs.
 #include "cuda.h"
+#include <tuple>
 #include "../../src/kernels/ops.cu"
 #include "../../src/kernels/attention.cu"
 
@@ -37,11 +38,20 @@ int main(int argc, char** argv) {
     size_t pitch = d + 8;
     std::vector<bf16_t> o(nq), dq(nq), dk(nk), dv(nk);
     std::vector<float> lse((size_t)b * heads * t), delta(lse.size()), dq_acc(nq, 0.f);
+    // q and k rotated once, as src/cuda.rs does; the tile kernels then get no RoPE tables.
+    std::vector<bf16_t> qr(nq), kr(nk);
+    for (auto [x, r, h] : {std::tuple{&q, &qr, heads}, std::tuple{&k, &kr, kvh}}) {
+        long long chunks = (long long)x->size() / 16;
+        emu::launch({(unsigned)((chunks + 255) / 256)}, {256}, 0, [&] {
+            rope_rotate_bf16(x->data(), cos.data(), sin.data(), rope_bstride, r->data(), t, h, d,
+                             chunks);
+        });
+    }
     auto fwd = d == 64 ? flash_fwd_d64 : flash_fwd_d128;
     auto bwd = d == 64 ? flash_bwd_d64 : flash_bwd_d128;
     size_t fwd_shared = 2 * FA_TILE * pitch * 2 + FA_TILE * 4;
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, fwd_shared, [&] {
-        fwd(q.data(), k.data(), v.data(), cos.data(), sin.data(), seg, rope_bstride, o.data(),
+        fwd(qr.data(), kr.data(), v.data(), nullptr, nullptr, seg, 0, o.data(),
             lse.data(), t, heads, kvh, scale);
     });
     long long rows = (long long)b * t * heads;
@@ -51,7 +61,7 @@ int main(int argc, char** argv) {
     size_t shared = 4 * FA_TILE * pitch * 2 + FA_TILE * (FA_TILE + 8) * 2 + 4 * FA_TILE * 4;
     std::vector<float> dk_part(nq, NAN), dv_part(nq, NAN);
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, shared, [&] {
-        bwd(q.data(), k.data(), v.data(), cos.data(), sin.data(), seg, rope_bstride, dout.data(),
+        bwd(qr.data(), kr.data(), v.data(), nullptr, nullptr, seg, 0, dout.data(),
             lse.data(), delta.data(), dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh,
             scale);
     });

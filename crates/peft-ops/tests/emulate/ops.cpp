@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
         int gelu = take<int>(in, 1)[0];
         auto gate = take<float>(in, n), up = take<float>(in, n), grad = take<float>(in, n);
         std::vector<float> y(n), d(2 * n);
-        unsigned blocks = (unsigned)((n + 255) / 256);
+        unsigned blocks = (unsigned)(((n + 7) / 8 + 255) / 256);  // 8 elements a thread
         emu::launch({blocks}, {256}, 0,
                     [&] { gated_fwd_f32(gate.data(), up.data(), y.data(), n, gelu); });
         emu::launch({blocks}, {256}, 0, [&] {
