@@ -3,7 +3,7 @@
 # goes. Nsight Compute times every kernel of one `peft bench` step (ncu_<case>.csv, one row per
 # launch: name and gpu__time_duration), and torch's profiler does the same for HF PEFT on the
 # 1B shape (hf_profile.txt). scripts/gpu/kernel_table.py sums the CSVs by kernel afterwards.
-#   scripts/gpu/profile.sh [CASE...]      CASE: smol, 1b, 1b-all, 8b (default: 1b smol)
+#   scripts/gpu/profile.sh [--no-hf] [CASE...]   CASE: smol, 1b, 1b-all, 8b (default: 1b smol)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
@@ -11,8 +11,11 @@ mkdir -p "$out"
 SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
 gunzip -c .gpu/peft.gz > /tmp/peft && chmod +x /tmp/peft
+# Kernel times of one step, summed per kernel, are printed from the CSV by kernel_table.py.
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
 echo "ncu: ${ncu:-none}"
+hf=1
+if [ "${1:-}" = --no-hf ]; then hf=0; shift; fi
 [ $# -gt 0 ] || set -- 1b smol
 for c in "$@"; do
   case "$c" in
@@ -28,6 +31,7 @@ for c in "$@"; do
       --lora-dropout 0 "${a[@]}" --warmup 1 --steps 1 > "$out/bench_$c.json"
   echo "$c: exit $?, $(wc -l < "$out/ncu_$c.csv") lines"
 done
+[ "$hf" = 1 ] || exit 0
 PYTHONUNBUFFERED=1 timeout 50 python3 scripts/gpu/hf_profile.py > "$out/hf_profile.txt" 2>&1
 echo "hf profile: exit $?"
 tail -n 30 "$out/hf_profile.txt"

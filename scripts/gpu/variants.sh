@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# On the GPU machine, with .gpu/ from scripts/gpu/prepare.sh: `peft bench` on issue 4's three
+# shapes with our kernels as built, then with each kernel variant DIR (PEFT_CUDA_KERNELS: the
+# .cu files of crates/peft-ops/src/kernels, same kernel arguments), side by side: what a
+# variant of a kernel gains, measured in one lease. variants.jsonl and a table go to $OUT.
+#   scripts/gpu/variants.sh [--kernels DIR]...
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-bench/out}
+mkdir -p "$out"
+variants=(built)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --kernels) variants+=("$2"); shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+[ -x /tmp/peft-gpu/peft ] || { mkdir -p /tmp/peft-gpu && gunzip -c .gpu/peft.gz > /tmp/peft-gpu/peft && chmod +x /tmp/peft-gpu/peft; }
+: > "$out/variants.jsonl"
+while read -r name shape batch seq warmup steps; do
+  for v in "${variants[@]}"; do
+    env=()
+    [ "$v" = built ] || env=(PEFT_CUDA_KERNELS="$v")
+    line=$(env "${env[@]}" timeout "${CASE_TIMEOUT:-90}" /tmp/peft-gpu/peft bench --device cuda --dtype bf16 \
+        --shape "$shape" --lora-dropout 0 --r 16 --lora-alpha 32 --target-modules q_proj,k_proj,v_proj,o_proj \
+        --batch-size "$batch" --seq-len "$seq" --warmup "$warmup" --steps "$steps" 2>&1 | tail -n 1)
+    case "$line" in \{*) ;; *) line=$(printf '{"error": %s}' "$(printf '%s' "$line" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()[-300:]))')") ;; esac
+    echo "{\"case\": \"$name\", \"kernels\": \"$v\", \"result\": $line}" >> "$out/variants.jsonl"
+  done
+done <<'CASES'
+smol-attn-8x1024 smollm2-135m 8 1024 3 10
+1b-attn-4x1024 llama-3.2-1b 4 1024 3 10
+8b-attn-2x2048 llama-3-8b 2 2048 2 6
+CASES
+python3 - "$out/variants.jsonl" <<'PY'
+import json, sys
+print("| case | kernels | tokens/s | step ms | peak MiB | first loss | last loss |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for l in open(sys.argv[1]):
+    o = json.loads(l); r = o["result"]
+    if "error" in r:
+        print(f"| {o['case']} | {o['kernels']} | error: {r['error'][-100:]!r} | | | | |"); continue
+    print(f"| {o['case']} | {o['kernels']} | {r['tokens_per_s']:.0f} | {1e3 * r['step_s_median']:.1f} | "
+          f"{r['peak_device_mib']:.0f} | {r['loss_first']:.4f} | {r['loss_last']:.4f} |")
+PY
