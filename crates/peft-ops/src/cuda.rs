@@ -539,8 +539,8 @@ const THIN_ROWS: usize = 32;
 /// Columns per shared-memory stage of `thin_project` (`THIN_CHUNK`); its column splits are
 /// multiples of it.
 const THIN_CHUNK: usize = 256;
-/// Threads per block of `thin_outer`, each taking `OUTER_COLS` (4) columns.
-const THIN_OUTER_THREADS: usize = 64;
+/// Columns per block of `thin_outer` (one thread each).
+const THIN_OUTER_THREADS: usize = 128;
 /// Blocks that keep an H100/H200 busy (132 SMs): about four 256-thread blocks per SM.
 const BUSY_BLOCKS: usize = 528;
 
@@ -670,10 +670,10 @@ pub(crate) fn thin_outer(
     ) -> Result<Tensor> {
         let (rows, n) = x.dims2()?;
         let r = y.dim(1)?;
-        let (column_blocks, rank_groups) =
-            (n.div_ceil(THIN_OUTER_THREADS * 4), r.div_ceil(THIN_RANKS));
-        // About eight two-warp blocks per SM, each with at least 128 rows.
-        let splits = (2 * BUSY_BLOCKS)
+        let (column_blocks, rank_groups) = (n.div_ceil(THIN_OUTER_THREADS), r.div_ceil(THIN_RANKS));
+        // About four blocks per SM, each with at least 128 rows. (Four columns a thread, with
+        // a quarter of the threads, ran at half the speed on the H200: too few warps.)
+        let splits = BUSY_BLOCKS
             .div_ceil(column_blocks * rank_groups)
             .clamp(1, (rows / 128).max(1));
         let per_split = rows.div_ceil(splits).max(1);

@@ -1012,8 +1012,7 @@ fn thin_project_case(rows: usize, n: usize, splits: usize) {
 
 /// The gradients of LoRA's weights without f32 copies: `scale · (x ∘ mask)ᵀ · y` as `[n, r]`
 /// (dB) or `[r, n]` (dA), with the rows split in one part and in several (the last one short
-/// or empty), columns read four at a time (n a multiple of 4) and one by one: within 1e-5 of
-/// the matmuls.
+/// or empty), the last column block full and partial: within 1e-5 of the matmuls.
 #[test]
 fn thin_outer_matches_matmuls() {
     for n in [200, 203] {

@@ -12,7 +12,6 @@
 #define THIN_LANE_COLS 8  // consecutive columns a lane of thin_project reads per row
 #define THIN_CHUNK 256    // columns per shared-memory stage of thin_project (32 lanes x 8)
 #define THIN_STAGE 64     // rows of y per shared-memory stage of thin_outer
-#define OUTER_COLS 4      // consecutive columns per thread of thin_outer
 #define LRA_ROWS 64       // rows per block of low_rank_add
 #define LRA_GROUP 16      // rows of low_rank_add summed at a time (in registers)
 #define LRA_COLS 2        // consecutive columns per thread of low_rank_add
@@ -88,22 +87,18 @@ __device__ void thin_project(const T* x, const float* w, long long w_sk, long lo
 // split · per_split .. + per_split into part[split, j, k] (f32 [splits, n, r]); thin_outer_sum
 // adds the splits in order, so the result is the same on every run (no atomics). x [rows, n],
 // the mask that of `drop` over [rows, n], y [rows, r] f32. Grid (column blocks, rank groups,
-// splits); each thread takes OUTER_COLS consecutive columns, so that a row of y from shared
-// memory serves four columns.
+// splits); thread = column.
 template <typename T>
 __device__ void thin_outer(const T* x, const float* y, float* part, long long rows, int n,
                            int r, long long per_split, Dropout drop) {
     __shared__ float ys[THIN_STAGE][THIN_RANKS];
-    long long j = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * OUTER_COLS;
+    long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     int k0 = blockIdx.y * THIN_RANKS;
     long long start = blockIdx.z * per_split;
     long long end = start + per_split < rows ? start + per_split : rows;
-    bool vec = packable<OUTER_COLS>(x, n);
-    float acc[OUTER_COLS][THIN_RANKS];
+    float acc[THIN_RANKS];
 #pragma unroll
-    for (int c = 0; c < OUTER_COLS; ++c)
-#pragma unroll
-        for (int k = 0; k < THIN_RANKS; ++k) acc[c][k] = 0.f;
+    for (int k = 0; k < THIN_RANKS; ++k) acc[k] = 0.f;
     for (long long s0 = start; s0 < end; s0 += THIN_STAGE) {
         __syncthreads();  // the previous stage is consumed
         for (int e = threadIdx.x; e < THIN_STAGE * THIN_RANKS; e += blockDim.x) {
@@ -114,26 +109,18 @@ __device__ void thin_outer(const T* x, const float* y, float* part, long long ro
         __syncthreads();
         if (j < n) {
             int len = end - s0 < THIN_STAGE ? (int)(end - s0) : THIN_STAGE;
-#pragma unroll 4
             for (int i = 0; i < len; ++i) {
                 long long at = (s0 + i) * n + j;
-                float xv[OUTER_COLS];
-                load_cols<OUTER_COLS>(x, at, (s0 + i) * n + n, vec, drop, xv);
+                float xv = ld(x, at) * dropout_at(drop, at);
 #pragma unroll
-                for (int k = 0; k < THIN_RANKS; ++k) {
-                    float yk = ys[i][k];
-#pragma unroll
-                    for (int c = 0; c < OUTER_COLS; ++c) acc[c][k] += xv[c] * yk;
-                }
+                for (int k = 0; k < THIN_RANKS; ++k) acc[k] += xv * ys[i][k];
             }
         }
     }
+    if (j < n)
 #pragma unroll
-    for (int c = 0; c < OUTER_COLS; ++c)
-        if (j + c < n)
-#pragma unroll
-            for (int k = 0; k < THIN_RANKS; ++k)
-                if (k0 + k < r) part[((long long)blockIdx.z * n + j + c) * r + k0 + k] = acc[c][k];
+        for (int k = 0; k < THIN_RANKS; ++k)
+            if (k0 + k < r) part[((long long)blockIdx.z * n + j) * r + k0 + k] = acc[k];
 }
 
 // out[j · o_sn + k · o_sk] = scale · Σ_split part[split, j, k] ([n, r]: o_sn = r, o_sk = 1;

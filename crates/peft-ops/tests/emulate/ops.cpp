@@ -137,8 +137,8 @@ int main(int argc, char** argv) {
         auto x = take<float>(in, rows * n), y = take<float>(in, rows * r);
         long long per_split = (rows + splits - 1) / splits;
         std::vector<float> part((size_t)splits * n * r);
-        emu::launch({(unsigned)((n + 255) / 256), (unsigned)((r + 15) / 16), (unsigned)splits},
-                    {64}, 0, [&] {
+        emu::launch({(unsigned)((n + 127) / 128), (unsigned)((r + 15) / 16), (unsigned)splits},
+                    {128}, 0, [&] {
                         thin_outer_f32(x.data(), y.data(), part.data(), rows, n, r, per_split,
                                        d.on, d.k1, d.k2, d.threshold, d.scale);
                     });
