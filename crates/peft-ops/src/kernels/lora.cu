@@ -41,26 +41,27 @@ __device__ void thin_project(const T* x, const float* w, long long w_sk, long lo
 #pragma unroll
         for (int k = 0; k < THIN_RANKS; ++k) acc[i][k] = 0.f;
     for (int c0 = c_begin; c0 < c_end; c0 += THIN_CHUNK) {
+        // This stage's x first, so that its loads are in flight while the weights arrive.
+        int j = c0 + THIN_LANE_COLS * lane;
+        float xv[4][THIN_LANE_COLS];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            long long row = row0 + i;
+            if (row < rows && j < c_end)
+                load_cols<THIN_LANE_COLS>(x, row * n + j, row * n + c_end, vec, drop, xv[i]);
+            else
+#pragma unroll
+                for (int e = 0; e < THIN_LANE_COLS; ++e) xv[i][e] = 0.f;
+        }
         __syncthreads();  // the previous stage is consumed
         for (int s = threadIdx.x; s < THIN_RANKS * THIN_CHUNK; s += blockDim.x) {
             int k = s / THIN_CHUNK, e = (s % THIN_CHUNK) / 32, l = s % 32;
-            int j = c0 + THIN_LANE_COLS * l + e;
+            int jw = c0 + THIN_LANE_COLS * l + e;
             ws[k][s % THIN_CHUNK] =
-                k0 + k < r && j < c_end ? w[(k0 + k) * w_sk + (long long)j * w_sn] : 0.f;
+                k0 + k < r && jw < c_end ? w[(k0 + k) * w_sk + (long long)jw * w_sn] : 0.f;
         }
         __syncthreads();
-        int j = c0 + THIN_LANE_COLS * lane;
         if (j < c_end) {
-            float xv[4][THIN_LANE_COLS];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                long long row = row0 + i;
-                if (row < rows)
-                    load_cols<THIN_LANE_COLS>(x, row * n + j, row * n + c_end, vec, drop, xv[i]);
-                else
-#pragma unroll
-                    for (int e = 0; e < THIN_LANE_COLS; ++e) xv[i][e] = 0.f;
-            }
 #pragma unroll
             for (int e = 0; e < THIN_LANE_COLS; ++e)
 #pragma unroll
@@ -109,6 +110,8 @@ __device__ void thin_outer(const T* x, const float* y, float* part, long long ro
         __syncthreads();
         if (j < n) {
             int len = end - s0 < THIN_STAGE ? (int)(end - s0) : THIN_STAGE;
+            // Unrolled, so that several rows' loads are in flight at once.
+#pragma unroll 8
             for (int i = 0; i < len; ++i) {
                 long long at = (s0 + i) * n + j;
                 float xv = ld(x, at) * dropout_at(drop, at);
@@ -168,11 +171,17 @@ __device__ void low_rank_add(const T* base, const float* left, const float* righ
     long long first = (long long)blockIdx.x * LRA_ROWS;
     long long last = first + LRA_ROWS < rows ? first + LRA_ROWS : rows;
     for (long long g0 = first; g0 < last; g0 += LRA_GROUP) {
-        float acc[LRA_GROUP][LRA_COLS];
+        // The group's rows of base first, all in flight while the low-rank term is summed:
+        // base may be out itself, so no load could be moved above an earlier row's store.
+        float acc[LRA_GROUP][LRA_COLS], b[LRA_GROUP][LRA_COLS];
 #pragma unroll
-        for (int i = 0; i < LRA_GROUP; ++i)
+        for (int i = 0; i < LRA_GROUP; ++i) {
+            long long row = g0 + i;
 #pragma unroll
-            for (int c = 0; c < LRA_COLS; ++c) acc[i][c] = 0.f;
+            for (int c = 0; c < LRA_COLS; ++c) acc[i][c] = b[i][c] = 0.f;
+            if (row < last && o < cols)
+                load_pack<LRA_COLS>(base, row * cols + o, row * cols + cols, vec, b[i]);
+        }
         for (int k0 = 0; k0 < r; k0 += THIN_RANKS) {
             if (!one_stage) load_right(right, o, cols, k0, r, ro, rk, rr);
             __syncthreads();  // the previous rows of left are consumed
@@ -198,9 +207,9 @@ __device__ void low_rank_add(const T* base, const float* left, const float* righ
             if (row >= last) break;
             long long idx = row * cols + o, end = row * cols + cols;
             float v[LRA_COLS];
-            load_pack<LRA_COLS>(base, idx, end, vec, v);
 #pragma unroll
-            for (int c = 0; c < LRA_COLS; ++c) v[c] += scale * acc[i][c] * dropout_at(drop, idx + c);
+            for (int c = 0; c < LRA_COLS; ++c)
+                v[c] = b[i][c] + scale * acc[i][c] * dropout_at(drop, idx + c);
             store_pack<LRA_COLS>(out, idx, end, vec, v);
         }
     }
