@@ -37,7 +37,7 @@ fn err(e: impl std::fmt::Debug) -> candle_core::Error {
 
 /// Our kernels' source: the embedded one, or with `PEFT_CUDA_KERNELS=DIR` the files of
 /// `SOURCE_FILES` in DIR. That compares variants of a kernel (with the same arguments) on a
-/// GPU without another build of the binary (scripts/gpu/profile.sh).
+/// GPU without another build of the binary (scripts/gpu/variants.sh).
 fn kernel_source() -> std::result::Result<String, String> {
     let Some(dir) = std::env::var_os("PEFT_CUDA_KERNELS") else {
         return Ok(SOURCE.to_string());
@@ -965,26 +965,19 @@ enum SegmentsArg<'a> {
     Plain(u64),
 }
 
-/// A null device pointer (and a zero batch stride), for the RoPE tables of tiles that need
-/// no rotation.
-static NULL_POINTER: u64 = 0;
-static NO_STRIDE: i64 = 0;
-
 impl<'a> FlashViews<'a> {
-    /// Pushes q and k as rotated by [`Self::rotate`], v, no RoPE tables, the segment ids and a
-    /// zero batch stride for the tables: the first arguments of the tile kernels.
+    /// Pushes q and k as rotated by [`Self::rotate`], v and the segment ids: the first
+    /// arguments of the tile kernels.
     fn push(
         &'a self,
         builder: &mut LaunchArgs<'a>,
         (q, k): (&'a CudaSlice<bf16>, &'a CudaSlice<bf16>),
     ) {
         builder.arg(q).arg(k).arg(&self.v);
-        builder.arg(&NULL_POINTER).arg(&NULL_POINTER);
         match &self.segments {
             SegmentsArg::Packed(s) => builder.arg(s),
             SegmentsArg::Plain(null) => builder.arg(null),
         };
-        builder.arg(&NO_STRIDE);
     }
 
     /// q and k rotated by RoPE (rope_rotate_bf16), once per pass: the tile kernels would

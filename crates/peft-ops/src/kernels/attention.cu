@@ -1,12 +1,13 @@
-// Flash attention for training: causal, grouped-query heads, RoPE applied while loading, bf16
-// storage, f32 math, tensor cores (mma.sync m16n8k16). No t x t tensor is ever stored: the
+// Flash attention for training: causal, grouped-query heads, q and k rotated by RoPE once
+// beforehand (rope_rotate_bf16), bf16 storage, f32 math, tensor cores (mma.sync m16n8k16). No t x t tensor is ever stored: the
 // forward keeps the log-sum-exp of each row and the backward recomputes the probabilities.
 // Appended to ops.cu (ld, st, to_bf16, bf16_t) and compiled by NVRTC for sm_90; tests run it
 // on the CPU through tests/emulate (PEFT_EMULATE), against the CPU reference attention.
 //
 // Layouts are those of the projections: q, o, dq: [b, t, heads * D]; k, v, dk, dv:
-// [b, t, kv_heads * D]; cos, sin: [t, D / 2] f32, or [b, t, D / 2] for packed rows (their
-// positions restart with each sequence), the batch stride rope_bstride (0 when shared); lse,
+// [b, t, kv_heads * D]; cos, sin (rope_rotate, and dq, dk taken back through the rotation):
+// [t, D / 2] f32, or [b, t, D / 2] for packed rows (their positions restart with each
+// sequence), the batch stride rope_bstride (0 when shared); lse,
 // delta: [b, heads, t] f32; the dq accumulator: [b, heads, t, D] f32, and the query heads'
 // shares of dk and dv: [b, t, heads, D] f32, all three in rotated space and without the scale.
 //
@@ -114,8 +115,7 @@ __device__ __forceinline__ void c_to_a(u32* a, const float* c0, const float* c1)
 // One thread's share of rows row0..row0+63 of one head, fetched from global memory into
 // registers by fetch_tile and written to a shared tile by store_tile: a kernel fetches its
 // next tile before it computes on the current one, so that the loads are in flight meanwhile.
-// Each item is a pair of 16-byte chunks (columns j..j + 7 and j + H..j + H + 7), the pairs
-// RoPE rotates together.
+// Each item is a pair of 16-byte chunks: columns j..j + 7 and j + H..j + H + 7.
 template <int D>
 struct TileFetch {
     static const int ITEMS = FA_TILE * (D / 16) / FA_THREADS;
@@ -178,29 +178,25 @@ extern "C" __global__ void rope_rotate_bf16(const bf16_t* x, const float* cos, c
     }
 }
 
-// A fetched tile into a shared tile of pitch D + 8, rotated by RoPE when `cos` is given.
+// A fetched tile into a shared tile of pitch D + 8.
 template <int D>
-__device__ __forceinline__ void store_tile(bf16_t* s, const TileFetch<D>& f, int row0, int t,
-                                           const float* cos, const float* sin) {
+__device__ __forceinline__ void store_tile(bf16_t* s, const TileFetch<D>& f) {
     const int H = D / 2, P = D + 8, CHUNKS = H / 8;
 #pragma unroll
     for (int it = 0; it < TileFetch<D>::ITEMS; ++it) {
         int i = threadIdx.x + it * FA_THREADS;
-        int r = i / CHUNKS, j = (i % CHUNKS) * 8, row = row0 + r;
-        uint4 lo = f.lo[it], hi = f.hi[it];
-        if (cos && row < t) rope8(lo, hi, cos + row * H + j, sin + row * H + j);
-        *(uint4*)(s + r * P + j) = lo;
-        *(uint4*)(s + r * P + j + H) = hi;
+        int r = i / CHUNKS, j = (i % CHUNKS) * 8;
+        *(uint4*)(s + r * P + j) = f.lo[it];
+        *(uint4*)(s + r * P + j + H) = f.hi[it];
     }
 }
 
 // fetch_tile, then store_tile.
 template <int D>
-__device__ void load_tile(bf16_t* s, const bf16_t* x, long long stride, int row0, int t,
-                          const float* cos, const float* sin) {
+__device__ void load_tile(bf16_t* s, const bf16_t* x, long long stride, int row0, int t) {
     TileFetch<D> f;
     fetch_tile<D>(f, x, stride, row0, t);
-    store_tile<D>(s, f, row0, t, cos, sin);
+    store_tile<D>(s, f);
 }
 
 // Whether query q sees key k (k <= q) given their segment ids (packed rows).
@@ -222,8 +218,7 @@ __device__ __forceinline__ float quad_sum(float v) {
 // Forward. Grid (query tiles, heads, batch); block FA_THREADS; shared 2 * 64 * (D + 8) bf16
 // and 64 u32 (the key tile's segment ids).
 template <int D>
-__device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,
-                          const float* sin, const unsigned* seg, long long rope_bstride,
+__device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                           bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {
     const int P = D + 8;
     FA_SMEM(smem);
@@ -237,12 +232,10 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const bf16_t* qb = q + bi * t * qs + hi * D;
     const bf16_t* kb = k + bi * t * ks + kh * D;
     const bf16_t* vb = v + bi * t * ks + kh * D;
-    cos += bi * rope_bstride;
-    sin += bi * rope_bstride;
     const unsigned* segb = seg ? seg + (long long)bi * t : 0;
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
 
-    load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
+    load_tile<D>(Qs, qb, qs, qt * FA_TILE, t);
     __syncthreads();
     u32 qa[D / 16][4];
 #pragma unroll
@@ -282,8 +275,8 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             fetch_tile<D>(kf, kb, ks, kt * FA_TILE, t);
             fetch_tile<D>(vf, vb, ks, kt * FA_TILE, t);
         }
-        store_tile<D>(Ks, kf, kt * FA_TILE, t, cos, sin);
-        store_tile<D>(Vs, vf, kt * FA_TILE, t, 0, 0);
+        store_tile<D>(Ks, kf);
+        store_tile<D>(Vs, vf);
         __syncthreads();
         if (kt < qt) {
             fetch_tile<D>(kf, kb, ks, (kt + 1) * FA_TILE, t);
@@ -398,8 +391,7 @@ __device__ void flash_bwd_delta(const bf16_t* o, const bf16_t* dout, float* delt
 // and dV (f32, rotated space, unscaled) to dk_part and dv_part ([b, t, heads, D]), which
 // flash_bwd_dkv sums per kv head, and adds its share of dQ to the f32 accumulator with atomics.
 template <int D>
-__device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,
-                          const float* sin, const unsigned* seg, long long rope_bstride,
+__device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                           const bf16_t* dout, const float* lse, const float* delta,
                           float* dq_acc, float* dk_part, float* dv_part, int t, int heads,
                           int kv_heads, float scale) {
@@ -419,8 +411,6 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
     int key[2] = {kt * FA_TILE + warp * 16 + g, kt * FA_TILE + warp * 16 + g + 8};
-    cos += bi * rope_bstride;
-    sin += bi * rope_bstride;
     // The segment ids are read through the kernel parameter, not a pointer of our own: the
     // d = 128 kernel has no register to spare.
     const bool packed = seg != 0;
@@ -429,8 +419,8 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             Gk[i] = kt * FA_TILE + i < t ? seg[(long long)bi * t + kt * FA_TILE + i] : 0;
     const float scale2 = scale * FA_LOG2E;
 
-    load_tile<D>(Ks, k + bi * t * ks + kh * D, ks, kt * FA_TILE, t, cos, sin);
-    load_tile<D>(Vs, v + bi * t * ks + kh * D, ks, kt * FA_TILE, t, 0, 0);
+    load_tile<D>(Ks, k + bi * t * ks + kh * D, ks, kt * FA_TILE, t);
+    load_tile<D>(Vs, v + bi * t * ks + kh * D, ks, kt * FA_TILE, t);
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
 #pragma unroll
@@ -473,11 +463,11 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 fetch_tile<D>(qf, qb, qs, qt * FA_TILE, t);
                 fetch_tile<D>(of, ob, qs, qt * FA_TILE, t);
             }
-            store_tile<D>(Qs, qf, qt * FA_TILE, t, cos, sin);
-            store_tile<D>(Os, of, qt * FA_TILE, t, 0, 0);
+            store_tile<D>(Qs, qf);
+            store_tile<D>(Os, of);
         } else {
-            load_tile<D>(Qs, qb, qs, qt * FA_TILE, t, cos, sin);
-            load_tile<D>(Os, ob, qs, qt * FA_TILE, t, 0, 0);
+            load_tile<D>(Qs, qb, qs, qt * FA_TILE, t);
+            load_tile<D>(Os, ob, qs, qt * FA_TILE, t);
         }
         for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
             int r = qt * FA_TILE + i;
@@ -667,18 +657,16 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 // kernel's prefetched tiles would otherwise leave room for two.
 #define FLASH(D)                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, D <= 64 ? 3 : 2)                   \
-        flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos,    \
-                       const float* sin, const unsigned* seg, long long rope_bstride,           \
+        flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg, \
                        bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {    \
-        flash_fwd<D>(q, k, v, cos, sin, seg, rope_bstride, o, lse, t, heads, kv_heads, scale);  \
+        flash_fwd<D>(q, k, v, seg, o, lse, t, heads, kv_heads, scale);                          \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_d##D(                    \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* cos, const float* sin, \
-        const unsigned* seg, long long rope_bstride, const bf16_t* dout, const float* lse,      \
-        const float* delta, float* dq_acc, float* dk_part, float* dv_part, int t, int heads,    \
-        int kv_heads, float scale) {                                                            \
-        flash_bwd<D>(q, k, v, cos, sin, seg, rope_bstride, dout, lse, delta, dq_acc, dk_part,   \
-                     dv_part, t, heads, kv_heads, scale);                                       \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
+        const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
+        float* dv_part, int t, int heads, int kv_heads, float scale) {                          \
+        flash_bwd<D>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,        \
+                     kv_heads, scale);                                                          \
     }
 
 FLASH(64)

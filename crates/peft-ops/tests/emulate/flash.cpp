@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
     size_t pitch = d + 8;
     std::vector<bf16_t> o(nq), dq(nq), dk(nk), dv(nk);
     std::vector<float> lse((size_t)b * heads * t), delta(lse.size()), dq_acc(nq, 0.f);
-    // q and k rotated once, as src/cuda.rs does; the tile kernels then get no RoPE tables.
+    // q and k rotated once, as src/cuda.rs does.
     std::vector<bf16_t> qr(nq), kr(nk);
     for (auto [x, r, h] : {std::tuple{&q, &qr, heads}, std::tuple{&k, &kr, kvh}}) {
         long long chunks = (long long)x->size() / 16;
@@ -51,8 +51,7 @@ int main(int argc, char** argv) {
     auto bwd = d == 64 ? flash_bwd_d64 : flash_bwd_d128;
     size_t fwd_shared = 2 * FA_TILE * pitch * 2 + FA_TILE * 4;
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, fwd_shared, [&] {
-        fwd(qr.data(), kr.data(), v.data(), nullptr, nullptr, seg, 0, o.data(),
-            lse.data(), t, heads, kvh, scale);
+        fwd(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh, scale);
     });
     long long rows = (long long)b * t * heads;
     emu::launch({(unsigned)((rows + 3) / 4)}, {FA_THREADS}, 0, [&] {
@@ -61,9 +60,8 @@ int main(int argc, char** argv) {
     size_t shared = 4 * FA_TILE * pitch * 2 + FA_TILE * (FA_TILE + 8) * 2 + 4 * FA_TILE * 4;
     std::vector<float> dk_part(nq, NAN), dv_part(nq, NAN);
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, shared, [&] {
-        bwd(qr.data(), kr.data(), v.data(), nullptr, nullptr, seg, 0, dout.data(),
-            lse.data(), delta.data(), dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh,
-            scale);
+        bwd(qr.data(), kr.data(), v.data(), seg, dout.data(), lse.data(), delta.data(),
+            dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh, scale);
     });
     long long kv_pairs = (long long)nk / 2;
     emu::launch({(unsigned)((kv_pairs + 255) / 256)}, {256}, 0, [&] {
