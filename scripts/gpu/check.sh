@@ -4,7 +4,10 @@
 # five files: log.txt (tests and bench output), errors.txt (each bench case's stderr),
 # hf_anchor.jsonl, peft_gpu.jsonl and vs_hf_gpu.md.
 #   scripts/gpu/check.sh [--tests-only | --bench-only | --ablation] [--skip-hf FILE | --hf-reference]
-#                        [--cases A,B]
+#                        [--cases A,B] [--profile]
+# --profile then times every kernel of a 1B and an 8B training step (scripts/gpu/profile.sh:
+# ncu_1b.csv.gz, ncu_8b.csv.gz, profile_bench.jsonl): eight files in all, the most a call
+# brings back. A whole run with it takes about five minutes on an H200.
 # --ablation runs bench/gpu_ablation.sh instead (each kernel group turned off in turn:
 # ablation.jsonl and ablation.md).
 # --hf-reference compares with HF's figures measured on the same machine
@@ -14,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
 mkdir -p "$out"
-what=all skip=() cases=()
+what=all skip=() cases=() profile=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) what=tests; shift ;;
@@ -23,6 +26,7 @@ while [ $# -gt 0 ]; do
     --skip-hf) skip=(--skip-hf "$2"); shift 2 ;;
     --hf-reference) skip=(--skip-hf bench/hf_gpu_reference.jsonl); shift ;;
     --cases) cases=(--cases "$2"); shift 2 ;;
+    --profile) profile=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -46,6 +50,10 @@ log=$out/log.txt
   if [ "$what" = all ] || [ "$what" = bench ]; then
     echo "== benchmark"
     CASE_TIMEOUT=${CASE_TIMEOUT:-150} bench/vs_hf_gpu.sh --peft "$bin/peft" --anchor .gpu/anchor_hf.py --out "$out" "${skip[@]}" "${cases[@]}"
+  fi
+  if [ "$profile" = 1 ]; then
+    echo "== kernel times"
+    scripts/gpu/profile.sh --no-hf 1b 8b
   fi
   if [ "$what" = ablation ]; then
     echo "== kernel ablation"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, with .gpu/ from scripts/gpu/prepare.sh: where a training step's GPU time
-# goes. Nsight Compute times every kernel of one `peft bench` step (ncu_<case>.csv, one row per
-# launch: name and gpu__time_duration), and torch's profiler does the same for HF PEFT on the
-# 1B shape (hf_profile.txt). scripts/gpu/kernel_table.py sums the CSVs by kernel afterwards.
+# goes. Nsight Compute times every kernel of one `peft bench` step (ncu_<case>.csv.gz, one row
+# per launch: name and gpu__time_duration; the bench's own JSON lines in profile_bench.jsonl),
+# and torch's profiler does the same for HF PEFT on the 1B shape (hf_profile.txt).
+# scripts/gpu/kernel_table.py sums the CSVs by kernel afterwards.
 #   scripts/gpu/profile.sh [--no-hf] [CASE...]   CASE: smol, 1b, 1b-all, 8b (default: 1b smol)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,8 +29,9 @@ for c in "$@"; do
   # One untimed step, then the profiled one (the first step also creates handles and pools).
   timeout 80 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
       --log-file "$out/ncu_$c.csv" /tmp/peft bench --device cuda --dtype bf16 --r 16 --lora-alpha 32 \
-      --lora-dropout 0 "${a[@]}" --warmup 1 --steps 1 > "$out/bench_$c.json"
+      --lora-dropout 0 "${a[@]}" --warmup 1 --steps 1 | tail -n 1 >> "$out/profile_bench.jsonl"
   echo "$c: exit $?, $(wc -l < "$out/ncu_$c.csv") lines"
+  gzip -9f "$out/ncu_$c.csv"
 done
 [ "$hf" = 1 ] || exit 0
 PYTHONUNBUFFERED=1 timeout 50 python3 scripts/gpu/hf_profile.py > "$out/hf_profile.txt" 2>&1
