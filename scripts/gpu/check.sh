@@ -30,13 +30,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
-bin=/tmp/peft-gpu
-mkdir -p "$bin"
-for f in .gpu/*.gz; do
-  gunzip -c "$f" > "$bin/$(basename "$f" .gz)" && chmod +x "$bin/$(basename "$f" .gz)"
-done
+. scripts/gpu/env.sh
 log=$out/log.txt
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv

@@ -9,9 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
 mkdir -p "$out"
-SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
-gunzip -c .gpu/peft.gz > /tmp/peft && chmod +x /tmp/peft
+. scripts/gpu/env.sh
 # Kernel times of one step, summed per kernel, are printed from the CSV by kernel_table.py.
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
 echo "ncu: ${ncu:-none}"
@@ -28,7 +26,7 @@ for c in "$@"; do
   esac
   # One untimed step, then the profiled one (the first step also creates handles and pools).
   timeout 80 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
-      --log-file "$out/ncu_$c.csv" /tmp/peft bench --device cuda --dtype bf16 --r 16 --lora-alpha 32 \
+      --log-file "$out/ncu_$c.csv" "$bin/peft" bench --device cuda --dtype bf16 --r 16 --lora-alpha 32 \
       --lora-dropout 0 "${a[@]}" --warmup 1 --steps 1 | tail -n 1 >> "$out/profile_bench.jsonl"
   echo "$c: exit $?, $(wc -l < "$out/ncu_$c.csv") lines"
   gzip -9f "$out/ncu_$c.csv"

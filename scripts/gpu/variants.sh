@@ -15,15 +15,13 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
-[ -x /tmp/peft-gpu/peft ] || { mkdir -p /tmp/peft-gpu && gunzip -c .gpu/peft.gz > /tmp/peft-gpu/peft && chmod +x /tmp/peft-gpu/peft; }
+. scripts/gpu/env.sh
 : > "$out/variants.jsonl"
 while read -r name shape batch seq warmup steps; do
   for v in "${variants[@]}"; do
     env=()
     [ "$v" = built ] || env=(PEFT_CUDA_KERNELS="$v")
-    line=$(env "${env[@]}" timeout "${CASE_TIMEOUT:-90}" /tmp/peft-gpu/peft bench --device cuda --dtype bf16 \
+    line=$(env "${env[@]}" timeout "${CASE_TIMEOUT:-90}" "$bin/peft" bench --device cuda --dtype bf16 \
         --shape "$shape" --lora-dropout 0 --r 16 --lora-alpha 32 --target-modules q_proj,k_proj,v_proj,o_proj \
         --batch-size "$batch" --seq-len "$seq" --warmup "$warmup" --steps "$steps" 2>&1 | tail -n 1)
     case "$line" in \{*) ;; *) line=$(printf '{"error": %s}' "$(printf '%s' "$line" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()[-300:]))')") ;; esac

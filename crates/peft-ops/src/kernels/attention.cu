@@ -1,15 +1,16 @@
 // Flash attention for training: causal, grouped-query heads, q and k rotated by RoPE once
-// beforehand (rope_rotate_bf16), bf16 storage, f32 math, tensor cores (mma.sync m16n8k16). No t x t tensor is ever stored: the
-// forward keeps the log-sum-exp of each row and the backward recomputes the probabilities.
+// beforehand (rope_rotate_bf16), bf16 storage, f32 math, tensor cores (mma.sync m16n8k16). No
+// t x t tensor is ever stored: the forward keeps the log-sum-exp of each row and the backward
+// recomputes the probabilities.
 // Appended to ops.cu (ld, st, to_bf16, bf16_t) and compiled by NVRTC for sm_90; tests run it
 // on the CPU through tests/emulate (PEFT_EMULATE), against the CPU reference attention.
 //
 // Layouts are those of the projections: q, o, dq: [b, t, heads * D]; k, v, dk, dv:
 // [b, t, kv_heads * D]; cos, sin (rope_rotate, and dq, dk taken back through the rotation):
 // [t, D / 2] f32, or [b, t, D / 2] for packed rows (their positions restart with each
-// sequence), the batch stride rope_bstride (0 when shared); lse,
-// delta: [b, heads, t] f32; the dq accumulator: [b, heads, t, D] f32, and the query heads'
-// shares of dk and dv: [b, t, heads, D] f32, all three in rotated space and without the scale.
+// sequence), the batch stride rope_bstride (0 when shared); lse, delta: [b, heads, t] f32;
+// the dq accumulator: [b, heads, t, D] f32, and the query heads' shares of dk and dv:
+// [b, t, heads, D] f32, all three in rotated space and without the scale.
 //
 // Packed rows (several sequences in one row, as TRL's packing makes them): seg [b, t] holds
 // each row's segment id (0: padding), or is null for plain causal attention. A query sees the
@@ -458,6 +459,8 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                     }
             if (!__syncthreads_or(seen)) continue;
         }
+        // Two paths, not one: with d = 128, tiles kept in qf and of across iterations (even
+        // if never prefetched) spill 700 bytes a thread.
         if (prefetch) {
             if (fetched != qt) {
                 fetch_tile<D>(qf, qb, qs, qt * FA_TILE, t);

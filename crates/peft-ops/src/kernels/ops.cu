@@ -25,10 +25,16 @@ struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Pack {
     T e[N];
 };
 
+// Whether p is aligned for Packs of N.
+template <int N, typename T>
+__device__ __forceinline__ bool pack_aligned(const T* p) {
+    return (unsigned long long)p % alignof(Pack<T, N>) == 0;
+}
+
 // Whether rows of n elements at p, accessed N at a time from multiples of N, can use Packs.
 template <int N, typename T>
 __device__ __forceinline__ bool packable(const T* p, long long n) {
-    return n % N == 0 && (unsigned long long)p % alignof(Pack<T, N>) == 0;
+    return n % N == 0 && pack_aligned<N>(p);
 }
 
 // p[i..i + N] as f32; indices at or past `end` read as 0. `vec`: i is a multiple of N in
@@ -173,7 +179,7 @@ __device__ __forceinline__ float gate_slope(float g, int gelu) {
 template <typename T>
 __device__ void gated_fwd(const T* g, const T* u, T* y, long long n, int gelu) {
     const int N = GATED_PACK;
-    bool vec = packable<N>(g, N) && packable<N>(u, N) && packable<N>(y, N);
+    bool vec = pack_aligned<N>(g) && pack_aligned<N>(u) && pack_aligned<N>(y);
     for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c * N < n;
          c += (long long)gridDim.x * blockDim.x) {
         long long i = c * N;
@@ -191,8 +197,8 @@ __device__ void gated_fwd(const T* g, const T* u, T* y, long long n, int gelu) {
 template <typename T>
 __device__ void gated_bwd(const T* g, const T* u, const T* grad, T* out, long long n, int gelu) {
     const int N = GATED_PACK;
-    bool vec = packable<N>(g, N) && packable<N>(u, N) && packable<N>(grad, N) &&
-               packable<N>(out, N) && packable<N>(out + n, N);
+    bool vec = pack_aligned<N>(g) && pack_aligned<N>(u) && pack_aligned<N>(grad) &&
+               pack_aligned<N>(out) && pack_aligned<N>(out + n);
     for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c * N < n;
          c += (long long)gridDim.x * blockDim.x) {
         long long i = c * N;
