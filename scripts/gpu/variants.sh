@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine, with .gpu/ from scripts/gpu/prepare.sh: `peft bench` on issue 4's three
-# shapes with our kernels as built, then with each kernel variant DIR (PEFT_CUDA_KERNELS: the
-# .cu files of crates/peft-ops/src/kernels, same kernel arguments), side by side: what a
-# variant of a kernel gains, measured in one lease. variants.jsonl and a table go to $OUT.
-#   scripts/gpu/variants.sh [--kernels DIR]...
+# shapes as built, then with each kernel variant DIR (PEFT_CUDA_KERNELS: the .cu files of
+# crates/peft-ops/src/kernels, same kernel arguments) and each environment setting KEY=VALUE
+# (say PEFT_CUDA_LORA=cublas, PEFT_LAYER_TAPE=off), side by side: what a variant gains,
+# measured in one lease. variants.jsonl and a table go to $OUT.
+#   scripts/gpu/variants.sh [--kernels DIR]... [--env KEY=VALUE]...
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
@@ -12,6 +13,7 @@ variants=(built)
 while [ $# -gt 0 ]; do
   case "$1" in
     --kernels) variants+=("$2"); shift 2 ;;
+    --env) variants+=("env:$2"); shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -19,8 +21,11 @@ done
 : > "$out/variants.jsonl"
 while read -r name shape batch seq warmup steps; do
   for v in "${variants[@]}"; do
-    env=()
-    [ "$v" = built ] || env=(PEFT_CUDA_KERNELS="$v")
+    case "$v" in
+      built) env=() ;;
+      env:*) env=("${v#env:}") ;;
+      *) env=(PEFT_CUDA_KERNELS="$v") ;;
+    esac
     line=$(env "${env[@]}" timeout "${CASE_TIMEOUT:-90}" "$bin/peft" bench --device cuda --dtype bf16 \
         --shape "$shape" --lora-dropout 0 --r 16 --lora-alpha 32 --target-modules q_proj,k_proj,v_proj,o_proj \
         --batch-size "$batch" --seq-len "$seq" --warmup "$warmup" --steps "$steps" 2>&1 | tail -n 1)

@@ -235,8 +235,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 let t = Instant::now();
                 let loss = trainer.batch_loss(&batch, batch.n_trained, true)?;
                 if backward {
-                    let mut grads = loss.backward()?;
-                    trainer.model.base().grad_sink.drain_into(&mut grads)?;
+                    trainer.model.base().backward(&loss)?;
                 }
                 device.synchronize()?;
                 secs.push(t.elapsed().as_secs_f64());

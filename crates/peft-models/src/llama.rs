@@ -7,11 +7,12 @@
 
 use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, gated_act,
+    add, causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, gated_act,
     linear, packed_self_attention, param, prefixed_self_attention, quantized_linear, rms_norm,
-    rope, softmax_last_dim, GradSink, LinearWeight, QuantizedWeight,
+    rope, softmax_last_dim, taped, GradSink, LinearWeight, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -677,26 +678,49 @@ impl Llama {
             // the first layer is trainable: tie its input to a (zero) variable.
             let anchor = Var::zeros((), x.dtype(), x.device())?;
             x = x.broadcast_add(anchor.as_tensor())?;
-            for (l, layer) in self.layers.iter().enumerate() {
-                let (cfg, layer, inputs) =
-                    (self.config.clone(), layer.clone(), inputs_of(l).clone());
-                // A pre-filled cache (prefix tuning) is read, not extended, in training: each
-                // layer's recomputation attends over its prefix, whose gradients reach the
-                // prefix's variables through the grad sink.
-                let prefix = cache.as_ref().and_then(|c| c.layers[l].clone());
-                x = checkpoint(&x, &self.grad_sink, move |x| {
-                    let mut slot = prefix.as_ref().map(|(k, v)| (param(k), param(v)));
-                    let slot = prefix.is_some().then_some(&mut slot);
-                    decoder_layer(&cfg, &layer, x, &inputs, slot, true)
-                })?;
-            }
-        } else {
+            let stack = |x: &Tensor| -> candle_core::Result<Tensor> {
+                let mut x = x.clone();
+                for (l, layer) in self.layers.iter().enumerate() {
+                    let (cfg, layer, inputs) =
+                        (self.config.clone(), layer.clone(), inputs_of(l).clone());
+                    // A pre-filled cache (prefix tuning) is read, not extended, in training:
+                    // each layer's recomputation attends over its prefix, whose gradients
+                    // reach the prefix's variables through the grad sink.
+                    let prefix = cache.as_ref().and_then(|c| c.layers[l].clone());
+                    let sink = self.grad_sink.clone();
+                    x = checkpoint(&x, &self.grad_sink, move |x| {
+                        let mut slot = prefix.as_ref().map(|(k, v)| (param(k), param(v)));
+                        let slot = prefix.is_some().then_some(&mut slot);
+                        taped(x, &sink, |x| {
+                            decoder_layer(&cfg, &layer, x, &inputs, slot, true)
+                        })
+                    })?;
+                }
+                norm(&self.config, &x, &self.norm)
+            };
+            return Ok(taped(&x, &self.grad_sink, stack)?);
+        }
+        let mut stack = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let mut x = x.clone();
             for (l, layer) in self.layers.iter().enumerate() {
                 let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
                 x = decoder_layer(&self.config, layer, &x, inputs_of(l), slot, train)?;
             }
+            norm(&self.config, &x, &self.norm)
+        };
+        if train {
+            return Ok(taped(&x, &self.grad_sink, stack)?);
         }
-        Ok(norm(&self.config, &x, &self.norm)?)
+        Ok(stack(&x)?)
+    }
+
+    /// The gradients of `loss`, a loss computed by this model in training: candle's backward
+    /// and what layer tapes and gradient checkpointing hand to the model's grad sink (the
+    /// gradients of parameters used inside them). Use this, not `loss.backward()`.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        self.grad_sink.drain_into(&mut grads)?;
+        Ok(grads)
     }
 
     pub fn forward(
@@ -830,7 +854,7 @@ fn decoder_layer(
     if let Some(a) = &layer.attn_adapter {
         attn = a.forward(&attn, train)?;
     }
-    let x = (x + attn)?;
+    let x = add(x, &attn)?;
     let h = norm(c, &x, mlp_norm)?;
     let m = &layer.mlp;
     let act = c.activation;
@@ -851,7 +875,7 @@ fn decoder_layer(
     if let Some(a) = &layer.mlp_adapter {
         out = a.forward(&out, train)?;
     }
-    x + out
+    add(&x, &out)
 }
 
 fn attention(

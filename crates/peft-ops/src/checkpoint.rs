@@ -66,7 +66,7 @@ pub fn param(t: &Tensor) -> Tensor {
 pub struct GradSink(Mutex<HashMap<TensorId, Tensor>>);
 
 impl GradSink {
-    fn add(&self, id: TensorId, grad: &Tensor) -> Result<()> {
+    pub(crate) fn add(&self, id: TensorId, grad: &Tensor) -> Result<()> {
         let mut map = self
             .0
             .lock()

@@ -205,6 +205,15 @@ pub fn lora_linear(
         }
         return y.reshape(out_shape);
     }
+    #[cfg(feature = "cuda")]
+    if dropout.is_none()
+        && bias.is_none()
+        && x2.dtype() == DType::BF16
+        && thin_kernels(&x2)
+        && crate::lora_cublas()
+    {
+        return lora_linear_cublas((x, a, b), x2, w, scale, out_shape);
+    }
     let xa = thin_project(&x2, &InputDropout::new(dropout, &x2)?, &a_d, false, 1.0)?;
     let y = lora_output(&x2, &w.dense()?, bias, &xa, &b_d, scale, out_shape)?;
     let w = w.clone();
@@ -235,6 +244,116 @@ pub fn lora_linear(
         };
         Ok((d_x, d_a, d_b))
     })
+}
+
+/// [`lora_linear`] without dropout or bias on bf16 activations, its thin products by cuBLAS
+/// ([`crate::lora_cublas`]): A, B, `x·Aᵀ` and `g·B` in bf16, products accumulated in f32, the
+/// low-rank terms added into the frozen products' outputs (no `[rows, out]` temporary).
+#[cfg(feature = "cuda")]
+fn lora_linear_cublas(
+    (x, a, b): (&Tensor, &Tensor, &Tensor),
+    x2: Tensor,
+    w: &LinearWeight,
+    scale: f64,
+    out_shape: Vec<usize>,
+) -> Result<Tensor> {
+    use crate::cublas::matmul;
+    let rows = x2.dims2()?.0;
+    let out_f = w.dims().0;
+    let x2 = x2.contiguous()?;
+    let a16 = a.detach().to_dtype(DType::BF16)?.contiguous()?;
+    let b16 = b.detach().to_dtype(DType::BF16)?.contiguous()?;
+    let scale = scale as f32;
+    // x·Aᵀ [rows, r]
+    let xa = matmul(&x2, false, &a16, true, 1.0, DType::BF16)?;
+    let y = Value::ByTheOp(Box::new(crate::grad::Op2Output {
+        op: LoraForwardCublas {
+            xa: xa.clone(),
+            b16: b16.clone(),
+            scale,
+            shape: out_shape.into(),
+        },
+        a: x2.clone(),
+        b: w.dense()?,
+    }));
+    let w = w.clone();
+    let x_shape = x.shape().clone();
+    let tracks = (x.track_op(), a.track_op(), b.track_op());
+    with_grad3((x, a, b), y, move |_, grad| -> Result<Grads3> {
+        let g = grad.reshape((rows, out_f))?.contiguous()?;
+        // scale·g·B [rows, r]: the gradient at the bottleneck.
+        let gb = matmul(&g, false, &b16, false, scale, DType::BF16)?;
+        let d_b = match tracks.2 {
+            true => Some(matmul(&g, true, &xa, false, scale, DType::F32)?),
+            false => None,
+        };
+        let d_a = match tracks.1 {
+            true => Some(matmul(&gb, true, &x2, false, 1.0, DType::F32)?),
+            false => None,
+        };
+        let d_x = match tracks.0 {
+            true => {
+                let d_x = frozen_matmul(&g, &w.dense()?, false)?.contiguous()?;
+                add_product_into(&d_x, &gb, &a16)?;
+                Some(d_x.reshape(&x_shape)?)
+            }
+            false => None,
+        };
+        Ok((d_x, d_a, d_b))
+    })
+}
+
+/// `c += left · right` in place for a fresh contiguous bf16 `c` `[rows, n]` (a product just
+/// computed, which nothing else holds), `left` `[rows, r]`, `right` `[r, n]` (bf16).
+#[cfg(feature = "cuda")]
+fn add_product_into(c: &Tensor, left: &Tensor, right: &Tensor) -> Result<()> {
+    let (s, l) = c.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (candle_core::Storage::Cuda(cs), Some((0, _))) => {
+            crate::cublas::matmul_add_into(cs, c.dims2()?, left, false, right, false, 1.0)
+        }
+        _ => candle_core::bail!("lora: the input gradient is not a fresh contiguous gpu tensor"),
+    }
+}
+
+/// LoRA's output `x·Wᵀ + scale·xa·Bᵀ` from `(x, W)` by cuBLAS: the frozen matmul into the
+/// op's output, the low-rank product added there.
+#[cfg(feature = "cuda")]
+struct LoraForwardCublas {
+    xa: Tensor,
+    b16: Tensor,
+    scale: f32,
+    shape: Shape,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp2 for LoraForwardCublas {
+    fn name(&self) -> &'static str {
+        "lora-cublas"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("LoRA's cuBLAS path runs on GPUs")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::grad::linear_storage((x, xl), (w, wl))?;
+        let dims = (xl.shape().dims2()?.0, wl.shape().dims2()?.0);
+        crate::cublas::matmul_add_into(&out, dims, &self.xa, false, &self.b16, true, self.scale)?;
+        Ok((out, self.shape.clone()))
+    }
 }
 
 /// `scale · (x ∘ mask) · wᵀ` in f32 for `x` `[rows, n]` (any float dtype), `w` `[r, n]` f32

@@ -1,15 +1,14 @@
+use crate::tape::{record1, record3, Backward1, Backward3};
 use crate::{cuda_kernel_on, Kernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape,
     Storage, Tensor,
 };
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 /// Gradients of three arguments (`None` where an argument needs none).
 pub type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-type Backward3 = Box<dyn Fn(&Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// The output of a [`with_grad`] op.
 pub enum Value {
@@ -172,10 +171,13 @@ pub fn with_grad(
         return value.into_tensor();
     }
     let value = value.settled(arg.device())?;
-    arg.apply_op1(WithGrad {
+    let backward: Backward1 = Arc::new(backward);
+    let y = arg.apply_op1(WithGrad {
         value: ValueSlot::new(value)?,
-        backward: Box::new(backward),
-    })
+        backward: backward.clone(),
+    })?;
+    record1(arg, &y, &backward);
+    Ok(y)
 }
 
 /// [`with_grad`] for a value computed from three tensors: `backward(value, grad_value)` returns
@@ -192,11 +194,14 @@ pub fn with_grad3(
         return value.into_tensor();
     }
     let value = value.settled(a.device())?;
+    let backward: Backward3 = Arc::new(backward);
     let op = WithGrad3 {
         value: ValueSlot::new(value)?,
-        backward: Box::new(backward),
+        backward: backward.clone(),
     };
-    a.apply_op3(b, c, op)
+    let y = a.apply_op3(b, c, op)?;
+    record3([a, b, c], &y, &backward);
+    Ok(y)
 }
 
 /// The value, handed out once by the op's forward. Taken, not cloned: the graph keeps the op
@@ -255,7 +260,7 @@ impl ValueSlot {
 
 struct WithGrad {
     value: ValueSlot,
-    backward: Backward,
+    backward: Backward1,
 }
 
 impl CustomOp1 for WithGrad {

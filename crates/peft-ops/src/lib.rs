@@ -8,6 +8,7 @@ mod attention;
 mod bf16_gemm;
 mod checkpoint;
 mod cross_entropy;
+mod cublas;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
@@ -19,6 +20,7 @@ mod ops;
 mod optim;
 mod softmax;
 mod switches;
+mod tape;
 mod weight;
 
 use rayon::prelude::*;
@@ -42,7 +44,11 @@ pub use ops::{
 };
 pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw, SlotMoments};
 pub use softmax::{causal_softmax, causal_softmax_backward};
-pub use switches::{cuda_kernel_on, cuda_kernels_off, parse_kernels_off, Kernel, CUDA_OFF_VAR};
+pub use switches::{
+    cuda_kernel_on, cuda_kernels_off, lora_cublas, parse_kernels_off, set_lora_cublas, Kernel,
+    CUDA_LORA_VAR, CUDA_OFF_VAR,
+};
+pub use tape::{add, layer_tape_enabled, set_layer_tape, taped, LAYER_TAPE_VAR};
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 
 /// Whether our own kernel (of group `k` on GPUs) serves `t`: f32 on the CPU, f32 or bf16 on

@@ -1,3 +1,4 @@
+use crate::tape::cast;
 use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel, Value};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -48,7 +49,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// f32 and casts back, as transformers' `LlamaRMSNorm` computes in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if w.dtype() != x.dtype() {
-        return rms_norm(&x.to_dtype(w.dtype())?, w, eps)?.to_dtype(x.dtype());
+        return cast(&rms_norm(&cast(x, w.dtype())?, w, eps)?, x.dtype());
     }
     let y = rms_norm_output(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
     let (x_tracks, w_tracks) = (x.track_op(), w.track_op());

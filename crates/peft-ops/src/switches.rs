@@ -3,6 +3,7 @@
 //! kernel is at fault when a result is wrong, and what each kernel gains in a benchmark. The
 //! CPU kernels are not affected.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 /// A group of our CUDA kernels.
@@ -102,6 +103,74 @@ pub fn cuda_kernels_off() -> Result<&'static [Kernel], String> {
 /// there stops [`crate::open_device`] before any kernel is asked for.
 pub fn cuda_kernel_on(k: Kernel) -> bool {
     cuda_kernels_off().map_or(true, |off| !off.contains(&k))
+}
+
+/// A process-wide on/off setting whose default an environment variable gives (read on first
+/// use) and tests or benchmarks may set.
+pub(crate) struct Switch {
+    var: &'static str,
+    /// The value of `var` that turns the setting the other way from `default`.
+    flips: &'static [&'static str],
+    default: bool,
+    state: AtomicU8,
+}
+
+impl Switch {
+    pub(crate) const fn new(
+        var: &'static str,
+        flips: &'static [&'static str],
+        default: bool,
+    ) -> Self {
+        Self {
+            var,
+            flips,
+            default,
+            state: AtomicU8::new(0),
+        }
+    }
+
+    pub(crate) fn get(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let flipped =
+                    std::env::var(self.var).is_ok_and(|v| self.flips.contains(&v.as_str()));
+                let on = self.default != flipped;
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    /// Sets the switch; returns the previous setting.
+    pub(crate) fn set(&self, on: bool) -> bool {
+        let before = match self.state.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(s == 1),
+        };
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+        before.unwrap_or(self.default)
+    }
+}
+
+/// `PEFT_CUDA_LORA=cublas`: LoRA's thin products (`x·Aᵀ`, `g·B`, the gradients of A and B, and
+/// the low-rank terms added to the frozen products) by cuBLAS on tensor cores, with bf16
+/// operands (A, B and the rank-r activations rounded to bf16, as under PyTorch's autocast) and
+/// f32 accumulation, in place of our kernels (which keep those in f32); bf16 activations
+/// without dropout only. Not yet measured against the kernels on a GPU: off by default.
+pub const CUDA_LORA_VAR: &str = "PEFT_CUDA_LORA";
+
+static LORA_CUBLAS: Switch = Switch::new(CUDA_LORA_VAR, &["cublas"], false);
+
+/// Whether LoRA's thin products run through cuBLAS ([`CUDA_LORA_VAR`]).
+pub fn lora_cublas() -> bool {
+    LORA_CUBLAS.get()
+}
+
+/// Turns the cuBLAS variant of LoRA's thin products on or off; returns the previous setting.
+pub fn set_lora_cublas(on: bool) -> bool {
+    LORA_CUBLAS.set(on)
 }
 
 #[cfg(test)]

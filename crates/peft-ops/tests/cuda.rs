@@ -360,6 +360,33 @@ fn lora_linear_matches_cpu() {
     }
 }
 
+/// LoRA's thin products by cuBLAS (`PEFT_CUDA_LORA=cublas`: bf16 activations without
+/// dropout; f32 takes our kernels), against the CPU f32 reference.
+#[test]
+fn lora_linear_by_cublas_matches_cpu() {
+    let before = set_lora_cublas(true);
+    for ([b, t, in_f], out_f, r) in [([2, 5, 16], 12, 4), ([3, 300, 40], 50, 20)] {
+        let inputs = [
+            (randn(&[b, t, in_f], 25), Input::Cast),
+            ((randn(&[out_f, in_f], 26) * 0.5).unwrap(), Input::Cast),
+            (randn(&[r, in_f], 27), Input::F32),
+            (randn(&[out_f, r], 28), Input::F32),
+        ];
+        check("lora_linear by cublas", &inputs, |x| {
+            lora_linear(
+                &x[0],
+                &LinearWeight::Dense(x[1].detach()),
+                None,
+                &x[2],
+                &x[3],
+                2.0,
+                None,
+            )
+        });
+    }
+    set_lora_cublas(before);
+}
+
 #[test]
 fn cross_entropy_matches_cpu() {
     let labels: Vec<i64> = vec![3, -100, 0, 31, 7, 7, -100, 12, 1, 30];

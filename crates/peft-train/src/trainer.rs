@@ -277,9 +277,8 @@ impl Trainer<'_> {
         for (micro, batch) in batches.iter().enumerate() {
             self.model.set_dropout_seed(dropout_seed(seed, step, micro));
             let l = self.batch_loss(batch, denom, true)?;
-            let mut grads = l.backward()?;
+            let grads = self.model.base().backward(&l)?;
             losses.push(l.detach().to_dtype(DType::F64)?);
-            self.model.base().grad_sink.drain_into(&mut grads)?;
             acc = Some(match acc {
                 None => grads,
                 Some(mut acc) => {

@@ -30,8 +30,7 @@ fn train(model: &BottleneckModel) -> (f32, f32) {
     };
     let first = loss(model).to_scalar::<f32>().unwrap();
     for _ in 0..30 {
-        let mut g = loss(model).backward().unwrap();
-        model.base.grad_sink.drain_into(&mut g).unwrap();
+        let g = model.base.backward(&loss(model)).unwrap();
         for (k, v) in model.trainable() {
             let grad = g
                 .get(v.as_tensor())

@@ -45,7 +45,7 @@ fn ia3_trains_round_trips_and_merges() {
     };
     let first = loss(&model).to_scalar::<f32>().unwrap();
     for _ in 0..30 {
-        let g = loss(&model).backward().unwrap();
+        let g = model.base.backward(&loss(&model)).unwrap();
         for (_, v) in model.trainable() {
             let grad = g.get(v.as_tensor()).expect("every vector gets a gradient");
             v.set(&(v.as_tensor() - (grad * 0.5).unwrap()).unwrap())

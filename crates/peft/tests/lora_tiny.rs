@@ -140,7 +140,7 @@ fn modules_to_save_unties_a_tied_head_and_embedding() {
     let mut peft = PeftModel::new(tiny_llama(4, true).unwrap(), cfg, 3).unwrap();
     // 2 layers × (A 4×32 + B 32×4), and the head and the embedding, 64×32 each.
     assert_eq!(peft.parameter_counts().0, 2 * (128 + 128) + 2 * 64 * 32);
-    let grads = train_loss(&peft.base).backward().unwrap();
+    let grads = peft.base.backward(&train_loss(&peft.base)).unwrap();
     let trainable: std::collections::HashMap<String, Var> = peft.trainable().into_iter().collect();
     let grad_of = |key: &str| -> Tensor {
         let g = grads.get(trainable[key].as_tensor()).unwrap();
@@ -185,7 +185,7 @@ fn lora_gradients_match_finite_differences() {
         "model.layers.1.mlp.down_proj",
     ] {
         let var: Var = peft.adapters[path].b.clone();
-        let grads = loss(&peft).backward().unwrap();
+        let grads = peft.base.backward(&loss(&peft)).unwrap();
         let g: Vec<f32> = grads
             .get(var.as_tensor())
             .unwrap()
@@ -224,8 +224,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         let mut peft = PeftModel::new(tiny_llama(6, true).unwrap(), cfg, 11).unwrap();
         peft.base.gradient_checkpointing = checkpointing;
         peft.dropout_seed.set(99);
-        let mut grads = train_loss(&peft.base).backward().unwrap();
-        peft.base.grad_sink.drain_into(&mut grads).unwrap();
+        let grads = peft.base.backward(&train_loss(&peft.base)).unwrap();
         peft.trainable()
             .iter()
             .map(|(k, v)| {
@@ -263,8 +262,9 @@ fn dora_merges_and_its_magnitude_gradient_matches_finite_differences() {
         .unwrap();
     // Move m off the norm so that the adapter is a real DoRA adapter.
     m.set(&(m.as_tensor() * 1.1).unwrap()).unwrap();
-    let g: Vec<f32> = loss(&dora)
-        .backward()
+    let g: Vec<f32> = dora
+        .base
+        .backward(&loss(&dora))
         .unwrap()
         .get(m.as_tensor())
         .unwrap()
@@ -299,4 +299,69 @@ fn dora_merges_and_its_magnitude_gradient_matches_finite_differences() {
     assert_eq!(max_abs_diff(&logits(&reloaded.base), &unmerged), 0.0);
     let merged = logits(&dora.merge_and_unload().unwrap());
     assert!(max_abs_diff(&merged, &unmerged) < 1e-5);
+}
+
+/// Layer tapes (the decoder stack as one autograd node, `peft_ops::taped`) change how the
+/// backward runs, not what it computes: the gradients are those of candle's graph for LoRA on
+/// the attention (the MLP then one frozen op), all-linear with dropout, with checkpointing, and
+/// for DoRA, whose composed ops the tape does not record (the stack keeps candle's graph).
+/// Where the tape serves, candle's backward walks a handful of nodes instead of every op's.
+#[test]
+fn layer_tapes_give_the_gradients_of_the_graph() {
+    let run = |targets: &str, dropout: f64, checkpointing: bool, dora: bool, tape: bool| {
+        peft_ops::set_layer_tape(tape);
+        let mut cfg = config(targets);
+        cfg.lora_dropout = dropout;
+        cfg.use_dora = dora;
+        let mut peft = PeftModel::new(tiny_llama(12, true).unwrap(), cfg, 5).unwrap();
+        peft.base.gradient_checkpointing = checkpointing;
+        peft.dropout_seed.set(7);
+        let loss = train_loss(&peft.base);
+        let nodes = loss.sorted_nodes().len();
+        let grads = peft.base.backward(&loss).unwrap();
+        let grads: Vec<Vec<f32>> = peft
+            .trainable()
+            .iter()
+            .map(|(k, v)| {
+                let g = grads.get(v.as_tensor());
+                let g = g.unwrap_or_else(|| panic!("no gradient for {k}"));
+                g.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        (grads, nodes)
+    };
+    for (targets, dropout, checkpointing, dora) in [
+        ("q_proj,k_proj,v_proj,o_proj", 0.0, false, false),
+        ("all-linear", 0.1, false, false),
+        ("all-linear", 0.1, true, false),
+        ("q_proj,down_proj", 0.0, false, true),
+    ] {
+        let case = format!("{targets} dropout {dropout} checkpointing {checkpointing} dora {dora}");
+        let (graph, graph_nodes) = run(targets, dropout, checkpointing, dora, false);
+        let (taped, taped_nodes) = run(targets, dropout, checkpointing, dora, true);
+        assert_eq!(graph.len(), taped.len(), "{case}");
+        for (a, b) in graph.iter().zip(&taped) {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * (1.0 + x.abs()),
+                    "{case}: {x} vs {y}"
+                );
+            }
+        }
+        eprintln!("{case}: {graph_nodes} nodes in the graph, {taped_nodes} taped");
+        if dora {
+            assert_eq!(taped_nodes, graph_nodes, "{case}: DoRA keeps the graph");
+        } else if checkpointing {
+            // A node per layer already; the tape takes the layers' nodes into one.
+            assert!(taped_nodes < graph_nodes, "{case}");
+        } else {
+            // The head and loss, the stack's node and the variables it hangs from.
+            assert!(taped_nodes <= 12, "{case}: {taped_nodes} nodes taped");
+            assert!(
+                graph_nodes >= 30,
+                "{case}: {graph_nodes} nodes in the graph"
+            );
+        }
+    }
+    peft_ops::set_layer_tape(true);
 }

@@ -1,0 +1,261 @@
+//! Row-major products through cuBLAS's column-major `gemm`: LoRA's thin products on tensor
+//! cores (bf16 operands, f32 accumulation), the variant of our low-rank kernels that
+//! `PEFT_CUDA_LORA=cublas` selects. The mapping of a row-major product to cuBLAS's arguments
+//! is a pure function, tested here against what cuBLAS computes for those arguments.
+
+/// cuBLAS's arguments for the row-major `C[m×n] = alpha · op(A)[m×k] · op(B)[k×n] + beta · C`:
+/// column-major, that is `Cᵀ = op(B)ᵀ · op(A)ᵀ`, so B's memory comes first.
+#[cfg(any(feature = "cuda", test))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ColumnMajor {
+    /// Whether cuBLAS transposes its first operand (B's memory), its second (A's).
+    pub trans_first: bool,
+    pub trans_second: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ld_first: usize,
+    pub ld_second: usize,
+    pub ldc: usize,
+}
+
+/// The call for contiguous row-major operands: `A` stored `[m, k]`, or `[k, m]` when `a_t`;
+/// `B` stored `[k, n]`, or `[n, k]` when `b_t`; `C` `[m, n]`.
+#[cfg(any(feature = "cuda", test))]
+pub(crate) fn column_major(m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -> ColumnMajor {
+    ColumnMajor {
+        trans_first: b_t,
+        trans_second: a_t,
+        m: n,
+        n: m,
+        k,
+        ld_first: if b_t { k } else { n },
+        ld_second: if a_t { m } else { k },
+        ldc: n,
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) use device::{matmul, matmul_add_into};
+
+#[cfg(feature = "cuda")]
+mod device {
+    use super::column_major;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
+    use half::bf16;
+    use std::ffi::c_void;
+
+    fn op(transposed: bool) -> sys::cublasOperation_t {
+        if transposed {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    }
+
+    /// The offset (in elements) of a contiguous bf16 gpu tensor in its storage.
+    fn operand_offset(t: &Tensor, s: &Storage, l: &Layout) -> Result<usize> {
+        if t.dtype() != DType::BF16 || !matches!(s, Storage::Cuda(_)) {
+            candle_core::bail!(
+                "cublas products take bf16 gpu operands, not {:?}",
+                t.dtype()
+            );
+        }
+        match l.contiguous_offsets() {
+            Some((start, _)) => Ok(start),
+            None => candle_core::bail!("cublas products take contiguous tensors"),
+        }
+    }
+
+    fn bf16_slice(s: &Storage) -> Result<&CudaSlice<bf16>> {
+        match s {
+            Storage::Cuda(c) => c.as_cuda_slice::<bf16>(),
+            _ => candle_core::bail!("cublas products take gpu tensors"),
+        }
+    }
+
+    /// `C = alpha · op(A) · op(B) + beta · C` (row-major, see [`column_major`]) into `c` (bf16
+    /// or f32, `[m, n]` from its start). A and B: bf16 `[m, k]`/`[k, m]` and `[k, n]`/`[n, k]`.
+    fn gemm(
+        (a, a_t): (&Tensor, bool),
+        (b, b_t): (&Tensor, bool),
+        (m, n, k): (usize, usize, usize),
+        (alpha, beta): (f32, f32),
+        c: &CudaStorage,
+    ) -> Result<()> {
+        let call = column_major(m, n, k, a_t, b_t);
+        let dev = c.device();
+        let stream = dev.cuda_stream();
+        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+        let (a_off, b_off) = (operand_offset(a, &sa, la)?, operand_offset(b, &sb, lb)?);
+        let (a_view, b_view) = (
+            bf16_slice(&sa)?.slice(a_off..),
+            bf16_slice(&sb)?.slice(b_off..),
+        );
+        let (a_ptr, _a_guard) = a_view.device_ptr(&stream);
+        let (b_ptr, _b_guard) = b_view.device_ptr(&stream);
+        let (c_ptr, _c_guard, c_type) = match c.dtype() {
+            DType::BF16 => {
+                let (p, g) = c.as_cuda_slice::<bf16>()?.device_ptr(&stream);
+                (p, g, sys::cudaDataType::CUDA_R_16BF)
+            }
+            DType::F32 => {
+                let (p, g) = c.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                (p, g, sys::cudaDataType::CUDA_R_32F)
+            }
+            dt => candle_core::bail!("cublas products write bf16 or f32, not {dt:?}"),
+        };
+        let int = |v: usize| {
+            i32::try_from(v)
+                .map_err(|_| candle_core::Error::Msg("cublas: dimension over 2^31".into()))
+        };
+        let blas = dev.cublas_handle();
+        // SAFETY: the pointers address contiguous buffers of the sizes the call reads and
+        // writes (the callers check the shapes); alpha and beta are f32, as CUBLAS_COMPUTE_32F
+        // takes them; the handle runs on the device's stream.
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                op(call.trans_first),
+                op(call.trans_second),
+                int(call.m)?,
+                int(call.n)?,
+                int(call.k)?,
+                (&alpha) as *const f32 as *const c_void,
+                b_ptr as *const c_void,
+                sys::cudaDataType::CUDA_R_16BF,
+                int(call.ld_first)?,
+                a_ptr as *const c_void,
+                sys::cudaDataType::CUDA_R_16BF,
+                int(call.ld_second)?,
+                (&beta) as *const f32 as *const c_void,
+                c_ptr as *mut c_void,
+                c_type,
+                int(call.ldc)?,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("cublas gemm: {e:?}")))
+    }
+
+    fn dims(t: &Tensor, transposed: bool) -> Result<(usize, usize)> {
+        let (r, c) = t.dims2()?;
+        Ok(if transposed { (c, r) } else { (r, c) })
+    }
+
+    /// `alpha · op(a) · op(b)` as a new `[m, n]` tensor of dtype `out` (bf16 or f32): `a`, `b`
+    /// bf16 and contiguous, `a_t`/`b_t` transposing them.
+    pub(crate) fn matmul(
+        a: &Tensor,
+        a_t: bool,
+        b: &Tensor,
+        b_t: bool,
+        alpha: f32,
+        out: DType,
+    ) -> Result<Tensor> {
+        let ((m, k), (kb, n)) = (dims(a, a_t)?, dims(b, b_t)?);
+        if k != kb {
+            candle_core::bail!("cublas matmul: {:?} by {:?}", a.dims(), b.dims());
+        }
+        let Device::Cuda(dev) = a.device() else {
+            candle_core::bail!("cublas matmul: not a gpu tensor");
+        };
+        // SAFETY (both): the gemm writes every element (beta = 0).
+        let storage = match out {
+            DType::BF16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<bf16>(m * n)? }, dev.clone())
+            }
+            DType::F32 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(m * n)? }, dev.clone())
+            }
+            dt => candle_core::bail!("cublas matmul: no {dt:?} output"),
+        };
+        gemm((a, a_t), (b, b_t), (m, n, k), (alpha, 0.0), &storage)?;
+        let storage = Storage::Cuda(storage);
+        Ok(Tensor::from_storage(
+            storage,
+            (m, n),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// `c += alpha · op(a) · op(b)` in place, `c` a contiguous bf16 `[m, n]` buffer that no one
+    /// else reads meanwhile (an op's own output, or a gradient just computed).
+    pub(crate) fn matmul_add_into(
+        c: &CudaStorage,
+        (m, n): (usize, usize),
+        a: &Tensor,
+        a_t: bool,
+        b: &Tensor,
+        b_t: bool,
+        alpha: f32,
+    ) -> Result<()> {
+        let ((am, k), (kb, bn)) = (dims(a, a_t)?, dims(b, b_t)?);
+        if (am, bn) != (m, n) || k != kb || c.dtype() != DType::BF16 {
+            candle_core::bail!(
+                "cublas add: {:?} by {:?} into [{m}, {n}]",
+                a.dims(),
+                b.dims()
+            );
+        }
+        gemm((a, a_t), (b, b_t), (m, n, k), (alpha, 1.0), c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What cuBLAS's column-major gemm computes for `call`:
+    /// `C[i + j·ldc] = alpha · Σ_l op(first)[i, l] · op(second)[l, j] + beta · C[i + j·ldc]`.
+    fn cublas_reference(call: &ColumnMajor, first: &[f32], second: &[f32], c: &mut [f32]) {
+        let f = |i: usize, l: usize| {
+            if call.trans_first {
+                first[l + i * call.ld_first]
+            } else {
+                first[i + l * call.ld_first]
+            }
+        };
+        let s = |l: usize, j: usize| {
+            if call.trans_second {
+                second[j + l * call.ld_second]
+            } else {
+                second[l + j * call.ld_second]
+            }
+        };
+        for i in 0..call.m {
+            for j in 0..call.n {
+                let sum: f32 = (0..call.k).map(|l| f(i, l) * s(l, j)).sum();
+                c[i + j * call.ldc] += sum;
+            }
+        }
+    }
+
+    #[test]
+    fn row_major_products_map_to_cublas_arguments() {
+        let (m, n, k) = (5, 3, 4);
+        let value = |seed: usize, i: usize| ((i * 7 + seed * 13) % 11) as f32 - 5.0;
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a: Vec<f32> = (0..m * k).map(|i| value(1, i)).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| value(2, i)).collect();
+            let a_at = |i: usize, l: usize| if a_t { a[l * m + i] } else { a[i * k + l] };
+            let b_at = |l: usize, j: usize| if b_t { b[j * k + l] } else { b[l * n + j] };
+            let c0: Vec<f32> = (0..m * n).map(|i| value(3, i)).collect();
+            let mut c = c0.clone();
+            cublas_reference(&column_major(m, n, k, a_t, b_t), &b, &a, &mut c);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 =
+                        c0[i * n + j] + (0..k).map(|l| a_at(i, l) * b_at(l, j)).sum::<f32>();
+                    assert_eq!(c[i * n + j], want, "a_t {a_t} b_t {b_t} at ({i}, {j})");
+                }
+            }
+        }
+    }
+}
