@@ -9,7 +9,7 @@
 //! with one consumer is handed on as it is, two are added once, and each op's saved tensors are
 //! freed as soon as its backward ran. Parameter gradients go to a [`GradSink`] (the trainer
 //! folds it into the step's gradients, as for checkpointing). When any other candle op touched
-//! the path (a bias add, a reshape, a cast), the block keeps candle's graph, which it built all
+//! the path (a bias add, a reshape, DoRA's composed ops), the block keeps candle's graph, which it built all
 //! along: the tape never changes what is computed, only how the backward is driven.
 
 use crate::switches::Switch;
@@ -77,12 +77,12 @@ struct Tape {
     /// gradient (a frozen embedding's output).
     first_param: Option<Tensor>,
     entries: Vec<Entry>,
-    /// The first op that read a tensor of the graph the tape does not know.
-    broken: Option<&'static str>,
+    /// Whether an op read a tensor of the graph that no recorded op made.
+    broken: bool,
 }
 
 impl Tape {
-    fn arg(&mut self, t: &Tensor, op: &'static str) -> Arg {
+    fn arg(&mut self, t: &Tensor) -> Arg {
         if self.inner.contains(&t.id()) {
             Arg::Inner(t.id())
         } else if t.is_variable() {
@@ -91,7 +91,7 @@ impl Tape {
             }
             Arg::Param(t.id())
         } else if t.track_op() {
-            self.broken.get_or_insert(op);
+            self.broken = true;
             Arg::Constant
         } else {
             Arg::Constant
@@ -113,7 +113,7 @@ impl Tape {
 pub(crate) fn record1(arg: &Tensor, value: &Tensor, backward: &Backward1) {
     TAPE.with(|tape| {
         if let Some(tape) = tape.borrow_mut().as_mut() {
-            let args = [tape.arg(arg, "with_grad"), Arg::Constant, Arg::Constant];
+            let args = [tape.arg(arg), Arg::Constant, Arg::Constant];
             let backward = Backward::One {
                 arg: arg.detach(),
                 backward: backward.clone(),
@@ -131,7 +131,7 @@ pub(crate) fn record3(args: [&Tensor; 3], value: &Tensor, backward: &Backward3) 
             let mut kinds = [Arg::Constant; 3];
             for (i, t) in args.iter().enumerate() {
                 if !args[..i].iter().any(|p| p.id() == t.id()) {
-                    kinds[i] = tape.arg(t, "with_grad3");
+                    kinds[i] = tape.arg(t);
                 }
             }
             tape.push(kinds, value, Backward::Three(backward.clone()));
@@ -189,14 +189,14 @@ pub fn taped(
         inner: HashSet::from([x.id()]),
         first_param: None,
         entries: Vec::new(),
-        broken: None,
+        broken: false,
     };
     let recording = Recording;
     TAPE.with(|t| *t.borrow_mut() = Some(tape));
     let y = f(x)?;
     let tape = TAPE
         .with(|t| t.borrow_mut().take())
-        .expect("the tape is recording");
+        .ok_or_else(|| candle_core::Error::Msg("layer tape: the recording was lost".into()))?;
     drop(recording);
     let anchor = if x.track_op() {
         x.clone()
@@ -206,7 +206,7 @@ pub fn taped(
             None => return Ok(y),
         }
     };
-    if tape.broken.is_some() || !y.track_op() || y.id() == x.id() || !tape.inner.contains(&y.id()) {
+    if tape.broken || !y.track_op() || y.id() == x.id() || !tape.inner.contains(&y.id()) {
         return Ok(y);
     }
     let input = tape.input;
