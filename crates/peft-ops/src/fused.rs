@@ -267,11 +267,12 @@ fn lora_linear_cublas(
     // x·Aᵀ [rows, r]
     let xa = matmul(&x2, false, &a16, true, 1.0, DType::BF16)?;
     let y = Value::ByTheOp(Box::new(crate::grad::Op2Output {
-        op: LoraForwardCublas {
+        op: LoraForward {
             xa: xa.clone(),
-            b16: b16.clone(),
+            b: b16.clone(),
             scale,
             shape: out_shape.into(),
+            cublas: true,
         },
         a: x2.clone(),
         b: w.dense()?,
@@ -313,46 +314,6 @@ fn add_product_into(c: &Tensor, left: &Tensor, right: &Tensor) -> Result<()> {
             crate::cublas::matmul_add_into(cs, c.dims2()?, left, false, right, false, 1.0)
         }
         _ => candle_core::bail!("lora: the input gradient is not a fresh contiguous gpu tensor"),
-    }
-}
-
-/// LoRA's output `x·Wᵀ + scale·xa·Bᵀ` from `(x, W)` by cuBLAS: the frozen matmul into the
-/// op's output, the low-rank product added there.
-#[cfg(feature = "cuda")]
-struct LoraForwardCublas {
-    xa: Tensor,
-    b16: Tensor,
-    scale: f32,
-    shape: Shape,
-}
-
-#[cfg(feature = "cuda")]
-impl CustomOp2 for LoraForwardCublas {
-    fn name(&self) -> &'static str {
-        "lora-cublas"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("LoRA's cuBLAS path runs on GPUs")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::grad::linear_storage((x, xl), (w, wl))?;
-        let dims = (xl.shape().dims2()?.0, wl.shape().dims2()?.0);
-        crate::cublas::matmul_add_into(&out, dims, &self.xa, false, &self.b16, true, self.scale)?;
-        Ok((out, self.shape.clone()))
     }
 }
 
@@ -442,6 +403,7 @@ fn lora_output(
                 b: b.contiguous()?,
                 scale: scale as f32,
                 shape: shape.into(),
+                cublas: false,
             },
             a: x.contiguous()?,
             b: w.clone(),
@@ -456,14 +418,15 @@ fn lora_output(
 }
 
 /// LoRA's output `x·Wᵀ + scale·xa·Bᵀ` from `(x, W)` as its with_grad op computes it on GPUs:
-/// the frozen matmul into the op's output, then our kernel adds the low-rank term there, in
-/// place.
+/// the frozen matmul into the op's output, then the low-rank term added there, in place: by
+/// our kernel (`xa`, `b` f32), or by cuBLAS (`cublas`: `xa`, `b` bf16).
 #[cfg(feature = "cuda")]
 struct LoraForward {
     xa: Tensor,
     b: Tensor,
     scale: f32,
     shape: Shape,
+    cublas: bool,
 }
 
 #[cfg(feature = "cuda")]
@@ -491,7 +454,11 @@ impl CustomOp2 for LoraForward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = crate::grad::linear_storage((x, xl), (w, wl))?;
         let dims = (xl.shape().dims2()?.0, wl.shape().dims2()?.0);
-        crate::cuda::low_rank_add_in_place(&out, dims, &self.xa, &self.b, self.scale)?;
+        if self.cublas {
+            crate::cublas::matmul_add_into(&out, dims, &self.xa, false, &self.b, true, self.scale)?;
+        } else {
+            crate::cuda::low_rank_add_in_place(&out, dims, &self.xa, &self.b, self.scale)?;
+        }
         Ok((out, self.shape.clone()))
     }
 }
