@@ -10,9 +10,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    add, causal_attention, causal_self_attention, checkpoint, frozen_linear, frozen_mlp, gated_act,
-    linear, packed_self_attention, param, prefixed_self_attention, quantized_linear, rms_norm,
-    rope, softmax_last_dim, taped, GradSink, LinearWeight, QuantizedWeight,
+    add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, frozen_linear,
+    frozen_mlp, gated_act, linear, packed_self_attention, param, prefixed_self_attention,
+    quantized_linear, reshape, rms_norm, rope, softmax_last_dim, taped, GradSink, LinearWeight,
+    QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -64,11 +65,11 @@ impl Linear {
         // computes in the input's dtype (`to_dtype` is a no-op when they agree), and its
         // gradient flows back through the cast.
         let y = match &self.weight {
-            LinearWeight::Dense(w) => linear(x, &param(w).to_dtype(x.dtype())?)?,
+            LinearWeight::Dense(w) => linear(x, &cast(&param(w), x.dtype())?)?,
             LinearWeight::Quantized(q) => quantized_linear(x, q)?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&param(b).to_dtype(y.dtype())?),
+            Some(b) => add_bias(&y, &cast(&param(b), y.dtype())?),
             None => Ok(y),
         }
     }
@@ -904,7 +905,7 @@ fn attention(
     // Qwen3 and Gemma 3 normalise each head over head_dim; the attention paths below take
     // the heads still side by side in the last dimension.
     let head_norm = |y: &Tensor, w: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-        norm(c, &y.reshape((b, t, n, hd))?, w)?.reshape((b, t, n * hd))
+        reshape(&norm(c, &reshape(y, (b, t, n, hd))?, w)?, (b, t, n * hd))
     };
     if let Some(w) = &a.q_norm {
         q = head_norm(&q, w, nh)?;

@@ -48,7 +48,9 @@ pub use switches::{
     cuda_kernel_on, cuda_kernels_off, lora_cublas, parse_kernels_off, set_lora_cublas, Kernel,
     CUDA_LORA_VAR, CUDA_OFF_VAR,
 };
-pub use tape::{add, layer_tape_enabled, set_layer_tape, taped, LAYER_TAPE_VAR};
+pub use tape::{
+    add, add_bias, cast, layer_tape_enabled, reshape, set_layer_tape, taped, LAYER_TAPE_VAR,
+};
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 
 /// Whether our own kernel (of group `k` on GPUs) serves `t`: f32 on the CPU, f32 or bf16 on

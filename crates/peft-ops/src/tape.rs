@@ -14,7 +14,7 @@
 
 use crate::switches::Switch;
 use crate::{with_grad3, GradSink, Grads3};
-use candle_core::{DType, Result, Tensor, TensorId};
+use candle_core::{DType, Result, Shape, Tensor, TensorId};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -150,9 +150,39 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
+/// `y + bias` for `y` `[.., n]` and `bias` `[n]` (the bias's gradient summed over the rows),
+/// recorded on the running tape.
+pub fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let out = y.broadcast_add(bias)?;
+    if out.track_op() {
+        let n = bias.elem_count();
+        let bias_shape = bias.shape().clone();
+        let backward: Backward3 = Arc::new(move |_, grad: &Tensor| {
+            let d_bias = grad.reshape(((), n))?.sum(0)?.reshape(&bias_shape)?;
+            Ok((Some(grad.clone()), Some(d_bias), None))
+        });
+        record3([y, bias, bias], &out, &backward);
+    }
+    Ok(out)
+}
+
+/// `x` reshaped (its gradient reshaped back), recorded on the running tape: Qwen3's and
+/// Gemma 3's per-head norms.
+pub fn reshape(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
+    let y = x.reshape(shape)?;
+    if y.track_op() && y.id() != x.id() {
+        let back = x.shape().clone();
+        let backward: Backward3 =
+            Arc::new(move |_, grad: &Tensor| Ok((Some(grad.reshape(&back)?), None, None)));
+        record3([x, x, x], &y, &backward);
+    }
+    Ok(y)
+}
+
 /// `x` in `dtype` (its gradient cast back), recorded on the running tape: the f32 norms of a
-/// k-bit model cast bf16 activations.
-pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+/// k-bit model cast bf16 activations; trained f32 weights and biases of a bf16 model are cast
+/// to it.
+pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     let y = x.to_dtype(dtype)?;
     if y.track_op() && y.id() != x.id() {
         let back = x.dtype();
@@ -284,14 +314,16 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// A residual block `x + linear(norm(x)) (· 2 when `unrecorded`: an op the tape does not
-    /// know)`, taped or not: the gradients of x, the norm's scale and the weight (through the
-    /// sink where the tape served), and the number of nodes candle's backward walks.
+    /// A residual block `y = x + linear(norm(x))` (`· 2` inside when `unrecorded`: an op the
+    /// tape does not know), then `linear(y) + bias` through casts of the weight, taped or not:
+    /// the gradients of x, the weight, the norm's scale and the bias (through the sink where
+    /// the tape served), and the number of nodes candle's backward walks.
     fn block_grads(x_trains: bool, unrecorded: bool, tape: bool) -> (Vec<Vec<f32>>, usize) {
         let x = Var::from_tensor(&randn(1, &[6, 8])).unwrap();
-        let (w, norm) = (
+        let (w, norm, bias) = (
             Var::from_tensor(&randn(2, &[8, 8])).unwrap(),
             Var::from_tensor(&(randn(3, &[8]) + 1.5).unwrap()).unwrap(),
+            Var::from_tensor(&randn(5, &[8])).unwrap(),
         );
         let input = if x_trains {
             x.as_tensor().clone()
@@ -307,7 +339,9 @@ mod tests {
                 h = (h * 2.0)?;
             }
             let y = add(x, &h)?;
-            linear(&y, w.as_tensor())
+            // A trained weight through casts (a bf16 model's f32 weight) and a trained bias.
+            let w16 = cast(&cast(w.as_tensor(), DType::BF16)?, DType::F32)?;
+            add_bias(&linear(&y, &w16)?, bias.as_tensor())
         };
         let y = if tape {
             taped(&input, &sink, block).unwrap()
@@ -318,7 +352,7 @@ mod tests {
         let nodes = loss.sorted_nodes().len();
         let mut grads = loss.backward().unwrap();
         sink.drain_into(&mut grads).unwrap();
-        let mut vars = vec![&w, &norm];
+        let mut vars = vec![&w, &norm, &bias];
         if x_trains {
             vars.push(&x);
         }

@@ -68,6 +68,7 @@ fn base_and_lora_logits_match_transformers() {
 
 #[test]
 fn lora_gradients_match_hf_peft() {
+    peft_ops::set_layer_tape(true);
     for &name in ARCHITECTURES {
         let dir = fixture(name);
         let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
@@ -82,6 +83,13 @@ fn lora_gradients_match_hf_peft() {
         let h = peft.base.forward(&ids, None, None, true).unwrap();
         let head = peft.base.lm_head_weight().unwrap();
         let (loss, _) = cross_entropy_chunked(&h.squeeze(0).unwrap(), &head, &labels, 4).unwrap();
+        // The decoder stack is one node (peft_ops::taped) for every architecture: the
+        // gradients below then come from its tape.
+        let nodes = loss.sorted_nodes().len();
+        assert!(
+            nodes <= 6,
+            "{name}: {nodes} nodes, the layer tape does not serve"
+        );
         let grads = peft.base.backward(&loss).unwrap();
         let trainable = peft.trainable();
         assert_eq!(trainable.len(), want.len(), "{name}: LoRA tensors");

@@ -365,3 +365,39 @@ fn layer_tapes_give_the_gradients_of_the_graph() {
     }
     peft_ops::set_layer_tape(true);
 }
+
+/// Full fine-tuning through the layer tape (every weight and norm a variable, their gradients
+/// through the grad sink): the gradients of candle's graph.
+#[test]
+fn full_fine_tuning_gradients_through_the_layer_tape() {
+    use peft::Tuned;
+    let run = |tape: bool| {
+        peft_ops::set_layer_tape(tape);
+        let full = peft::FullModel::new(tiny_llama(13, false).unwrap()).unwrap();
+        let loss = train_loss(&full.base);
+        let nodes = loss.sorted_nodes().len();
+        let grads = full.base.backward(&loss).unwrap();
+        let grads: Vec<Vec<f32>> = full
+            .trainable()
+            .iter()
+            .map(|(k, v)| {
+                let g = grads.get(v.as_tensor());
+                let g = g.unwrap_or_else(|| panic!("no gradient for {k}"));
+                g.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        (grads, nodes)
+    };
+    let ((graph, graph_nodes), (taped, taped_nodes)) = (run(false), run(true));
+    peft_ops::set_layer_tape(true);
+    assert_eq!(graph.len(), taped.len());
+    for (a, b) in graph.iter().zip(&taped) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+    }
+    assert!(
+        taped_nodes < graph_nodes / 4,
+        "{taped_nodes} vs {graph_nodes} nodes"
+    );
+}
