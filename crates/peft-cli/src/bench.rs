@@ -275,6 +275,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "model_tflops": flops_per_token * tokens_per_s / 1e12, "phases": phases,
             "loss_first": losses.first(), "loss_last": losses.last(), "losses": losses,
             "trainable_params": trainable, "all_params": all, "cuda_kernels_off": kernels_off,
+            "layer_tape": peft_ops::layer_tape_enabled(),
+            "lora_cublas": device.is_cuda() && peft_ops::lora_cublas(),
         })
     );
     Ok(())

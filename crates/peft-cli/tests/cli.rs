@@ -118,6 +118,9 @@ fn bench_trains_prompt_and_prefix_tuning() {
         let r: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
         assert_eq!(r["trainable_params"], trainable, "{method}");
         assert_eq!(r["num_virtual_tokens"], 20, "{method}");
+        // The settings that change how a step runs are part of the record.
+        assert_eq!(r["layer_tape"], true, "{method}");
+        assert_eq!(r["lora_cublas"], false, "{method}");
         let losses: Vec<f64> = serde_json::from_value(r["losses"].clone()).unwrap();
         assert!(
             losses[2] < losses[0],
