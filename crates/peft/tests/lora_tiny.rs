@@ -301,6 +301,35 @@ fn dora_merges_and_its_magnitude_gradient_matches_finite_differences() {
     assert!(max_abs_diff(&merged, &unmerged) < 1e-5);
 }
 
+/// The training loss's gradients for `trainable` (flattened, in order), through
+/// `Llama::backward`, and the number of nodes candle's backward walks.
+fn taped_or_not(model: &peft_models::Llama, trainable: &[(String, Var)]) -> (Vec<Vec<f32>>, usize) {
+    let loss = train_loss(model);
+    let nodes = loss.sorted_nodes().len();
+    let grads = model.backward(&loss).unwrap();
+    let grads = trainable
+        .iter()
+        .map(|(k, v)| {
+            let g = grads.get(v.as_tensor());
+            let g = g.unwrap_or_else(|| panic!("no gradient for {k}"));
+            g.flatten_all().unwrap().to_vec1().unwrap()
+        })
+        .collect();
+    (grads, nodes)
+}
+
+fn assert_same_gradients(graph: &[Vec<f32>], taped: &[Vec<f32>], case: &str) {
+    assert_eq!(graph.len(), taped.len(), "{case}");
+    for (a, b) in graph.iter().zip(taped) {
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x - y).abs() <= 1e-6 * (1.0 + x.abs()),
+                "{case}: {x} vs {y}"
+            );
+        }
+    }
+}
+
 /// Layer tapes (the decoder stack as one autograd node, `peft_ops::taped`) change how the
 /// backward runs, not what it computes: the gradients are those of candle's graph for LoRA on
 /// the attention (the MLP then one frozen op), all-linear with dropout, with checkpointing, and
@@ -316,19 +345,7 @@ fn layer_tapes_give_the_gradients_of_the_graph() {
         let mut peft = PeftModel::new(tiny_llama(12, true).unwrap(), cfg, 5).unwrap();
         peft.base.gradient_checkpointing = checkpointing;
         peft.dropout_seed.set(7);
-        let loss = train_loss(&peft.base);
-        let nodes = loss.sorted_nodes().len();
-        let grads = peft.base.backward(&loss).unwrap();
-        let grads: Vec<Vec<f32>> = peft
-            .trainable()
-            .iter()
-            .map(|(k, v)| {
-                let g = grads.get(v.as_tensor());
-                let g = g.unwrap_or_else(|| panic!("no gradient for {k}"));
-                g.flatten_all().unwrap().to_vec1().unwrap()
-            })
-            .collect();
-        (grads, nodes)
+        taped_or_not(&peft.base, &peft.trainable())
     };
     for (targets, dropout, checkpointing, dora) in [
         ("q_proj,k_proj,v_proj,o_proj", 0.0, false, false),
@@ -339,16 +356,7 @@ fn layer_tapes_give_the_gradients_of_the_graph() {
         let case = format!("{targets} dropout {dropout} checkpointing {checkpointing} dora {dora}");
         let (graph, graph_nodes) = run(targets, dropout, checkpointing, dora, false);
         let (taped, taped_nodes) = run(targets, dropout, checkpointing, dora, true);
-        assert_eq!(graph.len(), taped.len(), "{case}");
-        for (a, b) in graph.iter().zip(&taped) {
-            for (x, y) in a.iter().zip(b) {
-                assert!(
-                    (x - y).abs() <= 1e-6 * (1.0 + x.abs()),
-                    "{case}: {x} vs {y}"
-                );
-            }
-        }
-        eprintln!("{case}: {graph_nodes} nodes in the graph, {taped_nodes} taped");
+        assert_same_gradients(&graph, &taped, &case);
         if dora {
             assert_eq!(taped_nodes, graph_nodes, "{case}: DoRA keeps the graph");
         } else if checkpointing {
@@ -374,28 +382,11 @@ fn full_fine_tuning_gradients_through_the_layer_tape() {
     let run = |tape: bool| {
         peft_ops::set_layer_tape(tape);
         let full = peft::FullModel::new(tiny_llama(13, false).unwrap()).unwrap();
-        let loss = train_loss(&full.base);
-        let nodes = loss.sorted_nodes().len();
-        let grads = full.base.backward(&loss).unwrap();
-        let grads: Vec<Vec<f32>> = full
-            .trainable()
-            .iter()
-            .map(|(k, v)| {
-                let g = grads.get(v.as_tensor());
-                let g = g.unwrap_or_else(|| panic!("no gradient for {k}"));
-                g.flatten_all().unwrap().to_vec1().unwrap()
-            })
-            .collect();
-        (grads, nodes)
+        taped_or_not(&full.base, &full.trainable())
     };
     let ((graph, graph_nodes), (taped, taped_nodes)) = (run(false), run(true));
     peft_ops::set_layer_tape(true);
-    assert_eq!(graph.len(), taped.len());
-    for (a, b) in graph.iter().zip(&taped) {
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{x} vs {y}");
-        }
-    }
+    assert_same_gradients(&graph, &taped, "full fine-tuning");
     assert!(
         taped_nodes < graph_nodes / 4,
         "{taped_nodes} vs {graph_nodes} nodes"
