@@ -41,11 +41,12 @@ pub(crate) use device::{matmul, matmul_add_into};
 #[cfg(feature = "cuda")]
 mod device {
     use super::column_major;
+    use crate::cuda::{cuda_device, view, wrap};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
-    use candle_core::op::BackpropOp;
-    use candle_core::{CudaStorage, DType, Device, Layout, Result, Storage, Tensor};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
+    use candle_core::{CudaStorage, DType, Result, Tensor, WithDType};
     use half::bf16;
     use std::ffi::c_void;
 
@@ -57,58 +58,29 @@ mod device {
         }
     }
 
-    /// The offset (in elements) of a contiguous bf16 gpu tensor in its storage.
-    fn operand_offset(t: &Tensor, s: &Storage, l: &Layout) -> Result<usize> {
-        if t.dtype() != DType::BF16 || !matches!(s, Storage::Cuda(_)) {
-            candle_core::bail!(
-                "cublas products take bf16 gpu operands, not {:?}",
-                t.dtype()
-            );
-        }
-        match l.contiguous_offsets() {
-            Some((start, _)) => Ok(start),
-            None => candle_core::bail!("cublas products take contiguous tensors"),
-        }
-    }
-
-    fn bf16_slice(s: &Storage) -> Result<&CudaSlice<bf16>> {
-        match s {
-            Storage::Cuda(c) => c.as_cuda_slice::<bf16>(),
-            _ => candle_core::bail!("cublas products take gpu tensors"),
-        }
-    }
-
     /// `C = alpha · op(A) · op(B) + beta · C` (row-major, see [`column_major`]) into `c` (bf16
-    /// or f32, `[m, n]` from its start). A and B: bf16 `[m, k]`/`[k, m]` and `[k, n]`/`[n, k]`.
-    fn gemm(
+    /// or f32, `[m, n]` from its start). A and B: contiguous bf16 gpu tensors, `[m, k]` or
+    /// `[k, m]`, and `[k, n]` or `[n, k]`.
+    fn gemm<T: CudaDType + WithDType>(
+        dev: &CudaDevice,
         (a, a_t): (&Tensor, bool),
         (b, b_t): (&Tensor, bool),
         (m, n, k): (usize, usize, usize),
         (alpha, beta): (f32, f32),
-        c: &CudaStorage,
+        c: &CudaSlice<T>,
     ) -> Result<()> {
-        let call = column_major(m, n, k, a_t, b_t);
-        let dev = c.device();
-        let stream = dev.cuda_stream();
-        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
-        let (a_off, b_off) = (operand_offset(a, &sa, la)?, operand_offset(b, &sb, lb)?);
-        let (a_view, b_view) = (
-            bf16_slice(&sa)?.slice(a_off..),
-            bf16_slice(&sb)?.slice(b_off..),
-        );
-        let (a_ptr, _a_guard) = a_view.device_ptr(&stream);
-        let (b_ptr, _b_guard) = b_view.device_ptr(&stream);
-        let (c_ptr, _c_guard, c_type) = match c.dtype() {
-            DType::BF16 => {
-                let (p, g) = c.as_cuda_slice::<bf16>()?.device_ptr(&stream);
-                (p, g, sys::cudaDataType::CUDA_R_16BF)
-            }
-            DType::F32 => {
-                let (p, g) = c.as_cuda_slice::<f32>()?.device_ptr(&stream);
-                (p, g, sys::cudaDataType::CUDA_R_32F)
-            }
+        let c_type = match T::DTYPE {
+            DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+            DType::F32 => sys::cudaDataType::CUDA_R_32F,
             dt => candle_core::bail!("cublas products write bf16 or f32, not {dt:?}"),
         };
+        let call = column_major(m, n, k, a_t, b_t);
+        let stream = dev.cuda_stream();
+        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+        let (a_view, b_view) = (view::<bf16>(&sa, la)?, view::<bf16>(&sb, lb)?);
+        let (a_ptr, _a_guard) = a_view.device_ptr(&stream);
+        let (b_ptr, _b_guard) = b_view.device_ptr(&stream);
+        let (c_ptr, _c_guard) = c.device_ptr(&stream);
         let int = |v: usize| {
             i32::try_from(v)
                 .map_err(|_| candle_core::Error::Msg("cublas: dimension over 2^31".into()))
@@ -143,9 +115,20 @@ mod device {
         .map_err(|e| candle_core::Error::Msg(format!("cublas gemm: {e:?}")))
     }
 
-    fn dims(t: &Tensor, transposed: bool) -> Result<(usize, usize)> {
-        let (r, c) = t.dims2()?;
-        Ok(if transposed { (c, r) } else { (r, c) })
+    /// The `(m, k)` and `(k, n)` of `op(a) · op(b)`; an error when the inner sizes differ.
+    fn product_dims(
+        (a, a_t): (&Tensor, bool),
+        (b, b_t): (&Tensor, bool),
+    ) -> Result<(usize, usize, usize)> {
+        let dims = |t: &Tensor, transposed: bool| -> Result<(usize, usize)> {
+            let (r, c) = t.dims2()?;
+            Ok(if transposed { (c, r) } else { (r, c) })
+        };
+        let ((m, k), (kb, n)) = (dims(a, a_t)?, dims(b, b_t)?);
+        if k != kb {
+            candle_core::bail!("cublas product: {:?} by {:?}", a.dims(), b.dims());
+        }
+        Ok((m, n, k))
     }
 
     /// `alpha · op(a) · op(b)` as a new `[m, n]` tensor of dtype `out` (bf16 or f32): `a`, `b`
@@ -158,31 +141,23 @@ mod device {
         alpha: f32,
         out: DType,
     ) -> Result<Tensor> {
-        let ((m, k), (kb, n)) = (dims(a, a_t)?, dims(b, b_t)?);
-        if k != kb {
-            candle_core::bail!("cublas matmul: {:?} by {:?}", a.dims(), b.dims());
+        fn f<T: CudaDType + WithDType + DeviceRepr>(
+            a: (&Tensor, bool),
+            b: (&Tensor, bool),
+            alpha: f32,
+        ) -> Result<Tensor> {
+            let (m, n, k) = product_dims(a, b)?;
+            let dev = cuda_device(a.0)?;
+            // SAFETY: the gemm writes every element (beta = 0).
+            let c = unsafe { dev.alloc::<T>(m * n)? };
+            gemm(&dev, a, b, (m, n, k), (alpha, 0.0), &c)?;
+            Ok(wrap(c, &dev, &[m, n]))
         }
-        let Device::Cuda(dev) = a.device() else {
-            candle_core::bail!("cublas matmul: not a gpu tensor");
-        };
-        // SAFETY (both): the gemm writes every element (beta = 0).
-        let storage = match out {
-            DType::BF16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<bf16>(m * n)? }, dev.clone())
-            }
-            DType::F32 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(m * n)? }, dev.clone())
-            }
+        match out {
+            DType::BF16 => f::<bf16>((a, a_t), (b, b_t), alpha),
+            DType::F32 => f::<f32>((a, a_t), (b, b_t), alpha),
             dt => candle_core::bail!("cublas matmul: no {dt:?} output"),
-        };
-        gemm((a, a_t), (b, b_t), (m, n, k), (alpha, 0.0), &storage)?;
-        let storage = Storage::Cuda(storage);
-        Ok(Tensor::from_storage(
-            storage,
-            (m, n),
-            BackpropOp::none(),
-            false,
-        ))
+        }
     }
 
     /// `c += alpha · op(a) · op(b)` in place, `c` a contiguous bf16 `[m, n]` buffer that no one
@@ -196,15 +171,23 @@ mod device {
         b_t: bool,
         alpha: f32,
     ) -> Result<()> {
-        let ((am, k), (kb, bn)) = (dims(a, a_t)?, dims(b, b_t)?);
-        if (am, bn) != (m, n) || k != kb || c.dtype() != DType::BF16 {
+        let (am, bn, k) = product_dims((a, a_t), (b, b_t))?;
+        if (am, bn) != (m, n) {
             candle_core::bail!(
                 "cublas add: {:?} by {:?} into [{m}, {n}]",
                 a.dims(),
                 b.dims()
             );
         }
-        gemm((a, a_t), (b, b_t), (m, n, k), (alpha, 1.0), c)
+        let c_slice = c.as_cuda_slice::<bf16>()?;
+        gemm(
+            c.device(),
+            (a, a_t),
+            (b, b_t),
+            (m, n, k),
+            (alpha, 1.0),
+            c_slice,
+        )
     }
 }
 

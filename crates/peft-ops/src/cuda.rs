@@ -898,21 +898,21 @@ fn cuda_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaVie
 }
 
 /// [`cuda_view`] of a tensor's storage.
-fn view<'a, T: CudaDType>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, T>> {
+pub(crate) fn view<'a, T: CudaDType>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, T>> {
     match s {
         Storage::Cuda(c) => cuda_view(c, l),
         _ => candle_core::bail!("peft-ops cuda: tensor is not on the gpu"),
     }
 }
 
-fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+pub(crate) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
         Device::Cuda(d) => Ok(d.clone()),
         _ => candle_core::bail!("peft-ops cuda: tensor is not on the gpu"),
     }
 }
 
-fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
+pub(crate) fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }

@@ -8,9 +8,11 @@
 //! by recorded ops only, the block becomes one node whose backward replays the tape: a gradient
 //! with one consumer is handed on as it is, two are added once, and each op's saved tensors are
 //! freed as soon as its backward ran. Parameter gradients go to a [`GradSink`] (the trainer
-//! folds it into the step's gradients, as for checkpointing). When any other candle op touched
-//! the path (a bias add, a reshape, DoRA's composed ops), the block keeps candle's graph, which it built all
-//! along: the tape never changes what is computed, only how the backward is driven.
+//! folds it into the step's gradients, as for checkpointing). Reshapes, casts and bias adds
+//! have recorded forms here too ([`reshape`], [`cast`], [`add_bias`]). When any other candle op
+//! touched the path (DoRA's composed ops, a bottleneck adapter), the block keeps candle's
+//! graph, which it built all along: the tape never changes what is computed, only how the
+//! backward is driven.
 
 use crate::switches::Switch;
 use crate::{with_grad3, GradSink, Grads3};
@@ -70,7 +72,6 @@ struct Entry {
 }
 
 struct Tape {
-    input: TensorId,
     /// The block's input and every recorded output.
     inner: HashSet<TensorId>,
     /// The first variable an op read: the block's node hangs from it when its input needs no
@@ -139,58 +140,55 @@ pub(crate) fn record3(args: [&Tensor; 3], value: &Tensor, backward: &Backward3) 
     })
 }
 
-/// `a + b` (same shapes): a residual connection, recorded on the running tape.
-pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let y = (a + b)?;
-    if y.track_op() {
-        let backward: Backward3 =
-            Arc::new(|_, grad: &Tensor| Ok((Some(grad.clone()), Some(grad.clone()), None)));
-        record3([a, b, b], &y, &backward);
+/// `y`, which a candle op made from `args`, recorded on the running tape with `backward`;
+/// not when candle handed back an argument itself (a reshape or cast that changes nothing).
+fn recorded(
+    args: [&Tensor; 3],
+    y: Tensor,
+    backward: impl Fn(&Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if y.track_op() && args.iter().all(|a| a.id() != y.id()) {
+        let backward: Backward3 = Arc::new(backward);
+        record3(args, &y, &backward);
     }
     Ok(y)
+}
+
+/// `a + b` (same shapes): a residual connection, recorded on the running tape.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    recorded([a, b, b], (a + b)?, |_, grad| {
+        Ok((Some(grad.clone()), Some(grad.clone()), None))
+    })
 }
 
 /// `y + bias` for `y` `[.., n]` and `bias` `[n]` (the bias's gradient summed over the rows),
 /// recorded on the running tape.
 pub fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let out = y.broadcast_add(bias)?;
-    if out.track_op() {
-        let n = bias.elem_count();
-        let bias_shape = bias.shape().clone();
-        let backward: Backward3 = Arc::new(move |_, grad: &Tensor| {
-            let d_bias = grad.reshape(((), n))?.sum(0)?.reshape(&bias_shape)?;
-            Ok((Some(grad.clone()), Some(d_bias), None))
-        });
-        record3([y, bias, bias], &out, &backward);
-    }
-    Ok(out)
+    let n = bias.elem_count();
+    let bias_shape = bias.shape().clone();
+    recorded([y, bias, bias], y.broadcast_add(bias)?, move |_, grad| {
+        let d_bias = grad.reshape(((), n))?.sum(0)?.reshape(&bias_shape)?;
+        Ok((Some(grad.clone()), Some(d_bias), None))
+    })
 }
 
 /// `x` reshaped (its gradient reshaped back), recorded on the running tape: Qwen3's and
 /// Gemma 3's per-head norms.
 pub fn reshape(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
-    let y = x.reshape(shape)?;
-    if y.track_op() && y.id() != x.id() {
-        let back = x.shape().clone();
-        let backward: Backward3 =
-            Arc::new(move |_, grad: &Tensor| Ok((Some(grad.reshape(&back)?), None, None)));
-        record3([x, x, x], &y, &backward);
-    }
-    Ok(y)
+    let back = x.shape().clone();
+    recorded([x, x, x], x.reshape(shape)?, move |_, grad| {
+        Ok((Some(grad.reshape(&back)?), None, None))
+    })
 }
 
 /// `x` in `dtype` (its gradient cast back), recorded on the running tape: the f32 norms of a
 /// k-bit model cast bf16 activations; trained f32 weights and biases of a bf16 model are cast
 /// to it.
 pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
-    let y = x.to_dtype(dtype)?;
-    if y.track_op() && y.id() != x.id() {
-        let back = x.dtype();
-        let backward: Backward3 =
-            Arc::new(move |_, grad: &Tensor| Ok((Some(grad.to_dtype(back)?), None, None)));
-        record3([x, x, x], &y, &backward);
-    }
-    Ok(y)
+    let back = x.dtype();
+    recorded([x, x, x], x.to_dtype(dtype)?, move |_, grad| {
+        Ok((Some(grad.to_dtype(back)?), None, None))
+    })
 }
 
 /// Ends the tape on every exit of [`taped`], also by an error.
@@ -215,7 +213,6 @@ pub fn taped(
         return f(x);
     }
     let tape = Tape {
-        input: x.id(),
         inner: HashSet::from([x.id()]),
         first_param: None,
         entries: Vec::new(),
@@ -239,8 +236,7 @@ pub fn taped(
     if tape.broken || !y.track_op() || y.id() == x.id() || !tape.inner.contains(&y.id()) {
         return Ok(y);
     }
-    let input = tape.input;
-    let output = y.id();
+    let (input, output) = (x.id(), y.id());
     let entries = Mutex::new(Some(tape.entries));
     let sink = sink.clone();
     let x_tracks = x.track_op();
