@@ -1009,13 +1009,20 @@ impl<'a> FlashViews<'a> {
 }
 
 /// The launch of a tile kernel over (64-row tiles, heads, batch) with `shared` bytes of dynamic
-/// shared memory, allowed to `func`.
+/// shared memory, allowed to `func`. Shared memory takes the largest share of each SM's
+/// L1/shared space (the tiles go by cp.async, past L1), so that registers, not the driver's
+/// choice of split, bound the blocks per SM.
 fn tile_launch(
     func: &CudaFunction,
     (b, t, heads): (usize, usize, usize),
     shared: usize,
 ) -> Result<LaunchConfig> {
     allow_shared(func, shared)?;
+    func.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )
+    .map_err(err)?;
     Ok(LaunchConfig {
         grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
         block_dim: (FA_THREADS, 1, 1),
@@ -1077,8 +1084,10 @@ impl FlashInputs {
         // SAFETY: the kernel writes every element of both outputs.
         let o = unsafe { dev.alloc::<bf16>(b * t * heads * d)? };
         let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
-        // K and V tiles (bf16), the key tile's segment ids (u32).
-        let shared = 2 * FA_TILE * (d + 8) * 2 + FA_TILE * 4;
+        // K and V tiles, and Q's with d = 128 (bf16), the key tile's segment ids (u32):
+        // FA_Q_IN_REGS in kernels/attention.cu.
+        let tiles = if d <= 64 { 2 } else { 3 };
+        let shared = tiles * FA_TILE * (d + 8) * 2 + FA_TILE * 4;
         let func = dev.get_or_load_custom_func(&format!("flash_fwd_d{d}"), MODULE, ptx()?)?;
         let cfg = tile_launch(&func, (b, t, heads), shared)?;
         self.with_views(|x| {
@@ -1140,9 +1149,9 @@ impl FlashInputs {
         // SAFETY: every row below t of every head is written.
         let dk_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
         let dv_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
-        // K, V, Q and dO tiles, dS (bf16); log-sum-exp, delta (f32); the segment ids of the
-        // query tile and of the keys (u32).
-        let shared = 4 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 4 * FA_TILE * 4;
+        // K and V tiles, two buffers of Q and dO tiles, dS (bf16); two buffers of log-sum-exp
+        // and delta (f32); the segment ids of the query tile and of the keys (u32).
+        let shared = 6 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 6 * FA_TILE * 4;
         let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx()?)?;
         let cfg = tile_launch(&func, (b, t, heads), shared)?;
         let kv_pairs = (b * t * kvd / 2) as i64;
@@ -1425,6 +1434,10 @@ mod tests {
     #[test]
     fn kernels_compile_with_nvrtc() {
         let ptx = super::ptx().unwrap();
+        // scripts/gpu/ptxas.sh reads the PTX from here: registers and spills without a GPU.
+        if let Some(path) = std::env::var_os("PEFT_PTX_OUT") {
+            std::fs::write(path, ptx).unwrap();
+        }
         for name in [
             "causal_softmax_fwd",
             "causal_softmax_bwd",

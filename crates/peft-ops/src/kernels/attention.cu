@@ -113,33 +113,72 @@ __device__ __forceinline__ void c_to_a(u32* a, const float* c0, const float* c1)
     a[3] = pack_bf16(c1[2], c1[3]);
 }
 
-// One thread's share of rows row0..row0+63 of one head, fetched from global memory into
-// registers by fetch_tile and written to a shared tile by store_tile: a kernel fetches its
-// next tile before it computes on the current one, so that the loads are in flight meanwhile.
-// Each item is a pair of 16-byte chunks: columns j..j + 7 and j + H..j + H + 7.
-template <int D>
-struct TileFetch {
-    static const int ITEMS = FA_TILE * (D / 16) / FA_THREADS;
-    uint4 lo[ITEMS], hi[ITEMS];
-};
+// Copies from global to shared memory that run while the threads compute (cp.async, sm_80+):
+// a kernel issues the copies of its next tile, commits them as a group, and waits for a group
+// (cp_async_wait<N>: all but the N newest groups landed) before the __syncthreads that makes
+// the tile visible to the block. No registers hold the tile meanwhile.
+// 16 bytes (both 16-byte aligned; .cg: not cached in L1), or 16 zero bytes where !valid.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef PEFT_EMULATE
+    emu_cp_async(dst, src, 16, valid);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
+                 "r"(valid ? 16 : 0));
+#endif
+}
 
-// Rows row0..row0+63 of one head (`x` points at its first element of row 0; rows are
-// `stride` apart, 16-byte aligned); rows at or past t are zero.
+// 4 bytes, or a zero where !valid.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+#ifdef PEFT_EMULATE
+    emu_cp_async(dst, src, 4, valid);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(addr), "l"(src),
+                 "r"(valid ? 4 : 0));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef PEFT_EMULATE
+    emu_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef PEFT_EMULATE
+    emu_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Rows row0..row0+63 of one head into a shared tile of pitch D + 8, by cp.async; rows at or
+// past t are zeros. `x` points at the head's element 0 of row 0; rows are `stride` apart,
+// 16-byte aligned.
 template <int D>
-__device__ __forceinline__ void fetch_tile(TileFetch<D>& f, const bf16_t* x, long long stride,
-                                           int row0, int t) {
-    const int H = D / 2, CHUNKS = H / 8;
+__device__ __forceinline__ void load_tile_async(bf16_t* s, const bf16_t* x, long long stride,
+                                                int row0, int t) {
+    const int P = D + 8, CHUNKS = D / 8;
 #pragma unroll
-    for (int it = 0; it < TileFetch<D>::ITEMS; ++it) {
+    for (int it = 0; it < FA_TILE * CHUNKS / FA_THREADS; ++it) {
         int i = threadIdx.x + it * FA_THREADS;
         int r = i / CHUNKS, j = (i % CHUNKS) * 8, row = row0 + r;
-        f.lo[it] = f.hi[it] = make_uint4(0, 0, 0, 0);
-        if (row < t) {
-            const bf16_t* src = x + row * stride;
-            f.lo[it] = *(const uint4*)(src + j);
-            f.hi[it] = *(const uint4*)(src + j + H);
-        }
+        bool valid = row < t;
+        cp_async16(s + r * P + j, x + (valid ? row : 0) * stride + j, valid);
     }
+}
+
+// x[row0..row0+63] (f32) into s by cp.async, by threads first..first+63; zeros at or past t.
+__device__ __forceinline__ void load_rows_async(float* s, const float* x, int row0, int t,
+                                                int first) {
+    int i = (int)threadIdx.x - first;
+    if (i < 0 || i >= FA_TILE) return;
+    bool valid = row0 + i < t;
+    cp_async4(s + i, x + (valid ? row0 + i : 0), valid);
 }
 
 // Chunks lo = x[j..j + 7] and hi = x[j + H..j + H + 7] of one row rotated by RoPE (HF's
@@ -179,27 +218,6 @@ extern "C" __global__ void rope_rotate_bf16(const bf16_t* x, const float* cos, c
     }
 }
 
-// A fetched tile into a shared tile of pitch D + 8.
-template <int D>
-__device__ __forceinline__ void store_tile(bf16_t* s, const TileFetch<D>& f) {
-    const int H = D / 2, P = D + 8, CHUNKS = H / 8;
-#pragma unroll
-    for (int it = 0; it < TileFetch<D>::ITEMS; ++it) {
-        int i = threadIdx.x + it * FA_THREADS;
-        int r = i / CHUNKS, j = (i % CHUNKS) * 8;
-        *(uint4*)(s + r * P + j) = f.lo[it];
-        *(uint4*)(s + r * P + j + H) = f.hi[it];
-    }
-}
-
-// fetch_tile, then store_tile.
-template <int D>
-__device__ void load_tile(bf16_t* s, const bf16_t* x, long long stride, int row0, int t) {
-    TileFetch<D> f;
-    fetch_tile<D>(f, x, stride, row0, t);
-    store_tile<D>(s, f);
-}
-
 // Whether query q sees key k (k <= q) given their segment ids (packed rows).
 __device__ __forceinline__ bool same_sequence(unsigned q_seg, unsigned k_seg) {
     return k_seg != 0 && (q_seg == 0 || k_seg == q_seg || k_seg == FA_SHARED);
@@ -216,17 +234,25 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Forward. Grid (query tiles, heads, batch); block FA_THREADS; shared 2 * 64 * (D + 8) bf16
-// and 64 u32 (the key tile's segment ids).
+// Whether the forward keeps the query tile's fragments in registers for all key tiles
+// (d = 64), or reads them from shared memory for each (d = 128: registers are short).
+#define FA_Q_IN_REGS(D) ((D) <= 64)
+
+// Forward. Grid (query tiles, heads, batch); block FA_THREADS; shared memory: the key and value
+// tiles (64 x (D + 8) bf16 each), the query tile as a third with d = 128 (with d = 64 it
+// passes through the value tile's space), and 64 u32 (the key tile's segment ids).
+// One buffer per tile: the value tile is copied in while the scores are computed and the next
+// key tile while P · V is (FlashAttention-2's overlap).
 template <int D>
 __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                           bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {
     const int P = D + 8;
+    constexpr bool QREG = FA_Q_IN_REGS(D);
     FA_SMEM(smem);
-    bf16_t* Qs = (bf16_t*)smem;  // the query tile, then the key tile
-    bf16_t* Ks = Qs;
-    bf16_t* Vs = Qs + FA_TILE * P;
-    unsigned* Gs = (unsigned*)(Vs + FA_TILE * P);  // segment ids of the key tile
+    bf16_t* Ks = (bf16_t*)smem;
+    bf16_t* Vs = Ks + FA_TILE * P;
+    bf16_t* Qs = QREG ? Vs : Vs + FA_TILE * P;
+    unsigned* Gs = (unsigned*)(QREG ? Vs + FA_TILE * P : Qs + FA_TILE * P);
     int qt = gridDim.x - 1 - blockIdx.x;  // longest rows first
     int hi = blockIdx.y, bi = blockIdx.z, kh = hi / (heads / kv_heads);
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
@@ -236,12 +262,17 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const unsigned* segb = seg ? seg + (long long)bi * t : 0;
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
 
-    load_tile<D>(Qs, qb, qs, qt * FA_TILE, t);
-    __syncthreads();
-    u32 qa[D / 16][4];
+    load_tile_async<D>(Qs, qb, qs, qt * FA_TILE, t);
+    load_tile_async<D>(Ks, kb, ks, 0, t);
+    cp_async_commit();
+    int loaded = 0;  // the key tile in Ks, or on its way there
+    u32 qa[QREG ? D / 16 : 1][4];
+    if constexpr (QREG) {
+        cp_async_wait<0>();
+        __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) load_a(qa[kk], Qs, P, warp * 16, kk * 16);
-    __syncthreads();  // the key tile overwrites the query tile
+        for (int kk = 0; kk < D / 16; ++kk) load_a(qa[kk], Qs, P, warp * 16, kk * 16);
+    }
 
     float acc[D / 8][4];
 #pragma unroll
@@ -255,12 +286,11 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         for (int r = 0; r < 2; ++r) row_seg[r] = row[r] < t ? segb[row[r]] : 0;
     const float scale2 = scale * FA_LOG2E;
 
-    TileFetch<D> kf, vf;  // the next key and value tiles, once fetched
-    int fetched = -1;
     for (int kt = 0; kt <= qt; ++kt) {
         if (segb) {
             // Packed rows: a key tile that none of the block's rows sees (another sequence's)
-            // is skipped whole; its scores would all be masked.
+            // is skipped whole; its scores would all be masked. (Gs was last read before the
+            // previous tile's second barrier.)
             for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x)
                 Gs[i] = kt * FA_TILE + i < t ? segb[kt * FA_TILE + i] : 0;
             __syncthreads();
@@ -270,34 +300,44 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                     for (int r = 0; r < 2; ++r)
                         seen |= row[r] < t && kt * FA_TILE + cl + e <= row[r] &&
                                 same_sequence(row_seg[r], Gs[cl + e]);
-            if (!__syncthreads_or(seen)) continue;
+            if (!__syncthreads_or(seen)) {
+                cp_async_wait<0>();  // a key tile on its way lands before Ks is loaded again
+                continue;
+            }
         }
-        if (fetched != kt) {
-            fetch_tile<D>(kf, kb, ks, kt * FA_TILE, t);
-            fetch_tile<D>(vf, vb, ks, kt * FA_TILE, t);
+        if (loaded != kt) {
+            load_tile_async<D>(Ks, kb, ks, kt * FA_TILE, t);
+            cp_async_commit();
+            loaded = kt;
         }
-        store_tile<D>(Ks, kf);
-        store_tile<D>(Vs, vf);
-        __syncthreads();
-        if (kt < qt) {
-            fetch_tile<D>(kf, kb, ks, (kt + 1) * FA_TILE, t);
-            fetch_tile<D>(vf, vb, ks, (kt + 1) * FA_TILE, t);
-            fetched = kt + 1;
-        }
+        cp_async_wait<0>();
+        __syncthreads();  // the key tile is in; the last tile's reads of Vs (and qa's) are done
+        load_tile_async<D>(Vs, vb, ks, kt * FA_TILE, t);
+        cp_async_commit();
+
         float s[8][4];
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[n][i] = 0.f;
 #pragma unroll
-        for (int n = 0; n < 8; n += 2)
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const u32* a;
+            u32 qf[4];
+            if constexpr (QREG) {
+                a = qa[kk];
+            } else {
+                load_a(qf, Qs, P, warp * 16, kk * 16);
+                a = qf;
+            }
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
+            for (int n = 0; n < 8; n += 2) {
                 u32 b[2][2];
                 load_b_t(b, Ks, P, n * 8, kk * 16);
-                mma_bf16(s[n], qa[kk], b[0]);
-                mma_bf16(s[n + 1], qa[kk], b[1]);
+                mma_bf16(s[n], a, b[0]);
+                mma_bf16(s[n + 1], a, b[1]);
             }
+        }
         // Scores in log2 units, masked, and the running row maxima.
         float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -335,6 +375,13 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         for (int n = 0; n < D / 8; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[n][i] *= alpha[i >> 1];
+        cp_async_wait<0>();
+        __syncthreads();  // the value tile is in; every warp is done with Ks
+        if (kt < qt) {
+            load_tile_async<D>(Ks, kb, ks, (kt + 1) * FA_TILE, t);
+            cp_async_commit();
+            loaded = kt + 1;
+        }
         // acc += P · V
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -348,7 +395,6 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 mma_bf16(acc[n + 1], pa, b[1]);
             }
         }
-        __syncthreads();  // the next tiles overwrite these
     }
 
 #pragma unroll
@@ -386,27 +432,29 @@ __device__ void flash_bwd_delta(const bf16_t* o, const bf16_t* dout, float* delt
 
 // Backward. Grid (kv tiles, heads, batch): one block per 64 keys and query head, so that the
 // work spreads over heads · tiles blocks (the tile's share grows with the queries after it).
-// Block FA_THREADS; shared 4 tiles of 64 x (D + 8) bf16 (K, V, Q, dO), 64 x 72 bf16 (dS),
-// 2 x 64 f32 (log-sum-exp, delta) and 2 x 64 u32 (the segment ids of the query tile and of
-// the block's keys). Each block writes its query head's share of its keys' dK
-// and dV (f32, rotated space, unscaled) to dk_part and dv_part ([b, t, heads, D]), which
-// flash_bwd_dkv sums per kv head, and adds its share of dQ to the f32 accumulator with atomics.
+// Block FA_THREADS; shared memory: the K and V tiles, two buffers of Q and dO tiles (64 x
+// (D + 8) bf16 each), dS (64 x 72 bf16), two buffers of log-sum-exp and delta (64 f32 each)
+// and 2 x 64 u32 (the segment ids of the query tile and of the block's keys). The next query
+// tile's Q, dO, log-sum-exp and delta are copied into the other buffer while this one is
+// computed. Each block writes its query head's share of its keys' dK and dV (f32, rotated
+// space, unscaled) to dk_part and dv_part ([b, t, heads, D]), which flash_bwd_dkv sums per kv
+// head, and adds its share of dQ to the f32 accumulator with atomics.
 template <int D>
 __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                           const bf16_t* dout, const float* lse, const float* delta,
                           float* dq_acc, float* dk_part, float* dv_part, int t, int heads,
                           int kv_heads, float scale) {
-    const int P = D + 8, PS = FA_TILE + 8;
+    const int P = D + 8, PS = FA_TILE + 8, TILE = FA_TILE * P;
     FA_SMEM(smem);
     bf16_t* Ks = (bf16_t*)smem;
-    bf16_t* Vs = Ks + FA_TILE * P;
-    bf16_t* Qs = Vs + FA_TILE * P;
-    bf16_t* Os = Qs + FA_TILE * P;  // dO
-    bf16_t* Ss = Os + FA_TILE * P;  // dS as [query][key]
-    float* Ls = (float*)(Ss + FA_TILE * PS);
-    float* Es = Ls + FA_TILE;
-    unsigned* Gs = (unsigned*)(Es + FA_TILE);  // segment ids of the query tile
-    unsigned* Gk = Gs + FA_TILE;               // and of the block's keys
+    bf16_t* Vs = Ks + TILE;
+    bf16_t* Qbuf = Vs + TILE;      // two tiles
+    bf16_t* Obuf = Qbuf + 2 * TILE;  // dO, two tiles
+    bf16_t* Ss = Obuf + 2 * TILE;  // dS as [query][key]
+    float* Lbuf = (float*)(Ss + FA_TILE * PS);  // two rows of 64
+    float* Ebuf = Lbuf + 2 * FA_TILE;
+    unsigned* Gs = (unsigned*)(Ebuf + 2 * FA_TILE);  // segment ids of the query tile
+    unsigned* Gk = Gs + FA_TILE;                     // and of the block's keys
     int kt = blockIdx.x, hi = blockIdx.y, bi = blockIdx.z;
     int kh = hi / (heads / kv_heads), nq = (t + FA_TILE - 1) / FA_TILE;
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
@@ -420,8 +468,9 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             Gk[i] = kt * FA_TILE + i < t ? seg[(long long)bi * t + kt * FA_TILE + i] : 0;
     const float scale2 = scale * FA_LOG2E;
 
-    load_tile<D>(Ks, k + bi * t * ks + kh * D, ks, kt * FA_TILE, t);
-    load_tile<D>(Vs, v + bi * t * ks + kh * D, ks, kt * FA_TILE, t);
+    load_tile_async<D>(Ks, k + bi * t * ks + kh * D, ks, kt * FA_TILE, t);
+    load_tile_async<D>(Vs, v + bi * t * ks + kh * D, ks, kt * FA_TILE, t);
+    cp_async_commit();
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
 #pragma unroll
@@ -434,13 +483,17 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const float* lb = lse + ((long long)bi * heads + hi) * t;
     const float* eb = delta + ((long long)bi * heads + hi) * t;
     float* dqb = dq_acc + ((long long)bi * heads + hi) * t * D;
-    // The next query and dO tiles are fetched while this one is computed, where registers
-    // allow: the d = 128 kernel has none to spare.
-    const bool prefetch = D <= 64;
-    TileFetch<D> qf, of;
-    int fetched = -1;
+    // Query tile qt's Q, dO, log-sum-exp and delta into buffer `buf`, as one group.
+    auto load_queries = [&](int buf, int qt) {
+        load_tile_async<D>(Qbuf + buf * TILE, qb, qs, qt * FA_TILE, t);
+        load_tile_async<D>(Obuf + buf * TILE, ob, qs, qt * FA_TILE, t);
+        load_rows_async(Lbuf + buf * FA_TILE, lb, qt * FA_TILE, t, 0);
+        load_rows_async(Ebuf + buf * FA_TILE, eb, qt * FA_TILE, t, FA_TILE);
+        cp_async_commit();
+    };
+    int cur = 0, loaded = -1;  // the query tile in buffer cur, or on its way there
     for (int qt = kt; qt < nq; ++qt) {
-        __syncthreads();  // the last iteration's reads of Qs, Os, Ss, Ls, Es and Gs are done
+        __syncthreads();  // the last tile's reads of Ss, Gs and the other buffer are done
         if (packed) {
             // Packed rows: a query tile that sees none of the block's keys is skipped whole.
             for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
@@ -457,31 +510,27 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                         seen |= key[r] < t && query < t && query >= key[r] &&
                                 same_sequence(Gs[ql + e], Gk[warp * 16 + g + 8 * r]);
                     }
-            if (!__syncthreads_or(seen)) continue;
-        }
-        // Two paths, not one: with d = 128, tiles kept in qf and of across iterations (even
-        // if never prefetched) spill 700 bytes a thread.
-        if (prefetch) {
-            if (fetched != qt) {
-                fetch_tile<D>(qf, qb, qs, qt * FA_TILE, t);
-                fetch_tile<D>(of, ob, qs, qt * FA_TILE, t);
+            if (!__syncthreads_or(seen)) {
+                cp_async_wait<0>();  // a tile on its way lands before its buffer is loaded again
+                continue;
             }
-            store_tile<D>(Qs, qf);
-            store_tile<D>(Os, of);
-        } else {
-            load_tile<D>(Qs, qb, qs, qt * FA_TILE, t);
-            load_tile<D>(Os, ob, qs, qt * FA_TILE, t);
         }
-        for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
-            int r = qt * FA_TILE + i;
-            Ls[i] = r < t ? lb[r] * FA_LOG2E : 0.f;
-            Es[i] = r < t ? eb[r] : 0.f;
+        if (loaded != qt) load_queries(cur, qt);
+        const bool next = qt + 1 < nq;
+        if (next) {
+            load_queries(cur ^ 1, qt + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
-        if (prefetch && qt + 1 < nq) {
-            fetch_tile<D>(qf, qb, qs, (qt + 1) * FA_TILE, t);
-            fetch_tile<D>(of, ob, qs, (qt + 1) * FA_TILE, t);
-            fetched = qt + 1;
+        const bf16_t* Qs = Qbuf + cur * TILE;
+        const bf16_t* Os = Obuf + cur * TILE;
+        const float* Ls = Lbuf + cur * FA_TILE;
+        const float* Es = Ebuf + cur * FA_TILE;
+        if (next) {
+            loaded = qt + 1;
+            cur ^= 1;
         }
 
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys and the tile's 64 queries.
@@ -516,7 +565,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 bool seen = query >= key[i >> 1] && query < t &&
                             (!packed ||
                              same_sequence(Gs[ql], Gk[warp * 16 + g + 8 * (i >> 1)]));
-                float p = seen ? exp2f(st[n][i] * scale2 - Ls[ql]) : 0.f;
+                float p = seen ? exp2f(st[n][i] * scale2 - Ls[ql] * FA_LOG2E) : 0.f;
                 st[n][i] = p;
                 dpt[n][i] = p * (dpt[n][i] - Es[ql]);
             }
@@ -656,15 +705,18 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
     }
 }
 
-// The forward runs three blocks per SM (at most 170 registers a thread) where the d = 64
-// kernel's prefetched tiles would otherwise leave room for two.
+// Blocks per SM the kernels are built for (the register budget: 65536 / (128 · blocks) a
+// thread). Shared memory allows them: 18 and 52 KiB a forward block, 65 and 113 KiB a backward
+// one, of 228 KiB.
+#define FA_FWD_BLOCKS(D) ((D) <= 64 ? 4 : 2)
+#define FA_BWD_BLOCKS(D) ((D) <= 64 ? 2 : 2)
 #define FLASH(D)                                                                                \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, D <= 64 ? 3 : 2)                   \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_FWD_BLOCKS(D))                  \
         flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg, \
                        bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {    \
         flash_fwd<D>(q, k, v, seg, o, lse, t, heads, kv_heads, scale);                          \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_bwd_d##D(                    \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_BWD_BLOCKS(D)) flash_bwd_d##D(  \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
         const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
         float* dv_part, int t, int heads, int kv_heads, float scale) {                          \

@@ -169,6 +169,47 @@ inline void emu_ldmatrix_x4(uint32_t* r, const uint16_t* row, bool trans) {
     std::memcpy(r, out, 16);
 }
 
+// cp.async: copies are queued per thread, grouped at commit and done at a wait that needs
+// them, so that a kernel that reads a tile before waiting for it reads the NaN bytes shared
+// memory starts with. A copy that is not valid writes zeros.
+namespace emu {
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+    bool valid;
+};
+inline thread_local std::vector<AsyncCopy> async_open;
+inline thread_local std::vector<std::vector<AsyncCopy>> async_groups;  // oldest first
+}  // namespace emu
+
+inline void emu_cp_async(void* dst, const void* src, size_t bytes, bool valid) {
+    if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+        fprintf(stderr, "cp.async: address not %zu-byte aligned\n", bytes);
+        abort();
+    }
+    emu::async_open.push_back({dst, src, bytes, valid});
+}
+
+inline void emu_cp_async_commit() {
+    emu::async_groups.push_back(std::move(emu::async_open));
+    emu::async_open.clear();
+}
+
+// Waits until at most `pending` committed groups are outstanding.
+inline void emu_cp_async_wait(int pending) {
+    auto& groups = emu::async_groups;
+    while (groups.size() > (size_t)pending) {
+        for (auto& c : groups.front()) {
+            if (c.valid)
+                std::memcpy(c.dst, c.src, c.bytes);
+            else
+                std::memset(c.dst, 0, c.bytes);
+        }
+        groups.erase(groups.begin());
+    }
+}
+
 template <class T>
 inline T atomicAdd(T* p, T v) {
     std::lock_guard<std::mutex> hold(emu::atomic_lock);

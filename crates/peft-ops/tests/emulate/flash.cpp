@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
     }
     auto fwd = d == 64 ? flash_fwd_d64 : flash_fwd_d128;
     auto bwd = d == 64 ? flash_bwd_d64 : flash_bwd_d128;
-    size_t fwd_shared = 2 * FA_TILE * pitch * 2 + FA_TILE * 4;
+    size_t fwd_shared = (FA_Q_IN_REGS(d) ? 2 : 3) * FA_TILE * pitch * 2 + FA_TILE * 4;
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, fwd_shared, [&] {
         fwd(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh, scale);
     });
@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
     emu::launch({(unsigned)((rows + 3) / 4)}, {FA_THREADS}, 0, [&] {
         flash_bwd_delta_bf16(o.data(), dout.data(), delta.data(), t, heads, d, rows);
     });
-    size_t shared = 4 * FA_TILE * pitch * 2 + FA_TILE * (FA_TILE + 8) * 2 + 4 * FA_TILE * 4;
+    size_t shared = 6 * FA_TILE * pitch * 2 + FA_TILE * (FA_TILE + 8) * 2 + 6 * FA_TILE * 4;
     std::vector<float> dk_part(nq, NAN), dv_part(nq, NAN);
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, shared, [&] {
         bwd(qr.data(), kr.data(), v.data(), seg, dout.data(), lse.data(), delta.data(),
