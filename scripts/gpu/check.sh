@@ -5,12 +5,15 @@
 # hf_anchor.jsonl, peft_gpu.jsonl and vs_hf_gpu.md.
 #   scripts/gpu/check.sh [--tests-only | --bench-only | --ablation] [--skip-hf FILE | --hf-reference]
 #                        [--cases A,B] [--profile] [--env-variant KEY=VALUE]...
+#                        [--kernel-variant DIR]...
 # --profile then times every kernel of a 1B and an 8B training step (scripts/gpu/profile.sh:
 # ncu_1b.csv.gz, ncu_8b.csv.gz, profile_bench.jsonl): eight files in all, the most a call
 # brings back. A whole run with it takes about five minutes on an H200.
 # --env-variant runs the CUDA tests again with KEY=VALUE set, and after the benchmark
 # scripts/gpu/variants.sh compares issue 4's three shapes as built and under each setting
-# (variants.jsonl): say PEFT_CUDA_LORA=cublas or PEFT_LAYER_TAPE=off.
+# (variants.jsonl): say PEFT_CUDA_LORA=cublas or PEFT_LAYER_TAPE=off. --kernel-variant adds
+# the kernel sources of DIR to that comparison (scripts/gpu/kernel_variant.sh makes one from a
+# git revision); the tests are not rerun with them.
 # --ablation runs bench/gpu_ablation.sh instead (each kernel group turned off in turn:
 # ablation.jsonl and ablation.md).
 # --hf-reference compares with HF's figures measured on the same machine
@@ -20,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
 mkdir -p "$out"
-what=all skip=() cases=() profile=0 env_variants=()
+what=all skip=() cases=() profile=0 env_variants=() kernel_variants=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) what=tests; shift ;;
@@ -31,6 +34,7 @@ while [ $# -gt 0 ]; do
     --cases) cases=(--cases "$2"); shift 2 ;;
     --profile) profile=1; shift ;;
     --env-variant) env_variants+=("$2"); shift 2 ;;
+    --kernel-variant) kernel_variants+=("$2"); shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -51,10 +55,11 @@ log=$out/log.txt
     echo "== benchmark"
     CASE_TIMEOUT=${CASE_TIMEOUT:-150} bench/vs_hf_gpu.sh --peft "$bin/peft" --anchor .gpu/anchor_hf.py --out "$out" "${skip[@]}" "${cases[@]}"
   fi
-  if [ ${#env_variants[@]} -gt 0 ] && { [ "$what" = all ] || [ "$what" = bench ]; }; then
+  if [ $((${#env_variants[@]} + ${#kernel_variants[@]})) -gt 0 ] && { [ "$what" = all ] || [ "$what" = bench ]; }; then
     echo "== variants"
     args=()
     for setting in "${env_variants[@]}"; do args+=(--env "$setting"); done
+    for dir in "${kernel_variants[@]}"; do args+=(--kernels "$dir"); done
     scripts/gpu/variants.sh "${args[@]}"
   fi
   if [ "$profile" = 1 ]; then

@@ -277,6 +277,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "trainable_params": trainable, "all_params": all, "cuda_kernels_off": kernels_off,
             "layer_tape": peft_ops::layer_tape_enabled(),
             "lora_cublas": device.is_cuda() && peft_ops::lora_cublas(),
+            "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
         })
     );
     Ok(())

@@ -121,6 +121,7 @@ fn bench_trains_prompt_and_prefix_tuning() {
         // The settings that change how a step runs are part of the record.
         assert_eq!(r["layer_tape"], true, "{method}");
         assert_eq!(r["lora_cublas"], false, "{method}");
+        assert_eq!(r["flash_wide"], false, "{method}");
         let losses: Vec<f64> = serde_json::from_value(r["losses"].clone()).unwrap();
         assert!(
             losses[2] < losses[0],

@@ -1008,13 +1008,14 @@ impl<'a> FlashViews<'a> {
     }
 }
 
-/// The launch of a tile kernel over (64-row tiles, heads, batch) with `shared` bytes of dynamic
-/// shared memory, allowed to `func`. Shared memory takes the largest share of each SM's
-/// L1/shared space (the tiles go by cp.async, past L1), so that registers, not the driver's
-/// choice of split, bound the blocks per SM.
+/// The launch of a tile kernel over (blocks of `rows` rows, heads, batch) with `shared` bytes
+/// of dynamic shared memory, allowed to `func`. Shared memory takes the largest share of each
+/// SM's L1/shared space (the tiles go by cp.async, past L1), so that registers, not the
+/// driver's choice of split, bound the blocks per SM.
 fn tile_launch(
     func: &CudaFunction,
     (b, t, heads): (usize, usize, usize),
+    rows: usize,
     shared: usize,
 ) -> Result<LaunchConfig> {
     allow_shared(func, shared)?;
@@ -1024,7 +1025,7 @@ fn tile_launch(
     )
     .map_err(err)?;
     Ok(LaunchConfig {
-        grid_dim: (t.div_ceil(FA_TILE) as u32, heads as u32, b as u32),
+        grid_dim: (t.div_ceil(rows) as u32, heads as u32, b as u32),
         block_dim: (FA_THREADS, 1, 1),
         shared_mem_bytes: shared as u32,
     })
@@ -1088,15 +1089,22 @@ impl FlashInputs {
         // FA_Q_IN_REGS in kernels/attention.cu.
         let tiles = if d <= 64 { 2 } else { 3 };
         let shared = tiles * FA_TILE * (d + 8) * 2 + FA_TILE * 4;
-        let func = dev.get_or_load_custom_func(&format!("flash_fwd_d{d}"), MODULE, ptx()?)?;
-        let cfg = tile_launch(&func, (b, t, heads), shared)?;
+        // 128-row query blocks (flash_fwd_wide_d64) need no more shared memory: with d = 64
+        // their rows pass through the key and value tiles' space.
+        let (name, rows) = if d == 64 && crate::flash_wide() {
+            ("flash_fwd_wide_d64".to_string(), 2 * FA_TILE)
+        } else {
+            (format!("flash_fwd_d{d}"), FA_TILE)
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+        let cfg = tile_launch(&func, (b, t, heads), rows, shared)?;
         self.with_views(|x| {
             let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
             let mut builder = func.builder();
             x.push(&mut builder, (&q, &k));
             builder.arg(&o).arg(&lse);
             builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&self.scale);
-            // SAFETY: the arguments match flash_fwd_d{64,128} in kernels/attention.cu.
+            // SAFETY: the arguments match flash_fwd_{d64,d128,wide_d64} in kernels/attention.cu.
             unsafe { builder.launch(cfg) }.map_err(err)
         })?;
         Ok((
@@ -1153,7 +1161,7 @@ impl FlashInputs {
         // and delta (f32); the segment ids of the query tile and of the keys (u32).
         let shared = 6 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 6 * FA_TILE * 4;
         let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx()?)?;
-        let cfg = tile_launch(&func, (b, t, heads), shared)?;
+        let cfg = tile_launch(&func, (b, t, heads), FA_TILE, shared)?;
         let kv_pairs = (b * t * kvd / 2) as i64;
         let pairs = (b * t * hd / 2) as i64;
         // SAFETY: one thread per pair writes both of its elements.
@@ -1463,6 +1471,7 @@ mod tests {
             "dropout_mask_f32",
             "flash_fwd_d64",
             "flash_fwd_d128",
+            "flash_fwd_wide_d64",
             "flash_bwd_d64",
             "flash_bwd_d128",
             "flash_bwd_delta_bf16",

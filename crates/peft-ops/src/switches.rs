@@ -173,6 +173,24 @@ pub fn set_lora_cublas(on: bool) -> bool {
     LORA_CUBLAS.set(on)
 }
 
+/// `PEFT_CUDA_FLASH=wide`: the flash attention forward for head size 64 in blocks of 128 query
+/// rows (each warp two 16-row tiles, so that each key and value fragment read from shared
+/// memory serves both: FlashAttention-2's shape; two blocks an SM) in place of 64-row blocks
+/// (four an SM). The same bits either way. Not yet measured on a GPU: off by default.
+pub const CUDA_FLASH_VAR: &str = "PEFT_CUDA_FLASH";
+
+static FLASH_WIDE: Switch = Switch::new(CUDA_FLASH_VAR, &["wide"], false);
+
+/// Whether the flash forward runs in 128-row blocks for head size 64 ([`CUDA_FLASH_VAR`]).
+pub fn flash_wide() -> bool {
+    FLASH_WIDE.get()
+}
+
+/// Turns the 128-row flash forward on or off; returns the previous setting.
+pub fn set_flash_wide(on: bool) -> bool {
+    FLASH_WIDE.set(on)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

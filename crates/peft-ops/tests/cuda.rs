@@ -160,11 +160,18 @@ fn causal_attention_matches_cpu() {
     });
 }
 
-/// bf16 takes the flash attention kernels (head sizes 64 and 128), f32 the composed path; both
-/// against the CPU's fused f32 path. Sequences span several 64-row tiles and end mid-tile.
+/// bf16 takes the flash attention kernels (head sizes 64 and 128; for 64 both forwards, 64-
+/// and 128-row blocks), f32 the composed path; both against the CPU's fused f32 path.
+/// Sequences span several 64-row tiles and end mid-tile.
 #[test]
 fn causal_self_attention_matches_cpu() {
-    for (b, t, heads, kv_heads, d) in [(2, 80, 4, 2, 64), (1, 150, 2, 1, 128)] {
+    let cases = [
+        (2, 80, 4, 2, 64, false),
+        (2, 150, 4, 2, 64, true),
+        (1, 150, 2, 1, 128, false),
+    ];
+    for (b, t, heads, kv_heads, d, wide) in cases {
+        let before = set_flash_wide(wide);
         let (cos, sin) = rope_tables(t, d);
         let inputs = [
             (randn(&[b, t, heads * d], 30), Input::Cast),
@@ -173,13 +180,18 @@ fn causal_self_attention_matches_cpu() {
             (cos, Input::F32),
             (sin, Input::F32),
         ];
-        check(&format!("causal_self_attention d{d}"), &inputs, |x| {
-            let scale = 1.0 / (d as f64).sqrt();
-            let (cos, sin) = (x[3].detach(), x[4].detach());
-            causal_self_attention(
-                &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None,
-            )
-        });
+        check(
+            &format!("causal_self_attention d{d} wide {wide}"),
+            &inputs,
+            |x| {
+                let scale = 1.0 / (d as f64).sqrt();
+                let (cos, sin) = (x[3].detach(), x[4].detach());
+                causal_self_attention(
+                    &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None,
+                )
+            },
+        );
+        set_flash_wide(before);
     }
 }
 

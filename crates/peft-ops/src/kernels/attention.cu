@@ -234,25 +234,30 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Whether the forward keeps the query tile's fragments in registers for all key tiles
-// (d = 64), or reads them from shared memory for each (d = 128: registers are short).
+// Whether the forward keeps the query fragments in registers for all key tiles (d = 64), or
+// reads them from shared memory for each (d = 128: registers are short).
 #define FA_Q_IN_REGS(D) ((D) <= 64)
 
-// Forward. Grid (query tiles, heads, batch); block FA_THREADS; shared memory: the key and value
-// tiles (64 x (D + 8) bf16 each), the query tile as a third with d = 128 (with d = 64 it
-// passes through the value tile's space), and 64 u32 (the key tile's segment ids).
-// One buffer per tile: the value tile is copied in while the scores are computed and the next
-// key tile while P · V is (FlashAttention-2's overlap).
-template <int D>
+// Forward. Grid (query blocks of 64 · M rows, heads, batch); block FA_THREADS: warp w takes
+// rows 64 mt + 16 w .. + 15 of the block for each mt < M, so that each key and value fragment
+// a warp reads from shared memory serves M row tiles (M = 2: FlashAttention-2's 128-row
+// blocks, at twice the accumulators). Shared memory: the key and value tiles (64 x (D + 8)
+// bf16 each), the block's query rows (with d = 128 M tiles of their own; with d = 64 in the
+// value tile's space (M = 1) or the key and value tiles' (M = 2) until their fragments are in
+// registers), and 64 u32 (the key tile's segment ids). The value tile is copied in while the
+// scores are computed and the next key tile while P · V is.
+template <int D, int M>
 __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                           bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {
-    const int P = D + 8;
+    const int P = D + 8, TILE = FA_TILE * P;
     constexpr bool QREG = FA_Q_IN_REGS(D);
+    // With M = 2 and d = 64 the query rows fill the key tile's space: K's first tile follows.
+    constexpr bool K_WITH_Q = !(QREG && M > 1);
     FA_SMEM(smem);
     bf16_t* Ks = (bf16_t*)smem;
-    bf16_t* Vs = Ks + FA_TILE * P;
-    bf16_t* Qs = QREG ? Vs : Vs + FA_TILE * P;
-    unsigned* Gs = (unsigned*)(QREG ? Vs + FA_TILE * P : Qs + FA_TILE * P);
+    bf16_t* Vs = Ks + TILE;
+    bf16_t* Qs = !QREG ? Vs + TILE : M == 1 ? Vs : Ks;
+    unsigned* Gs = (unsigned*)(QREG ? Vs + TILE : Qs + M * TILE);
     int qt = gridDim.x - 1 - blockIdx.x;  // longest rows first
     int hi = blockIdx.y, bi = blockIdx.z, kh = hi / (heads / kv_heads);
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
@@ -261,32 +266,49 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const bf16_t* vb = v + bi * t * ks + kh * D;
     const unsigned* segb = seg ? seg + (long long)bi * t : 0;
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
+    const int q0 = qt * M * FA_TILE;
+    const int n_tiles = (t + FA_TILE - 1) / FA_TILE;
+    const int last = (qt + 1) * M < n_tiles ? (qt + 1) * M - 1 : n_tiles - 1;  // key tiles
 
-    load_tile_async<D>(Qs, qb, qs, qt * FA_TILE, t);
-    load_tile_async<D>(Ks, kb, ks, 0, t);
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt) load_tile_async<D>(Qs + mt * TILE, qb, qs, q0 + mt * FA_TILE, t);
+    if (K_WITH_Q) load_tile_async<D>(Ks, kb, ks, 0, t);
     cp_async_commit();
-    int loaded = 0;  // the key tile in Ks, or on its way there
-    u32 qa[QREG ? D / 16 : 1][4];
+    int loaded = K_WITH_Q ? 0 : -1;  // the key tile in Ks, or on its way there
+    u32 qa[QREG ? M : 1][QREG ? D / 16 : 1][4];
     if constexpr (QREG) {
         cp_async_wait<0>();
         __syncthreads();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) load_a(qa[kk], Qs, P, warp * 16, kk * 16);
+        for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+                load_a(qa[mt][kk], Qs + mt * TILE, P, warp * 16, kk * 16);
+        if (!K_WITH_Q) __syncthreads();  // the key tile's copy overwrites the query rows
     }
 
-    float acc[D / 8][4];
+    float acc[M][D / 8][4];
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
+    for (int mt = 0; mt < M; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-    int row[2] = {qt * FA_TILE + warp * 16 + g, qt * FA_TILE + warp * 16 + g + 8};
-    unsigned row_seg[2] = {0, 0};
-    if (segb)
-        for (int r = 0; r < 2; ++r) row_seg[r] = row[r] < t ? segb[row[r]] : 0;
+        for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][n][i] = 0.f;
+    float m[M][2], l[M][2];
+    int row[M][2];
+    unsigned row_seg[M][2];
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            m[mt][r] = NEG_INF;
+            l[mt][r] = 0.f;
+            row[mt][r] = q0 + mt * FA_TILE + warp * 16 + g + 8 * r;
+            row_seg[mt][r] = segb && row[mt][r] < t ? segb[row[mt][r]] : 0;
+        }
     const float scale2 = scale * FA_LOG2E;
 
-    for (int kt = 0; kt <= qt; ++kt) {
+    for (int kt = 0; kt <= last; ++kt) {
         if (segb) {
             // Packed rows: a key tile that none of the block's rows sees (another sequence's)
             // is skipped whole; its scores would all be masked. (Gs was last read before the
@@ -297,9 +319,10 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             bool seen = false;
             for (int cl = 2 * c; cl < FA_TILE; cl += 8)
                 for (int e = 0; e < 2; ++e)
-                    for (int r = 0; r < 2; ++r)
-                        seen |= row[r] < t && kt * FA_TILE + cl + e <= row[r] &&
-                                same_sequence(row_seg[r], Gs[cl + e]);
+                    for (int mt = 0; mt < M; ++mt)
+                        for (int r = 0; r < 2; ++r)
+                            seen |= row[mt][r] < t && kt * FA_TILE + cl + e <= row[mt][r] &&
+                                    same_sequence(row_seg[mt][r], Gs[cl + e]);
             if (!__syncthreads_or(seen)) {
                 cp_async_wait<0>();  // a key tile on its way lands before Ks is loaded again
                 continue;
@@ -315,69 +338,80 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         load_tile_async<D>(Vs, vb, ks, kt * FA_TILE, t);
         cp_async_commit();
 
-        float s[8][4];
+        float s[M][8][4];
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
+        for (int mt = 0; mt < M; ++mt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) s[n][i] = 0.f;
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) s[mt][n][i] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            const u32* a;
-            u32 qf[4];
-            if constexpr (QREG) {
-                a = qa[kk];
-            } else {
-                load_a(qf, Qs, P, warp * 16, kk * 16);
-                a = qf;
+            const u32* a[M];
+            u32 qf[M][4];
+#pragma unroll
+            for (int mt = 0; mt < M; ++mt) {
+                if constexpr (QREG) {
+                    a[mt] = qa[mt][kk];
+                } else {
+                    load_a(qf[mt], Qs + mt * TILE, P, warp * 16, kk * 16);
+                    a[mt] = qf[mt];
+                }
             }
 #pragma unroll
             for (int n = 0; n < 8; n += 2) {
                 u32 b[2][2];
                 load_b_t(b, Ks, P, n * 8, kk * 16);
-                mma_bf16(s[n], a, b[0]);
-                mma_bf16(s[n + 1], a, b[1]);
+#pragma unroll
+                for (int mt = 0; mt < M; ++mt) {
+                    mma_bf16(s[mt][n], a[mt], b[0]);
+                    mma_bf16(s[mt][n + 1], a[mt], b[1]);
+                }
             }
         }
-        // Scores in log2 units, masked, and the running row maxima.
-        float mx[2] = {m[0], m[1]};
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
+        for (int mt = 0; mt < M; ++mt) {
+            // Scores in log2 units, masked, and the running row maxima.
+            float mx[2] = {m[mt][0], m[mt][1]};
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                int cl = n * 8 + 2 * c + (i & 1), col = kt * FA_TILE + cl;
-                bool seen = col <= row[i >> 1] &&
-                            (!segb || same_sequence(row_seg[i >> 1], Gs[cl]));
-                float x = seen ? s[n][i] * scale2 : NEG_INF;
-                s[n][i] = x;
-                mx[i >> 1] = fmaxf(mx[i >> 1], x);
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    int cl = n * 8 + 2 * c + (i & 1), col = kt * FA_TILE + cl;
+                    bool seen = col <= row[mt][i >> 1] &&
+                                (!segb || same_sequence(row_seg[mt][i >> 1], Gs[cl]));
+                    float x = seen ? s[mt][n][i] * scale2 : NEG_INF;
+                    s[mt][n][i] = x;
+                    mx[i >> 1] = fmaxf(mx[i >> 1], x);
+                }
+            // In packed rows a tile may hold no key a row sees yet (its maximum still -inf):
+            // the exponentials then start from 0, not from -inf - -inf.
+            float alpha[2], base[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = quad_max(mx[r]);
+                base[r] = mx[r] == NEG_INF ? 0.f : mx[r];
+                alpha[r] = exp2f(m[mt][r] - base[r]);
+                m[mt][r] = mx[r];
             }
-        // In packed rows a tile may hold no key a row sees yet (its maximum still -inf): the
-        // exponentials then start from 0, not from -inf - -inf.
-        float alpha[2], base[2], sum[2] = {0.f, 0.f};
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = quad_max(mx[r]);
-            base[r] = mx[r] == NEG_INF ? 0.f : mx[r];
-            alpha[r] = exp2f(m[r] - base[r]);
-            m[r] = mx[r];
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    float p = exp2f(s[mt][n][i] - base[i >> 1]);
+                    s[mt][n][i] = p;
+                    sum[i >> 1] += p;
+                }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) l[mt][r] = l[mt][r] * alpha[r] + sum[r];
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[mt][n][i] *= alpha[i >> 1];
         }
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                float p = exp2f(s[n][i] - base[i >> 1]);
-                s[n][i] = p;
-                sum[i >> 1] += p;
-            }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[n][i] *= alpha[i >> 1];
         cp_async_wait<0>();
         __syncthreads();  // the value tile is in; every warp is done with Ks
-        if (kt < qt) {
+        if (kt < last) {
             load_tile_async<D>(Ks, kb, ks, (kt + 1) * FA_TILE, t);
             cp_async_commit();
             loaded = kt + 1;
@@ -385,35 +419,41 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         // acc += P · V
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            u32 pa[4];
-            c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+            u32 pa[M][4];
+#pragma unroll
+            for (int mt = 0; mt < M; ++mt) c_to_a(pa[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
 #pragma unroll
             for (int n = 0; n < D / 8; n += 2) {
                 u32 b[2][2];
                 load_b(b, Vs, P, kk * 16, n * 8);
-                mma_bf16(acc[n], pa, b[0]);
-                mma_bf16(acc[n + 1], pa, b[1]);
+#pragma unroll
+                for (int mt = 0; mt < M; ++mt) {
+                    mma_bf16(acc[mt][n], pa[mt], b[0]);
+                    mma_bf16(acc[mt][n + 1], pa[mt], b[1]);
+                }
             }
         }
     }
 
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float total = quad_sum(l[r]);
-        if (row[r] >= t) continue;
-        // A row that sees no key (a padding row at the start of a packed row): zeros.
-        bool none = total == 0.f;
-        float inv = none ? 0.f : 1.f / total;
-        bf16_t* dst = o + (bi * t + row[r]) * qs + hi * D;
+    for (int mt = 0; mt < M; ++mt)
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            dst[n * 8 + 2 * c] = to_bf16(acc[n][2 * r] * inv);
-            dst[n * 8 + 2 * c + 1] = to_bf16(acc[n][2 * r + 1] * inv);
+        for (int r = 0; r < 2; ++r) {
+            float total = quad_sum(l[mt][r]);
+            if (row[mt][r] >= t) continue;
+            // A row that sees no key (a padding row at the start of a packed row): zeros.
+            bool none = total == 0.f;
+            float inv = none ? 0.f : 1.f / total;
+            bf16_t* dst = o + (bi * t + row[mt][r]) * qs + hi * D;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                dst[n * 8 + 2 * c] = to_bf16(acc[mt][n][2 * r] * inv);
+                dst[n * 8 + 2 * c + 1] = to_bf16(acc[mt][n][2 * r + 1] * inv);
+            }
+            if (c == 0)
+                lse[((long long)bi * heads + hi) * t + row[mt][r]] =
+                    none ? 0.f : (m[mt][r] + log2f(total)) / FA_LOG2E;
         }
-        if (c == 0)
-            lse[((long long)bi * heads + hi) * t + row[r]] =
-                none ? 0.f : (m[r] + log2f(total)) / FA_LOG2E;
-    }
 }
 
 // delta = rowsum(dO ∘ O) per query row and head; one warp per row. Grid: b * t * heads / 4
@@ -491,9 +531,11 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         load_rows_async(Ebuf + buf * FA_TILE, eb, qt * FA_TILE, t, FA_TILE);
         cp_async_commit();
     };
+    // One barrier a tile where there were two: a tile's reads of its buffer and of Gs end
+    // before the barrier that follows its dS store, so the next tile may refill the other
+    // buffer and Gs at once; its reads of Ss end before the next tile's barrier after loading.
     int cur = 0, loaded = -1;  // the query tile in buffer cur, or on its way there
     for (int qt = kt; qt < nq; ++qt) {
-        __syncthreads();  // the last tile's reads of Ss, Gs and the other buffer are done
         if (packed) {
             // Packed rows: a query tile that sees none of the block's keys is skipped whole.
             for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
@@ -706,23 +748,30 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 }
 
 // Blocks per SM the kernels are built for (the register budget: 65536 / (128 · blocks) a
-// thread). Shared memory allows them: 18 and 52 KiB a forward block, 65 and 113 KiB a backward
-// one, of 228 KiB.
+// thread); shared memory allows them.
 #define FA_FWD_BLOCKS(D) ((D) <= 64 ? 4 : 2)
-#define FA_BWD_BLOCKS(D) ((D) <= 64 ? 2 : 2)
+#define FA_BWD_BLOCKS 2
 #define FLASH(D)                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_FWD_BLOCKS(D))                  \
         flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg, \
                        bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {    \
-        flash_fwd<D>(q, k, v, seg, o, lse, t, heads, kv_heads, scale);                          \
+        flash_fwd<D, 1>(q, k, v, seg, o, lse, t, heads, kv_heads, scale);                       \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_BWD_BLOCKS(D)) flash_bwd_d##D(  \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_BWD_BLOCKS) flash_bwd_d##D(     \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
         const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
         float* dv_part, int t, int heads, int kv_heads, float scale) {                          \
         flash_bwd<D>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,        \
                      kv_heads, scale);                                                          \
     }
+
+// The forward with 128-row query blocks (M = 2; PEFT_CUDA_FLASH=wide), d = 64 only: 255
+// registers at two blocks an SM (three spill 700 bytes); with d = 128 it spills at one.
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 2)
+    flash_fwd_wide_d64(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
+                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {
+    flash_fwd<64, 2>(q, k, v, seg, o, lse, t, heads, kv_heads, scale);
+}
 
 FLASH(64)
 FLASH(128)

@@ -3,7 +3,8 @@
 // input: i32 b, t, heads, kv_heads, d, packed; f32 scale; bf16 q, k, v, dout; then, for
 // plain rows, f32 cos, sin [t, d / 2], or, for packed rows, u32 segment ids [b, t] and f32
 // cos, sin [b, t, d / 2].
-// output (f32): o, lse, dq, dk, dv. The launch shapes are those of src/cuda.rs.
+// output (f32): o, lse, dq, dk, dv. The launch shapes are those of src/cuda.rs. With d = 64
+// the wide forward runs too and must give the same bits.
 #include "cuda.h"
 #include <tuple>
 #include "../../src/kernels/ops.cu"
@@ -53,6 +54,21 @@ int main(int argc, char** argv) {
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, fwd_shared, [&] {
         fwd(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh, scale);
     });
+    if (d == 64) {
+        // The 128-row forward (PEFT_CUDA_FLASH=wide) visits the same key tiles in the same
+        // order for each row (and masked ones, which change nothing): the same bits.
+        std::vector<bf16_t> o_wide(nq);
+        std::vector<float> lse_wide(lse.size());
+        emu::launch({(unsigned)((t + 2 * FA_TILE - 1) / (2 * FA_TILE)), (unsigned)heads, (unsigned)b},
+                    {FA_THREADS}, fwd_shared, [&] {
+            flash_fwd_wide_d64(qr.data(), kr.data(), v.data(), seg, o_wide.data(), lse_wide.data(),
+                               t, heads, kvh, scale);
+        });
+        if (o_wide != o || memcmp(lse_wide.data(), lse.data(), lse.size() * 4) != 0) {
+            fprintf(stderr, "flash_fwd_wide_d64 differs from flash_fwd_d64\n");
+            return 1;
+        }
+    }
     long long rows = (long long)b * t * heads;
     emu::launch({(unsigned)((rows + 3) / 4)}, {FA_THREADS}, 0, [&] {
         flash_bwd_delta_bf16(o.data(), dout.data(), delta.data(), t, heads, d, rows);
