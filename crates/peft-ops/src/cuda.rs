@@ -356,7 +356,7 @@ pub(crate) fn cross_entropy_rows(
 
 /// Rows per block of `low_rank_add` (`LRA_ROWS` in kernels/lora.cu).
 const LOW_RANK_ADD_ROWS: usize = 64;
-/// Threads per block of `low_rank_add`, each taking `LRA_COLS` (2) columns.
+/// Threads per block of `low_rank_add` (`LRA_THREADS`), each taking `LRA_COLS` (2) columns.
 const LOW_RANK_ADD_THREADS: usize = 128;
 
 /// The dropout arguments of our LoRA kernels (`DROPOUT_PARAMS` in kernels/ops.cu): off, or

@@ -927,6 +927,7 @@ fn low_rank_add_matches_matmuls() {
         (37, 300, 8, false, true),
         (150, 301, 16, false, false),
         (150, 301, 20, true, true),
+        (150, 301, 24, false, true),
     ] {
         low_rank_add_case(rows, cols, r, right_t, masked);
     }

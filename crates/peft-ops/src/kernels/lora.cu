@@ -15,6 +15,7 @@
 #define LRA_ROWS 64       // rows per block of low_rank_add
 #define LRA_GROUP 16      // rows of low_rank_add summed at a time (in registers)
 #define LRA_COLS 2        // consecutive columns per thread of low_rank_add
+#define LRA_THREADS 128   // threads per block of low_rank_add
 
 // out[row, k] = scale · Σ_j x[row, j] · mask[row, j] · w[k · w_sk + j · w_sn] for k < r, the
 // mask that of `drop` over [rows, n]: x [rows, n]; w as [r, n] through its strides (A [r, n]:
@@ -24,11 +25,16 @@
 // 512-byte rows (bf16) and each weight from shared memory serves four rows. out is
 // [splits, rows, r]: with several splits thin_outer_sum adds them (in order: the same result
 // on every run), and scale is 1 here.
+// The weights of a stage are read in their storage order (A [r, n] along a rank's columns,
+// B [n, r] along a column's ranks), so that a warp's loads are coalesced; scattered reads, a
+// sector per lane, had cost the L1 four times the stage's arithmetic.
+#define THIN_WS_PITCH 33  // floats per 32 columns of a stage's shared rank row: fewer conflicts
 template <typename T>
 __device__ void thin_project(const T* x, const float* w, long long w_sk, long long w_sn,
                              float* out, long long rows, int n, int r, float scale,
                              int per_split, Dropout drop) {
-    __shared__ float ws[THIN_RANKS][THIN_CHUNK];  // column 8l + e of the stage at [k][32e + l]
+    // Column 8l + e of the stage at ws[k][33e + l].
+    __shared__ float ws[THIN_RANKS][THIN_LANE_COLS * THIN_WS_PITCH];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int k0 = blockIdx.y * THIN_RANKS;
     long long row0 = (long long)blockIdx.x * THIN_ROWS + warp * 4;
@@ -55,9 +61,9 @@ __device__ void thin_project(const T* x, const float* w, long long w_sk, long lo
         }
         __syncthreads();  // the previous stage is consumed
         for (int s = threadIdx.x; s < THIN_RANKS * THIN_CHUNK; s += blockDim.x) {
-            int k = s / THIN_CHUNK, e = (s % THIN_CHUNK) / 32, l = s % 32;
-            int jw = c0 + THIN_LANE_COLS * l + e;
-            ws[k][s % THIN_CHUNK] =
+            int k = w_sn == 1 ? s / THIN_CHUNK : s % THIN_RANKS;
+            int jj = w_sn == 1 ? s % THIN_CHUNK : s / THIN_RANKS, jw = c0 + jj;
+            ws[k][(jj % THIN_LANE_COLS) * THIN_WS_PITCH + jj / THIN_LANE_COLS] =
                 k0 + k < r && jw < c_end ? w[(k0 + k) * w_sk + (long long)jw * w_sn] : 0.f;
         }
         __syncthreads();
@@ -66,7 +72,7 @@ __device__ void thin_project(const T* x, const float* w, long long w_sk, long lo
             for (int e = 0; e < THIN_LANE_COLS; ++e)
 #pragma unroll
                 for (int k = 0; k < THIN_RANKS; ++k) {
-                    float wk = ws[k][e * 32 + lane];
+                    float wk = ws[k][e * THIN_WS_PITCH + lane];
 #pragma unroll
                     for (int i = 0; i < 4; ++i) acc[i][k] += xv[i][e] * wk;
                 }
@@ -138,15 +144,27 @@ extern "C" __global__ void thin_outer_sum(const float* part, float* out, int spl
     }
 }
 
-// Ranks k0..k0 + 15 of right's rows o..o + LRA_COLS - 1 (zeros past cols and r).
-__device__ __forceinline__ void load_right(const float* right, long long o, int cols, int k0,
-                                           int r, long long ro, long long rk,
+// Ranks k0..k0 + 15 of the block's LRA_THREADS · LRA_COLS columns of right (from column c0)
+// into rs[k][column - c0] (zeros past cols and r), read in storage order so that a warp's loads
+// are coalesced: B [cols, r] along a column's ranks, A [r, cols] along a rank's columns.
+__device__ __forceinline__ void stage_right(const float* right, long long c0, int cols, int k0,
+                                            int r, long long ro, long long rk,
+                                            float (*rs)[LRA_THREADS * LRA_COLS + 1]) {
+    const int W = LRA_THREADS * LRA_COLS;
+    for (int s = threadIdx.x; s < THIN_RANKS * W; s += blockDim.x) {
+        int k = ro == 1 ? s / W : s % THIN_RANKS, oo = ro == 1 ? s % W : s / THIN_RANKS;
+        long long o = c0 + oo;
+        rs[k][oo] = o < cols && k0 + k < r ? right[o * ro + (k0 + k) * rk] : 0.f;
+    }
+}
+
+// This thread's LRA_COLS columns of a staged rs.
+__device__ __forceinline__ void read_right(const float (*rs)[LRA_THREADS * LRA_COLS + 1],
                                            float (*rr)[THIN_RANKS]) {
 #pragma unroll
     for (int c = 0; c < LRA_COLS; ++c)
 #pragma unroll
-        for (int k = 0; k < THIN_RANKS; ++k)
-            rr[c][k] = o + c < cols && k0 + k < r ? right[(o + c) * ro + (k0 + k) * rk] : 0.f;
+        for (int k = 0; k < THIN_RANKS; ++k) rr[c][k] = rs[k][threadIdx.x * LRA_COLS + c];
 }
 
 // out = base + scale · (left · rightᵀ) ∘ mask for the low-rank part of LoRA (r small): left
@@ -155,19 +173,25 @@ __device__ __forceinline__ void load_right(const float* right, long long o, int 
 // One pass over base instead of a matmul, a scale, a mask, a cast and an add with f32
 // [rows, cols] temporaries. base may be out itself (each element is read, then written, by
 // one thread). Grid (row blocks of LRA_ROWS: rows in x, whose limit is 2^31 - 1 blocks, not
-// y's 65535; column blocks); each thread takes LRA_COLS consecutive columns and keeps 16 ranks
-// of them of right in registers (once when r <= 16), the rows of left come from shared
-// memory, 16 rows and 16 ranks at a time.
+// y's 65535; column blocks of LRA_THREADS threads); each thread takes LRA_COLS consecutive
+// columns and keeps 16 ranks of them of right in registers (staged once when r <= 16), the
+// rows of left come from shared memory, 16 rows and 16 ranks at a time.
 template <typename T>
 __device__ void low_rank_add(const T* base, const float* left, const float* right, T* out,
                              long long rows, int cols, int r, long long ro, long long rk,
                              float scale, Dropout drop) {
     __shared__ float ls[LRA_GROUP][THIN_RANKS];
-    long long o = ((long long)blockIdx.y * blockDim.x + threadIdx.x) * LRA_COLS;
+    __shared__ float rs[THIN_RANKS][LRA_THREADS * LRA_COLS + 1];  // padded: fewer conflicts
+    long long c0 = (long long)blockIdx.y * LRA_THREADS * LRA_COLS;
+    long long o = c0 + threadIdx.x * LRA_COLS;
     bool vec = packable<LRA_COLS>(base, cols) && packable<LRA_COLS>(out, cols);
     bool one_stage = r <= THIN_RANKS;
     float rr[LRA_COLS][THIN_RANKS];
-    if (one_stage) load_right(right, o, cols, 0, r, ro, rk, rr);
+    if (one_stage) {
+        stage_right(right, c0, cols, 0, r, ro, rk, rs);
+        __syncthreads();
+        read_right(rs, rr);
+    }
     long long first = (long long)blockIdx.x * LRA_ROWS;
     long long last = first + LRA_ROWS < rows ? first + LRA_ROWS : rows;
     for (long long g0 = first; g0 < last; g0 += LRA_GROUP) {
@@ -183,14 +207,15 @@ __device__ void low_rank_add(const T* base, const float* left, const float* righ
                 load_pack<LRA_COLS>(base, row * cols + o, row * cols + cols, vec, b[i]);
         }
         for (int k0 = 0; k0 < r; k0 += THIN_RANKS) {
-            if (!one_stage) load_right(right, o, cols, k0, r, ro, rk, rr);
-            __syncthreads();  // the previous rows of left are consumed
+            __syncthreads();  // the previous rows of left (and ranks of right) are consumed
+            if (!one_stage) stage_right(right, c0, cols, k0, r, ro, rk, rs);
             for (int e = threadIdx.x; e < LRA_GROUP * THIN_RANKS; e += blockDim.x) {
                 int i = e / THIN_RANKS, k = e % THIN_RANKS;
                 long long row = g0 + i;
                 ls[i][k] = row < last && k0 + k < r ? left[row * r + k0 + k] : 0.f;
             }
             __syncthreads();
+            if (!one_stage) read_right(rs, rr);
 #pragma unroll
             for (int i = 0; i < LRA_GROUP; ++i)
 #pragma unroll
