@@ -12,6 +12,7 @@
 #define THIN_LANE_COLS 8  // consecutive columns a lane of thin_project reads per row
 #define THIN_CHUNK 256    // columns per shared-memory stage of thin_project (32 lanes x 8)
 #define THIN_STAGE 64     // rows of y per shared-memory stage of thin_outer
+#define THIN_BATCH 16     // rows of x a thread of thin_outer loads at once (divides THIN_STAGE)
 #define LRA_ROWS 64       // rows per block of low_rank_add
 #define LRA_GROUP 16      // rows of low_rank_add summed at a time (in registers)
 #define LRA_COLS 2        // consecutive columns per thread of low_rank_add
@@ -116,13 +117,20 @@ __device__ void thin_outer(const T* x, const float* y, float* part, long long ro
         __syncthreads();
         if (j < n) {
             int len = end - s0 < THIN_STAGE ? (int)(end - s0) : THIN_STAGE;
-            // Unrolled, so that several rows' loads are in flight at once.
-#pragma unroll 8
-            for (int i = 0; i < len; ++i) {
-                long long at = (s0 + i) * n + j;
-                float xv = ld(x, at) * dropout_at(drop, at);
+            // THIN_BATCH rows' loads issued before their sums, so that they are in flight at
+            // once (a loop of `len` iterations was not unrolled). Rows past len have zero
+            // weights in ys.
+            for (int i0 = 0; i0 < len; i0 += THIN_BATCH) {
+                float xv[THIN_BATCH];
 #pragma unroll
-                for (int k = 0; k < THIN_RANKS; ++k) acc[k] += xv * ys[i][k];
+                for (int u = 0; u < THIN_BATCH; ++u) {
+                    long long at = (s0 + i0 + u) * n + j;
+                    xv[u] = i0 + u < len ? ld(x, at) * dropout_at(drop, at) : 0.f;
+                }
+#pragma unroll
+                for (int u = 0; u < THIN_BATCH; ++u)
+#pragma unroll
+                    for (int k = 0; k < THIN_RANKS; ++k) acc[k] += xv[u] * ys[i0 + u][k];
             }
         }
     }
