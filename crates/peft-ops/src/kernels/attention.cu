@@ -53,18 +53,44 @@ __device__ __forceinline__ void mma_bf16(float* d, const u32* a, const u32* b) {
 #endif
 }
 
+// Two values rounded to bf16 and packed, lo in the low half: one instruction on the GPU.
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+#ifdef PEFT_EMULATE
     return (u32)to_bf16(lo) | ((u32)to_bf16(hi) << 16);
+#else
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
+
+// 2^x by the special function unit alone (ex2.approx.ftz: about 2 ulp, results below 2^-126
+// flushed to 0), where exp2f adds a fix-up for those around it.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef PEFT_EMULATE
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
+// Shared memory is addressed by 32-bit offsets in the shared window where ldmatrix and
+// cp.async take it: offsets from a tile's base fold into the instructions, where each generic
+// pointer took a 64-bit computation and a conversion (about two integer instructions per
+// ldmatrix in the flash kernels' loops).
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
 }
 
 // ldmatrix .x4: lane l gives the address of row l % 8 of 8 x 8 matrix l / 8 (16 bytes,
 // 16-byte aligned, in shared memory); register i receives, of matrix i, row l / 4, columns
 // 2 (l % 4) and 2 (l % 4) + 1, or with .trans column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1.
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const bf16_t* row, bool trans) {
+__device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr, bool trans) {
 #ifdef PEFT_EMULATE
-    emu_ldmatrix_x4(r, row, trans);
+    emu_ldmatrix_x4(r, (const bf16_t*)emu_shared_at(addr), trans);
 #else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
     if (trans)
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -76,31 +102,38 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const bf16_t* row, bool tran
 #endif
 }
 
-// The A fragment of the 16 x 16 block at (row0, col0) of a row-major shared tile: matrices
+// The byte address of element (row, col) of a row-major bf16 tile at s.
+__device__ __forceinline__ u32 at(u32 s, int pitch, int row, int col) {
+    return s + 2u * (u32)(row * pitch + col);
+}
+
+// The A fragment of the 16 x 16 block at (row0, col0) of a row-major shared tile s: matrices
 // (rows, cols) 0: (+0, +0), 1: (+8, +0), 2: (+0, +8), 3: (+8, +8).
-__device__ __forceinline__ void load_a(u32* a, const bf16_t* s, int pitch, int row0, int col0) {
+__device__ __forceinline__ void load_a(u32* a, u32 s, int pitch, int row0, int col0) {
     int l = threadIdx.x & 31, m = l >> 3;
-    ldmatrix_x4(a, s + (row0 + (l & 7) + 8 * (m & 1)) * pitch + col0 + 8 * (m >> 1), false);
+    ldmatrix_x4(a, at(s, pitch, (l & 7) + 8 * (m & 1), 8 * (m >> 1)) + 2u * (row0 * pitch + col0),
+                false);
 }
 
 // The B fragments of Xᵀ's two 16 x 8 blocks n0..n0+15 for a row-major tile X:
 // B_j(k, n) = X(n0 + 8 j + n, k0 + k). Matrices 0: (n +0, k +0), 1: (+0, +8), 2: (+8, +0),
 // 3: (+8, +8).
-__device__ __forceinline__ void load_b_t(u32 (*b)[2], const bf16_t* s, int pitch, int n0,
-                                         int k0) {
+__device__ __forceinline__ void load_b_t(u32 (*b)[2], u32 s, int pitch, int n0, int k0) {
     int l = threadIdx.x & 31, m = l >> 3;
     u32 r[4];
-    ldmatrix_x4(r, s + (n0 + (l & 7) + 8 * (m >> 1)) * pitch + k0 + 8 * (m & 1), false);
+    ldmatrix_x4(r, at(s, pitch, (l & 7) + 8 * (m >> 1), 8 * (m & 1)) + 2u * (n0 * pitch + k0),
+                false);
     b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
 
 // The B fragments of X's two 16 x 8 blocks n0..n0+15 for a row-major tile X:
 // B_j(k, n) = X(k0 + k, n0 + 8 j + n), loaded transposed. Matrices 0: (k +0, n +0),
 // 1: (+8, +0), 2: (+0, +8), 3: (+8, +8).
-__device__ __forceinline__ void load_b(u32 (*b)[2], const bf16_t* s, int pitch, int k0, int n0) {
+__device__ __forceinline__ void load_b(u32 (*b)[2], u32 s, int pitch, int k0, int n0) {
     int l = threadIdx.x & 31, m = l >> 3;
     u32 r[4];
-    ldmatrix_x4(r, s + (k0 + (l & 7) + 8 * (m & 1)) * pitch + n0 + 8 * (m >> 1), true);
+    ldmatrix_x4(r, at(s, pitch, (l & 7) + 8 * (m & 1), 8 * (m >> 1)) + 2u * (k0 * pitch + n0),
+                true);
     b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
 
@@ -118,23 +151,21 @@ __device__ __forceinline__ void c_to_a(u32* a, const float* c0, const float* c1)
 // (cp_async_wait<N>: all but the N newest groups landed) before the __syncthreads that makes
 // the tile visible to the block. No registers hold the tile meanwhile.
 // 16 bytes (both 16-byte aligned; .cg: not cached in L1), or 16 zero bytes where !valid.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
 #ifdef PEFT_EMULATE
-    emu_cp_async(dst, src, 16, valid);
+    emu_cp_async(emu_shared_at(dst), src, 16, valid);
 #else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0));
 #endif
 }
 
 // 4 bytes, or a zero where !valid.
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
 #ifdef PEFT_EMULATE
-    emu_cp_async(dst, src, 4, valid);
+    emu_cp_async(emu_shared_at(dst), src, 4, valid);
 #else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(addr), "l"(src),
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 4 : 0));
 #endif
 }
@@ -159,26 +190,35 @@ __device__ __forceinline__ void cp_async_wait() {
 // Rows row0..row0+63 of one head into a shared tile of pitch D + 8, by cp.async; rows at or
 // past t are zeros. `x` points at the head's element 0 of row 0; rows are `stride` apart,
 // 16-byte aligned.
+// A thread copies the same 16-byte column of every R-th row, its source one pointer stepped
+// R rows at a time (a 64-bit multiply per copy took most of the loops' integer instructions).
 template <int D>
-__device__ __forceinline__ void load_tile_async(bf16_t* s, const bf16_t* x, long long stride,
+__device__ __forceinline__ void load_tile_async(u32 s, const bf16_t* x, long long stride,
                                                 int row0, int t) {
-    const int P = D + 8, CHUNKS = D / 8;
+    const int P = D + 8, CHUNKS = D / 8, R = FA_THREADS / CHUNKS;
+    const int r = threadIdx.x / CHUNKS, j = (threadIdx.x % CHUNKS) * 8;
+    const bf16_t* src = x + (row0 + r) * stride + j;
+    const u32 dst = at(s, P, r, j);
+    if (row0 + FA_TILE <= t) {
 #pragma unroll
-    for (int it = 0; it < FA_TILE * CHUNKS / FA_THREADS; ++it) {
-        int i = threadIdx.x + it * FA_THREADS;
-        int r = i / CHUNKS, j = (i % CHUNKS) * 8, row = row0 + r;
-        bool valid = row < t;
-        cp_async16(s + r * P + j, x + (valid ? row : 0) * stride + j, valid);
+        for (int it = 0; it < FA_TILE / R; ++it, src += R * stride)
+            cp_async16(dst + 2u * it * R * P, src, true);
+    } else {
+#pragma unroll
+        for (int it = 0; it < FA_TILE / R; ++it, src += R * stride) {
+            bool valid = row0 + r + it * R < t;
+            cp_async16(dst + 2u * it * R * P, valid ? src : x, valid);
+        }
     }
 }
 
-// x[row0..row0+63] (f32) into s by cp.async, by threads first..first+63; zeros at or past t.
-__device__ __forceinline__ void load_rows_async(float* s, const float* x, int row0, int t,
+// x[row0..row0+63] (f32) into shared s by cp.async, by threads first..first+63; zeros at or past t.
+__device__ __forceinline__ void load_rows_async(u32 s, const float* x, int row0, int t,
                                                 int first) {
     int i = (int)threadIdx.x - first;
     if (i < 0 || i >= FA_TILE) return;
     bool valid = row0 + i < t;
-    cp_async4(s + i, x + (valid ? row0 + i : 0), valid);
+    cp_async4(s + 4u * i, x + (valid ? row0 + i : 0), valid);
 }
 
 // Chunks lo = x[j..j + 7] and hi = x[j + H..j + H + 7] of one row rotated by RoPE (HF's
@@ -218,9 +258,10 @@ extern "C" __global__ void rope_rotate_bf16(const bf16_t* x, const float* cos, c
     }
 }
 
-// Whether query q sees key k (k <= q) given their segment ids (packed rows).
+// Whether query q sees key k (k <= q) given their segment ids (packed rows). The masks combine
+// their conditions with & and |, not && and ||: short-circuits compile to a branch per score.
 __device__ __forceinline__ bool same_sequence(unsigned q_seg, unsigned k_seg) {
-    return k_seg != 0 && (q_seg == 0 || k_seg == q_seg || k_seg == FA_SHARED);
+    return (k_seg != 0) & ((q_seg == 0) | (k_seg == q_seg) | (k_seg == FA_SHARED));
 }
 
 // Max and sum over the four lanes that hold one fragment row.
@@ -254,10 +295,9 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     // With M = 2 and d = 64 the query rows fill the key tile's space: K's first tile follows.
     constexpr bool K_WITH_Q = !(QREG && M > 1);
     FA_SMEM(smem);
-    bf16_t* Ks = (bf16_t*)smem;
-    bf16_t* Vs = Ks + TILE;
-    bf16_t* Qs = !QREG ? Vs + TILE : M == 1 ? Vs : Ks;
-    unsigned* Gs = (unsigned*)(QREG ? Vs + TILE : Qs + M * TILE);
+    const u32 Ks = smem_addr(smem), Vs = Ks + 2 * TILE;
+    const u32 Qs = !QREG ? Vs + 2 * TILE : M == 1 ? Vs : Ks;
+    unsigned* Gs = (unsigned*)(smem + 2 * TILE * (QREG ? 2 : 2 + M));
     int qt = gridDim.x - 1 - blockIdx.x;  // longest rows first
     int hi = blockIdx.y, bi = blockIdx.z, kh = hi / (heads / kv_heads);
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
@@ -271,7 +311,8 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const int last = (qt + 1) * M < n_tiles ? (qt + 1) * M - 1 : n_tiles - 1;  // key tiles
 
 #pragma unroll
-    for (int mt = 0; mt < M; ++mt) load_tile_async<D>(Qs + mt * TILE, qb, qs, q0 + mt * FA_TILE, t);
+    for (int mt = 0; mt < M; ++mt)
+        load_tile_async<D>(Qs + 2 * mt * TILE, qb, qs, q0 + mt * FA_TILE, t);
     if (K_WITH_Q) load_tile_async<D>(Ks, kb, ks, 0, t);
     cp_async_commit();
     int loaded = K_WITH_Q ? 0 : -1;  // the key tile in Ks, or on its way there
@@ -283,7 +324,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         for (int mt = 0; mt < M; ++mt)
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk)
-                load_a(qa[mt][kk], Qs + mt * TILE, P, warp * 16, kk * 16);
+                load_a(qa[mt][kk], Qs + 2 * mt * TILE, P, warp * 16, kk * 16);
         if (!K_WITH_Q) __syncthreads();  // the key tile's copy overwrites the query rows
     }
 
@@ -354,7 +395,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 if constexpr (QREG) {
                     a[mt] = qa[mt][kk];
                 } else {
-                    load_a(qf[mt], Qs + mt * TILE, P, warp * 16, kk * 16);
+                    load_a(qf[mt], Qs + 2 * mt * TILE, P, warp * 16, kk * 16);
                     a[mt] = qf[mt];
                 }
             }
@@ -369,36 +410,56 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 }
             }
         }
+        // Only a tile that reaches the block's first row, or packed rows, need masks: every key
+        // of an earlier tile precedes every row (keys past t lie in a tile that reaches it).
+        const bool masked = segb || kt * FA_TILE + FA_TILE - 1 > q0;
 #pragma unroll
         for (int mt = 0; mt < M; ++mt) {
-            // Scores in log2 units, masked, and the running row maxima.
+            // The running row maxima of the raw scores (the scale is positive: the same
+            // order), masked scores -inf.
             float mx[2] = {m[mt][0], m[mt][1]};
+            if (segb) {
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+                for (int n = 0; n < 8; ++n)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    int cl = n * 8 + 2 * c + (i & 1), col = kt * FA_TILE + cl;
-                    bool seen = col <= row[mt][i >> 1] &&
-                                (!segb || same_sequence(row_seg[mt][i >> 1], Gs[cl]));
-                    float x = seen ? s[mt][n][i] * scale2 : NEG_INF;
-                    s[mt][n][i] = x;
-                    mx[i >> 1] = fmaxf(mx[i >> 1], x);
-                }
-            // In packed rows a tile may hold no key a row sees yet (its maximum still -inf):
-            // the exponentials then start from 0, not from -inf - -inf.
+                    for (int i = 0; i < 4; ++i) {
+                        int cl = n * 8 + 2 * c + (i & 1), col = kt * FA_TILE + cl;
+                        bool seen = (col <= row[mt][i >> 1]) &
+                                    same_sequence(row_seg[mt][i >> 1], Gs[cl]);
+                        s[mt][n][i] = seen ? s[mt][n][i] : NEG_INF;
+                        mx[i >> 1] = fmaxf(mx[i >> 1], s[mt][n][i]);
+                    }
+            } else if (masked) {
+#pragma unroll
+                for (int n = 0; n < 8; ++n)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        int col = kt * FA_TILE + n * 8 + 2 * c + (i & 1);
+                        s[mt][n][i] = col <= row[mt][i >> 1] ? s[mt][n][i] : NEG_INF;
+                        mx[i >> 1] = fmaxf(mx[i >> 1], s[mt][n][i]);
+                    }
+            } else {
+#pragma unroll
+                for (int n = 0; n < 8; ++n)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) mx[i >> 1] = fmaxf(mx[i >> 1], s[mt][n][i]);
+            }
+            // Exponentials in log2 units, the scale folded into one multiply-add each. In
+            // packed rows a tile may hold no key a row sees yet (its maximum still -inf): they
+            // then start from 0, not from -inf - -inf.
             float alpha[2], base[2], sum[2] = {0.f, 0.f};
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 mx[r] = quad_max(mx[r]);
-                base[r] = mx[r] == NEG_INF ? 0.f : mx[r];
-                alpha[r] = exp2f(m[mt][r] - base[r]);
+                base[r] = mx[r] == NEG_INF ? 0.f : mx[r] * scale2;
+                alpha[r] = fast_exp2(m[mt][r] * scale2 - base[r]);
                 m[mt][r] = mx[r];
             }
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    float p = exp2f(s[mt][n][i] - base[i >> 1]);
+                    float p = fast_exp2(fmaf(s[mt][n][i], scale2, -base[i >> 1]));
                     s[mt][n][i] = p;
                     sum[i >> 1] += p;
                 }
@@ -452,7 +513,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             }
             if (c == 0)
                 lse[((long long)bi * heads + hi) * t + row[mt][r]] =
-                    none ? 0.f : (m[mt][r] + log2f(total)) / FA_LOG2E;
+                    none ? 0.f : (m[mt][r] * scale2 + log2f(total)) / FA_LOG2E;
         }
 }
 
@@ -486,11 +547,11 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                           int kv_heads, float scale) {
     const int P = D + 8, PS = FA_TILE + 8, TILE = FA_TILE * P;
     FA_SMEM(smem);
-    bf16_t* Ks = (bf16_t*)smem;
-    bf16_t* Vs = Ks + TILE;
-    bf16_t* Qbuf = Vs + TILE;      // two tiles
-    bf16_t* Obuf = Qbuf + 2 * TILE;  // dO, two tiles
-    bf16_t* Ss = Obuf + 2 * TILE;  // dS as [query][key]
+    const u32 Ks = smem_addr(smem), Vs = Ks + 2 * TILE;
+    const u32 Qbuf = Vs + 2 * TILE;    // two tiles
+    const u32 Obuf = Qbuf + 4 * TILE;  // dO, two tiles
+    bf16_t* Ss = (bf16_t*)(smem + 12 * TILE);  // dS as [query][key]
+    const u32 Ss_at = smem_addr(Ss);
     float* Lbuf = (float*)(Ss + FA_TILE * PS);  // two rows of 64
     float* Ebuf = Lbuf + 2 * FA_TILE;
     unsigned* Gs = (unsigned*)(Ebuf + 2 * FA_TILE);  // segment ids of the query tile
@@ -525,10 +586,10 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     float* dqb = dq_acc + ((long long)bi * heads + hi) * t * D;
     // Query tile qt's Q, dO, log-sum-exp and delta into buffer `buf`, as one group.
     auto load_queries = [&](int buf, int qt) {
-        load_tile_async<D>(Qbuf + buf * TILE, qb, qs, qt * FA_TILE, t);
-        load_tile_async<D>(Obuf + buf * TILE, ob, qs, qt * FA_TILE, t);
-        load_rows_async(Lbuf + buf * FA_TILE, lb, qt * FA_TILE, t, 0);
-        load_rows_async(Ebuf + buf * FA_TILE, eb, qt * FA_TILE, t, FA_TILE);
+        load_tile_async<D>(Qbuf + 2 * buf * TILE, qb, qs, qt * FA_TILE, t);
+        load_tile_async<D>(Obuf + 2 * buf * TILE, ob, qs, qt * FA_TILE, t);
+        load_rows_async(smem_addr(Lbuf + buf * FA_TILE), lb, qt * FA_TILE, t, 0);
+        load_rows_async(smem_addr(Ebuf + buf * FA_TILE), eb, qt * FA_TILE, t, FA_TILE);
         cp_async_commit();
     };
     // One barrier a tile where there were two: a tile's reads of its buffer and of Gs end
@@ -566,8 +627,8 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             cp_async_wait<0>();
         }
         __syncthreads();
-        const bf16_t* Qs = Qbuf + cur * TILE;
-        const bf16_t* Os = Obuf + cur * TILE;
+        const u32 Qs = Qbuf + 2 * cur * TILE;
+        const u32 Os = Obuf + 2 * cur * TILE;
         const float* Ls = Lbuf + cur * FA_TILE;
         const float* Es = Ebuf + cur * FA_TILE;
         if (next) {
@@ -598,19 +659,42 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             }
         }
         // Pᵀ (zero where the query precedes the key, lies past t or, in packed rows, does not
-        // see it), then dSᵀ in place of dPᵀ: P ∘ (dP − delta), without the scale.
+        // see it), then dSᵀ in place of dPᵀ: P ∘ (dP − delta), without the scale. Besides packed
+        // rows, only the diagonal tile and the last one (rows past t) need the causal mask.
+        if (packed) {
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
+            for (int n = 0; n < 8; ++n)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
-                bool seen = query >= key[i >> 1] && query < t &&
-                            (!packed ||
-                             same_sequence(Gs[ql], Gk[warp * 16 + g + 8 * (i >> 1)]));
-                float p = seen ? exp2f(st[n][i] * scale2 - Ls[ql] * FA_LOG2E) : 0.f;
-                st[n][i] = p;
-                dpt[n][i] = p * (dpt[n][i] - Es[ql]);
-            }
+                for (int i = 0; i < 4; ++i) {
+                    int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
+                    bool seen = (query >= key[i >> 1]) & (query < t) &
+                                same_sequence(Gs[ql], Gk[warp * 16 + g + 8 * (i >> 1)]);
+                    float p = seen ? fast_exp2(fmaf(st[n][i], scale2, -Ls[ql] * FA_LOG2E)) : 0.f;
+                    st[n][i] = p;
+                    dpt[n][i] = p * (dpt[n][i] - Es[ql]);
+                }
+        } else if (qt == kt || qt * FA_TILE + FA_TILE > t) {
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
+                    bool seen = (query >= key[i >> 1]) & (query < t);
+                    float p = seen ? fast_exp2(fmaf(st[n][i], scale2, -Ls[ql] * FA_LOG2E)) : 0.f;
+                    st[n][i] = p;
+                    dpt[n][i] = p * (dpt[n][i] - Es[ql]);
+                }
+        } else {
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    int ql = n * 8 + 2 * c + (i & 1);
+                    float p = fast_exp2(fmaf(st[n][i], scale2, -Ls[ql] * FA_LOG2E));
+                    st[n][i] = p;
+                    dpt[n][i] = p * (dpt[n][i] - Es[ql]);
+                }
+        }
         // dV += Pᵀ dO, dK += dSᵀ Q
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -647,7 +731,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
                 u32 sa[4];
-                load_a(sa, Ss, PS, warp * 16, kk * 16);
+                load_a(sa, Ss_at, PS, warp * 16, kk * 16);
 #pragma unroll
                 for (int n = 0; n < 8; n += 2) {
                     u32 b[2][2];

@@ -109,6 +109,13 @@ inline unsigned char* emu_dynamic_smem() {
     return reinterpret_cast<unsigned char*>((p + 15) & ~uintptr_t(15));
 }
 
+// Shared-window addresses (what ldmatrix and cp.async take) as offsets into the block's
+// dynamic shared memory.
+inline uint32_t __cvta_generic_to_shared(const void* p) {
+    return (uint32_t)(reinterpret_cast<const unsigned char*>(p) - emu_dynamic_smem());
+}
+inline unsigned char* emu_shared_at(uint32_t addr) { return emu_dynamic_smem() + addr; }
+
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
     auto& w = emu::my_warp();
     int lane = emu::thread_index.x & 31;
