@@ -26,6 +26,19 @@
 // 512-byte rows (bf16) and each weight from shared memory serves four rows. out is
 // [splits, rows, r]: with several splits thin_outer_sum adds them (in order: the same result
 // on every run), and scale is 1 here.
+// One step of thin_project's warp reduction: v[0..2 HALF] of each lane become v[0..HALF],
+// the lower or upper half (by lane bit HALF / 2) summed with the partner lane's.
+template <int HALF>
+__device__ __forceinline__ void halve_over_lanes(float* v, int lane) {
+    bool upper = lane & (HALF / 2);
+#pragma unroll
+    for (int e = 0; e < HALF; ++e) {
+        float give = upper ? v[e] : v[e + HALF];
+        float keep = upper ? v[e + HALF] : v[e];
+        v[e] = keep + __shfl_xor_sync(0xffffffffu, give, HALF / 2);
+    }
+}
+
 // The weights of a stage are read in their storage order (A [r, n] along a rank's columns,
 // B [n, r] along a column's ranks), so that a warp's loads are coalesced; scattered reads, a
 // sector per lane, had cost the L1 four times the stage's arithmetic.
@@ -79,16 +92,23 @@ __device__ void thin_project(const T* x, const float* w, long long w_sk, long lo
                 }
         }
     }
+    // The warp's 64 sums over its lanes by recursive halving: at each step a lane keeps half
+    // of its values (the lower or upper half by its lane bit), adds its partner's copy of
+    // that half, and hands the other half over, so that lane l ends with the totals of values
+    // 2l and 2l + 1, row l / 8, ranks 2 (l % 8) and + 1: 62 shuffles where a butterfly per
+    // value took 320 (the block's other work is two or three column stages).
+    float* v = &acc[0][0];
+    halve_over_lanes<32>(v, lane);
+    halve_over_lanes<16>(v, lane);
+    halve_over_lanes<8>(v, lane);
+    halve_over_lanes<4>(v, lane);
+    halve_over_lanes<2>(v, lane);
+    long long row = row0 + lane / 8;
+    int k = k0 + 2 * (lane % 8);
+    if (row < rows)
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int k = 0; k < THIN_RANKS; ++k) {
-            float v = acc[i][k];
-            for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            long long row = row0 + i;
-            if (lane == k && row < rows && k0 + k < r)
-                out[((long long)blockIdx.z * rows + row) * r + k0 + k] = scale * v;
-        }
+        for (int e = 0; e < 2; ++e)
+            if (k + e < r) out[((long long)blockIdx.z * rows + row) * r + k + e] = scale * v[e];
 }
 
 // One split's share of out[j, k] = Σ_row x[row, j] · mask[row, j] · y[row, k]: rows
