@@ -23,11 +23,12 @@ const SOURCE: &str = concat!(
 /// The files of `SOURCE`, in its order.
 const SOURCE_FILES: [&str; 4] = ["ops.cu", "lora.cu", "attention.cu", "optim.cu"];
 const MODULE: &str = "peft_ops";
-/// PTX for compute_80, the first architecture with the bf16 tensor-core and `ldmatrix`
-/// instructions the kernels use: the driver compiles it for the GPU at hand (sm_80 to sm_90
-/// and later), as it would PTX for compute_90, which needs Hopper or later. candle's own
-/// kernels are built for the GPU `CUDA_COMPUTE_CAP` names.
-const ARCH: &str = "compute_80";
+/// The virtual architectures our kernels are compiled for: compute_80, the first with the bf16
+/// tensor-core, `ldmatrix` and `cp.async` instructions they use (the driver compiles it for any
+/// GPU from sm_80 on), and compute_90 for Hopper and later, where the kernels use what sm_90
+/// adds (vector atomics: `__CUDA_ARCH__ >= 900` in the source). candle's own kernels are built
+/// for the GPU `CUDA_COMPUTE_CAP` names.
+const ARCHS: [&str; 2] = ["compute_80", "compute_90"];
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 
@@ -55,19 +56,36 @@ fn kernel_source() -> std::result::Result<String, String> {
         .concat())
 }
 
-fn ptx() -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        let opts = CompileOptions {
-            arch: Some(ARCH),
-            ..Default::default()
-        };
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(kernel_source()?, opts)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile our CUDA kernels: {e:?}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(e.clone()))
+/// Our kernels as PTX for the GPU of `dev` (compiled once per process and architecture).
+fn ptx(dev: &CudaDevice) -> Result<&'static str> {
+    let (major, _) = dev
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(err)?;
+    ptx_for(ARCHS[usize::from(major >= 9)])
+}
+
+/// Our kernels as PTX for virtual architecture `arch` (one of [`ARCHS`]).
+fn ptx_for(arch: &'static str) -> Result<&'static str> {
+    static PTX: [OnceLock<std::result::Result<String, String>>; 2] =
+        [OnceLock::new(), OnceLock::new()];
+    let slot = ARCHS
+        .iter()
+        .position(|a| *a == arch)
+        .ok_or_else(|| err(format!("no PTX for {arch}")))?;
+    PTX[slot]
+        .get_or_init(|| {
+            let opts = CompileOptions {
+                arch: Some(arch),
+                ..Default::default()
+            };
+            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(kernel_source()?, opts)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("NVRTC could not compile our CUDA kernels: {e:?}"))
+        })
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
 fn suffix(dtype: DType) -> Result<&'static str> {
@@ -112,7 +130,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
     scalars: &[Scalar],
 ) -> Result<CudaStorage> {
     let func =
-        dev.get_or_load_custom_func(&format!("{name}_{}", suffix(T::DTYPE)?), MODULE, ptx()?)?;
+        dev.get_or_load_custom_func(&format!("{name}_{}", suffix(T::DTYPE)?), MODULE, ptx(dev)?)?;
     let views = inputs
         .iter()
         .map(|(s, l)| cuda_view::<T>(s, l))
@@ -340,7 +358,7 @@ pub(crate) fn cross_entropy_rows(
         let func = dev.get_or_load_custom_func(
             &format!("cross_entropy_rows_{}", suffix(T::DTYPE)?),
             MODULE,
-            ptx()?,
+            ptx(&dev)?,
         )?;
         let (vocab_, grad_) = (vocab as i32, grad as i32);
         let mut builder = func.builder();
@@ -504,7 +522,7 @@ fn launch_low_rank_add<T: CudaDType + DeviceRepr + WithDType>(
     let func = dev.get_or_load_custom_func(
         &format!("low_rank_add_{}", suffix(T::DTYPE)?),
         MODULE,
-        ptx()?,
+        ptx(dev)?,
     )?;
     let (rows_, cols_, r_) = (rows as i64, cols as i32, r as i32);
     let drop = DropoutArgs::new(dropout);
@@ -563,7 +581,7 @@ fn launch_thin_sum(
     (o_sn, o_sk): (i64, i64),
     scale: f32,
 ) -> Result<()> {
-    let func = dev.get_or_load_custom_func("thin_outer_sum", MODULE, ptx()?)?;
+    let func = dev.get_or_load_custom_func("thin_outer_sum", MODULE, ptx(dev)?)?;
     let (splits_, nr_, r_) = (splits as i32, nr as i64, r as i32);
     let mut builder = func.builder();
     builder.arg(part).arg(out).arg(&splits_).arg(&nr_).arg(&r_);
@@ -612,7 +630,7 @@ pub(crate) fn thin_project(
         let func = dev.get_or_load_custom_func(
             &format!("thin_project_{}", suffix(T::DTYPE)?),
             MODULE,
-            ptx()?,
+            ptx(&dev)?,
         )?;
         let (rows_, n_, r_, per_split_) = (rows as i64, n as i32, r as i32, per_split as i32);
         // Several splits write unscaled partial sums; their sum takes the scale.
@@ -687,7 +705,7 @@ pub(crate) fn thin_outer(
         let func = dev.get_or_load_custom_func(
             &format!("thin_outer_{}", suffix(T::DTYPE)?),
             MODULE,
-            ptx()?,
+            ptx(&dev)?,
         )?;
         let (rows_, n_, r_, per_split_) = (rows as i64, n as i32, r as i32, per_split as i64);
         let drop = DropoutArgs::new(dropout);
@@ -729,7 +747,7 @@ pub(crate) fn dropout_mask(
     let n: usize = shape.iter().product();
     // SAFETY: every element is written.
     let out = unsafe { dev.alloc::<f32>(n)? };
-    let func = dev.get_or_load_custom_func("dropout_mask_f32", MODULE, ptx()?)?;
+    let func = dev.get_or_load_custom_func("dropout_mask_f32", MODULE, ptx(dev)?)?;
     let n_ = n as i64;
     let drop = DropoutArgs::new(Some(dropout));
     let mut builder = func.builder();
@@ -760,7 +778,7 @@ pub(crate) fn random_normal(
         let func = dev.get_or_load_custom_func(
             &format!("random_normal_{}", suffix(T::DTYPE)?),
             MODULE,
-            ptx()?,
+            ptx(dev)?,
         )?;
         let n_ = n as i64;
         let mut builder = func.builder();
@@ -849,7 +867,7 @@ impl DeviceQuant4 {
             let func = dev.get_or_load_custom_func(
                 &format!("dequantize_4bit_{}", suffix(T::DTYPE)?),
                 MODULE,
-                ptx()?,
+                ptx(&dev)?,
             )?;
             let (len, bs, bs2) = (q.len as i64, q.blocksize as i32, blocksize2 as i32);
             let (pv, cv) = (view::<u8>(&ps, pl)?, view::<f32>(&cs, cl)?);
@@ -987,7 +1005,7 @@ impl<'a> FlashViews<'a> {
         dev: &CudaDevice,
         (t, heads, kv_heads, d): (usize, usize, usize, usize),
     ) -> Result<(CudaSlice<bf16>, CudaSlice<bf16>)> {
-        let func = dev.get_or_load_custom_func("rope_rotate_bf16", MODULE, ptx()?)?;
+        let func = dev.get_or_load_custom_func("rope_rotate_bf16", MODULE, ptx(dev)?)?;
         let one = |x: &CudaView<bf16>, heads: usize| -> Result<CudaSlice<bf16>> {
             let n = x.len();
             // SAFETY: one thread per 16-element chunk writes both of its halves' 8 elements.
@@ -1096,7 +1114,7 @@ impl FlashInputs {
         } else {
             (format!("flash_fwd_d{d}"), FA_TILE)
         };
-        let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+        let func = dev.get_or_load_custom_func(&name, MODULE, ptx(&dev)?)?;
         let cfg = tile_launch(&func, (b, t, heads), rows, shared)?;
         self.with_views(|x| {
             let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
@@ -1139,7 +1157,7 @@ impl FlashInputs {
         let rows = (b * t * heads) as i64;
         // SAFETY: written for every row.
         let delta = unsafe { dev.alloc::<f32>(b * heads * t)? };
-        let func = dev.get_or_load_custom_func("flash_bwd_delta_bf16", MODULE, ptx()?)?;
+        let func = dev.get_or_load_custom_func("flash_bwd_delta_bf16", MODULE, ptx(&dev)?)?;
         let warps = FA_THREADS as usize / 32;
         let cfg = LaunchConfig {
             grid_dim: ((rows as usize).div_ceil(warps) as u32, 1, 1),
@@ -1160,7 +1178,7 @@ impl FlashInputs {
         // K and V tiles, two buffers of Q and dO tiles, dS (bf16); two buffers of log-sum-exp
         // and delta (f32); the segment ids of the query tile and of the keys (u32).
         let shared = 6 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 6 * FA_TILE * 4;
-        let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx()?)?;
+        let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx(&dev)?)?;
         let cfg = tile_launch(&func, (b, t, heads), FA_TILE, shared)?;
         let kv_pairs = (b * t * kvd / 2) as i64;
         let pairs = (b * t * hd / 2) as i64;
@@ -1184,7 +1202,7 @@ impl FlashInputs {
             unsafe { builder.launch(cfg) }.map_err(err)?;
 
             // dk, dv: the shares summed per kv head, dk scaled and rotated back.
-            let func = dev.get_or_load_custom_func("flash_bwd_dkv_bf16", MODULE, ptx()?)?;
+            let func = dev.get_or_load_custom_func("flash_bwd_dkv_bf16", MODULE, ptx(&dev)?)?;
             let mut builder = func.builder();
             builder
                 .arg(&dk_part)
@@ -1205,7 +1223,7 @@ impl FlashInputs {
             unsafe { builder.launch(elementwise_config(kv_pairs as usize)) }.map_err(err)?;
 
             // dq: scaled and rotated back, in the projection layout.
-            let func = dev.get_or_load_custom_func("flash_bwd_dq_bf16", MODULE, ptx()?)?;
+            let func = dev.get_or_load_custom_func("flash_bwd_dq_bf16", MODULE, ptx(&dev)?)?;
             let mut builder = func.builder();
             builder.arg(&dq_acc).arg(&x.cos).arg(&x.sin);
             builder.arg(&x.rope_bstride).arg(&dq);
@@ -1390,7 +1408,9 @@ impl FusedAdamw {
         let sum_sq = self.dev.alloc_zeros::<f64>(1)?;
         for table in &self.tables {
             let name = format!("sum_squares_multi_{}", table.suffix()?);
-            let func = self.dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+            let func = self
+                .dev
+                .get_or_load_custom_func(&name, MODULE, ptx(&self.dev)?)?;
             let mut builder = func.builder();
             builder.arg(&table.entries).arg(&table.stride).arg(&sum_sq);
             // SAFETY: the arguments match sum_squares_multi_*; the addresses are live.
@@ -1417,7 +1437,9 @@ impl FusedAdamw {
                 TableKind::Dense(_) => format!("adamw_multi_{}", table.suffix()?),
                 TableKind::EightBit => "adamw8bit_multi_f32".to_string(),
             };
-            let func = self.dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+            let func = self
+                .dev
+                .get_or_load_custom_func(&name, MODULE, ptx(&self.dev)?)?;
             let mut builder = func.builder();
             builder.arg(&table.entries);
             if let Some((signed, unsigned)) = &maps {
@@ -1438,14 +1460,26 @@ impl FusedAdamw {
 
 #[cfg(test)]
 mod tests {
-    /// NVRTC needs no GPU: the kernel source must compile wherever the `cuda` feature builds.
+    /// NVRTC needs no GPU: the kernel source must compile, for both architectures, wherever
+    /// the `cuda` feature builds.
     #[test]
     fn kernels_compile_with_nvrtc() {
-        let ptx = super::ptx().unwrap();
-        // scripts/gpu/ptxas.sh reads the PTX from here: registers and spills without a GPU.
-        if let Some(path) = std::env::var_os("PEFT_PTX_OUT") {
-            std::fs::write(path, ptx).unwrap();
+        for arch in super::ARCHS {
+            let ptx = super::ptx_for(arch).unwrap();
+            check_entries(ptx);
+            // scripts/gpu/ptxas.sh reads the H200's PTX from here: registers and spills
+            // without a GPU.
+            if arch == "compute_90" {
+                if let Some(path) = std::env::var_os("PEFT_PTX_OUT") {
+                    std::fs::write(path, ptx).unwrap();
+                }
+                // The dQ sums of the flash backward: one vector atomic per pair.
+                assert!(ptx.contains("atom.global.add.v2.f32"));
+            }
         }
+    }
+
+    fn check_entries(ptx: &str) {
         for name in [
             "causal_softmax_fwd",
             "causal_softmax_bwd",

@@ -747,8 +747,13 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 float* dst = dqb + (long long)query * D + n0 * 8 + 2 * c;
 #pragma unroll
                 for (int n = 0; n < 8; ++n) {
+#if __CUDA_ARCH__ >= 900
+                    // One vector atomic per pair (sm_90): half the atomic operations.
+                    atomicAdd((float2*)(dst + n * 8), make_float2(dq[n][2 * r], dq[n][2 * r + 1]));
+#else
                     atomicAdd(dst + n * 8, dq[n][2 * r]);
                     atomicAdd(dst + n * 8 + 1, dq[n][2 * r + 1]);
+#endif
                 }
             }
         }
