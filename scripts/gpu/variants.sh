@@ -3,7 +3,9 @@
 # shapes as built, then with each kernel variant DIR (PEFT_CUDA_KERNELS: the .cu files of
 # crates/peft-ops/src/kernels, same kernel arguments) and each environment setting KEY=VALUE
 # (say PEFT_CUDA_LORA=cublas, PEFT_LAYER_TAPE=off), side by side: what a variant gains,
-# measured in one lease. variants.jsonl and a table go to $OUT.
+# measured in one lease. variants.jsonl and a table go to $OUT; then one layer's attention of
+# each shape alone under each variant (`peft bench --mode attention`, seconds each):
+# variants_attention.jsonl and its table.
 #   scripts/gpu/variants.sh [--kernels DIR]... [--env KEY=VALUE]...
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,4 +49,33 @@ for l in open(sys.argv[1]):
         print(f"| {o['case']} | {o['kernels']} | error: {r['error'][-100:]!r} | | | | |"); continue
     print(f"| {o['case']} | {o['kernels']} | {r['tokens_per_s']:.0f} | {1e3 * r['step_s_median']:.1f} | "
           f"{r['peak_device_mib']:.0f} | {r['loss_first']:.4f} | {r['loss_last']:.4f} |")
+PY
+: > "$out/variants_attention.jsonl"
+while read -r shape batch seq; do
+  for v in "${variants[@]}"; do
+    case "$v" in
+      built) env=() ;;
+      env:*) env=("${v#env:}") ;;
+      *) env=(PEFT_CUDA_KERNELS="$v") ;;
+    esac
+    line=$(env "${env[@]}" timeout 60 "$bin/peft" bench --mode attention --device cuda --dtype bf16 \
+        --shape "$shape" --batch-size "$batch" --seq-len "$seq" --warmup 3 --steps 10 2>&1 | tail -n 1)
+    case "$line" in \{*) ;; *) line=$(printf '{"error": %s}' "$(printf '%s' "$line" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()[-300:]))')") ;; esac
+    echo "{\"kernels\": \"$v\", \"result\": $line}" >> "$out/variants_attention.jsonl"
+  done
+done <<'CASES'
+smollm2-135m 8 1024
+llama-3.2-1b 4 1024
+llama-3-8b 2 2048
+CASES
+python3 - "$out/variants_attention.jsonl" <<'PY'
+import json, sys
+print("| shape | kernels | forward ms | backward ms | forward TFLOP/s | backward TFLOP/s |")
+print("|---|---|---:|---:|---:|---:|")
+for l in open(sys.argv[1]):
+    o = json.loads(l); r = o["result"]
+    if "error" in r:
+        print(f"| | {o['kernels']} | error: {r['error'][-100:]!r} | | | |"); continue
+    print(f"| {r['shape']} | {o['kernels']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "
+          f"{r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} |")
 PY

@@ -19,6 +19,10 @@ pub enum BenchMode {
     /// Greedy generation, adapter unmerged and merged taking turns (tokens/s of the best of
     /// --steps runs each).
     Generate,
+    /// One layer's causal self-attention of the --shape, alone: forward, and forward with
+    /// backward (the flash kernels on a GPU in bf16), in ms and TFLOP/s. Seconds where a whole
+    /// training step needs the model: for comparing attention kernels.
+    Attention,
 }
 
 #[derive(clap::Args)]
@@ -107,6 +111,9 @@ enum Method {
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
+    if cmd.mode == BenchMode::Attention {
+        return bench_attention(&cmd);
+    }
     let method = match cmd.method.as_str() {
         "lora" => Method::Lora,
         "full" => Method::Full,
@@ -176,7 +183,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         Method::Lora => {
             let model = PeftModel::new(base, config, 0)?;
             match cmd.mode {
-                BenchMode::Train => Box::new(model),
+                BenchMode::Train | BenchMode::Attention => Box::new(model),
                 BenchMode::Forward => return bench_forward(&cmd, &model),
                 BenchMode::Generate => {
                     let tok = tok.context("generate mode needs the model's tokenizer")?;
@@ -342,6 +349,81 @@ fn bench_forward(cmd: &BenchCmd, model: &PeftModel) -> Result<()> {
             "batch_size": cmd.batch_size, "seq_len": cmd.seq_len, "steps": cmd.steps,
             "tokens_per_s": (cmd.batch_size * cmd.seq_len * cmd.steps) as f64 / total,
             "peak_rss_mib": peak_rss_mib(),
+        })
+    );
+    Ok(())
+}
+
+/// `--mode attention`: q, k, v of one layer of the shape (random, the bench's dtype), timed
+/// through `causal_self_attention` and its backward (gradients of all three), synchronized
+/// with the device after each.
+fn bench_attention(cmd: &BenchCmd) -> Result<()> {
+    let Some(shape) = &cmd.shape else {
+        bail!("--mode attention needs --shape");
+    };
+    if cmd.steps == 0 || cmd.batch_size == 0 || cmd.seq_len == 0 {
+        bail!("--steps, --batch-size and --seq-len must be at least 1");
+    }
+    let config = peft_models::shapes::shape_config(shape)?;
+    let (heads, kv_heads, d) = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
+    let (b, t) = (cmd.batch_size, cmd.seq_len);
+    let device = peft_ops::open_device(&cmd.device)?;
+    let dtype = cmd.dtype.on(&device);
+    let var = |width: usize| -> Result<candle_core::Var> {
+        let x = Tensor::randn(0f32, 1.0, (b, t, width * d), &device)?.to_dtype(dtype)?;
+        Ok(candle_core::Var::from_tensor(&x)?)
+    };
+    let (q, k, v) = (var(heads)?, var(kv_heads)?, var(kv_heads)?);
+    // The identity rotation: RoPE's values do not change the work.
+    let cos = Tensor::ones((t, d / 2), candle_core::DType::F32, &device)?;
+    let sin = Tensor::zeros((t, d / 2), candle_core::DType::F32, &device)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let attend = || {
+        peft_ops::causal_self_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            &cos,
+            &sin,
+            heads,
+            kv_heads,
+            scale,
+            None,
+        )
+    };
+    let (mut fwd, mut fwd_bwd) = (Vec::new(), Vec::new());
+    for step in 0..cmd.warmup + cmd.steps {
+        let start = Instant::now();
+        let o = attend()?;
+        device.synchronize()?;
+        let forward = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let grads = attend()?.backward()?;
+        device.synchronize()?;
+        let both = start.elapsed().as_secs_f64();
+        drop((o, grads));
+        if step >= cmd.warmup {
+            fwd.push(forward);
+            fwd_bwd.push(both);
+        }
+    }
+    let (fwd, fwd_bwd) = (median(&fwd), median(&fwd_bwd));
+    // Causal: half of the two t x t x d products (forward), of the five (backward).
+    let flops = 2.0 * (b * heads * t * t * d) as f64;
+    println!(
+        "{}",
+        json!({
+            "mode": "attention", "shape": shape, "device": cmd.device,
+            "dtype": format!("{:?}", cmd.dtype).to_lowercase(), "batch_size": b, "seq_len": t,
+            "heads": heads, "kv_heads": kv_heads, "head_dim": d, "steps": cmd.steps,
+            "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd, "bwd_ms": 1e3 * (fwd_bwd - fwd),
+            "fwd_tflops": flops / fwd / 1e12,
+            "bwd_tflops": 2.5 * flops / (fwd_bwd - fwd).max(1e-9) / 1e12,
+            "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
         })
     );
     Ok(())

@@ -86,6 +86,50 @@ fn unknown_device_and_shape() {
     }
 }
 
+/// `peft bench --mode attention` times one layer's attention of a shape alone (no model
+/// built): the record names the shape's heads and head size and holds finite times and rates;
+/// a mode without a shape is refused.
+#[test]
+fn bench_times_attention_alone() {
+    let args = [
+        "bench",
+        "--mode",
+        "attention",
+        "--shape",
+        "llama-3.2-1b",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "64",
+        "--warmup",
+        "0",
+        "--steps",
+        "2",
+        "--threads",
+        "2",
+    ];
+    let out = peft(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(
+        (r["heads"].as_u64(), r["kv_heads"].as_u64()),
+        (Some(32), Some(8))
+    );
+    assert_eq!(r["head_dim"], 64);
+    for key in ["fwd_ms", "fwd_bwd_ms", "fwd_tflops"] {
+        let x = r[key].as_f64().unwrap_or(f64::NAN);
+        assert!(x.is_finite() && x > 0.0, "{key}: {x}");
+    }
+    let out = peft(&["bench", "--mode", "attention", "--model", "nowhere"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--shape"));
+}
+
 /// `peft bench --method prompt|prefix` trains HF's 20 virtual tokens on a random SmolLM2
 /// shape: the trainable counts are PEFT's (prompt: 20 × hidden; prefix: 20 × a key and a
 /// value per layer), and the loss falls on the fixed batch.
