@@ -239,7 +239,10 @@ pub(crate) fn rms_norm_bwd(
     rms_norm_rows("rms_norm_bwd", &[x, w, g], eps)
 }
 
-/// Launches the RMSNorm kernel `name` (one block per row of `w`'s length) on `inputs`, `x` and
+/// Rows per 256-thread block of the RMSNorm kernels, a warp each (`NORM_ROWS` in kernels/ops.cu).
+const NORM_ROWS: usize = 8;
+
+/// Launches the RMSNorm kernel `name` (a warp per row of `w`'s length) on `inputs`, `x` and
 /// `w` first, for an output of `x`'s size.
 fn rms_norm_rows(name: &str, inputs: &[(&CudaStorage, &Layout)], eps: f32) -> Result<CudaStorage> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
@@ -257,14 +260,18 @@ fn rms_norm_rows(name: &str, inputs: &[(&CudaStorage, &Layout)], eps: f32) -> Re
                 w.1.shape()
             );
         }
-        launch::<T>(
-            x.0.device(),
-            name,
-            inputs,
-            n,
-            rows_config(n / d),
-            &[Scalar::I32(d as i32), Scalar::F32(eps)],
-        )
+        let rows = n / d;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(NORM_ROWS) as u32, 1, 1),
+            block_dim: (32 * NORM_ROWS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let scalars = [
+            Scalar::I64(rows as i64),
+            Scalar::I32(d as i32),
+            Scalar::F32(eps),
+        ];
+        launch::<T>(x.0.device(), name, inputs, n, cfg, &scalars)
     }
     dispatch!(inputs[0].0.dtype(), f(name, inputs, eps))
 }

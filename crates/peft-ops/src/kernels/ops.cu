@@ -132,38 +132,78 @@ __device__ void causal_softmax_bwd(const T* y, const T* g, T* dx, int k, float s
     }
 }
 
-// y = x / rms(x) * w over rows of d, in f32 (as candle's RMSNorm kernel).
-template <typename T>
-__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int d, float eps) {
-    __shared__ float sh[32];
-    long long off = (long long)blockIdx.x * d;
-    float ss = 0.f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float xj = ld(x, off + j);
-        ss += xj * xj;
-    }
-    float r = rsqrtf(block_reduce(ss, sh, false) / d + eps);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) st(y, off + j, ld(x, off + j) * r * ld(w, j));
+// RMSNorm takes one warp per row (NORM_ROWS rows a 256-thread block), NORM_PACK consecutive
+// elements a lane at a time, read as one where alignment allows, and sums over the warp by
+// shuffles: no shared memory and no block barrier (a block per row waited at two per pass).
+#define NORM_PACK 8
+#define NORM_ROWS 8
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
 }
 
-// Gradient of y = x / rms(x) * w with respect to x, rows of d.
+// y = x / rms(x) * w over rows of d, in f32 (as candle's RMSNorm kernel).
 template <typename T>
-__device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, int d, float eps) {
-    __shared__ float sh[32];
-    long long off = (long long)blockIdx.x * d;
-    float ss = 0.f, gwx = 0.f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float xj = ld(x, off + j);
-        ss += xj * xj;
-        gwx += ld(g, off + j) * ld(w, j) * xj;
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, long long rows, int d, float eps) {
+    const int N = NORM_PACK;
+    long long row = (long long)blockIdx.x * NORM_ROWS + threadIdx.x / 32;
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    long long off = row * d, end = off + d;
+    bool vec = packable<N>(x + off, d) && packable<N>(y + off, d) && pack_aligned<N>(w);
+    float ss = 0.f;
+    for (int j = lane * N; j < d; j += 32 * N) {
+        float v[N];
+        load_pack<N>(x, off + j, end, vec, v);
+#pragma unroll
+        for (int e = 0; e < N; ++e) ss += v[e] * v[e];
     }
-    ss = block_reduce(ss, sh, false);
-    gwx = block_reduce(gwx, sh, false);
-    float r = rsqrtf(ss / d + eps);
-    float dot = gwx * r / d;  // mean(g * w * xhat)
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float xhat = ld(x, off + j) * r;
-        st(dx, off + j, (ld(g, off + j) * ld(w, j) - xhat * dot) * r);
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    for (int j = lane * N; j < d; j += 32 * N) {
+        float v[N], wv[N];
+        load_pack<N>(x, off + j, end, vec, v);
+        load_pack<N>(w, j, d, vec, wv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[e] = v[e] * r * wv[e];
+        store_pack<N>(y, off + j, end, vec, v);
+    }
+}
+
+// Gradient of y = x / rms(x) * w with respect to x, rows of d; launched as rms_norm_fwd.
+template <typename T>
+__device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, long long rows, int d,
+                             float eps) {
+    const int N = NORM_PACK;
+    long long row = (long long)blockIdx.x * NORM_ROWS + threadIdx.x / 32;
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    long long off = row * d, end = off + d;
+    bool vec = packable<N>(x + off, d) && packable<N>(g + off, d) &&
+               packable<N>(dx + off, d) && pack_aligned<N>(w);
+    float ss = 0.f, gwx = 0.f;
+    for (int j = lane * N; j < d; j += 32 * N) {
+        float xv[N], gv[N], wv[N];
+        load_pack<N>(x, off + j, end, vec, xv);
+        load_pack<N>(g, off + j, end, vec, gv);
+        load_pack<N>(w, j, d, vec, wv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            ss += xv[e] * xv[e];
+            gwx += gv[e] * wv[e] * xv[e];
+        }
+    }
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    float dot = warp_sum(gwx) * r / d;  // mean(g * w * xhat)
+    for (int j = lane * N; j < d; j += 32 * N) {
+        float xv[N], gv[N], wv[N];
+        load_pack<N>(x, off + j, end, vec, xv);
+        load_pack<N>(g, off + j, end, vec, gv);
+        load_pack<N>(w, j, d, vec, wv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) xv[e] = (gv[e] * wv[e] - xv[e] * r * dot) * r;
+        store_pack<N>(dx, off + j, end, vec, xv);
     }
 }
 
@@ -371,13 +411,13 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
                                                       float scale) {                          \
         causal_softmax_bwd<T>(y, g, dx, k, scale);                                             \
     }                                                                                          \
-    extern "C" __global__ void rms_norm_fwd_##S(const T* x, const T* w, T* y, int d,          \
-                                                float eps) {                                  \
-        rms_norm_fwd<T>(x, w, y, d, eps);                                                      \
+    extern "C" __global__ void rms_norm_fwd_##S(const T* x, const T* w, T* y, long long rows,  \
+                                                int d, float eps) {                           \
+        rms_norm_fwd<T>(x, w, y, rows, d, eps);                                                \
     }                                                                                          \
     extern "C" __global__ void rms_norm_bwd_##S(const T* x, const T* w, const T* g, T* dx,    \
-                                                int d, float eps) {                           \
-        rms_norm_bwd<T>(x, w, g, dx, d, eps);                                                  \
+                                                long long rows, int d, float eps) {           \
+        rms_norm_bwd<T>(x, w, g, dx, rows, d, eps);                                            \
     }                                                                                          \
     extern "C" __global__ void cross_entropy_rows_##S(const T* logits, const long long* labels, \
                                                       T* dlogits, float* row_loss, int vocab,  \

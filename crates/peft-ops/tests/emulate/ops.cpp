@@ -13,8 +13,8 @@
 //                 [n, r] when w_t) -> out (rows·r)
 // thin_outer:     i64 rows; i32 n, r, out_t, splits; f32 scale; D; f32 x (rows·n), y (rows·r)
 //                 -> out (n·r, as [r, n] when out_t)
-// Launch shapes as in src/cuda.rs: a block of 256 threads per row, 256-thread blocks for the
-// elementwise kernels; low_rank_add and the thin kernels as its launchers set them.
+// Launch shapes as in src/cuda.rs: a warp per row for RMSNorm (8 a block), 256-thread blocks for
+// the elementwise kernels; low_rank_add and the thin kernels as its launchers set them.
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
 #include "../../src/kernels/lora.cu"
@@ -40,10 +40,12 @@ int main(int argc, char** argv) {
         auto g = take<float>(in, (size_t)rows * d);
         std::vector<float> dx(x.size());
         out.resize(x.size());
-        emu::launch({rows}, {256}, 0,
-                    [&] { rms_norm_fwd_f32(x.data(), w.data(), out.data(), d, eps); });
-        emu::launch({rows}, {256}, 0,
-                    [&] { rms_norm_bwd_f32(x.data(), w.data(), g.data(), dx.data(), d, eps); });
+        unsigned blocks = (rows + NORM_ROWS - 1) / NORM_ROWS;
+        emu::launch({blocks}, {32 * NORM_ROWS}, 0,
+                    [&] { rms_norm_fwd_f32(x.data(), w.data(), out.data(), rows, d, eps); });
+        emu::launch({blocks}, {32 * NORM_ROWS}, 0, [&] {
+            rms_norm_bwd_f32(x.data(), w.data(), g.data(), dx.data(), rows, d, eps);
+        });
         out.insert(out.end(), dx.begin(), dx.end());
     } else if (kernel == "gated") {
         long long n = take<long long>(in, 1)[0];
