@@ -5,15 +5,15 @@
 # hf_anchor.jsonl, peft_gpu.jsonl and vs_hf_gpu.md.
 #   scripts/gpu/check.sh [--tests-only | --bench-only | --ablation] [--skip-hf FILE | --hf-reference]
 #                        [--cases A,B] [--profile] [--env-variant KEY=VALUE]...
-#                        [--kernel-variant DIR]...
+#                        [--kernel-variant DIR]... [--test-env KEY=VALUE]...
 # --profile then times every kernel of a 1B and an 8B training step (scripts/gpu/profile.sh:
 # ncu_1b.csv.gz, ncu_8b.csv.gz, profile_bench.jsonl): eight files in all, the most a call
 # brings back. A whole run with it takes about five minutes on an H200.
-# --env-variant runs the CUDA tests again with KEY=VALUE set, and after the benchmark
-# scripts/gpu/variants.sh compares issue 4's three shapes as built and under each setting
-# (variants.jsonl): say PEFT_CUDA_LORA=cublas or PEFT_LAYER_TAPE=off. --kernel-variant adds
-# the kernel sources of DIR to that comparison (scripts/gpu/kernel_variant.sh makes one from a
-# git revision); the tests are not rerun with them.
+# --env-variant: after the benchmark, scripts/gpu/variants.sh compares issue 4's three shapes
+# as built and under each setting KEY=VALUE (variants.jsonl, variants_attention.jsonl): say
+# PEFT_CUDA_LORA=cublas or PEFT_LAYER_TAPE=off. --kernel-variant adds the kernel sources of DIR
+# to that comparison (scripts/gpu/kernel_variant.sh makes one from a git revision).
+# --test-env runs the CUDA tests again with KEY=VALUE set (about 45 s each).
 # --ablation runs bench/gpu_ablation.sh instead (each kernel group turned off in turn:
 # ablation.jsonl and ablation.md).
 # --hf-reference compares with HF's figures measured on the same machine
@@ -23,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
 mkdir -p "$out"
-what=all skip=() cases=() profile=0 env_variants=() kernel_variants=()
+what=all skip=() cases=() profile=0 env_variants=() kernel_variants=() test_envs=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) what=tests; shift ;;
@@ -35,6 +35,7 @@ while [ $# -gt 0 ]; do
     --profile) profile=1; shift ;;
     --env-variant) env_variants+=("$2"); shift 2 ;;
     --kernel-variant) kernel_variants+=("$2"); shift 2 ;;
+    --test-env) test_envs+=("$2"); shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -43,7 +44,7 @@ log=$out/log.txt
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
   if [ "$what" = all ] || [ "$what" = tests ]; then
-    for setting in "" "${env_variants[@]}"; do
+    for setting in "" "${test_envs[@]}"; do
       for crate in peft-ops peft-train; do
         echo "== $crate CUDA tests ${setting:-as built}"
         (cd "crates/$crate" && env $setting timeout "${TEST_TIMEOUT:-300}" "$bin/test-$crate" --test-threads=1 --nocapture)
