@@ -403,6 +403,19 @@ fn flash_attention_head_dim_128_two_batches() {
     compare(2, 70, 2, 1, 128);
 }
 
+/// A sequence shorter than one tile: every copy of every tile partial.
+#[test]
+fn flash_attention_shorter_than_a_tile() {
+    compare(2, 40, 2, 1, 64);
+}
+
+/// Four tiles: key tiles wholly before the queries' (unmasked, in both passes), the 128-row
+/// forward's second block partial.
+#[test]
+fn flash_attention_four_tiles() {
+    compare(1, 200, 2, 1, 64);
+}
+
 /// AdamW's scalars at step 3 (bias corrections below 1), clipping and weight decay on.
 struct Adamw {
     lr: f32,
