@@ -20,18 +20,28 @@ while [ $# -gt 0 ]; do
   esac
 done
 . scripts/gpu/env.sh
+# `peft bench ARGS...` under variant V (built, env:KEY=VALUE or a kernel folder) within
+# SECONDS: its JSON line, or {"error": the tail of its output}.
+bench_under() {
+  local v=$1 seconds=$2 env=() line
+  shift 2
+  case "$v" in
+    built) ;;
+    env:*) env=("${v#env:}") ;;
+    *) env=(PEFT_CUDA_KERNELS="$v") ;;
+  esac
+  line=$(env "${env[@]}" timeout "$seconds" "$bin/peft" bench --device cuda --dtype bf16 "$@" 2>&1 | tail -n 1)
+  case "$line" in
+    \{*) echo "$line" ;;
+    *) printf '{"error": %s}\n' "$(printf '%s' "$line" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()[-300:]))')" ;;
+  esac
+}
 : > "$out/variants.jsonl"
 while read -r name shape batch seq warmup steps; do
   for v in "${variants[@]}"; do
-    case "$v" in
-      built) env=() ;;
-      env:*) env=("${v#env:}") ;;
-      *) env=(PEFT_CUDA_KERNELS="$v") ;;
-    esac
-    line=$(env "${env[@]}" timeout "${CASE_TIMEOUT:-90}" "$bin/peft" bench --device cuda --dtype bf16 \
-        --shape "$shape" --lora-dropout 0 --r 16 --lora-alpha 32 --target-modules q_proj,k_proj,v_proj,o_proj \
-        --batch-size "$batch" --seq-len "$seq" --warmup "$warmup" --steps "$steps" 2>&1 | tail -n 1)
-    case "$line" in \{*) ;; *) line=$(printf '{"error": %s}' "$(printf '%s' "$line" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()[-300:]))')") ;; esac
+    line=$(bench_under "$v" "${CASE_TIMEOUT:-90}" --shape "$shape" --lora-dropout 0 --r 16 --lora-alpha 32 \
+        --target-modules q_proj,k_proj,v_proj,o_proj --batch-size "$batch" --seq-len "$seq" \
+        --warmup "$warmup" --steps "$steps")
     echo "{\"case\": \"$name\", \"kernels\": \"$v\", \"result\": $line}" >> "$out/variants.jsonl"
   done
 done <<'CASES'
@@ -53,14 +63,8 @@ PY
 : > "$out/variants_attention.jsonl"
 while read -r shape batch seq; do
   for v in "${variants[@]}"; do
-    case "$v" in
-      built) env=() ;;
-      env:*) env=("${v#env:}") ;;
-      *) env=(PEFT_CUDA_KERNELS="$v") ;;
-    esac
-    line=$(env "${env[@]}" timeout 60 "$bin/peft" bench --mode attention --device cuda --dtype bf16 \
-        --shape "$shape" --batch-size "$batch" --seq-len "$seq" --warmup 3 --steps 10 2>&1 | tail -n 1)
-    case "$line" in \{*) ;; *) line=$(printf '{"error": %s}' "$(printf '%s' "$line" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()[-300:]))')") ;; esac
+    line=$(bench_under "$v" 60 --mode attention --shape "$shape" --batch-size "$batch" \
+        --seq-len "$seq" --warmup 3 --steps 10)
     echo "{\"kernels\": \"$v\", \"result\": $line}" >> "$out/variants_attention.jsonl"
   done
 done <<'CASES'
