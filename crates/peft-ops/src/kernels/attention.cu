@@ -150,23 +150,19 @@ __device__ __forceinline__ void c_to_a(u32* a, const float* c0, const float* c1)
 // a kernel issues the copies of its next tile, commits them as a group, and waits for a group
 // (cp_async_wait<N>: all but the N newest groups landed) before the __syncthreads that makes
 // the tile visible to the block. No registers hold the tile meanwhile.
-// 16 bytes (both 16-byte aligned; .cg: not cached in L1), or 16 zero bytes where !valid.
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+// BYTES (16: a tile's chunk, not cached in L1 (.cg); 4: an f32), aligned to their size, or as
+// many zero bytes where !valid.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(u32 dst, const void* src, bool valid) {
 #ifdef PEFT_EMULATE
-    emu_cp_async(emu_shared_at(dst), src, 16, valid);
+    emu_cp_async(emu_shared_at(dst), src, BYTES, valid);
 #else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0));
-#endif
-}
-
-// 4 bytes, or a zero where !valid.
-__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
-#ifdef PEFT_EMULATE
-    emu_cp_async(emu_shared_at(dst), src, 4, valid);
-#else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 4 : 0));
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                     "r"(valid ? 16 : 0));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+                     "r"(valid ? 4 : 0));
 #endif
 }
 
@@ -202,12 +198,12 @@ __device__ __forceinline__ void load_tile_async(u32 s, const bf16_t* x, long lon
     if (row0 + FA_TILE <= t) {
 #pragma unroll
         for (int it = 0; it < FA_TILE / R; ++it, src += R * stride)
-            cp_async16(dst + 2u * it * R * P, src, true);
+            cp_async<16>(dst + 2u * it * R * P, src, true);
     } else {
 #pragma unroll
         for (int it = 0; it < FA_TILE / R; ++it, src += R * stride) {
             bool valid = row0 + r + it * R < t;
-            cp_async16(dst + 2u * it * R * P, valid ? src : x, valid);
+            cp_async<16>(dst + 2u * it * R * P, valid ? src : x, valid);
         }
     }
 }
@@ -218,7 +214,7 @@ __device__ __forceinline__ void load_rows_async(u32 s, const float* x, int row0,
     int i = (int)threadIdx.x - first;
     if (i < 0 || i >= FA_TILE) return;
     bool valid = row0 + i < t;
-    cp_async4(s + 4u * i, x + (valid ? row0 + i : 0), valid);
+    cp_async<4>(s + 4u * i, x + (valid ? row0 + i : 0), valid);
 }
 
 // Chunks lo = x[j..j + 7] and hi = x[j + H..j + H + 7] of one row rotated by RoPE (HF's
