@@ -49,17 +49,6 @@ smol-attn-8x1024 smollm2-135m 8 1024 3 10
 1b-attn-4x1024 llama-3.2-1b 4 1024 3 10
 8b-attn-2x2048 llama-3-8b 2 2048 2 6
 CASES
-python3 - "$out/variants.jsonl" <<'PY'
-import json, sys
-print("| case | kernels | tokens/s | step ms | peak MiB | first loss | last loss |")
-print("|---|---|---:|---:|---:|---:|---:|")
-for l in open(sys.argv[1]):
-    o = json.loads(l); r = o["result"]
-    if "error" in r:
-        print(f"| {o['case']} | {o['kernels']} | error: {r['error'][-100:]!r} | | | | |"); continue
-    print(f"| {o['case']} | {o['kernels']} | {r['tokens_per_s']:.0f} | {1e3 * r['step_s_median']:.1f} | "
-          f"{r['peak_device_mib']:.0f} | {r['loss_first']:.4f} | {r['loss_last']:.4f} |")
-PY
 : > "$out/variants_attention.jsonl"
 while read -r shape batch seq; do
   for v in "${variants[@]}"; do
@@ -72,14 +61,23 @@ smollm2-135m 8 1024
 llama-3.2-1b 4 1024
 llama-3-8b 2 2048
 CASES
-python3 - "$out/variants_attention.jsonl" <<'PY'
+python3 - "$out/variants.jsonl" "$out/variants_attention.jsonl" <<'PY'
 import json, sys
-print("| shape | kernels | forward ms | backward ms | forward TFLOP/s | backward TFLOP/s |")
-print("|---|---|---:|---:|---:|---:|")
-for l in open(sys.argv[1]):
-    o = json.loads(l); r = o["result"]
-    if "error" in r:
-        print(f"| | {o['kernels']} | error: {r['error'][-100:]!r} | | | |"); continue
-    print(f"| {r['shape']} | {o['kernels']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "
-          f"{r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} |")
+tables = [
+    ("case", ["tokens/s", "step ms", "peak MiB", "first loss", "last loss"],
+     lambda o, r: [o["case"], f"{r['tokens_per_s']:.0f}", f"{1e3 * r['step_s_median']:.1f}",
+                   f"{r['peak_device_mib']:.0f}", f"{r['loss_first']:.4f}", f"{r['loss_last']:.4f}"]),
+    ("shape", ["forward ms", "backward ms", "forward TFLOP/s", "backward TFLOP/s"],
+     lambda o, r: [r["shape"], f"{r['fwd_ms']:.2f}", f"{r['bwd_ms']:.2f}",
+                   f"{r['fwd_tflops']:.0f}", f"{r['bwd_tflops']:.0f}"]),
+]
+for path, (key, columns, row) in zip(sys.argv[1:], tables):
+    print(f"| {key} | kernels | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---:|" * len(columns))
+    for line in open(path):
+        o = json.loads(line); r = o["result"]
+        cells = ([o.get("case", ""), f"error: {r['error'][-100:]!r}"] + [""] * (len(columns) - 1)
+                 if "error" in r else row(o, r))
+        print(f"| {cells[0]} | {o['kernels']} | " + " | ".join(cells[1:]) + " |")
+    print()
 PY

@@ -182,12 +182,16 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, long lon
     long long off = row * d, end = off + d;
     bool vec = packable<N>(x + off, d) && packable<N>(g + off, d) &&
                packable<N>(dx + off, d) && pack_aligned<N>(w);
-    float ss = 0.f, gwx = 0.f;
-    for (int j = lane * N; j < d; j += 32 * N) {
-        float xv[N], gv[N], wv[N];
+    // x, g and w at columns j..j + N - 1 (both passes read them).
+    auto load = [&](int j, float* xv, float* gv, float* wv) {
         load_pack<N>(x, off + j, end, vec, xv);
         load_pack<N>(g, off + j, end, vec, gv);
         load_pack<N>(w, j, d, vec, wv);
+    };
+    float ss = 0.f, gwx = 0.f;
+    for (int j = lane * N; j < d; j += 32 * N) {
+        float xv[N], gv[N], wv[N];
+        load(j, xv, gv, wv);
 #pragma unroll
         for (int e = 0; e < N; ++e) {
             ss += xv[e] * xv[e];
@@ -198,9 +202,7 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, long lon
     float dot = warp_sum(gwx) * r / d;  // mean(g * w * xhat)
     for (int j = lane * N; j < d; j += 32 * N) {
         float xv[N], gv[N], wv[N];
-        load_pack<N>(x, off + j, end, vec, xv);
-        load_pack<N>(g, off + j, end, vec, gv);
-        load_pack<N>(w, j, d, vec, wv);
+        load(j, xv, gv, wv);
 #pragma unroll
         for (int e = 0; e < N; ++e) xv[e] = (gv[e] * wv[e] - xv[e] * r * dot) * r;
         store_pack<N>(dx, off + j, end, vec, xv);
