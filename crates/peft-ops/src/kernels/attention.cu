@@ -834,7 +834,7 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 
 // Blocks per SM the kernels are built for (the register budget: 65536 / (128 · blocks) a
 // thread); shared memory allows them.
-#define FA_FWD_BLOCKS(D) ((D) <= 64 ? 4 : 2)
+#define FA_FWD_BLOCKS(D) ((D) <= 64 ? 4 : 3)
 #define FA_BWD_BLOCKS 2
 #define FLASH(D)                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_FWD_BLOCKS(D))                  \
