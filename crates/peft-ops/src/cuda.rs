@@ -56,14 +56,29 @@ fn kernel_source() -> std::result::Result<String, String> {
         .concat())
 }
 
-/// Our kernels as PTX for the GPU of `dev` (compiled once per process and architecture).
+/// Our kernels as PTX for the GPU of `dev` (compiled once per process and architecture; each
+/// GPU's architecture asked of the driver once).
 fn ptx(dev: &CudaDevice) -> Result<&'static str> {
-    let (major, _) = dev
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .map_err(err)?;
-    ptx_for(ARCHS[usize::from(major >= 9)])
+    static ARCH_OF_GPU: std::sync::Mutex<Vec<(usize, &'static str)>> =
+        std::sync::Mutex::new(Vec::new());
+    let context = dev.cuda_stream().context().clone();
+    let ordinal = context.ordinal();
+    let known = ARCH_OF_GPU
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(o, _)| *o == ordinal)
+        .map(|(_, a)| *a);
+    let arch = match known {
+        Some(arch) => arch,
+        None => {
+            let (major, _) = context.compute_capability().map_err(err)?;
+            let arch = ARCHS[usize::from(major >= 9)];
+            ARCH_OF_GPU.lock().unwrap().push((ordinal, arch));
+            arch
+        }
+    };
+    ptx_for(arch)
 }
 
 /// Our kernels as PTX for virtual architecture `arch` (one of [`ARCHS`]).
