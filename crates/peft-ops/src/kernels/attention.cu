@@ -2,8 +2,11 @@
 // beforehand (rope_rotate_bf16), bf16 storage, f32 math, tensor cores (mma.sync m16n8k16). No
 // t x t tensor is ever stored: the forward keeps the log-sum-exp of each row and the backward
 // recomputes the probabilities.
-// Appended to ops.cu (ld, st, to_bf16, bf16_t) and compiled by NVRTC for sm_90; tests run it
-// on the CPU through tests/emulate (PEFT_EMULATE), against the CPU reference attention.
+// Appended to ops.cu (ld, st, to_bf16, bf16_t) and compiled by NVRTC (compute_80, or
+// compute_90 on Hopper: __CUDA_ARCH__ >= 900 code paths); tests run it on the CPU through
+// tests/emulate (PEFT_EMULATE), against the CPU reference attention. The loops are written
+// for instruction issue as much as for memory: scripts/gpu/ptxas.sh --sass shows what each
+// tile costs.
 //
 // Layouts are those of the projections: q, o, dq: [b, t, heads * D]; k, v, dk, dv:
 // [b, t, kv_heads * D]; cos, sin (rope_rotate, and dq, dk taken back through the rotation):
@@ -27,7 +30,8 @@
 //   C (16 x 8, f32)        c0, c1: (g, 2c..2c+1), c2, c3: (g + 8, 2c..2c+1).
 // The lower-index element sits in the low 16 bits of a register.
 
-#define FA_TILE 64      // query rows per forward block; kv rows per backward block
+#define FA_TILE 64      // rows per tile: query rows per forward block (64 · M with the 128-row
+                        // forward), kv rows per backward block
 #define FA_THREADS 128  // 4 warps, 16 rows each
 #define FA_LOG2E 1.4426950408889634f
 #define FA_SHARED 0xffffffffu  // the segment id of keys every query sees
@@ -833,7 +837,8 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 }
 
 // Blocks per SM the kernels are built for (the register budget: 65536 / (128 · blocks) a
-// thread); shared memory allows them.
+// thread); shared memory allows them. ptxas (sm_90): forward 128 registers (d = 64) and 164
+// (d = 128) without spills; the backward at three blocks would spill hundreds of bytes.
 #define FA_FWD_BLOCKS(D) ((D) <= 64 ? 4 : 3)
 #define FA_BWD_BLOCKS 2
 #define FLASH(D)                                                                                \
@@ -850,8 +855,8 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
                      kv_heads, scale);                                                          \
     }
 
-// The forward with 128-row query blocks (M = 2; PEFT_CUDA_FLASH=wide), d = 64 only: 255
-// registers at two blocks an SM (three spill 700 bytes); with d = 128 it spills at one.
+// The forward with 128-row query blocks (M = 2; PEFT_CUDA_FLASH=wide), d = 64 only: 247
+// registers at two blocks an SM (three spill 500 bytes); with d = 128 it spills at one.
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 2)
     flash_fwd_wide_d64(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                        bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {
