@@ -285,6 +285,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "layer_tape": peft_ops::layer_tape_enabled(),
             "lora_cublas": device.is_cuda() && peft_ops::lora_cublas(),
             "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
+            "flash_wide_backward": device.is_cuda() && peft_ops::flash_wide_backward(),
         })
     );
     Ok(())
@@ -424,6 +425,7 @@ fn bench_attention(cmd: &BenchCmd) -> Result<()> {
             "fwd_tflops": flops / fwd / 1e12,
             "bwd_tflops": 2.5 * flops / (fwd_bwd - fwd).max(1e-9) / 1e12,
             "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
+            "flash_wide_backward": device.is_cuda() && peft_ops::flash_wide_backward(),
         })
     );
     Ok(())

@@ -166,6 +166,7 @@ fn bench_trains_prompt_and_prefix_tuning() {
         assert_eq!(r["layer_tape"], true, "{method}");
         assert_eq!(r["lora_cublas"], false, "{method}");
         assert_eq!(r["flash_wide"], false, "{method}");
+        assert_eq!(r["flash_wide_backward"], false, "{method}");
         let losses: Vec<f64> = serde_json::from_value(r["losses"].clone()).unwrap();
         assert!(
             losses[2] < losses[0],

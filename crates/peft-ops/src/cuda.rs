@@ -1048,14 +1048,16 @@ impl<'a> FlashViews<'a> {
     }
 }
 
-/// The launch of a tile kernel over (blocks of `rows` rows, heads, batch) with `shared` bytes
+/// The launch of a tile kernel over (blocks of `rows` rows, heads, batch) of `FA_THREADS` ·
+/// `rows` / `FA_TILE` threads (a warp per 16 rows of the backward's keys) or `FA_THREADS`
+/// (`threads_per_tile` false: the forward's warps take several row tiles) with `shared` bytes
 /// of dynamic shared memory, allowed to `func`. Shared memory takes the largest share of each
 /// SM's L1/shared space (the tiles go by cp.async, past L1), so that registers, not the
 /// driver's choice of split, bound the blocks per SM.
 fn tile_launch(
     func: &CudaFunction,
     (b, t, heads): (usize, usize, usize),
-    rows: usize,
+    (rows, threads_per_tile): (usize, bool),
     shared: usize,
 ) -> Result<LaunchConfig> {
     allow_shared(func, shared)?;
@@ -1066,7 +1068,15 @@ fn tile_launch(
     .map_err(err)?;
     Ok(LaunchConfig {
         grid_dim: (t.div_ceil(rows) as u32, heads as u32, b as u32),
-        block_dim: (FA_THREADS, 1, 1),
+        block_dim: (
+            if threads_per_tile {
+                FA_THREADS * (rows / FA_TILE) as u32
+            } else {
+                FA_THREADS
+            },
+            1,
+            1,
+        ),
         shared_mem_bytes: shared as u32,
     })
 }
@@ -1137,7 +1147,7 @@ impl FlashInputs {
             (format!("flash_fwd_d{d}"), FA_TILE)
         };
         let func = dev.get_or_load_custom_func(&name, MODULE, ptx(&dev)?)?;
-        let cfg = tile_launch(&func, (b, t, heads), rows, shared)?;
+        let cfg = tile_launch(&func, (b, t, heads), (rows, false), shared)?;
         self.with_views(|x| {
             let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
             let mut builder = func.builder();
@@ -1197,11 +1207,19 @@ impl FlashInputs {
         // SAFETY: every row below t of every head is written.
         let dk_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
         let dv_part = unsafe { dev.alloc::<f32>(b * t * hd)? };
-        // K and V tiles, two buffers of Q and dO tiles, dS (bf16); two buffers of log-sum-exp
-        // and delta (f32); the segment ids of the query tile and of the keys (u32).
-        let shared = 6 * FA_TILE * (d + 8) * 2 + FA_TILE * (FA_TILE + 8) * 2 + 6 * FA_TILE * 4;
-        let func = dev.get_or_load_custom_func(&format!("flash_bwd_d{d}"), MODULE, ptx(&dev)?)?;
-        let cfg = tile_launch(&func, (b, t, heads), FA_TILE, shared)?;
+        // 64 keys a block, or 128 (flash_bwd_wide_d*, PEFT_CUDA_FLASH_BWD=wide). K and V tiles,
+        // two buffers of Q and dO tiles, dS [64 queries, keys] (bf16); two buffers of
+        // log-sum-exp and delta (f32); the segment ids of the query tile and of the keys (u32).
+        let (name, keys) = if crate::flash_wide_backward() {
+            (format!("flash_bwd_wide_d{d}"), 2 * FA_TILE)
+        } else {
+            (format!("flash_bwd_d{d}"), FA_TILE)
+        };
+        let shared = (2 * keys + 4 * FA_TILE) * (d + 8) * 2
+            + FA_TILE * (keys + 8) * 2
+            + (5 * FA_TILE + keys) * 4;
+        let func = dev.get_or_load_custom_func(&name, MODULE, ptx(&dev)?)?;
+        let cfg = tile_launch(&func, (b, t, heads), (keys, true), shared)?;
         let kv_pairs = (b * t * kvd / 2) as i64;
         let pairs = (b * t * hd / 2) as i64;
         // SAFETY: one thread per pair writes both of its elements.
@@ -1220,7 +1238,7 @@ impl FlashInputs {
                 .arg(&dk_part)
                 .arg(&dv_part);
             builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&scale);
-            // SAFETY: the arguments match flash_bwd_d{64,128}.
+            // SAFETY: the arguments match flash_bwd_{,wide_}d{64,128}.
             unsafe { builder.launch(cfg) }.map_err(err)?;
 
             // dk, dv: the shares summed per kv head, dk scaled and rotated back.
@@ -1530,6 +1548,8 @@ mod tests {
             "flash_fwd_wide_d64",
             "flash_bwd_d64",
             "flash_bwd_d128",
+            "flash_bwd_wide_d64",
+            "flash_bwd_wide_d128",
             "flash_bwd_delta_bf16",
             "flash_bwd_dkv_bf16",
             "flash_bwd_dq_bf16",

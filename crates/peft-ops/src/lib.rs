@@ -45,8 +45,9 @@ pub use ops::{
 pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw, SlotMoments};
 pub use softmax::{causal_softmax, causal_softmax_backward};
 pub use switches::{
-    cuda_kernel_on, cuda_kernels_off, flash_wide, lora_cublas, parse_kernels_off, set_flash_wide,
-    set_lora_cublas, Kernel, CUDA_FLASH_VAR, CUDA_LORA_VAR, CUDA_OFF_VAR,
+    cuda_kernel_on, cuda_kernels_off, flash_wide, flash_wide_backward, lora_cublas,
+    parse_kernels_off, set_flash_wide, set_flash_wide_backward, set_lora_cublas, Kernel,
+    CUDA_FLASH_BWD_VAR, CUDA_FLASH_VAR, CUDA_LORA_VAR, CUDA_OFF_VAR,
 };
 pub use tape::{
     add, add_bias, cast, layer_tape_enabled, reshape, set_layer_tape, taped, LAYER_TAPE_VAR,

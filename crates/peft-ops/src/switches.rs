@@ -191,6 +191,24 @@ pub fn set_flash_wide(on: bool) -> bool {
     FLASH_WIDE.set(on)
 }
 
+/// `PEFT_CUDA_FLASH_BWD=wide`: the flash attention backward in blocks of 128 keys (eight warps,
+/// one block an SM: each query tile read and its dQ share added once per 128 keys, as
+/// FlashAttention-2's backward) in place of 64 (four warps, two blocks an SM). Not yet measured
+/// on a GPU: off by default.
+pub const CUDA_FLASH_BWD_VAR: &str = "PEFT_CUDA_FLASH_BWD";
+
+static FLASH_WIDE_BACKWARD: Switch = Switch::new(CUDA_FLASH_BWD_VAR, &["wide"], false);
+
+/// Whether the flash backward runs in 128-key blocks ([`CUDA_FLASH_BWD_VAR`]).
+pub fn flash_wide_backward() -> bool {
+    FLASH_WIDE_BACKWARD.get()
+}
+
+/// Turns the 128-key flash backward on or off; returns the previous setting.
+pub fn set_flash_wide_backward(on: bool) -> bool {
+    FLASH_WIDE_BACKWARD.set(on)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

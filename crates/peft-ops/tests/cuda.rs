@@ -160,18 +160,19 @@ fn causal_attention_matches_cpu() {
     });
 }
 
-/// bf16 takes the flash attention kernels (head sizes 64 and 128; for 64 both forwards, 64-
-/// and 128-row blocks), f32 the composed path; both against the CPU's fused f32 path.
-/// Sequences span several 64-row tiles and end mid-tile.
+/// bf16 takes the flash attention kernels (head sizes 64 and 128; the 128-row forward for 64,
+/// the 128-key backward for both), f32 the composed path; both against the CPU's fused f32
+/// path. Sequences span several 64-row tiles and end mid-tile.
 #[test]
 fn causal_self_attention_matches_cpu() {
     let cases = [
         (2, 80, 4, 2, 64, false),
         (2, 150, 4, 2, 64, true),
         (1, 150, 2, 1, 128, false),
+        (1, 150, 2, 1, 128, true),
     ];
     for (b, t, heads, kv_heads, d, wide) in cases {
-        let before = set_flash_wide(wide);
+        let before = (set_flash_wide(wide), set_flash_wide_backward(wide));
         let (cos, sin) = rope_tables(t, d);
         let inputs = [
             (randn(&[b, t, heads * d], 30), Input::Cast),
@@ -191,7 +192,8 @@ fn causal_self_attention_matches_cpu() {
                 )
             },
         );
-        set_flash_wide(before);
+        set_flash_wide(before.0);
+        set_flash_wide_backward(before.1);
     }
 }
 

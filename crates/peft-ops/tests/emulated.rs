@@ -148,6 +148,33 @@ fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
 }
 
 fn compare(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) {
+    compare_with(b, t, heads, kv_heads, d, FlashBwd::Tile64);
+}
+
+/// The flash backward the emulated harness runs: 64 keys a block, or 128 (`wide-bwd`).
+#[derive(Clone, Copy, PartialEq)]
+enum FlashBwd {
+    Tile64,
+    Wide,
+}
+
+impl FlashBwd {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            FlashBwd::Tile64 => &[],
+            FlashBwd::Wide => &["wide-bwd"],
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            FlashBwd::Tile64 => "",
+            FlashBwd::Wide => "_wide",
+        }
+    }
+}
+
+fn compare_with(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize, bwd: FlashBwd) {
     let scale = 1.0 / (d as f64).sqrt();
     let q = bf16_values(&[b, t, heads * d], 1, 2.0);
     let k = bf16_values(&[b, t, kv_heads * d], 2, 2.0);
@@ -181,8 +208,8 @@ fn compare(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) {
     }
     bytes.extend(f32_bytes(&cos));
     bytes.extend(f32_bytes(&sin));
-    let case = format!("flash_{b}_{t}_{heads}_{kv_heads}_{d}");
-    let floats = to_f32s(&emulate("flash", &case, &bytes));
+    let case = format!("flash_{b}_{t}_{heads}_{kv_heads}_{d}{}", bwd.suffix());
+    let floats = to_f32s(&emulate_with("flash", bwd.args(), &case, &bytes));
     let (nq, nk, nl) = (b * t * heads * d, b * t * kv_heads * d, b * heads * t);
     assert_eq!(floats.len(), 2 * nq + nl + 2 * nk, "output size");
     let mut at = 0;
@@ -231,6 +258,15 @@ fn compare(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) {
 /// positions from 0), padding rows stay finite and, with a zero output gradient there, add
 /// nothing to any gradient.
 fn compare_packed(t: usize, heads: usize, kv_heads: usize, d: usize, segments: &[&[usize]]) {
+    compare_packed_with(t, (heads, kv_heads, d), segments, FlashBwd::Tile64);
+}
+
+fn compare_packed_with(
+    t: usize,
+    (heads, kv_heads, d): (usize, usize, usize),
+    segments: &[&[usize]],
+    bwd: FlashBwd,
+) {
     let b = segments.len();
     let scale = 1.0 / (d as f64).sqrt();
     let q = bf16_values(&[b, t, heads * d], 11, 2.0);
@@ -253,8 +289,8 @@ fn compare_packed(t: usize, heads: usize, kv_heads: usize, d: usize, segments: &
     bytes.extend(ids.iter().flat_map(|i| i.to_le_bytes()));
     bytes.extend(f32_bytes(&rows.cos));
     bytes.extend(f32_bytes(&rows.sin));
-    let case = format!("flash_packed_{t}_{heads}_{kv_heads}_{d}");
-    let floats = to_f32s(&emulate("flash", &case, &bytes));
+    let case = format!("flash_packed_{t}_{heads}_{kv_heads}_{d}{}", bwd.suffix());
+    let floats = to_f32s(&emulate_with("flash", bwd.args(), &case, &bytes));
     let (nq, nk, nl) = (b * t * heads * d, b * t * kv_heads * d, b * heads * t);
     assert_eq!(floats.len(), 2 * nq + nl + 2 * nk, "output size");
     assert!(floats.iter().all(|x| x.is_finite()), "a non-finite value");
@@ -401,6 +437,20 @@ fn flash_attention_head_dim_64_grouped_query() {
 #[test]
 fn flash_attention_head_dim_128_two_batches() {
     compare(2, 70, 2, 1, 128);
+}
+
+/// The backward over 128 keys a block (`PEFT_CUDA_FLASH=wide-bwd`): head sizes 64 and 128, a
+/// partial last block, packed rows with skipped tiles.
+#[test]
+fn flash_attention_wide_backward() {
+    compare_with(1, 200, 2, 1, 64, FlashBwd::Wide);
+    compare_with(2, 70, 2, 1, 128, FlashBwd::Wide);
+    compare_packed_with(
+        200,
+        (2, 1, 64),
+        &[&[64, 70, 66], &[130, 60]],
+        FlashBwd::Wide,
+    );
 }
 
 /// A sequence shorter than one tile: every copy of every tile partial.

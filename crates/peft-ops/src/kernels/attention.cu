@@ -187,25 +187,25 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Rows row0..row0+63 of one head into a shared tile of pitch D + 8, by cp.async; rows at or
-// past t are zeros. `x` points at the head's element 0 of row 0; rows are `stride` apart,
+// Rows row0..row0 + ROWS - 1 of one head into a shared tile of pitch D + 8, by cp.async (a
+// block of THREADS threads); rows at or past t are zeros. `x` points at the head's element 0 of row 0; rows are `stride` apart,
 // 16-byte aligned.
 // A thread copies the same 16-byte column of every R-th row, its source one pointer stepped
 // R rows at a time (a 64-bit multiply per copy took most of the loops' integer instructions).
-template <int D>
+template <int D, int ROWS = FA_TILE, int THREADS = FA_THREADS>
 __device__ __forceinline__ void load_tile_async(u32 s, const bf16_t* x, long long stride,
                                                 int row0, int t) {
-    const int P = D + 8, CHUNKS = D / 8, R = FA_THREADS / CHUNKS;
+    const int P = D + 8, CHUNKS = D / 8, R = THREADS / CHUNKS;
     const int r = threadIdx.x / CHUNKS, j = (threadIdx.x % CHUNKS) * 8;
     const bf16_t* src = x + (row0 + r) * stride + j;
     const u32 dst = at(s, P, r, j);
-    if (row0 + FA_TILE <= t) {
+    if (row0 + ROWS <= t) {
 #pragma unroll
-        for (int it = 0; it < FA_TILE / R; ++it, src += R * stride)
+        for (int it = 0; it < ROWS / R; ++it, src += R * stride)
             cp_async<16>(dst + 2u * it * R * P, src, true);
     } else {
 #pragma unroll
-        for (int it = 0; it < FA_TILE / R; ++it, src += R * stride) {
+        for (int it = 0; it < ROWS / R; ++it, src += R * stride) {
             bool valid = row0 + r + it * R < t;
             cp_async<16>(dst + 2u * it * R * P, valid ? src : x, valid);
         }
@@ -540,17 +540,20 @@ __device__ void flash_bwd_delta(const bf16_t* o, const bf16_t* dout, float* delt
 // computed. Each block writes its query head's share of its keys' dK and dV (f32, rotated
 // space, unscaled) to dk_part and dv_part ([b, t, heads, D]), which flash_bwd_dkv sums per kv
 // head, and adds its share of dQ to the f32 accumulator with atomics.
-template <int D>
+template <int D, int KB>
 __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                           const bf16_t* dout, const float* lse, const float* delta,
                           float* dq_acc, float* dk_part, float* dv_part, int t, int heads,
                           int kv_heads, float scale) {
-    const int P = D + 8, PS = FA_TILE + 8, TILE = FA_TILE * P;
+    // KB 64-key tiles a block, a warp per 16 keys: KB = 2 reads each query tile once for 128
+    // keys and adds its dQ share once for them (PEFT_CUDA_FLASH=wide-bwd).
+    const int KEYS = KB * FA_TILE, THREADS = KB * FA_THREADS;
+    const int P = D + 8, PS = KEYS + 8, TILE = FA_TILE * P;
     FA_SMEM(smem);
-    const u32 Ks = smem_addr(smem), Vs = Ks + 2 * TILE;
-    const u32 Qbuf = Vs + 2 * TILE;    // two tiles
-    const u32 Obuf = Qbuf + 4 * TILE;  // dO, two tiles
-    bf16_t* Ss = (bf16_t*)(smem + 12 * TILE);  // dS as [query][key]
+    const u32 Ks = smem_addr(smem), Vs = Ks + 2 * KB * TILE;
+    const u32 Qbuf = Vs + 2 * KB * TILE;  // two tiles
+    const u32 Obuf = Qbuf + 4 * TILE;     // dO, two tiles
+    bf16_t* Ss = (bf16_t*)(smem + 2 * (2 * KB + 4) * TILE);  // dS as [query][key]
     const u32 Ss_at = smem_addr(Ss);
     float* Lbuf = (float*)(Ss + FA_TILE * PS);  // two rows of 64
     float* Ebuf = Lbuf + 2 * FA_TILE;
@@ -560,17 +563,17 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     int kh = hi / (heads / kv_heads), nq = (t + FA_TILE - 1) / FA_TILE;
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
-    int key[2] = {kt * FA_TILE + warp * 16 + g, kt * FA_TILE + warp * 16 + g + 8};
+    int key[2] = {kt * KEYS + warp * 16 + g, kt * KEYS + warp * 16 + g + 8};
     // The segment ids are read through the kernel parameter, not a pointer of our own: the
     // d = 128 kernel has no register to spare.
     const bool packed = seg != 0;
     if (packed)
-        for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x)
-            Gk[i] = kt * FA_TILE + i < t ? seg[(long long)bi * t + kt * FA_TILE + i] : 0;
+        for (int i = threadIdx.x; i < KEYS; i += blockDim.x)
+            Gk[i] = kt * KEYS + i < t ? seg[(long long)bi * t + kt * KEYS + i] : 0;
     const float scale2 = scale * FA_LOG2E;
 
-    load_tile_async<D>(Ks, k + bi * t * ks + kh * D, ks, kt * FA_TILE, t);
-    load_tile_async<D>(Vs, v + bi * t * ks + kh * D, ks, kt * FA_TILE, t);
+    load_tile_async<D, KEYS, THREADS>(Ks, k + bi * t * ks + kh * D, ks, kt * KEYS, t);
+    load_tile_async<D, KEYS, THREADS>(Vs, v + bi * t * ks + kh * D, ks, kt * KEYS, t);
     cp_async_commit();
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
@@ -586,8 +589,8 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     float* dqb = dq_acc + ((long long)bi * heads + hi) * t * D;
     // Query tile qt's Q, dO, log-sum-exp and delta into buffer `buf`, as one group.
     auto load_queries = [&](int buf, int qt) {
-        load_tile_async<D>(Qbuf + 2 * buf * TILE, qb, qs, qt * FA_TILE, t);
-        load_tile_async<D>(Obuf + 2 * buf * TILE, ob, qs, qt * FA_TILE, t);
+        load_tile_async<D, FA_TILE, THREADS>(Qbuf + 2 * buf * TILE, qb, qs, qt * FA_TILE, t);
+        load_tile_async<D, FA_TILE, THREADS>(Obuf + 2 * buf * TILE, ob, qs, qt * FA_TILE, t);
         load_rows_async(smem_addr(Lbuf + buf * FA_TILE), lb, qt * FA_TILE, t, 0);
         load_rows_async(smem_addr(Ebuf + buf * FA_TILE), eb, qt * FA_TILE, t, FA_TILE);
         cp_async_commit();
@@ -596,7 +599,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     // before the barrier that follows its dS store, so the next tile may refill the other
     // buffer and Gs at once; its reads of Ss end before the next tile's barrier after loading.
     int cur = 0, loaded = -1;  // the query tile in buffer cur, or on its way there
-    for (int qt = kt; qt < nq; ++qt) {
+    for (int qt = kt * KB; qt < nq; ++qt) {
         if (packed) {
             // Packed rows: a query tile that sees none of the block's keys is skipped whole.
             for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
@@ -660,7 +663,8 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         }
         // Pᵀ (zero where the query precedes the key, lies past t or, in packed rows, does not
         // see it), then dSᵀ in place of dPᵀ: P ∘ (dP − delta), without the scale. Besides packed
-        // rows, only the diagonal tile and the last one (rows past t) need the causal mask.
+        // rows, only the query tiles that overlap the block's keys and the last one (rows past
+        // t) need the causal mask.
         if (packed) {
 #pragma unroll
             for (int n = 0; n < 8; ++n)
@@ -673,7 +677,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                     st[n][i] = p;
                     dpt[n][i] = p * (dpt[n][i] - Es[ql]);
                 }
-        } else if (qt == kt || qt * FA_TILE + FA_TILE > t) {
+        } else if (qt * FA_TILE < (kt + 1) * KEYS || qt * FA_TILE + FA_TILE > t) {
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -720,20 +724,23 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 Ss[(n * 8 + 2 * c + (i & 1)) * PS + warp * 16 + g + 8 * (i >> 1)] =
                     to_bf16(dpt[n][i]);
         __syncthreads();
-        // This warp's 16 queries of dQ, 64 columns at a time (fewer live registers).
+        // dQ = dS K for the tile's 64 queries: warp w takes queries 16 (w % 4).. and, with
+        // KB = 2, half of the columns; at most 64 columns at a time (fewer live registers).
+        constexpr int NCOLS = D / 8 / KB, NB = NCOLS < 8 ? NCOLS : 8;
+        const int qrow = (warp % 4) * 16, nbeg = (warp / 4) * NCOLS;
 #pragma unroll
-        for (int n0 = 0; n0 < D / 8; n0 += 8) {
-            float dq[8][4];
+        for (int n0 = nbeg; n0 < nbeg + NCOLS; n0 += NB) {
+            float dq[NB][4];
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+            for (int n = 0; n < NB; ++n)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) dq[n][i] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
+            for (int kk = 0; kk < KEYS / 16; ++kk) {
                 u32 sa[4];
-                load_a(sa, Ss_at, PS, warp * 16, kk * 16);
+                load_a(sa, Ss_at, PS, qrow, kk * 16);
 #pragma unroll
-                for (int n = 0; n < 8; n += 2) {
+                for (int n = 0; n < NB; n += 2) {
                     u32 b[2][2];
                     load_b(b, Ks, P, kk * 16, (n0 + n) * 8);
                     mma_bf16(dq[n], sa, b[0]);
@@ -742,11 +749,11 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             }
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                int query = qt * FA_TILE + warp * 16 + g + 8 * r;
+                int query = qt * FA_TILE + qrow + g + 8 * r;
                 if (query >= t) continue;
                 float* dst = dqb + (long long)query * D + n0 * 8 + 2 * c;
 #pragma unroll
-                for (int n = 0; n < 8; ++n) {
+                for (int n = 0; n < NB; ++n) {
 #if __CUDA_ARCH__ >= 900
                     // One vector atomic per pair (sm_90): half the atomic operations.
                     atomicAdd((float2*)(dst + n * 8), make_float2(dq[n][2 * r], dq[n][2 * r + 1]));
@@ -851,8 +858,16 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
         const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
         float* dv_part, int t, int heads, int kv_heads, float scale) {                          \
-        flash_bwd<D>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,        \
-                     kv_heads, scale);                                                          \
+        flash_bwd<D, 1>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,     \
+                        kv_heads, scale);                                                       \
+    }                                                                                           \
+    /* 128 keys a block (PEFT_CUDA_FLASH=wide-bwd): eight warps, one block an SM. */            \
+    extern "C" __global__ void __launch_bounds__(2 * FA_THREADS, 1) flash_bwd_wide_d##D(        \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
+        const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
+        float* dv_part, int t, int heads, int kv_heads, float scale) {                          \
+        flash_bwd<D, 2>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,     \
+                        kv_heads, scale);                                                       \
     }
 
 // The forward with 128-row query blocks (M = 2; PEFT_CUDA_FLASH=wide), d = 64 only: 247

@@ -6,6 +6,7 @@
 // output (f32): o, lse, dq, dk, dv. The launch shapes are those of src/cuda.rs. With d = 64
 // the wide forward runs too and must give the same bits.
 #include "cuda.h"
+#include <string>
 #include <tuple>
 #include "../../src/kernels/ops.cu"
 #include "../../src/kernels/attention.cu"
@@ -19,7 +20,10 @@ static std::vector<float> widen(const std::vector<bf16_t>& v) {
 }
 
 int main(int argc, char** argv) {
-    if (argc != 3) { fprintf(stderr, "usage: flash <input> <output>\n"); return 2; }
+    // `wide-bwd` first: the backward over 128 keys a block (flash_bwd_wide_d*).
+    bool wide_bwd = argc == 4 && std::string(argv[1]) == "wide-bwd";
+    if (wide_bwd) ++argv, --argc;
+    if (argc != 3) { fprintf(stderr, "usage: flash [wide-bwd] <input> <output>\n"); return 2; }
     FILE* in = open_or_exit(argv[1], "rb");
     auto dims = take<int>(in, 6);
     int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], d = dims[4];
@@ -49,7 +53,9 @@ int main(int argc, char** argv) {
         });
     }
     auto fwd = d == 64 ? flash_fwd_d64 : flash_fwd_d128;
-    auto bwd = d == 64 ? flash_bwd_d64 : flash_bwd_d128;
+    auto bwd = wide_bwd ? (d == 64 ? flash_bwd_wide_d64 : flash_bwd_wide_d128)
+                        : (d == 64 ? flash_bwd_d64 : flash_bwd_d128);
+    unsigned keys = wide_bwd ? 2 * FA_TILE : FA_TILE, kb = keys / FA_TILE;
     size_t fwd_shared = (FA_Q_IN_REGS(d) ? 2 : 3) * FA_TILE * pitch * 2 + FA_TILE * 4;
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, fwd_shared, [&] {
         fwd(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh, scale);
@@ -73,9 +79,10 @@ int main(int argc, char** argv) {
     emu::launch({(unsigned)((rows + 3) / 4)}, {FA_THREADS}, 0, [&] {
         flash_bwd_delta_bf16(o.data(), dout.data(), delta.data(), t, heads, d, rows);
     });
-    size_t shared = 6 * FA_TILE * pitch * 2 + FA_TILE * (FA_TILE + 8) * 2 + 6 * FA_TILE * 4;
+    size_t shared = (2 * kb + 4) * FA_TILE * pitch * 2 + FA_TILE * (keys + 8) * 2 +
+                    (5 * FA_TILE + keys) * 4;
     std::vector<float> dk_part(nq, NAN), dv_part(nq, NAN);
-    emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, shared, [&] {
+    emu::launch({(t + keys - 1) / keys, (unsigned)heads, (unsigned)b}, {kb * FA_THREADS}, shared, [&] {
         bwd(qr.data(), kr.data(), v.data(), seg, dout.data(), lse.data(), delta.data(),
             dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh, scale);
     });
