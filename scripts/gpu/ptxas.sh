@@ -21,7 +21,7 @@ ptx=$(mktemp --suffix .ptx)
 trap 'rm -f "$ptx"' EXIT
 PEFT_PTX_OUT=$ptx cargo test -q --release -p peft-ops --features cuda --lib kernels_compile_with_nvrtc >&2
 if [ "${1:-}" = --sass ]; then
-  tools=$(dirname "$CUDA_ROOT")/../../sass-tools
+  tools=${PEFT_CUDA_PREFIX:-$HOME/.cache/peft-cuda13}/sass-tools
   if [ ! -x "$tools/nvidia/cu13/bin/nvdisasm" ]; then
     mkdir -p "$tools"
     # No 13.0 builds of these on PyPI; newer ones read sm_90 code the same.

@@ -63,21 +63,17 @@ fn ptx(dev: &CudaDevice) -> Result<&'static str> {
         std::sync::Mutex::new(Vec::new());
     let context = dev.cuda_stream().context().clone();
     let ordinal = context.ordinal();
-    let known = ARCH_OF_GPU
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(o, _)| *o == ordinal)
-        .map(|(_, a)| *a);
-    let arch = match known {
-        Some(arch) => arch,
+    let mut known = ARCH_OF_GPU.lock().unwrap();
+    let arch = match known.iter().find(|(o, _)| *o == ordinal) {
+        Some(&(_, arch)) => arch,
         None => {
             let (major, _) = context.compute_capability().map_err(err)?;
             let arch = ARCHS[usize::from(major >= 9)];
-            ARCH_OF_GPU.lock().unwrap().push((ordinal, arch));
+            known.push((ordinal, arch));
             arch
         }
     };
+    drop(known);
     ptx_for(arch)
 }
 
@@ -1048,16 +1044,14 @@ impl<'a> FlashViews<'a> {
     }
 }
 
-/// The launch of a tile kernel over (blocks of `rows` rows, heads, batch) of `FA_THREADS` ·
-/// `rows` / `FA_TILE` threads (a warp per 16 rows of the backward's keys) or `FA_THREADS`
-/// (`threads_per_tile` false: the forward's warps take several row tiles) with `shared` bytes
-/// of dynamic shared memory, allowed to `func`. Shared memory takes the largest share of each
+/// The launch of a tile kernel over (blocks of `rows` rows, heads, batch) of `threads` threads
+/// with `shared` bytes of dynamic shared memory, allowed to `func`. Shared memory takes the largest share of each
 /// SM's L1/shared space (the tiles go by cp.async, past L1), so that registers, not the
 /// driver's choice of split, bound the blocks per SM.
 fn tile_launch(
     func: &CudaFunction,
     (b, t, heads): (usize, usize, usize),
-    (rows, threads_per_tile): (usize, bool),
+    (rows, threads): (usize, u32),
     shared: usize,
 ) -> Result<LaunchConfig> {
     allow_shared(func, shared)?;
@@ -1068,15 +1062,7 @@ fn tile_launch(
     .map_err(err)?;
     Ok(LaunchConfig {
         grid_dim: (t.div_ceil(rows) as u32, heads as u32, b as u32),
-        block_dim: (
-            if threads_per_tile {
-                FA_THREADS * (rows / FA_TILE) as u32
-            } else {
-                FA_THREADS
-            },
-            1,
-            1,
-        ),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: shared as u32,
     })
 }
@@ -1147,7 +1133,8 @@ impl FlashInputs {
             (format!("flash_fwd_d{d}"), FA_TILE)
         };
         let func = dev.get_or_load_custom_func(&name, MODULE, ptx(&dev)?)?;
-        let cfg = tile_launch(&func, (b, t, heads), (rows, false), shared)?;
+        // The forward's four warps take every row tile of a block.
+        let cfg = tile_launch(&func, (b, t, heads), (rows, FA_THREADS), shared)?;
         self.with_views(|x| {
             let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
             let mut builder = func.builder();
@@ -1219,7 +1206,9 @@ impl FlashInputs {
             + FA_TILE * (keys + 8) * 2
             + (5 * FA_TILE + keys) * 4;
         let func = dev.get_or_load_custom_func(&name, MODULE, ptx(&dev)?)?;
-        let cfg = tile_launch(&func, (b, t, heads), (keys, true), shared)?;
+        // A warp per 16 keys.
+        let threads = FA_THREADS * (keys / FA_TILE) as u32;
+        let cfg = tile_launch(&func, (b, t, heads), (keys, threads), shared)?;
         let kv_pairs = (b * t * kvd / 2) as i64;
         let pairs = (b * t * hd / 2) as i64;
         // SAFETY: one thread per pair writes both of its elements.

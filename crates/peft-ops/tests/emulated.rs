@@ -439,7 +439,7 @@ fn flash_attention_head_dim_128_two_batches() {
     compare(2, 70, 2, 1, 128);
 }
 
-/// The backward over 128 keys a block (`PEFT_CUDA_FLASH=wide-bwd`): head sizes 64 and 128, a
+/// The backward over 128 keys a block (`PEFT_CUDA_FLASH_BWD=wide`): head sizes 64 and 128, a
 /// partial last block, packed rows with skipped tiles.
 #[test]
 fn flash_attention_wide_backward() {

@@ -188,10 +188,10 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Rows row0..row0 + ROWS - 1 of one head into a shared tile of pitch D + 8, by cp.async (a
-// block of THREADS threads); rows at or past t are zeros. `x` points at the head's element 0 of row 0; rows are `stride` apart,
-// 16-byte aligned.
-// A thread copies the same 16-byte column of every R-th row, its source one pointer stepped
-// R rows at a time (a 64-bit multiply per copy took most of the loops' integer instructions).
+// block of THREADS threads); rows at or past t are zeros. `x` points at the head's element 0
+// of row 0; rows are `stride` apart, 16-byte aligned. A thread copies the same 16-byte column
+// of every R-th row, its source one pointer stepped R rows at a time (a 64-bit multiply per
+// copy took most of the loops' integer instructions).
 template <int D, int ROWS = FA_TILE, int THREADS = FA_THREADS>
 __device__ __forceinline__ void load_tile_async(u32 s, const bf16_t* x, long long stride,
                                                 int row0, int t) {
@@ -212,7 +212,8 @@ __device__ __forceinline__ void load_tile_async(u32 s, const bf16_t* x, long lon
     }
 }
 
-// x[row0..row0+63] (f32) into shared s by cp.async, by threads first..first+63; zeros at or past t.
+// x[row0..row0+63] (f32) into shared s by cp.async, by threads first..first+63; zeros at or
+// past t.
 __device__ __forceinline__ void load_rows_async(u32 s, const float* x, int row0, int t,
                                                 int first) {
     int i = (int)threadIdx.x - first;
@@ -418,31 +419,32 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             // The running row maxima of the raw scores (the scale is positive: the same
             // order), masked scores -inf.
             float mx[2] = {m[mt][0], m[mt][1]};
+            // Each path its own loop, as in the backward.
+            auto keep = [&](int n, int i, bool seen) {
+                s[mt][n][i] = seen ? s[mt][n][i] : NEG_INF;
+                mx[i >> 1] = fmaxf(mx[i >> 1], s[mt][n][i]);
+            };
             if (segb) {
 #pragma unroll
                 for (int n = 0; n < 8; ++n)
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         int cl = n * 8 + 2 * c + (i & 1), col = kt * FA_TILE + cl;
-                        bool seen = (col <= row[mt][i >> 1]) &
-                                    same_sequence(row_seg[mt][i >> 1], Gs[cl]);
-                        s[mt][n][i] = seen ? s[mt][n][i] : NEG_INF;
-                        mx[i >> 1] = fmaxf(mx[i >> 1], s[mt][n][i]);
+                        keep(n, i,
+                             (col <= row[mt][i >> 1]) &
+                                 same_sequence(row_seg[mt][i >> 1], Gs[cl]));
                     }
             } else if (masked) {
 #pragma unroll
                 for (int n = 0; n < 8; ++n)
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        int col = kt * FA_TILE + n * 8 + 2 * c + (i & 1);
-                        s[mt][n][i] = col <= row[mt][i >> 1] ? s[mt][n][i] : NEG_INF;
-                        mx[i >> 1] = fmaxf(mx[i >> 1], s[mt][n][i]);
-                    }
+                    for (int i = 0; i < 4; ++i)
+                        keep(n, i, kt * FA_TILE + n * 8 + 2 * c + (i & 1) <= row[mt][i >> 1]);
             } else {
 #pragma unroll
                 for (int n = 0; n < 8; ++n)
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) mx[i >> 1] = fmaxf(mx[i >> 1], s[mt][n][i]);
+                    for (int i = 0; i < 4; ++i) keep(n, i, true);
             }
             // Exponentials in log2 units, the scale folded into one multiply-add each. In
             // packed rows a tile may hold no key a row sees yet (its maximum still -inf): they
@@ -526,16 +528,17 @@ __device__ void flash_bwd_delta(const bf16_t* o, const bf16_t* dout, float* delt
     int lane = threadIdx.x & 31;
     float s = 0.f;
     for (int j = lane; j < d; j += 32) s += ld(o, r * d + j) * ld(dout, r * d + j);
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s = warp_reduce(s, false);
     long long hi = r % heads, bt = r / heads;
     if (lane == 0) delta[((bt / t) * heads + hi) * t + bt % t] = s;
 }
 
-// Backward. Grid (kv tiles, heads, batch): one block per 64 keys and query head, so that the
-// work spreads over heads · tiles blocks (the tile's share grows with the queries after it).
-// Block FA_THREADS; shared memory: the K and V tiles, two buffers of Q and dO tiles (64 x
-// (D + 8) bf16 each), dS (64 x 72 bf16), two buffers of log-sum-exp and delta (64 f32 each)
-// and 2 x 64 u32 (the segment ids of the query tile and of the block's keys). The next query
+// Backward. Grid (key blocks of 64 · KB keys, heads, batch): one block per key block and query
+// head, so that the work spreads over heads · blocks (a block's share grows with the queries
+// after it). Block KB · FA_THREADS, a warp per 16 keys; shared memory: the K and V tiles (64 ·
+// KB x (D + 8) bf16 each), two buffers of Q and dO tiles (64 x (D + 8)), dS (64 x (64 · KB +
+// 8) bf16), two buffers of log-sum-exp and delta (64 f32 each) and the segment ids of the
+// query tile and of the block's keys (64 and 64 · KB u32). The next query
 // tile's Q, dO, log-sum-exp and delta are copied into the other buffer while this one is
 // computed. Each block writes its query head's share of its keys' dK and dV (f32, rotated
 // space, unscaled) to dk_part and dv_part ([b, t, heads, D]), which flash_bwd_dkv sums per kv
@@ -546,7 +549,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                           float* dq_acc, float* dk_part, float* dv_part, int t, int heads,
                           int kv_heads, float scale) {
     // KB 64-key tiles a block, a warp per 16 keys: KB = 2 reads each query tile once for 128
-    // keys and adds its dQ share once for them (PEFT_CUDA_FLASH=wide-bwd).
+    // keys and adds its dQ share once for them (PEFT_CUDA_FLASH_BWD=wide).
     const int KEYS = KB * FA_TILE, THREADS = KB * FA_THREADS;
     const int P = D + 8, PS = KEYS + 8, TILE = FA_TILE * P;
     FA_SMEM(smem);
@@ -665,39 +668,37 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         // see it), then dSᵀ in place of dPᵀ: P ∘ (dP − delta), without the scale. Besides packed
         // rows, only the query tiles that overlap the block's keys and the last one (rows past
         // t) need the causal mask.
+        // Each path its own loop over the scores: one loop whose mask tested `packed` per
+        // score would cost every tile the packed rows' checks.
+        auto to_ds = [&](int n, int i, bool seen) {
+            int ql = n * 8 + 2 * c + (i & 1);
+            float p = seen ? fast_exp2(fmaf(st[n][i], scale2, -Ls[ql] * FA_LOG2E)) : 0.f;
+            st[n][i] = p;
+            dpt[n][i] = p * (dpt[n][i] - Es[ql]);
+        };
         if (packed) {
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
-                    bool seen = (query >= key[i >> 1]) & (query < t) &
-                                same_sequence(Gs[ql], Gk[warp * 16 + g + 8 * (i >> 1)]);
-                    float p = seen ? fast_exp2(fmaf(st[n][i], scale2, -Ls[ql] * FA_LOG2E)) : 0.f;
-                    st[n][i] = p;
-                    dpt[n][i] = p * (dpt[n][i] - Es[ql]);
+                    to_ds(n, i,
+                          (query >= key[i >> 1]) & (query < t) &
+                              same_sequence(Gs[ql], Gk[warp * 16 + g + 8 * (i >> 1)]));
                 }
         } else if (qt * FA_TILE < (kt + 1) * KEYS || qt * FA_TILE + FA_TILE > t) {
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
-                    bool seen = (query >= key[i >> 1]) & (query < t);
-                    float p = seen ? fast_exp2(fmaf(st[n][i], scale2, -Ls[ql] * FA_LOG2E)) : 0.f;
-                    st[n][i] = p;
-                    dpt[n][i] = p * (dpt[n][i] - Es[ql]);
+                    int query = qt * FA_TILE + n * 8 + 2 * c + (i & 1);
+                    to_ds(n, i, (query >= key[i >> 1]) & (query < t));
                 }
         } else {
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    int ql = n * 8 + 2 * c + (i & 1);
-                    float p = fast_exp2(fmaf(st[n][i], scale2, -Ls[ql] * FA_LOG2E));
-                    st[n][i] = p;
-                    dpt[n][i] = p * (dpt[n][i] - Es[ql]);
-                }
+                for (int i = 0; i < 4; ++i) to_ds(n, i, true);
         }
         // dV += Pᵀ dO, dK += dSᵀ Q
 #pragma unroll
@@ -861,7 +862,7 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
         flash_bwd<D, 1>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,     \
                         kv_heads, scale);                                                       \
     }                                                                                           \
-    /* 128 keys a block (PEFT_CUDA_FLASH=wide-bwd): eight warps, one block an SM. */            \
+    /* 128 keys a block (PEFT_CUDA_FLASH_BWD=wide): eight warps, one block an SM. */            \
     extern "C" __global__ void __launch_bounds__(2 * FA_THREADS, 1) flash_bwd_wide_d##D(        \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
         const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \

@@ -11,6 +11,7 @@
 #define THIN_ROWS 32      // rows per block of thin_project: 8 warps of 4 rows
 #define THIN_LANE_COLS 8  // consecutive columns a lane of thin_project reads per row
 #define THIN_CHUNK 256    // columns per shared-memory stage of thin_project (32 lanes x 8)
+#define THIN_WS_PITCH 33  // floats per 32 columns of a stage's shared rank row: fewer conflicts
 #define THIN_STAGE 64     // rows of y per shared-memory stage of thin_outer
 #define THIN_BATCH 16     // rows of x a thread of thin_outer loads at once (divides THIN_STAGE)
 #define LRA_ROWS 64       // rows per block of low_rank_add
@@ -18,14 +19,6 @@
 #define LRA_COLS 2        // consecutive columns per thread of low_rank_add
 #define LRA_THREADS 128   // threads per block of low_rank_add
 
-// out[row, k] = scale · Σ_j x[row, j] · mask[row, j] · w[k · w_sk + j · w_sn] for k < r, the
-// mask that of `drop` over [rows, n]: x [rows, n]; w as [r, n] through its strides (A [r, n]:
-// w_sk = n, w_sn = 1; B [n, r]: w_sk = 1, w_sn = r). Grid (row blocks, rank groups, column
-// splits of `per_split` columns, a multiple of THIN_CHUNK); 256 threads: warp w takes rows
-// 4w..4w + 3 of the block, lane l columns 8l..8l + 7 of each stage, so that a warp reads
-// 512-byte rows (bf16) and each weight from shared memory serves four rows. out is
-// [splits, rows, r]: with several splits thin_outer_sum adds them (in order: the same result
-// on every run), and scale is 1 here.
 // One step of thin_project's warp reduction: v[0..2 HALF] of each lane become v[0..HALF],
 // the lower or upper half (by lane bit HALF / 2) summed with the partner lane's.
 template <int HALF>
@@ -39,10 +32,17 @@ __device__ __forceinline__ void halve_over_lanes(float* v, int lane) {
     }
 }
 
+// out[row, k] = scale · Σ_j x[row, j] · mask[row, j] · w[k · w_sk + j · w_sn] for k < r, the
+// mask that of `drop` over [rows, n]: x [rows, n]; w as [r, n] through its strides (A [r, n]:
+// w_sk = n, w_sn = 1; B [n, r]: w_sk = 1, w_sn = r). Grid (row blocks, rank groups, column
+// splits of `per_split` columns, a multiple of THIN_CHUNK); 256 threads: warp w takes rows
+// 4w..4w + 3 of the block, lane l columns 8l..8l + 7 of each stage, so that a warp reads
+// 512-byte rows (bf16) and each weight from shared memory serves four rows. out is
+// [splits, rows, r]: with several splits thin_outer_sum adds them (in order: the same result
+// on every run), and scale is 1 here.
 // The weights of a stage are read in their storage order (A [r, n] along a rank's columns,
 // B [n, r] along a column's ranks), so that a warp's loads are coalesced; scattered reads, a
 // sector per lane, had cost the L1 four times the stage's arithmetic.
-#define THIN_WS_PITCH 33  // floats per 32 columns of a stage's shared rank row: fewer conflicts
 template <typename T>
 __device__ void thin_project(const T* x, const float* w, long long w_sk, long long w_sn,
                              float* out, long long rows, int n, int r, float scale,

@@ -76,23 +76,26 @@ __device__ __forceinline__ void store_pack(T* p, long long i, long long end, boo
     }
 }
 
-// Sum (or max) of v over the block; every thread gets the result. `sh` holds 32 floats.
-__device__ float block_reduce(float v, float* sh, bool is_max) {
+// Sum (or max) of v over the warp; every lane gets the result.
+__device__ __forceinline__ float warp_reduce(float v, bool is_max) {
+#pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         float other = __shfl_xor_sync(0xffffffffu, v, o);
         v = is_max ? fmaxf(v, other) : v + other;
     }
+    return v;
+}
+
+// Sum (or max) of v over the block; every thread gets the result. `sh` holds 32 floats.
+__device__ float block_reduce(float v, float* sh, bool is_max) {
+    v = warp_reduce(v, is_max);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();  // `sh` may still be read from a previous reduction
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     int warps = (blockDim.x + 31) >> 5;
     if (warp == 0) {
-        v = lane < warps ? sh[lane] : (is_max ? NEG_INF : 0.f);
-        for (int o = 16; o > 0; o >>= 1) {
-            float other = __shfl_xor_sync(0xffffffffu, v, o);
-            v = is_max ? fmaxf(v, other) : v + other;
-        }
+        v = warp_reduce(lane < warps ? sh[lane] : (is_max ? NEG_INF : 0.f), is_max);
         if (lane == 0) sh[0] = v;
     }
     __syncthreads();
@@ -138,12 +141,6 @@ __device__ void causal_softmax_bwd(const T* y, const T* g, T* dx, int k, float s
 #define NORM_PACK 8
 #define NORM_ROWS 8
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-
 // y = x / rms(x) * w over rows of d, in f32 (as candle's RMSNorm kernel).
 template <typename T>
 __device__ void rms_norm_fwd(const T* x, const T* w, T* y, long long rows, int d, float eps) {
@@ -160,7 +157,7 @@ __device__ void rms_norm_fwd(const T* x, const T* w, T* y, long long rows, int d
 #pragma unroll
         for (int e = 0; e < N; ++e) ss += v[e] * v[e];
     }
-    float r = rsqrtf(warp_sum(ss) / d + eps);
+    float r = rsqrtf(warp_reduce(ss, false) / d + eps);
     for (int j = lane * N; j < d; j += 32 * N) {
         float v[N], wv[N];
         load_pack<N>(x, off + j, end, vec, v);
@@ -198,8 +195,8 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, long lon
             gwx += gv[e] * wv[e] * xv[e];
         }
     }
-    float r = rsqrtf(warp_sum(ss) / d + eps);
-    float dot = warp_sum(gwx) * r / d;  // mean(g * w * xhat)
+    float r = rsqrtf(warp_reduce(ss, false) / d + eps);
+    float dot = warp_reduce(gwx, false) * r / d;  // mean(g * w * xhat)
     for (int j = lane * N; j < d; j += 32 * N) {
         float xv[N], gv[N], wv[N];
         load(j, xv, gv, wv);
