@@ -286,6 +286,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "lora_cublas": device.is_cuda() && peft_ops::lora_cublas(),
             "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
             "flash_wide_backward": device.is_cuda() && peft_ops::flash_wide_backward(),
+            "attention_cudnn": device.is_cuda() && peft_ops::attention_cudnn(),
+            "cudnn_version": peft_ops::cudnn_version(),
         })
     );
     Ok(())
@@ -426,6 +428,8 @@ fn bench_attention(cmd: &BenchCmd) -> Result<()> {
             "bwd_tflops": 2.5 * flops / (fwd_bwd - fwd).max(1e-9) / 1e12,
             "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
             "flash_wide_backward": device.is_cuda() && peft_ops::flash_wide_backward(),
+            "attention_cudnn": device.is_cuda() && peft_ops::attention_cudnn(),
+            "cudnn_version": peft_ops::cudnn_version(),
         })
     );
     Ok(())

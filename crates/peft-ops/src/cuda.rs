@@ -1023,25 +1023,33 @@ impl<'a> FlashViews<'a> {
         dev: &CudaDevice,
         (t, heads, kv_heads, d): (usize, usize, usize, usize),
     ) -> Result<(CudaSlice<bf16>, CudaSlice<bf16>)> {
-        let func = dev.get_or_load_custom_func("rope_rotate_bf16", MODULE, ptx(dev)?)?;
-        let one = |x: &CudaView<bf16>, heads: usize| -> Result<CudaSlice<bf16>> {
-            let n = x.len();
-            // SAFETY: one thread per 16-element chunk writes both of its halves' 8 elements.
-            let out = unsafe { dev.alloc::<bf16>(n)? };
-            let (t_, h_, d_, chunks) = (t as i32, heads as i32, d as i32, (n / 16) as i64);
-            let mut builder = func.builder();
-            builder
-                .arg(x)
-                .arg(&self.cos)
-                .arg(&self.sin)
-                .arg(&self.rope_bstride);
-            builder.arg(&out).arg(&t_).arg(&h_).arg(&d_).arg(&chunks);
-            // SAFETY: the arguments match rope_rotate_bf16 in kernels/attention.cu.
-            unsafe { builder.launch(elementwise_config(n / 16)) }.map_err(err)?;
-            Ok(out)
-        };
-        Ok((one(&self.q, heads)?, one(&self.k, kv_heads)?))
+        let rot = (&self.cos, &self.sin, self.rope_bstride);
+        Ok((
+            rope_rotate(dev, &self.q, rot, (t, heads, d))?,
+            rope_rotate(dev, &self.k, rot, (t, kv_heads, d))?,
+        ))
     }
+}
+
+/// `x` (`[b, t, heads · d]`, bf16) rotated by RoPE's `cos` and `sin` tables (`[t, d / 2]`,
+/// or a table per batch row `rope_bstride` elements apart); with `sin` negated, rotated back.
+fn rope_rotate(
+    dev: &CudaDevice,
+    x: &CudaView<bf16>,
+    (cos, sin, rope_bstride): (&CudaView<f32>, &CudaView<f32>, i64),
+    (t, heads, d): (usize, usize, usize),
+) -> Result<CudaSlice<bf16>> {
+    let func = dev.get_or_load_custom_func("rope_rotate_bf16", MODULE, ptx(dev)?)?;
+    let n = x.len();
+    // SAFETY: one thread per 16-element chunk writes both of its halves' 8 elements.
+    let out = unsafe { dev.alloc::<bf16>(n)? };
+    let (t_, h_, d_, chunks) = (t as i32, heads as i32, d as i32, (n / 16) as i64);
+    let mut builder = func.builder();
+    builder.arg(x).arg(cos).arg(sin).arg(&rope_bstride);
+    builder.arg(&out).arg(&t_).arg(&h_).arg(&d_).arg(&chunks);
+    // SAFETY: the arguments match rope_rotate_bf16 in kernels/attention.cu.
+    unsafe { builder.launch(elementwise_config(n / 16)) }.map_err(err)?;
+    Ok(out)
 }
 
 /// The launch of a tile kernel over (blocks of `rows` rows, heads, batch) of `threads` threads
@@ -1103,6 +1111,23 @@ impl FlashInputs {
         Ok(((b, t, hd / self.heads), ints))
     }
 
+    /// The problem for cuDNN's attention when it is to compute this one
+    /// ([`crate::attention_cudnn`]): plain rows (packed rows' segments are our kernels' only).
+    fn cudnn_problem(&self) -> Result<Option<crate::cudnn::graph::Problem>> {
+        if self.segments.is_some() || !crate::attention_cudnn() {
+            return Ok(None);
+        }
+        let ((b, t, d), _) = self.dims()?;
+        Ok(Some(crate::cudnn::graph::Problem {
+            b,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            t,
+            d,
+            scale: self.scale,
+        }))
+    }
+
     /// The attention output `[b, t, heads · d]` (bf16) and the log-sum-exp of each query row
     /// `[b, heads, t]` (f32) for the backward pass.
     pub(crate) fn forward(&self) -> Result<(Tensor, Tensor)> {
@@ -1135,14 +1160,21 @@ impl FlashInputs {
         let func = dev.get_or_load_custom_func(&name, MODULE, ptx(&dev)?)?;
         // The forward's four warps take every row tile of a block.
         let cfg = tile_launch(&func, (b, t, heads), (rows, FA_THREADS), shared)?;
+        let cudnn = self.cudnn_problem()?;
         self.with_views(|x| {
             let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
+            if let Some(p) = &cudnn {
+                match crate::cudnn::forward(&dev, p, (&q, &k, &x.v), &o, &lse) {
+                    Ok(()) => return Ok(()),
+                    Err(why) => crate::cudnn::fall_back(&why),
+                }
+            }
             let mut builder = func.builder();
             x.push(&mut builder, (&q, &k));
             builder.arg(&o).arg(&lse);
             builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&self.scale);
             // SAFETY: the arguments match flash_fwd_{d64,d128,wide_d64} in kernels/attention.cu.
-            unsafe { builder.launch(cfg) }.map_err(err)
+            unsafe { builder.launch(cfg) }.map(|_| ()).map_err(err)
         })?;
         Ok((
             CudaStorage::wrap_cuda_slice(o, dev.clone()),
@@ -1171,6 +1203,12 @@ impl FlashInputs {
             view::<f32>(&ls, ll)?,
             view::<bf16>(&gs, gl)?,
         );
+        if let Some(p) = self.cudnn_problem()? {
+            match self.backward_cudnn(&dev, &p, (&ov, &gv, &lv)) {
+                Ok(grads) => return Ok(grads),
+                Err(why) => crate::cudnn::fall_back(&why.to_string()),
+            }
+        }
 
         // delta = rowsum(dO ∘ O), one warp per (row, head).
         let rows = (b * t * heads) as i64;
@@ -1264,6 +1302,47 @@ impl FlashInputs {
             wrap(dq, &dev, &[b, t, hd]),
             wrap(dk, &dev, &[b, t, kvd]),
             wrap(dv, &dev, &[b, t, kvd]),
+        ))
+    }
+}
+
+impl FlashInputs {
+    /// [`Self::backward`] by cuDNN: the gradients of the rotated q and k and of v, then q's
+    /// and k's rotated back (RoPE with `sin` negated).
+    fn backward_cudnn(
+        &self,
+        dev: &CudaDevice,
+        p: &crate::cudnn::graph::Problem,
+        (o, dout, lse): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<f32>),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, d) = (p.b, p.t, p.d);
+        let (hd, kvd) = (p.heads * d, p.kv_heads * d);
+        // SAFETY: the plan writes every element of the three gradients.
+        let (dq_rot, dk_rot, dv) = unsafe {
+            (
+                dev.alloc::<bf16>(b * t * hd)?,
+                dev.alloc::<bf16>(b * t * kvd)?,
+                dev.alloc::<bf16>(b * t * kvd)?,
+            )
+        };
+        let sin_back = self.sin.neg()?;
+        let (ns, nl) = sin_back.storage_and_layout();
+        let sin_back = view::<f32>(&ns, nl)?;
+        let (dq, dk) = self.with_views(|x| {
+            let (q, k) = x.rotate(dev, (t, p.heads, p.kv_heads, d))?;
+            let grads = (&dq_rot, &dk_rot, &dv);
+            crate::cudnn::backward(dev, p, (&q, &k, &x.v), (o, dout, lse), grads)
+                .map_err(candle_core::Error::Msg)?;
+            let back = (&x.cos, &sin_back, x.rope_bstride);
+            Ok((
+                rope_rotate(dev, &dq_rot.as_view(), back, (t, p.heads, d))?,
+                rope_rotate(dev, &dk_rot.as_view(), back, (t, p.kv_heads, d))?,
+            ))
+        })?;
+        Ok((
+            wrap(dq, dev, &[b, t, hd]),
+            wrap(dk, dev, &[b, t, kvd]),
+            wrap(dv, dev, &[b, t, kvd]),
         ))
     }
 }

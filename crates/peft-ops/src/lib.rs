@@ -11,6 +11,8 @@ mod cross_entropy;
 mod cublas;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(any(feature = "cuda", test))]
+mod cudnn;
 mod device;
 mod fast_exp;
 mod fused;
@@ -45,9 +47,10 @@ pub use ops::{
 pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw, SlotMoments};
 pub use softmax::{causal_softmax, causal_softmax_backward};
 pub use switches::{
-    cuda_kernel_on, cuda_kernels_off, flash_wide, flash_wide_backward, lora_cublas,
-    parse_kernels_off, set_flash_wide, set_flash_wide_backward, set_lora_cublas, Kernel,
-    CUDA_FLASH_BWD_VAR, CUDA_FLASH_VAR, CUDA_LORA_VAR, CUDA_OFF_VAR,
+    attention_cudnn, cuda_kernel_on, cuda_kernels_off, flash_wide, flash_wide_backward,
+    lora_cublas, parse_kernels_off, set_attention_cudnn, set_flash_wide, set_flash_wide_backward,
+    set_lora_cublas, Kernel, CUDA_ATTENTION_VAR, CUDA_FLASH_BWD_VAR, CUDA_FLASH_VAR, CUDA_LORA_VAR,
+    CUDA_OFF_VAR,
 };
 pub use tape::{
     add, add_bias, cast, layer_tape_enabled, reshape, set_layer_tape, taped, LAYER_TAPE_VAR,
@@ -102,4 +105,13 @@ pub(crate) fn par_build<T: Copy + Default + Send + Sync>(
     // SAFETY: every chunk was initialised above.
     unsafe { out.set_len(len) };
     out
+}
+
+/// The version of the cuDNN that `PEFT_CUDA_ATTENTION=cudnn` loads (e.g. 92801 for 9.28.1), or
+/// `None` where it cannot be loaded (or without the `cuda` feature).
+pub fn cudnn_version() -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    return cudnn::backend::version().ok();
+    #[cfg(not(feature = "cuda"))]
+    None
 }

@@ -209,6 +209,25 @@ pub fn set_flash_wide_backward(on: bool) -> bool {
     FLASH_WIDE_BACKWARD.set(on)
 }
 
+/// `PEFT_CUDA_ATTENTION=cudnn`: causal attention (forward and backward, head size 64 or 128,
+/// unpacked rows) by cuDNN's fused attention engines in place of our flash kernels, on the
+/// same rotated q and k. Needs cuDNN 9 (`libcudnn.so.9`) at run time; where it is missing or
+/// has no engine for a shape, the flash kernels take over (said once). Not yet measured on a
+/// GPU: off by default.
+pub const CUDA_ATTENTION_VAR: &str = "PEFT_CUDA_ATTENTION";
+
+static ATTENTION_CUDNN: Switch = Switch::new(CUDA_ATTENTION_VAR, &["cudnn"], false);
+
+/// Whether cuDNN computes the flash attention's passes ([`CUDA_ATTENTION_VAR`]).
+pub fn attention_cudnn() -> bool {
+    ATTENTION_CUDNN.get()
+}
+
+/// Turns cuDNN's attention on or off; returns the previous setting.
+pub fn set_attention_cudnn(on: bool) -> bool {
+    ATTENTION_CUDNN.set(on)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

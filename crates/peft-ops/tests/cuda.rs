@@ -197,6 +197,38 @@ fn causal_self_attention_matches_cpu() {
     }
 }
 
+/// `PEFT_CUDA_ATTENTION=cudnn`: cuDNN's fused attention in place of the flash kernels (head
+/// sizes 64 and 128, grouped-query heads, sequences off its tile sizes) against the CPU's fused
+/// f32 path; cuDNN must have served every case (it falls back to the flash kernels otherwise,
+/// which turns the setting off).
+#[test]
+fn causal_self_attention_by_cudnn_matches_cpu() {
+    let before = set_attention_cudnn(true);
+    for (b, t, heads, kv_heads, d) in [(2, 80, 4, 2, 64), (2, 150, 6, 2, 64), (1, 150, 2, 1, 128)] {
+        let (cos, sin) = rope_tables(t, d);
+        let inputs = [
+            (randn(&[b, t, heads * d], 40), Input::Cast),
+            (randn(&[b, t, kv_heads * d], 41), Input::Cast),
+            (randn(&[b, t, kv_heads * d], 42), Input::Cast),
+            (cos, Input::F32),
+            (sin, Input::F32),
+        ];
+        check(&format!("cuDNN causal_self_attention d{d}"), &inputs, |x| {
+            let scale = 1.0 / (d as f64).sqrt();
+            let (cos, sin) = (x[3].detach(), x[4].detach());
+            causal_self_attention(
+                &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None,
+            )
+        });
+        assert!(
+            attention_cudnn(),
+            "cuDNN {:?} did not serve b {b} t {t} heads {heads}/{kv_heads} d {d} (see stderr)",
+            cudnn_version()
+        );
+    }
+    set_attention_cudnn(before);
+}
+
 /// Packed rows on the GPU (bf16 flash kernels with segment ids and per-position RoPE tables)
 /// against each sequence attended alone on the CPU in f32: outputs and q, k, v gradients of the
 /// real rows (padding rows get a zero output gradient).
