@@ -2,7 +2,8 @@
 # Builds cuDNN's execution plans for our attention graphs (crates/peft-ops/src/cudnn) for an
 # H200, here, without a GPU: cuDNN (9.8 and later) accepts a device described in JSON, picks
 # its engines and compiles their kernels with NVRTC; only loading them needs a driver, which a
-# stand-in libcuda.so.1 answers (it loads nothing and runs nothing). A plan that builds means
+# stand-in libcuda.so.1 answers (it loads nothing and runs nothing, and prints the name of
+# each kernel cuDNN compiled for a plan). A plan that builds means
 # cuDNN recognises the graph and has a fused engine for it on that GPU; whether the engine
 # computes the right values is the CUDA test's to say on a GPU.
 #   scripts/gpu/cudnn_plans.sh [CUDNN_VERSION]     # a pip version of nvidia-cudnn-cu13
@@ -35,10 +36,11 @@ answers = {
     "cuGetErrorString": "int cuGetErrorString(int e, const char **s) { *s = \"no GPU\"; return 0; }",
     "cuGetErrorName": "int cuGetErrorName(int e, const char **s) { *s = \"CUDA_ERROR_UNKNOWN\"; return 0; }",
     "cuLibraryLoadData": "int cuLibraryLoadData(void **l, const void *c, void *a, void *b, unsigned n, void *d, void *e, unsigned m) { *l = (void *)0x5000; return 0; }",
-    "cuLibraryGetKernel": "int cuLibraryGetKernel(void **k, void *l, const char *n) { *k = (void *)0x6000; return 0; }",
+    "cuLibraryGetKernel": "int cuLibraryGetKernel(void **k, void *l, const char *n) { fprintf(stderr, \"kernel %s\\n\", n); *k = (void *)0x6000; return 0; }",
     "cuKernelGetFunction": "int cuKernelGetFunction(void **f, void *k) { *f = (void *)0x4000; return 0; }",
     "cuLibraryUnload": "int cuLibraryUnload(void *l) { return 0; }",
 }
+print("#include <stdio.h>")
 print("\n".join(answers.get(s, "int %s(void) { return 999; }" % s) for s in symbols))
 for name in ["cuCtxPopCurrent", "cuCtxPushCurrent", "cuLinkCreate", "cuLinkAddData"]:
     print("int %s(void) __attribute__((alias(\"%s_v2\")));" % (name, name))
@@ -46,4 +48,4 @@ for name in ["cuCtxPopCurrent", "cuCtxPushCurrent", "cuLinkCreate", "cuLinkAddDa
 cc -shared -fPIC -w -o "$fake/libcuda.so.1" "$fake/fake.c" -Wl,-soname,libcuda.so.1
 LD_LIBRARY_PATH="$fake:$cache/nvidia/cudnn/lib:$lib" \
   cargo test --release -p peft-ops --lib cudnn_builds_attention_plans -- --nocapture 2>&1 |
-  grep -E '^cuDNN|skipped|test result|panicked'
+  grep -E '^cuDNN|^kernel|skipped|test result|panicked'

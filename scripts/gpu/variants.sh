@@ -2,7 +2,8 @@
 # On the GPU machine, with .gpu/ from scripts/gpu/prepare.sh: `peft bench` on issue 4's three
 # shapes as built, then with each kernel variant DIR (PEFT_CUDA_KERNELS: the .cu files of
 # crates/peft-ops/src/kernels, same kernel arguments) and each environment setting KEY=VALUE
-# (say PEFT_CUDA_LORA=cublas, PEFT_LAYER_TAPE=off), side by side: what a variant gains,
+# (say PEFT_CUDA_LORA=cublas, PEFT_LAYER_TAPE=off; several at once separated by spaces, as
+# "PEFT_CUDA_LORA=cublas PEFT_CUDA_ATTENTION=cudnn"), side by side: what a variant gains,
 # measured in one lease. variants.jsonl and a table go to $OUT; then one layer's attention of
 # each shape alone under each variant (`peft bench --mode attention`, seconds each):
 # variants_attention.jsonl and its table.
@@ -20,14 +21,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 . scripts/gpu/env.sh
-# `peft bench ARGS...` under variant V (built, env:KEY=VALUE or a kernel folder) within
+# `peft bench ARGS...` under variant V (built, env:KEY=VALUE... or a kernel folder) within
 # SECONDS: its JSON line, or {"error": the tail of its output}.
 bench_under() {
   local v=$1 seconds=$2 env=() line
   shift 2
   case "$v" in
     built) ;;
-    env:*) env=("${v#env:}") ;;
+    env:*) read -ra env <<< "${v#env:}" ;;
     *) env=(PEFT_CUDA_KERNELS="$v") ;;
   esac
   line=$(env "${env[@]}" timeout "$seconds" "$bin/peft" bench --device cuda --dtype bf16 "$@" 2>&1 | tail -n 1)
@@ -61,12 +62,26 @@ smollm2-135m 8 1024
 llama-3.2-1b 4 1024
 llama-3-8b 2 2048
 CASES
-python3 - "$out/variants.jsonl" "$out/variants_attention.jsonl" <<'PY'
-import json, sys
+python3 - "$out/variants.jsonl" "$out/variants_attention.jsonl" "$out/hf_anchor.jsonl" <<'PY'
+import json, os, sys
+# HF's figures of this run (check.sh runs the anchor first), for the speed and memory ratios.
+hf = {}
+if os.path.exists(sys.argv[3]):
+    for line in open(sys.argv[3]):
+        h = json.loads(line)
+        if h.get("method") == "lora-attn" and not h.get("ckpt"):
+            hf[f"{h['shape']}-attn-{h['batch']}x{h['seq']}"] = h
+def versus(o, r):
+    h = hf.get(o["case"])
+    if h is None:
+        return ["", ""]
+    return [f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x",
+            f"{r['peak_device_mib'] / 1024 / h['peak_gib']:.2f}x"]
 tables = [
-    ("case", ["tokens/s", "step ms", "peak MiB", "first loss", "last loss"],
+    ("case", ["tokens/s", "step ms", "peak MiB", "first loss", "last loss", "speed vs HF", "memory vs HF"],
      lambda o, r: [o["case"], f"{r['tokens_per_s']:.0f}", f"{1e3 * r['step_s_median']:.1f}",
-                   f"{r['peak_device_mib']:.0f}", f"{r['loss_first']:.4f}", f"{r['loss_last']:.4f}"]),
+                   f"{r['peak_device_mib']:.0f}", f"{r['loss_first']:.4f}", f"{r['loss_last']:.4f}"]
+                  + versus(o, r)),
     ("shape", ["forward ms", "backward ms", "forward TFLOP/s", "backward TFLOP/s"],
      lambda o, r: [r["shape"], f"{r['fwd_ms']:.2f}", f"{r['bwd_ms']:.2f}",
                    f"{r['fwd_tflops']:.0f}", f"{r['bwd_tflops']:.0f}"]),
