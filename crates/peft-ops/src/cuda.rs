@@ -1165,7 +1165,8 @@ impl FlashInputs {
             let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
             if let Some(p) = &cudnn {
                 match crate::cudnn::forward(&dev, p, (&q, &k, &x.v), &o, &lse) {
-                    Ok(()) => return Ok(()),
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
                     Err(why) => crate::cudnn::fall_back(&why),
                 }
             }
@@ -1205,7 +1206,8 @@ impl FlashInputs {
         );
         if let Some(p) = self.cudnn_problem()? {
             match self.backward_cudnn(&dev, &p, (&ov, &gv, &lv)) {
-                Ok(grads) => return Ok(grads),
+                Ok(Some(grads)) => return Ok(grads),
+                Ok(None) => {}
                 Err(why) => crate::cudnn::fall_back(&why.to_string()),
             }
         }
@@ -1308,13 +1310,14 @@ impl FlashInputs {
 
 impl FlashInputs {
     /// [`Self::backward`] by cuDNN: the gradients of the rotated q and k and of v, then q's
-    /// and k's rotated back (RoPE with `sin` negated).
+    /// and k's rotated back (RoPE with `sin` negated); `None` where the flash kernels are to
+    /// (a shape past cuDNN's plans).
     fn backward_cudnn(
         &self,
         dev: &CudaDevice,
         p: &crate::cudnn::graph::Problem,
         (o, dout, lse): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<f32>),
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         let (b, t, d) = (p.b, p.t, p.d);
         let (hd, kvd) = (p.heads * d, p.kv_heads * d);
         // SAFETY: the plan writes every element of the three gradients.
@@ -1328,22 +1331,27 @@ impl FlashInputs {
         let sin_back = self.sin.neg()?;
         let (ns, nl) = sin_back.storage_and_layout();
         let sin_back = view::<f32>(&ns, nl)?;
-        let (dq, dk) = self.with_views(|x| {
+        let rotated_back = self.with_views(|x| {
             let (q, k) = x.rotate(dev, (t, p.heads, p.kv_heads, d))?;
             let grads = (&dq_rot, &dk_rot, &dv);
-            crate::cudnn::backward(dev, p, (&q, &k, &x.v), (o, dout, lse), grads)
-                .map_err(candle_core::Error::Msg)?;
+            if !crate::cudnn::backward(dev, p, (&q, &k, &x.v), (o, dout, lse), grads)
+                .map_err(candle_core::Error::Msg)?
+            {
+                return Ok(None);
+            }
             let back = (&x.cos, &sin_back, x.rope_bstride);
-            Ok((
+            Ok(Some((
                 rope_rotate(dev, &dq_rot.as_view(), back, (t, p.heads, d))?,
                 rope_rotate(dev, &dk_rot.as_view(), back, (t, p.kv_heads, d))?,
-            ))
+            )))
         })?;
-        Ok((
-            wrap(dq, dev, &[b, t, hd]),
-            wrap(dk, dev, &[b, t, kvd]),
-            wrap(dv, dev, &[b, t, kvd]),
-        ))
+        Ok(rotated_back.map(|(dq, dk)| {
+            (
+                wrap(dq, dev, &[b, t, hd]),
+                wrap(dk, dev, &[b, t, kvd]),
+                wrap(dv, dev, &[b, t, kvd]),
+            )
+        }))
     }
 }
 

@@ -31,6 +31,8 @@ mod device {
     struct DeviceState {
         handle: Handle,
         plans: Plans,
+        /// Whether a shape found the plans at [`MAX_SHAPES`] (said once).
+        full: bool,
     }
 
     /// Per device ordinal. Plans run under this lock: a handle is not for concurrent use.
@@ -41,13 +43,19 @@ mod device {
         [b, h, kvh, t, d, p.scale.to_bits() as u64]
     }
 
-    /// Runs the forward (`forward`) or backward graph of `p` on `dev`'s stream with `buffers`.
+    /// Shapes a device keeps plans for, a pass. Each plan compiles its kernels (about a second):
+    /// batches padded to their longest row come in many lengths, and past this many the flash
+    /// kernels serve the new ones.
+    const MAX_SHAPES: usize = 32;
+
+    /// Runs the forward (`forward`) or backward graph of `p` on `dev`'s stream with `buffers`;
+    /// `false` when `p` is a new shape past [`MAX_SHAPES`] (nothing ran).
     fn run(
         dev: &CudaDevice,
         p: &Problem,
         forward: bool,
         buffers: &[(Port, u64)],
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let stream = dev.cuda_stream();
         let mut devices = DEVICES
             .lock()
@@ -65,11 +73,22 @@ mod device {
                 e.insert(DeviceState {
                     handle: Handle::new()?,
                     plans: HashMap::new(),
+                    full: false,
                 })
             }
         };
         let entry = match state.plans.get(&(forward, key(p))) {
             Some(e) => e.clone(),
+            None if state.plans.keys().filter(|k| k.0 == forward).count() >= MAX_SHAPES => {
+                if !state.full {
+                    state.full = true;
+                    eprintln!(
+                        "peft: cuDNN attention plans built for {MAX_SHAPES} shapes; new shapes \
+                         use the flash attention kernels"
+                    );
+                }
+                return Ok(false);
+            }
             None => {
                 let graph = if forward {
                     graph::forward(p)
@@ -98,7 +117,8 @@ mod device {
         let (ws, _ws_guard) = workspace.device_ptr(&stream);
         // SAFETY: the callers pass live buffers of the graph's layouts on this device; the
         // workspace is the plan's size; the stream is the device's.
-        unsafe { backend::execute(&state.handle, stream.cu_stream() as _, plan, &ids, ws) }
+        unsafe { backend::execute(&state.handle, stream.cu_stream() as _, plan, &ids, ws) }?;
+        Ok(true)
     }
 
     /// A device address for the plan (the guard orders the stream's uses of the buffer).
@@ -113,14 +133,15 @@ mod device {
     }
 
     /// The attention forward: `o` (`[b, t, heads · d]`) and the log-sum-exp `stats`
-    /// (`[b, heads, t]`) from rotated `q` and `k` and from `v`, as the flash forward writes them.
+    /// (`[b, heads, t]`) from rotated `q` and `k` and from `v`, as the flash forward writes them;
+    /// `false` where the flash kernels are to (see [`run`]).
     pub(crate) fn forward(
         dev: &CudaDevice,
         p: &Problem,
         (q, k, v): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaView<bf16>),
         o: &CudaSlice<bf16>,
         stats: &CudaSlice<f32>,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let stream = dev.cuda_stream();
         let mut g = Vec::new();
         let buffers = [
@@ -134,7 +155,8 @@ mod device {
     }
 
     /// The attention backward: the gradients of rotated q and k, and of v, in their layouts
-    /// (`dq` `[b, t, heads · d]`, `dk`, `dv` `[b, t, kv_heads · d]`, bf16).
+    /// (`dq` `[b, t, heads · d]`, `dk`, `dv` `[b, t, kv_heads · d]`, bf16); `false` where the
+    /// flash kernels are to (see [`run`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward(
         dev: &CudaDevice,
@@ -142,7 +164,7 @@ mod device {
         (q, k, v): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaView<bf16>),
         (o, dout, stats): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<f32>),
         (dq, dk, dv): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaSlice<bf16>),
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let rows = p.b * p.heads * p.t;
         // SAFETY: written by the plan before it is read (dO·O per row).
         let softmax_sum = unsafe { dev.alloc::<f32>(rows) }.map_err(|e| e.to_string())?;
@@ -195,8 +217,9 @@ mod tests {
         "maxBlockSize": [1024, 1024, 64], "maxGridSize": [2147483647, 65535, 65535]}"#;
 
     /// cuDNN accepts the attention graphs and has engines for them on an H200, for the
-    /// benchmark's shapes (runs where cuDNN 9 can be loaded, e.g. with the pip wheel's
-    /// `nvidia/cudnn/lib` on `LD_LIBRARY_PATH`; elsewhere it says so and checks nothing).
+    /// benchmark's shapes and sequence lengths off its tiles (runs where cuDNN 9 can be loaded,
+    /// e.g. with the pip wheel's `nvidia/cudnn/lib` on `LD_LIBRARY_PATH`: see
+    /// `scripts/gpu/cudnn_plans.sh`; elsewhere it says so and checks nothing).
     #[test]
     fn cudnn_builds_attention_plans_for_an_h200() {
         let v = match version() {
@@ -208,27 +231,36 @@ mod tests {
         };
         let target = Target::Described(H200);
         let mut failures = Vec::new();
-        for (b, heads, kv_heads, t, d) in [
-            (8, 9, 3, 1024, 64),
-            (4, 32, 8, 1024, 64),
-            (2, 32, 8, 2048, 128),
-            (1, 4, 4, 200, 64),
+        for (heads, kv_heads, d, sizes) in [
+            (9, 3, 64, &[(8, 1024), (8, 1000), (3, 77)][..]),
+            (32, 8, 64, &[(4, 1024)][..]),
+            (32, 8, 128, &[(2, 2048), (1, 1500)][..]),
+            (4, 4, 64, &[(1, 200)][..]),
         ] {
-            let p = Problem {
-                b,
-                heads,
-                kv_heads,
-                t,
-                d,
-                scale: 1.0 / (d as f32).sqrt(),
-            };
-            for (name, graph) in [("forward", forward(&p)), ("backward", backward(&p))] {
-                match plan(&graph, &target) {
-                    Ok(plan) => eprintln!(
-                        "cuDNN {v}: {name} {p:?}: workspace {} bytes",
-                        plan.workspace
-                    ),
-                    Err(e) => failures.push(format!("cuDNN {v}, {name} of {p:?}: {e}")),
+            for pass in ["forward", "backward"] {
+                for &(b, t) in sizes {
+                    let p = Problem {
+                        b,
+                        heads,
+                        kv_heads,
+                        t,
+                        d,
+                        scale: 1.0 / (d as f32).sqrt(),
+                    };
+                    let graph = if pass == "forward" {
+                        forward(&p)
+                    } else {
+                        backward(&p)
+                    };
+                    let start = std::time::Instant::now();
+                    match plan(&graph, &target) {
+                        Ok(plan) => eprintln!(
+                            "cuDNN {v}: {pass} {p:?}: workspace {} bytes, built in {:.2} s",
+                            plan.workspace,
+                            start.elapsed().as_secs_f64()
+                        ),
+                        Err(e) => failures.push(format!("cuDNN {v}, {pass} of {p:?}: {e}")),
+                    }
                 }
             }
         }
