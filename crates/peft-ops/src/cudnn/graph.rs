@@ -207,15 +207,15 @@ impl Graph {
             .find(|t| t.storage == Storage::Buffer(port))
     }
 
-    /// The causal mask on `scores`: `row >= col` keeps a score, the rest become -inf.
-    fn causal(&mut self, scores: Id) -> Id {
+    /// The causal mask on `scores`: `row >= col` keeps a score, the rest become `masked`.
+    fn causal(&mut self, scores: Id, masked: f32) -> Id {
         let row = self.pointwise(Pointwise::GenIndex(2), &[scores], Dtype::I32, Dtype::I32);
         let col = self.pointwise(Pointwise::GenIndex(3), &[scores], Dtype::I32, Dtype::I32);
         let keep = self.pointwise(Pointwise::CmpGe, &[row, col], Dtype::Bool, Dtype::Bool);
-        let minus_inf = self.value(f32::NEG_INFINITY);
+        let masked = self.value(masked);
         self.pointwise(
             Pointwise::Select,
-            &[scores, minus_inf, keep],
+            &[scores, masked, keep],
             Dtype::F32,
             Dtype::F32,
         )
@@ -250,9 +250,20 @@ impl Problem {
     }
 }
 
+/// The value masked scores take: -inf, or the lowest f32 for cuDNN before 9.10 (as
+/// cudnn-frontend gives them).
+pub(crate) fn masked_score(cudnn_version: usize) -> f32 {
+    if cudnn_version < 91000 {
+        f32::MIN
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
 /// The forward: `O = softmax(scale · Q·Kᵀ + causal) · V` and `Stats`, each row's log-sum-exp
-/// of its scaled, masked scores (what our flash kernels keep for the backward too).
-pub(crate) fn forward(p: &Problem) -> Graph {
+/// of its scaled, masked scores (what our flash kernels keep for the backward too); masked
+/// scores are `masked` ([`masked_score`]).
+pub(crate) fn forward(p: &Problem, masked: f32) -> Graph {
     let l = p.layouts();
     let mut g = Graph::default();
     let q = g.add(l.q, Dtype::Bf16, Storage::Buffer(Port::Q));
@@ -262,7 +273,7 @@ pub(crate) fn forward(p: &Problem) -> Graph {
     g.matmul(q, kt, scores);
     let scale = g.value(p.scale);
     let scaled = g.pointwise(Pointwise::Mul, &[scores, scale], Dtype::F32, Dtype::F32);
-    let masked = g.causal(scaled);
+    let masked = g.causal(scaled, masked);
     let max = g.reduce(Reduce::Max, masked, l.rows);
     let shifted = g.pointwise(Pointwise::Sub, &[masked, max], Dtype::F32, Dtype::F32);
     let exp = g.pointwise(Pointwise::Exp, &[shifted], Dtype::F32, Dtype::F32);
@@ -279,7 +290,7 @@ pub(crate) fn forward(p: &Problem) -> Graph {
 
 /// The backward: dQ, dK, dV from Q, K, V, O, dO and the forward's `Stats`, the probabilities
 /// recomputed (`exp(scale · Q·Kᵀ − Stats)`), grouped heads' dK and dV summed per kv head.
-pub(crate) fn backward(p: &Problem) -> Graph {
+pub(crate) fn backward(p: &Problem, masked: f32) -> Graph {
     let l = p.layouts();
     let (b, h, kvh, t, d) = (
         p.b as i64,
@@ -309,7 +320,7 @@ pub(crate) fn backward(p: &Problem) -> Graph {
     let scale = g.value(p.scale);
     let scaled = g.pointwise(Pointwise::Mul, &[scores, scale], Dtype::F32, Dtype::F32);
     let shifted = g.pointwise(Pointwise::Sub, &[scaled, stats], Dtype::F32, Dtype::F32);
-    let masked = g.causal(shifted);
+    let masked = g.causal(shifted, masked);
     let probs = g.pointwise(Pointwise::Exp, &[masked], Dtype::F32, Dtype::F32);
 
     // dV = Pᵀ · dO, summed over each kv head's query heads.
@@ -560,9 +571,16 @@ mod tests {
     }
 
     /// The forward and backward graphs compute causal attention, its log-sum-exp and its
-    /// gradients, with grouped-query heads (as cuDNN evaluates them, up to its rounding).
+    /// gradients, with grouped-query heads (as cuDNN evaluates them, up to its rounding), masked
+    /// scores at -inf (cuDNN 9.10 on) or the lowest f32 (before).
     #[test]
     fn attention_graphs_compute_causal_attention() {
+        for version in [91000, 90000] {
+            graphs_compute_attention(masked_score(version));
+        }
+    }
+
+    fn graphs_compute_attention(masked: f32) {
         let p = Problem {
             b: 2,
             heads: 4,
@@ -585,7 +603,7 @@ mod tests {
             (Port::K, k.clone()),
             (Port::V, v.clone()),
         ]);
-        eval::run(&forward(&p), &mut buffers);
+        eval::run(&forward(&p, masked), &mut buffers);
 
         let qv = Var::from_tensor(&heads(&q, (b, t, h, d))).unwrap();
         let kv = Var::from_tensor(&heads(&k, (b, t, kvh, d))).unwrap();
@@ -631,7 +649,7 @@ mod tests {
 
         // The backward from this forward's O and Stats.
         buffers.insert(Port::DOut, dout.clone());
-        eval::run(&backward(&p), &mut buffers);
+        eval::run(&backward(&p, masked), &mut buffers);
         let g = heads(&dout, (b, t, h, d));
         let grads = (out * g).unwrap().sum_all().unwrap().backward().unwrap();
         for (port, var, n) in [

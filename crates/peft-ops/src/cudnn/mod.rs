@@ -90,10 +90,11 @@ mod device {
                 return Ok(false);
             }
             None => {
+                let masked = graph::masked_score(backend::version()?);
                 let graph = if forward {
-                    graph::forward(p)
+                    graph::forward(p, masked)
                 } else {
-                    graph::backward(p)
+                    graph::backward(p, masked)
                 };
                 let plan = backend::plan(&graph, &Target::Handle(&state.handle))?;
                 let e = Arc::new((graph, plan));
@@ -202,7 +203,7 @@ mod device {
 #[cfg(test)]
 mod tests {
     use super::backend::{plan, version, Target};
-    use super::graph::{backward, forward, Problem};
+    use super::graph::{backward, forward, masked_score, Problem};
 
     /// An H200 as cuDNN describes a device (`CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION`), so
     /// that plans for it can be built on a machine without a GPU.
@@ -247,10 +248,11 @@ mod tests {
                         d,
                         scale: 1.0 / (d as f32).sqrt(),
                     };
+                    let masked = masked_score(v);
                     let graph = if pass == "forward" {
-                        forward(&p)
+                        forward(&p, masked)
                     } else {
-                        backward(&p)
+                        backward(&p, masked)
                     };
                     let start = std::time::Instant::now();
                     match plan(&graph, &target) {
