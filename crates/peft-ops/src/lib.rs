@@ -115,3 +115,12 @@ pub fn cudnn_version() -> Option<usize> {
     #[cfg(not(feature = "cuda"))]
     None
 }
+
+/// How many times cuDNN's attention plans have run in this process (`PEFT_CUDA_ATTENTION=cudnn`;
+/// 0 without the `cuda` feature): whether cuDNN, not the flash kernels, served a pass.
+pub fn cudnn_attention_runs() -> usize {
+    #[cfg(feature = "cuda")]
+    return cudnn::RUNS.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(feature = "cuda"))]
+    0
+}
