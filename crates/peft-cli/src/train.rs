@@ -144,6 +144,11 @@ pub struct TrainCmd {
     /// Batch examples of similar length together (less padding).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     group_by_length: Option<bool>,
+    /// Pad each batch to a multiple of this many tokens (default 1: to its longest example).
+    /// Fewer distinct lengths: with PEFT_CUDA_ATTENTION=cudnn, which plans per length, 64 or
+    /// 128 keeps every batch on cuDNN.
+    #[arg(long)]
+    pad_to_multiple_of: Option<usize>,
     /// Fraction of the records held out for evaluation (e.g. 0.1).
     #[arg(long)]
     eval_split: Option<f64>,
@@ -548,6 +553,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             Echo::Stderr
         },
         group_by_length: c.group_by_length.unwrap_or(false),
+        pad_to_multiple_of: c.pad_to_multiple_of.unwrap_or(1),
         eval_steps: c.eval_steps,
         early_stopping_patience: c.early_stopping_patience,
         early_stopping_threshold: c.early_stopping_threshold.unwrap_or(0.0),

@@ -526,12 +526,26 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The examples right-padded to the longest.
     pub fn new(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Self> {
+        Self::padded(examples, pad_id, 1, device)
+    }
+
+    /// The examples right-padded to the longest rounded up to a multiple of `multiple`
+    /// (TRL's `pad_to_multiple_of`): fewer distinct lengths for kernels planned per shape.
+    /// The padding carries no loss and, attention being causal, changes no real position.
+    pub fn padded(
+        examples: &[&Example],
+        pad_id: u32,
+        multiple: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let len = examples
             .iter()
             .map(|e| e.input_ids.len())
             .max()
-            .context("empty batch")?;
+            .context("empty batch")?
+            .next_multiple_of(multiple.max(1));
         let mut ids = Vec::with_capacity(examples.len() * len);
         let mut labels = Vec::with_capacity(examples.len() * len);
         for e in examples {

@@ -62,6 +62,9 @@ pub struct TrainArgs {
     pub echo: Echo,
     /// Batches of similar lengths (transformers' `group_by_length`).
     pub group_by_length: bool,
+    /// Batches padded to a multiple of this many positions (TRL's `pad_to_multiple_of`; 1:
+    /// to the longest example).
+    pub pad_to_multiple_of: usize,
     /// Evaluate on the held-out examples every N steps (and at the end); `None`: at the end
     /// of every epoch.
     pub eval_steps: Option<usize>,
@@ -111,6 +114,7 @@ impl Default for TrainArgs {
             show_progress: true,
             echo: Echo::Stderr,
             group_by_length: false,
+            pad_to_multiple_of: 1,
             eval_steps: None,
             early_stopping_patience: None,
             early_stopping_threshold: 0.0,
@@ -125,6 +129,9 @@ impl TrainArgs {
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum == 0 {
             bail!("batch size and gradient accumulation must be at least 1");
+        }
+        if self.pad_to_multiple_of == 0 {
+            bail!("pad_to_multiple_of must be at least 1");
         }
         let at_least_zero = [
             ("learning rate", self.lr),
@@ -326,7 +333,7 @@ impl Trainer<'_> {
         let (mut sum, mut count) = (0f64, 0usize);
         for chunk in examples.chunks(self.args.batch_size.max(1)) {
             let refs: Vec<&Example> = chunk.iter().collect();
-            let batch = Batch::new(&refs, self.pad_id, &device)?;
+            let batch = Batch::padded(&refs, self.pad_id, self.args.pad_to_multiple_of, &device)?;
             let loss = peft_ops::no_grad(|| self.batch_loss(&batch, batch.n_trained, false))?;
             sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
             count += chunk.len();
@@ -465,7 +472,7 @@ impl Trainer<'_> {
                     .iter()
                     .map(|ids| {
                         let exs: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
-                        Batch::new(&exs, self.pad_id, &device)
+                        Batch::padded(&exs, self.pad_id, self.args.pad_to_multiple_of, &device)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 summary.trained_tokens += batches.iter().map(|b| b.n_tokens).sum::<usize>();

@@ -72,6 +72,65 @@ fn packed_rows_give_the_unpacked_loss() {
     assert!((packed - plain).abs() < 1e-5, "{packed} vs {plain}");
 }
 
+/// Batches padded to a multiple of 16 positions (`--pad-to-multiple-of`) give the loss and the
+/// gradients of the same batches padded to their longest: padding carries no loss and,
+/// attention being causal, changes no real position.
+#[test]
+fn padding_to_a_multiple_changes_no_loss_or_gradient() {
+    let mut model = lora();
+    let trainer = Trainer {
+        model: &mut model,
+        args: args(Path::new("unused")),
+        pad_id: 0,
+    };
+    let exs = examples(5, 2);
+    let refs: Vec<&Example> = exs.iter().collect();
+    let device = candle_core::Device::Cpu;
+    let (plain, padded) = (
+        Batch::new(&refs, 0, &device).unwrap(),
+        Batch::padded(&refs, 0, 16, &device).unwrap(),
+    );
+    let (t, t16) = (
+        plain.input_ids.dim(1).unwrap(),
+        padded.input_ids.dim(1).unwrap(),
+    );
+    assert!(t % 16 != 0 && t16 == t.next_multiple_of(16), "{t} -> {t16}");
+    assert_eq!(
+        (plain.n_tokens, plain.n_trained),
+        (padded.n_tokens, padded.n_trained)
+    );
+    let grads = |batch: &Batch| {
+        let loss = trainer.batch_loss(batch, batch.n_trained, false).unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<f32> = trainer
+            .model
+            .trainable()
+            .iter()
+            .flat_map(|(_, v)| {
+                grads
+                    .get(v)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), g)
+    };
+    let ((l1, g1), (l2, g2)) = (grads(&plain), grads(&padded));
+    assert!((l1 - l2).abs() < 1e-5, "loss {l1} vs {l2}");
+    let worst = g1
+        .iter()
+        .zip(&g2)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        !g1.is_empty() && worst < 1e-5,
+        "gradients differ by {worst}"
+    );
+}
+
 fn train(out: &Path, resume: Option<&str>, save_steps: Option<usize>) -> TrainSummary {
     let mut model = lora();
     let mut a = args(out);
