@@ -77,14 +77,20 @@ def versus(o, r):
         return ["", ""]
     return [f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x",
             f"{r['peak_device_mib'] / 1024 / h['peak_gib']:.2f}x"]
+# What served the run, as the bench reports it at its end (cuDNN falls back to the flash
+# kernels, and says so on stderr, where it cannot serve).
+def served(r):
+    attention = f"cuDNN {r.get('cudnn_version')}" if r.get("attention_cudnn") else "flash"
+    return [attention, "cuBLAS" if r.get("lora_cublas") else "kernels"]
 tables = [
-    ("case", ["tokens/s", "step ms", "peak MiB", "first loss", "last loss", "speed vs HF", "memory vs HF"],
+    ("case", ["tokens/s", "step ms", "peak MiB", "first loss", "last loss", "speed vs HF",
+              "memory vs HF", "attention", "LoRA"],
      lambda o, r: [o["case"], f"{r['tokens_per_s']:.0f}", f"{1e3 * r['step_s_median']:.1f}",
                    f"{r['peak_device_mib']:.0f}", f"{r['loss_first']:.4f}", f"{r['loss_last']:.4f}"]
-                  + versus(o, r)),
-    ("shape", ["forward ms", "backward ms", "forward TFLOP/s", "backward TFLOP/s"],
+                  + versus(o, r) + served(r)),
+    ("shape", ["forward ms", "backward ms", "forward TFLOP/s", "backward TFLOP/s", "attention"],
      lambda o, r: [r["shape"], f"{r['fwd_ms']:.2f}", f"{r['bwd_ms']:.2f}",
-                   f"{r['fwd_tflops']:.0f}", f"{r['bwd_tflops']:.0f}"]),
+                   f"{r['fwd_tflops']:.0f}", f"{r['bwd_tflops']:.0f}", served(r)[0]]),
 ]
 for path, (key, columns, row) in zip(sys.argv[1:], tables):
     print(f"| {key} | kernels | " + " | ".join(columns) + " |")
