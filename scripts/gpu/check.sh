@@ -11,7 +11,7 @@
 # brings back. A whole run with it takes about five minutes on an H200.
 # --env-variant: after the benchmark, scripts/gpu/variants.sh compares issue 4's three shapes
 # as built and under each setting KEY=VALUE (variants.jsonl, variants_attention.jsonl): say
-# PEFT_CUDA_LORA=cublas or PEFT_LAYER_TAPE=off. --kernel-variant adds the kernel sources of DIR
+# PEFT_CUDA_LORA=kernels or PEFT_LAYER_TAPE=off. --kernel-variant adds the kernel sources of DIR
 # to that comparison (scripts/gpu/kernel_variant.sh makes one from a git revision).
 # --test-env runs the CUDA tests again with KEY=VALUE set (about 45 s each).
 # --ablation runs bench/gpu_ablation.sh instead (each kernel group turned off in turn:

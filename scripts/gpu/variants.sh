@@ -2,8 +2,8 @@
 # On the GPU machine, with .gpu/ from scripts/gpu/prepare.sh: `peft bench` on issue 4's three
 # shapes as built, then with each kernel variant DIR (PEFT_CUDA_KERNELS: the .cu files of
 # crates/peft-ops/src/kernels, same kernel arguments) and each environment setting KEY=VALUE
-# (say PEFT_CUDA_LORA=cublas, PEFT_LAYER_TAPE=off; several at once separated by spaces, as
-# "PEFT_CUDA_LORA=cublas PEFT_CUDA_ATTENTION=cudnn"), side by side: what a variant gains,
+# (say PEFT_CUDA_LORA=kernels, PEFT_LAYER_TAPE=off; several at once separated by spaces, as
+# "PEFT_CUDA_LORA=kernels PEFT_CUDA_ATTENTION=flash"), side by side: what a variant gains,
 # measured in one lease. variants.jsonl and a table go to $OUT; then one layer's attention of
 # each shape alone under each variant (`peft bench --mode attention`, seconds each):
 # variants_attention.jsonl and its table.

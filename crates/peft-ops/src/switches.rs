@@ -154,14 +154,15 @@ impl Switch {
     }
 }
 
-/// `PEFT_CUDA_LORA=cublas`: LoRA's thin products (`x·Aᵀ`, `g·B`, the gradients of A and B, and
-/// the low-rank terms added to the frozen products) by cuBLAS on tensor cores, with bf16
-/// operands (A, B and the rank-r activations rounded to bf16, as under PyTorch's autocast) and
-/// f32 accumulation, in place of our kernels (which keep those in f32); bf16 activations
-/// without dropout only. Not yet measured against the kernels on a GPU: off by default.
+/// LoRA's thin products (`x·Aᵀ`, `g·B`, the gradients of A and B, and the low-rank terms added
+/// to the frozen products) by cuBLAS on tensor cores, with bf16 operands (A, B and the rank-r
+/// activations rounded to bf16, as under PyTorch's autocast) and f32 accumulation, for bf16
+/// activations without dropout; `PEFT_CUDA_LORA=kernels`: by our kernels instead (which keep
+/// those in f32). cuBLAS by default: HF PEFT's own f32 thin products ran in about a third of
+/// our kernels' time on an H200 (not yet measured against them in one run).
 pub const CUDA_LORA_VAR: &str = "PEFT_CUDA_LORA";
 
-static LORA_CUBLAS: Switch = Switch::new(CUDA_LORA_VAR, &["cublas"], false);
+static LORA_CUBLAS: Switch = Switch::new(CUDA_LORA_VAR, &["kernels"], true);
 
 /// Whether LoRA's thin products run through cuBLAS ([`CUDA_LORA_VAR`]).
 pub fn lora_cublas() -> bool {
@@ -209,14 +210,15 @@ pub fn set_flash_wide_backward(on: bool) -> bool {
     FLASH_WIDE_BACKWARD.set(on)
 }
 
-/// `PEFT_CUDA_ATTENTION=cudnn`: causal attention (forward and backward, head size 64 or 128,
-/// unpacked rows) by cuDNN's fused attention engines in place of our flash kernels, on the
-/// same rotated q and k. Needs cuDNN 9 (`libcudnn.so.9`) at run time; where it is missing or
-/// has no engine for a shape, the flash kernels take over (said once). Not yet measured on a
-/// GPU: off by default.
+/// Causal attention (forward and backward, head size 64 or 128, unpacked rows) by cuDNN's
+/// fused attention engines, on the same rotated q and k as our flash kernels;
+/// `PEFT_CUDA_ATTENTION=flash`: by our flash kernels. Needs cuDNN 9 (`libcudnn.so.9`) at run
+/// time; where it is missing or has no engine for a shape, the flash kernels take over (said
+/// once). cuDNN by default: HF's sdpa ran cuDNN's kernels in about a third of our flash
+/// kernels' time on an H200 (ours through cuDNN not yet measured there).
 pub const CUDA_ATTENTION_VAR: &str = "PEFT_CUDA_ATTENTION";
 
-static ATTENTION_CUDNN: Switch = Switch::new(CUDA_ATTENTION_VAR, &["cudnn"], false);
+static ATTENTION_CUDNN: Switch = Switch::new(CUDA_ATTENTION_VAR, &["flash"], true);
 
 /// Whether cuDNN computes the flash attention's passes ([`CUDA_ATTENTION_VAR`]).
 pub fn attention_cudnn() -> bool {

@@ -160,11 +160,13 @@ fn causal_attention_matches_cpu() {
     });
 }
 
-/// bf16 takes the flash attention kernels (head sizes 64 and 128; the 128-row forward for 64,
-/// the 128-key backward for both), f32 the composed path; both against the CPU's fused f32
-/// path. Sequences span several 64-row tiles and end mid-tile.
+/// bf16 takes the flash attention kernels (cuDNN's attention turned off; head sizes 64 and
+/// 128; the 128-row forward for 64, the 128-key backward for both), f32 the composed path;
+/// both against the CPU's fused f32 path. Sequences span several 64-row tiles and end
+/// mid-tile.
 #[test]
 fn causal_self_attention_matches_cpu() {
+    let cudnn = set_attention_cudnn(false);
     let cases = [
         (2, 80, 4, 2, 64, false),
         (2, 150, 4, 2, 64, true),
@@ -195,9 +197,10 @@ fn causal_self_attention_matches_cpu() {
         set_flash_wide(before.0);
         set_flash_wide_backward(before.1);
     }
+    set_attention_cudnn(cudnn);
 }
 
-/// `PEFT_CUDA_ATTENTION=cudnn`: cuDNN's fused attention in place of the flash kernels (head
+/// cuDNN's fused attention (the default) in place of the flash kernels (head
 /// sizes 64 and 128, grouped-query heads) against the CPU's fused f32 path; cuDNN must have run
 /// both passes of each case (up to cuDNN 9.15 only key counts that are multiples of 128 are
 /// its: the 150 case then goes to the flash kernels).
@@ -391,11 +394,13 @@ fn gated_activations_match_cpu() {
 /// over several blocks.
 #[test]
 fn lora_linear_matches_cpu() {
+    let before = set_lora_cublas(false);
     check_lora_linear("lora_linear", &[None, Some(Dropout { p: 0.25, seed: 5 })]);
+    set_lora_cublas(before);
 }
 
-/// LoRA's thin products by cuBLAS (`PEFT_CUDA_LORA=cublas`: bf16 activations without
-/// dropout; f32 takes our kernels), against the CPU f32 reference.
+/// LoRA's thin products by cuBLAS (the default; bf16 activations without dropout, f32 takes
+/// our kernels), against the CPU f32 reference.
 #[test]
 fn lora_linear_by_cublas_matches_cpu() {
     let before = set_lora_cublas(true);
