@@ -175,30 +175,36 @@ fn causal_self_attention_matches_cpu() {
     ];
     for (b, t, heads, kv_heads, d, wide) in cases {
         let before = (set_flash_wide(wide), set_flash_wide_backward(wide));
-        let (cos, sin) = rope_tables(t, d);
-        let inputs = [
-            (randn(&[b, t, heads * d], 30), Input::Cast),
-            (randn(&[b, t, kv_heads * d], 31), Input::Cast),
-            (randn(&[b, t, kv_heads * d], 32), Input::Cast),
-            (cos, Input::F32),
-            (sin, Input::F32),
-        ];
-        check(
-            &format!("causal_self_attention d{d} wide {wide}"),
-            &inputs,
-            |x| {
-                let scale = 1.0 / (d as f64).sqrt();
-                let (cos, sin) = (x[3].detach(), x[4].detach());
-                causal_self_attention(
-                    &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None,
-                )
-            },
-        );
+        let name = format!("causal_self_attention d{d} wide {wide}");
+        check_self_attention(&name, (b, t, heads, kv_heads, d), 30);
         set_flash_wide(before.0);
         set_flash_wide_backward(before.1);
     }
     set_attention_cudnn(cudnn);
 }
+
+/// [`check`] of `causal_self_attention` on random projections (seeds from `seed`) and RoPE
+/// tables of these sizes.
+fn check_self_attention(name: &str, (b, t, heads, kv_heads, d): Sizes5, seed: u64) {
+    let (cos, sin) = rope_tables(t, d);
+    let inputs = [
+        (randn(&[b, t, heads * d], seed), Input::Cast),
+        (randn(&[b, t, kv_heads * d], seed + 1), Input::Cast),
+        (randn(&[b, t, kv_heads * d], seed + 2), Input::Cast),
+        (cos, Input::F32),
+        (sin, Input::F32),
+    ];
+    check(name, &inputs, |x| {
+        let scale = 1.0 / (d as f64).sqrt();
+        let (cos, sin) = (x[3].detach(), x[4].detach());
+        causal_self_attention(
+            &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None,
+        )
+    });
+}
+
+/// Batch, sequence, heads, kv heads, head size.
+type Sizes5 = (usize, usize, usize, usize, usize);
 
 /// cuDNN's fused attention (the default) in place of the flash kernels (head
 /// sizes 64 and 128, grouped-query heads) against the CPU's fused f32 path; cuDNN must have run
@@ -210,26 +216,9 @@ fn causal_self_attention_by_cudnn_matches_cpu() {
     let version = cudnn_version().expect("cuDNN 9 on the library path (scripts/gpu/env.sh)");
     for (b, t, heads, kv_heads, d) in [(2, 128, 4, 2, 64), (2, 256, 6, 2, 64), (1, 150, 2, 1, 128)]
     {
-        let (cos, sin) = rope_tables(t, d);
-        let inputs = [
-            (randn(&[b, t, heads * d], 40), Input::Cast),
-            (randn(&[b, t, kv_heads * d], 41), Input::Cast),
-            (randn(&[b, t, kv_heads * d], 42), Input::Cast),
-            (cos, Input::F32),
-            (sin, Input::F32),
-        ];
         let runs = cudnn_attention_runs();
-        check(
-            &format!("cuDNN {version} causal_self_attention t{t} d{d}"),
-            &inputs,
-            |x| {
-                let scale = 1.0 / (d as f64).sqrt();
-                let (cos, sin) = (x[3].detach(), x[4].detach());
-                causal_self_attention(
-                    &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None,
-                )
-            },
-        );
+        let name = format!("cuDNN {version} causal_self_attention t{t} d{d}");
+        check_self_attention(&name, (b, t, heads, kv_heads, d), 40);
         let served = cudnn_attention_runs() - runs;
         if t.is_multiple_of(128) || version > 91500 {
             assert!(

@@ -155,6 +155,19 @@ mod device {
         ptr
     }
 
+    /// The addresses of both passes' inputs: rotated q and k, and v.
+    fn inputs<'a>(
+        (q, k, v): (&'a CudaSlice<bf16>, &'a CudaSlice<bf16>, &'a CudaView<bf16>),
+        stream: &'a CudaStream,
+        guards: &mut Vec<SyncOnDrop<'a>>,
+    ) -> Vec<(Port, u64)> {
+        vec![
+            (Port::Q, address(q, stream, guards)),
+            (Port::K, address(k, stream, guards)),
+            (Port::V, address(v, stream, guards)),
+        ]
+    }
+
     /// The attention forward: `o` (`[b, t, heads · d]`) and the log-sum-exp `stats`
     /// (`[b, heads, t]`) from rotated `q` and `k` and from `v`, as the flash forward writes them;
     /// `false` where the flash kernels are to (see [`run`]).
@@ -167,13 +180,9 @@ mod device {
     ) -> Result<bool, String> {
         let stream = dev.cuda_stream();
         let mut g = Vec::new();
-        let buffers = [
-            (Port::Q, address(q, &stream, &mut g)),
-            (Port::K, address(k, &stream, &mut g)),
-            (Port::V, address(v, &stream, &mut g)),
-            (Port::O, address(o, &stream, &mut g)),
-            (Port::Stats, address(stats, &stream, &mut g)),
-        ];
+        let mut buffers = inputs((q, k, v), &stream, &mut g);
+        buffers.push((Port::O, address(o, &stream, &mut g)));
+        buffers.push((Port::Stats, address(stats, &stream, &mut g)));
         run(dev, p, true, &buffers)
     }
 
@@ -197,10 +206,8 @@ mod device {
             .map_err(|e| e.to_string())?;
         let stream = dev.cuda_stream();
         let mut g = Vec::new();
-        let buffers = [
-            (Port::Q, address(q, &stream, &mut g)),
-            (Port::K, address(k, &stream, &mut g)),
-            (Port::V, address(v, &stream, &mut g)),
+        let mut buffers = inputs((q, k, v), &stream, &mut g);
+        buffers.extend([
             (Port::O, address(o, &stream, &mut g)),
             (Port::DOut, address(dout, &stream, &mut g)),
             (Port::Stats, address(stats, &stream, &mut g)),
@@ -209,7 +216,7 @@ mod device {
             (Port::DV, address(dv, &stream, &mut g)),
             (Port::SoftmaxSum, address(&softmax_sum, &stream, &mut g)),
             (Port::DqAccum, address(&dq_accum, &stream, &mut g)),
-        ];
+        ]);
         run(dev, p, false, &buffers)
     }
 
