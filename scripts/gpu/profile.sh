@@ -4,7 +4,7 @@
 # per launch: name and gpu__time_duration; the bench's own JSON lines in profile_bench.jsonl),
 # and torch's profiler does the same for HF PEFT on the 1B shape (hf_profile.txt).
 # scripts/gpu/kernel_table.py sums the CSVs by kernel afterwards.
-#   scripts/gpu/profile.sh [--no-hf] [CASE...]   CASE: smol, 1b, 1b-all, 8b (default: 1b smol)
+#   scripts/gpu/profile.sh [--no-hf] [CASE...]   CASE: smol, 1b, 1b-all, 1b-full, 8b (default: 1b smol)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
@@ -22,6 +22,7 @@ for c in "$@"; do
     1b) a=(--shape llama-3.2-1b --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 4 --seq-len 1024) ;;
     1b-all) a=(--shape llama-3.2-1b --target-modules all-linear --batch-size 4 --seq-len 1024) ;;
     8b) a=(--shape llama-3-8b --target-modules q_proj,k_proj,v_proj,o_proj --batch-size 2 --seq-len 2048) ;;
+    1b-full) a=(--shape llama-3.2-1b --method full --batch-size 4 --seq-len 1024) ;;
     *) echo "unknown case $c" >&2; continue ;;
   esac
   # One untimed step, then the profiled one (the first step also creates handles and pools).
