@@ -295,7 +295,7 @@ pub(crate) enum Target<'a> {
 /// A cuDNN handle, bound to the CUDA context that was current when it was made.
 pub(crate) struct Handle(Raw);
 
-// SAFETY: the handle is used under the lock of `super::PLANS`, one thread at a time.
+// SAFETY: the handle is used under the lock of `super`'s `DEVICES`, one thread at a time.
 unsafe impl Send for Handle {}
 unsafe impl Sync for Handle {}
 
