@@ -575,20 +575,22 @@ mod tests {
     /// scores at -inf (cuDNN 9.10 on) or the lowest f32 (before).
     #[test]
     fn attention_graphs_compute_causal_attention() {
+        let problem = |b, heads, kv_heads, t, d, scale| Problem {
+            b,
+            heads,
+            kv_heads,
+            t,
+            d,
+            scale,
+        };
         for version in [91000, 90000] {
-            graphs_compute_attention(masked_score(version));
+            graphs_compute_attention(problem(2, 4, 2, 7, 8, 0.35), masked_score(version));
         }
+        graphs_compute_attention(problem(1, 6, 3, 33, 16, 0.25), masked_score(91000));
+        graphs_compute_attention(problem(1, 2, 2, 5, 8, 0.5), masked_score(91000));
     }
 
-    fn graphs_compute_attention(masked: f32) {
-        let p = Problem {
-            b: 2,
-            heads: 4,
-            kv_heads: 2,
-            t: 7,
-            d: 8,
-            scale: 0.35,
-        };
+    fn graphs_compute_attention(p: Problem, masked: f32) {
         let (b, h, kvh, t, d) = (p.b, p.heads, p.kv_heads, p.t, p.d);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let (q, k, v) = (
