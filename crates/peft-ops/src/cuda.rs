@@ -1143,7 +1143,7 @@ impl FlashInputs {
         let ((b, t, d), [t_, h_, kvh_]) = self.dims()?;
         let heads = self.heads;
         let dev = cuda_device(&self.q)?;
-        // SAFETY: the kernel writes every element of both outputs.
+        // SAFETY: the kernel (or cuDNN's plan) writes every element of both outputs.
         let o = unsafe { dev.alloc::<bf16>(b * t * heads * d)? };
         let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
         // K and V tiles, and Q's with d = 128 (bf16), the key tile's segment ids (u32):
