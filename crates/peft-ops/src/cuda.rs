@@ -1146,20 +1146,6 @@ impl FlashInputs {
         // SAFETY: the kernel (or cuDNN's plan) writes every element of both outputs.
         let o = unsafe { dev.alloc::<bf16>(b * t * heads * d)? };
         let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
-        // K and V tiles, and Q's with d = 128 (bf16), the key tile's segment ids (u32):
-        // FA_Q_IN_REGS in kernels/attention.cu.
-        let tiles = if d <= 64 { 2 } else { 3 };
-        let shared = tiles * FA_TILE * (d + 8) * 2 + FA_TILE * 4;
-        // 128-row query blocks (flash_fwd_wide_d64) need no more shared memory: with d = 64
-        // their rows pass through the key and value tiles' space.
-        let (name, rows) = if d == 64 && crate::flash_wide() {
-            ("flash_fwd_wide_d64".to_string(), 2 * FA_TILE)
-        } else {
-            (format!("flash_fwd_d{d}"), FA_TILE)
-        };
-        let func = dev.get_or_load_custom_func(&name, MODULE, ptx(&dev)?)?;
-        // The forward's four warps take every row tile of a block.
-        let cfg = tile_launch(&func, (b, t, heads), (rows, FA_THREADS), shared)?;
         let cudnn = self.cudnn_problem()?;
         self.with_views(|x| {
             let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
@@ -1170,6 +1156,20 @@ impl FlashInputs {
                     Err(why) => crate::cudnn::fall_back(&why),
                 }
             }
+            // K and V tiles, and Q's with d = 128 (bf16), the key tile's segment ids (u32):
+            // FA_Q_IN_REGS in kernels/attention.cu.
+            let tiles = if d <= 64 { 2 } else { 3 };
+            let shared = tiles * FA_TILE * (d + 8) * 2 + FA_TILE * 4;
+            // 128-row query blocks (flash_fwd_wide_d64) need no more shared memory: with d = 64
+            // their rows pass through the key and value tiles' space.
+            let (name, rows) = if d == 64 && crate::flash_wide() {
+                ("flash_fwd_wide_d64".to_string(), 2 * FA_TILE)
+            } else {
+                (format!("flash_fwd_d{d}"), FA_TILE)
+            };
+            let func = dev.get_or_load_custom_func(&name, MODULE, ptx(&dev)?)?;
+            // The forward's four warps take every row tile of a block.
+            let cfg = tile_launch(&func, (b, t, heads), (rows, FA_THREADS), shared)?;
             let mut builder = func.builder();
             x.push(&mut builder, (&q, &k));
             builder.arg(&o).arg(&lse);
