@@ -27,7 +27,7 @@ done
 mkdir -p "$out"
 SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
-# cuDNN (PyTorch's wheel), which PEFT_CUDA_ATTENTION=cudnn loads.
+# cuDNN (PyTorch's wheel), which the GPU attention loads.
 if [ -d "$SP/nvidia/cudnn/lib" ]; then export LD_LIBRARY_PATH="$SP/nvidia/cudnn/lib:$LD_LIBRARY_PATH"; fi
 if ldd "$peft" | grep 'not found'; then echo "missing libraries for $peft" >&2; exit 1; fi
 

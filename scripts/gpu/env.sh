@@ -3,7 +3,7 @@
 # unpacked into $bin. Unpacked at every call: a warm machine keeps /tmp from the last one.
 SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export LD_LIBRARY_PATH="$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
-# cuDNN (PyTorch's wheel), which PEFT_CUDA_ATTENTION=cudnn loads.
+# cuDNN (PyTorch's wheel), which the GPU attention loads.
 if [ -d "$SP/nvidia/cudnn/lib" ]; then export LD_LIBRARY_PATH="$SP/nvidia/cudnn/lib:$LD_LIBRARY_PATH"; fi
 bin=/tmp/peft-gpu
 mkdir -p "$bin"

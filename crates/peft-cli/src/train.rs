@@ -145,8 +145,8 @@ pub struct TrainCmd {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     group_by_length: Option<bool>,
     /// Pad each batch to a multiple of this many tokens (default 1: to its longest example).
-    /// Fewer distinct lengths: with PEFT_CUDA_ATTENTION=cudnn, which plans per length, 64 or
-    /// 128 keeps every batch on cuDNN.
+    /// Fewer distinct lengths: cuDNN's attention (on GPUs) plans per length, and 64 or 128
+    /// keeps every batch on it.
     #[arg(long)]
     pad_to_multiple_of: Option<usize>,
     /// Fraction of the records held out for evaluation (e.g. 0.1).

@@ -1,7 +1,7 @@
 //! Row-major products through cuBLAS's column-major `gemm`: LoRA's thin products on tensor
-//! cores (bf16 operands, f32 accumulation), the variant of our low-rank kernels that
-//! `PEFT_CUDA_LORA=cublas` selects. The mapping of a row-major product to cuBLAS's arguments
-//! is a pure function, tested here against what cuBLAS computes for those arguments.
+//! cores (bf16 operands, f32 accumulation), by default in place of our low-rank kernels
+//! (`PEFT_CUDA_LORA=kernels` selects those). The mapping of a row-major product to cuBLAS's
+//! arguments is a pure function, tested here against what cuBLAS computes for those arguments.
 
 /// cuBLAS's arguments for the row-major `C[m×n] = alpha · op(A)[m×k] · op(B)[k×n] + beta · C`:
 /// column-major, that is `Cᵀ = op(B)ᵀ · op(A)ᵀ`, so B's memory comes first.

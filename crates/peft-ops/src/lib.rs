@@ -107,7 +107,7 @@ pub(crate) fn par_build<T: Copy + Default + Send + Sync>(
     out
 }
 
-/// The version of the cuDNN that `PEFT_CUDA_ATTENTION=cudnn` loads (e.g. 92801 for 9.28.1), or
+/// The version of the cuDNN that the GPU attention loads (e.g. 92801 for 9.28.1), or
 /// `None` where it cannot be loaded (or without the `cuda` feature).
 pub fn cudnn_version() -> Option<usize> {
     #[cfg(feature = "cuda")]
@@ -116,8 +116,8 @@ pub fn cudnn_version() -> Option<usize> {
     None
 }
 
-/// How many times cuDNN's attention plans have run in this process (`PEFT_CUDA_ATTENTION=cudnn`;
-/// 0 without the `cuda` feature): whether cuDNN, not the flash kernels, served a pass.
+/// How many times cuDNN's attention plans have run in this process (0 without the `cuda`
+/// feature): whether cuDNN, not the flash kernels (`PEFT_CUDA_ATTENTION=flash`), served a pass.
 pub fn cudnn_attention_runs() -> usize {
     #[cfg(feature = "cuda")]
     return cudnn::RUNS.load(std::sync::atomic::Ordering::Relaxed);

@@ -1,7 +1,8 @@
-//! cuDNN's fused attention (`PEFT_CUDA_ATTENTION=cudnn`): the causal attention forward and
-//! backward of our flash kernels, as cuDNN operation graphs ([`graph`]) run by the engines
-//! cuDNN picks for them ([`backend`]). On the same rotated q and k as the flash kernels, with
-//! the same log-sum-exp between the passes; plans are built once per device and shape.
+//! cuDNN's fused attention (the GPU default; `PEFT_CUDA_ATTENTION=flash` turns it off): the
+//! causal attention forward and backward of our flash kernels, as cuDNN operation graphs
+//! ([`graph`]) run by the engines cuDNN picks for them ([`backend`]). On the same rotated q
+//! and k as the flash kernels, with the same log-sum-exp between the passes; plans are built
+//! once per device and shape.
 
 // Without the `cuda` feature only the tests use them (the graphs' meaning and their plans).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
