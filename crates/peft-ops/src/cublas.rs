@@ -36,7 +36,7 @@ pub(crate) fn column_major(m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use device::{matmul, matmul_add_into};
+pub(crate) use device::{add_product_into, matmul, matmul_add_into, takes_products_in_place};
 
 #[cfg(feature = "cuda")]
 mod device {
@@ -157,6 +157,36 @@ mod device {
             DType::BF16 => f::<bf16>((a, a_t), (b, b_t), alpha),
             DType::F32 => f::<f32>((a, a_t), (b, b_t), alpha),
             dt => candle_core::bail!("cublas matmul: no {dt:?} output"),
+        }
+    }
+
+    /// Whether [`add_product_into`] can add to `c`: a contiguous bf16 gpu tensor from its
+    /// storage's start.
+    pub(crate) fn takes_products_in_place(c: &Tensor) -> bool {
+        c.device().is_cuda()
+            && c.dtype() == DType::BF16
+            && matches!(c.layout().contiguous_offsets(), Some((0, _)))
+    }
+
+    /// `c += alpha · op(a) · op(b)` in place for a tensor `c` that no one else reads meanwhile
+    /// (see [`takes_products_in_place`]), viewed as `[m, n]` (`n` the product's columns); `a`,
+    /// `b` bf16 and contiguous.
+    pub(crate) fn add_product_into(
+        c: &Tensor,
+        (a, a_t): (&Tensor, bool),
+        (b, b_t): (&Tensor, bool),
+        alpha: f32,
+    ) -> Result<()> {
+        let n = if b_t { b.dim(0)? } else { b.dim(1)? };
+        if !takes_products_in_place(c) || n == 0 || !c.elem_count().is_multiple_of(n) {
+            candle_core::bail!("cublas add: {:?} cannot take a product in place", c.shape());
+        }
+        let (s, _) = c.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cuda(cs) => {
+                matmul_add_into(cs, (c.elem_count() / n, n), a, a_t, b, b_t, alpha)
+            }
+            _ => candle_core::bail!("cublas add: the sum is not on the gpu"),
         }
     }
 

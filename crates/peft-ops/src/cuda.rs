@@ -240,14 +240,18 @@ pub(crate) fn rms_norm_fwd(
     rms_norm_rows("rms_norm_fwd", &[x, w], eps)
 }
 
-/// dL/dx of [`rms_norm_fwd`] from `x`, `w` and dL/dy.
+/// dL/dx of [`rms_norm_fwd`] from `x`, `w` and dL/dy, plus `res` (x's size) when given.
 pub(crate) fn rms_norm_bwd(
     x: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),
     g: (&CudaStorage, &Layout),
+    res: Option<(&CudaStorage, &Layout)>,
     eps: f32,
 ) -> Result<CudaStorage> {
-    rms_norm_rows("rms_norm_bwd", &[x, w, g], eps)
+    match res {
+        Some(res) => rms_norm_rows("rms_norm_bwd_add", &[x, w, g, res], eps),
+        None => rms_norm_rows("rms_norm_bwd", &[x, w, g], eps),
+    }
 }
 
 /// Rows per 256-thread block of the RMSNorm kernels, a warp each (`NORM_ROWS` in kernels/ops.cu).

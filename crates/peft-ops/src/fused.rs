@@ -1,7 +1,9 @@
 //! Fused training ops that keep only what their backward needs: the LoRA linear and SwiGLU.
 
 use crate::bf16_gemm::with_cpu_f32;
-use crate::{cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel, LinearWeight, Value};
+use crate::grad::{with_grad3_acc, Accumulated};
+use crate::ops::add_input_grad;
+use crate::{cpu_f32, frozen_matmul, with_grad3, Grads3, Kernel, LinearWeight, Value};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -220,7 +222,7 @@ pub fn lora_linear(
     let x_shape = x.shape().clone();
     let x_tracks = x.track_op();
     let (a_tracks, b_tracks) = (a.track_op(), b.track_op());
-    with_grad3((x, a, b), y, move |_, grad| -> Result<Grads3> {
+    with_grad3_acc((x, a, b), y, move |_, grad, gathered| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?;
         // g·B, scaled: the gradient at the LoRA bottleneck.
         let gb = thin_project(&g, &InputDropout::Off, &b_d, true, scale)?;
@@ -237,10 +239,13 @@ pub fn lora_linear(
         };
         let d_x = if x_tracks {
             let base = frozen_matmul(&g, &w.dense()?, false)?;
-            let d_x = low_rank_add(&base, &gb, &a_d, true, &drop, 1.0)?;
-            Some(d_x.reshape(&x_shape)?)
+            let d_x = low_rank_add(&base, &gb, &a_d, true, &drop, 1.0)?.reshape(&x_shape)?;
+            Some(match gathered {
+                Some(gathered) => gathered.plus(&d_x)?,
+                None => d_x,
+            })
         } else {
-            None
+            gathered.map(|g| g.grad)
         };
         Ok((d_x, d_a, d_b))
     })
@@ -257,7 +262,7 @@ fn lora_linear_cublas(
     scale: f64,
     out_shape: Vec<usize>,
 ) -> Result<Tensor> {
-    use crate::cublas::matmul;
+    use crate::cublas::{add_product_into, matmul, takes_products_in_place};
     let rows = x2.dims2()?.0;
     let out_f = w.dims().0;
     let x2 = x2.contiguous()?;
@@ -280,7 +285,7 @@ fn lora_linear_cublas(
     let w = w.clone();
     let x_shape = x.shape().clone();
     let tracks = (x.track_op(), a.track_op(), b.track_op());
-    with_grad3((x, a, b), y, move |_, grad| -> Result<Grads3> {
+    with_grad3_acc((x, a, b), y, move |_, grad, gathered| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?.contiguous()?;
         // scale·g·B [rows, r]: the gradient at the bottleneck.
         let gb = matmul(&g, false, &b16, false, scale, DType::BF16)?;
@@ -292,29 +297,25 @@ fn lora_linear_cublas(
             true => Some(matmul(&gb, true, &x2, false, 1.0, DType::F32)?),
             false => None,
         };
+        // dL/dx = g·W + (scale·g·B)·A, both added to the gradient gathered for x.
         let d_x = match tracks.0 {
             true => {
-                let d_x = frozen_matmul(&g, &w.dense()?, false)?.contiguous()?;
-                add_product_into(&d_x, &gb, &a16)?;
-                Some(d_x.reshape(&x_shape)?)
+                let d_x = add_input_grad(gathered, &g, &w.dense()?, &x_shape)?;
+                Some(match takes_products_in_place(&d_x) {
+                    true => {
+                        add_product_into(&d_x, (&gb, false), (&a16, false), 1.0)?;
+                        d_x
+                    }
+                    false => {
+                        (d_x + matmul(&gb, false, &a16, false, 1.0, DType::BF16)?
+                            .reshape(&x_shape)?)?
+                    }
+                })
             }
-            false => None,
+            false => gathered.map(|g| g.grad),
         };
         Ok((d_x, d_a, d_b))
     })
-}
-
-/// `c += left · right` in place for a fresh contiguous bf16 `c` `[rows, n]` (a product just
-/// computed, which nothing else holds), `left` `[rows, r]`, `right` `[r, n]` (bf16).
-#[cfg(feature = "cuda")]
-fn add_product_into(c: &Tensor, left: &Tensor, right: &Tensor) -> Result<()> {
-    let (s, l) = c.storage_and_layout();
-    match (&*s, l.contiguous_offsets()) {
-        (candle_core::Storage::Cuda(cs), Some((0, _))) => {
-            crate::cublas::matmul_add_into(cs, c.dims2()?, left, false, right, false, 1.0)
-        }
-        _ => candle_core::bail!("lora: the input gradient is not a fresh contiguous gpu tensor"),
-    }
 }
 
 /// `scale · (x ∘ mask) · wᵀ` in f32 for `x` `[rows, n]` (any float dtype), `w` `[r, n]` f32
@@ -740,10 +741,22 @@ pub fn frozen_mlp(
     let y = Value::linear(&gated, down, x.shape())?;
     drop(gated);
     let (gate, up, down) = (gate.clone(), up.clone(), down.clone());
-    with_grad(x, y, move |x, _, grad| {
+    let x_shape = x.shape().clone();
+    // Argument repeated: with_grad3 serves one input as well. The gate's and up's shares of
+    // dL/dx go into one sum, with the gradient gathered for x on a layer tape.
+    with_grad3_acc((x, x, x), y, move |_, grad, gathered| -> Result<Grads3> {
         let d_act = frozen_matmul(&grad.reshape((rows, hidden))?, &down, false)?;
         let (d_g, d_u) = gated_grads(&g, &u, &d_act, act, kernel)?;
-        (frozen_matmul(&d_g, &gate, false)? + frozen_matmul(&d_u, &up, false)?)?.reshape(x.shape())
+        let d_x = add_input_grad(gathered, &d_g, &gate, &x_shape)?;
+        let owned = Accumulated {
+            grad: d_x,
+            owned: true,
+        };
+        Ok((
+            Some(add_input_grad(Some(owned), &d_u, &up, &x_shape)?),
+            None,
+            None,
+        ))
     })
 }
 

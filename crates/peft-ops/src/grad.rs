@@ -1,4 +1,5 @@
-use crate::tape::{record1, record3, Backward1, Backward3};
+pub(crate) use crate::tape::Accumulated;
+use crate::tape::{record1, record3, record_accumulating, Backward1, Backward3, BackwardAcc};
 use crate::{cuda_kernel_on, Kernel};
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -201,6 +202,30 @@ pub fn with_grad3(
     };
     let y = a.apply_op3(b, c, op)?;
     record3([a, b, c], &y, &backward);
+    Ok(y)
+}
+
+/// [`with_grad3`] for an op whose backward adds `a`'s gradient to the one gathered for `a` so
+/// far, when a layer tape hands it one (see [`Accumulated`]): `backward(value, grad_value,
+/// gathered)`. candle's graph calls it without.
+pub(crate) fn with_grad3_acc(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    value: impl Into<Value>,
+    backward: impl Fn(&Tensor, &Tensor, Option<Accumulated>) -> Result<Grads3> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let value = value.into();
+    if !(a.track_op() || b.track_op() || c.track_op()) {
+        return value.into_tensor();
+    }
+    let value = value.settled(a.device())?;
+    let backward: BackwardAcc = Arc::new(backward);
+    let graph_backward = backward.clone();
+    let op = WithGrad3 {
+        value: ValueSlot::new(value)?,
+        backward: Arc::new(move |value, grad| graph_backward(value, grad, None)),
+    };
+    let y = a.apply_op3(b, c, op)?;
+    record_accumulating([a, b, c], &y, &backward);
     Ok(y)
 }
 

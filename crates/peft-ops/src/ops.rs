@@ -1,3 +1,4 @@
+use crate::grad::{with_grad3_acc, Accumulated};
 use crate::tape::cast;
 use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel, Value};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -26,13 +27,14 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     // The input is kept for the backward only when the weight needs its gradient.
     let x_saved = w.track_op().then_some(x2);
     let x_shape = x.shape().clone();
-    // Third argument repeated: with_grad3 serves two inputs as well.
-    with_grad3((x, w, w), y, move |_, grad| -> Result<Grads3> {
+    // Third argument repeated: with_grad3 serves two inputs as well. On a layer tape, dL/dx is
+    // added to the gradient gathered for x (q, k and v read one input).
+    with_grad3_acc((x, w, w), y, move |_, grad, gathered| -> Result<Grads3> {
         let g = grad.reshape((rows, out_features))?;
         let d_x = if x_tracks {
-            Some(frozen_matmul(&g, &wd, false)?.reshape(&x_shape)?)
+            Some(add_input_grad(gathered, &g, &wd, &x_shape)?)
         } else {
-            None
+            gathered.map(|g| g.grad)
         };
         let d_w = match &x_saved {
             Some(x2) => Some(batched_matmul(&g.t()?, x2)?.to_dtype(wd.dtype())?),
@@ -40,6 +42,32 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         };
         Ok((d_x, d_w, None))
     })
+}
+
+/// `gathered + g · w`, shaped `x_shape`: the input gradient of `x·wᵀ` (`g` `[rows, out]`, `w`
+/// `[out, in]`) added to the one gathered for x. On GPUs an owned bf16 sum takes the product
+/// in place (cuBLAS with beta = 1): no `[rows, in]` temporary and no separate add. The result
+/// is held by no one else (see [`Accumulated`]).
+pub(crate) fn add_input_grad(
+    gathered: Option<Accumulated>,
+    g: &Tensor,
+    w: &Tensor,
+    x_shape: &Shape,
+) -> Result<Tensor> {
+    let Some(acc) = gathered else {
+        return frozen_matmul(g, w, false)?.reshape(x_shape);
+    };
+    #[cfg(feature = "cuda")]
+    if acc.owned
+        && crate::cublas::takes_products_in_place(&acc.grad)
+        && [g, w]
+            .iter()
+            .all(|t| t.dtype() == DType::BF16 && t.is_contiguous())
+    {
+        crate::cublas::add_product_into(&acc.grad, (g, false), (w, false), 1.0)?;
+        return Ok(acc.grad);
+    }
+    acc.plus(&frozen_matmul(g, w, false)?.reshape(x_shape)?)
 }
 
 /// RMSNorm over the last dim with scale `w` (Llama's `x / rms(x) * w`); `w` gets its gradient
@@ -54,12 +82,12 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let y = rms_norm_output(&x.detach().contiguous()?, &w.detach(), eps as f32)?;
     let (x_tracks, w_tracks) = (x.track_op(), w.track_op());
     let (xd, wd) = (x.detach(), w.detach());
-    // Third argument repeated: with_grad3 serves two inputs as well.
-    with_grad3((x, w, w), y, move |_, grad| -> Result<Grads3> {
-        let d_x = if x_tracks {
-            Some(rms_norm_input_grad(&xd, &wd, grad, eps)?)
-        } else {
-            None
+    // Third argument repeated: with_grad3 serves two inputs as well. On a layer tape, the
+    // gradient the residual stream gathered for x is added by the backward kernel.
+    with_grad3_acc((x, w, w), y, move |_, grad, gathered| -> Result<Grads3> {
+        let d_x = match (x_tracks, gathered) {
+            (true, gathered) => Some(rms_norm_input_grad(&xd, &wd, grad, gathered, eps)?),
+            (false, gathered) => gathered.map(|g| g.grad),
         };
         let d_w = if w_tracks {
             // Σ over rows of dL/dy · x / rms(x).
@@ -128,15 +156,34 @@ impl candle_core::CustomOp2 for RmsNormForward {
 }
 
 /// dL/dx of [`rms_norm`].
-fn rms_norm_input_grad(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f64) -> Result<Tensor> {
-    if crate::has_kernel(x, Kernel::RmsNorm) {
-        let dt = x.dtype();
+fn rms_norm_input_grad(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    gathered: Option<Accumulated>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dt = x.dtype();
+    let kernel_adds = |g: &Accumulated| g.grad.dtype() == dt && g.grad.shape() == x.shape();
+    if crate::has_kernel(x, Kernel::RmsNorm) && gathered.as_ref().is_none_or(kernel_adds) {
+        let res = gathered.map(|g| g.grad.contiguous()).transpose()?;
         return x.contiguous()?.apply_op3_no_bwd(
             &w.to_dtype(dt)?.contiguous()?,
             &grad.to_dtype(dt)?.contiguous()?,
-            &RmsNormBackward { eps: eps as f32 },
+            &RmsNormBackward {
+                eps: eps as f32,
+                res,
+            },
         );
     }
+    let d_x = rms_norm_input_grad_composed(x, w, grad, eps)?;
+    match gathered {
+        Some(g) => g.plus(&d_x),
+        None => Ok(d_x),
+    }
+}
+
+fn rms_norm_input_grad_composed(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f64) -> Result<Tensor> {
     let x32 = x.to_dtype(DType::F32)?;
     let gw = grad
         .to_dtype(DType::F32)?
@@ -151,9 +198,11 @@ fn rms_norm_input_grad(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f64) -> Resul
         .to_dtype(x.dtype())
 }
 
-/// dL/dx of [`rms_norm`] from `(x, w, dL/dy)` in one kernel (CPU and CUDA).
+/// dL/dx of [`rms_norm`] from `(x, w, dL/dy)` in one kernel (CPU and CUDA), plus `res` (a
+/// contiguous tensor of x's shape and dtype) when given.
 struct RmsNormBackward {
     eps: f32,
+    res: Option<Tensor>,
 }
 
 impl CustomOp3 for RmsNormBackward {
@@ -172,7 +221,16 @@ impl CustomOp3 for RmsNormBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, g) = (cpu_f32(x, xl)?, cpu_f32(w, wl)?, cpu_f32(g, gl)?);
         let d = w.len();
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = match &self.res {
+            Some(res) => {
+                let (s, l) = res.storage_and_layout();
+                match &*s {
+                    candle_core::Storage::Cpu(s) => cpu_f32(s, l)?.to_vec(),
+                    _ => candle_core::bail!("rms_norm backward: the residual is not on the cpu"),
+                }
+            }
+            None => vec![0f32; x.len()],
+        };
         dx.par_chunks_mut(d)
             .zip(x.par_chunks(d).zip(g.par_chunks(d)))
             .for_each(|(dx, (x, g))| {
@@ -186,7 +244,7 @@ impl CustomOp3 for RmsNormBackward {
                     / d as f64;
                 let dot = dot as f32;
                 for i in 0..d {
-                    dx[i] = (g[i] * w[i] - x[i] * r * dot) * r;
+                    dx[i] += (g[i] * w[i] - x[i] * r * dot) * r;
                 }
             });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
@@ -202,7 +260,15 @@ impl CustomOp3 for RmsNormBackward {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::rms_norm_bwd((x, xl), (w, wl), (g, gl), self.eps)?;
+        let res = self.res.as_ref().map(|r| r.storage_and_layout());
+        let res = match &res {
+            Some((s, l)) => match &**s {
+                candle_core::Storage::Cuda(s) => Some((s, *l)),
+                _ => candle_core::bail!("rms_norm backward: the residual is not on the gpu"),
+            },
+            None => None,
+        };
+        let out = crate::cuda::rms_norm_bwd((x, xl), (w, wl), (g, gl), res, self.eps)?;
         Ok((out, xl.shape().clone()))
     }
 }

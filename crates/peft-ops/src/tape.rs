@@ -25,6 +25,32 @@ use std::sync::{Arc, Mutex};
 pub(crate) type Backward1 = Arc<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 /// The backward of a three-argument op: `(value, dL/dvalue) -> dL/dargs`.
 pub(crate) type Backward3 = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
+/// A [`Backward3`] that adds its first argument's gradient to the one the tape has gathered
+/// for that argument so far (`None` outside a tape or when there is none yet): see
+/// [`Accumulated`].
+pub(crate) type BackwardAcc =
+    Arc<dyn Fn(&Tensor, &Tensor, Option<Accumulated>) -> Result<Grads3> + Send + Sync>;
+
+/// The gradient gathered so far for an op's first argument (a residual stream, an input that
+/// several projections read), handed to the op's backward so that its own share is added
+/// where it is computed (the RMSNorm backward kernel reads it; a matmul adds into it with
+/// beta = 1) instead of by a separate add over the whole tensor.
+///
+/// The backward returns the sum as its first gradient, and that tensor must be held by no one
+/// else: a new tensor, or `grad` itself updated in place, which only an `owned` gradient may
+/// be (one the tape made and holds alone; a gradient an op handed on as it is, such as a
+/// residual add's, may share its storage with another argument's).
+pub(crate) struct Accumulated {
+    pub grad: Tensor,
+    pub owned: bool,
+}
+
+impl Accumulated {
+    /// `grad + d`, in a new tensor (the fallback of ops that cannot add in place).
+    pub fn plus(self, d: &Tensor) -> Result<Tensor> {
+        &self.grad + d
+    }
+}
 
 /// Turning layer tapes off (`PEFT_LAYER_TAPE=off`, or [`set_layer_tape`]) leaves candle's
 /// graph in place: for comparisons and benchmarks.
@@ -60,6 +86,7 @@ enum Arg {
 enum Backward {
     One { arg: Tensor, backward: Backward1 },
     Three(Backward3),
+    Accumulating(BackwardAcc),
 }
 
 struct Entry {
@@ -127,6 +154,16 @@ pub(crate) fn record1(arg: &Tensor, value: &Tensor, backward: &Backward1) {
 /// Records a three-argument op on the running tape, if any. An argument given twice takes
 /// its gradient once, from its first position (the convention of two-input ops).
 pub(crate) fn record3(args: [&Tensor; 3], value: &Tensor, backward: &Backward3) {
+    record(args, value, || Backward::Three(backward.clone()))
+}
+
+/// [`record3`] for an op whose backward accumulates its first argument's gradient (see
+/// [`Accumulated`]).
+pub(crate) fn record_accumulating(args: [&Tensor; 3], value: &Tensor, backward: &BackwardAcc) {
+    record(args, value, || Backward::Accumulating(backward.clone()))
+}
+
+fn record(args: [&Tensor; 3], value: &Tensor, backward: impl FnOnce() -> Backward) {
     TAPE.with(|tape| {
         if let Some(tape) = tape.borrow_mut().as_mut() {
             let mut kinds = [Arg::Constant; 3];
@@ -135,7 +172,7 @@ pub(crate) fn record3(args: [&Tensor; 3], value: &Tensor, backward: &Backward3) 
                     kinds[i] = tape.arg(t);
                 }
             }
-            tape.push(kinds, value, Backward::Three(backward.clone()));
+            tape.push(kinds, value, backward());
         }
     })
 }
@@ -264,13 +301,43 @@ fn replay(
     sink: &GradSink,
 ) -> Result<Option<Tensor>> {
     let mut grads: HashMap<TensorId, Tensor> = HashMap::from([(output, grad.clone())]);
+    // The gradients in `grads` that no one else holds (see [`Accumulated`]).
+    let mut owned: HashSet<TensorId> = HashSet::new();
     while let Some(entry) = entries.pop() {
         let Some(g) = grads.remove(&entry.output) else {
             continue;
         };
-        let arg_grads = match &entry.backward {
-            Backward::One { arg, backward } => (Some(backward(arg, &entry.value, &g)?), None, None),
-            Backward::Three(backward) => backward(&entry.value, &g)?,
+        owned.remove(&entry.output);
+        let arg_grads = match (&entry.backward, entry.args[0]) {
+            (Backward::One { arg, backward }, _) => {
+                (Some(backward(arg, &entry.value, &g)?), None, None)
+            }
+            (Backward::Three(backward), _) => backward(&entry.value, &g)?,
+            (Backward::Accumulating(backward), Arg::Inner(id)) => {
+                let acc = grads.remove(&id).map(|grad| Accumulated {
+                    grad,
+                    owned: owned.remove(&id),
+                });
+                let kept = acc.as_ref().map(|a| (a.grad.clone(), a.owned));
+                let (sum, d1, d2) = backward(&entry.value, &g, acc)?;
+                // The sum is held by no one else: it may take later shares in place. An op
+                // without a share of its own leaves the gathered gradient as it was.
+                match (sum, kept) {
+                    (Some(sum), _) => {
+                        grads.insert(id, sum);
+                        owned.insert(id);
+                    }
+                    (None, Some((grad, was_owned))) => {
+                        grads.insert(id, grad);
+                        if was_owned {
+                            owned.insert(id);
+                        }
+                    }
+                    (None, None) => {}
+                }
+                (None, d1, d2)
+            }
+            (Backward::Accumulating(backward), _) => backward(&entry.value, &g, None)?,
         };
         // The entry (its saved tensors) is freed here, before the earlier ops run.
         drop(g);
@@ -283,7 +350,10 @@ fn replay(
             match arg {
                 Arg::Inner(id) => {
                     let sum = match grads.remove(&id) {
-                        Some(prev) => (prev + d)?,
+                        Some(prev) => {
+                            owned.insert(id);
+                            (prev + d)?
+                        }
                         None => d,
                     };
                     grads.insert(id, sum);
@@ -384,6 +454,95 @@ mod tests {
             assert!(taped_nodes < graph_nodes, "{taped_nodes} vs {graph_nodes}");
             assert!(taped_nodes <= 5, "{taped_nodes} nodes");
         }
+    }
+
+    /// `s1 += 2 · s2` (contiguous f32): the in-place share of [`doubled`]'s backward.
+    struct AddTwice;
+
+    impl candle_core::InplaceOp2 for AddTwice {
+        fn name(&self) -> &'static str {
+            "add-twice"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> Result<()> {
+            match (s1, s2) {
+                (candle_core::CpuStorage::F32(a), candle_core::CpuStorage::F32(b)) => {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += 2.0 * b);
+                    Ok(())
+                }
+                _ => candle_core::bail!("add-twice: f32 only"),
+            }
+        }
+    }
+
+    /// `2 · x`, whose backward adds its share into an owned gathered gradient in place (as the
+    /// GPU's linear layers do), counting how often it did.
+    fn doubled(x: &Tensor, in_place: &Arc<Mutex<usize>>) -> Result<Tensor> {
+        let in_place = in_place.clone();
+        crate::grad::with_grad3_acc((x, x, x), (x.detach() * 2.0)?, move |_, g, gathered| {
+            let sum = match gathered {
+                Some(acc) if acc.owned => {
+                    acc.grad.inplace_op2(g, &AddTwice)?;
+                    *in_place.lock().unwrap() += 1;
+                    acc.grad
+                }
+                Some(acc) => acc.plus(&(g * 2.0)?)?,
+                None => (g * 2.0)?,
+            };
+            Ok((Some(sum), None, None))
+        })
+    }
+
+    /// Fan-out (three projections of one input), residual adds whose two arguments share one
+    /// gradient tensor, and an op reading the residual sum it feeds: the tape's gradient of x
+    /// is the graph's, the shares after the first were added in place, and none was added into
+    /// a gradient another argument shares (candle refuses an in-place op on aliased storage).
+    #[test]
+    fn gathered_gradients_take_shares_in_place_only_when_owned() {
+        set_layer_tape(true);
+        let x = Var::from_tensor(&randn(7, &[4, 6])).unwrap();
+        let weight = randn(8, &[4, 6]);
+        let run = |tape: bool| -> (Vec<f32>, usize) {
+            let in_place = Arc::new(Mutex::new(0));
+            let sink = Arc::new(GradSink::default());
+            let block = |x: &Tensor| -> Result<Tensor> {
+                let (q, k, v) = (
+                    doubled(x, &in_place)?,
+                    doubled(x, &in_place)?,
+                    doubled(x, &in_place)?,
+                );
+                let y = add(x, &add(&q, &add(&k, &v)?)?)?;
+                // y's gradient is shared by the add's two arguments.
+                let z = doubled(&y, &in_place)?;
+                add(&y, &z)
+            };
+            let y = if tape {
+                taped(x.as_tensor(), &sink, block).unwrap()
+            } else {
+                block(x.as_tensor()).unwrap()
+            };
+            let grads = (y * &weight)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = grads.get(x.as_tensor()).unwrap();
+            let count = *in_place.lock().unwrap();
+            (g.flatten_all().unwrap().to_vec1().unwrap(), count)
+        };
+        let (graph, graph_in_place) = run(false);
+        let (taped, taped_in_place) = run(true);
+        assert_close(&[graph], &[taped]);
+        assert_eq!(graph_in_place, 0);
+        // k's and q's shares went into v's (owned) gradient; z's and the residual's did not.
+        assert_eq!(taped_in_place, 2);
     }
 
     #[test]

@@ -381,6 +381,56 @@ fn gated_activations_match_cpu() {
 
 /// A small case, and one with two rank groups of the thin kernels (r = 20) and rows split
 /// over several blocks.
+/// A decoder-like block run on a layer tape: q, k and v read one normed input (their shares
+/// of its gradient added in place by cuBLAS on the GPU, with the LoRA term's), residual adds
+/// whose gradient the RMSNorm backward kernel adds, a frozen MLP whose gate and up shares go
+/// into one sum. dL/dx against the CPU (parameter gradients go to the tape's sink, unchecked
+/// here).
+#[test]
+fn taped_block_gathers_input_gradients_as_the_cpu() {
+    set_layer_tape(true);
+    let before = set_lora_cublas(true);
+    let inputs = [
+        (randn(&[2, 6, 16], 40), Input::Cast),
+        ((randn(&[16], 41) + 1.5).unwrap(), Input::Cast),
+        ((randn(&[16, 16], 42) * 0.3).unwrap(), Input::Cast),
+        ((randn(&[16, 16], 43) * 0.3).unwrap(), Input::Cast),
+        ((randn(&[16, 16], 44) * 0.3).unwrap(), Input::Cast),
+        (randn(&[4, 16], 45), Input::F32),
+        (randn(&[16, 4], 46), Input::F32),
+        ((randn(&[24, 16], 47) * 0.3).unwrap(), Input::Cast),
+        ((randn(&[24, 16], 48) * 0.3).unwrap(), Input::Cast),
+        ((randn(&[16, 24], 49) * 0.3).unwrap(), Input::Cast),
+    ];
+    check("taped block", &inputs, |t| {
+        let sink = Arc::new(GradSink::default());
+        let w = |i: usize| t[i].detach();
+        taped(&t[0], &sink, |x| {
+            let h = rms_norm(x, &w(1), 1e-5)?;
+            let q = lora_linear(
+                &h,
+                &LinearWeight::Dense(w(2)),
+                None,
+                &t[5],
+                &t[6],
+                2.0,
+                None,
+            )?;
+            let (k, v) = (frozen_linear(&h, &w(3))?, frozen_linear(&h, &w(4))?);
+            let y = add(x, &add(&q, &add(&k, &v)?)?)?;
+            let m = frozen_mlp(
+                &rms_norm(&y, &w(1), 1e-5)?,
+                &w(7),
+                &w(8),
+                &w(9),
+                GatedActivation::Silu,
+            )?;
+            add(&y, &m)
+        })
+    });
+    set_lora_cublas(before);
+}
+
 #[test]
 fn lora_linear_matches_cpu() {
     let before = set_lora_cublas(false);

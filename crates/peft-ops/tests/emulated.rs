@@ -886,7 +886,8 @@ fn tensor_at(values: &[f32], at: usize, shape: &[usize]) -> Tensor {
 
 /// A warp per row: rows of 300 (read one by one: not a multiple of the pack of 8) and of 576
 /// (packs, 2.25 per lane; 11 rows: a second, partial block of 8): y within 1e-6 of candle's
-/// RMSNorm and dL/dx within 1e-5 of the CPU's autograd.
+/// RMSNorm and dL/dx within 1e-5 of the CPU's autograd, also with a residual gradient added
+/// (the layer tape's form).
 #[test]
 fn rms_norm_kernels_match_the_cpu() {
     for (rows, d) in [(5usize, 300usize), (11, 576)] {
@@ -899,10 +900,11 @@ fn rms_norm_case(rows: usize, d: usize) {
     let x = randn(&[rows, d], 500);
     let w = (randn(&[d], 501) + 1.5).unwrap();
     let g = randn(&[rows, d], 502);
+    let res = randn(&[rows, d], 503);
     let (y, grads) = cpu_grads(&[&x], &g, |v| rms_norm(&v[0], &w, eps as f64));
     let mut input: Vec<u8> = i32_bytes(&[rows, d]);
     input.extend(eps.to_le_bytes());
-    for t in [&x, &w, &g] {
+    for t in [&x, &w, &g, &res] {
         input.extend(f32_bytes(t));
     }
     let out = to_f32s(&emulate_with(
@@ -916,6 +918,12 @@ fn rms_norm_case(rows: usize, d: usize) {
         "rms_norm dx",
         &tensor_at(&out, rows * d, &[rows, d]),
         &grads[0],
+        1e-5,
+    );
+    check(
+        "rms_norm dx + residual",
+        &tensor_at(&out, 2 * rows * d, &[rows, d]),
+        &(&grads[0] + &res).unwrap(),
         1e-5,
     );
 }

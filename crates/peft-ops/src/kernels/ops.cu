@@ -168,17 +168,21 @@ __device__ void rms_norm_fwd(const T* x, const T* w, T* y, long long rows, int d
     }
 }
 
-// Gradient of y = x / rms(x) * w with respect to x, rows of d; launched as rms_norm_fwd.
+// Gradient of y = x / rms(x) * w with respect to x, rows of d, plus `res` (the gradient the
+// residual stream gathered for x, when not null: added before the one rounding to T, where a
+// separate add would round twice and read and write the whole tensor again); launched as
+// rms_norm_fwd.
 template <typename T>
-__device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, long long rows, int d,
-                             float eps) {
+__device__ void rms_norm_bwd(const T* x, const T* w, const T* g, const T* res, T* dx,
+                             long long rows, int d, float eps) {
     const int N = NORM_PACK;
     long long row = (long long)blockIdx.x * NORM_ROWS + threadIdx.x / 32;
     if (row >= rows) return;
     int lane = threadIdx.x & 31;
     long long off = row * d, end = off + d;
     bool vec = packable<N>(x + off, d) && packable<N>(g + off, d) &&
-               packable<N>(dx + off, d) && pack_aligned<N>(w);
+               packable<N>(dx + off, d) && pack_aligned<N>(w) &&
+               (res == nullptr || packable<N>(res + off, d));
     // x, g and w at columns j..j + N - 1 (both passes read them).
     auto load = [&](int j, float* xv, float* gv, float* wv) {
         load_pack<N>(x, off + j, end, vec, xv);
@@ -202,6 +206,12 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* g, T* dx, long lon
         load(j, xv, gv, wv);
 #pragma unroll
         for (int e = 0; e < N; ++e) xv[e] = (gv[e] * wv[e] - xv[e] * r * dot) * r;
+        if (res != nullptr) {
+            float rv[N];
+            load_pack<N>(res, off + j, end, vec, rv);
+#pragma unroll
+            for (int e = 0; e < N; ++e) xv[e] += rv[e];
+        }
         store_pack<N>(dx, off + j, end, vec, xv);
     }
 }
@@ -416,7 +426,12 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
     }                                                                                          \
     extern "C" __global__ void rms_norm_bwd_##S(const T* x, const T* w, const T* g, T* dx,    \
                                                 long long rows, int d, float eps) {           \
-        rms_norm_bwd<T>(x, w, g, dx, rows, d, eps);                                            \
+        rms_norm_bwd<T>(x, w, g, nullptr, dx, rows, d, eps);                                   \
+    }                                                                                          \
+    extern "C" __global__ void rms_norm_bwd_add_##S(const T* x, const T* w, const T* g,       \
+                                                    const T* res, T* dx, long long rows, int d, \
+                                                    float eps) {                              \
+        rms_norm_bwd<T>(x, w, g, res, dx, rows, d, eps);                                       \
     }                                                                                          \
     extern "C" __global__ void cross_entropy_rows_##S(const T* logits, const long long* labels, \
                                                       T* dlogits, float* row_loss, int vocab,  \

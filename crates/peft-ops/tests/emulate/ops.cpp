@@ -1,7 +1,8 @@
 // Runs the row-wise and elementwise kernels of src/kernels/ops.cu (f32) under the CPU emulation:
 //   ops <kernel> <input> <output>
-// rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d) -> y, then dx
-//                 (rows·d each; y by rms_norm_fwd)
+// rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d), res (rows·d) -> y,
+//                 dx, then dx + res (rows·d each; y by rms_norm_fwd, the last by
+//                 rms_norm_bwd_add)
 // gated:          i64 n; i32 gelu; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
 // Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
@@ -37,8 +38,8 @@ int main(int argc, char** argv) {
         int d = dims[1];
         float eps = take<float>(in, 1)[0];
         auto x = take<float>(in, (size_t)rows * d), w = take<float>(in, d);
-        auto g = take<float>(in, (size_t)rows * d);
-        std::vector<float> dx(x.size());
+        auto g = take<float>(in, (size_t)rows * d), res = take<float>(in, (size_t)rows * d);
+        std::vector<float> dx(x.size()), dx_res(x.size());
         out.resize(x.size());
         unsigned blocks = (rows + NORM_ROWS - 1) / NORM_ROWS;
         emu::launch({blocks}, {32 * NORM_ROWS}, 0,
@@ -46,7 +47,12 @@ int main(int argc, char** argv) {
         emu::launch({blocks}, {32 * NORM_ROWS}, 0, [&] {
             rms_norm_bwd_f32(x.data(), w.data(), g.data(), dx.data(), rows, d, eps);
         });
+        emu::launch({blocks}, {32 * NORM_ROWS}, 0, [&] {
+            rms_norm_bwd_add_f32(x.data(), w.data(), g.data(), res.data(), dx_res.data(), rows,
+                                 d, eps);
+        });
         out.insert(out.end(), dx.begin(), dx.end());
+        out.insert(out.end(), dx_res.begin(), dx_res.end());
     } else if (kernel == "gated") {
         long long n = take<long long>(in, 1)[0];
         int gelu = take<int>(in, 1)[0];
