@@ -780,6 +780,36 @@ pub(crate) fn dropout_mask(
     Ok(wrap(out, dev, shape))
 }
 
+/// `x ∘ mask` in `x`'s dtype (contiguous), the mask `dropout`'s over `x`'s elements (bit for
+/// bit [`dropout_mask`]'s).
+pub(crate) fn dropout_apply(x: &Tensor, dropout: crate::Dropout) -> Result<Tensor> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        x: &Tensor,
+        dropout: crate::Dropout,
+    ) -> Result<Tensor> {
+        let dev = cuda_device(x)?;
+        let n = x.elem_count();
+        let (s, l) = x.storage_and_layout();
+        let input = view::<T>(&s, l)?;
+        // SAFETY: every element is written.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("dropout_apply_{}", suffix(T::DTYPE)?),
+            MODULE,
+            ptx(&dev)?,
+        )?;
+        let n_ = n as i64;
+        let drop = DropoutArgs::new(Some(dropout));
+        let mut builder = func.builder();
+        builder.arg(&input).arg(&out).arg(&n_);
+        drop.push(&mut builder);
+        // SAFETY: the arguments match dropout_apply_* in kernels/ops.cu.
+        unsafe { builder.launch(elementwise_config(n)) }.map_err(err)?;
+        Ok(wrap(out, &dev, x.dims()))
+    }
+    dispatch!(x.dtype(), f(x, dropout))
+}
+
 /// [`crate::random_normal`] drawn on the GPU in `dtype` (f32 or bf16).
 pub(crate) fn random_normal(
     key: u64,

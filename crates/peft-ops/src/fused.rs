@@ -208,13 +208,8 @@ pub fn lora_linear(
         return y.reshape(out_shape);
     }
     #[cfg(feature = "cuda")]
-    if dropout.is_none()
-        && bias.is_none()
-        && x2.dtype() == DType::BF16
-        && thin_kernels(&x2)
-        && crate::lora_cublas()
-    {
-        return lora_linear_cublas((x, a, b), x2, w, scale, out_shape);
+    if bias.is_none() && x2.dtype() == DType::BF16 && thin_kernels(&x2) && crate::lora_cublas() {
+        return lora_linear_cublas((x, a, b), x2, w, (scale, dropout), out_shape);
     }
     let xa = thin_project(&x2, &InputDropout::new(dropout, &x2)?, &a_d, false, 1.0)?;
     let y = lora_output(&x2, &w.dense()?, bias, &xa, &b_d, scale, out_shape)?;
@@ -251,15 +246,18 @@ pub fn lora_linear(
     })
 }
 
-/// [`lora_linear`] without dropout or bias on bf16 activations, its thin products by cuBLAS
-/// ([`crate::lora_cublas`]): A, B, `x·Aᵀ` and `g·B` in bf16, products accumulated in f32, the
-/// low-rank terms added into the frozen products' outputs (no `[rows, out]` temporary).
+/// [`lora_linear`] without bias on bf16 activations, its thin products by cuBLAS
+/// ([`crate::lora_cublas`]): A, B, `drop(x)·Aᵀ` and `g·B` in bf16, products accumulated in
+/// f32, the low-rank terms added into the frozen products' outputs (no `[rows, out]`
+/// temporary). With dropout, `drop(x)` is drawn by our kernel into a bf16 copy for each pass
+/// that reads it (the forward's `x·Aᵀ`, the backward's dL/dA) rather than kept between them,
+/// and dL/dx's low-rank term is masked by our kernel.
 #[cfg(feature = "cuda")]
 fn lora_linear_cublas(
     (x, a, b): (&Tensor, &Tensor, &Tensor),
     x2: Tensor,
     w: &LinearWeight,
-    scale: f64,
+    (scale, dropout): (f64, Option<Dropout>),
     out_shape: Vec<usize>,
 ) -> Result<Tensor> {
     use crate::cublas::{add_product_into, matmul, takes_products_in_place};
@@ -269,8 +267,12 @@ fn lora_linear_cublas(
     let a16 = a.detach().to_dtype(DType::BF16)?.contiguous()?;
     let b16 = b.detach().to_dtype(DType::BF16)?.contiguous()?;
     let scale = scale as f32;
-    // x·Aᵀ [rows, r]
-    let xa = matmul(&x2, false, &a16, true, 1.0, DType::BF16)?;
+    let dropped = move |x2: &Tensor| match dropout {
+        Some(d) => crate::cuda::dropout_apply(x2, d),
+        None => Ok(x2.clone()),
+    };
+    // drop(x)·Aᵀ [rows, r]
+    let xa = matmul(&dropped(&x2)?, false, &a16, true, 1.0, DType::BF16)?;
     let y = Value::ByTheOp(Box::new(crate::grad::Op2Output {
         op: LoraForward {
             xa: xa.clone(),
@@ -284,6 +286,7 @@ fn lora_linear_cublas(
     }));
     let w = w.clone();
     let x_shape = x.shape().clone();
+    let a32 = a.detach();
     let tracks = (x.track_op(), a.track_op(), b.track_op());
     with_grad3_acc((x, a, b), y, move |_, grad, gathered| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?.contiguous()?;
@@ -294,19 +297,26 @@ fn lora_linear_cublas(
             false => None,
         };
         let d_a = match tracks.1 {
-            true => Some(matmul(&gb, true, &x2, false, 1.0, DType::F32)?),
+            true => Some(matmul(&gb, true, &dropped(&x2)?, false, 1.0, DType::F32)?),
             false => None,
         };
-        // dL/dx = g·W + (scale·g·B)·A, both added to the gradient gathered for x.
+        // dL/dx = g·W + ((scale·g·B)·A) ∘ mask, both added to the gradient gathered for x.
         let d_x = match tracks.0 {
             true => {
                 let d_x = add_input_grad(gathered, &g, &w.dense()?, &x_shape)?;
-                Some(match takes_products_in_place(&d_x) {
-                    true => {
+                Some(match (dropout, takes_products_in_place(&d_x)) {
+                    (Some(d), _) => {
+                        let in_f = a32.dim(1)?;
+                        let drop = InputDropout::Drawn(d);
+                        let gb = gb.to_dtype(DType::F32)?;
+                        low_rank_add(&d_x.reshape((rows, in_f))?, &gb, &a32, true, &drop, 1.0)?
+                            .reshape(&x_shape)?
+                    }
+                    (None, true) => {
                         add_product_into(&d_x, (&gb, false), (&a16, false), 1.0)?;
                         d_x
                     }
-                    false => {
+                    (None, false) => {
                         (d_x + matmul(&gb, false, &a16, false, 1.0, DType::BF16)?
                             .reshape(&x_shape)?)?
                     }

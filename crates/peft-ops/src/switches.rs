@@ -157,7 +157,8 @@ impl Switch {
 /// LoRA's thin products (`x·Aᵀ`, `g·B`, the gradients of A and B, and the low-rank terms added
 /// to the frozen products) by cuBLAS on tensor cores, with bf16 operands (A, B and the rank-r
 /// activations rounded to bf16, as under PyTorch's autocast) and f32 accumulation, for bf16
-/// activations without dropout; `PEFT_CUDA_LORA=kernels`: by our kernels instead (which keep
+/// activations (with dropout, the dropped input drawn into a bf16 copy by our kernel for each
+/// pass that reads it); `PEFT_CUDA_LORA=kernels`: by our kernels instead (which keep
 /// those in f32). cuBLAS by default: HF PEFT's own f32 thin products ran in about a third of
 /// our kernels' time on an H200 (not yet measured against them in one run).
 pub const CUDA_LORA_VAR: &str = "PEFT_CUDA_LORA";

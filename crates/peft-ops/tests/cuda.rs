@@ -438,12 +438,15 @@ fn lora_linear_matches_cpu() {
     set_lora_cublas(before);
 }
 
-/// LoRA's thin products by cuBLAS (the default; bf16 activations without dropout, f32 takes
-/// our kernels), against the CPU f32 reference.
+/// LoRA's thin products by cuBLAS (the default; bf16 activations, f32 takes our kernels),
+/// with and without dropout, against the CPU f32 reference.
 #[test]
 fn lora_linear_by_cublas_matches_cpu() {
     let before = set_lora_cublas(true);
-    check_lora_linear("lora_linear by cublas", &[None]);
+    check_lora_linear(
+        "lora_linear by cublas",
+        &[None, Some(Dropout { p: 0.25, seed: 5 })],
+    );
     set_lora_cublas(before);
 }
 

@@ -1160,7 +1160,8 @@ fn random_normal_matches_the_cpu() {
     }
 }
 
-/// A mask longer than the CPU's parallel chunks: the GPU's dropout mask is the CPU's.
+/// A mask longer than the CPU's parallel chunks: the GPU's dropout mask is the CPU's, and
+/// `dropout_apply` (cuBLAS LoRA's dropped input) multiplies by that mask.
 #[test]
 fn dropout_mask_matches_the_cpu_bit_for_bit() {
     let (seed, p, n) = (0x1234_5678_9abc_def0u64, 0.1f64, 2 * 16384 + 1000);
@@ -1168,15 +1169,27 @@ fn dropout_mask_matches_the_cpu_bit_for_bit() {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
+    let x = randn(&[n], 504);
     let mut input = (n as i64).to_le_bytes().to_vec();
     input.extend(dropout_bytes(Some(Dropout { p, seed })));
-    let got = to_f32s(&emulate_with(
+    input.extend(f32_bytes(&x));
+    let out = to_f32s(&emulate_with(
         "ops",
         &["dropout_mask"],
         "dropout_mask",
         &input,
     ));
-    assert_eq!(got.len(), n);
+    assert_eq!(out.len(), 2 * n);
+    let (got, dropped) = out.split_at(n);
+    // dropout_apply: x times the same mask (an exact f32 product).
+    let x = x.to_vec1::<f32>().unwrap();
+    for (i, (d, (x, w))) in dropped.iter().zip(x.iter().zip(&want)).enumerate() {
+        assert_eq!(
+            d.to_bits(),
+            (x * w).to_bits(),
+            "dropped value {i}: {d} vs {x} · {w}"
+        );
+    }
     let kept = want.iter().filter(|&&m| m > 0.0).count() as f64 / n as f64;
     assert!((kept - 0.9).abs() < 0.01, "kept {kept}");
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {

@@ -390,6 +390,23 @@ extern "C" __global__ void dropout_mask_f32(float* out, long long n, DROPOUT_PAR
         out[i] = dropout_at(drop, i);
 }
 
+// x ∘ mask in x's type (the input of LoRA's A when cuBLAS computes the thin products: the
+// mask drawn here, never stored). Grid-stride over the elements.
+template <typename T>
+__device__ void dropout_apply(const T* x, T* out, long long n, const Dropout& drop) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        st(out, i, ld(x, i) * dropout_at(drop, i));
+}
+extern "C" __global__ void dropout_apply_f32(const float* x, float* out, long long n,
+                                             DROPOUT_PARAMS) {
+    dropout_apply(x, out, n, DROPOUT_STRUCT);
+}
+extern "C" __global__ void dropout_apply_bf16(const bf16_t* x, bf16_t* out, long long n,
+                                              DROPOUT_PARAMS) {
+    dropout_apply(x, out, n, DROPOUT_STRUCT);
+}
+
 // N(0, std²) values of the counter-based stream `key` (init.rs's random_normal): element i is
 // Box-Muller of the splitmix64 draws 2i + 1 and 2i + 2, computed in f64 as on the CPU.
 __device__ __forceinline__ double splitmix_uniform(unsigned long long key, unsigned long long i) {

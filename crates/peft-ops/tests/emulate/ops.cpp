@@ -8,7 +8,7 @@
 // Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
 // low_rank_add:   i64 rows; i32 cols, r, right_t; f32 scale; D; f32 base (rows·cols), left
 //                 (rows·r), right (cols·r, as [r, cols] when right_t) -> out (rows·cols)
-// dropout_mask:   i64 n; D -> mask (n)
+// dropout_mask:   i64 n; D; f32 x (n) -> mask (n), then x ∘ mask (n, by dropout_apply)
 // random_normal:  u64 key; i64 n; f32 std -> values (n)
 // thin_project:   i64 rows; i32 n, r, w_t, splits; f32 scale; D; f32 x (rows·n), w (r·n, as
 //                 [n, r] when w_t) -> out (rows·r)
@@ -97,10 +97,17 @@ int main(int argc, char** argv) {
     } else if (kernel == "dropout_mask") {
         long long n = take<long long>(in, 1)[0];
         Dropout d = take_dropout(in);
+        auto x = take<float>(in, n);
+        std::vector<float> dropped(n);
         out.resize(n);
         emu::launch({(unsigned)((n + 255) / 256)}, {256}, 0, [&] {
             dropout_mask_f32(out.data(), n, d.on, d.k1, d.k2, d.threshold, d.scale);
         });
+        emu::launch({(unsigned)((n + 255) / 256)}, {256}, 0, [&] {
+            dropout_apply_f32(x.data(), dropped.data(), n, d.on, d.k1, d.k2, d.threshold,
+                              d.scale);
+        });
+        out.insert(out.end(), dropped.begin(), dropped.end());
     } else if (kernel == "random_normal") {
         unsigned long long key = take<unsigned long long>(in, 1)[0];
         long long n = take<long long>(in, 1)[0];
