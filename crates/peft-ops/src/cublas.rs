@@ -160,11 +160,11 @@ mod device {
         }
     }
 
-    /// Whether [`add_product_into`] can add to `c`: a contiguous bf16 gpu tensor from its
-    /// storage's start.
+    /// Whether [`add_product_into`] can add to `c`: a contiguous bf16 or f32 gpu tensor from
+    /// its storage's start.
     pub(crate) fn takes_products_in_place(c: &Tensor) -> bool {
         c.device().is_cuda()
-            && c.dtype() == DType::BF16
+            && matches!(c.dtype(), DType::BF16 | DType::F32)
             && matches!(c.layout().contiguous_offsets(), Some((0, _)))
     }
 
@@ -190,8 +190,8 @@ mod device {
         }
     }
 
-    /// `c += alpha · op(a) · op(b)` in place, `c` a contiguous bf16 `[m, n]` buffer that no one
-    /// else reads meanwhile (an op's own output, or a gradient just computed).
+    /// `c += alpha · op(a) · op(b)` in place, `c` a contiguous bf16 or f32 `[m, n]` buffer that
+    /// no one else reads meanwhile (an op's own output, or a gradient just computed).
     pub(crate) fn matmul_add_into(
         c: &CudaStorage,
         (m, n): (usize, usize),
@@ -209,15 +209,25 @@ mod device {
                 b.dims()
             );
         }
-        let c_slice = c.as_cuda_slice::<bf16>()?;
-        gemm(
-            c.device(),
-            (a, a_t),
-            (b, b_t),
-            (m, n, k),
-            (alpha, 1.0),
-            c_slice,
-        )
+        let (a, b) = ((a, a_t), (b, b_t));
+        match c.dtype() {
+            DType::F32 => gemm(
+                c.device(),
+                a,
+                b,
+                (m, n, k),
+                (alpha, 1.0),
+                c.as_cuda_slice::<f32>()?,
+            ),
+            _ => gemm(
+                c.device(),
+                a,
+                b,
+                (m, n, k),
+                (alpha, 1.0),
+                c.as_cuda_slice::<bf16>()?,
+            ),
+        }
     }
 }
 

@@ -380,6 +380,32 @@ pub fn cross_entropy_sum(
     )
 }
 
+/// `acc + dlogitsᵀ · h` in f32 (a trainable head's gradient, summed over chunks of rows). On
+/// GPUs (bf16 chunks) cuBLAS adds each chunk's product into the f32 sum with beta = 1, where a
+/// product, its f32 copy and an add each passed over the `[vocab, d]` sum.
+fn add_weight_grad(acc: Option<Tensor>, dlogits: &Tensor, h: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if dlogits.device().is_cuda()
+        && [dlogits, h]
+            .iter()
+            .all(|t| t.dtype() == DType::BF16 && t.is_contiguous())
+    {
+        return match acc {
+            None => crate::cublas::matmul(dlogits, true, h, false, 1.0, DType::F32),
+            Some(acc) if crate::cublas::takes_products_in_place(&acc) => {
+                crate::cublas::add_product_into(&acc, (dlogits, true), (h, false), 1.0)?;
+                Ok(acc)
+            }
+            Some(acc) => acc + crate::cublas::matmul(dlogits, true, h, false, 1.0, DType::F32)?,
+        };
+    }
+    let part = dlogits.t()?.matmul(h)?.to_dtype(DType::F32)?;
+    match acc {
+        Some(acc) => acc + part,
+        None => Ok(part),
+    }
+}
+
 /// Per-row losses (0 where the label does not count) and, when `grad`, the logits' gradient
 /// scaled by `1 / denom`, by one CUDA kernel (f32 or bf16 logits); `None` elsewhere.
 fn fused_cross_entropy(
@@ -459,11 +485,7 @@ fn cross_entropy_composed(
                 grads.push(frozen_matmul(&dlogits, &weight, false)?);
             }
             if weight_grad {
-                let part = dlogits.t()?.matmul(&h)?.to_dtype(DType::F32)?;
-                dweight = Some(match dweight {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
+                dweight = Some(add_weight_grad(dweight, &dlogits, &h)?);
             }
         }
     }

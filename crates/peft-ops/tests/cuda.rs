@@ -486,6 +486,12 @@ fn cross_entropy_matches_cpu() {
         let lab = Tensor::new(labels.as_slice(), x[0].device())?;
         Ok(cross_entropy_chunked(&x[0], &x[1].detach(), &lab, 3)?.0)
     });
+    // A trainable head (full fine-tuning): its gradient summed over the four chunks of rows
+    // (in place by cuBLAS on the GPU).
+    check("cross_entropy_chunked, trained head", &inputs, |x| {
+        let lab = Tensor::new(labels.as_slice(), x[0].device())?;
+        Ok(cross_entropy_chunked(&x[0], &x[1], &lab, 3)?.0)
+    });
 }
 
 #[test]
