@@ -254,6 +254,67 @@ pub(crate) fn rms_norm_bwd(
     }
 }
 
+/// Columns a thread of `rms_norm_dw_part` sums at most (`NORM_DW_COLS` in kernels/ops.cu):
+/// rows of up to 256 times this many take the kernels.
+pub(crate) const NORM_DW_MAX: usize = 256 * 32;
+
+/// Blocks of rows whose sums `rms_norm_dw_sum` adds (fewer when there are fewer rows).
+const NORM_DW_BLOCKS: usize = 512;
+
+/// dL/dw of [`rms_norm_fwd`] (f32, `[d]`) from `x` and dL/dy (contiguous, f32 or bf16, rows of
+/// `d` ≤ [`NORM_DW_MAX`]): Σ over rows of `g · x / rms(x)`, the same sums on every run.
+pub(crate) fn rms_norm_dw(x: &Tensor, g: &Tensor, eps: f32) -> Result<Tensor> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        x: &Tensor,
+        g: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let dev = cuda_device(x)?;
+        let d = x.dims().last().copied().unwrap_or(0);
+        if d == 0 || d > NORM_DW_MAX || g.shape() != x.shape() {
+            candle_core::bail!(
+                "rms_norm dw: rows {:?} and gradient {:?}",
+                x.shape(),
+                g.shape()
+            );
+        }
+        let rows = x.elem_count() / d;
+        let blocks = rows.clamp(1, NORM_DW_BLOCKS);
+        let per = rows.div_ceil(blocks);
+        let blocks = rows.div_ceil(per).max(1);
+        let ((xs, xl), (gs, gl)) = (x.storage_and_layout(), g.storage_and_layout());
+        let (xv, gv) = (view::<T>(&xs, xl)?, view::<T>(&gs, gl)?);
+        // SAFETY: rms_norm_dw_part writes every block's d sums (blocks past the rows write 0s).
+        let partial = unsafe { dev.alloc::<f32>(blocks * d)? };
+        let part = dev.get_or_load_custom_func(
+            &format!("rms_norm_dw_part_{}", suffix(T::DTYPE)?),
+            MODULE,
+            ptx(&dev)?,
+        )?;
+        let (rows_, d_, per_) = (rows as i64, d as i32, per as i64);
+        let mut builder = part.builder();
+        builder.arg(&xv).arg(&gv).arg(&partial);
+        builder.arg(&rows_).arg(&d_).arg(&eps).arg(&per_);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match rms_norm_dw_part_* in kernels/ops.cu.
+        unsafe { builder.launch(cfg) }.map_err(err)?;
+        // SAFETY: every column is written.
+        let dw = unsafe { dev.alloc::<f32>(d)? };
+        let sum = dev.get_or_load_custom_func("rms_norm_dw_sum", MODULE, ptx(&dev)?)?;
+        let blocks_ = blocks as i32;
+        let mut builder = sum.builder();
+        builder.arg(&partial).arg(&dw).arg(&blocks_).arg(&d_);
+        // SAFETY: the arguments match rms_norm_dw_sum in kernels/ops.cu.
+        unsafe { builder.launch(elementwise_config(d)) }.map_err(err)?;
+        Ok(wrap(dw, &dev, &[d]))
+    }
+    dispatch!(x.dtype(), f(x, g, eps))
+}
+
 /// Rows per 256-thread block of the RMSNorm kernels, a warp each (`NORM_ROWS` in kernels/ops.cu).
 const NORM_ROWS: usize = 8;
 

@@ -91,6 +91,15 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         };
         let d_w = if w_tracks {
             // Σ over rows of dL/dy · x / rms(x).
+            #[cfg(feature = "cuda")]
+            if xd.device().is_cuda()
+                && crate::has_kernel(&xd, Kernel::RmsNorm)
+                && wd.elem_count() <= crate::cuda::NORM_DW_MAX
+            {
+                let g = grad.to_dtype(xd.dtype())?.contiguous()?;
+                let dw = crate::cuda::rms_norm_dw(&xd.contiguous()?, &g, eps as f32)?;
+                return Ok((d_x, Some(dw.to_dtype(wd.dtype())?), None));
+            }
             let x32 = xd.to_dtype(DType::F32)?;
             let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
                 .sqrt()?

@@ -120,6 +120,10 @@ fn rms_norm_matches_cpu() {
     check("rms_norm", &inputs, |x| {
         rms_norm(&x[0], &x[1].detach(), 1e-5)
     });
+    // A trained scale (full fine-tuning): its gradient by the two dw kernels.
+    check("rms_norm, trained scale", &inputs, |x| {
+        rms_norm(&x[0], &x[1], 1e-5)
+    });
 }
 
 #[test]

@@ -928,6 +928,32 @@ fn rms_norm_case(rows: usize, d: usize) {
     );
 }
 
+/// A trained norm's weight gradient: rows of 300 (the second of a thread's columns only
+/// partly there) and 576, in blocks of 5 rows (the last one short) and of 1: within 1e-5 of
+/// the CPU's autograd.
+#[test]
+fn rms_norm_weight_gradient_kernels_match_the_cpu() {
+    for (rows, d, per) in [(37usize, 300usize, 5usize), (11, 576, 1)] {
+        let eps = 1e-5f32;
+        let x = randn(&[rows, d], 510);
+        let w = (randn(&[d], 511) + 1.5).unwrap();
+        let g = randn(&[rows, d], 512);
+        let (_, grads) = cpu_grads(&[&x, &w], &g, |v| rms_norm(&v[0], &v[1], eps as f64));
+        let mut input: Vec<u8> = i32_bytes(&[rows, d, per]);
+        input.extend(eps.to_le_bytes());
+        for t in [&x, &g] {
+            input.extend(f32_bytes(t));
+        }
+        let out = to_f32s(&emulate_with(
+            "ops",
+            &["rms_norm_dw"],
+            &format!("rms_norm_dw_{d}_{per}"),
+            &input,
+        ));
+        check("rms_norm dw", &tensor_at(&out, 0, &[d]), &grads[1], 1e-5);
+    }
+}
+
 /// Several blocks of the elementwise kernels, packs of eight read as one (and the partial last
 /// one, and every pack one by one when the second half of the gradient is misaligned):
 /// act(gate)·up and both gradients within 1e-5, for SwiGLU and GeGLU.

@@ -216,6 +216,58 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* g, const T* res, T
     }
 }
 
+// dL/dw of y = x / rms(x) * w (a trained norm: full fine-tuning), Σ over rows of g · x / rms(x),
+// in two launches where composed ops took about ten passes and a strided column sum:
+// rms_norm_dw_part has 256-thread block c sum rows [c·per, (c + 1)·per) (thread t owns
+// columns t, t + 256, ..., at most NORM_DW_COLS of them: d ≤ 256 · NORM_DW_COLS) into
+// partial[c·d ..]; rms_norm_dw_sum adds the blocks' sums per column, in block order (the same
+// result on every run).
+#define NORM_DW_COLS 32
+template <typename T>
+__device__ void rms_norm_dw_part(const T* x, const T* g, float* partial, long long rows, int d,
+                                 float eps, long long per) {
+    __shared__ float sh[32];
+    float acc[NORM_DW_COLS];
+#pragma unroll
+    for (int k = 0; k < NORM_DW_COLS; ++k) acc[k] = 0.f;
+    long long first = (long long)blockIdx.x * per;
+    long long last = first + per < rows ? first + per : rows;
+    int t = threadIdx.x;
+    for (long long i = first; i < last; ++i) {
+        const T* xr = x + i * d;
+        const T* gr = g + i * d;
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < NORM_DW_COLS; ++k) {
+            int j = t + 256 * k;
+            if (j < d) {
+                float v = ld(xr, j);
+                ss += v * v;
+            }
+        }
+        float r = rsqrtf(block_reduce(ss, sh, false) / d + eps);
+#pragma unroll
+        for (int k = 0; k < NORM_DW_COLS; ++k) {
+            int j = t + 256 * k;
+            if (j < d) acc[k] += ld(gr, j) * ld(xr, j) * r;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < NORM_DW_COLS; ++k) {
+        int j = t + 256 * k;
+        if (j < d) partial[(long long)blockIdx.x * d + j] = acc[k];
+    }
+}
+
+// dw[j] = Σ over the `blocks` partial sums of column j (a thread a column).
+extern "C" __global__ void rms_norm_dw_sum(const float* partial, float* dw, int blocks, int d) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float s = 0.f;
+    for (int c = 0; c < blocks; ++c) s += partial[(long long)c * d + j];
+    dw[j] = s;
+}
+
 // Gated MLP activations as act(g) = g · sigmoid(a(g)): a(g) = g for SiLU (SwiGLU), and
 // 2·√(2/π)·(g + 0.044715·g³) for GELU's tanh approximation (GeGLU, `gelu` set).
 __device__ __forceinline__ float gate_arg(float g, int gelu) {
@@ -444,6 +496,11 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
     extern "C" __global__ void rms_norm_bwd_##S(const T* x, const T* w, const T* g, T* dx,    \
                                                 long long rows, int d, float eps) {           \
         rms_norm_bwd<T>(x, w, g, nullptr, dx, rows, d, eps);                                   \
+    }                                                                                          \
+    extern "C" __global__ void rms_norm_dw_part_##S(const T* x, const T* g, float* partial,    \
+                                                    long long rows, int d, float eps,          \
+                                                    long long per) {                           \
+        rms_norm_dw_part<T>(x, g, partial, rows, d, eps, per);                                 \
     }                                                                                          \
     extern "C" __global__ void rms_norm_bwd_add_##S(const T* x, const T* w, const T* g,       \
                                                     const T* res, T* dx, long long rows, int d, \

@@ -3,6 +3,8 @@
 // rms_norm_bwd:   i32 rows, d; f32 eps; f32 x (rows·d), w (d), g (rows·d), res (rows·d) -> y,
 //                 dx, then dx + res (rows·d each; y by rms_norm_fwd, the last by
 //                 rms_norm_bwd_add)
+// rms_norm_dw:    i32 rows, d, per; f32 eps; f32 x (rows·d), g (rows·d) -> dw (d), by
+//                 rms_norm_dw_part over blocks of `per` rows, then rms_norm_dw_sum
 // gated:          i64 n; i32 gelu; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
 // Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
@@ -53,6 +55,20 @@ int main(int argc, char** argv) {
         });
         out.insert(out.end(), dx.begin(), dx.end());
         out.insert(out.end(), dx_res.begin(), dx_res.end());
+    } else if (kernel == "rms_norm_dw") {
+        auto dims = take<int>(in, 3);
+        long long rows = dims[0], per = dims[2];
+        int d = dims[1];
+        float eps = take<float>(in, 1)[0];
+        auto x = take<float>(in, (size_t)rows * d), g = take<float>(in, (size_t)rows * d);
+        int blocks = (int)((rows + per - 1) / per);
+        std::vector<float> partial((size_t)blocks * d);
+        out.resize(d);
+        emu::launch({(unsigned)blocks}, {256}, 0, [&] {
+            rms_norm_dw_part_f32(x.data(), g.data(), partial.data(), rows, d, eps, per);
+        });
+        emu::launch({(unsigned)((d + 255) / 256)}, {256}, 0,
+                    [&] { rms_norm_dw_sum(partial.data(), out.data(), blocks, d); });
     } else if (kernel == "gated") {
         long long n = take<long long>(in, 1)[0];
         int gelu = take<int>(in, 1)[0];
