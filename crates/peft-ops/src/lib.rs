@@ -53,7 +53,8 @@ pub use switches::{
     CUDA_OFF_VAR,
 };
 pub use tape::{
-    add, add_bias, cast, layer_tape_enabled, reshape, set_layer_tape, taped, LAYER_TAPE_VAR,
+    add, add_bias, cast, layer_tape_enabled, reshape, set_layer_tape, set_tape_gather,
+    tape_gather_enabled, taped, LAYER_TAPE_VAR, TAPE_GATHER_VAR,
 };
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 

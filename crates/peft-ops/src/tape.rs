@@ -58,6 +58,23 @@ pub const LAYER_TAPE_VAR: &str = "PEFT_LAYER_TAPE";
 
 static SWITCH: Switch = Switch::new(LAYER_TAPE_VAR, &["off", "0"], true);
 
+/// `PEFT_TAPE_GATHER=off` has a tape add each consumer's share of an input's gradient by a
+/// separate add, instead of handing the gradient gathered so far to the next consumer's
+/// backward (see [`Accumulated`]): for comparisons.
+pub const TAPE_GATHER_VAR: &str = "PEFT_TAPE_GATHER";
+
+static GATHER: Switch = Switch::new(TAPE_GATHER_VAR, &["off", "0"], true);
+
+/// Whether tapes hand gathered gradients to the ops' backwards ([`TAPE_GATHER_VAR`]).
+pub fn tape_gather_enabled() -> bool {
+    GATHER.get()
+}
+
+/// Turns the handing on of gathered gradients on or off; returns the previous setting.
+pub fn set_tape_gather(on: bool) -> bool {
+    GATHER.set(on)
+}
+
 /// Whether [`taped`] records tapes in this process.
 pub fn layer_tape_enabled() -> bool {
     SWITCH.get()
@@ -303,6 +320,7 @@ fn replay(
     let mut grads: HashMap<TensorId, Tensor> = HashMap::from([(output, grad.clone())]);
     // The gradients in `grads` that no one else holds (see [`Accumulated`]).
     let mut owned: HashSet<TensorId> = HashSet::new();
+    let gather = tape_gather_enabled();
     while let Some(entry) = entries.pop() {
         let Some(g) = grads.remove(&entry.output) else {
             continue;
@@ -313,7 +331,7 @@ fn replay(
                 (Some(backward(arg, &entry.value, &g)?), None, None)
             }
             (Backward::Three(backward), _) => backward(&entry.value, &g)?,
-            (Backward::Accumulating(backward), Arg::Inner(id)) => {
+            (Backward::Accumulating(backward), Arg::Inner(id)) if gather => {
                 let acc = grads.remove(&id).map(|grad| Accumulated {
                     grad,
                     owned: owned.remove(&id),
@@ -539,10 +557,16 @@ mod tests {
         };
         let (graph, graph_in_place) = run(false);
         let (taped, taped_in_place) = run(true);
-        assert_close(&[graph], &[taped]);
+        assert_close(std::slice::from_ref(&graph), &[taped]);
         assert_eq!(graph_in_place, 0);
         // k's and q's shares went into v's (owned) gradient; z's and the residual's did not.
         assert_eq!(taped_in_place, 2);
+        // Without handing gradients on, the tape adds every share itself.
+        let before = set_tape_gather(false);
+        let (summed, summed_in_place) = run(true);
+        set_tape_gather(before);
+        assert_close(&[graph], &[summed]);
+        assert_eq!(summed_in_place, 0);
     }
 
     #[test]

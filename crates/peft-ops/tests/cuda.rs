@@ -406,7 +406,16 @@ fn taped_block_gathers_input_gradients_as_the_cpu() {
         ((randn(&[24, 16], 48) * 0.3).unwrap(), Input::Cast),
         ((randn(&[16, 24], 49) * 0.3).unwrap(), Input::Cast),
     ];
-    check("taped block", &inputs, |t| {
+    for gather in [true, false] {
+        let before_gather = set_tape_gather(gather);
+        check_taped_block(&format!("taped block, gather {gather}"), &inputs);
+        set_tape_gather(before_gather);
+    }
+    set_lora_cublas(before);
+}
+
+fn check_taped_block(name: &str, inputs: &[(Tensor, Input)]) {
+    check(name, inputs, |t| {
         let sink = Arc::new(GradSink::default());
         let w = |i: usize| t[i].detach();
         taped(&t[0], &sink, |x| {
@@ -432,7 +441,6 @@ fn taped_block_gathers_input_gradients_as_the_cpu() {
             add(&y, &m)
         })
     });
-    set_lora_cublas(before);
 }
 
 #[test]
