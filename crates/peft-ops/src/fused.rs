@@ -240,7 +240,7 @@ pub fn lora_linear(
                 None => d_x,
             })
         } else {
-            gathered.map(|g| g.grad)
+            None
         };
         Ok((d_x, d_a, d_b))
     })
@@ -322,7 +322,7 @@ fn lora_linear_cublas(
                     }
                 })
             }
-            false => gathered.map(|g| g.grad),
+            false => None,
         };
         Ok((d_x, d_a, d_b))
     })

@@ -34,7 +34,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let d_x = if x_tracks {
             Some(add_input_grad(gathered, &g, &wd, &x_shape)?)
         } else {
-            gathered.map(|g| g.grad)
+            None
         };
         let d_w = match &x_saved {
             Some(x2) => Some(batched_matmul(&g.t()?, x2)?.to_dtype(wd.dtype())?),
@@ -85,9 +85,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     // Third argument repeated: with_grad3 serves two inputs as well. On a layer tape, the
     // gradient the residual stream gathered for x is added by the backward kernel.
     with_grad3_acc((x, w, w), y, move |_, grad, gathered| -> Result<Grads3> {
-        let d_x = match (x_tracks, gathered) {
-            (true, gathered) => Some(rms_norm_input_grad(&xd, &wd, grad, gathered, eps)?),
-            (false, gathered) => gathered.map(|g| g.grad),
+        let d_x = match x_tracks {
+            true => Some(rms_norm_input_grad(&xd, &wd, grad, gathered, eps)?),
+            false => None,
         };
         let d_w = if w_tracks {
             // Σ over rows of dL/dy · x / rms(x).

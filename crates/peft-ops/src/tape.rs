@@ -39,7 +39,8 @@ pub(crate) type BackwardAcc =
 /// The backward returns the sum as its first gradient, and that tensor must be held by no one
 /// else: a new tensor, or `grad` itself updated in place, which only an `owned` gradient may
 /// be (one the tape made and holds alone; a gradient an op handed on as it is, such as a
-/// residual add's, may share its storage with another argument's).
+/// residual add's, may share its storage with another argument's). A backward without a
+/// share of its own returns `None` (never `grad` as it is): the tape keeps `grad` as it was.
 pub(crate) struct Accumulated {
     pub grad: Tensor,
     pub owned: bool,
