@@ -9,19 +9,34 @@ __device__ __forceinline__ const long long* table_entry(const long long* table, 
     return table + stride * (long long)blockIdx.y;
 }
 
+// The dense kernels take OPTIM_PACK consecutive elements a thread, read and written as one
+// where the tensor's buffers are aligned for it (full fine-tuning passes over every weight).
+#define OPTIM_PACK 8
+
+// The first element a thread takes in a grid-stride loop over packs, and the stride.
+__device__ __forceinline__ long long pack_start() {
+    return ((long long)blockIdx.x * blockDim.x + threadIdx.x) * OPTIM_PACK;
+}
+__device__ __forceinline__ long long pack_stride() {
+    return (long long)gridDim.x * blockDim.x * OPTIM_PACK;
+}
+
 // out[0] += sum of the squared gradients (f64), for the global gradient norm. Entries are
 // `stride` values apart, the gradient's address second and the element count last.
 template <typename T>
 __device__ void sum_squares_multi(const long long* table, int stride, double* out) {
+    const int N = OPTIM_PACK;
     __shared__ float sh[32];
     const long long* e = table_entry(table, stride);
     const T* g = (const T*)e[1];
     long long n = e[stride - 1];
+    bool vec = pack_aligned<N>(g);
     float s = 0.f;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float gi = ld(g, i);
-        s += gi * gi;
+    for (long long i = pack_start(); i < n; i += pack_stride()) {
+        float gv[N];
+        load_pack<N>(g, i, n, vec, gv);
+#pragma unroll
+        for (int k = 0; k < N; ++k) s += gv[k] * gv[k];
     }
     s = block_reduce(s, sh, false);
     if (threadIdx.x == 0) atomicAdd(out, (double)s);
@@ -54,14 +69,25 @@ __device__ void adamw_multi(const long long* table, float lr, float beta1, float
     T* m = (T*)e[2];
     T* v = (T*)e[3];
     long long n = e[4];
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float gi = ld(g, i) * grad_scale;
-        float mi = beta1 * ld(m, i) + (1.f - beta1) * gi;
-        float vi = beta2 * ld(v, i) + (1.f - beta2) * gi * gi;
-        st(m, i, mi);
-        st(v, i, vi);
-        st(p, i, ld(p, i) * decay - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps)));
+    const int N = OPTIM_PACK;
+    bool vec = pack_aligned<N>(p) && pack_aligned<N>(g) && pack_aligned<N>(m) &&
+               pack_aligned<N>(v);
+    for (long long i = pack_start(); i < n; i += pack_stride()) {
+        float pv[N], gv[N], mv[N], vv[N];
+        load_pack<N>(p, i, n, vec, pv);
+        load_pack<N>(g, i, n, vec, gv);
+        load_pack<N>(m, i, n, vec, mv);
+        load_pack<N>(v, i, n, vec, vv);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            float gi = gv[k] * grad_scale;
+            mv[k] = beta1 * mv[k] + (1.f - beta1) * gi;
+            vv[k] = beta2 * vv[k] + (1.f - beta2) * gi * gi;
+            pv[k] = pv[k] * decay - lr * ((mv[k] / bc1) / (sqrtf(vv[k] / bc2) + eps));
+        }
+        store_pack<N>(m, i, n, vec, mv);
+        store_pack<N>(v, i, n, vec, vv);
+        store_pack<N>(p, i, n, vec, pv);
     }
 }
 
