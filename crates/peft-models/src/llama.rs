@@ -10,10 +10,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
-    add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, frozen_linear,
-    frozen_mlp, gated_act, linear, packed_self_attention, param, prefixed_self_attention,
-    quantized_linear, reshape, rms_norm, rope, softmax_last_dim, taped, GradSink, LinearWeight,
-    QuantizedWeight,
+    add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, embedding,
+    frozen_linear, frozen_mlp, gated_act, linear, packed_self_attention, param,
+    prefixed_self_attention, quantized_linear, reshape, rms_norm, rope, softmax_last_dim, taped,
+    GradSink, LinearWeight, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -517,7 +517,7 @@ impl Llama {
     /// transformers rounds it.
     pub fn embedding_rows(&self, ids: &Tensor) -> Result<Tensor> {
         // A trained embedding (modules_to_save) is f32 under a bf16 model.
-        let mut rows = param(&self.embed_tokens).index_select(ids, 0)?;
+        let mut rows = embedding(&param(&self.embed_tokens), ids)?;
         if self.config.scale_embeddings {
             let scale = (self.config.hidden_size as f64).sqrt() as f32;
             let scale = Tensor::new(scale, rows.device())?.to_dtype(rows.dtype())?;

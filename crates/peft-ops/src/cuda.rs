@@ -254,6 +254,61 @@ pub(crate) fn rms_norm_bwd(
     }
 }
 
+/// A trained embedding's gradient `[vocab, d]` (`grad`'s dtype) from the token ids `[n]` (u32)
+/// and the gradient of their rows `[n, d]` (contiguous): each row of ids summed in f32 in
+/// position order (`embedding_chains`, then `embedding_bwd` in kernels/ops.cu).
+pub(crate) fn embedding_grad(ids: &Tensor, grad: &Tensor, vocab: usize) -> Result<Tensor> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        ids: &Tensor,
+        grad: &Tensor,
+        vocab: usize,
+    ) -> Result<Tensor> {
+        let dev = cuda_device(grad)?;
+        let (n, d) = grad.dims2()?;
+        if ids.dims() != [n] || ids.dtype() != DType::U32 || n == 0 || n > i32::MAX as usize {
+            candle_core::bail!(
+                "embedding grad: ids {:?} for rows {:?}",
+                ids.shape(),
+                grad.shape()
+            );
+        }
+        let out = Tensor::zeros((vocab, d), T::DTYPE, grad.device())?;
+        let ((is, il), (gs, gl)) = (ids.storage_and_layout(), grad.storage_and_layout());
+        let (iv, gv) = (view::<u32>(&is, il)?, view::<T>(&gs, gl)?);
+        // SAFETY: embedding_chains writes every position's entries.
+        let (next, lead) = unsafe { (dev.alloc::<i32>(n)?, dev.alloc::<i32>(n)?) };
+        let n_ = n as i32;
+        let chains = dev.get_or_load_custom_func("embedding_chains", MODULE, ptx(&dev)?)?;
+        let mut builder = chains.builder();
+        builder.arg(&iv).arg(&n_).arg(&next).arg(&lead);
+        // SAFETY: the arguments match embedding_chains in kernels/ops.cu.
+        unsafe { builder.launch(elementwise_config(n)) }.map_err(err)?;
+        {
+            let (os, ol) = out.storage_and_layout();
+            let ov = view::<T>(&os, ol)?;
+            let bwd = dev.get_or_load_custom_func(
+                &format!("embedding_bwd_{}", suffix(T::DTYPE)?),
+                MODULE,
+                ptx(&dev)?,
+            )?;
+            let (d_, vocab_) = (d as i32, vocab as i64);
+            let mut builder = bwd.builder();
+            builder.arg(&iv).arg(&gv).arg(&next).arg(&lead).arg(&ov);
+            builder.arg(&d_).arg(&vocab_);
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match embedding_bwd_* in kernels/ops.cu; `out` is a new
+            // `[vocab, d]` tensor only this kernel writes, at rows below `vocab`.
+            unsafe { builder.launch(cfg) }.map_err(err)?;
+        }
+        Ok(out)
+    }
+    dispatch!(grad.dtype(), f(ids, grad, vocab))
+}
+
 /// Columns a thread of `rms_norm_dw_part` sums at most (`NORM_DW_COLS` in kernels/ops.cu):
 /// rows of up to 256 times this many take the kernels.
 pub(crate) const NORM_DW_MAX: usize = 256 * 32;

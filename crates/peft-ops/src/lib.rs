@@ -41,7 +41,7 @@ pub use fused::{dropout_mask, frozen_mlp, gated_act, lora_linear, Dropout, Gated
 pub use grad::{with_grad, with_grad3, Grads3, OpOutput, Value};
 pub use init::random_normal;
 pub use ops::{
-    cross_entropy_chunked, cross_entropy_sum, frozen_linear, linear, rms_norm, rope,
+    cross_entropy_chunked, cross_entropy_sum, embedding, frozen_linear, linear, rms_norm, rope,
     softmax_last_dim, IGNORE_INDEX,
 };
 pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw, SlotMoments};

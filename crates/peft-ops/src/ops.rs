@@ -70,6 +70,35 @@ pub(crate) fn add_input_grad(
     acc.plus(&frozen_matmul(g, w, false)?.reshape(x_shape)?)
 }
 
+/// The rows of `weight` `[vocab, d]` at `ids` `[n]` (u32): an embedding layer. A trained
+/// weight's gradient sums each token's rows in f32 (f64 weights: f64), in position order, and
+/// is rounded once to
+/// the weight's dtype (on GPUs by our kernels: candle's backward added position by position in
+/// the weight's dtype, one thread a column).
+pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let rows = weight.detach().index_select(ids, 0)?;
+    if !weight.track_op() {
+        return Ok(rows);
+    }
+    let (vocab, d) = weight.dims2()?;
+    let ids = ids.to_dtype(DType::U32)?.contiguous()?;
+    with_grad(weight, rows, move |w, _, grad| {
+        let grad = grad.reshape(((), d))?.to_dtype(w.dtype())?.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if grad.device().is_cuda() && matches!(grad.dtype(), DType::F32 | DType::BF16) {
+            return crate::cuda::embedding_grad(&ids, &grad, vocab);
+        }
+        // Summed in f32 at least (f64 weights in f64).
+        let sum_dtype = match w.dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        Tensor::zeros((vocab, d), sum_dtype, grad.device())?
+            .index_add(&ids, &grad.to_dtype(sum_dtype)?, 0)?
+            .to_dtype(w.dtype())
+    })
+}
+
 /// RMSNorm over the last dim with scale `w` (Llama's `x / rms(x) * w`); `w` gets its gradient
 /// when it is trainable (full fine-tuning).
 ///

@@ -111,6 +111,17 @@ fn frozen_linear_matches_cpu() {
     });
 }
 
+/// A trained embedding: rows of repeated ids and the weight's gradient (each token's rows
+/// summed in f32 by our kernels) against the CPU.
+#[test]
+fn embedding_matches_cpu() {
+    let ids: Vec<u32> = (0..300u32).map(|j| (j * 7) % 23 + (j % 2) * 3).collect();
+    let inputs = [(randn(&[40, 16], 50), Input::Cast)];
+    check("embedding", &inputs, |x| {
+        embedding(&x[0], &Tensor::new(ids.as_slice(), x[0].device())?)
+    });
+}
+
 #[test]
 fn rms_norm_matches_cpu() {
     let inputs = [

@@ -954,6 +954,49 @@ fn rms_norm_weight_gradient_kernels_match_the_cpu() {
     }
 }
 
+/// A trained embedding's gradient: 1,500 positions (two tiles of ids to compare against), ids
+/// repeated up to hundreds of times, rows of 300 (a thread's second column only partly there),
+/// one id past the vocab (skipped): bit for bit the CPU's position-ordered f32 sums.
+#[test]
+fn embedding_gradient_kernels_match_the_cpu() {
+    let (n, d, vocab) = (1500usize, 300usize, 50usize);
+    let ids: Vec<u32> = (0..n as u32)
+        .map(|j| match j {
+            7 => vocab as u32 + 3,
+            j if j % 3 == 0 => 5,
+            j => (j * 7919) % vocab as u32,
+        })
+        .collect();
+    let grad = randn(&[n, d], 520);
+    let kept: Vec<u32> = (0..n as u32)
+        .filter(|&j| ids[j as usize] < vocab as u32)
+        .collect();
+    let kept = Tensor::new(kept.as_slice(), &Device::Cpu).unwrap();
+    let kept_ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .index_select(&kept, 0)
+        .unwrap();
+    let want = Tensor::zeros((vocab, d), DType::F32, &Device::Cpu)
+        .unwrap()
+        .index_add(&kept_ids, &grad.index_select(&kept, 0).unwrap(), 0)
+        .unwrap();
+    let mut input: Vec<u8> = i32_bytes(&[n, d, vocab]);
+    input.extend(ids.iter().flat_map(|i| i.to_le_bytes()));
+    input.extend(f32_bytes(&grad));
+    let got = to_f32s(&emulate_with("ops", &["embedding"], "embedding", &input));
+    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            w.to_bits(),
+            "dW[{}, {}]: {g} vs {w}",
+            i / d,
+            i % d
+        );
+    }
+}
+
 /// Several blocks of the elementwise kernels, packs of eight read as one (and the partial last
 /// one, and every pack one by one when the second half of the gradient is misaligned):
 /// act(gate)·up and both gradients within 1e-5, for SwiGLU and GeGLU.

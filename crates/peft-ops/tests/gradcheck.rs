@@ -94,6 +94,35 @@ fn frozen_linear_matches_matmul_and_gives_no_weight_grad() {
     check_grad(&x, |x| frozen_linear(x, &w), 1e-6, 1e-7);
 }
 
+/// Repeated tokens: the rows of the ids, and the weight's gradient (each token's rows summed)
+/// against finite differences, in f64 and, rounded once from f32 sums, in bf16.
+#[test]
+fn embedding_rows_and_weight_grad() {
+    let ids = Tensor::new(&[3u32, 0, 3, 5, 3, 1], &Device::Cpu).unwrap();
+    let w = randn(&[7, 4], DType::F64, 30);
+    let rows = embedding(&w, &ids).unwrap();
+    assert!(max_abs_diff(&rows, &w.index_select(&ids, 0).unwrap()) == 0.0);
+    check_grad(&w, |w| embedding(w, &ids), 1e-6, 1e-8);
+    // bf16: a token's rows summed in f32, then rounded once.
+    let w16 = Var::from_tensor(&w.to_dtype(DType::BF16).unwrap()).unwrap();
+    let probe = randn(&[6, 4], DType::BF16, 31);
+    let grads = (embedding(w16.as_tensor(), &ids).unwrap() * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let got = grads.get(w16.as_tensor()).unwrap();
+    let p32 = probe.to_dtype(DType::F32).unwrap();
+    let want = Tensor::zeros((7, 4), DType::F32, &Device::Cpu)
+        .unwrap()
+        .index_add(&ids, &p32, 0)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    assert_eq!(max_abs_diff(got, &want), 0.0);
+}
+
 #[test]
 fn rms_norm_forward_and_grad() {
     let w = randn(&[6], DType::F32, 3);

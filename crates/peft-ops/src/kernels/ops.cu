@@ -268,6 +268,53 @@ extern "C" __global__ void rms_norm_dw_sum(const float* partial, float* dw, int 
     dw[j] = s;
 }
 
+// A trained embedding's gradient, dL/dW[v] = Σ over the positions j with ids[j] = v of
+// grad[j], each row summed in f32 in ascending j and rounded once (the same result on every
+// run), where an add per position into the stored type (candle's index_add: a thread a column
+// walking all positions) rounded at every repeat of a token. embedding_chains links each
+// position to the next one of its id (next[j], -1 at the end) and marks the first (lead[j]);
+// blocks of 256 threads, each comparing its id with every position's, tile by tile.
+#define EMBED_TILE 1024
+extern "C" __global__ void embedding_chains(const unsigned* ids, int n, int* next, int* lead) {
+    __shared__ unsigned tile[EMBED_TILE];
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned id = j < n ? ids[j] : 0u;
+    int after = -1, first = 1;
+    for (int base = 0; base < n; base += EMBED_TILE) {
+        int len = n - base < EMBED_TILE ? n - base : EMBED_TILE;
+        __syncthreads();  // the previous tile is read by every thread
+        for (int k = threadIdx.x; k < len; k += blockDim.x) tile[k] = ids[base + k];
+        __syncthreads();
+        if (j < n)
+            for (int k = 0; k < len; ++k) {
+                int at = base + k;
+                if (tile[k] == id) {
+                    if (at < j) first = 0;
+                    else if (at > j && after < 0) after = at;
+                }
+            }
+    }
+    if (j < n) {
+        next[j] = after;
+        lead[j] = first;
+    }
+}
+
+// out[ids[j]] = the chain's rows of grad summed, by block j where j leads its chain (a thread
+// a column, rows of d; ids past the vocab have no row).
+template <typename T>
+__device__ void embedding_bwd(const unsigned* ids, const T* grad, const int* next,
+                              const int* lead, T* out, int d, long long vocab) {
+    int j = blockIdx.x;
+    long long row = ids[j];
+    if (!lead[j] || row >= vocab) return;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float s = 0.f;
+        for (int k = j; k >= 0; k = next[k]) s += ld(grad, (long long)k * d + c);
+        st(out, row * d + c, s);
+    }
+}
+
 // Gated MLP activations as act(g) = g · sigmoid(a(g)): a(g) = g for SiLU (SwiGLU), and
 // 2·√(2/π)·(g + 0.044715·g³) for GELU's tanh approximation (GeGLU, `gelu` set).
 __device__ __forceinline__ float gate_arg(float g, int gelu) {
@@ -501,6 +548,11 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
                                                     long long rows, int d, float eps,          \
                                                     long long per) {                           \
         rms_norm_dw_part<T>(x, g, partial, rows, d, eps, per);                                 \
+    }                                                                                          \
+    extern "C" __global__ void embedding_bwd_##S(const unsigned* ids, const T* grad,         \
+                                                 const int* next, const int* lead, T* out,   \
+                                                 int d, long long vocab) {                     \
+        embedding_bwd<T>(ids, grad, next, lead, out, d, vocab);                                \
     }                                                                                          \
     extern "C" __global__ void rms_norm_bwd_add_##S(const T* x, const T* w, const T* g,       \
                                                     const T* res, T* dx, long long rows, int d, \

@@ -5,6 +5,8 @@
 //                 rms_norm_bwd_add)
 // rms_norm_dw:    i32 rows, d, per; f32 eps; f32 x (rows·d), g (rows·d) -> dw (d), by
 //                 rms_norm_dw_part over blocks of `per` rows, then rms_norm_dw_sum
+// embedding:      i32 n, d, vocab; u32 ids (n); f32 grad (n·d) -> dW (vocab·d), by
+//                 embedding_chains then embedding_bwd
 // gated:          i64 n; i32 gelu; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
 // Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
@@ -69,6 +71,20 @@ int main(int argc, char** argv) {
         });
         emu::launch({(unsigned)((d + 255) / 256)}, {256}, 0,
                     [&] { rms_norm_dw_sum(partial.data(), out.data(), blocks, d); });
+    } else if (kernel == "embedding") {
+        auto dims = take<int>(in, 3);
+        int n = dims[0], d = dims[1], vocab = dims[2];
+        auto ids = take<unsigned>(in, n);
+        auto grad = take<float>(in, (size_t)n * d);
+        std::vector<int> next(n), lead(n);
+        out.assign((size_t)vocab * d, 0.f);
+        emu::launch({(unsigned)((n + 255) / 256)}, {256}, 0, [&] {
+            embedding_chains(ids.data(), n, next.data(), lead.data());
+        });
+        emu::launch({(unsigned)n}, {256}, 0, [&] {
+            embedding_bwd_f32(ids.data(), grad.data(), next.data(), lead.data(), out.data(), d,
+                              vocab);
+        });
     } else if (kernel == "gated") {
         long long n = take<long long>(in, 1)[0];
         int gelu = take<int>(in, 1)[0];
