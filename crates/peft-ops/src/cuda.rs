@@ -926,6 +926,35 @@ pub(crate) fn dropout_apply(x: &Tensor, dropout: crate::Dropout) -> Result<Tenso
     dispatch!(x.dtype(), f(x, dropout))
 }
 
+/// `a` and `b` (contiguous f32) in bf16, by one launch into one buffer (LoRA's A and B for
+/// cuBLAS, each forward).
+pub(crate) fn bf16_pair(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(a)?;
+    let (na, nb) = (a.elem_count(), b.elem_count());
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        candle_core::bail!(
+            "bf16 pair: f32 inputs, not {:?} and {:?}",
+            a.dtype(),
+            b.dtype()
+        );
+    }
+    let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+    let (av, bv) = (view::<f32>(&sa, la)?, view::<f32>(&sb, lb)?);
+    // SAFETY: every element is written.
+    let out = unsafe { dev.alloc::<bf16>(na + nb)? };
+    let func = dev.get_or_load_custom_func("bf16_pair", MODULE, ptx(&dev)?)?;
+    let (na_, nb_) = (na as i64, nb as i64);
+    let mut builder = func.builder();
+    builder.arg(&av).arg(&na_).arg(&bv).arg(&nb_).arg(&out);
+    // SAFETY: the arguments match bf16_pair in kernels/ops.cu.
+    unsafe { builder.launch(elementwise_config(na + nb)) }.map_err(err)?;
+    let both = wrap(out, &dev, &[na + nb]);
+    Ok((
+        both.narrow(0, 0, na)?.reshape(a.shape())?,
+        both.narrow(0, na, nb)?.reshape(b.shape())?,
+    ))
+}
+
 /// [`crate::random_normal`] drawn on the GPU in `dtype` (f32 or bf16).
 pub(crate) fn random_normal(
     key: u64,

@@ -264,8 +264,15 @@ fn lora_linear_cublas(
     let rows = x2.dims2()?.0;
     let out_f = w.dims().0;
     let x2 = x2.contiguous()?;
-    let a16 = a.detach().to_dtype(DType::BF16)?.contiguous()?;
-    let b16 = b.detach().to_dtype(DType::BF16)?.contiguous()?;
+    let (a16, b16) = match (a.dtype(), b.dtype()) {
+        (DType::F32, DType::F32) => {
+            crate::cuda::bf16_pair(&a.detach().contiguous()?, &b.detach().contiguous()?)?
+        }
+        _ => (
+            a.detach().to_dtype(DType::BF16)?.contiguous()?,
+            b.detach().to_dtype(DType::BF16)?.contiguous()?,
+        ),
+    };
     let scale = scale as f32;
     let dropped = move |x2: &Tensor| match dropout {
         Some(d) => crate::cuda::dropout_apply(x2, d),

@@ -997,6 +997,40 @@ fn embedding_gradient_kernels_match_the_cpu() {
     }
 }
 
+/// LoRA's A and B rounded to bf16 in one launch: each value as candle rounds it (to nearest,
+/// ties to even), a first, across the seam between the two.
+#[test]
+fn bf16_pair_rounds_as_candle() {
+    let (a, b) = (
+        randn(&[16, 300], 530),
+        (randn(&[300, 16], 531) * 1e-3).unwrap(),
+    );
+    let mut input = [a.elem_count() as i64, b.elem_count() as i64]
+        .iter()
+        .flat_map(|n| n.to_le_bytes())
+        .collect::<Vec<u8>>();
+    input.extend(f32_bytes(&a));
+    input.extend(f32_bytes(&b));
+    let got = to_f32s(&emulate_with("ops", &["bf16_pair"], "bf16_pair", &input));
+    let want: Vec<f32> = [&a, &b]
+        .iter()
+        .flat_map(|t| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "value {i}: {g} vs {w}");
+    }
+}
+
 /// Several blocks of the elementwise kernels, packs of eight read as one (and the partial last
 /// one, and every pack one by one when the second half of the gradient is misaligned):
 /// act(gate)·up and both gradients within 1e-5, for SwiGLU and GeGLU.

@@ -506,6 +506,15 @@ extern "C" __global__ void dropout_apply_bf16(const bf16_t* x, bf16_t* out, long
     dropout_apply(x, out, n, DROPOUT_STRUCT);
 }
 
+// a (na values) then b (nb values) rounded to bf16 into out, in one launch: LoRA's A and B for
+// cuBLAS's thin products. Grid-stride over na + nb.
+extern "C" __global__ void bf16_pair(const float* a, long long na, const float* b, long long nb,
+                                     bf16_t* out) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < na + nb;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = to_bf16(i < na ? a[i] : b[i - na]);
+}
+
 // N(0, std²) values of the counter-based stream `key` (init.rs's random_normal): element i is
 // Box-Muller of the splitmix64 draws 2i + 1 and 2i + 2, computed in f64 as on the CPU.
 __device__ __forceinline__ double splitmix_uniform(unsigned long long key, unsigned long long i) {

@@ -7,6 +7,7 @@
 //                 rms_norm_dw_part over blocks of `per` rows, then rms_norm_dw_sum
 // embedding:      i32 n, d, vocab; u32 ids (n); f32 grad (n·d) -> dW (vocab·d), by
 //                 embedding_chains then embedding_bwd
+// bf16_pair:      i64 na, nb; f32 a (na), b (nb) -> a, then b, rounded to bf16 (as f32)
 // gated:          i64 n; i32 gelu; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
 // Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
@@ -85,6 +86,14 @@ int main(int argc, char** argv) {
             embedding_bwd_f32(ids.data(), grad.data(), next.data(), lead.data(), out.data(), d,
                               vocab);
         });
+    } else if (kernel == "bf16_pair") {
+        auto n = take<long long>(in, 2);
+        auto a = take<float>(in, n[0]), b = take<float>(in, n[1]);
+        std::vector<bf16_t> both(n[0] + n[1]);
+        emu::launch({(unsigned)((n[0] + n[1] + 255) / 256)}, {256}, 0, [&] {
+            bf16_pair(a.data(), n[0], b.data(), n[1], both.data());
+        });
+        for (auto v : both) out.push_back(ld(&v, 0));
     } else if (kernel == "gated") {
         long long n = take<long long>(in, 1)[0];
         int gelu = take<int>(in, 1)[0];
