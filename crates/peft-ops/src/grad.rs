@@ -190,19 +190,10 @@ pub fn with_grad3(
     value: impl Into<Value>,
     backward: impl Fn(&Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    let value = value.into();
-    if !(a.track_op() || b.track_op() || c.track_op()) {
-        return value.into_tensor();
-    }
-    let value = value.settled(a.device())?;
     let backward: Backward3 = Arc::new(backward);
-    let op = WithGrad3 {
-        value: ValueSlot::new(value)?,
-        backward: backward.clone(),
-    };
-    let y = a.apply_op3(b, c, op)?;
-    record3([a, b, c], &y, &backward);
-    Ok(y)
+    attach3((a, b, c), value.into(), backward.clone(), |y| {
+        record3([a, b, c], y, &backward)
+    })
 }
 
 /// [`with_grad3`] for an op whose backward adds `a`'s gradient to the one gathered for `a` so
@@ -213,19 +204,32 @@ pub(crate) fn with_grad3_acc(
     value: impl Into<Value>,
     backward: impl Fn(&Tensor, &Tensor, Option<Accumulated>) -> Result<Grads3> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    let value = value.into();
+    let backward: BackwardAcc = Arc::new(backward);
+    let graph_backward = backward.clone();
+    let graph: Backward3 = Arc::new(move |value, grad| graph_backward(value, grad, None));
+    attach3((a, b, c), value.into(), graph, |y| {
+        record_accumulating([a, b, c], y, &backward)
+    })
+}
+
+/// `value` as the output of a node of candle's graph over `a`, `b` and `c` with `backward`, then
+/// `record`ed on a running tape; as it is when no argument needs a gradient.
+fn attach3(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    value: Value,
+    backward: Backward3,
+    record: impl FnOnce(&Tensor),
+) -> Result<Tensor> {
     if !(a.track_op() || b.track_op() || c.track_op()) {
         return value.into_tensor();
     }
     let value = value.settled(a.device())?;
-    let backward: BackwardAcc = Arc::new(backward);
-    let graph_backward = backward.clone();
     let op = WithGrad3 {
         value: ValueSlot::new(value)?,
-        backward: Arc::new(move |value, grad| graph_backward(value, grad, None)),
+        backward,
     };
     let y = a.apply_op3(b, c, op)?;
-    record_accumulating([a, b, c], &y, &backward);
+    record(&y);
     Ok(y)
 }
 
