@@ -106,7 +106,8 @@ mod device {
                     state.full = true;
                     eprintln!(
                         "peft: cuDNN attention plans built for {MAX_SHAPES} shapes; new shapes \
-                         use the flash attention kernels"
+                         use the flash attention kernels (`peft train --pad-to-multiple-of 128` \
+                         keeps batches to fewer shapes)"
                     );
                 }
                 return Ok(false);
