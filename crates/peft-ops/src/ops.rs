@@ -72,9 +72,8 @@ pub(crate) fn add_input_grad(
 
 /// The rows of `weight` `[vocab, d]` at `ids` `[n]` (u32): an embedding layer. A trained
 /// weight's gradient sums each token's rows in f32 (f64 weights: f64), in position order, and
-/// is rounded once to
-/// the weight's dtype (on GPUs by our kernels: candle's backward added position by position in
-/// the weight's dtype, one thread a column).
+/// is rounded once to the weight's dtype (on GPUs by our kernels: candle's backward added
+/// position by position in the weight's dtype, one thread a column).
 pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let rows = weight.detach().index_select(ids, 0)?;
     if !weight.track_op() {
