@@ -260,7 +260,7 @@ fn lora_linear_cublas(
     (scale, dropout): (f64, Option<Dropout>),
     out_shape: Vec<usize>,
 ) -> Result<Tensor> {
-    use crate::cublas::{add_product_into, matmul, takes_products_in_place};
+    use crate::cublas::{add_product_into, matmul};
     let rows = x2.dims2()?.0;
     let out_f = w.dims().0;
     let x2 = x2.contiguous()?;
@@ -310,22 +310,20 @@ fn lora_linear_cublas(
         // dL/dx = g·W + ((scale·g·B)·A) ∘ mask, both added to the gradient gathered for x.
         let d_x = match tracks.0 {
             true => {
+                // A new bf16 gpu tensor, or the gathered one that took g·W in place: either
+                // takes the low-rank term in place.
                 let d_x = add_input_grad(gathered, &g, &w.dense()?, &x_shape)?;
-                Some(match (dropout, takes_products_in_place(&d_x)) {
-                    (Some(d), _) => {
+                Some(match dropout {
+                    Some(d) => {
                         let in_f = a32.dim(1)?;
                         let drop = InputDropout::Drawn(d);
                         let gb = gb.to_dtype(DType::F32)?;
                         low_rank_add(&d_x.reshape((rows, in_f))?, &gb, &a32, true, &drop, 1.0)?
                             .reshape(&x_shape)?
                     }
-                    (None, true) => {
+                    None => {
                         add_product_into(&d_x, (&gb, false), (&a16, false), 1.0)?;
                         d_x
-                    }
-                    (None, false) => {
-                        (d_x + matmul(&gb, false, &a16, false, 1.0, DType::BF16)?
-                            .reshape(&x_shape)?)?
                     }
                 })
             }

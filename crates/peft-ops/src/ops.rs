@@ -117,31 +117,34 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             true => Some(rms_norm_input_grad(&xd, &wd, grad, gathered, eps)?),
             false => None,
         };
-        let d_w = if w_tracks {
-            // Σ over rows of dL/dy · x / rms(x).
-            #[cfg(feature = "cuda")]
-            if xd.device().is_cuda()
-                && crate::has_kernel(&xd, Kernel::RmsNorm)
-                && wd.elem_count() <= crate::cuda::NORM_DW_MAX
-            {
-                let g = grad.to_dtype(xd.dtype())?.contiguous()?;
-                let dw = crate::cuda::rms_norm_dw(&xd.contiguous()?, &g, eps as f32)?;
-                return Ok((d_x, Some(dw.to_dtype(wd.dtype())?), None));
-            }
-            let x32 = xd.to_dtype(DType::F32)?;
-            let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-                .sqrt()?
-                .recip()?;
-            let hidden = wd.elem_count();
-            let dw = (grad.to_dtype(DType::F32)? * x32.broadcast_mul(&r)?)?
-                .reshape(((), hidden))?
-                .sum(0)?;
-            Some(dw.to_dtype(wd.dtype())?)
-        } else {
-            None
+        let d_w = match w_tracks {
+            true => Some(rms_norm_weight_grad(&xd, &wd, grad, eps)?),
+            false => None,
         };
         Ok((d_x, d_w, None))
     })
+}
+
+/// dL/dw of [`rms_norm`] (a trained scale): Σ over rows of dL/dy · x / rms(x), in w's dtype.
+fn rms_norm_weight_grad(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda()
+        && crate::has_kernel(x, Kernel::RmsNorm)
+        && w.elem_count() <= crate::cuda::NORM_DW_MAX
+    {
+        let g = grad.to_dtype(x.dtype())?.contiguous()?;
+        let dw = crate::cuda::rms_norm_dw(&x.contiguous()?, &g, eps as f32)?;
+        return dw.to_dtype(w.dtype());
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let hidden = w.elem_count();
+    let dw = (grad.to_dtype(DType::F32)? * x32.broadcast_mul(&r)?)?
+        .reshape(((), hidden))?
+        .sum(0)?;
+    dw.to_dtype(w.dtype())
 }
 
 /// The output of [`rms_norm`]: on GPUs computed by its with_grad op, by our kernel (the
@@ -427,13 +430,13 @@ fn add_weight_grad(acc: Option<Tensor>, dlogits: &Tensor, h: &Tensor) -> Result<
             .iter()
             .all(|t| t.dtype() == DType::BF16 && t.is_contiguous())
     {
+        // The sum is the first chunk's new f32 product: it takes the others in place.
         return match acc {
             None => crate::cublas::matmul(dlogits, true, h, false, 1.0, DType::F32),
-            Some(acc) if crate::cublas::takes_products_in_place(&acc) => {
+            Some(acc) => {
                 crate::cublas::add_product_into(&acc, (dlogits, true), (h, false), 1.0)?;
                 Ok(acc)
             }
-            Some(acc) => acc + crate::cublas::matmul(dlogits, true, h, false, 1.0, DType::F32)?,
         };
     }
     let part = dlogits.t()?.matmul(h)?.to_dtype(DType::F32)?;
