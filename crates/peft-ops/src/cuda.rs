@@ -265,7 +265,7 @@ pub(crate) fn embedding_grad(ids: &Tensor, grad: &Tensor, vocab: usize) -> Resul
     ) -> Result<Tensor> {
         let dev = cuda_device(grad)?;
         let (n, d) = grad.dims2()?;
-        if ids.dims() != [n] || ids.dtype() != DType::U32 || n == 0 || n > i32::MAX as usize {
+        if ids.dims() != [n] || ids.dtype() != DType::U32 || n > i32::MAX as usize {
             candle_core::bail!(
                 "embedding grad: ids {:?} for rows {:?}",
                 ids.shape(),
@@ -273,6 +273,9 @@ pub(crate) fn embedding_grad(ids: &Tensor, grad: &Tensor, vocab: usize) -> Resul
             );
         }
         let out = Tensor::zeros((vocab, d), T::DTYPE, grad.device())?;
+        if n == 0 {
+            return Ok(out);
+        }
         let ((is, il), (gs, gl)) = (ids.storage_and_layout(), grad.storage_and_layout());
         let (iv, gv) = (view::<u32>(&is, il)?, view::<T>(&gs, gl)?);
         // SAFETY: embedding_chains writes every position's entries.
@@ -334,12 +337,15 @@ pub(crate) fn rms_norm_dw(x: &Tensor, g: &Tensor, eps: f32) -> Result<Tensor> {
             );
         }
         let rows = x.elem_count() / d;
-        let blocks = rows.clamp(1, NORM_DW_BLOCKS);
+        if rows == 0 {
+            return Tensor::zeros(d, DType::F32, x.device());
+        }
+        let blocks = rows.min(NORM_DW_BLOCKS);
         let per = rows.div_ceil(blocks);
-        let blocks = rows.div_ceil(per).max(1);
+        let blocks = rows.div_ceil(per);
         let ((xs, xl), (gs, gl)) = (x.storage_and_layout(), g.storage_and_layout());
         let (xv, gv) = (view::<T>(&xs, xl)?, view::<T>(&gs, gl)?);
-        // SAFETY: rms_norm_dw_part writes every block's d sums (blocks past the rows write 0s).
+        // SAFETY: rms_norm_dw_part writes every block's d sums.
         let partial = unsafe { dev.alloc::<f32>(blocks * d)? };
         let part = dev.get_or_load_custom_func(
             &format!("rms_norm_dw_part_{}", suffix(T::DTYPE)?),
