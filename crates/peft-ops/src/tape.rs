@@ -41,8 +41,11 @@ pub(crate) type BackwardAcc =
 /// be (one the tape made and holds alone; a gradient an op handed on as it is, such as a
 /// residual add's, may share its storage with another argument's). A backward without a
 /// share of its own returns `None` (never `grad` as it is): the tape keeps `grad` as it was.
+#[derive(Clone)]
 pub(crate) struct Accumulated {
     pub grad: Tensor,
+    /// Read by the ops that add in place: GPU ones only.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub owned: bool,
 }
 
@@ -318,41 +321,36 @@ fn replay(
     grad: &Tensor,
     sink: &GradSink,
 ) -> Result<Option<Tensor>> {
-    let mut grads: HashMap<TensorId, Tensor> = HashMap::from([(output, grad.clone())]);
-    // The gradients in `grads` that no one else holds (see [`Accumulated`]).
-    let mut owned: HashSet<TensorId> = HashSet::new();
+    // Each gradient gathered so far, and whether no one else holds it (see [`Accumulated`]).
+    let mut grads: HashMap<TensorId, Accumulated> = HashMap::from([(
+        output,
+        Accumulated {
+            grad: grad.clone(),
+            owned: false,
+        },
+    )]);
     let gather = tape_gather_enabled();
     while let Some(entry) = entries.pop() {
-        let Some(g) = grads.remove(&entry.output) else {
+        let Some(Accumulated { grad: g, .. }) = grads.remove(&entry.output) else {
             continue;
         };
-        owned.remove(&entry.output);
         let arg_grads = match (&entry.backward, entry.args[0]) {
             (Backward::One { arg, backward }, _) => {
                 (Some(backward(arg, &entry.value, &g)?), None, None)
             }
             (Backward::Three(backward), _) => backward(&entry.value, &g)?,
             (Backward::Accumulating(backward), Arg::Inner(id)) if gather => {
-                let acc = grads.remove(&id).map(|grad| Accumulated {
-                    grad,
-                    owned: owned.remove(&id),
-                });
-                let kept = acc.as_ref().map(|a| (a.grad.clone(), a.owned));
+                let acc = grads.remove(&id);
+                let kept = acc.clone();
                 let (sum, d1, d2) = backward(&entry.value, &g, acc)?;
                 // The sum is held by no one else: it may take later shares in place. An op
                 // without a share of its own leaves the gathered gradient as it was.
-                match (sum, kept) {
-                    (Some(sum), _) => {
-                        grads.insert(id, sum);
-                        owned.insert(id);
-                    }
-                    (None, Some((grad, was_owned))) => {
-                        grads.insert(id, grad);
-                        if was_owned {
-                            owned.insert(id);
-                        }
-                    }
-                    (None, None) => {}
+                let gathered = match sum {
+                    Some(grad) => Some(Accumulated { grad, owned: true }),
+                    None => kept,
+                };
+                if let Some(gathered) = gathered {
+                    grads.insert(id, gathered);
                 }
                 (None, d1, d2)
             }
@@ -368,21 +366,24 @@ fn replay(
             let Some(d) = d else { continue };
             match arg {
                 Arg::Inner(id) => {
-                    let sum = match grads.remove(&id) {
-                        Some(prev) => {
-                            owned.insert(id);
-                            (prev + d)?
-                        }
-                        None => d,
+                    let gathered = match grads.remove(&id) {
+                        Some(prev) => Accumulated {
+                            grad: (prev.grad + d)?,
+                            owned: true,
+                        },
+                        None => Accumulated {
+                            grad: d,
+                            owned: false,
+                        },
                     };
-                    grads.insert(id, sum);
+                    grads.insert(id, gathered);
                 }
                 Arg::Param(id) => sink.add(id, &d)?,
                 Arg::Constant => {}
             }
         }
     }
-    Ok(grads.remove(&input))
+    Ok(grads.remove(&input).map(|a| a.grad))
 }
 
 #[cfg(test)]
