@@ -26,7 +26,7 @@ SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/d
 export LD_LIBRARY_PATH="${SP:+$SP/nvidia/cu13/lib:}${LD_LIBRARY_PATH:-}"
 flags=(bench --device cuda --dtype bf16 --shape llama-3.2-1b --r 16 --lora-alpha 32
        --batch-size 4 --seq-len 1024 --warmup 2 --steps 5)
-groups="attention rms_norm swiglu low_rank loss optimizer in_op"
+groups="attention rms_norm swiglu low_rank loss optimizer add in_op"
 if [ "$qlora" = 1 ]; then
   flags+=(--target-modules all-linear --quantize nf4 --double-quant --optim paged_adamw_8bit)
   groups="$groups dequantize"

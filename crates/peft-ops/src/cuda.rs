@@ -449,6 +449,28 @@ pub(crate) fn gated_fwd(
     dispatch!(g.0.dtype(), f(g, u, gelu))
 }
 
+/// `a + b` (one shape, contiguous), eight elements a thread.
+pub(crate) fn add_same(
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    fn f<T: CudaDType + DeviceRepr + WithDType>(
+        a: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let n = a.1.shape().elem_count();
+        launch::<T>(
+            a.0.device(),
+            "add_same",
+            &[a, b],
+            n,
+            elementwise_config(n.div_ceil(GATED_PACK)),
+            &[Scalar::I64(n as i64)],
+        )
+    }
+    dispatch!(a.0.dtype(), f(a, b))
+}
+
 /// `[d gate; d up]` stacked: `2 × n` elements.
 pub(crate) fn gated_bwd(
     g: (&CudaStorage, &Layout),

@@ -77,7 +77,7 @@ impl Value {
         }
     }
 
-    fn into_tensor(self) -> Result<Tensor> {
+    pub(crate) fn into_tensor(self) -> Result<Tensor> {
         match self {
             Value::Computed(t) => Ok(t),
             Value::ByTheOp(out) => out.tensor(),

@@ -70,6 +70,71 @@ pub(crate) fn add_input_grad(
     acc.plus(&frozen_matmul(g, w, false)?.reshape(x_shape)?)
 }
 
+/// `a + b` outside any graph: on GPUs by our kernel where [`add_value`] serves, by candle's
+/// add otherwise.
+pub(crate) fn add_same(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match add_value(a, b)? {
+        Some(value) => value.into_tensor(),
+        None => a + b,
+    }
+}
+
+/// `a + b` as the value of the op that carries its gradient, computed there by our kernel
+/// (kernel group `add`: contiguous f32 or bf16 tensors of one shape on a GPU, eight elements
+/// a thread where candle's binary kernel takes one through its strided indexing); `None`
+/// where candle's add is to compute it.
+pub(crate) fn add_value(a: &Tensor, b: &Tensor) -> Result<Option<Value>> {
+    #[cfg(feature = "cuda")]
+    if a.device().is_cuda()
+        && crate::has_kernel(a, Kernel::Add)
+        && a.dtype() == b.dtype()
+        && a.shape() == b.shape()
+        && a.is_contiguous()
+        && b.is_contiguous()
+    {
+        return Ok(Some(Value::ByTheOp(Box::new(crate::grad::Op2Output {
+            op: AddForward,
+            a: a.detach(),
+            b: b.detach(),
+        }))));
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (a, b);
+    Ok(None)
+}
+
+/// [`add_value`]'s op.
+#[cfg(feature = "cuda")]
+struct AddForward;
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for AddForward {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("our add kernel runs on GPUs")
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::add_same((a, al), (b, bl))?;
+        Ok((out, al.shape().clone()))
+    }
+}
+
 /// The rows of `weight` `[vocab, d]` at `ids` `[n]` (u32): an embedding layer. A trained
 /// weight's gradient sums each token's rows in f32 (f64 weights: f64), in position order, and
 /// is rounded once to the weight's dtype (on GPUs by our kernels: candle's backward added

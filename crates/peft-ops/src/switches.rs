@@ -27,13 +27,16 @@ pub enum Kernel {
     Dequantize,
     /// The fused AdamW step.
     Optimizer,
+    /// Adds of two tensors of one shape (residual connections, a layer tape's gradient sums),
+    /// eight elements a thread.
+    Add,
     /// Layer outputs computed inside the autograd op that carries their backward (off: computed
     /// beforehand and copied in, see `grad::Value`).
     InOp,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Attention,
         Kernel::Softmax,
         Kernel::RmsNorm,
@@ -43,6 +46,7 @@ impl Kernel {
         Kernel::Loss,
         Kernel::Dequantize,
         Kernel::Optimizer,
+        Kernel::Add,
         Kernel::InOp,
     ];
 
@@ -58,6 +62,7 @@ impl Kernel {
             Kernel::Loss => "loss",
             Kernel::Dequantize => "dequantize",
             Kernel::Optimizer => "optimizer",
+            Kernel::Add => "add",
             Kernel::InOp => "in_op",
         }
     }

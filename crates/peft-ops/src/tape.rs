@@ -52,7 +52,7 @@ pub(crate) struct Accumulated {
 impl Accumulated {
     /// `grad + d`, in a new tensor (the fallback of ops that cannot add in place).
     pub fn plus(self, d: &Tensor) -> Result<Tensor> {
-        &self.grad + d
+        crate::ops::add_same(&self.grad, d)
     }
 }
 
@@ -214,9 +214,12 @@ fn recorded(
 
 /// `a + b` (same shapes): a residual connection, recorded on the running tape.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    recorded([a, b, b], (a + b)?, |_, grad| {
-        Ok((Some(grad.clone()), Some(grad.clone()), None))
-    })
+    let backward = |_: &Tensor, grad: &Tensor| Ok((Some(grad.clone()), Some(grad.clone()), None));
+    // The gradient of a tensor added to itself would be taken once (see [`record3`]).
+    match crate::ops::add_value(a, b)? {
+        Some(value) if a.id() != b.id() => with_grad3((a, b, b), value, backward),
+        _ => recorded([a, b, b], (a + b)?, backward),
+    }
 }
 
 /// `y + bias` for `y` `[.., n]` and `bias` `[n]` (the bias's gradient summed over the rows),
@@ -368,7 +371,7 @@ fn replay(
                 Arg::Inner(id) => {
                     let gathered = match grads.remove(&id) {
                         Some(prev) => Accumulated {
-                            grad: (prev.grad + d)?,
+                            grad: crate::ops::add_same(&prev.grad, &d)?,
                             owned: true,
                         },
                         None => Accumulated {

@@ -394,6 +394,17 @@ fn gated_activations_match_cpu() {
     }
 }
 
+/// The residual add by our kernel (105 elements: a partial last pack of eight) and its
+/// gradients (on a layer tape: `taped_block_gathers_input_gradients_as_the_cpu`).
+#[test]
+fn residual_add_matches_cpu() {
+    let inputs = [
+        (randn(&[3, 5, 7], 15), Input::Cast),
+        (randn(&[3, 5, 7], 16), Input::Cast),
+    ];
+    check("add", &inputs, |x| peft_ops::add(&x[0], &x[1]));
+}
+
 /// A small case, and one with two rank groups of the thin kernels (r = 20) and rows split
 /// over several blocks.
 /// A decoder-like block run on a layer tape: q, k and v read one normed input (their shares

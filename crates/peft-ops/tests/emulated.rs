@@ -997,6 +997,31 @@ fn embedding_gradient_kernels_match_the_cpu() {
     }
 }
 
+/// The add kernel in bf16 (residual connections): each sum as candle's bf16 add rounds it,
+/// packs of eight read as one with a partial last pack (4100), and one by one from an
+/// unaligned start (4099).
+#[test]
+fn add_kernel_rounds_as_candle() {
+    for n in [4100usize, 4099] {
+        let (a, b) = (randn(&[n], 540), (randn(&[n], 541) * 3.0).unwrap());
+        let mut input = (n as i64).to_le_bytes().to_vec();
+        input.extend(f32_bytes(&a));
+        input.extend(f32_bytes(&b));
+        let got = to_f32s(&emulate_with("ops", &["add_same"], "add_same", &input));
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let want = (bf16(&a) + bf16(&b))
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got.len(), n);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "n {n}, sum {i}: {g} vs {w}");
+        }
+    }
+}
+
 /// LoRA's A and B rounded to bf16 in one launch: each value as candle rounds it (to nearest,
 /// ties to even), a first, across the seam between the two.
 #[test]

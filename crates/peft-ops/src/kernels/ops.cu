@@ -349,6 +349,24 @@ __device__ void gated_fwd(const T* g, const T* u, T* y, long long n, int gelu) {
     }
 }
 
+// y = a + b over chunks as gated_fwd: the residual adds and the gradient sums of a layer tape,
+// where candle's binary kernel takes one element a thread through its strided indexing.
+template <typename T>
+__device__ void add_same(const T* a, const T* b, T* y, long long n) {
+    const int N = GATED_PACK;
+    bool vec = pack_aligned<N>(a) && pack_aligned<N>(b) && pack_aligned<N>(y);
+    for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c * N < n;
+         c += (long long)gridDim.x * blockDim.x) {
+        long long i = c * N;
+        float av[N], bv[N];
+        load_pack<N>(a, i, n, vec, av);
+        load_pack<N>(b, i, n, vec, bv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) av[e] += bv[e];
+        store_pack<N>(y, i, n, vec, av);
+    }
+}
+
 // out[0..n] = d gate, out[n..2n] = d up, over chunks as gated_fwd.
 template <typename T>
 __device__ void gated_bwd(const T* g, const T* u, const T* grad, T* out, long long n, int gelu) {
@@ -587,6 +605,9 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
     extern "C" __global__ void gated_fwd_##S(const T* g, const T* u, T* y, long long n,      \
                                              int gelu) {                                      \
         gated_fwd<T>(g, u, y, n, gelu);                                                        \
+    }                                                                                          \
+    extern "C" __global__ void add_same_##S(const T* a, const T* b, T* y, long long n) {     \
+        add_same<T>(a, b, y, n);                                                               \
     }                                                                                          \
     extern "C" __global__ void gated_bwd_##S(const T* g, const T* u, const T* grad, T* out,   \
                                              long long n, int gelu) {                         \

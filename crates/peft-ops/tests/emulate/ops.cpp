@@ -8,6 +8,8 @@
 // embedding:      i32 n, d, vocab; u32 ids (n); f32 grad (n·d) -> dW (vocab·d), by
 //                 embedding_chains then embedding_bwd
 // bf16_pair:      i64 na, nb; f32 a (na), b (nb) -> a, then b, rounded to bf16 (as f32)
+// add_same:       i64 n; f32 a, b (n each) -> a + b in bf16 (as f32), one element past an
+//                 aligned start when n is odd (every pack read one by one)
 // gated:          i64 n; i32 gelu; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
 // Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
@@ -94,6 +96,19 @@ int main(int argc, char** argv) {
             bf16_pair(a.data(), n[0], b.data(), n[1], both.data());
         });
         for (auto v : both) out.push_back(ld(&v, 0));
+    } else if (kernel == "add_same") {
+        long long n = take<long long>(in, 1)[0];
+        auto a = take<float>(in, n), b = take<float>(in, n);
+        long long skip = n % 2;
+        std::vector<bf16_t> a16(n + 1), b16(n + 1), y(n + 1);
+        for (long long i = 0; i < n; ++i) {
+            a16[skip + i] = to_bf16(a[i]);
+            b16[skip + i] = to_bf16(b[i]);
+        }
+        emu::launch({(unsigned)(((n + 7) / 8 + 255) / 256)}, {256}, 0, [&] {
+            add_same_bf16(a16.data() + skip, b16.data() + skip, y.data() + skip, n);
+        });
+        for (long long i = 0; i < n; ++i) out.push_back(ld(y.data() + skip, i));
     } else if (kernel == "gated") {
         long long n = take<long long>(in, 1)[0];
         int gelu = take<int>(in, 1)[0];
