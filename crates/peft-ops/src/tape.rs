@@ -214,11 +214,16 @@ fn recorded(
 
 /// `a + b` (same shapes): a residual connection, recorded on the running tape.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.id() == b.id() {
+        // An argument given twice takes its gradient once (see [`record3`]): both shares here.
+        return recorded([a, a, a], (a + a)?, |_, grad| {
+            Ok((Some((grad * 2.0)?), None, None))
+        });
+    }
     let backward = |_: &Tensor, grad: &Tensor| Ok((Some(grad.clone()), Some(grad.clone()), None));
-    // The gradient of a tensor added to itself would be taken once (see [`record3`]).
     match crate::ops::add_value(a, b)? {
-        Some(value) if a.id() != b.id() => with_grad3((a, b, b), value, backward),
-        _ => recorded([a, b, b], (a + b)?, backward),
+        Some(value) => with_grad3((a, b, b), value, backward),
+        None => recorded([a, b, b], (a + b)?, backward),
     }
 }
 
@@ -572,6 +577,38 @@ mod tests {
         set_tape_gather(before);
         assert_close(&[graph], &[summed]);
         assert_eq!(summed_in_place, 0);
+    }
+
+    /// `x + x` on a tape: both shares of the gradient, as candle's graph gives them.
+    #[test]
+    fn a_tensor_added_to_itself_has_both_shares() {
+        set_layer_tape(true);
+        let x = Var::from_tensor(&randn(9, &[3, 5])).unwrap();
+        let weight = randn(10, &[3, 5]);
+        let grad = |tape: bool| -> Vec<f32> {
+            let sink = Arc::new(GradSink::default());
+            let block = |x: &Tensor| add(x, x);
+            let y = match tape {
+                true => taped(x.as_tensor(), &sink, block).unwrap(),
+                false => block(x.as_tensor()).unwrap(),
+            };
+            let grads = (y * &weight)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = grads.get(x.as_tensor()).unwrap();
+            g.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let want: Vec<f32> = (&weight * 2.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_close(&[grad(false)], std::slice::from_ref(&want));
+        assert_close(&[grad(true)], &[want]);
     }
 
     #[test]
