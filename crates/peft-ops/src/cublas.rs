@@ -44,7 +44,9 @@ mod device {
     use crate::cuda::{cuda_device, view, wrap};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits,
+    };
     use candle_core::cuda_backend::{CudaDType, CudaDevice};
     use candle_core::{CudaStorage, DType, Result, Tensor, WithDType};
     use half::bf16;
@@ -141,13 +143,18 @@ mod device {
         alpha: f32,
         out: DType,
     ) -> Result<Tensor> {
-        fn f<T: CudaDType + WithDType + DeviceRepr>(
+        fn f<T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits>(
             a: (&Tensor, bool),
             b: (&Tensor, bool),
             alpha: f32,
         ) -> Result<Tensor> {
             let (m, n, k) = product_dims(a, b)?;
             let dev = cuda_device(a.0)?;
+            if m * n * k == 0 {
+                // No product to sum (an empty batch), or none to write: cuBLAS does not
+                // document k = 0 and refuses leading dimensions of 0.
+                return Ok(wrap(dev.alloc_zeros::<T>(m * n)?, &dev, &[m, n]));
+            }
             // SAFETY: the gemm writes every element (beta = 0).
             let c = unsafe { dev.alloc::<T>(m * n)? };
             gemm(&dev, a, b, (m, n, k), (alpha, 0.0), &c)?;
@@ -208,6 +215,10 @@ mod device {
                 a.dims(),
                 b.dims()
             );
+        }
+        if m * n * k == 0 {
+            // Nothing to add (see `matmul`).
+            return Ok(());
         }
         let (a, b) = ((a, a_t), (b, b_t));
         match c.dtype() {

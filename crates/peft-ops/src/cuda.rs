@@ -624,13 +624,15 @@ pub(crate) fn low_rank_add(
     dispatch!(base.dtype(), f(base, left, right, right_t, dropout, scale))
 }
 
-/// [`low_rank_add`] without dropout into `base` itself, `[rows, cols]` contiguous (the frozen
-/// matmul's output, before it becomes a tensor): no second `[rows, cols]` buffer.
+/// [`low_rank_add`] into `base` itself, `[rows, cols]` contiguous from the storage's start and
+/// read by no one else meanwhile (the frozen matmul's output before it becomes a tensor, an
+/// input gradient just summed): no second `[rows, cols]` buffer.
 pub(crate) fn low_rank_add_in_place(
     base: &CudaStorage,
     (rows, cols): (usize, usize),
     left: &Tensor,
-    right: &Tensor,
+    (right, right_t): (&Tensor, bool),
+    dropout: Option<crate::Dropout>,
     scale: f32,
 ) -> Result<()> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
@@ -644,11 +646,34 @@ pub(crate) fn low_rank_add_in_place(
     let low_rank = LowRank {
         left,
         right,
-        right_t: false,
-        dropout: None,
+        right_t,
+        dropout,
         scale,
     };
     dispatch!(base.dtype(), f(base, (rows, cols), &low_rank))
+}
+
+/// [`low_rank_add_in_place`] into a tensor `[.., cols]` that no one else reads meanwhile
+/// (see `cublas::takes_products_in_place`).
+pub(crate) fn low_rank_add_into(
+    base: &Tensor,
+    left: &Tensor,
+    (right, right_t): (&Tensor, bool),
+    dropout: Option<crate::Dropout>,
+    scale: f32,
+) -> Result<()> {
+    let cols = base.dims().last().copied().unwrap_or(0);
+    if !crate::cublas::takes_products_in_place(base) || cols == 0 {
+        candle_core::bail!("low-rank add: {:?} cannot take it in place", base.shape());
+    }
+    let (s, _) = base.storage_and_layout();
+    match &*s {
+        Storage::Cuda(cs) => {
+            let dims = (base.elem_count() / cols, cols);
+            low_rank_add_in_place(cs, dims, left, (right, right_t), dropout, scale)
+        }
+        _ => candle_core::bail!("low-rank add: the sum is not on the gpu"),
+    }
 }
 
 /// The low-rank term of [`low_rank_add`].
@@ -1137,7 +1162,18 @@ pub(crate) fn flash_head_dim_supported(d: usize) -> bool {
 /// The contiguous device buffer of a CUDA storage and layout, as `T`.
 fn cuda_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     contiguous(l)?;
-    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+    let start = l.start_offset();
+    let slice = s.as_cuda_slice::<T>()?;
+    let end = start + l.shape().elem_count();
+    if end > slice.len() {
+        candle_core::bail!(
+            "peft-ops cuda: a view past its storage ({end} > {})",
+            slice.len()
+        );
+    }
+    // The tensor's elements only: a kernel that sizes its work by the view (rope_rotate) must
+    // not run on into the rest of a larger buffer.
+    Ok(slice.slice(start..end))
 }
 
 /// [`cuda_view`] of a tensor's storage.
@@ -1527,6 +1563,10 @@ impl FlashInputs {
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         let (b, t, d) = (p.b, p.t, p.d);
         let (hd, kvd) = (p.heads * d, p.kv_heads * d);
+        // Nothing is rotated or allocated for a backward the flash kernels are to run.
+        if !crate::cudnn::has_plan(dev, p, false).map_err(candle_core::Error::Msg)? {
+            return Ok(None);
+        }
         // SAFETY: the plan writes every element of the three gradients.
         let (dq_rot, dk_rot, dv) = unsafe {
             (
@@ -1535,9 +1575,6 @@ impl FlashInputs {
                 dev.alloc::<bf16>(b * t * kvd)?,
             )
         };
-        let sin_back = self.sin.neg()?;
-        let (ns, nl) = sin_back.storage_and_layout();
-        let sin_back = view::<f32>(&ns, nl)?;
         let rotated_back = self.with_views(|x| {
             let (q, k) = x.rotate(dev, (t, p.heads, p.kv_heads, d))?;
             let grads = (&dq_rot, &dk_rot, &dv);
@@ -1546,7 +1583,9 @@ impl FlashInputs {
             {
                 return Ok(None);
             }
-            let back = (&x.cos, &sin_back, x.rope_bstride);
+            let sin_back = self.sin.neg()?;
+            let (ns, nl) = sin_back.storage_and_layout();
+            let back = (&x.cos, &view::<f32>(&ns, nl)?, x.rope_bstride);
             Ok(Some((
                 rope_rotate(dev, &dq_rot.as_view(), back, (t, p.heads, d))?,
                 rope_rotate(dev, &dk_rot.as_view(), back, (t, p.kv_heads, d))?,

@@ -293,16 +293,23 @@ fn lora_linear_cublas(
     }));
     let w = w.clone();
     let x_shape = x.shape().clone();
-    let a32 = a.detach();
+    // f32 for the masked low-rank term of dL/dx (our kernel's operands).
+    let a32 = match dropout {
+        Some(_) => Some(a.detach().to_dtype(DType::F32)?),
+        None => None,
+    };
     let tracks = (x.track_op(), a.track_op(), b.track_op());
     with_grad3_acc((x, a, b), y, move |_, grad, gathered| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?.contiguous()?;
-        // scale·g·B [rows, r]: the gradient at the bottleneck.
-        let gb = matmul(&g, false, &b16, false, scale, DType::BF16)?;
         let d_b = match tracks.2 {
             true => Some(matmul(&g, true, &xa, false, scale, DType::F32)?),
             false => None,
         };
+        if !(tracks.0 || tracks.1) {
+            return Ok((None, None, d_b));
+        }
+        // scale·g·B [rows, r]: the gradient at the bottleneck.
+        let gb = matmul(&g, false, &b16, false, scale, DType::BF16)?;
         let d_a = match tracks.1 {
             true => Some(matmul(&gb, true, &dropped(&x2)?, false, 1.0, DType::F32)?),
             false => None,
@@ -313,19 +320,14 @@ fn lora_linear_cublas(
                 // A new bf16 gpu tensor, or the gathered one that took g·W in place: either
                 // takes the low-rank term in place.
                 let d_x = add_input_grad(gathered, &g, &w.dense()?, &x_shape)?;
-                Some(match dropout {
-                    Some(d) => {
-                        let in_f = a32.dim(1)?;
-                        let drop = InputDropout::Drawn(d);
+                match (dropout, &a32) {
+                    (Some(d), Some(a32)) => {
                         let gb = gb.to_dtype(DType::F32)?;
-                        low_rank_add(&d_x.reshape((rows, in_f))?, &gb, &a32, true, &drop, 1.0)?
-                            .reshape(&x_shape)?
+                        crate::cuda::low_rank_add_into(&d_x, &gb, (a32, true), Some(d), 1.0)?
                     }
-                    None => {
-                        add_product_into(&d_x, (&gb, false), (&a16, false), 1.0)?;
-                        d_x
-                    }
-                })
+                    _ => add_product_into(&d_x, (&gb, false), (&a16, false), 1.0)?,
+                }
+                Some(d_x)
             }
             false => None,
         };
@@ -473,7 +475,8 @@ impl CustomOp2 for LoraForward {
         if self.cublas {
             crate::cublas::matmul_add_into(&out, dims, &self.xa, false, &self.b, true, self.scale)?;
         } else {
-            crate::cuda::low_rank_add_in_place(&out, dims, &self.xa, &self.b, self.scale)?;
+            let right = (&self.b, false);
+            crate::cuda::low_rank_add_in_place(&out, dims, &self.xa, right, None, self.scale)?;
         }
         Ok((out, self.shape.clone()))
     }

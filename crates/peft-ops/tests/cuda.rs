@@ -408,7 +408,8 @@ fn residual_add_matches_cpu() {
 /// A small case, and one with two rank groups of the thin kernels (r = 20) and rows split
 /// over several blocks.
 /// A decoder-like block run on a layer tape: q, k and v read one normed input (their shares
-/// of its gradient added in place by cuBLAS on the GPU, with the LoRA term's), residual adds
+/// of its gradient added in place by cuBLAS on the GPU, with the LoRA terms', one with
+/// dropout), a linear whose output gradient is the one gathered for its input, residual adds
 /// whose gradient the RMSNorm backward kernel adds, a frozen MLP whose gate and up shares go
 /// into one sum. dL/dx against the CPU (parameter gradients go to the tape's sink, unchecked
 /// here).
@@ -451,8 +452,22 @@ fn check_taped_block(name: &str, inputs: &[(Tensor, Input)]) {
                 2.0,
                 None,
             )?;
-            let (k, v) = (frozen_linear(&h, &w(3))?, frozen_linear(&h, &w(4))?);
+            // k with LoRA dropout: its masked low-rank term goes into the gathered sum too.
+            let dropout = Some(Dropout { p: 0.25, seed: 7 });
+            let k = lora_linear(
+                &h,
+                &LinearWeight::Dense(w(3)),
+                None,
+                &t[5],
+                &t[6],
+                2.0,
+                dropout,
+            )?;
+            let v = frozen_linear(&h, &w(4))?;
             let y = add(x, &add(&q, &add(&k, &v)?)?)?;
+            // y's gradient reaches this linear's backward as the very tensor the add handed
+            // to both its arguments (not owned): it must not take g·W in place.
+            let y = add(&y, &frozen_linear(&y, &w(4))?)?;
             let m = frozen_mlp(
                 &rms_norm(&y, &w(1), 1e-5)?,
                 &w(7),

@@ -184,10 +184,10 @@ pub(crate) fn version() -> Result<usize, String> {
 fn failure(what: &str, status: Status) -> String {
     let mut buf = [0 as c_char; 512];
     if let Ok(a) = api() {
-        // SAFETY: the buffer holds the size passed; cuDNN writes a nul-terminated string.
-        unsafe { (a.last_error)(buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: the buffer holds more than the size passed, whose last byte stays 0.
+        unsafe { (a.last_error)(buf.as_mut_ptr(), buf.len() - 1) };
     }
-    // SAFETY: nul-terminated above (zeroed, and cuDNN terminates what it writes).
+    // SAFETY: nul-terminated: the last byte is never written.
     let message = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
     format!(
         "cuDNN: {what} failed (status {status}){}{message}",

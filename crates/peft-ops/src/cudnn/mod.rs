@@ -11,7 +11,7 @@ pub(crate) mod backend;
 pub(crate) mod graph;
 
 #[cfg(feature = "cuda")]
-pub(crate) use device::{backward, fall_back, forward, RUNS};
+pub(crate) use device::{backward, fall_back, forward, has_plan, RUNS};
 
 #[cfg(feature = "cuda")]
 mod device {
@@ -23,6 +23,7 @@ mod device {
     use candle_core::cuda_backend::CudaDevice;
     use half::bf16;
     use std::collections::hash_map::{Entry, HashMap};
+    use std::collections::HashSet;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
@@ -33,6 +34,8 @@ mod device {
     struct DeviceState {
         handle: Handle,
         plans: Plans,
+        /// Passes and problems cuDNN built no plan for (the flash kernels serve them).
+        refused: HashSet<(bool, [u64; 6])>,
         /// Whether a shape found the plans at [`MAX_SHAPES`] (said once).
         full: bool,
     }
@@ -53,55 +56,67 @@ mod device {
     /// Plans run so far (the tests' evidence that cuDNN served them).
     pub(crate) static RUNS: AtomicUsize = AtomicUsize::new(0);
 
-    /// Whether `version`'s attention engines serve `p` correctly, as cudnn-frontend knows them:
-    /// 9.10.0 and 9.10.1 have backward bugs; up to 9.15, a backward over a key count off a
-    /// multiple of 128 needs a padding mask these graphs do not have (the flash kernels serve).
-    fn serves(version: usize, p: &Problem) -> Result<bool, String> {
+    /// Whether `version`'s attention engines serve `p`'s pass correctly, as cudnn-frontend
+    /// knows them: 9.10.0 and 9.10.1 have backward bugs; a backward over one query and one key
+    /// is refused; up to 9.15, a backward over a key count off a multiple of 128 needs a
+    /// padding mask these graphs do not have (the flash kernels serve).
+    fn serves(version: usize, p: &Problem, forward: bool) -> Result<bool, String> {
         if version == 91000 || version == 91001 {
             return Err(format!(
                 "cuDNN {version}'s attention backward has known bugs"
             ));
         }
-        Ok(version > 91500 || p.t.is_multiple_of(128))
+        Ok(forward || (p.t > 1 && (version > 91500 || p.t.is_multiple_of(128))))
     }
 
-    /// Runs the forward (`forward`) or backward graph of `p` on `dev`'s stream with `buffers`;
-    /// `false` when cuDNN is not to serve `p` ([`serves`]) or `p` is a new shape past
-    /// [`MAX_SHAPES`] (nothing ran).
-    fn run(
+    /// The device's state, its handle made on first use, under the lock; the device's context
+    /// is bound to this thread first, as cuDNN builds and launches kernels in the current one.
+    fn with_state<R>(
         dev: &CudaDevice,
-        p: &Problem,
-        forward: bool,
-        buffers: &[(Port, u64)],
-    ) -> Result<bool, String> {
-        let version = backend::version()?;
-        if !serves(version, p)? {
-            return Ok(false);
-        }
+        f: impl FnOnce(&mut DeviceState) -> Result<R, String>,
+    ) -> Result<R, String> {
         let stream = dev.cuda_stream();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("cuDNN: {e:?}"))?;
         let mut devices = DEVICES
             .lock()
             .map_err(|_| "cuDNN: a plan failed on another thread".to_string())?;
         let devices = devices.get_or_insert_with(HashMap::new);
-        let ordinal = stream.context().ordinal();
-        let state = match devices.entry(ordinal) {
+        let state = match devices.entry(stream.context().ordinal()) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                // cuDNN binds a handle to the context current when it is made.
-                stream
-                    .context()
-                    .bind_to_thread()
-                    .map_err(|e| format!("cuDNN: {e:?}"))?;
-                e.insert(DeviceState {
-                    handle: Handle::new()?,
-                    plans: HashMap::new(),
-                    full: false,
-                })
-            }
+            Entry::Vacant(e) => e.insert(DeviceState {
+                handle: Handle::new()?,
+                plans: HashMap::new(),
+                refused: HashSet::new(),
+                full: false,
+            }),
         };
-        let entry = match state.plans.get(&(forward, key(p))) {
-            Some(e) => e.clone(),
-            None if state.plans.keys().filter(|k| k.0 == forward).count() >= MAX_SHAPES => {
+        f(state)
+    }
+
+    /// The plan of `p`'s forward (`forward`) or backward, built on first use; `None` where
+    /// cuDNN is not to serve it ([`serves`]), built no plan for it (said once a shape), or it
+    /// is a new shape past [`MAX_SHAPES`].
+    fn plan_for(
+        dev: &CudaDevice,
+        p: &Problem,
+        forward: bool,
+    ) -> Result<Option<Arc<(Graph, Plan)>>, String> {
+        let version = backend::version()?;
+        if !serves(version, p, forward)? {
+            return Ok(None);
+        }
+        let id = (forward, key(p));
+        with_state(dev, |state| {
+            if let Some(e) = state.plans.get(&id) {
+                return Ok(Some(e.clone()));
+            }
+            if state.refused.contains(&id) {
+                return Ok(None);
+            }
+            if state.plans.keys().filter(|k| k.0 == forward).count() >= MAX_SHAPES {
                 if !state.full {
                     state.full = true;
                     eprintln!(
@@ -110,22 +125,45 @@ mod device {
                          keeps batches to fewer shapes)"
                     );
                 }
-                return Ok(false);
+                return Ok(None);
             }
-            None => {
-                let masked = graph::masked_score(version);
-                let graph = if forward {
-                    graph::forward(p, masked)
-                } else {
-                    graph::backward(p, masked)
-                };
-                let plan = backend::plan(&graph, &Target::Handle(&state.handle))?;
-                let e = Arc::new((graph, plan));
-                state.plans.insert((forward, key(p)), e.clone());
-                e
+            let masked = graph::masked_score(version);
+            let graph = if forward {
+                graph::forward(p, masked)
+            } else {
+                graph::backward(p, masked)
+            };
+            match backend::plan(&graph, &Target::Handle(&state.handle)) {
+                Ok(plan) => {
+                    let e = Arc::new((graph, plan));
+                    state.plans.insert(id, e.clone());
+                    Ok(Some(e))
+                }
+                Err(why) => {
+                    let pass = if forward { "forward" } else { "backward" };
+                    eprintln!(
+                        "peft: cuDNN built no plan for the attention {pass} of {p:?} ({why}); \
+                         the flash attention kernels serve it"
+                    );
+                    state.refused.insert(id);
+                    Ok(None)
+                }
             }
-        };
-        let (graph, plan) = &*entry;
+        })
+    }
+
+    /// Whether cuDNN has a plan for `p`'s forward (`forward`) or backward (see [`plan_for`]).
+    pub(crate) fn has_plan(dev: &CudaDevice, p: &Problem, forward: bool) -> Result<bool, String> {
+        plan_for(dev, p, forward).map(|e| e.is_some())
+    }
+
+    /// Runs `entry`'s plan on `dev`'s stream with `buffers`.
+    fn execute(
+        dev: &CudaDevice,
+        entry: &(Graph, Plan),
+        buffers: &[(Port, u64)],
+    ) -> Result<(), String> {
+        let (graph, plan) = entry;
         let ids = buffers
             .iter()
             .map(|(port, ptr)| {
@@ -135,15 +173,18 @@ mod device {
                     .ok_or_else(|| format!("cuDNN: the attention graph has no {port:?}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let stream = dev.cuda_stream();
         // SAFETY: 256 bytes at least, as cuDNN aligns its workspace; written by the plan only.
         let workspace =
             unsafe { dev.alloc::<u8>(plan.workspace.max(256)) }.map_err(|e| e.to_string())?;
         let (ws, _ws_guard) = workspace.device_ptr(&stream);
-        // SAFETY: the callers pass live buffers of the graph's layouts on this device; the
-        // workspace is the plan's size; the stream is the device's.
-        unsafe { backend::execute(&state.handle, stream.cu_stream() as _, plan, &ids, ws) }?;
+        with_state(dev, |state| {
+            // SAFETY: the callers pass live buffers of the graph's layouts on this device; the
+            // workspace is the plan's size; the stream is the device's.
+            unsafe { backend::execute(&state.handle, stream.cu_stream() as _, plan, &ids, ws) }
+        })?;
         RUNS.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        Ok(())
     }
 
     /// A device address for the plan (the guard orders the stream's uses of the buffer).
@@ -172,7 +213,7 @@ mod device {
 
     /// The attention forward: `o` (`[b, t, heads · d]`) and the log-sum-exp `stats`
     /// (`[b, heads, t]`) from rotated `q` and `k` and from `v`, as the flash forward writes them;
-    /// `false` where the flash kernels are to (see [`run`]).
+    /// `false` where the flash kernels are to (see [`plan_for`]).
     pub(crate) fn forward(
         dev: &CudaDevice,
         p: &Problem,
@@ -180,17 +221,21 @@ mod device {
         o: &CudaSlice<bf16>,
         stats: &CudaSlice<f32>,
     ) -> Result<bool, String> {
+        let Some(entry) = plan_for(dev, p, true)? else {
+            return Ok(false);
+        };
         let stream = dev.cuda_stream();
         let mut g = Vec::new();
         let mut buffers = inputs((q, k, v), &stream, &mut g);
         buffers.push((Port::O, address(o, &stream, &mut g)));
         buffers.push((Port::Stats, address(stats, &stream, &mut g)));
-        run(dev, p, true, &buffers)
+        execute(dev, &entry, &buffers)?;
+        Ok(true)
     }
 
     /// The attention backward: the gradients of rotated q and k, and of v, in their layouts
     /// (`dq` `[b, t, heads · d]`, `dk`, `dv` `[b, t, kv_heads · d]`, bf16); `false` where the
-    /// flash kernels are to (see [`run`]).
+    /// flash kernels are to (see [`plan_for`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward(
         dev: &CudaDevice,
@@ -199,13 +244,20 @@ mod device {
         (o, dout, stats): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<f32>),
         (dq, dk, dv): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaSlice<bf16>),
     ) -> Result<bool, String> {
+        let Some(entry) = plan_for(dev, p, false)? else {
+            return Ok(false);
+        };
         let rows = p.b * p.heads * p.t;
         // SAFETY: written by the plan before it is read (dO·O per row).
         let softmax_sum = unsafe { dev.alloc::<f32>(rows) }.map_err(|e| e.to_string())?;
-        // Zeroed: cuDNN before 9.6 adds into it.
-        let dq_accum = dev
-            .alloc_zeros::<f32>(rows * p.d)
-            .map_err(|e| e.to_string())?;
+        // cuDNN before 9.6 adds into it (cudnn-frontend zeroes it there, and only there).
+        let dq_accum = if backend::version()? < 90600 {
+            dev.alloc_zeros::<f32>(rows * p.d)
+        } else {
+            // SAFETY: initialised by the plan itself from cuDNN 9.6 on.
+            unsafe { dev.alloc::<f32>(rows * p.d) }
+        }
+        .map_err(|e| e.to_string())?;
         let stream = dev.cuda_stream();
         let mut g = Vec::new();
         let mut buffers = inputs((q, k, v), &stream, &mut g);
@@ -219,7 +271,8 @@ mod device {
             (Port::SoftmaxSum, address(&softmax_sum, &stream, &mut g)),
             (Port::DqAccum, address(&dq_accum, &stream, &mut g)),
         ]);
-        run(dev, p, false, &buffers)
+        execute(dev, &entry, &buffers)?;
+        Ok(true)
     }
 
     /// Turns cuDNN's attention off for the rest of the run after `why` (the flash kernels
@@ -255,6 +308,11 @@ mod tests {
     #[test]
     fn cudnn_builds_attention_plans_for_an_h200() {
         let v = match version() {
+            // Plans for a described device (its properties as JSON) came with cuDNN 9.8.
+            Ok(v) if v < 90800 => {
+                eprintln!("skipped: cuDNN {v} builds plans for the device at hand only");
+                return;
+            }
             Ok(v) => v,
             Err(why) => {
                 eprintln!("skipped: {why}");

@@ -30,6 +30,9 @@ __device__ void sum_squares_multi(const long long* table, int stride, double* ou
     const long long* e = table_entry(table, stride);
     const T* g = (const T*)e[1];
     long long n = e[stride - 1];
+    // A block past a small tensor's end (the grid fits the largest) adds no zero atomically:
+    // the test is the same for the whole block, before its barriers.
+    if ((long long)blockIdx.x * blockDim.x * N >= n) return;
     bool vec = pack_aligned<N>(g);
     float s = 0.f;
     for (long long i = pack_start(); i < n; i += pack_stride()) {
