@@ -78,9 +78,13 @@ def versus(o, r):
     return [f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x",
             f"{r['peak_device_mib'] / 1024 / h['peak_gib']:.2f}x"]
 # What served the run, as the bench reports it at its end (cuDNN falls back to the flash
-# kernels, and says so on stderr, where it cannot serve).
+# kernels, and says so on stderr, where it cannot serve: a shape it has no plan for, or all
+# of them after an error; "cuDNN" counts the passes it ran).
 def served(r):
-    attention = f"cuDNN {r.get('cudnn_version')}" if r.get("attention_cudnn") else "flash"
+    runs = r.get("cudnn_attention_runs")
+    attention = "flash"
+    if r.get("attention_cudnn") or runs:
+        attention = f"cuDNN {r.get('cudnn_version')}" + (f" ({runs} runs)" if runs is not None else "")
     return [attention, "cuBLAS" if r.get("lora_cublas") else "kernels"]
 tables = [
     ("case", ["tokens/s", "step ms", "peak MiB", "first loss", "last loss", "speed vs HF",

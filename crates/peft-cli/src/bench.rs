@@ -288,6 +288,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
             "flash_wide_backward": device.is_cuda() && peft_ops::flash_wide_backward(),
             "attention_cudnn": device.is_cuda() && peft_ops::attention_cudnn(),
+            "cudnn_attention_runs": peft_ops::cudnn_attention_runs(),
             "cudnn_version": peft_ops::cudnn_version(),
         })
     );
@@ -430,6 +431,7 @@ fn bench_attention(cmd: &BenchCmd) -> Result<()> {
             "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
             "flash_wide_backward": device.is_cuda() && peft_ops::flash_wide_backward(),
             "attention_cudnn": device.is_cuda() && peft_ops::attention_cudnn(),
+            "cudnn_attention_runs": peft_ops::cudnn_attention_runs(),
             "cudnn_version": peft_ops::cudnn_version(),
         })
     );
