@@ -2,6 +2,8 @@
 
 use crate::bf16_gemm::with_cpu_f32;
 use crate::grad::{with_grad3_acc, Accumulated};
+#[cfg(feature = "cuda")]
+use crate::grad::{GpuForward, GpuIn};
 use crate::ops::add_input_grad;
 use crate::{cpu_f32, frozen_matmul, with_grad3, Grads3, Kernel, LinearWeight, Value};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -280,17 +282,8 @@ fn lora_linear_cublas(
     };
     // drop(x)·Aᵀ [rows, r]
     let xa = matmul(&dropped(&x2)?, false, &a16, true, 1.0, DType::BF16)?;
-    let y = Value::ByTheOp(Box::new(crate::grad::Op2Output {
-        op: LoraForward {
-            xa: xa.clone(),
-            b: b16.clone(),
-            scale,
-            shape: out_shape.into(),
-            cublas: true,
-        },
-        a: x2.clone(),
-        b: w.dense()?,
-    }));
+    let low_rank = (xa.clone(), b16.clone());
+    let y = lora_forward((&x2, w.dense()?), low_rank, scale, out_shape.into(), true);
     let w = w.clone();
     let x_shape = x.shape().clone();
     // f32 for the masked low-rank term of dL/dx (our kernel's operands).
@@ -415,17 +408,15 @@ fn lora_output(
 ) -> Result<Value> {
     #[cfg(feature = "cuda")]
     if bias.is_none() && thin_kernels(x) && [xa, b].iter().all(|t| t.dtype() == DType::F32) {
-        return Ok(Value::ByTheOp(Box::new(crate::grad::Op2Output {
-            op: LoraForward {
-                xa: xa.contiguous()?,
-                b: b.contiguous()?,
-                scale: scale as f32,
-                shape: shape.into(),
-                cublas: false,
-            },
-            a: x.contiguous()?,
-            b: w.clone(),
-        })));
+        let low_rank = (xa.contiguous()?, b.contiguous()?);
+        let x = x.contiguous()?;
+        return Ok(lora_forward(
+            (&x, w.clone()),
+            low_rank,
+            scale as f32,
+            shape.into(),
+            false,
+        ));
     }
     let base = frozen_matmul(x, w, true)?;
     let mut y = low_rank_add(&base, xa, b, false, &InputDropout::Off, scale)?;
@@ -439,47 +430,28 @@ fn lora_output(
 /// the frozen matmul into the op's output, then the low-rank term added there, in place: by
 /// our kernel (`xa`, `b` f32), or by cuBLAS (`cublas`: `xa`, `b` bf16).
 #[cfg(feature = "cuda")]
-struct LoraForward {
-    xa: Tensor,
-    b: Tensor,
+fn lora_forward(
+    (x, w): (&Tensor, Tensor),
+    (xa, b): (Tensor, Tensor),
     scale: f32,
     shape: Shape,
     cublas: bool,
-}
-
-#[cfg(feature = "cuda")]
-impl CustomOp2 for LoraForward {
-    fn name(&self) -> &'static str {
-        "lora"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("LoRA's output kernel runs on GPUs")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::grad::linear_storage((x, xl), (w, wl))?;
-        let dims = (xl.shape().dims2()?.0, wl.shape().dims2()?.0);
-        if self.cublas {
-            crate::cublas::matmul_add_into(&out, dims, &self.xa, false, &self.b, true, self.scale)?;
+) -> Value {
+    let f = move |x: GpuIn, w: GpuIn| {
+        let out = crate::grad::linear_storage(x, w)?;
+        let dims = (x.1.shape().dims2()?.0, w.1.shape().dims2()?.0);
+        if cublas {
+            crate::cublas::matmul_add_into(&out, dims, &xa, false, &b, true, scale)?;
         } else {
-            let right = (&self.b, false);
-            crate::cuda::low_rank_add_in_place(&out, dims, &self.xa, right, None, self.scale)?;
+            crate::cuda::low_rank_add_in_place(&out, dims, &xa, (&b, false), None, scale)?;
         }
-        Ok((out, self.shape.clone()))
-    }
+        Ok((out, shape.clone()))
+    };
+    Value::ByTheOp(Box::new(crate::grad::Op2Output {
+        op: GpuForward { name: "lora", f },
+        a: x.clone(),
+        b: w,
+    }))
 }
 
 /// `base + scale · (left · rightᵀ) ∘ mask` in `base`'s dtype, the product in f32: `left`

@@ -126,6 +126,47 @@ pub(crate) fn linear_storage<S: BackendStorage>(
     x.matmul(w, (1, rows, out, inner), xl, &wl.transpose(0, 1)?)
 }
 
+/// A forward that only our CUDA code computes, from two storages: `name` and the computation
+/// `f`, as the op of an [`Op2Output`] (the CPU path computes the value otherwise).
+#[cfg(feature = "cuda")]
+pub(crate) struct GpuForward<F> {
+    pub name: &'static str,
+    pub f: F,
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) type GpuIn<'a> = (&'a CudaStorage, &'a Layout);
+
+#[cfg(feature = "cuda")]
+impl<F> CustomOp2 for GpuForward<F>
+where
+    F: Fn(GpuIn, GpuIn) -> Result<(CudaStorage, Shape)> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{}: our kernel runs on GPUs", self.name)
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        (self.f)((a, al), (b, bl))
+    }
+}
+
 /// Our custom op `op` on `(a, b)`, run by the with_grad op's forward (CPU and CUDA).
 pub(crate) struct Op2Output<O> {
     pub op: O,

@@ -1,4 +1,6 @@
 use crate::grad::{with_grad3_acc, Accumulated};
+#[cfg(feature = "cuda")]
+use crate::grad::{GpuForward, GpuIn};
 use crate::tape::cast;
 use crate::{batched_matmul, cpu_f32, frozen_matmul, with_grad, with_grad3, Grads3, Kernel, Value};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -92,8 +94,9 @@ pub(crate) fn add_value(a: &Tensor, b: &Tensor) -> Result<Option<Value>> {
         && a.is_contiguous()
         && b.is_contiguous()
     {
+        let f = |a: GpuIn, b: GpuIn| Ok((crate::cuda::add_same(a, b)?, a.1.shape().clone()));
         return Ok(Some(Value::ByTheOp(Box::new(crate::grad::Op2Output {
-            op: AddForward,
+            op: GpuForward { name: "add", f },
             a: a.detach(),
             b: b.detach(),
         }))));
@@ -101,38 +104,6 @@ pub(crate) fn add_value(a: &Tensor, b: &Tensor) -> Result<Option<Value>> {
     #[cfg(not(feature = "cuda"))]
     let _ = (a, b);
     Ok(None)
-}
-
-/// [`add_value`]'s op.
-#[cfg(feature = "cuda")]
-struct AddForward;
-
-#[cfg(feature = "cuda")]
-impl candle_core::CustomOp2 for AddForward {
-    fn name(&self) -> &'static str {
-        "add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("our add kernel runs on GPUs")
-    }
-
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::add_same((a, al), (b, bl))?;
-        Ok((out, al.shape().clone()))
-    }
 }
 
 /// The rows of `weight` `[vocab, d]` at `ids` `[n]` (u32): an embedding layer. A trained
@@ -217,47 +188,19 @@ fn rms_norm_weight_grad(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f64) -> Resu
 fn rms_norm_output(x: &Tensor, w: &Tensor, eps: f32) -> Result<Value> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && crate::has_kernel(x, Kernel::RmsNorm) {
+        let f = move |x: GpuIn, w: GpuIn| {
+            Ok((crate::cuda::rms_norm_fwd(x, w, eps)?, x.1.shape().clone()))
+        };
         return Ok(Value::ByTheOp(Box::new(crate::grad::Op2Output {
-            op: RmsNormForward { eps },
+            op: GpuForward {
+                name: "rms-norm",
+                f,
+            },
             a: x.clone(),
             b: w.contiguous()?,
         })));
     }
     Ok(Value::Computed(candle_nn::ops::rms_norm(x, w, eps)?))
-}
-
-/// RMSNorm's forward by our CUDA kernel, from `(x, w)`.
-#[cfg(feature = "cuda")]
-struct RmsNormForward {
-    eps: f32,
-}
-
-#[cfg(feature = "cuda")]
-impl candle_core::CustomOp2 for RmsNormForward {
-    fn name(&self) -> &'static str {
-        "rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("our RMSNorm kernel runs on GPUs")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::rms_norm_fwd((x, xl), (w, wl), self.eps)?;
-        Ok((out, xl.shape().clone()))
-    }
 }
 
 /// dL/dx of [`rms_norm`].

@@ -527,6 +527,23 @@ mod tests {
         })
     }
 
+    /// dL/dx of `sum(block(x) ∘ weight)`, with `block` on a tape (its gradients to `sink`) or not.
+    fn input_grad(
+        x: &Var,
+        weight: &Tensor,
+        sink: Option<&Arc<GradSink>>,
+        block: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Vec<f32> {
+        let y = match sink {
+            Some(sink) => taped(x.as_tensor(), sink, block).unwrap(),
+            None => block(x.as_tensor()).unwrap(),
+        };
+        let loss = (y * weight).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap();
+        g.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     /// Fan-out (three projections of one input), residual adds whose two arguments share one
     /// gradient tensor, and an op reading the residual sum it feeds: the tape's gradient of x
     /// is the graph's, the shares after the first were added in place, and none was added into
@@ -550,20 +567,9 @@ mod tests {
                 let z = doubled(&y, &in_place)?;
                 add(&y, &z)
             };
-            let y = if tape {
-                taped(x.as_tensor(), &sink, block).unwrap()
-            } else {
-                block(x.as_tensor()).unwrap()
-            };
-            let grads = (y * &weight)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g = grads.get(x.as_tensor()).unwrap();
+            let g = input_grad(&x, &weight, tape.then_some(&sink), block);
             let count = *in_place.lock().unwrap();
-            (g.flatten_all().unwrap().to_vec1().unwrap(), count)
+            (g, count)
         };
         let (graph, graph_in_place) = run(false);
         let (taped, taped_in_place) = run(true);
@@ -587,19 +593,7 @@ mod tests {
         let weight = randn(10, &[3, 5]);
         let grad = |tape: bool| -> Vec<f32> {
             let sink = Arc::new(GradSink::default());
-            let block = |x: &Tensor| add(x, x);
-            let y = match tape {
-                true => taped(x.as_tensor(), &sink, block).unwrap(),
-                false => block(x.as_tensor()).unwrap(),
-            };
-            let grads = (y * &weight)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g = grads.get(x.as_tensor()).unwrap();
-            g.flatten_all().unwrap().to_vec1().unwrap()
+            input_grad(&x, &weight, tape.then_some(&sink), |x| add(x, x))
         };
         let want: Vec<f32> = (&weight * 2.0)
             .unwrap()
