@@ -359,34 +359,53 @@ fn flash_self_attention(
         heads,
         kv_heads,
         scale: scale as f32,
+        rotated: false,
     };
-    // The op's forward runs the kernel into its own output and leaves the log-sum-exp here;
-    // the backward reads the output from the graph: no copy of it is made or kept.
-    let lse = Arc::new(OnceLock::new());
+    // The op's forward runs the kernel into its own output and leaves what the backward reads
+    // here: the log-sum-exp and q and k as it rotated them, which take the inputs' place (the
+    // backward reads the output from the graph: no copy of it is made or kept).
+    let saved = Arc::new(OnceLock::new());
     let output = FlashOutput {
         inputs: inputs.clone(),
-        lse: lse.clone(),
+        saved: saved.clone(),
     };
-    with_grad3(
+    let for_backward = Arc::new(OnceLock::new());
+    let inputs_back = for_backward.clone();
+    let y = with_grad3(
         (q, k, v),
         Value::ByTheOp(Box::new(output)),
         move |out, grad| {
-            let lse = lse.get().ok_or_else(|| {
-                candle_core::Error::Msg("flash attention: backward before forward".into())
-            })?;
+            let missing =
+                || candle_core::Error::Msg("flash attention: backward before forward".into());
+            let (inputs, lse): &(crate::cuda::FlashInputs, Tensor) =
+                inputs_back.get().ok_or_else(missing)?;
             let grad = aligned(&grad.to_dtype(DType::BF16)?)?;
             let (dq, dk, dv) = inputs.backward(&aligned(out)?, lse, &grad)?;
             Ok((Some(dq), Some(dk), Some(dv)))
         },
-    )
+    )?;
+    // The forward has run (in the op, or before it, or alone where nothing trains).
+    if let Some(crate::cuda::FlashSaved { lse, rotated }) = saved.get() {
+        let inputs = match rotated {
+            Some((q, k)) => crate::cuda::FlashInputs {
+                q: q.clone(),
+                k: k.clone(),
+                rotated: true,
+                ..inputs
+            },
+            None => inputs,
+        };
+        let _ = for_backward.set((inputs, lse.clone()));
+    }
+    Ok(y)
 }
 
 /// The flash attention output as its with_grad op computes it (see [`flash_self_attention`]).
 #[cfg(feature = "cuda")]
 struct FlashOutput {
     inputs: crate::cuda::FlashInputs,
-    /// The log-sum-exp of each query row, for the backward pass.
-    lse: Arc<OnceLock<Tensor>>,
+    /// What the backward pass reads (see [`crate::cuda::FlashSaved`]).
+    saved: Arc<OnceLock<crate::cuda::FlashSaved>>,
 }
 
 #[cfg(feature = "cuda")]
@@ -396,17 +415,17 @@ impl crate::OpOutput for FlashOutput {
     }
 
     fn cuda(self: Box<Self>) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let (out, shape, lse) = self.inputs.forward_storage()?;
-        self.lse
-            .set(lse)
+        let (out, shape, saved) = self.inputs.forward_storage()?;
+        self.saved
+            .set(saved)
             .map_err(|_| candle_core::Error::Msg("flash attention: forward ran twice".into()))?;
         Ok((out, shape))
     }
 
     fn tensor(self: Box<Self>) -> Result<Tensor> {
-        let (out, lse) = self.inputs.forward()?;
+        let (out, saved) = self.inputs.forward()?;
         // Kept for a backward too (`PEFT_CUDA_OFF=in_op` computes the output here).
-        let _ = self.lse.set(lse);
+        let _ = self.saved.set(saved);
         Ok(out)
     }
 }

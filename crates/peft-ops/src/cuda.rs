@@ -1224,12 +1224,23 @@ pub(crate) struct FlashInputs {
     pub heads: usize,
     pub kv_heads: usize,
     pub scale: f32,
+    /// Whether `q` and `k` are rotated by RoPE already: the forward's rotation, which the
+    /// backward reads instead of rotating again (see [`FlashInputs::forward_storage`]).
+    pub rotated: bool,
+}
+
+/// What a flash attention forward keeps for its backward: the log-sum-exp of each query row
+/// `[b, heads, t]` (f32), and q and k as it rotated them (`None` when they came rotated).
+pub(crate) struct FlashSaved {
+    pub lse: Tensor,
+    pub rotated: Option<(Tensor, Tensor)>,
 }
 
 /// Device views of a [`FlashInputs`], in the kernels' argument order.
 struct FlashViews<'a> {
     q: CudaView<'a, bf16>,
     k: CudaView<'a, bf16>,
+    rotated: bool,
     v: CudaView<'a, bf16>,
     cos: CudaView<'a, f32>,
     sin: CudaView<'a, f32>,
@@ -1250,7 +1261,7 @@ impl<'a> FlashViews<'a> {
     fn push(
         &'a self,
         builder: &mut LaunchArgs<'a>,
-        (q, k): (&'a CudaSlice<bf16>, &'a CudaSlice<bf16>),
+        (q, k): (&'a CudaView<'a, bf16>, &'a CudaView<'a, bf16>),
     ) {
         builder.arg(q).arg(k).arg(&self.v);
         match &self.segments {
@@ -1260,19 +1271,37 @@ impl<'a> FlashViews<'a> {
     }
 
     /// q and k rotated by RoPE (rope_rotate_bf16), once per pass: the tile kernels would
-    /// otherwise rotate every tile each time they load it.
+    /// otherwise rotate every tile each time they load it. `None` when they are already
+    /// ([`FlashInputs::rotated`]): [`Self::qk`] then views them as they are.
     fn rotate(
         &self,
         dev: &CudaDevice,
         (t, heads, kv_heads, d): (usize, usize, usize, usize),
-    ) -> Result<(CudaSlice<bf16>, CudaSlice<bf16>)> {
+    ) -> Result<Option<RotatedQk>> {
+        if self.rotated {
+            return Ok(None);
+        }
         let rot = (&self.cos, &self.sin, self.rope_bstride);
-        Ok((
+        Ok(Some((
             rope_rotate(dev, &self.q, rot, (t, heads, d))?,
             rope_rotate(dev, &self.k, rot, (t, kv_heads, d))?,
-        ))
+        )))
+    }
+
+    /// Views of the rotated q and k: those [`Self::rotate`] made, or the inputs themselves.
+    fn qk<'b>(
+        &'b self,
+        rotated: &'b Option<RotatedQk>,
+    ) -> (CudaView<'b, bf16>, CudaView<'b, bf16>) {
+        match rotated {
+            Some((q, k)) => (q.as_view(), k.as_view()),
+            None => (self.q.slice(..), self.k.slice(..)),
+        }
     }
 }
+
+/// q and k as [`FlashViews::rotate`] rotated them.
+type RotatedQk = (CudaSlice<bf16>, CudaSlice<bf16>);
 
 /// `x` (`[b, t, heads · d]`, bf16) rotated by RoPE's `cos` and `sin` tables (`[t, d / 2]`,
 /// or a table per batch row `rope_bstride` elements apart); with `sin` negated, rotated back.
@@ -1336,6 +1365,7 @@ impl FlashInputs {
         f(&FlashViews {
             q: view(&qs, ql)?,
             k: view(&ks, kl)?,
+            rotated: self.rotated,
             v: view(&vs, vl)?,
             cos: view(&cs, cl)?,
             sin: view(&ss, sl)?,
@@ -1371,18 +1401,19 @@ impl FlashInputs {
         }))
     }
 
-    /// The attention output `[b, t, heads · d]` (bf16) and the log-sum-exp of each query row
-    /// `[b, heads, t]` (f32) for the backward pass.
-    pub(crate) fn forward(&self) -> Result<(Tensor, Tensor)> {
-        let (o, shape, lse) = self.forward_storage()?;
+    /// The attention output `[b, t, heads · d]` (bf16), and for the backward pass the
+    /// log-sum-exp of each query row `[b, heads, t]` (f32) and q and k as the forward rotated
+    /// them (none when they came rotated).
+    pub(crate) fn forward(&self) -> Result<(Tensor, FlashSaved)> {
+        let (o, shape, saved) = self.forward_storage()?;
         Ok((
             Tensor::from_storage(Storage::Cuda(o), shape, BackpropOp::none(), false),
-            lse,
+            saved,
         ))
     }
 
     /// [`Self::forward`] with the output as a storage and its shape (for an op's forward).
-    pub(crate) fn forward_storage(&self) -> Result<(CudaStorage, Shape, Tensor)> {
+    pub(crate) fn forward_storage(&self) -> Result<(CudaStorage, Shape, FlashSaved)> {
         let ((b, t, d), [t_, h_, kvh_]) = self.dims()?;
         let heads = self.heads;
         let dev = cuda_device(&self.q)?;
@@ -1390,11 +1421,12 @@ impl FlashInputs {
         let o = unsafe { dev.alloc::<bf16>(b * t * heads * d)? };
         let lse = unsafe { dev.alloc::<f32>(b * heads * t)? };
         let cudnn = self.cudnn_problem()?;
-        self.with_views(|x| {
-            let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
+        let rotated = self.with_views(|x| {
+            let rotated = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
+            let (q, k) = x.qk(&rotated);
             if let Some(p) = &cudnn {
                 match crate::cudnn::forward(&dev, p, (&q, &k, &x.v), &o, &lse) {
-                    Ok(true) => return Ok(()),
+                    Ok(true) => return Ok(rotated),
                     Ok(false) => {}
                     Err(why) => crate::cudnn::fall_back(&why),
                 }
@@ -1418,12 +1450,22 @@ impl FlashInputs {
             builder.arg(&o).arg(&lse);
             builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&self.scale);
             // SAFETY: the arguments match flash_fwd_{d64,d128,wide_d64} in kernels/attention.cu.
-            unsafe { builder.launch(cfg) }.map(|_| ()).map_err(err)
+            unsafe { builder.launch(cfg) }.map_err(err)?;
+            Ok(rotated)
         })?;
+        let saved = FlashSaved {
+            lse: wrap(lse, &dev, &[b, heads, t]),
+            rotated: rotated.map(|(q, k)| {
+                (
+                    wrap(q, &dev, &[b, t, heads * d]),
+                    wrap(k, &dev, &[b, t, self.kv_heads * d]),
+                )
+            }),
+        };
         Ok((
             CudaStorage::wrap_cuda_slice(o, dev.clone()),
             Shape::from((b, t, heads * d)),
-            wrap(lse, &dev, &[b, heads, t]),
+            saved,
         ))
     }
 
@@ -1499,7 +1541,8 @@ impl FlashInputs {
         let dk = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
         let dv = unsafe { dev.alloc::<bf16>(b * t * kvd)? };
         self.with_views(|x| {
-            let (q, k) = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
+            let rotated = x.rotate(&dev, (t, heads, self.kv_heads, d))?;
+            let (q, k) = x.qk(&rotated);
             let mut builder = func.builder();
             x.push(&mut builder, (&q, &k));
             builder
@@ -1576,7 +1619,8 @@ impl FlashInputs {
             )
         };
         let rotated_back = self.with_views(|x| {
-            let (q, k) = x.rotate(dev, (t, p.heads, p.kv_heads, d))?;
+            let rotated = x.rotate(dev, (t, p.heads, p.kv_heads, d))?;
+            let (q, k) = x.qk(&rotated);
             let grads = (&dq_rot, &dk_rot, &dv);
             if !crate::cudnn::backward(dev, p, (&q, &k, &x.v), (o, dout, lse), grads)
                 .map_err(candle_core::Error::Msg)?

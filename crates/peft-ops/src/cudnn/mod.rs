@@ -200,7 +200,7 @@ mod device {
 
     /// The addresses of both passes' inputs: rotated q and k, and v.
     fn inputs<'a>(
-        (q, k, v): (&'a CudaSlice<bf16>, &'a CudaSlice<bf16>, &'a CudaView<bf16>),
+        (q, k, v): (&'a CudaView<bf16>, &'a CudaView<bf16>, &'a CudaView<bf16>),
         stream: &'a CudaStream,
         guards: &mut Vec<SyncOnDrop<'a>>,
     ) -> Vec<(Port, u64)> {
@@ -217,7 +217,7 @@ mod device {
     pub(crate) fn forward(
         dev: &CudaDevice,
         p: &Problem,
-        (q, k, v): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaView<bf16>),
+        (q, k, v): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>),
         o: &CudaSlice<bf16>,
         stats: &CudaSlice<f32>,
     ) -> Result<bool, String> {
@@ -240,7 +240,7 @@ mod device {
     pub(crate) fn backward(
         dev: &CudaDevice,
         p: &Problem,
-        (q, k, v): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaView<bf16>),
+        (q, k, v): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>),
         (o, dout, stats): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<f32>),
         (dq, dk, dv): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaSlice<bf16>),
     ) -> Result<bool, String> {
