@@ -54,7 +54,7 @@ pub use switches::{
 };
 pub use tape::{
     add, add_bias, cast, layer_tape_enabled, reshape, set_layer_tape, set_tape_gather,
-    tape_gather_enabled, taped, LAYER_TAPE_VAR, TAPE_GATHER_VAR,
+    tape_gather_enabled, taped, with_layer_tape, LAYER_TAPE_VAR, TAPE_GATHER_VAR,
 };
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 

@@ -17,7 +17,7 @@
 use crate::switches::Switch;
 use crate::{with_grad3, GradSink, Grads3};
 use candle_core::{DType, Result, Shape, Tensor, TensorId};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -79,9 +79,9 @@ pub fn set_tape_gather(on: bool) -> bool {
     GATHER.set(on)
 }
 
-/// Whether [`taped`] records tapes in this process.
+/// Whether [`taped`] records tapes (on this thread: see [`with_layer_tape`]).
 pub fn layer_tape_enabled() -> bool {
-    SWITCH.get()
+    TAPE_ON_THIS_THREAD.get().unwrap_or_else(|| SWITCH.get())
 }
 
 /// Turns layer tapes on or off for this process; returns the previous setting.
@@ -89,8 +89,25 @@ pub fn set_layer_tape(on: bool) -> bool {
     SWITCH.set(on)
 }
 
+/// `f()` with layer tapes on or off on this thread alone, whatever the process's setting: for
+/// tests that compare both while others run beside them (a forward and its backward run on
+/// the calling thread).
+pub fn with_layer_tape<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    /// Puts the thread's previous setting back, also when `f` panics.
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TAPE_ON_THIS_THREAD.set(self.0);
+        }
+    }
+    let _restore = Restore(TAPE_ON_THIS_THREAD.replace(Some(on)));
+    f()
+}
+
 thread_local! {
     static TAPE: RefCell<Option<Tape>> = const { RefCell::new(None) };
+    /// [`with_layer_tape`]'s setting for this thread, over the process's.
+    static TAPE_ON_THIS_THREAD: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
 /// How a recorded op's argument takes its gradient.
@@ -583,6 +600,21 @@ mod tests {
         set_tape_gather(before);
         assert_close(&[graph], &[summed]);
         assert_eq!(summed_in_place, 0);
+    }
+
+    /// with_layer_tape's setting holds on its thread alone, and is undone after a panic too.
+    #[test]
+    fn a_thread_sets_tapes_for_itself() {
+        let global = layer_tape_enabled();
+        with_layer_tape(!global, || {
+            assert_eq!(layer_tape_enabled(), !global);
+            let other = std::thread::spawn(layer_tape_enabled).join().unwrap();
+            assert_eq!(other, global);
+        });
+        assert_eq!(layer_tape_enabled(), global);
+        let panicked = std::panic::catch_unwind(|| with_layer_tape(!global, || panic!("inside")));
+        assert!(panicked.is_err());
+        assert_eq!(layer_tape_enabled(), global);
     }
 
     /// `x + x` on a tape: both shares of the gradient, as candle's graph gives them.

@@ -68,7 +68,10 @@ fn base_and_lora_logits_match_transformers() {
 
 #[test]
 fn lora_gradients_match_hf_peft() {
-    peft_ops::set_layer_tape(true);
+    peft_ops::with_layer_tape(true, lora_gradients_on_tapes);
+}
+
+fn lora_gradients_on_tapes() {
     for &name in ARCHITECTURES {
         let dir = fixture(name);
         let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();

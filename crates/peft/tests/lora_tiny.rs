@@ -338,14 +338,13 @@ fn assert_same_gradients(graph: &[Vec<f32>], taped: &[Vec<f32>], case: &str) {
 #[test]
 fn layer_tapes_give_the_gradients_of_the_graph() {
     let run = |targets: &str, dropout: f64, checkpointing: bool, dora: bool, tape: bool| {
-        peft_ops::set_layer_tape(tape);
         let mut cfg = config(targets);
         cfg.lora_dropout = dropout;
         cfg.use_dora = dora;
         let mut peft = PeftModel::new(tiny_llama(12, true).unwrap(), cfg, 5).unwrap();
         peft.base.gradient_checkpointing = checkpointing;
         peft.dropout_seed.set(7);
-        taped_or_not(&peft.base, &peft.trainable())
+        peft_ops::with_layer_tape(tape, || taped_or_not(&peft.base, &peft.trainable()))
     };
     for (targets, dropout, checkpointing, dora) in [
         ("q_proj,k_proj,v_proj,o_proj", 0.0, false, false),
@@ -371,7 +370,6 @@ fn layer_tapes_give_the_gradients_of_the_graph() {
             );
         }
     }
-    peft_ops::set_layer_tape(true);
 }
 
 /// Full fine-tuning through the layer tape (every weight and norm a variable, their gradients
@@ -380,12 +378,10 @@ fn layer_tapes_give_the_gradients_of_the_graph() {
 fn full_fine_tuning_gradients_through_the_layer_tape() {
     use peft::Tuned;
     let run = |tape: bool| {
-        peft_ops::set_layer_tape(tape);
         let full = peft::FullModel::new(tiny_llama(13, false).unwrap()).unwrap();
-        taped_or_not(&full.base, &full.trainable())
+        peft_ops::with_layer_tape(tape, || taped_or_not(&full.base, &full.trainable()))
     };
     let ((graph, graph_nodes), (taped, taped_nodes)) = (run(false), run(true));
-    peft_ops::set_layer_tape(true);
     assert_same_gradients(&graph, &taped, "full fine-tuning");
     assert!(
         taped_nodes < graph_nodes / 4,
