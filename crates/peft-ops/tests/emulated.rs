@@ -955,11 +955,18 @@ fn rms_norm_weight_gradient_kernels_match_the_cpu() {
 }
 
 /// A trained embedding's gradient: 1,500 positions (two tiles of ids to compare against), ids
-/// repeated up to hundreds of times, rows of 300 (a thread's second column only partly there),
-/// one id past the vocab (skipped): bit for bit the CPU's position-ordered f32 sums.
+/// repeated up to hundreds of times, rows of 300 (a thread's second column only partly there)
+/// and of 4,200 (a second walk of each chain for the columns past 16 a thread), one id past
+/// the vocab (skipped): bit for bit the CPU's position-ordered f32 sums.
 #[test]
 fn embedding_gradient_kernels_match_the_cpu() {
-    let (n, d, vocab) = (1500usize, 300usize, 50usize);
+    for (n, d) in [(1500, 300), (300, 4200)] {
+        embedding_case(n, d);
+    }
+}
+
+fn embedding_case(n: usize, d: usize) {
+    let vocab = 50usize;
     let ids: Vec<u32> = (0..n as u32)
         .map(|j| match j {
             7 => vocab as u32 + 3,
@@ -983,7 +990,12 @@ fn embedding_gradient_kernels_match_the_cpu() {
     let mut input: Vec<u8> = i32_bytes(&[n, d, vocab]);
     input.extend(ids.iter().flat_map(|i| i.to_le_bytes()));
     input.extend(f32_bytes(&grad));
-    let got = to_f32s(&emulate_with("ops", &["embedding"], "embedding", &input));
+    let got = to_f32s(&emulate_with(
+        "ops",
+        &["embedding"],
+        &format!("embedding_{d}"),
+        &input,
+    ));
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {

@@ -300,18 +300,35 @@ extern "C" __global__ void embedding_chains(const unsigned* ids, int n, int* nex
     }
 }
 
-// out[ids[j]] = the chain's rows of grad summed, by block j where j leads its chain (a thread
-// a column, rows of d; ids past the vocab have no row).
+// Columns a thread sums in one walk of a chain (blockDim.x apart).
+#define EMBED_COLS 16
+
+// out[ids[j]] = the chain's rows of grad summed, by block j where j leads its chain (rows of
+// d; ids past the vocab have no row). Each thread walks the chain once for EMBED_COLS columns,
+// not once a column: a token repeated thousands of times (padding) is a long walk.
 template <typename T>
 __device__ void embedding_bwd(const unsigned* ids, const T* grad, const int* next,
                               const int* lead, T* out, int d, long long vocab) {
     int j = blockIdx.x;
     long long row = ids[j];
     if (!lead[j] || row >= vocab) return;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float s = 0.f;
-        for (int k = j; k >= 0; k = next[k]) s += ld(grad, (long long)k * d + c);
-        st(out, row * d + c, s);
+    for (int c0 = threadIdx.x; c0 < d; c0 += blockDim.x * EMBED_COLS) {
+        float s[EMBED_COLS];
+#pragma unroll
+        for (int e = 0; e < EMBED_COLS; ++e) s[e] = 0.f;
+        for (int k = j; k >= 0; k = next[k]) {
+            const T* g = grad + (long long)k * d;
+#pragma unroll
+            for (int e = 0; e < EMBED_COLS; ++e) {
+                int c = c0 + e * blockDim.x;
+                if (c < d) s[e] += ld(g, c);
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < EMBED_COLS; ++e) {
+            int c = c0 + e * blockDim.x;
+            if (c < d) st(out, row * d + c, s[e]);
+        }
     }
 }
 
