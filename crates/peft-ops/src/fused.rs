@@ -219,7 +219,7 @@ pub fn lora_linear(
     let x_shape = x.shape().clone();
     let x_tracks = x.track_op();
     let (a_tracks, b_tracks) = (a.track_op(), b.track_op());
-    with_grad3_acc((x, a, b), y, move |_, grad, gathered| -> Result<Grads3> {
+    with_grad3_acc((x, a, b), y, move |grad, gathered| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?;
         // g·B, scaled: the gradient at the LoRA bottleneck.
         let gb = thin_project(&g, &InputDropout::Off, &b_d, true, scale)?;
@@ -292,7 +292,7 @@ fn lora_linear_cublas(
         None => None,
     };
     let tracks = (x.track_op(), a.track_op(), b.track_op());
-    with_grad3_acc((x, a, b), y, move |_, grad, gathered| -> Result<Grads3> {
+    with_grad3_acc((x, a, b), y, move |grad, gathered| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?.contiguous()?;
         let d_b = match tracks.2 {
             true => Some(matmul(&g, true, &xa, false, scale, DType::F32)?),
@@ -734,7 +734,7 @@ pub fn frozen_mlp(
     let x_shape = x.shape().clone();
     // Argument repeated: with_grad3 serves one input as well. The gate's and up's shares of
     // dL/dx go into one sum, with the gradient gathered for x on a layer tape.
-    with_grad3_acc((x, x, x), y, move |_, grad, gathered| -> Result<Grads3> {
+    with_grad3_acc((x, x, x), y, move |grad, gathered| -> Result<Grads3> {
         let d_act = frozen_matmul(&grad.reshape((rows, hidden))?, &down, false)?;
         let (d_g, d_u) = gated_grads(&g, &u, &d_act, act, kernel)?;
         let d_x = add_input_grad(gathered, &d_g, &gate, &x_shape)?;

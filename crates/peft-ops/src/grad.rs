@@ -238,16 +238,16 @@ pub fn with_grad3(
 }
 
 /// [`with_grad3`] for an op whose backward adds `a`'s gradient to the one gathered for `a` so
-/// far, when a layer tape hands it one (see [`Accumulated`]): `backward(value, grad_value,
-/// gathered)`. candle's graph calls it without.
+/// far, when a layer tape hands it one (see [`Accumulated`]): `backward(grad_value,
+/// gathered)`, which does not read the op's output. candle's graph calls it without.
 pub(crate) fn with_grad3_acc(
     (a, b, c): (&Tensor, &Tensor, &Tensor),
     value: impl Into<Value>,
-    backward: impl Fn(&Tensor, &Tensor, Option<Accumulated>) -> Result<Grads3> + Send + Sync + 'static,
+    backward: impl Fn(&Tensor, Option<Accumulated>) -> Result<Grads3> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let backward: BackwardAcc = Arc::new(backward);
     let graph_backward = backward.clone();
-    let graph: Backward3 = Arc::new(move |value, grad| graph_backward(value, grad, None));
+    let graph: Backward3 = Arc::new(move |_, grad| graph_backward(grad, None));
     attach3((a, b, c), value.into(), graph, |y| {
         record_accumulating([a, b, c], y, &backward)
     })

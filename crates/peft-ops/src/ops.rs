@@ -31,7 +31,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x_shape = x.shape().clone();
     // Third argument repeated: with_grad3 serves two inputs as well. On a layer tape, dL/dx is
     // added to the gradient gathered for x (q, k and v read one input).
-    with_grad3_acc((x, w, w), y, move |_, grad, gathered| -> Result<Grads3> {
+    with_grad3_acc((x, w, w), y, move |grad, gathered| -> Result<Grads3> {
         let g = grad.reshape((rows, out_features))?;
         let d_x = if x_tracks {
             Some(add_input_grad(gathered, &g, &wd, &x_shape)?)
@@ -148,7 +148,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let (xd, wd) = (x.detach(), w.detach());
     // Third argument repeated: with_grad3 serves two inputs as well. On a layer tape, the
     // gradient the residual stream gathered for x is added by the backward kernel.
-    with_grad3_acc((x, w, w), y, move |_, grad, gathered| -> Result<Grads3> {
+    with_grad3_acc((x, w, w), y, move |grad, gathered| -> Result<Grads3> {
         let d_x = match x_tracks {
             true => Some(rms_norm_input_grad(&xd, &wd, grad, gathered, eps)?),
             false => None,

@@ -25,11 +25,13 @@ use std::sync::{Arc, Mutex};
 pub(crate) type Backward1 = Arc<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 /// The backward of a three-argument op: `(value, dL/dvalue) -> dL/dargs`.
 pub(crate) type Backward3 = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
-/// A [`Backward3`] that adds its first argument's gradient to the one the tape has gathered
-/// for that argument so far (`None` outside a tape or when there is none yet): see
-/// [`Accumulated`].
+/// The backward of a three-argument op that adds its first argument's gradient to the one the
+/// tape has gathered for that argument so far (`None` outside a tape or when there is none
+/// yet; see [`Accumulated`]): `(dL/dvalue, gathered) -> dL/dargs`. It does not read the op's
+/// output, which the tape then does not keep (the linear layers' outputs, q and k among them,
+/// are freed once their consumers have what they keep).
 pub(crate) type BackwardAcc =
-    Arc<dyn Fn(&Tensor, &Tensor, Option<Accumulated>) -> Result<Grads3> + Send + Sync>;
+    Arc<dyn Fn(&Tensor, Option<Accumulated>) -> Result<Grads3> + Send + Sync>;
 
 /// The gradient gathered so far for an op's first argument (a residual stream, an input that
 /// several projections read), handed to the op's backward so that its own share is added
@@ -131,8 +133,9 @@ struct Entry {
     args: [Arg; 3],
     /// The op's output as the graph knows it.
     output: TensorId,
-    /// The op's output (detached: no reference to candle's graph), for backwards that read it.
-    value: Tensor,
+    /// The op's output (detached: no reference to candle's graph), for backwards that read it
+    /// (not an accumulating one's).
+    value: Option<Tensor>,
     backward: Backward,
 }
 
@@ -166,10 +169,14 @@ impl Tape {
 
     fn push(&mut self, args: [Arg; 3], value: &Tensor, backward: Backward) {
         self.inner.insert(value.id());
+        let kept = match backward {
+            Backward::Accumulating(_) => None,
+            _ => Some(value.detach()),
+        };
         self.entries.push(Entry {
             args,
             output: value.id(),
-            value: value.detach(),
+            value: kept,
             backward,
         });
     }
@@ -338,6 +345,14 @@ pub fn taped(
     )
 }
 
+/// The output an entry kept for its backward.
+fn kept_value(entry: &Entry) -> Result<&Tensor> {
+    entry
+        .value
+        .as_ref()
+        .ok_or_else(|| candle_core::Error::Msg("layer tape: an op's output was not kept".into()))
+}
+
 /// The tape's backward: dL/d(block input) from dL/d(output), parameter gradients to `sink`.
 fn replay(
     mut entries: Vec<Entry>,
@@ -361,13 +376,13 @@ fn replay(
         };
         let arg_grads = match (&entry.backward, entry.args[0]) {
             (Backward::One { arg, backward }, _) => {
-                (Some(backward(arg, &entry.value, &g)?), None, None)
+                (Some(backward(arg, kept_value(&entry)?, &g)?), None, None)
             }
-            (Backward::Three(backward), _) => backward(&entry.value, &g)?,
+            (Backward::Three(backward), _) => backward(kept_value(&entry)?, &g)?,
             (Backward::Accumulating(backward), Arg::Inner(id)) if gather => {
                 let acc = grads.remove(&id);
                 let kept = acc.clone();
-                let (sum, d1, d2) = backward(&entry.value, &g, acc)?;
+                let (sum, d1, d2) = backward(&g, acc)?;
                 // The sum is held by no one else: it may take later shares in place. An op
                 // without a share of its own leaves the gathered gradient as it was.
                 let gathered = match sum {
@@ -379,7 +394,7 @@ fn replay(
                 }
                 (None, d1, d2)
             }
-            (Backward::Accumulating(backward), _) => backward(&entry.value, &g, None)?,
+            (Backward::Accumulating(backward), _) => backward(&g, None)?,
         };
         // The entry (its saved tensors) is freed here, before the earlier ops run.
         drop(g);
@@ -530,7 +545,7 @@ mod tests {
     /// GPU's linear layers do), counting how often it did.
     fn doubled(x: &Tensor, in_place: &Arc<Mutex<usize>>) -> Result<Tensor> {
         let in_place = in_place.clone();
-        crate::grad::with_grad3_acc((x, x, x), (x.detach() * 2.0)?, move |_, g, gathered| {
+        crate::grad::with_grad3_acc((x, x, x), (x.detach() * 2.0)?, move |g, gathered| {
             let sum = match gathered {
                 Some(acc) if acc.owned => {
                     acc.grad.inplace_op2(g, &AddTwice)?;

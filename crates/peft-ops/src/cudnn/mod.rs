@@ -57,16 +57,20 @@ mod device {
     pub(crate) static RUNS: AtomicUsize = AtomicUsize::new(0);
 
     /// Whether `version`'s attention engines serve `p`'s pass correctly, as cudnn-frontend
-    /// knows them: 9.10.0 and 9.10.1 have backward bugs; a backward over one query and one key
-    /// is refused; up to 9.15, a backward over a key count off a multiple of 128 needs a
-    /// padding mask these graphs do not have (the flash kernels serve).
+    /// knows them: 9.10.0 and 9.10.1 have backward bugs; a causal pass over one query is
+    /// refused (a backward always, a forward up to 9.9); up to 9.15, a backward over a key
+    /// count off a multiple of 128 needs a padding mask these graphs do not have (the flash
+    /// kernels serve).
     fn serves(version: usize, p: &Problem, forward: bool) -> Result<bool, String> {
         if version == 91000 || version == 91001 {
             return Err(format!(
                 "cuDNN {version}'s attention backward has known bugs"
             ));
         }
-        Ok(forward || (p.t > 1 && (version > 91500 || p.t.is_multiple_of(128))))
+        if forward {
+            return Ok(p.t > 1 || version > 90900);
+        }
+        Ok(p.t > 1 && (version > 91500 || p.t.is_multiple_of(128)))
     }
 
     /// The device's state, its handle made on first use, under the lock; the device's context
