@@ -36,7 +36,9 @@ pub(crate) fn column_major(m: usize, n: usize, k: usize, a_t: bool, b_t: bool) -
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use device::{add_product_into, matmul, matmul_add_into, takes_products_in_place};
+pub(crate) use device::{
+    add_product_into, in_place, matmul, matmul_add_into, takes_products_in_place,
+};
 
 #[cfg(feature = "cuda")]
 mod device {
@@ -185,15 +187,24 @@ mod device {
         alpha: f32,
     ) -> Result<()> {
         let n = if b_t { b.dim(0)? } else { b.dim(1)? };
-        if !takes_products_in_place(c) || n == 0 || !c.elem_count().is_multiple_of(n) {
-            candle_core::bail!("cublas add: {:?} cannot take a product in place", c.shape());
+        if n == 0 || !c.elem_count().is_multiple_of(n) {
+            candle_core::bail!("cublas add: {:?} is not rows of {n}", c.shape());
+        }
+        in_place(c, |cs| {
+            matmul_add_into(cs, (c.elem_count() / n, n), a, a_t, b, b_t, alpha)
+        })
+    }
+
+    /// `f` on the storage of `c`, a tensor that takes sums in place (see
+    /// [`takes_products_in_place`]) and that no one else reads meanwhile.
+    pub(crate) fn in_place<R>(c: &Tensor, f: impl FnOnce(&CudaStorage) -> Result<R>) -> Result<R> {
+        if !takes_products_in_place(c) {
+            candle_core::bail!("{:?} cannot take a sum in place", c.shape());
         }
         let (s, _) = c.storage_and_layout();
         match &*s {
-            candle_core::Storage::Cuda(cs) => {
-                matmul_add_into(cs, (c.elem_count() / n, n), a, a_t, b, b_t, alpha)
-            }
-            _ => candle_core::bail!("cublas add: the sum is not on the gpu"),
+            candle_core::Storage::Cuda(cs) => f(cs),
+            _ => candle_core::bail!("the sum is not on the gpu"),
         }
     }
 

@@ -663,17 +663,13 @@ pub(crate) fn low_rank_add_into(
     scale: f32,
 ) -> Result<()> {
     let cols = base.dims().last().copied().unwrap_or(0);
-    if !crate::cublas::takes_products_in_place(base) || cols == 0 {
-        candle_core::bail!("low-rank add: {:?} cannot take it in place", base.shape());
+    if cols == 0 {
+        candle_core::bail!("low-rank add: no columns in {:?}", base.shape());
     }
-    let (s, _) = base.storage_and_layout();
-    match &*s {
-        Storage::Cuda(cs) => {
-            let dims = (base.elem_count() / cols, cols);
-            low_rank_add_in_place(cs, dims, left, (right, right_t), dropout, scale)
-        }
-        _ => candle_core::bail!("low-rank add: the sum is not on the gpu"),
-    }
+    let dims = (base.elem_count() / cols, cols);
+    crate::cublas::in_place(base, |cs| {
+        low_rank_add_in_place(cs, dims, left, (right, right_t), dropout, scale)
+    })
 }
 
 /// The low-rank term of [`low_rank_add`].

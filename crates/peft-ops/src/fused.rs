@@ -237,10 +237,7 @@ pub fn lora_linear(
         let d_x = if x_tracks {
             let base = frozen_matmul(&g, &w.dense()?, false)?;
             let d_x = low_rank_add(&base, &gb, &a_d, true, &drop, 1.0)?.reshape(&x_shape)?;
-            Some(match gathered {
-                Some(gathered) => gathered.plus(&d_x)?,
-                None => d_x,
-            })
+            Some(Accumulated::sum(gathered, d_x)?)
         } else {
             None
         };

@@ -224,11 +224,7 @@ fn rms_norm_input_grad(
             },
         );
     }
-    let d_x = rms_norm_input_grad_composed(x, w, grad, eps)?;
-    match gathered {
-        Some(g) => g.plus(&d_x),
-        None => Ok(d_x),
-    }
+    Accumulated::sum(gathered, rms_norm_input_grad_composed(x, w, grad, eps)?)
 }
 
 fn rms_norm_input_grad_composed(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f64) -> Result<Tensor> {

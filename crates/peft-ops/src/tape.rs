@@ -56,6 +56,15 @@ impl Accumulated {
     pub fn plus(self, d: &Tensor) -> Result<Tensor> {
         crate::ops::add_same(&self.grad, d)
     }
+
+    /// A backward's own share `d` added to the gradient gathered so far, if any (see
+    /// [`Self::plus`]): the first gradient an accumulating backward returns.
+    pub fn sum(gathered: Option<Self>, d: Tensor) -> Result<Tensor> {
+        match gathered {
+            Some(g) => g.plus(&d),
+            None => Ok(d),
+        }
+    }
 }
 
 /// Turning layer tapes off (`PEFT_LAYER_TAPE=off`, or [`set_layer_tape`]) leaves candle's
