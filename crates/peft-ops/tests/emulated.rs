@@ -111,6 +111,14 @@ fn f32_le(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
     v.iter().flat_map(|f| f.to_le_bytes())
 }
 
+/// `got` is `want` bit for bit (one length, every value).
+fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}: value {i}: {g} vs {w}");
+    }
+}
+
 fn f32_bytes(t: &Tensor) -> Vec<u8> {
     f32_le(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
@@ -851,10 +859,7 @@ fn dequantize_4bit_matches_the_cpu_bit_for_bit() {
             let case = format!("dequantize_{kind:?}_{double_quant}");
             let got = to_f32s(&emulate("dequantize", &case, &input));
             let want = q.dequantize();
-            assert_eq!(got.len(), want.len(), "{case}: length");
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(g.to_bits(), w.to_bits(), "{case}: value {i}: {g} vs {w}");
-            }
+            assert_same_bits(&case, &got, &want);
         }
     }
 }
@@ -997,16 +1002,7 @@ fn embedding_case(n: usize, d: usize) {
         &input,
     ));
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(got.len(), want.len());
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(
-            g.to_bits(),
-            w.to_bits(),
-            "dW[{}, {}]: {g} vs {w}",
-            i / d,
-            i % d
-        );
-    }
+    assert_same_bits(&format!("dW of rows of {d}"), &got, &want);
 }
 
 /// The add kernel in bf16 (residual connections): each sum as candle's bf16 add rounds it,
@@ -1027,10 +1023,7 @@ fn add_kernel_rounds_as_candle() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        assert_eq!(got.len(), n);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "n {n}, sum {i}: {g} vs {w}");
-        }
+        assert_same_bits(&format!("sums of {n}"), &got, &want);
     }
 }
 
@@ -1062,10 +1055,7 @@ fn bf16_pair_rounds_as_candle() {
                 .unwrap()
         })
         .collect();
-    assert_eq!(got.len(), want.len());
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g.to_bits(), w.to_bits(), "value {i}: {g} vs {w}");
-    }
+    assert_same_bits("A, then B", &got, &want);
 }
 
 /// Several blocks of the elementwise kernels, packs of eight read as one (and the partial last
@@ -1294,10 +1284,8 @@ fn random_normal_matches_the_cpu() {
         "random_normal",
         &input,
     ));
-    assert_eq!(got.len(), n);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g.to_bits(), w.to_bits(), "value {i}: {g} vs {w}");
-    }
+    assert_eq!(want.len(), n);
+    assert_same_bits("random_normal", &got, &want);
 }
 
 /// A mask longer than the CPU's parallel chunks: the GPU's dropout mask is the CPU's, and
@@ -1332,7 +1320,5 @@ fn dropout_mask_matches_the_cpu_bit_for_bit() {
     }
     let kept = want.iter().filter(|&&m| m > 0.0).count() as f64 / n as f64;
     assert!((kept - 0.9).abs() < 0.01, "kept {kept}");
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g.to_bits(), w.to_bits(), "mask value {i}: {g} vs {w}");
-    }
+    assert_same_bits("mask", got, &want);
 }
