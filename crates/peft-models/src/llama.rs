@@ -11,9 +11,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
     add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, embedding,
-    frozen_linear, frozen_mlp, gated_act, linear, packed_self_attention, param,
+    frozen_linear, frozen_mlp, gated_act, linear, lora_linears, packed_self_attention, param,
     prefixed_self_attention, quantized_linear, reshape, rms_norm, rope, softmax_last_dim, taped,
-    GradSink, LinearWeight, QuantizedWeight,
+    GradSink, LinearWeight, LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -22,6 +22,13 @@ use std::sync::{Arc, Mutex};
 /// Something that replaces a linear layer's forward: LoRA, DoRA, IA3, ...
 pub trait LinearAdapter: Send + Sync {
     fn forward(&self, base: &Linear, x: &Tensor, train: bool) -> candle_core::Result<Tensor>;
+
+    /// `(A, B, scale)` when this pass of the adapter is plain LoRA (`x·Wᵀ + scale·x·Aᵀ·Bᵀ`:
+    /// no DoRA, no dropout drawn), so that layers reading one input can share their products
+    /// over it ([`peft_ops::lora_linears`]); `None` otherwise.
+    fn low_rank(&self, _train: bool) -> Option<(Tensor, Tensor, f64)> {
+        None
+    }
 }
 
 #[derive(Clone)]
@@ -644,6 +651,7 @@ impl Llama {
                     sin,
                     mask,
                     window: Some(window),
+                    sink: self.grad_sink.clone(),
                 })
             }
         };
@@ -652,6 +660,7 @@ impl Llama {
             sin,
             mask: Mask { bias, segments },
             window: None,
+            sink: self.grad_sink.clone(),
         };
         Ok((global, local))
     }
@@ -743,14 +752,16 @@ impl Llama {
     }
 }
 
-/// What a decoder layer reads besides its input: the RoPE tables, the mask, and the sliding
-/// window of its keys (`None`: global attention).
+/// What a decoder layer reads besides its input: the RoPE tables, the mask, the sliding
+/// window of its keys (`None`: global attention), and the model's grad sink (for the
+/// gradients that LoRA layers sharing an input send there).
 #[derive(Clone)]
 struct LayerInputs {
     cos: Tensor,
     sin: Tensor,
     mask: Mask,
     window: Option<usize>,
+    sink: Arc<GradSink>,
 }
 
 /// The attention mask of a batch with `attention_mask`: the additive bias (`[b, 1, t, past +
@@ -862,12 +873,15 @@ fn decoder_layer(
     let mut out = match m.frozen_weights() {
         Some((gate, up, down)) => frozen_mlp(&h, &gate, &up, &down, act)?,
         None => {
-            let gated = gated_act(
-                &m.gate_proj.forward(&h, train)?,
-                &m.up_proj.forward(&h, train)?,
-                act,
-            )?;
-            m.down_proj.forward(&gated, train)?
+            let gate_up = [&m.gate_proj, &m.up_proj];
+            let (gate, up) = match shared_input_lora(gate_up, &h, &inputs.sink, train)? {
+                Some([gate, up]) => (gate, up),
+                None => (
+                    m.gate_proj.forward(&h, train)?,
+                    m.up_proj.forward(&h, train)?,
+                ),
+            };
+            m.down_proj.forward(&gated_act(&gate, &up, act)?, train)?
         }
     };
     if let Some(w) = out_norm {
@@ -895,13 +909,18 @@ fn attention(
         sin,
         mask,
         window,
+        sink,
     } = inputs;
     let window = *window;
-    let (mut q, mut k, v) = (
-        a.q_proj.forward(x, train)?,
-        a.k_proj.forward(x, train)?,
-        a.v_proj.forward(x, train)?,
-    );
+    let qkv = [&a.q_proj, &a.k_proj, &a.v_proj];
+    let (mut q, mut k, v) = match shared_input_lora(qkv, x, sink, train)? {
+        Some([q, k, v]) => (q, k, v),
+        None => (
+            a.q_proj.forward(x, train)?,
+            a.k_proj.forward(x, train)?,
+            a.v_proj.forward(x, train)?,
+        ),
+    };
     // Qwen3 and Gemma 3 normalise each head over head_dim; the attention paths below take
     // the heads still side by side in the last dimension.
     let head_norm = |y: &Tensor, w: &Tensor, n: usize| -> candle_core::Result<Tensor> {
@@ -956,6 +975,44 @@ fn attention(
     };
     let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     a.o_proj.forward(&out, train)
+}
+
+/// The outputs of `linears`, which all read `x` (q, k and v; gate and up), by [`lora_linears`]
+/// (their products over `x` shared) where each is a plain LoRA layer (see
+/// [`LinearAdapter::low_rank`]) over a frozen dense weight without bias; `None` otherwise.
+fn shared_input_lora<const N: usize>(
+    linears: [&Linear; N],
+    x: &Tensor,
+    sink: &Arc<GradSink>,
+    train: bool,
+) -> candle_core::Result<Option<[Tensor; N]>> {
+    let mut plain = Vec::with_capacity(N);
+    for l in linears {
+        let low_rank = match (&l.weight, &l.bias, &l.adapter) {
+            (LinearWeight::Dense(w), None, Some(adapter)) if !param(w).track_op() => {
+                adapter.low_rank(train).map(|lr| (w.clone(), lr))
+            }
+            _ => None,
+        };
+        match low_rank {
+            Some(p) => plain.push(p),
+            None => return Ok(None),
+        }
+    }
+    let layers: Vec<LoraProjection> = plain
+        .iter()
+        .map(|(weight, (a, b, scale))| LoraProjection {
+            weight,
+            a,
+            b,
+            scale: *scale,
+        })
+        .collect();
+    let outputs = lora_linears(x, &layers, sink)?;
+    let outputs = outputs.try_into().map_err(|_| {
+        candle_core::Error::Msg(format!("shared LoRA input: {N} layers in, not out"))
+    })?;
+    Ok(Some(outputs))
 }
 
 /// `[b, kv_heads, s, d]` -> `[b, kv_heads * n_rep, s, d]`, each kv head serving n_rep query heads.

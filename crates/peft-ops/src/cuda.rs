@@ -975,33 +975,54 @@ pub(crate) fn dropout_apply(x: &Tensor, dropout: crate::Dropout) -> Result<Tenso
     dispatch!(x.dtype(), f(x, dropout))
 }
 
-/// `a` and `b` (contiguous f32) in bf16, by one launch into one buffer (LoRA's A and B for
-/// cuBLAS, each forward).
-pub(crate) fn bf16_pair(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
-    let dev = cuda_device(a)?;
-    let (na, nb) = (a.elem_count(), b.elem_count());
-    if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
-        candle_core::bail!(
-            "bf16 pair: f32 inputs, not {:?} and {:?}",
-            a.dtype(),
-            b.dtype()
-        );
+/// Up to six contiguous f32 tensors in bf16, by one launch into one buffer: that buffer (the
+/// tensors one after another, flat) and each tensor's view of it. LoRA's A and B for cuBLAS,
+/// each forward: one layer's, or every A and then every B of the projections that read one
+/// input (their A side by side as one matrix).
+pub(crate) fn bf16_concat(parts: &[&Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
+    const MAX: usize = 6;
+    let dev = cuda_device(
+        parts
+            .first()
+            .copied()
+            .ok_or_else(|| candle_core::Error::Msg("bf16 concat: no tensors".into()))?,
+    )?;
+    if parts.len() > MAX || parts.iter().any(|t| t.dtype() != DType::F32) {
+        candle_core::bail!("bf16 concat: at most {MAX} f32 tensors");
     }
-    let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
-    let (av, bv) = (view::<f32>(&sa, la)?, view::<f32>(&sb, lb)?);
+    let counts: Vec<usize> = parts.iter().map(|t| t.elem_count()).collect();
+    let total: usize = counts.iter().sum();
+    let guards: Vec<_> = parts.iter().map(|t| t.storage_and_layout()).collect();
+    let views = guards
+        .iter()
+        .map(|(s, l)| view::<f32>(s, l))
+        .collect::<Result<Vec<_>>>()?;
     // SAFETY: every element is written.
-    let out = unsafe { dev.alloc::<bf16>(na + nb)? };
-    let func = dev.get_or_load_custom_func("bf16_pair", MODULE, ptx(&dev)?)?;
-    let (na_, nb_) = (na as i64, nb as i64);
+    let out = unsafe { dev.alloc::<bf16>(total.max(1))? };
+    let func = dev.get_or_load_custom_func("bf16_concat", MODULE, ptx(&dev)?)?;
+    let mut ns = [0i64; MAX];
+    for (n, &c) in ns.iter_mut().zip(&counts) {
+        *n = c as i64;
+    }
+    // Unused segments point at the first (n = 0: never read).
     let mut builder = func.builder();
-    builder.arg(&av).arg(&na_).arg(&bv).arg(&nb_).arg(&out);
-    // SAFETY: the arguments match bf16_pair in kernels/ops.cu.
-    unsafe { builder.launch(elementwise_config(na + nb)) }.map_err(err)?;
-    let both = wrap(out, &dev, &[na + nb]);
-    Ok((
-        both.narrow(0, 0, na)?.reshape(a.shape())?,
-        both.narrow(0, na, nb)?.reshape(b.shape())?,
-    ))
+    for i in 0..MAX {
+        builder.arg(&views[i.min(views.len() - 1)]).arg(&ns[i]);
+    }
+    builder.arg(&out);
+    if total > 0 {
+        // SAFETY: the arguments match bf16_concat in kernels/ops.cu.
+        unsafe { builder.launch(elementwise_config(total)) }.map_err(err)?;
+    }
+    drop(builder);
+    let all = wrap(out, &dev, &[total.max(1)]).narrow(0, 0, total)?;
+    let mut start = 0;
+    let mut each = Vec::with_capacity(parts.len());
+    for (t, n) in parts.iter().zip(counts) {
+        each.push(all.narrow(0, start, n)?.reshape(t.shape())?);
+        start += n;
+    }
+    Ok((all, each))
 }
 
 /// [`crate::random_normal`] drawn on the GPU in `dtype` (f32 or bf16).

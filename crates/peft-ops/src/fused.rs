@@ -130,7 +130,7 @@ fn second_key(k2: u32, i: u64) -> u32 {
 
 /// Dropout on a LoRA input `[rows, n]`: drawn inside our CUDA kernels from its seed, or a
 /// mask tensor for the composed ops.
-enum InputDropout {
+pub(crate) enum InputDropout {
     Off,
     Mask(Tensor),
     Drawn(Dropout),
@@ -165,7 +165,7 @@ impl InputDropout {
 }
 
 /// Whether our CUDA kernels compute LoRA's low-rank products for `x`.
-fn thin_kernels(x: &Tensor) -> bool {
+pub(crate) fn thin_kernels(x: &Tensor) -> bool {
     x.device().is_cuda() && crate::has_kernel(x, Kernel::LowRank)
 }
 
@@ -265,7 +265,11 @@ fn lora_linear_cublas(
     let x2 = x2.contiguous()?;
     let (a16, b16) = match (a.dtype(), b.dtype()) {
         (DType::F32, DType::F32) => {
-            crate::cuda::bf16_pair(&a.detach().contiguous()?, &b.detach().contiguous()?)?
+            let (a, b) = (a.detach().contiguous()?, b.detach().contiguous()?);
+            match crate::cuda::bf16_concat(&[&a, &b])?.1.as_slice() {
+                [a16, b16] => (a16.clone(), b16.clone()),
+                _ => candle_core::bail!("bf16 concat: two tensors in, two out"),
+            }
         }
         _ => (
             a.detach().to_dtype(DType::BF16)?.contiguous()?,
@@ -278,9 +282,10 @@ fn lora_linear_cublas(
         None => Ok(x2.clone()),
     };
     // drop(x)·Aᵀ [rows, r]
-    let xa = matmul(&dropped(&x2)?, false, &a16, true, 1.0, DType::BF16)?;
+    let xa = matmul((&dropped(&x2)?, false), (&a16, true), 1.0, DType::BF16)?;
     let low_rank = (xa.clone(), b16.clone());
-    let y = lora_forward((&x2, w.dense()?), low_rank, scale, out_shape.into(), true);
+    let by = LowRankBy::Cublas(None);
+    let y = lora_forward((&x2, w.dense()?), low_rank, scale, out_shape.into(), by);
     let w = w.clone();
     let x_shape = x.shape().clone();
     // f32 for the masked low-rank term of dL/dx (our kernel's operands).
@@ -292,16 +297,21 @@ fn lora_linear_cublas(
     with_grad3_acc((x, a, b), y, move |grad, gathered| -> Result<Grads3> {
         let g = grad.reshape((rows, out_f))?.contiguous()?;
         let d_b = match tracks.2 {
-            true => Some(matmul(&g, true, &xa, false, scale, DType::F32)?),
+            true => Some(matmul((&g, true), (&xa, false), scale, DType::F32)?),
             false => None,
         };
         if !(tracks.0 || tracks.1) {
             return Ok((None, None, d_b));
         }
         // scale·g·B [rows, r]: the gradient at the bottleneck.
-        let gb = matmul(&g, false, &b16, false, scale, DType::BF16)?;
+        let gb = matmul((&g, false), (&b16, false), scale, DType::BF16)?;
         let d_a = match tracks.1 {
-            true => Some(matmul(&gb, true, &dropped(&x2)?, false, 1.0, DType::F32)?),
+            true => Some(matmul(
+                (&gb, true),
+                (&dropped(&x2)?, false),
+                1.0,
+                DType::F32,
+            )?),
             false => None,
         };
         // dL/dx = g·W + ((scale·g·B)·A) ∘ mask, both added to the gradient gathered for x.
@@ -328,7 +338,7 @@ fn lora_linear_cublas(
 /// `scale · (x ∘ mask) · wᵀ` in f32 for `x` `[rows, n]` (any float dtype), `w` `[r, n]` f32
 /// (or `[n, r]` when `w_t`), the mask `drop`'s: LoRA's `drop(x)·Aᵀ` and `g·B`. On CUDA one
 /// kernel reads `x` as it is stored, without an f32 copy, and draws the mask itself.
-fn thin_project(
+pub(crate) fn thin_project(
     x: &Tensor,
     drop: &InputDropout,
     w: &Tensor,
@@ -352,7 +362,7 @@ fn thin_project(
 /// `scale · (x ∘ mask)ᵀ · y` in f32 as `[n, r]` (or its transpose `[r, n]` when `out_t`) for
 /// `x` `[rows, n]` (any float dtype), `y` `[rows, r]` f32, the mask `drop`'s: the gradients of
 /// LoRA's B and A. On CUDA without an f32 copy of `x`, the mask drawn in the kernel.
-fn thin_outer(
+pub(crate) fn thin_outer(
     x: &Tensor,
     drop: &InputDropout,
     y: &Tensor,
@@ -394,7 +404,7 @@ fn scaled(t: Tensor, scale: f64) -> Result<Tensor> {
 /// LoRA's forward output `x·Wᵀ (+ bias) + scale·xa·Bᵀ` (`xa` = drop(x)·Aᵀ) as the value of its
 /// with_grad op: on GPUs the op computes it itself, the frozen matmul into its output and our
 /// kernel adding the low-rank term there.
-fn lora_output(
+pub(crate) fn lora_output(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
@@ -412,7 +422,7 @@ fn lora_output(
             low_rank,
             scale as f32,
             shape.into(),
-            false,
+            LowRankBy::Kernel,
         ));
     }
     let base = frozen_matmul(x, w, true)?;
@@ -423,24 +433,45 @@ fn lora_output(
     Ok(Value::Computed(y.reshape(shape)?))
 }
 
-/// LoRA's output `x·Wᵀ + scale·xa·Bᵀ` from `(x, W)` as its with_grad op computes it on GPUs:
-/// the frozen matmul into the op's output, then the low-rank term added there, in place: by
-/// our kernel (`xa`, `b` f32), or by cuBLAS (`cublas`: `xa`, `b` bf16).
+/// Which adds LoRA's low-rank term in [`lora_forward`].
 #[cfg(feature = "cuda")]
-fn lora_forward(
+#[derive(Clone, Copy)]
+pub(crate) enum LowRankBy {
+    /// Our kernel (`xa`, `b` f32).
+    Kernel,
+    /// cuBLAS (`xa`, `b` bf16), from the columns `(first, count)` of `xa` when given (one
+    /// layer's share of the products of layers that read one input), all of them otherwise.
+    Cublas(Option<(usize, usize)>),
+}
+
+/// LoRA's output `x·Wᵀ + scale·xa·Bᵀ` from `(x, W)` as its with_grad op computes it on GPUs:
+/// the frozen matmul into the op's output, then the low-rank term added there, in place.
+#[cfg(feature = "cuda")]
+pub(crate) fn lora_forward(
     (x, w): (&Tensor, Tensor),
     (xa, b): (Tensor, Tensor),
     scale: f32,
     shape: Shape,
-    cublas: bool,
+    by: LowRankBy,
 ) -> Value {
+    use crate::cublas::{matmul_add_into, Mat};
     let f = move |x: GpuIn, w: GpuIn| {
         let out = crate::grad::linear_storage(x, w)?;
         let dims = (x.1.shape().dims2()?.0, w.1.shape().dims2()?.0);
-        if cublas {
-            crate::cublas::matmul_add_into(&out, dims, &xa, false, &b, true, scale)?;
-        } else {
-            crate::cuda::low_rank_add_in_place(&out, dims, &xa, (&b, false), None, scale)?;
+        match by {
+            LowRankBy::Kernel => {
+                crate::cuda::low_rank_add_in_place(&out, dims, &xa, (&b, false), None, scale)?
+            }
+            LowRankBy::Cublas(None) => {
+                matmul_add_into(&out, dims, (&xa, false), (&b, true), scale)?
+            }
+            LowRankBy::Cublas(Some(cols)) => matmul_add_into(
+                &out,
+                dims,
+                Mat::columns(&xa, false, cols),
+                (&b, true),
+                scale,
+            )?,
         }
         Ok((out, shape.clone()))
     };
@@ -454,7 +485,7 @@ fn lora_forward(
 /// `base + scale · (left · rightᵀ) ∘ mask` in `base`'s dtype, the product in f32: `left`
 /// `[rows, r]`, `right` `[cols, r]`, or `[r, cols]` when `right_t`; the mask `drop`'s over
 /// `[rows, cols]` (dropout, in the backward). On CUDA one kernel pass over `base`.
-fn low_rank_add(
+pub(crate) fn low_rank_add(
     base: &Tensor,
     left: &Tensor,
     right: &Tensor,
@@ -489,7 +520,7 @@ fn low_rank_add(
 
 /// Fewest rows for which the LoRA forward without gradients uses matmuls rather than
 /// [`LoraDelta`].
-const SMALL_ROWS: usize = 32;
+pub(crate) const SMALL_ROWS: usize = 32;
 
 /// `y + scale · (x · Aᵀ) · Bᵀ` for a few rows of `x` (f32, CPU), `y` the base output.
 struct LoraDelta {

@@ -18,6 +18,7 @@ mod fast_exp;
 mod fused;
 mod grad;
 mod init;
+mod lora_shared;
 mod ops;
 mod optim;
 mod softmax;
@@ -40,6 +41,9 @@ pub use device::{open_device, peak_memory, reset_peak_memory};
 pub use fused::{dropout_mask, frozen_mlp, gated_act, lora_linear, Dropout, GatedActivation};
 pub use grad::{with_grad, with_grad3, Grads3, OpOutput, Value};
 pub use init::random_normal;
+pub use lora_shared::{
+    lora_linears, lora_shared, set_lora_shared, with_lora_shared, LoraProjection, LORA_SHARED_VAR,
+};
 pub use ops::{
     cross_entropy_chunked, cross_entropy_sum, embedding, frozen_linear, linear, rms_norm, rope,
     softmax_last_dim, IGNORE_INDEX,

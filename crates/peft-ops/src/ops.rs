@@ -436,7 +436,7 @@ fn add_weight_grad(acc: Option<Tensor>, dlogits: &Tensor, h: &Tensor) -> Result<
     {
         // The sum is the first chunk's new f32 product: it takes the others in place.
         return match acc {
-            None => crate::cublas::matmul(dlogits, true, h, false, 1.0, DType::F32),
+            None => crate::cublas::matmul((dlogits, true), (h, false), 1.0, DType::F32),
             Some(acc) => {
                 crate::cublas::add_product_into(&acc, (dlogits, true), (h, false), 1.0)?;
                 Ok(acc)

@@ -159,6 +159,27 @@ impl Switch {
     }
 }
 
+/// A switch's setting on one thread, over the process's (see [`with_thread_setting`]).
+pub(crate) type ThreadSetting = std::thread::LocalKey<std::cell::Cell<Option<bool>>>;
+
+/// `f()` with `setting` at `on` on this thread alone, whatever the process's: for tests that
+/// compare both settings while others run beside them (a forward and its backward run on the
+/// calling thread). The thread's previous setting comes back also when `f` panics.
+pub(crate) fn with_thread_setting<R>(
+    setting: &'static ThreadSetting,
+    on: bool,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore(&'static ThreadSetting, Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.set(self.1);
+        }
+    }
+    let _restore = Restore(setting, setting.replace(Some(on)));
+    f()
+}
+
 /// LoRA's thin products (`x·Aᵀ`, `g·B`, the gradients of A and B, and the low-rank terms added
 /// to the frozen products) by cuBLAS on tensor cores, with bf16 operands (A, B and the rank-r
 /// activations rounded to bf16, as under PyTorch's autocast) and f32 accumulation, for bf16

@@ -104,15 +104,7 @@ pub fn set_layer_tape(on: bool) -> bool {
 /// tests that compare both while others run beside them (a forward and its backward run on
 /// the calling thread).
 pub fn with_layer_tape<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    /// Puts the thread's previous setting back, also when `f` panics.
-    struct Restore(Option<bool>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            TAPE_ON_THIS_THREAD.set(self.0);
-        }
-    }
-    let _restore = Restore(TAPE_ON_THIS_THREAD.replace(Some(on)));
-    f()
+    crate::switches::with_thread_setting(&TAPE_ON_THIS_THREAD, on, f)
 }
 
 thread_local! {

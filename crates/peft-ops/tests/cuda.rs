@@ -33,10 +33,15 @@ enum Input {
     F32,
 }
 
-/// Output and input gradients of `f` on `device` in `dtype`, as CPU f32 tensors.
+/// What `f` computes from the inputs, with a grad sink for the gradients that do not come
+/// through candle's graph.
+type Computed<'a> = &'a dyn Fn(&[Tensor], &Arc<GradSink>) -> Result<Tensor>;
+
+/// Output and input gradients of `f` on `device` in `dtype` (the sink's included), as CPU f32
+/// tensors.
 fn run(
     inputs: &[(Tensor, Input)],
-    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    f: Computed,
     device: &Device,
     dtype: DType,
 ) -> (Tensor, Vec<Option<Tensor>>) {
@@ -52,18 +57,20 @@ fn run(
         })
         .collect();
     let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let y = f(&xs).unwrap();
+    let sink = Arc::new(GradSink::default());
+    let y = f(&xs, &sink).unwrap();
     let probe = randn(y.dims(), 77)
         .to_device(device)
         .unwrap()
         .to_dtype(y.dtype())
         .unwrap();
-    let grads = (&y * &probe)
+    let mut grads = (&y * &probe)
         .unwrap()
         .sum_all()
         .unwrap()
         .backward()
         .unwrap();
+    sink.drain_into(&mut grads).unwrap();
     let gs = vars
         .iter()
         .map(|v| grads.get(v.as_tensor()).map(host))
@@ -83,6 +90,15 @@ fn close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
 
 /// Compares `f` on the GPU (f32 and bf16) with the CPU f32 result.
 fn check(name: &str, inputs: &[(Tensor, Input)], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    check_sinking(name, inputs, |x, _| f(x))
+}
+
+/// [`check`] for an `f` that sends gradients to a grad sink.
+fn check_sinking(
+    name: &str,
+    inputs: &[(Tensor, Input)],
+    f: impl Fn(&[Tensor], &Arc<GradSink>) -> Result<Tensor>,
+) {
     let (y_ref, g_ref) = run(inputs, &f, &Device::Cpu, DType::F32);
     let dev = gpu();
     for (dtype, tol) in [(DType::F32, 1e-3), (DType::BF16, 3e-2)] {
@@ -496,6 +512,69 @@ fn lora_linear_by_cublas_matches_cpu() {
         "lora_linear by cublas",
         &[None, Some(Dropout { p: 0.25, seed: 5 })],
     );
+    set_lora_cublas(before);
+}
+
+/// q, k and v sharing their products over their input by cuBLAS in bf16 (each layer's columns
+/// of `x·A_catᵀ` read where they lie, its `g·B` written into its columns of a shared buffer)
+/// against the CPU's sharing in f32 (f32 on the GPU: each layer on its own), every gradient
+/// (A's through the sink). On the GPU in bf16 no A gets a gradient through candle's graph:
+/// the sharing ran there.
+#[test]
+fn lora_layers_sharing_an_input_match_cpu() {
+    let before = set_lora_cublas(true);
+    let (in_f, outs, ranks) = (32, [32, 16, 16], [8, 4, 8]);
+    let mut inputs = vec![(randn(&[3, 40, in_f], 60), Input::Cast)];
+    for (i, out) in outs.iter().enumerate() {
+        inputs.push((
+            (randn(&[*out, in_f], 61 + i as u64) * 0.3).unwrap(),
+            Input::Cast,
+        ));
+    }
+    for (i, (out, r)) in outs.iter().zip(ranks).enumerate() {
+        inputs.push((randn(&[r, in_f], 64 + i as u64), Input::F32));
+        inputs.push((randn(&[*out, r], 67 + i as u64), Input::F32));
+    }
+    let f = |t: &[Tensor], sink: &Arc<GradSink>| {
+        let weights: Vec<Tensor> = t[1..4].iter().map(Tensor::detach).collect();
+        let layers: Vec<LoraProjection> = (0..3)
+            .map(|i| LoraProjection {
+                weight: &weights[i],
+                a: &t[4 + 2 * i],
+                b: &t[5 + 2 * i],
+                scale: 1.0 + i as f64,
+            })
+            .collect();
+        Tensor::cat(&lora_linears(&t[0], &layers, sink)?, 2)
+    };
+    check_sinking("lora_linears", &inputs, f);
+    let dev = gpu();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|(t, kind)| {
+            let dt = match kind {
+                Input::Cast => DType::BF16,
+                Input::F32 => DType::F32,
+            };
+            Var::from_tensor(&t.to_device(&dev).unwrap().to_dtype(dt).unwrap()).unwrap()
+        })
+        .collect();
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let sink = Arc::new(GradSink::default());
+    let y = f(&xs, &sink).unwrap();
+    let grads = y
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for a in [4, 6, 8] {
+        assert!(
+            grads.get(vars[a].as_tensor()).is_none(),
+            "A {a}: through the graph"
+        );
+    }
     set_lora_cublas(before);
 }
 

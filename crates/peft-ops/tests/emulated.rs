@@ -1028,34 +1028,51 @@ fn add_kernel_rounds_as_candle() {
 }
 
 /// LoRA's A and B rounded to bf16 in one launch: each value as candle rounds it (to nearest,
-/// ties to even), a first, across the seam between the two.
+/// ties to even), one segment after another across the seams, empty segments skipped (one
+/// layer's A and B; the A, then the B of q, k and v).
 #[test]
-fn bf16_pair_rounds_as_candle() {
-    let (a, b) = (
-        randn(&[16, 300], 530),
-        (randn(&[300, 16], 531) * 1e-3).unwrap(),
-    );
-    let mut input = [a.elem_count() as i64, b.elem_count() as i64]
-        .iter()
-        .flat_map(|n| n.to_le_bytes())
-        .collect::<Vec<u8>>();
-    input.extend(f32_bytes(&a));
-    input.extend(f32_bytes(&b));
-    let got = to_f32s(&emulate_with("ops", &["bf16_pair"], "bf16_pair", &input));
-    let want: Vec<f32> = [&a, &b]
-        .iter()
-        .flat_map(|t| {
-            t.to_dtype(DType::BF16)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect();
-    assert_same_bits("A, then B", &got, &want);
+fn bf16_concat_rounds_as_candle() {
+    let small = |shape: &[usize], seed| (randn(shape, seed) * 1e-3).unwrap();
+    let empty = Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap();
+    let one_layer = [randn(&[16, 300], 530), small(&[300, 16], 531)];
+    let three = [
+        randn(&[16, 300], 532),
+        empty.clone(),
+        randn(&[8, 300], 533),
+        small(&[300, 16], 534),
+        small(&[77, 8], 535),
+        empty,
+    ];
+    for segments in [&one_layer[..], &three[..]] {
+        let mut counts = [0i64; 6];
+        for (c, t) in counts.iter_mut().zip(segments) {
+            *c = t.elem_count() as i64;
+        }
+        let mut input: Vec<u8> = counts.iter().flat_map(|n| n.to_le_bytes()).collect();
+        for t in segments {
+            input.extend(f32_bytes(t));
+        }
+        let got = to_f32s(&emulate_with(
+            "ops",
+            &["bf16_concat"],
+            "bf16_concat",
+            &input,
+        ));
+        let want: Vec<f32> = segments
+            .iter()
+            .flat_map(|t| {
+                t.to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        assert_same_bits(&format!("{} segments", segments.len()), &got, &want);
+    }
 }
 
 /// Several blocks of the elementwise kernels, packs of eight read as one (and the partial last

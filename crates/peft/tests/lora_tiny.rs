@@ -372,6 +372,51 @@ fn layer_tapes_give_the_gradients_of_the_graph() {
     }
 }
 
+/// q, k and v (and gate and up) sharing their products over their input
+/// (`peft_ops::lora_linears`) give the gradients of the LoRA layers on their own: through
+/// candle's graph, a layer tape and gradient checkpointing. Through candle's graph alone,
+/// shared, no A of those layers gets its gradient from the graph (they come from the model's
+/// grad sink: the sharing ran); with dropout they do (nothing is shared).
+#[test]
+fn lora_layers_sharing_an_input_give_the_gradients_of_separate_ones() {
+    let run = |targets: &str, dropout: f64, checkpointing: bool, tape: bool, shared: bool| {
+        let mut cfg = config(targets);
+        cfg.lora_dropout = dropout;
+        let mut peft = PeftModel::new(tiny_llama(14, true).unwrap(), cfg, 5).unwrap();
+        peft.base.gradient_checkpointing = checkpointing;
+        peft.dropout_seed.set(3);
+        let trainable = peft.trainable();
+        peft_ops::with_lora_shared(shared, || {
+            peft_ops::with_layer_tape(tape, || {
+                let mut graph = train_loss(&peft.base).backward().unwrap();
+                let shares = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"];
+                let a_from_graph = trainable.iter().any(|(k, v)| {
+                    let shared = shares.iter().any(|p| k.contains(p));
+                    shared && k.contains("lora_A") && graph.get(v.as_tensor()).is_some()
+                });
+                // Empties the sink for the backward below.
+                peft.base.grad_sink.drain_into(&mut graph).unwrap();
+                (taped_or_not(&peft.base, &trainable).0, a_from_graph)
+            })
+        })
+    };
+    for (targets, dropout, checkpointing, tape) in [
+        ("q_proj,k_proj,v_proj,o_proj", 0.0, false, false),
+        ("q_proj,k_proj,v_proj,o_proj", 0.1, false, false),
+        ("q_proj,k_proj,v_proj,o_proj", 0.0, false, true),
+        ("all-linear", 0.0, false, false),
+        ("all-linear", 0.0, true, true),
+    ] {
+        let case = format!("{targets} dropout {dropout} checkpointing {checkpointing} tape {tape}");
+        let (alone, _) = run(targets, dropout, checkpointing, tape, false);
+        let (shared, a_from_graph) = run(targets, dropout, checkpointing, tape, true);
+        assert_same_gradients(&alone, &shared, &case);
+        if !tape && !checkpointing {
+            assert_eq!(a_from_graph, dropout > 0.0, "{case}: A through the graph");
+        }
+    }
+}
+
 /// Full fine-tuning through the layer tape (every weight and norm a variable, their gradients
 /// through the grad sink): the gradients of candle's graph.
 #[test]

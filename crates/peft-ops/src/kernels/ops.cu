@@ -541,13 +541,24 @@ extern "C" __global__ void dropout_apply_bf16(const bf16_t* x, bf16_t* out, long
     dropout_apply(x, out, n, DROPOUT_STRUCT);
 }
 
-// a (na values) then b (nb values) rounded to bf16 into out, in one launch: LoRA's A and B for
-// cuBLAS's thin products. Grid-stride over na + nb.
-extern "C" __global__ void bf16_pair(const float* a, long long na, const float* b, long long nb,
-                                     bf16_t* out) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < na + nb;
-         i += (long long)gridDim.x * blockDim.x)
-        out[i] = to_bf16(i < na ? a[i] : b[i - na]);
+// Up to six f32 segments (n = 0 for those unused) rounded to bf16 one after another into out,
+// in one launch: LoRA's A and B for cuBLAS's thin products, of one layer, or of the projections
+// that read one input (every A, then every B). Grid-stride over the total.
+extern "C" __global__ void bf16_concat(const float* s0, long long n0, const float* s1,
+                                       long long n1, const float* s2, long long n2,
+                                       const float* s3, long long n3, const float* s4,
+                                       long long n4, const float* s5, long long n5,
+                                       bf16_t* out) {
+    const float* src[6] = {s0, s1, s2, s3, s4, s5};
+    const long long n[6] = {n0, n1, n2, n3, n4, n5};
+    const long long total = n0 + n1 + n2 + n3 + n4 + n5;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long j = i;
+        int s = 0;
+        while (s < 5 && j >= n[s]) j -= n[s++];
+        out[i] = to_bf16(src[s][j]);
+    }
 }
 
 // N(0, std²) values of the counter-based stream `key` (init.rs's random_normal): element i is

@@ -7,7 +7,8 @@
 //                 rms_norm_dw_part over blocks of `per` rows, then rms_norm_dw_sum
 // embedding:      i32 n, d, vocab; u32 ids (n); f32 grad (n·d) -> dW (vocab·d), by
 //                 embedding_chains then embedding_bwd
-// bf16_pair:      i64 na, nb; f32 a (na), b (nb) -> a, then b, rounded to bf16 (as f32)
+// bf16_concat:    i64 n (6); f32 segments (n[0], then n[1], ...) -> one after another,
+//                 rounded to bf16 (as f32)
 // add_same:       i64 n; f32 a, b (n each) -> a + b in bf16 (as f32), one element past an
 //                 aligned start when n is odd (every pack read one by one)
 // gated:          i64 n; i32 gelu; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
@@ -88,14 +89,21 @@ int main(int argc, char** argv) {
             embedding_bwd_f32(ids.data(), grad.data(), next.data(), lead.data(), out.data(), d,
                               vocab);
         });
-    } else if (kernel == "bf16_pair") {
-        auto n = take<long long>(in, 2);
-        auto a = take<float>(in, n[0]), b = take<float>(in, n[1]);
-        std::vector<bf16_t> both(n[0] + n[1]);
-        emu::launch({(unsigned)((n[0] + n[1] + 255) / 256)}, {256}, 0, [&] {
-            bf16_pair(a.data(), n[0], b.data(), n[1], both.data());
+    } else if (kernel == "bf16_concat") {
+        auto n = take<long long>(in, 6);
+        std::vector<std::vector<float>> seg;
+        long long total = 0;
+        for (long long k : n) {
+            seg.push_back(take<float>(in, k));
+            total += k;
+        }
+        std::vector<bf16_t> all(total);
+        emu::launch({(unsigned)((total + 255) / 256)}, {256}, 0, [&] {
+            bf16_concat(seg[0].data(), n[0], seg[1].data(), n[1], seg[2].data(), n[2],
+                        seg[3].data(), n[3], seg[4].data(), n[4], seg[5].data(), n[5],
+                        all.data());
         });
-        for (auto v : both) out.push_back(ld(&v, 0));
+        for (auto v : all) out.push_back(ld(&v, 0));
     } else if (kernel == "add_same") {
         long long n = take<long long>(in, 1)[0];
         auto a = take<float>(in, n), b = take<float>(in, n);

@@ -109,6 +109,14 @@ impl LoraLayer {
 }
 
 impl LinearAdapter for LoraLayer {
+    fn low_rank(&self, train: bool) -> Option<(Tensor, Tensor, f64)> {
+        if self.magnitude.is_some() || self.dropout(train).is_some() {
+            return None;
+        }
+        let (a, b) = (param(self.a.as_tensor()), param(self.b.as_tensor()));
+        Some((a, b, self.scaling))
+    }
+
     fn forward(&self, base: &Linear, x: &Tensor, train: bool) -> Result<Tensor> {
         if let Some(m) = &self.magnitude {
             return self.dora_forward(base, m, x, train);
