@@ -874,13 +874,7 @@ fn decoder_layer(
         Some((gate, up, down)) => frozen_mlp(&h, &gate, &up, &down, act)?,
         None => {
             let gate_up = [&m.gate_proj, &m.up_proj];
-            let (gate, up) = match shared_input_lora(gate_up, &h, &inputs.sink, train)? {
-                Some([gate, up]) => (gate, up),
-                None => (
-                    m.gate_proj.forward(&h, train)?,
-                    m.up_proj.forward(&h, train)?,
-                ),
-            };
+            let [gate, up] = forward_sharing_input(gate_up, &h, &inputs.sink, train)?;
             m.down_proj.forward(&gated_act(&gate, &up, act)?, train)?
         }
     };
@@ -913,14 +907,7 @@ fn attention(
     } = inputs;
     let window = *window;
     let qkv = [&a.q_proj, &a.k_proj, &a.v_proj];
-    let (mut q, mut k, v) = match shared_input_lora(qkv, x, sink, train)? {
-        Some([q, k, v]) => (q, k, v),
-        None => (
-            a.q_proj.forward(x, train)?,
-            a.k_proj.forward(x, train)?,
-            a.v_proj.forward(x, train)?,
-        ),
-    };
+    let [mut q, mut k, v] = forward_sharing_input(qkv, x, sink, train)?;
     // Qwen3 and Gemma 3 normalise each head over head_dim; the attention paths below take
     // the heads still side by side in the last dimension.
     let head_norm = |y: &Tensor, w: &Tensor, n: usize| -> candle_core::Result<Tensor> {
@@ -977,30 +964,25 @@ fn attention(
     a.o_proj.forward(&out, train)
 }
 
-/// The outputs of `linears`, which all read `x` (q, k and v; gate and up), by [`lora_linears`]
-/// (their products over `x` shared) where each is a plain LoRA layer (see
-/// [`LinearAdapter::low_rank`]) over a frozen dense weight without bias; `None` otherwise.
-fn shared_input_lora<const N: usize>(
+/// The outputs of `linears`, which all read `x` (q, k and v; gate and up): those that are
+/// plain LoRA layers (see [`LinearAdapter::low_rank`]) over frozen dense weights without bias,
+/// when there are two or more, by [`lora_linears`] (their products over `x` shared; LoRA on
+/// q and v alone, PEFT's default for Llama, shares too), the others by their own forward.
+fn forward_sharing_input<const N: usize>(
     linears: [&Linear; N],
     x: &Tensor,
     sink: &Arc<GradSink>,
     train: bool,
-) -> candle_core::Result<Option<[Tensor; N]>> {
-    let mut plain = Vec::with_capacity(N);
-    for l in linears {
-        let low_rank = match (&l.weight, &l.bias, &l.adapter) {
-            (LinearWeight::Dense(w), None, Some(adapter)) if !param(w).track_op() => {
-                adapter.low_rank(train).map(|lr| (w.clone(), lr))
-            }
-            _ => None,
-        };
-        match low_rank {
-            Some(p) => plain.push(p),
-            None => return Ok(None),
+) -> candle_core::Result<[Tensor; N]> {
+    let plain = linears.map(|l| match (&l.weight, &l.bias, &l.adapter) {
+        (LinearWeight::Dense(w), None, Some(adapter)) if !param(w).track_op() => {
+            adapter.low_rank(train).map(|lr| (w.clone(), lr))
         }
-    }
+        _ => None,
+    });
     let layers: Vec<LoraProjection> = plain
         .iter()
+        .flatten()
         .map(|(weight, (a, b, scale))| LoraProjection {
             weight,
             a,
@@ -1008,11 +990,25 @@ fn shared_input_lora<const N: usize>(
             scale: *scale,
         })
         .collect();
-    let outputs = lora_linears(x, &layers, sink)?;
-    let outputs = outputs.try_into().map_err(|_| {
-        candle_core::Error::Msg(format!("shared LoRA input: {N} layers in, not out"))
-    })?;
-    Ok(Some(outputs))
+    let sharing = layers.len() > 1;
+    let mut shared = match sharing {
+        true => lora_linears(x, &layers, sink)?,
+        false => Vec::new(),
+    }
+    .into_iter();
+    let mut outputs = Vec::with_capacity(N);
+    for (l, p) in linears.iter().zip(&plain) {
+        let y = match (p, sharing) {
+            (Some(_), true) => shared.next().ok_or_else(|| {
+                candle_core::Error::Msg("shared LoRA input: fewer outputs than layers".into())
+            })?,
+            _ => l.forward(x, train)?,
+        };
+        outputs.push(y);
+    }
+    outputs
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("shared LoRA input: an output missing".into()))
 }
 
 /// `[b, kv_heads, s, d]` -> `[b, kv_heads * n_rep, s, d]`, each kv head serving n_rep query heads.

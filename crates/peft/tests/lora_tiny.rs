@@ -372,7 +372,7 @@ fn layer_tapes_give_the_gradients_of_the_graph() {
     }
 }
 
-/// q, k and v (and gate and up) sharing their products over their input
+/// q, k and v (or two of them; gate and up) sharing their products over their input
 /// (`peft_ops::lora_linears`) give the gradients of the LoRA layers on their own: through
 /// candle's graph, a layer tape and gradient checkpointing. Through candle's graph alone,
 /// shared, no A of those layers gets its gradient from the graph (they come from the model's
@@ -403,6 +403,7 @@ fn lora_layers_sharing_an_input_give_the_gradients_of_separate_ones() {
     for (targets, dropout, checkpointing, tape) in [
         ("q_proj,k_proj,v_proj,o_proj", 0.0, false, false),
         ("q_proj,k_proj,v_proj,o_proj", 0.1, false, false),
+        ("q_proj,v_proj", 0.0, false, false),
         ("q_proj,k_proj,v_proj,o_proj", 0.0, false, true),
         ("all-linear", 0.0, false, false),
         ("all-linear", 0.0, true, true),
