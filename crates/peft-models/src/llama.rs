@@ -976,7 +976,7 @@ fn forward_sharing_input<const N: usize>(
 ) -> candle_core::Result<[Tensor; N]> {
     let plain = linears.map(|l| match (&l.weight, &l.bias, &l.adapter) {
         (LinearWeight::Dense(w), None, Some(adapter)) if !param(w).track_op() => {
-            adapter.low_rank(train).map(|lr| (w.clone(), lr))
+            adapter.low_rank(train).map(|lr| (param(w), lr))
         }
         _ => None,
     });

@@ -1004,7 +1004,7 @@ pub(crate) fn bf16_concat(parts: &[&Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
     for (n, &c) in ns.iter_mut().zip(&counts) {
         *n = c as i64;
     }
-    // Unused segments point at the first (n = 0: never read).
+    // Unused segments point at the last tensor's (n = 0: never read).
     let mut builder = func.builder();
     for i in 0..MAX {
         builder.arg(&views[i.min(views.len() - 1)]).arg(&ns[i]);
@@ -1023,6 +1023,18 @@ pub(crate) fn bf16_concat(parts: &[&Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
         start += n;
     }
     Ok((all, each))
+}
+
+/// A new `[rows, cols]` bf16 gpu tensor on `like`'s device whose elements are not set: for a
+/// buffer every element of which the caller writes before anything reads it.
+pub(crate) fn unset_bf16(like: &Tensor, (rows, cols): (usize, usize)) -> Result<Tensor> {
+    let dev = cuda_device(like)?;
+    // SAFETY: bf16 has no invalid bit patterns; the callers write each element before reading
+    // it (see the doc comment).
+    let buf = unsafe { dev.alloc::<bf16>((rows * cols).max(1))? };
+    wrap(buf, &dev, &[(rows * cols).max(1)])
+        .narrow(0, 0, rows * cols)?
+        .reshape((rows, cols))
 }
 
 /// [`crate::random_normal`] drawn on the GPU in `dtype` (f32 or bf16).

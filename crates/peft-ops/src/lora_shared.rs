@@ -71,13 +71,21 @@ pub fn lora_linears(
     let trains = |l: &LoraProjection| l.a.track_op() || l.b.track_op();
     let tracks = x.track_op() || layers.iter().any(trains);
     let route = Route::of(x, layers);
+    // A trained A must be a variable: its gradient goes to the sink under its own id.
+    let shapes_fit = |l: &LoraProjection| match (l.weight.dims2(), l.a.dims2(), l.b.dims2()) {
+        (Ok((out, i)), Ok((r, ia)), Ok((ob, rb))) => {
+            i == in_f && ia == in_f && (ob, rb) == (out, r)
+        }
+        _ => false,
+    };
     let shared = lora_shared()
         && (2..=3).contains(&layers.len())
         && layers.iter().all(|l| {
             !l.weight.track_op()
-                && l.weight.dims2().is_ok_and(|(_, i)| i == in_f)
+                && shapes_fit(l)
                 && l.a.track_op() == l.b.track_op()
                 && trains(l) == trains(&layers[0])
+                && (!l.a.track_op() || l.a.is_variable())
         })
         && (tracks || rows >= crate::fused::SMALL_ROWS)
         && route.is_some();
@@ -253,7 +261,9 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        // A backward that reached some of the layers but not all would lose A's gradients.
+        // A backward that reached some of the layers but not all (a layer tape skips an op
+        // whose output got no gradient) would lose every A's gradient and the others' low-rank
+        // share of dL/dx: no model here leaves q, k, v, gate or up out of the loss.
         if let Ok(p) = self.pending.get_mut() {
             if p.done.contains(&true) {
                 eprintln!(
@@ -399,8 +409,8 @@ impl Layer {
             match &pending.columns {
                 Some(c) => c.clone(),
                 None => {
-                    let (rows, width) = shared.xa.dims2()?;
-                    let c = Tensor::zeros((rows, width), DType::BF16, g.device())?;
+                    // Each layer writes its columns before the last reads them all.
+                    let c = crate::cuda::unset_bf16(g, shared.xa.dims2()?)?;
                     pending.columns = Some(c.clone());
                     c
                 }
