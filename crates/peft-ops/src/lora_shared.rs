@@ -59,8 +59,8 @@ pub struct LoraProjection<'a> {
 /// it, with their products over `x` shared (see the module documentation). The gradients of
 /// their A go to `sink`, which the caller drains after the backward. Each layer runs on its own
 /// where sharing does not apply: one layer, over three, trained and frozen adapters mixed, a
-/// few rows without gradients (decoding), or GPU paths other than bf16 activations with
-/// cuBLAS's thin products.
+/// few rows without gradients (decoding), or a GPU without our low-rank kernels (candle's
+/// composed ops there).
 pub fn lora_linears(
     x: &Tensor,
     layers: &[LoraProjection],
@@ -162,9 +162,10 @@ pub fn lora_linears(
 /// How the shared products are computed.
 #[derive(Clone, Copy)]
 enum Route {
-    /// candle's ops and our CPU kernels, in f32 (the CPU).
+    /// The thin products of [`lora_linear`] in f32: candle's ops and our kernels on the CPU,
+    /// our low-rank kernels on a GPU (`PEFT_CUDA_LORA=kernels`, or f32 activations).
     Composed,
-    /// cuBLAS, bf16 operands (bf16 activations on a GPU, A and B f32, cuBLAS's thin products).
+    /// cuBLAS, bf16 operands (bf16 activations on a GPU, cuBLAS's thin products).
     #[cfg(feature = "cuda")]
     Cublas,
 }
@@ -172,15 +173,17 @@ enum Route {
 impl Route {
     fn of(x: &Tensor, layers: &[LoraProjection]) -> Option<Self> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda()
-            && x.dtype() == DType::BF16
-            && crate::has_kernel(x, crate::Kernel::LowRank)
-            && crate::lora_cublas()
-            && layers
+        if x.device().is_cuda() {
+            let f32_pairs = layers
                 .iter()
-                .all(|l| l.a.dtype() == DType::F32 && l.b.dtype() == DType::F32)
-        {
-            return Some(Self::Cublas);
+                .all(|l| l.a.dtype() == DType::F32 && l.b.dtype() == DType::F32);
+            if !(f32_pairs && crate::has_kernel(x, crate::Kernel::LowRank)) {
+                return None;
+            }
+            return Some(match x.dtype() == DType::BF16 && crate::lora_cublas() {
+                true => Self::Cublas,
+                false => Self::Composed,
+            });
         }
         let _ = layers;
         x.device().is_cpu().then_some(Self::Composed)

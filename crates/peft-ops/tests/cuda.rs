@@ -515,14 +515,21 @@ fn lora_linear_by_cublas_matches_cpu() {
     set_lora_cublas(before);
 }
 
-/// q, k and v sharing their products over their input by cuBLAS in bf16 (each layer's columns
-/// of `x·A_catᵀ` read where they lie, its `g·B` written into its columns of a shared buffer)
-/// against the CPU's sharing in f32 (f32 on the GPU: each layer on its own), every gradient
-/// (A's through the sink). On the GPU in bf16 no A gets a gradient through candle's graph:
-/// the sharing ran there.
+/// q, k and v sharing their products over their input against the CPU's sharing in f32,
+/// every gradient (A's through the sink): by cuBLAS in bf16 (each layer's columns of
+/// `x·A_catᵀ` read where they lie, its `g·B` written into its columns of a shared buffer), and
+/// by our low-rank kernels (f32, and bf16 with `PEFT_CUDA_LORA=kernels`). On the GPU in bf16 no
+/// A gets a gradient through candle's graph: the sharing ran there.
 #[test]
 fn lora_layers_sharing_an_input_match_cpu() {
-    let before = set_lora_cublas(true);
+    for cublas in [true, false] {
+        let before = set_lora_cublas(cublas);
+        check_shared_lora_layers(&format!("lora_linears, cublas {cublas}"));
+        set_lora_cublas(before);
+    }
+}
+
+fn check_shared_lora_layers(name: &str) {
     let (in_f, outs, ranks) = (32, [32, 16, 16], [8, 4, 8]);
     let mut inputs = vec![(randn(&[3, 40, in_f], 60), Input::Cast)];
     for (i, out) in outs.iter().enumerate() {
@@ -547,7 +554,7 @@ fn lora_layers_sharing_an_input_match_cpu() {
             .collect();
         Tensor::cat(&lora_linears(&t[0], &layers, sink)?, 2)
     };
-    check_sinking("lora_linears", &inputs, f);
+    check_sinking(name, &inputs, f);
     let dev = gpu();
     let vars: Vec<Var> = inputs
         .iter()
@@ -570,12 +577,9 @@ fn lora_layers_sharing_an_input_match_cpu() {
         .backward()
         .unwrap();
     for a in [4, 6, 8] {
-        assert!(
-            grads.get(vars[a].as_tensor()).is_none(),
-            "A {a}: through the graph"
-        );
+        let through_graph = grads.get(vars[a].as_tensor()).is_some();
+        assert!(!through_graph, "{name}: A {a} through the graph");
     }
-    set_lora_cublas(before);
 }
 
 fn check_lora_linear(name: &str, dropouts: &[Option<Dropout>]) {
