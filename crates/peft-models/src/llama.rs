@@ -965,7 +965,8 @@ fn attention(
 }
 
 /// The outputs of `linears`, which all read `x` (q, k and v; gate and up): those that are
-/// plain LoRA layers (see [`LinearAdapter::low_rank`]) over frozen dense weights without bias,
+/// plain LoRA layers (see [`LinearAdapter::low_rank`]) over frozen weights (dense or 4-bit)
+/// without bias,
 /// when there are two or more, by [`lora_linears`] (their products over `x` shared; LoRA on
 /// q and v alone, PEFT's default for Llama, shares too), the others by their own forward.
 fn forward_sharing_input<const N: usize>(
@@ -974,11 +975,16 @@ fn forward_sharing_input<const N: usize>(
     sink: &Arc<GradSink>,
     train: bool,
 ) -> candle_core::Result<[Tensor; N]> {
-    let plain = linears.map(|l| match (&l.weight, &l.bias, &l.adapter) {
-        (LinearWeight::Dense(w), None, Some(adapter)) if !param(w).track_op() => {
-            adapter.low_rank(train).map(|lr| (param(w), lr))
+    let plain = linears.map(|l| {
+        let weight = match &l.weight {
+            LinearWeight::Dense(w) if !param(w).track_op() => LinearWeight::Dense(param(w)),
+            LinearWeight::Quantized(q) => LinearWeight::Quantized(q.clone()),
+            LinearWeight::Dense(_) => return None,
+        };
+        match (&l.bias, &l.adapter) {
+            (None, Some(adapter)) => adapter.low_rank(train).map(|lr| (weight, lr)),
+            _ => None,
         }
-        _ => None,
     });
     let layers: Vec<LoraProjection> = plain
         .iter()

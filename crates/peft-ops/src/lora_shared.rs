@@ -46,10 +46,10 @@ pub fn with_lora_shared<R>(on: bool, f: impl FnOnce() -> R) -> R {
     crate::switches::with_thread_setting(&SHARED_ON_THIS_THREAD, on, f)
 }
 
-/// A LoRA layer over a frozen dense weight `[out, in]`, without bias or dropout: `x·Wᵀ +
-/// scale·x·Aᵀ·Bᵀ` (A `[r, in]`, B `[out, r]`).
+/// A LoRA layer over a frozen weight `[out, in]` (dense, or 4-bit for QLoRA), without bias or
+/// dropout: `x·Wᵀ + scale·x·Aᵀ·Bᵀ` (A `[r, in]`, B `[out, r]`).
 pub struct LoraProjection<'a> {
-    pub weight: &'a Tensor,
+    pub weight: &'a LinearWeight,
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scale: f64,
@@ -71,20 +71,22 @@ pub fn lora_linears(
     let trains = |l: &LoraProjection| l.a.track_op() || l.b.track_op();
     let tracks = x.track_op() || layers.iter().any(trains);
     let route = Route::of(x, layers);
-    // A trained A must be a variable: its gradient goes to the sink under its own id.
-    let shapes_fit = |l: &LoraProjection| match (l.weight.dims2(), l.a.dims2(), l.b.dims2()) {
-        (Ok((out, i)), Ok((r, ia)), Ok((ob, rb))) => {
-            i == in_f && ia == in_f && (ob, rb) == (out, r)
-        }
+    let shapes_fit = |l: &LoraProjection| match (l.weight.dims(), l.a.dims2(), l.b.dims2()) {
+        ((out, i), Ok((r, ia)), Ok((ob, rb))) => i == in_f && ia == in_f && (ob, rb) == (out, r),
         _ => false,
+    };
+    let frozen = |l: &LoraProjection| match l.weight {
+        LinearWeight::Dense(w) => !w.track_op(),
+        LinearWeight::Quantized(_) => true,
     };
     let shared = lora_shared()
         && (2..=3).contains(&layers.len())
         && layers.iter().all(|l| {
-            !l.weight.track_op()
+            frozen(l)
                 && shapes_fit(l)
                 && l.a.track_op() == l.b.track_op()
                 && trains(l) == trains(&layers[0])
+                // A trained A's gradient goes to the sink under its own id: a variable's.
                 && (!l.a.track_op() || l.a.is_variable())
         })
         && (tracks || rows >= crate::fused::SMALL_ROWS)
@@ -94,10 +96,7 @@ pub fn lora_linears(
         _ => {
             return layers
                 .iter()
-                .map(|l| {
-                    let w = LinearWeight::Dense(l.weight.clone());
-                    lora_linear(x, &w, None, l.a, l.b, l.scale, None)
-                })
+                .map(|l| lora_linear(x, l.weight, None, l.a, l.b, l.scale, None))
                 .collect()
         }
     };
@@ -283,7 +282,8 @@ impl Drop for Shared {
 /// One layer of [`lora_linears`].
 struct Layer {
     index: usize,
-    weight: Tensor,
+    /// Dequantized for each product where 4-bit (as [`lora_linear`] does).
+    weight: LinearWeight,
     /// B as the route reads it (f32, or bf16 for cuBLAS).
     b: Tensor,
     scale: f64,
@@ -302,7 +302,7 @@ impl Layer {
         shared: &Arc<Shared>,
     ) -> Result<Tensor> {
         let (rows, _) = shared.x.dims2()?;
-        let out_f = self.weight.dim(0)?;
+        let out_f = self.weight.dims().0;
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("x has dims") = out_f;
         let (first, r) = self.columns;
@@ -311,7 +311,7 @@ impl Layer {
                 let xa = shared.xa.narrow(1, first, r)?.contiguous()?;
                 lora_output(
                     &shared.x,
-                    &self.weight,
+                    &self.weight.dense()?,
                     None,
                     &xa,
                     &self.b,
@@ -321,7 +321,7 @@ impl Layer {
             }
             #[cfg(feature = "cuda")]
             Route::Cublas => crate::fused::lora_forward(
-                (&shared.x.contiguous()?, self.weight.clone()),
+                (&shared.x.contiguous()?, self.weight.dense()?),
                 (shared.xa.clone(), self.b.clone()),
                 self.scale as f32,
                 shape.into(),
@@ -366,7 +366,7 @@ impl Layer {
             false => None,
         };
         let mut d_x = match x_tracks {
-            true => Some(add_input_grad(gathered, g, &self.weight, x_shape)?),
+            true => Some(add_input_grad(gathered, g, &self.weight.dense()?, x_shape)?),
             false => None,
         };
         let gb = thin_project(g, &off, &self.b, true, self.scale)?;
@@ -404,7 +404,7 @@ impl Layer {
             false => None,
         };
         let d_x = match x_tracks {
-            true => Some(add_input_grad(gathered, g, &self.weight, x_shape)?),
+            true => Some(add_input_grad(gathered, g, &self.weight.dense()?, x_shape)?),
             false => None,
         };
         let columns = {
@@ -459,7 +459,9 @@ mod tests {
     /// into candle's), and whether any A had a gradient in candle's graph before that.
     fn run(shared: bool, tape: bool) -> (f32, Vec<Vec<f32>>, bool) {
         let x = Var::from_tensor(&randn(1, &[2, 5, 8], 1.0)).unwrap();
-        let weights: Vec<Tensor> = (0..3).map(|i| randn(10 + i, &[4, 8], 0.3)).collect();
+        let weights: Vec<LinearWeight> = (0..3)
+            .map(|i| LinearWeight::Dense(randn(10 + i, &[4, 8], 0.3)))
+            .collect();
         let params: Vec<Var> = [3, 2, 3]
             .iter()
             .zip(0u64..)

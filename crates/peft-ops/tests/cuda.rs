@@ -543,7 +543,10 @@ fn check_shared_lora_layers(name: &str) {
         inputs.push((randn(&[*out, r], 67 + i as u64), Input::F32));
     }
     let f = |t: &[Tensor], sink: &Arc<GradSink>| {
-        let weights: Vec<Tensor> = t[1..4].iter().map(Tensor::detach).collect();
+        let weights: Vec<LinearWeight> = t[1..4]
+            .iter()
+            .map(|w| LinearWeight::Dense(w.detach()))
+            .collect();
         let layers: Vec<LoraProjection> = (0..3)
             .map(|i| LoraProjection {
                 weight: &weights[i],

@@ -74,13 +74,15 @@ fn quantized_base_equals_its_dequantized_weights() {
 #[test]
 fn lora_gradients_on_the_4bit_base_match_the_dense_equivalent() {
     let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
-    let grads = |base: Llama| {
-        let peft = PeftModel::new(base, config(), 5).unwrap();
+    let loss = |peft: &PeftModel| {
         let h = peft.base.forward(&ids(), None, None, true).unwrap();
         let h = h.reshape((8, 32)).unwrap();
         let w = peft.base.lm_head_weight().unwrap();
-        let loss = cross_entropy_chunked(&h, &w, &labels, 3).unwrap().0;
-        let g = peft.base.backward(&loss).unwrap();
+        cross_entropy_chunked(&h, &w, &labels, 3).unwrap().0
+    };
+    let grads = |base: Llama| {
+        let peft = PeftModel::new(base, config(), 5).unwrap();
+        let g = peft.base.backward(&loss(&peft)).unwrap();
         peft.trainable()
             .into_iter()
             .map(|(k, v)| (k, g.get(v.as_tensor()).unwrap().clone()))
@@ -88,9 +90,22 @@ fn lora_gradients_on_the_4bit_base_match_the_dense_equivalent() {
     };
     let q = grads(quantized(2, FourBit::Nf4));
     let d = grads(densified(quantized(2, FourBit::Nf4)));
+    // q, k, v and gate, up share their LoRA products over their input on the 4-bit base too:
+    // the same gradients as each layer on its own.
+    let alone = peft_ops::with_lora_shared(false, || grads(quantized(2, FourBit::Nf4)));
     assert_eq!(q.len(), 28);
-    for ((k, a), (_, b)) in q.iter().zip(&d) {
+    for (((k, a), (_, b)), (_, c)) in q.iter().zip(&d).zip(&alone) {
         assert!(max_abs_diff(a, b) < 1e-5, "{k}");
+        assert!(max_abs_diff(a, c) < 1e-5, "{k}: shared and alone");
+    }
+    // The sharing ran: through candle's graph alone, no A of those layers has a gradient.
+    let peft = PeftModel::new(quantized(2, FourBit::Nf4), config(), 5).unwrap();
+    let graph = peft_ops::with_layer_tape(false, || loss(&peft).backward().unwrap());
+    for (k, v) in peft.trainable() {
+        let shares = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"];
+        if k.contains("lora_A") && shares.iter().any(|p| k.contains(p)) {
+            assert!(graph.get(v.as_tensor()).is_none(), "{k} through the graph");
+        }
     }
 }
 
