@@ -284,6 +284,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "trainable_params": trainable, "all_params": all, "cuda_kernels_off": kernels_off,
             "layer_tape": peft_ops::layer_tape_enabled(),
             "tape_gather": peft_ops::layer_tape_enabled() && peft_ops::tape_gather_enabled(),
+            "lora_shared": peft_ops::lora_shared(),
             "lora_cublas": device.is_cuda() && peft_ops::lora_cublas(),
             "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
             "flash_wide_backward": device.is_cuda() && peft_ops::flash_wide_backward(),

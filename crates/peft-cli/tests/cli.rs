@@ -164,6 +164,7 @@ fn bench_trains_prompt_and_prefix_tuning() {
         assert_eq!(r["num_virtual_tokens"], 20, "{method}");
         // The settings that change how a step runs are part of the record.
         assert_eq!(r["layer_tape"], true, "{method}");
+        assert_eq!(r["lora_shared"], true, "{method}");
         assert_eq!(r["lora_cublas"], false, "{method}");
         assert_eq!(r["flash_wide"], false, "{method}");
         assert_eq!(r["flash_wide_backward"], false, "{method}");
