@@ -966,9 +966,9 @@ fn attention(
 
 /// The outputs of `linears`, which all read `x` (q, k and v; gate and up): those that are
 /// plain LoRA layers (see [`LinearAdapter::low_rank`]) over frozen weights (dense or 4-bit)
-/// without bias,
-/// when there are two or more, by [`lora_linears`] (their products over `x` shared; LoRA on
-/// q and v alone, PEFT's default for Llama, shares too), the others by their own forward.
+/// without bias, when there are two or more, by [`lora_linears`] (their products over `x`
+/// shared; LoRA on q and v alone, PEFT's default for Llama, shares too), the others by their
+/// own forward.
 fn forward_sharing_input<const N: usize>(
     linears: [&Linear; N],
     x: &Tensor,

@@ -165,7 +165,7 @@ impl InputDropout {
 }
 
 /// Whether our CUDA kernels compute LoRA's low-rank products for `x`.
-pub(crate) fn thin_kernels(x: &Tensor) -> bool {
+fn thin_kernels(x: &Tensor) -> bool {
     x.device().is_cuda() && crate::has_kernel(x, Kernel::LowRank)
 }
 

@@ -9,7 +9,7 @@
 //! every A's gradient to the model's [`GradSink`] (the ops' own gradient for A is none).
 
 use crate::fused::{lora_output, low_rank_add, thin_outer, thin_project, InputDropout};
-use crate::grad::{with_grad3_acc, Accumulated};
+use crate::grad::with_grad3_acc;
 use crate::ops::add_input_grad;
 use crate::switches::Switch;
 use crate::{lora_linear, GradSink, Grads3, LinearWeight};
@@ -135,7 +135,7 @@ pub fn lora_linears(
         x: x2.clone(),
         a_cat,
         xa,
-        ranks: ranks.clone(),
+        ranks,
         a_ids: layers.iter().map(|l| l.a.id()).collect(),
         a_tracks: layers[0].a.track_op(),
         sink: sink.clone(),
@@ -151,7 +151,6 @@ pub fn lora_linears(
                 weight: l.weight.clone(),
                 b,
                 scale: l.scale,
-                columns: ranks[i],
             };
             layer.output(x, (l.a, l.b), route, &shared)
         })
@@ -287,8 +286,6 @@ struct Layer {
     /// B as the route reads it (f32, or bf16 for cuBLAS).
     b: Tensor,
     scale: f64,
-    /// Its columns in `xa`: first and rank.
-    columns: (usize, usize),
 }
 
 impl Layer {
@@ -305,10 +302,10 @@ impl Layer {
         let out_f = self.weight.dims().0;
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("x has dims") = out_f;
-        let (first, r) = self.columns;
+        let columns = shared.ranks[self.index];
         let value = match route {
             Route::Composed => {
-                let xa = shared.xa.narrow(1, first, r)?.contiguous()?;
+                let xa = shared.xa.narrow(1, columns.0, columns.1)?.contiguous()?;
                 lora_output(
                     &shared.x,
                     &self.weight.dense()?,
@@ -321,42 +318,47 @@ impl Layer {
             }
             #[cfg(feature = "cuda")]
             Route::Cublas => crate::fused::lora_forward(
-                (&shared.x.contiguous()?, self.weight.dense()?),
+                (&shared.x, self.weight.dense()?),
                 (shared.xa.clone(), self.b.clone()),
                 self.scale as f32,
                 shape.into(),
-                crate::fused::LowRankBy::Cublas(Some(self.columns)),
+                crate::fused::LowRankBy::Cublas(Some(columns)),
             ),
         };
         let x_shape = x.shape().clone();
-        let tracks = (x.track_op(), b.track_op());
+        let (x_tracks, b_tracks) = (x.track_op(), b.track_op());
         let shared = shared.clone();
         with_grad3_acc((x, a, b), value, move |grad, gathered| -> Result<Grads3> {
-            let g = grad.reshape((rows, out_f))?;
-            let (d_x, d_b) = match route {
-                Route::Composed => {
-                    self.backward_composed(&shared, &g, gathered, tracks, &x_shape)?
-                }
-                #[cfg(feature = "cuda")]
-                Route::Cublas => {
-                    let g = g.contiguous()?;
-                    self.backward_cublas(&shared, &g, gathered, tracks, &x_shape)?
-                }
+            let g = grad.reshape((rows, out_f))?.contiguous()?;
+            // The layer's own share of dL/dx, `g·W`; the last layer adds the low-rank shares.
+            let d_x = match x_tracks {
+                true => Some(add_input_grad(
+                    gathered,
+                    &g,
+                    &self.weight.dense()?,
+                    &x_shape,
+                )?),
+                false => None,
             };
-            Ok((d_x, None, d_b))
+            let (d_x, d_b) = match route {
+                Route::Composed => self.backward_composed(&shared, &g, d_x, b_tracks)?,
+                #[cfg(feature = "cuda")]
+                Route::Cublas => self.backward_cublas(&shared, &g, d_x, b_tracks)?,
+            };
+            Ok((d_x.map(|d| d.reshape(&x_shape)).transpose()?, None, d_b))
         })
     }
 
-    /// dL/dx and dL/dB in f32 by candle's ops and our CPU kernels.
+    /// dL/dB, and the low-rank share of dL/dx added to `d_x` where this layer's backward is
+    /// the last, in f32 by candle's ops and our CPU kernels.
     fn backward_composed(
         &self,
         shared: &Shared,
         g: &Tensor,
-        gathered: Option<Accumulated>,
-        (x_tracks, b_tracks): (bool, bool),
-        x_shape: &candle_core::Shape,
+        d_x: Option<Tensor>,
+        b_tracks: bool,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (first, r) = self.columns;
+        let (first, r) = shared.ranks[self.index];
         let off = InputDropout::Off;
         let d_b = match b_tracks {
             true => {
@@ -365,10 +367,7 @@ impl Layer {
             }
             false => None,
         };
-        let mut d_x = match x_tracks {
-            true => Some(add_input_grad(gathered, g, &self.weight.dense()?, x_shape)?),
-            false => None,
-        };
+        let mut d_x = d_x;
         let gb = thin_project(g, &off, &self.b, true, self.scale)?;
         if let Some(gb_cat) = shared.hand_in(self.index, Some(gb))? {
             if shared.a_tracks {
@@ -376,35 +375,30 @@ impl Layer {
             }
             if let Some(d) = d_x {
                 let d = d.reshape(shared.x.shape())?;
-                let d = low_rank_add(&d, &gb_cat, &shared.a_cat, true, &off, 1.0)?;
-                d_x = Some(d.reshape(x_shape)?);
+                d_x = Some(low_rank_add(&d, &gb_cat, &shared.a_cat, true, &off, 1.0)?);
             }
         }
         Ok((d_x, d_b))
     }
 
-    /// dL/dx and dL/dB by cuBLAS: `scale·g·B` into this layer's columns of a buffer the
-    /// layers share, the shared products by the last.
+    /// [`Self::backward_composed`] by cuBLAS: `scale·g·B` into this layer's columns of a
+    /// buffer the layers share, the low-rank share added into `d_x` in place.
     #[cfg(feature = "cuda")]
     fn backward_cublas(
         &self,
         shared: &Shared,
         g: &Tensor,
-        gathered: Option<Accumulated>,
-        (x_tracks, b_tracks): (bool, bool),
-        x_shape: &candle_core::Shape,
+        d_x: Option<Tensor>,
+        b_tracks: bool,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         use crate::cublas::{add_product_into, matmul, matmul_into_columns, Mat};
         let scale = self.scale as f32;
+        let (first, r) = shared.ranks[self.index];
         let d_b = match b_tracks {
             true => {
-                let xa = Mat::columns(&shared.xa, false, self.columns);
+                let xa = Mat::columns(&shared.xa, false, (first, r));
                 Some(matmul((g, true), xa, scale, DType::F32)?)
             }
-            false => None,
-        };
-        let d_x = match x_tracks {
-            true => Some(add_input_grad(gathered, g, &self.weight.dense()?, x_shape)?),
             false => None,
         };
         let columns = {
@@ -419,13 +413,7 @@ impl Layer {
                 }
             }
         };
-        matmul_into_columns(
-            &columns,
-            self.columns.0,
-            (g, false),
-            (&self.b, false),
-            scale,
-        )?;
+        matmul_into_columns(&columns, first, (g, false), (&self.b, false), scale)?;
         drop(columns);
         if let Some(gb_cat) = shared.hand_in(self.index, None)? {
             if shared.a_tracks {
