@@ -22,6 +22,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$out"
+# Each group off against the defaults: no kernel tuning around it.
+export PEFT_KERNEL_TUNING=off
 SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)
 export LD_LIBRARY_PATH="${SP:+$SP/nvidia/cu13/lib:}${LD_LIBRARY_PATH:-}"
 flags=(bench --device cuda --dtype bf16 --shape llama-3.2-1b --r 16 --lora-alpha 32

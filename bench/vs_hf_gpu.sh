@@ -73,12 +73,15 @@ shape_of = {"smollm2-135m": "smol", "llama-3.2-1b": "1b", "llama-3-8b": "8b"}
 hf_by = {key(r["shape"], r["method"], r["batch"], r["seq"], r["ckpt"]): r for r in hf if "shape" in r}
 # The bf16 dense matmul peak measured on the H200 (shared/gpu/README.md).
 PEAK_TFLOPS = 790
-rows = ["| case | HF tok/s | ours tok/s | speed ratio | HF peak GiB | ours peak GiB | memory ratio | ours model TFLOP/s | % of peak | attention |",
+rows = ["| case | HF tok/s | ours tok/s | speed ratio | HF peak GiB | ours peak GiB | memory ratio | ours model TFLOP/s | % of peak | attention; kernel paths |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-# What served our attention: cuDNN (the passes it ran) or the flash kernels.
+# What served our attention: cuDNN (the passes it ran) or the flash kernels; and the paths
+# kernel tuning chose, where it ran.
 def served(r):
     runs = r.get("cudnn_attention_runs")
-    return f"cuDNN {r.get('cudnn_version')}, {runs} passes" if runs else "flash"
+    attention = f"cuDNN {r.get('cudnn_version')}, {runs} passes" if runs else "flash"
+    tuned = (r.get("kernel_tuning") or {}).get("settings")
+    return attention + (f"; tuned: {' '.join(tuned)}" if tuned else "")
 summary = {}
 for o in ours:
     r = o["result"]

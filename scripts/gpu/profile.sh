@@ -4,12 +4,16 @@
 # per launch: name and gpu__time_duration; the bench's own JSON lines in profile_bench.jsonl),
 # and torch's profiler does the same for HF PEFT on the 1B shape (hf_profile.txt).
 # scripts/gpu/kernel_table.py sums the CSVs by kernel afterwards.
+# Kernel tuning is off (its passes would be profiled too, and timed under the profiler): the
+# paths run as built, or as the environment sets them (say the settings a tuned `peft bench`
+# chose: its JSON's kernel_tuning.settings).
 #   scripts/gpu/profile.sh [--no-hf] [CASE...]   CASE: smol, 1b, 1b-all, 1b-full, 8b (default: 1b smol)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-bench/out}
 mkdir -p "$out"
 . scripts/gpu/env.sh
+export PEFT_KERNEL_TUNING=off
 # Kernel times of one step, summed per kernel, are printed from the CSV by kernel_table.py.
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
 echo "ncu: ${ncu:-none}"

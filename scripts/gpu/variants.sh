@@ -21,6 +21,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 . scripts/gpu/env.sh
+# Each variant as set, the rest at the defaults: no kernel tuning around it.
+export PEFT_KERNEL_TUNING=off
 # `peft bench ARGS...` under variant V (built, env:KEY=VALUE... or a kernel folder) within
 # SECONDS: its JSON line, or {"error": the tail of its output}.
 bench_under() {

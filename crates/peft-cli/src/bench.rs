@@ -83,6 +83,10 @@ pub struct BenchCmd {
     double_quant: bool,
     #[arg(long, value_enum, default_value = "adamw")]
     optim: OptimKind,
+    /// auto (on GPUs), on or off: time the interchangeable kernel paths on the batch before
+    /// the warmup steps and keep the fastest, as `peft train` does (see its --kernel-tuning).
+    #[arg(long, default_value = "auto", value_parser = peft_ops::KernelTuning::parse)]
+    kernel_tuning: peft_ops::KernelTuning,
     /// Also time the forward pass alone and forward + backward (median of 3 each).
     #[arg(long)]
     phases: bool,
@@ -200,6 +204,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         optim: cmd.optim,
         seed: 0,
         show_progress: false,
+        kernel_tuning: cmd.kernel_tuning,
         ..Default::default()
     };
     let mut trainer = Trainer {
@@ -224,6 +229,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let mut losses = Vec::new();
     device.synchronize()?;
     peft_ops::reset_peak_memory(&device)?;
+    let tuning = trainer.tune_kernels(&batch)?;
+    if let Some(t) = &tuning {
+        eprintln!("{}", t.summary());
+    }
     for step in 0..cmd.warmup + cmd.steps {
         let t = Instant::now();
         let out = trainer.step(&mut opt, std::slice::from_ref(&batch), step, cmd.lr)?;
@@ -291,9 +300,23 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "attention_cudnn": device.is_cuda() && peft_ops::attention_cudnn(),
             "cudnn_attention_runs": peft_ops::cudnn_attention_runs(),
             "cudnn_version": peft_ops::cudnn_version(),
+            "kernel_tuning": tuning.as_ref().map(tuning_json),
         })
     );
     Ok(())
+}
+
+/// What kernel tuning tried and chose, for the benchmark's JSON line.
+fn tuning_json(t: &peft_ops::Tuning) -> serde_json::Value {
+    let trials: Vec<_> = t
+        .trials
+        .iter()
+        .map(|trial| match &trial.seconds {
+            Ok(s) => json!({"flipped": trial.flipped, "pass_s": s, "kept": trial.kept}),
+            Err(e) => json!({"flipped": trial.flipped, "error": e}),
+        })
+        .collect();
+    json!({"settings": t.settings, "passes": t.passes, "trials": trials})
 }
 
 fn median(xs: &[f64]) -> f64 {

@@ -203,6 +203,12 @@ pub struct TrainCmd {
     /// continues exactly as if the run had not stopped.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// auto (default: on GPUs), on or off: before training, time a forward and backward pass
+    /// of the first batch under each interchangeable kernel path (cuDNN's attention or ours,
+    /// cuBLAS's LoRA products or ours, ...) and keep the fastest, as PyTorch's
+    /// `cudnn.benchmark`. The environment variable of a path (docs/gpu.md) fixes it.
+    #[arg(long)]
+    kernel_tuning: Option<String>,
     /// No progress bar and no metrics lines: the trainable-parameters line, the final summary
     /// line and errors.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -557,6 +563,10 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         eval_steps: c.eval_steps,
         early_stopping_patience: c.early_stopping_patience,
         early_stopping_threshold: c.early_stopping_threshold.unwrap_or(0.0),
+        kernel_tuning: match &c.kernel_tuning {
+            Some(v) => peft_ops::KernelTuning::parse(v).map_err(anyhow::Error::msg)?,
+            None => d.kernel_tuning,
+        },
     };
     args.validate()?;
     let eval_split = c.eval_split.unwrap_or(0.0);

@@ -78,7 +78,7 @@ static SWITCH: Switch = Switch::new(LAYER_TAPE_VAR, &["off", "0"], true);
 /// backward (see [`Accumulated`]): for comparisons.
 pub const TAPE_GATHER_VAR: &str = "PEFT_TAPE_GATHER";
 
-static GATHER: Switch = Switch::new(TAPE_GATHER_VAR, &["off", "0"], true);
+pub(crate) static GATHER: Switch = Switch::new(TAPE_GATHER_VAR, &["off", "0"], true);
 
 /// Whether tapes hand gathered gradients to the ops' backwards ([`TAPE_GATHER_VAR`]).
 pub fn tape_gather_enabled() -> bool {

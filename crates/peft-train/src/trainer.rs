@@ -12,7 +12,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::Tuned;
-use peft_ops::{add_grad, cross_entropy_sum};
+use peft_ops::{add_grad, cross_entropy_sum, KernelTuning, Tuning};
 use rand::SeedableRng;
 use serde_json::json;
 use std::io::Write;
@@ -72,6 +72,9 @@ pub struct TrainArgs {
     /// this many evaluations in a row.
     pub early_stopping_patience: Option<usize>,
     pub early_stopping_threshold: f64,
+    /// Whether to time the interchangeable kernel paths on the first batch and keep the
+    /// fastest (see [`peft_ops::tune`]; by default on GPUs).
+    pub kernel_tuning: KernelTuning,
 }
 
 /// Where metrics lines go when no progress bar is shown.
@@ -119,6 +122,7 @@ impl Default for TrainArgs {
             early_stopping_patience: None,
             early_stopping_threshold: 0.0,
             save_checkpoint_every_epoch: false,
+            kernel_tuning: KernelTuning::Auto,
         }
     }
 }
@@ -325,6 +329,29 @@ impl Trainer<'_> {
         Ok(StepOutput { loss, grad_norm })
     }
 
+    /// Times forward and backward passes over `batch` under each of the interchangeable kernel
+    /// paths that apply ([`peft_ops::tune`]) and leaves the fastest set for the rest of the
+    /// process; `None` where [`TrainArgs::kernel_tuning`] is off for this device. Nothing is
+    /// trained: the gradients are dropped.
+    pub fn tune_kernels(&mut self, batch: &Batch) -> Result<Option<Tuning>> {
+        let device = self.model.base().device.clone();
+        let wanted = self.args.kernel_tuning.wanted(device.is_cuda());
+        if !wanted.map_err(anyhow::Error::msg)? {
+            return Ok(None);
+        }
+        let seed = dropout_seed(self.args.seed, 0, 0);
+        let tuning = peft_ops::tune(&peft_ops::knobs(), device.is_cuda(), || -> Result<f64> {
+            device.synchronize()?;
+            let start = Instant::now();
+            self.model.set_dropout_seed(seed);
+            let loss = self.batch_loss(batch, batch.n_trained, true)?;
+            drop(self.model.base().backward(&loss)?);
+            device.synchronize()?;
+            Ok(start.elapsed().as_secs_f64())
+        })?;
+        Ok(Some(tuning))
+    }
+
     /// Eval loss over `examples` (dropout off, no gradients) in batches of the training batch
     /// size, as transformers' Trainer reports it: each batch's mean token loss, weighted by
     /// the batch's examples.
@@ -455,6 +482,8 @@ impl Trainer<'_> {
         let mut epoch = 0;
         // Losses of the steps since the last metrics line.
         let mut since_log: Vec<f64> = Vec::new();
+        // The kernel paths are timed on the first batch this run trains on.
+        let mut tuned = false;
         'epochs: while step < total_steps {
             let order = epoch_order(&lengths, a.batch_size, a.group_by_length, &mut rng);
             let batches: Vec<&[usize]> = order.chunks(a.batch_size).collect();
@@ -475,6 +504,25 @@ impl Trainer<'_> {
                         Batch::padded(&exs, self.pad_id, self.args.pad_to_multiple_of, &device)
                     })
                     .collect::<Result<Vec<_>>>()?;
+                if !tuned {
+                    tuned = true;
+                    if let Some(tuning) = self.tune_kernels(&batches[0])? {
+                        let failures = tuning.trials.iter().filter_map(|t| {
+                            let e = t.seconds.as_ref().err()?;
+                            Some(format!(
+                                "kernel tuning: {} failed: {e}",
+                                t.flipped.as_deref()?
+                            ))
+                        });
+                        for line in failures.chain([tuning.summary()]) {
+                            if a.show_progress {
+                                bar.println(line);
+                            } else if a.echo != Echo::Off {
+                                eprintln!("{line}");
+                            }
+                        }
+                    }
+                }
                 summary.trained_tokens += batches.iter().map(|b| b.n_tokens).sum::<usize>();
                 let lr = schedule.lr(step);
                 let StepOutput { loss, grad_norm } = self

@@ -1,0 +1,422 @@
+//! Choosing among interchangeable paths by timing them on the run's own model and batch, as
+//! PyTorch's `cudnn.benchmark` does for convolutions: which of cuDNN's attention and our flash
+//! kernels, cuBLAS's LoRA products and our kernels, is faster depends on the GPU and on the
+//! shapes, and every pair computes the same thing (tested against each other). The trainer
+//! times a forward and backward pass on its first batch under each setting before it trains.
+//!
+//! A setting the user fixed through its environment variable is left as it is.
+
+use crate::switches::Switch;
+
+/// `PEFT_KERNEL_TUNING`: `on` (time the paths also on a CPU), `off` (the defaults and the
+/// environment's settings as they are), unset or `auto`: on GPUs only.
+pub const KERNEL_TUNING_VAR: &str = "PEFT_KERNEL_TUNING";
+
+/// Whether a run times its paths before it trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KernelTuning {
+    /// [`KERNEL_TUNING_VAR`] decides; where it is unset, on GPUs only.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl KernelTuning {
+    /// Parses `auto`, `on` or `off`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(format!("unknown kernel tuning {other:?} (auto, on or off)")),
+        }
+    }
+
+    /// Whether to tune on a GPU (`cuda`) or a CPU; an error for a value of
+    /// [`KERNEL_TUNING_VAR`] that is not auto, on or off.
+    pub fn wanted(self, cuda: bool) -> Result<bool, String> {
+        let this = match self {
+            Self::Auto => match std::env::var(KERNEL_TUNING_VAR) {
+                Ok(v) => Self::parse(&v).map_err(|e| format!("{KERNEL_TUNING_VAR}: {e}"))?,
+                Err(_) => Self::Auto,
+            },
+            fixed => fixed,
+        };
+        Ok(match this {
+            Self::Auto => cuda,
+            Self::On => true,
+            Self::Off => false,
+        })
+    }
+}
+
+/// An on/off setting the tuner may flip.
+pub struct Knob {
+    /// The environment variable that fixes it.
+    pub var: &'static str,
+    /// That variable's values for on and off.
+    pub values: [&'static str; 2],
+    pub get: fn() -> bool,
+    /// Sets it; returns the previous setting.
+    pub set: fn(bool) -> bool,
+    /// Whether it can change what runs (`cuda`: on a GPU), given the settings chosen so far.
+    pub applies: fn(cuda: bool) -> bool,
+}
+
+impl Knob {
+    fn from_switch(
+        switch: &'static Switch,
+        values: [&'static str; 2],
+        get: fn() -> bool,
+        set: fn(bool) -> bool,
+        applies: fn(bool) -> bool,
+    ) -> Self {
+        Self {
+            var: switch.var(),
+            values,
+            get,
+            set,
+            applies,
+        }
+    }
+
+    /// `VAR=value` for the setting now.
+    pub fn setting(&self) -> String {
+        let value = self.values[usize::from(!(self.get)())];
+        format!("{}={value}", self.var)
+    }
+}
+
+/// The settings with interchangeable paths, in the order they are tried (the largest share
+/// of a step first, so that later ones are timed on top of its winner).
+pub fn knobs() -> Vec<Knob> {
+    use crate::switches as s;
+    let gpu = |cuda: bool| cuda;
+    let flash = |cuda: bool| cuda && !s::attention_cudnn();
+    vec![
+        Knob::from_switch(
+            &s::ATTENTION_CUDNN,
+            ["cudnn", "flash"],
+            s::attention_cudnn,
+            s::set_attention_cudnn,
+            gpu,
+        ),
+        Knob::from_switch(
+            &s::FLASH_WIDE,
+            ["wide", "narrow"],
+            s::flash_wide,
+            s::set_flash_wide,
+            flash,
+        ),
+        Knob::from_switch(
+            &s::FLASH_WIDE_BACKWARD,
+            ["wide", "narrow"],
+            s::flash_wide_backward,
+            s::set_flash_wide_backward,
+            flash,
+        ),
+        Knob::from_switch(
+            &s::LORA_CUBLAS,
+            ["cublas", "kernels"],
+            s::lora_cublas,
+            s::set_lora_cublas,
+            gpu,
+        ),
+        Knob::from_switch(
+            &crate::lora_shared::SHARED,
+            ["on", "off"],
+            crate::lora_shared,
+            crate::set_lora_shared,
+            |_| true,
+        ),
+        Knob::from_switch(
+            &crate::tape::GATHER,
+            ["on", "off"],
+            crate::tape_gather_enabled,
+            crate::set_tape_gather,
+            |_| crate::layer_tape_enabled(),
+        ),
+    ]
+}
+
+/// One setting timed.
+#[derive(Clone, Debug)]
+pub struct Trial {
+    /// `VAR=value` flipped from the best settings so far (`None`: the settings the run
+    /// started with).
+    pub flipped: Option<String>,
+    /// The fastest of its passes, or why a pass failed.
+    pub seconds: Result<f64, String>,
+    /// Whether it became the best so far.
+    pub kept: bool,
+}
+
+/// What [`tune`] tried and chose.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// `VAR=value` of every knob that applied, as chosen.
+    pub settings: Vec<String>,
+    pub trials: Vec<Trial>,
+    /// Passes run in all.
+    pub passes: usize,
+}
+
+impl Tuning {
+    /// Seconds of a pass with the settings the run started with, and with the chosen ones.
+    pub fn start_and_best(&self) -> Option<(f64, f64)> {
+        let seconds = |t: &Trial| t.seconds.as_ref().ok().copied();
+        let start = seconds(self.trials.first()?)?;
+        let best = seconds(self.trials.iter().rev().find(|t| t.kept)?)?;
+        Some((start, best))
+    }
+
+    /// One line for the log: the chosen settings and what they gained.
+    pub fn summary(&self) -> String {
+        let timing = match self.start_and_best() {
+            Some((start, best)) => format!(
+                ": {:.1} ms a forward and backward pass, {:.1} with the settings at the start",
+                best * 1e3,
+                start * 1e3
+            ),
+            None => String::new(),
+        };
+        let failed = self.trials.iter().filter(|t| t.seconds.is_err()).count();
+        let failed = if failed > 0 {
+            format!(" ({failed} failed: see above)")
+        } else {
+            String::new()
+        };
+        format!(
+            "kernel tuning over {} passes chose {}{timing}{failed}",
+            self.passes,
+            self.settings.join(" "),
+        )
+    }
+}
+
+/// Passes timed under each setting; the fastest counts (the first pass of a path also
+/// compiles its kernels and plans).
+const PASSES: usize = 2;
+
+/// A flip must save this share of a pass to be kept: closer than that is noise.
+const MARGIN: f64 = 0.01;
+
+/// Times `pass` (seconds, the device's queue drained) under the settings of `knobs` that
+/// apply and that no environment variable fixes, flipping one at a time from the best so
+/// far, and leaves the fastest set. A pass that fails under a flip loses (its error is
+/// reported in the [`Tuning`]); one that fails under the starting settings is an error.
+pub fn tune<E: std::fmt::Display>(
+    knobs: &[Knob],
+    cuda: bool,
+    mut pass: impl FnMut() -> Result<f64, E>,
+) -> Result<Tuning, E> {
+    let mut passes = 0;
+    let mut timed = |passes: &mut usize| -> Result<f64, E> {
+        let mut best = f64::INFINITY;
+        for _ in 0..PASSES {
+            *passes += 1;
+            best = best.min(pass()?);
+        }
+        Ok(best)
+    };
+    let mut best = timed(&mut passes)?;
+    let mut trials = vec![Trial {
+        flipped: None,
+        seconds: Ok(best),
+        kept: true,
+    }];
+    for knob in knobs {
+        if std::env::var_os(knob.var).is_some() || !(knob.applies)(cuda) {
+            continue;
+        }
+        let before = (knob.set)(!(knob.get)());
+        let flipped = Some(knob.setting());
+        let trial = match timed(&mut passes) {
+            Ok(s) => {
+                let kept = s < best * (1.0 - MARGIN);
+                if kept {
+                    best = s;
+                }
+                Trial {
+                    flipped,
+                    seconds: Ok(s),
+                    kept,
+                }
+            }
+            Err(e) => Trial {
+                flipped,
+                seconds: Err(e.to_string()),
+                kept: false,
+            },
+        };
+        if !trial.kept {
+            (knob.set)(before);
+        }
+        trials.push(trial);
+    }
+    let settings = knobs
+        .iter()
+        .filter(|k| (k.applies)(cuda))
+        .map(Knob::setting)
+        .collect();
+    Ok(Tuning {
+        settings,
+        trials,
+        passes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static FAST_PATH: AtomicBool = AtomicBool::new(false);
+    static NEUTRAL: AtomicBool = AtomicBool::new(false);
+    static BROKEN: AtomicBool = AtomicBool::new(false);
+    static ONLY_AFTER_FAST: AtomicBool = AtomicBool::new(false);
+
+    fn knob(var: &'static str, get: fn() -> bool, set: fn(bool) -> bool) -> Knob {
+        Knob {
+            var,
+            values: ["on", "off"],
+            get,
+            set,
+            applies: |_| true,
+        }
+    }
+
+    #[test]
+    fn keeps_the_flips_that_save_time_and_reverts_the_others() {
+        let mut knobs = vec![
+            knob(
+                "PEFT_TEST_TUNING_FAST",
+                || FAST_PATH.load(Ordering::Relaxed),
+                |on| FAST_PATH.swap(on, Ordering::Relaxed),
+            ),
+            knob(
+                "PEFT_TEST_TUNING_NEUTRAL",
+                || NEUTRAL.load(Ordering::Relaxed),
+                |on| NEUTRAL.swap(on, Ordering::Relaxed),
+            ),
+            knob(
+                "PEFT_TEST_TUNING_BROKEN",
+                || BROKEN.load(Ordering::Relaxed),
+                |on| BROKEN.swap(on, Ordering::Relaxed),
+            ),
+            knob(
+                "PEFT_TEST_TUNING_AFTER",
+                || ONLY_AFTER_FAST.load(Ordering::Relaxed),
+                |on| ONLY_AFTER_FAST.swap(on, Ordering::Relaxed),
+            ),
+        ];
+        // Tried only where the fast path was chosen before it (as the flash kernels' block
+        // sizes where cuDNN lost).
+        knobs[3].applies = |_| !FAST_PATH.load(Ordering::Relaxed);
+        let mut calls = 0;
+        // The first pass of each setting is slow (compilation); the fast path saves 20%, the
+        // neutral one 0.5% (noise); the broken one fails.
+        let mut first_of = std::collections::HashSet::new();
+        let tuning = tune(&knobs, true, || {
+            calls += 1;
+            let key = (
+                FAST_PATH.load(Ordering::Relaxed),
+                NEUTRAL.load(Ordering::Relaxed),
+                BROKEN.load(Ordering::Relaxed),
+            );
+            if BROKEN.load(Ordering::Relaxed) {
+                return Err("cuDNN has no plan");
+            }
+            let cold = if first_of.insert(key) { 5.0 } else { 0.0 };
+            let fast = if FAST_PATH.load(Ordering::Relaxed) {
+                0.8
+            } else {
+                1.0
+            };
+            let neutral = if NEUTRAL.load(Ordering::Relaxed) {
+                0.995
+            } else {
+                1.0
+            };
+            Ok(cold + fast * neutral)
+        })
+        .unwrap();
+        assert!(
+            FAST_PATH.load(Ordering::Relaxed),
+            "the faster path stays set"
+        );
+        assert!(
+            !NEUTRAL.load(Ordering::Relaxed),
+            "a flip within the noise is reverted"
+        );
+        assert!(
+            !BROKEN.load(Ordering::Relaxed),
+            "a failing path is reverted"
+        );
+        assert_eq!(calls, tuning.passes);
+        // Start, fast, neutral, broken (its first pass fails); the last knob no longer applies.
+        assert_eq!(tuning.passes, 2 + 2 + 2 + 1);
+        assert_eq!(tuning.trials.len(), 4);
+        assert_eq!(
+            tuning.trials[3].seconds,
+            Err("cuDNN has no plan".to_string())
+        );
+        assert_eq!(
+            tuning.settings,
+            [
+                "PEFT_TEST_TUNING_FAST=on",
+                "PEFT_TEST_TUNING_NEUTRAL=off",
+                "PEFT_TEST_TUNING_BROKEN=off"
+            ]
+        );
+        let (start, best) = tuning.start_and_best().unwrap();
+        assert!((start - 1.0).abs() < 1e-12 && (best - 0.8).abs() < 1e-12);
+        assert!(
+            tuning.summary().contains("800.0 ms"),
+            "{}",
+            tuning.summary()
+        );
+    }
+
+    #[test]
+    fn a_failure_under_the_starting_settings_is_an_error() {
+        let knobs: Vec<Knob> = Vec::new();
+        let got = tune(&knobs, false, || Err::<f64, _>("out of memory"));
+        assert_eq!(got.unwrap_err(), "out of memory");
+    }
+
+    #[test]
+    fn parses_the_tuning_modes() {
+        assert_eq!(KernelTuning::parse("off"), Ok(KernelTuning::Off));
+        assert!(KernelTuning::parse("fast")
+            .unwrap_err()
+            .contains("auto, on or off"));
+        assert_eq!(KernelTuning::On.wanted(false), Ok(true));
+        assert_eq!(KernelTuning::Off.wanted(true), Ok(false));
+    }
+
+    #[test]
+    fn the_real_knobs_name_their_variables() {
+        let vars: Vec<_> = knobs().iter().map(|k| k.var).collect();
+        assert_eq!(
+            vars,
+            [
+                crate::CUDA_ATTENTION_VAR,
+                crate::CUDA_FLASH_VAR,
+                crate::CUDA_FLASH_BWD_VAR,
+                crate::CUDA_LORA_VAR,
+                crate::LORA_SHARED_VAR,
+                crate::TAPE_GATHER_VAR,
+            ]
+        );
+        // On a CPU only the paths that run there are tried.
+        let on_cpu: Vec<_> = knobs()
+            .into_iter()
+            .filter(|k| (k.applies)(false))
+            .map(|k| k.var)
+            .collect();
+        assert!(!on_cpu.contains(&crate::CUDA_ATTENTION_VAR));
+        assert!(on_cpu.contains(&crate::LORA_SHARED_VAR));
+    }
+}

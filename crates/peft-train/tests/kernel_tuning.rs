@@ -1,0 +1,114 @@
+//! Kernel tuning on a tiny model (a test binary of its own: tuning sets process-wide switches
+//! that other tests would read while they run): it times the paths that run on a CPU, leaves
+//! one set as it reports, trains nothing while it times, skips a path the environment fixes,
+//! and the run then trains as an untuned one does.
+
+use peft::{LoraConfig, PeftModel, TargetModules};
+use peft_models::testing::tiny_llama;
+use peft_ops::KernelTuning;
+use peft_train::{Batch, Example, TrainArgs, Trainer};
+
+fn examples() -> Vec<Example> {
+    (0..8u32)
+        .map(|i| {
+            let ids: Vec<u32> = (0..6 + i % 3).map(|j| (i * 5 + j * 3) % 64).collect();
+            Example {
+                labels: ids.iter().map(|&t| t as i64).collect(),
+                input_ids: ids,
+                packed: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+/// LoRA on q, k and v without dropout: the layers that share their products over one input.
+fn lora() -> PeftModel {
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: Some(TargetModules::parse_flag("q_proj,k_proj,v_proj")),
+        init_lora_weights: serde_json::json!("gaussian"),
+        ..Default::default()
+    };
+    PeftModel::new(tiny_llama(7, true).unwrap(), config, 5).unwrap()
+}
+
+fn args(out: &std::path::Path, kernel_tuning: KernelTuning) -> TrainArgs {
+    TrainArgs {
+        max_steps: Some(6),
+        batch_size: 4,
+        lr: 5e-3,
+        seed: 3,
+        output_dir: out.to_path_buf(),
+        base_model_name: "tiny".into(),
+        show_progress: false,
+        kernel_tuning,
+        ..Default::default()
+    }
+}
+
+fn weights(model: &PeftModel) -> Vec<Vec<f32>> {
+    model
+        .trainable()
+        .iter()
+        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect()
+}
+
+#[test]
+fn tuning_times_the_paths_and_trains_nothing() {
+    // Fixed by the environment: left as it is (set before any switch is read).
+    std::env::set_var(peft_ops::TAPE_GATHER_VAR, "on");
+    let dir = tempfile::tempdir().unwrap();
+    let train = |tuning| {
+        let mut model = lora();
+        let mut trainer = Trainer {
+            model: &mut model,
+            args: args(dir.path(), tuning),
+            pad_id: 0,
+        };
+        trainer.train(&examples()).unwrap().losses
+    };
+    let untuned = train(KernelTuning::Off);
+
+    let mut model = lora();
+    let before = weights(&model);
+    let mut trainer = Trainer {
+        model: &mut model,
+        args: args(dir.path(), KernelTuning::On),
+        pad_id: 0,
+    };
+    let exs = examples();
+    let refs: Vec<&Example> = exs.iter().take(4).collect();
+    let batch = Batch::new(&refs, 0, &candle_core::Device::Cpu).unwrap();
+    let tuning = trainer.tune_kernels(&batch).unwrap().expect("tuning is on");
+    assert_eq!(weights(&model), before, "timing trained nothing");
+    // On a CPU: the sharing of LoRA's products is timed both ways; the tape's gathering is
+    // fixed by the environment.
+    assert_eq!(tuning.trials.len(), 2, "{tuning:?}");
+    // Sharing is on by default: the trial turns it off.
+    assert_eq!(
+        tuning.trials[1].flipped.as_deref(),
+        Some("PEFT_LORA_SHARED=off")
+    );
+    assert_eq!(tuning.passes, 4);
+    assert!(tuning.trials.iter().all(|t| t.seconds.is_ok()));
+    let shared = format!(
+        "PEFT_LORA_SHARED={}",
+        if peft_ops::lora_shared() { "on" } else { "off" }
+    );
+    assert_eq!(
+        tuning.settings,
+        [shared.as_str(), "PEFT_TAPE_GATHER=on"],
+        "the settings reported are the ones set"
+    );
+    assert_eq!(tuning.trials[1].kept, !peft_ops::lora_shared());
+
+    // A run that tunes first trains as one that does not (either setting computes the same).
+    let tuned = train(KernelTuning::On);
+    assert_eq!(tuned.len(), untuned.len());
+    for (a, b) in tuned.iter().zip(&untuned) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{tuned:?} vs {untuned:?}");
+    }
+}
