@@ -9,17 +9,10 @@ use peft_models::Llama;
 use peft_train::{Example, TrainArgs, Trainer};
 use std::path::Path;
 
+mod tiny_data;
+
 fn examples() -> Vec<Example> {
-    (0..8u32)
-        .map(|i| {
-            let ids: Vec<u32> = (0..6 + i % 3).map(|j| (i * 5 + j * 3) % 64).collect();
-            Example {
-                labels: ids.iter().map(|&t| t as i64).collect(),
-                input_ids: ids,
-                packed: Vec::new(),
-            }
-        })
-        .collect()
+    tiny_data::examples(8, 6, 3, 5, 0)
 }
 
 fn run(out: &Path, resume: bool) -> (FullModel, Vec<f64>) {

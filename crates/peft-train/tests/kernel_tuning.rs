@@ -8,17 +8,10 @@ use peft_models::testing::tiny_llama;
 use peft_ops::KernelTuning;
 use peft_train::{Batch, Example, TrainArgs, Trainer};
 
+mod tiny_data;
+
 fn examples() -> Vec<Example> {
-    (0..8u32)
-        .map(|i| {
-            let ids: Vec<u32> = (0..6 + i % 3).map(|j| (i * 5 + j * 3) % 64).collect();
-            Example {
-                labels: ids.iter().map(|&t| t as i64).collect(),
-                input_ids: ids,
-                packed: Vec::new(),
-            }
-        })
-        .collect()
+    tiny_data::examples(8, 6, 3, 5, 0)
 }
 
 /// LoRA on q, k and v without dropout: the layers that share their products over one input.

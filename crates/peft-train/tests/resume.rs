@@ -6,17 +6,10 @@ use peft_models::testing::tiny_llama;
 use peft_train::{Example, TrainArgs, Trainer};
 use std::path::Path;
 
+mod tiny_data;
+
 fn examples() -> Vec<Example> {
-    (0..10u32)
-        .map(|i| {
-            let ids: Vec<u32> = (0..6 + i % 4).map(|j| (i * 7 + j * 3) % 64).collect();
-            Example {
-                labels: ids.iter().map(|&t| t as i64).collect(),
-                input_ids: ids,
-                packed: Vec::new(),
-            }
-        })
-        .collect()
+    tiny_data::examples(10, 6, 4, 7, 0)
 }
 
 fn run(out: &Path, max_steps: usize, resume: Option<&str>) -> anyhow::Result<Vec<f64>> {

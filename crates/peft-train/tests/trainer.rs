@@ -7,19 +7,10 @@ use peft_models::testing::tiny_llama;
 use peft_train::{pack, Batch, Example, TrainArgs, TrainSummary, Trainer};
 use std::path::Path;
 
+mod tiny_data;
+
 fn examples(n: u32, salt: u32) -> Vec<Example> {
-    (0..n)
-        .map(|i| {
-            let ids: Vec<u32> = (0..4 + i % 5)
-                .map(|j| (i * 7 + j * 3 + salt) % 64)
-                .collect();
-            Example {
-                labels: ids.iter().map(|&t| t as i64).collect(),
-                input_ids: ids,
-                packed: Vec::new(),
-            }
-        })
-        .collect()
+    tiny_data::examples(n, 4, 5, 7, salt)
 }
 
 fn lora() -> PeftModel {
