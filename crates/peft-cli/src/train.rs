@@ -654,6 +654,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             "event": "done", "steps": summary.steps, "seconds": summary.seconds,
             "tokens_per_s": summary.tokens_per_s(), "loss_first": first, "loss_last": last,
             "eval_loss": eval_loss, "stopped_early": summary.stopped_early, "output": output,
+            "kernel_tuning": summary.kernel_settings,
         });
         println!("{line}");
         return Ok(());

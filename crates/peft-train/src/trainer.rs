@@ -187,6 +187,8 @@ pub struct TrainSummary {
     pub evals: Vec<(usize, f64)>,
     /// Early stopping ended the run before its last step.
     pub stopped_early: bool,
+    /// The kernel paths tuning chose (`VAR=value`), if it ran.
+    pub kernel_settings: Option<Vec<String>>,
 }
 
 impl TrainSummary {
@@ -477,6 +479,7 @@ impl Trainer<'_> {
             seconds: 0.0,
             evals: Vec::new(),
             stopped_early: false,
+            kernel_settings: None,
         };
         let mut step = 0;
         let mut epoch = 0;
@@ -514,6 +517,7 @@ impl Trainer<'_> {
                                 t.flipped.as_deref()?
                             ))
                         });
+                        summary.kernel_settings = Some(tuning.settings.clone());
                         for line in failures.chain([tuning.summary()]) {
                             if a.show_progress {
                                 bar.println(line);

@@ -61,9 +61,11 @@ fn tuning_times_the_paths_and_trains_nothing() {
             args: args(dir.path(), tuning),
             pad_id: 0,
         };
-        trainer.train(&examples()).unwrap().losses
+        trainer.train(&examples()).unwrap()
     };
     let untuned = train(KernelTuning::Off);
+    assert_eq!(untuned.kernel_settings, None);
+    let untuned = untuned.losses;
 
     let mut model = lora();
     let before = weights(&model);
@@ -100,6 +102,9 @@ fn tuning_times_the_paths_and_trains_nothing() {
 
     // A run that tunes first trains as one that does not (either setting computes the same).
     let tuned = train(KernelTuning::On);
+    let settings = tuned.kernel_settings.expect("the run tuned");
+    assert!(settings.iter().any(|s| s.starts_with("PEFT_LORA_SHARED=")));
+    let tuned = tuned.losses;
     assert_eq!(tuned.len(), untuned.len());
     for (a, b) in tuned.iter().zip(&untuned) {
         assert!((a - b).abs() <= 1e-5 * b.abs(), "{tuned:?} vs {untuned:?}");
