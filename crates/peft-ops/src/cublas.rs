@@ -44,7 +44,7 @@ pub(crate) fn column_major(
 #[cfg(feature = "cuda")]
 pub(crate) use device::{
     add_product_into, in_place, matmul, matmul_add_into, matmul_into_columns,
-    takes_products_in_place, Mat,
+    takes_products_in_place, thin_then_frozen, Mat,
 };
 
 #[cfg(feature = "cuda")]
@@ -328,6 +328,44 @@ mod device {
                 _ => f::<bf16>(cs, a, b, (m, n, k), at, alpha),
             }
         })
+    }
+
+    /// `x · wᵀ + alpha · left · right` as a new bf16 `[m, n]` storage, the thin product
+    /// `left · right` (inner size r) written first and the frozen `x · wᵀ` added onto it by
+    /// cuBLAS with beta = 1: the output is read back inside the large product's epilogue,
+    /// which waits on its arithmetic anyway, where adding the thin product afterwards read
+    /// and wrote it again in a pass of its own.
+    pub(crate) fn thin_then_frozen<'a>(
+        (x, w): (Mat<'a>, Mat<'a>),
+        (left, right): (Mat<'a>, Mat<'a>),
+        alpha: f32,
+    ) -> Result<CudaStorage> {
+        let (m, n, k) = product_dims(x, w)?;
+        let (lm, ln, _) = product_dims(left, right)?;
+        if (lm, ln) != (m, n) {
+            candle_core::bail!(
+                "cublas thin and frozen products: [{lm}, {ln}] and [{m}, {n}] differ"
+            );
+        }
+        let dev = cuda_device(x.tensor)?;
+        if m * n * k == 0 {
+            // No rows, or nothing to sum (see `matmul`).
+            return Ok(CudaStorage::wrap_cuda_slice(
+                dev.alloc_zeros::<bf16>(m * n)?,
+                dev,
+            ));
+        }
+        // SAFETY: the first gemm writes every element (beta = 0).
+        let c = unsafe { dev.alloc::<bf16>(m * n)? };
+        let out = || Out {
+            c: &c,
+            first: 0,
+            stride: n,
+        };
+        let r = product_dims(left, right)?.2;
+        gemm(&dev, left, right, (m, n, r), (alpha, 0.0), out())?;
+        gemm(&dev, x, w, (m, n, k), (1.0, 1.0), out())?;
+        Ok(CudaStorage::wrap_cuda_slice(c, dev))
     }
 
     /// `f` on the storage of `c`, a tensor that takes sums in place (see

@@ -317,9 +317,18 @@ fn lora_linear_cublas(
         // dL/dx = g·W + ((scale·g·B)·A) ∘ mask, both added to the gradient gathered for x.
         let d_x = match tracks.0 {
             true => {
+                let w = w.dense()?;
+                let bf16_matrix = w.dtype() == DType::BF16 && w.is_contiguous();
+                if let (None, None, true) = (dropout, &gathered, bf16_matrix) {
+                    // Nothing gathered yet: the low-rank term written into a new tensor, then
+                    // g·W added onto it by the frozen product (beta = 1), as in the forward.
+                    let d_x = matmul((&gb, false), (&a16, false), 1.0, DType::BF16)?;
+                    add_product_into(&d_x, (&g, false), (&w, false), 1.0)?;
+                    return Ok((Some(d_x.reshape(&x_shape)?), d_a, d_b));
+                }
                 // A new bf16 gpu tensor, or the gathered one that took g·W in place: either
                 // takes the low-rank term in place.
-                let d_x = add_input_grad(gathered, &g, &w.dense()?, &x_shape)?;
+                let d_x = add_input_grad(gathered, &g, &w, &x_shape)?;
                 match (dropout, &a32) {
                     (Some(d), Some(a32)) => {
                         let gb = gb.to_dtype(DType::F32)?;
@@ -444,8 +453,11 @@ pub(crate) enum LowRankBy {
     Cublas(Option<(usize, usize)>),
 }
 
-/// LoRA's output `x·Wᵀ + scale·xa·Bᵀ` from `(x, W)` as its with_grad op computes it on GPUs:
-/// the frozen matmul into the op's output, then the low-rank term added there, in place.
+/// LoRA's output `x·Wᵀ + scale·xa·Bᵀ` from `(x, W)` as its with_grad op computes it on GPUs.
+/// By our kernel: the frozen matmul into the op's output, then the low-rank term added there.
+/// By cuBLAS: where `x` and `W` are contiguous bf16 matrices, the low-rank term written first
+/// and the frozen product added onto it (see [`crate::cublas::thin_then_frozen`]), otherwise
+/// added after it.
 #[cfg(feature = "cuda")]
 pub(crate) fn lora_forward(
     (x, w): (&Tensor, Tensor),
@@ -454,25 +466,34 @@ pub(crate) fn lora_forward(
     shape: Shape,
     by: LowRankBy,
 ) -> Value {
-    use crate::cublas::{matmul_add_into, Mat};
+    use crate::cublas::{matmul_add_into, thin_then_frozen, Mat};
+    let (x_in, w_in) = (x.clone(), w.clone());
+    let bf16_matrix = |t: &Tensor| t.dtype() == DType::BF16 && t.rank() == 2 && t.is_contiguous();
+    let frozen_by_cublas = bf16_matrix(x) && bf16_matrix(&w);
     let f = move |x: GpuIn, w: GpuIn| {
-        let out = crate::grad::linear_storage(x, w)?;
-        let dims = (x.1.shape().dims2()?.0, w.1.shape().dims2()?.0);
-        match by {
+        let cols = match by {
             LowRankBy::Kernel => {
-                crate::cuda::low_rank_add_in_place(&out, dims, &xa, (&b, false), None, scale)?
+                let out = crate::grad::linear_storage(x, w)?;
+                let dims = (x.1.shape().dims2()?.0, w.1.shape().dims2()?.0);
+                crate::cuda::low_rank_add_in_place(&out, dims, &xa, (&b, false), None, scale)?;
+                return Ok((out, shape.clone()));
             }
-            LowRankBy::Cublas(None) => {
-                matmul_add_into(&out, dims, (&xa, false), (&b, true), scale)?
-            }
-            LowRankBy::Cublas(Some(cols)) => matmul_add_into(
-                &out,
-                dims,
-                Mat::columns(&xa, false, cols),
-                (&b, true),
-                scale,
-            )?,
-        }
+            LowRankBy::Cublas(cols) => cols,
+        };
+        let xa = match cols {
+            Some(cols) => Mat::columns(&xa, false, cols),
+            None => Mat::from((&xa, false)),
+        };
+        let thin = (xa, Mat::from((&b, true)));
+        let out = if frozen_by_cublas {
+            let frozen = (Mat::from((&x_in, false)), Mat::from((&w_in, true)));
+            thin_then_frozen(frozen, thin, scale)?
+        } else {
+            let out = crate::grad::linear_storage(x, w)?;
+            let dims = (x.1.shape().dims2()?.0, w.1.shape().dims2()?.0);
+            matmul_add_into(&out, dims, thin.0, thin.1, scale)?;
+            out
+        };
         Ok((out, shape.clone()))
     };
     Value::ByTheOp(Box::new(crate::grad::Op2Output {
