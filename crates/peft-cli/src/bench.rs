@@ -233,6 +233,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     if let Some(t) = &tuning {
         eprintln!("{}", t.summary());
     }
+    // The attention passes cuDNN runs in the steps below (tuning's passes not counted).
+    let cudnn_runs_before = peft_ops::cudnn_attention_runs();
     for step in 0..cmd.warmup + cmd.steps {
         let t = Instant::now();
         let out = trainer.step(&mut opt, std::slice::from_ref(&batch), step, cmd.lr)?;
@@ -298,7 +300,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "flash_wide": device.is_cuda() && peft_ops::flash_wide(),
             "flash_wide_backward": device.is_cuda() && peft_ops::flash_wide_backward(),
             "attention_cudnn": device.is_cuda() && peft_ops::attention_cudnn(),
-            "cudnn_attention_runs": peft_ops::cudnn_attention_runs(),
+            "cudnn_attention_runs": peft_ops::cudnn_attention_runs() - cudnn_runs_before,
             "cudnn_version": peft_ops::cudnn_version(),
             "kernel_tuning": tuning.as_ref().map(tuning_json),
         })
