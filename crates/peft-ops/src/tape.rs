@@ -71,7 +71,7 @@ impl Accumulated {
 /// graph in place: for comparisons and benchmarks.
 pub const LAYER_TAPE_VAR: &str = "PEFT_LAYER_TAPE";
 
-static SWITCH: Switch = Switch::new(LAYER_TAPE_VAR, &["off", "0"], true);
+pub(crate) static LAYER_TAPES: Switch = Switch::new(LAYER_TAPE_VAR, &["off", "0"], true);
 
 /// `PEFT_TAPE_GATHER=off` has a tape add each consumer's share of an input's gradient by a
 /// separate add, instead of handing the gradient gathered so far to the next consumer's
@@ -92,12 +92,14 @@ pub fn set_tape_gather(on: bool) -> bool {
 
 /// Whether [`taped`] records tapes (on this thread: see [`with_layer_tape`]).
 pub fn layer_tape_enabled() -> bool {
-    TAPE_ON_THIS_THREAD.get().unwrap_or_else(|| SWITCH.get())
+    TAPE_ON_THIS_THREAD
+        .get()
+        .unwrap_or_else(|| LAYER_TAPES.get())
 }
 
 /// Turns layer tapes on or off for this process; returns the previous setting.
 pub fn set_layer_tape(on: bool) -> bool {
-    SWITCH.set(on)
+    LAYER_TAPES.set(on)
 }
 
 /// `f()` with layer tapes on or off on this thread alone, whatever the process's setting: for

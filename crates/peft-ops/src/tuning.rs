@@ -131,6 +131,13 @@ pub fn knobs() -> Vec<Knob> {
             |_| true,
         ),
         Knob::from_switch(
+            &crate::tape::LAYER_TAPES,
+            ["on", "off"],
+            crate::layer_tape_enabled,
+            crate::set_layer_tape,
+            |_| true,
+        ),
+        Knob::from_switch(
             &crate::tape::GATHER,
             ["on", "off"],
             crate::tape_gather_enabled,
@@ -407,6 +414,7 @@ mod tests {
                 crate::CUDA_FLASH_BWD_VAR,
                 crate::CUDA_LORA_VAR,
                 crate::LORA_SHARED_VAR,
+                crate::LAYER_TAPE_VAR,
                 crate::TAPE_GATHER_VAR,
             ]
         );

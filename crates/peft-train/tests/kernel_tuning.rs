@@ -79,26 +79,36 @@ fn tuning_times_the_paths_and_trains_nothing() {
     let batch = Batch::new(&refs, 0, &candle_core::Device::Cpu).unwrap();
     let tuning = trainer.tune_kernels(&batch).unwrap().expect("tuning is on");
     assert_eq!(weights(&model), before, "timing trained nothing");
-    // On a CPU: the sharing of LoRA's products is timed both ways; the tape's gathering is
-    // fixed by the environment.
-    assert_eq!(tuning.trials.len(), 2, "{tuning:?}");
-    // Sharing is on by default: the trial turns it off.
+    // On a CPU: the sharing of LoRA's products and the layer tapes are timed both ways (each
+    // on by default: its trial turns it off); the tape's gathering is fixed by the
+    // environment.
+    let flipped: Vec<_> = tuning.trials.iter().map(|t| t.flipped.as_deref()).collect();
     assert_eq!(
-        tuning.trials[1].flipped.as_deref(),
-        Some("PEFT_LORA_SHARED=off")
+        flipped,
+        [
+            None,
+            Some("PEFT_LORA_SHARED=off"),
+            Some("PEFT_LAYER_TAPE=off")
+        ]
     );
-    assert_eq!(tuning.passes, 4);
+    assert_eq!(tuning.passes, 6);
     assert!(tuning.trials.iter().all(|t| t.seconds.is_ok()));
-    let shared = format!(
-        "PEFT_LORA_SHARED={}",
-        if peft_ops::lora_shared() { "on" } else { "off" }
-    );
+    let (shared, tapes) = (peft_ops::lora_shared(), peft_ops::layer_tape_enabled());
+    assert_eq!(tuning.trials[1].kept, !shared);
+    assert_eq!(tuning.trials[2].kept, !tapes);
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    let mut want = vec![
+        format!("PEFT_LORA_SHARED={}", on_off(shared)),
+        format!("PEFT_LAYER_TAPE={}", on_off(tapes)),
+    ];
+    if tapes {
+        // Gathering applies on a tape only.
+        want.push("PEFT_TAPE_GATHER=on".into());
+    }
     assert_eq!(
-        tuning.settings,
-        [shared.as_str(), "PEFT_TAPE_GATHER=on"],
+        tuning.settings, want,
         "the settings reported are the ones set"
     );
-    assert_eq!(tuning.trials[1].kept, !peft_ops::lora_shared());
 
     // A run that tunes first trains as one that does not (either setting computes the same).
     let tuned = train(KernelTuning::On);
