@@ -79,6 +79,15 @@ impl GradSink {
         Ok(())
     }
 
+    /// Drops whatever was collected (a backward that failed midway leaves some behind).
+    pub fn clear(&self) -> Result<()> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned grad sink".into()))?
+            .clear();
+        Ok(())
+    }
+
     /// Adds the collected gradients to `store` and empties the sink.
     pub fn drain_into(&self, store: &mut GradStore) -> Result<()> {
         let mut map = self

@@ -341,7 +341,7 @@ mod device {
         alpha: f32,
     ) -> Result<CudaStorage> {
         let (m, n, k) = product_dims(x, w)?;
-        let (lm, ln, _) = product_dims(left, right)?;
+        let (lm, ln, r) = product_dims(left, right)?;
         if (lm, ln) != (m, n) {
             candle_core::bail!(
                 "cublas thin and frozen products: [{lm}, {ln}] and [{m}, {n}] differ"
@@ -362,9 +362,14 @@ mod device {
             first: 0,
             stride: n,
         };
-        let r = product_dims(left, right)?.2;
-        gemm(&dev, left, right, (m, n, r), (alpha, 0.0), out())?;
-        gemm(&dev, x, w, (m, n, k), (1.0, 1.0), out())?;
+        // A rank of 0 leaves no thin product (cuBLAS refuses its leading dimension of 0).
+        let frozen_beta = if r == 0 {
+            0.0
+        } else {
+            gemm(&dev, left, right, (m, n, r), (alpha, 0.0), out())?;
+            1.0
+        };
+        gemm(&dev, x, w, (m, n, k), (1.0, frozen_beta), out())?;
         Ok(CudaStorage::wrap_cuda_slice(c, dev))
     }
 

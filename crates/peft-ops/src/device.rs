@@ -56,6 +56,19 @@ pub fn peak_memory(device: &Device) -> Result<Option<u64>> {
     }
 }
 
+/// Hands the device memory that is reserved but unused back to the driver (what was kept
+/// for reuse: after kernel tuning, the reserve of its most memory-hungry path).
+pub fn release_unused_memory(device: &Device) -> Result<()> {
+    match device.location() {
+        #[cfg(feature = "cuda")]
+        candle_core::DeviceLocation::Cuda { gpu_id } => {
+            device.synchronize()?;
+            pool::trim(gpu_id)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Starts a new peak-memory window at the memory in use now.
 pub fn reset_peak_memory(device: &Device) -> Result<()> {
     match device.location() {
@@ -128,6 +141,12 @@ mod pool {
             )?;
         }
         Ok(v)
+    }
+
+    pub fn trim(ordinal: usize) -> Result<()> {
+        let pool = default_pool(ordinal)?;
+        // SAFETY: a plain driver call on the device's default pool.
+        unsafe { check("cuMemPoolTrimTo", sys::cuMemPoolTrimTo(pool, 0)) }
     }
 
     pub fn reset_used_high(ordinal: usize) -> Result<()> {

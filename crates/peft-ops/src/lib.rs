@@ -38,7 +38,7 @@ pub use bf16_gemm::{
     Weight,
 };
 pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSink, NoGrad};
-pub use device::{open_device, peak_memory, reset_peak_memory};
+pub use device::{open_device, peak_memory, release_unused_memory, reset_peak_memory};
 pub use fused::{dropout_mask, frozen_mlp, gated_act, lora_linear, Dropout, GatedActivation};
 pub use grad::{with_grad, with_grad3, Grads3, OpOutput, Value};
 pub use init::random_normal;
@@ -61,7 +61,7 @@ pub use tape::{
     add, add_bias, cast, layer_tape_enabled, reshape, set_layer_tape, set_tape_gather,
     tape_gather_enabled, taped, with_layer_tape, LAYER_TAPE_VAR, TAPE_GATHER_VAR,
 };
-pub use tuning::{knobs, tune, KernelTuning, Knob, Trial, Tuning, KERNEL_TUNING_VAR};
+pub use tuning::{knobs, tune, KernelTuning, Knob, Pass, Trial, Tuning, KERNEL_TUNING_VAR};
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 
 /// Whether our own kernel (of group `k` on GPUs) serves `t`: f32 on the CPU, f32 or bf16 on

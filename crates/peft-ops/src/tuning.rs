@@ -93,7 +93,9 @@ impl Knob {
 pub fn knobs() -> Vec<Knob> {
     use crate::switches as s;
     let gpu = |cuda: bool| cuda;
-    let flash = |cuda: bool| cuda && !s::attention_cudnn();
+    // The flash kernels' block sizes matter where they run: cuDNN's attention lost, or
+    // cuDNN cannot be loaded.
+    let flash = |cuda: bool| cuda && (!s::attention_cudnn() || crate::cudnn_version().is_none());
     vec![
         Knob::from_switch(
             &s::ATTENTION_CUDNN,
@@ -202,6 +204,17 @@ impl Tuning {
     }
 }
 
+/// One timed pass.
+#[derive(Clone, Debug)]
+pub struct Pass {
+    /// Its time, the device's queue drained.
+    pub seconds: f64,
+    /// What every path must reproduce (the loss, a norm of the gradients): compared with what
+    /// the starting paths computed, within [`RESULT_TOLERANCE`], so that a fast path that
+    /// computes something else is not kept.
+    pub results: Vec<f64>,
+}
+
 /// Passes timed under each setting; the fastest counts (the first pass of a path also
 /// compiles its kernels and plans).
 const PASSES: usize = 2;
@@ -209,25 +222,41 @@ const PASSES: usize = 2;
 /// A flip must save this share of a pass to be kept: closer than that is noise.
 const MARGIN: f64 = 0.01;
 
-/// Times `pass` (seconds, the device's queue drained) under the settings of `knobs` that
-/// apply and that no environment variable fixes, flipping one at a time from the best so
-/// far, and leaves the fastest set. A pass that fails under a flip loses (its error is
-/// reported in the [`Tuning`]); one that fails under the starting settings is an error.
+/// How far (relative) a flip's results may lie from the starting paths': the paths differ in
+/// rounding (bf16 operands or f32), not in what they compute, so only a wrong path lands
+/// farther.
+pub const RESULT_TOLERANCE: f64 = 0.05;
+
+/// Why `got` is not what the starting paths computed (`want`), if it is not.
+fn differs(got: &[f64], want: &[f64]) -> Option<String> {
+    let close = |g: f64, w: f64| (g - w).abs() <= RESULT_TOLERANCE * w.abs().max(1e-6);
+    let same = got.len() == want.len() && got.iter().zip(want).all(|(&g, &w)| close(g, w));
+    (!same).then(|| format!("computed {got:?} where the starting paths computed {want:?}"))
+}
+
+/// Times `pass` under the settings of `knobs` that apply and that no environment variable
+/// fixes, flipping one at a time from the best so far, and leaves the fastest set. A flip
+/// whose pass fails, or computes other results than the starting paths, loses (the reason
+/// is reported in the [`Tuning`]); a pass that fails under the starting settings is an error.
 pub fn tune<E: std::fmt::Display>(
     knobs: &[Knob],
     cuda: bool,
-    mut pass: impl FnMut() -> Result<f64, E>,
+    mut pass: impl FnMut() -> Result<Pass, E>,
 ) -> Result<Tuning, E> {
     let mut passes = 0;
-    let mut timed = |passes: &mut usize| -> Result<f64, E> {
+    // The fastest of PASSES passes, and the last one's results.
+    let mut timed = |passes: &mut usize| -> Result<(f64, Vec<f64>), E> {
         let mut best = f64::INFINITY;
+        let mut results = Vec::new();
         for _ in 0..PASSES {
             *passes += 1;
-            best = best.min(pass()?);
+            let p = pass()?;
+            best = best.min(p.seconds);
+            results = p.results;
         }
-        Ok(best)
+        Ok((best, results))
     };
-    let mut best = timed(&mut passes)?;
+    let (mut best, want) = timed(&mut passes)?;
     let mut trials = vec![Trial {
         flipped: None,
         seconds: Ok(best),
@@ -239,28 +268,24 @@ pub fn tune<E: std::fmt::Display>(
         }
         let before = (knob.set)(!(knob.get)());
         let flipped = Some(knob.setting());
-        let trial = match timed(&mut passes) {
-            Ok(s) => {
-                let kept = s < best * (1.0 - MARGIN);
-                if kept {
-                    best = s;
-                }
-                Trial {
-                    flipped,
-                    seconds: Ok(s),
-                    kept,
-                }
-            }
-            Err(e) => Trial {
-                flipped,
-                seconds: Err(e.to_string()),
-                kept: false,
+        let seconds = match timed(&mut passes) {
+            Ok((s, got)) => match differs(&got, &want) {
+                None => Ok(s),
+                Some(why) => Err(why),
             },
+            Err(e) => Err(e.to_string()),
         };
-        if !trial.kept {
+        let kept = seconds.as_ref().is_ok_and(|&s| s < best * (1.0 - MARGIN));
+        if kept {
+            best = *seconds.as_ref().unwrap_or(&best);
+        } else {
             (knob.set)(before);
         }
-        trials.push(trial);
+        trials.push(Trial {
+            flipped,
+            seconds,
+            kept,
+        });
     }
     let settings = knobs
         .iter()
@@ -277,12 +302,13 @@ pub fn tune<E: std::fmt::Display>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
     static FAST_PATH: AtomicBool = AtomicBool::new(false);
     static NEUTRAL: AtomicBool = AtomicBool::new(false);
     static BROKEN: AtomicBool = AtomicBool::new(false);
-    static ONLY_AFTER_FAST: AtomicBool = AtomicBool::new(false);
+    static WRONG: AtomicBool = AtomicBool::new(false);
+    static AFTER: AtomicBool = AtomicBool::new(false);
 
     fn knob(var: &'static str, get: fn() -> bool, set: fn(bool) -> bool) -> Knob {
         Knob {
@@ -294,102 +320,82 @@ mod tests {
         }
     }
 
+    fn on(flag: &AtomicBool) -> bool {
+        flag.load(SeqCst)
+    }
+
     #[test]
     fn keeps_the_flips_that_save_time_and_reverts_the_others() {
         let mut knobs = vec![
             knob(
-                "PEFT_TEST_TUNING_FAST",
-                || FAST_PATH.load(Ordering::Relaxed),
-                |on| FAST_PATH.swap(on, Ordering::Relaxed),
+                "FAST_PATH",
+                || on(&FAST_PATH),
+                |v| FAST_PATH.swap(v, SeqCst),
             ),
-            knob(
-                "PEFT_TEST_TUNING_NEUTRAL",
-                || NEUTRAL.load(Ordering::Relaxed),
-                |on| NEUTRAL.swap(on, Ordering::Relaxed),
-            ),
-            knob(
-                "PEFT_TEST_TUNING_BROKEN",
-                || BROKEN.load(Ordering::Relaxed),
-                |on| BROKEN.swap(on, Ordering::Relaxed),
-            ),
-            knob(
-                "PEFT_TEST_TUNING_AFTER",
-                || ONLY_AFTER_FAST.load(Ordering::Relaxed),
-                |on| ONLY_AFTER_FAST.swap(on, Ordering::Relaxed),
-            ),
+            knob("NEUTRAL", || on(&NEUTRAL), |v| NEUTRAL.swap(v, SeqCst)),
+            knob("BROKEN", || on(&BROKEN), |v| BROKEN.swap(v, SeqCst)),
+            knob("WRONG", || on(&WRONG), |v| WRONG.swap(v, SeqCst)),
+            knob("AFTER", || on(&AFTER), |v| AFTER.swap(v, SeqCst)),
         ];
-        // Tried only where the fast path was chosen before it (as the flash kernels' block
-        // sizes where cuDNN lost).
-        knobs[3].applies = |_| !FAST_PATH.load(Ordering::Relaxed);
+        // Tried only where the fast path was not chosen before it (as the flash kernels'
+        // block sizes where cuDNN won).
+        knobs[4].applies = |_| !on(&FAST_PATH);
         let mut calls = 0;
         // The first pass of each setting is slow (compilation); the fast path saves 20%, the
-        // neutral one 0.5% (noise); the broken one fails.
+        // neutral one 0.5% (noise); the broken one fails; the wrong one is fastest of all but
+        // computes another loss.
         let mut first_of = std::collections::HashSet::new();
         let tuning = tune(&knobs, true, || {
             calls += 1;
-            let key = (
-                FAST_PATH.load(Ordering::Relaxed),
-                NEUTRAL.load(Ordering::Relaxed),
-                BROKEN.load(Ordering::Relaxed),
-            );
-            if BROKEN.load(Ordering::Relaxed) {
+            if on(&BROKEN) {
                 return Err("cuDNN has no plan");
             }
+            let key = (on(&FAST_PATH), on(&NEUTRAL), on(&WRONG));
             let cold = if first_of.insert(key) { 5.0 } else { 0.0 };
-            let fast = if FAST_PATH.load(Ordering::Relaxed) {
-                0.8
-            } else {
-                1.0
-            };
-            let neutral = if NEUTRAL.load(Ordering::Relaxed) {
-                0.995
-            } else {
-                1.0
-            };
-            Ok(cold + fast * neutral)
+            let fast = if on(&FAST_PATH) { 0.8 } else { 1.0 };
+            let neutral = if on(&NEUTRAL) { 0.995 } else { 1.0 };
+            let wrong = if on(&WRONG) { 0.5 } else { 1.0 };
+            // The loss and a gradient norm, rounded differently by each path.
+            let rounding = if on(&NEUTRAL) { 1.001 } else { 1.0 };
+            let loss = if on(&WRONG) { 2.5 } else { 2.0 * rounding };
+            Ok(Pass {
+                seconds: cold + fast * neutral * wrong,
+                results: vec![loss, 0.3 * rounding],
+            })
         })
         .unwrap();
-        assert!(
-            FAST_PATH.load(Ordering::Relaxed),
-            "the faster path stays set"
-        );
-        assert!(
-            !NEUTRAL.load(Ordering::Relaxed),
-            "a flip within the noise is reverted"
-        );
-        assert!(
-            !BROKEN.load(Ordering::Relaxed),
-            "a failing path is reverted"
-        );
+        assert!(on(&FAST_PATH), "the faster path stays set");
+        assert!(!on(&NEUTRAL), "a flip within the noise is reverted");
+        assert!(!on(&BROKEN), "a failing path is reverted");
+        assert!(!on(&WRONG), "a path that computes another loss is reverted");
         assert_eq!(calls, tuning.passes);
-        // Start, fast, neutral, broken (its first pass fails); the last knob no longer applies.
-        assert_eq!(tuning.passes, 2 + 2 + 2 + 1);
-        assert_eq!(tuning.trials.len(), 4);
+        // Start, fast, neutral, broken (its first pass fails), wrong; the last knob no longer
+        // applies.
+        assert_eq!(tuning.passes, 2 + 2 + 2 + 1 + 2);
+        assert_eq!(tuning.trials.len(), 5);
         assert_eq!(
             tuning.trials[3].seconds,
             Err("cuDNN has no plan".to_string())
         );
+        let why = tuning.trials[4].seconds.clone().unwrap_err();
+        assert!(why.contains("2.5") && why.contains("[2.0, 0.3]"), "{why}");
         assert_eq!(
             tuning.settings,
-            [
-                "PEFT_TEST_TUNING_FAST=on",
-                "PEFT_TEST_TUNING_NEUTRAL=off",
-                "PEFT_TEST_TUNING_BROKEN=off"
-            ]
+            ["FAST_PATH=on", "NEUTRAL=off", "BROKEN=off", "WRONG=off"]
         );
         let (start, best) = tuning.start_and_best().unwrap();
         assert!((start - 1.0).abs() < 1e-12 && (best - 0.8).abs() < 1e-12);
+        let summary = tuning.summary();
         assert!(
-            tuning.summary().contains("800.0 ms"),
-            "{}",
-            tuning.summary()
+            summary.contains("800.0 ms") && summary.contains("2 failed"),
+            "{summary}"
         );
     }
 
     #[test]
     fn a_failure_under_the_starting_settings_is_an_error() {
         let knobs: Vec<Knob> = Vec::new();
-        let got = tune(&knobs, false, || Err::<f64, _>("out of memory"));
+        let got = tune(&knobs, false, || Err::<Pass, _>("out of memory"));
         assert_eq!(got.unwrap_err(), "out of memory");
     }
 

@@ -9,10 +9,10 @@ use crate::optim::{AdamW, OptimKind};
 use crate::schedule::{LrSchedule, SchedulerKind};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::Tuned;
-use peft_ops::{add_grad, cross_entropy_sum, KernelTuning, Tuning};
+use peft_ops::{add_grad, cross_entropy_sum, KernelTuning, Pass, Tuning};
 use rand::SeedableRng;
 use serde_json::json;
 use std::io::Write;
@@ -25,6 +25,8 @@ use std::time::Instant;
 const LOSS_CHUNK_ELEMS: usize = 8 << 20;
 /// GPUs have the memory for larger chunks and pay per launch: fewer, bigger matmuls.
 const LOSS_CHUNK_ELEMS_GPU: usize = 64 << 20;
+/// Kernel tuning checks the gradients of the trainable tensors up to this size.
+const CHECKED_GRAD_ELEMS: usize = 32 << 20;
 
 #[derive(Debug, Clone)]
 pub struct TrainArgs {
@@ -332,9 +334,11 @@ impl Trainer<'_> {
     }
 
     /// Times forward and backward passes over `batch` under each of the interchangeable kernel
-    /// paths that apply ([`peft_ops::tune`]) and leaves the fastest set for the rest of the
+    /// paths that apply ([`peft_ops::tune`]; each path must reproduce the loss and the
+    /// gradients' norm of the starting paths) and leaves the fastest set for the rest of the
     /// process; `None` where [`TrainArgs::kernel_tuning`] is off for this device. Nothing is
-    /// trained: the gradients are dropped.
+    /// trained: the gradients are dropped, and the memory the slowest-to-fit path reserved is
+    /// handed back.
     pub fn tune_kernels(&mut self, batch: &Batch) -> Result<Option<Tuning>> {
         let device = self.model.base().device.clone();
         let wanted = self.args.kernel_tuning.wanted(device.is_cuda());
@@ -342,15 +346,30 @@ impl Trainer<'_> {
             return Ok(None);
         }
         let seed = dropout_seed(self.args.seed, 0, 0);
-        let tuning = peft_ops::tune(&peft_ops::knobs(), device.is_cuda(), || -> Result<f64> {
+        let params: Vec<Var> = self.model.trainable().into_iter().map(|(_, v)| v).collect();
+        // The gradients checked: all of a LoRA's, without the largest tensors of full
+        // fine-tuning (an f64 copy of each is summed).
+        let checked: Vec<Var> = params
+            .into_iter()
+            .filter(|v| v.elem_count() <= CHECKED_GRAD_ELEMS)
+            .collect();
+        let sink = self.model.base().grad_sink.clone();
+        let tuning = peft_ops::tune(&peft_ops::knobs(), device.is_cuda(), || -> Result<Pass> {
+            // A pass that failed midway may have left parameter gradients behind.
+            sink.clear()?;
             device.synchronize()?;
             let start = Instant::now();
             self.model.set_dropout_seed(seed);
             let loss = self.batch_loss(batch, batch.n_trained, true)?;
-            drop(self.model.base().backward(&loss)?);
+            let grads = self.model.base().backward(&loss)?;
             device.synchronize()?;
-            Ok(start.elapsed().as_secs_f64())
+            let seconds = start.elapsed().as_secs_f64();
+            let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let results = vec![loss, crate::optim::grad_norm(&grads, &checked)?];
+            Ok(Pass { seconds, results })
         })?;
+        sink.clear()?;
+        peft_ops::release_unused_memory(&device)?;
         Ok(Some(tuning))
     }
 
