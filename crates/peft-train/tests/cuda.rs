@@ -1,6 +1,7 @@
 //! Training on the GPU tracks the CPU float32 path: the same random model and data give the
 //! same first 10 losses (within 0.1% in f32, 2% in bf16), LoRA with and without gradient
-//! checkpointing, and prefix tuning. Built only with `--features cuda`; run on a machine with an NVIDIA GPU.
+//! checkpointing, and prefix tuning; kernel tuning finds every GPU path computing alike. Built
+//! only with `--features cuda`; run on a machine with an NVIDIA GPU.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -183,5 +184,56 @@ fn fused_optimizer_skips_a_step_with_a_nan_gradient() {
             .to_vec1()
             .unwrap();
         assert_eq!(after, values, "{kind:?}: the parameters changed");
+    }
+}
+
+/// Kernel tuning on the GPU tries every path it knows on a bf16 LoRA model (q, k and v
+/// sharing their products, gate and up too), and each reproduces the starting paths' loss and
+/// gradient norm: no trial fails. The switches are set back afterwards, for the tests that
+/// follow in this process.
+#[test]
+fn kernel_tuning_finds_every_gpu_path_computing_alike() {
+    struct Restore(Vec<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            for (knob, &on) in peft_ops::knobs().iter().zip(&self.0) {
+                (knob.set)(on);
+            }
+        }
+    }
+    let _restore = Restore(peft_ops::knobs().iter().map(|k| (k.get)()).collect());
+    let gpu = peft_ops::open_device("cuda").unwrap();
+    let (mut model, batch, lr) = common::model_and_batch(&gpu, DType::BF16, Setup::default());
+    let mut trainer = peft_train::Trainer {
+        model: model.as_mut(),
+        args: peft_train::TrainArgs {
+            lr,
+            show_progress: false,
+            kernel_tuning: peft_ops::KernelTuning::On,
+            ..Default::default()
+        },
+        pad_id: 0,
+    };
+    let tuning = trainer.tune_kernels(&batch).unwrap().expect("tuning is on");
+    eprintln!("{}\n{:#?}", tuning.summary(), tuning.trials);
+    for t in &tuning.trials {
+        assert!(t.seconds.is_ok(), "{:?}: {:?}", t.flipped, t.seconds);
+    }
+    let tried: Vec<&str> = tuning
+        .trials
+        .iter()
+        .filter_map(|t| t.flipped.as_deref())
+        .collect();
+    // (Unless the environment fixes them: check.sh's --test-env runs.)
+    let vars = [
+        peft_ops::CUDA_ATTENTION_VAR,
+        peft_ops::CUDA_LORA_VAR,
+        peft_ops::LORA_SHARED_VAR,
+    ];
+    for var in vars.into_iter().filter(|v| std::env::var_os(v).is_none()) {
+        assert!(
+            tried.iter().any(|t| t.starts_with(var)),
+            "{var} not tried: {tried:?}"
+        );
     }
 }

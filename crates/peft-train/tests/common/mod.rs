@@ -17,10 +17,14 @@ pub struct Setup {
     pub prefix_tuning: bool,
 }
 
-/// The first 10 losses of LoRA (all-linear, r 8) or prefix tuning on a tiny random Llama,
-/// batch 4 × 80: heads of 64 (what the CUDA flash attention kernels serve) over sequences that
-/// end mid-tile.
-pub fn losses(device: &Device, dtype: DType, setup: Setup) -> Vec<f64> {
+/// LoRA (all-linear, r 8) or prefix tuning on a tiny random Llama, and a batch of 4 × 80
+/// tokens: heads of 64 (what the CUDA flash attention kernels serve) over sequences that end
+/// mid-tile; with the learning rate the tests train it at.
+pub fn model_and_batch(
+    device: &Device,
+    dtype: DType,
+    setup: Setup,
+) -> (Box<dyn Tuned>, Batch, f64) {
     let Setup {
         checkpointing,
         packed,
@@ -35,7 +39,7 @@ pub fn losses(device: &Device, dtype: DType, setup: Setup) -> Vec<f64> {
     .unwrap();
     let mut base = random_llama(config, device, dtype, 3).unwrap();
     base.gradient_checkpointing = checkpointing;
-    let mut model: Box<dyn Tuned> = if prefix_tuning {
+    let model: Box<dyn Tuned> = if prefix_tuning {
         Box::new(PromptModel::new_prefix_tuning(base, 10, 7, None).unwrap())
     } else {
         let lora = LoraConfig {
@@ -70,6 +74,12 @@ pub fn losses(device: &Device, dtype: DType, setup: Setup) -> Vec<f64> {
     let batch = Batch::new(&refs, 0, device).unwrap();
     // Prefix tuning's few parameters need a larger step to move the loss in 10 steps.
     let lr = if prefix_tuning { 0.1 } else { 5e-3 };
+    (model, batch, lr)
+}
+
+/// The first 10 losses of [`model_and_batch`]'s model trained on its batch.
+pub fn losses(device: &Device, dtype: DType, setup: Setup) -> Vec<f64> {
+    let (mut model, batch, lr) = model_and_batch(device, dtype, setup);
     let args = TrainArgs {
         lr,
         warmup_ratio: 0.0,
