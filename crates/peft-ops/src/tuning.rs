@@ -93,8 +93,9 @@ impl Knob {
 pub fn knobs() -> Vec<Knob> {
     use crate::switches as s;
     let gpu = |cuda: bool| cuda;
-    // The flash kernels' block sizes matter where they run: cuDNN's attention lost, or
-    // cuDNN cannot be loaded.
+    // cuDNN's attention is a choice where cuDNN can be loaded; the flash kernels' block sizes
+    // matter where they run: cuDNN lost, or cannot be loaded.
+    let cudnn = |cuda: bool| cuda && crate::cudnn_version().is_some();
     let flash = |cuda: bool| cuda && (!s::attention_cudnn() || crate::cudnn_version().is_none());
     vec![
         Knob::from_switch(
@@ -102,7 +103,7 @@ pub fn knobs() -> Vec<Knob> {
             ["cudnn", "flash"],
             s::attention_cudnn,
             s::set_attention_cudnn,
-            gpu,
+            cudnn,
         ),
         Knob::from_switch(
             &s::FLASH_WIDE,
