@@ -61,7 +61,9 @@ pub use tape::{
     add, add_bias, cast, layer_tape_enabled, reshape, set_layer_tape, set_tape_gather,
     tape_gather_enabled, taped, with_layer_tape, LAYER_TAPE_VAR, TAPE_GATHER_VAR,
 };
-pub use tuning::{knobs, tune, KernelTuning, Knob, Pass, Trial, Tuning, KERNEL_TUNING_VAR};
+pub use tuning::{
+    apply_settings, knobs, tune, KernelTuning, Knob, Pass, Trial, Tuning, KERNEL_TUNING_VAR,
+};
 pub use weight::{quantized_linear, LinearWeight, QuantizedWeight};
 
 /// Whether our own kernel (of group `k` on GPUs) serves `t`: f32 on the CPU, f32 or bf16 on

@@ -150,6 +150,30 @@ pub fn knobs() -> Vec<Knob> {
     ]
 }
 
+/// Sets the knobs named by `settings` (`VAR=value`, as [`Tuning::settings`] lists them: a
+/// resumed run takes its checkpoint's), leaving those whose environment
+/// variable is set as set; an error for a variable or value no knob has.
+pub fn apply_settings(settings: &[String]) -> Result<(), String> {
+    let knobs = knobs();
+    for setting in settings {
+        let (var, value) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("kernel setting {setting:?} is not VAR=value"))?;
+        let knob = knobs
+            .iter()
+            .find(|k| k.var == var)
+            .ok_or_else(|| format!("unknown kernel setting {var}"))?;
+        let on = match knob.values.iter().position(|v| *v == value) {
+            Some(i) => i == 0,
+            None => return Err(format!("{var}: unknown value {value:?}")),
+        };
+        if std::env::var_os(var).is_none() {
+            (knob.set)(on);
+        }
+    }
+    Ok(())
+}
+
 /// One setting timed.
 #[derive(Clone, Debug)]
 pub struct Trial {

@@ -30,6 +30,9 @@ pub struct TrainerState {
     pub best_eval_loss: Option<f64>,
     #[serde(default)]
     pub evals_without_improvement: usize,
+    /// The kernel paths tuning chose (`VAR=value`), which a resumed run takes again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_settings: Option<Vec<String>>,
 }
 
 impl TrainerState {

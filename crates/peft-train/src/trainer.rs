@@ -438,6 +438,7 @@ impl Trainer<'_> {
             trained_tokens: 0,
             best_eval_loss: None,
             evals_without_improvement: 0,
+            kernel_settings: None,
         };
         let mut last_checkpoint = None;
         if let Some(spec) = &a.resume_from {
@@ -504,8 +505,19 @@ impl Trainer<'_> {
         let mut epoch = 0;
         // Losses of the steps since the last metrics line.
         let mut since_log: Vec<f64> = Vec::new();
-        // The kernel paths are timed on the first batch this run trains on.
+        // The kernel paths are timed on the first batch this run trains on; a resumed run
+        // takes the ones its checkpoint names (the same paths: the same rounding).
         let mut tuned = false;
+        if let Some(settings) = &state.kernel_settings {
+            if a.kernel_tuning
+                .wanted(device.is_cuda())
+                .map_err(anyhow::Error::msg)?
+            {
+                peft_ops::apply_settings(settings).map_err(anyhow::Error::msg)?;
+                summary.kernel_settings = Some(settings.clone());
+                tuned = true;
+            }
+        }
         'epochs: while step < total_steps {
             let order = epoch_order(&lengths, a.batch_size, a.group_by_length, &mut rng);
             let batches: Vec<&[usize]> = order.chunks(a.batch_size).collect();
@@ -619,6 +631,7 @@ impl Trainer<'_> {
                 if (scheduled || interrupted) && !stop_early {
                     state.global_step = step;
                     state.trained_tokens = resumed_tokens + summary.trained_tokens;
+                    state.kernel_settings = summary.kernel_settings.clone();
                     let dir = checkpoint::save(
                         &a.output_dir,
                         &*self.model,

@@ -1,7 +1,7 @@
 //! Kernel tuning on a tiny model (a test binary of its own: tuning sets process-wide switches
 //! that other tests would read while they run): it times the paths that run on a CPU, leaves
 //! one set as it reports, trains nothing while it times, skips a path the environment fixes,
-//! and the run then trains as an untuned one does.
+//! the run then trains as an untuned one does, and a resumed run takes its checkpoint's paths.
 
 use peft::{LoraConfig, PeftModel, TargetModules};
 use peft_models::testing::tiny_llama;
@@ -119,4 +119,39 @@ fn tuning_times_the_paths_and_trains_nothing() {
     for (a, b) in tuned.iter().zip(&untuned) {
         assert!((a - b).abs() <= 1e-5 * b.abs(), "{tuned:?} vs {untuned:?}");
     }
+
+    // A checkpoint names the chosen paths, and a run resumed from it takes them again rather
+    // than tuning anew (here: against every switch flipped meanwhile).
+    let out = tempfile::tempdir().unwrap();
+    let run = |resume: Option<std::path::PathBuf>| {
+        let mut model = lora();
+        let mut trainer = Trainer {
+            model: &mut model,
+            args: TrainArgs {
+                save_steps: Some(3),
+                resume_from: resume,
+                ..args(out.path(), KernelTuning::On)
+            },
+            pad_id: 0,
+        };
+        trainer.train(&examples()).unwrap()
+    };
+    let first = run(None).kernel_settings.expect("the run tuned");
+    let state =
+        std::fs::read_to_string(out.path().join("checkpoint-3/trainer_state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["kernel_settings"], serde_json::json!(first));
+    for knob in peft_ops::knobs() {
+        if std::env::var_os(knob.var).is_none() {
+            (knob.set)(!(knob.get)());
+        }
+    }
+    let resumed = run(Some(out.path().join("checkpoint-3")));
+    assert_eq!(resumed.kernel_settings.as_ref(), Some(&first));
+    let now: Vec<String> = peft_ops::knobs()
+        .iter()
+        .filter(|k| (k.applies)(false))
+        .map(|k| k.setting())
+        .collect();
+    assert_eq!(now, first, "the checkpoint's paths are set again");
 }
