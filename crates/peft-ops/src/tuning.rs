@@ -180,7 +180,8 @@ pub struct Trial {
     /// `VAR=value` flipped from the best settings so far (`None`: the settings the run
     /// started with).
     pub flipped: Option<String>,
-    /// The fastest of its passes, or why a pass failed.
+    /// The fastest of its passes, or why the flip was rejected (a pass failed, computed
+    /// other results or needed more memory).
     pub seconds: Result<f64, String>,
     /// Whether it became the best so far.
     pub kept: bool,
@@ -215,14 +216,14 @@ impl Tuning {
             ),
             None => String::new(),
         };
-        let failed = self.trials.iter().filter(|t| t.seconds.is_err()).count();
-        let failed = if failed > 0 {
-            format!(" ({failed} failed: see above)")
+        let rejected = self.trials.iter().filter(|t| t.seconds.is_err()).count();
+        let rejected = if rejected > 0 {
+            format!(" ({rejected} rejected: see above)")
         } else {
             String::new()
         };
         format!(
-            "kernel tuning over {} passes chose {}{timing}{failed}",
+            "kernel tuning over {} passes chose {}{timing}{rejected}",
             self.passes,
             self.settings.join(" "),
         )
@@ -238,6 +239,10 @@ pub struct Pass {
     /// the starting paths computed, within [`RESULT_TOLERANCE`], so that a fast path that
     /// computes something else is not kept.
     pub results: Vec<f64>,
+    /// The most device memory in use during the pass, where it is known (GPUs): a flip that
+    /// needs more than the starting paths is not kept, so that tuning never makes a run need
+    /// more memory (a later, longer batch could not fit).
+    pub peak_bytes: Option<u64>,
 }
 
 /// Passes timed under each setting; the fastest counts (the first pass of a path also
@@ -252,6 +257,38 @@ const MARGIN: f64 = 0.01;
 /// farther.
 pub const RESULT_TOLERANCE: f64 = 0.05;
 
+/// How much more memory than the starting paths' a flip may need: allocation granularity,
+/// not a path that keeps more.
+const MEMORY_MARGIN: f64 = 0.02;
+
+/// What a setting's passes gave: the fastest time, the last pass's results and the most
+/// memory any of them needed.
+struct Timed {
+    seconds: f64,
+    results: Vec<f64>,
+    peak_bytes: Option<u64>,
+}
+
+impl Timed {
+    /// Why this flip cannot replace the starting paths (`start`), if it cannot.
+    fn unlike(&self, start: &Timed) -> Option<String> {
+        if let Some(why) = differs(&self.results, &start.results) {
+            return Some(why);
+        }
+        match (self.peak_bytes, start.peak_bytes) {
+            (Some(got), Some(want)) if got as f64 > want as f64 * (1.0 + MEMORY_MARGIN) => {
+                let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                Some(format!(
+                    "needs {:.0} MiB where the starting paths need {:.0}",
+                    mib(got),
+                    mib(want)
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Why `got` is not what the starting paths computed (`want`), if it is not.
 fn differs(got: &[f64], want: &[f64]) -> Option<String> {
     let close = |g: f64, w: f64| (g - w).abs() <= RESULT_TOLERANCE * w.abs().max(1e-6);
@@ -261,27 +298,32 @@ fn differs(got: &[f64], want: &[f64]) -> Option<String> {
 
 /// Times `pass` under the settings of `knobs` that apply and that no environment variable
 /// fixes, flipping one at a time from the best so far, and leaves the fastest set. A flip
-/// whose pass fails, or computes other results than the starting paths, loses (the reason
-/// is reported in the [`Tuning`]); a pass that fails under the starting settings is an error.
+/// whose pass fails, computes other results than the starting paths or needs more memory
+/// loses (the reason is reported in the [`Tuning`]); a pass that fails under the starting
+/// settings is an error.
 pub fn tune<E: std::fmt::Display>(
     knobs: &[Knob],
     cuda: bool,
     mut pass: impl FnMut() -> Result<Pass, E>,
 ) -> Result<Tuning, E> {
     let mut passes = 0;
-    // The fastest of PASSES passes, and the last one's results.
-    let mut timed = |passes: &mut usize| -> Result<(f64, Vec<f64>), E> {
-        let mut best = f64::INFINITY;
-        let mut results = Vec::new();
+    let mut timed = |passes: &mut usize| -> Result<Timed, E> {
+        let mut t = Timed {
+            seconds: f64::INFINITY,
+            results: Vec::new(),
+            peak_bytes: None,
+        };
         for _ in 0..PASSES {
             *passes += 1;
             let p = pass()?;
-            best = best.min(p.seconds);
-            results = p.results;
+            t.seconds = t.seconds.min(p.seconds);
+            t.results = p.results;
+            t.peak_bytes = t.peak_bytes.max(p.peak_bytes);
         }
-        Ok((best, results))
+        Ok(t)
     };
-    let (mut best, want) = timed(&mut passes)?;
+    let start = timed(&mut passes)?;
+    let mut best = start.seconds;
     let mut trials = vec![Trial {
         flipped: None,
         seconds: Ok(best),
@@ -294,8 +336,8 @@ pub fn tune<E: std::fmt::Display>(
         let before = (knob.set)(!(knob.get)());
         let flipped = Some(knob.setting());
         let seconds = match timed(&mut passes) {
-            Ok((s, got)) => match differs(&got, &want) {
-                None => Ok(s),
+            Ok(t) => match t.unlike(&start) {
+                None => Ok(t.seconds),
                 Some(why) => Err(why),
             },
             Err(e) => Err(e.to_string()),
@@ -333,6 +375,7 @@ mod tests {
     static NEUTRAL: AtomicBool = AtomicBool::new(false);
     static BROKEN: AtomicBool = AtomicBool::new(false);
     static WRONG: AtomicBool = AtomicBool::new(false);
+    static HUNGRY: AtomicBool = AtomicBool::new(false);
     static AFTER: AtomicBool = AtomicBool::new(false);
 
     fn knob(var: &'static str, get: fn() -> bool, set: fn(bool) -> bool) -> Knob {
@@ -360,15 +403,16 @@ mod tests {
             knob("NEUTRAL", || on(&NEUTRAL), |v| NEUTRAL.swap(v, SeqCst)),
             knob("BROKEN", || on(&BROKEN), |v| BROKEN.swap(v, SeqCst)),
             knob("WRONG", || on(&WRONG), |v| WRONG.swap(v, SeqCst)),
+            knob("HUNGRY", || on(&HUNGRY), |v| HUNGRY.swap(v, SeqCst)),
             knob("AFTER", || on(&AFTER), |v| AFTER.swap(v, SeqCst)),
         ];
         // Tried only where the fast path was not chosen before it (as the flash kernels'
         // block sizes where cuDNN won).
-        knobs[4].applies = |_| !on(&FAST_PATH);
+        knobs[5].applies = |_| !on(&FAST_PATH);
         let mut calls = 0;
         // The first pass of each setting is slow (compilation); the fast path saves 20%, the
         // neutral one 0.5% (noise); the broken one fails; the wrong one is fastest of all but
-        // computes another loss.
+        // computes another loss; the hungry one is as fast but needs twice the memory.
         let mut first_of = std::collections::HashSet::new();
         let tuning = tune(&knobs, true, || {
             calls += 1;
@@ -380,12 +424,14 @@ mod tests {
             let fast = if on(&FAST_PATH) { 0.8 } else { 1.0 };
             let neutral = if on(&NEUTRAL) { 0.995 } else { 1.0 };
             let wrong = if on(&WRONG) { 0.5 } else { 1.0 };
+            let hungry = if on(&HUNGRY) { 0.5 } else { 1.0 };
             // The loss and a gradient norm, rounded differently by each path.
             let rounding = if on(&NEUTRAL) { 1.001 } else { 1.0 };
             let loss = if on(&WRONG) { 2.5 } else { 2.0 * rounding };
             Ok(Pass {
-                seconds: cold + fast * neutral * wrong,
+                seconds: cold + fast * neutral * wrong * hungry,
                 results: vec![loss, 0.3 * rounding],
+                peak_bytes: Some(if on(&HUNGRY) { 1 << 31 } else { 1 << 30 }),
             })
         })
         .unwrap();
@@ -393,26 +439,38 @@ mod tests {
         assert!(!on(&NEUTRAL), "a flip within the noise is reverted");
         assert!(!on(&BROKEN), "a failing path is reverted");
         assert!(!on(&WRONG), "a path that computes another loss is reverted");
+        assert!(!on(&HUNGRY), "a path that needs more memory is reverted");
         assert_eq!(calls, tuning.passes);
-        // Start, fast, neutral, broken (its first pass fails), wrong; the last knob no longer
-        // applies.
-        assert_eq!(tuning.passes, 2 + 2 + 2 + 1 + 2);
-        assert_eq!(tuning.trials.len(), 5);
+        // Start, fast, neutral, broken (its first pass fails), wrong, hungry; the last knob no
+        // longer applies.
+        assert_eq!(tuning.passes, 2 + 2 + 2 + 1 + 2 + 2);
+        assert_eq!(tuning.trials.len(), 6);
         assert_eq!(
             tuning.trials[3].seconds,
             Err("cuDNN has no plan".to_string())
         );
         let why = tuning.trials[4].seconds.clone().unwrap_err();
         assert!(why.contains("2.5") && why.contains("[2.0, 0.3]"), "{why}");
+        let why = tuning.trials[5].seconds.clone().unwrap_err();
+        assert!(
+            why.contains("needs 2048 MiB") && why.contains("need 1024"),
+            "{why}"
+        );
         assert_eq!(
             tuning.settings,
-            ["FAST_PATH=on", "NEUTRAL=off", "BROKEN=off", "WRONG=off"]
+            [
+                "FAST_PATH=on",
+                "NEUTRAL=off",
+                "BROKEN=off",
+                "WRONG=off",
+                "HUNGRY=off"
+            ]
         );
         let (start, best) = tuning.start_and_best().unwrap();
         assert!((start - 1.0).abs() < 1e-12 && (best - 0.8).abs() < 1e-12);
         let summary = tuning.summary();
         assert!(
-            summary.contains("800.0 ms") && summary.contains("2 failed"),
+            summary.contains("800.0 ms") && summary.contains("3 rejected"),
             "{summary}"
         );
     }

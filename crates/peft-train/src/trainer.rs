@@ -335,10 +335,10 @@ impl Trainer<'_> {
 
     /// Times forward and backward passes over `batch` under each of the interchangeable kernel
     /// paths that apply ([`peft_ops::tune`]; each path must reproduce the loss and the
-    /// gradients' norm of the starting paths) and leaves the fastest set for the rest of the
-    /// process; `None` where [`TrainArgs::kernel_tuning`] is off for this device. Nothing is
-    /// trained: the gradients are dropped, and the memory the slowest-to-fit path reserved is
-    /// handed back.
+    /// gradients' norm of the starting paths, within their memory) and leaves the fastest set
+    /// for the rest of the process; `None` where [`TrainArgs::kernel_tuning`] is off for this
+    /// device. Nothing is trained: the gradients are dropped, and the memory a hungrier path
+    /// reserved is handed back. The device's peak-memory window starts anew at each pass.
     pub fn tune_kernels(&mut self, batch: &Batch) -> Result<Option<Tuning>> {
         let device = self.model.base().device.clone();
         let wanted = self.args.kernel_tuning.wanted(device.is_cuda());
@@ -358,15 +358,21 @@ impl Trainer<'_> {
             // A pass that failed midway may have left parameter gradients behind.
             sink.clear()?;
             device.synchronize()?;
+            peft_ops::reset_peak_memory(&device)?;
             let start = Instant::now();
             self.model.set_dropout_seed(seed);
             let loss = self.batch_loss(batch, batch.n_trained, true)?;
             let grads = self.model.base().backward(&loss)?;
             device.synchronize()?;
             let seconds = start.elapsed().as_secs_f64();
+            let peak_bytes = peft_ops::peak_memory(&device)?;
             let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let results = vec![loss, crate::optim::grad_norm(&grads, &checked)?];
-            Ok(Pass { seconds, results })
+            Ok(Pass {
+                seconds,
+                results,
+                peak_bytes,
+            })
         })?;
         sink.clear()?;
         peft_ops::release_unused_memory(&device)?;
@@ -544,7 +550,7 @@ impl Trainer<'_> {
                         let failures = tuning.trials.iter().filter_map(|t| {
                             let e = t.seconds.as_ref().err()?;
                             Some(format!(
-                                "kernel tuning: {} failed: {e}",
+                                "kernel tuning rejected {}: {e}",
                                 t.flipped.as_deref()?
                             ))
                         });
