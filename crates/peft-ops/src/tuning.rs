@@ -151,8 +151,8 @@ pub fn knobs() -> Vec<Knob> {
 }
 
 /// Sets the knobs named by `settings` (`VAR=value`, as [`Tuning::settings`] lists them: a
-/// resumed run takes its checkpoint's), leaving those whose environment
-/// variable is set as set; an error for a variable or value no knob has.
+/// resumed run takes its checkpoint's), leaving those whose environment variable is set as
+/// set; an error for a variable or value no knob has.
 pub fn apply_settings(settings: &[String]) -> Result<(), String> {
     let knobs = knobs();
     for setting in settings {
