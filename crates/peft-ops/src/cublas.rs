@@ -43,7 +43,7 @@ pub(crate) fn column_major(
 
 #[cfg(feature = "cuda")]
 pub(crate) use device::{
-    add_product_into, in_place, matmul, matmul_add_into, matmul_into_columns,
+    add_product_into, in_place, is_bf16_matrix, matmul, matmul_add_into, matmul_into_columns,
     takes_products_in_place, thin_then_frozen, Mat,
 };
 
@@ -307,26 +307,7 @@ mod device {
             if k == 0 {
                 candle_core::bail!("cublas product into columns: no inner dimension");
             }
-            fn f<T: CudaDType + WithDType>(
-                cs: &CudaStorage,
-                a: Mat,
-                b: Mat,
-                (m, n, k): (usize, usize, usize),
-                (first, stride): (usize, usize),
-                alpha: f32,
-            ) -> Result<()> {
-                let out = Out {
-                    c: cs.as_cuda_slice::<T>()?,
-                    first,
-                    stride,
-                };
-                gemm(cs.device(), a, b, (m, n, k), (alpha, 0.0), out)
-            }
-            let at = (first, width);
-            match cs.dtype() {
-                DType::F32 => f::<f32>(cs, a, b, (m, n, k), at, alpha),
-                _ => f::<bf16>(cs, a, b, (m, n, k), at, alpha),
-            }
+            gemm_into(cs, a, b, (m, n, k), (alpha, 0.0), (first, width))
         })
     }
 
@@ -408,24 +389,43 @@ mod device {
             // Nothing to add (see `matmul`).
             return Ok(());
         }
+        gemm_into(c, a, b, (m, n, k), (alpha, 1.0), (0, n))
+    }
+
+    /// [`gemm`] into the storage `c` (f32, or bf16 otherwise), the product's rows from element
+    /// `first` on, `stride` apart.
+    fn gemm_into(
+        c: &CudaStorage,
+        a: Mat,
+        b: Mat,
+        mnk: (usize, usize, usize),
+        alpha_beta: (f32, f32),
+        (first, stride): (usize, usize),
+    ) -> Result<()> {
         fn f<T: CudaDType + WithDType>(
             c: &CudaStorage,
             a: Mat,
             b: Mat,
             mnk: (usize, usize, usize),
-            alpha: f32,
+            alpha_beta: (f32, f32),
+            (first, stride): (usize, usize),
         ) -> Result<()> {
             let out = Out {
                 c: c.as_cuda_slice::<T>()?,
-                first: 0,
-                stride: mnk.1,
+                first,
+                stride,
             };
-            gemm(c.device(), a, b, mnk, (alpha, 1.0), out)
+            gemm(c.device(), a, b, mnk, alpha_beta, out)
         }
         match c.dtype() {
-            DType::F32 => f::<f32>(c, a, b, (m, n, k), alpha),
-            _ => f::<bf16>(c, a, b, (m, n, k), alpha),
+            DType::F32 => f::<f32>(c, a, b, mnk, alpha_beta, (first, stride)),
+            _ => f::<bf16>(c, a, b, mnk, alpha_beta, (first, stride)),
         }
+    }
+
+    /// Whether [`Mat`] takes `t` whole: a contiguous bf16 matrix.
+    pub(crate) fn is_bf16_matrix(t: &Tensor) -> bool {
+        t.dtype() == DType::BF16 && t.rank() == 2 && t.is_contiguous()
     }
 }
 

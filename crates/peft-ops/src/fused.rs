@@ -259,7 +259,7 @@ fn lora_linear_cublas(
     (scale, dropout): (f64, Option<Dropout>),
     out_shape: Vec<usize>,
 ) -> Result<Tensor> {
-    use crate::cublas::{add_product_into, matmul};
+    use crate::cublas::{add_product_into, is_bf16_matrix, matmul};
     let rows = x2.dims2()?.0;
     let out_f = w.dims().0;
     let x2 = x2.contiguous()?;
@@ -318,8 +318,7 @@ fn lora_linear_cublas(
         let d_x = match tracks.0 {
             true => {
                 let w = w.dense()?;
-                let bf16_matrix = w.dtype() == DType::BF16 && w.is_contiguous();
-                if let (None, None, true) = (dropout, &gathered, bf16_matrix) {
+                if let (None, None, true) = (dropout, &gathered, is_bf16_matrix(&w)) {
                     // Nothing gathered yet: the low-rank term written into a new tensor, then
                     // g·W added onto it by the frozen product (beta = 1), as in the forward.
                     let d_x = matmul((&gb, false), (&a16, false), 1.0, DType::BF16)?;
@@ -466,10 +465,9 @@ pub(crate) fn lora_forward(
     shape: Shape,
     by: LowRankBy,
 ) -> Value {
-    use crate::cublas::{matmul_add_into, thin_then_frozen, Mat};
+    use crate::cublas::{is_bf16_matrix, matmul_add_into, thin_then_frozen, Mat};
     let (x_in, w_in) = (x.clone(), w.clone());
-    let bf16_matrix = |t: &Tensor| t.dtype() == DType::BF16 && t.rank() == 2 && t.is_contiguous();
-    let frozen_by_cublas = bf16_matrix(x) && bf16_matrix(&w);
+    let frozen_by_cublas = is_bf16_matrix(x) && is_bf16_matrix(&w);
     let f = move |x: GpuIn, w: GpuIn| {
         let cols = match by {
             LowRankBy::Kernel => {
