@@ -230,8 +230,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     // Tuning's passes need no more memory than the starting paths' (it rejects flips that do),
     // and a training step more than a pass: the peak is measured over the steps.
     let tuning = trainer.tune_kernels(&batch)?;
-    if let Some(t) = &tuning {
-        eprintln!("{}", t.summary());
+    for line in tuning.iter().flat_map(|t| t.report()) {
+        eprintln!("{line}");
     }
     device.synchronize()?;
     peft_ops::reset_peak_memory(&device)?;

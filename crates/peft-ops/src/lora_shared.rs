@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 /// for comparisons and benchmarks.
 pub const LORA_SHARED_VAR: &str = "PEFT_LORA_SHARED";
 
-pub(crate) static SHARED: Switch = Switch::new(LORA_SHARED_VAR, &["off", "0"], true);
+static SHARED: Switch = Switch::new(LORA_SHARED_VAR, &["off", "0"], true);
 
 thread_local! {
     /// [`with_lora_shared`]'s setting for this thread, over the process's.

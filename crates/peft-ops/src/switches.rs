@@ -134,11 +134,6 @@ impl Switch {
         }
     }
 
-    /// The environment variable that sets it.
-    pub(crate) fn var(&self) -> &'static str {
-        self.var
-    }
-
     pub(crate) fn get(&self) -> bool {
         match self.state.load(Ordering::Relaxed) {
             1 => true,
@@ -194,7 +189,7 @@ pub(crate) fn with_thread_setting<R>(
 /// our kernels' time on an H200 (not yet measured against them in one run).
 pub const CUDA_LORA_VAR: &str = "PEFT_CUDA_LORA";
 
-pub(crate) static LORA_CUBLAS: Switch = Switch::new(CUDA_LORA_VAR, &["kernels"], true);
+static LORA_CUBLAS: Switch = Switch::new(CUDA_LORA_VAR, &["kernels"], true);
 
 /// Whether LoRA's thin products run through cuBLAS ([`CUDA_LORA_VAR`]).
 pub fn lora_cublas() -> bool {
@@ -212,7 +207,7 @@ pub fn set_lora_cublas(on: bool) -> bool {
 /// (four an SM). The same bits either way. Not yet measured on a GPU: off by default.
 pub const CUDA_FLASH_VAR: &str = "PEFT_CUDA_FLASH";
 
-pub(crate) static FLASH_WIDE: Switch = Switch::new(CUDA_FLASH_VAR, &["wide"], false);
+static FLASH_WIDE: Switch = Switch::new(CUDA_FLASH_VAR, &["wide"], false);
 
 /// Whether the flash forward runs in 128-row blocks for head size 64 ([`CUDA_FLASH_VAR`]).
 pub fn flash_wide() -> bool {
@@ -230,7 +225,7 @@ pub fn set_flash_wide(on: bool) -> bool {
 /// on a GPU: off by default.
 pub const CUDA_FLASH_BWD_VAR: &str = "PEFT_CUDA_FLASH_BWD";
 
-pub(crate) static FLASH_WIDE_BACKWARD: Switch = Switch::new(CUDA_FLASH_BWD_VAR, &["wide"], false);
+static FLASH_WIDE_BACKWARD: Switch = Switch::new(CUDA_FLASH_BWD_VAR, &["wide"], false);
 
 /// Whether the flash backward runs in 128-key blocks ([`CUDA_FLASH_BWD_VAR`]).
 pub fn flash_wide_backward() -> bool {
@@ -250,7 +245,7 @@ pub fn set_flash_wide_backward(on: bool) -> bool {
 /// kernels' time on an H200 (ours through cuDNN not yet measured there).
 pub const CUDA_ATTENTION_VAR: &str = "PEFT_CUDA_ATTENTION";
 
-pub(crate) static ATTENTION_CUDNN: Switch = Switch::new(CUDA_ATTENTION_VAR, &["flash"], true);
+static ATTENTION_CUDNN: Switch = Switch::new(CUDA_ATTENTION_VAR, &["flash"], true);
 
 /// Whether cuDNN computes the flash attention's passes ([`CUDA_ATTENTION_VAR`]).
 pub fn attention_cudnn() -> bool {

@@ -71,14 +71,14 @@ impl Accumulated {
 /// graph in place: for comparisons and benchmarks.
 pub const LAYER_TAPE_VAR: &str = "PEFT_LAYER_TAPE";
 
-pub(crate) static LAYER_TAPES: Switch = Switch::new(LAYER_TAPE_VAR, &["off", "0"], true);
+static LAYER_TAPES: Switch = Switch::new(LAYER_TAPE_VAR, &["off", "0"], true);
 
 /// `PEFT_TAPE_GATHER=off` has a tape add each consumer's share of an input's gradient by a
 /// separate add, instead of handing the gradient gathered so far to the next consumer's
 /// backward (see [`Accumulated`]): for comparisons.
 pub const TAPE_GATHER_VAR: &str = "PEFT_TAPE_GATHER";
 
-pub(crate) static GATHER: Switch = Switch::new(TAPE_GATHER_VAR, &["off", "0"], true);
+static GATHER: Switch = Switch::new(TAPE_GATHER_VAR, &["off", "0"], true);
 
 /// Whether tapes hand gathered gradients to the ops' backwards ([`TAPE_GATHER_VAR`]).
 pub fn tape_gather_enabled() -> bool {

@@ -6,8 +6,6 @@
 //!
 //! A setting the user fixed through its environment variable is left as it is.
 
-use crate::switches::Switch;
-
 /// `PEFT_KERNEL_TUNING`: `on` (time the paths also on a CPU), `off` (the defaults and the
 /// environment's settings as they are), unset or `auto`: on GPUs only.
 pub const KERNEL_TUNING_VAR: &str = "PEFT_KERNEL_TUNING";
@@ -65,22 +63,6 @@ pub struct Knob {
 }
 
 impl Knob {
-    fn from_switch(
-        switch: &'static Switch,
-        values: [&'static str; 2],
-        get: fn() -> bool,
-        set: fn(bool) -> bool,
-        applies: fn(bool) -> bool,
-    ) -> Self {
-        Self {
-            var: switch.var(),
-            values,
-            get,
-            set,
-            applies,
-        }
-    }
-
     /// `VAR=value` for the setting now.
     pub fn setting(&self) -> String {
         let value = self.values[usize::from(!(self.get)())];
@@ -97,51 +79,58 @@ pub fn knobs() -> Vec<Knob> {
     // matter where they run: cuDNN lost, or cannot be loaded.
     let cudnn = |cuda: bool| cuda && crate::cudnn_version().is_some();
     let flash = |cuda: bool| cuda && (!s::attention_cudnn() || crate::cudnn_version().is_none());
+    let knob = |var, values, get, set, applies| Knob {
+        var,
+        values,
+        get,
+        set,
+        applies,
+    };
     vec![
-        Knob::from_switch(
-            &s::ATTENTION_CUDNN,
+        knob(
+            crate::CUDA_ATTENTION_VAR,
             ["cudnn", "flash"],
             s::attention_cudnn,
             s::set_attention_cudnn,
             cudnn,
         ),
-        Knob::from_switch(
-            &s::FLASH_WIDE,
+        knob(
+            crate::CUDA_FLASH_VAR,
             ["wide", "narrow"],
             s::flash_wide,
             s::set_flash_wide,
             flash,
         ),
-        Knob::from_switch(
-            &s::FLASH_WIDE_BACKWARD,
+        knob(
+            crate::CUDA_FLASH_BWD_VAR,
             ["wide", "narrow"],
             s::flash_wide_backward,
             s::set_flash_wide_backward,
             flash,
         ),
-        Knob::from_switch(
-            &s::LORA_CUBLAS,
+        knob(
+            crate::CUDA_LORA_VAR,
             ["cublas", "kernels"],
             s::lora_cublas,
             s::set_lora_cublas,
             gpu,
         ),
-        Knob::from_switch(
-            &crate::lora_shared::SHARED,
+        knob(
+            crate::LORA_SHARED_VAR,
             ["on", "off"],
             crate::lora_shared,
             crate::set_lora_shared,
             |_| true,
         ),
-        Knob::from_switch(
-            &crate::tape::LAYER_TAPES,
+        knob(
+            crate::LAYER_TAPE_VAR,
             ["on", "off"],
             crate::layer_tape_enabled,
             crate::set_layer_tape,
             |_| true,
         ),
-        Knob::from_switch(
-            &crate::tape::GATHER,
+        knob(
+            crate::TAPE_GATHER_VAR,
             ["on", "off"],
             crate::tape_gather_enabled,
             crate::set_tape_gather,
@@ -204,6 +193,18 @@ impl Tuning {
         let start = seconds(self.trials.first()?)?;
         let best = seconds(self.trials.iter().rev().find(|t| t.kept)?)?;
         Some((start, best))
+    }
+
+    /// The lines for the log: each rejected flip and why, then [`Self::summary`].
+    pub fn report(&self) -> Vec<String> {
+        let rejected = self.trials.iter().filter_map(|t| {
+            let why = t.seconds.as_ref().err()?;
+            Some(format!(
+                "kernel tuning rejected {}: {why}",
+                t.flipped.as_deref()?
+            ))
+        });
+        rejected.chain([self.summary()]).collect()
     }
 
     /// One line for the log: the chosen settings and what they gained.
@@ -473,6 +474,13 @@ mod tests {
             summary.contains("800.0 ms") && summary.contains("3 rejected"),
             "{summary}"
         );
+        let report = tuning.report();
+        assert_eq!(report.len(), 4, "{report:?}");
+        assert_eq!(
+            report[0],
+            "kernel tuning rejected BROKEN=on: cuDNN has no plan"
+        );
+        assert_eq!(report[3], summary);
     }
 
     #[test]

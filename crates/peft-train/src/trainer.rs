@@ -547,15 +547,8 @@ impl Trainer<'_> {
                 if !tuned {
                     tuned = true;
                     if let Some(tuning) = self.tune_kernels(&batches[0])? {
-                        let failures = tuning.trials.iter().filter_map(|t| {
-                            let e = t.seconds.as_ref().err()?;
-                            Some(format!(
-                                "kernel tuning rejected {}: {e}",
-                                t.flipped.as_deref()?
-                            ))
-                        });
                         summary.kernel_settings = Some(tuning.settings.clone());
-                        for line in failures.chain([tuning.summary()]) {
+                        for line in tuning.report() {
                             if a.show_progress {
                                 bar.println(line);
                             } else if a.echo != Echo::Off {
