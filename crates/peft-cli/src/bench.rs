@@ -32,7 +32,7 @@ pub struct BenchCmd {
     /// New tokens per generation (generate mode).
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
-    /// HF model folder or .gguf file.
+    /// HF model folder, .gguf file, or Hub id (`org/name`).
     #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
     model: Option<PathBuf>,
     /// Random weights of a named shape instead of a model file: smollm2-135m, llama-3.2-1b,

@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct ChatCmd {
+    /// HF model folder, .gguf file, or Hub id (`org/name`).
     #[arg(long)]
     model: PathBuf,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// An adapter folder, as `NAME=DIR` or `DIR` (named after the folder); repeat to load
+    /// An adapter folder or Hub id, as `NAME=DIR` or `DIR` (named after its last part); repeat to load
     /// several. The first one answers until `/adapter NAME` or `/base`.
     #[arg(long)]
     adapter: Vec<String>,

@@ -8,14 +8,16 @@ use crate::{bench::peak_rss_mib, load_base, model_name, DTypeArg};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::ValueEnum;
-use peft_train::{load_records, split_eval, tokenize_records, TrainArgs, Trainer};
+use peft_train::{load_data, split_eval, tokenize_records, TrainArgs, Trainer};
 use serde_json::json;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct CompareCmd {
+    /// HF model folder, .gguf file, or Hub id (`org/name`).
     #[arg(long)]
     model: PathBuf,
+    /// A data file, or a Hub data set id (its training split).
     #[arg(long)]
     data: PathBuf,
     /// Folder for each method's adapter and metrics, compare.md, compare.json, compare.svg.
@@ -95,7 +97,7 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
         let row = train_one(&cmd, &methods[0])?;
         return peft_models::io::write_atomic(out, serde_json::to_string(&row)?.as_bytes());
     }
-    load_records(&cmd.data)?;
+    load_data(&cmd.data)?;
     std::fs::create_dir_all(&cmd.output)
         .with_context(|| format!("cannot create {}", cmd.output.display()))?;
     let exe = std::env::current_exe().context("cannot find the peft executable")?;
@@ -174,7 +176,7 @@ pub fn run(cmd: CompareCmd) -> Result<()> {
 
 /// Trains `method` and measures it (in this process: its peak RSS is this process's).
 fn train_one(cmd: &CompareCmd, method: &str) -> Result<Row> {
-    let records = load_records(&cmd.data)?;
+    let records = load_data(&cmd.data)?;
     let dtype = DTypeArg::for_training(cmd.dtype, &Device::Cpu);
     let (base, tok) = load_base(&cmd.model, dtype, &Device::Cpu)?;
     let tok = tok.context("the model has no tokenizer")?;

@@ -10,11 +10,13 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct GenerateCmd {
+    /// HF model folder, .gguf file, or Hub id (`org/name`, downloaded into the Hub cache).
     #[arg(long)]
     model: PathBuf,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Adapter folder, or Hub id.
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[arg(long)]

@@ -9,7 +9,7 @@ use peft_models::loader::QuantizeOnLoad;
 use peft_models::tokenizer::Tokenizer;
 use peft_models::Llama;
 use peft_train::{
-    load_records, map_columns, pack, parse_column_mapping, split_eval, tokenize_records_with, Echo,
+    load_data, map_columns, pack, parse_column_mapping, split_eval, tokenize_records_with, Echo,
     LossOn, OptimKind, SchedulerKind, TrainArgs, Trainer,
 };
 use serde::{Deserialize, Serialize};
@@ -25,11 +25,11 @@ pub struct TrainCmd {
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
-    /// HF model folder or .gguf file.
+    /// HF model folder, .gguf file, or Hub id (`org/name`, downloaded into the Hub cache).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// JSONL, Parquet, CSV or TSV data: `text`, `messages`, `prompt`/`completion` or Alpaca
-    /// `instruction`/`input`/`output` records.
+    /// JSONL, Parquet, CSV or TSV data, or a Hub data set id (its training split): `text`,
+    /// `messages`, `prompt`/`completion` or Alpaca `instruction`/`input`/`output` records.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Column mapping, `field=column,...` (e.g. `prompt=question,completion=answer`).
@@ -576,7 +576,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let max_seq_length = c.max_seq_length.unwrap_or(1024);
 
     // Cheap checks first: a bad data file should fail before the model loads.
-    let mut records = load_records(&data_path)?;
+    let mut records = load_data(&data_path)?;
     if let Some(spec) = &c.columns {
         map_columns(&mut records, &parse_column_mapping(spec)?)
             .with_context(|| format!("in {}", data_path.display()))?;

@@ -3,6 +3,7 @@
 pub mod chat_template;
 pub mod config;
 pub mod gguf;
+pub mod hub;
 pub mod io;
 pub mod llama;
 pub mod loader;

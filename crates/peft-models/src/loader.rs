@@ -35,7 +35,8 @@ pub struct QuantizeOnLoad {
     pub compute_dtype: DType,
 }
 
-/// Loads `path`: a folder with `config.json`, or a `.gguf` file.
+/// Loads `path`: a folder with `config.json`, or a `.gguf` file; where no such path exists,
+/// a Hub id (`org/name`: see [`crate::hub`]).
 pub fn load_model(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     load_model_with(path, device, dtype, None)
 }
@@ -47,9 +48,7 @@ pub fn load_model_with(
     dtype: DType,
     quantize: Option<QuantizeOnLoad>,
 ) -> Result<LoadedModel> {
-    if !path.exists() {
-        bail!("model not found: {}", path.display());
-    }
+    let path = &crate::hub::locate(path, crate::hub::Wanted::Model)?;
     load_into_store(dtype, quantize, |store| {
         if path.is_dir() {
             load_hf_dir(path, device, store)

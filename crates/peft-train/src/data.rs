@@ -36,6 +36,17 @@ impl Example {
     }
 }
 
+/// The records of `path`: a data file (see [`load_records`]), or where none exists, the
+/// training split of the Hub data set it names (`org/name`: see [`peft_models::hub`]), its
+/// files read in order.
+pub fn load_data(path: &Path) -> Result<Vec<Value>> {
+    let mut records = Vec::new();
+    for file in peft_models::hub::locate_data(path)? {
+        records.extend(load_records(&file)?);
+    }
+    Ok(records)
+}
+
 /// Reads the records of a data file: JSONL (one JSON object per non-empty line), Parquet (one
 /// record per row, as Hugging Face datasets store them), or CSV / TSV (a header row names the
 /// fields, every value is a string); chosen by extension.

@@ -7,7 +7,7 @@ pub mod schedule;
 pub mod trainer;
 
 pub use data::{
-    epoch_order, load_records, map_columns, pack, parse_column_mapping, split_eval,
+    epoch_order, load_data, load_records, map_columns, pack, parse_column_mapping, split_eval,
     tokenize_records, tokenize_records_with, Batch, Example, LossOn, Tokenized,
 };
 pub use optim::{AdamW, OptimKind};

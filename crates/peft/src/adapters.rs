@@ -26,9 +26,11 @@ pub enum Adapter {
 }
 
 impl Adapter {
-    /// Loads the adapter folder `dir` onto `base`, as its `adapter_config.json` names the
+    /// Loads the adapter folder `dir` (or, where no such folder exists, the Hub repository it
+    /// names: see [`peft_models::hub`]) onto `base`, as its `adapter_config.json` names the
     /// method (LoRA when it names none).
     pub fn load(base: Llama, dir: &Path) -> Result<Self> {
+        let dir = &peft_models::hub::locate(dir, peft_models::hub::Wanted::Adapter)?;
         Ok(match crate::adapter_type(dir)?.as_str() {
             t if is_prompt_learning(t) => Self::Prompt(PromptModel::load(base, dir)?),
             "IA3" => Self::Ia3(Ia3Model::load(base, dir)?),
