@@ -4,7 +4,7 @@
 //! chat template.
 
 use crate::generate::{continue_generation, print_piece, Decoding, Sampling, Virtual};
-use crate::{load_base, DTypeArg};
+use crate::{base_model, load_base, DTypeArg};
 use anyhow::{bail, Context, Result};
 use peft::Adapters;
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct ChatCmd {
-    /// HF model folder, .gguf file, or Hub id (`org/name`).
+    /// HF model folder, .gguf file, or Hub id (`org/name`). Default: the base the first
+    /// adapter's config names (`base_model_name_or_path`).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -225,7 +226,11 @@ pub fn run(cmd: ChatCmd) -> Result<()> {
         .map(|a| named_adapter(a))
         .collect::<Result<_>>()?;
     let device = peft_ops::open_device(&cmd.device)?;
-    let (base, tok) = load_base(&cmd.model, cmd.dtype.on(&device), &device)?;
+    let model = base_model(
+        cmd.model.as_deref(),
+        named.first().map(|(_, dir)| dir.as_path()),
+    )?;
+    let (base, tok) = load_base(&model, cmd.dtype.on(&device), &device)?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
     if !tok.has_chat_template() {
@@ -251,7 +256,7 @@ pub fn run(cmd: ChatCmd) -> Result<()> {
     if interactive {
         eprintln!(
             "peft chat: {} with {}. /help lists the commands.",
-            cmd.model.display(),
+            model.display(),
             chat.active_name()
         );
     }

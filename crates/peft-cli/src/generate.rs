@@ -1,4 +1,4 @@
-use crate::{load_base, DTypeArg};
+use crate::{base_model, load_base, DTypeArg};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use peft::Adapter;
@@ -11,8 +11,9 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct GenerateCmd {
     /// HF model folder, .gguf file, or Hub id (`org/name`, downloaded into the Hub cache).
+    /// Default: the base the adapter's config names (`base_model_name_or_path`).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -293,7 +294,8 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
         eprintln!("note: --system has no effect without --chat");
     }
     let device = peft_ops::open_device(&cmd.device)?;
-    let (base, tok) = load_base(&cmd.model, cmd.dtype.on(&device), &device)?;
+    let model = base_model(cmd.model.as_deref(), cmd.adapter.as_deref())?;
+    let (base, tok) = load_base(&model, cmd.dtype.on(&device), &device)?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
     let adapter = cmd

@@ -127,8 +127,9 @@ impl QuantArg {
 
 #[derive(clap::Args)]
 struct MergeCmd {
+    /// Default: the base the adapter's config names (`base_model_name_or_path`).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// The adapter to merge; without one, the model is written as it is (a format conversion).
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -230,6 +231,28 @@ pub fn load_base_with(
     Ok((model, tokenizer))
 }
 
+/// The base model to load: `--model` where given, else the one the adapter's config names
+/// (as `AutoPeftModelForCausalLM.from_pretrained(adapter)` finds it).
+pub fn base_model(model: Option<&Path>, adapter: Option<&Path>) -> Result<PathBuf> {
+    if let Some(m) = model {
+        return Ok(m.to_path_buf());
+    }
+    let Some(adapter) = adapter else {
+        bail!("--model is required (or an --adapter whose adapter_config.json names its base)");
+    };
+    let dir = peft_models::hub::locate(adapter, peft_models::hub::Wanted::Adapter)?;
+    match peft::base_model_of(&dir)? {
+        Some(name) => {
+            eprintln!("note: the base model is {name}, as the adapter's config names it");
+            Ok(PathBuf::from(name))
+        }
+        None => bail!(
+            "--model is required: the adapter's config ({}) names no base_model_name_or_path",
+            dir.join("adapter_config.json").display()
+        ),
+    }
+}
+
 /// The adapter config's `base_model_name_or_path`: the model path as the user gave it, as HF
 /// PEFT writes it, so that `AutoPeftModelForCausalLM` finds the base from the adapter alone.
 pub fn model_name(path: &Path) -> String {
@@ -241,8 +264,9 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
         eprintln!("note: --double-quant has no effect without --quantize");
     }
     let output = Output::of(&cmd.output, cmd.dtype.as_deref())?;
-    let (mut base, tok) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
-    if cmd.model.extension().is_some_and(|e| e == "gguf") && matches!(output, Output::Folder(_)) {
+    let model = base_model(cmd.model.as_deref(), cmd.adapter.as_deref())?;
+    let (mut base, tok) = load_base(&model, DType::F32, &Device::Cpu)?;
+    if model.extension().is_some_and(|e| e == "gguf") && matches!(output, Output::Folder(_)) {
         eprintln!("note: the GGUF base is dequantized; the merged model is written unquantized");
     }
     if let Some(q) = cmd.quantize {

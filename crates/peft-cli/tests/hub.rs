@@ -163,12 +163,34 @@ fn hub_ids_name_the_model_adapter_and_data() {
     )
     .unwrap();
     assert_eq!(config["base_model_name_or_path"], "org/SmolLM2-GGUF");
+    // Without --model, the base the adapter's config names (here from the cache, offline).
+    let out = succeeds(peft(
+        &hub,
+        &home,
+        true,
+        &[
+            "generate",
+            "--adapter",
+            &s(&adapter),
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+        ],
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("note: the base model is org/SmolLM2-GGUF, as the adapter's config names it"),
+        "{stderr}"
+    );
+    assert!(!out.stdout.is_empty());
 
     // A name that is neither a path nor a repository: one line that says so.
     let out = peft(&hub, &home, false, &["inspect", "--model", "org/missing"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
-        "error: model not found: org/missing is neither a local path nor a repository on the Hub"
+        "error: model not found: no local file or folder org/missing, and no repository org/missing on the Hub (a private one needs HF_TOKEN)"
     );
 }

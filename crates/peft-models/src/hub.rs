@@ -54,37 +54,78 @@ pub struct HubName {
 
 impl HubName {
     /// `s` as a Hub name, or `None` where it cannot be one (an absolute or explicitly relative
-    /// path, a single word, characters a repository name cannot have).
+    /// path, a single word, characters a repository name cannot have). A revision is one
+    /// branch, tag or commit name, or a `refs/pr/N` / `refs/convert/NAME` reference.
     pub fn parse(s: &str) -> Option<Self> {
         if s.starts_with(['.', '/', '~']) || s.contains('\\') || s.contains("//") {
             return None;
         }
-        let mut parts = s.splitn(3, '/');
-        let (org, rest) = (parts.next()?, parts.next()?);
-        let path = parts.next().unwrap_or("").trim_end_matches('/').to_string();
-        let (name, revision) = match rest.split_once('@') {
-            Some((name, rev)) if !rev.is_empty() => (name, rev.to_string()),
-            Some(_) => return None,
-            None => (rest, "main".to_string()),
+        let (org, rest) = s.split_once('/')?;
+        let (name, revision, path) = match rest.split_once('@') {
+            Some((name, after)) => {
+                let parts: Vec<&str> = after.splitn(4, '/').collect();
+                let taken = match parts.as_slice() {
+                    ["refs", "pr" | "convert", _, ..] => 3,
+                    _ => 1,
+                };
+                let revision = parts[..taken.min(parts.len())].join("/");
+                let path = parts.get(taken..).map(|p| p.join("/")).unwrap_or_default();
+                (name, revision, path)
+            }
+            None => match rest.split_once('/') {
+                Some((name, path)) => (name, "main".to_string(), path.to_string()),
+                None => (rest, "main".to_string(), String::new()),
+            },
         };
+        let path = path.trim_end_matches('/').to_string();
         let valid = |part: &str| {
             !part.is_empty()
                 && part.len() <= 96
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && part.chars().all(safe)
                 && !part.starts_with(['-', '.'])
                 && !part.ends_with(['-', '.'])
                 && !part.contains("--")
                 && !part.contains("..")
         };
-        let path_ok = path.split('/').all(|p| p != ".." && p != ".");
-        (valid(org) && valid(name) && path_ok).then(|| Self {
+        let revision_ok = revision
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != ".." && p.chars().all(safe));
+        // Only names a URL carries as they are (the Hub client does not escape them).
+        let path_ok = path
+            .split('/')
+            .all(|p| p != ".." && p != "." && p.chars().all(|c| safe(c) || c == '+'));
+        (valid(org) && valid(name) && revision_ok && path_ok).then(|| Self {
             repo: format!("{org}/{name}"),
             revision,
             path,
         })
     }
+}
+
+fn safe(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Whether `path`, which does not exist, is meant as a local path rather than a Hub name: a
+/// folder of it exists here (`out/my-lora` where `out/` does), or it names a file by the
+/// extensions of data and weights files (`data/train.jsonl`).
+fn meant_local(path: &Path) -> bool {
+    let first = path.components().next().map(|c| Path::new(c.as_os_str()));
+    let file_like = path.extension().is_some_and(|e| {
+        let e = e.to_string_lossy().to_ascii_lowercase();
+        [
+            "jsonl",
+            "json",
+            "csv",
+            "tsv",
+            "parquet",
+            "gguf",
+            "safetensors",
+            "bin",
+        ]
+        .contains(&e.as_str())
+    });
+    first.is_some_and(Path::is_dir) || (file_like && path.components().count() == 2)
 }
 
 /// Where the Hub is and how it is reached (see the module documentation).
@@ -100,11 +141,19 @@ pub struct Hub {
 impl Hub {
     /// The Hub as Python's `huggingface_hub` finds it from the environment.
     pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let home_dir = std::env::var("HOME").ok();
+        // Paths expand a leading `~` as Python's `os.path.expanduser` does.
+        let var = |name: &str| {
+            let v = std::env::var(name).ok().filter(|v| !v.is_empty())?;
+            Some(match (v.strip_prefix("~/"), &home_dir) {
+                (Some(rest), Some(home)) => format!("{home}/{rest}"),
+                _ => v,
+            })
+        };
         let home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
             var("XDG_CACHE_HOME")
                 .map(PathBuf::from)
-                .or_else(|| var("HOME").map(|h| Path::new(&h).join(".cache")))
+                .or_else(|| home_dir.as_ref().map(|h| Path::new(h).join(".cache")))
                 .unwrap_or_else(std::env::temp_dir)
                 .join("huggingface")
         });
@@ -183,6 +232,15 @@ impl Hub {
             .iter()
             .filter(|f| !snapshot.join(f).exists())
             .collect();
+        if let Some(bad) = missing
+            .iter()
+            .find(|f| !f.chars().all(|c| safe(c) || c == '/' || c == '+'))
+        {
+            bail!(
+                "cannot download {bad} of {}: its name needs escaping in a URL, which this Hub client does not do",
+                name.repo
+            );
+        }
         if !missing.is_empty() {
             eprintln!(
                 "downloading {} file{} of {} from {} into {}",
@@ -200,7 +258,7 @@ impl Hub {
             ));
             for file in missing {
                 repo.download(file)
-                    .map_err(|e| self.describe(name, wanted, e).error)
+                    .map_err(|e| self.describe(name, wanted, Some(file), e).error)
                     .with_context(|| format!("cannot download {file} of {}", name.repo))?;
             }
         }
@@ -226,7 +284,15 @@ impl Hub {
             wanted.repo_type(),
             name.revision.clone(),
         ));
-        let info = repo.info().map_err(|e| self.describe(name, wanted, e))?;
+        // A stalled connection (a proxy, a captive portal) fails in seconds, as Python's
+        // client does, instead of hanging: the client itself sets no read timeout.
+        let info: hf_hub::api::RepoInfo = repo
+            .info_request()
+            .timeout(std::time::Duration::from_secs(10))
+            .call()
+            .map_err(|e| ApiError::RequestError(Box::new(e)))
+            .and_then(|r| r.into_json().map_err(ApiError::IoError))
+            .map_err(|e| self.describe(name, wanted, None, e))?;
         Ok((
             info.sha,
             info.siblings.into_iter().map(|s| s.rfilename).collect(),
@@ -253,43 +319,67 @@ impl Hub {
         Ok(chosen.iter().map(|f| snapshot.join(f)).collect())
     }
 
-    /// A one-line reason for a failed Hub request, and whether a cached copy may stand in.
-    fn describe(&self, name: &HubName, wanted: Wanted, e: ApiError) -> Failure {
-        let status = match &e {
-            ApiError::RequestError(r) => match r.as_ref() {
-                ureq::Error::Status(code, _) => Some(*code),
-                _ => None,
-            },
-            _ => None,
+    /// A one-line reason for a failed Hub request (listing the repository, or downloading
+    /// `file`), and whether a cached copy may stand in. The Hub names the reason in its
+    /// `X-Error-Code` header: without a token it answers 401 for a repository that does not
+    /// exist as for a private one.
+    fn describe(&self, name: &HubName, wanted: Wanted, file: Option<&str>, e: ApiError) -> Failure {
+        let (noun, repo, rev) = (wanted.noun(), &name.repo, &name.revision);
+        let page = match wanted {
+            Wanted::Dataset => format!("{}/datasets/{repo}", self.endpoint()),
+            _ => format!("{}/{repo}", self.endpoint()),
         };
-        let noun = wanted.noun();
-        let repo = &name.repo;
-        let (error, unreachable) = match status {
-            Some(401 | 403) => (
-                anyhow!(
-                    "the Hub refused access to {noun} {repo} (gated or private: accept its terms on the Hub and set HF_TOKEN, or run `hf auth login`)"
-                ),
-                None,
-            ),
-            Some(404) => (
-                anyhow!(
-                    "{noun} not found: {repo} is neither a local path nor a repository on the Hub{}",
-                    match name.revision.as_str() {
-                        "main" => String::new(),
-                        rev => format!(" with revision {rev:?}"),
-                    }
-                ),
-                None,
-            ),
-            _ => (
-                anyhow!(
-                    "{noun} not found: {repo} is not a local path, and the Hub at {} cannot be reached ({e})",
-                    self.endpoint()
-                ),
-                Some(e.to_string()),
-            ),
+        let absent = match &self.token {
+            None => "(a private one needs HF_TOKEN)",
+            Some(_) => "that HF_TOKEN can see",
         };
-        Failure { error, unreachable }
+        let not_here = format!("{noun} not found: no local file or folder {repo}");
+        let refused = |error: anyhow::Error| Failure {
+            error,
+            unreachable: None,
+        };
+        let request = match &e {
+            ApiError::RequestError(r) => r.as_ref(),
+            _ => return refused(anyhow!("the Hub request for {noun} {repo} failed: {e}")),
+        };
+        let (code, header) = match request {
+            ureq::Error::Status(code, response) => {
+                (*code, response.header("x-error-code").map(str::to_string))
+            }
+            ureq::Error::Transport(t) => {
+                let error = match file {
+                    None => anyhow!(
+                        "{not_here}, and the Hub at {} cannot be reached ({t})",
+                        self.endpoint()
+                    ),
+                    Some(_) => anyhow!("the Hub at {} cannot be reached ({t})", self.endpoint()),
+                };
+                return Failure {
+                    error,
+                    unreachable: Some(t.to_string()),
+                };
+            }
+        };
+        refused(match (header.as_deref(), code) {
+            (Some("GatedRepo"), _) => anyhow!(
+                "{noun} {repo} is gated on the Hub: accept its terms at {page} and set HF_TOKEN (or run `hf auth login`)"
+            ),
+            (Some("RevisionNotFound"), _) => anyhow!("{noun} {repo} has no revision {rev:?} on the Hub"),
+            (Some("EntryNotFound"), _) => anyhow!(
+                "{noun} {repo} has no file {} at revision {rev:?}",
+                file.unwrap_or("?")
+            ),
+            (Some("RepoNotFound"), _) | (None, 404) => {
+                anyhow!("{not_here}, and no repository {repo} on the Hub {absent}")
+            }
+            (None, 401) if self.token.is_none() => {
+                anyhow!("{not_here}, and no repository {repo} on the Hub {absent}")
+            }
+            (_, 401 | 403) if self.token.is_some() => anyhow!(
+                "the Hub refused HF_TOKEN for {noun} {repo} (an invalid token, or one without access to it)"
+            ),
+            (_, code) => anyhow!("the Hub answered {code} for {noun} {repo}"),
+        })
     }
 }
 
@@ -359,6 +449,9 @@ fn choose(name: &HubName, wanted: Wanted, files: &[String]) -> Result<Vec<String
     if !name.path.is_empty() && files.contains(&name.path) {
         return Ok(vec![name.path.clone()]);
     }
+    if wanted == Wanted::Dataset {
+        return choose_data(name, files);
+    }
     let prefix = match name.path.as_str() {
         "" => String::new(),
         p => format!("{p}/"),
@@ -385,7 +478,7 @@ fn choose(name: &HubName, wanted: Wanted, files: &[String]) -> Result<Vec<String
     let config = match wanted {
         Wanted::Model => "config.json",
         Wanted::Adapter => "adapter_config.json",
-        Wanted::Dataset => return choose_data(name, &prefix, &inside),
+        Wanted::Dataset => unreachable!("data sets are chosen above"),
     };
     // The weights the loaders read, safetensors before PyTorch's: a model's single file or
     // its shards (`model-00001-of-00002.safetensors`), not a repository's other copies
@@ -447,71 +540,127 @@ fn is_shard(base: &str, stem: &str) -> bool {
         .is_some_and(|(i, n)| digits(i) && digits(n))
 }
 
-/// The training split of a data set's files below `prefix` (`inside` relative to it), as the
-/// `datasets` library finds it without a loading script: files named for the split (`train`
-/// as a word of the path: `train.jsonl`, `data/train-00000-of-00002.parquet`, `train/0.csv`),
-/// or every data file where none is named for a split. One configuration at a time.
-fn choose_data(name: &HubName, prefix: &str, inside: &[&str]) -> Result<Vec<String>> {
+/// The files of a data set's split (`train`, or the one `name.path` ends with) in its
+/// configuration (the folder `name.path` names, or the only one), as the `datasets` library
+/// finds splits without a loading script: files named for the split, the name a word of the
+/// path between `-`, `.`, `/`, spaces and digits (`train.jsonl`,
+/// `data/train-00000-of-00002.parquet`, `train/0.csv`; `train_sft` is its own split), or
+/// every data file where none is named for a split.
+fn choose_data(name: &HubName, files: &[String]) -> Result<Vec<String>> {
     const DATA: [&str; 5] = ["parquet", "jsonl", "json", "csv", "tsv"];
+    const SPLIT_WORDS: [&str; 10] = [
+        "train",
+        "training",
+        "test",
+        "testing",
+        "eval",
+        "evaluation",
+        "validation",
+        "valid",
+        "val",
+        "dev",
+    ];
     let repo = &name.repo;
-    let data: Vec<&str> = inside
-        .iter()
-        .copied()
-        .filter(|f| {
-            f.rsplit_once('.')
-                .is_some_and(|(_, e)| DATA.contains(&e.to_ascii_lowercase().as_str()))
-        })
-        .collect();
+    let under = |dir: &str| -> Vec<&str> {
+        files
+            .iter()
+            .filter_map(|f| match dir {
+                "" => Some(f.as_str()),
+                d => f.strip_prefix(d).and_then(|r| r.strip_prefix('/')),
+            })
+            .filter(|f| {
+                f.rsplit_once('.')
+                    .is_some_and(|(_, e)| DATA.contains(&e.to_ascii_lowercase().as_str()))
+            })
+            .collect()
+    };
+    // The path names a folder (a configuration), or ends with a split's name.
+    let (dir, split) = match name.path.as_str() {
+        "" => ("", "train"),
+        p if !under(p).is_empty() => (p, "train"),
+        p => match p.rsplit_once('/') {
+            Some((dir, split)) => (dir, split),
+            None => ("", p),
+        },
+    };
+    let data = under(dir);
     let words = |f: &str| -> Vec<String> {
         f.to_ascii_lowercase()
-            .split(|c: char| !c.is_ascii_alphabetic())
+            .split(|c: char| matches!(c, '-' | '.' | '/' | ' ') || c.is_ascii_digit())
+            .filter(|w| !w.is_empty())
             .map(str::to_string)
             .collect()
     };
-    let names_split =
-        |f: &str, split: &[&str]| words(f).iter().any(|w| split.contains(&w.as_str()));
-    const SPLITS: [&str; 6] = ["train", "test", "validation", "valid", "eval", "dev"];
-    let any_split = data.iter().any(|f| names_split(f, &SPLITS));
-    let train: Vec<&str> = match any_split {
-        true => data
+    let named = |f: &str, split: &str| {
+        words(f)
             .iter()
-            .copied()
-            .filter(|f| names_split(f, &["train"]))
-            .collect(),
-        false => data.clone(),
+            .any(|w| w == split || (split == "train" && w == "training"))
     };
-    if train.is_empty() {
-        bail!(
-            "data set {repo} has no training split{} (Parquet, JSON Lines, CSV or TSV files)",
-            match prefix {
-                "" => String::new(),
-                p => format!(" under {p}"),
-            }
-        );
-    }
-    // Configurations: the folders the training files sit in, less a trailing `train` folder.
-    let config_of = |f: &str| -> String {
-        let dir = f.rsplit_once('/').map_or("", |(d, _)| d);
-        match dir {
-            "train" => "",
-            d => d.strip_suffix("/train").unwrap_or(d),
+    let mut chosen: Vec<&str> = data.iter().copied().filter(|f| named(f, split)).collect();
+    if chosen.is_empty() {
+        // Words that look like split names: `train_sft`, `test_gen`.
+        let mut splits: Vec<String> = data
+            .iter()
+            .flat_map(|f| words(f))
+            .filter(|w| SPLIT_WORDS.iter().any(|s| w.starts_with(s)))
+            .collect();
+        // Training splits first: the example the error gives is one of them.
+        splits.sort_by_key(|w| (!w.starts_with("train"), w.clone()));
+        splits.dedup();
+        let repo_dir = match dir {
+            "" => repo.to_string(),
+            d => format!("{repo}/{d}"),
+        };
+        if data.is_empty() {
+            bail!("data set {repo_dir} has no data files (Parquet, JSON Lines, JSON, CSV or TSV)");
         }
-        .to_string()
+        if split != "train" || !splits.is_empty() {
+            bail!(
+                "data set {repo_dir} has no split {split:?}{}",
+                match splits.first() {
+                    Some(first) => format!(
+                        " (its files name {}): name one, e.g. {repo_dir}/{first}",
+                        splits.join(", ")
+                    ),
+                    None => String::new(),
+                }
+            );
+        }
+        chosen = data;
+    }
+    // Configurations: the folders the chosen files sit in, less a folder named for the split.
+    let config_of = |f: &str| -> String {
+        let folder = f.rsplit_once('/').map_or("", |(d, _)| d);
+        match folder.rsplit_once('/') {
+            Some((parent, last)) if last == split => parent.to_string(),
+            None if folder == split => String::new(),
+            _ => folder.to_string(),
+        }
     };
-    let mut configs: Vec<String> = train.iter().map(|f| config_of(f)).collect();
+    let mut configs: Vec<String> = chosen.iter().map(|f| config_of(f)).collect();
     configs.sort();
     configs.dedup();
     if configs.len() > 1 {
+        let within = |c: &str| match dir {
+            "" => c.to_string(),
+            d => format!("{d}/{c}"),
+        };
         bail!(
             "data set {repo} has {} configurations ({}); name one, e.g. {repo}/{}",
             configs.len(),
             configs.join(", "),
-            format!("{prefix}{}", configs[0]).trim_end_matches('/')
+            within(&configs[0])
         );
     }
-    let mut chosen: Vec<String> = train.iter().map(|f| format!("{prefix}{f}")).collect();
-    chosen.sort();
-    Ok(chosen)
+    let mut out: Vec<String> = chosen
+        .iter()
+        .map(|f| match dir {
+            "" => f.to_string(),
+            d => format!("{d}/{f}"),
+        })
+        .collect();
+    out.sort();
+    Ok(out)
 }
 
 /// `path` as given where it exists; otherwise, where it can be a Hub name, the local copy of
@@ -521,7 +670,10 @@ pub fn locate(path: &Path, wanted: Wanted) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    let name = path.to_str().and_then(HubName::parse);
+    let name = path
+        .to_str()
+        .filter(|_| !meant_local(path))
+        .and_then(HubName::parse);
     let Some(name) = name else {
         let what = match wanted {
             Wanted::Adapter => "adapter folder",
@@ -546,7 +698,11 @@ pub fn locate_data(path: &Path) -> Result<Vec<PathBuf>> {
     if path.exists() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let Some(name) = path.to_str().and_then(HubName::parse) else {
+    let name = path
+        .to_str()
+        .filter(|_| !meant_local(path))
+        .and_then(HubName::parse);
+    let Some(name) = name else {
         bail!("cannot read data file {}: not found", path.display());
     };
     Hub::from_env().fetch(&name, Wanted::Dataset)
@@ -576,6 +732,18 @@ mod tests {
             name("org/name", "main", "sub/model.Q8_0.gguf")
         );
         assert_eq!(HubName::parse("org/name/"), name("org/name", "main", ""));
+        assert_eq!(
+            HubName::parse("org/name@refs/pr/12"),
+            name("org/name", "refs/pr/12", "")
+        );
+        assert_eq!(
+            HubName::parse("org/d@refs/convert/parquet/default/train"),
+            name("org/d", "refs/convert/parquet", "default/train")
+        );
+        assert_eq!(
+            HubName::parse("org/name@v2/sub"),
+            name("org/name", "v2", "sub")
+        );
         for local in [
             "model",
             "./org/name",
@@ -588,9 +756,18 @@ mod tests {
             "org//name",
             "org/a--b",
             "org/name/../x",
+            "org/name@..",
+            "org/name@v 2",
+            "org/name/a b.gguf",
         ] {
             assert_eq!(HubName::parse(local), None, "{local}");
         }
+        // Missing paths meant as local ones: under a folder that exists, or a data file.
+        assert!(meant_local(Path::new("src/no-such-adapter")));
+        assert!(meant_local(Path::new("data/train.jsonl")));
+        assert!(!meant_local(Path::new(
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+        )));
     }
 
     fn files(list: &[&str]) -> Vec<String> {
@@ -738,6 +915,27 @@ mod tests {
         let e = choose(&n, Wanted::Dataset, &files(&["test.jsonl"]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no training split"), "{e}");
+        assert!(
+            e.contains("has no split \"train\" (its files name test): name one, e.g. org/d/test"),
+            "{e}"
+        );
+        // Splits named otherwise (ultrachat_200k): one of them, by name.
+        let named = files(&[
+            "data/train_sft-00000-of-00001.parquet",
+            "data/train_gen-00000-of-00001.parquet",
+            "data/test_sft-00000-of-00001.parquet",
+        ]);
+        let e = choose(&n, Wanted::Dataset, &named).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "(its files name train_gen, train_sft, test_sft): name one, e.g. org/d/train_gen"
+            ),
+            "{e}"
+        );
+        let sft = HubName::parse("org/d/train_sft").unwrap();
+        assert_eq!(
+            choose(&sft, Wanted::Dataset, &named).unwrap(),
+            files(&["data/train_sft-00000-of-00001.parquet"])
+        );
     }
 }

@@ -110,16 +110,23 @@ fn a_model_downloads_once_into_the_shared_cache_and_loads_offline() {
 }
 
 #[test]
-fn gated_missing_and_uncached_repositories_say_what_to_do() {
+fn gated_missing_and_uncached_repositories_and_revisions_say_what_to_do() {
     let mock = MockHub::start();
     let (src, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     serve_tiny_model(&mock, src.path(), Some("hf_secret"));
     let tiny = HubName::parse("org/tiny").unwrap();
-    let err = |h: &Hub, n: &HubName| h.fetch(n, Wanted::Model).unwrap_err().to_string();
+    let err = |h: &Hub, n: &str| {
+        let n = HubName::parse(n).unwrap();
+        format!("{:#}", h.fetch(&n, Wanted::Model).unwrap_err())
+    };
 
-    let e = err(&hub(&mock, cache.path()), &tiny);
+    // Gated: the listing is open, the files are not.
+    let e = err(&hub(&mock, cache.path()), "org/tiny");
     assert!(
-        e.contains("refused access to model org/tiny") && e.contains("HF_TOKEN"),
+        e.contains(&format!(
+            "model org/tiny is gated on the Hub: accept its terms at {}/org/tiny and set HF_TOKEN",
+            mock.url
+        )),
         "{e}"
     );
     let with_token = Hub {
@@ -129,33 +136,69 @@ fn gated_missing_and_uncached_repositories_say_what_to_do() {
     let files = with_token.fetch(&tiny, Wanted::Model).unwrap();
     assert!(files[0].ends_with("config.json") && files[0].exists());
 
-    let e = err(
-        &hub(&mock, cache.path()),
-        &HubName::parse("org/none").unwrap(),
-    );
+    // A revision by its commit, and one the repository does not have.
+    let pinned = HubName::parse(&format!("org/tiny@{COMMIT}")).unwrap();
+    assert_eq!(with_token.fetch(&pinned, Wanted::Model).unwrap(), files);
+    let e = err(&with_token, "org/tiny@v2");
+    assert_eq!(e, "model org/tiny has no revision \"v2\" on the Hub");
+
+    // The Hub answers 401 for a repository it does not have, as for a private one.
+    let e = err(&hub(&mock, cache.path()), "org/none");
     assert_eq!(
         e,
-        "model not found: org/none is neither a local path nor a repository on the Hub"
+        "model not found: no local file or folder org/none, and no repository org/none on the Hub (a private one needs HF_TOKEN)"
     );
-    let e = err(
-        &Hub {
-            endpoint: Some("http://127.0.0.1:1".into()),
-            ..hub(&mock, cache.path())
-        },
-        &HubName::parse("org/other").unwrap(),
-    );
+    let unreachable = Hub {
+        endpoint: Some("http://127.0.0.1:1".into()),
+        ..hub(&mock, cache.path())
+    };
+    let e = err(&unreachable, "org/other");
     assert!(
-        e.starts_with("model not found: org/other is not a local path, and the Hub at http://127.0.0.1:1 cannot be reached"),
+        e.starts_with("model not found: no local file or folder org/other, and the Hub at http://127.0.0.1:1 cannot be reached"),
         "{e}"
     );
-    let e = err(
-        &Hub {
-            offline: true,
-            ..hub(&mock, cache.path())
-        },
-        &HubName::parse("org/other").unwrap(),
-    );
+    let offline = Hub {
+        offline: true,
+        ..hub(&mock, cache.path())
+    };
+    let e = err(&offline, "org/other");
     assert!(e.contains("model org/other is not in the Hub cache"), "{e}");
+}
+
+/// A cache Python's `huggingface_hub` filled (files linked to blobs, a ref naming the
+/// snapshot) serves offline as it is.
+#[test]
+fn a_cache_python_filled_is_read_as_it_is() {
+    let (src, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut model = tiny_llama(3, true).unwrap();
+    peft_models::save::save_hf_model(&mut model, None, src.path(), DType::F32).unwrap();
+    let repo = cache.path().join("models--Org--Py");
+    let snapshot = repo.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
+    for (i, entry) in std::fs::read_dir(src.path()).unwrap().enumerate() {
+        let path = entry.unwrap().path();
+        let blob = repo.join("blobs").join(format!("blob{i}"));
+        std::fs::copy(&path, &blob).unwrap();
+        let link = snapshot.join(path.file_name().unwrap());
+        std::os::unix::fs::symlink(format!("../../blobs/blob{i}"), link).unwrap();
+    }
+    let offline = Hub {
+        cache: cache.path().to_path_buf(),
+        endpoint: None,
+        token: None,
+        offline: true,
+    };
+    let files = offline
+        .fetch(&HubName::parse("Org/Py").unwrap(), Wanted::Model)
+        .unwrap();
+    assert_eq!(files[0], snapshot.join("config.json"));
+    let ours = load_model(&snapshot, &Device::Cpu, DType::F32).unwrap();
+    let theirs = load_model(src.path(), &Device::Cpu, DType::F32).unwrap();
+    let key = "model.embed_tokens.weight";
+    assert_eq!(max_abs_diff(&ours.weights[key], &theirs.weights[key]), 0.0);
 }
 
 #[test]

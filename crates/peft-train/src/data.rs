@@ -47,9 +47,10 @@ pub fn load_data(path: &Path) -> Result<Vec<Value>> {
     Ok(records)
 }
 
-/// Reads the records of a data file: JSONL (one JSON object per non-empty line), Parquet (one
-/// record per row, as Hugging Face datasets store them), or CSV / TSV (a header row names the
-/// fields, every value is a string); chosen by extension.
+/// Reads the records of a data file: JSONL (one JSON object per non-empty line; a `.json` file
+/// may instead hold one array of objects, as Alpaca's does and `datasets` reads it), Parquet
+/// (one record per row, as Hugging Face datasets store them), or CSV / TSV (a header row names
+/// the fields, every value is a string); chosen by extension.
 pub fn load_records(path: &Path) -> Result<Vec<Value>> {
     let ext = path
         .extension()
@@ -65,6 +66,9 @@ pub fn load_records(path: &Path) -> Result<Vec<Value>> {
         .with_context(|| format!("cannot read data file {}", path.display()))?;
     // Editors on Windows start UTF-8 files with a byte-order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    if ext == "json" && text.trim_start().starts_with('[') {
+        return json_array(text, path);
+    }
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -81,6 +85,23 @@ pub fn load_records(path: &Path) -> Result<Vec<Value>> {
         bail!("data file {} has no records", path.display());
     }
     Ok(out)
+}
+
+/// The records of a JSON file holding one array of objects.
+fn json_array(text: &str, path: &Path) -> Result<Vec<Value>> {
+    let v: Vec<Value> = serde_json::from_str(text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid JSON array: {e}", path.display()))?;
+    if let Some(i) = v.iter().position(|r| !r.is_object()) {
+        bail!(
+            "{}: element {} of the array is not a JSON object",
+            path.display(),
+            i + 1
+        );
+    }
+    if v.is_empty() {
+        bail!("data file {} has no records", path.display());
+    }
+    Ok(v)
 }
 
 fn load_delimited(path: &Path, delimiter: u8) -> Result<Vec<Value>> {

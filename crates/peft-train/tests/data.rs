@@ -56,6 +56,27 @@ fn csv_tsv_and_column_mapping() {
         .to_string();
     assert!(err.contains("record 1: no column \"query\""), "{err}");
     assert!(parse_column_mapping("prompt").is_err());
+    // A .json file of one array, as Alpaca ships, or of JSON lines.
+    let array = write(
+        dir.path(),
+        "alpaca.json",
+        "[\n {\"instruction\": \"Say hi\", \"input\": \"\", \"output\": \"Hi\"},\n {\"instruction\": \"Bye\", \"input\": \"\", \"output\": \"Bye\"}\n]\n",
+    );
+    let records = load_records(&array).unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1]["output"], "Bye");
+    let lines = write(
+        dir.path(),
+        "lines.json",
+        "{\"text\": \"a\"}\n{\"text\": \"b\"}\n",
+    );
+    assert_eq!(load_records(&lines).unwrap()[1]["text"], "b");
+    let bad = write(dir.path(), "bad.json", "[{\"text\": \"a\"}, 3]");
+    let err = load_records(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("element 2 of the array is not a JSON object"),
+        "{err}"
+    );
     let empty = write(dir.path(), "empty.csv", "a,b\n");
     assert!(load_records(&empty)
         .unwrap_err()

@@ -32,6 +32,18 @@ pub fn adapter_type(dir: &std::path::Path) -> anyhow::Result<String> {
     peft_type_of(&files::read_text(&path)?, &path)
 }
 
+/// The base model the adapter folder at `dir` names (`base_model_name_or_path`: a path, or a
+/// Hub id), as `AutoPeftModelForCausalLM` finds it; `None` where it names none.
+pub fn base_model_of(dir: &std::path::Path) -> anyhow::Result<Option<String>> {
+    let path = dir.join(model::CONFIG_FILE);
+    let value: serde_json::Value = files::parse_config(&files::read_text(&path)?, &path)?;
+    Ok(value
+        .get("base_model_name_or_path")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string))
+}
+
 /// The `peft_type` named by the adapter config JSON `text` read from `source` (`LORA` when it
 /// names none).
 pub fn peft_type_of(text: &str, source: &std::path::Path) -> anyhow::Result<String> {

@@ -1,6 +1,9 @@
 //! A stand-in for the Hugging Face Hub on a local port, for tests: the three requests the Hub
 //! client makes (a repository's listing, a file's metadata by a one-byte range, the file from
-//! an offset), answered from files given per repository, with a log of what was asked.
+//! an offset), answered from files given per repository, with a log of what was asked. It
+//! fails as the Hub does: 401 for a repository it does not have (without saying whether it
+//! exists), the listing of a gated repository open but its files refused, the reason named in
+//! `X-Error-Code`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -25,8 +28,9 @@ impl Content {
 
 pub struct MockRepo {
     pub files: Vec<(String, Content)>,
-    /// The bearer token the repository asks for (gated or private), if any.
+    /// The bearer token a gated repository asks for to download its files, if any.
     pub token: Option<String>,
+    /// Its one commit, which `main` (and the commit's own name) resolve to.
     pub commit: String,
 }
 
@@ -108,7 +112,11 @@ type Answer = (&'static str, Vec<(String, String)>, Vec<u8>);
 fn answer(path: &str, headers: &HashMap<String, String>, state: &Mutex<State>) -> Answer {
     let mut s = state.lock().unwrap();
     s.log.push(format!("GET {path}"));
-    let not_found = ("404 Not Found", vec![], b"Repository not found".to_vec());
+    let error = |status: &'static str, code: &str| -> Answer {
+        let header = vec![("X-Error-Code".to_string(), code.to_string())];
+        (status, header, code.as_bytes().to_vec())
+    };
+    let not_found = error("401 Unauthorized", "RepoNotFound");
     // /api/{kind}/{org}/{name}/revision/{rev}
     if let Some(rest) = path.strip_prefix("/api/") {
         let parts: Vec<&str> = rest.split('/').collect();
@@ -118,8 +126,8 @@ fn answer(path: &str, headers: &HashMap<String, String>, state: &Mutex<State>) -
         let Some(repo) = s.repos.get(&parts[..3].join("/")) else {
             return not_found;
         };
-        if !authorized(repo, headers) {
-            return ("401 Unauthorized", vec![], b"Access restricted".to_vec());
+        if parts[4] != "main" && parts[4] != repo.commit {
+            return error("404 Not Found", "RevisionNotFound");
         }
         let siblings: Vec<serde_json::Value> = repo
             .files
@@ -142,11 +150,14 @@ fn answer(path: &str, headers: &HashMap<String, String>, state: &Mutex<State>) -
     let Some(repo) = s.repos.get(&format!("{kind}/{}/{}", parts[0], parts[1])) else {
         return not_found;
     };
+    if parts[3] != "main" && parts[3] != repo.commit {
+        return error("404 Not Found", "RevisionNotFound");
+    }
     if !authorized(repo, headers) {
-        return ("401 Unauthorized", vec![], b"Access restricted".to_vec());
+        return error("401 Unauthorized", "GatedRepo");
     }
     let Some((_, content)) = repo.files.iter().find(|(f, _)| f == parts[4]) else {
-        return ("404 Not Found", vec![], b"Entry not found".to_vec());
+        return error("404 Not Found", "EntryNotFound");
     };
     let bytes = content.bytes();
     let total = bytes.len();
