@@ -512,9 +512,10 @@ fn choose(name: &HubName, wanted: Wanted, files: &[String]) -> Result<Vec<String
     match (wanted, ggufs.as_slice()) {
         (Wanted::Model, [one]) => Ok(vec![one.clone()]),
         (Wanted::Model, [_, ..]) => bail!(
-            "model {repo} holds {} GGUF files; name one, e.g. {repo}/{}",
+            "model {repo} holds {} GGUF files ({}); name one, e.g. {repo}/{}",
             ggufs.len(),
-            ggufs.join(", ")
+            ggufs.join(", "),
+            ggufs[0]
         ),
         _ => bail!(
             "{noun} {repo}{} has no {config} with safetensors or .bin weights{}",
@@ -821,7 +822,9 @@ mod tests {
         let two = files(&["m-Q4_K_M.gguf", "m-Q8_0.gguf"]);
         let e = choose(&n, Wanted::Model, &two).unwrap_err().to_string();
         assert!(
-            e.contains("holds 2 GGUF files; name one, e.g. org/m-GGUF/m-Q4_K_M.gguf"),
+            e.ends_with(
+                "holds 2 GGUF files (m-Q4_K_M.gguf, m-Q8_0.gguf); name one, e.g. org/m-GGUF/m-Q4_K_M.gguf"
+            ),
             "{e}"
         );
         let q8 = HubName::parse("org/m-GGUF/m-Q8_0.gguf").unwrap();
