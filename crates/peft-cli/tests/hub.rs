@@ -21,6 +21,12 @@ fn repo(files: Vec<(&str, Content)>) -> MockRepo {
 
 /// Runs `peft` against `hub` with the cache in `home` (online, or offline).
 fn peft(hub: &MockHub, home: &Path, offline: bool, args: &[&str]) -> Output {
+    command(hub, home, offline, args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn command(hub: &MockHub, home: &Path, offline: bool, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_peft"));
     cmd.args(args)
         .env("HF_ENDPOINT", &hub.url)
@@ -32,7 +38,7 @@ fn peft(hub: &MockHub, home: &Path, offline: bool, args: &[&str]) -> Output {
     if offline {
         cmd.env("HF_HUB_OFFLINE", "1");
     }
-    cmd.output().expect("the binary runs")
+    cmd
 }
 
 fn succeeds(out: Output) -> Output {
@@ -185,6 +191,24 @@ fn hub_ids_name_the_model_adapter_and_data() {
         "{stderr}"
     );
     assert!(!out.stdout.is_empty());
+
+    // HF_HUB_CACHE places the cache itself, over HF_HOME (Python's order).
+    let elsewhere = dir.path().join("elsewhere");
+    let out = command(
+        &hub,
+        &home,
+        false,
+        &["inspect", "--model", "org/SmolLM2-GGUF"],
+    )
+    .env("HF_HUB_CACHE", &elsewhere)
+    .output()
+    .unwrap();
+    succeeds(out);
+    assert!(elsewhere
+        .join("models--org--SmolLM2-GGUF/snapshots")
+        .join(COMMIT)
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        .exists());
 
     // A name that is neither a path nor a repository: one line that says so.
     let out = peft(&hub, &home, false, &["inspect", "--model", "org/missing"]);
