@@ -220,16 +220,13 @@ impl Chat {
 
 pub fn run(cmd: ChatCmd) -> Result<()> {
     let mut sampling = cmd.decoding.sampling()?;
-    let named: Vec<(String, PathBuf)> = cmd
+    let mut named: Vec<(String, PathBuf)> = cmd
         .adapter
         .iter()
         .map(|a| named_adapter(a))
         .collect::<Result<_>>()?;
     let device = peft_ops::open_device(&cmd.device)?;
-    let model = base_model(
-        cmd.model.as_deref(),
-        named.first().map(|(_, dir)| dir.as_path()),
-    )?;
+    let model = base_model(cmd.model.as_deref(), named.first_mut().map(|(_, dir)| dir))?;
     let (base, tok) = load_base(&model, cmd.dtype.on(&device), &device)?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;

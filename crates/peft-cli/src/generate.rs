@@ -294,12 +294,12 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
         eprintln!("note: --system has no effect without --chat");
     }
     let device = peft_ops::open_device(&cmd.device)?;
-    let model = base_model(cmd.model.as_deref(), cmd.adapter.as_deref())?;
+    let mut adapter = cmd.adapter.clone();
+    let model = base_model(cmd.model.as_deref(), adapter.as_mut())?;
     let (base, tok) = load_base(&model, cmd.dtype.on(&device), &device)?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
-    let adapter = cmd
-        .adapter
+    let adapter = adapter
         .as_ref()
         .map(|dir| Adapter::load(base.clone(), dir))
         .transpose()?;

@@ -232,16 +232,18 @@ pub fn load_base_with(
 }
 
 /// The base model to load: `--model` where given, else the one the adapter's config names
-/// (as `AutoPeftModelForCausalLM.from_pretrained(adapter)` finds it).
-pub fn base_model(model: Option<&Path>, adapter: Option<&Path>) -> Result<PathBuf> {
+/// (as `AutoPeftModelForCausalLM.from_pretrained(adapter)` finds it). An adapter read for it
+/// is replaced by its local copy, so that loading it does not ask the Hub again.
+pub fn base_model(model: Option<&Path>, adapter: Option<&mut PathBuf>) -> Result<PathBuf> {
     if let Some(m) = model {
         return Ok(m.to_path_buf());
     }
     let Some(adapter) = adapter else {
         bail!("--model is required (or an --adapter whose adapter_config.json names its base)");
     };
-    let dir = peft_models::hub::locate(adapter, peft_models::hub::Wanted::Adapter)?;
-    match peft::base_model_of(&dir)? {
+    *adapter = peft_models::hub::locate(adapter, peft_models::hub::Wanted::Adapter)?;
+    let dir = &*adapter;
+    match peft::base_model_of(dir)? {
         Some(name) => {
             eprintln!("note: the base model is {name}, as the adapter's config names it");
             Ok(PathBuf::from(name))
@@ -264,7 +266,8 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
         eprintln!("note: --double-quant has no effect without --quantize");
     }
     let output = Output::of(&cmd.output, cmd.dtype.as_deref())?;
-    let model = base_model(cmd.model.as_deref(), cmd.adapter.as_deref())?;
+    let mut adapter = cmd.adapter.clone();
+    let model = base_model(cmd.model.as_deref(), adapter.as_mut())?;
     let (mut base, tok) = load_base(&model, DType::F32, &Device::Cpu)?;
     if model.extension().is_some_and(|e| e == "gguf") && matches!(output, Output::Folder(_)) {
         eprintln!("note: the GGUF base is dequantized; the merged model is written unquantized");
@@ -276,7 +279,7 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
             q
         );
     }
-    let mut merged = match &cmd.adapter {
+    let mut merged = match &adapter {
         Some(dir) => Adapter::load(base, dir)?.merge_and_unload()?,
         None => base,
     };

@@ -100,6 +100,18 @@ impl HubName {
             path,
         })
     }
+
+    /// The repository and revision as the Hub client names them.
+    fn repo(&self, wanted: Wanted) -> Repo {
+        Repo::with_revision(self.repo.clone(), wanted.repo_type(), self.revision.clone())
+    }
+
+    /// `path` as a Hub name, where it is not meant as a local path (see [`meant_local`]).
+    fn of_missing(path: &Path) -> Option<Self> {
+        path.to_str()
+            .filter(|_| !meant_local(path))
+            .and_then(Self::parse)
+    }
 }
 
 fn safe(c: char) -> bool {
@@ -204,7 +216,7 @@ impl Hub {
     /// The local files of `name` for `wanted`: a model or adapter folder (or a GGUF file), or
     /// a data set's training files, fetched into the cache where they are not there yet.
     pub fn fetch(&self, name: &HubName, wanted: Wanted) -> Result<Vec<PathBuf>> {
-        let cached = CachedRepo::new(&self.cache, &name.repo, wanted);
+        let cached = CachedRepo::new(&self.cache, name, wanted);
         let listing = match self.offline {
             true => None,
             false => match self.list(name, wanted) {
@@ -251,11 +263,7 @@ impl Hub {
                 self.cache.display()
             );
             let api = self.api()?;
-            let repo = api.repo(Repo::with_revision(
-                name.repo.clone(),
-                wanted.repo_type(),
-                name.revision.clone(),
-            ));
+            let repo = api.repo(name.repo(wanted));
             for file in missing {
                 repo.download(file)
                     .map_err(|e| self.describe(name, wanted, Some(file), e).error)
@@ -279,11 +287,7 @@ impl Hub {
             error,
             unreachable: None,
         })?;
-        let repo = api.repo(Repo::with_revision(
-            name.repo.clone(),
-            wanted.repo_type(),
-            name.revision.clone(),
-        ));
+        let repo = api.repo(name.repo(wanted));
         // A stalled connection (a proxy, a captive portal) fails in seconds, as Python's
         // client does, instead of hanging: the client itself sets no read timeout.
         let info: hf_hub::api::RepoInfo = repo
@@ -397,13 +401,9 @@ struct CachedRepo {
 }
 
 impl CachedRepo {
-    fn new(cache: &Path, repo: &str, wanted: Wanted) -> Self {
-        let kind = match wanted.repo_type() {
-            RepoType::Dataset => "datasets",
-            _ => "models",
-        };
+    fn new(cache: &Path, name: &HubName, wanted: Wanted) -> Self {
         Self {
-            dir: cache.join(format!("{kind}--{}", repo.replace('/', "--"))),
+            dir: cache.join(name.repo(wanted).folder_name()),
         }
     }
 
@@ -671,11 +671,7 @@ pub fn locate(path: &Path, wanted: Wanted) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    let name = path
-        .to_str()
-        .filter(|_| !meant_local(path))
-        .and_then(HubName::parse);
-    let Some(name) = name else {
+    let Some(name) = HubName::of_missing(path) else {
         let what = match wanted {
             Wanted::Adapter => "adapter folder",
             other => other.noun(),
@@ -699,11 +695,7 @@ pub fn locate_data(path: &Path) -> Result<Vec<PathBuf>> {
     if path.exists() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let name = path
-        .to_str()
-        .filter(|_| !meant_local(path))
-        .and_then(HubName::parse);
-    let Some(name) = name else {
+    let Some(name) = HubName::of_missing(path) else {
         bail!("cannot read data file {}: not found", path.display());
     };
     Hub::from_env().fetch(&name, Wanted::Dataset)
