@@ -56,12 +56,20 @@ pub fn load_records(path: &Path) -> Result<Vec<Value>> {
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
-    if ext == "csv" || ext == "tsv" {
-        return load_delimited(path, if ext == "csv" { b',' } else { b'\t' });
+    let records = match ext.as_str() {
+        "csv" => load_delimited(path, b',')?,
+        "tsv" => load_delimited(path, b'\t')?,
+        "parquet" => load_parquet(path)?,
+        _ => load_json(path, &ext)?,
+    };
+    if records.is_empty() {
+        bail!("data file {} has no records", path.display());
     }
-    if ext == "parquet" {
-        return load_parquet(path);
-    }
+    Ok(records)
+}
+
+/// The records of a JSON Lines file, or of a `.json` file holding one array.
+fn load_json(path: &Path, ext: &str) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read data file {}", path.display()))?;
     // Editors on Windows start UTF-8 files with a byte-order mark.
@@ -81,9 +89,6 @@ pub fn load_records(path: &Path) -> Result<Vec<Value>> {
         }
         out.push(v);
     }
-    if out.is_empty() {
-        bail!("data file {} has no records", path.display());
-    }
     Ok(out)
 }
 
@@ -97,9 +102,6 @@ fn json_array(text: &str, path: &Path) -> Result<Vec<Value>> {
             path.display(),
             i + 1
         );
-    }
-    if v.is_empty() {
-        bail!("data file {} has no records", path.display());
     }
     Ok(v)
 }
@@ -136,9 +138,6 @@ fn load_delimited(path: &Path, delimiter: u8) -> Result<Vec<Value>> {
             .collect();
         out.push(Value::Object(record));
     }
-    if out.is_empty() {
-        bail!("data file {} has no records", path.display());
-    }
     Ok(out)
 }
 
@@ -157,9 +156,6 @@ fn load_parquet(path: &Path) -> Result<Vec<Value>> {
             anyhow::anyhow!("{}: row {}: cannot decode: {e}", path.display(), i + 1)
         })?;
         out.push(row.to_json_value());
-    }
-    if out.is_empty() {
-        bail!("data file {} has no records", path.display());
     }
     Ok(out)
 }
