@@ -1037,39 +1037,56 @@ pub(crate) fn unset_bf16(like: &Tensor, (rows, cols): (usize, usize)) -> Result<
         .reshape((rows, cols))
 }
 
-/// [`crate::random_normal`] drawn on the GPU in `dtype` (f32 or bf16).
-pub(crate) fn random_normal(
+/// [`crate::random_normal`] or [`crate::random_uniform`] drawn on the GPU in `dtype` (f32 or
+/// bf16).
+pub(crate) fn random_values(
     key: u64,
-    std: f32,
+    draw: crate::init::Draw,
     shape: &[usize],
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
+    use crate::init::Draw;
     fn f<T: CudaDType + DeviceRepr + WithDType>(
         key: u64,
-        std: f32,
+        draw: Draw,
         shape: &[usize],
         dev: &CudaDevice,
     ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         // SAFETY: every element is written.
         let out = unsafe { dev.alloc::<T>(n)? };
+        let name = match draw {
+            Draw::Normal { .. } => "random_normal",
+            Draw::Uniform { .. } => "random_uniform",
+        };
         let func = dev.get_or_load_custom_func(
-            &format!("random_normal_{}", suffix(T::DTYPE)?),
+            &format!("{name}_{}", suffix(T::DTYPE)?),
             MODULE,
             ptx(dev)?,
         )?;
         let n_ = n as i64;
         let mut builder = func.builder();
-        builder.arg(&out).arg(&n_).arg(&key).arg(&std);
-        // SAFETY: the arguments match random_normal_{f32,bf16} in kernels/ops.cu.
+        builder.arg(&out).arg(&n_).arg(&key);
+        let (a, b);
+        match draw {
+            Draw::Normal { std } => {
+                a = std;
+                builder.arg(&a);
+            }
+            Draw::Uniform { low, high } => {
+                (a, b) = (low, high);
+                builder.arg(&a).arg(&b);
+            }
+        }
+        // SAFETY: the arguments match random_{normal,uniform}_{f32,bf16} in kernels/ops.cu.
         unsafe { builder.launch(elementwise_config(n)) }.map_err(err)?;
         Ok(wrap(out, dev, shape))
     }
     let Device::Cuda(dev) = device else {
         candle_core::bail!("peft-ops cuda: random values for a non-CUDA device");
     };
-    dispatch!(dtype, f(key, std, shape, dev))
+    dispatch!(dtype, f(key, draw, shape, dev))
 }
 
 /// A 4-bit weight ([`peft_quant::Quant4`]) in GPU memory: codes, block scales (plain, or

@@ -1,6 +1,6 @@
-//! Random normal weights from a counter-based stream, drawn where the tensor lives: the
-//! random-weight models of `peft bench --shape` take seconds to build on a GPU instead of
-//! minutes on the host (8B values).
+//! Random values from a counter-based stream, drawn where the tensor lives: the random-weight
+//! models of `peft bench --shape` take seconds to build on a GPU instead of minutes on the host
+//! (8B values), and NEFTune's noise is drawn beside the embeddings it perturbs.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -20,10 +20,49 @@ pub fn random_normal(
     let key = stream_key(seed, stream);
     #[cfg(feature = "cuda")]
     if device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) {
-        return crate::cuda::random_normal(key, std, shape, dtype, device);
+        return crate::cuda::random_values(key, Draw::Normal { std }, shape, dtype, device);
     }
+    drawn_on_cpu(shape, dtype, device, |i| normal_at(key, i as u64, std))
+}
+
+/// `shape` values uniform in [`low`, `high`) in `dtype` on `device`, from the stream (`seed`,
+/// `stream`): element `i` is `low + (high - low) u` with `u` the splitmix64 draw `i + 1` of
+/// its index, in f64. On CUDA a kernel draws them there, the same bits.
+pub fn random_uniform(
+    seed: u64,
+    stream: u64,
+    shape: &[usize],
+    (low, high): (f32, f32),
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let key = stream_key(seed, stream);
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) {
+        return crate::cuda::random_values(key, Draw::Uniform { low, high }, shape, dtype, device);
+    }
+    drawn_on_cpu(shape, dtype, device, |i| {
+        uniform_at(key, i as u64, low, high)
+    })
+}
+
+/// What a random-values kernel draws.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Draw {
+    Normal { std: f32 },
+    Uniform { low: f32, high: f32 },
+}
+
+/// Values `value(i)` drawn on the host in parallel (bf16: the f32 values rounded), then moved
+/// to `device`.
+fn drawn_on_cpu(
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+    value: impl Fn(usize) -> f32 + Sync + Send,
+) -> Result<Tensor> {
     let n: usize = shape.iter().product();
-    let value = |i: usize| normal_at(key, i as u64, std);
     let t = if dtype == DType::BF16 {
         let v: Vec<half::bf16> = (0..n)
             .into_par_iter()
@@ -49,6 +88,11 @@ fn uniform(key: u64, i: u64) -> f64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Element `i`: `low + (high - low)` times draw `i + 1`.
+fn uniform_at(key: u64, i: u64, low: f32, high: f32) -> f32 {
+    (low as f64 + (high as f64 - low as f64) * uniform(key, i + 1)) as f32
 }
 
 /// Element `i`: Box-Muller of draws `2i + 1` and `2i + 2`.
@@ -85,5 +129,21 @@ mod tests {
         assert_eq!(diff, 0.0, "bf16 values are the f32 values rounded");
         let other = random_normal(3, 2, &[4], 0.5, DType::F32, &Device::Cpu).unwrap();
         assert_ne!(other.to_vec1::<f32>().unwrap(), v[..4].to_vec());
+    }
+
+    #[test]
+    fn draws_uniform_values_in_range() {
+        let t = random_uniform(5, 1, &[100_000], (-0.25, 0.25), DType::F32, &Device::Cpu);
+        let v: Vec<f32> = t.unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| (-0.25..0.25).contains(x)));
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        // Uniform on [-a, a): variance a²/3.
+        assert!(
+            mean.abs() < 0.003 && (var - 0.0625 / 3.0).abs() < 5e-4,
+            "{mean} {var}"
+        );
+        let again = random_uniform(5, 1, &[8], (-0.25, 0.25), DType::F32, &Device::Cpu);
+        assert_eq!(again.unwrap().to_vec1::<f32>().unwrap(), v[..8].to_vec());
     }
 }

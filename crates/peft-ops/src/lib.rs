@@ -41,7 +41,7 @@ pub use checkpoint::{add_grad, checkpoint, grad_enabled, no_grad, param, GradSin
 pub use device::{open_device, peak_memory, release_unused_memory, reset_peak_memory};
 pub use fused::{dropout_mask, frozen_mlp, gated_act, lora_linear, Dropout, GatedActivation};
 pub use grad::{with_grad, with_grad3, Grads3, OpOutput, Value};
-pub use init::random_normal;
+pub use init::{random_normal, random_uniform};
 pub use lora_shared::{
     lora_linears, lora_shared, set_lora_shared, with_lora_shared, LoraProjection, LORA_SHARED_VAR,
 };

@@ -1305,6 +1305,28 @@ fn random_normal_matches_the_cpu() {
     assert_same_bits("random_normal", &got, &want);
 }
 
+/// NEFTune's uniform noise drawn by the GPU kernel is the CPU's, bit for bit.
+#[test]
+fn random_uniform_matches_the_cpu() {
+    let (seed, n, range) = (0x5eed_u64, 5000usize, (-0.03f32, 0.03f32));
+    let want = peft_ops::random_uniform(seed, 0, &[n], range, DType::F32, &Device::Cpu)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut input = seed.to_le_bytes().to_vec();
+    input.extend((n as i64).to_le_bytes());
+    input.extend(range.0.to_le_bytes());
+    input.extend(range.1.to_le_bytes());
+    let got = to_f32s(&emulate_with(
+        "ops",
+        &["random_uniform"],
+        "random_uniform",
+        &input,
+    ));
+    assert_eq!(want.len(), n);
+    assert_same_bits("random_uniform", &got, &want);
+}
+
 /// A mask longer than the CPU's parallel chunks: the GPU's dropout mask is the CPU's, and
 /// `dropout_apply` (cuBLAS LoRA's dropped input) multiplies by that mask.
 #[test]

@@ -582,6 +582,18 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
     }
 }
 
+// Values uniform in [low, high) of the stream `key` (init.rs's random_uniform): element i is
+// low + (high - low) times the splitmix64 draw i + 1, computed in f64 as on the CPU.
+template <typename T>
+__device__ void random_uniform(T* out, long long n, unsigned long long key, float low,
+                               float high) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        double u = splitmix_uniform(key, (unsigned long long)i + 1);
+        st(out, i, (float)((double)low + ((double)high - (double)low) * u));
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                       \
     extern "C" __global__ void causal_softmax_fwd_##S(const T* x, T* y, int q, int k,         \
                                                       float scale) {                          \
@@ -629,6 +641,10 @@ __device__ void random_normal(T* out, long long n, unsigned long long key, float
     extern "C" __global__ void random_normal_##S(T* out, long long n, unsigned long long key,  \
                                                  float std) {                                  \
         random_normal<T>(out, n, key, std);                                                    \
+    }                                                                                          \
+    extern "C" __global__ void random_uniform_##S(T* out, long long n, unsigned long long key, \
+                                                  float low, float high) {                     \
+        random_uniform<T>(out, n, key, low, high);                                             \
     }                                                                                          \
     extern "C" __global__ void gated_fwd_##S(const T* g, const T* u, T* y, long long n,      \
                                              int gelu) {                                      \

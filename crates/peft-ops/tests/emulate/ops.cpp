@@ -18,6 +18,7 @@
 //                 (rows·r), right (cols·r, as [r, cols] when right_t) -> out (rows·cols)
 // dropout_mask:   i64 n; D; f32 x (n) -> mask (n), then x ∘ mask (n, by dropout_apply)
 // random_normal:  u64 key; i64 n; f32 std -> values (n)
+// random_uniform: u64 key; i64 n; f32 low, high -> values (n)
 // thin_project:   i64 rows; i32 n, r, w_t, splits; f32 scale; D; f32 x (rows·n), w (r·n, as
 //                 [n, r] when w_t) -> out (rows·r)
 // thin_outer:     i64 rows; i32 n, r, out_t, splits; f32 scale; D; f32 x (rows·n), y (rows·r)
@@ -179,6 +180,13 @@ int main(int argc, char** argv) {
         out.resize(n);
         emu::launch({(unsigned)((n + 255) / 256)}, {256}, 0,
                     [&] { random_normal_f32(out.data(), n, key, std); });
+    } else if (kernel == "random_uniform") {
+        unsigned long long key = take<unsigned long long>(in, 1)[0];
+        long long n = take<long long>(in, 1)[0];
+        auto range = take<float>(in, 2);
+        out.resize(n);
+        emu::launch({(unsigned)((n + 255) / 256)}, {256}, 0,
+                    [&] { random_uniform_f32(out.data(), n, key, range[0], range[1]); });
     } else if (kernel == "thin_project") {
         long long rows = take<long long>(in, 1)[0];
         auto dims = take<int>(in, 4);
