@@ -199,7 +199,6 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let args = TrainArgs {
         batch_size: cmd.batch_size,
         lr: cmd.lr,
-        warmup_ratio: 0.0,
         scheduler: SchedulerKind::Constant,
         optim: cmd.optim,
         seed: 0,

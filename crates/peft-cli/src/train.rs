@@ -7,10 +7,10 @@ use peft::{
 };
 use peft_models::loader::QuantizeOnLoad;
 use peft_models::tokenizer::Tokenizer;
-use peft_models::Llama;
+use peft_models::{Llama, Neftune};
 use peft_train::{
     load_data, map_columns, pack, parse_column_mapping, split_eval, tokenize_records_with, Echo,
-    LossOn, OptimKind, SchedulerKind, TrainArgs, Trainer,
+    Example, LossOn, OptimKind, SchedulerKind, TrainArgs, Trainer, Warmup,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -119,10 +119,21 @@ pub struct TrainCmd {
     grad_accum: Option<usize>,
     #[arg(long)]
     lr: Option<f64>,
+    /// Fraction of the optimizer steps spent warming up (default 0.03).
     #[arg(long)]
     warmup_ratio: Option<f64>,
-    #[arg(long, value_enum)]
+    /// Warmup steps: a count, or a fraction of the steps below 1 (transformers 5's
+    /// `warmup_steps`); wins over --warmup-ratio.
+    #[arg(long)]
+    warmup_steps: Option<f64>,
+    /// transformers' `lr_scheduler_type` (default cosine); `constant` has no warmup, as there.
+    #[arg(long, value_enum, alias = "lr-scheduler-type")]
     lr_scheduler: Option<SchedulerKind>,
+    /// The scheduler's options as JSON, as transformers' `lr_scheduler_kwargs`:
+    /// `{"min_lr_rate": 0.1}` (cosine_with_min_lr), `{"num_cycles": 3}`, `{"power": 2,
+    /// "lr_end": 1e-6}`, `{"num_decay_steps": 100}` (warmup_stable_decay), ...
+    #[arg(long)]
+    lr_scheduler_kwargs: Option<String>,
     #[arg(long)]
     max_grad_norm: Option<f64>,
     #[arg(long)]
@@ -152,6 +163,14 @@ pub struct TrainCmd {
     /// Fraction of the records held out for evaluation (e.g. 0.1).
     #[arg(long)]
     eval_split: Option<f64>,
+    /// Evaluate on this data instead (TRL's `eval_dataset`): a file or a Hub data set split
+    /// (`org/name/test`), in any format --data takes, with the same --columns.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// NEFTune: noise of ±alpha/sqrt(seq·hidden) on the input embeddings in training (TRL's
+    /// `neftune_noise_alpha`; 5 is the paper's usual value).
+    #[arg(long)]
+    neftune_noise_alpha: Option<f64>,
     /// Evaluate every N steps (default: at the end of every epoch) and at the end.
     #[arg(long)]
     eval_steps: Option<usize>,
@@ -219,6 +238,17 @@ pub struct TrainCmd {
     json: Option<bool>,
 }
 
+/// TRL `SFTConfig` / transformers `TrainingArguments` names a recipe may use for our options,
+/// so that settings copied from a Python script read as they are.
+const TRL_NAMES: &[(&str, &str)] = &[
+    ("learning_rate", "lr"),
+    ("num_train_epochs", "epochs"),
+    ("per_device_train_batch_size", "batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("lr_scheduler_type", "lr_scheduler"),
+    ("max_length", "max_seq_length"),
+];
+
 /// Recipe values overlaid with the flags that were given.
 fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
     let Some(path) = &cmd.config else {
@@ -253,6 +283,22 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
                 .collect::<Option<Vec<String>>>()
                 .with_context(|| format!("recipe {}: {key} must list names", path.display()))?;
             b.insert(key.to_string(), Value::String(names.join(",")));
+        }
+        // A table in a recipe, JSON text as a flag.
+        if let Some(kwargs @ Value::Object(_)) = b.get("lr_scheduler_kwargs") {
+            let text = kwargs.to_string();
+            b.insert("lr_scheduler_kwargs".into(), Value::String(text));
+        }
+        for (trl, ours) in TRL_NAMES {
+            if let Some(v) = b.remove(*trl) {
+                if b.contains_key(*ours) {
+                    bail!(
+                        "recipe {}: {trl} and {ours} set the same option: keep one",
+                        path.display()
+                    );
+                }
+                b.insert(ours.to_string(), v);
+            }
         }
     }
     let flags = serde_json::to_value(&cmd)?;
@@ -532,8 +578,21 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         batch_size: c.batch_size.unwrap_or(d.batch_size),
         grad_accum: c.grad_accum.unwrap_or(d.grad_accum),
         lr: c.lr.unwrap_or(d.lr),
-        warmup_ratio: c.warmup_ratio.unwrap_or(d.warmup_ratio),
+        warmup: match (c.warmup_steps, c.warmup_ratio) {
+            (Some(steps), _) => Warmup::from_warmup_steps(steps)?,
+            (None, Some(ratio)) => Warmup::Ratio(ratio),
+            (None, None) => d.warmup,
+        },
         scheduler: c.lr_scheduler.unwrap_or(d.scheduler),
+        scheduler_kwargs: match &c.lr_scheduler_kwargs {
+            Some(text) => match serde_json::from_str(text) {
+                Ok(Value::Object(map)) => map,
+                _ => bail!(
+                    "--lr-scheduler-kwargs must be a JSON object such as '{{\"min_lr_rate\": 0.1}}', got {text:?}"
+                ),
+            },
+            None => d.scheduler_kwargs.clone(),
+        },
         max_grad_norm: c.max_grad_norm.unwrap_or(d.max_grad_norm),
         weight_decay: c.weight_decay.unwrap_or(d.weight_decay),
         adam_beta1: c.adam_beta1.unwrap_or(d.adam_beta1),
@@ -569,18 +628,31 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         },
     };
     args.validate()?;
+    let neftune = c.neftune_noise_alpha.map(Neftune::new).transpose()?;
     let eval_split = c.eval_split.unwrap_or(0.0);
-    if c.early_stopping_patience.is_some() && eval_split == 0.0 {
-        bail!("--early-stopping-patience needs an eval split (--eval-split 0.1)");
+    if c.eval_data.is_some() && eval_split > 0.0 {
+        bail!("--eval-data and --eval-split both choose the eval set: keep one");
+    }
+    if c.early_stopping_patience.is_some() && eval_split == 0.0 && c.eval_data.is_none() {
+        bail!("--early-stopping-patience needs eval data (--eval-split 0.1 or --eval-data FILE)");
     }
     let max_seq_length = c.max_seq_length.unwrap_or(1024);
 
     // Cheap checks first: a bad data file should fail before the model loads.
-    let mut records = load_data(&data_path)?;
-    if let Some(spec) = &c.columns {
-        map_columns(&mut records, &parse_column_mapping(spec)?)
-            .with_context(|| format!("in {}", data_path.display()))?;
-    }
+    let columns = c.columns.as_deref().map(parse_column_mapping).transpose()?;
+    let read = |path: &Path| -> Result<Vec<Value>> {
+        let mut records = load_data(path)?;
+        if let Some(columns) = &columns {
+            map_columns(&mut records, columns).with_context(|| format!("in {}", path.display()))?;
+        }
+        Ok(records)
+    };
+    let records = read(&data_path)?;
+    let eval_records = c
+        .eval_data
+        .as_deref()
+        .map(|path| read(path).map(|records| (path, records)))
+        .transpose()?;
     check_output_folder(&output)?;
     let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
     let dtype = DTypeArg::for_training(c.dtype, &device);
@@ -592,6 +664,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let (mut base, tok) = load_base_with(&model_path, dtype, &device, quantize)?;
     // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
     base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(c.quantize.is_some());
+    base.neftune = neftune;
     let mut tok = tok.context("the model has no tokenizer")?;
     if let Some(path) = &c.chat_template {
         let template = std::fs::read_to_string(path)
@@ -602,23 +675,31 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         assistant_only: c.assistant_only_loss.unwrap_or(true),
         completion_only: c.completion_only_loss.unwrap_or(true),
     };
-    let tokenized = tokenize_records_with(&records, &tok, max_seq_length, loss_on)
-        .with_context(|| format!("in {}", data_path.display()))?;
-    if tokenized.truncated > 0 && !quiet {
-        eprintln!(
-            "note: {} of {} records are longer than {max_seq_length} tokens and were cut (--max-seq-length)",
-            tokenized.truncated,
-            records.len()
-        );
-    }
-    if tokenized.dropped > 0 && !quiet {
-        eprintln!(
-            "note: {} records have no trained token after truncation and were skipped",
-            tokenized.dropped
-        );
-    }
-    let examples = tokenized.examples;
-    let (mut examples, eval) = split_eval(examples, eval_split, args.seed)?;
+    let tokenize = |records: &[Value], path: &Path| -> Result<Vec<Example>> {
+        let tokenized = tokenize_records_with(records, &tok, max_seq_length, loss_on)
+            .with_context(|| format!("in {}", path.display()))?;
+        if tokenized.truncated > 0 && !quiet {
+            eprintln!(
+                "note: {} of {} records of {} are longer than {max_seq_length} tokens and were cut (--max-seq-length)",
+                tokenized.truncated,
+                records.len(),
+                path.display()
+            );
+        }
+        if tokenized.dropped > 0 && !quiet {
+            eprintln!(
+                "note: {} records of {} have no trained token after truncation and were skipped",
+                tokenized.dropped,
+                path.display()
+            );
+        }
+        Ok(tokenized.examples)
+    };
+    let examples = tokenize(&records, &data_path)?;
+    let (mut examples, eval) = match &eval_records {
+        Some((path, records)) => (examples, tokenize(records, path)?),
+        None => split_eval(examples, eval_split, args.seed)?,
+    };
     if packing {
         let n = examples.len();
         examples = pack(&examples, max_seq_length);

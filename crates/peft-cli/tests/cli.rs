@@ -643,3 +643,99 @@ fn chat_turns_continue_from_the_cached_conversation() {
     assert_eq!(replies.lines().count(), 3, "{replies}");
     assert_eq!(replies, String::from_utf8(fresh.stdout).unwrap());
 }
+
+/// A TOML recipe in TRL's names (`learning_rate`, `lr_scheduler_type`, `warmup_steps`,
+/// `lr_scheduler_kwargs` as a table, ...) with NEFTune and a separate eval file: the learning
+/// rates are transformers' `cosine_with_min_lr` ones, the eval file is evaluated, and the
+/// noise changes the first loss (the same data and weights without it give another).
+#[test]
+fn trl_recipe_with_scheduler_options_neftune_and_eval_data() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let data = peft_models::testing::shipped_data();
+    let dir = tempfile::tempdir().unwrap();
+    let eval = write(
+        dir.path(),
+        "eval.jsonl",
+        br#"{"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Arr, a pirate!"}]}
+{"prompt": "Where is the treasure?", "completion": "Buried on the isle, matey."}
+"#,
+    );
+    let recipe = write(
+        dir.path(),
+        "sft.toml",
+        br#"learning_rate = 1e-3
+lr_scheduler_type = "cosine_with_min_lr"
+warmup_steps = 1
+max_steps = 4
+per_device_train_batch_size = 2
+max_length = 64
+neftune_noise_alpha = 5.0
+
+[lr_scheduler_kwargs]
+min_lr_rate = 0.1
+"#,
+    );
+    let out = dir.path().join("run");
+    let run = succeeds(&[
+        "train",
+        "--config",
+        s(&recipe),
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--eval-data",
+        s(&eval),
+        "--output",
+        s(&out),
+        "--json",
+    ]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
+        .collect();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    // Warmup to 1e-3 over one step, then a cosine from 1e-3 down toward 1e-4 over 3 steps.
+    for (line, want) in lines.iter().zip([0.0, 1e-3, 0.775e-3, 0.325e-3]) {
+        let lr = line["lr"].as_f64().unwrap();
+        assert!(
+            (lr - want).abs() < 1e-12,
+            "{line}: lr {lr}, expected {want}"
+        );
+    }
+    assert!(lines[3]["eval_loss"].as_f64().unwrap().is_finite());
+    assert_eq!(lines[4]["eval_loss"], lines[3]["eval_loss"]);
+    let plain = succeeds(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&dir.path().join("plain")),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--json",
+    ]);
+    let plain: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&plain.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let (noisy, clean) = (
+        lines[0]["loss"].as_f64().unwrap(),
+        plain["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (noisy - clean).abs() > 1e-4 && (noisy - clean).abs() < 0.5,
+        "first loss {noisy} with NEFTune, {clean} without"
+    );
+}

@@ -17,6 +17,7 @@ use peft_ops::{
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Something that replaces a linear layer's forward: LoRA, DoRA, IA3, ...
@@ -181,6 +182,49 @@ impl KvCache {
     }
 }
 
+/// NEFTune (transformers' `neftune_noise_alpha`): in training, the input embeddings of a
+/// batch padded to `seq` tokens get noise uniform in ±alpha / sqrt(seq · hidden), drawn anew
+/// for every micro-batch from a seed the trainer sets (so a resumed run draws the same).
+#[derive(Clone, Debug)]
+pub struct Neftune {
+    pub alpha: f64,
+    seed: Arc<AtomicU64>,
+}
+
+impl Neftune {
+    /// Random stream of the noise (apart from other draws of the same seed).
+    const STREAM: u64 = 0x4E45_4654;
+
+    pub fn new(alpha: f64) -> Result<Self> {
+        if !(alpha.is_finite() && alpha > 0.0) {
+            bail!("neftune_noise_alpha must be a number above 0, got {alpha}");
+        }
+        Ok(Self {
+            alpha,
+            seed: Arc::default(),
+        })
+    }
+
+    /// Seed of the next training forward's noise.
+    pub fn set_seed(&self, seed: u64) {
+        self.seed.store(seed, Ordering::Relaxed);
+    }
+
+    fn perturb(&self, embeds: &Tensor) -> Result<Tensor> {
+        let (_, seq, hidden) = embeds.dims3()?;
+        let magnitude = (self.alpha / ((seq * hidden) as f64).sqrt()) as f32;
+        let noise = peft_ops::random_uniform(
+            self.seed.load(Ordering::Relaxed),
+            Self::STREAM,
+            embeds.dims(),
+            (-magnitude, magnitude),
+            embeds.dtype(),
+            embeds.device(),
+        )?;
+        Ok(embeds.add(&noise)?)
+    }
+}
+
 #[derive(Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
@@ -195,6 +239,8 @@ pub struct Llama {
     pub gradient_checkpointing: bool,
     /// Parameter gradients of the recomputed layers (see [`peft_ops::checkpoint`]).
     pub grad_sink: Arc<GradSink>,
+    /// Noisy input embeddings in training.
+    pub neftune: Option<Neftune>,
     inv_freq: Tensor,
     /// RoPE of the sliding-window layers where it differs (Gemma 3).
     local_inv_freq: Option<Tensor>,
@@ -333,6 +379,7 @@ impl Llama {
             device: device.clone(),
             gradient_checkpointing: false,
             grad_sink: Arc::new(GradSink::default()),
+            neftune: None,
             inv_freq,
             local_inv_freq,
         };
@@ -517,6 +564,16 @@ impl Llama {
         let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
         let rows = self.embedding_rows(&flat)?;
         Ok(rows.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// The embeddings of `input_ids` that the decoder reads: in training with NEFTune, plus
+    /// its noise.
+    pub fn input_embeds(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        let embeds = self.embed(input_ids)?;
+        match &self.neftune {
+            Some(neftune) if train => neftune.perturb(&embeds),
+            _ => Ok(embeds),
+        }
     }
 
     /// The embeddings of token ids `[n]` as the model's embedding layer gives them `[n,
@@ -740,7 +797,12 @@ impl Llama {
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<Tensor> {
-        self.forward_embeds(&self.embed(input_ids)?, attention_mask, cache, train)
+        self.forward_embeds(
+            &self.input_embeds(input_ids, train)?,
+            attention_mask,
+            cache,
+            train,
+        )
     }
 
     /// Logits `[.., vocab]` of final hidden states (materialises them: for inference).

@@ -103,3 +103,52 @@ fn wrong_weight_shape_is_a_clear_error() {
         peft_models::LlamaConfig::from_json(serde_json::json!({"hidden_size": 8})).unwrap_err();
     assert!(format!("{err:#}").contains("Llama-family"), "{err:#}");
 }
+
+/// NEFTune perturbs the training embeddings only, by noise uniform within
+/// ±alpha/sqrt(seq·hidden) (transformers' `neftune_post_forward_hook`), drawn from the seed.
+#[test]
+fn neftune_noise_is_bounded_seeded_and_training_only() {
+    let mut model = tiny_llama(3, true).unwrap();
+    let ids = Tensor::new(
+        &[[1u32, 5, 9, 2, 7, 7, 3, 4], [4, 4, 8, 1, 0, 2, 6, 5]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let clean = model.input_embeds(&ids, true).unwrap();
+    let neftune = peft_models::Neftune::new(5.0).unwrap();
+    model.neftune = Some(neftune.clone());
+    let (_, seq, hidden) = clean.dims3().unwrap();
+    let bound = 5.0 / ((seq * hidden) as f64).sqrt();
+    let noise_of = |seed: u64| -> Vec<f32> {
+        neftune.set_seed(seed);
+        let noisy = model.input_embeds(&ids, true).unwrap();
+        (noisy - &clean)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let noise = noise_of(1);
+    let largest = noise.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    assert!(largest <= bound * (1.0 + 1e-6), "{largest} beyond {bound}");
+    assert!(
+        largest > 0.9 * bound,
+        "{largest} far below {bound}: not the full range"
+    );
+    let mean_square = noise.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / noise.len() as f64;
+    let uniform = bound * bound / 3.0;
+    assert!(
+        (mean_square / uniform - 1.0).abs() < 0.1,
+        "{mean_square} vs {uniform}"
+    );
+    assert_eq!(noise_of(1), noise, "the same seed draws the same noise");
+    assert_ne!(noise_of(2), noise);
+    let eval = model.input_embeds(&ids, false).unwrap();
+    assert_eq!(
+        max_abs_diff(&eval, &clean),
+        0.0,
+        "no noise outside training"
+    );
+    assert!(peft_models::Neftune::new(0.0).is_err());
+}

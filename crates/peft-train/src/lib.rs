@@ -11,5 +11,5 @@ pub use data::{
     tokenize_records, tokenize_records_with, Batch, Example, LossOn, Tokenized,
 };
 pub use optim::{AdamW, OptimKind};
-pub use schedule::{LrSchedule, SchedulerKind};
+pub use schedule::{LrSchedule, SchedulerKind, Warmup};
 pub use trainer::{Echo, Interrupted, NonFinite, TrainArgs, TrainSummary, Trainer};

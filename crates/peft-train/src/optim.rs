@@ -23,12 +23,13 @@ use std::collections::HashMap;
 pub enum OptimKind {
     /// f32 moments.
     #[default]
-    #[value(name = "adamw", alias = "adamw_torch")]
+    #[value(name = "adamw", aliases = ["adamw_torch", "adamw_torch_fused"])]
+    #[serde(alias = "adamw_torch", alias = "adamw_torch_fused")]
     Adamw,
     /// bitsandbytes' 8-bit AdamW: both moments in 8-bit blocks of 256 (signed dynamic map for
     /// the first, unsigned for the second); tensors under 4096 elements keep f32 moments.
-    #[value(name = "adamw_8bit")]
-    #[serde(rename = "adamw_8bit")]
+    #[value(name = "adamw_8bit", alias = "adamw_bnb_8bit")]
+    #[serde(rename = "adamw_8bit", alias = "adamw_bnb_8bit")]
     Adamw8bit,
     /// 8-bit AdamW whose state bitsandbytes may page to host memory under pressure; ours stays
     /// on the parameters' device (a quarter of f32 moments of the adapter, small next to the

@@ -6,7 +6,7 @@
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{epoch_order, Batch, Example};
 use crate::optim::{AdamW, OptimKind};
-use crate::schedule::{LrSchedule, SchedulerKind};
+use crate::schedule::{LrSchedule, SchedulerKind, Warmup};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -35,8 +35,10 @@ pub struct TrainArgs {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub lr: f64,
-    pub warmup_ratio: f64,
+    pub warmup: Warmup,
     pub scheduler: SchedulerKind,
+    /// transformers' `lr_scheduler_kwargs` (`{"min_lr_rate": 0.1}`, ...).
+    pub scheduler_kwargs: serde_json::Map<String, serde_json::Value>,
     pub max_grad_norm: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -99,8 +101,9 @@ impl Default for TrainArgs {
             batch_size: 4,
             grad_accum: 1,
             lr: 2e-4,
-            warmup_ratio: 0.03,
+            warmup: Warmup::Ratio(0.03),
             scheduler: SchedulerKind::Cosine,
+            scheduler_kwargs: serde_json::Map::new(),
             max_grad_norm: 1.0,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -159,12 +162,16 @@ impl TrainArgs {
         if let Some((what, v)) = below_one.iter().find(|(_, v)| !(0.0..1.0).contains(v)) {
             bail!("{what} must be at least 0 and below 1, got {v}");
         }
-        if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            bail!(
-                "the warmup ratio must be between 0 and 1, got {}",
-                self.warmup_ratio
-            );
-        }
+        self.warmup.validate()?;
+        // The scheduler's kwargs, checked before anything loads (over a nominal run length:
+        // the real one is known once the data is).
+        LrSchedule::new(
+            self.scheduler,
+            self.lr,
+            self.warmup,
+            1 << 40,
+            &self.scheduler_kwargs,
+        )?;
         let intervals = [
             ("logging steps", Some(self.logging_steps)),
             ("save steps", self.save_steps),
@@ -252,6 +259,14 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 }
 
 impl Trainer<'_> {
+    /// Seeds the random draws of the next training forward: dropout masks and NEFTune noise.
+    fn set_seeds(&self, seed: u64) {
+        self.model.set_dropout_seed(seed);
+        if let Some(neftune) = &self.model.base().neftune {
+            neftune.set_seed(seed);
+        }
+    }
+
     /// Summed token loss of one batch, divided by `denom`, ready for backward (`train`:
     /// dropout on).
     pub fn batch_loss(&self, batch: &Batch, denom: usize, train: bool) -> Result<Tensor> {
@@ -290,7 +305,7 @@ impl Trainer<'_> {
         // one back would stall the host mid-step while the device drains its queue.
         let mut losses = Vec::with_capacity(batches.len());
         for (micro, batch) in batches.iter().enumerate() {
-            self.model.set_dropout_seed(dropout_seed(seed, step, micro));
+            self.set_seeds(dropout_seed(seed, step, micro));
             let l = self.batch_loss(batch, denom, true)?;
             let grads = self.model.base().backward(&l)?;
             losses.push(l.detach().to_dtype(DType::F64)?);
@@ -360,7 +375,7 @@ impl Trainer<'_> {
             device.synchronize()?;
             peft_ops::reset_peak_memory(&device)?;
             let start = Instant::now();
-            self.model.set_dropout_seed(seed);
+            self.set_seeds(seed);
             let loss = self.batch_loss(batch, batch.n_trained, true)?;
             let grads = self.model.base().backward(&loss)?;
             device.synchronize()?;
@@ -431,7 +446,13 @@ impl Trainer<'_> {
         if total_steps == 0 {
             bail!("nothing to train: 0 steps");
         }
-        let schedule = LrSchedule::new(a.scheduler, a.lr, a.warmup_ratio, total_steps);
+        let schedule = LrSchedule::new(
+            a.scheduler,
+            a.lr,
+            a.warmup,
+            total_steps,
+            &a.scheduler_kwargs,
+        )?;
         let mut opt = self.optimizer()?;
         std::fs::create_dir_all(&a.output_dir)
             .with_context(|| format!("cannot create output folder {}", a.output_dir.display()))?;

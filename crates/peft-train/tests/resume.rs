@@ -3,7 +3,7 @@
 
 use peft::{LoraConfig, PeftModel, TargetModules};
 use peft_models::testing::tiny_llama;
-use peft_train::{Example, TrainArgs, Trainer};
+use peft_train::{Example, TrainArgs, Trainer, Warmup};
 use std::path::Path;
 
 mod tiny_data;
@@ -35,7 +35,7 @@ fn run_on(
         batch_size: 2,
         grad_accum: 2,
         lr: 5e-3,
-        warmup_ratio: 0.1,
+        warmup: Warmup::Ratio(0.1),
         weight_decay: 0.01,
         seed: 3,
         save_steps: Some(2),

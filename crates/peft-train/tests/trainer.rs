@@ -4,7 +4,7 @@
 
 use peft::{LoraConfig, PeftModel, TargetModules};
 use peft_models::testing::tiny_llama;
-use peft_train::{pack, Batch, Example, TrainArgs, TrainSummary, Trainer};
+use peft_train::{pack, Batch, Example, TrainArgs, TrainSummary, Trainer, Warmup};
 use std::path::Path;
 
 mod tiny_data;
@@ -234,7 +234,7 @@ fn nan_loss_names_the_last_good_checkpoint() {
     let mut model = lora();
     let mut a = args(dir.path());
     a.lr = 1e30;
-    a.warmup_ratio = 0.0;
+    a.warmup = Warmup::Steps(0);
     a.save_steps = Some(1);
     let err = Trainer {
         model: &mut model,

@@ -82,7 +82,6 @@ pub fn losses(device: &Device, dtype: DType, setup: Setup) -> Vec<f64> {
     let (mut model, batch, lr) = model_and_batch(device, dtype, setup);
     let args = TrainArgs {
         lr,
-        warmup_ratio: 0.0,
         scheduler: SchedulerKind::Constant,
         show_progress: false,
         ..Default::default()

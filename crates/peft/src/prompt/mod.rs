@@ -388,7 +388,7 @@ impl PromptModel {
         }
         let prompt = self.values()?.to_dtype(self.base.dtype)?.unsqueeze(0)?;
         let prompt = prompt.broadcast_as((b, prompt.dim(1)?, prompt.dim(2)?))?;
-        let embeds = Tensor::cat(&[&prompt, &self.base.embed(input_ids)?], 1)?;
+        let embeds = Tensor::cat(&[&prompt, &self.base.input_embeds(input_ids, train)?], 1)?;
         self.base
             .forward_embeds(&embeds, mask.as_ref(), None, train)
     }
