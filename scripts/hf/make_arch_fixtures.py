@@ -3,8 +3,9 @@
 For every architecture, crates/peft/tests/fixtures/arch/<name>/ holds:
 - model/: config.json + model.safetensors as transformers' `save_pretrained` writes them;
 - lora/: a LoRA adapter (all-linear, r=4, random A and B) as HF PEFT saves it;
-- expected.safetensors: input_ids, the logits of the base and of the adapted model, and the
-  logits of a padded batch of two (input_ids_b2, attention_mask_b2, lora_logits_b2);
+- expected.safetensors: input_ids, the logits of the base and of the adapted model, the
+  logits of a padded batch of two (input_ids_b2, attention_mask_b2, lora_logits_b2) and of a
+  20-token sequence (input_ids_long, lora_logits_long);
 - grads.safetensors: the gradient of every LoRA weight (under its file key) of the mean
   next-token loss of input_ids (`model(input_ids, labels=input_ids).loss`).
 
@@ -21,8 +22,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+                          MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -48,11 +49,22 @@ models = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
                                             "rope_theta": 100000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    # Phi-3: fused qkv_proj and gate_up_proj, a sliding window (5 over 8 tokens) on every
+    # layer, LongRoPE (short factors within the original 16 positions; `ids_long`, 20 tokens,
+    # takes the long ones) with its attention factor.
+    "phi3": (Phi3ForCausalLM, Phi3Config(
+        **common, sliding_window=5, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.3, 2.1, 3.7],
+                         "long_factor": [1.5, 2.9, 6.2, 11.0],
+                         "original_max_position_embeddings": 16})),
 }
 if len(sys.argv) > 1:
     models = {name: models[name] for name in sys.argv[1:]}
 
 ids = torch.tensor([[1, 5, 9, 33, 60, 2, 17, 40]])
+ids_long = torch.tensor([[(7 * i + 3) % 64 for i in range(20)]])
 ids_b2 = torch.tensor([[0, 0, 0, 7, 8, 9, 10, 11], [3, 4, 5, 6, 7, 8, 9, 10]])
 mask_b2 = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
 
@@ -77,6 +89,7 @@ for name, (cls, cfg) in models.items():
     with torch.no_grad():
         lora_logits = peft_model(input_ids=ids).logits
         lora_logits_b2 = peft_model(input_ids=ids_b2, attention_mask=mask_b2).logits
+        lora_logits_long = peft_model(input_ids=ids_long).logits
     assert (lora_logits - base_logits).abs().max() > 0.1
     peft_model(input_ids=ids, labels=ids).loss.backward()
     grads = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters()
@@ -84,6 +97,7 @@ for name, (cls, cfg) in models.items():
     save_file(grads, f"{out}/grads.safetensors")
     save_file({"input_ids": ids, "base_logits": base_logits.contiguous(),
                "lora_logits": lora_logits.contiguous(), "input_ids_b2": ids_b2,
-               "attention_mask_b2": mask_b2, "lora_logits_b2": lora_logits_b2.contiguous()},
+               "attention_mask_b2": mask_b2, "lora_logits_b2": lora_logits_b2.contiguous(),
+               "input_ids_long": ids_long, "lora_logits_long": lora_logits_long.contiguous()},
               f"{out}/expected.safetensors")
     print("written", out, sorted(os.listdir(f"{out}/model")), sorted(os.listdir(f"{out}/lora")))

@@ -111,8 +111,9 @@ pub struct TrainCmd {
     completion_only_loss: Option<bool>,
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Passes over the data (a fraction such as 0.5 trains that share of the steps).
     #[arg(long)]
-    epochs: Option<usize>,
+    epochs: Option<f64>,
     #[arg(long)]
     batch_size: Option<usize>,
     #[arg(long)]
@@ -171,6 +172,11 @@ pub struct TrainCmd {
     /// `neftune_noise_alpha`; 5 is the paper's usual value).
     #[arg(long)]
     neftune_noise_alpha: Option<f64>,
+    /// When to evaluate: steps (every --eval-steps, by default every --logging-steps), epoch
+    /// (at the end of every epoch) or no (never); without it, every --eval-steps if given,
+    /// else every epoch. An eval set is evaluated at the end too.
+    #[arg(long)]
+    eval_strategy: Option<String>,
     /// Evaluate every N steps (default: at the end of every epoch) and at the end.
     #[arg(long)]
     eval_steps: Option<usize>,
@@ -247,6 +253,7 @@ const TRL_NAMES: &[(&str, &str)] = &[
     ("gradient_accumulation_steps", "grad_accum"),
     ("lr_scheduler_type", "lr_scheduler"),
     ("max_length", "max_seq_length"),
+    ("output_dir", "output"),
 ];
 
 /// Recipe values overlaid with the flags that were given.
@@ -288,6 +295,35 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
         if let Some(kwargs @ Value::Object(_)) = b.get("lr_scheduler_kwargs") {
             let text = kwargs.to_string();
             b.insert("lr_scheduler_kwargs".into(), Value::String(text));
+        }
+        // TRL's precision switches and text column, as our options.
+        for (flag, dtype) in [("bf16", "bf16"), ("fp16", "f16")] {
+            match b.remove(flag) {
+                None => {}
+                // `bf16 = false` asks for f32; `fp16 = false` asks for nothing.
+                Some(Value::Bool(on)) if !b.contains_key("dtype") && (on || flag == "bf16") => {
+                    let dtype = if on { dtype } else { "f32" };
+                    b.insert("dtype".into(), Value::String(dtype.into()));
+                }
+                Some(Value::Bool(_)) => {}
+                Some(v) => bail!(
+                    "recipe {}: {flag} must be true or false, got {v}",
+                    path.display()
+                ),
+            }
+        }
+        if let Some(field) = b.remove("dataset_text_field") {
+            let Value::String(field) = field else {
+                bail!(
+                    "recipe {}: dataset_text_field must name a column",
+                    path.display()
+                );
+            };
+            let mapping = match b.get("columns").and_then(Value::as_str) {
+                Some(columns) => format!("{columns},text={field}"),
+                None => format!("text={field}"),
+            };
+            b.insert("columns".into(), Value::String(mapping));
         }
         for (trl, ours) in TRL_NAMES {
             if let Some(v) = b.remove(*trl) {
@@ -364,9 +400,13 @@ pub fn build_model(
         lora_alpha: c.lora_alpha.unwrap_or(2.0 * r as f64),
         lora_dropout: c.lora_dropout.unwrap_or(0.05),
         target_modules: Some(TargetModules::parse_flag(
-            c.target_modules
-                .as_deref()
-                .unwrap_or("q_proj,k_proj,v_proj,o_proj"),
+            c.target_modules.as_deref().unwrap_or(
+                // The attention projections (Phi-3 fuses q, k and v into one).
+                match base.config.fused_projections {
+                    true => "qkv_proj,o_proj",
+                    false => "q_proj,k_proj,v_proj,o_proj",
+                },
+            ),
         )),
         exclude_modules: c.exclude_modules.as_deref().map(TargetModules::parse_flag),
         bias: c.bias.clone().unwrap_or_else(|| "none".into()),
@@ -572,6 +612,14 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         Some(other) => bail!("--save-strategy must be steps, epoch or no, got {other:?}"),
     };
     let d = TrainArgs::default();
+    let logging_steps = c.logging_steps.unwrap_or(d.logging_steps);
+    let (eval_steps, evaluate) = match c.eval_strategy.as_deref() {
+        None => (c.eval_steps, true),
+        Some("steps") => (c.eval_steps.or(Some(logging_steps)), true),
+        Some("epoch") => (None, true),
+        Some("no") => (None, false),
+        Some(other) => bail!("--eval-strategy must be steps, epoch or no, got {other:?}"),
+    };
     let args = TrainArgs {
         epochs: c.epochs.unwrap_or(d.epochs),
         max_steps: c.max_steps,
@@ -600,7 +648,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         adam_eps: c.adam_epsilon.unwrap_or(d.adam_eps),
         optim: c.optim.unwrap_or(d.optim),
         seed: c.seed.unwrap_or(d.seed),
-        logging_steps: c.logging_steps.unwrap_or(d.logging_steps),
+        logging_steps,
         save_every_epoch: c.save_every_epoch.unwrap_or(d.save_every_epoch),
         save_steps,
         save_checkpoint_every_epoch,
@@ -619,7 +667,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         },
         group_by_length: c.group_by_length.unwrap_or(false),
         pad_to_multiple_of: c.pad_to_multiple_of.unwrap_or(1),
-        eval_steps: c.eval_steps,
+        eval_steps,
         early_stopping_patience: c.early_stopping_patience,
         early_stopping_threshold: c.early_stopping_threshold.unwrap_or(0.0),
         kernel_tuning: match &c.kernel_tuning {
@@ -632,6 +680,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let eval_split = c.eval_split.unwrap_or(0.0);
     if c.eval_data.is_some() && eval_split > 0.0 {
         bail!("--eval-data and --eval-split both choose the eval set: keep one");
+    }
+    if c.early_stopping_patience.is_some() && !evaluate {
+        bail!("--early-stopping-patience needs evaluations: --eval-strategy is no");
     }
     if c.early_stopping_patience.is_some() && eval_split == 0.0 && c.eval_data.is_none() {
         bail!("--early-stopping-patience needs eval data (--eval-split 0.1 or --eval-data FILE)");
@@ -696,10 +747,14 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         Ok(tokenized.examples)
     };
     let examples = tokenize(&records, &data_path)?;
-    let (mut examples, eval) = match &eval_records {
+    let (mut examples, mut eval) = match &eval_records {
         Some((path, records)) => (examples, tokenize(records, path)?),
         None => split_eval(examples, eval_split, args.seed)?,
     };
+    if !evaluate {
+        // Held out all the same (the split was asked for), never evaluated.
+        eval.clear();
+    }
     if packing {
         let n = examples.len();
         examples = pack(&examples, max_seq_length);

@@ -739,3 +739,48 @@ min_lr_rate = 0.1
         "first loss {noisy} with NEFTune, {clean} without"
     );
 }
+
+/// More of TRL's names in a recipe: `output_dir`, a fractional `num_train_epochs` (the steps
+/// rounded up, as transformers does), `dataset_text_field`, `bf16 = false` and
+/// `eval_strategy = "steps"` (every logging step when no `eval_steps` is set).
+#[test]
+fn trl_recipe_names_epochs_fraction_text_field_and_eval_strategy() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lines: String = (0..10)
+        .map(|i| format!("{{\"content\": \"Arr, matey number {i} sails the seven seas.\"}}\n"))
+        .collect();
+    let data = write(dir.path(), "text.jsonl", lines.as_bytes());
+    let out = dir.path().join("from-recipe");
+    let recipe = format!(
+        "output_dir = {:?}\nnum_train_epochs = 0.5\nper_device_train_batch_size = 2\n\
+         dataset_text_field = \"content\"\nbf16 = false\neval_strategy = \"steps\"\n\
+         eval_split = 0.2\n",
+        s(&out)
+    );
+    let recipe = write(dir.path(), "sft.toml", recipe.as_bytes());
+    let run = succeeds(&[
+        "train",
+        "--config",
+        s(&recipe),
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--json",
+    ]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
+        .collect();
+    // 8 training records in batches of 2: 4 steps an epoch, half of them.
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[..2].iter().all(|l| l["eval_loss"].is_f64()),
+        "{lines:?}"
+    );
+    assert_eq!(lines[2]["steps"], 2);
+    assert!(out.join("adapter_model.safetensors").exists());
+}

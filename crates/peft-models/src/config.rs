@@ -50,7 +50,23 @@ pub struct LlamaConfig {
     /// RoPE base of the sliding-window layers, when they have their own (Gemma 3's
     /// `rope_local_base_freq`; never scaled).
     pub local_rope_theta: Option<f64>,
+    /// LongRoPE (Phi-3's 128k-context models): per-frequency factors and a cos/sin scale.
+    pub longrope: Option<LongRope>,
+    /// Phi-3's fused projections: one `qkv_proj` (q, k and v side by side in its output) and
+    /// one `gate_up_proj` (gate, then up).
+    pub fused_projections: bool,
     pub raw: Value,
+}
+
+/// LongRoPE scaling (`rope_type: "longrope"`, formerly `"su"`), as transformers computes it:
+/// the inverse frequencies divided by `short_factor`, or by `long_factor` once a sequence
+/// reaches past `original_max_position_embeddings`, and cos/sin scaled by `attention_factor`.
+#[derive(Debug, Clone)]
+pub struct LongRope {
+    pub short_factor: Vec<f32>,
+    pub long_factor: Vec<f32>,
+    pub original_max_position_embeddings: usize,
+    pub attention_factor: f64,
 }
 
 /// Llama 3.1+ frequency-dependent RoPE scaling (`rope_type: "llama3"`).
@@ -93,6 +109,8 @@ struct RawConfig {
     #[serde(alias = "_sliding_window_pattern")]
     sliding_window_pattern: Option<usize>,
     rope_local_base_freq: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+    partial_rotary_factor: Option<f64>,
 }
 
 fn default_eps() -> f64 {
@@ -102,7 +120,7 @@ fn default_max_pos() -> usize {
     4096
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3_text"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"];
 
 impl LlamaConfig {
     pub fn from_json(raw: Value) -> Result<Self> {
@@ -153,10 +171,15 @@ impl LlamaConfig {
                 .unwrap_or("default")
                 .to_string()
         };
+        let phi3 = model_type == "phi3";
         let mut rope_scaling = None;
         let mut rope_linear_factor = None;
+        let mut longrope = None;
         match rope_type(&rope).as_str() {
             "default" => {}
+            "longrope" | "su" => {
+                longrope = Some(long_rope(&c, rope.as_ref().unwrap_or(&Value::Null))?);
+            }
             "llama3" => {
                 rope_scaling = Some(
                     serde_json::from_value(rope.clone().unwrap_or_default())
@@ -168,7 +191,9 @@ impl LlamaConfig {
                 rope_linear_factor =
                     Some(factor.context("rope scaling of type linear lacks its factor")?);
             }
-            other => bail!("unsupported rope_type {other:?} (supported: default, linear, llama3)"),
+            other => bail!(
+                "unsupported rope_type {other:?} (supported: default, linear, llama3, longrope)"
+            ),
         }
         if rope_type(&local_rope) != "default" {
             bail!("scaled RoPE on sliding-window layers is not supported");
@@ -190,8 +215,30 @@ impl LlamaConfig {
         if raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
             bail!("sliding-window attention (use_sliding_window: true) is not supported");
         }
+        let partial_rotary = rope
+            .as_ref()
+            .and_then(|r| r.get("partial_rotary_factor")?.as_f64())
+            .or(c.partial_rotary_factor)
+            .unwrap_or(1.0);
+        if partial_rotary != 1.0 {
+            bail!("partial rotary embeddings (partial_rotary_factor {partial_rotary}) are not supported");
+        }
+        for dropout in ["attention_dropout", "resid_pdrop", "embd_pdrop"] {
+            if let Some(p) = raw
+                .get(dropout)
+                .and_then(Value::as_f64)
+                .filter(|p| *p > 0.0)
+            {
+                bail!("dropout inside the base model ({dropout} {p}) is not supported");
+            }
+        }
         let layer_windows = if gemma {
             gemma_layer_windows(&c)?
+        } else if phi3 {
+            // transformers' Phi-3 attends over a window on every layer when the config sets one
+            // (one past the context, as the 128k models' 262144, never hides a key).
+            let window = c.sliding_window.filter(|w| *w < c.max_position_embeddings);
+            vec![window; c.num_hidden_layers]
         } else {
             vec![None; c.num_hidden_layers]
         };
@@ -216,6 +263,8 @@ impl LlamaConfig {
             layer_windows,
             rope_linear_factor,
             local_rope_theta,
+            longrope,
+            fused_projections: phi3,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_hidden_layers: c.num_hidden_layers,
@@ -246,8 +295,12 @@ impl LlamaConfig {
         Self::from_json(raw).with_context(|| format!("in {}", path.display()))
     }
 
-    /// Inverse frequencies of RoPE, one per pair of head dims (of the global layers).
+    /// Inverse frequencies of RoPE, one per pair of head dims (of the global layers), for
+    /// sequences within the pretrained length.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
+        if let Some(l) = &self.longrope {
+            return long_rope_inv_freq(self.rope_theta, self.head_dim, &l.short_factor);
+        }
         let base = default_inv_freq(self.rope_theta, self.head_dim);
         if let Some(factor) = self.rope_linear_factor {
             return base.into_iter().map(|f| f / factor as f32).collect();
@@ -281,6 +334,63 @@ impl LlamaConfig {
         let theta = self.local_rope_theta?;
         Some(default_inv_freq(theta, self.head_dim))
     }
+}
+
+/// LongRoPE's settings from the rope parameters `r` (the config's `original_max_position_
+/// embeddings` wins, as in transformers), its attention factor defaulting to
+/// `sqrt(1 + ln(factor) / ln(original))` with factor the context's growth.
+fn long_rope(c: &RawConfig, r: &Value) -> Result<LongRope> {
+    let factors = |key: &str| -> Result<Vec<f32>> {
+        let values = r
+            .get(key)
+            .and_then(Value::as_array)
+            .with_context(|| format!("longrope scaling lacks its {key}"))?;
+        let factors: Option<Vec<f32>> = values.iter().map(|v| Some(v.as_f64()? as f32)).collect();
+        let factors = factors.with_context(|| format!("longrope {key} must list numbers"))?;
+        let head_dim = c
+            .head_dim
+            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        if factors.len() != head_dim / 2 {
+            bail!(
+                "longrope {key} has {} values, expected {} (head_dim / 2)",
+                factors.len(),
+                head_dim / 2
+            );
+        }
+        Ok(factors)
+    };
+    let original = c
+        .original_max_position_embeddings
+        .or_else(|| Some(r.get("original_max_position_embeddings")?.as_u64()? as usize))
+        .context("longrope scaling needs original_max_position_embeddings")?;
+    let factor = r
+        .get("factor")
+        .and_then(Value::as_f64)
+        .unwrap_or(c.max_position_embeddings as f64 / original as f64);
+    let attention_factor = match r.get("attention_factor").and_then(Value::as_f64) {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(LongRope {
+        short_factor: factors("short_factor")?,
+        long_factor: factors("long_factor")?,
+        original_max_position_embeddings: original,
+        attention_factor,
+    })
+}
+
+/// LongRoPE's inverse frequencies `1 / (factor_i · theta^(2i/d))`, in f32 as transformers
+/// computes them.
+pub fn long_rope_inv_freq(theta: f64, head_dim: usize, factors: &[f32]) -> Vec<f32> {
+    factors
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let exponent = (2 * i) as f32 / head_dim as f32;
+            1.0 / (f * theta.powf(exponent as f64) as f32)
+        })
+        .collect()
 }
 
 /// RoPE's inverse frequencies `theta^(-2i/d)`, rounded as transformers rounds them (float32

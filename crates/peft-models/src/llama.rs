@@ -5,15 +5,15 @@
 //! (`model.layers.3.self_attn.q_proj`), so tuners attach adapters by path, and the tensors of
 //! the model are named exactly as in the HF checkpoint.
 
-use crate::config::LlamaConfig;
+use crate::config::{long_rope_inv_freq, LlamaConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
     add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, embedding,
-    frozen_linear, frozen_mlp, gated_act, linear, lora_linears, packed_self_attention, param,
-    prefixed_self_attention, quantized_linear, reshape, rms_norm, rope, softmax_last_dim, taped,
-    GradSink, LinearWeight, LoraProjection, QuantizedWeight,
+    frozen_linear, frozen_mlp, gated_act, linear, lora_linears, narrow_last, packed_self_attention,
+    param, prefixed_self_attention, quantized_linear, reshape, rms_norm, rope, softmax_last_dim,
+    taped, GradSink, LinearWeight, LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -90,11 +90,58 @@ impl Linear {
     }
 }
 
+/// Projections that read the same input: separate linears (q, k, v; gate, up), or one fused
+/// linear whose output holds them side by side (Phi-3's `qkv_proj` and `gate_up_proj`).
+#[derive(Clone)]
+pub enum Projections<const N: usize> {
+    Separate([Linear; N]),
+    Fused(Linear),
+}
+
+impl<const N: usize> Projections<N> {
+    /// The linears with their module names (`names` when separate, `fused` when fused).
+    fn named_mut(&mut self, names: [&str; N], fused: &str) -> Vec<(String, &mut Linear)> {
+        match self {
+            Self::Separate(ls) => names
+                .iter()
+                .zip(ls.iter_mut())
+                .map(|(n, l)| (n.to_string(), l))
+                .collect(),
+            Self::Fused(l) => vec![(fused.to_string(), l)],
+        }
+    }
+
+    /// The N outputs over `x`, of widths `widths`: a fused output is cut into them.
+    fn outputs(
+        &self,
+        x: &Tensor,
+        widths: [usize; N],
+        sink: &Arc<GradSink>,
+        train: bool,
+    ) -> candle_core::Result<[Tensor; N]> {
+        let fused = match self {
+            Self::Separate(ls) => return forward_sharing_input(ls.each_ref(), x, sink, train),
+            Self::Fused(l) => l.forward(x, train)?,
+        };
+        let mut start = 0;
+        let parts = widths.map(|w| {
+            let part = narrow_last(&fused, start, w);
+            start += w;
+            part
+        });
+        let mut out = Vec::with_capacity(N);
+        for p in parts {
+            out.push(p?);
+        }
+        out.try_into()
+            .map_err(|_| candle_core::Error::Msg("fused projection: a part missing".into()))
+    }
+}
+
 #[derive(Clone)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    /// q, k and v.
+    pub qkv: Projections<3>,
     pub o_proj: Linear,
     /// Per-head RMSNorm scales `[head_dim]` of queries and keys (Qwen3), applied before RoPE.
     pub q_norm: Option<Tensor>,
@@ -103,8 +150,8 @@ pub struct Attention {
 
 #[derive(Clone)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    /// gate and up.
+    pub gate_up: Projections<2>,
     pub down_proj: Linear,
 }
 
@@ -116,11 +163,15 @@ impl Mlp {
             (LinearWeight::Dense(w), None, None) if !param(w).track_op() => Some(w.clone()),
             _ => None,
         };
-        Some((
-            frozen(&self.gate_proj)?,
-            frozen(&self.up_proj)?,
-            frozen(&self.down_proj)?,
-        ))
+        let down = frozen(&self.down_proj)?;
+        match &self.gate_up {
+            Projections::Separate([gate, up]) => Some((frozen(gate)?, frozen(up)?, down)),
+            Projections::Fused(gate_up) => {
+                let w = frozen(gate_up)?;
+                let i = w.dim(0).ok()? / 2;
+                Some((w.narrow(0, 0, i).ok()?, w.narrow(0, i, i).ok()?, down))
+            }
+        }
     }
 }
 
@@ -244,6 +295,8 @@ pub struct Llama {
     inv_freq: Tensor,
     /// RoPE of the sliding-window layers where it differs (Gemma 3).
     local_inv_freq: Option<Tensor>,
+    /// LongRoPE's frequencies for sequences past the pretrained length (Phi-3 128k).
+    long_inv_freq: Option<Tensor>,
 }
 
 struct WeightTaker<'a> {
@@ -337,9 +390,20 @@ impl Llama {
             layers.push(DecoderLayer {
                 input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
-                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), q_dim, h, c.qkv_bias)?,
-                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
-                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
+                    qkv: if c.fused_projections {
+                        let out = q_dim + 2 * kv_dim;
+                        let path = format!("{p}.self_attn.qkv_proj");
+                        Projections::Fused(w.linear(&path, out, h, c.qkv_bias)?)
+                    } else {
+                        let mut proj = |name: &str, out: usize| {
+                            w.linear(&format!("{p}.self_attn.{name}"), out, h, c.qkv_bias)
+                        };
+                        Projections::Separate([
+                            proj("q_proj", q_dim)?,
+                            proj("k_proj", kv_dim)?,
+                            proj("v_proj", kv_dim)?,
+                        ])
+                    },
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, q_dim, c.o_bias)?,
                     q_norm,
                     k_norm,
@@ -349,8 +413,15 @@ impl Llama {
                 pre_feedforward_layernorm,
                 post_feedforward_layernorm,
                 mlp: Mlp {
-                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias)?,
-                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
+                    gate_up: if c.fused_projections {
+                        let path = format!("{p}.mlp.gate_up_proj");
+                        Projections::Fused(w.linear(&path, 2 * i, h, c.mlp_bias)?)
+                    } else {
+                        Projections::Separate([
+                            w.linear(&format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias)?,
+                            w.linear(&format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
+                        ])
+                    },
                     down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, i, c.mlp_bias)?,
                 },
                 attn_adapter: None,
@@ -365,6 +436,14 @@ impl Llama {
             Some(w.linear("lm_head", c.vocab_size, h, false)?)
         };
         let inv_freq = Tensor::new(c.rope_inv_freq(), device)?;
+        let long_inv_freq = c
+            .longrope
+            .as_ref()
+            .map(|l| {
+                let f = long_rope_inv_freq(c.rope_theta, c.head_dim, &l.long_factor);
+                Tensor::new(f, device)
+            })
+            .transpose()?;
         let local_inv_freq = c
             .local_rope_inv_freq()
             .map(|f| Tensor::new(f, device))
@@ -382,6 +461,7 @@ impl Llama {
             neftune: None,
             inv_freq,
             local_inv_freq,
+            long_inv_freq,
         };
         if was_quantized {
             model.norms_in_f32()?;
@@ -395,13 +475,18 @@ impl Llama {
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
             let a = &mut layer.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            let (q, k, v) = (
+                format!("{p}.self_attn.q_proj"),
+                format!("{p}.self_attn.k_proj"),
+                format!("{p}.self_attn.v_proj"),
+            );
+            let qkv = format!("{p}.self_attn.qkv_proj");
+            out.extend(a.qkv.named_mut([&q, &k, &v], &qkv));
             out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
             let m = &mut layer.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            let (gate, up) = (format!("{p}.mlp.gate_proj"), format!("{p}.mlp.up_proj"));
+            let gate_up = format!("{p}.mlp.gate_up_proj");
+            out.extend(m.gate_up.named_mut([&gate, &up], &gate_up));
             out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
         }
         if let Some(head) = &mut self.lm_head {
@@ -599,7 +684,14 @@ impl Llama {
         let theta = pos.unsqueeze(1)?.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
         let mut out_shape = shape;
         out_shape.push(inv_freq.dim(0)?);
+        // LongRoPE scales cos and sin (in f32, before the rounding).
+        let scale = self
+            .config
+            .longrope
+            .as_ref()
+            .map_or(1.0, |l| l.attention_factor);
         let table = |t: Tensor, shape: Vec<usize>| -> Result<Tensor> {
+            let t = if scale == 1.0 { t } else { (t * scale)? };
             Ok(t.reshape(shape)?
                 .to_dtype(self.dtype)?
                 .to_dtype(DType::F32)?)
@@ -683,7 +775,13 @@ impl Llama {
         let bias = bias.map(Arc::new);
         // The flash attention kernels (GPUs) read the mask's segment ids instead of the bias.
         let segments = attention_mask.map(|m| m.to_dtype(DType::U32)).transpose()?;
-        let (cos, sin) = self.rope_tables(&positions, &self.inv_freq)?;
+        // LongRoPE switches to its long factors once a sequence reaches past the pretrained
+        // length (transformers decides by the largest position; past + seq bounds it).
+        let inv_freq = match (&self.long_inv_freq, &self.config.longrope) {
+            (Some(long), Some(l)) if past + seq > l.original_max_position_embeddings => long,
+            _ => &self.inv_freq,
+        };
+        let (cos, sin) = self.rope_tables(&positions, inv_freq)?;
         let window = self.config.layer_windows.iter().flatten().copied().max();
         let local = match window {
             None => None,
@@ -935,8 +1033,8 @@ fn decoder_layer(
     let mut out = match m.frozen_weights() {
         Some((gate, up, down)) => frozen_mlp(&h, &gate, &up, &down, act)?,
         None => {
-            let gate_up = [&m.gate_proj, &m.up_proj];
-            let [gate, up] = forward_sharing_input(gate_up, &h, &inputs.sink, train)?;
+            let i = c.intermediate_size;
+            let [gate, up] = m.gate_up.outputs(&h, [i, i], &inputs.sink, train)?;
             m.down_proj.forward(&gated_act(&gate, &up, act)?, train)?
         }
     };
@@ -968,8 +1066,9 @@ fn attention(
         sink,
     } = inputs;
     let window = *window;
-    let qkv = [&a.q_proj, &a.k_proj, &a.v_proj];
-    let [mut q, mut k, v] = forward_sharing_input(qkv, x, sink, train)?;
+    let [mut q, mut k, v] = a
+        .qkv
+        .outputs(x, [nh * hd, kvh * hd, kvh * hd], sink, train)?;
     // Qwen3 and Gemma 3 normalise each head over head_dim; the attention paths below take
     // the heads still side by side in the last dimension.
     let head_norm = |y: &Tensor, w: &Tensor, n: usize| -> candle_core::Result<Tensor> {

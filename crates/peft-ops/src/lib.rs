@@ -58,7 +58,7 @@ pub use switches::{
     CUDA_OFF_VAR,
 };
 pub use tape::{
-    add, add_bias, cast, layer_tape_enabled, reshape, set_layer_tape, set_tape_gather,
+    add, add_bias, cast, layer_tape_enabled, narrow_last, reshape, set_layer_tape, set_tape_gather,
     tape_gather_enabled, taped, with_layer_tape, LAYER_TAPE_VAR, TAPE_GATHER_VAR,
 };
 pub use tuning::{

@@ -274,6 +274,25 @@ pub fn reshape(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
     })
 }
 
+/// Columns `start..start + len` of `x`'s last dimension, contiguous (the gradient placed back
+/// among zeros), recorded on the running tape: the q, k and v (gate and up) parts of a fused
+/// projection's output.
+pub fn narrow_last(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let width = *dims.last().unwrap_or(&0);
+    let value = x.narrow(candle_core::D::Minus1, start, len)?.contiguous()?;
+    recorded([x, x, x], value, move |_, grad| {
+        let zeros = |n: usize| {
+            let mut shape = dims.clone();
+            *shape.last_mut().expect("narrowed a dimension") = n;
+            Tensor::zeros(shape, grad.dtype(), grad.device())
+        };
+        let (before, after) = (zeros(start)?, zeros(width - start - len)?);
+        let full = Tensor::cat(&[&before, grad, &after], dims.len() - 1)?;
+        Ok((Some(full), None, None))
+    })
+}
+
 /// `x` in `dtype` (its gradient cast back), recorded on the running tape: the f32 norms of a
 /// k-bit model cast bf16 activations; trained f32 weights and biases of a bf16 model are cast
 /// to it.

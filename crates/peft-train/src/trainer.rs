@@ -30,7 +30,9 @@ const CHECKED_GRAD_ELEMS: usize = 32 << 20;
 
 #[derive(Debug, Clone)]
 pub struct TrainArgs {
-    pub epochs: usize,
+    /// Passes over the data; a fraction trains that share of the last pass (transformers'
+    /// `num_train_epochs`: the steps are rounded up).
+    pub epochs: f64,
     pub max_steps: Option<usize>,
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -96,7 +98,7 @@ pub enum Echo {
 impl Default for TrainArgs {
     fn default() -> Self {
         Self {
-            epochs: 1,
+            epochs: 1.0,
             max_steps: None,
             batch_size: 4,
             grad_accum: 1,
@@ -138,6 +140,9 @@ impl TrainArgs {
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum == 0 {
             bail!("batch size and gradient accumulation must be at least 1");
+        }
+        if !(self.epochs.is_finite() && self.epochs > 0.0) {
+            bail!("the number of epochs must be above 0, got {}", self.epochs);
         }
         if self.pad_to_multiple_of == 0 {
             bail!("pad_to_multiple_of must be at least 1");
@@ -442,7 +447,9 @@ impl Trainer<'_> {
         }
         let batches_per_epoch = examples.len().div_ceil(a.batch_size);
         let steps_per_epoch = batches_per_epoch.div_ceil(a.grad_accum);
-        let total_steps = a.max_steps.unwrap_or(a.epochs * steps_per_epoch);
+        let total_steps = a
+            .max_steps
+            .unwrap_or((a.epochs * steps_per_epoch as f64).ceil() as usize);
         if total_steps == 0 {
             bail!("nothing to train: 0 steps");
         }

@@ -21,8 +21,14 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// DoRA's magnitude vector, stored without a `.weight` suffix as PEFT does.
 const MAGNITUDE: &str = "lora_magnitude_vector";
 
-/// Default LoRA targets for Llama-family models when a config names none (PEFT's table).
-const DEFAULT_TARGETS: &[&str] = &["q_proj", "v_proj"];
+/// Default LoRA targets when a config names none (PEFT's table for Llama-family models; for
+/// Phi-3, which PEFT's table lacks, the fused projection holding q and v).
+fn default_targets(base: &Llama) -> &'static [&'static str] {
+    match base.config.fused_projections {
+        true => &["qkv_proj"],
+        false => &["q_proj", "v_proj"],
+    }
+}
 /// The input embedding's module path (`modules_to_save` may name it `embed_tokens`).
 const EMBEDDING: &str = "model.embed_tokens";
 
@@ -85,7 +91,12 @@ impl PeftModel {
         let targets = config
             .target_modules
             .get_or_insert_with(|| {
-                TargetModules::List(DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect())
+                TargetModules::List(
+                    default_targets(&base)
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                )
             })
             .clone();
         let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();

@@ -1,17 +1,25 @@
 //! Each supported architecture (Llama with biases and Llama 3 rope scaling, Mistral, Qwen2,
-//! Qwen3, Gemma 3 with sliding-window layers) as transformers computes it, with an HF PEFT LoRA
+//! Qwen3, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
+//! sliding window) as transformers computes it, with an HF PEFT LoRA
 //! adapter on top: logits unmerged, merged and over a padded batch, and the LoRA gradients of
 //! the next-token loss. Fixtures from scripts/hf/make_arch_fixtures.py.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use peft::PeftModel;
+use peft::{PeftModel, Tuned};
 use peft_models::io::load_safetensors;
 use peft_models::testing::{max_abs, max_abs_diff};
 use peft_models::{load_model, KvCache, Llama};
 use peft_ops::cross_entropy_chunked;
 use std::path::PathBuf;
 
-const ARCHITECTURES: &[&str] = &["llama_biases", "mistral", "qwen2", "qwen3", "gemma3_text"];
+const ARCHITECTURES: &[&str] = &[
+    "llama_biases",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "phi3",
+];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/arch/{name}"))
@@ -142,6 +150,37 @@ fn cached_decoding_matches_the_full_forward() {
         let d = max_abs_diff(&cached, &exp["lora_logits"]);
         assert!(d < 1e-4, "{name}: cached decoding differs by {d}");
     }
+}
+
+/// Phi-3's LongRoPE past its original context (20 tokens over 16): the long factors, as
+/// transformers switches to them, for the whole sequence.
+#[test]
+fn longrope_takes_its_long_factors_past_the_original_context() {
+    let exp =
+        load_safetensors(&fixture("phi3").join("expected.safetensors"), &Device::Cpu).unwrap();
+    let ids = exp["input_ids_long"].to_dtype(DType::U32).unwrap();
+    let peft = PeftModel::load(base("phi3"), &fixture("phi3").join("lora")).unwrap();
+    let d = max_abs_diff(&logits(&peft.base, &ids, None), &exp["lora_logits_long"]);
+    assert!(d < 1e-4, "long-context logits differ by {d}");
+}
+
+/// Phi-3's fused projections are what the default targets name: LoRA on `qkv_proj` (PEFT's
+/// q and v), IA3 on `qkv_proj` and `down_proj` (its k, v and feed-forward).
+#[test]
+fn phi3_default_targets_are_its_fused_projections() {
+    let lora = PeftModel::new(base("phi3"), peft::LoraConfig::default(), 0).unwrap();
+    let keys: Vec<String> = lora.trainable().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| k.contains("self_attn.qkv_proj.lora_")),
+        "{keys:?}"
+    );
+    let ia3 = peft::Ia3Model::new(base("phi3"), peft::Ia3Config::default()).unwrap();
+    let keys: Vec<String> = ia3.trainable().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k.contains("qkv_proj")) && keys.iter().any(|k| k.contains("down_proj"))
+    );
 }
 
 /// transformers keeps only the last window of a sliding layer's cache, which prefix tuning

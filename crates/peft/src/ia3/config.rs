@@ -46,8 +46,10 @@ fn yes() -> bool {
     true
 }
 
-/// PEFT's defaults for Llama-family models.
+/// PEFT's defaults for Llama-family models (Phi-3, which PEFT's table lacks: its fused
+/// `qkv_proj` in place of k and v).
 pub const DEFAULT_TARGETS: &[&str] = &["k_proj", "v_proj", "down_proj"];
+pub const DEFAULT_TARGETS_FUSED: &[&str] = &["qkv_proj", "down_proj"];
 pub const DEFAULT_FEEDFORWARD: &[&str] = &["down_proj"];
 
 impl Default for Ia3Config {

@@ -62,7 +62,10 @@ impl Ia3Model {
         config.validate()?;
         let targets = config
             .target_modules
-            .get_or_insert_with(|| list(config::DEFAULT_TARGETS))
+            .get_or_insert_with(|| match base.config.fused_projections {
+                true => list(config::DEFAULT_TARGETS_FUSED),
+                false => list(config::DEFAULT_TARGETS),
+            })
             .clone();
         let feedforward = config
             .feedforward_modules
