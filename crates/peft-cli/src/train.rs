@@ -200,6 +200,10 @@ pub struct TrainCmd {
     /// Also quantize the 4-bit scales (8-bit, blocks of 256): 0.127 instead of 0.5 bit/param.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     double_quant: Option<bool>,
+    /// LoRA+: LoRA's B matrices learn at this multiple of the learning rate (16 in the paper;
+    /// HF PEFT's `loraplus_lr_ratio`).
+    #[arg(long)]
+    loraplus_lr_ratio: Option<f64>,
     /// adamw (f32 moments), adamw_8bit or paged_adamw_8bit (8-bit moments).
     #[arg(long, value_enum)]
     optim: Option<OptimKind>,
@@ -524,6 +528,7 @@ fn ignored_flags(c: &TrainCmd, method: &str) -> Vec<&'static str> {
         ("--use-dora", c.use_dora.is_some(), lora),
         ("--bias", c.bias.is_some(), lora),
         ("--init-lora-weights", c.init_lora_weights.is_some(), lora),
+        ("--loraplus-lr-ratio", c.loraplus_lr_ratio.is_some(), lora),
         (
             "--layers-to-transform",
             c.layers_to_transform.is_some(),
@@ -647,6 +652,10 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         adam_beta2: c.adam_beta2.unwrap_or(d.adam_beta2),
         adam_eps: c.adam_epsilon.unwrap_or(d.adam_eps),
         optim: c.optim.unwrap_or(d.optim),
+        // LoRA's alone (IA3's vectors are 1-D too, and would be sped up).
+        loraplus_lr_ratio: c
+            .loraplus_lr_ratio
+            .filter(|_| matches!(method.as_str(), "lora" | "dora")),
         seed: c.seed.unwrap_or(d.seed),
         logging_steps,
         save_every_epoch: c.save_every_epoch.unwrap_or(d.save_every_epoch),

@@ -1707,9 +1707,11 @@ enum TableKind {
     EightBit,
 }
 
-/// Entries of one kind of tensors for the kernels.
+/// Entries of one kind of tensors of one parameter group for the kernels.
 struct Table {
     kind: TableKind,
+    /// The parameter group: which scalars the step launches it with.
+    group: usize,
     entries: CudaSlice<i64>,
     /// Values per entry (5 for dense moments, 7 for 8-bit ones).
     stride: i32,
@@ -1807,14 +1809,17 @@ impl FusedAdamw {
             Ok((base + (t.dtype().size_in_bytes() * layout.start_offset()) as u64) as i64)
         };
         let mut tables = Vec::new();
-        for table_kind in [
+        let groups = slots.iter().map(|s| s.group).max().unwrap_or(0) + 1;
+        let table_kinds = [
             TableKind::Dense(DType::F32),
             TableKind::Dense(DType::BF16),
             TableKind::EightBit,
-        ] {
+        ];
+        for (group, table_kind) in (0..groups).flat_map(|g| table_kinds.map(|k| (g, k))) {
             let mut entries = Vec::new();
             let mut largest = 0;
-            for (s, _) in slots.iter().zip(&kinds).filter(|(_, k)| **k == table_kind) {
+            let members = slots.iter().zip(&kinds);
+            for (s, _) in members.filter(|(s, k)| **k == table_kind && s.group == group) {
                 entries.push(address(s.param)?);
                 entries.push(address(s.grad)?);
                 let moments = match s.moments {
@@ -1842,6 +1847,7 @@ impl FusedAdamw {
             };
             tables.push(Table {
                 kind: table_kind,
+                group,
                 tensors: entries.len() / stride,
                 entries: dev.clone_htod(&entries)?,
                 stride: stride as i32,
@@ -1856,7 +1862,7 @@ impl FusedAdamw {
     /// clipping factor stay on the device until every kernel is queued, and the norm is then
     /// read back: one host synchronisation, at the end of the step. When the norm is not
     /// finite, the kernels update nothing.
-    pub fn step(&self, s: &crate::optim::AdamwScalars, max_norm: f64) -> Result<f64> {
+    pub fn step(&self, scalars: &[crate::optim::AdamwScalars], max_norm: f64) -> Result<f64> {
         let sum_sq = self.dev.alloc_zeros::<f64>(1)?;
         for table in &self.tables {
             let name = format!("sum_squares_multi_{}", table.suffix()?);
@@ -1868,16 +1874,22 @@ impl FusedAdamw {
             // SAFETY: the arguments match sum_squares_multi_*; the addresses are live.
             unsafe { builder.launch(table.config()) }.map_err(err)?;
         }
-        let scalars = [
-            s.lr,
-            s.beta1,
-            s.beta2,
-            s.eps,
-            s.decay,
-            s.bias_correction1,
-            s.bias_correction2,
-        ];
         for table in &self.tables {
+            let Some(s) = scalars.get(table.group) else {
+                candle_core::bail!(
+                    "peft-ops cuda: no optimizer scalars for group {}",
+                    table.group
+                );
+            };
+            let scalars = [
+                s.lr,
+                s.beta1,
+                s.beta2,
+                s.eps,
+                s.decay,
+                s.bias_correction1,
+                s.bias_correction2,
+            ];
             let maps = match table.kind {
                 TableKind::Dense(_) => None,
                 TableKind::EightBit => Some((

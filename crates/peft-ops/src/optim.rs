@@ -23,6 +23,8 @@ pub struct AdamwSlot<'a> {
     pub param: &'a Tensor,
     pub grad: &'a Tensor,
     pub moments: SlotMoments<'a>,
+    /// Which of the step's scalars (one set per parameter group) update it.
+    pub group: usize,
 }
 
 /// The moments of one [`AdamwSlot`].
@@ -55,8 +57,8 @@ impl FusedAdamw {
     }
 
     /// Clips the gradients to a global norm of `max_norm`, updates every parameter and its
-    /// moments in place, and returns the norm before clipping.
-    pub fn step(&self, _scalars: &AdamwScalars, _max_norm: f64) -> candle_core::Result<f64> {
+    /// moments in place (with the scalars of its group), and returns the norm before clipping.
+    pub fn step(&self, _scalars: &[AdamwScalars], _max_norm: f64) -> candle_core::Result<f64> {
         match *self {}
     }
 }

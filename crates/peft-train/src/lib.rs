@@ -10,6 +10,6 @@ pub use data::{
     epoch_order, load_data, load_records, map_columns, pack, parse_column_mapping, split_eval,
     tokenize_records, tokenize_records_with, Batch, Example, LossOn, Tokenized,
 };
-pub use optim::{AdamW, OptimKind};
+pub use optim::{AdamW, OptimKind, ParamGroup};
 pub use schedule::{LrSchedule, SchedulerKind, Warmup};
 pub use trainer::{Echo, Interrupted, NonFinite, TrainArgs, TrainSummary, Trainer};

@@ -90,12 +90,46 @@ impl Q8State {
     }
 }
 
+/// How one parameter is updated besides the shared settings: its learning rate as a multiple
+/// of the scheduled one (LoRA+ raises B's), and whether weight decay applies (transformers
+/// exempts biases and norms).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamGroup {
+    pub lr_scale: f64,
+    pub decay: bool,
+}
+
+impl Default for ParamGroup {
+    fn default() -> Self {
+        Self {
+            lr_scale: 1.0,
+            decay: true,
+        }
+    }
+}
+
+impl ParamGroup {
+    /// transformers' Trainer (`get_decay_parameter_names`): no weight decay for a parameter
+    /// whose name names a bias or a norm.
+    pub fn decays(name: &str) -> bool {
+        let name = name.to_lowercase();
+        let segment_is_norm = name.split('.').any(|s| s == "norm" || s.ends_with("_norm"));
+        !(name.contains("bias")
+            || name.contains("layernorm")
+            || name.contains("rmsnorm")
+            || segment_is_norm)
+    }
+}
+
 pub struct AdamW {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
     params: Vec<Var>,
+    /// Per parameter, an index into `group_list`.
+    groups: Vec<usize>,
+    group_list: Vec<ParamGroup>,
     moments: Vec<Moments>,
     step: usize,
     signed_map: [f32; 256],
@@ -143,6 +177,8 @@ impl AdamW {
             beta2,
             eps,
             weight_decay,
+            groups: vec![0; params.len()],
+            group_list: vec![ParamGroup::default()],
             params,
             moments,
             step: 0,
@@ -153,6 +189,30 @@ impl AdamW {
 
     pub fn params(&self) -> &[Var] {
         &self.params
+    }
+
+    /// Gives each parameter its group (one per parameter, in order).
+    pub fn set_groups(&mut self, groups: &[ParamGroup]) -> Result<()> {
+        if groups.len() != self.params.len() {
+            candle_core::bail!(
+                "{} parameter groups for {} parameters",
+                groups.len(),
+                self.params.len()
+            );
+        }
+        self.group_list.clear();
+        self.groups.clear();
+        for g in groups {
+            let index = match self.group_list.iter().position(|known| known == g) {
+                Some(i) => i,
+                None => {
+                    self.group_list.push(*g);
+                    self.group_list.len() - 1
+                }
+            };
+            self.groups.push(index);
+        }
+        Ok(())
     }
 
     /// Bytes held by the moments.
@@ -259,7 +319,12 @@ impl AdamW {
     pub fn step_clipped(&mut self, grads: &mut GradStore, max_norm: f64, lr: f64) -> Result<f64> {
         if let Some(fused) = self.fused(grads)? {
             self.step += 1;
-            let norm = fused.step(&self.scalars(lr), max_norm)?;
+            let scalars: Vec<_> = self
+                .group_list
+                .iter()
+                .map(|g| self.scalars(lr, g))
+                .collect();
+            let norm = fused.step(&scalars, max_norm)?;
             if !norm.is_finite() {
                 // The kernels updated nothing.
                 self.step -= 1;
@@ -281,7 +346,7 @@ impl AdamW {
             return Ok(None);
         }
         let mut slots = Vec::with_capacity(self.params.len());
-        for (p, moments) in self.params.iter().zip(&self.moments) {
+        for ((p, moments), &group) in self.params.iter().zip(&self.moments).zip(&self.groups) {
             let Some(grad) = grads.get(p.as_tensor()) else {
                 return Ok(None);
             };
@@ -298,6 +363,7 @@ impl AdamW {
                 param: p.as_tensor(),
                 grad,
                 moments,
+                group,
             });
         }
         peft_ops::FusedAdamw::new(&slots)
@@ -310,16 +376,28 @@ impl AdamW {
         )
     }
 
-    /// The update's scalars in f32, at the current step: the 8-bit path and the GPU kernels
-    /// compute in f32.
-    fn scalars(&self, lr: f64) -> peft_ops::AdamwScalars {
+    /// The learning rate and the decay factor (`1 − lr · weight_decay`, or 1 without decay)
+    /// of a parameter of `group` at scheduled learning rate `lr`.
+    fn group_rates(&self, lr: f64, group: &ParamGroup) -> (f64, f64) {
+        let lr = lr * group.lr_scale;
+        let decay = match group.decay {
+            true => 1.0 - lr * self.weight_decay,
+            false => 1.0,
+        };
+        (lr, decay)
+    }
+
+    /// The update's scalars in f32 for `group`, at the current step: the 8-bit path and the
+    /// GPU kernels compute in f32.
+    fn scalars(&self, lr: f64, group: &ParamGroup) -> peft_ops::AdamwScalars {
         let (bc1, bc2) = self.bias_corrections();
+        let (lr, decay) = self.group_rates(lr, group);
         peft_ops::AdamwScalars {
             lr: lr as f32,
             beta1: self.beta1 as f32,
             beta2: self.beta2 as f32,
             eps: self.eps as f32,
-            decay: (1.0 - lr * self.weight_decay) as f32,
+            decay: decay as f32,
             bias_correction1: bc1 as f32,
             bias_correction2: bc2 as f32,
         }
@@ -329,11 +407,13 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let (bc1, bc2) = self.bias_corrections();
-        let s = self.scalars(lr);
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
             };
+            let group = &self.group_list[self.groups[i]];
+            let s = self.scalars(lr, group);
+            let (lr, decay) = self.group_rates(lr, group);
             match &mut self.moments[i] {
                 Moments::Dense { m, v } => {
                     let g = g.to_dtype(p.dtype())?;
@@ -341,7 +421,7 @@ impl AdamW {
                     let v_new = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
                     let denom = ((&v_new / bc2)?.sqrt()? + self.eps)?;
                     let update = ((&m_new / bc1)? / denom)?;
-                    let decayed = (p.as_tensor() * (1.0 - lr * self.weight_decay))?;
+                    let decayed = (p.as_tensor() * decay)?;
                     p.set(&(decayed - (update * lr)?)?)?;
                     *m = m_new;
                     *v = v_new;

@@ -5,7 +5,7 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{epoch_order, Batch, Example};
-use crate::optim::{AdamW, OptimKind};
+use crate::optim::{AdamW, OptimKind, ParamGroup};
 use crate::schedule::{LrSchedule, SchedulerKind, Warmup};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -48,6 +48,9 @@ pub struct TrainArgs {
     pub adam_eps: f64,
     /// f32 or 8-bit moments.
     pub optim: OptimKind,
+    /// LoRA+: the learning rate of LoRA's B matrices (and of 1-D tensors: DoRA's magnitudes,
+    /// biases) as a multiple of A's, as HF PEFT's `create_loraplus_optimizer`.
+    pub loraplus_lr_ratio: Option<f64>,
     pub seed: u64,
     pub logging_steps: usize,
     pub save_every_epoch: bool,
@@ -112,6 +115,7 @@ impl Default for TrainArgs {
             adam_beta2: 0.999,
             adam_eps: 1e-8,
             optim: OptimKind::Adamw,
+            loraplus_lr_ratio: None,
             seed: 42,
             logging_steps: 1,
             save_every_epoch: false,
@@ -146,6 +150,11 @@ impl TrainArgs {
         }
         if self.pad_to_multiple_of == 0 {
             bail!("pad_to_multiple_of must be at least 1");
+        }
+        if let Some(r) = self.loraplus_lr_ratio {
+            if !(r.is_finite() && r > 0.0) {
+                bail!("loraplus_lr_ratio must be a number above 0, got {r}");
+            }
         }
         let at_least_zero = [
             ("learning rate", self.lr),
@@ -415,18 +424,32 @@ impl Trainer<'_> {
         Ok(sum / count.max(1) as f64)
     }
 
-    /// AdamW over the model's trainable tensors with this run's hyper-parameters.
+    /// AdamW over the model's trainable tensors with this run's hyper-parameters: no weight
+    /// decay for biases and norms (transformers' rule), LoRA+'s learning rates where asked.
     pub fn optimizer(&self) -> Result<AdamW> {
         let a = &self.args;
-        let params: Vec<_> = self.model.trainable().into_iter().map(|(_, v)| v).collect();
-        Ok(AdamW::with_kind(
+        let trainable = self.model.trainable();
+        let groups: Vec<ParamGroup> = trainable
+            .iter()
+            .map(|(name, var)| ParamGroup {
+                lr_scale: match a.loraplus_lr_ratio {
+                    Some(ratio) if name.contains("lora_B") || var.rank() == 1 => ratio,
+                    _ => 1.0,
+                },
+                decay: ParamGroup::decays(name),
+            })
+            .collect();
+        let params: Vec<_> = trainable.into_iter().map(|(_, v)| v).collect();
+        let mut opt = AdamW::with_kind(
             params,
             a.adam_beta1,
             a.adam_beta2,
             a.adam_eps,
             a.weight_decay,
             a.optim,
-        )?)
+        )?;
+        opt.set_groups(&groups)?;
+        Ok(opt)
     }
 
     pub fn train(&mut self, examples: &[Example]) -> Result<TrainSummary> {

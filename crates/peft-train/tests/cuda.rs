@@ -89,7 +89,7 @@ fn gpu_prefix_tuning_losses_track_the_cpu_f32_path() {
 }
 
 /// The fused optimizer step on the GPU (f32 and bf16 tensors, and 8-bit moments for the large
-/// tensor under `adamw_8bit`) against the CPU f32 step: three clipped steps give the same parameters
+/// tensor under `adamw_8bit`; two parameter groups) against the CPU f32 step: three clipped steps give the same parameters
 /// within 1e-5 (the f32 kernel rounds `1 − beta` in f32, the CPU in f64; the 8-bit kernel
 /// rounds as the CPU does).
 #[test]
@@ -108,8 +108,15 @@ fn fused_optimizer_tracks_the_cpu_step() {
                 .unwrap();
             Var::from_tensor(&t).unwrap()
         };
-        let params = vec![init(4096 + 300, 1), init(64, 2)];
+        let params = vec![init(4096 + 300, 1), init(64, 2), init(96, 3)];
         let mut opt = AdamW::with_kind(params.clone(), 0.9, 0.999, 1e-8, 0.01, kind).unwrap();
+        // Parameter groups: a faster one without decay (LoRA+'s B, a bias) beside the default.
+        let fast = peft_train::ParamGroup {
+            lr_scale: 4.0,
+            decay: false,
+        };
+        let groups = [peft_train::ParamGroup::default(), fast, fast];
+        opt.set_groups(&groups).unwrap();
         for step in 0..3 {
             // Linear in the parameters: the gradients (the coefficients) are exact on both
             // devices, so only the optimizer can make them differ.

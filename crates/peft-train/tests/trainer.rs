@@ -259,3 +259,79 @@ fn nan_loss_names_the_last_good_checkpoint() {
     );
     assert!(checkpoint.join("trainer_state.json").exists());
 }
+
+/// LoRA+ (HF PEFT's `create_loraplus_optimizer`): B's learning rate is `ratio` times A's.
+/// Adam's first update is linear in the learning rate, so one step with ratio 16 moves every
+/// B weight 16 times as far as without it, and A as far.
+#[test]
+fn loraplus_scales_the_learning_rate_of_b() {
+    let step_deltas = |ratio: Option<f64>| -> Vec<(String, Vec<f32>)> {
+        let mut model = lora();
+        let before: Vec<(String, Vec<f32>)> = flat(&model);
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(dir.path());
+        a.max_steps = Some(1);
+        a.warmup = Warmup::Steps(0);
+        a.lr = 1e-4;
+        a.loraplus_lr_ratio = ratio;
+        Trainer {
+            model: &mut model,
+            args: a,
+            pad_id: 0,
+        }
+        .train(&examples(4, 2))
+        .unwrap();
+        flat(&model)
+            .into_iter()
+            .zip(before)
+            .map(|((k, after), (_, before))| {
+                (k, after.iter().zip(&before).map(|(x, y)| x - y).collect())
+            })
+            .collect()
+    };
+    let plain = step_deltas(None);
+    let plus = step_deltas(Some(16.0));
+    let mut b_checked = 0;
+    for ((key, d1), (_, d16)) in plain.iter().zip(&plus) {
+        let ratio = if key.contains("lora_B") { 16.0 } else { 1.0 };
+        b_checked += key.contains("lora_B") as usize;
+        for (x, y) in d1.iter().zip(d16) {
+            assert!(
+                (y - ratio * x).abs() <= 1e-3 * ratio * x.abs() + 1e-9,
+                "{key}: moved {y}, expected {ratio} × {x}"
+            );
+        }
+    }
+    assert!(b_checked > 0);
+}
+
+/// Weight decay spares biases and norms, as transformers' Trainer does.
+#[test]
+fn weight_decay_spares_biases_and_norms() {
+    use peft_train::ParamGroup;
+    for name in [
+        "model.layers.0.input_layernorm.weight",
+        "model.norm.weight",
+        "model.layers.1.self_attn.q_norm.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.bias",
+    ] {
+        assert!(!ParamGroup::decays(name), "{name}");
+    }
+    for name in [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_magnitude_vector",
+        "model.layers.0.mlp.down_proj.weight",
+    ] {
+        assert!(ParamGroup::decays(name), "{name}");
+    }
+}
+
+fn flat(model: &PeftModel) -> Vec<(String, Vec<f32>)> {
+    model
+        .trainable()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
