@@ -39,14 +39,24 @@ const GEMMA3_NORMS: &[(&str, &str)] = &[
     ("post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
+/// Phi-3's, whose projections are fused: `ffn_up` holds gate and up.
+const PHI3_MODULES: &[(&str, &str)] = &[
+    ("attn_qkv", "self_attn.qkv_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_up", "mlp.gate_up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
 /// The per-layer names of a GGUF architecture.
 fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-    let norms = if arch == "gemma3" {
-        GEMMA3_NORMS
-    } else {
-        LLAMA_NORMS
+    let (modules, norms) = match arch {
+        "gemma3" => (LAYER_MODULES, GEMMA3_NORMS),
+        "phi3" => (PHI3_MODULES, &[][..]),
+        _ => (LAYER_MODULES, LLAMA_NORMS),
     };
-    LAYER_MODULES.iter().chain(norms)
+    modules.iter().chain(norms)
 }
 
 /// Whole-model tensors: llama.cpp's name and the HF name.
@@ -197,6 +207,7 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
             check_gemma3_layout(c)?;
             "gemma3"
         }
+        "phi3" => "phi3",
         other => bail!("cannot write a {other:?} model as GGUF"),
     })
 }
@@ -292,7 +303,23 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         optional.push(("vocab_size", u32_of(c.vocab_size)));
         optional.push(("rope.dimension_count", u32_of(c.head_dim)));
     }
-    if let Some(window) = c.layer_windows.iter().flatten().next() {
+    if arch == "phi3" {
+        // Phi-3's converter writes the config's window as it is (0 for none: Phi-4), the
+        // original context and, for LongRoPE, the attention factor of the context's growth.
+        let window = c.raw.get("sliding_window").and_then(serde_json::Value::as_u64);
+        optional.push(("attention.sliding_window", Value::U32(window.unwrap_or(0) as u32)));
+        optional.push(("rope.dimension_count", u32_of(c.head_dim)));
+        let original = phi3_original_context(c);
+        optional.push(("rope.scaling.original_context_length", u32_of(original)));
+        if c.longrope.is_some() {
+            let scale = c.max_position_embeddings as f64 / original as f64;
+            let factor = match scale > 1.0 {
+                true => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+                false => 1.0,
+            };
+            optional.push(("rope.scaling.attn_factor", Value::F32(factor as f32)));
+        }
+    } else if let Some(window) = c.layer_windows.iter().flatten().next() {
         optional.push(("attention.sliding_window", u32_of(*window)));
     }
     if let Some(theta) = c.local_rope_theta {
@@ -304,6 +331,19 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
             .map(|(k, v)| (format!("{arch}.{k}"), v)),
     );
     md
+}
+
+/// Phi-3's pretrained context: its LongRoPE's, else the config's field (transformers'
+/// default 4096).
+fn phi3_original_context(c: &LlamaConfig) -> usize {
+    match &c.longrope {
+        Some(l) => l.original_max_position_embeddings,
+        None => c
+            .raw
+            .get("original_max_position_embeddings")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(4096) as usize,
+    }
 }
 
 /// Llama 3 rope scaling as llama.cpp reads it, `rope_freqs.weight`: the factor each frequency
@@ -378,6 +418,15 @@ pub fn save_gguf(
     if let Some(factors) = rope_freq_factors(&c) {
         let factors = Tensor::new(factors, &candle_core::Device::Cpu)?;
         tensors.push(("rope_freqs.weight".to_string(), factors));
+    }
+    if let Some(l) = &c.longrope {
+        for (name, factors) in [
+            ("rope_factors_long.weight", &l.long_factor),
+            ("rope_factors_short.weight", &l.short_factor),
+        ] {
+            let factors = Tensor::new(factors.as_slice(), &candle_core::Device::Cpu)?;
+            tensors.push((name.to_string(), factors));
+        }
     }
     for (hf, t) in model.named_tensors()? {
         let gguf = gguf_name(&hf, arch).with_context(|| format!("no GGUF name for {hf}"))?;

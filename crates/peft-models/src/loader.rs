@@ -404,7 +404,7 @@ fn read_gguf<R: Read + Seek>(
         .and_then(|v| v.to_string().ok())
         .cloned()
         .with_context(bad)?;
-    if !["llama", "mistral", "qwen2", "qwen3", "gemma3"].contains(&arch.as_str()) {
+    if !["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"].contains(&arch.as_str()) {
         bail!("{}: unsupported GGUF architecture {arch:?}", path.display());
     }
     let key = |k: &str| format!("{arch}.{k}");
@@ -485,14 +485,18 @@ fn read_gguf<R: Read + Seek>(
     let tokenizer = Tokenizer::from_gguf_metadata(md)
         .with_context(|| format!("{}: tokenizer metadata", path.display()))?;
     let (bos, eos) = (tokenizer.bos_token_id(), tokenizer.eos_token_id());
-    let intermediate = store
-        .rows("model.layers.0.mlp.up_proj.weight")
-        .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?;
+    // Phi-3's ffn_up holds gate and up.
+    let intermediate = match arch.as_str() {
+        "phi3" => store.rows("model.layers.0.mlp.gate_up_proj.weight").map(|r| r / 2),
+        _ => store.rows("model.layers.0.mlp.up_proj.weight"),
+    }
+    .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?;
     let (model_type, class) = match arch.as_str() {
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
         "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
+        "phi3" => ("phi3", "Phi3ForCausalLM"),
         _ => ("llama", "LlamaForCausalLM"),
     };
     let gemma = arch == "gemma3";
@@ -540,6 +544,30 @@ fn read_gguf<R: Read + Seek>(
         raw["rope_local_base_freq"] =
             json!(md_f64(md, &key("rope.freq_base_swa")).unwrap_or(10_000.0));
         raw["query_pre_attn_scalar"] = json!(scale_dim);
+    }
+    if arch == "phi3" {
+        let window = md_u64(md, &key("attention.sliding_window")).unwrap_or(0);
+        raw["sliding_window"] = if window > 0 { json!(window) } else { json!(null) };
+        let original = md_u64(md, &key("rope.scaling.original_context_length")).ok();
+        raw["original_max_position_embeddings"] = json!(original.unwrap_or(4096));
+        let mut factors = |name: &str| -> Result<Option<Vec<f32>>> {
+            if !content.tensor_infos.contains_key(name) {
+                return Ok(None);
+            }
+            let t = content.tensor(&mut reader, name, &Device::Cpu).with_context(bad)?;
+            Ok(Some(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?))
+        };
+        if let (Some(long), Some(short)) = (
+            factors("rope_factors_long.weight")?,
+            factors("rope_factors_short.weight")?,
+        ) {
+            let mut longrope = json!({"rope_type": "longrope", "long_factor": long,
+                "short_factor": short});
+            if let Some(a) = md_f64(md, &key("rope.scaling.attn_factor")) {
+                longrope["attention_factor"] = json!(a);
+            }
+            raw["rope_scaling"] = longrope;
+        }
     }
     if let Some(scaling) = rope_scaling {
         raw["rope_scaling"] = scaling;

@@ -88,7 +88,7 @@ pub fn llama_weights(
     );
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (name, shape, bias) in [
+        let separate = [
             ("self_attn.q_proj", [q, h], c.qkv_bias),
             ("self_attn.k_proj", [kv, h], c.qkv_bias),
             ("self_attn.v_proj", [kv, h], c.qkv_bias),
@@ -96,7 +96,18 @@ pub fn llama_weights(
             ("mlp.gate_proj", [i, h], c.mlp_bias),
             ("mlp.up_proj", [i, h], c.mlp_bias),
             ("mlp.down_proj", [h, i], c.mlp_bias),
-        ] {
+        ];
+        let fused = [
+            ("self_attn.qkv_proj", [q + 2 * kv, h], c.qkv_bias),
+            ("self_attn.o_proj", [h, q], c.o_bias),
+            ("mlp.gate_up_proj", [2 * i, h], c.mlp_bias),
+            ("mlp.down_proj", [h, i], c.mlp_bias),
+        ];
+        let linears: &[(&str, [usize; 2], bool)] = match c.fused_projections {
+            true => &fused,
+            false => &separate,
+        };
+        for &(name, shape, bias) in linears {
             w.insert(
                 format!("{p}.{name}.weight"),
                 init(WeightKind::Matrix, &shape)?,

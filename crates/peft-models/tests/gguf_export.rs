@@ -92,6 +92,16 @@ fn config(model_type: &str) -> LlamaConfig {
             });
         }
         "qwen3" => c["head_dim"] = json!(32),
+        // LongRoPE past its original context of 8 (10 test tokens), a window of 6.
+        "phi3" => {
+            c["sliding_window"] = json!(6);
+            c["original_max_position_embeddings"] = json!(8);
+            c["rope_scaling"] = json!({
+                "type": "longrope",
+                "short_factor": (0..8).map(|i| 1.0 + 0.1 * i as f64).collect::<Vec<_>>(),
+                "long_factor": (0..8).map(|i| 1.0 + 0.7 * i as f64).collect::<Vec<_>>(),
+            });
+        }
         // Six layers: five sliding (a window of 4 over the 10 test tokens), one global.
         "gemma3_text" => {
             c["num_hidden_layers"] = json!(6);
@@ -139,7 +149,7 @@ fn logits(m: &Llama) -> Tensor {
 fn written_models_read_back_alike() {
     let tok = tokenizer();
     let text = "hello world, 12 héllo\n\n  <|im_end|>";
-    for model_type in ["llama", "qwen2", "qwen3", "gemma3_text"] {
+    for model_type in ["llama", "qwen2", "qwen3", "gemma3_text", "phi3"] {
         let mut original = model(model_type);
         let want = logits(&original);
         let dir = tempfile::tempdir().unwrap();
@@ -161,6 +171,15 @@ fn written_models_read_back_alike() {
             assert_eq!(c.layer_windows, original.config.layer_windows);
             assert_eq!(c.attention_scale, original.config.attention_scale);
             assert_eq!(c.rope_scaling.is_some(), model_type == "llama");
+            assert_eq!(c.fused_projections, model_type == "phi3");
+            if let (Some(a), Some(b)) = (&c.longrope, &original.config.longrope) {
+                assert_eq!(a.short_factor, b.short_factor);
+                assert_eq!(a.long_factor, b.long_factor);
+                assert_eq!(a.original_max_position_embeddings, 8);
+                assert!((a.attention_factor - b.attention_factor).abs() < 1e-6);
+            } else {
+                assert_eq!(c.longrope.is_some(), original.config.longrope.is_some());
+            }
             assert_eq!(c.tie_word_embeddings, original.config.tie_word_embeddings);
             let back = loaded.tokenizer.unwrap();
             assert_eq!(
