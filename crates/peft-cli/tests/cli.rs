@@ -68,6 +68,14 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The JSON objects `--json` printed, one a line.
+fn json_lines(run: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
+        .collect()
+}
+
 #[test]
 fn unknown_device_and_shape() {
     fails_with(
@@ -599,10 +607,7 @@ fn train_with_eval_packing_and_json() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
-        .collect();
+    let lines = json_lines(&run);
     assert_eq!(lines.len(), 4, "{lines:?}");
     let evaluated: Vec<u64> = lines[..3]
         .iter()
@@ -692,10 +697,7 @@ min_lr_rate = 0.1
         s(&out),
         "--json",
     ]);
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
-        .collect();
+    let lines = json_lines(&run);
     assert_eq!(lines.len(), 5, "{lines:?}");
     // Warmup to 1e-3 over one step, then a cosine from 1e-3 down toward 1e-4 over 3 steps.
     for (line, want) in lines.iter().zip([0.0, 1e-3, 0.775e-3, 0.325e-3]) {
@@ -771,10 +773,7 @@ fn trl_recipe_names_epochs_fraction_text_field_and_eval_strategy() {
         s(&data),
         "--json",
     ]);
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))
-        .collect();
+    let lines = json_lines(&run);
     // 8 training records in batches of 2: 4 steps an epoch, half of them.
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(

@@ -306,8 +306,14 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
     if arch == "phi3" {
         // Phi-3's converter writes the config's window as it is (0 for none: Phi-4), the
         // original context and, for LongRoPE, the attention factor of the context's growth.
-        let window = c.raw.get("sliding_window").and_then(serde_json::Value::as_u64);
-        optional.push(("attention.sliding_window", Value::U32(window.unwrap_or(0) as u32)));
+        let window = c
+            .raw
+            .get("sliding_window")
+            .and_then(serde_json::Value::as_u64);
+        optional.push((
+            "attention.sliding_window",
+            Value::U32(window.unwrap_or(0) as u32),
+        ));
         optional.push(("rope.dimension_count", u32_of(c.head_dim)));
         let original = phi3_original_context(c);
         optional.push(("rope.scaling.original_context_length", u32_of(original)));

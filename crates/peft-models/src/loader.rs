@@ -487,7 +487,9 @@ fn read_gguf<R: Read + Seek>(
     let (bos, eos) = (tokenizer.bos_token_id(), tokenizer.eos_token_id());
     // Phi-3's ffn_up holds gate and up.
     let intermediate = match arch.as_str() {
-        "phi3" => store.rows("model.layers.0.mlp.gate_up_proj.weight").map(|r| r / 2),
+        "phi3" => store
+            .rows("model.layers.0.mlp.gate_up_proj.weight")
+            .map(|r| r / 2),
         _ => store.rows("model.layers.0.mlp.up_proj.weight"),
     }
     .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?;
@@ -547,14 +549,20 @@ fn read_gguf<R: Read + Seek>(
     }
     if arch == "phi3" {
         let window = md_u64(md, &key("attention.sliding_window")).unwrap_or(0);
-        raw["sliding_window"] = if window > 0 { json!(window) } else { json!(null) };
+        raw["sliding_window"] = if window > 0 {
+            json!(window)
+        } else {
+            json!(null)
+        };
         let original = md_u64(md, &key("rope.scaling.original_context_length")).ok();
         raw["original_max_position_embeddings"] = json!(original.unwrap_or(4096));
         let mut factors = |name: &str| -> Result<Option<Vec<f32>>> {
             if !content.tensor_infos.contains_key(name) {
                 return Ok(None);
             }
-            let t = content.tensor(&mut reader, name, &Device::Cpu).with_context(bad)?;
+            let t = content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .with_context(bad)?;
             Ok(Some(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?))
         };
         if let (Some(long), Some(short)) = (

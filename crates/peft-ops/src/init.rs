@@ -17,12 +17,7 @@ pub fn random_normal(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let key = stream_key(seed, stream);
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) {
-        return crate::cuda::random_values(key, Draw::Normal { std }, shape, dtype, device);
-    }
-    drawn_on_cpu(shape, dtype, device, |i| normal_at(key, i as u64, std))
+    random_values(seed, stream, shape, Draw::Normal { std }, dtype, device)
 }
 
 /// `shape` values uniform in [`low`, `high`) in `dtype` on `device`, from the stream (`seed`,
@@ -36,22 +31,47 @@ pub fn random_uniform(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let key = stream_key(seed, stream);
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) {
-        return crate::cuda::random_values(key, Draw::Uniform { low, high }, shape, dtype, device);
-    }
-    drawn_on_cpu(shape, dtype, device, |i| {
-        uniform_at(key, i as u64, low, high)
-    })
+    random_values(
+        seed,
+        stream,
+        shape,
+        Draw::Uniform { low, high },
+        dtype,
+        device,
+    )
 }
 
 /// What a random-values kernel draws.
-#[cfg(feature = "cuda")]
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Draw {
     Normal { std: f32 },
     Uniform { low: f32, high: f32 },
+}
+
+impl Draw {
+    /// Element `i` of the stream `key`.
+    fn value(self, key: u64, i: u64) -> f32 {
+        match self {
+            Self::Normal { std } => normal_at(key, i, std),
+            Self::Uniform { low, high } => uniform_at(key, i, low, high),
+        }
+    }
+}
+
+fn random_values(
+    seed: u64,
+    stream: u64,
+    shape: &[usize],
+    draw: Draw,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let key = stream_key(seed, stream);
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && matches!(dtype, DType::F32 | DType::BF16) {
+        return crate::cuda::random_values(key, draw, shape, dtype, device);
+    }
+    drawn_on_cpu(shape, dtype, device, |i| draw.value(key, i as u64))
 }
 
 /// Values `value(i)` drawn on the host in parallel (bf16: the f32 values rounded), then moved
