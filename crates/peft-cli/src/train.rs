@@ -172,9 +172,9 @@ pub struct TrainCmd {
     /// `neftune_noise_alpha`; 5 is the paper's usual value).
     #[arg(long)]
     neftune_noise_alpha: Option<f64>,
-    /// When to evaluate: steps (every --eval-steps, by default every --logging-steps), epoch
-    /// (at the end of every epoch) or no (never); without it, every --eval-steps if given,
-    /// else every epoch. An eval set is evaluated at the end too.
+    /// When to evaluate: steps (every --eval-steps, by default every --logging-steps, or 10
+    /// steps), epoch (at the end of every epoch) or no (never); without it, every --eval-steps
+    /// if given, else every epoch. An eval set is evaluated at the end too.
     #[arg(long)]
     eval_strategy: Option<String>,
     /// Evaluate every N steps (default: at the end of every epoch) and at the end.
@@ -339,6 +339,13 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
                 }
                 b.insert(ours.to_string(), v);
             }
+        }
+    }
+    // A warmup ratio given as a flag wins over the recipe's warmup steps (which would win
+    // over any ratio once both are set).
+    if cmd.warmup_ratio.is_some() && cmd.warmup_steps.is_none() {
+        if let Value::Object(b) = &mut base {
+            b.remove("warmup_steps");
         }
     }
     let flags = serde_json::to_value(&cmd)?;
@@ -620,7 +627,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let logging_steps = c.logging_steps.unwrap_or(d.logging_steps);
     let (eval_steps, evaluate) = match c.eval_strategy.as_deref() {
         None => (c.eval_steps, true),
-        Some("steps") => (c.eval_steps.or(Some(logging_steps)), true),
+        // transformers' default is the logging interval; ours logs every step, so without
+        // either set, TRL's logging interval of 10.
+        Some("steps") => (c.eval_steps.or(c.logging_steps).or(Some(10)), true),
         Some("epoch") => (None, true),
         Some("no") => (None, false),
         Some(other) => bail!("--eval-strategy must be steps, epoch or no, got {other:?}"),

@@ -759,7 +759,7 @@ fn trl_recipe_names_epochs_fraction_text_field_and_eval_strategy() {
     let recipe = format!(
         "output_dir = {:?}\nnum_train_epochs = 0.5\nper_device_train_batch_size = 2\n\
          dataset_text_field = \"content\"\nbf16 = false\neval_strategy = \"steps\"\n\
-         eval_split = 0.2\n",
+         eval_split = 0.2\nlogging_steps = 1\n",
         s(&out)
     );
     let recipe = write(dir.path(), "sft.toml", recipe.as_bytes());

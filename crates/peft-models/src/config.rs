@@ -359,10 +359,11 @@ fn long_rope(c: &RawConfig, r: &Value) -> Result<LongRope> {
         }
         Ok(factors)
     };
+    // transformers' Phi3Config default where neither names it.
     let original = c
         .original_max_position_embeddings
         .or_else(|| Some(r.get("original_max_position_embeddings")?.as_u64()? as usize))
-        .context("longrope scaling needs original_max_position_embeddings")?;
+        .unwrap_or(4096);
     let factor = r
         .get("factor")
         .and_then(Value::as_f64)

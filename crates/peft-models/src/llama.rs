@@ -702,9 +702,9 @@ impl Llama {
         ))
     }
 
-    /// Positions (`[seq]`, or `[batch, seq]` for packed rows) and the additive attention bias
-    /// `[batch, 1, seq, past + seq]`, built when first asked for (`None` without a mask: the
-    /// fused causal softmax applies causality itself).
+    /// Positions (`[seq]`, or `[batch, seq]` for packed rows), the largest position plus one,
+    /// and the additive attention bias `[batch, 1, seq, past + seq]`, built when first asked
+    /// for (`None` without a mask: the fused causal softmax applies causality itself).
     ///
     /// `attention_mask` entries are segment ids over cached and new positions: 0 hides a key
     /// (padding); positive ids number the sequences packed into a row (a 0/1 mask is one
@@ -718,11 +718,11 @@ impl Llama {
         seq: usize,
         past: usize,
         attention_mask: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<LazyBias>)> {
+    ) -> Result<(Tensor, usize, Option<LazyBias>)> {
         let total = past + seq;
         let plain = Tensor::arange(past as u32, total as u32, &self.device)?;
         let Some(m) = attention_mask else {
-            return Ok((plain, None));
+            return Ok((plain, total, None));
         };
         if m.dims() != [batch, total] {
             bail!(
@@ -744,10 +744,12 @@ impl Llama {
                 positions.push((past + q - start) as u32);
             }
         }
-        let positions = if packed {
-            Tensor::from_vec(positions, (batch, seq), &self.device)?
+        let (positions, span) = if packed {
+            let span = positions.iter().max().map_or(0, |&p| p as usize + 1);
+            let positions = Tensor::from_vec(positions, (batch, seq), &self.device)?;
+            (positions, span)
         } else {
-            plain
+            (plain, total)
         };
         let bias = LazyBias {
             ids,
@@ -758,7 +760,7 @@ impl Llama {
             device: self.device.clone(),
             built: Mutex::new(None),
         };
-        Ok((positions, Some(bias)))
+        Ok((positions, span, Some(bias)))
     }
 
     /// What the layers of each kind read: RoPE tables and mask of the global layers, and of
@@ -771,14 +773,15 @@ impl Llama {
         past: usize,
         attention_mask: Option<&Tensor>,
     ) -> Result<(LayerInputs, Option<LayerInputs>)> {
-        let (positions, bias) = self.mask_layout(batch, seq, past, attention_mask)?;
+        let (positions, span, bias) = self.mask_layout(batch, seq, past, attention_mask)?;
         let bias = bias.map(Arc::new);
         // The flash attention kernels (GPUs) read the mask's segment ids instead of the bias.
         let segments = attention_mask.map(|m| m.to_dtype(DType::U32)).transpose()?;
-        // LongRoPE switches to its long factors once a sequence reaches past the pretrained
-        // length (transformers decides by the largest position; past + seq bounds it).
+        // LongRoPE switches to its long factors once a position reaches past the pretrained
+        // length (transformers decides by the largest position: packed rows by their longest
+        // sequence).
         let inv_freq = match (&self.long_inv_freq, &self.config.longrope) {
-            (Some(long), Some(l)) if past + seq > l.original_max_position_embeddings => long,
+            (Some(long), Some(l)) if span > l.original_max_position_embeddings => long,
             _ => &self.inv_freq,
         };
         let (cos, sin) = self.rope_tables(&positions, inv_freq)?;

@@ -146,7 +146,11 @@ impl LrSchedule {
             map: kwargs.clone(),
         };
         let decay = match kind {
-            SchedulerKind::Constant | SchedulerKind::ConstantWithWarmup => Decay::Constant,
+            SchedulerKind::Constant | SchedulerKind::ConstantWithWarmup => {
+                // transformers hands these two no kwargs at all: any given are ignored there.
+                kw.map.clear();
+                Decay::Constant
+            }
             SchedulerKind::Linear => Decay::Linear,
             SchedulerKind::Cosine => Decay::Cosine {
                 num_cycles: kw.number("num_cycles")?.unwrap_or(0.5),
@@ -157,6 +161,9 @@ impl LrSchedule {
                 let min_lr_rate = match (kw.number("min_lr")?, kw.number("min_lr_rate")?) {
                     (Some(_), Some(_)) => {
                         bail!("lr_scheduler_kwargs: set min_lr or min_lr_rate, not both")
+                    }
+                    (Some(_), None) if base_lr <= 0.0 => {
+                        bail!("min_lr needs a learning rate above 0 (min_lr_rate is its ratio)")
                     }
                     (Some(min_lr), None) => min_lr / base_lr,
                     (None, Some(rate)) => rate,
@@ -199,8 +206,9 @@ impl LrSchedule {
                 })?;
                 let stable_steps = match kw.count("num_stable_steps")? {
                     Some(n) => n,
-                    None => total_steps
-                        .checked_sub(warmup_steps + decay_steps)
+                    None => warmup_steps
+                        .checked_add(decay_steps)
+                        .and_then(|used| total_steps.checked_sub(used))
                         .with_context(|| {
                             format!(
                                 "warmup_stable_decay: {warmup_steps} warmup and {decay_steps} decay steps exceed the {total_steps} steps of the run"
@@ -423,6 +431,19 @@ mod tests {
         assert!(err(SchedulerKind::WarmupStableDecay, serde_json::json!({}))
             .contains("num_decay_steps"));
         assert!(LrSchedule::new(SchedulerKind::Cosine, 1e-3, Warmup::Steps(0), 10, &none).is_ok());
+        // transformers passes the constant schedules no kwargs: leftovers are ignored.
+        let leftover = serde_json::json!({"num_cycles": 3});
+        let leftover = leftover.as_object().unwrap();
+        let c = LrSchedule::new(
+            SchedulerKind::Constant,
+            1e-3,
+            Warmup::Steps(0),
+            10,
+            leftover,
+        );
+        assert_eq!(c.unwrap().lr(5), 1e-3);
+        let huge = serde_json::json!({"num_decay_steps": 1e300});
+        assert!(err(SchedulerKind::WarmupStableDecay, huge).contains("exceed"));
     }
 
     #[test]

@@ -177,12 +177,12 @@ impl TrainArgs {
             bail!("{what} must be at least 0 and below 1, got {v}");
         }
         self.warmup.validate()?;
-        // The scheduler's kwargs, checked before anything loads (over a nominal run length:
-        // the real one is known once the data is).
+        // The scheduler's kwargs, checked before anything loads (over a nominal run without
+        // warmup: the real length is known once the data is).
         LrSchedule::new(
             self.scheduler,
             self.lr,
-            self.warmup,
+            Warmup::Steps(0),
             1 << 40,
             &self.scheduler_kwargs,
         )?;
@@ -672,12 +672,12 @@ impl Trainer<'_> {
                     && a.interrupt
                         .as_ref()
                         .is_some_and(|f| f.load(Ordering::SeqCst));
-                // On schedule, and at the last step whenever saving by steps (transformers'
-                // Trainer does both).
+                // On schedule, and at the last step (transformers' Trainer saves there by
+                // steps, and by epoch also when the run ends within an epoch).
                 let scheduled = a
                     .save_steps
                     .is_some_and(|n| n > 0 && (step % n == 0 || step == total_steps))
-                    || (a.save_checkpoint_every_epoch && end_of_epoch);
+                    || (a.save_checkpoint_every_epoch && (end_of_epoch || step == total_steps));
                 if (scheduled || interrupted) && !stop_early {
                     state.global_step = step;
                     state.trained_tokens = resumed_tokens + summary.trained_tokens;
