@@ -131,6 +131,7 @@ impl Chat {
                 &mut cache,
                 embeds,
                 &self.tok,
+                &ids[..shared],
                 &ids[shared..],
                 max_new_tokens,
                 sampling,

@@ -212,6 +212,7 @@ pub fn generate_with(
         &mut cache,
         embeds,
         tok,
+        &[],
         prompt_ids,
         max_new_tokens,
         sampling,
@@ -219,16 +220,17 @@ pub fn generate_with(
     )
 }
 
-/// [`generate`] after the keys and values already in `cache` (a conversation so far, or
-/// virtual tokens), feeding `embeds` (prompt tuning's virtual tokens) and then `new_ids` first.
-/// `cache` is left holding every position fed: the new ids and the generated tokens but the
-/// last.
+/// [`generate`] after the keys and values already in `cache` (a conversation so far, whose ids
+/// after the virtual tokens are `history`, or virtual tokens), feeding `embeds` (prompt
+/// tuning's virtual tokens) and then `new_ids` first. `cache` is left holding every position
+/// fed: the new ids and the generated tokens but the last.
 #[allow(clippy::too_many_arguments)]
 pub fn continue_generation(
     model: &Llama,
     cache: &mut KvCache,
     mut embeds: Option<Tensor>,
     tok: &Tokenizer,
+    history: &[u32],
     new_ids: &[u32],
     max_new_tokens: usize,
     sampling: &mut Sampling,
@@ -238,13 +240,26 @@ pub fn continue_generation(
         bail!("the prompt is empty");
     }
     let stops = tok.stop_token_ids();
-    let mut input = Tensor::new(new_ids, &model.device)?.unsqueeze(0)?;
+    // LongRoPE's switch to its long factors recomputes the ids cached after the virtual
+    // positions, as transformers' Phi-3 drops its cache there (not after prompt tuning's
+    // virtual embeddings, which are not ids).
+    let virtual_len = cache.seq_len().saturating_sub(history.len());
+    let recompute = embeds.is_none();
+    let mut fed: Vec<u32> = history.to_vec();
+    let mut input_ids: Vec<u32> = new_ids.to_vec();
     let mut out: Vec<u32> = Vec::new();
     let mut printed = 0;
     // Inference: adapter weights enter as constants, so no step builds an autograd graph
     // (the cached keys and values would otherwise chain every step to the ones before).
     let _no_grad = peft_ops::NoGrad::new();
     for _ in 0..max_new_tokens {
+        let past = cache.seq_len();
+        if recompute && past > virtual_len && model.rope_switches(past, input_ids.len()) {
+            cache.truncate(virtual_len)?;
+            input_ids = fed.drain(..).chain(input_ids).collect();
+        }
+        let input = Tensor::new(input_ids.as_slice(), &model.device)?.unsqueeze(0)?;
+        fed.extend(&input_ids);
         let hidden = match embeds.take() {
             Some(e) => {
                 let x = Tensor::cat(&[&e, &model.embed(&input)?], 1)?;
@@ -264,7 +279,7 @@ pub fn continue_generation(
             on_token(&text[printed..]);
             printed = text.len();
         }
-        input = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
+        input_ids = vec![next];
     }
     Ok(out)
 }

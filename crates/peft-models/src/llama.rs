@@ -651,6 +651,15 @@ impl Llama {
         Ok(rows.reshape((b, t, self.config.hidden_size))?)
     }
 
+    /// Whether feeding `new` positions after `past` cached ones crosses LongRoPE's original
+    /// context, where its factors change: keys cached before were rotated by the others.
+    pub fn rope_switches(&self, past: usize, new: usize) -> bool {
+        self.config.longrope.as_ref().is_some_and(|l| {
+            let original = l.original_max_position_embeddings;
+            past <= original && past + new > original
+        })
+    }
+
     /// The embeddings of `input_ids` that the decoder reads: in training with NEFTune, plus
     /// its noise.
     pub fn input_embeds(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {

@@ -164,6 +164,46 @@ fn longrope_takes_its_long_factors_past_the_original_context() {
     assert!(d < 1e-4, "long-context logits differ by {d}");
 }
 
+/// Decoding a LongRoPE model token by token past its original context (16 of 20 tokens): at
+/// the switch to the long factors the cache is dropped and the sequence fed again, as
+/// transformers' Phi-3 generation does (and `peft generate`), so each later logit is the
+/// long-factor forward's.
+#[test]
+fn longrope_decoding_recomputes_at_the_switch() {
+    let exp =
+        load_safetensors(&fixture("phi3").join("expected.safetensors"), &Device::Cpu).unwrap();
+    let ids = exp["input_ids_long"].to_dtype(DType::U32).unwrap();
+    let peft = PeftModel::load(base("phi3"), &fixture("phi3").join("lora")).unwrap();
+    let model = &peft.base;
+    let mut cache = KvCache::new(model.layers.len());
+    let mut switched = 0;
+    for i in 0..ids.dim(1).unwrap() {
+        let (start, n) = match model.rope_switches(cache.seq_len(), 1) {
+            true => {
+                switched += 1;
+                cache.truncate(0).unwrap();
+                (0, i + 1)
+            }
+            false => (i, 1),
+        };
+        let h = model
+            .forward(
+                &ids.narrow(1, start, n).unwrap(),
+                None,
+                Some(&mut cache),
+                false,
+            )
+            .unwrap();
+        let got = model.logits(&h.narrow(1, n - 1, 1).unwrap()).unwrap();
+        if i >= 16 {
+            let want = exp["lora_logits_long"].narrow(1, i, 1).unwrap();
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-4, "token {i}: logits differ by {d}");
+        }
+    }
+    assert_eq!(switched, 1);
+}
+
 /// Phi-3's fused projections are what the default targets name: LoRA on `qkv_proj` (PEFT's
 /// q and v), IA3 on `qkv_proj` and `down_proj` (its k, v and feed-forward).
 #[test]
