@@ -244,8 +244,12 @@ pub fn continue_generation(
     // positions, as transformers' Phi-3 drops its cache there (not after prompt tuning's
     // virtual embeddings, which are not ids).
     let virtual_len = cache.seq_len().saturating_sub(history.len());
-    let recompute = embeds.is_none();
-    let mut fed: Vec<u32> = history.to_vec();
+    let recompute = embeds.is_none() && model.config.longrope.is_some();
+    let mut fed: Vec<u32> = if recompute {
+        history.to_vec()
+    } else {
+        Vec::new()
+    };
     let mut input_ids: Vec<u32> = new_ids.to_vec();
     let mut out: Vec<u32> = Vec::new();
     let mut printed = 0;
@@ -259,7 +263,9 @@ pub fn continue_generation(
             input_ids = fed.drain(..).chain(input_ids).collect();
         }
         let input = Tensor::new(input_ids.as_slice(), &model.device)?.unsqueeze(0)?;
-        fed.extend(&input_ids);
+        if recompute {
+            fed.extend(&input_ids);
+        }
         let hidden = match embeds.take() {
             Some(e) => {
                 let x = Tensor::cat(&[&e, &model.embed(&input)?], 1)?;

@@ -505,6 +505,11 @@ const METHODS: &[&str] = &[
     "full",
 ];
 
+/// The methods that train LoRA pairs.
+fn is_lora(method: &str) -> bool {
+    matches!(method, "lora" | "dora")
+}
+
 /// `--layers-to-transform 0,1,2` as HF's `layers_to_transform` list.
 fn parse_layers(spec: &str) -> Result<Value> {
     spec.split(',')
@@ -522,7 +527,7 @@ fn parse_layers(spec: &str) -> Result<Value> {
 /// Options set (by flag or recipe) that `method` does not read: a note, not an error, since a
 /// recipe may serve several methods.
 fn ignored_flags(c: &TrainCmd, method: &str) -> Vec<&'static str> {
-    let lora = matches!(method, "lora" | "dora");
+    let lora = is_lora(method);
     let ia3 = method == "ia3";
     let prompt = method == "prompt";
     let prefix = matches!(method, "prefix" | "ptuning-v2");
@@ -662,9 +667,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         adam_eps: c.adam_epsilon.unwrap_or(d.adam_eps),
         optim: c.optim.unwrap_or(d.optim),
         // LoRA's alone (IA3's vectors are 1-D too, and would be sped up).
-        loraplus_lr_ratio: c
-            .loraplus_lr_ratio
-            .filter(|_| matches!(method.as_str(), "lora" | "dora")),
+        loraplus_lr_ratio: c.loraplus_lr_ratio.filter(|_| is_lora(&method)),
         seed: c.seed.unwrap_or(d.seed),
         logging_steps,
         save_every_epoch: c.save_every_epoch.unwrap_or(d.save_every_epoch),

@@ -334,6 +334,27 @@ impl LlamaConfig {
         let theta = self.local_rope_theta?;
         Some(default_inv_freq(theta, self.head_dim))
     }
+
+    /// LongRoPE's inverse frequencies for sequences past the original context (its long
+    /// factors), when the model has LongRoPE.
+    pub fn long_rope_inv_freq(&self) -> Option<Vec<f32>> {
+        let l = self.longrope.as_ref()?;
+        Some(long_rope_inv_freq(
+            self.rope_theta,
+            self.head_dim,
+            &l.long_factor,
+        ))
+    }
+}
+
+/// LongRoPE's default attention factor for a context grown `scale` times from `original`
+/// positions, `sqrt(1 + ln(scale) / ln(original))` (1 when it did not grow): transformers'
+/// default, and what llama.cpp's converter always writes.
+pub(crate) fn long_rope_attention_factor(scale: f64, original: usize) -> f64 {
+    match scale > 1.0 {
+        true => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+        false => 1.0,
+    }
 }
 
 /// LongRoPE's settings from the rope parameters `r` (the config's `original_max_position_
@@ -368,11 +389,10 @@ fn long_rope(c: &RawConfig, r: &Value) -> Result<LongRope> {
         .get("factor")
         .and_then(Value::as_f64)
         .unwrap_or(c.max_position_embeddings as f64 / original as f64);
-    let attention_factor = match r.get("attention_factor").and_then(Value::as_f64) {
-        Some(a) => a,
-        None if factor <= 1.0 => 1.0,
-        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
-    };
+    let attention_factor = r
+        .get("attention_factor")
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| long_rope_attention_factor(factor, original));
     Ok(LongRope {
         short_factor: factors("short_factor")?,
         long_factor: factors("long_factor")?,
@@ -383,14 +403,10 @@ fn long_rope(c: &RawConfig, r: &Value) -> Result<LongRope> {
 
 /// LongRoPE's inverse frequencies `1 / (factor_i · theta^(2i/d))`, in f32 as transformers
 /// computes them.
-pub fn long_rope_inv_freq(theta: f64, head_dim: usize, factors: &[f32]) -> Vec<f32> {
-    factors
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let exponent = (2 * i) as f32 / head_dim as f32;
-            1.0 / (f * theta.powf(exponent as f64) as f32)
-        })
+fn long_rope_inv_freq(theta: f64, head_dim: usize, factors: &[f32]) -> Vec<f32> {
+    theta_powers(theta, head_dim)
+        .zip(factors)
+        .map(|(power, f)| 1.0 / (f * power))
         .collect()
 }
 
@@ -398,12 +414,18 @@ pub fn long_rope_inv_freq(theta: f64, head_dim: usize, factors: &[f32]) -> Vec<f
 /// tensors: the exponent in f32, the power rounded to f32, then the reciprocal): some differ
 /// from the exact values in the last bit, and models with large attention scores amplify that.
 fn default_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| {
-            let exponent = (2 * i) as f32 / head_dim as f32;
-            1.0 / theta.powf(exponent as f64) as f32
-        })
+    theta_powers(theta, head_dim)
+        .map(|power| 1.0 / power)
         .collect()
+}
+
+/// `theta^(2i/d)` for each pair of head dims, the exponent in f32 and the power rounded to
+/// f32 (as transformers' float32 tensors hold them).
+fn theta_powers(theta: f64, head_dim: usize) -> impl Iterator<Item = f32> {
+    (0..head_dim / 2).map(move |i| {
+        let exponent = (2 * i) as f32 / head_dim as f32;
+        theta.powf(exponent as f64) as f32
+    })
 }
 
 /// Gemma 3's window per layer: `layer_types` where the file has them, else every

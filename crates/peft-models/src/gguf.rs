@@ -319,10 +319,7 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         optional.push(("rope.scaling.original_context_length", u32_of(original)));
         if c.longrope.is_some() {
             let scale = c.max_position_embeddings as f64 / original as f64;
-            let factor = match scale > 1.0 {
-                true => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
-                false => 1.0,
-            };
+            let factor = crate::config::long_rope_attention_factor(scale, original);
             optional.push(("rope.scaling.attn_factor", Value::F32(factor as f32)));
         }
     } else if let Some(window) = c.layer_windows.iter().flatten().next() {

@@ -5,7 +5,7 @@
 //! (`model.layers.3.self_attn.q_proj`), so tuners attach adapters by path, and the tensors of
 //! the model are named exactly as in the HF checkpoint.
 
-use crate::config::{long_rope_inv_freq, LlamaConfig};
+use crate::config::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -437,12 +437,8 @@ impl Llama {
         };
         let inv_freq = Tensor::new(c.rope_inv_freq(), device)?;
         let long_inv_freq = c
-            .longrope
-            .as_ref()
-            .map(|l| {
-                let f = long_rope_inv_freq(c.rope_theta, c.head_dim, &l.long_factor);
-                Tensor::new(f, device)
-            })
+            .long_rope_inv_freq()
+            .map(|f| Tensor::new(f, device))
             .transpose()?;
         let local_inv_freq = c
             .local_rope_inv_freq()

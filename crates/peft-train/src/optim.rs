@@ -407,13 +407,17 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let (bc1, bc2) = self.bias_corrections();
+        // Per group, once: the f32 scalars of the 8-bit path and the f64 rates of the dense one.
+        let per_group: Vec<_> = self
+            .group_list
+            .iter()
+            .map(|g| (self.scalars(lr, g), self.group_rates(lr, g)))
+            .collect();
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
             };
-            let group = &self.group_list[self.groups[i]];
-            let s = self.scalars(lr, group);
-            let (lr, decay) = self.group_rates(lr, group);
+            let (s, (lr, decay)) = per_group[self.groups[i]];
             match &mut self.moments[i] {
                 Moments::Dense { m, v } => {
                     let g = g.to_dtype(p.dtype())?;
