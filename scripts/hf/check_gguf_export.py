@@ -2,7 +2,7 @@
 
 For a small random model of each architecture peft-rs writes (Llama with Llama 3 rope scaling
 and attention biases, Mistral, Qwen2, Qwen3, Gemma 3 with five sliding-window layers and one
-global), saved by transformers with SmolLM2's tokenizer:
+global, Gemma 2 with its soft caps), saved by transformers with SmolLM2's tokenizer:
 1. `peft merge --model DIR --output ours.gguf --dtype f32`, and llama.cpp's own
    `convert_hf_to_gguf.py DIR --outtype f32`: every tensor (name, type, shape, values) and every
    non-`general.*` metadata value must be equal;
@@ -39,7 +39,8 @@ import tempfile
 
 import numpy as np
 import torch
-from transformers import (AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                          Gemma3TextConfig, LlamaConfig,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
@@ -70,6 +71,11 @@ models = {
     "mistral": (MistralForCausalLM, MistralConfig(**common, tie_word_embeddings=False)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)),
+    # Gemma 2: every other layer sliding (a window of 4 over the 16 generated tokens), scores
+    # scaled by head_dim^-1/2 as llama.cpp takes them, soft caps small enough to change the text.
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config(
+        **common, head_dim=32, query_pre_attn_scalar=32, sliding_window=4,
+        attn_logit_softcapping=1.0, final_logit_softcapping=3.0)),
     # A window of 4 over the 16 generated tokens; llama.cpp's layout (every sixth layer global,
     # scores scaled by head_dim^-1/2).
     "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig(
@@ -102,7 +108,7 @@ APART_IN_LLAMA_CPP = {"phi3"}
 # llama.cpp names a pre-tokenizer by a hash of its tokens, so SmolLM2's vocabulary under Qwen2's
 # pre-tokenizer has no name there: its converter then gets the name llama.cpp gives Qwen models.
 PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2",
-             "gemma3_text": None, "phi3": None, "phi3_4k": None}
+             "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None}
 CONVERT = """
 import runpy, sys
 llama_cpp, fallback = sys.argv[1], sys.argv[2]
@@ -117,6 +123,10 @@ def get_vocab_base_pre(self, tokenizer):
             raise
         return fallback
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+# Gemma 2's converter reads tokenizer.model (SentencePiece) only; these models carry SmolLM2's
+# byte-level BPE tokenizer.json, read as Gemma 3's converter reads one.
+from conversion import gemma
+gemma.Gemma2Model.set_vocab = lambda self: self._set_vocab_gpt2()
 sys.argv = [llama_cpp + "/convert_hf_to_gguf.py"] + sys.argv[3:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -227,18 +237,24 @@ with tempfile.TemporaryDirectory() as tmp:
         with torch.no_grad():
             # Gemma's norms scale by 1 + w; its weights a little larger, so that the text
             # depends on the window (without it transformers generates another).
-            gemma = name == "gemma3_text"
+            gemma = name.startswith("gemma")
             one, std = (0.0, 0.12) if gemma else (1.0, 0.08)
+            embed_std = std
+            if name == "gemma2":
+                # Its tied embeddings small and the layers' weights large: otherwise the
+                # embedding dominates and the model repeats a token whatever the window or
+                # the score cap (with these, the text depends on both).
+                std, embed_std = 0.3, 0.01
             for pname, p in model.named_parameters():
                 p.copy_((one + 0.2 * torch.randn_like(p)) if "norm" in pname
-                        else std * torch.randn_like(p))
+                        else (embed_std if "embed" in pname else std) * torch.randn_like(p))
         model.save_pretrained(d)
         for f in ["tokenizer.json", "chat_template.jinja"]:
             shutil.copy(os.path.join(args.smollm_dir, f), d)
         with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
             tok_config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
                           "unk_token": "<|endoftext|>"}
-            if name == "gemma3_text":
+            if name.startswith("gemma"):
                 # Gemma's own tokenizer class would rebuild SmolLM2's vocabulary as SentencePiece.
                 tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
             json.dump(tok_config, f)

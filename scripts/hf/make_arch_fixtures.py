@@ -14,6 +14,7 @@ bias or norm, a permuted head) moves the logits by far more than the tests' tole
 
     .venv/bin/python scripts/hf/make_arch_fixtures.py [NAME ...]   # default: all
 """
+import copy
 import os
 import shutil
 import sys
@@ -21,7 +22,8 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -40,6 +42,12 @@ models = {
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
     # Per-head q/k norms and a head_dim that is not hidden / heads (4 × 16 = 64 ≠ 32).
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)),
+    # Gemma 2: Gemma 3's layer without q/k norms, every other layer sliding (window 3 over 8
+    # tokens, the first one sliding), and soft caps of the attention scores and the logits,
+    # small enough here to change them (the script checks that they do).
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config(
+        **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=3,
+        attn_logit_softcapping=0.8, final_logit_softcapping=2.5)),
     # Gemma 3: (1 + w) norms, four norms per layer, q/k norms, scaled embeddings, GeGLU, a
     # query_pre_attn_scalar that is not head_dim, sliding-window layers (window 3 over 8
     # tokens) with their own RoPE base, and linear RoPE scaling on the global layer.
@@ -82,6 +90,15 @@ for name, (cls, cfg) in models.items():
     model.save_pretrained(f"{out}/model")
     with torch.no_grad():
         base_logits = model(input_ids=ids).logits
+        caps = ["attn_logit_softcapping", "final_logit_softcapping"]
+        for cap in [c for c in caps if getattr(cfg, c, None) is not None]:
+            # A cap that changes nothing would not test its implementation.
+            uncapped_cfg = copy.deepcopy(cfg)
+            setattr(uncapped_cfg, cap, None)
+            uncapped_model = cls(uncapped_cfg).eval()
+            uncapped_model.load_state_dict(model.state_dict())
+            uncapped = uncapped_model(input_ids=ids).logits
+            assert (uncapped - base_logits).abs().max() > 0.1, cap
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     peft_model = get_peft_model(model, lora).eval()
     peft_model.save_pretrained(f"{out}/lora")

@@ -425,6 +425,7 @@ fn bench_attention(cmd: &BenchCmd) -> Result<()> {
             kv_heads,
             scale,
             None,
+            None,
         )
     };
     let (mut fwd, mut fwd_bwd) = (Vec::new(), Vec::new());

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
-/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 3)
+/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 2/3)
 /// that the forward pass needs. `raw` keeps the file as read so that `peft merge` writes it back
 /// intact.
 #[derive(Debug, Clone)]
@@ -37,12 +37,16 @@ pub struct LlamaConfig {
     /// The MLP's gate activation: SiLU (Llama, Mistral, Qwen), GELU's tanh approximation
     /// (Gemma's `gelu_pytorch_tanh`).
     pub activation: GatedActivation,
-    /// Gemma 3's four norms per layer: the attention output and the MLP's input and output
+    /// Gemma's four norms per layer: the attention output and the MLP's input and output
     /// are normed (`post_attention_layernorm` then norms the attention output).
     pub sandwich_norms: bool,
-    /// The attention scores' scale: `head_dim^-1/2` (Gemma 3: `query_pre_attn_scalar^-1/2`).
+    /// The attention scores' scale: `head_dim^-1/2` (Gemma: `query_pre_attn_scalar^-1/2`).
     pub attention_scale: f64,
-    /// Per layer, the sliding window of keys its queries see (Gemma 3's local layers), or
+    /// Gemma 2's soft cap of the attention scores: `cap · tanh(scores / cap)` (scaled scores).
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2's soft cap of the output logits.
+    pub final_softcap: Option<f64>,
+    /// Per layer, the sliding window of keys its queries see (Gemma's local layers), or
     /// `None` for global attention.
     pub layer_windows: Vec<Option<usize>>,
     /// Linear RoPE scaling of the global layers (`rope_type: "linear"`): positions divided by it.
@@ -120,7 +124,15 @@ fn default_max_pos() -> usize {
     4096
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"];
+const SUPPORTED: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+];
 
 impl LlamaConfig {
     pub fn from_json(raw: Value) -> Result<Self> {
@@ -136,12 +148,23 @@ impl LlamaConfig {
         if !SUPPORTED.contains(&model_type.as_str()) {
             bail!("unsupported model_type {model_type:?} (supported: {SUPPORTED:?})");
         }
-        let gemma = model_type == "gemma3_text";
-        for capping in ["attn_logit_softcapping", "final_logit_softcapping"] {
-            if raw.get(capping).is_some_and(|v| !v.is_null()) {
-                bail!("logit soft-capping ({capping}) is not supported");
+        let gemma3 = model_type == "gemma3_text";
+        let gemma = gemma3 || model_type == "gemma2";
+        // Gemma's soft caps: Gemma 2's default to 50 (scores) and 30 (logits), a null turns
+        // one off; Gemma 3 has none unless its config sets them. Other families have none.
+        let softcap = |key: &str, gemma2_default: f64| -> Result<Option<f64>> {
+            match raw.get(key) {
+                Some(Value::Null) => Ok(None),
+                Some(v) if gemma => match v.as_f64() {
+                    Some(cap) if cap > 0.0 => Ok(Some(cap)),
+                    _ => bail!("config.json: {key} is not a positive number: {v}"),
+                },
+                Some(_) => bail!("logit soft-capping ({key}) is not supported for {model_type}"),
+                None => Ok((model_type == "gemma2").then_some(gemma2_default)),
             }
-        }
+        };
+        let attn_softcap = softcap("attn_logit_softcapping", 50.0)?;
+        let final_softcap = softcap("final_logit_softcapping", 30.0)?;
         if raw
             .get("use_bidirectional_attention")
             .and_then(Value::as_bool)
@@ -163,7 +186,7 @@ impl LlamaConfig {
         let rope_theta = c
             .rope_theta
             .or_else(|| rope.as_ref()?.get("rope_theta")?.as_f64())
-            .unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 });
+            .unwrap_or(if gemma3 { 1_000_000.0 } else { 10_000.0 });
         let rope_type = |r: &Option<Value>| {
             r.as_ref()
                 .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
@@ -202,7 +225,7 @@ impl LlamaConfig {
             .as_ref()
             .and_then(|r| r.get("rope_theta")?.as_f64())
             .or(c.rope_local_base_freq)
-            .or(gemma.then_some(10_000.0));
+            .or(gemma3.then_some(10_000.0));
         if c.num_attention_heads == 0
             || !c.hidden_size.is_multiple_of(c.num_attention_heads) && c.head_dim.is_none()
         {
@@ -233,7 +256,7 @@ impl LlamaConfig {
             }
         }
         let layer_windows = if gemma {
-            gemma_layer_windows(&c)?
+            gemma_layer_windows(&c, if gemma3 { GEMMA3_SLIDING_PATTERN } else { 2 })?
         } else if phi3 {
             // transformers' Phi-3 attends over a window on every layer when the config sets one
             // (one past the context, as the 128k models' 262144, never hides a key).
@@ -260,6 +283,8 @@ impl LlamaConfig {
             activation,
             sandwich_norms: gemma,
             attention_scale,
+            attn_softcap,
+            final_softcap,
             layer_windows,
             rope_linear_factor,
             local_rope_theta,
@@ -281,7 +306,7 @@ impl LlamaConfig {
             qkv_bias: qwen || c.attention_bias,
             o_bias: c.attention_bias,
             mlp_bias: c.mlp_bias,
-            qk_norm: model_type == "qwen3" || gemma,
+            qk_norm: model_type == "qwen3" || gemma3,
             model_type,
             raw,
         })
@@ -430,7 +455,9 @@ fn theta_powers(theta: f64, head_dim: usize) -> impl Iterator<Item = f32> {
 
 /// Gemma 3's window per layer: `layer_types` where the file has them, else every
 /// `sliding_window_pattern`-th layer global and the others sliding (transformers' default).
-fn gemma_layer_windows(c: &RawConfig) -> Result<Vec<Option<usize>>> {
+/// Gemma's sliding-window layers: by `layer_types`, or every `pattern`-th layer global (Gemma
+/// 2: every other one, the first sliding; Gemma 3: every sixth).
+fn gemma_layer_windows(c: &RawConfig, pattern: usize) -> Result<Vec<Option<usize>>> {
     let window = c.sliding_window.unwrap_or(4096);
     let sliding = match &c.layer_types {
         Some(types) => {
@@ -452,7 +479,7 @@ fn gemma_layer_windows(c: &RawConfig) -> Result<Vec<Option<usize>>> {
         }
         None => sliding_layers(
             c.num_hidden_layers,
-            c.sliding_window_pattern.unwrap_or(GEMMA3_SLIDING_PATTERN),
+            c.sliding_window_pattern.unwrap_or(pattern),
         ),
     };
     Ok(sliding.into_iter().map(|s| s.then_some(window)).collect())

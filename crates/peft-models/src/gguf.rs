@@ -32,8 +32,8 @@ const LAYER_MODULES: &[(&str, &str)] = &[
 /// The norm after attention: the MLP's input norm in the Llama family.
 const LLAMA_NORMS: &[(&str, &str)] = &[("ffn_norm", "post_attention_layernorm")];
 
-/// Gemma 3's: the attention output's norm, and the MLP's input and output norms.
-const GEMMA3_NORMS: &[(&str, &str)] = &[
+/// Gemma's: the attention output's norm, and the MLP's input and output norms.
+const GEMMA_NORMS: &[(&str, &str)] = &[
     ("post_attention_norm", "post_attention_layernorm"),
     ("ffn_norm", "pre_feedforward_layernorm"),
     ("post_ffw_norm", "post_feedforward_layernorm"),
@@ -52,7 +52,7 @@ const PHI3_MODULES: &[(&str, &str)] = &[
 /// The per-layer names of a GGUF architecture.
 fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
     let (modules, norms) = match arch {
-        "gemma3" => (LAYER_MODULES, GEMMA3_NORMS),
+        "gemma2" | "gemma3" => (LAYER_MODULES, GEMMA_NORMS),
         "phi3" => (PHI3_MODULES, &[][..]),
         _ => (LAYER_MODULES, LLAMA_NORMS),
     };
@@ -93,7 +93,12 @@ pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
 /// What a GGUF architecture adds to the HF tensor `hf` as it stores it: Gemma's RMSNorm scales
 /// are `1 + w` in llama.cpp (its converter adds the 1), where HF stores `w`.
 pub fn norm_offset(arch: &str, hf: &str) -> Option<f64> {
-    (arch == "gemma3" && hf.ends_with("norm.weight")).then_some(1.0)
+    (is_gemma(arch) && hf.ends_with("norm.weight")).then_some(1.0)
+}
+
+/// Whether a GGUF architecture is Gemma's (2 or 3).
+pub fn is_gemma(arch: &str) -> bool {
+    matches!(arch, "gemma2" | "gemma3")
 }
 
 /// Whether llama.cpp's converter permutes the q/k rows of this GGUF architecture.
@@ -203,8 +208,12 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
+        "gemma2" => {
+            check_gemma_layout(c, "gemma2")?;
+            "gemma2"
+        }
         "gemma3_text" => {
-            check_gemma3_layout(c)?;
+            check_gemma_layout(c, "gemma3")?;
             "gemma3"
         }
         "phi3" => "phi3",
@@ -212,18 +221,24 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
     })
 }
 
-/// What llama.cpp takes of a Gemma 3 file whose metadata does not say (its converter writes
-/// neither): every sixth layer global and the others sliding, and scores scaled by
-/// `head_dim^-1/2` (`(hidden / heads)^-1/2` for the 62-layer 27B). Returns which layers slide
-/// and the scale's divisor.
-pub(crate) fn gemma3_llama_cpp_layout(
+/// What llama.cpp takes of a Gemma file (GGUF architecture `gemma2` or `gemma3`) whose
+/// metadata does not say (its converter writes neither): every other layer (`gemma2`) or
+/// every sixth (`gemma3`) global and the others sliding, and scores scaled by `head_dim^-1/2`
+/// (`(hidden / heads)^-1/2` for the 27B models: 46 layers of Gemma 2, 62 of Gemma 3).
+/// Returns which layers slide and the scale's divisor.
+pub(crate) fn gemma_llama_cpp_layout(
+    arch: &str,
     layers: usize,
     hidden: usize,
     heads: usize,
     head_dim: usize,
 ) -> (Vec<bool>, usize) {
-    let sliding = crate::config::sliding_layers(layers, crate::config::GEMMA3_SLIDING_PATTERN);
-    let scale_dim = if layers == 62 {
+    let (pattern, layers_27b) = match arch {
+        "gemma2" => (2, 46),
+        _ => (crate::config::GEMMA3_SLIDING_PATTERN, 62),
+    };
+    let sliding = crate::config::sliding_layers(layers, pattern);
+    let scale_dim = if layers == layers_27b {
         hidden / heads.max(1)
     } else {
         head_dim
@@ -231,10 +246,12 @@ pub(crate) fn gemma3_llama_cpp_layout(
     (sliding, scale_dim)
 }
 
-/// Released Gemma 3 models fit [`gemma3_llama_cpp_layout`]; a file of another would run wrong
-/// in llama.cpp, so it is refused.
-fn check_gemma3_layout(c: &LlamaConfig) -> Result<()> {
-    let (sliding, scale_dim) = gemma3_llama_cpp_layout(
+/// Released Gemma models fit [`gemma_llama_cpp_layout`] and llama.cpp's soft caps (Gemma 2
+/// always caps scores and logits; llama.cpp's Gemma 3 caps no scores); a file of another
+/// would run wrong in llama.cpp, so it is refused.
+fn check_gemma_layout(c: &LlamaConfig, arch: &str) -> Result<()> {
+    let (sliding, scale_dim) = gemma_llama_cpp_layout(
+        arch,
         c.num_hidden_layers,
         c.hidden_size,
         c.num_attention_heads,
@@ -243,19 +260,26 @@ fn check_gemma3_layout(c: &LlamaConfig) -> Result<()> {
     let ours: Vec<bool> = c.layer_windows.iter().map(Option::is_some).collect();
     let windows: Vec<usize> = c.layer_windows.iter().flatten().copied().collect();
     if ours != sliding || windows.windows(2).any(|w| w[0] != w[1]) {
+        let every = if arch == "gemma2" { "other" } else { "sixth" };
         bail!(
-            "llama.cpp's gemma3 takes every sixth layer as global and the others as sliding \
+            "llama.cpp's {arch} takes every {every} layer as global and the others as sliding \
              with one window; this model's layers differ"
         );
     }
     let scale = (scale_dim as f64).powf(-0.5);
     if (c.attention_scale - scale).abs() > 1e-9 * scale {
         bail!(
-            "llama.cpp's gemma3 scales attention scores by {scale_dim}^-1/2; this model's \
+            "llama.cpp's {arch} scales attention scores by {scale_dim}^-1/2; this model's \
              query_pre_attn_scalar differs"
         );
     }
-    Ok(())
+    match (arch, c.attn_softcap, c.final_softcap) {
+        ("gemma2", Some(_), Some(_)) | ("gemma3", None, _) => Ok(()),
+        ("gemma2", ..) => bail!(
+            "llama.cpp's gemma2 caps attention scores and logits; this model leaves one uncapped"
+        ),
+        _ => bail!("llama.cpp's {arch} does not cap attention scores; this model does"),
+    }
 }
 
 /// The model's hyperparameters under llama.cpp's keys.
@@ -279,9 +303,15 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
             "attention.layer_norm_rms_epsilon",
             Value::F32(c.rms_norm_eps as f32),
         ),
-        ("rope.freq_base", Value::F32(c.rope_theta as f32)),
     ];
     md.extend(keyed.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    // Gemma 2's converter writes no RoPE base (llama.cpp then takes 10000, every Gemma 2's).
+    if arch != "gemma2" || c.rope_theta != 10_000.0 {
+        md.push((
+            format!("{arch}.rope.freq_base"),
+            Value::F32(c.rope_theta as f32),
+        ));
+    }
     if let Some(factor) = c.rope_linear_factor {
         md.push((
             format!("{arch}.rope.scaling.type"),
@@ -324,6 +354,12 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         }
     } else if let Some(window) = c.layer_windows.iter().flatten().next() {
         optional.push(("attention.sliding_window", u32_of(*window)));
+    }
+    if let Some(cap) = c.attn_softcap {
+        optional.push(("attn_logit_softcapping", Value::F32(cap as f32)));
+    }
+    if let Some(cap) = c.final_softcap {
+        optional.push(("final_logit_softcapping", Value::F32(cap as f32)));
     }
     if let Some(theta) = c.local_rope_theta {
         optional.push(("rope.freq_base_swa", Value::F32(theta as f32)));

@@ -911,11 +911,16 @@ impl Llama {
         )
     }
 
-    /// Logits `[.., vocab]` of final hidden states (materialises them: for inference).
+    /// Logits `[.., vocab]` of final hidden states (materialises them: for inference), capped
+    /// where the model caps them (Gemma 2).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden, false)?,
             None => frozen_linear(hidden, &self.embed_tokens)?,
+        };
+        Ok(match self.config.final_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
         })
     }
 }
@@ -1065,7 +1070,7 @@ fn attention(
 ) -> candle_core::Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let scale = c.attention_scale;
+    let (scale, softcap) = (c.attention_scale, c.attn_softcap);
     let LayerInputs {
         cos,
         sin,
@@ -1089,10 +1094,12 @@ fn attention(
         k = head_norm(&k, w, kvh)?;
     }
     if mask.bias.is_none() && cache.is_none() {
-        let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale, window)?;
+        let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale, softcap, window)?;
         return a.o_proj.forward(&out, train);
     }
-    if let (Some(segments), None) = (&mask.segments, &cache) {
+    // The flash kernels do not cap scores: capped ones (Gemma 2) take the paths below.
+    let uncapped = softcap.is_none();
+    if let (Some(segments), None, true) = (&mask.segments, &cache, uncapped) {
         if let Some(out) = packed_self_attention(&q, &k, &v, cos, sin, segments, nh, kvh, scale)? {
             return a.o_proj.forward(&out, train);
         }
@@ -1100,7 +1107,7 @@ fn attention(
     // Training over a pre-filled cache (prefix tuning's virtual tokens): the flash kernels
     // attend over it in place of the concatenation and the bias below. Nothing reads the
     // cache after a training forward, so it is not extended.
-    if let (Some(Some(prefix)), true) = (cache.as_deref(), train) {
+    if let (Some(Some(prefix)), true, true) = (cache.as_deref(), train, uncapped) {
         let prefix = (&prefix.0, &prefix.1);
         let segments = mask.segments.as_ref();
         let qkv = (&q, &k, &v);
@@ -1124,10 +1131,13 @@ fn attention(
     let out = match &bias {
         Some(m) => {
             let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(m)?;
-            softmax_last_dim(&scores)?.matmul(&v)?
+            let mut scores = (q.matmul(&k.t()?)? * scale)?;
+            if let Some(cap) = softcap {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            softmax_last_dim(&scores.broadcast_add(m)?)?.matmul(&v)?
         }
-        None => causal_attention(&q, &k, &v, scale, window)?,
+        None => causal_attention(&q, &k, &v, scale, softcap, window)?,
     };
     let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     a.o_proj.forward(&out, train)

@@ -404,7 +404,8 @@ fn read_gguf<R: Read + Seek>(
         .and_then(|v| v.to_string().ok())
         .cloned()
         .with_context(bad)?;
-    if !["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"].contains(&arch.as_str()) {
+    let known = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
+    if !known.contains(&arch.as_str()) {
         bail!("{}: unsupported GGUF architecture {arch:?}", path.display());
     }
     let key = |k: &str| format!("{arch}.{k}");
@@ -497,11 +498,12 @@ fn read_gguf<R: Read + Seek>(
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
+        "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
         "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
         "phi3" => ("phi3", "Phi3ForCausalLM"),
         _ => ("llama", "LlamaForCausalLM"),
     };
-    let gemma = arch == "gemma3";
+    let gemma = gguf::is_gemma(&arch);
     let mut raw = json!({
         "architectures": [class],
         "model_type": model_type,
@@ -513,18 +515,23 @@ fn read_gguf<R: Read + Seek>(
         "head_dim": head_dim,
         "vocab_size": vocab,
         "rms_norm_eps": md_f64(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-        "rope_theta": md_f64(md, &key("rope.freq_base")).unwrap_or(if gemma { 1e6 } else { 1e4 }),
+        "rope_theta": md_f64(md, &key("rope.freq_base"))
+            .unwrap_or(if arch == "gemma3" { 1e6 } else { 1e4 }),
         "max_position_embeddings": md_u64(md, &key("context_length")).unwrap_or(4096),
         "tie_word_embeddings": tie,
         "hidden_act": if gemma { "gelu_pytorch_tanh" } else { "silu" },
         "torch_dtype": "float32",
     });
     if gemma {
-        // As llama.cpp reads a gemma3 file (see `gguf::gemma3_llama_cpp_layout`).
-        let window = md_u64(md, &key("attention.sliding_window"))
-            .with_context(|| format!("{}: gemma3 without a sliding window", path.display()))?;
+        // As llama.cpp reads a Gemma file (see `gguf::gemma_llama_cpp_layout`; Gemma 2's
+        // window and soft caps have defaults there).
+        let window = match arch.as_str() {
+            "gemma2" => Ok(md_u64(md, &key("attention.sliding_window")).unwrap_or(4096)),
+            _ => md_u64(md, &key("attention.sliding_window")),
+        }
+        .with_context(|| format!("{}: {arch} without a sliding window", path.display()))?;
         let (mut sliding, scale_dim) =
-            gguf::gemma3_llama_cpp_layout(layers, hidden, heads, head_dim);
+            gguf::gemma_llama_cpp_layout(&arch, layers, hidden, heads, head_dim);
         let pattern = md.get(&key("attention.sliding_window_pattern"));
         if let Some(gguf_file::Value::Array(flags)) = pattern {
             sliding = flags.iter().map(|f| f.to_bool().unwrap_or(false)).collect();
@@ -543,9 +550,18 @@ fn read_gguf<R: Read + Seek>(
             .collect();
         raw["sliding_window"] = json!(window);
         raw["layer_types"] = json!(types);
-        raw["rope_local_base_freq"] =
-            json!(md_f64(md, &key("rope.freq_base_swa")).unwrap_or(10_000.0));
+        let local_base = md_f64(md, &key("rope.freq_base_swa"));
+        if arch == "gemma3" || local_base.is_some() {
+            raw["rope_local_base_freq"] = json!(local_base.unwrap_or(10_000.0));
+        }
         raw["query_pre_attn_scalar"] = json!(scale_dim);
+        let cap = |name: &str, gemma2_default: f64| match md_f64(md, &key(name)) {
+            Some(cap) if cap > 0.0 => json!(cap),
+            _ if arch == "gemma2" => json!(gemma2_default),
+            _ => json!(null),
+        };
+        raw["attn_logit_softcapping"] = cap("attn_logit_softcapping", 50.0);
+        raw["final_logit_softcapping"] = cap("final_logit_softcapping", 30.0);
     }
     if arch == "phi3" {
         let window = md_u64(md, &key("attention.sliding_window")).unwrap_or(0);

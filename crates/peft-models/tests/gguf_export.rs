@@ -102,6 +102,16 @@ fn config(model_type: &str) -> LlamaConfig {
                 "long_factor": (0..8).map(|i| 1.0 + 0.7 * i as f64).collect::<Vec<_>>(),
             });
         }
+        // Every other layer sliding (a window of 4 over the 10 test tokens), soft caps small
+        // enough to change the scores and logits, and the RoPE base the converter leaves out.
+        "gemma2" => {
+            c["head_dim"] = json!(32);
+            c["query_pre_attn_scalar"] = json!(32);
+            c["sliding_window"] = json!(4);
+            c["rope_theta"] = json!(10000.0);
+            c["attn_logit_softcapping"] = json!(1.5);
+            c["final_logit_softcapping"] = json!(4.0);
+        }
         // Six layers: five sliding (a window of 4 over the 10 test tokens), one global.
         "gemma3_text" => {
             c["num_hidden_layers"] = json!(6);
@@ -149,7 +159,7 @@ fn logits(m: &Llama) -> Tensor {
 fn written_models_read_back_alike() {
     let tok = tokenizer();
     let text = "hello world, 12 héllo\n\n  <|im_end|>";
-    for model_type in ["llama", "qwen2", "qwen3", "gemma3_text", "phi3"] {
+    for model_type in ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"] {
         let mut original = model(model_type);
         let want = logits(&original);
         let dir = tempfile::tempdir().unwrap();
@@ -170,6 +180,9 @@ fn written_models_read_back_alike() {
             assert_eq!(c.qkv_bias, matches!(model_type, "llama" | "qwen2"));
             assert_eq!(c.layer_windows, original.config.layer_windows);
             assert_eq!(c.attention_scale, original.config.attention_scale);
+            assert_eq!(c.attn_softcap, original.config.attn_softcap);
+            assert_eq!(c.final_softcap, original.config.final_softcap);
+            assert_eq!(c.rope_theta, original.config.rope_theta);
             assert_eq!(c.rope_scaling.is_some(), model_type == "llama");
             assert_eq!(c.fused_projections, model_type == "phi3");
             if let (Some(a), Some(b)) = (&c.longrope, &original.config.longrope) {

@@ -7,7 +7,7 @@
 //! copy. [`causal_attention`] is the same attention on split, rotated heads.
 
 use crate::bf16_gemm::with_cpu_f32;
-use crate::softmax::{causal_softmax, causal_softmax_backward};
+use crate::softmax::{attention_probs, attention_probs_backward};
 use crate::{batched_matmul, par_build, rope, with_grad3, Grads3};
 use candle_core::{DType, Device, Result, Tensor};
 #[cfg(feature = "cuda")]
@@ -19,12 +19,14 @@ use {
 /// Causal attention `softmax(scale·q·kᵀ + causal)·v` for `q` `[b, heads, t, d]` and `k`, `v`
 /// `[b, kv_heads, t_k, d]` (grouped-query heads share kv heads). The probabilities are
 /// recomputed in the backward pass: no `t × t_k` tensor outlives the forward. A sliding
-/// `window` limits each query to its last `window` keys (see [`causal_softmax`]).
+/// `window` limits each query to its last `window` keys (see [`causal_softmax`]); a `softcap`
+/// caps the scores as Gemma 2 does (see [`attention_probs`]).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    softcap: Option<f64>,
     window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, h, _, d) = q.dims4()?;
@@ -41,9 +43,9 @@ pub fn causal_attention(
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let probs = move |q: &Tensor, k: &Tensor| {
-        causal_softmax(&batched_matmul(q, &k.t()?)?.contiguous()?, scale, window)
+        attention_probs(&batched_matmul(q, &k.t()?)?.contiguous()?, scale, softcap, window)
     };
-    let out = batched_matmul(&probs(&qd, &expand(&kd)?)?, &expand(&vd)?)?;
+    let out = batched_matmul(&probs(&qd, &expand(&kd)?)?.0, &expand(&vd)?)?;
     let fold = move |t: Tensor| -> Result<Tensor> {
         if n_rep == 1 {
             return Ok(t);
@@ -53,10 +55,10 @@ pub fn causal_attention(
     };
     with_grad3((q, k, v), out, move |_, grad| -> Result<Grads3> {
         let (kr, vr) = (expand(&kd)?, expand(&vd)?);
-        let p = probs(&qd, &kr)?;
+        let (p, tanh) = probs(&qd, &kr)?;
         let d_v = fold(batched_matmul(&p.t()?, grad)?)?;
         let d_p = batched_matmul(grad, &vr.t()?)?.contiguous()?;
-        let d_s = causal_softmax_backward(&p, &d_p, scale)?;
+        let d_s = attention_probs_backward(&p, tanh.as_ref(), &d_p, scale)?;
         let d_q = batched_matmul(&d_s, &kr)?;
         let d_k = fold(batched_matmul(&d_s.t()?, &qd)?)?;
         Ok((Some(d_q), Some(d_k), Some(d_v)))
@@ -68,7 +70,8 @@ pub fn causal_attention(
 /// `[t, d / 2]`, positions `0..t`) applied to q and k. Equal to splitting the heads, [`rope`],
 /// [`causal_attention`] and merging the heads; f32 CPU tensors take one fused path, bf16 CUDA
 /// tensors with head size 64 or 128 the flash attention kernels (which have no sliding
-/// `window`: they serve a window only when it covers every key).
+/// `window`: they serve a window only when it covers every key; nor a `softcap`, Gemma 2's
+/// cap of the scores, see [`attention_probs`]).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_self_attention(
     q: &Tensor,
@@ -79,6 +82,7 @@ pub fn causal_self_attention(
     heads: usize,
     kv_heads: usize,
     scale: f64,
+    softcap: Option<f64>,
     window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, t, hd) = q.dims3()?;
@@ -86,6 +90,7 @@ pub fn causal_self_attention(
     let window = window.filter(|&w| w < t);
     #[cfg(feature = "cuda")]
     if window.is_none()
+        && softcap.is_none()
         && flash_serves((q, k, v), heads, kv_heads)
         && cos.dims() == [t, d / 2]
         && sin.dims() == [t, d / 2]
@@ -102,7 +107,7 @@ pub fn causal_self_attention(
         let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let qh = rope(&split(q, heads)?, cos, sin)?;
         let kh = rope(&split(k, kv_heads)?, cos, sin)?;
-        let out = causal_attention(&qh, &kh, &split(v, kv_heads)?, scale, window)?;
+        let out = causal_attention(&qh, &kh, &split(v, kv_heads)?, scale, softcap, window)?;
         return out.transpose(1, 2)?.reshape((b, t, hd));
     }
     let n_rep = heads / kv_heads;
@@ -128,21 +133,24 @@ pub fn causal_self_attention(
             shape.split(&vd, kv_heads, None)?,
         ))
     };
-    let probs = move |qh: &Tensor, kh: &Tensor| -> Result<Tensor> {
+    // The probabilities grouped as the heads are, and the capped scores' tanh per head.
+    let probs = move |qh: &Tensor, kh: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
         let scores = batched_matmul(qh, &kh.t()?)?.reshape((b, heads, t, t))?;
-        causal_softmax(&scores, scale, window)?.reshape((b, kv_heads, n_rep * t, t))
+        let (p, tanh) = attention_probs(&scores, scale, softcap, window)?;
+        Ok((p.reshape((b, kv_heads, n_rep * t, t))?, tanh))
     };
     let (qh, kh, vh) = inputs()?;
-    let out = batched_matmul(&probs(&qh, &kh)?, &vh)?;
+    let out = batched_matmul(&probs(&qh, &kh)?.0, &vh)?;
     let out = shape.merge(&out, heads, None)?;
     drop((qh, kh, vh));
     with_grad3((q, k, v), out, move |_, grad| -> Result<Grads3> {
         let g = group(shape.split(&grad.contiguous()?, heads, None)?)?;
         let (qh, kh, vh) = inputs()?;
-        let p = probs(&qh, &kh)?;
+        let (p, tanh) = probs(&qh, &kh)?;
         let d_v = batched_matmul(&p.t()?, &g)?;
         let d_p = batched_matmul(&g, &vh.t()?)?.reshape((b, heads, t, t))?;
-        let d_s = causal_softmax_backward(&p.reshape((b, heads, t, t))?, &d_p, scale)?
+        let p = p.reshape((b, heads, t, t))?;
+        let d_s = attention_probs_backward(&p, tanh.as_ref(), &d_p, scale)?
             .reshape((b, kv_heads, n_rep * t, t))?;
         let d_q = batched_matmul(&d_s, &kh)?;
         let d_k = batched_matmul(&d_s.t()?, &qh)?;

@@ -89,6 +89,7 @@ pub(crate) fn cross_entropy_cpu(
     need_grad: bool,
     weight_grad: bool,
     denom: f64,
+    softcap: Option<f64>,
 ) -> Result<HeadLoss> {
     let (n, d) = hidden.dims2()?;
     let vocab = weight.dim(0)?;
@@ -96,6 +97,8 @@ pub(crate) fn cross_entropy_cpu(
     let hidden = hidden.contiguous()?;
     let scale = (1.0 / denom) as f32;
     let mut logits = Vec::new();
+    // Per chunk, the tanh of each capped logit (Gemma 2's final soft cap), for its gradient.
+    let mut tanh = Vec::new();
     let mut row_losses = vec![0f64; n];
     let mut dhidden = Vec::with_capacity(if need_grad { n * d } else { 0 });
     let mut dweight = weight_grad.then(|| vec![0f32; vocab * d]);
@@ -106,13 +109,26 @@ pub(crate) fn cross_entropy_cpu(
             let h = &h[start * d..(start + rows) * d];
             head.logits(h, rows, &mut logits)?;
             let grads = need_grad || weight_grad;
-            logits
-                .par_chunks_mut(vocab)
-                .zip(&labels[start..start + rows])
-                .zip(&mut row_losses[start..start + rows])
-                .for_each(|((row, &label), loss)| {
-                    *loss = row_loss(row, label, grads.then_some(scale));
-                });
+            let grad_scale = grads.then_some(scale);
+            match softcap {
+                None => logits
+                    .par_chunks_mut(vocab)
+                    .zip(&labels[start..start + rows])
+                    .zip(&mut row_losses[start..start + rows])
+                    .for_each(|((row, &label), loss)| *loss = row_loss(row, label, grad_scale)),
+                Some(cap) => {
+                    let cap = cap as f32;
+                    tanh.resize(logits.len(), 0.0);
+                    logits
+                        .par_chunks_mut(vocab)
+                        .zip(tanh.par_chunks_mut(vocab))
+                        .zip(&labels[start..start + rows])
+                        .zip(&mut row_losses[start..start + rows])
+                        .for_each(|(((row, tanh), &label), loss)| {
+                            *loss = capped_row_loss(row, tanh, cap, label, grad_scale)
+                        });
+                }
+            }
             if need_grad {
                 dhidden.extend(head.input_grad(&logits, rows)?);
             }
@@ -145,6 +161,27 @@ pub(crate) struct HeadLoss {
     pub dhidden: Option<Vec<f32>>,
     /// d(loss sum / denom)/dweight `[vocab, d]`, when asked for.
     pub dweight: Option<Vec<f32>>,
+}
+
+/// [`row_loss`] of the logits capped as Gemma 2 caps them, `cap · tanh(l / cap)` (`tanh`: room
+/// for the row's tanh values); the gradient, when asked for, is the raw logits'.
+fn capped_row_loss(
+    row: &mut [f32],
+    tanh: &mut [f32],
+    cap: f32,
+    label: i64,
+    grad_scale: Option<f32>,
+) -> f64 {
+    for (v, t) in row.iter_mut().zip(tanh.iter_mut()) {
+        *t = (*v / cap).tanh();
+        *v = cap * *t;
+    }
+    let loss = row_loss(row, label, grad_scale);
+    // d(cap · tanh(l / cap))/dl = 1 − tanh².
+    if grad_scale.is_some() {
+        row.iter_mut().zip(tanh).for_each(|(d, t)| *d *= 1.0 - *t * *t);
+    }
+    loss
 }
 
 /// The loss of one row of logits for `label` (0 for a negative label, which has none); with

@@ -50,7 +50,9 @@ pub use ops::{
     softmax_last_dim, IGNORE_INDEX,
 };
 pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw, SlotMoments};
-pub use softmax::{causal_softmax, causal_softmax_backward};
+pub use softmax::{
+    attention_probs, attention_probs_backward, causal_softmax, causal_softmax_backward,
+};
 pub use switches::{
     attention_cudnn, cuda_kernel_on, cuda_kernels_off, flash_wide, flash_wide_backward,
     lora_cublas, parse_kernels_off, set_attention_cudnn, set_flash_wide, set_flash_wide_backward,

@@ -356,19 +356,21 @@ pub fn cross_entropy_chunked(
 ) -> Result<(Tensor, usize)> {
     let valid = labels.to_dtype(DType::I64)?.ge(0i64)?;
     let n_valid = valid.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
-    let loss = cross_entropy_sum(hidden, weight, labels, n_valid.max(1), chunk_rows)?;
+    let loss = cross_entropy_sum(hidden, weight, labels, n_valid.max(1), chunk_rows, None)?;
     Ok((loss, n_valid))
 }
 
 /// [`cross_entropy_chunked`]'s summed token loss divided by `denom`, which the caller knows
 /// (the trainer: the labelled tokens of an accumulation group). Counting the labels here would
-/// read a value back from a GPU and stall the host until the forward pass has run.
+/// read a value back from a GPU and stall the host until the forward pass has run. A
+/// `softcap` caps the logits first, `cap · tanh(logits / cap)` (Gemma 2's final soft cap).
 pub fn cross_entropy_sum(
     hidden: &Tensor,
     weight: &Tensor,
     labels: &Tensor,
     denom: usize,
     chunk_rows: usize,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     hidden.dims2()?;
     let labels = labels.to_dtype(DType::I64)?;
@@ -394,6 +396,7 @@ pub fn cross_entropy_sum(
             need_grad,
             weight_grad,
             denom,
+            softcap,
         )?;
         let loss = Tensor::new((loss_sum / denom) as f32, dev)?;
         let dh = dh
@@ -404,7 +407,8 @@ pub fn cross_entropy_sum(
             .transpose()?;
         (loss, dh, dw)
     } else {
-        cross_entropy_composed(hidden, weight, &labels, &valid, chunk_rows, denom)?
+        let chunks = Chunks { rows: chunk_rows, denom, softcap };
+        cross_entropy_composed(hidden, weight, &labels, &valid, chunks)?
     };
     if !(need_grad || weight_grad) {
         return Ok(loss);
@@ -469,6 +473,14 @@ fn fused_cross_entropy(
     Ok(None)
 }
 
+/// How [`cross_entropy_composed`] goes over the rows: `rows` at a time, the loss divided by
+/// `denom`, the logits capped by `softcap`.
+struct Chunks {
+    rows: usize,
+    denom: f64,
+    softcap: Option<f64>,
+}
+
 /// [`cross_entropy_chunked`] with candle ops (GPUs, other dtypes): the mean loss and the
 /// gradients of the inputs that track them.
 fn cross_entropy_composed(
@@ -476,8 +488,11 @@ fn cross_entropy_composed(
     weight: &Tensor,
     labels: &Tensor,
     valid: &Tensor,
-    chunk_rows: usize,
-    denom: f64,
+    Chunks {
+        rows: chunk_rows,
+        denom,
+        softcap,
+    }: Chunks,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     let (n, _) = hidden.dims2()?;
     let (need_grad, weight_grad) = (hidden.track_op(), weight.track_op());
@@ -496,6 +511,14 @@ fn cross_entropy_composed(
         let h = hidden_d.narrow(0, start, len)?.to_dtype(weight.dtype())?;
         let lab = labels.narrow(0, start, len)?;
         let logits = frozen_matmul(&h, &weight, true)?;
+        // Capped logits in f32, and their tanh for the gradient.
+        let (logits, tanh) = match softcap {
+            None => (logits, None),
+            Some(cap) => {
+                let tanh = (logits.to_dtype(DType::F32)? / cap)?.tanh()?;
+                ((&tanh * cap)?, Some(tanh))
+            }
+        };
         let want_grad = need_grad || weight_grad;
         let (row_loss, dlogits) = match fused_cross_entropy(&logits, &lab, denom, want_grad)? {
             Some(fused) => fused,
@@ -524,6 +547,14 @@ fn cross_entropy_composed(
             }
         };
         loss_sum = (loss_sum + row_loss.sum_all()?)?;
+        let dlogits = match (dlogits, &tanh) {
+            // d(cap · tanh(l / cap))/dl = 1 − tanh².
+            (Some(d), Some(t)) => Some(
+                (d.to_dtype(DType::F32)? * t.sqr()?.affine(-1.0, 1.0)?)?
+                    .to_dtype(weight.dtype())?,
+            ),
+            (d, _) => d,
+        };
         if let Some(dlogits) = dlogits {
             if need_grad {
                 grads.push(frozen_matmul(&dlogits, &weight, false)?);

@@ -40,6 +40,36 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Res
     })
 }
 
+/// Causal attention probabilities of raw scores `s = q·kᵀ` (see [`causal_softmax`]): of
+/// `scale · s`, or with Gemma 2's soft cap of `cap · tanh(scale · s / cap)`. Returns the
+/// probabilities and, with a cap, the tanh values that [`attention_probs_backward`] reads.
+pub fn attention_probs(
+    scores: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+    window: Option<usize>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let Some(cap) = softcap else {
+        return Ok((causal_softmax(scores, scale, window)?, None));
+    };
+    let tanh = (scores * (scale / cap))?.tanh()?;
+    Ok((causal_softmax(&(&tanh * cap)?, 1.0, window)?, Some(tanh)))
+}
+
+/// dL/ds of [`attention_probs`] from its probabilities `y`, tanh values and dL/dy.
+pub fn attention_probs_backward(
+    y: &Tensor,
+    tanh: Option<&Tensor>,
+    grad: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    match tanh {
+        None => causal_softmax_backward(y, grad, scale),
+        // d(cap · tanh(scale · s / cap))/ds = scale · (1 − tanh²).
+        Some(t) => causal_softmax_backward(y, grad, 1.0)? * t.sqr()?.affine(-scale, scale)?,
+    }
+}
+
 struct CausalSoftmax {
     scale: f32,
     q: usize,

@@ -187,7 +187,7 @@ fn causal_attention_matches_cpu() {
         (randn(&[2, 2, 6, 8], 12), Input::Cast),
     ];
     check("causal_attention", &inputs, |x| {
-        causal_attention(&x[0], &x[1], &x[2], 1.0 / 8f64.sqrt(), None)
+        causal_attention(&x[0], &x[1], &x[2], 1.0 / 8f64.sqrt(), None, None)
     });
 }
 
@@ -229,7 +229,7 @@ fn check_self_attention(name: &str, (b, t, heads, kv_heads, d): Sizes5, seed: u6
         let scale = 1.0 / (d as f64).sqrt();
         let (cos, sin) = (x[3].detach(), x[4].detach());
         causal_self_attention(
-            &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None,
+            &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None, None,
         )
     });
 }
@@ -393,7 +393,7 @@ fn sliding_window_self_attention_matches_cpu() {
         let scale = 1.0 / (d as f64).sqrt();
         let (cos, sin) = (x[3].detach(), x[4].detach());
         let (q, k, v) = (&x[0], &x[1], &x[2]);
-        causal_self_attention(q, k, v, &cos, &sin, heads, kv_heads, scale, Some(window))
+        causal_self_attention(q, k, v, &cos, &sin, heads, kv_heads, scale, None, Some(window))
     });
 }
 

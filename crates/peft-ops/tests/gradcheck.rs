@@ -469,7 +469,7 @@ fn causal_attention_matches_composed_gqa() {
     let scale = 0.6;
     check_against_composed(
         &inputs,
-        |t| causal_attention(&t[0], &t[1], &t[2], scale, None),
+        |t| causal_attention(&t[0], &t[1], &t[2], scale, None, None),
         |t| {
             let rep = |x: &Tensor| {
                 x.unsqueeze(2)?
@@ -488,6 +488,51 @@ fn causal_attention_matches_composed_gqa() {
         },
         1e-5,
     );
+}
+
+#[test]
+fn soft_capped_attention_matches_composed() {
+    // Gemma 2's cap: scores become cap · tanh(scale · s / cap) before the causal softmax. A cap
+    // of 2 on scores up to about 3 changes them, so the test sees it.
+    let inputs = [
+        randn(&[2, 4, 6, 8], DType::F32, 60),
+        randn(&[2, 2, 6, 8], DType::F32, 61),
+        randn(&[2, 2, 6, 8], DType::F32, 62),
+    ];
+    let (scale, cap, window) = (0.9, 2.0, 4);
+    let composed = |t: &[Tensor], cap: f64| {
+        let rep = |x: &Tensor| {
+            x.unsqueeze(2)?
+                .broadcast_as((2, 2, 2, 6, 8))?
+                .reshape((2, 4, 6, 8))
+        };
+        let (k, v) = (rep(&t[1])?, rep(&t[2])?);
+        let mask: Vec<f32> = (0..6)
+            .flat_map(|i| {
+                (0..6).map(move |j| match j <= i && j + window > i {
+                    true => 0.0,
+                    false => f32::NEG_INFINITY,
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (6, 6), &Device::Cpu)?;
+        let s = ((t[0].matmul(&k.t()?)? * (scale / cap))?.tanh()? * cap)?;
+        let s = s.broadcast_add(&mask)?;
+        let m = s.max_keepdim(D::Minus1)?.detach();
+        let e = s.broadcast_sub(&m)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(&v)
+    };
+    check_against_composed(
+        &inputs,
+        |t| causal_attention(&t[0], &t[1], &t[2], scale, Some(cap), Some(window)),
+        |t| composed(t, cap),
+        1e-5,
+    );
+    // The cap changes the result.
+    let capped = causal_attention(&inputs[0], &inputs[1], &inputs[2], scale, Some(cap), None);
+    let plain = causal_attention(&inputs[0], &inputs[1], &inputs[2], scale, None, None);
+    let d = max_abs_diff(&capped.unwrap(), &plain.unwrap());
+    assert!(d > 1e-2, "the cap has no effect ({d})");
 }
 
 #[test]
@@ -520,6 +565,7 @@ fn sliding_window_softmax_matches_masked_softmax_and_grad() {
     assert_eq!(max_abs_diff(&wide, &causal), 0.0);
 }
 
+/// The fused path with a sliding window, and with Gemma 2's soft cap of the scores too.
 #[test]
 fn sliding_window_self_attention_matches_split_rope_attention_merge() {
     let (b, t, h, kvh, d, window) = (2, 9, 4, 2, 4, 4);
@@ -531,29 +577,39 @@ fn sliding_window_self_attention_matches_split_rope_attention_merge() {
     let theta = randn(&[t, d / 2], DType::F32, 57);
     let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
     let scale = 0.5;
-    let fused = |x: &[Tensor]| {
-        causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, h, kvh, scale, Some(window))
-    };
-    check_against_composed(
-        &inputs,
-        fused,
-        |x| {
-            let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
-            let q = rope(&split(&x[0], h)?.contiguous()?, &cos, &sin)?;
-            let k = rope(&split(&x[1], kvh)?.contiguous()?, &cos, &sin)?;
-            let v = split(&x[2], kvh)?;
-            causal_attention(&q, &k, &v, scale, Some(window))?
-                .transpose(1, 2)?
-                .reshape((b, t, h * d))
-        },
-        1e-5,
-    );
-    // The window changes the result (the sequence is longer than it).
-    let plain = causal_self_attention(
-        &inputs[0], &inputs[1], &inputs[2], &cos, &sin, h, kvh, scale, None,
-    );
-    let d = max_abs_diff(&fused(&inputs).unwrap(), &plain.unwrap());
-    assert!(d > 1e-2, "window has no effect ({d})");
+    for softcap in [None, Some(0.4)] {
+        let fused = |x: &[Tensor]| {
+            let (q, k, v) = (&x[0], &x[1], &x[2]);
+            causal_self_attention(q, k, v, &cos, &sin, h, kvh, scale, softcap, Some(window))
+        };
+        check_against_composed(
+            &inputs,
+            fused,
+            |x| {
+                let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
+                let q = rope(&split(&x[0], h)?.contiguous()?, &cos, &sin)?;
+                let k = rope(&split(&x[1], kvh)?.contiguous()?, &cos, &sin)?;
+                let v = split(&x[2], kvh)?;
+                causal_attention(&q, &k, &v, scale, softcap, Some(window))?
+                    .transpose(1, 2)?
+                    .reshape((b, t, h * d))
+            },
+            1e-5,
+        );
+        // The window (the sequence is longer than it) and the cap change the result.
+        let plain = causal_self_attention(
+            &inputs[0], &inputs[1], &inputs[2], &cos, &sin, h, kvh, scale, None, None,
+        );
+        let d = max_abs_diff(&fused(&inputs).unwrap(), &plain.unwrap());
+        assert!(d > 1e-2, "window has no effect ({d})");
+        if softcap.is_some() {
+            let uncapped = causal_self_attention(
+                &inputs[0], &inputs[1], &inputs[2], &cos, &sin, h, kvh, scale, None, Some(window),
+            );
+            let d = max_abs_diff(&fused(&inputs).unwrap(), &uncapped.unwrap());
+            assert!(d > 1e-2, "the cap has no effect ({d})");
+        }
+    }
 }
 
 #[test]
@@ -570,13 +626,13 @@ fn causal_self_attention_matches_split_rope_attention_merge() {
     let scale = 0.5;
     check_against_composed(
         &inputs,
-        |x| causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, h, kvh, scale, None),
+        |x| causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, h, kvh, scale, None, None),
         |x| {
             let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
             let q = rope(&split(&x[0], h)?.contiguous()?, &cos, &sin)?;
             let k = rope(&split(&x[1], kvh)?.contiguous()?, &cos, &sin)?;
             let v = split(&x[2], kvh)?;
-            causal_attention(&q, &k, &v, scale, None)?
+            causal_attention(&q, &k, &v, scale, None, None)?
                 .transpose(1, 2)?
                 .reshape((b, t, h * d))
         },
@@ -643,6 +699,43 @@ fn chunked_cross_entropy_trains_the_head() {
             1e-5,
         );
     }
+}
+
+/// Gemma 2's final soft cap: the loss of `cap · tanh(logits / cap)`, with the hidden states'
+/// and the head's gradients, by the CPU kernel (f32) and the composed path (f64).
+#[test]
+fn soft_capped_cross_entropy_matches_composed() {
+    // Hidden and head scaled so that the logits (up to about 6) reach past the cap of 3.
+    let inputs = [
+        (randn(&[7, 4], DType::F32, 15) * 2.0).unwrap(),
+        (randn(&[11, 4], DType::F32, 16) * 1.5).unwrap(),
+    ];
+    let labels = Tensor::new(&[3i64, -100, 0, 10, 5, -100, 2], &Device::Cpu).unwrap();
+    let cap = 3.0;
+    let reference = |t: &[Tensor], cap: Option<f64>| -> Result<Tensor> {
+        let mut logits = t[0].matmul(&t[1].t()?)?;
+        if let Some(cap) = cap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let mask = labels.ge(0i64)?.to_dtype(DType::F32)?;
+        let picked = logp.gather(&labels.clamp(0i64, 10i64)?.unsqueeze(1)?, 1)?;
+        (picked.squeeze(1)? * mask)?.sum_all()?.neg()? / 5.0
+    };
+    for dtype in [DType::F32, DType::F64] {
+        check_against_composed(
+            &inputs,
+            |t| {
+                let (h, w) = (t[0].to_dtype(dtype)?, t[1].to_dtype(dtype)?);
+                cross_entropy_sum(&h, &w, &labels, 5, 3, Some(cap))?.to_dtype(DType::F32)
+            },
+            |t| reference(t, Some(cap)),
+            1e-5,
+        );
+    }
+    let loss = |cap| reference(&inputs, cap).unwrap().to_scalar::<f32>().unwrap();
+    let (capped, plain) = (loss(Some(cap)), loss(None));
+    assert!((capped - plain).abs() > 1e-2, "the cap has no effect ({capped} vs {plain})");
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Each supported architecture (Llama with biases and Llama 3 rope scaling, Mistral, Qwen2,
-//! Qwen3, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
+//! Qwen3, Gemma 2 with soft caps, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
 //! sliding window) as transformers computes it, with an HF PEFT LoRA
 //! adapter on top: logits unmerged, merged and over a padded batch, and the LoRA gradients of
 //! the next-token loss. Fixtures from scripts/hf/make_arch_fixtures.py.
@@ -9,7 +9,7 @@ use peft::{PeftModel, Tuned};
 use peft_models::io::load_safetensors;
 use peft_models::testing::{max_abs, max_abs_diff};
 use peft_models::{load_model, KvCache, Llama};
-use peft_ops::cross_entropy_chunked;
+use peft_ops::cross_entropy_sum;
 use std::path::PathBuf;
 
 const ARCHITECTURES: &[&str] = &[
@@ -17,6 +17,7 @@ const ARCHITECTURES: &[&str] = &[
     "mistral",
     "qwen2",
     "qwen3",
+    "gemma2",
     "gemma3_text",
     "phi3",
 ];
@@ -93,7 +94,9 @@ fn lora_gradients_on_tapes() {
         let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
         let h = peft.base.forward(&ids, None, None, true).unwrap();
         let head = peft.base.lm_head_weight().unwrap();
-        let (loss, _) = cross_entropy_chunked(&h.squeeze(0).unwrap(), &head, &labels, 4).unwrap();
+        // Gemma 2 caps the logits before the loss.
+        let cap = peft.base.config.final_softcap;
+        let loss = cross_entropy_sum(&h.squeeze(0).unwrap(), &head, &labels, 7, 4, cap).unwrap();
         // The decoder stack is one node (peft_ops::taped) for every architecture: the
         // gradients below then come from its tape.
         let nodes = loss.sorted_nodes().len();

@@ -616,6 +616,7 @@ mod tests {
             vv.as_tensor(),
             p.scale as f64,
             None,
+            None,
         )
         .unwrap();
         let o = &buffers[&Port::O];

@@ -118,6 +118,7 @@ pub fn packed_reference(
                 kv_heads,
                 scale,
                 None,
+                None,
             )
             .unwrap();
             let grads = (&o * part(probe))
