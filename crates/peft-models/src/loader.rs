@@ -404,7 +404,9 @@ fn read_gguf<R: Read + Seek>(
         .and_then(|v| v.to_string().ok())
         .cloned()
         .with_context(bad)?;
-    let known = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
+    let known = [
+        "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+    ];
     if !known.contains(&arch.as_str()) {
         bail!("{}: unsupported GGUF architecture {arch:?}", path.display());
     }

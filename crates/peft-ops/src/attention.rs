@@ -43,7 +43,12 @@ pub fn causal_attention(
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let probs = move |q: &Tensor, k: &Tensor| {
-        attention_probs(&batched_matmul(q, &k.t()?)?.contiguous()?, scale, softcap, window)
+        attention_probs(
+            &batched_matmul(q, &k.t()?)?.contiguous()?,
+            scale,
+            softcap,
+            window,
+        )
     };
     let out = batched_matmul(&probs(&qd, &expand(&kd)?)?.0, &expand(&vd)?)?;
     let fold = move |t: Tensor| -> Result<Tensor> {
@@ -150,8 +155,12 @@ pub fn causal_self_attention(
         let d_v = batched_matmul(&p.t()?, &g)?;
         let d_p = batched_matmul(&g, &vh.t()?)?.reshape((b, heads, t, t))?;
         let p = p.reshape((b, heads, t, t))?;
-        let d_s = attention_probs_backward(&p, tanh.as_ref(), &d_p, scale)?
-            .reshape((b, kv_heads, n_rep * t, t))?;
+        let d_s = attention_probs_backward(&p, tanh.as_ref(), &d_p, scale)?.reshape((
+            b,
+            kv_heads,
+            n_rep * t,
+            t,
+        ))?;
         let d_q = batched_matmul(&d_s, &kh)?;
         let d_k = batched_matmul(&d_s.t()?, &qh)?;
         Ok((

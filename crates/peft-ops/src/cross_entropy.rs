@@ -85,11 +85,13 @@ pub(crate) fn cross_entropy_cpu(
     hidden: &Tensor,
     weight: &Tensor,
     labels: &[i64],
-    chunk_rows: usize,
     need_grad: bool,
     weight_grad: bool,
-    denom: f64,
-    softcap: Option<f64>,
+    Chunks {
+        rows: chunk_rows,
+        denom,
+        softcap,
+    }: Chunks,
 ) -> Result<HeadLoss> {
     let (n, d) = hidden.dims2()?;
     let vocab = weight.dim(0)?;
@@ -154,6 +156,14 @@ pub(crate) fn cross_entropy_cpu(
     })
 }
 
+/// How the chunked loss goes over the rows: `rows` at a time, the summed loss divided by
+/// `denom`, the logits capped by `softcap` (see [`crate::cross_entropy_sum`]).
+pub(crate) struct Chunks {
+    pub rows: usize,
+    pub denom: f64,
+    pub softcap: Option<f64>,
+}
+
 /// What [`cross_entropy_cpu`] computes.
 pub(crate) struct HeadLoss {
     pub loss_sum: f64,
@@ -179,7 +189,9 @@ fn capped_row_loss(
     let loss = row_loss(row, label, grad_scale);
     // d(cap · tanh(l / cap))/dl = 1 − tanh².
     if grad_scale.is_some() {
-        row.iter_mut().zip(tanh).for_each(|(d, t)| *d *= 1.0 - *t * *t);
+        row.iter_mut()
+            .zip(tanh)
+            .for_each(|(d, t)| *d *= 1.0 - *t * *t);
     }
     loss
 }

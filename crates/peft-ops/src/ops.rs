@@ -1,3 +1,4 @@
+use crate::cross_entropy::Chunks;
 use crate::grad::{with_grad3_acc, Accumulated};
 #[cfg(feature = "cuda")]
 use crate::grad::{GpuForward, GpuIn};
@@ -379,6 +380,11 @@ pub fn cross_entropy_sum(
     let need_grad = hidden.track_op();
     let weight_grad = weight.track_op();
     let dev = hidden.device();
+    let chunks = Chunks {
+        rows: chunk_rows,
+        denom,
+        softcap,
+    };
     let (loss, dhidden, dweight) = if crate::has_kernel(hidden, Kernel::Loss)
         && crate::has_kernel(weight, Kernel::Loss)
         && dev.is_cpu()
@@ -392,11 +398,9 @@ pub fn cross_entropy_sum(
             &hidden.detach(),
             &weight.detach(),
             &labels,
-            chunk_rows,
             need_grad,
             weight_grad,
-            denom,
-            softcap,
+            chunks,
         )?;
         let loss = Tensor::new((loss_sum / denom) as f32, dev)?;
         let dh = dh
@@ -407,7 +411,6 @@ pub fn cross_entropy_sum(
             .transpose()?;
         (loss, dh, dw)
     } else {
-        let chunks = Chunks { rows: chunk_rows, denom, softcap };
         cross_entropy_composed(hidden, weight, &labels, &valid, chunks)?
     };
     if !(need_grad || weight_grad) {
@@ -471,14 +474,6 @@ fn fused_cross_entropy(
     }
     let _ = (logits, labels, denom, grad);
     Ok(None)
-}
-
-/// How [`cross_entropy_composed`] goes over the rows: `rows` at a time, the loss divided by
-/// `denom`, the logits capped by `softcap`.
-struct Chunks {
-    rows: usize,
-    denom: f64,
-    softcap: Option<f64>,
 }
 
 /// [`cross_entropy_chunked`] with candle ops (GPUs, other dtypes): the mean loss and the

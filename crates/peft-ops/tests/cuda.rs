@@ -191,6 +191,37 @@ fn causal_attention_matches_cpu() {
     });
 }
 
+/// Gemma 2's soft cap of the scores: the flash kernels and cuDNN have none, so the GPU takes
+/// the composed path, against the CPU's fused one.
+#[test]
+fn soft_capped_self_attention_matches_cpu() {
+    let (b, t, heads, kv_heads, d) = (2, 40, 4, 2, 64);
+    let (cos, sin) = rope_tables(t, d);
+    let inputs = [
+        (randn(&[b, t, heads * d], 70), Input::Cast),
+        (randn(&[b, t, kv_heads * d], 71), Input::Cast),
+        (randn(&[b, t, kv_heads * d], 72), Input::Cast),
+        (cos, Input::F32),
+        (sin, Input::F32),
+    ];
+    check("soft-capped causal_self_attention", &inputs, |x| {
+        let (cos, sin) = (x[3].detach(), x[4].detach());
+        let scale = 1.0 / (d as f64).sqrt();
+        causal_self_attention(
+            &x[0],
+            &x[1],
+            &x[2],
+            &cos,
+            &sin,
+            heads,
+            kv_heads,
+            scale,
+            Some(1.5),
+            Some(16),
+        )
+    });
+}
+
 /// bf16 takes the flash attention kernels (cuDNN's attention turned off; head sizes 64 and
 /// 128; the 128-row forward for 64, the 128-key backward for both), f32 the composed path;
 /// both against the CPU's fused f32 path. Sequences span several 64-row tiles and end
@@ -393,7 +424,18 @@ fn sliding_window_self_attention_matches_cpu() {
         let scale = 1.0 / (d as f64).sqrt();
         let (cos, sin) = (x[3].detach(), x[4].detach());
         let (q, k, v) = (&x[0], &x[1], &x[2]);
-        causal_self_attention(q, k, v, &cos, &sin, heads, kv_heads, scale, None, Some(window))
+        causal_self_attention(
+            q,
+            k,
+            v,
+            &cos,
+            &sin,
+            heads,
+            kv_heads,
+            scale,
+            None,
+            Some(window),
+        )
     });
 }
 
@@ -626,6 +668,11 @@ fn cross_entropy_matches_cpu() {
     check("cross_entropy_chunked, trained head", &inputs, |x| {
         let lab = Tensor::new(labels.as_slice(), x[0].device())?;
         Ok(cross_entropy_chunked(&x[0], &x[1], &lab, 3)?.0)
+    });
+    // Gemma 2's soft cap of the logits (the GPU caps them before its loss kernel).
+    check("cross_entropy_sum, soft-capped", &inputs, |x| {
+        let lab = Tensor::new(labels.as_slice(), x[0].device())?;
+        cross_entropy_sum(&x[0], &x[1], &lab, 8, 3, Some(2.0))
     });
 }
 

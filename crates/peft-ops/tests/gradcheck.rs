@@ -604,7 +604,16 @@ fn sliding_window_self_attention_matches_split_rope_attention_merge() {
         assert!(d > 1e-2, "window has no effect ({d})");
         if softcap.is_some() {
             let uncapped = causal_self_attention(
-                &inputs[0], &inputs[1], &inputs[2], &cos, &sin, h, kvh, scale, None, Some(window),
+                &inputs[0],
+                &inputs[1],
+                &inputs[2],
+                &cos,
+                &sin,
+                h,
+                kvh,
+                scale,
+                None,
+                Some(window),
             );
             let d = max_abs_diff(&fused(&inputs).unwrap(), &uncapped.unwrap());
             assert!(d > 1e-2, "the cap has no effect ({d})");
@@ -735,7 +744,10 @@ fn soft_capped_cross_entropy_matches_composed() {
     }
     let loss = |cap| reference(&inputs, cap).unwrap().to_scalar::<f32>().unwrap();
     let (capped, plain) = (loss(Some(cap)), loss(None));
-    assert!((capped - plain).abs() > 1e-2, "the cap has no effect ({capped} vs {plain})");
+    assert!(
+        (capped - plain).abs() > 1e-2,
+        "the cap has no effect ({capped} vs {plain})"
+    );
 }
 
 #[test]

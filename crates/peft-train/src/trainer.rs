@@ -302,7 +302,9 @@ impl Trainer<'_> {
         let rows = (elems / weight.dim(0)?).max(1);
         // A trainable head (full fine-tuning, modules_to_save) gets its gradient too.
         let softcap = base.config.final_softcap;
-        Ok(cross_entropy_sum(&hidden, weight, &labels, denom, rows, softcap)?)
+        Ok(cross_entropy_sum(
+            &hidden, weight, &labels, denom, rows, softcap,
+        )?)
     }
 
     /// One optimizer step over the micro-batches of an accumulation group.

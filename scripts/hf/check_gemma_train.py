@@ -1,14 +1,17 @@
-"""Trains a LoRA with `peft train` on a small random Gemma 3 and checks it in HF PEFT.
+"""Trains a LoRA with `peft train` on small random Gemma 2 and Gemma 3 models and checks each
+in HF PEFT.
 
-The model: 6 layers (five sliding-window layers with a window of 16, one global), hidden 64,
-SmolLM2's tokenizer and chat template, saved by transformers. `peft train` runs on the shipped
-pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see only part of
-their sequence through the window). Then:
+The models: 6 layers, hidden 64, SmolLM2's tokenizer and chat template, saved by transformers;
+Gemma 3 with five sliding-window layers (a window of 16) and one global, Gemma 2 with every
+other layer sliding (the same window) and soft caps of the attention scores and logits small
+enough to change them. `peft train` runs on the shipped pirate data (all-linear LoRA, f32,
+packed rows of 96 tokens, so most queries see only part of their sequence through the window).
+Then, for each:
 1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
    input equal `peft logits --adapter` within 1e-4;
 2. transformers loads the folder `peft merge` writes, and its logits equal the adapter's.
 
-    .venv/bin/python scripts/hf/check_gemma3_train.py [--peft target/release/peft]
+    .venv/bin/python scripts/hf/check_gemma_train.py [--peft target/release/peft] [--only 2|3]
 """
 import argparse
 import json
@@ -21,12 +24,14 @@ import tempfile
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                          Gemma3TextConfig)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
 ap.add_argument("--smollm-dir", default="models/smollm2-135m-instruct")
 ap.add_argument("--data", default="data/pirate_qa.jsonl")
+ap.add_argument("--only", choices=["2", "3"], help="check only this Gemma version")
 args = ap.parse_args()
 
 
@@ -37,16 +42,11 @@ def run(cmd):
     return r
 
 
-ids = [i % 49152 for i in range(3, 3 + 40 * 977, 977)]
-with tempfile.TemporaryDirectory() as tmp:
+def check(version, cls, cfg, tmp):
+    """Trains, compares and merges on Gemma `version`; True when a check failed."""
     model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
-                           max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                           pad_token_id=2)
-    model = Gemma3ForCausalLM(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
@@ -58,7 +58,7 @@ with tempfile.TemporaryDirectory() as tmp:
                "--target-modules", "all-linear", "--r", "8", "--lora-alpha", "16",
                "--max-steps", "6", "--batch-size", "2", "--lr", "5e-3", "--dtype", "f32",
                "--packing", "--max-seq-length", "96", "--quiet"])
-    print((out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
+    print(f"Gemma {version}:", (out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
 
     ours = os.path.join(tmp, "ours.safetensors")
     run([args.peft, "logits", "--model", model_dir, "--adapter", adapter, "--input-ids",
@@ -84,5 +84,23 @@ with tempfile.TemporaryDirectory() as tmp:
     print(f"merged folder in transformers vs HF PEFT: max abs diff {dm:.2e}")
     with open(os.path.join(adapter, "adapter_config.json")) as f:
         print("adapter targets", json.load(f)["target_modules"])
-    failed = d > 1e-4 or dm > 1e-4 or moved < 1e-2
-    sys.exit(1 if failed else 0)
+    return d > 1e-4 or dm > 1e-4 or moved < 1e-2
+
+
+ids = [i % 49152 for i in range(3, 3 + 40 * 977, 977)]
+shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+             sliding_window=16, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+             pad_token_id=2)
+gemmas = {
+    "3": (Gemma3ForCausalLM, Gemma3TextConfig(**shape)),
+    "2": (Gemma2ForCausalLM, Gemma2Config(**shape, attn_logit_softcapping=0.5,
+                                          final_logit_softcapping=2.0)),
+}
+failed = False
+for version, (cls, cfg) in gemmas.items():
+    if args.only and version != args.only:
+        continue
+    with tempfile.TemporaryDirectory() as tmp:
+        failed |= check(version, cls, cfg, tmp)
+sys.exit(1 if failed else 0)
