@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          SmolLM3Config, SmolLM3ForCausalLM)
 
 common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -42,6 +43,10 @@ models = {
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
     # Per-head q/k norms and a head_dim that is not hidden / heads (4 × 16 = 64 ≠ 32).
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)),
+    # SmolLM3: a layer without RoPE (every second here; every fourth in the released model).
+    "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(
+        **common, no_rope_layer_interval=2, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0})),
     # Gemma 2: Gemma 3's layer without q/k norms, every other layer sliding (window 3 over 8
     # tokens, the first one sliding), and soft caps of the attention scores and the logits,
     # small enough here to change them (the script checks that they do).

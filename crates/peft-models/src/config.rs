@@ -4,7 +4,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
-/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 2/3)
+/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2/3, Gemma 2/3,
+/// Phi-3)
 /// that the forward pass needs. `raw` keeps the file as read so that `peft merge` writes it back
 /// intact.
 #[derive(Debug, Clone)]
@@ -49,6 +50,9 @@ pub struct LlamaConfig {
     /// Per layer, the sliding window of keys its queries see (Gemma's local layers), or
     /// `None` for global attention.
     pub layer_windows: Vec<Option<usize>>,
+    /// Per layer, whether RoPE rotates its queries and keys (SmolLM3 leaves every fourth layer
+    /// without: its `no_rope_layers`).
+    pub layer_rope: Vec<bool>,
     /// Linear RoPE scaling of the global layers (`rope_type: "linear"`): positions divided by it.
     pub rope_linear_factor: Option<f64>,
     /// RoPE base of the sliding-window layers, when they have their own (Gemma 3's
@@ -115,6 +119,8 @@ struct RawConfig {
     rope_local_base_freq: Option<f64>,
     original_max_position_embeddings: Option<usize>,
     partial_rotary_factor: Option<f64>,
+    no_rope_layers: Option<Vec<u8>>,
+    no_rope_layer_interval: Option<usize>,
 }
 
 fn default_eps() -> f64 {
@@ -129,6 +135,7 @@ const SUPPORTED: &[&str] = &[
     "mistral",
     "qwen2",
     "qwen3",
+    "smollm3",
     "gemma2",
     "gemma3_text",
     "phi3",
@@ -286,6 +293,7 @@ impl LlamaConfig {
             attn_softcap,
             final_softcap,
             layer_windows,
+            layer_rope: layer_rope(&c, model_type == "smollm3")?,
             rope_linear_factor,
             local_rope_theta,
             longrope,
@@ -455,6 +463,26 @@ fn theta_powers(theta: f64, head_dim: usize) -> impl Iterator<Item = f32> {
 
 /// Gemma 3's window per layer: `layer_types` where the file has them, else every
 /// `sliding_window_pattern`-th layer global and the others sliding (transformers' default).
+/// Which layers rotate by RoPE: SmolLM3's `no_rope_layers` (1: RoPE, 0: none), by default
+/// every `no_rope_layer_interval`-th layer (4) without; every layer elsewhere.
+fn layer_rope(c: &RawConfig, smollm3: bool) -> Result<Vec<bool>> {
+    let n = c.num_hidden_layers;
+    if !smollm3 {
+        return Ok(vec![true; n]);
+    }
+    match &c.no_rope_layers {
+        Some(flags) if flags.len() != n => bail!(
+            "config.json: no_rope_layers has {} entries for {n} layers",
+            flags.len()
+        ),
+        Some(flags) => Ok(flags.iter().map(|&f| f != 0).collect()),
+        None => {
+            let interval = c.no_rope_layer_interval.unwrap_or(4).max(1);
+            Ok((0..n).map(|i| (i + 1) % interval != 0).collect())
+        }
+    }
+}
+
 /// Gemma's sliding-window layers: by `layer_types`, or every `pattern`-th layer global (Gemma
 /// 2: every other one, the first sliding; Gemma 3: every sixth).
 fn gemma_layer_windows(c: &RawConfig, pattern: usize) -> Result<Vec<Option<usize>>> {

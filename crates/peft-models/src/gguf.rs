@@ -103,7 +103,7 @@ pub fn is_gemma(arch: &str) -> bool {
 
 /// Whether llama.cpp's converter permutes the q/k rows of this GGUF architecture.
 pub fn permutes_qk(arch: &str) -> bool {
-    matches!(arch, "llama" | "mistral")
+    matches!(arch, "llama" | "mistral" | "smollm3")
 }
 
 /// llama.cpp's q/k row permutation (convert_hf_to_gguf `permute`): the rows of each head go
@@ -206,6 +206,17 @@ impl GgufType {
 pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
     Ok(match c.model_type.as_str() {
         "llama" | "mistral" => "llama",
+        "smollm3" => {
+            // llama.cpp leaves every fourth layer without RoPE, whatever the file says.
+            let fourth: Vec<bool> = (0..c.num_hidden_layers).map(|i| (i + 1) % 4 != 0).collect();
+            if c.layer_rope != fourth {
+                bail!(
+                    "llama.cpp's smollm3 leaves every fourth layer without RoPE; this model's \
+                     no_rope_layers differ"
+                );
+            }
+            "smollm3"
+        }
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
         "gemma2" => {
@@ -323,13 +334,13 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         ));
     }
     // The keys llama.cpp's converter adds where it has them: head sizes when the config names
-    // a head_dim; rope dimensions and vocabulary size for the llama architecture.
+    // a head_dim; rope dimensions and vocabulary size for Llama's converter's architectures.
     let mut optional = Vec::new();
     if c.raw.get("head_dim").is_some() {
         optional.push(("attention.key_length", u32_of(c.head_dim)));
         optional.push(("attention.value_length", u32_of(c.head_dim)));
     }
-    if arch == "llama" {
+    if matches!(arch, "llama" | "smollm3") {
         optional.push(("vocab_size", u32_of(c.vocab_size)));
         optional.push(("rope.dimension_count", u32_of(c.head_dim)));
     }

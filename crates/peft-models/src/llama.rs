@@ -768,16 +768,17 @@ impl Llama {
         Ok((positions, span, Some(bias)))
     }
 
-    /// What the layers of each kind read: RoPE tables and mask of the global layers, and of
+    /// What the layers of each kind read: RoPE tables and mask of the global layers, of
     /// the sliding-window layers where the model has them (their own RoPE base, and a bias
-    /// that also hides keys beyond the window, when some are).
+    /// that also hides keys beyond the window, when some are), and of the layers without RoPE
+    /// where it has them (tables that rotate by nothing).
     fn layer_inputs(
         &self,
         batch: usize,
         seq: usize,
         past: usize,
         attention_mask: Option<&Tensor>,
-    ) -> Result<(LayerInputs, Option<LayerInputs>)> {
+    ) -> Result<LayerKinds> {
         let (positions, span, bias) = self.mask_layout(batch, seq, past, attention_mask)?;
         let bias = bias.map(Arc::new);
         // The flash attention kernels (GPUs) read the mask's segment ids instead of the bias.
@@ -825,7 +826,19 @@ impl Llama {
             window: None,
             sink: self.grad_sink.clone(),
         };
-        Ok((global, local))
+        let unrotated = match self.config.layer_rope.contains(&false) {
+            true => Some(LayerInputs {
+                cos: global.cos.ones_like()?,
+                sin: global.sin.zeros_like()?,
+                ..global.clone()
+            }),
+            false => None,
+        };
+        Ok(LayerKinds {
+            global,
+            local,
+            unrotated,
+        })
     }
 
     /// Runs the decoder on input embeddings `[batch, seq, hidden]` and returns the final
@@ -840,11 +853,8 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-        let (global, local) = self.layer_inputs(b, t, past, attention_mask)?;
-        let inputs_of = |l: usize| match (&self.config.layer_windows[l], &local) {
-            (Some(_), Some(local)) => local,
-            _ => &global,
-        };
+        let kinds = self.layer_inputs(b, t, past, attention_mask)?;
+        let inputs_of = |l: usize| kinds.of(&self.config, l);
         let mut x = embeds.clone();
         if train && self.gradient_checkpointing {
             // The recomputation needs a backward to reach every layer, also when nothing before
@@ -935,6 +945,24 @@ struct LayerInputs {
     mask: Mask,
     window: Option<usize>,
     sink: Arc<GradSink>,
+}
+
+/// The [`LayerInputs`] of each kind of layer in a forward pass (see [`Llama::layer_inputs`]).
+struct LayerKinds {
+    global: LayerInputs,
+    local: Option<LayerInputs>,
+    unrotated: Option<LayerInputs>,
+}
+
+impl LayerKinds {
+    /// What layer `l` reads.
+    fn of(&self, c: &LlamaConfig, l: usize) -> &LayerInputs {
+        match (&c.layer_windows[l], &self.local, &self.unrotated) {
+            (Some(_), Some(local), _) => local,
+            (_, _, Some(unrotated)) if !c.layer_rope[l] => unrotated,
+            _ => &self.global,
+        }
+    }
 }
 
 /// The attention mask of a batch with `attention_mask`: the additive bias (`[b, 1, t, past +

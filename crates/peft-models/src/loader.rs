@@ -405,7 +405,7 @@ fn read_gguf<R: Read + Seek>(
         .cloned()
         .with_context(bad)?;
     let known = [
-        "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+        "llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "phi3",
     ];
     if !known.contains(&arch.as_str()) {
         bail!("{}: unsupported GGUF architecture {arch:?}", path.display());
@@ -500,6 +500,7 @@ fn read_gguf<R: Read + Seek>(
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
+        "smollm3" => ("smollm3", "SmolLM3ForCausalLM"),
         "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
         "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
         "phi3" => ("phi3", "Phi3ForCausalLM"),

@@ -102,6 +102,8 @@ fn config(model_type: &str) -> LlamaConfig {
                 "long_factor": (0..8).map(|i| 1.0 + 0.7 * i as f64).collect::<Vec<_>>(),
             });
         }
+        // Four layers, the fourth without RoPE (llama.cpp's smollm3 takes every fourth).
+        "smollm3" => c["num_hidden_layers"] = json!(4),
         // Every other layer sliding (a window of 4 over the 10 test tokens), soft caps small
         // enough to change the scores and logits, and the RoPE base the converter leaves out.
         "gemma2" => {
@@ -159,7 +161,15 @@ fn logits(m: &Llama) -> Tensor {
 fn written_models_read_back_alike() {
     let tok = tokenizer();
     let text = "hello world, 12 héllo\n\n  <|im_end|>";
-    for model_type in ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"] {
+    for model_type in [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "smollm3",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+    ] {
         let mut original = model(model_type);
         let want = logits(&original);
         let dir = tempfile::tempdir().unwrap();
@@ -183,6 +193,7 @@ fn written_models_read_back_alike() {
             assert_eq!(c.attn_softcap, original.config.attn_softcap);
             assert_eq!(c.final_softcap, original.config.final_softcap);
             assert_eq!(c.rope_theta, original.config.rope_theta);
+            assert_eq!(c.layer_rope, original.config.layer_rope);
             assert_eq!(c.rope_scaling.is_some(), model_type == "llama");
             assert_eq!(c.fused_projections, model_type == "phi3");
             if let (Some(a), Some(b)) = (&c.longrope, &original.config.longrope) {

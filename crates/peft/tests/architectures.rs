@@ -1,5 +1,5 @@
 //! Each supported architecture (Llama with biases and Llama 3 rope scaling, Mistral, Qwen2,
-//! Qwen3, Gemma 2 with soft caps, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
+//! Qwen3, SmolLM3 with a layer without RoPE, Gemma 2 with soft caps, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
 //! sliding window) as transformers computes it, with an HF PEFT LoRA
 //! adapter on top: logits unmerged, merged and over a padded batch, and the LoRA gradients of
 //! the next-token loss. Fixtures from scripts/hf/make_arch_fixtures.py.
@@ -17,6 +17,7 @@ const ARCHITECTURES: &[&str] = &[
     "mistral",
     "qwen2",
     "qwen3",
+    "smollm3",
     "gemma2",
     "gemma3_text",
     "phi3",
