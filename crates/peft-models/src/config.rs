@@ -66,6 +66,16 @@ pub struct LlamaConfig {
     pub raw: Value,
 }
 
+/// One linear layer of a decoder layer: its module path under the layer
+/// (`self_attn.q_proj`), its output and input sizes, and whether it has a bias.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerLinear {
+    pub name: &'static str,
+    pub out: usize,
+    pub inp: usize,
+    pub bias: bool,
+}
+
 /// LongRoPE scaling (`rope_type: "longrope"`, formerly `"su"`), as transformers computes it:
 /// the inverse frequencies divided by `short_factor`, or by `long_factor` once a sequence
 /// reaches past `original_max_position_embeddings`, and cos/sin scaled by `attention_factor`.
@@ -318,6 +328,39 @@ impl LlamaConfig {
             model_type,
             raw,
         })
+    }
+
+    /// The linear layers of every decoder layer, in checkpoint order: q, k, v, o, gate, up
+    /// and down (Phi-3: qkv, o, gate_up and down). The one description of them that the
+    /// loader, the module paths and the shapes of a new model follow.
+    pub fn layer_linears(&self) -> Vec<LayerLinear> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let (qkv, o, mlp) = (self.qkv_bias, self.o_bias, self.mlp_bias);
+        let linear = |name, out, inp, bias| LayerLinear {
+            name,
+            out,
+            inp,
+            bias,
+        };
+        match self.fused_projections {
+            true => vec![
+                linear("self_attn.qkv_proj", q + 2 * kv, h, qkv),
+                linear("self_attn.o_proj", h, q, o),
+                linear("mlp.gate_up_proj", 2 * i, h, mlp),
+                linear("mlp.down_proj", h, i, mlp),
+            ],
+            false => vec![
+                linear("self_attn.q_proj", q, h, qkv),
+                linear("self_attn.k_proj", kv, h, qkv),
+                linear("self_attn.v_proj", kv, h, qkv),
+                linear("self_attn.o_proj", h, q, o),
+                linear("mlp.gate_proj", i, h, mlp),
+                linear("mlp.up_proj", i, h, mlp),
+                linear("mlp.down_proj", h, i, mlp),
+            ],
+        }
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {

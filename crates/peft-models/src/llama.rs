@@ -99,15 +99,11 @@ pub enum Projections<const N: usize> {
 }
 
 impl<const N: usize> Projections<N> {
-    /// The linears with their module names (`names` when separate, `fused` when fused).
-    fn named_mut(&mut self, names: [&str; N], fused: &str) -> Vec<(String, &mut Linear)> {
+    /// The linears: N when separate, one when fused.
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
         match self {
-            Self::Separate(ls) => names
-                .iter()
-                .zip(ls.iter_mut())
-                .map(|(n, l)| (n.to_string(), l))
-                .collect(),
-            Self::Fused(l) => vec![(fused.to_string(), l)],
+            Self::Separate(ls) => ls.iter_mut().collect(),
+            Self::Fused(l) => vec![l],
         }
     }
 
@@ -188,6 +184,18 @@ pub struct DecoderLayer {
     /// Bottleneck adapters on the attention and MLP outputs, before each residual add.
     pub attn_adapter: Option<Arc<dyn BlockAdapter>>,
     pub mlp_adapter: Option<Arc<dyn BlockAdapter>>,
+}
+
+impl DecoderLayer {
+    /// The linear layers in the order of [`LlamaConfig::layer_linears`].
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let mut out = a.qkv.linears_mut();
+        out.push(&mut a.o_proj);
+        out.extend(m.gate_up.linears_mut());
+        out.push(&mut m.down_proj);
+        out
+    }
 }
 
 /// Something that transforms a sublayer's output before the residual add (bottleneck adapters).
@@ -363,17 +371,37 @@ impl Llama {
     ) -> Result<Self> {
         let was_quantized = !quantized.is_empty();
         let c = &config;
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let q_dim = c.num_attention_heads * c.head_dim;
-        let kv_dim = c.num_key_value_heads * c.head_dim;
+        let h = c.hidden_size;
         let mut w = WeightTaker {
             weights: &mut weights,
             quantized,
         };
         let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let linears = c.layer_linears();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            // The layer's linears in the order of `layer_linears`, which is the struct's.
+            let mut taken = Vec::with_capacity(linears.len());
+            for lin in &linears {
+                taken.push(w.linear(&format!("{p}.{}", lin.name), lin.out, lin.inp, lin.bias)?);
+            }
+            let mut taken = taken.into_iter();
+            let mut next = || taken.next().context("a decoder layer lacks a linear layer");
+            let (qkv, o_proj, gate_up, down_proj) = match c.fused_projections {
+                true => (
+                    Projections::Fused(next()?),
+                    next()?,
+                    Projections::Fused(next()?),
+                    next()?,
+                ),
+                false => (
+                    Projections::Separate([next()?, next()?, next()?]),
+                    next()?,
+                    Projections::Separate([next()?, next()?]),
+                    next()?,
+                ),
+            };
             let mut head_norm = |name: &str| -> Result<Option<Tensor>> {
                 c.qk_norm
                     .then(|| w.take(&format!("{p}.self_attn.{name}.weight"), &[c.head_dim]))
@@ -390,21 +418,8 @@ impl Llama {
             layers.push(DecoderLayer {
                 input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
-                    qkv: if c.fused_projections {
-                        let out = q_dim + 2 * kv_dim;
-                        let path = format!("{p}.self_attn.qkv_proj");
-                        Projections::Fused(w.linear(&path, out, h, c.qkv_bias)?)
-                    } else {
-                        let mut proj = |name: &str, out: usize| {
-                            w.linear(&format!("{p}.self_attn.{name}"), out, h, c.qkv_bias)
-                        };
-                        Projections::Separate([
-                            proj("q_proj", q_dim)?,
-                            proj("k_proj", kv_dim)?,
-                            proj("v_proj", kv_dim)?,
-                        ])
-                    },
-                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, q_dim, c.o_bias)?,
+                    qkv,
+                    o_proj,
                     q_norm,
                     k_norm,
                 },
@@ -412,18 +427,7 @@ impl Llama {
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 pre_feedforward_layernorm,
                 post_feedforward_layernorm,
-                mlp: Mlp {
-                    gate_up: if c.fused_projections {
-                        let path = format!("{p}.mlp.gate_up_proj");
-                        Projections::Fused(w.linear(&path, 2 * i, h, c.mlp_bias)?)
-                    } else {
-                        Projections::Separate([
-                            w.linear(&format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias)?,
-                            w.linear(&format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
-                        ])
-                    },
-                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, i, c.mlp_bias)?,
-                },
+                mlp: Mlp { gate_up, down_proj },
                 attn_adapter: None,
                 mlp_adapter: None,
             });
@@ -467,23 +471,13 @@ impl Llama {
 
     /// Every linear layer with its HF module path, in checkpoint order.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let linears = self.config.layer_linears();
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
-            let a = &mut layer.self_attn;
-            let (q, k, v) = (
-                format!("{p}.self_attn.q_proj"),
-                format!("{p}.self_attn.k_proj"),
-                format!("{p}.self_attn.v_proj"),
-            );
-            let qkv = format!("{p}.self_attn.qkv_proj");
-            out.extend(a.qkv.named_mut([&q, &k, &v], &qkv));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut layer.mlp;
-            let (gate, up) = (format!("{p}.mlp.gate_proj"), format!("{p}.mlp.up_proj"));
-            let gate_up = format!("{p}.mlp.gate_up_proj");
-            out.extend(m.gate_up.named_mut([&gate, &up], &gate_up));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            let paths = linears
+                .iter()
+                .map(|lin| format!("model.layers.{l}.{}", lin.name));
+            out.extend(paths.zip(layer.linears_mut()));
         }
         if let Some(head) = &mut self.lm_head {
             out.push(("lm_head".to_string(), head));

@@ -69,53 +69,32 @@ pub enum WeightKind {
 }
 
 /// Every tensor of a Llama of `config`, under its checkpoint name, from `init(kind, shape)`
-/// called in checkpoint order: embeddings; per layer the seven projections (each with its bias
-/// where the config has one), then the two norms (Gemma 3's four, and the query and key norms
+/// called in checkpoint order: embeddings; per layer the projections of
+/// [`LlamaConfig::layer_linears`] (each with its bias where it has one), then the two norms (Gemma 3's four, and the query and key norms
 /// of Qwen3 and Gemma 3); the final norm; `lm_head` when untied.
 pub fn llama_weights(
     c: &LlamaConfig,
     mut init: impl FnMut(WeightKind, &[usize]) -> Result<Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let (q, kv) = (
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-    );
+    let h = c.hidden_size;
     let mut w = HashMap::new();
     w.insert(
         "model.embed_tokens.weight".to_string(),
         init(WeightKind::Matrix, &[c.vocab_size, h])?,
     );
+    let linears = c.layer_linears();
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        let separate = [
-            ("self_attn.q_proj", [q, h], c.qkv_bias),
-            ("self_attn.k_proj", [kv, h], c.qkv_bias),
-            ("self_attn.v_proj", [kv, h], c.qkv_bias),
-            ("self_attn.o_proj", [h, q], c.o_bias),
-            ("mlp.gate_proj", [i, h], c.mlp_bias),
-            ("mlp.up_proj", [i, h], c.mlp_bias),
-            ("mlp.down_proj", [h, i], c.mlp_bias),
-        ];
-        let fused = [
-            ("self_attn.qkv_proj", [q + 2 * kv, h], c.qkv_bias),
-            ("self_attn.o_proj", [h, q], c.o_bias),
-            ("mlp.gate_up_proj", [2 * i, h], c.mlp_bias),
-            ("mlp.down_proj", [h, i], c.mlp_bias),
-        ];
-        let linears: &[(&str, [usize; 2], bool)] = match c.fused_projections {
-            true => &fused,
-            false => &separate,
-        };
-        for &(name, shape, bias) in linears {
+        for lin in &linears {
+            let name = lin.name;
             w.insert(
                 format!("{p}.{name}.weight"),
-                init(WeightKind::Matrix, &shape)?,
+                init(WeightKind::Matrix, &[lin.out, lin.inp])?,
             );
-            if bias {
+            if lin.bias {
                 w.insert(
                     format!("{p}.{name}.bias"),
-                    init(WeightKind::Bias, &shape[..1])?,
+                    init(WeightKind::Bias, &[lin.out])?,
                 );
             }
         }
