@@ -504,8 +504,6 @@ fn theta_powers(theta: f64, head_dim: usize) -> impl Iterator<Item = f32> {
     })
 }
 
-/// Gemma 3's window per layer: `layer_types` where the file has them, else every
-/// `sliding_window_pattern`-th layer global and the others sliding (transformers' default).
 /// Which layers rotate by RoPE: SmolLM3's `no_rope_layers` (1: RoPE, 0: none), by default
 /// every `no_rope_layer_interval`-th layer (4) without; every layer elsewhere.
 fn layer_rope(c: &RawConfig, smollm3: bool) -> Result<Vec<bool>> {
@@ -526,8 +524,10 @@ fn layer_rope(c: &RawConfig, smollm3: bool) -> Result<Vec<bool>> {
     }
 }
 
-/// Gemma's sliding-window layers: by `layer_types`, or every `pattern`-th layer global (Gemma
-/// 2: every other one, the first sliding; Gemma 3: every sixth).
+/// Gemma's window per layer: `layer_types` where the file has them, else every
+/// `sliding_window_pattern`-th layer global, by default every `pattern`-th (Gemma 2: every
+/// other one, the first sliding; Gemma 3: every sixth), and the others sliding (transformers'
+/// default).
 fn gemma_layer_windows(c: &RawConfig, pattern: usize) -> Result<Vec<Option<usize>>> {
     let window = c.sliding_window.unwrap_or(4096);
     let sliding = match &c.layer_types {
