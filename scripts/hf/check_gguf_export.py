@@ -95,6 +95,12 @@ models = {
                          "short_factor": [1.0 + 0.05 * i for i in range(8)],
                          "long_factor": [1.0 + 0.9 * i for i in range(8)],
                          "original_max_position_embeddings": 64})),
+    # Phi-4-mini's partial rotary (12 of 16 head dims rotated), tied embeddings, no rope
+    # scaling.
+    "phi3_partial": (Phi3ForCausalLM, Phi3Config(
+        **common, tie_word_embeddings=True, pad_token_id=0, original_max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.75})),
     # Phi-3 mini 4k's and Phi-4's shape: no rope scaling.
     "phi3_4k": (Phi3ForCausalLM, Phi3Config(
         **common, sliding_window=2047, tie_word_embeddings=False, pad_token_id=0,
@@ -112,7 +118,8 @@ APART_IN_LLAMA_CPP = {"phi3"}
 # llama.cpp names a pre-tokenizer by a hash of its tokens, so SmolLM2's vocabulary under Qwen2's
 # pre-tokenizer has no name there: its converter then gets the name llama.cpp gives Qwen models.
 PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2", "smollm3": None,
-             "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None}
+             "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
+             "phi3_partial": None}
 CONVERT = """
 import runpy, sys
 llama_cpp, fallback = sys.argv[1], sys.argv[2]
@@ -248,6 +255,9 @@ with tempfile.TemporaryDirectory() as tmp:
                 # With larger layer weights the text depends on the layer without RoPE (at 0.25
                 # llama.cpp's text parts from ours at a near tie: logits 0.003 apart).
                 std = 0.3
+            if name == "phi3_partial":
+                # Tied embeddings small, so that the text depends on the rotated dims.
+                std, embed_std = 0.2, 0.02
             if name == "gemma2":
                 # Its tied embeddings small and the layers' weights large: otherwise the
                 # embedding dominates and the model repeats a token whatever the window or

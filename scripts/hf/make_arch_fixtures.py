@@ -72,6 +72,14 @@ models = {
                          "short_factor": [1.0, 1.3, 2.1, 3.7],
                          "long_factor": [1.5, 2.9, 6.2, 11.0],
                          "original_max_position_embeddings": 16})),
+    # Phi-4-mini's shape: partial rotary (6 of each head's 8 dims rotated, the first ones),
+    # LongRoPE over the rotated pairs, tied embeddings, no window.
+    "phi4_mini": (Phi3ForCausalLM, Phi3Config(
+        **common, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.75, "short_factor": [1.0, 1.6, 2.9],
+                         "long_factor": [1.4, 3.1, 7.5], "original_max_position_embeddings": 16})),
 }
 if len(sys.argv) > 1:
     models = {name: models[name] for name in sys.argv[1:]}

@@ -17,6 +17,9 @@ pub struct LlamaConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
+    /// The head dims RoPE rotates, the first ones of each head: `head_dim`, or a part of it
+    /// (Phi-4-mini's `partial_rotary_factor`; the others pass as they are).
+    pub rotary_dim: usize,
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
@@ -212,13 +215,39 @@ impl LlamaConfig {
                 .to_string()
         };
         let phi3 = model_type == "phi3";
+        let head_dim = c
+            .head_dim
+            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        // Phi-4-mini rotates the first `partial_rotary_factor` of each head's dims only.
+        let partial_rotary = rope
+            .as_ref()
+            .and_then(|r| r.get("partial_rotary_factor")?.as_f64())
+            .or(c.partial_rotary_factor)
+            .unwrap_or(1.0);
+        let rotary_dim = (head_dim as f64 * partial_rotary) as usize;
+        if partial_rotary != 1.0 && !phi3 {
+            bail!(
+                "partial rotary embeddings (partial_rotary_factor {partial_rotary}) are supported \
+                 for phi3 only"
+            );
+        }
+        if !(partial_rotary > 0.0 && partial_rotary <= 1.0)
+            || rotary_dim == 0
+            || rotary_dim % 2 == 1
+        {
+            bail!(
+                "partial_rotary_factor {partial_rotary} rotates {rotary_dim} of {head_dim} head \
+                 dims; it must rotate an even number, at least two"
+            );
+        }
         let mut rope_scaling = None;
         let mut rope_linear_factor = None;
         let mut longrope = None;
         match rope_type(&rope).as_str() {
             "default" => {}
             "longrope" | "su" => {
-                longrope = Some(long_rope(&c, rope.as_ref().unwrap_or(&Value::Null))?);
+                let r = rope.as_ref().unwrap_or(&Value::Null);
+                longrope = Some(long_rope(&c, r, rotary_dim)?);
             }
             "llama3" => {
                 rope_scaling = Some(
@@ -255,14 +284,6 @@ impl LlamaConfig {
         if raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
             bail!("sliding-window attention (use_sliding_window: true) is not supported");
         }
-        let partial_rotary = rope
-            .as_ref()
-            .and_then(|r| r.get("partial_rotary_factor")?.as_f64())
-            .or(c.partial_rotary_factor)
-            .unwrap_or(1.0);
-        if partial_rotary != 1.0 {
-            bail!("partial rotary embeddings (partial_rotary_factor {partial_rotary}) are not supported");
-        }
         for dropout in ["attention_dropout", "resid_pdrop", "embd_pdrop"] {
             if let Some(p) = raw
                 .get(dropout)
@@ -288,7 +309,6 @@ impl LlamaConfig {
             "gelu_pytorch_tanh" | "gelu_new" => GatedActivation::GeluTanh,
             other => bail!("unsupported activation {other:?} (supported: silu, gelu_pytorch_tanh)"),
         };
-        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
         let attention_scale = match (gemma, c.query_pre_attn_scalar) {
             (true, Some(s)) => s.powf(-0.5),
             _ => (head_dim as f64).powf(-0.5),
@@ -314,6 +334,7 @@ impl LlamaConfig {
             num_attention_heads: c.num_attention_heads,
             num_key_value_heads,
             head_dim,
+            rotary_dim,
             vocab_size: c.vocab_size,
             rms_norm_eps: c.rms_norm_eps,
             rope_theta,
@@ -372,12 +393,24 @@ impl LlamaConfig {
     }
 
     /// Inverse frequencies of RoPE, one per pair of head dims (of the global layers), for
-    /// sequences within the pretrained length.
+    /// sequences within the pretrained length; 0 for the pairs past the rotated dims (see
+    /// [`Self::rotary_dim`]), which then pass as they are.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
+        self.padded(self.rotated_inv_freq())
+    }
+
+    /// `freqs` of the rotated pairs, then a 0 for every pair of head dims that is not rotated.
+    fn padded(&self, mut freqs: Vec<f32>) -> Vec<f32> {
+        freqs.resize(self.head_dim / 2, 0.0);
+        freqs
+    }
+
+    /// [`Self::rope_inv_freq`] of the rotated pairs.
+    fn rotated_inv_freq(&self) -> Vec<f32> {
         if let Some(l) = &self.longrope {
-            return long_rope_inv_freq(self.rope_theta, self.head_dim, &l.short_factor);
+            return long_rope_inv_freq(self.rope_theta, self.rotary_dim, &l.short_factor);
         }
-        let base = default_inv_freq(self.rope_theta, self.head_dim);
+        let base = default_inv_freq(self.rope_theta, self.rotary_dim);
         if let Some(factor) = self.rope_linear_factor {
             return base.into_iter().map(|f| f / factor as f32).collect();
         }
@@ -415,11 +448,8 @@ impl LlamaConfig {
     /// factors), when the model has LongRoPE.
     pub fn long_rope_inv_freq(&self) -> Option<Vec<f32>> {
         let l = self.longrope.as_ref()?;
-        Some(long_rope_inv_freq(
-            self.rope_theta,
-            self.head_dim,
-            &l.long_factor,
-        ))
+        let freqs = long_rope_inv_freq(self.rope_theta, self.rotary_dim, &l.long_factor);
+        Some(self.padded(freqs))
     }
 }
 
@@ -436,7 +466,7 @@ pub(crate) fn long_rope_attention_factor(scale: f64, original: usize) -> f64 {
 /// LongRoPE's settings from the rope parameters `r` (the config's `original_max_position_
 /// embeddings` wins, as in transformers), its attention factor defaulting to
 /// `sqrt(1 + ln(factor) / ln(original))` with factor the context's growth.
-fn long_rope(c: &RawConfig, r: &Value) -> Result<LongRope> {
+fn long_rope(c: &RawConfig, r: &Value, rotary_dim: usize) -> Result<LongRope> {
     let factors = |key: &str| -> Result<Vec<f32>> {
         let values = r
             .get(key)
@@ -444,14 +474,11 @@ fn long_rope(c: &RawConfig, r: &Value) -> Result<LongRope> {
             .with_context(|| format!("longrope scaling lacks its {key}"))?;
         let factors: Option<Vec<f32>> = values.iter().map(|v| Some(v.as_f64()? as f32)).collect();
         let factors = factors.with_context(|| format!("longrope {key} must list numbers"))?;
-        let head_dim = c
-            .head_dim
-            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
-        if factors.len() != head_dim / 2 {
+        if factors.len() != rotary_dim / 2 {
             bail!(
-                "longrope {key} has {} values, expected {} (head_dim / 2)",
+                "longrope {key} has {} values, expected {} (one per rotated pair of head dims)",
                 factors.len(),
-                head_dim / 2
+                rotary_dim / 2
             );
         }
         Ok(factors)
@@ -479,8 +506,8 @@ fn long_rope(c: &RawConfig, r: &Value) -> Result<LongRope> {
 
 /// LongRoPE's inverse frequencies `1 / (factor_i · theta^(2i/d))`, in f32 as transformers
 /// computes them.
-fn long_rope_inv_freq(theta: f64, head_dim: usize, factors: &[f32]) -> Vec<f32> {
-    theta_powers(theta, head_dim)
+fn long_rope_inv_freq(theta: f64, rotary_dim: usize, factors: &[f32]) -> Vec<f32> {
+    theta_powers(theta, rotary_dim)
         .zip(factors)
         .map(|(power, f)| 1.0 / (f * power))
         .collect()
@@ -489,17 +516,17 @@ fn long_rope_inv_freq(theta: f64, head_dim: usize, factors: &[f32]) -> Vec<f32> 
 /// RoPE's inverse frequencies `theta^(-2i/d)`, rounded as transformers rounds them (float32
 /// tensors: the exponent in f32, the power rounded to f32, then the reciprocal): some differ
 /// from the exact values in the last bit, and models with large attention scores amplify that.
-fn default_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
-    theta_powers(theta, head_dim)
+fn default_inv_freq(theta: f64, rotary_dim: usize) -> Vec<f32> {
+    theta_powers(theta, rotary_dim)
         .map(|power| 1.0 / power)
         .collect()
 }
 
-/// `theta^(2i/d)` for each pair of head dims, the exponent in f32 and the power rounded to
-/// f32 (as transformers' float32 tensors hold them).
-fn theta_powers(theta: f64, head_dim: usize) -> impl Iterator<Item = f32> {
-    (0..head_dim / 2).map(move |i| {
-        let exponent = (2 * i) as f32 / head_dim as f32;
+/// `theta^(2i/d)` for each pair of the `d` rotated head dims, the exponent in f32 and the
+/// power rounded to f32 (as transformers' float32 tensors hold them).
+fn theta_powers(theta: f64, rotary_dim: usize) -> impl Iterator<Item = f32> {
+    (0..rotary_dim / 2).map(move |i| {
+        let exponent = (2 * i) as f32 / rotary_dim as f32;
         theta.powf(exponent as f64) as f32
     })
 }

@@ -355,7 +355,7 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
             "attention.sliding_window",
             Value::U32(window.unwrap_or(0) as u32),
         ));
-        optional.push(("rope.dimension_count", u32_of(c.head_dim)));
+        optional.push(("rope.dimension_count", u32_of(c.rotary_dim)));
         let original = phi3_original_context(c);
         optional.push(("rope.scaling.original_context_length", u32_of(original)));
         if c.longrope.is_some() {

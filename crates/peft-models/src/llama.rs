@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
     add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, embedding,
     frozen_linear, frozen_mlp, gated_act, linear, lora_linears, narrow_last, packed_self_attention,
-    param, prefixed_self_attention, quantized_linear, reshape, rms_norm, rope, softmax_last_dim,
-    taped, GradSink, LinearWeight, LoraProjection, QuantizedWeight,
+    param, permute_last, prefixed_self_attention, quantized_linear, reshape, rms_norm, rope,
+    softmax_last_dim, taped, GradSink, LinearWeight, LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -683,14 +683,25 @@ impl Llama {
         let theta = pos.unsqueeze(1)?.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
         let mut out_shape = shape;
         out_shape.push(inv_freq.dim(0)?);
-        // LongRoPE scales cos and sin (in f32, before the rounding).
+        // LongRoPE scales cos and sin (in f32, before the rounding) of the rotated pairs; the
+        // others (partial rotary) keep cos 1, sin 0.
         let scale = self
             .config
             .longrope
             .as_ref()
             .map_or(1.0, |l| l.attention_factor);
+        let rotated = self.config.rotary_dim / 2;
+        let pairs = inv_freq.dim(0)?;
+        let columns: Vec<f32> = (0..pairs)
+            .map(|i| if i < rotated { scale as f32 } else { 1.0 })
+            .collect();
+        let columns = Tensor::new(columns, inv_freq.device())?;
         let table = |t: Tensor, shape: Vec<usize>| -> Result<Tensor> {
-            let t = if scale == 1.0 { t } else { (t * scale)? };
+            let t = if scale == 1.0 {
+                t
+            } else {
+                t.broadcast_mul(&columns)?
+            };
             Ok(t.reshape(shape)?
                 .to_dtype(self.dtype)?
                 .to_dtype(DType::F32)?)
@@ -699,6 +710,21 @@ impl Llama {
             table(theta.cos()?, out_shape.clone())?,
             table(theta.sin()?, out_shape)?,
         ))
+    }
+
+    /// The reordering of head dims that partial rotary needs (see [`RotaryOrder`]).
+    fn rotary_order(&self) -> Result<Option<Arc<RotaryOrder>>> {
+        let c = &self.config;
+        if c.rotary_dim == c.head_dim {
+            return Ok(None);
+        }
+        let order = RotaryOrder::new(
+            c.num_attention_heads,
+            c.head_dim,
+            c.rotary_dim,
+            &self.device,
+        )?;
+        Ok(Some(Arc::new(order)))
     }
 
     /// Positions (`[seq]`, or `[batch, seq]` for packed rows), the largest position plus one,
@@ -785,6 +811,7 @@ impl Llama {
             _ => &self.inv_freq,
         };
         let (cos, sin) = self.rope_tables(&positions, inv_freq)?;
+        let rotary_order = self.rotary_order()?;
         let window = self.config.layer_windows.iter().flatten().copied().max();
         let local = match window {
             None => None,
@@ -810,6 +837,7 @@ impl Llama {
                     mask,
                     window: Some(window),
                     sink: self.grad_sink.clone(),
+                    rotary_order: rotary_order.clone(),
                 })
             }
         };
@@ -819,6 +847,7 @@ impl Llama {
             mask: Mask { bias, segments },
             window: None,
             sink: self.grad_sink.clone(),
+            rotary_order,
         };
         let unrotated = match self.config.layer_rope.contains(&false) {
             true => Some(LayerInputs {
@@ -939,6 +968,55 @@ struct LayerInputs {
     mask: Mask,
     window: Option<usize>,
     sink: Arc<GradSink>,
+    /// With partial rotary, the order of the query heads' dims that RoPE's tables expect.
+    rotary_order: Option<Arc<RotaryOrder>>,
+}
+
+/// Partial rotary as full rotary: RoPE pairs dim `j` of a head with dim `j + d/2`, where
+/// partial rotary pairs `j` with `j + r/2` among the first `r` dims and leaves the rest. The
+/// queries' and keys' dims are reordered (the same way, so that `q·k` is unchanged) to put the
+/// rotated halves at `0..r/2` and `d/2..d/2 + r/2` and the others between, whose pairs RoPE's
+/// tables rotate by nothing (frequency 0). Indices over `[heads · d]`; keys take the first
+/// `kv_heads · d`.
+struct RotaryOrder {
+    order: Tensor,
+    inverse: Tensor,
+}
+
+impl RotaryOrder {
+    fn new(heads: usize, d: usize, r: usize, device: &Device) -> Result<Self> {
+        let (half, rotated_half) = (d / 2, r / 2);
+        let within: Vec<usize> = (0..d)
+            .map(|j| match j {
+                j if j < rotated_half => j,
+                j if j < half => r + (j - rotated_half),
+                j if j < half + rotated_half => rotated_half + (j - half),
+                j => r + (half - rotated_half) + (j - half - rotated_half),
+            })
+            .collect();
+        let mut order = vec![0u32; heads * d];
+        let mut inverse = vec![0u32; heads * d];
+        for h in 0..heads {
+            for (j, &from) in within.iter().enumerate() {
+                order[h * d + j] = (h * d + from) as u32;
+                inverse[h * d + from] = (h * d + j) as u32;
+            }
+        }
+        Ok(Self {
+            order: Tensor::new(order, device)?,
+            inverse: Tensor::new(inverse, device)?,
+        })
+    }
+
+    /// `x` `[.., n · d]` (n heads) in this order.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let n = x.dim(candle_core::D::Minus1)?;
+        permute_last(
+            x,
+            &self.order.narrow(0, 0, n)?,
+            &self.inverse.narrow(0, 0, n)?,
+        )
+    }
 }
 
 /// The [`LayerInputs`] of each kind of layer in a forward pass (see [`Llama::layer_inputs`]).
@@ -1099,6 +1177,7 @@ fn attention(
         mask,
         window,
         sink,
+        rotary_order,
     } = inputs;
     let window = *window;
     let [mut q, mut k, v] = a
@@ -1114,6 +1193,10 @@ fn attention(
     }
     if let Some(w) = &a.k_norm {
         k = head_norm(&k, w, kvh)?;
+    }
+    if let Some(order) = rotary_order {
+        q = order.apply(&q)?;
+        k = order.apply(&k)?;
     }
     if mask.bias.is_none() && cache.is_none() {
         let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale, softcap, window)?;

@@ -415,8 +415,12 @@ fn read_gguf<R: Read + Seek>(
     let heads = md_u64(md, &key("attention.head_count"))? as usize;
     let kv_heads = md_u64(md, &key("attention.head_count_kv")).unwrap_or(heads as u64) as usize;
     let layers = md_u64(md, &key("block_count"))? as usize;
+    // Phi-3's converter writes the rotated dims (Phi-4-mini's partial rotary) as the rope
+    // dimensions and no key length; elsewhere the rope dimensions are the head's.
+    let rope_dims = md_u64(md, &key("rope.dimension_count")).ok();
     let head_dim = md_u64(md, &key("attention.key_length"))
-        .or_else(|_| md_u64(md, &key("rope.dimension_count")))
+        .ok()
+        .or(rope_dims.filter(|_| arch != "phi3"))
         .map(|d| d as usize)
         .unwrap_or(hidden / heads.max(1));
     if heads == 0 || kv_heads == 0 {
@@ -567,6 +571,9 @@ fn read_gguf<R: Read + Seek>(
         raw["final_logit_softcapping"] = cap("final_logit_softcapping", 30.0);
     }
     if arch == "phi3" {
+        if let Some(rotated) = rope_dims.filter(|&d| (d as usize) < head_dim) {
+            raw["partial_rotary_factor"] = json!(rotated as f64 / head_dim as f64);
+        }
         let window = md_u64(md, &key("attention.sliding_window")).unwrap_or(0);
         raw["sliding_window"] = if window > 0 {
             json!(window)

@@ -76,14 +76,27 @@ fn tokenizer() -> Tokenizer {
     Tokenizer::from_gguf_metadata(&md).unwrap()
 }
 
-fn config(model_type: &str) -> LlamaConfig {
+/// The config of a test case: a model type, or `phi4_mini` (Phi-3 with partial rotary).
+fn config(case: &str) -> LlamaConfig {
+    let model_type = if case == "phi4_mini" { "phi3" } else { case };
     let mut c = json!({
         "model_type": model_type, "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
         "max_position_embeddings": 1024, "tie_word_embeddings": model_type != "llama",
     });
-    match model_type {
+    match case {
+        // 12 of each head's 16 dims rotated, LongRoPE over them past 8 positions, tied.
+        "phi4_mini" => {
+            c["partial_rotary_factor"] = json!(0.75);
+            c["original_max_position_embeddings"] = json!(8);
+            c["tie_word_embeddings"] = json!(true);
+            c["rope_scaling"] = json!({
+                "type": "longrope",
+                "short_factor": (0..6).map(|i| 1.0 + 0.2 * i as f64).collect::<Vec<_>>(),
+                "long_factor": (0..6).map(|i| 1.0 + 0.9 * i as f64).collect::<Vec<_>>(),
+            });
+        }
         "llama" => {
             c["attention_bias"] = json!(true);
             c["rope_scaling"] = json!({
@@ -185,6 +198,7 @@ fn written_models_read_back_alike() {
             let loaded = load_model(&path, &Device::Cpu, DType::F32).unwrap();
             let c = &loaded.config;
             assert_eq!(c.model_type, original.config.model_type);
+            assert_eq!(c.rotary_dim, original.config.rotary_dim);
             assert_eq!(c.head_dim, original.config.head_dim);
             assert_eq!(c.qk_norm, matches!(model_type, "qwen3" | "gemma3_text"));
             assert_eq!(c.qkv_bias, matches!(model_type, "llama" | "qwen2"));
@@ -195,7 +209,7 @@ fn written_models_read_back_alike() {
             assert_eq!(c.rope_theta, original.config.rope_theta);
             assert_eq!(c.layer_rope, original.config.layer_rope);
             assert_eq!(c.rope_scaling.is_some(), model_type == "llama");
-            assert_eq!(c.fused_projections, model_type == "phi3");
+            assert_eq!(c.fused_projections, model_type.starts_with("phi"));
             if let (Some(a), Some(b)) = (&c.longrope, &original.config.longrope) {
                 assert_eq!(a.short_factor, b.short_factor);
                 assert_eq!(a.long_factor, b.long_factor);

@@ -293,6 +293,22 @@ pub fn narrow_last(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
     })
 }
 
+/// `x` with its last dimension reordered, `y[.., j] = x[.., order[j]]`, for a permutation
+/// `order` (u32) whose inverse is `inverse` (the gradient reordered back), recorded on the
+/// running tape: partial rotary's head dims moved to where RoPE pairs them.
+pub fn permute_last(x: &Tensor, order: &Tensor, inverse: &Tensor) -> Result<Tensor> {
+    let last = x.rank() - 1;
+    let inverse = inverse.clone();
+    let value = x.contiguous()?.index_select(order, last)?;
+    recorded([x, x, x], value, move |_, grad| {
+        Ok((
+            Some(grad.contiguous()?.index_select(&inverse, last)?),
+            None,
+            None,
+        ))
+    })
+}
+
 /// `x` in `dtype` (its gradient cast back), recorded on the running tape: the f32 norms of a
 /// k-bit model cast bf16 activations; trained f32 weights and biases of a bf16 model are cast
 /// to it.

@@ -676,6 +676,22 @@ fn cross_entropy_matches_cpu() {
     });
 }
 
+/// Partial rotary's reordering of head dims (an index select each way) on the GPU.
+#[test]
+fn permute_last_matches_cpu() {
+    let order: [u32; 8] = [2, 0, 3, 1, 6, 4, 7, 5];
+    let mut inverse = [0u32; 8];
+    for (j, &from) in order.iter().enumerate() {
+        inverse[from as usize] = j as u32;
+    }
+    let inputs = [(randn(&[3, 5, 8], 80), Input::Cast)];
+    check("permute_last", &inputs, |x| {
+        let dev = x[0].device();
+        let (order, inverse) = (Tensor::new(&order, dev)?, Tensor::new(&inverse, dev)?);
+        permute_last(&x[0], &order, &inverse)
+    });
+}
+
 #[test]
 fn checkpoint_matches_cpu() {
     let inputs = [

@@ -1,6 +1,6 @@
 //! Each supported architecture (Llama with biases and Llama 3 rope scaling, Mistral, Qwen2,
 //! Qwen3, SmolLM3 with a layer without RoPE, Gemma 2 with soft caps, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
-//! sliding window) as transformers computes it, with an HF PEFT LoRA
+//! sliding window, Phi-4-mini's partial rotary) as transformers computes it, with an HF PEFT LoRA
 //! adapter on top: logits unmerged, merged and over a padded batch, and the LoRA gradients of
 //! the next-token loss. Fixtures from scripts/hf/make_arch_fixtures.py.
 
@@ -21,6 +21,7 @@ const ARCHITECTURES: &[&str] = &[
     "gemma2",
     "gemma3_text",
     "phi3",
+    "phi4_mini",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -157,15 +158,18 @@ fn cached_decoding_matches_the_full_forward() {
 }
 
 /// Phi-3's LongRoPE past its original context (20 tokens over 16): the long factors, as
-/// transformers switches to them, for the whole sequence.
+/// transformers switches to them, for the whole sequence (Phi-4-mini's over its rotated
+/// pairs only).
 #[test]
 fn longrope_takes_its_long_factors_past_the_original_context() {
-    let exp =
-        load_safetensors(&fixture("phi3").join("expected.safetensors"), &Device::Cpu).unwrap();
-    let ids = exp["input_ids_long"].to_dtype(DType::U32).unwrap();
-    let peft = PeftModel::load(base("phi3"), &fixture("phi3").join("lora")).unwrap();
-    let d = max_abs_diff(&logits(&peft.base, &ids, None), &exp["lora_logits_long"]);
-    assert!(d < 1e-4, "long-context logits differ by {d}");
+    for name in ["phi3", "phi4_mini"] {
+        let exp =
+            load_safetensors(&fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap();
+        let ids = exp["input_ids_long"].to_dtype(DType::U32).unwrap();
+        let peft = PeftModel::load(base(name), &fixture(name).join("lora")).unwrap();
+        let d = max_abs_diff(&logits(&peft.base, &ids, None), &exp["lora_logits_long"]);
+        assert!(d < 1e-4, "{name}: long-context logits differ by {d}");
+    }
 }
 
 /// Decoding a LongRoPE model token by token past its original context (16 of 20 tokens): at
@@ -228,13 +232,17 @@ fn phi3_default_targets_are_its_fused_projections() {
 }
 
 /// transformers keeps only the last window of a sliding layer's cache, which prefix tuning
-/// fills: refused on such models, with an error that says so.
+/// fills: refused on such models, with an error that says so; and on partial rotary ones.
 #[test]
 fn prefix_tuning_is_refused_on_sliding_window_models() {
     let err = peft::PromptModel::new_prefix_tuning(base("gemma3_text"), 4, 0, None)
         .err()
         .expect("prefix tuning on Gemma 3 is refused");
     assert!(err.to_string().contains("sliding-window"), "{err}");
+    let err = peft::PromptModel::new_prefix_tuning(base("phi4_mini"), 4, 0, None)
+        .err()
+        .expect("prefix tuning on Phi-4-mini is refused");
+    assert!(err.to_string().contains("partial rotary"), "{err}");
     assert!(peft::PromptModel::new_prefix_tuning(base("qwen3"), 4, 0, None).is_ok());
 }
 

@@ -69,16 +69,20 @@ fn check_fits(base: &Llama, n: usize) -> Result<()> {
 }
 
 /// Prefix tuning fills the key/value cache; on sliding-window layers transformers keeps only
-/// the last window of it, which this crate does not reproduce.
+/// the last window of it, which this crate does not reproduce, and partial rotary models keep
+/// their cached keys' head dims in another order here.
 fn check_prefix_supported(base: &Llama) -> Result<()> {
-    if base.config.layer_windows.iter().any(Option::is_some) {
-        bail!(
-            "prefix tuning and P-tuning v2 are not supported on models with sliding-window \
-             layers ({}); use LoRA, IA3 or prompt tuning",
-            base.config.model_type
-        );
-    }
-    Ok(())
+    let c = &base.config;
+    let reason = match () {
+        _ if c.layer_windows.iter().any(Option::is_some) => "sliding-window layers",
+        _ if c.rotary_dim != c.head_dim => "partial rotary embeddings",
+        _ => return Ok(()),
+    };
+    bail!(
+        "prefix tuning and P-tuning v2 are not supported on models with {reason} ({}); use \
+         LoRA, IA3 or prompt tuning",
+        c.model_type
+    )
 }
 
 impl PrefixProjection {
