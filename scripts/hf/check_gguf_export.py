@@ -40,7 +40,7 @@ import tempfile
 import numpy as np
 import torch
 from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
-                          Gemma3TextConfig, LlamaConfig,
+                          Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
@@ -75,6 +75,10 @@ models = {
     # depend on it).
     "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(
         **{**common, "num_hidden_layers": 4}, pad_token_id=0, tie_word_embeddings=True)),
+    # Granite: its multipliers of the scores, embeddings, residual branches and logits.
+    "granite": (GraniteForCausalLM, GraniteConfig(
+        **common, tie_word_embeddings=True, pad_token_id=0, attention_multiplier=0.2,
+        embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0)),
     # Gemma 2: every other layer sliding (a window of 4 over the 16 generated tokens), scores
     # scaled by head_dim^-1/2 as llama.cpp takes them, soft caps small enough to change the text.
     "gemma2": (Gemma2ForCausalLM, Gemma2Config(
@@ -117,7 +121,7 @@ APART_IN_LLAMA_CPP = {"phi3"}
 
 # llama.cpp names a pre-tokenizer by a hash of its tokens, so SmolLM2's vocabulary under Qwen2's
 # pre-tokenizer has no name there: its converter then gets the name llama.cpp gives Qwen models.
-PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2", "smollm3": None,
+PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2", "smollm3": None, "granite": None,
              "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
              "phi3_partial": None}
 CONVERT = """
@@ -255,6 +259,9 @@ with tempfile.TemporaryDirectory() as tmp:
                 # With larger layer weights the text depends on the layer without RoPE (at 0.25
                 # llama.cpp's text parts from ours at a near tie: logits 0.003 apart).
                 std = 0.3
+            if name == "granite":
+                # With these, the text depends on the score, embedding and residual multipliers.
+                std, embed_std = 0.3, 0.02
             if name == "phi3_partial":
                 # Tied embeddings small, so that the text depends on the rotated dims.
                 std, embed_std = 0.2, 0.02

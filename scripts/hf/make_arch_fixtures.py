@@ -23,6 +23,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
@@ -47,6 +48,10 @@ models = {
     "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(
         **common, no_rope_layer_interval=2, pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0})),
+    # Granite: its four multipliers (score scale, embeddings, residual branches, logits).
+    "granite": (GraniteForCausalLM, GraniteConfig(
+        **common, tie_word_embeddings=True, pad_token_id=0, attention_multiplier=0.3,
+        embedding_multiplier=4.0, residual_multiplier=0.6, logits_scaling=2.5)),
     # Gemma 2: Gemma 3's layer without q/k norms, every other layer sliding (window 3 over 8
     # tokens, the first one sliding), and soft caps of the attention scores and the logits,
     # small enough here to change them (the script checks that they do).

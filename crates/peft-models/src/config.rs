@@ -50,6 +50,13 @@ pub struct LlamaConfig {
     pub attn_softcap: Option<f64>,
     /// Gemma 2's soft cap of the output logits.
     pub final_softcap: Option<f64>,
+    /// Granite's multipliers: of the decoder's input embeddings, of each attention and MLP
+    /// output before its residual add, and the divisor of the logits (`embedding_multiplier`,
+    /// `residual_multiplier`, `logits_scaling`; its `attention_multiplier` is
+    /// `attention_scale`).
+    pub embedding_multiplier: Option<f64>,
+    pub residual_multiplier: Option<f64>,
+    pub logits_scaling: Option<f64>,
     /// Per layer, the sliding window of keys its queries see (Gemma's local layers), or
     /// `None` for global attention.
     pub layer_windows: Vec<Option<usize>>,
@@ -134,6 +141,10 @@ struct RawConfig {
     partial_rotary_factor: Option<f64>,
     no_rope_layers: Option<Vec<u8>>,
     no_rope_layer_interval: Option<usize>,
+    attention_multiplier: Option<f64>,
+    embedding_multiplier: Option<f64>,
+    residual_multiplier: Option<f64>,
+    logits_scaling: Option<f64>,
 }
 
 fn default_eps() -> f64 {
@@ -149,6 +160,7 @@ const SUPPORTED: &[&str] = &[
     "qwen2",
     "qwen3",
     "smollm3",
+    "granite",
     "gemma2",
     "gemma3_text",
     "phi3",
@@ -309,8 +321,12 @@ impl LlamaConfig {
             "gelu_pytorch_tanh" | "gelu_new" => GatedActivation::GeluTanh,
             other => bail!("unsupported activation {other:?} (supported: silu, gelu_pytorch_tanh)"),
         };
+        let granite = model_type == "granite";
+        // Granite's multipliers, 1 (none) where the config leaves them out, as its class does.
+        let multiplier = |m: Option<f64>| m.filter(|&m| granite && m != 1.0);
         let attention_scale = match (gemma, c.query_pre_attn_scalar) {
             (true, Some(s)) => s.powf(-0.5),
+            _ if granite => c.attention_multiplier.unwrap_or(1.0),
             _ => (head_dim as f64).powf(-0.5),
         };
         let qwen = model_type == "qwen2";
@@ -322,6 +338,9 @@ impl LlamaConfig {
             attention_scale,
             attn_softcap,
             final_softcap,
+            embedding_multiplier: multiplier(c.embedding_multiplier),
+            residual_multiplier: multiplier(c.residual_multiplier),
+            logits_scaling: multiplier(c.logits_scaling),
             layer_windows,
             layer_rope: layer_rope(&c, model_type == "smollm3")?,
             rope_linear_factor,

@@ -59,6 +59,14 @@ fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'s
     modules.iter().chain(norms)
 }
 
+/// Granite's multipliers: the config's names and llama.cpp's keys (under `granite.`).
+pub(crate) const GRANITE_MULTIPLIERS: [(&str, &str); 4] = [
+    ("attention_multiplier", "attention.scale"),
+    ("embedding_multiplier", "embedding_scale"),
+    ("residual_multiplier", "residual_scale"),
+    ("logits_scaling", "logit_scale"),
+];
+
 /// Whole-model tensors: llama.cpp's name and the HF name.
 const MODEL_TENSORS: &[(&str, &str)] = &[
     ("token_embd.weight", "model.embed_tokens.weight"),
@@ -103,7 +111,7 @@ pub fn is_gemma(arch: &str) -> bool {
 
 /// Whether llama.cpp's converter permutes the q/k rows of this GGUF architecture.
 pub fn permutes_qk(arch: &str) -> bool {
-    matches!(arch, "llama" | "mistral" | "smollm3")
+    matches!(arch, "llama" | "mistral" | "smollm3" | "granite")
 }
 
 /// llama.cpp's q/k row permutation (convert_hf_to_gguf `permute`): the rows of each head go
@@ -206,6 +214,7 @@ impl GgufType {
 pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
     Ok(match c.model_type.as_str() {
         "llama" | "mistral" => "llama",
+        "granite" => "granite",
         "smollm3" => {
             // llama.cpp leaves every fourth layer without RoPE, whatever the file says.
             let fourth: Vec<bool> = (0..c.num_hidden_layers).map(|i| (i + 1) % 4 != 0).collect();
@@ -336,11 +345,12 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
     // The keys llama.cpp's converter adds where it has them: head sizes when the config names
     // a head_dim; rope dimensions and vocabulary size for Llama's converter's architectures.
     let mut optional = Vec::new();
-    if c.raw.get("head_dim").is_some() {
+    // Granite's converter drops the config's head_dim.
+    if c.raw.get("head_dim").is_some() && arch != "granite" {
         optional.push(("attention.key_length", u32_of(c.head_dim)));
         optional.push(("attention.value_length", u32_of(c.head_dim)));
     }
-    if matches!(arch, "llama" | "smollm3") {
+    if matches!(arch, "llama" | "smollm3" | "granite") {
         optional.push(("vocab_size", u32_of(c.vocab_size)));
         optional.push(("rope.dimension_count", u32_of(c.head_dim)));
     }
@@ -365,6 +375,14 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         }
     } else if let Some(window) = c.layer_windows.iter().flatten().next() {
         optional.push(("attention.sliding_window", u32_of(*window)));
+    }
+    if arch == "granite" {
+        // The converter writes the multipliers the config sets.
+        for (hf, key) in GRANITE_MULTIPLIERS {
+            if let Some(m) = c.raw.get(hf).and_then(serde_json::Value::as_f64) {
+                optional.push((key, Value::F32(m as f32)));
+            }
+        }
     }
     if let Some(cap) = c.attn_softcap {
         optional.push(("attn_logit_softcapping", Value::F32(cap as f32)));

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use peft_ops::{
     add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, embedding,
     frozen_linear, frozen_mlp, gated_act, linear, lora_linears, narrow_last, packed_self_attention,
-    param, permute_last, prefixed_self_attention, quantized_linear, reshape, rms_norm, rope,
+    param, permute_last, prefixed_self_attention, quantized_linear, reshape, rms_norm, rope, scale,
     softmax_last_dim, taped, GradSink, LinearWeight, LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
@@ -878,7 +878,10 @@ impl Llama {
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
         let kinds = self.layer_inputs(b, t, past, attention_mask)?;
         let inputs_of = |l: usize| kinds.of(&self.config, l);
-        let mut x = embeds.clone();
+        let mut x = match self.config.embedding_multiplier {
+            Some(m) => (embeds * m)?,
+            None => embeds.clone(),
+        };
         if train && self.gradient_checkpointing {
             // The recomputation needs a backward to reach every layer, also when nothing before
             // the first layer is trainable: tie its input to a (zero) variable.
@@ -944,12 +947,22 @@ impl Llama {
         )
     }
 
-    /// Logits `[.., vocab]` of final hidden states (materialises them: for inference), capped
-    /// where the model caps them (Gemma 2).
+    /// What the output head reads of final hidden states: Granite divides its logits by
+    /// `logits_scaling`, the same as dividing the hidden states.
+    pub fn head_input(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(match self.config.logits_scaling {
+            Some(s) => (hidden / s)?,
+            None => hidden.clone(),
+        })
+    }
+
+    /// Logits `[.., vocab]` of final hidden states (materialises them: for inference), scaled
+    /// and capped where the model does (Granite, Gemma 2).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let hidden = self.head_input(hidden)?;
         let logits = match &self.lm_head {
-            Some(head) => head.forward(hidden, false)?,
-            None => frozen_linear(hidden, &self.embed_tokens)?,
+            Some(head) => head.forward(&hidden, false)?,
+            None => frozen_linear(&hidden, &self.embed_tokens)?,
         };
         Ok(match self.config.final_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
@@ -1139,7 +1152,7 @@ fn decoder_layer(
     if let Some(a) = &layer.attn_adapter {
         attn = a.forward(&attn, train)?;
     }
-    let x = add(x, &attn)?;
+    let x = add(x, &residual(c, &attn)?)?;
     let h = norm(c, &x, mlp_norm)?;
     let m = &layer.mlp;
     let act = c.activation;
@@ -1157,7 +1170,15 @@ fn decoder_layer(
     if let Some(a) = &layer.mlp_adapter {
         out = a.forward(&out, train)?;
     }
-    add(&x, &out)
+    add(&x, &residual(c, &out)?)
+}
+
+/// A sublayer's output as the residual stream takes it: Granite's scaled by its multiplier.
+fn residual(c: &LlamaConfig, out: &Tensor) -> candle_core::Result<Tensor> {
+    match c.residual_multiplier {
+        Some(m) => scale(out, m),
+        None => Ok(out.clone()),
+    }
 }
 
 fn attention(

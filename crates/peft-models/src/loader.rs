@@ -405,7 +405,7 @@ fn read_gguf<R: Read + Seek>(
         .cloned()
         .with_context(bad)?;
     let known = [
-        "llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "phi3",
+        "llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "gemma2", "gemma3", "phi3",
     ];
     if !known.contains(&arch.as_str()) {
         bail!("{}: unsupported GGUF architecture {arch:?}", path.display());
@@ -505,6 +505,7 @@ fn read_gguf<R: Read + Seek>(
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
         "smollm3" => ("smollm3", "SmolLM3ForCausalLM"),
+        "granite" => ("granite", "GraniteForCausalLM"),
         "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
         "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
         "phi3" => ("phi3", "Phi3ForCausalLM"),
@@ -569,6 +570,13 @@ fn read_gguf<R: Read + Seek>(
         };
         raw["attn_logit_softcapping"] = cap("attn_logit_softcapping", 50.0);
         raw["final_logit_softcapping"] = cap("final_logit_softcapping", 30.0);
+    }
+    if arch == "granite" {
+        for (hf, gguf_key) in gguf::GRANITE_MULTIPLIERS {
+            if let Some(m) = md_f64(md, &key(gguf_key)) {
+                raw[hf] = json!(m);
+            }
+        }
     }
     if arch == "phi3" {
         if let Some(rotated) = rope_dims.filter(|&d| (d as usize) < head_dim) {

@@ -115,6 +115,13 @@ fn config(case: &str) -> LlamaConfig {
                 "long_factor": (0..8).map(|i| 1.0 + 0.7 * i as f64).collect::<Vec<_>>(),
             });
         }
+        // Granite's four multipliers.
+        "granite" => {
+            c["attention_multiplier"] = json!(0.25);
+            c["embedding_multiplier"] = json!(6.0);
+            c["residual_multiplier"] = json!(0.5);
+            c["logits_scaling"] = json!(3.0);
+        }
         // Four layers, the fourth without RoPE (llama.cpp's smollm3 takes every fourth).
         "smollm3" => c["num_hidden_layers"] = json!(4),
         // Every other layer sliding (a window of 4 over the 10 test tokens), soft caps small
@@ -179,6 +186,7 @@ fn written_models_read_back_alike() {
         "qwen2",
         "qwen3",
         "smollm3",
+        "granite",
         "gemma2",
         "gemma3_text",
         "phi3",
@@ -208,6 +216,9 @@ fn written_models_read_back_alike() {
             assert_eq!(c.final_softcap, original.config.final_softcap);
             assert_eq!(c.rope_theta, original.config.rope_theta);
             assert_eq!(c.layer_rope, original.config.layer_rope);
+            assert_eq!(c.embedding_multiplier, original.config.embedding_multiplier);
+            assert_eq!(c.residual_multiplier, original.config.residual_multiplier);
+            assert_eq!(c.logits_scaling, original.config.logits_scaling);
             assert_eq!(c.rope_scaling.is_some(), model_type == "llama");
             assert_eq!(c.fused_projections, model_type.starts_with("phi"));
             if let (Some(a), Some(b)) = (&c.longrope, &original.config.longrope) {

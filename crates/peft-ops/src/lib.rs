@@ -60,8 +60,9 @@ pub use switches::{
     CUDA_OFF_VAR,
 };
 pub use tape::{
-    add, add_bias, cast, layer_tape_enabled, narrow_last, permute_last, reshape, set_layer_tape,
-    set_tape_gather, tape_gather_enabled, taped, with_layer_tape, LAYER_TAPE_VAR, TAPE_GATHER_VAR,
+    add, add_bias, cast, layer_tape_enabled, narrow_last, permute_last, reshape, scale,
+    set_layer_tape, set_tape_gather, tape_gather_enabled, taped, with_layer_tape, LAYER_TAPE_VAR,
+    TAPE_GATHER_VAR,
 };
 pub use tuning::{
     apply_settings, knobs, tune, KernelTuning, Knob, Pass, Trial, Tuning, KERNEL_TUNING_VAR,

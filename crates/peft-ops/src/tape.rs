@@ -254,6 +254,14 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x · s` for a constant `s` (its gradient scaled alike), recorded on the running tape:
+/// Granite's residual multiplier.
+pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
+    recorded([x, x, x], (x * s)?, move |_, grad| {
+        Ok((Some((grad * s)?), None, None))
+    })
+}
+
 /// `y + bias` for `y` `[.., n]` and `bias` `[n]` (the bias's gradient summed over the rows),
 /// recorded on the running tape.
 pub fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {

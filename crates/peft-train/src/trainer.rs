@@ -291,7 +291,7 @@ impl Trainer<'_> {
         // Rows of virtual tokens (prompt tuning) carry no label.
         let hidden = hidden.narrow(1, virtual_rows, batch.input_ids.dim(1)?)?;
         let (b, t, d) = hidden.dims3()?;
-        let hidden = hidden.reshape((b * t, d))?;
+        let hidden = base.head_input(&hidden.reshape((b * t, d))?)?;
         let labels = batch.labels.flatten_all()?;
         let weight = &base.lm_head_weight()?;
         let elems = if weight.device().is_cpu() {

@@ -1,5 +1,5 @@
 //! Each supported architecture (Llama with biases and Llama 3 rope scaling, Mistral, Qwen2,
-//! Qwen3, SmolLM3 with a layer without RoPE, Gemma 2 with soft caps, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
+//! Qwen3, SmolLM3 with a layer without RoPE, Granite with its multipliers, Gemma 2 with soft caps, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
 //! sliding window, Phi-4-mini's partial rotary) as transformers computes it, with an HF PEFT LoRA
 //! adapter on top: logits unmerged, merged and over a padded batch, and the LoRA gradients of
 //! the next-token loss. Fixtures from scripts/hf/make_arch_fixtures.py.
@@ -18,6 +18,7 @@ const ARCHITECTURES: &[&str] = &[
     "qwen2",
     "qwen3",
     "smollm3",
+    "granite",
     "gemma2",
     "gemma3_text",
     "phi3",
@@ -95,6 +96,7 @@ fn lora_gradients_on_tapes() {
         let labels = Tensor::new(labels, &Device::Cpu).unwrap();
         let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
         let h = peft.base.forward(&ids, None, None, true).unwrap();
+        let h = peft.base.head_input(&h).unwrap();
         let head = peft.base.lm_head_weight().unwrap();
         // Gemma 2 caps the logits before the loss.
         let cap = peft.base.config.final_softcap;
@@ -268,6 +270,7 @@ fn bf16_models_match_f32_within_rounding() {
         );
 
         let h = peft.base.forward(&ids, None, None, true).unwrap();
+        let h = peft.base.head_input(&h).unwrap();
         let loss = h
             .to_dtype(DType::F32)
             .unwrap()
