@@ -4,8 +4,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
-/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2/3, Gemma 2/3,
-/// Phi-3)
+/// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2/3, Granite,
+/// Gemma 2/3, Phi-3)
 /// that the forward pass needs. `raw` keeps the file as read so that `peft merge` writes it back
 /// intact.
 #[derive(Debug, Clone)]
@@ -218,7 +218,11 @@ impl LlamaConfig {
         let rope_theta = c
             .rope_theta
             .or_else(|| rope.as_ref()?.get("rope_theta")?.as_f64())
-            .unwrap_or(if gemma3 { 1_000_000.0 } else { 10_000.0 });
+            .unwrap_or(match model_type.as_str() {
+                "gemma3_text" => 1_000_000.0,
+                "smollm3" => 2_000_000.0,
+                _ => 10_000.0,
+            });
         let rope_type = |r: &Option<Value>| {
             r.as_ref()
                 .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
@@ -243,10 +247,10 @@ impl LlamaConfig {
                  for phi3 only"
             );
         }
-        if !(partial_rotary > 0.0 && partial_rotary <= 1.0)
-            || rotary_dim == 0
-            || rotary_dim % 2 == 1
-        {
+        if !(partial_rotary > 0.0 && partial_rotary <= 1.0) {
+            bail!("partial_rotary_factor {partial_rotary} is not in (0, 1]");
+        }
+        if rotary_dim == 0 || rotary_dim % 2 == 1 {
             bail!(
                 "partial_rotary_factor {partial_rotary} rotates {rotary_dim} of {head_dim} head \
                  dims; it must rotate an even number, at least two"
@@ -324,8 +328,9 @@ impl LlamaConfig {
         let granite = model_type == "granite";
         // Granite's multipliers, 1 (none) where the config leaves them out, as its class does.
         let multiplier = |m: Option<f64>| m.filter(|&m| granite && m != 1.0);
+        // Gemma's class default for query_pre_attn_scalar is 256, Granite's multiplier 1.
         let attention_scale = match (gemma, c.query_pre_attn_scalar) {
-            (true, Some(s)) => s.powf(-0.5),
+            (true, s) => s.unwrap_or(256.0).powf(-0.5),
             _ if granite => c.attention_multiplier.unwrap_or(1.0),
             _ => (head_dim as f64).powf(-0.5),
         };
@@ -359,8 +364,11 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: c.max_position_embeddings,
-            // transformers leaves out values equal to the class's defaults: Gemma's is tied.
-            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
+            // transformers leaves out values equal to the class's defaults: Gemma's and
+            // SmolLM3's are tied.
+            tie_word_embeddings: c
+                .tie_word_embeddings
+                .unwrap_or(gemma || model_type == "smollm3"),
             qkv_bias: qwen || c.attention_bias,
             o_bias: c.attention_bias,
             mlp_bias: c.mlp_bias,

@@ -377,11 +377,12 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         optional.push(("attention.sliding_window", u32_of(*window)));
     }
     if arch == "granite" {
-        // The converter writes the multipliers the config sets.
+        // The converter writes all four, 1 (the class's default) where the config has none
+        // (llama.cpp needs the logit scale, and would take head_dim^-1/2 for a missing
+        // attention scale).
         for (hf, key) in GRANITE_MULTIPLIERS {
-            if let Some(m) = c.raw.get(hf).and_then(serde_json::Value::as_f64) {
-                optional.push((key, Value::F32(m as f32)));
-            }
+            let m = c.raw.get(hf).and_then(serde_json::Value::as_f64);
+            optional.push((key, Value::F32(m.unwrap_or(1.0) as f32)));
         }
     }
     if let Some(cap) = c.attn_softcap {

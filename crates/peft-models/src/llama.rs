@@ -13,7 +13,7 @@ use peft_ops::{
     add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, embedding,
     frozen_linear, frozen_mlp, gated_act, linear, lora_linears, narrow_last, packed_self_attention,
     param, permute_last, prefixed_self_attention, quantized_linear, reshape, rms_norm, rope, scale,
-    softmax_last_dim, taped, GradSink, LinearWeight, LoraProjection, QuantizedWeight,
+    soft_cap, softmax_last_dim, taped, GradSink, LinearWeight, LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -305,6 +305,8 @@ pub struct Llama {
     local_inv_freq: Option<Tensor>,
     /// LongRoPE's frequencies for sequences past the pretrained length (Phi-3 128k).
     long_inv_freq: Option<Tensor>,
+    /// Partial rotary's order of head dims (Phi-4-mini).
+    rotary_order: Option<Arc<RotaryOrder>>,
 }
 
 struct WeightTaker<'a> {
@@ -448,6 +450,14 @@ impl Llama {
             .local_rope_inv_freq()
             .map(|f| Tensor::new(f, device))
             .transpose()?;
+        let rotary_order = match c.rotary_dim < c.head_dim {
+            true => {
+                let heads = c.num_attention_heads;
+                let order = RotaryOrder::new(heads, c.head_dim, c.rotary_dim, device)?;
+                Some(Arc::new(order))
+            }
+            false => None,
+        };
         let mut model = Self {
             config,
             embed_tokens,
@@ -462,6 +472,7 @@ impl Llama {
             inv_freq,
             local_inv_freq,
             long_inv_freq,
+            rotary_order,
         };
         if was_quantized {
             model.norms_in_f32()?;
@@ -477,7 +488,13 @@ impl Llama {
             let paths = linears
                 .iter()
                 .map(|lin| format!("model.layers.{l}.{}", lin.name));
-            out.extend(paths.zip(layer.linears_mut()));
+            let layer_linears = layer.linears_mut();
+            debug_assert_eq!(
+                layer_linears.len(),
+                linears.len(),
+                "layer_linears and the layer"
+            );
+            out.extend(paths.zip(layer_linears));
         }
         if let Some(head) = &mut self.lm_head {
             out.push(("lm_head".to_string(), head));
@@ -712,21 +729,6 @@ impl Llama {
         ))
     }
 
-    /// The reordering of head dims that partial rotary needs (see [`RotaryOrder`]).
-    fn rotary_order(&self) -> Result<Option<Arc<RotaryOrder>>> {
-        let c = &self.config;
-        if c.rotary_dim == c.head_dim {
-            return Ok(None);
-        }
-        let order = RotaryOrder::new(
-            c.num_attention_heads,
-            c.head_dim,
-            c.rotary_dim,
-            &self.device,
-        )?;
-        Ok(Some(Arc::new(order)))
-    }
-
     /// Positions (`[seq]`, or `[batch, seq]` for packed rows), the largest position plus one,
     /// and the additive attention bias `[batch, 1, seq, past + seq]`, built when first asked
     /// for (`None` without a mask: the fused causal softmax applies causality itself).
@@ -811,7 +813,7 @@ impl Llama {
             _ => &self.inv_freq,
         };
         let (cos, sin) = self.rope_tables(&positions, inv_freq)?;
-        let rotary_order = self.rotary_order()?;
+        let rotary_order = self.rotary_order.clone();
         let window = self.config.layer_windows.iter().flatten().copied().max();
         let local = match window {
             None => None,
@@ -965,7 +967,7 @@ impl Llama {
             None => frozen_linear(&hidden, &self.embed_tokens)?,
         };
         Ok(match self.config.final_softcap {
-            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            Some(cap) => soft_cap(&logits, cap)?,
             None => logits,
         })
     }
@@ -1259,7 +1261,7 @@ fn attention(
             let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
             let mut scores = (q.matmul(&k.t()?)? * scale)?;
             if let Some(cap) = softcap {
-                scores = ((scores / cap)?.tanh()? * cap)?;
+                scores = soft_cap(&scores, cap)?;
             }
             softmax_last_dim(&scores.broadcast_add(m)?)?.matmul(&v)?
         }

@@ -568,7 +568,11 @@ fn read_gguf<R: Read + Seek>(
             _ if arch == "gemma2" => json!(gemma2_default),
             _ => json!(null),
         };
-        raw["attn_logit_softcapping"] = cap("attn_logit_softcapping", 50.0);
+        // llama.cpp's gemma3 caps no scores, whatever the file says.
+        raw["attn_logit_softcapping"] = match arch.as_str() {
+            "gemma2" => cap("attn_logit_softcapping", 50.0),
+            _ => json!(null),
+        };
         raw["final_logit_softcapping"] = cap("final_logit_softcapping", 30.0);
     }
     if arch == "granite" {
@@ -576,6 +580,10 @@ fn read_gguf<R: Read + Seek>(
             if let Some(m) = md_f64(md, &key(gguf_key)) {
                 raw[hf] = json!(m);
             }
+        }
+        // llama.cpp scales scores by head_dim^-1/2 where the file gives no scale.
+        if raw.get("attention_multiplier").is_none() {
+            raw["attention_multiplier"] = json!((head_dim as f64).powf(-0.5));
         }
     }
     if arch == "phi3" {

@@ -70,8 +70,9 @@ pub enum WeightKind {
 
 /// Every tensor of a Llama of `config`, under its checkpoint name, from `init(kind, shape)`
 /// called in checkpoint order: embeddings; per layer the projections of
-/// [`LlamaConfig::layer_linears`] (each with its bias where it has one), then the two norms (Gemma 3's four, and the query and key norms
-/// of Qwen3 and Gemma 3); the final norm; `lm_head` when untied.
+/// [`LlamaConfig::layer_linears`] (each with its bias where it has one), then the two norms
+/// (Gemma's four, and the query and key norms of Qwen3 and Gemma 3); the final norm; `lm_head`
+/// when untied.
 pub fn llama_weights(
     c: &LlamaConfig,
     mut init: impl FnMut(WeightKind, &[usize]) -> Result<Tensor>,

@@ -19,8 +19,8 @@ use {
 /// Causal attention `softmax(scale·q·kᵀ + causal)·v` for `q` `[b, heads, t, d]` and `k`, `v`
 /// `[b, kv_heads, t_k, d]` (grouped-query heads share kv heads). The probabilities are
 /// recomputed in the backward pass: no `t × t_k` tensor outlives the forward. A sliding
-/// `window` limits each query to its last `window` keys (see [`causal_softmax`]); a `softcap`
-/// caps the scores as Gemma 2 does (see [`attention_probs`]).
+/// `window` limits each query to its last `window` keys (see [`crate::causal_softmax`]); a
+/// `softcap` caps the scores as Gemma 2 does (see [`attention_probs`]).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,

@@ -52,8 +52,15 @@ pub fn attention_probs(
     let Some(cap) = softcap else {
         return Ok((causal_softmax(scores, scale, window)?, None));
     };
+    // One multiply for the scale and the cap: in bf16, one rounding fewer.
     let tanh = (scores * (scale / cap))?.tanh()?;
     Ok((causal_softmax(&(&tanh * cap)?, 1.0, window)?, Some(tanh)))
+}
+
+/// Gemma 2's soft cap, `cap · tanh(x / cap)`, by candle's ops (their autograd carries the
+/// gradient): of the scores where attention is composed, and of the logits.
+pub fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
 }
 
 /// dL/ds of [`attention_probs`] from its probabilities `y`, tanh values and dL/dy.

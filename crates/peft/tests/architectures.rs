@@ -1,8 +1,9 @@
 //! Each supported architecture (Llama with biases and Llama 3 rope scaling, Mistral, Qwen2,
-//! Qwen3, SmolLM3 with a layer without RoPE, Granite with its multipliers, Gemma 2 with soft caps, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
-//! sliding window, Phi-4-mini's partial rotary) as transformers computes it, with an HF PEFT LoRA
-//! adapter on top: logits unmerged, merged and over a padded batch, and the LoRA gradients of
-//! the next-token loss. Fixtures from scripts/hf/make_arch_fixtures.py.
+//! Qwen3, SmolLM3 with a layer without RoPE, Granite with its multipliers, Gemma 2 with soft
+//! caps, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
+//! sliding window, Phi-4-mini's partial rotary) as transformers computes it, with an HF PEFT
+//! LoRA adapter on top: logits unmerged, merged and over a padded batch, and the LoRA
+//! gradients of the next-token loss. Fixtures from scripts/hf/make_arch_fixtures.py.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use peft::{PeftModel, Tuned};
@@ -100,7 +101,8 @@ fn lora_gradients_on_tapes() {
         let head = peft.base.lm_head_weight().unwrap();
         // Gemma 2 caps the logits before the loss.
         let cap = peft.base.config.final_softcap;
-        let loss = cross_entropy_sum(&h.squeeze(0).unwrap(), &head, &labels, 7, 4, cap).unwrap();
+        let n = ids.dim(1).unwrap() - 1;
+        let loss = cross_entropy_sum(&h.squeeze(0).unwrap(), &head, &labels, n, 4, cap).unwrap();
         // The decoder stack is one node (peft_ops::taped) for every architecture: the
         // gradients below then come from its tape.
         let nodes = loss.sorted_nodes().len();
