@@ -1,17 +1,18 @@
-"""Trains a LoRA with `peft train` on small random Gemma 2 and Gemma 3 models and checks each
-in HF PEFT.
+"""Trains a LoRA with `peft train` on small random models of the families whose layers differ
+most from Llama's, and checks each in HF PEFT.
 
-The models: 6 layers, hidden 64, SmolLM2's tokenizer and chat template, saved by transformers;
-Gemma 3 with five sliding-window layers (a window of 16) and one global, Gemma 2 with every
-other layer sliding (the same window) and soft caps of the attention scores and logits small
-enough to change them. `peft train` runs on the shipped pirate data (all-linear LoRA, f32,
-packed rows of 96 tokens, so most queries see only part of their sequence through the window).
-Then, for each:
+The models: 6 layers, hidden 64, SmolLM2's tokenizer and chat template, saved by transformers:
+Gemma 3 (five sliding-window layers with a window of 16, one global), Gemma 2 (every other
+layer sliding, the same window, soft caps of the scores and logits small enough to change
+them), SmolLM3 (the fourth layer without RoPE), Granite (its four multipliers) and
+Phi-4-mini's shape (partial rotary, fused projections, tied embeddings). `peft train` runs on
+the shipped pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see
+only part of their sequence through a window). Then, for each:
 1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
    input equal `peft logits --adapter` within 1e-4;
 2. transformers loads the folder `peft merge` writes, and its logits equal the adapter's.
 
-    .venv/bin/python scripts/hf/check_gemma_train.py [--peft target/release/peft] [--only 2|3]
+    .venv/bin/python scripts/hf/check_train.py [--peft target/release/peft] [--only NAME,...]
 """
 import argparse
 import json
@@ -25,13 +26,14 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
-                          Gemma3TextConfig)
+                          Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
 ap.add_argument("--smollm-dir", default="models/smollm2-135m-instruct")
 ap.add_argument("--data", default="data/pirate_qa.jsonl")
-ap.add_argument("--only", choices=["2", "3"], help="check only this Gemma version")
+ap.add_argument("--only", help="check only these models (comma-separated names)")
 args = ap.parse_args()
 
 
@@ -42,14 +44,14 @@ def run(cmd):
     return r
 
 
-def check(version, cls, cfg, tmp):
-    """Trains, compares and merges on Gemma `version`; True when a check failed."""
+def check(name, cls, cfg, tmp):
+    """Trains, compares and merges on model `name`; True when a check failed."""
     model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
     torch.manual_seed(0)
     model = cls(cfg).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+        for pname, p in model.named_parameters():
+            p.copy_(0.2 * torch.randn_like(p) if "norm" in pname else 0.05 * torch.randn_like(p))
     model.save_pretrained(model_dir)
     for f in ["tokenizer.json", "chat_template.jinja", "tokenizer_config.json"]:
         shutil.copy(os.path.join(args.smollm_dir, f), model_dir)
@@ -58,7 +60,7 @@ def check(version, cls, cfg, tmp):
                "--target-modules", "all-linear", "--r", "8", "--lora-alpha", "16",
                "--max-steps", "6", "--batch-size", "2", "--lr", "5e-3", "--dtype", "f32",
                "--packing", "--max-seq-length", "96", "--quiet"])
-    print(f"Gemma {version}:", (out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
+    print(f"{name}:", (out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
 
     ours = os.path.join(tmp, "ours.safetensors")
     run([args.peft, "logits", "--model", model_dir, "--adapter", adapter, "--input-ids",
@@ -88,19 +90,27 @@ def check(version, cls, cfg, tmp):
 
 
 ids = [i % 49152 for i in range(3, 3 + 40 * 977, 977)]
-shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
-             sliding_window=16, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-             pad_token_id=2)
-gemmas = {
-    "3": (Gemma3ForCausalLM, Gemma3TextConfig(**shape)),
-    "2": (Gemma2ForCausalLM, Gemma2Config(**shape, attn_logit_softcapping=0.5,
-                                          final_logit_softcapping=2.0)),
+common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+              bos_token_id=1, eos_token_id=2, pad_token_id=2)
+gemma = dict(common, head_dim=32, query_pre_attn_scalar=32, sliding_window=16)
+models = {
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(**gemma)),
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config(**gemma, attn_logit_softcapping=0.5,
+                                               final_logit_softcapping=2.0)),
+    "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(**common)),
+    "granite": (GraniteForCausalLM, GraniteConfig(
+        **common, tie_word_embeddings=True, attention_multiplier=0.2, embedding_multiplier=4.0,
+        residual_multiplier=0.7, logits_scaling=1.5)),
+    "phi4_mini": (Phi3ForCausalLM, Phi3Config(
+        **common, tie_word_embeddings=True, original_max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.75})),
 }
 failed = False
-for version, (cls, cfg) in gemmas.items():
-    if args.only and version != args.only:
+for name, (cls, cfg) in models.items():
+    if args.only and name not in args.only.split(","):
         continue
     with tempfile.TemporaryDirectory() as tmp:
-        failed |= check(version, cls, cfg, tmp)
+        failed |= check(name, cls, cfg, tmp)
 sys.exit(1 if failed else 0)
