@@ -28,6 +28,9 @@ CASES = [
     ("inverse_sqrt", 0, {"timescale": 3}, 10),
     ("cosine_with_min_lr", 3, {"min_lr_rate": 0.1}, 20),
     ("cosine_with_min_lr", 0.2, {"min_lr": 2e-5}, 15),
+    ("cosine_warmup_with_min_lr", 4, {"min_lr_rate": 0.1}, 20),
+    ("cosine_warmup_with_min_lr", 3, {"min_lr": 2e-5, "warmup_lr_rate": 0.2, "num_cycles": 0.7}, 18),
+    ("cosine_warmup_with_min_lr", 0, {"min_lr_rate": 0.05}, 10),
     ("warmup_stable_decay", 3, {"num_decay_steps": 6}, 20),
     (
         "warmup_stable_decay",

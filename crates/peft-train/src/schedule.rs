@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// transformers' `lr_scheduler_type` values (all but `reduce_lr_on_plateau`, which needs an
-/// eval metric every step, and `cosine_warmup_with_min_lr`).
+/// eval metric every step, and `greedy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum SchedulerKind {
@@ -23,6 +23,9 @@ pub enum SchedulerKind {
     InverseSqrt,
     #[value(name = "cosine_with_min_lr")]
     CosineWithMinLr,
+    /// `cosine_with_min_lr` whose warmup starts above 0 and whose decay starts a step earlier.
+    #[value(name = "cosine_warmup_with_min_lr")]
+    CosineWarmupWithMinLr,
     #[value(name = "warmup_stable_decay")]
     WarmupStableDecay,
 }
@@ -77,6 +80,13 @@ enum Decay {
     Cosine {
         num_cycles: f64,
         min_lr_rate: f64,
+    },
+    /// `cosine_warmup_with_min_lr`: its own warmup (from `warmup_lr_rate`, or one step's
+    /// share) and a cosine one step ahead of `Cosine`'s.
+    CosineAhead {
+        num_cycles: f64,
+        min_lr_rate: f64,
+        warmup_lr_rate: Option<f64>,
     },
     HardRestarts {
         num_cycles: f64,
@@ -156,26 +166,15 @@ impl LrSchedule {
                 num_cycles: kw.number("num_cycles")?.unwrap_or(0.5),
                 min_lr_rate: 0.0,
             },
-            SchedulerKind::CosineWithMinLr => {
-                let num_cycles = kw.number("num_cycles")?.unwrap_or(0.5);
-                let min_lr_rate = match (kw.number("min_lr")?, kw.number("min_lr_rate")?) {
-                    (Some(_), Some(_)) => {
-                        bail!("lr_scheduler_kwargs: set min_lr or min_lr_rate, not both")
-                    }
-                    (Some(_), None) if base_lr <= 0.0 => {
-                        bail!("min_lr needs a learning rate above 0 (min_lr_rate is its ratio)")
-                    }
-                    (Some(min_lr), None) => min_lr / base_lr,
-                    (None, Some(rate)) => rate,
-                    (None, None) => bail!(
-                        "cosine_with_min_lr needs min_lr or min_lr_rate in lr_scheduler_kwargs (e.g. {{\"min_lr_rate\": 0.1}})"
-                    ),
-                };
-                Decay::Cosine {
-                    num_cycles,
-                    min_lr_rate,
-                }
-            }
+            SchedulerKind::CosineWithMinLr => Decay::Cosine {
+                num_cycles: kw.number("num_cycles")?.unwrap_or(0.5),
+                min_lr_rate: kw.min_lr_rate(base_lr)?,
+            },
+            SchedulerKind::CosineWarmupWithMinLr => Decay::CosineAhead {
+                num_cycles: kw.number("num_cycles")?.unwrap_or(0.5),
+                min_lr_rate: kw.min_lr_rate(base_lr)?,
+                warmup_lr_rate: kw.number("warmup_lr_rate")?,
+            },
             SchedulerKind::CosineWithRestarts => Decay::HardRestarts {
                 num_cycles: kw.number("num_cycles")?.unwrap_or(1.0),
             },
@@ -252,6 +251,22 @@ impl LrSchedule {
         if let Decay::Wsd(wsd) = &self.decay {
             return wsd.factor(s, w);
         }
+        if let Decay::CosineAhead {
+            num_cycles,
+            min_lr_rate,
+            warmup_lr_rate,
+        } = &self.decay
+        {
+            if s < w {
+                return match warmup_lr_rate {
+                    None => (s + 1.0) / w.max(1.0),
+                    Some(r) => r + (1.0 - r) * s / (w - 1.0).max(1.0),
+                };
+            }
+            let progress = (s - w + 1.0) / (total - w).max(1.0);
+            let f = 0.5 * (1.0 + (std::f64::consts::PI * num_cycles * 2.0 * progress).cos());
+            return (f * (1.0 - min_lr_rate) + min_lr_rate).max(0.0);
+        }
         if self.warmup_applies && s < w {
             return s / w.max(1.0);
         }
@@ -281,7 +296,7 @@ impl LrSchedule {
                 ((self.base_lr - lr_end) * remaining.powf(*power) + lr_end) / self.base_lr
             }
             Decay::InverseSqrt { timescale } => 1.0 / ((s + timescale - w) / timescale).sqrt(),
-            Decay::Wsd(_) => unreachable!("returned above"),
+            Decay::Wsd(_) | Decay::CosineAhead { .. } => unreachable!("returned above"),
         }
     }
 }
@@ -347,6 +362,30 @@ impl Kwargs {
             Some(Value::String(s)) => Ok(Some(s)),
             Some(v) => bail!("lr_scheduler_kwargs: {key} must be a string, got {v}"),
         }
+    }
+
+    /// The cosine floor as a fraction of `base_lr`: `min_lr_rate`, or `min_lr` over `base_lr`
+    /// (one of them, as transformers requires).
+    fn min_lr_rate(&mut self, base_lr: f64) -> Result<f64> {
+        Ok(
+            match (self.number("min_lr")?, self.number("min_lr_rate")?) {
+                (Some(_), Some(_)) => {
+                    bail!("lr_scheduler_kwargs: set min_lr or min_lr_rate, not both")
+                }
+                (Some(_), None) if base_lr <= 0.0 => {
+                    bail!("min_lr needs a learning rate above 0 (min_lr_rate is its ratio)")
+                }
+                (Some(min_lr), None) => min_lr / base_lr,
+                (None, Some(rate)) => rate,
+                (None, None) => {
+                    let name = serde_json::to_value(self.kind)?;
+                    bail!(
+                    "{} needs min_lr or min_lr_rate in lr_scheduler_kwargs (e.g. {{\"min_lr_rate\": 0.1}})",
+                    name.as_str().unwrap_or_default()
+                )
+                }
+            },
+        )
     }
 
     fn finish(self) -> Result<()> {

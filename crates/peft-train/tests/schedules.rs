@@ -9,7 +9,7 @@ fn every_scheduler_follows_transformers() {
     let text = include_str!("fixtures/schedules.json");
     let fixture: Value = serde_json::from_str(text).unwrap();
     let cases = fixture["cases"].as_array().unwrap();
-    assert!(cases.len() >= 16);
+    assert!(cases.len() >= 19);
     for case in cases {
         let kind: SchedulerKind = serde_json::from_value(case["scheduler"].clone()).unwrap();
         let warmup = Warmup::from_warmup_steps(case["warmup_steps"].as_f64().unwrap()).unwrap();
