@@ -510,8 +510,9 @@ fn cross_entropy_composed(
         let (logits, tanh) = match softcap {
             None => (logits, None),
             Some(cap) => {
-                let tanh = (logits.to_dtype(DType::F32)? / cap)?.tanh()?;
-                ((&tanh * cap)?, Some(tanh))
+                let (capped, tanh) =
+                    crate::softmax::soft_cap_parts(&logits.to_dtype(DType::F32)?, cap)?;
+                (capped, Some(tanh))
             }
         };
         let want_grad = need_grad || weight_grad;
@@ -545,7 +546,7 @@ fn cross_entropy_composed(
         let dlogits = match (dlogits, &tanh) {
             // d(cap · tanh(l / cap))/dl = 1 − tanh².
             (Some(d), Some(t)) => Some(
-                (d.to_dtype(DType::F32)? * t.sqr()?.affine(-1.0, 1.0)?)?
+                (d.to_dtype(DType::F32)? * crate::softmax::soft_cap_slope(t, 1.0)?)?
                     .to_dtype(weight.dtype())?,
             ),
             (d, _) => d,

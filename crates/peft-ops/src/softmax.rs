@@ -60,7 +60,18 @@ pub fn attention_probs(
 /// Gemma 2's soft cap, `cap · tanh(x / cap)`, by candle's ops (their autograd carries the
 /// gradient): of the scores where attention is composed, and of the logits.
 pub fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
-    (x / cap)?.tanh()? * cap
+    Ok(soft_cap_parts(x, cap)?.0)
+}
+
+/// [`soft_cap`] and the tanh its gradient reads (see [`soft_cap_slope`]).
+pub(crate) fn soft_cap_parts(x: &Tensor, cap: f64) -> Result<(Tensor, Tensor)> {
+    let tanh = (x / cap)?.tanh()?;
+    Ok(((&tanh * cap)?, tanh))
+}
+
+/// `scale · d(cap · tanh(x / cap))/dx = scale · (1 − tanh²)` from the tanh values.
+pub(crate) fn soft_cap_slope(tanh: &Tensor, scale: f64) -> Result<Tensor> {
+    tanh.sqr()?.affine(-scale, scale)
 }
 
 /// dL/ds of [`attention_probs`] from its probabilities `y`, tanh values and dL/dy.
@@ -73,7 +84,7 @@ pub fn attention_probs_backward(
     match tanh {
         None => causal_softmax_backward(y, grad, scale),
         // d(cap · tanh(scale · s / cap))/ds = scale · (1 − tanh²).
-        Some(t) => causal_softmax_backward(y, grad, 1.0)? * t.sqr()?.affine(-scale, scale)?,
+        Some(t) => causal_softmax_backward(y, grad, 1.0)? * soft_cap_slope(t, scale)?,
     }
 }
 
