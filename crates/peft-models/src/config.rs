@@ -310,7 +310,11 @@ impl LlamaConfig {
             }
         }
         let layer_windows = if gemma {
-            gemma_layer_windows(&c, if gemma3 { GEMMA3_SLIDING_PATTERN } else { 2 })?
+            let pattern = match gemma3 {
+                true => GEMMA3_SLIDING_PATTERN,
+                false => GEMMA2_SLIDING_PATTERN,
+            };
+            gemma_layer_windows(&c, pattern)?
         } else if phi3 {
             // transformers' Phi-3 attends over a window on every layer when the config sets one
             // (one past the context, as the 128k models' 262144, never hides a key).
@@ -572,8 +576,8 @@ fn layer_rope(c: &RawConfig, smollm3: bool) -> Result<Vec<bool>> {
         ),
         Some(flags) => Ok(flags.iter().map(|&f| f != 0).collect()),
         None => {
-            let interval = c.no_rope_layer_interval.unwrap_or(4).max(1);
-            Ok((0..n).map(|i| (i + 1) % interval != 0).collect())
+            let interval = c.no_rope_layer_interval.unwrap_or(SMOLLM3_NO_ROPE_INTERVAL);
+            Ok(all_but_every(n, interval))
         }
     }
 }
@@ -602,7 +606,7 @@ fn gemma_layer_windows(c: &RawConfig, pattern: usize) -> Result<Vec<Option<usize
                 })
                 .collect::<Result<Vec<bool>>>()?
         }
-        None => sliding_layers(
+        None => all_but_every(
             c.num_hidden_layers,
             c.sliding_window_pattern.unwrap_or(pattern),
         ),
@@ -612,9 +616,14 @@ fn gemma_layer_windows(c: &RawConfig, pattern: usize) -> Result<Vec<Option<usize
 
 /// Gemma 3's default layer pattern (transformers' and llama.cpp's): every sixth layer global.
 pub(crate) const GEMMA3_SLIDING_PATTERN: usize = 6;
+/// Gemma 2's: every other layer global, the first one sliding.
+pub(crate) const GEMMA2_SLIDING_PATTERN: usize = 2;
+/// SmolLM3's (transformers' default and llama.cpp's rule): every fourth layer without RoPE.
+pub(crate) const SMOLLM3_NO_ROPE_INTERVAL: usize = 4;
 
-/// Which of `layers` layers slide when every `pattern`-th one is global.
-pub(crate) fn sliding_layers(layers: usize, pattern: usize) -> Vec<bool> {
-    let pattern = pattern.max(1);
-    (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+/// For each of `layers` layers, true but for every `nth` one (layers `nth - 1`, `2·nth - 1`,
+/// ...): the sliding layers of a Gemma pattern, the rotated layers of SmolLM3's.
+pub(crate) fn all_but_every(layers: usize, nth: usize) -> Vec<bool> {
+    let nth = nth.max(1);
+    (0..layers).map(|i| (i + 1) % nth != 0).collect()
 }

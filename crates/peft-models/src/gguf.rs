@@ -217,8 +217,8 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
         "granite" => "granite",
         "smollm3" => {
             // llama.cpp leaves every fourth layer without RoPE, whatever the file says.
-            let fourth: Vec<bool> = (0..c.num_hidden_layers).map(|i| (i + 1) % 4 != 0).collect();
-            if c.layer_rope != fourth {
+            let interval = crate::config::SMOLLM3_NO_ROPE_INTERVAL;
+            if c.layer_rope != crate::config::all_but_every(c.num_hidden_layers, interval) {
                 bail!(
                     "llama.cpp's smollm3 leaves every fourth layer without RoPE; this model's \
                      no_rope_layers differ"
@@ -254,10 +254,10 @@ pub(crate) fn gemma_llama_cpp_layout(
     head_dim: usize,
 ) -> (Vec<bool>, usize) {
     let (pattern, layers_27b) = match arch {
-        "gemma2" => (2, 46),
+        "gemma2" => (crate::config::GEMMA2_SLIDING_PATTERN, 46),
         _ => (crate::config::GEMMA3_SLIDING_PATTERN, 62),
     };
-    let sliding = crate::config::sliding_layers(layers, pattern);
+    let sliding = crate::config::all_but_every(layers, pattern);
     let scale_dim = if layers == layers_27b {
         hidden / heads.max(1)
     } else {

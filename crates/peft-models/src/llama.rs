@@ -707,17 +707,20 @@ impl Llama {
             .longrope
             .as_ref()
             .map_or(1.0, |l| l.attention_factor);
-        let rotated = self.config.rotary_dim / 2;
-        let pairs = inv_freq.dim(0)?;
-        let columns: Vec<f32> = (0..pairs)
-            .map(|i| if i < rotated { scale as f32 } else { 1.0 })
-            .collect();
-        let columns = Tensor::new(columns, inv_freq.device())?;
+        let columns = match scale == 1.0 {
+            true => None,
+            false => {
+                let rotated = self.config.rotary_dim / 2;
+                let columns: Vec<f32> = (0..inv_freq.dim(0)?)
+                    .map(|i| if i < rotated { scale as f32 } else { 1.0 })
+                    .collect();
+                Some(Tensor::new(columns, inv_freq.device())?)
+            }
+        };
         let table = |t: Tensor, shape: Vec<usize>| -> Result<Tensor> {
-            let t = if scale == 1.0 {
-                t
-            } else {
-                t.broadcast_mul(&columns)?
+            let t = match &columns {
+                Some(columns) => t.broadcast_mul(columns)?,
+                None => t,
             };
             Ok(t.reshape(shape)?
                 .to_dtype(self.dtype)?

@@ -404,12 +404,19 @@ fn read_gguf<R: Read + Seek>(
         .and_then(|v| v.to_string().ok())
         .cloned()
         .with_context(bad)?;
-    let known = [
-        "llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "gemma2", "gemma3", "phi3",
-    ];
-    if !known.contains(&arch.as_str()) {
-        bail!("{}: unsupported GGUF architecture {arch:?}", path.display());
-    }
+    // The transformers model type and class of the architecture, where we read it.
+    let (model_type, class) = match arch.as_str() {
+        "llama" => ("llama", "LlamaForCausalLM"),
+        "mistral" => ("mistral", "MistralForCausalLM"),
+        "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
+        "smollm3" => ("smollm3", "SmolLM3ForCausalLM"),
+        "granite" => ("granite", "GraniteForCausalLM"),
+        "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
+        "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
+        "phi3" => ("phi3", "Phi3ForCausalLM"),
+        _ => bail!("{}: unsupported GGUF architecture {arch:?}", path.display()),
+    };
     let key = |k: &str| format!("{arch}.{k}");
     let hidden = md_u64(md, &key("embedding_length"))? as usize;
     let heads = md_u64(md, &key("attention.head_count"))? as usize;
@@ -500,17 +507,6 @@ fn read_gguf<R: Read + Seek>(
         _ => store.rows("model.layers.0.mlp.up_proj.weight"),
     }
     .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?;
-    let (model_type, class) = match arch.as_str() {
-        "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
-        "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
-        "mistral" => ("mistral", "MistralForCausalLM"),
-        "smollm3" => ("smollm3", "SmolLM3ForCausalLM"),
-        "granite" => ("granite", "GraniteForCausalLM"),
-        "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
-        "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
-        "phi3" => ("phi3", "Phi3ForCausalLM"),
-        _ => ("llama", "LlamaForCausalLM"),
-    };
     let gemma = gguf::is_gemma(&arch);
     let mut raw = json!({
         "architectures": [class],
@@ -531,20 +527,24 @@ fn read_gguf<R: Read + Seek>(
         "torch_dtype": "float32",
     });
     if gemma {
-        // As llama.cpp reads a Gemma file (see `gguf::gemma_llama_cpp_layout`; Gemma 2's
-        // window and soft caps have defaults there).
-        let window = match arch.as_str() {
-            "gemma2" => Ok(md_u64(md, &key("attention.sliding_window")).unwrap_or(4096)),
-            _ => md_u64(md, &key("attention.sliding_window")),
+        // As llama.cpp reads a Gemma file (see `gguf::gemma_llama_cpp_layout`). Gemma 2's
+        // window and soft caps have defaults there, the same as the config's (which then
+        // apply: 4096, 50 and 30).
+        match md_u64(md, &key("attention.sliding_window")) {
+            Ok(window) => raw["sliding_window"] = json!(window),
+            Err(e) if arch == "gemma3" => {
+                let at = path.display();
+                return Err(e.context(format!("{at}: gemma3 without a sliding window")));
+            }
+            Err(_) => {}
         }
-        .with_context(|| format!("{}: {arch} without a sliding window", path.display()))?;
         let (mut sliding, scale_dim) =
             gguf::gemma_llama_cpp_layout(&arch, layers, hidden, heads, head_dim);
         let pattern = md.get(&key("attention.sliding_window_pattern"));
         if let Some(gguf_file::Value::Array(flags)) = pattern {
             sliding = flags.iter().map(|f| f.to_bool().unwrap_or(false)).collect();
         } else if let Some(n) = pattern.and_then(|v| v.to_u32().ok()).filter(|&n| n > 0) {
-            sliding = crate::config::sliding_layers(layers, n as usize);
+            sliding = crate::config::all_but_every(layers, n as usize);
         }
         let types: Vec<&str> = sliding
             .iter()
@@ -556,24 +556,22 @@ fn read_gguf<R: Read + Seek>(
                 }
             })
             .collect();
-        raw["sliding_window"] = json!(window);
         raw["layer_types"] = json!(types);
         let local_base = md_f64(md, &key("rope.freq_base_swa"));
         if arch == "gemma3" || local_base.is_some() {
             raw["rope_local_base_freq"] = json!(local_base.unwrap_or(10_000.0));
         }
         raw["query_pre_attn_scalar"] = json!(scale_dim);
-        let cap = |name: &str, gemma2_default: f64| match md_f64(md, &key(name)) {
-            Some(cap) if cap > 0.0 => json!(cap),
-            _ if arch == "gemma2" => json!(gemma2_default),
-            _ => json!(null),
-        };
         // llama.cpp's gemma3 caps no scores, whatever the file says.
-        raw["attn_logit_softcapping"] = match arch.as_str() {
-            "gemma2" => cap("attn_logit_softcapping", 50.0),
-            _ => json!(null),
+        let caps: &[&str] = match arch.as_str() {
+            "gemma2" => &["attn_logit_softcapping", "final_logit_softcapping"],
+            _ => &["final_logit_softcapping"],
         };
-        raw["final_logit_softcapping"] = cap("final_logit_softcapping", 30.0);
+        for &name in caps {
+            if let Some(cap) = md_f64(md, &key(name)).filter(|&cap| cap > 0.0) {
+                raw[name] = json!(cap);
+            }
+        }
     }
     if arch == "granite" {
         for (hf, gguf_key) in gguf::GRANITE_MULTIPLIERS {
