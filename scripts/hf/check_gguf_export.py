@@ -71,6 +71,12 @@ models = {
     "mistral": (MistralForCausalLM, MistralConfig(**common, tie_word_embeddings=False)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)),
+    # Qwen 3 with YaRN, as Qwen's long-context recipe sets it (with the weights below, the 16
+    # generated tokens depend on it).
+    "qwen3_yarn": (Qwen3ForCausalLM, Qwen3Config(
+        **common, head_dim=32, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 512})),
     # SmolLM3: every fourth layer without RoPE (with the weights below, the 16 generated tokens
     # depend on it).
     "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(
@@ -121,7 +127,8 @@ APART_IN_LLAMA_CPP = {"phi3"}
 
 # llama.cpp names a pre-tokenizer by a hash of its tokens, so SmolLM2's vocabulary under Qwen2's
 # pre-tokenizer has no name there: its converter then gets the name llama.cpp gives Qwen models.
-PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2", "smollm3": None, "granite": None,
+PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2", "qwen3_yarn": "qwen2",
+             "smollm3": None, "granite": None,
              "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
              "phi3_partial": None}
 CONVERT = """
@@ -255,7 +262,7 @@ with tempfile.TemporaryDirectory() as tmp:
             gemma = name.startswith("gemma")
             one, std = (0.0, 0.12) if gemma else (1.0, 0.08)
             embed_std = std
-            if name == "smollm3":
+            if name in ("smollm3", "qwen3_yarn"):
                 # With larger layer weights the text depends on the layer without RoPE (at 0.25
                 # llama.cpp's text parts from ours at a near tie: logits 0.003 apart).
                 std = 0.3

@@ -44,6 +44,14 @@ models = {
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
     # Per-head q/k norms and a head_dim that is not hidden / heads (4 × 16 = 64 ≠ 32).
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)),
+    # Qwen 3 with YaRN (its long-context setting): over the 8 pairs of a 16-dim head with
+    # base 100 and 64 original positions, the first pair keeps its frequency, the last three
+    # are divided by the factor and the four between are blended; cos and sin scaled by
+    # 1 + 0.1 ln 2.
+    "qwen3_yarn": (Qwen3ForCausalLM, Qwen3Config(
+        **common, head_dim=16, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, "factor": 2.0,
+                         "original_max_position_embeddings": 64})),
     # SmolLM3: a layer without RoPE (every second here; every fourth in the released model).
     "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(
         **common, no_rope_layer_interval=2, pad_token_id=0,
@@ -117,6 +125,15 @@ for name, (cls, cfg) in models.items():
             uncapped_model.load_state_dict(model.state_dict())
             uncapped = uncapped_model(input_ids=ids).logits
             assert (uncapped - base_logits).abs().max() > 0.1, cap
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        if rope.get("rope_type") == "yarn":
+            # Nor would a YaRN that changed nothing.
+            plain_cfg = copy.deepcopy(cfg)
+            plain_cfg.rope_parameters = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+            plain_model = cls(plain_cfg).eval()
+            plain_model.load_state_dict(model.state_dict())
+            plain = plain_model(input_ids=ids).logits
+            assert (plain - base_logits).abs().max() > 0.1, "yarn"
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     peft_model = get_peft_model(model, lora).eval()
     peft_model.save_pretrained(f"{out}/lora")

@@ -70,6 +70,8 @@ pub struct LlamaConfig {
     pub local_rope_theta: Option<f64>,
     /// LongRoPE (Phi-3's 128k-context models): per-frequency factors and a cos/sin scale.
     pub longrope: Option<LongRope>,
+    /// YaRN (`rope_type: "yarn"`: Qwen 2.5 and 3's long-context setting).
+    pub yarn: Option<Yarn>,
     /// Phi-3's fused projections: one `qkv_proj` (q, k and v side by side in its output) and
     /// one `gate_up_proj` (gate, then up).
     pub fused_projections: bool,
@@ -95,6 +97,76 @@ pub struct LongRope {
     pub long_factor: Vec<f32>,
     pub original_max_position_embeddings: usize,
     pub attention_factor: f64,
+}
+
+/// YaRN scaling (`rope_type: "yarn"`), as transformers computes it: each inverse frequency
+/// between its own value (pairs that turn more than `beta_fast` times over the original
+/// context) and its value divided by `factor` (pairs that turn less than `beta_slow` times),
+/// by a linear ramp over the pairs between, and cos/sin scaled by an attention factor. The
+/// optional settings are kept as the config names them (`None`: transformers' default), for
+/// llama.cpp's converter writes only those.
+#[derive(Debug, Clone)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub attention_factor: Option<f64>,
+    /// DeepSeek's pair, whose ratio sets the attention factor where the config gives none.
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    pub beta_fast: Option<f64>,
+    pub beta_slow: Option<f64>,
+    /// Whether the ramp's ends are rounded outwards to whole pairs (transformers' default).
+    pub truncate: bool,
+}
+
+impl Yarn {
+    /// The scale of cos and sin: the config's, else `0.1·ln(factor) + 1` (with DeepSeek's
+    /// `mscale` and `mscale_all_dim`, the ratio of that formula under each).
+    pub fn attention_factor(&self) -> f64 {
+        let mscale = |m: f64| match self.factor <= 1.0 {
+            true => 1.0,
+            false => 0.1 * m * self.factor.ln() + 1.0,
+        };
+        match (self.attention_factor, self.mscale, self.mscale_all_dim) {
+            (Some(a), _, _) => a,
+            // transformers tests the pair for truth: a 0 counts as absent.
+            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
+            _ => mscale(1.0),
+        }
+    }
+
+    /// The inverse frequencies of the `rotary_dim` rotated dims with base `theta`, in f32 as
+    /// transformers computes them.
+    fn inv_freq(&self, theta: f64, rotary_dim: usize) -> Vec<f32> {
+        // transformers reads a 0 beta as absent too (`or 32`).
+        let beta_fast = self.beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0);
+        let beta_slow = self.beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0);
+        let dim = rotary_dim as f64;
+        let original = self.original_max_position_embeddings as f64;
+        // The pair index at which a frequency turns `rotations` times over the original context.
+        let correction = |rotations: f64| {
+            dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+        if self.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        // The ends are Python floats, the ramp a float32 tensor.
+        let (start, width) = (low as f32, (high - low) as f32);
+        let factor = self.factor as f32;
+        theta_powers(theta, rotary_dim)
+            .enumerate()
+            .map(|(i, power)| {
+                let ramp = ((i as f32 - start) / width).clamp(0.0, 1.0);
+                let extrapolated = 1.0 - ramp;
+                (1.0 / (factor * power)) * (1.0 - extrapolated) + (1.0 / power) * extrapolated
+            })
+            .collect()
+    }
 }
 
 /// Llama 3.1+ frequency-dependent RoPE scaling (`rope_type: "llama3"`).
@@ -259,12 +331,14 @@ impl LlamaConfig {
         let mut rope_scaling = None;
         let mut rope_linear_factor = None;
         let mut longrope = None;
+        let mut yarn = None;
         match rope_type(&rope).as_str() {
             "default" => {}
             "longrope" | "su" => {
                 let r = rope.as_ref().unwrap_or(&Value::Null);
                 longrope = Some(long_rope(&c, r, rotary_dim)?);
             }
+            "yarn" => yarn = Some(yarn_scaling(&c, rope.as_ref().unwrap_or(&Value::Null))?),
             "llama3" => {
                 rope_scaling = Some(
                     serde_json::from_value(rope.clone().unwrap_or_default())
@@ -277,7 +351,8 @@ impl LlamaConfig {
                     Some(factor.context("rope scaling of type linear lacks its factor")?);
             }
             other => bail!(
-                "unsupported rope_type {other:?} (supported: default, linear, llama3, longrope)"
+                "unsupported rope_type {other:?} (supported: default, linear, llama3, longrope, \
+                 yarn)"
             ),
         }
         if rope_type(&local_rope) != "default" {
@@ -355,6 +430,7 @@ impl LlamaConfig {
             rope_linear_factor,
             local_rope_theta,
             longrope,
+            yarn,
             fused_projections: phi3,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
@@ -445,6 +521,9 @@ impl LlamaConfig {
         if let Some(factor) = self.rope_linear_factor {
             return base.into_iter().map(|f| f / factor as f32).collect();
         }
+        if let Some(y) = &self.yarn {
+            return y.inv_freq(self.rope_theta, self.rotary_dim);
+        }
         let Some(s) = &self.rope_scaling else {
             return base;
         };
@@ -473,6 +552,15 @@ impl LlamaConfig {
     pub fn local_rope_inv_freq(&self) -> Option<Vec<f32>> {
         let theta = self.local_rope_theta?;
         Some(default_inv_freq(theta, self.head_dim))
+    }
+
+    /// The scale of the global layers' cos and sin: LongRoPE's or YaRN's attention factor, else 1.
+    pub fn rope_attention_factor(&self) -> f64 {
+        match (&self.longrope, &self.yarn) {
+            (Some(l), _) => l.attention_factor,
+            (None, Some(y)) => y.attention_factor(),
+            (None, None) => 1.0,
+        }
     }
 
     /// LongRoPE's inverse frequencies for sequences past the original context (its long
@@ -532,6 +620,46 @@ fn long_rope(c: &RawConfig, r: &Value, rotary_dim: usize) -> Result<LongRope> {
         long_factor: factors("long_factor")?,
         original_max_position_embeddings: original,
         attention_factor,
+    })
+}
+
+/// YaRN's settings from the rope parameters `r`: `factor` (null: the context's growth,
+/// `max_position_embeddings / original`), the pretrained context (the config's top-level
+/// `original_max_position_embeddings`, else the parameters', else `max_position_embeddings`,
+/// as transformers' `standardize_rope_params` picks it) and the optional ones.
+fn yarn_scaling(c: &RawConfig, r: &Value) -> Result<Yarn> {
+    let number = |key: &str| -> Result<Option<f64>> {
+        match r.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => bail!("yarn rope scaling: {key} is not a number: {v}"),
+            },
+        }
+    };
+    let original = c
+        .original_max_position_embeddings
+        .or_else(|| Some(r.get("original_max_position_embeddings")?.as_u64()? as usize))
+        .unwrap_or(c.max_position_embeddings);
+    if original == 0 {
+        bail!("yarn rope scaling: original_max_position_embeddings is 0");
+    }
+    if r.get("factor").is_none() {
+        bail!("rope scaling of type yarn lacks its factor");
+    }
+    let factor = number("factor")?.unwrap_or(c.max_position_embeddings as f64 / original as f64);
+    if factor <= 0.0 {
+        bail!("yarn rope scaling: factor {factor} is not positive");
+    }
+    Ok(Yarn {
+        factor,
+        original_max_position_embeddings: original,
+        attention_factor: number("attention_factor")?,
+        mscale: number("mscale")?,
+        mscale_all_dim: number("mscale_all_dim")?,
+        beta_fast: number("beta_fast")?,
+        beta_slow: number("beta_slow")?,
+        truncate: r.get("truncate").and_then(Value::as_bool).unwrap_or(true),
     })
 }
 

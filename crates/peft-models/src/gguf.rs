@@ -236,6 +236,9 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
             check_gemma_layout(c, "gemma3")?;
             "gemma3"
         }
+        "phi3" if c.yarn.is_some() => {
+            bail!("llama.cpp's phi3 reads no YaRN settings; this model scales RoPE by YaRN")
+        }
         "phi3" => "phi3",
         other => bail!("cannot write a {other:?} model as GGUF"),
     })
@@ -342,6 +345,22 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
             Value::F32(factor as f32),
         ));
     }
+    // YaRN as the converter writes it: the factor and pretrained context, and the optional
+    // settings where the config names them (llama.cpp has its own defaults for the others).
+    if let Some(y) = &c.yarn {
+        let scaling = |key: &str| format!("{arch}.rope.scaling.{key}");
+        md.push((scaling("type"), Value::String("yarn".into())));
+        md.push((scaling("factor"), Value::F32(y.factor as f32)));
+        md.push((
+            scaling("original_context_length"),
+            u32_of(y.original_max_position_embeddings),
+        ));
+        for (key, _, setting) in YARN_OPTIONAL {
+            if let Some(v) = setting(y) {
+                md.push((scaling(key), Value::F32(v as f32)));
+            }
+        }
+    }
     // The keys llama.cpp's converter adds where it has them: head sizes when the config names
     // a head_dim; rope dimensions and vocabulary size for Llama's converter's architectures.
     let mut optional = Vec::new();
@@ -401,6 +420,18 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
     );
     md
 }
+
+type YarnSetting = fn(&crate::config::Yarn) -> Option<f64>;
+
+/// YaRN's optional settings: GGUF key (under `{arch}.rope.scaling.`), name in the rope
+/// parameters of config.json, and its value as the config names it.
+pub(crate) const YARN_OPTIONAL: [(&str, &str, YarnSetting); 3] = [
+    ("yarn_attn_factor", "attention_factor", |y| {
+        y.attention_factor
+    }),
+    ("yarn_beta_fast", "beta_fast", |y| y.beta_fast),
+    ("yarn_beta_slow", "beta_slow", |y| y.beta_slow),
+];
 
 /// Phi-3's pretrained context: its LongRoPE's, else the config's field (transformers'
 /// default 4096).

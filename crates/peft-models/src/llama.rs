@@ -693,20 +693,21 @@ impl Llama {
 
     /// cos/sin tables `[positions.., head_dim / 2]` for the given positions: the values of the
     /// model's dtype (as transformers rounds them), held in f32, which the flash attention
-    /// kernels read as they are, once for all layers.
-    fn rope_tables(&self, positions: &Tensor, inv_freq: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// kernels read as they are, once for all layers. `scale` multiplies cos and sin (LongRoPE's
+    /// and YaRN's attention factor).
+    fn rope_tables(
+        &self,
+        positions: &Tensor,
+        inv_freq: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
         let shape = positions.dims().to_vec();
         let pos = positions.flatten_all()?.to_dtype(DType::F32)?;
         let theta = pos.unsqueeze(1)?.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
         let mut out_shape = shape;
         out_shape.push(inv_freq.dim(0)?);
-        // LongRoPE scales cos and sin (in f32, before the rounding) of the rotated pairs; the
-        // others (partial rotary) keep cos 1, sin 0.
-        let scale = self
-            .config
-            .longrope
-            .as_ref()
-            .map_or(1.0, |l| l.attention_factor);
+        // The scale applies (in f32, before the rounding) to the rotated pairs; the others
+        // (partial rotary) keep cos 1, sin 0.
         let columns = match scale == 1.0 {
             true => None,
             false => {
@@ -815,14 +816,15 @@ impl Llama {
             (Some(long), Some(l)) if span > l.original_max_position_embeddings => long,
             _ => &self.inv_freq,
         };
-        let (cos, sin) = self.rope_tables(&positions, inv_freq)?;
+        let (cos, sin) =
+            self.rope_tables(&positions, inv_freq, self.config.rope_attention_factor())?;
         let rotary_order = self.rotary_order.clone();
         let window = self.config.layer_windows.iter().flatten().copied().max();
         let local = match window {
             None => None,
             Some(window) => {
                 let (cos, sin) = match &self.local_inv_freq {
-                    Some(f) => self.rope_tables(&positions, f)?,
+                    Some(f) => self.rope_tables(&positions, f, 1.0)?,
                     None => (cos.clone(), sin.clone()),
                 };
                 // Without a mask the causal attention paths apply the window themselves.

@@ -623,10 +623,30 @@ fn read_gguf<R: Read + Seek>(
     let scaling_type = md
         .get(&key("rope.scaling.type"))
         .and_then(|v| v.to_string().ok());
-    if scaling_type.map(String::as_str) == Some("linear") {
-        let factor = md_f64(md, &key("rope.scaling.factor"))
-            .with_context(|| format!("{}: linear rope scaling without a factor", path.display()))?;
-        raw["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+    match scaling_type.map(String::as_str) {
+        Some("linear") => {
+            let factor = md_f64(md, &key("rope.scaling.factor")).with_context(|| {
+                format!("{}: linear rope scaling without a factor", path.display())
+            })?;
+            raw["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+        }
+        Some("yarn") => {
+            let missing =
+                |what: &str| format!("{}: yarn rope scaling without {what}", path.display());
+            let factor =
+                md_f64(md, &key("rope.scaling.factor")).with_context(|| missing("a factor"))?;
+            let original = md_u64(md, &key("rope.scaling.original_context_length"))
+                .with_context(|| missing("its original_context_length"))?;
+            let mut yarn = json!({"rope_type": "yarn", "factor": factor,
+                "original_max_position_embeddings": original});
+            for (gguf_key, hf, _) in gguf::YARN_OPTIONAL {
+                if let Some(v) = md_f64(md, &key(&format!("rope.scaling.{gguf_key}"))) {
+                    yarn[hf] = json!(v);
+                }
+            }
+            raw["rope_scaling"] = yarn;
+        }
+        _ => {}
     }
     // Biases beyond Qwen2's q/k/v ones (Llama's `attention_bias`, `mlp_bias`) show as tensors.
     let has = |name: &str| store.contains(&format!("model.layers.0.{name}.bias"));

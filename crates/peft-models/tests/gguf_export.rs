@@ -76,9 +76,14 @@ fn tokenizer() -> Tokenizer {
     Tokenizer::from_gguf_metadata(&md).unwrap()
 }
 
-/// The config of a test case: a model type, or `phi4_mini` (Phi-3 with partial rotary).
+/// The config of a test case: a model type, `phi4_mini` (Phi-3 with partial rotary) or
+/// `qwen2_yarn` (Qwen2 with YaRN).
 fn config(case: &str) -> LlamaConfig {
-    let model_type = if case == "phi4_mini" { "phi3" } else { case };
+    let model_type = match case {
+        "phi4_mini" => "phi3",
+        "qwen2_yarn" => "qwen2",
+        _ => case,
+    };
     let mut c = json!({
         "model_type": model_type, "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -105,6 +110,14 @@ fn config(case: &str) -> LlamaConfig {
             });
         }
         "qwen3" => c["head_dim"] = json!(32),
+        // YaRN with a beta of its own (written) and the others left to their defaults.
+        "qwen2_yarn" => {
+            c["rope_theta"] = json!(1000.0);
+            c["rope_scaling"] = json!({
+                "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                "beta_fast": 16.0,
+            });
+        }
         // LongRoPE past its original context of 8 (10 test tokens), a window of 6.
         "phi3" => {
             c["sliding_window"] = json!(6);
@@ -184,6 +197,7 @@ fn written_models_read_back_alike() {
     for model_type in [
         "llama",
         "qwen2",
+        "qwen2_yarn",
         "qwen3",
         "smollm3",
         "granite",
@@ -206,10 +220,23 @@ fn written_models_read_back_alike() {
             let loaded = load_model(&path, &Device::Cpu, DType::F32).unwrap();
             let c = &loaded.config;
             assert_eq!(c.model_type, original.config.model_type);
+            match (&c.yarn, &original.config.yarn) {
+                (Some(a), Some(b)) => {
+                    assert_eq!(a.factor, b.factor);
+                    assert_eq!(a.original_max_position_embeddings, 256);
+                    assert_eq!((a.beta_fast, a.beta_slow), (Some(16.0), None));
+                    assert_eq!(a.attention_factor, None);
+                    assert_eq!(c.rope_inv_freq(), original.config.rope_inv_freq());
+                }
+                (a, b) => assert_eq!(a.is_some(), b.is_some(), "{model_type}: YaRN"),
+            }
             assert_eq!(c.rotary_dim, original.config.rotary_dim);
             assert_eq!(c.head_dim, original.config.head_dim);
             assert_eq!(c.qk_norm, matches!(model_type, "qwen3" | "gemma3_text"));
-            assert_eq!(c.qkv_bias, matches!(model_type, "llama" | "qwen2"));
+            assert_eq!(
+                c.qkv_bias,
+                matches!(model_type, "llama" | "qwen2" | "qwen2_yarn")
+            );
             assert_eq!(c.layer_windows, original.config.layer_windows);
             assert_eq!(c.attention_scale, original.config.attention_scale);
             assert_eq!(c.attn_softcap, original.config.attn_softcap);

@@ -18,6 +18,7 @@ const ARCHITECTURES: &[&str] = &[
     "mistral",
     "qwen2",
     "qwen3",
+    "qwen3_yarn",
     "smollm3",
     "granite",
     "gemma2",
