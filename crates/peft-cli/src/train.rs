@@ -186,6 +186,19 @@ pub struct TrainCmd {
     /// An improvement must lower the eval loss by more than this (default 0).
     #[arg(long)]
     early_stopping_threshold: Option<f64>,
+    /// At the end, save the weights of the checkpoint with the lowest eval loss
+    /// (transformers' `load_best_model_at_end`). Needs checkpoints where the evaluations are
+    /// (both every epoch, or --save-steps a multiple of --eval-steps); that checkpoint is kept
+    /// beyond --save-total-limit.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    load_best_model_at_end: Option<bool>,
+    /// What picks the best checkpoint: the eval loss (`loss` or `eval_loss`), the metric the
+    /// evaluations compute.
+    #[arg(long)]
+    metric_for_best_model: Option<String>,
+    /// Whether a higher metric is better: false, for the loss.
+    #[arg(long)]
+    greater_is_better: Option<bool>,
     #[arg(long)]
     seed: Option<u64>,
     /// Compute dtype (and dtype of the unquantized weights); default bf16, as TRL's, where the
@@ -691,6 +704,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         eval_steps,
         early_stopping_patience: c.early_stopping_patience,
         early_stopping_threshold: c.early_stopping_threshold.unwrap_or(0.0),
+        load_best_model_at_end: c.load_best_model_at_end.unwrap_or(false),
         kernel_tuning: match &c.kernel_tuning {
             Some(v) => peft_ops::KernelTuning::parse(v).map_err(anyhow::Error::msg)?,
             None => d.kernel_tuning,
@@ -702,11 +716,21 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     if c.eval_data.is_some() && eval_split > 0.0 {
         bail!("--eval-data and --eval-split both choose the eval set: keep one");
     }
-    if c.early_stopping_patience.is_some() && !evaluate {
-        bail!("--early-stopping-patience needs evaluations: --eval-strategy is no");
-    }
-    if c.early_stopping_patience.is_some() && eval_split == 0.0 && c.eval_data.is_none() {
-        bail!("--early-stopping-patience needs eval data (--eval-split 0.1 or --eval-data FILE)");
+    check_best_metric(&c)?;
+    let needs_evals = [
+        (
+            "--early-stopping-patience",
+            c.early_stopping_patience.is_some(),
+        ),
+        ("--load-best-model-at-end", args.load_best_model_at_end),
+    ];
+    for (flag, _) in needs_evals.iter().filter(|(_, set)| *set) {
+        if !evaluate {
+            bail!("{flag} needs evaluations: --eval-strategy is no");
+        }
+        if eval_split == 0.0 && c.eval_data.is_none() {
+            bail!("{flag} needs eval data (--eval-split 0.1 or --eval-data FILE)");
+        }
     }
     let max_seq_length = c.max_seq_length.unwrap_or(1024);
 
@@ -812,6 +836,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             "tokens_per_s": summary.tokens_per_s(), "loss_first": first, "loss_last": last,
             "eval_loss": eval_loss, "stopped_early": summary.stopped_early, "output": output,
             "kernel_tuning": summary.kernel_settings,
+            "best_checkpoint": summary.best_checkpoint.map(|(step, loss)| {
+                serde_json::json!({"step": step, "eval_loss": loss})
+            }),
         });
         println!("{line}");
         return Ok(());
@@ -824,14 +851,34 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     } else {
         ""
     };
+    let best_note = summary
+        .best_checkpoint
+        .map(|(step, loss)| format!(" (the best checkpoint's: step {step}, eval loss {loss:.4})"))
+        .unwrap_or_default();
     println!(
-        "trained {} steps{early} in {:.1}s ({:.1} tokens/s); loss {first:.4} -> {last:.4}{eval_note}; {} saved to {}",
+        "trained {} steps{early} in {:.1}s ({:.1} tokens/s); loss {first:.4} -> {last:.4}{eval_note}; {}{best_note} saved to {}",
         summary.steps,
         summary.seconds,
         summary.tokens_per_s(),
         if method == "full" { "model" } else { "adapter" },
         output.display()
     );
+    Ok(())
+}
+
+/// The best checkpoint is the one of the lowest eval loss: the one metric evaluations compute.
+fn check_best_metric(c: &TrainCmd) -> Result<()> {
+    if let Some(metric) = &c.metric_for_best_model {
+        if !matches!(metric.as_str(), "loss" | "eval_loss") {
+            bail!(
+                "--metric-for-best-model {metric:?}: the evaluations compute the eval loss \
+                 alone (loss or eval_loss)"
+            );
+        }
+    }
+    if c.greater_is_better == Some(true) {
+        bail!("--greater-is-better true would pick the checkpoint of the highest eval loss");
+    }
     Ok(())
 }
 

@@ -30,6 +30,12 @@ pub struct TrainerState {
     pub best_eval_loss: Option<f64>,
     #[serde(default)]
     pub evals_without_improvement: usize,
+    /// The step of the best evaluation, and the step and eval loss of the best checkpoint
+    /// (`load_best_model_at_end`): the best evaluation's, once it was saved.
+    #[serde(default)]
+    pub best_global_step: Option<usize>,
+    #[serde(default)]
+    pub best_checkpoint: Option<(usize, f64)>,
     /// The kernel paths tuning chose (`VAR=value`), which a resumed run takes again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_settings: Option<Vec<String>>,
@@ -66,6 +72,11 @@ impl TrainerState {
     }
 }
 
+/// The folder of the checkpoint of `step` under `output`.
+pub fn path(output: &Path, step: usize) -> PathBuf {
+    output.join(format!("{PREFIX}{step}"))
+}
+
 /// Writes `OUTPUT/checkpoint-<step>` and returns its path.
 pub fn save(
     output: &Path,
@@ -74,7 +85,7 @@ pub fn save(
     state: &TrainerState,
     base_name: &str,
 ) -> Result<PathBuf> {
-    let dir = output.join(format!("{PREFIX}{}", state.global_step));
+    let dir = path(output, state.global_step);
     let tmp = output.join(format!(".{PREFIX}{}.tmp", state.global_step));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
@@ -144,11 +155,32 @@ pub fn list(output: &Path) -> Vec<(usize, PathBuf)> {
     found
 }
 
-/// Keeps the newest `keep` checkpoints.
-pub fn prune(output: &Path, keep: usize) -> Result<()> {
+/// Keeps `keep` checkpoints: the newest (always), the one of step `protect` (the best, with
+/// `load_best_model_at_end`), then the newest others, as transformers' `rotate_checkpoints`.
+pub fn prune(output: &Path, keep: usize, protect: Option<usize>) -> Result<()> {
     let all = list(output);
-    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    let newest = all.last().map(|(step, _)| *step);
+    let protected = |step: usize| Some(step) == newest || Some(step) == protect;
+    let n_protected = all.iter().filter(|(step, _)| protected(*step)).count();
+    let mut remaining = all.len();
+    for (step, dir) in &all {
+        if remaining <= keep.max(n_protected) {
+            break;
+        }
+        if !protected(*step) {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot remove {}", dir.display()))?;
+            remaining -= 1;
+        }
+    }
+    Ok(())
+}
+
+/// Removes every checkpoint under `output` but the one of `step`.
+pub fn keep_only(output: &Path, step: usize) -> Result<()> {
+    for (_, dir) in list(output).into_iter().filter(|(s, _)| *s != step) {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     Ok(())
 }
@@ -177,9 +209,40 @@ pub fn load(dir: &Path, model: &dyn Tuned, opt: &mut AdamW) -> Result<TrainerSta
         .with_context(|| format!("cannot read {}", state_path.display()))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", state_path.display()))?;
+    let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)?;
+    let keys = set_weights(dir, model, &moments)?;
+    // Moments of a tensor this model lacks: the checkpoint trained other modules.
+    let ours: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    if let Some(other) = moments
+        .keys()
+        .filter_map(|k| k.strip_prefix("exp_avg."))
+        .find(|k| !k.ends_with(".absmax") && !ours.contains(k))
+    {
+        bail!(
+            "checkpoint {} trains {other}, which this run does not (other method or target modules?)",
+            dir.display()
+        );
+    }
+    opt.load_state_tensors(&keys, &moments)
+        .with_context(|| format!("checkpoint {}", dir.display()))?;
+    Ok(state)
+}
+
+/// Loads the trained weights of the checkpoint at `dir` into `model` (not the optimizer).
+pub fn load_weights(dir: &Path, model: &dyn Tuned) -> Result<()> {
+    let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)?;
+    set_weights(dir, model, &moments).map(|_| ())
+}
+
+/// Sets every trainable tensor of `model` from the checkpoint at `dir` (its adapter file, or
+/// the tensors kept beside the optimizer's moments); returns their keys.
+fn set_weights(
+    dir: &Path,
+    model: &dyn Tuned,
+    moments: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<Vec<String>> {
     let device = model.base().device.clone();
     let weights = load_safetensors(&dir.join(model.weights_file()), &device)?;
-    let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)?;
     let mut keys = Vec::new();
     for (key, var) in model.trainable() {
         let w = moments
@@ -198,19 +261,5 @@ pub fn load(dir: &Path, model: &dyn Tuned, opt: &mut AdamW) -> Result<TrainerSta
         var.set(&w)?;
         keys.push(key);
     }
-    // Moments of a tensor this model lacks: the checkpoint trained other modules.
-    let ours: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
-    if let Some(other) = moments
-        .keys()
-        .filter_map(|k| k.strip_prefix("exp_avg."))
-        .find(|k| !k.ends_with(".absmax") && !ours.contains(k))
-    {
-        bail!(
-            "checkpoint {} trains {other}, which this run does not (other method or target modules?)",
-            dir.display()
-        );
-    }
-    opt.load_state_tensors(&keys, &moments)
-        .with_context(|| format!("checkpoint {}", dir.display()))?;
-    Ok(state)
+    Ok(keys)
 }

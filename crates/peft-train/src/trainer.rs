@@ -81,6 +81,10 @@ pub struct TrainArgs {
     /// this many evaluations in a row.
     pub early_stopping_patience: Option<usize>,
     pub early_stopping_threshold: f64,
+    /// At the end, take the weights of the checkpoint with the lowest eval loss and save
+    /// those (transformers' `load_best_model_at_end` with the eval loss as the metric); that
+    /// checkpoint outlives `save_total_limit`'s pruning.
+    pub load_best_model_at_end: bool,
     /// Whether to time the interchangeable kernel paths on the first batch and keep the
     /// fastest (see [`peft_ops::tune`]; by default on GPUs).
     pub kernel_tuning: KernelTuning,
@@ -132,6 +136,7 @@ impl Default for TrainArgs {
             eval_steps: None,
             early_stopping_patience: None,
             early_stopping_threshold: 0.0,
+            load_best_model_at_end: false,
             save_checkpoint_every_epoch: false,
             kernel_tuning: KernelTuning::Auto,
         }
@@ -195,7 +200,42 @@ impl TrainArgs {
         if let Some((what, _)) = intervals.iter().find(|(_, v)| *v == Some(0)) {
             bail!("the {what} must be at least 1");
         }
+        if self.load_best_model_at_end {
+            self.check_best_model_saves()?;
+        }
         Ok(())
+    }
+
+    /// transformers' rule for `load_best_model_at_end`: checkpoints where the evaluations are
+    /// (both by epoch, or saved every M steps with M a multiple of the eval interval), so that
+    /// the best evaluation has one.
+    fn check_best_model_saves(&self) -> Result<()> {
+        match (
+            self.eval_steps,
+            self.save_steps,
+            self.save_checkpoint_every_epoch,
+        ) {
+            (None, _, true) => Ok(()),
+            (Some(eval), Some(save), _) if save % eval == 0 => Ok(()),
+            (Some(eval), Some(save), _) => bail!(
+                "load_best_model_at_end needs a checkpoint at evaluations: the save steps \
+                 ({save}) must be a multiple of the eval steps ({eval})"
+            ),
+            (None, None, false) | (Some(_), None, false) => bail!(
+                "load_best_model_at_end needs checkpoints to choose from (--save-steps N or \
+                 --save-strategy epoch)"
+            ),
+            (None, Some(_), _) => bail!(
+                "load_best_model_at_end needs checkpoints where the evaluations are: the eval \
+                 set is evaluated every epoch, checkpoints are saved by steps (--save-strategy \
+                 epoch, or --eval-steps N)"
+            ),
+            (Some(_), None, true) => bail!(
+                "load_best_model_at_end needs checkpoints where the evaluations are: the eval \
+                 set is evaluated by steps, checkpoints are saved every epoch (--save-steps N, \
+                 or --eval-strategy epoch)"
+            ),
+        }
     }
 }
 
@@ -212,6 +252,9 @@ pub struct TrainSummary {
     pub stopped_early: bool,
     /// The kernel paths tuning chose (`VAR=value`), if it ran.
     pub kernel_settings: Option<Vec<String>>,
+    /// With `load_best_model_at_end`: the step and eval loss of the checkpoint whose weights
+    /// were saved.
+    pub best_checkpoint: Option<(usize, f64)>,
 }
 
 impl TrainSummary {
@@ -471,6 +514,9 @@ impl Trainer<'_> {
         if examples.is_empty() {
             bail!("nothing to train on: no examples");
         }
+        if a.load_best_model_at_end && eval.is_empty() {
+            bail!("load_best_model_at_end needs an eval set to choose by (--eval-split or --eval-data)");
+        }
         let batches_per_epoch = examples.len().div_ceil(a.batch_size);
         let steps_per_epoch = batches_per_epoch.div_ceil(a.grad_accum);
         let total_steps = a
@@ -497,6 +543,8 @@ impl Trainer<'_> {
             grad_accum: a.grad_accum,
             trained_tokens: 0,
             best_eval_loss: None,
+            best_global_step: None,
+            best_checkpoint: None,
             evals_without_improvement: 0,
             kernel_settings: None,
         };
@@ -560,6 +608,7 @@ impl Trainer<'_> {
             evals: Vec::new(),
             stopped_early: false,
             kernel_settings: None,
+            best_checkpoint: None,
         };
         let mut step = 0;
         let mut epoch = 0;
@@ -639,14 +688,16 @@ impl Trainer<'_> {
                     summary.evals.push((step, eval_loss));
                     line["eval_loss"] = json!(eval_loss);
                     line["eval_perplexity"] = json!(eval_loss.exp());
-                    let improved = state
-                        .best_eval_loss
-                        .is_none_or(|best| eval_loss < best - a.early_stopping_threshold);
-                    if improved {
+                    // As transformers: early stopping counts evaluations that do not beat the
+                    // best loss so far by more than the threshold; the best is any lower loss.
+                    let best = state.best_eval_loss;
+                    match best.is_none_or(|best| eval_loss < best - a.early_stopping_threshold) {
+                        true => state.evals_without_improvement = 0,
+                        false => state.evals_without_improvement += 1,
+                    }
+                    if best.is_none_or(|best| eval_loss < best) {
                         state.best_eval_loss = Some(eval_loss);
-                        state.evals_without_improvement = 0;
-                    } else {
-                        state.evals_without_improvement += 1;
+                        state.best_global_step = Some(step);
                     }
                     stop_early = a
                         .early_stopping_patience
@@ -681,10 +732,18 @@ impl Trainer<'_> {
                     .save_steps
                     .is_some_and(|n| n > 0 && (step % n == 0 || step == total_steps))
                     || (a.save_checkpoint_every_epoch && (end_of_epoch || step == total_steps));
-                if (scheduled || interrupted) && !stop_early {
+                if scheduled || interrupted {
                     state.global_step = step;
                     state.trained_tokens = resumed_tokens + summary.trained_tokens;
                     state.kernel_settings = summary.kernel_settings.clone();
+                    // The best evaluation's checkpoint, once it has one (this one, or one
+                    // saved at that step before).
+                    if let (Some(best), Some(loss)) = (state.best_global_step, state.best_eval_loss)
+                    {
+                        if best == step || checkpoint::path(&a.output_dir, best).exists() {
+                            state.best_checkpoint = Some((best, loss));
+                        }
+                    }
                     let dir = checkpoint::save(
                         &a.output_dir,
                         &*self.model,
@@ -693,7 +752,11 @@ impl Trainer<'_> {
                         &a.base_model_name,
                     )?;
                     if let Some(k) = a.save_total_limit {
-                        checkpoint::prune(&a.output_dir, k.max(1))?;
+                        let keep = state
+                            .best_checkpoint
+                            .filter(|_| a.load_best_model_at_end)
+                            .map(|(step, _)| step);
+                        checkpoint::prune(&a.output_dir, k.max(1), keep)?;
                     }
                     last_checkpoint = Some(dir.clone());
                     if interrupted {
@@ -726,6 +789,14 @@ impl Trainer<'_> {
         bar.finish();
         summary.steps = step;
         summary.seconds = start.elapsed().as_secs_f64();
+        if let Some((best, loss)) = state.best_checkpoint.filter(|_| a.load_best_model_at_end) {
+            checkpoint::load_weights(&checkpoint::path(&a.output_dir, best), &*self.model)?;
+            summary.best_checkpoint = Some((best, loss));
+            if a.save_total_limit == Some(1) {
+                // transformers keeps the best checkpoint alone then.
+                checkpoint::keep_only(&a.output_dir, best)?;
+            }
+        }
         self.model.save(&a.output_dir, &a.base_model_name)?;
         Ok(summary)
     }

@@ -122,7 +122,7 @@ fn padding_to_a_multiple_changes_no_loss_or_gradient() {
     );
 }
 
-fn train(out: &Path, resume: Option<&str>, save_steps: Option<usize>) -> TrainSummary {
+fn train(out: &Path, resume: Option<&Path>, save_steps: Option<usize>) -> TrainSummary {
     let mut model = lora();
     let mut a = args(out);
     a.eval_steps = Some(1);
@@ -183,9 +183,11 @@ fn eval_and_early_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let first = train(dir.path(), None, Some(1));
     assert_eq!(first.losses, full.losses);
+    // The step that stopped the run saved its checkpoint, as transformers does.
+    assert!(dir.path().join("checkpoint-3").exists());
     // Continue from checkpoint-2, which counts one evaluation without improvement: the
     // resumed run stops after one more, as the uninterrupted run did.
-    let resumed = train(dir.path(), Some("latest"), Some(1));
+    let resumed = train(dir.path(), Some(&dir.path().join("checkpoint-2")), Some(1));
     assert!(resumed.stopped_early);
     assert_eq!(resumed.steps, 3);
     assert_eq!(resumed.losses, full.losses[2..].to_vec());
@@ -334,4 +336,71 @@ fn flat(model: &PeftModel) -> Vec<(String, Vec<f32>)> {
         .into_iter()
         .map(|(k, v)| (k, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
         .collect()
+}
+
+fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut t: Vec<(String, Vec<f32>)> = peft_models::io::load_safetensors(
+        &dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1().unwrap()))
+    .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+/// `load_best_model_at_end`, as transformers' Trainer: the output holds the weights of the
+/// checkpoint with the lowest eval loss (here not the last one: the learning rate is too
+/// high to keep improving), which outlives `save_total_limit`'s pruning beside the newest.
+#[test]
+fn load_best_model_at_end_saves_the_best_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = lora();
+    let mut a = args(dir.path());
+    a.max_steps = Some(12);
+    a.lr = 1.0;
+    a.warmup = Warmup::Steps(0);
+    a.eval_steps = Some(2);
+    a.save_steps = Some(2);
+    a.save_total_limit = Some(2);
+    a.load_best_model_at_end = true;
+    let eval = examples(4, 40);
+    let summary = Trainer {
+        model: &mut model,
+        args: a,
+        pad_id: 0,
+    }
+    .train_with_eval(&examples(12, 0), &eval)
+    .unwrap();
+    let (best, loss) =
+        summary.evals.iter().fold(
+            (0, f64::INFINITY),
+            |b, &(s, l)| if l < b.1 { (s, l) } else { b },
+        );
+    assert_eq!(summary.evals.len(), 6);
+    assert!(
+        best < 10,
+        "a late checkpoint is the best: {:?}",
+        summary.evals
+    );
+    assert_eq!(summary.best_checkpoint, Some((best, loss)));
+    let kept: Vec<usize> = peft_train::checkpoint::list(dir.path())
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(kept, [best, 12]);
+    let best_dir = dir.path().join(format!("checkpoint-{best}"));
+    assert_eq!(adapter_tensors(dir.path()), adapter_tensors(&best_dir));
+    // And the saved adapter evaluates to the best loss.
+    let mut reloaded = PeftModel::load(tiny_llama(31, true).unwrap(), dir.path()).unwrap();
+    let again = Trainer {
+        model: &mut reloaded,
+        args: args(dir.path()),
+        pad_id: 0,
+    }
+    .eval_loss(&eval)
+    .unwrap();
+    assert!((again - loss).abs() < 1e-6, "{again} vs {loss}");
 }
