@@ -228,6 +228,11 @@ pub struct TrainCmd {
     gradient_checkpointing: Option<bool>,
     #[arg(long)]
     logging_steps: Option<usize>,
+    /// tensorboard (or all): also log the metrics as TensorBoard scalars (`train/loss`,
+    /// `eval/loss`, ...) in OUTPUT/runs/<date>_<host>, or in $TENSORBOARD_LOGGING_DIR, as
+    /// transformers does; none (the default): metrics.jsonl and the loss plot alone.
+    #[arg(long)]
+    report_to: Option<String>,
     /// Also save the adapter after every epoch (OUTPUT/epoch-N).
     #[arg(long)]
     save_every_epoch: Option<bool>,
@@ -291,6 +296,7 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
             "modules_to_save",
             "feedforward_modules",
             "layers_to_transform",
+            "report_to",
         ] {
             let items = match b.get(key) {
                 Some(Value::Array(items)) => items.clone(),
@@ -705,12 +711,16 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         early_stopping_patience: c.early_stopping_patience,
         early_stopping_threshold: c.early_stopping_threshold.unwrap_or(0.0),
         load_best_model_at_end: c.load_best_model_at_end.unwrap_or(false),
+        tensorboard_dir: tensorboard_dir(c.report_to.as_deref(), &output)?,
         kernel_tuning: match &c.kernel_tuning {
             Some(v) => peft_ops::KernelTuning::parse(v).map_err(anyhow::Error::msg)?,
             None => d.kernel_tuning,
         },
     };
     args.validate()?;
+    if let (Some(dir), false) = (&args.tensorboard_dir, quiet || json_mode) {
+        eprintln!("TensorBoard logs go to {}", dir.display());
+    }
     let neftune = c.neftune_noise_alpha.map(Neftune::new).transpose()?;
     let eval_split = c.eval_split.unwrap_or(0.0);
     if c.eval_data.is_some() && eval_split > 0.0 {
@@ -864,6 +874,23 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         output.display()
     );
     Ok(())
+}
+
+/// Where `--report-to` asks for TensorBoard logs (transformers' `report_to`: a comma-separated
+/// list; `all` is every integration there is, here TensorBoard).
+fn tensorboard_dir(report_to: Option<&str>, output: &Path) -> Result<Option<PathBuf>> {
+    let mut tensorboard = false;
+    for target in list(report_to.unwrap_or("none")) {
+        match target.as_str() {
+            "tensorboard" | "all" => tensorboard = true,
+            "none" => {}
+            other => bail!(
+                "--report-to {other:?} is not supported: peft logs to TensorBoard (tensorboard) \
+                 and metrics.jsonl"
+            ),
+        }
+    }
+    Ok(tensorboard.then(|| peft_train::tensorboard::default_log_dir(output)))
 }
 
 /// The best checkpoint is the one of the lowest eval loss: the one metric evaluations compute.

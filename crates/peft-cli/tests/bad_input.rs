@@ -255,6 +255,7 @@ fn cases() -> Vec<Case> {
         case("load_best_model_at_end with saves between evaluations", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--eval-split", "0.2", "--load-best-model-at-end", "--eval-steps", "4", "--save-steps", "6"]), "the save steps (6) must be a multiple of the eval steps (4)"),
         case("load_best_model_at_end without eval data", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--load-best-model-at-end", "--save-strategy", "epoch"]), "--load-best-model-at-end needs eval data"),
         case("a best-model metric that is not computed", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--metric-for-best-model", "accuracy"]), "the evaluations compute the eval loss alone"),
+        case("a logging integration peft lacks", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--report-to", "tensorboard,wandb"]), "--report-to \"wandb\" is not supported"),
         case("save every 0 steps", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--save-steps", "0"]), "save steps must be at least 1"),
         case("lora_alpha 0", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--lora-alpha", "0"]), "lora_alpha must be above 0"),
         case("IA3 feed-forward module outside the targets", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "ia3", "--feedforward-modules", "up_proj"]), "\"up_proj\" is not a target"),

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use data::{

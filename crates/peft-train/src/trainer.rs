@@ -7,6 +7,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::data::{epoch_order, Batch, Example};
 use crate::optim::{AdamW, OptimKind, ParamGroup};
 use crate::schedule::{LrSchedule, SchedulerKind, Warmup};
+use crate::tensorboard::{self, EventWriter};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -85,6 +86,9 @@ pub struct TrainArgs {
     /// those (transformers' `load_best_model_at_end` with the eval loss as the metric); that
     /// checkpoint outlives `save_total_limit`'s pruning.
     pub load_best_model_at_end: bool,
+    /// Also log the metrics lines as TensorBoard scalars into this folder (transformers'
+    /// `report_to="tensorboard"`).
+    pub tensorboard_dir: Option<PathBuf>,
     /// Whether to time the interchangeable kernel paths on the first batch and keep the
     /// fastest (see [`peft_ops::tune`]; by default on GPUs).
     pub kernel_tuning: KernelTuning,
@@ -137,6 +141,7 @@ impl Default for TrainArgs {
             early_stopping_patience: None,
             early_stopping_threshold: 0.0,
             load_best_model_at_end: false,
+            tensorboard_dir: None,
             save_checkpoint_every_epoch: false,
             kernel_tuning: KernelTuning::Auto,
         }
@@ -584,6 +589,11 @@ impl Trainer<'_> {
             .truncate(start_step == 0)
             .open(&metrics_path)
             .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+        let mut tensorboard = a
+            .tensorboard_dir
+            .as_deref()
+            .map(|dir| EventWriter::create(dir, tensorboard::now()))
+            .transpose()?;
 
         let bar = if a.show_progress {
             ProgressBar::new(total_steps as u64)
@@ -713,6 +723,9 @@ impl Trainer<'_> {
                     since_log.clear();
                     writeln!(metrics, "{line}")
                         .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+                    if let Some(events) = &mut tensorboard {
+                        log_scalars(events, &line, step)?;
+                    }
                     if !a.show_progress {
                         match a.echo {
                             Echo::Stderr => eprintln!("{line}"),
@@ -800,6 +813,19 @@ impl Trainer<'_> {
         self.model.save(&a.output_dir, &a.base_model_name)?;
         Ok(summary)
     }
+}
+
+/// A metrics line's values as TensorBoard scalars at `step`, as transformers'
+/// TensorBoardCallback logs them.
+fn log_scalars(events: &mut EventWriter, line: &serde_json::Value, step: usize) -> Result<()> {
+    let wall_time = tensorboard::now();
+    let values = line.as_object().into_iter().flatten();
+    for (key, value) in values.filter(|(key, _)| *key != "step") {
+        if let Some(v) = value.as_f64() {
+            events.scalar(&tensorboard::tag(key), v, step as u64, wall_time)?;
+        }
+    }
+    events.flush()
 }
 
 /// Adds where to continue from to an error that stopped the run.
