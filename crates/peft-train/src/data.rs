@@ -2,9 +2,11 @@
 //! split, sequence packing, length-grouped batch order, and padded batches.
 //!
 //! Record shapes, as TRL's SFTTrainer takes them: `{"text"}` (loss on every token),
-//! `{"prompt", "completion"}` (loss on the completion) and `{"messages": [{role, content}]}`
-//! (rendered with the model's chat template, loss on assistant turns only); plus Alpaca's
-//! `{"instruction", "input", "output"}`, trained as a user turn and an assistant reply.
+//! `{"prompt", "completion"}` (loss on the completion; each a text, or a list of messages
+//! rendered with the chat template) and `{"messages": [{role, content}]}` (rendered with the
+//! model's chat template, loss on assistant turns only), ShareGPT's `{"conversations":
+//! [{from, value}]}` read as messages; plus Alpaca's `{"instruction", "input", "output"}`,
+//! trained as a user turn and an assistant reply.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -261,22 +263,36 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
         }
         Ok::<(), anyhow::Error>(())
     };
-    if let Some(msgs) = v.get("messages") {
-        let messages: Vec<ChatMessage> =
-            serde_json::from_value(msgs.clone()).with_context(|| {
-                format!("record {n}: messages must be a list of {{role, content (text)}}")
-            })?;
-        if messages.is_empty() {
-            bail!("record {n}: messages is empty");
+    let conversation = ["messages", "conversations"]
+        .into_iter()
+        .find(|key| v.get(key).is_some());
+    let conversational_prompt = ["prompt", "completion"]
+        .iter()
+        .any(|key| v.get(key).is_some_and(Value::is_array));
+    if let Some(key) = conversation {
+        push_chat(&mut push, &messages(v, key, n)?)?;
+    } else if conversational_prompt {
+        // As TRL: the completion starts where the prompt with the generation prompt and the
+        // whole conversation part (where the template renders the prompt alike: at its end).
+        let prompt = messages(v, "prompt", n)?;
+        let whole = [prompt.clone(), messages(v, "completion", n)?].concat();
+        let prompt_text = tok
+            .apply_chat_template_with(&prompt, inputs, true)
+            .with_context(|| format!("record {n}"))?;
+        let prompt_ids = tok.encode(&prompt_text, false)?;
+        let pieces = chat_tokens(tok, &whole, inputs, loss.assistant_only)
+            .with_context(|| format!("record {n}"))?;
+        let whole_ids: Vec<u32> = pieces.iter().flat_map(|(ids, _)| ids.clone()).collect();
+        let start = common_prefix(&prompt_ids, &whole_ids);
+        let mut at = 0;
+        for (ids, trained) in pieces {
+            // The piece's tokens before the completion train only without completion_only.
+            let before = start.saturating_sub(at).min(ids.len());
+            at += ids.len();
+            let (head, tail) = ids.split_at(before);
+            push(head.to_vec(), trained && !loss.completion_only);
+            push(tail.to_vec(), trained);
         }
-        if let Some(m) = messages.iter().find(|m| !CHAT_ROLES.contains(&m.role())) {
-            bail!(
-                "record {n}: unknown chat role {:?} (expected one of {})",
-                m.role(),
-                CHAT_ROLES.join(", ")
-            );
-        }
-        push_chat(&mut push, &messages)?;
     } else if v.get("instruction").is_some() {
         // Alpaca: the instruction (and input, when non-empty) as a user turn, the output as
         // the assistant's reply, through the chat template.
@@ -293,10 +309,16 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
         ];
         push_chat(&mut push, &messages)?;
     } else if v.get("prompt").is_some() || v.get("completion").is_some() {
+        // As TRL: prompt and completion tokenized as one text, the completion from where its
+        // tokens part from the prompt's alone (a token may span the boundary).
         let prompt = str_field(v, "prompt", n)?;
         let completion = str_field(v, "completion", n)?;
-        push(tok.encode(prompt, true)?, !loss.completion_only);
-        push_ended(&mut push, tok.encode(completion, false)?);
+        let prompt_ids = tok.encode(prompt, true)?;
+        let mut whole = tok.encode(&format!("{prompt}{completion}"), true)?;
+        let start = common_prefix(&prompt_ids, &whole);
+        let completion_ids = whole.split_off(start);
+        push(whole, !loss.completion_only);
+        push_ended(&mut push, completion_ids);
     } else if v.get("text").is_some() {
         push_ended(&mut push, tok.encode(str_field(v, "text", n)?, true)?);
     } else {
@@ -304,13 +326,54 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
             .as_object()
             .map(|o| o.keys().collect())
             .unwrap_or_default();
-        bail!("record {n}: no \"text\", \"messages\", \"prompt\"/\"completion\" or \"instruction\"/\"output\" field (found {keys:?}; --columns maps other names)");
+        bail!("record {n}: no \"text\", \"messages\", \"conversations\", \"prompt\"/\"completion\" or \"instruction\"/\"output\" field (found {keys:?}; --columns maps other names)");
     }
     Ok(Example {
         input_ids: ids,
         labels,
         packed: Vec::new(),
     })
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The messages of a record's `key`: `{role, content}` objects, or ShareGPT's `{from, value}`
+/// with its roles `human` and `gpt` read as `user` and `assistant` (as Unsloth's
+/// `standardize_sharegpt` and axolotl read them; TRL renames the keys alone).
+fn messages(v: &Value, key: &str, n: usize) -> Result<Vec<ChatMessage>> {
+    let mut list = v.get(key).cloned().unwrap_or(Value::Null);
+    for message in list.as_array_mut().into_iter().flatten() {
+        let Some(m) = message.as_object_mut() else {
+            continue;
+        };
+        if let Some(from) = m.remove("from") {
+            let role = match from.as_str() {
+                Some("human") => "user".into(),
+                Some("gpt") => "assistant".into(),
+                _ => from,
+            };
+            m.insert("role".into(), role);
+        }
+        if let Some(value) = m.remove("value") {
+            m.insert("content".into(), value);
+        }
+    }
+    let messages: Vec<ChatMessage> = serde_json::from_value(list)
+        .with_context(|| format!("record {n}: {key} must be a list of {{role, content (text)}}"))?;
+    if messages.is_empty() {
+        bail!("record {n}: {key} is empty");
+    }
+    if let Some(m) = messages.iter().find(|m| !CHAT_ROLES.contains(&m.role())) {
+        bail!(
+            "record {n}: unknown chat role {:?} (expected one of {})",
+            m.role(),
+            CHAT_ROLES.join(", ")
+        );
+    }
+    Ok(messages)
 }
 
 const NOT_INCREMENTAL: &str = "the chat template renders an earlier turn differently once later turns follow (as Qwen 3, Phi-3 and DeepSeek's do), so the assistant replies cannot be found: train on every token (--assistant-only-loss false), or give a template that marks them with {% generation %} blocks (--chat-template FILE, as TRL's training templates do)";

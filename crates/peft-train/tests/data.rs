@@ -131,6 +131,57 @@ fn one_eos_at_the_end() {
     }
 }
 
+/// Record shapes TRL reads besides `messages` (scripts/hf/check_sft_data.py compares each
+/// with TRL 1.16's tokenization): a completion whose first token spans the boundary with the
+/// prompt trains from that token; a prompt and completion given as messages train on the
+/// completion's reply; ShareGPT's `conversations` of `{from, value}` with its `human` and
+/// `gpt` roles read as the same `messages`.
+#[test]
+fn prompt_completion_and_sharegpt_shapes() {
+    let Some(tok) = smollm_tokenizer() else {
+        return;
+    };
+    let one = |record: serde_json::Value| {
+        let mut t = tokenize_records(&[record], &tok, 256).unwrap();
+        assert_eq!(t.examples.len(), 1);
+        t.examples.remove(0)
+    };
+    // " world" is one token: the prompt's " wor" is not in the sequence.
+    let boundary = one(serde_json::json!({"prompt": "Hello wor", "completion": "ld!"}));
+    assert_eq!(
+        boundary.input_ids,
+        tok.encode("Hello world!<|im_end|>", true).unwrap()
+    );
+    assert_eq!(trained_text(&tok, &boundary), " world!<|im_end|>");
+
+    let conversational = one(serde_json::json!({
+        "prompt": [{"role": "user", "content": "Name a colour."}],
+        "completion": [{"role": "assistant", "content": "Blue."}],
+    }));
+    let messages = serde_json::json!({"messages": [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."}]});
+    let as_messages = one(messages);
+    assert_eq!(conversational, as_messages);
+    assert_eq!(trained_text(&tok, &conversational), "Blue.<|im_end|>\n");
+
+    let sharegpt = one(serde_json::json!({"conversations": [
+        {"from": "human", "value": "Name a colour."},
+        {"from": "gpt", "value": "Blue."}]}));
+    assert_eq!(sharegpt, as_messages);
+
+    let err = tokenize_records(
+        &[serde_json::json!({"conversations": [{"from": "narrator", "value": "Once"}]})],
+        &tok,
+        256,
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("unknown chat role \"narrator\""),
+        "{err:#}"
+    );
+}
+
 #[test]
 fn long_records_are_cut_and_counted() {
     let Some(tok) = smollm_tokenizer() else {
