@@ -46,6 +46,15 @@ pub struct Decoding {
     /// 0 means no top-k cut.
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Keep only tokens at least this share as likely as the likeliest (min-p sampling; 0:
+    /// off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f64,
+    /// Penalise every token already in the sequence (prompt included): positive logits
+    /// divided by it, negative ones multiplied (transformers' `repetition_penalty`; 1: off).
+    /// Applies to greedy decoding too.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
 }
@@ -61,19 +70,37 @@ impl Decoding {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p must be above 0 and at most 1, got {}", self.top_p);
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            bail!(
+                "--min-p must be at least 0 and at most 1, got {}",
+                self.min_p
+            );
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            bail!(
+                "--repetition-penalty must be above 0 (1: none), got {}",
+                self.repetition_penalty
+            );
+        }
         Ok(Sampling {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
             rng: rand::rngs::StdRng::seed_from_u64(self.seed),
         })
     }
 }
 
+/// How the next token is picked from the logits, in transformers' order: the repetition
+/// penalty, then (sampling) temperature, top-k, top-p and min-p.
 pub struct Sampling {
     pub temperature: f64,
     pub top_p: f64,
     pub top_k: usize,
+    pub min_p: f64,
+    pub repetition_penalty: f64,
     rng: rand::rngs::StdRng,
 }
 
@@ -83,14 +110,27 @@ impl Sampling {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             rng: rand::rngs::StdRng::seed_from_u64(0),
         }
     }
 
-    fn pick(&mut self, logits: &Tensor) -> Result<u32> {
-        let logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    /// The next token after `context` (the ids so far, which the repetition penalty reads).
+    fn pick(&mut self, logits: &Tensor, context: &[u32]) -> Result<u32> {
+        let mut logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         if logits.iter().any(|v| v.is_nan()) {
             bail!("the model's logits are NaN: the base or adapter weights are not finite");
+        }
+        if self.repetition_penalty != 1.0 {
+            let penalty = self.repetition_penalty as f32;
+            let seen: std::collections::BTreeSet<usize> =
+                context.iter().map(|&t| t as usize).collect();
+            let vocab = logits.len();
+            for t in seen.into_iter().filter(|&t| t < vocab) {
+                let l = &mut logits[t];
+                *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+            }
         }
         let argmax = || {
             logits
@@ -125,6 +165,14 @@ impl Sampling {
                 break;
             }
         }
+        // Min-p: the tokens at least min_p times as likely as the first (ratios that the
+        // cuts before leave as they are).
+        let floor = self.min_p * probs[0];
+        keep = probs[..keep]
+            .iter()
+            .take_while(|&&p| p >= floor)
+            .count()
+            .max(1);
         let kept: f64 = probs[..keep].iter().sum();
         let mut u = self.rng.random::<f64>() * kept;
         for (i, p) in probs[..keep].iter().enumerate() {
@@ -274,7 +322,8 @@ pub fn continue_generation(
             None => model.forward(&input, None, Some(&mut *cache), false)?,
         };
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
-        let next = sampling.pick(&model.logits(&last)?)?;
+        let context = [history, new_ids, &out].concat();
+        let next = sampling.pick(&model.logits(&last)?, &context)?;
         if stops.contains(&next) {
             break;
         }
@@ -344,4 +393,45 @@ pub fn print_piece(piece: &str) {
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(piece.as_bytes());
     let _ = stdout.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits(v: &[f32]) -> Tensor {
+        Tensor::new(v, &candle_core::Device::Cpu).unwrap()
+    }
+
+    /// transformers' repetition penalty: a seen token's positive logit divided by it, a
+    /// negative one multiplied, in greedy decoding too.
+    #[test]
+    fn repetition_penalty_turns_greedy_away_from_seen_tokens() {
+        let mut s = Sampling::greedy();
+        let l = logits(&[2.0, 1.5, -0.5, -0.6]);
+        assert_eq!(s.pick(&l, &[0]).unwrap(), 0);
+        s.repetition_penalty = 1.5;
+        // 2.0 / 1.5 < 1.5: token 1 wins once token 0 was seen (twice counts once).
+        assert_eq!(s.pick(&l, &[0, 0]).unwrap(), 1);
+        let l = logits(&[-1.0, -0.7, -0.9]);
+        // -0.7 · 1.5 = -1.05: token 2 wins.
+        assert_eq!(s.pick(&l, &[1]).unwrap(), 2);
+    }
+
+    /// Min-p keeps the tokens at least min_p times as likely as the likeliest: here the two
+    /// likeliest (0.5 and 0.3 of the mass; 0.15 and 0.05 fall below 0.5 · 0.5).
+    #[test]
+    fn min_p_keeps_the_tokens_near_the_likeliest() {
+        let probs = [0.5f32, 0.3, 0.15, 0.05];
+        let l = logits(&probs.map(f32::ln));
+        let mut s = Sampling::greedy();
+        s.temperature = 1.0;
+        s.min_p = 0.5;
+        let mut seen = [0usize; 4];
+        for _ in 0..400 {
+            seen[s.pick(&l, &[]).unwrap() as usize] += 1;
+        }
+        assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
+        assert!(seen[0] > seen[1] && seen[1] > 100, "{seen:?}");
+    }
 }

@@ -261,6 +261,7 @@ fn cases() -> Vec<Case> {
         case("IA3 feed-forward module outside the targets", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "ia3", "--feedforward-modules", "up_proj"]), "\"up_proj\" is not a target"),
         case("zero-width prefix projection", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "prefix", "--prefix-projection", "--encoder-hidden-size", "0"]), "encoder_hidden_size of at least 1"),
         case("more virtual tokens than positions", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "prompt", "--num-virtual-tokens", "100000"]), "100000 virtual tokens leave no room"),
+        case("repetition penalty of 0", vec![], &["generate", "--model", "{model}", "--prompt", "hi", "--repetition-penalty", "0"], "--repetition-penalty must be above 0"),
         case("bench of 0 steps", vec![], &["bench", "--model", "{model}", "--steps", "0"], "--steps and --batch-size must be at least 1"),
         case("bench rows of 1 token", vec![], &["bench", "--model", "{model}", "--seq-len", "1"], "--seq-len must be at least 2"),
         case("negative temperature", vec![], &["generate", "--model", "{model}", "--prompt", "hi", "--temperature=-1"], "--temperature must be at least 0"),
