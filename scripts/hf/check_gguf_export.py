@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config,
+                          Olmo2ForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -85,6 +86,8 @@ models = {
     "granite": (GraniteForCausalLM, GraniteConfig(
         **common, tie_word_embeddings=True, pad_token_id=0, attention_multiplier=0.2,
         embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0)),
+    # OLMo 2: output norms instead of input norms, q/k norms over the whole projections.
+    "olmo2": (Olmo2ForCausalLM, Olmo2Config(**common, tie_word_embeddings=False, pad_token_id=0)),
     # Gemma 2: every other layer sliding (a window of 4 over the 16 generated tokens), scores
     # scaled by head_dim^-1/2 as llama.cpp takes them, soft caps small enough to change the text.
     "gemma2": (Gemma2ForCausalLM, Gemma2Config(
@@ -128,7 +131,7 @@ APART_IN_LLAMA_CPP = {"phi3"}
 # llama.cpp names a pre-tokenizer by a hash of its tokens, so SmolLM2's vocabulary under Qwen2's
 # pre-tokenizer has no name there: its converter then gets the name llama.cpp gives Qwen models.
 PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2", "qwen3_yarn": "qwen2",
-             "smollm3": None, "granite": None,
+             "smollm3": None, "granite": None, "olmo2": None,
              "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
              "phi3_partial": None}
 CONVERT = """

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
                           GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
+                          Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -60,6 +61,10 @@ models = {
     "granite": (GraniteForCausalLM, GraniteConfig(
         **common, tie_word_embeddings=True, pad_token_id=0, attention_multiplier=0.3,
         embedding_multiplier=4.0, residual_multiplier=0.6, logits_scaling=2.5)),
+    # OLMo 2: no norms before the attention and the MLP, norms of their outputs instead, and
+    # q/k norms over the whole projections (not per head), attention biases.
+    "olmo2": (Olmo2ForCausalLM, Olmo2Config(
+        **common, tie_word_embeddings=False, pad_token_id=0, attention_bias=True)),
     # Gemma 2: Gemma 3's layer without q/k norms, every other layer sliding (window 3 over 8
     # tokens, the first one sliding), and soft caps of the attention scores and the logits,
     # small enough here to change them (the script checks that they do).

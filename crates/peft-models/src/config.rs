@@ -31,9 +31,8 @@ pub struct LlamaConfig {
     /// Bias on o_proj (Llama's `attention_bias` covers it too).
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// RMSNorm of each query and key head before RoPE (Qwen3's and Gemma 3's `q_norm` /
-    /// `k_norm`).
-    pub qk_norm: bool,
+    /// RMSNorm of the queries and keys before RoPE (`q_norm` / `k_norm`).
+    pub qk_norm: QkNorm,
     /// Gemma's RMSNorm: weights are offsets from 1 (the scale is `1 + w`, in f32).
     pub norm_adds_one: bool,
     /// Gemma's embeddings are multiplied by `sqrt(hidden_size)` (rounded to their dtype).
@@ -41,9 +40,8 @@ pub struct LlamaConfig {
     /// The MLP's gate activation: SiLU (Llama, Mistral, Qwen), GELU's tanh approximation
     /// (Gemma's `gelu_pytorch_tanh`).
     pub activation: GatedActivation,
-    /// Gemma's four norms per layer: the attention output and the MLP's input and output
-    /// are normed (`post_attention_layernorm` then norms the attention output).
-    pub sandwich_norms: bool,
+    /// Which RMSNorms a decoder layer has, and where.
+    pub norms: LayerNorms,
     /// The attention scores' scale: `head_dim^-1/2` (Gemma: `query_pre_attn_scalar^-1/2`).
     pub attention_scale: f64,
     /// Gemma 2's soft cap of the attention scores: `cap · tanh(scores / cap)` (scaled scores).
@@ -76,6 +74,47 @@ pub struct LlamaConfig {
     /// one `gate_up_proj` (gate, then up).
     pub fused_projections: bool,
     pub raw: Value,
+}
+
+/// Where a decoder layer's RMSNorms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerNorms {
+    /// Llama: the attention's input (`input_layernorm`) and the MLP's
+    /// (`post_attention_layernorm`).
+    Pre,
+    /// Gemma: the attention's input and output (`input_layernorm`,
+    /// `post_attention_layernorm`), the MLP's input and output (`pre_feedforward_layernorm`,
+    /// `post_feedforward_layernorm`).
+    Sandwich,
+    /// OLMo 2: the attention's and the MLP's outputs alone (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`), before each residual add.
+    Post,
+}
+
+impl LayerNorms {
+    /// The norms' module names under a layer, in checkpoint order.
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            LayerNorms::Pre => &["input_layernorm", "post_attention_layernorm"],
+            LayerNorms::Sandwich => &[
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ],
+            LayerNorms::Post => &["post_attention_layernorm", "post_feedforward_layernorm"],
+        }
+    }
+}
+
+/// How queries and keys are normed before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Each head over its `head_dim` (Qwen3, Gemma 3).
+    PerHead,
+    /// The whole projection, all heads at once (OLMo 2).
+    Projection,
 }
 
 /// One linear layer of a decoder layer: its module path under the layer
@@ -233,6 +272,7 @@ const SUPPORTED: &[&str] = &[
     "qwen3",
     "smollm3",
     "granite",
+    "olmo2",
     "gemma2",
     "gemma3_text",
     "phi3",
@@ -418,7 +458,11 @@ impl LlamaConfig {
             norm_adds_one: gemma,
             scale_embeddings: gemma,
             activation,
-            sandwich_norms: gemma,
+            norms: match (gemma, model_type == "olmo2") {
+                (true, _) => LayerNorms::Sandwich,
+                (false, true) => LayerNorms::Post,
+                (false, false) => LayerNorms::Pre,
+            },
             attention_scale,
             attn_softcap,
             final_softcap,
@@ -452,10 +496,26 @@ impl LlamaConfig {
             qkv_bias: qwen || c.attention_bias,
             o_bias: c.attention_bias,
             mlp_bias: c.mlp_bias,
-            qk_norm: model_type == "qwen3" || gemma3,
+            qk_norm: match model_type.as_str() {
+                "qwen3" | "gemma3_text" => QkNorm::PerHead,
+                "olmo2" => QkNorm::Projection,
+                _ => QkNorm::None,
+            },
             model_type,
             raw,
         })
+    }
+
+    /// The sizes of the query and key norms' scales, when the model norms them.
+    pub fn qk_norm_sizes(&self) -> Option<[usize; 2]> {
+        let hd = self.head_dim;
+        match self.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some([hd, hd]),
+            QkNorm::Projection => {
+                Some([self.num_attention_heads * hd, self.num_key_value_heads * hd])
+            }
+        }
     }
 
     /// The linear layers of every decoder layer, in checkpoint order: q, k, v, o, gate, up

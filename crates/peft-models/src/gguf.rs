@@ -39,6 +39,12 @@ const GEMMA_NORMS: &[(&str, &str)] = &[
     ("post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
+/// OLMo 2's: the attention's and the MLP's output norms (no input norms).
+const OLMO2_NORMS: &[(&str, &str)] = &[
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+];
+
 /// Phi-3's, whose projections are fused: `ffn_up` holds gate and up.
 const PHI3_MODULES: &[(&str, &str)] = &[
     ("attn_qkv", "self_attn.qkv_proj"),
@@ -54,6 +60,7 @@ fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'s
     let (modules, norms) = match arch {
         "gemma2" | "gemma3" => (LAYER_MODULES, GEMMA_NORMS),
         "phi3" => (PHI3_MODULES, &[][..]),
+        "olmo2" => (LAYER_MODULES, OLMO2_NORMS),
         _ => (LAYER_MODULES, LLAMA_NORMS),
     };
     modules.iter().chain(norms)
@@ -215,6 +222,7 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
     Ok(match c.model_type.as_str() {
         "llama" | "mistral" => "llama",
         "granite" => "granite",
+        "olmo2" => "olmo2",
         "smollm3" => {
             // llama.cpp leaves every fourth layer without RoPE, whatever the file says.
             let interval = crate::config::SMOLLM3_NO_ROPE_INTERVAL;

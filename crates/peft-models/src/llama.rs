@@ -5,7 +5,7 @@
 //! (`model.layers.3.self_attn.q_proj`), so tuners attach adapters by path, and the tensors of
 //! the model are named exactly as in the HF checkpoint.
 
-use crate::config::LlamaConfig;
+use crate::config::{LayerNorms, LlamaConfig, QkNorm};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -139,7 +139,8 @@ pub struct Attention {
     /// q, k and v.
     pub qkv: Projections<3>,
     pub o_proj: Linear,
-    /// Per-head RMSNorm scales `[head_dim]` of queries and keys (Qwen3), applied before RoPE.
+    /// RMSNorm scales of queries and keys, applied before RoPE: per head `[head_dim]` (Qwen3,
+    /// Gemma 3) or over the whole projection (OLMo 2).
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
 }
@@ -173,11 +174,11 @@ impl Mlp {
 
 #[derive(Clone)]
 pub struct DecoderLayer {
-    pub input_layernorm: Tensor,
+    /// The norms the config's [`LayerNorms`] names (Llama: input and post-attention; Gemma's
+    /// `post_attention_layernorm` norms the attention output, as OLMo 2's does).
+    pub input_layernorm: Option<Tensor>,
     pub self_attn: Attention,
     pub post_attention_layernorm: Tensor,
-    /// Gemma 3's norms of the MLP input and output (its `post_attention_layernorm` norms the
-    /// attention output).
     pub pre_feedforward_layernorm: Option<Tensor>,
     pub post_feedforward_layernorm: Option<Tensor>,
     pub mlp: Mlp,
@@ -404,21 +405,25 @@ impl Llama {
                     next()?,
                 ),
             };
-            let mut head_norm = |name: &str| -> Result<Option<Tensor>> {
-                c.qk_norm
-                    .then(|| w.take(&format!("{p}.self_attn.{name}.weight"), &[c.head_dim]))
-                    .transpose()
+            let (q_norm, k_norm) = match c.qk_norm_sizes() {
+                Some([q, k]) => (
+                    Some(w.take(&format!("{p}.self_attn.q_norm.weight"), &[q])?),
+                    Some(w.take(&format!("{p}.self_attn.k_norm.weight"), &[k])?),
+                ),
+                None => (None, None),
             };
-            let (q_norm, k_norm) = (head_norm("q_norm")?, head_norm("k_norm")?);
-            let mut sandwich_norm = |name: &str| -> Result<Option<Tensor>> {
-                c.sandwich_norms
+            let mut layer_norm = |name: &str| -> Result<Option<Tensor>> {
+                c.norms
+                    .names()
+                    .contains(&name)
                     .then(|| w.take(&format!("{p}.{name}.weight"), &[h]))
                     .transpose()
             };
-            let pre_feedforward_layernorm = sandwich_norm("pre_feedforward_layernorm")?;
-            let post_feedforward_layernorm = sandwich_norm("post_feedforward_layernorm")?;
+            let input_layernorm = layer_norm("input_layernorm")?;
+            let pre_feedforward_layernorm = layer_norm("pre_feedforward_layernorm")?;
+            let post_feedforward_layernorm = layer_norm("post_feedforward_layernorm")?;
             layers.push(DecoderLayer {
-                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                input_layernorm,
                 self_attn: Attention {
                     qkv,
                     o_proj,
@@ -509,10 +514,9 @@ impl Llama {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                &mut layer.input_layernorm,
-            ));
+            if let Some(w) = &mut layer.input_layernorm {
+                out.push((format!("{p}.input_layernorm.weight"), w));
+            }
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
                 &mut layer.post_attention_layernorm,
@@ -1146,21 +1150,26 @@ fn decoder_layer(
     cache: Option<&mut Option<(Tensor, Tensor)>>,
     train: bool,
 ) -> candle_core::Result<Tensor> {
-    let h = norm(c, x, &layer.input_layernorm)?;
+    let normed = |x: &Tensor, w: Option<&Tensor>| match w {
+        Some(w) => norm(c, x, w),
+        None => Ok(x.clone()),
+    };
+    let h = normed(x, layer.input_layernorm.as_ref())?;
     let mut attn = attention(c, &layer.self_attn, &h, inputs, cache, train)?;
-    // Gemma 3 norms the sublayer outputs before the residual add.
-    let (mlp_norm, out_norm) = match &layer.pre_feedforward_layernorm {
-        Some(pre) => {
+    // Gemma and OLMo 2 norm the sublayer outputs before the residual add.
+    let (mlp_norm, out_norm) = match c.norms {
+        LayerNorms::Pre => (Some(&layer.post_attention_layernorm), None),
+        LayerNorms::Sandwich | LayerNorms::Post => {
             attn = norm(c, &attn, &layer.post_attention_layernorm)?;
-            (pre, layer.post_feedforward_layernorm.as_ref())
+            let post = layer.post_feedforward_layernorm.as_ref();
+            (layer.pre_feedforward_layernorm.as_ref(), post)
         }
-        None => (&layer.post_attention_layernorm, None),
     };
     if let Some(a) = &layer.attn_adapter {
         attn = a.forward(&attn, train)?;
     }
     let x = add(x, &residual(c, &attn)?)?;
-    let h = norm(c, &x, mlp_norm)?;
+    let h = normed(&x, mlp_norm)?;
     let m = &layer.mlp;
     let act = c.activation;
     let mut out = match m.frozen_weights() {
@@ -1211,10 +1220,13 @@ fn attention(
     let [mut q, mut k, v] = a
         .qkv
         .outputs(x, [nh * hd, kvh * hd, kvh * hd], sink, train)?;
-    // Qwen3 and Gemma 3 normalise each head over head_dim; the attention paths below take
-    // the heads still side by side in the last dimension.
+    // Qwen3 and Gemma 3 normalise each head over head_dim, OLMo 2 the whole projection; the
+    // attention paths below take the heads still side by side in the last dimension.
     let head_norm = |y: &Tensor, w: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-        reshape(&norm(c, &reshape(y, (b, t, n, hd))?, w)?, (b, t, n * hd))
+        match c.qk_norm {
+            QkNorm::Projection => norm(c, y, w),
+            _ => reshape(&norm(c, &reshape(y, (b, t, n, hd))?, w)?, (b, t, n * hd)),
+        }
     };
     if let Some(w) = &a.q_norm {
         q = head_norm(&q, w, nh)?;

@@ -412,6 +412,7 @@ fn read_gguf<R: Read + Seek>(
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         "smollm3" => ("smollm3", "SmolLM3ForCausalLM"),
         "granite" => ("granite", "GraniteForCausalLM"),
+        "olmo2" => ("olmo2", "Olmo2ForCausalLM"),
         "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
         "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
         "phi3" => ("phi3", "Phi3ForCausalLM"),

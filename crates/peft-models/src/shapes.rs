@@ -99,22 +99,14 @@ pub fn llama_weights(
                 );
             }
         }
-        let sandwich: &[&str] = if c.sandwich_norms {
-            &["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-        } else {
-            &[]
-        };
-        for norm in ["input_layernorm", "post_attention_layernorm"]
-            .iter()
-            .chain(sandwich)
-        {
+        for norm in c.norms.names() {
             w.insert(format!("{p}.{norm}.weight"), init(WeightKind::Norm, &[h])?);
         }
-        if c.qk_norm {
-            for norm in ["q_norm", "k_norm"] {
+        if let Some(sizes) = c.qk_norm_sizes() {
+            for (norm, size) in ["q_norm", "k_norm"].into_iter().zip(sizes) {
                 w.insert(
                     format!("{p}.self_attn.{norm}.weight"),
-                    init(WeightKind::Norm, &[c.head_dim])?,
+                    init(WeightKind::Norm, &[size])?,
                 );
             }
         }

@@ -201,6 +201,7 @@ fn written_models_read_back_alike() {
         "qwen3",
         "smollm3",
         "granite",
+        "olmo2",
         "gemma2",
         "gemma3_text",
         "phi3",
@@ -232,7 +233,8 @@ fn written_models_read_back_alike() {
             }
             assert_eq!(c.rotary_dim, original.config.rotary_dim);
             assert_eq!(c.head_dim, original.config.head_dim);
-            assert_eq!(c.qk_norm, matches!(model_type, "qwen3" | "gemma3_text"));
+            assert_eq!(c.qk_norm, original.config.qk_norm);
+            assert_eq!(c.norms, original.config.norms);
             assert_eq!(
                 c.qkv_bias,
                 matches!(model_type, "llama" | "qwen2" | "qwen2_yarn")

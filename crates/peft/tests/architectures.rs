@@ -21,6 +21,7 @@ const ARCHITECTURES: &[&str] = &[
     "qwen3_yarn",
     "smollm3",
     "granite",
+    "olmo2",
     "gemma2",
     "gemma3_text",
     "phi3",

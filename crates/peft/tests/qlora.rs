@@ -143,7 +143,7 @@ fn bf16_compute_keeps_norms_in_f32_and_trains() {
         .collect();
     let mut base = Llama::from_weights(model_config, weights, &Device::Cpu, DType::BF16).unwrap();
     base.quantize(FourBit::Nf4, true, DType::BF16).unwrap();
-    assert_eq!(base.layers[0].input_layernorm.dtype(), DType::F32);
+    assert_eq!(base.layers[0].post_attention_layernorm.dtype(), DType::F32);
     assert_eq!(base.norm.dtype(), DType::F32);
     let peft = PeftModel::new(base, config(), 5).unwrap();
     let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
