@@ -42,7 +42,7 @@ import torch
 from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config,
-                          Olmo2ForCausalLM, Phi3Config,
+                          Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -88,6 +88,14 @@ models = {
         embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0)),
     # OLMo 2: output norms instead of input norms, q/k norms over the whole projections.
     "olmo2": (Olmo2ForCausalLM, Olmo2Config(**common, tie_word_embeddings=False, pad_token_id=0)),
+    # OLMo 3: OLMo 2's layers, three of four sliding (a window of 4 over the 16 generated
+    # tokens), YaRN on the global one.
+    "olmo3": (Olmo3ForCausalLM, Olmo3Config(
+        **{**common, "num_hidden_layers": 4}, tie_word_embeddings=False, pad_token_id=0,
+        sliding_window=4,
+        rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                            "factor": 4.0, "original_max_position_embeddings": 512},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     # Gemma 2: every other layer sliding (a window of 4 over the 16 generated tokens), scores
     # scaled by head_dim^-1/2 as llama.cpp takes them, soft caps small enough to change the text.
     "gemma2": (Gemma2ForCausalLM, Gemma2Config(
@@ -131,7 +139,7 @@ APART_IN_LLAMA_CPP = {"phi3"}
 # llama.cpp names a pre-tokenizer by a hash of its tokens, so SmolLM2's vocabulary under Qwen2's
 # pre-tokenizer has no name there: its converter then gets the name llama.cpp gives Qwen models.
 PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2", "qwen3_yarn": "qwen2",
-             "smollm3": None, "granite": None, "olmo2": None,
+             "smollm3": None, "granite": None, "olmo2": None, "olmo3": None,
              "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
              "phi3_partial": None}
 CONVERT = """
@@ -265,7 +273,7 @@ with tempfile.TemporaryDirectory() as tmp:
             gemma = name.startswith("gemma")
             one, std = (0.0, 0.12) if gemma else (1.0, 0.08)
             embed_std = std
-            if name in ("smollm3", "qwen3_yarn"):
+            if name in ("smollm3", "qwen3_yarn", "olmo3"):
                 # With larger layer weights the text depends on the layer without RoPE (at 0.25
                 # llama.cpp's text parts from ours at a near tie: logits 0.003 apart).
                 std = 0.3

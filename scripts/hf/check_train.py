@@ -5,7 +5,8 @@ The models: 6 layers, hidden 64, SmolLM2's tokenizer and chat template, saved by
 Gemma 3 (five sliding-window layers with a window of 16, one global), Gemma 2 (every other
 layer sliding, the same window, soft caps of the scores and logits small enough to change
 them), SmolLM3 (the fourth layer without RoPE), Granite (its four multipliers), OLMo 2
-(output norms, q/k norms over the whole projections), Qwen3 with YaRN and
+(output norms, q/k norms over the whole projections), OLMo 3 (OLMo 2's layers, three of
+four sliding with a window of 16, YaRN on the global ones), Qwen3 with YaRN and
 Phi-4-mini's shape (partial rotary, fused projections, tied embeddings). `peft train` runs on
 the shipped pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see
 only part of their sequence through a window). Then, for each:
@@ -28,7 +29,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, Olmo2Config,
-                          Olmo2ForCausalLM, Phi3Config,
+                          Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM)
 
@@ -106,6 +107,11 @@ models = {
         **common, tie_word_embeddings=True, attention_multiplier=0.2, embedding_multiplier=4.0,
         residual_multiplier=0.7, logits_scaling=1.5)),
     "olmo2": (Olmo2ForCausalLM, Olmo2Config(**common, tie_word_embeddings=False)),
+    "olmo3": (Olmo3ForCausalLM, Olmo3Config(
+        **common, tie_word_embeddings=False, sliding_window=16,
+        rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                            "factor": 4.0, "original_max_position_embeddings": 512},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     "qwen3_yarn": (Qwen3ForCausalLM, Qwen3Config(
         **common, head_dim=32, tie_word_embeddings=True,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,

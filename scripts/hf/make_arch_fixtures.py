@@ -26,6 +26,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Ge
                           GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
+                          Olmo3Config, Olmo3ForCausalLM,
                           Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           SmolLM3Config, SmolLM3ForCausalLM)
@@ -65,6 +66,14 @@ models = {
     # q/k norms over the whole projections (not per head), attention biases.
     "olmo2": (Olmo2ForCausalLM, Olmo2Config(
         **common, tie_word_embeddings=False, pad_token_id=0, attention_bias=True)),
+    # OLMo 3: OLMo 2's layer, a sliding window (3 over 8 tokens) on the first layer, YaRN on
+    # the global one alone (the sliding one rotates by the plain RoPE of the same base).
+    "olmo3": (Olmo3ForCausalLM, Olmo3Config(
+        **common, tie_word_embeddings=False, pad_token_id=0, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 100.0,
+                                            "factor": 2.0, "original_max_position_embeddings": 64},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
     # Gemma 2: Gemma 3's layer without q/k norms, every other layer sliding (window 3 over 8
     # tokens, the first one sliding), and soft caps of the attention scores and the logits,
     # small enough here to change them (the script checks that they do).

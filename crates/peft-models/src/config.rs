@@ -228,8 +228,7 @@ struct RawConfig {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     vocab_size: usize,
-    #[serde(default = "default_eps")]
-    rms_norm_eps: f64,
+    rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_parameters: Option<Value>,
     rope_scaling: Option<Value>,
@@ -258,9 +257,6 @@ struct RawConfig {
     logits_scaling: Option<f64>,
 }
 
-fn default_eps() -> f64 {
-    1e-6
-}
 fn default_max_pos() -> usize {
     4096
 }
@@ -273,6 +269,7 @@ const SUPPORTED: &[&str] = &[
     "smollm3",
     "granite",
     "olmo2",
+    "olmo3",
     "gemma2",
     "gemma3_text",
     "phi3",
@@ -333,6 +330,7 @@ impl LlamaConfig {
             .unwrap_or(match model_type.as_str() {
                 "gemma3_text" => 1_000_000.0,
                 "smollm3" => 2_000_000.0,
+                "olmo3" => 500_000.0,
                 _ => 10_000.0,
             });
         let rope_type = |r: &Option<Value>| {
@@ -398,11 +396,15 @@ impl LlamaConfig {
         if rope_type(&local_rope) != "default" {
             bail!("scaled RoPE on sliding-window layers is not supported");
         }
+        let olmo3 = model_type == "olmo3";
+        // OLMo 3's sliding layers rotate by the unscaled RoPE of the global base (its scaling,
+        // in `rope_scaling`, is the global layers').
         let local_rope_theta = local_rope
             .as_ref()
             .and_then(|r| r.get("rope_theta")?.as_f64())
             .or(c.rope_local_base_freq)
-            .or(gemma3.then_some(10_000.0));
+            .or(gemma3.then_some(10_000.0))
+            .or(olmo3.then_some(rope_theta));
         if c.num_attention_heads == 0
             || !c.hidden_size.is_multiple_of(c.num_attention_heads) && c.head_dim.is_none()
         {
@@ -429,7 +431,9 @@ impl LlamaConfig {
                 true => GEMMA3_SLIDING_PATTERN,
                 false => GEMMA2_SLIDING_PATTERN,
             };
-            gemma_layer_windows(&c, pattern)?
+            sliding_layer_windows(&c, pattern)?
+        } else if olmo3 {
+            sliding_layer_windows(&c, OLMO3_SLIDING_PATTERN)?
         } else if phi3 {
             // transformers' Phi-3 attends over a window on every layer when the config sets one
             // (one past the context, as the 128k models' 262144, never hides a key).
@@ -458,7 +462,7 @@ impl LlamaConfig {
             norm_adds_one: gemma,
             scale_embeddings: gemma,
             activation,
-            norms: match (gemma, model_type == "olmo2") {
+            norms: match (gemma, model_type.starts_with("olmo")) {
                 (true, _) => LayerNorms::Sandwich,
                 (false, true) => LayerNorms::Post,
                 (false, false) => LayerNorms::Pre,
@@ -484,7 +488,11 @@ impl LlamaConfig {
             head_dim,
             rotary_dim,
             vocab_size: c.vocab_size,
-            rms_norm_eps: c.rms_norm_eps,
+            // The class's default, which transformers 5 leaves out of the files it writes.
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(match model_type.as_str() {
+                "phi3" | "olmo2" | "olmo3" => 1e-5,
+                _ => 1e-6,
+            }),
             rope_theta,
             rope_scaling,
             max_position_embeddings: c.max_position_embeddings,
@@ -498,7 +506,7 @@ impl LlamaConfig {
             mlp_bias: c.mlp_bias,
             qk_norm: match model_type.as_str() {
                 "qwen3" | "gemma3_text" => QkNorm::PerHead,
-                "olmo2" => QkNorm::Projection,
+                "olmo2" | "olmo3" => QkNorm::Projection,
                 _ => QkNorm::None,
             },
             model_type,
@@ -770,11 +778,11 @@ fn layer_rope(c: &RawConfig, smollm3: bool) -> Result<Vec<bool>> {
     }
 }
 
-/// Gemma's window per layer: `layer_types` where the file has them, else every
-/// `sliding_window_pattern`-th layer global, by default every `pattern`-th (Gemma 2: every
-/// other one, the first sliding; Gemma 3: every sixth), and the others sliding (transformers'
-/// default).
-fn gemma_layer_windows(c: &RawConfig, pattern: usize) -> Result<Vec<Option<usize>>> {
+/// The window per layer of Gemma and OLMo 3: `layer_types` where the file has them, else
+/// every `sliding_window_pattern`-th layer global, by default every `pattern`-th (Gemma 2:
+/// every other one, the first sliding; Gemma 3: every sixth; OLMo 3: every fourth), and the
+/// others sliding (transformers' default).
+fn sliding_layer_windows(c: &RawConfig, pattern: usize) -> Result<Vec<Option<usize>>> {
     let window = c.sliding_window.unwrap_or(4096);
     let sliding = match &c.layer_types {
         Some(types) => {
@@ -806,6 +814,8 @@ fn gemma_layer_windows(c: &RawConfig, pattern: usize) -> Result<Vec<Option<usize
 pub(crate) const GEMMA3_SLIDING_PATTERN: usize = 6;
 /// Gemma 2's: every other layer global, the first one sliding.
 pub(crate) const GEMMA2_SLIDING_PATTERN: usize = 2;
+/// OLMo 3's (transformers' default and llama.cpp's): every fourth layer global.
+pub(crate) const OLMO3_SLIDING_PATTERN: usize = 4;
 /// SmolLM3's (transformers' default and llama.cpp's rule): every fourth layer without RoPE.
 pub(crate) const SMOLLM3_NO_ROPE_INTERVAL: usize = 4;
 

@@ -222,7 +222,8 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
     Ok(match c.model_type.as_str() {
         "llama" | "mistral" => "llama",
         "granite" => "granite",
-        "olmo2" => "olmo2",
+        // OLMo 3 is llama.cpp's olmo2 with sliding-window layers.
+        "olmo2" | "olmo3" => "olmo2",
         "smollm3" => {
             // llama.cpp leaves every fourth layer without RoPE, whatever the file says.
             let interval = crate::config::SMOLLM3_NO_ROPE_INTERVAL;
@@ -402,6 +403,14 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         }
     } else if let Some(window) = c.layer_windows.iter().flatten().next() {
         optional.push(("attention.sliding_window", u32_of(*window)));
+        if arch == "olmo2" {
+            // OLMo 3's converter writes which layers slide.
+            let pattern = c.layer_windows.iter().map(|w| Value::Bool(w.is_some()));
+            optional.push((
+                "attention.sliding_window_pattern",
+                Value::Array(pattern.collect()),
+            ));
+        }
     }
     if arch == "granite" {
         // The converter writes all four, 1 (the class's default) where the config has none

@@ -195,6 +195,15 @@ fn md_u64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<u64> {
         .map_err(|_| anyhow::anyhow!("GGUF metadata {key} is not an integer"))
 }
 
+/// transformers' `layer_types` of layers that slide or not.
+fn layer_types(sliding: &[bool]) -> Vec<&'static str> {
+    let name = |s: bool| match s {
+        true => "sliding_attention",
+        false => "full_attention",
+    };
+    sliding.iter().map(|&s| name(s)).collect()
+}
+
 fn md_f64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
     let v = md.get(key)?;
     v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
@@ -412,6 +421,10 @@ fn read_gguf<R: Read + Seek>(
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         "smollm3" => ("smollm3", "SmolLM3ForCausalLM"),
         "granite" => ("granite", "GraniteForCausalLM"),
+        // OLMo 3 is llama.cpp's olmo2 with sliding-window layers.
+        "olmo2" if md.contains_key("olmo2.attention.sliding_window") => {
+            ("olmo3", "Olmo3ForCausalLM")
+        }
         "olmo2" => ("olmo2", "Olmo2ForCausalLM"),
         "gemma2" => ("gemma2", "Gemma2ForCausalLM"),
         "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
@@ -547,17 +560,7 @@ fn read_gguf<R: Read + Seek>(
         } else if let Some(n) = pattern.and_then(|v| v.to_u32().ok()).filter(|&n| n > 0) {
             sliding = crate::config::all_but_every(layers, n as usize);
         }
-        let types: Vec<&str> = sliding
-            .iter()
-            .map(|&s| {
-                if s {
-                    "sliding_attention"
-                } else {
-                    "full_attention"
-                }
-            })
-            .collect();
-        raw["layer_types"] = json!(types);
+        raw["layer_types"] = json!(layer_types(&sliding));
         let local_base = md_f64(md, &key("rope.freq_base_swa"));
         if arch == "gemma3" || local_base.is_some() {
             raw["rope_local_base_freq"] = json!(local_base.unwrap_or(10_000.0));
@@ -572,6 +575,20 @@ fn read_gguf<R: Read + Seek>(
             if let Some(cap) = md_f64(md, &key(name)).filter(|&cap| cap > 0.0) {
                 raw[name] = json!(cap);
             }
+        }
+    }
+    if model_type == "olmo3" {
+        // As llama.cpp reads it: the file's pattern, else every fourth layer global.
+        raw["sliding_window"] = json!(md_u64(md, &key("attention.sliding_window"))?);
+        let sliding = match md.get(&key("attention.sliding_window_pattern")) {
+            Some(gguf_file::Value::Array(flags)) => {
+                flags.iter().map(|f| f.to_bool().unwrap_or(false)).collect()
+            }
+            _ => crate::config::all_but_every(layers, crate::config::OLMO3_SLIDING_PATTERN),
+        };
+        raw["layer_types"] = json!(layer_types(&sliding));
+        if let Some(base) = md_f64(md, &key("rope.freq_base_swa")) {
+            raw["rope_local_base_freq"] = json!(base);
         }
     }
     if arch == "granite" {

@@ -22,6 +22,7 @@ const ARCHITECTURES: &[&str] = &[
     "smollm3",
     "granite",
     "olmo2",
+    "olmo3",
     "gemma2",
     "gemma3_text",
     "phi3",
