@@ -681,10 +681,13 @@ impl Trainer<'_> {
                 let elapsed = start.elapsed().as_secs_f64();
                 let tps = summary.trained_tokens as f64 / elapsed.max(1e-9);
                 let end_of_epoch = g + 1 == groups.len();
+                // TRL's num_tokens: the tokens trained on so far, padding aside.
+                let num_tokens = resumed_tokens + summary.trained_tokens;
                 let mut line = json!({
                     "step": step,
                     "epoch": epoch as f64 + (g + 1) as f64 / groups.len() as f64,
                     "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                    "num_tokens": num_tokens,
                 });
                 let eval_now = !eval.is_empty()
                     && (step == total_steps
