@@ -177,9 +177,10 @@ pub struct TrainCmd {
     /// if given, else every epoch. An eval set is evaluated at the end too.
     #[arg(long)]
     eval_strategy: Option<String>,
-    /// Evaluate every N steps (default: at the end of every epoch) and at the end.
+    /// Evaluate every N steps (default: at the end of every epoch) and at the end; below 1, a
+    /// fraction of the run's steps (0.1: ten evaluations), as transformers reads it.
     #[arg(long)]
-    eval_steps: Option<usize>,
+    eval_steps: Option<f64>,
     /// Stop when the eval loss has not improved for this many evaluations in a row.
     #[arg(long)]
     early_stopping_patience: Option<usize>,
@@ -226,8 +227,9 @@ pub struct TrainCmd {
     /// Recompute each decoder layer in the backward pass (less memory, ~1/3 more compute).
     #[arg(long)]
     gradient_checkpointing: Option<bool>,
+    /// Log every N steps (default 1); below 1, a fraction of the run's steps.
     #[arg(long)]
-    logging_steps: Option<usize>,
+    logging_steps: Option<f64>,
     /// tensorboard (or all): also log the metrics as TensorBoard scalars (`train/loss`,
     /// `eval/loss`, ...) in OUTPUT/runs/<date>_<host>, or in $TENSORBOARD_LOGGING_DIR, as
     /// transformers does; none (the default): metrics.jsonl and the loss plot alone.
@@ -236,9 +238,10 @@ pub struct TrainCmd {
     /// Also save the adapter after every epoch (OUTPUT/epoch-N).
     #[arg(long)]
     save_every_epoch: Option<bool>,
-    /// Write a checkpoint (adapter, optimizer state, position) every N steps (OUTPUT/checkpoint-N).
+    /// Write a checkpoint (adapter, optimizer state, position) every N steps
+    /// (OUTPUT/checkpoint-N); below 1, a fraction of the run's steps.
     #[arg(long)]
-    save_steps: Option<usize>,
+    save_steps: Option<f64>,
     /// When to write checkpoints: steps (every --save-steps, the default), epoch (at the end of
     /// every epoch) or no.
     #[arg(long)]
@@ -641,19 +644,31 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     if packing && method == "prompt" {
         bail!("--packing does not work with prompt tuning: its virtual tokens lead a row, so only the first packed example would see them");
     }
+    let intervals = Intervals {
+        logging: interval(c.logging_steps, "logging_steps")?,
+        eval: interval(c.eval_steps, "eval_steps")?,
+        save: interval(c.save_steps, "save_steps")?,
+    };
+    // Whole-step intervals here, fractions once the run's length is known (`resolve`); until
+    // then a fraction stands in as its share of a million steps, as transformers checks
+    // fractions against each other.
+    let steps = |i: Option<Interval>| i.map(|i| i.steps(1_000_000));
     let (save_steps, save_checkpoint_every_epoch) = match c.save_strategy.as_deref() {
-        None | Some("steps") => (c.save_steps, false),
+        None | Some("steps") => (steps(intervals.save), false),
         Some("epoch") => (None, true),
         Some("no") => (None, false),
         Some(other) => bail!("--save-strategy must be steps, epoch or no, got {other:?}"),
     };
     let d = TrainArgs::default();
-    let logging_steps = c.logging_steps.unwrap_or(d.logging_steps);
+    let logging_steps = steps(intervals.logging).unwrap_or(d.logging_steps);
     let (eval_steps, evaluate) = match c.eval_strategy.as_deref() {
-        None => (c.eval_steps, true),
+        None => (steps(intervals.eval), true),
         // transformers' default is the logging interval; ours logs every step, so without
         // either set, TRL's logging interval of 10.
-        Some("steps") => (c.eval_steps.or(c.logging_steps).or(Some(10)), true),
+        Some("steps") => (
+            steps(intervals.eval.or(intervals.logging)).or(Some(10)),
+            true,
+        ),
         Some("epoch") => (None, true),
         Some("no") => (None, false),
         Some(other) => bail!("--eval-strategy must be steps, epoch or no, got {other:?}"),
@@ -820,6 +835,8 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             );
         }
     }
+    let mut args = args;
+    intervals.resolve(&mut args, examples.len())?;
     let mut model = build_model(&method, base, &c, &tok, args.seed)?;
     // On stderr also with --quiet: PEFT's print_trainable_parameters line is how users check
     // what they train.
@@ -874,6 +891,72 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         output.display()
     );
     Ok(())
+}
+
+/// A step interval as transformers reads `logging_steps`, `eval_steps` and `save_steps`: a
+/// whole number of steps, or below 1 a fraction of the run's steps (rounded up).
+#[derive(Clone, Copy)]
+enum Interval {
+    Steps(usize),
+    Fraction(f64),
+}
+
+impl Interval {
+    fn steps(self, total: usize) -> usize {
+        match self {
+            Interval::Steps(n) => n,
+            Interval::Fraction(f) => (total as f64 * f).ceil() as usize,
+        }
+    }
+}
+
+fn interval(v: Option<f64>, name: &str) -> Result<Option<Interval>> {
+    let Some(v) = v else { return Ok(None) };
+    if !(v.is_finite() && v > 0.0) {
+        bail!("{name} must be above 0, got {v}");
+    }
+    if v < 1.0 {
+        return Ok(Some(Interval::Fraction(v)));
+    }
+    if v.fract() != 0.0 {
+        bail!("{name} must be a whole number of steps, or below 1 a fraction of them, got {v}");
+    }
+    Ok(Some(Interval::Steps(v as usize)))
+}
+
+/// The step intervals as given, fractions among them resolved once the run's length is known.
+struct Intervals {
+    logging: Option<Interval>,
+    eval: Option<Interval>,
+    save: Option<Interval>,
+}
+
+impl Intervals {
+    /// Sets the fractional intervals of `args` for a run over `examples` training examples.
+    fn resolve(&self, args: &mut TrainArgs, examples: usize) -> Result<()> {
+        let total = args.total_steps(examples);
+        let fraction = |i: Option<Interval>| match i {
+            Some(Interval::Fraction(_)) => i.map(|i| i.steps(total)),
+            _ => None,
+        };
+        if let Some(n) = fraction(self.logging) {
+            args.logging_steps = n;
+        }
+        // The eval interval falls back to the logging one (--eval-strategy steps).
+        if args.eval_steps.is_some() {
+            if let Some(n) =
+                fraction(self.eval).or(fraction(self.logging).filter(|_| self.eval.is_none()))
+            {
+                args.eval_steps = Some(n);
+            }
+        }
+        if args.save_steps.is_some() {
+            if let Some(n) = fraction(self.save) {
+                args.save_steps = Some(n);
+            }
+        }
+        args.validate()
+    }
 }
 
 /// Where `--report-to` asks for TensorBoard logs (transformers' `report_to`: a comma-separated

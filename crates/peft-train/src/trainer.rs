@@ -211,6 +211,21 @@ impl TrainArgs {
         Ok(())
     }
 
+    /// Optimizer steps of one pass over `examples` examples.
+    pub fn steps_per_epoch(&self, examples: usize) -> usize {
+        examples
+            .div_ceil(self.batch_size.max(1))
+            .div_ceil(self.grad_accum.max(1))
+    }
+
+    /// The run's optimizer steps over `examples` examples: `max_steps`, else the epochs' (a
+    /// fraction of one rounded up, as transformers does).
+    pub fn total_steps(&self, examples: usize) -> usize {
+        let per_epoch = self.steps_per_epoch(examples);
+        self.max_steps
+            .unwrap_or((self.epochs * per_epoch as f64).ceil() as usize)
+    }
+
     /// transformers' rule for `load_best_model_at_end`: checkpoints where the evaluations are
     /// (both by epoch, or saved every M steps with M a multiple of the eval interval), so that
     /// the best evaluation has one.
@@ -522,11 +537,7 @@ impl Trainer<'_> {
         if a.load_best_model_at_end && eval.is_empty() {
             bail!("load_best_model_at_end needs an eval set to choose by (--eval-split or --eval-data)");
         }
-        let batches_per_epoch = examples.len().div_ceil(a.batch_size);
-        let steps_per_epoch = batches_per_epoch.div_ceil(a.grad_accum);
-        let total_steps = a
-            .max_steps
-            .unwrap_or((a.epochs * steps_per_epoch as f64).ceil() as usize);
+        let total_steps = a.total_steps(examples.len());
         if total_steps == 0 {
             bail!("nothing to train: 0 steps");
         }
