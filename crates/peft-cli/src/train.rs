@@ -116,6 +116,10 @@ pub struct TrainCmd {
     epochs: Option<f64>,
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Examples per evaluation batch (TRL's `per_device_eval_batch_size`; the eval loss is the
+    /// mean of the batches' token losses); default: --batch-size.
+    #[arg(long)]
+    eval_batch_size: Option<usize>,
     #[arg(long)]
     grad_accum: Option<usize>,
     #[arg(long)]
@@ -275,6 +279,7 @@ const TRL_NAMES: &[(&str, &str)] = &[
     ("learning_rate", "lr"),
     ("num_train_epochs", "epochs"),
     ("per_device_train_batch_size", "batch_size"),
+    ("per_device_eval_batch_size", "eval_batch_size"),
     ("gradient_accumulation_steps", "grad_accum"),
     ("lr_scheduler_type", "lr_scheduler"),
     ("max_length", "max_seq_length"),
@@ -677,6 +682,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         epochs: c.epochs.unwrap_or(d.epochs),
         max_steps: c.max_steps,
         batch_size: c.batch_size.unwrap_or(d.batch_size),
+        eval_batch_size: c.eval_batch_size,
         grad_accum: c.grad_accum.unwrap_or(d.grad_accum),
         lr: c.lr.unwrap_or(d.lr),
         warmup: match (c.warmup_steps, c.warmup_ratio) {

@@ -36,6 +36,9 @@ pub struct TrainArgs {
     pub epochs: f64,
     pub max_steps: Option<usize>,
     pub batch_size: usize,
+    /// Examples per evaluation batch (transformers' `per_device_eval_batch_size`), which the
+    /// eval loss depends on (the mean of each batch's token loss); `None`: `batch_size`.
+    pub eval_batch_size: Option<usize>,
     pub grad_accum: usize,
     pub lr: f64,
     pub warmup: Warmup,
@@ -112,6 +115,7 @@ impl Default for TrainArgs {
             epochs: 1.0,
             max_steps: None,
             batch_size: 4,
+            eval_batch_size: None,
             grad_accum: 1,
             lr: 2e-4,
             warmup: Warmup::Ratio(0.03),
@@ -152,8 +156,8 @@ impl TrainArgs {
     /// Fails on settings that cannot mean anything (a negative learning rate, a beta of 1.5,
     /// a step interval of 0), naming the setting, before anything runs.
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("batch size and gradient accumulation must be at least 1");
+        if self.batch_size == 0 || self.grad_accum == 0 || self.eval_batch_size == Some(0) {
+            bail!("batch sizes and gradient accumulation must be at least 1");
         }
         if !(self.epochs.is_finite() && self.epochs > 0.0) {
             bail!("the number of epochs must be above 0, got {}", self.epochs);
@@ -480,7 +484,8 @@ impl Trainer<'_> {
     pub fn eval_loss(&self, examples: &[Example]) -> Result<f64> {
         let device = self.model.base().device.clone();
         let (mut sum, mut count) = (0f64, 0usize);
-        for chunk in examples.chunks(self.args.batch_size.max(1)) {
+        let batch_size = self.args.eval_batch_size.unwrap_or(self.args.batch_size);
+        for chunk in examples.chunks(batch_size.max(1)) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let batch = Batch::padded(&refs, self.pad_id, self.args.pad_to_multiple_of, &device)?;
             let loss = peft_ops::no_grad(|| self.batch_loss(&batch, batch.n_trained, false))?;

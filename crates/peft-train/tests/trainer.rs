@@ -404,3 +404,30 @@ fn load_best_model_at_end_saves_the_best_checkpoint() {
     .unwrap();
     assert!((again - loss).abs() < 1e-6, "{again} vs {loss}");
 }
+
+/// The eval loss is the mean of each eval batch's token loss, weighted by its examples (as
+/// transformers computes it), so it depends on the eval batch size
+/// (`per_device_eval_batch_size`): one example a batch gives the mean of the examples' losses.
+#[test]
+fn eval_batch_size_sets_the_batches_of_the_eval_loss() {
+    let mut model = lora();
+    let mut a = args(Path::new("unused"));
+    let eval = examples(6, 40);
+    let mut trainer = Trainer {
+        model: &mut model,
+        args: a.clone(),
+        pad_id: 0,
+    };
+    let per_example: Vec<f64> = eval
+        .iter()
+        .map(|e| trainer.eval_loss(std::slice::from_ref(e)).unwrap())
+        .collect();
+    let mean = per_example.iter().sum::<f64>() / per_example.len() as f64;
+    let batched = trainer.eval_loss(&eval).unwrap();
+    a.eval_batch_size = Some(1);
+    trainer.args = a;
+    let one_by_one = trainer.eval_loss(&eval).unwrap();
+    assert!((one_by_one - mean).abs() < 1e-9, "{one_by_one} vs {mean}");
+    // Batches of two weight their examples' tokens together: another mean.
+    assert!((batched - mean).abs() > 1e-6, "{batched} vs {mean}");
+}
