@@ -284,6 +284,26 @@ const TRL_NAMES: &[(&str, &str)] = &[
     ("lr_scheduler_type", "lr_scheduler"),
     ("max_length", "max_seq_length"),
     ("output_dir", "output"),
+    ("chat_template_path", "chat_template"),
+];
+
+/// TRL / transformers settings that change nothing peft computes (data loader workers,
+/// kernels and compilation, run names): a recipe may keep them, and is told they do nothing.
+const NO_EFFECT: &[&str] = &[
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataset_num_proc",
+    "use_liger_kernel",
+    "torch_compile",
+    "gradient_checkpointing_kwargs",
+    "remove_unused_columns",
+    "ddp_find_unused_parameters",
+    "tf32",
+    "run_name",
+    "disable_tqdm",
+    "save_safetensors",
+    "logging_first_step",
 ];
 
 /// Recipe values overlaid with the flags that were given.
@@ -355,6 +375,32 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
                 None => format!("text={field}"),
             };
             b.insert("columns".into(), Value::String(mapping));
+        }
+        let ignored: Vec<&str> = NO_EFFECT
+            .iter()
+            .copied()
+            .filter(|k| b.remove(*k).is_some())
+            .collect();
+        if !ignored.is_empty() {
+            eprintln!(
+                "note: recipe {}: {} change nothing in peft",
+                path.display(),
+                ignored.join(", ")
+            );
+        }
+        // Settings with one value peft has (TRL's best-fit packing, no upload).
+        let one_value = [
+            ("packing_strategy", Value::from("bfd")),
+            ("push_to_hub", Value::Bool(false)),
+        ];
+        for (key, ours) in one_value {
+            match b.remove(key) {
+                Some(v) if v != ours => bail!(
+                    "recipe {}: {key} = {v} is not supported (peft has {ours})",
+                    path.display()
+                ),
+                _ => {}
+            }
         }
         for (trl, ours) in TRL_NAMES {
             if let Some(v) = b.remove(*trl) {

@@ -246,6 +246,7 @@ fn cases() -> Vec<Case> {
         case("cosine_with_min_lr without its floor", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--lr-scheduler", "cosine_with_min_lr"]), "cosine_with_min_lr needs min_lr or min_lr_rate"),
         case("fractional warmup steps above 1", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--warmup-steps", "2.5"]), "warmup_steps must be a whole number of steps or a fraction below 1, got 2.5"),
         case("a recipe naming an option twice", vec![("d.jsonl", qa.clone()), ("r.toml", b"lr = 1e-4\nlearning_rate = 2e-4\n".to_vec())], &train("{dir}/d.jsonl", &["--config", "{dir}/r.toml"]), "learning_rate and lr set the same option"),
+        case("a recipe that pushes to the Hub", vec![("d.jsonl", qa.clone()), ("r.toml", b"push_to_hub = true\n".to_vec())], &train("{dir}/d.jsonl", &["--config", "{dir}/r.toml"]), "push_to_hub = true is not supported"),
         case("unknown eval strategy", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--eval-strategy", "hourly"]), "--eval-strategy must be steps, epoch or no"),
         case("zero epochs", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--epochs", "0"]), "the number of epochs must be above 0"),
         case("NEFTune alpha of 0", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--neftune-noise-alpha", "0"]), "neftune_noise_alpha must be a number above 0"),
