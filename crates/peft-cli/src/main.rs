@@ -47,6 +47,8 @@ enum Command {
     Merge(MergeCmd),
     /// Write a LoRA adapter as a GGUF LoRA file for llama.cpp (`--lora`) and Ollama (`ADAPTER`).
     ExportLora(ExportLoraCmd),
+    /// Combine LoRA adapters into one (HF PEFT's `add_weighted_adapter`, cat or linear).
+    Combine(CombineCmd),
     /// Write the float32 logits of a token sequence to a safetensors file.
     Logits(LogitsCmd),
     /// Measure training throughput and peak memory on random tokens (prints JSON).
@@ -161,6 +163,23 @@ struct ExportLoraCmd {
     /// f32 (default), f16, bf16 or q8_0.
     #[arg(long, default_value = "f32")]
     dtype: String,
+}
+
+#[derive(clap::Args)]
+struct CombineCmd {
+    /// The LoRA adapters: folders or Hub ids (`--adapter A --adapter B`).
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<PathBuf>,
+    /// One weight per adapter, comma-separated (default 1 each; a negative one subtracts).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    weights: Option<Vec<f64>>,
+    /// cat: the weighted sum of the adapters' changes, exactly (rank: the sum of theirs);
+    /// linear: one rank, PEFT's weighted sums of A and of B.
+    #[arg(long, default_value = "cat")]
+    combination: String,
+    /// The adapter folder to write.
+    #[arg(long)]
+    output: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -343,6 +362,40 @@ fn run_export_lora(cmd: ExportLoraCmd) -> Result<()> {
     Ok(())
 }
 
+fn run_combine(cmd: CombineCmd) -> Result<()> {
+    use peft::lora::combine::{combine, Combination, LoraFiles};
+    let how = Combination::parse(&cmd.combination)?;
+    let weights = cmd
+        .weights
+        .clone()
+        .unwrap_or_else(|| vec![1.0; cmd.adapters.len()]);
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        bail!("--weights must be finite numbers, got {w}");
+    }
+    let mut adapters = Vec::new();
+    for given in &cmd.adapters {
+        let dir = peft_models::hub::locate(given, peft_models::hub::Wanted::Adapter)?;
+        let config_path = dir.join(peft::model::CONFIG_FILE);
+        let text = peft::files::read_text(&config_path)?;
+        if peft::peft_type_of(&text, &config_path)? != "LORA" {
+            bail!("{}: only LoRA adapters can be combined", dir.display());
+        }
+        let config = peft::LoraConfig::from_json(&text, &config_path)?;
+        let (_, tensors) = peft::files::read_adapter_weights(&dir, &Device::Cpu)?;
+        adapters.push(LoraFiles { config, tensors });
+    }
+    let (config, tensors) = combine(&adapters, &weights, how)?;
+    peft::files::write_adapter(&cmd.output, &tensors, &config.to_json_string()?)?;
+    println!(
+        "{} adapters combined ({:?}, rank {}) into {}",
+        adapters.len(),
+        how,
+        config.r,
+        cmd.output.display()
+    );
+    Ok(())
+}
+
 fn run_logits(cmd: LogitsCmd) -> Result<()> {
     if cmd.merged && cmd.adapter.is_none() {
         eprintln!("note: --merged has no effect without --adapter");
@@ -430,6 +483,7 @@ fn main() {
         Command::Chat(c) => chat::run(c),
         Command::Merge(c) => run_merge(c),
         Command::ExportLora(c) => run_export_lora(c),
+        Command::Combine(c) => run_combine(c),
         Command::Logits(c) => run_logits(c),
         Command::Inspect(c) => run_inspect(c),
         Command::Bench(c) => bench::run(c),

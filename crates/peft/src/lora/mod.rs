@@ -1,5 +1,6 @@
 //! LoRA (with rsLoRA scaling): `y = W x + s · B A dropout(x)`.
 
+pub mod combine;
 pub mod config;
 pub mod gguf;
 pub mod layer;
