@@ -322,7 +322,11 @@ pub fn continue_generation(
             None => model.forward(&input, None, Some(&mut *cache), false)?,
         };
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
-        let context = [history, new_ids, &out].concat();
+        // The ids so far, for the repetition penalty alone.
+        let context = match sampling.repetition_penalty != 1.0 {
+            true => [history, new_ids, &out].concat(),
+            false => Vec::new(),
+        };
         let next = sampling.pick(&model.logits(&last)?, &context)?;
         if stops.contains(&next) {
             break;

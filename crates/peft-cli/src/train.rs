@@ -116,8 +116,9 @@ pub struct TrainCmd {
     epochs: Option<f64>,
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Examples per evaluation batch (TRL's `per_device_eval_batch_size`; the eval loss is the
-    /// mean of the batches' token losses); default: --batch-size.
+    /// Examples per evaluation batch (TRL's `per_device_eval_batch_size`; the eval loss is
+    /// each batch's mean token loss, weighted by its examples); default: --batch-size (TRL's
+    /// default is 8).
     #[arg(long)]
     eval_batch_size: Option<usize>,
     #[arg(long)]
@@ -234,6 +235,12 @@ pub struct TrainCmd {
     /// Log every N steps (default 1); below 1, a fraction of the run's steps.
     #[arg(long)]
     logging_steps: Option<f64>,
+    /// Also log the first step (transformers' `logging_first_step`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    logging_first_step: Option<bool>,
+    /// No progress bar: the metrics lines on stderr instead (transformers' `disable_tqdm`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    disable_tqdm: Option<bool>,
     /// tensorboard (or all): also log the metrics as TensorBoard scalars (`train/loss`,
     /// `eval/loss`, ...) in OUTPUT/runs/<date>_<host>, or in $TENSORBOARD_LOGGING_DIR, as
     /// transformers does; none (the default): metrics.jsonl and the loss plot alone.
@@ -301,9 +308,7 @@ const NO_EFFECT: &[&str] = &[
     "ddp_find_unused_parameters",
     "tf32",
     "run_name",
-    "disable_tqdm",
     "save_safetensors",
-    "logging_first_step",
 ];
 
 /// Recipe values overlaid with the flags that were given.
@@ -764,7 +769,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         interrupt: Some(interrupt_flag()?),
         output_dir: output.clone(),
         base_model_name: model_name(&model_path),
-        show_progress: !quiet && !json_mode,
+        show_progress: !quiet && !json_mode && !c.disable_tqdm.unwrap_or(false),
         echo: if json_mode {
             Echo::Stdout
         } else if quiet {
@@ -778,17 +783,13 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         early_stopping_patience: c.early_stopping_patience,
         early_stopping_threshold: c.early_stopping_threshold.unwrap_or(0.0),
         load_best_model_at_end: c.load_best_model_at_end.unwrap_or(false),
+        logging_first_step: c.logging_first_step.unwrap_or(false),
         tensorboard_dir: tensorboard_dir(c.report_to.as_deref(), &output)?,
         kernel_tuning: match &c.kernel_tuning {
             Some(v) => peft_ops::KernelTuning::parse(v).map_err(anyhow::Error::msg)?,
             None => d.kernel_tuning,
         },
     };
-    args.validate()?;
-    if let (Some(dir), false) = (&args.tensorboard_dir, quiet || json_mode) {
-        eprintln!("TensorBoard logs go to {}", dir.display());
-    }
-    let neftune = c.neftune_noise_alpha.map(Neftune::new).transpose()?;
     let eval_split = c.eval_split.unwrap_or(0.0);
     if c.eval_data.is_some() && eval_split > 0.0 {
         bail!("--eval-data and --eval-split both choose the eval set: keep one");
@@ -809,6 +810,11 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             bail!("{flag} needs eval data (--eval-split 0.1 or --eval-data FILE)");
         }
     }
+    args.validate()?;
+    if let (Some(dir), false) = (&args.tensorboard_dir, quiet || json_mode) {
+        eprintln!("TensorBoard logs go to {}", dir.display());
+    }
+    let neftune = c.neftune_noise_alpha.map(Neftune::new).transpose()?;
     let max_seq_length = c.max_seq_length.unwrap_or(1024);
 
     // Cheap checks first: a bad data file should fail before the model loads.
@@ -1006,6 +1012,16 @@ impl Intervals {
             if let Some(n) = fraction(self.save) {
                 args.save_steps = Some(n);
             }
+            // Fractions that are multiples of each other stay so once rounded (0.1 and 0.2 of
+            // 11 steps: every 2 and 4, not 2 and 3), as transformers compares the fractions.
+            if let (Some(Interval::Fraction(e)), Some(Interval::Fraction(s)), Some(eval)) =
+                (self.eval, self.save, args.eval_steps)
+            {
+                let ratio = s / e;
+                if (ratio - ratio.round()).abs() < 1e-9 && ratio >= 1.0 {
+                    args.save_steps = Some(eval * ratio.round() as usize);
+                }
+            }
         }
         args.validate()
     }
@@ -1141,4 +1157,36 @@ fn interrupt_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     ctrlc::set_handler(move || raised.store(true, std::sync::atomic::Ordering::SeqCst))
         .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}"))?;
     Ok(flag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fractions of the run's steps are rounded up once its length is known; eval and save
+    /// fractions that are multiples of each other stay multiples (transformers compares the
+    /// fractions), so load_best_model_at_end keeps a checkpoint at every evaluation.
+    #[test]
+    fn fractional_intervals_resolve_against_the_run_length() {
+        let intervals = Intervals {
+            logging: interval(Some(0.25), "logging_steps").unwrap(),
+            eval: interval(Some(0.1), "eval_steps").unwrap(),
+            save: interval(Some(0.2), "save_steps").unwrap(),
+        };
+        let mut args = TrainArgs {
+            max_steps: Some(11),
+            eval_steps: Some(100_000),
+            save_steps: Some(200_000),
+            load_best_model_at_end: true,
+            ..Default::default()
+        };
+        intervals.resolve(&mut args, 40).unwrap();
+        // 0.2 · 11 rounds up to 3, which would miss the evaluations every 2 steps.
+        assert_eq!(
+            (args.logging_steps, args.eval_steps, args.save_steps),
+            (3, Some(2), Some(4))
+        );
+        assert!(interval(Some(2.5), "x").is_err());
+        assert!(interval(Some(0.0), "x").is_err());
+    }
 }

@@ -162,15 +162,25 @@ impl Yarn {
     /// The scale of cos and sin: the config's, else `0.1·ln(factor) + 1` (with DeepSeek's
     /// `mscale` and `mscale_all_dim`, the ratio of that formula under each).
     pub fn attention_factor(&self) -> f64 {
-        let mscale = |m: f64| match self.factor <= 1.0 {
-            true => 1.0,
-            false => 0.1 * m * self.factor.ln() + 1.0,
-        };
         match (self.attention_factor, self.mscale, self.mscale_all_dim) {
             (Some(a), _, _) => a,
             // transformers tests the pair for truth: a 0 counts as absent.
-            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
-            _ => mscale(1.0),
+            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                self.mscale(m) / self.mscale(all)
+            }
+            _ => self.default_attention_factor(),
+        }
+    }
+
+    /// The attention factor of the factor alone, `0.1·ln(factor) + 1`.
+    pub fn default_attention_factor(&self) -> f64 {
+        self.mscale(1.0)
+    }
+
+    fn mscale(&self, m: f64) -> f64 {
+        match self.factor <= 1.0 {
+            true => 1.0,
+            false => 0.1 * m * self.factor.ln() + 1.0,
         }
     }
 

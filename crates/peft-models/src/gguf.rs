@@ -219,6 +219,18 @@ impl GgufType {
 
 /// The GGUF architecture of a model type: Mistral models are `llama` to llama.cpp.
 pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
+    if let Some(y) = &c.yarn {
+        // llama.cpp's YaRN rounds the ramp's ends (truncate) and takes 0.1 ln(factor) + 1 as
+        // the attention factor; its converter writes neither truncate nor DeepSeek's mscales.
+        if !y.truncate
+            || y.attention_factor.is_none() && y.attention_factor() != y.default_attention_factor()
+        {
+            bail!(
+                "llama.cpp's YaRN rounds the frequency ramp and scales by 0.1 ln(factor) + 1; \
+                 this model's YaRN (truncate: false, or mscale and mscale_all_dim) differs"
+            );
+        }
+    }
     Ok(match c.model_type.as_str() {
         "llama" | "mistral" => "llama",
         "granite" => "granite",

@@ -58,16 +58,37 @@ fn yarn_without_factor_is_refused() {
     );
 }
 
-/// llama.cpp's Phi-3 reads no YaRN settings, so such a model is not written as GGUF (it would
-/// run there with plain RoPE).
+/// A YaRN that llama.cpp would compute otherwise is not written as GGUF: Phi-3's (llama.cpp's
+/// phi3 reads no YaRN settings), an unrounded ramp (`truncate: false`) or DeepSeek's mscales
+/// (its converter writes neither).
 #[test]
-fn phi3_with_yarn_is_not_written_as_gguf() {
-    let config = LlamaConfig::from_json(serde_json::json!({
-        "model_type": "phi3", "hidden_size": 32, "intermediate_size": 48,
-        "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 64,
-        "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
-    }))
-    .unwrap();
-    let err = peft_models::gguf::gguf_architecture(&config).unwrap_err();
-    assert!(err.to_string().contains("reads no YaRN"), "{err}");
+fn yarn_that_llama_cpp_reads_otherwise_is_not_written_as_gguf() {
+    let config = |model_type: &str, extra: serde_json::Value| {
+        let mut yarn = serde_json::json!({"rope_type": "yarn", "factor": 2.0,
+            "original_max_position_embeddings": 64});
+        yarn.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        LlamaConfig::from_json(serde_json::json!({
+            "model_type": model_type, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 64,
+            "rope_scaling": yarn,
+        }))
+        .unwrap()
+    };
+    let arch = |c: &LlamaConfig| peft_models::gguf::gguf_architecture(c).map_err(|e| e.to_string());
+    assert!(arch(&config("phi3", serde_json::json!({})))
+        .unwrap_err()
+        .contains("reads no YaRN"));
+    assert_eq!(
+        arch(&config("qwen3", serde_json::json!({}))).unwrap(),
+        "qwen3"
+    );
+    for extra in [
+        serde_json::json!({"truncate": false}),
+        serde_json::json!({"mscale": 0.707, "mscale_all_dim": 1.0}),
+    ] {
+        let err = arch(&config("qwen3", extra.clone())).unwrap_err();
+        assert!(err.contains("this model's YaRN"), "{extra}: {err}");
+    }
 }

@@ -280,8 +280,13 @@ fn tokenize_record(v: &Value, tok: &Tokenizer, n: usize, loss: LossOn) -> Result
             .apply_chat_template_with(&prompt, inputs, true)
             .with_context(|| format!("record {n}"))?;
         let prompt_ids = tok.encode(&prompt_text, false)?;
-        let pieces = chat_tokens(tok, &whole, inputs, loss.assistant_only)
-            .with_context(|| format!("record {n}"))?;
+        // Where the template cannot mark the assistant's replies (Qwen 3's, without
+        // {% generation %} blocks), the completion alone decides, as in TRL by default.
+        let pieces = match chat_tokens(tok, &whole, inputs, loss.assistant_only) {
+            Err(_) if loss.completion_only => chat_tokens(tok, &whole, inputs, false),
+            pieces => pieces,
+        }
+        .with_context(|| format!("record {n}"))?;
         let whole_ids: Vec<u32> = pieces.iter().flat_map(|(ids, _)| ids.clone()).collect();
         let start = common_prefix(&prompt_ids, &whole_ids);
         let mut at = 0;

@@ -37,7 +37,8 @@ pub struct TrainArgs {
     pub max_steps: Option<usize>,
     pub batch_size: usize,
     /// Examples per evaluation batch (transformers' `per_device_eval_batch_size`), which the
-    /// eval loss depends on (the mean of each batch's token loss); `None`: `batch_size`.
+    /// eval loss depends on (each batch's mean token loss, weighted by its examples); `None`:
+    /// `batch_size` (transformers' default is 8).
     pub eval_batch_size: Option<usize>,
     pub grad_accum: usize,
     pub lr: f64,
@@ -57,6 +58,8 @@ pub struct TrainArgs {
     pub loraplus_lr_ratio: Option<f64>,
     pub seed: u64,
     pub logging_steps: usize,
+    /// Also log the first step (transformers' `logging_first_step`).
+    pub logging_first_step: bool,
     pub save_every_epoch: bool,
     /// Also write a checkpoint at the end of every epoch (TRL's `save_strategy="epoch"`).
     pub save_checkpoint_every_epoch: bool,
@@ -130,6 +133,7 @@ impl Default for TrainArgs {
             loraplus_lr_ratio: None,
             seed: 42,
             logging_steps: 1,
+            logging_first_step: false,
             save_every_epoch: false,
             save_steps: None,
             save_total_limit: None,
@@ -213,6 +217,13 @@ impl TrainArgs {
             self.check_best_model_saves()?;
         }
         Ok(())
+    }
+
+    /// Whether the run has a best checkpoint to keep, as transformers has one when a metric
+    /// chooses it: to load at the end, or for early stopping. It survives
+    /// `save_total_limit`'s pruning, and is the one left when the limit is 1.
+    fn tracks_best(&self) -> bool {
+        self.load_best_model_at_end || self.early_stopping_patience.is_some()
     }
 
     /// Optimizer steps of one pass over `examples` examples.
@@ -478,7 +489,7 @@ impl Trainer<'_> {
         Ok(Some(tuning))
     }
 
-    /// Eval loss over `examples` (dropout off, no gradients) in batches of the training batch
+    /// Eval loss over `examples` (dropout off, no gradients) in batches of the eval batch
     /// size, as transformers' Trainer reports it: each batch's mean token loss, weighted by
     /// the batch's examples.
     pub fn eval_loss(&self, examples: &[Example]) -> Result<f64> {
@@ -724,7 +735,8 @@ impl Trainer<'_> {
                         true => state.evals_without_improvement = 0,
                         false => state.evals_without_improvement += 1,
                     }
-                    if best.is_none_or(|best| eval_loss < best) {
+                    // transformers starts from an infinite best: a NaN loss is never the best.
+                    if eval_loss.is_finite() && best.is_none_or(|best| eval_loss < best) {
                         state.best_eval_loss = Some(eval_loss);
                         state.best_global_step = Some(step);
                     }
@@ -733,6 +745,7 @@ impl Trainer<'_> {
                         .is_some_and(|p| state.evals_without_improvement >= p.max(1));
                 }
                 if step % a.logging_steps.max(1) == 0
+                    || (a.logging_first_step && step == 1)
                     || step == total_steps
                     || eval_now
                     || stop_early
@@ -786,7 +799,7 @@ impl Trainer<'_> {
                     if let Some(k) = a.save_total_limit {
                         let keep = state
                             .best_checkpoint
-                            .filter(|_| a.load_best_model_at_end)
+                            .filter(|_| a.tracks_best())
                             .map(|(step, _)| step);
                         checkpoint::prune(&a.output_dir, k.max(1), keep)?;
                     }
@@ -821,9 +834,11 @@ impl Trainer<'_> {
         bar.finish();
         summary.steps = step;
         summary.seconds = start.elapsed().as_secs_f64();
-        if let Some((best, loss)) = state.best_checkpoint.filter(|_| a.load_best_model_at_end) {
-            checkpoint::load_weights(&checkpoint::path(&a.output_dir, best), &*self.model)?;
-            summary.best_checkpoint = Some((best, loss));
+        if let Some((best, loss)) = state.best_checkpoint.filter(|_| a.tracks_best()) {
+            if a.load_best_model_at_end {
+                checkpoint::load_weights(&checkpoint::path(&a.output_dir, best), &*self.model)?;
+                summary.best_checkpoint = Some((best, loss));
+            }
             if a.save_total_limit == Some(1) {
                 // transformers keeps the best checkpoint alone then.
                 checkpoint::keep_only(&a.output_dir, best)?;

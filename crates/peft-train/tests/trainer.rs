@@ -431,3 +431,30 @@ fn eval_batch_size_sets_the_batches_of_the_eval_loss() {
     // Batches of two weight their examples' tokens together: another mean.
     assert!((batched - mean).abs() > 1e-6, "{batched} vs {mean}");
 }
+
+/// `logging_first_step` adds a metrics line at step 1 to the interval's.
+#[test]
+fn logging_first_step_logs_step_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = lora();
+    let mut a = args(dir.path());
+    a.logging_steps = 3;
+    a.logging_first_step = true;
+    Trainer {
+        model: &mut model,
+        args: a,
+        pad_id: 0,
+    }
+    .train(&examples(12, 0))
+    .unwrap();
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 3, 6, 8]);
+}
