@@ -158,6 +158,10 @@ pub struct TrainCmd {
     /// Packed examples keep their own positions and do not attend to each other.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     packing: Option<bool>,
+    /// Pack the eval set too (TRL's `eval_packing`; default: as --packing). The eval loss is
+    /// each batch's mean, so packing changes it.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    eval_packing: Option<bool>,
     /// Batch examples of similar length together (less padding).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     group_by_length: Option<bool>,
@@ -697,7 +701,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let quiet = c.quiet.unwrap_or(false);
     let json_mode = c.json.unwrap_or(false);
     let packing = c.packing.unwrap_or(false);
-    if packing && method == "prompt" {
+    if (packing || c.eval_packing == Some(true)) && method == "prompt" {
         bail!("--packing does not work with prompt tuning: its virtual tokens lead a row, so only the first packed example would see them");
     }
     let intervals = Intervals {
@@ -892,6 +896,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
                 examples.len()
             );
         }
+    }
+    if c.eval_packing.unwrap_or(packing) && !eval.is_empty() {
+        eval = pack(&eval, max_seq_length);
     }
     let mut args = args;
     intervals.resolve(&mut args, examples.len())?;
