@@ -10,7 +10,7 @@ use peft_models::tokenizer::Tokenizer;
 use peft_models::{Llama, Neftune};
 use peft_train::{
     load_data, map_columns, pack, parse_column_mapping, split_eval, tokenize_records_with, Echo,
-    Example, LossOn, OptimKind, SchedulerKind, TrainArgs, Trainer, Warmup,
+    Example, LossOn, OptimKind, SchedulerKind, TrainArgs, Trainer, Truncation, Warmup,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -158,6 +158,10 @@ pub struct TrainCmd {
     /// Packed examples keep their own positions and do not attend to each other.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     packing: Option<bool>,
+    /// keep_start (default) or keep_end: which end of a record longer than --max-seq-length
+    /// is kept (TRL's `truncation_mode`).
+    #[arg(long)]
+    truncation_mode: Option<String>,
     /// Pack the eval set too (TRL's `eval_packing`; default: as --packing). The eval loss is
     /// each batch's mean, so packing changes it.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -820,6 +824,12 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     }
     let neftune = c.neftune_noise_alpha.map(Neftune::new).transpose()?;
     let max_seq_length = c.max_seq_length.unwrap_or(1024);
+    let truncation = c
+        .truncation_mode
+        .as_deref()
+        .map(Truncation::parse)
+        .transpose()?
+        .unwrap_or_default();
 
     // Cheap checks first: a bad data file should fail before the model loads.
     let columns = c.columns.as_deref().map(parse_column_mapping).transpose()?;
@@ -859,7 +869,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         completion_only: c.completion_only_loss.unwrap_or(true),
     };
     let tokenize = |records: &[Value], path: &Path| -> Result<Vec<Example>> {
-        let tokenized = tokenize_records_with(records, &tok, max_seq_length, loss_on)
+        let tokenized = tokenize_records_with(records, &tok, max_seq_length, loss_on, truncation)
             .with_context(|| format!("in {}", path.display()))?;
         if tokenized.truncated > 0 && !quiet {
             eprintln!(

@@ -28,7 +28,7 @@ fn main() -> Result<()> {
         assistant_only: flag(2),
         completion_only: flag(3),
     };
-    let tokenized = tokenize_records_with(&records, &tok, usize::MAX, loss)?;
+    let tokenized = tokenize_records_with(&records, &tok, usize::MAX, loss, Default::default())?;
     for e in tokenized.examples {
         println!(
             "{}",

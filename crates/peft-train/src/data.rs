@@ -474,22 +474,57 @@ pub fn tokenize_records(
     tok: &Tokenizer,
     max_seq_length: usize,
 ) -> Result<Tokenized> {
-    tokenize_records_with(records, tok, max_seq_length, LossOn::default())
+    tokenize_records_with(
+        records,
+        tok,
+        max_seq_length,
+        LossOn::default(),
+        Truncation::default(),
+    )
 }
 
-/// [`tokenize_records`] with the loss on the tokens `loss` says.
+/// Which end of a record longer than the maximum length is kept (TRL's `truncation_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Truncation {
+    #[default]
+    KeepStart,
+    KeepEnd,
+}
+
+impl Truncation {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "keep_start" => Ok(Self::KeepStart),
+            "keep_end" => Ok(Self::KeepEnd),
+            other => bail!("truncation_mode must be keep_start or keep_end, got {other:?}"),
+        }
+    }
+}
+
+/// [`tokenize_records`] with the loss on the tokens `loss` says, long records cut at the end
+/// `truncation` says.
 pub fn tokenize_records_with(
     records: &[Value],
     tok: &Tokenizer,
     max_seq_length: usize,
     loss: LossOn,
+    truncation: Truncation,
 ) -> Result<Tokenized> {
     let mut out = Tokenized::default();
     for (i, r) in records.iter().enumerate() {
         let mut ex = tokenize_record(r, tok, i + 1, loss)?;
         if ex.input_ids.len() > max_seq_length {
-            ex.input_ids.truncate(max_seq_length);
-            ex.labels.truncate(max_seq_length);
+            match truncation {
+                Truncation::KeepStart => {
+                    ex.input_ids.truncate(max_seq_length);
+                    ex.labels.truncate(max_seq_length);
+                }
+                Truncation::KeepEnd => {
+                    let cut = ex.input_ids.len() - max_seq_length;
+                    ex.input_ids.drain(..cut);
+                    ex.labels.drain(..cut);
+                }
+            }
             out.truncated += 1;
         }
         if ex.n_trained() == 0 {

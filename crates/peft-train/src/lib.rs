@@ -9,7 +9,7 @@ pub mod trainer;
 
 pub use data::{
     epoch_order, load_data, load_records, map_columns, pack, parse_column_mapping, split_eval,
-    tokenize_records, tokenize_records_with, Batch, Example, LossOn, Tokenized,
+    tokenize_records, tokenize_records_with, Batch, Example, LossOn, Tokenized, Truncation,
 };
 pub use optim::{AdamW, OptimKind, ParamGroup};
 pub use schedule::{LrSchedule, SchedulerKind, Warmup};

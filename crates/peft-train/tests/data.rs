@@ -7,7 +7,7 @@ use peft_models::testing::default_model;
 use peft_ops::IGNORE_INDEX;
 use peft_train::{
     epoch_order, load_records, map_columns, pack, parse_column_mapping, split_eval,
-    tokenize_records, tokenize_records_with, Batch, Example, LossOn,
+    tokenize_records, tokenize_records_with, Batch, Example, LossOn, Truncation,
 };
 use std::io::Write;
 
@@ -102,7 +102,7 @@ fn loss_on_every_token_when_asked() {
         assistant_only: false,
         completion_only: false,
     };
-    let every = tokenize_records_with(&records, &tok, 256, all)
+    let every = tokenize_records_with(&records, &tok, 256, all, Truncation::KeepStart)
         .unwrap()
         .examples;
     for (d, e) in default.iter().zip(&every) {
@@ -195,6 +195,26 @@ fn long_records_are_cut_and_counted() {
     assert_eq!((t.examples.len(), t.truncated, t.dropped), (2, 1, 0));
     assert_eq!(t.examples[0].input_ids.len(), 8);
     assert!(t.examples[1].input_ids.len() < 8);
+    // TRL's truncation_mode keep_end: the last 8 tokens, the end-of-sequence token among them.
+    let kept =
+        tokenize_records_with(&records, &tok, 8, LossOn::default(), Truncation::KeepEnd).unwrap();
+    let whole = tokenize_records(&records, &tok, 64).unwrap().examples[0].clone();
+    let n = whole.input_ids.len();
+    assert_eq!(kept.examples[0].input_ids, whole.input_ids[n - 8..]);
+    assert_eq!(kept.examples[0].labels, whole.labels[n - 8..]);
+    // A prompt kept whole while its completion is cut off leaves nothing to train: dropped.
+    let prompt_only = serde_json::json!({"prompt": "one two three four five six seven eight nine", "completion": " ten"});
+    let t = tokenize_records(&[prompt_only.clone(), records[1].clone()], &tok, 4).unwrap();
+    assert_eq!((t.examples.len(), t.dropped), (1, 1));
+    let t = tokenize_records_with(
+        &[prompt_only],
+        &tok,
+        4,
+        LossOn::default(),
+        Truncation::KeepEnd,
+    )
+    .unwrap();
+    assert_eq!((t.examples.len(), t.dropped), (1, 0));
 }
 
 #[test]
@@ -335,7 +355,14 @@ fn generation_blocks_choose_the_trained_text() {
         assistant_only: false,
         completion_only: true,
     };
-    let all = tokenize_records_with(std::slice::from_ref(&record), &plain, 512, every).unwrap();
+    let all = tokenize_records_with(
+        std::slice::from_ref(&record),
+        &plain,
+        512,
+        every,
+        Truncation::KeepStart,
+    )
+    .unwrap();
     let ex = &all.examples[0];
     assert_eq!(
         ex.labels.iter().filter(|&&l| l >= 0).count(),
