@@ -81,17 +81,8 @@ fn resumed_run_continues_bitwise() {
     }
     let resumed = run(dir.path(), 8, Some("latest")).unwrap();
     assert_eq!(resumed, full[4..].to_vec());
-    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
     assert_eq!(
-        steps,
+        tiny_data::logged_steps(dir.path()),
         (1..=8).collect::<Vec<_>>(),
         "one line per step, none twice"
     );

@@ -146,9 +146,7 @@ fn training_logs_every_metrics_value() {
     .train_with_eval(&train, &eval)
     .unwrap();
     let mut want = Vec::new();
-    let metrics = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap();
-    for line in metrics.lines() {
-        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    for line in tiny_data::metrics(out.path()) {
         let step = line["step"].as_u64().unwrap();
         for (key, value) in line.as_object().unwrap() {
             if key != "step" {

@@ -153,11 +153,7 @@ fn eval_and_early_stopping() {
         full.evals.iter().map(|e| e.0).collect::<Vec<_>>(),
         [1, 2, 3]
     );
-    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = tiny_data::metrics(dir.path());
     assert_eq!(lines.len(), 3);
     for (line, (_, eval)) in lines.iter().zip(&full.evals) {
         assert_eq!(line["eval_loss"].as_f64().unwrap(), *eval);
@@ -210,13 +206,8 @@ fn logging_window_and_last_checkpoint() {
     .train(&examples(12, 0))
     .unwrap();
     assert_eq!(summary.losses.len(), 8);
-    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let logged: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
-    assert_eq!(logged, [3, 6, 8]);
+    let lines = tiny_data::metrics(dir.path());
+    assert_eq!(tiny_data::logged_steps(dir.path()), [3, 6, 8]);
     for (line, window) in lines.iter().zip([0..3, 3..6, 6..8]) {
         let n = window.len() as f64;
         let mean = summary.losses[window].iter().sum::<f64>() / n;
@@ -447,14 +438,5 @@ fn logging_first_step_logs_step_one() {
     }
     .train(&examples(12, 0))
     .unwrap();
-    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(steps, [1, 3, 6, 8]);
+    assert_eq!(tiny_data::logged_steps(dir.path()), [1, 3, 6, 8]);
 }

@@ -1,5 +1,5 @@
 //! Token examples for the tests that train the tiny random Llama (`peft_models::testing`,
-//! a vocabulary of 64).
+//! a vocabulary of 64), and what such a run logs.
 
 use peft_train::Example;
 
@@ -17,5 +17,23 @@ pub fn examples(n: u32, min_len: u32, spread: u32, mul: u32, salt: u32) -> Vec<E
                 packed: Vec::new(),
             }
         })
+        .collect()
+}
+
+/// The lines of `dir/metrics.jsonl`, parsed.
+#[allow(dead_code)] // not every test file reads them
+pub fn metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The steps of `dir/metrics.jsonl`'s lines.
+#[allow(dead_code)]
+pub fn logged_steps(dir: &std::path::Path) -> Vec<u64> {
+    metrics(dir)
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
         .collect()
 }
