@@ -127,4 +127,13 @@ fn what_cannot_be_combined_is_refused() {
     assert!(dora.contains("DoRA adapters cannot be combined"), "{dora}");
     let weights = combine(&[adapter(1, 2, 2.0, &[Q])], &[1.0, 2.0], Combination::Cat).unwrap_err();
     assert_eq!(weights.to_string(), "2 weights for 1 adapters");
+    // A malformed adapter: lora_A without lora_B, matrices of a rank its config does not have.
+    let mut half = adapter(1, 2, 2.0, &[Q]);
+    half.tensors.retain(|k, _| k.contains("lora_A"));
+    let half = err(vec![half, adapter(2, 2, 2.0, &[V])], Combination::Cat);
+    assert!(half.contains("without its lora_B"), "{half}");
+    let mut wide = adapter(1, 3, 2.0, &[Q]);
+    wide.config.r = 1;
+    let wide = err(vec![wide, adapter(2, 1, 2.0, &[V])], Combination::Cat);
+    assert!(wide.contains("more than their configs'"), "{wide}");
 }

@@ -167,7 +167,9 @@ fn combine_module(
         let scaling = a.config.rank_and_scaling(path).1;
         parts.push((la, lb, w * scaling, inp, out));
     }
-    let (_, _, _, inp, out) = parts[0];
+    let Some(&(_, _, _, inp, out)) = parts.first() else {
+        bail!("{path}: the adapters hold its lora_A without its lora_B, or the reverse");
+    };
     if parts.iter().any(|p| p.3 != inp || p.4 != out) {
         bail!("{path}: the adapters' LoRA matrices differ in shape (other base models?)");
     }
@@ -182,7 +184,9 @@ fn combine_module(
             let (a, b) = (Tensor::cat(&a, 0)?, Tensor::cat(&b, 1)?);
             // Ranks of adapters without this module stay zero, at the end.
             let used = a.dim(0)?;
-            let pad = rank - used;
+            let Some(pad) = rank.checked_sub(used) else {
+                bail!("{path}: the adapters' matrices have rank {used}, more than their configs' {rank}");
+            };
             Ok((
                 Tensor::cat(&[a, Tensor::zeros((pad, inp), DType::F32, &dev)?], 0)?,
                 Tensor::cat(&[b, Tensor::zeros((out, pad), DType::F32, &dev)?], 1)?,
