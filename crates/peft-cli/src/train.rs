@@ -265,6 +265,10 @@ pub struct TrainCmd {
     /// every epoch) or no.
     #[arg(long)]
     save_strategy: Option<String>,
+    /// Checkpoints without the optimizer state (transformers' `save_only_model`): smaller,
+    /// but not resumable (Ctrl-C's checkpoint keeps it).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    save_only_model: Option<bool>,
     /// Keep only the newest K checkpoints.
     #[arg(long)]
     save_total_limit: Option<usize>,
@@ -773,6 +777,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         save_steps,
         save_checkpoint_every_epoch,
         save_total_limit: c.save_total_limit,
+        save_only_model: c.save_only_model.unwrap_or(false),
         resume_from: c.resume.clone(),
         interrupt: Some(interrupt_flag()?),
         output_dir: output.clone(),

@@ -77,11 +77,12 @@ pub fn path(output: &Path, step: usize) -> PathBuf {
     output.join(format!("{PREFIX}{step}"))
 }
 
-/// Writes `OUTPUT/checkpoint-<step>` and returns its path.
+/// Writes `OUTPUT/checkpoint-<step>` and returns its path; without `opt` (transformers'
+/// `save_only_model`) the adapter and the loop position alone, which cannot be resumed.
 pub fn save(
     output: &Path,
     model: &dyn Tuned,
-    opt: &AdamW,
+    opt: Option<&AdamW>,
     state: &TrainerState,
     base_name: &str,
 ) -> Result<PathBuf> {
@@ -117,11 +118,15 @@ fn sync_dir(dir: &Path) {
 fn write_folder(
     tmp: &Path,
     model: &dyn Tuned,
-    opt: &AdamW,
+    opt: Option<&AdamW>,
     state: &TrainerState,
     base_name: &str,
 ) -> Result<()> {
     model.save(tmp, base_name)?;
+    let state_json = serde_json::to_string_pretty(state)?;
+    let Some(opt) = opt else {
+        return write_atomic(&tmp.join(STATE_FILE), state_json.as_bytes());
+    };
     let keys: Vec<String> = model.trainable().into_iter().map(|(k, _)| k).collect();
     let mut tensors = opt.state_tensors(&keys)?;
     // Trainable tensors the adapter file does not hold as such (a prefix projection is saved
@@ -133,10 +138,7 @@ fn write_folder(
         }
     }
     save_safetensors(&tmp.join(OPTIMIZER_FILE), &tensors, None)?;
-    write_atomic(
-        &tmp.join(STATE_FILE),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )
+    write_atomic(&tmp.join(STATE_FILE), state_json.as_bytes())
 }
 
 /// Checkpoint folders under `output`, oldest first.
@@ -209,7 +211,14 @@ pub fn load(dir: &Path, model: &dyn Tuned, opt: &mut AdamW) -> Result<TrainerSta
         .with_context(|| format!("cannot read {}", state_path.display()))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} is malformed: {e}", state_path.display()))?;
-    let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)?;
+    let optimizer = dir.join(OPTIMIZER_FILE);
+    if !optimizer.exists() {
+        bail!(
+            "checkpoint {} holds no optimizer state (saved with save_only_model): it cannot be resumed",
+            dir.display()
+        );
+    }
+    let moments = load_safetensors(&optimizer, &candle_core::Device::Cpu)?;
     let keys = set_weights(dir, model, &moments)?;
     // Moments of a tensor this model lacks: the checkpoint trained other modules.
     let ours: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
@@ -230,7 +239,11 @@ pub fn load(dir: &Path, model: &dyn Tuned, opt: &mut AdamW) -> Result<TrainerSta
 
 /// Loads the trained weights of the checkpoint at `dir` into `model` (not the optimizer).
 pub fn load_weights(dir: &Path, model: &dyn Tuned) -> Result<()> {
-    let moments = load_safetensors(&dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)?;
+    let optimizer = dir.join(OPTIMIZER_FILE);
+    let moments = match optimizer.exists() {
+        true => load_safetensors(&optimizer, &candle_core::Device::Cpu)?,
+        false => Default::default(),
+    };
     set_weights(dir, model, &moments).map(|_| ())
 }
 

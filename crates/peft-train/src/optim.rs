@@ -21,10 +21,19 @@ use std::collections::HashMap;
 )]
 #[serde(rename_all = "snake_case")]
 pub enum OptimKind {
-    /// f32 moments.
+    /// f32 moments (also bitsandbytes' paged 32-bit AdamW of QLoRA recipes: its paging is
+    /// of no use here, see `PagedAdamw8bit`).
     #[default]
-    #[value(name = "adamw", aliases = ["adamw_torch", "adamw_torch_fused"])]
-    #[serde(alias = "adamw_torch", alias = "adamw_torch_fused")]
+    #[value(
+        name = "adamw",
+        aliases = ["adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw"]
+    )]
+    #[serde(
+        alias = "adamw_torch",
+        alias = "adamw_torch_fused",
+        alias = "paged_adamw_32bit",
+        alias = "paged_adamw"
+    )]
     Adamw,
     /// bitsandbytes' 8-bit AdamW: both moments in 8-bit blocks of 256 (signed dynamic map for
     /// the first, unsigned for the second); tensors under 4096 elements keep f32 moments.

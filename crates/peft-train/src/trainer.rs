@@ -67,6 +67,9 @@ pub struct TrainArgs {
     pub save_steps: Option<usize>,
     /// Keep only the newest K checkpoints.
     pub save_total_limit: Option<usize>,
+    /// Checkpoints without the optimizer state (transformers' `save_only_model`): a quarter of
+    /// the size for LoRA, but not resumable.
+    pub save_only_model: bool,
     /// Continue from this checkpoint folder (or `latest` under the output folder).
     pub resume_from: Option<PathBuf>,
     /// Set (e.g. by a Ctrl-C handler) to stop after the current step with a checkpoint.
@@ -137,6 +140,7 @@ impl Default for TrainArgs {
             save_every_epoch: false,
             save_steps: None,
             save_total_limit: None,
+            save_only_model: false,
             resume_from: None,
             interrupt: None,
             output_dir: PathBuf::new(),
@@ -789,10 +793,12 @@ impl Trainer<'_> {
                             state.best_checkpoint = Some((best, loss));
                         }
                     }
+                    // Ctrl-C's checkpoint is for resuming: it keeps the optimizer state.
+                    let with_optimizer = !a.save_only_model || interrupted;
                     let dir = checkpoint::save(
                         &a.output_dir,
                         &*self.model,
-                        &opt,
+                        with_optimizer.then_some(&opt),
                         &state,
                         &a.base_model_name,
                     )?;

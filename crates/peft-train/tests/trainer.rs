@@ -440,3 +440,36 @@ fn logging_first_step_logs_step_one() {
     .unwrap();
     assert_eq!(tiny_data::logged_steps(dir.path()), [1, 3, 6, 8]);
 }
+
+/// `save_only_model`: checkpoints hold the adapter and the position, no optimizer state, and
+/// resuming from one is refused with an error that says why; the best checkpoint still loads.
+#[test]
+fn checkpoints_of_the_model_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = lora();
+    let mut a = args(dir.path());
+    a.save_steps = Some(4);
+    a.eval_steps = Some(4);
+    a.save_only_model = true;
+    a.load_best_model_at_end = true;
+    let summary = Trainer {
+        model: &mut model,
+        args: a.clone(),
+        pad_id: 0,
+    }
+    .train_with_eval(&examples(12, 0), &examples(4, 40))
+    .unwrap();
+    let checkpoint = dir.path().join("checkpoint-4");
+    assert!(checkpoint.join("adapter_model.safetensors").exists());
+    assert!(!checkpoint.join("optimizer.safetensors").exists());
+    assert!(summary.best_checkpoint.is_some());
+    a.resume_from = Some(checkpoint);
+    let err = Trainer {
+        model: &mut lora(),
+        args: a,
+        pad_id: 0,
+    }
+    .train_with_eval(&examples(12, 0), &examples(4, 40))
+    .unwrap_err();
+    assert!(err.to_string().contains("cannot be resumed"), "{err}");
+}
