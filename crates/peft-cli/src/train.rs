@@ -712,36 +712,35 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     if (packing || c.eval_packing == Some(true)) && method == "prompt" {
         bail!("--packing does not work with prompt tuning: its virtual tokens lead a row, so only the first packed example would see them");
     }
+    let logging = interval(c.logging_steps, "logging_steps")?;
+    let eval_steps = interval(c.eval_steps, "eval_steps")?;
+    let save_steps = interval(c.save_steps, "save_steps")?;
+    let (save, save_checkpoint_every_epoch) = match c.save_strategy.as_deref() {
+        None | Some("steps") => (save_steps, false),
+        Some("epoch") => (None, true),
+        Some("no") => (None, false),
+        Some(other) => bail!("--save-strategy must be steps, epoch or no, got {other:?}"),
+    };
+    let (eval, evaluate) = match c.eval_strategy.as_deref() {
+        None => (eval_steps, true),
+        // transformers' default is the logging interval; ours logs every step, so without
+        // either set, TRL's logging interval of 10.
+        Some("steps") => (eval_steps.or(logging).or(Some(Interval::Steps(10))), true),
+        Some("epoch") => (None, true),
+        Some("no") => (None, false),
+        Some(other) => bail!("--eval-strategy must be steps, epoch or no, got {other:?}"),
+    };
     let intervals = Intervals {
-        logging: interval(c.logging_steps, "logging_steps")?,
-        eval: interval(c.eval_steps, "eval_steps")?,
-        save: interval(c.save_steps, "save_steps")?,
+        logging,
+        eval,
+        save,
     };
     // Whole-step intervals here, fractions once the run's length is known (`resolve`); until
     // then a fraction stands in as its share of a million steps, as transformers checks
     // fractions against each other.
     let steps = |i: Option<Interval>| i.map(|i| i.steps(1_000_000));
-    let (save_steps, save_checkpoint_every_epoch) = match c.save_strategy.as_deref() {
-        None | Some("steps") => (steps(intervals.save), false),
-        Some("epoch") => (None, true),
-        Some("no") => (None, false),
-        Some(other) => bail!("--save-strategy must be steps, epoch or no, got {other:?}"),
-    };
     let d = TrainArgs::default();
-    let logging_steps = steps(intervals.logging).unwrap_or(d.logging_steps);
-    let (eval_steps, evaluate) = match c.eval_strategy.as_deref() {
-        None => (steps(intervals.eval), true),
-        // transformers' default is the logging interval; ours logs every step, so without
-        // either set, TRL's logging interval of 10.
-        Some("steps") => (
-            steps(intervals.eval.or(intervals.logging)).or(Some(10)),
-            true,
-        ),
-        Some("epoch") => (None, true),
-        Some("no") => (None, false),
-        Some(other) => bail!("--eval-strategy must be steps, epoch or no, got {other:?}"),
-    };
-    let args = TrainArgs {
+    let mut args = TrainArgs {
         epochs: c.epochs.unwrap_or(d.epochs),
         max_steps: c.max_steps,
         batch_size: c.batch_size.unwrap_or(d.batch_size),
@@ -772,9 +771,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         // LoRA's alone (IA3's vectors are 1-D too, and would be sped up).
         loraplus_lr_ratio: c.loraplus_lr_ratio.filter(|_| is_lora(&method)),
         seed: c.seed.unwrap_or(d.seed),
-        logging_steps,
+        logging_steps: steps(logging).unwrap_or(d.logging_steps),
         save_every_epoch: c.save_every_epoch.unwrap_or(d.save_every_epoch),
-        save_steps,
+        save_steps: steps(save),
         save_checkpoint_every_epoch,
         save_total_limit: c.save_total_limit,
         save_only_model: c.save_only_model.unwrap_or(false),
@@ -792,7 +791,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         },
         group_by_length: c.group_by_length.unwrap_or(false),
         pad_to_multiple_of: c.pad_to_multiple_of.unwrap_or(1),
-        eval_steps,
+        eval_steps: steps(eval),
         early_stopping_patience: c.early_stopping_patience,
         early_stopping_threshold: c.early_stopping_threshold.unwrap_or(0.0),
         load_best_model_at_end: c.load_best_model_at_end.unwrap_or(false),
@@ -915,7 +914,6 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     if c.eval_packing.unwrap_or(packing) && !eval.is_empty() {
         eval = pack(&eval, max_seq_length);
     }
-    let mut args = args;
     intervals.resolve(&mut args, examples.len())?;
     let mut model = build_model(&method, base, &c, &tok, args.seed)?;
     // On stderr also with --quiet: PEFT's print_trainable_parameters line is how users check
@@ -1004,7 +1002,9 @@ fn interval(v: Option<f64>, name: &str) -> Result<Option<Interval>> {
     Ok(Some(Interval::Steps(v as usize)))
 }
 
-/// The step intervals as given, fractions among them resolved once the run's length is known.
+/// The step intervals the run takes (the eval interval after its fallback to the logging
+/// one, none where the strategy is by epoch or no), fractions among them resolved once the
+/// run's length is known.
 struct Intervals {
     logging: Option<Interval>,
     eval: Option<Interval>,
@@ -1012,37 +1012,22 @@ struct Intervals {
 }
 
 impl Intervals {
-    /// Sets the fractional intervals of `args` for a run over `examples` training examples.
+    /// Sets the intervals of `args` for a run over `examples` training examples.
     fn resolve(&self, args: &mut TrainArgs, examples: usize) -> Result<()> {
         let total = args.total_steps(examples);
-        let fraction = |i: Option<Interval>| match i {
-            Some(Interval::Fraction(_)) => i.map(|i| i.steps(total)),
-            _ => None,
-        };
-        if let Some(n) = fraction(self.logging) {
-            args.logging_steps = n;
+        if let Some(logging) = self.logging {
+            args.logging_steps = logging.steps(total);
         }
-        // The eval interval falls back to the logging one (--eval-strategy steps).
-        if args.eval_steps.is_some() {
-            if let Some(n) =
-                fraction(self.eval).or(fraction(self.logging).filter(|_| self.eval.is_none()))
-            {
-                args.eval_steps = Some(n);
-            }
-        }
-        if args.save_steps.is_some() {
-            if let Some(n) = fraction(self.save) {
-                args.save_steps = Some(n);
-            }
-            // Fractions that are multiples of each other stay so once rounded (0.1 and 0.2 of
-            // 11 steps: every 2 and 4, not 2 and 3), as transformers compares the fractions.
-            if let (Some(Interval::Fraction(e)), Some(Interval::Fraction(s)), Some(eval)) =
-                (self.eval, self.save, args.eval_steps)
-            {
-                let ratio = s / e;
-                if (ratio - ratio.round()).abs() < 1e-9 && ratio >= 1.0 {
-                    args.save_steps = Some(eval * ratio.round() as usize);
-                }
+        args.eval_steps = self.eval.map(|i| i.steps(total));
+        args.save_steps = self.save.map(|i| i.steps(total));
+        // Fractions that are multiples of each other stay so once rounded (0.1 and 0.2 of 11
+        // steps: every 2 and 4, not 2 and 3), as transformers compares the fractions.
+        if let (Some(Interval::Fraction(e)), Some(Interval::Fraction(s)), Some(eval)) =
+            (self.eval, self.save, args.eval_steps)
+        {
+            let ratio = s / e;
+            if (ratio - ratio.round()).abs() < 1e-9 && ratio >= 1.0 {
+                args.save_steps = Some(eval * ratio.round() as usize);
             }
         }
         args.validate()

@@ -629,7 +629,11 @@ impl LlamaConfig {
     /// [`Self::rope_inv_freq`] (Gemma 3's local base).
     pub fn local_rope_inv_freq(&self) -> Option<Vec<f32>> {
         let theta = self.local_rope_theta?;
-        Some(default_inv_freq(theta, self.head_dim))
+        let local = default_inv_freq(theta, self.head_dim);
+        // OLMo 3's sliding layers name the global base: without scaling, their tables are the
+        // global layers' (not built twice a forward).
+        let same = local == self.rope_inv_freq() && self.rope_attention_factor() == 1.0;
+        (!same).then_some(local)
     }
 
     /// The scale of the global layers' cos and sin: LongRoPE's or YaRN's attention factor, else 1.
@@ -681,10 +685,7 @@ fn long_rope(c: &RawConfig, r: &Value, rotary_dim: usize) -> Result<LongRope> {
         Ok(factors)
     };
     // transformers' Phi3Config default where neither names it.
-    let original = c
-        .original_max_position_embeddings
-        .or_else(|| Some(r.get("original_max_position_embeddings")?.as_u64()? as usize))
-        .unwrap_or(4096);
+    let original = original_context(c, r).unwrap_or(4096);
     let factor = r
         .get("factor")
         .and_then(Value::as_f64)
@@ -701,6 +702,14 @@ fn long_rope(c: &RawConfig, r: &Value, rotary_dim: usize) -> Result<LongRope> {
     })
 }
 
+/// The pretrained context of a scaled RoPE: the config's top-level
+/// `original_max_position_embeddings`, else the rope parameters' `r` (transformers lets the
+/// top-level one win).
+fn original_context(c: &RawConfig, r: &Value) -> Option<usize> {
+    c.original_max_position_embeddings
+        .or_else(|| Some(r.get("original_max_position_embeddings")?.as_u64()? as usize))
+}
+
 /// YaRN's settings from the rope parameters `r`: `factor` (null: the context's growth,
 /// `max_position_embeddings / original`), the pretrained context (the config's top-level
 /// `original_max_position_embeddings`, else the parameters', else `max_position_embeddings`,
@@ -715,10 +724,7 @@ fn yarn_scaling(c: &RawConfig, r: &Value) -> Result<Yarn> {
             },
         }
     };
-    let original = c
-        .original_max_position_embeddings
-        .or_else(|| Some(r.get("original_max_position_embeddings")?.as_u64()? as usize))
-        .unwrap_or(c.max_position_embeddings);
+    let original = original_context(c, r).unwrap_or(c.max_position_embeddings);
     if original == 0 {
         bail!("yarn rope scaling: original_max_position_embeddings is 0");
     }

@@ -195,13 +195,29 @@ fn md_u64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<u64> {
         .map_err(|_| anyhow::anyhow!("GGUF metadata {key} is not an integer"))
 }
 
-/// transformers' `layer_types` of layers that slide or not.
-fn layer_types(sliding: &[bool]) -> Vec<&'static str> {
+/// transformers' `layer_types` of a file's layers as llama.cpp reads them: its
+/// `attention.sliding_window_pattern` (a flag a layer, or n: every n-th layer global), else
+/// `default` (true: the layer slides).
+fn sliding_layer_types(
+    md: &HashMap<String, gguf_file::Value>,
+    key: &str,
+    layers: usize,
+    default: Vec<bool>,
+) -> Vec<&'static str> {
+    let sliding = match md.get(key) {
+        Some(gguf_file::Value::Array(flags)) => {
+            flags.iter().map(|f| f.to_bool().unwrap_or(false)).collect()
+        }
+        pattern => match pattern.and_then(|v| v.to_u32().ok()).filter(|&n| n > 0) {
+            Some(n) => crate::config::all_but_every(layers, n as usize),
+            None => default,
+        },
+    };
     let name = |s: bool| match s {
         true => "sliding_attention",
         false => "full_attention",
     };
-    sliding.iter().map(|&s| name(s)).collect()
+    sliding.into_iter().map(name).collect()
 }
 
 fn md_f64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
@@ -552,15 +568,10 @@ fn read_gguf<R: Read + Seek>(
             }
             Err(_) => {}
         }
-        let (mut sliding, scale_dim) =
+        let (sliding, scale_dim) =
             gguf::gemma_llama_cpp_layout(&arch, layers, hidden, heads, head_dim);
-        let pattern = md.get(&key("attention.sliding_window_pattern"));
-        if let Some(gguf_file::Value::Array(flags)) = pattern {
-            sliding = flags.iter().map(|f| f.to_bool().unwrap_or(false)).collect();
-        } else if let Some(n) = pattern.and_then(|v| v.to_u32().ok()).filter(|&n| n > 0) {
-            sliding = crate::config::all_but_every(layers, n as usize);
-        }
-        raw["layer_types"] = json!(layer_types(&sliding));
+        let pattern = key("attention.sliding_window_pattern");
+        raw["layer_types"] = json!(sliding_layer_types(md, &pattern, layers, sliding));
         let local_base = md_f64(md, &key("rope.freq_base_swa"));
         if arch == "gemma3" || local_base.is_some() {
             raw["rope_local_base_freq"] = json!(local_base.unwrap_or(10_000.0));
@@ -580,13 +591,10 @@ fn read_gguf<R: Read + Seek>(
     if model_type == "olmo3" {
         // As llama.cpp reads it: the file's pattern, else every fourth layer global.
         raw["sliding_window"] = json!(md_u64(md, &key("attention.sliding_window"))?);
-        let sliding = match md.get(&key("attention.sliding_window_pattern")) {
-            Some(gguf_file::Value::Array(flags)) => {
-                flags.iter().map(|f| f.to_bool().unwrap_or(false)).collect()
-            }
-            _ => crate::config::all_but_every(layers, crate::config::OLMO3_SLIDING_PATTERN),
-        };
-        raw["layer_types"] = json!(layer_types(&sliding));
+        let every_fourth =
+            crate::config::all_but_every(layers, crate::config::OLMO3_SLIDING_PATTERN);
+        let pattern = key("attention.sliding_window_pattern");
+        raw["layer_types"] = json!(sliding_layer_types(md, &pattern, layers, every_fourth));
         if let Some(base) = md_f64(md, &key("rope.freq_base_swa")) {
             raw["rope_local_base_freq"] = json!(base);
         }

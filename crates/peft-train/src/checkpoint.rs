@@ -157,8 +157,8 @@ pub fn list(output: &Path) -> Vec<(usize, PathBuf)> {
     found
 }
 
-/// Keeps `keep` checkpoints: the newest (always), the one of step `protect` (the best, with
-/// `load_best_model_at_end`), then the newest others, as transformers' `rotate_checkpoints`.
+/// Keeps `keep` checkpoints: the newest (always), the one of step `protect` (the best, where
+/// a metric picks one), then the newest others, as transformers' `rotate_checkpoints`.
 pub fn prune(output: &Path, keep: usize, protect: Option<usize>) -> Result<()> {
     let all = list(output);
     let newest = all.last().map(|(step, _)| *step);

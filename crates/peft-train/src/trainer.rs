@@ -783,7 +783,7 @@ impl Trainer<'_> {
                     || (a.save_checkpoint_every_epoch && (end_of_epoch || step == total_steps));
                 if scheduled || interrupted {
                     state.global_step = step;
-                    state.trained_tokens = resumed_tokens + summary.trained_tokens;
+                    state.trained_tokens = num_tokens;
                     state.kernel_settings = summary.kernel_settings.clone();
                     // The best evaluation's checkpoint, once it has one (this one, or one
                     // saved at that step before).
