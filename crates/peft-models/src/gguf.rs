@@ -943,32 +943,45 @@ mod tests {
     }
 
     /// Our k-quant blocks decode (by candle's ggml dequantizer) to the values within each
-    /// type's error, and closer than candle's own quantizer gets (llama-quantize's reference
-    /// algorithm; `scripts/hf/check_gguf_export.py` compares the bytes with llama-quantize).
+    /// type's error, and closer on the whole than candle's own quantizer gets (llama-quantize's
+    /// reference algorithm; `scripts/hf/check_gguf_export.py` compares the bytes with
+    /// llama-quantize). Seeded values: on one tensor in fifty candle's Q5_K is up to 0.5%
+    /// closer, so a fresh random tensor made this test fail now and then.
     #[test]
     fn k_quant_blocks_decode_close_to_the_values() {
         use candle_core::quantized::ggml_file::qtensor_from_ggml;
         let dev = candle_core::Device::Cpu;
-        let t = Tensor::randn(0f32, 1.0, (4, 512), &dev).unwrap();
-        let rel_error = |q: &candle_core::quantized::QTensor| {
-            let back = q.dequantize(&dev).unwrap();
-            let err = (back - &t).unwrap().sqr().unwrap().sum_all().unwrap();
-            let norm = t.sqr().unwrap().sum_all().unwrap();
-            (err.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt()
-        };
         for (ggml, bound) in [
             (GgmlDType::Q4K, 0.12),
             (GgmlDType::Q5K, 0.06),
             (GgmlDType::Q6K, 0.03),
         ] {
-            let bytes = tensor_bytes(&t, ggml).unwrap();
-            assert_eq!(bytes.len(), data_size(&t, ggml));
-            let ours = rel_error(&qtensor_from_ggml(ggml, &bytes, vec![4, 512], &dev).unwrap());
-            let candle = rel_error(&QTensor::quantize(&t, ggml).unwrap());
-            assert!(ours < bound, "{ggml:?}: relative error {ours}");
+            let (mut ours_sum, mut candle_sum) = (0.0, 0.0);
+            for seed in 0..8 {
+                let t = crate::testing::SeededNormal::new(seed)
+                    .tensor(&[4, 512], 1.0, &dev)
+                    .unwrap();
+                let rel_error = |q: &candle_core::quantized::QTensor| {
+                    let back = q.dequantize(&dev).unwrap();
+                    let err = (back - &t).unwrap().sqr().unwrap().sum_all().unwrap();
+                    let norm = t.sqr().unwrap().sum_all().unwrap();
+                    (err.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt()
+                };
+                let bytes = tensor_bytes(&t, ggml).unwrap();
+                assert_eq!(bytes.len(), data_size(&t, ggml));
+                let ours = rel_error(&qtensor_from_ggml(ggml, &bytes, vec![4, 512], &dev).unwrap());
+                let candle = rel_error(&QTensor::quantize(&t, ggml).unwrap());
+                assert!(ours < bound, "{ggml:?}: relative error {ours}");
+                assert!(
+                    ours <= candle * 1.01,
+                    "{ggml:?}: {ours} vs candle's {candle}"
+                );
+                ours_sum += ours;
+                candle_sum += candle;
+            }
             assert!(
-                ours <= candle * 1.001,
-                "{ggml:?}: {ours} vs candle's {candle}"
+                ours_sum < candle_sum * 0.99,
+                "{ggml:?}: mean {ours_sum} vs candle's {candle_sum}"
             );
         }
     }

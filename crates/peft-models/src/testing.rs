@@ -16,31 +16,47 @@ pub fn tiny_llama(seed: u64, tie_word_embeddings: bool) -> Result<Llama> {
         "tie_word_embeddings": tie_word_embeddings,
     }))?;
     let dev = Device::Cpu;
-    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut randn = |shape: &[usize]| -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        // splitmix64 + Box-Muller: deterministic across platforms without extra crates.
-        let mut next = || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                let (u1, u2) = (next().max(1e-12), next());
-                (0.2 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-            })
-            .collect();
-        Ok(Tensor::from_vec(v, shape, &dev)?)
-    };
+    let mut rng = SeededNormal::new(seed);
+    let mut randn = |shape: &[usize]| rng.tensor(shape, 0.2, &dev);
     let w = crate::shapes::llama_weights(&config, |kind, shape| match kind {
         WeightKind::Matrix => randn(shape),
         WeightKind::Norm => Ok((randn(shape)? + 1.0)?),
         WeightKind::Bias => randn(shape),
     })?;
     Llama::from_weights(config, w, &dev, DType::F32)
+}
+
+/// N(0, std²) values from a seed by splitmix64 + Box-Muller, the same on every platform
+/// (candle's CPU `randn` takes no seed, so tests that compare numbers draw from this).
+pub struct SeededNormal {
+    state: u64,
+}
+
+impl SeededNormal {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed.wrapping_add(0x9E37_79B9_7F4A_7C15),
+        }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn tensor(&mut self, shape: &[usize], std: f64, dev: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2) = (self.uniform().max(1e-12), self.uniform());
+                (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, dev)?)
+    }
 }
 
 fn repo_root() -> std::path::PathBuf {

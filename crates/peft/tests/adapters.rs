@@ -7,7 +7,7 @@ use peft::{
     Adapter, Adapters, BottleneckConfig, BottleneckModel, Ia3Config, Ia3Model, LoraConfig,
     PeftModel, PromptInit, PromptModel, Tuned,
 };
-use peft_models::testing::{max_abs_diff, tiny_llama};
+use peft_models::testing::{max_abs_diff, tiny_llama, SeededNormal};
 use peft_models::Llama;
 use std::path::{Path, PathBuf};
 
@@ -24,10 +24,13 @@ fn base_logits(m: &Llama) -> Tensor {
         .unwrap()
 }
 
-/// Moves every trainable tensor off its initial value, so that each adapter changes the output.
+/// Moves every trainable tensor off its initial value (seeded, so that a run repeats), so that
+/// each adapter changes the output.
 fn perturb(model: &dyn Tuned, seed: u64) {
     for (i, (_, v)) in model.trainable().into_iter().enumerate() {
-        let noise = Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).unwrap();
+        let noise = SeededNormal::new(seed * 1000 + i as u64)
+            .tensor(v.dims(), 0.3, &Device::Cpu)
+            .unwrap();
         let scale = 1.0 + 0.1 * ((seed as usize + i) % 7) as f64;
         v.set(&(v.as_tensor() + (noise * scale).unwrap()).unwrap())
             .unwrap();
