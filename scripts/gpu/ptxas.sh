@@ -14,7 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 eval "$(../shared/gpu/setup-cuda13.sh)"
 lib=$CUDA_ROOT/lib
-# NVRTC needs no driver, but the test program links libcuda: the stub of setup-cuda13.sh.
+# NVRTC needs no driver, but the test program links libcuda: the stub of setup-cuda13.sh,
+# under the versioned name the loader looks for.
+[ -e "$lib/stubs/libcuda.so.1" ] || ln -s libcuda.so "$lib/stubs/libcuda.so.1"
 export LD_LIBRARY_PATH="$lib/stubs:$lib:${LD_LIBRARY_PATH:-}"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/peft-rs-cuda-target}
 ptx=$(mktemp --suffix .ptx)

@@ -101,7 +101,7 @@ pub(crate) fn cross_entropy_cpu(
     let mut logits = Vec::new();
     // Per chunk, the tanh of each capped logit (Gemma 2's final soft cap), for its gradient.
     let mut tanh = Vec::new();
-    let mut row_losses = vec![0f64; n];
+    let mut row_stats = vec![RowStats::default(); n];
     let mut dhidden = Vec::with_capacity(if need_grad { n * d } else { 0 });
     let mut dweight = weight_grad.then(|| vec![0f32; vocab * d]);
     let chunk_rows = chunk_rows.max(1);
@@ -116,8 +116,8 @@ pub(crate) fn cross_entropy_cpu(
                 None => logits
                     .par_chunks_mut(vocab)
                     .zip(&labels[start..start + rows])
-                    .zip(&mut row_losses[start..start + rows])
-                    .for_each(|((row, &label), loss)| *loss = row_loss(row, label, grad_scale)),
+                    .zip(&mut row_stats[start..start + rows])
+                    .for_each(|((row, &label), stats)| *stats = row_loss(row, label, grad_scale)),
                 Some(cap) => {
                     let cap = cap as f32;
                     tanh.resize(logits.len(), 0.0);
@@ -125,9 +125,9 @@ pub(crate) fn cross_entropy_cpu(
                         .par_chunks_mut(vocab)
                         .zip(tanh.par_chunks_mut(vocab))
                         .zip(&labels[start..start + rows])
-                        .zip(&mut row_losses[start..start + rows])
-                        .for_each(|(((row, tanh), &label), loss)| {
-                            *loss = capped_row_loss(row, tanh, cap, label, grad_scale)
+                        .zip(&mut row_stats[start..start + rows])
+                        .for_each(|(((row, tanh), &label), stats)| {
+                            *stats = capped_row_loss(row, tanh, cap, label, grad_scale)
                         });
                 }
             }
@@ -150,7 +150,9 @@ pub(crate) fn cross_entropy_cpu(
         Ok(())
     })?;
     Ok(HeadLoss {
-        loss_sum: row_losses.iter().sum(),
+        loss_sum: row_stats.iter().map(|r| r.loss).sum(),
+        entropy_sum: row_stats.iter().map(|r| r.entropy).sum(),
+        top1: row_stats.iter().filter(|r| r.top1).count(),
         dhidden: need_grad.then_some(dhidden),
         dweight,
     })
@@ -167,6 +169,10 @@ pub(crate) struct Chunks {
 /// What [`cross_entropy_cpu`] computes.
 pub(crate) struct HeadLoss {
     pub loss_sum: f64,
+    /// The entropies of the labelled rows' next-token distributions, summed.
+    pub entropy_sum: f64,
+    /// The labelled rows whose label is the most likely token (the first of equals).
+    pub top1: usize,
     /// d(loss sum / denom)/dhidden `[n, d]`, when asked for.
     pub dhidden: Option<Vec<f32>>,
     /// d(loss sum / denom)/dweight `[vocab, d]`, when asked for.
@@ -181,45 +187,67 @@ fn capped_row_loss(
     cap: f32,
     label: i64,
     grad_scale: Option<f32>,
-) -> f64 {
+) -> RowStats {
     for (v, t) in row.iter_mut().zip(tanh.iter_mut()) {
         *t = (*v / cap).tanh();
         *v = cap * *t;
     }
-    let loss = row_loss(row, label, grad_scale);
+    let stats = row_loss(row, label, grad_scale);
     // d(cap · tanh(l / cap))/dl = 1 − tanh².
     if grad_scale.is_some() {
         row.iter_mut()
             .zip(tanh)
             .for_each(|(d, t)| *d *= 1.0 - *t * *t);
     }
-    loss
+    stats
 }
 
-/// The loss of one row of logits for `label` (0 for a negative label, which has none); with
-/// `grad_scale`, replaces the row by `grad_scale · (softmax − one_hot(label))` (zeros for a
-/// negative label). A label past the vocabulary counts as its last token.
-fn row_loss(row: &mut [f32], label: i64, grad_scale: Option<f32>) -> f64 {
+/// One row's loss and what TRL logs beside it (0 and false for a row without a label).
+#[derive(Clone, Copy, Default)]
+struct RowStats {
+    loss: f64,
+    /// The entropy of the row's softmax, `ln Σ e^l − Σ p·l`.
+    entropy: f64,
+    /// Whether the label is the row's first largest logit (argmax's pick, as TRL's `is_top1`).
+    top1: bool,
+}
+
+/// The loss of one row of logits for `label` (0 for a negative label, which has none), with
+/// its entropy and top-1 hit; with `grad_scale`, replaces the row by
+/// `grad_scale · (softmax − one_hot(label))` (zeros for a negative label). A label past the
+/// vocabulary counts as its last token.
+fn row_loss(row: &mut [f32], label: i64, grad_scale: Option<f32>) -> RowStats {
     if label < 0 {
         if grad_scale.is_some() {
             row.fill(0.0);
         }
-        return 0.0;
+        return RowStats::default();
     }
     let label = (label as usize).min(row.len() - 1);
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let target = row[label] - max;
-    let sum: f64 = match grad_scale {
+    // Most rows miss (their label is below the maximum): the scan before the label is rare.
+    let top1 = row[label] >= max && row[..label].iter().all(|&v| v < row[label]);
+    // Σ e^x and Σ x·e^x of the shifted logits x = l − max.
+    let (sum, moment): (f64, f64) = match grad_scale {
         Some(scale) => {
             row.iter_mut().for_each(|v| *v -= max);
-            crate::fast_exp::exp_in_place(row);
+            let moment = crate::fast_exp::exp_in_place_moment(row);
             let sum = row.iter().map(|&v| v as f64).sum();
             let k = (scale as f64 / sum) as f32;
             row.iter_mut().for_each(|v| *v *= k);
             row[label] -= scale;
-            sum
+            (sum, moment)
         }
-        None => row.iter().map(|&v| (v - max).exp() as f64).sum(),
+        None => row.iter().fold((0.0, 0.0), |(s, m), &v| {
+            let x = v - max;
+            let e = x.exp() as f64;
+            (s + e, m + e * x as f64)
+        }),
     };
-    sum.ln() - target as f64
+    RowStats {
+        loss: sum.ln() - target as f64,
+        entropy: sum.ln() - moment / sum,
+        top1,
+    }
 }

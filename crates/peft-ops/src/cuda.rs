@@ -498,27 +498,31 @@ pub(crate) fn gated_bwd(
 }
 
 /// Per-row cross-entropy losses of `logits` `[rows, vocab]` (f32 or bf16, contiguous) against
-/// `labels` `[rows]` (i64; negative: not counted, loss 0), and when `grad` the logits' gradient
-/// `(softmax − one_hot) · inv_denom` (0 on rows not counted) in the logits' dtype.
+/// `labels` `[rows]` (i64; negative: not counted, loss 0), the rows' entropies and top-1 hits
+/// (1 where the label is the first largest logit; both 0 on rows not counted), and when `grad`
+/// the logits' gradient `(softmax − one_hot) · inv_denom` (0 on rows not counted) in the
+/// logits' dtype.
 pub(crate) fn cross_entropy_rows(
     logits: &Tensor,
     labels: &Tensor,
     inv_denom: f32,
     grad: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
+) -> Result<crate::ops::RowsLoss> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
         logits: &Tensor,
         labels: &Tensor,
         inv_denom: f32,
         grad: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<crate::ops::RowsLoss> {
         let (rows, vocab) = logits.dims2()?;
         let dev = cuda_device(logits)?;
         let (ls, ll) = logits.storage_and_layout();
         let (bs, bl) = labels.storage_and_layout();
         let (lv, bv) = (view::<T>(&ls, ll)?, view::<i64>(&bs, bl)?);
-        // SAFETY: one loss per row, written by that row's block.
+        // SAFETY: one loss, entropy and top-1 hit per row, written by that row's block.
         let loss = unsafe { dev.alloc::<f32>(rows)? };
+        let entropy = unsafe { dev.alloc::<f32>(rows)? };
+        let top1 = unsafe { dev.alloc::<f32>(rows)? };
         // SAFETY: written in full when `grad`; a one-element placeholder otherwise.
         let dlogits = unsafe { dev.alloc::<T>(if grad { rows * vocab } else { 1 })? };
         let func = dev.get_or_load_custom_func(
@@ -529,11 +533,16 @@ pub(crate) fn cross_entropy_rows(
         let (vocab_, grad_) = (vocab as i32, grad as i32);
         let mut builder = func.builder();
         builder.arg(&lv).arg(&bv).arg(&dlogits).arg(&loss);
+        builder.arg(&entropy).arg(&top1);
         builder.arg(&vocab_).arg(&inv_denom).arg(&grad_);
         // SAFETY: the arguments match cross_entropy_rows_{f32,bf16} in kernels/ops.cu.
         unsafe { builder.launch(rows_config(rows)) }.map_err(err)?;
-        let dlogits = grad.then(|| wrap(dlogits, &dev, &[rows, vocab]));
-        Ok((wrap(loss, &dev, &[rows]), dlogits))
+        Ok(crate::ops::RowsLoss {
+            loss: wrap(loss, &dev, &[rows]),
+            entropy: wrap(entropy, &dev, &[rows]),
+            top1: wrap(top1, &dev, &[rows]),
+            dlogits: grad.then(|| wrap(dlogits, &dev, &[rows, vocab])),
+        })
     }
     dispatch!(logits.dtype(), f(logits, labels, inv_denom, grad))
 }

@@ -19,6 +19,56 @@ pub(crate) fn exp_in_place(xs: &mut [f32]) {
     exp_loop(xs)
 }
 
+/// `x ↦ e^x` in place, returning `Σ x·e^x` (the loss's entropy term), summed in f64 lanes.
+pub(crate) fn exp_in_place_moment(xs: &mut [f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { exp_moment_avx512(xs) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { exp_moment_avx2(xs) };
+        }
+    }
+    exp_moment_loop(xs)
+}
+
+#[inline(always)]
+fn exp_moment_loop(xs: &mut [f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0f64; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (x, a) in chunk.iter_mut().zip(&mut acc) {
+            let e = exp(*x);
+            // 0, not NaN, for x = −∞ (a masked logit).
+            *a += if e > 0.0 { (*x * e) as f64 } else { 0.0 };
+            *x = e;
+        }
+    }
+    let mut tail = 0f64;
+    for x in chunks.into_remainder() {
+        let e = exp(*x);
+        tail += if e > 0.0 { (*x * e) as f64 } else { 0.0 };
+        *x = e;
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_moment_avx512(xs: &mut [f32]) -> f64 {
+    exp_moment_loop(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_moment_avx2(xs: &mut [f32]) -> f64 {
+    exp_moment_loop(xs)
+}
+
 #[inline(always)]
 fn exp_loop(xs: &mut [f32]) {
     for x in xs.iter_mut() {
@@ -110,5 +160,29 @@ mod tests {
                 assert!(rel < 2e-7, "exp({x}) = {y}, want {want} ({rel:e})");
             }
         }
+    }
+
+    /// The moment's exponentials are `exp_in_place`'s and `Σ x·e^x` is their sum, with 0 for
+    /// −∞ (shifted logits are at most 0).
+    #[test]
+    fn moment_sums_x_times_exp() {
+        let mut xs: Vec<f32> = (0..100_003).map(|i| -100.0 + i as f32 * 0.001).collect();
+        xs.push(f32::NEG_INFINITY);
+        let mut ys = xs.clone();
+        exp_in_place(&mut ys);
+        let mut with_moment = xs.clone();
+        let moment = exp_in_place_moment(&mut with_moment);
+        assert_eq!(with_moment, ys);
+        let want: f64 = xs
+            .iter()
+            .zip(&ys)
+            .filter(|(_, &y)| y > 0.0)
+            .map(|(&x, &y)| (x * y) as f64)
+            .sum();
+        assert!(
+            (moment - want).abs() <= 1e-9 * want.abs(),
+            "{moment} vs {want}"
+        );
+        assert!(want < -1.0);
     }
 }

@@ -46,8 +46,8 @@ pub use lora_shared::{
     lora_linears, lora_shared, set_lora_shared, with_lora_shared, LoraProjection, LORA_SHARED_VAR,
 };
 pub use ops::{
-    cross_entropy_chunked, cross_entropy_sum, embedding, frozen_linear, linear, rms_norm, rope,
-    softmax_last_dim, IGNORE_INDEX,
+    cross_entropy_chunked, cross_entropy_sum, cross_entropy_sum_stats, embedding, frozen_linear,
+    linear, rms_norm, rope, softmax_last_dim, TokenStats, IGNORE_INDEX,
 };
 pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw, SlotMoments};
 pub use softmax::{

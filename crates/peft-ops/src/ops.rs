@@ -373,6 +373,28 @@ pub fn cross_entropy_sum(
     chunk_rows: usize,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
+    Ok(cross_entropy_sum_stats(hidden, weight, labels, denom, chunk_rows, softcap)?.0)
+}
+
+/// What TRL's SFT trainer logs beside the loss, over the labelled rows: the summed entropy of
+/// the next-token distributions (its `entropy` is the mean) and the number of rows whose label
+/// is the most likely token, the first of equals as argmax picks (`mean_token_accuracy`).
+/// f32 scalars on the loss's device: reading them is left to the caller, once per step.
+pub struct TokenStats {
+    pub entropy_sum: Tensor,
+    pub top1: Tensor,
+}
+
+/// [`cross_entropy_sum`] and the [`TokenStats`] of the same logits (capped ones with a
+/// `softcap`), which cost no further pass over them.
+pub fn cross_entropy_sum_stats(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    denom: usize,
+    chunk_rows: usize,
+    softcap: Option<f64>,
+) -> Result<(Tensor, TokenStats)> {
     hidden.dims2()?;
     let labels = labels.to_dtype(DType::I64)?;
     let valid = labels.ge(0i64)?;
@@ -385,13 +407,15 @@ pub fn cross_entropy_sum(
         denom,
         softcap,
     };
-    let (loss, dhidden, dweight) = if crate::has_kernel(hidden, Kernel::Loss)
+    let (loss, stats, dhidden, dweight) = if crate::has_kernel(hidden, Kernel::Loss)
         && crate::has_kernel(weight, Kernel::Loss)
         && dev.is_cpu()
     {
         let labels: Vec<i64> = labels.to_vec1()?;
         let crate::cross_entropy::HeadLoss {
             loss_sum,
+            entropy_sum,
+            top1,
             dhidden: dh,
             dweight: dw,
         } = crate::cross_entropy::cross_entropy_cpu(
@@ -403,21 +427,25 @@ pub fn cross_entropy_sum(
             chunks,
         )?;
         let loss = Tensor::new((loss_sum / denom) as f32, dev)?;
+        let stats = TokenStats {
+            entropy_sum: Tensor::new(entropy_sum as f32, dev)?,
+            top1: Tensor::new(top1 as f32, dev)?,
+        };
         let dh = dh
             .map(|dh| Tensor::from_vec(dh, hidden.shape(), dev))
             .transpose()?;
         let dw = dw
             .map(|dw| Tensor::from_vec(dw, weight.shape(), dev))
             .transpose()?;
-        (loss, dh, dw)
+        (loss, stats, dh, dw)
     } else {
         cross_entropy_composed(hidden, weight, &labels, &valid, chunks)?
     };
     if !(need_grad || weight_grad) {
-        return Ok(loss);
+        return Ok((loss, stats));
     }
     // Third argument repeated: with_grad3 serves two inputs as well.
-    with_grad3(
+    let loss = with_grad3(
         (hidden, weight, weight),
         loss,
         move |_, grad| -> Result<Grads3> {
@@ -428,7 +456,8 @@ pub fn cross_entropy_sum(
             };
             Ok((scaled(&dhidden)?, scaled(&dweight)?, None))
         },
-    )
+    )?;
+    Ok((loss, stats))
 }
 
 /// `acc + dlogitsᵀ · h` in f32 (a trainable head's gradient, summed over chunks of rows). On
@@ -457,14 +486,15 @@ fn add_weight_grad(acc: Option<Tensor>, dlogits: &Tensor, h: &Tensor) -> Result<
     }
 }
 
-/// Per-row losses (0 where the label does not count) and, when `grad`, the logits' gradient
-/// scaled by `1 / denom`, by one CUDA kernel (f32 or bf16 logits); `None` elsewhere.
+/// Per-row losses, entropies and top-1 hits (0 where the label does not count) and, when
+/// `grad`, the logits' gradient scaled by `1 / denom`, by one CUDA kernel (f32 or bf16
+/// logits); `None` elsewhere.
 fn fused_cross_entropy(
     logits: &Tensor,
     labels: &Tensor,
     denom: f64,
     grad: bool,
-) -> Result<Option<(Tensor, Option<Tensor>)>> {
+) -> Result<Option<RowsLoss>> {
     #[cfg(feature = "cuda")]
     if crate::has_kernel(logits, Kernel::Loss) && logits.device().is_cuda() {
         let logits = logits.contiguous()?;
@@ -476,8 +506,62 @@ fn fused_cross_entropy(
     Ok(None)
 }
 
-/// [`cross_entropy_chunked`] with candle ops (GPUs, other dtypes): the mean loss and the
-/// gradients of the inputs that track them.
+/// One chunk's rows under the loss: [`fused_cross_entropy`]'s values.
+pub(crate) struct RowsLoss {
+    pub loss: Tensor,
+    pub entropy: Tensor,
+    pub top1: Tensor,
+    pub dlogits: Option<Tensor>,
+}
+
+/// The loss rows of f32 `logits` with candle ops: loss, entropy and top-1 hit per row (0
+/// where `mask` is), and when `grad` the logits' gradient scaled by `1 / denom`.
+fn composed_rows(
+    logits: &Tensor,
+    lab: &Tensor,
+    mask: &Tensor,
+    denom: f64,
+    grad: bool,
+) -> Result<RowsLoss> {
+    let (_, vocab) = logits.dims2()?;
+    let vocab_ids = Tensor::arange(0i64, vocab as i64, logits.device())?.unsqueeze(0)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let exp = shifted.exp()?;
+    let sum_exp = exp.sum_keepdim(D::Minus1)?;
+    let safe_lab = lab.clamp(0i64, vocab as i64 - 1)?.unsqueeze(1)?;
+    let target = shifted.gather(&safe_lab, 1)?;
+    let log_sum = sum_exp.log()?;
+    let loss = ((&log_sum - &target)?.squeeze(1)? * mask)?;
+    // ln Σ e^x − Σ p·x of the shifted logits.
+    let mean_x = ((&exp * &shifted)?.sum_keepdim(D::Minus1)? / &sum_exp)?;
+    let entropy = ((log_sum - mean_x)?.squeeze(1)? * mask)?;
+    // The label is argmax's pick: a maximum (shifted to 0), above every logit before it.
+    let before = vocab_ids.broadcast_lt(&safe_lab)?;
+    let neg_inf = Tensor::full(f32::NEG_INFINITY, shifted.shape(), shifted.device())?;
+    let max_before = before
+        .where_cond(&shifted, &neg_inf)?
+        .max_keepdim(D::Minus1)?;
+    let top1 =
+        (target.ge(0f64)?.to_dtype(DType::F32)? * target.gt(&max_before)?.to_dtype(DType::F32)?)?;
+    let top1 = (top1.squeeze(1)? * mask)?;
+    let dlogits = if grad {
+        let probs = exp.broadcast_div(&sum_exp)?;
+        let one_hot = vocab_ids.broadcast_eq(&safe_lab)?.to_dtype(DType::F32)?;
+        Some((probs - one_hot)?.broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?)
+    } else {
+        None
+    };
+    Ok(RowsLoss {
+        loss,
+        entropy,
+        top1,
+        dlogits,
+    })
+}
+
+/// [`cross_entropy_chunked`] with candle ops (GPUs, other dtypes): the mean loss, its
+/// [`TokenStats`] and the gradients of the inputs that track them.
 fn cross_entropy_composed(
     hidden: &Tensor,
     weight: &Tensor,
@@ -488,16 +572,16 @@ fn cross_entropy_composed(
         denom,
         softcap,
     }: Chunks,
-) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+) -> Result<(Tensor, TokenStats, Option<Tensor>, Option<Tensor>)> {
     let (n, _) = hidden.dims2()?;
     let (need_grad, weight_grad) = (hidden.track_op(), weight.track_op());
     let dev = hidden.device();
-    let vocab = weight.dim(0)?;
-    let vocab_ids = Tensor::arange(0i64, vocab as i64, dev)?.unsqueeze(0)?;
     let weight = weight.detach();
     // Logits come from a matmul in the weight's dtype (bf16 on GPUs, as PyTorch does) and are
     // upcast per chunk: a full f32 copy of a 128k-vocab head would cost GBs every step.
     let mut loss_sum = Tensor::zeros((), DType::F32, dev)?;
+    let mut entropy_sum = loss_sum.clone();
+    let mut top1_sum = loss_sum.clone();
     let mut grads = Vec::new();
     let mut dweight: Option<Tensor> = None;
     let hidden_d = hidden.detach();
@@ -516,33 +600,23 @@ fn cross_entropy_composed(
             }
         };
         let want_grad = need_grad || weight_grad;
-        let (row_loss, dlogits) = match fused_cross_entropy(&logits, &lab, denom, want_grad)? {
+        let rows = match fused_cross_entropy(&logits, &lab, denom, want_grad)? {
             Some(fused) => fused,
             None => {
                 let mask = valid.narrow(0, start, len)?.to_dtype(DType::F32)?;
-                let logits = logits.to_dtype(DType::F32)?;
-                let max = logits.max_keepdim(D::Minus1)?;
-                let shifted = logits.broadcast_sub(&max)?;
-                let exp = shifted.exp()?;
-                let sum_exp = exp.sum_keepdim(D::Minus1)?;
-                let safe_lab = lab.clamp(0i64, vocab as i64 - 1)?.unsqueeze(1)?;
-                let target = shifted.gather(&safe_lab, 1)?;
-                let row_loss = ((sum_exp.log()? - target)?.squeeze(1)? * &mask)?;
-                let dlogits = if want_grad {
-                    let probs = exp.broadcast_div(&sum_exp)?;
-                    let one_hot = vocab_ids.broadcast_eq(&safe_lab)?.to_dtype(DType::F32)?;
-                    Some(
-                        (probs - one_hot)?
-                            .broadcast_mul(&(mask.unsqueeze(1)? / denom)?)?
-                            .to_dtype(weight.dtype())?,
-                    )
-                } else {
-                    None
-                };
-                (row_loss, dlogits)
+                let mut rows =
+                    composed_rows(&logits.to_dtype(DType::F32)?, &lab, &mask, denom, want_grad)?;
+                rows.dlogits = rows
+                    .dlogits
+                    .map(|d| d.to_dtype(weight.dtype()))
+                    .transpose()?;
+                rows
             }
         };
-        loss_sum = (loss_sum + row_loss.sum_all()?)?;
+        loss_sum = (loss_sum + rows.loss.sum_all()?)?;
+        entropy_sum = (entropy_sum + rows.entropy.sum_all()?)?;
+        top1_sum = (top1_sum + rows.top1.sum_all()?)?;
+        let dlogits = rows.dlogits;
         let dlogits = match (dlogits, &tanh) {
             // d(cap · tanh(l / cap))/dl = 1 − tanh².
             (Some(d), Some(t)) => Some(
@@ -567,5 +641,9 @@ fn cross_entropy_composed(
         None
     };
     let dweight = dweight.map(|d| d.to_dtype(weight.dtype())).transpose()?;
-    Ok((loss, dhidden, dweight))
+    let stats = TokenStats {
+        entropy_sum,
+        top1: top1_sum,
+    };
+    Ok((loss, stats, dhidden, dweight))
 }

@@ -674,6 +674,39 @@ fn cross_entropy_matches_cpu() {
         let lab = Tensor::new(labels.as_slice(), x[0].device())?;
         cross_entropy_sum(&x[0], &x[1], &lab, 8, 3, Some(2.0))
     });
+    // What TRL logs beside the loss, from the GPU's loss kernel (f32: the same top-1 picks),
+    // with every other label the CPU's argmax, so that some rows hit.
+    let (h, w) = (&inputs[0].0, &inputs[1].0);
+    let argmax: Vec<u32> = h
+        .matmul(&w.t().unwrap())
+        .unwrap()
+        .argmax(1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let labels: Vec<i64> = labels
+        .iter()
+        .zip(&argmax)
+        .enumerate()
+        .map(|(i, (&l, &a))| if i % 2 == 0 && l >= 0 { a as i64 } else { l })
+        .collect();
+    let stats = |device: &Device, cap: Option<f64>| -> (f32, f32) {
+        let (h, w) = (h.to_device(device).unwrap(), w.to_device(device).unwrap());
+        let lab = Tensor::new(labels.as_slice(), device).unwrap();
+        let (_, s) = cross_entropy_sum_stats(&h, &w, &lab, 8, 3, cap).unwrap();
+        let read = |t: &Tensor| host(t).to_scalar::<f32>().unwrap();
+        (read(&s.entropy_sum), read(&s.top1))
+    };
+    for cap in [None, Some(2.0)] {
+        let (entropy, top1) = stats(&gpu(), cap);
+        let (entropy_ref, top1_ref) = stats(&Device::Cpu, cap);
+        assert!(
+            (entropy - entropy_ref).abs() <= 1e-3 * (1.0 + entropy_ref.abs()),
+            "{cap:?}: entropy {entropy} vs {entropy_ref}"
+        );
+        assert_eq!(top1, top1_ref, "{cap:?}: top-1 hits");
+        assert!(top1_ref > 0.0 && entropy_ref > 0.0);
+    }
 }
 
 /// Partial rotary's reordering of head dims (an index select each way) on the GPU.

@@ -197,6 +197,72 @@ fn chunked_cross_entropy_matches_full_softmax() {
     );
 }
 
+/// The entropy and top-1 counts TRL logs, from the CPU kernel (f32) and the composed path
+/// (f64), plain and soft-capped, against the full softmax in f64: labels past the vocabulary
+/// count as its last token, ties go to the first index as argmax picks.
+#[test]
+fn cross_entropy_stats_match_full_softmax() {
+    // Rows 2 and 7 of the head are equal and large: hidden rows of ones tie there.
+    let mut weight: Vec<Vec<f64>> = randn(&[11, 4], DType::F64, 30).to_vec2().unwrap();
+    weight[2] = vec![3.0; 4];
+    weight[7] = vec![3.0; 4];
+    let mut hidden: Vec<Vec<f64>> = randn(&[8, 4], DType::F64, 31).to_vec2().unwrap();
+    hidden[5] = vec![1.0; 4];
+    hidden[6] = vec![1.0; 4];
+    let labels = [3i64, -100, 0, 12, 5, 7, 2, 9];
+    let logits_of = |cap: Option<f64>| -> Vec<Vec<f64>> {
+        hidden
+            .iter()
+            .map(|h| {
+                weight
+                    .iter()
+                    .map(|w| {
+                        let l: f64 = h.iter().zip(w).map(|(a, b)| a * b).sum();
+                        cap.map_or(l, |c| c * (l / c).tanh())
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let flat = |rows: &[Vec<f64>]| Tensor::new(rows.concat(), &Device::Cpu).unwrap();
+    let (h, w) = (
+        flat(&hidden).reshape((8, 4)).unwrap(),
+        flat(&weight).reshape((11, 4)).unwrap(),
+    );
+    let labels_t = Tensor::new(&labels, &Device::Cpu).unwrap();
+    for cap in [None, Some(3.0)] {
+        let (mut entropy, mut hits) = (0f64, vec![false; labels.len()]);
+        for (i, (row, &label)) in logits_of(cap).iter().zip(&labels).enumerate() {
+            if label < 0 {
+                continue;
+            }
+            let label = (label as usize).min(10);
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = row.iter().map(|l| (l - max).exp()).sum();
+            entropy -= row
+                .iter()
+                .map(|l| (l - max).exp() / z * (l - max - z.ln()))
+                .sum::<f64>();
+            let argmax = row.iter().position(|&l| l == max).unwrap();
+            hits[i] = argmax == label;
+        }
+        // Rows 5 (label 7, tied with 2 before it) and 6 (label 2) tell the tie apart.
+        assert!(!hits[5] && hits[6]);
+        let top1 = hits.iter().filter(|&&h| h).count() as f64;
+        for dtype in [DType::F32, DType::F64] {
+            let (h, w) = (h.to_dtype(dtype).unwrap(), w.to_dtype(dtype).unwrap());
+            let (_, stats) = cross_entropy_sum_stats(&h, &w, &labels_t, 7, 3, cap).unwrap();
+            let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            let got = scalar(&stats.entropy_sum);
+            assert!(
+                (got - entropy).abs() < 1e-4,
+                "{dtype:?} {cap:?}: entropy {got} vs {entropy}"
+            );
+            assert_eq!(scalar(&stats.top1), top1, "{dtype:?} {cap:?}: top-1");
+        }
+    }
+}
+
 #[test]
 fn chunked_cross_entropy_with_no_valid_label_is_zero() {
     let hidden = randn(&[3, 4], DType::F32, 9);

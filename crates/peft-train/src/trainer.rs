@@ -13,7 +13,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::Tuned;
-use peft_ops::{add_grad, cross_entropy_sum, KernelTuning, Pass, Tuning};
+use peft_ops::{add_grad, cross_entropy_sum_stats, KernelTuning, Pass, TokenStats, Tuning};
 use rand::SeedableRng;
 use serde_json::json;
 use std::io::Write;
@@ -341,6 +341,46 @@ impl std::error::Error for NonFinite {}
 pub struct StepOutput {
     pub loss: f64,
     pub grad_norm: f64,
+    /// Each micro-batch's [`TokenMetrics`], which TRL averages over a logging interval.
+    pub token_metrics: Vec<TokenMetrics>,
+}
+
+/// What TRL's SFT trainer logs beside the loss for a batch: the mean entropy of the
+/// next-token distributions at the labelled positions and the share of them whose label is the
+/// most likely token (`entropy`, `mean_token_accuracy`; 0 for a batch without labels).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TokenMetrics {
+    pub entropy: f64,
+    pub mean_token_accuracy: f64,
+}
+
+impl TokenMetrics {
+    fn read(stats: &TokenStats, labelled: usize) -> Result<Self> {
+        if labelled == 0 {
+            return Ok(Self::default());
+        }
+        let read = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        Ok(Self {
+            entropy: read(&stats.entropy_sum)? / labelled as f64,
+            mean_token_accuracy: read(&stats.top1)? / labelled as f64,
+        })
+    }
+
+    /// The mean of each metric over `all` (TRL's average over the batches since the last log).
+    pub fn mean(all: &[TokenMetrics]) -> Self {
+        let n = all.len().max(1) as f64;
+        Self {
+            entropy: all.iter().map(|m| m.entropy).sum::<f64>() / n,
+            mean_token_accuracy: all.iter().map(|m| m.mean_token_accuracy).sum::<f64>() / n,
+        }
+    }
+}
+
+/// An evaluation: the loss as transformers' Trainer reports it and TRL's token metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct EvalMetrics {
+    pub loss: f64,
+    pub tokens: TokenMetrics,
 }
 
 pub struct Trainer<'a> {
@@ -366,6 +406,16 @@ impl Trainer<'_> {
     /// Summed token loss of one batch, divided by `denom`, ready for backward (`train`:
     /// dropout on).
     pub fn batch_loss(&self, batch: &Batch, denom: usize, train: bool) -> Result<Tensor> {
+        Ok(self.batch_loss_stats(batch, denom, train)?.0)
+    }
+
+    /// [`Self::batch_loss`] and the batch's [`TokenStats`] (on the device, unread).
+    pub fn batch_loss_stats(
+        &self,
+        batch: &Batch,
+        denom: usize,
+        train: bool,
+    ) -> Result<(Tensor, TokenStats)> {
         let base = self.model.base();
         let (hidden, virtual_rows) =
             self.model
@@ -384,7 +434,7 @@ impl Trainer<'_> {
         let rows = (elems / weight.dim(0)?).max(1);
         // A trainable head (full fine-tuning, modules_to_save) gets its gradient too.
         let softcap = base.config.final_softcap;
-        Ok(cross_entropy_sum(
+        Ok(cross_entropy_sum_stats(
             &hidden, weight, &labels, denom, rows, softcap,
         )?)
     }
@@ -403,11 +453,13 @@ impl Trainer<'_> {
         // The losses stay on the device until the optimizer step is queued: on a GPU, reading
         // one back would stall the host mid-step while the device drains its queue.
         let mut losses = Vec::with_capacity(batches.len());
+        let mut stats = Vec::with_capacity(batches.len());
         for (micro, batch) in batches.iter().enumerate() {
             self.set_seeds(dropout_seed(seed, step, micro));
-            let l = self.batch_loss(batch, denom, true)?;
+            let (l, s) = self.batch_loss_stats(batch, denom, true)?;
             let grads = self.model.base().backward(&l)?;
             losses.push(l.detach().to_dtype(DType::F64)?);
+            stats.push(s);
             acc = Some(match acc {
                 None => grads,
                 Some(mut acc) => {
@@ -444,7 +496,16 @@ impl Trainer<'_> {
             }
             .into());
         }
-        Ok(StepOutput { loss, grad_norm })
+        let token_metrics = stats
+            .iter()
+            .zip(batches)
+            .map(|(s, b)| TokenMetrics::read(s, b.n_trained))
+            .collect::<Result<_>>()?;
+        Ok(StepOutput {
+            loss,
+            grad_norm,
+            token_metrics,
+        })
     }
 
     /// Times forward and backward passes over `batch` under each of the interchangeable kernel
@@ -497,17 +558,29 @@ impl Trainer<'_> {
     /// size, as transformers' Trainer reports it: each batch's mean token loss, weighted by
     /// the batch's examples.
     pub fn eval_loss(&self, examples: &[Example]) -> Result<f64> {
+        Ok(self.evaluate(examples)?.loss)
+    }
+
+    /// [`Self::eval_loss`] and TRL's token metrics: the mean over the eval batches of each
+    /// batch's.
+    pub fn evaluate(&self, examples: &[Example]) -> Result<EvalMetrics> {
         let device = self.model.base().device.clone();
         let (mut sum, mut count) = (0f64, 0usize);
+        let mut tokens = Vec::new();
         let batch_size = self.args.eval_batch_size.unwrap_or(self.args.batch_size);
         for chunk in examples.chunks(batch_size.max(1)) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let batch = Batch::padded(&refs, self.pad_id, self.args.pad_to_multiple_of, &device)?;
-            let loss = peft_ops::no_grad(|| self.batch_loss(&batch, batch.n_trained, false))?;
+            let (loss, stats) =
+                peft_ops::no_grad(|| self.batch_loss_stats(&batch, batch.n_trained, false))?;
             sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
             count += chunk.len();
+            tokens.push(TokenMetrics::read(&stats, batch.n_trained)?);
         }
-        Ok(sum / count.max(1) as f64)
+        Ok(EvalMetrics {
+            loss: sum / count.max(1) as f64,
+            tokens: TokenMetrics::mean(&tokens),
+        })
     }
 
     /// AdamW over the model's trainable tensors with this run's hyper-parameters: no weight
@@ -653,8 +726,9 @@ impl Trainer<'_> {
         };
         let mut step = 0;
         let mut epoch = 0;
-        // Losses of the steps since the last metrics line.
+        // Losses of the steps, and token metrics of the micro-batches, since the last line.
         let mut since_log: Vec<f64> = Vec::new();
+        let mut tokens_since_log: Vec<TokenMetrics> = Vec::new();
         // The kernel paths are timed on the first batch this run trains on; a resumed run
         // takes the ones its checkpoint names (the same paths: the same rounding).
         let mut tuned = false;
@@ -703,12 +777,17 @@ impl Trainer<'_> {
                 }
                 summary.trained_tokens += batches.iter().map(|b| b.n_tokens).sum::<usize>();
                 let lr = schedule.lr(step);
-                let StepOutput { loss, grad_norm } = self
+                let StepOutput {
+                    loss,
+                    grad_norm,
+                    token_metrics,
+                } = self
                     .step(&mut opt, &batches, step, lr)
                     .map_err(|e| stop_note(e, last_checkpoint.as_deref()))?;
                 step += 1;
                 summary.losses.push(loss);
                 since_log.push(loss);
+                tokens_since_log.extend(token_metrics);
                 let elapsed = start.elapsed().as_secs_f64();
                 let tps = summary.trained_tokens as f64 / elapsed.max(1e-9);
                 let end_of_epoch = g + 1 == groups.len();
@@ -728,10 +807,13 @@ impl Trainer<'_> {
                         });
                 let mut stop_early = false;
                 if eval_now {
-                    let eval_loss = self.eval_loss(eval)?;
+                    let metrics = self.evaluate(eval)?;
+                    let eval_loss = metrics.loss;
                     summary.evals.push((step, eval_loss));
                     line["eval_loss"] = json!(eval_loss);
                     line["eval_perplexity"] = json!(eval_loss.exp());
+                    line["eval_entropy"] = json!(metrics.tokens.entropy);
+                    line["eval_mean_token_accuracy"] = json!(metrics.tokens.mean_token_accuracy);
                     // As transformers: early stopping counts evaluations that do not beat the
                     // best loss so far by more than the threshold; the best is any lower loss.
                     let best = state.best_eval_loss;
@@ -757,6 +839,10 @@ impl Trainer<'_> {
                     // The mean over the steps since the last line, as transformers logs it.
                     line["loss"] = json!(since_log.iter().sum::<f64>() / since_log.len() as f64);
                     since_log.clear();
+                    let tokens = TokenMetrics::mean(&tokens_since_log);
+                    line["entropy"] = json!(tokens.entropy);
+                    line["mean_token_accuracy"] = json!(tokens.mean_token_accuracy);
+                    tokens_since_log.clear();
                     writeln!(metrics, "{line}")
                         .with_context(|| format!("cannot write {}", metrics_path.display()))?;
                     if let Some(events) = &mut tensorboard {

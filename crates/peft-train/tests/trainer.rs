@@ -473,3 +473,94 @@ fn checkpoints_of_the_model_alone() {
     .unwrap_err();
     assert!(err.to_string().contains("cannot be resumed"), "{err}");
 }
+
+/// TRL's `entropy` and `mean_token_accuracy` of a batch, from its full logits in f64.
+fn token_metrics(trainer: &Trainer, batch: &Batch) -> (f64, f64) {
+    let base = trainer.model.base();
+    let (hidden, _) = trainer.model.hidden(&batch.input_ids, None, false).unwrap();
+    let d = hidden.dim(2).unwrap();
+    let hidden = base.head_input(&hidden.reshape(((), d)).unwrap()).unwrap();
+    let logits: Vec<Vec<f64>> = hidden
+        .matmul(&base.lm_head_weight().unwrap().t().unwrap())
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let labels: Vec<i64> = batch.labels.flatten_all().unwrap().to_vec1().unwrap();
+    let (mut entropy, mut hits, mut n) = (0.0, 0.0, 0.0);
+    for (row, &label) in logits.iter().zip(&labels) {
+        if label < 0 {
+            continue;
+        }
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = row.iter().map(|l| (l - max).exp()).sum();
+        entropy -= row
+            .iter()
+            .map(|l| (l - max).exp() / z * (l - max - z.ln()))
+            .sum::<f64>();
+        hits += (row.iter().position(|&l| l == max) == Some(label as usize)) as u8 as f64;
+        n += 1.0;
+    }
+    (entropy / n, hits / n)
+}
+
+/// TRL's token metrics: an evaluation's are the mean over its batches of each batch's
+/// (from the full logits here), and training on two repeated examples drives the logged
+/// accuracy up and the entropy down.
+#[test]
+fn entropy_and_token_accuracy_as_trl_logs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        target_modules: Some(TargetModules::parse_flag("all-linear")),
+        init_lora_weights: serde_json::json!("gaussian"),
+        ..Default::default()
+    };
+    let mut model = PeftModel::new(tiny_llama(31, true).unwrap(), config, 5).unwrap();
+    let data = examples(2, 9);
+    let mut a = args(dir.path());
+    a.max_steps = Some(60);
+    a.lr = 3e-2;
+    a.logging_steps = 10;
+    a.logging_first_step = true;
+    a.eval_batch_size = Some(1);
+    let mut trainer = Trainer {
+        model: &mut model,
+        args: a,
+        pad_id: 0,
+    };
+    let device = candle_core::Device::Cpu;
+    let per_batch: Vec<(f64, f64)> = data
+        .iter()
+        .map(|e| token_metrics(&trainer, &Batch::new(&[e], 0, &device).unwrap()))
+        .collect();
+    let eval = trainer.evaluate(&data).unwrap().tokens;
+    let entropy = (per_batch[0].0 + per_batch[1].0) / 2.0;
+    let accuracy = (per_batch[0].1 + per_batch[1].1) / 2.0;
+    assert!(
+        (eval.entropy - entropy).abs() < 1e-5,
+        "{eval:?} vs {entropy}"
+    );
+    assert!(
+        (eval.mean_token_accuracy - accuracy).abs() < 1e-12,
+        "{eval:?}"
+    );
+    trainer.train(&data).unwrap();
+    let lines = tiny_data::metrics(dir.path());
+    let (first, last) = (&lines[0], lines.last().unwrap());
+    let value = |line: &serde_json::Value, key: &str| line[key].as_f64().unwrap();
+    for line in &lines {
+        assert!((0.0..=1.0).contains(&value(line, "mean_token_accuracy")));
+        assert!(value(line, "entropy") > 0.0);
+    }
+    assert!(value(first, "mean_token_accuracy") < 0.5, "{first}");
+    assert!(value(last, "mean_token_accuracy") > 0.9, "{last}");
+    assert!(
+        value(last, "entropy") < 0.5 * value(first, "entropy"),
+        "{first} {last}"
+    );
+    let trained = trainer.evaluate(&data).unwrap().tokens;
+    assert!(trained.mean_token_accuracy > 0.9, "{trained:?}");
+}

@@ -410,36 +410,56 @@ __device__ void gated_bwd(const T* g, const T* u, const T* grad, T* out, long lo
 }
 
 // Cross-entropy of rows of logits (one block per row of `vocab`): row_loss = logsumexp − the
-// label's logit (0 for a label < 0), and, when `grad` is set, dlogits = (softmax − one_hot) ·
-// weight, with weight = inv_denom for counted rows and 0 otherwise. Two passes over the row
-// (the maximum and the sum of exponentials together, as online softmax rescales its running
-// sum; then the gradient), eight logits a thread at a time, replace a dozen full-size f32
-// temporaries.
+// label's logit (0 for a label < 0), the row's entropy and whether the label is its argmax
+// (TRL's logged metrics; 0 for a label < 0), and, when `grad` is set, dlogits = (softmax −
+// one_hot) · weight, with weight = inv_denom for counted rows and 0 otherwise. Two passes over
+// the row (the maximum and the sums of exponentials together, as online softmax rescales its
+// running sum; then the gradient), eight logits a thread at a time, replace a dozen full-size
+// f32 temporaries. Launched with ROW_THREADS (256) threads; the launch bound of 8 blocks an SM
+// keeps full occupancy (32 registers, no spills: scripts/gpu/ptxas.sh).
 #define CE_PACK 8
 template <typename T>
 __device__ void cross_entropy_rows(const T* logits, const long long* labels, T* dlogits,
-                                   float* row_loss, int vocab, float inv_denom, int grad) {
+                                   float* row_loss, float* row_entropy, float* row_top1,
+                                   int vocab, float inv_denom, int grad) {
     __shared__ float sh[32];
     const int N = CE_PACK;
     const T* row = logits + (long long)blockIdx.x * vocab;
     long long label = labels[blockIdx.x];
     bool vec = packable<N>(row, vocab);
-    float m = NEG_INF, s = 0.f;
+    // Per thread: the running maximum, where it first occurs, and the sums of e^(v - m) and
+    // v · e^(v - m) (the entropy's), rescaled as the maximum grows.
+    float m = NEG_INF, s = 0.f, xs = 0.f;
+    int first = 0;
     for (int j = threadIdx.x * N; j < vocab; j += blockDim.x * N) {
         float v[N];
         load_pack<N>(row, j, vocab, vec, v);
         int valid = vocab - j < N ? vocab - j : N;
         float mx = m;
-        for (int e = 0; e < valid; ++e) mx = fmaxf(mx, v[e]);
-        float sum = m == NEG_INF ? 0.f : s * expf(m - mx);
-        for (int e = 0; e < valid; ++e) sum += expf(v[e] - mx);
-        m = mx, s = sum;
+        for (int e = 0; e < valid; ++e)
+            if (v[e] > mx) mx = v[e], first = j + e;
+        float r = m == NEG_INF ? 0.f : expf(m - mx);
+        float sum = s * r, xsum = xs * r;
+        for (int e = 0; e < valid; ++e) {
+            float ex = expf(v[e] - mx);
+            sum += ex;
+            xsum += ex * v[e];
+        }
+        m = mx, s = sum, xs = xsum;
     }
     float row_max = block_reduce(m, sh, true);
-    s = block_reduce(m == NEG_INF ? 0.f : s * expf(m - row_max), sh, false);
+    float r = m == NEG_INF ? 0.f : expf(m - row_max);
+    s = block_reduce(s * r, sh, false);
+    xs = block_reduce(xs * r, sh, false);
+    // The smallest index holding the row's maximum (exact in f32 below 2^24), as argmax.
+    float argmax = -block_reduce(m == row_max ? -(float)first : NEG_INF, sh, true);
     bool counted = label >= 0 && label < vocab;
-    if (threadIdx.x == 0)
-        row_loss[blockIdx.x] = counted ? logf(s) + row_max - ld(row, label) : 0.f;
+    if (threadIdx.x == 0) {
+        float log_z = logf(s) + row_max;
+        row_loss[blockIdx.x] = counted ? log_z - ld(row, label) : 0.f;
+        row_entropy[blockIdx.x] = counted ? log_z - xs / s : 0.f;
+        row_top1[blockIdx.x] = counted && argmax == (float)label ? 1.f : 0.f;
+    }
     if (!grad) return;
     T* drow = dlogits + (long long)blockIdx.x * vocab;
     bool dvec = vec && packable<N>(drow, vocab);
@@ -626,10 +646,11 @@ __device__ void random_uniform(T* out, long long n, unsigned long long key, floa
                                                     float eps) {                              \
         rms_norm_bwd<T>(x, w, g, res, dx, rows, d, eps);                                       \
     }                                                                                          \
-    extern "C" __global__ void cross_entropy_rows_##S(const T* logits, const long long* labels, \
-                                                      T* dlogits, float* row_loss, int vocab,  \
-                                                      float inv_denom, int grad) {             \
-        cross_entropy_rows<T>(logits, labels, dlogits, row_loss, vocab, inv_denom, grad);     \
+    extern "C" __global__ void __launch_bounds__(256, 8) cross_entropy_rows_##S(               \
+        const T* logits, const long long* labels, T* dlogits, float* row_loss,                 \
+        float* row_entropy, float* row_top1, int vocab, float inv_denom, int grad) {           \
+        cross_entropy_rows<T>(logits, labels, dlogits, row_loss, row_entropy, row_top1, vocab, \
+                              inv_denom, grad);                                                \
     }                                                                                          \
     extern "C" __global__ void dequantize_4bit_##S(                                            \
         const unsigned char* packed, const float* code4, const float* absmax,                  \
