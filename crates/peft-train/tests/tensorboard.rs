@@ -154,9 +154,9 @@ fn training_logs_every_metrics_value() {
             }
         }
     }
-    // Two lines (steps 2 and 4) of loss, lr, grad_norm, tokens/s, num_tokens, epoch, eval loss
-    // and perplexity.
-    assert_eq!(want.len(), 16);
+    // Two lines (steps 2 and 4) of loss, lr, grad_norm, tokens/s, num_tokens, epoch, entropy,
+    // mean token accuracy, and their eval forms with the eval loss and perplexity.
+    assert_eq!(want.len(), 24);
     let files: Vec<_> = std::fs::read_dir(&logs).unwrap().flatten().collect();
     assert_eq!(files.len(), 1);
     let bytes = std::fs::read(files[0].path()).unwrap();
