@@ -92,7 +92,11 @@ pub struct TrainCmd {
     /// lm_head, embed_tokens (a tied head and embedding are untied, as in HF PEFT).
     #[arg(long)]
     modules_to_save: Option<String>,
-    /// true (kaiming-uniform A, zero B), false, or gaussian.
+    /// true (kaiming-uniform A, zero B), false, gaussian; pissa (A and B from the top
+    /// singular vectors of each base weight, which keeps the rest), pissa_niter_N (the same by
+    /// a randomized SVD with N subspace iterations: large models) or olora (from its QR
+    /// decomposition). Those save the adapter converted for the original base, as HF PEFT's
+    /// path_initial_model_for_weight_conversion does (rank and alpha doubled).
     #[arg(long)]
     init_lora_weights: Option<String>,
     /// Only the target modules of these layers (comma-separated indices, e.g. 0,1,2).
@@ -492,8 +496,13 @@ pub fn build_model(
     let init = match c.init_lora_weights.as_deref().unwrap_or("true") {
         "true" => Value::Bool(true),
         "false" => Value::Bool(false),
-        "gaussian" => Value::String("gaussian".into()),
-        other => bail!("--init-lora-weights must be true, false or gaussian, got {other:?}"),
+        other => {
+            let init = Value::String(other.into());
+            peft::lora::init::WeightInit::parse(&init).map_err(|_| {
+                anyhow::anyhow!("--init-lora-weights must be true, false, gaussian, pissa, pissa_niter_N or olora, got {other:?}")
+            })?;
+            init
+        }
     };
     let r = c.r.unwrap_or(16);
     let lora = LoraConfig {
@@ -858,7 +867,14 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         double_quant: c.double_quant.unwrap_or(false),
         compute_dtype: dtype,
     });
-    let (mut base, tok) = load_base_with(&model_path, dtype, &device, quantize)?;
+    // PiSSA and OLoRA decompose the weights as they are, so a QLoRA base is quantized after,
+    // its residual (QPiSSA: less quantization error than the weights themselves would have).
+    let decomposes = c.init_lora_weights.as_deref().is_some_and(|init| {
+        peft::lora::init::WeightInit::parse(&Value::String(init.into())).is_ok_and(|w| w.is_some())
+    });
+    let quantize_later = quantize.filter(|_| decomposes);
+    let quantize_on_load = quantize.filter(|_| !decomposes);
+    let (mut base, tok) = load_base_with(&model_path, dtype, &device, quantize_on_load)?;
     // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
     base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(c.quantize.is_some());
     base.neftune = neftune;
@@ -916,6 +932,11 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     }
     intervals.resolve(&mut args, examples.len())?;
     let mut model = build_model(&method, base, &c, &tok, args.seed)?;
+    if let Some(q) = quantize_later {
+        model
+            .base_mut()
+            .quantize(q.kind, q.double_quant, q.compute_dtype)?;
+    }
     // On stderr also with --quiet: PEFT's print_trainable_parameters line is how users check
     // what they train.
     eprintln!("{}", model.trainable_parameters_line());

@@ -603,9 +603,9 @@ impl Llama {
         Ok(vars)
     }
 
-    /// Replaces every decoder linear's weight (not `lm_head`, as bitsandbytes' loaders skip it)
-    /// with its 4-bit quantization; matmuls then run in `compute_dtype`. The norm weights
-    /// become f32 (`norms_in_f32`).
+    /// Replaces every decoder linear's weight (not `lm_head`, as bitsandbytes' loaders skip it,
+    /// nor a trained one: `modules_to_save`) with its 4-bit quantization; matmuls then run in
+    /// `compute_dtype`. The norm weights become f32 (`norms_in_f32`).
     pub fn quantize(
         &mut self,
         kind: FourBit,
@@ -617,6 +617,9 @@ impl Llama {
                 continue;
             }
             if let LinearWeight::Dense(w) = &lin.weight {
+                if w.is_variable() {
+                    continue;
+                }
                 let q = QuantizedWeight::quantize(w, kind, double_quant, compute_dtype)?;
                 lin.weight = LinearWeight::Quantized(Arc::new(q));
             }

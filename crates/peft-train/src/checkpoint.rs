@@ -258,11 +258,16 @@ fn set_weights(
     let weights = load_safetensors(&dir.join(model.weights_file()), &device)?;
     let mut keys = Vec::new();
     for (key, var) in model.trainable() {
-        let w = moments
-            .get(&format!("{PARAM_PREFIX}{key}"))
-            .or_else(|| weights.get(&key))
-            .with_context(|| format!("checkpoint {} lacks {key}", dir.display()))?
-            .to_device(var.device())?;
+        let w = match moments.get(&format!("{PARAM_PREFIX}{key}")) {
+            Some(w) => w.clone(),
+            None => {
+                let saved = weights
+                    .get(&key)
+                    .with_context(|| format!("checkpoint {} lacks {key}", dir.display()))?;
+                model.trained_from_saved(&key, saved.clone())?
+            }
+        }
+        .to_device(var.device())?;
         if w.dims() != var.dims() {
             bail!(
                 "checkpoint {}: {key} has shape {:?}, the model needs {:?}",

@@ -4,6 +4,7 @@
 use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::{file_key, module_path};
 use crate::lora::config::LoraConfig;
+use crate::lora::init::WeightInit;
 use crate::lora::layer::{DropoutSeed, LoraLayer};
 use crate::targets::{keep_layers, select, TargetModules};
 use anyhow::{bail, Context, Result};
@@ -12,6 +13,7 @@ use peft_models::Llama;
 use peft_ops::LinearWeight;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -40,6 +42,9 @@ pub struct PeftModel {
     /// Base tensors made trainable (`bias`, `modules_to_save`), by file key.
     pub extra_trainable: BTreeMap<String, Var>,
     pub dropout_seed: Arc<DropoutSeed>,
+    /// PiSSA's or OLoRA's starting A and B by module path, whose product the base weights
+    /// gave up: saving subtracts them, so that the adapter applies to the original base.
+    pub initial: BTreeMap<String, (Tensor, Tensor)>,
 }
 
 fn uniform(rng: &mut impl Rng, shape: (usize, usize), bound: f64) -> Vec<f32> {
@@ -49,11 +54,13 @@ fn uniform(rng: &mut impl Rng, shape: (usize, usize), bound: f64) -> Vec<f32> {
 }
 
 impl PeftModel {
-    /// Injects freshly initialised adapters (PEFT's init: kaiming-uniform A, zero B).
+    /// Injects freshly initialised adapters (PEFT's init: kaiming-uniform A, zero B; or
+    /// PiSSA's and OLoRA's from the base weights, which keep the residual).
     pub fn new(base: Llama, config: LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
+        let weight_init = WeightInit::parse(&config.init_lora_weights)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        Self::build(base, config, |_path, r, in_f, out_f, cfg| {
+        let model = Self::build(base, config, |_path, r, in_f, out_f, cfg| {
             let dev = candle_core::Device::Cpu;
             let (a, b) = match &cfg.init_lora_weights {
                 serde_json::Value::String(_) => {
@@ -78,7 +85,66 @@ impl PeftModel {
                 Tensor::from_vec(a, (r, in_f), &dev)?,
                 Tensor::from_vec(b, (out_f, r), &dev)?,
             ))
-        })
+        })?;
+        match weight_init {
+            Some(init) => model.decompose_base(init, seed),
+            None => Ok(model),
+        }
+    }
+
+    /// Sets each adapter from its base weight by `init` and leaves the base the residual,
+    /// the layers' decompositions in parallel.
+    fn decompose_base(mut self, init: WeightInit, seed: u64) -> Result<Self> {
+        let config = &self.config;
+        if config.use_rslora && !(config.rank_pattern.is_empty() && config.alpha_pattern.is_empty())
+        {
+            // HF PEFT cannot convert such an adapter for the original base either.
+            bail!("init_lora_weights={} with use_rslora and rank_pattern or alpha_pattern is not supported", config.init_lora_weights);
+        }
+        let mut weights = Vec::new();
+        for (id, (path, lin)) in self.base.linears_mut().into_iter().enumerate() {
+            if self.adapters.contains_key(&path) {
+                if lin.weight.is_quantized() {
+                    bail!("init_lora_weights={} needs a base in float (bf16, f16, f32): {path} is quantized (decompose the dense base, then quantize the residual: peft train --quantize does)", self.config.init_lora_weights);
+                }
+                weights.push((path, id as u64, lin.weight.dense()?));
+            }
+        }
+        let scalings: Vec<f64> = weights
+            .iter()
+            .map(|(p, _, _)| self.adapters[p].scaling)
+            .collect();
+        let parts: Vec<(Tensor, Tensor, Tensor)> = weights
+            .par_iter()
+            .zip(&scalings)
+            .map(|((path, id, w), &scaling)| {
+                let r = self.adapters[path].a.dim(0)?;
+                init.decompose(
+                    &w.to_device(&candle_core::Device::Cpu)?,
+                    r,
+                    scaling,
+                    seed ^ id,
+                )
+                .with_context(|| format!("init_lora_weights for {path}"))
+            })
+            .collect::<Result<_>>()?;
+        let mut residuals: HashMap<String, Tensor> = HashMap::new();
+        for ((path, _, w), (a, b, residual)) in weights.into_iter().zip(parts) {
+            let layer = &self.adapters[&path];
+            layer.a.set(&a.to_device(layer.a.device())?)?;
+            layer.b.set(&b.to_device(layer.b.device())?)?;
+            residuals.insert(
+                path.clone(),
+                residual.to_device(w.device())?.to_dtype(w.dtype())?,
+            );
+            self.initial.insert(path, (a, b));
+        }
+        for (path, lin) in self.base.linears_mut() {
+            if let Some(residual) = residuals.remove(&path) {
+                lin.weight = LinearWeight::Dense(residual);
+            }
+        }
+        Ok(self)
     }
 
     /// Wraps the targeted linears; `init(path, r, in, out, config)` gives A and B.
@@ -140,6 +206,7 @@ impl PeftModel {
             adapters,
             extra_trainable: BTreeMap::new(),
             dropout_seed,
+            initial: BTreeMap::new(),
         };
         model.make_extra_trainable()?;
         Ok(model)
@@ -241,12 +308,54 @@ impl PeftModel {
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT's
     /// `save_pretrained` does, each atomically.
+    ///
+    /// A PiSSA or OLoRA adapter is saved as HF PEFT's `save_pretrained` converts it with
+    /// `path_initial_model_for_weight_conversion`: `A' = [A; A₀]`, `B' = [B, −B₀]` at twice
+    /// the rank and alpha (√2 alpha with rsLoRA), so that `s·B'·A' = s·B·A − s·B₀·A₀` applies
+    /// to the original base weights, and `init_lora_weights` true.
     pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         let mut config = self.config.clone();
         if config.base_model_name_or_path.is_none() {
             config.base_model_name_or_path = Some(base_model_name.to_string());
         }
-        write_adapter(dir, &detached(self.trainable()), &config.to_json_string()?)
+        let mut tensors = detached(self.trainable());
+        if !self.initial.is_empty() {
+            for (key, t) in tensors.iter_mut() {
+                let converted = if let Some((a0, _)) =
+                    module_path(key, "lora_A.weight").and_then(|p| self.initial.get(p))
+                {
+                    Tensor::cat(&[&*t, &a0.to_device(t.device())?], 0)?
+                } else if let Some((_, b0)) =
+                    module_path(key, "lora_B.weight").and_then(|p| self.initial.get(p))
+                {
+                    Tensor::cat(&[&*t, &b0.to_device(t.device())?.neg()?], 1)?
+                } else {
+                    continue;
+                };
+                *t = converted;
+            }
+            config.init_lora_weights = serde_json::Value::Bool(true);
+            config.r *= 2;
+            config.lora_alpha *= if config.use_rslora { 2f64.sqrt() } else { 2.0 };
+            config.rank_pattern.values_mut().for_each(|r| *r *= 2);
+            config.alpha_pattern.values_mut().for_each(|a| *a *= 2.0);
+        }
+        write_adapter(dir, &tensors, &config.to_json_string()?)
+    }
+
+    /// A trained tensor from the adapter file [`Self::save`] wrote: PiSSA's and OLoRA's
+    /// converted A and B hold the trained ones in their first `r` rows and columns.
+    pub fn trained_from_saved(&self, key: &str, saved: Tensor) -> Result<Tensor> {
+        let initial = |suffix| module_path(key, suffix).and_then(|p| self.initial.get(p));
+        Ok(match (initial("lora_A.weight"), initial("lora_B.weight")) {
+            (Some((a0, _)), _) if saved.dim(0)? == 2 * a0.dim(0)? => {
+                saved.narrow(0, 0, a0.dim(0)?)?
+            }
+            (_, Some((_, b0))) if saved.dim(1)? == 2 * b0.dim(1)? => {
+                saved.narrow(1, 0, b0.dim(1)?)?
+            }
+            _ => saved,
+        })
     }
 
     /// Loads a PEFT LoRA adapter folder onto `base`. Every tensor in the file must be used and
@@ -256,6 +365,13 @@ impl PeftModel {
             bail!("adapter folder not found: {}", dir.display());
         }
         let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
+        if WeightInit::parse(&config.init_lora_weights)?.is_some() {
+            bail!(
+                "{}: init_lora_weights={} marks an adapter for PiSSA's or OLoRA's residual base weights, not the original ones: convert it with HF PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) (peft-rs saves such adapters converted)",
+                dir.join(CONFIG_FILE).display(),
+                config.init_lora_weights
+            );
+        }
         let (weights_path, mut tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
         let mut by_path: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         let mut magnitudes: HashMap<String, Tensor> = HashMap::new();

@@ -29,6 +29,11 @@ pub trait Tuned {
     }
     /// Writes the adapter folder as HF PEFT's `save_pretrained` does.
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()>;
+    /// The trainable tensor `key` from what [`Tuned::save`] wrote for it (the same tensor,
+    /// but for PiSSA's and OLoRA's converted adapters).
+    fn trained_from_saved(&self, _key: &str, saved: Tensor) -> Result<Tensor> {
+        Ok(saved)
+    }
     /// The file [`Tuned::save`] writes the trainable tensors to.
     fn weights_file(&self) -> &'static str {
         crate::model::WEIGHTS_FILE
@@ -73,6 +78,9 @@ impl Tuned for PeftModel {
     }
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         PeftModel::save(self, dir, base_model_name)
+    }
+    fn trained_from_saved(&self, key: &str, saved: Tensor) -> Result<Tensor> {
+        PeftModel::trained_from_saved(self, key, saved)
     }
     fn set_dropout_seed(&self, seed: u64) {
         self.dropout_seed.set(seed)

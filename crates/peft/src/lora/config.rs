@@ -182,12 +182,15 @@ impl LoraConfig {
                 "layers_to_transform cannot be used when target_modules is a regex (as in HF PEFT)"
             );
         }
-        match &self.init_lora_weights {
-            Value::Bool(_) => {}
-            Value::String(s) if s == "gaussian" => {}
-            other => {
-                bail!("init_lora_weights={other} is not supported (true, false, \"gaussian\")")
-            }
+        let weight_init = match &self.init_lora_weights {
+            Value::Bool(_) | Value::String(_) => crate::lora::init::WeightInit::parse(&self.init_lora_weights)?,
+            other => bail!("init_lora_weights={other} is not supported (true, false, \"gaussian\", \"pissa\", \"pissa_niter_N\", \"olora\")"),
+        };
+        if weight_init.is_some() && self.use_dora {
+            bail!(
+                "init_lora_weights={} with use_dora is not supported",
+                self.init_lora_weights
+            );
         }
         for key in UNSUPPORTED_IF_SET {
             if let Some(v) = self.other.get(*key) {

@@ -3,4 +3,5 @@
 pub mod combine;
 pub mod config;
 pub mod gguf;
+pub mod init;
 pub mod layer;

@@ -1,0 +1,222 @@
+//! LoRA initialisations from the base weight, as HF PEFT's `init_lora_weights` "pissa",
+//! "pissa_niter_N" and "olora": A and B take the weight's principal part (the top singular
+//! triplets, or the first columns of its QR decomposition) and the base keeps the residual
+//! `W − s·B·A`, so that the model starts unchanged and training moves the principal part.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use faer::Mat;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde_json::Value;
+
+/// An initialisation that decomposes the base weight.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum WeightInit {
+    /// PiSSA: the top `r` singular triplets, by a full SVD or, with `niter`, by torch's
+    /// randomized `svd_lowrank` with that many subspace iterations.
+    Pissa { niter: Option<usize> },
+    /// OLoRA: the first `r` columns of Q and rows of R of `W = Q R`.
+    Olora,
+}
+
+impl WeightInit {
+    /// The decomposing initialisation `init_lora_weights` names; `None` for true, false and
+    /// "gaussian"; an error for any other string.
+    pub fn parse(init: &Value) -> Result<Option<Self>> {
+        let Value::String(s) = init else {
+            return Ok(None);
+        };
+        Ok(match s.as_str() {
+            "gaussian" => None,
+            "pissa" => Some(Self::Pissa { niter: None }),
+            "olora" => Some(Self::Olora),
+            other => match other.strip_prefix("pissa_niter_").map(str::parse::<usize>) {
+                Some(Ok(n)) => Some(Self::Pissa { niter: Some(n) }),
+                _ => bail!(
+                    "init_lora_weights={other:?} is not supported (true, false, \"gaussian\", \"pissa\", \"pissa_niter_N\", \"olora\")"
+                ),
+            },
+        })
+    }
+
+    /// `(A [r, in], B [out, r], residual [out, in])` of `weight` `[out, in]` for rank `r` and
+    /// scaling `scaling`, all f32 on the CPU; `seed` draws the randomized SVD's test matrix.
+    pub fn decompose(
+        self,
+        weight: &Tensor,
+        r: usize,
+        scaling: f64,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let w = to_mat(weight)?;
+        let (out_f, in_f) = (w.nrows(), w.ncols());
+        if r > out_f.min(in_f) {
+            let name = match self {
+                Self::Pissa { .. } => "pissa",
+                Self::Olora => "olora",
+            };
+            bail!(
+                "init_lora_weights {name} needs r <= min(in, out) = {}, got r = {r}",
+                out_f.min(in_f)
+            );
+        }
+        let (a, b) = match self {
+            Self::Pissa { niter } => {
+                let (u, s, v) = match niter {
+                    None => top_svd(&w, r)?,
+                    Some(n) => svd_lowrank(&w, r, n, seed)?,
+                };
+                // A = √(S/s) Vᵀ, B = U √(S/s): s·B·A = U S Vᵀ.
+                let root: Vec<f64> = s.iter().map(|x| (x / scaling).sqrt()).collect();
+                let a = Mat::from_fn(r, in_f, |i, j| root[i] * v[(j, i)]);
+                let b = Mat::from_fn(out_f, r, |i, j| u[(i, j)] * root[j]);
+                (a, b)
+            }
+            Self::Olora => {
+                let qr = w.qr();
+                let q = qr.compute_thin_Q();
+                let rr = qr.thin_R();
+                let a = Mat::from_fn(r, in_f, |i, j| rr[(i, j)]);
+                let b = Mat::from_fn(out_f, r, |i, j| q[(i, j)]);
+                (a, b)
+            }
+        };
+        let residual = &w - (&b * &a) * faer::Scale(scaling);
+        Ok((to_tensor(&a)?, to_tensor(&b)?, to_tensor(&residual)?))
+    }
+}
+
+fn to_mat(t: &Tensor) -> Result<Mat<f64>> {
+    let rows: Vec<Vec<f64>> = t.to_dtype(DType::F64)?.to_vec2()?;
+    let cols = rows.first().map_or(0, Vec::len);
+    Ok(Mat::from_fn(rows.len(), cols, |i, j| rows[i][j]))
+}
+
+fn to_tensor(m: &Mat<f64>) -> Result<Tensor> {
+    let (rows, cols) = (m.nrows(), m.ncols());
+    let values: Vec<f32> = (0..rows)
+        .flat_map(|i| (0..cols).map(move |j| m[(i, j)] as f32))
+        .collect();
+    Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?)
+}
+
+/// The top `r` singular triplets `(U [m, r], S, V [n, r])` of a full thin SVD.
+fn top_svd(w: &Mat<f64>, r: usize) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+    let svd = w
+        .thin_svd()
+        .map_err(|e| anyhow::anyhow!("SVD did not converge: {e:?}"))?;
+    let (u, s, v) = (svd.U(), svd.S(), svd.V());
+    Ok((
+        u.subcols(0, r).to_owned(),
+        (0..r).map(|i| s[i]).collect(),
+        v.subcols(0, r).to_owned(),
+    ))
+}
+
+/// torch's `svd_lowrank(w, q=r, niter)` (Halko et al.): an orthonormal basis of `w` times a
+/// Gaussian test matrix, refined by `niter` subspace iterations, then the SVD of the projection.
+fn svd_lowrank(
+    w: &Mat<f64>,
+    r: usize,
+    niter: usize,
+    seed: u64,
+) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+    // torch works on the wide or tall side alike by transposing a wide matrix.
+    if w.nrows() < w.ncols() {
+        let (u, s, v) = svd_lowrank(&w.transpose().to_owned(), r, niter, seed)?;
+        return Ok((v, s, u));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let test = Mat::from_fn(w.ncols(), r, |_, _| -> f64 {
+        StandardNormal.sample(&mut rng)
+    });
+    let basis = |x: Mat<f64>| x.qr().compute_thin_Q();
+    let mut q = basis(w * &test);
+    for _ in 0..niter {
+        q = basis(w.transpose() * &q);
+        q = basis(w * &q);
+    }
+    let projected = q.transpose() * w;
+    let (u, s, v) = top_svd(&projected, r)?;
+    Ok((&q * &u, s, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weight(out_f: usize, in_f: usize) -> Tensor {
+        peft_models::testing::SeededNormal::new(4)
+            .tensor(&[out_f, in_f], 1.0, &Device::Cpu)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Each decomposition leaves the weight unchanged (residual + s·B·A = W), and PiSSA's
+    /// s·B·A is the best rank-r approximation: its residual's norm is the discarded singular
+    /// values'. OLoRA's A is upper triangular and B orthonormal.
+    #[test]
+    fn decompositions_keep_the_weight() {
+        let scaling = 2.0;
+        for (out_f, in_f) in [(12, 8), (8, 12)] {
+            let w = weight(out_f, in_f);
+            let singular = top_svd(&to_mat(&w).unwrap(), 8).unwrap().1;
+            for init in [
+                WeightInit::Pissa { niter: None },
+                WeightInit::Pissa { niter: Some(4) },
+                WeightInit::Olora,
+            ] {
+                let (a, b, residual) = init.decompose(&w, 3, scaling, 1).unwrap();
+                assert_eq!((a.dims(), b.dims()), (&[3, in_f][..], &[out_f, 3][..]));
+                let rebuilt = (&residual + (b.matmul(&a).unwrap() * scaling).unwrap()).unwrap();
+                assert!(max_diff(&rebuilt, &w) < 1e-5, "{init:?}");
+                let norm = residual.sqr().unwrap().sum_all().unwrap();
+                let norm = norm.to_scalar::<f32>().unwrap().sqrt() as f64;
+                match init {
+                    WeightInit::Pissa { niter } => {
+                        let want = singular[3..].iter().map(|s| s * s).sum::<f64>().sqrt();
+                        // The randomized SVD finds nearly the same subspace.
+                        let tol = if niter.is_some() { 0.05 * want } else { 1e-4 };
+                        assert!((norm - want).abs() < tol, "{init:?}: {norm} vs {want}");
+                    }
+                    WeightInit::Olora => {
+                        let a: Vec<Vec<f32>> = a.to_vec2().unwrap();
+                        assert!((0..3).all(|i| (0..i).all(|j| a[i][j].abs() < 1e-6)));
+                        let gram = b.t().unwrap().matmul(&b).unwrap();
+                        let eye = Tensor::eye(3, DType::F32, &Device::Cpu).unwrap();
+                        assert!(max_diff(&gram, &eye) < 1e-5);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parses_hf_names() {
+        let parse = |v: Value| WeightInit::parse(&v).unwrap();
+        assert_eq!(parse(Value::Bool(true)), None);
+        assert_eq!(parse("gaussian".into()), None);
+        assert_eq!(
+            parse("pissa".into()),
+            Some(WeightInit::Pissa { niter: None })
+        );
+        assert_eq!(
+            parse("pissa_niter_16".into()),
+            Some(WeightInit::Pissa { niter: Some(16) })
+        );
+        assert_eq!(parse("olora".into()), Some(WeightInit::Olora));
+        let err = WeightInit::parse(&"eva".into()).unwrap_err().to_string();
+        assert!(err.contains("\"eva\" is not supported"), "{err}");
+    }
+}
