@@ -765,8 +765,9 @@ fn fused_8bit_adamw_matches_the_cpu_path() {
 }
 
 /// Rows of a vocabulary that is not a multiple of the block, read eight logits at a time
-/// (1000) and one by one (1003, rows misaligned), one label not counted: losses and logits
-/// gradients within 1e-5 of log-softmax computed in f64.
+/// (1000) and one by one (1003, rows misaligned), one label not counted: losses, entropies
+/// and logits gradients within 1e-5 of log-softmax computed in f64, and the top-1 hits (a tie
+/// goes to the first index).
 #[test]
 fn fused_cross_entropy_rows_match_log_softmax() {
     for vocab in [1000, 1003] {
@@ -776,32 +777,51 @@ fn fused_cross_entropy_rows_match_log_softmax() {
 
 fn cross_entropy_case(vocab: usize) {
     let rows = 5usize;
-    let logits = (randn(&[rows * vocab], 200) * 4.0)
+    let mut logits = (randn(&[rows * vocab], 200) * 4.0)
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
     let labels: [i64; 5] = [3, 999, -100, 0, 517];
+    // Row 0's label is its largest logit; row 4's ties with an earlier one, which argmax picks.
+    logits[3] = 40.0;
+    logits[4 * vocab + 100] = 40.0;
+    logits[4 * vocab + 517] = 40.0;
     let inv_denom = 0.25f32;
     let mut input: Vec<u8> = i32_bytes(&[rows, vocab]);
     input.extend(inv_denom.to_le_bytes());
     input.extend(f32_le(&logits));
     input.extend(labels.iter().flat_map(|x| x.to_le_bytes()));
     let out = to_f32s(&emulate("cross_entropy", "cross_entropy", &input));
-    assert_eq!(out.len(), rows + rows * vocab, "output size");
+    assert_eq!(out.len(), 3 * rows + rows * vocab, "output size");
+    let (losses, entropies, top1) = (&out[..rows], &out[rows..2 * rows], &out[2 * rows..3 * rows]);
+    let grads = &out[3 * rows..];
+    assert_eq!(top1, [1.0, 0.0, 0.0, 0.0, 0.0], "top-1 hits");
     for (r, &label) in labels.iter().enumerate() {
         let row = &logits[r * vocab..(r + 1) * vocab];
         let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
         let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
         let counted = label >= 0;
-        let want_loss = if counted {
-            sum.ln() + max - row[label as usize] as f64
+        let (want_loss, want_entropy) = if counted {
+            let entropy: f64 = row
+                .iter()
+                .map(|&x| {
+                    let logp = x as f64 - max - sum.ln();
+                    -logp.exp() * logp
+                })
+                .sum();
+            (sum.ln() + max - row[label as usize] as f64, entropy)
         } else {
-            0.0
+            (0.0, 0.0)
         };
         assert!(
-            (out[r] as f64 - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()),
+            (losses[r] as f64 - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()),
             "row {r}: loss {}, want {want_loss}",
-            out[r]
+            losses[r]
+        );
+        assert!(
+            (entropies[r] as f64 - want_entropy).abs() <= 1e-5 * (1.0 + want_entropy.abs()),
+            "row {r}: entropy {}, want {want_entropy}",
+            entropies[r]
         );
         for (j, &x) in row.iter().enumerate() {
             let p = (x as f64 - max).exp() / sum;
@@ -811,7 +831,7 @@ fn cross_entropy_case(vocab: usize) {
             } else {
                 0.0
             };
-            let got = out[rows + r * vocab + j] as f64;
+            let got = grads[r * vocab + j] as f64;
             assert!(
                 (got - want).abs() <= 1e-6,
                 "row {r}, logit {j}: gradient {got}, want {want}"

@@ -1,7 +1,8 @@
 // Runs cross_entropy_rows_f32 of src/kernels/ops.cu under the CPU emulation:
 //   cross_entropy <input> <output>
 // input: i32 rows, vocab; f32 inv_denom; f32 logits (rows x vocab); i64 labels (rows).
-// output: f32 row losses, then f32 logits gradient. Launch shape as in src/cuda.rs.
+// output: f32 row losses, entropies, top-1 hits, then f32 logits gradient. Launch shape as in
+// src/cuda.rs.
 #include "cuda.h"
 #include "../../src/kernels/ops.cu"
 
@@ -14,13 +15,15 @@ int main(int argc, char** argv) {
     auto logits = take<float>(in, (size_t)rows * vocab);
     auto labels = take<long long>(in, rows);
     fclose(in);
-    std::vector<float> loss(rows), grad((size_t)rows * vocab);
+    std::vector<float> loss(rows), entropy(rows), top1(rows), grad((size_t)rows * vocab);
     emu::launch({(unsigned)rows}, {256}, 0, [&] {
-        cross_entropy_rows_f32(logits.data(), labels.data(), grad.data(), loss.data(), vocab,
-                               inv_denom, 1);
+        cross_entropy_rows_f32(logits.data(), labels.data(), grad.data(), loss.data(),
+                               entropy.data(), top1.data(), vocab, inv_denom, 1);
     });
     FILE* out = open_or_exit(argv[2], "wb");
     fwrite(loss.data(), 4, loss.size(), out);
+    fwrite(entropy.data(), 4, entropy.size(), out);
+    fwrite(top1.data(), 4, top1.size(), out);
     fwrite(grad.data(), 4, grad.size(), out);
     fclose(out);
     return 0;

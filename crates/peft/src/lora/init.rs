@@ -145,21 +145,11 @@ fn svd_lowrank(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use peft_models::testing::max_abs_diff;
 
     fn weight(out_f: usize, in_f: usize) -> Tensor {
         peft_models::testing::SeededNormal::new(4)
             .tensor(&[out_f, in_f], 1.0, &Device::Cpu)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
             .unwrap()
     }
 
@@ -180,7 +170,7 @@ mod tests {
                 let (a, b, residual) = init.decompose(&w, 3, scaling, 1).unwrap();
                 assert_eq!((a.dims(), b.dims()), (&[3, in_f][..], &[out_f, 3][..]));
                 let rebuilt = (&residual + (b.matmul(&a).unwrap() * scaling).unwrap()).unwrap();
-                assert!(max_diff(&rebuilt, &w) < 1e-5, "{init:?}");
+                assert!(max_abs_diff(&rebuilt, &w) < 1e-5, "{init:?}");
                 let norm = residual.sqr().unwrap().sum_all().unwrap();
                 let norm = norm.to_scalar::<f32>().unwrap().sqrt() as f64;
                 match init {
@@ -195,7 +185,7 @@ mod tests {
                         assert!((0..3).all(|i| (0..i).all(|j| a[i][j].abs() < 1e-6)));
                         let gram = b.t().unwrap().matmul(&b).unwrap();
                         let eye = Tensor::eye(3, DType::F32, &Device::Cpu).unwrap();
-                        assert!(max_diff(&gram, &eye) < 1e-5);
+                        assert!(max_abs_diff(&gram, &eye) < 1e-5);
                     }
                 }
             }
