@@ -110,19 +110,14 @@ impl PeftModel {
                 weights.push((path, id as u64, lin.weight.dense()?));
             }
         }
-        let scalings: Vec<f64> = weights
-            .iter()
-            .map(|(p, _, _)| self.adapters[p].scaling)
-            .collect();
         let parts: Vec<(Tensor, Tensor, Tensor)> = weights
             .par_iter()
-            .zip(&scalings)
-            .map(|((path, id, w), &scaling)| {
-                let r = self.adapters[path].a.dim(0)?;
+            .map(|(path, id, w)| {
+                let layer = &self.adapters[path];
                 init.decompose(
                     &w.to_device(&candle_core::Device::Cpu)?,
-                    r,
-                    scaling,
+                    layer.a.dim(0)?,
+                    layer.scaling,
                     seed ^ id,
                 )
                 .with_context(|| format!("init_lora_weights for {path}"))

@@ -182,10 +182,7 @@ impl LoraConfig {
                 "layers_to_transform cannot be used when target_modules is a regex (as in HF PEFT)"
             );
         }
-        let weight_init = match &self.init_lora_weights {
-            Value::Bool(_) | Value::String(_) => crate::lora::init::WeightInit::parse(&self.init_lora_weights)?,
-            other => bail!("init_lora_weights={other} is not supported (true, false, \"gaussian\", \"pissa\", \"pissa_niter_N\", \"olora\")"),
-        };
+        let weight_init = crate::lora::init::WeightInit::parse(&self.init_lora_weights)?;
         if weight_init.is_some() && self.use_dora {
             bail!(
                 "init_lora_weights={} with use_dora is not supported",

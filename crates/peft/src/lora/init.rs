@@ -10,6 +10,9 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::Value;
 
+/// The `init_lora_weights` values peft-rs takes.
+const SUPPORTED: &str = r#"true, false, "gaussian", "pissa", "pissa_niter_N", "olora""#;
+
 /// An initialisation that decomposes the base weight.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum WeightInit {
@@ -22,20 +25,20 @@ pub enum WeightInit {
 
 impl WeightInit {
     /// The decomposing initialisation `init_lora_weights` names; `None` for true, false and
-    /// "gaussian"; an error for any other string.
+    /// "gaussian"; an error for any other value.
     pub fn parse(init: &Value) -> Result<Option<Self>> {
-        let Value::String(s) = init else {
-            return Ok(None);
+        let s = match init {
+            Value::Bool(_) => return Ok(None),
+            Value::String(s) => s.as_str(),
+            other => bail!("init_lora_weights={other} is not supported ({SUPPORTED})"),
         };
-        Ok(match s.as_str() {
+        Ok(match s {
             "gaussian" => None,
             "pissa" => Some(Self::Pissa { niter: None }),
             "olora" => Some(Self::Olora),
             other => match other.strip_prefix("pissa_niter_").map(str::parse::<usize>) {
                 Some(Ok(n)) => Some(Self::Pissa { niter: Some(n) }),
-                _ => bail!(
-                    "init_lora_weights={other:?} is not supported (true, false, \"gaussian\", \"pissa\", \"pissa_niter_N\", \"olora\")"
-                ),
+                _ => bail!("init_lora_weights={other:?} is not supported ({SUPPORTED})"),
             },
         })
     }
