@@ -2,7 +2,6 @@
 
 use crate::blockwise8::{dequantize_blockwise, quantize_blockwise, Blockwise8, BLOCKSIZE_8BIT};
 use crate::codes::{dynamic_map, fp4_code, NF4};
-use crate::nearest;
 use rayon::prelude::*;
 
 /// Values per 4-bit block (bitsandbytes' default).
@@ -34,15 +33,15 @@ impl FourBit {
         }
     }
 
-    /// Code of a value already divided by its block's absmax.
+    /// Code of a value already scaled by its block's absmax.
     fn index(self, scaled: f32) -> u8 {
         match self {
-            FourBit::Nf4 => nearest(&NF4, scaled) as u8,
+            FourBit::Nf4 => below_or_above(&NF4, scaled) as u8,
             FourBit::Fp4 => {
                 // Nearest magnitude, then the sign bit (as bitsandbytes' CUDA kernel does,
                 // so that small negative values keep their sign as -0).
                 let mags = FP4_MAGNITUDES.map(|m| m / 12.0);
-                let idx = FP4_INDEX[nearest(&mags, scaled.abs())];
+                let idx = FP4_INDEX[below_or_above(&mags, scaled.abs())];
                 if scaled < 0.0 {
                     idx | 8
                 } else {
@@ -50,6 +49,25 @@ impl FourBit {
                 }
             }
         }
+    }
+}
+
+/// Index of the code of the ascending `table` for `x`: the upper of its two neighbours where
+/// `x` lies above their midpoint, else the lower, a tie included. bitsandbytes' CUDA kernels
+/// compare with those midpoints (as f32 constants, equal to the f32 midpoints computed
+/// here) and its CPU code bucketizes by them; the nearest code by distance would differ
+/// where rounding makes the two distances of a value on a midpoint unequal.
+fn below_or_above(table: &[f32], x: f32) -> usize {
+    let p = table.partition_point(|&c| c < x);
+    if p == 0 {
+        return 0;
+    }
+    if p == table.len() {
+        return table.len() - 1;
+    }
+    match x > (table[p - 1] + table[p]) / 2.0 {
+        true => p,
+        false => p - 1,
     }
 }
 
@@ -95,7 +113,7 @@ pub struct Quant4 {
 }
 
 /// Quantizes `x` in blocks of `blocksize` (even): `absmax = max |x|` per block, each value to
-/// the nearest code of `x / absmax`. With `double_quant`, the absmax values are quantized too:
+/// the nearest code of `x / absmax` (a value on a midpoint between two codes takes the lower). With `double_quant`, the absmax values are quantized too:
 /// their mean is subtracted and the rest stored as 8-bit codes in blocks of 256.
 pub fn quantize_4bit(x: &[f32], kind: FourBit, blocksize: usize, double_quant: bool) -> Quant4 {
     assert!(
@@ -108,7 +126,9 @@ pub fn quantize_4bit(x: &[f32], kind: FourBit, blocksize: usize, double_quant: b
         .zip(x.par_chunks(blocksize))
         .map(|(bytes, block)| {
             let absmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let code = |v: f32| kind.index(if absmax > 0.0 { v / absmax } else { 0.0 });
+            // Scaled by the reciprocal, as bitsandbytes does (a division can round otherwise).
+            let inverse = if absmax > 0.0 { 1.0 / absmax } else { 0.0 };
+            let code = |v: f32| kind.index(v * inverse);
             for (byte, pair) in bytes.iter_mut().zip(block.chunks(2)) {
                 let hi = code(pair[0]);
                 let lo = pair.get(1).map_or(0, |&v| code(v));

@@ -199,3 +199,24 @@ fn storage_is_about_half_a_byte_per_value() {
     assert!((plain - 0.5625).abs() < 1e-3, "{plain}");
     assert!(dq < 0.5165, "{dq}");
 }
+
+/// Values on the f32 midpoint between two NF4 codes (found in SmolLM2's weights, where the
+/// nearest code by distance had rounded the other way): bitsandbytes' CUDA kernel (`x >
+/// threshold`) and its CPU bucketize both give the lower code. Each block: the value, then
+/// its absmax.
+#[test]
+fn nf4_values_on_a_midpoint_take_the_lower_code() {
+    for (value, absmax, code) in [
+        (-0.470_428_47_f32, 0.554_687_5_f32, 0u8), // between -1 and -0.6962
+        (-0.179_138_18, 0.527_374_27, 3),          // between -0.3949 and -0.2844
+    ] {
+        let mut block = vec![0f32; 64];
+        block[0] = value;
+        block[1] = -absmax;
+        let q = quantize_4bit(&block, FourBit::Nf4, BLOCKSIZE_4BIT, false);
+        let scaled = value * (1.0 / absmax);
+        let (lower, upper) = (NF4[code as usize], NF4[code as usize + 1]);
+        assert_eq!(scaled, (lower + upper) / 2.0, "{value} is on the midpoint");
+        assert_eq!(q.packed[0] >> 4, code, "{value}");
+    }
+}
