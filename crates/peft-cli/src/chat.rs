@@ -4,7 +4,7 @@
 //! chat template.
 
 use crate::generate::{continue_generation, print_piece, Decoding, Sampling, Virtual};
-use crate::{base_model, load_base, DTypeArg};
+use crate::{base_model, load_base_with, DTypeArg, LoadQuantized};
 use anyhow::{bail, Context, Result};
 use peft::Adapters;
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
@@ -32,6 +32,8 @@ pub struct ChatCmd {
     decoding: Decoding,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
+    #[command(flatten)]
+    quantized: LoadQuantized,
 }
 
 const HELP: &str = "\
@@ -228,7 +230,8 @@ pub fn run(cmd: ChatCmd) -> Result<()> {
         .collect::<Result<_>>()?;
     let device = peft_ops::open_device(&cmd.device)?;
     let model = base_model(cmd.model.as_deref(), named.first_mut().map(|(_, dir)| dir))?;
-    let (base, tok) = load_base(&model, cmd.dtype.on(&device), &device)?;
+    let dtype = cmd.dtype.on(&device);
+    let (base, tok) = load_base_with(&model, dtype, &device, cmd.quantized.on_load(dtype))?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
     if !tok.has_chat_template() {

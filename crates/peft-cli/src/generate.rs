@@ -1,4 +1,4 @@
-use crate::{base_model, load_base, DTypeArg};
+use crate::{base_model, load_base_with, DTypeArg, LoadQuantized};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use peft::Adapter;
@@ -31,6 +31,8 @@ pub struct GenerateCmd {
     decoding: Decoding,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
+    #[command(flatten)]
+    quantized: LoadQuantized,
 }
 
 /// How tokens are picked, shared by `generate` and `chat`.
@@ -370,7 +372,8 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
     let device = peft_ops::open_device(&cmd.device)?;
     let mut adapter = cmd.adapter.clone();
     let model = base_model(cmd.model.as_deref(), adapter.as_mut())?;
-    let (base, tok) = load_base(&model, cmd.dtype.on(&device), &device)?;
+    let dtype = cmd.dtype.on(&device);
+    let (base, tok) = load_base_with(&model, dtype, &device, cmd.quantized.on_load(dtype))?;
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
     let adapter = adapter

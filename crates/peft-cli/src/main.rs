@@ -127,6 +127,32 @@ impl QuantArg {
     }
 }
 
+/// `--quantize` for commands that run a model: its base loaded in 4 bits, as
+/// `BitsAndBytesConfig(load_in_4bit=True)` loads it (the base a QLoRA adapter trained on).
+#[derive(clap::Args, Clone, Copy)]
+pub struct LoadQuantized {
+    /// Load the base's linear layers in 4 bits (not lm_head), as QLoRA trained on them.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantArg>,
+    /// With --quantize: also quantize the 4-bit scales, as the adapter was trained.
+    #[arg(long)]
+    double_quant: bool,
+}
+
+impl LoadQuantized {
+    /// The quantization to load with, computing in `compute_dtype`.
+    pub fn on_load(self, compute_dtype: DType) -> Option<QuantizeOnLoad> {
+        if self.double_quant && self.quantize.is_none() {
+            eprintln!("note: --double-quant has no effect without --quantize");
+        }
+        self.quantize.map(|q| QuantizeOnLoad {
+            kind: q.kind(),
+            double_quant: self.double_quant,
+            compute_dtype,
+        })
+    }
+}
+
 #[derive(clap::Args)]
 struct MergeCmd {
     /// Default: the base the adapter's config names (`base_model_name_or_path`).
@@ -196,6 +222,8 @@ struct LogitsCmd {
     /// Merge the adapter before running (checks merge_and_unload).
     #[arg(long)]
     merged: bool,
+    #[command(flatten)]
+    quantized: LoadQuantized,
 }
 
 #[derive(clap::Args)]
@@ -400,7 +428,8 @@ fn run_logits(cmd: LogitsCmd) -> Result<()> {
     if cmd.merged && cmd.adapter.is_none() {
         eprintln!("note: --merged has no effect without --adapter");
     }
-    let (base, _) = load_base(&cmd.model, DType::F32, &Device::Cpu)?;
+    let quantize = cmd.quantized.on_load(DType::F32);
+    let (base, _) = load_base_with(&cmd.model, DType::F32, &Device::Cpu, quantize)?;
     let vocab = base.config.vocab_size as u32;
     if let Some(bad) = cmd.input_ids.iter().find(|&&t| t >= vocab) {
         anyhow::bail!("input id {bad} is outside the vocabulary (size {vocab})");

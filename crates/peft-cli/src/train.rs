@@ -96,9 +96,15 @@ pub struct TrainCmd {
     /// singular vectors of each base weight, which keeps the rest), pissa_niter_N (the same by
     /// a randomized SVD with N subspace iterations: large models) or olora (from its QR
     /// decomposition). Those save the adapter converted for the original base, as HF PEFT's
-    /// path_initial_model_for_weight_conversion does (rank and alpha doubled).
+    /// path_initial_model_for_weight_conversion does (rank and alpha doubled). loftq (QLoRA:
+    /// A and B from the top singular vectors of each weight's 4-bit quantization error, as HF
+    /// PEFT's replace_lora_weights_loftq; implies --quantize nf4).
     #[arg(long)]
     init_lora_weights: Option<String>,
+    /// HF PEFT's LoftQConfig as JSON (`{"loftq_bits": 4, "loftq_iter": 1}`, the only values
+    /// taken: LoftQ here corrects the base's own 4-bit quantization).
+    #[arg(long)]
+    loftq_config: Option<String>,
     /// Only the target modules of these layers (comma-separated indices, e.g. 0,1,2).
     #[arg(long)]
     layers_to_transform: Option<String>,
@@ -364,9 +370,11 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
             b.insert(key.to_string(), Value::String(names.join(",")));
         }
         // A table in a recipe, JSON text as a flag.
-        if let Some(kwargs @ Value::Object(_)) = b.get("lr_scheduler_kwargs") {
-            let text = kwargs.to_string();
-            b.insert("lr_scheduler_kwargs".into(), Value::String(text));
+        for key in ["lr_scheduler_kwargs", "loftq_config"] {
+            if let Some(table @ Value::Object(_)) = b.get(key) {
+                let text = table.to_string();
+                b.insert(key.into(), Value::String(text));
+            }
         }
         // TRL's precision switches and text column, as our options.
         for (flag, dtype) in [("bf16", "bf16"), ("fp16", "f16")] {
@@ -499,12 +507,18 @@ pub fn build_model(
         other => {
             let init = Value::String(other.into());
             peft::lora::init::WeightInit::parse(&init).map_err(|_| {
-                anyhow::anyhow!("--init-lora-weights must be true, false, gaussian, pissa, pissa_niter_N or olora, got {other:?}")
+                anyhow::anyhow!("--init-lora-weights must be true, false, gaussian, pissa, pissa_niter_N, olora or loftq, got {other:?}")
             })?;
             init
         }
     };
     let r = c.r.unwrap_or(16);
+    let mut other = serde_json::Map::new();
+    if let Some(text) = &c.loftq_config {
+        let settings: Value = serde_json::from_str(text)
+            .with_context(|| format!("--loftq-config is not JSON: {text}"))?;
+        other.insert("loftq_config".into(), settings);
+    }
     let lora = LoraConfig {
         r,
         lora_alpha: c.lora_alpha.unwrap_or(2.0 * r as f64),
@@ -529,6 +543,7 @@ pub fn build_model(
             .as_deref()
             .map(parse_layers)
             .transpose()?,
+        other,
         ..Default::default()
     };
     let virtual_tokens = c.num_virtual_tokens.unwrap_or(20);
@@ -639,6 +654,7 @@ fn ignored_flags(c: &TrainCmd, method: &str) -> Vec<&'static str> {
         ("--use-dora", c.use_dora.is_some(), lora),
         ("--bias", c.bias.is_some(), lora),
         ("--init-lora-weights", c.init_lora_weights.is_some(), lora),
+        ("--loftq-config", c.loftq_config.is_some(), lora),
         ("--loraplus-lr-ratio", c.loraplus_lr_ratio.is_some(), lora),
         (
             "--layers-to-transform",
@@ -862,21 +878,33 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     check_output_folder(&output)?;
     let device = peft_ops::open_device(c.device.as_deref().unwrap_or("cpu"))?;
     let dtype = DTypeArg::for_training(c.dtype, &device);
-    let quantize = c.quantize.map(|q| QuantizeOnLoad {
+    let weight_init = c.init_lora_weights.as_deref().and_then(|init| {
+        peft::lora::init::WeightInit::parse(&Value::String(init.into())).unwrap_or(None)
+    });
+    let loftq = weight_init == Some(peft::lora::init::WeightInit::Loftq);
+    // LoftQ corrects a 4-bit base: HF PEFT's quantizes to NF4 (loftq_bits 4) by itself.
+    let quant = match (c.quantize, loftq) {
+        (None, true) => {
+            if !quiet {
+                eprintln!("note: --init-lora-weights loftq quantizes the base: --quantize nf4");
+            }
+            Some(QuantArg::Nf4)
+        }
+        (q, _) => q,
+    };
+    let quantize = quant.map(|q| QuantizeOnLoad {
         kind: q.kind(),
         double_quant: c.double_quant.unwrap_or(false),
         compute_dtype: dtype,
     });
     // PiSSA and OLoRA decompose the weights as they are, so a QLoRA base is quantized after,
-    // its residual (QPiSSA: less quantization error than the weights themselves would have).
-    let decomposes = c.init_lora_weights.as_deref().is_some_and(|init| {
-        peft::lora::init::WeightInit::parse(&Value::String(init.into())).is_ok_and(|w| w.is_some())
-    });
-    let quantize_later = quantize.filter(|_| decomposes);
-    let quantize_on_load = quantize.filter(|_| !decomposes);
+    // its residual (QPiSSA: less quantization error than the weights themselves would have);
+    // LoftQ compares the weights with their quantization.
+    let quantize_later = quantize.filter(|_| weight_init.is_some());
+    let quantize_on_load = quantize.filter(|_| weight_init.is_none());
     let (mut base, tok) = load_base_with(&model_path, dtype, &device, quantize_on_load)?;
     // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
-    base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(c.quantize.is_some());
+    base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(quant.is_some());
     base.neftune = neftune;
     let mut tok = tok.context("the model has no tokenizer")?;
     if let Some(path) = &c.chat_template {
@@ -933,9 +961,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     intervals.resolve(&mut args, examples.len())?;
     let mut model = build_model(&method, base, &c, &tok, args.seed)?;
     if let Some(q) = quantize_later {
-        model
-            .base_mut()
-            .quantize(q.kind, q.double_quant, q.compute_dtype)?;
+        model.quantize_base(q.kind, q.double_quant, q.compute_dtype)?;
     }
     // On stderr also with --quiet: PEFT's print_trainable_parameters line is how users check
     // what they train.

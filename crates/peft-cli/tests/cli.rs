@@ -783,3 +783,93 @@ fn trl_recipe_names_epochs_fraction_text_field_and_eval_strategy() {
     assert_eq!(lines[2]["steps"], 2);
     assert!(out.join("adapter_model.safetensors").exists());
 }
+
+/// `--init-lora-weights loftq` quantizes the base to NF4 and starts the adapter from its
+/// quantization error: on the 4-bit base (`peft logits --quantize nf4`) the untrained adapter
+/// brings the logits closer to the unquantized model's; `generate --quantize` runs there.
+#[test]
+fn loftq_adapter_corrects_the_4bit_base() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("loftq");
+    let data = peft_models::testing::shipped_data();
+    let out = succeeds(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&adapter),
+        "--init-lora-weights",
+        "loftq",
+        "--target-modules",
+        "all-linear",
+        "--r",
+        "16",
+        "--lora-alpha",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--lr",
+        "1e-12",
+        "--dtype",
+        "f32",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("note: --init-lora-weights loftq quantizes the base: --quantize nf4"),
+        "{stderr}"
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["init_lora_weights"], serde_json::json!(true));
+
+    let logits = |extra: &[&str]| {
+        let path = dir.path().join("logits.safetensors");
+        let mut args = vec![
+            "logits",
+            "--model",
+            s(&model),
+            "--input-ids",
+            "504,3575,282,4649,314,7042,30,378",
+            "--out",
+            s(&path),
+        ];
+        args.extend(extra);
+        succeeds(&args);
+        peft_models::io::load_safetensors(&path, &candle_core::Device::Cpu).unwrap()["logits"]
+            .clone()
+    };
+    let dense = logits(&[]);
+    let quantized = logits(&["--quantize", "nf4"]);
+    let corrected = logits(&["--quantize", "nf4", "--adapter", s(&adapter)]);
+    let distance = |t: &candle_core::Tensor| {
+        let d = (t - &dense).unwrap().sqr().unwrap().sum_all().unwrap();
+        d.to_scalar::<f32>().unwrap().sqrt()
+    };
+    let (before, after) = (distance(&quantized), distance(&corrected));
+    assert!(after < 0.95 * before, "{after} vs {before}");
+
+    let out = succeeds(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--quantize",
+        "nf4",
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+}

@@ -10,7 +10,8 @@ use crate::targets::{keep_layers, select, TargetModules};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use peft_models::Llama;
-use peft_ops::LinearWeight;
+use peft_ops::{LinearWeight, QuantizedWeight};
+use peft_quant::FourBit;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
@@ -45,6 +46,32 @@ pub struct PeftModel {
     /// PiSSA's or OLoRA's starting A and B by module path, whose product the base weights
     /// gave up: saving subtracts them, so that the adapter applies to the original base.
     pub initial: BTreeMap<String, (Tensor, Tensor)>,
+    /// LoftQ's A and B wait for the base's quantization ([`Self::quantize_base`]): set by
+    /// [`Self::new`], not by loading an adapter, whose A and B are its own.
+    loftq_pending: bool,
+}
+
+/// Checks HF PEFT's `loftq_config` (`{"loftq_bits": 4, "loftq_iter": 1}`, its defaults)
+/// against what LoftQ does here: one pass over the base's own 4-bit quantization.
+fn loftq_settings(config: &LoraConfig) -> Result<()> {
+    let Some(settings) = config.other.get("loftq_config") else {
+        return Ok(());
+    };
+    let get = |key: &str| settings.get(key).and_then(serde_json::Value::as_f64);
+    if !settings.is_object()
+        || settings
+            .as_object()
+            .is_some_and(|o| o.keys().any(|k| k != "loftq_bits" && k != "loftq_iter"))
+    {
+        bail!("loftq_config must be a table of loftq_bits and loftq_iter, got {settings}");
+    }
+    if get("loftq_bits").is_some_and(|b| b != 4.0) {
+        bail!("loftq_config: loftq_bits must be 4 (the base is quantized by --quantize nf4|fp4), got {}", settings["loftq_bits"]);
+    }
+    if get("loftq_iter").is_some_and(|i| i != 1.0) {
+        bail!("loftq_config: loftq_iter must be 1, got {} (more iterations quantize W - B·A instead of W, a base that the adapter would have to ship with)", settings["loftq_iter"]);
+    }
+    Ok(())
 }
 
 fn uniform(rng: &mut impl Rng, shape: (usize, usize), bound: f64) -> Vec<f32> {
@@ -55,7 +82,8 @@ fn uniform(rng: &mut impl Rng, shape: (usize, usize), bound: f64) -> Vec<f32> {
 
 impl PeftModel {
     /// Injects freshly initialised adapters (PEFT's init: kaiming-uniform A, zero B; or
-    /// PiSSA's and OLoRA's from the base weights, which keep the residual).
+    /// PiSSA's and OLoRA's from the base weights, which keep the residual). LoftQ's start as
+    /// PEFT's and take their values when [`Self::quantize_base`] quantizes the base.
     pub fn new(base: Llama, config: LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let weight_init = WeightInit::parse(&config.init_lora_weights)?;
@@ -87,9 +115,66 @@ impl PeftModel {
             ))
         })?;
         match weight_init {
-            Some(init) => model.decompose_base(init, seed),
+            Some(init) if init.keeps_residual() => model.decompose_base(init, seed),
+            Some(_) => {
+                loftq_settings(&model.config)?;
+                Ok(Self {
+                    loftq_pending: true,
+                    ..model
+                })
+            }
             None => Ok(model),
         }
+    }
+
+    /// QLoRA's base: every linear but the head quantized to 4 bits (as [`Llama::quantize`]).
+    /// Under LoftQ each adapted linear's A and B then take the principal part of its
+    /// quantization error ([`crate::lora::init::loftq`]), the layers in parallel.
+    pub fn quantize_base(
+        &mut self,
+        kind: FourBit,
+        double_quant: bool,
+        compute_dtype: DType,
+    ) -> Result<()> {
+        if std::mem::take(&mut self.loftq_pending) {
+            let mut targets = Vec::new();
+            for (path, lin) in self.base.linears_mut() {
+                if let Some(layer) = self.adapters.get(&path) {
+                    let w = match &lin.weight {
+                        LinearWeight::Dense(w) => w.clone(),
+                        LinearWeight::Quantized(_) => bail!("init_lora_weights=\"loftq\" needs the original weights of {path}, which is quantized already (load the base unquantized: peft train --quantize does)"),
+                    };
+                    targets.push((lin, layer.clone(), w));
+                }
+            }
+            // A chunk at a time (each SVD holds its weight in f64), quantized on this thread
+            // (the weights' device may be a GPU), decomposed on the CPU's threads.
+            let cpu = candle_core::Device::Cpu;
+            for chunk in targets.chunks_mut(rayon::current_num_threads().max(1)) {
+                let mut quantized = Vec::with_capacity(chunk.len());
+                for (_, _, w) in chunk.iter() {
+                    let q = QuantizedWeight::quantize(w, kind, double_quant, compute_dtype)?;
+                    let pair = (w.to_device(&cpu)?, q.dequantize()?.to_device(&cpu)?);
+                    quantized.push((q, pair));
+                }
+                let factors: Vec<(Tensor, Tensor)> = chunk
+                    .par_iter()
+                    .zip(&quantized)
+                    .map(|((_, layer, _), (_, (w, dequantized)))| {
+                        let r = layer.a.dim(0)?;
+                        crate::lora::init::loftq(w, dequantized, r, layer.scaling)
+                    })
+                    .collect::<Result<_>>()?;
+                let done = quantized.into_iter().zip(factors);
+                for ((lin, layer, _), ((q, _), (a, b))) in chunk.iter_mut().zip(done) {
+                    layer.a.set(&a.to_device(layer.a.device())?)?;
+                    layer.b.set(&b.to_device(layer.b.device())?)?;
+                    lin.weight = LinearWeight::Quantized(Arc::new(q));
+                }
+            }
+        }
+        self.base.quantize(kind, double_quant, compute_dtype)?;
+        Ok(())
     }
 
     /// Sets each adapter from its base weight by `init` and leaves the base the residual,
@@ -202,6 +287,7 @@ impl PeftModel {
             extra_trainable: BTreeMap::new(),
             dropout_seed,
             initial: BTreeMap::new(),
+            loftq_pending: false,
         };
         model.make_extra_trainable()?;
         Ok(model)
@@ -335,6 +421,13 @@ impl PeftModel {
             config.rank_pattern.values_mut().for_each(|r| *r *= 2);
             config.alpha_pattern.values_mut().for_each(|a| *a *= 2.0);
         }
+        if WeightInit::parse(&config.init_lora_weights)? == Some(WeightInit::Loftq) {
+            // A plain LoRA for the base quantized as it is without LoftQ, as HF PEFT's
+            // replace_lora_weights_loftq leaves its config ("loftq" would have HF PEFT
+            // quantize and replace the base weights again on load).
+            config.init_lora_weights = serde_json::Value::Bool(true);
+            config.other.remove("loftq_config");
+        }
         write_adapter(dir, &tensors, &config.to_json_string()?)
     }
 
@@ -360,7 +453,7 @@ impl PeftModel {
             bail!("adapter folder not found: {}", dir.display());
         }
         let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
-        if WeightInit::parse(&config.init_lora_weights)?.is_some() {
+        if WeightInit::parse(&config.init_lora_weights)?.is_some_and(WeightInit::keeps_residual) {
             bail!(
                 "{}: init_lora_weights={} marks an adapter for PiSSA's or OLoRA's residual base weights, not the original ones: convert it with HF PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) (peft-rs saves such adapters converted)",
                 dir.join(CONFIG_FILE).display(),

@@ -3,8 +3,9 @@
 
 use crate::{PeftModel, PromptModel};
 use anyhow::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use peft_models::Llama;
+use peft_quant::FourBit;
 use std::path::Path;
 
 pub trait Tuned {
@@ -37,6 +38,11 @@ pub trait Tuned {
     /// The file [`Tuned::save`] writes the trainable tensors to.
     fn weights_file(&self) -> &'static str {
         crate::model::WEIGHTS_FILE
+    }
+    /// QLoRA's base, quantized after the adapters were made: every linear but the head to 4
+    /// bits ([`Llama::quantize`]); LoRA's LoftQ initialises A and B from the quantization error.
+    fn quantize_base(&mut self, kind: FourBit, double_quant: bool, dtype: DType) -> Result<()> {
+        self.base_mut().quantize(kind, double_quant, dtype)
     }
     /// Seed of the dropout masks of the next forward pass (methods without dropout ignore it).
     fn set_dropout_seed(&self, _seed: u64) {}
@@ -81,6 +87,9 @@ impl Tuned for PeftModel {
     }
     fn trained_from_saved(&self, key: &str, saved: Tensor) -> Result<Tensor> {
         PeftModel::trained_from_saved(self, key, saved)
+    }
+    fn quantize_base(&mut self, kind: FourBit, double_quant: bool, dtype: DType) -> Result<()> {
+        PeftModel::quantize_base(self, kind, double_quant, dtype)
     }
     fn set_dropout_seed(&self, seed: u64) {
         self.dropout_seed.set(seed)

@@ -170,3 +170,81 @@ fn bf16_compute_keeps_norms_in_f32_and_trains() {
         assert!(n.is_finite(), "{k}");
     }
 }
+
+/// LoftQ: the 4-bit base is quantized as without it, A and B take the principal part of each
+/// weight's quantization error, so the model starts closer to the dense one than QLoRA's
+/// (whose B is zero); the saved adapter is a plain LoRA that gives those outputs on a base
+/// quantized the usual way, and `loftq_config` asks for no more than one pass at 4 bits.
+#[test]
+fn loftq_starts_closer_to_the_dense_model() {
+    let dense = logits(&tiny_llama(6, true).unwrap());
+    let quantized_error = relative_error(&logits(&quantized(6, FourBit::Nf4)), &dense);
+    let loftq = |r: usize, kind: FourBit| {
+        let config = LoraConfig {
+            r,
+            lora_alpha: 2.0 * r as f64,
+            init_lora_weights: "loftq".into(),
+            ..config()
+        };
+        let mut peft = PeftModel::new(tiny_llama(6, true).unwrap(), config, 3).unwrap();
+        peft.quantize_base(kind, true, DType::F32).unwrap();
+        peft
+    };
+    let mut peft = loftq(4, FourBit::Nf4);
+    assert!(peft
+        .base
+        .linears_mut()
+        .iter()
+        .all(|(_, l)| l.weight.is_quantized()));
+    let error = relative_error(&logits(&peft.base), &dense);
+    assert!(
+        error < 0.95 * quantized_error,
+        "{error} vs {quantized_error}"
+    );
+    // At full rank (32: the smaller side of every weight) the correction is the whole error.
+    for kind in [FourBit::Nf4, FourBit::Fp4] {
+        let error = relative_error(&logits(&loftq(32, kind).base), &dense);
+        assert!(error < 1e-4, "{kind:?}: {error}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let peft = loftq(4, FourBit::Nf4);
+    peft.save(dir.path(), "tiny").unwrap();
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["init_lora_weights"], serde_json::json!(true));
+    let reloaded = PeftModel::load(quantized(6, FourBit::Nf4), dir.path()).unwrap();
+    assert_eq!(
+        max_abs_diff(&logits(&reloaded.base), &logits(&peft.base)),
+        0.0
+    );
+
+    for (settings, message) in [
+        (serde_json::json!({"loftq_bits": 4, "loftq_iter": 1}), None),
+        (
+            serde_json::json!({"loftq_iter": 5}),
+            Some("loftq_iter must be 1"),
+        ),
+        (
+            serde_json::json!({"loftq_bits": 8}),
+            Some("loftq_bits must be 4"),
+        ),
+    ] {
+        let mut config = LoraConfig {
+            init_lora_weights: "loftq".into(),
+            ..config()
+        };
+        config.other.insert("loftq_config".into(), settings);
+        match (
+            PeftModel::new(tiny_llama(6, true).unwrap(), config, 3),
+            message,
+        ) {
+            (Ok(_), None) => {}
+            (Err(e), Some(m)) => assert!(e.to_string().contains(m), "{e}"),
+            (Ok(_), Some(m)) => panic!("accepted where {m}"),
+            (Err(e), None) => panic!("{e}"),
+        }
+    }
+}

@@ -2,6 +2,8 @@
 //! "pissa_niter_N" and "olora": A and B take the weight's principal part (the top singular
 //! triplets, or the first columns of its QR decomposition) and the base keeps the residual
 //! `W − s·B·A`, so that the model starts unchanged and training moves the principal part.
+//! And "loftq": over a 4-bit base, A and B start as the principal part of the quantization
+//! error `W − deq(Q(W))`, so that the quantized model starts closer to the original.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -11,7 +13,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde_json::Value;
 
 /// The `init_lora_weights` values peft-rs takes.
-const SUPPORTED: &str = r#"true, false, "gaussian", "pissa", "pissa_niter_N", "olora""#;
+const SUPPORTED: &str = r#"true, false, "gaussian", "pissa", "pissa_niter_N", "olora", "loftq""#;
 
 /// An initialisation that decomposes the base weight.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -21,6 +23,10 @@ pub enum WeightInit {
     Pissa { niter: Option<usize> },
     /// OLoRA: the first `r` columns of Q and rows of R of `W = Q R`.
     Olora,
+    /// LoftQ as HF PEFT's `replace_lora_weights_loftq` applies it: the base is quantized as
+    /// it would be without LoftQ, and A and B take the top `r` singular triplets of its
+    /// quantization error (see [`loftq`]). The adapter is then a plain LoRA for that base.
+    Loftq,
 }
 
 impl WeightInit {
@@ -36,6 +42,7 @@ impl WeightInit {
             "gaussian" => None,
             "pissa" => Some(Self::Pissa { niter: None }),
             "olora" => Some(Self::Olora),
+            "loftq" => Some(Self::Loftq),
             other => match other.strip_prefix("pissa_niter_").map(str::parse::<usize>) {
                 Some(Ok(n)) => Some(Self::Pissa { niter: Some(n) }),
                 _ => bail!("init_lora_weights={other:?} is not supported ({SUPPORTED})"),
@@ -43,8 +50,15 @@ impl WeightInit {
         })
     }
 
+    /// Whether the base keeps the residual `W − s·B·A` (PiSSA, OLoRA): an adapter saved so
+    /// applies to that residual, not to the original weights, until converted.
+    pub fn keeps_residual(self) -> bool {
+        !matches!(self, Self::Loftq)
+    }
+
     /// `(A [r, in], B [out, r], residual [out, in])` of `weight` `[out, in]` for rank `r` and
     /// scaling `scaling`, all f32 on the CPU; `seed` draws the randomized SVD's test matrix.
+    /// LoftQ decomposes the quantization error instead: [`loftq`].
     pub fn decompose(
         self,
         weight: &Tensor,
@@ -58,6 +72,7 @@ impl WeightInit {
             let name = match self {
                 Self::Pissa { .. } => "pissa",
                 Self::Olora => "olora",
+                Self::Loftq => "loftq",
             };
             bail!(
                 "init_lora_weights {name} needs r <= min(in, out) = {}, got r = {r}",
@@ -66,15 +81,11 @@ impl WeightInit {
         }
         let (a, b) = match self {
             Self::Pissa { niter } => {
-                let (u, s, v) = match niter {
+                let triplets = match niter {
                     None => top_svd(&w, r)?,
                     Some(n) => svd_lowrank(&w, r, n, seed)?,
                 };
-                // A = √(S/s) Vᵀ, B = U √(S/s): s·B·A = U S Vᵀ.
-                let root: Vec<f64> = s.iter().map(|x| (x / scaling).sqrt()).collect();
-                let a = Mat::from_fn(r, in_f, |i, j| root[i] * v[(j, i)]);
-                let b = Mat::from_fn(out_f, r, |i, j| u[(i, j)] * root[j]);
-                (a, b)
+                split_scaled(triplets, scaling)
             }
             Self::Olora => {
                 let qr = w.qr();
@@ -84,10 +95,42 @@ impl WeightInit {
                 let b = Mat::from_fn(out_f, r, |i, j| q[(i, j)]);
                 (a, b)
             }
+            Self::Loftq => bail!("init_lora_weights loftq decomposes the quantization error of the weight, not the weight"),
         };
         let residual = &w - (&b * &a) * faer::Scale(scaling);
         Ok((to_tensor(&a)?, to_tensor(&b)?, to_tensor(&residual)?))
     }
+}
+
+/// LoftQ's `(A [r, in], B [out, r])` for `weight` `[out, in]`, whose quantized base weight
+/// dequantizes to `dequantized`: the top `r` singular triplets of the error `W − deq(Q(W))`,
+/// split so that `scaling·B·A` is that error's best rank-`r` approximation (f32, on the CPU).
+/// Past the weight's smaller side the rank has nothing left to take: those rows of A and
+/// columns of B are zero.
+///
+/// HF PEFT's LoftQ sets `B·A` to it, leaving the scaling out (huggingface/peft#1982), so that
+/// its adapter starts at `scaling` times the correction; the two agree where `lora_alpha = r`.
+pub fn loftq(
+    weight: &Tensor,
+    dequantized: &Tensor,
+    r: usize,
+    scaling: f64,
+) -> Result<(Tensor, Tensor)> {
+    let error = to_mat(&(weight.to_dtype(DType::F64)? - dequantized.to_dtype(DType::F64)?)?)?;
+    let (out_f, in_f) = (error.nrows(), error.ncols());
+    let (a, b) = split_scaled(top_svd(&error, r.min(out_f).min(in_f))?, scaling);
+    let a = Mat::from_fn(r, in_f, |i, j| if i < a.nrows() { a[(i, j)] } else { 0.0 });
+    let b = Mat::from_fn(out_f, r, |i, j| if j < b.ncols() { b[(i, j)] } else { 0.0 });
+    Ok((to_tensor(&a)?, to_tensor(&b)?))
+}
+
+/// `(A, B)` of singular triplets `(U, S, V)`: `A = √(S/s) Vᵀ`, `B = U √(S/s)`, so that
+/// `s·B·A = U S Vᵀ`.
+fn split_scaled((u, s, v): (Mat<f64>, Vec<f64>, Mat<f64>), scaling: f64) -> (Mat<f64>, Mat<f64>) {
+    let root: Vec<f64> = s.iter().map(|x| (x / scaling).sqrt()).collect();
+    let a = Mat::from_fn(s.len(), v.nrows(), |i, j| root[i] * v[(j, i)]);
+    let b = Mat::from_fn(u.nrows(), s.len(), |i, j| u[(i, j)] * root[j]);
+    (a, b)
 }
 
 fn to_mat(t: &Tensor) -> Result<Mat<f64>> {
@@ -190,9 +233,41 @@ mod tests {
                         let eye = Tensor::eye(3, DType::F32, &Device::Cpu).unwrap();
                         assert!(max_abs_diff(&gram, &eye) < 1e-5);
                     }
+                    WeightInit::Loftq => unreachable!("not among the inits above"),
                 }
             }
         }
+    }
+
+    /// LoftQ's s·B·A is the best rank-r approximation of the quantization error (PiSSA's
+    /// principal part of it), so the corrected weight's error is the discarded part alone.
+    #[test]
+    fn loftq_takes_the_principal_part_of_the_quantization_error() {
+        let (scaling, r) = (2.0, 3);
+        let w = weight(12, 8);
+        let noise = peft_models::testing::SeededNormal::new(9)
+            .tensor(&[12, 8], 0.1, &Device::Cpu)
+            .unwrap();
+        let dequantized = (&w + &noise).unwrap();
+        let (a, b) = loftq(&w, &dequantized, r, scaling).unwrap();
+        let correction = (b.matmul(&a).unwrap() * scaling).unwrap();
+        let error = (&w - &dequantized).unwrap();
+        let (ap, bp, _) = WeightInit::Pissa { niter: None }
+            .decompose(&error, r, scaling, 0)
+            .unwrap();
+        let principal = (bp.matmul(&ap).unwrap() * scaling).unwrap();
+        assert!(max_abs_diff(&correction, &principal) < 1e-5);
+        let singular = top_svd(&to_mat(&error).unwrap(), 8).unwrap().1;
+        let left = (&error - &correction)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let left = left.to_scalar::<f32>().unwrap().sqrt() as f64;
+        let want = singular[r..].iter().map(|s| s * s).sum::<f64>().sqrt();
+        assert!((left - want).abs() < 1e-5, "{left} vs {want}");
+        assert!(left < 0.9 * singular.iter().map(|s| s * s).sum::<f64>().sqrt());
     }
 
     #[test]
@@ -209,6 +284,7 @@ mod tests {
             Some(WeightInit::Pissa { niter: Some(16) })
         );
         assert_eq!(parse("olora".into()), Some(WeightInit::Olora));
+        assert_eq!(parse("loftq".into()), Some(WeightInit::Loftq));
         let err = WeightInit::parse(&"eva".into()).unwrap_err().to_string();
         assert!(err.contains("\"eva\" is not supported"), "{err}");
     }
