@@ -105,6 +105,11 @@ pub struct TrainCmd {
     /// taken: LoftQ here corrects the base's own 4-bit quantization).
     #[arg(long)]
     loftq_config: Option<String>,
+    /// Train the embedding rows of these tokens (comma-separated ids), as HF PEFT's
+    /// trainable_token_indices: new or untrained special tokens without training the whole
+    /// embedding (a tied head uses the trained rows too).
+    #[arg(long)]
+    trainable_token_indices: Option<String>,
     /// Only the target modules of these layers (comma-separated indices, e.g. 0,1,2).
     #[arg(long)]
     layers_to_transform: Option<String>,
@@ -352,6 +357,7 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
             "feedforward_modules",
             "layers_to_transform",
             "report_to",
+            "trainable_token_indices",
         ] {
             let items = match b.get(key) {
                 Some(Value::Array(items)) => items.clone(),
@@ -519,6 +525,16 @@ pub fn build_model(
             .with_context(|| format!("--loftq-config is not JSON: {text}"))?;
         other.insert("loftq_config".into(), settings);
     }
+    if let Some(ids) = &c.trainable_token_indices {
+        let ids = list(ids)
+            .iter()
+            .map(|t| t.parse::<u32>().map(Value::from))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| {
+                anyhow::anyhow!("--trainable-token-indices must list token ids, got {ids:?}")
+            })?;
+        other.insert("trainable_token_indices".into(), Value::Array(ids));
+    }
     let lora = LoraConfig {
         r,
         lora_alpha: c.lora_alpha.unwrap_or(2.0 * r as f64),
@@ -655,6 +671,11 @@ fn ignored_flags(c: &TrainCmd, method: &str) -> Vec<&'static str> {
         ("--bias", c.bias.is_some(), lora),
         ("--init-lora-weights", c.init_lora_weights.is_some(), lora),
         ("--loftq-config", c.loftq_config.is_some(), lora),
+        (
+            "--trainable-token-indices",
+            c.trainable_token_indices.is_some(),
+            lora,
+        ),
         ("--loraplus-lr-ratio", c.loraplus_lr_ratio.is_some(), lora),
         (
             "--layers-to-transform",

@@ -261,6 +261,8 @@ fn cases() -> Vec<Case> {
         case("log every 2.5 steps", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--logging-steps", "2.5"]), "logging_steps must be a whole number of steps, or below 1 a fraction of them"),
         case("lora_alpha 0", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--lora-alpha", "0"]), "lora_alpha must be above 0"),
         case("unknown LoRA init", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--init-lora-weights", "eva"]), "--init-lora-weights must be true, false, gaussian, pissa, pissa_niter_N, olora or loftq, got \"eva\""),
+        case("trainable tokens that are not ids", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--trainable-token-indices", "1,x"]), "--trainable-token-indices must list token ids, got \"1,x\""),
+        case("a trainable token outside the vocabulary", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--trainable-token-indices", "1,99999"]), "trainable_token_indices: token 99999 is outside the vocabulary (size 49152)"),
         case("LoftQ with DoRA", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--quantize", "nf4", "--init-lora-weights", "loftq", "--use-dora", "true"]), "init_lora_weights=\"loftq\" with use_dora is not supported"),
         case("LoftQ of several iterations", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--quantize", "nf4", "--init-lora-weights", "loftq", "--loftq-config", "{\"loftq_bits\": 4, \"loftq_iter\": 5}"]), "loftq_config: loftq_iter must be 1, got 5"),
         case("LoftQ settings that are not JSON", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--quantize", "nf4", "--init-lora-weights", "loftq", "--loftq-config", "bits=4"]), "--loftq-config is not JSON: bits=4"),

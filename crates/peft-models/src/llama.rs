@@ -301,6 +301,8 @@ pub struct Llama {
     pub grad_sink: Arc<GradSink>,
     /// Noisy input embeddings in training.
     pub neftune: Option<Neftune>,
+    /// Embedding rows replaced by trained ones (HF PEFT's trainable tokens).
+    pub token_rows: Option<TokenRows>,
     inv_freq: Tensor,
     /// RoPE of the sliding-window layers where it differs (Gemma 3).
     local_inv_freq: Option<Tensor>,
@@ -308,6 +310,53 @@ pub struct Llama {
     long_inv_freq: Option<Tensor>,
     /// Partial rotary's order of head dims (Phi-4-mini).
     rotary_order: Option<Arc<RotaryOrder>>,
+}
+
+/// Rows of the embedding that replace the model's own for some tokens, as HF PEFT's trainable
+/// tokens (`trainable_token_indices`) do: in the input embedding and, where the head is tied
+/// to it, in the head.
+#[derive(Clone)]
+pub struct TokenRows {
+    /// The tokens, distinct, each below the vocabulary size.
+    pub indices: Vec<u32>,
+    /// `[indices.len(), hidden]`, a variable in training.
+    pub rows: Tensor,
+}
+
+impl TokenRows {
+    /// The rows `rows` (`[n, hidden]`, embedding rows of the positions' tokens `ids` `[n]`) with
+    /// those of the replaced tokens swapped for theirs.
+    fn replace_in(&self, rows: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let slot: HashMap<u32, u32> = self
+            .indices
+            .iter()
+            .zip(0u32..)
+            .map(|(&t, i)| (t, i))
+            .collect();
+        let none = self.indices.len() as u32;
+        let slots: Vec<u32> = ids
+            .to_vec1::<u32>()?
+            .iter()
+            .map(|t| slot.get(t).copied().unwrap_or(none))
+            .collect();
+        if slots.iter().all(|&s| s == none) {
+            return Ok(rows.clone());
+        }
+        let keep: Vec<f32> = slots.iter().map(|&s| f32::from(s == none)).collect();
+        let n = slots.len();
+        let keep = Tensor::from_vec(keep, (n, 1), rows.device())?.to_dtype(rows.dtype())?;
+        let own = self.rows.to_dtype(rows.dtype())?;
+        let padded = Tensor::cat(&[&own, &own.narrow(0, 0, 1)?.zeros_like()?], 0)?;
+        let slots = Tensor::from_vec(slots, n, rows.device())?;
+        rows.broadcast_mul(&keep)? + padded.index_select(&slots, 0)?
+    }
+
+    /// `weight` `[vocab, hidden]` with the replaced rows.
+    fn replace_rows_of(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let ids = Tensor::new(self.indices.as_slice(), weight.device())?;
+        let change = (self.rows.to_dtype(weight.dtype())? - weight.index_select(&ids, 0)?)?;
+        weight.index_add(&ids, &change, 0)
+    }
 }
 
 struct WeightTaker<'a> {
@@ -474,6 +523,7 @@ impl Llama {
             gradient_checkpointing: false,
             grad_sink: Arc::new(GradSink::default()),
             neftune: None,
+            token_rows: None,
             inv_freq,
             local_inv_freq,
             long_inv_freq,
@@ -650,11 +700,13 @@ impl Llama {
         Ok(())
     }
 
-    /// Output projection weight `[vocab, hidden]` (the embedding when tied; never quantized).
+    /// Output projection weight `[vocab, hidden]` (the embedding when tied, with its replaced
+    /// token rows; never quantized).
     pub fn lm_head_weight(&self) -> candle_core::Result<Tensor> {
-        match &self.lm_head {
-            Some(l) => Ok(param(&l.weight.dense()?)),
-            None => Ok(param(&self.embed_tokens)),
+        match (&self.lm_head, &self.token_rows) {
+            (Some(l), _) => Ok(param(&l.weight.dense()?)),
+            (None, None) => Ok(param(&self.embed_tokens)),
+            (None, Some(t)) => t.replace_rows_of(&param(&self.embed_tokens)),
         }
     }
 
@@ -690,6 +742,9 @@ impl Llama {
     pub fn embedding_rows(&self, ids: &Tensor) -> Result<Tensor> {
         // A trained embedding (modules_to_save) is f32 under a bf16 model.
         let mut rows = embedding(&param(&self.embed_tokens), ids)?;
+        if let Some(t) = &self.token_rows {
+            rows = t.replace_in(&rows, ids)?;
+        }
         if self.config.scale_embeddings {
             let scale = (self.config.hidden_size as f64).sqrt() as f32;
             let scale = Tensor::new(scale, rows.device())?.to_dtype(rows.dtype())?;
@@ -974,9 +1029,18 @@ impl Llama {
     /// and capped where the model does (Granite, Gemma 2).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let hidden = self.head_input(hidden)?;
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&hidden, false)?,
-            None => frozen_linear(&hidden, &self.embed_tokens)?,
+        let logits = match (&self.lm_head, &self.token_rows) {
+            (Some(head), _) => head.forward(&hidden, false)?,
+            (None, None) => frozen_linear(&hidden, &self.embed_tokens)?,
+            // The replaced tokens' logits from their rows, the others as they were.
+            (None, Some(t)) => {
+                let logits = frozen_linear(&hidden, &self.embed_tokens)?;
+                let ids = Tensor::new(t.indices.as_slice(), hidden.device())?;
+                let own = t.rows.detach().to_dtype(self.embed_tokens.dtype())?;
+                let change = (own - self.embed_tokens.index_select(&ids, 0)?)?;
+                let change = frozen_linear(&hidden, &change)?.to_dtype(logits.dtype())?;
+                logits.index_add(&ids, &change, candle_core::D::Minus1)?
+            }
         };
         Ok(match self.config.final_softcap {
             Some(cap) => soft_cap(&logits, cap)?,

@@ -9,7 +9,7 @@ use crate::lora::layer::{DropoutSeed, LoraLayer};
 use crate::targets::{keep_layers, select, TargetModules};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::Llama;
+use peft_models::{Llama, TokenRows};
 use peft_ops::{LinearWeight, QuantizedWeight};
 use peft_quant::FourBit;
 use rand::{Rng, SeedableRng};
@@ -34,6 +34,8 @@ fn default_targets(base: &Llama) -> &'static [&'static str] {
 }
 /// The input embedding's module path (`modules_to_save` may name it `embed_tokens`).
 const EMBEDDING: &str = "model.embed_tokens";
+/// The rows of `trainable_token_indices` under the embedding's path, as HF PEFT saves them.
+const TOKEN_ROWS: &str = "token_adapter.trainable_tokens_delta";
 
 pub struct PeftModel {
     pub base: Llama,
@@ -341,6 +343,26 @@ impl PeftModel {
                 bail!("modules_to_save: {m:?} is not a linear module or the embedding of this model (norms are not supported yet)");
             }
         }
+        if let Some(indices) = self.config.token_indices()? {
+            if to_save.iter().any(is_embedding) {
+                bail!("trainable_token_indices and modules_to_save both train the embedding: choose one");
+            }
+            let vocab = self.base.config.vocab_size;
+            if let Some(bad) = indices.iter().find(|&&t| t as usize >= vocab) {
+                bail!(
+                    "trainable_token_indices: token {bad} is outside the vocabulary (size {vocab})"
+                );
+            }
+            // Each starts as the token's own row, as HF PEFT's trainable tokens do.
+            let ids = Tensor::new(indices.as_slice(), &self.base.device)?;
+            let own = self.base.embed_tokens.index_select(&ids, 0)?;
+            let var = Var::from_tensor(&own.to_dtype(DType::F32)?)?;
+            self.base.token_rows = Some(TokenRows {
+                indices,
+                rows: var.as_tensor().clone(),
+            });
+            extra.insert(file_key(EMBEDDING, TOKEN_ROWS), var);
+        }
         self.extra_trainable = extra;
         Ok(())
     }
@@ -380,7 +402,7 @@ impl PeftModel {
         let modules_to_save: usize = self
             .extra_trainable
             .iter()
-            .filter(|(k, _)| k.ends_with(".weight"))
+            .filter(|(k, _)| k.ends_with(".weight") || k.ends_with(TOKEN_ROWS))
             .map(|(_, v)| v.elem_count())
             .sum();
         let base = self.base.parameter_count();
@@ -559,8 +581,15 @@ impl PeftModel {
     pub fn merge_and_unload(mut self) -> Result<Llama> {
         let adapters = std::mem::take(&mut self.adapters);
         let dtype = self.base.dtype;
-        // A trained embedding (modules_to_save) becomes a plain tensor again.
-        self.base.embed_tokens = self.base.embed_tokens.detach().to_dtype(dtype)?;
+        // A trained embedding (modules_to_save) becomes a plain tensor again, with trained
+        // token rows in place (a tied head reads them from there).
+        let mut embed = self.base.embed_tokens.detach();
+        if let Some(t) = self.base.token_rows.take() {
+            let ids = Tensor::new(t.indices.as_slice(), embed.device())?;
+            let rows = t.rows.detach().to_dtype(embed.dtype())?;
+            embed = embed.index_add(&ids, &(rows - embed.index_select(&ids, 0)?)?, 0)?;
+        }
+        self.base.embed_tokens = embed.to_dtype(dtype)?;
         for (path, lin) in self.base.linears_mut() {
             lin.adapter = None;
             // A quantized base is dequantized here: the merged model is dense.

@@ -124,8 +124,8 @@ pub fn combine(
     Ok((config, out))
 }
 
-/// Plain LoRA adapters alone: DoRA's magnitudes, trained biases and whole trained modules
-/// have no combined form.
+/// Plain LoRA adapters alone: DoRA's magnitudes, trained biases, whole trained modules and
+/// trained token rows have no combined form.
 fn check_combinable(c: &LoraConfig) -> Result<()> {
     if c.use_dora {
         bail!("DoRA adapters cannot be combined");
@@ -138,6 +138,9 @@ fn check_combinable(c: &LoraConfig) -> Result<()> {
     }
     if c.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
         bail!("adapters with modules_to_save cannot be combined");
+    }
+    if c.token_indices()?.is_some() {
+        bail!("adapters with trainable_token_indices cannot be combined");
     }
     Ok(())
 }

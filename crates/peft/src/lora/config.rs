@@ -78,7 +78,6 @@ const UNSUPPORTED_IF_SET: &[&str] = &[
     "alora_invocation_tokens",
     "arrow_config",
     "layer_replication",
-    "trainable_token_indices",
     "target_parameters",
     "velora_config",
     "monteclora_config",
@@ -182,6 +181,7 @@ impl LoraConfig {
                 "layers_to_transform cannot be used when target_modules is a regex (as in HF PEFT)"
             );
         }
+        self.token_indices()?;
         let weight_init = crate::lora::init::WeightInit::parse(&self.init_lora_weights)?;
         if weight_init.is_some() && self.use_dora {
             bail!(
@@ -215,6 +215,44 @@ impl LoraConfig {
     }
 
     /// JSON as PEFT writes it: sorted keys, two-space indent, `inference_mode: true`.
+    /// `trainable_token_indices`, as a list or as `{"embed_tokens": [...]}` (the only
+    /// embedding of these models): the tokens whose embedding rows train, in the order of the
+    /// saved rows.
+    pub fn token_indices(&self) -> Result<Option<Vec<u32>>> {
+        let list = match self.other.get("trainable_token_indices") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(by_module)) => {
+                let mut entries = by_module.iter();
+                match (entries.next(), entries.next()) {
+                    (Some((m, list)), None) if m == "embed_tokens" || m == "model.embed_tokens" => {
+                        list
+                    }
+                    _ => bail!(
+                        "trainable_token_indices: only the input embedding (embed_tokens) takes trainable tokens here, got {}",
+                        Value::Object(by_module.clone())
+                    ),
+                }
+            }
+            Some(list) => list,
+        };
+        let ids: Option<Vec<u32>> = list.as_array().and_then(|items| {
+            items
+                .iter()
+                .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
+                .collect()
+        });
+        let ids = ids
+            .with_context(|| format!("trainable_token_indices must list token ids, got {list}"))?;
+        if ids.is_empty() {
+            bail!("trainable_token_indices lists no token");
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(t) = ids.iter().find(|t| !seen.insert(**t)) {
+            bail!("trainable_token_indices lists token {t} twice");
+        }
+        Ok(Some(ids))
+    }
+
     pub fn to_json_string(&self) -> Result<String> {
         let mut v = serde_json::to_value(self)?;
         let obj = v

@@ -1,0 +1,157 @@
+//! LoRA with `trainable_token_indices` on a tiny random Llama: the listed tokens' embedding
+//! rows (and, tied, their head rows) are trained tensors saved under HF PEFT's key, equal to
+//! a model whose embedding holds them, merged into it, and trained only by what reads them.
+
+use candle_core::{Device, Tensor};
+use peft::{LoraConfig, PeftModel, TargetModules};
+use peft_models::testing::{max_abs_diff, tiny_llama, SeededNormal};
+use peft_models::Llama;
+use peft_ops::cross_entropy_chunked;
+use serde_json::json;
+
+const KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+
+fn ids() -> Tensor {
+    Tensor::new(&[[3u32, 17, 42, 5, 9, 33, 61, 0]], &Device::Cpu).unwrap()
+}
+
+fn logits(model: &Llama) -> Tensor {
+    model
+        .logits(&model.forward(&ids(), None, None, false).unwrap())
+        .unwrap()
+}
+
+fn config(tokens: serde_json::Value) -> LoraConfig {
+    let mut c = LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        target_modules: Some(TargetModules::parse_flag("q_proj")),
+        ..Default::default()
+    };
+    c.other.insert("trainable_token_indices".into(), tokens);
+    c
+}
+
+/// The model with the token rows of `tokens` set to seeded values; returns those values.
+fn with_new_rows(seed: u64, tied: bool, tokens: serde_json::Value) -> (PeftModel, Tensor) {
+    let model = PeftModel::new(tiny_llama(seed, tied).unwrap(), config(tokens), 1).unwrap();
+    let var = model
+        .trainable()
+        .into_iter()
+        .find(|(k, _)| k == KEY)
+        .expect("the token rows train")
+        .1;
+    let rows = SeededNormal::new(8)
+        .tensor(var.dims(), 1.0, &Device::Cpu)
+        .unwrap();
+    var.set(&rows).unwrap();
+    (model, rows)
+}
+
+/// `base` with the embedding rows of `tokens` replaced by `rows`.
+fn replaced(mut base: Llama, tokens: &[u32], rows: &Tensor) -> Llama {
+    let mut embed: Vec<Vec<f32>> = base.embed_tokens.to_vec2().unwrap();
+    let rows: Vec<Vec<f32>> = rows.to_vec2().unwrap();
+    for (&t, row) in tokens.iter().zip(rows) {
+        embed[t as usize] = row;
+    }
+    let (v, h) = base.embed_tokens.dims2().unwrap();
+    let flat: Vec<f32> = embed.into_iter().flatten().collect();
+    base.embed_tokens = Tensor::from_vec(flat, (v, h), &Device::Cpu).unwrap();
+    base
+}
+
+#[test]
+fn token_rows_replace_the_embedding_and_the_tied_head() {
+    let untouched = PeftModel::new(tiny_llama(3, true).unwrap(), config(json!([9, 3])), 1).unwrap();
+    let base_logits = logits(&tiny_llama(3, true).unwrap());
+    // Each row starts as the token's own.
+    assert!(max_abs_diff(&logits(&untouched.base), &base_logits) < 1e-5);
+
+    for tied in [true, false] {
+        let (model, rows) = with_new_rows(3, tied, json!({"embed_tokens": [9, 3]}));
+        let got = logits(&model.base);
+        assert!(max_abs_diff(&got, &base_logits) > 1e-2);
+        // Rows in the listed order: 9 first, then 3 (HF PEFT keeps the user's order).
+        // Untied, the head keeps its rows (HF PEFT adapts a head only where it is tied).
+        let want = logits(&replaced(tiny_llama(3, tied).unwrap(), &[9, 3], &rows));
+        assert!(max_abs_diff(&got, &want) < 1e-5, "tied {tied}");
+        // Merging writes them into the embedding (which a tied head reads).
+        let merged = model.merge_and_unload().unwrap();
+        assert!(max_abs_diff(&logits(&merged), &want) < 1e-5, "tied {tied}");
+    }
+}
+
+/// Untied, a row trains only where its token is read: 3 is in the input, 60 is not. Tied,
+/// the head reads every row.
+#[test]
+fn token_rows_get_the_gradient_of_what_reads_them() {
+    for tied in [false, true] {
+        let (model, _) = with_new_rows(5, tied, json!([3, 60]));
+        let labels = Tensor::new(&[17i64, 42, 5, 9, 33, 61, 0, -100], &Device::Cpu).unwrap();
+        let h = model.base.forward(&ids(), None, None, true).unwrap();
+        let weight = model.base.lm_head_weight().unwrap();
+        let (loss, _) = cross_entropy_chunked(&h.squeeze(0).unwrap(), &weight, &labels, 3).unwrap();
+        let grads = model.base.backward(&loss).unwrap();
+        let var = model
+            .trainable()
+            .into_iter()
+            .find(|(k, _)| k == KEY)
+            .unwrap()
+            .1;
+        let g: Vec<Vec<f32>> = grads.get(var.as_tensor()).unwrap().to_vec2().unwrap();
+        let norm = |row: &Vec<f32>| row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!(norm(&g[0]) > 1e-4, "tied {tied}: token 3 is read");
+        match tied {
+            true => assert!(norm(&g[1]) > 1e-4, "the tied head reads token 60's row"),
+            false => assert_eq!(norm(&g[1]), 0.0, "nothing reads token 60's row"),
+        }
+    }
+}
+
+#[test]
+fn token_rows_save_under_hf_peft_key_and_load_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, rows) = with_new_rows(4, true, json!([9, 3]));
+    model.save(dir.path(), "tiny").unwrap();
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["trainable_token_indices"], json!([9, 3]));
+    let tensors = peft_models::io::load_safetensors(
+        &dir.path().join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(max_abs_diff(&tensors[KEY], &rows), 0.0);
+    let loaded = PeftModel::load(tiny_llama(4, true).unwrap(), dir.path()).unwrap();
+    assert_eq!(
+        max_abs_diff(&logits(&loaded.base), &logits(&model.base)),
+        0.0
+    );
+    let (t, all) = PeftModel::new(tiny_llama(4, true).unwrap(), config(json!([9, 3])), 1)
+        .unwrap()
+        .parameter_counts();
+    // HF PEFT counts the rows as trainable and once more in all parameters.
+    let lora = 2 * (2 * 32 + 32 * 2);
+    assert_eq!(t, lora + 2 * 32);
+    assert_eq!(all, tiny_llama(4, true).unwrap().parameter_count() + t);
+}
+
+#[test]
+fn bad_token_lists_are_refused() {
+    for (tokens, message) in [
+        (json!([3, 3]), "lists token 3 twice"),
+        (json!([64]), "token 64 is outside the vocabulary (size 64)"),
+        (json!({"lm_head": [3]}), "only the input embedding"),
+        (json!([]), "lists no token"),
+        (json!(["a"]), "must list token ids"),
+    ] {
+        let err = match PeftModel::new(tiny_llama(1, true).unwrap(), config(tokens), 1) {
+            Ok(_) => panic!("accepted where {message}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(message), "{err}");
+    }
+}

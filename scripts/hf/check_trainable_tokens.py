@@ -1,0 +1,102 @@
+"""Checks LoRA with `trainable_token_indices` against HF PEFT on SmolLM2 (tied embedding):
+
+- `peft train --trainable-token-indices 2,1` (<|im_end|>, <|im_start|>: in the user's order)
+  writes an adapter that HF PEFT loads with no missing or unexpected key and whose logits
+  equal `peft logits`'s;
+- an adapter HF PEFT made (its token rows and LoRA weights moved by seeded noise) gives in
+  `peft logits` the logits HF PEFT gives, unmerged and merged (`merge_and_unload`).
+
+    .venv/bin/python scripts/hf/check_trainable_tokens.py [--peft PATH] [--model-dir DIR]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
+ap.add_argument("--model-dir", default="models/smollm2-135m-instruct")
+ap.add_argument("--data", default="data/pirate_qa.jsonl")
+args = ap.parse_args()
+tmp = tempfile.mkdtemp()
+# <|im_start|> (1) and <|im_end|> (2) among ordinary tokens.
+IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 2, 198, 1, 520, 9531, 198, 11173, 3365, 2]
+KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+
+
+def peft_logits(adapter, merged=False):
+    out = f"{adapter}/logits.safetensors"
+    run([args.peft, "logits", "--model", args.model_dir, "--adapter", adapter, "--input-ids",
+         ",".join(map(str, IDS)), "--out", out] + (["--merged"] if merged else []))
+    return load_file(out)["logits"][0]
+
+
+def base():
+    return AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+
+
+@torch.no_grad()
+def logits(model):
+    return model(torch.tensor([IDS])).logits[0]
+
+
+failed = 0
+
+
+def check(ok, what):
+    global failed
+    failed += not ok
+    print(("ok   " if ok else "FAIL ") + what)
+
+
+ours = f"{tmp}/ours"
+run([args.peft, "train", "--model", args.model_dir, "--data", args.data, "--output", ours,
+     "--trainable-token-indices", "2,1", "--target-modules", "q_proj,v_proj", "--r", "8",
+     "--max-steps", "4", "--batch-size", "2", "--lr", "1e-2", "--dtype", "f32", "--quiet"])
+config = json.load(open(f"{ours}/adapter_config.json"))
+saved = load_file(f"{ours}/adapter_model.safetensors")
+moved = (saved[KEY] - base().model.embed_tokens.weight[[2, 1]]).abs().max().item()
+check(config["trainable_token_indices"] == [2, 1] and moved > 1e-3,
+      f"saved: trainable_token_indices {config['trainable_token_indices']}, rows {tuple(saved[KEY].shape)} "
+      f"moved by up to {moved:.3f} in training")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    hf = PeftModel.from_pretrained(base(), ours)
+keys = [str(w.message) for w in caught if "keys" in str(w.message).lower()]
+check(not keys, f"HF PEFT loads it with no missing or unexpected key {keys}")
+diff = (logits(hf) - peft_logits(ours)).abs().max().item()
+check(diff < 1e-4, f"peft's adapter in HF PEFT vs peft logits: max |diff| {diff:.2e}")
+
+theirs = f"{tmp}/theirs"
+torch.manual_seed(0)
+model = get_peft_model(base(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False,
+                                          trainable_token_indices=[2, 1, 100]))
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.add_(torch.randn_like(p) * 0.05)
+model.save_pretrained(theirs)
+want = logits(model)
+diff = (peft_logits(theirs) - want).abs().max().item()
+check(diff < 1e-4, f"HF PEFT's adapter in peft logits: max |diff| {diff:.2e}")
+merged = logits(model.merge_and_unload())
+diff = (peft_logits(theirs, merged=True) - merged).abs().max().item()
+check(diff < 1e-4, f"merged, both: max |diff| {diff:.2e} (unmerged vs merged in HF: "
+      f"{(merged - want).abs().max().item():.1e})")
+sys.exit(1 if failed else 0)
