@@ -3,7 +3,7 @@ use crate::{load_base_with, model_name, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use peft::{
     BottleneckConfig, BottleneckModel, FullModel, Ia3Config, Ia3Model, LoraConfig, PeftModel,
-    PromptInit, PromptModel, TargetModules, Tuned,
+    PromptInit, PromptModel, TargetModules, TokensConfig, TokensModel, Tuned,
 };
 use peft_models::loader::QuantizeOnLoad;
 use peft_models::tokenizer::Tokenizer;
@@ -39,8 +39,9 @@ pub struct TrainCmd {
     #[arg(long)]
     output: Option<PathBuf>,
     /// lora, dora, ia3, prompt (prompt tuning), prefix or ptuning-v2 (prefix tuning: virtual
-    /// keys and values at every layer), adapter (bottleneck adapters), or full (full
-    /// fine-tuning: every weight trained, saved as a complete model folder).
+    /// keys and values at every layer), adapter (bottleneck adapters), trainable-tokens (the
+    /// embedding rows of --trainable-token-indices alone), or full (full fine-tuning: every
+    /// weight trained, saved as a complete model folder).
     #[arg(long)]
     method: Option<String>,
     /// Bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP).
@@ -611,6 +612,17 @@ pub fn build_model(
             Box::new(Ia3Model::new(base, config)?)
         }
         "full" => Box::new(FullModel::new(base)?),
+        "trainable-tokens" => {
+            let Some(Value::Array(ids)) = lora.other.get("trainable_token_indices") else {
+                bail!("--method trainable-tokens needs --trainable-token-indices");
+            };
+            let ids: Vec<u32> = ids
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect();
+            Box::new(TokensModel::new(base, TokensConfig::new(&ids), seed)?)
+        }
         "prefix" | "ptuning-v2" => Box::new(PromptModel::new_prefix_tuning(
             base,
             virtual_tokens,
@@ -632,6 +644,7 @@ const METHODS: &[&str] = &[
     "prefix",
     "ptuning-v2",
     "adapter",
+    "trainable-tokens",
     "full",
 ];
 
@@ -674,7 +687,7 @@ fn ignored_flags(c: &TrainCmd, method: &str) -> Vec<&'static str> {
         (
             "--trainable-token-indices",
             c.trainable_token_indices.is_some(),
-            lora,
+            lora || method == "trainable-tokens",
         ),
         ("--loraplus-lr-ratio", c.loraplus_lr_ratio.is_some(), lora),
         (

@@ -700,6 +700,16 @@ impl Llama {
         Ok(())
     }
 
+    /// Writes the replaced token rows into the embedding (a tied head reads them from there)
+    /// and forgets them: the merge of trainable tokens.
+    pub fn merge_token_rows(&mut self) -> Result<()> {
+        if let Some(t) = self.token_rows.take() {
+            let embed = self.embed_tokens.detach();
+            self.embed_tokens = t.replace_rows_of(&embed)?.detach();
+        }
+        Ok(())
+    }
+
     /// Output projection weight `[vocab, hidden]` (the embedding when tied, with its replaced
     /// token rows; never quantized).
     pub fn lm_head_weight(&self) -> candle_core::Result<Tensor> {

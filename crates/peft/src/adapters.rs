@@ -7,7 +7,7 @@
 //! only, and switching is choosing another tree: nothing is patched or recomputed.
 
 use crate::prompt::is_prompt_learning;
-use crate::{BottleneckModel, Ia3Model, PeftModel, PromptModel, Tuned};
+use crate::{BottleneckModel, Ia3Model, PeftModel, PromptModel, TokensModel, Tuned};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use peft_models::Llama;
@@ -23,6 +23,8 @@ pub enum Adapter {
     Bottleneck(BottleneckModel),
     /// Prompt tuning, P-tuning or prefix tuning.
     Prompt(PromptModel),
+    /// Trainable tokens.
+    Tokens(TokensModel),
 }
 
 impl Adapter {
@@ -35,6 +37,7 @@ impl Adapter {
             t if is_prompt_learning(t) => Self::Prompt(PromptModel::load(base, dir)?),
             "IA3" => Self::Ia3(Ia3Model::load(base, dir)?),
             "BOTTLENECK" => Self::Bottleneck(BottleneckModel::load(base, dir)?),
+            "TRAINABLE_TOKENS" => Self::Tokens(TokensModel::load(base, dir)?),
             _ => Self::Lora(PeftModel::load(base, dir)?),
         })
     }
@@ -46,6 +49,7 @@ impl Adapter {
             Self::Ia3(_) => "IA3",
             Self::Bottleneck(_) => "BOTTLENECK",
             Self::Prompt(m) => &m.config.peft_type,
+            Self::Tokens(_) => "TRAINABLE_TOKENS",
         }
     }
 
@@ -55,6 +59,7 @@ impl Adapter {
             Self::Ia3(m) => m,
             Self::Bottleneck(m) => m,
             Self::Prompt(m) => m,
+            Self::Tokens(m) => m,
         }
     }
 
@@ -64,6 +69,7 @@ impl Adapter {
             Self::Ia3(m) => m,
             Self::Bottleneck(m) => m,
             Self::Prompt(m) => m,
+            Self::Tokens(m) => m,
         }
     }
 
@@ -80,11 +86,13 @@ impl Adapter {
         self.model().logits(&hidden)
     }
 
-    /// Folds the adapter into the base weights (LoRA, DoRA, IA3) and returns the plain model.
+    /// Folds the adapter into the base weights (LoRA, DoRA, IA3, trainable tokens) and returns
+    /// the plain model.
     pub fn merge_and_unload(self) -> Result<Llama> {
         match self {
             Self::Lora(m) => m.merge_and_unload(),
             Self::Ia3(m) => m.merge_and_unload(),
+            Self::Tokens(m) => m.merge_and_unload(),
             other => bail!(
                 "{} adapters add computation and cannot be merged into the weights",
                 other.peft_type()

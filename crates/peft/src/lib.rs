@@ -11,6 +11,7 @@ pub mod lora;
 pub mod model;
 pub mod prompt;
 pub mod targets;
+pub mod tokens;
 pub mod tuned;
 
 pub use adapters::{Adapter, Adapters};
@@ -21,6 +22,7 @@ pub use lora::config::LoraConfig;
 pub use model::PeftModel;
 pub use prompt::{PromptConfig, PromptInit, PromptModel};
 pub use targets::TargetModules;
+pub use tokens::{TokensConfig, TokensModel};
 pub use tuned::Tuned;
 
 /// The `peft_type` of the adapter folder at `dir` (`LORA` when its config names none).

@@ -7,9 +7,10 @@ use crate::lora::config::LoraConfig;
 use crate::lora::init::WeightInit;
 use crate::lora::layer::{DropoutSeed, LoraLayer};
 use crate::targets::{keep_layers, select, TargetModules};
+use crate::tokens::{names_embedding, EMBEDDING, LORA_ROWS};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::{Llama, TokenRows};
+use peft_models::Llama;
 use peft_ops::{LinearWeight, QuantizedWeight};
 use peft_quant::FourBit;
 use rand::{Rng, SeedableRng};
@@ -32,11 +33,6 @@ fn default_targets(base: &Llama) -> &'static [&'static str] {
         false => &["q_proj", "v_proj"],
     }
 }
-/// The input embedding's module path (`modules_to_save` may name it `embed_tokens`).
-const EMBEDDING: &str = "model.embed_tokens";
-/// The rows of `trainable_token_indices` under the embedding's path, as HF PEFT saves them.
-const TOKEN_ROWS: &str = "token_adapter.trainable_tokens_delta";
-
 pub struct PeftModel {
     pub base: Llama,
     pub config: LoraConfig,
@@ -301,7 +297,7 @@ impl PeftModel {
         let to_save = self.config.modules_to_save.clone().unwrap_or_default();
         let wrapped: Vec<String> = self.adapters.keys().cloned().collect();
         let mut extra = BTreeMap::new();
-        let is_embedding = |m: &String| m == "embed_tokens" || m == EMBEDDING;
+        let is_embedding = |m: &String| names_embedding(m);
         // A tied head and embedding part when either trains (HF PEFT trains a copy of the
         // module named and leaves the other as it was).
         if to_save.iter().any(|m| m == "lm_head" || is_embedding(m)) {
@@ -347,21 +343,9 @@ impl PeftModel {
             if to_save.iter().any(is_embedding) {
                 bail!("trainable_token_indices and modules_to_save both train the embedding: choose one");
             }
-            let vocab = self.base.config.vocab_size;
-            if let Some(bad) = indices.iter().find(|&&t| t as usize >= vocab) {
-                bail!(
-                    "trainable_token_indices: token {bad} is outside the vocabulary (size {vocab})"
-                );
-            }
             // Each starts as the token's own row, as HF PEFT's trainable tokens do.
-            let ids = Tensor::new(indices.as_slice(), &self.base.device)?;
-            let own = self.base.embed_tokens.index_select(&ids, 0)?;
-            let var = Var::from_tensor(&own.to_dtype(DType::F32)?)?;
-            self.base.token_rows = Some(TokenRows {
-                indices,
-                rows: var.as_tensor().clone(),
-            });
-            extra.insert(file_key(EMBEDDING, TOKEN_ROWS), var);
+            let var = crate::tokens::attach_token_rows(&mut self.base, indices, true, 0)?;
+            extra.insert(file_key(EMBEDDING, LORA_ROWS), var);
         }
         self.extra_trainable = extra;
         Ok(())
@@ -402,7 +386,7 @@ impl PeftModel {
         let modules_to_save: usize = self
             .extra_trainable
             .iter()
-            .filter(|(k, _)| k.ends_with(".weight") || k.ends_with(TOKEN_ROWS))
+            .filter(|(k, _)| k.ends_with(".weight") || k.ends_with(LORA_ROWS))
             .map(|(_, v)| v.elem_count())
             .sum();
         let base = self.base.parameter_count();
@@ -582,14 +566,9 @@ impl PeftModel {
         let adapters = std::mem::take(&mut self.adapters);
         let dtype = self.base.dtype;
         // A trained embedding (modules_to_save) becomes a plain tensor again, with trained
-        // token rows in place (a tied head reads them from there).
-        let mut embed = self.base.embed_tokens.detach();
-        if let Some(t) = self.base.token_rows.take() {
-            let ids = Tensor::new(t.indices.as_slice(), embed.device())?;
-            let rows = t.rows.detach().to_dtype(embed.dtype())?;
-            embed = embed.index_add(&ids, &(rows - embed.index_select(&ids, 0)?)?, 0)?;
-        }
-        self.base.embed_tokens = embed.to_dtype(dtype)?;
+        // token rows in place.
+        self.base.merge_token_rows()?;
+        self.base.embed_tokens = self.base.embed_tokens.detach().to_dtype(dtype)?;
         for (path, lin) in self.base.linears_mut() {
             lin.adapter = None;
             // A quantized base is dequantized here: the merged model is dense.

@@ -155,3 +155,59 @@ fn bad_token_lists_are_refused() {
         assert!(err.contains(message), "{err}");
     }
 }
+
+/// The method alone (HF PEFT's TrainableTokensConfig): rows under the embedding's key and,
+/// for a tied head, the same rows under the head's, as HF PEFT saves them; loaded by type.
+#[test]
+fn trainable_tokens_method_saves_as_hf_peft_and_loads_by_type() {
+    use peft::{Adapter, TokensConfig, TokensModel, Tuned};
+    let embed_key = "base_model.model.model.embed_tokens.trainable_tokens_delta";
+    let head_key = "base_model.model.lm_head.trainable_tokens_delta";
+    for tied in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let model =
+            TokensModel::new(tiny_llama(2, tied).unwrap(), TokensConfig::new(&[9, 3]), 1).unwrap();
+        let (_, var) = &model.trainable()[0];
+        let rows = SeededNormal::new(3)
+            .tensor(var.dims(), 1.0, &Device::Cpu)
+            .unwrap();
+        var.set(&rows).unwrap();
+        let want = logits(&replaced(tiny_llama(2, tied).unwrap(), &[9, 3], &rows));
+        assert!(
+            max_abs_diff(&logits(&model.base), &want) < 1e-5,
+            "tied {tied}"
+        );
+        model.save(dir.path(), "tiny").unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["peft_type"], json!("TRAINABLE_TOKENS"));
+        assert_eq!(config["token_indices"], json!([9, 3]));
+        let file = dir.path().join("adapter_model.safetensors");
+        let tensors = peft_models::io::load_safetensors(&file, &Device::Cpu).unwrap();
+        let mut keys: Vec<&str> = tensors.keys().map(String::as_str).collect();
+        keys.sort();
+        let want_keys = match tied {
+            true => vec![head_key, embed_key],
+            false => vec![embed_key],
+        };
+        assert_eq!(keys, want_keys);
+        let loaded = Adapter::load(tiny_llama(2, tied).unwrap(), dir.path()).unwrap();
+        assert_eq!(loaded.peft_type(), "TRAINABLE_TOKENS");
+        assert_eq!(
+            max_abs_diff(&logits(loaded.model()), &logits(&model.base)),
+            0.0
+        );
+        let merged = loaded.merge_and_unload().unwrap();
+        assert!(max_abs_diff(&logits(&merged), &want) < 1e-5);
+        if tied {
+            // The head's rows belong to a tied head only.
+            let err = match TokensModel::load(tiny_llama(2, false).unwrap(), dir.path()) {
+                Ok(_) => panic!("loaded a tied head's rows onto an untied model"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains("not tied to the embedding"), "{err}");
+        }
+    }
+}

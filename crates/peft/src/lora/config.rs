@@ -219,38 +219,22 @@ impl LoraConfig {
     /// embedding of these models): the tokens whose embedding rows train, in the order of the
     /// saved rows.
     pub fn token_indices(&self) -> Result<Option<Vec<u32>>> {
-        let list = match self.other.get("trainable_token_indices") {
+        let what = "trainable_token_indices";
+        let list = match self.other.get(what) {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Object(by_module)) => {
                 let mut entries = by_module.iter();
                 match (entries.next(), entries.next()) {
-                    (Some((m, list)), None) if m == "embed_tokens" || m == "model.embed_tokens" => {
-                        list
-                    }
+                    (Some((m, list)), None) if crate::tokens::names_embedding(m) => list,
                     _ => bail!(
-                        "trainable_token_indices: only the input embedding (embed_tokens) takes trainable tokens here, got {}",
+                        "{what}: only the input embedding (embed_tokens) takes trainable tokens here, got {}",
                         Value::Object(by_module.clone())
                     ),
                 }
             }
             Some(list) => list,
         };
-        let ids: Option<Vec<u32>> = list.as_array().and_then(|items| {
-            items
-                .iter()
-                .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
-                .collect()
-        });
-        let ids = ids
-            .with_context(|| format!("trainable_token_indices must list token ids, got {list}"))?;
-        if ids.is_empty() {
-            bail!("trainable_token_indices lists no token");
-        }
-        let mut seen = std::collections::HashSet::new();
-        if let Some(t) = ids.iter().find(|t| !seen.insert(**t)) {
-            bail!("trainable_token_indices lists token {t} twice");
-        }
-        Ok(Some(ids))
+        crate::tokens::parse_token_ids(list, what).map(Some)
     }
 
     pub fn to_json_string(&self) -> Result<String> {
