@@ -4,7 +4,7 @@
 use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::{file_key, module_path};
 use crate::lora::config::LoraConfig;
-use crate::lora::init::WeightInit;
+use crate::lora::init::{SavedBase, WeightInit};
 use crate::lora::layer::{DropoutSeed, LoraLayer};
 use crate::targets::{keep_layers, select, TargetModules};
 use crate::tokens::{names_embedding, EMBEDDING, LORA_ROWS};
@@ -85,6 +85,12 @@ impl PeftModel {
     pub fn new(base: Llama, config: LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let weight_init = WeightInit::parse(&config.init_lora_weights)?;
+        if weight_init.is_some() && config.use_dora {
+            bail!(
+                "init_lora_weights={} with use_dora is not supported",
+                config.init_lora_weights
+            );
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let model = Self::build(base, config, |_path, r, in_f, out_f, cfg| {
             let dev = candle_core::Device::Cpu;
@@ -459,9 +465,9 @@ impl PeftModel {
             bail!("adapter folder not found: {}", dir.display());
         }
         let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
-        if WeightInit::parse(&config.init_lora_weights)?.is_some_and(WeightInit::keeps_residual) {
+        if SavedBase::of(&config.init_lora_weights)? == SavedBase::Residual {
             bail!(
-                "{}: init_lora_weights={} marks an adapter for PiSSA's or OLoRA's residual base weights, not the original ones: convert it with HF PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) (peft-rs saves such adapters converted)",
+                "{}: init_lora_weights={} marks an adapter for residual base weights (PiSSA, OLoRA, CorDA, LoRA-GA), not the original ones: convert it with HF PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) (peft-rs saves such adapters converted)",
                 dir.join(CONFIG_FILE).display(),
                 config.init_lora_weights
             );

@@ -144,3 +144,41 @@ fn quantized_residual_keeps_more_than_quantized_weights() {
         "QPiSSA {qpissa_error} vs QLoRA {qlora_error}"
     );
 }
+
+/// Adapters HF PEFT saved after its other inits load by what their base is: EVA, orthogonal
+/// and MiCA left the base as it was (their A and B are the trained ones), CorDA and LoRA-GA
+/// gave up part of it, like PiSSA. None of those trains here.
+#[test]
+fn adapters_of_other_hf_inits_load_by_their_base() {
+    let model = PeftModel::new(tiny_llama(5, true).unwrap(), config("gaussian", false), 1).unwrap();
+    let want = logits(&model.base);
+    for (init, loads) in [
+        ("eva", true),
+        ("orthogonal", true),
+        ("mica", true),
+        ("corda", false),
+        ("lora_ga", false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        model.save(dir.path(), "tiny").unwrap();
+        let path = dir.path().join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replace(
+            "\"init_lora_weights\": \"gaussian\"",
+            &format!("\"init_lora_weights\": \"{init}\""),
+        );
+        assert!(text.contains(init));
+        std::fs::write(&path, text).unwrap();
+        match PeftModel::load(tiny_llama(5, true).unwrap(), dir.path()) {
+            Ok(loaded) if loads => assert_eq!(max_abs_diff(&logits(&loaded.base), &want), 0.0),
+            Err(e) if !loads => assert!(e.to_string().contains("residual base weights"), "{e}"),
+            Ok(_) => panic!("{init}: loaded onto the original base"),
+            Err(e) => panic!("{init}: {e}"),
+        }
+        let err = PeftModel::new(tiny_llama(5, true).unwrap(), config(init, false), 1)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("is not supported"), "{init}: {err}");
+    }
+}

@@ -182,13 +182,7 @@ impl LoraConfig {
             );
         }
         self.token_indices()?;
-        let weight_init = crate::lora::init::WeightInit::parse(&self.init_lora_weights)?;
-        if weight_init.is_some() && self.use_dora {
-            bail!(
-                "init_lora_weights={} with use_dora is not supported",
-                self.init_lora_weights
-            );
-        }
+        crate::lora::init::SavedBase::of(&self.init_lora_weights)?;
         for key in UNSUPPORTED_IF_SET {
             if let Some(v) = self.other.get(*key) {
                 let default = v.is_null() || v == &Value::Bool(false);

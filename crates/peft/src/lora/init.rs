@@ -15,6 +15,34 @@ use serde_json::Value;
 /// The `init_lora_weights` values peft-rs takes.
 const SUPPORTED: &str = r#"true, false, "gaussian", "pissa", "pissa_niter_N", "olora", "loftq""#;
 
+/// What the base of an adapter saved with some `init_lora_weights` is, for every value HF
+/// PEFT 0.21 takes: whatever initialised A and B, the saved ones are the trained ones.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SavedBase {
+    /// The original weights: PEFT's own inits, LoftQ's (for the 4-bit base), EVA's,
+    /// orthogonal, MiCA's (A, or B, starts at zero).
+    Original,
+    /// Weights that gave up the initial `s·B₀·A₀` (PiSSA, OLoRA, CorDA, LoRA-GA) until HF
+    /// PEFT's `path_initial_model_for_weight_conversion` converts the adapter.
+    Residual,
+}
+
+impl SavedBase {
+    pub fn of(init: &Value) -> Result<Self> {
+        let s = match init {
+            Value::Bool(_) => return Ok(Self::Original),
+            Value::String(s) => s.as_str(),
+            other => bail!("init_lora_weights={other} is not supported ({SUPPORTED})"),
+        };
+        Ok(match s {
+            "gaussian" | "loftq" | "eva" | "orthogonal" | "mica" => Self::Original,
+            "olora" | "corda" | "lora_ga" => Self::Residual,
+            s if s == "pissa" || s.starts_with("pissa_niter_") => Self::Residual,
+            other => bail!("init_lora_weights={other:?} is not an init HF PEFT knows"),
+        })
+    }
+}
+
 /// An initialisation that decomposes the base weight.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum WeightInit {
