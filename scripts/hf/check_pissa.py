@@ -34,11 +34,11 @@ def run(cmd):
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
 
 
-def train(init, lr, steps, out):
+def train(init, lr, steps, out, extra=()):
     run([args.peft, "train", "--model", args.model_dir, "--data", args.data, "--output", out,
          "--init-lora-weights", init, "--target-modules", "all-linear", "--r", "8",
          "--lora-alpha", "16", "--lora-dropout", "0", "--max-steps", str(steps),
-         "--batch-size", "2", "--lr", str(lr), "--dtype", "f32", "--quiet"])
+         "--batch-size", "2", "--lr", str(lr), "--dtype", "f32", "--quiet", *extra])
 
 
 failed = 0
@@ -66,19 +66,22 @@ for init in ["pissa", "olora"]:
     failed += not ok
     print(f"{'ok  ' if ok else 'FAIL'} {init}: initial s·B·A of {modules} modules, worst relative diff {worst:.2e}")
 
-    trained = f"{tmp}/{init}-trained"
-    train(init, 2e-4, 4, trained)
-    run([args.peft, "logits", "--model", args.model_dir, "--adapter", trained, "--input-ids",
-         ",".join(map(str, IDS)), "--out", f"{tmp}/ours.safetensors"])
-    ours = load_file(f"{tmp}/ours.safetensors")["logits"]
-    base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        plain = base(torch.tensor([IDS])).logits
-        theirs = PeftModel.from_pretrained(base, trained)(torch.tensor([IDS])).logits
-    diff = (ours - theirs).abs().max().item()
-    moved = (theirs - plain).abs().max().item()
-    ok = diff < 1e-3 and moved > 1e-2
-    failed += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {init}: trained adapter in HF PEFT on the original base, "
-          f"logits {diff:.1e} from peft's (training moved them {moved:.2f})")
+    # With DoRA too: its magnitudes scale W + s·B'·A', the same weights on either base.
+    for dora in [False, True]:
+        what = f"{init}{' with DoRA' if dora else ''}"
+        trained = f"{tmp}/{init}-{dora}-trained"
+        train(init, 2e-4, 4, trained, ["--use-dora", "true"] if dora else [])
+        run([args.peft, "logits", "--model", args.model_dir, "--adapter", trained,
+             "--input-ids", ",".join(map(str, IDS)), "--out", f"{tmp}/ours.safetensors"])
+        ours = load_file(f"{tmp}/ours.safetensors")["logits"]
+        base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            plain = base(torch.tensor([IDS])).logits
+            theirs = PeftModel.from_pretrained(base, trained)(torch.tensor([IDS])).logits
+        diff = (ours - theirs).abs().max().item()
+        moved = (theirs - plain).abs().max().item()
+        ok = diff < 1e-3 and moved > 1e-2
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {what}: trained adapter in HF PEFT on the original "
+              f"base, logits {diff:.1e} from peft's (training moved them {moved:.2f})")
 raise SystemExit(failed)

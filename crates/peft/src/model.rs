@@ -85,7 +85,7 @@ impl PeftModel {
     pub fn new(base: Llama, config: LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         let weight_init = WeightInit::parse(&config.init_lora_weights)?;
-        if weight_init.is_some() && config.use_dora {
+        if weight_init == Some(WeightInit::Loftq) && config.use_dora {
             bail!(
                 "init_lora_weights={} with use_dora is not supported",
                 config.init_lora_weights

@@ -27,8 +27,20 @@ fn config(init: &str, use_rslora: bool) -> LoraConfig {
 #[test]
 fn decomposed_adapters_save_for_the_original_base() {
     let base_logits = logits(&tiny_llama(5, true).unwrap());
-    for (init, rslora) in [("pissa", false), ("pissa_niter_2", true), ("olora", false)] {
-        let model = PeftModel::new(tiny_llama(5, true).unwrap(), config(init, rslora), 1).unwrap();
+    for (init, rslora, use_dora) in [
+        ("pissa", false, false),
+        ("pissa_niter_2", true, false),
+        ("olora", false, false),
+        // DoRA's magnitude starts as ‖W‖ = ‖W_res + s·B₀·A₀‖, and the conversion keeps the
+        // weight it scales (W + s·B'·A' = W_res + s·B·A).
+        ("pissa", false, true),
+        ("olora", true, true),
+    ] {
+        let config = LoraConfig {
+            use_dora,
+            ..config(init, rslora)
+        };
+        let model = PeftModel::new(tiny_llama(5, true).unwrap(), config, 1).unwrap();
         // The principal part moved into A and B: the model is unchanged.
         let start = logits(&model.base);
         assert!(max_abs_diff(&start, &base_logits) < 1e-4, "{init}");
@@ -110,9 +122,10 @@ fn unconverted_adapters_are_refused() {
         err.contains("path_initial_model_for_weight_conversion"),
         "{err}"
     );
+    // LoftQ's magnitude would scale the quantized weight, not the corrected one.
     let dora = LoraConfig {
         use_dora: true,
-        ..config("olora", false)
+        ..config("loftq", false)
     };
     let err = PeftModel::new(tiny_llama(5, true).unwrap(), dora, 1)
         .err()
