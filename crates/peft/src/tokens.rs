@@ -10,6 +10,9 @@ use crate::Tuned;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use peft_models::{Llama, TokenRows};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
@@ -66,11 +69,15 @@ pub(crate) fn attach_token_rows(
                 .index_select(&ids, 0)?
                 .to_dtype(DType::F32)?
         }
-        false => peft_models::testing::SeededNormal::new(seed).tensor(
-            &[indices.len(), base.config.hidden_size],
-            1.0,
-            &base.device,
-        )?,
+        // torch.randn's distribution (not its draws).
+        false => {
+            let shape = (indices.len(), base.config.hidden_size);
+            let mut rng = StdRng::seed_from_u64(seed);
+            let values: Vec<f32> = (0..shape.0 * shape.1)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect();
+            Tensor::from_vec(values, shape, &base.device)?
+        }
     };
     let var = Var::from_tensor(&start)?;
     base.token_rows = Some(TokenRows {

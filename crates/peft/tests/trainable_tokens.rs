@@ -211,3 +211,29 @@ fn trainable_tokens_method_saves_as_hf_peft_and_loads_by_type() {
         }
     }
 }
+
+/// `init_weights: false` starts the rows as N(0, 1) draws (HF PEFT's torch.randn), the same
+/// for the same seed.
+#[test]
+fn random_token_rows_are_standard_normal_and_seeded() {
+    use peft::{TokensConfig, TokensModel, Tuned};
+    let rows = |seed: u64| {
+        let config = TokensConfig {
+            init_weights: false,
+            ..TokensConfig::new(&(0..64).collect::<Vec<u32>>())
+        };
+        let model = TokensModel::new(tiny_llama(2, true).unwrap(), config, seed).unwrap();
+        let t = model.trainable()[0].1.as_tensor().flatten_all().unwrap();
+        t.to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (rows(1), rows(2));
+    assert_eq!(a, rows(1));
+    assert_ne!(a, b);
+    let n = a.len() as f32;
+    let mean = a.iter().sum::<f32>() / n;
+    let var = a.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    assert!(
+        mean.abs() < 0.1 && (var - 1.0).abs() < 0.1,
+        "mean {mean}, var {var}"
+    );
+}
