@@ -526,15 +526,21 @@ pub fn build_model(
             .with_context(|| format!("--loftq-config is not JSON: {text}"))?;
         other.insert("loftq_config".into(), settings);
     }
-    if let Some(ids) = &c.trainable_token_indices {
-        let ids = list(ids)
-            .iter()
-            .map(|t| t.parse::<u32>().map(Value::from))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|_| {
-                anyhow::anyhow!("--trainable-token-indices must list token ids, got {ids:?}")
-            })?;
-        other.insert("trainable_token_indices".into(), Value::Array(ids));
+    let token_ids = c
+        .trainable_token_indices
+        .as_deref()
+        .map(|ids| {
+            list(ids)
+                .iter()
+                .map(|t| t.parse::<u32>())
+                .collect::<std::result::Result<Vec<u32>, _>>()
+                .map_err(|_| {
+                    anyhow::anyhow!("--trainable-token-indices must list token ids, got {ids:?}")
+                })
+        })
+        .transpose()?;
+    if let Some(ids) = &token_ids {
+        other.insert("trainable_token_indices".into(), Value::from(ids.clone()));
     }
     let lora = LoraConfig {
         r,
@@ -613,14 +619,8 @@ pub fn build_model(
         }
         "full" => Box::new(FullModel::new(base)?),
         "trainable-tokens" => {
-            let Some(Value::Array(ids)) = lora.other.get("trainable_token_indices") else {
-                bail!("--method trainable-tokens needs --trainable-token-indices");
-            };
-            let ids: Vec<u32> = ids
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect();
+            let ids =
+                token_ids.context("--method trainable-tokens needs --trainable-token-indices")?;
             Box::new(TokensModel::new(base, TokensConfig::new(&ids), seed)?)
         }
         "prefix" | "ptuning-v2" => Box::new(PromptModel::new_prefix_tuning(

@@ -351,10 +351,16 @@ impl TokenRows {
         rows.broadcast_mul(&keep)? + padded.index_select(&slots, 0)?
     }
 
-    /// `weight` `[vocab, hidden]` with the replaced rows.
-    fn replace_rows_of(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
+    /// The replaced tokens `[n]` and how their rows differ from `weight`'s `[n, hidden]`.
+    fn changes_from(&self, weight: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let ids = Tensor::new(self.indices.as_slice(), weight.device())?;
         let change = (self.rows.to_dtype(weight.dtype())? - weight.index_select(&ids, 0)?)?;
+        Ok((ids, change))
+    }
+
+    /// `weight` `[vocab, hidden]` with the replaced rows.
+    fn replace_rows_of(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let (ids, change) = self.changes_from(weight)?;
         weight.index_add(&ids, &change, 0)
     }
 }
@@ -1045,10 +1051,8 @@ impl Llama {
             // The replaced tokens' logits from their rows, the others as they were.
             (None, Some(t)) => {
                 let logits = frozen_linear(&hidden, &self.embed_tokens)?;
-                let ids = Tensor::new(t.indices.as_slice(), hidden.device())?;
-                let own = t.rows.detach().to_dtype(self.embed_tokens.dtype())?;
-                let change = (own - self.embed_tokens.index_select(&ids, 0)?)?;
-                let change = frozen_linear(&hidden, &change)?.to_dtype(logits.dtype())?;
+                let (ids, change) = t.changes_from(&self.embed_tokens)?;
+                let change = frozen_linear(&hidden, &change.detach())?.to_dtype(logits.dtype())?;
                 logits.index_add(&ids, &change, candle_core::D::Minus1)?
             }
         };

@@ -119,14 +119,15 @@ impl PeftModel {
             ))
         })?;
         match weight_init {
-            Some(init) if init.keeps_residual() => model.decompose_base(init, seed),
-            Some(_) => {
+            Some(WeightInit::Loftq) => {
                 loftq_settings(&model.config)?;
                 Ok(Self {
                     loftq_pending: true,
                     ..model
                 })
             }
+            // PiSSA and OLoRA: the base keeps the residual.
+            Some(init) => model.decompose_base(init, seed),
             None => Ok(model),
         }
     }

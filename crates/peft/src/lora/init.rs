@@ -78,12 +78,6 @@ impl WeightInit {
         })
     }
 
-    /// Whether the base keeps the residual `W − s·B·A` (PiSSA, OLoRA): an adapter saved so
-    /// applies to that residual, not to the original weights, until converted.
-    pub fn keeps_residual(self) -> bool {
-        !matches!(self, Self::Loftq)
-    }
-
     /// `(A [r, in], B [out, r], residual [out, in])` of `weight` `[out, in]` for rank `r` and
     /// scaling `scaling`, all f32 on the CPU; `seed` draws the randomized SVD's test matrix.
     /// LoftQ decomposes the quantization error instead: [`loftq`].
