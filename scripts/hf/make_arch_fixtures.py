@@ -22,7 +22,8 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig,
                           GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
@@ -89,6 +90,21 @@ models = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
                                             "rope_theta": 100000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    # Gemma 3's image-text model (gemma-3-4b and up): the language model of gemma3_text above
+    # under `language_model` (its text_config), beside a small SigLIP vision tower and the
+    # projector, which text never reaches. HF PEFT's all-linear adapts the tower too; its
+    # B matrices there are zeroed below, as text-only training leaves them.
+    "gemma3": (Gemma3ForConditionalGeneration, Gemma3Config(
+        text_config=Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                "rope_theta": 100000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
+        vision_config=SiglipVisionConfig(hidden_size=16, intermediate_size=24,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          image_size=28, patch_size=14),
+        mm_tokens_per_image=4)),
     # Phi-3: fused qkv_proj and gate_up_proj, a sliding window (5 over 8 tokens) on every
     # layer, LongRoPE (short factors within the original 16 positions; `ids_long`, 20 tokens,
     # takes the long ones) with its attention factor.
@@ -150,6 +166,10 @@ for name, (cls, cfg) in models.items():
             assert (plain - base_logits).abs().max() > 0.1, "yarn"
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     peft_model = get_peft_model(model, lora).eval()
+    with torch.no_grad():
+        for pname, p in peft_model.named_parameters():
+            if "vision_tower" in pname and "lora_B" in pname:
+                p.zero_()
     peft_model.save_pretrained(f"{out}/lora")
     os.remove(f"{out}/lora/README.md")
     with torch.no_grad():
@@ -159,7 +179,7 @@ for name, (cls, cfg) in models.items():
     assert (lora_logits - base_logits).abs().max() > 0.1
     peft_model(input_ids=ids, labels=ids).loss.backward()
     grads = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters()
-             if p.requires_grad}
+             if p.requires_grad and p.grad is not None}
     save_file(grads, f"{out}/grads.safetensors")
     save_file({"input_ids": ids, "base_logits": base_logits.contiguous(),
                "lora_logits": lora_logits.contiguous(), "input_ids_b2": ids_b2,

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use peft::{Adapter, LoraConfig, PeftModel, TargetModules, Tuned};
 use peft_models::loader::{load_model_with, QuantizeOnLoad};
-use peft_models::{Llama, LoadedModel};
+use peft_models::Llama;
 use std::path::{Path, PathBuf};
 
 // Training allocates and frees the same large activation buffers every step. glibc returns
@@ -267,15 +267,9 @@ pub fn load_base_with(
     dev: &Device,
     quantize: Option<QuantizeOnLoad>,
 ) -> Result<(Llama, Option<peft_models::tokenizer::Tokenizer>)> {
-    let LoadedModel {
-        config,
-        weights,
-        quantized,
-        tokenizer,
-    } = load_model_with(path, dev, dtype, quantize)?;
-    let model = Llama::from_loaded(config, weights, quantized, dev, dtype)
-        .with_context(|| format!("cannot build the model from {}", path.display()))?;
-    Ok((model, tokenizer))
+    load_model_with(path, dev, dtype, quantize)?
+        .into_model(dev, dtype)
+        .with_context(|| format!("cannot build the model from {}", path.display()))
 }
 
 /// The base model to load: `--model` where given, else the one the adapter's config names
@@ -470,6 +464,18 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
     kinds.sort();
     kinds.dedup();
     println!("linear modules: {}", kinds.join(", "));
+    if let Some(whole) = &base.config.image_text {
+        let kind = whole
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("?");
+        let frozen: usize = base.other_tensors.iter().map(|t| t.elements).sum();
+        println!(
+            "the language model ({}) of a {kind} image-text model; its {} ({frozen} params) stay frozen on disk",
+            base.config.decoder_path(),
+            base.other_parts().join(" and ")
+        );
+    }
     let line = match &cmd.adapter {
         Some(dir) => Adapter::load(base, dir)?
             .tuned_mut()

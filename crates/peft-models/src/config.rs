@@ -73,7 +73,12 @@ pub struct LlamaConfig {
     /// Phi-3's fused projections: one `qkv_proj` (q, k and v side by side in its output) and
     /// one `gate_up_proj` (gate, then up).
     pub fused_projections: bool,
+    /// The decoder's config as read (an image-text model's `text_config`, with the class
+    /// defaults its file leaves out).
     pub raw: Value,
+    /// The whole config.json of an image-text checkpoint (Gemma 3 4B and up) whose language
+    /// model this is; the vision tower stays on disk. `None` for a causal LM.
+    pub image_text: Option<Value>,
 }
 
 /// Where a decoder layer's RMSNorms sit.
@@ -285,20 +290,112 @@ const SUPPORTED: &[&str] = &[
     "phi3",
 ];
 
+/// Image-text models whose language model is read (text in, text out; the vision tower is
+/// left on disk), by `model_type`, with the `model_type` their `text_config` must have.
+const IMAGE_TEXT: &[(&str, &str)] = &[("gemma3", "gemma3_text")];
+
+/// Module path of the decoder (embeddings, layers, final norm) in a causal LM.
+pub const CAUSAL_LM_DECODER: &str = "model";
+/// Module path of the decoder in an image-text model, as transformers names its modules (and
+/// HF PEFT its adapters' keys: `base_model.model.model.language_model.layers.0...`).
+pub const IMAGE_TEXT_DECODER: &str = "model.language_model";
+
+/// Gemma3TextConfig's class defaults, which transformers leaves out of the files it writes: the
+/// `text_config` of gemma-3-4b-it gives five values and takes the rest from here.
+const GEMMA3_TEXT_DEFAULTS: &[(&str, f64)] = &[
+    ("vocab_size", 262_208.0),
+    ("hidden_size", 2304.0),
+    ("intermediate_size", 9216.0),
+    ("num_hidden_layers", 26.0),
+    ("num_attention_heads", 8.0),
+    ("num_key_value_heads", 4.0),
+    ("head_dim", 256.0),
+    ("max_position_embeddings", 131_072.0),
+    ("query_pre_attn_scalar", 256.0),
+    ("sliding_window", 4096.0),
+    ("pad_token_id", 0.0),
+    ("eos_token_id", 1.0),
+    ("bos_token_id", 2.0),
+];
+
+/// `raw` with the class defaults of its model type filled in where it leaves them out.
+fn with_class_defaults(mut raw: Value) -> Value {
+    if raw.get("model_type").and_then(Value::as_str) == Some("gemma3_text") {
+        if let Value::Object(obj) = &mut raw {
+            for (key, value) in GEMMA3_TEXT_DEFAULTS {
+                obj.entry(*key).or_insert_with(|| (*value as u64).into());
+            }
+            obj.entry("rms_norm_eps").or_insert(1e-6.into());
+        }
+    }
+    raw
+}
+
+/// The language model's config of an image-text checkpoint: its `text_config`, with the
+/// tying of the embeddings that the top level decides (`tie_word_embeddings`, true unless it
+/// says otherwise, whatever `text_config` says: transformers ties by the top level). `None`
+/// for a causal LM.
+fn image_text_language_config(raw: &Value) -> Result<Option<Value>> {
+    let model_type = raw.get("model_type").and_then(Value::as_str);
+    let Some((kind, text_kind)) = IMAGE_TEXT.iter().find(|(k, _)| Some(*k) == model_type) else {
+        return Ok(None);
+    };
+    let mut text = raw
+        .get("text_config")
+        .filter(|t| t.is_object())
+        .with_context(|| format!("model_type {kind:?} needs a text_config object"))?
+        .clone();
+    let obj = text.as_object_mut().expect("checked to be an object");
+    let text_type = obj
+        .entry("model_type")
+        .or_insert_with(|| (*text_kind).into());
+    if text_type != text_kind {
+        bail!("the text_config of a {kind:?} model has model_type {text_type}, expected {text_kind:?}");
+    }
+    let tied = raw
+        .get("tie_word_embeddings")
+        .cloned()
+        .unwrap_or(true.into());
+    obj.insert("tie_word_embeddings".into(), tied);
+    Ok(Some(text))
+}
+
 impl LlamaConfig {
+    /// A causal LM's config, or the language model's of a supported image-text model.
     pub fn from_json(raw: Value) -> Result<Self> {
+        match image_text_language_config(&raw)? {
+            Some(text) => {
+                let mut config = Self::from_text_json(text)?;
+                config.image_text = Some(raw);
+                Ok(config)
+            }
+            None => Self::from_text_json(raw),
+        }
+    }
+
+    /// Module path of the decoder: [`CAUSAL_LM_DECODER`] or [`IMAGE_TEXT_DECODER`].
+    pub fn decoder_path(&self) -> &'static str {
+        match self.image_text {
+            Some(_) => IMAGE_TEXT_DECODER,
+            None => CAUSAL_LM_DECODER,
+        }
+    }
+
+    fn from_text_json(raw: Value) -> Result<Self> {
+        let raw = with_class_defaults(raw);
+        if let Some(other) = raw
+            .get("model_type")
+            .and_then(Value::as_str)
+            .filter(|t| !SUPPORTED.contains(t))
+        {
+            let image_text: Vec<&str> = IMAGE_TEXT.iter().map(|(t, _)| *t).collect();
+            bail!(
+                "unsupported model_type {other:?} (supported: {SUPPORTED:?}, and the language model of {image_text:?})"
+            );
+        }
         let c: RawConfig = serde_json::from_value(raw.clone())
             .context("config.json is not a Llama-family config")?;
         let model_type = c.model_type.clone().unwrap_or_else(|| "llama".into());
-        if model_type == "gemma3" {
-            bail!(
-                "model_type \"gemma3\" is Gemma 3's image-text model; only its text-only \
-                 checkpoints (model_type \"gemma3_text\": gemma-3-270m, gemma-3-1b) are supported"
-            );
-        }
-        if !SUPPORTED.contains(&model_type.as_str()) {
-            bail!("unsupported model_type {model_type:?} (supported: {SUPPORTED:?})");
-        }
         let gemma3 = model_type == "gemma3_text";
         let gemma = gemma3 || model_type == "gemma2";
         // Gemma's soft caps: Gemma 2's default to 50 (scores) and 30 (logits), a null turns
@@ -521,6 +618,7 @@ impl LlamaConfig {
             },
             model_type,
             raw,
+            image_text: None,
         })
     }
 

@@ -3,7 +3,7 @@
 //! writes a model that llama.cpp (and Ollama, LM Studio, ...) runs, laid out as llama.cpp's
 //! `convert_hf_to_gguf.py` lays it out.
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, CAUSAL_LM_DECODER, IMAGE_TEXT_DECODER};
 use crate::io::write_atomic_with;
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
@@ -94,8 +94,17 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
 }
 
 /// HF name -> GGUF tensor name in GGUF architecture `arch` (`None` for tensors llama.cpp has
-/// no name for).
+/// no name for). An image-text model's language model is written as the causal LM it is, as
+/// llama.cpp's converter writes it (the vision tower goes into a projector file of its own).
 pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
+    let causal_lm;
+    let hf = match hf.strip_prefix(IMAGE_TEXT_DECODER) {
+        Some(rest) => {
+            causal_lm = format!("{CAUSAL_LM_DECODER}{rest}");
+            causal_lm.as_str()
+        }
+        None => hf,
+    };
     if let Some((g, _)) = MODEL_TENSORS.iter().find(|(_, h)| *h == hf) {
         return Some(g.to_string());
     }

@@ -123,25 +123,36 @@ pub fn parse_safetensors(
     device: &candle_core::Device,
 ) -> Result<HashMap<String, Tensor>> {
     let mut tensors = HashMap::new();
-    for_each_safetensor(bytes, source, device, |name, t| {
-        tensors.insert(name, t);
-        Ok(())
-    })?;
+    for_each_safetensor(
+        bytes,
+        source,
+        device,
+        |_, _| true,
+        |name, t| {
+            tensors.insert(name, t);
+            Ok(())
+        },
+    )?;
     Ok(tensors)
 }
 
-/// Hands each tensor of the safetensors file in `bytes` to `f` as soon as it is loaded, so a
-/// caller converting dtypes holds one unconverted tensor at a time.
+/// Hands each tensor of the safetensors file in `bytes` that `wanted` takes (by name and
+/// shape; the others are not read) to `f` as soon as it is loaded, so a caller converting
+/// dtypes holds one unconverted tensor at a time.
 pub fn for_each_safetensor(
     bytes: &[u8],
     source: &Path,
     device: &candle_core::Device,
+    mut wanted: impl FnMut(&str, &[usize]) -> bool,
     mut f: impl FnMut(String, Tensor) -> Result<()>,
 ) -> Result<()> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
         anyhow::anyhow!("{} is not a valid safetensors file: {e}", source.display())
     })?;
     for (name, view) in st.tensors() {
+        if !wanted(&name, view.shape()) {
+            continue;
+        }
         let t = candle_core::safetensors::Load::load(&view, device)
             .with_context(|| format!("tensor {name} in {}", source.display()))?;
         f(name, t)?;

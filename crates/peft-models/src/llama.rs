@@ -6,6 +6,7 @@
 //! the model are named exactly as in the HF checkpoint.
 
 use crate::config::{LayerNorms, LlamaConfig, QkNorm};
+use crate::loader::StoredTensor;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -16,6 +17,7 @@ use peft_ops::{
     soft_cap, softmax_last_dim, taped, GradSink, LinearWeight, LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -310,6 +312,9 @@ pub struct Llama {
     long_inv_freq: Option<Tensor>,
     /// Partial rotary's order of head dims (Phi-4-mini).
     rotary_order: Option<Arc<RotaryOrder>>,
+    /// An image-text checkpoint's tensors outside the language model (vision tower,
+    /// projector), left on disk; a saved model copies them.
+    pub other_tensors: Vec<StoredTensor>,
 }
 
 /// Rows of the embedding that replace the model's own for some tokens, as HF PEFT's trainable
@@ -434,11 +439,15 @@ impl Llama {
             weights: &mut weights,
             quantized,
         };
-        let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let decoder = c.decoder_path();
+        let embed_tokens = w.take(
+            &format!("{decoder}.embed_tokens.weight"),
+            &[c.vocab_size, h],
+        )?;
         let linears = c.layer_linears();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+            let p = format!("{decoder}.layers.{l}");
             // The layer's linears in the order of `layer_linears`, which is the struct's.
             let mut taken = Vec::with_capacity(linears.len());
             for lin in &linears {
@@ -494,7 +503,7 @@ impl Llama {
                 mlp_adapter: None,
             });
         }
-        let norm = w.take("model.norm.weight", &[h])?;
+        let norm = w.take(&format!("{decoder}.norm.weight"), &[h])?;
         // Some tied checkpoints still store lm_head.weight; the config decides.
         let lm_head = if c.tie_word_embeddings {
             None
@@ -534,6 +543,7 @@ impl Llama {
             local_inv_freq,
             long_inv_freq,
             rotary_order,
+            other_tensors: Vec::new(),
         };
         if was_quantized {
             model.norms_in_f32()?;
@@ -544,11 +554,12 @@ impl Llama {
     /// Every linear layer with its HF module path, in checkpoint order.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let linears = self.config.layer_linears();
+        let decoder = self.config.decoder_path();
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let paths = linears
                 .iter()
-                .map(|lin| format!("model.layers.{l}.{}", lin.name));
+                .map(|lin| format!("{decoder}.layers.{l}.{}", lin.name));
             let layer_linears = layer.linears_mut();
             debug_assert_eq!(
                 layer_linears.len(),
@@ -567,9 +578,10 @@ impl Llama {
     /// norms (Gemma 3's pre- and post-feedforward norms, Qwen3's and Gemma 3's query and key
     /// norms), then the final norm.
     pub fn norms_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let decoder = self.config.decoder_path();
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
+            let p = format!("{decoder}.layers.{l}");
             if let Some(w) = &mut layer.input_layernorm {
                 out.push((format!("{p}.input_layernorm.weight"), w));
             }
@@ -591,17 +603,14 @@ impl Llama {
                 out.push((format!("{p}.self_attn.k_norm.weight"), k));
             }
         }
-        out.push(("model.norm.weight".to_string(), &mut self.norm));
+        out.push((format!("{decoder}.norm.weight"), &mut self.norm));
         out
     }
 
     /// The base model's tensors under their checkpoint names (adapters excluded); quantized
     /// weights are dequantized.
     pub fn named_tensors(&mut self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
-        )];
+        let mut out = vec![(self.embedding_name(), self.embed_tokens.clone())];
         for (name, norm) in self.norms_mut() {
             out.push((name, norm.clone()));
         }
@@ -614,10 +623,41 @@ impl Llama {
         Ok(out)
     }
 
-    /// Parameters of the base model (a quantized weight counts its unquantized size).
+    /// Module paths of the weights outside the language model of an image-text checkpoint
+    /// (`model.vision_tower.encoder.layers.0.self_attn.q_proj`, ...): what HF PEFT's
+    /// `target_modules` may also name there.
+    pub fn other_module_paths(&self) -> Vec<String> {
+        self.other_tensors
+            .iter()
+            .filter_map(|t| t.name.strip_suffix(".weight"))
+            .map(crate::loader::other_part_name)
+            .collect()
+    }
+
+    /// The parts of an image-text model beside its language model (`vision_tower`,
+    /// `multi_modal_projector`, ...), sorted; none for a causal LM.
+    pub fn other_parts(&self) -> Vec<String> {
+        let mut parts: Vec<String> = self
+            .other_module_paths()
+            .iter()
+            .filter_map(|p| p.split('.').nth(1).map(str::to_string))
+            .collect();
+        parts.sort();
+        parts.dedup();
+        parts
+    }
+
+    /// Checkpoint name of the input embedding's weight.
+    pub fn embedding_name(&self) -> String {
+        format!("{}.embed_tokens.weight", self.config.decoder_path())
+    }
+
+    /// Parameters of the base model (a quantized weight counts its unquantized size; an
+    /// image-text model's vision tower counts too, as HF PEFT counts it).
     pub fn parameter_count(&mut self) -> usize {
         let norms: usize = self.norms_mut().iter().map(|(_, t)| t.elem_count()).sum();
-        let mut n = self.embed_tokens.elem_count() + norms;
+        let other: usize = self.other_tensors.iter().map(|t| t.elements).sum();
+        let mut n = self.embed_tokens.elem_count() + norms + other;
         for (_, lin) in self.linears_mut() {
             let (o, i) = lin.weight.dims();
             n += o * i + lin.bias.as_ref().map_or(0, |b| b.elem_count());
@@ -643,7 +683,7 @@ impl Llama {
             vars.push((name, v));
             Ok(())
         };
-        var("model.embed_tokens.weight".into(), &mut self.embed_tokens)?;
+        var(self.embedding_name(), &mut self.embed_tokens)?;
         for (name, norm) in self.norms_mut() {
             var(name, norm)?;
         }
@@ -699,7 +739,12 @@ impl Llama {
         if self.lm_head.is_none() {
             self.lm_head = Some(Linear::new(self.embed_tokens.detach().copy()?, None));
             self.config.tie_word_embeddings = false;
-            if let Some(raw) = self.config.raw.as_object_mut() {
+            let configs = [Some(&mut self.config.raw), self.config.image_text.as_mut()];
+            for raw in configs
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_object_mut)
+            {
                 raw.insert("tie_word_embeddings".into(), false.into());
             }
         }

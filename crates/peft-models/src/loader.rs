@@ -1,8 +1,9 @@
 //! Reads a base model from an HF folder (config.json + safetensors, memory-mapped) or a GGUF
 //! file into tensors named as in the HF checkpoint, on the requested device and dtype.
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, CAUSAL_LM_DECODER, IMAGE_TEXT_DECODER};
 use crate::gguf;
+use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -22,6 +23,61 @@ pub struct LoadedModel {
     /// Decoder linear weights quantized as they were read ([`QuantizeOnLoad`]), by HF name.
     pub quantized: HashMap<String, Arc<QuantizedWeight>>,
     pub tokenizer: Option<Tokenizer>,
+    /// An image-text checkpoint's tensors outside its language model, left unread.
+    pub other_tensors: Vec<StoredTensor>,
+}
+
+impl LoadedModel {
+    /// Builds the model's module tree; returns it with the tokenizer.
+    pub fn into_model(self, device: &Device, dtype: DType) -> Result<(Llama, Option<Tokenizer>)> {
+        let mut model =
+            Llama::from_loaded(self.config, self.weights, self.quantized, device, dtype)?;
+        model.other_tensors = self.other_tensors;
+        Ok((model, self.tokenizer))
+    }
+}
+
+/// A tensor left in its checkpoint file, by the name it has there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredTensor {
+    pub file: PathBuf,
+    pub name: String,
+    /// Its number of elements.
+    pub elements: usize,
+}
+
+/// The module-tree name of an image-text checkpoint's tensor of the language model, as
+/// transformers renames them on load (`language_model.model.layers.0...` is
+/// `model.language_model.layers.0...`, `language_model.lm_head.weight` is `lm_head.weight`;
+/// files saved in the new layout already use those), or `None` for the other parts (vision
+/// tower, projector).
+pub fn language_model_name(name: &str) -> Option<String> {
+    if let Some(rest) = name.strip_prefix("language_model.model.") {
+        return Some(format!("{IMAGE_TEXT_DECODER}.{rest}"));
+    }
+    if let Some(rest) = name.strip_prefix("language_model.") {
+        return rest.starts_with("lm_head.").then(|| rest.to_string());
+    }
+    let ours = name.starts_with(&format!("{IMAGE_TEXT_DECODER}.")) || name.starts_with("lm_head.");
+    ours.then(|| name.to_string())
+}
+
+/// The module-tree name of an image-text checkpoint's tensor outside its language model
+/// (`vision_tower.encoder...` is `model.vision_tower.encoder...`), as transformers renames them.
+pub fn other_part_name(name: &str) -> String {
+    match name.starts_with("model.") {
+        true => name.to_string(),
+        false => format!("model.{name}"),
+    }
+}
+
+/// The name transformers' `save_pretrained` gives a language-model tensor of an image-text
+/// model (the inverse of [`language_model_name`], to the layout the released files use).
+pub fn image_text_checkpoint_name(name: &str) -> String {
+    match name.strip_prefix(&format!("{IMAGE_TEXT_DECODER}.")) {
+        Some(rest) => format!("language_model.model.{rest}"),
+        None => format!("language_model.{name}"),
+    }
 }
 
 /// QLoRA's 4-bit base, quantized while it loads: each decoder linear weight is quantized as
@@ -70,6 +126,7 @@ fn load_into_store(
         quantize,
         weights: HashMap::new(),
         quantized: HashMap::new(),
+        other: Vec::new(),
     };
     let (config, tokenizer) = read(&mut store)?;
     Ok(LoadedModel {
@@ -77,6 +134,7 @@ fn load_into_store(
         weights: store.weights,
         quantized: store.quantized,
         tokenizer,
+        other_tensors: store.other,
     })
 }
 
@@ -86,12 +144,16 @@ struct WeightStore {
     quantize: Option<QuantizeOnLoad>,
     weights: HashMap<String, Tensor>,
     quantized: HashMap<String, Arc<QuantizedWeight>>,
+    other: Vec<StoredTensor>,
 }
 
 impl WeightStore {
     fn insert(&mut self, name: String, t: Tensor) -> Result<()> {
-        let linear =
-            name.starts_with("model.layers.") && name.ends_with("_proj.weight") && t.rank() == 2;
+        let in_layers = [CAUSAL_LM_DECODER, IMAGE_TEXT_DECODER].iter().any(|d| {
+            name.strip_prefix(d)
+                .is_some_and(|r| r.starts_with(".layers."))
+        });
+        let linear = in_layers && name.ends_with("_proj.weight") && t.rank() == 2;
         match self.quantize {
             Some(q) if linear => {
                 let w = QuantizedWeight::quantize(&t, q.kind, q.double_quant, q.compute_dtype)
@@ -162,10 +224,31 @@ fn load_hf_dir(
     store: &mut WeightStore,
 ) -> Result<(LlamaConfig, Option<Tokenizer>)> {
     let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+    // An image-text checkpoint's names are renamed into the module tree, and the tensors
+    // outside its language model are left on disk.
+    let image_text = config.image_text.is_some();
+    let module_name = |name: &str| match image_text {
+        true => language_model_name(name),
+        false => Some(name.to_string()),
+    };
+    let mut other = Vec::new();
     for file in weight_files(dir)? {
+        let mut keep = |name: &str, shape: &[usize]| {
+            let known = module_name(name).is_some();
+            if !known {
+                other.push(StoredTensor {
+                    file: file.clone(),
+                    name: name.to_string(),
+                    elements: shape.iter().product(),
+                });
+            }
+            known
+        };
         if file.extension().is_some_and(|e| e == "bin") {
             for (name, t) in crate::io::load_pytorch(&file, device)? {
-                store.insert(name, t)?;
+                if keep(&name, t.dims()) {
+                    store.insert(module_name(&name).expect("kept"), t)?;
+                }
             }
             continue;
         }
@@ -175,8 +258,11 @@ fn load_hf_dir(
         // changed underneath us can at worst yield wrong numbers, which the shape checks catch.
         let mmap = unsafe { memmap2::Mmap::map(&data) }
             .with_context(|| format!("cannot map {}", file.display()))?;
-        crate::io::for_each_safetensor(&mmap, &file, device, |name, t| store.insert(name, t))?;
+        crate::io::for_each_safetensor(&mmap, &file, device, keep, |name, t| {
+            store.insert(module_name(&name).expect("kept"), t)
+        })?;
     }
+    store.other = other;
     let tokenizer = if dir.join("tokenizer.json").exists() {
         Some(Tokenizer::from_hf_dir(dir)?)
     } else {

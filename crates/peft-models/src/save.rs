@@ -3,11 +3,12 @@
 
 use crate::io::{save_safetensors, write_atomic};
 use crate::llama::Llama;
+use crate::loader::{image_text_checkpoint_name, StoredTensor};
 use crate::tokenizer::Tokenizer;
-use anyhow::{Context, Result};
-use candle_core::DType;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -25,14 +26,30 @@ pub fn save_hf_model(
     dtype: DType,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors = model
+    let image_text = model.config.image_text.is_some();
+    let mut tensors = model
         .named_tensors()?
         .into_iter()
-        .map(|(k, t)| Ok((k, t.detach().to_dtype(dtype)?)))
+        .map(|(k, t)| {
+            let name = match image_text {
+                true => image_text_checkpoint_name(&k),
+                false => k,
+            };
+            Ok((name, t.detach().to_dtype(dtype)?))
+        })
         .collect::<Result<Vec<_>>>()?;
+    tensors.extend(read_stored(&model.other_tensors, dtype)?);
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     save_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;
-    let mut config = model.config.raw.clone();
+    let mut config = match &model.config.image_text {
+        Some(whole) => {
+            let mut whole = whole.clone();
+            whole["text_config"] = model.config.raw.clone();
+            copy_processor_files(&model.other_tensors, dir)?;
+            whole
+        }
+        None => model.config.raw.clone(),
+    };
     if let Value::Object(obj) = &mut config {
         obj.insert("torch_dtype".into(), json!(dtype_name(dtype)));
         obj.insert("dtype".into(), json!(dtype_name(dtype)));
@@ -61,4 +78,68 @@ pub fn save_hf_model(
         &dir.join("generation_config.json"),
         crate::io::sorted_pretty_json(&generation)?.as_bytes(),
     )
+}
+
+/// The tensors `stored` names, read from their files; floating-point ones in `dtype`.
+fn read_stored(stored: &[StoredTensor], dtype: DType) -> Result<Vec<(String, Tensor)>> {
+    let mut files: Vec<&Path> = stored.iter().map(|s| s.file.as_path()).collect();
+    files.sort();
+    files.dedup();
+    let mut out = Vec::with_capacity(stored.len());
+    for file in files {
+        let names: HashSet<&str> = stored
+            .iter()
+            .filter(|s| s.file == file)
+            .map(|s| s.name.as_str())
+            .collect();
+        let mut take = |name: String, t: Tensor| -> Result<()> {
+            let t = match t.dtype().is_float() {
+                true => t.to_dtype(dtype)?,
+                false => t,
+            };
+            out.push((name, t));
+            Ok(())
+        };
+        if file.extension().is_some_and(|e| e == "bin") {
+            for (name, t) in crate::io::load_pytorch(file, &Device::Cpu)? {
+                if names.contains(name.as_str()) {
+                    take(name, t)?;
+                }
+            }
+            continue;
+        }
+        let data =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        // SAFETY: read-only, and dropped before this function returns (see the loader).
+        let mmap = unsafe { memmap2::Mmap::map(&data) }
+            .with_context(|| format!("cannot map {}", file.display()))?;
+        let wanted = |name: &str, _: &[usize]| names.contains(name);
+        crate::io::for_each_safetensor(&mmap, file, &Device::Cpu, wanted, &mut take)?;
+    }
+    if out.len() != stored.len() {
+        bail!(
+            "the checkpoint's files changed since it was loaded: {} of its {} tensors outside the language model are left",
+            out.len(),
+            stored.len()
+        );
+    }
+    Ok(out)
+}
+
+/// An image-text model's processor settings (image size, normalisation, the processor's
+/// class), copied from the folder its weights came from, so that the saved model still takes
+/// images.
+fn copy_processor_files(stored: &[StoredTensor], dir: &Path) -> Result<()> {
+    let Some(source) = stored.first().and_then(|s| s.file.parent()) else {
+        return Ok(());
+    };
+    for name in ["preprocessor_config.json", "processor_config.json"] {
+        let from = source.join(name);
+        if from.is_file() && source != dir {
+            let bytes =
+                std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
+            write_atomic(&dir.join(name), &bytes)?;
+        }
+    }
+    Ok(())
 }

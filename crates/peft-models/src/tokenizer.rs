@@ -166,10 +166,12 @@ const TOKENIZER_FILE: &str = "tokenizer.json";
 const CONFIG_FILE: &str = "tokenizer_config.json";
 const SPECIAL_TOKENS_MAP_FILE: &str = "special_tokens_map.json";
 const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+const PROCESSOR_TEMPLATE_FILE: &str = "chat_template.json";
 
 impl Tokenizer {
     /// Loads `tokenizer.json` from a Hugging Face model folder, with special tokens and the chat
-    /// template from `tokenizer_config.json`, `special_tokens_map.json` and `chat_template.jinja`.
+    /// template from `tokenizer_config.json`, `special_tokens_map.json` and `chat_template.jinja`
+    /// (or an image-text model's `chat_template.json`).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join(TOKENIZER_FILE);
         if !path.is_file() {
@@ -200,11 +202,14 @@ impl Tokenizer {
                     .with_context(|| format!("cannot read {}", template_path.display()))?,
             )
         } else {
-            config
-                .get("chat_template")
+            // An image-text model's processor may keep it in `chat_template.json` instead.
+            let processor = read_json_object(&dir.join(PROCESSOR_TEMPLATE_FILE))?;
+            let template = [&config, &processor]
+                .into_iter()
+                .find_map(|m| m.get("chat_template"))
                 .map(template_from_config)
-                .transpose()?
-                .flatten()
+                .transpose()?;
+            template.flatten()
         };
 
         Ok(Self {

@@ -104,6 +104,73 @@ fn wrong_weight_shape_is_a_clear_error() {
     assert!(format!("{err:#}").contains("Llama-family"), "{err:#}");
 }
 
+/// gemma-3-4b-it's config.json: its text_config gives five values and leaves the others to
+/// Gemma3TextConfig's class defaults, as transformers 5.24 reads them (checked there:
+/// vocab 262208, 8 heads of 256, 4 key-value heads, query_pre_attn_scalar 256, every sixth
+/// layer global with linear RoPE scaling 8 over base 1e6, local base 1e4, tied by the top level).
+#[test]
+fn gemma3_image_text_config_takes_the_class_defaults() {
+    let raw = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "boi_token_index": 255999, "eoi_token_index": 256000, "eos_token_id": [1, 106],
+        "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+        "model_type": "gemma3",
+        "text_config": {
+            "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024
+        },
+        "torch_dtype": "bfloat16",
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                          "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                          "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": false}
+    });
+    let c = peft_models::LlamaConfig::from_json(raw.clone()).unwrap();
+    assert_eq!(c.decoder_path(), "model.language_model");
+    assert_eq!(c.image_text.as_ref(), Some(&raw));
+    assert_eq!(
+        (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.head_dim),
+        (262_208, 2560, 34, 256)
+    );
+    assert_eq!((c.num_attention_heads, c.num_key_value_heads), (8, 4));
+    assert_eq!(c.attention_scale, 1.0 / 16.0);
+    assert_eq!((c.rms_norm_eps, c.max_position_embeddings), (1e-6, 131_072));
+    assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+    assert_eq!(c.rope_linear_factor, Some(8.0));
+    let windows: Vec<Option<usize>> = c.layer_windows[..6].to_vec();
+    assert_eq!(
+        windows,
+        [
+            Some(1024),
+            Some(1024),
+            Some(1024),
+            Some(1024),
+            Some(1024),
+            None
+        ]
+    );
+    assert!(c.tie_word_embeddings && c.norm_adds_one);
+
+    // The top level decides the tying, as in transformers.
+    let mut untied = raw.clone();
+    untied["tie_word_embeddings"] = false.into();
+    untied["text_config"]["tie_word_embeddings"] = true.into();
+    assert!(
+        !peft_models::LlamaConfig::from_json(untied)
+            .unwrap()
+            .tie_word_embeddings
+    );
+    // Other image-text models are named, not misread.
+    let mut other = raw;
+    other["model_type"] = "mistral3".into();
+    let err = peft_models::LlamaConfig::from_json(other).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unsupported model_type \"mistral3\""),
+        "{err}"
+    );
+}
+
 /// NEFTune perturbs the training embeddings only, by noise uniform within
 /// ±alpha/sqrt(seq·hidden) (transformers' `neftune_post_forward_hook`), drawn from the seed.
 #[test]

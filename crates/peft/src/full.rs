@@ -43,7 +43,9 @@ impl Tuned for FullModel {
         MODEL_FILE
     }
     fn parameter_counts(&mut self) -> (usize, usize) {
+        // An image-text model's vision tower stays frozen (on disk).
+        let frozen: usize = self.base.other_tensors.iter().map(|t| t.elements).sum();
         let n = self.base.parameter_count();
-        (n, n)
+        (n - frozen, n)
     }
 }

@@ -6,8 +6,8 @@ use crate::keys::{file_key, module_path};
 use crate::lora::config::LoraConfig;
 use crate::lora::init::{SavedBase, WeightInit};
 use crate::lora::layer::{DropoutSeed, LoraLayer};
-use crate::targets::{keep_layers, select, TargetModules};
-use crate::tokens::{names_embedding, EMBEDDING, LORA_ROWS};
+use crate::targets::{excluding_parts, keep_layers, select, TargetModules};
+use crate::tokens::{embedding_path, names_embedding, LORA_ROWS};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use peft_models::Llama;
@@ -47,6 +47,9 @@ pub struct PeftModel {
     /// LoftQ's A and B wait for the base's quantization ([`Self::quantize_base`]): set by
     /// [`Self::new`], not by loading an adapter, whose A and B are its own.
     loftq_pending: bool,
+    /// Modules outside the language model of an image-text base (its vision tower) that a
+    /// loaded HF PEFT adapter changes: text never reaches them, but a merge would have to.
+    pub changes_elsewhere: Vec<String>,
 }
 
 /// Checks HF PEFT's `loftq_config` (`{"loftq_bits": 4, "loftq_iter": 1}`, its defaults)
@@ -251,7 +254,13 @@ impl PeftModel {
             })
             .clone();
         let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
-        let mut selected = select(&targets, config.exclude_modules.as_ref(), &paths, "lm_head")?;
+        let mut selected = select(
+            &targets,
+            config.exclude_modules.as_ref(),
+            &paths,
+            &base.other_module_paths(),
+            "lm_head",
+        )?;
         if let Some(indices) = config.layer_indices()? {
             keep_layers(&mut selected, &targets, &indices, &config.layer_patterns()?)?;
         }
@@ -292,6 +301,7 @@ impl PeftModel {
             extra_trainable: BTreeMap::new(),
             dropout_seed,
             initial: BTreeMap::new(),
+            changes_elsewhere: Vec::new(),
             loftq_pending: false,
         };
         model.make_extra_trainable()?;
@@ -313,7 +323,7 @@ impl PeftModel {
         if to_save.iter().any(is_embedding) {
             let var = Var::from_tensor(&self.base.embed_tokens.to_dtype(DType::F32)?)?;
             self.base.embed_tokens = var.as_tensor().clone();
-            extra.insert(file_key(EMBEDDING, "weight"), var);
+            extra.insert(file_key(&embedding_path(&self.base), "weight"), var);
         }
         for (path, lin) in self.base.linears_mut() {
             let is_wrapped = wrapped.contains(&path);
@@ -352,7 +362,7 @@ impl PeftModel {
             }
             // Each starts as the token's own row, as HF PEFT's trainable tokens do.
             let var = crate::tokens::attach_token_rows(&mut self.base, indices, true, 0)?;
-            extra.insert(file_key(EMBEDDING, LORA_ROWS), var);
+            extra.insert(file_key(&embedding_path(&self.base), LORA_ROWS), var);
         }
         self.extra_trainable = extra;
         Ok(())
@@ -409,6 +419,8 @@ impl PeftModel {
     /// to the original base weights, and `init_lora_weights` true.
     pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         let mut config = self.config.clone();
+        config.exclude_modules =
+            excluding_parts(config.exclude_modules.as_ref(), &self.base.other_parts());
         if config.base_model_name_or_path.is_none() {
             config.base_model_name_or_path = Some(base_model_name.to_string());
         }
@@ -497,6 +509,29 @@ impl PeftModel {
                 entry.1 = Some(t)
             }
         }
+        // HF PEFT adapts an image-text model's vision tower too where its target_modules name
+        // modules there: those pairs are set aside, and remembered where B is not zero.
+        let elsewhere = base.other_module_paths();
+        let mut changes_elsewhere = Vec::new();
+        for path in &elsewhere {
+            let Some((_, b)) = by_path.remove(path) else {
+                continue;
+            };
+            let zero = match b {
+                Some(b) => {
+                    b.abs()?
+                        .max_all()?
+                        .to_dtype(DType::F32)?
+                        .to_scalar::<f32>()?
+                        == 0.0
+                }
+                None => true,
+            };
+            if !zero || magnitudes.contains_key(path) {
+                changes_elsewhere.push(path.clone());
+            }
+            magnitudes.remove(path);
+        }
         let mut model = Self::build(base, config, |path, r, in_f, out_f, _| {
             let (a, b) = by_path.remove(path).with_context(|| {
                 format!("{}: no LoRA weights for {path}", weights_path.display())
@@ -564,12 +599,19 @@ impl PeftModel {
         if let Some(key) = tensors.keys().next() {
             bail!("{}: unexpected tensor {key}", weights_path.display());
         }
+        model.changes_elsewhere = changes_elsewhere;
         model.config.inference_mode = true;
         Ok(model)
     }
 
     /// Folds every adapter into its base weight (`W += s B A`) and returns the plain model.
     pub fn merge_and_unload(mut self) -> Result<Llama> {
+        if let Some(path) = self.changes_elsewhere.first() {
+            bail!(
+                "the adapter changes {} module(s) outside the language model ({path}, ...), which peft-rs does not load; it merges adapters of the language model only",
+                self.changes_elsewhere.len()
+            );
+        }
         let adapters = std::mem::take(&mut self.adapters);
         let dtype = self.base.dtype;
         // A trained embedding (modules_to_save) becomes a plain tensor again, with trained

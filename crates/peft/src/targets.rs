@@ -38,11 +38,14 @@ fn list_matches(list: &[String], path: &str) -> bool {
 }
 
 /// Resolves `targets` minus `exclude` against the model's linear layer paths. An entry of a
-/// target list that matches nothing is an error listing the model's linear layer names.
+/// target list that matches nothing is an error listing the model's linear layer names, unless
+/// it names a module of `elsewhere` (an image-text model's vision tower, which HF PEFT's lists
+/// may target too, and which is not loaded here).
 pub fn select(
     targets: &TargetModules,
     exclude: Option<&TargetModules>,
     linear_paths: &[String],
+    elsewhere: &[String],
     output_head: &str,
 ) -> Result<Vec<String>> {
     let is_match = |t: &TargetModules, path: &str| -> Result<bool> {
@@ -79,10 +82,8 @@ pub fn select(
             );
         }
         for t in l {
-            if !linear_paths
-                .iter()
-                .any(|p| list_matches(std::slice::from_ref(t), p))
-            {
+            let matches = |p: &String| list_matches(std::slice::from_ref(t), p);
+            if !linear_paths.iter().any(matches) && !elsewhere.iter().any(matches) {
                 bail!(
                     "target module {t:?} not found in the model (its linear modules: {})",
                     names()
@@ -107,6 +108,27 @@ pub fn select(
         );
     }
     Ok(out)
+}
+
+/// `exclude` widened to the modules under `parts` (an image-text model's `vision_tower`,
+/// `multi_modal_projector`, ...), for HF PEFT, which sees the whole model where peft-rs sees
+/// the language model: its `target_modules` then select the same modules there.
+pub fn excluding_parts(exclude: Option<&TargetModules>, parts: &[String]) -> Option<TargetModules> {
+    if parts.is_empty() {
+        return exclude.cloned();
+    }
+    let names: Vec<String> = parts.iter().map(|p| regex::escape(p)).collect();
+    let ours = format!(r"model\.(?:{})\..*", names.join("|"));
+    Some(TargetModules::Pattern(match exclude {
+        None => ours,
+        Some(TargetModules::Pattern(p)) if p.contains(&ours) => p.clone(),
+        Some(TargetModules::Pattern(p)) => format!("{ours}|(?:{p})"),
+        // A list entry matches a path equal to it or ending with `.entry`.
+        Some(TargetModules::List(l)) => {
+            let l: Vec<String> = l.iter().map(|e| regex::escape(e)).collect();
+            format!(r"{ours}|(?:.*\.)?(?:{})", l.join("|"))
+        }
+    }))
 }
 
 /// The index of the layer that module `path` lies in, as HF PEFT reads it for
@@ -171,7 +193,7 @@ mod tests {
     #[test]
     fn list_is_suffix_match() {
         let t = TargetModules::parse_flag("q_proj,v_proj");
-        let s = select(&t, None, &paths(), "lm_head").unwrap();
+        let s = select(&t, None, &paths(), &[], "lm_head").unwrap();
         assert_eq!(s.len(), 4);
         assert!(s
             .iter()
@@ -182,7 +204,7 @@ mod tests {
     fn all_linear_skips_head_and_exclude_applies() {
         let t = TargetModules::parse_flag("all-linear");
         let ex = TargetModules::List(vec!["down_proj".into()]);
-        let s = select(&t, Some(&ex), &paths(), "lm_head").unwrap();
+        let s = select(&t, Some(&ex), &paths(), &[], "lm_head").unwrap();
         assert_eq!(s.len(), 4);
         assert!(!s.contains(&"lm_head".to_string()));
     }
@@ -190,10 +212,10 @@ mod tests {
     #[test]
     fn regex_is_full_match() {
         let t = TargetModules::Pattern(r"model\.layers\.1\..*_proj".into());
-        let s = select(&t, None, &paths(), "lm_head").unwrap();
+        let s = select(&t, None, &paths(), &[], "lm_head").unwrap();
         assert_eq!(s.len(), 3);
         let t = TargetModules::Pattern("q_proj".into());
-        assert!(select(&t, None, &paths(), "lm_head").is_err());
+        assert!(select(&t, None, &paths(), &[], "lm_head").is_err());
     }
 
     #[test]
@@ -212,7 +234,7 @@ mod tests {
     #[test]
     fn keep_layers_filters_by_index_but_keeps_full_names() {
         let t = TargetModules::parse_flag("q_proj,mlp.down_proj,model.layers.0.self_attn.v_proj");
-        let mut s = select(&t, None, &paths(), "lm_head").unwrap();
+        let mut s = select(&t, None, &paths(), &[], "lm_head").unwrap();
         keep_layers(&mut s, &t, &[1], &[]).unwrap();
         assert_eq!(
             s,
@@ -222,14 +244,14 @@ mod tests {
                 "model.layers.1.mlp.down_proj"
             ]
         );
-        let mut s = select(&t, None, &paths(), "lm_head").unwrap();
+        let mut s = select(&t, None, &paths(), &[], "lm_head").unwrap();
         assert!(keep_layers(&mut s, &TargetModules::parse_flag("q_proj"), &[7], &[]).is_err());
     }
 
     #[test]
     fn unknown_target_lists_modules() {
         let t = TargetModules::parse_flag("qkv_proj");
-        let e = select(&t, None, &paths(), "lm_head")
+        let e = select(&t, None, &paths(), &[], "lm_head")
             .unwrap_err()
             .to_string();
         assert!(

@@ -9,6 +9,7 @@ use crate::model::CONFIG_FILE;
 use crate::Tuned;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
+use peft_models::config::{CAUSAL_LM_DECODER, IMAGE_TEXT_DECODER};
 use peft_models::{Llama, TokenRows};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -18,8 +19,13 @@ use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::path::Path;
 
-/// The input embedding's module path.
-pub(crate) const EMBEDDING: &str = "model.embed_tokens";
+/// The input embedding's module path in a causal LM.
+const CAUSAL_LM_EMBEDDING: &str = "model.embed_tokens";
+
+/// The input embedding's module path in `base`.
+pub(crate) fn embedding_path(base: &Llama) -> String {
+    format!("{}.embed_tokens", base.config.decoder_path())
+}
 /// The rows' key under the embedding as LoRA's `trainable_token_indices` saves them.
 pub(crate) const LORA_ROWS: &str = "token_adapter.trainable_tokens_delta";
 /// The rows' key under a module as the trainable-tokens method saves them.
@@ -46,7 +52,10 @@ pub(crate) fn parse_token_ids(list: &Value, what: &str) -> Result<Vec<u32>> {
 
 /// Whether `module` names the input embedding (by its name or its path).
 pub(crate) fn names_embedding(module: &str) -> bool {
-    module == "embed_tokens" || module == EMBEDDING
+    [CAUSAL_LM_DECODER, IMAGE_TEXT_DECODER]
+        .iter()
+        .any(|d| module.strip_prefix(d) == Some(".embed_tokens"))
+        || module == "embed_tokens"
 }
 
 /// Gives `base` trainable rows for `indices` (checked against its vocabulary), each starting
@@ -116,7 +125,7 @@ fn default_peft_type() -> String {
     "TRAINABLE_TOKENS".into()
 }
 fn default_target() -> Value {
-    Value::String(EMBEDDING.into())
+    Value::String(CAUSAL_LM_EMBEDDING.into())
 }
 fn yes() -> bool {
     true
@@ -175,8 +184,13 @@ pub struct TokensModel {
 }
 
 impl TokensModel {
-    pub fn new(mut base: Llama, config: TokensConfig, seed: u64) -> Result<Self> {
+    pub fn new(mut base: Llama, mut config: TokensConfig, seed: u64) -> Result<Self> {
         config.validate()?;
+        // The embedding by its path in this model, so that HF PEFT finds it in an image-text
+        // model too.
+        if config.target_modules.as_str().is_some_and(names_embedding) {
+            config.target_modules = Value::String(embedding_path(&base));
+        }
         let rows = attach_token_rows(&mut base, config.indices()?, config.init_weights, seed)?;
         Ok(Self { base, config, rows })
     }
@@ -190,7 +204,7 @@ impl TokensModel {
         let mut config = TokensConfig::from_file(&dir.join(CONFIG_FILE))?;
         let (path, mut tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
         let mut model = Self::new(base, config.clone(), 0)?;
-        let key = file_key(EMBEDDING, ROWS);
+        let key = file_key(&embedding_path(&model.base), ROWS);
         let rows = tensors
             .remove(&key)
             .with_context(|| format!("{}: missing {key}", path.display()))?;
@@ -238,7 +252,10 @@ impl Tuned for TokensModel {
         &mut self.base
     }
     fn trainable(&self) -> Vec<(String, Var)> {
-        vec![(file_key(EMBEDDING, ROWS), self.rows.clone())]
+        vec![(
+            file_key(&embedding_path(&self.base), ROWS),
+            self.rows.clone(),
+        )]
     }
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         let mut config = self.config.clone();
@@ -247,7 +264,7 @@ impl Tuned for TokensModel {
             config.base_model_name_or_path = Some(base_model_name.to_string());
         }
         let rows = self.rows.as_tensor().detach();
-        let mut tensors = vec![(file_key(EMBEDDING, ROWS), rows.clone())];
+        let mut tensors = vec![(file_key(&embedding_path(&self.base), ROWS), rows.clone())];
         if self.base.lm_head.is_none() {
             tensors.push((file_key("lm_head", ROWS), rows));
         }

@@ -1,9 +1,11 @@
 //! Each supported architecture (Llama with biases and Llama 3 rope scaling, Mistral, Qwen2,
 //! Qwen3, SmolLM3 with a layer without RoPE, Granite with its multipliers, Gemma 2 with soft
-//! caps, Gemma 3 with sliding-window layers, Phi-3 with fused projections, LongRoPE and a
-//! sliding window, Phi-4-mini's partial rotary) as transformers computes it, with an HF PEFT
-//! LoRA adapter on top: logits unmerged, merged and over a padded batch, and the LoRA
-//! gradients of the next-token loss. Fixtures from scripts/hf/make_arch_fixtures.py.
+//! caps, Gemma 3 with sliding-window layers (also as the language model of its image-text
+//! model, whose adapter from HF PEFT adapts the vision tower too), Phi-3 with fused
+//! projections, LongRoPE and a sliding window, Phi-4-mini's partial rotary) as transformers
+//! computes it, with an HF PEFT LoRA adapter on top: logits unmerged, merged and over a padded
+//! batch, and the LoRA gradients of the next-token loss. Fixtures from
+//! scripts/hf/make_arch_fixtures.py.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use peft::{PeftModel, Tuned};
@@ -25,6 +27,7 @@ const ARCHITECTURES: &[&str] = &[
     "olmo3",
     "gemma2",
     "gemma3_text",
+    "gemma3",
     "phi3",
     "phi4_mini",
 ];
@@ -39,7 +42,7 @@ fn base(name: &str) -> Llama {
 
 fn base_in(name: &str, dtype: DType) -> Llama {
     let m = load_model(&fixture(name).join("model"), &Device::Cpu, dtype).unwrap();
-    Llama::from_weights(m.config, m.weights, &Device::Cpu, dtype).unwrap()
+    m.into_model(&Device::Cpu, dtype).unwrap().0
 }
 
 fn logits(model: &Llama, ids: &Tensor, mask: Option<&Tensor>) -> Tensor {

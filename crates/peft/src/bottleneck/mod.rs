@@ -64,6 +64,7 @@ impl BottleneckModel {
         let r = (h / config.reduction_factor).max(1);
         let shapes: [Vec<usize>; 4] = [vec![r, h], vec![r], vec![h, r], vec![h]];
         let device = base.device.clone();
+        let decoder = base.config.decoder_path();
         let mut adapters = BTreeMap::new();
         for (i, layer) in base.layers.iter_mut().enumerate() {
             for (place, on) in [
@@ -73,7 +74,7 @@ impl BottleneckModel {
                 if !on {
                     continue;
                 }
-                let path = format!("model.layers.{i}.{place}");
+                let path = format!("{decoder}.layers.{i}.{place}");
                 let mut vars = Vec::with_capacity(4);
                 for (name, shape) in PARAMS.iter().zip(&shapes) {
                     let t = init(&path, name, shape)?

@@ -8,7 +8,7 @@ pub use config::Ia3Config;
 use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::{file_key, module_path};
 use crate::model::CONFIG_FILE;
-use crate::targets::{select, TargetModules};
+use crate::targets::{excluding_parts, select, TargetModules};
 use crate::Tuned;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -80,8 +80,14 @@ impl Ia3Model {
             }
         }
         let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
-        let selected = select(&targets, config.exclude_modules.as_ref(), &paths, "lm_head")?;
-        let ff = select(&feedforward, None, &selected, "lm_head").unwrap_or_default();
+        let selected = select(
+            &targets,
+            config.exclude_modules.as_ref(),
+            &paths,
+            &base.other_module_paths(),
+            "lm_head",
+        )?;
+        let ff = select(&feedforward, None, &selected, &[], "lm_head").unwrap_or_default();
         let device = base.device.clone();
         let mut layers = BTreeMap::new();
         for (path, lin) in base.linears_mut() {
@@ -199,6 +205,8 @@ impl Tuned for Ia3Model {
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         let mut config = self.config.clone();
         config.inference_mode = true;
+        config.exclude_modules =
+            excluding_parts(config.exclude_modules.as_ref(), &self.base.other_parts());
         if config.base_model_name_or_path.is_none() {
             config.base_model_name_or_path = Some(base_model_name.to_string());
         }

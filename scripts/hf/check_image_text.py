@@ -1,0 +1,195 @@
+"""Checks peft-rs on Gemma 3's image-text model (Gemma3ForConditionalGeneration, the class of
+gemma-3-4b and up) against transformers and HF PEFT.
+
+A small random model (6 layers, hidden 64, five sliding-window layers and a global one, a
+SigLIP vision tower of one layer, SmolLM2's tokenizer and chat template), saved by
+transformers. Then:
+1. `peft train` (all-linear LoRA, f32, packed rows of 96 tokens) on the shipped pirate data;
+   HF PEFT loads the adapter onto the whole image-text model with no missing or unexpected
+   key (its target_modules would adapt the vision tower too; the exclude_modules peft-rs
+   writes keep it to the language model), and its logits on a 40-token input equal
+   `peft logits --adapter` within 1e-4;
+2. transformers loads the folder `peft merge` writes as the image-text model: no missing or
+   unexpected key, the vision tower and projector bit for bit the original's, its text logits
+   equal HF PEFT's, and so do its logits for a prompt with an image (the image's tokens run
+   through the vision tower and the merged language model); `peft merge --output x.gguf`
+   writes the language model (llama.cpp keeps the tower in a projector file of its own),
+   whose logits in `peft logits` equal HF PEFT's;
+3. an adapter HF PEFT made on the image-text model (target_modules q_proj, v_proj, fc1, which
+   adapt the vision tower too; trained on text, so B is zero there) gives HF's logits in
+   `peft logits`, and its merge gives them in transformers;
+4. IA3, prompt tuning and trainable tokens trained by `peft train` give HF PEFT
+   `peft logits`' logits on the image-text model.
+
+    .venv/bin/python scripts/hf/check_image_text.py [--peft target/release/peft]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, Gemma3Config,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig)
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
+ap.add_argument("--smollm-dir", default="models/smollm2-135m-instruct")
+ap.add_argument("--data", default="data/pirate_qa.jsonl")
+args = ap.parse_args()
+
+
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return r
+
+
+def peft_logits(model_dir, adapter, ids, tmp):
+    out = os.path.join(tmp, "ours.safetensors")
+    run([args.peft, "logits", "--model", model_dir, "--adapter", adapter, "--input-ids",
+         ",".join(map(str, ids)), "--out", out])
+    return load_file(out)["logits"].float()
+
+
+def lora_keys_missing(peft_model, adapter):
+    """Keys of the LoRA layers HF PEFT made that the adapter file does not hold, and keys of
+    the file no layer took."""
+    saved = set(load_file(os.path.join(adapter, "adapter_model.safetensors")))
+    made = {k.replace(".default", "") for k in peft_model.state_dict() if "lora_" in k}
+    return sorted(made - saved), sorted(saved - made)
+
+
+def check_merged(merged, model, reference, ids, image_reference, failed):
+    """The merged folder in transformers: its keys, tower, and logits with and without an
+    image."""
+    m, info = AutoModelForImageTextToText.from_pretrained(
+        merged, dtype=torch.float32, output_loading_info=True)
+    m.eval()
+    unloaded = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]]
+    print(f"  transformers loads the merged folder as {type(m).__name__}; "
+          f"{'problems: ' + str({k: info[k] for k in unloaded}) if unloaded else 'every key in place'}")
+    tower = {k: v for k, v in model.state_dict().items()
+             if "vision_tower" in k or "multi_modal_projector" in k}
+    merged_state = m.state_dict()
+    same = all(torch.equal(v, merged_state[k]) for k, v in tower.items())
+    print(f"  vision tower and projector ({len(tower)} tensors) equal the original's: {same}")
+    with torch.no_grad():
+        dm = (m(input_ids=torch.tensor([ids])).logits - reference).abs().max().item()
+        di = (m(**image_inputs).logits - image_reference).abs().max().item()
+    print(f"  merged text logits vs HF PEFT: max abs diff {dm:.2e}; with an image: {di:.2e}")
+    return failed or bool(unloaded) or not same or dm > 1e-4 or di > 1e-4
+
+
+ids = [i % 49152 for i in range(3, 3 + 40 * 977, 977)]
+text = Gemma3TextConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=16)
+vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=2, image_size=28, patch_size=14)
+# The image's 4 tokens take ids past SmolLM2's vocabulary, as Gemma 3's do past its text's.
+config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                      image_token_index=49151, boi_token_index=49149, eoi_token_index=49150)
+pixel_values = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+image_ids = ids[:5] + [49149] + [49151] * 4 + [49150] + ids[5:20]
+image_inputs = dict(input_ids=torch.tensor([image_ids]), pixel_values=pixel_values,
+                    token_type_ids=torch.tensor([[int(t == 49151) for t in image_ids]]))
+
+failed = False
+with tempfile.TemporaryDirectory() as tmp:
+    model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(0.2 * torch.randn_like(p) if "norm" in pname else 0.05 * torch.randn_like(p))
+    model.save_pretrained(model_dir)
+    for f in ["tokenizer.json", "chat_template.jinja", "tokenizer_config.json"]:
+        shutil.copy(os.path.join(args.smollm_dir, f), model_dir)
+
+    print("1. peft train on the image-text model, then HF PEFT")
+    out = run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", adapter,
+               "--target-modules", "all-linear", "--r", "8", "--lora-alpha", "16",
+               "--max-steps", "6", "--batch-size", "2", "--lr", "5e-3", "--dtype", "f32",
+               "--packing", "--max-seq-length", "96", "--quiet"])
+    print(" ", (out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        saved_config = json.load(f)
+    print(f"  target_modules {saved_config['target_modules']!r}, "
+          f"exclude_modules {saved_config['exclude_modules']!r}")
+    ours = peft_logits(model_dir, adapter, ids, tmp)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    missing, unexpected = lora_keys_missing(peft_model, adapter)
+    print(f"  HF PEFT ({type(base).__name__}): {len(missing)} missing keys, "
+          f"{len(unexpected)} unexpected {missing[:3] + unexpected[:3]}")
+    with torch.no_grad():
+        hf = peft_model(input_ids=torch.tensor([ids])).logits.float()
+        hf_image = peft_model(**image_inputs).logits.float()
+        with peft_model.disable_adapter():
+            plain = peft_model(input_ids=torch.tensor([ids])).logits.float()
+    d = (ours - hf).abs().max().item()
+    moved = (hf - plain).abs().max().item()
+    print(f"  peft logits vs HF PEFT: max abs diff {d:.2e} (the adapter moves them by {moved:.2f})")
+    failed |= bool(missing or unexpected) or d > 1e-4 or moved < 1e-2
+    print("2. peft merge, into a folder and a GGUF file")
+    run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", merged])
+    failed = check_merged(merged, model, hf, ids, hf_image, failed)
+    gguf = os.path.join(tmp, "merged.gguf")
+    run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", gguf,
+         "--dtype", "f32"])
+    out = os.path.join(tmp, "gguf.safetensors")
+    run([args.peft, "logits", "--model", gguf, "--input-ids", ",".join(map(str, ids)),
+         "--out", out])
+    dg = (load_file(out)["logits"].float() - hf).abs().max().item()
+    print(f"  the GGUF file (its language model, as llama.cpp's converter writes it) in "
+          f"peft logits vs HF PEFT: max abs diff {dg:.2e}")
+    failed |= dg > 1e-4
+
+    print("3. an HF PEFT adapter that also targets the vision tower")
+    hf_adapter, hf_merged = os.path.join(tmp, "hf-adapter"), os.path.join(tmp, "hf-merged")
+    torch.manual_seed(3)
+    hf_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                              LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                         target_modules=["q_proj", "v_proj", "fc1"]))
+    with torch.no_grad():
+        for pname, p in hf_model.named_parameters():
+            if "vision_tower" in pname and "lora_B" in pname:
+                p.zero_()
+    hf_model.eval().save_pretrained(hf_adapter)
+    tower_pairs = sum("vision_tower" in k and "lora_A" in k
+                      for k in load_file(os.path.join(hf_adapter, "adapter_model.safetensors")))
+    with torch.no_grad():
+        hf = hf_model(input_ids=torch.tensor([ids])).logits.float()
+        hf_image = hf_model(**image_inputs).logits.float()
+    d = (peft_logits(model_dir, hf_adapter, ids, tmp) - hf).abs().max().item()
+    print(f"  {tower_pairs} LoRA pairs on the vision tower; peft logits vs HF PEFT: max abs diff {d:.2e}")
+    failed |= d > 1e-4 or tower_pairs == 0
+    run([args.peft, "merge", "--model", model_dir, "--adapter", hf_adapter, "--output", hf_merged])
+    failed = check_merged(hf_merged, model, hf, ids, hf_image, failed)
+
+    print("4. the other methods: peft train, then HF PEFT on the image-text model")
+    for method, extra in [("ia3", []), ("prompt", []),
+                          ("trainable-tokens", ["--trainable-token-indices", "5,7,9"])]:
+        out_dir = os.path.join(tmp, method)
+        run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", out_dir,
+             "--method", method, "--max-steps", "3", "--batch-size", "2", "--lr", "5e-2",
+             "--dtype", "f32", "--max-seq-length", "64", "--quiet"] + extra)
+        ours = peft_logits(model_dir, out_dir, ids, tmp)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        peft_model = PeftModel.from_pretrained(base, out_dir).eval()
+        with torch.no_grad():
+            hf = peft_model(input_ids=torch.tensor([ids])).logits.float()
+        d = (ours - hf).abs().max().item() if hf.shape == ours.shape else float("inf")
+        print(f"  {method}: peft logits vs HF PEFT: max abs diff {d:.2e}")
+        failed |= d > 1e-4
+
+print("FAILED" if failed else "all ok")
+sys.exit(1 if failed else 0)
