@@ -4,12 +4,10 @@ by `peft train`, combined by "cat" (weights 0.7 and -0.4) and "linear" (the gold
 with itself, 0.5 and 0.5). Checks the written tensors against HF PEFT's and the logits of
 `peft logits --adapter` on the combined adapter against HF PEFT's with that adapter active.
 
-    .venv/bin/python scripts/hf/check_combine.py [--peft target/release/peft]
+    .venv/bin/python scripts/hf/check_combine.py [--peft PATH]
 """
 
-import argparse
 import os
-import subprocess
 import tempfile
 
 import torch
@@ -17,16 +15,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--peft", default="target/release/peft")
-ap.add_argument("--model-dir", default="models/smollm2-135m-instruct")
+from harness import arguments, peft_logits, run
+
+ap = arguments("model-dir")
 ap.add_argument("--golden", default="../shared/golden/lora_qv_r8")
 args = ap.parse_args()
 ids = [1, 504, 3458, 282, 4649, 314, 20, 3275, 30, 2]
-
-
-def run(cmd):
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
 failed = False
@@ -63,9 +57,8 @@ with tempfile.TemporaryDirectory() as tmp:
         with torch.no_grad():
             hf = model(input_ids=torch.tensor([ids])).logits[0]
         out = os.path.join(tmp, f"logits_{how}.safetensors")
-        run([args.peft, "logits", "--model", args.model_dir, "--adapter", ours, "--input-ids",
-             ",".join(map(str, ids)), "--out", out])
-        d = (load_file(out)["logits"].reshape(hf.shape) - hf).abs().max().item()
+        ours_logits = peft_logits(args.peft, args.model_dir, ids, out, "--adapter", ours)
+        d = (ours_logits.reshape(hf.shape) - hf).abs().max().item()
         # Logits: the golden fixtures' tolerance (f32 sums in another order).
         if worst > 1e-6 or d > 1e-3:
             problems.append(f"tensors {worst:.2e} apart, logits {d:.2e}")

@@ -23,11 +23,8 @@ transformers. Then:
 
     .venv/bin/python scripts/hf/check_image_text.py [--peft target/release/peft]
 """
-import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -37,25 +34,14 @@ from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, Gemma3Config,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig)
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
-ap.add_argument("--smollm-dir", default="models/smollm2-135m-instruct")
-ap.add_argument("--data", default="data/pirate_qa.jsonl")
-args = ap.parse_args()
+from harness import arguments, peft_logits, random_model, run
+
+args = arguments("smollm-dir", "data").parse_args()
 
 
-def run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    return r
-
-
-def peft_logits(model_dir, adapter, ids, tmp):
+def adapter_logits(model_dir, adapter, ids, tmp):
     out = os.path.join(tmp, "ours.safetensors")
-    run([args.peft, "logits", "--model", model_dir, "--adapter", adapter, "--input-ids",
-         ",".join(map(str, ids)), "--out", out])
-    return load_file(out)["logits"].float()
+    return peft_logits(args.peft, model_dir, ids, out, "--adapter", adapter)
 
 
 def lora_keys_missing(peft_model, adapter):
@@ -105,14 +91,7 @@ image_inputs = dict(input_ids=torch.tensor([image_ids]), pixel_values=pixel_valu
 failed = False
 with tempfile.TemporaryDirectory() as tmp:
     model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.copy_(0.2 * torch.randn_like(p) if "norm" in pname else 0.05 * torch.randn_like(p))
-    model.save_pretrained(model_dir)
-    for f in ["tokenizer.json", "chat_template.jinja", "tokenizer_config.json"]:
-        shutil.copy(os.path.join(args.smollm_dir, f), model_dir)
+    model = random_model(Gemma3ForConditionalGeneration, config, model_dir, args.smollm_dir)
 
     print("1. peft train on the image-text model, then HF PEFT")
     out = run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", adapter,
@@ -124,7 +103,7 @@ with tempfile.TemporaryDirectory() as tmp:
         saved_config = json.load(f)
     print(f"  target_modules {saved_config['target_modules']!r}, "
           f"exclude_modules {saved_config['exclude_modules']!r}")
-    ours = peft_logits(model_dir, adapter, ids, tmp)
+    ours = adapter_logits(model_dir, adapter, ids, tmp)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     missing, unexpected = lora_keys_missing(peft_model, adapter)
@@ -145,10 +124,8 @@ with tempfile.TemporaryDirectory() as tmp:
     gguf = os.path.join(tmp, "merged.gguf")
     run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", gguf,
          "--dtype", "f32"])
-    out = os.path.join(tmp, "gguf.safetensors")
-    run([args.peft, "logits", "--model", gguf, "--input-ids", ",".join(map(str, ids)),
-         "--out", out])
-    dg = (load_file(out)["logits"].float() - hf).abs().max().item()
+    gguf_logits = peft_logits(args.peft, gguf, ids, os.path.join(tmp, "gguf.safetensors"))
+    dg = (gguf_logits - hf).abs().max().item()
     print(f"  the GGUF file (its language model, as llama.cpp's converter writes it) in "
           f"peft logits vs HF PEFT: max abs diff {dg:.2e}")
     failed |= dg > 1e-4
@@ -169,7 +146,7 @@ with tempfile.TemporaryDirectory() as tmp:
     with torch.no_grad():
         hf = hf_model(input_ids=torch.tensor([ids])).logits.float()
         hf_image = hf_model(**image_inputs).logits.float()
-    d = (peft_logits(model_dir, hf_adapter, ids, tmp) - hf).abs().max().item()
+    d = (adapter_logits(model_dir, hf_adapter, ids, tmp) - hf).abs().max().item()
     print(f"  {tower_pairs} LoRA pairs on the vision tower; peft logits vs HF PEFT: max abs diff {d:.2e}")
     failed |= d > 1e-4 or tower_pairs == 0
     run([args.peft, "merge", "--model", model_dir, "--adapter", hf_adapter, "--output", hf_merged])
@@ -182,7 +159,7 @@ with tempfile.TemporaryDirectory() as tmp:
         run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", out_dir,
              "--method", method, "--max-steps", "3", "--batch-size", "2", "--lr", "5e-2",
              "--dtype", "f32", "--max-seq-length", "64", "--quiet"] + extra)
-        ours = peft_logits(model_dir, out_dir, ids, tmp)
+        ours = adapter_logits(model_dir, out_dir, ids, tmp)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         peft_model = PeftModel.from_pretrained(base, out_dir).eval()
         with torch.no_grad():

@@ -19,35 +19,23 @@ is 1), in f32:
 Needs bitsandbytes (CPU 4-bit: 0.46 or later).
 """
 
-import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 
 import bitsandbytes.functional as bnbf
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from peft.utils.loftq_utils import _low_rank_decomposition
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
-ap.add_argument("--model-dir", default="models/smollm2-135m-instruct")
-ap.add_argument("--data", default="data/pirate_qa.jsonl")
-args = ap.parse_args()
+from harness import arguments, peft_logits, run
+
+args = arguments("model-dir", "data").parse_args()
 tmp = tempfile.mkdtemp()
 IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28]
 R = 8
-
-
-def run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    return r
 
 
 def train(lr, steps, out):
@@ -57,11 +45,10 @@ def train(lr, steps, out):
          "--batch-size", "2", "--lr", str(lr), "--dtype", "f32", "--quiet"])
 
 
-def peft_logits(adapter):
+def logits_on_nf4(adapter):
     out = f"{adapter}/logits.safetensors"
-    run([args.peft, "logits", "--model", args.model_dir, "--adapter", adapter, "--quantize",
-         "nf4", "--input-ids", ",".join(map(str, IDS)), "--out", out])
-    return load_file(out)["logits"][0]
+    return peft_logits(args.peft, args.model_dir, IDS, out, "--adapter", adapter, "--quantize",
+                       "nf4")[0]
 
 
 def quantized_model():
@@ -144,7 +131,7 @@ check(worst_left < 1e-5, f"the error each leaves: worst relative difference {wor
 qlora_logits = logits(base_q)
 loftq = PeftModel.from_pretrained(base_q, start)
 loftq_logits = logits(loftq)
-diff = (peft_logits(start) - loftq_logits).abs().max().item()
+diff = (logits_on_nf4(start) - loftq_logits).abs().max().item()
 check(diff < 1e-3, f"initial adapter in HF PEFT vs peft logits --quantize nf4: max |diff| "
       f"{diff:.2e}")
 base_q = loftq.unload()
@@ -162,7 +149,7 @@ check(rel(bnb_loftq, dense_logits) < rel(bnb_qlora, dense_logits),
 trained = f"{tmp}/loftq-trained"
 train(2e-3, 4, trained)
 hf_trained = logits(PeftModel.from_pretrained(base_q, trained))
-diff = (peft_logits(trained) - hf_trained).abs().max().item()
+diff = (logits_on_nf4(trained) - hf_trained).abs().max().item()
 moved = (hf_trained - loftq_logits).abs().max().item()
 check(diff < 1e-3 and moved > 0.1, f"trained adapter in HF PEFT vs peft logits --quantize nf4: "
       f"max |diff| {diff:.2e} (training moved them {moved:.2f})")

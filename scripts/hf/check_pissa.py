@@ -7,11 +7,7 @@ HF PEFT onto the original model with the logits `peft logits` gives.
     .venv/bin/python scripts/hf/check_pissa.py [--peft PATH] [--model-dir DIR]
 """
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 
 import torch
@@ -19,19 +15,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
-ap.add_argument("--model-dir", default="models/smollm2-135m-instruct")
-ap.add_argument("--data", default="data/pirate_qa.jsonl")
-args = ap.parse_args()
+from harness import arguments, peft_logits, run
+
+args = arguments("model-dir", "data").parse_args()
 tmp = tempfile.mkdtemp()
 IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28]
-
-
-def run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
 
 
 def train(init, lr, steps, out, extra=()):
@@ -71,9 +59,8 @@ for init in ["pissa", "olora"]:
         what = f"{init}{' with DoRA' if dora else ''}"
         trained = f"{tmp}/{init}-{dora}-trained"
         train(init, 2e-4, 4, trained, ["--use-dora", "true"] if dora else [])
-        run([args.peft, "logits", "--model", args.model_dir, "--adapter", trained,
-             "--input-ids", ",".join(map(str, IDS)), "--out", f"{tmp}/ours.safetensors"])
-        ours = load_file(f"{tmp}/ours.safetensors")["logits"]
+        ours = peft_logits(args.peft, args.model_dir, IDS, f"{tmp}/ours.safetensors",
+                           "--adapter", trained)
         base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
         with torch.no_grad():
             plain = base(torch.tensor([IDS])).logits

@@ -16,49 +16,30 @@ only part of their sequence through a window). Then, for each:
 
     .venv/bin/python scripts/hf/check_train.py [--peft target/release/peft] [--only NAME,...]
 """
-import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
                           Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, Olmo2Config,
                           Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM)
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
-ap.add_argument("--smollm-dir", default="models/smollm2-135m-instruct")
-ap.add_argument("--data", default="data/pirate_qa.jsonl")
+from harness import arguments, peft_logits, random_model, run
+
+ap = arguments("smollm-dir", "data")
 ap.add_argument("--only", help="check only these models (comma-separated names)")
 args = ap.parse_args()
-
-
-def run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    return r
 
 
 def check(name, cls, cfg, tmp):
     """Trains, compares and merges on model `name`; True when a check failed."""
     model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.copy_(0.2 * torch.randn_like(p) if "norm" in pname else 0.05 * torch.randn_like(p))
-    model.save_pretrained(model_dir)
-    for f in ["tokenizer.json", "chat_template.jinja", "tokenizer_config.json"]:
-        shutil.copy(os.path.join(args.smollm_dir, f), model_dir)
+    model = random_model(cls, cfg, model_dir, args.smollm_dir)
 
     out = run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", adapter,
                "--target-modules", "all-linear", "--r", "8", "--lora-alpha", "16",
@@ -66,10 +47,8 @@ def check(name, cls, cfg, tmp):
                "--packing", "--max-seq-length", "96", "--quiet"])
     print(f"{name}:", (out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
 
-    ours = os.path.join(tmp, "ours.safetensors")
-    run([args.peft, "logits", "--model", model_dir, "--adapter", adapter, "--input-ids",
-         ",".join(map(str, ids)), "--out", ours])
-    ours = load_file(ours)["logits"].float()
+    ours = peft_logits(args.peft, model_dir, ids, os.path.join(tmp, "ours.safetensors"),
+                       "--adapter", adapter)
 
     peft_model = PeftModel.from_pretrained(model, adapter).eval()
     with torch.no_grad():

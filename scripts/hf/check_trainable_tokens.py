@@ -11,10 +11,7 @@
     .venv/bin/python scripts/hf/check_trainable_tokens.py [--peft PATH] [--model-dir DIR]
 """
 
-import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -24,28 +21,19 @@ from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
-ap.add_argument("--model-dir", default="models/smollm2-135m-instruct")
-ap.add_argument("--data", default="data/pirate_qa.jsonl")
-args = ap.parse_args()
+from harness import arguments, peft_logits, run
+
+args = arguments("model-dir", "data").parse_args()
 tmp = tempfile.mkdtemp()
 # <|im_start|> (1) and <|im_end|> (2) among ordinary tokens.
 IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 2, 198, 1, 520, 9531, 198, 11173, 3365, 2]
 KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
 
 
-def run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-
-
-def peft_logits(adapter, merged=False):
+def adapter_logits(adapter, merged=False):
     out = f"{adapter}/logits.safetensors"
-    run([args.peft, "logits", "--model", args.model_dir, "--adapter", adapter, "--input-ids",
-         ",".join(map(str, IDS)), "--out", out] + (["--merged"] if merged else []))
-    return load_file(out)["logits"][0]
+    flags = ["--adapter", adapter] + (["--merged"] if merged else [])
+    return peft_logits(args.peft, args.model_dir, IDS, out, *flags)[0]
 
 
 def base():
@@ -83,7 +71,7 @@ def both_ways(what, train_flags, hf_config, key):
         hf = PeftModel.from_pretrained(base(), ours)
     keys = [str(w.message) for w in caught if "keys" in str(w.message).lower()]
     check(not keys, f"{what}: HF PEFT loads peft's adapter with no missing or unexpected key {keys}")
-    diff = (logits(hf) - peft_logits(ours)).abs().max().item()
+    diff = (logits(hf) - adapter_logits(ours)).abs().max().item()
     check(diff < 1e-4, f"{what}: peft's adapter in HF PEFT vs peft logits: max |diff| {diff:.2e}")
 
     theirs = f"{tmp}/{what}-theirs"
@@ -95,10 +83,10 @@ def both_ways(what, train_flags, hf_config, key):
                 p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(theirs)
     want = logits(model)
-    diff = (peft_logits(theirs) - want).abs().max().item()
+    diff = (adapter_logits(theirs) - want).abs().max().item()
     check(diff < 1e-4, f"{what}: HF PEFT's adapter in peft logits: max |diff| {diff:.2e}")
     merged = logits(model.merge_and_unload())
-    diff = (peft_logits(theirs, merged=True) - merged).abs().max().item()
+    diff = (adapter_logits(theirs, merged=True) - merged).abs().max().item()
     check(diff < 1e-4, f"{what}: merged, both: max |diff| {diff:.2e} (unmerged vs merged in HF: "
           f"{(merged - want).abs().max().item():.1e})")
 

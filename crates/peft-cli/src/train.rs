@@ -2,8 +2,8 @@ use crate::plot::{write_loss_chart, Series};
 use crate::{load_base_with, model_name, DTypeArg, QuantArg};
 use anyhow::{bail, Context, Result};
 use peft::{
-    BottleneckConfig, BottleneckModel, FullModel, Ia3Config, Ia3Model, LoraConfig, PeftModel,
-    PromptInit, PromptModel, TargetModules, TokensConfig, TokensModel, Tuned,
+    Adapter, BottleneckConfig, BottleneckModel, FullModel, Ia3Config, Ia3Model, LoraConfig,
+    PeftModel, PromptInit, PromptModel, TargetModules, TokensConfig, TokensModel, Tuned,
 };
 use peft_models::loader::QuantizeOnLoad;
 use peft_models::tokenizer::Tokenizer;
@@ -44,6 +44,13 @@ pub struct TrainCmd {
     /// weight trained, saved as a complete model folder).
     #[arg(long)]
     method: Option<String>,
+    /// Continue training an adapter (a folder of any method, or a Hub id): its config sets the
+    /// method and its options, its weights are where training starts, as HF PEFT's
+    /// `PeftModel.from_pretrained(model, adapter, is_trainable=True)` (axolotl's
+    /// `lora_model_dir`); without --model, the base is the one its config names.
+    #[arg(long)]
+    #[serde(alias = "lora_model_dir")]
+    adapter: Option<PathBuf>,
     /// Bottleneck adapters: houlsby (after attention and MLP) or pfeiffer (after the MLP).
     #[arg(long)]
     adapter_config: Option<String>,
@@ -670,6 +677,59 @@ fn parse_layers(spec: &str) -> Result<Value> {
 /// Options set (by flag or recipe) that `method` does not read: a note, not an error, since a
 /// recipe may serve several methods.
 fn ignored_flags(c: &TrainCmd, method: &str) -> Vec<&'static str> {
+    method_options(c, method)
+        .iter()
+        .filter(|(_, set, read)| *set && !*read)
+        .map(|(flag, ..)| *flag)
+        .collect()
+}
+
+/// The method, as `peft train --method` names it, of an adapter whose config says `peft_type`.
+fn method_of(peft_type: &str) -> &'static str {
+    match peft_type {
+        "IA3" => "ia3",
+        "BOTTLENECK" => "adapter",
+        "PROMPT_TUNING" | "P_TUNING" => "prompt",
+        "PREFIX_TUNING" => "prefix",
+        "TRAINABLE_TOKENS" => "trainable-tokens",
+        _ => "lora",
+    }
+}
+
+/// The method of the adapter `dir` that `--adapter` continues; a `--method` that names another
+/// one, or an option of the method's config given again, is an error.
+fn continued_method(c: &TrainCmd, dir: &Path) -> Result<String> {
+    let method = method_of(&peft::adapter_type(dir)?);
+    let alike = |given: &str| {
+        given == method
+            || is_lora(given) && is_lora(method)
+            || given == "ptuning-v2" && method == "prefix"
+    };
+    if let Some(given) = c.method.as_deref().filter(|m| !alike(m)) {
+        bail!(
+            "--method {given} does not match the adapter in {}, a {method} adapter (--adapter continues it as it is)",
+            dir.display()
+        );
+    }
+    // Optimizer settings stay the run's own.
+    let from_config: Vec<&str> = method_options(c, method)
+        .iter()
+        .filter(|(flag, set, _)| *set && *flag != "--loraplus-lr-ratio")
+        .map(|(flag, ..)| *flag)
+        .collect();
+    if !from_config.is_empty() {
+        bail!(
+            "{} set what the adapter's config in {} sets; drop {} to continue it (--adapter)",
+            from_config.join(", "),
+            dir.display(),
+            if from_config.len() == 1 { "it" } else { "them" }
+        );
+    }
+    Ok(method.to_string())
+}
+
+/// Each method option: its flag, whether it is set, and whether `method` reads it.
+fn method_options(c: &TrainCmd, method: &str) -> Vec<(&'static str, bool, bool)> {
     let lora = is_lora(method);
     let ia3 = method == "ia3";
     let prompt = method == "prompt";
@@ -732,11 +792,7 @@ fn ignored_flags(c: &TrainCmd, method: &str) -> Vec<&'static str> {
         ("--reduction-factor", c.reduction_factor.is_some(), adapter),
         ("--non-linearity", c.non_linearity.is_some(), adapter),
     ];
-    options
-        .iter()
-        .filter(|(_, set, read)| *set && !*read)
-        .map(|(flag, ..)| *flag)
-        .collect()
+    options.to_vec()
 }
 
 /// Fails on a `--method` value that is not one of [`METHODS`].
@@ -752,10 +808,21 @@ pub fn check_method(method: &str) -> Result<()> {
 
 pub fn run(cmd: TrainCmd) -> Result<()> {
     let c = merged(cmd)?;
-    let model_path = require(c.model.clone(), "model")?;
     let data_path = require(c.data.clone(), "data")?;
     let output = require(c.output.clone(), "output")?;
-    let method = c.method.clone().unwrap_or_else(|| "lora".into());
+    let adapter = c
+        .adapter
+        .as_deref()
+        .map(|dir| peft_models::hub::locate(dir, peft_models::hub::Wanted::Adapter))
+        .transpose()?;
+    let method = match &adapter {
+        Some(dir) => continued_method(&c, dir)?,
+        None => c.method.clone().unwrap_or_else(|| "lora".into()),
+    };
+    let model_path = match (&c.model, &adapter) {
+        (None, Some(dir)) => crate::base_model(None, Some(&mut dir.clone()))?,
+        _ => require(c.model.clone(), "model")?,
+    };
     check_method(&method)?;
     let ignored = ignored_flags(&c, &method);
     if !ignored.is_empty() {
@@ -993,7 +1060,10 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         eval = pack(&eval, max_seq_length);
     }
     intervals.resolve(&mut args, examples.len())?;
-    let mut model = build_model(&method, base, &c, &tok, args.seed)?;
+    let mut model = match &adapter {
+        Some(dir) => Adapter::load(base, dir)?.into_tuned(),
+        None => build_model(&method, base, &c, &tok, args.seed)?,
+    };
     if let Some(q) = quantize_later {
         model.quantize_base(q.kind, q.double_quant, q.compute_dtype)?;
     }

@@ -12,7 +12,6 @@ fn peft(args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
-/// Asserts a clean failure: exit code 1, a single `error:` line naming `needle`, no panic.
 /// Runs `peft` and asserts that it succeeded, showing its stderr where it did not.
 fn succeeds(args: &[&str]) -> Output {
     let out = peft(args);
@@ -21,6 +20,7 @@ fn succeeds(args: &[&str]) -> Output {
     out
 }
 
+/// Asserts a clean failure: exit code 1, a single `error:` line naming `needle`, no panic.
 fn fails_with(args: &[&str], needle: &str) {
     let out = peft(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -872,4 +872,124 @@ fn loftq_adapter_corrects_the_4bit_base() {
         "4",
     ]);
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+}
+
+/// `--adapter` continues an adapter: its config sets the method (DoRA here), its weights are
+/// the start, and its base is the one its config names. With a learning rate of 0 the adapter
+/// is written back as it was, and its first loss is the trained adapter's, below the base's.
+#[test]
+fn train_continues_an_adapter() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pirate_qa.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let (first, continued, fresh) = (
+        dir.path().join("first"),
+        dir.path().join("continued"),
+        dir.path().join("fresh"),
+    );
+    let common = [
+        "--data",
+        s(&data),
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--warmup-steps",
+        "0",
+        "--json",
+    ];
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let args: Vec<&str> = ["train"]
+            .iter()
+            .chain(&common)
+            .chain(extra)
+            .copied()
+            .collect();
+        let out = succeeds(&args);
+        json_lines(&out).pop().expect("a summary line")
+    };
+    run(&[
+        "--model",
+        s(&model),
+        "--output",
+        s(&first),
+        "--method",
+        "dora",
+        "--r",
+        "4",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--max-steps",
+        "4",
+        "--lr",
+        "5e-3",
+    ]);
+    let resumed = run(&[
+        "--adapter",
+        s(&first),
+        "--output",
+        s(&continued),
+        "--max-steps",
+        "1",
+        "--lr",
+        "0",
+    ]);
+    let base = run(&[
+        "--model",
+        s(&model),
+        "--output",
+        s(&fresh),
+        "--max-steps",
+        "1",
+        "--lr",
+        "0",
+    ]);
+    let (resumed, base) = (
+        resumed["loss_first"].as_f64().unwrap(),
+        base["loss_first"].as_f64().unwrap(),
+    );
+    assert!(
+        resumed < base - 0.1,
+        "continued at {resumed}, the base at {base}"
+    );
+    let read = |d: &Path| {
+        let config = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+        let tensors = peft_models::io::load_safetensors(
+            &d.join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        (
+            serde_json::from_str::<serde_json::Value>(&config).unwrap(),
+            tensors,
+        )
+    };
+    let ((c1, t1), (c2, t2)) = (read(&first), read(&continued));
+    assert_eq!(c1, c2);
+    assert_eq!(c2["use_dora"], true);
+    assert_eq!(t1.len(), t2.len());
+    for (key, t) in &t1 {
+        assert_eq!(max_abs_diff(t, &t2[key]), 0.0, "{key}");
+    }
+    // The config decides the method and its options.
+    let again = dir.path().join("again");
+    let adapter = [
+        "train",
+        "--adapter",
+        s(&first),
+        "--data",
+        s(&data),
+        "--output",
+        s(&again),
+    ];
+    fails_with(
+        &[&adapter[..], &["--r", "8"]].concat(),
+        "--r set what the adapter's config",
+    );
+    fails_with(
+        &[&adapter[..], &["--method", "ia3"]].concat(),
+        "--method ia3 does not match",
+    );
 }

@@ -53,6 +53,17 @@ impl Adapter {
         }
     }
 
+    /// The adapter as a model to train further.
+    pub fn into_tuned(self) -> Box<dyn Tuned> {
+        match self {
+            Self::Lora(m) => Box::new(m),
+            Self::Ia3(m) => Box::new(m),
+            Self::Bottleneck(m) => Box::new(m),
+            Self::Prompt(m) => Box::new(m),
+            Self::Tokens(m) => Box::new(m),
+        }
+    }
+
     pub fn tuned(&self) -> &dyn Tuned {
         match self {
             Self::Lora(m) => m,

@@ -6,7 +6,7 @@ use crate::keys::{file_key, module_path};
 use crate::lora::config::LoraConfig;
 use crate::lora::init::{SavedBase, WeightInit};
 use crate::lora::layer::{DropoutSeed, LoraLayer};
-use crate::targets::{excluding_parts, keep_layers, select, TargetModules};
+use crate::targets::{excluding_parts, keep_layers, select_linears, TargetModules};
 use crate::tokens::{embedding_path, names_embedding, LORA_ROWS};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -253,14 +253,7 @@ impl PeftModel {
                 )
             })
             .clone();
-        let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
-        let mut selected = select(
-            &targets,
-            config.exclude_modules.as_ref(),
-            &paths,
-            &base.other_module_paths(),
-            "lm_head",
-        )?;
+        let mut selected = select_linears(&mut base, &targets, config.exclude_modules.as_ref())?;
         if let Some(indices) = config.layer_indices()? {
             keep_layers(&mut selected, &targets, &indices, &config.layer_patterns()?)?;
         }

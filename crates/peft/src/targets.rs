@@ -1,6 +1,7 @@
 //! Which modules a tuner wraps: PEFT's `target_modules` / `exclude_modules` semantics.
 
 use anyhow::{bail, Result};
+use peft_models::Llama;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +109,23 @@ pub fn select(
         );
     }
     Ok(out)
+}
+
+/// [`select`] over the linear layers of `base` (its output head aside; an image-text model's
+/// tower among the modules a target list may name).
+pub fn select_linears(
+    base: &mut Llama,
+    targets: &TargetModules,
+    exclude: Option<&TargetModules>,
+) -> Result<Vec<String>> {
+    let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
+    select(
+        targets,
+        exclude,
+        &paths,
+        &base.other_module_paths(),
+        "lm_head",
+    )
 }
 
 /// `exclude` widened to the modules under `parts` (an image-text model's `vision_tower`,

@@ -8,7 +8,7 @@ pub use config::Ia3Config;
 use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::{file_key, module_path};
 use crate::model::CONFIG_FILE;
-use crate::targets::{excluding_parts, select, TargetModules};
+use crate::targets::{excluding_parts, select, select_linears, TargetModules};
 use crate::Tuned;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -79,14 +79,7 @@ impl Ia3Model {
                 }
             }
         }
-        let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
-        let selected = select(
-            &targets,
-            config.exclude_modules.as_ref(),
-            &paths,
-            &base.other_module_paths(),
-            "lm_head",
-        )?;
+        let selected = select_linears(&mut base, &targets, config.exclude_modules.as_ref())?;
         let ff = select(&feedforward, None, &selected, &[], "lm_head").unwrap_or_default();
         let device = base.device.clone();
         let mut layers = BTreeMap::new();

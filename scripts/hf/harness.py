@@ -1,0 +1,59 @@
+"""What the check scripts share: their usual flags, running a peft command, and reading the
+logits `peft logits` writes. The scripts import it from their own folder."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+SMOLLM2_DIR = "models/smollm2-135m-instruct"
+DEFAULTS = {
+    "peft": os.path.expanduser("~/.cache/peft-rs-target/release/peft"),
+    "model-dir": SMOLLM2_DIR,
+    "smollm-dir": SMOLLM2_DIR,
+    "data": "data/pirate_qa.jsonl",
+}
+
+
+def arguments(*flags):
+    """A parser with `--peft` and the usual `flags` (`model-dir`, `smollm-dir`, `data`) at
+    their defaults; a script adds its own flags before parsing."""
+    ap = argparse.ArgumentParser()
+    for flag in ("peft",) + flags:
+        ap.add_argument(f"--{flag}", default=DEFAULTS[flag])
+    return ap
+
+
+def run(cmd, **kw):
+    """Runs `cmd` (keyword arguments go to subprocess.run); on failure, exits with the end of
+    its stderr."""
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{r.stderr[-3000:]}")
+    return r
+
+
+def peft_logits(peft, model, ids, out, *flags):
+    """The logits `peft logits --model MODEL FLAGS` writes to `out` for `ids`, in float32
+    (`[1, len(ids), vocab]`)."""
+    run([peft, "logits", "--model", model, "--input-ids", ",".join(map(str, ids)), "--out", out,
+         *flags])
+    return load_file(out)["logits"].float()
+
+
+def random_model(cls, config, model_dir, smollm_dir):
+    """A model of class `cls` with small random weights (norms N(0, 0.2²), the rest
+    N(0, 0.05²), seed 0), saved by transformers into `model_dir` with SmolLM2's tokenizer and
+    chat template; returns it in eval mode."""
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    model.save_pretrained(model_dir)
+    for f in ["tokenizer.json", "chat_template.jinja", "tokenizer_config.json"]:
+        shutil.copy(os.path.join(smollm_dir, f), model_dir)
+    return model
