@@ -168,12 +168,10 @@ struct MergeCmd {
     /// q6_k (default: f32 for a folder, f16 for GGUF).
     #[arg(long)]
     dtype: Option<String>,
-    /// The adapter was trained on this 4-bit quantization of the base (QLoRA): merge into the
+    /// The adapter was trained on a 4-bit quantization of the base (QLoRA): merge into the
     /// dequantized 4-bit weights it was trained against.
-    #[arg(long, value_enum)]
-    quantize: Option<QuantArg>,
-    #[arg(long)]
-    double_quant: bool,
+    #[command(flatten)]
+    quantized: LoadQuantized,
 }
 
 #[derive(clap::Args)]
@@ -303,21 +301,18 @@ pub fn model_name(path: &Path) -> String {
 }
 
 fn run_merge(cmd: MergeCmd) -> Result<()> {
-    if cmd.double_quant && cmd.quantize.is_none() {
-        eprintln!("note: --double-quant has no effect without --quantize");
-    }
     let output = Output::of(&cmd.output, cmd.dtype.as_deref())?;
     let mut adapter = cmd.adapter.clone();
     let model = base_model(cmd.model.as_deref(), adapter.as_mut())?;
-    let (mut base, tok) = load_base(&model, DType::F32, &Device::Cpu)?;
+    let quantize = cmd.quantized.on_load(DType::F32);
+    let (base, tok) = load_base_with(&model, DType::F32, &Device::Cpu, quantize)?;
     if model.extension().is_some_and(|e| e == "gguf") && matches!(output, Output::Folder(_)) {
         eprintln!("note: the GGUF base is dequantized; the merged model is written unquantized");
     }
-    if let Some(q) = cmd.quantize {
-        base.quantize(q.kind(), cmd.double_quant, DType::F32)?;
+    if let Some(q) = quantize {
         eprintln!(
             "warning: merging into the dequantized {:?} base; the merged model is written unquantized, and quantizing it again rounds the merged weights (outputs shift slightly)",
-            q
+            q.kind
         );
     }
     let mut merged = match &adapter {

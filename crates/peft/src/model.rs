@@ -52,6 +52,46 @@ pub struct PeftModel {
     pub changes_elsewhere: Vec<String>,
 }
 
+/// An adapted linear layer of the base, with what the inits from its weight need.
+struct AdaptedWeight<'a> {
+    path: String,
+    /// Its index among all the linear layers (a seed for its random draws).
+    index: u64,
+    linear: &'a mut peft_models::Linear,
+    layer: Arc<LoraLayer>,
+    weight: Tensor,
+}
+
+/// Every adapted linear layer of `base` with its dense weight, which PiSSA, OLoRA and LoftQ
+/// start from: a quantized one is an error.
+fn adapted_weights<'a>(
+    base: &'a mut Llama,
+    adapters: &BTreeMap<String, Arc<LoraLayer>>,
+    config: &LoraConfig,
+) -> Result<Vec<AdaptedWeight<'a>>> {
+    let mut out = Vec::new();
+    for (index, (path, linear)) in base.linears_mut().into_iter().enumerate() {
+        let Some(layer) = adapters.get(&path) else {
+            continue;
+        };
+        let weight = match &linear.weight {
+            LinearWeight::Dense(w) => w.clone(),
+            LinearWeight::Quantized(_) => bail!(
+                "init_lora_weights={} needs the original weights of {path}, which is quantized (load the base unquantized: peft train --quantize quantizes it after the initialisation)",
+                config.init_lora_weights
+            ),
+        };
+        out.push(AdaptedWeight {
+            path,
+            index: index as u64,
+            linear,
+            layer: layer.clone(),
+            weight,
+        });
+    }
+    Ok(out)
+}
+
 /// Checks HF PEFT's `loftq_config` (`{"loftq_bits": 4, "loftq_iter": 1}`, its defaults)
 /// against what LoftQ does here: one pass over the base's own 4-bit quantization.
 fn loftq_settings(config: &LoraConfig) -> Result<()> {
@@ -145,16 +185,11 @@ impl PeftModel {
         compute_dtype: DType,
     ) -> Result<()> {
         if std::mem::take(&mut self.loftq_pending) {
-            let mut targets = Vec::new();
-            for (path, lin) in self.base.linears_mut() {
-                if let Some(layer) = self.adapters.get(&path) {
-                    let w = match &lin.weight {
-                        LinearWeight::Dense(w) => w.clone(),
-                        LinearWeight::Quantized(_) => bail!("init_lora_weights=\"loftq\" needs the original weights of {path}, which is quantized already (load the base unquantized: peft train --quantize does)"),
-                    };
-                    targets.push((lin, layer.clone(), w));
-                }
-            }
+            let mut targets: Vec<_> =
+                adapted_weights(&mut self.base, &self.adapters, &self.config)?
+                    .into_iter()
+                    .map(|t| (t.linear, t.layer, t.weight))
+                    .collect();
             // A chunk at a time (each SVD holds its weight in f64), quantized on this thread
             // (the weights' device may be a GPU), decomposed on the CPU's threads.
             let cpu = candle_core::Device::Cpu;
@@ -194,15 +229,11 @@ impl PeftModel {
             // HF PEFT cannot convert such an adapter for the original base either.
             bail!("init_lora_weights={} with use_rslora and rank_pattern or alpha_pattern is not supported", config.init_lora_weights);
         }
-        let mut weights = Vec::new();
-        for (id, (path, lin)) in self.base.linears_mut().into_iter().enumerate() {
-            if self.adapters.contains_key(&path) {
-                if lin.weight.is_quantized() {
-                    bail!("init_lora_weights={} needs a base in float (bf16, f16, f32): {path} is quantized (decompose the dense base, then quantize the residual: peft train --quantize does)", self.config.init_lora_weights);
-                }
-                weights.push((path, id as u64, lin.weight.dense()?));
-            }
-        }
+        let weights: Vec<(String, u64, Tensor)> =
+            adapted_weights(&mut self.base, &self.adapters, &self.config)?
+                .into_iter()
+                .map(|t| (t.path, t.index, t.weight))
+                .collect();
         let parts: Vec<(Tensor, Tensor, Tensor)> = weights
             .par_iter()
             .map(|(path, id, w)| {

@@ -156,6 +156,15 @@ fn quantized_residual_keeps_more_than_quantized_weights() {
         qpissa_error < 0.7 * qlora_error,
         "QPiSSA {qpissa_error} vs QLoRA {qlora_error}"
     );
+    // The decomposition needs the weights as they were, not their quantization.
+    let err = PeftModel::new(qlora, config("olora", false), 1)
+        .err()
+        .expect("a quantized base is refused");
+    assert!(
+        err.to_string()
+            .contains("needs the original weights of model.layers.0.self_attn.q_proj"),
+        "{err}"
+    );
 }
 
 /// Adapters HF PEFT saved after its other inits load by what their base is: EVA, orthogonal
