@@ -85,6 +85,11 @@ pub fn select(
         for t in l {
             let matches = |p: &String| list_matches(std::slice::from_ref(t), p);
             if !linear_paths.iter().any(matches) && !elsewhere.iter().any(matches) {
+                if crate::tokens::names_embedding(t) {
+                    bail!(
+                        "target module {t:?}: LoRA on the embedding (HF PEFT's lora_embedding_A/B) is not supported; train it in full (modules_to_save) or the rows of some tokens (trainable_token_indices)"
+                    );
+                }
                 bail!(
                     "target module {t:?} not found in the model (its linear modules: {})",
                     names()
@@ -225,6 +230,13 @@ mod tests {
         let s = select(&t, Some(&ex), &paths(), &[], "lm_head").unwrap();
         assert_eq!(s.len(), 4);
         assert!(!s.contains(&"lm_head".to_string()));
+    }
+
+    #[test]
+    fn the_embedding_is_named_as_unsupported() {
+        let t = TargetModules::parse_flag("q_proj,embed_tokens");
+        let err = select(&t, None, &paths(), &[], "lm_head").unwrap_err();
+        assert!(err.to_string().contains("LoRA on the embedding"), "{err}");
     }
 
     #[test]
