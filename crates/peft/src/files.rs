@@ -23,7 +23,10 @@ pub fn read_adapter_weights(
     for name in [WEIGHTS_FILE, PYTORCH_WEIGHTS_FILE] {
         let path = dir.join(name);
         if path.exists() {
-            let tensors = load_weights(&path, device)?;
+            let tensors = load_weights(&path, device)?
+                .into_iter()
+                .map(|(key, t)| (crate::keys::in_current_layout(key), t))
+                .collect();
             return Ok((path, tensors));
         }
     }

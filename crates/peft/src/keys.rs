@@ -30,6 +30,23 @@ pub fn module_path<'a>(key: &'a str, param: &str) -> Option<&'a str> {
     head.strip_suffix(stem)?.strip_suffix('.')
 }
 
+/// `key` in transformers' current module names: adapters HF PEFT saved for an image-text
+/// model before transformers 4.52 name its language model `language_model.model` and its head
+/// `language_model.lm_head`, which are `model.language_model` and `lm_head` now (HF PEFT
+/// renames them on load too).
+pub fn in_current_layout(key: String) -> String {
+    const RENAMED: [(&str, &str); 2] = [
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+    ];
+    for (old, new) in RENAMED {
+        if let Some(rest) = key.strip_prefix(&format!("{PREFIX}{old}")) {
+            return format!("{PREFIX}{new}{rest}");
+        }
+    }
+    key
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,6 +61,22 @@ mod tests {
         );
         assert_eq!(module_path(&key, "lora_A.weight"), Some(path));
         assert_eq!(module_path(&key, "lora_B.weight"), None);
+    }
+
+    #[test]
+    fn old_image_text_keys_take_the_current_names() {
+        let old = "base_model.model.language_model.model.layers.2.mlp.up_proj.lora_A.weight";
+        assert_eq!(
+            in_current_layout(old.into()),
+            "base_model.model.model.language_model.layers.2.mlp.up_proj.lora_A.weight"
+        );
+        let head = "base_model.model.language_model.lm_head.weight";
+        assert_eq!(
+            in_current_layout(head.into()),
+            "base_model.model.lm_head.weight"
+        );
+        let causal = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+        assert_eq!(in_current_layout(causal.into()), causal);
     }
 
     #[test]

@@ -142,6 +142,39 @@ fn an_adapter_that_changes_the_tower_runs_on_text_but_does_not_merge() {
     assert!(fixture_adapter.changes_elsewhere.is_empty());
 }
 
+/// Adapters HF PEFT saved before transformers 4.52 (Gemma 3's first two months) name the
+/// language model `language_model.model`: they load as the current ones do.
+#[test]
+fn adapters_of_the_old_layout_load() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture().join("lora/adapter_config.json"),
+        dir.path().join("adapter_config.json"),
+    )
+    .unwrap();
+    let file = fixture().join("lora/adapter_model.safetensors");
+    let old: Vec<(String, Tensor)> = load_safetensors(&file, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k.replace("model.model.language_model.", "model.language_model.model."),
+                t,
+            )
+        })
+        .collect();
+    assert!(old
+        .iter()
+        .any(|(k, _)| k.contains(".language_model.model.layers.")));
+    save_safetensors(&dir.path().join("adapter_model.safetensors"), &old, None).unwrap();
+    let peft = PeftModel::load(base(), dir.path()).unwrap();
+    let d = max_abs_diff(
+        &logits(&peft.base, &input_ids()),
+        &expected()["lora_logits"],
+    );
+    assert!(d < 1e-4, "LoRA logits differ by {d}");
+}
+
 #[test]
 fn adapters_trained_here_name_modules_as_hf_peft_does() {
     let config = LoraConfig {
