@@ -13,5 +13,7 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;
-pub use llama::{BlockAdapter, KvCache, Linear, LinearAdapter, Llama, Neftune, TokenRows};
+pub use llama::{
+    BlockAdapter, EmbeddingLora, KvCache, Linear, LinearAdapter, Llama, Neftune, TokenRows,
+};
 pub use loader::{load_model, LoadedModel};

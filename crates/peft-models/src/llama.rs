@@ -305,6 +305,8 @@ pub struct Llama {
     pub neftune: Option<Neftune>,
     /// Embedding rows replaced by trained ones (HF PEFT's trainable tokens).
     pub token_rows: Option<TokenRows>,
+    /// LoRA on the input embedding.
+    pub embedding_lora: Option<EmbeddingLora>,
     inv_freq: Tensor,
     /// RoPE of the sliding-window layers where it differs (Gemma 3).
     local_inv_freq: Option<Tensor>,
@@ -315,6 +317,32 @@ pub struct Llama {
     /// An image-text checkpoint's tensors outside the language model (vision tower,
     /// projector), left on disk; a saved model copies them.
     pub other_tensors: Vec<StoredTensor>,
+}
+
+/// LoRA on the input embedding, as HF PEFT's `lora.Embedding`: each token's row gains
+/// `scaling · B · A[:, token]` (`lora_embedding_A` `[r, vocab]`, `lora_embedding_B`
+/// `[hidden, r]`), before Gemma's scaling of the embeddings, which so scales both, as HF PEFT
+/// scales them. A tied head reads the embedding as it was (HF PEFT's reads the base weight).
+#[derive(Clone)]
+pub struct EmbeddingLora {
+    pub a: Var,
+    pub b: Var,
+    pub scaling: f64,
+}
+
+impl EmbeddingLora {
+    /// The change to the rows of token ids `[n]`: `[n, hidden]`, in f32.
+    fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let columns = self.a.as_tensor().t()?.contiguous()?.index_select(ids, 0)?;
+        Ok((columns.matmul(&self.b.as_tensor().t()?)? * self.scaling)?)
+    }
+
+    /// The change to the embedding weight `[vocab, hidden]` that a merge adds:
+    /// `scaling · (B·A)ᵀ`.
+    pub fn delta(&self) -> Result<Tensor> {
+        let product = self.b.as_tensor().matmul(self.a.as_tensor())?;
+        Ok((product.t()? * self.scaling)?)
+    }
 }
 
 /// Rows of the embedding that replace the model's own for some tokens, as HF PEFT's trainable
@@ -539,6 +567,7 @@ impl Llama {
             grad_sink: Arc::new(GradSink::default()),
             neftune: None,
             token_rows: None,
+            embedding_lora: None,
             inv_freq,
             local_inv_freq,
             long_inv_freq,
@@ -805,6 +834,9 @@ impl Llama {
         let mut rows = embedding(&param(&self.embed_tokens), ids)?;
         if let Some(t) = &self.token_rows {
             rows = t.replace_in(&rows, ids)?;
+        }
+        if let Some(lora) = &self.embedding_lora {
+            rows = (rows.to_dtype(DType::F32)? + lora.rows(ids)?)?;
         }
         if self.config.scale_embeddings {
             let scale = (self.config.hidden_size as f64).sqrt() as f32;

@@ -29,6 +29,9 @@ const LOSS_CHUNK_ELEMS_GPU: usize = 64 << 20;
 /// Kernel tuning checks the gradients of the trainable tensors up to this size.
 const CHECKED_GRAD_ELEMS: usize = 32 << 20;
 
+/// LoRA+'s learning rate of LoRA on the embedding (HF PEFT's default `loraplus_lr_embedding`).
+const LORAPLUS_LR_EMBEDDING: f64 = 1e-6;
+
 #[derive(Debug, Clone)]
 pub struct TrainArgs {
     /// Passes over the data; a fraction trains that share of the last pass (transformers'
@@ -592,6 +595,9 @@ impl Trainer<'_> {
             .iter()
             .map(|(name, var)| ParamGroup {
                 lr_scale: match a.loraplus_lr_ratio {
+                    // create_loraplus_optimizer's loraplus_lr_embedding: 1e-6 for LoRA on the
+                    // embedding, whatever the learning rate.
+                    Some(_) if name.contains("lora_embedding_") => LORAPLUS_LR_EMBEDDING / a.lr,
                     Some(ratio) if name.contains("lora_B") || var.rank() == 1 => ratio,
                     _ => 1.0,
                 },

@@ -6,15 +6,15 @@ use crate::keys::{file_key, module_path};
 use crate::lora::config::LoraConfig;
 use crate::lora::init::{SavedBase, WeightInit};
 use crate::lora::layer::{DropoutSeed, LoraLayer};
-use crate::targets::{excluding_parts, keep_layers, select_linears, TargetModules};
+use crate::targets::{excluding_parts, keep_layers, select_linears, selects_module, TargetModules};
 use crate::tokens::{embedding_path, names_embedding, LORA_ROWS};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use peft_models::Llama;
+use peft_models::{EmbeddingLora, Llama};
 use peft_ops::{LinearWeight, QuantizedWeight};
 use peft_quant::FourBit;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Normal};
+use rand_distr::{Distribution, Normal, StandardNormal};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -24,6 +24,11 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// DoRA's magnitude vector, stored without a `.weight` suffix as PEFT does.
 const MAGNITUDE: &str = "lora_magnitude_vector";
+/// LoRA's pair on the embedding, as HF PEFT names it (no `.weight`).
+const EMBEDDING_A: &str = "lora_embedding_A";
+const EMBEDDING_B: &str = "lora_embedding_B";
+/// HF PEFT saves the embedding's own weight beside its LoRA pair (`save_embedding_layers`).
+const EMBEDDING_BASE: &str = "base_layer.weight";
 
 /// Default LoRA targets when a config names none (PEFT's table for Llama-family models; for
 /// Phi-3, which PEFT's table lacks, the fused projection holding q and v).
@@ -135,9 +140,28 @@ impl PeftModel {
             );
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let model = Self::build(base, config, |_path, r, in_f, out_f, cfg| {
+        let embedding = embedding_path(&base);
+        let model = Self::build(base, config, |path, r, in_f, out_f, cfg| {
             let dev = candle_core::Device::Cpu;
+            let normal = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<f32> {
+                (0..n).map(|_| StandardNormal.sample(rng)).collect()
+            };
             let (a, b) = match &cfg.init_lora_weights {
+                // HF PEFT's embedding LoRA: A = 0, B ~ N(0, 1) (nn.Embedding's init); both
+                // N(0, 1) without its init.
+                _ if path == embedding => {
+                    if weight_init.is_some() {
+                        bail!(
+                            "init_lora_weights={} with LoRA on the embedding is not supported",
+                            cfg.init_lora_weights
+                        );
+                    }
+                    let a = match cfg.init_lora_weights {
+                        serde_json::Value::Bool(false) => normal(&mut rng, r * in_f),
+                        _ => vec![0f32; r * in_f],
+                    };
+                    (a, normal(&mut rng, out_f * r))
+                }
                 serde_json::Value::String(_) => {
                     // "gaussian": A ~ N(0, 1/r), B = 0.
                     let normal = Normal::new(0.0, 1.0 / r as f64).context("gaussian init")?;
@@ -318,6 +342,26 @@ impl PeftModel {
             lin.adapter = Some(layer.clone());
             adapters.insert(path, layer);
         }
+        let embedding = embedding_path(&base);
+        let named_in_full = matches!(&targets, TargetModules::List(l) if l.contains(&embedding));
+        // As HF PEFT: layers_to_transform keeps what has a layer index, or is named in full.
+        let embedding_kept = config.layer_indices()?.is_none() || named_in_full;
+        if embedding_kept && selects_module(&targets, config.exclude_modules.as_ref(), &embedding)?
+        {
+            if config.use_dora {
+                bail!("use_dora with LoRA on the embedding ({embedding}) is not supported");
+            }
+            let (r, scaling) = config.rank_and_scaling(&embedding);
+            let (vocab, hidden) = base.embed_tokens.dims2()?;
+            let (a, b) = init(&embedding, r, vocab, hidden, &config)?;
+            base.embedding_lora = Some(EmbeddingLora {
+                a: Var::from_tensor(&a.to_device(&device)?.to_dtype(DType::F32)?)?,
+                b: Var::from_tensor(&b.to_device(&device)?.to_dtype(DType::F32)?)?,
+                scaling,
+            });
+        } else if adapters.is_empty() {
+            bail!("target_modules selects no module");
+        }
         let mut model = Self {
             base,
             config,
@@ -339,6 +383,16 @@ impl PeftModel {
         let wrapped: Vec<String> = self.adapters.keys().cloned().collect();
         let mut extra = BTreeMap::new();
         let is_embedding = |m: &String| names_embedding(m);
+        if self.base.embedding_lora.is_some() {
+            if to_save.iter().any(is_embedding) {
+                bail!("the embedding is both a LoRA target and in modules_to_save");
+            }
+            if self.config.token_indices()?.is_some() {
+                bail!(
+                    "trainable_token_indices and LoRA on the embedding both train it: choose one"
+                );
+            }
+        }
         // A tied head and embedding part when either trains (HF PEFT trains a copy of the
         // module named and leaves the other as it was).
         if to_save.iter().any(|m| m == "lm_head" || is_embedding(m)) {
@@ -402,6 +456,11 @@ impl PeftModel {
                 out.push((file_key(path, MAGNITUDE), m.clone()));
             }
         }
+        if let Some(l) = &self.base.embedding_lora {
+            let path = embedding_path(&self.base);
+            out.push((file_key(&path, EMBEDDING_A), l.a.clone()));
+            out.push((file_key(&path, EMBEDDING_B), l.b.clone()));
+        }
         out.extend(
             self.extra_trainable
                 .iter()
@@ -424,6 +483,11 @@ impl PeftModel {
                     + l.magnitude.as_ref().map_or(0, |m| m.elem_count())
             })
             .sum();
+        let embedding: usize = self
+            .base
+            .embedding_lora
+            .as_ref()
+            .map_or(0, |l| l.a.elem_count() + l.b.elem_count());
         let modules_to_save: usize = self
             .extra_trainable
             .iter()
@@ -431,7 +495,7 @@ impl PeftModel {
             .map(|(_, v)| v.elem_count())
             .sum();
         let base = self.base.parameter_count();
-        (trainable, base + adapters + modules_to_save)
+        (trainable, base + adapters + embedding + modules_to_save)
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT's
@@ -521,6 +585,10 @@ impl PeftModel {
             let (slot, path) = if let Some(p) = module_path(key, "lora_A.weight") {
                 (0, p)
             } else if let Some(p) = module_path(key, "lora_B.weight") {
+                (1, p)
+            } else if let Some(p) = module_path(key, EMBEDDING_A) {
+                (0, p)
+            } else if let Some(p) = module_path(key, EMBEDDING_B) {
                 (1, p)
             } else {
                 continue;
@@ -620,6 +688,22 @@ impl PeftModel {
             }
             var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
         }
+        // The embedding HF PEFT saved beside its LoRA pair replaces the base's, as loading
+        // it into HF's model does (the base's own where it was frozen).
+        let embedding_base = file_key(&embedding_path(&model.base), EMBEDDING_BASE);
+        if let Some(t) = tensors.remove(&embedding_base) {
+            let base = &mut model.base;
+            if t.dims() != base.embed_tokens.dims() {
+                bail!(
+                    "{}: {embedding_base} has shape {:?}, the base's embedding {:?} (a resized vocabulary is not supported)",
+                    weights_path.display(),
+                    t.dims(),
+                    base.embed_tokens.dims()
+                );
+            }
+            let t = t.to_device(base.embed_tokens.device())?;
+            base.embed_tokens = t.to_dtype(base.embed_tokens.dtype())?;
+        }
         if let Some(key) = tensors.keys().next() {
             bail!("{}: unexpected tensor {key}", weights_path.display());
         }
@@ -641,7 +725,12 @@ impl PeftModel {
         // A trained embedding (modules_to_save) becomes a plain tensor again, with trained
         // token rows in place.
         self.base.merge_token_rows()?;
-        self.base.embed_tokens = self.base.embed_tokens.detach().to_dtype(dtype)?;
+        let mut embed = self.base.embed_tokens.detach();
+        if let Some(lora) = self.base.embedding_lora.take() {
+            // A tied head reads the merged embedding, as in HF PEFT's merged model.
+            embed = (embed.to_dtype(DType::F32)? + lora.delta()?)?;
+        }
+        self.base.embed_tokens = embed.to_dtype(dtype)?;
         for (path, lin) in self.base.linears_mut() {
             lin.adapter = None;
             // A quantized base is dequantized here: the merged model is dense.

@@ -38,6 +38,25 @@ fn list_matches(list: &[String], path: &str) -> bool {
         .any(|t| path == t || path.ends_with(&format!(".{t}")))
 }
 
+/// Whether `t` names the module at `path` (`all-linear`: any linear layer but `output_head`).
+fn matches(t: &TargetModules, path: &str, output_head: &str) -> Result<bool> {
+    Ok(match t {
+        TargetModules::List(l) => list_matches(l, path),
+        TargetModules::Pattern(p) if p == ALL_LINEAR => path != output_head,
+        TargetModules::Pattern(p) => Regex::new(&format!("^(?:{p})$"))
+            .map_err(|e| {
+                // The parser's message spans lines (pattern, caret, reason): keep the reason.
+                let text = e.to_string();
+                let reason = text.lines().last().unwrap_or_default();
+                anyhow::anyhow!(
+                    "target_modules: invalid regex {p:?}: {}",
+                    reason.trim_start_matches("error: ")
+                )
+            })?
+            .is_match(path),
+    })
+}
+
 /// Resolves `targets` minus `exclude` against the model's linear layer paths. An entry of a
 /// target list that matches nothing is an error listing the model's linear layer names, unless
 /// it names a module of `elsewhere` (an image-text model's vision tower, which HF PEFT's lists
@@ -49,23 +68,7 @@ pub fn select(
     elsewhere: &[String],
     output_head: &str,
 ) -> Result<Vec<String>> {
-    let is_match = |t: &TargetModules, path: &str| -> Result<bool> {
-        Ok(match t {
-            TargetModules::List(l) => list_matches(l, path),
-            TargetModules::Pattern(p) if p == ALL_LINEAR => path != output_head,
-            TargetModules::Pattern(p) => Regex::new(&format!("^(?:{p})$"))
-                .map_err(|e| {
-                    // The parser's message spans lines (pattern, caret, reason): keep the reason.
-                    let text = e.to_string();
-                    let reason = text.lines().last().unwrap_or_default();
-                    anyhow::anyhow!(
-                        "target_modules: invalid regex {p:?}: {}",
-                        reason.trim_start_matches("error: ")
-                    )
-                })?
-                .is_match(path),
-        })
-    };
+    let is_match = |t: &TargetModules, path: &str| matches(t, path, output_head);
     let names = || {
         let mut short: Vec<&str> = linear_paths
             .iter()
@@ -85,11 +88,6 @@ pub fn select(
         for t in l {
             let matches = |p: &String| list_matches(std::slice::from_ref(t), p);
             if !linear_paths.iter().any(matches) && !elsewhere.iter().any(matches) {
-                if crate::tokens::names_embedding(t) {
-                    bail!(
-                        "target module {t:?}: LoRA on the embedding (HF PEFT's lora_embedding_A/B) is not supported; train it in full (modules_to_save) or the rows of some tokens (trainable_token_indices)"
-                    );
-                }
                 bail!(
                     "target module {t:?} not found in the model (its linear modules: {})",
                     names()
@@ -116,21 +114,44 @@ pub fn select(
     Ok(out)
 }
 
-/// [`select`] over the linear layers of `base` (its output head aside; an image-text model's
-/// tower among the modules a target list may name).
+/// [`select`] over the linear layers of `base` (its output head aside; the embedding, which
+/// [`selects_module`] decides, and an image-text model's tower among the modules a target list
+/// may name). Empty where the targets name the embedding alone.
 pub fn select_linears(
     base: &mut Llama,
     targets: &TargetModules,
     exclude: Option<&TargetModules>,
 ) -> Result<Vec<String>> {
-    let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
-    select(
+    let embedding = crate::tokens::embedding_path(base);
+    let mut paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
+    paths.push(embedding.clone());
+    let mut selected = select(
         targets,
         exclude,
         &paths,
         &base.other_module_paths(),
         "lm_head",
-    )
+    )?;
+    selected.retain(|p| *p != embedding);
+    Ok(selected)
+}
+
+/// Whether `targets` minus `exclude` select the module at `path` that is not a linear layer
+/// (the embedding): by name or regex, never by `all-linear`.
+pub fn selects_module(
+    targets: &TargetModules,
+    exclude: Option<&TargetModules>,
+    path: &str,
+) -> Result<bool> {
+    let all_linear = matches!(targets, TargetModules::Pattern(p) if p == ALL_LINEAR);
+    if all_linear {
+        return Ok(false);
+    }
+    let excluded = match exclude {
+        Some(e) => matches(e, path, "")?,
+        None => false,
+    };
+    Ok(matches(targets, path, "")? && !excluded)
 }
 
 /// `exclude` widened to the modules under `parts` (an image-text model's `vision_tower`,
@@ -233,10 +254,16 @@ mod tests {
     }
 
     #[test]
-    fn the_embedding_is_named_as_unsupported() {
+    fn the_embedding_is_a_target_by_name_not_by_all_linear() {
+        let embedding = "model.embed_tokens";
         let t = TargetModules::parse_flag("q_proj,embed_tokens");
-        let err = select(&t, None, &paths(), &[], "lm_head").unwrap_err();
-        assert!(err.to_string().contains("LoRA on the embedding"), "{err}");
+        assert!(selects_module(&t, None, embedding).unwrap());
+        let all = TargetModules::parse_flag("all-linear");
+        assert!(!selects_module(&all, None, embedding).unwrap());
+        let ex = TargetModules::List(vec!["embed_tokens".into()]);
+        assert!(!selects_module(&t, Some(&ex), embedding).unwrap());
+        let re = TargetModules::Pattern(r"model\.embed_tokens|.*q_proj".into());
+        assert!(selects_module(&re, None, embedding).unwrap());
     }
 
     #[test]

@@ -434,3 +434,86 @@ fn full_fine_tuning_gradients_through_the_layer_tape() {
         "{taped_nodes} vs {graph_nodes} nodes"
     );
 }
+
+/// LoRA on the embedding (HF PEFT's `lora_embedding_A` `[r, vocab]` and `lora_embedding_B`
+/// `[hidden, r]`): each token's row gains `s·B·A[:, token]`. Untied, merging it into the
+/// embedding gives the same logits; tied, the head reads the embedding as it was until the
+/// merge (as in HF PEFT); the pair trains, saves under HF PEFT's keys and loads back.
+#[test]
+fn lora_on_the_embedding() {
+    let peft = PeftModel::new(
+        tiny_llama(6, false).unwrap(),
+        config("q_proj,embed_tokens"),
+        2,
+    )
+    .unwrap();
+    let lora = peft
+        .base
+        .embedding_lora
+        .clone()
+        .expect("the embedding is adapted");
+    assert_eq!(lora.a.dims(), [4, 64]);
+    let with_q = PeftModel::new(tiny_llama(6, false).unwrap(), config("q_proj"), 2).unwrap();
+    let unmerged = logits(&peft.base);
+    assert!(max_abs_diff(&unmerged, &logits(&with_q.base)) > 1e-2);
+    let dir = tempfile::tempdir().unwrap();
+    peft.save(dir.path(), "tiny").unwrap();
+    let saved = peft_models::io::load_safetensors(
+        &dir.path().join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let key = "base_model.model.model.embed_tokens.lora_embedding_";
+    assert_eq!(saved[&format!("{key}A")].dims(), [4, 64]);
+    assert_eq!(saved[&format!("{key}B")].dims(), [32, 4]);
+    let loaded = PeftModel::load(tiny_llama(6, false).unwrap(), dir.path()).unwrap();
+    assert_eq!(max_abs_diff(&logits(&loaded.base), &unmerged), 0.0);
+    let merged = logits(&peft.merge_and_unload().unwrap());
+    assert!(max_abs_diff(&merged, &unmerged) < 1e-5);
+
+    // Tied: the unmerged head is the embedding as it was.
+    let tied = PeftModel::new(tiny_llama(6, true).unwrap(), config("embed_tokens"), 2).unwrap();
+    assert!(tied.adapters.is_empty());
+    let head = tied.base.lm_head_weight().unwrap();
+    assert_eq!(
+        max_abs_diff(&head, &tiny_llama(6, true).unwrap().embed_tokens),
+        0.0
+    );
+    // A and B get gradients.
+    let loss = train_loss(&tied.base);
+    let grads = tied.base.backward(&loss).unwrap();
+    let lora = tied.base.embedding_lora.as_ref().unwrap();
+    for v in [&lora.a, &lora.b] {
+        let g = grads.get(v.as_tensor()).expect("a gradient");
+        assert!(
+            g.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+    // Not with DoRA, nor with the embedding trained another way.
+    let mut dora = config("embed_tokens");
+    dora.use_dora = true;
+    let err = PeftModel::new(tiny_llama(6, true).unwrap(), dora, 2)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("use_dora with LoRA on the embedding"),
+        "{err}"
+    );
+    let mut both = config("q_proj,embed_tokens");
+    both.modules_to_save = Some(vec!["embed_tokens".into()]);
+    let err = PeftModel::new(tiny_llama(6, true).unwrap(), both, 2)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("both a LoRA target and in modules_to_save"),
+        "{err}"
+    );
+}

@@ -80,6 +80,9 @@ impl Ia3Model {
             }
         }
         let selected = select_linears(&mut base, &targets, config.exclude_modules.as_ref())?;
+        if selected.is_empty() {
+            bail!("IA3 scales linear layers: its target_modules name none (the embedding has no IA3 form)");
+        }
         let ff = select(&feedforward, None, &selected, &[], "lm_head").unwrap_or_default();
         let device = base.device.clone();
         let mut layers = BTreeMap::new();

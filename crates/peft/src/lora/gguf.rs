@@ -24,6 +24,9 @@ impl PeftModel {
         if self.adapters.values().any(|l| l.magnitude.is_some()) {
             bail!("llama.cpp's LoRA has no DoRA; {merge}");
         }
+        if self.base.embedding_lora.is_some() {
+            bail!("llama.cpp's LoRA here holds linear layers' pairs, and this adapter also adapts the embedding; {merge}");
+        }
         if let Some(key) = self.extra_trainable.keys().next() {
             bail!("llama.cpp's LoRA holds only LoRA pairs, and this adapter also trains {key}; {merge}");
         }
