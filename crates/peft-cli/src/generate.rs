@@ -1,4 +1,4 @@
-use crate::{base_model, load_base_with, DTypeArg, LoadQuantized};
+use crate::{base_model, load_base_with, tokenizer_for, DTypeArg, LoadQuantized};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use peft::Adapter;
@@ -374,12 +374,16 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
     let model = base_model(cmd.model.as_deref(), adapter.as_mut())?;
     let dtype = cmd.dtype.on(&device);
     let (base, tok) = load_base_with(&model, dtype, &device, cmd.quantized.on_load(dtype))?;
+    let (adapter, tok) = match &adapter {
+        Some(dir) => {
+            let loaded = Adapter::load(base.clone(), dir)?;
+            let tok = tokenizer_for(tok, base.config.vocab_size, &loaded, dir)?;
+            (Some(loaded), tok)
+        }
+        None => (None, tok),
+    };
     let tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
-    let adapter = adapter
-        .as_ref()
-        .map(|dir| Adapter::load(base.clone(), dir))
-        .transpose()?;
     let (model, virtual_tokens) = Virtual::of(&base, adapter.as_ref())?;
     let ids = prompt_ids(&tok, &cmd.prompt, cmd.chat, cmd.system.as_deref())?;
     generate_with(

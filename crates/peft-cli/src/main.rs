@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use peft::{Adapter, LoraConfig, PeftModel, TargetModules, Tuned};
 use peft_models::loader::{load_model_with, QuantizeOnLoad};
+use peft_models::tokenizer::Tokenizer;
 use peft_models::Llama;
 use std::path::{Path, PathBuf};
 
@@ -294,6 +295,29 @@ pub fn base_model(model: Option<&Path>, adapter: Option<&mut PathBuf>) -> Result
     }
 }
 
+/// The tokenizer to run `adapter` (loaded from `dir`) with: the base's `base_tok`, or where the
+/// adapter grew the vocabulary from `base_vocab` (tokens added and the embedding saved at its
+/// new size, as TRL saves such a run), the one saved beside it.
+pub fn tokenizer_for(
+    base_tok: Option<Tokenizer>,
+    base_vocab: usize,
+    adapter: &Adapter,
+    dir: &Path,
+) -> Result<Option<Tokenizer>> {
+    let vocab = adapter.model().config.vocab_size;
+    if vocab == base_vocab {
+        return Ok(base_tok);
+    }
+    let dir = peft_models::hub::locate(dir, peft_models::hub::Wanted::Adapter)?;
+    if !dir.join("tokenizer.json").is_file() {
+        bail!(
+            "the adapter in {} grows the vocabulary from {base_vocab} to {vocab} tokens, but its folder has no tokenizer.json with them",
+            dir.display()
+        );
+    }
+    Ok(Some(Tokenizer::from_hf_dir(&dir)?))
+}
+
 /// The adapter config's `base_model_name_or_path`: the model path as the user gave it, as HF
 /// PEFT writes it, so that `AutoPeftModelForCausalLM` finds the base from the adapter alone.
 pub fn model_name(path: &Path) -> String {
@@ -315,9 +339,14 @@ fn run_merge(cmd: MergeCmd) -> Result<()> {
             q.kind
         );
     }
-    let mut merged = match &adapter {
-        Some(dir) => Adapter::load(base, dir)?.merge_and_unload()?,
-        None => base,
+    let base_vocab = base.config.vocab_size;
+    let (mut merged, tok) = match &adapter {
+        Some(dir) => {
+            let adapter = Adapter::load(base, dir)?;
+            let tok = tokenizer_for(tok, base_vocab, &adapter, dir)?;
+            (adapter.merge_and_unload()?, tok)
+        }
+        None => (base, tok),
     };
     let what = match cmd.adapter {
         Some(_) => "merged model",
@@ -419,19 +448,27 @@ fn run_logits(cmd: LogitsCmd) -> Result<()> {
     }
     let quantize = cmd.quantized.on_load(DType::F32);
     let (base, _) = load_base_with(&cmd.model, DType::F32, &Device::Cpu, quantize)?;
-    let vocab = base.config.vocab_size as u32;
+    let device = base.device.clone();
+    let adapter = cmd
+        .adapter
+        .as_ref()
+        .map(|dir| Adapter::load(base.clone(), dir))
+        .transpose()?;
+    // An adapter may grow the vocabulary.
+    let model = adapter.as_ref().map_or(&base, Adapter::model);
+    let vocab = model.config.vocab_size as u32;
     if let Some(bad) = cmd.input_ids.iter().find(|&&t| t >= vocab) {
         anyhow::bail!("input id {bad} is outside the vocabulary (size {vocab})");
     }
-    let ids = Tensor::new(cmd.input_ids.as_slice(), &base.device)?.unsqueeze(0)?;
-    let logits = match &cmd.adapter {
+    let ids = Tensor::new(cmd.input_ids.as_slice(), &device)?.unsqueeze(0)?;
+    let logits = match adapter {
         None => base.logits(&base.forward(&ids, None, None, false)?)?,
-        Some(dir) if cmd.merged => {
-            let model = Adapter::load(base, dir)?.merge_and_unload()?;
+        Some(adapter) if cmd.merged => {
+            let model = adapter.merge_and_unload()?;
             model.logits(&model.forward(&ids, None, None, false)?)?
         }
         // Prompt tuning's rows for its virtual tokens come first, as PEFT returns them.
-        Some(dir) => Adapter::load(base, dir)?.logits(&ids)?,
+        Some(adapter) => adapter.logits(&ids)?,
     };
     let logits = logits.to_dtype(DType::F32)?;
     let shape = logits.dims().to_vec();

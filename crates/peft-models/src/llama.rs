@@ -780,6 +780,44 @@ impl Llama {
         Ok(())
     }
 
+    /// Takes the embedding (and an untied head) that a fine-tuned model saved, at its vocabulary
+    /// size, which may have grown (transformers' `resize_token_embeddings`: tokens added for a
+    /// chat template). A tied head reads the new embedding; `head` is then the same tensor.
+    pub fn replace_embeddings(&mut self, embed: &Tensor, head: Option<&Tensor>) -> Result<()> {
+        let (vocab, hidden) = embed.dims2()?;
+        if hidden != self.config.hidden_size {
+            bail!(
+                "an embedding of width {hidden} for a model of hidden size {}",
+                self.config.hidden_size
+            );
+        }
+        let like = |t: &Tensor, of: &Tensor| -> Result<Tensor> {
+            Ok(t.to_device(of.device())?.to_dtype(of.dtype())?)
+        };
+        if let Some(lin) = &mut self.lm_head {
+            match head {
+                Some(h) if h.dims() == [vocab, hidden] => {
+                    lin.weight = LinearWeight::Dense(like(h, &lin.weight.dense()?)?);
+                }
+                Some(h) => bail!(
+                    "an output head of shape {:?} for an embedding of {:?}",
+                    h.dims(),
+                    embed.dims()
+                ),
+                None if vocab != self.config.vocab_size => bail!(
+                    "the embedding has {vocab} tokens, but no output head of that size came with it"
+                ),
+                None => {}
+            }
+        }
+        self.embed_tokens = like(embed, &self.embed_tokens)?;
+        self.config.vocab_size = vocab;
+        if let Some(raw) = self.config.raw.as_object_mut() {
+            raw.insert("vocab_size".into(), vocab.into());
+        }
+        Ok(())
+    }
+
     /// Writes the replaced token rows into the embedding (a tied head reads them from there)
     /// and forgets them: the merge of trainable tokens.
     pub fn merge_token_rows(&mut self) -> Result<()> {

@@ -688,6 +688,16 @@ impl PeftModel {
             }
             var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
         }
+        // The embedding and head HF PEFT saves where the vocabulary grew (save_embedding_layers:
+        // tokens added, the embedding resized) are the model's.
+        let embed_key = file_key(&embedding_path(&model.base), "weight");
+        if let Some(embed) = tensors.remove(&embed_key) {
+            let head = tensors.remove(&file_key("lm_head", "weight"));
+            model
+                .base
+                .replace_embeddings(&embed, head.as_ref())
+                .with_context(|| format!("{}: {embed_key}", weights_path.display()))?;
+        }
         // The embedding HF PEFT saved beside its LoRA pair replaces the base's, as loading
         // it into HF's model does (the base's own where it was frozen).
         let embedding_base = file_key(&embedding_path(&model.base), EMBEDDING_BASE);

@@ -517,3 +517,46 @@ fn lora_on_the_embedding() {
         "{err}"
     );
 }
+
+/// An adapter of a grown vocabulary (tokens added, the embedding and head resized, as HF
+/// PEFT saves them beside the pairs): the model takes them, at the new size.
+#[test]
+fn adapters_of_a_grown_vocabulary_bring_their_embedding() {
+    let dir = tempfile::tempdir().unwrap();
+    let peft = PeftModel::new(tiny_llama(8, false).unwrap(), config("q_proj"), 1).unwrap();
+    let before = logits(&peft.base);
+    peft.save(dir.path(), "tiny").unwrap();
+    let file = dir.path().join("adapter_model.safetensors");
+    let mut tensors: Vec<(String, Tensor)> = peft_models::io::load_safetensors(&file, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let grow = |t: &Tensor| {
+        let extra = Tensor::ones((8, 32), DType::F32, &Device::Cpu).unwrap();
+        Tensor::cat(&[t, &extra], 0).unwrap()
+    };
+    let base = tiny_llama(8, false).unwrap();
+    let head = base.lm_head_weight().unwrap();
+    tensors.push((
+        "base_model.model.model.embed_tokens.weight".into(),
+        grow(&base.embed_tokens),
+    ));
+    tensors.push(("base_model.model.lm_head.weight".into(), grow(&head)));
+    peft_models::io::save_safetensors(&file, &tensors, None).unwrap();
+    let loaded = PeftModel::load(tiny_llama(8, false).unwrap(), dir.path()).unwrap();
+    assert_eq!(loaded.base.config.vocab_size, 72);
+    let after = logits(&loaded.base);
+    assert_eq!(after.dims(), [1, 8, 72]);
+    let old = after.narrow(2, 0, 64).unwrap();
+    assert!(max_abs_diff(&old, &before) < 1e-6);
+    // An untied head must come with it.
+    tensors.retain(|(k, _)| !k.ends_with("lm_head.weight"));
+    peft_models::io::save_safetensors(&file, &tensors, None).unwrap();
+    let err = PeftModel::load(tiny_llama(8, false).unwrap(), dir.path())
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("no output head of that size"),
+        "{err:#}"
+    );
+}

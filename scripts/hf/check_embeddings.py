@@ -6,9 +6,15 @@ the embedding:
    head reads the embedding as it was) and merged (the head reads the merged embedding, as in
    HF's merged model);
 2. `peft train --target-modules q_proj,v_proj,embed_tokens` trains both kinds of pair, and HF
-   PEFT loads the adapter with no missing or unexpected key and gives `peft logits`' logits.
+   PEFT loads the adapter with no missing or unexpected key and gives `peft logits`' logits;
+3. a grown vocabulary, as TRL leaves it after adding tokens for a chat template: two special
+   tokens added, the embedding resized to a multiple of 64 (transformers' mean resizing),
+   a LoRA on q_proj and v_proj; HF PEFT saves the new embedding and head beside the pairs,
+   TRL the tokenizer. `peft logits` on ids with the new tokens gives HF PEFT's logits (on its
+   resized base), `peft generate` reads the adapter's tokenizer, and transformers loads the
+   folder `peft merge` writes at the new size, with HF's logits and the added tokens.
 
-    .venv/bin/python scripts/hf/check_embedding_lora.py [--peft PATH] [--model-dir DIR]
+    .venv/bin/python scripts/hf/check_embeddings.py [--peft PATH] [--model-dir DIR]
 """
 import os
 import sys
@@ -17,7 +23,7 @@ import tempfile
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harness import arguments, peft_logits, run
 
@@ -85,5 +91,39 @@ with tempfile.TemporaryDirectory() as tmp:
                        "--adapter", ours_dir)
     d = (ours - theirs).abs().max().item()
     report(d < 2e-4, f"peft's adapter in HF PEFT vs peft logits: max |diff| {d:.2e}")
+
+    grown_dir, merged_dir = os.path.join(tmp, "grown"), os.path.join(tmp, "grown-merged")
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>"]})
+    torch.manual_seed(1)
+    resized = base()
+    resized.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    grown = get_peft_model(resized, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                               target_modules=["q_proj", "v_proj"]))
+    grown.eval().save_pretrained(grown_dir)
+    tok.save_pretrained(grown_dir)
+    new_ids = tok.convert_tokens_to_ids(["<tool>", "</tool>"])
+    ids = IDS[:5] + new_ids + IDS[5:]
+    with torch.no_grad():
+        theirs = grown(torch.tensor([ids])).logits
+    ours = peft_logits(args.peft, args.model_dir, ids, os.path.join(tmp, "d.safetensors"),
+                       "--adapter", grown_dir)
+    d = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
+    report(d < 2e-4, f"grown vocabulary ({len(tok)} tokens, embedding of "
+                     f"{resized.get_input_embeddings().weight.shape[0]}): HF PEFT's adapter in "
+                     f"peft logits, ids {new_ids} among them: max |diff| {d:.2e}")
+    out = run([args.peft, "generate", "--model", args.model_dir, "--adapter", grown_dir,
+               "--prompt", "<tool> call </tool>", "--max-new-tokens", "2"])
+    report(out.returncode == 0, "peft generate runs on a prompt with the added tokens")
+    run([args.peft, "merge", "--model", args.model_dir, "--adapter", grown_dir,
+         "--output", merged_dir])
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        dm = (merged(torch.tensor([ids])).logits - theirs).abs().max().item()
+    merged_tok = AutoTokenizer.from_pretrained(merged_dir)
+    same_ids = merged_tok.convert_tokens_to_ids(["<tool>", "</tool>"]) == new_ids
+    report(dm < 2e-4 and same_ids,
+           f"the merged folder in transformers (vocab {merged.config.vocab_size}): max |diff| "
+           f"{dm:.2e}; its tokenizer has the added tokens: {same_ids}")
 
 sys.exit(1 if failed else 0)
