@@ -1061,7 +1061,19 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     }
     intervals.resolve(&mut args, examples.len())?;
     let mut model = match &adapter {
-        Some(dir) => Adapter::load(base, dir)?.into_tuned(),
+        Some(dir) => {
+            let vocab = base.config.vocab_size;
+            let loaded = Adapter::load(base, dir)?;
+            if loaded.model().config.vocab_size != vocab {
+                // The data was tokenized without the added tokens.
+                bail!(
+                    "the adapter in {} grows the vocabulary from {vocab} to {} tokens; continuing such an adapter is not supported yet",
+                    dir.display(),
+                    loaded.model().config.vocab_size
+                );
+            }
+            loaded.into_tuned()
+        }
         None => build_model(&method, base, &c, &tok, args.seed)?,
     };
     if let Some(q) = quantize_later {
