@@ -11,17 +11,18 @@ the embedding:
    tokens added, the embedding resized to a multiple of 64 (transformers' mean resizing),
    a LoRA on q_proj and v_proj; HF PEFT saves the new embedding and head beside the pairs,
    TRL the tokenizer. `peft logits` on ids with the new tokens gives HF PEFT's logits (on its
-   resized base), `peft generate` reads the adapter's tokenizer, and transformers loads the
+   resized base; also for an IA3 adapter), `peft generate` reads the adapter's tokenizer, and transformers loads the
    folder `peft merge` writes at the new size, with HF's logits and the added tokens.
 
     .venv/bin/python scripts/hf/check_embeddings.py [--peft PATH] [--model-dir DIR]
 """
+import copy
 import os
 import sys
 import tempfile
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,6 +99,7 @@ with tempfile.TemporaryDirectory() as tmp:
     torch.manual_seed(1)
     resized = base()
     resized.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    resized_copy = copy.deepcopy(resized)
     grown = get_peft_model(resized, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                target_modules=["q_proj", "v_proj"]))
     grown.eval().save_pretrained(grown_dir)
@@ -112,6 +114,22 @@ with tempfile.TemporaryDirectory() as tmp:
     report(d < 2e-4, f"grown vocabulary ({len(tok)} tokens, embedding of "
                      f"{resized.get_input_embeddings().weight.shape[0]}): HF PEFT's adapter in "
                      f"peft logits, ids {new_ids} among them: max |diff| {d:.2e}")
+    ia3_dir = os.path.join(tmp, "grown-ia3")
+    torch.manual_seed(2)
+    ia3 = get_peft_model(resized_copy, IA3Config(init_ia3_weights=False))
+    with torch.no_grad():
+        for name, p in ia3.named_parameters():
+            if "ia3_l" in name:
+                p.mul_(0.1).add_(0.9)  # near 1, as trained vectors are
+    ia3.eval().save_pretrained(ia3_dir)
+    tok.save_pretrained(ia3_dir)
+    with torch.no_grad():
+        ia3_theirs = ia3(torch.tensor([ids])).logits
+    ia3_ours = peft_logits(args.peft, args.model_dir, ids, os.path.join(tmp, "e.safetensors"),
+                           "--adapter", ia3_dir)
+    d = (ia3_ours - ia3_theirs).abs().max().item() if ia3_ours.shape == ia3_theirs.shape \
+        else float("inf")
+    report(d < 2e-4, f"an IA3 adapter of the grown vocabulary: max |diff| {d:.2e}")
     out = run([args.peft, "generate", "--model", args.model_dir, "--adapter", grown_dir,
                "--prompt", "<tool> call </tool>", "--max-new-tokens", "2"])
     report(out.returncode == 0, "peft generate runs on a prompt with the added tokens")

@@ -690,14 +690,7 @@ impl PeftModel {
         }
         // The embedding and head HF PEFT saves where the vocabulary grew (save_embedding_layers:
         // tokens added, the embedding resized) are the model's.
-        let embed_key = file_key(&embedding_path(&model.base), "weight");
-        if let Some(embed) = tensors.remove(&embed_key) {
-            let head = tensors.remove(&file_key("lm_head", "weight"));
-            model
-                .base
-                .replace_embeddings(&embed, head.as_ref())
-                .with_context(|| format!("{}: {embed_key}", weights_path.display()))?;
-        }
+        crate::tokens::take_grown_embeddings(&mut model.base, &mut tensors, &weights_path)?;
         // The embedding HF PEFT saved beside its LoRA pair replaces the base's, as loading
         // it into HF's model does (the base's own where it was frozen).
         let embedding_base = file_key(&embedding_path(&model.base), EMBEDDING_BASE);

@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// The input embedding's module path in a causal LM.
@@ -48,6 +48,23 @@ pub(crate) fn parse_token_ids(list: &Value, what: &str) -> Result<Vec<u32>> {
         bail!("{what} lists token {t} twice");
     }
     Ok(ids)
+}
+
+/// Takes from `tensors` (an adapter file's, `source`) the embedding and head that HF PEFT saves
+/// beside an adapter where the vocabulary grew (`save_embedding_layers`: tokens added, the
+/// embedding resized), into `base`, at their size.
+pub(crate) fn take_grown_embeddings(
+    base: &mut Llama,
+    tensors: &mut HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<()> {
+    let embed_key = file_key(&embedding_path(base), "weight");
+    if let Some(embed) = tensors.remove(&embed_key) {
+        let head = tensors.remove(&file_key("lm_head", "weight"));
+        base.replace_embeddings(&embed, head.as_ref())
+            .with_context(|| format!("{}: {embed_key}", source.display()))?;
+    }
+    Ok(())
 }
 
 /// Whether `module` names the input embedding (by its name or its path).

@@ -122,12 +122,13 @@ impl Ia3Model {
     }
 
     /// Loads a PEFT IA3 folder onto `base`.
-    pub fn load(base: Llama, dir: &Path) -> Result<Self> {
+    pub fn load(mut base: Llama, dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             bail!("adapter folder not found: {}", dir.display());
         }
         let config = Ia3Config::from_file(&dir.join(CONFIG_FILE))?;
-        let (path, tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
+        let (path, mut tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
+        crate::tokens::take_grown_embeddings(&mut base, &mut tensors, &path)?;
         let mut by_path: HashMap<String, Tensor> = HashMap::new();
         for (key, t) in tensors {
             let module = module_path(&key, KEY)
