@@ -377,6 +377,14 @@ pub fn run(cmd: GenerateCmd) -> Result<()> {
     let (adapter, tok) = match &adapter {
         Some(dir) => {
             let loaded = Adapter::load(base.clone(), dir)?;
+            if let Adapter::Lora(m) = &loaded {
+                if !m.changes_elsewhere.is_empty() {
+                    eprintln!(
+                        "note: the adapter also changes {} modules outside the language model (its vision tower), which text does not reach",
+                        m.changes_elsewhere.len()
+                    );
+                }
+            }
             let tok = tokenizer_for(tok, base.config.vocab_size, &loaded, dir)?;
             (Some(loaded), tok)
         }
