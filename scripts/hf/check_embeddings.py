@@ -11,7 +11,7 @@ the embedding:
    tokens added, the embedding resized to a multiple of 64 (transformers' mean resizing),
    a LoRA on q_proj and v_proj; HF PEFT saves the new embedding and head beside the pairs,
    TRL the tokenizer. `peft logits` on ids with the new tokens gives HF PEFT's logits (on its
-   resized base; also for an IA3 adapter), `peft generate` reads the adapter's tokenizer, and transformers loads the
+   resized base; also for IA3 and prompt-tuning adapters), `peft generate` reads the adapter's tokenizer, and transformers loads the
    folder `peft merge` writes at the new size, with HF's logits and the added tokens.
 
     .venv/bin/python scripts/hf/check_embeddings.py [--peft PATH] [--model-dir DIR]
@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +99,7 @@ with tempfile.TemporaryDirectory() as tmp:
     torch.manual_seed(1)
     resized = base()
     resized.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
-    resized_copy = copy.deepcopy(resized)
+    resized_copy, prompt_base = copy.deepcopy(resized), copy.deepcopy(resized)
     grown = get_peft_model(resized, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                target_modules=["q_proj", "v_proj"]))
     grown.eval().save_pretrained(grown_dir)
@@ -130,6 +130,19 @@ with tempfile.TemporaryDirectory() as tmp:
     d = (ia3_ours - ia3_theirs).abs().max().item() if ia3_ours.shape == ia3_theirs.shape \
         else float("inf")
     report(d < 2e-4, f"an IA3 adapter of the grown vocabulary: max |diff| {d:.2e}")
+    pt_dir = os.path.join(tmp, "grown-prompt")
+    torch.manual_seed(3)
+    prompt = get_peft_model(prompt_base,
+                            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    prompt.eval().save_pretrained(pt_dir)
+    tok.save_pretrained(pt_dir)
+    with torch.no_grad():
+        pt_theirs = prompt(torch.tensor([ids])).logits
+    pt_ours = peft_logits(args.peft, args.model_dir, ids, os.path.join(tmp, "f.safetensors"),
+                          "--adapter", pt_dir)
+    d = (pt_ours - pt_theirs).abs().max().item() if pt_ours.shape == pt_theirs.shape \
+        else float("inf")
+    report(d < 2e-4, f"a prompt-tuning adapter of the grown vocabulary: max |diff| {d:.2e}")
     out = run([args.peft, "generate", "--model", args.model_dir, "--adapter", grown_dir,
                "--prompt", "<tool> call </tool>", "--max-new-tokens", "2"])
     report(out.returncode == 0, "peft generate runs on a prompt with the added tokens")

@@ -260,7 +260,7 @@ impl PromptModel {
     }
 
     /// Loads a PEFT prompt- or prefix-tuning folder onto `base`.
-    pub fn load(base: Llama, dir: &Path) -> Result<Self> {
+    pub fn load(mut base: Llama, dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             bail!("adapter folder not found: {}", dir.display());
         }
@@ -269,6 +269,14 @@ impl PromptModel {
             check_prefix_supported(&base)?;
         }
         let (path, mut tensors) = read_adapter_weights(dir, &base.device)?;
+        // A grown vocabulary's embedding and head, keyed under `base_model.` alone (prompt
+        // learning has no tuner wrapper, whose `model.` LoRA's keys carry).
+        for module in [crate::tokens::embedding_path(&base), "lm_head".into()] {
+            if let Some(t) = tensors.remove(&format!("base_model.{module}.weight")) {
+                tensors.insert(crate::keys::file_key(&module, "weight"), t);
+            }
+        }
+        crate::tokens::take_grown_embeddings(&mut base, &mut tensors, &path)?;
         let t = tensors
             .remove(EMBEDDINGS_KEY)
             .with_context(|| format!("{} has no {EMBEDDINGS_KEY}", path.display()))?;
