@@ -93,55 +93,47 @@ with tempfile.TemporaryDirectory() as tmp:
     d = (ours - theirs).abs().max().item()
     report(d < 2e-4, f"peft's adapter in HF PEFT vs peft logits: max |diff| {d:.2e}")
 
-    grown_dir, merged_dir = os.path.join(tmp, "grown"), os.path.join(tmp, "grown-merged")
+    merged_dir = os.path.join(tmp, "grown-merged")
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     tok.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>"]})
     torch.manual_seed(1)
     resized = base()
     resized.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
     resized_copy, prompt_base = copy.deepcopy(resized), copy.deepcopy(resized)
-    grown = get_peft_model(resized, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                               target_modules=["q_proj", "v_proj"]))
-    grown.eval().save_pretrained(grown_dir)
-    tok.save_pretrained(grown_dir)
     new_ids = tok.convert_tokens_to_ids(["<tool>", "</tool>"])
     ids = IDS[:5] + new_ids + IDS[5:]
-    with torch.no_grad():
-        theirs = grown(torch.tensor([ids])).logits
-    ours = peft_logits(args.peft, args.model_dir, ids, os.path.join(tmp, "d.safetensors"),
-                       "--adapter", grown_dir)
-    d = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
+
+    def saved_and_compared(model, name):
+        """Saves `model` (an HF PEFT model on the resized base) with the tokenizer; the max
+        |diff| of its logits on `ids` and `peft logits`'."""
+        out_dir = os.path.join(tmp, name)
+        model.eval().save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+        with torch.no_grad():
+            theirs = model(torch.tensor([ids])).logits
+        ours = peft_logits(args.peft, args.model_dir, ids,
+                           os.path.join(tmp, f"{name}.safetensors"), "--adapter", out_dir)
+        d = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
+        return out_dir, theirs, d
+
+    grown = get_peft_model(resized, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                               target_modules=["q_proj", "v_proj"]))
+    grown_dir, theirs, d = saved_and_compared(grown, "grown")
     report(d < 2e-4, f"grown vocabulary ({len(tok)} tokens, embedding of "
                      f"{resized.get_input_embeddings().weight.shape[0]}): HF PEFT's adapter in "
                      f"peft logits, ids {new_ids} among them: max |diff| {d:.2e}")
-    ia3_dir = os.path.join(tmp, "grown-ia3")
     torch.manual_seed(2)
     ia3 = get_peft_model(resized_copy, IA3Config(init_ia3_weights=False))
     with torch.no_grad():
         for name, p in ia3.named_parameters():
             if "ia3_l" in name:
                 p.mul_(0.1).add_(0.9)  # near 1, as trained vectors are
-    ia3.eval().save_pretrained(ia3_dir)
-    tok.save_pretrained(ia3_dir)
-    with torch.no_grad():
-        ia3_theirs = ia3(torch.tensor([ids])).logits
-    ia3_ours = peft_logits(args.peft, args.model_dir, ids, os.path.join(tmp, "e.safetensors"),
-                           "--adapter", ia3_dir)
-    d = (ia3_ours - ia3_theirs).abs().max().item() if ia3_ours.shape == ia3_theirs.shape \
-        else float("inf")
+    d = saved_and_compared(ia3, "grown-ia3")[2]
     report(d < 2e-4, f"an IA3 adapter of the grown vocabulary: max |diff| {d:.2e}")
-    pt_dir = os.path.join(tmp, "grown-prompt")
     torch.manual_seed(3)
     prompt = get_peft_model(prompt_base,
                             PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    prompt.eval().save_pretrained(pt_dir)
-    tok.save_pretrained(pt_dir)
-    with torch.no_grad():
-        pt_theirs = prompt(torch.tensor([ids])).logits
-    pt_ours = peft_logits(args.peft, args.model_dir, ids, os.path.join(tmp, "f.safetensors"),
-                          "--adapter", pt_dir)
-    d = (pt_ours - pt_theirs).abs().max().item() if pt_ours.shape == pt_theirs.shape \
-        else float("inf")
+    d = saved_and_compared(prompt, "grown-prompt")[2]
     report(d < 2e-4, f"a prompt-tuning adapter of the grown vocabulary: max |diff| {d:.2e}")
     out = run([args.peft, "generate", "--model", args.model_dir, "--adapter", grown_dir,
                "--prompt", "<tool> call </tool>", "--max-new-tokens", "2"])
