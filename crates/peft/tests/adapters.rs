@@ -151,3 +151,41 @@ fn adapter_names_are_checked() {
         "PROMPT_TUNING adapters add computation and cannot be merged into the weights"
     );
 }
+
+/// Adapters of a grown vocabulary: HF PEFT saves the resized embedding (and head) beside
+/// LoRA's and IA3's tensors under `base_model.model.`, beside prompt learning's under
+/// `base_model.` alone; each loads at the new size, giving the base's logits for the old
+/// tokens (the embedding's old rows are the base's).
+#[test]
+fn adapters_of_a_grown_vocabulary_load_for_every_method() {
+    let root = tempfile::tempdir().unwrap();
+    let grown = |t: &Tensor| {
+        let extra = Tensor::ones((8, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        Tensor::cat(&[t, &extra], 0).unwrap()
+    };
+    let embed = grown(&base().embed_tokens);
+    for (name, dir) in save_adapters(root.path()) {
+        let file = dir.join("adapter_model.safetensors");
+        let alone = Adapter::load(base(), &dir).unwrap().logits(&ids()).unwrap();
+        let mut tensors: Vec<(String, Tensor)> =
+            peft_models::io::load_safetensors(&file, &Device::Cpu)
+                .unwrap()
+                .into_iter()
+                .collect();
+        let prefix = match name {
+            "prompt" => "base_model.",
+            _ => "base_model.model.",
+        };
+        tensors.push((format!("{prefix}model.embed_tokens.weight"), embed.clone()));
+        tensors.push((format!("{prefix}lm_head.weight"), embed.clone()));
+        if name == "bottleneck" {
+            continue; // peft-rs' own format: HF PEFT writes none
+        }
+        peft_models::io::save_safetensors(&file, &tensors, None).unwrap();
+        let loaded = Adapter::load(base(), &dir).unwrap();
+        assert_eq!(loaded.model().config.vocab_size, 72, "{name}");
+        let logits = loaded.logits(&ids()).unwrap();
+        let old = logits.narrow(2, 0, 64).unwrap();
+        assert!(max_abs_diff(&old, &alone) < 1e-5, "{name}");
+    }
+}
