@@ -19,7 +19,8 @@ transformers. Then:
    adapt the vision tower too; trained on text, so B is zero there) gives HF's logits in
    `peft logits`, and its merge gives them in transformers;
 4. IA3, prompt tuning and trainable tokens trained by `peft train` give HF PEFT
-   `peft logits`' logits on the image-text model.
+   `peft logits`' logits on the image-text model;
+5. an HF PEFT adapter with LoRA on the embedding (which Gemma scales) gives HF's logits.
 
     .venv/bin/python scripts/hf/check_image_text.py [--peft target/release/peft]
 """
@@ -167,6 +168,24 @@ with tempfile.TemporaryDirectory() as tmp:
         d = (ours - hf).abs().max().item() if hf.shape == ours.shape else float("inf")
         print(f"  {method}: peft logits vs HF PEFT: max abs diff {d:.2e}")
         failed |= d > 1e-4
+
+    print("5. LoRA on the embedding, which Gemma scales by sqrt(hidden) (HF PEFT's embed_scale)")
+    emb_dir = os.path.join(tmp, "emb")
+    torch.manual_seed(4)
+    emb_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                               LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                          target_modules=["q_proj", "embed_tokens"],
+                                          exclude_modules=r"model\.vision_tower\..*"))
+    with torch.no_grad():
+        for name, p in emb_model.named_parameters():
+            if "lora_embedding" in name:
+                p.mul_(0.05)
+    emb_model.eval().save_pretrained(emb_dir)
+    with torch.no_grad():
+        hf = emb_model(input_ids=torch.tensor([ids])).logits.float()
+    d = (adapter_logits(model_dir, emb_dir, ids, tmp) - hf).abs().max().item()
+    print(f"  HF PEFT's adapter on q_proj and embed_tokens in peft logits: max abs diff {d:.2e}")
+    failed |= d > 1e-4
 
 print("FAILED" if failed else "all ok")
 sys.exit(1 if failed else 0)
