@@ -11,7 +11,8 @@ the embedding:
    tokens added, the embedding resized to a multiple of 64 (transformers' mean resizing),
    a LoRA on q_proj and v_proj; HF PEFT saves the new embedding and head beside the pairs,
    TRL the tokenizer. `peft logits` on ids with the new tokens gives HF PEFT's logits (on its
-   resized base; also for IA3 and prompt-tuning adapters), `peft generate` reads the adapter's tokenizer, and transformers loads the
+   resized base; also for IA3 and prompt-tuning adapters, and for TRL's recipe, LoRA with the
+   new tokens' rows trained by `trainable_token_indices`), `peft generate` reads the adapter's tokenizer, and transformers loads the
    folder `peft merge` writes at the new size, with HF's logits and the added tokens.
 
     .venv/bin/python scripts/hf/check_embeddings.py [--peft PATH] [--model-dir DIR]
@@ -99,7 +100,7 @@ with tempfile.TemporaryDirectory() as tmp:
     torch.manual_seed(1)
     resized = base()
     resized.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
-    resized_copy, prompt_base = copy.deepcopy(resized), copy.deepcopy(resized)
+    resized_copy, prompt_base, tokens_base = (copy.deepcopy(resized) for _ in range(3))
     new_ids = tok.convert_tokens_to_ids(["<tool>", "</tool>"])
     ids = IDS[:5] + new_ids + IDS[5:]
 
@@ -135,6 +136,25 @@ with tempfile.TemporaryDirectory() as tmp:
                             PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     d = saved_and_compared(prompt, "grown-prompt")[2]
     report(d < 2e-4, f"a prompt-tuning adapter of the grown vocabulary: max |diff| {d:.2e}")
+    # TRL's recipe for added tokens: the resized base, LoRA, and the new tokens' rows trained.
+    torch.manual_seed(5)
+    recipe = get_peft_model(tokens_base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                    target_modules=["q_proj"],
+                                                    trainable_token_indices=new_ids))
+    with torch.no_grad():
+        for name, p in recipe.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    recipe_dir, recipe_logits, d = saved_and_compared(recipe, "grown-tokens")
+    report(d < 2e-4, f"LoRA with trainable_token_indices {new_ids} (TRL's recipe; HF PEFT saves "
+                     f"the resized embedding as the token adapter's base layer): max |diff| {d:.2e}")
+    recipe_merged = os.path.join(tmp, "grown-tokens-merged")
+    run([args.peft, "merge", "--model", args.model_dir, "--adapter", recipe_dir,
+         "--output", recipe_merged])
+    m = AutoModelForCausalLM.from_pretrained(recipe_merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        dm = (m(torch.tensor([ids])).logits - recipe_logits).abs().max().item()
+    report(dm < 2e-4, f"its merged folder in transformers: max |diff| {dm:.2e}")
     out = run([args.peft, "generate", "--model", args.model_dir, "--adapter", grown_dir,
                "--prompt", "<tool> call </tool>", "--max-new-tokens", "2"])
     report(out.returncode == 0, "peft generate runs on a prompt with the added tokens")

@@ -561,7 +561,7 @@ impl PeftModel {
 
     /// Loads a PEFT LoRA adapter folder onto `base`. Every tensor in the file must be used and
     /// every adapted module must find its tensors with the right shapes.
-    pub fn load(base: Llama, dir: &Path) -> Result<Self> {
+    pub fn load(mut base: Llama, dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             bail!("adapter folder not found: {}", dir.display());
         }
@@ -574,6 +574,7 @@ impl PeftModel {
             );
         }
         let (weights_path, mut tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
+        crate::tokens::take_token_adapter_base(&mut base, &mut tensors, &weights_path)?;
         let mut by_path: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         let mut magnitudes: HashMap<String, Tensor> = HashMap::new();
         let keys: Vec<String> = tensors.keys().cloned().collect();

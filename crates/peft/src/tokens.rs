@@ -67,6 +67,31 @@ pub(crate) fn take_grown_embeddings(
     Ok(())
 }
 
+/// Takes from `tensors` what HF PEFT saves with `trainable_token_indices` where the vocabulary
+/// grew (TRL's recipe for added tokens: resize, then train their rows): the resized embedding
+/// as the token adapter's base layer, a tied head's copy of it and of the rows (or an untied
+/// head's own weight), into `base`, so that the rows of the new tokens have a place.
+pub(crate) fn take_token_adapter_base(
+    base: &mut Llama,
+    tensors: &mut HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<()> {
+    let layer = "token_adapter.base_layer.weight";
+    let embed_key = file_key(&embedding_path(base), layer);
+    let Some(embed) = tensors.remove(&embed_key) else {
+        return Ok(());
+    };
+    let head = tensors
+        .remove(&file_key("lm_head", layer))
+        .or_else(|| tensors.remove(&file_key("lm_head", "weight")));
+    if base.lm_head.is_none() {
+        // The tied head's rows are the embedding's.
+        tensors.remove(&file_key("lm_head", LORA_ROWS));
+    }
+    base.replace_embeddings(&embed, head.as_ref())
+        .with_context(|| format!("{}: {embed_key}", source.display()))
+}
+
 /// Whether `module` names the input embedding (by its name or its path).
 pub(crate) fn names_embedding(module: &str) -> bool {
     [CAUSAL_LM_DECODER, IMAGE_TEXT_DECODER]

@@ -237,3 +237,43 @@ fn random_token_rows_are_standard_normal_and_seeded() {
         "mean {mean}, var {var}"
     );
 }
+
+/// TRL's recipe for added tokens (the embedding resized, then LoRA with the new tokens' rows
+/// trained): HF PEFT saves the resized embedding as the token adapter's base layer, and for a
+/// tied head a copy of it and of the rows. The model takes the new size, and the new tokens'
+/// rows are the trained ones.
+#[test]
+fn rows_of_added_tokens_load_with_the_resized_embedding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, rows) = with_new_rows(4, true, json!([3, 5]));
+    model.save(dir.path(), "tiny").unwrap();
+    // The same adapter as HF PEFT writes it for tokens 64 and 65 of a vocabulary grown to 72.
+    let config_path = dir.path().join("adapter_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["trainable_token_indices"] = json!([64, 65]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let file = dir.path().join("adapter_model.safetensors");
+    let mut tensors: Vec<(String, Tensor)> = peft_models::io::load_safetensors(&file, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let base = tiny_llama(4, true).unwrap();
+    let extra = Tensor::zeros((8, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let grown = Tensor::cat(&[&base.embed_tokens, &extra], 0).unwrap();
+    let layer = "token_adapter.base_layer.weight";
+    tensors.push((
+        format!("base_model.model.model.embed_tokens.{layer}"),
+        grown.clone(),
+    ));
+    tensors.push((format!("base_model.model.lm_head.{layer}"), grown));
+    let head_rows = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
+    tensors.push((head_rows.into(), rows.clone()));
+    peft_models::io::save_safetensors(&file, &tensors, None).unwrap();
+
+    let loaded = PeftModel::load(tiny_llama(4, true).unwrap(), dir.path()).unwrap();
+    assert_eq!(loaded.base.config.vocab_size, 72);
+    let ids = Tensor::new(&[64u32, 65], &Device::Cpu).unwrap();
+    let embedded = loaded.base.embedding_rows(&ids).unwrap();
+    assert_eq!(max_abs_diff(&embedded, &rows), 0.0);
+}
