@@ -13,7 +13,10 @@ the embedding:
    TRL the tokenizer. `peft logits` on ids with the new tokens gives HF PEFT's logits (on its
    resized base; also for IA3 and prompt-tuning adapters, and for TRL's recipe, LoRA with the
    new tokens' rows trained by `trainable_token_indices`), `peft generate` reads the adapter's tokenizer, and transformers loads the
-   folder `peft merge` writes at the new size, with HF's logits and the added tokens.
+   folder `peft merge` writes at the new size, with HF's logits and the added tokens;
+4. `peft train --add-special-tokens` adds tokens, grows the embedding and trains their rows:
+   HF PEFT loads the adapter on a base resized to its saved tokenizer (as TRL's users resize
+   it) and gives `peft logits`' logits.
 
     .venv/bin/python scripts/hf/check_embeddings.py [--peft PATH] [--model-dir DIR]
 """
@@ -168,5 +171,26 @@ with tempfile.TemporaryDirectory() as tmp:
     report(dm < 2e-4 and same_ids,
            f"the merged folder in transformers (vocab {merged.config.vocab_size}): max |diff| "
            f"{dm:.2e}; its tokenizer has the added tokens: {same_ids}")
+
+    # Tokens added here: peft train --add-special-tokens, then HF PEFT on a base resized to the
+    # saved tokenizer, as a user of the adapter resizes it.
+    added_dir = os.path.join(tmp, "added")
+    run([args.peft, "train", "--model", args.model_dir, "--data", args.data, "--output", added_dir,
+         "--add-special-tokens", "<tool>,</tool>", "--max-steps", "3", "--batch-size", "2",
+         "--lr", "5e-2", "--warmup-steps", "0", "--dtype", "f32", "--lora-dropout", "0",
+         "--quiet"])
+    added_tok = AutoTokenizer.from_pretrained(added_dir)
+    added_ids = added_tok.convert_tokens_to_ids(["<tool>", "</tool>"])
+    resized_here = base()
+    resized_here.resize_token_embeddings(len(added_tok), pad_to_multiple_of=64)
+    peft_model = PeftModel.from_pretrained(resized_here, added_dir).eval()
+    ids_here = IDS[:5] + added_ids + IDS[5:]
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor([ids_here])).logits
+    ours = peft_logits(args.peft, args.model_dir, ids_here, os.path.join(tmp, "g.safetensors"),
+                       "--adapter", added_dir)
+    d = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
+    report(d < 2e-4, f"peft train --add-special-tokens (ids {added_ids}): HF PEFT on the "
+                     f"resized base vs peft logits: max |diff| {d:.2e}")
 
 sys.exit(1 if failed else 0)

@@ -118,6 +118,12 @@ pub struct TrainCmd {
     /// embedding (a tied head uses the trained rows too).
     #[arg(long)]
     trainable_token_indices: Option<String>,
+    /// Add these special tokens (comma-separated; e.g. a chat template's that the base lacks)
+    /// to the tokenizer, grow the embedding to hold them (a multiple of 64 rows, as TRL's
+    /// clone_chat_template), and train their rows (LoRA's trainable_token_indices); the
+    /// adapter then carries the grown embedding and OUTPUT the tokenizer.
+    #[arg(long)]
+    add_special_tokens: Option<String>,
     /// Only the target modules of these layers (comma-separated indices, e.g. 0,1,2).
     #[arg(long)]
     layers_to_transform: Option<String>,
@@ -750,6 +756,7 @@ fn method_options(c: &TrainCmd, method: &str) -> Vec<(&'static str, bool, bool)>
             lora || method == "trainable-tokens",
         ),
         ("--loraplus-lr-ratio", c.loraplus_lr_ratio.is_some(), lora),
+        ("--add-special-tokens", c.add_special_tokens.is_some(), lora),
         (
             "--layers-to-transform",
             c.layers_to_transform.is_some(),
@@ -807,7 +814,7 @@ pub fn check_method(method: &str) -> Result<()> {
 }
 
 pub fn run(cmd: TrainCmd) -> Result<()> {
-    let c = merged(cmd)?;
+    let mut c = merged(cmd)?;
     let data_path = require(c.data.clone(), "data")?;
     let output = require(c.output.clone(), "output")?;
     let adapter = c
@@ -824,6 +831,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         _ => require(c.model.clone(), "model")?,
     };
     check_method(&method)?;
+    if c.add_special_tokens.is_some() && !is_lora(&method) {
+        bail!("--add-special-tokens works with LoRA (--method lora or dora)");
+    }
     let ignored = ignored_flags(&c, &method);
     if !ignored.is_empty() {
         eprintln!(
@@ -1013,6 +1023,30 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             .with_context(|| format!("cannot read the chat template {}", path.display()))?;
         tok.set_chat_template(template);
     }
+    let tokens_added = match c.add_special_tokens.as_deref() {
+        Some(tokens) => {
+            let ids = tok.add_special_tokens(&list(tokens))?;
+            // TRL's clone_chat_template: a multiple of 64 rows.
+            base.grow_vocab(tok.vocab_size().max(base.config.vocab_size).div_ceil(64) * 64)?;
+            let mut trained = c
+                .trainable_token_indices
+                .clone()
+                .map(|l| list(&l))
+                .unwrap_or_default();
+            trained.extend(ids.iter().map(|id| id.to_string()));
+            if !trained.is_empty() {
+                c.trainable_token_indices = Some(trained.join(","));
+            }
+            if !quiet {
+                eprintln!(
+                    "added tokens {ids:?}: the vocabulary has {} rows, their rows train",
+                    base.config.vocab_size
+                );
+            }
+            !ids.is_empty()
+        }
+        None => false,
+    };
     let loss_on = LossOn {
         assistant_only: c.assistant_only_loss.unwrap_or(true),
         completion_only: c.completion_only_loss.unwrap_or(true),
@@ -1089,8 +1123,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         pad_id,
     }
     .train_with_eval(&examples, &eval)?;
-    if method == "full" {
-        // A complete model folder: loadable by `peft generate --model` and by transformers.
+    if method == "full" || tokens_added {
+        // A complete model folder: loadable by `peft generate --model` and by transformers;
+        // or the tokenizer with the added tokens beside the adapter, as TRL saves it.
         tok.save_hf(&output)?;
     }
     save_tokenizer_note(&output, &model_path, &method)?;

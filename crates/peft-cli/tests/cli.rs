@@ -993,3 +993,74 @@ fn train_continues_an_adapter() {
         "--method ia3 does not match",
     );
 }
+
+/// `--add-special-tokens` adds tokens the base lacks, grows the embedding to a multiple of 64
+/// rows and trains their rows: the adapter names them as trainable tokens, OUTPUT holds the
+/// tokenizer with them, and the adapter runs them (at the grown size) in `peft logits`.
+#[test]
+fn train_adds_special_tokens() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pirate_qa.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("added");
+    succeeds(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+        "--add-special-tokens",
+        "<tool>,</tool>,<|im_end|>",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--quiet",
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    // <|im_end|> is SmolLM2's already: only the two new tokens are added.
+    assert_eq!(
+        config["trainable_token_indices"],
+        serde_json::json!([49152, 49153])
+    );
+    let tok = peft_models::tokenizer::Tokenizer::from_hf_dir(&out).unwrap();
+    assert_eq!(tok.token_to_id("</tool>"), Some(49153));
+    let logits = dir.path().join("logits.safetensors");
+    succeeds(&[
+        "logits",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--input-ids",
+        "1,49152,49153",
+        "--out",
+        s(&logits),
+    ]);
+    let t = peft_models::io::load_safetensors(&logits, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["logits"].dims(), [1, 3, 49216]);
+    fails_with(
+        &[
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--output",
+            s(&dir.path().join("ia3")),
+            "--method",
+            "ia3",
+            "--add-special-tokens",
+            "<tool>",
+        ],
+        "--add-special-tokens works with LoRA",
+    );
+}

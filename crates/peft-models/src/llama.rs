@@ -307,6 +307,8 @@ pub struct Llama {
     pub token_rows: Option<TokenRows>,
     /// LoRA on the input embedding.
     pub embedding_lora: Option<EmbeddingLora>,
+    /// The vocabulary grew here ([`Llama::grow_vocab`]): an adapter then carries the embedding.
+    pub vocab_grown: bool,
     inv_freq: Tensor,
     /// RoPE of the sliding-window layers where it differs (Gemma 3).
     local_inv_freq: Option<Tensor>,
@@ -568,6 +570,7 @@ impl Llama {
             neftune: None,
             token_rows: None,
             embedding_lora: None,
+            vocab_grown: false,
             inv_freq,
             local_inv_freq,
             long_inv_freq,
@@ -777,6 +780,31 @@ impl Llama {
                 raw.insert("tie_word_embeddings".into(), false.into());
             }
         }
+        Ok(())
+    }
+
+    /// Grows the vocabulary to `size` tokens for tokens added to the tokenizer, as transformers'
+    /// `resize_token_embeddings` (with TRL's multiple of 64): the new rows of the embedding and
+    /// of an untied head start as the mean of the old ones (transformers draws them around it).
+    pub fn grow_vocab(&mut self, size: usize) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        if size <= vocab {
+            return Ok(());
+        }
+        let grown = |w: &Tensor| -> Result<Tensor> {
+            let mean = w.to_dtype(DType::F32)?.mean_keepdim(0)?;
+            let rows = mean
+                .broadcast_as((size - vocab, w.dim(1)?))?
+                .to_dtype(w.dtype())?;
+            Ok(Tensor::cat(&[w, &rows], 0)?)
+        };
+        let embed = grown(&self.embed_tokens)?;
+        let head = match &self.lm_head {
+            Some(lin) => Some(grown(&lin.weight.dense()?)?),
+            None => None,
+        };
+        self.replace_embeddings(&embed, head.as_ref())?;
+        self.vocab_grown = true;
         Ok(())
     }
 

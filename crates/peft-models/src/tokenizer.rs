@@ -460,6 +460,23 @@ impl Tokenizer {
         )
     }
 
+    /// Adds `tokens` as special tokens where the vocabulary lacks them (as transformers'
+    /// `add_special_tokens`); returns the ids of those added, in order.
+    pub fn add_special_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
+        let new: Vec<&String> = tokens
+            .iter()
+            .filter(|t| self.token_to_id(t).is_none())
+            .collect();
+        let added: Vec<tokenizers::AddedToken> = new
+            .iter()
+            .map(|t| tokenizers::AddedToken::from(t.as_str(), true))
+            .collect();
+        self.inner
+            .add_special_tokens(added)
+            .map_err(|e| anyhow!("cannot add tokens {new:?}: {e}"))?;
+        Ok(new.iter().filter_map(|t| self.token_to_id(t)).collect())
+    }
+
     /// Replaces the chat template (a `--chat-template` file, such as TRL's training templates).
     pub fn set_chat_template(&mut self, template: String) {
         self.chat_template = Some(template);

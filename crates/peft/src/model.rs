@@ -513,6 +513,9 @@ impl PeftModel {
             config.base_model_name_or_path = Some(base_model_name.to_string());
         }
         let mut tensors = detached(self.trainable());
+        if self.base.vocab_grown {
+            tensors.extend(self.grown_embeddings()?);
+        }
         if !self.initial.is_empty() {
             for (key, t) in tensors.iter_mut() {
                 let converted = if let Some((a0, _)) =
@@ -542,6 +545,26 @@ impl PeftModel {
             config.other.remove("loftq_config");
         }
         write_adapter(dir, &tensors, &config.to_json_string()?)
+    }
+
+    /// The grown embedding (and head) as HF PEFT saves them beside trainable token rows: the
+    /// token adapter's base layer, for a tied head a copy of it and of the rows, an untied
+    /// head's own weight; an adapter of a grown vocabulary so loads on the original base.
+    fn grown_embeddings(&self) -> Result<Vec<(String, Tensor)>> {
+        let embedding = embedding_path(&self.base);
+        let layer = "token_adapter.base_layer.weight";
+        let embed = self.base.embed_tokens.detach();
+        let mut out = vec![(file_key(&embedding, layer), embed.clone())];
+        match &self.base.lm_head {
+            Some(lin) => out.push((file_key("lm_head", "weight"), lin.weight.dense()?.detach())),
+            None => {
+                out.push((file_key("lm_head", layer), embed));
+                if let Some(rows) = self.extra_trainable.get(&file_key(&embedding, LORA_ROWS)) {
+                    out.push((file_key("lm_head", LORA_ROWS), rows.as_tensor().detach()));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// A trained tensor from the adapter file [`Self::save`] wrote: PiSSA's and OLoRA's
