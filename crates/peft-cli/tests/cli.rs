@@ -882,7 +882,7 @@ fn train_continues_an_adapter() {
     let Some(model) = peft_models::testing::default_model() else {
         return;
     };
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pirate_qa.jsonl");
+    let data = peft_models::testing::shipped_data();
     let dir = tempfile::tempdir().unwrap();
     let (first, continued, fresh) = (
         dir.path().join("first"),
@@ -1002,7 +1002,7 @@ fn train_adds_special_tokens() {
     let Some(model) = peft_models::testing::default_model() else {
         return;
     };
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pirate_qa.jsonl");
+    let data = peft_models::testing::shipped_data();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("added");
     succeeds(&[
