@@ -501,7 +501,7 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
             .get("model_type")
             .and_then(|t| t.as_str())
             .unwrap_or("?");
-        let frozen: usize = base.other_tensors.iter().map(|t| t.elements).sum();
+        let frozen = base.other_parameter_count();
         println!(
             "the language model ({}) of a {kind} image-text model; its {} ({frozen} params) stay frozen on disk",
             base.config.decoder_path(),

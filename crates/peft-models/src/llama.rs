@@ -679,6 +679,12 @@ impl Llama {
         parts
     }
 
+    /// Parameters of an image-text model's parts left on disk (its vision tower); 0 for a
+    /// causal LM.
+    pub fn other_parameter_count(&self) -> usize {
+        self.other_tensors.iter().map(|t| t.elements).sum()
+    }
+
     /// Checkpoint name of the input embedding's weight.
     pub fn embedding_name(&self) -> String {
         format!("{}.embed_tokens.weight", self.config.decoder_path())
@@ -688,8 +694,7 @@ impl Llama {
     /// image-text model's vision tower counts too, as HF PEFT counts it).
     pub fn parameter_count(&mut self) -> usize {
         let norms: usize = self.norms_mut().iter().map(|(_, t)| t.elem_count()).sum();
-        let other: usize = self.other_tensors.iter().map(|t| t.elements).sum();
-        let mut n = self.embed_tokens.elem_count() + norms + other;
+        let mut n = self.embed_tokens.elem_count() + norms + self.other_parameter_count();
         for (_, lin) in self.linears_mut() {
             let (o, i) = lin.weight.dims();
             n += o * i + lin.bias.as_ref().map_or(0, |b| b.elem_count());

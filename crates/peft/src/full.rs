@@ -44,8 +44,7 @@ impl Tuned for FullModel {
     }
     fn parameter_counts(&mut self) -> (usize, usize) {
         // An image-text model's vision tower stays frozen (on disk).
-        let frozen: usize = self.base.other_tensors.iter().map(|t| t.elements).sum();
         let n = self.base.parameter_count();
-        (n - frozen, n)
+        (n - self.base.other_parameter_count(), n)
     }
 }

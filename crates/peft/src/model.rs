@@ -7,7 +7,10 @@ use crate::lora::config::LoraConfig;
 use crate::lora::init::{SavedBase, WeightInit};
 use crate::lora::layer::{DropoutSeed, LoraLayer};
 use crate::targets::{excluding_parts, keep_layers, select_linears, selects_module, TargetModules};
-use crate::tokens::{embedding_path, names_embedding, LORA_ROWS};
+use crate::tokens::{
+    embedding_path, names_embedding, take_grown_embeddings, GROWN_EMBEDDING, LORA_ROWS,
+    TOKEN_ADAPTER_BASE,
+};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use peft_models::{EmbeddingLora, Llama};
@@ -552,7 +555,7 @@ impl PeftModel {
     /// head's own weight; an adapter of a grown vocabulary so loads on the original base.
     fn grown_embeddings(&self) -> Result<Vec<(String, Tensor)>> {
         let embedding = embedding_path(&self.base);
-        let layer = "token_adapter.base_layer.weight";
+        let layer = TOKEN_ADAPTER_BASE;
         let embed = self.base.embed_tokens.detach();
         let mut out = vec![(file_key(&embedding, layer), embed.clone())];
         match &self.base.lm_head {
@@ -597,7 +600,8 @@ impl PeftModel {
             );
         }
         let (weights_path, mut tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
-        crate::tokens::take_token_adapter_base(&mut base, &mut tensors, &weights_path)?;
+        // Before the token rows, whose new ids need the grown embedding.
+        take_grown_embeddings(&mut base, &mut tensors, &weights_path, TOKEN_ADAPTER_BASE)?;
         let mut by_path: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         let mut magnitudes: HashMap<String, Tensor> = HashMap::new();
         let keys: Vec<String> = tensors.keys().cloned().collect();
@@ -714,7 +718,13 @@ impl PeftModel {
         }
         // The embedding and head HF PEFT saves where the vocabulary grew (save_embedding_layers:
         // tokens added, the embedding resized) are the model's.
-        crate::tokens::take_grown_embeddings(&mut model.base, &mut tensors, &weights_path)?;
+        // After modules_to_save took the embedding's weight where it trains.
+        take_grown_embeddings(
+            &mut model.base,
+            &mut tensors,
+            &weights_path,
+            GROWN_EMBEDDING,
+        )?;
         // The embedding HF PEFT saved beside its LoRA pair replaces the base's, as loading
         // it into HF's model does (the base's own where it was frozen).
         let embedding_base = file_key(&embedding_path(&model.base), EMBEDDING_BASE);

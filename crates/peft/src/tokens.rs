@@ -50,41 +50,30 @@ pub(crate) fn parse_token_ids(list: &Value, what: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Takes from `tensors` (an adapter file's, `source`) the embedding and head that HF PEFT saves
-/// beside an adapter where the vocabulary grew (`save_embedding_layers`: tokens added, the
-/// embedding resized), into `base`, at their size.
+/// Where HF PEFT saves the embedding (and head) of a grown vocabulary beside an adapter: as the
+/// modules' own weights (`save_embedding_layers`: tokens added, the embedding resized), or,
+/// with `trainable_token_indices` (TRL's recipe for added tokens: resize, then train their
+/// rows), as the token adapter's base layer, a tied head's copy of the rows beside it.
+pub(crate) const GROWN_EMBEDDING: &str = "weight";
+pub(crate) const TOKEN_ADAPTER_BASE: &str = "token_adapter.base_layer.weight";
+
+/// Takes from `tensors` (an adapter file's, `source`) the embedding saved as `layer` (one of
+/// the two above) with its head (there, else an untied head's own weight), into `base`, at
+/// their size, so that the rows of the new tokens have a place.
 pub(crate) fn take_grown_embeddings(
     base: &mut Llama,
     tensors: &mut HashMap<String, Tensor>,
     source: &Path,
+    layer: &str,
 ) -> Result<()> {
-    let embed_key = file_key(&embedding_path(base), "weight");
-    if let Some(embed) = tensors.remove(&embed_key) {
-        let head = tensors.remove(&file_key("lm_head", "weight"));
-        base.replace_embeddings(&embed, head.as_ref())
-            .with_context(|| format!("{}: {embed_key}", source.display()))?;
-    }
-    Ok(())
-}
-
-/// Takes from `tensors` what HF PEFT saves with `trainable_token_indices` where the vocabulary
-/// grew (TRL's recipe for added tokens: resize, then train their rows): the resized embedding
-/// as the token adapter's base layer, a tied head's copy of it and of the rows (or an untied
-/// head's own weight), into `base`, so that the rows of the new tokens have a place.
-pub(crate) fn take_token_adapter_base(
-    base: &mut Llama,
-    tensors: &mut HashMap<String, Tensor>,
-    source: &Path,
-) -> Result<()> {
-    let layer = "token_adapter.base_layer.weight";
     let embed_key = file_key(&embedding_path(base), layer);
     let Some(embed) = tensors.remove(&embed_key) else {
         return Ok(());
     };
     let head = tensors
         .remove(&file_key("lm_head", layer))
-        .or_else(|| tensors.remove(&file_key("lm_head", "weight")));
-    if base.lm_head.is_none() {
+        .or_else(|| tensors.remove(&file_key("lm_head", GROWN_EMBEDDING)));
+    if layer == TOKEN_ADAPTER_BASE && base.lm_head.is_none() {
         // The tied head's rows are the embedding's.
         tensors.remove(&file_key("lm_head", LORA_ROWS));
     }

@@ -128,7 +128,12 @@ impl Ia3Model {
         }
         let config = Ia3Config::from_file(&dir.join(CONFIG_FILE))?;
         let (path, mut tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
-        crate::tokens::take_grown_embeddings(&mut base, &mut tensors, &path)?;
+        crate::tokens::take_grown_embeddings(
+            &mut base,
+            &mut tensors,
+            &path,
+            crate::tokens::GROWN_EMBEDDING,
+        )?;
         let mut by_path: HashMap<String, Tensor> = HashMap::new();
         for (key, t) in tensors {
             let module = module_path(&key, KEY)

@@ -276,7 +276,12 @@ impl PromptModel {
                 tensors.insert(crate::keys::file_key(&module, "weight"), t);
             }
         }
-        crate::tokens::take_grown_embeddings(&mut base, &mut tensors, &path)?;
+        crate::tokens::take_grown_embeddings(
+            &mut base,
+            &mut tensors,
+            &path,
+            crate::tokens::GROWN_EMBEDDING,
+        )?;
         let t = tensors
             .remove(EMBEDDINGS_KEY)
             .with_context(|| format!("{} has no {EMBEDDINGS_KEY}", path.display()))?;
