@@ -10,7 +10,7 @@ mod train;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
-use peft::{Adapter, LoraConfig, PeftModel, TargetModules, Tuned};
+use peft::{Adapter, AdapterConfig, LoraConfig, PeftModel, TargetModules, Tuned};
 use peft_models::loader::{load_model_with, QuantizeOnLoad};
 use peft_models::tokenizer::Tokenizer;
 use peft_models::Llama;
@@ -426,7 +426,7 @@ fn run_combine(cmd: CombineCmd) -> Result<()> {
         if peft::peft_type_of(&text, &config_path)? != "LORA" {
             bail!("{}: only LoRA adapters can be combined", dir.display());
         }
-        let config = peft::LoraConfig::from_json(&text, &config_path)?;
+        let config = LoraConfig::from_json(&text, &config_path)?;
         let (_, tensors) = peft::files::read_adapter_weights(&dir, &Device::Cpu)?;
         adapters.push(LoraFiles { config, tensors });
     }

@@ -64,6 +64,39 @@ pub fn parse_validated<T: DeserializeOwned>(
     Ok(config)
 }
 
+/// What every method's `adapter_config.json` has in common: read and checked on load, and on
+/// save marked for inference and given the base model's name where it names none, as PEFT's
+/// `save_pretrained` writes it.
+pub trait AdapterConfig: Serialize + DeserializeOwned + Clone {
+    /// Checks a parsed config for what peft-rs cannot load or train.
+    fn validate(&self) -> Result<()>;
+    /// The config's `inference_mode` and `base_model_name_or_path`.
+    fn saved_fields(&mut self) -> (&mut bool, &mut Option<String>);
+
+    fn from_file(path: &Path) -> Result<Self> {
+        Self::from_json(&read_text(path)?, path)
+    }
+
+    /// Parses and validates config JSON read from `source` (named in errors).
+    fn from_json(text: &str, source: &Path) -> Result<Self> {
+        parse_validated(text, source, Self::validate)
+    }
+
+    /// JSON with sorted keys, as PEFT writes it.
+    fn to_json_string(&self) -> Result<String> {
+        sorted_json(self)
+    }
+
+    /// The config to save beside weights trained on `base_model_name`.
+    fn for_saving(&self, base_model_name: &str) -> Self {
+        let mut config = self.clone();
+        let (inference_mode, base_model) = config.saved_fields();
+        *inference_mode = true;
+        base_model.get_or_insert_with(|| base_model_name.to_string());
+        config
+    }
+}
+
 /// Pretty JSON with sorted keys, as PEFT writes its configs.
 pub fn sorted_json(config: &impl Serialize) -> Result<String> {
     peft_models::io::sorted_pretty_json(config)

@@ -16,6 +16,7 @@ pub mod tuned;
 
 pub use adapters::{Adapter, Adapters};
 pub use bottleneck::{BottleneckConfig, BottleneckModel};
+pub use files::AdapterConfig;
 pub use full::FullModel;
 pub use ia3::{Ia3Config, Ia3Model};
 pub use lora::config::LoraConfig;

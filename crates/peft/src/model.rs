@@ -1,6 +1,7 @@
 //! A base model with LoRA adapters injected by module path: creation, PEFT-format save/load,
 //! parameter counting and merging.
 
+use crate::files::AdapterConfig;
 use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::{file_key, module_path};
 use crate::lora::config::LoraConfig;
@@ -509,12 +510,9 @@ impl PeftModel {
     /// the rank and alpha (√2 alpha with rsLoRA), so that `s·B'·A' = s·B·A − s·B₀·A₀` applies
     /// to the original base weights, and `init_lora_weights` true.
     pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
-        let mut config = self.config.clone();
+        let mut config = self.config.for_saving(base_model_name);
         config.exclude_modules =
             excluding_parts(config.exclude_modules.as_ref(), &self.base.other_parts());
-        if config.base_model_name_or_path.is_none() {
-            config.base_model_name_or_path = Some(base_model_name.to_string());
-        }
         let mut tensors = detached(self.trainable());
         if self.base.vocab_grown {
             tensors.extend(self.grown_embeddings()?);

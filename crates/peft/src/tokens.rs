@@ -3,6 +3,7 @@
 //! `trainable_token_indices` do. The rows replace the embedding's for those tokens in the
 //! input and, where the head is tied to the embedding, in the head ([`TokenRows`]).
 
+use crate::files::AdapterConfig;
 use crate::files::{read_adapter_weights, write_adapter};
 use crate::keys::file_key;
 use crate::model::CONFIG_FILE;
@@ -177,7 +178,17 @@ impl TokensConfig {
         }
     }
 
-    pub fn validate(&self) -> Result<()> {
+    pub fn indices(&self) -> Result<Vec<u32>> {
+        parse_token_ids(&self.token_indices, "token_indices")
+    }
+}
+
+impl AdapterConfig for TokensConfig {
+    fn saved_fields(&mut self) -> (&mut bool, &mut Option<String>) {
+        (&mut self.inference_mode, &mut self.base_model_name_or_path)
+    }
+
+    fn validate(&self) -> Result<()> {
         if self.peft_type != "TRAINABLE_TOKENS" {
             bail!(
                 "adapter peft_type is {:?}, expected TRAINABLE_TOKENS",
@@ -196,14 +207,6 @@ impl TokensConfig {
             );
         }
         self.indices().map(|_| ())
-    }
-
-    pub fn indices(&self) -> Result<Vec<u32>> {
-        parse_token_ids(&self.token_indices, "token_indices")
-    }
-
-    pub fn from_file(path: &Path) -> Result<Self> {
-        crate::files::parse_validated(&crate::files::read_text(path)?, path, Self::validate)
     }
 }
 
@@ -289,17 +292,13 @@ impl Tuned for TokensModel {
         )]
     }
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
-        let mut config = self.config.clone();
-        config.inference_mode = true;
-        if config.base_model_name_or_path.is_none() {
-            config.base_model_name_or_path = Some(base_model_name.to_string());
-        }
+        let config = self.config.for_saving(base_model_name);
         let rows = self.rows.as_tensor().detach();
         let mut tensors = vec![(file_key(&embedding_path(&self.base), ROWS), rows.clone())];
         if self.base.lm_head.is_none() {
             tensors.push((file_key("lm_head", ROWS), rows));
         }
-        write_adapter(dir, &tensors, &crate::files::sorted_json(&config)?)
+        write_adapter(dir, &tensors, &config.to_json_string()?)
     }
     fn parameter_counts(&mut self) -> (usize, usize) {
         let t = self.rows.elem_count();

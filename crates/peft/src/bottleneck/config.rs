@@ -1,7 +1,7 @@
+use crate::files::AdapterConfig;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::path::Path;
 
 /// Bottleneck adapters (AdapterHub `adapters`; HF PEFT has none), written to and read from
 /// `adapter_config.json` with `peft_type: "BOTTLENECK"`.
@@ -75,8 +75,14 @@ impl BottleneckConfig {
             other: Map::new(),
         }
     }
+}
 
-    pub fn validate(&self) -> Result<()> {
+impl AdapterConfig for BottleneckConfig {
+    fn saved_fields(&mut self) -> (&mut bool, &mut Option<String>) {
+        (&mut self.inference_mode, &mut self.base_model_name_or_path)
+    }
+
+    fn validate(&self) -> Result<()> {
         if self.peft_type != "BOTTLENECK" {
             bail!(
                 "adapter peft_type is {:?}, expected BOTTLENECK",
@@ -96,18 +102,5 @@ impl BottleneckConfig {
             bail!("neither mh_adapter nor output_adapter is set: no adapter to place");
         }
         Ok(())
-    }
-
-    pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(&crate::files::read_text(path)?, path)
-    }
-
-    /// Parses and validates config JSON read from `source` (named in errors).
-    pub fn from_json(text: &str, source: &Path) -> Result<Self> {
-        crate::files::parse_validated(text, source, Self::validate)
-    }
-
-    pub fn to_json_string(&self) -> Result<String> {
-        crate::files::sorted_json(self)
     }
 }

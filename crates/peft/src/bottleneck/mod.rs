@@ -5,6 +5,7 @@ pub mod config;
 
 pub use config::BottleneckConfig;
 
+use crate::files::AdapterConfig;
 use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::file_key;
 use crate::model::CONFIG_FILE;
@@ -164,11 +165,7 @@ impl Tuned for BottleneckModel {
         out
     }
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
-        let mut config = self.config.clone();
-        config.inference_mode = true;
-        if config.base_model_name_or_path.is_none() {
-            config.base_model_name_or_path = Some(base_model_name.to_string());
-        }
+        let config = self.config.for_saving(base_model_name);
         write_adapter(dir, &detached(self.trainable()), &config.to_json_string()?)
     }
     fn parameter_counts(&mut self) -> (usize, usize) {

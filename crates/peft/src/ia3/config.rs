@@ -1,8 +1,8 @@
+use crate::files::AdapterConfig;
 use crate::targets::TargetModules;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::path::Path;
 
 /// PEFT's `IA3Config`, as written to and read from `adapter_config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,8 +71,14 @@ impl Default for Ia3Config {
     }
 }
 
-impl Ia3Config {
-    pub fn validate(&self) -> Result<()> {
+impl Ia3Config {}
+
+impl AdapterConfig for Ia3Config {
+    fn saved_fields(&mut self) -> (&mut bool, &mut Option<String>) {
+        (&mut self.inference_mode, &mut self.base_model_name_or_path)
+    }
+
+    fn validate(&self) -> Result<()> {
         if self.peft_type != "IA3" {
             bail!("adapter peft_type is {:?}, expected IA3", self.peft_type);
         }
@@ -83,19 +89,5 @@ impl Ia3Config {
             bail!("modules_to_save is not supported with IA3 yet");
         }
         Ok(())
-    }
-
-    pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(&crate::files::read_text(path)?, path)
-    }
-
-    /// Parses and validates config JSON read from `source` (named in errors).
-    pub fn from_json(text: &str, source: &Path) -> Result<Self> {
-        crate::files::parse_validated(text, source, Self::validate)
-    }
-
-    /// JSON with sorted keys, as PEFT writes it.
-    pub fn to_json_string(&self) -> Result<String> {
-        crate::files::sorted_json(self)
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 
 pub use config::Ia3Config;
 
+use crate::files::AdapterConfig;
 use crate::files::{detached, read_adapter_weights, write_adapter};
 use crate::keys::{file_key, module_path};
 use crate::model::CONFIG_FILE;
@@ -205,13 +206,9 @@ impl Tuned for Ia3Model {
             .collect()
     }
     fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
-        let mut config = self.config.clone();
-        config.inference_mode = true;
+        let mut config = self.config.for_saving(base_model_name);
         config.exclude_modules =
             excluding_parts(config.exclude_modules.as_ref(), &self.base.other_parts());
-        if config.base_model_name_or_path.is_none() {
-            config.base_model_name_or_path = Some(base_model_name.to_string());
-        }
         write_adapter(dir, &detached(self.trainable()), &config.to_json_string()?)
     }
     fn parameter_counts(&mut self) -> (usize, usize) {

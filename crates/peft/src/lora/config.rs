@@ -1,9 +1,9 @@
+use crate::files::AdapterConfig;
 use crate::targets::{TargetModules, ALL_LINEAR};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::path::Path;
 
 /// PEFT's `LoraConfig`, as written to and read from `adapter_config.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,7 +147,36 @@ impl LoraConfig {
         })
     }
 
-    pub fn validate(&self) -> Result<()> {
+    /// JSON as PEFT writes it: sorted keys, two-space indent, `inference_mode: true`.
+    /// `trainable_token_indices`, as a list or as `{"embed_tokens": [...]}` (the only
+    /// embedding of these models): the tokens whose embedding rows train, in the order of the
+    /// saved rows.
+    pub fn token_indices(&self) -> Result<Option<Vec<u32>>> {
+        let what = "trainable_token_indices";
+        let list = match self.other.get(what) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(by_module)) => {
+                let mut entries = by_module.iter();
+                match (entries.next(), entries.next()) {
+                    (Some((m, list)), None) if crate::tokens::names_embedding(m) => list,
+                    _ => bail!(
+                        "{what}: only the input embedding (embed_tokens) takes trainable tokens here, got {}",
+                        Value::Object(by_module.clone())
+                    ),
+                }
+            }
+            Some(list) => list,
+        };
+        crate::tokens::parse_token_ids(list, what).map(Some)
+    }
+}
+
+impl AdapterConfig for LoraConfig {
+    fn saved_fields(&mut self) -> (&mut bool, &mut Option<String>) {
+        (&mut self.inference_mode, &mut self.base_model_name_or_path)
+    }
+
+    fn validate(&self) -> Result<()> {
         if self.peft_type != "LORA" {
             bail!(
                 "adapter peft_type {:?} is not supported (peft-rs loads LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, P_TUNING and BOTTLENECK)",
@@ -199,39 +228,7 @@ impl LoraConfig {
         Ok(())
     }
 
-    pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(&crate::files::read_text(path)?, path)
-    }
-
-    /// Parses and validates config JSON read from `source` (named in errors).
-    pub fn from_json(text: &str, source: &Path) -> Result<Self> {
-        crate::files::parse_validated(text, source, Self::validate)
-    }
-
-    /// JSON as PEFT writes it: sorted keys, two-space indent, `inference_mode: true`.
-    /// `trainable_token_indices`, as a list or as `{"embed_tokens": [...]}` (the only
-    /// embedding of these models): the tokens whose embedding rows train, in the order of the
-    /// saved rows.
-    pub fn token_indices(&self) -> Result<Option<Vec<u32>>> {
-        let what = "trainable_token_indices";
-        let list = match self.other.get(what) {
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::Object(by_module)) => {
-                let mut entries = by_module.iter();
-                match (entries.next(), entries.next()) {
-                    (Some((m, list)), None) if crate::tokens::names_embedding(m) => list,
-                    _ => bail!(
-                        "{what}: only the input embedding (embed_tokens) takes trainable tokens here, got {}",
-                        Value::Object(by_module.clone())
-                    ),
-                }
-            }
-            Some(list) => list,
-        };
-        crate::tokens::parse_token_ids(list, what).map(Some)
-    }
-
-    pub fn to_json_string(&self) -> Result<String> {
+    fn to_json_string(&self) -> Result<String> {
         let mut v = serde_json::to_value(self)?;
         let obj = v
             .as_object_mut()
@@ -248,6 +245,7 @@ impl LoraConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn golden_config_parses_with_scaling() {

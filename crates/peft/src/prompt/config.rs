@@ -1,7 +1,7 @@
+use crate::files::AdapterConfig;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::path::Path;
 
 /// PEFT's `PromptTuningConfig` / `PrefixTuningConfig` (`peft_type` tells which), as written to
 /// and read from `adapter_config.json`.
@@ -70,32 +70,23 @@ impl PromptConfig {
     pub fn is_prefix(&self) -> bool {
         self.peft_type == PREFIX_TUNING
     }
+}
 
-    pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(&crate::files::read_text(path)?, path)
+impl AdapterConfig for PromptConfig {
+    fn saved_fields(&mut self) -> (&mut bool, &mut Option<String>) {
+        (&mut self.inference_mode, &mut self.base_model_name_or_path)
     }
 
-    /// Parses and validates config JSON read from `source` (named in errors).
-    pub fn from_json(text: &str, source: &Path) -> Result<Self> {
-        let config: Self = crate::files::parse_config(text, source)?;
-        if !is_prompt_learning(&config.peft_type) {
+    fn validate(&self) -> Result<()> {
+        if !is_prompt_learning(&self.peft_type) {
             bail!(
-                "{}: peft_type {:?} is not prompt, prefix or P-tuning",
-                source.display(),
-                config.peft_type
+                "peft_type {:?} is not prompt, prefix or P-tuning",
+                self.peft_type
             );
         }
-        if config.num_virtual_tokens == 0 {
-            bail!(
-                "{}: num_virtual_tokens must be at least 1",
-                source.display()
-            );
+        if self.num_virtual_tokens == 0 {
+            bail!("num_virtual_tokens must be at least 1");
         }
-        Ok(config)
-    }
-
-    /// JSON with sorted keys, as PEFT writes it.
-    pub fn to_json_string(&self) -> Result<String> {
-        crate::files::sorted_json(self)
+        Ok(())
     }
 }

@@ -8,6 +8,7 @@ pub use config::{is_prompt_learning, PromptConfig, PREFIX_TUNING, PROMPT_TUNING,
 
 use crate::files::read_adapter_weights;
 use crate::files::write_adapter;
+use crate::files::AdapterConfig;
 use crate::model::CONFIG_FILE;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -309,11 +310,7 @@ impl PromptModel {
     /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT does.
     pub fn save(&self, dir: &Path, base_model_name: &str) -> Result<()> {
         let tensors = [(EMBEDDINGS_KEY.to_string(), self.values()?.detach())];
-        let mut config = self.config.clone();
-        config.inference_mode = true;
-        if config.base_model_name_or_path.is_none() {
-            config.base_model_name_or_path = Some(base_model_name.to_string());
-        }
+        let config = self.config.for_saving(base_model_name);
         write_adapter(dir, &tensors, &config.to_json_string()?)
     }
 
