@@ -14,7 +14,8 @@ the embedding:
    resized base; also for IA3 and prompt-tuning adapters, and for TRL's recipe, LoRA with the
    new tokens' rows trained by `trainable_token_indices`), `peft generate` reads the adapter's tokenizer, and transformers loads the
    folder `peft merge` writes at the new size, with HF's logits and the added tokens;
-4. `peft train --add-special-tokens` adds tokens, grows the embedding and trains their rows:
+4. `peft train --add-special-tokens` adds tokens, grows the embedding and trains their rows
+   (and `peft train --adapter` continues that adapter):
    HF PEFT loads the adapter on a base resized to its saved tokenizer (as TRL's users resize
    it) and gives `peft logits`' logits.
 
@@ -192,5 +193,26 @@ with tempfile.TemporaryDirectory() as tmp:
     d = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
     report(d < 2e-4, f"peft train --add-special-tokens (ids {added_ids}): HF PEFT on the "
                      f"resized base vs peft logits: max |diff| {d:.2e}")
+
+    # Continued (peft train --adapter): the tokenizer and grown embedding go with it, and the
+    # token rows train on.
+    continued_dir = os.path.join(tmp, "continued")
+    run([args.peft, "train", "--adapter", added_dir, "--model", args.model_dir, "--data",
+         args.data, "--output", continued_dir, "--max-steps", "2", "--batch-size", "2",
+         "--lr", "5e-2", "--warmup-steps", "0", "--dtype", "f32", "--quiet"])
+    resized_again = base()
+    resized_again.resize_token_embeddings(len(added_tok), pad_to_multiple_of=64)
+    continued = PeftModel.from_pretrained(resized_again, continued_dir).eval()
+    with torch.no_grad():
+        theirs_c = continued(torch.tensor([ids_here])).logits
+    ours_c = peft_logits(args.peft, args.model_dir, ids_here, os.path.join(tmp, "c.safetensors"),
+                         "--adapter", continued_dir)
+    dc = (ours_c - theirs_c).abs().max().item() if ours_c.shape == theirs_c.shape else float("inf")
+    moved = (theirs_c - theirs).abs().max().item()
+    same_tok = AutoTokenizer.from_pretrained(continued_dir).convert_tokens_to_ids(
+        ["<tool>", "</tool>"]) == added_ids
+    report(dc < 2e-4 and moved > 1e-3 and same_tok,
+           f"peft train --adapter on it: HF PEFT vs peft logits max |diff| {dc:.2e}, logits "
+           f"moved {moved:.2e} from the first run, its tokenizer kept the ids: {same_tok}")
 
 sys.exit(1 if failed else 0)

@@ -1,14 +1,15 @@
 //! `peft chat`: a conversation on stdin with a base model and several adapters loaded once,
 //! switched between turns (`/adapter NAME`, `/base`) as HF PEFT's `set_adapter` and
-//! `disable_adapter` do. Each reply sees the whole conversation, rendered with the model's
-//! chat template.
+//! `disable_adapter` do. Each reply sees the whole conversation, rendered with the chat
+//! template of the answering adapter's tokenizer: the one saved beside it, else the base's.
 
 use crate::generate::{continue_generation, print_piece, Decoding, Sampling, Virtual};
-use crate::{base_model, load_base_with, DTypeArg, LoadQuantized};
+use crate::{base_model, load_base_with, tokenizer_for, DTypeArg, LoadQuantized};
 use anyhow::{bail, Context, Result};
 use peft::Adapters;
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
 use peft_models::KvCache;
+use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -64,7 +65,9 @@ fn named_adapter(arg: &str) -> Result<(String, PathBuf)> {
 
 struct Chat {
     adapters: Adapters,
-    tok: Tokenizer,
+    base_tok: Tokenizer,
+    /// The tokenizers saved beside adapters (a chat template or tokens of their own), by name.
+    adapter_toks: HashMap<String, Tokenizer>,
     system: Option<String>,
     /// The user and assistant turns so far.
     turns: Vec<ChatMessage>,
@@ -102,13 +105,40 @@ impl Chat {
         self.adapters.active().map_or("base", |(name, _)| name)
     }
 
+    /// The tokenizer of the adapter answering (its own, else the base's).
+    fn tok(&self) -> &Tokenizer {
+        self.adapters
+            .active()
+            .and_then(|(name, _)| self.adapter_toks.get(name))
+            .unwrap_or(&self.base_tok)
+    }
+
+    /// Loads the adapter folder `dir` as `name`, with the tokenizer saved beside it.
+    fn load(&mut self, name: &str, dir: &Path) -> Result<()> {
+        self.adapters.load_adapter(name, dir)?;
+        let adapter = self.adapters.get(name).context("the adapter just loaded")?;
+        let vocab = self.adapters.base().config.vocab_size;
+        match tokenizer_for(None, vocab, adapter, dir)? {
+            Some(tok) => self.adapter_toks.insert(name.to_string(), tok),
+            None => self.adapter_toks.remove(name),
+        };
+        Ok(())
+    }
+
     /// Answers `text` as the next user turn, printing the reply as it is generated.
     fn reply(&mut self, text: &str, max_new_tokens: usize, sampling: &mut Sampling) -> Result<()> {
         self.turns.push(ChatMessage::new("user", text));
         let earlier = self.cached.take();
         let answer = (|| -> Result<String> {
-            let prompt = self.tok.apply_chat_template(&self.messages(), true)?;
-            let ids = self.tok.encode(&prompt, false)?;
+            let tok = self.tok();
+            if !tok.has_chat_template() {
+                bail!(
+                    "the tokenizer of {} has no chat template: use peft generate for plain text",
+                    self.active_name()
+                );
+            }
+            let prompt = tok.apply_chat_template(&self.messages(), true)?;
+            let ids = tok.encode(&prompt, false)?;
             let adapter = self.active_name().to_string();
             let (model, virtual_tokens) =
                 Virtual::of(self.adapters.base(), self.adapters.active().map(|(_, a)| a))?;
@@ -132,7 +162,7 @@ impl Chat {
                 model,
                 &mut cache,
                 embeds,
-                &self.tok,
+                tok,
                 &ids[..shared],
                 &ids[shared..],
                 max_new_tokens,
@@ -140,6 +170,7 @@ impl Chat {
                 print_piece,
             )?;
             println!();
+            let answer = tok.decode(&out, true)?;
             let fed = cache.seq_len() - virtual_len;
             self.cached = Some(Conversation {
                 adapter,
@@ -147,7 +178,7 @@ impl Chat {
                 virtual_len,
                 ids: ids.iter().chain(&out).copied().take(fed).collect(),
             });
-            self.tok.decode(&out, true)
+            Ok(answer)
         })();
         match answer {
             Ok(content) => {
@@ -195,11 +226,12 @@ impl Chat {
             }
             "/load" => {
                 let (name, dir) = rest.split_once(' ').context("usage: /load NAME DIR")?;
-                self.adapters.load_adapter(name, Path::new(dir.trim()))?;
+                self.load(name, Path::new(dir.trim()))?;
                 eprintln!("loaded adapter {name}");
             }
             "/unload" if !rest.is_empty() => {
                 self.adapters.delete_adapter(rest)?;
+                self.adapter_toks.remove(rest);
                 eprintln!(
                     "unloaded adapter {rest}; answering with {}",
                     self.active_name()
@@ -232,25 +264,25 @@ pub fn run(cmd: ChatCmd) -> Result<()> {
     let model = base_model(cmd.model.as_deref(), named.first_mut().map(|(_, dir)| dir))?;
     let dtype = cmd.dtype.on(&device);
     let (base, tok) = load_base_with(&model, dtype, &device, cmd.quantized.on_load(dtype))?;
-    let tok =
+    let base_tok =
         tok.context("the model has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")?;
-    if !tok.has_chat_template() {
-        bail!("the model has no chat template: use peft generate for plain text");
-    }
     let mut chat = Chat {
         adapters: Adapters::new(base),
-        tok,
+        base_tok,
+        adapter_toks: HashMap::new(),
         system: cmd.system.clone(),
         turns: Vec::new(),
         cached: None,
     };
     for (name, dir) in &named {
-        chat.adapters
-            .load_adapter(name, dir)
+        chat.load(name, dir)
             .with_context(|| format!("adapter {name}"))?;
     }
     if let Some((first, _)) = named.first() {
         chat.adapters.set_adapter(first)?;
+    }
+    if !chat.tok().has_chat_template() {
+        bail!("the model has no chat template: use peft generate for plain text");
     }
 
     let interactive = std::io::stdin().is_terminal();

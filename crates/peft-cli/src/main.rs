@@ -295,27 +295,36 @@ pub fn base_model(model: Option<&Path>, adapter: Option<&mut PathBuf>) -> Result
     }
 }
 
-/// The tokenizer to run `adapter` (loaded from `dir`) with: the base's `base_tok`, or where the
-/// adapter grew the vocabulary from `base_vocab` (tokens added and the embedding saved at its
-/// new size, as TRL saves such a run), the one saved beside it.
+/// The tokenizer to run `adapter` (loaded from `dir`) with, where `AutoTokenizer.from_pretrained`
+/// on the adapter folder finds it: the one saved beside the adapter (a run that changed the
+/// chat template or added tokens saves it there, as TRL saves every run's), else the base's
+/// `base_tok`. An adapter that grew the vocabulary from `base_vocab` needs its own.
 pub fn tokenizer_for(
     base_tok: Option<Tokenizer>,
     base_vocab: usize,
     adapter: &Adapter,
     dir: &Path,
 ) -> Result<Option<Tokenizer>> {
-    let vocab = adapter.model().config.vocab_size;
-    if vocab == base_vocab {
-        return Ok(base_tok);
+    if let Some(tok) = saved_tokenizer(dir)? {
+        return Ok(Some(tok));
     }
-    let dir = peft_models::hub::locate(dir, peft_models::hub::Wanted::Adapter)?;
-    if !dir.join("tokenizer.json").is_file() {
+    let vocab = adapter.model().config.vocab_size;
+    if vocab != base_vocab {
         bail!(
             "the adapter in {} grows the vocabulary from {base_vocab} to {vocab} tokens, but its folder has no tokenizer.json with them",
             dir.display()
         );
     }
-    Ok(Some(Tokenizer::from_hf_dir(&dir)?))
+    Ok(base_tok)
+}
+
+/// The tokenizer saved in the adapter folder `dir` (or the Hub repository it names), if any.
+pub fn saved_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
+    let dir = peft_models::hub::locate(dir, peft_models::hub::Wanted::Adapter)?;
+    match dir.join("tokenizer.json").is_file() {
+        true => Ok(Some(Tokenizer::from_hf_dir(&dir)?)),
+        false => Ok(None),
+    }
 }
 
 /// The adapter config's `base_model_name_or_path`: the model path as the user gave it, as HF

@@ -132,7 +132,8 @@ pub struct TrainCmd {
     #[arg(long)]
     assistant_only_loss: Option<bool>,
     /// A Jinja chat template to use instead of the model's (for example one of TRL's training
-    /// templates, whose `{% generation %}` blocks mark the assistant text to train on).
+    /// templates, whose `{% generation %}` blocks mark the assistant text to train on); the
+    /// tokenizer with it is saved in OUTPUT, where generate, chat and merge find it.
     #[arg(long)]
     chat_template: Option<PathBuf>,
     /// Prompt/completion records: loss on the completion only (default true, as TRL).
@@ -1017,36 +1018,44 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
     base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(quant.is_some());
     base.neftune = neftune;
-    let mut tok = tok.context("the model has no tokenizer")?;
+    // A continued adapter's own tokenizer (its chat template, its added tokens) tokenizes the
+    // data as it did in the run that made it.
+    let continued_tok = adapter
+        .as_deref()
+        .map(crate::saved_tokenizer)
+        .transpose()?
+        .flatten();
+    let adapter_has_tokenizer = continued_tok.is_some();
+    let mut own_tokenizer = adapter_has_tokenizer || c.chat_template.is_some();
+    let mut tok = continued_tok
+        .or(tok)
+        .context("the model has no tokenizer")?;
     if let Some(path) = &c.chat_template {
         let template = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the chat template {}", path.display()))?;
         tok.set_chat_template(template);
     }
-    let tokens_added = match c.add_special_tokens.as_deref() {
-        Some(tokens) => {
-            let ids = tok.add_special_tokens(&list(tokens))?;
-            // TRL's clone_chat_template: a multiple of 64 rows.
-            base.grow_vocab(tok.vocab_size().max(base.config.vocab_size).div_ceil(64) * 64)?;
-            let mut trained = c
-                .trainable_token_indices
-                .clone()
-                .map(|l| list(&l))
-                .unwrap_or_default();
-            trained.extend(ids.iter().map(|id| id.to_string()));
-            if !trained.is_empty() {
-                c.trainable_token_indices = Some(trained.join(","));
-            }
-            if !quiet {
-                eprintln!(
-                    "added tokens {ids:?}: the vocabulary has {} rows, their rows train",
-                    base.config.vocab_size
-                );
-            }
-            !ids.is_empty()
+    if let Some(tokens) = c.add_special_tokens.as_deref() {
+        let ids = tok.add_special_tokens(&list(tokens))?;
+        // TRL's clone_chat_template: a multiple of 64 rows.
+        base.grow_vocab(tok.vocab_size().max(base.config.vocab_size).div_ceil(64) * 64)?;
+        let mut trained = c
+            .trainable_token_indices
+            .clone()
+            .map(|l| list(&l))
+            .unwrap_or_default();
+        trained.extend(ids.iter().map(|id| id.to_string()));
+        if !trained.is_empty() {
+            c.trainable_token_indices = Some(trained.join(","));
         }
-        None => false,
-    };
+        if !quiet {
+            eprintln!(
+                "added tokens {ids:?}: the vocabulary has {} rows, their rows train",
+                base.config.vocab_size
+            );
+        }
+        own_tokenizer |= !ids.is_empty();
+    }
     let loss_on = LossOn {
         assistant_only: c.assistant_only_loss.unwrap_or(true),
         completion_only: c.completion_only_loss.unwrap_or(true),
@@ -1098,12 +1107,18 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         Some(dir) => {
             let vocab = base.config.vocab_size;
             let loaded = Adapter::load(base, dir)?;
-            if loaded.model().config.vocab_size != vocab {
-                // The data was tokenized without the added tokens.
+            let grown = loaded.model().config.vocab_size;
+            if grown != vocab && !adapter_has_tokenizer {
+                // The data would be tokenized without the added tokens.
                 bail!(
-                    "the adapter in {} grows the vocabulary from {vocab} to {} tokens; continuing such an adapter is not supported yet",
-                    dir.display(),
-                    loaded.model().config.vocab_size
+                    "the adapter in {} grows the vocabulary from {vocab} to {grown} tokens, but its folder has no tokenizer.json with them",
+                    dir.display()
+                );
+            }
+            if grown != vocab && !is_lora(&method) {
+                bail!(
+                    "the {method} adapter in {} grows the vocabulary from {vocab} to {grown} tokens; continuing such an adapter works with LoRA",
+                    dir.display()
                 );
             }
             loaded.into_tuned()
@@ -1123,9 +1138,10 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         pad_id,
     }
     .train_with_eval(&examples, &eval)?;
-    if method == "full" || tokens_added {
+    if method == "full" || own_tokenizer {
         // A complete model folder: loadable by `peft generate --model` and by transformers;
-        // or the tokenizer with the added tokens beside the adapter, as TRL saves it.
+        // or, beside the adapter, the tokenizer the data went through where it is not the
+        // base's (a chat template or tokens of its own), as TRL saves it.
         tok.save_hf(&output)?;
     }
     save_tokenizer_note(&output, &model_path, &method)?;

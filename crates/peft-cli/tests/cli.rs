@@ -1047,6 +1047,53 @@ fn train_adds_special_tokens() {
     ]);
     let t = peft_models::io::load_safetensors(&logits, &candle_core::Device::Cpu).unwrap();
     assert_eq!(t["logits"].dims(), [1, 3, 49216]);
+    // The adapter trains on with its tokenizer, and chats with it.
+    let continued = dir.path().join("continued");
+    succeeds(&[
+        "train",
+        "--adapter",
+        s(&out),
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&continued),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--quiet",
+    ]);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(continued.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config["trainable_token_indices"],
+        serde_json::json!([49152, 49153])
+    );
+    let tok = peft_models::tokenizer::Tokenizer::from_hf_dir(&continued).unwrap();
+    assert_eq!(tok.token_to_id("<tool>"), Some(49152));
+    let chat = peft_with_input(
+        &[
+            "chat",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&continued),
+            "--max-new-tokens",
+            "3",
+        ],
+        "Hi\n",
+    );
+    assert!(
+        chat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chat.stderr)
+    );
     fails_with(
         &[
             "train",
@@ -1063,4 +1110,106 @@ fn train_adds_special_tokens() {
         ],
         "--add-special-tokens works with LoRA",
     );
+}
+
+/// A run with a chat template of its own saves its tokenizer beside the adapter, as TRL does,
+/// and whatever runs the adapter (generate, chat, a continued run) renders with it.
+#[test]
+fn an_adapter_keeps_its_chat_template() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let data = peft_models::testing::shipped_data();
+    let dir = tempfile::tempdir().unwrap();
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}: {{ m.content }}<|im_end|>\n\
+                    {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}";
+    let template_file = write(dir.path(), "chat.jinja", template.as_bytes());
+    let out = dir.path().join("templated");
+    succeeds(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+        "--chat-template",
+        s(&template_file),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--quiet",
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(),
+        template
+    );
+    // A template that refuses to render shows which tokenizer each command took.
+    write(
+        &out,
+        "chat_template.jinja",
+        b"{{ raise_exception('the adapter template') }}",
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&out),
+            "--chat",
+            "--prompt",
+            "Hi",
+        ],
+        "the adapter template",
+    );
+    let chat = peft_with_input(
+        &["chat", "--model", s(&model), "--adapter", s(&out)],
+        "Hi\n",
+    );
+    let stderr = String::from_utf8_lossy(&chat.stderr);
+    assert!(
+        !chat.status.success() && stderr.contains("the adapter template"),
+        "{stderr}"
+    );
+    let continued = peft(&[
+        "train",
+        "--adapter",
+        s(&out),
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&dir.path().join("continued")),
+        "--max-steps",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&continued.stderr);
+    assert!(
+        !continued.status.success() && stderr.contains("the adapter template"),
+        "{stderr}"
+    );
+    // Without a template of its own, the adapter folder holds no tokenizer.
+    let plain = dir.path().join("plain");
+    succeeds(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&plain),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--quiet",
+    ]);
+    assert!(!plain.join("tokenizer.json").exists());
 }

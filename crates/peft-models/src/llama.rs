@@ -307,7 +307,8 @@ pub struct Llama {
     pub token_rows: Option<TokenRows>,
     /// LoRA on the input embedding.
     pub embedding_lora: Option<EmbeddingLora>,
-    /// The vocabulary grew here ([`Llama::grow_vocab`]): an adapter then carries the embedding.
+    /// The embedding is not the one on disk: it grew here ([`Llama::grow_vocab`]) or came
+    /// from an adapter that grew it. An adapter saved from this model carries it.
     pub vocab_grown: bool,
     inv_freq: Tensor,
     /// RoPE of the sliding-window layers where it differs (Gemma 3).

@@ -79,7 +79,9 @@ pub(crate) fn take_grown_embeddings(
         tensors.remove(&file_key("lm_head", LORA_ROWS));
     }
     base.replace_embeddings(&embed, head.as_ref())
-        .with_context(|| format!("{}: {embed_key}", source.display()))
+        .with_context(|| format!("{}: {embed_key}", source.display()))?;
+    base.vocab_grown = true;
+    Ok(())
 }
 
 /// Whether `module` names the input embedding (by its name or its path).
