@@ -918,6 +918,8 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
         interrupt: Some(interrupt_flag()?),
         output_dir: output.clone(),
         base_model_name: model_name(&model_path),
+        // Set below, once the tokenizer is settled.
+        tokenizer: None,
         show_progress: !quiet && !json_mode && !c.disable_tqdm.unwrap_or(false),
         echo: if json_mode {
             Echo::Stdout
@@ -1132,18 +1134,16 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     // what they train.
     eprintln!("{}", model.trainable_parameters_line());
     let pad_id = tok.pad_token_id().unwrap_or(0);
+    // A complete model folder (loadable by `peft generate --model` and by transformers), or,
+    // beside the adapter, the tokenizer the data went through where it is not the base's, as
+    // TRL saves it.
+    args.tokenizer = (method == "full" || own_tokenizer).then(|| tok.clone());
     let summary = Trainer {
         model: model.as_mut(),
         args,
         pad_id,
     }
     .train_with_eval(&examples, &eval)?;
-    if method == "full" || own_tokenizer {
-        // A complete model folder: loadable by `peft generate --model` and by transformers;
-        // or, beside the adapter, the tokenizer the data went through where it is not the
-        // base's (a chat template or tokens of its own), as TRL saves it.
-        tok.save_hf(&output)?;
-    }
     save_tokenizer_note(&output, &model_path, &method)?;
     plot_metrics(&output)?;
     let first = summary.losses.first().copied().unwrap_or(f64::NAN);

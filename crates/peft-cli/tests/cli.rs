@@ -1112,8 +1112,8 @@ fn train_adds_special_tokens() {
     );
 }
 
-/// A run with a chat template of its own saves its tokenizer beside the adapter, as TRL does,
-/// and whatever runs the adapter (generate, chat, a continued run) renders with it.
+/// A run with a chat template of its own saves its tokenizer beside the adapter (and in its
+/// checkpoints), as TRL does, and whatever runs the adapter (generate, chat, a continued run) renders with it.
 #[test]
 fn an_adapter_keeps_its_chat_template() {
     let Some(model) = peft_models::testing::default_model() else {
@@ -1135,6 +1135,8 @@ fn an_adapter_keeps_its_chat_template() {
         s(&out),
         "--chat-template",
         s(&template_file),
+        "--save-steps",
+        "1",
         "--max-steps",
         "1",
         "--batch-size",
@@ -1143,10 +1145,12 @@ fn an_adapter_keeps_its_chat_template() {
         "64",
         "--quiet",
     ]);
-    assert_eq!(
-        std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(),
-        template
-    );
+    for folder in [out.clone(), out.join("checkpoint-1")] {
+        assert_eq!(
+            std::fs::read_to_string(folder.join("chat_template.jinja")).unwrap(),
+            template
+        );
+    }
     // A template that refuses to render shows which tokenizer each command took.
     write(
         &out,

@@ -77,14 +77,16 @@ pub fn path(output: &Path, step: usize) -> PathBuf {
     output.join(format!("{PREFIX}{step}"))
 }
 
-/// Writes `OUTPUT/checkpoint-<step>` and returns its path; without `opt` (transformers'
-/// `save_only_model`) the adapter and the loop position alone, which cannot be resumed.
+/// Writes `OUTPUT/checkpoint-<step>` and returns its path: what `save_model` writes of
+/// `model` (the adapter, or the model, and its tokenizer), the optimizer state and the loop
+/// position; without `opt` (transformers' `save_only_model`) no optimizer state, so that it
+/// cannot be resumed.
 pub fn save(
     output: &Path,
     model: &dyn Tuned,
     opt: Option<&AdamW>,
     state: &TrainerState,
-    base_name: &str,
+    save_model: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let dir = path(output, state.global_step);
     let tmp = output.join(format!(".{PREFIX}{}.tmp", state.global_step));
@@ -92,7 +94,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
-    let written = write_folder(&tmp, model, opt, state, base_name);
+    let written = write_folder(&tmp, model, opt, state, save_model);
     if let Err(e) = written {
         // A full disk or a failed write: drop the partial folder, keep the older checkpoints.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -120,9 +122,9 @@ fn write_folder(
     model: &dyn Tuned,
     opt: Option<&AdamW>,
     state: &TrainerState,
-    base_name: &str,
+    save_model: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<()> {
-    model.save(tmp, base_name)?;
+    save_model(tmp)?;
     let state_json = serde_json::to_string_pretty(state)?;
     let Some(opt) = opt else {
         return write_atomic(&tmp.join(STATE_FILE), state_json.as_bytes());

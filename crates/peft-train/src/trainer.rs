@@ -13,11 +13,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft::Tuned;
+use peft_models::tokenizer::Tokenizer;
 use peft_ops::{add_grad, cross_entropy_sum_stats, KernelTuning, Pass, TokenStats, Tuning};
 use rand::SeedableRng;
 use serde_json::json;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -79,6 +80,10 @@ pub struct TrainArgs {
     pub interrupt: Option<Arc<AtomicBool>>,
     pub output_dir: PathBuf,
     pub base_model_name: String,
+    /// Saved with the model in every folder the run writes (checkpoints, epochs, the output),
+    /// as TRL saves its tokenizer: set where it is not the base's (a chat template or tokens
+    /// of its own) or where the folder is a whole model (full fine-tuning).
+    pub tokenizer: Option<Tokenizer>,
     pub show_progress: bool,
     /// Without the progress bar, where metrics lines go.
     pub echo: Echo,
@@ -148,6 +153,7 @@ impl Default for TrainArgs {
             interrupt: None,
             output_dir: PathBuf::new(),
             base_model_name: String::new(),
+            tokenizer: None,
             show_progress: true,
             echo: Echo::Stderr,
             group_by_length: false,
@@ -234,6 +240,15 @@ impl TrainArgs {
     }
 
     /// Optimizer steps of one pass over `examples` examples.
+    /// Writes `model` into `dir` as the run saves it: the adapter (or model) and the tokenizer.
+    fn save_model(&self, model: &dyn Tuned, dir: &Path) -> Result<()> {
+        model.save(dir, &self.base_model_name)?;
+        match &self.tokenizer {
+            Some(tok) => tok.save_hf(dir),
+            None => Ok(()),
+        }
+    }
+
     pub fn steps_per_epoch(&self, examples: usize) -> usize {
         examples
             .div_ceil(self.batch_size.max(1))
@@ -892,7 +907,7 @@ impl Trainer<'_> {
                         &*self.model,
                         with_optimizer.then_some(&opt),
                         &state,
-                        &a.base_model_name,
+                        &|dir| a.save_model(&*self.model, dir),
                     )?;
                     if let Some(k) = a.save_total_limit {
                         let keep = state
@@ -923,10 +938,7 @@ impl Trainer<'_> {
             }
             epoch += 1;
             if a.save_every_epoch && step < total_steps {
-                self.model.save(
-                    &a.output_dir.join(format!("epoch-{epoch}")),
-                    &a.base_model_name,
-                )?;
+                a.save_model(&*self.model, &a.output_dir.join(format!("epoch-{epoch}")))?;
             }
         }
         bar.finish();
@@ -942,7 +954,7 @@ impl Trainer<'_> {
                 checkpoint::keep_only(&a.output_dir, best)?;
             }
         }
-        self.model.save(&a.output_dir, &a.base_model_name)?;
+        a.save_model(&*self.model, &a.output_dir)?;
         Ok(summary)
     }
 }
