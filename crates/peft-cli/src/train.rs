@@ -131,9 +131,12 @@ pub struct TrainCmd {
     /// false, every token).
     #[arg(long)]
     assistant_only_loss: Option<bool>,
-    /// A Jinja chat template to use instead of the model's (for example one of TRL's training
-    /// templates, whose `{% generation %}` blocks mark the assistant text to train on); the
-    /// tokenizer with it is saved in OUTPUT, where generate, chat and merge find it.
+    /// A Jinja chat template file to use instead of the model's (for example one of TRL's
+    /// training templates, whose `{% generation %}` blocks mark the assistant text to train
+    /// on), or a tokenizer (folder or Hub id) whose template, EOS token and added tokens are
+    /// taken, as TRL's chat_template_path (clone_chat_template: the embedding grows to a
+    /// multiple of 64 and the new tokens' rows train, LoRA). The tokenizer with it is saved in
+    /// OUTPUT, where generate, chat and merge find it.
     #[arg(long)]
     chat_template: Option<PathBuf>,
     /// Prompt/completion records: loss on the completion only (default true, as TRL).
@@ -1032,31 +1035,68 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let mut tok = continued_tok
         .or(tok)
         .context("the model has no tokenizer")?;
+    // TRL's chat_template_path: a template file, or a tokenizer (folder or Hub id) whose
+    // template, EOS token and added tokens are cloned (clone_chat_template).
+    let mut added = Vec::new();
+    let mut cloned = false;
     if let Some(path) = &c.chat_template {
-        let template = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the chat template {}", path.display()))?;
-        tok.set_chat_template(template);
+        if path.is_file() {
+            let template = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the chat template {}", path.display()))?;
+            tok.set_chat_template(template);
+        } else {
+            let dir = peft_models::hub::locate(path, peft_models::hub::Wanted::Tokenizer)
+                .with_context(|| {
+                    format!(
+                        "--chat-template {}: neither a template file nor a tokenizer folder or Hub id",
+                        path.display()
+                    )
+                })?;
+            let source = peft_models::tokenizer::Tokenizer::from_hf_dir(&dir)?;
+            added = tok
+                .clone_chat_template(&source)
+                .with_context(|| format!("--chat-template {}", path.display()))?;
+            cloned = true;
+        }
     }
     if let Some(tokens) = c.add_special_tokens.as_deref() {
-        let ids = tok.add_special_tokens(&list(tokens))?;
-        // TRL's clone_chat_template: a multiple of 64 rows.
+        added.extend(tok.add_special_tokens(&list(tokens))?);
+    }
+    if !added.is_empty() {
+        if !is_lora(&method) {
+            bail!(
+                "--chat-template adds tokens to the tokenizer ({}), which works with LoRA (--method lora or dora)",
+                added.len()
+            );
+        }
+        // TRL's clone_chat_template: a multiple of 64 rows, and for a cloned template
+        // placeholder tokens up to that size, which train too.
         base.grow_vocab(tok.vocab_size().max(base.config.vocab_size).div_ceil(64) * 64)?;
+        if cloned {
+            added.extend(tok.fill_vocab(base.config.vocab_size)?);
+        }
         let mut trained = c
             .trainable_token_indices
             .clone()
             .map(|l| list(&l))
             .unwrap_or_default();
-        trained.extend(ids.iter().map(|id| id.to_string()));
-        if !trained.is_empty() {
-            c.trainable_token_indices = Some(trained.join(","));
-        }
+        trained.extend(added.iter().map(|id| id.to_string()));
+        c.trainable_token_indices = Some(trained.join(","));
         if !quiet {
             eprintln!(
-                "added tokens {ids:?}: the vocabulary has {} rows, their rows train",
+                "added {} tokens (ids {}..={}): the vocabulary has {} rows, their rows train",
+                added.len(),
+                added.iter().min().unwrap_or(&0),
+                added.iter().max().unwrap_or(&0),
                 base.config.vocab_size
             );
+            if base.lm_head.is_some() {
+                eprintln!(
+                    "note: the head is not tied to the embedding: the new tokens' output rows train only with --modules-to-save lm_head"
+                );
+            }
         }
-        own_tokenizer |= !ids.is_empty();
+        own_tokenizer = true;
     }
     let loss_on = LossOn {
         assistant_only: c.assistant_only_loss.unwrap_or(true),

@@ -1217,3 +1217,100 @@ fn an_adapter_keeps_its_chat_template() {
     ]);
     assert!(!plain.join("tokenizer.json").exists());
 }
+
+/// `--chat-template` naming a tokenizer (TRL's `chat_template_path`, clone_chat_template):
+/// its template and EOS token are taken, the tokens it added that the base lacks are added
+/// in its order, the embedding grows to a multiple of 64 filled by TRL's placeholder tokens,
+/// and all of them train as trainable_token_indices.
+#[test]
+fn train_clones_a_tokenizers_chat_template() {
+    let Some(model) = peft_models::testing::default_model() else {
+        return;
+    };
+    let data = peft_models::testing::shipped_data();
+    let dir = tempfile::tempdir().unwrap();
+    let gguf =
+        candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(&model).unwrap())
+            .unwrap();
+    let mut source = peft_models::tokenizer::Tokenizer::from_gguf_metadata(&gguf.metadata).unwrap();
+    let extra = ["<think>", "</think>", "<|eot|>", "<|im_start|>"].map(String::from);
+    // <|im_start|> is SmolLM2's already.
+    assert_eq!(source.add_special_tokens(&extra).unwrap().len(), 3);
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|eot|>\n\
+                    {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    source.set_chat_template(template.into());
+    let source_dir = dir.path().join("source");
+    source.save_hf(&source_dir).unwrap();
+    let config_path = source_dir.join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["eos_token"] = "<|eot|>".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+
+    let out = dir.path().join("cloned");
+    succeeds(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+        "--chat-template",
+        s(&source_dir),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--quiet",
+    ]);
+    let tok = peft_models::tokenizer::Tokenizer::from_hf_dir(&out).unwrap();
+    assert_eq!(tok.token_to_id("<think>"), Some(49152));
+    assert_eq!(tok.token_to_id("<|eot|>"), Some(49154));
+    assert_eq!(tok.token_to_id("<extra_id_0>"), Some(49155));
+    assert_eq!(tok.vocab_size(), 49216);
+    assert_eq!(tok.eos_token_id(), Some(49154));
+    assert_eq!(
+        std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(),
+        template
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["trainable_token_indices"],
+        serde_json::json!((49152..49216).collect::<Vec<u32>>())
+    );
+    // A merged model stops at the template's EOS as well as the base's.
+    let merged = dir.path().join("merged");
+    succeeds(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--output",
+        s(&merged),
+    ]);
+    let generation: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(merged.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(generation["eos_token_id"], serde_json::json!([49154, 2]));
+    fails_with(
+        &[
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--output",
+            s(&dir.path().join("missing")),
+            "--chat-template",
+            s(&dir.path().join("no-such.jinja")),
+        ],
+        "neither a template file nor a tokenizer folder or Hub id",
+    );
+}

@@ -24,6 +24,9 @@ pub enum Wanted {
     Adapter,
     /// A data set's training split: its data files (Parquet, JSON Lines, CSV, TSV).
     Dataset,
+    /// A tokenizer (for its chat template): `tokenizer.json` and the JSON and Jinja files
+    /// beside it, not the weights.
+    Tokenizer,
 }
 
 impl Wanted {
@@ -32,6 +35,7 @@ impl Wanted {
             Self::Model => "model",
             Self::Adapter => "adapter",
             Self::Dataset => "data set",
+            Self::Tokenizer => "tokenizer",
         }
     }
 
@@ -478,8 +482,18 @@ fn choose(name: &HubName, wanted: Wanted, files: &[String]) -> Result<Vec<String
     let config = match wanted {
         Wanted::Model => "config.json",
         Wanted::Adapter => "adapter_config.json",
+        Wanted::Tokenizer => "tokenizer.json",
         Wanted::Dataset => unreachable!("data sets are chosen above"),
     };
+    if wanted == Wanted::Tokenizer {
+        if !here.contains(&config) {
+            bail!("{repo} has no {config} in {:?}", name.path);
+        }
+        let first = format!("{prefix}{config}");
+        let mut chosen = vec![first.clone()];
+        chosen.extend(with(&["json", "jinja"]).into_iter().filter(|f| *f != first));
+        return Ok(chosen);
+    }
     // The weights the loaders read, safetensors before PyTorch's: a model's single file or
     // its shards (`model-00001-of-00002.safetensors`), not a repository's other copies
     // (`consolidated.safetensors`, `training_args.bin`); an adapter's one file.
@@ -831,6 +845,32 @@ mod tests {
             e.contains("no config.json with safetensors or .bin weights and no GGUF"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_tokenizer_without_the_weights() {
+        let repo = files(&[
+            "config.json",
+            "merges.txt",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+        ]);
+        let n = HubName::parse("Qwen/Qwen3-0.6B").unwrap();
+        assert_eq!(
+            choose(&n, Wanted::Tokenizer, &repo).unwrap(),
+            files(&[
+                "tokenizer.json",
+                "config.json",
+                "tokenizer_config.json",
+                "vocab.json"
+            ])
+        );
+        let e = choose(&n, Wanted::Tokenizer, &files(&["model.gguf"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Qwen/Qwen3-0.6B has no tokenizer.json"), "{e}");
     }
 
     #[test]

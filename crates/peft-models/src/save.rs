@@ -72,6 +72,21 @@ pub fn save_hf_model(
                 generation["pad_token_id"] = json!(p);
             }
         }
+        // Generation stops at the tokenizer's EOS too where it is not the model's (a chat
+        // template of its own), as TRL's SFT trainer adds it to the generation config.
+        if let Some(eos) = tok.eos_token_id().map(|e| json!(e)) {
+            let listed = match generation.get("eos_token_id") {
+                Some(Value::Array(ids)) => ids.clone(),
+                Some(Value::Null) | None => Vec::new(),
+                Some(id) => vec![id.clone()],
+            };
+            if !listed.contains(&eos) {
+                generation["eos_token_id"] = match listed.is_empty() {
+                    true => eos,
+                    false => Value::Array([vec![eos], listed].concat()),
+                };
+            }
+        }
         tok.save_hf(dir)?;
     }
     write_atomic(

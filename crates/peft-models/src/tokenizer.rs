@@ -477,6 +477,62 @@ impl Tokenizer {
         Ok(new.iter().filter_map(|t| self.token_to_id(t)).collect())
     }
 
+    /// TRL's `clone_chat_template`, on the tokenizer side: takes `source`'s chat template and
+    /// EOS token, and adds the tokens `source` added to its vocabulary that this one lacks
+    /// (each as it is there: special or not, its stripping), in `source`'s order. Returns the
+    /// ids of the tokens added.
+    pub fn clone_chat_template(&mut self, source: &Tokenizer) -> Result<Vec<u32>> {
+        let template = source
+            .chat_template
+            .clone()
+            .context("the tokenizer to take the chat template from has none")?;
+        let mut theirs: Vec<_> = source
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .collect();
+        theirs.sort_by_key(|(id, _)| *id);
+        let new: Vec<tokenizers::AddedToken> = theirs
+            .into_iter()
+            .map(|(_, token)| token)
+            .filter(|t| self.token_to_id(&t.content).is_none())
+            .collect();
+        self.inner
+            .add_tokens(new.clone())
+            .map_err(|e| anyhow!("cannot add the chat template's tokens: {e}"))?;
+        self.chat_template = Some(template);
+        if let Some(eos) = &source.special.eos {
+            if self.token_to_id(eos).is_none() {
+                bail!("the EOS token {eos:?} of the chat template's tokenizer is not in its vocabulary");
+            }
+            self.special.eos = Some(eos.clone());
+        }
+        Ok(new
+            .iter()
+            .filter_map(|t| self.token_to_id(&t.content))
+            .collect())
+    }
+
+    /// Adds TRL's placeholder tokens (`<extra_id_0>`, ...) until the vocabulary has `size`
+    /// entries, as `clone_chat_template` fills an embedding grown to a multiple of 64; returns
+    /// their ids.
+    pub fn fill_vocab(&mut self, size: usize) -> Result<Vec<u32>> {
+        let mut added = Vec::new();
+        for i in 0.. {
+            if self.vocab_size() >= size {
+                break;
+            }
+            let content = format!("<extra_id_{i}>");
+            if self.token_to_id(&content).is_none() {
+                self.inner
+                    .add_tokens([tokenizers::AddedToken::from(content.as_str(), false)])
+                    .map_err(|e| anyhow!("cannot add {content}: {e}"))?;
+                added.extend(self.token_to_id(&content));
+            }
+        }
+        Ok(added)
+    }
+
     /// Replaces the chat template (a `--chat-template` file, such as TRL's training templates).
     pub fn set_chat_template(&mut self, template: String) {
         self.chat_template = Some(template);
