@@ -1,5 +1,6 @@
 """Checks that adapters HF PEFT made with its inits that peft-rs does not train with (EVA, with
-its data-driven ranks; orthogonal; MiCA) load in `peft logits` with HF PEFT's logits, and that
+its data-driven ranks; MiCA) or does (orthogonal) load in `peft logits` with HF PEFT's logits,
+that peft-rs's orthogonal init has HF PEFT's (B·A = 0, the same spreads of A and B), and that
 one made with CorDA's (whose base gave up part of its weights) is refused. SmolLM2, q/v/o,
 their tensors moved by seeded noise after the init (an untrained EVA or MiCA adapter changes
 nothing).
@@ -79,6 +80,34 @@ for name, init in [("eva", None), ("orthogonal", "orthogonal"), ("mica", "mica")
     # f32 noise: the base alone is 9e-5 apart from transformers' on these ids.
     check(diff < 2e-4, f"{name}: HF PEFT's adapter in peft logits: max |diff| {diff:.2e}"
           + (f" (ranks {ranks} by EVA's redistribution)" if ranks else "") + (err or ""))
+
+# Orthogonal, trained here: at a learning rate of 0 the saved pairs are the init, whose
+# products are zero and whose spreads are HF PEFT's (same shapes, r 8).
+ours = f"{tmp}/orthogonal_here"
+subprocess.run([args.peft, "train", "--model", args.model_dir, "--data", "data/pirate_qa.jsonl",
+                "--output", ours, "--init-lora-weights", "orthogonal", "--r", "8",
+                "--target-modules", ",".join(TARGETS), "--max-steps", "1", "--lr", "0",
+                "--dtype", "f32", "--quiet"], check=True, capture_output=True)
+saved = load_file(f"{ours}/adapter_model.safetensors")
+hf = get_peft_model(base(), LoraConfig(r=8, target_modules=TARGETS, init_lora_weights="orthogonal"))
+hf_state = {k.replace(".default", ""): v for k, v in hf.state_dict().items() if "lora_" in k}
+worst_product, spreads = 0.0, []
+for key, a in saved.items():
+    if not key.endswith("lora_A.weight"):
+        continue
+    b = saved[key.replace("lora_A", "lora_B")]
+    worst_product = max(worst_product, (b @ a).abs().max().item())
+    spreads.append((a.std().item(), hf_state[key].std().item()))
+    spreads.append((b.std().item(), hf_state[key.replace("lora_A", "lora_B")].std().item()))
+ratio = max(max(o / t, t / o) for o, t in spreads)
+got, err = peft_logits(ours)
+with torch.no_grad():
+    start = base()(torch.tensor([IDS])).logits[0]
+diff = float("inf") if got is None else (got - start).abs().max().item()
+check(worst_product < 1e-6 and ratio < 1.15 and diff < 2e-4,
+      f"orthogonal, trained here: max |B·A| {worst_product:.1e}, the spreads of A and B within "
+      f"{(ratio - 1) * 100:.1f}% of HF PEFT's, the model unchanged at the start (max |diff| "
+      f"{diff:.2e})" + (err or ""))
 
 model = get_peft_model(base(), LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=True))
 out, _ = moved_and_saved(model, "corda")

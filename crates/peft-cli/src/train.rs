@@ -100,7 +100,8 @@ pub struct TrainCmd {
     /// lm_head, embed_tokens (a tied head and embedding are untied, as in HF PEFT).
     #[arg(long)]
     modules_to_save: Option<String>,
-    /// true (kaiming-uniform A, zero B), false, gaussian; pissa (A and B from the top
+    /// true (kaiming-uniform A, zero B), false, gaussian, orthogonal (A and B both nonzero
+    /// with B·A = 0; even r); pissa (A and B from the top
     /// singular vectors of each base weight, which keeps the rest), pissa_niter_N (the same by
     /// a randomized SVD with N subspace iterations: large models) or olora (from its QR
     /// decomposition). Those save the adapter converted for the original base, as HF PEFT's
@@ -531,7 +532,7 @@ pub fn build_model(
         other => {
             let init = Value::String(other.into());
             peft::lora::init::WeightInit::parse(&init).map_err(|_| {
-                anyhow::anyhow!("--init-lora-weights must be true, false, gaussian, pissa, pissa_niter_N, olora or loftq, got {other:?}")
+                anyhow::anyhow!("--init-lora-weights must be true, false, gaussian, orthogonal, pissa, pissa_niter_N, olora or loftq, got {other:?}")
             })?;
             init
         }

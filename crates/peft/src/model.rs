@@ -166,6 +166,10 @@ impl PeftModel {
                     };
                     (a, normal(&mut rng, out_f * r))
                 }
+                serde_json::Value::String(s) if s == "orthogonal" => {
+                    let (a, b) = crate::lora::init::orthogonal(r, in_f, out_f, &mut rng)?;
+                    return Ok((a, b));
+                }
                 serde_json::Value::String(_) => {
                     // "gaussian": A ~ N(0, 1/r), B = 0.
                     let normal = Normal::new(0.0, 1.0 / r as f64).context("gaussian init")?;

@@ -13,7 +13,8 @@ use rand_distr::{Distribution, StandardNormal};
 use serde_json::Value;
 
 /// The `init_lora_weights` values peft-rs takes.
-const SUPPORTED: &str = r#"true, false, "gaussian", "pissa", "pissa_niter_N", "olora", "loftq""#;
+const SUPPORTED: &str =
+    r#"true, false, "gaussian", "orthogonal", "pissa", "pissa_niter_N", "olora", "loftq""#;
 
 /// What the base of an adapter saved with some `init_lora_weights` is, for every value HF
 /// PEFT 0.21 takes: whatever initialised A and B, the saved ones are the trained ones.
@@ -67,7 +68,7 @@ impl WeightInit {
             other => bail!("init_lora_weights={other} is not supported ({SUPPORTED})"),
         };
         Ok(match s {
-            "gaussian" => None,
+            "gaussian" | "orthogonal" => None,
             "pissa" => Some(Self::Pissa { niter: None }),
             "olora" => Some(Self::Olora),
             "loftq" => Some(Self::Loftq),
@@ -143,6 +144,30 @@ pub fn loftq(
     let (a, b) = split_scaled(top_svd(&error, r.min(out_f).min(in_f))?, scaling);
     let a = Mat::from_fn(r, in_f, |i, j| if i < a.nrows() { a[(i, j)] } else { 0.0 });
     let b = Mat::from_fn(out_f, r, |i, j| if j < b.ncols() { b[(i, j)] } else { 0.0 });
+    Ok((to_tensor(&a)?, to_tensor(&b)?))
+}
+
+/// HF PEFT's "orthogonal" init (`(A [r, in], B [out, r])`, f32 on the CPU): the odd and even
+/// rows of a random orthogonal `r × r` matrix span complementary halves of the rank, A is
+/// Gaussian in the first and B in the second (each divided by 10), so that `B·A = 0` while
+/// neither is zero and both train from the first step. `r` must be even.
+pub fn orthogonal(
+    r: usize,
+    in_f: usize,
+    out_f: usize,
+    rng: &mut impl rand::Rng,
+) -> Result<(Tensor, Tensor)> {
+    if r % 2 != 0 {
+        bail!("init_lora_weights \"orthogonal\" needs an even rank, got r={r}");
+    }
+    let mut normal =
+        |rows, cols| Mat::from_fn(rows, cols, |_, _| -> f64 { StandardNormal.sample(rng) });
+    let q = normal(r, r).qr().compute_Q();
+    let half = r / 2;
+    let q_odd = Mat::from_fn(half, r, |i, j| q[(2 * i, j)]);
+    let q_even = Mat::from_fn(half, r, |i, j| q[(2 * i + 1, j)]);
+    let a = (normal(in_f, half) * &q_odd).transpose() * faer::Scale(0.1);
+    let b = normal(half, out_f).transpose() * &q_even * faer::Scale(0.1);
     Ok((to_tensor(&a)?, to_tensor(&b)?))
 }
 
@@ -293,6 +318,32 @@ mod tests {
     }
 
     #[test]
+    fn orthogonal_pairs_start_at_zero_with_neither_zero() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (a, b) = orthogonal(8, 40, 24, &mut rng).unwrap();
+        assert_eq!(
+            (a.dims(), b.dims()),
+            ([8, 40].as_slice(), [24, 8].as_slice())
+        );
+        let product = b.matmul(&a).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(product.to_scalar::<f32>().unwrap() < 1e-6);
+        for m in [&a, &b] {
+            // Gaussian entries over half of an orthogonal basis, divided by 10: variance
+            // about (1/2)/100.
+            let std = m
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            assert!((0.05..0.09).contains(&std), "{std}");
+        }
+        assert!(orthogonal(7, 40, 24, &mut rng).is_err());
+    }
+
+    #[test]
     fn parses_hf_names() {
         let parse = |v: Value| WeightInit::parse(&v).unwrap();
         assert_eq!(parse(Value::Bool(true)), None);
@@ -307,6 +358,7 @@ mod tests {
         );
         assert_eq!(parse("olora".into()), Some(WeightInit::Olora));
         assert_eq!(parse("loftq".into()), Some(WeightInit::Loftq));
+        assert_eq!(parse("orthogonal".into()), None);
         let err = WeightInit::parse(&"eva".into()).unwrap_err().to_string();
         assert!(err.contains("\"eva\" is not supported"), "{err}");
     }
