@@ -157,7 +157,7 @@ pub fn orthogonal(
     out_f: usize,
     rng: &mut impl rand::Rng,
 ) -> Result<(Tensor, Tensor)> {
-    if r % 2 != 0 {
+    if !r.is_multiple_of(2) {
         bail!("init_lora_weights \"orthogonal\" needs an even rank, got r={r}");
     }
     let mut normal =
