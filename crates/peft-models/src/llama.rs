@@ -535,11 +535,24 @@ impl Llama {
             });
         }
         let norm = w.take(&format!("{decoder}.norm.weight"), &[h])?;
-        // Some tied checkpoints still store lm_head.weight; the config decides.
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(w.linear("lm_head", c.vocab_size, h, false)?)
+        // Some tied checkpoints still store lm_head.weight (PyTorch's files keep both): as
+        // transformers 5 loads them, the head is tied where it equals the embedding and its
+        // own where it differs (the config then is wrong about the checkpoint).
+        let stored_head = match c.tie_word_embeddings {
+            true => w.weights.remove("lm_head.weight"),
+            false => None,
+        };
+        let untied_by_checkpoint = match &stored_head {
+            Some(head) if head.dims() == embed_tokens.dims() => {
+                let differ = head.ne(&embed_tokens)?.to_dtype(DType::F32)?.max_all()?;
+                differ.to_scalar::<f32>()? > 0.0
+            }
+            _ => false,
+        };
+        let lm_head = match (c.tie_word_embeddings, stored_head) {
+            (true, Some(head)) if untied_by_checkpoint => Some(Linear::new(head, None)),
+            (true, _) => None,
+            (false, _) => Some(w.linear("lm_head", c.vocab_size, h, false)?),
         };
         let inv_freq = Tensor::new(c.rope_inv_freq(), device)?;
         let long_inv_freq = c
@@ -578,6 +591,9 @@ impl Llama {
             rotary_order,
             other_tensors: Vec::new(),
         };
+        if untied_by_checkpoint {
+            model.mark_untied();
+        }
         if was_quantized {
             model.norms_in_f32()?;
         }
@@ -776,17 +792,23 @@ impl Llama {
     pub fn untie_head(&mut self) -> Result<()> {
         if self.lm_head.is_none() {
             self.lm_head = Some(Linear::new(self.embed_tokens.detach().copy()?, None));
-            self.config.tie_word_embeddings = false;
-            let configs = [Some(&mut self.config.raw), self.config.image_text.as_mut()];
-            for raw in configs
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_object_mut)
-            {
-                raw.insert("tie_word_embeddings".into(), false.into());
-            }
+            self.mark_untied();
         }
         Ok(())
+    }
+
+    /// Records in the config (and the config files a saved model writes) that the head is
+    /// not tied to the embedding.
+    fn mark_untied(&mut self) {
+        self.config.tie_word_embeddings = false;
+        let configs = [Some(&mut self.config.raw), self.config.image_text.as_mut()];
+        for raw in configs
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object_mut)
+        {
+            raw.insert("tie_word_embeddings".into(), false.into());
+        }
     }
 
     /// Grows the vocabulary to `size` tokens for tokens added to the tokenizer, as transformers'

@@ -219,3 +219,38 @@ fn neftune_noise_is_bounded_seeded_and_training_only() {
     );
     assert!(peft_models::Neftune::new(0.0).is_err());
 }
+
+/// A config that ties the head while the checkpoint stores a head of its own: as transformers
+/// 5 loads it, a head equal to the embedding stays tied, one that differs is the model's head
+/// (and the config saved with the model then says so).
+#[test]
+fn a_stored_head_that_differs_unties_the_model() {
+    let config = peft_models::LlamaConfig::from_json(serde_json::json!({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 64, "tie_word_embeddings": true,
+    }))
+    .unwrap();
+    let mut rng = peft_models::testing::SeededNormal::new(5);
+    let weights = peft_models::shapes::llama_weights(&config, |_, shape| {
+        rng.tensor(shape, 0.2, &Device::Cpu)
+    })
+    .unwrap();
+    let embed = weights["model.embed_tokens.weight"].clone();
+    let load = |head: Tensor| {
+        let mut w = weights.clone();
+        w.insert("lm_head.weight".into(), head);
+        peft_models::Llama::from_weights(config.clone(), w, &Device::Cpu, DType::F32).unwrap()
+    };
+    let same = load(embed.clone());
+    assert!(same.lm_head.is_none() && same.config.tie_word_embeddings);
+    let other = (embed.clone() * 2.0).unwrap();
+    let untied = load(other.clone());
+    assert!(!untied.config.tie_word_embeddings);
+    assert_eq!(untied.config.raw["tie_word_embeddings"], false);
+    assert_eq!(max_abs_diff(&untied.lm_head_weight().unwrap(), &other), 0.0);
+    let ids = Tensor::new(&[[3u32, 9, 27]], &Device::Cpu).unwrap();
+    let logits = |m: &peft_models::Llama| m.logits(&m.forward(&ids, None, None, false).unwrap());
+    let (tied_logits, untied_logits) = (logits(&same).unwrap(), logits(&untied).unwrap());
+    assert!(max_abs_diff(&tied_logits, &untied_logits) > 1e-3);
+}
