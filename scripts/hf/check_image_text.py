@@ -1,9 +1,15 @@
-"""Checks peft-rs on Gemma 3's image-text model (Gemma3ForConditionalGeneration, the class of
-gemma-3-4b and up) against transformers and HF PEFT.
+"""Checks peft-rs on the image-text models whose language model it trains, Gemma 3's
+(Gemma3ForConditionalGeneration, the class of gemma-3-4b and up) and Mistral 3's
+(Mistral3ForConditionalGeneration: Mistral Small 3.1 and 3.2, Magistral Small), against
+transformers and HF PEFT.
 
-A small random model (6 layers, hidden 64, five sliding-window layers and a global one, a
-SigLIP vision tower of one layer, SmolLM2's tokenizer and chat template), saved by
-transformers. Then:
+A small random model (Gemma 3: 6 layers, hidden 64, five sliding-window layers and a global
+one, a SigLIP vision tower of one layer; Mistral 3: 4 layers, hidden 64, head_dim 32 with 4
+heads, an untied head and a Pixtral tower of one layer), SmolLM2's tokenizer and chat
+template, saved by transformers. Then:
+0. (Mistral 3) with the tying left out of its config, as the released configs leave it (which
+   transformers' default would tie), the checkpoint's own head unties the model in
+   transformers and in `peft logits` alike;
 1. `peft train` (all-linear LoRA, f32, packed rows of 96 tokens) on the shipped pirate data;
    HF PEFT loads the adapter onto the whole image-text model with no missing or unexpected
    key (its target_modules would adapt the vision tower too; the exclude_modules peft-rs
@@ -15,29 +21,35 @@ transformers. Then:
    through the vision tower and the merged language model); `peft merge --output x.gguf`
    writes the language model (llama.cpp keeps the tower in a projector file of its own),
    whose logits in `peft logits` equal HF PEFT's;
-3. an adapter HF PEFT made on the image-text model (target_modules q_proj, v_proj, fc1, which
+3. an adapter HF PEFT made on the image-text model (target_modules q_proj, v_proj and the
+   tower's first MLP projection, SigLIP's fc1 or Pixtral's gate_proj, which
    adapt the vision tower too; trained on text, so B is zero there) gives HF's logits in
    `peft logits`, and its merge gives them in transformers;
 4. IA3, prompt tuning and trainable tokens trained by `peft train` give HF PEFT
    `peft logits`' logits on the image-text model;
 5. an HF PEFT adapter with LoRA on the embedding (which Gemma scales) gives HF's logits.
 
-    .venv/bin/python scripts/hf/check_image_text.py [--peft target/release/peft]
+    .venv/bin/python scripts/hf/check_image_text.py [--peft PATH] [--arch gemma3|mistral3|all]
 """
 import json
 import os
+import shutil
 import sys
 import tempfile
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, Gemma3Config,
-                          Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig)
+from transformers import (AutoModelForImageTextToText, Gemma3Config,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, Mistral3Config,
+                          Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
+                          SiglipVisionConfig)
 
 from harness import arguments, peft_logits, random_model, run
 
-args = arguments("smollm-dir", "data").parse_args()
+parser = arguments("smollm-dir", "data")
+parser.add_argument("--arch", default="all", choices=["gemma3", "mistral3", "all"])
+args = parser.parse_args()
 
 
 def adapter_logits(model_dir, adapter, ids, tmp):
@@ -75,117 +87,162 @@ def check_merged(merged, model, reference, ids, image_reference, failed):
 
 
 ids = [i % 49152 for i in range(3, 3 + 40 * 977, 977)]
-text = Gemma3TextConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=16)
-vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                            num_attention_heads=2, image_size=28, patch_size=14)
-# The image's 4 tokens take ids past SmolLM2's vocabulary, as Gemma 3's do past its text's.
-config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                      image_token_index=49151, boi_token_index=49149, eoi_token_index=49150)
 pixel_values = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-image_ids = ids[:5] + [49149] + [49151] * 4 + [49150] + ids[5:20]
-image_inputs = dict(input_ids=torch.tensor([image_ids]), pixel_values=pixel_values,
-                    token_type_ids=torch.tensor([[int(t == 49151) for t in image_ids]]))
+
+
+def gemma3():
+    text = Gemma3TextConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=2, head_dim=32, query_pre_attn_scalar=32,
+                            sliding_window=16)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)
+    # The image's 4 tokens take ids past SmolLM2's vocabulary, as Gemma 3's do past its text's.
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=49151, boi_token_index=49149, eoi_token_index=49150)
+    image_ids = ids[:5] + [49149] + [49151] * 4 + [49150] + ids[5:20]
+    image = dict(input_ids=torch.tensor([image_ids]), pixel_values=pixel_values,
+                 token_type_ids=torch.tensor([[int(t == 49151) for t in image_ids]]))
+    return Gemma3ForConditionalGeneration, config, image, False, "fc1"
+
+
+def mistral3():
+    text = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=32, max_position_embeddings=2048, sliding_window=None,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=16, image_size=56, patch_size=14)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=49151,
+                            tie_word_embeddings=False)
+    # 4 x 4 patches, merged 2 x 2 by the projector: four image tokens.
+    image_ids = ids[:5] + [49151] * 4 + ids[5:20]
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    image = dict(input_ids=torch.tensor([image_ids]), pixel_values=pixels,
+                 image_sizes=torch.tensor([[56, 56]]))
+    return Mistral3ForConditionalGeneration, config, image, True, "gate_proj"
+
 
 failed = False
-with tempfile.TemporaryDirectory() as tmp:
-    model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
-    model = random_model(Gemma3ForConditionalGeneration, config, model_dir, args.smollm_dir)
-
-    print("1. peft train on the image-text model, then HF PEFT")
-    out = run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", adapter,
-               "--target-modules", "all-linear", "--r", "8", "--lora-alpha", "16",
-               "--max-steps", "6", "--batch-size", "2", "--lr", "5e-3", "--dtype", "f32",
-               "--packing", "--max-seq-length", "96", "--quiet"])
-    print(" ", (out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
-    with open(os.path.join(adapter, "adapter_config.json")) as f:
-        saved_config = json.load(f)
-    print(f"  target_modules {saved_config['target_modules']!r}, "
-          f"exclude_modules {saved_config['exclude_modules']!r}")
-    ours = adapter_logits(model_dir, adapter, ids, tmp)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    peft_model = PeftModel.from_pretrained(base, adapter).eval()
-    missing, unexpected = lora_keys_missing(peft_model, adapter)
-    print(f"  HF PEFT ({type(base).__name__}): {len(missing)} missing keys, "
-          f"{len(unexpected)} unexpected {missing[:3] + unexpected[:3]}")
-    with torch.no_grad():
-        hf = peft_model(input_ids=torch.tensor([ids])).logits.float()
-        hf_image = peft_model(**image_inputs).logits.float()
-        with peft_model.disable_adapter():
-            plain = peft_model(input_ids=torch.tensor([ids])).logits.float()
-    d = (ours - hf).abs().max().item()
-    moved = (hf - plain).abs().max().item()
-    print(f"  peft logits vs HF PEFT: max abs diff {d:.2e} (the adapter moves them by {moved:.2f})")
-    failed |= bool(missing or unexpected) or d > 1e-4 or moved < 1e-2
-    print("2. peft merge, into a folder and a GGUF file")
-    run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", merged])
-    failed = check_merged(merged, model, hf, ids, hf_image, failed)
-    gguf = os.path.join(tmp, "merged.gguf")
-    run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", gguf,
-         "--dtype", "f32"])
-    gguf_logits = peft_logits(args.peft, gguf, ids, os.path.join(tmp, "gguf.safetensors"))
-    dg = (gguf_logits - hf).abs().max().item()
-    print(f"  the GGUF file (its language model, as llama.cpp's converter writes it) in "
-          f"peft logits vs HF PEFT: max abs diff {dg:.2e}")
-    failed |= dg > 1e-4
-
-    print("3. an HF PEFT adapter that also targets the vision tower")
-    hf_adapter, hf_merged = os.path.join(tmp, "hf-adapter"), os.path.join(tmp, "hf-merged")
-    torch.manual_seed(3)
-    hf_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                              LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                         target_modules=["q_proj", "v_proj", "fc1"]))
-    with torch.no_grad():
-        for pname, p in hf_model.named_parameters():
-            if "vision_tower" in pname and "lora_B" in pname:
-                p.zero_()
-    hf_model.eval().save_pretrained(hf_adapter)
-    tower_pairs = sum("vision_tower" in k and "lora_A" in k
-                      for k in load_file(os.path.join(hf_adapter, "adapter_model.safetensors")))
-    with torch.no_grad():
-        hf = hf_model(input_ids=torch.tensor([ids])).logits.float()
-        hf_image = hf_model(**image_inputs).logits.float()
-    d = (adapter_logits(model_dir, hf_adapter, ids, tmp) - hf).abs().max().item()
-    print(f"  {tower_pairs} LoRA pairs on the vision tower; peft logits vs HF PEFT: max abs diff {d:.2e}")
-    failed |= d > 1e-4 or tower_pairs == 0
-    run([args.peft, "merge", "--model", model_dir, "--adapter", hf_adapter, "--output", hf_merged])
-    failed = check_merged(hf_merged, model, hf, ids, hf_image, failed)
-
-    print("4. the other methods: peft train, then HF PEFT on the image-text model")
-    for method, extra in [("ia3", []), ("prompt", []),
-                          ("trainable-tokens", ["--trainable-token-indices", "5,7,9"])]:
-        out_dir = os.path.join(tmp, method)
-        run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", out_dir,
-             "--method", method, "--max-steps", "3", "--batch-size", "2", "--lr", "5e-2",
-             "--dtype", "f32", "--max-seq-length", "64", "--quiet"] + extra)
-        ours = adapter_logits(model_dir, out_dir, ids, tmp)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        peft_model = PeftModel.from_pretrained(base, out_dir).eval()
+for arch in (["gemma3", "mistral3"] if args.arch == "all" else [args.arch]):
+    print(f"== {arch}")
+    cls, config, image_inputs, tying_left_out, tower_mlp = {"gemma3": gemma3, "mistral3": mistral3}[arch]()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
+        model = random_model(cls, config, model_dir, args.smollm_dir)
+        if tying_left_out:
+            # As the released configs: no top-level tie_word_embeddings, which transformers'
+            # default would tie, while the checkpoint holds a head of its own.
+            left_out = os.path.join(tmp, "tying-left-out")
+            shutil.copytree(model_dir, left_out)
+            with open(os.path.join(left_out, "config.json")) as f:
+                saved = json.load(f)
+            del saved["tie_word_embeddings"]
+            with open(os.path.join(left_out, "config.json"), "w") as f:
+                json.dump(saved, f)
+            reloaded = cls.from_pretrained(left_out, dtype=torch.float32).eval()
+            untied = reloaded.lm_head.weight.data_ptr() != \
+                reloaded.model.language_model.embed_tokens.weight.data_ptr()
+            with torch.no_grad():
+                theirs = reloaded(input_ids=torch.tensor([ids])).logits.float()
+            ours = peft_logits(args.peft, left_out, ids, os.path.join(tmp, "left.safetensors"))
+            d = (ours - theirs).abs().max().item()
+            print(f"0. a config that leaves the tying out: transformers unties by the checkpoint "
+                  f"({untied}); peft logits vs transformers: max abs diff {d:.2e}")
+            failed |= not untied or d > 1e-4
+        print("1. peft train on the image-text model, then HF PEFT")
+        out = run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", adapter,
+                   "--target-modules", "all-linear", "--r", "8", "--lora-alpha", "16",
+                   "--max-steps", "6", "--batch-size", "2", "--lr", "5e-3", "--dtype", "f32",
+                   "--packing", "--max-seq-length", "96", "--quiet"])
+        print(" ", (out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
+        with open(os.path.join(adapter, "adapter_config.json")) as f:
+            saved_config = json.load(f)
+        print(f"  target_modules {saved_config['target_modules']!r}, "
+              f"exclude_modules {saved_config['exclude_modules']!r}")
+        ours = adapter_logits(model_dir, adapter, ids, tmp)
+        base = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+        peft_model = PeftModel.from_pretrained(base, adapter).eval()
+        missing, unexpected = lora_keys_missing(peft_model, adapter)
+        print(f"  HF PEFT ({type(base).__name__}): {len(missing)} missing keys, "
+              f"{len(unexpected)} unexpected {missing[:3] + unexpected[:3]}")
         with torch.no_grad():
             hf = peft_model(input_ids=torch.tensor([ids])).logits.float()
-        d = (ours - hf).abs().max().item() if hf.shape == ours.shape else float("inf")
-        print(f"  {method}: peft logits vs HF PEFT: max abs diff {d:.2e}")
-        failed |= d > 1e-4
+            hf_image = peft_model(**image_inputs).logits.float()
+            with peft_model.disable_adapter():
+                plain = peft_model(input_ids=torch.tensor([ids])).logits.float()
+        d = (ours - hf).abs().max().item()
+        moved = (hf - plain).abs().max().item()
+        print(f"  peft logits vs HF PEFT: max abs diff {d:.2e} (the adapter moves them by {moved:.2f})")
+        failed |= bool(missing or unexpected) or d > 1e-4 or moved < 1e-2
+        print("2. peft merge, into a folder and a GGUF file")
+        run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", merged])
+        failed = check_merged(merged, model, hf, ids, hf_image, failed)
+        gguf = os.path.join(tmp, "merged.gguf")
+        run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", gguf,
+             "--dtype", "f32"])
+        gguf_logits = peft_logits(args.peft, gguf, ids, os.path.join(tmp, "gguf.safetensors"))
+        dg = (gguf_logits - hf).abs().max().item()
+        print(f"  the GGUF file (its language model, as llama.cpp's converter writes it) in "
+              f"peft logits vs HF PEFT: max abs diff {dg:.2e}")
+        failed |= dg > 1e-4
 
-    print("5. LoRA on the embedding, which Gemma scales by sqrt(hidden) (HF PEFT's embed_scale)")
-    emb_dir = os.path.join(tmp, "emb")
-    torch.manual_seed(4)
-    emb_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                               LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                          target_modules=["q_proj", "embed_tokens"],
-                                          exclude_modules=r"model\.vision_tower\..*"))
-    with torch.no_grad():
-        for name, p in emb_model.named_parameters():
-            if "lora_embedding" in name:
-                p.mul_(0.05)
-    emb_model.eval().save_pretrained(emb_dir)
-    with torch.no_grad():
-        hf = emb_model(input_ids=torch.tensor([ids])).logits.float()
-    d = (adapter_logits(model_dir, emb_dir, ids, tmp) - hf).abs().max().item()
-    print(f"  HF PEFT's adapter on q_proj and embed_tokens in peft logits: max abs diff {d:.2e}")
-    failed |= d > 1e-4
+        print("3. an HF PEFT adapter that also targets the vision tower")
+        hf_adapter, hf_merged = os.path.join(tmp, "hf-adapter"), os.path.join(tmp, "hf-merged")
+        torch.manual_seed(3)
+        hf_model = get_peft_model(cls.from_pretrained(model_dir, dtype=torch.float32),
+                                  LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                             target_modules=["q_proj", "v_proj", tower_mlp]))
+        with torch.no_grad():
+            for pname, p in hf_model.named_parameters():
+                if "vision_tower" in pname and "lora_B" in pname:
+                    p.zero_()
+        hf_model.eval().save_pretrained(hf_adapter)
+        tower_pairs = sum("vision_tower" in k and "lora_A" in k
+                          for k in load_file(os.path.join(hf_adapter, "adapter_model.safetensors")))
+        with torch.no_grad():
+            hf = hf_model(input_ids=torch.tensor([ids])).logits.float()
+            hf_image = hf_model(**image_inputs).logits.float()
+        d = (adapter_logits(model_dir, hf_adapter, ids, tmp) - hf).abs().max().item()
+        print(f"  {tower_pairs} LoRA pairs on the vision tower; peft logits vs HF PEFT: max abs diff {d:.2e}")
+        failed |= d > 1e-4 or tower_pairs == 0
+        run([args.peft, "merge", "--model", model_dir, "--adapter", hf_adapter, "--output", hf_merged])
+        failed = check_merged(hf_merged, model, hf, ids, hf_image, failed)
+
+        print("4. the other methods: peft train, then HF PEFT on the image-text model")
+        for method, extra in [("ia3", []), ("prompt", []),
+                              ("trainable-tokens", ["--trainable-token-indices", "5,7,9"])]:
+            out_dir = os.path.join(tmp, method)
+            run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", out_dir,
+                 "--method", method, "--max-steps", "3", "--batch-size", "2", "--lr", "5e-2",
+                 "--dtype", "f32", "--max-seq-length", "64", "--quiet"] + extra)
+            ours = adapter_logits(model_dir, out_dir, ids, tmp)
+            base = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+            peft_model = PeftModel.from_pretrained(base, out_dir).eval()
+            with torch.no_grad():
+                hf = peft_model(input_ids=torch.tensor([ids])).logits.float()
+            d = (ours - hf).abs().max().item() if hf.shape == ours.shape else float("inf")
+            print(f"  {method}: peft logits vs HF PEFT: max abs diff {d:.2e}")
+            failed |= d > 1e-4
+
+        print("5. LoRA on the embedding (which Gemma scales by sqrt(hidden): HF PEFT's embed_scale)")
+        emb_dir = os.path.join(tmp, "emb")
+        torch.manual_seed(4)
+        emb_model = get_peft_model(cls.from_pretrained(model_dir, dtype=torch.float32),
+                                   LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                              target_modules=["q_proj", "embed_tokens"],
+                                              exclude_modules=r"model\.vision_tower\..*"))
+        with torch.no_grad():
+            for name, p in emb_model.named_parameters():
+                if "lora_embedding" in name:
+                    p.mul_(0.05)
+        emb_model.eval().save_pretrained(emb_dir)
+        with torch.no_grad():
+            hf = emb_model(input_ids=torch.tensor([ids])).logits.float()
+        d = (adapter_logits(model_dir, emb_dir, ids, tmp) - hf).abs().max().item()
+        print(f"  HF PEFT's adapter on q_proj and embed_tokens in peft logits: max abs diff {d:.2e}")
+        failed |= d > 1e-4
 
 print("FAILED" if failed else "all ok")
 sys.exit(1 if failed else 0)

@@ -26,7 +26,9 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig,
                           GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
+                          MistralConfig, MistralForCausalLM, Mistral3Config,
+                          Mistral3ForConditionalGeneration, PixtralVisionConfig,
+                          Olmo2Config, Olmo2ForCausalLM,
                           Olmo3Config, Olmo3ForCausalLM,
                           Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
@@ -42,7 +44,9 @@ models = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 16})),
-    "mistral": (MistralForCausalLM, MistralConfig(**common, tie_word_embeddings=False)),
+    # Mistral 7B v0.1's sliding window on every layer (3 over 8 tokens here).
+    "mistral": (MistralForCausalLM, MistralConfig(**common, tie_word_embeddings=False,
+                                                  sliding_window=3)),
     # q/k/v biases, tied embeddings.
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)),
     # Per-head q/k norms and a head_dim that is not hidden / heads (4 × 16 = 64 ≠ 32).
@@ -93,7 +97,7 @@ models = {
     # Gemma 3's image-text model (gemma-3-4b and up): the language model of gemma3_text above
     # under `language_model` (its text_config), beside a small SigLIP vision tower and the
     # projector, which text never reaches. HF PEFT's all-linear adapts the tower too; its
-    # B matrices there are zeroed below, as text-only training leaves them.
+    # B matrices there (and in the projector) are zeroed below, as text-only training leaves them.
     "gemma3": (Gemma3ForConditionalGeneration, Gemma3Config(
         text_config=Gemma3TextConfig(
             **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=3,
@@ -105,6 +109,17 @@ models = {
                                           num_hidden_layers=1, num_attention_heads=2,
                                           image_size=28, patch_size=14),
         mm_tokens_per_image=4)),
+    # Mistral 3's image-text model (Mistral Small 3.1 and 3.2, Magistral Small): a Mistral
+    # language model (no window, head_dim 16 with 4 heads over a width of 32, as 128 with 32
+    # over 5120 there) under `language_model`, beside a small Pixtral tower and the projector
+    # (whose linear layers HF PEFT's all-linear adapts too: B zeroed below, as for the tower).
+    "mistral3": (Mistral3ForConditionalGeneration, Mistral3Config(
+        text_config=MistralConfig(**common, head_dim=16, sliding_window=None,
+                                  tie_word_embeddings=False),
+        vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=24,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          head_dim=8, image_size=28, patch_size=14),
+        tie_word_embeddings=False)),
     # Phi-3: fused qkv_proj and gate_up_proj, a sliding window (5 over 8 tokens) on every
     # layer, LongRoPE (short factors within the original 16 positions; `ids_long`, 20 tokens,
     # takes the long ones) with its attention factor.
@@ -168,7 +183,7 @@ for name, (cls, cfg) in models.items():
     peft_model = get_peft_model(model, lora).eval()
     with torch.no_grad():
         for pname, p in peft_model.named_parameters():
-            if "vision_tower" in pname and "lora_B" in pname:
+            if ("vision_tower" in pname or "multi_modal_projector" in pname) and "lora_B" in pname:
                 p.zero_()
     peft_model.save_pretrained(f"{out}/lora")
     os.remove(f"{out}/lora/README.md")

@@ -292,7 +292,7 @@ const SUPPORTED: &[&str] = &[
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
 /// left on disk), by `model_type`, with the `model_type` their `text_config` must have.
-const IMAGE_TEXT: &[(&str, &str)] = &[("gemma3", "gemma3_text")];
+const IMAGE_TEXT: &[(&str, &str)] = &[("gemma3", "gemma3_text"), ("mistral3", "mistral")];
 
 /// Module path of the decoder (embeddings, layers, final norm) in a causal LM.
 pub const CAUSAL_LM_DECODER: &str = "model";
@@ -300,32 +300,37 @@ pub const CAUSAL_LM_DECODER: &str = "model";
 /// HF PEFT its adapters' keys: `base_model.model.model.language_model.layers.0...`).
 pub const IMAGE_TEXT_DECODER: &str = "model.language_model";
 
-/// Gemma3TextConfig's class defaults, which transformers leaves out of the files it writes: the
-/// `text_config` of gemma-3-4b-it gives five values and takes the rest from here.
-const GEMMA3_TEXT_DEFAULTS: &[(&str, f64)] = &[
-    ("vocab_size", 262_208.0),
-    ("hidden_size", 2304.0),
-    ("intermediate_size", 9216.0),
-    ("num_hidden_layers", 26.0),
-    ("num_attention_heads", 8.0),
-    ("num_key_value_heads", 4.0),
-    ("head_dim", 256.0),
-    ("max_position_embeddings", 131_072.0),
-    ("query_pre_attn_scalar", 256.0),
-    ("sliding_window", 4096.0),
-    ("pad_token_id", 0.0),
-    ("eos_token_id", 1.0),
-    ("bos_token_id", 2.0),
-];
+/// The class defaults of a model type, which transformers takes where a config leaves a key
+/// out: the `text_config` of gemma-3-4b-it gives five values and takes the rest from
+/// Gemma3TextConfig's; a Mistral 3 `text_config` may leave out what MistralConfig sets (a
+/// window of 4096 among them).
+fn class_defaults(model_type: &str) -> Option<Value> {
+    Some(match model_type {
+        "gemma3_text" => serde_json::json!({
+            "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+            "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "head_dim": 256, "max_position_embeddings": 131_072, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
+            "bos_token_id": 2,
+        }),
+        "mistral" => serde_json::json!({
+            "vocab_size": 32_000, "hidden_size": 4096, "intermediate_size": 14_336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "sliding_window": 4096,
+            "bos_token_id": 1, "eos_token_id": 2,
+        }),
+        _ => return None,
+    })
+}
 
 /// `raw` with the class defaults of its model type filled in where it leaves them out.
 fn with_class_defaults(mut raw: Value) -> Value {
-    if raw.get("model_type").and_then(Value::as_str) == Some("gemma3_text") {
-        if let Value::Object(obj) = &mut raw {
-            for (key, value) in GEMMA3_TEXT_DEFAULTS {
-                obj.entry(*key).or_insert_with(|| (*value as u64).into());
-            }
-            obj.entry("rms_norm_eps").or_insert(1e-6.into());
+    let model_type = raw.get("model_type").and_then(Value::as_str).unwrap_or("");
+    if let (Some(Value::Object(defaults)), Value::Object(obj)) =
+        (class_defaults(model_type), &mut raw)
+    {
+        for (key, value) in defaults {
+            obj.entry(key).or_insert(value);
         }
     }
     raw
@@ -541,9 +546,10 @@ impl LlamaConfig {
             sliding_layer_windows(&c, pattern)?
         } else if olmo3 {
             sliding_layer_windows(&c, OLMO3_SLIDING_PATTERN)?
-        } else if phi3 {
-            // transformers' Phi-3 attends over a window on every layer when the config sets one
-            // (one past the context, as the 128k models' 262144, never hides a key).
+        } else if phi3 || model_type == "mistral" {
+            // transformers' Phi-3 and Mistral attend over a window on every layer when the
+            // config sets one (Mistral 7B v0.1's 4096; one past the context, as the Phi-3 128k
+            // models' 262144, never hides a key).
             let window = c.sliding_window.filter(|w| *w < c.max_position_embeddings);
             vec![window; c.num_hidden_layers]
         } else {

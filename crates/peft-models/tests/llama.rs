@@ -162,11 +162,11 @@ fn gemma3_image_text_config_takes_the_class_defaults() {
     );
     // Other image-text models are named, not misread.
     let mut other = raw;
-    other["model_type"] = "mistral3".into();
+    other["model_type"] = "qwen2_5_vl".into();
     let err = peft_models::LlamaConfig::from_json(other).unwrap_err();
     assert!(
         err.to_string()
-            .contains("unsupported model_type \"mistral3\""),
+            .contains("unsupported model_type \"qwen2_5_vl\""),
         "{err}"
     );
 }
@@ -253,4 +253,25 @@ fn a_stored_head_that_differs_unties_the_model() {
     let logits = |m: &peft_models::Llama| m.logits(&m.forward(&ids, None, None, false).unwrap());
     let (tied_logits, untied_logits) = (logits(&same).unwrap(), logits(&untied).unwrap());
     assert!(max_abs_diff(&tied_logits, &untied_logits) > 1e-3);
+}
+
+/// A Mistral 3 `text_config` takes MistralConfig's class defaults for what it leaves out (as
+/// transformers reads it: a window of 4096, eps 1e-6), and null where it says null.
+#[test]
+fn mistral3_text_config_takes_mistral_defaults() {
+    let raw = serde_json::json!({
+        "model_type": "mistral3",
+        "text_config": {"model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2},
+        "vision_config": {"model_type": "pixtral"},
+    });
+    let c = peft_models::LlamaConfig::from_json(raw.clone()).unwrap();
+    assert_eq!(c.decoder_path(), "model.language_model");
+    assert_eq!((c.vocab_size, c.intermediate_size), (32_000, 14_336));
+    assert_eq!(c.rms_norm_eps, 1e-6);
+    assert_eq!(c.layer_windows, [Some(4096), Some(4096)]);
+    let mut no_window = raw;
+    no_window["text_config"]["sliding_window"] = serde_json::Value::Null;
+    let c = peft_models::LlamaConfig::from_json(no_window).unwrap();
+    assert_eq!(c.layer_windows, [None, None]);
 }

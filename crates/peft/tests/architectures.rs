@@ -28,6 +28,7 @@ const ARCHITECTURES: &[&str] = &[
     "gemma2",
     "gemma3_text",
     "gemma3",
+    "mistral3",
     "phi3",
     "phi4_mini",
 ];
