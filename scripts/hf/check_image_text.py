@@ -1,7 +1,8 @@
 """Checks peft-rs on the image-text models whose language model it trains, Gemma 3's
 (Gemma3ForConditionalGeneration, the class of gemma-3-4b and up) and Mistral 3's
-(Mistral3ForConditionalGeneration: Mistral Small 3.1 and 3.2, Magistral Small), against
-transformers and HF PEFT.
+(Mistral3ForConditionalGeneration: Mistral Small 3.1 and 3.2, Magistral Small; Ministral 3,
+whose language model adds YaRN and Llama 4's query scaling), against transformers and HF
+PEFT.
 
 A small random model (Gemma 3: 6 layers, hidden 64, five sliding-window layers and a global
 one, a SigLIP vision tower of one layer; Mistral 3: 4 layers, hidden 64, head_dim 32 with 4
@@ -34,6 +35,7 @@ template, saved by transformers. Then:
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -41,14 +43,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import (AutoModelForImageTextToText, Gemma3Config,
-                          Gemma3ForConditionalGeneration, Gemma3TextConfig, Mistral3Config,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, Ministral3Config,
+                          Mistral3Config,
                           Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
                           SiglipVisionConfig)
 
 from harness import arguments, peft_logits, random_model, run
 
 parser = arguments("smollm-dir", "data")
-parser.add_argument("--arch", default="all", choices=["gemma3", "mistral3", "all"])
+parser.add_argument("--arch", default="all", choices=["gemma3", "mistral3", "ministral3", "all"])
 args = parser.parse_args()
 
 
@@ -107,11 +110,19 @@ def gemma3():
     return Gemma3ForConditionalGeneration, config, image, False, "fc1"
 
 
-def mistral3():
-    text = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=32, max_position_embeddings=2048, sliding_window=None,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+def mistral3(ministral=False):
+    shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 max_position_embeddings=2048, sliding_window=None, bos_token_id=1,
+                 eos_token_id=2, tie_word_embeddings=False)
+    if ministral:
+        # YaRN and the queries scaled past 16 positions (the 40-token input crosses it twice).
+        text = Ministral3Config(**shape, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.3})
+    else:
+        text = MistralConfig(**shape)
     vision = PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                  num_attention_heads=2, head_dim=16, image_size=56, patch_size=14)
     config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=49151,
@@ -125,9 +136,11 @@ def mistral3():
 
 
 failed = False
-for arch in (["gemma3", "mistral3"] if args.arch == "all" else [args.arch]):
+for arch in (["gemma3", "mistral3", "ministral3"] if args.arch == "all" else [args.arch]):
     print(f"== {arch}")
-    cls, config, image_inputs, tying_left_out, tower_mlp = {"gemma3": gemma3, "mistral3": mistral3}[arch]()
+    cls, config, image_inputs, tying_left_out, tower_mlp = {
+        "gemma3": gemma3, "mistral3": mistral3, "ministral3": lambda: mistral3(ministral=True),
+    }[arch]()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
         model = random_model(cls, config, model_dir, args.smollm_dir)
@@ -180,13 +193,21 @@ for arch in (["gemma3", "mistral3"] if args.arch == "all" else [args.arch]):
         run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", merged])
         failed = check_merged(merged, model, hf, ids, hf_image, failed)
         gguf = os.path.join(tmp, "merged.gguf")
-        run([args.peft, "merge", "--model", model_dir, "--adapter", adapter, "--output", gguf,
-             "--dtype", "f32"])
-        gguf_logits = peft_logits(args.peft, gguf, ids, os.path.join(tmp, "gguf.safetensors"))
-        dg = (gguf_logits - hf).abs().max().item()
-        print(f"  the GGUF file (its language model, as llama.cpp's converter writes it) in "
-              f"peft logits vs HF PEFT: max abs diff {dg:.2e}")
-        failed |= dg > 1e-4
+        merge_gguf = [args.peft, "merge", "--model", model_dir, "--adapter", adapter,
+                      "--output", gguf, "--dtype", "f32"]
+        if arch == "ministral3":
+            # llama.cpp's llama architecture would run it without the query scaling and with
+            # another YaRN: refused.
+            r = subprocess.run(merge_gguf, capture_output=True, text=True)
+            print(f"  GGUF refused: {r.stderr.strip()}")
+            failed |= r.returncode == 0
+        else:
+            run(merge_gguf)
+            gguf_logits = peft_logits(args.peft, gguf, ids, os.path.join(tmp, "gguf.safetensors"))
+            dg = (gguf_logits - hf).abs().max().item()
+            print(f"  the GGUF file (its language model, as llama.cpp's converter writes it) in "
+                  f"peft logits vs HF PEFT: max abs diff {dg:.2e}")
+            failed |= dg > 1e-4
 
         print("3. an HF PEFT adapter that also targets the vision tower")
         hf_adapter, hf_merged = os.path.join(tmp, "hf-adapter"), os.path.join(tmp, "hf-merged")

@@ -26,6 +26,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig,
                           GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM,
+                          Ministral3Config, Ministral3ForCausalLM,
                           MistralConfig, MistralForCausalLM, Mistral3Config,
                           Mistral3ForConditionalGeneration, PixtralVisionConfig,
                           Olmo2Config, Olmo2ForCausalLM,
@@ -109,6 +110,15 @@ models = {
                                           num_hidden_layers=1, num_attention_heads=2,
                                           image_size=28, patch_size=14),
         mm_tokens_per_image=4)),
+    # Ministral 3's language model: Mistral's layer with YaRN, and Llama 4's scaling of the
+    # queries past the original context (8 positions here: `ids_long`, 20 tokens, crosses
+    # it twice; beta 0.5 where the released models take 0.1, so that it shows).
+    "ministral3": (Ministral3ForCausalLM, Ministral3Config(
+        **common, head_dim=16, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, "factor": 2.0,
+                         "original_max_position_embeddings": 8, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "llama_4_scaling_beta": 0.5})),
     # Mistral 3's image-text model (Mistral Small 3.1 and 3.2, Magistral Small): a Mistral
     # language model (no window, head_dim 16 with 4 heads over a width of 32, as 128 with 32
     # over 5120 there) under `language_model`, beside a small Pixtral tower and the projector
@@ -174,11 +184,22 @@ for name, (cls, cfg) in models.items():
         if rope.get("rope_type") == "yarn":
             # Nor would a YaRN that changed nothing.
             plain_cfg = copy.deepcopy(cfg)
-            plain_cfg.rope_parameters = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+            kept = ("rope_theta", "llama_4_scaling_beta", "original_max_position_embeddings")
+            plain_cfg.rope_parameters = {"rope_type": "default",
+                                         **{k: v for k, v in rope.items() if k in kept}}
             plain_model = cls(plain_cfg).eval()
             plain_model.load_state_dict(model.state_dict())
             plain = plain_model(input_ids=ids).logits
             assert (plain - base_logits).abs().max() > 0.1, "yarn"
+        if "llama_4_scaling_beta" in rope:
+            # Nor a query scaling that changed nothing (it starts past the original context).
+            unscaled_cfg = copy.deepcopy(cfg)
+            unscaled_cfg.rope_parameters = {**rope, "llama_4_scaling_beta": 0.0}
+            unscaled_model = cls(unscaled_cfg).eval()
+            unscaled_model.load_state_dict(model.state_dict())
+            unscaled = unscaled_model(input_ids=ids_long).logits
+            scaled = model(input_ids=ids_long).logits
+            assert (unscaled - scaled).abs().max() > 0.1, "llama_4_scaling_beta"
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     peft_model = get_peft_model(model, lora).eval()
     with torch.no_grad():

@@ -70,6 +70,10 @@ pub struct LlamaConfig {
     pub longrope: Option<LongRope>,
     /// YaRN (`rope_type: "yarn"`: Qwen 2.5 and 3's long-context setting).
     pub yarn: Option<Yarn>,
+    /// Ministral 3's query scaling past its original context (Llama 4's): queries at
+    /// position `p` are multiplied by `1 + beta · ln(1 + ⌊p / original⌋)`, exactly 1 before
+    /// `original`.
+    pub query_scaling: Option<QueryScaling>,
     /// Phi-3's fused projections: one `qkv_proj` (q, k and v side by side in its output) and
     /// one `gate_up_proj` (gate, then up).
     pub fused_projections: bool,
@@ -149,6 +153,21 @@ pub struct LongRope {
 /// by a linear ramp over the pairs between, and cos/sin scaled by an attention factor. The
 /// optional settings are kept as the config names them (`None`: transformers' default), for
 /// llama.cpp's converter writes only those.
+/// Llama 4's query scaling by position (Ministral 3's `llama_4_scaling_beta`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QueryScaling {
+    pub beta: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+impl QueryScaling {
+    /// The factor of the queries at `position`.
+    pub fn factor(&self, position: usize) -> f64 {
+        let periods = (position / self.original_max_position_embeddings) as f64;
+        1.0 + self.beta * periods.ln_1p()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Yarn {
     pub factor: f64,
@@ -288,11 +307,17 @@ const SUPPORTED: &[&str] = &[
     "gemma2",
     "gemma3_text",
     "phi3",
+    "ministral3",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
-/// left on disk), by `model_type`, with the `model_type` their `text_config` must have.
-const IMAGE_TEXT: &[(&str, &str)] = &[("gemma3", "gemma3_text"), ("mistral3", "mistral")];
+/// left on disk), by `model_type`, with the `model_type`s their `text_config` may have (the
+/// first where it names none).
+const IMAGE_TEXT: &[(&str, &[&str])] = &[
+    ("gemma3", &["gemma3_text"]),
+    // Mistral Small 3.1 and 3.2, Magistral Small; Ministral 3.
+    ("mistral3", &["mistral", "ministral3"]),
+];
 
 /// Module path of the decoder (embeddings, layers, final norm) in a causal LM.
 pub const CAUSAL_LM_DECODER: &str = "model";
@@ -319,6 +344,18 @@ fn class_defaults(model_type: &str) -> Option<Value> {
             "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "sliding_window": 4096,
             "bos_token_id": 1, "eos_token_id": 2,
         }),
+        "ministral3" => serde_json::json!({
+            "vocab_size": 131_072, "hidden_size": 4096, "intermediate_size": 14_336,
+            "num_hidden_layers": 34, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "max_position_embeddings": 262_144, "rms_norm_eps": 1e-5,
+            "pad_token_id": 11, "bos_token_id": 1, "eos_token_id": 2,
+            "rope_parameters": {
+                "type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0,
+                "original_max_position_embeddings": 16_384, "beta_fast": 32.0,
+                "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                "llama_4_scaling_beta": 0.1,
+            },
+        }),
         _ => return None,
     })
 }
@@ -342,7 +379,7 @@ fn with_class_defaults(mut raw: Value) -> Value {
 /// for a causal LM.
 fn image_text_language_config(raw: &Value) -> Result<Option<Value>> {
     let model_type = raw.get("model_type").and_then(Value::as_str);
-    let Some((kind, text_kind)) = IMAGE_TEXT.iter().find(|(k, _)| Some(*k) == model_type) else {
+    let Some((kind, text_kinds)) = IMAGE_TEXT.iter().find(|(k, _)| Some(*k) == model_type) else {
         return Ok(None);
     };
     let mut text = raw
@@ -353,9 +390,9 @@ fn image_text_language_config(raw: &Value) -> Result<Option<Value>> {
     let obj = text.as_object_mut().expect("checked to be an object");
     let text_type = obj
         .entry("model_type")
-        .or_insert_with(|| (*text_kind).into());
-    if text_type != text_kind {
-        bail!("the text_config of a {kind:?} model has model_type {text_type}, expected {text_kind:?}");
+        .or_insert_with(|| text_kinds[0].into());
+    if !text_kinds.iter().any(|k| text_type == k) {
+        bail!("the text_config of a {kind:?} model has model_type {text_type}, expected one of {text_kinds:?}");
     }
     let tied = raw
         .get("tie_word_embeddings")
@@ -505,6 +542,25 @@ impl LlamaConfig {
                  yarn)"
             ),
         }
+        let query_scaling = match model_type.as_str() {
+            "ministral3" => {
+                let r = rope.as_ref().unwrap_or(&Value::Null);
+                let beta = r.get("llama_4_scaling_beta").and_then(Value::as_f64);
+                let original = r
+                    .get("original_max_position_embeddings")
+                    .and_then(Value::as_u64);
+                match (beta, original) {
+                    (Some(beta), Some(original)) if original > 0 => Some(QueryScaling {
+                        beta,
+                        original_max_position_embeddings: original as usize,
+                    }),
+                    _ => bail!(
+                        "a ministral3 config needs llama_4_scaling_beta and original_max_position_embeddings in its rope parameters"
+                    ),
+                }
+            }
+            _ => None,
+        };
         if rope_type(&local_rope) != "default" {
             bail!("scaled RoPE on sliding-window layers is not supported");
         }
@@ -546,7 +602,7 @@ impl LlamaConfig {
             sliding_layer_windows(&c, pattern)?
         } else if olmo3 {
             sliding_layer_windows(&c, OLMO3_SLIDING_PATTERN)?
-        } else if phi3 || model_type == "mistral" {
+        } else if phi3 || model_type == "mistral" || model_type == "ministral3" {
             // transformers' Phi-3 and Mistral attend over a window on every layer when the
             // config sets one (Mistral 7B v0.1's 4096; one past the context, as the Phi-3 128k
             // models' 262144, never hides a key).
@@ -592,6 +648,7 @@ impl LlamaConfig {
             local_rope_theta,
             longrope,
             yarn,
+            query_scaling,
             fused_projections: phi3,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,

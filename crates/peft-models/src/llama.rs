@@ -1068,6 +1068,23 @@ impl Llama {
         let (cos, sin) =
             self.rope_tables(&positions, inv_freq, self.config.rope_attention_factor())?;
         let rotary_order = self.rotary_order.clone();
+        let query_scale = match self.config.query_scaling {
+            Some(s) if span > s.original_max_position_embeddings => {
+                let factors: Vec<f32> = positions
+                    .flatten_all()?
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|p| s.factor(p as usize) as f32)
+                    .collect();
+                let rows = match positions.rank() {
+                    2 => positions.dim(0)?,
+                    _ => 1,
+                };
+                let n = factors.len() / rows;
+                Some(Tensor::from_vec(factors, (rows, n, 1), &self.device)?)
+            }
+            _ => None,
+        };
         let window = self.config.layer_windows.iter().flatten().copied().max();
         let local = match window {
             None => None,
@@ -1094,6 +1111,7 @@ impl Llama {
                     window: Some(window),
                     sink: self.grad_sink.clone(),
                     rotary_order: rotary_order.clone(),
+                    query_scale: query_scale.clone(),
                 })
             }
         };
@@ -1104,6 +1122,7 @@ impl Llama {
             window: None,
             sink: self.grad_sink.clone(),
             rotary_order,
+            query_scale,
         };
         let unrotated = match self.config.layer_rope.contains(&false) {
             true => Some(LayerInputs {
@@ -1246,6 +1265,9 @@ struct LayerInputs {
     sink: Arc<GradSink>,
     /// With partial rotary, the order of the query heads' dims that RoPE's tables expect.
     rotary_order: Option<Arc<RotaryOrder>>,
+    /// The queries' factors by position (`[batch or 1, seq, 1]`), where Ministral 3's query
+    /// scaling makes any differ from 1.
+    query_scale: Option<Tensor>,
 }
 
 /// Partial rotary as full rotary: RoPE pairs dim `j` of a head with dim `j + d/2`, where
@@ -1467,11 +1489,16 @@ fn attention(
         window,
         sink,
         rotary_order,
+        query_scale,
     } = inputs;
     let window = *window;
     let [mut q, mut k, v] = a
         .qkv
         .outputs(x, [nh * hd, kvh * hd, kvh * hd], sink, train)?;
+    // A factor per position commutes with RoPE's rotation: scaling before it is scaling after.
+    if let Some(factors) = query_scale {
+        q = q.broadcast_mul(&factors.to_dtype(q.dtype())?)?;
+    }
     // Qwen3 and Gemma 3 normalise each head over head_dim, OLMo 2 the whole projection; the
     // attention paths below take the heads still side by side in the last dimension.
     let head_norm = |y: &Tensor, w: &Tensor, n: usize| -> candle_core::Result<Tensor> {

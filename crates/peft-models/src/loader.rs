@@ -167,6 +167,36 @@ impl WeightStore {
         Ok(())
     }
 
+    /// Takes a tensor of a checkpoint whose linear weights may be stored in FP8 (`fp8`: its
+    /// `quantization_config`): an FP8 weight and its `weight_scale_inv` wait for each other,
+    /// then go in dequantized; FP8's activation scales are dropped (the model computes in
+    /// `dtype`, as transformers' `dequantize=True` does).
+    fn insert_checkpoint_tensor(
+        &mut self,
+        name: String,
+        t: Tensor,
+        fp8: &mut Option<Fp8Weights>,
+    ) -> Result<()> {
+        let Some(fp8) = fp8 else {
+            if t.dtype() == DType::F8E4M3 {
+                bail!("{name} is stored in FP8, but config.json has no quantization_config that scales it");
+            }
+            return self.insert(name, t);
+        };
+        if name.ends_with(".activation_scale") || name.ends_with(".input_scale") {
+            return Ok(());
+        }
+        let (weight, part) = match name.strip_suffix("_scale_inv") {
+            Some(weight) => (weight.to_string(), Fp8Part::Scale),
+            None if t.dtype() == DType::F8E4M3 => (name, Fp8Part::Weight),
+            None => return self.insert(name, t),
+        };
+        if let Some(dense) = fp8.take(weight.clone(), part, t)? {
+            self.insert(weight, dense)?;
+        }
+        Ok(())
+    }
+
     fn contains(&self, name: &str) -> bool {
         self.weights.contains_key(name) || self.quantized.contains_key(name)
     }
@@ -178,6 +208,120 @@ impl WeightStore {
             None => self.quantized.get(name).map(|q| q.out_features),
         }
     }
+}
+
+/// FP8 linear weights (transformers' FineGrainedFP8, `quant_method: "fp8"`: DeepSeek V3, the
+/// `-FP8` Qwen 3 releases, Ministral 3) and their scales, met in any order across the files.
+struct Fp8Weights {
+    /// `weight_block_size`: each scale covers a block of this many rows and columns; `None`
+    /// where one scale covers the tensor.
+    block: Option<[usize; 2]>,
+    weights: HashMap<String, Tensor>,
+    scales: HashMap<String, Tensor>,
+}
+
+#[derive(Clone, Copy)]
+enum Fp8Part {
+    Weight,
+    Scale,
+}
+
+impl Fp8Weights {
+    /// The checkpoint's way of storing weights, from its config.json (`whole`): `None` for
+    /// plain weights, FP8 for `quant_method: "fp8"`, and an error for the methods peft-rs
+    /// does not read.
+    fn of(whole: &Value, dir: &Path) -> Result<Option<Self>> {
+        let Some(q) = whole.get("quantization_config").filter(|q| !q.is_null()) else {
+            return Ok(None);
+        };
+        let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
+        if method != "fp8" {
+            bail!(
+                "{}: the weights are pre-quantized (quant_method {method:?}), which peft-rs does not read; use the model's unquantized (or FP8) weights, with --quantize nf4 for QLoRA",
+                dir.join("config.json").display()
+            );
+        }
+        let block = match q.get("weight_block_size") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v
+                .as_array()
+                .map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>())
+            {
+                Some(sizes)
+                    if sizes.len() == 2 && sizes.iter().all(|s| s.is_some_and(|s| s > 0)) =>
+                {
+                    Some([
+                        sizes[0].unwrap_or(1) as usize,
+                        sizes[1].unwrap_or(1) as usize,
+                    ])
+                }
+                _ => bail!("quantization_config: weight_block_size is not two positive sizes: {v}"),
+            },
+        };
+        Ok(Some(Self {
+            block,
+            weights: HashMap::new(),
+            scales: HashMap::new(),
+        }))
+    }
+
+    /// Keeps one half of the pair of `weight`; once both are in, its dequantized values.
+    fn take(&mut self, weight: String, part: Fp8Part, t: Tensor) -> Result<Option<Tensor>> {
+        let (mine, other) = match part {
+            Fp8Part::Weight => (&mut self.weights, &mut self.scales),
+            Fp8Part::Scale => (&mut self.scales, &mut self.weights),
+        };
+        let Some(pair) = other.remove(&weight) else {
+            mine.insert(weight, t);
+            return Ok(None);
+        };
+        let (w, scale) = match part {
+            Fp8Part::Weight => (t, pair),
+            Fp8Part::Scale => (pair, t),
+        };
+        dequantize_fp8(&w, &scale, self.block)
+            .with_context(|| format!("cannot dequantize the FP8 weight {weight}"))
+            .map(Some)
+    }
+
+    /// Fails on a weight or scale whose other half never came.
+    fn finish(self) -> Result<()> {
+        if let Some(w) = self.weights.keys().next() {
+            bail!("the FP8 weight {w} has no {w}_scale_inv");
+        }
+        if let Some(w) = self.scales.keys().next() {
+            bail!("{w}_scale_inv scales no FP8 weight {w}");
+        }
+        Ok(())
+    }
+}
+
+/// `w · scale` in f32, a scale per block of `block` rows and columns (the last blocks may be
+/// cut short), or one for the tensor: transformers' `_dequantize_fp8_weight`.
+fn dequantize_fp8(w: &Tensor, scale: &Tensor, block: Option<[usize; 2]>) -> Result<Tensor> {
+    let w = w.to_dtype(DType::F32)?;
+    let scale = scale.to_dtype(DType::F32)?;
+    let (rows, cols) = w.dims2()?;
+    let Some([br, bc]) = block else {
+        if scale.elem_count() != 1 {
+            bail!("a per-tensor scale of shape {:?}", scale.dims());
+        }
+        return Ok(w.broadcast_mul(&scale.flatten_all()?.reshape(())?)?);
+    };
+    let (nr, nc) = (rows.div_ceil(br), cols.div_ceil(bc));
+    if scale.dims() != [nr, nc] {
+        bail!(
+            "scales of shape {:?} for {rows}x{cols} weights in blocks of {br}x{bc} (expected [{nr}, {nc}])",
+            scale.dims()
+        );
+    }
+    let full = scale
+        .reshape((nr, 1, nc, 1))?
+        .broadcast_as((nr, br, nc, bc))?
+        .reshape((nr * br, nc * bc))?
+        .narrow(0, 0, rows)?
+        .narrow(1, 0, cols)?;
+    Ok((w * full)?)
 }
 
 /// The weight files of an HF folder, in transformers' order of preference: `model.safetensors`
@@ -223,7 +367,7 @@ fn load_hf_dir(
     device: &Device,
     store: &mut WeightStore,
 ) -> Result<(LlamaConfig, Option<Tokenizer>)> {
-    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let mut config = LlamaConfig::from_file(&dir.join("config.json"))?;
     // An image-text checkpoint's names are renamed into the module tree, and the tensors
     // outside its language model are left on disk.
     let image_text = config.image_text.is_some();
@@ -232,6 +376,8 @@ fn load_hf_dir(
         false => Some(name.to_string()),
     };
     let mut other = Vec::new();
+    let whole = config.image_text.as_ref().unwrap_or(&config.raw);
+    let mut fp8 = Fp8Weights::of(whole, dir)?;
     for file in weight_files(dir)? {
         let mut keep = |name: &str, shape: &[usize]| {
             let known = module_name(name).is_some();
@@ -247,7 +393,11 @@ fn load_hf_dir(
         if file.extension().is_some_and(|e| e == "bin") {
             for (name, t) in crate::io::load_pytorch(&file, device)? {
                 if keep(&name, t.dims()) {
-                    store.insert(module_name(&name).expect("kept"), t)?;
+                    store.insert_checkpoint_tensor(
+                        module_name(&name).expect("kept"),
+                        t,
+                        &mut fp8,
+                    )?;
                 }
             }
             continue;
@@ -259,8 +409,20 @@ fn load_hf_dir(
         let mmap = unsafe { memmap2::Mmap::map(&data) }
             .with_context(|| format!("cannot map {}", file.display()))?;
         crate::io::for_each_safetensor(&mmap, &file, device, keep, |name, t| {
-            store.insert(module_name(&name).expect("kept"), t)
+            store.insert_checkpoint_tensor(module_name(&name).expect("kept"), t, &mut fp8)
         })?;
+    }
+    if let Some(fp8) = fp8 {
+        fp8.finish()?;
+        // The model holds its weights dequantized, and a model saved from it says so.
+        let configs = [Some(&mut config.raw), config.image_text.as_mut()];
+        for raw in configs
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object_mut)
+        {
+            raw.remove("quantization_config");
+        }
     }
     store.other = other;
     let tokenizer = if dir.join("tokenizer.json").exists() {

@@ -108,6 +108,11 @@ fn read_stored(stored: &[StoredTensor], dtype: DType) -> Result<Vec<(String, Ten
             .map(|s| s.name.as_str())
             .collect();
         let mut take = |name: String, t: Tensor| -> Result<()> {
+            if t.dtype() == DType::F8E4M3 {
+                bail!(
+                    "{name} (outside the language model) is stored in FP8, which a saved model would lose the scales of: save from the model's unquantized weights"
+                );
+            }
             let t = match t.dtype().is_float() {
                 true => t.to_dtype(dtype)?,
                 false => t,

@@ -256,7 +256,8 @@ fn a_stored_head_that_differs_unties_the_model() {
 }
 
 /// A Mistral 3 `text_config` takes MistralConfig's class defaults for what it leaves out (as
-/// transformers reads it: a window of 4096, eps 1e-6), and null where it says null.
+/// transformers reads it: a window of 4096, eps 1e-6), and null where it says null; one of
+/// Ministral 3 takes Ministral3Config's.
 #[test]
 fn mistral3_text_config_takes_mistral_defaults() {
     let raw = serde_json::json!({
@@ -270,8 +271,25 @@ fn mistral3_text_config_takes_mistral_defaults() {
     assert_eq!((c.vocab_size, c.intermediate_size), (32_000, 14_336));
     assert_eq!(c.rms_norm_eps, 1e-6);
     assert_eq!(c.layer_windows, [Some(4096), Some(4096)]);
-    let mut no_window = raw;
+    let mut no_window = raw.clone();
     no_window["text_config"]["sliding_window"] = serde_json::Value::Null;
     let c = peft_models::LlamaConfig::from_json(no_window).unwrap();
     assert_eq!(c.layer_windows, [None, None]);
+    // Ministral 3: Ministral3Config's YaRN and query scaling where its file says nothing.
+    let mut ministral = raw.clone();
+    ministral["text_config"]["model_type"] = "ministral3".into();
+    let c = peft_models::LlamaConfig::from_json(ministral).unwrap();
+    let yarn = c.yarn.unwrap();
+    assert_eq!(
+        (yarn.factor, yarn.original_max_position_embeddings),
+        (16.0, 16_384)
+    );
+    let scaling = c.query_scaling.unwrap();
+    assert_eq!(scaling.beta, 0.1);
+    assert_eq!(scaling.factor(16_383), 1.0);
+    assert!((scaling.factor(40_000) - (1.0 + 0.1 * 3f64.ln())).abs() < 1e-12);
+    let mut other = raw;
+    other["text_config"]["model_type"] = "qwen2".into();
+    let err = peft_models::LlamaConfig::from_json(other).unwrap_err();
+    assert!(err.to_string().contains("expected one of"), "{err}");
 }

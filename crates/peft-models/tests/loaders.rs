@@ -450,3 +450,129 @@ fn quantize_on_load_equals_quantize_after_load() {
             .is_some_and(|h| !h.weight.is_quantized()));
     }
 }
+
+/// FP8 checkpoints (transformers' FineGrainedFP8: `quant_method: "fp8"`, each linear weight
+/// in float8 e4m3 with its `weight_scale_inv`) load dequantized: weight times its scale, per
+/// block of `weight_block_size` (the last blocks cut short) or per tensor; activation scales
+/// are dropped, and a model saved from it no longer says it is quantized. Other quantization
+/// methods, FP8 weights without a config that scales them and a weight without its scale are
+/// errors.
+#[test]
+fn fp8_checkpoints_load_dequantized() {
+    let mut original = tiny_llama(4, false).unwrap();
+    let tensors = original.named_tensors().unwrap();
+    let write = |dir: &std::path::Path,
+                 block: Option<usize>,
+                 drop_scale: bool,
+                 config: serde_json::Value| {
+        let mut out = Vec::new();
+        let mut expected = std::collections::HashMap::new();
+        for (name, w) in &tensors {
+            if !(name.starts_with("model.layers.") && name.ends_with("_proj.weight")) {
+                out.push((name.clone(), w.clone()));
+                continue;
+            }
+            let (rows, cols) = w.dims2().unwrap();
+            let (br, bc) = block.map_or((rows, cols), |b| (b, b));
+            let (nr, nc) = (rows.div_ceil(br), cols.div_ceil(bc));
+            let mut scale = vec![0f32; nr * nc];
+            let values = w.to_vec2::<f32>().unwrap();
+            for (i, row) in values.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    let s = &mut scale[(i / br) * nc + j / bc];
+                    *s = s.max(v.abs() / 448.0);
+                }
+            }
+            let scale_t = Tensor::from_vec(scale.clone(), (nr, nc), &Device::Cpu).unwrap();
+            let full: Vec<f32> = (0..rows * cols)
+                .map(|k| scale[(k / cols / br) * nc + (k % cols) / bc])
+                .collect();
+            let full = Tensor::from_vec(full, (rows, cols), &Device::Cpu).unwrap();
+            let q = (w / &full).unwrap().to_dtype(DType::F8E4M3).unwrap();
+            expected.insert(
+                name.clone(),
+                (q.to_dtype(DType::F32).unwrap() * &full).unwrap(),
+            );
+            out.push((name.clone(), q));
+            if !(drop_scale && name == "model.layers.0.mlp.up_proj.weight") {
+                let scale_t = match block {
+                    Some(_) => scale_t,
+                    None => scale_t.reshape(()).unwrap(),
+                };
+                out.push((format!("{name}_scale_inv"), scale_t));
+            }
+            out.push((
+                name.replace(".weight", ".activation_scale"),
+                Tensor::new(&[1f32], &Device::Cpu).unwrap(),
+            ));
+        }
+        peft_models::io::save_safetensors(&dir.join("model.safetensors"), &out, None).unwrap();
+        let mut raw = original.config.raw.clone();
+        raw["quantization_config"] = config;
+        std::fs::write(dir.join("config.json"), raw.to_string()).unwrap();
+        expected
+    };
+    for (block, config) in [
+        (
+            Some(24),
+            serde_json::json!({"quant_method": "fp8", "weight_block_size": [24, 24]}),
+        ),
+        (
+            None,
+            serde_json::json!({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": null}),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = write(dir.path(), block, false, config);
+        let loaded = load_model(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        assert!(loaded.config.raw.get("quantization_config").is_none());
+        for (name, want) in &expected {
+            let got = &loaded.weights[name];
+            assert_eq!(max_abs_diff(got, want), 0.0, "{name}, blocks {block:?}");
+            // FP8 keeps about 3 significant bits: within 1/8 of each block's largest value.
+            let source = &tensors.iter().find(|(n, _)| n == name).unwrap().1;
+            let bound = source
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                / 8.0;
+            assert!(max_abs_diff(got, source) <= bound, "{name}");
+        }
+        assert!(!loaded
+            .weights
+            .keys()
+            .any(|k| k.ends_with("_scale_inv") || k.ends_with("activation_scale")));
+        reload(loaded);
+    }
+    let error = |block, drop_scale, config: serde_json::Value| {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), block, drop_scale, config);
+        match load_model(dir.path(), &Device::Cpu, DType::F32) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let fp8 = serde_json::json!({"quant_method": "fp8", "weight_block_size": [24, 24]});
+    let e = error(Some(24), true, fp8);
+    assert!(
+        e.contains("model.layers.0.mlp.up_proj.weight has no"),
+        "{e}"
+    );
+    let e = error(
+        Some(24),
+        false,
+        serde_json::json!({"quant_method": "bitsandbytes"}),
+    );
+    assert!(
+        e.contains("pre-quantized (quant_method \"bitsandbytes\")"),
+        "{e}"
+    );
+    let e = error(Some(24), false, serde_json::Value::Null);
+    assert!(
+        e.contains("stored in FP8, but config.json has no quantization_config"),
+        "{e}"
+    );
+}

@@ -29,6 +29,7 @@ const ARCHITECTURES: &[&str] = &[
     "gemma3_text",
     "gemma3",
     "mistral3",
+    "ministral3",
     "phi3",
     "phi4_mini",
 ];
@@ -221,6 +222,32 @@ fn longrope_decoding_recomputes_at_the_switch() {
         }
     }
     assert_eq!(switched, 1);
+}
+
+/// Ministral 3's queries scaled past its original context (8 positions; 20 tokens cross it
+/// twice), in one forward and token by token over the cache, whose positions continue.
+#[test]
+fn ministral3_scales_its_queries_past_the_original_context() {
+    let exp = load_safetensors(
+        &fixture("ministral3").join("expected.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = exp["input_ids_long"].to_dtype(DType::U32).unwrap();
+    let peft = PeftModel::load(base("ministral3"), &fixture("ministral3").join("lora")).unwrap();
+    let model = &peft.base;
+    let d = max_abs_diff(&logits(model, &ids, None), &exp["lora_logits_long"]);
+    assert!(d < 1e-4, "long-context logits differ by {d}");
+    let mut cache = KvCache::new(model.layers.len());
+    for i in 0..ids.dim(1).unwrap() {
+        let h = model
+            .forward(&ids.narrow(1, i, 1).unwrap(), None, Some(&mut cache), false)
+            .unwrap();
+        let got = model.logits(&h).unwrap();
+        let want = exp["lora_logits_long"].narrow(1, i, 1).unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "token {i}: logits differ by {d}");
+    }
 }
 
 /// Phi-3's fused projections are what the default targets name: LoRA on `qkv_proj` (PEFT's
