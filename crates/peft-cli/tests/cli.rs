@@ -68,6 +68,29 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// One short `peft train` step of `model` on `data` into `out` (a batch of two rows of up to
+/// 64 tokens, quiet) with the `extra` flags; asserts that it succeeded.
+fn train_one_step(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--output",
+        s(out),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    succeeds(&args)
+}
+
 /// The JSON objects `--json` printed, one a line.
 fn json_lines(run: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&run.stdout)
@@ -1005,24 +1028,12 @@ fn train_adds_special_tokens() {
     let data = peft_models::testing::shipped_data();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("added");
-    succeeds(&[
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--output",
-        s(&out),
-        "--add-special-tokens",
-        "<tool>,</tool>,<|im_end|>",
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--max-seq-length",
-        "64",
-        "--quiet",
-    ]);
+    train_one_step(
+        &model,
+        &data,
+        &out,
+        &["--add-special-tokens", "<tool>,</tool>,<|im_end|>"],
+    );
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
             .unwrap();
@@ -1049,24 +1060,7 @@ fn train_adds_special_tokens() {
     assert_eq!(t["logits"].dims(), [1, 3, 49216]);
     // The adapter trains on with its tokenizer, and chats with it.
     let continued = dir.path().join("continued");
-    succeeds(&[
-        "train",
-        "--adapter",
-        s(&out),
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--output",
-        s(&continued),
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--max-seq-length",
-        "64",
-        "--quiet",
-    ]);
+    train_one_step(&model, &data, &continued, &["--adapter", s(&out)]);
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(continued.join("adapter_config.json")).unwrap(),
     )
@@ -1125,26 +1119,12 @@ fn an_adapter_keeps_its_chat_template() {
                     {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}";
     let template_file = write(dir.path(), "chat.jinja", template.as_bytes());
     let out = dir.path().join("templated");
-    succeeds(&[
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--output",
-        s(&out),
-        "--chat-template",
-        s(&template_file),
-        "--save-steps",
-        "1",
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--max-seq-length",
-        "64",
-        "--quiet",
-    ]);
+    train_one_step(
+        &model,
+        &data,
+        &out,
+        &["--chat-template", s(&template_file), "--save-steps", "1"],
+    );
     for folder in [out.clone(), out.join("checkpoint-1")] {
         assert_eq!(
             std::fs::read_to_string(folder.join("chat_template.jinja")).unwrap(),
@@ -1199,22 +1179,7 @@ fn an_adapter_keeps_its_chat_template() {
     );
     // Without a template of its own, the adapter folder holds no tokenizer.
     let plain = dir.path().join("plain");
-    succeeds(&[
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--output",
-        s(&plain),
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--max-seq-length",
-        "64",
-        "--quiet",
-    ]);
+    train_one_step(&model, &data, &plain, &[]);
     assert!(!plain.join("tokenizer.json").exists());
 }
 
@@ -1248,24 +1213,7 @@ fn train_clones_a_tokenizers_chat_template() {
     std::fs::write(&config_path, config.to_string()).unwrap();
 
     let out = dir.path().join("cloned");
-    succeeds(&[
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--output",
-        s(&out),
-        "--chat-template",
-        s(&source_dir),
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--max-seq-length",
-        "64",
-        "--quiet",
-    ]);
+    train_one_step(&model, &data, &out, &["--chat-template", s(&source_dir)]);
     let tok = peft_models::tokenizer::Tokenizer::from_hf_dir(&out).unwrap();
     assert_eq!(tok.token_to_id("<think>"), Some(49152));
     assert_eq!(tok.token_to_id("<|eot|>"), Some(49154));
