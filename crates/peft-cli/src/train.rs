@@ -1041,7 +1041,8 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let mut added = Vec::new();
     let mut cloned = false;
     if let Some(path) = &c.chat_template {
-        if path.is_file() {
+        let jinja = path.extension().is_some_and(|e| e == "jinja" || e == "j2");
+        if path.is_file() || jinja {
             let template = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the chat template {}", path.display()))?;
             tok.set_chat_template(template);

@@ -261,7 +261,7 @@ fn cases() -> Vec<Case> {
         case("save every 0 steps", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--save-steps", "0"]), "save_steps must be above 0, got 0"),
         case("log every 2.5 steps", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--logging-steps", "2.5"]), "logging_steps must be a whole number of steps, or below 1 a fraction of them"),
         case("lora_alpha 0", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--lora-alpha", "0"]), "lora_alpha must be above 0"),
-        case("unknown LoRA init", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--init-lora-weights", "eva"]), "--init-lora-weights must be true, false, gaussian, pissa, pissa_niter_N, olora or loftq, got \"eva\""),
+        case("unknown LoRA init", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--init-lora-weights", "eva"]), "--init-lora-weights must be true, false, gaussian, orthogonal, pissa, pissa_niter_N, olora or loftq, got \"eva\""),
         case("the trainable-tokens method without tokens", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--method", "trainable-tokens"]), "--method trainable-tokens needs --trainable-token-indices"),
         case("trainable tokens that are not ids", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--trainable-token-indices", "1,x"]), "--trainable-token-indices must list token ids, got \"1,x\""),
         case("a trainable token outside the vocabulary", vec![("d.jsonl", qa.clone())], &train("{dir}/d.jsonl", &["--trainable-token-indices", "1,99999"]), "trainable tokens: token 99999 is outside the vocabulary (size 49152)"),

@@ -1257,7 +1257,7 @@ fn train_clones_a_tokenizers_chat_template() {
             "--output",
             s(&dir.path().join("missing")),
             "--chat-template",
-            s(&dir.path().join("no-such.jinja")),
+            s(&dir.path().join("no-such-tokenizer")),
         ],
         "neither a template file nor a tokenizer folder or Hub id",
     );

@@ -392,7 +392,13 @@ fn image_text_language_config(raw: &Value) -> Result<Option<Value>> {
         .entry("model_type")
         .or_insert_with(|| text_kinds[0].into());
     if !text_kinds.iter().any(|k| text_type == k) {
-        bail!("the text_config of a {kind:?} model has model_type {text_type}, expected one of {text_kinds:?}");
+        let expected = match text_kinds {
+            [one] => format!("{one:?}"),
+            many => format!("one of {many:?}"),
+        };
+        bail!(
+            "the text_config of a {kind:?} model has model_type {text_type}, expected {expected}"
+        );
     }
     let tied = raw
         .get("tie_word_embeddings")

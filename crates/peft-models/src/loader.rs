@@ -297,10 +297,15 @@ impl Fp8Weights {
 }
 
 /// `w · scale` in f32, a scale per block of `block` rows and columns (the last blocks may be
-/// cut short), or one for the tensor: transformers' `_dequantize_fp8_weight`.
+/// cut short), or one for the tensor: transformers' `_dequantize_fp8_weight`. Computed on the
+/// CPU (where FP8 conversion is tested) and returned to `w`'s device.
 fn dequantize_fp8(w: &Tensor, scale: &Tensor, block: Option<[usize; 2]>) -> Result<Tensor> {
-    let w = w.to_dtype(DType::F32)?;
-    let scale = scale.to_dtype(DType::F32)?;
+    let device = w.device().clone();
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    Ok(dequantize_fp8_on_cpu(&cpu(w)?, &cpu(scale)?, block)?.to_device(&device)?)
+}
+
+fn dequantize_fp8_on_cpu(w: &Tensor, scale: &Tensor, block: Option<[usize; 2]>) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let Some([br, bc]) = block else {
         if scale.elem_count() != 1 {
