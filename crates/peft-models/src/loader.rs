@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use peft_ops::QuantizedWeight;
-use peft_quant::FourBit;
+use peft_quant::{Absmax, Blockwise8, FourBit, Quant4};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -167,21 +167,29 @@ impl WeightStore {
         Ok(())
     }
 
-    /// Takes a tensor of a checkpoint whose linear weights may be stored in FP8 (`fp8`: its
-    /// `quantization_config`): an FP8 weight and its `weight_scale_inv` wait for each other,
-    /// then go in dequantized; FP8's activation scales are dropped (the model computes in
-    /// `dtype`, as transformers' `dequantize=True` does).
+    /// Takes a tensor of a checkpoint whose linear weights may be stored quantized
+    /// (`prequantized`, from its `quantization_config`): an FP8 weight and its
+    /// `weight_scale_inv` wait for each other, then go in dequantized (FP8's activation scales
+    /// are dropped: the model computes in `dtype`, as transformers' `dequantize=True` does);
+    /// the parts of a bitsandbytes 4-bit weight are gathered for [`Bnb4Weights::finish`].
     fn insert_checkpoint_tensor(
         &mut self,
         name: String,
         t: Tensor,
-        fp8: &mut Option<Fp8Weights>,
+        prequantized: &mut Option<Prequantized>,
     ) -> Result<()> {
-        let Some(fp8) = fp8 else {
-            if t.dtype() == DType::F8E4M3 {
-                bail!("{name} is stored in FP8, but config.json has no quantization_config that scales it");
+        let fp8 = match prequantized {
+            Some(Prequantized::Fp8(fp8)) => fp8,
+            Some(Prequantized::Bnb4(bnb)) => match bnb.take(name, t) {
+                Some((name, t)) => return self.insert(name, t),
+                None => return Ok(()),
+            },
+            None => {
+                if t.dtype() == DType::F8E4M3 {
+                    bail!("{name} is stored in FP8, but config.json has no quantization_config that scales it");
+                }
+                return self.insert(name, t);
             }
-            return self.insert(name, t);
         };
         if name.ends_with(".activation_scale") || name.ends_with(".input_scale") {
             return Ok(());
@@ -210,6 +218,208 @@ impl WeightStore {
     }
 }
 
+/// How a checkpoint stores its linear weights where they are not plain tensors (its
+/// config.json's `quantization_config`).
+enum Prequantized {
+    Fp8(Fp8Weights),
+    Bnb4(Bnb4Weights),
+}
+
+impl Prequantized {
+    /// From config.json (`whole`): `None` for plain weights, and an error for the methods
+    /// peft-rs does not read.
+    fn of(whole: &Value, dir: &Path) -> Result<Option<Self>> {
+        let Some(q) = whole.get("quantization_config").filter(|q| !q.is_null()) else {
+            return Ok(None);
+        };
+        let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
+        let flag = |key: &str| {
+            [key, &format!("_{key}")]
+                .iter()
+                .any(|k| q.get(*k).and_then(Value::as_bool) == Some(true))
+        };
+        let refused = |what: &str| {
+            anyhow::anyhow!(
+                "{}: the weights are pre-quantized ({what}), which peft-rs does not read; use the model's unquantized weights, with --quantize nf4 for QLoRA",
+                dir.join("config.json").display()
+            )
+        };
+        Ok(Some(match method {
+            "fp8" => {
+                let block = match q.get("weight_block_size") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => {
+                        let sizes: Vec<u64> = v
+                            .as_array()
+                            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                            .unwrap_or_default();
+                        match sizes[..] {
+                            [r, c] if r > 0 && c > 0 => Some([r as usize, c as usize]),
+                            _ => bail!("quantization_config: weight_block_size is not two positive sizes: {v}"),
+                        }
+                    }
+                };
+                Self::Fp8(Fp8Weights {
+                    block,
+                    weights: HashMap::new(),
+                    scales: HashMap::new(),
+                })
+            }
+            "bitsandbytes" if flag("load_in_4bit") => Self::Bnb4(Bnb4Weights {
+                parts: HashMap::new(),
+            }),
+            "bitsandbytes" => return Err(refused("bitsandbytes' 8-bit")),
+            other => return Err(refused(&format!("quant_method {other:?}"))),
+        }))
+    }
+}
+
+/// bitsandbytes' 4-bit checkpoints (`load_in_4bit`: a QLoRA base as transformers saves it,
+/// Unsloth's `-bnb-4bit` uploads): the parts of each 4-bit weight, gathered across the files,
+/// become that 4-bit weight as it is (not quantized again).
+struct Bnb4Weights {
+    /// By weight name (`...q_proj.weight`): its packed codes (`packed`) and the parts saved
+    /// beside it (`absmax`, `quant_map`, `nested_absmax`, `nested_quant_map`,
+    /// `quant_state.bitsandbytes__nf4`).
+    parts: HashMap<String, HashMap<String, Tensor>>,
+}
+
+/// The parts bitsandbytes saves beside a 4-bit weight, as `<weight>.<part>`.
+const BNB4_PARTS: [&str; 6] = [
+    "absmax",
+    "quant_map",
+    "nested_absmax",
+    "nested_quant_map",
+    "quant_state.bitsandbytes__nf4",
+    "quant_state.bitsandbytes__fp4",
+];
+
+impl Bnb4Weights {
+    /// Takes `t` where it is part of a 4-bit weight; gives it back otherwise.
+    fn take(&mut self, name: String, t: Tensor) -> Option<(String, Tensor)> {
+        if name.ends_with(".weight") && t.dtype() == DType::U8 {
+            self.parts
+                .entry(name)
+                .or_default()
+                .insert("packed".into(), t);
+            return None;
+        }
+        let part = BNB4_PARTS.iter().find_map(|part| {
+            let weight = name.strip_suffix(part)?.strip_suffix('.')?;
+            weight
+                .ends_with(".weight")
+                .then(|| (weight.to_string(), *part))
+        });
+        match part {
+            Some((weight, part)) => {
+                self.parts.entry(weight).or_default().insert(part.into(), t);
+                None
+            }
+            None => Some((name, t)),
+        }
+    }
+
+    /// Every gathered weight as a 4-bit weight computed in `dtype` on `device`.
+    fn finish(
+        self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<HashMap<String, Arc<QuantizedWeight>>> {
+        self.parts
+            .into_iter()
+            .map(|(name, parts)| {
+                let q = bnb4_weight(&parts, dtype, device)
+                    .with_context(|| format!("the 4-bit weight {name}"))?;
+                Ok((name, Arc::new(q)))
+            })
+            .collect()
+    }
+}
+
+/// One bitsandbytes 4-bit weight from its saved parts: the codes as they are, the block
+/// scales plain or (double quantization) 8-bit around their offset.
+fn bnb4_weight(
+    parts: &HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<QuantizedWeight> {
+    let part = |key: &str| {
+        parts
+            .get(key)
+            .with_context(|| format!("no {key} beside it"))
+    };
+    let floats = |key: &str| -> Result<Vec<f32>> {
+        Ok(part(key)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    };
+    let bytes = |t: &Tensor| -> Result<Vec<u8>> { Ok(t.flatten_all()?.to_vec1::<u8>()?) };
+    let (kind, state) = match (
+        parts.get("quant_state.bitsandbytes__nf4"),
+        parts.get("quant_state.bitsandbytes__fp4"),
+    ) {
+        (Some(s), _) => (FourBit::Nf4, s),
+        (None, Some(s)) => (FourBit::Fp4, s),
+        (None, None) => bail!("no quant_state beside it"),
+    };
+    let state: Value =
+        serde_json::from_slice(&bytes(state)?).context("its quant_state is not JSON")?;
+    let number = |key: &str| state.get(key).and_then(Value::as_f64);
+    let blocksize = number("blocksize").context("its quant_state has no blocksize")? as usize;
+    let shape: Vec<usize> = state
+        .get("shape")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_u64().map(|d| d as usize))
+                .collect()
+        })
+        .unwrap_or_default();
+    let [out_features, in_features] = shape[..] else {
+        bail!(
+            "its quant_state's shape is not [out, in]: {}",
+            state["shape"]
+        );
+    };
+    if floats("quant_map")? != kind.code() {
+        bail!("its quant_map is not bitsandbytes' {} code", kind.name());
+    }
+    let raw_absmax = part("absmax")?;
+    let absmax = match raw_absmax.dtype() {
+        DType::U8 => {
+            if floats("nested_quant_map")? != peft_quant::dynamic_map(true) {
+                bail!("its nested_quant_map is not bitsandbytes' signed dynamic map");
+            }
+            Absmax::Double {
+                q: Blockwise8 {
+                    codes: bytes(raw_absmax)?,
+                    absmax: floats("nested_absmax")?,
+                    blocksize: number("nested_blocksize").unwrap_or(256.0) as usize,
+                },
+                offset: number("nested_offset").context("its quant_state has no nested_offset")?
+                    as f32,
+            }
+        }
+        _ => Absmax::Plain(floats("absmax")?),
+    };
+    let len = out_features * in_features;
+    let packed = bytes(part("packed")?)?;
+    if packed.len() != len.div_ceil(2) || absmax.values().len() != len.div_ceil(blocksize) {
+        bail!("its codes or scales do not fit a [{out_features}, {in_features}] weight in blocks of {blocksize}");
+    }
+    let q = Quant4 {
+        kind,
+        blocksize,
+        len,
+        packed,
+        absmax,
+    };
+    Ok(QuantizedWeight::from_quant4(
+        q,
+        (out_features, in_features),
+        dtype,
+        device,
+    )?)
+}
+
 /// FP8 linear weights (transformers' FineGrainedFP8, `quant_method: "fp8"`: DeepSeek V3, the
 /// `-FP8` Qwen 3 releases, Ministral 3) and their scales, met in any order across the files.
 struct Fp8Weights {
@@ -227,44 +437,6 @@ enum Fp8Part {
 }
 
 impl Fp8Weights {
-    /// The checkpoint's way of storing weights, from its config.json (`whole`): `None` for
-    /// plain weights, FP8 for `quant_method: "fp8"`, and an error for the methods peft-rs
-    /// does not read.
-    fn of(whole: &Value, dir: &Path) -> Result<Option<Self>> {
-        let Some(q) = whole.get("quantization_config").filter(|q| !q.is_null()) else {
-            return Ok(None);
-        };
-        let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
-        if method != "fp8" {
-            bail!(
-                "{}: the weights are pre-quantized (quant_method {method:?}), which peft-rs does not read; use the model's unquantized (or FP8) weights, with --quantize nf4 for QLoRA",
-                dir.join("config.json").display()
-            );
-        }
-        let block = match q.get("weight_block_size") {
-            None | Some(Value::Null) => None,
-            Some(v) => match v
-                .as_array()
-                .map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>())
-            {
-                Some(sizes)
-                    if sizes.len() == 2 && sizes.iter().all(|s| s.is_some_and(|s| s > 0)) =>
-                {
-                    Some([
-                        sizes[0].unwrap_or(1) as usize,
-                        sizes[1].unwrap_or(1) as usize,
-                    ])
-                }
-                _ => bail!("quantization_config: weight_block_size is not two positive sizes: {v}"),
-            },
-        };
-        Ok(Some(Self {
-            block,
-            weights: HashMap::new(),
-            scales: HashMap::new(),
-        }))
-    }
-
     /// Keeps one half of the pair of `weight`; once both are in, its dequantized values.
     fn take(&mut self, weight: String, part: Fp8Part, t: Tensor) -> Result<Option<Tensor>> {
         let (mine, other) = match part {
@@ -382,7 +554,7 @@ fn load_hf_dir(
     };
     let mut other = Vec::new();
     let whole = config.image_text.as_ref().unwrap_or(&config.raw);
-    let mut fp8 = Fp8Weights::of(whole, dir)?;
+    let mut prequantized = Prequantized::of(whole, dir)?;
     for file in weight_files(dir)? {
         let mut keep = |name: &str, shape: &[usize]| {
             let known = module_name(name).is_some();
@@ -401,7 +573,7 @@ fn load_hf_dir(
                     store.insert_checkpoint_tensor(
                         module_name(&name).expect("kept"),
                         t,
-                        &mut fp8,
+                        &mut prequantized,
                     )?;
                 }
             }
@@ -414,12 +586,15 @@ fn load_hf_dir(
         let mmap = unsafe { memmap2::Mmap::map(&data) }
             .with_context(|| format!("cannot map {}", file.display()))?;
         crate::io::for_each_safetensor(&mmap, &file, device, keep, |name, t| {
-            store.insert_checkpoint_tensor(module_name(&name).expect("kept"), t, &mut fp8)
+            store.insert_checkpoint_tensor(module_name(&name).expect("kept"), t, &mut prequantized)
         })?;
     }
-    if let Some(fp8) = fp8 {
-        fp8.finish()?;
-        // The model holds its weights dequantized, and a model saved from it says so.
+    if let Some(stored) = prequantized {
+        match stored {
+            Prequantized::Fp8(fp8) => fp8.finish()?,
+            Prequantized::Bnb4(bnb) => store.quantized.extend(bnb.finish(store.dtype, device)?),
+        }
+        // A model saved from this one writes its weights unquantized, and says so.
         let configs = [Some(&mut config.raw), config.image_text.as_mut()];
         for raw in configs
             .into_iter()

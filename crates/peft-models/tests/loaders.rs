@@ -561,18 +561,128 @@ fn fp8_checkpoints_load_dequantized() {
         e.contains("model.layers.0.mlp.up_proj.weight has no"),
         "{e}"
     );
-    let e = error(
-        Some(24),
-        false,
-        serde_json::json!({"quant_method": "bitsandbytes"}),
-    );
-    assert!(
-        e.contains("pre-quantized (quant_method \"bitsandbytes\")"),
-        "{e}"
-    );
+    let e = error(Some(24), false, serde_json::json!({"quant_method": "gptq"}));
+    assert!(e.contains("pre-quantized (quant_method \"gptq\")"), "{e}");
     let e = error(Some(24), false, serde_json::Value::Null);
     assert!(
         e.contains("stored in FP8, but config.json has no quantization_config"),
         "{e}"
     );
+}
+
+/// bitsandbytes' 4-bit checkpoints (`quant_method: "bitsandbytes"`, `load_in_4bit`: a QLoRA
+/// base as transformers saves it, Unsloth's `-bnb-4bit` uploads) load as 4-bit weights, their
+/// codes and scales as stored: NF4 with double quantization, and FP4 with plain scales. A part
+/// missing is named; bitsandbytes' 8-bit checkpoints are refused.
+#[test]
+fn bnb_4bit_checkpoints_load_as_stored() {
+    use peft_quant::{quantize_4bit, Absmax, FourBit};
+    let mut original = tiny_llama(6, false).unwrap();
+    let tensors = original.named_tensors().unwrap();
+    let write = |dir: &std::path::Path, kind: FourBit, double: bool, drop: Option<&str>| {
+        let mut out = Vec::new();
+        let mut expected = std::collections::HashMap::new();
+        let u8s = |v: Vec<u8>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+        };
+        let f32s = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+        };
+        for (name, w) in &tensors {
+            if !(name.starts_with("model.layers.") && name.ends_with("_proj.weight")) {
+                out.push((name.clone(), w.clone()));
+                continue;
+            }
+            let (rows, cols) = w.dims2().unwrap();
+            let values: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let q = quantize_4bit(&values, kind, 64, double);
+            expected.insert(name.clone(), q.dequantize());
+            let n = q.packed.len();
+            out.push((
+                name.clone(),
+                Tensor::from_vec(q.packed.clone(), (n, 1), &Device::Cpu).unwrap(),
+            ));
+            out.push((format!("{name}.quant_map"), f32s(kind.code().to_vec())));
+            let mut state = serde_json::json!({
+                "quant_type": kind.name(), "blocksize": 64, "dtype": "float32",
+                "shape": [rows, cols],
+            });
+            match &q.absmax {
+                Absmax::Plain(a) => out.push((format!("{name}.absmax"), f32s(a.clone()))),
+                Absmax::Double { q: nested, offset } => {
+                    out.push((format!("{name}.absmax"), u8s(nested.codes.clone())));
+                    out.push((format!("{name}.nested_absmax"), f32s(nested.absmax.clone())));
+                    out.push((
+                        format!("{name}.nested_quant_map"),
+                        f32s(peft_quant::dynamic_map(true).to_vec()),
+                    ));
+                    state["nested_blocksize"] = 256.into();
+                    state["nested_offset"] = (*offset as f64).into();
+                }
+            }
+            let key = format!("{name}.quant_state.bitsandbytes__{}", kind.name());
+            out.push((key, u8s(state.to_string().into_bytes())));
+        }
+        let out: Vec<_> = out
+            .into_iter()
+            .filter(|(n, _)| Some(n.as_str()) != drop)
+            .collect();
+        peft_models::io::save_safetensors(&dir.join("model.safetensors"), &out, None).unwrap();
+        let mut raw = original.config.raw.clone();
+        raw["quantization_config"] = serde_json::json!({
+            "quant_method": "bitsandbytes", "load_in_4bit": true,
+            "bnb_4bit_quant_type": kind.name(), "bnb_4bit_use_double_quant": double,
+        });
+        std::fs::write(dir.join("config.json"), raw.to_string()).unwrap();
+        expected
+    };
+    for (kind, double) in [(FourBit::Nf4, true), (FourBit::Fp4, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = write(dir.path(), kind, double, None);
+        let loaded = load_model(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(loaded.quantized.len(), expected.len());
+        for (name, want) in &expected {
+            let q = &loaded.quantized[name];
+            assert_eq!(q.q.kind, kind);
+            assert_eq!(&q.q.dequantize(), want, "{name}");
+        }
+        let (model, _) = loaded.into_model(&Device::Cpu, DType::F32).unwrap();
+        assert!(logits(&model)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        FourBit::Nf4,
+        true,
+        Some("model.layers.1.self_attn.k_proj.weight.nested_absmax"),
+    );
+    let e = format!(
+        "{:#}",
+        load_model(dir.path(), &Device::Cpu, DType::F32)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("model.layers.1.self_attn.k_proj.weight: no nested_absmax"),
+        "{e}"
+    );
+    let mut raw = original.config.raw.clone();
+    raw["quantization_config"] =
+        serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true});
+    std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();
+    let e = format!(
+        "{:#}",
+        load_model(dir.path(), &Device::Cpu, DType::F32)
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("pre-quantized (bitsandbytes' 8-bit)"), "{e}");
 }

@@ -28,19 +28,33 @@ impl QuantizedWeight {
         let (out_features, in_features) = w.dims2()?;
         let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let q = quantize_4bit(&values, kind, BLOCKSIZE_4BIT, double_quant);
+        Self::from_quant4(q, (out_features, in_features), dtype, w.device())
+    }
+
+    /// An `[out, in]` weight already in 4 bits (a bitsandbytes checkpoint's), computed in
+    /// `dtype` on `device`.
+    pub fn from_quant4(
+        q: Quant4,
+        dims: (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if q.len != dims.0 * dims.1 {
+            candle_core::bail!("4-bit weight of {} values for a {dims:?} weight", q.len);
+        }
         Ok(Self {
             #[cfg(feature = "cuda")]
-            on_device: match w.device() {
+            on_device: match device {
                 Device::Cuda(_) if crate::cuda_kernel_on(crate::Kernel::Dequantize) => {
-                    Some(crate::cuda::DeviceQuant4::upload(&q, w.device())?)
+                    Some(crate::cuda::DeviceQuant4::upload(&q, device)?)
                 }
                 _ => None,
             },
             q,
-            out_features,
-            in_features,
+            out_features: dims.0,
+            in_features: dims.1,
             dtype,
-            device: w.device().clone(),
+            device: device.clone(),
         })
     }
 
