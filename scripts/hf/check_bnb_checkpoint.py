@@ -18,17 +18,10 @@ from bitsandbytes.functional import dequantize_4bit
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from harness import arguments, peft_logits, random_model, run
+from harness import arguments, exit_status, peft_logits, random_model, report, run
 
 args = arguments("smollm-dir", "data").parse_args()
 IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365]
-failed = False
-
-
-def report(ok, what):
-    global failed
-    failed |= not ok
-    print(("ok   " if ok else "FAIL ") + what)
 
 
 def dequantize_linears(model):
@@ -91,4 +84,4 @@ with tempfile.TemporaryDirectory() as tmp:
                f"{what}: a LoRA trained on it in HF PEFT vs peft logits: max |diff| {d:.2e} "
                f"(the adapter moves them {moved:.2f})")
 
-sys.exit(1 if failed else 0)
+sys.exit(exit_status())

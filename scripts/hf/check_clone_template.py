@@ -21,16 +21,9 @@ from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import clone_chat_template
 
-from harness import arguments, peft_logits, run
+from harness import arguments, exit_status, peft_logits, report, run
 
 args = arguments("model-dir", "data").parse_args()
-failed = False
-
-
-def report(ok, what):
-    global failed
-    failed |= not ok
-    print(("ok   " if ok else "FAIL ") + what)
 
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|eot|>\n"
@@ -93,4 +86,4 @@ with tempfile.TemporaryDirectory() as tmp:
            f"HF PEFT on TRL's resized model vs peft logits: max |diff| {d:.2e}; from HF PEFT "
            f"in float64: peft {ours_err:.2e}, HF PEFT in float32 {hf_err:.2e}")
 
-sys.exit(1 if failed else 0)
+sys.exit(exit_status())

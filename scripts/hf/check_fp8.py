@@ -18,17 +18,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config, LlamaConfig, LlamaForCausalLM
 
-from harness import arguments, peft_logits, random_model, run
+from harness import arguments, exit_status, peft_logits, random_model, report, run
 
 args = arguments("smollm-dir", "data").parse_args()
 IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365]
-failed = False
-
-
-def report(ok, what):
-    global failed
-    failed |= not ok
-    print(("ok   " if ok else "FAIL ") + what)
 
 
 def fp8_folder(dense, out, block):
@@ -97,4 +90,4 @@ with tempfile.TemporaryDirectory() as tmp:
         d = (ours - theirs).abs().max().item()
         report(d < 1e-4, f"{what}: a LoRA trained on it in HF PEFT vs peft logits: max |diff| {d:.2e}")
 
-sys.exit(1 if failed else 0)
+sys.exit(exit_status())

@@ -27,6 +27,21 @@ def arguments(*flags):
     return ap
 
 
+FAILURES = []
+
+
+def report(ok, what):
+    """Prints `what`, marked `ok` or `FAIL`; failures are kept for `exit_status`."""
+    if not ok:
+        FAILURES.append(what)
+    print(("ok   " if ok else "FAIL ") + what)
+
+
+def exit_status():
+    """The exit status of a script whose checks `report` printed: 1 if any failed."""
+    return 1 if FAILURES else 0
+
+
 def run(cmd, **kw):
     """Runs `cmd` (keyword arguments go to subprocess.run); on failure, exits with the end of
     its stderr."""
