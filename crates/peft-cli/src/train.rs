@@ -1021,8 +1021,15 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
     let quantize_later = quantize.filter(|_| weight_init.is_some());
     let quantize_on_load = quantize.filter(|_| weight_init.is_none());
     let (mut base, tok) = load_base_with(&model_path, dtype, &device, quantize_on_load)?;
-    // prepare_model_for_kbit_training's default: checkpointing on for a quantized base.
-    base.gradient_checkpointing = c.gradient_checkpointing.unwrap_or(quant.is_some());
+    // prepare_model_for_kbit_training's default: checkpointing on for a quantized base
+    // (quantized here, or stored in 4 bits: a bitsandbytes checkpoint).
+    let stored_4bit = base
+        .linears_mut()
+        .iter()
+        .any(|(_, l)| matches!(l.weight, peft_ops::LinearWeight::Quantized(_)));
+    base.gradient_checkpointing = c
+        .gradient_checkpointing
+        .unwrap_or(quant.is_some() || stored_4bit);
     base.neftune = neftune;
     // A continued adapter's own tokenizer (its chat template, its added tokens) tokenizes the
     // data as it did in the run that made it.
