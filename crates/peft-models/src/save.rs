@@ -108,9 +108,12 @@ fn read_stored(stored: &[StoredTensor], dtype: DType) -> Result<Vec<(String, Ten
             .map(|s| s.name.as_str())
             .collect();
         let mut take = |name: String, t: Tensor| -> Result<()> {
-            if t.dtype() == DType::F8E4M3 {
+            // FP8 and bitsandbytes' 4-bit parts only read right with the checkpoint's
+            // quantization_config, which a model saved with its language model dequantized
+            // drops.
+            if t.dtype() == DType::F8E4M3 || name.contains(".quant_state.") {
                 bail!(
-                    "{name} (outside the language model) is stored in FP8, which a saved model would lose the scales of: save from the model's unquantized weights"
+                    "{name} (outside the language model) is stored quantized, which the saved model could not read: save from the model's unquantized weights"
                 );
             }
             let t = match t.dtype().is_float() {
