@@ -26,6 +26,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig,
                           GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM,
+                          MinistralConfig, MinistralForCausalLM,
                           Ministral3Config, Ministral3ForCausalLM,
                           MistralConfig, MistralForCausalLM, Mistral3Config,
                           Mistral3ForConditionalGeneration, PixtralVisionConfig,
@@ -110,6 +111,11 @@ models = {
                                           num_hidden_layers=1, num_attention_heads=2,
                                           image_size=28, patch_size=14),
         mm_tokens_per_image=4)),
+    # Ministral 8B (2410): Mistral's layer, its layer_types choosing the sliding layers (the
+    # first here, window 3 over 8 tokens); transformers needs its head_dim given.
+    "ministral": (MinistralForCausalLM, MinistralConfig(
+        **common, head_dim=8, tie_word_embeddings=False, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"])),
     # Ministral 3's language model: Mistral's layer with YaRN, and Llama 4's scaling of the
     # queries past the original context (8 positions here: `ids_long`, 20 tokens, crosses
     # it twice; beta 0.5 where the released models take 0.1, so that it shows).

@@ -307,6 +307,7 @@ const SUPPORTED: &[&str] = &[
     "gemma2",
     "gemma3_text",
     "phi3",
+    "ministral",
     "ministral3",
 ];
 
@@ -338,7 +339,7 @@ fn class_defaults(model_type: &str) -> Option<Value> {
             "sliding_window": 4096, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
             "bos_token_id": 2,
         }),
-        "mistral" => serde_json::json!({
+        "mistral" | "ministral" => serde_json::json!({
             "vocab_size": 32_000, "hidden_size": 4096, "intermediate_size": 14_336,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
             "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "sliding_window": 4096,
@@ -608,7 +609,11 @@ impl LlamaConfig {
             sliding_layer_windows(&c, pattern)?
         } else if olmo3 {
             sliding_layer_windows(&c, OLMO3_SLIDING_PATTERN)?
-        } else if phi3 || model_type == "mistral" || model_type == "ministral3" {
+        } else if model_type == "ministral" && c.sliding_window.is_some() && c.layer_types.is_some()
+        {
+            // Ministral 8B (2410): its layer_types say which layers slide.
+            sliding_layer_windows(&c, 1)?
+        } else if phi3 || ["mistral", "ministral", "ministral3"].contains(&model_type.as_str()) {
             // transformers' Phi-3 and Mistral attend over a window on every layer when the
             // config sets one (Mistral 7B v0.1's 4096; one past the context, as the Phi-3 128k
             // models' 262144, never hides a key).
@@ -961,7 +966,7 @@ fn layer_rope(c: &RawConfig, smollm3: bool) -> Result<Vec<bool>> {
     }
 }
 
-/// The window per layer of Gemma and OLMo 3: `layer_types` where the file has them, else
+/// The window per layer of Gemma, OLMo 3 and Ministral: `layer_types` where the file has them, else
 /// every `sliding_window_pattern`-th layer global, by default every `pattern`-th (Gemma 2:
 /// every other one, the first sliding; Gemma 3: every sixth; OLMo 3: every fourth), and the
 /// others sliding (transformers' default).

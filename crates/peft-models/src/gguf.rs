@@ -241,7 +241,7 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
         }
     }
     Ok(match c.model_type.as_str() {
-        "llama" | "mistral" => "llama",
+        "llama" | "mistral" | "ministral" => "llama",
         "granite" => "granite",
         // OLMo 3 is llama.cpp's olmo2 with sliding-window layers.
         "olmo2" | "olmo3" => "olmo2",

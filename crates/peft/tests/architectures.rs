@@ -29,6 +29,7 @@ const ARCHITECTURES: &[&str] = &[
     "gemma3_text",
     "gemma3",
     "mistral3",
+    "ministral",
     "ministral3",
     "phi3",
     "phi4_mini",
