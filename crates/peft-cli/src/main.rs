@@ -308,14 +308,20 @@ pub fn tokenizer_for(
     if let Some(tok) = saved_tokenizer(dir)? {
         return Ok(Some(tok));
     }
-    let vocab = adapter.model().config.vocab_size;
+    base_tokenizer_fits(dir, base_vocab, adapter.model().config.vocab_size)?;
+    Ok(base_tok)
+}
+
+/// Fails where the adapter in `dir`, whose folder holds no tokenizer, grew the vocabulary from
+/// `base_vocab` to `vocab`: the base's tokenizer lacks the added tokens.
+pub fn base_tokenizer_fits(dir: &Path, base_vocab: usize, vocab: usize) -> Result<()> {
     if vocab != base_vocab {
         bail!(
             "the adapter in {} grows the vocabulary from {base_vocab} to {vocab} tokens, but its folder has no tokenizer.json with them",
             dir.display()
         );
     }
-    Ok(base_tok)
+    Ok(())
 }
 
 /// The tokenizer saved in the adapter folder `dir` (or the Hub repository it names), if any.

@@ -1159,12 +1159,9 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             let vocab = base.config.vocab_size;
             let loaded = Adapter::load(base, dir)?;
             let grown = loaded.model().config.vocab_size;
-            if grown != vocab && !adapter_has_tokenizer {
+            if !adapter_has_tokenizer {
                 // The data would be tokenized without the added tokens.
-                bail!(
-                    "the adapter in {} grows the vocabulary from {vocab} to {grown} tokens, but its folder has no tokenizer.json with them",
-                    dir.display()
-                );
+                crate::base_tokenizer_fits(dir, vocab, grown)?;
             }
             if grown != vocab && !is_lora(&method) {
                 bail!(

@@ -422,6 +422,15 @@ impl LlamaConfig {
         }
     }
 
+    /// The config objects a saved model writes: the decoder's and, for an image-text model,
+    /// the whole config.json around it.
+    pub fn files_mut(&mut self) -> impl Iterator<Item = &mut serde_json::Map<String, Value>> {
+        [Some(&mut self.raw), self.image_text.as_mut()]
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object_mut)
+    }
+
     /// Module path of the decoder: [`CAUSAL_LM_DECODER`] or [`IMAGE_TEXT_DECODER`].
     pub fn decoder_path(&self) -> &'static str {
         match self.image_text {

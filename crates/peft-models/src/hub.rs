@@ -485,14 +485,19 @@ fn choose(name: &HubName, wanted: Wanted, files: &[String]) -> Result<Vec<String
         Wanted::Tokenizer => "tokenizer.json",
         Wanted::Dataset => unreachable!("data sets are chosen above"),
     };
+    // The folder's config first, the JSON and Jinja files beside it, then `weights`.
+    let folder = |weights: Vec<String>| {
+        let first = format!("{prefix}{config}");
+        let mut chosen = vec![first.clone()];
+        chosen.extend(with(&["json", "jinja"]).into_iter().filter(|f| *f != first));
+        chosen.extend(weights);
+        chosen
+    };
     if wanted == Wanted::Tokenizer {
         if !here.contains(&config) {
             bail!("{repo} has no {config} in {:?}", name.path);
         }
-        let first = format!("{prefix}{config}");
-        let mut chosen = vec![first.clone()];
-        chosen.extend(with(&["json", "jinja"]).into_iter().filter(|f| *f != first));
-        return Ok(chosen);
+        return Ok(folder(Vec::new()));
     }
     // The weights the loaders read, safetensors before PyTorch's: a model's single file or
     // its shards (`model-00001-of-00002.safetensors`), not a repository's other copies
@@ -516,11 +521,7 @@ fn choose(name: &HubName, wanted: Wanted, files: &[String]) -> Result<Vec<String
         w => w,
     };
     if here.contains(&config) && !weights.is_empty() {
-        let first = format!("{prefix}{config}");
-        let mut chosen = vec![first.clone()];
-        chosen.extend(with(&["json", "jinja"]).into_iter().filter(|f| *f != first));
-        chosen.extend(weights);
-        return Ok(chosen);
+        return Ok(folder(weights));
     }
     let ggufs = with(&["gguf"]);
     match (wanted, ggufs.as_slice()) {

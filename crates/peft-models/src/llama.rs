@@ -17,7 +17,6 @@ use peft_ops::{
     soft_cap, softmax_last_dim, taped, GradSink, LinearWeight, LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
-use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -801,13 +800,8 @@ impl Llama {
     /// not tied to the embedding.
     fn mark_untied(&mut self) {
         self.config.tie_word_embeddings = false;
-        let configs = [Some(&mut self.config.raw), self.config.image_text.as_mut()];
-        for raw in configs
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_object_mut)
-        {
-            raw.insert("tie_word_embeddings".into(), false.into());
+        for file in self.config.files_mut() {
+            file.insert("tie_word_embeddings".into(), false.into());
         }
     }
 

@@ -149,6 +149,10 @@ struct WeightStore {
 
 impl WeightStore {
     fn insert(&mut self, name: String, t: Tensor) -> Result<()> {
+        // FP8 weights reach here dequantized; one that did not came without its scale.
+        if t.dtype() == DType::F8E4M3 {
+            bail!("{name} is stored in FP8, but config.json has no quantization_config that scales it");
+        }
         let in_layers = [CAUSAL_LM_DECODER, IMAGE_TEXT_DECODER].iter().any(|d| {
             name.strip_prefix(d)
                 .is_some_and(|r| r.starts_with(".layers."))
@@ -184,12 +188,7 @@ impl WeightStore {
                 Some((name, t)) => return self.insert(name, t),
                 None => return Ok(()),
             },
-            None => {
-                if t.dtype() == DType::F8E4M3 {
-                    bail!("{name} is stored in FP8, but config.json has no quantization_config that scales it");
-                }
-                return self.insert(name, t);
-            }
+            None => return self.insert(name, t),
         };
         if name.ends_with(".activation_scale") || name.ends_with(".input_scale") {
             return Ok(());
@@ -595,13 +594,8 @@ fn load_hf_dir(
             Prequantized::Bnb4(bnb) => store.quantized.extend(bnb.finish(store.dtype, device)?),
         }
         // A model saved from this one writes its weights unquantized, and says so.
-        let configs = [Some(&mut config.raw), config.image_text.as_mut()];
-        for raw in configs
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_object_mut)
-        {
-            raw.remove("quantization_config");
+        for file in config.files_mut() {
+            file.remove("quantization_config");
         }
     }
     store.other = other;

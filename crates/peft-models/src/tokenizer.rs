@@ -463,18 +463,27 @@ impl Tokenizer {
     /// Adds `tokens` as special tokens where the vocabulary lacks them (as transformers'
     /// `add_special_tokens`); returns the ids of those added, in order.
     pub fn add_special_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
-        let new: Vec<&String> = tokens
+        let special = tokens
             .iter()
-            .filter(|t| self.token_to_id(t).is_none())
+            .map(|t| tokenizers::AddedToken::from(t.as_str(), true));
+        self.add_missing(special.collect())
+    }
+
+    /// Adds the `tokens` the vocabulary lacks, each as given (special or not, its stripping);
+    /// returns their ids, in order.
+    fn add_missing(&mut self, tokens: Vec<tokenizers::AddedToken>) -> Result<Vec<u32>> {
+        let new: Vec<tokenizers::AddedToken> = tokens
+            .into_iter()
+            .filter(|t| self.token_to_id(&t.content).is_none())
             .collect();
-        let added: Vec<tokenizers::AddedToken> = new
+        self.inner.add_tokens(new.clone()).map_err(|e| {
+            let names: Vec<&str> = new.iter().map(|t| t.content.as_str()).collect();
+            anyhow!("cannot add tokens {names:?}: {e}")
+        })?;
+        Ok(new
             .iter()
-            .map(|t| tokenizers::AddedToken::from(t.as_str(), true))
-            .collect();
-        self.inner
-            .add_special_tokens(added)
-            .map_err(|e| anyhow!("cannot add tokens {new:?}: {e}"))?;
-        Ok(new.iter().filter_map(|t| self.token_to_id(t)).collect())
+            .filter_map(|t| self.token_to_id(&t.content))
+            .collect())
     }
 
     /// TRL's `clone_chat_template`, on the tokenizer side: takes `source`'s chat template and
@@ -492,14 +501,7 @@ impl Tokenizer {
             .into_iter()
             .collect();
         theirs.sort_by_key(|(id, _)| *id);
-        let new: Vec<tokenizers::AddedToken> = theirs
-            .into_iter()
-            .map(|(_, token)| token)
-            .filter(|t| self.token_to_id(&t.content).is_none())
-            .collect();
-        self.inner
-            .add_tokens(new.clone())
-            .map_err(|e| anyhow!("cannot add the chat template's tokens: {e}"))?;
+        let added = self.add_missing(theirs.into_iter().map(|(_, token)| token).collect())?;
         self.chat_template = Some(template);
         if let Some(eos) = &source.special.eos {
             if self.token_to_id(eos).is_none() {
@@ -507,10 +509,7 @@ impl Tokenizer {
             }
             self.special.eos = Some(eos.clone());
         }
-        Ok(new
-            .iter()
-            .filter_map(|t| self.token_to_id(&t.content))
-            .collect())
+        Ok(added)
     }
 
     /// Adds TRL's placeholder tokens (`<extra_id_0>`, ...) until the vocabulary has `size`
@@ -522,13 +521,8 @@ impl Tokenizer {
             if self.vocab_size() >= size {
                 break;
             }
-            let content = format!("<extra_id_{i}>");
-            if self.token_to_id(&content).is_none() {
-                self.inner
-                    .add_tokens([tokenizers::AddedToken::from(content.as_str(), false)])
-                    .map_err(|e| anyhow!("cannot add {content}: {e}"))?;
-                added.extend(self.token_to_id(&content));
-            }
+            let placeholder = format!("<extra_id_{i}>");
+            added.extend(self.add_missing(vec![tokenizers::AddedToken::from(placeholder, false)])?);
         }
         Ok(added)
     }

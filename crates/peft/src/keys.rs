@@ -33,18 +33,16 @@ pub fn module_path<'a>(key: &'a str, param: &str) -> Option<&'a str> {
 /// `key` in transformers' current module names: adapters HF PEFT saved for an image-text
 /// model before transformers 4.52 name its language model `language_model.model` and its head
 /// `language_model.lm_head`, which are `model.language_model` and `lm_head` now (HF PEFT
-/// renames them on load too).
+/// renames them on load too), as the model's own checkpoint names are renamed
+/// ([`peft_models::loader::language_model_name`]).
 pub fn in_current_layout(key: String) -> String {
-    const RENAMED: [(&str, &str); 2] = [
-        ("language_model.model.", "model.language_model."),
-        ("language_model.lm_head.", "lm_head."),
-    ];
-    for (old, new) in RENAMED {
-        if let Some(rest) = key.strip_prefix(&format!("{PREFIX}{old}")) {
-            return format!("{PREFIX}{new}{rest}");
-        }
+    let renamed = key
+        .strip_prefix(PREFIX)
+        .and_then(peft_models::loader::language_model_name);
+    match renamed {
+        Some(name) => format!("{PREFIX}{name}"),
+        None => key,
     }
-    key
 }
 
 #[cfg(test)]

@@ -740,8 +740,7 @@ impl PeftModel {
                     base.embed_tokens.dims()
                 );
             }
-            let t = t.to_device(base.embed_tokens.device())?;
-            base.embed_tokens = t.to_dtype(base.embed_tokens.dtype())?;
+            base.replace_embeddings(&t, None)?;
         }
         if let Some(key) = tensors.keys().next() {
             bail!("{}: unexpected tensor {key}", weights_path.display());
