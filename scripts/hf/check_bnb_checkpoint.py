@@ -15,10 +15,10 @@ import tempfile
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.functional import dequantize_4bit
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from harness import arguments, exit_status, peft_logits, random_model, report, run
+from harness import (arguments, exit_status, peft_logits, random_model, report,
+                     trained_lora_vs_hf_peft)
 
 args = arguments("smollm-dir", "data").parse_args()
 IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365]
@@ -69,16 +69,8 @@ with tempfile.TemporaryDirectory() as tmp:
         ours = peft_logits(args.peft, quantized, IDS, os.path.join(tmp, "l.safetensors"))
         d = (ours - theirs).abs().max().item()
         report(d < 1e-4, f"{what}: peft logits vs transformers' 4-bit model: max |diff| {d:.2e}")
-        adapter = os.path.join(tmp, f"lora-{kind}")
-        run([args.peft, "train", "--model", quantized, "--data", args.data, "--output", adapter,
-             "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--dtype", "f32",
-             "--lora-dropout", "0", "--max-seq-length", "128", "--quiet"])
-        peft_model = PeftModel.from_pretrained(model, adapter).eval()
-        with torch.no_grad():
-            adapted = peft_model(torch.tensor([IDS])).logits
-        ours = peft_logits(args.peft, quantized, IDS, os.path.join(tmp, "a.safetensors"),
-                           "--adapter", adapter)
-        d = (ours - adapted).abs().max().item()
+        adapted, d = trained_lora_vs_hf_peft(args, quantized, model, IDS,
+                                             os.path.join(tmp, f"lora-{kind}"))
         moved = (adapted - theirs).abs().max().item()
         report(d < 1e-4 and moved > 1e-3,
                f"{what}: a LoRA trained on it in HF PEFT vs peft logits: max |diff| {d:.2e} "

@@ -14,11 +14,11 @@ import sys
 import tempfile
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config, LlamaConfig, LlamaForCausalLM
 
-from harness import arguments, exit_status, peft_logits, random_model, report, run
+from harness import (arguments, exit_status, peft_logits, random_model, report,
+                     trained_lora_vs_hf_peft)
 
 args = arguments("smollm-dir", "data").parse_args()
 IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365]
@@ -78,16 +78,7 @@ with tempfile.TemporaryDirectory() as tmp:
         d = (ours - theirs).abs().max().item()
         report(d < 1e-4, f"{what}: peft logits vs transformers' dequantized model: max |diff| "
                          f"{d:.2e} (FP8 moves them {moved:.2f} from the unquantized model)")
-        adapter = os.path.join(tmp, f"lora-{block}")
-        run([args.peft, "train", "--model", folder, "--data", args.data, "--output", adapter,
-             "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--dtype", "f32",
-             "--lora-dropout", "0", "--max-seq-length", "128", "--quiet"])
-        peft_model = PeftModel.from_pretrained(hf, adapter).eval()
-        with torch.no_grad():
-            theirs = peft_model(torch.tensor([IDS])).logits
-        ours = peft_logits(args.peft, folder, IDS, os.path.join(tmp, "a.safetensors"),
-                           "--adapter", adapter)
-        d = (ours - theirs).abs().max().item()
+        _, d = trained_lora_vs_hf_peft(args, folder, hf, IDS, os.path.join(tmp, f"lora-{block}"))
         report(d < 1e-4, f"{what}: a LoRA trained on it in HF PEFT vs peft logits: max |diff| {d:.2e}")
 
 sys.exit(exit_status())

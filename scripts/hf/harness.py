@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 
 SMOLLM2_DIR = "models/smollm2-135m-instruct"
@@ -57,6 +58,21 @@ def peft_logits(peft, model, ids, out, *flags):
     run([peft, "logits", "--model", model, "--input-ids", ",".join(map(str, ids)), "--out", out,
          *flags])
     return load_file(out)["logits"].float()
+
+
+def trained_lora_vs_hf_peft(args, model_dir, hf_model, ids, out):
+    """Trains a LoRA with `peft train` on `model_dir` (3 steps of 2 rows, lr 1e-2, f32, no
+    dropout) into `out`, loads it in HF PEFT onto `hf_model` (the same base in transformers),
+    and returns HF PEFT's logits for `ids` and their max |diff| from `peft logits`'."""
+    run([args.peft, "train", "--model", model_dir, "--data", args.data, "--output", out,
+         "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--dtype", "f32",
+         "--lora-dropout", "0", "--max-seq-length", "128", "--quiet"])
+    peft_model = PeftModel.from_pretrained(hf_model, out).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor([ids])).logits
+    ours = peft_logits(args.peft, model_dir, ids, os.path.join(out, "logits.safetensors"),
+                       "--adapter", out)
+    return theirs, (ours - theirs).abs().max().item()
 
 
 def random_model(cls, config, model_dir, smollm_dir):
