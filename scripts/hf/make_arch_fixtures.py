@@ -32,7 +32,11 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Mistral3ForConditionalGeneration, PixtralVisionConfig,
                           Olmo2Config, Olmo2ForCausalLM,
                           Olmo3Config, Olmo3ForCausalLM,
+                          MixtralConfig, MixtralForCausalLM,
+                          OlmoeConfig, OlmoeForCausalLM,
                           Phi3Config, Phi3ForCausalLM,
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -154,7 +158,32 @@ models = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                          "partial_rotary_factor": 0.75, "short_factor": [1.0, 1.6, 2.9],
                          "long_factor": [1.4, 3.1, 7.5], "original_max_position_embeddings": 16})),
+    # Mixtral: Mistral's layer (a window of 3 over 8 tokens) with a mixture of 4 experts, 2
+    # per token, renormalized over the two (`block_sparse_moe`, experts w1, w3, w2).
+    "mixtral": (MixtralForCausalLM, MixtralConfig(
+        **{**common, "intermediate_size": 24}, tie_word_embeddings=False, sliding_window=3,
+        num_local_experts=4, num_experts_per_tok=2)),
+    # Qwen3-MoE: Qwen3's per-head q/k norms, 6 experts of 16, 2 per token, renormalized.
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+        **common, head_dim=16, tie_word_embeddings=False, num_experts=6,
+        num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)),
+    # Qwen2-MoE: q/k/v biases, 4 experts of 16, 3 per token, not renormalized, and a shared
+    # expert behind a sigmoid gate (both linear layers that all-linear adapts); the second
+    # layer dense (mlp_only_layers), with its MLP of intermediate_size.
+    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(
+        **common, tie_word_embeddings=False, num_experts=4, num_experts_per_tok=3,
+        moe_intermediate_size=16, shared_expert_intermediate_size=20, mlp_only_layers=[1])),
+    # OLMoE: q/k norms over the whole projections (norms before the sublayers, as Llama's),
+    # 4 experts, 2 per token, not renormalized.
+    "olmoe": (OlmoeForCausalLM, OlmoeConfig(
+        **{**common, "intermediate_size": 16}, tie_word_embeddings=False, pad_token_id=0,
+        eos_token_id=2, num_experts=4, num_experts_per_tok=2)),
 }
+# HF PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE also puts LoRA on the experts' and the
+# router's parameters (target_parameters), which peft-rs does not train: their adapters here
+# take the attention projections, as an all-linear adapter of peft-rs does on them.
+attention_only = ["q_proj", "k_proj", "v_proj", "o_proj"]
+lora_targets = {"mixtral": attention_only, "qwen3_moe": attention_only, "olmoe": attention_only}
 if len(sys.argv) > 1:
     models = {name: models[name] for name in sys.argv[1:]}
 
@@ -206,7 +235,8 @@ for name, (cls, cfg) in models.items():
             unscaled = unscaled_model(input_ids=ids_long).logits
             scaled = model(input_ids=ids_long).logits
             assert (unscaled - scaled).abs().max() > 0.1, "llama_4_scaling_beta"
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets.get(name, "all-linear"),
+                      init_lora_weights=False)
     peft_model = get_peft_model(model, lora).eval()
     with torch.no_grad():
         for pname, p in peft_model.named_parameters():

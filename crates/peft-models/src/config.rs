@@ -77,6 +77,8 @@ pub struct LlamaConfig {
     /// Phi-3's fused projections: one `qkv_proj` (q, k and v side by side in its output) and
     /// one `gate_up_proj` (gate, then up).
     pub fused_projections: bool,
+    /// Mixture-of-experts feed-forward blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+    pub moe: Option<Moe>,
     /// The decoder's config as read (an image-text model's `text_config`, with the class
     /// defaults its file leaves out).
     pub raw: Value,
@@ -124,6 +126,42 @@ pub enum QkNorm {
     PerHead,
     /// The whole projection, all heads at once (OLMo 2).
     Projection,
+}
+
+/// A mixture-of-experts feed-forward block, as transformers 5 computes it: a router picks
+/// each token's `top_k` experts by softmax probability (renormalized over them when
+/// `norm_topk_prob`), whose SwiGLU outputs it sums weighted by those; Qwen2-MoE adds a shared
+/// expert gated by a sigmoid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moe {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Intermediate size of each expert.
+    pub expert_size: usize,
+    pub norm_topk_prob: bool,
+    /// Intermediate size of Qwen2-MoE's shared expert (`mlp.shared_expert`, gated by
+    /// `mlp.shared_expert_gate`).
+    pub shared_expert_size: Option<usize>,
+    /// Per layer, whether its feed-forward block is the mixture (Qwen's `mlp_only_layers` and
+    /// `decoder_sparse_step` leave some dense).
+    pub sparse_layers: Vec<bool>,
+    /// Module names in the checkpoint: the block (`mlp`, Mixtral's `block_sparse_moe`) and
+    /// each expert's gate, up and down projections (Mixtral's `w1`, `w3`, `w2`).
+    pub block: &'static str,
+    pub expert_projections: [&'static str; 3],
+}
+
+impl Moe {
+    /// Module path of the router under a layer (`mlp.gate`).
+    pub fn router_path(&self) -> String {
+        format!("{}.gate", self.block)
+    }
+
+    /// Module paths of expert `e`'s gate, up and down projections under a layer.
+    pub fn expert_paths(&self, e: usize) -> [String; 3] {
+        self.expert_projections
+            .map(|p| format!("{}.experts.{e}.{p}", self.block))
+    }
 }
 
 /// One linear layer of a decoder layer: its module path under the layer
@@ -289,6 +327,14 @@ struct RawConfig {
     embedding_multiplier: Option<f64>,
     residual_multiplier: Option<f64>,
     logits_scaling: Option<f64>,
+    #[serde(alias = "num_local_experts")]
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    shared_expert_intermediate_size: Option<usize>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
 }
 
 fn default_max_pos() -> usize {
@@ -309,6 +355,10 @@ const SUPPORTED: &[&str] = &[
     "phi3",
     "ministral",
     "ministral3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
@@ -496,6 +546,7 @@ impl LlamaConfig {
                 "gemma3_text" => 1_000_000.0,
                 "smollm3" => 2_000_000.0,
                 "olmo3" => 500_000.0,
+                "mixtral" => 1_000_000.0,
                 _ => 10_000.0,
             });
         let rope_type = |r: &Option<Value>| {
@@ -622,7 +673,9 @@ impl LlamaConfig {
         {
             // Ministral 8B (2410): its layer_types say which layers slide.
             sliding_layer_windows(&c, 1)?
-        } else if phi3 || ["mistral", "ministral", "ministral3"].contains(&model_type.as_str()) {
+        } else if phi3
+            || ["mistral", "ministral", "ministral3", "mixtral"].contains(&model_type.as_str())
+        {
             // transformers' Phi-3 and Mistral attend over a window on every layer when the
             // config sets one (Mistral 7B v0.1's 4096; one past the context, as the Phi-3 128k
             // models' 262144, never hides a key).
@@ -646,12 +699,24 @@ impl LlamaConfig {
             _ if granite => c.attention_multiplier.unwrap_or(1.0),
             _ => (head_dim as f64).powf(-0.5),
         };
-        let qwen = model_type == "qwen2";
+        // Qwen2 always has q/k/v biases, Qwen2-MoE where its `qkv_bias` (default true) says.
+        let qkv_bias = match model_type.as_str() {
+            "qwen2" => true,
+            "qwen2_moe" => raw.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true),
+            _ => c.attention_bias,
+        };
+        let moe = moe(&c, &model_type)?;
+        if moe.is_some() {
+            refuse_moe_options(&raw)?;
+        }
         Ok(Self {
             norm_adds_one: gemma,
             scale_embeddings: gemma,
             activation,
-            norms: match (gemma, model_type.starts_with("olmo")) {
+            norms: match (
+                gemma,
+                model_type.starts_with("olmo") && model_type != "olmoe",
+            ) {
                 (true, _) => LayerNorms::Sandwich,
                 (false, true) => LayerNorms::Post,
                 (false, false) => LayerNorms::Pre,
@@ -670,6 +735,7 @@ impl LlamaConfig {
             yarn,
             query_scaling,
             fused_projections: phi3,
+            moe,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_hidden_layers: c.num_hidden_layers,
@@ -680,7 +746,7 @@ impl LlamaConfig {
             vocab_size: c.vocab_size,
             // The class's default, which transformers 5 leaves out of the files it writes.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(match model_type.as_str() {
-                "phi3" | "olmo2" | "olmo3" => 1e-5,
+                "phi3" | "olmo2" | "olmo3" | "olmoe" | "mixtral" => 1e-5,
                 _ => 1e-6,
             }),
             rope_theta,
@@ -691,12 +757,12 @@ impl LlamaConfig {
             tie_word_embeddings: c
                 .tie_word_embeddings
                 .unwrap_or(gemma || model_type == "smollm3"),
-            qkv_bias: qwen || c.attention_bias,
+            qkv_bias,
             o_bias: c.attention_bias,
             mlp_bias: c.mlp_bias,
             qk_norm: match model_type.as_str() {
-                "qwen3" | "gemma3_text" => QkNorm::PerHead,
-                "olmo2" | "olmo3" => QkNorm::Projection,
+                "qwen3" | "qwen3_moe" | "gemma3_text" => QkNorm::PerHead,
+                "olmo2" | "olmo3" | "olmoe" => QkNorm::Projection,
                 _ => QkNorm::None,
             },
             model_type,
@@ -717,10 +783,12 @@ impl LlamaConfig {
         }
     }
 
-    /// The linear layers of every decoder layer, in checkpoint order: q, k, v, o, gate, up
-    /// and down (Phi-3: qkv, o, gate_up and down). The one description of them that the
-    /// loader, the module paths and the shapes of a new model follow.
-    pub fn layer_linears(&self) -> Vec<LayerLinear> {
+    /// The linear layers of decoder layer `layer`, in checkpoint order: q, k, v, o, gate, up
+    /// and down (Phi-3: qkv, o, gate_up and down; a mixture-of-experts layer: q, k, v, o and
+    /// Qwen2-MoE's shared expert with its gate, the experts and router being no linear layers
+    /// to transformers 5 and HF PEFT). The one description of them that the loader, the module
+    /// paths and the shapes of a new model follow.
+    pub fn layer_linears(&self, layer: usize) -> Vec<LayerLinear> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
@@ -731,23 +799,45 @@ impl LlamaConfig {
             inp,
             bias,
         };
-        match self.fused_projections {
-            true => vec![
+        if self.fused_projections {
+            return vec![
                 linear("self_attn.qkv_proj", q + 2 * kv, h, qkv),
                 linear("self_attn.o_proj", h, q, o),
                 linear("mlp.gate_up_proj", 2 * i, h, mlp),
                 linear("mlp.down_proj", h, i, mlp),
-            ],
-            false => vec![
-                linear("self_attn.q_proj", q, h, qkv),
-                linear("self_attn.k_proj", kv, h, qkv),
-                linear("self_attn.v_proj", kv, h, qkv),
-                linear("self_attn.o_proj", h, q, o),
+            ];
+        }
+        let mut linears = vec![
+            linear("self_attn.q_proj", q, h, qkv),
+            linear("self_attn.k_proj", kv, h, qkv),
+            linear("self_attn.v_proj", kv, h, qkv),
+            linear("self_attn.o_proj", h, q, o),
+        ];
+        match self.sparse_moe(layer) {
+            Some(moe) => {
+                if let Some(s) = moe.shared_expert_size {
+                    linears.extend([
+                        linear("mlp.shared_expert.gate_proj", s, h, false),
+                        linear("mlp.shared_expert.up_proj", s, h, false),
+                        linear("mlp.shared_expert.down_proj", h, s, false),
+                        linear("mlp.shared_expert_gate", 1, h, false),
+                    ]);
+                }
+            }
+            None => linears.extend([
                 linear("mlp.gate_proj", i, h, mlp),
                 linear("mlp.up_proj", i, h, mlp),
                 linear("mlp.down_proj", h, i, mlp),
-            ],
+            ]),
         }
+        linears
+    }
+
+    /// The mixture-of-experts block of layer `layer`, when it has one.
+    pub fn sparse_moe(&self, layer: usize) -> Option<&Moe> {
+        self.moe
+            .as_ref()
+            .filter(|m| m.sparse_layers.get(layer).copied().unwrap_or(false))
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -957,6 +1047,72 @@ fn theta_powers(theta: f64, rotary_dim: usize) -> impl Iterator<Item = f32> {
 
 /// Which layers rotate by RoPE: SmolLM3's `no_rope_layers` (1: RoPE, 0: none), by default
 /// every `no_rope_layer_interval`-th layer (4) without; every layer elsewhere.
+/// The mixture-of-experts block of a MoE model type, with its class defaults where the config
+/// leaves a field out; `None` for a dense model.
+fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
+    // (experts, top_k, expert size, shared expert size, norm_topk_prob) by default.
+    let (experts, top_k, size, shared, norm) = match model_type {
+        "mixtral" => (8, 2, c.intermediate_size, None, true),
+        "qwen2_moe" => (60, 4, 1408, Some(5632), false),
+        "qwen3_moe" => (128, 8, 768, None, false),
+        "olmoe" => (64, 8, c.intermediate_size, None, false),
+        _ => return Ok(None),
+    };
+    let num_experts = c.num_experts.unwrap_or(experts);
+    let top_k = c.num_experts_per_tok.unwrap_or(top_k);
+    if num_experts == 0 || top_k == 0 || top_k > num_experts {
+        bail!("config.json: num_experts_per_tok {top_k} is not between 1 and num_experts {num_experts}");
+    }
+    let qwen = model_type.starts_with("qwen");
+    let step = c.decoder_sparse_step.unwrap_or(1).max(1);
+    let dense = c.mlp_only_layers.clone().unwrap_or_default();
+    let sparse_layers = (0..c.num_hidden_layers)
+        .map(|l| !qwen || (!dense.contains(&l) && (l + 1) % step == 0))
+        .collect();
+    let mixtral = model_type == "mixtral";
+    Ok(Some(Moe {
+        num_experts,
+        top_k,
+        expert_size: match mixtral || model_type == "olmoe" {
+            true => c.intermediate_size,
+            false => c.moe_intermediate_size.unwrap_or(size),
+        },
+        // Mixtral always renormalizes over the chosen experts.
+        norm_topk_prob: mixtral || c.norm_topk_prob.unwrap_or(norm),
+        shared_expert_size: shared.map(|s| c.shared_expert_intermediate_size.unwrap_or(s)),
+        sparse_layers,
+        block: match mixtral {
+            true => "block_sparse_moe",
+            false => "mlp",
+        },
+        expert_projections: match mixtral {
+            true => ["w1", "w3", "w2"],
+            false => ["gate_proj", "up_proj", "down_proj"],
+        },
+    }))
+}
+
+/// MoE settings whose training behaviour is not implemented, refused by name.
+fn refuse_moe_options(raw: &Value) -> Result<()> {
+    if raw.get("output_router_logits").and_then(Value::as_bool) == Some(true) {
+        bail!(
+            "the router's auxiliary load-balancing loss (output_router_logits: true) is not \
+             supported; set it to false in config.json"
+        );
+    }
+    if let Some(noise) = raw
+        .get("router_jitter_noise")
+        .and_then(Value::as_f64)
+        .filter(|n| *n > 0.0)
+    {
+        bail!("router jitter noise (router_jitter_noise {noise}) is not supported");
+    }
+    if let Some(clip) = raw.get("clip_qkv").filter(|v| !v.is_null()) {
+        bail!("clipping of the queries, keys and values (clip_qkv {clip}) is not supported");
+    }
+    Ok(())
+}
+
 fn layer_rope(c: &RawConfig, smollm3: bool) -> Result<Vec<bool>> {
     let n = c.num_hidden_layers;
     if !smollm3 {

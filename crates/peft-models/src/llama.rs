@@ -5,16 +5,17 @@
 //! (`model.layers.3.self_attn.q_proj`), so tuners attach adapters by path, and the tensors of
 //! the model are named exactly as in the HF checkpoint.
 
-use crate::config::{LayerNorms, LlamaConfig, QkNorm};
+use crate::config::{LayerNorms, LlamaConfig, Moe, QkNorm};
 use crate::loader::StoredTensor;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use peft_ops::{
     add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, embedding,
-    frozen_linear, frozen_mlp, gated_act, linear, lora_linears, narrow_last, packed_self_attention,
-    param, permute_last, prefixed_self_attention, quantized_linear, reshape, rms_norm, rope, scale,
-    soft_cap, softmax_last_dim, taped, GradSink, LinearWeight, LoraProjection, QuantizedWeight,
+    frozen_linear, frozen_mlp, frozen_moe, gated_act, linear, lora_linears, narrow_last,
+    packed_self_attention, param, permute_last, prefixed_self_attention, quantized_linear, reshape,
+    rms_norm, rope, route, scale, sigmoid_gated, soft_cap, softmax_last_dim, taped, ExpertWeights,
+    GradSink, LinearWeight, LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -31,6 +32,14 @@ pub trait LinearAdapter: Send + Sync {
     fn low_rank(&self, _train: bool) -> Option<(Tensor, Tensor, f64)> {
         None
     }
+}
+
+/// Whether QLoRA quantizes the linear layer at `module_path` of a decoder layer: the
+/// projections (`self_attn.q_proj`, `mlp.down_proj`) and the experts' (Mixtral's
+/// `experts.0.w1` too); not `lm_head`, as bitsandbytes' loaders leave it, nor a
+/// mixture-of-experts router or Qwen2-MoE's one-output shared expert gate.
+pub fn quantized_in_qlora(module_path: &str) -> bool {
+    module_path.ends_with("_proj") || module_path.contains(".experts.")
 }
 
 #[derive(Clone)]
@@ -154,6 +163,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// gate, up (or the fused gate_up) and down.
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = self.gate_up.linears_mut();
+        out.push(&mut self.down_proj);
+        out
+    }
+
     /// The gate, up and down weights when all three are plain frozen dense weights (no
     /// adapter, bias or gradient): the MLP then runs as one fused op.
     fn frozen_weights(&self) -> Option<(Tensor, Tensor, Tensor)> {
@@ -173,6 +189,45 @@ impl Mlp {
     }
 }
 
+/// A decoder layer's feed-forward block: one gated MLP, or a mixture of experts.
+#[derive(Clone)]
+pub enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoe),
+}
+
+/// A mixture-of-experts block (see [`Moe`]). Its router and experts are parameters, not linear
+/// layers, to transformers 5, so HF PEFT's LoRA does not target them; Qwen2-MoE's shared
+/// expert and its gate are linear layers.
+#[derive(Clone)]
+pub struct SparseMoe {
+    /// `[experts, hidden]` (`mlp.gate`).
+    pub router: Linear,
+    pub experts: Vec<Mlp>,
+    /// Qwen2-MoE's shared expert and its gate (`mlp.shared_expert`, `mlp.shared_expert_gate`).
+    pub shared: Option<(Mlp, Linear)>,
+}
+
+impl SparseMoe {
+    /// The router's and every expert's weights when all are plain frozen dense weights: the
+    /// block then runs as one fused op.
+    fn frozen_weights(&self) -> Option<(Tensor, Vec<ExpertWeights>)> {
+        let router = match (&self.router.weight, &self.router.adapter) {
+            (LinearWeight::Dense(w), None) if !param(w).track_op() => w.clone(),
+            _ => return None,
+        };
+        let experts = self
+            .experts
+            .iter()
+            .map(|m| {
+                let (gate, up, down) = m.frozen_weights()?;
+                Some(ExpertWeights { gate, up, down })
+            })
+            .collect::<Option<_>>()?;
+        Some((router, experts))
+    }
+}
+
 #[derive(Clone)]
 pub struct DecoderLayer {
     /// The norms the config's [`LayerNorms`] names (Llama: input and post-attention; Gemma's
@@ -182,7 +237,7 @@ pub struct DecoderLayer {
     pub post_attention_layernorm: Tensor,
     pub pre_feedforward_layernorm: Option<Tensor>,
     pub post_feedforward_layernorm: Option<Tensor>,
-    pub mlp: Mlp,
+    pub mlp: FeedForward,
     /// Bottleneck adapters on the attention and MLP outputs, before each residual add.
     pub attn_adapter: Option<Arc<dyn BlockAdapter>>,
     pub mlp_adapter: Option<Arc<dyn BlockAdapter>>,
@@ -191,11 +246,18 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// The linear layers in the order of [`LlamaConfig::layer_linears`].
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let a = &mut self.self_attn;
         let mut out = a.qkv.linears_mut();
         out.push(&mut a.o_proj);
-        out.extend(m.gate_up.linears_mut());
-        out.push(&mut m.down_proj);
+        match &mut self.mlp {
+            FeedForward::Dense(m) => out.extend(m.linears_mut()),
+            FeedForward::Sparse(s) => {
+                if let Some((shared, gate)) = &mut s.shared {
+                    out.extend(shared.linears_mut());
+                    out.push(gate);
+                }
+            }
+        }
         out
     }
 }
@@ -440,6 +502,36 @@ impl WeightTaker<'_> {
             adapter: None,
         })
     }
+
+    /// The router and experts of layer `layer_path`'s mixture-of-experts block.
+    fn sparse_moe(
+        &mut self,
+        layer_path: &str,
+        moe: &Moe,
+        hidden: usize,
+        shared: Option<(Mlp, Linear)>,
+    ) -> Result<SparseMoe> {
+        let router_path = format!("{layer_path}.{}", moe.router_path());
+        let router = self.linear(&router_path, moe.num_experts, hidden, false)?;
+        let size = moe.expert_size;
+        let experts = (0..moe.num_experts)
+            .map(|e| {
+                let [gate, up, down] = moe.expert_paths(e).map(|n| format!("{layer_path}.{n}"));
+                Ok(Mlp {
+                    gate_up: Projections::Separate([
+                        self.linear(&gate, size, hidden, false)?,
+                        self.linear(&up, size, hidden, false)?,
+                    ]),
+                    down_proj: self.linear(&down, hidden, size, false)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(SparseMoe {
+            router,
+            experts,
+            shared,
+        })
+    }
 }
 
 impl Llama {
@@ -474,10 +566,10 @@ impl Llama {
             &format!("{decoder}.embed_tokens.weight"),
             &[c.vocab_size, h],
         )?;
-        let linears = c.layer_linears();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("{decoder}.layers.{l}");
+            let linears = c.layer_linears(l);
             // The layer's linears in the order of `layer_linears`, which is the struct's.
             let mut taken = Vec::with_capacity(linears.len());
             for lin in &linears {
@@ -485,19 +577,27 @@ impl Llama {
             }
             let mut taken = taken.into_iter();
             let mut next = || taken.next().context("a decoder layer lacks a linear layer");
-            let (qkv, o_proj, gate_up, down_proj) = match c.fused_projections {
-                true => (
-                    Projections::Fused(next()?),
-                    next()?,
-                    Projections::Fused(next()?),
-                    next()?,
-                ),
-                false => (
-                    Projections::Separate([next()?, next()?, next()?]),
-                    next()?,
-                    Projections::Separate([next()?, next()?]),
-                    next()?,
-                ),
+            let (qkv, o_proj) = match c.fused_projections {
+                true => (Projections::Fused(next()?), next()?),
+                false => (Projections::Separate([next()?, next()?, next()?]), next()?),
+            };
+            let mut mlp = || -> Result<Mlp> {
+                let gate_up = match c.fused_projections {
+                    true => Projections::Fused(next()?),
+                    false => Projections::Separate([next()?, next()?]),
+                };
+                let down_proj = next()?;
+                Ok(Mlp { gate_up, down_proj })
+            };
+            let mlp = match c.sparse_moe(l) {
+                None => FeedForward::Dense(mlp()?),
+                Some(moe) => {
+                    let shared = match moe.shared_expert_size {
+                        Some(_) => Some((mlp()?, next()?)),
+                        None => None,
+                    };
+                    FeedForward::Sparse(w.sparse_moe(&p, moe, h, shared)?)
+                }
             };
             let (q_norm, k_norm) = match c.qk_norm_sizes() {
                 Some([q, k]) => (
@@ -528,7 +628,7 @@ impl Llama {
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 pre_feedforward_layernorm,
                 post_feedforward_layernorm,
-                mlp: Mlp { gate_up, down_proj },
+                mlp,
                 attn_adapter: None,
                 mlp_adapter: None,
             });
@@ -599,12 +699,13 @@ impl Llama {
         Ok(model)
     }
 
-    /// Every linear layer with its HF module path, in checkpoint order.
+    /// Every linear layer with its HF module path, in checkpoint order: what adapters target
+    /// (mixture-of-experts routers and experts are in [`Llama::expert_linears_mut`]).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let linears = self.config.layer_linears();
         let decoder = self.config.decoder_path();
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
+            let linears = self.config.layer_linears(l);
             let paths = linears
                 .iter()
                 .map(|lin| format!("{decoder}.layers.{l}.{}", lin.name));
@@ -618,6 +719,29 @@ impl Llama {
         }
         if let Some(head) = &mut self.lm_head {
             out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// The routers and experts of the mixture-of-experts blocks with their module paths
+    /// (`model.layers.0.mlp.gate`, `model.layers.0.mlp.experts.3.down_proj`): parts of the
+    /// base model that adapters do not target, as HF PEFT's do not under transformers 5.
+    pub fn expert_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let decoder = self.config.decoder_path();
+        let mut out = Vec::new();
+        let Some(moe) = &self.config.moe else {
+            return out;
+        };
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let FeedForward::Sparse(s) = &mut layer.mlp else {
+                continue;
+            };
+            let p = format!("{decoder}.layers.{l}");
+            out.push((format!("{p}.{}", moe.router_path()), &mut s.router));
+            for (e, expert) in s.experts.iter_mut().enumerate() {
+                let paths = moe.expert_paths(e).map(|n| format!("{p}.{n}"));
+                out.extend(paths.into_iter().zip(expert.linears_mut()));
+            }
         }
         out
     }
@@ -668,6 +792,9 @@ impl Llama {
                 out.push((format!("{path}.bias"), b.clone()));
             }
         }
+        for (path, lin) in self.expert_linears_mut() {
+            out.push((format!("{path}.weight"), lin.weight.dense()?));
+        }
         Ok(out)
     }
 
@@ -715,6 +842,10 @@ impl Llama {
             let (o, i) = lin.weight.dims();
             n += o * i + lin.bias.as_ref().map_or(0, |b| b.elem_count());
         }
+        for (_, lin) in self.expert_linears_mut() {
+            let (o, i) = lin.weight.dims();
+            n += o * i;
+        }
         n
     }
 
@@ -722,11 +853,9 @@ impl Llama {
     /// biases) becomes a trainable variable. Returns them under their checkpoint names, sorted;
     /// a tied output head is the embedding and appears once.
     pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
-        if self
-            .linears_mut()
-            .iter()
-            .any(|(_, l)| l.weight.is_quantized())
-        {
+        let quantized =
+            |ls: Vec<(String, &mut Linear)>| ls.iter().any(|(_, l)| l.weight.is_quantized());
+        if quantized(self.linears_mut()) || quantized(self.expert_linears_mut()) {
             bail!("full fine-tuning needs dense weights; this model is quantized");
         }
         let mut vars = Vec::new();
@@ -748,12 +877,17 @@ impl Llama {
                 var(format!("{path}.bias"), b)?;
             }
         }
+        for (path, lin) in self.expert_linears_mut() {
+            if let LinearWeight::Dense(w) = &mut lin.weight {
+                var(format!("{path}.weight"), w)?;
+            }
+        }
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(vars)
     }
 
-    /// Replaces every decoder linear's weight (not `lm_head`, as bitsandbytes' loaders skip it,
-    /// nor a trained one: `modules_to_save`) with its 4-bit quantization; matmuls then run in
+    /// Replaces the weight of every decoder linear that [`quantized_in_qlora`] names (not a
+    /// trained one: `modules_to_save`) with its 4-bit quantization; matmuls then run in
     /// `compute_dtype`. The norm weights become f32 (`norms_in_f32`).
     pub fn quantize(
         &mut self,
@@ -761,18 +895,20 @@ impl Llama {
         double_quant: bool,
         compute_dtype: DType,
     ) -> Result<()> {
-        for (path, lin) in self.linears_mut() {
-            if path == "lm_head" {
-                continue;
-            }
-            if let LinearWeight::Dense(w) = &lin.weight {
-                if w.is_variable() {
-                    continue;
+        let quantize = |linears: Vec<(String, &mut Linear)>| -> Result<()> {
+            for (path, lin) in linears {
+                if let LinearWeight::Dense(w) = &lin.weight {
+                    if w.is_variable() || !quantized_in_qlora(&path) {
+                        continue;
+                    }
+                    let q = QuantizedWeight::quantize(w, kind, double_quant, compute_dtype)?;
+                    lin.weight = LinearWeight::Quantized(Arc::new(q));
                 }
-                let q = QuantizedWeight::quantize(w, kind, double_quant, compute_dtype)?;
-                lin.weight = LinearWeight::Quantized(Arc::new(q));
             }
-        }
+            Ok(())
+        };
+        quantize(self.linears_mut())?;
+        quantize(self.expert_linears_mut())?;
         self.norms_in_f32()
     }
 
@@ -1438,14 +1574,11 @@ fn decoder_layer(
     }
     let x = add(x, &residual(c, &attn)?)?;
     let h = normed(&x, mlp_norm)?;
-    let m = &layer.mlp;
-    let act = c.activation;
-    let mut out = match m.frozen_weights() {
-        Some((gate, up, down)) => frozen_mlp(&h, &gate, &up, &down, act)?,
-        None => {
-            let i = c.intermediate_size;
-            let [gate, up] = m.gate_up.outputs(&h, [i, i], &inputs.sink, train)?;
-            m.down_proj.forward(&gated_act(&gate, &up, act)?, train)?
+    let mut out = match (&layer.mlp, &c.moe) {
+        (FeedForward::Dense(m), _) => mlp(c, m, &h, &inputs.sink, train)?,
+        (FeedForward::Sparse(s), Some(moe)) => sparse_moe(c, moe, s, &h, &inputs.sink, train)?,
+        (FeedForward::Sparse(_), None) => {
+            candle_core::bail!("a mixture-of-experts layer in a model without experts")
         }
     };
     if let Some(w) = out_norm {
@@ -1455,6 +1588,66 @@ fn decoder_layer(
         out = a.forward(&out, train)?;
     }
     add(&x, &residual(c, &out)?)
+}
+
+/// A gated MLP over `x`.
+fn mlp(
+    c: &LlamaConfig,
+    m: &Mlp,
+    x: &Tensor,
+    sink: &Arc<GradSink>,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    let act = c.activation;
+    if let Some((gate, up, down)) = m.frozen_weights() {
+        return frozen_mlp(x, &gate, &up, &down, act);
+    }
+    let i = m.down_proj.in_features();
+    let [gate, up] = m.gate_up.outputs(x, [i, i], sink, train)?;
+    m.down_proj.forward(&gated_act(&gate, &up, act)?, train)
+}
+
+/// A mixture-of-experts block over `x` `[batch, seq, hidden]`: one fused op when the router
+/// and experts are frozen and dense; otherwise composed of candle's ops (4-bit experts under
+/// QLoRA, trained ones under full fine-tuning), each expert over the rows routed to it.
+fn sparse_moe(
+    c: &LlamaConfig,
+    moe: &Moe,
+    s: &SparseMoe,
+    x: &Tensor,
+    sink: &Arc<GradSink>,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    let (top_k, norm_topk_prob) = (moe.top_k, moe.norm_topk_prob);
+    let mut out = match s.frozen_weights() {
+        Some((router, experts)) => {
+            frozen_moe(x, &router, &experts, top_k, norm_topk_prob, c.activation)?
+        }
+        None => {
+            let hidden = x.dim(D::Minus1)?;
+            let rows = x.elem_count() / hidden;
+            let x2 = reshape(x, (rows, hidden))?;
+            let logits = s.router.forward(&x2, train)?;
+            let probs = softmax_last_dim(&cast(&logits, DType::F32)?)?;
+            let routing = route(&probs, top_k, norm_topk_prob)?;
+            let weights = routing.weights.flatten_all()?;
+            let mut out = x2.zeros_like()?;
+            for (expert, served) in s.experts.iter().zip(&routing.experts) {
+                let Some(served) = served else { continue };
+                let xe = x2.index_select(&served.rows, 0)?.unsqueeze(0)?;
+                let ye = mlp(c, expert, &xe, sink, train)?.squeeze(0)?;
+                let we = weights.index_select(&served.slots, 0)?;
+                let we = we.to_dtype(x.dtype())?.unsqueeze(1)?;
+                out = out.index_add(&served.rows, &ye.broadcast_mul(&we)?, 0)?;
+            }
+            out.reshape(x.shape())?
+        }
+    };
+    if let Some((shared, gate)) = &s.shared {
+        let y = mlp(c, shared, x, sink, train)?;
+        out = add(&out, &sigmoid_gated(&gate.forward(x, train)?, &y)?)?;
+    }
+    Ok(out)
 }
 
 /// A sublayer's output as the residual stream takes it: Granite's scaled by its multiplier.

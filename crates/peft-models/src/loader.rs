@@ -157,7 +157,11 @@ impl WeightStore {
             name.strip_prefix(d)
                 .is_some_and(|r| r.starts_with(".layers."))
         });
-        let linear = in_layers && name.ends_with("_proj.weight") && t.rank() == 2;
+        let linear = in_layers
+            && t.rank() == 2
+            && name
+                .strip_suffix(".weight")
+                .is_some_and(crate::llama::quantized_in_qlora);
         match self.quantize {
             Some(q) if linear => {
                 let w = QuantizedWeight::quantize(&t, q.kind, q.double_quant, q.compute_dtype)
@@ -884,6 +888,13 @@ fn read_gguf<R: Read + Seek>(
         .unwrap_or(hidden / heads.max(1));
     if heads == 0 || kv_heads == 0 {
         bail!("{}: GGUF metadata gives 0 attention heads", path.display());
+    }
+    // Mixtral's GGUF files are llama's with stacked experts.
+    if md_u64(md, &key("expert_count")).is_ok_and(|n| n > 0) {
+        bail!(
+            "{}: mixture-of-experts GGUF files are not read; load the model's HF folder",
+            path.display()
+        );
     }
 
     // Data can be truncated even when the header parses: check that every tensor fits.

@@ -70,7 +70,8 @@ pub enum WeightKind {
 
 /// Every tensor of a Llama of `config`, under its checkpoint name, from `init(kind, shape)`
 /// called in checkpoint order: embeddings; per layer the projections of
-/// [`LlamaConfig::layer_linears`] (each with its bias where it has one), then the two norms
+/// [`LlamaConfig::layer_linears`] (each with its bias where it has one), a mixture-of-experts
+/// block's router and experts, then the two norms
 /// (Gemma's four, and the query and key norms of Qwen3 and Gemma 3); the final norm; `lm_head`
 /// when untied.
 pub fn llama_weights(
@@ -83,10 +84,9 @@ pub fn llama_weights(
         "model.embed_tokens.weight".to_string(),
         init(WeightKind::Matrix, &[c.vocab_size, h])?,
     );
-    let linears = c.layer_linears();
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for lin in &linears {
+        for lin in &c.layer_linears(l) {
             let name = lin.name;
             w.insert(
                 format!("{p}.{name}.weight"),
@@ -97,6 +97,20 @@ pub fn llama_weights(
                     format!("{p}.{name}.bias"),
                     init(WeightKind::Bias, &[lin.out])?,
                 );
+            }
+        }
+        if let Some(moe) = c.sparse_moe(l) {
+            let (e, size) = (moe.num_experts, moe.expert_size);
+            let router = format!("{p}.{}.weight", moe.router_path());
+            w.insert(router, init(WeightKind::Matrix, &[e, h])?);
+            for expert in 0..e {
+                let shapes = [[size, h], [size, h], [h, size]];
+                for (path, shape) in moe.expert_paths(expert).iter().zip(shapes) {
+                    w.insert(
+                        format!("{p}.{path}.weight"),
+                        init(WeightKind::Matrix, &shape)?,
+                    );
+                }
             }
         }
         for norm in c.norms.names() {

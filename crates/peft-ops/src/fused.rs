@@ -716,8 +716,19 @@ pub fn gated_act(gate: &Tensor, up: &Tensor, act: GatedActivation) -> Result<Ten
     })
 }
 
+/// `act(g) · u` outside any graph, and whether the fused kernel computed it (the backward
+/// then takes the kernel too).
+pub(crate) fn gated_value(g: &Tensor, u: &Tensor, act: GatedActivation) -> Result<(Tensor, bool)> {
+    let kernel = crate::has_kernel(g, Kernel::Swiglu);
+    let gated = match kernel {
+        true => g.apply_op2_no_bwd(u, &GatedForward(act))?,
+        false => (act.composed(g)? * u)?,
+    };
+    Ok((gated, kernel))
+}
+
 /// dL/dgate and dL/dup of [`gated_act`] from the gradient of its output.
-fn gated_grads(
+pub(crate) fn gated_grads(
     g: &Tensor,
     u: &Tensor,
     grad: &Tensor,
@@ -769,12 +780,7 @@ pub fn frozen_mlp(
     let x2 = x.detach().reshape((rows, hidden))?;
     let g = frozen_matmul(&x2, gate, true)?;
     let u = frozen_matmul(&x2, up, true)?;
-    let kernel = crate::has_kernel(&g, Kernel::Swiglu);
-    let gated = if kernel {
-        g.apply_op2_no_bwd(&u, &GatedForward(act))?
-    } else {
-        (act.composed(&g)? * &u)?
-    };
+    let (gated, kernel) = gated_value(&g, &u, act)?;
     let y = Value::linear(&gated, down, x.shape())?;
     drop(gated);
     let (gate, up, down) = (gate.clone(), up.clone(), down.clone());

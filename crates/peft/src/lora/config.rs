@@ -214,7 +214,8 @@ impl AdapterConfig for LoraConfig {
         crate::lora::init::SavedBase::of(&self.init_lora_weights)?;
         for key in UNSUPPORTED_IF_SET {
             if let Some(v) = self.other.get(*key) {
-                let default = v.is_null() || v == &Value::Bool(false);
+                let empty = v.as_array().is_some_and(Vec::is_empty);
+                let default = v.is_null() || v == &Value::Bool(false) || empty;
                 if !default {
                     bail!("adapter_config.json sets {key}, which peft-rs does not support");
                 }

@@ -1,0 +1,193 @@
+//! Mixture-of-experts feed-forward blocks, as transformers 5 computes them: a router's softmax
+//! picks each token's top-k experts, whose gated-MLP outputs are summed weighted by those
+//! probabilities (renormalized over the k when the model says so).
+//!
+//! [`route`] is the routing, on the graph or off it; [`frozen_moe`] is a whole block of frozen
+//! dense weights as one autograd node, whose backward returns dL/dx alone (through the experts
+//! and through the router's probabilities), as [`crate::frozen_mlp`] does for a dense MLP.
+
+use crate::fused::{gated_grads, gated_value};
+use crate::{frozen_matmul, with_grad, GatedActivation, Grads3};
+use candle_core::{DType, Result, Tensor, D};
+
+/// The tokens each expert serves.
+pub struct ExpertRows {
+    /// Rows of the flattened input (`u32`), ascending.
+    pub rows: Tensor,
+    /// For each row, where its weight for this expert sits in the flattened `[rows, top_k]`
+    /// weights (`row · top_k + slot`, `u32`).
+    pub slots: Tensor,
+}
+
+/// Each token's experts and their weights.
+pub struct Routing {
+    /// `[rows, top_k]` (`u32`): the experts chosen, most probable first.
+    pub chosen: Tensor,
+    /// `[rows, top_k]` (f32): their probabilities, renormalized to sum to 1 when asked; on the
+    /// graph when `probs` was.
+    pub weights: Tensor,
+    /// Per expert, the rows it serves; `None` for an expert no token chose.
+    pub experts: Vec<Option<ExpertRows>>,
+}
+
+/// Routes over the router's probabilities `probs` (`[rows, experts]`, f32): each row's `top_k`
+/// most probable experts (the choice reads the values off the graph; the weights stay on it).
+pub fn route(probs: &Tensor, top_k: usize, norm_topk_prob: bool) -> Result<Routing> {
+    let (rows, num_experts) = probs.dims2()?;
+    let chosen = probs
+        .detach()
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, top_k)?
+        .contiguous()?;
+    let mut weights = probs.gather(&chosen, 1)?;
+    if norm_topk_prob {
+        weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
+    }
+    let ids: Vec<u32> = chosen.flatten_all()?.to_vec1()?;
+    let mut by_expert = vec![(Vec::new(), Vec::new()); num_experts];
+    for (slot, &e) in ids.iter().enumerate() {
+        let (rows_of, slots_of) = &mut by_expert[e as usize];
+        rows_of.push((slot / top_k) as u32);
+        slots_of.push(slot as u32);
+    }
+    debug_assert_eq!(ids.len(), rows * top_k);
+    let device = probs.device();
+    let experts = by_expert
+        .into_iter()
+        .map(|(r, s)| {
+            (!r.is_empty())
+                .then(|| {
+                    Ok(ExpertRows {
+                        rows: Tensor::new(r, device)?,
+                        slots: Tensor::new(s, device)?,
+                    })
+                })
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    Ok(Routing {
+        chosen,
+        weights,
+        experts,
+    })
+}
+
+/// The frozen weights of one expert: gate and up `[inter, hidden]`, down `[hidden, inter]`.
+#[derive(Clone)]
+pub struct ExpertWeights {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+/// What the backward of one expert keeps.
+struct ExpertSaved {
+    rows: Tensor,
+    slots: Tensor,
+    /// The expert's weight of each of its rows, in the input's dtype, `[n, 1]`.
+    weight: Tensor,
+    gate_out: Tensor,
+    up_out: Tensor,
+    /// The expert's output before its weight, `[n, hidden]`.
+    out: Tensor,
+    kernel: bool,
+}
+
+/// A mixture-of-experts block of frozen dense weights over `x` (`[..., hidden]`): `router`
+/// `[experts, hidden]`, one [`ExpertWeights`] per expert. One autograd node; its backward
+/// returns dL/dx, the experts' share and the router's (through the chosen probabilities).
+pub fn frozen_moe(
+    x: &Tensor,
+    router: &Tensor,
+    experts: &[ExpertWeights],
+    top_k: usize,
+    norm_topk_prob: bool,
+    act: GatedActivation,
+) -> Result<Tensor> {
+    let hidden = router.dim(1)?;
+    let rows = x.elem_count() / hidden;
+    let dtype = x.dtype();
+    let x2 = x.detach().reshape((rows, hidden))?;
+    let logits = frozen_matmul(&x2, router, true)?.to_dtype(DType::F32)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+    let routing = route(&probs, top_k, norm_topk_prob)?;
+    let flat_weights = routing.weights.flatten_all()?;
+    let mut out = x2.zeros_like()?;
+    let mut saved = Vec::new();
+    for (e, served) in routing.experts.iter().enumerate() {
+        let Some(served) = served else { continue };
+        let w = &experts[e];
+        let xe = x2.index_select(&served.rows, 0)?;
+        let gate_out = frozen_matmul(&xe, &w.gate, true)?;
+        let up_out = frozen_matmul(&xe, &w.up, true)?;
+        let (gated, kernel) = gated_value(&gate_out, &up_out, act)?;
+        let ye = frozen_matmul(&gated, &w.down, true)?;
+        let weight = flat_weights
+            .index_select(&served.slots, 0)?
+            .to_dtype(dtype)?
+            .unsqueeze(1)?;
+        out = out.index_add(&served.rows, &ye.broadcast_mul(&weight)?, 0)?;
+        saved.push((
+            e,
+            ExpertSaved {
+                rows: served.rows.clone(),
+                slots: served.slots.clone(),
+                weight,
+                gate_out,
+                up_out,
+                out: ye,
+                kernel,
+            },
+        ));
+    }
+    let out = out.reshape(x.shape())?;
+    let (router, experts) = (router.clone(), experts.to_vec());
+    let Routing {
+        chosen, weights, ..
+    } = routing;
+    with_grad(x, out, move |x, _, grad| {
+        let d_out = grad.reshape((rows, hidden))?;
+        let mut d_x = d_out.zeros_like()?;
+        // dL/d(weight) of every (row, slot), flattened as the weights are.
+        let mut d_weights = Tensor::zeros(rows * top_k, DType::F32, grad.device())?;
+        for (e, s) in &saved {
+            let w = &experts[*e];
+            let d_ye = d_out.index_select(&s.rows, 0)?;
+            let d_weight = (d_ye.to_dtype(DType::F32)? * s.out.to_dtype(DType::F32)?)?.sum(1)?;
+            d_weights = d_weights.index_add(&s.slots, &d_weight, 0)?;
+            let d_gated = frozen_matmul(&d_ye.broadcast_mul(&s.weight)?, &w.down, false)?;
+            let (d_g, d_u) = gated_grads(&s.gate_out, &s.up_out, &d_gated, act, s.kernel)?;
+            let d_xe = (frozen_matmul(&d_g, &w.gate, false)? + frozen_matmul(&d_u, &w.up, false)?)?;
+            d_x = d_x.index_add(&s.rows, &d_xe.to_dtype(d_x.dtype())?, 0)?;
+        }
+        let mut d_top = d_weights.reshape((rows, top_k))?;
+        if norm_topk_prob {
+            // w = t / Σt: dL/dt = (dL/dw − Σ dL/dw · w) / Σt.
+            let top = probs.gather(&chosen, 1)?;
+            let dot = (&d_top * &weights)?.sum_keepdim(1)?;
+            d_top = d_top
+                .broadcast_sub(&dot)?
+                .broadcast_div(&top.sum_keepdim(1)?)?;
+        }
+        let d_probs = probs.zeros_like()?.scatter_add(&chosen, &d_top, 1)?;
+        let dot = (&d_probs * &probs)?.sum_keepdim(D::Minus1)?;
+        let d_logits = (d_probs.broadcast_sub(&dot)? * &probs)?;
+        let d_router_in = frozen_matmul(&d_logits.to_dtype(dtype)?, &router, false)?;
+        (d_x + d_router_in)?.reshape(x.shape())
+    })
+}
+
+/// `sigmoid(gate) · x` (Qwen2-MoE's gated shared expert: `gate` `[..., 1]`, `x` `[..., hidden]`).
+pub fn sigmoid_gated(gate: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (g, v) = (gate.detach(), x.detach());
+    let s = candle_nn::ops::sigmoid(&g)?;
+    let y = s.broadcast_mul(&v)?;
+    let (g_tracks, x_tracks) = (gate.track_op(), x.track_op());
+    // Third argument repeated: with_grad3 serves two inputs as well.
+    crate::with_grad3((gate, x, x), y, move |_, grad| -> Result<Grads3> {
+        let d_s = (grad * &v)?.sum_keepdim(D::Minus1)?;
+        let d_g = (d_s * (&s * (1.0 - &s)?)?)?;
+        let d_x = grad.broadcast_mul(&s)?;
+        Ok((g_tracks.then_some(d_g), x_tracks.then_some(d_x), None))
+    })
+}
