@@ -6,8 +6,12 @@ Gemma 3 (five sliding-window layers with a window of 16, one global), Gemma 2 (e
 layer sliding, the same window, soft caps of the scores and logits small enough to change
 them), SmolLM3 (the fourth layer without RoPE), Granite (its four multipliers), OLMo 2
 (output norms, q/k norms over the whole projections), OLMo 3 (OLMo 2's layers, three of
-four sliding with a window of 16, YaRN on the global ones), Qwen3 with YaRN and
-Phi-4-mini's shape (partial rotary, fused projections, tied embeddings). `peft train` runs on
+four sliding with a window of 16, YaRN on the global ones), Qwen3 with YaRN,
+Phi-4-mini's shape (partial rotary, fused projections, tied embeddings) and the
+mixture-of-experts families: Mixtral (8 experts, 2 per token), Qwen3-MoE (8 of 32, 3 per
+token, renormalized), Qwen2-MoE (a gated shared expert, every second layer dense) and OLMoE;
+there all-linear adapts the linear layers (attention, Qwen2-MoE's shared expert and dense
+MLPs), and the adapter names them. `peft train` runs on
 the shipped pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see
 only part of their sequence through a window). Then, for each:
 1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
@@ -27,7 +31,9 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, Olmo2Config,
                           Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
-                          SmolLM3ForCausalLM)
+                          SmolLM3ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
+                          OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
 
 from harness import arguments, peft_logits, random_model, run
 
@@ -99,6 +105,15 @@ models = {
         **common, tie_word_embeddings=True, original_max_position_embeddings=2048,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "partial_rotary_factor": 0.75})),
+    "mixtral": (MixtralForCausalLM, MixtralConfig(**common, num_local_experts=8,
+                                                  num_experts_per_tok=2)),
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+        **common, head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        norm_topk_prob=True)),
+    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(
+        **common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, decoder_sparse_step=2)),
+    "olmoe": (OlmoeForCausalLM, OlmoeConfig(**common, num_experts=8, num_experts_per_tok=2)),
 }
 failed = False
 for name, (cls, cfg) in models.items():

@@ -1,4 +1,5 @@
-//! The Llama family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 3) with
+//! The Llama family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 3; mixture-of-experts
+//! Mixtral, Qwen2/3-MoE, OLMoE) with
 //! autograd-friendly ops.
 //!
 //! Every projection is a [`Linear`] addressed by its HF module path

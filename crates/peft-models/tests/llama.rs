@@ -293,3 +293,84 @@ fn mistral3_text_config_takes_mistral_defaults() {
     let err = peft_models::LlamaConfig::from_json(other).unwrap_err();
     assert!(err.to_string().contains("expected one of"), "{err}");
 }
+
+/// Mixture-of-experts configs: Qwen3-30B-A3B's fields, the dense layers Qwen's
+/// `mlp_only_layers` and `decoder_sparse_step` leave, Mixtral's module names and its always
+/// renormalized weights, and the training options that are refused by name.
+#[test]
+fn mixture_of_experts_configs() {
+    let qwen3 = serde_json::json!({
+        "model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "vocab_size": 100, "num_experts": 128, "num_experts_per_tok": 8,
+        "moe_intermediate_size": 24, "norm_topk_prob": true, "decoder_sparse_step": 2,
+        "mlp_only_layers": [3], "output_router_logits": false,
+    });
+    let c = peft_models::LlamaConfig::from_json(qwen3.clone()).unwrap();
+    let moe = c.moe.as_ref().unwrap();
+    assert_eq!((moe.num_experts, moe.top_k, moe.expert_size), (128, 8, 24));
+    assert!(moe.norm_topk_prob && moe.shared_expert_size.is_none());
+    // Layers 1 and 3 are sparse by the step; 3 is dense by mlp_only_layers.
+    assert_eq!(moe.sparse_layers, [false, true, false, false]);
+    assert_eq!(moe.router_path(), "mlp.gate");
+    assert_eq!(moe.expert_paths(5)[2], "mlp.experts.5.down_proj");
+    let names = |l: usize| -> Vec<&str> { c.layer_linears(l).iter().map(|l| l.name).collect() };
+    assert_eq!(
+        names(1).len(),
+        4,
+        "a sparse layer's linears: the attention's"
+    );
+    assert_eq!(
+        names(0)[4..],
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    );
+    assert_eq!(
+        c.layer_linears(0)[4].out,
+        96,
+        "a dense layer's MLP of intermediate_size"
+    );
+
+    let mixtral = serde_json::json!({
+        "model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+        "num_local_experts": 8, "num_experts_per_tok": 2,
+    });
+    let c = peft_models::LlamaConfig::from_json(mixtral).unwrap();
+    let moe = c.moe.as_ref().unwrap();
+    assert_eq!((moe.num_experts, moe.expert_size), (8, 96));
+    assert!(moe.norm_topk_prob);
+    assert_eq!(moe.router_path(), "block_sparse_moe.gate");
+    assert_eq!(
+        moe.expert_paths(1),
+        [
+            "block_sparse_moe.experts.1.w1",
+            "block_sparse_moe.experts.1.w3",
+            "block_sparse_moe.experts.1.w2"
+        ]
+    );
+    assert_eq!((c.rope_theta, c.rms_norm_eps), (1e6, 1e-5));
+
+    for (key, value, named) in [
+        (
+            "output_router_logits",
+            serde_json::json!(true),
+            "output_router_logits",
+        ),
+        (
+            "router_jitter_noise",
+            serde_json::json!(0.01),
+            "router_jitter_noise",
+        ),
+        ("clip_qkv", serde_json::json!(8.0), "clip_qkv"),
+        (
+            "num_experts_per_tok",
+            serde_json::json!(200),
+            "num_experts_per_tok",
+        ),
+    ] {
+        let mut raw = qwen3.clone();
+        raw[key] = value;
+        let err = peft_models::LlamaConfig::from_json(raw).unwrap_err();
+        assert!(err.to_string().contains(named), "{key}: {err}");
+    }
+}

@@ -130,12 +130,37 @@ fn uniform(rng: &mut impl Rng, shape: (usize, usize), bound: f64) -> Vec<f32> {
         .collect()
 }
 
+/// `all-linear` on a mixture-of-experts model becomes the names of the linear layers it
+/// selects: HF PEFT reads `all-linear` there as also adapting the experts' and the router's
+/// parameters (its `target_parameters`), which peft-rs does not train, so the adapter names
+/// what it adapts and HF PEFT loads exactly that.
+fn name_linears_of_experts_model(base: &mut Llama, config: &mut LoraConfig) -> Result<()> {
+    let all_linear = matches!(
+        &config.target_modules,
+        Some(TargetModules::Pattern(p)) if p == crate::targets::ALL_LINEAR
+    );
+    if base.config.moe.is_none() || !all_linear {
+        return Ok(());
+    }
+    let targets = config.target_modules.as_ref().expect("all-linear");
+    let selected = select_linears(base, targets, config.exclude_modules.as_ref())?;
+    let mut names: Vec<String> = selected
+        .iter()
+        .map(|p| p.rsplit('.').next().unwrap_or(p).to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    config.target_modules = Some(TargetModules::List(names));
+    Ok(())
+}
+
 impl PeftModel {
     /// Injects freshly initialised adapters (PEFT's init: kaiming-uniform A, zero B; or
     /// PiSSA's and OLoRA's from the base weights, which keep the residual). LoftQ's start as
     /// PEFT's and take their values when [`Self::quantize_base`] quantizes the base.
-    pub fn new(base: Llama, config: LoraConfig, seed: u64) -> Result<Self> {
+    pub fn new(mut base: Llama, mut config: LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
+        name_linears_of_experts_model(&mut base, &mut config)?;
         let weight_init = WeightInit::parse(&config.init_lora_weights)?;
         if weight_init == Some(WeightInit::Loftq) && config.use_dora {
             bail!(

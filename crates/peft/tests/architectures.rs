@@ -315,6 +315,45 @@ fn phi3_default_targets_are_its_fused_projections() {
     );
 }
 
+/// `all-linear` on a mixture-of-experts model adapts its linear layers (attention; Qwen2-MoE's
+/// shared expert, its gate and the dense layers' MLPs), never a router or an expert, and the
+/// adapter names them: HF PEFT reads `all-linear` there as adapting the experts' parameters.
+#[test]
+fn all_linear_on_experts_models_names_the_linear_layers() {
+    for (name, want) in [
+        ("qwen3_moe", &["k_proj", "o_proj", "q_proj", "v_proj"][..]),
+        (
+            "qwen2_moe",
+            &[
+                "down_proj",
+                "gate_proj",
+                "k_proj",
+                "o_proj",
+                "q_proj",
+                "shared_expert_gate",
+                "up_proj",
+                "v_proj",
+            ][..],
+        ),
+    ] {
+        let config = peft::LoraConfig {
+            target_modules: Some(peft::TargetModules::parse_flag("all-linear")),
+            ..Default::default()
+        };
+        let lora = PeftModel::new(base(name), config, 0).unwrap();
+        let names: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            lora.config.target_modules,
+            Some(peft::TargetModules::List(names)),
+            "{name}"
+        );
+        let keys: Vec<String> = lora.trainable().into_iter().map(|(k, _)| k).collect();
+        assert!(keys
+            .iter()
+            .all(|k| !k.contains("experts.") && !k.contains("mlp.gate.")));
+    }
+}
+
 /// transformers keeps only the last window of a sliding layer's cache, which prefix tuning
 /// fills: refused on such models, with an error that says so; and on partial rotary ones.
 #[test]
