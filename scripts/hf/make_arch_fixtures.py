@@ -179,11 +179,11 @@ models = {
         **{**common, "intermediate_size": 16}, tie_word_embeddings=False, pad_token_id=0,
         eos_token_id=2, num_experts=4, num_experts_per_tok=2)),
 }
-# HF PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE also puts LoRA on the experts' and the
-# router's parameters (target_parameters), which peft-rs does not train: their adapters here
-# take the attention projections, as an all-linear adapter of peft-rs does on them.
-attention_only = ["q_proj", "k_proj", "v_proj", "o_proj"]
-lora_targets = {"mixtral": attention_only, "qwen3_moe": attention_only, "olmoe": attention_only}
+# HF PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE also puts LoRA on the experts' stacked
+# parameters and the router's weight (target_parameters, gate_up_proj with twice the rank),
+# as it does on Mixtral's and Qwen3-MoE's here; OLMoE's adapter takes the attention alone, so
+# that a block of frozen experts (one fused op in peft-rs) is checked too.
+lora_targets = {"olmoe": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 if len(sys.argv) > 1:
     models = {name: models[name] for name in sys.argv[1:]}
 

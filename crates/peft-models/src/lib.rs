@@ -14,6 +14,7 @@ pub mod tokenizer;
 
 pub use config::LlamaConfig;
 pub use llama::{
-    BlockAdapter, EmbeddingLora, KvCache, Linear, LinearAdapter, Llama, Neftune, TokenRows,
+    BlockAdapter, EmbeddingLora, FeedForward, KvCache, Linear, LinearAdapter, Llama, MoeDeltas,
+    Neftune, SparseMoe, TokenRows, WeightDelta,
 };
 pub use loader::{load_model, LoadedModel};

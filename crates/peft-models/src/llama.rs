@@ -207,12 +207,87 @@ pub struct SparseMoe {
     pub experts: Vec<Mlp>,
     /// Qwen2-MoE's shared expert and its gate (`mlp.shared_expert`, `mlp.shared_expert_gate`).
     pub shared: Option<(Mlp, Linear)>,
+    /// LoRA on the router's and experts' parameters (HF PEFT's `target_parameters`).
+    pub deltas: MoeDeltas,
+}
+
+/// A trained change of a weight, recomputed at every forward (LoRA on a parameter):
+/// `[experts, out, in]`, one `[out, in]` per expert (the router's: one, `[experts, hidden]`).
+pub trait WeightDelta: Send + Sync {
+    fn delta(&self) -> candle_core::Result<Tensor>;
+}
+
+/// The changes of a mixture-of-experts block's parameters, as transformers 5 holds them: the
+/// router's weight, the experts' gate and up projections stacked (`gate_up_proj`, `[experts,
+/// 2 · size, hidden]`, gate first) and their down projections (`down_proj`).
+#[derive(Clone, Default)]
+pub struct MoeDeltas {
+    pub router: Option<Arc<dyn WeightDelta>>,
+    pub gate_up: Option<Arc<dyn WeightDelta>>,
+    pub down: Option<Arc<dyn WeightDelta>>,
+}
+
+/// The [`MoeDeltas`] of one forward, computed.
+struct Deltas {
+    router: Option<Tensor>,
+    gate_up: Option<Tensor>,
+    down: Option<Tensor>,
+}
+
+impl MoeDeltas {
+    pub fn is_empty(&self) -> bool {
+        self.router.is_none() && self.gate_up.is_none() && self.down.is_none()
+    }
+
+    fn compute(&self, dtype: DType) -> candle_core::Result<Deltas> {
+        let of = |d: &Option<Arc<dyn WeightDelta>>| {
+            d.as_ref().map(|d| cast(&d.delta()?, dtype)).transpose()
+        };
+        Ok(Deltas {
+            router: of(&self.router)?,
+            gate_up: of(&self.gate_up)?,
+            down: of(&self.down)?,
+        })
+    }
 }
 
 impl SparseMoe {
+    /// Folds the [`MoeDeltas`] into the router's and experts' weights, and drops them.
+    pub fn merge_deltas(&mut self) -> Result<()> {
+        let deltas = std::mem::take(&mut self.deltas);
+        let fold = |lin: &mut Linear, d: Tensor| -> Result<()> {
+            let w = lin.weight.dense()?;
+            lin.weight = LinearWeight::Dense((&w + d.to_dtype(w.dtype())?)?);
+            Ok(())
+        };
+        if let Some(d) = &deltas.router {
+            fold(&mut self.router, d.delta()?.detach().squeeze(0)?)?;
+        }
+        let gate_up = deltas.gate_up.as_ref().map(|d| d.delta()).transpose()?;
+        let down = deltas.down.as_ref().map(|d| d.delta()).transpose()?;
+        for (e, expert) in self.experts.iter_mut().enumerate() {
+            if let Some(d) = &gate_up {
+                let d = d.detach().get(e)?;
+                let size = d.dim(0)? / 2;
+                let Projections::Separate([gate, up]) = &mut expert.gate_up else {
+                    bail!("an expert with fused projections");
+                };
+                fold(gate, d.narrow(0, 0, size)?)?;
+                fold(up, d.narrow(0, size, size)?)?;
+            }
+            if let Some(d) = &down {
+                fold(&mut expert.down_proj, d.detach().get(e)?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The router's and every expert's weights when all are plain frozen dense weights: the
     /// block then runs as one fused op.
     fn frozen_weights(&self) -> Option<(Tensor, Vec<ExpertWeights>)> {
+        if !self.deltas.is_empty() {
+            return None;
+        }
         let router = match (&self.router.weight, &self.router.adapter) {
             (LinearWeight::Dense(w), None) if !param(w).track_op() => w.clone(),
             _ => return None,
@@ -531,6 +606,7 @@ impl WeightTaker<'_> {
             router,
             experts,
             shared,
+            deltas: MoeDeltas::default(),
         })
     }
 }
@@ -1628,15 +1704,23 @@ fn sparse_moe(
             let hidden = x.dim(D::Minus1)?;
             let rows = x.elem_count() / hidden;
             let x2 = reshape(x, (rows, hidden))?;
-            let logits = s.router.forward(&x2, train)?;
+            let deltas = s.deltas.compute(x.dtype())?;
+            let logits = match &deltas.router {
+                Some(d) => linear(&x2, &(s.router.weight.dense()? + d.squeeze(0)?)?)?,
+                None => s.router.forward(&x2, train)?,
+            };
             let probs = softmax_last_dim(&cast(&logits, DType::F32)?)?;
             let routing = route(&probs, top_k, norm_topk_prob)?;
             let weights = routing.weights.flatten_all()?;
             let mut out = x2.zeros_like()?;
-            for (expert, served) in s.experts.iter().zip(&routing.experts) {
+            for (e, (expert, served)) in s.experts.iter().zip(&routing.experts).enumerate() {
                 let Some(served) = served else { continue };
                 let xe = x2.index_select(&served.rows, 0)?.unsqueeze(0)?;
-                let ye = mlp(c, expert, &xe, sink, train)?.squeeze(0)?;
+                let ye = match (&deltas.gate_up, &deltas.down) {
+                    (None, None) => mlp(c, expert, &xe, sink, train)?,
+                    _ => adapted_expert(c, expert, e, &deltas, &xe)?,
+                }
+                .squeeze(0)?;
                 let we = weights.index_select(&served.slots, 0)?;
                 let we = we.to_dtype(x.dtype())?.unsqueeze(1)?;
                 out = out.index_add(&served.rows, &ye.broadcast_mul(&we)?, 0)?;
@@ -1649,6 +1733,43 @@ fn sparse_moe(
         out = add(&out, &sigmoid_gated(&gate.forward(x, train)?, &y)?)?;
     }
     Ok(out)
+}
+
+/// Expert `e` over `x` with the changes `deltas` of its weights (LoRA on the experts'
+/// parameters: HF PEFT computes the expert with its weights plus their changes, as here).
+fn adapted_expert(
+    c: &LlamaConfig,
+    expert: &Mlp,
+    e: usize,
+    deltas: &Deltas,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let Projections::Separate([gate, up]) = &expert.gate_up else {
+        candle_core::bail!("an expert with fused projections");
+    };
+    let size = gate.out_features();
+    let with = |w: &Linear, d: Option<Tensor>| -> candle_core::Result<Tensor> {
+        let w = w.weight.dense()?;
+        match d {
+            Some(d) => w + d,
+            None => Ok(w),
+        }
+    };
+    let gate_up = |start: usize| -> candle_core::Result<Option<Tensor>> {
+        deltas
+            .gate_up
+            .as_ref()
+            .map(|d| d.get(e)?.narrow(0, start, size))
+            .transpose()
+    };
+    let gate_w = with(gate, gate_up(0)?)?;
+    let up_w = with(up, gate_up(size)?)?;
+    let down_w = with(
+        &expert.down_proj,
+        deltas.down.as_ref().map(|d| d.get(e)).transpose()?,
+    )?;
+    let gated = gated_act(&linear(x, &gate_w)?, &linear(x, &up_w)?, c.activation)?;
+    linear(&gated, &down_w)
 }
 
 /// A sublayer's output as the residual stream takes it: Granite's scaled by its multiplier.

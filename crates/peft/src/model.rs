@@ -130,37 +130,13 @@ fn uniform(rng: &mut impl Rng, shape: (usize, usize), bound: f64) -> Vec<f32> {
         .collect()
 }
 
-/// `all-linear` on a mixture-of-experts model becomes the names of the linear layers it
-/// selects: HF PEFT reads `all-linear` there as also adapting the experts' and the router's
-/// parameters (its `target_parameters`), which peft-rs does not train, so the adapter names
-/// what it adapts and HF PEFT loads exactly that.
-fn name_linears_of_experts_model(base: &mut Llama, config: &mut LoraConfig) -> Result<()> {
-    let all_linear = matches!(
-        &config.target_modules,
-        Some(TargetModules::Pattern(p)) if p == crate::targets::ALL_LINEAR
-    );
-    if base.config.moe.is_none() || !all_linear {
-        return Ok(());
-    }
-    let targets = config.target_modules.as_ref().expect("all-linear");
-    let selected = select_linears(base, targets, config.exclude_modules.as_ref())?;
-    let mut names: Vec<String> = selected
-        .iter()
-        .map(|p| p.rsplit('.').next().unwrap_or(p).to_string())
-        .collect();
-    names.sort();
-    names.dedup();
-    config.target_modules = Some(TargetModules::List(names));
-    Ok(())
-}
-
 impl PeftModel {
     /// Injects freshly initialised adapters (PEFT's init: kaiming-uniform A, zero B; or
     /// PiSSA's and OLoRA's from the base weights, which keep the residual). LoftQ's start as
     /// PEFT's and take their values when [`Self::quantize_base`] quantizes the base.
     pub fn new(mut base: Llama, mut config: LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
-        name_linears_of_experts_model(&mut base, &mut config)?;
+        crate::lora::experts::convert_targets(&mut config, &mut base)?;
         let weight_init = WeightInit::parse(&config.init_lora_weights)?;
         if weight_init == Some(WeightInit::Loftq) && config.use_dora {
             bail!(
@@ -341,7 +317,17 @@ impl PeftModel {
                 )
             })
             .clone();
-        let mut selected = select_linears(&mut base, &targets, config.exclude_modules.as_ref())?;
+        // HF PEFT's conversion for mixture-of-experts models may leave no module target, only
+        // parameters.
+        let only_parameters = matches!(&targets, TargetModules::List(l) if l.is_empty())
+            && config
+                .target_parameters
+                .as_ref()
+                .is_some_and(|p| !p.is_empty());
+        let mut selected = match only_parameters {
+            true => Vec::new(),
+            false => select_linears(&mut base, &targets, config.exclude_modules.as_ref())?,
+        };
         if let Some(indices) = config.layer_indices()? {
             keep_layers(&mut selected, &targets, &indices, &config.layer_patterns()?)?;
         }
@@ -374,6 +360,23 @@ impl PeftModel {
             });
             lin.adapter = Some(layer.clone());
             adapters.insert(path, layer);
+        }
+        for target in crate::lora::experts::param_targets(&base, &config)? {
+            let (r, scaling) = config.rank_and_scaling(&target.key);
+            let rows = r * target.experts;
+            let path = &target.adapter_path;
+            let (a, b) = init(path, rows, target.in_features, target.out_features, &config)?;
+            let layer = Arc::new(LoraLayer {
+                a: Var::from_tensor(&a.to_device(&device)?.to_dtype(DType::F32)?)?,
+                b: Var::from_tensor(&b.to_device(&device)?.to_dtype(DType::F32)?)?,
+                magnitude: None,
+                scaling,
+                dropout: 0.0,
+                layer_id: adapters.len() as u64,
+                dropout_seed: dropout_seed.clone(),
+            });
+            crate::lora::experts::attach(&mut base, &target, layer.clone())?;
+            adapters.insert(target.adapter_path, layer);
         }
         let embedding = embedding_path(&base);
         let named_in_full = matches!(&targets, TargetModules::List(l) if l.contains(&embedding));
@@ -618,7 +621,10 @@ impl PeftModel {
         if !dir.is_dir() {
             bail!("adapter folder not found: {}", dir.display());
         }
-        let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let mut config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
+        // As HF PEFT converts a config on load (one from before transformers 5 fused the
+        // experts names their linear layers).
+        crate::lora::experts::convert_targets(&mut config, &mut base)?;
         if SavedBase::of(&config.init_lora_weights)? == SavedBase::Residual {
             bail!(
                 "{}: init_lora_weights={} marks an adapter for residual base weights (PiSSA, OLoRA, CorDA, LoRA-GA), not the original ones: convert it with HF PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) (peft-rs saves such adapters converted)",
@@ -794,6 +800,10 @@ impl PeftModel {
             embed = (embed.to_dtype(DType::F32)? + lora.delta()?)?;
         }
         self.base.embed_tokens = embed.to_dtype(dtype)?;
+        crate::lora::experts::merge(&mut self.base)?;
+        for (_, lin) in self.base.expert_linears_mut() {
+            lin.weight = LinearWeight::Dense(lin.weight.dense()?.detach().to_dtype(dtype)?);
+        }
         for (path, lin) in self.base.linears_mut() {
             lin.adapter = None;
             // A quantized base is dequantized here: the merged model is dense.

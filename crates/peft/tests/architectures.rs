@@ -8,7 +8,7 @@
 //! scripts/hf/make_arch_fixtures.py.
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
-use peft::{PeftModel, Tuned};
+use peft::{AdapterConfig, PeftModel, Tuned};
 use peft_models::io::load_safetensors;
 use peft_models::testing::{max_abs, max_abs_diff};
 use peft_models::{load_model, KvCache, Llama};
@@ -118,10 +118,11 @@ fn lora_gradients_on_tapes() {
         let n = ids.dim(1).unwrap() - 1;
         let loss = cross_entropy_sum(&h.squeeze(0).unwrap(), &head, &labels, n, 4, cap).unwrap();
         // The decoder stack is one node (peft_ops::taped) for every architecture: the
-        // gradients below then come from its tape.
+        // gradients below then come from its tape. LoRA on experts' parameters runs on
+        // candle's graph.
         let nodes = loss.sorted_nodes().len();
         assert!(
-            nodes <= 6,
+            nodes <= 6 || peft.config.target_parameters.is_some(),
             "{name}: {nodes} nodes, the layer tape does not serve"
         );
         let grads = peft.base.backward(&loss).unwrap();
@@ -315,43 +316,63 @@ fn phi3_default_targets_are_its_fused_projections() {
     );
 }
 
-/// `all-linear` on a mixture-of-experts model adapts its linear layers (attention; Qwen2-MoE's
-/// shared expert, its gate and the dense layers' MLPs), never a router or an expert, and the
-/// adapter names them: HF PEFT reads `all-linear` there as adapting the experts' parameters.
+/// HF PEFT's conversion of targets on the mixture-of-experts models whose experts
+/// transformers 5 fused: `all-linear` (or the experts' and router's old module names) becomes
+/// LoRA on the attention's linear layers plus `target_parameters` on the experts and router,
+/// with twice the rank and alpha for the fused gate_up_proj: the same config as HF PEFT wrote
+/// for the fixtures. Qwen2-MoE is not converted (its all-linear adapts the shared expert and
+/// the dense MLPs). Dropout, and half of the fused pair, are refused as in HF PEFT.
 #[test]
-fn all_linear_on_experts_models_names_the_linear_layers() {
-    for (name, want) in [
-        ("qwen3_moe", &["k_proj", "o_proj", "q_proj", "v_proj"][..]),
-        (
-            "qwen2_moe",
-            &[
-                "down_proj",
-                "gate_proj",
-                "k_proj",
-                "o_proj",
-                "q_proj",
-                "shared_expert_gate",
-                "up_proj",
-                "v_proj",
-            ][..],
-        ),
-    ] {
-        let config = peft::LoraConfig {
-            target_modules: Some(peft::TargetModules::parse_flag("all-linear")),
-            ..Default::default()
+fn experts_targets_convert_as_in_hf_peft() {
+    let sorted = |v: Vec<String>| {
+        let mut v = v;
+        v.sort();
+        v
+    };
+    let all_linear = || peft::LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: Some(peft::TargetModules::parse_flag("all-linear")),
+        ..Default::default()
+    };
+    for name in ["mixtral", "qwen3_moe"] {
+        let ours = PeftModel::new(base(name), all_linear(), 0).unwrap().config;
+        let hf =
+            peft::LoraConfig::from_file(&fixture(name).join("lora/adapter_config.json")).unwrap();
+        let listed = |c: &peft::LoraConfig| match &c.target_modules {
+            Some(peft::TargetModules::List(l)) => sorted(l.clone()),
+            other => panic!("{name}: {other:?}"),
         };
-        let lora = PeftModel::new(base(name), config, 0).unwrap();
-        let names: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(listed(&ours), listed(&hf), "{name}");
         assert_eq!(
-            lora.config.target_modules,
-            Some(peft::TargetModules::List(names)),
+            sorted(ours.target_parameters.clone().unwrap()),
+            sorted(hf.target_parameters.clone().unwrap()),
             "{name}"
         );
-        let keys: Vec<String> = lora.trainable().into_iter().map(|(k, _)| k).collect();
-        assert!(keys
-            .iter()
-            .all(|k| !k.contains("experts.") && !k.contains("mlp.gate.")));
+        assert_eq!(ours.rank_pattern, hf.rank_pattern, "{name}");
+        assert_eq!(ours.alpha_pattern, hf.alpha_pattern, "{name}");
     }
+    // Qwen2-MoE: all-linear stays, and adapts linear layers only.
+    let lora = PeftModel::new(base("qwen2_moe"), all_linear(), 0).unwrap();
+    assert!(lora.config.target_parameters.is_none());
+    let keys: Vec<String> = lora.trainable().into_iter().map(|(k, _)| k).collect();
+    assert!(keys.iter().any(|k| k.contains("shared_expert_gate.lora_A")));
+    assert!(keys
+        .iter()
+        .all(|k| !k.contains("experts") && !k.contains("mlp.gate.")));
+
+    let dropout = peft::LoraConfig {
+        lora_dropout: 0.05,
+        ..all_linear()
+    };
+    let err = PeftModel::new(base("qwen3_moe"), dropout, 0).err().unwrap();
+    assert!(err.to_string().contains("lora_dropout"), "{err}");
+    let half = peft::LoraConfig {
+        target_modules: Some(peft::TargetModules::parse_flag("q_proj,gate_proj")),
+        ..all_linear()
+    };
+    let err = PeftModel::new(base("qwen3_moe"), half, 0).err().unwrap();
+    assert!(err.to_string().contains("up_proj"), "{err}");
 }
 
 /// transformers keeps only the last window of a sliding layer's cache, which prefix tuning

@@ -142,6 +142,10 @@ fn check_combinable(c: &LoraConfig) -> Result<()> {
     if c.token_indices()?.is_some() {
         bail!("adapters with trainable_token_indices cannot be combined");
     }
+    // Their pairs stack the experts' ranks, which a concatenation would interleave wrongly.
+    if c.target_parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+        bail!("adapters with LoRA on parameters (target_parameters) cannot be combined");
+    }
     Ok(())
 }
 

@@ -28,6 +28,10 @@ pub struct LoraConfig {
     pub target_modules: Option<TargetModules>,
     #[serde(default)]
     pub exclude_modules: Option<TargetModules>,
+    /// Parameters adapted directly (a mixture-of-experts block's router and stacked experts:
+    /// see [`crate::lora::experts`]).
+    #[serde(default)]
+    pub target_parameters: Option<Vec<String>>,
     #[serde(default)]
     pub fan_in_fan_out: bool,
     #[serde(default = "default_bias")]
@@ -78,7 +82,6 @@ const UNSUPPORTED_IF_SET: &[&str] = &[
     "alora_invocation_tokens",
     "arrow_config",
     "layer_replication",
-    "target_parameters",
     "velora_config",
     "monteclora_config",
     "kasa_config",

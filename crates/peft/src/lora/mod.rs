@@ -2,6 +2,7 @@
 
 pub mod combine;
 pub mod config;
+pub mod experts;
 pub mod gguf;
 pub mod init;
 pub mod layer;
