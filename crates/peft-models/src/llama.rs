@@ -198,8 +198,8 @@ pub enum FeedForward {
 }
 
 /// A mixture-of-experts block (see [`Moe`]). Its router and experts are parameters, not linear
-/// layers, to transformers 5, so HF PEFT's LoRA does not target them; Qwen2-MoE's shared
-/// expert and its gate are linear layers.
+/// layers, to transformers 5: LoRA reaches them as HF PEFT's does, as changes of those
+/// parameters ([`MoeDeltas`]); Qwen2-MoE's shared expert and its gate are linear layers.
 #[derive(Clone)]
 pub struct SparseMoe {
     /// `[experts, hidden]` (`mlp.gate`).
@@ -801,8 +801,9 @@ impl Llama {
     }
 
     /// The routers and experts of the mixture-of-experts blocks with their module paths
-    /// (`model.layers.0.mlp.gate`, `model.layers.0.mlp.experts.3.down_proj`): parts of the
-    /// base model that adapters do not target, as HF PEFT's do not under transformers 5.
+    /// in the checkpoint (`model.layers.0.mlp.gate`, `model.layers.0.mlp.experts.3.down_proj`):
+    /// no linear layers to transformers 5, which module targets select; LoRA reaches them as
+    /// parameters ([`MoeDeltas`]).
     pub fn expert_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let decoder = self.config.decoder_path();
         let mut out = Vec::new();
@@ -1686,7 +1687,8 @@ fn mlp(
 
 /// A mixture-of-experts block over `x` `[batch, seq, hidden]`: one fused op when the router
 /// and experts are frozen and dense; otherwise composed of candle's ops (4-bit experts under
-/// QLoRA, trained ones under full fine-tuning), each expert over the rows routed to it.
+/// QLoRA, trained ones under full fine-tuning, LoRA on their parameters), each expert over
+/// the rows routed to it.
 fn sparse_moe(
     c: &LlamaConfig,
     moe: &Moe,
