@@ -2,7 +2,8 @@
 
 For a small random model of each architecture peft-rs writes (Llama with Llama 3 rope scaling
 and attention biases, Mistral, Qwen2, Qwen3, Gemma 3 with five sliding-window layers and one
-global, Gemma 2 with its soft caps, SmolLM3 with a layer without RoPE), saved by transformers with SmolLM2's tokenizer:
+global, Gemma 2 with its soft caps, SmolLM3 with a layer without RoPE, the mixture-of-experts
+Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE), saved by transformers with SmolLM2's tokenizer:
 1. `peft merge --model DIR --output ours.gguf --dtype f32`, and llama.cpp's own
    `convert_hf_to_gguf.py DIR --outtype f32`: every tensor (name, type, shape, values) and every
    non-`general.*` metadata value must be equal;
@@ -44,7 +45,9 @@ from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config,
                           Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
+                          Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--llama-cpp", required=True)
@@ -126,6 +129,21 @@ models = {
     "phi3_4k": (Phi3ForCausalLM, Phi3Config(
         **common, sliding_window=2047, tie_word_embeddings=False, pad_token_id=0,
         original_max_position_embeddings=2048)),
+    # The mixture-of-experts families, as llama.cpp runs them: Mixtral (its llama with
+    # experts, renormalized), Qwen2-MoE (a gated shared expert, not renormalized), Qwen3-MoE
+    # (renormalized, as its released models say) and OLMoE (not renormalized).
+    "mixtral": (MixtralForCausalLM, MixtralConfig(
+        **common, tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(
+        **common, tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64)),
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+        **common, head_dim=32, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=3,
+        moe_intermediate_size=32, norm_topk_prob=True)),
+    # OLMoE without grouped keys, as released (llama.cpp's olmoe norms keys of the model's width).
+    "olmoe": (OlmoeForCausalLM, OlmoeConfig(
+        **{**common, "num_key_value_heads": 4}, tie_word_embeddings=False, pad_token_id=0,
+        num_experts=4, num_experts_per_tok=2)),
 }
 if args.only:
     models = {name: models[name] for name in args.only.split(",")}
@@ -141,7 +159,8 @@ APART_IN_LLAMA_CPP = {"phi3"}
 PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2", "qwen3_yarn": "qwen2",
              "smollm3": None, "granite": None, "olmo2": None, "olmo3": None,
              "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
-             "phi3_partial": None}
+             "phi3_partial": None, "mixtral": None, "qwen2_moe": "qwen2", "qwen3_moe": "qwen2",
+             "olmoe": None}
 CONVERT = """
 import runpy, sys
 llama_cpp, fallback = sys.argv[1], sys.argv[2]
@@ -297,8 +316,9 @@ with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
             tok_config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
                           "unk_token": "<|endoftext|>"}
-            if name.startswith("gemma"):
-                # Gemma's own tokenizer class would rebuild SmolLM2's vocabulary as SentencePiece.
+            if name.startswith("gemma") or name == "olmoe":
+                # Gemma's own tokenizer class would rebuild SmolLM2's vocabulary as SentencePiece;
+                # OLMoE's (GPT-NeoX's) would add a padding token past the model's vocabulary.
                 tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
             json.dump(tok_config, f)
         # The tokenizer as transformers builds it for this model type (for Qwen models, Qwen2's

@@ -55,7 +55,16 @@ const PHI3_MODULES: &[(&str, &str)] = &[
     ("ffn_norm", "post_attention_layernorm"),
 ];
 
-/// The per-layer names of a GGUF architecture.
+/// Qwen2-MoE's shared expert and its gate.
+const SHARED_EXPERT: &[(&str, &str)] = &[
+    ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+    ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+    ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+    ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
+];
+
+/// The per-layer names of a GGUF architecture (a mixture-of-experts block's router and
+/// stacked experts aside: [`moe_tensor`]).
 fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
     let (modules, norms) = match arch {
         "gemma2" | "gemma3" => (LAYER_MODULES, GEMMA_NORMS),
@@ -63,7 +72,35 @@ fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'s
         "olmo2" => (LAYER_MODULES, OLMO2_NORMS),
         _ => (LAYER_MODULES, LLAMA_NORMS),
     };
-    modules.iter().chain(norms)
+    let shared = match arch {
+        "qwen2moe" => SHARED_EXPERT,
+        _ => &[][..],
+    };
+    modules.iter().chain(norms).chain(shared)
+}
+
+/// A mixture-of-experts tensor of llama.cpp: the router (`blk.N.ffn_gate_inp.weight`) or
+/// the experts' gate, up or down projections stacked (`blk.N.ffn_gate_exps.weight`,
+/// `[experts, rows, cols]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeTensor {
+    Router,
+    /// Index into the expert's projections: gate, up, down.
+    Experts(usize),
+}
+
+/// The llama.cpp names of the stacked experts' projections, gate, up and down.
+const EXPERT_TENSORS: [&str; 3] = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"];
+
+/// The layer and kind of llama.cpp's mixture-of-experts tensor `gguf`, if it is one.
+pub fn moe_tensor(gguf: &str) -> Option<(usize, MoeTensor)> {
+    let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let module = rest.strip_suffix(".weight")?;
+    let kind = match module {
+        "ffn_gate_inp" => MoeTensor::Router,
+        _ => MoeTensor::Experts(EXPERT_TENSORS.iter().position(|t| *t == module)?),
+    };
+    Some((layer.parse().ok()?, kind))
 }
 
 /// Granite's multipliers: the config's names and llama.cpp's keys (under `granite.`).
@@ -270,8 +307,38 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
             bail!("llama.cpp's phi3 reads no YaRN settings; this model scales RoPE by YaRN")
         }
         "phi3" => "phi3",
+        // llama.cpp's Mixtral is its llama with experts.
+        "mixtral" => check_moe(c, "llama", true)?,
+        "qwen2_moe" => check_moe(c, "qwen2moe", false)?,
+        "qwen3_moe" => check_moe(c, "qwen3moe", true)?,
+        "olmoe" if c.num_key_value_heads != c.num_attention_heads => {
+            bail!("llama.cpp's olmoe norms the keys over the model's width, without grouped keys; this model groups them (num_key_value_heads)")
+        }
+        "olmoe" => check_moe(c, "olmoe", false)?,
         other => bail!("cannot write a {other:?} model as GGUF"),
     })
+}
+
+/// llama.cpp's mixture-of-experts architectures have every layer sparse and renormalize the
+/// chosen experts' weights or not by architecture (`renormalizes`), whatever a file says: a
+/// model that differs would run wrong there, so it is refused.
+fn check_moe(c: &LlamaConfig, arch: &'static str, renormalizes: bool) -> Result<&'static str> {
+    let moe = c
+        .moe
+        .as_ref()
+        .context("a mixture-of-experts model without experts")?;
+    if moe.sparse_layers.iter().any(|sparse| !sparse) {
+        bail!("llama.cpp's {arch} has experts on every layer; this model has dense layers (mlp_only_layers or decoder_sparse_step)");
+    }
+    if moe.norm_topk_prob != renormalizes {
+        let does = if renormalizes {
+            "renormalizes"
+        } else {
+            "does not renormalize"
+        };
+        bail!("llama.cpp's {arch} {does} the chosen experts' weights; this model's norm_topk_prob differs");
+    }
+    Ok(arch)
 }
 
 /// What llama.cpp takes of a Gemma file (GGUF architecture `gemma2` or `gemma3`) whose
@@ -358,6 +425,26 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         ),
     ];
     md.extend(keyed.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    if let Some(moe) = &c.moe {
+        let mut experts = vec![
+            ("expert_count", u32_of(moe.num_experts)),
+            ("expert_used_count", u32_of(moe.top_k)),
+        ];
+        // Qwen's converter writes the experts' sizes where the config names them.
+        for (key, field) in [
+            ("expert_feed_forward_length", "moe_intermediate_size"),
+            (
+                "expert_shared_feed_forward_length",
+                "shared_expert_intermediate_size",
+            ),
+        ] {
+            let size = c.raw.get(field).and_then(serde_json::Value::as_u64);
+            if let Some(size) = size.filter(|_| arch.starts_with("qwen")) {
+                experts.push((key, Value::U32(size as u32)));
+            }
+        }
+        md.extend(experts.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    }
     // Gemma 2's converter writes no RoPE base (llama.cpp then takes 10000, every Gemma 2's).
     if arch != "gemma2" || c.rope_theta != 10_000.0 {
         md.push((
@@ -395,7 +482,8 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
     // a head_dim; rope dimensions and vocabulary size for Llama's converter's architectures.
     let mut optional = Vec::new();
     // Granite's converter drops the config's head_dim.
-    if c.raw.get("head_dim").is_some() && arch != "granite" {
+    let named_head_dim = c.raw.get("head_dim").is_some_and(|d| !d.is_null());
+    if named_head_dim && arch != "granite" {
         optional.push(("attention.key_length", u32_of(c.head_dim)));
         optional.push(("attention.value_length", u32_of(c.head_dim)));
     }
@@ -566,7 +654,19 @@ pub fn save_gguf(
             tensors.push((name.to_string(), factors));
         }
     }
+    if c.moe.is_some() && ty.is_mix() {
+        bail!("the k-quant mixes are not written for mixture-of-experts models here; write f32, f16, bf16 or q8_0 (llama-quantize makes the mixes of it)");
+    }
+    let experts: std::collections::HashSet<String> = model
+        .expert_linears_mut()
+        .into_iter()
+        .map(|(path, _)| format!("{path}.weight"))
+        .collect();
+    tensors.extend(moe_gguf_tensors(model)?);
     for (hf, t) in model.named_tensors()? {
+        if experts.contains(&hf) {
+            continue;
+        }
         let gguf = gguf_name(&hf, arch).with_context(|| format!("no GGUF name for {hf}"))?;
         let mut t = llama_cpp_rows(&c, &hf, &t.detach())?;
         if let Some(offset) = norm_offset(arch, &hf) {
@@ -575,6 +675,33 @@ pub fn save_gguf(
         tensors.push((gguf, t));
     }
     write_gguf(path, &metadata, &tensors, ty)
+}
+
+/// The mixture-of-experts blocks as llama.cpp holds them: per layer the router's weight and
+/// the experts' gate, up and down projections, each stacked into `[experts, rows, cols]`.
+fn moe_gguf_tensors(model: &mut Llama) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for (l, layer) in model.layers.iter_mut().enumerate() {
+        let crate::llama::FeedForward::Sparse(block) = &mut layer.mlp else {
+            continue;
+        };
+        let cpu = |w: &crate::llama::Linear| -> Result<Tensor> {
+            Ok(w.weight
+                .dense()?
+                .detach()
+                .to_device(&candle_core::Device::Cpu)?)
+        };
+        out.push((format!("blk.{l}.ffn_gate_inp.weight"), cpu(&block.router)?));
+        for (k, name) in EXPERT_TENSORS.iter().enumerate() {
+            let stack = block
+                .experts
+                .iter_mut()
+                .map(|e| cpu(e.linears_mut()[k]))
+                .collect::<Result<Vec<_>>>()?;
+            out.push((format!("blk.{l}.{name}.weight"), Tensor::stack(&stack, 0)?));
+        }
+    }
+    Ok(out)
 }
 
 /// `t`, a tensor of the HF module `hf` (a weight, a bias or LoRA's B) in llama.cpp's row order:

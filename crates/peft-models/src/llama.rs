@@ -165,7 +165,7 @@ pub struct Mlp {
 
 impl Mlp {
     /// gate, up (or the fused gate_up) and down.
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out = self.gate_up.linears_mut();
         out.push(&mut self.down_proj);
         out

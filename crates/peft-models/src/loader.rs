@@ -856,8 +856,14 @@ fn read_gguf<R: Read + Seek>(
         .cloned()
         .with_context(bad)?;
     // The transformers model type and class of the architecture, where we read it.
+    let experts = md_u64(md, &format!("{arch}.expert_count")).unwrap_or(0) as usize;
     let (model_type, class) = match arch.as_str() {
+        // llama.cpp's Mixtral is its llama with experts.
+        "llama" if experts > 0 => ("mixtral", "MixtralForCausalLM"),
         "llama" => ("llama", "LlamaForCausalLM"),
+        "qwen2moe" => ("qwen2_moe", "Qwen2MoeForCausalLM"),
+        "qwen3moe" => ("qwen3_moe", "Qwen3MoeForCausalLM"),
+        "olmoe" => ("olmoe", "OlmoeForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
@@ -889,13 +895,12 @@ fn read_gguf<R: Read + Seek>(
     if heads == 0 || kv_heads == 0 {
         bail!("{}: GGUF metadata gives 0 attention heads", path.display());
     }
-    // Mixtral's GGUF files are llama's with stacked experts.
-    if md_u64(md, &key("expert_count")).is_ok_and(|n| n > 0) {
-        bail!(
-            "{}: mixture-of-experts GGUF files are not read; load the model's HF folder",
-            path.display()
-        );
-    }
+    // The checkpoint names of a mixture-of-experts block's router and experts.
+    let moe_names = match model_type {
+        "mixtral" => Some(("block_sparse_moe", ["w1", "w3", "w2"])),
+        _ if experts > 0 => Some(("mlp", ["gate_proj", "up_proj", "down_proj"])),
+        _ => None,
+    };
 
     // Data can be truncated even when the header parses: check that every tensor fits.
     for (name, info) in &content.tensor_infos {
@@ -920,6 +925,31 @@ fn read_gguf<R: Read + Seek>(
     }
 
     for name in content.tensor_infos.keys() {
+        if let (Some((block, projections)), Some((layer, kind))) =
+            (moe_names, gguf::moe_tensor(name))
+        {
+            let t = content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .with_context(bad)?
+                .dequantize(&Device::Cpu)?;
+            let p = format!("model.layers.{layer}.{block}");
+            match kind {
+                gguf::MoeTensor::Router => store.insert(format!("{p}.gate.weight"), t)?,
+                gguf::MoeTensor::Experts(k) => {
+                    if t.rank() != 3 || t.dim(0)? != experts {
+                        bail!(
+                            "{}: {name} is not {experts} stacked experts",
+                            path.display()
+                        );
+                    }
+                    for e in 0..experts {
+                        let hf = format!("{p}.experts.{e}.{}.weight", projections[k]);
+                        store.insert(hf, t.get(e)?.to_device(device)?)?;
+                    }
+                }
+            }
+            continue;
+        }
         let Some(hf) = gguf::hf_name(name, &arch) else {
             continue;
         };
@@ -962,11 +992,14 @@ fn read_gguf<R: Read + Seek>(
     let tokenizer = Tokenizer::from_gguf_metadata(md)
         .with_context(|| format!("{}: tokenizer metadata", path.display()))?;
     let (bos, eos) = (tokenizer.bos_token_id(), tokenizer.eos_token_id());
-    // Phi-3's ffn_up holds gate and up.
+    // Phi-3's ffn_up holds gate and up; a mixture of experts' layers have no dense MLP.
     let intermediate = match arch.as_str() {
         "phi3" => store
             .rows("model.layers.0.mlp.gate_up_proj.weight")
             .map(|r| r / 2),
+        _ if experts > 0 => md_u64(md, &key("feed_forward_length"))
+            .ok()
+            .map(|n| n as usize),
         _ => store.rows("model.layers.0.mlp.up_proj.weight"),
     }
     .with_context(|| format!("{}: no blk.0.ffn_up.weight", path.display()))?;
@@ -1019,6 +1052,35 @@ fn read_gguf<R: Read + Seek>(
             if let Some(cap) = md_f64(md, &key(name)).filter(|&cap| cap > 0.0) {
                 raw[name] = json!(cap);
             }
+        }
+    }
+    if let Some((block, projections)) = moe_names {
+        // As llama.cpp runs them: every layer's experts, renormalized by Qwen3-MoE and Mixtral.
+        let size = store
+            .rows(&format!(
+                "model.layers.0.{block}.experts.0.{}.weight",
+                projections[1]
+            ))
+            .with_context(|| format!("{}: no blk.0.ffn_up_exps.weight", path.display()))?;
+        let count_key = match model_type {
+            "mixtral" => "num_local_experts",
+            _ => "num_experts",
+        };
+        raw[count_key] = json!(experts);
+        raw["num_experts_per_tok"] = json!(md_u64(md, &key("expert_used_count"))?);
+        match model_type {
+            "mixtral" => raw["intermediate_size"] = json!(size),
+            "olmoe" => {
+                raw["intermediate_size"] = json!(size);
+                raw["norm_topk_prob"] = json!(false);
+            }
+            _ => {
+                raw["moe_intermediate_size"] = json!(size);
+                raw["norm_topk_prob"] = json!(model_type == "qwen3_moe");
+            }
+        }
+        if let Some(shared) = store.rows("model.layers.0.mlp.shared_expert.up_proj.weight") {
+            raw["shared_expert_intermediate_size"] = json!(shared);
         }
     }
     if model_type == "olmo3" {

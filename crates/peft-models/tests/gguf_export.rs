@@ -155,6 +155,27 @@ fn config(case: &str) -> LlamaConfig {
                 "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
             });
         }
+        // The mixture-of-experts families as llama.cpp runs them: four experts, two per token.
+        "mixtral" => {
+            c["num_local_experts"] = json!(4);
+            c["num_experts_per_tok"] = json!(2);
+        }
+        "qwen2_moe" | "qwen3_moe" => {
+            c["num_experts"] = json!(4);
+            c["num_experts_per_tok"] = json!(2);
+            c["moe_intermediate_size"] = json!(32);
+            if model_type == "qwen2_moe" {
+                c["shared_expert_intermediate_size"] = json!(48);
+            } else {
+                c["head_dim"] = json!(32);
+                c["norm_topk_prob"] = json!(true);
+            }
+        }
+        "olmoe" => {
+            c["num_key_value_heads"] = json!(4);
+            c["num_experts"] = json!(4);
+            c["num_experts_per_tok"] = json!(2);
+        }
         // Six layers: five sliding (a window of 4 over the 10 test tokens), one global.
         "gemma3_text" => {
             c["num_hidden_layers"] = json!(6);
@@ -283,6 +304,63 @@ fn written_models_read_back_alike() {
         // Only the finished files: no temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 5);
     }
+}
+
+/// Mixture-of-experts models go out as llama.cpp holds them (per layer the router and the
+/// experts stacked, `blk.N.ffn_gate_exps.weight`) and read back alike; what llama.cpp would
+/// run otherwise than the model is refused by name.
+#[test]
+fn mixture_of_experts_models_read_back_alike() {
+    let tok = tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    for model_type in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+        let mut original = model(model_type);
+        let want = logits(&original);
+        for (ty, tol) in [(GgufType::F32, 1e-5), (GgufType::Q8_0, 1e-1)] {
+            let path = dir.path().join(format!("{model_type}-{ty:?}.gguf"));
+            save_gguf(&mut original, &tok, &path, ty, "tiny").unwrap();
+            let loaded = load_model(&path, &Device::Cpu, DType::F32).unwrap();
+            assert_eq!(loaded.config.model_type, model_type);
+            assert_eq!(loaded.config.moe, original.config.moe, "{model_type}");
+            let m = Llama::from_weights(loaded.config, loaded.weights, &Device::Cpu, DType::F32)
+                .unwrap();
+            let d = max_abs_diff(&logits(&m), &want);
+            assert!(d < tol, "{model_type} {ty:?}: logits differ by {d}");
+        }
+        let err = save_gguf(
+            &mut original,
+            &tok,
+            &dir.path().join("x.gguf"),
+            GgufType::Q4KM,
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("mixes"), "{err}");
+    }
+    let refused = |model_type: &str, change: &dyn Fn(&mut serde_json::Value), named: &str| {
+        let mut raw = config(model_type).raw;
+        change(&mut raw);
+        let c = LlamaConfig::from_json(raw).unwrap();
+        let mut m = random_llama(c, &Device::Cpu, DType::F32, 5).unwrap();
+        let err =
+            save_gguf(&mut m, &tok, &dir.path().join("y.gguf"), GgufType::F32, "t").unwrap_err();
+        assert!(err.to_string().contains(named), "{model_type}: {err}");
+    };
+    refused(
+        "qwen3_moe",
+        &|c| c["norm_topk_prob"] = json!(false),
+        "norm_topk_prob",
+    );
+    refused(
+        "qwen2_moe",
+        &|c| c["mlp_only_layers"] = json!([1]),
+        "dense layers",
+    );
+    refused(
+        "olmoe",
+        &|c| c["num_key_value_heads"] = json!(2),
+        "num_key_value_heads",
+    );
 }
 
 #[test]
