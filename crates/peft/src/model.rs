@@ -633,6 +633,8 @@ impl PeftModel {
             );
         }
         let (weights_path, mut tensors) = read_adapter_weights(dir, &candle_core::Device::Cpu)?;
+        crate::lora::experts::stack_expert_pairs(&mut tensors, &base)
+            .with_context(|| format!("{}", weights_path.display()))?;
         // Before the token rows, whose new ids need the grown embedding.
         take_grown_embeddings(&mut base, &mut tensors, &weights_path, TOKEN_ADAPTER_BASE)?;
         let mut by_path: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();

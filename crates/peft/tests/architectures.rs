@@ -181,6 +181,25 @@ fn composed_moe_blocks_match_hf_peft() {
     }
 }
 
+/// Adapters saved on transformers 4, a LoRA pair per expert's projection and on the router
+/// (scripts/hf/make_moe_v4_fixture.py), load as HF PEFT 0.21 converts them: the same logits.
+#[test]
+fn transformers_4_experts_adapters_load_as_hf_peft_converts_them() {
+    for name in ["mixtral", "qwen3_moe"] {
+        let dir = fixture(name);
+        let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+        let want = load_safetensors(&dir.join("lora_v4_logits.safetensors"), &Device::Cpu).unwrap();
+        let peft = PeftModel::load(base(name), &dir.join("lora_v4")).unwrap();
+        let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+        let d = max_abs_diff(&logits(&peft.base, &ids, None), &want["logits"]);
+        assert!(d < 1e-4, "{name}: logits differ by {d}");
+        let keys: Vec<String> = peft.trainable().into_iter().map(|(k, _)| k).collect();
+        assert!(keys
+            .iter()
+            .any(|k| k.ends_with("mlp.experts.base_layer.lora_B.weight")));
+    }
+}
+
 /// Generation's path: a prompt, then one token at a time over the key/value cache (past
 /// Gemma 3's 3-token window: the cached keys it hides must stay hidden), gives the logits of
 /// one forward over the whole sequence.

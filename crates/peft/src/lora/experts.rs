@@ -8,13 +8,14 @@
 //! `scaling · B_e · A_e`. Two targeted parameters of one module nest as HF PEFT's wrappers do:
 //! the first (`gate_up_proj`) is saved under `experts.base_layer`, the second under `experts`.
 
+use crate::keys::file_key;
 use crate::lora::config::LoraConfig;
 use crate::lora::layer::LoraLayer;
 use crate::targets::{select_linears, TargetModules, ALL_LINEAR};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use peft_models::{FeedForward, Llama, WeightDelta};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Which parameter of a mixture-of-experts block.
@@ -251,6 +252,94 @@ pub fn param_targets(base: &Llama, config: &LoraConfig) -> Result<Vec<ParamTarge
         );
     }
     Ok(out)
+}
+
+/// The pairs of an adapter saved on transformers 4, one per expert's projection (Qwen's
+/// `mlp.experts.3.gate_proj`, Mixtral's `block_sparse_moe.experts.3.w1`), stacked as HF PEFT
+/// stacks them when it loads such an adapter: the gate's and up's `lora_A` of each expert one
+/// above the other, their `lora_B` block-diagonal, experts interleaved in `lora_B`'s columns
+/// (`j · E + e`); Mixtral's router pair renamed from `block_sparse_moe.gate` to `mlp.gate`.
+/// `tensors` by file key; nothing changes where there are none.
+pub fn stack_expert_pairs(tensors: &mut HashMap<String, Tensor>, base: &Llama) -> Result<()> {
+    let c = &base.config;
+    let Some(moe) = c
+        .moe
+        .as_ref()
+        .filter(|_| converted_names(&c.model_type).is_some())
+    else {
+        return Ok(());
+    };
+    let [gate, up, down] = moe.expert_projections;
+    let e_count = moe.num_experts;
+    for l in sparse_layers(base) {
+        let old = format!("{}.layers.{l}.{}", c.decoder_path(), moe.block);
+        let new = format!("{}.layers.{l}.mlp", c.decoder_path());
+        for lora in ["lora_A.weight", "lora_B.weight"] {
+            if let Some(t) = tensors.remove(&file_key(&format!("{old}.gate"), lora)) {
+                tensors.insert(file_key(&format!("{new}.gate"), lora), t);
+            }
+        }
+        let mut take = |proj: &str, lora: &str| -> Result<Option<Vec<Tensor>>> {
+            let keys: Vec<String> = (0..e_count)
+                .map(|e| file_key(&format!("{old}.experts.{e}.{proj}"), lora))
+                .collect();
+            let found: Vec<Tensor> = keys.iter().filter_map(|k| tensors.remove(k)).collect();
+            match found.len() {
+                0 => Ok(None),
+                n if n == e_count => Ok(Some(found)),
+                n => bail!("{n} of {e_count} experts have {proj}.{lora} in layer {l}: every expert needs its pair"),
+            }
+        };
+        let gate_pair = (take(gate, "lora_A.weight")?, take(gate, "lora_B.weight")?);
+        let up_pair = (take(up, "lora_A.weight")?, take(up, "lora_B.weight")?);
+        let down_pair = (take(down, "lora_A.weight")?, take(down, "lora_B.weight")?);
+        let interleaved = |bs: Vec<Tensor>| -> Result<Tensor> {
+            // [E, out, r] -> [out, r·E], column j·E + e.
+            let b = Tensor::stack(&bs, 0)?.permute((2, 0, 1))?;
+            let (r, e, out) = b.dims3()?;
+            Ok(b.contiguous()?.reshape((r * e, out))?.t()?.contiguous()?)
+        };
+        let has_down = down_pair.0.is_some();
+        match (gate_pair, up_pair) {
+            ((Some(ga), Some(gb)), (Some(ua), Some(ub))) => {
+                let mut a = Vec::new();
+                let mut b = Vec::new();
+                for e in 0..e_count {
+                    a.push(Tensor::cat(&[&ga[e], &ua[e]], 0)?);
+                    let (size, r) = gb[e].dims2()?;
+                    let zeros = gb[e].zeros_like()?;
+                    let top = Tensor::cat(&[&gb[e], &zeros], 1)?;
+                    let bottom = Tensor::cat(&[&zeros, &ub[e]], 1)?;
+                    let block = Tensor::cat(&[top, bottom], 0)?;
+                    debug_assert_eq!(block.dims(), [2 * size, 2 * r]);
+                    b.push(block);
+                }
+                let path = match has_down {
+                    true => format!("{new}.experts.base_layer"),
+                    false => format!("{new}.experts"),
+                };
+                tensors.insert(file_key(&path, "lora_A.weight"), Tensor::cat(&a, 0)?);
+                tensors.insert(file_key(&path, "lora_B.weight"), interleaved(b)?);
+            }
+            ((None, None), (None, None)) => {}
+            _ => bail!("layer {l}: the experts' {gate} and {up} pairs go together (one parameter, gate_up_proj, since transformers 5)"),
+        }
+        match down_pair {
+            (Some(a), Some(b)) => {
+                tensors.insert(
+                    file_key(&format!("{new}.experts"), "lora_A.weight"),
+                    Tensor::cat(&a, 0)?,
+                );
+                tensors.insert(
+                    file_key(&format!("{new}.experts"), "lora_B.weight"),
+                    interleaved(b)?,
+                );
+            }
+            (None, None) => {}
+            _ => bail!("layer {l}: the experts' {down} pairs lack lora_A or lora_B"),
+        }
+    }
+    Ok(())
 }
 
 /// A stacked LoRA pair as the change of its parameter.
