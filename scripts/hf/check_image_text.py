@@ -46,12 +46,17 @@ from transformers import (AutoModelForImageTextToText, Gemma3Config,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, Ministral3Config,
                           Mistral3Config,
                           Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
-                          SiglipVisionConfig)
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, SiglipVisionConfig)
+
+# The names of the vision towers and projectors (Qwen's VL models: `visual`).
+OUTSIDE = ("vision_tower", "multi_modal_projector", "visual")
 
 from harness import arguments, peft_logits, random_model, run
 
 parser = arguments("smollm-dir", "data")
-parser.add_argument("--arch", default="all", choices=["gemma3", "mistral3", "ministral3", "all"])
+ARCHES = ["gemma3", "mistral3", "ministral3", "qwen2_5_vl", "qwen3_vl"]
+parser.add_argument("--arch", default="all", choices=ARCHES + ["all"])
 args = parser.parse_args()
 
 
@@ -77,8 +82,7 @@ def check_merged(merged, model, reference, ids, image_reference, failed):
     unloaded = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]]
     print(f"  transformers loads the merged folder as {type(m).__name__}; "
           f"{'problems: ' + str({k: info[k] for k in unloaded}) if unloaded else 'every key in place'}")
-    tower = {k: v for k, v in model.state_dict().items()
-             if "vision_tower" in k or "multi_modal_projector" in k}
+    tower = {k: v for k, v in model.state_dict().items() if any(p in k for p in OUTSIDE)}
     merged_state = m.state_dict()
     same = all(torch.equal(v, merged_state[k]) for k, v in tower.items())
     print(f"  vision tower and projector ({len(tower)} tensors) equal the original's: {same}")
@@ -135,12 +139,47 @@ def mistral3(ministral=False):
     return Mistral3ForConditionalGeneration, config, image, True, "gate_proj"
 
 
+def qwen_vl(generation):
+    """Qwen2.5-VL (Qwen2's layer, files that keep the language model where a causal LM keeps
+    it) or Qwen3-VL (Qwen3's layer, deepstack features): 4 layers, hidden 64; an image of 2 x 2
+    patches, merged into one token."""
+    shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64)
+    tokens = dict(image_token_id=49151, vision_start_token_id=49149, vision_end_token_id=49150)
+    if generation == 2:
+        text = dict(**shape, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [2, 3, 3]})
+        config = Qwen2_5_VLConfig(text_config=text, tie_word_embeddings=False, **tokens,
+                                  vision_config=dict(**vision, fullatt_block_indexes=[0]))
+        cls, patch = Qwen2_5_VLForConditionalGeneration, 14
+    else:
+        text = dict(**shape, head_dim=32, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+            "mrope_interleaved": True})
+        config = Qwen3VLConfig(text_config=text, tie_word_embeddings=False, **tokens,
+                               vision_config=dict(**vision, deepstack_visual_indexes=[0],
+                                                  num_position_embeddings=16, patch_size=16))
+        cls, patch = Qwen3VLForConditionalGeneration, 16
+    image_ids = ids[:5] + [49149, 49151, 49150] + ids[5:20]
+    pixels = torch.randn(4, 3 * 2 * patch * patch, generator=torch.Generator().manual_seed(1))
+    image = dict(input_ids=torch.tensor([image_ids]), pixel_values=pixels,
+                 image_grid_thw=torch.tensor([[1, 2, 2]]))
+    if generation == 3:
+        # Qwen3-VL's processor marks the image's tokens.
+        image["mm_token_type_ids"] = torch.tensor([[int(t == 49151) for t in image_ids]])
+    return cls, config, image, False, "qkv"
+
+
 failed = False
-for arch in (["gemma3", "mistral3", "ministral3"] if args.arch == "all" else [args.arch]):
+for arch in (ARCHES if args.arch == "all" else [args.arch]):
     print(f"== {arch}")
     cls, config, image_inputs, tying_left_out, tower_mlp = {
         "gemma3": gemma3, "mistral3": mistral3, "ministral3": lambda: mistral3(ministral=True),
+        "qwen2_5_vl": lambda: qwen_vl(2), "qwen3_vl": lambda: qwen_vl(3),
     }[arch]()
+    tower = "visual" if arch.startswith("qwen") else "vision_tower"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, adapter, merged = (os.path.join(tmp, n) for n in ["model", "adapter", "merged"])
         model = random_model(cls, config, model_dir, args.smollm_dir)
@@ -217,10 +256,10 @@ for arch in (["gemma3", "mistral3", "ministral3"] if args.arch == "all" else [ar
                                              target_modules=["q_proj", "v_proj", tower_mlp]))
         with torch.no_grad():
             for pname, p in hf_model.named_parameters():
-                if "vision_tower" in pname and "lora_B" in pname:
+                if tower in pname and "lora_B" in pname:
                     p.zero_()
         hf_model.eval().save_pretrained(hf_adapter)
-        tower_pairs = sum("vision_tower" in k and "lora_A" in k
+        tower_pairs = sum(tower in k and "lora_A" in k
                           for k in load_file(os.path.join(hf_adapter, "adapter_model.safetensors")))
         with torch.no_grad():
             hf = hf_model(input_ids=torch.tensor([ids])).logits.float()
@@ -253,7 +292,7 @@ for arch in (["gemma3", "mistral3", "ministral3"] if args.arch == "all" else [ar
         emb_model = get_peft_model(cls.from_pretrained(model_dir, dtype=torch.float32),
                                    LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                               target_modules=["q_proj", "embed_tokens"],
-                                              exclude_modules=r"model\.vision_tower\..*"))
+                                              exclude_modules=rf"model\.{tower}\..*"))
         with torch.no_grad():
             for name, p in emb_model.named_parameters():
                 if "lora_embedding" in name:

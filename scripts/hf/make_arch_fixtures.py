@@ -37,6 +37,8 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Phi3Config, Phi3ForCausalLM,
                           Qwen2MoeConfig, Qwen2MoeForCausalLM,
                           Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -179,6 +181,22 @@ models = {
         **{**common, "intermediate_size": 16}, tie_word_embeddings=False, pad_token_id=0,
         eos_token_id=2, num_experts=4, num_experts_per_tok=2)),
 }
+# Qwen2.5-VL and Qwen3-VL: Qwen2's and Qwen3's layers under `language_model` (their
+# multimodal RoPE split into three sections, one position grid on text alone), beside small
+# vision towers (`visual`, which HF PEFT's all-linear adapts too: B zeroed below). Qwen2.5-VL's
+# files keep the language model where a causal LM keeps it (`model.layers`, `visual`).
+qwen_vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32)
+models["qwen2_5_vl"] = (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(
+    text_config=dict(**common, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2],
+                                      "rope_theta": 10000.0}),
+    vision_config=dict(**qwen_vision, fullatt_block_indexes=[0]), tie_word_embeddings=False))
+models["qwen3_vl"] = (Qwen3VLForConditionalGeneration, Qwen3VLConfig(
+    text_config=dict(**common, head_dim=16, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                      "mrope_interleaved": True, "rope_theta": 5000.0}),
+    vision_config=dict(**qwen_vision, deepstack_visual_indexes=[0], num_position_embeddings=16),
+    tie_word_embeddings=False))
 # HF PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE also puts LoRA on the experts' stacked
 # parameters and the router's weight (target_parameters, gate_up_proj with twice the rank),
 # as it does on Mixtral's and Qwen3-MoE's here; OLMoE's adapter takes the attention alone, so
@@ -240,7 +258,8 @@ for name, (cls, cfg) in models.items():
     peft_model = get_peft_model(model, lora).eval()
     with torch.no_grad():
         for pname, p in peft_model.named_parameters():
-            if ("vision_tower" in pname or "multi_modal_projector" in pname) and "lora_B" in pname:
+            outside = ("vision_tower", "multi_modal_projector", "visual")
+            if any(part in pname for part in outside) and "lora_B" in pname:
                 p.zero_()
     peft_model.save_pretrained(f"{out}/lora")
     os.remove(f"{out}/lora/README.md")

@@ -359,6 +359,9 @@ const SUPPORTED: &[&str] = &[
     "qwen2_moe",
     "qwen3_moe",
     "olmoe",
+    "qwen2_vl_text",
+    "qwen2_5_vl_text",
+    "qwen3_vl_text",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
@@ -368,7 +371,16 @@ const IMAGE_TEXT: &[(&str, &[&str])] = &[
     ("gemma3", &["gemma3_text"]),
     // Mistral Small 3.1 and 3.2, Magistral Small; Ministral 3.
     ("mistral3", &["mistral", "ministral3"]),
+    // Qwen2-VL, Qwen2.5-VL (Qwen2's layer) and Qwen3-VL (Qwen3's), whose multimodal RoPE is
+    // the plain one on text alone (the three position grids are then one).
+    ("qwen2_vl", &["qwen2_vl_text"]),
+    ("qwen2_5_vl", &["qwen2_5_vl_text"]),
+    ("qwen3_vl", &["qwen3_vl_text"]),
 ];
+
+/// The image-text models whose early configs keep the language model's fields at the top
+/// level (no `text_config`), as transformers still reads them.
+const FLAT_IMAGE_TEXT: &[&str] = &["qwen2_vl", "qwen2_5_vl"];
 
 /// Module path of the decoder (embeddings, layers, final norm) in a causal LM.
 pub const CAUSAL_LM_DECODER: &str = "model";
@@ -433,11 +445,19 @@ fn image_text_language_config(raw: &Value) -> Result<Option<Value>> {
     let Some((kind, text_kinds)) = IMAGE_TEXT.iter().find(|(k, _)| Some(*k) == model_type) else {
         return Ok(None);
     };
-    let mut text = raw
-        .get("text_config")
-        .filter(|t| t.is_object())
-        .with_context(|| format!("model_type {kind:?} needs a text_config object"))?
-        .clone();
+    let flat = || {
+        let mut top = raw.clone();
+        if let Some(obj) = top.as_object_mut() {
+            obj.remove("vision_config");
+            obj.remove("model_type");
+        }
+        top
+    };
+    let mut text = match raw.get("text_config").filter(|t| t.is_object()) {
+        Some(text) => text.clone(),
+        None if FLAT_IMAGE_TEXT.contains(kind) => flat(),
+        None => bail!("model_type {kind:?} needs a text_config object"),
+    };
     let obj = text.as_object_mut().expect("checked to be an object");
     let text_type = obj
         .entry("model_type")
@@ -451,10 +471,11 @@ fn image_text_language_config(raw: &Value) -> Result<Option<Value>> {
             "the text_config of a {kind:?} model has model_type {text_type}, expected {expected}"
         );
     }
+    // The classes' defaults: Gemma 3's and Mistral 3's tie, Qwen's VL models' do not.
     let tied = raw
         .get("tie_word_embeddings")
         .cloned()
-        .unwrap_or(true.into());
+        .unwrap_or((!kind.starts_with("qwen")).into());
     obj.insert("tie_word_embeddings".into(), tied);
     Ok(Some(text))
 }
@@ -546,7 +567,8 @@ impl LlamaConfig {
                 "gemma3_text" => 1_000_000.0,
                 "smollm3" => 2_000_000.0,
                 "olmo3" => 500_000.0,
-                "mixtral" => 1_000_000.0,
+                "mixtral" | "qwen2_vl_text" | "qwen2_5_vl_text" => 1_000_000.0,
+                "qwen3_vl_text" => 5_000_000.0,
                 _ => 10_000.0,
             });
         let rope_type = |r: &Option<Value>| {
@@ -588,6 +610,9 @@ impl LlamaConfig {
         let mut yarn = None;
         match rope_type(&rope).as_str() {
             "default" => {}
+            // Qwen's VL models: on text alone, the plain RoPE (`mrope_section` splits the
+            // frequencies among three position grids, which are then one).
+            "mrope" if model_type.contains("_vl_text") => {}
             "longrope" | "su" => {
                 let r = rope.as_ref().unwrap_or(&Value::Null);
                 longrope = Some(long_rope(&c, r, rotary_dim)?);
@@ -701,7 +726,7 @@ impl LlamaConfig {
         };
         // Qwen2 always has q/k/v biases, Qwen2-MoE where its `qkv_bias` (default true) says.
         let qkv_bias = match model_type.as_str() {
-            "qwen2" => true,
+            "qwen2" | "qwen2_vl_text" | "qwen2_5_vl_text" => true,
             "qwen2_moe" => raw.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true),
             _ => c.attention_bias,
         };
@@ -761,7 +786,7 @@ impl LlamaConfig {
             o_bias: c.attention_bias,
             mlp_bias: c.mlp_bias,
             qk_norm: match model_type.as_str() {
-                "qwen3" | "qwen3_moe" | "gemma3_text" => QkNorm::PerHead,
+                "qwen3" | "qwen3_moe" | "qwen3_vl_text" | "gemma3_text" => QkNorm::PerHead,
                 "olmo2" | "olmo3" | "olmoe" => QkNorm::Projection,
                 _ => QkNorm::None,
             },

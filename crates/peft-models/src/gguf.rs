@@ -293,8 +293,9 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
             }
             "smollm3"
         }
-        "qwen2" => "qwen2",
-        "qwen3" => "qwen3",
+        // Qwen's VL models' language model as the text model it is on text alone.
+        "qwen2" | "qwen2_vl_text" | "qwen2_5_vl_text" => "qwen2",
+        "qwen3" | "qwen3_vl_text" => "qwen3",
         "gemma2" => {
             check_gemma_layout(c, "gemma2")?;
             "gemma2"

@@ -62,6 +62,17 @@ pub fn language_model_name(name: &str) -> Option<String> {
     ours.then(|| name.to_string())
 }
 
+/// The module-tree name of a language-model tensor that an image-text checkpoint keeps where a
+/// causal LM keeps it (`model.layers.0...`, as Qwen2-VL's and Qwen2.5-VL's files do, beside
+/// `visual.*`): `model.language_model.layers.0...`.
+fn flat_language_model_name(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("model.")?;
+    let part = rest.split('.').next()?;
+    ["layers", "embed_tokens", "norm"]
+        .contains(&part)
+        .then(|| format!("{IMAGE_TEXT_DECODER}.{rest}"))
+}
+
 /// The module-tree name of an image-text checkpoint's tensor outside its language model
 /// (`vision_tower.encoder...` is `model.vision_tower.encoder...`), as transformers renames them.
 pub fn other_part_name(name: &str) -> String {
@@ -73,10 +84,20 @@ pub fn other_part_name(name: &str) -> String {
 
 /// The name transformers' `save_pretrained` gives a language-model tensor of an image-text
 /// model (the inverse of [`language_model_name`], to the layout the released files use).
-pub fn image_text_checkpoint_name(name: &str) -> String {
-    match name.strip_prefix(&format!("{IMAGE_TEXT_DECODER}.")) {
-        Some(rest) => format!("language_model.model.{rest}"),
-        None => format!("language_model.{name}"),
+/// Qwen2-VL's and Qwen2.5-VL's keep a causal LM's names (`model.layers.0...`); Qwen3-VL's keep
+/// the module tree's.
+pub fn image_text_checkpoint_name(kind: &str, name: &str) -> String {
+    let decoder = format!("{IMAGE_TEXT_DECODER}.");
+    match kind {
+        "qwen2_vl" | "qwen2_5_vl" => match name.strip_prefix(&decoder) {
+            Some(rest) => format!("model.{rest}"),
+            None => name.to_string(),
+        },
+        "qwen3_vl" => name.to_string(),
+        _ => match name.strip_prefix(&decoder) {
+            Some(rest) => format!("language_model.model.{rest}"),
+            None => format!("language_model.{name}"),
+        },
     }
 }
 
@@ -552,7 +573,7 @@ fn load_hf_dir(
     // outside its language model are left on disk.
     let image_text = config.image_text.is_some();
     let module_name = |name: &str| match image_text {
-        true => language_model_name(name),
+        true => language_model_name(name).or_else(|| flat_language_model_name(name)),
         false => Some(name.to_string()),
     };
     let mut other = Vec::new();

@@ -26,14 +26,19 @@ pub fn save_hf_model(
     dtype: DType,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let image_text = model.config.image_text.is_some();
+    let kind = model
+        .config
+        .image_text
+        .as_ref()
+        .and_then(|whole| whole.get("model_type")?.as_str())
+        .map(str::to_string);
     let mut tensors = model
         .named_tensors()?
         .into_iter()
         .map(|(k, t)| {
-            let name = match image_text {
-                true => image_text_checkpoint_name(&k),
-                false => k,
+            let name = match &kind {
+                Some(kind) => image_text_checkpoint_name(kind, &k),
+                None => k,
             };
             Ok((name, t.detach().to_dtype(dtype)?))
         })

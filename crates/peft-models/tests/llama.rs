@@ -374,3 +374,34 @@ fn mixture_of_experts_configs() {
         assert!(err.to_string().contains(named), "{key}: {err}");
     }
 }
+
+/// Qwen2.5-VL's released config keeps the language model's fields at the top level (no
+/// text_config) with `rope_scaling: {"type": "mrope"}`; transformers reads it as the text
+/// config, and so does peft-rs: Qwen2's layer, untied by the class's default, the plain RoPE
+/// on text.
+#[test]
+fn qwen2_5_vl_flat_config_is_its_text_config() {
+    let raw = serde_json::json!({
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+        "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "vision_config": {"depth": 1, "hidden_size": 16},
+    });
+    let c = peft_models::LlamaConfig::from_json(raw).unwrap();
+    assert_eq!(c.model_type, "qwen2_5_vl_text");
+    assert_eq!(c.decoder_path(), "model.language_model");
+    assert!(c.qkv_bias && !c.tie_word_embeddings);
+    assert_eq!(c.rope_theta, 1e6);
+    assert!(c.rope_scaling.is_none() && c.yarn.is_none());
+    let qwen3 = serde_json::json!({
+        "model_type": "qwen3_vl",
+        "text_config": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                        "vocab_size": 100},
+    });
+    let c = peft_models::LlamaConfig::from_json(qwen3).unwrap();
+    assert_eq!(c.qk_norm, peft_models::config::QkNorm::PerHead);
+    assert_eq!(c.rope_theta, 5e6);
+}

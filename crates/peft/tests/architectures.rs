@@ -38,6 +38,8 @@ const ARCHITECTURES: &[&str] = &[
     "qwen3_moe",
     "qwen2_moe",
     "olmoe",
+    "qwen2_5_vl",
+    "qwen3_vl",
 ];
 
 fn fixture(name: &str) -> PathBuf {
