@@ -162,11 +162,11 @@ fn gemma3_image_text_config_takes_the_class_defaults() {
     );
     // Other image-text models are named, not misread.
     let mut other = raw;
-    other["model_type"] = "qwen2_5_vl".into();
+    other["model_type"] = "llama4".into();
     let err = peft_models::LlamaConfig::from_json(other).unwrap_err();
     assert!(
         err.to_string()
-            .contains("unsupported model_type \"qwen2_5_vl\""),
+            .contains("unsupported model_type \"llama4\""),
         "{err}"
     );
 }
