@@ -511,6 +511,24 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
     kinds.sort();
     kinds.dedup();
     println!("linear modules: {}", kinds.join(", "));
+    if let Some(moe) = &base.config.moe {
+        let sparse = moe.sparse_layers.iter().filter(|s| **s).count();
+        let shared = match moe.shared_expert_size {
+            Some(size) => format!(", a gated shared expert of {size}"),
+            None => String::new(),
+        };
+        println!(
+            "mixture of experts on {sparse} of {} layers: {} experts of {}, {} per token ({}){shared}; LoRA reaches the router and experts as parameters (target_parameters: gate.weight, gate_up_proj, down_proj)",
+            base.config.num_hidden_layers,
+            moe.num_experts,
+            moe.expert_size,
+            moe.top_k,
+            match moe.norm_topk_prob {
+                true => "weights renormalized",
+                false => "weights as the router gives them",
+            }
+        );
+    }
     if let Some(whole) = &base.config.image_text {
         let kind = whole
             .get("model_type")
