@@ -88,6 +88,10 @@ pub struct TrainCmd {
     target_modules: Option<String>,
     #[arg(long)]
     exclude_modules: Option<String>,
+    /// Parameters LoRA adapts directly (HF PEFT's `target_parameters`): a mixture-of-experts
+    /// block's `gate.weight`, `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`.
+    #[arg(long)]
+    target_parameters: Option<String>,
     /// none | all | lora_only
     #[arg(long)]
     bias: Option<String>,
@@ -372,6 +376,7 @@ fn merged(cmd: TrainCmd) -> Result<TrainCmd> {
         for key in [
             "target_modules",
             "exclude_modules",
+            "target_parameters",
             "modules_to_save",
             "feedforward_modules",
             "layers_to_transform",
@@ -564,15 +569,17 @@ pub fn build_model(
         r,
         lora_alpha: c.lora_alpha.unwrap_or(2.0 * r as f64),
         lora_dropout: c.lora_dropout.unwrap_or(0.05),
-        target_modules: Some(TargetModules::parse_flag(
-            c.target_modules.as_deref().unwrap_or(
-                // The attention projections (Phi-3 fuses q, k and v into one).
-                match base.config.fused_projections {
-                    true => "qkv_proj,o_proj",
-                    false => "q_proj,k_proj,v_proj,o_proj",
-                },
-            ),
-        )),
+        target_modules: Some(match (&c.target_modules, &c.target_parameters) {
+            (Some(t), _) => TargetModules::parse_flag(t),
+            // Parameters alone, as HF PEFT takes target_parameters without target_modules.
+            (None, Some(_)) => TargetModules::List(Vec::new()),
+            // The attention projections (Phi-3 fuses q, k and v into one).
+            (None, None) => TargetModules::parse_flag(match base.config.fused_projections {
+                true => "qkv_proj,o_proj",
+                false => "q_proj,k_proj,v_proj,o_proj",
+            }),
+        }),
+        target_parameters: c.target_parameters.as_deref().map(list),
         exclude_modules: c.exclude_modules.as_deref().map(TargetModules::parse_flag),
         bias: c.bias.clone().unwrap_or_else(|| "none".into()),
         use_rslora: c.use_rslora.unwrap_or(false),
@@ -768,6 +775,7 @@ fn method_options(c: &TrainCmd, method: &str) -> Vec<(&'static str, bool, bool)>
             lora,
         ),
         ("--modules-to-save", c.modules_to_save.is_some(), lora),
+        ("--target-parameters", c.target_parameters.is_some(), lora),
         ("--target-modules", c.target_modules.is_some(), lora || ia3),
         (
             "--exclude-modules",

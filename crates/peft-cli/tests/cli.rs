@@ -1262,3 +1262,110 @@ fn train_clones_a_tokenizers_chat_template() {
         "neither a template file nor a tokenizer folder or Hub id",
     );
 }
+
+/// A small random Qwen3-MoE with SmolLM2's tokenizer, saved as an HF folder, through the
+/// binary: all-linear LoRA reaches the experts and router as parameters (HF PEFT's
+/// conversion), where dropout is an error naming the flag; `--target-parameters` names them
+/// alone; the adapter merges into a GGUF file; `inspect` describes the experts.
+#[test]
+fn mixture_of_experts_models_train_merge_and_inspect() {
+    let Some(gguf) = peft_models::testing::default_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("qwen3-moe");
+    let loaded =
+        peft_models::load_model(&gguf, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let tokenizer = loaded.tokenizer.unwrap();
+    let config = peft_models::LlamaConfig::from_json(serde_json::json!({
+        "model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "vocab_size": loaded.config.vocab_size, "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": true,
+        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2,
+    }))
+    .unwrap();
+    let mut m = peft_models::shapes::random_llama(
+        config,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        3,
+    )
+    .unwrap();
+    peft_models::save::save_hf_model(&mut m, Some(&tokenizer), &model, candle_core::DType::F32)
+        .unwrap();
+    let data = peft_models::testing::shipped_data();
+    let adapter = dir.path().join("all-linear");
+    let flags = ["--target-modules", "all-linear", "--lora-dropout", "0"];
+    train_one_step(&model, &data, &adapter, &flags);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut params: Vec<&str> = cfg["target_parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    params.sort();
+    assert_eq!(params, ["down_proj", "gate.weight", "gate_up_proj"]);
+    assert_eq!(cfg["rank_pattern"][r".*\.gate_up_proj"], 32);
+    let saved = peft_models::io::load_safetensors(
+        &adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let a = &saved["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"];
+    assert_eq!(a.dims(), [32 * 4, 64]);
+
+    fails_with(
+        &[
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--output",
+            s(&dir.path().join("dropout")),
+            "--target-modules",
+            "all-linear",
+            "--max-steps",
+            "1",
+        ],
+        "lora_dropout",
+    );
+
+    let only = dir.path().join("parameters");
+    let flags = [
+        "--target-parameters",
+        "mlp.experts.down_proj",
+        "--lora-dropout",
+        "0",
+    ];
+    train_one_step(&model, &data, &only, &flags);
+    let only_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(only.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(only_cfg["target_modules"], serde_json::json!([]));
+
+    let merged = dir.path().join("merged.gguf");
+    succeeds(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&merged),
+    ]);
+    let back = peft_models::load_model(&merged, &candle_core::Device::Cpu, candle_core::DType::F32)
+        .unwrap();
+    assert_eq!(back.config.model_type, "qwen3_moe");
+    let out = succeeds(&["inspect", "--model", s(&model)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("mixture of experts on 2 of 2 layers: 4 experts of 32, 2 per token"),
+        "{stdout}"
+    );
+}
