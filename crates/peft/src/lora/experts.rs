@@ -174,7 +174,7 @@ pub fn param_targets(base: &Llama, config: &LoraConfig) -> Result<Vec<ParamTarge
     }
     if config.lora_dropout != 0.0 {
         bail!(
-            "LoRA on parameters (target_parameters {wanted:?}: the experts and router of a mixture-of-experts model, which all-linear or their module names select there, as in HF PEFT) does not work with lora_dropout != 0 (got {}), in HF PEFT either: set lora_dropout to 0, or name only attention modules",
+            "LoRA on parameters (target_parameters {wanted:?}: the experts and router of a mixture-of-experts model, which all-linear or their module names select there, as in HF PEFT) does not work with lora_dropout != 0 (got {}), in HF PEFT either: set lora_dropout to 0 (--lora-dropout 0), or name only attention modules",
             config.lora_dropout
         );
     }
