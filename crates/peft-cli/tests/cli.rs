@@ -1362,6 +1362,19 @@ fn mixture_of_experts_models_train_merge_and_inspect() {
     let back = peft_models::load_model(&merged, &candle_core::Device::Cpu, candle_core::DType::F32)
         .unwrap();
     assert_eq!(back.config.model_type, "qwen3_moe");
+    // llama.cpp's LoRA files hold linear layers' pairs: the merged model is the way there.
+    let lora_gguf = dir.path().join("lora.gguf");
+    let args = [
+        "export-lora",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+    ];
+    fails_with(
+        &[&args[..], &["--output", s(&lora_gguf)]].concat(),
+        "merged model",
+    );
     let out = succeeds(&["inspect", "--model", s(&model)]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
