@@ -47,7 +47,8 @@ from transformers import (AutoModelForImageTextToText, Gemma3Config,
                           Mistral3Config,
                           Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,
-                          Qwen3VLForConditionalGeneration, SiglipVisionConfig)
+                          Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                          Qwen3VLMoeForConditionalGeneration, SiglipVisionConfig)
 
 # The names of the vision towers and projectors (Qwen's VL models: `visual`).
 OUTSIDE = ("vision_tower", "multi_modal_projector", "visual")
@@ -55,7 +56,7 @@ OUTSIDE = ("vision_tower", "multi_modal_projector", "visual")
 from harness import arguments, peft_logits, random_model, run
 
 parser = arguments("smollm-dir", "data")
-ARCHES = ["gemma3", "mistral3", "ministral3", "qwen2_5_vl", "qwen3_vl"]
+ARCHES = ["gemma3", "mistral3", "ministral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 parser.add_argument("--arch", default="all", choices=ARCHES + ["all"])
 args = parser.parse_args()
 
@@ -139,7 +140,7 @@ def mistral3(ministral=False):
     return Mistral3ForConditionalGeneration, config, image, True, "gate_proj"
 
 
-def qwen_vl(generation):
+def qwen_vl(generation, moe=False):
     """Qwen2.5-VL (Qwen2's layer, files that keep the language model where a causal LM keeps
     it) or Qwen3-VL (Qwen3's layer, deepstack features): 4 layers, hidden 64; an image of 2 x 2
     patches, merged into one token."""
@@ -158,10 +159,19 @@ def qwen_vl(generation):
         text = dict(**shape, head_dim=32, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
             "mrope_interleaved": True})
-        config = Qwen3VLConfig(text_config=text, tie_word_embeddings=False, **tokens,
-                               vision_config=dict(**vision, deepstack_visual_indexes=[0],
-                                                  num_position_embeddings=16, patch_size=16))
-        cls, patch = Qwen3VLForConditionalGeneration, 16
+        vision = dict(**vision, deepstack_visual_indexes=[0], num_position_embeddings=16,
+                      patch_size=16)
+        if moe:
+            # Qwen3-VL-MoE: 8 experts of 32, 2 per token, stacked in its files.
+            text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+            config = Qwen3VLMoeConfig(text_config=text, tie_word_embeddings=False, **tokens,
+                                      vision_config=vision)
+            cls = Qwen3VLMoeForConditionalGeneration
+        else:
+            config = Qwen3VLConfig(text_config=text, tie_word_embeddings=False, **tokens,
+                                   vision_config=vision)
+            cls = Qwen3VLForConditionalGeneration
+        patch = 16
     image_ids = ids[:5] + [49149, 49151, 49150] + ids[5:20]
     pixels = torch.randn(4, 3 * 2 * patch * patch, generator=torch.Generator().manual_seed(1))
     image = dict(input_ids=torch.tensor([image_ids]), pixel_values=pixels,
@@ -178,6 +188,7 @@ for arch in (ARCHES if args.arch == "all" else [args.arch]):
     cls, config, image_inputs, tying_left_out, tower_mlp = {
         "gemma3": gemma3, "mistral3": mistral3, "ministral3": lambda: mistral3(ministral=True),
         "qwen2_5_vl": lambda: qwen_vl(2), "qwen3_vl": lambda: qwen_vl(3),
+        "qwen3_vl_moe": lambda: qwen_vl(3, moe=True),
     }[arch]()
     tower = "visual" if arch.startswith("qwen") else "vision_tower"
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,9 +245,9 @@ for arch in (ARCHES if args.arch == "all" else [args.arch]):
         gguf = os.path.join(tmp, "merged.gguf")
         merge_gguf = [args.peft, "merge", "--model", model_dir, "--adapter", adapter,
                       "--output", gguf, "--dtype", "f32"]
-        if arch == "ministral3":
-            # llama.cpp's llama architecture would run it without the query scaling and with
-            # another YaRN: refused.
+        if arch in ("ministral3", "qwen3_vl_moe"):
+            # llama.cpp's llama architecture would run Ministral 3 without the query scaling
+            # and with another YaRN; Qwen3-VL-MoE's language model is not written here: refused.
             r = subprocess.run(merge_gguf, capture_output=True, text=True)
             print(f"  GGUF refused: {r.stderr.strip()}")
             failed |= r.returncode == 0

@@ -39,6 +39,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Qwen3MoeConfig, Qwen3MoeForCausalLM,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -193,6 +194,16 @@ models["qwen2_5_vl"] = (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(
     vision_config=dict(**qwen_vision, fullatt_block_indexes=[0]), tie_word_embeddings=False))
 models["qwen3_vl"] = (Qwen3VLForConditionalGeneration, Qwen3VLConfig(
     text_config=dict(**common, head_dim=16, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                      "mrope_interleaved": True, "rope_theta": 5000.0}),
+    vision_config=dict(**qwen_vision, deepstack_visual_indexes=[0], num_position_embeddings=16),
+    tie_word_embeddings=False))
+# Qwen3-VL-MoE: Qwen3-MoE's layer (4 experts of 12, 2 per token, always renormalized) under
+# `language_model`, its files holding each layer's experts stacked (`mlp.experts.gate_up_proj`);
+# HF PEFT's all-linear takes the attention (and the tower) there.
+models["qwen3_vl_moe"] = (Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeConfig(
+    text_config=dict(**common, head_dim=16, tie_word_embeddings=False, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=12,
                      rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                       "mrope_interleaved": True, "rope_theta": 5000.0}),
     vision_config=dict(**qwen_vision, deepstack_visual_indexes=[0], num_position_embeddings=16),

@@ -149,6 +149,10 @@ pub struct Moe {
     /// each expert's gate, up and down projections (Mixtral's `w1`, `w3`, `w2`).
     pub block: &'static str,
     pub expert_projections: [&'static str; 3],
+    /// The checkpoint stores each layer's experts stacked, as transformers 5 holds them
+    /// (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`: Qwen3-VL-MoE), not one module
+    /// per expert.
+    pub stacked_on_disk: bool,
 }
 
 impl Moe {
@@ -362,6 +366,7 @@ const SUPPORTED: &[&str] = &[
     "qwen2_vl_text",
     "qwen2_5_vl_text",
     "qwen3_vl_text",
+    "qwen3_vl_moe_text",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
@@ -376,6 +381,7 @@ const IMAGE_TEXT: &[(&str, &[&str])] = &[
     ("qwen2_vl", &["qwen2_vl_text"]),
     ("qwen2_5_vl", &["qwen2_5_vl_text"]),
     ("qwen3_vl", &["qwen3_vl_text"]),
+    ("qwen3_vl_moe", &["qwen3_vl_moe_text"]),
 ];
 
 /// The image-text models whose early configs keep the language model's fields at the top
@@ -568,7 +574,7 @@ impl LlamaConfig {
                 "smollm3" => 2_000_000.0,
                 "olmo3" => 500_000.0,
                 "mixtral" | "qwen2_vl_text" | "qwen2_5_vl_text" => 1_000_000.0,
-                "qwen3_vl_text" => 5_000_000.0,
+                "qwen3_vl_text" | "qwen3_vl_moe_text" => 5_000_000.0,
                 _ => 10_000.0,
             });
         let rope_type = |r: &Option<Value>| {
@@ -612,7 +618,7 @@ impl LlamaConfig {
             "default" => {}
             // Qwen's VL models: on text alone, the plain RoPE (`mrope_section` splits the
             // frequencies among three position grids, which are then one).
-            "mrope" if model_type.contains("_vl_text") => {}
+            "mrope" if model_type.contains("_vl_") => {}
             "longrope" | "su" => {
                 let r = rope.as_ref().unwrap_or(&Value::Null);
                 longrope = Some(long_rope(&c, r, rotary_dim)?);
@@ -786,7 +792,9 @@ impl LlamaConfig {
             o_bias: c.attention_bias,
             mlp_bias: c.mlp_bias,
             qk_norm: match model_type.as_str() {
-                "qwen3" | "qwen3_moe" | "qwen3_vl_text" | "gemma3_text" => QkNorm::PerHead,
+                "qwen3" | "qwen3_moe" | "qwen3_vl_text" | "qwen3_vl_moe_text" | "gemma3_text" => {
+                    QkNorm::PerHead
+                }
                 "olmo2" | "olmo3" | "olmoe" => QkNorm::Projection,
                 _ => QkNorm::None,
             },
@@ -1080,6 +1088,7 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         "mixtral" => (8, 2, c.intermediate_size, None, true),
         "qwen2_moe" => (60, 4, 1408, Some(5632), false),
         "qwen3_moe" => (128, 8, 768, None, false),
+        "qwen3_vl_moe_text" => (60, 4, 1408, None, true),
         "olmoe" => (64, 8, c.intermediate_size, None, false),
         _ => return Ok(None),
     };
@@ -1102,8 +1111,10 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             true => c.intermediate_size,
             false => c.moe_intermediate_size.unwrap_or(size),
         },
-        // Mixtral always renormalizes over the chosen experts.
-        norm_topk_prob: mixtral || c.norm_topk_prob.unwrap_or(norm),
+        // Mixtral and Qwen3-VL-MoE always renormalize over the chosen experts.
+        norm_topk_prob: mixtral
+            || model_type == "qwen3_vl_moe_text"
+            || c.norm_topk_prob.unwrap_or(norm),
         shared_expert_size: shared.map(|s| c.shared_expert_intermediate_size.unwrap_or(s)),
         sparse_layers,
         block: match mixtral {
@@ -1114,6 +1125,7 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             true => ["w1", "w3", "w2"],
             false => ["gate_proj", "up_proj", "down_proj"],
         },
+        stacked_on_disk: model_type == "qwen3_vl_moe_text",
     }))
 }
 

@@ -84,8 +84,8 @@ pub fn other_part_name(name: &str) -> String {
 
 /// The name transformers' `save_pretrained` gives a language-model tensor of an image-text
 /// model (the inverse of [`language_model_name`], to the layout the released files use).
-/// Qwen2-VL's and Qwen2.5-VL's keep a causal LM's names (`model.layers.0...`); Qwen3-VL's keep
-/// the module tree's.
+/// Qwen2-VL's and Qwen2.5-VL's keep a causal LM's names (`model.layers.0...`); Qwen3-VL's
+/// (and Qwen3-VL-MoE's) keep the module tree's.
 pub fn image_text_checkpoint_name(kind: &str, name: &str) -> String {
     let decoder = format!("{IMAGE_TEXT_DECODER}.");
     match kind {
@@ -93,7 +93,7 @@ pub fn image_text_checkpoint_name(kind: &str, name: &str) -> String {
             Some(rest) => format!("model.{rest}"),
             None => name.to_string(),
         },
-        "qwen3_vl" => name.to_string(),
+        "qwen3_vl" | "qwen3_vl_moe" => name.to_string(),
         _ => match name.strip_prefix(&decoder) {
             Some(rest) => format!("language_model.model.{rest}"),
             None => format!("language_model.{name}"),
@@ -579,6 +579,23 @@ fn load_hf_dir(
     let mut other = Vec::new();
     let whole = config.image_text.as_ref().unwrap_or(&config.raw);
     let mut prequantized = Prequantized::of(whole, dir)?;
+    let stacked = config
+        .moe
+        .as_ref()
+        .filter(|m| m.stacked_on_disk)
+        .map(|m| (config.hidden_size, m.expert_size));
+    // A tensor goes in as it is, or as its experts where the checkpoint stacks them.
+    let mut put = |store: &mut WeightStore, name: String, t: Tensor| -> Result<()> {
+        match stacked.map(|(h, size)| split_stacked_experts(&name, &t, h, size)) {
+            Some(Some(parts)) => {
+                for (name, t) in parts? {
+                    store.insert_checkpoint_tensor(name, t, &mut prequantized)?;
+                }
+                Ok(())
+            }
+            _ => store.insert_checkpoint_tensor(name, t, &mut prequantized),
+        }
+    };
     for file in weight_files(dir)? {
         let mut keep = |name: &str, shape: &[usize]| {
             let known = module_name(name).is_some();
@@ -594,11 +611,7 @@ fn load_hf_dir(
         if file.extension().is_some_and(|e| e == "bin") {
             for (name, t) in crate::io::load_pytorch(&file, device)? {
                 if keep(&name, t.dims()) {
-                    store.insert_checkpoint_tensor(
-                        module_name(&name).expect("kept"),
-                        t,
-                        &mut prequantized,
-                    )?;
+                    put(store, module_name(&name).expect("kept"), t)?;
                 }
             }
             continue;
@@ -610,7 +623,7 @@ fn load_hf_dir(
         let mmap = unsafe { memmap2::Mmap::map(&data) }
             .with_context(|| format!("cannot map {}", file.display()))?;
         crate::io::for_each_safetensor(&mmap, &file, device, keep, |name, t| {
-            store.insert_checkpoint_tensor(module_name(&name).expect("kept"), t, &mut prequantized)
+            put(store, module_name(&name).expect("kept"), t)
         })?;
     }
     if let Some(stored) = prequantized {
@@ -630,6 +643,53 @@ fn load_hf_dir(
         None
     };
     Ok((config, tokenizer))
+}
+
+/// The experts of a layer's stacked `mlp.experts.gate_up_proj` (`[experts, 2 · size, hidden]`,
+/// gate first, as transformers 5 holds it, or `[experts, hidden, 2 · size]`, as Qwen3-VL-MoE's
+/// releases store it) or `mlp.experts.down_proj` (`[experts, hidden, size]` or `[experts,
+/// size, hidden]`), under one module's names per expert (`mlp.experts.3.gate_proj.weight`);
+/// `None` for another tensor.
+fn split_stacked_experts(
+    name: &str,
+    t: &Tensor,
+    hidden: usize,
+    size: usize,
+) -> Option<Result<Vec<(String, Tensor)>>> {
+    let (block, kind) = name.rsplit_once(".experts.")?;
+    let gate_up = match kind {
+        "gate_up_proj" => true,
+        "down_proj" => false,
+        _ => return None,
+    };
+    let split = || -> Result<Vec<(String, Tensor)>> {
+        let (experts, a, b) = t
+            .dims3()
+            .with_context(|| format!("{name} is not 3-dimensional"))?;
+        let rows = if gate_up { 2 * size } else { hidden };
+        let cols = if gate_up { hidden } else { size };
+        let t = match (a, b) {
+            _ if (a, b) == (rows, cols) => t.clone(),
+            _ if (a, b) == (cols, rows) => t.transpose(1, 2)?.contiguous()?,
+            _ => bail!(
+                "{name} has shape {:?}, expected [{experts}, {rows}, {cols}]",
+                t.dims()
+            ),
+        };
+        let mut out = Vec::new();
+        for e in 0..experts {
+            let w = t.get(e)?;
+            let at = |proj: &str| format!("{block}.experts.{e}.{proj}.weight");
+            if gate_up {
+                out.push((at("gate_proj"), w.narrow(0, 0, size)?.contiguous()?));
+                out.push((at("up_proj"), w.narrow(0, size, size)?.contiguous()?));
+            } else {
+                out.push((at("down_proj"), w));
+            }
+        }
+        Ok(out)
+    };
+    Some(split())
 }
 
 fn md_u64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<u64> {

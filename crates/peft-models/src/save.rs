@@ -11,6 +11,54 @@ use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+/// `tensors` with each layer's experts (`mlp.experts.3.gate_proj.weight`, ...) stacked as the
+/// checkpoints that store them so hold them: `mlp.experts.gate_up_proj` `[experts, 2 · size,
+/// hidden]` (gate first) and `mlp.experts.down_proj` `[experts, hidden, size]`.
+fn stacked_experts(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    // Per block, per expert: gate, up, down.
+    let mut blocks: std::collections::BTreeMap<String, Vec<[Option<Tensor>; 3]>> =
+        Default::default();
+    for (name, t) in tensors {
+        let parsed = name.rsplit_once(".experts.").and_then(|(block, rest)| {
+            let (e, proj) = rest.strip_suffix(".weight")?.split_once('.')?;
+            let slot = ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .position(|p| *p == proj)?;
+            Some((block.to_string(), e.parse::<usize>().ok()?, slot))
+        });
+        let Some((block, e, slot)) = parsed else {
+            out.push((name, t));
+            continue;
+        };
+        let experts = blocks.entry(block).or_default();
+        if experts.len() <= e {
+            experts.resize(e + 1, [None, None, None]);
+        }
+        experts[e][slot] = Some(t);
+    }
+    for (block, experts) in blocks {
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for (e, [gate, up, d]) in experts.into_iter().enumerate() {
+            let missing = || anyhow::anyhow!("{block}: expert {e} lacks a projection");
+            gate_up.push(Tensor::cat(
+                &[gate.ok_or_else(missing)?, up.ok_or_else(missing)?],
+                0,
+            )?);
+            down.push(d.ok_or_else(missing)?);
+        }
+        out.push((
+            format!("{block}.experts.gate_up_proj"),
+            Tensor::stack(&gate_up, 0)?,
+        ));
+        out.push((
+            format!("{block}.experts.down_proj"),
+            Tensor::stack(&down, 0)?,
+        ));
+    }
+    Ok(out)
+}
+
 fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::BF16 => "bfloat16",
@@ -43,6 +91,9 @@ pub fn save_hf_model(
             Ok((name, t.detach().to_dtype(dtype)?))
         })
         .collect::<Result<Vec<_>>>()?;
+    if model.config.moe.as_ref().is_some_and(|m| m.stacked_on_disk) {
+        tensors = stacked_experts(tensors)?;
+    }
     tensors.extend(read_stored(&model.other_tensors, dtype)?);
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     save_safetensors(&dir.join("model.safetensors"), &tensors, Some(meta))?;

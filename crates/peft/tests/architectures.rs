@@ -40,6 +40,7 @@ const ARCHITECTURES: &[&str] = &[
     "olmoe",
     "qwen2_5_vl",
     "qwen3_vl",
+    "qwen3_vl_moe",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -148,7 +149,7 @@ fn lora_gradients_on_tapes() {
 /// same logits and LoRA gradients as HF PEFT's.
 #[test]
 fn composed_moe_blocks_match_hf_peft() {
-    for name in ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"] {
+    for name in ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "qwen3_vl_moe"] {
         let dir = fixture(name);
         let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
         let want = load_safetensors(&dir.join("grads.safetensors"), &Device::Cpu).unwrap();
@@ -200,6 +201,55 @@ fn transformers_4_experts_adapters_load_as_hf_peft_converts_them() {
             .iter()
             .any(|k| k.ends_with("mlp.experts.base_layer.lora_B.weight")));
     }
+}
+
+/// Qwen3-VL-MoE's released files hold the stacked experts transposed (`gate_up_proj`
+/// `[experts, hidden, 2 · size]`, `down_proj` `[experts, size, hidden]`), which transformers 5
+/// turns as it loads them: so do we. A merged model saves them stacked again, as transformers
+/// 5 saves them, and reads back alike.
+#[test]
+fn stacked_experts_load_either_way_and_save_stacked() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("qwen3_vl_moe").join("model");
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let tensors = load_safetensors(&src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut released = Vec::new();
+    for (name, t) in tensors {
+        let t = match name.contains(".mlp.experts.") {
+            true => t.transpose(1, 2).unwrap().contiguous().unwrap(),
+            false => t,
+        };
+        released.push((name, t));
+    }
+    peft_models::io::save_safetensors(&dir.path().join("model.safetensors"), &released, None)
+        .unwrap();
+    let exp = load_safetensors(
+        &fixture("qwen3_vl_moe").join("expected.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+    let loaded = load_model(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let mut model = loaded.into_model(&Device::Cpu, DType::F32).unwrap().0;
+    let d = max_abs_diff(&logits(&model, &ids, None), &exp["base_logits"]);
+    assert!(d < 1e-4, "transposed experts: logits differ by {d}");
+
+    let saved = dir.path().join("saved");
+    peft_models::save::save_hf_model(&mut model, None, &saved, DType::F32).unwrap();
+    let written = load_safetensors(&saved.join("model.safetensors"), &Device::Cpu).unwrap();
+    let gate_up = &written["model.language_model.layers.0.mlp.experts.gate_up_proj"];
+    assert_eq!(gate_up.dims(), [4, 24, 32]);
+    assert!(!written.keys().any(|k| k.contains("experts.0.")));
+    let back = base_from(&saved);
+    let d = max_abs_diff(&logits(&back, &ids, None), &exp["base_logits"]);
+    assert!(d < 1e-4, "saved and read back: logits differ by {d}");
+}
+
+fn base_from(dir: &std::path::Path) -> Llama {
+    let m = load_model(dir, &Device::Cpu, DType::F32).unwrap();
+    m.into_model(&Device::Cpu, DType::F32).unwrap().0
 }
 
 /// Generation's path: a prompt, then one token at a time over the key/value cache (past
@@ -394,6 +444,14 @@ fn experts_targets_convert_as_in_hf_peft() {
     };
     let err = PeftModel::new(base("qwen3_moe"), half, 0).err().unwrap();
     assert!(err.to_string().contains("up_proj"), "{err}");
+    // IA3's defaults name only what the model has: no down_proj where experts are the MLPs.
+    let ia3 = peft::Ia3Model::new(base("qwen3_moe"), peft::Ia3Config::default()).unwrap();
+    let names = |t: &Option<peft::TargetModules>| match t {
+        Some(peft::TargetModules::List(l)) => l.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(names(&ia3.config.target_modules), ["k_proj", "v_proj"]);
+    assert!(names(&ia3.config.feedforward_modules).is_empty());
 }
 
 /// transformers keeps only the last window of a sliding layer's cache, which prefix tuning

@@ -49,8 +49,19 @@ pub struct Ia3Model {
     pub layers: BTreeMap<String, Arc<Ia3Layer>>,
 }
 
-fn list(names: &[&str]) -> TargetModules {
-    TargetModules::List(names.iter().map(|s| s.to_string()).collect())
+/// The default `names` the model has linear layers of: a mixture-of-experts model whose
+/// experts are its only MLPs has no `down_proj` (HF PEFT passes over a default name that
+/// matches nothing, as here).
+fn present(base: &mut Llama, names: &[&str]) -> TargetModules {
+    let paths: Vec<String> = base.linears_mut().into_iter().map(|(p, _)| p).collect();
+    let has = |n: &str| paths.iter().any(|p| p.ends_with(&format!(".{n}")));
+    TargetModules::List(
+        names
+            .iter()
+            .filter(|n| has(n))
+            .map(|s| s.to_string())
+            .collect(),
+    )
 }
 
 impl Ia3Model {
@@ -64,13 +75,13 @@ impl Ia3Model {
         let targets = config
             .target_modules
             .get_or_insert_with(|| match base.config.fused_projections {
-                true => list(config::DEFAULT_TARGETS_FUSED),
-                false => list(config::DEFAULT_TARGETS),
+                true => present(&mut base, config::DEFAULT_TARGETS_FUSED),
+                false => present(&mut base, config::DEFAULT_TARGETS),
             })
             .clone();
         let feedforward = config
             .feedforward_modules
-            .get_or_insert_with(|| list(config::DEFAULT_FEEDFORWARD))
+            .get_or_insert_with(|| present(&mut base, config::DEFAULT_FEEDFORWARD))
             .clone();
         // HF PEFT's rule (its config refuses anything else): a feed-forward module is a target.
         if let (TargetModules::List(t), TargetModules::List(f)) = (&targets, &feedforward) {
