@@ -234,6 +234,49 @@ struct Deltas {
     down: Option<Tensor>,
 }
 
+impl Deltas {
+    fn touch_experts(&self) -> bool {
+        self.gate_up.is_some() || self.down.is_some()
+    }
+
+    /// The router's weight with its change, where it has one.
+    fn router_weight(&self, router: &Linear) -> candle_core::Result<Option<Tensor>> {
+        self.router
+            .as_ref()
+            .map(|d| changed(router, Some(d.squeeze(0)?)))
+            .transpose()
+    }
+
+    /// Expert `e`'s gate, up and down weights with their changes (`gate_up` cut into the two).
+    fn expert_weights(&self, expert: &Mlp, e: usize) -> candle_core::Result<[Tensor; 3]> {
+        let Projections::Separate([gate, up]) = &expert.gate_up else {
+            candle_core::bail!("an expert with fused projections");
+        };
+        let size = gate.out_features();
+        let gate_up = |start: usize| -> candle_core::Result<Option<Tensor>> {
+            self.gate_up
+                .as_ref()
+                .map(|d| d.get(e)?.narrow(0, start, size))
+                .transpose()
+        };
+        let down = self.down.as_ref().map(|d| d.get(e)).transpose()?;
+        Ok([
+            changed(gate, gate_up(0)?)?,
+            changed(up, gate_up(size)?)?,
+            changed(&expert.down_proj, down)?,
+        ])
+    }
+}
+
+/// A linear layer's weight plus `delta`, in the weight's dtype.
+fn changed(lin: &Linear, delta: Option<Tensor>) -> candle_core::Result<Tensor> {
+    let w = lin.weight.dense()?;
+    match delta {
+        Some(d) => &w + d.to_dtype(w.dtype())?,
+        None => Ok(w),
+    }
+}
+
 impl MoeDeltas {
     pub fn is_empty(&self) -> bool {
         self.router.is_none() && self.gate_up.is_none() && self.down.is_none()
@@ -254,29 +297,17 @@ impl MoeDeltas {
 impl SparseMoe {
     /// Folds the [`MoeDeltas`] into the router's and experts' weights, and drops them.
     pub fn merge_deltas(&mut self) -> Result<()> {
-        let deltas = std::mem::take(&mut self.deltas);
-        let fold = |lin: &mut Linear, d: Tensor| -> Result<()> {
-            let w = lin.weight.dense()?;
-            lin.weight = LinearWeight::Dense((&w + d.to_dtype(w.dtype())?)?);
-            Ok(())
-        };
-        if let Some(d) = &deltas.router {
-            fold(&mut self.router, d.delta()?.detach().squeeze(0)?)?;
+        // In f32, cast to each weight's dtype as it is added.
+        let deltas = std::mem::take(&mut self.deltas).compute(DType::F32)?;
+        if let Some(w) = deltas.router_weight(&self.router)? {
+            self.router.weight = LinearWeight::Dense(w.detach());
         }
-        let gate_up = deltas.gate_up.as_ref().map(|d| d.delta()).transpose()?;
-        let down = deltas.down.as_ref().map(|d| d.delta()).transpose()?;
-        for (e, expert) in self.experts.iter_mut().enumerate() {
-            if let Some(d) = &gate_up {
-                let d = d.detach().get(e)?;
-                let size = d.dim(0)? / 2;
-                let Projections::Separate([gate, up]) = &mut expert.gate_up else {
-                    bail!("an expert with fused projections");
-                };
-                fold(gate, d.narrow(0, 0, size)?)?;
-                fold(up, d.narrow(0, size, size)?)?;
-            }
-            if let Some(d) = &down {
-                fold(&mut expert.down_proj, d.detach().get(e)?)?;
+        if deltas.touch_experts() {
+            for (e, expert) in self.experts.iter_mut().enumerate() {
+                let changed = deltas.expert_weights(expert, e)?;
+                for (lin, w) in expert.linears_mut().into_iter().zip(changed) {
+                    lin.weight = LinearWeight::Dense(w.detach());
+                }
             }
         }
         Ok(())
@@ -1707,8 +1738,8 @@ fn sparse_moe(
             let rows = x.elem_count() / hidden;
             let x2 = reshape(x, (rows, hidden))?;
             let deltas = s.deltas.compute(x.dtype())?;
-            let logits = match &deltas.router {
-                Some(d) => linear(&x2, &(s.router.weight.dense()? + d.squeeze(0)?)?)?,
+            let logits = match deltas.router_weight(&s.router)? {
+                Some(w) => linear(&x2, &w)?,
                 None => s.router.forward(&x2, train)?,
             };
             let probs = softmax_last_dim(&cast(&logits, DType::F32)?)?;
@@ -1718,9 +1749,9 @@ fn sparse_moe(
             for (e, (expert, served)) in s.experts.iter().zip(&routing.experts).enumerate() {
                 let Some(served) = served else { continue };
                 let xe = x2.index_select(&served.rows, 0)?.unsqueeze(0)?;
-                let ye = match (&deltas.gate_up, &deltas.down) {
-                    (None, None) => mlp(c, expert, &xe, sink, train)?,
-                    _ => adapted_expert(c, expert, e, &deltas, &xe)?,
+                let ye = match deltas.touch_experts() {
+                    false => mlp(c, expert, &xe, sink, train)?,
+                    true => adapted_expert(c, expert, e, &deltas, &xe)?,
                 }
                 .squeeze(0)?;
                 let we = weights.index_select(&served.slots, 0)?;
@@ -1746,30 +1777,7 @@ fn adapted_expert(
     deltas: &Deltas,
     x: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let Projections::Separate([gate, up]) = &expert.gate_up else {
-        candle_core::bail!("an expert with fused projections");
-    };
-    let size = gate.out_features();
-    let with = |w: &Linear, d: Option<Tensor>| -> candle_core::Result<Tensor> {
-        let w = w.weight.dense()?;
-        match d {
-            Some(d) => w + d,
-            None => Ok(w),
-        }
-    };
-    let gate_up = |start: usize| -> candle_core::Result<Option<Tensor>> {
-        deltas
-            .gate_up
-            .as_ref()
-            .map(|d| d.get(e)?.narrow(0, start, size))
-            .transpose()
-    };
-    let gate_w = with(gate, gate_up(0)?)?;
-    let up_w = with(up, gate_up(size)?)?;
-    let down_w = with(
-        &expert.down_proj,
-        deltas.down.as_ref().map(|d| d.get(e)).transpose()?,
-    )?;
+    let [gate_w, up_w, down_w] = deltas.expert_weights(expert, e)?;
     let gated = gated_act(&linear(x, &gate_w)?, &linear(x, &up_w)?, c.activation)?;
     linear(&gated, &down_w)
 }

@@ -320,10 +320,7 @@ impl PeftModel {
         // HF PEFT's conversion for mixture-of-experts models may leave no module target, only
         // parameters.
         let only_parameters = matches!(&targets, TargetModules::List(l) if l.is_empty())
-            && config
-                .target_parameters
-                .as_ref()
-                .is_some_and(|p| !p.is_empty());
+            && config.adapts_parameters();
         let mut selected = match only_parameters {
             true => Vec::new(),
             false => select_linears(&mut base, &targets, config.exclude_modules.as_ref())?,

@@ -143,7 +143,7 @@ fn check_combinable(c: &LoraConfig) -> Result<()> {
         bail!("adapters with trainable_token_indices cannot be combined");
     }
     // Their pairs stack the experts' ranks, which a concatenation would interleave wrongly.
-    if c.target_parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+    if c.adapts_parameters() {
         bail!("adapters with LoRA on parameters (target_parameters) cannot be combined");
     }
     Ok(())

@@ -122,6 +122,14 @@ impl LoraConfig {
         (r, scale)
     }
 
+    /// Whether the adapter adapts parameters directly (`target_parameters`: a mixture of
+    /// experts' router and experts), which some writers and combinations cannot express.
+    pub fn adapts_parameters(&self) -> bool {
+        self.target_parameters
+            .as_ref()
+            .is_some_and(|p| !p.is_empty())
+    }
+
     /// The layer indices `layers_to_transform` keeps (an int or a list of ints; `None`, or
     /// an empty list: every layer).
     pub fn layer_indices(&self) -> Result<Option<Vec<usize>>> {

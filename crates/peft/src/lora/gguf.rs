@@ -27,12 +27,7 @@ impl PeftModel {
         if self.base.embedding_lora.is_some() {
             bail!("llama.cpp's LoRA here holds linear layers' pairs, and this adapter also adapts the embedding; {merge}");
         }
-        if self
-            .config
-            .target_parameters
-            .as_ref()
-            .is_some_and(|p| !p.is_empty())
-        {
+        if self.config.adapts_parameters() {
             bail!("llama.cpp's LoRA here holds linear layers' pairs, and this adapter also adapts a mixture of experts' parameters; {merge}");
         }
         if let Some(key) = self.extra_trainable.keys().next() {
