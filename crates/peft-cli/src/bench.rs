@@ -426,6 +426,7 @@ fn bench_attention(cmd: &BenchCmd) -> Result<()> {
             scale,
             None,
             None,
+            None,
         )
     };
     let (mut fwd, mut fwd_bwd) = (Vec::new(), Vec::new());

@@ -20,7 +20,8 @@ use {
 /// `[b, kv_heads, t_k, d]` (grouped-query heads share kv heads). The probabilities are
 /// recomputed in the backward pass: no `t × t_k` tensor outlives the forward. A sliding
 /// `window` limits each query to its last `window` keys (see [`crate::causal_softmax`]); a
-/// `softcap` caps the scores as Gemma 2 does (see [`attention_probs`]).
+/// `softcap` caps the scores as Gemma 2 does and `sinks` add gpt-oss's sink logit per head
+/// (see [`attention_probs`]).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -28,6 +29,7 @@ pub fn causal_attention(
     scale: f64,
     softcap: Option<f64>,
     window: Option<usize>,
+    sinks: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, h, _, d) = q.dims4()?;
     let kvh = k.dim(1)?;
@@ -42,12 +44,14 @@ pub fn causal_attention(
             .reshape((b, h, tk, d))
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let sinks = sinks.map(Tensor::detach);
     let probs = move |q: &Tensor, k: &Tensor| {
         attention_probs(
             &batched_matmul(q, &k.t()?)?.contiguous()?,
             scale,
             softcap,
             window,
+            sinks.as_ref(),
         )
     };
     let out = batched_matmul(&probs(&qd, &expand(&kd)?)?.0, &expand(&vd)?)?;
@@ -76,7 +80,7 @@ pub fn causal_attention(
 /// [`causal_attention`] and merging the heads; f32 CPU tensors take one fused path, bf16 CUDA
 /// tensors with head size 64 or 128 the flash attention kernels (which have no sliding
 /// `window`: they serve a window only when it covers every key; nor a `softcap`, Gemma 2's
-/// cap of the scores, see [`attention_probs`]).
+/// cap of the scores, nor gpt-oss's `sinks`, see [`attention_probs`]).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_self_attention(
     q: &Tensor,
@@ -89,6 +93,7 @@ pub fn causal_self_attention(
     scale: f64,
     softcap: Option<f64>,
     window: Option<usize>,
+    sinks: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, t, hd) = q.dims3()?;
     let d = hd / heads;
@@ -96,6 +101,7 @@ pub fn causal_self_attention(
     #[cfg(feature = "cuda")]
     if window.is_none()
         && softcap.is_none()
+        && sinks.is_none()
         && flash_serves((q, k, v), heads, kv_heads)
         && cos.dims() == [t, d / 2]
         && sin.dims() == [t, d / 2]
@@ -112,7 +118,8 @@ pub fn causal_self_attention(
         let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let qh = rope(&split(q, heads)?, cos, sin)?;
         let kh = rope(&split(k, kv_heads)?, cos, sin)?;
-        let out = causal_attention(&qh, &kh, &split(v, kv_heads)?, scale, softcap, window)?;
+        let v = split(v, kv_heads)?;
+        let out = causal_attention(&qh, &kh, &v, scale, softcap, window, sinks)?;
         return out.transpose(1, 2)?.reshape((b, t, hd));
     }
     let n_rep = heads / kv_heads;
@@ -139,9 +146,10 @@ pub fn causal_self_attention(
         ))
     };
     // The probabilities grouped as the heads are, and the capped scores' tanh per head.
+    let sinks = sinks.map(Tensor::detach);
     let probs = move |qh: &Tensor, kh: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
         let scores = batched_matmul(qh, &kh.t()?)?.reshape((b, heads, t, t))?;
-        let (p, tanh) = attention_probs(&scores, scale, softcap, window)?;
+        let (p, tanh) = attention_probs(&scores, scale, softcap, window, sinks.as_ref())?;
         Ok((p.reshape((b, kv_heads, n_rep * t, t))?, tanh))
     };
     let (qh, kh, vh) = inputs()?;

@@ -644,20 +644,23 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The activation of a gated MLP's gate: `act(gate) · up`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum GatedActivation {
     /// SwiGLU (Llama): `silu(g) = g · sigmoid(g)`.
     Silu,
     /// GeGLU with the tanh approximation of GELU (Gemma's `gelu_pytorch_tanh`), written as
     /// `g · sigmoid(2·√(2/π)·(g + 0.044715·g³))`, which it equals.
     GeluTanh,
+    /// gpt-oss's experts: `g' · sigmoid(alpha · g') · (u' + 1)` with `g' = min(g, limit)` and
+    /// `u' = clamp(u, −limit, limit)` (its `swiglu_alpha` and `swiglu_limit`).
+    ClampedSwiglu { alpha: f32, limit: f32 },
 }
 
 /// √(2/π).
 const GELU_C: f64 = 0.797_884_560_802_865_4;
 
 impl GatedActivation {
-    /// `a(g)` with `act(g) = g · sigmoid(a(g))`, and `a'(g)`.
+    /// `a(g)` with `act(g) = g · sigmoid(a(g))`, and `a'(g)` (of the clamped gate).
     #[inline]
     fn arg(self, g: f32) -> (f32, f32) {
         match self {
@@ -669,20 +672,62 @@ impl GatedActivation {
                     c * (1.0 + 3.0 * 0.044715 * g * g),
                 )
             }
+            Self::ClampedSwiglu { alpha, .. } => (alpha * g, alpha),
         }
+    }
+
+    /// The gate as the activation reads it, and its derivative (0 where clamped; torch's
+    /// clamp passes the gradient at the limit itself).
+    #[inline]
+    fn gate(self, g: f32) -> (f32, f32) {
+        match self {
+            Self::ClampedSwiglu { limit, .. } if g > limit => (limit, 0.0),
+            _ => (g, 1.0),
+        }
+    }
+
+    /// The up projection as the product reads it, and its derivative.
+    #[inline]
+    fn up(self, u: f32) -> (f32, f32) {
+        match self {
+            Self::ClampedSwiglu { limit, .. } => match u.abs() > limit {
+                true => (u.clamp(-limit, limit) + 1.0, 0.0),
+                false => (u + 1.0, 1.0),
+            },
+            _ => (u, 1.0),
+        }
+    }
+
+    /// Whether our fused kernel serves `t`: the CPU's for every activation, CUDA's for SiLU
+    /// and GELU (gpt-oss's clamped one takes the composed ops there).
+    fn kernel_serves(self, t: &Tensor) -> bool {
+        crate::has_kernel(t, Kernel::Swiglu)
+            && (t.device().is_cpu() || !matches!(self, Self::ClampedSwiglu { .. }))
     }
 
     /// The `gelu` flag of the CUDA kernels.
     #[cfg(feature = "cuda")]
-    fn is_gelu(self) -> bool {
-        self == Self::GeluTanh
+    fn cuda_gelu_flag(self) -> Result<bool> {
+        match self {
+            Self::Silu => Ok(false),
+            Self::GeluTanh => Ok(true),
+            Self::ClampedSwiglu { .. } => {
+                candle_core::bail!("no CUDA kernel for the clamped SwiGLU")
+            }
+        }
     }
 
-    /// `act(g)` by composed ops.
-    fn composed(self, g: &Tensor) -> Result<Tensor> {
+    /// `act(g) · u` by composed ops.
+    fn composed(self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Silu => g.silu(),
-            Self::GeluTanh => g.gelu(),
+            Self::Silu => g.silu()? * u,
+            Self::GeluTanh => g.gelu()? * u,
+            Self::ClampedSwiglu { alpha, limit } => {
+                let (alpha, limit) = (alpha as f64, limit as f64);
+                let g = g.minimum(limit)?;
+                let s = candle_nn::ops::sigmoid(&(&g * alpha)?)?;
+                (g * s)? * (u.clamp(-limit, limit)? + 1.0)?
+            }
         }
     }
 }
@@ -690,9 +735,8 @@ impl GatedActivation {
 /// `act(gate) · up`, keeping only `gate` and `up` for the backward.
 pub fn gated_act(gate: &Tensor, up: &Tensor, act: GatedActivation) -> Result<Tensor> {
     let (g, u) = (gate.detach(), up.detach());
-    let kernel = crate::has_kernel(&g, Kernel::Swiglu)
-        && g.device().same_device(u.device())
-        && g.dtype() == u.dtype();
+    let kernel =
+        act.kernel_serves(&g) && g.device().same_device(u.device()) && g.dtype() == u.dtype();
     let (g, u) = if kernel {
         (g.contiguous()?, u.contiguous()?)
     } else {
@@ -706,7 +750,7 @@ pub fn gated_act(gate: &Tensor, up: &Tensor, act: GatedActivation) -> Result<Ten
             b: u.clone(),
         }))
     } else {
-        Value::Computed((act.composed(&g)? * &u)?)
+        Value::Computed(act.composed(&g, &u)?)
     };
     let (g_tracks, u_tracks) = (gate.track_op(), up.track_op());
     // Third argument repeated: with_grad3 serves two inputs as well.
@@ -719,10 +763,10 @@ pub fn gated_act(gate: &Tensor, up: &Tensor, act: GatedActivation) -> Result<Ten
 /// `act(g) · u` outside any graph, and whether the fused kernel computed it (the backward
 /// then takes the kernel too).
 pub(crate) fn gated_value(g: &Tensor, u: &Tensor, act: GatedActivation) -> Result<(Tensor, bool)> {
-    let kernel = crate::has_kernel(g, Kernel::Swiglu);
+    let kernel = act.kernel_serves(g);
     let gated = match kernel {
         true => g.apply_op2_no_bwd(u, &GatedForward(act))?,
-        false => (act.composed(g)? * u)?,
+        false => act.composed(g, u)?,
     };
     Ok((gated, kernel))
 }
@@ -744,24 +788,40 @@ pub(crate) fn gated_grads(
         return Ok((d_g, d_u));
     }
     // act(g) = g · s with s = sigmoid(a(g)): d act/dg = s + g · s · (1 − s) · a'(g).
-    let (a, da) = match act {
-        GatedActivation::Silu => (g.clone(), None),
+    let (g, u, g_pass, u_pass) = match act {
+        GatedActivation::ClampedSwiglu { limit, .. } => {
+            let limit = limit as f64;
+            let g_pass = g.le(limit)?.to_dtype(g.dtype())?;
+            let u_pass = u.abs()?.le(limit)?.to_dtype(u.dtype())?;
+            let u = (u.clamp(-limit, limit)? + 1.0)?;
+            (g.minimum(limit)?, u, Some(g_pass), Some(u_pass))
+        }
+        _ => (g.clone(), u.clone(), None, None),
+    };
+    // a(g) and a'(g): a tensor for GELU, a constant (1, alpha) for the others.
+    let (a, da, da_const) = match act {
+        GatedActivation::Silu => (g.clone(), None, 1.0),
         GatedActivation::GeluTanh => {
             let g2 = g.sqr()?;
             let c = 2.0 * GELU_C;
-            let a = ((g + ((&g2 * g)? * 0.044715)?)? * c)?;
+            let a = ((&g + ((&g2 * &g)? * 0.044715)?)? * c)?;
             let da = ((g2 * (3.0 * 0.044715 * c))? + c)?;
-            (a, Some(da))
+            (a, Some(da), 1.0)
         }
+        GatedActivation::ClampedSwiglu { alpha, .. } => ((&g * alpha as f64)?, None, alpha as f64),
     };
     let s = candle_nn::ops::sigmoid(&a)?;
-    let value = (g * &s)?;
-    let d_u = (grad * &value)?;
-    let mut slope = (&value * (1.0 - &s)?)?;
+    let value = (&g * &s)?;
+    let mut d_u = (grad * &value)?;
+    let mut slope = ((&value * (1.0 - &s)?)? * da_const)?;
     if let Some(da) = da {
         slope = (slope * da)?;
     }
-    let d_g = ((grad * u)? * (&s + slope)?)?;
+    let mut d_g = ((grad * &u)? * (&s + slope)?)?;
+    if let (Some(g_pass), Some(u_pass)) = (g_pass, u_pass) {
+        d_g = (d_g * g_pass)?;
+        d_u = (d_u * u_pass)?;
+    }
     Ok((d_g, d_u))
 }
 
@@ -828,11 +888,11 @@ impl CustomOp2 for GatedForward {
             .zip(g.par_chunks(CPU_BLOCK).zip(u.par_chunks(CPU_BLOCK)))
             .for_each(|(y, (g, u))| {
                 for (y, &g) in y.iter_mut().zip(g) {
-                    *y = -act.arg(g).0;
+                    *y = -act.arg(act.gate(g).0).0;
                 }
                 crate::fast_exp::exp_in_place(y);
                 for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g / (1.0 + *y) * u;
+                    *y = act.gate(g).0 / (1.0 + *y) * act.up(u).0;
                 }
             });
         Ok((CpuStorage::F32(y), gl.shape().clone()))
@@ -847,7 +907,7 @@ impl CustomOp2 for GatedForward {
         ul: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         Ok((
-            crate::cuda::gated_fwd((g, gl), (u, ul), self.0.is_gelu())?,
+            crate::cuda::gated_fwd((g, gl), (u, ul), self.0.cuda_gelu_flag()?)?,
             gl.shape().clone(),
         ))
     }
@@ -882,15 +942,16 @@ impl CustomOp3 for GatedBackward {
             .for_each(|(((d_g, d_u), (g, u)), dy)| {
                 // e^-a(g), in d_g until it is overwritten.
                 for (e, &g) in d_g.iter_mut().zip(g) {
-                    *e = -act.arg(g).0;
+                    *e = -act.arg(act.gate(g).0).0;
                 }
                 crate::fast_exp::exp_in_place(d_g);
                 for i in 0..g.len() {
+                    let ((gi, g_pass), (ui, u_pass)) = (act.gate(g[i]), act.up(u[i]));
                     let s = 1.0 / (1.0 + d_g[i]);
-                    let value = g[i] * s;
-                    d_u[i] = dy[i] * value;
+                    let value = gi * s;
+                    d_u[i] = dy[i] * value * u_pass;
                     // d (g·s)/dg = s + g·s·(1 − s)·a'(g).
-                    d_g[i] = dy[i] * u[i] * (s + value * (1.0 - s) * act.arg(g[i]).1);
+                    d_g[i] = dy[i] * ui * (s + value * (1.0 - s) * act.arg(gi).1) * g_pass;
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
@@ -906,7 +967,8 @@ impl CustomOp3 for GatedBackward {
         grad: &candle_core::CudaStorage,
         gradl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::gated_bwd((g, gl), (u, ul), (grad, gradl), self.0.is_gelu())?;
+        let out =
+            crate::cuda::gated_bwd((g, gl), (u, ul), (grad, gradl), self.0.cuda_gelu_flag()?)?;
         Ok((out, Shape::from(2 * gl.shape().elem_count())))
     }
 }

@@ -72,12 +72,23 @@ pub fn route(probs: &Tensor, top_k: usize, norm_topk_prob: bool) -> Result<Routi
     })
 }
 
-/// The frozen weights of one expert: gate and up `[inter, hidden]`, down `[hidden, inter]`.
+/// The frozen weights of one expert: gate and up `[inter, hidden]`, down `[hidden, inter]`,
+/// and their biases where it has them (gpt-oss).
 #[derive(Clone)]
 pub struct ExpertWeights {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
+    pub biases: Option<[Tensor; 3]>,
+}
+
+/// `x · wᵀ (+ b)`, off the graph.
+fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = frozen_matmul(x, w, true)?;
+    match b {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+        None => Ok(y),
+    }
 }
 
 /// What the backward of one expert keeps.
@@ -94,11 +105,12 @@ struct ExpertSaved {
 }
 
 /// A mixture-of-experts block of frozen dense weights over `x` (`[..., hidden]`): `router`
-/// `[experts, hidden]`, one [`ExpertWeights`] per expert. One autograd node; its backward
-/// returns dL/dx, the experts' share and the router's (through the chosen probabilities).
+/// `[experts, hidden]` (with gpt-oss's bias `[experts]`), one [`ExpertWeights`] per expert.
+/// One autograd node; its backward returns dL/dx, the experts' share and the router's
+/// (through the chosen probabilities).
 pub fn frozen_moe(
     x: &Tensor,
-    router: &Tensor,
+    (router, router_bias): (&Tensor, Option<&Tensor>),
     experts: &[ExpertWeights],
     top_k: usize,
     norm_topk_prob: bool,
@@ -108,7 +120,7 @@ pub fn frozen_moe(
     let rows = x.elem_count() / hidden;
     let dtype = x.dtype();
     let x2 = x.detach().reshape((rows, hidden))?;
-    let logits = frozen_matmul(&x2, router, true)?.to_dtype(DType::F32)?;
+    let logits = affine(&x2, router, router_bias)?.to_dtype(DType::F32)?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?;
     let routing = route(&probs, top_k, norm_topk_prob)?;
     let flat_weights = routing.weights.flatten_all()?;
@@ -118,10 +130,11 @@ pub fn frozen_moe(
         let Some(served) = served else { continue };
         let w = &experts[e];
         let xe = x2.index_select(&served.rows, 0)?;
-        let gate_out = frozen_matmul(&xe, &w.gate, true)?;
-        let up_out = frozen_matmul(&xe, &w.up, true)?;
+        let bias = |i: usize| w.biases.as_ref().map(|b| &b[i]);
+        let gate_out = affine(&xe, &w.gate, bias(0))?;
+        let up_out = affine(&xe, &w.up, bias(1))?;
         let (gated, kernel) = gated_value(&gate_out, &up_out, act)?;
-        let ye = frozen_matmul(&gated, &w.down, true)?;
+        let ye = affine(&gated, &w.down, bias(2))?;
         let weight = flat_weights
             .index_select(&served.slots, 0)?
             .to_dtype(dtype)?

@@ -10,12 +10,35 @@ use rayon::prelude::*;
 /// window`). Kernels for f32 on the CPU and f32/bf16 on CUDA (no window there); other cases
 /// use the composed ops.
 pub fn causal_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
+    causal_softmax_with_sinks(scores, scale, window, None)
+}
+
+/// [`causal_softmax`] with gpt-oss's attention sinks: `sinks` `[heads]` holds one logit per
+/// head (scores `[.., heads, q, k]`) that joins each row's softmax as one more key, whose
+/// probability is then dropped (the row sums to less than 1; its value is 0). The backward
+/// is [`causal_softmax`]'s: the sink's column adds nothing to the output.
+pub fn causal_softmax_with_sinks(
+    scores: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+    sinks: Option<&Tensor>,
+) -> Result<Tensor> {
     let dims = scores.dims();
     let (q, k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     // A window as wide as the keys hides nothing.
     let window = window.filter(|&w| w < k);
+    let cpu = matches!(scores.device(), candle_core::Device::Cpu);
     let kernel = crate::has_kernel(scores, crate::Kernel::Softmax)
-        && (window.is_none() || matches!(scores.device(), candle_core::Device::Cpu));
+        && ((window.is_none() && sinks.is_none()) || cpu);
+    if let Some(s) = sinks {
+        let heads = dims.len().checked_sub(3).map(|h| dims[h]);
+        if heads != Some(s.elem_count()) {
+            candle_core::bail!(
+                "{} attention sinks for scores {dims:?} ([.., heads, q, k])",
+                s.elem_count()
+            );
+        }
+    }
     if !kernel {
         let past = k - q;
         let qi = Tensor::arange(0u32, q as u32, scores.device())?.unsqueeze(1)?;
@@ -30,31 +53,59 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, window: Option<usize>) -> Res
             Tensor::full(f32::NEG_INFINITY, (q, k), scores.device())?.to_dtype(scores.dtype())?;
         let zeros = Tensor::zeros((q, k), scores.dtype(), scores.device())?;
         let bias = allowed.where_cond(&zeros, &neg)?;
-        return crate::softmax_last_dim(&(scores * scale)?.broadcast_add(&bias)?);
+        let masked = (scores * scale)?.broadcast_add(&bias)?;
+        return match sinks {
+            None => crate::softmax_last_dim(&masked),
+            Some(s) => {
+                let mut shape = dims.to_vec();
+                *shape.last_mut().expect("scores have dims") = 1;
+                let column = s
+                    .to_dtype(scores.dtype())?
+                    .reshape((s.elem_count(), 1, 1))?
+                    .broadcast_as(shape)?;
+                let all =
+                    crate::softmax_last_dim(&Tensor::cat(&[&masked, &column], dims.len() - 1)?)?;
+                all.narrow(dims.len() - 1, 0, k)
+            }
+        };
     }
+    let sinks = sinks
+        .map(|s| {
+            s.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        })
+        .transpose()?;
     scores.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
         q,
         k,
         window,
+        sinks,
     })
 }
 
 /// Causal attention probabilities of raw scores `s = q·kᵀ` (see [`causal_softmax`]): of
-/// `scale · s`, or with Gemma 2's soft cap of `cap · tanh(scale · s / cap)`. Returns the
+/// `scale · s`, or with Gemma 2's soft cap of `cap · tanh(scale · s / cap)`; with gpt-oss's
+/// `sinks` (see [`causal_softmax_with_sinks`]). Returns the
 /// probabilities and, with a cap, the tanh values that [`attention_probs_backward`] reads.
 pub fn attention_probs(
     scores: &Tensor,
     scale: f64,
     softcap: Option<f64>,
     window: Option<usize>,
+    sinks: Option<&Tensor>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let Some(cap) = softcap else {
-        return Ok((causal_softmax(scores, scale, window)?, None));
+        return Ok((
+            causal_softmax_with_sinks(scores, scale, window, sinks)?,
+            None,
+        ));
     };
     // One multiply for the scale and the cap: in bf16, one rounding fewer.
     let tanh = (scores * (scale / cap))?.tanh()?;
-    Ok((causal_softmax(&(&tanh * cap)?, 1.0, window)?, Some(tanh)))
+    let probs = causal_softmax_with_sinks(&(&tanh * cap)?, 1.0, window, sinks)?;
+    Ok((probs, Some(tanh)))
 }
 
 /// Gemma 2's soft cap, `cap · tanh(x / cap)`, by candle's ops (their autograd carries the
@@ -93,6 +144,8 @@ struct CausalSoftmax {
     q: usize,
     k: usize,
     window: Option<usize>,
+    /// One logit per head, the heads being the dim before the `q` rows.
+    sinks: Option<Vec<f32>>,
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -109,12 +162,15 @@ impl CustomOp1 for CausalSoftmax {
             let end = past + row % q + 1;
             let first = self.window.map_or(0, |w| end.saturating_sub(w));
             let (x, y) = (&x[row * k..][first..end], &mut y[first..end]);
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+            let sink = self.sinks.as_ref().map(|s| s[(row / q) % s.len()]);
+            let max = x
+                .iter()
+                .fold(sink.unwrap_or(f32::NEG_INFINITY), |m, &v| m.max(v * scale));
             for (yi, &xi) in y.iter_mut().zip(x) {
                 *yi = xi * scale - max;
             }
             crate::fast_exp::exp_in_place(y);
-            let sum: f32 = y.iter().sum();
+            let sum: f32 = y.iter().sum::<f32>() + sink.map_or(0.0, |s| (s - max).exp());
             let inv = 1.0 / sum;
             y.iter_mut().for_each(|v| *v *= inv);
         });
@@ -127,6 +183,9 @@ impl CustomOp1 for CausalSoftmax {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.sinks.is_some() || self.window.is_some() {
+            candle_core::bail!("the CUDA causal softmax has no window or sinks");
+        }
         let out = crate::cuda::causal_softmax_fwd(s, l, self.q, self.k, self.scale)?;
         Ok((out, l.shape().clone()))
     }

@@ -187,7 +187,7 @@ fn causal_attention_matches_cpu() {
         (randn(&[2, 2, 6, 8], 12), Input::Cast),
     ];
     check("causal_attention", &inputs, |x| {
-        causal_attention(&x[0], &x[1], &x[2], 1.0 / 8f64.sqrt(), None, None)
+        causal_attention(&x[0], &x[1], &x[2], 1.0 / 8f64.sqrt(), None, None, None)
     });
 }
 
@@ -218,6 +218,7 @@ fn soft_capped_self_attention_matches_cpu() {
             scale,
             Some(1.5),
             Some(16),
+            None,
         )
     });
 }
@@ -260,7 +261,7 @@ fn check_self_attention(name: &str, (b, t, heads, kv_heads, d): Sizes5, seed: u6
         let scale = 1.0 / (d as f64).sqrt();
         let (cos, sin) = (x[3].detach(), x[4].detach());
         causal_self_attention(
-            &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None, None,
+            &x[0], &x[1], &x[2], &cos, &sin, heads, kv_heads, scale, None, None, None,
         )
     });
 }
@@ -435,6 +436,7 @@ fn sliding_window_self_attention_matches_cpu() {
             scale,
             None,
             Some(window),
+            None,
         )
     });
 }

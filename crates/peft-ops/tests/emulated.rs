@@ -205,6 +205,7 @@ fn compare_with(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize, bwd
         scale,
         None,
         None,
+        None,
     )
     .unwrap();
     let grads = (&o * &dout).unwrap().sum_all().unwrap().backward().unwrap();

@@ -292,6 +292,125 @@ fn causal_softmax_matches_masked_softmax_and_grad() {
     assert!(max_abs_diff(&f64_path.to_dtype(DType::F32).unwrap(), &reference) < 1e-6);
 }
 
+/// The additive mask of `q` queries over `k` keys (the last `q` of them new), with a window.
+fn causal_mask(q: usize, k: usize, window: Option<usize>) -> Tensor {
+    let mask: Vec<f32> = (0..q)
+        .flat_map(|i| {
+            (0..k).map(move |j| {
+                let last = k - q + i;
+                match j <= last && window.is_none_or(|w| j + w > last) {
+                    true => 0.0,
+                    false => f32::NEG_INFINITY,
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (q, k), &Device::Cpu).unwrap()
+}
+
+/// `softmax([scores + mask, sink])` without the sink's column, as transformers' gpt-oss
+/// computes it (`scores` `[b, heads, q, k]`, `sinks` `[heads]`).
+fn sinks_reference(scores: &Tensor, mask: &Tensor, sinks: &Tensor) -> Result<Tensor> {
+    let (b, h, q, k) = scores.dims4()?;
+    let column = sinks
+        .to_dtype(scores.dtype())?
+        .reshape((1, h, 1, 1))?
+        .broadcast_as((b, h, q, 1))?;
+    let masked = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    softmax_last_dim(&Tensor::cat(&[&masked, &column], 3)?)?.narrow(3, 0, k)
+}
+
+/// gpt-oss's attention sinks join each row's softmax as one more logit per head, then leave:
+/// the kernel (f32), the composed fallback (f64) and the reference agree, and the backward
+/// (the plain one: the sink's column adds no value) matches finite differences.
+#[test]
+fn attention_sinks_join_the_softmax() {
+    // 3 heads, 4 queries over 6 keys (2 cached).
+    let x = randn(&[2, 3, 4, 6], DType::F32, 70);
+    let sinks = (randn(&[3], DType::F32, 71) * 2.0).unwrap();
+    for window in [None, Some(3)] {
+        let y = causal_softmax_with_sinks(&x, 0.7, window, Some(&sinks)).unwrap();
+        let scaled = (&x * 0.7).unwrap();
+        let reference = sinks_reference(&scaled, &causal_mask(4, 6, window), &sinks).unwrap();
+        assert!(max_abs_diff(&y, &reference) < 1e-6);
+        let plain = causal_softmax(&x, 0.7, window).unwrap();
+        assert!(max_abs_diff(&y, &plain) > 1e-2, "the sinks change nothing");
+        check_grad(
+            &x,
+            |x| causal_softmax_with_sinks(x, 0.7, window, Some(&sinks)),
+            1e-2,
+            2e-3,
+        );
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let sinks64 = sinks.to_dtype(DType::F64).unwrap();
+        let composed = causal_softmax_with_sinks(&x64, 0.7, window, Some(&sinks64)).unwrap();
+        assert!(max_abs_diff(&composed.to_dtype(DType::F32).unwrap(), &reference) < 1e-6);
+        check_grad(
+            &x64,
+            |x| causal_softmax_with_sinks(x, 0.7, window, Some(&sinks64)),
+            1e-5,
+            1e-7,
+        );
+    }
+    let wrong = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    assert!(causal_softmax_with_sinks(&x, 0.7, None, Some(&wrong)).is_err());
+}
+
+/// Self-attention with sinks (the fused CPU path) against attention composed of candle's ops
+/// as transformers writes it, values and the gradients of q, k and v.
+#[test]
+fn causal_self_attention_with_sinks_matches_composed() {
+    // 4 query heads over 2 kv heads, 6 positions, head dim 4, a window of 4.
+    let (b, t, h, kvh, d) = (2, 6, 4, 2, 4);
+    let inputs = [
+        randn(&[b, t, h * d], DType::F32, 72),
+        randn(&[b, t, kvh * d], DType::F32, 73),
+        randn(&[b, t, kvh * d], DType::F32, 74),
+    ];
+    let sinks = (randn(&[h], DType::F32, 75) * 2.0).unwrap();
+    let theta = randn(&[t, d / 2], DType::F32, 76);
+    let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
+    let scale = 0.5;
+    for window in [None, Some(4)] {
+        check_against_composed(
+            &inputs,
+            |x| {
+                let (q, k, v) = (&x[0], &x[1], &x[2]);
+                causal_self_attention(
+                    q,
+                    k,
+                    v,
+                    &cos,
+                    &sin,
+                    h,
+                    kvh,
+                    scale,
+                    None,
+                    window,
+                    Some(&sinks),
+                )
+            },
+            |x| {
+                let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
+                let rep = |x: Tensor| {
+                    x.unsqueeze(2)?
+                        .broadcast_as((b, kvh, h / kvh, t, d))?
+                        .reshape((b, h, t, d))
+                };
+                let q = rope(&split(&x[0], h)?.contiguous()?, &cos, &sin)?;
+                let k = rep(rope(&split(&x[1], kvh)?.contiguous()?, &cos, &sin)?)?;
+                let v = rep(split(&x[2], kvh)?.contiguous()?)?;
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                sinks_reference(&scores, &causal_mask(t, t, window), &sinks)?
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .reshape((b, t, h * d))
+            },
+            1e-5,
+        );
+    }
+}
+
 #[test]
 fn checkpoint_gives_the_same_input_and_parameter_gradients() {
     use std::sync::Arc;
@@ -459,15 +578,31 @@ fn dropout_mask_is_deterministic_and_scaled() {
     assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.75).abs() < 1e-6));
 }
 
-/// The activations as candle computes them (its `gelu` is the tanh approximation).
-fn act_composed(act: GatedActivation, g: &Tensor) -> Result<Tensor> {
+/// `act(g) · u` as candle computes it (its `gelu` is the tanh approximation; gpt-oss's clamps
+/// as transformers writes them).
+fn act_composed(act: GatedActivation, g: &Tensor, u: &Tensor) -> Result<Tensor> {
     match act {
-        GatedActivation::Silu => g.silu(),
-        GatedActivation::GeluTanh => g.gelu(),
+        GatedActivation::Silu => g.silu()? * u,
+        GatedActivation::GeluTanh => g.gelu()? * u,
+        GatedActivation::ClampedSwiglu { alpha, limit } => {
+            let (alpha, limit) = (alpha as f64, limit as f64);
+            let g = g.minimum(limit)?;
+            let glu = (&g * candle_nn::ops::sigmoid(&(&g * alpha)?)?)?;
+            (u.clamp(-limit, limit)? + 1.0)? * glu
+        }
     }
 }
 
-const ACTIVATIONS: [GatedActivation; 2] = [GatedActivation::Silu, GatedActivation::GeluTanh];
+/// gpt-oss's activation with a limit that clamps some of the test inputs (gates up to 3,
+/// ups up to 1): its own limit is 7.
+const ACTIVATIONS: [GatedActivation; 3] = [
+    GatedActivation::Silu,
+    GatedActivation::GeluTanh,
+    GatedActivation::ClampedSwiglu {
+        alpha: 1.702,
+        limit: 0.7,
+    },
+];
 
 /// The f32 CPU kernel and the composed fallback (f64) against candle's autograd (whose GELU
 /// gradient rounds its constants to 6 digits: 1e-7 apart), and against finite differences.
@@ -485,7 +620,7 @@ fn gated_activations_match_composed() {
             check_against_composed(
                 &inputs,
                 |t| gated_act(&t[0], &t[1], act),
-                |t| act_composed(act, &t[0])? * &t[1],
+                |t| act_composed(act, &t[0], &t[1]),
                 tol,
             );
         }
@@ -503,7 +638,7 @@ fn gated_activations_match_composed_over_many_blocks() {
         check_against_composed(
             &inputs,
             |t| gated_act(&t[0], &t[1], act),
-            |t| act_composed(act, &t[0])? * &t[1],
+            |t| act_composed(act, &t[0], &t[1]),
             1e-5,
         );
     }
@@ -535,7 +670,7 @@ fn causal_attention_matches_composed_gqa() {
     let scale = 0.6;
     check_against_composed(
         &inputs,
-        |t| causal_attention(&t[0], &t[1], &t[2], scale, None, None),
+        |t| causal_attention(&t[0], &t[1], &t[2], scale, None, None, None),
         |t| {
             let rep = |x: &Tensor| {
                 x.unsqueeze(2)?
@@ -590,13 +725,21 @@ fn soft_capped_attention_matches_composed() {
     };
     check_against_composed(
         &inputs,
-        |t| causal_attention(&t[0], &t[1], &t[2], scale, Some(cap), Some(window)),
+        |t| causal_attention(&t[0], &t[1], &t[2], scale, Some(cap), Some(window), None),
         |t| composed(t, cap),
         1e-5,
     );
     // The cap changes the result.
-    let capped = causal_attention(&inputs[0], &inputs[1], &inputs[2], scale, Some(cap), None);
-    let plain = causal_attention(&inputs[0], &inputs[1], &inputs[2], scale, None, None);
+    let capped = causal_attention(
+        &inputs[0],
+        &inputs[1],
+        &inputs[2],
+        scale,
+        Some(cap),
+        None,
+        None,
+    );
+    let plain = causal_attention(&inputs[0], &inputs[1], &inputs[2], scale, None, None, None);
     let d = max_abs_diff(&capped.unwrap(), &plain.unwrap());
     assert!(d > 1e-2, "the cap has no effect ({d})");
 }
@@ -646,7 +789,19 @@ fn sliding_window_self_attention_matches_split_rope_attention_merge() {
     for softcap in [None, Some(0.4)] {
         let fused = |x: &[Tensor]| {
             let (q, k, v) = (&x[0], &x[1], &x[2]);
-            causal_self_attention(q, k, v, &cos, &sin, h, kvh, scale, softcap, Some(window))
+            causal_self_attention(
+                q,
+                k,
+                v,
+                &cos,
+                &sin,
+                h,
+                kvh,
+                scale,
+                softcap,
+                Some(window),
+                None,
+            )
         };
         check_against_composed(
             &inputs,
@@ -656,7 +811,7 @@ fn sliding_window_self_attention_matches_split_rope_attention_merge() {
                 let q = rope(&split(&x[0], h)?.contiguous()?, &cos, &sin)?;
                 let k = rope(&split(&x[1], kvh)?.contiguous()?, &cos, &sin)?;
                 let v = split(&x[2], kvh)?;
-                causal_attention(&q, &k, &v, scale, softcap, Some(window))?
+                causal_attention(&q, &k, &v, scale, softcap, Some(window), None)?
                     .transpose(1, 2)?
                     .reshape((b, t, h * d))
             },
@@ -664,7 +819,7 @@ fn sliding_window_self_attention_matches_split_rope_attention_merge() {
         );
         // The window (the sequence is longer than it) and the cap change the result.
         let plain = causal_self_attention(
-            &inputs[0], &inputs[1], &inputs[2], &cos, &sin, h, kvh, scale, None, None,
+            &inputs[0], &inputs[1], &inputs[2], &cos, &sin, h, kvh, scale, None, None, None,
         );
         let d = max_abs_diff(&fused(&inputs).unwrap(), &plain.unwrap());
         assert!(d > 1e-2, "window has no effect ({d})");
@@ -680,6 +835,7 @@ fn sliding_window_self_attention_matches_split_rope_attention_merge() {
                 scale,
                 None,
                 Some(window),
+                None,
             );
             let d = max_abs_diff(&fused(&inputs).unwrap(), &uncapped.unwrap());
             assert!(d > 1e-2, "the cap has no effect ({d})");
@@ -701,13 +857,17 @@ fn causal_self_attention_matches_split_rope_attention_merge() {
     let scale = 0.5;
     check_against_composed(
         &inputs,
-        |x| causal_self_attention(&x[0], &x[1], &x[2], &cos, &sin, h, kvh, scale, None, None),
+        |x| {
+            causal_self_attention(
+                &x[0], &x[1], &x[2], &cos, &sin, h, kvh, scale, None, None, None,
+            )
+        },
         |x| {
             let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
             let q = rope(&split(&x[0], h)?.contiguous()?, &cos, &sin)?;
             let k = rope(&split(&x[1], kvh)?.contiguous()?, &cos, &sin)?;
             let v = split(&x[2], kvh)?;
-            causal_attention(&q, &k, &v, scale, None, None)?
+            causal_attention(&q, &k, &v, scale, None, None, None)?
                 .transpose(1, 2)?
                 .reshape((b, t, h * d))
         },
@@ -803,7 +963,7 @@ fn frozen_mlp_matches_composed() {
             |t| {
                 let g = t[0].broadcast_matmul(&gate.t()?)?;
                 let u = t[0].broadcast_matmul(&up.t()?)?;
-                (act_composed(act, &g)? * u)?.broadcast_matmul(&down.t()?)
+                act_composed(act, &g, &u)?.broadcast_matmul(&down.t()?)
             },
             1e-5,
         );

@@ -2,16 +2,19 @@
 //! quantization of their scales, and 8-bit blockwise "dynamic" quantization (the format of
 //! 8-bit optimizer states). Same codes, same packing, same rounding as bitsandbytes, so a model
 //! quantized here and by bitsandbytes is the same model. Also llama.cpp's k-quant blocks for
-//! GGUF files (`kquants`).
+//! GGUF files (`kquants`), and the MXFP4 blocks of gpt-oss checkpoints, dequantized as
+//! transformers does (`mxfp4`).
 
 mod blockwise8;
 mod codes;
 mod fourbit;
 pub mod kquants;
+pub mod mxfp4;
 
 pub use blockwise8::{dequantize_blockwise, quantize_blockwise, Blockwise8, BLOCKSIZE_8BIT};
 pub use codes::{dynamic_map, fp4_code, NF4};
 pub use fourbit::{quantize_4bit, Absmax, FourBit, Quant4, BLOCKSIZE_4BIT};
+pub use mxfp4::{dequantize_mxfp4, dequantize_mxfp4_bf16, Mxfp4LenError};
 
 /// Index of the value of the ascending `table` nearest to `x`; on a tie the lower index, as
 /// `argmin(|x - table|)` picks it.

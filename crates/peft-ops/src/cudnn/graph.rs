@@ -617,6 +617,7 @@ mod tests {
             p.scale as f64,
             None,
             None,
+            None,
         )
         .unwrap();
         let o = &buffers[&Port::O];

@@ -119,6 +119,7 @@ pub fn packed_reference(
                 scale,
                 None,
                 None,
+                None,
             )
             .unwrap();
             let grads = (&o * part(probe))
