@@ -12,7 +12,8 @@ mixture-of-experts families: Mixtral (8 experts, 2 per token), Qwen3-MoE (8 of 3
 token, renormalized) and OLMoE, where all-linear also adapts the experts' stacked
 parameters and the router (HF PEFT's target_parameters; without dropout there, as HF PEFT
 requires), and Qwen2-MoE (a gated shared expert, which all-linear adapts, every second layer
-dense). `peft train` runs on
+dense), and gpt-oss (attention sinks, biased experts with a clamped SwiGLU, LoRA on its router
+and experts by target_parameters). `peft train` runs on
 the shipped pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see
 only part of their sequence through a window). Then, for each:
 1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
@@ -34,7 +35,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
                           OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
-                          Qwen3MoeForCausalLM)
+                          Qwen3MoeForCausalLM, GptOssConfig, GptOssForCausalLM)
 
 from harness import arguments, peft_logits, random_model, run
 
@@ -115,13 +116,22 @@ models = {
         **common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
         shared_expert_intermediate_size=64, decoder_sparse_step=2)),
     "olmoe": (OlmoeForCausalLM, OlmoeConfig(**common, num_experts=8, num_experts_per_tok=2)),
+    # gpt-oss: attention sinks, every other layer sliding (a window of 16), YaRN, 8 experts
+    # with biases, 2 per token, the clamped SwiGLU (a limit of 1, which clamps here); all-linear
+    # takes its attention, target_parameters the router and the experts.
+    "gpt_oss": (GptOssForCausalLM, GptOssConfig(
+        **common, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
+        swiglu_limit=1.0)),
 }
+# LoRA on parameters (the experts') takes no dropout, in HF PEFT either.
+no_dropout = ["--lora-dropout", "0"]
+extra_flags = {name: no_dropout for name in ("mixtral", "qwen3_moe", "olmoe")}
+extra_flags["gpt_oss"] = [*no_dropout, "--target-parameters",
+                          "mlp.router.weight,mlp.experts.gate_up_proj,mlp.experts.down_proj"]
 failed = False
 for name, (cls, cfg) in models.items():
     if args.only and name not in args.only.split(","):
         continue
     with tempfile.TemporaryDirectory() as tmp:
-        # LoRA on parameters (the experts') takes no dropout, in HF PEFT either.
-        flags = ["--lora-dropout", "0"] if name in ("mixtral", "qwen3_moe", "olmoe") else []
-        failed |= check(name, cls, cfg, tmp, flags)
+        failed |= check(name, cls, cfg, tmp, extra_flags.get(name, []))
 sys.exit(1 if failed else 0)

@@ -40,6 +40,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                           Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration,
+                          GptOssConfig, GptOssForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -208,6 +209,21 @@ models["qwen3_vl_moe"] = (Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeConfig(
                                       "mrope_interleaved": True, "rope_theta": 5000.0}),
     vision_config=dict(**qwen_vision, deepstack_visual_indexes=[0], num_position_embeddings=16),
     tie_word_embeddings=False))
+# gpt-oss: attention sinks (large here, so that they matter), biases on q/k/v/o, a window of 3
+# on the first layer, YaRN (truncate false), 4 experts of 16 with biases, 2 per token (the
+# softmax of the two logits), gate and up interleaved in the stacked gate_up_proj, and the
+# clamped SwiGLU with a limit small enough (0.8; gpt-oss's is 7) that it clamps here.
+# HF PEFT's all-linear takes the attention alone there (its router and experts are no linear
+# layers): target_parameters adds LoRA on the router's weight and the experts.
+models["gpt_oss"] = (GptOssForCausalLM, GptOssConfig(
+    **{**common, "intermediate_size": 16}, head_dim=8, tie_word_embeddings=False,
+    num_local_experts=4, num_experts_per_tok=2, sliding_window=3,
+    layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.8,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 16}))
+lora_parameters = {"gpt_oss": ["mlp.router.weight", "mlp.experts.gate_up_proj",
+                               "mlp.experts.down_proj"]}
 # HF PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE also puts LoRA on the experts' stacked
 # parameters and the router's weight (target_parameters, gate_up_proj with twice the rank),
 # as it does on Mixtral's and Qwen3-MoE's here; OLMoE's adapter takes the attention alone, so
@@ -230,6 +246,8 @@ for name, (cls, cfg) in models.items():
         for pname, p in model.named_parameters():
             if "norm" in pname:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif pname.endswith("sinks"):
+                p.copy_(1.0 + torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
     model.save_pretrained(f"{out}/model")
@@ -265,7 +283,7 @@ for name, (cls, cfg) in models.items():
             scaled = model(input_ids=ids_long).logits
             assert (unscaled - scaled).abs().max() > 0.1, "llama_4_scaling_beta"
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets.get(name, "all-linear"),
-                      init_lora_weights=False)
+                      target_parameters=lora_parameters.get(name), init_lora_weights=False)
     peft_model = get_peft_model(model, lora).eval()
     with torch.no_grad():
         for pname, p in peft_model.named_parameters():

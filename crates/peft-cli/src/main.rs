@@ -518,7 +518,7 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
             None => String::new(),
         };
         println!(
-            "mixture of experts on {sparse} of {} layers: {} experts of {}, {} per token ({}){shared}; LoRA reaches the router and experts as parameters (target_parameters: gate.weight, gate_up_proj, down_proj)",
+            "mixture of experts on {sparse} of {} layers: {} experts of {}, {} per token ({}){shared}; LoRA reaches the router and experts as parameters (target_parameters: {}.weight, gate_up_proj, down_proj)",
             base.config.num_hidden_layers,
             moe.num_experts,
             moe.expert_size,
@@ -526,8 +526,12 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
             match moe.norm_topk_prob {
                 true => "weights renormalized",
                 false => "weights as the router gives them",
-            }
+            },
+            moe.router
         );
+        if base.config.attention_sinks {
+            println!("attention sinks: a learned logit per head in each softmax (gpt-oss)");
+        }
     }
     if let Some(whole) = &base.config.image_text {
         let kind = whole

@@ -5,7 +5,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// The fields of a Llama-family `config.json` (Llama 2/3, Mistral, Qwen2/3, SmolLM2/3, Granite,
-/// Gemma 2/3, Phi-3)
+/// Gemma 2/3, Phi-3, their mixture-of-experts kin and gpt-oss)
 /// that the forward pass needs. `raw` keeps the file as read so that `peft merge` writes it back
 /// intact.
 #[derive(Debug, Clone)]
@@ -77,8 +77,11 @@ pub struct LlamaConfig {
     /// Phi-3's fused projections: one `qkv_proj` (q, k and v side by side in its output) and
     /// one `gate_up_proj` (gate, then up).
     pub fused_projections: bool,
-    /// Mixture-of-experts feed-forward blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+    /// Mixture-of-experts feed-forward blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss).
     pub moe: Option<Moe>,
+    /// gpt-oss's attention sinks: a learned logit per head (`self_attn.sinks`) in each row's
+    /// softmax, whose probability is dropped.
+    pub attention_sinks: bool,
     /// The decoder's config as read (an image-text model's `text_config`, with the class
     /// defaults its file leaves out).
     pub raw: Value,
@@ -149,16 +152,34 @@ pub struct Moe {
     /// each expert's gate, up and down projections (Mixtral's `w1`, `w3`, `w2`).
     pub block: &'static str,
     pub expert_projections: [&'static str; 3],
-    /// The checkpoint stores each layer's experts stacked, as transformers 5 holds them
-    /// (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`: Qwen3-VL-MoE), not one module
-    /// per expert.
-    pub stacked_on_disk: bool,
+    /// The router's module name in the block (`gate`; gpt-oss's `router`).
+    pub router: &'static str,
+    /// gpt-oss's biases: of the router, and of each expert's gate, up and down projections.
+    pub biases: bool,
+    /// How the checkpoint holds the experts.
+    pub storage: ExpertStorage,
+}
+
+/// How a checkpoint holds a layer's experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertStorage {
+    /// One module per expert (`mlp.experts.3.gate_proj`), as transformers 4 saved them.
+    PerExpert,
+    /// Stacked as transformers 5 holds them (Qwen3-VL-MoE): `mlp.experts.gate_up_proj`
+    /// `[experts, 2 · size, hidden]` (gate first) and `mlp.experts.down_proj`; its releases
+    /// store both transposed.
+    Stacked,
+    /// gpt-oss's: stacked and transposed, `gate_up_proj` `[experts, hidden, 2 · size]` with
+    /// gate and up interleaved (columns `2j` and `2j + 1`), `down_proj` `[experts, size,
+    /// hidden]`, and a bias beside each (`gate_up_proj_bias`, `down_proj_bias`); or
+    /// MXFP4-quantized (`*_blocks`, `*_scales`), as OpenAI releases it.
+    GptOss,
 }
 
 impl Moe {
-    /// Module path of the router under a layer (`mlp.gate`).
+    /// Module path of the router under a layer (`mlp.gate`, gpt-oss's `mlp.router`).
     pub fn router_path(&self) -> String {
-        format!("{}.gate", self.block)
+        format!("{}.{}", self.block, self.router)
     }
 
     /// Module paths of expert `e`'s gate, up and down projections under a layer.
@@ -339,6 +360,8 @@ struct RawConfig {
     shared_expert_intermediate_size: Option<usize>,
     decoder_sparse_step: Option<usize>,
     mlp_only_layers: Option<Vec<usize>>,
+    swiglu_alpha: Option<f32>,
+    swiglu_limit: Option<f32>,
 }
 
 fn default_max_pos() -> usize {
@@ -367,6 +390,7 @@ const SUPPORTED: &[&str] = &[
     "qwen2_5_vl_text",
     "qwen3_vl_text",
     "qwen3_vl_moe_text",
+    "gpt_oss",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
@@ -424,6 +448,15 @@ fn class_defaults(model_type: &str) -> Option<Value> {
                 "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
                 "llama_4_scaling_beta": 0.1,
             },
+        }),
+        // GptOssConfig's, with its YaRN (`__post_init__` sets it where the file has none).
+        "gpt_oss" => serde_json::json!({
+            "vocab_size": 201_088, "hidden_size": 2880, "intermediate_size": 2880,
+            "num_hidden_layers": 36, "num_attention_heads": 64, "num_key_value_heads": 8,
+            "head_dim": 64, "num_local_experts": 128, "num_experts_per_tok": 4,
+            "sliding_window": 128, "max_position_embeddings": 131_072, "rms_norm_eps": 1e-5,
+            "attention_bias": true, "tie_word_embeddings": false, "swiglu_alpha": 1.702,
+            "swiglu_limit": 7.0,
         }),
         _ => return None,
     })
@@ -558,7 +591,12 @@ impl LlamaConfig {
         // transformers 5 moved rope settings into `rope_parameters` (per layer type for Gemma 3:
         // `full_attention` and `sliding_attention`); older files use `rope_theta` +
         // `rope_scaling` (+ Gemma 3's `rope_local_base_freq`).
-        let mut rope = c.rope_parameters.clone().or(c.rope_scaling.clone());
+        let gpt_oss = model_type == "gpt_oss";
+        let mut rope = c
+            .rope_parameters
+            .clone()
+            .or(c.rope_scaling.clone())
+            .or_else(|| gpt_oss.then(gpt_oss_default_rope));
         let mut local_rope = None;
         if let Some(Value::Object(per_type)) = &rope {
             if per_type.contains_key("full_attention") {
@@ -575,6 +613,7 @@ impl LlamaConfig {
                 "olmo3" => 500_000.0,
                 "mixtral" | "qwen2_vl_text" | "qwen2_5_vl_text" => 1_000_000.0,
                 "qwen3_vl_text" | "qwen3_vl_moe_text" => 5_000_000.0,
+                "gpt_oss" => 150_000.0,
                 _ => 10_000.0,
             });
         let rope_type = |r: &Option<Value>| {
@@ -700,6 +739,9 @@ impl LlamaConfig {
             sliding_layer_windows(&c, pattern)?
         } else if olmo3 {
             sliding_layer_windows(&c, OLMO3_SLIDING_PATTERN)?
+        } else if gpt_oss {
+            // Every other layer slides, the first one too, as Gemma 2's.
+            sliding_layer_windows(&c, GEMMA2_SLIDING_PATTERN)?
         } else if model_type == "ministral" && c.sliding_window.is_some() && c.layer_types.is_some()
         {
             // Ministral 8B (2410): its layer_types say which layers slide.
@@ -717,6 +759,11 @@ impl LlamaConfig {
         };
         let act = c.hidden_activation.as_deref().or(c.hidden_act.as_deref());
         let activation = match act.unwrap_or(if gemma { "gelu_pytorch_tanh" } else { "silu" }) {
+            // gpt-oss's experts clamp theirs whatever `hidden_act` says.
+            _ if gpt_oss => GatedActivation::ClampedSwiglu {
+                alpha: c.swiglu_alpha.unwrap_or(1.702),
+                limit: c.swiglu_limit.unwrap_or(7.0),
+            },
             "silu" | "swish" => GatedActivation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" => GatedActivation::GeluTanh,
             other => bail!("unsupported activation {other:?} (supported: silu, gelu_pytorch_tanh)"),
@@ -767,6 +814,7 @@ impl LlamaConfig {
             query_scaling,
             fused_projections: phi3,
             moe,
+            attention_sinks: gpt_oss,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_hidden_layers: c.num_hidden_layers,
@@ -1090,6 +1138,8 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         "qwen3_moe" => (128, 8, 768, None, false),
         "qwen3_vl_moe_text" => (60, 4, 1408, None, true),
         "olmoe" => (64, 8, c.intermediate_size, None, false),
+        // gpt-oss: the softmax of the top-k logits, the renormalized top-k probabilities.
+        "gpt_oss" => (128, 4, c.intermediate_size, None, true),
         _ => return Ok(None),
     };
     let num_experts = c.num_experts.unwrap_or(experts);
@@ -1104,15 +1154,17 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         .map(|l| !qwen || (!dense.contains(&l) && (l + 1) % step == 0))
         .collect();
     let mixtral = model_type == "mixtral";
+    let gpt_oss = model_type == "gpt_oss";
     Ok(Some(Moe {
         num_experts,
         top_k,
-        expert_size: match mixtral || model_type == "olmoe" {
+        expert_size: match mixtral || gpt_oss || model_type == "olmoe" {
             true => c.intermediate_size,
             false => c.moe_intermediate_size.unwrap_or(size),
         },
-        // Mixtral and Qwen3-VL-MoE always renormalize over the chosen experts.
+        // Mixtral, Qwen3-VL-MoE and gpt-oss always renormalize over the chosen experts.
         norm_topk_prob: mixtral
+            || gpt_oss
             || model_type == "qwen3_vl_moe_text"
             || c.norm_topk_prob.unwrap_or(norm),
         shared_expert_size: shared.map(|s| c.shared_expert_intermediate_size.unwrap_or(s)),
@@ -1125,8 +1177,25 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             true => ["w1", "w3", "w2"],
             false => ["gate_proj", "up_proj", "down_proj"],
         },
-        stacked_on_disk: model_type == "qwen3_vl_moe_text",
+        router: match gpt_oss {
+            true => "router",
+            false => "gate",
+        },
+        biases: gpt_oss,
+        storage: match model_type {
+            "qwen3_vl_moe_text" => ExpertStorage::Stacked,
+            "gpt_oss" => ExpertStorage::GptOss,
+            _ => ExpertStorage::PerExpert,
+        },
     }))
+}
+
+/// GptOssConfig's RoPE where a file names none: YaRN from 4096 positions, 32 times longer.
+fn gpt_oss_default_rope() -> Value {
+    serde_json::json!({
+        "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": false, "original_max_position_embeddings": 4096,
+    })
 }
 
 /// MoE settings whose training behaviour is not implemented, refused by name.

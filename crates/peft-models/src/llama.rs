@@ -1,5 +1,5 @@
 //! The Llama family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 3; mixture-of-experts
-//! Mixtral, Qwen2/3-MoE, OLMoE) with
+//! Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss) with
 //! autograd-friendly ops.
 //!
 //! Every projection is a [`Linear`] addressed by its HF module path
@@ -154,6 +154,8 @@ pub struct Attention {
     /// Gemma 3) or over the whole projection (OLMo 2).
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// gpt-oss's sink logit per head `[heads]` (`self_attn.sinks`).
+    pub sinks: Option<Tensor>,
 }
 
 #[derive(Clone)]
@@ -164,6 +166,27 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// The gate's, up's and down's biases, when all three have one (gpt-oss's experts).
+    fn biases(&self) -> Option<[Tensor; 3]> {
+        let Projections::Separate([gate, up]) = &self.gate_up else {
+            return None;
+        };
+        Some([
+            gate.bias.clone()?,
+            up.bias.clone()?,
+            self.down_proj.bias.clone()?,
+        ])
+    }
+
+    /// This MLP with its biases left out.
+    fn without_biases(&self) -> Mlp {
+        let mut m = self.clone();
+        for l in m.linears_mut() {
+            l.bias = None;
+        }
+        m
+    }
+
     /// gate, up (or the fused gate_up) and down.
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out = self.gate_up.linears_mut();
@@ -323,12 +346,35 @@ impl SparseMoe {
             (LinearWeight::Dense(w), None) if !param(w).track_op() => w.clone(),
             _ => return None,
         };
+        if self
+            .router
+            .bias
+            .as_ref()
+            .is_some_and(|b| param(b).track_op())
+        {
+            return None;
+        }
         let experts = self
             .experts
             .iter()
             .map(|m| {
-                let (gate, up, down) = m.frozen_weights()?;
-                Some(ExpertWeights { gate, up, down })
+                // gpt-oss's experts have biases, frozen as their weights.
+                let biases = m.biases();
+                if let Some(b) = &biases {
+                    if b.iter().any(|t| param(t).track_op()) {
+                        return None;
+                    }
+                }
+                let (gate, up, down) = match biases {
+                    Some(_) => m.without_biases().frozen_weights()?,
+                    None => m.frozen_weights()?,
+                };
+                Some(ExpertWeights {
+                    gate,
+                    up,
+                    down,
+                    biases,
+                })
             })
             .collect::<Option<_>>()?;
         Some((router, experts))
@@ -619,17 +665,18 @@ impl WeightTaker<'_> {
         shared: Option<(Mlp, Linear)>,
     ) -> Result<SparseMoe> {
         let router_path = format!("{layer_path}.{}", moe.router_path());
-        let router = self.linear(&router_path, moe.num_experts, hidden, false)?;
+        let bias = moe.biases;
+        let router = self.linear(&router_path, moe.num_experts, hidden, bias)?;
         let size = moe.expert_size;
         let experts = (0..moe.num_experts)
             .map(|e| {
                 let [gate, up, down] = moe.expert_paths(e).map(|n| format!("{layer_path}.{n}"));
                 Ok(Mlp {
                     gate_up: Projections::Separate([
-                        self.linear(&gate, size, hidden, false)?,
-                        self.linear(&up, size, hidden, false)?,
+                        self.linear(&gate, size, hidden, bias)?,
+                        self.linear(&up, size, hidden, bias)?,
                     ]),
-                    down_proj: self.linear(&down, hidden, size, false)?,
+                    down_proj: self.linear(&down, hidden, size, bias)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -714,6 +761,10 @@ impl Llama {
                 ),
                 None => (None, None),
             };
+            let sinks = c
+                .attention_sinks
+                .then(|| w.take(&format!("{p}.self_attn.sinks"), &[c.num_attention_heads]))
+                .transpose()?;
             let mut layer_norm = |name: &str| -> Result<Option<Tensor>> {
                 c.norms
                     .names()
@@ -731,6 +782,7 @@ impl Llama {
                     o_proj,
                     q_norm,
                     k_norm,
+                    sinks,
                 },
                 post_attention_layernorm: w
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
@@ -903,8 +955,24 @@ impl Llama {
         }
         for (path, lin) in self.expert_linears_mut() {
             out.push((format!("{path}.weight"), lin.weight.dense()?));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{path}.bias"), b.clone()));
+            }
         }
+        out.extend(self.attention_sinks());
         Ok(out)
+    }
+
+    /// gpt-oss's attention sinks with their checkpoint names (`model.layers.0.self_attn.sinks`).
+    pub fn attention_sinks(&self) -> Vec<(String, Tensor)> {
+        let decoder = self.config.decoder_path();
+        let layers = self.layers.iter().enumerate();
+        layers
+            .filter_map(|(l, layer)| {
+                let sinks = layer.self_attn.sinks.clone()?;
+                Some((format!("{decoder}.layers.{l}.self_attn.sinks"), sinks))
+            })
+            .collect()
     }
 
     /// Module paths of the weights outside the language model of an image-text checkpoint
@@ -953,9 +1021,14 @@ impl Llama {
         }
         for (_, lin) in self.expert_linears_mut() {
             let (o, i) = lin.weight.dims();
-            n += o * i;
+            n += o * i + lin.bias.as_ref().map_or(0, |b| b.elem_count());
         }
-        n
+        let sinks: usize = self
+            .attention_sinks()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        n + sinks
     }
 
     /// Full fine-tuning: every tensor of the model (embeddings, norms, linear weights and
@@ -966,6 +1039,12 @@ impl Llama {
             |ls: Vec<(String, &mut Linear)>| ls.iter().any(|(_, l)| l.weight.is_quantized());
         if quantized(self.linears_mut()) || quantized(self.expert_linears_mut()) {
             bail!("full fine-tuning needs dense weights; this model is quantized");
+        }
+        if self.config.attention_sinks || self.config.moe.as_ref().is_some_and(|m| m.biases) {
+            bail!(
+                "full fine-tuning of {} (its attention sinks and experts' biases) is not supported; train an adapter (LoRA, with target_parameters for the experts)",
+                self.config.model_type
+            );
         }
         let mut vars = Vec::new();
         let mut var = |name: String, t: &mut Tensor| -> Result<()> {
@@ -1731,7 +1810,8 @@ fn sparse_moe(
     let (top_k, norm_topk_prob) = (moe.top_k, moe.norm_topk_prob);
     let mut out = match s.frozen_weights() {
         Some((router, experts)) => {
-            frozen_moe(x, &router, &experts, top_k, norm_topk_prob, c.activation)?
+            let router = (&router, s.router.bias.as_ref());
+            frozen_moe(x, router, &experts, top_k, norm_topk_prob, c.activation)?
         }
         None => {
             let hidden = x.dim(D::Minus1)?;
@@ -1739,7 +1819,7 @@ fn sparse_moe(
             let x2 = reshape(x, (rows, hidden))?;
             let deltas = s.deltas.compute(x.dtype())?;
             let logits = match deltas.router_weight(&s.router)? {
-                Some(w) => linear(&x2, &w)?,
+                Some(w) => with_bias(linear(&x2, &w)?, &s.router)?,
                 None => s.router.forward(&x2, train)?,
             };
             let probs = softmax_last_dim(&cast(&logits, DType::F32)?)?;
@@ -1778,8 +1858,21 @@ fn adapted_expert(
     x: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let [gate_w, up_w, down_w] = deltas.expert_weights(expert, e)?;
-    let gated = gated_act(&linear(x, &gate_w)?, &linear(x, &up_w)?, c.activation)?;
-    linear(&gated, &down_w)
+    let Projections::Separate([gate, up]) = &expert.gate_up else {
+        candle_core::bail!("an expert with fused projections");
+    };
+    let gate_out = with_bias(linear(x, &gate_w)?, gate)?;
+    let up_out = with_bias(linear(x, &up_w)?, up)?;
+    let gated = gated_act(&gate_out, &up_out, c.activation)?;
+    with_bias(linear(&gated, &down_w)?, &expert.down_proj)
+}
+
+/// `y` plus the bias of `lin`, where it has one.
+fn with_bias(y: Tensor, lin: &Linear) -> candle_core::Result<Tensor> {
+    match &lin.bias {
+        Some(b) => add_bias(&y, b),
+        None => Ok(y),
+    }
 }
 
 /// A sublayer's output as the residual stream takes it: Granite's scaled by its multiplier.
@@ -1836,12 +1929,15 @@ fn attention(
         q = order.apply(&q)?;
         k = order.apply(&k)?;
     }
+    let sinks = a.sinks.as_ref();
     if mask.bias.is_none() && cache.is_none() {
-        let out = causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale, softcap, window)?;
+        let out =
+            causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale, softcap, window, sinks)?;
         return a.o_proj.forward(&out, train);
     }
-    // The flash kernels do not cap scores: capped ones (Gemma 2) take the paths below.
-    let uncapped = softcap.is_none();
+    // The flash kernels neither cap scores nor take sinks: capped ones (Gemma 2) and sinks
+    // (gpt-oss) take the paths below.
+    let uncapped = softcap.is_none() && sinks.is_none();
     if let (Some(segments), None, true) = (&mask.segments, &cache, uncapped) {
         if let Some(out) = packed_self_attention(&q, &k, &v, cos, sin, segments, nh, kvh, scale)? {
             return a.o_proj.forward(&out, train);
@@ -1878,9 +1974,22 @@ fn attention(
             if let Some(cap) = softcap {
                 scores = soft_cap(&scores, cap)?;
             }
-            softmax_last_dim(&scores.broadcast_add(m)?)?.matmul(&v)?
+            let scores = scores.broadcast_add(m)?;
+            let probs = match sinks {
+                None => softmax_last_dim(&scores)?,
+                Some(s) => {
+                    // One more column per head, dropped after the softmax.
+                    let (b, h, q, k) = scores.dims4()?;
+                    let column = s
+                        .to_dtype(scores.dtype())?
+                        .reshape((1, h, 1, 1))?
+                        .broadcast_as((b, h, q, 1))?;
+                    softmax_last_dim(&Tensor::cat(&[&scores, &column], 3)?)?.narrow(3, 0, k)?
+                }
+            };
+            probs.matmul(&v)?
         }
-        None => causal_attention(&q, &k, &v, scale, softcap, window)?,
+        None => causal_attention(&q, &k, &v, scale, softcap, window, sinks)?,
     };
     let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     a.o_proj.forward(&out, train)

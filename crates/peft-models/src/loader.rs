@@ -1,7 +1,7 @@
 //! Reads a base model from an HF folder (config.json + safetensors, memory-mapped) or a GGUF
 //! file into tensors named as in the HF checkpoint, on the requested device and dtype.
 
-use crate::config::{LlamaConfig, CAUSAL_LM_DECODER, IMAGE_TEXT_DECODER};
+use crate::config::{ExpertStorage, LlamaConfig, CAUSAL_LM_DECODER, IMAGE_TEXT_DECODER};
 use crate::gguf;
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
@@ -209,6 +209,8 @@ impl WeightStore {
     ) -> Result<()> {
         let fp8 = match prequantized {
             Some(Prequantized::Fp8(fp8)) => fp8,
+            // Dequantized before the experts are split (see `load_hf_dir`).
+            Some(Prequantized::Mxfp4(_)) => return self.insert(name, t),
             Some(Prequantized::Bnb4(bnb)) => match bnb.take(name, t) {
                 Some((name, t)) => return self.insert(name, t),
                 None => return Ok(()),
@@ -247,6 +249,7 @@ impl WeightStore {
 enum Prequantized {
     Fp8(Fp8Weights),
     Bnb4(Bnb4Weights),
+    Mxfp4(Mxfp4Weights),
 }
 
 impl Prequantized {
@@ -293,9 +296,82 @@ impl Prequantized {
                 parts: HashMap::new(),
             }),
             "bitsandbytes" => return Err(refused("bitsandbytes' 8-bit")),
+            "mxfp4" => Self::Mxfp4(Mxfp4Weights {
+                parts: HashMap::new(),
+            }),
             other => return Err(refused(&format!("quant_method {other:?}"))),
         }))
     }
+}
+
+/// gpt-oss's MXFP4 experts as OpenAI releases them: each stacked parameter as `<name>_blocks`
+/// `[experts, out, in / 32, 16]` (two FP4 codes a byte) and `<name>_scales` `[experts, out,
+/// in / 32]` (powers of two), dequantized as transformers does when it loads them without its
+/// kernels (to bf16, exactly: each value has two significant bits).
+struct Mxfp4Weights {
+    /// By parameter name (`...mlp.experts.gate_up_proj`): its blocks and scales so far.
+    parts: HashMap<String, (Option<Tensor>, Option<Tensor>)>,
+}
+
+impl Mxfp4Weights {
+    /// `(name, t)` as it is, or `None` while a parameter waits for its other part, or the
+    /// parameter once both arrived: `[experts, in, out]`, as transformers holds it.
+    fn take(&mut self, name: String, t: Tensor) -> Result<Option<(String, Tensor)>> {
+        let (param, is_blocks) = match (name.strip_suffix("_blocks"), name.strip_suffix("_scales"))
+        {
+            (Some(p), _) => (p.to_string(), true),
+            (_, Some(p)) => (p.to_string(), false),
+            _ => return Ok(Some((name, t))),
+        };
+        let slot = self.parts.entry(param.clone()).or_default();
+        match is_blocks {
+            true => slot.0 = Some(t),
+            false => slot.1 = Some(t),
+        }
+        let (Some(blocks), Some(scales)) = slot else {
+            return Ok(None);
+        };
+        let dense = dequantize_mxfp4_param(&param, blocks, scales)?;
+        self.parts.remove(&param);
+        Ok(Some((param, dense)))
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.parts.keys().next() {
+            Some(name) => {
+                bail!("{name}: the checkpoint has its MXFP4 blocks or its scales, not both")
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// One MXFP4 parameter from its blocks and scales, `[experts, in, out]` in bf16.
+fn dequantize_mxfp4_param(name: &str, blocks: &Tensor, scales: &Tensor) -> Result<Tensor> {
+    let dims = blocks.dims();
+    let fits = dims.len() == 4
+        && dims[3] == peft_quant::mxfp4::MXFP4_BLOCK_BYTES
+        && scales.dims() == &dims[..3]
+        && blocks.dtype() == DType::U8
+        && scales.dtype() == DType::U8;
+    if !fits {
+        bail!(
+            "{name}: MXFP4 blocks {:?} ({:?}) and scales {:?} ({:?}) do not fit ([experts, out, groups, 16] and [experts, out, groups], u8)",
+            dims,
+            blocks.dtype(),
+            scales.dims(),
+            scales.dtype()
+        );
+    }
+    let (experts, out, groups) = (dims[0], dims[1], dims[2]);
+    let values = peft_quant::dequantize_mxfp4_bf16(
+        &blocks.flatten_all()?.to_vec1::<u8>()?,
+        &scales.flatten_all()?.to_vec1::<u8>()?,
+    )
+    .with_context(|| format!("{name}: MXFP4"))?;
+    let inp = groups * peft_quant::mxfp4::MXFP4_BLOCK_VALUES;
+    let dense = Tensor::from_vec(values, (experts, out, inp), blocks.device())?;
+    Ok(dense.transpose(1, 2)?)
 }
 
 /// bitsandbytes' 4-bit checkpoints (`load_in_4bit`: a QLoRA base as transformers saves it,
@@ -582,18 +658,29 @@ fn load_hf_dir(
     let stacked = config
         .moe
         .as_ref()
-        .filter(|m| m.stacked_on_disk)
-        .map(|m| (config.hidden_size, m.expert_size));
+        .filter(|m| m.storage != ExpertStorage::PerExpert)
+        .map(|m| (m.storage, config.hidden_size, m.expert_size));
     // A tensor goes in as it is, or as its experts where the checkpoint stacks them.
     let mut put = |store: &mut WeightStore, name: String, t: Tensor| -> Result<()> {
-        match stacked.map(|(h, size)| split_stacked_experts(&name, &t, h, size)) {
-            Some(Some(parts)) => {
+        let (name, t) = match &mut prequantized {
+            Some(Prequantized::Mxfp4(m)) => match m.take(name, t)? {
+                Some(taken) => taken,
+                None => return Ok(()),
+            },
+            _ => (name, t),
+        };
+        let split = |(storage, h, size)| match storage {
+            ExpertStorage::GptOss => split_gpt_oss_experts(&name, &t, h, size),
+            _ => split_stacked_experts(&name, &t, h, size),
+        };
+        match stacked.and_then(split) {
+            Some(parts) => {
                 for (name, t) in parts? {
                     store.insert_checkpoint_tensor(name, t, &mut prequantized)?;
                 }
                 Ok(())
             }
-            _ => store.insert_checkpoint_tensor(name, t, &mut prequantized),
+            None => store.insert_checkpoint_tensor(name, t, &mut prequantized),
         }
     };
     for file in weight_files(dir)? {
@@ -630,6 +717,7 @@ fn load_hf_dir(
         match stored {
             Prequantized::Fp8(fp8) => fp8.finish()?,
             Prequantized::Bnb4(bnb) => store.quantized.extend(bnb.finish(store.dtype, device)?),
+            Prequantized::Mxfp4(mxfp4) => mxfp4.finish()?,
         }
         // A model saved from this one writes its weights unquantized, and says so.
         for file in config.files_mut() {
@@ -685,6 +773,64 @@ fn split_stacked_experts(
                 out.push((at("up_proj"), w.narrow(0, size, size)?.contiguous()?));
             } else {
                 out.push((at("down_proj"), w));
+            }
+        }
+        Ok(out)
+    };
+    Some(split())
+}
+
+/// The experts of a gpt-oss layer's stacked parameters (see [`ExpertStorage::GptOss`]):
+/// `mlp.experts.gate_up_proj` `[experts, hidden, 2 · size]` (gate and up interleaved by
+/// column) and its bias, `mlp.experts.down_proj` `[experts, size, hidden]` and its bias, under
+/// one module's names per expert (`mlp.experts.3.gate_proj.weight`, `...bias`); `None` for
+/// another tensor.
+fn split_gpt_oss_experts(
+    name: &str,
+    t: &Tensor,
+    hidden: usize,
+    size: usize,
+) -> Option<Result<Vec<(String, Tensor)>>> {
+    let (block, kind) = name.rsplit_once(".experts.")?;
+    let expected = match kind {
+        "gate_up_proj" => vec![hidden, 2 * size],
+        "gate_up_proj_bias" => vec![2 * size],
+        "down_proj" => vec![size, hidden],
+        "down_proj_bias" => vec![hidden],
+        _ => return None,
+    };
+    let split = || -> Result<Vec<(String, Tensor)>> {
+        if t.rank() != expected.len() + 1 || t.dims()[1..] != expected[..] {
+            bail!(
+                "{name} has shape {:?}, expected [experts, {}]",
+                t.dims(),
+                expected
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let mut out = Vec::new();
+        for e in 0..t.dim(0)? {
+            let at = |proj: &str, what: &str| format!("{block}.experts.{e}.{proj}.{what}");
+            let x = t.get(e)?;
+            match kind {
+                "gate_up_proj" | "gate_up_proj_bias" => {
+                    // Rows (of the transposed weight) or values 2j and 2j + 1: gate j, up j.
+                    let (pairs, what) = match kind {
+                        "gate_up_proj" => {
+                            (x.t()?.contiguous()?.reshape((size, 2, hidden))?, "weight")
+                        }
+                        _ => (x.contiguous()?.reshape((size, 2))?, "bias"),
+                    };
+                    for (i, proj) in ["gate_proj", "up_proj"].into_iter().enumerate() {
+                        let part = pairs.narrow(1, i, 1)?.squeeze(1)?.contiguous()?;
+                        out.push((at(proj, what), part));
+                    }
+                }
+                "down_proj" => out.push((at("down_proj", "weight"), x.t()?.contiguous()?)),
+                _ => out.push((at("down_proj", "bias"), x)),
             }
         }
         Ok(out)

@@ -1,6 +1,7 @@
 //! Writes a model as an HF folder that transformers loads: config.json, model.safetensors,
 //! generation_config.json and the tokenizer files.
 
+use crate::config::ExpertStorage;
 use crate::io::{save_safetensors, write_atomic};
 use crate::llama::Llama;
 use crate::loader::{image_text_checkpoint_name, StoredTensor};
@@ -12,47 +13,86 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// `tensors` with each layer's experts (`mlp.experts.3.gate_proj.weight`, ...) stacked as the
-/// checkpoints that store them so hold them: `mlp.experts.gate_up_proj` `[experts, 2 · size,
-/// hidden]` (gate first) and `mlp.experts.down_proj` `[experts, hidden, size]`.
-fn stacked_experts(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+/// checkpoints that so store them hold them (see [`ExpertStorage`]): `mlp.experts.gate_up_proj`
+/// `[experts, 2 · size, hidden]` (gate first) and `mlp.experts.down_proj` `[experts, hidden,
+/// size]`; gpt-oss's transposed, gate and up interleaved, with their biases.
+fn stacked_experts(
+    tensors: Vec<(String, Tensor)>,
+    storage: ExpertStorage,
+) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
-    // Per block, per expert: gate, up, down.
-    let mut blocks: std::collections::BTreeMap<String, Vec<[Option<Tensor>; 3]>> =
-        Default::default();
+    // Per block and kind (weight, bias), per expert: gate, up, down.
+    type Experts = Vec<[Option<Tensor>; 3]>;
+    let mut blocks: std::collections::BTreeMap<(String, String), Experts> = Default::default();
     for (name, t) in tensors {
         let parsed = name.rsplit_once(".experts.").and_then(|(block, rest)| {
-            let (e, proj) = rest.strip_suffix(".weight")?.split_once('.')?;
+            let (e, rest) = rest.split_once('.')?;
+            let (proj, what) = rest.split_once('.')?;
             let slot = ["gate_proj", "up_proj", "down_proj"]
                 .iter()
                 .position(|p| *p == proj)?;
-            Some((block.to_string(), e.parse::<usize>().ok()?, slot))
+            let what = ["weight", "bias"].into_iter().find(|w| *w == what)?;
+            Some((
+                block.to_string(),
+                what.to_string(),
+                e.parse::<usize>().ok()?,
+                slot,
+            ))
         });
-        let Some((block, e, slot)) = parsed else {
+        let Some((block, what, e, slot)) = parsed else {
             out.push((name, t));
             continue;
         };
-        let experts = blocks.entry(block).or_default();
+        let experts = blocks.entry((block, what)).or_default();
         if experts.len() <= e {
             experts.resize(e + 1, [None, None, None]);
         }
         experts[e][slot] = Some(t);
     }
-    for (block, experts) in blocks {
+    let gpt_oss = storage == ExpertStorage::GptOss;
+    for ((block, what), experts) in blocks {
         let (mut gate_up, mut down) = (Vec::new(), Vec::new());
         for (e, [gate, up, d]) in experts.into_iter().enumerate() {
-            let missing = || anyhow::anyhow!("{block}: expert {e} lacks a projection");
-            gate_up.push(Tensor::cat(
-                &[gate.ok_or_else(missing)?, up.ok_or_else(missing)?],
-                0,
-            )?);
-            down.push(d.ok_or_else(missing)?);
+            let missing = || anyhow::anyhow!("{block}: expert {e} lacks a projection's {what}");
+            let (gate, up, d) = (
+                gate.ok_or_else(missing)?,
+                up.ok_or_else(missing)?,
+                d.ok_or_else(missing)?,
+            );
+            match gpt_oss {
+                // Gate j and up j side by side; weights as `[in, out]`.
+                true => {
+                    let pairs = Tensor::stack(&[&gate, &up], 1)?;
+                    let mut shape = gate.dims().to_vec();
+                    shape[0] *= 2;
+                    let fused = pairs.reshape(shape)?;
+                    match what.as_str() {
+                        "weight" => {
+                            gate_up.push(fused.t()?.contiguous()?);
+                            down.push(d.t()?.contiguous()?);
+                        }
+                        _ => {
+                            gate_up.push(fused);
+                            down.push(d);
+                        }
+                    }
+                }
+                false => {
+                    gate_up.push(Tensor::cat(&[gate, up], 0)?);
+                    down.push(d);
+                }
+            }
         }
+        let suffix = match what.as_str() {
+            "weight" => "",
+            _ => "_bias",
+        };
         out.push((
-            format!("{block}.experts.gate_up_proj"),
+            format!("{block}.experts.gate_up_proj{suffix}"),
             Tensor::stack(&gate_up, 0)?,
         ));
         out.push((
-            format!("{block}.experts.down_proj"),
+            format!("{block}.experts.down_proj{suffix}"),
             Tensor::stack(&down, 0)?,
         ));
     }
@@ -91,8 +131,10 @@ pub fn save_hf_model(
             Ok((name, t.detach().to_dtype(dtype)?))
         })
         .collect::<Result<Vec<_>>>()?;
-    if model.config.moe.as_ref().is_some_and(|m| m.stacked_on_disk) {
-        tensors = stacked_experts(tensors)?;
+    if let Some(m) = model.config.moe.as_ref() {
+        if m.storage != ExpertStorage::PerExpert {
+            tensors = stacked_experts(tensors, m.storage)?;
+        }
     }
     tensors.extend(read_stored(&model.other_tensors, dtype)?);
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);

@@ -101,8 +101,14 @@ pub fn llama_weights(
         }
         if let Some(moe) = c.sparse_moe(l) {
             let (e, size) = (moe.num_experts, moe.expert_size);
-            let router = format!("{p}.{}.weight", moe.router_path());
-            w.insert(router, init(WeightKind::Matrix, &[e, h])?);
+            let router = format!("{p}.{}", moe.router_path());
+            w.insert(
+                format!("{router}.weight"),
+                init(WeightKind::Matrix, &[e, h])?,
+            );
+            if moe.biases {
+                w.insert(format!("{router}.bias"), init(WeightKind::Bias, &[e])?);
+            }
             for expert in 0..e {
                 let shapes = [[size, h], [size, h], [h, size]];
                 for (path, shape) in moe.expert_paths(expert).iter().zip(shapes) {
@@ -110,8 +116,20 @@ pub fn llama_weights(
                         format!("{p}.{path}.weight"),
                         init(WeightKind::Matrix, &shape)?,
                     );
+                    if moe.biases {
+                        w.insert(
+                            format!("{p}.{path}.bias"),
+                            init(WeightKind::Bias, &shape[..1])?,
+                        );
+                    }
                 }
             }
+        }
+        if c.attention_sinks {
+            w.insert(
+                format!("{p}.self_attn.sinks"),
+                init(WeightKind::Bias, &[c.num_attention_heads])?,
+            );
         }
         for norm in c.norms.names() {
             w.insert(format!("{p}.{norm}.weight"), init(WeightKind::Norm, &[h])?);

@@ -41,6 +41,7 @@ const ARCHITECTURES: &[&str] = &[
     "qwen2_5_vl",
     "qwen3_vl",
     "qwen3_vl_moe",
+    "gpt_oss",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -149,7 +150,14 @@ fn lora_gradients_on_tapes() {
 /// same logits and LoRA gradients as HF PEFT's.
 #[test]
 fn composed_moe_blocks_match_hf_peft() {
-    for name in ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "qwen3_vl_moe"] {
+    for name in [
+        "mixtral",
+        "qwen3_moe",
+        "qwen2_moe",
+        "olmoe",
+        "qwen3_vl_moe",
+        "gpt_oss",
+    ] {
         let dir = fixture(name);
         let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
         let want = load_safetensors(&dir.join("grads.safetensors"), &Device::Cpu).unwrap();
@@ -245,6 +253,49 @@ fn stacked_experts_load_either_way_and_save_stacked() {
     let back = base_from(&saved);
     let d = max_abs_diff(&logits(&back, &ids, None), &exp["base_logits"]);
     assert!(d < 1e-4, "saved and read back: logits differ by {d}");
+}
+
+/// gpt-oss as OpenAI releases it, its experts in MXFP4 (`*_blocks`, `*_scales`;
+/// scripts/hf/make_gpt_oss_mxfp4_fixture.py): dequantized as transformers dequantizes them,
+/// the same logits. A model saved from it writes its experts dense, stacked and interleaved as
+/// transformers 5 holds them, with no quantization_config, and reads back alike; a merged
+/// adapter on the experts saves and reads back to the adapted model's logits.
+#[test]
+fn gpt_oss_mxfp4_experts_load_and_save_dense() {
+    let src = fixture("gpt_oss_mxfp4");
+    let exp = load_safetensors(&src.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+    let mut model = base_from(&src.join("model"));
+    let d = max_abs_diff(&logits(&model, &ids, None), &exp["logits"]);
+    assert!(d < 1e-4, "MXFP4 experts: logits differ by {d}");
+
+    let dir = tempfile::tempdir().unwrap();
+    peft_models::save::save_hf_model(&mut model, None, dir.path(), DType::F32).unwrap();
+    let written = load_safetensors(&dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let gate_up = &written["model.layers.0.mlp.experts.gate_up_proj"];
+    assert_eq!(max_abs_diff(gate_up, &exp["gate_up_proj_0"]), 0.0);
+    assert_eq!(written["model.layers.0.mlp.experts.gate_up_proj_bias"].dims(), [4, 64]);
+    assert_eq!(written["model.layers.1.mlp.experts.down_proj"].dims(), [4, 32, 32]);
+    assert!(!written.keys().any(|k| k.contains("experts.0.") || k.ends_with("_blocks")));
+    let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    assert!(!config.contains("quantization_config"));
+    let back = base_from(dir.path());
+    let d = max_abs_diff(&logits(&back, &ids, None), &exp["logits"]);
+    assert!(d < 1e-4, "saved and read back: logits differ by {d}");
+
+    // HF PEFT's adapter of the fixture's gpt-oss, merged, saved and read back.
+    let src = fixture("gpt_oss");
+    let exp = load_safetensors(&src.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+    let mut merged = PeftModel::load(base("gpt_oss"), &src.join("lora"))
+        .unwrap()
+        .merge_and_unload()
+        .unwrap();
+    let saved = dir.path().join("merged");
+    peft_models::save::save_hf_model(&mut merged, None, &saved, DType::F32).unwrap();
+    let back = base_from(&saved);
+    let d = max_abs_diff(&logits(&back, &ids, None), &exp["lora_logits"]);
+    assert!(d < 1e-4, "merged, saved and read back: logits differ by {d}");
 }
 
 fn base_from(dir: &std::path::Path) -> Llama {

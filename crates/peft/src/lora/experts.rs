@@ -14,6 +14,7 @@ use crate::lora::layer::LoraLayer;
 use crate::targets::{select_linears, TargetModules, ALL_LINEAR};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use peft_models::config::ExpertStorage;
 use peft_models::{FeedForward, Llama, WeightDelta};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -39,6 +40,8 @@ pub struct ParamTarget {
     pub experts: usize,
     pub in_features: usize,
     pub out_features: usize,
+    /// gpt-oss's `gate_up_proj`: gate and up interleaved along its outputs (`2j`, `2j + 1`).
+    pub interleaved: bool,
 }
 
 /// The names HF PEFT turns into parameters on the model types whose experts transformers 5
@@ -203,17 +206,20 @@ pub fn param_targets(base: &Llama, config: &LoraConfig) -> Result<Vec<ParamTarge
     for l in sparse_layers(base) {
         let moe = c.sparse_moe(l).expect("a sparse layer");
         let (e, size) = (moe.num_experts, moe.expert_size);
+        // transformers 5's module tree (Mixtral's block is `mlp` there too).
         let m = format!("{}.layers.{l}.mlp", c.decoder_path());
-        let router_key = format!("{m}.gate.weight");
+        let router = format!("{m}.{}", moe.router);
+        let router_key = format!("{router}.weight");
         if selects(&router_key) {
             out.push(ParamTarget {
                 layer: l,
                 kind: ParamKind::Router,
                 key: router_key,
-                adapter_path: format!("{m}.gate"),
+                adapter_path: router,
                 experts: 1,
                 in_features: h,
                 out_features: e,
+                interleaved: false,
             });
         }
         let gate_up = format!("{m}.experts.gate_up_proj");
@@ -232,6 +238,7 @@ pub fn param_targets(base: &Llama, config: &LoraConfig) -> Result<Vec<ParamTarge
                 experts: e,
                 in_features: h,
                 out_features: 2 * size,
+                interleaved: moe.storage == ExpertStorage::GptOss,
             });
         }
         if down_on {
@@ -243,12 +250,13 @@ pub fn param_targets(base: &Llama, config: &LoraConfig) -> Result<Vec<ParamTarge
                 experts: e,
                 in_features: size,
                 out_features: h,
+                interleaved: false,
             });
         }
     }
     if out.is_empty() {
         bail!(
-            "target_parameters {wanted:?} selects no parameter (peft-rs adapts a mixture-of-experts block's mlp.gate.weight, mlp.experts.gate_up_proj and mlp.experts.down_proj)"
+            "target_parameters {wanted:?} selects no parameter (peft-rs adapts a mixture-of-experts block's router weight, mlp.gate.weight or gpt-oss's mlp.router.weight, and mlp.experts.gate_up_proj and mlp.experts.down_proj)"
         );
     }
     Ok(out)
@@ -342,10 +350,12 @@ pub fn stack_expert_pairs(tensors: &mut HashMap<String, Tensor>, base: &Llama) -
     Ok(())
 }
 
-/// A stacked LoRA pair as the change of its parameter.
+/// A stacked LoRA pair as the change of its parameter, in [`peft_models::MoeDeltas`]'s layout
+/// (gpt-oss's interleaved gate and up rows put gate first).
 struct StackedLora {
     layer: Arc<LoraLayer>,
     experts: usize,
+    interleaved: bool,
 }
 
 impl WeightDelta for StackedLora {
@@ -356,7 +366,14 @@ impl WeightDelta for StackedLora {
         let (e, r) = (self.experts, rows / self.experts);
         let a = a.reshape((e, r, inp))?;
         let b = b.reshape((out, r, e))?.permute((2, 0, 1))?.contiguous()?;
-        b.matmul(&a)? * self.layer.scaling
+        let delta = (b.matmul(&a)? * self.layer.scaling)?;
+        match self.interleaved {
+            true => delta
+                .reshape((e, out / 2, 2, inp))?
+                .transpose(1, 2)?
+                .reshape((e, out, inp)),
+            false => Ok(delta),
+        }
     }
 }
 
@@ -368,6 +385,7 @@ pub fn attach(base: &mut Llama, target: &ParamTarget, layer: Arc<LoraLayer>) -> 
     let delta: Arc<dyn WeightDelta> = Arc::new(StackedLora {
         layer,
         experts: target.experts,
+        interleaved: target.interleaved,
     });
     let slot = match target.kind {
         ParamKind::Router => &mut block.deltas.router,
