@@ -1382,3 +1382,96 @@ fn mixture_of_experts_models_train_merge_and_inspect() {
         "{stdout}"
     );
 }
+
+/// gpt-oss (a small random one with SmolLM2's tokenizer): QLoRA with LoRA on its attention and,
+/// by `--target-parameters`, on its router and 4-bit experts, in bf16 with gradient
+/// checkpointing; generation with the adapter; the merged HF folder keeps gpt-oss's layout;
+/// GGUF is refused by name.
+#[test]
+fn gpt_oss_trains_quantized_generates_and_merges() {
+    let Some(gguf) = peft_models::testing::default_model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("gpt-oss");
+    let loaded =
+        peft_models::load_model(&gguf, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let tokenizer = loaded.tokenizer.unwrap();
+    let config = peft_models::LlamaConfig::from_json(serde_json::json!({
+        "model_type": "gpt_oss", "hidden_size": 64, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "vocab_size": loaded.config.vocab_size, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "sliding_window": 8, "bos_token_id": 1, "eos_token_id": 2,
+    }))
+    .unwrap();
+    let mut m = peft_models::shapes::random_llama(
+        config,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        5,
+    )
+    .unwrap();
+    peft_models::save::save_hf_model(&mut m, Some(&tokenizer), &model, candle_core::DType::F32)
+        .unwrap();
+    let data = peft_models::testing::shipped_data();
+    let adapter = dir.path().join("qlora");
+    let flags = [
+        "--target-modules",
+        "all-linear",
+        "--target-parameters",
+        "mlp.router.weight,mlp.experts.gate_up_proj,mlp.experts.down_proj",
+        "--lora-dropout",
+        "0",
+        "--quantize",
+        "nf4",
+        "--dtype",
+        "bf16",
+        "--gradient-checkpointing",
+        "true",
+    ];
+    train_one_step(&model, &data, &adapter, &flags);
+    let saved = peft_models::io::load_safetensors(
+        &adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let key = |k: &str| format!("base_model.model.model.layers.1.{k}.weight");
+    // r = 16, stacked over 4 experts.
+    assert_eq!(saved[&key("mlp.router.lora_A")].dims(), [16, 64]);
+    assert_eq!(saved[&key("mlp.experts.base_layer.lora_B")].dims(), [128, 16 * 4]);
+    assert_eq!(saved[&key("mlp.experts.lora_A")].dims(), [16 * 4, 64]);
+    assert!(saved.contains_key(&key("self_attn.o_proj.lora_B")));
+
+    let out = succeeds(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+
+    let merged = dir.path().join("merged");
+    let args = ["merge", "--model", s(&model), "--adapter", s(&adapter)];
+    succeeds(&[&args[..], &["--output", s(&merged)]].concat());
+    let written = peft_models::io::load_safetensors(
+        &merged.join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        written["model.layers.0.mlp.experts.gate_up_proj"].dims(),
+        [4, 64, 128]
+    );
+    assert_eq!(written["model.layers.0.self_attn.sinks"].dims(), [4]);
+    let gguf_out = dir.path().join("merged.gguf");
+    fails_with(&[&args[..], &["--output", s(&gguf_out)]].concat(), "gpt_oss");
+    let out = succeeds(&["inspect", "--model", s(&model)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("attention sinks"), "{stdout}");
+    assert!(stdout.contains("target_parameters: router.weight"), "{stdout}");
+}

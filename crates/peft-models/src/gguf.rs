@@ -265,6 +265,10 @@ impl GgufType {
 
 /// The GGUF architecture of a model type: Mistral models are `llama` to llama.cpp.
 pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
+    if c.attention_sinks {
+        // llama.cpp's gpt-oss takes its experts in MXFP4, which is not written here.
+        bail!("cannot write a {:?} model as GGUF", c.model_type);
+    }
     if let Some(y) = &c.yarn {
         // llama.cpp's YaRN rounds the ramp's ends (truncate) and takes 0.1 ln(factor) + 1 as
         // the attention factor; its converter writes neither truncate nor DeepSeek's mscales.
