@@ -3,7 +3,8 @@
 For a small random model of each architecture peft-rs writes (Llama with Llama 3 rope scaling
 and attention biases, Mistral, Qwen2, Qwen3, Gemma 3 with five sliding-window layers and one
 global, Gemma 2 with its soft caps, SmolLM3 with a layer without RoPE, the mixture-of-experts
-Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE), saved by transformers with SmolLM2's tokenizer:
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss), saved by transformers with SmolLM2's
+tokenizer:
 1. `peft merge --model DIR --output ours.gguf --dtype f32`, and llama.cpp's own
    `convert_hf_to_gguf.py DIR --outtype f32`: every tensor (name, type, shape, values) and every
    non-`general.*` metadata value must be equal;
@@ -47,7 +48,8 @@ from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3
                           Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, MixtralConfig,
                           MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig,
-                          Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                          Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, GptOssConfig,
+                          GptOssForCausalLM)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--llama-cpp", required=True)
@@ -144,10 +146,17 @@ models = {
     "olmoe": (OlmoeForCausalLM, OlmoeConfig(
         **{**common, "num_key_value_heads": 4}, tie_word_embeddings=False, pad_token_id=0,
         num_experts=4, num_experts_per_tok=2)),
+    # gpt-oss: attention sinks, biases, every other layer sliding (a window of 4 over the 16
+    # generated tokens), YaRN, 4 experts with biases, 2 per token, the clamped SwiGLU.
+    "gpt_oss": (GptOssForCausalLM, GptOssConfig(
+        **common, head_dim=16, tie_word_embeddings=False, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=4)),
 }
 if args.only:
     models = {name: models[name] for name in args.only.split(",")}
 
+
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
 
 # Models whose text llama.cpp computes otherwise than transformers (and peft) from the file its
 # own converter writes: Phi-3's LongRoPE (measured with llama.cpp from llama-cpp-python 0.3.36;
@@ -160,7 +169,7 @@ PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2",
              "smollm3": None, "granite": None, "olmo2": None, "olmo3": None,
              "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
              "phi3_partial": None, "mixtral": None, "qwen2_moe": "qwen2", "qwen3_moe": "qwen2",
-             "olmoe": None}
+             "olmoe": None, "gpt_oss": None}
 CONVERT = """
 import runpy, sys
 llama_cpp, fallback = sys.argv[1], sys.argv[2]
@@ -345,10 +354,23 @@ with tempfile.TemporaryDirectory() as tmp:
                   f"as transformers does")
         elif ours_text != peft_text:
             problems.append(f"llama.cpp generates {ours_text!r}, peft {peft_text!r}")
+        # The mixture-of-experts files in f16 and q8_0 too (their routers and gpt-oss's
+        # experts' biases stay f32, as the converter keeps them and llama.cpp reads them):
+        # equal to the converter's, and llama.cpp runs the f16 one (its q8_0 experts' kernel
+        # stops with an illegal instruction on this machine's CPU, the converter's file too).
+        for ty in (["f16", "q8_0"] if name in MOE else []):
+            ours_ty, ref_ty = (os.path.join(tmp, f"{stem}-{ty}{s}.gguf") for s in ["", "-ref"])
+            run([args.peft, "merge", "--model", d, "--output", ours_ty, "--dtype", ty])
+            run([sys.executable, "-c", CONVERT, args.llama_cpp, str(PRE_NAMES[name]), d,
+                 "--outtype", ty, "--outfile", ref_ty])
+            problems += [f"{ty}: {p}" for p in compare(ours_ty, ref_ty)[0]]
+            if ty == "f16":
+                llama_simple(ours_ty, 4)
         same_text = (f"llama.cpp and peft generate {ours_text!r}" if ours_text == peft_text
                      else "the texts as above")
+        also = " (f32, f16 and q8_0)" if name in MOE else ""
         print(f"{name}: {n} tensors; " + ("; ".join(problems) if problems else
-              f"as convert_hf_to_gguf writes them; {same_text}"))
+              f"as convert_hf_to_gguf writes them{also}; {same_text}"))
         failed |= bool(problems)
 
     if args.only:

@@ -1438,7 +1438,10 @@ fn gpt_oss_trains_quantized_generates_and_merges() {
     let key = |k: &str| format!("base_model.model.model.layers.1.{k}.weight");
     // r = 16, stacked over 4 experts.
     assert_eq!(saved[&key("mlp.router.lora_A")].dims(), [16, 64]);
-    assert_eq!(saved[&key("mlp.experts.base_layer.lora_B")].dims(), [128, 16 * 4]);
+    assert_eq!(
+        saved[&key("mlp.experts.base_layer.lora_B")].dims(),
+        [128, 16 * 4]
+    );
     assert_eq!(saved[&key("mlp.experts.lora_A")].dims(), [16 * 4, 64]);
     assert!(saved.contains_key(&key("self_attn.o_proj.lora_B")));
 
@@ -1469,9 +1472,15 @@ fn gpt_oss_trains_quantized_generates_and_merges() {
     );
     assert_eq!(written["model.layers.0.self_attn.sinks"].dims(), [4]);
     let gguf_out = dir.path().join("merged.gguf");
-    fails_with(&[&args[..], &["--output", s(&gguf_out)]].concat(), "gpt_oss");
+    fails_with(
+        &[&args[..], &["--output", s(&gguf_out)]].concat(),
+        "gpt_oss",
+    );
     let out = succeeds(&["inspect", "--model", s(&model)]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("attention sinks"), "{stdout}");
-    assert!(stdout.contains("target_parameters: router.weight"), "{stdout}");
+    assert!(
+        stdout.contains("target_parameters: router.weight"),
+        "{stdout}"
+    );
 }

@@ -45,6 +45,13 @@ const OLMO2_NORMS: &[(&str, &str)] = &[
     ("post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
+/// gpt-oss's: the MLP's input norm under the name of the attention's output norm.
+const GPT_OSS_NORMS: &[(&str, &str)] = &[("post_attention_norm", "post_attention_layernorm")];
+
+/// gpt-oss's attention sinks: a tensor of llama.cpp's (`blk.N.attn_sinks.weight`), a
+/// parameter of the attention in HF (`model.layers.N.self_attn.sinks`).
+const SINKS: (&str, &str) = ("attn_sinks.weight", "self_attn.sinks");
+
 /// Phi-3's, whose projections are fused: `ffn_up` holds gate and up.
 const PHI3_MODULES: &[(&str, &str)] = &[
     ("attn_qkv", "self_attn.qkv_proj"),
@@ -70,6 +77,7 @@ fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'s
         "gemma2" | "gemma3" => (LAYER_MODULES, GEMMA_NORMS),
         "phi3" => (PHI3_MODULES, &[][..]),
         "olmo2" => (LAYER_MODULES, OLMO2_NORMS),
+        "gpt-oss" => (LAYER_MODULES, GPT_OSS_NORMS),
         _ => (LAYER_MODULES, LLAMA_NORMS),
     };
     let shared = match arch {
@@ -92,10 +100,14 @@ pub enum MoeTensor {
 /// The llama.cpp names of the stacked experts' projections, gate, up and down.
 const EXPERT_TENSORS: [&str; 3] = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"];
 
-/// The layer and kind of llama.cpp's mixture-of-experts tensor `gguf`, if it is one.
+/// The layer and kind of llama.cpp's mixture-of-experts tensor `gguf` (a weight or a bias), if
+/// it is one.
 pub fn moe_tensor(gguf: &str) -> Option<(usize, MoeTensor)> {
     let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
-    let module = rest.strip_suffix(".weight")?;
+    // Weights, and gpt-oss's biases.
+    let module = rest
+        .strip_suffix(".weight")
+        .or_else(|| rest.strip_suffix(".bias"))?;
     let kind = match module {
         "ffn_gate_inp" => MoeTensor::Router,
         _ => MoeTensor::Experts(EXPERT_TENSORS.iter().position(|t| *t == module)?),
@@ -125,6 +137,9 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
         return Some(hf.to_string());
     }
     let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    if rest == SINKS.0 {
+        return Some(format!("model.layers.{layer}.{}", SINKS.1));
+    }
     let (module, kind) = rest.rsplit_once('.')?;
     let (_, hf) = layer_modules(arch).find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -146,6 +161,9 @@ pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
         return Some(g.to_string());
     }
     let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    if rest == SINKS.1 {
+        return Some(format!("blk.{layer}.{}", SINKS.0));
+    }
     let (module, kind) = rest.rsplit_once('.')?;
     let (g, _) = layer_modules(arch).find(|(_, h)| *h == module)?;
     Some(format!("blk.{layer}.{g}.{kind}"))
@@ -265,9 +283,8 @@ impl GgufType {
 
 /// The GGUF architecture of a model type: Mistral models are `llama` to llama.cpp.
 pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
-    if c.attention_sinks {
-        // llama.cpp's gpt-oss takes its experts in MXFP4, which is not written here.
-        bail!("cannot write a {:?} model as GGUF", c.model_type);
+    if c.model_type == "gpt_oss" {
+        return check_gpt_oss(c);
     }
     if let Some(y) = &c.yarn {
         // llama.cpp's YaRN rounds the ramp's ends (truncate) and takes 0.1 ln(factor) + 1 as
@@ -322,6 +339,27 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
         "olmoe" => check_moe(c, "olmoe", false)?,
         other => bail!("cannot write a {other:?} model as GGUF"),
     })
+}
+
+/// llama.cpp's `gpt-oss` fixes what the config may vary: the clamped SwiGLU's alpha and limit
+/// (1.702 and 7), every other layer sliding (the first one too) over one window. Its YaRN
+/// rounds the ramp, gpt-oss's config says not to (`truncate: false`): llama.cpp's converter
+/// writes every gpt-oss so, and llama.cpp runs them so.
+fn check_gpt_oss(c: &LlamaConfig) -> Result<&'static str> {
+    let defaults = peft_ops::GatedActivation::ClampedSwiglu {
+        alpha: 1.702,
+        limit: 7.0,
+    };
+    if c.activation != defaults {
+        bail!("llama.cpp's gpt-oss clamps its experts' SwiGLU with alpha 1.702 and limit 7; this model's swiglu_alpha or swiglu_limit differs");
+    }
+    let sliding = crate::config::all_but_every(c.num_hidden_layers, 2);
+    let ours: Vec<bool> = c.layer_windows.iter().map(Option::is_some).collect();
+    let windows: Vec<usize> = c.layer_windows.iter().flatten().copied().collect();
+    if ours != sliding || windows.windows(2).any(|w| w[0] != w[1]) {
+        bail!("llama.cpp's gpt-oss takes every other layer as sliding, the first one too, with one window; this model's layer_types differ");
+    }
+    check_moe(c, "gpt-oss", true)
 }
 
 /// llama.cpp's mixture-of-experts architectures have every layer sparse and renormalize the
@@ -447,6 +485,9 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
             if let Some(size) = size.filter(|_| arch.starts_with("qwen")) {
                 experts.push((key, Value::U32(size as u32)));
             }
+        }
+        if arch == "gpt-oss" {
+            experts.push(("expert_feed_forward_length", u32_of(moe.expert_size)));
         }
         md.extend(experts.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
     }
@@ -665,7 +706,7 @@ pub fn save_gguf(
     let experts: std::collections::HashSet<String> = model
         .expert_linears_mut()
         .into_iter()
-        .map(|(path, _)| format!("{path}.weight"))
+        .flat_map(|(path, _)| [format!("{path}.weight"), format!("{path}.bias")])
         .collect();
     tensors.extend(moe_gguf_tensors(model)?);
     for (hf, t) in model.named_tensors()? {
@@ -696,7 +737,17 @@ fn moe_gguf_tensors(model: &mut Llama) -> Result<Vec<(String, Tensor)>> {
                 .detach()
                 .to_device(&candle_core::Device::Cpu)?)
         };
+        let bias = |w: &crate::llama::Linear| -> Result<Option<Tensor>> {
+            let b = w
+                .bias
+                .as_ref()
+                .map(|b| b.detach().to_device(&candle_core::Device::Cpu));
+            Ok(b.transpose()?)
+        };
         out.push((format!("blk.{l}.ffn_gate_inp.weight"), cpu(&block.router)?));
+        if let Some(b) = bias(&block.router)? {
+            out.push((format!("blk.{l}.ffn_gate_inp.bias"), b));
+        }
         for (k, name) in EXPERT_TENSORS.iter().enumerate() {
             let stack = block
                 .experts
@@ -704,6 +755,15 @@ fn moe_gguf_tensors(model: &mut Llama) -> Result<Vec<(String, Tensor)>> {
                 .map(|e| cpu(e.linears_mut()[k]))
                 .collect::<Result<Vec<_>>>()?;
             out.push((format!("blk.{l}.{name}.weight"), Tensor::stack(&stack, 0)?));
+            // gpt-oss's biases, stacked as `[experts, rows]`.
+            let biases = block
+                .experts
+                .iter_mut()
+                .map(|e| bias(e.linears_mut()[k]))
+                .collect::<Result<Option<Vec<_>>>>()?;
+            if let Some(biases) = biases {
+                out.push((format!("blk.{l}.{name}.bias"), Tensor::stack(&biases, 0)?));
+            }
         }
     }
     Ok(out)
@@ -812,8 +872,14 @@ fn aligned(n: u64) -> u64 {
 fn tensor_type(name: &str, t: &Tensor, ty: GgufType, model: &ModelShape) -> GgmlDType {
     let cols = t.dims().last().copied().unwrap_or(0);
     let fits = |g: GgmlDType| cols.is_multiple_of(g.block_size());
+    // llama.cpp's converter keeps vectors, routers and whatever is no weight (gpt-oss's
+    // stacked experts' biases) in f32: llama.cpp's kernels read them so.
+    let kept = [".weight", ".lora_a", ".lora_b"];
+    let router = [".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight"];
     let wanted = match ty {
         _ if t.rank() < 2 => return GgmlDType::F32,
+        _ if !kept.iter().any(|k| name.ends_with(k)) => return GgmlDType::F32,
+        _ if router.iter().any(|r| name.ends_with(r)) => return GgmlDType::F32,
         GgufType::F32 => GgmlDType::F32,
         GgufType::F16 => GgmlDType::F16,
         GgufType::Bf16 => GgmlDType::BF16,

@@ -1091,6 +1091,7 @@ fn read_gguf<R: Read + Seek>(
         "qwen2moe" => ("qwen2_moe", "Qwen2MoeForCausalLM"),
         "qwen3moe" => ("qwen3_moe", "Qwen3MoeForCausalLM"),
         "olmoe" => ("olmoe", "OlmoeForCausalLM"),
+        "gpt-oss" => ("gpt_oss", "GptOssForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
@@ -1128,6 +1129,11 @@ fn read_gguf<R: Read + Seek>(
         _ if experts > 0 => Some(("mlp", ["gate_proj", "up_proj", "down_proj"])),
         _ => None,
     };
+    // gpt-oss's router is `mlp.router`, with a bias as its experts have.
+    let router = match model_type {
+        "gpt_oss" => "router",
+        _ => "gate",
+    };
 
     // Data can be truncated even when the header parses: check that every tensor fits.
     for (name, info) in &content.tensor_infos {
@@ -1160,17 +1166,20 @@ fn read_gguf<R: Read + Seek>(
                 .with_context(bad)?
                 .dequantize(&Device::Cpu)?;
             let p = format!("model.layers.{layer}.{block}");
+            let what = name.rsplit('.').next().unwrap_or("weight");
             match kind {
-                gguf::MoeTensor::Router => store.insert(format!("{p}.gate.weight"), t)?,
+                gguf::MoeTensor::Router => store.insert(format!("{p}.{router}.{what}"), t)?,
                 gguf::MoeTensor::Experts(k) => {
-                    if t.rank() != 3 || t.dim(0)? != experts {
+                    // Weights `[experts, rows, cols]`, gpt-oss's biases `[experts, rows]`.
+                    let rank = if what == "weight" { 3 } else { 2 };
+                    if t.rank() != rank || t.dim(0)? != experts {
                         bail!(
                             "{}: {name} is not {experts} stacked experts",
                             path.display()
                         );
                     }
                     for e in 0..experts {
-                        let hf = format!("{p}.experts.{e}.{}.weight", projections[k]);
+                        let hf = format!("{p}.experts.{e}.{}.{what}", projections[k]);
                         store.insert(hf, t.get(e)?.to_device(device)?)?;
                     }
                 }
@@ -1290,13 +1299,23 @@ fn read_gguf<R: Read + Seek>(
             ))
             .with_context(|| format!("{}: no blk.0.ffn_up_exps.weight", path.display()))?;
         let count_key = match model_type {
-            "mixtral" => "num_local_experts",
+            "mixtral" | "gpt_oss" => "num_local_experts",
             _ => "num_experts",
         };
         raw[count_key] = json!(experts);
         raw["num_experts_per_tok"] = json!(md_u64(md, &key("expert_used_count"))?);
         match model_type {
             "mixtral" => raw["intermediate_size"] = json!(size),
+            "gpt_oss" => {
+                // As llama.cpp runs it: every other layer over the window (the first one
+                // too), the SwiGLU's defaults. Its YaRN as the checkpoints set it (llama.cpp
+                // rounds the ramp's ends, transformers does not).
+                raw["intermediate_size"] = json!(size);
+                raw["sliding_window"] = json!(md_u64(md, &key("attention.sliding_window"))?);
+                let every_other = crate::config::all_but_every(layers, 2);
+                let pattern = key("attention.sliding_window_pattern");
+                raw["layer_types"] = json!(sliding_layer_types(md, &pattern, layers, every_other));
+            }
             "olmoe" => {
                 raw["intermediate_size"] = json!(size);
                 raw["norm_topk_prob"] = json!(false);
@@ -1391,6 +1410,9 @@ fn read_gguf<R: Read + Seek>(
                 if let Some(v) = md_f64(md, &key(&format!("rope.scaling.{gguf_key}"))) {
                     yarn[hf] = json!(v);
                 }
+            }
+            if model_type == "gpt_oss" {
+                yarn["truncate"] = json!(false);
             }
             raw["rope_scaling"] = yarn;
         }

@@ -176,6 +176,15 @@ fn config(case: &str) -> LlamaConfig {
             c["num_experts"] = json!(4);
             c["num_experts_per_tok"] = json!(2);
         }
+        // gpt-oss: sinks, biases, every other layer sliding (a window of 4 over the 10 test
+        // tokens), its default YaRN, four experts with biases, two per token.
+        "gpt_oss" => {
+            c["head_dim"] = json!(16);
+            c["num_local_experts"] = json!(4);
+            c["num_experts_per_tok"] = json!(2);
+            c["sliding_window"] = json!(4);
+            c["tie_word_embeddings"] = json!(false);
+        }
         // Six layers: five sliding (a window of 4 over the 10 test tokens), one global.
         "gemma3_text" => {
             c["num_hidden_layers"] = json!(6);
@@ -204,6 +213,17 @@ fn model(model_type: &str) -> Llama {
     for (_, lin) in m.linears_mut() {
         if let Some(b) = &mut lin.bias {
             jitter(b);
+        }
+    }
+    // gpt-oss's router's and experts' biases, and its sinks.
+    for (_, lin) in m.expert_linears_mut() {
+        if let Some(b) = &mut lin.bias {
+            jitter(b);
+        }
+    }
+    for layer in &mut m.layers {
+        if let Some(sinks) = &mut layer.self_attn.sinks {
+            jitter(sinks);
         }
     }
     m
@@ -313,7 +333,7 @@ fn written_models_read_back_alike() {
 fn mixture_of_experts_models_read_back_alike() {
     let tok = tokenizer();
     let dir = tempfile::tempdir().unwrap();
-    for model_type in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+    for model_type in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"] {
         let mut original = model(model_type);
         let want = logits(&original);
         for (ty, tol) in [(GgufType::F32, 1e-5), (GgufType::Q8_0, 1e-1)] {
@@ -360,6 +380,12 @@ fn mixture_of_experts_models_read_back_alike() {
         "olmoe",
         &|c| c["num_key_value_heads"] = json!(2),
         "num_key_value_heads",
+    );
+    refused("gpt_oss", &|c| c["swiglu_limit"] = json!(5.0), "swiglu_limit");
+    refused(
+        "gpt_oss",
+        &|c| c["layer_types"] = json!(["full_attention", "sliding_attention"]),
+        "layer_types",
     );
 }
 

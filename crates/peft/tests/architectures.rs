@@ -274,9 +274,17 @@ fn gpt_oss_mxfp4_experts_load_and_save_dense() {
     let written = load_safetensors(&dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     let gate_up = &written["model.layers.0.mlp.experts.gate_up_proj"];
     assert_eq!(max_abs_diff(gate_up, &exp["gate_up_proj_0"]), 0.0);
-    assert_eq!(written["model.layers.0.mlp.experts.gate_up_proj_bias"].dims(), [4, 64]);
-    assert_eq!(written["model.layers.1.mlp.experts.down_proj"].dims(), [4, 32, 32]);
-    assert!(!written.keys().any(|k| k.contains("experts.0.") || k.ends_with("_blocks")));
+    assert_eq!(
+        written["model.layers.0.mlp.experts.gate_up_proj_bias"].dims(),
+        [4, 64]
+    );
+    assert_eq!(
+        written["model.layers.1.mlp.experts.down_proj"].dims(),
+        [4, 32, 32]
+    );
+    assert!(!written
+        .keys()
+        .any(|k| k.contains("experts.0.") || k.ends_with("_blocks")));
     let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     assert!(!config.contains("quantization_config"));
     let back = base_from(dir.path());
@@ -295,7 +303,10 @@ fn gpt_oss_mxfp4_experts_load_and_save_dense() {
     peft_models::save::save_hf_model(&mut merged, None, &saved, DType::F32).unwrap();
     let back = base_from(&saved);
     let d = max_abs_diff(&logits(&back, &ids, None), &exp["lora_logits"]);
-    assert!(d < 1e-4, "merged, saved and read back: logits differ by {d}");
+    assert!(
+        d < 1e-4,
+        "merged, saved and read back: logits differ by {d}"
+    );
 }
 
 fn base_from(dir: &std::path::Path) -> Llama {
