@@ -904,6 +904,7 @@ fn check_gguf_alignment<R: Read + Seek>(reader: &mut R, len: u64) -> Result<()> 
         len,
         wide: true,
         zero_alignment: false,
+        tensor_count: 0,
     };
     // A walk that stops early means candle's reader fails there too.
     let _ = walker.walk();
@@ -921,6 +922,7 @@ struct MetadataWalker<'a, R> {
     wide: bool,
     /// Whether the last `general.alignment` (the one candle keeps) is an integer 0.
     zero_alignment: bool,
+    tensor_count: u64,
 }
 
 const GGUF_ALIGNMENT_KEY: &[u8] = b"general.alignment";
@@ -1008,7 +1010,7 @@ impl<R: Read + Seek> MetadataWalker<'_, R> {
             return None;
         }
         self.wide = version > 1;
-        let _tensor_count = self.length()?;
+        self.tensor_count = self.length()?;
         let kv_count = self.length()?;
         for _ in 0..kv_count {
             let key_len = self.length()?;
@@ -1037,6 +1039,117 @@ impl<R: Read + Seek> MetadataWalker<'_, R> {
         }
         Some(())
     }
+
+    /// After [`Self::walk`]: the file positions of the tensor infos' type fields that hold
+    /// `ty`, and where the infos end.
+    fn tensor_types_of(&mut self, ty: u32) -> Option<(Vec<u64>, u64)> {
+        let mut positions = Vec::new();
+        for _ in 0..self.tensor_count {
+            let name_len = self.length()?;
+            self.skip(name_len)?;
+            let dims = self.u32()?;
+            self.skip(u64::from(dims) * if self.wide { 8 } else { 4 })?;
+            let at = self.r.stream_position().ok()?;
+            if self.u32()? == ty {
+                positions.push(at);
+            }
+            self.skip(8)?;
+        }
+        Some((positions, self.r.stream_position().ok()?))
+    }
+}
+
+/// llama.cpp's MXFP4 tensor type (gpt-oss's experts in its GGUF files), which candle's reader
+/// does not know.
+const GGML_TYPE_MXFP4: u32 = 39;
+
+/// A GGUF file's header as candle reads it, and apart from it the shapes (candle's order) and
+/// data offsets of its MXFP4 tensors: candle reads the header with their type fields read as
+/// f32 (the type only sizes the data, which candle reads later), and those tensors are taken
+/// out of its infos.
+fn read_gguf_content<R: Read + Seek>(
+    reader: &mut R,
+    len: u64,
+) -> Result<(gguf_file::Content, HashMap<String, gguf_file::TensorInfo>)> {
+    reader.rewind()?;
+    let mut walker = MetadataWalker {
+        r: reader,
+        len,
+        wide: true,
+        zero_alignment: false,
+        tensor_count: 0,
+    };
+    let mxfp4 = walker
+        .walk()
+        .and_then(|_| walker.tensor_types_of(GGML_TYPE_MXFP4));
+    let Some((positions, end)) = mxfp4.filter(|(p, _)| !p.is_empty()) else {
+        reader.rewind()?;
+        return Ok((gguf_file::Content::read(reader)?, HashMap::new()));
+    };
+    reader.rewind()?;
+    let mut header = vec![0u8; usize::try_from(end)?];
+    reader.read_exact(&mut header)?;
+    for &at in &positions {
+        let at = usize::try_from(at)?;
+        header[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+    }
+    let mut content = gguf_file::Content::read(&mut std::io::Cursor::new(&header))?;
+    // The same infos in the same order: the n-th MXFP4 type field is the n-th such tensor's.
+    let mut order: Vec<(u64, String)> = Vec::new();
+    let mut cursor = std::io::Cursor::new(&header);
+    let mut walker = MetadataWalker {
+        r: &mut cursor,
+        len: end,
+        wide: true,
+        zero_alignment: false,
+        tensor_count: 0,
+    };
+    walker.walk().context("GGUF header")?;
+    for _ in 0..walker.tensor_count {
+        let name_len = walker.length().context("GGUF tensor info")?;
+        let mut name = vec![0u8; usize::try_from(name_len)?];
+        walker.r.read_exact(&mut name)?;
+        let dims = walker.u32().context("GGUF tensor info")?;
+        let dim_bytes = if walker.wide { 8 } else { 4 };
+        walker
+            .skip(u64::from(dims) * dim_bytes)
+            .context("GGUF tensor info")?;
+        let at = walker.r.stream_position()?;
+        walker.skip(12).context("GGUF tensor info")?;
+        order.push((at, String::from_utf8_lossy(&name).into_owned()));
+    }
+    let mut mxfp4 = HashMap::new();
+    for (at, name) in order {
+        if positions.contains(&at) {
+            let info = content
+                .tensor_infos
+                .remove(&name)
+                .with_context(|| format!("GGUF tensor {name}"))?;
+            mxfp4.insert(name, info);
+        }
+    }
+    Ok((content, mxfp4))
+}
+
+/// An MXFP4 tensor's values as f32 (see [`read_gguf_content`]).
+fn read_mxfp4<R: Read + Seek>(
+    reader: &mut R,
+    data_offset: u64,
+    info: &gguf_file::TensorInfo,
+) -> Result<Tensor> {
+    let values = info.shape.elem_count();
+    let blocks = values / peft_quant::mxfp4::MXFP4_BLOCK_VALUES;
+    if values == 0 || !values.is_multiple_of(peft_quant::mxfp4::MXFP4_BLOCK_VALUES) {
+        bail!(
+            "an MXFP4 tensor of shape {:?} is not whole blocks",
+            info.shape.dims()
+        );
+    }
+    let mut data = vec![0u8; blocks * peft_quant::mxfp4::GGML_MXFP4_BLOCK_BYTES];
+    reader.seek(SeekFrom::Start(data_offset + info.offset))?;
+    reader.read_exact(&mut data)?;
+    let values = peft_quant::mxfp4::dequantize_ggml_mxfp4(&data).context("MXFP4 blocks")?;
+    Ok(Tensor::from_vec(values, info.shape.clone(), &Device::Cpu)?)
 }
 
 fn load_gguf(
@@ -1074,8 +1187,7 @@ fn read_gguf<R: Read + Seek>(
     let file_len = reader.seek(SeekFrom::End(0))?;
     reader.rewind()?;
     check_gguf_alignment(&mut reader, file_len).with_context(bad)?;
-    reader.rewind()?;
-    let content = gguf_file::Content::read(&mut reader).with_context(bad)?;
+    let (content, mxfp4) = read_gguf_content(&mut reader, file_len).with_context(bad)?;
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
@@ -1156,15 +1268,34 @@ fn read_gguf<R: Read + Seek>(
             );
         }
     }
+    for (name, info) in &mxfp4 {
+        let blocks = info.shape.elem_count() / peft_quant::mxfp4::MXFP4_BLOCK_VALUES;
+        let bytes = (blocks * peft_quant::mxfp4::GGML_MXFP4_BLOCK_BYTES) as u64;
+        let end = content.tensor_data_offset + info.offset + bytes;
+        if end > file_len {
+            bail!(
+                "{} is truncated: tensor {name} lies past the end of the file",
+                path.display()
+            );
+        }
+    }
+    // A tensor's values as f32 (on the CPU).
+    let read = |reader: &mut R, name: &str| -> Result<Tensor> {
+        match mxfp4.get(name) {
+            Some(info) => read_mxfp4(reader, content.tensor_data_offset, info)
+                .with_context(|| format!("{}: tensor {name}", path.display())),
+            None => Ok(content
+                .tensor(reader, name, &Device::Cpu)
+                .with_context(bad)?
+                .dequantize(&Device::Cpu)?),
+        }
+    };
 
-    for name in content.tensor_infos.keys() {
+    for name in content.tensor_infos.keys().chain(mxfp4.keys()) {
         if let (Some((block, projections)), Some((layer, kind))) =
             (moe_names, gguf::moe_tensor(name))
         {
-            let t = content
-                .tensor(&mut reader, name, &Device::Cpu)
-                .with_context(bad)?
-                .dequantize(&Device::Cpu)?;
+            let t = read(&mut reader, name)?;
             let p = format!("model.layers.{layer}.{block}");
             let what = name.rsplit('.').next().unwrap_or("weight");
             match kind {
@@ -1189,10 +1320,7 @@ fn read_gguf<R: Read + Seek>(
         let Some(hf) = gguf::hf_name(name, &arch) else {
             continue;
         };
-        let q = content
-            .tensor(&mut reader, name, &Device::Cpu)
-            .with_context(bad)?;
-        let mut t = q.dequantize(&Device::Cpu)?;
+        let mut t = read(&mut reader, name)?;
         if gguf::permutes_qk(&arch) {
             if hf.contains("self_attn.q_proj") {
                 t = gguf::permute_rows(&t, heads, true)?;

@@ -381,7 +381,11 @@ fn mixture_of_experts_models_read_back_alike() {
         &|c| c["num_key_value_heads"] = json!(2),
         "num_key_value_heads",
     );
-    refused("gpt_oss", &|c| c["swiglu_limit"] = json!(5.0), "swiglu_limit");
+    refused(
+        "gpt_oss",
+        &|c| c["swiglu_limit"] = json!(5.0),
+        "swiglu_limit",
+    );
     refused(
         "gpt_oss",
         &|c| c["layer_types"] = json!(["full_attention", "sliding_attention"]),

@@ -100,6 +100,35 @@ pub fn dequantize_mxfp4_bf16(blocks: &[u8], scales: &[u8]) -> Result<Vec<bf16>, 
     dequantize_with(blocks, scales, bf16::from_f32)
 }
 
+/// Bytes of one block of llama.cpp's MXFP4 type (`block_mxfp4`): its scale byte, then 16
+/// bytes of codes.
+pub const GGML_MXFP4_BLOCK_BYTES: usize = 1 + MXFP4_BLOCK_BYTES;
+
+/// llama.cpp's MXFP4 tensor data (GGUF type 39, gpt-oss's experts) as f32: blocks of a scale
+/// byte and 16 code bytes whose low nibbles are the block's first 16 values and high nibbles
+/// its last 16 (its converter reorders transformers' pairs so), each value
+/// `e2m1 · 2^(s - 127)` as in [`dequantize_mxfp4`] (ggml's zero has no sign). `None` when the
+/// data is not whole blocks.
+pub fn dequantize_ggml_mxfp4(data: &[u8]) -> Option<Vec<f32>> {
+    if !data.len().is_multiple_of(GGML_MXFP4_BLOCK_BYTES) {
+        return None;
+    }
+    let blocks = data.len() / GGML_MXFP4_BLOCK_BYTES;
+    let mut out = vec![0f32; blocks * MXFP4_BLOCK_VALUES];
+    out.par_chunks_exact_mut(MXFP4_BLOCK_VALUES)
+        .zip(data.par_chunks_exact(GGML_MXFP4_BLOCK_BYTES))
+        .for_each(|(out, block)| {
+            // + 0.0: ggml's table holds an unsigned 0 where e2m1 has -0.
+            let table = scaled_table(block[0]).map(|v| v + 0.0);
+            let (low, high) = out.split_at_mut(MXFP4_BLOCK_BYTES);
+            for ((l, h), &b) in low.iter_mut().zip(high).zip(&block[1..]) {
+                *l = table[usize::from(b & 0x0f)];
+                *h = table[usize::from(b >> 4)];
+            }
+        });
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +168,20 @@ mod tests {
             .iter()
             .zip(&b)
             .all(|(x, y)| x.to_bits() == y.to_f32().to_bits()));
+    }
+
+    /// llama.cpp's block: the scale byte first, low nibbles the first 16 values, high nibbles
+    /// the last 16, zero unsigned.
+    #[test]
+    fn ggml_blocks_put_low_nibbles_first() {
+        let mut block = vec![128u8]; // 2^1
+        block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let out = dequantize_ggml_mxfp4(&block).unwrap();
+        for j in 0..16 {
+            assert_eq!(out[j], FP4_E2M1[j] * 2.0 + 0.0, "{j}");
+            assert_eq!(out[16 + j], FP4_E2M1[15 - j] * 2.0 + 0.0, "{}", 16 + j);
+        }
+        assert!(out[8].is_sign_positive());
+        assert!(dequantize_ggml_mxfp4(&block[1..]).is_none());
     }
 }
