@@ -1385,8 +1385,8 @@ fn mixture_of_experts_models_train_merge_and_inspect() {
 
 /// gpt-oss (a small random one with SmolLM2's tokenizer): QLoRA with LoRA on its attention and,
 /// by `--target-parameters`, on its router and 4-bit experts, in bf16 with gradient
-/// checkpointing; generation with the adapter; the merged HF folder keeps gpt-oss's layout;
-/// GGUF is refused by name.
+/// checkpointing; generation with the adapter; the merged HF folder keeps gpt-oss's layout,
+/// the merged GGUF reads back as gpt-oss.
 #[test]
 fn gpt_oss_trains_quantized_generates_and_merges() {
     let Some(gguf) = peft_models::testing::default_model() else {
@@ -1472,10 +1472,15 @@ fn gpt_oss_trains_quantized_generates_and_merges() {
     );
     assert_eq!(written["model.layers.0.self_attn.sinks"].dims(), [4]);
     let gguf_out = dir.path().join("merged.gguf");
-    fails_with(
-        &[&args[..], &["--output", s(&gguf_out)]].concat(),
-        "gpt_oss",
-    );
+    succeeds(&[&args[..], &["--output", s(&gguf_out)]].concat());
+    let back = peft_models::load_model(
+        &gguf_out,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    assert_eq!(back.config.model_type, "gpt_oss");
+    assert!(back.config.attention_sinks);
     let out = succeeds(&["inspect", "--model", s(&model)]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("attention sinks"), "{stdout}");
