@@ -80,7 +80,7 @@ pub fn causal_attention(
 /// [`causal_attention`] and merging the heads; f32 CPU tensors take one fused path, bf16 CUDA
 /// tensors with head size 64 or 128 the flash attention kernels (which have no sliding
 /// `window`: they serve a window only when it covers every key; nor a `softcap`, Gemma 2's
-/// cap of the scores, nor gpt-oss's `sinks`, see [`attention_probs`]).
+/// cap of the scores, see [`attention_probs`]; they take gpt-oss's `sinks`).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_self_attention(
     q: &Tensor,
@@ -101,12 +101,12 @@ pub fn causal_self_attention(
     #[cfg(feature = "cuda")]
     if window.is_none()
         && softcap.is_none()
-        && sinks.is_none()
         && flash_serves((q, k, v), heads, kv_heads)
         && cos.dims() == [t, d / 2]
         && sin.dims() == [t, d / 2]
     {
-        return flash_self_attention((q, k, v), (cos, sin), None, heads, kv_heads, scale);
+        let rows = (cos, sin);
+        return flash_self_attention((q, k, v), rows, None, sinks, heads, kv_heads, scale);
     }
     let fused = matches!(q.device(), Device::Cpu)
         && [q, k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
@@ -209,6 +209,7 @@ pub fn packed_self_attention(
             (q, k, v),
             (cos, sin),
             Some(&segments),
+            None,
             heads,
             kv_heads,
             scale,
@@ -252,6 +253,7 @@ pub fn prefixed_self_attention(
             (&all.q, &all.k, &all.v),
             (&all.cos, &all.sin),
             all.segments.as_ref(),
+            None,
             heads,
             kv_heads,
             scale,
@@ -357,10 +359,12 @@ fn flash_serves((q, k, v): (&Tensor, &Tensor, &Tensor), heads: usize, kv_heads: 
 /// attention kernels (bf16 on CUDA): the forward keeps only its output and the log-sum-exp of
 /// each row; the backward recomputes the rest.
 #[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
 fn flash_self_attention(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (cos, sin): (&Tensor, &Tensor),
     segments: Option<&Tensor>,
+    sinks: Option<&Tensor>,
     heads: usize,
     kv_heads: usize,
     scale: f64,
@@ -381,6 +385,9 @@ fn flash_self_attention(
         cos: cos.to_dtype(DType::F32)?.contiguous()?,
         sin: sin.to_dtype(DType::F32)?.contiguous()?,
         segments: segments.map(|s| s.contiguous()).transpose()?,
+        sinks: sinks
+            .map(|s| s.detach().to_dtype(DType::F32)?.contiguous())
+            .transpose()?,
         heads,
         kv_heads,
         scale: scale as f32,

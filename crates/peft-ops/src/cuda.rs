@@ -1276,6 +1276,8 @@ pub(crate) struct FlashInputs {
     pub sin: Tensor,
     /// Packed rows: the segment id of every position, u32 `[b, t]` (0: padding).
     pub segments: Option<Tensor>,
+    /// gpt-oss's attention sinks, f32 `[heads]` (only the forward reads them).
+    pub sinks: Option<Tensor>,
     pub heads: usize,
     pub kv_heads: usize,
     pub scale: f32,
@@ -1301,6 +1303,8 @@ struct FlashViews<'a> {
     sin: CudaView<'a, f32>,
     /// The segment ids, or a null pointer for plain rows.
     segments: SegmentsArg<'a>,
+    /// The attention sinks, or a null pointer.
+    sinks: SinksArg<'a>,
     /// Elements between two batch rows' RoPE tables (0: one table for all).
     rope_bstride: i64,
 }
@@ -1308,6 +1312,11 @@ struct FlashViews<'a> {
 enum SegmentsArg<'a> {
     Packed(CudaView<'a, u32>),
     Plain(u64),
+}
+
+enum SinksArg<'a> {
+    Some(CudaView<'a, f32>),
+    None(u64),
 }
 
 impl<'a> FlashViews<'a> {
@@ -1411,6 +1420,7 @@ impl FlashInputs {
         let (cs, cl) = self.cos.storage_and_layout();
         let (ss, sl) = self.sin.storage_and_layout();
         let segments = self.segments.as_ref().map(|s| s.storage_and_layout());
+        let sinks = self.sinks.as_ref().map(|s| s.storage_and_layout());
         let (_, t, _) = self.q.dims3()?;
         let rope_bstride = if self.cos.rank() == 3 {
             (t * self.cos.dim(2)?) as i64
@@ -1428,6 +1438,10 @@ impl FlashInputs {
                 Some((s, l)) => SegmentsArg::Packed(view(s, l)?),
                 None => SegmentsArg::Plain(0),
             },
+            sinks: match &sinks {
+                Some((s, l)) => SinksArg::Some(view(s, l)?),
+                None => SinksArg::None(0),
+            },
             rope_bstride,
         })
     }
@@ -1442,7 +1456,8 @@ impl FlashInputs {
     /// The problem for cuDNN's attention when it is to compute this one
     /// ([`crate::attention_cudnn`]): plain rows (packed rows' segments are our kernels' only).
     fn cudnn_problem(&self) -> Result<Option<crate::cudnn::graph::Problem>> {
-        if self.segments.is_some() || !crate::attention_cudnn() {
+        // Packed rows' segments and attention sinks are our kernels' only.
+        if self.segments.is_some() || self.sinks.is_some() || !crate::attention_cudnn() {
             return Ok(None);
         }
         let ((b, t, d), _) = self.dims()?;
@@ -1504,6 +1519,10 @@ impl FlashInputs {
             x.push(&mut builder, (&q, &k));
             builder.arg(&o).arg(&lse);
             builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&self.scale);
+            match &x.sinks {
+                SinksArg::Some(s) => builder.arg(s),
+                SinksArg::None(null) => builder.arg(null),
+            };
             // SAFETY: the arguments match flash_fwd_{d64,d128,wide_d64} in kernels/attention.cu.
             unsafe { builder.launch(cfg) }.map_err(err)?;
             Ok(rotated)

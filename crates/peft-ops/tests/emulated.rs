@@ -2,7 +2,7 @@
 //! thread, `mma.sync` rebuilt from its fragments), against CPU references:
 //! - flash attention (`src/kernels/attention.cu`) against `causal_self_attention` in f32:
 //!   output and the gradients of q, k and v, with grouped-query heads, RoPE, a sequence that is
-//!   not a multiple of the 64-row tile, and head sizes 64 and 128;
+//!   not a multiple of the 64-row tile, head sizes 64 and 128, and gpt-oss's attention sinks;
 //! - the fused optimizer step (`src/kernels/optim.cu`) against PyTorch's AdamW rule in f64
 //!   (f32 and bf16 tensors), and its 8-bit form against the CPU path bit for bit;
 //! - the cross-entropy row kernel (`src/kernels/ops.cu`) against log-softmax in f64;
@@ -183,6 +183,19 @@ impl FlashBwd {
 }
 
 fn compare_with(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize, bwd: FlashBwd) {
+    compare_sinks(b, t, heads, kv_heads, d, bwd, None);
+}
+
+/// [`compare_with`], with gpt-oss's attention sinks (a logit per head) where given.
+fn compare_sinks(
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    bwd: FlashBwd,
+    sinks: Option<&Tensor>,
+) {
     let scale = 1.0 / (d as f64).sqrt();
     let q = bf16_values(&[b, t, heads * d], 1, 2.0);
     let k = bf16_values(&[b, t, kv_heads * d], 2, 2.0);
@@ -205,20 +218,28 @@ fn compare_with(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize, bwd
         scale,
         None,
         None,
-        None,
+        sinks,
     )
     .unwrap();
     let grads = (&o * &dout).unwrap().sum_all().unwrap().backward().unwrap();
     let grad = |i: usize| grads.get(vars[i].as_tensor()).unwrap().clone();
 
-    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 0]);
+    let with_sinks = sinks.is_some() as usize;
+    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 0, with_sinks]);
     bytes.extend((scale as f32).to_le_bytes());
+    if let Some(s) = sinks {
+        bytes.extend(f32_bytes(s));
+    }
     for x in [&q, &k, &v, &dout] {
         bytes.extend(bf16_bytes(x));
     }
     bytes.extend(f32_bytes(&cos));
     bytes.extend(f32_bytes(&sin));
-    let case = format!("flash_{b}_{t}_{heads}_{kv_heads}_{d}{}", bwd.suffix());
+    let sinks_case = if sinks.is_some() { "_sinks" } else { "" };
+    let case = format!(
+        "flash_{b}_{t}_{heads}_{kv_heads}_{d}{}{sinks_case}",
+        bwd.suffix()
+    );
     let floats = to_f32s(&emulate_with("flash", bwd.args(), &case, &bytes));
     let (nq, nk, nl) = (b * t * heads * d, b * t * kv_heads * d, b * heads * t);
     assert_eq!(floats.len(), 2 * nq + nl + 2 * nk, "output size");
@@ -249,15 +270,19 @@ fn compare_with(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize, bwd
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
-    let want = scores
+    let mut sums = scores
         .broadcast_add(&mask)
         .unwrap()
         .exp()
         .unwrap()
         .sum(3)
-        .unwrap()
-        .log()
         .unwrap();
+    if let Some(s) = sinks {
+        // The sink's term of each row's sum.
+        let sink_terms = s.exp().unwrap().reshape((1, heads, 1)).unwrap();
+        sums = sums.broadcast_add(&sink_terms).unwrap();
+    }
+    let want = sums.log().unwrap();
     let diff = max_abs(&(&lse - &want).unwrap());
     println!("lse: max abs diff {diff:.3e}");
     assert!(diff < 2e-2, "lse: max abs diff {diff}");
@@ -290,7 +315,7 @@ fn compare_packed_with(
     let [o_want, dq_want, dk_want, dv_want] =
         packed_reference((&q, &k, &v), &dout, segments, (heads, kv_heads, d));
 
-    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 1]);
+    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 1, 0]);
     bytes.extend((scale as f32).to_le_bytes());
     for x in [&q, &k, &v, &dout] {
         bytes.extend(bf16_bytes(x));
@@ -370,7 +395,7 @@ fn compare_prefixed(
     let n = p + t;
     let zeros = Tensor::zeros((b, p, heads * d), DType::F32, &Device::Cpu).unwrap();
     let dout_all = Tensor::cat(&[&zeros, &dout], 1).unwrap();
-    let mut bytes: Vec<u8> = i32_bytes(&[b, n, heads, kv_heads, d, masked as usize]);
+    let mut bytes: Vec<u8> = i32_bytes(&[b, n, heads, kv_heads, d, masked as usize, 0]);
     bytes.extend((scale as f32).to_le_bytes());
     for x in [&all.q, &all.k, &all.v, &dout_all] {
         bytes.extend(bf16_bytes(x));
@@ -461,6 +486,16 @@ fn flash_attention_wide_backward() {
         &[&[64, 70, 66], &[130, 60]],
         FlashBwd::Wide,
     );
+}
+
+/// gpt-oss's attention sinks: the forward folds each head's sink into its rows' sums and into
+/// the log-sum-exp the backward reads. Output, gradients and log-sum-exp as the CPU's, over
+/// several tiles, grouped heads, head sizes 64 (with the 128-row forward's bits) and 128.
+#[test]
+fn flash_attention_with_sinks() {
+    let sinks = Tensor::new(&[2.5f32, -1.0, 0.5, 4.0], &Device::Cpu).unwrap();
+    compare_sinks(1, 150, 4, 2, 64, FlashBwd::Tile64, Some(&sinks));
+    compare_sinks(2, 70, 4, 1, 128, FlashBwd::Wide, Some(&sinks));
 }
 
 /// A sequence shorter than one tile: every copy of every tile partial.

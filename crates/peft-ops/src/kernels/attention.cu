@@ -22,6 +22,10 @@
 // mask on the CPU. Keys of segment FA_SHARED (prefix tuning's virtual tokens, placed before the
 // row's first token) are seen by every query.
 //
+// Attention sinks (gpt-oss): sinks [heads] f32, or null, one logit per head that joins each
+// row's softmax as a key without a value. Only the forward reads them: the log-sum-exp it
+// saves includes the sink, so the backward's probabilities are the right ones.
+//
 // Fragments follow the PTX ISA for mma.m16n8k16 with .bf16 (lane = 4 * g + c), loaded from
 // shared memory by ldmatrix (rows padded by 8 elements: no bank conflicts):
 //   A (16 x 16, row-major) reg 0: (g, 2c..2c+1), reg 1: (g + 8, 2c..), reg 2: (g, 2c + 8..),
@@ -290,7 +294,8 @@ __device__ __forceinline__ float quad_sum(float v) {
 // scores are computed and the next key tile while P · V is.
 template <int D, int M>
 __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
-                          bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {
+                          bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale,
+                          const float* sinks) {
     const int P = D + 8, TILE = FA_TILE * P;
     constexpr bool QREG = FA_Q_IN_REGS(D);
     // With M = 2 and d = 64 the query rows fill the key tile's space: K's first tile follows.
@@ -506,7 +511,20 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             if (row[mt][r] >= t) continue;
             // A row that sees no key (a padding row at the start of a packed row): zeros.
             bool none = total == 0.f;
-            float inv = none ? 0.f : 1.f / total;
+            // The row's maximum in log2 units, which `total` is relative to.
+            float top = none ? 0.f : m[mt][r] * scale2;
+            float kept = 1.f;
+            if (sinks) {
+                // gpt-oss's sink: one more logit of the head (unscaled) in the softmax, with no
+                // value; the sums move to the larger of the two maxima.
+                float sink = sinks[hi] * FA_LOG2E;
+                float both = none ? sink : fmaxf(top, sink);
+                kept = none ? 0.f : fast_exp2(top - both);
+                total = total * kept + fast_exp2(sink - both);
+                top = both;
+                none = false;
+            }
+            float inv = none ? 0.f : kept / total;
             bf16_t* dst = o + (bi * t + row[mt][r]) * qs + hi * D;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) {
@@ -515,7 +533,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             }
             if (c == 0)
                 lse[((long long)bi * heads + hi) * t + row[mt][r]] =
-                    none ? 0.f : (m[mt][r] * scale2 + log2f(total)) / FA_LOG2E;
+                    none ? 0.f : (top + log2f(total)) / FA_LOG2E;
         }
 }
 
@@ -852,8 +870,9 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 #define FLASH(D)                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_FWD_BLOCKS(D))                  \
         flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg, \
-                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {    \
-        flash_fwd<D, 1>(q, k, v, seg, o, lse, t, heads, kv_heads, scale);                       \
+                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale,      \
+                       const float* sinks) {                                                    \
+        flash_fwd<D, 1>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, sinks);                \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_BWD_BLOCKS) flash_bwd_d##D(     \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
@@ -875,8 +894,9 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 // registers at two blocks an SM (three spill 500 bytes); with d = 128 it spills at one.
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 2)
     flash_fwd_wide_d64(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
-                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {
-    flash_fwd<64, 2>(q, k, v, seg, o, lse, t, heads, kv_heads, scale);
+                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale,
+                       const float* sinks) {
+    flash_fwd<64, 2>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, sinks);
 }
 
 FLASH(64)

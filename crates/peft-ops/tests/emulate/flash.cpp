@@ -1,6 +1,7 @@
 // Runs the flash attention kernels of src/kernels/attention.cu under the CPU emulation:
 //   flash <input> <output>
-// input: i32 b, t, heads, kv_heads, d, packed; f32 scale; bf16 q, k, v, dout; then, for
+// input: i32 b, t, heads, kv_heads, d, packed, sinks; f32 scale; with sinks f32 sinks
+// [heads]; bf16 q, k, v, dout; then, for
 // plain rows, f32 cos, sin [t, d / 2], or, for packed rows, u32 segment ids [b, t] and f32
 // cos, sin [b, t, d / 2].
 // output (f32): o, lse, dq, dk, dv. The launch shapes are those of src/cuda.rs. With d = 64
@@ -25,10 +26,12 @@ int main(int argc, char** argv) {
     if (wide_bwd) ++argv, --argc;
     if (argc != 3) { fprintf(stderr, "usage: flash [wide-bwd] <input> <output>\n"); return 2; }
     FILE* in = open_or_exit(argv[1], "rb");
-    auto dims = take<int>(in, 6);
+    auto dims = take<int>(in, 7);
     int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], d = dims[4];
-    bool packed = dims[5] != 0;
+    bool packed = dims[5] != 0, has_sinks = dims[6] != 0;
     float scale = take<float>(in, 1)[0];
+    std::vector<float> sink_logits = has_sinks ? take<float>(in, heads) : std::vector<float>();
+    const float* sinks = has_sinks ? sink_logits.data() : nullptr;
     size_t nq = (size_t)b * t * heads * d, nk = (size_t)b * t * kvh * d;
     auto q = take<bf16_t>(in, nq), k = take<bf16_t>(in, nk), v = take<bf16_t>(in, nk);
     auto dout = take<bf16_t>(in, nq);
@@ -58,7 +61,8 @@ int main(int argc, char** argv) {
     unsigned keys = wide_bwd ? 2 * FA_TILE : FA_TILE, kb = keys / FA_TILE;
     size_t fwd_shared = (FA_Q_IN_REGS(d) ? 2 : 3) * FA_TILE * pitch * 2 + FA_TILE * 4;
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, fwd_shared, [&] {
-        fwd(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh, scale);
+        fwd(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh, scale,
+            sinks);
     });
     if (d == 64) {
         // The 128-row forward (PEFT_CUDA_FLASH=wide) visits the same key tiles in the same
@@ -68,7 +72,7 @@ int main(int argc, char** argv) {
         emu::launch({(unsigned)((t + 2 * FA_TILE - 1) / (2 * FA_TILE)), (unsigned)heads, (unsigned)b},
                     {FA_THREADS}, fwd_shared, [&] {
             flash_fwd_wide_d64(qr.data(), kr.data(), v.data(), seg, o_wide.data(), lse_wide.data(),
-                               t, heads, kvh, scale);
+                               t, heads, kvh, scale, sinks);
         });
         if (o_wide != o || memcmp(lse_wide.data(), lse.data(), lse.size() * 4) != 0) {
             fprintf(stderr, "flash_fwd_wide_d64 differs from flash_fwd_d64\n");
