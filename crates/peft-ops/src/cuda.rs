@@ -429,24 +429,37 @@ const GATED_PACK: usize = 8;
 pub(crate) fn gated_fwd(
     g: (&CudaStorage, &Layout),
     u: (&CudaStorage, &Layout),
-    gelu: bool,
+    act: crate::GatedActivation,
 ) -> Result<CudaStorage> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
         g: (&CudaStorage, &Layout),
         u: (&CudaStorage, &Layout),
-        gelu: bool,
+        act: crate::GatedActivation,
     ) -> Result<CudaStorage> {
         let n = g.1.shape().elem_count();
+        let [kind, alpha, limit] = gated_args(act);
         launch::<T>(
             g.0.device(),
             "gated_fwd",
             &[g, u],
             n,
             elementwise_config(n.div_ceil(GATED_PACK)),
-            &[Scalar::I64(n as i64), Scalar::I32(gelu as i32)],
+            &[Scalar::I64(n as i64), kind, alpha, limit],
         )
     }
-    dispatch!(g.0.dtype(), f(g, u, gelu))
+    dispatch!(g.0.dtype(), f(g, u, act))
+}
+
+/// The gated kernels' activation arguments: its kind (`GATED_*` of kernels/ops.cu), and
+/// gpt-oss's alpha and limit.
+fn gated_args(act: crate::GatedActivation) -> [Scalar; 3] {
+    use crate::GatedActivation::*;
+    let (kind, alpha, limit) = match act {
+        Silu => (0, 1.0, 0.0),
+        GeluTanh => (1, 1.0, 0.0),
+        ClampedSwiglu { alpha, limit } => (2, alpha, limit),
+    };
+    [Scalar::I32(kind), Scalar::F32(alpha), Scalar::F32(limit)]
 }
 
 /// `a + b` (one shape, contiguous), eight elements a thread.
@@ -476,25 +489,26 @@ pub(crate) fn gated_bwd(
     g: (&CudaStorage, &Layout),
     u: (&CudaStorage, &Layout),
     grad: (&CudaStorage, &Layout),
-    gelu: bool,
+    act: crate::GatedActivation,
 ) -> Result<CudaStorage> {
     fn f<T: CudaDType + DeviceRepr + WithDType>(
         g: (&CudaStorage, &Layout),
         u: (&CudaStorage, &Layout),
         grad: (&CudaStorage, &Layout),
-        gelu: bool,
+        act: crate::GatedActivation,
     ) -> Result<CudaStorage> {
         let n = g.1.shape().elem_count();
+        let [kind, alpha, limit] = gated_args(act);
         launch::<T>(
             g.0.device(),
             "gated_bwd",
             &[g, u, grad],
             2 * n,
             elementwise_config(n.div_ceil(GATED_PACK)),
-            &[Scalar::I64(n as i64), Scalar::I32(gelu as i32)],
+            &[Scalar::I64(n as i64), kind, alpha, limit],
         )
     }
-    dispatch!(g.0.dtype(), f(g, u, grad, gelu))
+    dispatch!(g.0.dtype(), f(g, u, grad, act))
 }
 
 /// Per-row cross-entropy losses of `logits` `[rows, vocab]` (f32 or bf16, contiguous) against

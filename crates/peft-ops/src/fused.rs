@@ -698,23 +698,9 @@ impl GatedActivation {
         }
     }
 
-    /// Whether our fused kernel serves `t`: the CPU's for every activation, CUDA's for SiLU
-    /// and GELU (gpt-oss's clamped one takes the composed ops there).
+    /// Whether our fused kernel (CPU or CUDA) serves `t`.
     fn kernel_serves(self, t: &Tensor) -> bool {
         crate::has_kernel(t, Kernel::Swiglu)
-            && (t.device().is_cpu() || !matches!(self, Self::ClampedSwiglu { .. }))
-    }
-
-    /// The `gelu` flag of the CUDA kernels.
-    #[cfg(feature = "cuda")]
-    fn cuda_gelu_flag(self) -> Result<bool> {
-        match self {
-            Self::Silu => Ok(false),
-            Self::GeluTanh => Ok(true),
-            Self::ClampedSwiglu { .. } => {
-                candle_core::bail!("no CUDA kernel for the clamped SwiGLU")
-            }
-        }
     }
 
     /// `act(g) · u` by composed ops.
@@ -907,7 +893,7 @@ impl CustomOp2 for GatedForward {
         ul: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         Ok((
-            crate::cuda::gated_fwd((g, gl), (u, ul), self.0.cuda_gelu_flag()?)?,
+            crate::cuda::gated_fwd((g, gl), (u, ul), self.0)?,
             gl.shape().clone(),
         ))
     }
@@ -967,8 +953,7 @@ impl CustomOp3 for GatedBackward {
         grad: &candle_core::CudaStorage,
         gradl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out =
-            crate::cuda::gated_bwd((g, gl), (u, ul), (grad, gradl), self.0.cuda_gelu_flag()?)?;
+        let out = crate::cuda::gated_bwd((g, gl), (u, ul), (grad, gradl), self.0)?;
         Ok((out, Shape::from(2 * gl.shape().elem_count())))
     }
 }

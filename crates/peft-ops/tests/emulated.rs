@@ -1134,7 +1134,7 @@ fn bf16_concat_rounds_as_candle() {
 
 /// Several blocks of the elementwise kernels, packs of eight read as one (and the partial last
 /// one, and every pack one by one when the second half of the gradient is misaligned):
-/// act(gate)·up and both gradients within 1e-5, for SwiGLU and GeGLU.
+/// act(gate)·up and both gradients within 1e-5, for SwiGLU, GeGLU and gpt-oss's clamped SwiGLU.
 #[test]
 fn gated_activation_kernels_match_the_cpu() {
     for n in [4100, 4099] {
@@ -1146,10 +1146,22 @@ fn gated_case(n: usize) {
     let gate = (randn(&[n], 510) * 4.0).unwrap();
     let up = randn(&[n], 511);
     let probe = randn(&[n], 512);
-    for act in [GatedActivation::Silu, GatedActivation::GeluTanh] {
+    // gpt-oss's with a limit that clamps some gates (up to 4 here) and ups (up to 1).
+    let clamped = GatedActivation::ClampedSwiglu {
+        alpha: 1.702,
+        limit: 0.8,
+    };
+    for act in [GatedActivation::Silu, GatedActivation::GeluTanh, clamped] {
         let (y, grads) = cpu_grads(&[&gate, &up], &probe, |v| gated_act(&v[0], &v[1], act));
         let mut input = (n as i64).to_le_bytes().to_vec();
-        input.extend(i32::from(act == GatedActivation::GeluTanh).to_le_bytes());
+        let (kind, alpha, limit) = match act {
+            GatedActivation::Silu => (0i32, 1.0f32, 0.0f32),
+            GatedActivation::GeluTanh => (1, 1.0, 0.0),
+            GatedActivation::ClampedSwiglu { alpha, limit } => (2, alpha, limit),
+        };
+        input.extend(kind.to_le_bytes());
+        input.extend(alpha.to_le_bytes());
+        input.extend(limit.to_le_bytes());
         for t in [&gate, &up, &probe] {
             input.extend(f32_bytes(t));
         }

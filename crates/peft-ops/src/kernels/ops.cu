@@ -332,15 +332,36 @@ __device__ void embedding_bwd(const unsigned* ids, const T* grad, const int* nex
     }
 }
 
-// Gated MLP activations as act(g) = g · sigmoid(a(g)): a(g) = g for SiLU (SwiGLU), and
-// 2·√(2/π)·(g + 0.044715·g³) for GELU's tanh approximation (GeGLU, `gelu` set).
-__device__ __forceinline__ float gate_arg(float g, int gelu) {
-    return gelu ? 1.5957691216f * (g + 0.044715f * g * g * g) : g;
+// Gated MLP activations as act(g) · u with act(g) = g · sigmoid(a(g)), by `act`: 0, SiLU
+// (SwiGLU, a(g) = g); 1, GELU's tanh approximation (GeGLU, a(g) = 2·√(2/π)·(g + 0.044715·g³));
+// 2, gpt-oss's clamped SwiGLU (a(g) = alpha · g, the gate clamped to at most `limit` and the
+// up projection to ±limit, plus 1).
+#define GATED_GELU 1
+#define GATED_CLAMPED 2
+
+__device__ __forceinline__ float gate_arg(float g, int act, float alpha) {
+    return act == GATED_GELU      ? 1.5957691216f * (g + 0.044715f * g * g * g)
+           : act == GATED_CLAMPED ? alpha * g
+                                  : g;
 }
 
 // a'(g).
-__device__ __forceinline__ float gate_slope(float g, int gelu) {
-    return gelu ? 1.5957691216f * (1.f + 0.134145f * g * g) : 1.f;
+__device__ __forceinline__ float gate_slope(float g, int act, float alpha) {
+    return act == GATED_GELU ? 1.5957691216f * (1.f + 0.134145f * g * g)
+           : act == GATED_CLAMPED ? alpha
+                                  : 1.f;
+}
+
+// The gate and up values the activation reads (gpt-oss's clamped ones), and whether the
+// gradient passes the clamp (torch's clamp passes it at the limits themselves).
+__device__ __forceinline__ void gate_inputs(float& g, float& u, bool& g_pass, bool& u_pass,
+                                            int act, float limit) {
+    g_pass = u_pass = true;
+    if (act != GATED_CLAMPED) return;
+    g_pass = g <= limit;
+    u_pass = fabsf(u) <= limit;
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit) + 1.f;
 }
 
 // The elementwise kernels take GATED_PACK consecutive elements a thread, read and written
@@ -350,7 +371,8 @@ __device__ __forceinline__ float gate_slope(float g, int gelu) {
 // y = act(g) * u over chunks of GATED_PACK elements (grid-stride over n / GATED_PACK, rounded
 // up).
 template <typename T>
-__device__ void gated_fwd(const T* g, const T* u, T* y, long long n, int gelu) {
+__device__ void gated_fwd(const T* g, const T* u, T* y, long long n, int act, float alpha,
+                          float limit) {
     const int N = GATED_PACK;
     bool vec = pack_aligned<N>(g) && pack_aligned<N>(u) && pack_aligned<N>(y);
     for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c * N < n;
@@ -360,8 +382,11 @@ __device__ void gated_fwd(const T* g, const T* u, T* y, long long n, int gelu) {
         load_pack<N>(g, i, n, vec, gv);
         load_pack<N>(u, i, n, vec, uv);
 #pragma unroll
-        for (int e = 0; e < N; ++e)
-            out[e] = gv[e] / (1.f + expf(-gate_arg(gv[e], gelu))) * uv[e];
+        for (int e = 0; e < N; ++e) {
+            bool g_pass, u_pass;
+            gate_inputs(gv[e], uv[e], g_pass, u_pass, act, limit);
+            out[e] = gv[e] / (1.f + expf(-gate_arg(gv[e], act, alpha))) * uv[e];
+        }
         store_pack<N>(y, i, n, vec, out);
     }
 }
@@ -386,7 +411,8 @@ __device__ void add_same(const T* a, const T* b, T* y, long long n) {
 
 // out[0..n] = d gate, out[n..2n] = d up, over chunks as gated_fwd.
 template <typename T>
-__device__ void gated_bwd(const T* g, const T* u, const T* grad, T* out, long long n, int gelu) {
+__device__ void gated_bwd(const T* g, const T* u, const T* grad, T* out, long long n, int act,
+                          float alpha, float limit) {
     const int N = GATED_PACK;
     bool vec = pack_aligned<N>(g) && pack_aligned<N>(u) && pack_aligned<N>(grad) &&
                pack_aligned<N>(out) && pack_aligned<N>(out + n);
@@ -399,10 +425,13 @@ __device__ void gated_bwd(const T* g, const T* u, const T* grad, T* out, long lo
         load_pack<N>(grad, i, n, vec, gr);
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-            float s = 1.f / (1.f + expf(-gate_arg(gv[e], gelu)));
+            bool g_pass, u_pass;
+            gate_inputs(gv[e], uv[e], g_pass, u_pass, act, limit);
+            float s = 1.f / (1.f + expf(-gate_arg(gv[e], act, alpha)));
             float value = gv[e] * s;
-            dg[e] = gr[e] * uv[e] * (s + value * (1.f - s) * gate_slope(gv[e], gelu));
-            du[e] = gr[e] * value;
+            float slope = s + value * (1.f - s) * gate_slope(gv[e], act, alpha);
+            dg[e] = g_pass ? gr[e] * uv[e] * slope : 0.f;
+            du[e] = u_pass ? gr[e] * value : 0.f;
         }
         store_pack<N>(out, i, n, vec, dg);
         store_pack<N>(out + n, i, n, vec, du);
@@ -668,15 +697,15 @@ __device__ void random_uniform(T* out, long long n, unsigned long long key, floa
         random_uniform<T>(out, n, key, low, high);                                             \
     }                                                                                          \
     extern "C" __global__ void gated_fwd_##S(const T* g, const T* u, T* y, long long n,      \
-                                             int gelu) {                                      \
-        gated_fwd<T>(g, u, y, n, gelu);                                                        \
+                                             int act, float alpha, float limit) {             \
+        gated_fwd<T>(g, u, y, n, act, alpha, limit);                                           \
     }                                                                                          \
     extern "C" __global__ void add_same_##S(const T* a, const T* b, T* y, long long n) {     \
         add_same<T>(a, b, y, n);                                                               \
     }                                                                                          \
     extern "C" __global__ void gated_bwd_##S(const T* g, const T* u, const T* grad, T* out,   \
-                                             long long n, int gelu) {                         \
-        gated_bwd<T>(g, u, grad, out, n, gelu);                                                \
+                                             long long n, int act, float alpha, float limit) { \
+        gated_bwd<T>(g, u, grad, out, n, act, alpha, limit);                                   \
     }
 
 INSTANTIATE(float, f32)

@@ -11,7 +11,8 @@
 //                 rounded to bf16 (as f32)
 // add_same:       i64 n; f32 a, b (n each) -> a + b in bf16 (as f32), one element past an
 //                 aligned start when n is odd (every pack read one by one)
-// gated:          i64 n; i32 gelu; f32 gate, up, grad (n each) -> y (n), then d gate, d up (2n)
+// gated:          i64 n; i32 act; f32 alpha, limit; f32 gate, up, grad (n each) -> y (n), then
+//                 d gate, d up (2n)
 // causal_softmax: i32 rows, q, k; f32 scale; f32 x, g (rows·k each) -> y, then dx (rows·k)
 // Dropout (D below): i32 on; u32 k1, k2, threshold; f32 scale (ops.cu's Dropout).
 // low_rank_add:   i64 rows; i32 cols, r, right_t; f32 scale; D; f32 base (rows·cols), left
@@ -120,14 +121,17 @@ int main(int argc, char** argv) {
         for (long long i = 0; i < n; ++i) out.push_back(ld(y.data() + skip, i));
     } else if (kernel == "gated") {
         long long n = take<long long>(in, 1)[0];
-        int gelu = take<int>(in, 1)[0];
+        int act = take<int>(in, 1)[0];
+        auto params = take<float>(in, 2);
+        float alpha = params[0], limit = params[1];
         auto gate = take<float>(in, n), up = take<float>(in, n), grad = take<float>(in, n);
         std::vector<float> y(n), d(2 * n);
         unsigned blocks = (unsigned)(((n + 7) / 8 + 255) / 256);  // 8 elements a thread
-        emu::launch({blocks}, {256}, 0,
-                    [&] { gated_fwd_f32(gate.data(), up.data(), y.data(), n, gelu); });
         emu::launch({blocks}, {256}, 0, [&] {
-            gated_bwd_f32(gate.data(), up.data(), grad.data(), d.data(), n, gelu);
+            gated_fwd_f32(gate.data(), up.data(), y.data(), n, act, alpha, limit);
+        });
+        emu::launch({blocks}, {256}, 0, [&] {
+            gated_bwd_f32(gate.data(), up.data(), grad.data(), d.data(), n, act, alpha, limit);
         });
         out = y;
         out.insert(out.end(), d.begin(), d.end());
