@@ -1935,18 +1935,22 @@ fn attention(
             causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale, softcap, window, sinks)?;
         return a.o_proj.forward(&out, train);
     }
-    // The flash kernels neither cap scores nor take sinks: capped ones (Gemma 2) and sinks
-    // (gpt-oss) take the paths below.
-    let uncapped = softcap.is_none() && sinks.is_none();
+    // The flash kernels do not cap scores: capped ones (Gemma 2) take the paths below, as do
+    // sinks (gpt-oss) over a prefix.
+    let uncapped = softcap.is_none();
     if let (Some(segments), None, true) = (&mask.segments, &cache, uncapped) {
-        if let Some(out) = packed_self_attention(&q, &k, &v, cos, sin, segments, nh, kvh, scale)? {
+        let qkv = (&q, &k, &v);
+        if let Some(out) = packed_self_attention(
+            qkv.0, qkv.1, qkv.2, cos, sin, segments, sinks, nh, kvh, scale,
+        )? {
             return a.o_proj.forward(&out, train);
         }
     }
     // Training over a pre-filled cache (prefix tuning's virtual tokens): the flash kernels
     // attend over it in place of the concatenation and the bias below. Nothing reads the
     // cache after a training forward, so it is not extended.
-    if let (Some(Some(prefix)), true, true) = (cache.as_deref(), train, uncapped) {
+    if let (Some(Some(prefix)), true, true) = (cache.as_deref(), train, uncapped && sinks.is_none())
+    {
         let prefix = (&prefix.0, &prefix.1);
         let segments = mask.segments.as_ref();
         let qkv = (&q, &k, &v);

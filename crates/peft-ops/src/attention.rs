@@ -78,9 +78,9 @@ pub fn causal_attention(
 /// `kv_heads`) to the attention output `[b, t, heads · d]`, with RoPE (`cos`/`sin`
 /// `[t, d / 2]`, positions `0..t`) applied to q and k. Equal to splitting the heads, [`rope`],
 /// [`causal_attention`] and merging the heads; f32 CPU tensors take one fused path, bf16 CUDA
-/// tensors with head size 64 or 128 the flash attention kernels (which have no sliding
-/// `window`: they serve a window only when it covers every key; nor a `softcap`, Gemma 2's
-/// cap of the scores, see [`attention_probs`]; they take gpt-oss's `sinks`).
+/// tensors with head size 64 or 128 the flash attention kernels (which take a sliding
+/// `window` and gpt-oss's `sinks`, not a `softcap`, Gemma 2's cap of the scores, see
+/// [`attention_probs`]).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_self_attention(
     q: &Tensor,
@@ -99,14 +99,14 @@ pub fn causal_self_attention(
     let d = hd / heads;
     let window = window.filter(|&w| w < t);
     #[cfg(feature = "cuda")]
-    if window.is_none()
-        && softcap.is_none()
+    if softcap.is_none()
         && flash_serves((q, k, v), heads, kv_heads)
         && cos.dims() == [t, d / 2]
         && sin.dims() == [t, d / 2]
     {
         let rows = (cos, sin);
-        return flash_self_attention((q, k, v), rows, None, sinks, heads, kv_heads, scale);
+        let extras = FlashExtras { sinks, window };
+        return flash_self_attention((q, k, v), rows, None, extras, heads, kv_heads, scale);
     }
     let fused = matches!(q.device(), Device::Cpu)
         && [q, k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
@@ -184,8 +184,9 @@ pub fn causal_self_attention(
 /// `[b, t, d / 2]` the RoPE tables of each position (positions restart with each sequence;
 /// `[t, d / 2]` when they do not: one sequence and padding per row). A
 /// query sees the earlier keys of its own sequence; a padding query sees every earlier
-/// non-padding key. By the flash attention kernels where they serve the tensors (bf16 on
-/// CUDA, head size 64 or 128); `None` elsewhere, and the caller masks the scores itself.
+/// non-padding key. With gpt-oss's `sinks` (see [`attention_probs`]). By the flash attention
+/// kernels where they serve the tensors (bf16 on CUDA, head size 64 or 128); `None`
+/// elsewhere, and the caller masks the scores itself.
 #[allow(clippy::too_many_arguments)]
 pub fn packed_self_attention(
     q: &Tensor,
@@ -194,6 +195,7 @@ pub fn packed_self_attention(
     cos: &Tensor,
     sin: &Tensor,
     segments: &Tensor,
+    sinks: Option<&Tensor>,
     heads: usize,
     kv_heads: usize,
     scale: f64,
@@ -205,18 +207,23 @@ pub fn packed_self_attention(
     #[cfg(feature = "cuda")]
     if shapes && flash_serves((q, k, v), heads, kv_heads) {
         let segments = segments.to_dtype(DType::U32)?;
+        let extras = FlashExtras {
+            sinks,
+            window: None,
+        };
+        let rows = (cos, sin);
         return flash_self_attention(
             (q, k, v),
-            (cos, sin),
+            rows,
             Some(&segments),
-            None,
+            extras,
             heads,
             kv_heads,
             scale,
         )
         .map(Some);
     }
-    let _ = (k, v, shapes, kv_heads, scale);
+    let _ = (k, v, shapes, sinks, kv_heads, scale);
     Ok(None)
 }
 
@@ -253,7 +260,7 @@ pub fn prefixed_self_attention(
             (&all.q, &all.k, &all.v),
             (&all.cos, &all.sin),
             all.segments.as_ref(),
-            None,
+            FlashExtras::default(),
             heads,
             kv_heads,
             scale,
@@ -355,6 +362,14 @@ fn flash_serves((q, k, v): (&Tensor, &Tensor, &Tensor), heads: usize, kv_heads: 
         && v.dims() == k.dims()
 }
 
+/// What the flash kernels add to causal attention: gpt-oss's sinks and a sliding window.
+#[cfg(feature = "cuda")]
+#[derive(Default)]
+struct FlashExtras<'a> {
+    sinks: Option<&'a Tensor>,
+    window: Option<usize>,
+}
+
 /// [`causal_self_attention`] (and, with `segments`, [`packed_self_attention`]) by the flash
 /// attention kernels (bf16 on CUDA): the forward keeps only its output and the log-sum-exp of
 /// each row; the backward recomputes the rest.
@@ -364,7 +379,7 @@ fn flash_self_attention(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (cos, sin): (&Tensor, &Tensor),
     segments: Option<&Tensor>,
-    sinks: Option<&Tensor>,
+    FlashExtras { sinks, window }: FlashExtras,
     heads: usize,
     kv_heads: usize,
     scale: f64,
@@ -388,6 +403,7 @@ fn flash_self_attention(
         sinks: sinks
             .map(|s| s.detach().to_dtype(DType::F32)?.contiguous())
             .transpose()?,
+        window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
         heads,
         kv_heads,
         scale: scale as f32,

@@ -1292,6 +1292,8 @@ pub(crate) struct FlashInputs {
     pub segments: Option<Tensor>,
     /// gpt-oss's attention sinks, f32 `[heads]` (only the forward reads them).
     pub sinks: Option<Tensor>,
+    /// A sliding window of keys, 0 for none.
+    pub window: i32,
     pub heads: usize,
     pub kv_heads: usize,
     pub scale: f32,
@@ -1470,8 +1472,9 @@ impl FlashInputs {
     /// The problem for cuDNN's attention when it is to compute this one
     /// ([`crate::attention_cudnn`]): plain rows (packed rows' segments are our kernels' only).
     fn cudnn_problem(&self) -> Result<Option<crate::cudnn::graph::Problem>> {
-        // Packed rows' segments and attention sinks are our kernels' only.
-        if self.segments.is_some() || self.sinks.is_some() || !crate::attention_cudnn() {
+        // Packed rows' segments, attention sinks and windows are our kernels' only.
+        let ours = self.segments.is_some() || self.sinks.is_some() || self.window > 0;
+        if ours || !crate::attention_cudnn() {
             return Ok(None);
         }
         let ((b, t, d), _) = self.dims()?;
@@ -1537,6 +1540,7 @@ impl FlashInputs {
                 SinksArg::Some(s) => builder.arg(s),
                 SinksArg::None(null) => builder.arg(null),
             };
+            builder.arg(&self.window);
             // SAFETY: the arguments match flash_fwd_{d64,d128,wide_d64} in kernels/attention.cu.
             unsafe { builder.launch(cfg) }.map_err(err)?;
             Ok(rotated)
@@ -1640,7 +1644,12 @@ impl FlashInputs {
                 .arg(&dq_acc)
                 .arg(&dk_part)
                 .arg(&dv_part);
-            builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&scale);
+            builder
+                .arg(&t_)
+                .arg(&h_)
+                .arg(&kvh_)
+                .arg(&scale)
+                .arg(&self.window);
             // SAFETY: the arguments match flash_bwd_{,wide_}d{64,128}.
             unsafe { builder.launch(cfg) }.map_err(err)?;
 

@@ -246,6 +246,53 @@ fn causal_self_attention_matches_cpu() {
     set_attention_cudnn(cudnn);
 }
 
+/// A sliding window and gpt-oss's sinks on the flash kernels (bf16; cuDNN, which has neither,
+/// on or off: ours run either way) against the CPU's fused f32 path: windows shorter and longer
+/// than a tile, both backwards.
+#[test]
+fn windowed_self_attention_with_sinks_matches_cpu() {
+    let (b, t, heads, kv_heads, d) = (2, 150, 4, 2, 64);
+    let (cos, sin) = rope_tables(t, d);
+    let sinks = Tensor::new(&[2.5f32, -1.0, 0.5, 4.0], &Device::Cpu).unwrap();
+    for (window, sinks, wide) in [
+        (40, None, false),
+        (100, Some(&sinks), true),
+        (t, Some(&sinks), false),
+    ] {
+        let before = set_flash_wide_backward(wide);
+        let inputs = [
+            (randn(&[b, t, heads * d], 80), Input::Cast),
+            (randn(&[b, t, kv_heads * d], 81), Input::Cast),
+            (randn(&[b, t, kv_heads * d], 82), Input::Cast),
+            (cos.clone(), Input::F32),
+            (sin.clone(), Input::F32),
+        ];
+        let name = format!(
+            "causal_self_attention window {window} sinks {}",
+            sinks.is_some()
+        );
+        check(&name, &inputs, |x| {
+            let (cos, sin) = (x[3].detach(), x[4].detach());
+            let sinks = sinks.map(|s| s.to_device(x[0].device())).transpose()?;
+            let scale = 1.0 / (d as f64).sqrt();
+            causal_self_attention(
+                &x[0],
+                &x[1],
+                &x[2],
+                &cos,
+                &sin,
+                heads,
+                kv_heads,
+                scale,
+                None,
+                Some(window),
+                sinks.as_ref(),
+            )
+        });
+        set_flash_wide_backward(before);
+    }
+}
+
 /// [`check`] of `causal_self_attention` on random projections (seeds from `seed`) and RoPE
 /// tables of these sizes.
 fn check_self_attention(name: &str, (b, t, heads, kv_heads, d): Sizes5, seed: u64) {
@@ -324,6 +371,7 @@ fn packed_self_attention_matches_cpu() {
         &rows.cos.to_device(&dev).unwrap(),
         &rows.sin.to_device(&dev).unwrap(),
         &rows.ids.to_device(&dev).unwrap(),
+        None,
         heads,
         kv_heads,
         scale,

@@ -183,11 +183,13 @@ impl FlashBwd {
 }
 
 fn compare_with(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize, bwd: FlashBwd) {
-    compare_sinks(b, t, heads, kv_heads, d, bwd, None);
+    compare_extras(b, t, heads, kv_heads, d, bwd, None, None);
 }
 
-/// [`compare_with`], with gpt-oss's attention sinks (a logit per head) where given.
-fn compare_sinks(
+/// [`compare_with`], with gpt-oss's attention sinks (a logit per head) and a sliding window
+/// where given.
+#[allow(clippy::too_many_arguments)]
+fn compare_extras(
     b: usize,
     t: usize,
     heads: usize,
@@ -195,6 +197,7 @@ fn compare_sinks(
     d: usize,
     bwd: FlashBwd,
     sinks: Option<&Tensor>,
+    window: Option<usize>,
 ) {
     let scale = 1.0 / (d as f64).sqrt();
     let q = bf16_values(&[b, t, heads * d], 1, 2.0);
@@ -217,7 +220,7 @@ fn compare_sinks(
         kv_heads,
         scale,
         None,
-        None,
+        window,
         sinks,
     )
     .unwrap();
@@ -225,7 +228,8 @@ fn compare_sinks(
     let grad = |i: usize| grads.get(vars[i].as_tensor()).unwrap().clone();
 
     let with_sinks = sinks.is_some() as usize;
-    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 0, with_sinks]);
+    let w = window.unwrap_or(0);
+    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 0, with_sinks, w]);
     bytes.extend((scale as f32).to_le_bytes());
     if let Some(s) = sinks {
         bytes.extend(f32_bytes(s));
@@ -237,7 +241,7 @@ fn compare_sinks(
     bytes.extend(f32_bytes(&sin));
     let sinks_case = if sinks.is_some() { "_sinks" } else { "" };
     let case = format!(
-        "flash_{b}_{t}_{heads}_{kv_heads}_{d}{}{sinks_case}",
+        "flash_{b}_{t}_{heads}_{kv_heads}_{d}{}{sinks_case}_w{w}",
         bwd.suffix()
     );
     let floats = to_f32s(&emulate_with("flash", bwd.args(), &case, &bytes));
@@ -266,8 +270,9 @@ fn compare_sinks(
         heads,
     );
     let scores = (qr.matmul(&kr.t().unwrap()).unwrap() * scale).unwrap();
+    let seen = |i: usize, j: usize| j <= i && window.is_none_or(|w| j + w > i);
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| (0..t).map(move |j| if seen(i, j) { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
     let mut sums = scores
@@ -315,7 +320,7 @@ fn compare_packed_with(
     let [o_want, dq_want, dk_want, dv_want] =
         packed_reference((&q, &k, &v), &dout, segments, (heads, kv_heads, d));
 
-    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 1, 0]);
+    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 1, 0, 0]);
     bytes.extend((scale as f32).to_le_bytes());
     for x in [&q, &k, &v, &dout] {
         bytes.extend(bf16_bytes(x));
@@ -395,7 +400,7 @@ fn compare_prefixed(
     let n = p + t;
     let zeros = Tensor::zeros((b, p, heads * d), DType::F32, &Device::Cpu).unwrap();
     let dout_all = Tensor::cat(&[&zeros, &dout], 1).unwrap();
-    let mut bytes: Vec<u8> = i32_bytes(&[b, n, heads, kv_heads, d, masked as usize, 0]);
+    let mut bytes: Vec<u8> = i32_bytes(&[b, n, heads, kv_heads, d, masked as usize, 0, 0]);
     bytes.extend((scale as f32).to_le_bytes());
     for x in [&all.q, &all.k, &all.v, &dout_all] {
         bytes.extend(bf16_bytes(x));
@@ -494,8 +499,21 @@ fn flash_attention_wide_backward() {
 #[test]
 fn flash_attention_with_sinks() {
     let sinks = Tensor::new(&[2.5f32, -1.0, 0.5, 4.0], &Device::Cpu).unwrap();
-    compare_sinks(1, 150, 4, 2, 64, FlashBwd::Tile64, Some(&sinks));
-    compare_sinks(2, 70, 4, 1, 128, FlashBwd::Wide, Some(&sinks));
+    compare_extras(1, 150, 4, 2, 64, FlashBwd::Tile64, Some(&sinks), None);
+    compare_extras(2, 70, 4, 1, 128, FlashBwd::Wide, Some(&sinks), None);
+}
+
+/// A sliding window (Gemma's, Mistral's, gpt-oss's local layers): windows shorter than a
+/// tile and longer, over 200 positions (key tiles before a block's window and query tiles
+/// past a key tile's skipped), both backwards, head sizes 64 (with the 128-row forward's
+/// bits) and 128, and gpt-oss's sinks with a window.
+#[test]
+fn flash_attention_with_a_sliding_window() {
+    compare_extras(1, 200, 2, 1, 64, FlashBwd::Tile64, None, Some(40));
+    compare_extras(1, 200, 2, 2, 64, FlashBwd::Wide, None, Some(100));
+    compare_extras(2, 150, 2, 1, 128, FlashBwd::Tile64, None, Some(70));
+    let sinks = Tensor::new(&[1.5f32, -0.5], &Device::Cpu).unwrap();
+    compare_extras(1, 160, 2, 1, 64, FlashBwd::Wide, Some(&sinks), Some(65));
 }
 
 /// A sequence shorter than one tile: every copy of every tile partial.

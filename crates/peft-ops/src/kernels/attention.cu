@@ -26,6 +26,10 @@
 // row's softmax as a key without a value. Only the forward reads them: the log-sum-exp it
 // saves includes the sink, so the backward's probabilities are the right ones.
 //
+// A sliding window (Gemma's, Mistral's, gpt-oss's local layers): window > 0 limits query i to
+// keys i - window + 1 ..= i; key tiles wholly before a block's window (forward) and query
+// tiles wholly past a key tile's (backward) are skipped. 0: causal attention over every key.
+//
 // Fragments follow the PTX ISA for mma.m16n8k16 with .bf16 (lane = 4 * g + c), loaded from
 // shared memory by ldmatrix (rows padded by 8 elements: no bank conflicts):
 //   A (16 x 16, row-major) reg 0: (g, 2c..2c+1), reg 1: (g + 8, 2c..), reg 2: (g, 2c + 8..),
@@ -263,6 +267,11 @@ extern "C" __global__ void rope_rotate_bf16(const bf16_t* x, const float* cos, c
     }
 }
 
+// Whether key k lies in query q's sliding window (k <= q given; window 0: no window).
+__device__ __forceinline__ bool in_window(int k, int q, int window) {
+    return window <= 0 || k + window > q;
+}
+
 // Whether query q sees key k (k <= q) given their segment ids (packed rows). The masks combine
 // their conditions with & and |, not && and ||: short-circuits compile to a branch per score.
 __device__ __forceinline__ bool same_sequence(unsigned q_seg, unsigned k_seg) {
@@ -295,7 +304,7 @@ __device__ __forceinline__ float quad_sum(float v) {
 template <int D, int M>
 __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                           bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale,
-                          const float* sinks) {
+                          const float* sinks, int window) {
     const int P = D + 8, TILE = FA_TILE * P;
     constexpr bool QREG = FA_Q_IN_REGS(D);
     // With M = 2 and d = 64 the query rows fill the key tile's space: K's first tile follows.
@@ -315,13 +324,15 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const int q0 = qt * M * FA_TILE;
     const int n_tiles = (t + FA_TILE - 1) / FA_TILE;
     const int last = (qt + 1) * M < n_tiles ? (qt + 1) * M - 1 : n_tiles - 1;  // key tiles
+    // The first key tile the block's first row's window reaches.
+    const int first = window > 0 && q0 - window + 1 > 0 ? (q0 - window + 1) / FA_TILE : 0;
 
 #pragma unroll
     for (int mt = 0; mt < M; ++mt)
         load_tile_async<D>(Qs + 2 * mt * TILE, qb, qs, q0 + mt * FA_TILE, t);
-    if (K_WITH_Q) load_tile_async<D>(Ks, kb, ks, 0, t);
+    if (K_WITH_Q) load_tile_async<D>(Ks, kb, ks, first * FA_TILE, t);
     cp_async_commit();
-    int loaded = K_WITH_Q ? 0 : -1;  // the key tile in Ks, or on its way there
+    int loaded = K_WITH_Q ? first : -1;  // the key tile in Ks, or on its way there
     u32 qa[QREG ? M : 1][QREG ? D / 16 : 1][4];
     if constexpr (QREG) {
         cp_async_wait<0>();
@@ -355,7 +366,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         }
     const float scale2 = scale * FA_LOG2E;
 
-    for (int kt = 0; kt <= last; ++kt) {
+    for (int kt = first; kt <= last; ++kt) {
         if (segb) {
             // Packed rows: a key tile that none of the block's rows sees (another sequence's)
             // is skipped whole; its scores would all be masked. (Gs was last read before the
@@ -369,6 +380,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                     for (int mt = 0; mt < M; ++mt)
                         for (int r = 0; r < 2; ++r)
                             seen |= row[mt][r] < t && kt * FA_TILE + cl + e <= row[mt][r] &&
+                                    in_window(kt * FA_TILE + cl + e, row[mt][r], window) &&
                                     same_sequence(row_seg[mt][r], Gs[cl + e]);
             if (!__syncthreads_or(seen)) {
                 cp_async_wait<0>();  // a key tile on its way lands before Ks is loaded again
@@ -417,8 +429,10 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             }
         }
         // Only a tile that reaches the block's first row, or packed rows, need masks: every key
-        // of an earlier tile precedes every row (keys past t lie in a tile that reaches it).
-        const bool masked = segb || kt * FA_TILE + FA_TILE - 1 > q0;
+        // of an earlier tile precedes every row (keys past t lie in a tile that reaches it);
+        // with a window, also a tile whose first key some row's window leaves out.
+        const bool masked = segb || kt * FA_TILE + FA_TILE - 1 > q0 ||
+                            (window > 0 && kt * FA_TILE + window < q0 + M * FA_TILE);
 #pragma unroll
         for (int mt = 0; mt < M; ++mt) {
             // The running row maxima of the raw scores (the scale is positive: the same
@@ -436,15 +450,17 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                     for (int i = 0; i < 4; ++i) {
                         int cl = n * 8 + 2 * c + (i & 1), col = kt * FA_TILE + cl;
                         keep(n, i,
-                             (col <= row[mt][i >> 1]) &
+                             (col <= row[mt][i >> 1]) & in_window(col, row[mt][i >> 1], window) &
                                  same_sequence(row_seg[mt][i >> 1], Gs[cl]));
                     }
             } else if (masked) {
 #pragma unroll
                 for (int n = 0; n < 8; ++n)
 #pragma unroll
-                    for (int i = 0; i < 4; ++i)
-                        keep(n, i, kt * FA_TILE + n * 8 + 2 * c + (i & 1) <= row[mt][i >> 1]);
+                    for (int i = 0; i < 4; ++i) {
+                        int col = kt * FA_TILE + n * 8 + 2 * c + (i & 1);
+                        keep(n, i, (col <= row[mt][i >> 1]) & in_window(col, row[mt][i >> 1], window));
+                    }
             } else {
 #pragma unroll
                 for (int n = 0; n < 8; ++n)
@@ -565,7 +581,7 @@ template <int D, int KB>
 __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                           const bf16_t* dout, const float* lse, const float* delta,
                           float* dq_acc, float* dk_part, float* dv_part, int t, int heads,
-                          int kv_heads, float scale) {
+                          int kv_heads, float scale, int window) {
     // KB 64-key tiles a block, a warp per 16 keys: KB = 2 reads each query tile once for 128
     // keys and adds its dQ share once for them (PEFT_CUDA_FLASH_BWD=wide).
     const int KEYS = KB * FA_TILE, THREADS = KB * FA_THREADS;
@@ -582,6 +598,11 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     unsigned* Gk = Gs + FA_TILE;                     // and of the block's keys
     int kt = blockIdx.x, hi = blockIdx.y, bi = blockIdx.z;
     int kh = hi / (heads / kv_heads), nq = (t + FA_TILE - 1) / FA_TILE;
+    if (window > 0) {
+        // The last query tile whose rows' windows reach the block's last key.
+        int last_query = (kt + 1) * KEYS - 1 + window - 1;
+        if (last_query / FA_TILE + 1 < nq) nq = last_query / FA_TILE + 1;
+    }
     long long qs = (long long)heads * D, ks = (long long)kv_heads * D;
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
     int key[2] = {kt * KEYS + warp * 16 + g, kt * KEYS + warp * 16 + g + 8};
@@ -635,6 +656,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                     for (int r = 0; r < 2; ++r) {
                         int query = qt * FA_TILE + ql + e;
                         seen |= key[r] < t && query < t && query >= key[r] &&
+                                in_window(key[r], query, window) &&
                                 same_sequence(Gs[ql + e], Gk[warp * 16 + g + 8 * r]);
                     }
             if (!__syncthreads_or(seen)) {
@@ -702,15 +724,19 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                     int ql = n * 8 + 2 * c + (i & 1), query = qt * FA_TILE + ql;
                     to_ds(n, i,
                           (query >= key[i >> 1]) & (query < t) &
+                              in_window(key[i >> 1], query, window) &
                               same_sequence(Gs[ql], Gk[warp * 16 + g + 8 * (i >> 1)]));
                 }
-        } else if (qt * FA_TILE < (kt + 1) * KEYS || qt * FA_TILE + FA_TILE > t) {
+        } else if (qt * FA_TILE < (kt + 1) * KEYS || qt * FA_TILE + FA_TILE > t ||
+                   (window > 0 && qt * FA_TILE + FA_TILE - 1 >= kt * KEYS + window)) {
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     int query = qt * FA_TILE + n * 8 + 2 * c + (i & 1);
-                    to_ds(n, i, (query >= key[i >> 1]) & (query < t));
+                    to_ds(n, i,
+                          (query >= key[i >> 1]) & (query < t) &
+                              in_window(key[i >> 1], query, window));
                 }
         } else {
 #pragma unroll
@@ -871,23 +897,23 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
     extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_FWD_BLOCKS(D))                  \
         flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg, \
                        bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale,      \
-                       const float* sinks) {                                                    \
-        flash_fwd<D, 1>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, sinks);                \
+                       const float* sinks, int window) {                                        \
+        flash_fwd<D, 1>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, sinks, window);        \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_BWD_BLOCKS) flash_bwd_d##D(     \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
         const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
-        float* dv_part, int t, int heads, int kv_heads, float scale) {                          \
+        float* dv_part, int t, int heads, int kv_heads, float scale, int window) {              \
         flash_bwd<D, 1>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,     \
-                        kv_heads, scale);                                                       \
+                        kv_heads, scale, window);                                               \
     }                                                                                           \
     /* 128 keys a block (PEFT_CUDA_FLASH_BWD=wide): eight warps, one block an SM. */            \
     extern "C" __global__ void __launch_bounds__(2 * FA_THREADS, 1) flash_bwd_wide_d##D(        \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
         const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
-        float* dv_part, int t, int heads, int kv_heads, float scale) {                          \
+        float* dv_part, int t, int heads, int kv_heads, float scale, int window) {              \
         flash_bwd<D, 2>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,     \
-                        kv_heads, scale);                                                       \
+                        kv_heads, scale, window);                                               \
     }
 
 // The forward with 128-row query blocks (M = 2; PEFT_CUDA_FLASH=wide), d = 64 only: 247
@@ -895,8 +921,8 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 2)
     flash_fwd_wide_d64(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
                        bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale,
-                       const float* sinks) {
-    flash_fwd<64, 2>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, sinks);
+                       const float* sinks, int window) {
+    flash_fwd<64, 2>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, sinks, window);
 }
 
 FLASH(64)

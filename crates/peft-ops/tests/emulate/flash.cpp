@@ -1,7 +1,7 @@
 // Runs the flash attention kernels of src/kernels/attention.cu under the CPU emulation:
 //   flash <input> <output>
-// input: i32 b, t, heads, kv_heads, d, packed, sinks; f32 scale; with sinks f32 sinks
-// [heads]; bf16 q, k, v, dout; then, for
+// input: i32 b, t, heads, kv_heads, d, packed, sinks, window; f32 scale; with sinks f32
+// sinks [heads]; bf16 q, k, v, dout; then, for
 // plain rows, f32 cos, sin [t, d / 2], or, for packed rows, u32 segment ids [b, t] and f32
 // cos, sin [b, t, d / 2].
 // output (f32): o, lse, dq, dk, dv. The launch shapes are those of src/cuda.rs. With d = 64
@@ -26,8 +26,8 @@ int main(int argc, char** argv) {
     if (wide_bwd) ++argv, --argc;
     if (argc != 3) { fprintf(stderr, "usage: flash [wide-bwd] <input> <output>\n"); return 2; }
     FILE* in = open_or_exit(argv[1], "rb");
-    auto dims = take<int>(in, 7);
-    int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], d = dims[4];
+    auto dims = take<int>(in, 8);
+    int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], d = dims[4], window = dims[7];
     bool packed = dims[5] != 0, has_sinks = dims[6] != 0;
     float scale = take<float>(in, 1)[0];
     std::vector<float> sink_logits = has_sinks ? take<float>(in, heads) : std::vector<float>();
@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
     size_t fwd_shared = (FA_Q_IN_REGS(d) ? 2 : 3) * FA_TILE * pitch * 2 + FA_TILE * 4;
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, fwd_shared, [&] {
         fwd(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh, scale,
-            sinks);
+            sinks, window);
     });
     if (d == 64) {
         // The 128-row forward (PEFT_CUDA_FLASH=wide) visits the same key tiles in the same
@@ -72,7 +72,7 @@ int main(int argc, char** argv) {
         emu::launch({(unsigned)((t + 2 * FA_TILE - 1) / (2 * FA_TILE)), (unsigned)heads, (unsigned)b},
                     {FA_THREADS}, fwd_shared, [&] {
             flash_fwd_wide_d64(qr.data(), kr.data(), v.data(), seg, o_wide.data(), lse_wide.data(),
-                               t, heads, kvh, scale, sinks);
+                               t, heads, kvh, scale, sinks, window);
         });
         if (o_wide != o || memcmp(lse_wide.data(), lse.data(), lse.size() * 4) != 0) {
             fprintf(stderr, "flash_fwd_wide_d64 differs from flash_fwd_d64\n");
@@ -88,7 +88,7 @@ int main(int argc, char** argv) {
     std::vector<float> dk_part(nq, NAN), dv_part(nq, NAN);
     emu::launch({(t + keys - 1) / keys, (unsigned)heads, (unsigned)b}, {kb * FA_THREADS}, shared, [&] {
         bwd(qr.data(), kr.data(), v.data(), seg, dout.data(), lse.data(), delta.data(),
-            dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh, scale);
+            dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh, scale, window);
     });
     long long kv_pairs = (long long)nk / 2;
     emu::launch({(unsigned)((kv_pairs + 255) / 256)}, {256}, 0, [&] {
