@@ -13,50 +13,33 @@ Then:
     /work/venv-hf/bin/python scripts/hf/check_gguf_mxfp4.py --llama-cpp PATH/TO/llama.cpp \
         [--peft ~/.cache/peft-rs-target/release/peft]
 """
-import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM
 
-ap = argparse.ArgumentParser()
+from harness import arguments, mxfp4_experts, peft_logits, random_model, run
+
+ap = arguments("smollm-dir")
 ap.add_argument("--llama-cpp", required=True)
-ap.add_argument("--peft", default=os.path.expanduser("~/.cache/peft-rs-target/release/peft"))
-ap.add_argument("--smollm-dir", default="models/smollm2-135m-instruct")
 args = ap.parse_args()
 bin_dir = os.path.join(args.llama_cpp, "build", "bin")
 PROMPT = "The capital of France is"
 IDS = [1, 77, 200, 5, 319, 64, 140, 12, 9, 250, 33, 44, 55, 66]
 
 
-def run(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    return r.stdout
-
-
-def peft_logits(model, out):
-    run([args.peft, "logits", "--model", model, "--input-ids", ",".join(map(str, IDS)),
-         "--out", out])
-    return load_file(out)["logits"]
-
-
 def llama_simple(path, n):
     env = dict(os.environ, LD_LIBRARY_PATH=bin_dir)
-    out = run([os.path.join(bin_dir, "llama-simple"), "-m", path, "-n", str(n), PROMPT], env=env)
+    out = run([os.path.join(bin_dir, "llama-simple"), "-m", path, "-n", str(n), PROMPT],
+              env=env).stdout
     return out.removeprefix(PROMPT).removesuffix("\n")
 
 
 def peft_generate(model, n):
     return run([args.peft, "generate", "--model", model, "--prompt", PROMPT,
-                "--max-new-tokens", str(n)]).removesuffix("\n")
+                "--max-new-tokens", str(n)]).stdout.removesuffix("\n")
 
 
 with tempfile.TemporaryDirectory() as tmp:
@@ -67,33 +50,8 @@ with tempfile.TemporaryDirectory() as tmp:
                        head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                        num_local_experts=4, num_experts_per_tok=2, sliding_window=4)
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1 + 0.2 * torch.randn_like(p)) if "norm" in name
-                    else 0.08 * torch.randn_like(p))
-    model.save_pretrained(d)
-    tensors = load_file(os.path.join(d, "model.safetensors"))
-    gen = torch.Generator().manual_seed(1)
-    for layer in range(cfg.num_hidden_layers):
-        for param, (rows, cols) in {"gate_up_proj": (2 * cfg.intermediate_size, cfg.hidden_size),
-                                    "down_proj": (cfg.hidden_size, cfg.intermediate_size)}.items():
-            name = f"model.layers.{layer}.mlp.experts.{param}"
-            del tensors[name]
-            e = cfg.num_local_experts
-            tensors[f"{name}_blocks"] = torch.randint(0, 256, (e, rows, cols // 32, 16),
-                                                      generator=gen, dtype=torch.uint8)
-            tensors[f"{name}_scales"] = torch.randint(118, 122, (e, rows, cols // 32),
-                                                      generator=gen, dtype=torch.uint8)
-    save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(d, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "mxfp4"}
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    for f in ["tokenizer.json", "tokenizer_config.json"]:
-        shutil.copy(os.path.join(args.smollm_dir, f), d)
+    random_model(GptOssForCausalLM, cfg, d, args.smollm_dir)
+    mxfp4_experts(d, cfg, (118, 122))
 
     gguf_path = os.path.join(tmp, "gpt-oss-mxfp4.gguf")
     run([sys.executable, os.path.join(args.llama_cpp, "convert_hf_to_gguf.py"), d,
@@ -106,8 +64,8 @@ with tempfile.TemporaryDirectory() as tmp:
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     with torch.no_grad():
         want = hf(input_ids=torch.tensor([IDS])).logits
-    from_gguf = peft_logits(gguf_path, os.path.join(tmp, "a.safetensors"))
-    from_dir = peft_logits(d, os.path.join(tmp, "b.safetensors"))
+    from_gguf = peft_logits(args.peft, gguf_path, IDS, os.path.join(tmp, "a.safetensors"))
+    from_dir = peft_logits(args.peft, d, IDS, os.path.join(tmp, "b.safetensors"))
     d_dir = (from_gguf - from_dir).abs().max().item()
     d_hf = (from_gguf - want).abs().max().item()
     print(f"peft logits of the MXFP4 GGUF vs of the HF folder: max abs diff {d_dir:.2e}; "

@@ -1,6 +1,7 @@
 """What the check scripts share: their usual flags, running a peft command, and reading the
 logits `peft logits` writes. The scripts import it from their own folder."""
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -88,3 +89,35 @@ def random_model(cls, config, model_dir, smollm_dir):
     for f in ["tokenizer.json", "chat_template.jinja", "tokenizer_config.json"]:
         shutil.copy(os.path.join(smollm_dir, f), model_dir)
     return model
+
+
+def mxfp4_experts(model_dir, config, scales):
+    """Turns the experts of the gpt-oss transformers saved in `model_dir` into MXFP4, as OpenAI
+    releases gpt-oss: each stacked expert parameter becomes `<name>_blocks` (random codes,
+    seed 1) and `<name>_scales` (e8m0 bytes in `range(*scales)`), and config.json gains
+    `quantization_config: {"quant_method": "mxfp4", ...}`. The sizes must be multiples of 32."""
+    from safetensors.torch import save_file
+    path = os.path.join(model_dir, "model.safetensors")
+    tensors = load_file(path)
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"gate_up_proj": (2 * config.intermediate_size, config.hidden_size),
+              "down_proj": (config.hidden_size, config.intermediate_size)}
+    for layer in range(config.num_hidden_layers):
+        for param, (rows, cols) in shapes.items():
+            name = f"model.layers.{layer}.mlp.experts.{param}"
+            del tensors[name]
+            e = config.num_local_experts
+            tensors[f"{name}_blocks"] = torch.randint(0, 256, (e, rows, cols // 32, 16),
+                                                      generator=gen, dtype=torch.uint8)
+            tensors[f"{name}_scales"] = torch.randint(*scales, (e, rows, cols // 32),
+                                                      generator=gen, dtype=torch.uint8)
+    save_file(tensors, path, metadata={"format": "pt"})
+    config_path = os.path.join(model_dir, "config.json")
+    with open(config_path) as f:
+        saved = json.load(f)
+    saved["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"]}
+    with open(config_path, "w") as f:
+        json.dump(saved, f, indent=2)

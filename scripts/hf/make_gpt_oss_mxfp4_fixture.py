@@ -7,13 +7,13 @@ Writes crates/peft/tests/fixtures/arch/gpt_oss_mxfp4/{model/, expected.safetenso
 
     /work/venv-hf/bin/python scripts/hf/make_gpt_oss_mxfp4_fixture.py
 """
-import json
-import os
 import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM
+
+from harness import mxfp4_experts
 
 out = "crates/peft/tests/fixtures/arch/gpt_oss_mxfp4"
 shutil.rmtree(out, ignore_errors=True)
@@ -33,29 +33,9 @@ with torch.no_grad():
             p.copy_(1.0 + torch.randn_like(p))
         else:
             p.copy_(0.15 * torch.randn_like(p))
-model.save_pretrained(f"{out}/dense")
-tensors = load_file(f"{out}/dense/model.safetensors")
-gen = torch.Generator().manual_seed(1)
-for layer in range(cfg.num_hidden_layers):
-    for param, (rows, cols) in {"gate_up_proj": (2 * cfg.intermediate_size, cfg.hidden_size),
-                                "down_proj": (cfg.hidden_size, cfg.intermediate_size)}.items():
-        name = f"model.layers.{layer}.mlp.experts.{param}"
-        del tensors[name]
-        e = cfg.num_local_experts
-        tensors[f"{name}_blocks"] = torch.randint(0, 256, (e, rows, cols // 32, 16),
-                                                  generator=gen, dtype=torch.uint8)
-        # Values of magnitude up to 6 · 2^-3.
-        tensors[f"{name}_scales"] = torch.randint(121, 125, (e, rows, cols // 32),
-                                                  generator=gen, dtype=torch.uint8)
-os.makedirs(f"{out}/model")
-save_file(tensors, f"{out}/model/model.safetensors", metadata={"format": "pt"})
-config = json.load(open(f"{out}/dense/config.json"))
-config["quantization_config"] = {
-    "quant_method": "mxfp4",
-    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                               "model.embed_tokens", "lm_head"]}
-json.dump(config, open(f"{out}/model/config.json", "w"), indent=2)
-shutil.rmtree(f"{out}/dense")
+model.save_pretrained(f"{out}/model")
+# Values of magnitude up to 6 · 2^-3.
+mxfp4_experts(f"{out}/model", cfg, (121, 125))
 
 loaded = AutoModelForCausalLM.from_pretrained(f"{out}/model", dtype=torch.float32).eval()
 experts = loaded.model.layers[0].mlp.experts
