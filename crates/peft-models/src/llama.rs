@@ -1939,10 +1939,8 @@ fn attention(
     // sinks (gpt-oss) over a prefix.
     let uncapped = softcap.is_none();
     if let (Some(segments), None, true) = (&mask.segments, &cache, uncapped) {
-        let qkv = (&q, &k, &v);
-        if let Some(out) = packed_self_attention(
-            qkv.0, qkv.1, qkv.2, cos, sin, segments, sinks, nh, kvh, scale,
-        )? {
+        let packed = packed_self_attention(&q, &k, &v, cos, sin, segments, sinks, nh, kvh, scale)?;
+        if let Some(out) = packed {
             return a.o_proj.forward(&out, train);
         }
     }
