@@ -1462,6 +1462,15 @@ impl FlashInputs {
         })
     }
 
+    /// The kernels' name part for sinks or a window (`_ext`), empty for plain causal rows (the
+    /// kernels without those arguments, whose registers they do not cost).
+    fn ext(&self) -> &'static str {
+        match self.sinks.is_some() || self.window > 0 {
+            true => "_ext",
+            false => "",
+        }
+    }
+
     /// `(b, t, d)` and the kernels' integer arguments `t`, `heads`, `kv_heads`.
     fn dims(&self) -> Result<((usize, usize, usize), [i32; 3])> {
         let (b, t, hd) = self.q.dims3()?;
@@ -1524,10 +1533,11 @@ impl FlashInputs {
             let shared = tiles * FA_TILE * (d + 8) * 2 + FA_TILE * 4;
             // 128-row query blocks (flash_fwd_wide_d64) need no more shared memory: with d = 64
             // their rows pass through the key and value tiles' space.
+            let ext = self.ext();
             let (name, rows) = if d == 64 && crate::flash_wide() {
-                ("flash_fwd_wide_d64".to_string(), 2 * FA_TILE)
+                (format!("flash_fwd_wide{ext}_d64"), 2 * FA_TILE)
             } else {
-                (format!("flash_fwd_d{d}"), FA_TILE)
+                (format!("flash_fwd{ext}_d{d}"), FA_TILE)
             };
             let func = dev.get_or_load_custom_func(&name, MODULE, ptx(&dev)?)?;
             // The forward's four warps take every row tile of a block.
@@ -1536,12 +1546,15 @@ impl FlashInputs {
             x.push(&mut builder, (&q, &k));
             builder.arg(&o).arg(&lse);
             builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&self.scale);
-            match &x.sinks {
-                SinksArg::Some(s) => builder.arg(s),
-                SinksArg::None(null) => builder.arg(null),
-            };
-            builder.arg(&self.window);
-            // SAFETY: the arguments match flash_fwd_{d64,d128,wide_d64} in kernels/attention.cu.
+            if !ext.is_empty() {
+                match &x.sinks {
+                    SinksArg::Some(s) => builder.arg(s),
+                    SinksArg::None(null) => builder.arg(null),
+                };
+                builder.arg(&self.window);
+            }
+            // SAFETY: the arguments match flash_fwd{,_wide}{,_ext}_d{64,128} in
+            // kernels/attention.cu.
             unsafe { builder.launch(cfg) }.map_err(err)?;
             Ok(rotated)
         })?;
@@ -1614,10 +1627,11 @@ impl FlashInputs {
         // 64 keys a block, or 128 (flash_bwd_wide_d*, PEFT_CUDA_FLASH_BWD=wide). K and V tiles,
         // two buffers of Q and dO tiles, dS [64 queries, keys] (bf16); two buffers of
         // log-sum-exp and delta (f32); the segment ids of the query tile and of the keys (u32).
+        let ext = self.ext();
         let (name, keys) = if crate::flash_wide_backward() {
-            (format!("flash_bwd_wide_d{d}"), 2 * FA_TILE)
+            (format!("flash_bwd_wide{ext}_d{d}"), 2 * FA_TILE)
         } else {
-            (format!("flash_bwd_d{d}"), FA_TILE)
+            (format!("flash_bwd{ext}_d{d}"), FA_TILE)
         };
         let shared = (2 * keys + 4 * FA_TILE) * (d + 8) * 2
             + FA_TILE * (keys + 8) * 2
@@ -1644,13 +1658,11 @@ impl FlashInputs {
                 .arg(&dq_acc)
                 .arg(&dk_part)
                 .arg(&dv_part);
-            builder
-                .arg(&t_)
-                .arg(&h_)
-                .arg(&kvh_)
-                .arg(&scale)
-                .arg(&self.window);
-            // SAFETY: the arguments match flash_bwd_{,wide_}d{64,128}.
+            builder.arg(&t_).arg(&h_).arg(&kvh_).arg(&scale);
+            if !ext.is_empty() {
+                builder.arg(&self.window);
+            }
+            // SAFETY: the arguments match flash_bwd{,_wide}{,_ext}_d{64,128}.
             unsafe { builder.launch(cfg) }.map_err(err)?;
 
             // dk, dv: the shares summed per kv head, dk scaled and rotated back.
@@ -2025,6 +2037,13 @@ mod tests {
             "flash_bwd_d128",
             "flash_bwd_wide_d64",
             "flash_bwd_wide_d128",
+            "flash_fwd_ext_d64",
+            "flash_fwd_ext_d128",
+            "flash_fwd_wide_ext_d64",
+            "flash_bwd_ext_d64",
+            "flash_bwd_ext_d128",
+            "flash_bwd_wide_ext_d64",
+            "flash_bwd_wide_ext_d128",
             "flash_bwd_delta_bf16",
             "flash_bwd_dkv_bf16",
             "flash_bwd_dq_bf16",

@@ -893,14 +893,29 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 // (d = 128) without spills; the backward at three blocks would spill hundreds of bytes.
 #define FA_FWD_BLOCKS(D) ((D) <= 64 ? 4 : 3)
 #define FA_BWD_BLOCKS 2
+// Each kernel twice: plain causal attention (no sinks, no window: constants the compiler folds,
+// so these keep the registers they had before either existed), and `_ext` with gpt-oss's sinks
+// (forward) and a sliding window.
 #define FLASH(D)                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_FWD_BLOCKS(D))                  \
         flash_fwd_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg, \
-                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale,      \
-                       const float* sinks, int window) {                                        \
+                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {    \
+        flash_fwd<D, 1>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, nullptr, 0);           \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_FWD_BLOCKS(D))                  \
+        flash_fwd_ext_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v,                  \
+                           const unsigned* seg, bf16_t* o, float* lse, int t, int heads,        \
+                           int kv_heads, float scale, const float* sinks, int window) {         \
         flash_fwd<D, 1>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, sinks, window);        \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_BWD_BLOCKS) flash_bwd_d##D(     \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
+        const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
+        float* dv_part, int t, int heads, int kv_heads, float scale) {                          \
+        flash_bwd<D, 1>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,     \
+                        kv_heads, scale, 0);                                                    \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_BWD_BLOCKS) flash_bwd_ext_d##D( \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
         const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
         float* dv_part, int t, int heads, int kv_heads, float scale, int window) {              \
@@ -909,6 +924,13 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
     }                                                                                           \
     /* 128 keys a block (PEFT_CUDA_FLASH_BWD=wide): eight warps, one block an SM. */            \
     extern "C" __global__ void __launch_bounds__(2 * FA_THREADS, 1) flash_bwd_wide_d##D(        \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
+        const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
+        float* dv_part, int t, int heads, int kv_heads, float scale) {                          \
+        flash_bwd<D, 2>(q, k, v, seg, dout, lse, delta, dq_acc, dk_part, dv_part, t, heads,     \
+                        kv_heads, scale, 0);                                                    \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(2 * FA_THREADS, 1) flash_bwd_wide_ext_d##D(    \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,                 \
         const bf16_t* dout, const float* lse, const float* delta, float* dq_acc, float* dk_part, \
         float* dv_part, int t, int heads, int kv_heads, float scale, int window) {              \
@@ -920,8 +942,13 @@ __device__ void flash_bwd_dq(const float* dq_acc, const float* cos, const float*
 // registers at two blocks an SM (three spill 500 bytes); with d = 128 it spills at one.
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 2)
     flash_fwd_wide_d64(const bf16_t* q, const bf16_t* k, const bf16_t* v, const unsigned* seg,
-                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale,
-                       const float* sinks, int window) {
+                       bf16_t* o, float* lse, int t, int heads, int kv_heads, float scale) {
+    flash_fwd<64, 2>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, nullptr, 0);
+}
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 2)
+    flash_fwd_wide_ext_d64(const bf16_t* q, const bf16_t* k, const bf16_t* v,
+                           const unsigned* seg, bf16_t* o, float* lse, int t, int heads,
+                           int kv_heads, float scale, const float* sinks, int window) {
     flash_fwd<64, 2>(q, k, v, seg, o, lse, t, heads, kv_heads, scale, sinks, window);
 }
 

@@ -55,14 +55,23 @@ int main(int argc, char** argv) {
                              chunks);
         });
     }
-    auto fwd = d == 64 ? flash_fwd_d64 : flash_fwd_d128;
-    auto bwd = wide_bwd ? (d == 64 ? flash_bwd_wide_d64 : flash_bwd_wide_d128)
-                        : (d == 64 ? flash_bwd_d64 : flash_bwd_d128);
+    // Sinks or a window take the `_ext` kernels; plain rows the others.
+    bool ext = has_sinks || window > 0;
+    auto fwd_ext = d == 64 ? flash_fwd_ext_d64 : flash_fwd_ext_d128;
+    auto bwd_ext = wide_bwd ? (d == 64 ? flash_bwd_wide_ext_d64 : flash_bwd_wide_ext_d128)
+                            : (d == 64 ? flash_bwd_ext_d64 : flash_bwd_ext_d128);
+    auto fwd_plain = d == 64 ? flash_fwd_d64 : flash_fwd_d128;
+    auto bwd_plain = wide_bwd ? (d == 64 ? flash_bwd_wide_d64 : flash_bwd_wide_d128)
+                              : (d == 64 ? flash_bwd_d64 : flash_bwd_d128);
     unsigned keys = wide_bwd ? 2 * FA_TILE : FA_TILE, kb = keys / FA_TILE;
     size_t fwd_shared = (FA_Q_IN_REGS(d) ? 2 : 3) * FA_TILE * pitch * 2 + FA_TILE * 4;
     emu::launch({tiles, (unsigned)heads, (unsigned)b}, {FA_THREADS}, fwd_shared, [&] {
-        fwd(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh, scale,
-            sinks, window);
+        if (ext)
+            fwd_ext(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh,
+                    scale, sinks, window);
+        else
+            fwd_plain(qr.data(), kr.data(), v.data(), seg, o.data(), lse.data(), t, heads, kvh,
+                      scale);
     });
     if (d == 64) {
         // The 128-row forward (PEFT_CUDA_FLASH=wide) visits the same key tiles in the same
@@ -71,8 +80,12 @@ int main(int argc, char** argv) {
         std::vector<float> lse_wide(lse.size());
         emu::launch({(unsigned)((t + 2 * FA_TILE - 1) / (2 * FA_TILE)), (unsigned)heads, (unsigned)b},
                     {FA_THREADS}, fwd_shared, [&] {
-            flash_fwd_wide_d64(qr.data(), kr.data(), v.data(), seg, o_wide.data(), lse_wide.data(),
-                               t, heads, kvh, scale, sinks, window);
+            if (ext)
+                flash_fwd_wide_ext_d64(qr.data(), kr.data(), v.data(), seg, o_wide.data(),
+                                       lse_wide.data(), t, heads, kvh, scale, sinks, window);
+            else
+                flash_fwd_wide_d64(qr.data(), kr.data(), v.data(), seg, o_wide.data(),
+                                   lse_wide.data(), t, heads, kvh, scale);
         });
         if (o_wide != o || memcmp(lse_wide.data(), lse.data(), lse.size() * 4) != 0) {
             fprintf(stderr, "flash_fwd_wide_d64 differs from flash_fwd_d64\n");
@@ -87,8 +100,12 @@ int main(int argc, char** argv) {
                     (5 * FA_TILE + keys) * 4;
     std::vector<float> dk_part(nq, NAN), dv_part(nq, NAN);
     emu::launch({(t + keys - 1) / keys, (unsigned)heads, (unsigned)b}, {kb * FA_THREADS}, shared, [&] {
-        bwd(qr.data(), kr.data(), v.data(), seg, dout.data(), lse.data(), delta.data(),
-            dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh, scale, window);
+        if (ext)
+            bwd_ext(qr.data(), kr.data(), v.data(), seg, dout.data(), lse.data(), delta.data(),
+                    dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh, scale, window);
+        else
+            bwd_plain(qr.data(), kr.data(), v.data(), seg, dout.data(), lse.data(), delta.data(),
+                      dq_acc.data(), dk_part.data(), dv_part.data(), t, heads, kvh, scale);
     });
     long long kv_pairs = (long long)nk / 2;
     emu::launch({(unsigned)((kv_pairs + 255) / 256)}, {256}, 0, [&] {
