@@ -14,7 +14,7 @@ pub mod tokenizer;
 
 pub use config::LlamaConfig;
 pub use llama::{
-    BlockAdapter, EmbeddingLora, FeedForward, KvCache, Linear, LinearAdapter, Llama, MoeDeltas,
-    Neftune, SparseMoe, TokenRows, WeightDelta,
+    BlockAdapter, EmbeddingLora, FeedForward, KvCache, Linear, LinearAdapter, Llama, LowRank,
+    MoeDeltas, Neftune, SparseMoe, TokenRows, WeightDelta,
 };
 pub use loader::{load_model, LoadedModel};

@@ -13,10 +13,11 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use peft_ops::{
     add, add_bias, cast, causal_attention, causal_self_attention, checkpoint, embedding,
-    frozen_linear, frozen_mlp, frozen_moe, gated_act, linear, lora_linears, narrow_last,
-    packed_self_attention, param, permute_last, prefixed_self_attention, quantized_linear, reshape,
-    rms_norm, rope, route, scale, sigmoid_gated, soft_cap, softmax_last_dim, taped, ExpertWeights,
-    GradSink, LinearWeight, LoraProjection, QuantizedWeight,
+    frozen_linear, frozen_mlp, frozen_moe, gated_act, linear, lora_linear, lora_linears,
+    narrow_last, packed_self_attention, param, permute_last, prefixed_self_attention,
+    quantized_linear, reshape, rms_norm, rope, route, scale, sigmoid_gated, soft_cap,
+    softmax_last_dim, taped, ExpertWeights, GradSink, LinearWeight, LoraProjection,
+    QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -234,10 +235,21 @@ pub struct SparseMoe {
     pub deltas: MoeDeltas,
 }
 
-/// A trained change of a weight, recomputed at every forward (LoRA on a parameter):
-/// `[experts, out, in]`, one `[out, in]` per expert (the router's: one, `[experts, hidden]`).
+/// A trained change of a weight (LoRA on a parameter): `[experts, out, in]`, one `[out, in]`
+/// per expert (the router's: one, `[experts, hidden]`), whole (merge, the router) or as one
+/// expert's factors (the forward: never `W + ΔW`).
 pub trait WeightDelta: Send + Sync {
     fn delta(&self) -> candle_core::Result<Tensor>;
+
+    /// Expert `e`'s change as its low-rank factors, on the graph.
+    fn factors(&self, e: usize) -> candle_core::Result<LowRank>;
+}
+
+/// A change `scale · B · A` of an `[out, in]` weight: `A` `[r, in]`, `B` `[out, r]`.
+pub struct LowRank {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
 }
 
 /// The changes of a mixture-of-experts block's parameters, as transformers 5 holds them: the
@@ -250,26 +262,13 @@ pub struct MoeDeltas {
     pub down: Option<Arc<dyn WeightDelta>>,
 }
 
-/// The [`MoeDeltas`] of one forward, computed.
+/// The experts' [`MoeDeltas`], whole, as a merge folds them in.
 struct Deltas {
-    router: Option<Tensor>,
     gate_up: Option<Tensor>,
     down: Option<Tensor>,
 }
 
 impl Deltas {
-    fn touch_experts(&self) -> bool {
-        self.gate_up.is_some() || self.down.is_some()
-    }
-
-    /// The router's weight with its change, where it has one.
-    fn router_weight(&self, router: &Linear) -> candle_core::Result<Option<Tensor>> {
-        self.router
-            .as_ref()
-            .map(|d| changed(router, Some(d.squeeze(0)?)))
-            .transpose()
-    }
-
     /// Expert `e`'s gate, up and down weights with their changes (`gate_up` cut into the two).
     fn expert_weights(&self, expert: &Mlp, e: usize) -> candle_core::Result<[Tensor; 3]> {
         let Projections::Separate([gate, up]) = &expert.gate_up else {
@@ -305,12 +304,24 @@ impl MoeDeltas {
         self.router.is_none() && self.gate_up.is_none() && self.down.is_none()
     }
 
-    fn compute(&self, dtype: DType) -> candle_core::Result<Deltas> {
+    fn touch_experts(&self) -> bool {
+        self.gate_up.is_some() || self.down.is_some()
+    }
+
+    /// The router's weight with its change (in `dtype`), where it has one.
+    fn router_weight(&self, router: &Linear, dtype: DType) -> candle_core::Result<Option<Tensor>> {
+        self.router
+            .as_ref()
+            .map(|d| changed(router, Some(cast(&d.delta()?, dtype)?.squeeze(0)?)))
+            .transpose()
+    }
+
+    /// The experts' changes whole, in `dtype`.
+    fn experts_whole(&self, dtype: DType) -> candle_core::Result<Deltas> {
         let of = |d: &Option<Arc<dyn WeightDelta>>| {
             d.as_ref().map(|d| cast(&d.delta()?, dtype)).transpose()
         };
         Ok(Deltas {
-            router: of(&self.router)?,
             gate_up: of(&self.gate_up)?,
             down: of(&self.down)?,
         })
@@ -321,11 +332,12 @@ impl SparseMoe {
     /// Folds the [`MoeDeltas`] into the router's and experts' weights, and drops them.
     pub fn merge_deltas(&mut self) -> Result<()> {
         // In f32, cast to each weight's dtype as it is added.
-        let deltas = std::mem::take(&mut self.deltas).compute(DType::F32)?;
-        if let Some(w) = deltas.router_weight(&self.router)? {
+        let all = std::mem::take(&mut self.deltas);
+        if let Some(w) = all.router_weight(&self.router, DType::F32)? {
             self.router.weight = LinearWeight::Dense(w.detach());
         }
-        if deltas.touch_experts() {
+        if all.touch_experts() {
+            let deltas = all.experts_whole(DType::F32)?;
             for (e, expert) in self.experts.iter_mut().enumerate() {
                 let changed = deltas.expert_weights(expert, e)?;
                 for (lin, w) in expert.linears_mut().into_iter().zip(changed) {
@@ -1817,8 +1829,8 @@ fn sparse_moe(
             let hidden = x.dim(D::Minus1)?;
             let rows = x.elem_count() / hidden;
             let x2 = reshape(x, (rows, hidden))?;
-            let deltas = s.deltas.compute(x.dtype())?;
-            let logits = match deltas.router_weight(&s.router)? {
+            let deltas = &s.deltas;
+            let logits = match deltas.router_weight(&s.router, x.dtype())? {
                 Some(w) => with_bias(linear(&x2, &w)?, &s.router)?,
                 None => s.router.forward(&x2, train)?,
             };
@@ -1831,7 +1843,7 @@ fn sparse_moe(
                 let xe = x2.index_select(&served.rows, 0)?.unsqueeze(0)?;
                 let ye = match deltas.touch_experts() {
                     false => mlp(c, expert, &xe, sink, train)?,
-                    true => adapted_expert(c, expert, e, &deltas, &xe)?,
+                    true => adapted_expert(c, expert, e, deltas, &xe, train)?,
                 }
                 .squeeze(0)?;
                 let we = weights.index_select(&served.slots, 0)?;
@@ -1854,17 +1866,50 @@ fn adapted_expert(
     c: &LlamaConfig,
     expert: &Mlp,
     e: usize,
-    deltas: &Deltas,
+    deltas: &MoeDeltas,
     x: &Tensor,
+    train: bool,
 ) -> candle_core::Result<Tensor> {
-    let [gate_w, up_w, down_w] = deltas.expert_weights(expert, e)?;
     let Projections::Separate([gate, up]) = &expert.gate_up else {
         candle_core::bail!("an expert with fused projections");
     };
-    let gate_out = with_bias(linear(x, &gate_w)?, gate)?;
-    let up_out = with_bias(linear(x, &up_w)?, up)?;
-    let gated = gated_act(&gate_out, &up_out, c.activation)?;
-    with_bias(linear(&gated, &down_w)?, &expert.down_proj)
+    // A projection over x: its frozen weight plus LoRA's low-rank path where it has a change.
+    let project = |x: &Tensor, lin: &Linear, change: Option<LowRank>| match change {
+        Some(lr) => lora_linear(
+            x,
+            &lin.weight,
+            lin.bias.as_ref(),
+            &lr.a,
+            &lr.b,
+            lr.scale,
+            None,
+        ),
+        None => lin.forward(x, train),
+    };
+    // gate_up's change: gate's rows, then up's, sharing A.
+    let (gate_change, up_change) = match &deltas.gate_up {
+        Some(d) => {
+            let LowRank { a, b, scale } = d.factors(e)?;
+            let size = gate.out_features();
+            let rows = |start| -> candle_core::Result<LowRank> {
+                let b = b.narrow(0, start, size)?;
+                Ok(LowRank {
+                    a: a.clone(),
+                    b,
+                    scale,
+                })
+            };
+            (Some(rows(0)?), Some(rows(size)?))
+        }
+        None => (None, None),
+    };
+    let down_change = deltas.down.as_ref().map(|d| d.factors(e)).transpose()?;
+    let gated = gated_act(
+        &project(x, gate, gate_change)?,
+        &project(x, up, up_change)?,
+        c.activation,
+    )?;
+    project(&gated, &expert.down_proj, down_change)
 }
 
 /// `y` plus the bias of `lin`, where it has one.

@@ -15,7 +15,7 @@ use crate::targets::{select_linears, TargetModules, ALL_LINEAR};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use peft_models::config::ExpertStorage;
-use peft_models::{FeedForward, Llama, WeightDelta};
+use peft_models::{FeedForward, Llama, LowRank, WeightDelta};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -359,6 +359,29 @@ struct StackedLora {
 }
 
 impl WeightDelta for StackedLora {
+    fn factors(&self, e: usize) -> candle_core::Result<LowRank> {
+        let (a, b) = (self.layer.a.as_tensor(), self.layer.b.as_tensor());
+        let (experts, out) = (self.experts, b.dim(0)?);
+        let r = a.dim(0)? / experts;
+        // Expert e's rows of A, and its columns j·E + e of B.
+        let columns: Vec<u32> = (0..r).map(|j| (j * experts + e) as u32).collect();
+        let columns = Tensor::new(columns, b.device())?;
+        let mut b = b.index_select(&columns, 1)?;
+        if self.interleaved {
+            // Gate's rows (2j), then up's (2j + 1).
+            let rows: Vec<u32> = (0..out as u32)
+                .step_by(2)
+                .chain((1..out as u32).step_by(2))
+                .collect();
+            b = b.index_select(&Tensor::new(rows, b.device())?, 0)?;
+        }
+        Ok(LowRank {
+            a: a.narrow(0, e * r, r)?,
+            b,
+            scale: self.layer.scaling,
+        })
+    }
+
     fn delta(&self) -> candle_core::Result<Tensor> {
         let (a, b) = (self.layer.a.as_tensor(), self.layer.b.as_tensor());
         let (rows, inp) = a.dims2()?;
