@@ -1423,11 +1423,12 @@ impl Llama {
                     Some(f) => self.rope_tables(&positions, f, 1.0)?,
                     None => (cos.clone(), sin.clone()),
                 };
-                // Without a mask the causal attention paths apply the window themselves.
+                // Without a mask the causal attention paths apply the window themselves, as do
+                // the flash kernels over packed rows (their segments; the bias elsewhere).
                 let mask = match &bias {
                     Some(b) if past + seq > window => Mask {
                         bias: Some(Arc::new(b.windowed(window))),
-                        segments: None,
+                        segments: segments.clone(),
                     },
                     _ => Mask {
                         bias: bias.clone(),
@@ -1984,7 +1985,9 @@ fn attention(
     // sinks (gpt-oss) over a prefix.
     let uncapped = softcap.is_none();
     if let (Some(segments), None, true) = (&mask.segments, &cache, uncapped) {
-        let packed = packed_self_attention(&q, &k, &v, cos, sin, segments, sinks, nh, kvh, scale)?;
+        let packed = packed_self_attention(
+            &q, &k, &v, cos, sin, segments, sinks, window, nh, kvh, scale,
+        )?;
         if let Some(out) = packed {
             return a.o_proj.forward(&out, train);
         }

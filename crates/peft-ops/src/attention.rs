@@ -184,9 +184,9 @@ pub fn causal_self_attention(
 /// `[b, t, d / 2]` the RoPE tables of each position (positions restart with each sequence;
 /// `[t, d / 2]` when they do not: one sequence and padding per row). A
 /// query sees the earlier keys of its own sequence; a padding query sees every earlier
-/// non-padding key. With gpt-oss's `sinks` (see [`attention_probs`]). By the flash attention
-/// kernels where they serve the tensors (bf16 on CUDA, head size 64 or 128); `None`
-/// elsewhere, and the caller masks the scores itself.
+/// non-padding key. With gpt-oss's `sinks` (see [`attention_probs`]) and a sliding `window`
+/// within each sequence. By the flash attention kernels where they serve the tensors (bf16 on
+/// CUDA, head size 64 or 128); `None` elsewhere, and the caller masks the scores itself.
 #[allow(clippy::too_many_arguments)]
 pub fn packed_self_attention(
     q: &Tensor,
@@ -196,6 +196,7 @@ pub fn packed_self_attention(
     sin: &Tensor,
     segments: &Tensor,
     sinks: Option<&Tensor>,
+    window: Option<usize>,
     heads: usize,
     kv_heads: usize,
     scale: f64,
@@ -207,10 +208,8 @@ pub fn packed_self_attention(
     #[cfg(feature = "cuda")]
     if shapes && flash_serves((q, k, v), heads, kv_heads) {
         let segments = segments.to_dtype(DType::U32)?;
-        let extras = FlashExtras {
-            sinks,
-            window: None,
-        };
+        let window = window.filter(|&w| w < t);
+        let extras = FlashExtras { sinks, window };
         let rows = (cos, sin);
         return flash_self_attention(
             (q, k, v),
@@ -223,7 +222,7 @@ pub fn packed_self_attention(
         )
         .map(Some);
     }
-    let _ = (k, v, shapes, sinks, kv_heads, scale);
+    let _ = (k, v, shapes, sinks, window, kv_heads, scale);
     Ok(None)
 }
 

@@ -357,7 +357,7 @@ fn packed_self_attention_matches_cpu() {
     let probe = randn(&[b, t, heads * d], 43)
         .broadcast_mul(&rows.real)
         .unwrap();
-    let want = packed_reference((&q, &k, &v), &probe, &lengths, (heads, kv_heads, d));
+    let want = packed_reference((&q, &k, &v), &probe, &lengths, (heads, kv_heads, d), None);
 
     let dev = gpu();
     let on_gpu = |x: &Tensor| {
@@ -371,6 +371,7 @@ fn packed_self_attention_matches_cpu() {
         &rows.cos.to_device(&dev).unwrap(),
         &rows.sin.to_device(&dev).unwrap(),
         &rows.ids.to_device(&dev).unwrap(),
+        None,
         None,
         heads,
         kv_heads,

@@ -303,9 +303,20 @@ fn compare_packed(t: usize, heads: usize, kv_heads: usize, d: usize, segments: &
 
 fn compare_packed_with(
     t: usize,
+    sizes: (usize, usize, usize),
+    segments: &[&[usize]],
+    bwd: FlashBwd,
+) {
+    compare_packed_windowed(t, sizes, segments, bwd, None);
+}
+
+/// [`compare_packed_with`] with a sliding window within each sequence.
+fn compare_packed_windowed(
+    t: usize,
     (heads, kv_heads, d): (usize, usize, usize),
     segments: &[&[usize]],
     bwd: FlashBwd,
+    window: Option<usize>,
 ) {
     let b = segments.len();
     let scale = 1.0 / (d as f64).sqrt();
@@ -318,9 +329,10 @@ fn compare_packed_with(
         .broadcast_mul(real)
         .unwrap();
     let [o_want, dq_want, dk_want, dv_want] =
-        packed_reference((&q, &k, &v), &dout, segments, (heads, kv_heads, d));
+        packed_reference((&q, &k, &v), &dout, segments, (heads, kv_heads, d), window);
 
-    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 1, 0, 0]);
+    let w = window.unwrap_or(0);
+    let mut bytes: Vec<u8> = i32_bytes(&[b, t, heads, kv_heads, d, 1, 0, w]);
     bytes.extend((scale as f32).to_le_bytes());
     for x in [&q, &k, &v, &dout] {
         bytes.extend(bf16_bytes(x));
@@ -329,7 +341,10 @@ fn compare_packed_with(
     bytes.extend(ids.iter().flat_map(|i| i.to_le_bytes()));
     bytes.extend(f32_bytes(&rows.cos));
     bytes.extend(f32_bytes(&rows.sin));
-    let case = format!("flash_packed_{t}_{heads}_{kv_heads}_{d}{}", bwd.suffix());
+    let case = format!(
+        "flash_packed_{t}_{heads}_{kv_heads}_{d}{}_w{w}",
+        bwd.suffix()
+    );
     let floats = to_f32s(&emulate_with("flash", bwd.args(), &case, &bytes));
     let (nq, nk, nl) = (b * t * heads * d, b * t * kv_heads * d, b * heads * t);
     assert_eq!(floats.len(), 2 * nq + nl + 2 * nk, "output size");
@@ -514,6 +529,10 @@ fn flash_attention_with_a_sliding_window() {
     compare_extras(2, 150, 2, 1, 128, FlashBwd::Tile64, None, Some(70));
     let sinks = Tensor::new(&[1.5f32, -0.5], &Device::Cpu).unwrap();
     compare_extras(1, 160, 2, 1, 64, FlashBwd::Wide, Some(&sinks), Some(65));
+    // Packed rows (sequences starting mid-tile, padding) with a window within each sequence.
+    let packed = [&[64, 70, 66][..], &[130, 60]];
+    compare_packed_windowed(200, (2, 1, 64), &packed, FlashBwd::Tile64, Some(50));
+    compare_packed_windowed(200, (2, 1, 64), &packed, FlashBwd::Wide, Some(90));
 }
 
 /// A sequence shorter than one tile: every copy of every tile partial.

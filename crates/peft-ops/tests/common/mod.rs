@@ -94,6 +94,7 @@ pub fn packed_reference(
     probe: &Tensor,
     lengths: &[&[usize]],
     (heads, kv_heads, d): (usize, usize, usize),
+    window: Option<usize>,
 ) -> [Tensor; 4] {
     let (b, t, _) = q.dims3().unwrap();
     let scale = 1.0 / (d as f64).sqrt();
@@ -118,7 +119,7 @@ pub fn packed_reference(
                 kv_heads,
                 scale,
                 None,
-                None,
+                window,
                 None,
             )
             .unwrap();
