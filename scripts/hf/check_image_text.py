@@ -245,9 +245,9 @@ for arch in (ARCHES if args.arch == "all" else [args.arch]):
         gguf = os.path.join(tmp, "merged.gguf")
         merge_gguf = [args.peft, "merge", "--model", model_dir, "--adapter", adapter,
                       "--output", gguf, "--dtype", "f32"]
-        if arch in ("ministral3", "qwen3_vl_moe"):
+        if arch == "ministral3":
             # llama.cpp's llama architecture would run Ministral 3 without the query scaling
-            # and with another YaRN; Qwen3-VL-MoE's language model is not written here: refused.
+            # and with another YaRN: refused.
             r = subprocess.run(merge_gguf, capture_output=True, text=True)
             print(f"  GGUF refused: {r.stderr.strip()}")
             failed |= r.returncode == 0

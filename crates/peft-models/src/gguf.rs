@@ -332,7 +332,8 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
         // llama.cpp's Mixtral is its llama with experts.
         "mixtral" => check_moe(c, "llama", true)?,
         "qwen2_moe" => check_moe(c, "qwen2moe", false)?,
-        "qwen3_moe" => check_moe(c, "qwen3moe", true)?,
+        // Qwen3-VL-MoE's language model, as Qwen3-VL's: the text model it is on text alone.
+        "qwen3_moe" | "qwen3_vl_moe_text" => check_moe(c, "qwen3moe", true)?,
         "olmoe" if c.num_key_value_heads != c.num_attention_heads => {
             bail!("llama.cpp's olmoe norms the keys over the model's width, without grouped keys; this model groups them (num_key_value_heads)")
         }
