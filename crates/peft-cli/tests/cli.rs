@@ -1263,6 +1263,20 @@ fn train_clones_a_tokenizers_chat_template() {
     );
 }
 
+/// A random model of `config` (its vocabulary SmolLM2's, whose tokenizer it takes from the
+/// default model `gguf`) saved as an HF folder at `dir`.
+fn save_small_model(gguf: &Path, mut config: serde_json::Value, seed: u64, dir: &Path) {
+    let loaded =
+        peft_models::load_model(gguf, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    config["vocab_size"] = serde_json::json!(loaded.config.vocab_size);
+    let config = peft_models::LlamaConfig::from_json(config).unwrap();
+    let device = candle_core::Device::Cpu;
+    let mut m =
+        peft_models::shapes::random_llama(config, &device, candle_core::DType::F32, seed).unwrap();
+    let tokenizer = loaded.tokenizer.as_ref();
+    peft_models::save::save_hf_model(&mut m, tokenizer, dir, candle_core::DType::F32).unwrap();
+}
+
 /// A small random Qwen3-MoE with SmolLM2's tokenizer, saved as an HF folder, through the
 /// binary: all-linear LoRA reaches the experts and router as parameters (HF PEFT's
 /// conversion), where dropout is an error naming the flag; `--target-parameters` names them
@@ -1274,26 +1288,14 @@ fn mixture_of_experts_models_train_merge_and_inspect() {
     };
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("qwen3-moe");
-    let loaded =
-        peft_models::load_model(&gguf, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
-    let tokenizer = loaded.tokenizer.unwrap();
-    let config = peft_models::LlamaConfig::from_json(serde_json::json!({
+    let config = serde_json::json!({
         "model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "vocab_size": loaded.config.vocab_size, "num_experts": 4,
-        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": true,
-        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2,
-    }))
-    .unwrap();
-    let mut m = peft_models::shapes::random_llama(
-        config,
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-        3,
-    )
-    .unwrap();
-    peft_models::save::save_hf_model(&mut m, Some(&tokenizer), &model, candle_core::DType::F32)
-        .unwrap();
+        "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "norm_topk_prob": true, "tie_word_embeddings": false,
+        "bos_token_id": 1, "eos_token_id": 2,
+    });
+    save_small_model(&gguf, config, 3, &model);
     let data = peft_models::testing::shipped_data();
     let adapter = dir.path().join("all-linear");
     let flags = ["--target-modules", "all-linear", "--lora-dropout", "0"];
@@ -1394,25 +1396,13 @@ fn gpt_oss_trains_quantized_generates_and_merges() {
     };
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("gpt-oss");
-    let loaded =
-        peft_models::load_model(&gguf, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
-    let tokenizer = loaded.tokenizer.unwrap();
-    let config = peft_models::LlamaConfig::from_json(serde_json::json!({
+    let config = serde_json::json!({
         "model_type": "gpt_oss", "hidden_size": 64, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "vocab_size": loaded.config.vocab_size, "num_local_experts": 4,
-        "num_experts_per_tok": 2, "sliding_window": 8, "bos_token_id": 1, "eos_token_id": 2,
-    }))
-    .unwrap();
-    let mut m = peft_models::shapes::random_llama(
-        config,
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-        5,
-    )
-    .unwrap();
-    peft_models::save::save_hf_model(&mut m, Some(&tokenizer), &model, candle_core::DType::F32)
-        .unwrap();
+        "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8,
+        "bos_token_id": 1, "eos_token_id": 2,
+    });
+    save_small_model(&gguf, config, 5, &model);
     let data = peft_models::testing::shipped_data();
     let adapter = dir.path().join("qlora");
     let flags = [
