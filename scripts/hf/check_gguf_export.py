@@ -49,7 +49,7 @@ from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3
                           Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, MixtralConfig,
                           MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig,
                           Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, GptOssConfig,
-                          GptOssForCausalLM)
+                          GptOssForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--llama-cpp", required=True)
@@ -151,6 +151,8 @@ models = {
     "gpt_oss": (GptOssForCausalLM, GptOssConfig(
         **common, head_dim=16, tie_word_embeddings=False, num_local_experts=4,
         num_experts_per_tok=2, sliding_window=4)),
+    # ERNIE 4.5: RoPE over adjacent dims (llama.cpp's normal RoPE), tied embeddings.
+    "ernie4_5": (Ernie4_5ForCausalLM, Ernie4_5Config(**common, head_dim=32)),
 }
 if args.only:
     models = {name: models[name] for name in args.only.split(",")}
@@ -169,7 +171,7 @@ PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2",
              "smollm3": None, "granite": None, "olmo2": None, "olmo3": None,
              "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
              "phi3_partial": None, "mixtral": None, "qwen2_moe": "qwen2", "qwen3_moe": "qwen2",
-             "olmoe": None, "gpt_oss": None}
+             "olmoe": None, "gpt_oss": None, "ernie4_5": None}
 CONVERT = """
 import runpy, sys
 llama_cpp, fallback = sys.argv[1], sys.argv[2]
@@ -188,6 +190,9 @@ base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 # byte-level BPE tokenizer.json, read as Gemma 3's converter reads one.
 from conversion import gemma
 gemma.Gemma2Model.set_vocab = lambda self: self._set_vocab_gpt2()
+# ERNIE 4.5's reads tokenizer.model only too.
+from conversion import ernie
+ernie.Ernie4_5Model.set_vocab = lambda self: self._set_vocab_gpt2()
 sys.argv = [llama_cpp + "/convert_hf_to_gguf.py"] + sys.argv[3:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

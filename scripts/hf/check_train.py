@@ -12,8 +12,8 @@ mixture-of-experts families: Mixtral (8 experts, 2 per token), Qwen3-MoE (8 of 3
 token, renormalized) and OLMoE, where all-linear also adapts the experts' stacked
 parameters and the router (HF PEFT's target_parameters; without dropout there, as HF PEFT
 requires), and Qwen2-MoE (a gated shared expert, which all-linear adapts, every second layer
-dense), and gpt-oss (attention sinks, biased experts with a clamped SwiGLU, LoRA on its router
-and experts by target_parameters). `peft train` runs on
+dense), gpt-oss (attention sinks, biased experts with a clamped SwiGLU, LoRA on its router
+and experts by target_parameters) and ERNIE 4.5 (RoPE over adjacent dims). `peft train` runs on
 the shipped pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see
 only part of their sequence through a window). Then, for each:
 1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
@@ -35,7 +35,8 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
                           OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
-                          Qwen3MoeForCausalLM, GptOssConfig, GptOssForCausalLM)
+                          Qwen3MoeForCausalLM, GptOssConfig, GptOssForCausalLM, Ernie4_5Config,
+                          Ernie4_5ForCausalLM)
 
 from harness import arguments, peft_logits, random_model, run
 
@@ -122,6 +123,8 @@ models = {
     "gpt_oss": (GptOssForCausalLM, GptOssConfig(
         **common, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
         swiglu_limit=1.0)),
+    # ERNIE 4.5: RoPE over adjacent dims (2i, 2i + 1), tied embeddings.
+    "ernie4_5": (Ernie4_5ForCausalLM, Ernie4_5Config(**common, head_dim=32)),
 }
 # LoRA on parameters (the experts') takes no dropout, in HF PEFT either.
 no_dropout = ["--lora-dropout", "0"]

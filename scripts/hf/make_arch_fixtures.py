@@ -40,7 +40,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3F
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                           Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration,
-                          GptOssConfig, GptOssForCausalLM,
+                          GptOssConfig, GptOssForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -222,6 +222,11 @@ models["gpt_oss"] = (GptOssForCausalLM, GptOssConfig(
     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                      "original_max_position_embeddings": 16}))
+# ERNIE 4.5: RoPE over adjacent dims (2i, 2i + 1), computed in f32, biases on every linear
+# layer (`use_bias`), tied embeddings.
+models["ernie4_5"] = (Ernie4_5ForCausalLM, Ernie4_5Config(
+    **{k: v for k, v in common.items()}, head_dim=16, use_bias=True, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
 lora_parameters = {"gpt_oss": ["mlp.router.weight", "mlp.experts.gate_up_proj",
                                "mlp.experts.down_proj"]}
 # HF PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE also puts LoRA on the experts' stacked

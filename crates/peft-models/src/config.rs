@@ -20,6 +20,9 @@ pub struct LlamaConfig {
     /// The head dims RoPE rotates, the first ones of each head: `head_dim`, or a part of it
     /// (Phi-4-mini's `partial_rotary_factor`; the others pass as they are).
     pub rotary_dim: usize,
+    /// RoPE rotates adjacent dims (`2i`, `2i + 1`) together, as GLM's and ERNIE 4.5's do, not
+    /// dim `i` with `i + d/2`.
+    pub rope_interleaved: bool,
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
@@ -336,6 +339,9 @@ struct RawConfig {
     attention_bias: bool,
     #[serde(default)]
     mlp_bias: bool,
+    /// ERNIE 4.5's: a bias on every linear layer.
+    #[serde(default)]
+    use_bias: bool,
     hidden_act: Option<String>,
     hidden_activation: Option<String>,
     query_pre_attn_scalar: Option<f64>,
@@ -391,6 +397,7 @@ const SUPPORTED: &[&str] = &[
     "qwen3_vl_text",
     "qwen3_vl_moe_text",
     "gpt_oss",
+    "ernie4_5",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
@@ -614,6 +621,7 @@ impl LlamaConfig {
                 "mixtral" | "qwen2_vl_text" | "qwen2_5_vl_text" => 1_000_000.0,
                 "qwen3_vl_text" | "qwen3_vl_moe_text" => 5_000_000.0,
                 "gpt_oss" => 150_000.0,
+                "ernie4_5" => 500_000.0,
                 _ => 10_000.0,
             });
         let rope_type = |r: &Option<Value>| {
@@ -781,7 +789,7 @@ impl LlamaConfig {
         let qkv_bias = match model_type.as_str() {
             "qwen2" | "qwen2_vl_text" | "qwen2_5_vl_text" => true,
             "qwen2_moe" => raw.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true),
-            _ => c.attention_bias,
+            _ => c.attention_bias || c.use_bias,
         };
         let moe = moe(&c, &model_type)?;
         if moe.is_some() {
@@ -822,6 +830,7 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim,
             rotary_dim,
+            rope_interleaved: model_type == "ernie4_5",
             vocab_size: c.vocab_size,
             // The class's default, which transformers 5 leaves out of the files it writes.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(match model_type.as_str() {
@@ -835,10 +844,10 @@ impl LlamaConfig {
             // SmolLM3's are tied.
             tie_word_embeddings: c
                 .tie_word_embeddings
-                .unwrap_or(gemma || model_type == "smollm3"),
+                .unwrap_or(gemma || ["smollm3", "ernie4_5"].contains(&model_type.as_str())),
             qkv_bias,
-            o_bias: c.attention_bias,
-            mlp_bias: c.mlp_bias,
+            o_bias: c.attention_bias || c.use_bias,
+            mlp_bias: c.mlp_bias || c.use_bias,
             qk_norm: match model_type.as_str() {
                 "qwen3" | "qwen3_moe" | "qwen3_vl_text" | "qwen3_vl_moe_text" | "gemma3_text" => {
                     QkNorm::PerHead

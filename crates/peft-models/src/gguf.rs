@@ -329,6 +329,10 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
             bail!("llama.cpp's phi3 reads no YaRN settings; this model scales RoPE by YaRN")
         }
         "phi3" => "phi3",
+        "ernie4_5" if c.mlp_bias || c.qkv_bias => {
+            bail!("llama.cpp's ernie4_5 reads no biases of the projections; this model has them (use_bias)")
+        }
+        "ernie4_5" => "ernie4_5",
         // llama.cpp's Mixtral is its llama with experts.
         "mixtral" => check_moe(c, "llama", true)?,
         "qwen2_moe" => check_moe(c, "qwen2moe", false)?,

@@ -834,13 +834,16 @@ impl Llama {
             .local_rope_inv_freq()
             .map(|f| Tensor::new(f, device))
             .transpose()?;
-        let rotary_order = match c.rotary_dim < c.head_dim {
-            true => {
-                let heads = c.num_attention_heads;
+        let heads = c.num_attention_heads;
+        let rotary_order = match (c.rope_interleaved, c.rotary_dim < c.head_dim) {
+            (true, _) => Some(Arc::new(RotaryOrder::interleaved(
+                heads, c.head_dim, device,
+            )?)),
+            (false, true) => {
                 let order = RotaryOrder::new(heads, c.head_dim, c.rotary_dim, device)?;
                 Some(Arc::new(order))
             }
-            false => None,
+            (false, false) => None,
         };
         let mut model = Self {
             config,
@@ -1623,6 +1626,23 @@ impl RotaryOrder {
                 j => r + (half - rotated_half) + (j - half - rotated_half),
             })
             .collect();
+        Self::of(heads, d, &within, device)
+    }
+
+    /// Interleaved RoPE (ERNIE 4.5's pairs `2i`, `2i + 1`) as RoPE's pairs `i`, `i + d/2`: the
+    /// even dims of each head first, then the odd ones.
+    fn interleaved(heads: usize, d: usize, device: &Device) -> Result<Self> {
+        let within: Vec<usize> = (0..d)
+            .map(|j| match j < d / 2 {
+                true => 2 * j,
+                false => 2 * (j - d / 2) + 1,
+            })
+            .collect();
+        Self::of(heads, d, &within, device)
+    }
+
+    /// Each head's dim `j` read from its dim `within[j]`.
+    fn of(heads: usize, d: usize, within: &[usize], device: &Device) -> Result<Self> {
         let mut order = vec![0u32; heads * d];
         let mut inverse = vec![0u32; heads * d];
         for h in 0..heads {

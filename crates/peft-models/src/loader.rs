@@ -1204,6 +1204,7 @@ fn read_gguf<R: Read + Seek>(
         "qwen3moe" => ("qwen3_moe", "Qwen3MoeForCausalLM"),
         "olmoe" => ("olmoe", "OlmoeForCausalLM"),
         "gpt-oss" => ("gpt_oss", "GptOssForCausalLM"),
+        "ernie4_5" => ("ernie4_5", "Ernie4_5ForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),

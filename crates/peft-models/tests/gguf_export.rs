@@ -255,6 +255,7 @@ fn written_models_read_back_alike() {
         "gemma2",
         "gemma3_text",
         "phi3",
+        "ernie4_5",
     ] {
         let mut original = model(model_type);
         let want = logits(&original);

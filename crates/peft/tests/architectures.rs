@@ -42,6 +42,7 @@ const ARCHITECTURES: &[&str] = &[
     "qwen3_vl",
     "qwen3_vl_moe",
     "gpt_oss",
+    "ernie4_5",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -528,6 +529,10 @@ fn prefix_tuning_is_refused_on_sliding_window_models() {
         .err()
         .expect("prefix tuning on Phi-4-mini is refused");
     assert!(err.to_string().contains("partial rotary"), "{err}");
+    let err = peft::PromptModel::new_prefix_tuning(base("ernie4_5"), 4, 0, None)
+        .err()
+        .expect("prefix tuning on ERNIE 4.5 is refused");
+    assert!(err.to_string().contains("interleaved rotary"), "{err}");
     assert!(peft::PromptModel::new_prefix_tuning(base("qwen3"), 4, 0, None).is_ok());
 }
 

@@ -70,13 +70,14 @@ fn check_fits(base: &Llama, n: usize) -> Result<()> {
 }
 
 /// Prefix tuning fills the key/value cache; on sliding-window layers transformers keeps only
-/// the last window of it, which this crate does not reproduce, and partial rotary models keep
-/// their cached keys' head dims in another order here.
+/// the last window of it, which this crate does not reproduce, and partial or interleaved
+/// rotary models keep their cached keys' head dims in another order here.
 fn check_prefix_supported(base: &Llama) -> Result<()> {
     let c = &base.config;
     let reason = match () {
         _ if c.layer_windows.iter().any(Option::is_some) => "sliding-window layers",
         _ if c.rotary_dim != c.head_dim => "partial rotary embeddings",
+        _ if c.rope_interleaved => "interleaved rotary embeddings",
         _ => return Ok(()),
     };
     bail!(
