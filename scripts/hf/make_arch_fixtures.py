@@ -225,7 +225,7 @@ models["gpt_oss"] = (GptOssForCausalLM, GptOssConfig(
 # ERNIE 4.5: RoPE over adjacent dims (2i, 2i + 1), computed in f32, biases on every linear
 # layer (`use_bias`), tied embeddings.
 models["ernie4_5"] = (Ernie4_5ForCausalLM, Ernie4_5Config(
-    **{k: v for k, v in common.items()}, head_dim=16, use_bias=True, tie_word_embeddings=True,
+    **common, head_dim=16, use_bias=True, tie_word_embeddings=True,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
 lora_parameters = {"gpt_oss": ["mlp.router.weight", "mlp.experts.gate_up_proj",
                                "mlp.experts.down_proj"]}
