@@ -16,8 +16,8 @@ use peft_ops::{
     frozen_linear, frozen_mlp, frozen_moe, gated_act, linear, lora_linear, lora_linears,
     narrow_last, packed_self_attention, param, permute_last, prefixed_self_attention,
     quantized_linear, reshape, rms_norm, rope, route, scale, sigmoid_gated, soft_cap,
-    softmax_last_dim, taped, ExpertWeights, GradSink, LinearWeight, LoraProjection,
-    QuantizedWeight,
+    softmax_last_dim, softmax_with_sinks, taped, ExpertWeights, GradSink, LinearWeight,
+    LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -167,27 +167,6 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// The gate's, up's and down's biases, when all three have one (gpt-oss's experts).
-    fn biases(&self) -> Option<[Tensor; 3]> {
-        let Projections::Separate([gate, up]) = &self.gate_up else {
-            return None;
-        };
-        Some([
-            gate.bias.clone()?,
-            up.bias.clone()?,
-            self.down_proj.bias.clone()?,
-        ])
-    }
-
-    /// This MLP with its biases left out.
-    fn without_biases(&self) -> Mlp {
-        let mut m = self.clone();
-        for l in m.linears_mut() {
-            l.bias = None;
-        }
-        m
-    }
-
     /// gate, up (or the fused gate_up) and down.
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out = self.gate_up.linears_mut();
@@ -198,10 +177,7 @@ impl Mlp {
     /// The gate, up and down weights when all three are plain frozen dense weights (no
     /// adapter, bias or gradient): the MLP then runs as one fused op.
     fn frozen_weights(&self) -> Option<(Tensor, Tensor, Tensor)> {
-        let frozen = |l: &Linear| match (&l.weight, &l.adapter, &l.bias) {
-            (LinearWeight::Dense(w), None, None) if !param(w).track_op() => Some(w.clone()),
-            _ => None,
-        };
+        let frozen = |l: &Linear| frozen_weight(l).filter(|_| l.bias.is_none());
         let down = frozen(&self.down_proj)?;
         match &self.gate_up {
             Projections::Separate([gate, up]) => Some((frozen(gate)?, frozen(up)?, down)),
@@ -211,6 +187,15 @@ impl Mlp {
                 Some((w.narrow(0, 0, i).ok()?, w.narrow(0, i, i).ok()?, down))
             }
         }
+    }
+}
+
+/// A linear layer's weight when it is a plain frozen dense weight with no adapter (its bias
+/// aside).
+fn frozen_weight(l: &Linear) -> Option<Tensor> {
+    match (&l.weight, &l.adapter) {
+        (LinearWeight::Dense(w), None) if !param(w).track_op() => Some(w.clone()),
+        _ => None,
     }
 }
 
@@ -354,10 +339,7 @@ impl SparseMoe {
         if !self.deltas.is_empty() {
             return None;
         }
-        let router = match (&self.router.weight, &self.router.adapter) {
-            (LinearWeight::Dense(w), None) if !param(w).track_op() => w.clone(),
-            _ => return None,
-        };
+        let router = frozen_weight(&self.router)?;
         if self
             .router
             .bias
@@ -370,21 +352,25 @@ impl SparseMoe {
             .experts
             .iter()
             .map(|m| {
-                // gpt-oss's experts have biases, frozen as their weights.
-                let biases = m.biases();
+                let Projections::Separate([gate, up]) = &m.gate_up else {
+                    return None;
+                };
+                let linears = [gate, up, &m.down_proj];
+                // gpt-oss's experts have biases (all three), frozen as their weights.
+                let biases = match linears.map(|l| l.bias.clone()) {
+                    [None, None, None] => None,
+                    [Some(g), Some(u), Some(d)] => Some([g, u, d]),
+                    _ => return None,
+                };
                 if let Some(b) = &biases {
                     if b.iter().any(|t| param(t).track_op()) {
                         return None;
                     }
                 }
-                let (gate, up, down) = match biases {
-                    Some(_) => m.without_biases().frozen_weights()?,
-                    None => m.frozen_weights()?,
-                };
                 Some(ExpertWeights {
-                    gate,
-                    up,
-                    down,
+                    gate: frozen_weight(gate)?,
+                    up: frozen_weight(up)?,
+                    down: frozen_weight(&m.down_proj)?,
                     biases,
                 })
             })
@@ -1852,7 +1838,7 @@ fn sparse_moe(
             let x2 = reshape(x, (rows, hidden))?;
             let deltas = &s.deltas;
             let logits = match deltas.router_weight(&s.router, x.dtype())? {
-                Some(w) => with_bias(linear(&x2, &w)?, &s.router)?,
+                Some(w) => Linear::new(w, s.router.bias.clone()).base_forward(&x2)?,
                 None => s.router.forward(&x2, train)?,
             };
             let probs = softmax_last_dim(&cast(&logits, DType::F32)?)?;
@@ -1931,14 +1917,6 @@ fn adapted_expert(
         c.activation,
     )?;
     project(&gated, &expert.down_proj, down_change)
-}
-
-/// `y` plus the bias of `lin`, where it has one.
-fn with_bias(y: Tensor, lin: &Linear) -> candle_core::Result<Tensor> {
-    match &lin.bias {
-        Some(b) => add_bias(&y, b),
-        None => Ok(y),
-    }
 }
 
 /// A sublayer's output as the residual stream takes it: Granite's scaled by its multiplier.
@@ -2044,20 +2022,7 @@ fn attention(
             if let Some(cap) = softcap {
                 scores = soft_cap(&scores, cap)?;
             }
-            let scores = scores.broadcast_add(m)?;
-            let probs = match sinks {
-                None => softmax_last_dim(&scores)?,
-                Some(s) => {
-                    // One more column per head, dropped after the softmax.
-                    let (b, h, q, k) = scores.dims4()?;
-                    let column = s
-                        .to_dtype(scores.dtype())?
-                        .reshape((1, h, 1, 1))?
-                        .broadcast_as((b, h, q, 1))?;
-                    softmax_last_dim(&Tensor::cat(&[&scores, &column], 3)?)?.narrow(3, 0, k)?
-                }
-            };
-            probs.matmul(&v)?
+            softmax_with_sinks(&scores.broadcast_add(m)?, sinks)?.matmul(&v)?
         }
         None => causal_attention(&q, &k, &v, scale, softcap, window, sinks)?,
     };

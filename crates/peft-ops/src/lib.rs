@@ -54,7 +54,7 @@ pub use ops::{
 pub use optim::{AdamwScalars, AdamwSlot, FusedAdamw, SlotMoments};
 pub use softmax::{
     attention_probs, attention_probs_backward, causal_softmax, causal_softmax_backward,
-    causal_softmax_with_sinks, soft_cap,
+    causal_softmax_with_sinks, soft_cap, softmax_with_sinks,
 };
 pub use switches::{
     attention_cudnn, cuda_kernel_on, cuda_kernels_off, flash_wide, flash_wide_backward,

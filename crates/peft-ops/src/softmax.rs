@@ -54,20 +54,7 @@ pub fn causal_softmax_with_sinks(
         let zeros = Tensor::zeros((q, k), scores.dtype(), scores.device())?;
         let bias = allowed.where_cond(&zeros, &neg)?;
         let masked = (scores * scale)?.broadcast_add(&bias)?;
-        return match sinks {
-            None => crate::softmax_last_dim(&masked),
-            Some(s) => {
-                let mut shape = dims.to_vec();
-                *shape.last_mut().expect("scores have dims") = 1;
-                let column = s
-                    .to_dtype(scores.dtype())?
-                    .reshape((s.elem_count(), 1, 1))?
-                    .broadcast_as(shape)?;
-                let all =
-                    crate::softmax_last_dim(&Tensor::cat(&[&masked, &column], dims.len() - 1)?)?;
-                all.narrow(dims.len() - 1, 0, k)
-            }
-        };
+        return softmax_with_sinks(&masked, sinks);
     }
     let sinks = sinks
         .map(|s| {
@@ -83,6 +70,25 @@ pub fn causal_softmax_with_sinks(
         window,
         sinks,
     })
+}
+
+/// The softmax over the last dim of masked scores `[.., heads, q, k]` (composed ops, with
+/// their autograd), with gpt-oss's `sinks` `[heads]` as one more column per head, dropped
+/// after it (see [`causal_softmax_with_sinks`]).
+pub fn softmax_with_sinks(scores: &Tensor, sinks: Option<&Tensor>) -> Result<Tensor> {
+    let Some(s) = sinks else {
+        return crate::softmax_last_dim(scores);
+    };
+    let dims = scores.dims();
+    let last = dims.len() - 1;
+    let mut shape = dims.to_vec();
+    shape[last] = 1;
+    let column = s
+        .to_dtype(scores.dtype())?
+        .reshape((s.elem_count(), 1, 1))?
+        .broadcast_as(shape)?;
+    let all = crate::softmax_last_dim(&Tensor::cat(&[scores, &column], last)?)?;
+    all.narrow(last, 0, dims[last])
 }
 
 /// Causal attention probabilities of raw scores `s = q·kᵀ` (see [`causal_softmax`]): of
