@@ -358,13 +358,18 @@ fn check_gpt_oss(c: &LlamaConfig) -> Result<&'static str> {
     if c.activation != defaults {
         bail!("llama.cpp's gpt-oss clamps its experts' SwiGLU with alpha 1.702 and limit 7; this model's swiglu_alpha or swiglu_limit differs");
     }
-    let sliding = crate::config::all_but_every(c.num_hidden_layers, 2);
-    let ours: Vec<bool> = c.layer_windows.iter().map(Option::is_some).collect();
-    let windows: Vec<usize> = c.layer_windows.iter().flatten().copied().collect();
-    if ours != sliding || windows.windows(2).any(|w| w[0] != w[1]) {
+    if !slides_as(c, &crate::config::all_but_every(c.num_hidden_layers, 2)) {
         bail!("llama.cpp's gpt-oss takes every other layer as sliding, the first one too, with one window; this model's layer_types differ");
     }
     check_moe(c, "gpt-oss", true)
+}
+
+/// Whether the model's sliding layers are those `sliding` says, all with one window (the
+/// layouts llama.cpp fixes by architecture).
+fn slides_as(c: &LlamaConfig, sliding: &[bool]) -> bool {
+    let ours: Vec<bool> = c.layer_windows.iter().map(Option::is_some).collect();
+    let windows: Vec<usize> = c.layer_windows.iter().flatten().copied().collect();
+    ours == sliding && windows.windows(2).all(|w| w[0] == w[1])
 }
 
 /// llama.cpp's mixture-of-experts architectures have every layer sparse and renormalize the
@@ -425,9 +430,7 @@ fn check_gemma_layout(c: &LlamaConfig, arch: &str) -> Result<()> {
         c.num_attention_heads,
         c.head_dim,
     );
-    let ours: Vec<bool> = c.layer_windows.iter().map(Option::is_some).collect();
-    let windows: Vec<usize> = c.layer_windows.iter().flatten().copied().collect();
-    if ours != sliding || windows.windows(2).any(|w| w[0] != w[1]) {
+    if !slides_as(c, &sliding) {
         let every = if arch == "gemma2" { "other" } else { "sixth" };
         bail!(
             "llama.cpp's {arch} takes every {every} layer as global and the others as sliding \
