@@ -895,25 +895,6 @@ fn gguf_tensor_bytes(info: &gguf_file::TensorInfo) -> Option<u64> {
     u64::try_from(bytes).ok()
 }
 
-/// candle's GGUF reader (0.11) divides by `general.alignment` unchecked, so a zero there would
-/// panic: refuse it before candle reads the file. Everything else malformed is left for candle's
-/// reader, which checks lengths and counts against the data's size.
-fn check_gguf_alignment<R: Read + Seek>(reader: &mut R, len: u64) -> Result<()> {
-    let mut walker = MetadataWalker {
-        r: reader,
-        len,
-        wide: true,
-        zero_alignment: false,
-        tensor_count: 0,
-    };
-    // A walk that stops early means candle's reader fails there too.
-    let _ = walker.walk();
-    if walker.zero_alignment {
-        bail!("general.alignment is 0");
-    }
-    Ok(())
-}
-
 /// Walks GGUF metadata as candle reads it, without allocating for values.
 struct MetadataWalker<'a, R> {
     r: &'a mut R,
@@ -1040,22 +1021,26 @@ impl<R: Read + Seek> MetadataWalker<'_, R> {
         Some(())
     }
 
-    /// After [`Self::walk`]: the file positions of the tensor infos' type fields that hold
-    /// `ty`, and where the infos end.
-    fn tensor_types_of(&mut self, ty: u32) -> Option<(Vec<u64>, u64)> {
-        let mut positions = Vec::new();
+    /// After [`Self::walk`]: the names of the tensors whose type is `ty` with the file
+    /// positions of their type fields, and where the tensor infos end.
+    fn tensor_types_of(&mut self, ty: u32) -> Option<(Vec<(String, u64)>, u64)> {
+        let mut found = Vec::new();
         for _ in 0..self.tensor_count {
             let name_len = self.length()?;
-            self.skip(name_len)?;
+            if name_len > self.remaining()? {
+                return None;
+            }
+            let mut name = vec![0u8; usize::try_from(name_len).ok()?];
+            self.r.read_exact(&mut name).ok()?;
             let dims = self.u32()?;
             self.skip(u64::from(dims) * if self.wide { 8 } else { 4 })?;
             let at = self.r.stream_position().ok()?;
             if self.u32()? == ty {
-                positions.push(at);
+                found.push((String::from_utf8_lossy(&name).into_owned(), at));
             }
             self.skip(8)?;
         }
-        Some((positions, self.r.stream_position().ok()?))
+        Some((found, self.r.stream_position().ok()?))
     }
 }
 
@@ -1066,7 +1051,9 @@ const GGML_TYPE_MXFP4: u32 = 39;
 /// A GGUF file's header as candle reads it, and apart from it the shapes (candle's order) and
 /// data offsets of its MXFP4 tensors: candle reads the header with their type fields read as
 /// f32 (the type only sizes the data, which candle reads later), and those tensors are taken
-/// out of its infos.
+/// out of its infos. One walk of the header finds them and refuses a `general.alignment` of 0,
+/// which candle's reader (0.11) divides by unchecked; everything else malformed is left for
+/// candle's reader, which checks lengths and counts against the data's size.
 fn read_gguf_content<R: Read + Seek>(
     reader: &mut R,
     len: u64,
@@ -1079,54 +1066,32 @@ fn read_gguf_content<R: Read + Seek>(
         zero_alignment: false,
         tensor_count: 0,
     };
-    let mxfp4 = walker
-        .walk()
-        .and_then(|_| walker.tensor_types_of(GGML_TYPE_MXFP4));
-    let Some((positions, end)) = mxfp4.filter(|(p, _)| !p.is_empty()) else {
+    // A walk that stops early means candle's reader fails there too.
+    let walked = walker.walk();
+    // candle's reader (0.11) divides by `general.alignment` unchecked: a zero would panic.
+    if walker.zero_alignment {
+        bail!("general.alignment is 0");
+    }
+    let mxfp4 = walked.and_then(|_| walker.tensor_types_of(GGML_TYPE_MXFP4));
+    let Some((found, end)) = mxfp4.filter(|(found, _)| !found.is_empty()) else {
         reader.rewind()?;
         return Ok((gguf_file::Content::read(reader)?, HashMap::new()));
     };
     reader.rewind()?;
     let mut header = vec![0u8; usize::try_from(end)?];
     reader.read_exact(&mut header)?;
-    for &at in &positions {
-        let at = usize::try_from(at)?;
+    for (_, at) in &found {
+        let at = usize::try_from(*at)?;
         header[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
     }
     let mut content = gguf_file::Content::read(&mut std::io::Cursor::new(&header))?;
-    // The same infos in the same order: the n-th MXFP4 type field is the n-th such tensor's.
-    let mut order: Vec<(u64, String)> = Vec::new();
-    let mut cursor = std::io::Cursor::new(&header);
-    let mut walker = MetadataWalker {
-        r: &mut cursor,
-        len: end,
-        wide: true,
-        zero_alignment: false,
-        tensor_count: 0,
-    };
-    walker.walk().context("GGUF header")?;
-    for _ in 0..walker.tensor_count {
-        let name_len = walker.length().context("GGUF tensor info")?;
-        let mut name = vec![0u8; usize::try_from(name_len)?];
-        walker.r.read_exact(&mut name)?;
-        let dims = walker.u32().context("GGUF tensor info")?;
-        let dim_bytes = if walker.wide { 8 } else { 4 };
-        walker
-            .skip(u64::from(dims) * dim_bytes)
-            .context("GGUF tensor info")?;
-        let at = walker.r.stream_position()?;
-        walker.skip(12).context("GGUF tensor info")?;
-        order.push((at, String::from_utf8_lossy(&name).into_owned()));
-    }
     let mut mxfp4 = HashMap::new();
-    for (at, name) in order {
-        if positions.contains(&at) {
-            let info = content
-                .tensor_infos
-                .remove(&name)
-                .with_context(|| format!("GGUF tensor {name}"))?;
-            mxfp4.insert(name, info);
-        }
+    for (name, _) in found {
+        let info = content
+            .tensor_infos
+            .remove(&name)
+            .with_context(|| format!("GGUF tensor {name}"))?;
+        mxfp4.insert(name, info);
     }
     Ok((content, mxfp4))
 }
@@ -1186,7 +1151,6 @@ fn read_gguf<R: Read + Seek>(
     let bad = || format!("{} is not a valid GGUF file", path.display());
     let file_len = reader.seek(SeekFrom::End(0))?;
     reader.rewind()?;
-    check_gguf_alignment(&mut reader, file_len).with_context(bad)?;
     let (content, mxfp4) = read_gguf_content(&mut reader, file_len).with_context(bad)?;
     let md = &content.metadata;
     let arch = md
