@@ -17,7 +17,7 @@ use peft_ops::{
     narrow_last, packed_self_attention, param, permute_last, prefixed_self_attention,
     quantized_linear, reshape, rms_norm, rope, route, scale, sigmoid_gated, soft_cap,
     softmax_last_dim, softmax_with_sinks, taped, ExpertWeights, GradSink, LinearWeight,
-    LoraProjection, QuantizedWeight,
+    LoadBalance, LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -513,6 +513,9 @@ pub struct Llama {
     pub gradient_checkpointing: bool,
     /// Parameter gradients of the recomputed layers (see [`peft_ops::checkpoint`]).
     pub grad_sink: Arc<GradSink>,
+    /// The routers' load-balancing loss the forwards record into meanwhile (see
+    /// [`Llama::balancing`]).
+    load_balance: Arc<Mutex<Option<Arc<LoadBalance>>>>,
     /// Noisy input embeddings in training.
     pub neftune: Option<Neftune>,
     /// Embedding rows replaced by trained ones (HF PEFT's trainable tokens).
@@ -841,6 +844,7 @@ impl Llama {
             device: device.clone(),
             gradient_checkpointing: false,
             grad_sink: Arc::new(GradSink::default()),
+            load_balance: Arc::default(),
             neftune: None,
             token_rows: None,
             embedding_lora: None,
@@ -1404,6 +1408,7 @@ impl Llama {
             }
             _ => None,
         };
+        let balance = self.recording_balance()?;
         let window = self.config.layer_windows.iter().flatten().copied().max();
         let local = match window {
             None => None,
@@ -1430,6 +1435,7 @@ impl Llama {
                     mask,
                     window: Some(window),
                     sink: self.grad_sink.clone(),
+                    balance: balance.clone(),
                     rotary_order: rotary_order.clone(),
                     query_scale: query_scale.clone(),
                 })
@@ -1441,6 +1447,7 @@ impl Llama {
             mask: Mask { bias, segments },
             window: None,
             sink: self.grad_sink.clone(),
+            balance,
             rotary_order,
             query_scale,
         };
@@ -1518,6 +1525,34 @@ impl Llama {
         Ok(stack(&x)?)
     }
 
+    /// A load-balancing loss of this model's routers over a batch whose real tokens
+    /// `token_mask` marks (`[batch][seq]`), for [`Llama::balancing`]; `None` for a model
+    /// without experts.
+    pub fn load_balance(&self, token_mask: &[Vec<bool>]) -> Option<Arc<LoadBalance>> {
+        let moe = self.config.moe.as_ref()?;
+        Some(LoadBalance::new(moe.num_experts, moe.top_k, token_mask))
+    }
+
+    /// Runs `f` (a forward over the batch `balance` was made for) with each router recording
+    /// into `balance`; its layers' backward adds the loss's gradient once `balance` is
+    /// finished, also when gradient checkpointing recomputes them later.
+    pub fn balancing<T>(&self, balance: &Arc<LoadBalance>, f: impl FnOnce() -> T) -> Result<T> {
+        *self.balance_slot()? = Some(balance.clone());
+        let out = f();
+        *self.balance_slot()? = None;
+        Ok(out)
+    }
+
+    fn balance_slot(&self) -> Result<std::sync::MutexGuard<'_, Option<Arc<LoadBalance>>>> {
+        self.load_balance
+            .lock()
+            .map_err(|_| anyhow::anyhow!("load balance: poisoned lock"))
+    }
+
+    fn recording_balance(&self) -> Result<Option<Arc<LoadBalance>>> {
+        Ok(self.balance_slot()?.clone())
+    }
+
     /// The gradients of `loss`, a loss computed by this model in training: candle's backward
     /// and what layer tapes and gradient checkpointing hand to the model's grad sink (the
     /// gradients of parameters used inside them). Use this, not `loss.backward()`.
@@ -1583,6 +1618,8 @@ struct LayerInputs {
     mask: Mask,
     window: Option<usize>,
     sink: Arc<GradSink>,
+    /// The routers' load-balancing loss being recorded, if any.
+    balance: Option<Arc<LoadBalance>>,
     /// With partial rotary, the order of the query heads' dims that RoPE's tables expect.
     rotary_order: Option<Arc<RotaryOrder>>,
     /// The queries' factors by position (`[batch or 1, seq, 1]`), where Ministral 3's query
@@ -1783,7 +1820,7 @@ fn decoder_layer(
     let h = normed(&x, mlp_norm)?;
     let mut out = match (&layer.mlp, &c.moe) {
         (FeedForward::Dense(m), _) => mlp(c, m, &h, &inputs.sink, train)?,
-        (FeedForward::Sparse(s), Some(moe)) => sparse_moe(c, moe, s, &h, &inputs.sink, train)?,
+        (FeedForward::Sparse(s), Some(moe)) => sparse_moe(c, moe, s, &h, inputs, train)?,
         (FeedForward::Sparse(_), None) => {
             candle_core::bail!("a mixture-of-experts layer in a model without experts")
         }
@@ -1823,14 +1860,16 @@ fn sparse_moe(
     moe: &Moe,
     s: &SparseMoe,
     x: &Tensor,
-    sink: &Arc<GradSink>,
+    inputs: &LayerInputs,
     train: bool,
 ) -> candle_core::Result<Tensor> {
     let (top_k, norm_topk_prob) = (moe.top_k, moe.norm_topk_prob);
+    let (sink, balance) = (&inputs.sink, inputs.balance.as_ref());
     let mut out = match s.frozen_weights() {
         Some((router, experts)) => {
             let router = (&router, s.router.bias.as_ref());
-            frozen_moe(x, router, &experts, top_k, norm_topk_prob, c.activation)?
+            let routing = (top_k, norm_topk_prob);
+            frozen_moe(x, router, &experts, routing, c.activation, balance)?
         }
         None => {
             let hidden = x.dim(D::Minus1)?;
@@ -1841,8 +1880,14 @@ fn sparse_moe(
                 Some(w) => Linear::new(w, s.router.bias.clone()).base_forward(&x2)?,
                 None => s.router.forward(&x2, train)?,
             };
-            let probs = softmax_last_dim(&cast(&logits, DType::F32)?)?;
+            let mut probs = softmax_last_dim(&cast(&logits, DType::F32)?)?;
+            if let Some(b) = balance {
+                probs = b.inject(&probs)?;
+            }
             let routing = route(&probs, top_k, norm_topk_prob)?;
+            if let Some(b) = balance {
+                b.record(&probs, &routing.chosen)?;
+            }
             let weights = routing.weights.flatten_all()?;
             let mut out = x2.zeros_like()?;
             for (e, (expert, served)) in s.experts.iter().zip(&routing.experts).enumerate() {
@@ -1946,6 +1991,7 @@ fn attention(
         sink,
         rotary_order,
         query_scale,
+        ..
     } = inputs;
     let window = *window;
     let [mut q, mut k, v] = a

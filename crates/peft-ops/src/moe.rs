@@ -5,10 +5,12 @@
 //! [`route`] is the routing, on the graph or off it; [`frozen_moe`] is a whole block of frozen
 //! dense weights as one autograd node, whose backward returns dL/dx alone (through the experts
 //! and through the router's probabilities), as [`crate::frozen_mlp`] does for a dense MLP.
+//! [`LoadBalance`] is the routers' auxiliary load-balancing loss of a forward.
 
 use crate::fused::{gated_grads, gated_value};
 use crate::{frozen_matmul, with_grad, GatedActivation, Grads3};
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
+use std::sync::{Arc, Mutex};
 
 /// The tokens each expert serves.
 pub struct ExpertRows {
@@ -72,6 +74,168 @@ pub fn route(probs: &Tensor, top_k: usize, norm_topk_prob: bool) -> Result<Routi
     })
 }
 
+/// The routers' load-balancing loss of one forward, as transformers' `load_balancing_loss_func`
+/// computes it (Switch Transformer's; TRL's SFTTrainer adds it to the loss weighted by the
+/// config's `router_aux_loss_coef`): over the real tokens of every mixture-of-experts layer,
+/// `E · Σ_e (C_e / N) · (S_e / N)`, where `C_e` counts the top-k choices of expert `e`, `S_e`
+/// sums its router probabilities, and `N` counts the rows (tokens times layers).
+///
+/// Each layer [`records`](Self::record) its probabilities as the forward runs, and routes its
+/// gradient through [`Self::inject`] (or [`Self::probs_grad`] in a fused backward). Once the
+/// forward is over, [`Self::finish`] gives the loss and the weight of its gradient, which the
+/// backward adds to each layer's router probabilities: `w · E · C_e / N²` on each real row (the
+/// counts are constants: the top-k choice has no gradient). A forward recomputed after
+/// `finish` (gradient checkpointing) records nothing again.
+pub struct LoadBalance {
+    num_experts: usize,
+    top_k: usize,
+    /// `[batch, seq]` of the tokens the batch holds, row-major: 1 for a real token, 0 for
+    /// padding.
+    token_mask: Vec<f32>,
+    batch: usize,
+    state: Mutex<BalanceState>,
+}
+
+#[derive(Default)]
+struct BalanceState {
+    /// The rows' mask as the routers see them (`[rows]`, f32; virtual tokens in front of each
+    /// sequence, prompt tuning's, are real) and its sum, made at the first layer.
+    rows_mask: Option<(Tensor, f64)>,
+    /// `C` and `S` over the layers so far (`[experts]`, f32).
+    counts: Option<Tensor>,
+    probs: Option<Tensor>,
+    /// `N`.
+    rows: f64,
+    /// Set by [`LoadBalance::finish`]: `w · E / N²` and `C`.
+    sealed: Option<(f64, Tensor)>,
+}
+
+impl LoadBalance {
+    /// A loss over a batch whose real tokens `token_mask` marks (`[batch][seq]`).
+    pub fn new(num_experts: usize, top_k: usize, token_mask: &[Vec<bool>]) -> Arc<Self> {
+        let mask = token_mask
+            .iter()
+            .flatten()
+            .map(|&real| if real { 1.0 } else { 0.0 })
+            .collect();
+        Arc::new(Self {
+            num_experts,
+            top_k,
+            token_mask: mask,
+            batch: token_mask.len(),
+            state: Mutex::new(BalanceState::default()),
+        })
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, BalanceState>> {
+        self.state
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("load balance: poisoned lock".into()))
+    }
+
+    /// The mask of `rows` router rows and its sum: `batch` sequences, each with its virtual
+    /// tokens (all real) in front of the batch's tokens.
+    fn rows_mask(&self, rows: usize, device: &Device) -> Result<(Tensor, f64)> {
+        let seq = self.token_mask.len() / self.batch.max(1);
+        let per_row = rows / self.batch.max(1);
+        if per_row * self.batch != rows || per_row < seq {
+            candle_core::bail!(
+                "load balance: {rows} router rows for a batch of {} x {seq} tokens",
+                self.batch
+            );
+        }
+        let mut mask = Vec::with_capacity(rows);
+        for row in self.token_mask.chunks(seq.max(1)).take(self.batch) {
+            mask.extend(std::iter::repeat_n(1f32, per_row - seq));
+            mask.extend_from_slice(row);
+        }
+        let real = mask.iter().map(|&m| m as f64).sum();
+        Ok((Tensor::from_vec(mask, rows, device)?, real))
+    }
+
+    /// Adds a layer's router probabilities `probs` (`[rows, experts]`, f32) and its choices
+    /// `chosen` (`[rows, top_k]`, u32): nothing once finished.
+    pub fn record(&self, probs: &Tensor, chosen: &Tensor) -> Result<()> {
+        let mut st = self.state()?;
+        if st.sealed.is_some() {
+            return Ok(());
+        }
+        let (rows, experts) = probs.dims2()?;
+        if experts != self.num_experts || chosen.dims2()? != (rows, self.top_k) {
+            candle_core::bail!(
+                "load balance: router output {rows}x{experts} for {} experts",
+                self.num_experts
+            );
+        }
+        let (mask, real) = match &st.rows_mask {
+            Some((m, real)) if m.dim(0)? == rows => (m.clone(), *real),
+            _ => {
+                let m = self.rows_mask(rows, probs.device())?;
+                st.rows_mask = Some(m.clone());
+                m
+            }
+        };
+        let picks = mask.unsqueeze(1)?.broadcast_as((rows, self.top_k))?;
+        let counts = Tensor::zeros(experts, DType::F32, probs.device())?.scatter_add(
+            &chosen.flatten_all()?,
+            &picks.flatten_all()?,
+            0,
+        )?;
+        let sums = probs.detach().broadcast_mul(&mask.unsqueeze(1)?)?.sum(0)?;
+        st.rows += real;
+        st.counts = Some(match st.counts.take() {
+            Some(c) => (c + counts)?,
+            None => counts,
+        });
+        st.probs = Some(match st.probs.take() {
+            Some(p) => (p + sums)?,
+            None => sums,
+        });
+        Ok(())
+    }
+
+    /// The loss of the layers recorded (an f32 scalar off the graph; `None` when none was),
+    /// whose gradient the backward then adds with weight `weight`.
+    pub fn finish(&self, weight: f64) -> Result<Option<Tensor>> {
+        let mut st = self.state()?;
+        let (Some(counts), Some(probs)) = (st.counts.clone(), st.probs.clone()) else {
+            return Ok(None);
+        };
+        let (n, e) = (st.rows.max(1.0), self.num_experts as f64);
+        let loss = ((counts.clone() * probs)?.sum_all()? * (e / (n * n)))?;
+        st.sealed = Some((weight * e / (n * n), counts));
+        Ok(Some(loss))
+    }
+
+    /// The loss's gradient with respect to a layer's router probabilities (`[rows, experts]`,
+    /// f32), once finished; `None` before.
+    pub fn probs_grad(&self, rows: usize) -> Result<Option<Tensor>> {
+        let st = self.state()?;
+        let (Some((factor, counts)), Some((mask, _))) = (&st.sealed, &st.rows_mask) else {
+            return Ok(None);
+        };
+        if mask.dim(0)? != rows {
+            candle_core::bail!(
+                "load balance: {rows} rows where the forward had {}",
+                mask.dim(0)?
+            );
+        }
+        let grad = mask.unsqueeze(1)?.broadcast_mul(&counts.unsqueeze(0)?)?;
+        Ok(Some((grad * *factor)?))
+    }
+
+    /// `probs` as it is, whose backward adds the loss's gradient ([`Self::probs_grad`]).
+    pub fn inject(self: &Arc<Self>, probs: &Tensor) -> Result<Tensor> {
+        let balance = self.clone();
+        with_grad(probs, probs.detach(), move |_, _, grad| {
+            match balance.probs_grad(grad.dim(0)?)? {
+                Some(g) => grad + g.to_dtype(grad.dtype())?,
+                None => Ok(grad.clone()),
+            }
+        })
+    }
+}
+
 /// The frozen weights of one expert: gate and up `[inter, hidden]`, down `[hidden, inter]`,
 /// and their biases where it has them (gpt-oss).
 #[derive(Clone)]
@@ -107,14 +271,14 @@ struct ExpertSaved {
 /// A mixture-of-experts block of frozen dense weights over `x` (`[..., hidden]`): `router`
 /// `[experts, hidden]` (with gpt-oss's bias `[experts]`), one [`ExpertWeights`] per expert.
 /// One autograd node; its backward returns dL/dx, the experts' share and the router's
-/// (through the chosen probabilities).
+/// (through the chosen probabilities, and through all of them for `balance`'s loss).
 pub fn frozen_moe(
     x: &Tensor,
     (router, router_bias): (&Tensor, Option<&Tensor>),
     experts: &[ExpertWeights],
-    top_k: usize,
-    norm_topk_prob: bool,
+    (top_k, norm_topk_prob): (usize, bool),
     act: GatedActivation,
+    balance: Option<&Arc<LoadBalance>>,
 ) -> Result<Tensor> {
     let hidden = router.dim(1)?;
     let rows = x.elem_count() / hidden;
@@ -123,6 +287,10 @@ pub fn frozen_moe(
     let logits = affine(&x2, router, router_bias)?.to_dtype(DType::F32)?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?;
     let routing = route(&probs, top_k, norm_topk_prob)?;
+    if let Some(b) = balance {
+        b.record(&probs, &routing.chosen)?;
+    }
+    let balance = balance.cloned();
     let flat_weights = routing.weights.flatten_all()?;
     let mut out = x2.zeros_like()?;
     let mut saved = Vec::new();
@@ -182,7 +350,15 @@ pub fn frozen_moe(
                 .broadcast_sub(&dot)?
                 .broadcast_div(&top.sum_keepdim(1)?)?;
         }
-        let d_probs = probs.zeros_like()?.scatter_add(&chosen, &d_top, 1)?;
+        let mut d_probs = probs.zeros_like()?.scatter_add(&chosen, &d_top, 1)?;
+        if let Some(g) = balance
+            .as_ref()
+            .map(|b| b.probs_grad(rows))
+            .transpose()?
+            .flatten()
+        {
+            d_probs = (d_probs + g)?;
+        }
         let dot = (&d_probs * &probs)?.sum_keepdim(D::Minus1)?;
         let d_logits = (d_probs.broadcast_sub(&dot)? * &probs)?;
         let d_router_in = frozen_matmul(&d_logits.to_dtype(dtype)?, &router, false)?;

@@ -14,6 +14,7 @@ use peft_models::testing::{max_abs, max_abs_diff};
 use peft_models::{load_model, KvCache, Llama};
 use peft_ops::cross_entropy_sum;
 use peft_ops::LinearWeight;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 const ARCHITECTURES: &[&str] = &[
@@ -189,6 +190,105 @@ fn composed_moe_blocks_match_hf_peft() {
                 d <= 1e-4 * max_abs(w).max(1.0),
                 "{name}: {key} gradient differs by {d}"
             );
+        }
+    }
+}
+
+/// The routers' load-balancing loss over a right-padded batch, as transformers computes it
+/// (`output_router_logits=True`; scripts/hf/make_router_aux_fixture.py): its value, the LoRA
+/// gradients of it alone and of TRL's loss with it weighted by 0.5, through the fused frozen
+/// blocks (OLMoE, Qwen2-MoE) and the composed ones (LoRA on the experts' parameters), on layer
+/// tapes, and with gradient checkpointing recomputing the layers.
+#[test]
+fn router_load_balancing_loss_matches_transformers() {
+    peft_ops::with_layer_tape(true, router_load_balancing_on_tapes);
+}
+
+fn router_load_balancing_on_tapes() {
+    for name in [
+        "mixtral",
+        "qwen3_moe",
+        "qwen2_moe",
+        "olmoe",
+        "gpt_oss",
+        "qwen3_vl_moe",
+    ] {
+        let dir = fixture(name);
+        let exp = load_safetensors(&dir.join("router_aux.safetensors"), &Device::Cpu).unwrap();
+        let mut peft = PeftModel::load(base(name), &dir.join("lora")).unwrap();
+        let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+        let mask: Vec<Vec<bool>> = exp["attention_mask"]
+            .to_vec2::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|row| row.into_iter().map(|m| m == 1).collect())
+            .collect();
+        // Token t predicts token t + 1 where both are real.
+        let mut labels = Vec::new();
+        for (b, row) in ids.to_vec2::<u32>().unwrap().iter().enumerate() {
+            for t in 0..row.len() {
+                let next = (t + 1 < row.len() && mask[b][t + 1]).then(|| row[t + 1] as i64);
+                labels.push(next.unwrap_or(-100));
+            }
+        }
+        let labelled = labels.iter().filter(|&&l| l >= 0).count();
+        let labels = Tensor::new(labels, &Device::Cpu).unwrap();
+        // The LoRA gradients of the token loss plus `weight` times the aux loss (whose value
+        // adds nothing: its gradient comes from the routers' backward), with the aux loss.
+        let mut run = |weight: f64, checkpointing: bool| {
+            peft.base.gradient_checkpointing = checkpointing;
+            let balance = peft.base.load_balance(&mask).unwrap();
+            let h = peft
+                .base
+                .balancing(&balance, || peft.base.forward(&ids, None, None, true))
+                .unwrap()
+                .unwrap();
+            let aux = balance.finish(weight).unwrap().unwrap();
+            let (b, t, d) = h.dims3().unwrap();
+            let h = peft
+                .base
+                .head_input(&h.reshape((b * t, d)).unwrap())
+                .unwrap();
+            let head = peft.base.lm_head_weight().unwrap();
+            let tokens = cross_entropy_sum(&h, &head, &labels, labelled, 4, None).unwrap();
+            let grads = peft.base.backward(&(tokens + &aux).unwrap()).unwrap();
+            let grads: HashMap<String, Tensor> = peft
+                .trainable()
+                .into_iter()
+                .filter_map(|(key, var)| Some((key, grads.get(var.as_tensor())?.clone())))
+                .collect();
+            (aux.to_scalar::<f32>().unwrap(), grads)
+        };
+        let (aux, tokens_only) = run(0.0, false);
+        let want = exp["aux_loss"].to_scalar::<f32>().unwrap();
+        assert!(
+            (aux - want).abs() < 1e-5,
+            "{name}: aux loss {aux}, not {want}"
+        );
+        let aux_only: HashMap<String, Tensor> = run(1.0, false)
+            .1
+            .into_iter()
+            .map(|(key, g)| {
+                let d = (&g - &tokens_only[&key]).unwrap();
+                (key, d)
+            })
+            .collect();
+        for (prefix, checkpointing, got) in [
+            ("aux", false, aux_only),
+            ("total", false, run(0.5, false).1),
+            ("total", true, run(0.5, true).1),
+        ] {
+            for (key, _) in peft.trainable() {
+                let (d, scale) = match exp.get(&format!("{prefix}.{key}")) {
+                    Some(w) => (max_abs_diff(&got[&key], w), max_abs(w)),
+                    // transformers has no gradient where the loss does not reach.
+                    None => (got.get(&key).map_or(0.0, max_abs), 0.0),
+                };
+                assert!(
+                    d <= 1e-4 * scale.max(1.0),
+                    "{name} ({prefix}, checkpointing {checkpointing}): {key} gradient differs by {d}"
+                );
+            }
         }
     }
 }
