@@ -272,6 +272,10 @@ pub struct TrainCmd {
     /// adamw (f32 moments), adamw_8bit or paged_adamw_8bit (8-bit moments).
     #[arg(long, value_enum)]
     optim: Option<OptimKind>,
+    /// Mixture-of-experts models: the weight of the routers' load-balancing loss in the loss
+    /// (TRL's `router_aux_loss_coef`); by default the model config's, 0 leaves it out.
+    #[arg(long)]
+    router_aux_loss_coef: Option<f64>,
     /// cpu (default), cuda or cuda:N.
     #[arg(long)]
     device: Option<String>,
@@ -952,6 +956,7 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             Some(v) => peft_ops::KernelTuning::parse(v).map_err(anyhow::Error::msg)?,
             None => d.kernel_tuning,
         },
+        router_aux_loss_coef: c.router_aux_loss_coef,
     };
     let eval_split = c.eval_split.unwrap_or(0.0);
     if c.eval_data.is_some() && eval_split > 0.0 {

@@ -1320,6 +1320,13 @@ fn mixture_of_experts_models_train_merge_and_inspect() {
     .unwrap();
     let a = &saved["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"];
     assert_eq!(a.dims(), [32 * 4, 64]);
+    // The routers' load-balancing loss, on by default as in TRL, logged beside the loss.
+    let logged = |dir: &Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let aux = logged(&adapter)["aux_loss"].as_f64();
+    assert!(aux.is_some_and(|a| a > 1.0), "{:?}", logged(&adapter));
 
     fails_with(
         &[
@@ -1344,8 +1351,11 @@ fn mixture_of_experts_models_train_merge_and_inspect() {
         "mlp.experts.down_proj",
         "--lora-dropout",
         "0",
+        "--router-aux-loss-coef",
+        "0",
     ];
     train_one_step(&model, &data, &only, &flags);
+    assert!(logged(&only).get("aux_loss").is_none(), "{}", logged(&only));
     let only_cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(only.join("adapter_config.json")).unwrap())
             .unwrap();

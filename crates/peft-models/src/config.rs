@@ -161,6 +161,10 @@ pub struct Moe {
     pub biases: bool,
     /// How the checkpoint holds the experts.
     pub storage: ExpertStorage,
+    /// The weight of the routers' load-balancing loss that TRL's SFTTrainer adds to the
+    /// training loss by default (`router_aux_loss_coef`; 0.01 for OLMoE, 0.001 elsewhere
+    /// where the config leaves it out).
+    pub router_aux_loss_coef: f64,
 }
 
 /// How a checkpoint holds a layer's experts.
@@ -368,6 +372,7 @@ struct RawConfig {
     mlp_only_layers: Option<Vec<usize>>,
     swiglu_alpha: Option<f32>,
     swiglu_limit: Option<f32>,
+    router_aux_loss_coef: Option<f64>,
 }
 
 fn default_max_pos() -> usize {
@@ -1140,15 +1145,16 @@ fn theta_powers(theta: f64, rotary_dim: usize) -> impl Iterator<Item = f32> {
 /// The mixture-of-experts block of a MoE model type, with its class defaults where the config
 /// leaves a field out; `None` for a dense model.
 fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
-    // (experts, top_k, expert size, shared expert size, norm_topk_prob) by default.
-    let (experts, top_k, size, shared, norm) = match model_type {
-        "mixtral" => (8, 2, c.intermediate_size, None, true),
-        "qwen2_moe" => (60, 4, 1408, Some(5632), false),
-        "qwen3_moe" => (128, 8, 768, None, false),
-        "qwen3_vl_moe_text" => (60, 4, 1408, None, true),
-        "olmoe" => (64, 8, c.intermediate_size, None, false),
+    // (experts, top_k, expert size, shared expert size, norm_topk_prob, aux loss coefficient)
+    // by default.
+    let (experts, top_k, size, shared, norm, coef) = match model_type {
+        "mixtral" => (8, 2, c.intermediate_size, None, true, 0.001),
+        "qwen2_moe" => (60, 4, 1408, Some(5632), false, 0.001),
+        "qwen3_moe" => (128, 8, 768, None, false, 0.001),
+        "qwen3_vl_moe_text" => (60, 4, 1408, None, true, 0.001),
+        "olmoe" => (64, 8, c.intermediate_size, None, false, 0.01),
         // gpt-oss: the softmax of the top-k logits, the renormalized top-k probabilities.
-        "gpt_oss" => (128, 4, c.intermediate_size, None, true),
+        "gpt_oss" => (128, 4, c.intermediate_size, None, true, 0.001),
         _ => return Ok(None),
     };
     let num_experts = c.num_experts.unwrap_or(experts);
@@ -1191,6 +1197,7 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             false => "gate",
         },
         biases: gpt_oss,
+        router_aux_loss_coef: c.router_aux_loss_coef.unwrap_or(coef),
         storage: match model_type {
             "qwen3_vl_moe_text" => ExpertStorage::Stacked,
             "gpt_oss" => ExpertStorage::GptOss,
@@ -1209,12 +1216,6 @@ fn gpt_oss_default_rope() -> Value {
 
 /// MoE settings whose training behaviour is not implemented, refused by name.
 fn refuse_moe_options(raw: &Value) -> Result<()> {
-    if raw.get("output_router_logits").and_then(Value::as_bool) == Some(true) {
-        bail!(
-            "the router's auxiliary load-balancing loss (output_router_logits: true) is not \
-             supported; set it to false in config.json"
-        );
-    }
     if let Some(noise) = raw
         .get("router_jitter_noise")
         .and_then(Value::as_f64)

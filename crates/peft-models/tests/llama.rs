@@ -310,6 +310,8 @@ fn mixture_of_experts_configs() {
     let moe = c.moe.as_ref().unwrap();
     assert_eq!((moe.num_experts, moe.top_k, moe.expert_size), (128, 8, 24));
     assert!(moe.norm_topk_prob && moe.shared_expert_size.is_none());
+    // Qwen3MoeConfig's router_aux_loss_coef where the file leaves it out.
+    assert_eq!(moe.router_aux_loss_coef, 0.001);
     // Layers 1 and 3 are sparse by the step; 3 is dense by mlp_only_layers.
     assert_eq!(moe.sparse_layers, [false, true, false, false]);
     assert_eq!(moe.router_path(), "mlp.gate");
@@ -333,11 +335,13 @@ fn mixture_of_experts_configs() {
     let mixtral = serde_json::json!({
         "model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
-        "num_local_experts": 8, "num_experts_per_tok": 2,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02,
+        "output_router_logits": true,
     });
     let c = peft_models::LlamaConfig::from_json(mixtral).unwrap();
     let moe = c.moe.as_ref().unwrap();
     assert_eq!((moe.num_experts, moe.expert_size), (8, 96));
+    assert_eq!(moe.router_aux_loss_coef, 0.02);
     assert!(moe.norm_topk_prob);
     assert_eq!(moe.router_path(), "block_sparse_moe.gate");
     assert_eq!(
@@ -351,11 +355,6 @@ fn mixture_of_experts_configs() {
     assert_eq!((c.rope_theta, c.rms_norm_eps), (1e6, 1e-5));
 
     for (key, value, named) in [
-        (
-            "output_router_logits",
-            serde_json::json!(true),
-            "output_router_logits",
-        ),
         (
             "router_jitter_noise",
             serde_json::json!(0.01),

@@ -654,6 +654,8 @@ pub struct Batch {
     /// Segment ids `[batch, seq]` (`1, 1, 2, 2, 2, 0`: two packed sequences, then padding)
     /// when a row holds packed sequences; `None` otherwise (plain causal attention).
     pub attention_mask: Option<Tensor>,
+    /// The real tokens of each row, in front of its padding.
+    pub lengths: Vec<usize>,
 }
 
 impl Batch {
@@ -718,6 +720,17 @@ impl Batch {
             n_tokens: examples.iter().map(|e| e.input_ids.len()).sum(),
             n_trained: examples.iter().map(|e| e.n_trained()).sum(),
             attention_mask,
+            lengths: examples.iter().map(|e| e.input_ids.len()).collect(),
         })
+    }
+
+    /// Per row and position, whether it holds a real token (not padding).
+    pub fn token_mask(&self) -> Result<Vec<Vec<bool>>> {
+        let seq = self.input_ids.dim(1)?;
+        Ok(self
+            .lengths
+            .iter()
+            .map(|&n| (0..seq).map(|t| t < n).collect())
+            .collect())
     }
 }

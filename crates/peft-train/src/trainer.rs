@@ -109,6 +109,9 @@ pub struct TrainArgs {
     /// Whether to time the interchangeable kernel paths on the first batch and keep the
     /// fastest (see [`peft_ops::tune`]; by default on GPUs).
     pub kernel_tuning: KernelTuning,
+    /// The weight of the routers' load-balancing loss of a mixture-of-experts model in the
+    /// loss (TRL's `router_aux_loss_coef`; 0: none); `None`: the model config's.
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 /// Where metrics lines go when no progress bar is shown.
@@ -165,6 +168,7 @@ impl Default for TrainArgs {
             tensorboard_dir: None,
             save_checkpoint_every_epoch: false,
             kernel_tuning: KernelTuning::Auto,
+            router_aux_loss_coef: None,
         }
     }
 }
@@ -193,6 +197,10 @@ impl TrainArgs {
             ("weight decay", self.weight_decay),
             ("adam_epsilon", self.adam_eps),
             ("early_stopping_threshold", self.early_stopping_threshold),
+            (
+                "router_aux_loss_coef",
+                self.router_aux_loss_coef.unwrap_or(0.0),
+            ),
         ];
         if let Some((what, v)) = at_least_zero
             .iter()
@@ -365,31 +373,62 @@ pub struct StepOutput {
 
 /// What TRL's SFT trainer logs beside the loss for a batch: the mean entropy of the
 /// next-token distributions at the labelled positions and the share of them whose label is the
-/// most likely token (`entropy`, `mean_token_accuracy`; 0 for a batch without labels).
+/// most likely token (`entropy`, `mean_token_accuracy`; 0 for a batch without labels), and a
+/// mixture-of-experts model's load-balancing loss, unweighted (`aux_loss`, where it is on).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TokenMetrics {
     pub entropy: f64,
     pub mean_token_accuracy: f64,
+    pub aux_loss: Option<f64>,
+}
+
+/// A batch's loss and what [`TokenMetrics`] reads of it, on the device.
+pub struct BatchLoss {
+    /// The loss to take the backward of: the token loss's share, plus the load-balancing
+    /// loss's where it is on.
+    pub loss: Tensor,
+    pub stats: TokenStats,
+    /// The load-balancing loss, unweighted.
+    pub aux: Option<Tensor>,
+}
+
+fn read_f64(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 impl TokenMetrics {
-    fn read(stats: &TokenStats, labelled: usize) -> Result<Self> {
+    fn read(batch: &BatchLoss, labelled: usize) -> Result<Self> {
+        let aux_loss = batch.aux.as_ref().map(read_f64).transpose()?;
         if labelled == 0 {
-            return Ok(Self::default());
+            return Ok(Self {
+                aux_loss,
+                ..Self::default()
+            });
         }
-        let read = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         Ok(Self {
-            entropy: read(&stats.entropy_sum)? / labelled as f64,
-            mean_token_accuracy: read(&stats.top1)? / labelled as f64,
+            entropy: read_f64(&batch.stats.entropy_sum)? / labelled as f64,
+            mean_token_accuracy: read_f64(&batch.stats.top1)? / labelled as f64,
+            aux_loss,
         })
     }
 
     /// The mean of each metric over `all` (TRL's average over the batches since the last log).
     pub fn mean(all: &[TokenMetrics]) -> Self {
         let n = all.len().max(1) as f64;
+        let aux: Vec<f64> = all.iter().filter_map(|m| m.aux_loss).collect();
         Self {
             entropy: all.iter().map(|m| m.entropy).sum::<f64>() / n,
             mean_token_accuracy: all.iter().map(|m| m.mean_token_accuracy).sum::<f64>() / n,
+            aux_loss: (!aux.is_empty()).then(|| aux.iter().sum::<f64>() / aux.len() as f64),
+        }
+    }
+
+    /// Adds the metrics to a metrics line, each key after `prefix` (`eval_`).
+    fn log(&self, line: &mut serde_json::Value, prefix: &str) {
+        line[format!("{prefix}entropy")] = json!(self.entropy);
+        line[format!("{prefix}mean_token_accuracy")] = json!(self.mean_token_accuracy);
+        if let Some(aux) = self.aux_loss {
+            line[format!("{prefix}aux_loss")] = json!(aux);
         }
     }
 }
@@ -422,22 +461,53 @@ impl Trainer<'_> {
     }
 
     /// Summed token loss of one batch, divided by `denom`, ready for backward (`train`:
-    /// dropout on).
+    /// dropout on), plus the load-balancing loss of a mixture-of-experts model's routers
+    /// weighted by [`Self::router_aux_loss_coef`].
     pub fn batch_loss(&self, batch: &Batch, denom: usize, train: bool) -> Result<Tensor> {
-        Ok(self.batch_loss_stats(batch, denom, train)?.0)
+        Ok(self.batch_loss_stats(batch, denom, 1, train)?.loss)
     }
 
-    /// [`Self::batch_loss`] and the batch's [`TokenStats`] (on the device, unread).
+    /// The weight of the routers' load-balancing loss in the loss, as TRL's SFTTrainer sets
+    /// it: the run's `router_aux_loss_coef`, by default the model config's; `None` when it
+    /// is 0 or the model has no experts (where a weight set for it is an error).
+    pub fn router_aux_loss_coef(&self) -> Result<Option<f64>> {
+        let asked = self.args.router_aux_loss_coef;
+        match &self.model.base().config.moe {
+            Some(moe) => Ok(Some(asked.unwrap_or(moe.router_aux_loss_coef)).filter(|&c| c != 0.0)),
+            None if asked.is_some_and(|c| c != 0.0) => bail!(
+                "router_aux_loss_coef is set to {} but {} is not a mixture-of-experts model, \
+                 whose routers' load-balancing loss it weights",
+                asked.unwrap_or_default(),
+                self.model.base().config.model_type
+            ),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Self::batch_loss`] and what [`TokenMetrics`] reads (on the device, unread), in a
+    /// step over `micro_batches` micro-batches (TRL divides the load-balancing loss, a mean
+    /// over each micro-batch, by their number).
     pub fn batch_loss_stats(
         &self,
         batch: &Batch,
         denom: usize,
+        micro_batches: usize,
         train: bool,
-    ) -> Result<(Tensor, TokenStats)> {
+    ) -> Result<BatchLoss> {
         let base = self.model.base();
-        let (hidden, virtual_rows) =
+        let coef = self.router_aux_loss_coef()?;
+        let balance = match coef {
+            Some(_) => base.load_balance(&batch.token_mask()?),
+            None => None,
+        };
+        let forward = || {
             self.model
-                .hidden(&batch.input_ids, batch.attention_mask.as_ref(), train)?;
+                .hidden(&batch.input_ids, batch.attention_mask.as_ref(), train)
+        };
+        let (hidden, virtual_rows) = match &balance {
+            Some(b) => base.balancing(b, forward)??,
+            None => forward()?,
+        };
         // Rows of virtual tokens (prompt tuning) carry no label.
         let hidden = hidden.narrow(1, virtual_rows, batch.input_ids.dim(1)?)?;
         let (b, t, d) = hidden.dims3()?;
@@ -452,9 +522,21 @@ impl Trainer<'_> {
         let rows = (elems / weight.dim(0)?).max(1);
         // A trainable head (full fine-tuning, modules_to_save) gets its gradient too.
         let softcap = base.config.final_softcap;
-        Ok(cross_entropy_sum_stats(
-            &hidden, weight, &labels, denom, rows, softcap,
-        )?)
+        let (mut loss, stats) =
+            cross_entropy_sum_stats(&hidden, weight, &labels, denom, rows, softcap)?;
+        let aux = match (balance, coef) {
+            (Some(balance), Some(coef)) => {
+                let weight = coef / micro_batches.max(1) as f64;
+                let aux = balance.finish(weight)?;
+                if let Some(aux) = &aux {
+                    let dtype = loss.dtype();
+                    loss = (loss + (aux * weight)?.to_dtype(dtype)?)?;
+                }
+                aux
+            }
+            _ => None,
+        };
+        Ok(BatchLoss { loss, stats, aux })
     }
 
     /// One optimizer step over the micro-batches of an accumulation group.
@@ -470,14 +552,13 @@ impl Trainer<'_> {
         let mut acc: Option<GradStore> = None;
         // The losses stay on the device until the optimizer step is queued: on a GPU, reading
         // one back would stall the host mid-step while the device drains its queue.
-        let mut losses = Vec::with_capacity(batches.len());
-        let mut stats = Vec::with_capacity(batches.len());
+        let mut outs = Vec::with_capacity(batches.len());
         for (micro, batch) in batches.iter().enumerate() {
             self.set_seeds(dropout_seed(seed, step, micro));
-            let (l, s) = self.batch_loss_stats(batch, denom, true)?;
-            let grads = self.model.base().backward(&l)?;
-            losses.push(l.detach().to_dtype(DType::F64)?);
-            stats.push(s);
+            let mut out = self.batch_loss_stats(batch, denom, batches.len(), true)?;
+            let grads = self.model.base().backward(&out.loss)?;
+            out.loss = out.loss.detach();
+            outs.push(out);
             acc = Some(match acc {
                 None => grads,
                 Some(mut acc) => {
@@ -495,8 +576,8 @@ impl Trainer<'_> {
         // then almost always non-finite too, and the optimizer skips them).
         let grad_norm = opt.step_clipped(&mut grads, self.args.max_grad_norm, lr)?;
         let mut loss = 0f64;
-        for l in &losses {
-            loss += l.to_scalar::<f64>()?;
+        for out in &outs {
+            loss += read_f64(&out.loss)?;
         }
         if !loss.is_finite() {
             return Err(NonFinite {
@@ -514,7 +595,7 @@ impl Trainer<'_> {
             }
             .into());
         }
-        let token_metrics = stats
+        let token_metrics = outs
             .iter()
             .zip(batches)
             .map(|(s, b)| TokenMetrics::read(s, b.n_trained))
@@ -589,11 +670,11 @@ impl Trainer<'_> {
         for chunk in examples.chunks(batch_size.max(1)) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let batch = Batch::padded(&refs, self.pad_id, self.args.pad_to_multiple_of, &device)?;
-            let (loss, stats) =
-                peft_ops::no_grad(|| self.batch_loss_stats(&batch, batch.n_trained, false))?;
-            sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
+            let out =
+                peft_ops::no_grad(|| self.batch_loss_stats(&batch, batch.n_trained, 1, false))?;
+            sum += read_f64(&out.loss)? * chunk.len() as f64;
             count += chunk.len();
-            tokens.push(TokenMetrics::read(&stats, batch.n_trained)?);
+            tokens.push(TokenMetrics::read(&out, batch.n_trained)?);
         }
         Ok(EvalMetrics {
             loss: sum / count.max(1) as f64,
@@ -645,6 +726,7 @@ impl Trainer<'_> {
     ) -> Result<TrainSummary> {
         let a = self.args.clone();
         a.validate()?;
+        self.router_aux_loss_coef()?;
         if examples.is_empty() {
             bail!("nothing to train on: no examples");
         }
@@ -833,8 +915,7 @@ impl Trainer<'_> {
                     summary.evals.push((step, eval_loss));
                     line["eval_loss"] = json!(eval_loss);
                     line["eval_perplexity"] = json!(eval_loss.exp());
-                    line["eval_entropy"] = json!(metrics.tokens.entropy);
-                    line["eval_mean_token_accuracy"] = json!(metrics.tokens.mean_token_accuracy);
+                    metrics.tokens.log(&mut line, "eval_");
                     // As transformers: early stopping counts evaluations that do not beat the
                     // best loss so far by more than the threshold; the best is any lower loss.
                     let best = state.best_eval_loss;
@@ -860,9 +941,7 @@ impl Trainer<'_> {
                     // The mean over the steps since the last line, as transformers logs it.
                     line["loss"] = json!(since_log.iter().sum::<f64>() / since_log.len() as f64);
                     since_log.clear();
-                    let tokens = TokenMetrics::mean(&tokens_since_log);
-                    line["entropy"] = json!(tokens.entropy);
-                    line["mean_token_accuracy"] = json!(tokens.mean_token_accuracy);
+                    TokenMetrics::mean(&tokens_since_log).log(&mut line, "");
                     tokens_since_log.clear();
                     writeln!(metrics, "{line}")
                         .with_context(|| format!("cannot write {}", metrics_path.display()))?;

@@ -564,3 +564,110 @@ fn entropy_and_token_accuracy_as_trl_logs_them() {
     let trained = trainer.evaluate(&data).unwrap().tokens;
     assert!(trained.mean_token_accuracy > 0.9, "{trained:?}");
 }
+
+/// OLMoE's tiny model of crates/peft (its experts' fused block) with LoRA on the attention.
+fn moe_lora() -> PeftModel {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft/tests/fixtures/arch/olmoe/model");
+    let dtype = candle_core::DType::F32;
+    let base = peft_models::load_model(&dir, &candle_core::Device::Cpu, dtype)
+        .unwrap()
+        .into_model(&candle_core::Device::Cpu, dtype)
+        .unwrap()
+        .0;
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: Some(TargetModules::parse_flag("q_proj,v_proj")),
+        init_lora_weights: serde_json::json!("gaussian"),
+        ..Default::default()
+    };
+    PeftModel::new(base, config, 5).unwrap()
+}
+
+/// A mixture-of-experts model's step adds the routers' load-balancing loss as TRL's
+/// SFTTrainer does: each micro-batch's, over its real tokens (a padded batch's equals the same
+/// examples' packed in one row), weighted by the coefficient over the micro-batches; 0 turns
+/// it off, and a dense model refuses a coefficient.
+#[test]
+fn router_load_balancing_loss_as_trl_adds_it() {
+    let mut model = moe_lora();
+    let coef = 0.3;
+    let mut a = args(Path::new("unused"));
+    a.router_aux_loss_coef = Some(coef);
+    let mut trainer = Trainer {
+        model: &mut model,
+        args: a,
+        pad_id: 0,
+    };
+    let device = candle_core::Device::Cpu;
+    let exs = examples(4, 3);
+    let batches: Vec<Batch> = exs
+        .chunks(2)
+        .map(|c| Batch::new(&c.iter().collect::<Vec<_>>(), 0, &device).unwrap())
+        .collect();
+    assert!(
+        batches.iter().all(|b| b.lengths[0] != b.lengths[1]),
+        "padding in each batch"
+    );
+    let aux_of = |trainer: &Trainer, batch: &Batch| {
+        let out = trainer.batch_loss_stats(batch, 1, 1, false).unwrap();
+        out.aux.unwrap().to_scalar::<f32>().unwrap() as f64
+    };
+    let packed = pack(&exs[..2], 64);
+    assert_eq!(packed.len(), 1);
+    let packed = Batch::new(&[&packed[0]], 0, &device).unwrap();
+    let (padded, in_one_row) = (aux_of(&trainer, &batches[0]), aux_of(&trainer, &packed));
+    assert!(
+        (padded - in_one_row).abs() < 1e-6,
+        "{padded} vs {in_one_row}"
+    );
+
+    let denom: usize = batches.iter().map(|b| b.n_trained).sum();
+    let token_losses: Vec<f64> = {
+        let mut off = args(Path::new("unused"));
+        off.router_aux_loss_coef = Some(0.0);
+        let plain = Trainer {
+            model: &mut *trainer.model,
+            args: off,
+            pad_id: 0,
+        };
+        let out = plain.batch_loss_stats(&batches[0], 1, 1, false).unwrap();
+        assert!(out.aux.is_none(), "a coefficient of 0 adds no aux loss");
+        batches
+            .iter()
+            .map(|b| {
+                plain
+                    .batch_loss(b, denom, false)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
+            })
+            .collect()
+    };
+    let mut opt = trainer.optimizer().unwrap();
+    let out = trainer.step(&mut opt, &batches, 0, 1e-12).unwrap();
+    let aux: Vec<f64> = out
+        .token_metrics
+        .iter()
+        .map(|m| m.aux_loss.unwrap())
+        .collect();
+    let want = token_losses.iter().sum::<f64>() + coef * aux.iter().sum::<f64>() / 2.0;
+    assert!((out.loss - want).abs() < 1e-5, "{} vs {want}", out.loss);
+    assert!(aux.iter().all(|&a| a > 1.0), "{aux:?}");
+
+    let mut dense = lora();
+    let mut a = args(tempfile::tempdir().unwrap().path());
+    a.router_aux_loss_coef = Some(coef);
+    let mut trainer = Trainer {
+        model: &mut dense,
+        args: a,
+        pad_id: 0,
+    };
+    let err = trainer.train(&examples(4, 1)).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "router_aux_loss_coef is set to 0.3 but llama is not a mixture-of-experts model"
+        ),
+        "{err}"
+    );
+}
