@@ -13,7 +13,8 @@ token, renormalized) and OLMoE, where all-linear also adapts the experts' stacke
 parameters and the router (HF PEFT's target_parameters; without dropout there, as HF PEFT
 requires), and Qwen2-MoE (a gated shared expert, which all-linear adapts, every second layer
 dense), gpt-oss (attention sinks, biased experts with a clamped SwiGLU, LoRA on its router
-and experts by target_parameters) and ERNIE 4.5 (RoPE over adjacent dims). `peft train` runs on
+and experts by target_parameters), ERNIE 4.5 (RoPE over adjacent dims) and GLM-4.5
+(sigmoid routing over groups of experts, a shared expert, partial rotary). `peft train` runs on
 the shipped pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see
 only part of their sequence through a window). Then, for each:
 1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
@@ -36,7 +37,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           SmolLM3ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
                           OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM, GptOssConfig, GptOssForCausalLM, Ernie4_5Config,
-                          Ernie4_5ForCausalLM)
+                          Ernie4_5ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM)
 
 from harness import arguments, peft_logits, random_model, run
 
@@ -125,10 +126,17 @@ models = {
         swiglu_limit=1.0)),
     # ERNIE 4.5: RoPE over adjacent dims (2i, 2i + 1), tied embeddings.
     "ernie4_5": (Ernie4_5ForCausalLM, Ernie4_5Config(**common, head_dim=32)),
+    # GLM-4.5: sigmoid routing within the best 2 of 4 groups of 16 experts, 4 per token,
+    # scaled by 2.5, a shared expert, the first layer dense, q/k norms, RoPE on half the dims.
+    "glm4_moe": (Glm4MoeForCausalLM, Glm4MoeConfig(
+        **common, head_dim=32, n_routed_experts=16, num_experts_per_tok=4,
+        moe_intermediate_size=32, n_shared_experts=1, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True,
+        attention_bias=True)),
 }
 # LoRA on parameters (the experts') takes no dropout, in HF PEFT either.
 no_dropout = ["--lora-dropout", "0"]
-extra_flags = {name: no_dropout for name in ("mixtral", "qwen3_moe", "olmoe")}
+extra_flags = {name: no_dropout for name in ("mixtral", "qwen3_moe", "olmoe", "glm4_moe")}
 extra_flags["gpt_oss"] = [*no_dropout, "--target-parameters",
                           "mlp.router.weight,mlp.experts.gate_up_proj,mlp.experts.down_proj"]
 failed = False

@@ -22,7 +22,7 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig,
                           GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM,
@@ -227,6 +227,16 @@ models["gpt_oss"] = (GptOssForCausalLM, GptOssConfig(
 models["ernie4_5"] = (Ernie4_5ForCausalLM, Ernie4_5Config(
     **common, head_dim=16, use_bias=True, tie_word_embeddings=True,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+# GLM-4.5: sigmoid routing with a correction bias (random here) choosing within the best of
+# two groups of experts, weights renormalized and scaled; a shared expert; the first layer
+# dense; per-head q/k norms, q/k/v biases, RoPE on half of each head's dims.
+models["glm4_moe"] = (Glm4MoeForCausalLM, Glm4MoeConfig(
+    **common, head_dim=16, tie_word_embeddings=False, n_routed_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, n_group=2,
+    topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, norm_topk_prob=True,
+    use_qk_norm=True, attention_bias=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                     "partial_rotary_factor": 0.5}))
 lora_parameters = {"gpt_oss": ["mlp.router.weight", "mlp.experts.gate_up_proj",
                                "mlp.experts.down_proj"]}
 # HF PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE also puts LoRA on the experts' stacked
@@ -255,6 +265,9 @@ for name, (cls, cfg) in models.items():
                 p.copy_(1.0 + torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                b.copy_(0.5 * torch.randn_like(b))
     model.save_pretrained(f"{out}/model")
     with torch.no_grad():
         base_logits = model(input_ids=ids).logits

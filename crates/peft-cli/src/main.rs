@@ -513,12 +513,23 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
     println!("linear modules: {}", kinds.join(", "));
     if let Some(moe) = &base.config.moe {
         let sparse = moe.sparse_layers.iter().filter(|s| **s).count();
-        let shared = match moe.shared_expert_size {
-            Some(size) => format!(", a gated shared expert of {size}"),
-            None => String::new(),
+        let shared = match (moe.shared_expert_size, moe.shared_expert_paths().1) {
+            (Some(size), Some(_)) => format!(", a gated shared expert of {size}"),
+            (Some(size), None) => format!(", a shared expert of {size}"),
+            (None, _) => String::new(),
+        };
+        let scoring = match moe.scoring {
+            peft_ops::Scoring::Softmax => "softmax".to_string(),
+            peft_ops::Scoring::Sigmoid {
+                n_group,
+                topk_group,
+                scale,
+            } => format!(
+                "sigmoid, corrected choice within the best {topk_group} of {n_group} groups, scaled by {scale}"
+            ),
         };
         println!(
-            "mixture of experts on {sparse} of {} layers: {} experts of {}, {} per token ({}){shared}; LoRA reaches the router and experts as parameters (target_parameters: {}.weight, gate_up_proj, down_proj)",
+            "mixture of experts on {sparse} of {} layers: {} experts of {}, {} per token ({scoring}; {}){shared}; LoRA reaches the router and experts as parameters (target_parameters: {}.weight, gate_up_proj, down_proj)",
             base.config.num_hidden_layers,
             moe.num_experts,
             moe.expert_size,

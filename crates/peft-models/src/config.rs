@@ -1,5 +1,5 @@
 use anyhow::{bail, Context, Result};
-use peft_ops::GatedActivation;
+use peft_ops::{GatedActivation, RouterKind, Scoring};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
@@ -145,8 +145,10 @@ pub struct Moe {
     /// Intermediate size of each expert.
     pub expert_size: usize,
     pub norm_topk_prob: bool,
-    /// Intermediate size of Qwen2-MoE's shared expert (`mlp.shared_expert`, gated by
-    /// `mlp.shared_expert_gate`).
+    /// How the router's logits choose and weigh the experts.
+    pub scoring: Scoring,
+    /// Intermediate size of the shared expert: Qwen2-MoE's (`mlp.shared_expert`, gated by
+    /// `mlp.shared_expert_gate`) or GLM-4.5's (`mlp.shared_experts`, ungated).
     pub shared_expert_size: Option<usize>,
     /// Per layer, whether its feed-forward block is the mixture (Qwen's `mlp_only_layers` and
     /// `decoder_sparse_step` leave some dense).
@@ -184,6 +186,28 @@ pub enum ExpertStorage {
 }
 
 impl Moe {
+    /// The router's settings.
+    pub fn router_kind(&self) -> RouterKind {
+        RouterKind {
+            scoring: self.scoring,
+            top_k: self.top_k,
+            norm_topk_prob: self.norm_topk_prob,
+        }
+    }
+
+    /// GLM-4.5's routers correct their choice by a bias (`mlp.gate.e_score_correction_bias`).
+    pub fn has_choice_bias(&self) -> bool {
+        matches!(self.scoring, Scoring::Sigmoid { .. })
+    }
+
+    /// Module path of the shared expert under a layer, and of its gate where it has one.
+    pub fn shared_expert_paths(&self) -> (&'static str, Option<&'static str>) {
+        match self.scoring {
+            Scoring::Sigmoid { .. } => ("mlp.shared_experts", None),
+            Scoring::Softmax => ("mlp.shared_expert", Some("mlp.shared_expert_gate")),
+        }
+    }
+
     /// Module path of the router under a layer (`mlp.gate`, gpt-oss's `mlp.router`).
     pub fn router_path(&self) -> String {
         format!("{}.{}", self.block, self.router)
@@ -362,7 +386,7 @@ struct RawConfig {
     embedding_multiplier: Option<f64>,
     residual_multiplier: Option<f64>,
     logits_scaling: Option<f64>,
-    #[serde(alias = "num_local_experts")]
+    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
     num_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
     moe_intermediate_size: Option<usize>,
@@ -373,6 +397,12 @@ struct RawConfig {
     swiglu_alpha: Option<f32>,
     swiglu_limit: Option<f32>,
     router_aux_loss_coef: Option<f64>,
+    n_shared_experts: Option<usize>,
+    first_k_dense_replace: Option<usize>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    routed_scaling_factor: Option<f64>,
+    use_qk_norm: Option<bool>,
 }
 
 fn default_max_pos() -> usize {
@@ -403,6 +433,7 @@ const SUPPORTED: &[&str] = &[
     "qwen3_vl_moe_text",
     "gpt_oss",
     "ernie4_5",
+    "glm4_moe",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
@@ -640,17 +671,19 @@ impl LlamaConfig {
         let head_dim = c
             .head_dim
             .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
-        // Phi-4-mini rotates the first `partial_rotary_factor` of each head's dims only.
+        // Phi-4-mini and GLM-4.5 rotate the first `partial_rotary_factor` of each head's dims
+        // only (GLM-4.5's class default: half).
+        let glm4_moe = model_type == "glm4_moe";
         let partial_rotary = rope
             .as_ref()
             .and_then(|r| r.get("partial_rotary_factor")?.as_f64())
             .or(c.partial_rotary_factor)
-            .unwrap_or(1.0);
+            .unwrap_or(if glm4_moe { 0.5 } else { 1.0 });
         let rotary_dim = (head_dim as f64 * partial_rotary) as usize;
-        if partial_rotary != 1.0 && !phi3 {
+        if partial_rotary != 1.0 && !phi3 && !glm4_moe {
             bail!(
                 "partial rotary embeddings (partial_rotary_factor {partial_rotary}) are supported \
-                 for phi3 only"
+                 for phi3 and glm4_moe only"
             );
         }
         if !(partial_rotary > 0.0 && partial_rotary <= 1.0) {
@@ -839,7 +872,7 @@ impl LlamaConfig {
             vocab_size: c.vocab_size,
             // The class's default, which transformers 5 leaves out of the files it writes.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(match model_type.as_str() {
-                "phi3" | "olmo2" | "olmo3" | "olmoe" | "mixtral" => 1e-5,
+                "phi3" | "olmo2" | "olmo3" | "olmoe" | "mixtral" | "glm4_moe" => 1e-5,
                 _ => 1e-6,
             }),
             rope_theta,
@@ -851,13 +884,15 @@ impl LlamaConfig {
                 .tie_word_embeddings
                 .unwrap_or(gemma || ["smollm3", "ernie4_5"].contains(&model_type.as_str())),
             qkv_bias,
-            o_bias: c.attention_bias || c.use_bias,
+            // GLM-4.5's attention_bias leaves o_proj without one.
+            o_bias: (c.attention_bias && !glm4_moe) || c.use_bias,
             mlp_bias: c.mlp_bias || c.use_bias,
             qk_norm: match model_type.as_str() {
                 "qwen3" | "qwen3_moe" | "qwen3_vl_text" | "qwen3_vl_moe_text" | "gemma3_text" => {
                     QkNorm::PerHead
                 }
                 "olmo2" | "olmo3" | "olmoe" => QkNorm::Projection,
+                "glm4_moe" if c.use_qk_norm == Some(true) => QkNorm::PerHead,
                 _ => QkNorm::None,
             },
             model_type,
@@ -911,12 +946,19 @@ impl LlamaConfig {
         match self.sparse_moe(layer) {
             Some(moe) => {
                 if let Some(s) = moe.shared_expert_size {
-                    linears.extend([
-                        linear("mlp.shared_expert.gate_proj", s, h, false),
-                        linear("mlp.shared_expert.up_proj", s, h, false),
-                        linear("mlp.shared_expert.down_proj", h, s, false),
-                        linear("mlp.shared_expert_gate", 1, h, false),
-                    ]);
+                    match moe.shared_expert_paths() {
+                        ("mlp.shared_experts", _) => linears.extend([
+                            linear("mlp.shared_experts.gate_proj", s, h, false),
+                            linear("mlp.shared_experts.up_proj", s, h, false),
+                            linear("mlp.shared_experts.down_proj", h, s, false),
+                        ]),
+                        _ => linears.extend([
+                            linear("mlp.shared_expert.gate_proj", s, h, false),
+                            linear("mlp.shared_expert.up_proj", s, h, false),
+                            linear("mlp.shared_expert.down_proj", h, s, false),
+                            linear("mlp.shared_expert_gate", 1, h, false),
+                        ]),
+                    }
                 }
             }
             None => linears.extend([
@@ -1155,6 +1197,12 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         "olmoe" => (64, 8, c.intermediate_size, None, false, 0.01),
         // gpt-oss: the softmax of the top-k logits, the renormalized top-k probabilities.
         "gpt_oss" => (128, 4, c.intermediate_size, None, true, 0.001),
+        // GLM-4.5's shared experts: n_shared_experts of moe_intermediate_size; no aux loss.
+        "glm4_moe" => {
+            let size = c.moe_intermediate_size.unwrap_or(1408);
+            let shared = size * c.n_shared_experts.unwrap_or(1);
+            (128, 8, size, Some(shared), true, 0.0)
+        }
         _ => return Ok(None),
     };
     let num_experts = c.num_experts.unwrap_or(experts);
@@ -1163,11 +1211,38 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         bail!("config.json: num_experts_per_tok {top_k} is not between 1 and num_experts {num_experts}");
     }
     let qwen = model_type.starts_with("qwen");
+    let glm = model_type == "glm4_moe";
     let step = c.decoder_sparse_step.unwrap_or(1).max(1);
     let dense = c.mlp_only_layers.clone().unwrap_or_default();
+    // GLM-4.5's first `first_k_dense_replace` layers are dense.
+    let first_sparse = match glm {
+        true => c.first_k_dense_replace.unwrap_or(1),
+        false => 0,
+    };
     let sparse_layers = (0..c.num_hidden_layers)
-        .map(|l| !qwen || (!dense.contains(&l) && (l + 1) % step == 0))
+        .map(|l| l >= first_sparse && (!qwen || (!dense.contains(&l) && (l + 1) % step == 0)))
         .collect();
+    let scoring = match glm {
+        true => {
+            let (n_group, topk_group) = (c.n_group.unwrap_or(1), c.topk_group.unwrap_or(1));
+            if n_group == 0
+                || !num_experts.is_multiple_of(n_group)
+                || topk_group == 0
+                || topk_group > n_group
+            {
+                bail!("config.json: n_group {n_group} and topk_group {topk_group} do not split {num_experts} experts");
+            }
+            if top_k > topk_group * (num_experts / n_group) {
+                bail!("config.json: num_experts_per_tok {top_k} is more than the experts of topk_group {topk_group} groups");
+            }
+            Scoring::Sigmoid {
+                n_group,
+                topk_group,
+                scale: c.routed_scaling_factor.unwrap_or(1.0),
+            }
+        }
+        false => Scoring::Softmax,
+    };
     let mixtral = model_type == "mixtral";
     let gpt_oss = model_type == "gpt_oss";
     Ok(Some(Moe {
@@ -1178,11 +1253,15 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             false => c.moe_intermediate_size.unwrap_or(size),
         },
         // Mixtral, Qwen3-VL-MoE and gpt-oss always renormalize over the chosen experts.
+        scoring,
         norm_topk_prob: mixtral
             || gpt_oss
             || model_type == "qwen3_vl_moe_text"
             || c.norm_topk_prob.unwrap_or(norm),
-        shared_expert_size: shared.map(|s| c.shared_expert_intermediate_size.unwrap_or(s)),
+        shared_expert_size: match glm {
+            true => shared.filter(|_| c.n_shared_experts != Some(0)),
+            false => shared.map(|s| c.shared_expert_intermediate_size.unwrap_or(s)),
+        },
         sparse_layers,
         block: match mixtral {
             true => "block_sparse_moe",

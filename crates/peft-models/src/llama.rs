@@ -16,8 +16,8 @@ use peft_ops::{
     frozen_linear, frozen_mlp, frozen_moe, gated_act, linear, lora_linear, lora_linears,
     narrow_last, packed_self_attention, param, permute_last, prefixed_self_attention,
     quantized_linear, reshape, rms_norm, rope, route, scale, sigmoid_gated, soft_cap,
-    softmax_last_dim, softmax_with_sinks, taped, ExpertWeights, GradSink, LinearWeight,
-    LoadBalance, LoraProjection, QuantizedWeight,
+    softmax_with_sinks, taped, ExpertWeights, FrozenRouter, GradSink, LinearWeight, LoadBalance,
+    LoraProjection, QuantizedWeight,
 };
 use peft_quant::FourBit;
 use std::collections::HashMap;
@@ -208,14 +208,19 @@ pub enum FeedForward {
 
 /// A mixture-of-experts block (see [`Moe`]). Its router and experts are parameters, not linear
 /// layers, to transformers 5: LoRA reaches them as HF PEFT's does, as changes of those
-/// parameters ([`MoeDeltas`]); Qwen2-MoE's shared expert and its gate are linear layers.
+/// parameters ([`MoeDeltas`]); the shared expert (and Qwen2-MoE's gate of it) are linear
+/// layers.
 #[derive(Clone)]
 pub struct SparseMoe {
     /// `[experts, hidden]` (`mlp.gate`).
     pub router: Linear,
+    /// GLM-4.5's correction of the router's choice (`mlp.gate.e_score_correction_bias`,
+    /// `[experts]`, f32).
+    pub choice_bias: Option<Tensor>,
     pub experts: Vec<Mlp>,
-    /// Qwen2-MoE's shared expert and its gate (`mlp.shared_expert`, `mlp.shared_expert_gate`).
-    pub shared: Option<(Mlp, Linear)>,
+    /// The shared expert, with Qwen2-MoE's gate of it (`mlp.shared_expert`,
+    /// `mlp.shared_expert_gate`; GLM-4.5's `mlp.shared_experts`, ungated).
+    pub shared: Option<(Mlp, Option<Linear>)>,
     /// LoRA on the router's and experts' parameters (HF PEFT's `target_parameters`).
     pub deltas: MoeDeltas,
 }
@@ -405,7 +410,7 @@ impl DecoderLayer {
             FeedForward::Sparse(s) => {
                 if let Some((shared, gate)) = &mut s.shared {
                     out.extend(shared.linears_mut());
-                    out.push(gate);
+                    out.extend(gate);
                 }
             }
         }
@@ -663,11 +668,20 @@ impl WeightTaker<'_> {
         layer_path: &str,
         moe: &Moe,
         hidden: usize,
-        shared: Option<(Mlp, Linear)>,
+        shared: Option<(Mlp, Option<Linear>)>,
     ) -> Result<SparseMoe> {
         let router_path = format!("{layer_path}.{}", moe.router_path());
         let bias = moe.biases;
         let router = self.linear(&router_path, moe.num_experts, hidden, bias)?;
+        let choice_bias = moe
+            .has_choice_bias()
+            .then(|| {
+                let name = format!("{router_path}.e_score_correction_bias");
+                self.take(&name, &[moe.num_experts])?
+                    .to_dtype(DType::F32)
+                    .map_err(anyhow::Error::from)
+            })
+            .transpose()?;
         let size = moe.expert_size;
         let experts = (0..moe.num_experts)
             .map(|e| {
@@ -683,6 +697,7 @@ impl WeightTaker<'_> {
             .collect::<Result<_>>()?;
         Ok(SparseMoe {
             router,
+            choice_bias,
             experts,
             shared,
             deltas: MoeDeltas::default(),
@@ -748,8 +763,9 @@ impl Llama {
             let mlp = match c.sparse_moe(l) {
                 None => FeedForward::Dense(mlp()?),
                 Some(moe) => {
+                    let gated = moe.shared_expert_paths().1.is_some();
                     let shared = match moe.shared_expert_size {
-                        Some(_) => Some((mlp()?, next()?)),
+                        Some(_) => Some((mlp()?, gated.then(&mut next).transpose()?)),
                         None => None,
                     };
                     FeedForward::Sparse(w.sparse_moe(&p, moe, h, shared)?)
@@ -965,7 +981,29 @@ impl Llama {
             }
         }
         out.extend(self.attention_sinks());
+        out.extend(self.choice_biases());
         Ok(out)
+    }
+
+    /// GLM-4.5's corrections of its routers' choices with their checkpoint names
+    /// (`model.layers.1.mlp.gate.e_score_correction_bias`).
+    pub fn choice_biases(&self) -> Vec<(String, Tensor)> {
+        let (decoder, Some(moe)) = (self.config.decoder_path(), &self.config.moe) else {
+            return Vec::new();
+        };
+        let layers = self.layers.iter().enumerate();
+        layers
+            .filter_map(|(l, layer)| {
+                let FeedForward::Sparse(s) = &layer.mlp else {
+                    return None;
+                };
+                let name = format!(
+                    "{decoder}.layers.{l}.{}.e_score_correction_bias",
+                    moe.router_path()
+                );
+                Some((name, s.choice_bias.clone()?))
+            })
+            .collect()
     }
 
     /// gpt-oss's attention sinks with their checkpoint names (`model.layers.0.self_attn.sinks`).
@@ -1863,28 +1901,41 @@ fn sparse_moe(
     inputs: &LayerInputs,
     train: bool,
 ) -> candle_core::Result<Tensor> {
-    let (top_k, norm_topk_prob) = (moe.top_k, moe.norm_topk_prob);
+    let kind = moe.router_kind();
     let (sink, balance) = (&inputs.sink, inputs.balance.as_ref());
+    let choice_bias = s.choice_bias.as_ref();
     let mut out = match s.frozen_weights() {
         Some((router, experts)) => {
-            let router = (&router, s.router.bias.as_ref());
-            let routing = (top_k, norm_topk_prob);
-            frozen_moe(x, router, &experts, routing, c.activation, balance)?
+            let router = FrozenRouter {
+                weight: &router,
+                bias: s.router.bias.as_ref(),
+                choice_bias,
+                kind,
+            };
+            frozen_moe(x, router, &experts, c.activation, balance)?
         }
         None => {
             let hidden = x.dim(D::Minus1)?;
             let rows = x.elem_count() / hidden;
             let x2 = reshape(x, (rows, hidden))?;
             let deltas = &s.deltas;
-            let logits = match deltas.router_weight(&s.router, x.dtype())? {
-                Some(w) => Linear::new(w, s.router.bias.clone()).base_forward(&x2)?,
+            // GLM-4.5's router computes in f32, as transformers'.
+            let in_f32 = moe.has_choice_bias();
+            let dtype = if in_f32 { DType::F32 } else { x.dtype() };
+            let bias = s.router.bias.clone();
+            let logits = match deltas.router_weight(&s.router, dtype)? {
+                Some(w) => Linear::new(w, bias).base_forward(&cast(&x2, dtype)?)?,
+                None if in_f32 && s.router.adapter.is_none() => {
+                    let w = s.router.weight.dense()?.to_dtype(dtype)?;
+                    Linear::new(w, bias).base_forward(&cast(&x2, dtype)?)?
+                }
                 None => s.router.forward(&x2, train)?,
             };
-            let mut probs = softmax_last_dim(&cast(&logits, DType::F32)?)?;
+            let mut probs = kind.scores(&cast(&logits, DType::F32)?)?;
             if let Some(b) = balance {
                 probs = b.inject(&probs)?;
             }
-            let routing = route(&probs, top_k, norm_topk_prob)?;
+            let routing = route(&probs, &kind, choice_bias)?;
             if let Some(b) = balance {
                 b.record(&probs, &routing.chosen)?;
             }
@@ -1907,7 +1958,11 @@ fn sparse_moe(
     };
     if let Some((shared, gate)) = &s.shared {
         let y = mlp(c, shared, x, sink, train)?;
-        out = add(&out, &sigmoid_gated(&gate.forward(x, train)?, &y)?)?;
+        let y = match gate {
+            Some(gate) => sigmoid_gated(&gate.forward(x, train)?, &y)?,
+            None => y,
+        };
+        out = add(&out, &y)?;
     }
     Ok(out)
 }

@@ -189,6 +189,10 @@ impl WeightStore {
                     .with_context(|| format!("cannot quantize {name}"))?;
                 self.quantized.insert(name, Arc::new(w));
             }
+            // GLM-4.5's correction of its routers' choice stays f32, as transformers keeps it.
+            _ if name.ends_with(".e_score_correction_bias") => {
+                self.weights.insert(name, t.to_dtype(DType::F32)?);
+            }
             _ => {
                 self.weights.insert(name, t.to_dtype(self.dtype)?);
             }

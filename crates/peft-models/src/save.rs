@@ -128,6 +128,11 @@ pub fn save_hf_model(
                 Some(kind) => image_text_checkpoint_name(kind, &k),
                 None => k,
             };
+            // GLM-4.5's choice corrections stay f32, as transformers keeps and saves them.
+            let dtype = match name.ends_with(".e_score_correction_bias") {
+                true => DType::F32,
+                false => dtype,
+            };
             Ok((name, t.detach().to_dtype(dtype)?))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -354,6 +354,47 @@ fn mixture_of_experts_configs() {
     );
     assert_eq!((c.rope_theta, c.rms_norm_eps), (1e6, 1e-5));
 
+    // GLM-4.5 by its class defaults: half of each head's dims rotated, the first layer
+    // dense, one ungated shared expert, o_proj without the attention's biases.
+    let glm = serde_json::json!({
+        "model_type": "glm4_moe", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "vocab_size": 100, "n_routed_experts": 16, "num_experts_per_tok": 4,
+        "moe_intermediate_size": 24, "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 2.5, "attention_bias": true, "use_qk_norm": true,
+    });
+    let c = peft_models::LlamaConfig::from_json(glm.clone()).unwrap();
+    let moe = c.moe.as_ref().unwrap();
+    assert_eq!((moe.num_experts, moe.top_k, moe.expert_size), (16, 4, 24));
+    assert_eq!(moe.sparse_layers, [false, true, true]);
+    assert_eq!(
+        moe.scoring,
+        peft_ops::Scoring::Sigmoid {
+            n_group: 4,
+            topk_group: 2,
+            scale: 2.5
+        }
+    );
+    assert_eq!(moe.shared_expert_size, Some(24));
+    assert_eq!(moe.router_aux_loss_coef, 0.0);
+    assert_eq!(c.rotary_dim, 16);
+    assert!(c.qkv_bias && !c.o_bias);
+    assert_eq!(c.qk_norm_sizes(), Some([32, 32]));
+    let names = |l: usize| -> Vec<&str> { c.layer_linears(l).iter().map(|l| l.name).collect() };
+    assert_eq!(
+        names(1)[4..],
+        [
+            "mlp.shared_experts.gate_proj",
+            "mlp.shared_experts.up_proj",
+            "mlp.shared_experts.down_proj"
+        ]
+    );
+    let mut bad = glm.clone();
+    bad["topk_group"] = serde_json::json!(1);
+    bad["num_experts_per_tok"] = serde_json::json!(5);
+    let err = peft_models::LlamaConfig::from_json(bad).unwrap_err();
+    assert!(err.to_string().contains("topk_group"), "{err}");
+
     for (key, value, named) in [
         (
             "router_jitter_noise",

@@ -46,7 +46,10 @@ pub use init::{random_normal, random_uniform};
 pub use lora_shared::{
     lora_linears, lora_shared, set_lora_shared, with_lora_shared, LoraProjection, LORA_SHARED_VAR,
 };
-pub use moe::{frozen_moe, route, sigmoid_gated, ExpertRows, ExpertWeights, LoadBalance, Routing};
+pub use moe::{
+    frozen_moe, route, sigmoid_gated, ExpertRows, ExpertWeights, FrozenRouter, LoadBalance,
+    RouterKind, Routing, Scoring,
+};
 pub use ops::{
     cross_entropy_chunked, cross_entropy_sum, cross_entropy_sum_stats, embedding, frozen_linear,
     linear, rms_norm, rope, softmax_last_dim, TokenStats, IGNORE_INDEX,

@@ -25,25 +25,127 @@ pub struct ExpertRows {
 pub struct Routing {
     /// `[rows, top_k]` (`u32`): the experts chosen, most probable first.
     pub chosen: Tensor,
-    /// `[rows, top_k]` (f32): their probabilities, renormalized to sum to 1 when asked; on the
-    /// graph when `probs` was.
+    /// `[rows, top_k]` (f32): their weights (renormalized to sum to 1 when asked, then scaled);
+    /// on the graph when `scores` was.
     pub weights: Tensor,
     /// Per expert, the rows it serves; `None` for an expert no token chose.
     pub experts: Vec<Option<ExpertRows>>,
 }
 
-/// Routes over the router's probabilities `probs` (`[rows, experts]`, f32): each row's `top_k`
-/// most probable experts (the choice reads the values off the graph; the weights stay on it).
-pub fn route(probs: &Tensor, top_k: usize, norm_topk_prob: bool) -> Result<Routing> {
-    let (rows, num_experts) = probs.dims2()?;
-    let chosen = probs
-        .detach()
+/// How a router's logits choose and weigh each token's experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scoring {
+    /// Mixtral, Qwen-MoE, OLMoE, gpt-oss: the softmax of the logits, and the `top_k` most
+    /// probable.
+    Softmax,
+    /// GLM-4.5 (DeepSeek-V3's routing): the sigmoid of the logits (computed in f32); the
+    /// choice by sigmoid plus a per-expert correction bias, among the experts of the
+    /// `topk_group` best of `n_group` groups (a group scored by its two best); the weights
+    /// the chosen sigmoids, times `scale` (`routed_scaling_factor`).
+    Sigmoid {
+        n_group: usize,
+        topk_group: usize,
+        scale: f64,
+    },
+}
+
+/// A router's settings: its [`Scoring`], the experts per token, and whether their weights
+/// are renormalized over the chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterKind {
+    pub scoring: Scoring,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
+impl RouterKind {
+    /// The scores of the logits (`[rows, experts]`, f32): softmax or sigmoid, on the graph.
+    pub fn scores(&self, logits: &Tensor) -> Result<Tensor> {
+        match self.scoring {
+            Scoring::Softmax => crate::softmax_last_dim(logits),
+            Scoring::Sigmoid { .. } => candle_nn::ops::sigmoid(logits),
+        }
+    }
+
+    /// dL/dlogits from dL/dscores, `scores` being [`Self::scores`] of them.
+    fn scores_backward(&self, scores: &Tensor, d_scores: &Tensor) -> Result<Tensor> {
+        match self.scoring {
+            Scoring::Softmax => {
+                let dot = (d_scores * scores)?.sum_keepdim(D::Minus1)?;
+                d_scores.broadcast_sub(&dot)? * scores
+            }
+            Scoring::Sigmoid { .. } => d_scores * (scores * (1.0 - scores)?)?,
+        }
+    }
+
+    /// The factor of the weights after their renormalization.
+    fn scale(&self) -> f64 {
+        match self.scoring {
+            Scoring::Softmax => 1.0,
+            Scoring::Sigmoid { scale, .. } => scale,
+        }
+    }
+
+    /// What the choice ranks (off the graph): the scores, plus the correction `bias` and less
+    /// the experts outside the best groups where the scoring says so.
+    fn choice(&self, scores: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let mut choice = scores.detach();
+        if let Some(b) = bias {
+            choice = choice.broadcast_add(&b.to_dtype(DType::F32)?)?;
+        }
+        let Scoring::Sigmoid {
+            n_group,
+            topk_group,
+            ..
+        } = self.scoring
+        else {
+            return Ok(choice);
+        };
+        if n_group <= 1 || topk_group >= n_group {
+            return Ok(choice);
+        }
+        let (rows, experts) = choice.dims2()?;
+        let per_group = experts / n_group;
+        let grouped = choice.reshape((rows, n_group, per_group))?;
+        // A group's score: the sum of its two best.
+        let best = grouped
+            .sort_last_dim(false)?
+            .0
+            .narrow(2, 0, 2.min(per_group))?;
+        let group_scores = best.sum(2)?;
+        let kept = group_scores
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, topk_group)?
+            .contiguous()?;
+        let ones = Tensor::ones((rows, topk_group), DType::F32, choice.device())?;
+        let mask = Tensor::zeros((rows, n_group), DType::F32, choice.device())?
+            .scatter_add(&kept, &ones, 1)?
+            .unsqueeze(2)?
+            .broadcast_as((rows, n_group, per_group))?
+            .reshape((rows, experts))?;
+        // Experts outside the kept groups rank below every score.
+        let floor = (choice.min_keepdim(1)? - 1.0)?;
+        (&choice * &mask)? + (1.0 - &mask)?.broadcast_mul(&floor)?
+    }
+}
+
+/// Routes over the router's scores `scores` (`[rows, experts]`, f32, [`RouterKind::scores`]):
+/// each row's `top_k` experts by [`RouterKind`]'s choice, with `bias` GLM-4.5's correction of
+/// it (the choice reads the values off the graph; the weights stay on it).
+pub fn route(scores: &Tensor, kind: &RouterKind, bias: Option<&Tensor>) -> Result<Routing> {
+    let (rows, num_experts) = scores.dims2()?;
+    let top_k = kind.top_k;
+    let chosen = kind
+        .choice(scores, bias)?
         .arg_sort_last_dim(false)?
         .narrow(1, 0, top_k)?
         .contiguous()?;
-    let mut weights = probs.gather(&chosen, 1)?;
-    if norm_topk_prob {
+    let mut weights = scores.gather(&chosen, 1)?;
+    if kind.norm_topk_prob {
         weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
+    }
+    if kind.scale() != 1.0 {
+        weights = (weights * kind.scale())?;
     }
     let ids: Vec<u32> = chosen.flatten_all()?.to_vec1()?;
     let mut by_expert = vec![(Vec::new(), Vec::new()); num_experts];
@@ -53,7 +155,7 @@ pub fn route(probs: &Tensor, top_k: usize, norm_topk_prob: bool) -> Result<Routi
         slots_of.push(slot as u32);
     }
     debug_assert_eq!(ids.len(), rows * top_k);
-    let device = probs.device();
+    let device = scores.device();
     let experts = by_expert
         .into_iter()
         .map(|(r, s)| {
@@ -268,25 +370,50 @@ struct ExpertSaved {
     kernel: bool,
 }
 
-/// A mixture-of-experts block of frozen dense weights over `x` (`[..., hidden]`): `router`
-/// `[experts, hidden]` (with gpt-oss's bias `[experts]`), one [`ExpertWeights`] per expert.
-/// One autograd node; its backward returns dL/dx, the experts' share and the router's
-/// (through the chosen probabilities, and through all of them for `balance`'s loss).
+/// A frozen router: its weight `[experts, hidden]`, gpt-oss's bias, GLM-4.5's correction
+/// bias of the choice, and its kind.
+pub struct FrozenRouter<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub choice_bias: Option<&'a Tensor>,
+    pub kind: RouterKind,
+}
+
+impl FrozenRouter<'_> {
+    /// Whether the logits are computed in f32 (GLM-4.5's sigmoid router, as transformers).
+    fn in_f32(&self) -> bool {
+        matches!(self.kind.scoring, Scoring::Sigmoid { .. })
+    }
+}
+
+/// A mixture-of-experts block of frozen dense weights over `x` (`[..., hidden]`): `router`,
+/// one [`ExpertWeights`] per expert. One autograd node; its backward returns dL/dx, the
+/// experts' share and the router's (through the chosen scores, and through all of them for
+/// `balance`'s loss).
 pub fn frozen_moe(
     x: &Tensor,
-    (router, router_bias): (&Tensor, Option<&Tensor>),
+    router: FrozenRouter,
     experts: &[ExpertWeights],
-    (top_k, norm_topk_prob): (usize, bool),
     act: GatedActivation,
     balance: Option<&Arc<LoadBalance>>,
 ) -> Result<Tensor> {
-    let hidden = router.dim(1)?;
+    let hidden = router.weight.dim(1)?;
     let rows = x.elem_count() / hidden;
     let dtype = x.dtype();
     let x2 = x.detach().reshape((rows, hidden))?;
-    let logits = affine(&x2, router, router_bias)?.to_dtype(DType::F32)?;
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-    let routing = route(&probs, top_k, norm_topk_prob)?;
+    let kind = router.kind;
+    let router_weight = match router.in_f32() {
+        true => router.weight.to_dtype(DType::F32)?,
+        false => router.weight.clone(),
+    };
+    let logits = affine(
+        &x2.to_dtype(router_weight.dtype())?,
+        &router_weight,
+        router.bias,
+    )?
+    .to_dtype(DType::F32)?;
+    let probs = kind.scores(&logits)?;
+    let routing = route(&probs, &kind, router.choice_bias)?;
     if let Some(b) = balance {
         b.record(&probs, &routing.chosen)?;
     }
@@ -322,7 +449,7 @@ pub fn frozen_moe(
         ));
     }
     let out = out.reshape(x.shape())?;
-    let (router, experts) = (router.clone(), experts.to_vec());
+    let experts = experts.to_vec();
     let Routing {
         chosen, weights, ..
     } = routing;
@@ -330,7 +457,7 @@ pub fn frozen_moe(
         let d_out = grad.reshape((rows, hidden))?;
         let mut d_x = d_out.zeros_like()?;
         // dL/d(weight) of every (row, slot), flattened as the weights are.
-        let mut d_weights = Tensor::zeros(rows * top_k, DType::F32, grad.device())?;
+        let mut d_weights = Tensor::zeros(rows * kind.top_k, DType::F32, grad.device())?;
         for (e, s) in &saved {
             let w = &experts[*e];
             let d_ye = d_out.index_select(&s.rows, 0)?;
@@ -341,11 +468,13 @@ pub fn frozen_moe(
             let d_xe = (frozen_matmul(&d_g, &w.gate, false)? + frozen_matmul(&d_u, &w.up, false)?)?;
             d_x = d_x.index_add(&s.rows, &d_xe.to_dtype(d_x.dtype())?, 0)?;
         }
-        let mut d_top = d_weights.reshape((rows, top_k))?;
-        if norm_topk_prob {
+        // The weights are `scale · t / Σt` (or `scale · t`) of the chosen scores `t`.
+        let scale = kind.scale();
+        let mut d_top = (d_weights.reshape((rows, kind.top_k))? * scale)?;
+        if kind.norm_topk_prob {
             // w = t / Σt: dL/dt = (dL/dw − Σ dL/dw · w) / Σt.
             let top = probs.gather(&chosen, 1)?;
-            let dot = (&d_top * &weights)?.sum_keepdim(1)?;
+            let dot = (&d_top * (&weights / scale)?)?.sum_keepdim(1)?;
             d_top = d_top
                 .broadcast_sub(&dot)?
                 .broadcast_div(&top.sum_keepdim(1)?)?;
@@ -359,10 +488,13 @@ pub fn frozen_moe(
         {
             d_probs = (d_probs + g)?;
         }
-        let dot = (&d_probs * &probs)?.sum_keepdim(D::Minus1)?;
-        let d_logits = (d_probs.broadcast_sub(&dot)? * &probs)?;
-        let d_router_in = frozen_matmul(&d_logits.to_dtype(dtype)?, &router, false)?;
-        (d_x + d_router_in)?.reshape(x.shape())
+        let d_logits = kind.scores_backward(&probs, &d_probs)?;
+        let d_router_in = frozen_matmul(
+            &d_logits.to_dtype(router_weight.dtype())?,
+            &router_weight,
+            false,
+        )?;
+        (d_x + d_router_in.to_dtype(dtype)?)?.reshape(x.shape())
     })
 }
 

@@ -44,6 +44,7 @@ const ARCHITECTURES: &[&str] = &[
     "qwen3_vl_moe",
     "gpt_oss",
     "ernie4_5",
+    "glm4_moe",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -159,6 +160,7 @@ fn composed_moe_blocks_match_hf_peft() {
         "olmoe",
         "qwen3_vl_moe",
         "gpt_oss",
+        "glm4_moe",
     ] {
         let dir = fixture(name);
         let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
@@ -188,6 +190,65 @@ fn composed_moe_blocks_match_hf_peft() {
             let d = max_abs_diff(got, w);
             assert!(
                 d <= 1e-4 * max_abs(w).max(1.0),
+                "{name}: {key} gradient differs by {d}"
+            );
+        }
+    }
+}
+
+/// A block of frozen experts (one fused op, its own backward) gives the gradients candle's
+/// autograd gives through the same block composed of ops (its experts made variables, which
+/// the comparisons with HF PEFT above check), here for LoRA on the attention alone, whose
+/// gradient reaches the first layer through every router and expert.
+#[test]
+fn frozen_moe_blocks_backpropagate_as_composed_ones() {
+    for name in [
+        "mixtral",
+        "qwen3_moe",
+        "qwen2_moe",
+        "olmoe",
+        "gpt_oss",
+        "glm4_moe",
+    ] {
+        let exp =
+            load_safetensors(&fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap();
+        let ids = exp["input_ids_long"].to_dtype(DType::U32).unwrap();
+        let grads = |composed: bool| {
+            let mut base = base(name);
+            if composed {
+                for (_, lin) in base.expert_linears_mut() {
+                    if let LinearWeight::Dense(w) = &mut lin.weight {
+                        *w = Var::from_tensor(w).unwrap().as_tensor().clone();
+                    }
+                }
+            }
+            let config = peft::LoraConfig {
+                r: 4,
+                lora_alpha: 8.0,
+                target_modules: Some(peft::TargetModules::parse_flag("q_proj,v_proj")),
+                init_lora_weights: serde_json::json!("gaussian"),
+                ..Default::default()
+            };
+            let peft = PeftModel::new(base, config, 7).unwrap();
+            let h = peft.base.forward(&ids, None, None, true).unwrap();
+            let loss = peft
+                .base
+                .logits(&h)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            let g = peft.base.backward(&loss).unwrap();
+            peft.trainable()
+                .into_iter()
+                .map(|(key, var)| (key, g.get(var.as_tensor()).unwrap().clone()))
+                .collect::<Vec<_>>()
+        };
+        for ((key, fused), (_, composed)) in grads(false).iter().zip(grads(true)) {
+            let d = max_abs_diff(fused, &composed);
+            assert!(
+                d <= 1e-4 * max_abs(&composed).max(1e-3),
                 "{name}: {key} gradient differs by {d}"
             );
         }
@@ -569,7 +630,7 @@ fn experts_targets_convert_as_in_hf_peft() {
         target_modules: Some(peft::TargetModules::parse_flag("all-linear")),
         ..Default::default()
     };
-    for name in ["mixtral", "qwen3_moe"] {
+    for name in ["mixtral", "qwen3_moe", "glm4_moe"] {
         let ours = PeftModel::new(base(name), all_linear(), 0).unwrap().config;
         let hf =
             peft::LoraConfig::from_file(&fixture(name).join("lora/adapter_config.json")).unwrap();
