@@ -3,7 +3,7 @@
 For a small random model of each architecture peft-rs writes (Llama with Llama 3 rope scaling
 and attention biases, Mistral, Qwen2, Qwen3, Gemma 3 with five sliding-window layers and one
 global, Gemma 2 with its soft caps, SmolLM3 with a layer without RoPE, the mixture-of-experts
-Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss), saved by transformers with SmolLM2's
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss and GLM-4.5), saved by transformers with SmolLM2's
 tokenizer:
 1. `peft merge --model DIR --output ours.gguf --dtype f32`, and llama.cpp's own
    `convert_hf_to_gguf.py DIR --outtype f32`: every tensor (name, type, shape, values) and every
@@ -49,7 +49,8 @@ from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3
                           Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, MixtralConfig,
                           MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig,
                           Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, GptOssConfig,
-                          GptOssForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM)
+                          GptOssForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM,
+                          Glm4MoeConfig, Glm4MoeForCausalLM)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--llama-cpp", required=True)
@@ -153,12 +154,23 @@ models = {
         num_experts_per_tok=2, sliding_window=4)),
     # ERNIE 4.5: RoPE over adjacent dims (llama.cpp's normal RoPE), tied embeddings.
     "ernie4_5": (Ernie4_5ForCausalLM, Ernie4_5Config(**common, head_dim=32)),
+    # GLM-4.5: sigmoid routing scaled by 2.5 with a correction bias (random here), a shared
+    # expert, the first layer dense, q/k norms and biases, half of the head dims rotated.
+    # Three layers: two with experts. Without its multi-token-prediction layer (which peft
+    # drops as transformers does): the converter's --no-mtp.
+    "glm4_moe": (Glm4MoeForCausalLM, Glm4MoeConfig(
+        **{**common, "num_hidden_layers": 3}, head_dim=32, tie_word_embeddings=False,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True,
+        attention_bias=True)),
 }
 if args.only:
     models = {name: models[name] for name in args.only.split(",")}
 
 
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"}
+# Converter flags by model: GLM-4.5's file without the multi-token-prediction layer.
+CONVERT_FLAGS = {"glm4_moe": ["--no-mtp"]}
 
 # Models whose text llama.cpp computes otherwise than transformers (and peft) from the file its
 # own converter writes: Phi-3's LongRoPE (measured with llama.cpp from llama-cpp-python 0.3.36;
@@ -171,7 +183,7 @@ PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2",
              "smollm3": None, "granite": None, "olmo2": None, "olmo3": None,
              "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
              "phi3_partial": None, "mixtral": None, "qwen2_moe": "qwen2", "qwen3_moe": "qwen2",
-             "olmoe": None, "gpt_oss": None, "ernie4_5": None}
+             "olmoe": None, "gpt_oss": None, "ernie4_5": None, "glm4_moe": None}
 CONVERT = """
 import runpy, sys
 llama_cpp, fallback = sys.argv[1], sys.argv[2]
@@ -193,6 +205,9 @@ gemma.Gemma2Model.set_vocab = lambda self: self._set_vocab_gpt2()
 # ERNIE 4.5's reads tokenizer.model only too.
 from conversion import ernie
 ernie.Ernie4_5Model.set_vocab = lambda self: self._set_vocab_gpt2()
+# GLM's names GLM's own special tokens, which SmolLM2's vocabulary lacks.
+from conversion import glm
+glm.Glm4MoeModel.set_vocab = lambda self: self._set_vocab_gpt2()
 sys.argv = [llama_cpp + "/convert_hf_to_gguf.py"] + sys.argv[3:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -316,6 +331,9 @@ with tempfile.TemporaryDirectory() as tmp:
             if name == "phi3_partial":
                 # Tied embeddings small, so that the text depends on the rotated dims.
                 std, embed_std = 0.2, 0.02
+            if name == "glm4_moe":
+                # At 0.08 the greedy text meets a near tie (logits 2e-4 apart) at its 15th token.
+                std = 0.15
             if name == "gemma2":
                 # Its tied embeddings small and the layers' weights large: otherwise the
                 # embedding dominates and the model repeats a token whatever the window or
@@ -324,6 +342,9 @@ with tempfile.TemporaryDirectory() as tmp:
             for pname, p in model.named_parameters():
                 p.copy_((one + 0.2 * torch.randn_like(p)) if "norm" in pname
                         else (embed_std if "embed" in pname else std) * torch.randn_like(p))
+            for bname, b in model.named_buffers():
+                if bname.endswith("e_score_correction_bias"):
+                    b.copy_(0.5 * torch.randn_like(b))
         model.save_pretrained(d)
         for f in ["tokenizer.json", "chat_template.jinja"]:
             shutil.copy(os.path.join(args.smollm_dir, f), d)
@@ -350,7 +371,7 @@ with tempfile.TemporaryDirectory() as tmp:
         ours, ref = os.path.join(tmp, f"{stem}.gguf"), os.path.join(tmp, f"{stem}-ref.gguf")
         run([args.peft, "merge", "--model", d, "--output", ours, "--dtype", "f32"])
         run([sys.executable, "-c", CONVERT, args.llama_cpp, str(PRE_NAMES[name]), d, "--outtype",
-             "f32", "--outfile", ref])
+             "f32", "--outfile", ref, *CONVERT_FLAGS.get(name, [])])
         problems, n = compare(ours, ref)
         ours_text, peft_text = llama_simple(ours, 16), peft_generate(d, 16)
         if ours_text != peft_text and name in APART_IN_LLAMA_CPP:
@@ -367,7 +388,7 @@ with tempfile.TemporaryDirectory() as tmp:
             ours_ty, ref_ty = (os.path.join(tmp, f"{stem}-{ty}{s}.gguf") for s in ["", "-ref"])
             run([args.peft, "merge", "--model", d, "--output", ours_ty, "--dtype", ty])
             run([sys.executable, "-c", CONVERT, args.llama_cpp, str(PRE_NAMES[name]), d,
-                 "--outtype", ty, "--outfile", ref_ty])
+                 "--outtype", ty, "--outfile", ref_ty, *CONVERT_FLAGS.get(name, [])])
             problems += [f"{ty}: {p}" for p in compare(ours_ty, ref_ty)[0]]
             if ty == "f16":
                 llama_simple(ours_ty, 4)

@@ -62,6 +62,17 @@ const PHI3_MODULES: &[(&str, &str)] = &[
     ("ffn_norm", "post_attention_layernorm"),
 ];
 
+/// GLM-4.5's shared experts (ungated).
+const GLM_SHARED_EXPERTS: &[(&str, &str)] = &[
+    ("ffn_gate_shexp", "mlp.shared_experts.gate_proj"),
+    ("ffn_up_shexp", "mlp.shared_experts.up_proj"),
+    ("ffn_down_shexp", "mlp.shared_experts.down_proj"),
+];
+
+/// GLM-4.5's correction of its router's choice: llama.cpp's `blk.N.exp_probs_b.bias`, the
+/// router's buffer in HF (`model.layers.N.mlp.gate.e_score_correction_bias`).
+const CHOICE_BIAS: (&str, &str) = ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias");
+
 /// Qwen2-MoE's shared expert and its gate.
 const SHARED_EXPERT: &[(&str, &str)] = &[
     ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
@@ -77,11 +88,12 @@ fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'s
         "gemma2" | "gemma3" => (LAYER_MODULES, GEMMA_NORMS),
         "phi3" => (PHI3_MODULES, &[][..]),
         "olmo2" => (LAYER_MODULES, OLMO2_NORMS),
-        "gpt-oss" => (LAYER_MODULES, GPT_OSS_NORMS),
+        "gpt-oss" | "glm4moe" => (LAYER_MODULES, GPT_OSS_NORMS),
         _ => (LAYER_MODULES, LLAMA_NORMS),
     };
     let shared = match arch {
         "qwen2moe" => SHARED_EXPERT,
+        "glm4moe" => GLM_SHARED_EXPERTS,
         _ => &[][..],
     };
     modules.iter().chain(norms).chain(shared)
@@ -137,8 +149,10 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
         return Some(hf.to_string());
     }
     let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
-    if rest == SINKS.0 {
-        return Some(format!("model.layers.{layer}.{}", SINKS.1));
+    for (g, hf) in [SINKS, CHOICE_BIAS] {
+        if rest == g {
+            return Some(format!("model.layers.{layer}.{hf}"));
+        }
     }
     let (module, kind) = rest.rsplit_once('.')?;
     let (_, hf) = layer_modules(arch).find(|(g, _)| *g == module)?;
@@ -161,8 +175,10 @@ pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
         return Some(g.to_string());
     }
     let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
-    if rest == SINKS.1 {
-        return Some(format!("blk.{layer}.{}", SINKS.0));
+    for (g, h) in [SINKS, CHOICE_BIAS] {
+        if rest == h {
+            return Some(format!("blk.{layer}.{g}"));
+        }
     }
     let (module, kind) = rest.rsplit_once('.')?;
     let (g, _) = layer_modules(arch).find(|(_, h)| *h == module)?;
@@ -342,6 +358,7 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
             bail!("llama.cpp's olmoe norms the keys over the model's width, without grouped keys; this model groups them (num_key_value_heads)")
         }
         "olmoe" => check_moe(c, "olmoe", false)?,
+        "glm4_moe" => check_glm4_moe(c)?,
         other => bail!("cannot write a {other:?} model as GGUF"),
     })
 }
@@ -362,6 +379,23 @@ fn check_gpt_oss(c: &LlamaConfig) -> Result<&'static str> {
         bail!("llama.cpp's gpt-oss takes every other layer as sliding, the first one too, with one window; this model's layer_types differ");
     }
     check_moe(c, "gpt-oss", true)
+}
+
+/// llama.cpp's `glm4moe` has its dense layers first (`leading_dense_block_count`), experts
+/// on all the others, each with the shared experts.
+fn check_glm4_moe(c: &LlamaConfig) -> Result<&'static str> {
+    let moe = c
+        .moe
+        .as_ref()
+        .context("a mixture-of-experts model without experts")?;
+    let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
+    if moe.sparse_layers[dense..].iter().any(|s| !s) {
+        bail!("llama.cpp's glm4moe has its dense layers first; this model has others");
+    }
+    if c.yarn.is_some() || c.rope_scaling.is_some() || c.rope_linear_factor.is_some() {
+        bail!("llama.cpp's glm4moe reads no RoPE scaling; this model scales RoPE");
+    }
+    Ok("glm4moe")
 }
 
 /// Whether the model's sliding layers are those `sliding` says, all with one window (the
@@ -497,6 +531,28 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         if arch == "gpt-oss" {
             experts.push(("expert_feed_forward_length", u32_of(moe.expert_size)));
         }
+        if arch == "glm4moe" {
+            let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
+            let shared = moe.shared_expert_size.unwrap_or(0) / moe.expert_size.max(1);
+            experts.extend([
+                ("expert_feed_forward_length", u32_of(moe.expert_size)),
+                ("expert_shared_count", u32_of(shared)),
+                ("leading_dense_block_count", u32_of(dense)),
+                // llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID.
+                ("expert_gating_func", Value::U32(2)),
+                ("expert_weights_norm", Value::Bool(moe.norm_topk_prob)),
+            ]);
+            if let peft_ops::Scoring::Sigmoid {
+                n_group,
+                topk_group,
+                scale,
+            } = moe.scoring
+            {
+                experts.push(("expert_weights_scale", Value::F32(scale as f32)));
+                experts.push(("expert_group_count", u32_of(n_group)));
+                experts.push(("expert_group_used_count", u32_of(topk_group)));
+            }
+        }
         md.extend(experts.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
     }
     // Gemma 2's converter writes no RoPE base (llama.cpp then takes 10000, every Gemma 2's).
@@ -544,6 +600,9 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
     if matches!(arch, "llama" | "smollm3" | "granite") {
         optional.push(("vocab_size", u32_of(c.vocab_size)));
         optional.push(("rope.dimension_count", u32_of(c.head_dim)));
+    }
+    if arch == "glm4moe" {
+        optional.push(("rope.dimension_count", u32_of(c.rotary_dim)));
     }
     if arch == "phi3" {
         // Phi-3's converter writes the config's window as it is (0 for none: Phi-4), the
@@ -677,6 +736,9 @@ pub fn save_gguf(
             .gguf_metadata(c.vocab_size)
             .context("cannot write the tokenizer as GGUF")?,
     );
+    if arch == "glm4moe" {
+        glm_tokens(&mut metadata, tokenizer);
+    }
     // Special tokens the tokenizer does not name come from config.json, as llama.cpp's
     // converter takes them (Gemma's config names a padding token).
     for (key, field) in [
@@ -729,6 +791,32 @@ pub fn save_gguf(
         tensors.push((gguf, t));
     }
     write_gguf(path, &metadata, &tensors, ty)
+}
+
+/// GLM's tokenizer as llama.cpp's converter writes it (`_set_vocab_glm`): its pre-tokenizer
+/// by name (`glm4`: Llama 3's splitting, without a BOS), and its special tokens where the
+/// vocabulary has them: `[gMASK]` as BOS, `<|user|>` ending a turn (`<|endoftext|>` there
+/// generates on without end), `<|endoftext|>` as the unknown token, `<|observation|>` ending a
+/// message.
+fn glm_tokens(metadata: &mut Vec<(String, Value)>, tokenizer: &Tokenizer) {
+    for (key, value) in metadata.iter_mut() {
+        if key == "tokenizer.ggml.pre" && matches!(value, Value::String(s) if s == "llama-bpe") {
+            *value = Value::String("glm4".into());
+        }
+    }
+    for (key, token) in [
+        ("bos", "[gMASK]"),
+        ("eot", "<|user|>"),
+        ("unknown", "<|endoftext|>"),
+        ("eom", "<|observation|>"),
+    ] {
+        let Some(id) = tokenizer.token_to_id(token) else {
+            continue;
+        };
+        let key = format!("tokenizer.ggml.{key}_token_id");
+        metadata.retain(|(k, _)| *k != key);
+        metadata.push((key, Value::U32(id)));
+    }
 }
 
 /// The mixture-of-experts blocks as llama.cpp holds them: per layer the router's weight and

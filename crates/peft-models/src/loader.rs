@@ -1172,6 +1172,7 @@ fn read_gguf<R: Read + Seek>(
         "qwen3moe" => ("qwen3_moe", "Qwen3MoeForCausalLM"),
         "olmoe" => ("olmoe", "OlmoeForCausalLM"),
         "gpt-oss" => ("gpt_oss", "GptOssForCausalLM"),
+        "glm4moe" => ("glm4_moe", "Glm4MoeForCausalLM"),
         "ernie4_5" => ("ernie4_5", "Ernie4_5ForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
@@ -1192,13 +1193,16 @@ fn read_gguf<R: Read + Seek>(
     let hidden = md_u64(md, &key("embedding_length"))? as usize;
     let heads = md_u64(md, &key("attention.head_count"))? as usize;
     let kv_heads = md_u64(md, &key("attention.head_count_kv")).unwrap_or(heads as u64) as usize;
-    let layers = md_u64(md, &key("block_count"))? as usize;
-    // Phi-3's converter writes the rotated dims (Phi-4-mini's partial rotary) as the rope
-    // dimensions and no key length; elsewhere the rope dimensions are the head's.
+    // GLM-4.5's block count includes its multi-token-prediction layers, which are left out.
+    let mtp_layers = md_u64(md, &key("nextn_predict_layers")).unwrap_or(0) as usize;
+    let layers = (md_u64(md, &key("block_count"))? as usize).saturating_sub(mtp_layers);
+    // Phi-3's and GLM-4.5's converters write the rotated dims (partial rotary) as the rope
+    // dimensions; elsewhere the rope dimensions are the head's.
     let rope_dims = md_u64(md, &key("rope.dimension_count")).ok();
+    let partial_rotary = matches!(arch.as_str(), "phi3" | "glm4moe");
     let head_dim = md_u64(md, &key("attention.key_length"))
         .ok()
-        .or(rope_dims.filter(|_| arch != "phi3"))
+        .or(rope_dims.filter(|_| !partial_rotary))
         .map(|d| d as usize)
         .unwrap_or(hidden / heads.max(1));
     if heads == 0 || kv_heads == 0 {
@@ -1261,6 +1265,16 @@ fn read_gguf<R: Read + Seek>(
     };
 
     for name in content.tensor_infos.keys().chain(mxfp4.keys()) {
+        let layer_of = |n: &str| {
+            n.strip_prefix("blk.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        };
+        if layer_of(name).is_some_and(|l| l >= layers) {
+            continue;
+        }
         if let (Some((block, projections)), Some((layer, kind))) =
             (moe_names, gguf::moe_tensor(name))
         {
@@ -1388,15 +1402,18 @@ fn read_gguf<R: Read + Seek>(
         }
     }
     if let Some((block, projections)) = moe_names {
-        // As llama.cpp runs them: every layer's experts, renormalized by Qwen3-MoE and Mixtral.
+        // As llama.cpp runs them: every layer's experts (GLM-4.5's after its dense ones),
+        // renormalized by Qwen3-MoE and Mixtral.
+        let first = md_u64(md, &key("leading_dense_block_count")).unwrap_or(0);
         let size = store
             .rows(&format!(
-                "model.layers.0.{block}.experts.0.{}.weight",
+                "model.layers.{first}.{block}.experts.0.{}.weight",
                 projections[1]
             ))
             .with_context(|| format!("{}: no blk.0.ffn_up_exps.weight", path.display()))?;
         let count_key = match model_type {
             "mixtral" | "gpt_oss" => "num_local_experts",
+            "glm4_moe" => "n_routed_experts",
             _ => "num_experts",
         };
         raw[count_key] = json!(experts);
@@ -1416,6 +1433,25 @@ fn read_gguf<R: Read + Seek>(
             "olmoe" => {
                 raw["intermediate_size"] = json!(size);
                 raw["norm_topk_prob"] = json!(false);
+            }
+            "glm4_moe" => {
+                raw["moe_intermediate_size"] = json!(size);
+                raw["first_k_dense_replace"] = json!(first);
+                raw["n_shared_experts"] = json!(md_u64(md, &key("expert_shared_count"))?);
+                let norm = md
+                    .get(&key("expert_weights_norm"))
+                    .and_then(|v| v.to_bool().ok());
+                raw["norm_topk_prob"] = json!(norm.unwrap_or(false));
+                raw["routed_scaling_factor"] =
+                    json!(md_f64(md, &key("expert_weights_scale")).unwrap_or(1.0));
+                raw["n_group"] = json!(md_u64(md, &key("expert_group_count")).unwrap_or(1));
+                raw["topk_group"] = json!(md_u64(md, &key("expert_group_used_count")).unwrap_or(1));
+                let rotated = rope_dims.unwrap_or(head_dim as u64) as f64;
+                raw["partial_rotary_factor"] = json!(rotated / head_dim as f64);
+                raw["use_qk_norm"] =
+                    json!(store.contains("model.layers.0.self_attn.q_norm.weight"));
+                raw["attention_bias"] =
+                    json!(store.contains("model.layers.0.self_attn.q_proj.bias"));
             }
             _ => {
                 raw["moe_intermediate_size"] = json!(size);

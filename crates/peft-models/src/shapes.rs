@@ -109,6 +109,10 @@ pub fn llama_weights(
             if moe.biases {
                 w.insert(format!("{router}.bias"), init(WeightKind::Bias, &[e])?);
             }
+            if moe.has_choice_bias() {
+                let name = format!("{router}.e_score_correction_bias");
+                w.insert(name, init(WeightKind::Bias, &[e])?);
+            }
             for expert in 0..e {
                 let shapes = [[size, h], [size, h], [h, size]];
                 for (path, shape) in moe.expert_paths(expert).iter().zip(shapes) {

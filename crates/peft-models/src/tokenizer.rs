@@ -789,7 +789,8 @@ impl PreTokenization {
         Ok(match name {
             "default" | "gpt-2" => Self::Gpt2,
             "smollm" | "starcoder" | "refact" => Self::DigitsGpt2,
-            "llama-bpe" | "llama3" | "llama-v3" => Self::Llama3,
+            // GLM-4's splits as Llama 3's (its contractions spelled case by case).
+            "llama-bpe" | "llama3" | "llama-v3" | "glm4" => Self::Llama3,
             "qwen2" | "deepseek-r1-qwen" => Self::Qwen2,
             "tekken" => Self::Tekken,
             other => bail!("unsupported GGUF pre-tokenizer {other:?}"),

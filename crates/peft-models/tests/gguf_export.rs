@@ -185,6 +185,22 @@ fn config(case: &str) -> LlamaConfig {
             c["sliding_window"] = json!(4);
             c["tie_word_embeddings"] = json!(false);
         }
+        // GLM-4.5: three layers, the first dense; four experts in two groups (one kept),
+        // two per token, weights scaled by 2.5; a shared expert; q/k norms and biases; half
+        // of each head's dims rotated.
+        "glm4_moe" => {
+            c["num_hidden_layers"] = json!(3);
+            c["head_dim"] = json!(32);
+            c["n_routed_experts"] = json!(4);
+            c["num_experts_per_tok"] = json!(2);
+            c["moe_intermediate_size"] = json!(32);
+            c["n_group"] = json!(2);
+            c["topk_group"] = json!(1);
+            c["routed_scaling_factor"] = json!(2.5);
+            c["use_qk_norm"] = json!(true);
+            c["attention_bias"] = json!(true);
+            c["tie_word_embeddings"] = json!(false);
+        }
         // Six layers: five sliding (a window of 4 over the 10 test tokens), one global.
         "gemma3_text" => {
             c["num_hidden_layers"] = json!(6);
@@ -224,6 +240,11 @@ fn model(model_type: &str) -> Llama {
     for layer in &mut m.layers {
         if let Some(sinks) = &mut layer.self_attn.sinks {
             jitter(sinks);
+        }
+        if let peft_models::FeedForward::Sparse(s) = &mut layer.mlp {
+            if let Some(b) = &mut s.choice_bias {
+                jitter(b);
+            }
         }
     }
     m
@@ -334,7 +355,14 @@ fn written_models_read_back_alike() {
 fn mixture_of_experts_models_read_back_alike() {
     let tok = tokenizer();
     let dir = tempfile::tempdir().unwrap();
-    for model_type in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"] {
+    for model_type in [
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "gpt_oss",
+        "glm4_moe",
+    ] {
         let mut original = model(model_type);
         let want = logits(&original);
         for (ty, tol) in [(GgufType::F32, 1e-5), (GgufType::Q8_0, 1e-1)] {
@@ -386,6 +414,14 @@ fn mixture_of_experts_models_read_back_alike() {
         "gpt_oss",
         &|c| c["swiglu_limit"] = json!(5.0),
         "swiglu_limit",
+    );
+    refused(
+        "glm4_moe",
+        &|c| {
+            c["rope_parameters"] =
+                json!({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5})
+        },
+        "RoPE scaling",
     );
     refused(
         "gpt_oss",
