@@ -13,8 +13,9 @@ token, renormalized) and OLMoE, where all-linear also adapts the experts' stacke
 parameters and the router (HF PEFT's target_parameters; without dropout there, as HF PEFT
 requires), and Qwen2-MoE (a gated shared expert, which all-linear adapts, every second layer
 dense), gpt-oss (attention sinks, biased experts with a clamped SwiGLU, LoRA on its router
-and experts by target_parameters), ERNIE 4.5 (RoPE over adjacent dims) and GLM-4.5
-(sigmoid routing over groups of experts, a shared expert, partial rotary). `peft train` runs on
+and experts by target_parameters), ERNIE 4.5 (RoPE over adjacent dims), GLM-4.5
+(sigmoid routing over groups of experts, a shared expert, partial rotary) and ERNIE 4.5 MoE
+(a corrected softmax routing, shared experts). `peft train` runs on
 the shipped pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see
 only part of their sequence through a window). Then, for each:
 1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
@@ -37,7 +38,8 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           SmolLM3ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
                           OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM, GptOssConfig, GptOssForCausalLM, Ernie4_5Config,
-                          Ernie4_5ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM)
+                          Ernie4_5ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM,
+                          Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM)
 
 from harness import arguments, peft_logits, random_model, run
 
@@ -133,10 +135,16 @@ models = {
         moe_intermediate_size=32, n_shared_experts=1, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True,
         attention_bias=True)),
+    # ERNIE 4.5 MoE: a softmax router with a correction of its choice, 16 experts, 4 per
+    # token, two shared experts, the first layer dense, RoPE over adjacent dims.
+    "ernie4_5_moe": (Ernie4_5_MoeForCausalLM, Ernie4_5_MoeConfig(
+        **common, head_dim=32, moe_num_experts=16, moe_k=4, moe_intermediate_size=32,
+        moe_num_shared_experts=2, moe_layer_start_index=1)),
 }
 # LoRA on parameters (the experts') takes no dropout, in HF PEFT either.
 no_dropout = ["--lora-dropout", "0"]
-extra_flags = {name: no_dropout for name in ("mixtral", "qwen3_moe", "olmoe", "glm4_moe")}
+extra_flags = {name: no_dropout
+               for name in ("mixtral", "qwen3_moe", "olmoe", "glm4_moe", "ernie4_5_moe")}
 extra_flags["gpt_oss"] = [*no_dropout, "--target-parameters",
                           "mlp.router.weight,mlp.experts.gate_up_proj,mlp.experts.down_proj"]
 failed = False

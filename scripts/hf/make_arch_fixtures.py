@@ -22,7 +22,8 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, Ernie4_5_MoeConfig,
+                          Ernie4_5_MoeForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig,
                           GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM,
@@ -237,6 +238,13 @@ models["glm4_moe"] = (Glm4MoeForCausalLM, Glm4MoeConfig(
     use_qk_norm=True, attention_bias=True,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                      "partial_rotary_factor": 0.5}))
+# ERNIE 4.5 MoE (ERNIE-4.5-21B-A3B's layer): a softmax router in f32 whose choice adds a
+# correction bias (`moe_statics`), weights renormalized; shared experts; the first layer dense;
+# RoPE over adjacent dims.
+models["ernie4_5_moe"] = (Ernie4_5_MoeForCausalLM, Ernie4_5_MoeConfig(
+    **common, head_dim=16, tie_word_embeddings=False, moe_num_experts=8, moe_k=2,
+    moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
 lora_parameters = {"gpt_oss": ["mlp.router.weight", "mlp.experts.gate_up_proj",
                                "mlp.experts.down_proj"]}
 # HF PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE also puts LoRA on the experts' stacked

@@ -21,7 +21,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-NAMES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_vl_moe"]
+NAMES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_vl_moe", "ernie4_5_moe"]
 COEF = 0.5
 PADS = 3
 

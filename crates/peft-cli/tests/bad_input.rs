@@ -200,7 +200,7 @@ fn cases() -> Vec<Case> {
         case("weight of the wrong shape", hf(tiny_cfg, wrong_shape), &logits(false), "model.embed_tokens.weight has shape [64, 32], expected [64, 64]"),
         case("malformed config.json", hf(b"{\"hidden_size\": ", st.clone()), &logits(false), "config.json is not valid JSON"),
         case("unsupported architecture", hf(&tiny_cfg_of("gpt_neox"), st.clone()), &logits(false), "unsupported model_type \"gpt_neox\""),
-        case("partial rotary embeddings outside Phi-3", hf(&tiny_cfg_with("qwen2", r#","partial_rotary_factor":0.75"#), st.clone()), &logits(false), "partial rotary embeddings (partial_rotary_factor 0.75) are supported for phi3 only"),
+        case("partial rotary embeddings outside Phi-3", hf(&tiny_cfg_with("qwen2", r#","partial_rotary_factor":0.75"#), st.clone()), &logits(false), "partial rotary embeddings (partial_rotary_factor 0.75) are supported for phi3 and glm4_moe only"),
         case("partial rotary of an odd number of dims", hf(&tiny_cfg_with("phi3", r#","partial_rotary_factor":0.35"#), st.clone()), &logits(false), "partial_rotary_factor 0.35 rotates 5 of 16 head dims"),
         case("image-text checkpoint without a text_config", hf(&tiny_cfg_of("gemma3"), st.clone()), &logits(false), "model_type \"gemma3\" needs a text_config object"),
         case("image-text checkpoint with another text model", hf(&tiny_cfg_with("gemma3", r#","text_config":{"model_type":"llama"}"#), st.clone()), &logits(false), "the text_config of a \"gemma3\" model has model_type \"llama\", expected \"gemma3_text\""),

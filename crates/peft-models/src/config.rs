@@ -147,8 +147,12 @@ pub struct Moe {
     pub norm_topk_prob: bool,
     /// How the router's logits choose and weigh the experts.
     pub scoring: Scoring,
-    /// Intermediate size of the shared expert: Qwen2-MoE's (`mlp.shared_expert`, gated by
-    /// `mlp.shared_expert_gate`) or GLM-4.5's (`mlp.shared_experts`, ungated).
+    /// Where the checkpoint keeps a correction of the router's choice (GLM-4.5's and ERNIE
+    /// 4.5's, whose routers compute in f32).
+    pub choice_bias: Option<ChoiceBias>,
+    /// Intermediate size of the shared experts: Qwen2-MoE's (`mlp.shared_expert`, gated by
+    /// `mlp.shared_expert_gate`) or GLM-4.5's and ERNIE 4.5's (`mlp.shared_experts`,
+    /// ungated).
     pub shared_expert_size: Option<usize>,
     /// Per layer, whether its feed-forward block is the mixture (Qwen's `mlp_only_layers` and
     /// `decoder_sparse_step` leave some dense).
@@ -167,6 +171,33 @@ pub struct Moe {
     /// training loss by default (`router_aux_loss_coef`; 0.01 for OLMoE, 0.001 elsewhere
     /// where the config leaves it out).
     pub router_aux_loss_coef: f64,
+}
+
+/// Where a checkpoint keeps the correction of a router's choice (`e_score_correction_bias`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChoiceBias {
+    /// GLM-4.5's, `[experts]`, in the router (`mlp.gate.e_score_correction_bias`).
+    Router,
+    /// ERNIE 4.5's, `[1, experts]` (`mlp.moe_statics.e_score_correction_bias`).
+    MoeStatics,
+}
+
+impl ChoiceBias {
+    /// Its path under a layer.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Router => "mlp.gate.e_score_correction_bias",
+            Self::MoeStatics => "mlp.moe_statics.e_score_correction_bias",
+        }
+    }
+
+    /// Its shape on disk.
+    pub fn shape(self, experts: usize) -> Vec<usize> {
+        match self {
+            Self::Router => vec![experts],
+            Self::MoeStatics => vec![1, experts],
+        }
+    }
 }
 
 /// How a checkpoint holds a layer's experts.
@@ -195,16 +226,18 @@ impl Moe {
         }
     }
 
-    /// GLM-4.5's routers correct their choice by a bias (`mlp.gate.e_score_correction_bias`).
+    /// GLM-4.5's and ERNIE 4.5's routers correct their choice by a bias, and compute in f32
+    /// as transformers keeps them.
     pub fn has_choice_bias(&self) -> bool {
-        matches!(self.scoring, Scoring::Sigmoid { .. })
+        self.choice_bias.is_some()
     }
 
-    /// Module path of the shared expert under a layer, and of its gate where it has one.
+    /// Module path of the shared experts under a layer, and of their gate where they have one
+    /// (Qwen2-MoE's).
     pub fn shared_expert_paths(&self) -> (&'static str, Option<&'static str>) {
-        match self.scoring {
-            Scoring::Sigmoid { .. } => ("mlp.shared_experts", None),
-            Scoring::Softmax => ("mlp.shared_expert", Some("mlp.shared_expert_gate")),
+        match self.choice_bias {
+            Some(_) => ("mlp.shared_experts", None),
+            None => ("mlp.shared_expert", Some("mlp.shared_expert_gate")),
         }
     }
 
@@ -386,8 +419,13 @@ struct RawConfig {
     embedding_multiplier: Option<f64>,
     residual_multiplier: Option<f64>,
     logits_scaling: Option<f64>,
-    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
+    #[serde(
+        alias = "num_local_experts",
+        alias = "n_routed_experts",
+        alias = "moe_num_experts"
+    )]
     num_experts: Option<usize>,
+    #[serde(alias = "moe_k")]
     num_experts_per_tok: Option<usize>,
     moe_intermediate_size: Option<usize>,
     norm_topk_prob: Option<bool>,
@@ -397,8 +435,12 @@ struct RawConfig {
     swiglu_alpha: Option<f32>,
     swiglu_limit: Option<f32>,
     router_aux_loss_coef: Option<f64>,
+    #[serde(alias = "moe_num_shared_experts")]
     n_shared_experts: Option<usize>,
     first_k_dense_replace: Option<usize>,
+    moe_layer_start_index: Option<i64>,
+    moe_layer_end_index: Option<i64>,
+    moe_layer_interval: Option<usize>,
     n_group: Option<usize>,
     topk_group: Option<usize>,
     routed_scaling_factor: Option<f64>,
@@ -434,6 +476,7 @@ const SUPPORTED: &[&str] = &[
     "gpt_oss",
     "ernie4_5",
     "glm4_moe",
+    "ernie4_5_moe",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
@@ -657,7 +700,7 @@ impl LlamaConfig {
                 "mixtral" | "qwen2_vl_text" | "qwen2_5_vl_text" => 1_000_000.0,
                 "qwen3_vl_text" | "qwen3_vl_moe_text" => 5_000_000.0,
                 "gpt_oss" => 150_000.0,
-                "ernie4_5" => 500_000.0,
+                "ernie4_5" | "ernie4_5_moe" => 500_000.0,
                 _ => 10_000.0,
             });
         let rope_type = |r: &Option<Value>| {
@@ -868,11 +911,13 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim,
             rotary_dim,
-            rope_interleaved: model_type == "ernie4_5",
+            rope_interleaved: model_type.starts_with("ernie4_5"),
             vocab_size: c.vocab_size,
             // The class's default, which transformers 5 leaves out of the files it writes.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(match model_type.as_str() {
-                "phi3" | "olmo2" | "olmo3" | "olmoe" | "mixtral" | "glm4_moe" => 1e-5,
+                "phi3" | "olmo2" | "olmo3" | "olmoe" | "mixtral" | "glm4_moe" | "ernie4_5_moe" => {
+                    1e-5
+                }
                 _ => 1e-6,
             }),
             rope_theta,
@@ -880,9 +925,9 @@ impl LlamaConfig {
             max_position_embeddings: c.max_position_embeddings,
             // transformers leaves out values equal to the class's defaults: Gemma's and
             // SmolLM3's are tied.
-            tie_word_embeddings: c
-                .tie_word_embeddings
-                .unwrap_or(gemma || ["smollm3", "ernie4_5"].contains(&model_type.as_str())),
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(
+                gemma || ["smollm3", "ernie4_5", "ernie4_5_moe"].contains(&model_type.as_str()),
+            ),
             qkv_bias,
             // GLM-4.5's attention_bias leaves o_proj without one.
             o_bias: (c.attention_bias && !glm4_moe) || c.use_bias,
@@ -1203,8 +1248,18 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             let shared = size * c.n_shared_experts.unwrap_or(1);
             (128, 8, size, Some(shared), true, 0.0)
         }
+        // ERNIE 4.5's: moe_num_shared_experts of moe_intermediate_size; weights always
+        // renormalized.
+        "ernie4_5_moe" => {
+            let size = c.moe_intermediate_size.unwrap_or(1536);
+            let shared = size * c.n_shared_experts.unwrap_or(2);
+            (64, 6, size, Some(shared), true, 0.001)
+        }
         _ => return Ok(None),
     };
+    if model_type == "ernie4_5_moe" && c.use_bias {
+        bail!("ERNIE 4.5 MoE with biases (use_bias: true) is not supported");
+    }
     let num_experts = c.num_experts.unwrap_or(experts);
     let top_k = c.num_experts_per_tok.unwrap_or(top_k);
     if num_experts == 0 || top_k == 0 || top_k > num_experts {
@@ -1212,6 +1267,7 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
     }
     let qwen = model_type.starts_with("qwen");
     let glm = model_type == "glm4_moe";
+    let ernie = model_type == "ernie4_5_moe";
     let step = c.decoder_sparse_step.unwrap_or(1).max(1);
     let dense = c.mlp_only_layers.clone().unwrap_or_default();
     // GLM-4.5's first `first_k_dense_replace` layers are dense.
@@ -1219,8 +1275,22 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         true => c.first_k_dense_replace.unwrap_or(1),
         false => 0,
     };
+    // ERNIE 4.5's from moe_layer_start_index to moe_layer_end_index (-1: the last), every
+    // moe_layer_interval-th.
+    let last = c.num_hidden_layers as i64 - 1;
+    let ernie_sparse = |l: usize| {
+        let (start, interval) = (
+            c.moe_layer_start_index.unwrap_or(1),
+            c.moe_layer_interval.unwrap_or(1).max(1),
+        );
+        let end = c.moe_layer_end_index.filter(|&e| e != -1).unwrap_or(last);
+        (l + 1) % interval == 0 && l as i64 >= start && l as i64 <= end
+    };
     let sparse_layers = (0..c.num_hidden_layers)
-        .map(|l| l >= first_sparse && (!qwen || (!dense.contains(&l) && (l + 1) % step == 0)))
+        .map(|l| match ernie {
+            true => ernie_sparse(l),
+            false => l >= first_sparse && (!qwen || (!dense.contains(&l) && (l + 1) % step == 0)),
+        })
         .collect();
     let scoring = match glm {
         true => {
@@ -1254,11 +1324,17 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         },
         // Mixtral, Qwen3-VL-MoE and gpt-oss always renormalize over the chosen experts.
         scoring,
-        norm_topk_prob: mixtral
+        choice_bias: match model_type {
+            "glm4_moe" => Some(ChoiceBias::Router),
+            "ernie4_5_moe" => Some(ChoiceBias::MoeStatics),
+            _ => None,
+        },
+        norm_topk_prob: ernie
+            || mixtral
             || gpt_oss
             || model_type == "qwen3_vl_moe_text"
             || c.norm_topk_prob.unwrap_or(norm),
-        shared_expert_size: match glm {
+        shared_expert_size: match glm || ernie {
             true => shared.filter(|_| c.n_shared_experts != Some(0)),
             false => shared.map(|s| c.shared_expert_intermediate_size.unwrap_or(s)),
         },

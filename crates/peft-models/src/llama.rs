@@ -674,10 +674,11 @@ impl WeightTaker<'_> {
         let bias = moe.biases;
         let router = self.linear(&router_path, moe.num_experts, hidden, bias)?;
         let choice_bias = moe
-            .has_choice_bias()
-            .then(|| {
-                let name = format!("{router_path}.e_score_correction_bias");
-                self.take(&name, &[moe.num_experts])?
+            .choice_bias
+            .map(|cb| {
+                let name = format!("{layer_path}.{}", cb.path());
+                self.take(&name, &cb.shape(moe.num_experts))?
+                    .reshape(moe.num_experts)?
                     .to_dtype(DType::F32)
                     .map_err(anyhow::Error::from)
             })
@@ -981,29 +982,28 @@ impl Llama {
             }
         }
         out.extend(self.attention_sinks());
-        out.extend(self.choice_biases());
+        out.extend(self.choice_biases()?);
         Ok(out)
     }
 
-    /// GLM-4.5's corrections of its routers' choices with their checkpoint names
-    /// (`model.layers.1.mlp.gate.e_score_correction_bias`).
-    pub fn choice_biases(&self) -> Vec<(String, Tensor)> {
-        let (decoder, Some(moe)) = (self.config.decoder_path(), &self.config.moe) else {
-            return Vec::new();
+    /// GLM-4.5's and ERNIE 4.5's corrections of their routers' choices with their checkpoint
+    /// names and shapes (`model.layers.1.mlp.gate.e_score_correction_bias`).
+    pub fn choice_biases(&self) -> Result<Vec<(String, Tensor)>> {
+        let decoder = self.config.decoder_path();
+        let Some(cb) = self.config.moe.as_ref().and_then(|m| m.choice_bias) else {
+            return Ok(Vec::new());
         };
-        let layers = self.layers.iter().enumerate();
-        layers
-            .filter_map(|(l, layer)| {
-                let FeedForward::Sparse(s) = &layer.mlp else {
-                    return None;
-                };
-                let name = format!(
-                    "{decoder}.layers.{l}.{}.e_score_correction_bias",
-                    moe.router_path()
-                );
-                Some((name, s.choice_bias.clone()?))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let FeedForward::Sparse(s) = &layer.mlp else {
+                continue;
+            };
+            if let Some(b) = &s.choice_bias {
+                let name = format!("{decoder}.layers.{l}.{}", cb.path());
+                out.push((name, b.reshape(cb.shape(b.elem_count()))?));
+            }
+        }
+        Ok(out)
     }
 
     /// gpt-oss's attention sinks with their checkpoint names (`model.layers.0.self_attn.sinks`).
@@ -1911,6 +1911,7 @@ fn sparse_moe(
                 bias: s.router.bias.as_ref(),
                 choice_bias,
                 kind,
+                in_f32: moe.has_choice_bias(),
             };
             frozen_moe(x, router, &experts, c.activation, balance)?
         }
@@ -1937,7 +1938,7 @@ fn sparse_moe(
             }
             let routing = route(&probs, &kind, choice_bias)?;
             if let Some(b) = balance {
-                b.record(&probs, &routing.chosen)?;
+                b.record(&probs)?;
             }
             let weights = routing.weights.flatten_all()?;
             let mut out = x2.zeros_like()?;

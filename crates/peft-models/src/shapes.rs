@@ -109,9 +109,9 @@ pub fn llama_weights(
             if moe.biases {
                 w.insert(format!("{router}.bias"), init(WeightKind::Bias, &[e])?);
             }
-            if moe.has_choice_bias() {
-                let name = format!("{router}.e_score_correction_bias");
-                w.insert(name, init(WeightKind::Bias, &[e])?);
+            if let Some(cb) = moe.choice_bias {
+                let name = format!("{p}.{}", cb.path());
+                w.insert(name, init(WeightKind::Bias, &cb.shape(e))?);
             }
             for expert in 0..e {
                 let shapes = [[size, h], [size, h], [h, size]];

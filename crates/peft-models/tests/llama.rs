@@ -389,6 +389,28 @@ fn mixture_of_experts_configs() {
             "mlp.shared_experts.down_proj"
         ]
     );
+    // ERNIE 4.5 MoE: experts from moe_layer_start_index to the last layer (-1), every
+    // moe_layer_interval-th; its correction of the choice beside the router.
+    let ernie = serde_json::json!({
+        "model_type": "ernie4_5_moe", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 100, "moe_num_experts": 8, "moe_k": 2, "moe_intermediate_size": 24,
+        "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_layer_end_index": -1,
+        "moe_layer_interval": 2,
+    });
+    let c = peft_models::LlamaConfig::from_json(ernie).unwrap();
+    let moe = c.moe.as_ref().unwrap();
+    assert_eq!((moe.num_experts, moe.top_k, moe.expert_size), (8, 2, 24));
+    assert_eq!(moe.sparse_layers, [false, true, false, true, false]);
+    assert_eq!(moe.scoring, peft_ops::Scoring::Softmax);
+    assert!(moe.norm_topk_prob && c.tie_word_embeddings);
+    assert_eq!(moe.shared_expert_size, Some(48));
+    assert_eq!(moe.router_aux_loss_coef, 0.001);
+    assert_eq!(
+        moe.choice_bias.unwrap().path(),
+        "mlp.moe_statics.e_score_correction_bias"
+    );
+
     let mut bad = glm.clone();
     bad["topk_group"] = serde_json::json!(1);
     bad["num_experts_per_tok"] = serde_json::json!(5);

@@ -255,20 +255,26 @@ impl LoadBalance {
         Ok((Tensor::from_vec(mask, rows, device)?, real))
     }
 
-    /// Adds a layer's router probabilities `probs` (`[rows, experts]`, f32) and its choices
-    /// `chosen` (`[rows, top_k]`, u32): nothing once finished.
-    pub fn record(&self, probs: &Tensor, chosen: &Tensor) -> Result<()> {
+    /// Adds a layer's router probabilities `probs` (`[rows, experts]`, f32) and their top-k
+    /// (the most probable, as transformers counts them: without a correction of the choice):
+    /// nothing once finished.
+    pub fn record(&self, probs: &Tensor) -> Result<()> {
         let mut st = self.state()?;
         if st.sealed.is_some() {
             return Ok(());
         }
         let (rows, experts) = probs.dims2()?;
-        if experts != self.num_experts || chosen.dims2()? != (rows, self.top_k) {
+        if experts != self.num_experts {
             candle_core::bail!(
                 "load balance: router output {rows}x{experts} for {} experts",
                 self.num_experts
             );
         }
+        let chosen = probs
+            .detach()
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, self.top_k)?
+            .contiguous()?;
         let (mask, real) = match &st.rows_mask {
             Some((m, real)) if m.dim(0)? == rows => (m.clone(), *real),
             _ => {
@@ -370,20 +376,15 @@ struct ExpertSaved {
     kernel: bool,
 }
 
-/// A frozen router: its weight `[experts, hidden]`, gpt-oss's bias, GLM-4.5's correction
-/// bias of the choice, and its kind.
+/// A frozen router: its weight `[experts, hidden]`, gpt-oss's bias, GLM-4.5's and ERNIE
+/// 4.5's correction bias of the choice, its kind, and whether its logits are computed in f32
+/// (as transformers keeps those two routers).
 pub struct FrozenRouter<'a> {
     pub weight: &'a Tensor,
     pub bias: Option<&'a Tensor>,
     pub choice_bias: Option<&'a Tensor>,
     pub kind: RouterKind,
-}
-
-impl FrozenRouter<'_> {
-    /// Whether the logits are computed in f32 (GLM-4.5's sigmoid router, as transformers).
-    fn in_f32(&self) -> bool {
-        matches!(self.kind.scoring, Scoring::Sigmoid { .. })
-    }
+    pub in_f32: bool,
 }
 
 /// A mixture-of-experts block of frozen dense weights over `x` (`[..., hidden]`): `router`,
@@ -402,7 +403,7 @@ pub fn frozen_moe(
     let dtype = x.dtype();
     let x2 = x.detach().reshape((rows, hidden))?;
     let kind = router.kind;
-    let router_weight = match router.in_f32() {
+    let router_weight = match router.in_f32 {
         true => router.weight.to_dtype(DType::F32)?,
         false => router.weight.clone(),
     };
@@ -415,7 +416,7 @@ pub fn frozen_moe(
     let probs = kind.scores(&logits)?;
     let routing = route(&probs, &kind, router.choice_bias)?;
     if let Some(b) = balance {
-        b.record(&probs, &routing.chosen)?;
+        b.record(&probs)?;
     }
     let balance = balance.cloned();
     let flat_weights = routing.weights.flatten_all()?;

@@ -45,6 +45,7 @@ const ARCHITECTURES: &[&str] = &[
     "gpt_oss",
     "ernie4_5",
     "glm4_moe",
+    "ernie4_5_moe",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -161,6 +162,7 @@ fn composed_moe_blocks_match_hf_peft() {
         "qwen3_vl_moe",
         "gpt_oss",
         "glm4_moe",
+        "ernie4_5_moe",
     ] {
         let dir = fixture(name);
         let exp = load_safetensors(&dir.join("expected.safetensors"), &Device::Cpu).unwrap();
@@ -209,6 +211,7 @@ fn frozen_moe_blocks_backpropagate_as_composed_ones() {
         "olmoe",
         "gpt_oss",
         "glm4_moe",
+        "ernie4_5_moe",
     ] {
         let exp =
             load_safetensors(&fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap();
@@ -273,6 +276,7 @@ fn router_load_balancing_on_tapes() {
         "olmoe",
         "gpt_oss",
         "qwen3_vl_moe",
+        "ernie4_5_moe",
     ] {
         let dir = fixture(name);
         let exp = load_safetensors(&dir.join("router_aux.safetensors"), &Device::Cpu).unwrap();
@@ -630,7 +634,7 @@ fn experts_targets_convert_as_in_hf_peft() {
         target_modules: Some(peft::TargetModules::parse_flag("all-linear")),
         ..Default::default()
     };
-    for name in ["mixtral", "qwen3_moe", "glm4_moe"] {
+    for name in ["mixtral", "qwen3_moe", "glm4_moe", "ernie4_5_moe"] {
         let ours = PeftModel::new(base(name), all_linear(), 0).unwrap().config;
         let hf =
             peft::LoraConfig::from_file(&fixture(name).join("lora/adapter_config.json")).unwrap();
