@@ -1284,7 +1284,7 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             c.moe_layer_interval.unwrap_or(1).max(1),
         );
         let end = c.moe_layer_end_index.filter(|&e| e != -1).unwrap_or(last);
-        (l + 1) % interval == 0 && l as i64 >= start && l as i64 <= end
+        (l + 1).is_multiple_of(interval) && l as i64 >= start && l as i64 <= end
     };
     let sparse_layers = (0..c.num_hidden_layers)
         .map(|l| match ernie {
