@@ -3,7 +3,8 @@
 For a small random model of each architecture peft-rs writes (Llama with Llama 3 rope scaling
 and attention biases, Mistral, Qwen2, Qwen3, Gemma 3 with five sliding-window layers and one
 global, Gemma 2 with its soft caps, SmolLM3 with a layer without RoPE, the mixture-of-experts
-Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss and GLM-4.5), saved by transformers with SmolLM2's
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, GLM-4.5 and ERNIE 4.5 MoE), saved by
+transformers with SmolLM2's
 tokenizer:
 1. `peft merge --model DIR --output ours.gguf --dtype f32`, and llama.cpp's own
    `convert_hf_to_gguf.py DIR --outtype f32`: every tensor (name, type, shape, values) and every
@@ -50,7 +51,8 @@ from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3
                           MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig,
                           Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, GptOssConfig,
                           GptOssForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM,
-                          Glm4MoeConfig, Glm4MoeForCausalLM)
+                          Glm4MoeConfig, Glm4MoeForCausalLM, Ernie4_5_MoeConfig,
+                          Ernie4_5_MoeForCausalLM)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--llama-cpp", required=True)
@@ -163,12 +165,19 @@ models = {
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
         routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True,
         attention_bias=True)),
+    # ERNIE 4.5 MoE: a softmax router whose choice a bias corrects (random here), 8 experts, 2
+    # per token, two shared experts of 32 (llama.cpp's converter writes their size as
+    # intermediate_size / num_key_value_heads, as the released models have it), the first
+    # layer dense, RoPE over adjacent dims.
+    "ernie4_5_moe": (Ernie4_5_MoeForCausalLM, Ernie4_5_MoeConfig(
+        **{**common, "num_hidden_layers": 3}, head_dim=32, moe_num_experts=8, moe_k=2,
+        moe_intermediate_size=32, moe_num_shared_experts=2, moe_layer_start_index=1)),
 }
 if args.only:
     models = {name: models[name] for name in args.only.split(",")}
 
 
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "glm4_moe", "ernie4_5_moe"}
 # Converter flags by model: GLM-4.5's file without the multi-token-prediction layer.
 CONVERT_FLAGS = {"glm4_moe": ["--no-mtp"]}
 
@@ -183,7 +192,8 @@ PRE_NAMES = {"llama": None, "mistral": None, "qwen2": "qwen2", "qwen3": "qwen2",
              "smollm3": None, "granite": None, "olmo2": None, "olmo3": None,
              "gemma2": None, "gemma3_text": None, "phi3": None, "phi3_4k": None,
              "phi3_partial": None, "mixtral": None, "qwen2_moe": "qwen2", "qwen3_moe": "qwen2",
-             "olmoe": None, "gpt_oss": None, "ernie4_5": None, "glm4_moe": None}
+             "olmoe": None, "gpt_oss": None, "ernie4_5": None, "glm4_moe": None,
+             "ernie4_5_moe": None}
 CONVERT = """
 import runpy, sys
 llama_cpp, fallback = sys.argv[1], sys.argv[2]
@@ -205,6 +215,7 @@ gemma.Gemma2Model.set_vocab = lambda self: self._set_vocab_gpt2()
 # ERNIE 4.5's reads tokenizer.model only too.
 from conversion import ernie
 ernie.Ernie4_5Model.set_vocab = lambda self: self._set_vocab_gpt2()
+ernie.Ernie4_5MoeModel.set_vocab = lambda self: self._set_vocab_gpt2()
 # GLM's names GLM's own special tokens, which SmolLM2's vocabulary lacks.
 from conversion import glm
 glm.Glm4MoeModel.set_vocab = lambda self: self._set_vocab_gpt2()
@@ -334,6 +345,9 @@ with tempfile.TemporaryDirectory() as tmp:
             if name == "glm4_moe":
                 # At 0.08 the greedy text meets a near tie (logits 2e-4 apart) at its 15th token.
                 std = 0.15
+            if name == "ernie4_5_moe":
+                # At 0.08 the text repeats two tokens, which tells little.
+                std = 0.2
             if name == "gemma2":
                 # Its tied embeddings small and the layers' weights large: otherwise the
                 # embedding dominates and the model repeats a token whatever the window or
@@ -342,9 +356,9 @@ with tempfile.TemporaryDirectory() as tmp:
             for pname, p in model.named_parameters():
                 p.copy_((one + 0.2 * torch.randn_like(p)) if "norm" in pname
                         else (embed_std if "embed" in pname else std) * torch.randn_like(p))
-            for bname, b in model.named_buffers():
+            for bname, b in [*model.named_buffers(), *model.named_parameters()]:
                 if bname.endswith("e_score_correction_bias"):
-                    b.copy_(0.5 * torch.randn_like(b))
+                    b.copy_((0.5 if name == "glm4_moe" else 0.1) * torch.randn_like(b))
         model.save_pretrained(d)
         for f in ["tokenizer.json", "chat_template.jinja"]:
             shutil.copy(os.path.join(args.smollm_dir, f), d)

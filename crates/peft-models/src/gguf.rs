@@ -62,16 +62,23 @@ const PHI3_MODULES: &[(&str, &str)] = &[
     ("ffn_norm", "post_attention_layernorm"),
 ];
 
-/// GLM-4.5's shared experts (ungated).
-const GLM_SHARED_EXPERTS: &[(&str, &str)] = &[
+/// GLM-4.5's and ERNIE 4.5's shared experts (ungated).
+const UNGATED_SHARED_EXPERTS: &[(&str, &str)] = &[
     ("ffn_gate_shexp", "mlp.shared_experts.gate_proj"),
     ("ffn_up_shexp", "mlp.shared_experts.up_proj"),
     ("ffn_down_shexp", "mlp.shared_experts.down_proj"),
 ];
 
-/// GLM-4.5's correction of its router's choice: llama.cpp's `blk.N.exp_probs_b.bias`, the
-/// router's buffer in HF (`model.layers.N.mlp.gate.e_score_correction_bias`).
-const CHOICE_BIAS: (&str, &str) = ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias");
+/// The correction of a router's choice: llama.cpp's `blk.N.exp_probs_b.bias`; in HF the
+/// router's buffer (GLM-4.5's `mlp.gate.e_score_correction_bias`), or ERNIE 4.5's
+/// `mlp.moe_statics.e_score_correction_bias`.
+fn choice_bias(arch: &str) -> (&'static str, &'static str) {
+    let hf = match arch {
+        "ernie4_5-moe" => crate::config::ChoiceBias::MoeStatics,
+        _ => crate::config::ChoiceBias::Router,
+    };
+    ("exp_probs_b.bias", hf.path())
+}
 
 /// Qwen2-MoE's shared expert and its gate.
 const SHARED_EXPERT: &[(&str, &str)] = &[
@@ -93,7 +100,7 @@ fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'s
     };
     let shared = match arch {
         "qwen2moe" => SHARED_EXPERT,
-        "glm4moe" => GLM_SHARED_EXPERTS,
+        "glm4moe" | "ernie4_5-moe" => UNGATED_SHARED_EXPERTS,
         _ => &[][..],
     };
     modules.iter().chain(norms).chain(shared)
@@ -149,7 +156,7 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
         return Some(hf.to_string());
     }
     let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
-    for (g, hf) in [SINKS, CHOICE_BIAS] {
+    for (g, hf) in [SINKS, choice_bias(arch)] {
         if rest == g {
             return Some(format!("model.layers.{layer}.{hf}"));
         }
@@ -175,7 +182,7 @@ pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
         return Some(g.to_string());
     }
     let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
-    for (g, h) in [SINKS, CHOICE_BIAS] {
+    for (g, h) in [SINKS, choice_bias(arch)] {
         if rest == h {
             return Some(format!("blk.{layer}.{g}"));
         }
@@ -349,6 +356,7 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
             bail!("llama.cpp's ernie4_5 reads no biases of the projections; this model has them (use_bias)")
         }
         "ernie4_5" => "ernie4_5",
+        "ernie4_5_moe" => check_leading_dense(c, "ernie4_5-moe")?,
         // llama.cpp's Mixtral is its llama with experts.
         "mixtral" => check_moe(c, "llama", true)?,
         "qwen2_moe" => check_moe(c, "qwen2moe", false)?,
@@ -358,7 +366,12 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
             bail!("llama.cpp's olmoe norms the keys over the model's width, without grouped keys; this model groups them (num_key_value_heads)")
         }
         "olmoe" => check_moe(c, "olmoe", false)?,
-        "glm4_moe" => check_glm4_moe(c)?,
+        "glm4_moe"
+            if c.yarn.is_some() || c.rope_scaling.is_some() || c.rope_linear_factor.is_some() =>
+        {
+            bail!("llama.cpp's glm4moe reads no RoPE scaling; this model scales RoPE")
+        }
+        "glm4_moe" => check_leading_dense(c, "glm4moe")?,
         other => bail!("cannot write a {other:?} model as GGUF"),
     })
 }
@@ -381,21 +394,18 @@ fn check_gpt_oss(c: &LlamaConfig) -> Result<&'static str> {
     check_moe(c, "gpt-oss", true)
 }
 
-/// llama.cpp's `glm4moe` has its dense layers first (`leading_dense_block_count`), experts
-/// on all the others, each with the shared experts.
-fn check_glm4_moe(c: &LlamaConfig) -> Result<&'static str> {
+/// llama.cpp's `glm4moe` and `ernie4_5-moe` have their dense layers first
+/// (`leading_dense_block_count`) and experts on all the others.
+fn check_leading_dense(c: &LlamaConfig, arch: &'static str) -> Result<&'static str> {
     let moe = c
         .moe
         .as_ref()
         .context("a mixture-of-experts model without experts")?;
     let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
     if moe.sparse_layers[dense..].iter().any(|s| !s) {
-        bail!("llama.cpp's glm4moe has its dense layers first; this model has others");
+        bail!("llama.cpp's {arch} has its dense layers first and experts on all the others; this model's layers differ (moe_layer_interval, moe_layer_end_index)");
     }
-    if c.yarn.is_some() || c.rope_scaling.is_some() || c.rope_linear_factor.is_some() {
-        bail!("llama.cpp's glm4moe reads no RoPE scaling; this model scales RoPE");
-    }
-    Ok("glm4moe")
+    Ok(arch)
 }
 
 /// Whether the model's sliding layers are those `sliding` says, all with one window (the
@@ -530,6 +540,22 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         }
         if arch == "gpt-oss" {
             experts.push(("expert_feed_forward_length", u32_of(moe.expert_size)));
+        }
+        if arch == "ernie4_5-moe" {
+            let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
+            let shared = moe.shared_expert_size.unwrap_or(0);
+            experts.extend([
+                ("interleave_moe_layer_step", u32_of(1)),
+                ("leading_dense_block_count", u32_of(dense)),
+                ("expert_feed_forward_length", u32_of(moe.expert_size)),
+                (
+                    "expert_shared_count",
+                    u32_of(shared / moe.expert_size.max(1)),
+                ),
+            ]);
+            if shared > 0 {
+                experts.push(("expert_shared_feed_forward_length", u32_of(shared)));
+            }
         }
         if arch == "glm4moe" {
             let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();

@@ -676,9 +676,14 @@ impl WeightTaker<'_> {
         let choice_bias = moe
             .choice_bias
             .map(|cb| {
+                // As on disk, or as a vector (a GGUF file's).
                 let name = format!("{layer_path}.{}", cb.path());
-                self.take(&name, &cb.shape(moe.num_experts))?
-                    .reshape(moe.num_experts)?
+                let e = moe.num_experts;
+                let t = match self.weights.get(&name).map(|t| t.dims().to_vec()) {
+                    Some(dims) if dims == [e] => self.take(&name, &[e])?,
+                    _ => self.take(&name, &cb.shape(e))?,
+                };
+                t.reshape(e)?
                     .to_dtype(DType::F32)
                     .map_err(anyhow::Error::from)
             })

@@ -1174,6 +1174,7 @@ fn read_gguf<R: Read + Seek>(
         "gpt-oss" => ("gpt_oss", "GptOssForCausalLM"),
         "glm4moe" => ("glm4_moe", "Glm4MoeForCausalLM"),
         "ernie4_5" => ("ernie4_5", "Ernie4_5ForCausalLM"),
+        "ernie4_5-moe" => ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
@@ -1414,10 +1415,15 @@ fn read_gguf<R: Read + Seek>(
         let count_key = match model_type {
             "mixtral" | "gpt_oss" => "num_local_experts",
             "glm4_moe" => "n_routed_experts",
+            "ernie4_5_moe" => "moe_num_experts",
             _ => "num_experts",
         };
         raw[count_key] = json!(experts);
-        raw["num_experts_per_tok"] = json!(md_u64(md, &key("expert_used_count"))?);
+        let used = md_u64(md, &key("expert_used_count"))?;
+        match model_type {
+            "ernie4_5_moe" => raw["moe_k"] = json!(used),
+            _ => raw["num_experts_per_tok"] = json!(used),
+        }
         match model_type {
             "mixtral" => raw["intermediate_size"] = json!(size),
             "gpt_oss" => {
@@ -1433,6 +1439,14 @@ fn read_gguf<R: Read + Seek>(
             "olmoe" => {
                 raw["intermediate_size"] = json!(size);
                 raw["norm_topk_prob"] = json!(false);
+            }
+            "ernie4_5_moe" => {
+                // As llama.cpp runs it: experts on every layer after the leading dense ones.
+                raw["moe_intermediate_size"] = json!(size);
+                raw["moe_layer_start_index"] = json!(first);
+                raw["moe_layer_interval"] = json!(1);
+                let shared = md_u64(md, &key("expert_shared_feed_forward_length")).unwrap_or(0);
+                raw["moe_num_shared_experts"] = json!(shared / size.max(1) as u64);
             }
             "glm4_moe" => {
                 raw["moe_intermediate_size"] = json!(size);

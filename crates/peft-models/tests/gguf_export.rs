@@ -201,6 +201,16 @@ fn config(case: &str) -> LlamaConfig {
             c["attention_bias"] = json!(true);
             c["tie_word_embeddings"] = json!(false);
         }
+        // ERNIE 4.5 MoE: three layers, the first dense; four experts, two per token, a
+        // corrected choice; a shared expert.
+        "ernie4_5_moe" => {
+            c["num_hidden_layers"] = json!(3);
+            c["moe_num_experts"] = json!(4);
+            c["moe_k"] = json!(2);
+            c["moe_intermediate_size"] = json!(32);
+            c["moe_num_shared_experts"] = json!(1);
+            c["moe_layer_start_index"] = json!(1);
+        }
         // Six layers: five sliding (a window of 4 over the 10 test tokens), one global.
         "gemma3_text" => {
             c["num_hidden_layers"] = json!(6);
@@ -362,6 +372,7 @@ fn mixture_of_experts_models_read_back_alike() {
         "olmoe",
         "gpt_oss",
         "glm4_moe",
+        "ernie4_5_moe",
     ] {
         let mut original = model(model_type);
         let want = logits(&original);
@@ -414,6 +425,11 @@ fn mixture_of_experts_models_read_back_alike() {
         "gpt_oss",
         &|c| c["swiglu_limit"] = json!(5.0),
         "swiglu_limit",
+    );
+    refused(
+        "ernie4_5_moe",
+        &|c| c["moe_layer_interval"] = json!(2),
+        "moe_layer_interval",
     );
     refused(
         "glm4_moe",
