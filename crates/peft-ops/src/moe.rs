@@ -130,7 +130,7 @@ impl RouterKind {
 }
 
 /// Routes over the router's scores `scores` (`[rows, experts]`, f32, [`RouterKind::scores`]):
-/// each row's `top_k` experts by [`RouterKind`]'s choice, with `bias` GLM-4.5's correction of
+/// each row's `top_k` experts by [`RouterKind`]'s choice, with `bias` GLM-4.5's or ERNIE 4.5's correction of
 /// it (the choice reads the values off the graph; the weights stay on it).
 pub fn route(scores: &Tensor, kind: &RouterKind, bias: Option<&Tensor>) -> Result<Routing> {
     let (rows, num_experts) = scores.dims2()?;
