@@ -14,8 +14,9 @@ parameters and the router (HF PEFT's target_parameters; without dropout there, a
 requires), and Qwen2-MoE (a gated shared expert, which all-linear adapts, every second layer
 dense), gpt-oss (attention sinks, biased experts with a clamped SwiGLU, LoRA on its router
 and experts by target_parameters), ERNIE 4.5 (RoPE over adjacent dims), GLM-4.5
-(sigmoid routing over groups of experts, a shared expert, partial rotary) and ERNIE 4.5 MoE
-(a corrected softmax routing, shared experts). `peft train` runs on
+(sigmoid routing over groups of experts, a shared expert, partial rotary), ERNIE 4.5 MoE
+(a corrected softmax routing, shared experts), DeepSeek-V3 and GLM-4.7-Flash (latent
+attention). `peft train` runs on
 the shipped pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see
 only part of their sequence through a window). Then, for each:
 1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
@@ -39,7 +40,8 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM, GptOssConfig, GptOssForCausalLM, Ernie4_5Config,
                           Ernie4_5ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM,
-                          Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM)
+                          Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, DeepseekV3Config,
+                          DeepseekV3ForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM)
 
 from harness import arguments, peft_logits, random_model, run
 
@@ -140,11 +142,29 @@ models = {
     "ernie4_5_moe": (Ernie4_5_MoeForCausalLM, Ernie4_5_MoeConfig(
         **common, head_dim=32, moe_num_experts=16, moe_k=4, moe_intermediate_size=32,
         moe_num_shared_experts=2, moe_layer_start_index=1)),
+    # DeepSeek-V3: latent attention (low-rank queries, values narrower than the query-key
+    # heads, RoPE over interleaved pairs, YaRN whose mscale_all_dim scales the scores) and
+    # GLM-4.5's routing in groups; GLM-4.7-Flash: latent attention without the low-rank
+    # queries, its dense layers by mlp_layer_types.
+    "deepseek_v3": (DeepseekV3ForCausalLM, DeepseekV3Config(
+        **{**common, "num_key_value_heads": 4}, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=16,
+        num_experts_per_tok=4, moe_intermediate_size=32, n_shared_experts=1, n_group=4,
+        topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 512, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    "glm4_moe_lite": (Glm4MoeLiteForCausalLM, Glm4MoeLiteConfig(
+        **{**common, "num_key_value_heads": 4}, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=16,
+        num_experts_per_tok=4, moe_intermediate_size=32, n_shared_experts=1,
+        mlp_layer_types=["dense"] + ["sparse"] * 5)),
 }
 # LoRA on parameters (the experts') takes no dropout, in HF PEFT either.
 no_dropout = ["--lora-dropout", "0"]
 extra_flags = {name: no_dropout
-               for name in ("mixtral", "qwen3_moe", "olmoe", "glm4_moe", "ernie4_5_moe")}
+               for name in ("mixtral", "qwen3_moe", "olmoe", "glm4_moe", "ernie4_5_moe",
+                            "deepseek_v3", "glm4_moe_lite")}
 extra_flags["gpt_oss"] = [*no_dropout, "--target-parameters",
                           "mlp.router.weight,mlp.experts.gate_up_proj,mlp.experts.down_proj"]
 failed = False

@@ -23,6 +23,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, Ernie4_5_MoeConfig,
+                          DeepseekV3Config, DeepseekV3ForCausalLM, Glm4MoeLiteConfig,
+                          Glm4MoeLiteForCausalLM,
                           Ernie4_5_MoeForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig,
                           GraniteConfig, GraniteForCausalLM,
@@ -244,6 +246,30 @@ models["glm4_moe"] = (Glm4MoeForCausalLM, Glm4MoeConfig(
 models["ernie4_5_moe"] = (Ernie4_5_MoeForCausalLM, Ernie4_5_MoeConfig(
     **common, head_dim=16, tie_word_embeddings=False, moe_num_experts=8, moe_k=2,
     moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+# DeepSeek-V3's multi-head latent attention: queries through a low-rank projection and its
+# norm, keys and values from a shared latent (with its norm; both norms with their class's
+# epsilon, 1e-6, not the config's, 1e-3 here) and one rotated key head; heads
+# of 8 unrotated and 4 rotated dims (RoPE over interleaved pairs), values of 6; YaRN whose
+# mscale_all_dim also scales the scores. GLM-4.5's routing (a random correction, two groups,
+# scale 2.5), a shared expert, the first layer dense.
+models["deepseek_v3"] = (DeepseekV3ForCausalLM, DeepseekV3Config(
+    **{**common, "num_key_value_heads": 4, "rms_norm_eps": 1e-3}, tie_word_embeddings=False,
+    q_lora_rank=16,
+    kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, n_group=2,
+    topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}))
+# GLM-4.7-Flash's: DeepSeek-V3's layers with queries straight from a projection (no low rank
+# here), values as wide as the query-key heads, dense layers by mlp_layer_types.
+models["glm4_moe_lite"] = (Glm4MoeLiteForCausalLM, Glm4MoeLiteConfig(
+    **{**common, "num_key_value_heads": 4, "rms_norm_eps": 1e-3}, tie_word_embeddings=False,
+    q_lora_rank=None,
+    kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, n_routed_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+    routed_scaling_factor=1.8, mlp_layer_types=["dense", "sparse"],
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
 lora_parameters = {"gpt_oss": ["mlp.router.weight", "mlp.experts.gate_up_proj",
                                "mlp.experts.down_proj"]}

@@ -540,6 +540,16 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
             },
             moe.router
         );
+        if let Some(m) = &base.config.latent_attention {
+            let q = match m.q_lora_rank {
+                Some(r) => format!("queries through rank {r}"),
+                None => "queries by q_proj".to_string(),
+            };
+            println!(
+                "latent attention: {q}, keys and values from a latent of {}, heads of {} + {} rotated dims, values of {}",
+                m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+            );
+        }
         if base.config.attention_sinks {
             println!("attention sinks: a learned logit per head in each softmax (gpt-oss)");
         }

@@ -577,11 +577,9 @@ pub fn build_model(
             (Some(t), _) => TargetModules::parse_flag(t),
             // Parameters alone, as HF PEFT takes target_parameters without target_modules.
             (None, Some(_)) => TargetModules::List(Vec::new()),
-            // The attention projections (Phi-3 fuses q, k and v into one).
-            (None, None) => TargetModules::parse_flag(match base.config.fused_projections {
-                true => "qkv_proj,o_proj",
-                false => "q_proj,k_proj,v_proj,o_proj",
-            }),
+            // The attention projections (Phi-3 fuses q, k and v into one; latent attention
+            // has five).
+            (None, None) => TargetModules::List(base.config.attention_projections()),
         }),
         target_parameters: c.target_parameters.as_deref().map(list),
         exclude_modules: c.exclude_modules.as_deref().map(TargetModules::parse_flag),

@@ -85,6 +85,8 @@ pub struct LlamaConfig {
     /// gpt-oss's attention sinks: a learned logit per head (`self_attn.sinks`) in each row's
     /// softmax, whose probability is dropped.
     pub attention_sinks: bool,
+    /// DeepSeek-V3's multi-head latent attention (GLM-4.7-Flash's too).
+    pub latent_attention: Option<LatentAttention>,
     /// The decoder's config as read (an image-text model's `text_config`, with the class
     /// defaults its file leaves out).
     pub raw: Value,
@@ -171,6 +173,26 @@ pub struct Moe {
     /// training loss by default (`router_aux_loss_coef`; 0.01 for OLMoE, 0.001 elsewhere
     /// where the config leaves it out).
     pub router_aux_loss_coef: f64,
+}
+
+/// DeepSeek-V3's multi-head latent attention: queries from `q_proj`, or through a low-rank
+/// `q_a_proj`, its norm (`q_a_layernorm`) and `q_b_proj`; keys and values from a latent of
+/// `kv_lora_rank` (`kv_a_proj_with_mqa`, which also gives one rotated key head shared by all
+/// heads, then `kv_a_layernorm` and `kv_b_proj`). Each query and key head has
+/// `qk_nope_head_dim` unrotated and `qk_rope_head_dim` rotated dims (`head_dim` their sum:
+/// the model's heads hold the rotated dims first, so that RoPE rotates them as a partial
+/// rotary one; q·k is the same), each value head `v_head_dim` (zero-padded to `head_dim` in
+/// the attention, whose padded outputs are dropped).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatentAttention {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// RoPE pairs adjacent rotated dims (`rope_interleave`, as released), not `i` and
+    /// `i + r/2`.
+    pub rope_interleave: bool,
 }
 
 /// Where a checkpoint keeps the correction of a router's choice (`e_score_correction_bias`).
@@ -435,6 +457,13 @@ struct RawConfig {
     swiglu_alpha: Option<f32>,
     swiglu_limit: Option<f32>,
     router_aux_loss_coef: Option<f64>,
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: Option<usize>,
+    qk_nope_head_dim: Option<usize>,
+    qk_rope_head_dim: Option<usize>,
+    v_head_dim: Option<usize>,
+    rope_interleave: Option<bool>,
+    mlp_layer_types: Option<Vec<String>>,
     #[serde(alias = "moe_num_shared_experts")]
     n_shared_experts: Option<usize>,
     first_k_dense_replace: Option<usize>,
@@ -477,6 +506,8 @@ const SUPPORTED: &[&str] = &[
     "ernie4_5",
     "glm4_moe",
     "ernie4_5_moe",
+    "deepseek_v3",
+    "glm4_moe_lite",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
@@ -711,19 +742,30 @@ impl LlamaConfig {
                 .to_string()
         };
         let phi3 = model_type == "phi3";
-        let head_dim = c
-            .head_dim
-            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        let latent_attention = latent_attention(&c, &model_type)?;
+        // Latent attention's heads: the unrotated and the rotated query-key dims.
+        let head_dim = match latent_attention {
+            Some(m) => m.qk_nope_head_dim + m.qk_rope_head_dim,
+            None => c
+                .head_dim
+                .unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
+        };
         // Phi-4-mini and GLM-4.5 rotate the first `partial_rotary_factor` of each head's dims
-        // only (GLM-4.5's class default: half).
+        // only (GLM-4.5's class default: half); latent attention its rotated dims.
         let glm4_moe = model_type == "glm4_moe";
-        let partial_rotary = rope
-            .as_ref()
-            .and_then(|r| r.get("partial_rotary_factor")?.as_f64())
-            .or(c.partial_rotary_factor)
-            .unwrap_or(if glm4_moe { 0.5 } else { 1.0 });
-        let rotary_dim = (head_dim as f64 * partial_rotary) as usize;
-        if partial_rotary != 1.0 && !phi3 && !glm4_moe {
+        let partial_rotary = match latent_attention {
+            Some(m) => m.qk_rope_head_dim as f64 / head_dim as f64,
+            None => rope
+                .as_ref()
+                .and_then(|r| r.get("partial_rotary_factor")?.as_f64())
+                .or(c.partial_rotary_factor)
+                .unwrap_or(if glm4_moe { 0.5 } else { 1.0 }),
+        };
+        let rotary_dim = match latent_attention {
+            Some(m) => m.qk_rope_head_dim,
+            None => (head_dim as f64 * partial_rotary) as usize,
+        };
+        if partial_rotary != 1.0 && !phi3 && !glm4_moe && latent_attention.is_none() {
             bail!(
                 "partial rotary embeddings (partial_rotary_factor {partial_rotary}) are supported \
                  for phi3 and glm4_moe only"
@@ -804,7 +846,11 @@ impl LlamaConfig {
         {
             bail!("config.json: hidden_size is not divisible by num_attention_heads");
         }
-        let num_key_value_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        // Latent attention expands its latent into a key and a value head per query head.
+        let num_key_value_heads = match latent_attention {
+            Some(_) => c.num_attention_heads,
+            None => c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+        };
         if num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(num_key_value_heads) {
             bail!("config.json: num_attention_heads is not a multiple of num_key_value_heads");
         }
@@ -864,6 +910,22 @@ impl LlamaConfig {
         let attention_scale = match (gemma, c.query_pre_attn_scalar) {
             (true, s) => s.unwrap_or(256.0).powf(-0.5),
             _ if granite => c.attention_multiplier.unwrap_or(1.0),
+            // DeepSeek's YaRN also scales the scores by its mscale_all_dim's factor, squared.
+            _ if latent_attention.is_some() => {
+                let r = rope.as_ref().unwrap_or(&Value::Null);
+                let number = |k: &str| r.get(k).and_then(Value::as_f64);
+                let m = match (
+                    rope_type(&rope).as_str(),
+                    number("mscale_all_dim"),
+                    number("factor"),
+                ) {
+                    (t, Some(all), Some(f)) if t != "default" && all != 0.0 && f > 1.0 => {
+                        0.1 * all * f.ln() + 1.0
+                    }
+                    _ => 1.0,
+                };
+                (head_dim as f64).powf(-0.5) * m * m
+            }
             _ => (head_dim as f64).powf(-0.5),
         };
         // Qwen2 always has q/k/v biases, Qwen2-MoE where its `qkv_bias` (default true) says.
@@ -904,6 +966,7 @@ impl LlamaConfig {
             fused_projections: phi3,
             moe,
             attention_sinks: gpt_oss,
+            latent_attention,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_hidden_layers: c.num_hidden_layers,
@@ -982,12 +1045,37 @@ impl LlamaConfig {
                 linear("mlp.down_proj", h, i, mlp),
             ];
         }
-        let mut linears = vec![
-            linear("self_attn.q_proj", q, h, qkv),
-            linear("self_attn.k_proj", kv, h, qkv),
-            linear("self_attn.v_proj", kv, h, qkv),
-            linear("self_attn.o_proj", h, q, o),
-        ];
+        let mut linears = match &self.latent_attention {
+            Some(m) => {
+                let heads = self.num_attention_heads;
+                let bias = self.o_bias;
+                let mut attn = match m.q_lora_rank {
+                    Some(r) => vec![
+                        linear("self_attn.q_a_proj", r, h, bias),
+                        linear("self_attn.q_b_proj", q, r, false),
+                    ],
+                    None => vec![linear("self_attn.q_proj", q, h, false)],
+                };
+                let kv_b = heads * (m.qk_nope_head_dim + m.v_head_dim);
+                attn.extend([
+                    linear(
+                        "self_attn.kv_a_proj_with_mqa",
+                        m.kv_lora_rank + m.qk_rope_head_dim,
+                        h,
+                        bias,
+                    ),
+                    linear("self_attn.kv_b_proj", kv_b, m.kv_lora_rank, false),
+                    linear("self_attn.o_proj", h, heads * m.v_head_dim, bias),
+                ]);
+                attn
+            }
+            None => vec![
+                linear("self_attn.q_proj", q, h, qkv),
+                linear("self_attn.k_proj", kv, h, qkv),
+                linear("self_attn.v_proj", kv, h, qkv),
+                linear("self_attn.o_proj", h, q, o),
+            ],
+        };
         match self.sparse_moe(layer) {
             Some(moe) => {
                 if let Some(s) = moe.shared_expert_size {
@@ -1013,6 +1101,16 @@ impl LlamaConfig {
             ]),
         }
         linears
+    }
+
+    /// The names of the attention's linear layers (`q_proj`, `k_proj`, `v_proj`, `o_proj`;
+    /// Phi-3's `qkv_proj` and `o_proj`; latent attention's own), as target modules name them.
+    pub fn attention_projections(&self) -> Vec<String> {
+        self.layer_linears(0)
+            .iter()
+            .filter_map(|l| l.name.strip_prefix("self_attn."))
+            .map(str::to_string)
+            .collect()
     }
 
     /// The mixture-of-experts block of layer `layer`, when it has one.
@@ -1248,6 +1346,12 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             let shared = size * c.n_shared_experts.unwrap_or(1);
             (128, 8, size, Some(shared), true, 0.0)
         }
+        // DeepSeek-V3's and GLM-4.7-Flash's: GLM-4.5's routing and shared experts.
+        "deepseek_v3" | "glm4_moe_lite" => {
+            let size = c.moe_intermediate_size.unwrap_or(1536);
+            let shared = size * c.n_shared_experts.unwrap_or(1);
+            (64, 4, size, Some(shared), true, 0.0)
+        }
         // ERNIE 4.5's: moe_num_shared_experts of moe_intermediate_size; weights always
         // renormalized.
         "ernie4_5_moe" => {
@@ -1266,13 +1370,15 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         bail!("config.json: num_experts_per_tok {top_k} is not between 1 and num_experts {num_experts}");
     }
     let qwen = model_type.starts_with("qwen");
-    let glm = model_type == "glm4_moe";
+    let glm = matches!(model_type, "glm4_moe" | "deepseek_v3" | "glm4_moe_lite");
     let ernie = model_type == "ernie4_5_moe";
     let step = c.decoder_sparse_step.unwrap_or(1).max(1);
     let dense = c.mlp_only_layers.clone().unwrap_or_default();
     // GLM-4.5's first `first_k_dense_replace` layers are dense.
     let first_sparse = match glm {
-        true => c.first_k_dense_replace.unwrap_or(1),
+        true => c
+            .first_k_dense_replace
+            .unwrap_or(if model_type == "deepseek_v3" { 3 } else { 1 }),
         false => 0,
     };
     // ERNIE 4.5's from moe_layer_start_index to moe_layer_end_index (-1: the last), every
@@ -1286,12 +1392,23 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         let end = c.moe_layer_end_index.filter(|&e| e != -1).unwrap_or(last);
         (l + 1).is_multiple_of(interval) && l as i64 >= start && l as i64 <= end
     };
-    let sparse_layers = (0..c.num_hidden_layers)
-        .map(|l| match ernie {
-            true => ernie_sparse(l),
-            false => l >= first_sparse && (!qwen || (!dense.contains(&l) && (l + 1) % step == 0)),
-        })
-        .collect();
+    let sparse_layers = match &c.mlp_layer_types {
+        // GLM-4.7-Flash's names each layer's.
+        Some(types) if types.len() != c.num_hidden_layers => bail!(
+            "config.json: mlp_layer_types has {} entries for {} layers",
+            types.len(),
+            c.num_hidden_layers
+        ),
+        Some(types) => types.iter().map(|t| t == "sparse").collect(),
+        None => (0..c.num_hidden_layers)
+            .map(|l| match ernie {
+                true => ernie_sparse(l),
+                false => {
+                    l >= first_sparse && (!qwen || (!dense.contains(&l) && (l + 1) % step == 0))
+                }
+            })
+            .collect(),
+    };
     let scoring = match glm {
         true => {
             let (n_group, topk_group) = (c.n_group.unwrap_or(1), c.topk_group.unwrap_or(1));
@@ -1325,7 +1442,7 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         // Mixtral, Qwen3-VL-MoE and gpt-oss always renormalize over the chosen experts.
         scoring,
         choice_bias: match model_type {
-            "glm4_moe" => Some(ChoiceBias::Router),
+            "glm4_moe" | "deepseek_v3" | "glm4_moe_lite" => Some(ChoiceBias::Router),
             "ernie4_5_moe" => Some(ChoiceBias::MoeStatics),
             _ => None,
         },
@@ -1367,6 +1484,34 @@ fn gpt_oss_default_rope() -> Value {
         "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
         "truncate": false, "original_max_position_embeddings": 4096,
     })
+}
+
+/// DeepSeek-V3's latent attention, for the model types that have it.
+fn latent_attention(c: &RawConfig, model_type: &str) -> Result<Option<LatentAttention>> {
+    if !matches!(model_type, "deepseek_v3" | "glm4_moe_lite") {
+        return Ok(None);
+    }
+    let dims = (
+        c.kv_lora_rank.unwrap_or(512),
+        c.qk_nope_head_dim.unwrap_or(128),
+        c.qk_rope_head_dim.unwrap_or(64),
+        c.v_head_dim.unwrap_or(128),
+    );
+    let (kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim) = dims;
+    if qk_rope_head_dim == 0 || qk_rope_head_dim % 2 == 1 || kv_lora_rank == 0 {
+        bail!("config.json: qk_rope_head_dim {qk_rope_head_dim} is not even, or kv_lora_rank is 0");
+    }
+    if v_head_dim > qk_nope_head_dim + qk_rope_head_dim {
+        bail!("latent attention with values wider than the query-key heads (v_head_dim {v_head_dim}) is not supported");
+    }
+    Ok(Some(LatentAttention {
+        q_lora_rank: c.q_lora_rank,
+        kv_lora_rank,
+        qk_nope_head_dim,
+        qk_rope_head_dim,
+        v_head_dim,
+        rope_interleave: c.rope_interleave.unwrap_or(true),
+    }))
 }
 
 /// MoE settings whose training behaviour is not implemented, refused by name.

@@ -148,8 +148,11 @@ impl<const N: usize> Projections<N> {
 
 #[derive(Clone)]
 pub struct Attention {
-    /// q, k and v.
+    /// q, k and v; with latent attention, the query projection (`q_proj` or `q_b_proj`),
+    /// `kv_a_proj_with_mqa` and `kv_b_proj`.
     pub qkv: Projections<3>,
+    /// Latent attention's other parts (see [`crate::config::LatentAttention`]).
+    pub latent: Option<LatentParts>,
     pub o_proj: Linear,
     /// RMSNorm scales of queries and keys, applied before RoPE: per head `[head_dim]` (Qwen3,
     /// Gemma 3) or over the whole projection (OLMo 2).
@@ -157,6 +160,15 @@ pub struct Attention {
     pub k_norm: Option<Tensor>,
     /// gpt-oss's sink logit per head `[heads]` (`self_attn.sinks`).
     pub sinks: Option<Tensor>,
+}
+
+/// Latent attention's low-rank query projection (`q_a_proj`) with its norm
+/// (`q_a_layernorm`), where it has one, and the norm of the keys' and values' latent
+/// (`kv_a_layernorm`).
+#[derive(Clone)]
+pub struct LatentParts {
+    pub q_a: Option<(Linear, Tensor)>,
+    pub kv_a_norm: Tensor,
 }
 
 #[derive(Clone)]
@@ -403,7 +415,11 @@ impl DecoderLayer {
     /// The linear layers in the order of [`LlamaConfig::layer_linears`].
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let a = &mut self.self_attn;
-        let mut out = a.qkv.linears_mut();
+        let mut out = Vec::new();
+        if let Some((q_a, _)) = a.latent.as_mut().and_then(|l| l.q_a.as_mut()) {
+            out.push(q_a);
+        }
+        out.extend(a.qkv.linears_mut());
         out.push(&mut a.o_proj);
         match &mut self.mlp {
             FeedForward::Dense(m) => out.extend(m.linears_mut()),
@@ -754,9 +770,26 @@ impl Llama {
             }
             let mut taken = taken.into_iter();
             let mut next = || taken.next().context("a decoder layer lacks a linear layer");
+            let q_a = match c.latent_attention.and_then(|m| m.q_lora_rank) {
+                Some(r) => {
+                    let norm = w.take(&format!("{p}.self_attn.q_a_layernorm.weight"), &[r])?;
+                    Some((next()?, norm))
+                }
+                None => None,
+            };
             let (qkv, o_proj) = match c.fused_projections {
                 true => (Projections::Fused(next()?), next()?),
                 false => (Projections::Separate([next()?, next()?, next()?]), next()?),
+            };
+            let latent = match c.latent_attention {
+                Some(m) => Some(LatentParts {
+                    q_a,
+                    kv_a_norm: w.take(
+                        &format!("{p}.self_attn.kv_a_layernorm.weight"),
+                        &[m.kv_lora_rank],
+                    )?,
+                }),
+                None => None,
             };
             let mut mlp = || -> Result<Mlp> {
                 let gate_up = match c.fused_projections {
@@ -802,6 +835,7 @@ impl Llama {
                 input_layernorm,
                 self_attn: Attention {
                     qkv,
+                    latent,
                     o_proj,
                     q_norm,
                     k_norm,
@@ -956,6 +990,13 @@ impl Llama {
                 out.push((format!("{p}.post_feedforward_layernorm.weight"), w));
             }
             let a = &mut layer.self_attn;
+            if let Some(latent) = &mut a.latent {
+                if let Some((_, q_a_norm)) = &mut latent.q_a {
+                    out.push((format!("{p}.self_attn.q_a_layernorm.weight"), q_a_norm));
+                }
+                let kv_a_norm = &mut latent.kv_a_norm;
+                out.push((format!("{p}.self_attn.kv_a_layernorm.weight"), kv_a_norm));
+            }
             if let Some(q) = &mut a.q_norm {
                 out.push((format!("{p}.self_attn.q_norm.weight"), q));
             }
@@ -2055,9 +2096,12 @@ fn attention(
         ..
     } = inputs;
     let window = *window;
-    let [mut q, mut k, v] = a
-        .qkv
-        .outputs(x, [nh * hd, kvh * hd, kvh * hd], sink, train)?;
+    let [mut q, mut k, v] = match (&a.latent, c.latent_attention) {
+        (Some(parts), Some(m)) => latent_qkv(c, &m, a, parts, x, train)?,
+        _ => a
+            .qkv
+            .outputs(x, [nh * hd, kvh * hd, kvh * hd], sink, train)?,
+    };
     // A factor per position commutes with RoPE's rotation: scaling before it is scaling after.
     if let Some(factors) = query_scale {
         q = q.broadcast_mul(&factors.to_dtype(q.dtype())?)?;
@@ -2084,7 +2128,7 @@ fn attention(
     if mask.bias.is_none() && cache.is_none() {
         let out =
             causal_self_attention(&q, &k, &v, cos, sin, nh, kvh, scale, softcap, window, sinks)?;
-        return a.o_proj.forward(&out, train);
+        return a.o_proj.forward(&latent_values(c, &out)?, train);
     }
     // The flash kernels do not cap scores: capped ones (Gemma 2) take the paths below, as do
     // sinks (gpt-oss) over a prefix.
@@ -2094,7 +2138,7 @@ fn attention(
             &q, &k, &v, cos, sin, segments, sinks, window, nh, kvh, scale,
         )?;
         if let Some(out) = packed {
-            return a.o_proj.forward(&out, train);
+            return a.o_proj.forward(&latent_values(c, &out)?, train);
         }
     }
     // Training over a pre-filled cache (prefix tuning's virtual tokens): the flash kernels
@@ -2107,7 +2151,7 @@ fn attention(
         let qkv = (&q, &k, &v);
         if let Some(out) = prefixed_self_attention(qkv, prefix, cos, sin, segments, nh, kvh, scale)?
         {
-            return a.o_proj.forward(&out, train);
+            return a.o_proj.forward(&latent_values(c, &out)?, train);
         }
     }
     let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
@@ -2134,7 +2178,83 @@ fn attention(
         None => causal_attention(&q, &k, &v, scale, softcap, window, sinks)?,
     };
     let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-    a.o_proj.forward(&out, train)
+    a.o_proj.forward(&latent_values(c, &out)?, train)
+}
+
+/// The epsilon of latent attention's norms (`q_a_layernorm`, `kv_a_layernorm`).
+const LATENT_NORM_EPS: f64 = 1e-6;
+
+/// Latent attention's q, k and v (`[batch, seq, heads · head_dim]` each), as the attention
+/// paths take them: each query and key head's rotated dims first (de-interleaved where RoPE
+/// pairs adjacent dims, as DeepSeek's releases do), then its unrotated ones, the one rotated
+/// key head shared by all; values zero-padded to `head_dim`.
+fn latent_qkv(
+    c: &LlamaConfig,
+    m: &crate::config::LatentAttention,
+    a: &Attention,
+    parts: &LatentParts,
+    x: &Tensor,
+    train: bool,
+) -> candle_core::Result<[Tensor; 3]> {
+    let Projections::Separate([q_proj, kv_a, kv_b]) = &a.qkv else {
+        candle_core::bail!("latent attention with fused projections");
+    };
+    let (b, t, _) = x.dims3()?;
+    let (nh, hd) = (c.num_attention_heads, c.head_dim);
+    let (nope, rot, vd, rank) = (
+        m.qk_nope_head_dim,
+        m.qk_rope_head_dim,
+        m.v_head_dim,
+        m.kv_lora_rank,
+    );
+    // transformers builds these two norms with their class's epsilon, not the config's.
+    let rms = |y: &Tensor, w: &Tensor| rms_norm(y, w, LATENT_NORM_EPS);
+    let q_in = match &parts.q_a {
+        Some((q_a, norm)) => rms(&q_a.forward(x, train)?, norm)?,
+        None => x.clone(),
+    };
+    let q = q_proj.forward(&q_in, train)?.reshape((b, t, nh, hd))?;
+    let latent = kv_a.forward(x, train)?;
+    let kv = kv_b.forward(&rms(&latent.narrow(2, 0, rank)?, &parts.kv_a_norm)?, train)?;
+    let kv = kv.reshape((b, t, nh, nope + vd))?;
+    // Adjacent pairs (x0, x1), (x2, x3), ... as rotate-half's halves: evens, then odds.
+    let halves = |y: Tensor| -> candle_core::Result<Tensor> {
+        if !m.rope_interleave {
+            return Ok(y);
+        }
+        let dims = y.dims().to_vec();
+        let lead: Vec<usize> = dims[..dims.len() - 1].to_vec();
+        let mut pairs = lead.clone();
+        pairs.extend([rot / 2, 2]);
+        let y = y.reshape(pairs)?;
+        let last = y.rank() - 1;
+        y.transpose(last - 1, last)?.contiguous()?.reshape(dims)
+    };
+    let q_rot = halves(q.narrow(3, nope, rot)?)?;
+    let q = Tensor::cat(&[&q_rot, &q.narrow(3, 0, nope)?], 3)?;
+    let k_rot = halves(latent.narrow(2, rank, rot)?.reshape((b, t, 1, rot))?)?;
+    let k_rot = k_rot.broadcast_as((b, t, nh, rot))?.contiguous()?;
+    let k = Tensor::cat(&[&k_rot, &kv.narrow(3, 0, nope)?], 3)?;
+    let mut v = kv.narrow(3, nope, vd)?;
+    if vd < hd {
+        v = v.pad_with_zeros(3, 0, hd - vd)?;
+    }
+    let flat = |y: Tensor| y.contiguous()?.reshape((b, t, nh * hd));
+    Ok([flat(q)?, flat(k)?, flat(v)?])
+}
+
+/// The attention's output `[batch, seq, heads · head_dim]` as `o_proj` reads it: with latent
+/// attention, each head's first `v_head_dim` values (the rest, of the zero padding, dropped).
+fn latent_values(c: &LlamaConfig, out: &Tensor) -> candle_core::Result<Tensor> {
+    let Some(m) = c.latent_attention.filter(|m| m.v_head_dim < c.head_dim) else {
+        return Ok(out.clone());
+    };
+    let (b, t, _) = out.dims3()?;
+    let nh = c.num_attention_heads;
+    out.reshape((b, t, nh, c.head_dim))?
+        .narrow(3, 0, m.v_head_dim)?
+        .contiguous()?
+        .reshape((b, t, nh * m.v_head_dim))
 }
 
 /// The outputs of `linears`, which all read `x` (q, k and v; gate and up): those that are

@@ -129,6 +129,14 @@ pub fn llama_weights(
                 }
             }
         }
+        if let Some(m) = &c.latent_attention {
+            if let Some(r) = m.q_lora_rank {
+                let name = format!("{p}.self_attn.q_a_layernorm.weight");
+                w.insert(name, init(WeightKind::Norm, &[r])?);
+            }
+            let name = format!("{p}.self_attn.kv_a_layernorm.weight");
+            w.insert(name, init(WeightKind::Norm, &[m.kv_lora_rank])?);
+        }
         if c.attention_sinks {
             w.insert(
                 format!("{p}.self_attn.sinks"),

@@ -411,6 +411,42 @@ fn mixture_of_experts_configs() {
         "mlp.moe_statics.e_score_correction_bias"
     );
 
+    // DeepSeek-V3's latent attention: heads of the unrotated and rotated dims, a key and a
+    // value head per query head; the linears it adds under their names; the scores scaled by
+    // YaRN's mscale_all_dim factor squared.
+    let deepseek = serde_json::json!({
+        "model_type": "deepseek_v3", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "vocab_size": 100, "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 12, "n_routed_experts": 8,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                            "original_max_position_embeddings": 64, "mscale": 1.0,
+                            "mscale_all_dim": 1.0},
+    });
+    let c = peft_models::LlamaConfig::from_json(deepseek).unwrap();
+    assert_eq!(
+        (c.head_dim, c.rotary_dim, c.num_key_value_heads),
+        (24, 8, 4)
+    );
+    assert_eq!(
+        c.moe.as_ref().unwrap().sparse_layers,
+        [false, false, false, true]
+    );
+    let m = 0.1 * 40f64.ln() + 1.0;
+    assert!((c.attention_scale - m * m / 24f64.sqrt()).abs() < 1e-12);
+    let names = |l: usize| -> Vec<&str> { c.layer_linears(l).iter().map(|l| l.name).collect() };
+    assert_eq!(
+        names(0)[..5],
+        [
+            "self_attn.q_a_proj",
+            "self_attn.q_b_proj",
+            "self_attn.kv_a_proj_with_mqa",
+            "self_attn.kv_b_proj",
+            "self_attn.o_proj"
+        ]
+    );
+    assert_eq!(c.layer_linears(0)[3].out, 4 * (16 + 12));
+
     let mut bad = glm.clone();
     bad["topk_group"] = serde_json::json!(1);
     bad["num_experts_per_tok"] = serde_json::json!(5);

@@ -35,11 +35,15 @@ const EMBEDDING_B: &str = "lora_embedding_B";
 const EMBEDDING_BASE: &str = "base_layer.weight";
 
 /// Default LoRA targets when a config names none (PEFT's table for Llama-family models; for
-/// Phi-3, which PEFT's table lacks, the fused projection holding q and v).
+/// Phi-3, which PEFT's table lacks, the fused projection holding q and v; for latent
+/// attention, which it lacks too, the projections to the heads' queries and to their keys
+/// and values).
 fn default_targets(base: &Llama) -> &'static [&'static str] {
-    match base.config.fused_projections {
-        true => &["qkv_proj"],
-        false => &["q_proj", "v_proj"],
+    match (&base.config.latent_attention, base.config.fused_projections) {
+        (Some(m), _) if m.q_lora_rank.is_some() => &["q_b_proj", "kv_b_proj"],
+        (Some(_), _) => &["q_proj", "kv_b_proj"],
+        (None, true) => &["qkv_proj"],
+        (None, false) => &["q_proj", "v_proj"],
     }
 }
 pub struct PeftModel {

@@ -46,6 +46,8 @@ const ARCHITECTURES: &[&str] = &[
     "ernie4_5",
     "glm4_moe",
     "ernie4_5_moe",
+    "deepseek_v3",
+    "glm4_moe_lite",
 ];
 
 /// The mixture-of-experts fixtures among [`ARCHITECTURES`].
@@ -58,6 +60,8 @@ const MIXTURES_OF_EXPERTS: &[&str] = &[
     "gpt_oss",
     "glm4_moe",
     "ernie4_5_moe",
+    "deepseek_v3",
+    "glm4_moe_lite",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -223,7 +227,9 @@ fn frozen_moe_blocks_backpropagate_as_composed_ones() {
             let config = peft::LoraConfig {
                 r: 4,
                 lora_alpha: 8.0,
-                target_modules: Some(peft::TargetModules::parse_flag("q_proj,v_proj")),
+                target_modules: Some(peft::TargetModules::parse_flag(
+                    r"re:.*\.self_attn\.(q_proj|v_proj|o_proj)",
+                )),
                 init_lora_weights: serde_json::json!("gaussian"),
                 ..Default::default()
             };
@@ -264,8 +270,12 @@ fn router_load_balancing_loss_matches_transformers() {
 }
 
 fn router_load_balancing_on_tapes() {
-    // GLM-4.5 has no load-balancing loss in transformers.
-    for &name in MIXTURES_OF_EXPERTS.iter().filter(|&&n| n != "glm4_moe") {
+    // GLM-4.5's routing (DeepSeek-V3's) has no load-balancing loss in transformers.
+    let no_aux_loss = ["glm4_moe", "deepseek_v3", "glm4_moe_lite"];
+    for &name in MIXTURES_OF_EXPERTS
+        .iter()
+        .filter(|n| !no_aux_loss.contains(n))
+    {
         let dir = fixture(name);
         let exp = load_safetensors(&dir.join("router_aux.safetensors"), &Device::Cpu).unwrap();
         let mut peft = PeftModel::load(base(name), &dir.join("lora")).unwrap();
@@ -622,7 +632,14 @@ fn experts_targets_convert_as_in_hf_peft() {
         target_modules: Some(peft::TargetModules::parse_flag("all-linear")),
         ..Default::default()
     };
-    for name in ["mixtral", "qwen3_moe", "glm4_moe", "ernie4_5_moe"] {
+    for name in [
+        "mixtral",
+        "qwen3_moe",
+        "glm4_moe",
+        "ernie4_5_moe",
+        "deepseek_v3",
+        "glm4_moe_lite",
+    ] {
         let ours = PeftModel::new(base(name), all_linear(), 0).unwrap().config;
         let hf =
             peft::LoraConfig::from_file(&fixture(name).join("lora/adapter_config.json")).unwrap();
