@@ -15,8 +15,8 @@ requires), and Qwen2-MoE (a gated shared expert, which all-linear adapts, every 
 dense), gpt-oss (attention sinks, biased experts with a clamped SwiGLU, LoRA on its router
 and experts by target_parameters), ERNIE 4.5 (RoPE over adjacent dims), GLM-4.5
 (sigmoid routing over groups of experts, a shared expert, partial rotary), ERNIE 4.5 MoE
-(a corrected softmax routing, shared experts), DeepSeek-V3 and GLM-4.7-Flash (latent
-attention). `peft train` runs on
+(a corrected softmax routing, shared experts), DeepSeek-V3, GLM-4.7-Flash and DeepSeek-V2
+(latent attention). `peft train` runs on
 the shipped pirate data (all-linear LoRA, f32, packed rows of 96 tokens, so most queries see
 only part of their sequence through a window). Then, for each:
 1. HF PEFT loads the adapter (no missing or unexpected keys) and its logits on a 40-token
@@ -41,7 +41,8 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           Qwen3MoeForCausalLM, GptOssConfig, GptOssForCausalLM, Ernie4_5Config,
                           Ernie4_5ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM,
                           Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, DeepseekV3Config,
-                          DeepseekV3ForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM)
+                          DeepseekV3ForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM,
+                          DeepseekV2Config, DeepseekV2ForCausalLM)
 
 from harness import arguments, peft_logits, random_model, run
 
@@ -159,12 +160,20 @@ models = {
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=16,
         num_experts_per_tok=4, moe_intermediate_size=32, n_shared_experts=1,
         mlp_layer_types=["dense"] + ["sparse"] * 5)),
+    # DeepSeek-V2: latent attention with plain queries, its softmax routing limited to the
+    # best 2 of 4 groups, unrenormalized weights scaled by 2.
+    "deepseek_v2": (DeepseekV2ForCausalLM, DeepseekV2Config(
+        **{**common, "num_key_value_heads": 4}, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=16,
+        num_experts_per_tok=4, moe_intermediate_size=32, n_shared_experts=2,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0,
+        first_k_dense_replace=1)),
 }
 # LoRA on parameters (the experts') takes no dropout, in HF PEFT either.
 no_dropout = ["--lora-dropout", "0"]
 extra_flags = {name: no_dropout
                for name in ("mixtral", "qwen3_moe", "olmoe", "glm4_moe", "ernie4_5_moe",
-                            "deepseek_v3", "glm4_moe_lite")}
+                            "deepseek_v3", "glm4_moe_lite", "deepseek_v2")}
 extra_flags["gpt_oss"] = [*no_dropout, "--target-parameters",
                           "mlp.router.weight,mlp.experts.gate_up_proj,mlp.experts.down_proj"]
 failed = False

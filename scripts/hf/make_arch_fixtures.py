@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, Ernie4_5_MoeConfig,
                           DeepseekV3Config, DeepseekV3ForCausalLM, Glm4MoeLiteConfig,
+                          DeepseekV2Config, DeepseekV2ForCausalLM,
                           Glm4MoeLiteForCausalLM,
                           Ernie4_5_MoeForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig,
@@ -271,6 +272,19 @@ models["glm4_moe_lite"] = (Glm4MoeLiteForCausalLM, Glm4MoeLiteConfig(
     num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
     routed_scaling_factor=1.8, mlp_layer_types=["dense", "sparse"],
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+# DeepSeek-V2's (V2-Lite's layout): latent attention with plain queries, RoPE over adjacent
+# pairs (as complex numbers), YaRN with DeepSeek's mscale pair; a softmax router in f32 whose
+# top-k, limited to the best group of two (a group scored by its best), weigh the experts
+# unrenormalized, scaled by 2.
+models["deepseek_v2"] = (DeepseekV2ForCausalLM, DeepseekV2Config(
+    **{**common, "num_key_value_heads": 4, "rms_norm_eps": 1e-3}, tie_word_embeddings=False,
+    q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+    topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=2.0,
+    first_k_dense_replace=1,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}))
 lora_parameters = {"gpt_oss": ["mlp.router.weight", "mlp.experts.gate_up_proj",
                                "mlp.experts.down_proj"]}
 # HF PEFT's all-linear on Mixtral, Qwen3-MoE and OLMoE also puts LoRA on the experts' stacked

@@ -527,6 +527,13 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
             } => format!(
                 "sigmoid, corrected choice within the best {topk_group} of {n_group} groups, scaled by {scale}"
             ),
+            peft_ops::Scoring::LimitedSoftmax {
+                n_group,
+                topk_group,
+                scale,
+            } => format!(
+                "softmax, choice within the best {topk_group} of {n_group} groups, scaled by {scale}"
+            ),
         };
         println!(
             "mixture of experts on {sparse} of {} layers: {} experts of {}, {} per token ({scoring}; {}){shared}; LoRA reaches the router and experts as parameters (target_parameters: {}.weight, gate_up_proj, down_proj)",

@@ -254,12 +254,24 @@ impl Moe {
         self.choice_bias.is_some()
     }
 
+    /// Whether transformers computes a load-balancing loss of these routers (GLM-4.5's and
+    /// DeepSeek's have none: they balance by their correction bias, or not at all).
+    pub fn has_load_balancing_loss(&self) -> bool {
+        matches!(self.scoring, Scoring::Softmax)
+    }
+
+    /// Whether the router computes in f32, as transformers keeps GLM-4.5's, ERNIE 4.5's and
+    /// DeepSeek's.
+    pub fn router_in_f32(&self) -> bool {
+        self.has_choice_bias() || matches!(self.scoring, Scoring::LimitedSoftmax { .. })
+    }
+
     /// Module path of the shared experts under a layer, and of their gate where they have one
     /// (Qwen2-MoE's).
     pub fn shared_expert_paths(&self) -> (&'static str, Option<&'static str>) {
-        match self.choice_bias {
-            Some(_) => ("mlp.shared_experts", None),
-            None => ("mlp.shared_expert", Some("mlp.shared_expert_gate")),
+        match self.router_in_f32() {
+            true => ("mlp.shared_experts", None),
+            false => ("mlp.shared_expert", Some("mlp.shared_expert_gate")),
         }
     }
 
@@ -464,6 +476,7 @@ struct RawConfig {
     v_head_dim: Option<usize>,
     rope_interleave: Option<bool>,
     mlp_layer_types: Option<Vec<String>>,
+    topk_method: Option<String>,
     #[serde(alias = "moe_num_shared_experts")]
     n_shared_experts: Option<usize>,
     first_k_dense_replace: Option<usize>,
@@ -508,6 +521,7 @@ const SUPPORTED: &[&str] = &[
     "ernie4_5_moe",
     "deepseek_v3",
     "glm4_moe_lite",
+    "deepseek_v2",
 ];
 
 /// Image-text models whose language model is read (text in, text out; the vision tower is
@@ -1346,6 +1360,12 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             let shared = size * c.n_shared_experts.unwrap_or(1);
             (128, 8, size, Some(shared), true, 0.0)
         }
+        // DeepSeek-V2's: two shared experts; weights never renormalized; no aux loss.
+        "deepseek_v2" => {
+            let size = c.moe_intermediate_size.unwrap_or(1407);
+            let shared = size * c.n_shared_experts.unwrap_or(2);
+            (64, 6, size, Some(shared), false, 0.0)
+        }
         // DeepSeek-V3's and GLM-4.7-Flash's: GLM-4.5's routing and shared experts.
         "deepseek_v3" | "glm4_moe_lite" => {
             let size = c.moe_intermediate_size.unwrap_or(1536);
@@ -1370,15 +1390,20 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
         bail!("config.json: num_experts_per_tok {top_k} is not between 1 and num_experts {num_experts}");
     }
     let qwen = model_type.starts_with("qwen");
-    let glm = matches!(model_type, "glm4_moe" | "deepseek_v3" | "glm4_moe_lite");
+    let glm = matches!(
+        model_type,
+        "glm4_moe" | "deepseek_v3" | "glm4_moe_lite" | "deepseek_v2"
+    );
     let ernie = model_type == "ernie4_5_moe";
     let step = c.decoder_sparse_step.unwrap_or(1).max(1);
     let dense = c.mlp_only_layers.clone().unwrap_or_default();
     // GLM-4.5's first `first_k_dense_replace` layers are dense.
     let first_sparse = match glm {
-        true => c
-            .first_k_dense_replace
-            .unwrap_or(if model_type == "deepseek_v3" { 3 } else { 1 }),
+        true => c.first_k_dense_replace.unwrap_or(match model_type {
+            "deepseek_v3" => 3,
+            "deepseek_v2" => 0,
+            _ => 1,
+        }),
         false => 0,
     };
     // ERNIE 4.5's from moe_layer_start_index to moe_layer_end_index (-1: the last), every
@@ -1409,9 +1434,15 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             })
             .collect(),
     };
+    let v2 = model_type == "deepseek_v2";
     let scoring = match glm {
         true => {
-            let (n_group, topk_group) = (c.n_group.unwrap_or(1), c.topk_group.unwrap_or(1));
+            let (mut n_group, mut topk_group) = (c.n_group.unwrap_or(1), c.topk_group.unwrap_or(1));
+            // DeepSeek-V2's `greedy` takes the top-k of all experts.
+            let method = c.topk_method.as_deref().unwrap_or("greedy");
+            if v2 && method == "greedy" {
+                (n_group, topk_group) = (1, 1);
+            }
             if n_group == 0
                 || !num_experts.is_multiple_of(n_group)
                 || topk_group == 0
@@ -1422,14 +1453,28 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             if top_k > topk_group * (num_experts / n_group) {
                 bail!("config.json: num_experts_per_tok {top_k} is more than the experts of topk_group {topk_group} groups");
             }
-            Scoring::Sigmoid {
-                n_group,
-                topk_group,
-                scale: c.routed_scaling_factor.unwrap_or(1.0),
+            let scale = c.routed_scaling_factor.unwrap_or(1.0);
+            match (v2, method) {
+                (true, "greedy" | "group_limited_greedy") => Scoring::LimitedSoftmax {
+                    n_group,
+                    topk_group,
+                    scale,
+                },
+                (true, other) => bail!(
+                    "DeepSeek-V2's topk_method {other:?} is not supported (greedy, group_limited_greedy)"
+                ),
+                (false, _) => Scoring::Sigmoid {
+                    n_group,
+                    topk_group,
+                    scale,
+                },
             }
         }
         false => Scoring::Softmax,
     };
+    if v2 && c.mlp_bias {
+        bail!("DeepSeek-V2 with MLP biases (mlp_bias: true) is not supported");
+    }
     let mixtral = model_type == "mixtral";
     let gpt_oss = model_type == "gpt_oss";
     Ok(Some(Moe {
@@ -1446,11 +1491,13 @@ fn moe(c: &RawConfig, model_type: &str) -> Result<Option<Moe>> {
             "ernie4_5_moe" => Some(ChoiceBias::MoeStatics),
             _ => None,
         },
-        norm_topk_prob: ernie
-            || mixtral
-            || gpt_oss
-            || model_type == "qwen3_vl_moe_text"
-            || c.norm_topk_prob.unwrap_or(norm),
+        // DeepSeek-V2's router never renormalizes, whatever its config says.
+        norm_topk_prob: !v2
+            && (ernie
+                || mixtral
+                || gpt_oss
+                || model_type == "qwen3_vl_moe_text"
+                || c.norm_topk_prob.unwrap_or(norm)),
         shared_expert_size: match glm || ernie {
             true => shared.filter(|_| c.n_shared_experts != Some(0)),
             false => shared.map(|s| c.shared_expert_intermediate_size.unwrap_or(s)),
@@ -1488,7 +1535,7 @@ fn gpt_oss_default_rope() -> Value {
 
 /// DeepSeek-V3's latent attention, for the model types that have it.
 fn latent_attention(c: &RawConfig, model_type: &str) -> Result<Option<LatentAttention>> {
-    if !matches!(model_type, "deepseek_v3" | "glm4_moe_lite") {
+    if !matches!(model_type, "deepseek_v3" | "glm4_moe_lite" | "deepseek_v2") {
         return Ok(None);
     }
     let dims = (
@@ -1510,7 +1557,8 @@ fn latent_attention(c: &RawConfig, model_type: &str) -> Result<Option<LatentAtte
         qk_nope_head_dim,
         qk_rope_head_dim,
         v_head_dim,
-        rope_interleave: c.rope_interleave.unwrap_or(true),
+        // DeepSeek-V2 rotates adjacent pairs as complex numbers, always.
+        rope_interleave: c.rope_interleave.unwrap_or(true) || model_type == "deepseek_v2",
     }))
 }
 

@@ -1957,7 +1957,7 @@ fn sparse_moe(
                 bias: s.router.bias.as_ref(),
                 choice_bias,
                 kind,
-                in_f32: moe.has_choice_bias(),
+                in_f32: moe.router_in_f32(),
             };
             frozen_moe(x, router, &experts, c.activation, balance)?
         }
@@ -1966,8 +1966,8 @@ fn sparse_moe(
             let rows = x.elem_count() / hidden;
             let x2 = reshape(x, (rows, hidden))?;
             let deltas = &s.deltas;
-            // GLM-4.5's router computes in f32, as transformers'.
-            let in_f32 = moe.has_choice_bias();
+            // GLM-4.5's, ERNIE 4.5's and DeepSeek's routers compute in f32, as transformers'.
+            let in_f32 = moe.router_in_f32();
             let dtype = if in_f32 { DType::F32 } else { x.dtype() };
             let bias = s.router.bias.clone();
             let logits = match deltas.router_weight(&s.router, dtype)? {

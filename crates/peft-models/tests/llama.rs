@@ -446,6 +446,29 @@ fn mixture_of_experts_configs() {
         ]
     );
     assert_eq!(c.layer_linears(0)[3].out, 4 * (16 + 12));
+    // DeepSeek-V2's routing: a softmax limited to the best groups, never renormalized.
+    let v2 = serde_json::json!({
+        "model_type": "deepseek_v2", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+        "q_lora_rank": null, "n_routed_experts": 8, "num_experts_per_tok": 2,
+        "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 16.0, "norm_topk_prob": true,
+    });
+    let c = peft_models::LlamaConfig::from_json(v2.clone()).unwrap();
+    let moe = c.moe.as_ref().unwrap();
+    let limited = peft_ops::Scoring::LimitedSoftmax {
+        n_group: 4,
+        topk_group: 2,
+        scale: 16.0,
+    };
+    assert_eq!(moe.scoring, limited);
+    assert!(!moe.norm_topk_prob && !moe.has_load_balancing_loss());
+    assert_eq!(moe.sparse_layers, [true, true]);
+    assert_eq!(c.attention_projections()[0], "q_proj");
+    let mut bad = v2;
+    bad["topk_method"] = serde_json::json!("noaux_tc");
+    let err = peft_models::LlamaConfig::from_json(bad).unwrap_err();
+    assert!(err.to_string().contains("noaux_tc"), "{err}");
 
     let mut bad = glm.clone();
     bad["topk_group"] = serde_json::json!(1);

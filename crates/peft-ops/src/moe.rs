@@ -47,6 +47,14 @@ pub enum Scoring {
         topk_group: usize,
         scale: f64,
     },
+    /// DeepSeek-V2: the softmax of the logits (computed in f32); the choice among the experts
+    /// of the `topk_group` best of `n_group` groups (a group scored by its best); the weights
+    /// the chosen probabilities, times `scale`.
+    LimitedSoftmax {
+        n_group: usize,
+        topk_group: usize,
+        scale: f64,
+    },
 }
 
 /// A router's settings: its [`Scoring`], the experts per token, and whether their weights
@@ -62,7 +70,7 @@ impl RouterKind {
     /// The scores of the logits (`[rows, experts]`, f32): softmax or sigmoid, on the graph.
     pub fn scores(&self, logits: &Tensor) -> Result<Tensor> {
         match self.scoring {
-            Scoring::Softmax => crate::softmax_last_dim(logits),
+            Scoring::Softmax | Scoring::LimitedSoftmax { .. } => crate::softmax_last_dim(logits),
             Scoring::Sigmoid { .. } => candle_nn::ops::sigmoid(logits),
         }
     }
@@ -70,7 +78,7 @@ impl RouterKind {
     /// dL/dlogits from dL/dscores, `scores` being [`Self::scores`] of them.
     fn scores_backward(&self, scores: &Tensor, d_scores: &Tensor) -> Result<Tensor> {
         match self.scoring {
-            Scoring::Softmax => {
+            Scoring::Softmax | Scoring::LimitedSoftmax { .. } => {
                 let dot = (d_scores * scores)?.sum_keepdim(D::Minus1)?;
                 d_scores.broadcast_sub(&dot)? * scores
             }
@@ -82,7 +90,7 @@ impl RouterKind {
     fn scale(&self) -> f64 {
         match self.scoring {
             Scoring::Softmax => 1.0,
-            Scoring::Sigmoid { scale, .. } => scale,
+            Scoring::Sigmoid { scale, .. } | Scoring::LimitedSoftmax { scale, .. } => scale,
         }
     }
 
@@ -93,13 +101,20 @@ impl RouterKind {
         if let Some(b) = bias {
             choice = choice.broadcast_add(&b.to_dtype(DType::F32)?)?;
         }
-        let Scoring::Sigmoid {
-            n_group,
-            topk_group,
-            ..
-        } = self.scoring
-        else {
-            return Ok(choice);
+        // A group's score: the sum of its two best (GLM-4.5, DeepSeek-V3), or its best
+        // (DeepSeek-V2).
+        let (n_group, topk_group, best_of) = match self.scoring {
+            Scoring::Softmax => return Ok(choice),
+            Scoring::Sigmoid {
+                n_group,
+                topk_group,
+                ..
+            } => (n_group, topk_group, 2),
+            Scoring::LimitedSoftmax {
+                n_group,
+                topk_group,
+                ..
+            } => (n_group, topk_group, 1),
         };
         if n_group <= 1 || topk_group >= n_group {
             return Ok(choice);
@@ -107,11 +122,10 @@ impl RouterKind {
         let (rows, experts) = choice.dims2()?;
         let per_group = experts / n_group;
         let grouped = choice.reshape((rows, n_group, per_group))?;
-        // A group's score: the sum of its two best.
         let best = grouped
             .sort_last_dim(false)?
             .0
-            .narrow(2, 0, 2.min(per_group))?;
+            .narrow(2, 0, best_of.min(per_group))?;
         let group_scores = best.sum(2)?;
         let kept = group_scores
             .arg_sort_last_dim(false)?

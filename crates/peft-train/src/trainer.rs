@@ -473,11 +473,13 @@ impl Trainer<'_> {
     pub fn router_aux_loss_coef(&self) -> Result<Option<f64>> {
         let asked = self.args.router_aux_loss_coef;
         match &self.model.base().config.moe {
-            Some(moe) if moe.has_choice_bias() && asked.is_some_and(|c| c != 0.0) => bail!(
-                "router_aux_loss_coef is set, but {}'s routers have no load-balancing loss in \
-                 transformers (they balance by their correction bias)",
-                self.model.base().config.model_type
-            ),
+            Some(moe) if !moe.has_load_balancing_loss() && asked.is_some_and(|c| c != 0.0) => {
+                bail!(
+                    "router_aux_loss_coef is set, but {}'s routers have no load-balancing loss \
+                     in transformers",
+                    self.model.base().config.model_type
+                )
+            }
             Some(moe) => Ok(Some(asked.unwrap_or(moe.router_aux_loss_coef)).filter(|&c| c != 0.0)),
             None if asked.is_some_and(|c| c != 0.0) => bail!(
                 "router_aux_loss_coef is set to {} but {} is not a mixture-of-experts model, \

@@ -48,6 +48,7 @@ const ARCHITECTURES: &[&str] = &[
     "ernie4_5_moe",
     "deepseek_v3",
     "glm4_moe_lite",
+    "deepseek_v2",
 ];
 
 /// The mixture-of-experts fixtures among [`ARCHITECTURES`].
@@ -62,6 +63,7 @@ const MIXTURES_OF_EXPERTS: &[&str] = &[
     "ernie4_5_moe",
     "deepseek_v3",
     "glm4_moe_lite",
+    "deepseek_v2",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -270,8 +272,8 @@ fn router_load_balancing_loss_matches_transformers() {
 }
 
 fn router_load_balancing_on_tapes() {
-    // GLM-4.5's routing (DeepSeek-V3's) has no load-balancing loss in transformers.
-    let no_aux_loss = ["glm4_moe", "deepseek_v3", "glm4_moe_lite"];
+    // GLM-4.5's and DeepSeek's routings have no load-balancing loss in transformers.
+    let no_aux_loss = ["glm4_moe", "deepseek_v3", "glm4_moe_lite", "deepseek_v2"];
     for &name in MIXTURES_OF_EXPERTS
         .iter()
         .filter(|n| !no_aux_loss.contains(n))
@@ -639,6 +641,7 @@ fn experts_targets_convert_as_in_hf_peft() {
         "ernie4_5_moe",
         "deepseek_v3",
         "glm4_moe_lite",
+        "deepseek_v2",
     ] {
         let ours = PeftModel::new(base(name), all_linear(), 0).unwrap().config;
         let hf =

@@ -55,20 +55,19 @@ fn converted_names(model_type: &str) -> Option<[(&'static str, &'static str); 4]
             ("w3", "gate_up_proj"),
             ("w2", "down_proj"),
         ]),
-        "qwen3_moe" | "olmoe" | "glm4_moe" | "ernie4_5_moe" | "deepseek_v3" | "glm4_moe_lite" => {
-            Some([
-                ("gate", "gate.weight"),
-                ("gate_proj", "gate_up_proj"),
-                ("up_proj", "gate_up_proj"),
-                ("down_proj", "down_proj"),
-            ])
-        }
+        "qwen3_moe" | "olmoe" | "glm4_moe" | "ernie4_5_moe" | "deepseek_v3" | "glm4_moe_lite"
+        | "deepseek_v2" => Some([
+            ("gate", "gate.weight"),
+            ("gate_proj", "gate_up_proj"),
+            ("up_proj", "gate_up_proj"),
+            ("down_proj", "down_proj"),
+        ]),
         _ => None,
     }
 }
 
 /// HF PEFT's conversion of `target_modules` on Mixtral, Qwen3-MoE, OLMoE, GLM-4.5, ERNIE 4.5
-/// MoE, DeepSeek-V3 and GLM-4.7-Flash: the names of
+/// MoE, DeepSeek-V2 and V3 and GLM-4.7-Flash: the names of
 /// the experts' former linear layers (`gate_proj`, `up_proj`, `down_proj`; Mixtral's `w1`,
 /// `w3`, `w2`) and of the router (`gate`) become `target_parameters`, and `all-linear` or a
 /// regex first becomes the names it matches (all-linear: the linear layers and all of those).
