@@ -519,6 +519,9 @@ fn run_inspect(cmd: InspectCmd) -> Result<()> {
             (None, _) => String::new(),
         };
         let scoring = match moe.scoring {
+            peft_ops::Scoring::Softmax if moe.has_choice_bias() => {
+                "softmax, corrected choice".to_string()
+            }
             peft_ops::Scoring::Softmax => "softmax".to_string(),
             peft_ops::Scoring::Sigmoid {
                 n_group,
