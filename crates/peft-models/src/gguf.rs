@@ -62,6 +62,22 @@ const PHI3_MODULES: &[(&str, &str)] = &[
     ("ffn_norm", "post_attention_layernorm"),
 ];
 
+/// Latent attention's (llama.cpp's `deepseek2`) beside the dense MLP's; `kv_b_proj` goes
+/// apart, split in two (see [`split_kv_b`]).
+const LATENT_MODULES: &[(&str, &str)] = &[
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_q_a", "self_attn.q_a_proj"),
+    ("attn_q_a_norm", "self_attn.q_a_layernorm"),
+    ("attn_q_b", "self_attn.q_b_proj"),
+    ("attn_kv_a_mqa", "self_attn.kv_a_proj_with_mqa"),
+    ("attn_kv_a_norm", "self_attn.kv_a_layernorm"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+];
+
 /// GLM-4.5's and ERNIE 4.5's shared experts (ungated).
 const UNGATED_SHARED_EXPERTS: &[(&str, &str)] = &[
     ("ffn_gate_shexp", "mlp.shared_experts.gate_proj"),
@@ -96,11 +112,12 @@ fn layer_modules(arch: &str) -> impl Iterator<Item = &'static (&'static str, &'s
         "phi3" => (PHI3_MODULES, &[][..]),
         "olmo2" => (LAYER_MODULES, OLMO2_NORMS),
         "gpt-oss" | "glm4moe" => (LAYER_MODULES, GPT_OSS_NORMS),
+        "deepseek2" => (LATENT_MODULES, LLAMA_NORMS),
         _ => (LAYER_MODULES, LLAMA_NORMS),
     };
     let shared = match arch {
         "qwen2moe" => SHARED_EXPERT,
-        "glm4moe" | "ernie4_5-moe" => UNGATED_SHARED_EXPERTS,
+        "glm4moe" | "ernie4_5-moe" | "deepseek2" => UNGATED_SHARED_EXPERTS,
         _ => &[][..],
     };
     modules.iter().chain(norms).chain(shared)
@@ -372,6 +389,20 @@ pub fn gguf_architecture(c: &LlamaConfig) -> Result<&'static str> {
             bail!("llama.cpp's glm4moe reads no RoPE scaling; this model scales RoPE")
         }
         "glm4_moe" => check_leading_dense(c, "glm4moe")?,
+        // llama.cpp's deepseek2 scores groups of experts by their two best, DeepSeek-V2 by
+        // its best.
+        "deepseek_v2" if limits_to_groups(c) => bail!(
+            "llama.cpp's deepseek2 scores a group of experts by its two best, DeepSeek-V2's group_limited_greedy by its best; this model limits its routing to groups"
+        ),
+        // llama.cpp's deepseek2 reads plain queries only in models of 26 or 27 layers
+        // (DeepSeek-V2-Lite's), by their count.
+        "deepseek_v3" | "glm4_moe_lite" | "deepseek_v2"
+            if c.latent_attention.is_some_and(|m| m.q_lora_rank.is_none())
+                && !matches!(c.num_hidden_layers, 26 | 27) =>
+        {
+            bail!("llama.cpp's deepseek2 takes queries without q_lora_rank only from models of 26 or 27 layers (DeepSeek-V2-Lite's); this model has {} layers", c.num_hidden_layers)
+        }
+        "deepseek_v3" | "glm4_moe_lite" | "deepseek_v2" => check_leading_dense(c, "deepseek2")?,
         other => bail!("cannot write a {other:?} model as GGUF"),
     })
 }
@@ -392,6 +423,13 @@ fn check_gpt_oss(c: &LlamaConfig) -> Result<&'static str> {
         bail!("llama.cpp's gpt-oss takes every other layer as sliding, the first one too, with one window; this model's layer_types differ");
     }
     check_moe(c, "gpt-oss", true)
+}
+
+/// Whether a DeepSeek-V2 routing keeps only some groups of experts.
+fn limits_to_groups(c: &LlamaConfig) -> bool {
+    c.moe.as_ref().is_some_and(|m| {
+        matches!(m.scoring, peft_ops::Scoring::LimitedSoftmax { n_group, topk_group, .. } if topk_group < n_group)
+    })
 }
 
 /// llama.cpp's `glm4moe` and `ernie4_5-moe` have their dense layers first
@@ -520,6 +558,14 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         ),
     ];
     md.extend(keyed.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    if arch == "deepseek2" {
+        // Latent attention is one key and value head to llama.cpp.
+        for (k, v) in md.iter_mut() {
+            if k.ends_with(".attention.head_count_kv") {
+                *v = Value::U32(1);
+            }
+        }
+    }
     if let Some(moe) = &c.moe {
         let mut experts = vec![
             ("expert_count", u32_of(moe.num_experts)),
@@ -556,6 +602,44 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
             if shared > 0 {
                 experts.push(("expert_shared_feed_forward_length", u32_of(shared)));
             }
+        }
+        if arch == "deepseek2" {
+            let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
+            let shared = moe.shared_expert_size.unwrap_or(0) / moe.expert_size.max(1);
+            experts.extend([
+                ("leading_dense_block_count", u32_of(dense)),
+                ("expert_feed_forward_length", u32_of(moe.expert_size)),
+                ("expert_shared_count", u32_of(shared)),
+            ]);
+            if let peft_ops::Scoring::Sigmoid {
+                n_group,
+                topk_group,
+                scale,
+            }
+            | peft_ops::Scoring::LimitedSoftmax {
+                n_group,
+                topk_group,
+                scale,
+            } = moe.scoring
+            {
+                experts.push(("expert_weights_scale", Value::F32(scale as f32)));
+                // As the converter: where the config names the groups (DeepSeek-V2's may not).
+                if c.raw.get("n_group").is_some_and(|g| !g.is_null()) {
+                    experts.push(("expert_group_count", u32_of(n_group)));
+                    experts.push(("expert_group_used_count", u32_of(topk_group)));
+                }
+            }
+            if moe.norm_topk_prob {
+                experts.push(("expert_weights_norm", Value::Bool(true)));
+            }
+            // llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*: softmax 1, sigmoid 2. Its converter
+            // writes it only where the config names a `scoring_func`, which transformers 5
+            // does not save; llama.cpp then takes a softmax.
+            let gating = match moe.scoring {
+                peft_ops::Scoring::Sigmoid { .. } => 2,
+                _ => 1,
+            };
+            experts.push(("expert_gating_func", Value::U32(gating)));
         }
         if arch == "glm4moe" {
             let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
@@ -619,7 +703,23 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
     let mut optional = Vec::new();
     // Granite's converter drops the config's head_dim.
     let named_head_dim = c.raw.get("head_dim").is_some_and(|d| !d.is_null());
-    if named_head_dim && arch != "granite" {
+    if let (Some(m), "deepseek2") = (&c.latent_attention, arch) {
+        // As llama.cpp's converter writes latent attention: one key and value head of the
+        // latent (and the rotated key), the heads' own sizes as the "mla" lengths.
+        if let Some(r) = m.q_lora_rank {
+            optional.push(("attention.q_lora_rank", u32_of(r)));
+        }
+        let heads = [
+            ("attention.kv_lora_rank", m.kv_lora_rank),
+            ("attention.key_length", m.kv_lora_rank + m.qk_rope_head_dim),
+            ("attention.value_length", m.kv_lora_rank),
+            ("attention.key_length_mla", c.head_dim),
+            ("attention.value_length_mla", m.v_head_dim),
+            ("vocab_size", c.vocab_size),
+            ("rope.dimension_count", m.qk_rope_head_dim),
+        ];
+        optional.extend(heads.map(|(k, v)| (k, u32_of(v))));
+    } else if named_head_dim && arch != "granite" {
         optional.push(("attention.key_length", u32_of(c.head_dim)));
         optional.push(("attention.value_length", u32_of(c.head_dim)));
     }
@@ -809,6 +909,16 @@ pub fn save_gguf(
         if experts.contains(&hf) {
             continue;
         }
+        if let (Some(m), Some(prefix)) = (
+            &c.latent_attention,
+            hf.strip_suffix(".self_attn.kv_b_proj.weight"),
+        ) {
+            let layer = prefix.rsplit('.').next().unwrap_or_default();
+            let (k_b, v_b) = split_kv_b(&t.detach(), m, c.num_attention_heads)?;
+            tensors.push((format!("blk.{layer}.attn_k_b.weight"), k_b));
+            tensors.push((format!("blk.{layer}.attn_v_b.weight"), v_b));
+            continue;
+        }
         let gguf = gguf_name(&hf, arch).with_context(|| format!("no GGUF name for {hf}"))?;
         let mut t = llama_cpp_rows(&c, &hf, &t.detach())?;
         if let Some(offset) = norm_offset(arch, &hf) {
@@ -817,6 +927,30 @@ pub fn save_gguf(
         tensors.push((gguf, t));
     }
     write_gguf(path, &metadata, &tensors, ty)
+}
+
+/// Latent attention's `kv_b_proj` (`[heads · (nope + v), rank]`) as llama.cpp holds it: per
+/// head, the keys' part transposed (`attn_k_b`, `[heads, rank, nope]`) and the values'
+/// (`attn_v_b`, `[heads, v, rank]`).
+pub fn split_kv_b(
+    kv_b: &Tensor,
+    m: &crate::config::LatentAttention,
+    heads: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (nope, v, rank) = (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
+    let cpu = kv_b.to_device(&candle_core::Device::Cpu)?;
+    let per_head = cpu.reshape((heads, nope + v, rank))?;
+    let k_b = per_head.narrow(1, 0, nope)?.transpose(1, 2)?.contiguous()?;
+    let v_b = per_head.narrow(1, nope, v)?.contiguous()?;
+    Ok((k_b, v_b))
+}
+
+/// `kv_b_proj` again from llama.cpp's `attn_k_b` and `attn_v_b` ([`split_kv_b`]).
+pub fn join_kv_b(k_b: &Tensor, v_b: &Tensor) -> Result<Tensor> {
+    let (heads, rank, _) = k_b.dims3()?;
+    let joined = Tensor::cat(&[&k_b.transpose(1, 2)?, v_b], 1)?;
+    let rows = joined.dim(1)?;
+    Ok(joined.contiguous()?.reshape((heads * rows, rank))?)
 }
 
 /// GLM's tokenizer as llama.cpp's converter writes it (`_set_vocab_glm`): its pre-tokenizer

@@ -1173,6 +1173,12 @@ fn read_gguf<R: Read + Seek>(
         "olmoe" => ("olmoe", "OlmoeForCausalLM"),
         "gpt-oss" => ("gpt_oss", "GptOssForCausalLM"),
         "glm4moe" => ("glm4_moe", "Glm4MoeForCausalLM"),
+        // Latent attention: DeepSeek-V3's layers (GLM-4.7-Flash's alike) with a sigmoid
+        // router, DeepSeek-V2's with a softmax one.
+        "deepseek2" if md_u64(md, "deepseek2.expert_gating_func").ok() == Some(2) => {
+            ("deepseek_v3", "DeepseekV3ForCausalLM")
+        }
+        "deepseek2" => ("deepseek_v2", "DeepseekV2ForCausalLM"),
         "ernie4_5" => ("ernie4_5", "Ernie4_5ForCausalLM"),
         "ernie4_5-moe" => ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM"),
         "mistral" => ("mistral", "MistralForCausalLM"),
@@ -1200,7 +1206,7 @@ fn read_gguf<R: Read + Seek>(
     // Phi-3's and GLM-4.5's converters write the rotated dims (partial rotary) as the rope
     // dimensions; elsewhere the rope dimensions are the head's.
     let rope_dims = md_u64(md, &key("rope.dimension_count")).ok();
-    let partial_rotary = matches!(arch.as_str(), "phi3" | "glm4moe");
+    let partial_rotary = matches!(arch.as_str(), "phi3" | "glm4moe" | "deepseek2");
     let head_dim = md_u64(md, &key("attention.key_length"))
         .ok()
         .or(rope_dims.filter(|_| !partial_rotary))
@@ -1265,6 +1271,8 @@ fn read_gguf<R: Read + Seek>(
         }
     };
 
+    // Latent attention's kv_b_proj, split in two by llama.cpp (see `gguf::split_kv_b`).
+    let mut kv_b_parts: HashMap<usize, [Option<Tensor>; 2]> = HashMap::new();
     for name in content.tensor_infos.keys().chain(mxfp4.keys()) {
         let layer_of = |n: &str| {
             n.strip_prefix("blk.")?
@@ -1274,6 +1282,13 @@ fn read_gguf<R: Read + Seek>(
                 .ok()
         };
         if layer_of(name).is_some_and(|l| l >= layers) {
+            continue;
+        }
+        let split = ["attn_k_b.weight", "attn_v_b.weight"]
+            .iter()
+            .position(|p| name.ends_with(&format!(".{p}")));
+        if let (Some(l), Some(part)) = (layer_of(name), split) {
+            kv_b_parts.entry(l).or_default()[part] = Some(read(&mut reader, name)?);
             continue;
         }
         if let (Some((block, projections)), Some((layer, kind))) =
@@ -1316,6 +1331,17 @@ fn read_gguf<R: Read + Seek>(
             t = (t - offset)?;
         }
         store.insert(hf, t.to_device(device)?)?;
+    }
+    for (l, parts) in kv_b_parts {
+        let [Some(k_b), Some(v_b)] = parts else {
+            bail!(
+                "{}: layer {l} has one of attn_k_b and attn_v_b",
+                path.display()
+            );
+        };
+        let kv_b = gguf::join_kv_b(&k_b, &v_b)?;
+        let name = format!("model.layers.{l}.self_attn.kv_b_proj.weight");
+        store.insert(name, kv_b.to_device(device)?)?;
     }
     let rope_scaling = match content.tensor_infos.contains_key("rope_freqs.weight") {
         true => {
@@ -1414,7 +1440,7 @@ fn read_gguf<R: Read + Seek>(
             .with_context(|| format!("{}: no blk.0.ffn_up_exps.weight", path.display()))?;
         let count_key = match model_type {
             "mixtral" | "gpt_oss" => "num_local_experts",
-            "glm4_moe" => "n_routed_experts",
+            "glm4_moe" | "deepseek_v3" | "deepseek_v2" => "n_routed_experts",
             "ernie4_5_moe" => "moe_num_experts",
             _ => "num_experts",
         };
@@ -1447,6 +1473,38 @@ fn read_gguf<R: Read + Seek>(
                 raw["moe_layer_interval"] = json!(1);
                 let shared = md_u64(md, &key("expert_shared_feed_forward_length")).unwrap_or(0);
                 raw["moe_num_shared_experts"] = json!(shared / size.max(1) as u64);
+            }
+            "deepseek_v3" | "deepseek_v2" => {
+                raw["moe_intermediate_size"] = json!(size);
+                raw["first_k_dense_replace"] = json!(first);
+                raw["n_shared_experts"] = json!(md_u64(md, &key("expert_shared_count"))?);
+                let norm = md
+                    .get(&key("expert_weights_norm"))
+                    .and_then(|v| v.to_bool().ok());
+                raw["norm_topk_prob"] = json!(norm.unwrap_or(false));
+                raw["routed_scaling_factor"] =
+                    json!(md_f64(md, &key("expert_weights_scale")).unwrap_or(1.0));
+                let groups = md_u64(md, &key("expert_group_count")).unwrap_or(1);
+                raw["n_group"] = json!(groups);
+                raw["topk_group"] = json!(md_u64(md, &key("expert_group_used_count")).unwrap_or(1));
+                if model_type == "deepseek_v2" {
+                    let method = if groups > 1 {
+                        "group_limited_greedy"
+                    } else {
+                        "greedy"
+                    };
+                    raw["topk_method"] = json!(method);
+                }
+                // Latent attention's sizes: the heads' from the "mla" lengths.
+                let rot = rope_dims.unwrap_or(0);
+                let k_mla = md_u64(md, &key("attention.key_length_mla"))?;
+                raw["q_lora_rank"] = json!(md_u64(md, &key("attention.q_lora_rank")).ok());
+                raw["kv_lora_rank"] = json!(md_u64(md, &key("attention.kv_lora_rank"))?);
+                raw["qk_rope_head_dim"] = json!(rot);
+                raw["qk_nope_head_dim"] = json!(k_mla.saturating_sub(rot));
+                raw["v_head_dim"] = json!(md_u64(md, &key("attention.value_length_mla"))?);
+                raw["num_key_value_heads"] = json!(heads);
+                raw["head_dim"] = json!(rot);
             }
             "glm4_moe" => {
                 raw["moe_intermediate_size"] = json!(size);

@@ -211,6 +211,35 @@ fn config(case: &str) -> LlamaConfig {
             c["moe_num_shared_experts"] = json!(1);
             c["moe_layer_start_index"] = json!(1);
         }
+        // Latent attention (llama.cpp's deepseek2): three layers, the first dense; DeepSeek-V3
+        // with low-rank queries, values narrower than the heads and two groups of experts;
+        // GLM-4.7-Flash; DeepSeek-V2 with plain queries and its softmax router.
+        "deepseek_v3" | "glm4_moe_lite" | "deepseek_v2" => {
+            c["num_hidden_layers"] = json!(3);
+            c["num_key_value_heads"] = json!(4);
+            c["kv_lora_rank"] = json!(16);
+            c["qk_nope_head_dim"] = json!(16);
+            c["qk_rope_head_dim"] = json!(8);
+            c["v_head_dim"] = json!(12);
+            c["n_routed_experts"] = json!(4);
+            c["num_experts_per_tok"] = json!(2);
+            c["moe_intermediate_size"] = json!(32);
+            c["first_k_dense_replace"] = json!(1);
+            c["routed_scaling_factor"] = json!(2.5);
+            c["tie_word_embeddings"] = json!(false);
+            // Plain queries (DeepSeek-V2-Lite's) only at its 27 layers, as llama.cpp reads them.
+            c["q_lora_rank"] = match model_type {
+                "deepseek_v2" => json!(null),
+                _ => json!(24),
+            };
+            if model_type == "deepseek_v2" {
+                c["num_hidden_layers"] = json!(27);
+            }
+            if model_type == "deepseek_v3" {
+                c["n_group"] = json!(2);
+                c["topk_group"] = json!(1);
+            }
+        }
         // Six layers: five sliding (a window of 4 over the 10 test tokens), one global.
         "gemma3_text" => {
             c["num_hidden_layers"] = json!(6);
@@ -373,6 +402,9 @@ fn mixture_of_experts_models_read_back_alike() {
         "gpt_oss",
         "glm4_moe",
         "ernie4_5_moe",
+        "deepseek_v3",
+        "glm4_moe_lite",
+        "deepseek_v2",
     ] {
         let mut original = model(model_type);
         let want = logits(&original);
@@ -380,8 +412,18 @@ fn mixture_of_experts_models_read_back_alike() {
             let path = dir.path().join(format!("{model_type}-{ty:?}.gguf"));
             save_gguf(&mut original, &tok, &path, ty, "tiny").unwrap();
             let loaded = load_model(&path, &Device::Cpu, DType::F32).unwrap();
-            assert_eq!(loaded.config.model_type, model_type);
+            // llama.cpp's deepseek2 holds GLM-4.7-Flash's layers as DeepSeek-V3's.
+            let read_as = match model_type {
+                "glm4_moe_lite" => "deepseek_v3",
+                other => other,
+            };
+            assert_eq!(loaded.config.model_type, read_as);
             assert_eq!(loaded.config.moe, original.config.moe, "{model_type}");
+            let latent = (
+                &loaded.config.latent_attention,
+                &original.config.latent_attention,
+            );
+            assert_eq!(latent.0, latent.1, "{model_type}");
             let m = Llama::from_weights(loaded.config, loaded.weights, &Device::Cpu, DType::F32)
                 .unwrap();
             let d = max_abs_diff(&logits(&m), &want);
@@ -425,6 +467,20 @@ fn mixture_of_experts_models_read_back_alike() {
         "gpt_oss",
         &|c| c["swiglu_limit"] = json!(5.0),
         "swiglu_limit",
+    );
+    refused(
+        "glm4_moe_lite",
+        &|c| c["q_lora_rank"] = json!(null),
+        "26 or 27 layers",
+    );
+    refused(
+        "deepseek_v2",
+        &|c| {
+            c["topk_method"] = json!("group_limited_greedy");
+            c["n_group"] = json!(2);
+            c["topk_group"] = json!(1);
+        },
+        "group_limited_greedy",
     );
     refused(
         "ernie4_5_moe",
