@@ -3,8 +3,8 @@
 For a small random model of each architecture peft-rs writes (Llama with Llama 3 rope scaling
 and attention biases, Mistral, Qwen2, Qwen3, Gemma 3 with five sliding-window layers and one
 global, Gemma 2 with its soft caps, SmolLM3 with a layer without RoPE, the mixture-of-experts
-Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, GLM-4.5 and ERNIE 4.5 MoE), saved by
-transformers with SmolLM2's
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, GLM-4.5 and ERNIE 4.5 MoE; DeepSeek-V3,
+GLM-4.7-Flash and DeepSeek-V2's latent attention), saved by transformers with SmolLM2's
 tokenizer:
 1. `peft merge --model DIR --output ours.gguf --dtype f32`, and llama.cpp's own
    `convert_hf_to_gguf.py DIR --outtype f32`: every tensor (name, type, shape, values) and every
