@@ -275,6 +275,11 @@ impl Moe {
         }
     }
 
+    /// How many layers come before the first with experts.
+    pub fn leading_dense_layers(&self) -> usize {
+        self.sparse_layers.iter().take_while(|s| !**s).count()
+    }
+
     /// Module path of the router under a layer (`mlp.gate`, gpt-oss's `mlp.router`).
     pub fn router_path(&self) -> String {
         format!("{}.{}", self.block, self.router)

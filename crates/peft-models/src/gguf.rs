@@ -439,8 +439,10 @@ fn check_leading_dense(c: &LlamaConfig, arch: &'static str) -> Result<&'static s
         .moe
         .as_ref()
         .context("a mixture-of-experts model without experts")?;
-    let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
-    if moe.sparse_layers[dense..].iter().any(|s| !s) {
+    if moe.sparse_layers[moe.leading_dense_layers()..]
+        .iter()
+        .any(|s| !s)
+    {
         bail!("llama.cpp's {arch} has its dense layers first and experts on all the others; this model's layers differ (moe_layer_interval, moe_layer_end_index)");
     }
     Ok(arch)
@@ -587,30 +589,28 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
         if arch == "gpt-oss" {
             experts.push(("expert_feed_forward_length", u32_of(moe.expert_size)));
         }
-        if arch == "ernie4_5-moe" {
-            let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
-            let shared = moe.shared_expert_size.unwrap_or(0);
+        // The dense layers first, then the experts with their shared ones beside.
+        let shared = moe.shared_expert_size.unwrap_or(0);
+        if matches!(arch, "ernie4_5-moe" | "deepseek2" | "glm4moe") {
             experts.extend([
-                ("interleave_moe_layer_step", u32_of(1)),
-                ("leading_dense_block_count", u32_of(dense)),
+                (
+                    "leading_dense_block_count",
+                    u32_of(moe.leading_dense_layers()),
+                ),
                 ("expert_feed_forward_length", u32_of(moe.expert_size)),
                 (
                     "expert_shared_count",
                     u32_of(shared / moe.expert_size.max(1)),
                 ),
             ]);
+        }
+        if arch == "ernie4_5-moe" {
+            experts.push(("interleave_moe_layer_step", u32_of(1)));
             if shared > 0 {
                 experts.push(("expert_shared_feed_forward_length", u32_of(shared)));
             }
         }
         if arch == "deepseek2" {
-            let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
-            let shared = moe.shared_expert_size.unwrap_or(0) / moe.expert_size.max(1);
-            experts.extend([
-                ("leading_dense_block_count", u32_of(dense)),
-                ("expert_feed_forward_length", u32_of(moe.expert_size)),
-                ("expert_shared_count", u32_of(shared)),
-            ]);
             if let peft_ops::Scoring::Sigmoid {
                 n_group,
                 topk_group,
@@ -642,12 +642,7 @@ fn model_metadata(c: &LlamaConfig, arch: &str, name: &str, ty: GgufType) -> Vec<
             experts.push(("expert_gating_func", Value::U32(gating)));
         }
         if arch == "glm4moe" {
-            let dense = moe.sparse_layers.iter().take_while(|s| !**s).count();
-            let shared = moe.shared_expert_size.unwrap_or(0) / moe.expert_size.max(1);
             experts.extend([
-                ("expert_feed_forward_length", u32_of(moe.expert_size)),
-                ("expert_shared_count", u32_of(shared)),
-                ("leading_dense_block_count", u32_of(dense)),
                 // llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID.
                 ("expert_gating_func", Value::U32(2)),
                 ("expert_weights_norm", Value::Bool(moe.norm_topk_prob)),

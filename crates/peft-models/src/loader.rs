@@ -1474,7 +1474,9 @@ fn read_gguf<R: Read + Seek>(
                 let shared = md_u64(md, &key("expert_shared_feed_forward_length")).unwrap_or(0);
                 raw["moe_num_shared_experts"] = json!(shared / size.max(1) as u64);
             }
-            "deepseek_v3" | "deepseek_v2" => {
+            // GLM-4.5's routing, DeepSeek's too: leading dense layers, shared experts, scaled
+            // (and renormalized) weights, groups of experts.
+            "glm4_moe" | "deepseek_v3" | "deepseek_v2" => {
                 raw["moe_intermediate_size"] = json!(size);
                 raw["first_k_dense_replace"] = json!(first);
                 raw["n_shared_experts"] = json!(md_u64(md, &key("expert_shared_count"))?);
@@ -1487,43 +1489,33 @@ fn read_gguf<R: Read + Seek>(
                 let groups = md_u64(md, &key("expert_group_count")).unwrap_or(1);
                 raw["n_group"] = json!(groups);
                 raw["topk_group"] = json!(md_u64(md, &key("expert_group_used_count")).unwrap_or(1));
-                if model_type == "deepseek_v2" {
-                    let method = if groups > 1 {
-                        "group_limited_greedy"
-                    } else {
-                        "greedy"
-                    };
-                    raw["topk_method"] = json!(method);
+                if model_type == "glm4_moe" {
+                    let rotated = rope_dims.unwrap_or(head_dim as u64) as f64;
+                    raw["partial_rotary_factor"] = json!(rotated / head_dim as f64);
+                    raw["use_qk_norm"] =
+                        json!(store.contains("model.layers.0.self_attn.q_norm.weight"));
+                    raw["attention_bias"] =
+                        json!(store.contains("model.layers.0.self_attn.q_proj.bias"));
+                } else {
+                    if model_type == "deepseek_v2" {
+                        let method = if groups > 1 {
+                            "group_limited_greedy"
+                        } else {
+                            "greedy"
+                        };
+                        raw["topk_method"] = json!(method);
+                    }
+                    // Latent attention's sizes: the heads' from the "mla" lengths.
+                    let rot = rope_dims.unwrap_or(0);
+                    let k_mla = md_u64(md, &key("attention.key_length_mla"))?;
+                    raw["q_lora_rank"] = json!(md_u64(md, &key("attention.q_lora_rank")).ok());
+                    raw["kv_lora_rank"] = json!(md_u64(md, &key("attention.kv_lora_rank"))?);
+                    raw["qk_rope_head_dim"] = json!(rot);
+                    raw["qk_nope_head_dim"] = json!(k_mla.saturating_sub(rot));
+                    raw["v_head_dim"] = json!(md_u64(md, &key("attention.value_length_mla"))?);
+                    raw["num_key_value_heads"] = json!(heads);
+                    raw["head_dim"] = json!(rot);
                 }
-                // Latent attention's sizes: the heads' from the "mla" lengths.
-                let rot = rope_dims.unwrap_or(0);
-                let k_mla = md_u64(md, &key("attention.key_length_mla"))?;
-                raw["q_lora_rank"] = json!(md_u64(md, &key("attention.q_lora_rank")).ok());
-                raw["kv_lora_rank"] = json!(md_u64(md, &key("attention.kv_lora_rank"))?);
-                raw["qk_rope_head_dim"] = json!(rot);
-                raw["qk_nope_head_dim"] = json!(k_mla.saturating_sub(rot));
-                raw["v_head_dim"] = json!(md_u64(md, &key("attention.value_length_mla"))?);
-                raw["num_key_value_heads"] = json!(heads);
-                raw["head_dim"] = json!(rot);
-            }
-            "glm4_moe" => {
-                raw["moe_intermediate_size"] = json!(size);
-                raw["first_k_dense_replace"] = json!(first);
-                raw["n_shared_experts"] = json!(md_u64(md, &key("expert_shared_count"))?);
-                let norm = md
-                    .get(&key("expert_weights_norm"))
-                    .and_then(|v| v.to_bool().ok());
-                raw["norm_topk_prob"] = json!(norm.unwrap_or(false));
-                raw["routed_scaling_factor"] =
-                    json!(md_f64(md, &key("expert_weights_scale")).unwrap_or(1.0));
-                raw["n_group"] = json!(md_u64(md, &key("expert_group_count")).unwrap_or(1));
-                raw["topk_group"] = json!(md_u64(md, &key("expert_group_used_count")).unwrap_or(1));
-                let rotated = rope_dims.unwrap_or(head_dim as u64) as f64;
-                raw["partial_rotary_factor"] = json!(rotated / head_dim as f64);
-                raw["use_qk_norm"] =
-                    json!(store.contains("model.layers.0.self_attn.q_norm.weight"));
-                raw["attention_bias"] =
-                    json!(store.contains("model.layers.0.self_attn.q_proj.bias"));
             }
             _ => {
                 raw["moe_intermediate_size"] = json!(size);
