@@ -12,17 +12,13 @@ their real tokens), and an evaluation in batches of two. Checked: `loss`, `aux_l
     .venv/bin/python scripts/hf/check_router_aux.py [--peft PATH] [--smollm-dir DIR]
 """
 import json
-import os
 import tempfile
 
 import torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import (AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
-                          OlmoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
-from trl import SFTConfig, SFTTrainer
+from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
-from harness import arguments, exit_status, random_model, report, run
+from harness import arguments, exit_status, one_step_logs, random_model, report
 
 ap = arguments("smollm-dir", "data")
 args = ap.parse_args()
@@ -43,46 +39,6 @@ records = [json.loads(line) for line in open(args.data)][:10]
 train, evaluation = records[:6], records[6:]
 
 
-def trl_run(model_dir, tmp, coef):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = SFTConfig(
-        output_dir=f"{tmp}/trl", max_steps=1, per_device_train_batch_size=len(train),
-        per_device_eval_batch_size=2, learning_rate=1e-12, logging_steps=1,
-        eval_strategy="steps", eval_steps=1, report_to=[], use_cpu=True, bf16=False,
-        save_strategy="no", router_aux_loss_coef=coef,
-    )
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train),
-                         eval_dataset=Dataset.from_list(evaluation), processing_class=tokenizer,
-                         peft_config=lora)
-    trainer.train()
-    logged = {}
-    for entry in trainer.state.log_history:
-        logged.update(entry)
-    return logged
-
-
-def peft_run(model_dir, tmp, coef):
-    out = f"{tmp}/peft"
-    data = {}
-    for name, rows in [("train", train), ("eval", evaluation)]:
-        data[name] = f"{tmp}/{name}.jsonl"
-        with open(data[name], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    flags = [] if coef is None else ["--router-aux-loss-coef", str(coef)]
-    run([args.peft, "train", "--model", model_dir, "--data", data["train"],
-         "--eval-data", data["eval"], "--output", out, "--max-steps", "1",
-         "--batch-size", str(len(train)), "--eval-batch-size", "2", "--lr", "1e-12",
-         "--r", "8", "--lora-alpha", "16", "--lora-dropout", "0",
-         "--target-modules", "q_proj,v_proj", "--dtype", "f32", "--logging-steps", "1",
-         # TRL's default: the loss on every token of a conversation.
-         "--assistant-only-loss", "false", "--eval-steps", "1", "--quiet", *flags])
-    return json.loads(open(f"{out}/metrics.jsonl").readline())
-
-
 for name, (cls, cfg) in models.items():
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = f"{tmp}/model"
@@ -94,8 +50,10 @@ for name, (cls, cfg) in models.items():
                     p.copy_(torch.randn_like(p))
         model.save_pretrained(model_dir)
         for coef in [None, 0.3, 0.0]:
-            trl = trl_run(model_dir, tmp, coef)
-            ours = peft_run(model_dir, tmp, coef)
+            trl, ours = one_step_logs(
+                args.peft, model_dir, train, evaluation, tmp, ["q_proj", "v_proj"],
+                trl_args={"router_aux_loss_coef": coef},
+                peft_flags=[] if coef is None else ["--router-aux-loss-coef", str(coef)])
             label = f"{name} coef {'config' if coef is None else coef}"
             for key in ["loss", "aux_loss", "eval_loss", "eval_aux_loss"]:
                 if coef == 0.0 and "aux" in key:

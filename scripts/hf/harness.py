@@ -121,3 +121,52 @@ def mxfp4_experts(model_dir, config, scales):
                                    "model.embed_tokens", "lm_head"]}
     with open(config_path, "w") as f:
         json.dump(saved, f, indent=2)
+
+
+def one_step_logs(peft, model_dir, train, evaluation, tmp, targets, trl_args=None,
+                  peft_flags=()):
+    """The metrics TRL's SFTTrainer and `peft train` log for one step at a negligible learning
+    rate (so both measure the base model; LoRA r 8 on `targets`, no dropout) over one batch of
+    the `train` records, with an evaluation on `evaluation` in batches of 2: (TRL's, peft's),
+    each a dict of the logged values. `trl_args` go to SFTConfig, `peft_flags` to peft."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = SFTConfig(
+        output_dir=f"{tmp}/trl", max_steps=1, per_device_train_batch_size=len(train),
+        per_device_eval_batch_size=2, learning_rate=1e-12, logging_steps=1,
+        eval_strategy="steps", eval_steps=1, report_to=[], use_cpu=True, bf16=False,
+        save_strategy="no", **(trl_args or {}),
+    )
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train),
+                         eval_dataset=Dataset.from_list(evaluation), processing_class=tokenizer,
+                         peft_config=lora)
+    trainer.train()
+    trl = {}
+    for entry in trainer.state.log_history:
+        trl.update(entry)
+
+    data = {}
+    for name, rows in [("train", train), ("eval", evaluation)]:
+        data[name] = f"{tmp}/{name}.jsonl"
+        with open(data[name], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = f"{tmp}/peft"
+    target_flag = targets if isinstance(targets, str) else ",".join(targets)
+    run([peft, "train", "--model", model_dir, "--data", data["train"],
+         "--eval-data", data["eval"], "--output", out, "--max-steps", "1",
+         "--batch-size", str(len(train)), "--eval-batch-size", "2", "--lr", "1e-12",
+         "--r", "8", "--lora-alpha", "16", "--lora-dropout", "0",
+         "--target-modules", target_flag, "--dtype", "f32", "--logging-steps", "1",
+         # TRL's default: the loss on every token of a conversation.
+         "--assistant-only-loss", "false", "--eval-steps", "1", "--quiet", *peft_flags])
+    with open(f"{out}/metrics.jsonl") as f:
+        return trl, json.loads(f.readline())
